@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Set up a virtual environment with fleetid installed (editable) and, with --test, the test
+# extras and the Debian packages the test suite needs.  Idempotent; safe to re-run.
+# Usage: scripts/setup.sh [--test]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+want_test=0
+[ "${1:-}" = "--test" ] && want_test=1
+
+# Debian packages.  Python 3.11+ with venv is the only need of the core; later issues add
+# services (SoftHSM2, PostgreSQL, mosquitto, nginx) here.
+apt_pkgs=()
+python3 -c 'import venv, ensurepip' 2>/dev/null || apt_pkgs+=(python3-venv)
+if [ $want_test = 1 ]; then
+    # SoftHSM2: the PKCS#11 token the HSM backend is tested against.
+    [ -e /usr/lib/softhsm/libsofthsm2.so ] || apt_pkgs+=(softhsm2)
+fi
+if [ ${#apt_pkgs[@]} -gt 0 ]; then
+    if [ "$(id -u)" = 0 ]; then sudo=""; else sudo="sudo"; fi
+    echo "setup: installing Debian packages: ${apt_pkgs[*]}"
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${apt_pkgs[@]}" >/dev/null
+fi
+
+python3 - <<'PY'
+import sys
+if sys.version_info < (3, 11):
+    sys.exit("fleetid needs Python 3.11 or newer; this is " + sys.version.split()[0])
+PY
+
+[ -x .venv/bin/python ] || python3 -m venv .venv
+.venv/bin/python -m pip install -q --upgrade pip setuptools wheel
+if [ $want_test = 1 ]; then
+    # yubikey-manager is only used for its yubikit SCP03 host (an independent SCP03
+    # implementation to test against); its pyscard dependency needs PC/SC, which the
+    # tests do not use, so it is installed without dependencies.
+    .venv/bin/python -m pip install -q -e '.[test]'
+    .venv/bin/python -m pip install -q --no-deps 'yubikey-manager>=5.5'
+else
+    .venv/bin/python -m pip install -q -e .
+fi
+echo "setup: ready ($(.venv/bin/python --version), fleetid at .venv/bin/fleetid)"
