@@ -16,6 +16,8 @@ _GROUPS = (
     ("se", "se"),
     ("pki", "pki"),
     ("audit", "audit"),
+    ("line", "line"),
+    ("cloud", "cloud"),
 )
 
 
@@ -30,6 +32,8 @@ def cli():
       se     run SE commands over any bus (emulator socket, Linux i2c-dev, spidev)
       pki    the fleet PKI: root key ceremony, intermediate CAs
       audit  the factory line's hash-chained audit log: verify, show
+      line   the factory personalisation line: run stations, reconcile after a crash
+      cloud  the fleet cloud: EST CA + mTLS verifier, certificate diagnosis
 
     Every command has --help with examples.
     """
