@@ -15,6 +15,13 @@ python3 -c 'import venv, ensurepip' 2>/dev/null || apt_pkgs+=(python3-venv)
 if [ $want_test = 1 ]; then
     # SoftHSM2: the PKCS#11 token the HSM backend is tested against.
     [ -e /usr/lib/softhsm/libsofthsm2.so ] || apt_pkgs+=(softhsm2)
+    # PostgreSQL: the scale-out registry backend (tests start a throwaway server).
+    ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || apt_pkgs+=(postgresql)
+    # nginx: the mTLS baseline of bench/mtls.py and its smoke test.
+    command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || apt_pkgs+=(nginx-light)
+    # openssl and curl: independent EST and mTLS clients in the interop tests.
+    command -v openssl >/dev/null 2>&1 || apt_pkgs+=(openssl)
+    command -v curl >/dev/null 2>&1 || apt_pkgs+=(curl)
 fi
 if [ ${#apt_pkgs[@]} -gt 0 ]; then
     if [ "$(id -u)" = 0 ]; then sudo=""; else sudo="sudo"; fi

@@ -1,0 +1,217 @@
+"""`fleetid audit ...`: verify the factory line's audit log offline, show one device's
+entries.  A thin shell over fleetid.cloud.line.audit and fleetid.cloud.registry."""
+
+import json
+import os
+
+import click
+
+
+def _load_keys(paths, role):
+    from fleetid.cloud.line import audit
+
+    keys = []
+    for path in paths:
+        try:
+            with open(path, "rb") as f:
+                keys.append(audit.load_public_key(f.read()))
+        except (OSError, ValueError, audit.AuditError) as exc:
+            raise click.ClickException("cannot load the %s public key %s: %s"
+                                       % (role, path, getattr(exc, "strerror", None) or exc))
+    return keys
+
+
+def _open_registry(uri):
+    from fleetid.cloud.registry import RegistryError, open_registry
+
+    scheme, _sep, rest = uri.partition(":")
+    if scheme == "sqlite" and rest and not os.path.exists(rest):
+        raise click.ClickException("no registry database at %s" % rest)
+    try:
+        return open_registry(uri)
+    except RegistryError as exc:
+        raise click.ClickException("cannot open the registry: %s" % exc)
+
+
+def _source(log_path, registry_uri):
+    if bool(log_path) == bool(registry_uri):
+        raise click.UsageError("give exactly one of --log PATH or --registry sqlite:PATH")
+
+
+def _parse_anchor(text):
+    if text is None:
+        return None
+    covers, sep, head = text.partition(":")
+    head = head.lower()
+    if not sep or not covers.isdigit() or int(covers) < 1 or len(head) != 64 \
+            or any(c not in "0123456789abcdef" for c in head):
+        raise click.BadParameter("expected COVERS:<64 hex digits>", param_hint="--witness-anchor")
+    return int(covers), head
+
+
+@click.group()
+def audit():
+    """The factory line's hash-chained audit log: verify it offline, show a device.
+
+    \b
+    Examples:
+      fleetid audit verify --registry sqlite:line.db --line-pub line.pem --witness-pub w.pem
+      fleetid audit verify --log audit.jsonl --line-pub line.pem --witness-pub w.pem \\
+          --expect-count 1200
+      fleetid audit show --serial 1042 --registry sqlite:line.db
+    """
+
+
+@audit.command()
+@click.option("--log", "log_path", type=click.Path(dir_okay=False),
+              help="JSON-lines audit file (an export or a line's own log).")
+@click.option("--registry", "registry_uri", metavar="sqlite:PATH",
+              help="Verify the chain stored in a registry database, against its head row.")
+@click.option("--line-pub", "line_pub", multiple=True, required=True,
+              type=click.Path(exists=True, dir_okay=False),
+              help="PEM public key (or certificate) of the line's checkpoint key; repeat for "
+                   "keys rotated over the log's life.")
+@click.option("--witness-pub", "witness_pub", multiple=True, required=True,
+              type=click.Path(exists=True, dir_okay=False),
+              help="PEM public key (or certificate) of the witness; repeatable.")
+@click.option("--expect-count", type=click.IntRange(min=0), default=None,
+              help="Entries the log must hold (e.g. the witness's latest checkpoint "
+                   "'covers'); catches truncation of a file log.")
+@click.option("--expect-head", default=None, metavar="HEX",
+              help="Hash the last entry (or entry expect-count - 1) must have.")
+@click.option("--witness-anchor", default=None, metavar="COVERS:HEX",
+              help="The witness's copy of its latest checkpoint: the log must still hold "
+                   "that many entries, the last of them with that hash.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def verify(log_path, registry_uri, line_pub, witness_pub, expect_count, expect_head,
+           witness_anchor, as_json):
+    """Verify every entry, hash link and checkpoint signature of an audit log, offline.
+
+    Prints OK with the counts, or the index (0-based) and reason of the FIRST bad entry
+    and exits with status 1.  A registry's chain is also checked against the registry's
+    head row (entry count and head hash), so a truncated table shows.  A file log can only
+    show truncation against --expect-count / --expect-head (e.g. from the witness).
+
+    \b
+    Examples:
+      fleetid audit verify --registry sqlite:/var/lib/fleetid/line.db \\
+          --line-pub line-checkpoint.pem --witness-pub witness.pem
+      fleetid audit verify --log export-2026-11-23.jsonl --line-pub line.pem \\
+          --witness-pub witness.pem --expect-count 5120 --json
+      fleetid audit verify --log export.jsonl --line-pub line.pem --witness-pub w.pem \\
+          --witness-anchor 5000:9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08
+    """
+    from fleetid.cloud.line import audit as audit_log
+    from fleetid.cloud.registry import RegistryError, verify_registry_log
+
+    _source(log_path, registry_uri)
+    anchor = _parse_anchor(witness_anchor)
+    if registry_uri and (expect_count is not None or expect_head):
+        raise click.UsageError("--expect-count / --expect-head are for --log (a registry "
+                               "is checked against its own head row)")
+    line_keys = _load_keys(line_pub, "line")
+    witness_keys = _load_keys(witness_pub, "witness")
+    source = log_path or registry_uri
+    try:
+        if registry_uri:
+            with _open_registry(registry_uri) as registry:
+                report = verify_registry_log(registry, line_keys, witness_keys,
+                                             witness_anchor=anchor)
+        else:
+            if not os.path.isfile(log_path):
+                raise click.ClickException("no audit log at %s" % log_path)
+            report = audit_log.verify_log(audit_log.read_log_file(log_path), line_keys,
+                                          witness_keys, expected_count=expect_count,
+                                          expected_head=expect_head, witness_anchor=anchor)
+    except audit_log.AuditChainBroken as exc:
+        if as_json:
+            click.echo(json.dumps({"ok": False, "source": source, "index": exc.index,
+                                   "reason": exc.reason, "detail": exc.detail}))
+        else:
+            click.echo("FAIL %s: first bad entry %d: %s%s" % (
+                source, exc.index, exc.reason, (" (%s)" % exc.detail) if exc.detail else ""))
+        raise SystemExit(1)
+    except (OSError, RegistryError) as exc:
+        raise click.ClickException("cannot read %s: %s" % (source, exc))
+    if as_json:
+        out = dict(vars(report))
+        out.update(ok=True, source=source)
+        click.echo(json.dumps(out, sort_keys=True))
+        return
+    kinds = ", ".join("%s %d" % (k, v) for k, v in sorted(report.by_type.items())) or "none"
+    click.echo("OK %s: %d entries (%s), %d checkpoints, head %s" % (
+        source, report.entries, kinds, report.checkpoints, report.head))
+    if report.unanchored:
+        click.echo("note: %d entries are not yet covered by a checkpoint (not yet signed "
+                   "by the line and the witness)" % report.unanchored)
+
+
+@audit.command()
+@click.option("--serial", required=True, type=click.IntRange(min=1), help="Device serial.")
+@click.option("--log", "log_path", type=click.Path(dir_okay=False), help="JSON-lines audit file.")
+@click.option("--registry", "registry_uri", metavar="sqlite:PATH", help="Registry database.")
+@click.option("--line-pub", "line_pub", multiple=True,
+              type=click.Path(exists=True, dir_okay=False),
+              help="With --witness-pub: verify the whole chain before showing.")
+@click.option("--witness-pub", "witness_pub", multiple=True,
+              type=click.Path(exists=True, dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print the entries as JSON lines.")
+def show(serial, log_path, registry_uri, line_pub, witness_pub, as_json):
+    """Show when, at which station, by whom and with what attestation a device was made,
+    and every later hold, revocation or reconciliation.
+
+    Each shown entry is checked against its own hash.  With --line-pub and --witness-pub
+    the whole chain is verified first; without them the output says it was not.
+
+    \b
+    Examples:
+      fleetid audit show --serial 1042 --registry sqlite:/var/lib/fleetid/line.db
+      fleetid audit show --serial 1042 --log export.jsonl --line-pub line.pem \\
+          --witness-pub witness.pem --json
+    """
+    from fleetid.cloud.line import audit as audit_log
+    from fleetid.cloud.registry import DeviceNotFound, RegistryError, verify_registry_log
+
+    _source(log_path, registry_uri)
+    if bool(line_pub) != bool(witness_pub):
+        raise click.UsageError("give both --line-pub and --witness-pub, or neither")
+    source = log_path or registry_uri
+    device = None
+    try:
+        if registry_uri:
+            with _open_registry(registry_uri) as registry:
+                if line_pub:
+                    verify_registry_log(registry, _load_keys(line_pub, "line"),
+                                        _load_keys(witness_pub, "witness"))
+                entries = registry.audit_entries_for(serial)
+                try:
+                    device = registry.get_device(serial)
+                except DeviceNotFound:
+                    device = None
+        else:
+            if not os.path.isfile(log_path):
+                raise click.ClickException("no audit log at %s" % log_path)
+            if line_pub:
+                audit_log.verify_log(audit_log.read_log_file(log_path),
+                                     _load_keys(line_pub, "line"),
+                                     _load_keys(witness_pub, "witness"))
+            entries = audit_log.show(audit_log.read_log_file(log_path), serial)
+    except audit_log.AuditChainBroken as exc:
+        raise click.ClickException("the audit log does not verify: first bad entry %d: %s"
+                                   % (exc.index, exc.reason))
+    except (OSError, RegistryError) as exc:
+        raise click.ClickException("cannot read %s: %s" % (source, exc))
+    if not entries:
+        raise click.ClickException("no audit entries for serial %d in %s" % (serial, source))
+    if as_json:
+        for entry in entries:
+            click.echo(entry.line.decode("ascii"), nl=False)
+        return
+    if device is not None:
+        click.echo("device %d: status %s, se_uid %s%s" % (
+            device.serial, device.status, device.se_uid.hex(),
+            (", hold reason: %s" % device.hold_reason) if device.hold_reason else ""))
+    for entry in entries:
+        click.echo("[%d] %s" % (entry.seq, audit_log.describe(entry)))
+    if not line_pub:
+        click.echo("note: the chain was not verified (give --line-pub and --witness-pub)")

@@ -1,0 +1,351 @@
+"""The registry's storage interface: what the factory line and the cloud services need.
+
+Backends: `sqlite_backend.SqliteRegistry` (default), `memory.MemoryRegistry` (the fake for
+tests).  PostgreSQL: not built yet (a later issue); the schema in `schema.py` is written
+to run there unchanged (see its docstring).
+
+Device life cycle (column `devices.status`):
+
+    allocate_serial() -> write_intent()         status "intent"   (in flight at a station)
+    commit_identity(record, audit_entry)        status "committed" (identity record + cert +
+                                                                   audit entry, one transaction)
+    hold(serial, reason)                        status "held"      (quarantined, never shipped)
+    reconcile(serial, outcome, reason)          status "held"      (an intent resolved after a
+                                                                   crash: see below)
+    mark_revoked(cert_serial, reason)           status "revoked"   when it is the identity cert
+
+Crash recovery of the line (architecture, "Factory line, per device", step 8): at start,
+`list_in_flight()` gives every intent never committed.  For each, if the CA issued a
+certificate for it: add_certificate(serial, der, "identity"), mark_revoked(cert_serial,
+"cessationOfOperation") and reconcile(serial, "revoked-orphan-cert", ...); otherwise
+reconcile(serial, "no-certificate", ...).  Every one of those writes its audit entry in
+its own transaction with the state change.
+
+Every state change appends an audit entry (fleetid.cloud.line.audit) in the same
+transaction; the chain and its head live in the registry database.
+"""
+
+import hashlib
+import time
+from dataclasses import dataclass
+
+from cryptography import x509
+
+from fleetid.cloud.line import audit
+from fleetid.cloud.registry.errors import InvalidState, RegistryError
+
+INTENT = "intent"
+COMMITTED = "committed"
+HELD = "held"
+REVOKED = "revoked"
+STATUSES = (INTENT, COMMITTED, HELD, REVOKED)
+
+IDENTITY = "identity"
+OPERATIONAL = "operational"
+CERT_KINDS = (IDENTITY, OPERATIONAL)
+
+
+@dataclass(frozen=True)
+class IdentityRecord:
+    """What the line commits for a device that passed the confirmation gate.
+
+    serial int; se_uid bytes; identity_cert_der bytes (the issued certificate); slot int
+    (the SE key slot); aid bytes (the applet AID); batch, station, operator, hsm_session
+    str; attestation_hash str (hex SHA-256 of the attestation statement DER).
+    """
+
+    serial: int
+    se_uid: bytes
+    identity_cert_der: bytes
+    slot: int
+    aid: bytes
+    batch: str
+    station: str
+    operator: str
+    hsm_session: str
+    attestation_hash: str
+
+
+@dataclass(frozen=True)
+class DeviceRecord:
+    """One device as the registry knows it.  Times are RFC 3339 UTC strings."""
+
+    serial: int
+    se_uid: bytes
+    status: str
+    station: str
+    operator: str
+    batch: str
+    hsm_session: str
+    intent_at: str
+    updated_at: str
+    committed_at: str = None
+    hold_reason: str = None
+    slot: int = None
+    aid: bytes = None
+    issuing_ca: str = None
+    attestation_hash: str = None
+    identity_fingerprint: str = None
+    rotation_state: str = None
+
+
+@dataclass(frozen=True)
+class CertificateRecord:
+    """A certificate in a device's history (identity or operational)."""
+
+    fingerprint: str
+    device_serial: int
+    kind: str
+    cert_serial: str
+    issuer: str
+    not_before: str
+    not_after: str
+    added_at: str
+    der: bytes
+    revoked_at: str = None
+    revocation_reason: str = None
+
+    @property
+    def revoked(self):
+        return self.revoked_at is not None
+
+
+def device_from_row(row):
+    """DeviceRecord from a column-name -> value mapping (hex columns decoded)."""
+    values = dict(row)
+    values["se_uid"] = bytes.fromhex(values["se_uid"])
+    if values.get("aid") is not None:
+        values["aid"] = bytes.fromhex(values["aid"])
+    return DeviceRecord(**values)
+
+
+def certificate_from_row(row):
+    values = dict(row)
+    values["der"] = bytes(values["der"])
+    return CertificateRecord(**values)
+
+
+def certificate_row(serial, cert_der, kind, now_text):
+    """The certificates-table row for a DER certificate.  Raises RegistryError(BAD_INPUT)."""
+    if kind not in CERT_KINDS:
+        raise RegistryError(RegistryError.BAD_INPUT, "certificate kind %r" % (kind,))
+    try:
+        cert = x509.load_der_x509_certificate(bytes(cert_der))
+    except ValueError:
+        raise RegistryError(RegistryError.BAD_INPUT, "not a DER certificate") from None
+    return {
+        "fingerprint": hashlib.sha256(bytes(cert_der)).hexdigest(),
+        "device_serial": serial,
+        "kind": kind,
+        "cert_serial": audit.cert_serial_hex(cert.serial_number),
+        "issuer": cert.issuer.rfc4514_string(),
+        "not_before": audit.format_time(cert.not_valid_before_utc),
+        "not_after": audit.format_time(cert.not_valid_after_utc),
+        "added_at": now_text,
+        "der": bytes(cert_der),
+        "revoked_at": None,
+        "revocation_reason": None,
+    }
+
+
+def check_serial(serial):
+    if not isinstance(serial, int) or isinstance(serial, bool) or not 0 < serial < 2**63:
+        raise RegistryError(RegistryError.BAD_INPUT, "serial must be a positive int")
+    return serial
+
+
+def check_text(name, value, allow_empty=True):
+    if not isinstance(value, str) or len(value) > audit.MAX_TEXT or not value.isprintable() \
+            or (not allow_empty and not value):
+        raise RegistryError(RegistryError.BAD_INPUT, "bad %s" % name)
+    return value
+
+
+def check_se_uid(se_uid):
+    if not isinstance(se_uid, (bytes, bytearray)) or not 4 <= len(se_uid) <= 64:
+        raise RegistryError(RegistryError.BAD_INPUT, "se_uid must be 4..64 bytes")
+    return bytes(se_uid).hex()
+
+
+def check_commit(device, record, fields, cert):
+    """Refuse a commit whose parts disagree.  `device` is the current DeviceRecord,
+    `cert` the certificate row built from record.identity_cert_der."""
+    if device.status != INTENT:
+        raise InvalidState(record.serial, device.status, "commit")
+    if device.se_uid != bytes(record.se_uid):
+        raise RegistryError(RegistryError.MISMATCH, "se_uid differs from the intent record")
+    if not isinstance(fields, dict) or fields.get("type") != audit.INJECTION:
+        raise RegistryError(RegistryError.MISMATCH, "the audit entry must be an injection")
+    expected = {
+        "serial": record.serial,
+        "se_uid": bytes(record.se_uid).hex(),
+        "slot": record.slot,
+        "aid": bytes(record.aid).hex(),
+        "cert_serial": cert["cert_serial"],
+        "cert_fingerprint": cert["fingerprint"],
+        "issuing_ca": cert["issuer"],
+        "batch": record.batch,
+        "station": record.station,
+        "operator": record.operator,
+        "hsm_session": record.hsm_session,
+        "attestation_hash": record.attestation_hash,
+    }
+    for name, value in expected.items():
+        if fields.get(name) != value:
+            raise RegistryError(RegistryError.MISMATCH, "audit field %s" % name)
+
+
+class Registry:
+    """The storage interface.  Every method is thread-safe (parallel stations).
+
+    Errors: RegistryError (with `reason`) and its subclasses; nothing backend-native.
+    Construction takes `wall_clock` (epoch seconds callable) for every stored time.
+    """
+
+    wall_clock = staticmethod(time.time)
+
+    def _now(self):
+        return audit.format_time(self.wall_clock())
+
+    # -- serials and intents ----------------------------------------------------------------------
+
+    def allocate_serial(self):
+        """Return the next device serial: monotonic, never handed out twice, also across
+        crashes and reopen (the counter is committed durably before the call returns; a
+        crash after it leaves a gap, never a repeat).  Raises RegistryError(STORAGE)."""
+        raise NotImplementedError
+
+    def write_intent(self, serial, se_uid, station, operator="", batch="", hsm_session=""):
+        """Record that `station` starts personalising chip `se_uid` as device `serial`.
+
+        Returns: DeviceRecord (status "intent").
+        Raises: DuplicateSerial, RegistryError(NOT_ALLOCATED / BAD_INPUT / STORAGE).
+        """
+        raise NotImplementedError
+
+    def list_in_flight(self):
+        """Every device still in status "intent", oldest serial first."""
+        raise NotImplementedError
+
+    def commit_identity(self, record, audit_entry):
+        """In ONE transaction: mark the device committed with `record`'s facts, store its
+        identity certificate, and append `audit_entry` (unsealed fields from
+        audit.injection_entry) to the audit chain.  Either all of it is visible afterwards
+        or none of it.
+
+        Params: record IdentityRecord; audit_entry dict (must describe the same device,
+        certificate and attestation: checked).
+        Returns: the sealed AuditEntry.
+        Raises: InvalidState (not in flight), DuplicateSeUid, RegistryError(MISMATCH /
+        BAD_INPUT / DUPLICATE_CERTIFICATE / STORAGE), DeviceNotFound.  On any of them the
+        line must hold() the device.
+        """
+        raise NotImplementedError
+
+    def hold(self, serial, reason, station="", operator=""):
+        """Quarantine a device (status "held", `reason` kept in hold_reason) with a hold
+        audit entry, one transaction.  Allowed from intent, committed and held.
+        Returns the sealed AuditEntry.
+        Raises DeviceNotFound, InvalidState (revoked), RegistryError(BAD_INPUT / STORAGE)."""
+        raise NotImplementedError
+
+    def reconcile(self, serial, outcome, reason, station="", operator="", cert_serial=None,
+                  cert_fingerprint=None):
+        """Resolve an in-flight intent after a crash: status "held" plus a reconcile audit
+        entry saying what was done (`outcome`, e.g. "revoked-orphan-cert").
+        Returns the sealed AuditEntry.  Raises DeviceNotFound, InvalidState (not in flight)."""
+        raise NotImplementedError
+
+    def mark_revoked(self, cert_serial, reason, operator="", issuer=None):
+        """Mark a certificate revoked (and its device "revoked" if it is the identity
+        certificate), with a revoke audit entry, one transaction.
+
+        Params: cert_serial int or hex; issuer (RFC 4514 string) when the serial alone is
+        ambiguous.  Returns the sealed AuditEntry.
+        Raises: CertificateNotFound, RegistryError(AMBIGUOUS / STATE: already revoked).
+        """
+        raise NotImplementedError
+
+    # -- devices and certificates -----------------------------------------------------------------
+
+    def get_device(self, serial):
+        """Return the DeviceRecord.  Raises DeviceNotFound."""
+        raise NotImplementedError
+
+    def find_by_se_uid(self, se_uid):
+        """Every device record for chip `se_uid` (bytes), newest serial first (a chip that
+        was held and reworked has several)."""
+        raise NotImplementedError
+
+    def add_certificate(self, serial, cert_der, kind):
+        """Add a certificate (kind "identity" or "operational") to a device's history.
+        Returns CertificateRecord.  Raises DeviceNotFound, RegistryError(BAD_INPUT /
+        DUPLICATE_CERTIFICATE)."""
+        raise NotImplementedError
+
+    def certificates(self, serial):
+        """The device's certificate history, oldest first (list of CertificateRecord)."""
+        raise NotImplementedError
+
+    def certificate_status(self, cert_serial, issuer=None):
+        """The CertificateRecord for a serial (revoked / revoked_at / revocation_reason).
+        Raises CertificateNotFound, RegistryError(AMBIGUOUS)."""
+        raise NotImplementedError
+
+    def set_rotation_state(self, serial, state):
+        """Store the device's credential-rotation state (a short string the EST service
+        owns, e.g. "overlap:<new fingerprint>").  Raises DeviceNotFound."""
+        raise NotImplementedError
+
+    # -- the audit chain --------------------------------------------------------------------------
+
+    def append_audit(self, fields):
+        """Seal and append an entry that changes no device (checkpoints).  A checkpoint's
+        covered head is checked against the stored chain.  Returns the AuditEntry."""
+        raise NotImplementedError
+
+    def head(self):
+        """(entry count, head hash hex) from the audit_head row."""
+        raise NotImplementedError
+
+    def iter_audit_lines(self, start=0):
+        """Yield the stored audit lines (bytes) from seq `start`, in order."""
+        raise NotImplementedError
+
+    def audit_entries_for(self, serial):
+        """Every audit entry about device `serial`, in order (self-checked AuditEntry)."""
+        raise NotImplementedError
+
+    def last_checkpoint(self):
+        """The newest checkpoint entry, or None."""
+        raise NotImplementedError
+
+    def close(self):
+        """Close the backend.  Idempotent."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False
+
+
+def build_hold(device, reason, station, operator, now):
+    return audit.hold_entry(serial=device.serial, reason=reason, station=station,
+                            operator=operator, when=now, se_uid=device.se_uid)
+
+
+def wrap_audit_error(fn):
+    """Turn an AuditError (bad entry fields) into RegistryError(BAD_INPUT)."""
+
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except audit.AuditError as exc:
+            raise RegistryError(RegistryError.BAD_INPUT, exc.reason + " " + exc.detail) \
+                from None
+
+    wrapper.__name__ = fn.__name__
+    wrapper.__doc__ = fn.__doc__
+    return wrapper

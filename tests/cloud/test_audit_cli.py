@@ -1,0 +1,124 @@
+"""`fleetid audit verify` and `fleetid audit show` over a file log and a registry."""
+
+import json
+import sqlite3
+
+import pytest
+from click.testing import CliRunner
+from cryptography.hazmat.primitives import serialization
+
+from fleetid.cli.main import cli
+from fleetid.cloud.line import audit
+from fleetid.cloud.registry.sqlite_backend import SqliteRegistry
+from tests.cloud.test_registry import LINE, T0, WITNESS, provision
+
+
+def _pem(path, signer):
+    path.write_bytes(signer.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+    return str(path)
+
+
+@pytest.fixture
+def keys(tmp_path):
+    return ["--line-pub", _pem(tmp_path / "line.pem", LINE),
+            "--witness-pub", _pem(tmp_path / "witness.pem", WITNESS)]
+
+
+@pytest.fixture
+def registry_db(tmp_path):
+    path = tmp_path / "line.db"
+    with SqliteRegistry(path, wall_clock=lambda: T0) as reg:
+        for _ in range(3):
+            provision(reg, station="line-2/st-4")
+        audit.Checkpointer(reg, LINE, WITNESS, wall_clock=lambda: T0).checkpoint()
+        serial = provision(reg)
+        reg.hold(serial, "QA sample", station="qa", operator="op-9")
+    return path
+
+
+def run(*args):
+    return CliRunner().invoke(cli, ["audit", *args], catch_exceptions=False)
+
+
+def test_verify_a_registry_prints_ok_with_counts(registry_db, keys):
+    result = run("verify", "--registry", "sqlite:%s" % registry_db, *keys)
+    assert result.exit_code == 0, result.output
+    assert result.output.startswith("OK ")
+    assert "6 entries (checkpoint 1, hold 1, injection 4), 1 checkpoints" in result.output
+    assert "2 entries are not yet covered by a checkpoint" in result.output
+
+
+def test_verify_names_the_first_bad_entry_and_exits_1(registry_db, keys, tmp_path):
+    export = tmp_path / "export.jsonl"
+    with SqliteRegistry(registry_db) as reg:
+        audit.export_lines(reg.iter_audit_lines(), export)
+    lines = export.read_bytes().splitlines(keepends=True)
+    lines[1] = lines[1].replace(b"line-2/st-4", b"line-2/st-5")
+    export.write_bytes(b"".join(lines))
+    result = run("verify", "--log", str(export), *keys)
+    assert result.exit_code == 1
+    assert "first bad entry 1: hash" in result.output
+    result = run("verify", "--log", str(export), "--json", *keys)
+    assert json.loads(result.output) == {"ok": False, "source": str(export), "index": 1,
+                                         "reason": "hash", "detail": ""}
+
+
+def test_verify_a_file_catches_truncation_only_with_an_expected_count(registry_db, keys,
+                                                                      tmp_path):
+    export = tmp_path / "export.jsonl"
+    with SqliteRegistry(registry_db) as reg:
+        audit.export_lines(list(reg.iter_audit_lines())[:5], export)
+    assert run("verify", "--log", str(export), *keys).exit_code == 0
+    result = run("verify", "--log", str(export), "--expect-count", "6", *keys)
+    assert result.exit_code == 1 and "first bad entry 5: truncated" in result.output
+
+
+def test_show_answers_for_one_device(registry_db, keys):
+    result = run("show", "--serial", "2", "--registry", "sqlite:%s" % registry_db, *keys)
+    assert result.exit_code == 0, result.output
+    assert "device 2: status committed" in result.output
+    assert "station=line-2/st-4 operator=op-7" in result.output
+    assert "attestation_sha256=" in result.output and "not verified" not in result.output
+    held = run("show", "--serial", "4", "--registry", "sqlite:%s" % registry_db)
+    assert "hold serial=4" in held.output and "reason=QA sample" in held.output
+    assert "the chain was not verified" in held.output
+    as_json = run("show", "--serial", "2", "--registry", "sqlite:%s" % registry_db, "--json")
+    assert json.loads(as_json.output)["serial"] == 2
+
+
+def test_user_errors_are_reported_not_raised(registry_db, keys, tmp_path):
+    missing = run("show", "--serial", "99", "--registry", "sqlite:%s" % registry_db)
+    assert missing.exit_code == 1 and "no audit entries for serial 99" in missing.output
+    both = run("verify", "--log", "x", "--registry", "sqlite:y", *keys)
+    assert both.exit_code == 2 and "exactly one of" in both.output
+    no_db = run("verify", "--registry", "sqlite:%s" % (tmp_path / "nope.db"), *keys)
+    assert no_db.exit_code == 1 and "no registry database" in no_db.output
+    garbage = tmp_path / "garbage.pem"
+    garbage.write_text("not a key")
+    bad_key = run("verify", "--registry", "sqlite:%s" % registry_db,
+                  "--line-pub", str(garbage), "--witness-pub", str(garbage))
+    assert bad_key.exit_code == 1 and "cannot load the line public key" in bad_key.output
+    assert "Examples:" in run("verify", "--help").output
+    assert "Examples:" in run("show", "--help").output
+
+
+def test_a_witness_anchor_catches_a_consistent_rewrite_of_table_and_head_row(registry_db,
+                                                                             keys):
+    with SqliteRegistry(registry_db) as reg:
+        checkpoint = reg.last_checkpoint().fields
+    anchor = "%d:%s" % (checkpoint["covers"], checkpoint["head"])
+    uri = "sqlite:%s" % registry_db
+    assert run("verify", "--registry", uri, "--witness-anchor", anchor, *keys).exit_code == 0
+    # an insider deletes everything from entry 1 on and moves the head row to match
+    conn = sqlite3.connect(registry_db)
+    first = conn.execute("SELECT entry_hash FROM audit_log WHERE seq = 0").fetchone()[0]
+    conn.execute("DELETE FROM audit_log WHERE seq >= 1")
+    conn.execute("UPDATE audit_head SET entry_count = 1, head_hash = ?", (first,))
+    conn.commit()
+    conn.close()
+    assert run("verify", "--registry", uri, *keys).exit_code == 0  # self-consistent now
+    result = run("verify", "--registry", uri, "--witness-anchor", anchor, *keys)
+    assert result.exit_code == 1 and "first bad entry 1: truncated" in result.output
+    bad = run("verify", "--registry", uri, "--witness-anchor", "3:xyz", *keys)
+    assert bad.exit_code == 2 and "--witness-anchor" in bad.output
