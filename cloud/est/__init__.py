@@ -1,0 +1,9 @@
+"""fleetid.cloud.est: the EST server (RFC 7030, RFC 8951) in front of the attestation-gated
+issuing CAs.
+
+    messages.py  sans-I/O formats: base64 bodies, certs-only PKCS#7, CsrAttrs, paths
+    service.py   EstService: enrolment / re-enrolment policy, labels -> issuing CAs,
+                 approvals (202), overlap rotation state
+    app.py       aiohttp handlers (make_est_app)
+Status codes: the one table in fleetid.cloud.verifier.errors.
+"""

@@ -1,0 +1,333 @@
+"""mTLS benchmark: the fleetid verifier against nginx, same certificates, same machine,
+same run.
+
+    .venv/bin/python bench/mtls.py [--quick] [--connections N] [--devices D]
+
+What is measured, per server, as connections per server CPU-second (utime + stime of
+the server process from /proc, so client cost does not count):
+  full     a new TLS 1.3 handshake per connection (no resumption), client certificate
+           verified, then one HTTP request (`GET /v1/whoami` on fleetid: chain +
+           attestation verdict per certificate fingerprint + registry status read on
+           every request; `GET /` on nginx: its chain check, a static 200);
+  resumed  TLS 1.3 session resumption (a reconnecting fleet), same request.
+A bare aiohttp server (same TLS context, a handler that checks nothing) is measured too:
+the floor of the framework, so the cost of the fleet checks themselves shows.
+nginx from Debian (`nginx-light`), one worker process (`master_process off`),
+`ssl_verify_client on` with the fleet's roots + intermediates, the same server
+certificate.  Devices rotate over D attested certificates (their verdicts are cached
+after the first connection, as in a running fleet); the cold per-certificate cost of the
+full check is printed separately.
+
+Everything listens on 127.0.0.1; loops are bounded by --connections.  Needs the repo root
+on sys.path (it reuses the test fleet of tests/cloud/cloud_support.py).
+"""
+
+import argparse
+import os
+import shutil
+import socket
+import ssl
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+REQUEST = b"GET %s HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+
+
+def cpu_seconds(pid):
+    """utime + stime of a process (seconds), from /proc/<pid>/stat."""
+    with open("/proc/%d/stat" % pid) as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    ticks = os.sysconf("SC_CLK_TCK")
+    return (int(fields[11]) + int(fields[12])) / ticks
+
+
+def free_port():
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def wait_port(port, timeout=30):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError("port %d did not open" % port)
+
+
+# -- the fleetid verifier in its own process --------------------------------------------------
+
+
+def serve_fleetid(workdir, port, bare=False):
+    """Child process: the verifier app over the bench fleet's files (bare=True: the same
+    TLS context and aiohttp, a handler that checks nothing: the framework's floor)."""
+    import asyncio
+
+    from aiohttp import web
+    from cryptography import x509
+
+    from fleetid.cloud.registry.sqlite_backend import SqliteRegistry
+    from fleetid.cloud.verifier.app import make_verifier_app
+    from fleetid.cloud.verifier.http import Metrics, server_ssl_context
+    from fleetid.cloud.verifier.service import FleetTrust, FleetVerifier
+
+    def pems(name):
+        with open(os.path.join(workdir, name), "rb") as f:
+            return x509.load_pem_x509_certificates(f.read())
+
+    trust = FleetTrust(pems("root.pem"), pems("intermediates.pem"), pems("vendor.pem"))
+    registry = SqliteRegistry(os.path.join(workdir, "fleet", "registry.db"))
+    verifier = FleetVerifier(trust, registry)
+    metrics = Metrics()
+    verifier.on_verdict = metrics.on_verdict
+    context = server_ssl_context(os.path.join(workdir, "fleet", "server.pem"),
+                                 os.path.join(workdir, "fleet", "server.key"),
+                                 trust.ca_bundle_pem(), True)
+
+    async def ok(request):
+        return web.Response(text="ok")
+
+    if bare:
+        app = web.Application()
+        app.router.add_get("/v1/whoami", ok)
+    else:
+        app = make_verifier_app(verifier, metrics)
+
+    async def main():
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", port, ssl_context=context,
+                          backlog=1024).start()
+        await asyncio.Event().wait()
+
+    asyncio.run(main())
+
+
+NGINX_CONF = """
+daemon off;
+master_process off;
+worker_processes 1;
+error_log %(dir)s/nginx-error.log warn;
+pid %(dir)s/nginx.pid;
+events { worker_connections 1024; }
+http {
+    access_log off;
+    client_body_temp_path %(dir)s/tmp;
+    proxy_temp_path %(dir)s/tmp;
+    fastcgi_temp_path %(dir)s/tmp;
+    uwsgi_temp_path %(dir)s/tmp;
+    scgi_temp_path %(dir)s/tmp;
+    server {
+        listen 127.0.0.1:%(port)d ssl;
+        ssl_certificate %(dir)s/fleet/server.pem;
+        ssl_certificate_key %(dir)s/fleet/server.key;
+        ssl_client_certificate %(dir)s/client-cas.pem;
+        ssl_verify_client on;
+        ssl_verify_depth 3;
+        ssl_protocols TLSv1.2 TLSv1.3;
+        ssl_ciphers ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-ECDSA-AES256-GCM-SHA384;
+        ssl_session_tickets on;
+        location / { return 200 "ok $ssl_client_s_dn\\n"; }
+    }
+}
+"""
+
+
+# -- load generator ----------------------------------------------------------------------------
+
+
+def run_load(port, path, device_files, connections, root_file, resume, threads=3):
+    """Open `connections` TLS 1.3 connections (each: handshake + one request), spread over
+    `threads` threads and the device certificates.  Returns (ok, resumed, wall seconds)."""
+    contexts = []
+    for cert, key in device_files:
+        context = ssl.create_default_context(cafile=root_file)
+        context.minimum_version = ssl.TLSVersion.TLSv1_3
+        context.load_cert_chain(cert, key)
+        contexts.append(context)
+    counter = {"ok": 0, "resumed": 0, "errors": 0}
+    lock = threading.Lock()
+    per_thread = connections // threads
+    request = REQUEST % path.encode()
+
+    def one(context, session):
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as raw:
+            with context.wrap_socket(raw, server_hostname="127.0.0.1",
+                                     session=session) as tls:
+                tls.sendall(request)
+                data = b""
+                while True:
+                    chunk = tls.recv(65536)
+                    if not chunk:
+                        break
+                    data += chunk
+                return data.startswith(b"HTTP/1.1 200"), tls.session_reused, tls.session
+
+    def worker(index):
+        sessions = {}
+        for n in range(per_thread):
+            slot = (index + n * threads) % len(contexts)
+            session = sessions.get(slot) if resume else None
+            try:
+                ok, reused, new_session = one(contexts[slot], session)
+            except (OSError, ssl.SSLError):
+                ok, reused, new_session = False, False, None
+            if resume and new_session is not None:
+                sessions[slot] = new_session
+            with lock:
+                counter["ok" if ok else "errors"] += 1
+                counter["resumed"] += bool(reused)
+
+    if resume:  # prime one session per device (not counted)
+        pass
+    started = time.perf_counter()
+    workers = [threading.Thread(target=worker, args=(i,)) for i in range(threads)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    return counter, time.perf_counter() - started
+
+
+def measure(pid, port, path, device_files, connections, root_file, resume):
+    # Warm-up: every device once (fills fleetid's verdict cache and nginx's state alike;
+    # for resumption it also gives every client thread its first session).
+    run_load(port, path, device_files, len(device_files) * 3, root_file, resume)
+    before = cpu_seconds(pid)
+    counter, wall = run_load(port, path, device_files, connections, root_file, resume)
+    cpu = cpu_seconds(pid) - before
+    return {"ok": counter["ok"], "errors": counter["errors"], "resumed": counter["resumed"],
+            "cpu": cpu, "wall": wall, "per_cpu_s": counter["ok"] / cpu if cpu else 0.0}
+
+
+def build_fleet(workdir, devices):
+    from cryptography.hazmat.primitives import serialization
+
+    from tests.cloud.cloud_support import Fleet, pem
+
+    fleet = Fleet(os.path.join(workdir, "fleet"))
+    files = []
+    for _ in range(devices):
+        device = fleet.provision()
+        fleet.enrol(device)
+        files.append(device.files())
+    with open(os.path.join(workdir, "root.pem"), "wb") as f:
+        f.write(pem(fleet.root))
+    with open(os.path.join(workdir, "intermediates.pem"), "wb") as f:
+        f.write(b"".join(pem(c) for c in fleet.ca_certs.values()))
+    with open(os.path.join(workdir, "vendor.pem"), "wb") as f:
+        f.write(pem(fleet.vendor.root))
+    with open(os.path.join(workdir, "client-cas.pem"), "wb") as f:
+        f.write(fleet.trust.ca_bundle_pem())
+    # Cold cost of the full check for one certificate (no cache), in this process.
+    from fleetid.cloud.verifier.service import FleetVerifier
+
+    cold = FleetVerifier(fleet.trust, fleet.registry)
+    ders = []
+    for cert_file, _ in files:
+        with open(cert_file, "rb") as f:
+            from cryptography import x509
+
+            ders.append(x509.load_pem_x509_certificate(f.read()).public_bytes(
+                serialization.Encoding.DER))
+    started = time.perf_counter()
+    for der in ders:
+        cold.verify(der)
+    cold_ms = (time.perf_counter() - started) / len(ders) * 1000
+    started = time.perf_counter()
+    for der in ders:
+        cold.verify(der)
+    warm_ms = (time.perf_counter() - started) / len(ders) * 1000
+    fleet.close()
+    return files, os.path.join(workdir, "root.pem"), cold_ms, warm_ms
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="small run (CI smoke)")
+    parser.add_argument("--connections", type=int, default=None)
+    parser.add_argument("--devices", type=int, default=None)
+    parser.add_argument("--serve", nargs=2, metavar=("WORKDIR", "PORT"), help=argparse.SUPPRESS)
+    parser.add_argument("--bare", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.serve:
+        serve_fleetid(args.serve[0], int(args.serve[1]), bare=args.bare)
+        return 0
+    connections = args.connections or (300 if args.quick else 3000)
+    devices = args.devices or (10 if args.quick else 50)
+    nginx = shutil.which("nginx") or ("/usr/sbin/nginx" if os.path.exists("/usr/sbin/nginx")
+                                      else None)
+    workdir = tempfile.mkdtemp(prefix="fleetid-bench-mtls-")
+    print("fleetid mTLS bench: %d connections per measurement, %d device certificates"
+          % (connections, devices))
+    files, root_file, cold_ms, warm_ms = build_fleet(workdir, devices)
+    print("full check of one certificate in-process: cold %.2f ms, cached verdict %.3f ms"
+          % (cold_ms, warm_ms))
+    processes = []
+    results = {}
+    try:
+        port = free_port()
+        ours = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--serve", workdir,
+                                 str(port)], stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+        processes.append(ours)
+        wait_port(port)
+        servers = [("fleetid", ours.pid, port, "/v1/whoami")]
+        bport = free_port()
+        bare = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--serve", workdir,
+                                 str(bport), "--bare"], stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+        processes.append(bare)
+        wait_port(bport)
+        servers.append(("aiohttp", bare.pid, bport, "/v1/whoami"))
+        if nginx:
+            nport = free_port()
+            os.makedirs(os.path.join(workdir, "tmp"), exist_ok=True)
+            conf = os.path.join(workdir, "nginx.conf")
+            with open(conf, "w") as f:
+                f.write(NGINX_CONF % {"dir": workdir, "port": nport})
+            proc = subprocess.Popen([nginx, "-p", workdir, "-c", conf],
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            processes.append(proc)
+            wait_port(nport)
+            servers.append(("nginx", proc.pid, nport, "/"))
+        else:
+            print("nginx not found: install nginx-light for the comparison")
+        for mode in ("full", "resumed"):
+            for name, pid, srv_port, path in servers:
+                r = measure(pid, srv_port, path, files, connections, root_file,
+                            resume=(mode == "resumed"))
+                results[(name, mode)] = r
+                print("%-8s %-8s %6d ok %3d errors %6d resumed  server CPU %.2f s  wall %.2f s"
+                      "  -> %.0f connections per server CPU-second"
+                      % (name, mode, r["ok"], r["errors"], r["resumed"], r["cpu"], r["wall"],
+                         r["per_cpu_s"]))
+        if nginx:
+            for mode in ("full", "resumed"):
+                nginx_rate = results[("nginx", mode)]["per_cpu_s"]
+                print("ratio fleetid/nginx, %s handshakes: %.2fx   (bare aiohttp/nginx: %.2fx)"
+                      % (mode, results[("fleetid", mode)]["per_cpu_s"] / nginx_rate,
+                         results[("aiohttp", mode)]["per_cpu_s"] / nginx_rate))
+    finally:
+        for proc in processes:
+            proc.terminate()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        shutil.rmtree(workdir, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

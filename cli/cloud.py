@@ -1,0 +1,170 @@
+"""`fleetid cloud`: run the fleet cloud (verifier + EST) and diagnose certificates.
+A thin shell over fleetid.cloud.config and fleetid.cloud.verifier."""
+
+import json
+
+import click
+
+from fleetid.common.errors import FleetidError
+
+_VERDICT = {True: "PASS", False: "FAIL", None: "SKIP"}
+
+
+@click.group()
+def cloud():
+    """Fleet cloud: the EST CA and the mTLS verifier, and certificate diagnosis.
+
+    \b
+    Configuration: --config FILE (TOML, [cloud] table) and FLEETID_CLOUD_* environment
+    variables; every key is documented in fleetid/cloud/config.py.  Without any, the
+    embedded defaults apply: software keystore, SQLite registry, one issuing CA, all
+    under var/cloud (created on first run).
+    """
+
+
+def _load(config_path, state_dir=None, **overrides):
+    import os
+
+    from fleetid.cloud.config import ENV_PREFIX, ConfigError, load_config
+
+    environ = dict(os.environ)
+    if state_dir:
+        environ[ENV_PREFIX + "STATE_DIR"] = os.path.abspath(state_dir)
+    try:
+        config = load_config(config_path, environ)
+    except ConfigError as exc:
+        raise click.ClickException("config: %s" % exc) from None
+    for key, value in overrides.items():
+        if value is not None:
+            setattr(config, key, value)
+    return config
+
+
+@cloud.command("serve")
+@click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False),
+              help="TOML configuration file.")
+@click.option("--state-dir", default=None, help="Override [cloud] state_dir.")
+@click.option("--host", default=None, help="Listen address (default 127.0.0.1).")
+@click.option("--verifier-port", type=click.IntRange(0, 65535), default=None)
+@click.option("--est-port", type=click.IntRange(0, 65535), default=None)
+@click.option("--metrics-port", type=click.IntRange(0, 65535), default=None,
+              help="Plain-HTTP /metrics on 127.0.0.1 (0 = off).")
+def serve_cmd(config_path, state_dir, host, verifier_port, est_port, metrics_port):
+    """Run the verifier (mTLS, client certificate required) and the EST server.
+
+    \b
+    Example (embedded defaults, one command):
+      fleetid cloud serve
+      curl --cacert var/cloud/ceremony/root.pem \\
+           https://127.0.0.1:8444/.well-known/est/cacerts | base64 -d |
+           openssl pkcs7 -inform DER -print_certs
+    Put SE vendor roots (PEM) in var/cloud/vendor-roots/ or name them in the config,
+    e.g. the emulator's: var/vendor/vendor_root.pem.
+    Logs are JSON lines on stderr; the first stdout line is JSON with the bound ports.
+    """
+    import logging
+    import os
+
+    from fleetid.cloud.verifier.http import configure_json_logging
+    from fleetid.cloud.verifier.server import CloudServer, build_context, serve_forever
+
+    config = _load(config_path, state_dir, host=host, verifier_port=verifier_port,
+                   est_port=est_port, metrics_port=metrics_port)
+    configure_json_logging(getattr(logging, config.log_level.upper(), logging.INFO))
+    try:
+        context = build_context(config)
+    except (FleetidError, OSError, ValueError) as exc:
+        raise click.ClickException("%s: %s" % (type(exc).__name__, exc)) from None
+    if not context.trust.vendor_roots:
+        click.echo("warning: no SE vendor roots configured: every attestation will be "
+                   "refused (unknown_vendor)", err=True)
+    server = CloudServer.from_context(context)
+
+    def ready(ports):
+        click.echo(json.dumps({"listening": ports, "host": config.host,
+                               "root": os.path.join(config.state_dir, "ceremony", "root.pem")
+                               if not config.roots else config.roots[0],
+                               "labels": sorted(server.est_service.labels)}))
+
+    try:
+        serve_forever(server, ready)
+    finally:
+        context.close()
+
+
+@cloud.command("check-cert")
+@click.argument("cert_file", type=click.Path(exists=True, dir_okay=False))
+@click.option("--chain", "chain_files", multiple=True,
+              type=click.Path(exists=True, dir_okay=False),
+              help="PEM file(s) with intermediates to offer (repeatable).")
+@click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False),
+              help="TOML configuration (trust, registry) as for serve.")
+@click.option("--state-dir", default=None, help="Override [cloud] state_dir.")
+@click.option("--registry", "registry_uri", default=None,
+              help="Registry URI (default: from the configuration).")
+@click.option("--at", "at_time", default=None,
+              help="Check as of this time (RFC 3339, e.g. 2027-01-01T00:00:00Z).")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def check_cert_cmd(cert_file, chain_files, config_path, state_dir, registry_uri, at_time,
+                   as_json):
+    """Explain, check by check, whether the verifier would accept CERT_FILE.
+
+    \b
+    Checks (each with PASS / FAIL / SKIP and why): certificate parses, validity, EKU
+    clientAuth, chain to a fleet root, CA revocation, registry record, certificate
+    revocation, device status, attestation extension (SE vendor chain, attested key,
+    policy, SE UID == registry), overlap / supersession.
+    Exit status: 0 accepted, 1 refused.
+    \b
+    Example:
+      fleetid cloud check-cert device.pem --chain ca-widget-b42-eu.pem
+    """
+    import datetime
+
+    from cryptography.hazmat.primitives import serialization
+
+    from fleetid.cloud.verifier.server import open_cloud_registry as open_registry
+    from fleetid.cloud.verifier.server import trust_from_config
+    from fleetid.cloud.verifier.service import FleetVerifier, load_certificates
+
+    config = _load(config_path, state_dir)
+    try:
+        with open(cert_file, "rb") as f:
+            certs = load_certificates(f.read())
+        extra = []
+        for path in chain_files:
+            with open(path, "rb") as f:
+                extra.extend(load_certificates(f.read()))
+    except ValueError:
+        raise click.ClickException("%s is not a PEM/DER certificate" % cert_file) from None
+    extra.extend(certs[1:])  # a PEM bundle: leaf first, then its chain
+    when = None
+    if at_time:
+        try:
+            when = datetime.datetime.fromisoformat(at_time.replace("Z", "+00:00"))
+        except ValueError:
+            raise click.ClickException("--at must be RFC 3339") from None
+        if when.tzinfo is None:
+            raise click.ClickException("--at needs a time zone (e.g. Z)")
+    try:
+        trust = trust_from_config(config, extra)
+        registry = open_registry(registry_uri or config.registry)
+    except (FleetidError, OSError, ValueError) as exc:
+        raise click.ClickException("%s: %s" % (type(exc).__name__, exc)) from None
+    try:
+        verifier = FleetVerifier(trust, registry, accept_identity=config.accept_identity)
+        der = certs[0].public_bytes(serialization.Encoding.DER)
+        results = verifier.explain(der, now=when)
+    finally:
+        registry.close()
+    accepted = all(r.ok is True for r in results)
+    if as_json:
+        click.echo(json.dumps({"accepted": accepted, "checks": [
+            {"check": r.name, "verdict": _VERDICT[r.ok], "detail": r.detail}
+            for r in results]}, indent=2))
+    else:
+        width = max(len(r.name) for r in results)
+        for r in results:
+            click.echo("%-*s  %s  %s" % (width, r.name, _VERDICT[r.ok], r.detail))
+        click.echo("verdict: %s" % ("ACCEPTED" if accepted else "REFUSED"))
+    raise SystemExit(0 if accepted else 1)

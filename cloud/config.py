@@ -1,0 +1,164 @@
+"""Configuration of the fleet cloud (`fleetid cloud serve`): a TOML file, then the
+environment, then built-in defaults (the embedded demo set-up: software keystore,
+SQLite registry, everything under one state directory).
+
+File (all keys optional; paths relative to the file's folder):
+
+    [cloud]
+    state_dir = "var/cloud"          # embedded PKI, keystore, registry, TLS key live here
+    host = "127.0.0.1"               # listen address of both TLS listeners
+    verifier_port = 8443             # mTLS, client certificate REQUIRED
+    est_port = 8444                  # EST, client certificate optional (401 without)
+    metrics_port = 9464              # plain HTTP /metrics on 127.0.0.1; 0 = off
+    registry = "sqlite:var/cloud/registry.db"   # or postgresql://user@host/db
+    hsm = "soft:var/cloud/keystore.json;pass-env=FLEETID_KEYSTORE_PASS"
+    vendor_roots = ["var/vendor/vendor_root.pem"]   # trusted SE vendor roots (PEM)
+    roots = ["var/cloud/ceremony/root.pem"]         # fleet roots (PEM)
+    intermediates = []                              # fleet issuing CAs (PEM), all labels'
+                                                    # CAs are added automatically
+    revoked_cas = []                 # SHA-256 fingerprints (hex) of revoked CAs
+    overlap_days = 7                 # re-enrolment overlap window
+    accept_identity = true           # factory identity certs authenticate at the verifier
+    tls_cert = "..."  tls_key = "..."  # server certificate (default: made at bootstrap)
+    log_level = "info"
+
+    [[cloud.labels]]                 # one per EST label (product / batch CA)
+    name = "widget-b42"
+    ca_key = "ca-widget-b42-eu"      # the CA key's label in the HSM
+    ca_cert = "pki/ca-widget-b42-eu.pem"
+    require_approval = false
+    default = true
+
+Environment (override the file): FLEETID_CLOUD_<KEY> for each scalar key above, e.g.
+FLEETID_CLOUD_VERIFIER_PORT=9443, FLEETID_CLOUD_REGISTRY=postgresql://...; list keys
+(vendor_roots, roots, intermediates, revoked_cas) take a comma-separated list.
+FLEETID_CLOUD_CONFIG names the file when --config is not given.  Secrets are never in the
+file: the HSM URI names the environment variable that holds them.
+"""
+
+import os
+import tomllib
+
+DEFAULTS = {
+    "state_dir": "var/cloud",
+    "host": "127.0.0.1",
+    "verifier_port": 8443,
+    "est_port": 8444,
+    "metrics_port": 9464,
+    "registry": None,  # default: sqlite:<state_dir>/registry.db
+    "hsm": None,  # default: soft:<state_dir>/keystore.json;pass-env=FLEETID_KEYSTORE_PASS
+    "vendor_roots": [],
+    "roots": [],
+    "intermediates": [],
+    "revoked_cas": [],
+    "overlap_days": 7,
+    "accept_identity": True,
+    "tls_cert": None,
+    "tls_key": None,
+    "log_level": "info",
+    "labels": [],
+}
+LIST_KEYS = ("vendor_roots", "roots", "intermediates", "revoked_cas")
+PATH_KEYS = ("state_dir", "tls_cert", "tls_key")
+ENV_PREFIX = "FLEETID_CLOUD_"
+
+
+class ConfigError(ValueError):
+    """The configuration is unusable (message names the key)."""
+
+
+class CloudConfig:
+    """Resolved configuration: one attribute per key of DEFAULTS."""
+
+    def __init__(self, values):
+        for key, value in values.items():
+            setattr(self, key, value)
+
+    def as_dict(self):
+        return {key: getattr(self, key) for key in DEFAULTS}
+
+
+def _convert(key, value):
+    default = DEFAULTS[key]
+    if key in LIST_KEYS:
+        if isinstance(value, str):
+            return [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ConfigError("%s must be a list of strings" % key)
+        return value
+    if isinstance(default, bool):
+        if isinstance(value, str):
+            if value.lower() in ("1", "true", "yes", "on"):
+                return True
+            if value.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ConfigError("%s must be true or false" % key)
+        return bool(value)
+    if isinstance(default, int):
+        try:
+            return int(value)
+        except (TypeError, ValueError):
+            raise ConfigError("%s must be an integer" % key) from None
+    if value is not None and not isinstance(value, str):
+        raise ConfigError("%s must be a string" % key)
+    return value
+
+
+def load_config(path=None, environ=None):
+    """Resolve the configuration: defaults < file (`path`, or $FLEETID_CLOUD_CONFIG) <
+    environment.  Returns CloudConfig.  Raises ConfigError."""
+    environ = os.environ if environ is None else environ
+    values = {k: (list(v) if isinstance(v, list) else v) for k, v in DEFAULTS.items()}
+    path = path or environ.get(ENV_PREFIX + "CONFIG")
+    base = os.getcwd()
+    if path:
+        try:
+            with open(path, "rb") as f:
+                document = tomllib.load(f)
+        except OSError as exc:
+            raise ConfigError("cannot read %s: %s" % (path, exc.strerror)) from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError("%s: %s" % (path, exc)) from None
+        section = document.get("cloud", {})
+        if not isinstance(section, dict):
+            raise ConfigError("[cloud] must be a table")
+        unknown = set(section) - set(DEFAULTS)
+        if unknown:
+            raise ConfigError("unknown key(s) in [cloud]: %s" % ", ".join(sorted(unknown)))
+        base = os.path.dirname(os.path.abspath(path))
+        for key, value in section.items():
+            values[key] = value if key == "labels" else _convert(key, value)
+    for key in DEFAULTS:
+        if key == "labels":
+            continue
+        env = environ.get(ENV_PREFIX + key.upper())
+        if env is not None:
+            values[key] = _convert(key, env)
+    labels = []
+    for entry in values["labels"]:
+        if not isinstance(entry, dict) or not {"name", "ca_key", "ca_cert"} <= set(entry):
+            raise ConfigError("each [[cloud.labels]] needs name, ca_key and ca_cert")
+        label = dict(entry)
+        label["ca_cert"] = _abs(base, label["ca_cert"])
+        labels.append(label)
+    values["labels"] = labels
+    for key in PATH_KEYS:
+        if values[key]:
+            values[key] = _abs(base, values[key])
+    for key in ("vendor_roots", "roots", "intermediates"):
+        values[key] = [_abs(base, p) for p in values[key]]
+    state = values["state_dir"]
+    if not values["registry"]:
+        values["registry"] = "sqlite:" + os.path.join(state, "registry.db")
+    if not values["hsm"]:
+        values["hsm"] = "soft:%s;pass-env=FLEETID_KEYSTORE_PASS" % os.path.join(
+            state, "keystore.json")
+    for key in ("verifier_port", "est_port", "metrics_port"):
+        if not 0 <= values[key] <= 65535:
+            raise ConfigError("%s out of range" % key)
+    return CloudConfig(values)
+
+
+def _abs(base, path):
+    path = os.path.expanduser(path)
+    return path if os.path.isabs(path) else os.path.join(base, path)

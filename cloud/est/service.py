@@ -1,0 +1,257 @@
+"""The EST service: enrolment policy between the HTTP handlers (app.py) and the
+attestation-gated issuing CA (fleetid.cloud.ca).  No HTTP here: handlers pass the peer's
+DER certificate and the decoded request; refusals are CloudErrors (errors.py table).
+
+Policy
+------
+- Every EST operation but cacerts / csrattrs needs a client certificate that the fleet
+  verifier accepts (chain to a fleet root, attestation extension, registry status,
+  revocation, overlap: fleetid.cloud.verifier.service).
+- simpleenroll (initial enrolment, RFC 7030 4.2.1): authenticated by the device's factory
+  *identity* certificate; the CSR names the same device (CN and serialNumber = the
+  device serial) and carries fresh SE attestation evidence for a *new* key; the CA checks
+  the evidence against the registry's SE UID for that device and a nonce it issued
+  (GET <label>/nonce, single use, expiring).
+- simplereenroll (RFC 7030 4.2.2): authenticated by the current *operational*
+  certificate (or the previous one inside its overlap window); the CSR subject must be
+  the certificate's subject, the key must be new and attested.  The old certificate stays
+  valid for `overlap` (capped at its notAfter) or until the device acknowledges the new
+  one at the verifier, whichever is first (rotation state in the registry).
+- Labels (RFC 7030 3.2.2) map to issuing CAs (product / batch / region scopes).  A label
+  configured with `require_approval` answers 202 + Retry-After (RFC 7030 4.2.3) until an
+  operator approves the device (`approve`).
+- A refusal writes nothing: no certificate, no registry change.  (The CA's nonce-burning
+  rule still applies: once evidence is authenticated its nonce is used up.)
+"""
+
+import datetime
+import threading
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.x509.oid import NameOID
+
+from fleetid.cloud.ca.errors import IssuanceRefused
+from fleetid.cloud.est import messages
+from fleetid.cloud.hsm.errors import HsmError
+from fleetid.cloud.pki.errors import PkiError
+from fleetid.cloud.registry import IDENTITY, OPERATIONAL, RegistryError
+from fleetid.cloud.verifier import errors
+from fleetid.cloud.verifier.errors import PendingApproval, RequestRefused
+from fleetid.cloud.verifier.service import FleetVerifier, RotationState, fingerprint_of
+
+DEFAULT_OVERLAP = datetime.timedelta(days=7)
+DEFAULT_RETRY_AFTER = 60
+
+# What a device operator reads when the CA refuses (fleetid.cloud.ca.errors reasons).
+ISSUANCE_MESSAGES = {
+    "bad_csr": "the CSR must be ECDSA P-256 signed with ecdsa-with-SHA256",
+    "bad_pop": "the CSR signature does not verify (no proof of possession)",
+    "no_evidence": "attestation required: the CSR carries no secure-element attestation "
+                   "evidence (attribute %s); a key made outside a genuine SE cannot be "
+                   "certified" % messages.OID_ATTR_EVIDENCE,
+    "bad_evidence": "attestation evidence is malformed",
+    "unknown_vendor": "attestation evidence does not chain to a trusted SE vendor",
+    "bad_statement_signature": "attestation statement is not signed by the SE's "
+                               "attestation key",
+    "key_mismatch": "the attested key is not the CSR's key",
+    "policy": "the attested key's policy is not acceptable (must be generated on chip, "
+              "non-exportable, signing)",
+    "se_uid_mismatch": "the attesting SE is not this device's SE",
+    "nonce_unknown": "attestation nonce was not issued by this CA (fetch a fresh one)",
+    "nonce_replayed": "attestation nonce was already used (replayed evidence)",
+    "nonce_expired": "attestation nonce expired (fetch a fresh one)",
+}
+
+
+class EstLabel:
+    """One EST label: its issuing CA and what cacerts returns.
+
+    name (str); ca (IssuingCa); chain (list of x509.Certificate: the issuing CA
+    certificate, then its issuers up to the root); profile ("operational" or a
+    CertificateProfile); require_approval (bool); retry_after (seconds, 202 answers).
+    """
+
+    def __init__(self, name, ca, chain, profile=OPERATIONAL, require_approval=False,
+                 retry_after=DEFAULT_RETRY_AFTER):
+        if not messages.LABEL_RE.match(name):
+            raise ValueError("bad EST label %r" % (name,))
+        self.name = name
+        self.ca = ca
+        self.chain = list(chain)
+        self.profile = profile
+        self.require_approval = require_approval
+        self.retry_after = retry_after
+        self.cacerts_der = messages.certs_only(self.chain)
+
+
+class EstService:
+    """EST policy over issuing CAs.  Thread-safe.
+
+    EstService(labels, registry, trust, default_label=None, overlap=DEFAULT_OVERLAP,
+               clock=None, verifier=None)
+    labels: iterable of EstLabel.  trust: FleetTrust (client authentication).
+    verifier: a FleetVerifier accepting identity certificates (default: built here).
+    """
+
+    def __init__(self, labels, registry, trust, default_label=None, overlap=DEFAULT_OVERLAP,
+                 clock=None, verifier=None):
+        self.labels = {label.name: label for label in labels}
+        if not self.labels:
+            raise ValueError("EST needs at least one label")
+        self.default_label = default_label or next(iter(self.labels))
+        if self.default_label not in self.labels:
+            raise ValueError("default label %r is not configured" % self.default_label)
+        self.registry = registry
+        self.overlap = overlap
+        self.verifier = verifier or FleetVerifier(trust, registry, clock=clock,
+                                                  accept_identity=True)
+        self._clock = self.verifier.now
+        self._approvals = {}  # (label, device serial) -> "pending" | "approved"
+        self._lock = threading.Lock()
+
+    # -- labels and public operations -----------------------------------------------------------
+
+    def label(self, name=None):
+        """The EstLabel for `name` (None: the default).  Raises RequestRefused(404)."""
+        if name is None:
+            name = self.default_label
+        label = self.labels.get(name)
+        if label is None:
+            raise RequestRefused(errors.UNKNOWN_LABEL, "no CA under this label")
+        return label
+
+    def cacerts(self, label_name=None):
+        """DER certs-only PKCS#7 of the label's CA chain (RFC 7030 4.1)."""
+        return self.label(label_name).cacerts_der
+
+    def csrattrs(self, label_name=None):
+        """DER CsrAttrs (RFC 7030 4.5)."""
+        self.label(label_name)
+        return messages.csr_attributes()
+
+    def nonce(self, label_name, client_cert_der):
+        """A fresh attestation nonce from the label's CA, for an authenticated device.
+        Raises AccessRefused, RequestRefused."""
+        label = self.label(label_name)
+        self.verifier.verify(client_cert_der)
+        return label.ca.issue_nonce(now=self._clock())
+
+    # -- approvals (RFC 7030 4.2.3 deferred enrolment) ------------------------------------------
+
+    def approve(self, label_name, device_serial):
+        """Approve the pending (or a future) enrolment of `device_serial` under a label."""
+        self.label(label_name)
+        with self._lock:
+            self._approvals[(label_name, device_serial)] = "approved"
+
+    def pending(self):
+        """[(label, device serial)] awaiting approval."""
+        with self._lock:
+            return sorted(k for k, v in self._approvals.items() if v == "pending")
+
+    def _gate(self, label, serial):
+        if not label.require_approval:
+            return
+        key = (label.name, serial)
+        with self._lock:
+            if self._approvals.get(key) == "approved":
+                return
+            self._approvals[key] = "pending"
+        raise PendingApproval(label.retry_after)
+
+    def _consume_approval(self, label, serial):
+        if label.require_approval:
+            with self._lock:
+                self._approvals.pop((label.name, serial), None)
+
+    # -- enrolment ------------------------------------------------------------------------------
+
+    def enroll(self, label_name, client_cert_der, csr_der, reenroll=False):
+        """simpleenroll (reenroll=False) or simplereenroll (True).
+
+        Params: label_name (None: default); client_cert_der: the TLS peer certificate (DER)
+            or None; csr_der: the decoded request body.
+        Returns: x509.Certificate (the new operational certificate, recorded in the
+            registry).
+        Raises: AccessRefused (401/403), RequestRefused (400/403/404), PendingApproval
+            (202), RequestRefused(unavailable) when the HSM or registry failed.
+        """
+        label = self.label(label_name)
+        csr = messages.load_csr(csr_der)
+        now = self._clock()
+        identity = self.verifier.verify(client_cert_der, now=now)
+        if not reenroll and identity.kind != IDENTITY:
+            raise RequestRefused(errors.WRONG_CERTIFICATE_KIND,
+                                 "simpleenroll takes the factory identity certificate; "
+                                 "renew with simplereenroll")
+        if reenroll and identity.kind != OPERATIONAL:
+            raise RequestRefused(errors.WRONG_CERTIFICATE_KIND,
+                                 "simplereenroll takes the current operational certificate; "
+                                 "enrol first with simpleenroll")
+        self._check_subject(csr, identity)
+        spki = lambda key: key.public_bytes(serialization.Encoding.DER,  # noqa: E731
+                                            serialization.PublicFormat.SubjectPublicKeyInfo)
+        if spki(csr.public_key()) == spki(identity.certificate.public_key()):
+            raise RequestRefused(errors.POLICY, "enrolment needs a new key (generate one in "
+                                 "a spare SE slot)")
+        self._gate(label, identity.serial)
+        try:
+            certificate = label.ca.issue(csr_der, identity.se_uid, identity.serial,
+                                         label.profile, now=now)
+        except IssuanceRefused as exc:
+            status = errors.BAD_REQUEST if exc.reason == "bad_csr" else errors.POLICY
+            raise RequestRefused(status, ISSUANCE_MESSAGES.get(exc.reason, exc.reason)) \
+                from None
+        except PkiError as exc:
+            raise RequestRefused(errors.POLICY, "the CA cannot issue: %s" % exc.reason) \
+                from None
+        except HsmError:
+            raise RequestRefused(errors.UNAVAILABLE, "signing service unavailable") from None
+        self._consume_approval(label, identity.serial)
+        self._record(identity, certificate, now)
+        return certificate
+
+    def _check_subject(self, csr, identity):
+        # RFC 7030 4.2.2: a re-enrolment keeps the subject; for fleetid the same holds for
+        # the first operational certificate (the device cannot choose its identity).
+        names = csr.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+        serials = csr.subject.get_attributes_for_oid(NameOID.SERIAL_NUMBER)
+        if len(names) != 1 or names[0].value != identity.serial or \
+                any(s.value != identity.serial for s in serials):
+            raise RequestRefused(errors.POLICY, "the CSR subject must be the authenticated "
+                                 "device's subject (CN=%s): subject changes are refused"
+                                 % identity.serial)
+        if identity.kind == OPERATIONAL and csr.subject != identity.certificate.subject:
+            raise RequestRefused(errors.POLICY, "re-enrolment must keep the subject")
+
+    def _record(self, identity, certificate, now):
+        der = certificate.public_bytes(serialization.Encoding.DER)
+        new_fp = fingerprint_of(der)
+        serial = identity.registry_serial
+        try:
+            self.registry.add_certificate(serial, der, OPERATIONAL)
+            current = RotationState.parse(self.registry.get_device(serial).rotation_state)
+            if identity.kind == OPERATIONAL:
+                old = identity.fingerprint
+                deadline = min(now + self.overlap, identity.not_after)
+            elif current.new:  # a second simpleenroll: the previous one overlaps
+                old, deadline = current.new, now + self.overlap
+            else:
+                old = None
+            state = (RotationState("overlap", old, new_fp, deadline) if old
+                     else RotationState("active", new=new_fp))
+            self.registry.set_rotation_state(serial, state.format())
+        except RegistryError:
+            raise RequestRefused(errors.UNAVAILABLE, "registry unavailable") from None
+
+
+def acknowledge_rotation(registry, identity):
+    """The device says it switched to the certificate it authenticated with: close the
+    overlap window of the previous one now.  Returns the new RotationState (unchanged if
+    there was nothing to acknowledge).  Raises RegistryError."""
+    device = registry.get_device(identity.registry_serial)
+    state = RotationState.parse(device.rotation_state)
+    if state.kind == "overlap" and state.new == identity.fingerprint:
+        state = RotationState("acked", state.old, state.new)
+        registry.set_rotation_state(identity.registry_serial, state.format())
+    return state

@@ -1,0 +1,103 @@
+"""Domain errors of the fleet cloud's HTTP services and the one table that maps them to
+HTTP status codes (EST server and verifier both render through `http_status`).
+
+A refusal carries a `reason` (a short code from the table below) and a `detail` (a short,
+secret-free sentence a device operator can act on).  Both may reach the client: they
+describe *the client's* request.  Internal causes (exceptions, storage errors, stack
+traces) never do: the handlers log them and answer 500/503 with a generic body.
+"""
+
+from fleetid.common.errors import FleetidError
+
+
+class CloudError(FleetidError):
+    """Base of the cloud's request-level errors.  `reason` is a key of HTTP_STATUS."""
+
+    def __init__(self, reason, detail=""):
+        if reason not in HTTP_STATUS:
+            raise ValueError("unknown cloud reason %r" % (reason,))
+        super().__init__(reason if not detail else reason + ": " + detail)
+        self.reason = reason
+        self.detail = detail
+
+
+class AccessRefused(CloudError):
+    """The peer's certificate does not authenticate a device we accept."""
+
+
+class RequestRefused(CloudError):
+    """The request itself is refused (malformed, not allowed, policy)."""
+
+
+class PendingApproval(CloudError):
+    """The request is deferred until an operator approves it (EST 202, RFC 7030 4.2.3).
+
+    `retry_after` is the number of seconds the client should wait."""
+
+    def __init__(self, retry_after, detail="awaiting approval"):
+        super().__init__(PENDING, detail)
+        self.retry_after = int(retry_after)
+
+
+# -- reason codes ------------------------------------------------------------------------------
+# Client authentication (verifier and EST).
+NO_CLIENT_CERT = "no_client_certificate"
+MALFORMED_CERT = "malformed_certificate"
+CHAIN = "chain"  # does not validate to the fleet's roots (another fleet, bad signature)
+EXPIRED = "expired"  # past notAfter (no overlap window makes an expired certificate valid)
+NOT_YET_VALID = "not_yet_valid"
+EKU = "eku"  # no clientAuth extended key usage
+CA_REVOKED = "ca_revoked"  # a CA of the chain (a batch intermediate) is revoked
+UNKNOWN_DEVICE = "unknown_device"  # the certificate or its device is not in the registry
+DEVICE_STATUS = "device_status"  # the device is held / in flight / revoked
+REVOKED = "revoked"  # this certificate is revoked
+SUPERSEDED = "superseded"  # an older certificate after its overlap window closed
+ATTESTATION = "attestation"  # the attestation extension does not check out
+# Requests (EST).
+BAD_BASE64 = "bad_base64"
+BAD_REQUEST = "bad_request"  # not DER / not a CSR / CSR signature invalid / bad JSON
+UNKNOWN_LABEL = "unknown_label"
+NOT_FOUND = "not_found"
+METHOD = "method_not_allowed"
+CONTENT_TYPE = "unsupported_content_type"
+TOO_LARGE = "too_large"
+POLICY = "policy"  # the CA's or the EST policy's refusal (attestation, subject change, ...)
+WRONG_CERTIFICATE_KIND = "wrong_certificate_kind"
+PENDING = "pending_approval"
+UNAVAILABLE = "unavailable"  # storage / HSM failure: the client may retry later
+INTERNAL = "internal_error"
+
+# THE table: domain reason -> HTTP status.
+HTTP_STATUS = {
+    NO_CLIENT_CERT: 401,
+    MALFORMED_CERT: 401,
+    CHAIN: 401,
+    EXPIRED: 401,
+    NOT_YET_VALID: 401,
+    EKU: 403,
+    CA_REVOKED: 403,
+    UNKNOWN_DEVICE: 403,
+    DEVICE_STATUS: 403,
+    REVOKED: 403,
+    SUPERSEDED: 403,
+    ATTESTATION: 403,
+    BAD_BASE64: 400,
+    BAD_REQUEST: 400,
+    UNKNOWN_LABEL: 404,
+    NOT_FOUND: 404,
+    METHOD: 405,
+    CONTENT_TYPE: 415,
+    TOO_LARGE: 413,
+    POLICY: 403,
+    WRONG_CERTIFICATE_KIND: 403,
+    PENDING: 202,
+    UNAVAILABLE: 503,
+    INTERNAL: 500,
+}
+
+
+def http_status(exc):
+    """HTTP status for a CloudError (500 for anything else: an internal cause)."""
+    if isinstance(exc, CloudError):
+        return HTTP_STATUS[exc.reason]
+    return HTTP_STATUS[INTERNAL]

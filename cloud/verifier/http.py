@@ -1,0 +1,163 @@
+"""HTTP plumbing shared by the verifier and the EST server: TLS contexts, the peer
+certificate, error rendering through the one status table, Prometheus metrics and
+structured (JSON lines) logs.
+
+Rendering rule: a CloudError renders as its status (errors.HTTP_STATUS) with a text body
+"<reason>: <detail>"; anything else is logged with its traceback and answered with a
+generic 500 (or 503 for storage / HSM failures): internal causes never reach a client.
+"""
+
+import json
+import logging
+import ssl
+import time
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry, Counter, Histogram
+
+from fleetid.cloud.hsm.errors import HsmError
+from fleetid.cloud.registry import RegistryError
+from fleetid.cloud.verifier import errors
+from fleetid.cloud.verifier.errors import CloudError, PendingApproval
+
+# TLS 1.2 suites for clients whose key signs in an SE (tlslite-ng: TLS 1.2 client auth
+# only; ARCHITECTURE "mTLS with an SE-held key"): ECDHE-ECDSA with AES-GCM (RFC 5289).
+TLS12_CIPHERS = "ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-ECDSA-AES256-GCM-SHA384"
+
+log = logging.getLogger("fleetid.cloud")
+# request["device"]: the authenticated DeviceIdentity (set by the verifier's middleware).
+DEVICE = web.RequestKey("device", object) if hasattr(web, "RequestKey") else "device"
+
+
+def server_ssl_context(cert_file, key_file, client_ca_pem, require_client_cert=True):
+    """A server SSLContext: TLS 1.2 (ECDHE-ECDSA-AES-GCM only) and TLS 1.3, client
+    certificates verified against `client_ca_pem` (bytes: the fleet's roots and
+    intermediates).  require_client_cert False = CERT_OPTIONAL (EST: cacerts needs no
+    client certificate; enrolment answers 401 without one)."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.set_ciphers(TLS12_CIPHERS)
+    context.load_cert_chain(cert_file, key_file)
+    context.load_verify_locations(cadata=client_ca_pem.decode("ascii"))
+    context.verify_mode = ssl.CERT_REQUIRED if require_client_cert else ssl.CERT_OPTIONAL
+    return context
+
+
+def peer_certificate(request):
+    """DER of the TLS client certificate, or None (plain HTTP or none presented)."""
+    ssl_object = request.transport.get_extra_info("ssl_object") if request.transport else None
+    if ssl_object is None:
+        return None
+    return ssl_object.getpeercert(binary_form=True)
+
+
+class Metrics:
+    """Prometheus metrics of one server process (own CollectorRegistry, so tests and
+    several apps in one process do not collide)."""
+
+    def __init__(self):
+        self.registry = CollectorRegistry()
+        self.requests = Counter("fleetid_http_requests_total", "HTTP requests",
+                                ["service", "endpoint", "status"], registry=self.registry)
+        self.verdicts = Counter("fleetid_verifier_verdicts_total",
+                                "Client certificate verdicts by reason (ok = accepted)",
+                                ["reason"], registry=self.registry)
+        self.cache = Counter("fleetid_verifier_cache_total", "Verdict cache lookups",
+                             ["result"], registry=self.registry)
+        self.issued = Counter("fleetid_est_issued_total", "Certificates issued through EST",
+                              ["label", "operation"], registry=self.registry)
+        self.latency = Histogram("fleetid_http_request_seconds", "Request handling time",
+                                 ["service", "endpoint"], registry=self.registry,
+                                 buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
+                                          0.1, 0.25, 1.0))
+
+    def on_verdict(self, reason, cached):
+        self.verdicts.labels(reason).inc()
+        self.cache.labels("hit" if cached else "miss").inc()
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: ts, level, logger, msg and the record's `fields`."""
+
+    def format(self, record):
+        entry = {"ts": round(record.created, 3), "level": record.levelname.lower(),
+                 "logger": record.name, "msg": record.getMessage()}
+        entry.update(getattr(record, "fields", {}))
+        if record.exc_info:
+            entry["exc"] = self.formatException(record.exc_info)
+        return json.dumps(entry, sort_keys=True, default=str)
+
+
+def configure_json_logging(level=logging.INFO, stream=None):
+    """Send fleetid.cloud logs to `stream` (default stderr) as JSON lines."""
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(JsonFormatter())
+    log.handlers[:] = [handler]
+    log.setLevel(level)
+    log.propagate = False
+
+
+def error_response(exc):
+    """Response for a CloudError (status from the table, text body, Retry-After on 202)."""
+    status = errors.http_status(exc)
+    headers = {}
+    if isinstance(exc, PendingApproval):
+        headers["Retry-After"] = str(exc.retry_after)
+    if status == 405:
+        headers["Allow"] = getattr(exc, "allow", "GET, POST")
+    body = exc.reason + (": " + exc.detail if exc.detail else "") + "\n"
+    return web.Response(status=status, text=body, headers=headers, content_type="text/plain")
+
+
+def make_middleware(service_name, metrics):
+    """aiohttp middleware: error mapping (the one table), metrics and an access log line
+    per request."""
+
+    @web.middleware
+    async def middleware(request, handler):
+        started = time.perf_counter()
+        endpoint = request.match_info.route.resource.canonical if \
+            request.match_info.route.resource else "unmatched"
+        fields = {"service": service_name, "method": request.method, "path": request.path,
+                  "remote": request.remote}
+        try:
+            response = await handler(request)
+        except CloudError as exc:
+            response = error_response(exc)
+            fields["reason"] = exc.reason
+        except web.HTTPException as exc:
+            response = exc
+        except (RegistryError, HsmError) as exc:
+            log.error("backend failure", exc_info=True,
+                      extra={"fields": dict(fields, error=type(exc).__name__)})
+            response = error_response(CloudError(errors.UNAVAILABLE, "try again later"))
+            fields["reason"] = errors.UNAVAILABLE
+        except Exception:  # noqa: BLE001 - internal cause: logged, never sent
+            log.error("internal error", exc_info=True, extra={"fields": fields})
+            response = error_response(CloudError(errors.INTERNAL))
+            fields["reason"] = errors.INTERNAL
+        elapsed = time.perf_counter() - started
+        identity = request.get(DEVICE)
+        if identity is not None:
+            fields["device"] = identity.serial
+            fields["fingerprint"] = identity.fingerprint
+        fields.update(status=response.status, ms=round(elapsed * 1000, 3))
+        metrics.requests.labels(service_name, endpoint, str(response.status)).inc()
+        metrics.latency.labels(service_name, endpoint).observe(elapsed)
+        log.info("request", extra={"fields": fields})
+        if isinstance(response, web.HTTPException):
+            raise response
+        return response
+
+    return middleware
+
+
+async def read_limited(request, limit):
+    """The request body, refusing more than `limit` bytes (413) before reading it all."""
+    length = request.content_length
+    if length is not None and length > limit:
+        raise CloudError(errors.TOO_LARGE, "body over %d bytes" % limit)
+    body = await request.content.read(limit + 1)
+    if len(body) > limit:
+        raise CloudError(errors.TOO_LARGE, "body over %d bytes" % limit)
+    return body

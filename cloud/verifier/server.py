@@ -1,0 +1,291 @@
+"""Assemble and run the fleet cloud: the verifier (mTLS, CERT_REQUIRED), the EST server
+(TLS, CERT_OPTIONAL) and the metrics listener, in one process and one event loop.
+
+    context = build_context(load_config(path))     # opens HSM + registry, bootstraps the
+                                                   # embedded PKI on first run
+    server = CloudServer.from_context(context)
+    await server.start(); ...; await server.stop()
+
+`bootstrap_embedded` is the "one command" default: with no labels configured it creates,
+under state_dir, a software keystore (its passphrase generated into keystore.pass, mode
+0600, unless FLEETID_KEYSTORE_PASS is set), a root key ceremony, one issuing CA
+("default" label) and a TLS server certificate for 127.0.0.1 / localhost signed by the
+root through the HSM.  A production set-up names its HSM, CAs and TLS files instead.
+"""
+
+import asyncio
+import datetime
+import glob
+import ipaddress
+import os
+import secrets
+
+from aiohttp import web
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from fleetid.cloud.est.app import make_est_app
+from fleetid.cloud.est.service import EstLabel, EstService
+from fleetid.cloud.verifier.app import make_metrics_app, make_verifier_app
+from fleetid.cloud.verifier.http import Metrics, server_ssl_context
+from fleetid.cloud.verifier.service import FleetTrust, FleetVerifier
+
+DEFAULT_SCOPE = {"product": "default", "batch": "b0", "region": "local"}
+ROOT_LABEL = "fleet-root"
+DEFAULT_CA_LABEL = "ca-default"
+
+
+def _read_pems(paths):
+    certs = []
+    for path in paths:
+        with open(path, "rb") as f:
+            certs.extend(x509.load_pem_x509_certificates(f.read()))
+    return certs
+
+
+def _write(path, data, mode=0o644):
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+
+
+def server_certificate_builder(public_key, issuer_cert, hosts, now, days=365):
+    """CertificateBuilder of a TLS server certificate (serverAuth, SANs for `hosts`:
+    DNS names or IP addresses)."""
+    sans = []
+    for host in hosts:
+        try:
+            sans.append(x509.IPAddress(ipaddress.ip_address(host)))
+        except ValueError:
+            sans.append(x509.DNSName(host))
+    ski = issuer_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+    return (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hosts[0])]))
+        .issuer_name(issuer_cert.subject)
+        .public_key(public_key)
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=days))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.KeyUsage(True, False, False, False, False, False, False, False,
+                                     False), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(x509.SubjectAlternativeName(sans), critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski),
+                       critical=False)
+    )
+
+
+def open_cloud_registry(uri):
+    """open_registry, plus PostgreSQL URIs ("postgresql://...", "postgres://...") served by
+    fleetid.cloud.registry.postgres_backend (until open_registry learns them)."""
+    from fleetid.cloud.registry import open_registry
+
+    if uri.startswith(("postgresql://", "postgres://", "postgresql:", "postgres:")):
+        from fleetid.cloud.registry.postgres_backend import PostgresRegistry
+
+        return PostgresRegistry(uri)
+    return open_registry(uri)
+
+
+class CloudContext:
+    """Everything the servers need: hsm, registry, trust (FleetTrust), labels (EstLabel
+    list), default_label, tls_cert / tls_key paths, config."""
+
+    def __init__(self, **kwargs):
+        self.__dict__.update(kwargs)
+
+    def close(self):
+        self.registry.close()
+        close = getattr(self.hsm, "close", None)
+        if close:
+            close()
+
+
+def _ensure_keystore_pass(config, environ):
+    if "pass-env=FLEETID_KEYSTORE_PASS" in config.hsm and not environ.get(
+            "FLEETID_KEYSTORE_PASS"):
+        path = os.path.join(config.state_dir, "keystore.pass")
+        if not os.path.exists(path):
+            _write(path, secrets.token_urlsafe(32).encode(), 0o600)
+        with open(path) as f:
+            environ["FLEETID_KEYSTORE_PASS"] = f.read().strip()
+
+
+def bootstrap_embedded(config, hsm, now=None):
+    """Create the embedded PKI under state_dir if it is not there yet (idempotent).
+    Returns (labels config list, tls_cert path, tls_key path)."""
+    from fleetid.cloud.pki import init_root, new_ca
+    from fleetid.cloud.pki.signing import sign_certificate
+
+    state = config.state_dir
+    pki_dir = os.path.join(state, "pki")
+    os.makedirs(pki_dir, exist_ok=True)
+    root_path = os.path.join(state, "ceremony", "root.pem")
+    ca_path = os.path.join(pki_dir, DEFAULT_CA_LABEL + ".pem")
+    now = now or datetime.datetime.now(datetime.timezone.utc)
+    if not os.path.exists(root_path):
+        root, _record = init_root(hsm, ROOT_LABEL, "CN=fleetid embedded root,O=fleetid", 30,
+                                  os.path.join(state, "ceremony"), ["fleetid-cloud-serve"],
+                                  now=now)
+    else:
+        root = _read_pems([root_path])[0]
+    if not os.path.exists(ca_path):
+        ca = new_ca(hsm, ROOT_LABEL, root, DEFAULT_CA_LABEL, DEFAULT_SCOPE, now=now)
+        _write(ca_path, ca.public_bytes(serialization.Encoding.PEM))
+    tls_cert = config.tls_cert or os.path.join(state, "tls", "server.pem")
+    tls_key = config.tls_key or os.path.join(state, "tls", "server.key.pem")
+    if not os.path.exists(tls_cert):
+        os.makedirs(os.path.dirname(tls_cert), exist_ok=True)
+        key = ec.generate_private_key(ec.SECP256R1())
+        builder = server_certificate_builder(key.public_key(), root,
+                                             ["localhost", "127.0.0.1", "::1"], now)
+        cert = sign_certificate(hsm, ROOT_LABEL, builder, root.public_key())
+        _write(tls_key, key.private_bytes(serialization.Encoding.PEM,
+                                          serialization.PrivateFormat.PKCS8,
+                                          serialization.NoEncryption()), 0o600)
+        _write(tls_cert, cert.public_bytes(serialization.Encoding.PEM) +
+               root.public_bytes(serialization.Encoding.PEM))
+    labels = [{"name": "default", "ca_key": DEFAULT_CA_LABEL, "ca_cert": ca_path,
+               "default": True}]
+    return labels, [root_path], tls_cert, tls_key
+
+
+def build_context(config, environ=None, clock=None):
+    """Open the HSM and registry named by `config`, bootstrap the embedded PKI when no
+    labels are configured, and build the trust and the EST labels.  Returns CloudContext."""
+    from fleetid.cloud.ca import IssuingCa
+    from fleetid.cloud.hsm import open_hsm
+    environ = os.environ if environ is None else environ
+    os.makedirs(config.state_dir, exist_ok=True)
+    _ensure_keystore_pass(config, environ)
+    hsm = open_hsm(config.hsm, environ)
+    label_configs, roots, tls_cert, tls_key = list(config.labels), list(config.roots), \
+        config.tls_cert, config.tls_key
+    if not label_configs:
+        label_configs, embedded_roots, tls_cert, tls_key = bootstrap_embedded(config, hsm)
+        roots = roots or embedded_roots
+    if not tls_cert or not tls_key:
+        raise ValueError("tls_cert and tls_key are required when labels are configured")
+    root_certs = _read_pems(roots)
+    vendor_paths = list(config.vendor_roots) or sorted(
+        glob.glob(os.path.join(config.state_dir, "vendor-roots", "*.pem")))
+    vendor_roots = _read_pems(vendor_paths)
+    intermediates = _read_pems(config.intermediates)
+    labels = []
+    default_label = None
+    registry = open_cloud_registry(config.registry)
+    for entry in label_configs:
+        ca_cert = _read_pems([entry["ca_cert"]])[0]
+        if ca_cert not in intermediates:
+            intermediates.append(ca_cert)
+        chain = [ca_cert] + [r for r in root_certs if r.subject == ca_cert.issuer]
+        ca = IssuingCa(hsm, entry["ca_key"], ca_cert, vendor_roots, clock=clock)
+        labels.append(EstLabel(entry["name"], ca, chain,
+                               require_approval=bool(entry.get("require_approval"))))
+        if entry.get("default"):
+            default_label = entry["name"]
+    trust = FleetTrust(root_certs, intermediates, vendor_roots, config.revoked_cas)
+    return CloudContext(hsm=hsm, registry=registry, trust=trust, labels=labels,
+                        default_label=default_label, tls_cert=tls_cert, tls_key=tls_key,
+                        config=config, vendor_paths=vendor_paths)
+
+
+class CloudServer:
+    """The verifier + EST + metrics listeners.  Ports may be 0 (pick a free one);
+    `ports` holds the bound ones after start()."""
+
+    def __init__(self, verifier, est_service, tls_cert, tls_key, client_ca_pem,
+                 host="127.0.0.1", verifier_port=8443, est_port=8444, metrics_port=0,
+                 metrics=None):
+        self.metrics = metrics or Metrics()
+        verifier.on_verdict = self.metrics.on_verdict
+        self.verifier = verifier
+        self.est_service = est_service
+        self.host = host
+        self._plan = [
+            ("verifier", make_verifier_app(verifier, self.metrics), verifier_port,
+             server_ssl_context(tls_cert, tls_key, client_ca_pem, True)),
+            ("est", make_est_app(est_service, self.metrics), est_port,
+             server_ssl_context(tls_cert, tls_key, client_ca_pem, False)),
+        ]
+        if metrics_port:
+            self._plan.append(("metrics", make_metrics_app(self.metrics), metrics_port, None))
+        self._runners = []
+        self.ports = {}
+
+    @classmethod
+    def from_context(cls, context, **overrides):
+        config = context.config
+        verifier = FleetVerifier(context.trust, context.registry,
+                                 accept_identity=config.accept_identity)
+        est = EstService(context.labels, context.registry, context.trust,
+                         default_label=context.default_label,
+                         overlap=datetime.timedelta(days=config.overlap_days))
+        kwargs = dict(host=config.host, verifier_port=config.verifier_port,
+                      est_port=config.est_port, metrics_port=config.metrics_port)
+        kwargs.update(overrides)
+        return cls(verifier, est, context.tls_cert, context.tls_key,
+                   context.trust.ca_bundle_pem(), **kwargs)
+
+    async def start(self):
+        for name, app, port, ssl_context in self._plan:
+            runner = web.AppRunner(app, access_log=None)
+            await runner.setup()
+            host = self.host if name != "metrics" else "127.0.0.1"
+            site = web.TCPSite(runner, host, port, ssl_context=ssl_context,
+                               backlog=1024, reuse_address=True)
+            await site.start()
+            self._runners.append(runner)
+            self.ports[name] = site._server.sockets[0].getsockname()[1]
+        return self.ports
+
+    async def stop(self):
+        for runner in reversed(self._runners):
+            await runner.cleanup()
+        self._runners = []
+
+
+def serve_forever(server, ready=None):
+    """Run `server` until SIGINT / SIGTERM.  `ready(ports)` is called once listening."""
+    import signal
+
+    async def main():
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        ports = await server.start()
+        if ready:
+            ready(ports)
+        try:
+            await stop.wait()
+        finally:
+            await server.stop()
+
+    asyncio.run(main())
+
+
+def trust_from_config(config, extra_intermediates=()):
+    """FleetTrust from the configuration alone (no HSM): for diagnosis commands.
+
+    Roots: config.roots, else the embedded root (<state_dir>/ceremony/root.pem).
+    Intermediates: config.intermediates + every label's CA + the embedded CAs
+    (<state_dir>/pki/*.pem) + `extra_intermediates` (x509 certificates).
+    Vendor roots: config.vendor_roots, else <state_dir>/vendor-roots/*.pem.
+    Raises OSError / ValueError for unreadable files, ValueError if there is no root.
+    """
+    roots = list(config.roots) or [p for p in [os.path.join(config.state_dir, "ceremony",
+                                                            "root.pem")] if os.path.exists(p)]
+    intermediate_paths = list(config.intermediates) + [entry["ca_cert"]
+                                                       for entry in config.labels]
+    intermediate_paths += sorted(glob.glob(os.path.join(config.state_dir, "pki", "*.pem")))
+    vendor_paths = list(config.vendor_roots) or sorted(
+        glob.glob(os.path.join(config.state_dir, "vendor-roots", "*.pem")))
+    intermediates = _read_pems(intermediate_paths) + list(extra_intermediates)
+    return FleetTrust(_read_pems(roots), intermediates, _read_pems(vendor_paths),
+                      config.revoked_cas)

@@ -1,0 +1,15 @@
+"""Smoke test of bench/est.py: a tiny bounded run prints the attested/raw ratio."""
+
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def test_est_bench_runs_and_prints_the_ratio():
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "est.py"),
+                             "--quick", "--count", "12", "--devices", "3"],
+                            capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "ratio attested/raw:" in result.stdout

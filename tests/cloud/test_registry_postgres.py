@@ -1,0 +1,176 @@
+"""The PostgreSQL registry backend on a throwaway PostgreSQL server started by this module
+(initdb + pg_ctl on a unix socket in a temporary directory, as a non-root user when run
+as root): the registry contract tests of test_registry.py run against it unchanged, plus
+what only a shared server shows (two handles = two stateless processes) and the cloud
+services (EST + verifier) on top of it.
+
+Skips locally when the PostgreSQL server binaries or psycopg are missing; fails under
+CI=true (tests.conftest.require).
+"""
+
+import glob
+import os
+import pwd
+import shutil
+import subprocess
+import tempfile
+import threading
+import uuid
+
+import pytest
+
+from fleetid.cloud.registry import RegistryError
+from tests.cloud import test_registry as contract
+from tests.conftest import require
+
+try:
+    import psycopg
+except ImportError:  # pragma: no cover
+    psycopg = None
+
+# The contract tests that take the `registry` fixture: collected here again, where the
+# fixture below hands them a PostgresRegistry.
+CONTRACT_TESTS = [
+    "test_serials_are_monotonic_and_unique_under_parallel_stations",
+    "test_an_intent_needs_an_allocated_serial_and_is_written_once",
+    "test_commit_writes_identity_certificate_and_audit_entry",
+    "test_commit_refuses_an_audit_entry_for_another_device_or_cert",
+    "test_commit_only_from_intent_and_one_live_identity_per_chip",
+    "test_parallel_stations_build_one_linear_chain",
+    "test_crash_reconciliation_revokes_the_orphan_certificate",
+    "test_revoking_the_identity_certificate_revokes_the_device",
+    "test_certificate_history_rotation_state_and_ambiguous_serials",
+    "test_a_held_and_reworked_chip_has_several_records",
+    "test_checkpoints_in_the_registry_verify_and_must_match_the_stored_chain",
+]
+for _name in CONTRACT_TESTS:
+    if hasattr(contract, _name):
+        globals()[_name] = getattr(contract, _name)
+
+
+def _tool(name):
+    found = shutil.which(name)
+    if found:
+        return found
+    candidates = sorted(glob.glob("/usr/lib/postgresql/*/bin/" + name))
+    return candidates[-1] if candidates else None
+
+
+@pytest.fixture(scope="module")
+def pg_server():
+    """A throwaway cluster; yields the libpq conninfo of its maintenance database."""
+    initdb, pg_ctl = _tool("initdb"), _tool("pg_ctl")
+    require(initdb and pg_ctl, "PostgreSQL server binaries (apt-get install postgresql)")
+    require(psycopg is not None, "psycopg (pip install 'psycopg[binary]')")
+    base = tempfile.mkdtemp(prefix="fleetid-pgtest-")
+    as_user = []
+    if os.geteuid() == 0:  # initdb and postgres refuse to run as root
+        require(shutil.which("runuser"), "runuser (to run PostgreSQL as a non-root user)")
+        user = "postgres" if _has_user("postgres") else "nobody"
+        os.chmod(base, 0o755)
+        os.chown(base, pwd.getpwnam(user).pw_uid, -1)
+        as_user = ["runuser", "-u", user, "--"]
+    data = os.path.join(base, "data")
+    try:
+        subprocess.run(as_user + [initdb, "--no-sync", "-D", data, "-A", "trust", "-U",
+                                  "fleet"], check=True, capture_output=True, timeout=120)
+        options = "-k %s -c listen_addresses='' -c fsync=off -c max_connections=200" % base
+        subprocess.run(as_user + [pg_ctl, "-D", data, "-w", "-l", os.path.join(base, "log"),
+                                  "-o", options, "start"],
+                       check=True, capture_output=True, timeout=60)
+        yield "host=%s user=fleet dbname=postgres" % base
+    finally:
+        subprocess.run(as_user + [pg_ctl, "-D", data, "-m", "immediate", "stop"],
+                       capture_output=True, timeout=60)
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def _has_user(name):
+    try:
+        pwd.getpwnam(name)
+        return True
+    except KeyError:
+        return False
+
+
+@pytest.fixture
+def database(pg_server):
+    """A fresh database per test; yields its conninfo."""
+    name = "t_" + uuid.uuid4().hex[:12]
+    with psycopg.connect(pg_server, autocommit=True) as conn:
+        conn.execute("CREATE DATABASE %s" % name)
+    yield pg_server.replace("dbname=postgres", "dbname=" + name)
+
+
+@pytest.fixture
+def registry(database):
+    from fleetid.cloud.registry.postgres_backend import PostgresRegistry
+
+    reg = PostgresRegistry(database, wall_clock=lambda: contract.T0)
+    yield reg
+    reg.close()
+
+
+def test_two_handles_are_two_stateless_processes_sharing_serials_and_one_chain(database):
+    from fleetid.cloud.line import audit
+    from fleetid.cloud.registry.postgres_backend import PostgresRegistry
+
+    handles = [PostgresRegistry(database, wall_clock=lambda: contract.T0) for _ in range(2)]
+    try:
+        serials = []
+        lock = threading.Lock()
+
+        def station(index):
+            for _ in range(10):
+                serial = contract.provision(handles[index % 2])
+                with lock:
+                    serials.append(serial)
+
+        threads = [threading.Thread(target=station, args=(i,)) for i in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert sorted(serials) == list(range(1, 41))
+        count, head, lines = handles[0].audit_snapshot()
+        report = audit.verify_log(lines, contract.LINE.public_key(),
+                                  contract.WITNESS.public_key(), expected_count=count,
+                                  expected_head=head)
+        assert report.entries == 40
+        assert handles[1].head() == (count, head)
+    finally:
+        for handle in handles:
+            handle.close()
+
+
+def test_open_errors_are_registry_errors(pg_server):
+    from fleetid.cloud.registry.postgres_backend import PostgresRegistry
+
+    with pytest.raises(RegistryError) as info:
+        PostgresRegistry(pg_server.replace("dbname=postgres", "dbname=does_not_exist"),
+                         connect_timeout_s=5)
+    assert info.value.reason == RegistryError.STORAGE
+    assert "does_not_exist" not in str(info.value)
+
+
+def test_est_and_verifier_run_on_postgresql(database, tmp_path):
+    from fleetid.cloud.registry.postgres_backend import PostgresRegistry
+    from fleetid.cloud.verifier.errors import AccessRefused
+    from tests.cloud.cloud_support import Fleet, der
+
+    fleet = Fleet(tmp_path, registry_kind=PostgresRegistry(database))
+    try:
+        device = fleet.provision()
+        old = fleet.enrol(device)
+        _, csr = device.csr()
+        new = fleet.est.enroll("b42", der(old), csr, reenroll=True)
+        assert fleet.verifier.verify(der(old)).in_overlap
+        assert fleet.verifier.verify(der(new)).kind == "operational"
+        fleet.verifier.revoke_certificate(new, "keyCompromise")
+        with pytest.raises(AccessRefused) as info:
+            fleet.verifier.verify(der(new))
+        assert info.value.reason == "revoked"
+        assert [c.kind for c in fleet.registry.certificates(device.serial)] == \
+            ["identity", "operational", "operational"]
+    finally:
+        fleet.close()

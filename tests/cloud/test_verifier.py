@@ -1,0 +1,367 @@
+"""The verifier: mTLS termination (TLS 1.3 and TLS 1.2 ECDHE-ECDSA-AES-GCM), fleet checks
+with a verdict each, the attack list (each refused with its reason, nothing written),
+the verdict cache and its invalidation, endpoints, metrics, JSON logs, and interop with
+`openssl s_client` and `curl --cert`.
+
+TLS clients use the software device keys the test vendor generated (cloud_support.py
+explains why: Python's ssl cannot sign with an SE-held key).
+"""
+
+import datetime
+import io
+import json
+import logging
+import shutil
+import ssl
+import subprocess
+import urllib.request
+
+import pytest
+
+from fleetid.cloud.ca.evidence import attestation_extension
+from fleetid.cloud.verifier.errors import AccessRefused
+from fleetid.cloud.verifier.http import configure_json_logging
+from tests.cloud.attestation_support import SoftVendor, new_key
+from tests.cloud.cloud_support import Fleet, RunningCloud, der, rogue_certificate
+from tests.conftest import require
+
+NONCE = b"\x5a" * 32
+
+
+@pytest.fixture
+def fleet(tmp_path):
+    fleet = Fleet(tmp_path)
+    yield fleet
+    fleet.close()
+
+
+@pytest.fixture
+def cloud(fleet):
+    with RunningCloud(fleet) as running:
+        yield running
+
+
+def refused(fleet, cert, reason, detail=""):
+    before = fleet.snapshot()
+    with pytest.raises(AccessRefused) as info:
+        fleet.verifier.verify(der(cert))
+    assert info.value.reason == reason, info.value
+    assert detail in info.value.detail
+    assert fleet.snapshot() == before
+    return info.value
+
+
+# -- TLS and the authenticated identity --------------------------------------------------------
+
+
+@pytest.mark.parametrize("tls13", [True, False], ids=["tls1.3", "tls1.2"])
+def test_whoami_over_tls13_and_tls12_gives_the_authenticated_device(fleet, cloud, tls13):
+    device = fleet.provision()
+    fleet.enrol(device)
+    status, _, body = cloud.request("verifier", "GET", "/v1/whoami", files=device.files(),
+                                    tls13=tls13)
+    assert status == 200
+    identity = json.loads(body)
+    assert identity["serial"] == device.name and identity["kind"] == "operational"
+    assert identity["se_uid"] == device.chip.se_uid.hex()
+
+
+def test_tls12_offers_only_ecdhe_ecdsa_aes_gcm(fleet, cloud):
+    device = fleet.provision()
+    context = cloud.client_context(device.files(), tls13=False)
+    import socket
+
+    with socket.create_connection(("127.0.0.1", cloud.ports["verifier"]), timeout=10) as raw:
+        with context.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+            name, version, _ = tls.cipher()
+    assert version == "TLSv1.2" and name.startswith("ECDHE-ECDSA-AES") and "GCM" in name
+    context = cloud.client_context(device.files(), tls13=False)
+    context.set_ciphers("ECDHE-ECDSA-AES128-SHA256")  # CBC: not offered by the server
+    with pytest.raises(ssl.SSLError):
+        with socket.create_connection(("127.0.0.1", cloud.ports["verifier"]), timeout=10) as raw:
+            with context.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+                tls.recv(1)
+
+
+def test_no_client_certificate_is_refused_by_the_handshake(fleet, cloud):
+    with pytest.raises((ssl.SSLError, ConnectionError)):
+        cloud.request("verifier", "GET", "/v1/whoami")
+
+
+def test_identity_certificates_authenticate_and_every_check_has_a_verdict(fleet):
+    device = fleet.provision()
+    results = fleet.verifier.explain(der(device.identity_cert))
+    assert [r.name for r in results] == ["certificate", "validity", "eku", "chain",
+                                         "ca_revocation", "registry", "revocation",
+                                         "device_status", "attestation", "overlap"]
+    assert all(r.ok for r in results)
+
+
+# -- attacks ---------------------------------------------------------------------------------
+
+
+def test_attack_certificate_from_another_fleet(fleet, cloud, tmp_path):
+    other = Fleet(tmp_path / "other")
+    try:
+        stranger = other.provision()
+        refused(fleet, stranger.identity_cert, "chain", "fleet root")
+        before = fleet.snapshot()
+        with pytest.raises((ssl.SSLError, ConnectionError)):  # OpenSSL: unknown CA
+            cloud.request("verifier", "GET", "/v1/whoami", files=stranger.files())
+        assert fleet.snapshot() == before
+    finally:
+        other.close()
+
+
+def test_attack_valid_chain_but_no_attestation_extension(fleet, cloud):
+    device = fleet.provision()
+    key, cert = rogue_certificate(fleet, device)  # insider-signed, registered
+    refused(fleet, cert, "attestation", "no_evidence")
+    status, _, body = cloud.request("verifier", "GET", "/v1/whoami",
+                                    files=device.files(cert, key))
+    assert status == 403 and body == b"attestation: no_evidence\n"
+
+
+def test_attack_attestation_signed_by_an_unknown_vendor(fleet):
+    device = fleet.provision()
+    key = new_key()
+    fake = SoftVendor("Counterfeit Chips").make_chip(se_uid=device.chip.se_uid)
+    ext = attestation_extension(fake.evidence(key.public_key(), NONCE))
+    _, cert = rogue_certificate(fleet, device, ext, key)
+    refused(fleet, cert, "attestation", "unknown_vendor")
+
+
+def test_attack_attested_key_is_not_the_certificate_key(fleet):
+    device = fleet.provision()
+    ext = attestation_extension(device.chip.evidence(new_key().public_key(), NONCE))
+    _, cert = rogue_certificate(fleet, device, ext)
+    refused(fleet, cert, "attestation", "key_mismatch")
+
+
+def test_attack_se_uid_of_another_device(fleet):
+    device, other = fleet.provision(), fleet.provision()
+    key = new_key()
+    ext = attestation_extension(other.chip.evidence(key.public_key(), NONCE))
+    _, cert = rogue_certificate(fleet, device, ext, key)
+    refused(fleet, cert, "attestation", "se_uid_mismatch")
+
+
+def test_attack_revoked_device_even_with_a_cached_verdict(fleet, cloud):
+    device = fleet.provision()
+    fleet.enrol(device)
+    files = device.files()
+    assert cloud.request("verifier", "GET", "/v1/whoami", files=files)[0] == 200
+    fleet.verifier.verify(der(device.cert))
+    assert fleet.verifier.cache_hits >= 1
+    fleet.verifier.revoke_certificate(device.cert, "keyCompromise")
+    refused(fleet, device.cert, "revoked", "keyCompromise")
+    status, _, body = cloud.request("verifier", "GET", "/v1/whoami", files=files)
+    assert status == 403 and body.startswith(b"revoked")
+    # Revoking the identity certificate revokes the device: it cannot enrol again.
+    fleet.verifier.revoke_certificate(device.identity_cert, "cessationOfOperation")
+    refused(fleet, device.identity_cert, "revoked")
+
+
+def test_attack_revoked_batch_intermediate(fleet, cloud):
+    device, other_batch = fleet.provision(), fleet.provision(batch="b43")
+    fleet.verifier.verify(der(device.identity_cert))  # cached chain verdict
+    fleet.verifier.revoke_ca(fleet.ca_certs["b42"])
+    refused(fleet, device.identity_cert, "ca_revoked", "batch:b42")
+    assert fleet.verifier.verify(der(other_batch.identity_cert)).serial == other_batch.name
+    status, _, _ = cloud.request("verifier", "GET", "/v1/whoami", files=device.files())
+    assert status == 403
+
+
+def test_attack_expired_certificate_inside_and_outside_the_overlap_window(fleet, cloud):
+    device = fleet.provision()
+    old = fleet.enrol(device)
+    old_key = device.key
+    key, csr = device.csr()
+    new = fleet.est.enroll("b42", der(old), csr, reenroll=True)
+    # Inside the window the old certificate is accepted ...
+    assert fleet.verifier.verify(der(old)).in_overlap
+    # ... outside it (8 days later, not yet expired) refused as superseded ...
+    fleet.clock.advance(days=8)
+    refused(fleet, old, "superseded", "overlap window closed")
+    assert fleet.verifier.verify(der(new)).kind == "operational"
+    # ... and once expired, refused as expired whatever the window says.
+    fleet.clock.advance(days=30)
+    refused(fleet, old, "expired")
+    refused(fleet, new, "expired")
+    # A really expired certificate never gets past the TLS handshake.
+    fleet.clock.offset = datetime.timedelta(0)
+    stale_device = fleet.provision()
+    past = fleet.clock() - datetime.timedelta(days=60)
+    nonce = fleet.cas["b42"].issue_nonce(now=past)
+    stale_key, stale_csr = stale_device.csr(nonce=nonce)
+    stale = fleet.cas["b42"].issue(stale_csr, stale_device.chip.se_uid, stale_device.name,
+                                   "operational", now=past)
+    fleet.registry.add_certificate(stale_device.serial, der(stale), "operational")
+    refused(fleet, stale, "expired")
+    with pytest.raises((ssl.SSLError, ConnectionError)):
+        cloud.request("verifier", "GET", "/v1/whoami",
+                      files=stale_device.files(stale, stale_key))
+    assert old_key is not None
+
+
+def test_attack_inside_window_accepted_and_older_generations_refused(fleet):
+    device = fleet.provision()
+    first = fleet.enrol(device)
+    _, csr = device.csr()
+    second = fleet.est.enroll("b42", der(first), csr, reenroll=True)
+    _, csr = device.csr()
+    third = fleet.est.enroll("b42", der(second), csr, reenroll=True)
+    assert fleet.verifier.verify(der(second)).in_overlap
+    refused(fleet, first, "superseded", "newer certificate")
+    assert not fleet.verifier.verify(der(third)).in_overlap
+
+
+# -- endpoints, metrics, logs, errors ---------------------------------------------------------
+
+
+def test_telemetry_revocation_status_and_rotation_ack_endpoints(fleet, cloud):
+    device = fleet.provision()
+    fleet.enrol(device)
+    files = device.files()
+    status, _, body = cloud.request("verifier", "POST", "/v1/telemetry", files=files,
+                                    body=b'{"temp": 21.5}',
+                                    headers={"Content-Type": "application/json"})
+    assert status == 202
+    assert cloud.request("verifier", "POST", "/v1/telemetry", files=files, body=b"[1]",
+                         headers={"Content-Type": "application/json"})[0] == 400
+    assert cloud.request("verifier", "POST", "/v1/telemetry", files=files, body=b"{",
+                         headers={"Content-Type": "application/json"})[0] == 400
+    assert cloud.request("verifier", "POST", "/v1/telemetry", files=files, body=b"{}",
+                         headers={"Content-Type": "text/plain"})[0] == 415
+    status, _, body = cloud.request("verifier", "GET", "/v1/revocation/status", files=files)
+    assert status == 200
+    document = json.loads(body)
+    assert document["revoked"] is False and document["device_status"] == "committed"
+    status, _, body = cloud.request("verifier", "POST", "/v1/rotation/ack", files=files)
+    assert status == 200 and json.loads(body)["rotation"] == "active"
+    assert cloud.request("verifier", "GET", "/v1/nothing", files=files)[0] == 404
+    assert cloud.request("verifier", "DELETE", "/v1/whoami", files=files)[0] == 405
+
+
+def test_metrics_and_json_logs(fleet, tmp_path):
+    device = fleet.provision()
+    stream = io.StringIO()
+    configure_json_logging(stream=stream)
+    try:
+        with RunningCloud(fleet, metrics_port=_free_port()) as cloud:
+            cloud.request("verifier", "GET", "/v1/whoami", files=device.files())
+            key, cert = rogue_certificate(fleet, device)
+            cloud.request("verifier", "GET", "/v1/whoami", files=device.files(cert, key))
+            url = "http://127.0.0.1:%d/metrics" % cloud.ports["metrics"]
+            text = urllib.request.urlopen(url, timeout=10).read().decode()
+    finally:
+        logging.getLogger("fleetid.cloud").handlers[:] = []
+    assert 'fleetid_verifier_verdicts_total{reason="ok"} 1.0' in text
+    assert 'fleetid_verifier_verdicts_total{reason="attestation"} 1.0' in text
+    assert "fleetid_http_request_seconds_bucket" in text
+    lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+    requests = [line for line in lines if line["msg"] == "request"]
+    assert {r["status"] for r in requests} == {200, 403}
+    assert any(r.get("device") == device.name for r in requests)
+    assert any(r.get("reason") == "attestation" for r in requests)
+    assert "PRIVATE KEY" not in stream.getvalue()
+
+
+def _free_port():
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class ExplodingRegistry:
+    """A registry whose reads fail with an internal cause the client must never see."""
+
+    def __init__(self, registry, exc):
+        self._registry = registry
+        self._exc = exc
+
+    def certificate_status(self, *args, **kwargs):
+        raise self._exc
+
+    def __getattr__(self, name):
+        return getattr(self._registry, name)
+
+
+def test_internal_causes_never_reach_clients(fleet, cloud):
+    from fleetid.cloud.registry import RegistryError
+
+    device = fleet.provision()
+    files = device.files()
+    real = fleet.verifier.registry
+    for exc, expected in ((RuntimeError("secret internal cause /var/db"), 500),
+                          (RegistryError(RegistryError.STORAGE, "disk /var/db full"), 503)):
+        fleet.verifier.registry = ExplodingRegistry(real, exc)
+        try:
+            status, _, body = cloud.request("verifier", "GET", "/v1/whoami", files=files)
+        finally:
+            fleet.verifier.registry = real
+        assert status == expected
+        assert b"/var/db" not in body and b"secret" not in body
+
+
+# -- interop: openssl s_client and curl --cert ------------------------------------------------
+
+
+def test_interop_openssl_s_client_and_curl_cert(fleet, cloud):
+    require(shutil.which("openssl") and shutil.which("curl"), "openssl and curl")
+    device = fleet.provision()
+    fleet.enrol(device)
+    cert_file, key_file = device.files()
+    port = cloud.ports["verifier"]
+    for version in ("-tls1_3", "-tls1_2"):
+        result = subprocess.run(
+            ["openssl", "s_client", "-connect", "127.0.0.1:%d" % port, version, "-CAfile",
+             fleet.root_file, "-cert", cert_file, "-key", key_file, "-verify_return_error",
+             "-ign_eof", "-quiet"],
+            input=b"GET /v1/whoami HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n",
+            capture_output=True, timeout=30)
+        assert b"HTTP/1.1 200 OK" in result.stdout, result.stderr[-500:]
+        assert ('"serial": "%s"' % device.name).encode() in result.stdout
+    result = subprocess.run(
+        ["curl", "-sS", "--cacert", fleet.root_file, "--cert", cert_file, "--key", key_file,
+         "https://127.0.0.1:%d/v1/whoami" % port], capture_output=True, timeout=30)
+    assert json.loads(result.stdout)["kind"] == "operational"
+    # Without a client certificate the handshake itself fails.
+    result = subprocess.run(["curl", "-sS", "--cacert", fleet.root_file,
+                             "https://127.0.0.1:%d/v1/whoami" % port],
+                            capture_output=True, timeout=30)
+    assert result.returncode != 0
+
+
+# -- property: any bytes as a client certificate are refused with a reason ----------------------
+
+
+def test_arbitrary_certificate_bytes_are_refused_never_crash(fleet):
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    device = fleet.provision()
+    good = der(device.identity_cert)
+    before = fleet.snapshot()
+
+    @settings(max_examples=60, deadline=None,
+              suppress_health_check=[HealthCheck.function_scoped_fixture])
+    @given(st.one_of(
+        st.binary(min_size=1, max_size=200),
+        st.integers(1, len(good) - 1).map(lambda n: good[:n]),
+        st.tuples(st.integers(0, len(good) - 1), st.integers(1, 255)).map(
+            lambda t: good[:t[0]] + bytes([good[t[0]] ^ t[1]]) + good[t[0] + 1:]),
+    ))
+    def check(blob):
+        try:
+            fleet.verifier.verify(blob)
+        except AccessRefused:
+            return
+        # A flipped bit can land in an unsigned part the verifier does not read; then the
+        # DER differs, so the registry (keyed by fingerprint) must not know it.
+        raise AssertionError("accepted a modified certificate")
+
+    check()
+    assert fleet.snapshot() == before
