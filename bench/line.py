@@ -1,0 +1,253 @@
+"""Benchmark of the factory line (cloud/line): throughput, host cost, cycle time.
+
+Run:  .venv/bin/python bench/line.py [--quick] [--dir DIR] [--profile]
+
+Everything runs in one process: K station threads, the soft-keystore HSM, the SQLite
+registry (WAL, synchronous=FULL: every registry transaction is durable), the issuance
+journal (fsync per certificate) and the emulated SEs behind their bus endpoints.
+
+1. Zero-latency SE profile ("none": no operation time, no bus time):
+   * devices/s for 1, 2, 4, 8 stations;
+   * host cost per device = cycle time minus the time spent below the Bus interface
+     (the emulator: endpoint, SE-side T=1', applet).  It is everything the line host
+     does for one device: T=1' host side, SCP03, HSM calls, CSR, the CA's checks and
+     signature, registry transactions, journal and audit.  Reported as wall ms and as
+     CPU ms (thread CPU time minus the emulator's CPU time), with a per-step split;
+   * beside it, the raw `cryptography` cost of keygen + CSR + issue + verify for one
+     device, measured in the same process (the floor any Python line pays).
+   Target: host cost <= 2 ms per device.
+2. ATECC608-class profile (sign 115 ms, keygen 115 ms, ~80 ms per 100 B NVM write,
+   I2C 1 MHz; sim/profiles.py), real time:
+   * cycle time per device against the SE-only time of the same steps (what the profile
+     charges for the APDUs the device executed, bus transfers included).  Target <= 1.05x;
+   * 32 stations against linear: throughput(32) / (32 x throughput(1)).  Target >= 0.9.
+3. Audit bytes per device (injection entries + checkpoints, as stored).
+
+--profile adds a cProfile of 1 station at zero latency (main thread), top functions by
+own time, so the host cost split can be checked.
+"""
+
+import argparse
+import cProfile
+import datetime
+import io
+import os
+import pstats
+import shutil
+import sys
+import tempfile
+import time
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from fleetid.cloud.line import runner
+from fleetid.cloud.line.station import STEPS, Station
+from fleetid.sim.endpoint import BusEndpoint
+
+TARGET_HOST_MS = 2.0
+TARGET_CYCLE_RATIO = 1.05
+TARGET_SCALING = 0.9
+
+
+def raw_crypto_ms(rounds):
+    """Mean ms of: device keygen + CSR (built and signed) + CA issue + chain verify, with
+    `cryptography` alone (software keys, no HSM, no attestation)."""
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "bench CA")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    ca_cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+               .public_key(ca_key.public_key()).serial_number(1)
+               .not_valid_before(now).not_valid_after(now + datetime.timedelta(days=365))
+               .add_extension(x509.BasicConstraints(ca=True, path_length=0), True)
+               .sign(ca_key, hashes.SHA256()))
+    started = time.perf_counter()
+    for i in range(rounds):
+        key = ec.generate_private_key(ec.SECP256R1())
+        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "FID-%09d" % i)])
+        csr = (x509.CertificateSigningRequestBuilder().subject_name(subject)
+               .sign(key, hashes.SHA256()))
+        csr = x509.load_der_x509_csr(csr.public_bytes(serialization.Encoding.DER))
+        if not csr.is_signature_valid:
+            raise SystemExit("CSR does not verify")
+        cert = (x509.CertificateBuilder().subject_name(csr.subject).issuer_name(name)
+                .public_key(csr.public_key()).serial_number(x509.random_serial_number())
+                .not_valid_before(now).not_valid_after(now + datetime.timedelta(days=30))
+                .sign(ca_key, hashes.SHA256()))
+        cert.verify_directly_issued_by(ca_cert)
+    return (time.perf_counter() - started) * 1000.0 / rounds
+
+
+def run(line, devices, stations, profile):
+    lot = runner.make_lot(line, devices)
+    return runner.run_line(line.resources_for(lot.batch), lot.chips, stations=stations,
+                           profile=profile)
+
+
+class _Timed:
+    """Times every method call on the wrapped object into totals[name] (seconds)."""
+
+    def __init__(self, target, name, totals):
+        self._target = target
+        self._name = name
+        self._totals = totals
+
+    def __getattr__(self, attr):
+        value = getattr(self._target, attr)
+        if not callable(value):
+            return value
+        totals, name = self._totals, self._name
+
+        def timed(*args, **kwargs):
+            started = time.perf_counter()
+            try:
+                return value(*args, **kwargs)
+            finally:
+                totals[name] = totals.get(name, 0.0) + time.perf_counter() - started
+
+        return timed
+
+
+def host_split(line, devices):
+    """Host wall time per device by service, 1 station, zero latency: registry, HSM
+    (station calls), issuing CA (verification + HSM signature), issuance journal, and
+    the rest (T=1' host side, SCP03 host, APDU/DER building, station logic)."""
+    lot = runner.make_lot(line, devices)
+    resources = line.resources_for(lot.batch)
+    totals = {}
+    resources.registry = _Timed(resources.registry, "registry (SQLite, 3 durable txns)",
+                                totals)
+    resources.hsm = _Timed(resources.hsm, "HSM calls (session keys, diversify, wrap)",
+                           totals)
+    resources.issuing_ca = _Timed(resources.issuing_ca,
+                                  "issuing CA (checks, HSM signature)", totals)
+    resources.journal = _Timed(resources.journal, "issuance journal (fsync)", totals)
+    resources.checkpointer = None
+    station = Station("st-split", resources)
+    cycle = emulator = 0.0
+    for made in lot.chips:
+        bus = runner.MeteredBus(BusEndpoint(made.chip))
+        result = station.provision(bus)
+        if not result.ok:
+            raise SystemExit("host split run failed: %s" % result.cause)
+        cycle += result.cycle_s
+        emulator += bus.emulator_s
+    n = float(devices)
+    host = (cycle - emulator) / n * 1000.0
+    rows = [(name, seconds / n * 1000.0) for name, seconds in sorted(totals.items())]
+    rows.append(("T=1' host, SCP03 host, APDU/DER, station", host - sum(ms for _n, ms in rows)))
+    return host, rows
+
+
+def profile_host(line, devices):
+    lot = runner.make_lot(line, devices)
+    station = Station("st-prof", line.resources_for(lot.batch))
+    endpoints = [BusEndpoint(c.chip) for c in lot.chips]
+    prof = cProfile.Profile()
+    prof.enable()
+    for endpoint in endpoints:
+        station.provision(endpoint)
+    prof.disable()
+    out = io.StringIO()
+    pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(25)
+    return out.getvalue()
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="short run (CI smoke test)")
+    parser.add_argument("--dir", help="work directory (default: a temporary one, removed)")
+    parser.add_argument("--profile", action="store_true", help="cProfile the host side")
+    args = parser.parse_args(argv)
+    quick = args.quick
+    workdir = args.dir or tempfile.mkdtemp(prefix="fleetid-bench-line-")
+    n_fast = 40 if quick else 200
+    n_slow_1 = 2 if quick else 4
+    n_slow_32 = 32 if quick else 192  # 6 devices per station: past the lockstep start
+    print("fleetid line benchmark%s (work dir %s)" % (" --quick" if quick else "", workdir))
+    print("python %s, %d CPUs" % (sys.version.split()[0], os.cpu_count() or 0))
+    line = runner.init_line(os.path.join(workdir, "line"), scrypt_n=2**14)
+    try:
+        line.close()
+        line = runner.open_line(os.path.join(workdir, "line"), max_sessions=64)
+        run(line, 10, 1, "none")  # warm-up: imports, caches, first SQLite pages
+
+        raw = raw_crypto_ms(50 if quick else 200)
+        print("\n== zero-latency SE profile: host cost ==")
+        print("raw cryptography keygen + CSR + issue + verify: %.2f ms/device" % raw)
+        header = ("stations", "devices", "dev/s", "x 1-station", "cycle p50", "host wall",
+                  "host CPU", "emulator", "yield %")
+        print("%8s %8s %8s %11s %10s %10s %9s %9s %8s" % header)
+        fast = []
+        for k in (1, 2, 4, 8):
+            s = run(line, n_fast, k, "none")
+            fast.append(s)
+            host_wall = s.mean("cycle_ms") - s.mean("emulator_ms")
+            print("%8d %8d %8.1f %11.2f %10.2f %10.2f %9.2f %9.2f %8.2f" % (
+                k, s.devices, s.throughput, s.throughput / fast[0].throughput,
+                s.cycle_ms(50), host_wall, s.mean("host_cpu_ms"), s.mean("emulator_ms"),
+                s.yield_pct))
+        one = fast[0]
+        host = one.mean("cycle_ms") - one.mean("emulator_ms")
+        print("host cost (1 station): %.2f ms/device wall, %.2f ms CPU; raw crypto %.2f ms; "
+              "host / raw = %.1fx; target <= %.1f ms: %s"
+              % (host, one.mean("host_cpu_ms"), raw, host / raw, TARGET_HOST_MS,
+                 "MET" if host <= TARGET_HOST_MS else "NOT MET"))
+        steps = one.step_means_ms()
+        print("per step (1 station, ms, emulator included): " + ", ".join(
+            "%s %.2f" % (step, steps.get(step, 0.0)) for step in STEPS))
+        split_host, split = host_split(line, 50 if quick else 100)
+        print("where the host time goes (1 station, %.2f ms/device in this run):" % split_host)
+        for name, ms in split:
+            print("  %-48s %6.2f ms  %5.1f %%" % (name, ms, 100.0 * ms / split_host))
+        print("audit: %.0f bytes/device (%d entries for %d devices, checkpoints included)"
+              % (one.audit_bytes / max(1, len(one.ok)), one.audit_entries, len(one.ok)))
+
+        print("\n== ATECC608-class SE profile (real time) ==")
+        slow1 = run(line, n_slow_1, 1, "atecc608")
+        ratio = slow1.mean("cycle_ms") / slow1.mean("se_ms")
+        print("1 station, %d devices: cycle %.0f ms/device, SE-only %.0f ms/device, "
+              "ratio %.3f (target <= %.2f: %s)"
+              % (slow1.devices, slow1.mean("cycle_ms"), slow1.mean("se_ms"), ratio,
+                 TARGET_CYCLE_RATIO, "MET" if ratio <= TARGET_CYCLE_RATIO else "NOT MET"))
+        slow32 = run(line, n_slow_32, 32, "atecc608")
+        scaling = slow32.throughput / (32 * slow1.throughput)
+        print("32 stations, %d devices: %.2f dev/s vs 1 station %.3f dev/s -> %.3f of "
+              "linear (target >= %.2f: %s); cycle p50 %.0f ms, p99 %.0f ms, yield %.1f %%"
+              % (slow32.devices, slow32.throughput, slow1.throughput, scaling,
+                 TARGET_SCALING, "MET" if scaling >= TARGET_SCALING else "NOT MET",
+                 slow32.cycle_ms(50), slow32.cycle_ms(99), slow32.yield_pct))
+        print("HSM pool after 32 stations: %s" % slow32.pool)
+        report = runner.write_report(fast, os.path.join(workdir, "bench-zero-latency.html"))
+        runner.write_report([slow1, slow32], os.path.join(workdir, "bench-atecc608.html"))
+        print("\nreports: %s, %s" % (report, os.path.join(workdir, "bench-atecc608.html")))
+
+        print("\n== summary ==")
+        print("%-44s %12s %12s %8s" % ("figure", "measured", "target", "ratio"))
+        rows = [
+            ("host cost ms/device (1 station, wall)", host, TARGET_HOST_MS, host / TARGET_HOST_MS),
+            ("raw cryptography ms/device", raw, None, host / raw),
+            ("ATECC608 cycle / SE-only", ratio, TARGET_CYCLE_RATIO, ratio / TARGET_CYCLE_RATIO),
+            ("ATECC608 32 stations vs linear", scaling, TARGET_SCALING, scaling / TARGET_SCALING),
+            ("zero-latency 8 vs 1 station throughput", fast[-1].throughput / one.throughput,
+             None, None),
+            ("audit bytes/device", one.audit_bytes / max(1, len(one.ok)), 3072.0, None),
+        ]
+        for name, value, target, r in rows:
+            print("%-44s %12.3f %12s %8s" % (name, value,
+                                              "-" if target is None else "%.3f" % target,
+                                              "-" if r is None else "%.2f" % r))
+        if args.profile:
+            print("\n== cProfile: 1 station, zero latency, %d devices ==" % (n_fast // 2))
+            print(profile_host(line, n_fast // 2))
+    finally:
+        line.close()
+        if not args.dir:
+            shutil.rmtree(workdir, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

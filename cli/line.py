@@ -1,0 +1,215 @@
+"""`fleetid line ...`: run the factory personalisation line on emulated chips, reconcile
+after a crash.  A thin shell over fleetid.cloud.line.runner / .reconcile."""
+
+import os
+
+import click
+
+from fleetid.common.errors import FleetidError
+
+_PROFILES = ("none", "atecc608", "optiga", "se050")
+
+
+def _fail(exc):
+    return click.ClickException("%s: %s" % (type(exc).__name__, exc))
+
+
+def _open_or_init(out, hsm_uri, registry_uri, max_sessions=None, init_if_missing=True):
+    from fleetid.cloud.line import runner
+
+    if os.path.exists(os.path.join(out, runner.CONFIG_FILE)):
+        return runner.open_line(out, hsm_uri, registry_uri, max_sessions=max_sessions)
+    if not init_if_missing:
+        raise click.ClickException("no line in %s: run `fleetid line init %s` first"
+                                   % (out, out))
+    click.echo("initialising a line in %s (vendor CA, root ceremony, issuing CA, keys)" % out)
+    line = runner.init_line(out, hsm_uri, registry_uri)
+    if max_sessions:
+        line.close()
+        line = runner.open_line(out, hsm_uri, registry_uri, max_sessions=max_sessions)
+    return line
+
+
+@click.group()
+def line():
+    """The factory personalisation line: stations, reconcile, report.
+
+    \b
+    Examples:
+      fleetid line init work/line1
+      fleetid line run --devices 200 --stations 8 --se-profile se050 --out work/line1
+      fleetid line run --devices 64 --stations 1,2,4,8 --out work/line1   # scaling curve
+      fleetid line reconcile --out work/line1
+      fleetid audit verify --registry sqlite:work/line1/registry.db \\
+          --line-pub work/line1/pki/audit-line.pub.pem \\
+          --witness-pub work/line1/pki/audit-witness.pub.pem
+    """
+
+
+@line.command("init")
+@click.argument("out", type=click.Path(file_okay=False))
+@click.option("--hsm", "hsm_uri", metavar="URI",
+              help="HSM URI (default: a soft keystore in OUT). See `fleetid pki --help`.")
+@click.option("--registry", "registry_uri", metavar="URI",
+              help="Registry URI (default: sqlite:OUT/registry.db).")
+def init_cmd(out, hsm_uri, registry_uri):
+    """Set up a line work directory: SE vendor CA (simulated), fleet root key ceremony,
+    issuing CA, SCP03 master key and audit keys in the HSM, the registry."""
+    from fleetid.cloud.line import runner
+
+    try:
+        opened = runner.init_line(out, hsm_uri, registry_uri)
+    except FileExistsError:
+        raise click.ClickException("%s already holds a line" % out) from None
+    except FleetidError as exc:
+        raise _fail(exc) from None
+    opened.close()
+    click.echo("line initialised in %s" % out)
+    click.echo("  root:   %s" % os.path.join(out, "pki", "ceremony", "root.pem"))
+    click.echo("  CA:     %s" % os.path.join(out, "pki", "ca.pem"))
+    click.echo("  audit:  %s" % os.path.join(out, "pki", "audit-line.pub.pem"))
+
+
+def _station_counts(text):
+    try:
+        counts = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise click.BadParameter("a number or a comma-separated list: 1,2,4,8") from None
+    if not counts or any(k < 1 or k > 1024 for k in counts):
+        raise click.BadParameter("station counts must be 1..1024")
+    return counts
+
+
+@line.command("run")
+@click.option("--devices", "-n", type=click.IntRange(1, 1000000), required=True,
+              help="Chips to personalise (per station count when several are given).")
+@click.option("--stations", "-k", default="4", show_default=True, metavar="K[,K...]",
+              help="Parallel stations; a list runs each count in turn (scaling curve).")
+@click.option("--se-profile", type=click.Choice(_PROFILES), default="none",
+              show_default=True, help="Latency profile of the emulated SEs.")
+@click.option("--hsm", "hsm_uri", metavar="URI", help="HSM URI (default: from the line).")
+@click.option("--registry", "registry_uri", metavar="URI",
+              help="Registry URI, e.g. sqlite:PATH (default: from the line).")
+@click.option("--max-sessions", type=click.IntRange(1, 100000), default=None,
+              help="HSM session pool bound (default: the URI's, else 8 or K).")
+@click.option("--keep-chips", is_flag=True,
+              help="Keep chip NVM files in OUT/chips/<lot> (for reconcile with chip access).")
+@click.option("--out", required=True, type=click.Path(file_okay=False),
+              help="Line work directory (initialised on first use); the report goes here.")
+def run_cmd(devices, stations, se_profile, hsm_uri, registry_uri, max_sessions, keep_chips,
+            out):
+    """Personalise N emulated chips on K parallel stations sharing the HSM session pool
+    and the registry; print a summary and write OUT/report-<lot>.html."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, \
+        TimeElapsedColumn
+    from rich.table import Table
+
+    from fleetid.cloud.line import reconcile as reconcile_mod
+    from fleetid.cloud.line import runner
+
+    counts = _station_counts(stations)
+    console = Console()
+    try:
+        opened = _open_or_init(out, hsm_uri, registry_uri, max_sessions or max(8, max(counts)))
+    except FleetidError as exc:
+        raise _fail(exc) from None
+    summaries = []
+    try:
+        pending = reconcile_mod.in_flight_count(opened.registry)
+        if pending:
+            raise click.ClickException("%d devices are in flight from an earlier run: run "
+                                       "`fleetid line reconcile --out %s` first" % (pending, out))
+        for k in counts:
+            batch = runner.new_batch_name()
+            chip_dir = os.path.join(out, "chips", batch) if keep_chips else None
+            lot = runner.make_lot(opened, devices, batch=batch, chip_dir=chip_dir)
+            resources = opened.resources_for(lot.batch)
+            with Progress(TextColumn("[bold]%d stations" % k), BarColumn(),
+                          MofNCompleteColumn(), TextColumn("{task.fields[status]}"),
+                          TimeElapsedColumn(), console=console, transient=False) as bar:
+                task = bar.add_task("line", total=devices, status="")
+                failed = [0]
+
+                def progress(done, total, run, bar=bar, task=task, failed=failed):
+                    if not run.result.ok:
+                        failed[0] += 1
+                    bar.update(task, completed=done,
+                               status="ok %d  held %d" % (done - failed[0], failed[0]))
+
+                summary = runner.run_line(resources, lot.chips, stations=k, profile=se_profile,
+                                          progress=progress)
+            summaries.append(summary)
+        report = os.path.join(out, "report-%s.html" % summaries[-1].batch)
+        runner.write_report(summaries, report)
+    except FleetidError as exc:
+        raise _fail(exc) from None
+    finally:
+        opened.close()
+
+    table = Table(title="factory line, SE profile %s" % se_profile,
+                  caption="K stations, N devices; cycle time, SE time and audit bytes "
+                          "per device")
+    # Short headers: the table must fit 80 columns (CI logs, narrow terminals).
+    for column in ("K", "N", "yield%", "dev/s", "p50ms", "p95ms", "p99ms", "SE ms",
+                   "auditB"):
+        table.add_column(column, justify="right")
+    for s in summaries:
+        d = s.as_dict()
+        table.add_row(str(s.stations), str(s.devices), "%.2f" % s.yield_pct,
+                      "%.2f" % s.throughput, "%.1f" % s.cycle_ms(50), "%.1f" % s.cycle_ms(95),
+                      "%.1f" % s.cycle_ms(99), "%.1f" % d["se_ms_mean"],
+                      "%.0f" % d["audit_bytes_per_device"])
+    console.print(table)
+    failures = summaries[-1].failures()
+    if failures:
+        console.print("failures by cause:")
+        for cause, n in failures.items():
+            console.print("  %-40s %d" % (cause, n))
+    console.print("report: %s" % report)
+
+
+@line.command("reconcile")
+@click.option("--out", required=True, type=click.Path(file_okay=False, exists=True),
+              help="Line work directory.")
+@click.option("--hsm", "hsm_uri", metavar="URI", help="HSM URI (default: from the line).")
+@click.option("--registry", "registry_uri", metavar="URI",
+              help="Registry URI (default: from the line).")
+@click.option("--operator", default="reconcile", show_default=True)
+@click.option("--no-chips", is_flag=True,
+              help="Do not look for chips in OUT/chips: revoke instead of resuming.")
+def reconcile_cmd(out, hsm_uri, registry_uri, operator, no_chips):
+    """Resolve every in-flight device after a crash: resume it (chip still on a
+    programmer and passes the confirmation gate), or quarantine it, revoking any
+    certificate that has no committed record.  Safe to run twice."""
+    from fleetid.cloud.line import reconcile as reconcile_mod
+    from fleetid.cloud.line import runner
+    from fleetid.sim.endpoint import BusEndpoint
+
+    try:
+        opened = _open_or_init(out, hsm_uri, registry_uri, init_if_missing=False)
+    except FleetidError as exc:
+        raise _fail(exc) from None
+    try:
+        chips = {}
+        chips_root = os.path.join(out, "chips")
+        if not no_chips and os.path.isdir(chips_root):
+            for lot in sorted(os.listdir(chips_root)):
+                chips.update(runner.load_chips(os.path.join(chips_root, lot)))
+
+        def chip_bus(se_uid):
+            made = chips.get(bytes(se_uid))
+            return BusEndpoint(made.chip) if made is not None else None
+
+        report = reconcile_mod.reconcile(opened.resources_for("reconcile"),
+                                         chip_bus if chips else None, operator=operator)
+    except FleetidError as exc:
+        raise _fail(exc) from None
+    finally:
+        opened.close()
+    if not report.decisions and not report.swept:
+        click.echo("nothing in flight")
+    for serial, outcome, detail in report.decisions:
+        click.echo("device %s: %s%s" % (serial, outcome, (" (%s)" % detail) if detail else ""))
+    for fingerprint in report.swept:
+        click.echo("revoked journaled certificate %s" % fingerprint)

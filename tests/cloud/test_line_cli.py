@@ -1,0 +1,90 @@
+"""`fleetid line init / run / reconcile` through click's test runner."""
+
+import os
+
+from click.testing import CliRunner
+
+from fleetid.cli.main import cli
+from fleetid.cloud.line import reconcile as reconcile_mod
+from fleetid.cloud.line import runner
+from fleetid.cloud.line.station import Station
+from fleetid.cloud.registry import COMMITTED, HELD, INTENT
+from fleetid.sim.endpoint import BusEndpoint
+from tests.cloud.hsm_support import KEYSTORE_PASS
+from tests.cloud.test_line_support import SimulatedKill
+
+
+def _env():
+    return {"FLEETID_KEYSTORE_PASS": KEYSTORE_PASS}
+
+
+def test_run_initialises_a_line_prints_a_summary_and_writes_the_report(tmp_path, monkeypatch):
+    monkeypatch.setenv("FLEETID_KEYSTORE_PASS", KEYSTORE_PASS)
+    out = str(tmp_path / "line")
+    result = CliRunner().invoke(cli, ["line", "run", "--devices", "4", "--stations", "1,2",
+                                      "--keep-chips", "--out", out], env=_env())
+    assert result.exit_code == 0, result.output
+    assert "factory line, SE profile none" in result.output and "100.00" in result.output
+    reports = [n for n in os.listdir(out) if n.startswith("report-") and n.endswith(".html")]
+    assert len(reports) == 1
+    with open(os.path.join(out, reports[0])) as f:
+        page = f.read()
+    assert page.count("<svg") == 2 and "<td>1</td>" in page and "<td>2</td>" in page
+    assert len(os.listdir(os.path.join(out, "chips"))) == 2  # one kept lot per station count
+
+    again = CliRunner().invoke(cli, ["line", "reconcile", "--out", out], env=_env())
+    assert again.exit_code == 0 and "nothing in flight" in again.output
+    # init refuses an existing line
+    refused = CliRunner().invoke(cli, ["line", "init", out], env=_env())
+    assert refused.exit_code != 0 and "already holds a line" in refused.output
+
+
+def test_reconcile_resumes_a_device_killed_before_commit_and_run_refuses_before(
+        tmp_path, monkeypatch):
+    monkeypatch.setenv("FLEETID_KEYSTORE_PASS", KEYSTORE_PASS)
+    out = str(tmp_path / "line")
+    line = runner.init_line(out, scrypt_n=2**14)
+    try:
+        batch = runner.new_batch_name()
+        lot = runner.make_lot(line, 2, batch=batch, chip_dir=os.path.join(out, "chips", batch))
+        resources = line.resources_for(lot.batch)
+
+        def kill(step):
+            if step == "commit":
+                raise SimulatedKill(step)
+
+        first, second = lot.chips
+        try:
+            Station("st-01", resources, step_hook=kill).provision(BusEndpoint(first.chip))
+        except SimulatedKill:
+            pass
+
+        def kill_early(step):
+            if step == "attest":
+                raise SimulatedKill(step)
+
+        try:
+            Station("st-02", resources, step_hook=kill_early).provision(
+                BusEndpoint(second.chip))
+        except SimulatedKill:
+            pass
+        assert reconcile_mod.in_flight_count(line.registry) == 2
+    finally:
+        line.close()
+
+    refused = CliRunner().invoke(cli, ["line", "run", "--devices", "1", "--out", out],
+                                 env=_env())
+    assert refused.exit_code != 0 and "in flight" in refused.output
+
+    result = CliRunner().invoke(cli, ["line", "reconcile", "--out", out], env=_env())
+    assert result.exit_code == 0, result.output
+    assert "device 1: resumed" in result.output
+    assert "device 2: no-certificate" in result.output
+    line = runner.open_line(out)
+    try:
+        assert line.registry.get_device(1).status == COMMITTED
+        assert line.registry.get_device(2).status == HELD
+        assert line.registry.list_in_flight() == []
+        assert INTENT not in {line.registry.get_device(s).status for s in (1, 2)}
+    finally:
+        line.close()

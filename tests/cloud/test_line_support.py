@@ -1,0 +1,197 @@
+"""Shared set-up and checks for the factory-line tests (no tests in this module).
+
+A line work directory on a known SCP03 master key, lots of emulated chips with known
+transport keys (so the checks can recompute every per-device key independently, from the
+documented diversification scheme), the invariants the line must keep after any fault,
+and a scanner that looks for secret bytes in everything a run wrote.
+"""
+
+import base64
+import hashlib
+import os
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from fleetid.cloud.line import runner
+from fleetid.cloud.registry import COMMITTED, INTENT, verify_registry_log
+from fleetid.common import se_consts as C
+from fleetid.sim.chip import Chip
+from fleetid.sim.endpoint import BusEndpoint
+from tests.cloud.hsm_support import (
+    MASTER_KEY,
+    SOFTHSM_MODULE,
+    TEST_SCRYPT_N,
+    TOKEN_LABEL,
+    USER_PIN,
+    init_softhsm_token,
+    reference_device_keys,
+)
+
+
+class SimulatedKill(BaseException):
+    """A process kill at a step boundary: not an Exception, so no station code handles it
+    (only `finally` blocks run, as the OS would not even run those)."""
+
+
+def make_line(tmp_path, kind="soft", monkeypatch=None):
+    """An initialised, opened line in tmp_path/"line" on the soft keystore or a throwaway
+    SoftHSM2 token; the SCP03 master is hsm_support.MASTER_KEY."""
+    workdir = tmp_path / "line"
+    if kind == "pkcs11":
+        init_softhsm_token(tmp_path, monkeypatch)
+        environ = dict(os.environ, FLEETID_HSM_PIN=USER_PIN)
+        uri = "pkcs11:module=%s;token=%s;pin-env=FLEETID_HSM_PIN" % (SOFTHSM_MODULE,
+                                                                      TOKEN_LABEL)
+        return runner.init_line(str(workdir), hsm_uri=uri, environ=environ,
+                                master_key=bytearray(MASTER_KEY))
+    return runner.init_line(str(workdir), scrypt_n=TEST_SCRYPT_N,
+                            master_key=bytearray(MASTER_KEY))
+
+
+def known_lot(line, count, chip_cls=Chip, vendor=None, batch="lot-test", import_keys=True):
+    """A lot whose transport keys the test knows.  Returns (ChipLot, (enc, mac, dek))."""
+    keys = tuple(os.urandom(16) for _ in range(3))
+    chips = []
+    for _ in range(count):
+        made = runner.fab_in_memory(vendor or line.vendor, keys)
+        made.chip = chip_cls(made.nvm)
+        chips.append(made)
+    if import_keys:
+        line.hsm.import_transport_keys(batch, *(bytearray(k) for k in keys))
+    return runner.ChipLot(batch, chips), keys
+
+
+def chip_bus_factory(chips, clock=None):
+    """reconcile()'s chip access: a fresh endpoint to the chip with that UID."""
+    by_uid = {c.uid: c for c in chips}
+
+    def chip_bus(se_uid):
+        made = by_uid.get(bytes(se_uid))
+        if made is None:
+            return None
+        made.chip.power_loss()  # re-seated on the programmer: a power cycle
+        return BusEndpoint(made.chip, clock=clock)
+
+    return chip_bus
+
+
+def _slot_scalar(nvm, slot):
+    record = nvm.get("key/%d" % slot)
+    return None if record is None else bytes(record[1:33])
+
+
+def secret_values(line, chips, transport_keys):
+    """Every secret the line must never write: per-device SCP03 keys (recomputed from the
+    master), transport keys, the master, chip private keys (identity + MAK), and, for the
+    soft backend, every private scalar in the keystore (test-only access)."""
+    found = [MASTER_KEY] + list(transport_keys)
+    for made in chips:
+        found.extend(reference_device_keys(MASTER_KEY, made.uid))
+        for slot in (C.SLOT_MAK, C.SLOT_IDENTITY):
+            scalar = _slot_scalar(made.nvm, slot)
+            if scalar is not None:
+                found.append(scalar)
+    entry = getattr(line.hsm, "_entry", None)
+    if entry is not None:
+        for label in line.labels.values():
+            kind = "aes-master" if label == line.labels["master"] else "ec-p256"
+            found.append(bytes(entry(label, kind)[1]))
+    return found
+
+
+def encodings(secret):
+    """The forms a secret could be written in: raw, hex (both cases), base64."""
+    hexed = secret.hex()
+    return [secret, hexed.encode(), hexed.upper().encode(), base64.b64encode(secret),
+            base64.b64encode(secret).rstrip(b"=")]
+
+
+def files_under(directory):
+    out = []
+    for root, _dirs, names in os.walk(directory):
+        for name in names:
+            out.append(os.path.join(root, name))
+    return sorted(out)
+
+
+def scan(paths, secrets, texts=()):
+    """[(path, secret index)] of every secret found in any file or text."""
+    hits = []
+    blobs = []
+    for path in paths:
+        with open(path, "rb") as f:
+            blobs.append((path, f.read()))
+    for i, text in enumerate(texts):
+        blobs.append(("text#%d" % i, text.encode() if isinstance(text, str) else text))
+    for index, secret in enumerate(secrets):
+        for form in encodings(secret):
+            for name, blob in blobs:
+                if form in blob:
+                    hits.append((name, index))
+    return hits
+
+
+def check_invariants(line, chips, allow_in_flight=False):
+    """The line's promises after any fault (and a reconcile):
+
+    - every certificate on a chip is a committed identity or revoked in the registry;
+    - every committed device went through a confirmed injection: its chip is SECURED,
+      holds the committed certificate and the diversified key set (and no transport set),
+      and the certificate's key is the chip's identity key;
+    - every journaled certificate is committed or revoked;
+    - serials are unique and never reused; one committed identity per chip;
+    - nothing left in flight (unless allowed); the audit chain verifies.
+    Returns: (committed count, held count).
+    """
+    registry = line.registry
+    committed = held = 0
+    seen_serials = set()
+    for made in chips:
+        nvm = made.nvm
+        devices = registry.find_by_se_uid(made.uid)
+        live = [d for d in devices if d.status == COMMITTED]
+        assert len(live) <= 1, "two committed identities for one chip"
+        for device in devices:
+            assert device.serial not in seen_serials, "serial %s reused" % device.serial
+            seen_serials.add(device.serial)
+            if device.status == INTENT:
+                assert allow_in_flight, "device %s still in flight" % device.serial
+            elif device.status != COMMITTED:
+                held += 1
+        chip_cert = nvm.get("cert/%d" % C.SLOT_IDENTITY)
+        if chip_cert is not None:
+            on_chip = x509.load_der_x509_certificate(bytes(chip_cert))
+            if not (live and live[0].identity_fingerprint == _fp(chip_cert)):
+                status = registry.certificate_status(on_chip.serial_number,
+                                                     issuer=on_chip.issuer.rfc4514_string())
+                assert status.revoked, "certificate on chip neither committed nor revoked"
+        if live:
+            committed += 1
+            device = live[0]
+            assert nvm.get("lc") == bytes((C.LC_SECURED,))
+            assert chip_cert is not None and _fp(chip_cert) == device.identity_fingerprint
+            enc, mac, dek = reference_device_keys(MASTER_KEY, made.uid)
+            assert nvm.get("scp/%02x" % C.SCP03_KVN_DEVICE) == enc + mac + dek
+            assert nvm.get("scp/%02x" % C.SCP03_KVN_TRANSPORT) is None
+            record = nvm.get("key/%d" % C.SLOT_IDENTITY)
+            cert = x509.load_der_x509_certificate(bytes(chip_cert))
+            point = cert.public_key().public_bytes(
+                serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint)
+            assert bytes(record[33:98]) == point
+    for serial, _uid, cert_der in line.journal.entries():
+        device = registry.get_device(serial)
+        if device.status == COMMITTED and device.identity_fingerprint == _fp(cert_der):
+            continue
+        cert = x509.load_der_x509_certificate(cert_der)
+        status = registry.certificate_status(cert.serial_number,
+                                             issuer=cert.issuer.rfc4514_string())
+        assert status.revoked, "journaled certificate of %s not revoked" % serial
+    if not allow_in_flight:
+        assert registry.list_in_flight() == []
+    verify_registry_log(registry, *line.public_keys())
+    return committed, held
+
+
+def _fp(der):
+    return hashlib.sha256(bytes(der)).hexdigest()
