@@ -1,54 +1,149 @@
 #!/usr/bin/env bash
-# The quick-start demo: set up, then run the most complete flow fleetid has today.
-#   1. chip fab: an SE-vendor CA and a chip (UID, MAK + certificate, SCP03 transport keys)
-#   2. the emulator serves the chip on a Unix socket, speaking GlobalPlatform T=1'
-#      with an SE050-class latency profile
-#   3. the device-side SE client talks to it over the link: info, key generation inside
-#      the SE, signing, attestation, SCP03 with the transport keys, counters, data objects.
-# Everything it writes goes to var/demo/ (git-ignored).
+# The quick-start demo: set up, then run the full device lifecycle as far as fleetid is
+# built, on the embedded defaults (SQLite registry, software keystore, emulated SEs):
+#   1. factory line: an SE vendor fabs a lot of chips; the line (HSM custody, root key
+#      ceremony, batch CA) personalises them on 2 parallel stations; HTML report
+#   2. the line's hash-chained audit log is verified offline
+#   3. the fleet cloud (EST CA + mTLS verifier) starts on 127.0.0.1 on the line's PKI
+#   4. one shipped device, its keys in its emulated SE (served over T=1' with SE050-class
+#      latency), says who-am-I to the verifier over mTLS signed in the SE, enrols an
+#      operational certificate and rotates it over EST (new key in the SE, attested with a
+#      fresh CA nonce, CSR signed in the SE, authenticated by its current certificate)
+#   5. independent clients: curl + openssl read the CA certificates; an `openssl req`
+#      software-key CSR is refused for lack of attestation; `fleetid cloud check-cert`
+#      explains the device certificate
+#   6. the device is revoked; its next connection is refused with the reason
+# Everything it writes goes to var/demo/ (git-ignored; FLEETID_DEMO_DIR overrides, and is
+# wiped first).  FLEETID_DEMO_SKIP_SETUP=1 skips scripts/setup.sh (the venv must exist).
+# Exits non-zero on any failure; the servers it starts are stopped on exit.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-scripts/setup.sh
+if [ "${FLEETID_DEMO_SKIP_SETUP:-0}" != 1 ]; then
+    scripts/setup.sh
+fi
 export PATH="$PWD/.venv/bin:$PATH"
+py="$PWD/.venv/bin/python"
 
-work=var/demo
+work="${FLEETID_DEMO_DIR:-$PWD/var/demo}"
+case "$work" in
+    /*/*) ;;
+    *) echo "demo: FLEETID_DEMO_DIR must be an absolute path below /" >&2; exit 2 ;;
+esac
 rm -rf "$work" && mkdir -p "$work"
-sock="$PWD/$work/se.sock"
+line="$work/line"
+cloud="$work/cloud"
+sock="$work/se.sock"
 bus="sim:unix:$sock"
+device=("$py" scripts/demo_device.py)
+
+pids=()
+cleanup() {
+    for pid in "${pids[@]}"; do
+        kill "$pid" 2>/dev/null || true
+    done
+    for pid in "${pids[@]}"; do
+        wait "$pid" 2>/dev/null || true
+    done
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
 
 step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
+fail() { echo "demo: $*" >&2; exit 1; }
+# wait_for DESCRIPTION PID TEST...: poll TEST for up to 20 s while PID lives.
+wait_for() {
+    local what=$1 pid=$2
+    shift 2
+    for _ in $(seq 400); do
+        "$@" && return 0
+        kill -0 "$pid" 2>/dev/null || fail "$what exited (see its log in $work)"
+        sleep 0.05
+    done
+    fail "no $what after 20 s"
+}
 
-step "chip fab: vendor CA and one chip"
-fleetid sim fab --vendor-dir "$work/vendor" --out "$work/chip.nvm"
+step "1. chip fab + factory line: 4 chips personalised on 2 parallel stations (SE050-class latency)"
+fleetid line run --devices 4 --stations 2 --se-profile se050 --keep-chips --out "$line"
+report=$(ls "$line"/report-*.html | head -1)
+[ -s "$report" ] || fail "no line report"
+echo "HTML report: ${report#$PWD/}"
 
-step "serve the chip over T=1' (SE050-class latency) on $sock"
-fleetid sim serve --nvm "$work/chip.nvm" --listen "unix:$sock" --latency se050 &
-server=$!
-trap 'kill $server 2>/dev/null; wait $server 2>/dev/null || true' EXIT
-# Bounded wait for the socket (10 s); stop with a clear message if the server died.
-for _ in $(seq 200); do
-    [ -S "$sock" ] && break
-    kill -0 "$server" 2>/dev/null || { echo "demo: the emulator exited" >&2; exit 1; }
-    sleep 0.05
-done
-[ -S "$sock" ] || { echo "demo: no socket at $sock after 10 s" >&2; exit 1; }
+step "2. the line's audit log, verified offline (hash chain + signed checkpoints)"
+fleetid audit verify --registry "sqlite:$line/registry.db" \
+    --line-pub "$line/pki/audit-line.pub.pem" --witness-pub "$line/pki/audit-witness.pub.pem"
 
-step "SE info (GET DATA over the link)"
+step "3. fleet cloud: EST CA + mTLS verifier on 127.0.0.1, on the line's PKI and registry"
+"${device[@]}" cloud-config --line "$line" --out "$cloud"
+# The line's soft keystore passphrase (demo only; production passes it by environment).
+FLEETID_KEYSTORE_PASS=$(cat "$line/keystore.pass")
+export FLEETID_KEYSTORE_PASS
+fleetid cloud serve --config "$cloud/cloud.toml" >"$cloud/serve.out" 2>"$cloud/serve.log" &
+pids+=($!)
+wait_for "cloud server" "${pids[-1]}" test -s "$cloud/serve.out"
+read -r verifier_port est_port < <("$py" -c '
+import json, sys
+ports = json.loads(open(sys.argv[1]).readline())["listening"]
+print(ports["verifier"], ports["est"])' "$cloud/serve.out")
+echo "verifier (mTLS, client certificate required): https://127.0.0.1:$verifier_port"
+echo "EST: https://127.0.0.1:$est_port/.well-known/est"
+root="$line/pki/ceremony/root.pem"
+
+step "4. a shipped device: its chip served over T=1' (SE050-class latency)"
+chip=$(ls "$line"/chips/*/se-*.nvm | head -1)
+fleetid sim serve --nvm "$chip" --listen "unix:$sock" --latency se050 \
+    >"$work/se.log" 2>&1 &
+pids+=($!)
+wait_for "SE socket" "${pids[-1]}" test -S "$sock"
 fleetid se --bus "$bus" info
-step "generate a P-256 key inside the SE, slot 2"
-fleetid se --bus "$bus" genkey --slot 2 --usage sign
-step "sign a digest inside the SE and verify it in the SE"
-digest=$(printf 'hello fleet' | sha256sum | cut -d' ' -f1)
-sig=$(fleetid se --bus "$bus" sign --slot 2 --digest "$digest")
-echo "signature (DER): $sig"
-fleetid se --bus "$bus" verify --slot 2 --digest "$digest" --signature "$sig"
-step "attest the key with the manufacturer attestation key"
-fleetid se --bus "$bus" attest --slot 2 --nonce "$(head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n')"
-step "SCP03 secure channel with the transport keys (security level 0x33)"
-fleetid se --bus "$bus" scp03-check --fab-record "$work/chip.json" --level 0x33
-step "monotonic counter and an atomic data object"
-fleetid se --bus "$bus" counter increment --id 0
-fleetid se --bus "$bus" data write --id 1 --hex "$(printf 'rotation-journal-v1' | od -An -tx1 | tr -d ' \n')"
-fleetid se --bus "$bus" data read --id 1
-fleetid se --bus "$bus" counter read --id 0
-step "done: the chip's NVM is $work/chip.nvm; its fab record (SCP03 transport keys, mode 0600) is $work/chip.json"
+
+step "5. who-am-I over mTLS: TLS 1.2 client key in the SE (identity certificate, slot 1)"
+"${device[@]}" whoami --bus "$bus" --port "$verifier_port" --slot 1 --save "$work/whoami.json"
+serial=$("$py" -c 'import json,sys; print(json.load(open(sys.argv[1]))["registry_serial"])' \
+    "$work/whoami.json")
+
+step "6. EST simpleenroll: first operational certificate (new key in SE slot 2)"
+"${device[@]}" enrol --bus "$bus" --port "$est_port" --from-slot 1 --slot 2
+step "7. EST simplereenroll: rotation authenticated by the current certificate (new key in slot 3)"
+"${device[@]}" enrol --bus "$bus" --port "$est_port" --from-slot 2 --slot 3 --reenroll
+step "8. the device switches: who-am-I with the new certificate, then acknowledge"
+"${device[@]}" whoami --bus "$bus" --port "$verifier_port" --slot 3
+"${device[@]}" ack --bus "$bus" --port "$verifier_port" --slot 3
+echo "the previous certificate (slot 2) after the acknowledgement:"
+if "${device[@]}" whoami --bus "$bus" --port "$verifier_port" --slot 2; then
+    fail "the superseded certificate was still accepted"
+fi
+
+step "9. independent clients: curl + openssl read the EST CA certificates"
+curl -sS --fail --max-time 10 --cacert "$root" \
+    "https://127.0.0.1:$est_port/.well-known/est/cacerts" -o "$work/cacerts.b64"
+# RFC 8951: base64 with CRLF line breaks; coreutils base64 wants them gone.
+tr -d '\r' <"$work/cacerts.b64" | base64 -d | openssl pkcs7 -inform DER -print_certs -noout
+step "10. a software key made by openssl req: refused for lack of SE attestation"
+cn=$("$py" -c 'import json,sys; print(json.load(open(sys.argv[1]))["serial"])' \
+    "$work/whoami.json")
+openssl req -new -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes \
+    -keyout "$work/software.key" -subj "/CN=$cn/serialNumber=$cn" -out "$work/software.csr" \
+    2>/dev/null
+"${device[@]}" submit-csr --bus "$bus" --port "$est_port" --slot 1 --csr "$work/software.csr" \
+    --expect-status 403
+step "11. fleetid cloud check-cert: every check the verifier makes, for the device's certificate"
+"${device[@]}" get-cert --bus "$bus" --slot 3 --out "$work/device.pem"
+fleetid cloud check-cert --config "$cloud/cloud.toml" "$work/device.pem"
+
+step "12. revocation: the operator revokes device $serial"
+"${device[@]}" revoke --registry "sqlite:$line/registry.db" --serial "$serial" \
+    --reason keyCompromise
+step "13. the revoked device connects again: refused, with the reason"
+if "${device[@]}" whoami --bus "$bus" --port "$verifier_port" --slot 3; then
+    fail "the revoked device was accepted"
+fi
+if fleetid cloud check-cert --config "$cloud/cloud.toml" "$work/device.pem" \
+        | grep -E 'revocation|verdict'; then
+    :
+fi
+echo "the revocations in the audit log (chain verified first):"
+fleetid audit show --serial "$serial" --registry "sqlite:$line/registry.db" \
+    --line-pub "$line/pki/audit-line.pub.pem" --witness-pub "$line/pki/audit-witness.pub.pem" \
+    | grep -E '^device|revoke'
+
+step "done: everything is in ${work#$PWD/} (line report: ${report#$PWD/})"

@@ -8,8 +8,8 @@ cd "$(dirname "$0")/.."
 want_test=0
 [ "${1:-}" = "--test" ] && want_test=1
 
-# Debian packages.  Python 3.11+ with venv is the only need of the core; later issues add
-# services (SoftHSM2, PostgreSQL, mosquitto, nginx) here.
+# Debian packages: Python 3.11+ with venv for the core; openssl and curl for the demo; with
+# --test, the services the suite starts itself (SoftHSM2, PostgreSQL, nginx).
 apt_pkgs=()
 python3 -c 'import venv, ensurepip' 2>/dev/null || apt_pkgs+=(python3-venv)
 if [ $want_test = 1 ]; then
@@ -19,10 +19,10 @@ if [ $want_test = 1 ]; then
     ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || apt_pkgs+=(postgresql)
     # nginx: the mTLS baseline of bench/mtls.py and its smoke test.
     command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || apt_pkgs+=(nginx-light)
-    # openssl and curl: independent EST and mTLS clients in the interop tests.
-    command -v openssl >/dev/null 2>&1 || apt_pkgs+=(openssl)
-    command -v curl >/dev/null 2>&1 || apt_pkgs+=(curl)
 fi
+# openssl and curl: the independent EST and mTLS clients of the demo and the interop tests.
+command -v openssl >/dev/null 2>&1 || apt_pkgs+=(openssl)
+command -v curl >/dev/null 2>&1 || apt_pkgs+=(curl)
 if [ ${#apt_pkgs[@]} -gt 0 ]; then
     if [ "$(id -u)" = 0 ]; then sudo=""; else sudo="sudo"; fi
     echo "setup: installing Debian packages: ${apt_pkgs[*]}"

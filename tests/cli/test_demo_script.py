@@ -1,0 +1,66 @@
+"""The quick-start demo (scripts/demo.sh) runs the whole lifecycle end to end and says
+so: line with 2 stations and its report, audit verified, the cloud on the line's PKI, the
+device's SE-keyed mTLS who-am-I, EST enrolment and rotation, the independent clients'
+moments, revocation refused with its reason; its servers are gone afterwards."""
+
+import os
+import shutil
+import subprocess
+import sys
+
+from tests.conftest import require
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def test_demo_script_runs_the_full_lifecycle(tmp_path):
+    require(shutil.which("curl") and shutil.which("openssl"), "curl and openssl")
+    work = tmp_path / "demo"
+    env = dict(os.environ, FLEETID_DEMO_SKIP_SETUP="1", FLEETID_DEMO_DIR=str(work),
+               PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
+    env.pop("FLEETID_KEYSTORE_PASS", None)
+    done = subprocess.run(["bash", "scripts/demo.sh"], cwd=ROOT, env=env, timeout=240,
+                          capture_output=True, text=True)
+    out = done.stdout
+    assert done.returncode == 0, out[-3000:] + done.stderr[-3000:]
+    steps = [line for line in out.splitlines() if "== " in line]
+    assert len(steps) == 14, steps
+    # 1-2: the line and its audit log.
+    assert "4/4 ok 4  held 0" in out and "100.00" in out
+    assert any(p.startswith("report-") and p.endswith(".html")
+               for p in os.listdir(work / "line"))
+    assert "OK sqlite:" in out and "injection 4" in out
+    # 5: who-am-I over TLS 1.2, key in the SE.
+    assert "TLS 1.2 aes128gcm, client key in SE slot 1 (1 signature(s) by the SE)" in out \
+        or "TLS 1.2 aes256gcm, client key in SE slot 1" in out
+    assert '"kind": "identity"' in out
+    # 6-8: EST enrolment, rotation, switch.
+    assert "simpleenroll authenticated by the certificate in slot 1: new key generated " \
+           "in SE slot 2" in out
+    assert "simplereenroll authenticated by the certificate in slot 2: new key generated " \
+           "in SE slot 3" in out
+    assert '"kind": "operational"' in out and '"rotation": "acked"' in out
+    assert "REFUSED 403 superseded" in out
+    # 9-11: independent clients.
+    assert "CN = fleetid Fleet Root" in out and "CN = fleetid issuing CA" in out
+    assert "REFUSED 403 policy: attestation required" in out
+    assert "attestation    PASS" in out and "verdict: ACCEPTED" in out
+    # 12-13: revocation.
+    assert "status revoked (3 certificate(s) revoked" in out
+    assert "REFUSED 403 revoked: revoked at" in out and "(keyCompromise)" in out
+    assert "revocation     FAIL" in out and "verdict: REFUSED" in out
+    # The servers were stopped on exit: nothing listens on the SE socket any more.
+    assert not (work / "se.sock").exists() or _socket_dead(str(work / "se.sock"))
+
+
+def _socket_dead(path):
+    import socket
+
+    s = socket.socket(socket.AF_UNIX)
+    try:
+        s.connect(path)
+    except OSError:
+        return True
+    finally:
+        s.close()
+    return False
