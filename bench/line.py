@@ -8,8 +8,11 @@ journal (fsync per certificate) and the emulated SEs behind their bus endpoints.
 
 1. Zero-latency SE profile ("none": no operation time, no bus time):
    * devices/s for 1, 2, 4, 8 stations;
-   * host cost per device = cycle time minus the time spent below the Bus interface
-     (the emulator: endpoint, SE-side T=1', applet).  It is everything the line host
+   * host cost per device = the line host's CPU time per device (station thread CPU
+     minus the CPU spent below the Bus interface: the emulator's endpoint, SE-side T=1',
+     applet and chip crypto, which on a real line run on the SE).  This is the figure
+     held against the target; wall time (cycle minus emulator wall) is shown beside it and
+     also contains the waits for durable commits (fsync).  It is everything the line host
      does for one device: T=1' host side, SCP03, HSM calls, CSR, the CA's checks and
      signature, registry transactions, journal and audit.  Reported as wall ms and as
      CPU ms (thread CPU time minus the emulator's CPU time), with a per-step split;
@@ -87,7 +90,8 @@ def run(line, devices, stations, profile):
 
 
 class _Timed:
-    """Times every method call on the wrapped object into totals[name] (seconds)."""
+    """Times every method call on the wrapped object into totals[name] = [wall s, CPU s]
+    (CPU: this thread's CPU time, so waits for fsync or a lock do not count)."""
 
     def __init__(self, target, name, totals):
         self._target = target
@@ -101,11 +105,13 @@ class _Timed:
         totals, name = self._totals, self._name
 
         def timed(*args, **kwargs):
-            started = time.perf_counter()
+            started, cpu = time.perf_counter(), time.thread_time()
             try:
                 return value(*args, **kwargs)
             finally:
-                totals[name] = totals.get(name, 0.0) + time.perf_counter() - started
+                total = totals.setdefault(name, [0.0, 0.0])
+                total[0] += time.perf_counter() - started
+                total[1] += time.thread_time() - cpu
 
         return timed
 
@@ -117,7 +123,7 @@ def host_split(line, devices):
     lot = runner.make_lot(line, devices)
     resources = line.resources_for(lot.batch)
     totals = {}
-    resources.registry = _Timed(resources.registry, "registry (SQLite, 3 durable txns)",
+    resources.registry = _Timed(resources.registry, "registry (SQLite, 2 durable txns)",
                                 totals)
     resources.hsm = _Timed(resources.hsm, "HSM calls (session keys, diversify, wrap)",
                            totals)
@@ -126,19 +132,24 @@ def host_split(line, devices):
     resources.journal = _Timed(resources.journal, "issuance journal (fsync)", totals)
     resources.checkpointer = None
     station = Station("st-split", resources)
-    cycle = emulator = 0.0
+    cycle = emulator = cpu = emulator_cpu = 0.0
     for made in lot.chips:
         bus = runner.MeteredBus(BusEndpoint(made.chip))
+        cpu0 = time.thread_time()
         result = station.provision(bus)
+        cpu += time.thread_time() - cpu0
         if not result.ok:
             raise SystemExit("host split run failed: %s" % result.cause)
         cycle += result.cycle_s
         emulator += bus.emulator_s
-    n = float(devices)
-    host = (cycle - emulator) / n * 1000.0
-    rows = [(name, seconds / n * 1000.0) for name, seconds in sorted(totals.items())]
-    rows.append(("T=1' host, SCP03 host, APDU/DER, station", host - sum(ms for _n, ms in rows)))
-    return host, rows
+        emulator_cpu += bus.emulator_cpu_s
+    n = float(devices) / 1000.0
+    host = (cycle - emulator) / n
+    host_cpu = (cpu - emulator_cpu) / n
+    rows = [(name, wall / n, cpu_s / n) for name, (wall, cpu_s) in sorted(totals.items())]
+    rows.append(("T=1' host, SCP03 host, APDU/DER, station", host - sum(r[1] for r in rows),
+                 host_cpu - sum(r[2] for r in rows)))
+    return host, host_cpu, rows
 
 
 def profile_host(line, devices):
@@ -191,17 +202,26 @@ def main(argv=None):
                 s.yield_pct))
         one = fast[0]
         host = one.mean("cycle_ms") - one.mean("emulator_ms")
-        print("host cost (1 station): %.2f ms/device wall, %.2f ms CPU; raw crypto %.2f ms; "
-              "host / raw = %.1fx; target <= %.1f ms: %s"
-              % (host, one.mean("host_cpu_ms"), raw, host / raw, TARGET_HOST_MS,
-                 "MET" if host <= TARGET_HOST_MS else "NOT MET"))
+        host_cpu = one.mean("host_cpu_ms")
+        print("HOST COST (1 station) = line-host CPU per device, the emulated SE's own CPU "
+              "(endpoint, SE-side T=1', applet, chip crypto) subtracted:")
+        print("  host CPU %.2f ms/device; raw crypto %.2f ms (host CPU / raw = %.1fx); "
+              "target <= %.1f ms: %s"
+              % (host_cpu, raw, host_cpu / raw, TARGET_HOST_MS,
+                 "MET" if host_cpu <= TARGET_HOST_MS else "NOT MET"))
+        print("  host wall %.2f ms/device (CPU + waiting for durable commits: fsync of the "
+              "registry and the issuance journal); emulator %.2f ms/device wall, not counted"
+              % (host, one.mean("emulator_ms")))
         steps = one.step_means_ms()
         print("per step (1 station, ms, emulator included): " + ", ".join(
             "%s %.2f" % (step, steps.get(step, 0.0)) for step in STEPS))
-        split_host, split = host_split(line, 50 if quick else 100)
-        print("where the host time goes (1 station, %.2f ms/device in this run):" % split_host)
-        for name, ms in split:
-            print("  %-48s %6.2f ms  %5.1f %%" % (name, ms, 100.0 * ms / split_host))
+        split_host, split_cpu, split = host_split(line, 50 if quick else 100)
+        print("where the host time goes (1 station; this run: %.2f ms/device CPU, %.2f ms "
+              "wall):" % (split_cpu, split_host))
+        print("  %-48s %8s %6s %8s" % ("", "CPU ms", "CPU %", "wall ms"))
+        for name, wall_ms, cpu_ms in split:
+            print("  %-48s %8.2f %5.1f%% %8.2f" % (name, cpu_ms, 100.0 * cpu_ms / split_cpu,
+                                                   wall_ms))
         print("audit: %.0f bytes/device (%d entries for %d devices, checkpoints included)"
               % (one.audit_bytes / max(1, len(one.ok)), one.audit_entries, len(one.ok)))
 
@@ -227,8 +247,10 @@ def main(argv=None):
         print("\n== summary ==")
         print("%-44s %12s %12s %8s" % ("figure", "measured", "target", "ratio"))
         rows = [
-            ("host cost ms/device (1 station, wall)", host, TARGET_HOST_MS, host / TARGET_HOST_MS),
-            ("raw cryptography ms/device", raw, None, host / raw),
+            ("host CPU ms/device (1 station)", host_cpu, TARGET_HOST_MS,
+             host_cpu / TARGET_HOST_MS),
+            ("host wall ms/device (1 station, fsync incl.)", host, None, None),
+            ("raw cryptography ms/device (ratio: CPU/raw)", raw, None, host_cpu / raw),
             ("ATECC608 cycle / SE-only", ratio, TARGET_CYCLE_RATIO, ratio / TARGET_CYCLE_RATIO),
             ("ATECC608 32 stations vs linear", scaling, TARGET_SCALING, scaling / TARGET_SCALING),
             ("zero-latency 8 vs 1 station throughput", fast[-1].throughput / one.throughput,

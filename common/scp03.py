@@ -328,8 +328,12 @@ class SecureMessaging:
         counter = self.counter
         data = cmd.data
         if self.level & LEVEL_C_DECRYPTION and data:
-            icv = command_icv(self._prims, self._keys.s_enc, counter)
-            data = self._prims.aes_cbc_encrypt(self._keys.s_enc, icv, pad80(data))
+            # ICV = AES(S-ENC, counter block) (command_icv) and CBC under that ICV, in one
+            # cipher call: CBC from a zero IV over (counter block || data) yields the ICV as
+            # its first output block, then exactly the CBC(ICV, data) blocks.
+            data = self._prims.aes_cbc_encrypt(
+                self._keys.s_enc, bytes(BLOCK),
+                counter.to_bytes(BLOCK, "big") + pad80(data))[BLOCK:]
         cla = cmd.cla | CLA_SM
         # Keep extended fields if the caller used them; they become necessary past 255.
         extended = True if cmd.extended else None

@@ -41,6 +41,11 @@ DEFAULT_IFSD = const(254)  # what the host announces with S(IFS) in open()
 DEFAULT_MAX_RETRIES = const(3)  # ISO/IEC 7816-3:2006 11.6.3: retransmissions per block
 DEFAULT_MAX_WTX = const(32)  # WTX requests honoured per block
 DEFAULT_MAX_WAIT_MS = const(60000)  # bound on one block's wait, WTX included
+# MPOT is a minimum polling time (GPC_SPE_172 3.2): while the SE stays busy the host backs
+# off, doubling the interval up to this many MPOTs.  Cuts the polls of a 100 ms operation
+# from ~100 to ~30 (each one is host CPU, and on a shared bus, bus time) for at most
+# (cap - 1) x MPOT of extra latency after the SE becomes ready.
+DEFAULT_POLL_BACKOFF = const(4)
 MAX_APDU = const(65544)  # extended case 4: 4 + 3 + 65535 + 2
 MAX_RESPONSE = const(65538)  # 65536 data bytes + SW1 SW2
 _CTL_LEN = const(10)  # an R- or S-block with up to 4 INF bytes
@@ -68,14 +73,16 @@ class T1Link:
         (FakeClock in tests).  ifsd: largest INF the host accepts (announced by open()).
         max_retries: failed attempts per block before recovery.  max_wtx, max_wait_ms:
         bounds on waiting-time extensions.  max_ifsc: cap on the I-blocks we send (None =
-        IFSC from the CIP).
+        IFSC from the CIP).  poll_backoff: while the SE NACKs, the poll interval doubles
+        from MPOT up to poll_backoff x MPOT (1 = poll at MPOT).
     Attributes: ifsc, bwt_ms, poll_ms, cip (after open()), and counters: blocks_sent,
         blocks_received, retransmissions, timeouts, frame_errors, wtx, resynchs, resets.
     """
 
     def __init__(self, bus, profile=t1.PROFILE_GP, clock=None, ifsd=DEFAULT_IFSD,
                  max_retries=DEFAULT_MAX_RETRIES, max_wtx=DEFAULT_MAX_WTX,
-                 max_wait_ms=DEFAULT_MAX_WAIT_MS, max_ifsc=None):
+                 max_wait_ms=DEFAULT_MAX_WAIT_MS, max_ifsc=None,
+                 poll_backoff=DEFAULT_POLL_BACKOFF):
         if ifsd < 1 or ifsd > profile.max_ifs:
             raise ValueError("ifsd out of range")
         self.bus = bus
@@ -86,6 +93,7 @@ class T1Link:
         self.max_wtx = max_wtx
         self.max_wait_ms = max_wait_ms
         self.max_ifsc = max_ifsc
+        self.poll_backoff = max(1, poll_backoff)
         self.ifsc = profile.default_ifsc
         self.bwt_ms = profile.default_bwt_ms
         self.poll_ms = profile.default_poll_ms
@@ -190,26 +198,35 @@ class T1Link:
         deadline = self.clock.now_ms() + self.bwt_ms
         # A view of the frame buffer, not a copy (see the class docstring).
         frame = memoryview(buf)[:n]
+        wait = self.poll_ms
         while True:
             try:
                 self.bus.write(frame)
                 self.blocks_sent += 1
                 return
             except BusNack:
-                if self.clock.now_ms() >= deadline:
-                    raise _Timeout()
-                self.clock.sleep_ms(self.poll_ms)
+                wait = self._poll_wait(deadline, wait)
             except BusError as e:
                 raise _LinkFail(LinkError.BUS, str(e))
 
+    def _poll_wait(self, deadline, wait):
+        """After a NACK: sleep `wait` ms (never past the deadline) and return the next
+        interval (doubled, at most poll_backoff x MPOT).  Raises _Timeout at the deadline."""
+        now = self.clock.now_ms()
+        if now >= deadline:
+            raise _Timeout()
+        self.clock.sleep_ms(wait if now + wait <= deadline else deadline - now)
+        wait += wait
+        cap = self.poll_ms * self.poll_backoff
+        return min(cap, wait)
+
     def _read_polled(self, n, deadline):
+        wait = self.poll_ms
         while True:
             try:
                 data = self.bus.read(n)
             except BusNack:
-                if self.clock.now_ms() >= deadline:
-                    raise _Timeout()
-                self.clock.sleep_ms(self.poll_ms)
+                wait = self._poll_wait(deadline, wait)
                 continue
             except BusError as e:
                 raise _LinkFail(LinkError.BUS, str(e))

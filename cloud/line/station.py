@@ -14,7 +14,7 @@ Steps, what each writes, and what happens when it fails
                validate to a trusted SE vendor root and name the
                UID; the chip must be in transport state and not
                already in the registry                            (refusal: nothing at all)
-    intent     allocate_serial + write_intent                     serial, intent record
+    intent     allocate_intent (serial + intent, one transaction) serial, intent record
     inject     SCP03 with the batch transport keys (session keys
                from the HSM), PUT KEY of the HSM-diversified set,
                the SE's KCVs checked against the HSM's            SE: new SCP03 keys
@@ -587,9 +587,9 @@ class Station:
 
         # 2. serial + intent: from here on the device exists for the registry.
         self._enter(state, result, INTENT, clock())
-        serial = registry.allocate_serial()
-        registry.write_intent(serial, se_uid, self.name, config.operator, config.batch,
-                              result.hsm_session)
+        # One durable transaction: serial + intent (a crash leaves both or neither).
+        serial = registry.allocate_intent(se_uid, self.name, config.operator, config.batch,
+                                          result.hsm_session).serial
         result.serial = serial
         result.device_serial = device_serial = config.device_serial(serial)
 

@@ -7,6 +7,7 @@ to run there unchanged (see its docstring).
 Device life cycle (column `devices.status`):
 
     allocate_serial() -> write_intent()         status "intent"   (in flight at a station)
+    allocate_intent()                           the same, ONE durable transaction (the line)
     commit_identity(record, audit_entry)        status "committed" (identity record + cert +
                                                                    audit entry, one transaction)
     hold(serial, reason)                        status "held"      (quarantined, never shipped)
@@ -167,6 +168,20 @@ def check_se_uid(se_uid):
     return bytes(se_uid).hex()
 
 
+def identity_cert_present(existing, record, cert):
+    """For commit_identity: True when the identity certificate was already added to this
+    device (add_certificate before the SE got it), False when it is new; raises
+    RegistryError(DUPLICATE_CERTIFICATE) when the stored one is another device's, another
+    kind, or revoked.  `existing` is the stored CertificateRecord for cert's fingerprint
+    (or None)."""
+    if existing is None:
+        return False
+    if existing.device_serial != record.serial or existing.kind != IDENTITY \
+            or existing.revoked:
+        raise RegistryError(RegistryError.DUPLICATE_CERTIFICATE, cert["fingerprint"])
+    return True
+
+
 def check_commit(device, record, fields, cert):
     """Refuse a commit whose parts disagree.  `device` is the current DeviceRecord,
     `cert` the certificate row built from record.identity_cert_der."""
@@ -223,6 +238,16 @@ class Registry:
         """
         raise NotImplementedError
 
+    def allocate_intent(self, se_uid, station, operator="", batch="", hsm_session=""):
+        """allocate_serial() and write_intent() in ONE durable transaction: the serial is
+        never handed out without its intent record, and the line pays one commit.
+
+        Returns: DeviceRecord (status "intent"; `.serial` is the new serial).
+        Raises: RegistryError(BAD_INPUT / STORAGE).
+        """
+        serial = self.allocate_serial()
+        return self.write_intent(serial, se_uid, station, operator, batch, hsm_session)
+
     def list_in_flight(self):
         """Every device still in status "intent", oldest serial first."""
         raise NotImplementedError
@@ -231,7 +256,9 @@ class Registry:
         """In ONE transaction: mark the device committed with `record`'s facts, store its
         identity certificate, and append `audit_entry` (unsealed fields from
         audit.injection_entry) to the audit chain.  Either all of it is visible afterwards
-        or none of it.
+        or none of it.  The certificate may already be in the device's history
+        (add_certificate(serial, der, "identity") before it went to the SE; not revoked):
+        it is then kept, not added twice.
 
         Params: record IdentityRecord; audit_entry dict (must describe the same device,
         certificate and attestation: checked).
@@ -277,8 +304,10 @@ class Registry:
         was held and reworked has several)."""
         raise NotImplementedError
 
-    def add_certificate(self, serial, cert_der, kind):
-        """Add a certificate (kind "identity" or "operational") to a device's history.
+    def add_certificate(self, serial, cert_der, kind, rotation_state=None):
+        """Add a certificate (kind "identity" or "operational") to a device's history and,
+        when `rotation_state` is not None, store the device's rotation state (as
+        set_rotation_state), both in ONE transaction.
         Returns CertificateRecord.  Raises DeviceNotFound, RegistryError(BAD_INPUT /
         DUPLICATE_CERTIFICATE)."""
         raise NotImplementedError

@@ -33,6 +33,7 @@ from fleetid.cloud.registry.interface import (
     check_se_uid,
     check_serial,
     check_text,
+    identity_cert_present,
     wrap_audit_error,
 )
 
@@ -119,6 +120,21 @@ class MemoryRegistry(Registry):
             self._devices[serial] = device
             return device
 
+    def allocate_intent(self, se_uid, station, operator="", batch="", hsm_session=""):
+        uid_hex = check_se_uid(se_uid)
+        for name, value in (("station", station), ("operator", operator), ("batch", batch),
+                            ("hsm_session", hsm_session)):
+            check_text(name, value)
+        now = self._now()
+        with self._lock:
+            serial = self._next_serial
+            self._next_serial += 1
+            device = DeviceRecord(serial=serial, se_uid=bytes.fromhex(uid_hex), status=INTENT,
+                                  station=station, operator=operator, batch=batch,
+                                  hsm_session=hsm_session, intent_at=now, updated_at=now)
+            self._devices[serial] = device
+            return device
+
     def list_in_flight(self):
         with self._lock:
             return [d for _s, d in sorted(self._devices.items()) if d.status == INTENT]
@@ -134,7 +150,10 @@ class MemoryRegistry(Registry):
             if any(d.status == COMMITTED and d.se_uid == device.se_uid
                    for d in self._devices.values()):
                 raise DuplicateSeUid(device.se_uid.hex())
-            self._check_new_cert(cert)
+            present = identity_cert_present(self._certs.get(cert["fingerprint"]), record,
+                                            cert)
+            if not present:
+                self._check_new_cert(cert)
             entry = self._seal_next(audit_entry)
             # every check passed: apply
             self._update(record.serial, status=COMMITTED, committed_at=now, updated_at=now,
@@ -143,7 +162,8 @@ class MemoryRegistry(Registry):
                          identity_fingerprint=cert["fingerprint"], station=record.station,
                          operator=record.operator, batch=record.batch,
                          hsm_session=record.hsm_session)
-            self._certs[cert["fingerprint"]] = certificate_from_row(cert)
+            if not present:
+                self._certs[cert["fingerprint"]] = certificate_from_row(cert)
             return self._push(entry, record.serial)
 
     @wrap_audit_error
@@ -205,13 +225,18 @@ class MemoryRegistry(Registry):
             return [d for _s, d in sorted(self._devices.items(), reverse=True)
                     if d.se_uid == uid]
 
-    def add_certificate(self, serial, cert_der, kind):
-        cert = certificate_row(serial, cert_der, kind, self._now())
+    def add_certificate(self, serial, cert_der, kind, rotation_state=None):
+        if rotation_state is not None:
+            check_text("rotation state", rotation_state)
+        now = self._now()
+        cert = certificate_row(serial, cert_der, kind, now)
         with self._lock:
             self._device(serial)
             self._check_new_cert(cert)
             record = certificate_from_row(cert)
             self._certs[cert["fingerprint"]] = record
+            if rotation_state is not None:
+                self._update(serial, rotation_state=rotation_state, updated_at=now)
             return record
 
     def certificates(self, serial):

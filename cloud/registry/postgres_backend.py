@@ -50,6 +50,7 @@ from fleetid.cloud.registry.interface import (
     check_serial,
     check_text,
     device_from_row,
+    identity_cert_present,
     wrap_audit_error,
 )
 
@@ -255,6 +256,27 @@ class PostgresRegistry(Registry):
                 raise DuplicateSerial(serial) from None
             return self._device(conn, serial)
 
+    def allocate_intent(self, se_uid, station, operator="", batch="", hsm_session=""):
+        uid_hex = check_se_uid(se_uid)
+        for name, value in (("station", station), ("operator", operator), ("batch", batch),
+                            ("hsm_session", hsm_session)):
+            check_text(name, value)
+        now = self._now()
+        with self._write() as conn:
+            serial = conn.execute("UPDATE serial_counter SET next_serial = next_serial + 1 "
+                                  "WHERE id = 1 RETURNING next_serial - 1 AS serial"
+                                  ).fetchone()["serial"]
+            try:
+                with conn.transaction():
+                    conn.execute(_q(
+                        "INSERT INTO devices (serial, se_uid, status, station, operator, batch, "
+                        "hsm_session, intent_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"),
+                        (serial, uid_hex, INTENT, station, operator, batch, hsm_session, now,
+                         now))
+            except pg_errors.UniqueViolation:
+                raise DuplicateSerial(serial) from None
+            return self._device(conn, serial)
+
     def list_in_flight(self):
         with self._read() as conn:
             rows = conn.execute(_q("SELECT %s FROM devices WHERE status = ? ORDER BY serial"
@@ -282,7 +304,11 @@ class PostgresRegistry(Registry):
                          record.serial))
             except pg_errors.UniqueViolation:
                 raise DuplicateSeUid(device.se_uid.hex()) from None
-            self._insert_cert(conn, cert)
+            row = conn.execute(_q("SELECT %s FROM certificates WHERE fingerprint = ?"
+                                  % _CERT_COLUMNS), (cert["fingerprint"],)).fetchone()
+            existing = None if row is None else certificate_from_row(row)
+            if not identity_cert_present(existing, record, cert):
+                self._insert_cert(conn, cert)
             return self._append(conn, audit_entry, record.serial)
 
     @wrap_audit_error
@@ -350,11 +376,17 @@ class PostgresRegistry(Registry):
                                 (uid_hex,)).fetchall()
         return [device_from_row(r) for r in rows]
 
-    def add_certificate(self, serial, cert_der, kind):
-        cert = certificate_row(serial, cert_der, kind, self._now())
+    def add_certificate(self, serial, cert_der, kind, rotation_state=None):
+        if rotation_state is not None:
+            check_text("rotation state", rotation_state)
+        now = self._now()
+        cert = certificate_row(serial, cert_der, kind, now)
         with self._write() as conn:
-            self._device(conn, serial)
+            self._device(conn, serial, lock=rotation_state is not None)
             self._insert_cert(conn, cert)
+            if rotation_state is not None:
+                conn.execute(_q("UPDATE devices SET rotation_state = ?, updated_at = ? "
+                                "WHERE serial = ?"), (rotation_state, now, serial))
         return certificate_from_row(cert)
 
     def certificates(self, serial):

@@ -37,6 +37,7 @@ from fleetid.cloud.registry.interface import (
     IDENTITY,
     INTENT,
     REVOKED,
+    DeviceRecord,
     Registry,
     build_hold,
     certificate_from_row,
@@ -46,6 +47,7 @@ from fleetid.cloud.registry.interface import (
     check_serial,
     check_text,
     device_from_row,
+    identity_cert_present,
     wrap_audit_error,
 )
 
@@ -240,6 +242,28 @@ class SqliteRegistry(Registry):
                 raise DuplicateSerial(serial) from None
             return self._device(conn, serial)
 
+    def allocate_intent(self, se_uid, station, operator="", batch="", hsm_session=""):
+        uid_hex = check_se_uid(se_uid)
+        for name, value in (("station", station), ("operator", operator), ("batch", batch),
+                            ("hsm_session", hsm_session)):
+            check_text(name, value)
+        now = self._now()
+        with self._write() as conn:
+            serial = conn.execute(
+                "SELECT next_serial FROM serial_counter WHERE id = 1").fetchone()[0]
+            conn.execute("UPDATE serial_counter SET next_serial = ? WHERE id = 1", (serial + 1,))
+            try:
+                conn.execute(
+                    "INSERT INTO devices (serial, se_uid, status, station, operator, batch, "
+                    "hsm_session, intent_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (serial, uid_hex, INTENT, station, operator, batch, hsm_session, now, now))
+            except sqlite3.IntegrityError:
+                raise DuplicateSerial(serial) from None
+        # What the row now holds (every other column NULL), without reading it back.
+        return DeviceRecord(serial=serial, se_uid=bytes.fromhex(uid_hex), status=INTENT,
+                            station=station, operator=operator, batch=batch,
+                            hsm_session=hsm_session, intent_at=now, updated_at=now)
+
     def list_in_flight(self):
         with self._read() as conn:
             rows = conn.execute("SELECT %s FROM devices WHERE status = ? ORDER BY serial"
@@ -264,8 +288,18 @@ class SqliteRegistry(Registry):
                      record.operator, record.batch, record.hsm_session, record.serial))
             except sqlite3.IntegrityError:
                 raise DuplicateSeUid(device.se_uid.hex()) from None
-            self._insert_cert(conn, cert)
+            try:
+                self._insert_cert(conn, cert)
+            except RegistryError:  # added before the SE got it (add_certificate)?
+                existing = self._cert_by_fingerprint(conn, cert["fingerprint"])
+                if not identity_cert_present(existing, record, cert):
+                    raise
             return self._append(conn, audit_entry, record.serial)
+
+    def _cert_by_fingerprint(self, conn, fingerprint):
+        row = conn.execute("SELECT %s FROM certificates WHERE fingerprint = ?" % _CERT_COLUMNS,
+                           (fingerprint,)).fetchone()
+        return None if row is None else certificate_from_row(row)
 
     def _insert_cert(self, conn, cert):
         try:
@@ -337,11 +371,17 @@ class SqliteRegistry(Registry):
                                 % _DEVICE_COLUMNS, (uid_hex,)).fetchall()
         return [device_from_row(r) for r in rows]
 
-    def add_certificate(self, serial, cert_der, kind):
-        cert = certificate_row(serial, cert_der, kind, self._now())
+    def add_certificate(self, serial, cert_der, kind, rotation_state=None):
+        if rotation_state is not None:
+            check_text("rotation state", rotation_state)
+        now = self._now()
+        cert = certificate_row(serial, cert_der, kind, now)
         with self._write() as conn:
             self._device(conn, serial)
             self._insert_cert(conn, cert)
+            if rotation_state is not None:
+                conn.execute("UPDATE devices SET rotation_state = ?, updated_at = ? "
+                             "WHERE serial = ?", (rotation_state, now, serial))
         return certificate_from_row(cert)
 
     def certificates(self, serial):

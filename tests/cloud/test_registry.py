@@ -355,6 +355,87 @@ def test_certificate_history_rotation_state_and_ambiguous_serials(registry):
         registry.set_rotation_state(12345, "x")
 
 
+def test_allocate_intent_is_one_transaction_with_fresh_serials(registry):
+    first = registry.allocate_intent(uid(1), "st-1", operator="op-7", batch="b-7",
+                                     hsm_session="pool/1")
+    plain = start_device(registry, n=2)
+    second = registry.allocate_intent(uid(3), "st-2")
+    assert (first.serial, plain, second.serial) == (1, 2, 3)
+    assert first.status == INTENT and first.se_uid == uid(1) and first.batch == "b-7"
+    assert [d.serial for d in registry.list_in_flight()] == [1, 2, 3]
+    assert registry.get_device(1) == first
+    with pytest.raises(RegistryError) as info:
+        registry.allocate_intent(b"\x01", "st-1")  # refused before a serial is spent
+    assert info.value.reason == RegistryError.BAD_INPUT
+    assert registry.allocate_intent(uid(4), "st-1").serial == 4
+    registry.commit_identity(*identity(4))
+    assert registry.get_device(4).status == COMMITTED
+
+
+def test_allocate_intent_serials_are_unique_under_parallel_stations(registry):
+    got = []
+    lock = threading.Lock()
+
+    def station(k):
+        for i in range(20):
+            device = registry.allocate_intent(uid(k * 100 + i), "st-%d" % k)
+            with lock:
+                got.append(device.serial)
+
+    threads = [threading.Thread(target=station, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(got) == list(range(1, 81))
+    assert len(registry.list_in_flight()) == 80
+
+
+def test_commit_accepts_the_identity_certificate_added_before_it(registry):
+    serial = start_device(registry)
+    record, fields = identity(serial)
+    added = registry.add_certificate(serial, record.identity_cert_der, "identity")
+    registry.commit_identity(record, fields)
+    [cert] = registry.certificates(serial)
+    assert cert.fingerprint == added.fingerprint and cert.kind == "identity"
+    assert registry.get_device(serial).identity_fingerprint == cert.fingerprint
+    # another device's certificate, or a revoked one, is never taken over
+    other = start_device(registry)
+    registry.add_certificate(serial, make_cert(other), "operational")
+    with pytest.raises(RegistryError) as info:
+        registry.commit_identity(*identity(other))
+    assert info.value.reason == RegistryError.DUPLICATE_CERTIFICATE
+    third = start_device(registry)
+    record, fields = identity(third)
+    registry.add_certificate(third, record.identity_cert_der, "identity")
+    registry.mark_revoked(0x7F000000 + third, "cessationOfOperation")
+    with pytest.raises(RegistryError) as info:
+        registry.commit_identity(record, fields)
+    assert info.value.reason == RegistryError.DUPLICATE_CERTIFICATE
+    assert registry.get_device(third).status == INTENT
+
+
+def test_add_certificate_with_rotation_state_is_one_write(registry):
+    serial = provision(registry)
+    new = make_cert(serial, cert_serial=0x66)
+    record = registry.add_certificate(serial, new, "operational",
+                                      rotation_state="overlap:" + "ab" * 4)
+    assert record.kind == "operational"
+    assert registry.get_device(serial).rotation_state == "overlap:" + "ab" * 4
+    # refused as a whole: neither the certificate nor the state changes
+    with pytest.raises(RegistryError):
+        registry.add_certificate(serial, new, "operational", rotation_state="overlap:cd")
+    assert registry.get_device(serial).rotation_state == "overlap:" + "ab" * 4
+    with pytest.raises(RegistryError):
+        registry.add_certificate(serial, make_cert(serial, cert_serial=0x67), "operational",
+                                 rotation_state="bad\nstate")
+    assert len(registry.certificates(serial)) == 2
+    registry.add_certificate(serial, make_cert(serial, cert_serial=0x68), "operational")
+    assert registry.get_device(serial).rotation_state == "overlap:" + "ab" * 4
+    with pytest.raises(DeviceNotFound):
+        registry.add_certificate(999, make_cert(999), "operational", rotation_state="x")
+
+
 def test_a_held_and_reworked_chip_has_several_records(registry):
     first = start_device(registry, n=7)
     registry.hold(first, "confirmation gate failed", station="st-1", operator="op-7")

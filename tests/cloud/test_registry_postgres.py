@@ -42,6 +42,10 @@ CONTRACT_TESTS = [
     "test_certificate_history_rotation_state_and_ambiguous_serials",
     "test_a_held_and_reworked_chip_has_several_records",
     "test_checkpoints_in_the_registry_verify_and_must_match_the_stored_chain",
+    "test_allocate_intent_is_one_transaction_with_fresh_serials",
+    "test_allocate_intent_serials_are_unique_under_parallel_stations",
+    "test_commit_accepts_the_identity_certificate_added_before_it",
+    "test_add_certificate_with_rotation_state_is_one_write",
 ]
 for _name in CONTRACT_TESTS:
     if hasattr(contract, _name):

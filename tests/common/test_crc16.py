@@ -51,3 +51,40 @@ def test_every_single_and_double_bit_error_is_detected(data, draw):
     if j != i:
         bad[j >> 3] ^= 1 << (j & 7)
         assert crc16.crc16(bad) != crc16.crc16(data)
+
+
+def test_cpython_picks_the_crc_hqx_fast_path():
+    # MicroPython has no binascii.crc_hqx and keeps the table (tests/micropython runs it).
+    assert crc16.crc16 is not crc16.crc16_table
+    assert crc16.crc16_table(b"123456789") == 0x906E
+
+
+def test_fast_path_matches_the_frame_vectors():
+    from fleetid.common import t1
+
+    vectors = load_vectors("t1/frames.json")
+    checked = 0
+    for section, profile in (("gp_t1prime", t1.PROFILE_GP),
+                             ("nxp_se05x_t1oi2c", t1.PROFILE_SE05X)):
+        for raw in vectors[section]["frames"].values():
+            if not isinstance(raw, str):
+                continue
+            frame = bytes.fromhex(raw)
+            body, epilogue = frame[:-2], frame[-2:]
+            want = epilogue if profile.crc_msb_first else epilogue[::-1]
+            assert crc16.crc16(body) == int.from_bytes(want, "big") == \
+                crc16.crc16_table(body)
+            checked += 1
+    assert checked > 0
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=400), st.integers(0, 20), st.integers(0, 20))
+def test_fast_path_equals_table_path_on_slices_and_views(data, lead, trail):
+    buf = bytearray(bytes(lead) + data + bytes(trail))
+    end = lead + len(data)
+    want = crc16.crc16_table(data)
+    assert crc16.crc16(data) == want
+    assert crc16.crc16(buf, lead, end) == want
+    assert crc16.crc16(memoryview(buf), lead, end) == want
+    assert crc16.crc16(memoryview(buf)[lead:end]) == want

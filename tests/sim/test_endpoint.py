@@ -66,8 +66,24 @@ def test_busy_se_nacks_reads_until_the_operation_ends():
     apdu = command(36, ins=0x2A)
     assert link.transceive(apdu) == Applet.expected(apdu)
     assert clock.now_ms() - t0 >= 115
-    assert ep.counters["nacks"] >= 100  # polled at MPOT = 1 ms
+    # polled from MPOT = 1 ms, backing off to 4 x MPOT (t1link.DEFAULT_POLL_BACKOFF):
+    # about 115 / 4 polls, and the response is read within one interval of being ready
+    assert 115 // 4 <= ep.counters["nacks"] <= 40
+    assert clock.now_ms() - t0 <= 115 + 4 + 1
     assert link.wtx == 0
+
+
+def test_poll_backoff_of_one_polls_at_mpot_and_backoff_never_passes_the_deadline():
+    link, ep, _, clock = make_link(GP, latency=Latency(sign=115), poll_backoff=1)
+    t0 = clock.now_ms()
+    apdu = command(36, ins=0x2A)
+    assert link.transceive(apdu) == Applet.expected(apdu)
+    assert ep.counters["nacks"] >= 100 and clock.now_ms() - t0 <= 115 + 2  # every MPOT
+    # a long backoff is still cut at BWT: the SE is asked for WTX, nothing times out
+    link, ep, _, clock = make_link(GP, latency=Latency(sign=900), bwt_ms=300,
+                                   poll_backoff=64)
+    assert link.transceive(apdu) == Applet.expected(apdu)
+    assert link.wtx >= 1 and link.timeouts == 0
 
 
 @PROFILES
