@@ -2,6 +2,7 @@
 same run.
 
     .venv/bin/python bench/mtls.py [--quick] [--connections N] [--devices D]
+                                   [--loop auto|uvloop|asyncio]
 
 What is measured, per server, as connections per server CPU-second (utime + stime of
 the server process from /proc, so client cost does not count):
@@ -17,6 +18,28 @@ nginx from Debian (`nginx-light`), one worker process (`master_process off`),
 certificate.  Devices rotate over D attested certificates (their verdicts are cached
 after the first connection, as in a running fleet); the cold per-certificate cost of the
 full check is printed separately.
+
+Fairness (what each server does per connection, and where they differ):
+  same     one process, one worker thread of request handling; the same server key and
+           certificate; the same client CAs (fleet roots + issuing CAs); TLS 1.3 with
+           the client's default key share; one HTTP/1.1 request per connection
+           (`Connection: close`, the server closes); access logs off on both (nginx
+           `access_log off`; fleetid's JSON access line is skipped when INFO is not
+           enabled, as here); a 2xx answer of a few hundred bytes at most (nginx "ok
+           <subject DN>", fleetid the whoami JSON, bare aiohttp "ok").
+  fleetid  additionally runs FleetVerifier on every request (cached chain and
+           attestation verdicts, two registry reads: certificate status and device
+           status), Prometheus counters and a latency histogram.
+  TLS      the Python servers use fleetid's server_ssl_context: OpenSSL stops path
+           validation at the trusted issuing CA (VERIFY_X509_PARTIAL_CHAIN; the full
+           path to a fleet root is validated by FleetVerifier with
+           cryptography.x509.verification, cached per certificate), and it issues one
+           TLS 1.3 session ticket per connection (OpenSSL's default, which nginx keeps,
+           is two).  nginx checks the whole path to the root on every handshake and
+           lists its client CA names in the CertificateRequest; Python's ssl sends none.
+           These differences are in fleetid's favour and are part of what is measured.
+  loop     both Python servers run on the same event loop: uvloop when installed (as
+           `fleetid cloud serve` does by default), or --loop asyncio.
 
 Everything listens on 127.0.0.1; loops are bounded by --connections.  Needs the repo root
 on sys.path (it reuses the test fleet of tests/cloud/cloud_support.py).
@@ -68,7 +91,7 @@ def wait_port(port, timeout=30):
 # -- the fleetid verifier in its own process --------------------------------------------------
 
 
-def serve_fleetid(workdir, port, bare=False):
+def serve_fleetid(workdir, port, bare=False, event_loop="auto"):
     """Child process: the verifier app over the bench fleet's files (bare=True: the same
     TLS context and aiohttp, a handler that checks nothing: the framework's floor)."""
     import asyncio
@@ -79,6 +102,7 @@ def serve_fleetid(workdir, port, bare=False):
     from fleetid.cloud.registry.sqlite_backend import SqliteRegistry
     from fleetid.cloud.verifier.app import make_verifier_app
     from fleetid.cloud.verifier.http import Metrics, server_ssl_context
+    from fleetid.cloud.verifier.server import event_loop_factory
     from fleetid.cloud.verifier.service import FleetTrust, FleetVerifier
 
     def pems(name):
@@ -110,7 +134,8 @@ def serve_fleetid(workdir, port, bare=False):
                           backlog=1024).start()
         await asyncio.Event().wait()
 
-    asyncio.run(main())
+    with asyncio.Runner(loop_factory=event_loop_factory(event_loop)) as runner:
+        runner.run(main())
 
 
 NGINX_CONF = """
@@ -259,17 +284,23 @@ def main(argv=None):
     parser.add_argument("--devices", type=int, default=None)
     parser.add_argument("--serve", nargs=2, metavar=("WORKDIR", "PORT"), help=argparse.SUPPRESS)
     parser.add_argument("--bare", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--loop", choices=("auto", "uvloop", "asyncio"), default="auto",
+                        help="event loop of both Python servers (default: uvloop if "
+                             "installed, as `fleetid cloud serve` runs)")
     args = parser.parse_args(argv)
     if args.serve:
-        serve_fleetid(args.serve[0], int(args.serve[1]), bare=args.bare)
+        serve_fleetid(args.serve[0], int(args.serve[1]), bare=args.bare, event_loop=args.loop)
         return 0
     connections = args.connections or (300 if args.quick else 3000)
     devices = args.devices or (10 if args.quick else 50)
     nginx = shutil.which("nginx") or ("/usr/sbin/nginx" if os.path.exists("/usr/sbin/nginx")
                                       else None)
     workdir = tempfile.mkdtemp(prefix="fleetid-bench-mtls-")
-    print("fleetid mTLS bench: %d connections per measurement, %d device certificates"
-          % (connections, devices))
+    from fleetid.cloud.verifier.server import event_loop_factory
+
+    loop_name = event_loop_factory(args.loop).__module__.split(".")[0]
+    print("fleetid mTLS bench: %d connections per measurement, %d device certificates, "
+          "event loop %s" % (connections, devices, loop_name))
     files, root_file, cold_ms, warm_ms = build_fleet(workdir, devices)
     print("full check of one certificate in-process: cold %.2f ms, cached verdict %.3f ms"
           % (cold_ms, warm_ms))
@@ -278,14 +309,14 @@ def main(argv=None):
     try:
         port = free_port()
         ours = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--serve", workdir,
-                                 str(port)], stdout=subprocess.DEVNULL,
+                                 str(port), "--loop", args.loop], stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL)
         processes.append(ours)
         wait_port(port)
         servers = [("fleetid", ours.pid, port, "/v1/whoami")]
         bport = free_port()
         bare = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--serve", workdir,
-                                 str(bport), "--bare"], stdout=subprocess.DEVNULL,
+                                 str(bport), "--bare", "--loop", args.loop], stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL)
         processes.append(bare)
         wait_port(bport)

@@ -87,7 +87,7 @@ def serve_cmd(config_path, state_dir, host, verifier_port, est_port, metrics_por
                                "labels": sorted(server.est_service.labels)}))
 
     try:
-        serve_forever(server, ready)
+        serve_forever(server, ready, event_loop=config.event_loop)
     finally:
         context.close()
 
@@ -168,3 +168,146 @@ def check_cert_cmd(cert_file, chain_files, config_path, state_dir, registry_uri,
             click.echo("%-*s  %s  %s" % (width, r.name, _VERDICT[r.ok], r.detail))
         click.echo("verdict: %s" % ("ACCEPTED" if accepted else "REFUSED"))
     raise SystemExit(0 if accepted else 1)
+
+
+def _open_registry(config, registry_uri):
+    from fleetid.cloud.verifier.server import open_cloud_registry
+
+    try:
+        return open_cloud_registry(registry_uri or config.registry)
+    except (FleetidError, OSError, ValueError) as exc:
+        raise click.ClickException("%s: %s" % (type(exc).__name__, exc)) from None
+
+
+def _read_certificate(path):
+    from fleetid.cloud.verifier.service import load_certificates
+
+    try:
+        with open(path, "rb") as f:
+            certs = load_certificates(f.read())
+    except (OSError, ValueError):
+        raise click.ClickException("%s is not a PEM/DER certificate" % path) from None
+    if not certs:
+        raise click.ClickException("%s holds no certificate" % path)
+    return certs[0]
+
+
+def _reason_option():
+    from fleetid.cloud.verifier.revoked_cas import REASONS
+
+    return click.option("--reason", type=click.Choice(REASONS), default="unspecified",
+                        show_default=True, help="RFC 5280 5.3.1 CRLReason.")
+
+
+@cloud.command("revoke")
+@click.option("--serial", "cert_serial", default=None,
+              help="Certificate serial number, hex as `openssl x509 -noout -serial` prints "
+                   "it (a 0x prefix is accepted).")
+@click.option("--cert", "cert_file", type=click.Path(exists=True, dir_okay=False),
+              default=None, help="The certificate (PEM or DER) to revoke.")
+@click.option("--issuer", default=None,
+              help="Issuer (RFC 4514) when --serial alone is ambiguous.")
+@_reason_option()
+@click.option("--operator", default="", help="Who revokes (written to the audit chain).")
+@click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False),
+              help="TOML configuration (registry) as for serve.")
+@click.option("--state-dir", default=None, help="Override [cloud] state_dir.")
+@click.option("--registry", "registry_uri", default=None,
+              help="Registry URI (default: from the configuration).")
+def revoke_cmd(cert_serial, cert_file, issuer, reason, operator, config_path, state_dir,
+               registry_uri):
+    """Revoke one device certificate in the registry (with its audit entry).
+
+    \b
+    Running verifiers and EST servers sharing the registry refuse it from their next
+    request on (they read its status on every request).  Revoking a device's identity
+    certificate also marks the device revoked.
+    \b
+    Examples:
+      fleetid cloud revoke --cert device.pem --reason keyCompromise
+      fleetid cloud revoke --serial 4F3A...9C --operator alice
+    """
+    from fleetid.cloud.registry import RegistryError
+
+    if (cert_serial is None) == (cert_file is None):
+        raise click.UsageError("give exactly one of --serial and --cert")
+    if cert_file is not None:
+        certificate = _read_certificate(cert_file)
+        serial_number = certificate.serial_number
+        issuer = issuer or certificate.issuer.rfc4514_string()
+    else:
+        text = cert_serial.strip().replace(":", "").lower()
+        if text.startswith("0x"):
+            text = text[2:]
+        try:
+            serial_number = int(text, 16)
+        except ValueError:
+            raise click.UsageError("--serial must be hexadecimal") from None
+    config = _load(config_path, state_dir)
+    registry = _open_registry(config, registry_uri)
+    try:
+        registry.mark_revoked(serial_number, reason, operator=operator, issuer=issuer)
+        record = registry.certificate_status(serial_number, issuer=issuer)
+    except RegistryError as exc:
+        raise click.ClickException("registry: %s %s" % (exc.reason, exc)) from None
+    finally:
+        registry.close()
+    click.echo(json.dumps({"revoked": record.cert_serial, "fingerprint": record.fingerprint,
+                           "device": record.device_serial, "kind": record.kind,
+                           "reason": record.revocation_reason,
+                           "revoked_at": record.revoked_at}))
+
+
+@cloud.command("revoke-ca")
+@click.option("--cert", "cert_file", type=click.Path(exists=True, dir_okay=False),
+              required=True, help="The issuing (batch) CA certificate, PEM or DER.")
+@_reason_option()
+@click.option("--operator", default="", help="Who revokes.")
+@click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False),
+              help="TOML configuration as for serve.")
+@click.option("--state-dir", default=None, help="Override [cloud] state_dir.")
+def revoke_ca_cmd(cert_file, reason, operator, config_path, state_dir):
+    """Revoke a batch (issuing) CA: every device chaining through it is refused.
+
+    \b
+    The revocation is appended to the revoked-CA file (config key revoked_cas_file,
+    default <state_dir>/revoked-cas.jsonl); running verifiers and EST servers of this
+    configuration re-read it when it changes and refuse the batch (reason ca_revoked)
+    from their next request on.  A fleet root cannot be revoked this way: take it out
+    of the configuration.
+    \b
+    Example:
+      fleetid cloud revoke-ca --cert var/cloud/pki/ca-widget-b42-eu.pem \\
+          --reason cACompromise --operator alice
+    """
+    from cryptography import x509
+
+    from fleetid.cloud.verifier.revoked_cas import append
+    from fleetid.cloud.verifier.server import trust_from_config
+
+    certificate = _read_certificate(cert_file)
+    try:
+        constraints = certificate.extensions.get_extension_for_class(x509.BasicConstraints)
+        is_ca = constraints.value.ca
+    except x509.ExtensionNotFound:
+        is_ca = False
+    if not is_ca:
+        raise click.ClickException("%s is not a CA certificate (use `fleetid cloud revoke` "
+                                   "for a device)" % cert_file)
+    config = _load(config_path, state_dir)
+    try:
+        roots = trust_from_config(config).roots
+    except (OSError, ValueError):
+        roots = []
+    if certificate in roots:
+        raise click.ClickException("that is a fleet root: remove it from the configuration "
+                                   "instead")
+    try:
+        entry = append(config.revoked_cas_file, certificate, reason, operator)
+    except OSError as exc:
+        raise click.ClickException("cannot write %s: %s" % (config.revoked_cas_file,
+                                                            exc.strerror)) from None
+    click.echo(json.dumps({"revoked_ca": entry["subject"],
+                           "fingerprint": entry["fingerprint"], "reason": entry["reason"],
+                           "revoked_at": entry["revoked_at"],
+                           "file": config.revoked_cas_file}))

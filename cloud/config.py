@@ -17,10 +17,16 @@ File (all keys optional; paths relative to the file's folder):
     intermediates = []                              # fleet issuing CAs (PEM), all labels'
                                                     # CAs are added automatically
     revoked_cas = []                 # SHA-256 fingerprints (hex) of revoked CAs
+    revoked_cas_file = "..."         # default <state_dir>/revoked-cas.jsonl: the CAs
+                                     # `fleetid cloud revoke-ca` revoked, one JSON line
+                                     # each (fleetid/cloud/verifier/revoked_cas.py);
+                                     # running servers re-read it when it changes
     overlap_days = 7                 # re-enrolment overlap window
     accept_identity = true           # factory identity certs authenticate at the verifier
     tls_cert = "..."  tls_key = "..."  # server certificate (default: made at bootstrap)
     log_level = "info"
+    event_loop = "auto"              # "uvloop" (faster TLS accept path), "asyncio", or
+                                     # "auto": uvloop when installed
 
     [[cloud.labels]]                 # one per EST label (product / batch CA)
     name = "widget-b42"
@@ -51,15 +57,17 @@ DEFAULTS = {
     "roots": [],
     "intermediates": [],
     "revoked_cas": [],
+    "revoked_cas_file": None,  # default: <state_dir>/revoked-cas.jsonl
     "overlap_days": 7,
     "accept_identity": True,
     "tls_cert": None,
     "tls_key": None,
     "log_level": "info",
+    "event_loop": "auto",
     "labels": [],
 }
 LIST_KEYS = ("vendor_roots", "roots", "intermediates", "revoked_cas")
-PATH_KEYS = ("state_dir", "tls_cert", "tls_key")
+PATH_KEYS = ("state_dir", "tls_cert", "tls_key", "revoked_cas_file")
 ENV_PREFIX = "FLEETID_CLOUD_"
 
 
@@ -150,12 +158,16 @@ def load_config(path=None, environ=None):
     state = values["state_dir"]
     if not values["registry"]:
         values["registry"] = "sqlite:" + os.path.join(state, "registry.db")
+    if not values["revoked_cas_file"]:
+        values["revoked_cas_file"] = os.path.join(state, "revoked-cas.jsonl")
     if not values["hsm"]:
         values["hsm"] = "soft:%s;pass-env=FLEETID_KEYSTORE_PASS" % os.path.join(
             state, "keystore.json")
     for key in ("verifier_port", "est_port", "metrics_port"):
         if not 0 <= values[key] <= 65535:
             raise ConfigError("%s out of range" % key)
+    if values["event_loop"] not in ("auto", "uvloop", "asyncio"):
+        raise ConfigError("event_loop must be auto, uvloop or asyncio")
     return CloudConfig(values)
 
 

@@ -23,10 +23,20 @@ MAK certificates do not follow (no SAN, no EKU), so the MAK certificate is check
 CA certificates keep `webpki_defaults_ca()` (CA:true critical, keyCertSign).  A vendor
 whose CA certificates break those rules needs its own `ca_policy` (constructor argument),
 which is a reviewed, per-vendor decision, not a default.
+
+Chain cache.  A chip's MAK chain never changes, and path validation is the costly part of
+authenticating evidence.  EvidenceVerifier keeps, per exact tuple of certificate DERs
+offered in a bundle (bounded LRU), the parsed certificates and the validated chain with
+the window in which that validation holds (the latest notBefore and earliest notAfter of
+the chain): a lookup at a time outside the window validates again.  The verifier's trust
+store is fixed at construction, so nothing else can change the verdict.  Statement
+signatures are checked on every call (they differ per request).
 """
 
+import collections
 import datetime
 import hmac
+import threading
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
@@ -36,7 +46,7 @@ from cryptography.x509 import verification
 
 from fleetid.cloud.ca import errors
 from fleetid.cloud.ca.errors import AttestationError
-from fleetid.common import attestation, se_consts
+from fleetid.common import attestation, der, se_consts
 from fleetid.common.errors import DerError
 from fleetid.common.oids import OID_EXT_ATTESTATION
 
@@ -48,6 +58,7 @@ REQUIRED_POLICY = (
 FORBIDDEN_POLICY = se_consts.POLICY_ATTEST
 REFUSED_LIFE_CYCLES = (se_consts.LC_CARD_LOCKED, se_consts.LC_TERMINATED)
 MAX_VENDOR_CHAIN_DEPTH = 4  # MAK + up to 2 vendor intermediates + root
+DEFAULT_CHAIN_CACHE = 4096  # distinct MAK chains remembered (one per chip)
 
 ATTESTATION_EXTENSION_OID = x509.ObjectIdentifier(OID_EXT_ATTESTATION)
 
@@ -72,11 +83,12 @@ class AuthenticatedEvidence:
     vendor_chain (list of x509.Certificate: MAK first, trusted root last).
     """
 
-    def __init__(self, bundle, mak_certificate, vendor_chain):
+    def __init__(self, bundle, mak_certificate, vendor_chain, below_root_der=None):
         self.bundle = bundle
         self.statements = bundle.statements
         self.mak_certificate = mak_certificate
         self.vendor_chain = vendor_chain
+        self._below_root_der = below_root_der
 
     def nonces(self):
         """The nonces of every statement (authentic: signed by the MAK)."""
@@ -100,10 +112,16 @@ class AuthenticatedEvidence:
         root (MAK + vendor intermediates): what goes into the issued certificate, enough
         for an offline re-check against the vendor roots, and small enough for the SE's
         certificate slot (se_consts.CERT_MAX)."""
-        below_root = [
-            c.public_bytes(serialization.Encoding.DER) for c in self.vendor_chain[:-1]
-        ]
-        return attestation.encode_evidence_bundle([signed.der], below_root)
+        below_root = self._below_root_der
+        if below_root is None:
+            below_root = [
+                c.public_bytes(serialization.Encoding.DER) for c in self.vendor_chain[:-1]
+            ]
+        # The parts were decoded strictly (statement) and validated (chain) already:
+        # encode the EvidenceBundle directly (common/attestation.py layout).
+        return der.encode_sequence(
+            [der.encode_sequence([bytes(signed.der)]), der.encode_sequence(list(below_root))]
+        )
 
 
 def check_statement(signed, expected_se_uid=None):
@@ -123,16 +141,36 @@ def check_statement(signed, expected_se_uid=None):
         raise AttestationError(errors.SE_UID_MISMATCH)
 
 
+class _ValidatedChain:
+    """A MAK chain validated to a vendor root, and the window that validation holds in."""
+
+    __slots__ = ("mak_certificate", "mak_key", "chain", "below_root_der", "not_before",
+                 "not_after")
+
+    def __init__(self, mak_certificate, mak_key, chain):
+        self.mak_certificate = mak_certificate
+        self.mak_key = mak_key
+        self.chain = chain
+        self.below_root_der = [c.public_bytes(serialization.Encoding.DER) for c in chain[:-1]]
+        self.not_before = max(c.not_valid_before_utc for c in chain)
+        self.not_after = min(c.not_valid_after_utc for c in chain)
+
+
 class EvidenceVerifier:
     """Authenticates evidence bundles against a fixed set of trusted SE vendor roots.
 
     Immutable after construction; safe to share between threads.
     """
 
-    def __init__(self, vendor_roots, ca_policy=None):
+    def __init__(self, vendor_roots, ca_policy=None, chain_cache_size=DEFAULT_CHAIN_CACHE):
         """Params: vendor_roots: iterable of x509.Certificate (trusted SE vendor roots).
         ca_policy: cryptography ExtensionPolicy for vendor CA certificates (default
-        webpki_defaults_ca(); see the module docstring before changing it)."""
+        webpki_defaults_ca(); see the module docstring before changing it).
+        chain_cache_size: validated MAK chains kept (0: no cache)."""
+        self._chains = collections.OrderedDict()  # cert DER tuple -> _ValidatedChain
+        self._chain_cache_size = chain_cache_size
+        self._chains_lock = threading.Lock()
+        self.chain_cache_hits = 0
         self.vendor_roots = list(vendor_roots)
         self._store = verification.Store(self.vendor_roots) if self.vendor_roots else None
         self._ca_policy = ca_policy or verification.ExtensionPolicy.webpki_defaults_ca()
@@ -168,8 +206,30 @@ class EvidenceVerifier:
             raise AttestationError(errors.BAD_EVIDENCE, "malformed bundle") from None
         if not bundle.certificates:
             raise AttestationError(errors.BAD_EVIDENCE, "no MAK certificate")
+        validated = self._validated_chain(tuple(bundle.certificates), at)
+        mak_key = validated.mak_key
+        for signed in bundle.statements:
+            try:
+                mak_key.verify(
+                    signed.signature_der, signed.statement_der, ec.ECDSA(hashes.SHA256())
+                )
+            except InvalidSignature:
+                raise AttestationError(errors.BAD_STATEMENT_SIGNATURE) from None
+        return AuthenticatedEvidence(bundle, validated.mak_certificate, validated.chain,
+                                     validated.below_root_der)
+
+    def _validated_chain(self, cert_ders, at):
+        """_ValidatedChain for the bundle's certificates at `at` (cached, module
+        docstring).  Raises AttestationError(bad_evidence / unknown_vendor)."""
+        with self._chains_lock:
+            entry = self._chains.get(cert_ders)
+            if entry is not None:
+                self._chains.move_to_end(cert_ders)
+        if entry is not None and entry.not_before <= at <= entry.not_after:
+            self.chain_cache_hits += 1
+            return entry
         try:
-            certificates = [x509.load_der_x509_certificate(c) for c in bundle.certificates]
+            certificates = [x509.load_der_x509_certificate(c) for c in cert_ders]
             mak_certificate = certificates[0]
             mak_key = mak_certificate.public_key()
             public_point(mak_key)
@@ -184,14 +244,14 @@ class EvidenceVerifier:
         if constraints is not None and constraints.ca:
             raise AttestationError(errors.BAD_EVIDENCE, "MAK certificate is a CA")
         chain = self._validate_chain(mak_certificate, certificates[1:], at)
-        for signed in bundle.statements:
-            try:
-                mak_key.verify(
-                    signed.signature_der, signed.statement_der, ec.ECDSA(hashes.SHA256())
-                )
-            except InvalidSignature:
-                raise AttestationError(errors.BAD_STATEMENT_SIGNATURE) from None
-        return AuthenticatedEvidence(bundle, mak_certificate, chain)
+        entry = _ValidatedChain(mak_certificate, mak_key, chain)
+        if self._chain_cache_size > 0:
+            with self._chains_lock:
+                self._chains[cert_ders] = entry
+                while len(self._chains) > self._chain_cache_size:
+                    self._chains.popitem(last=False)
+        return entry
+
 
     def verify_certificate(self, certificate, expected_se_uid=None, at=None):
         """Re-check, offline, the attestation extension of an issued certificate.

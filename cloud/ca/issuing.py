@@ -42,8 +42,6 @@ import datetime
 import hashlib
 import os
 
-from asn1crypto import core as asn1_core
-from asn1crypto import csr as asn1_csr
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import SignatureAlgorithmOID
@@ -60,7 +58,9 @@ from fleetid.cloud.ca.evidence import (
 from fleetid.cloud.ca.nonces import InMemoryNonceStore
 from fleetid.cloud.pki import profiles
 from fleetid.cloud.pki.errors import PkiError
-from fleetid.cloud.pki.signing import sign_certificate
+from fleetid.cloud.pki.signing import CertificateSigner
+from fleetid.common import der
+from fleetid.common.errors import DerError
 from fleetid.common.oids import OID_ATTR_EVIDENCE
 
 NONCE_BYTES = 32  # within ATTEST's 1..64 (se_consts.ATTEST_NONCE_MAX)
@@ -75,18 +75,32 @@ def _refuse(reason, detail=""):
     raise IssuanceRefused(reason, detail)
 
 
+class ParsedCsr:
+    """A CSR whose proof of possession parse_csr checked: der (bytes), csr
+    (x509.CertificateSigningRequest), spki (DER SubjectPublicKeyInfo of its key).
+    Hand it to IssuingCa.issue(parsed_csr=...) so the request is not parsed and its
+    signature not verified twice (the EST service checks the CSR before the CA does)."""
+
+    __slots__ = ("der", "csr", "spki")
+
+    def __init__(self, der_bytes, csr, spki):
+        self.der, self.csr, self.spki = der_bytes, csr, spki
+
+
 def parse_csr(csr_der):
     """Parse a CSR and check its proof of possession.
 
-    Returns: (x509.CertificateSigningRequest, SPKI DER of its key).
+    Returns: ParsedCsr.
     Raises: IssuanceRefused(bad_csr / bad_pop).
     """
     if not isinstance(csr_der, (bytes, bytearray, memoryview)):
         _refuse(errors.BAD_CSR, "CSR must be bytes")
+    csr_der = bytes(csr_der)
     try:
-        csr = x509.load_der_x509_csr(bytes(csr_der))
+        csr = x509.load_der_x509_csr(csr_der)
         public_key = csr.public_key()
         algorithm = csr.signature_algorithm_oid
+        csr.subject  # parsed lazily: a malformed subject is refused here, not later
     except Exception:  # noqa: BLE001 - untrusted DER: ValueError, InvalidVersion,
         # UnsupportedAlgorithm, ...; every parse failure is a refusal.
         _refuse(errors.BAD_CSR, "not a DER PKCS#10 request")
@@ -105,28 +119,42 @@ def parse_csr(csr_der):
     spki = public_key.public_bytes(
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
     )
-    return csr, spki
+    return ParsedCsr(csr_der, csr, spki)
 
 
-class _SetOfAny(asn1_core.SetOf):
-    # Attribute values of an OID asn1crypto does not know arrive as one opaque Any.
-    _child_spec = asn1_core.Any
+_EVIDENCE_OID_TLV = der.encode_oid(OID_ATTR_EVIDENCE)
+_ATTRIBUTES_TAG = 0xA0  # [0] IMPLICIT SET OF Attribute, constructed (RFC 2986 4.1)
 
 
 def evidence_from_csr(csr_der):
     """The DER EvidenceBundle carried in the CSR's evidence attribute (OID_ATTR_EVIDENCE).
 
-    Exactly one such attribute with exactly one value is accepted.
+    Exactly one such attribute with exactly one value is accepted.  Walks the request
+    with the strict DER reader of fleetid.common.der (RFC 2986 4.1: CertificationRequest
+    -> certificationRequestInfo -> attributes [0] IMPLICIT SET OF Attribute { type,
+    values SET OF ANY }); only the attribute types are compared, no value of another
+    attribute is decoded.
     Raises: IssuanceRefused(no_evidence / bad_evidence / bad_csr).
     """
+    found = []
     try:
-        request = asn1_csr.CertificationRequest.load(bytes(csr_der), strict=True)
-        found = []
-        for attribute in request["certification_request_info"]["attributes"]:
-            if attribute["type"].dotted == OID_ATTR_EVIDENCE:
-                values = _SetOfAny.load(attribute["values"].dump(), strict=True)
-                found.append([value.dump() for value in values])
-    except Exception:  # noqa: BLE001 - untrusted DER, as in parse_csr
+        outer = der.DerReader(bytes(csr_der))
+        request = outer.read_sequence()
+        outer.finish()
+        info = request.read_sequence()
+        info.read_integer()                   # version
+        info.read_raw(der.TAG_SEQUENCE)       # subject
+        info.read_raw(der.TAG_SEQUENCE)       # subjectPKInfo
+        attributes = info.read_context(0) if not info.at_end() else der.DerReader(b"")
+        info.finish()
+        while not attributes.at_end():
+            attribute = attributes.read_sequence()
+            oid_tlv = attribute.read_raw(der.TAG_OID)
+            values = attribute.read_set()
+            attribute.finish()
+            if oid_tlv == _EVIDENCE_OID_TLV:
+                found.append(der.set_elements(values))
+    except DerError:
         _refuse(errors.BAD_CSR, "attributes")
     if not found:
         _refuse(errors.NO_EVIDENCE)
@@ -139,7 +167,8 @@ class IssuingCa:
     """An attestation-gated issuing CA.  Thread-safe (stations call it in parallel)."""
 
     def __init__(self, hsm, ca_label, ca_certificate, vendor_roots, nonce_store=None,
-                 clock=None, nonce_ttl=DEFAULT_NONCE_TTL, crl_url=None, evidence_verifier=None):
+                 clock=None, nonce_ttl=DEFAULT_NONCE_TTL, crl_url=None, evidence_verifier=None,
+                 verify_signatures="always"):
         """Params: hsm: HsmBackend holding the CA key.  ca_label: its label.
             ca_certificate: x509.Certificate of this CA (its key must be the HSM key).
             vendor_roots: iterable of trusted SE vendor root x509.Certificates.
@@ -147,13 +176,16 @@ class IssuingCa:
             clock: callable returning an aware datetime (default: system UTC time).
             nonce_ttl: timedelta a nonce stays usable.  crl_url: this CA's CRL
             distribution point (str) or None.  evidence_verifier: an EvidenceVerifier
-            (default: one over vendor_roots).
+            (default: one over vendor_roots).  verify_signatures: "always" (check every
+            HSM signature before releasing the certificate) or "first" (the hot-path
+            policy of an EST CA: see fleetid.cloud.pki.signing.CertificateSigner).
         Raises: PkiError(KEY_MISMATCH) if the HSM key is not the certificate's key,
             PkiError(BAD_INPUT) if the certificate is not a CA; KeyNotFound.
         """
         ca_key = ca_certificate.public_key()
         if hsm.public_key(ca_label).public_numbers() != ca_key.public_numbers():
             raise PkiError(PkiError.KEY_MISMATCH, "HSM key %r is not the CA's key" % ca_label)
+        self.signer = CertificateSigner(hsm, ca_label, ca_key, verify=verify_signatures)
         try:
             constraints = ca_certificate.extensions.get_extension_for_class(x509.BasicConstraints)
         except x509.ExtensionNotFound:
@@ -192,7 +224,7 @@ class IssuingCa:
             except ValueError:  # a 256-bit collision: draw again
                 continue
 
-    def issue(self, csr_der, expected_se_uid, serial, profile, now=None):
+    def issue(self, csr_der, expected_se_uid, serial, profile, now=None, parsed_csr=None):
         """Verify an attested CSR and issue a device certificate (checks: module docstring).
 
         Params: csr_der: DER PKCS#10 request built and signed by the SE.
@@ -200,6 +232,8 @@ class IssuingCa:
             holds for this device.  serial: the device serial (str, becomes CN,
             serialNumber and urn:fleetid:device:<serial>).  profile: "identity",
             "operational" or a CertificateProfile.  now: aware datetime (default: clock).
+            parsed_csr: the ParsedCsr of exactly these bytes from parse_csr (skips a
+            second parse and signature check), or None.
         Returns: x509.Certificate with the attestation extension (non-critical,
             OID_EXT_ATTESTATION, a minimal EvidenceBundle: the key's statement + the MAK
             certificate and vendor intermediates).
@@ -215,8 +249,10 @@ class IssuingCa:
         if now.replace(microsecond=0) + profile.validity > self.ca_certificate.not_valid_after_utc:
             raise PkiError(PkiError.VALIDITY, "%s certificate would outlive the CA" % profile.name)
 
-        csr, spki = parse_csr(csr_der)
-        bundle_der = evidence_from_csr(csr_der)
+        if not isinstance(parsed_csr, ParsedCsr) or parsed_csr.der != csr_der:
+            parsed_csr = parse_csr(csr_der)
+        csr, spki = parsed_csr.csr, parsed_csr.spki
+        bundle_der = evidence_from_csr(parsed_csr.der)
         try:
             evidence = self.evidence_verifier.authenticate(bundle_der, now)
         except AttestationError as exc:
@@ -249,6 +285,4 @@ class IssuingCa:
             profile, serial, public_key, self.ca_certificate, now, crl_url=self.crl_url,
             extra_extensions=[(extension, False)],
         )
-        return sign_certificate(
-            self.hsm, self.ca_label, builder, self.ca_certificate.public_key()
-        )
+        return self.signer.sign(builder)

@@ -16,7 +16,6 @@ import base64
 import binascii
 import re
 
-from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.serialization import pkcs7
 
@@ -74,27 +73,6 @@ def encode_base64(data):
 def certs_only(certificates):
     """DER CMS SignedData certs-only (degenerate, no signers) of x509 certificates."""
     return pkcs7.serialize_certificates(list(certificates), serialization.Encoding.DER)
-
-
-def load_csr(csr_der):
-    """Parse a DER PKCS#10 request and check its self-signature (proof of possession).
-
-    Returns: x509.CertificateSigningRequest.
-    Raises: RequestRefused(bad_request) naming what is wrong.
-    """
-    try:
-        csr = x509.load_der_x509_csr(bytes(csr_der))
-        csr.public_key()
-        csr.subject.rfc4514_string()  # parsed lazily: fail here, not in the policy code
-    except Exception:  # noqa: BLE001 - untrusted DER: ValueError, UnsupportedAlgorithm...
-        raise RequestRefused(errors.BAD_REQUEST, "body is not a DER PKCS#10 request") from None
-    try:
-        valid = csr.is_signature_valid
-    except Exception:  # noqa: BLE001 - a signature that cannot be checked is invalid
-        valid = False
-    if not valid:
-        raise RequestRefused(errors.BAD_REQUEST, "CSR signature does not verify")
-    return csr
 
 
 def csr_attributes():

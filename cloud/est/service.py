@@ -25,12 +25,14 @@ Policy
 """
 
 import datetime
+import inspect
 import threading
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import NameOID
 
 from fleetid.cloud.ca.errors import IssuanceRefused
+from fleetid.cloud.ca.issuing import parse_csr
 from fleetid.cloud.est import messages
 from fleetid.cloud.hsm.errors import HsmError
 from fleetid.cloud.pki.errors import PkiError
@@ -40,6 +42,15 @@ from fleetid.cloud.verifier.errors import PendingApproval, RequestRefused
 from fleetid.cloud.verifier.service import FleetVerifier, RotationState, fingerprint_of
 
 DEFAULT_OVERLAP = datetime.timedelta(days=7)
+
+
+def _takes_rotation_state(registry):
+    """Whether registry.add_certificate accepts rotation_state= (certificate and rotation
+    state written in one transaction)."""
+    try:
+        return "rotation_state" in inspect.signature(registry.add_certificate).parameters
+    except (TypeError, ValueError):
+        return False
 DEFAULT_RETRY_AFTER = 60
 
 # What a device operator reads when the CA refuses (fleetid.cloud.ca.errors reasons).
@@ -60,6 +71,13 @@ ISSUANCE_MESSAGES = {
     "nonce_unknown": "attestation nonce was not issued by this CA (fetch a fresh one)",
     "nonce_replayed": "attestation nonce was already used (replayed evidence)",
     "nonce_expired": "attestation nonce expired (fetch a fresh one)",
+}
+
+# Refusals of the CSR itself, before any policy (400).
+CSR_MESSAGES = {
+    "bad_csr": "body is not a DER PKCS#10 request with an ECDSA P-256 key signed with "
+               "ecdsa-with-SHA256",
+    "bad_pop": "CSR signature does not verify (no proof of possession)",
 }
 
 
@@ -106,6 +124,7 @@ class EstService:
         self.verifier = verifier or FleetVerifier(trust, registry, clock=clock,
                                                   accept_identity=True)
         self._clock = self.verifier.now
+        self._one_transaction = _takes_rotation_state(registry)
         self._approvals = {}  # (label, device serial) -> "pending" | "approved"
         self._lock = threading.Lock()
 
@@ -177,7 +196,13 @@ class EstService:
             (202), RequestRefused(unavailable) when the HSM or registry failed.
         """
         label = self.label(label_name)
-        csr = messages.load_csr(csr_der)
+        # Parsed and its proof of possession checked once, here; the CA reuses the result.
+        try:
+            parsed = parse_csr(csr_der)
+        except IssuanceRefused as exc:
+            raise RequestRefused(errors.BAD_REQUEST, CSR_MESSAGES.get(
+                exc.reason, ISSUANCE_MESSAGES.get(exc.reason, exc.reason))) from None
+        csr = parsed.csr
         now = self._clock()
         identity = self.verifier.verify(client_cert_der, now=now)
         if not reenroll and identity.kind != IDENTITY:
@@ -189,15 +214,14 @@ class EstService:
                                  "simplereenroll takes the current operational certificate; "
                                  "enrol first with simpleenroll")
         self._check_subject(csr, identity)
-        spki = lambda key: key.public_bytes(serialization.Encoding.DER,  # noqa: E731
-                                            serialization.PublicFormat.SubjectPublicKeyInfo)
-        if spki(csr.public_key()) == spki(identity.certificate.public_key()):
+        if parsed.spki == identity.certificate.public_key().public_bytes(
+                serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo):
             raise RequestRefused(errors.POLICY, "enrolment needs a new key (generate one in "
                                  "a spare SE slot)")
         self._gate(label, identity.serial)
         try:
-            certificate = label.ca.issue(csr_der, identity.se_uid, identity.serial,
-                                         label.profile, now=now)
+            certificate = label.ca.issue(parsed.der, identity.se_uid, identity.serial,
+                                         label.profile, now=now, parsed_csr=parsed)
         except IssuanceRefused as exc:
             status = errors.BAD_REQUEST if exc.reason == "bad_csr" else errors.POLICY
             raise RequestRefused(status, ISSUANCE_MESSAGES.get(exc.reason, exc.reason)) \
@@ -214,14 +238,15 @@ class EstService:
     def _check_subject(self, csr, identity):
         # RFC 7030 4.2.2: a re-enrolment keeps the subject; for fleetid the same holds for
         # the first operational certificate (the device cannot choose its identity).
-        names = csr.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
-        serials = csr.subject.get_attributes_for_oid(NameOID.SERIAL_NUMBER)
+        subject = csr.subject  # built once: cryptography makes a new Name per access
+        names = subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+        serials = subject.get_attributes_for_oid(NameOID.SERIAL_NUMBER)
         if len(names) != 1 or names[0].value != identity.serial or \
                 any(s.value != identity.serial for s in serials):
             raise RequestRefused(errors.POLICY, "the CSR subject must be the authenticated "
                                  "device's subject (CN=%s): subject changes are refused"
                                  % identity.serial)
-        if identity.kind == OPERATIONAL and csr.subject != identity.certificate.subject:
+        if identity.kind == OPERATIONAL and subject != identity.certificate.subject:
             raise RequestRefused(errors.POLICY, "re-enrolment must keep the subject")
 
     def _record(self, identity, certificate, now):
@@ -229,8 +254,8 @@ class EstService:
         new_fp = fingerprint_of(der)
         serial = identity.registry_serial
         try:
-            self.registry.add_certificate(serial, der, OPERATIONAL)
-            current = RotationState.parse(self.registry.get_device(serial).rotation_state)
+            # The rotation state the verifier read for this request (same registry row).
+            current = RotationState.parse(identity.rotation_state)
             if identity.kind == OPERATIONAL:
                 old = identity.fingerprint
                 deadline = min(now + self.overlap, identity.not_after)
@@ -240,7 +265,14 @@ class EstService:
                 old = None
             state = (RotationState("overlap", old, new_fp, deadline) if old
                      else RotationState("active", new=new_fp))
-            self.registry.set_rotation_state(serial, state.format())
+            if self._one_transaction:
+                # Certificate and rotation state in one transaction: a crash leaves both
+                # or neither.
+                self.registry.add_certificate(serial, der, OPERATIONAL,
+                                              rotation_state=state.format())
+            else:
+                self.registry.add_certificate(serial, der, OPERATIONAL)
+                self.registry.set_rotation_state(serial, state.format())
         except RegistryError:
             raise RequestRefused(errors.UNAVAILABLE, "registry unavailable") from None
 

@@ -23,6 +23,7 @@ Scope of an issuing CA in its subject, one organizationalUnitName RDN each (RFC 
 """
 
 import datetime
+import functools
 import re
 
 from cryptography import x509
@@ -145,7 +146,10 @@ def _ski(public_key):
     return x509.SubjectKeyIdentifier.from_public_key(public_key)
 
 
+@functools.lru_cache(maxsize=64)
 def _aki(issuer_certificate):
+    # Memoised per issuer certificate (hashable, immutable): an issuing CA certifies
+    # thousands of keys with the same AKI.
     ski = issuer_certificate.extensions.get_extension_for_class(x509.SubjectKeyIdentifier)
     return x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski.value)
 

@@ -18,8 +18,23 @@ live in the HSM (`HsmBackend.sign`), so we:
 5. load the result with `cryptography` and verify its signature with the HSM's public key,
    so a wrong label or a broken backend is caught here, not by a device in the field.
 
-The throwaway key is generated per call and dropped; nothing it signed is ever released.
+The throwaway key is generated once per process and never leaves it; nothing it signed is
+ever released (its signature is cut off in step 2).  One key or one per call makes no
+difference to what is released; one per process saves a key generation per certificate.
+
+Hot path.  `CertificateSigner` is the same procedure for a CA that signs many
+certificates (the EST CA): the HSM key is compared with the issuer's key once, at
+construction, and the verify-after-sign of step 5 runs per `verify` policy:
+  "always"  every certificate (what sign_certificate does; tests use it);
+  "first"   the first certificate signed by this signer, then never: the key binding is
+            already proven at construction and by that first signature, and an ECDSA
+            verification costs twice the signature it checks.  A backend that returns a
+            wrong signature later is still caught before harm, by the verifier's chain
+            check on the certificate's first use (the device cannot authenticate with
+            it); the certificate is never trusted unchecked.
 """
+
+import threading
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
@@ -41,8 +56,59 @@ def assemble_signed(tbs_der, signature_der):
     )
 
 
+_THROWAWAY = []
+_THROWAWAY_LOCK = threading.Lock()
+
+
 def _throwaway_key():
-    return ec.generate_private_key(ec.SECP256R1())
+    # Created on first use; its signatures are always discarded (module docstring).
+    if not _THROWAWAY:
+        with _THROWAWAY_LOCK:
+            if not _THROWAWAY:
+                _THROWAWAY.append(ec.generate_private_key(ec.SECP256R1()))
+    return _THROWAWAY[0]
+
+
+def tbs_of(builder):
+    """The exact TBSCertificate DER a CertificateBuilder describes (steps 1-2)."""
+    return builder.sign(_throwaway_key(), hashes.SHA256()).tbs_certificate_bytes
+
+
+VERIFY_POLICIES = ("always", "first")
+
+
+class CertificateSigner:
+    """Signs many certificates with one HSM key (the hot path; module docstring).
+
+    CertificateSigner(hsm, label, issuer_public_key, verify="always")
+    Raises: PkiError(KEY_MISMATCH) if the HSM key under `label` is not issuer_public_key,
+        PkiError(BAD_INPUT) for an unknown verify policy; KeyNotFound / HsmError.
+    Thread-safe.
+    """
+
+    def __init__(self, hsm, label, issuer_public_key, verify="always"):
+        if verify not in VERIFY_POLICIES:
+            raise PkiError(PkiError.BAD_INPUT, "verify must be one of %s" % (VERIFY_POLICIES,))
+        self.hsm = hsm
+        self.label = label
+        self.verify = verify
+        self._hsm_key = _check_issuer_key(hsm, label, issuer_public_key)
+        self._verified_once = False
+
+    def sign(self, builder):
+        """Sign a complete CertificateBuilder.  Returns x509.Certificate.
+        Raises: PkiError(BAD_SIGNATURE), HsmError / KeyNotFound."""
+        tbs = tbs_of(builder)
+        signature = self.hsm.sign(self.label, tbs)
+        certificate = x509.load_der_x509_certificate(assemble_signed(tbs, signature))
+        if self.verify == "always" or not self._verified_once:
+            try:
+                self._hsm_key.verify(signature, tbs, ec.ECDSA(hashes.SHA256()))
+            except InvalidSignature:
+                raise PkiError(PkiError.BAD_SIGNATURE,
+                               "certificate signed by %r" % self.label) from None
+            self._verified_once = True
+        return certificate
 
 
 def _check_issuer_key(hsm, label, public_key):
@@ -62,15 +128,7 @@ def sign_certificate(hsm, label, builder, issuer_public_key=None):
     Returns: x509.Certificate, its signature checked with the HSM's public key.
     Raises: PkiError(KEY_MISMATCH / BAD_SIGNATURE), KeyNotFound / HsmError from the HSM.
     """
-    hsm_key = _check_issuer_key(hsm, label, issuer_public_key)
-    draft = builder.sign(_throwaway_key(), hashes.SHA256())
-    tbs = draft.tbs_certificate_bytes
-    certificate = x509.load_der_x509_certificate(assemble_signed(tbs, hsm.sign(label, tbs)))
-    try:
-        hsm_key.verify(certificate.signature, tbs, ec.ECDSA(hashes.SHA256()))
-    except InvalidSignature:
-        raise PkiError(PkiError.BAD_SIGNATURE, "certificate signed by %r" % label) from None
-    return certificate
+    return CertificateSigner(hsm, label, issuer_public_key).sign(builder)
 
 
 def sign_crl(hsm, label, builder, issuer_public_key=None):

@@ -76,8 +76,11 @@ def format_deadline(moment):
 
 
 def parse_deadline(text):
-    return datetime.datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(
-        tzinfo=datetime.timezone.utc)
+    """Inverse of format_deadline ("YYYY-MM-DDTHH:MM:SSZ").  Raises ValueError."""
+    if len(text) != 20 or text[10] != "T" or text[19] != "Z":
+        raise ValueError("deadline %r" % (text,))
+    # fromisoformat is ~20x cheaper than strptime; the shape check above keeps it strict.
+    return datetime.datetime.fromisoformat(text[:19]).replace(tzinfo=datetime.timezone.utc)
 
 
 class RotationState:
@@ -121,14 +124,15 @@ class DeviceIdentity:
     serial (str, the certificate CN: the device serial the CA wrote), registry_serial
     (int), se_uid (bytes), fingerprint (hex SHA-256 of the DER), kind ("identity" /
     "operational"), certificate (x509.Certificate), issuer (RFC 4514), not_after (aware
-    datetime), in_overlap (bool: an old certificate accepted during its overlap window).
+    datetime), in_overlap (bool: an old certificate accepted during its overlap window),
+    rotation_state (the registry's rotation state text read for this verdict, or None).
     """
 
     __slots__ = ("serial", "registry_serial", "se_uid", "fingerprint", "kind", "certificate",
-                 "issuer", "not_after", "in_overlap")
+                 "issuer", "not_after", "in_overlap", "rotation_state")
 
     def __init__(self, serial, registry_serial, se_uid, fingerprint, kind, certificate,
-                 in_overlap=False, issuer=None):
+                 in_overlap=False, issuer=None, rotation_state=None):
         self.serial = serial
         self.registry_serial = registry_serial
         self.se_uid = se_uid
@@ -138,6 +142,7 @@ class DeviceIdentity:
         self.issuer = issuer or certificate.issuer.rfc4514_string()
         self.not_after = certificate.not_valid_after_utc
         self.in_overlap = in_overlap
+        self.rotation_state = rotation_state
 
     def as_json(self):
         return {
@@ -191,9 +196,13 @@ def device_serial_of(certificate):
 
 class FleetTrust:
     """The trust configuration: fleet roots, fleet intermediates, SE vendor roots and the
-    revoked CAs.  Revocations are added at run time (`revoke_ca`)."""
+    revoked CAs: fingerprints given here, added at run time (`revoke_ca`), and those of
+    `revoked_ca_file` (a revoked_cas.RevokedCaFile, re-read when it changes, so a
+    `fleetid cloud revoke-ca` reaches running servers)."""
 
-    def __init__(self, roots, intermediates, vendor_roots, revoked_ca_fingerprints=()):
+    def __init__(self, roots, intermediates, vendor_roots, revoked_ca_fingerprints=(),
+                 revoked_ca_file=None):
+        self.revoked_ca_file = revoked_ca_file
         self.roots = list(roots)
         self.intermediates = list(intermediates)
         self.vendor_roots = list(vendor_roots)
@@ -204,6 +213,13 @@ class FleetTrust:
         self.by_fingerprint = {c.fingerprint(_SHA256()).hex(): c
                                for c in self.roots + self.intermediates}
         self.evidence = EvidenceVerifier(self.vendor_roots)
+
+    def is_revoked_ca(self, fingerprint):
+        """Whether the CA with this SHA-256 fingerprint (hex) is revoked."""
+        if fingerprint in self.revoked_ca:
+            return True
+        return (self.revoked_ca_file is not None
+                and fingerprint in self.revoked_ca_file.fingerprints())
 
     def ca_bundle_pem(self):
         """PEM of roots + intermediates: what the TLS stack loads as client CAs."""
@@ -285,9 +301,10 @@ class FleetVerifier:
 
     # -- the checks ----------------------------------------------------------------------------
 
-    def _steps(self, cert_der, now):
+    def _steps(self, cert_der, now, explaining=False):
         """Generator of (name, callable) in check order; each callable raises AccessRefused
-        or returns a detail string.  Shared by verify() and explain()."""
+        or returns a detail string (only worked out when `explaining`: verify() discards
+        them).  Shared by verify() and explain()."""
         state = {}
 
         def parse():
@@ -325,6 +342,8 @@ class FleetVerifier:
             if now > cert.not_valid_after_utc:
                 raise AccessRefused(errors.EXPIRED, "expired at %s"
                                     % format_deadline(cert.not_valid_after_utc))
+            if not explaining:
+                return None
             return "valid until %s" % format_deadline(cert.not_valid_after_utc)
 
         def eku():
@@ -371,7 +390,7 @@ class FleetVerifier:
             return "committed"
 
         def cached_chain():
-            entry = self._cache_get(state["fp"])
+            entry = state["entry"] = self._cache_get(state["fp"])
             if entry is not None and entry[0] is not None:
                 state["chain_fps"] = entry[0]
                 state["chain"] = None
@@ -385,7 +404,9 @@ class FleetVerifier:
             return detail
 
         def cached_attestation():
-            entry = self._cache_get(state["fp"])
+            entry = state.get("entry")
+            if entry is None:
+                entry = self._cache_get(state["fp"])
             if entry is not None and entry[1] == state["device"].se_uid:
                 return "attestation: cached verdict"
             detail = attestation()
@@ -407,8 +428,8 @@ class FleetVerifier:
 
         def ca_revocation():
             # Runs on every call (cheap), also when the chain verdict came from the cache.
-            for index, fp in enumerate(state["chain_fps"][1:], 1):
-                if fp in self.trust.revoked_ca:
+            for fp in state["chain_fps"][1:]:
+                if self.trust.is_revoked_ca(fp):
                     ca = self.trust.by_fingerprint.get(fp)
                     name = ca.subject.rfc4514_string() if ca is not None else fp
                     raise AccessRefused(errors.CA_REVOKED, "CA %s is revoked" % name)
@@ -463,7 +484,7 @@ class FleetVerifier:
         now = now or self._clock()
         if not cert_der:
             raise AccessRefused(errors.NO_CLIENT_CERT)
-        state, steps, _ = self._steps(cert_der, now)
+        state, steps, _ = self._steps(cert_der, now, explaining=False)
         try:
             for _name, step in steps:
                 step()
@@ -477,7 +498,7 @@ class FleetVerifier:
         return DeviceIdentity(state["serial"], device.serial, device.se_uid, state["fp"],
                               state["record"].kind, state["cert"],
                               in_overlap=state.get("in_overlap", False),
-                              issuer=state["issuer"])
+                              issuer=state["issuer"], rotation_state=device.rotation_state)
 
     def explain(self, cert_der, now=None):
         """Run every check it can and say what each found (for `fleetid cloud check-cert`).
@@ -487,7 +508,7 @@ class FleetVerifier:
         all(r.ok for r in results if r.ok is not None).
         """
         now = now or self._clock()
-        state, steps, sub = self._steps(cert_der, now)
+        state, steps, sub = self._steps(cert_der, now, explaining=True)
         results = []
         order = ["certificate", "validity", "eku", "chain", "ca_revocation", "registry",
                  "revocation", "device_status", "attestation", "overlap"]

@@ -96,9 +96,11 @@ class Device:
 
 class Fleet:
     """Everything of one fleet, in `directory`.  `registry_kind`: "sqlite" / "memory" or
-    a Registry instance."""
+    a Registry instance.  verify_signatures: the issuing CAs' policy ("always" in tests:
+    every HSM signature checked; the benchmarks use the EST server's "first")."""
 
-    def __init__(self, directory, registry_kind="sqlite", overlap=datetime.timedelta(days=7)):
+    def __init__(self, directory, registry_kind="sqlite", overlap=datetime.timedelta(days=7),
+                 verify_signatures="always"):
         self.dir = str(directory)
         os.makedirs(self.dir, exist_ok=True)
         self.clock = Clock()
@@ -116,7 +118,8 @@ class Fleet:
                           now=NOW - datetime.timedelta(days=300))
             self.ca_certs[batch] = cert
             self.cas[batch] = IssuingCa(self.hsm, "ca-widget-" + batch, cert,
-                                        [self.vendor.root], clock=self.clock)
+                                        [self.vendor.root], clock=self.clock,
+                                        verify_signatures=verify_signatures)
         if registry_kind == "sqlite":
             self.registry = SqliteRegistry(os.path.join(self.dir, "registry.db"))
         elif registry_kind == "memory":

@@ -546,3 +546,32 @@ def test_nonce_store_expiry_purge_and_bound():
     assert info.value.reason == "nonce_expired"
     assert store.purge(T0 + 2 * ttl) == 1  # "d"; the consumed "c" is kept
     assert len(store) == 1
+
+
+def test_mak_chain_verdict_is_cached_per_exact_chain_and_only_inside_its_validity(vendor):
+    from fleetid.cloud.ca.evidence import EvidenceVerifier
+
+    verifier = EvidenceVerifier([vendor.root])
+    chip = vendor.make_chip(not_after=T0 + datetime.timedelta(days=1))
+    bundles = [chip.evidence(new_key().public_key(), b"n" * 32) for _ in range(3)]
+    for bundle in bundles:
+        verifier.authenticate(bundle, T0)
+    assert verifier.chain_cache_hits == 2
+    # Outside the MAK certificate's validity the cached verdict does not apply.
+    with pytest.raises(AttestationError) as info:
+        verifier.authenticate(bundles[0], T0 + datetime.timedelta(days=2))
+    assert info.value.reason == "unknown_vendor"
+    assert verifier.chain_cache_hits == 2
+    # Another chip's chain is another key: validated on its own.
+    other = vendor.make_chip()
+    verifier.authenticate(other.evidence(new_key().public_key(), b"m" * 32), T0)
+    assert verifier.chain_cache_hits == 2
+    # A statement's signature is still checked on a cache hit: another chip's statement
+    # under this chip's (cached) chain is refused.
+    hits = verifier.chain_cache_hits
+    mixed = attestation.encode_evidence_bundle(
+        [other.attest(new_key().public_key(), b"m" * 32)], chip.chain)
+    with pytest.raises(AttestationError) as info:
+        verifier.authenticate(mixed, T0)
+    assert info.value.reason == "bad_statement_signature"
+    assert verifier.chain_cache_hits == hits + 1

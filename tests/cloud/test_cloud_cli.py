@@ -140,3 +140,135 @@ def test_serve_runs_verifier_and_est_on_the_embedded_defaults(tmp_path):
             process.wait(5)
     assert process.returncode == 0
     time.sleep(0)
+
+
+def _cli(*args):
+    return CliRunner().invoke(cli, ["cloud"] + list(args), catch_exceptions=False)
+
+
+def test_revoke_by_cert_and_by_serial_reaches_the_running_verifier(fleet, tmp_path):
+    from tests.cloud.cloud_support import RunningCloud
+
+    config = _config(fleet, tmp_path)
+    device, other = fleet.provision(), fleet.provision()
+    fleet.enrol(device)
+    fleet.enrol(other)
+    with RunningCloud(fleet) as cloud:
+        files = device.files()
+        assert cloud.request("verifier", "GET", "/v1/whoami", files=files)[0] == 200
+        result = _cli("revoke", "--cert", files[0], "--reason", "keyCompromise",
+                      "--operator", "alice", "--config", config)
+        assert result.exit_code == 0, result.output
+        report = json.loads(result.output)
+        assert report["reason"] == "keyCompromise" and report["device"] == device.serial
+        status, _, body = cloud.request("verifier", "GET", "/v1/whoami", files=files)
+        assert status == 403 and body.startswith(b"revoked")
+        # The other device is untouched; its identity certificate revoked by serial (hex,
+        # as openssl prints it) revokes the device itself.
+        assert cloud.request("verifier", "GET", "/v1/whoami", files=other.files())[0] == 200
+        serial_hex = "%X" % other.identity_cert.serial_number
+        result = _cli("revoke", "--serial", serial_hex, "--config", config)
+        assert result.exit_code == 0, result.output
+        assert fleet.registry.get_device(other.serial).status == "revoked"
+        status, _, body = cloud.request("verifier", "GET", "/v1/whoami", files=other.files())
+        assert status == 403 and body.startswith(b"device_status")
+    # Revoking twice is refused with the registry's reason, nothing written.
+    head = fleet.registry.head()
+    result = CliRunner().invoke(cli, ["cloud", "revoke", "--cert", files[0], "--config",
+                                      config])
+    assert result.exit_code != 0 and "already revoked" in result.output
+    assert fleet.registry.head() == head
+    result = CliRunner().invoke(cli, ["cloud", "revoke", "--config", config])
+    assert result.exit_code != 0 and "exactly one of --serial and --cert" in result.output
+
+
+def test_revoke_ca_is_persisted_and_refuses_the_batch_in_a_running_verifier(fleet,
+                                                                           tmp_path):
+    from fleetid.cloud.config import load_config
+    from fleetid.cloud.verifier.revoked_cas import RevokedCaFile, ca_fingerprint, load
+    from tests.cloud.cloud_support import RunningCloud
+
+    config = _config(fleet, tmp_path)
+    revoked_file = load_config(config, environ={}).revoked_cas_file
+    assert revoked_file == str(tmp_path / "state" / "revoked-cas.jsonl")
+    # The running server watches the same file `cloud serve` would (build_context).
+    fleet.trust.revoked_ca_file = RevokedCaFile(revoked_file)
+    in_b42, in_b43 = fleet.provision("b42"), fleet.provision("b43")
+    with RunningCloud(fleet) as cloud:
+        assert cloud.request("verifier", "GET", "/v1/whoami",
+                             files=in_b42.files())[0] == 200
+        b42_file = tmp_path / "b42.pem"
+        result = _cli("revoke-ca", "--cert", str(b42_file), "--reason", "cACompromise",
+                      "--operator", "alice", "--config", config)
+        assert result.exit_code == 0, result.output
+        assert json.loads(result.output)["fingerprint"] == ca_fingerprint(fleet.ca_certs["b42"])
+        status, _, body = cloud.request("verifier", "GET", "/v1/whoami", files=in_b42.files())
+        assert status == 403 and body.startswith(b"ca_revoked")
+        assert cloud.request("verifier", "GET", "/v1/whoami",
+                             files=in_b43.files())[0] == 200
+    entries, skipped = load(revoked_file)
+    assert [e["reason"] for e in entries] == ["cACompromise"] and skipped == 0
+    # Idempotent; and check-cert (a fresh process's view) reports it from the file.
+    assert _cli("revoke-ca", "--cert", str(b42_file), "--config", config).exit_code == 0
+    assert len(load(revoked_file)[0]) == 1
+    cert_file, _ = in_b42.files()
+    result = _check(config, cert_file)
+    assert result.exit_code == 1 and "ca_revocation  FAIL  ca_revoked" in result.output
+    # Not for roots, not for device certificates.
+    result = CliRunner().invoke(cli, ["cloud", "revoke-ca", "--cert",
+                                      str(tmp_path / "root.pem"), "--config", config])
+    assert result.exit_code != 0 and "fleet root" in result.output
+    result = CliRunner().invoke(cli, ["cloud", "revoke-ca", "--cert", cert_file, "--config",
+                                      config])
+    assert result.exit_code != 0 and "not a CA certificate" in result.output
+
+
+def test_revoked_ca_file_keeps_revocations_when_the_file_is_lost_or_corrupt(fleet,
+                                                                           tmp_path):
+    from fleetid.cloud.verifier.revoked_cas import RevokedCaFile, append, ca_fingerprint
+
+    path = str(tmp_path / "revoked.jsonl")
+    watcher = RevokedCaFile(path)
+    assert watcher.fingerprints() == frozenset()
+    append(path, fleet.ca_certs["b42"], "superseded")
+    b42 = ca_fingerprint(fleet.ca_certs["b42"])
+    assert watcher.fingerprints() == {b42}
+    with open(path, "ab") as f:
+        f.write(b"{not json\n")
+    append(path, fleet.ca_certs["b43"])
+    assert watcher.fingerprints() == {b42, ca_fingerprint(fleet.ca_certs["b43"])}
+    assert watcher.skipped == 1
+    os.remove(path)
+    assert b42 in watcher.fingerprints()
+    with pytest.raises(ValueError):
+        append(path, fleet.ca_certs["b42"], "removeFromCRL")
+
+
+def test_event_loop_setting_is_validated_and_resolved(tmp_path):
+    import asyncio
+
+    from fleetid.cloud.verifier.server import event_loop_factory
+
+    assert load_config(None, environ={}).event_loop == "auto"
+    config = load_config(None, environ={"FLEETID_CLOUD_EVENT_LOOP": "asyncio"})
+    assert event_loop_factory(config.event_loop) is asyncio.new_event_loop
+    with pytest.raises(ConfigError, match="event_loop"):
+        load_config(None, environ={"FLEETID_CLOUD_EVENT_LOOP": "trio"})
+    loop = event_loop_factory("auto")()
+    try:
+        assert loop.run_until_complete(asyncio.sleep(0, "ran")) == "ran"
+    finally:
+        loop.close()
+
+
+def test_rotation_deadline_round_trips_and_refuses_other_shapes():
+    import datetime
+
+    from fleetid.cloud.verifier.service import format_deadline, parse_deadline
+
+    moment = datetime.datetime(2027, 3, 4, 5, 6, 7, tzinfo=datetime.timezone.utc)
+    assert parse_deadline(format_deadline(moment)) == moment
+    for text in ("2027-03-04 05:06:07Z", "2027-03-04T05:06:07", "2027-03-04T05:06:07+00:00",
+                 "2027-13-04T05:06:07Z", ""):
+        with pytest.raises(ValueError):
+            parse_deadline(text)

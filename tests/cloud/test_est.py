@@ -388,3 +388,31 @@ def test_base64_bodies_decode_whatever_the_line_breaks(data, breaks):
             messages.decode_base64_body(text)
     else:
         assert messages.decode_base64_body(text) == data
+
+
+def test_reenrolment_writes_certificate_and_rotation_state_in_one_registry_call(fleet):
+    calls = []
+    registry = fleet.registry
+    original = registry.add_certificate
+
+    def add_certificate(serial, cert_der, kind, rotation_state=None):
+        calls.append(rotation_state)
+        return original(serial, cert_der, kind, rotation_state=rotation_state)
+
+    def set_rotation_state(*args, **kwargs):  # the second transaction must not happen
+        raise AssertionError("rotation state written in a transaction of its own")
+
+    device = fleet.provision()
+    fleet.enrol(device)
+    registry.add_certificate = add_certificate
+    registry.set_rotation_state = set_rotation_state
+    from fleetid.cloud.est.service import EstService
+
+    est = EstService(fleet.labels, registry, fleet.trust, default_label="b42",
+                     clock=fleet.clock)
+    old = der(device.cert)
+    _, csr = device.csr()
+    cert = est.enroll("b42", old, csr, reenroll=True)
+    assert len(calls) == 1 and calls[0].startswith("overlap:")
+    state = registry.get_device(device.serial).rotation_state
+    assert state == calls[0] and der(cert) != old

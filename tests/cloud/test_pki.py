@@ -188,3 +188,54 @@ def test_device_certificate_may_not_outlive_its_issuer(pki):
         device_builder("identity", "WX-9", new_key().public_key(), ca,
                        ca.not_valid_after_utc - datetime.timedelta(days=1))
     assert info.value.reason == PkiError.VALIDITY
+
+
+class _CorruptingHsm:
+    """An HSM whose signatures go bad after `good` of them (a failing backend)."""
+
+    def __init__(self, hsm, good):
+        self._hsm, self.good = hsm, good
+
+    def sign(self, label, data):
+        if self.good > 0:
+            self.good -= 1
+            return self._hsm.sign(label, data)
+        # A valid-looking DER signature over other bytes.
+        return self._hsm.sign(label, b"not the TBS")
+
+    def __getattr__(self, name):
+        return getattr(self._hsm, name)
+
+
+def test_certificate_signer_checks_every_or_only_the_first_signature(pki):
+    from cryptography.exceptions import InvalidSignature
+
+    from fleetid.cloud.pki.signing import CertificateSigner
+
+    hsm, _root, ca, _dir = pki
+
+    def builder():
+        return device_builder("operational", "WX-9", new_key().public_key(), ca, T0)
+
+    always = CertificateSigner(_CorruptingHsm(hsm, 1), "ca-widget-b42-eu", ca.public_key())
+    always.sign(builder()).verify_directly_issued_by(ca)
+    with pytest.raises(PkiError) as info:
+        always.sign(builder())
+    assert info.value.reason == PkiError.BAD_SIGNATURE
+    # "first": a backend broken from the start is caught on the first certificate ...
+    first = CertificateSigner(_CorruptingHsm(hsm, 0), "ca-widget-b42-eu", ca.public_key(),
+                              verify="first")
+    with pytest.raises(PkiError):
+        first.sign(builder())
+    # ... and after one good signature later ones are not re-verified (the verifier's
+    # chain check refuses such a certificate at its first use).
+    first = CertificateSigner(_CorruptingHsm(hsm, 1), "ca-widget-b42-eu", ca.public_key(),
+                              verify="first")
+    first.sign(builder()).verify_directly_issued_by(ca)
+    with pytest.raises(InvalidSignature):
+        first.sign(builder()).verify_directly_issued_by(ca)
+    with pytest.raises(PkiError) as info:
+        CertificateSigner(hsm, "fleet-root", ca.public_key())
+    assert info.value.reason == PkiError.KEY_MISMATCH
+    with pytest.raises(PkiError):
+        CertificateSigner(hsm, "ca-widget-b42-eu", ca.public_key(), verify="never")

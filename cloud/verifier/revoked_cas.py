@@ -1,0 +1,127 @@
+"""Revoked fleet CAs (batch intermediates), persisted beside the cloud's state.
+
+Revoking a batch means refusing every device whose chain passes through that batch's
+issuing CA (ARCHITECTURE "Fleet PKI": batch revocation by intermediate).  The registry
+records device certificates, not CAs, so the revoked CAs live in one append-only file,
+`<state_dir>/revoked-cas.jsonl` (cloud/config.py `revoked_cas_file`), one JSON object
+per line:
+
+    {"fingerprint": "<SHA-256 of the CA certificate DER, hex>", "subject": "<RFC 4514>",
+     "reason": "<RFC 5280 5.3.1 CRLReason name>", "revoked_at": "<RFC 3339 UTC>",
+     "operator": "<who>"}
+
+Writers (`fleetid cloud revoke-ca`) append a line and fsync; readers (every verifier and
+EST process) look at the file's identity (inode, size, mtime) on each check and re-read
+it when it changed, so a running server refuses the batch from its next request on.
+Entries are only ever added: a line that does not parse is skipped (and reported by
+`load`), and a file that vanishes or cannot be read keeps the set loaded so far
+(fail closed: a revocation is never undone by losing the file).
+"""
+
+import datetime
+import json
+import os
+import threading
+
+from cryptography.hazmat.primitives import hashes, serialization
+
+# RFC 5280 5.3.1 CRLReason names (removeFromCRL is not a revocation and is refused).
+REASONS = ("unspecified", "keyCompromise", "cACompromise", "affiliationChanged",
+           "superseded", "cessationOfOperation", "certificateHold", "privilegeWithdrawn",
+           "aACompromise")
+FILE_NAME = "revoked-cas.jsonl"
+
+
+def ca_fingerprint(certificate):
+    """SHA-256 of a certificate's DER, lower-case hex."""
+    return certificate.fingerprint(hashes.SHA256()).hex()
+
+
+def load(path):
+    """Parse the file.  Returns (list of entry dicts, number of lines skipped).
+    A missing file is an empty list.  Raises OSError for other read failures."""
+    entries, skipped = [], 0
+    try:
+        with open(path, "rb") as f:
+            lines = f.read().splitlines()
+    except FileNotFoundError:
+        return entries, skipped
+    for line in lines:
+        if not line.strip():
+            continue
+        try:
+            entry = json.loads(line)
+            fingerprint = entry["fingerprint"]
+            if not isinstance(fingerprint, str) or len(fingerprint) != 64:
+                raise ValueError("fingerprint")
+            int(fingerprint, 16)
+        except (ValueError, KeyError, TypeError):
+            skipped += 1
+            continue
+        entry["fingerprint"] = fingerprint.lower()
+        entries.append(entry)
+    return entries, skipped
+
+
+def append(path, certificate, reason="unspecified", operator="", now=None):
+    """Record `certificate` (an x509 CA certificate) as revoked: one line appended and
+    fsynced.  Returns the entry dict.  Idempotent: an already listed CA is not added
+    again (the existing entry is returned).
+    Raises ValueError for an unknown reason, OSError when the file cannot be written."""
+    if reason not in REASONS:
+        raise ValueError("reason must be one of %s" % ", ".join(REASONS))
+    fingerprint = ca_fingerprint(certificate)
+    for entry in load(path)[0]:
+        if entry["fingerprint"] == fingerprint:
+            return entry
+    now = now or datetime.datetime.now(datetime.timezone.utc)
+    entry = {"fingerprint": fingerprint, "subject": certificate.subject.rfc4514_string(),
+             "reason": reason, "operator": operator,
+             "revoked_at": now.astimezone(datetime.timezone.utc).strftime(
+                 "%Y-%m-%dT%H:%M:%SZ"),
+             "certificate": certificate.public_bytes(serialization.Encoding.PEM).decode()}
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    try:
+        os.write(fd, json.dumps(entry, sort_keys=True).encode() + b"\n")
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return entry
+
+
+class RevokedCaFile:
+    """The revoked-CA fingerprints of a file, re-read when the file changes.
+
+    RevokedCaFile(path).fingerprints() -> frozenset of hex fingerprints.  Thread-safe.
+    """
+
+    def __init__(self, path):
+        self.path = path
+        self._lock = threading.Lock()
+        self._identity = None
+        self._fingerprints = frozenset()
+        self.skipped = 0
+        self.fingerprints()
+
+    def fingerprints(self):
+        """The current set (a stat per call; a re-read only when the file changed)."""
+        try:
+            st = os.stat(self.path)
+            identity = (st.st_ino, st.st_size, st.st_mtime_ns)
+        except OSError:
+            return self._fingerprints  # vanished / unreadable: keep what we had
+        if identity == self._identity:
+            return self._fingerprints
+        with self._lock:
+            if identity != self._identity:
+                try:
+                    entries, self.skipped = load(self.path)
+                except OSError:
+                    return self._fingerprints
+                # Only ever grows (module docstring).
+                self._fingerprints = self._fingerprints | frozenset(
+                    e["fingerprint"] for e in entries)
+                self._identity = identity
+        return self._fingerprints
