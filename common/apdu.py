@@ -73,10 +73,13 @@ def _check_byte(name, value):
 
 
 def _check_header(cla, ins, p1, p2):
-    _check_byte("CLA", cla)
-    _check_byte("INS", ins)
-    _check_byte("P1", p1)
-    _check_byte("P2", p2)
+    # Fast path for the usual plain ints; anything else gets the per-field checks.
+    if not (type(cla) is int and type(ins) is int and type(p1) is int and type(p2) is int
+            and 0 <= cla <= 0xFF and 0 <= ins <= 0xFF and 0 <= p1 <= 0xFF and 0 <= p2 <= 0xFF):
+        _check_byte("CLA", cla)
+        _check_byte("INS", ins)
+        _check_byte("P1", p1)
+        _check_byte("P2", p2)
     if cla == _CLA_INVALID:
         raise ApduFormatError("CLA FF is invalid")
     hi = ins & 0xF0

@@ -275,15 +275,22 @@ def decode_signed_attestation(der):
 def encode_evidence_bundle(signed_attestations, certificates):
     """DER EvidenceBundle.
 
-    Params: signed_attestations: non-empty list of DER SignedAttestation.
+    Params: signed_attestations: non-empty list of DER SignedAttestation, or of
+            SignedAttestation objects (decode_signed_attestation() output: already
+            parsed strictly, so not parsed again).
         certificates: list of DER certificates (MAK certificate first).
     Returns: bytes.
     Raises: DerError (empty statements, malformed element).
     """
     if not signed_attestations:
         raise DerError(REASON_RANGE, "at least one statement")
+    elements = []
     for element in signed_attestations:
-        decode_signed_attestation(element)
+        if isinstance(element, SignedAttestation):
+            elements.append(element.der)
+        else:
+            decode_signed_attestation(element)
+            elements.append(element)
     checked_certs = []
     for cert in certificates:
         reader = DerReader(cert)
@@ -291,7 +298,7 @@ def encode_evidence_bundle(signed_attestations, certificates):
         reader.finish()
     return encode_sequence(
         [
-            encode_sequence([bytes(e) for e in signed_attestations]),
+            encode_sequence([bytes(e) for e in elements]),
             encode_sequence(checked_certs),
         ]
     )
@@ -321,11 +328,14 @@ def decode_evidence_bundle(der):
     return EvidenceBundle(statements, certificates, whole)
 
 
-def build_evidence_attribute(bundle_der):
+def build_evidence_attribute(bundle_der, checked=False):
     """The PKCS#10 attribute carrying an evidence bundle, for der.build_csr_info().
 
+    Params: checked: True when bundle_der is encode_evidence_bundle()'s output, which
+        is well-formed by construction (skips parsing it again).
     Returns: (OID_ATTR_EVIDENCE, [bundle_der]).
     Raises: DerError if bundle_der is not a well-formed EvidenceBundle.
     """
-    decode_evidence_bundle(bundle_der)
+    if not checked:
+        decode_evidence_bundle(bundle_der)
     return (OID_ATTR_EVIDENCE, [bytes(bundle_der)])

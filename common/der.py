@@ -544,9 +544,20 @@ def encode_oid_contents(dotted):
     return bytes(out)
 
 
+_OID_CACHE = {}  # dotted -> encoding, for the few OIDs a program uses over and over
+_OID_CACHE_MAX = const(64)
+
+
 def encode_oid(dotted):
     """OBJECT IDENTIFIER element from a dotted string."""
-    return encode_tlv(TAG_OID, encode_oid_contents(dotted))
+    if isinstance(dotted, str):
+        cached = _OID_CACHE.get(dotted)
+        if cached is not None:
+            return cached
+    encoded = encode_tlv(TAG_OID, encode_oid_contents(dotted))
+    if len(_OID_CACHE) < _OID_CACHE_MAX:
+        _OID_CACHE[dotted] = encoded
+    return encoded
 
 
 def encode_utf8_string(text):

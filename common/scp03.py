@@ -9,6 +9,10 @@
 #     prims.aes_cbc_decrypt(key, iv, data) -> bytes
 #     prims.cmac(key, data) -> 16 bytes                 (AES-CMAC, NIST SP 800-38B)
 #     prims.random(n) -> n bytes
+#     prims.prepare_key(key) -> optional: an object with the four AES/CMAC calls above
+#         for that one key (without the key argument) and close(); used for the session
+#         keys of an open channel, dropped on close().  Without it (MicroPython) the plain
+#         calls are used with the key bytes.
 # (fleetid.common.host.hostcrypto.CryptographyPrimitives on CPython).  Session keys come
 # from a `session_keys_fn`, so an HSM can derive them without the static keys ever
 # reaching this process (cloud/hsm: scp03_session_keys).
@@ -84,19 +88,31 @@ INS_EXTERNAL_AUTHENTICATE = const(0x82)
 INIT_UPDATE_RESPONSE_LEN = const(32)  # 10 + 3 + 8 + 8 + 3 (S8 mode, with sequence counter)
 INIT_UPDATE_RESPONSE_LEN_NO_SEQ = const(29)  # random-challenge cards may omit the counter
 
+_SHORT_MAX_NC = const(255)  # ISO/IEC 7816-4:2005 5.1: short Lc 1..255, extended 1..65535
+_EXT_MAX_NC = const(65535)
+
 _SW_OK = const(0x9000)
 _SW_SECURITY_STATUS = const(0x6982)
 
 _AES_KEY_SIZES = (16, 24, 32)
 
 
+try:  # CPython: the C constant-time compare
+    from hmac import compare_digest as _compare_digest
+except ImportError:  # MicroPython: the loop below
+    _compare_digest = None
+
+
 def ct_equal(a, b):
     """Constant-time comparison of two byte strings (time depends on length only).
 
+    hmac.compare_digest where the port has it, else an xor-accumulate loop.
     Returns: bool.  Lengths are not secret: different lengths compare unequal at once.
     """
     if len(a) != len(b):
         return False
+    if _compare_digest is not None:
+        return _compare_digest(bytes(a), bytes(b))
     acc = 0
     for i in range(len(a)):
         acc |= a[i] ^ b[i]
@@ -222,6 +238,51 @@ def pseudo_random_card_challenge(prims, k_enc, sequence_counter, sd_aid):
     return kdf(prims, k_enc, DDC_CARD_CHALLENGE, bytes(sequence_counter) + bytes(sd_aid), 64)
 
 
+class _PlainKey:
+    """A key bound to plain `prims` calls: the portable stand-in for prims.prepare_key."""
+
+    def __init__(self, prims, key):
+        self._prims = prims
+        self._key = key
+
+    def aes_ecb_encrypt(self, block16):
+        return self._prims.aes_ecb_encrypt(self._key, block16)
+
+    def aes_cbc_encrypt(self, iv, data):
+        return self._prims.aes_cbc_encrypt(self._key, iv, data)
+
+    def aes_cbc_decrypt(self, iv, data):
+        return self._prims.aes_cbc_decrypt(self._key, iv, data)
+
+    def cmac(self, data):
+        return self._prims.cmac(self._key, data)
+
+    def close(self):
+        self._key = None
+
+    def __repr__(self):
+        return "_PlainKey(<redacted>)"
+
+
+def bind_key(prims, key):
+    """An object doing prims' AES-ECB / AES-CBC / CMAC with `key` fixed: prims.prepare_key
+    (key) when prims offers it (schedules computed once), else plain prims calls.
+
+    For session keys only.  Returns: object with aes_ecb_encrypt(block), aes_cbc_encrypt
+    (iv, data), aes_cbc_decrypt(iv, data), cmac(data), close().
+    """
+    prepare = getattr(prims, "prepare_key", None)
+    if prepare is not None:
+        return prepare(key)
+    return _PlainKey(prims, key)
+
+
+def _kdf_bound(bound, constant, context, bits):
+    # kdf() with a bound key (same input layout, Amd D 4.1.5); bits <= 128 here.
+    return bound.cmac(bytes(11) + bytes((constant, 0x00, (bits >> 8) & 0xFF, bits & 0xFF, 1))
+                      + context)[: bits // 8]
+
+
 def static_session_keys_fn(prims, static_keys):
     """Make a `session_keys_fn` for Scp03Host from a StaticKeys held in this process.
 
@@ -236,11 +297,7 @@ def static_session_keys_fn(prims, static_keys):
 
 def pad80(data):
     """ISO/IEC 9797-1 padding method 2 to a multiple of 16 bytes (GP CS B.2.3)."""
-    padded = bytearray(data)
-    padded.append(0x80)
-    while len(padded) % BLOCK:
-        padded.append(0)
-    return bytes(padded)
+    return bytes(data) + b"\x80" + bytes(BLOCK - 1 - len(data) % BLOCK)
 
 
 def unpad80(data):
@@ -303,14 +360,26 @@ class SecureMessaging:
         counter: the encryption counter of the next command (1 after authentication).
     """
 
-    def __init__(self, prims, session_keys, level, mac_chain, counter=1):
+    def __init__(self, prims, session_keys, level, mac_chain, counter=1, _bound_mac=None):
         _check_level(level)
-        self._prims = prims
-        self._keys = session_keys
         self.level = level
+        # Each session key bound once (bind_key): S-ENC for C-DEC / R-ENC, S-MAC, S-RMAC.
+        self._enc = bind_key(prims, session_keys.s_enc) if level & LEVEL_C_DECRYPTION else None
+        self._mac = _bound_mac if _bound_mac is not None else bind_key(prims,
+                                                                       session_keys.s_mac)
+        self._rmac = bind_key(prims, session_keys.s_rmac) if level & LEVEL_R_MAC else None
         self._chain = bytes(mac_chain)
         self.counter = counter
         self._pending_counter = None
+
+    def close(self):
+        """Drop the session keys (their prepared contexts too).  Idempotent; the object
+        cannot wrap or unwrap afterwards."""
+        for bound in (self._enc, self._mac, self._rmac):
+            if bound is not None:
+                bound.close()
+        self._enc = self._mac = self._rmac = None
+        self._chain = b""
 
     def wrap_command(self, apdu):
         """Protect one command: C-DEC (if the level says so) then C-MAC.
@@ -323,6 +392,8 @@ class SecureMessaging:
         """
         if self._pending_counter is not None:
             raise SecureChannelError("state", "previous response not unwrapped")
+        if self._mac is None:
+            raise SecureChannelError("state", "secure messaging closed")
         cmd = decode_command(apdu)
         _check_wrappable_cla(cmd.cla)
         counter = self.counter
@@ -331,17 +402,25 @@ class SecureMessaging:
             # ICV = AES(S-ENC, counter block) (command_icv) and CBC under that ICV, in one
             # cipher call: CBC from a zero IV over (counter block || data) yields the ICV as
             # its first output block, then exactly the CBC(ICV, data) blocks.
-            data = self._prims.aes_cbc_encrypt(
-                self._keys.s_enc, bytes(BLOCK),
-                counter.to_bytes(BLOCK, "big") + pad80(data))[BLOCK:]
+            data = self._enc.aes_cbc_encrypt(
+                bytes(BLOCK), counter.to_bytes(BLOCK, "big") + pad80(data))[BLOCK:]
         cla = cmd.cla | CLA_SM
-        # Keep extended fields if the caller used them; they become necessary past 255.
-        extended = True if cmd.extended else None
-        macced = encode_command(cla, cmd.ins, cmd.p1, cmd.p2, data + bytes(S8), None, extended)
-        mac_input = bytes((mac_cla(cla),)) + macced[1 : len(macced) - S8]
-        full_mac = self._prims.cmac(self._keys.s_mac, self._chain + mac_input)
-        wrapped = encode_command(cla, cmd.ins, cmd.p1, cmd.p2, data + full_mac[:S8], cmd.le,
-                                 extended)
+        ins, p1, p2, le = cmd.ins, cmd.p1, cmd.p2, cmd.le
+        # Lc' covers the data and the MAC.  Extended fields stay if the caller used them
+        # (an Le above 256 implies them); they become necessary past 255 bytes.
+        nc = len(data) + S8
+        if nc > _EXT_MAX_NC:
+            raise ApduFormatError("data longer than 65535 bytes once wrapped")
+        extended = bool(cmd.extended) or nc > _SHORT_MAX_NC
+        if extended:
+            lc = bytes((0, nc >> 8, nc & 0xFF))
+            le_field = b"" if le is None else bytes(((le >> 8) & 0xFF, le & 0xFF))
+        else:
+            lc = bytes((nc,))
+            le_field = b"" if le is None else bytes((le & 0xFF,))
+        # MAC input: chaining value || CLA' INS P1 P2 Lc' data' (Le not MACed).
+        full_mac = self._mac.cmac(self._chain + bytes((mac_cla(cla), ins, p1, p2)) + lc + data)
+        wrapped = bytes((cla, ins, p1, p2)) + lc + data + full_mac[:S8] + le_field
         # Commit state only once everything encoded.
         self._chain = full_mac
         self.counter = counter + 1
@@ -358,7 +437,7 @@ class SecureMessaging:
             awaiting a response); ApduFormatError (shorter than SW1 SW2).
         """
         counter = self._pending_counter
-        if counter is None:
+        if counter is None or self._mac is None:
             raise SecureChannelError("state", "no command awaiting a response")
         self._pending_counter = None
         data, sw = split_response(resp)
@@ -373,14 +452,15 @@ class SecureMessaging:
         if len(data) < S8:
             raise SecureChannelError("response_mac", "response too short for an R-MAC")
         body = data[: len(data) - S8]
-        expected = self._prims.cmac(self._keys.s_rmac, self._chain + body + sw_bytes)[:S8]
+        expected = self._rmac.cmac(self._chain + body + sw_bytes)[:S8]
         if not ct_equal(expected, data[len(data) - S8 :]):
             raise SecureChannelError("response_mac")
         if self.level & LEVEL_R_ENCRYPTION and body:
             if len(body) % BLOCK:
                 raise SecureChannelError("padding", "encrypted data not whole blocks")
-            icv = response_icv(self._prims, self._keys.s_enc, counter)
-            body = unpad80(self._prims.aes_cbc_decrypt(self._keys.s_enc, icv, body))
+            # ICV = AES-ECB(S-ENC, 80 || counter as 15 bytes BE) (Amd D 6.2.7).
+            icv = self._enc.aes_ecb_encrypt(b"\x80" + counter.to_bytes(BLOCK - 1, "big"))
+            body = unpad80(self._enc.aes_cbc_decrypt(icv, body))
         return body + sw_bytes
 
 
@@ -434,7 +514,10 @@ class Scp03Host:
     def close(self):
         """Forget the session (keys and chaining state).  The card keeps its own until it
         sees a new INITIALIZE UPDATE, a failure or a reset."""
+        sm = self._sm
         self._sm = None
+        if sm is not None:
+            sm.close()
 
     def _next_host_challenge(self):
         chosen = self._host_challenge
@@ -481,22 +564,29 @@ class Scp03Host:
         card_challenge = data[13:21]
         cryptogram = data[21:29]
         keys = self._session_keys_fn(host_challenge, card_challenge, key_info)
-        expected = card_cryptogram(self._prims, keys.s_mac, host_challenge, card_challenge)
-        if not ct_equal(expected, cryptogram):
-            raise SecureChannelError("card_cryptogram")
-        host_crypt = host_cryptogram(self._prims, keys.s_mac, host_challenge, card_challenge)
+        context = _check_challenges(host_challenge, card_challenge)
+        s_mac = bind_key(self._prims, keys.s_mac)
+        try:
+            # Card cryptogram (Amd D 6.2.2.2), then the host's (6.2.2.3): KDF(S-MAC, 64).
+            expected = _kdf_bound(s_mac, DDC_CARD_CRYPTOGRAM, context, 64)
+            if not ct_equal(expected, cryptogram):
+                raise SecureChannelError("card_cryptogram")
+            host_crypt = _kdf_bound(s_mac, DDC_HOST_CRYPTOGRAM, context, 64)
 
-        # EXTERNAL AUTHENTICATE: 84 82 level 00 10 host cryptogram || C-MAC, chained from
-        # 16 zero bytes (Amd D 6.2.4, 7.1.2).  Never encrypted; its response has no R-MAC.
-        cla = CLA_GP | CLA_SM
-        header = bytes((cla, INS_EXTERNAL_AUTHENTICATE, self.level, 0x00, 2 * S8))
-        full_mac = self._prims.cmac(keys.s_mac, bytes(BLOCK) + header + host_crypt)
-        ext_auth = header + host_crypt + full_mac[:S8]
-        resp_data, sw = split_response(self._transceive(ext_auth))
-        if sw != _SW_OK:
-            raise apdu_error_for_sw(sw, "EXTERNAL AUTHENTICATE")
-        if resp_data:
-            raise SecureChannelError("state", "EXTERNAL AUTHENTICATE returned data")
+            # EXTERNAL AUTHENTICATE: 84 82 level 00 10 host cryptogram || C-MAC, chained
+            # from 16 zero bytes (Amd D 6.2.4, 7.1.2).  Never encrypted; no R-MAC.
+            cla = CLA_GP | CLA_SM
+            header = bytes((cla, INS_EXTERNAL_AUTHENTICATE, self.level, 0x00, 2 * S8))
+            full_mac = s_mac.cmac(bytes(BLOCK) + header + host_crypt)
+            ext_auth = header + host_crypt + full_mac[:S8]
+            resp_data, sw = split_response(self._transceive(ext_auth))
+            if sw != _SW_OK:
+                raise apdu_error_for_sw(sw, "EXTERNAL AUTHENTICATE")
+            if resp_data:
+                raise SecureChannelError("state", "EXTERNAL AUTHENTICATE returned data")
+        except BaseException:
+            s_mac.close()
+            raise
         self.key_info = key_info
         self.card_challenge = card_challenge
         self.sequence_counter = (
@@ -504,7 +594,7 @@ class Scp03Host:
             if len(init_data) == INIT_UPDATE_RESPONSE_LEN
             else None
         )
-        self._sm = SecureMessaging(self._prims, keys, self.level, full_mac, 1)
+        self._sm = SecureMessaging(self._prims, keys, self.level, full_mac, 1, s_mac)
 
     def transceive(self, apdu):
         """Send one command through the secure channel and return the plain response.

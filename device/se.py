@@ -404,20 +404,23 @@ class SeSession:
         payload = _bytes("payload", payload, 1, 255)
         return self._cmd(_INS_PUT_KEY, old_kvn, _PUT_KEY_P2, payload, _LE_SHORT)
 
-    def store_data(self, dgi, value, last=True, block=0):
-        """STORE DATA one DGI (GP CS 2.3 11.11): trust anchors before SECURED.
+    def store_data(self, dgi, value, last=True, block=0, more=()):
+        """STORE DATA one DGI, or several in one command (GP CS 2.3 11.11): trust anchors
+        before SECURED.
 
         Params: dgi: se_consts.DGI_*.  value: bytes.  last / block: P1 b8 and P2 block
-            number.  The DGI length is one byte below 255, else FF || u16
-            (GP CS 2.3 11.11.3.2).
+            number.  more: further (dgi, value) pairs for the same command (the data field
+            is a sequence of DGIs, GP CS 2.3 11.11.3.2; the applet stores all or none).
+            The DGI length is one byte below 255, else FF || u16 (GP CS 2.3 11.11.3.2).
         """
-        _range("dgi", dgi, 0, 0xFFFF)
         _range("block", block, 0, 0xFF)
-        value = _bytes("value", value, 0, 0xFFFE)
-        n = len(value)
-        data = bytearray((dgi >> 8, dgi & 0xFF))
-        data.extend(bytes((n,)) if n < 0xFF else bytes((0xFF, n >> 8, n & 0xFF)))
-        data.extend(value)
+        data = bytearray()
+        for tag, val in ((dgi, value),) + tuple(more):
+            _range("dgi", tag, 0, 0xFFFF)
+            n = len(_bytes("value", val, 0, 0xFFFE))
+            data.extend(bytes((tag >> 8, tag & 0xFF)))
+            data.extend(bytes((n,)) if n < 0xFF else bytes((0xFF, n >> 8, n & 0xFF)))
+            data.extend(val)
         p1 = _STORE_DATA_DGI_FORMAT | (_STORE_DATA_LAST if last else 0)
         self._cmd(_INS_STORE_DATA, p1, block, bytes(data), None, 0)
 

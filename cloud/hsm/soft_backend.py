@@ -66,17 +66,6 @@ def _aes_ecb_encrypt(key, block):
     return encryptor.update(block) + encryptor.finalize()
 
 
-def _aes_cbc_zero_icv(key, data):
-    encryptor = Cipher(algorithms.AES(key), modes.CBC(bytes(16))).encryptor()
-    return encryptor.update(data) + encryptor.finalize()
-
-
-def _cmac(key, data):
-    mac = cmac.CMAC(algorithms.AES(key))
-    mac.update(data)
-    return mac.finalize()
-
-
 def _wipe(value):
     if isinstance(value, bytearray):
         value[:] = bytes(len(value))
@@ -405,7 +394,9 @@ class SoftBackend(PooledBackend):
         def op(session):
             session.ensure_open()
             _meta, master = self._entry(master_label, KIND_MASTER)
-            keys = {c: _aes_ecb_encrypt(master, blocks[c]) for c in interface.COMPONENTS}
+            # One ECB pass over the three diversification blocks (ECB: block by block).
+            derived = _aes_ecb_encrypt(master, b"".join(blocks[c] for c in interface.COMPONENTS))
+            keys = {c: derived[16 * n:16 * n + 16] for n, c in enumerate(interface.COMPONENTS)}
             kcvs = tuple(
                 _aes_ecb_encrypt(keys[c], interface.KCV_INPUT_BLOCK)[:interface.KCV_BYTES]
                 for c in interface.COMPONENTS
@@ -429,7 +420,10 @@ class SoftBackend(PooledBackend):
             session.ensure_open()
             new_keys = self._key_set(device_keys_handle, session)
             dek = self._key_set(transport_dek_handle, session)[interface.COMPONENT_DEK]
-            wrapped = [_aes_cbc_zero_icv(dek, new_keys[c]) for c in interface.COMPONENTS]
+            # AES-CBC with a zero ICV over one block is AES-ECB of that block: the three
+            # keys in one ECB pass give the three CBC wraps.
+            joined = _aes_ecb_encrypt(dek, b"".join(new_keys[c] for c in interface.COMPONENTS))
+            wrapped = [joined[16 * n:16 * n + 16] for n in range(len(interface.COMPONENTS))]
             return interface.assemble_put_key_data(new_kvn, wrapped, device_keys_handle.kcvs)
 
         return self._run(op)
@@ -438,18 +432,25 @@ class SoftBackend(PooledBackend):
         self._check_handle(static_keys_handle)
         context = interface.check_challenges(host_challenge, card_challenge)
 
-        def kdf(key, constant):
+        def kdf(key, constant, keyed):
+            # keyed: a CMAC context keyed with `key`; each block MACs a copy of it.
             inputs = interface.scp03_kdf_inputs(constant, context, 8 * len(key))
-            return b"".join(_cmac(key, block) for block in inputs)[:len(key)]
+            out = []
+            for block in inputs:
+                mac = keyed.copy()
+                mac.update(block)
+                out.append(mac.finalize())
+            return b"".join(out)[:len(key)]
 
         def op(session):
             session.ensure_open()
             keys = self._key_set(static_keys_handle, session)
             enc, mac = keys[interface.COMPONENT_ENC], keys[interface.COMPONENT_MAC]
+            mac_keyed = cmac.CMAC(algorithms.AES(mac))  # used for S-MAC and S-RMAC
             return interface.Scp03SessionKeys(
-                kdf(enc, interface.KDF_S_ENC),
-                kdf(mac, interface.KDF_S_MAC),
-                kdf(mac, interface.KDF_S_RMAC),
+                kdf(enc, interface.KDF_S_ENC, cmac.CMAC(algorithms.AES(enc))),
+                kdf(mac, interface.KDF_S_MAC, mac_keyed),
+                kdf(mac, interface.KDF_S_RMAC, mac_keyed),
             )
 
         return self._run(op)

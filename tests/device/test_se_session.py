@@ -262,3 +262,39 @@ def test_private_wire_constants_match_se_consts():
         C.VERIFY_WITH_POINT)
     for lc, name in C.LC_NAMES.items():
         assert se_mod.SeInfo(b"", b"", lc, 0, []).life_cycle_name() == name
+
+
+def test_store_data_sends_several_dgis_in_one_command():
+    rec = Recorder(b"")
+    se = SeSession(rec)
+    point = b"\x04" + bytes(range(64))
+    se.store_data(C.DGI_FLEET_ROOT, b"\x30" * 300, more=[(C.DGI_FIRMWARE_KEY, point)])
+    assert len(rec.sent) == 1
+    cla, ins, p1, p2, data, le = rec.sent[0]
+    assert (cla, ins, p1, p2, le) == (0x80, C.INS_STORE_DATA, 0x88, 0, None)
+    # DGI 7F01 with a long length (FF 01 2C), then the firmware key DGI, short length.
+    assert data == (b"\x7f\x01\xff\x01\x2c" + b"\x30" * 300 + bytes(
+        (C.DGI_FIRMWARE_KEY >> 8, C.DGI_FIRMWARE_KEY & 0xFF, 65)) + point)
+    with pytest.raises(ValueError):
+        se.store_data(C.DGI_FLEET_ROOT, b"\x30", more=[(C.DGI_FIRMWARE_KEY, None)])
+    assert len(rec.sent) == 1  # refused before sending
+
+
+def test_store_data_of_several_dgis_inside_scp03_is_all_or_nothing(fabbed):
+    from fleetid.common.host.hostcrypto import CryptographyPrimitives
+    from fleetid.common.scp03 import Scp03Host, static_session_keys_fn
+
+    record, chip = fabbed
+    _session(chip)
+    prims = CryptographyPrimitives()
+    host = Scp03Host(chip.process, prims, static_session_keys_fn(prims, record.static_keys()))
+    host.open()
+    secure = SeSession(ApduProtocol(host.transceive))
+    anchor = _point_of(ec.derive_private_key(7, ec.SECP256R1()))
+    with pytest.raises(ApduError):  # one bad DGI: nothing of the command is stored
+        secure.store_data(C.DGI_FIRMWARE_KEY, anchor, more=[(C.DGI_FLEET_ROOT, b"\x01\x00")])
+    with pytest.raises(ApduError):
+        secure.get_data(C.DATA_TRUST_FIRMWARE_KEY)  # the good DGI was not stored either
+    host.open()
+    secure.store_data(C.DGI_FIRMWARE_KEY, anchor)
+    assert secure.get_data(C.DATA_TRUST_FIRMWARE_KEY) == anchor
