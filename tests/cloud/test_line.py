@@ -17,7 +17,7 @@ from fleetid.common import se_consts as C
 from fleetid.sim import fab
 from fleetid.sim.chip import Chip
 from fleetid.sim.endpoint import BusEndpoint
-from tests.cloud.test_line_support import (
+from tests.cloud.line_support import (
     check_invariants,
     files_under,
     known_lot,

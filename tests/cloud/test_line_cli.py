@@ -11,7 +11,7 @@ from fleetid.cloud.line.station import Station
 from fleetid.cloud.registry import COMMITTED, HELD, INTENT
 from fleetid.sim.endpoint import BusEndpoint
 from tests.cloud.hsm_support import KEYSTORE_PASS
-from tests.cloud.test_line_support import SimulatedKill
+from tests.cloud.line_support import SimulatedKill
 
 
 def _env():

@@ -1,6 +1,6 @@
 """Fault injection at every step of the per-device flow, MCUboot-simulator style: count
 what a clean run does (bus transactions, NVM commits, step boundaries), cut at each, then
-run a fresh reconcile and check the line's invariants (test_line_support.check_invariants):
+run a fresh reconcile and check the line's invariants (line_support.check_invariants):
 no certificate without a committed record unless revoked, no committed record without a
 confirmed injection, serials never repeat, the audit chain verifies."""
 
@@ -15,7 +15,7 @@ from fleetid.cloud.registry import COMMITTED, HELD, INTENT
 from fleetid.common.clock import FakeClock
 from fleetid.sim.endpoint import BusEndpoint
 from fleetid.sim.faults import FaultPlan
-from tests.cloud.test_line_support import (
+from tests.cloud.line_support import (
     SimulatedKill,
     check_invariants,
     chip_bus_factory,

@@ -15,7 +15,7 @@ from fleetid.common.t1link import T1Link
 from fleetid.sim.endpoint import BusEndpoint
 from fleetid.sim.faults import FaultPlan
 from tests.micropython.support import Stage
-from tests.sim.test_endpoint_support import Applet, Latency, command, get_cert
+from tests.sim.endpoint_support import Applet, Latency, command, get_cert
 
 pytestmark = pytest.mark.micropython
 

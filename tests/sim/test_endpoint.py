@@ -8,7 +8,7 @@ from fleetid.common.clock import FakeClock
 from fleetid.common.errors import BusError, BusNack, LinkError
 from fleetid.common.t1link import T1Link
 from fleetid.sim.endpoint import BusEndpoint
-from tests.sim.test_endpoint_support import Applet, Latency, command, get_cert, make_link
+from tests.sim.endpoint_support import Applet, Latency, command, get_cert, make_link
 
 GP = t1.PROFILE_GP
 NXP = t1.PROFILE_SE05X

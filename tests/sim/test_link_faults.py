@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from fleetid.common import t1
 from fleetid.common.errors import LinkError
 from fleetid.sim.faults import FaultPlan
-from tests.sim.test_endpoint_support import Applet, Latency, command, get_cert, make_link
+from tests.sim.endpoint_support import Applet, Latency, command, get_cert, make_link
 
 BWT_MS = 100
 IFSC = 64
