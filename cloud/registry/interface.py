@@ -321,6 +321,15 @@ class Registry:
         Raises CertificateNotFound, RegistryError(AMBIGUOUS)."""
         raise NotImplementedError
 
+    def certificate_and_device(self, cert_serial, issuer=None):
+        """(CertificateRecord, DeviceRecord): a certificate's record and its device's, in
+        ONE read (one query, one snapshot) where the backend can; what the verifier checks
+        on every request (revocation, device status, SE UID, rotation state).
+        Raises CertificateNotFound, RegistryError(AMBIGUOUS), DeviceNotFound.
+        This default reads twice; backends override it."""
+        record = self.certificate_status(cert_serial, issuer=issuer)
+        return record, self.get_device(record.device_serial)
+
     def set_rotation_state(self, serial, state):
         """Store the device's credential-rotation state (a short string the EST service
         owns, e.g. "overlap:<new fingerprint>").  Raises DeviceNotFound."""

@@ -249,6 +249,11 @@ class MemoryRegistry(Registry):
         with self._lock:
             return self._cert(cert_serial, issuer)
 
+    def certificate_and_device(self, cert_serial, issuer=None):
+        with self._lock:  # one lock: both records of the same moment
+            record = self._cert(cert_serial, issuer)
+            return record, self._device(record.device_serial)
+
     def set_rotation_state(self, serial, state):
         check_text("rotation state", state)
         with self._lock:

@@ -70,6 +70,13 @@ _CERT_COLUMNS = (
     "fingerprint, device_serial, kind, cert_serial, issuer, not_before, not_after, added_at, "
     "der, revoked_at, revocation_reason"
 )
+_DEVICE_NAMES = tuple(c.strip() for c in _DEVICE_COLUMNS.split(","))
+_CERT_NAMES = tuple(c.strip() for c in _CERT_COLUMNS.split(","))
+_JOINED_QUERY = (
+    "SELECT %s, %s FROM certificates c LEFT JOIN devices d ON d.serial = c.device_serial "
+    "WHERE c.cert_serial = %%s" % (", ".join("c." + n for n in _CERT_NAMES),
+                                  ", ".join("d." + n for n in _DEVICE_NAMES)))
+_JOINED_QUERY_ISSUER = _JOINED_QUERY + " AND c.issuer = %s"
 _SCHEMA_LOCK = 0x666C6565  # pg_advisory_xact_lock key for schema creation ("flee")
 
 
@@ -400,6 +407,29 @@ class PostgresRegistry(Registry):
     def certificate_status(self, cert_serial, issuer=None):
         with self._read() as conn:
             return self._certs(conn, cert_serial, issuer)
+
+    def certificate_and_device(self, cert_serial, issuer=None):
+        # One statement (one snapshot, one round trip): the certificate joined with its
+        # device.  The column names of the two tables do not overlap.
+        cert_serial = (audit.cert_serial_hex(cert_serial) if isinstance(cert_serial, int)
+                       else audit.to_hex(cert_serial))
+        params = [cert_serial]
+        query = _JOINED_QUERY
+        if issuer is not None:
+            query = _JOINED_QUERY_ISSUER
+            params.append(issuer)
+        with self._read() as conn:
+            rows = conn.execute(query, params).fetchall()
+        if not rows:
+            raise CertificateNotFound(cert_serial)
+        if len(rows) > 1:
+            raise RegistryError(RegistryError.AMBIGUOUS, "serial %s: give the issuer"
+                                % cert_serial)
+        row = rows[0]
+        if row["serial"] is None:  # LEFT JOIN: no device row (foreign key prevents it)
+            raise DeviceNotFound(row["device_serial"])
+        return (certificate_from_row({k: row[k] for k in _CERT_NAMES}),
+                device_from_row({k: row[k] for k in _DEVICE_NAMES}))
 
     def set_rotation_state(self, serial, state):
         check_text("rotation state", state)

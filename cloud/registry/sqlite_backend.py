@@ -61,6 +61,15 @@ _CERT_COLUMNS = (
     "der, revoked_at, revocation_reason"
 )
 
+_DEVICE_NAMES = tuple(c.strip() for c in _DEVICE_COLUMNS.split(","))
+_CERT_NAMES = tuple(c.strip() for c in _CERT_COLUMNS.split(","))
+_JOINED_QUERY = (
+    "SELECT %s, %s FROM certificates c LEFT JOIN devices d ON d.serial = c.device_serial "
+    "WHERE c.cert_serial = ?" % (", ".join("c." + n for n in _CERT_NAMES),
+                                 ", ".join("d." + n for n in _DEVICE_NAMES)))
+_JOINED_QUERY_ISSUER = _JOINED_QUERY + " AND c.issuer = ?"
+_MEMO_SIZE = 100000  # memoised certificate_and_device answers per thread
+
 
 def _storage_error(exc):
     # The sqlite3 message names the failing operation (no data values): safe to keep.
@@ -125,6 +134,9 @@ class SqliteRegistry(Registry):
     @contextlib.contextmanager
     def _write(self):
         conn = self._conn()
+        # Counted before the write (committed or not): certificate_and_device's memo is
+        # dropped by any write of this thread's connection (data_version misses those).
+        self._local.writes = getattr(self._local, "writes", 0) + 1
         with self._write_lock:
             try:
                 conn.execute("BEGIN IMMEDIATE")
@@ -395,6 +407,57 @@ class SqliteRegistry(Registry):
     def certificate_status(self, cert_serial, issuer=None):
         with self._read() as conn:
             return self._certs(conn, cert_serial, issuer)
+
+    def certificate_and_device(self, cert_serial, issuer=None):
+        # The verifier's per-request read: one statement (one snapshot), the certificate
+        # joined with its device, plain tuples (no sqlite3.Row), the SQL text constant so
+        # sqlite3's statement cache reuses the prepared statement.
+        #
+        # Read-through memo, exact (no staleness window): answers are kept per thread
+        # with the database version they were read at, and every call first asks SQLite
+        # whether anything was committed since: `PRAGMA data_version` changes when any
+        # other connection (another thread's, another process's) commits, and the
+        # per-thread write count covers this thread's own connection (which
+        # data_version does not report).  Any commit at all drops every memoised
+        # answer.  The check is ~10x cheaper than the joined query; the records are
+        # immutable.
+        cert_serial = (audit.cert_serial_hex(cert_serial) if isinstance(cert_serial, int)
+                       else audit.to_hex(cert_serial))
+        conn = self._conn()
+        local = self._local
+        try:
+            token = (conn.execute("PRAGMA data_version").fetchone()[0],
+                     getattr(local, "writes", 0))
+        except sqlite3.Error as exc:
+            raise _storage_error(exc) from None
+        memo = getattr(local, "memo", None)
+        if memo is None or memo[0] != token or len(memo[1]) >= _MEMO_SIZE:
+            memo = local.memo = (token, {})
+        key = (cert_serial, issuer)
+        found = memo[1].get(key)
+        if found is not None:
+            return found
+        try:
+            cursor = conn.cursor()
+            cursor.row_factory = None
+            if issuer is None:
+                rows = cursor.execute(_JOINED_QUERY, (cert_serial,)).fetchall()
+            else:
+                rows = cursor.execute(_JOINED_QUERY_ISSUER, (cert_serial, issuer)).fetchall()
+        except sqlite3.Error as exc:
+            raise _storage_error(exc) from None
+        if not rows:
+            raise CertificateNotFound(cert_serial)
+        if len(rows) > 1:
+            raise RegistryError(RegistryError.AMBIGUOUS, "serial %s: give the issuer"
+                                % cert_serial)
+        row = rows[0]
+        split = len(_CERT_NAMES)
+        if row[split] is None:  # LEFT JOIN: no device row (the foreign key prevents it)
+            raise DeviceNotFound(row[1])
+        found = memo[1][key] = (certificate_from_row(zip(_CERT_NAMES, row[:split])),
+                                device_from_row(zip(_DEVICE_NAMES, row[split:])))
+        return found
 
     def set_rotation_state(self, serial, state):
         check_text("rotation state", state)

@@ -79,9 +79,8 @@ def make_verifier_app(verifier, metrics, telemetry=None):
 
     async def revocation_status(request):
         identity = request[DEVICE]
-        record = verifier.registry.certificate_status(
+        record, device = verifier.registry.certificate_and_device(
             identity.certificate.serial_number, issuer=identity.issuer)
-        device = verifier.registry.get_device(identity.registry_serial)
         return web.json_response({
             "fingerprint": identity.fingerprint, "revoked": record.revoked,
             "device_status": device.status, "rotation_state": device.rotation_state,

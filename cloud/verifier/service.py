@@ -30,11 +30,14 @@ the trust store and the registry's SE UID.  They are cached per certificate fing
 (LRU, bounded), the attestation verdict together with the SE UID it was checked against
 (a changed registry UID misses the cache).  Everything that revocation can change is
 checked on every call: the revoked-CA set (5) against the cached chain, and the registry
-reads (6-8, 10), so a revocation written by any process sharing the registry takes effect
+read (6-8, 10: ONE registry.certificate_and_device call, the certificate and its device
+in one query), so a revocation written by any process sharing the registry takes effect
 on the next request (no staleness window); revoke_certificate also drops the entry.
 Validity (2) uses the certificate itself on every call.  The parsed facts of a DER
 (certificate object, device serial, issuer text, EKU verdict) are memoised by fingerprint
-as well: they cannot change for the same bytes.
+as well: they cannot change for the same bytes.  When every cached piece is present,
+verify() runs these checks straight (_verify_cached), in the same order, without building
+the step closures that explain() needs.
 
 Rotation state (registry `devices.rotation_state`, owned by the EST service):
     "active:<fp>"                         one operational certificate, nothing pending
@@ -132,7 +135,7 @@ class DeviceIdentity:
                  "issuer", "not_after", "in_overlap", "rotation_state")
 
     def __init__(self, serial, registry_serial, se_uid, fingerprint, kind, certificate,
-                 in_overlap=False, issuer=None, rotation_state=None):
+                 in_overlap=False, issuer=None, rotation_state=None, not_after=None):
         self.serial = serial
         self.registry_serial = registry_serial
         self.se_uid = se_uid
@@ -140,7 +143,7 @@ class DeviceIdentity:
         self.kind = kind
         self.certificate = certificate
         self.issuer = issuer or certificate.issuer.rfc4514_string()
-        self.not_after = certificate.not_valid_after_utc
+        self.not_after = not_after or certificate.not_valid_after_utc
         self.in_overlap = in_overlap
         self.rotation_state = rotation_state
 
@@ -320,7 +323,8 @@ class FleetVerifier:
                     cert.subject.rfc4514_string()
                     # Immutable facts of this exact DER (keyed by its hash): parsed once.
                     facts = (cert, device_serial_of(cert), cert.issuer.rfc4514_string(),
-                             _eku_problem(cert))
+                             _eku_problem(cert), cert.not_valid_before_utc,
+                             cert.not_valid_after_utc)
                 except AccessRefused:
                     raise
                 except Exception:  # noqa: BLE001 - untrusted DER
@@ -329,7 +333,7 @@ class FleetVerifier:
                 if len(self._facts) >= self._cache_size:
                     self._facts.clear()
                 self._facts[fp] = facts
-            state["cert"], state["serial"], state["issuer"], state["eku"] = facts
+            state["cert"], state["serial"], state["issuer"], state["eku"] = facts[:4]
             state["fp"] = fp
             return "device %s, certificate serial %x" % (state["serial"],
                                                          state["cert"].serial_number)
@@ -353,23 +357,8 @@ class FleetVerifier:
 
         def registry_record():
             cert = state["cert"]
-            try:
-                record = self.registry.certificate_status(cert.serial_number,
-                                                          issuer=state["issuer"])
-            except RegistryError as exc:
-                if exc.reason in (RegistryError.CERTIFICATE_NOT_FOUND, RegistryError.AMBIGUOUS):
-                    raise AccessRefused(errors.UNKNOWN_DEVICE,
-                                        "certificate not in the registry") from None
-                raise
-            if record.fingerprint != state["fp"]:
-                raise AccessRefused(errors.UNKNOWN_DEVICE, "a different certificate holds "
-                                    "this issuer and serial")
-            try:
-                device = self.registry.get_device(record.device_serial)
-            except RegistryError as exc:
-                if exc.reason == RegistryError.DEVICE_NOT_FOUND:
-                    raise AccessRefused(errors.UNKNOWN_DEVICE, "device unknown") from None
-                raise
+            record, device = self._registry_read(cert.serial_number, state["issuer"],
+                                                 state["fp"])
             state["record"], state["device"] = record, device
             if record.kind == IDENTITY and not self.accept_identity:
                 raise AccessRefused(errors.WRONG_CERTIFICATE_KIND,
@@ -444,25 +433,10 @@ class FleetVerifier:
             return "key in SE %s (vendor chain ok)" % statement.se_uid.hex()
 
         def overlap():
-            fp = state["fp"]
-            record, device = state["record"], state["device"]
-            rotation = RotationState.parse(device.rotation_state)
             state["in_overlap"] = False
-            if record.kind != OPERATIONAL or rotation.kind in (None, "active"):
-                if rotation.kind == "active" and record.kind == OPERATIONAL \
-                        and rotation.new != fp:
-                    raise AccessRefused(errors.SUPERSEDED, "an older operational certificate")
-                return "current"
-            if fp == rotation.new:
-                return "current"
-            if rotation.kind == "overlap" and fp == rotation.old:
-                if now > rotation.deadline:
-                    raise AccessRefused(errors.SUPERSEDED, "overlap window closed at %s"
-                                        % format_deadline(rotation.deadline))
-                state["in_overlap"] = True
-                return "previous certificate, overlap until %s" % format_deadline(
-                    rotation.deadline)
-            raise AccessRefused(errors.SUPERSEDED, "replaced by a newer certificate")
+            state["in_overlap"], detail = _overlap(state["fp"], state["record"],
+                                                   state["device"], now)
+            return detail
 
         return state, [
             ("certificate", parse), ("validity", validity), ("eku", eku),
@@ -471,6 +445,61 @@ class FleetVerifier:
             ("device_status", device_status), ("attestation", cached_attestation),
             ("overlap", overlap),
         ], {"chain": chain, "attestation": attestation}
+
+    def _registry_read(self, cert_serial, issuer, fp):
+        """(CertificateRecord, DeviceRecord) of this exact certificate: ONE registry read
+        (certificate_and_device).  Raises AccessRefused(UNKNOWN_DEVICE), RegistryError."""
+        try:
+            record, device = self.registry.certificate_and_device(cert_serial, issuer=issuer)
+        except RegistryError as exc:
+            if exc.reason in (RegistryError.CERTIFICATE_NOT_FOUND, RegistryError.AMBIGUOUS):
+                raise AccessRefused(errors.UNKNOWN_DEVICE,
+                                    "certificate not in the registry") from None
+            if exc.reason == RegistryError.DEVICE_NOT_FOUND:
+                raise AccessRefused(errors.UNKNOWN_DEVICE, "device unknown") from None
+            raise
+        if record.fingerprint != fp:
+            raise AccessRefused(errors.UNKNOWN_DEVICE, "a different certificate holds "
+                                "this issuer and serial")
+        return record, device
+
+    def _verify_cached(self, fp, facts, entry, now):
+        """verify() when the parse facts, the chain verdict and an attestation verdict are
+        cached: the same checks in the same order as _steps, without building the step
+        closures.  Returns DeviceIdentity, or None when the attestation verdict was made
+        against another SE UID than the registry now holds (the caller runs the full
+        steps).  Raises AccessRefused, RegistryError."""
+        cert, serial, issuer, eku, not_before, not_after = facts
+        if now < not_before:
+            raise AccessRefused(errors.NOT_YET_VALID, "valid from %s"
+                                % format_deadline(not_before))
+        if now > not_after:
+            raise AccessRefused(errors.EXPIRED, "expired at %s" % format_deadline(not_after))
+        if eku is not None:
+            raise eku
+        self.cache_hits += 1
+        trust = self.trust
+        for ca_fp in entry[0][1:]:
+            if trust.is_revoked_ca(ca_fp):
+                ca = trust.by_fingerprint.get(ca_fp)
+                name = ca.subject.rfc4514_string() if ca is not None else ca_fp
+                raise AccessRefused(errors.CA_REVOKED, "CA %s is revoked" % name)
+        record, device = self._registry_read(cert.serial_number, issuer, fp)
+        if record.kind == IDENTITY and not self.accept_identity:
+            raise AccessRefused(errors.WRONG_CERTIFICATE_KIND,
+                                "identity certificates are for enrolment only")
+        if record.revoked:
+            raise AccessRefused(errors.REVOKED, "revoked at %s (%s)"
+                                % (record.revoked_at, record.revocation_reason))
+        if device.status != COMMITTED:
+            raise AccessRefused(errors.DEVICE_STATUS, "device is %s" % device.status)
+        if entry[1] != device.se_uid:
+            self.cache_hits -= 1  # counted again by the full steps
+            return None
+        in_overlap, _detail = _overlap(fp, record, device, now)
+        return DeviceIdentity(serial, device.serial, device.se_uid, fp, record.kind, cert,
+                              in_overlap=in_overlap, issuer=issuer,
+                              rotation_state=device.rotation_state, not_after=not_after)
 
     def verify(self, cert_der, now=None):
         """Authenticate a client certificate.
@@ -484,6 +513,20 @@ class FleetVerifier:
         now = now or self._clock()
         if not cert_der:
             raise AccessRefused(errors.NO_CLIENT_CERT)
+        fp = fingerprint_of(cert_der)
+        facts = self._facts.get(fp)
+        entry = self._cache_get(fp) if facts is not None else None
+        if entry is not None and entry[0] is not None and entry[1] is not None:
+            try:
+                identity = self._verify_cached(fp, facts, entry, now)
+            except AccessRefused as exc:
+                if self.on_verdict:
+                    self.on_verdict(exc.reason, False)
+                raise
+            if identity is not None:
+                if self.on_verdict:
+                    self.on_verdict("ok", True)
+                return identity
         state, steps, _ = self._steps(cert_der, now, explaining=False)
         try:
             for _name, step in steps:
@@ -536,6 +579,24 @@ class FleetVerifier:
             except RegistryError as exc:
                 results.append(CheckResult(name, False, "registry error: %s" % exc.reason))
         return results
+
+
+def _overlap(fp, record, device, now):
+    """Check 10 (module docstring).  Returns (in_overlap, detail); raises AccessRefused."""
+    rotation = RotationState.parse(device.rotation_state)
+    if record.kind != OPERATIONAL or rotation.kind in (None, "active"):
+        if rotation.kind == "active" and record.kind == OPERATIONAL and rotation.new != fp:
+            raise AccessRefused(errors.SUPERSEDED, "an older operational certificate")
+        return False, "current"
+    if fp == rotation.new:
+        return False, "current"
+    if rotation.kind == "overlap" and fp == rotation.old:
+        if now > rotation.deadline:
+            raise AccessRefused(errors.SUPERSEDED, "overlap window closed at %s"
+                                % format_deadline(rotation.deadline))
+        return True, "previous certificate, overlap until %s" % format_deadline(
+            rotation.deadline)
+    raise AccessRefused(errors.SUPERSEDED, "replaced by a newer certificate")
 
 
 def _SHA256():

@@ -355,6 +355,60 @@ def test_certificate_history_rotation_state_and_ambiguous_serials(registry):
         registry.set_rotation_state(12345, "x")
 
 
+def test_certificate_and_device_is_one_read_matching_the_two_reads(registry):
+    serial = provision(registry)
+    other = provision(registry)
+    registry.add_certificate(serial, make_cert(serial, cert_serial=0x77), "operational",
+                             rotation_state="active:77")
+    other_ca = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "other CA")])
+    registry.add_certificate(other, make_cert(other, cert_serial=0x77, issuer=other_ca),
+                             "operational")
+    record, device = registry.certificate_and_device(0x77, issuer=CA_NAME.rfc4514_string())
+    assert record == registry.certificate_status(0x77, issuer=CA_NAME.rfc4514_string())
+    assert device == registry.get_device(serial)
+    assert device.rotation_state == "active:77" and record.kind == "operational"
+    record, device = registry.certificate_and_device("77", issuer="CN=other CA")
+    assert (record.device_serial, device.serial) == (other, other)
+    with pytest.raises(RegistryError) as info:
+        registry.certificate_and_device(0x77)
+    assert info.value.reason == RegistryError.AMBIGUOUS
+    with pytest.raises(CertificateNotFound):
+        registry.certificate_and_device(0x12345)
+    # Revocation and device status are what the verifier reads on every request.
+    [identity_cert] = [c for c in registry.certificates(serial) if c.kind == "identity"]
+    registry.mark_revoked(identity_cert.cert_serial, "keyCompromise")
+    record, device = registry.certificate_and_device(identity_cert.cert_serial)
+    assert record.revoked and record.revocation_reason == "keyCompromise"
+    assert device.status == REVOKED
+
+
+def test_certificate_and_device_sees_every_commit_of_any_handle_at_once(tmp_path):
+    # SqliteRegistry memoises this read and re-validates it with PRAGMA data_version on
+    # every call: a revocation by another handle (another process) or by this handle, or
+    # a write by another tool, shows on the very next read.
+    path = tmp_path / "registry.db"
+    reader, writer = SqliteRegistry(path), SqliteRegistry(path)
+    try:
+        serial = provision(writer)
+        [cert] = writer.certificates(serial)
+        for _ in range(2):
+            record, device = reader.certificate_and_device(cert.cert_serial)
+            assert not record.revoked and device.status == "committed"
+        writer.mark_revoked(cert.cert_serial, "keyCompromise")
+        record, device = reader.certificate_and_device(cert.cert_serial)
+        assert record.revoked and device.status == REVOKED
+        reader.set_rotation_state(serial, "active:x")  # this handle's own connection
+        assert reader.certificate_and_device(cert.cert_serial)[1].rotation_state == \
+            "active:x"
+        _tamper(path, "UPDATE devices SET rotation_state = ? WHERE serial = ?", "active:y",
+                serial)
+        assert reader.certificate_and_device(cert.cert_serial)[1].rotation_state == \
+            "active:y"
+    finally:
+        reader.close()
+        writer.close()
+
+
 def test_allocate_intent_is_one_transaction_with_fresh_serials(registry):
     first = registry.allocate_intent(uid(1), "st-1", operator="op-7", batch="b-7",
                                      hsm_session="pool/1")

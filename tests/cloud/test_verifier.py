@@ -162,6 +162,38 @@ def test_attack_revoked_device_even_with_a_cached_verdict(fleet, cloud):
     refused(fleet, device.identity_cert, "revoked")
 
 
+def test_a_resumed_tls13_session_is_still_checked_on_every_request(fleet, cloud):
+    import http.client
+    import socket
+
+    device = fleet.provision()
+    fleet.enrol(device)
+    context = cloud.client_context(device.files())
+    context.minimum_version = ssl.TLSVersion.TLSv1_3
+
+    def whoami(session):
+        with socket.create_connection(("127.0.0.1", cloud.ports["verifier"]), 20) as raw:
+            with context.wrap_socket(raw, server_hostname="127.0.0.1",
+                                     session=session) as tls:
+                tls.sendall(b"GET /v1/whoami HTTP/1.1\r\nHost: x\r\n"
+                            b"Connection: close\r\n\r\n")
+                response = http.client.HTTPResponse(tls)
+                response.begin()
+                body = response.read()
+                return response.status, body, tls.session, tls.session_reused
+
+    status, _, session, reused = whoami(None)
+    assert status == 200 and not reused
+    # Stateful TLS 1.3 tickets (OP_NO_TICKET: a session id into the server's cache).
+    status, body, session, reused = whoami(session)
+    assert status == 200 and reused
+    assert json.loads(body)["serial"] == device.name
+    # A resumed session skips the TLS certificate check, never the fleet checks.
+    fleet.verifier.revoke_certificate(device.cert, "keyCompromise")
+    status, body, _, reused = whoami(session)
+    assert reused and status == 403 and body.startswith(b"revoked")
+
+
 def test_attack_revoked_batch_intermediate(fleet, cloud):
     device, other_batch = fleet.provision(), fleet.provision(batch="b43")
     fleet.verifier.verify(der(device.identity_cert))  # cached chain verdict
@@ -283,6 +315,9 @@ class ExplodingRegistry:
         self._exc = exc
 
     def certificate_status(self, *args, **kwargs):
+        raise self._exc
+
+    def certificate_and_device(self, *args, **kwargs):  # the verifier's per-request read
         raise self._exc
 
     def __getattr__(self, name):

@@ -20,3 +20,4 @@ def test_mtls_bench_runs_against_nginx_and_prints_ratios():
     assert " 0 errors" in result.stdout
     assert "ratio fleetid/nginx, full handshakes:" in result.stdout
     assert "ratio fleetid/nginx, resumed handshakes:" in result.stdout
+    assert "ratio fleetid/nginx-sc, full handshakes:" in result.stdout
