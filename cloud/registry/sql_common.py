@@ -1,0 +1,468 @@
+"""The Registry operations shared by the SQL backends (sqlite_backend, postgres_backend).
+
+`SqlRegistry` holds every operation whose SQL flow is the same on both databases, written
+with `?` placeholders and column-name row access (sqlite3.Row and psycopg's dict_row both
+give it).  A backend subclass supplies what really differs:
+
+- `dialect` ("sqlite" / "postgresql"): placeholder rewriting (`_q`, schema.placeholders);
+- `_db_error` (the driver's base exception) and `_storage_error(exc)` (its mapping to
+  RegistryError(STORAGE));
+- `_lock_clause`: appended to the reads that must lock their row inside a write
+  transaction ("" on SQLite, whose BEGIN IMMEDIATE already holds the write lock;
+  " FOR UPDATE" on PostgreSQL);
+- `_new_connection()`, `_write()` (how a write transaction begins and ends),
+  `_unique(conn, error)` (a unique-constraint violation of the statements inside becomes
+  `error`, without spoiling the transaction), `_take_serial(conn)`, `_lock_schema(conn)`,
+  `_allocated_intent(...)`, `certificate_and_device()` and `audit_snapshot()`.
+"""
+
+import contextlib
+import threading
+
+from fleetid.cloud.line import audit
+from fleetid.cloud.registry import schema
+from fleetid.cloud.registry.errors import (
+    CertificateNotFound,
+    DeviceNotFound,
+    DuplicateSerial,
+    DuplicateSeUid,
+    InvalidState,
+    RegistryError,
+)
+from fleetid.cloud.registry.interface import (
+    COMMITTED,
+    HELD,
+    IDENTITY,
+    INTENT,
+    REVOKED,
+    DeviceRecord,
+    Registry,
+    build_hold,
+    certificate_from_row,
+    certificate_row,
+    check_commit,
+    check_se_uid,
+    check_serial,
+    check_text,
+    device_from_row,
+    identity_cert_present,
+    wrap_audit_error,
+)
+
+DEVICE_COLUMNS = (
+    "serial, se_uid, status, station, operator, batch, hsm_session, intent_at, updated_at, "
+    "committed_at, hold_reason, slot, aid, issuing_ca, attestation_hash, "
+    "identity_fingerprint, rotation_state"
+)
+CERT_COLUMNS = (
+    "fingerprint, device_serial, kind, cert_serial, issuer, not_before, not_after, added_at, "
+    "der, revoked_at, revocation_reason"
+)
+DEVICE_NAMES = tuple(c.strip() for c in DEVICE_COLUMNS.split(","))
+CERT_NAMES = tuple(c.strip() for c in CERT_COLUMNS.split(","))
+# The certificate joined with its device (the column names of the two tables differ).
+JOINED_QUERY = (
+    "SELECT %s, %s FROM certificates c LEFT JOIN devices d ON d.serial = c.device_serial "
+    "WHERE c.cert_serial = ?" % (", ".join("c." + n for n in CERT_NAMES),
+                                 ", ".join("d." + n for n in DEVICE_NAMES)))
+JOINED_QUERY_ISSUER = JOINED_QUERY + " AND c.issuer = ?"
+
+
+def cert_serial_text(cert_serial):
+    """The stored (hex) form of a certificate serial given as int, bytes or hex."""
+    return (audit.cert_serial_hex(cert_serial) if isinstance(cert_serial, int)
+            else audit.to_hex(cert_serial))
+
+
+def one_certificate(rows, cert_serial):
+    """The single row of a certificate lookup; CertificateNotFound / AMBIGUOUS otherwise."""
+    if not rows:
+        raise CertificateNotFound(cert_serial)
+    if len(rows) > 1:
+        raise RegistryError(RegistryError.AMBIGUOUS, "serial %s: give the issuer"
+                            % cert_serial)
+    return rows[0]
+
+
+def _check_intent_text(station, operator, batch, hsm_session):
+    for name, value in (("station", station), ("operator", operator), ("batch", batch),
+                        ("hsm_session", hsm_session)):
+        check_text(name, value)
+
+
+class SqlRegistry(Registry):
+    """The common part of the SQL backends; see the module docstring."""
+
+    dialect = None
+    _db_error = Exception
+    _lock_clause = ""
+
+    def __init__(self, wall_clock):
+        self.wall_clock = wall_clock
+        self._local = threading.local()
+        self._connections = []
+        self._connections_lock = threading.Lock()
+        self._closed = False
+
+    @staticmethod
+    def _storage_error(exc):  # pragma: no cover - every backend defines its own
+        raise NotImplementedError
+
+    def _q(self, query):
+        return schema.placeholders(query, self.dialect)
+
+    # -- connections and transactions -------------------------------------------------------------
+
+    def _usable(self, conn):
+        return conn is not None
+
+    def _conn(self):
+        if self._closed:
+            raise RegistryError(RegistryError.CLOSED)
+        conn = getattr(self._local, "conn", None)
+        if not self._usable(conn):
+            try:
+                conn = self._new_connection()
+            except self._db_error as exc:
+                raise self._storage_error(exc) from None
+            with self._connections_lock:
+                self._connections.append(conn)
+            self._local.conn = conn
+        return conn
+
+    @contextlib.contextmanager
+    def _read(self):
+        conn = self._conn()
+        try:
+            yield conn
+        except self._db_error as exc:
+            raise self._storage_error(exc) from None
+
+    def _lock_schema(self, conn):
+        pass
+
+    def _apply_schema(self):
+        with self._write() as conn:
+            self._lock_schema(conn)
+            for statement in schema.statements(self.dialect):
+                conn.execute(statement)
+            row = conn.execute(
+                "SELECT value FROM registry_meta WHERE name = 'schema_version'").fetchone()
+            if row is None or row["value"] != str(schema.SCHEMA_VERSION):
+                raise RegistryError(RegistryError.SCHEMA, "version %s"
+                                    % (row and row["value"]))
+
+    def close(self):
+        with self._connections_lock:
+            self._closed = True
+            connections, self._connections = self._connections, []
+        for conn in connections:
+            try:
+                conn.close()
+            except self._db_error:
+                pass
+
+    # -- helpers inside a transaction -------------------------------------------------------------
+
+    def _device(self, conn, serial, lock=False):
+        row = conn.execute(self._q("SELECT %s FROM devices WHERE serial = ?%s" % (
+            DEVICE_COLUMNS, self._lock_clause if lock else "")), (serial,)).fetchone()
+        if row is None:
+            raise DeviceNotFound(serial)
+        return device_from_row(row)
+
+    def _append(self, conn, fields, device_serial):
+        head_row = conn.execute("SELECT entry_count, head_hash FROM audit_head WHERE id = 1"
+                                + self._lock_clause).fetchone()
+        count, head = head_row["entry_count"], head_row["head_hash"]
+        if fields.get("type") == audit.CHECKPOINT:
+            covers = fields.get("covers")
+            if not isinstance(covers, int) or not 1 <= covers <= count:
+                raise RegistryError(RegistryError.BAD_INPUT, "checkpoint covers %r" % (covers,))
+            row = conn.execute(self._q("SELECT entry_hash FROM audit_log WHERE seq = ?"),
+                               (covers - 1,)).fetchone()
+            if row is None or row["entry_hash"] != fields.get("head"):
+                raise RegistryError(RegistryError.MISMATCH, "checkpoint head")
+        entry = audit.seal(fields, count, head)
+        conn.execute(
+            self._q("INSERT INTO audit_log (seq, entry_type, device_serial, entry_hash, entry) "
+                    "VALUES (?, ?, ?, ?, ?)"),
+            (count, entry.type, device_serial, entry.hash_hex, entry.line[:-1].decode("ascii")))
+        conn.execute(self._q("UPDATE audit_head SET entry_count = ?, head_hash = ? WHERE id = 1"),
+                     (count + 1, entry.hash_hex))
+        return entry
+
+    def _certs(self, conn, cert_serial, issuer):
+        cert_serial = cert_serial_text(cert_serial)
+        query = "SELECT %s FROM certificates WHERE cert_serial = ?" % CERT_COLUMNS
+        params = [cert_serial]
+        if issuer is not None:
+            query += " AND issuer = ?"
+            params.append(issuer)
+        rows = conn.execute(self._q(query), params).fetchall()
+        return certificate_from_row(one_certificate(rows, cert_serial))
+
+    def _insert_cert(self, conn, cert):
+        with self._unique(conn, RegistryError(RegistryError.DUPLICATE_CERTIFICATE,
+                                              cert["fingerprint"])):
+            conn.execute(self._q("INSERT INTO certificates (%s) VALUES (%s)"
+                                 % (", ".join(cert), ", ".join("?" * len(cert)))),
+                         tuple(cert.values()))
+
+    def _insert_intent(self, conn, serial, uid_hex, station, operator, batch, hsm_session, now):
+        with self._unique(conn, DuplicateSerial(serial)):
+            conn.execute(self._q(
+                "INSERT INTO devices (serial, se_uid, status, station, operator, batch, "
+                "hsm_session, intent_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"),
+                (serial, uid_hex, INTENT, station, operator, batch, hsm_session, now, now))
+
+    # -- serials and intents ----------------------------------------------------------------------
+
+    def allocate_serial(self):
+        with self._write() as conn:
+            serial = self._take_serial(conn)
+        return serial
+
+    def write_intent(self, serial, se_uid, station, operator="", batch="", hsm_session=""):
+        check_serial(serial)
+        uid_hex = check_se_uid(se_uid)
+        _check_intent_text(station, operator, batch, hsm_session)
+        now = self._now()
+        with self._write() as conn:
+            next_serial = conn.execute(
+                "SELECT next_serial FROM serial_counter WHERE id = 1").fetchone()["next_serial"]
+            if serial >= next_serial:
+                raise RegistryError(RegistryError.NOT_ALLOCATED, str(serial))
+            self._insert_intent(conn, serial, uid_hex, station, operator, batch, hsm_session,
+                                now)
+            return self._device(conn, serial)
+
+    def allocate_intent(self, se_uid, station, operator="", batch="", hsm_session=""):
+        uid_hex = check_se_uid(se_uid)
+        _check_intent_text(station, operator, batch, hsm_session)
+        now = self._now()
+        with self._write() as conn:
+            serial = self._take_serial(conn)
+            self._insert_intent(conn, serial, uid_hex, station, operator, batch, hsm_session,
+                                now)
+            return self._allocated_intent(conn, serial, uid_hex, station, operator, batch,
+                                          hsm_session, now)
+
+    def _allocated_intent(self, conn, serial, uid_hex, station, operator, batch, hsm_session,
+                          now):
+        # What the row now holds (every other column NULL), without reading it back.
+        return DeviceRecord(serial=serial, se_uid=bytes.fromhex(uid_hex), status=INTENT,
+                            station=station, operator=operator, batch=batch,
+                            hsm_session=hsm_session, intent_at=now, updated_at=now)
+
+    def list_in_flight(self):
+        with self._read() as conn:
+            rows = conn.execute(self._q("SELECT %s FROM devices WHERE status = ? ORDER BY serial"
+                                        % DEVICE_COLUMNS), (INTENT,)).fetchall()
+        return [device_from_row(r) for r in rows]
+
+    @wrap_audit_error
+    def commit_identity(self, record, audit_entry):
+        check_serial(record.serial)
+        now = self._now()
+        cert = certificate_row(record.serial, record.identity_cert_der, IDENTITY, now)
+        with self._write() as conn:
+            device = self._device(conn, record.serial, lock=True)
+            check_commit(device, record, audit_entry, cert)
+            with self._unique(conn, DuplicateSeUid(device.se_uid.hex())):
+                conn.execute(self._q(
+                    "UPDATE devices SET status = ?, committed_at = ?, updated_at = ?, slot = ?, "
+                    "aid = ?, issuing_ca = ?, attestation_hash = ?, identity_fingerprint = ?, "
+                    "station = ?, operator = ?, batch = ?, hsm_session = ? WHERE serial = ?"),
+                    (COMMITTED, now, now, record.slot, bytes(record.aid).hex(), cert["issuer"],
+                     record.attestation_hash, cert["fingerprint"], record.station,
+                     record.operator, record.batch, record.hsm_session, record.serial))
+            # Added before the SE got it (add_certificate)?
+            row = conn.execute(self._q("SELECT %s FROM certificates WHERE fingerprint = ?"
+                                       % CERT_COLUMNS), (cert["fingerprint"],)).fetchone()
+            existing = None if row is None else certificate_from_row(row)
+            if not identity_cert_present(existing, record, cert):
+                self._insert_cert(conn, cert)
+            return self._append(conn, audit_entry, record.serial)
+
+    @wrap_audit_error
+    def hold(self, serial, reason, station="", operator=""):
+        check_text("reason", reason, allow_empty=False)
+        now = self._now()
+        with self._write() as conn:
+            device = self._device(conn, serial, lock=True)
+            if device.status == REVOKED:
+                raise InvalidState(serial, device.status, "hold")
+            conn.execute(self._q("UPDATE devices SET status = ?, hold_reason = ?, "
+                                 "updated_at = ? WHERE serial = ?"), (HELD, reason, now, serial))
+            fields = build_hold(device, reason, station, operator, now)
+            return self._append(conn, fields, serial)
+
+    @wrap_audit_error
+    def reconcile(self, serial, outcome, reason, station="", operator="", cert_serial=None,
+                  cert_fingerprint=None):
+        check_text("outcome", outcome, allow_empty=False)
+        now = self._now()
+        with self._write() as conn:
+            device = self._device(conn, serial, lock=True)
+            if device.status != INTENT:
+                raise InvalidState(serial, device.status, "reconcile")
+            conn.execute(self._q("UPDATE devices SET status = ?, hold_reason = ?, "
+                                 "updated_at = ? WHERE serial = ?"),
+                         (HELD, "reconciled: " + outcome, now, serial))
+            fields = audit.reconcile_entry(
+                serial=serial, outcome=outcome, reason=reason, station=station,
+                operator=operator, when=now, se_uid=device.se_uid, cert_serial=cert_serial,
+                cert_fingerprint=cert_fingerprint)
+            return self._append(conn, fields, serial)
+
+    @wrap_audit_error
+    def mark_revoked(self, cert_serial, reason, operator="", issuer=None):
+        check_text("reason", reason, allow_empty=False)
+        now = self._now()
+        with self._write() as conn:
+            cert = self._certs(conn, cert_serial, issuer)
+            if self._lock_clause:
+                device = self._device(conn, cert.device_serial, lock=True)
+                # Re-read under the device lock: a concurrent revocation is seen.
+                cert = self._certs(conn, cert_serial, issuer)
+            if cert.revoked:
+                raise RegistryError(RegistryError.STATE, "already revoked")
+            conn.execute(self._q("UPDATE certificates SET revoked_at = ?, "
+                                 "revocation_reason = ? WHERE fingerprint = ?"),
+                         (now, reason, cert.fingerprint))
+            if not self._lock_clause:
+                device = self._device(conn, cert.device_serial)
+            if cert.kind == IDENTITY and device.identity_fingerprint == cert.fingerprint:
+                conn.execute(self._q("UPDATE devices SET status = ?, updated_at = ? "
+                                     "WHERE serial = ?"), (REVOKED, now, device.serial))
+            fields = audit.revoke_entry(serial=device.serial, cert_serial=cert.cert_serial,
+                                        cert_fingerprint=cert.fingerprint, reason=reason,
+                                        operator=operator, when=now)
+            return self._append(conn, fields, device.serial)
+
+    # -- devices and certificates -----------------------------------------------------------------
+
+    def get_device(self, serial):
+        with self._read() as conn:
+            return self._device(conn, serial)
+
+    def find_by_se_uid(self, se_uid):
+        uid_hex = check_se_uid(se_uid)
+        with self._read() as conn:
+            rows = conn.execute(self._q("SELECT %s FROM devices WHERE se_uid = ? "
+                                        "ORDER BY serial DESC" % DEVICE_COLUMNS),
+                                (uid_hex,)).fetchall()
+        return [device_from_row(r) for r in rows]
+
+    def add_certificate(self, serial, cert_der, kind, rotation_state=None):
+        if rotation_state is not None:
+            check_text("rotation state", rotation_state)
+        now = self._now()
+        cert = certificate_row(serial, cert_der, kind, now)
+        with self._write() as conn:
+            self._device(conn, serial, lock=rotation_state is not None)
+            self._insert_cert(conn, cert)
+            if rotation_state is not None:
+                conn.execute(self._q("UPDATE devices SET rotation_state = ?, updated_at = ? "
+                                     "WHERE serial = ?"), (rotation_state, now, serial))
+        return certificate_from_row(cert)
+
+    def certificates(self, serial):
+        with self._read() as conn:
+            self._device(conn, serial)
+            rows = conn.execute(self._q("SELECT %s FROM certificates WHERE device_serial = ? "
+                                        "ORDER BY added_at, fingerprint" % CERT_COLUMNS),
+                                (serial,)).fetchall()
+        return [certificate_from_row(r) for r in rows]
+
+    def certificate_status(self, cert_serial, issuer=None):
+        with self._read() as conn:
+            return self._certs(conn, cert_serial, issuer)
+
+    def set_rotation_state(self, serial, state):
+        check_text("rotation state", state)
+        with self._write() as conn:
+            self._device(conn, serial, lock=True)
+            conn.execute(self._q("UPDATE devices SET rotation_state = ?, updated_at = ? "
+                                 "WHERE serial = ?"), (state, self._now(), serial))
+
+    # -- the audit chain --------------------------------------------------------------------------
+
+    @wrap_audit_error
+    def append_audit(self, fields):
+        if fields.get("type") != audit.CHECKPOINT:
+            raise RegistryError(RegistryError.BAD_INPUT,
+                                "device entries are written by the operation they record")
+        with self._write() as conn:
+            return self._append(conn, fields, None)
+
+    def head(self):
+        with self._read() as conn:
+            row = conn.execute(
+                "SELECT entry_count, head_hash FROM audit_head WHERE id = 1").fetchone()
+        return row["entry_count"], row["head_hash"]
+
+    def iter_audit_lines(self, start=0, batch=1000):
+        seq = start
+        while True:
+            with self._read() as conn:
+                rows = conn.execute(self._q("SELECT seq, entry FROM audit_log WHERE seq >= ? "
+                                            "ORDER BY seq LIMIT ?"), (seq, batch)).fetchall()
+            for row in rows:
+                yield row["entry"].encode("ascii") + b"\n"
+            if len(rows) < batch:
+                return
+            seq = rows[-1]["seq"] + 1
+
+    def audit_entries_for(self, serial):
+        with self._read() as conn:
+            rows = conn.execute(self._q("SELECT seq, entry FROM audit_log "
+                                        "WHERE device_serial = ? ORDER BY seq"),
+                                (serial,)).fetchall()
+        return [audit.parse_entry(r["entry"].encode("ascii"), r["seq"]) for r in rows]
+
+    def last_checkpoint(self):
+        with self._read() as conn:
+            row = conn.execute(self._q("SELECT seq, entry FROM audit_log WHERE entry_type = ? "
+                                       "ORDER BY seq DESC LIMIT 1"),
+                               (audit.CHECKPOINT,)).fetchone()
+        return None if row is None else audit.parse_entry(row["entry"].encode("ascii"),
+                                                          row["seq"])
+
+
+class SnapshotLines:
+    """Iterator over one read transaction's audit lines; owns its connection (closed when
+    exhausted or on close(), after `end` - e.g. "ROLLBACK" - if given)."""
+
+    def __init__(self, registry, conn, cursor, end=None):
+        self._registry = registry
+        self._conn = conn
+        self._cursor = cursor
+        self._end = end
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if self._conn is None:
+            raise StopIteration
+        try:
+            row = self._cursor.fetchone()
+        except self._registry._db_error as exc:
+            self.close()
+            raise self._registry._storage_error(exc) from None
+        if row is None:
+            self.close()
+            raise StopIteration
+        return row["entry"].encode("ascii") + b"\n"
+
+    def close(self):
+        if self._conn is not None:
+            if self._end is not None:
+                try:
+                    self._conn.execute(self._end)
+                except self._registry._db_error:
+                    pass
+            self._conn.close()
+            self._conn = None
