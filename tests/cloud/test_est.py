@@ -19,22 +19,9 @@ from fleetid.cloud.verifier.errors import AccessRefused, PendingApproval, Reques
 from fleetid.common import der as der_codec
 from fleetid.common.oids import OID_ATTR_EVIDENCE
 from tests.cloud.attestation_support import SoftVendor, enrolment, make_csr, new_key
-from tests.cloud.cloud_support import Fleet, RunningCloud, der
+from tests.cloud.cloud_support import Fleet, der
 
 PKCS10 = {"Content-Type": "application/pkcs10"}
-
-
-@pytest.fixture
-def fleet(tmp_path):
-    fleet = Fleet(tmp_path)
-    yield fleet
-    fleet.close()
-
-
-@pytest.fixture
-def cloud(fleet):
-    with RunningCloud(fleet) as running:
-        yield running
 
 
 def b64(data):

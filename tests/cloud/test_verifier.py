@@ -28,19 +28,6 @@ from tests.conftest import require
 NONCE = b"\x5a" * 32
 
 
-@pytest.fixture
-def fleet(tmp_path):
-    fleet = Fleet(tmp_path)
-    yield fleet
-    fleet.close()
-
-
-@pytest.fixture
-def cloud(fleet):
-    with RunningCloud(fleet) as running:
-        yield running
-
-
 def refused(fleet, cert, reason, detail=""):
     before = fleet.snapshot()
     with pytest.raises(AccessRefused) as info:
