@@ -162,16 +162,24 @@ def _crl_dp(url):
 
 def root_builder(subject, public_key, not_before, not_after):
     """CertificateBuilder of a self-signed root CA (see module docstring)."""
+    return _ca_builder(subject, subject, public_key, not_before, not_after,
+                       path_length=None, digital_signature=False)
+
+
+def _ca_builder(subject, issuer_name, public_key, not_before, not_after, path_length,
+                digital_signature):
+    """What every CA certificate of the fleet carries: critical basicConstraints and
+    keyUsage (certificate and CRL signing), and the subject key identifier."""
     return (
         x509.CertificateBuilder()
         .subject_name(subject)
-        .issuer_name(subject)
+        .issuer_name(issuer_name)
         .public_key(public_key)
         .serial_number(x509.random_serial_number())
         .not_valid_before(not_before)
         .not_valid_after(not_after)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .add_extension(_ca_key_usage(digital_signature=False), critical=True)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=path_length), critical=True)
+        .add_extension(_ca_key_usage(digital_signature=digital_signature), critical=True)
         .add_extension(_ski(public_key), critical=False)
     )
 
@@ -187,19 +195,10 @@ def _ca_key_usage(digital_signature):
 def issuing_ca_builder(subject, public_key, issuer_certificate, not_before, not_after,
                        path_len=0, crl_url=None):
     """CertificateBuilder of an intermediate (issuing) CA under `issuer_certificate`."""
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(issuer_certificate.subject)
-        .public_key(public_key)
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(not_before)
-        .not_valid_after(not_after)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=path_len), critical=True)
-        .add_extension(_ca_key_usage(digital_signature=True), critical=True)
-        .add_extension(_ski(public_key), critical=False)
-        .add_extension(_aki(issuer_certificate), critical=False)
-    )
+    builder = _ca_builder(
+        subject, issuer_certificate.subject, public_key, not_before, not_after,
+        path_length=path_len, digital_signature=True,
+    ).add_extension(_aki(issuer_certificate), critical=False)
     if crl_url:
         builder = builder.add_extension(_crl_dp(crl_url), critical=False)
     return builder
