@@ -37,14 +37,20 @@ if sys.version_info < (3, 11):
 PY
 
 [ -x .venv/bin/python ] || python3 -m venv .venv
-.venv/bin/python -m pip install -q --upgrade pip setuptools wheel
+# Every Python package at the exact version in constraints.txt (the toolchain CI last passed
+# with); the build backend too (--build-constraint, once pip itself is at its pinned version).
+.venv/bin/python -m pip install -q -c constraints.txt pip setuptools wheel
+pin=(-c constraints.txt --build-constraint constraints.txt)
+# setuptools warns on every editable install that a folder named like the package could
+# shadow it; the package-dir mapping in pyproject.toml is what makes that safe here.
+export PYTHONWARNINGS="ignore:Editable installation"
 if [ $want_test = 1 ]; then
     # yubikey-manager is only used for its yubikit SCP03 host (an independent SCP03
     # implementation to test against); its pyscard dependency needs PC/SC, which the
     # tests do not use, so it is installed without dependencies.
-    .venv/bin/python -m pip install -q -e '.[test]'
-    .venv/bin/python -m pip install -q --no-deps 'yubikey-manager>=5.5'
+    .venv/bin/python -m pip install -q "${pin[@]}" -e '.[test]'
+    .venv/bin/python -m pip install -q "${pin[@]}" --no-deps yubikey-manager
 else
-    .venv/bin/python -m pip install -q -e .
+    .venv/bin/python -m pip install -q "${pin[@]}" -e .
 fi
 echo "setup: ready ($(.venv/bin/python --version), fleetid at .venv/bin/fleetid)"
