@@ -3,12 +3,12 @@
 The portable core is staged as fleetid/common/ and fleetid/device/ in a temporary folder
 (the import names the device firmware uses), compiled to .mpy as firmware carries it
 (tests/micropython/support.py), and three scripts (apdu, der, attestation + CSR) run
-under the real `micropython` unix port, each with a 64 KB heap.
+under the real `micropython` unix port, each at its heap budget (tests/micropython/budgets.py).
 Each prints one line per check; the bytes produced must equal CPython's.
 
 Why .mpy and one interpreter per area: the unix port loads bytecode into the heap (frozen
 firmware keeps it in flash), and errors + der + attestation + apdu bytecode alone take
-about 44 KB of it; compiling der.py from source needs more than 64 KB.  Each run imports
+about 44 KB of it; compiling der.py from source on the target would need far more heap than its budget.  Each run imports
 only the modules it exercises, like a device task would, leaving room for working data.
 """
 

