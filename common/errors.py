@@ -159,3 +159,49 @@ class DerError(FleetidError):
         super().__init__(reason if not detail else reason + ": " + detail)
         self.reason = reason
         self.detail = detail
+
+
+class BootError(FleetidError):
+    """Signed boot refused an image (device/boot.py).
+
+    `reason` is one of device.boot's REASON_* strings (one per kind of refusal: truncated,
+    oversized, tampered, unsigned, key mismatch, bad signature, rollback, ...); `report`
+    is the BootReport with every check run so far, the refused one last (or None).
+    """
+
+    def __init__(self, reason, detail="", report=None):
+        super().__init__(reason if not detail else reason + ": " + detail)
+        self.reason = reason
+        self.detail = detail
+        self.report = report
+
+
+class RevocationError(FleetidError):
+    """Base of the revocation-cache errors (device/crl_cache.py); `reason` says which."""
+
+    def __init__(self, reason, detail=""):
+        super().__init__(reason if not detail else reason + ": " + detail)
+        self.reason = reason
+        self.detail = detail
+
+
+class CrlError(RevocationError):
+    """A fetched CRL was refused (truncated, wrongly signed, wrong issuer, stale, rolled
+    back, ...); the cache keeps the CRL it had.  `reason`: device.crl_cache REASON_*."""
+
+
+class RevokedError(RevocationError):
+    """The certificate is on the cached, verified CRL.
+
+    `serial` (int) and `revocation_date` (the CRL's time text) are set; `reason` is
+    "revoked"."""
+
+    def __init__(self, serial, revocation_date=""):
+        RevocationError.__init__(self, "revoked", "serial %x" % serial)
+        self.serial = serial
+        self.revocation_date = revocation_date
+
+
+class StaleRevocationError(RevocationError):
+    """No CRL fresh enough to answer (none cached, or past nextUpdate + grace) and the
+    policy fails closed.  `reason`: "no_crl" or "stale"."""
