@@ -9,7 +9,7 @@ only; the `agent` group attaches it.
 import click
 
 from fleetid.cli.se import _Connection, describe_error
-from fleetid.common.errors import BootError, FleetidError
+from fleetid.common.errors import FleetidError
 
 
 def _print_checks(report):
@@ -48,7 +48,7 @@ def boot_check(image, bus_uri, max_size, confirm, t1_profile, timeout_ms):
         with open(image, "rb") as reader:
             try:
                 report = boot.check_image(se, reader, max_size=max_size)
-            except BootError as exc:
+            except boot.BootError as exc:
                 click.echo("image %s" % image)
                 if exc.report is not None:
                     _print_checks(exc.report)

@@ -59,7 +59,12 @@ except ImportError:  # CPython
         return x
 
 
-from fleetid.common.errors import BootError, ReferenceNotFound, VerificationFailed, WrongData
+from fleetid.common.errors import (
+    FleetidError,
+    ReferenceNotFound,
+    VerificationFailed,
+    WrongData,
+)
 
 IMAGE_MAGIC = const(0x96F3B83D)
 TLV_INFO_MAGIC = const(0x6907)  # unprotected TLV area
@@ -112,6 +117,25 @@ REASON_SIGNATURE = "signature"  # the SE says the signature does not verify
 REASON_NO_COUNTER = "security_counter_missing"  # no protected SEC_CNT TLV
 REASON_ROLLBACK = "rollback"  # SEC_CNT below the SE's monotonic counter
 REASON_NOT_CHECKED = "not_checked"  # confirm_boot() given a report that did not pass
+
+
+
+class BootError(FleetidError):
+    """Signed boot refused an image.
+
+    `reason`: one of the REASON_* strings above (one per kind of refusal); `detail`: a
+    short text; `report`: the BootReport with every check run so far, the refused one last
+    (None from confirm_boot).  Defined here rather than in common/errors.py so that a
+    device that never boots an image does not carry it (common/errors.py is imported by
+    every device task and the 64 KB MicroPython budget has no room to spare).
+    """
+
+    def __init__(self, reason, detail="", report=None):
+        super().__init__(reason if not detail else reason + ": " + detail)
+        self.reason = reason
+        self.detail = detail
+        self.report = report
+
 
 VERDICT_OK = "ok"
 VERDICT_REFUSED = "refused"

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from fleetid.common import der
 from fleetid.common import se_consts as C
-from fleetid.common.errors import BootError
+from fleetid.device.boot import BootError
 from fleetid.device import boot
 from fleetid.sim.nvm import PowerLoss
 from tests.device.boot_support import (
