@@ -22,12 +22,14 @@ def cloud():
     """
 
 
-def _load(config_path, state_dir=None, **overrides):
+def _load(config_path, state_dir=None, env=None, **overrides):
     import os
 
     from fleetid.cloud.config import ENV_PREFIX, ConfigError, load_config
 
     environ = dict(os.environ)
+    for key, value in (env or {}).items():  # keys whose defaults derive others
+        environ[ENV_PREFIX + key] = value
     if state_dir:
         environ[ENV_PREFIX + "STATE_DIR"] = os.path.abspath(state_dir)
     try:
@@ -49,7 +51,10 @@ def _load(config_path, state_dir=None, **overrides):
 @click.option("--est-port", type=click.IntRange(0, 65535), default=None)
 @click.option("--metrics-port", type=click.IntRange(0, 65535), default=None,
               help="Plain-HTTP /metrics on 127.0.0.1 (0 = off).")
-def serve_cmd(config_path, state_dir, host, verifier_port, est_port, metrics_port):
+@click.option("--crl-port", type=click.IntRange(0, 65535), default=None,
+              help="Plain-HTTP CRLs, GET /crl/<label>.crl (0 = off, the default); new "
+              "certificates name it as their CRL distribution point.")
+def serve_cmd(config_path, state_dir, host, verifier_port, est_port, metrics_port, crl_port):
     """Run the verifier (mTLS, client certificate required) and the EST server.
 
     \b
@@ -68,7 +73,8 @@ def serve_cmd(config_path, state_dir, host, verifier_port, est_port, metrics_por
     from fleetid.cloud.verifier.http import configure_json_logging
     from fleetid.cloud.verifier.server import CloudServer, build_context, serve_forever
 
-    config = _load(config_path, state_dir, host=host, verifier_port=verifier_port,
+    env = {} if crl_port is None else {"CRL_PORT": str(crl_port)}
+    config = _load(config_path, state_dir, env, host=host, verifier_port=verifier_port,
                    est_port=est_port, metrics_port=metrics_port)
     configure_json_logging(getattr(logging, config.log_level.upper(), logging.INFO))
     try:

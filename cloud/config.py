@@ -10,6 +10,13 @@ File (all keys optional; paths relative to the file's folder):
     verifier_port = 8443             # mTLS, client certificate REQUIRED
     est_port = 8444                  # EST, client certificate optional (401 without)
     metrics_port = 9464              # plain HTTP /metrics on 127.0.0.1; 0 = off
+    crl_port = 8446                  # plain HTTP CRLs, GET /crl/<label>.crl, one per
+                                     # label's CA (cloud/revocation/); 0 (the default) = off
+    crl_base_url = "http://ca.example.net:8446"  # what new certificates name as their CRL
+                                     # distribution point (+ /crl/<label>.crl); default
+                                     # http://<host>:<crl_port> when crl_port is set, else
+                                     # none (no CRL distribution point)
+    crl_next_update_hours = 24       # nextUpdate - thisUpdate of each CRL
     registry = "sqlite:var/cloud/registry.db"   # or postgresql://user@host/db
     hsm = "soft:var/cloud/keystore.json;pass-env=FLEETID_KEYSTORE_PASS"
     vendor_roots = ["var/vendor/vendor_root.pem"]   # trusted SE vendor roots (PEM)
@@ -51,6 +58,9 @@ DEFAULTS = {
     "verifier_port": 8443,
     "est_port": 8444,
     "metrics_port": 9464,
+    "crl_port": 0,
+    "crl_base_url": None,  # default: http://<host>:<crl_port>
+    "crl_next_update_hours": 24,
     "registry": None,  # default: sqlite:<state_dir>/registry.db
     "hsm": None,  # default: soft:<state_dir>/keystore.json;pass-env=FLEETID_KEYSTORE_PASS
     "vendor_roots": [],
@@ -163,7 +173,11 @@ def load_config(path=None, environ=None):
     if not values["hsm"]:
         values["hsm"] = "soft:%s;pass-env=FLEETID_KEYSTORE_PASS" % os.path.join(
             state, "keystore.json")
-    for key in ("verifier_port", "est_port", "metrics_port"):
+    if values["crl_port"] and not values["crl_base_url"]:
+        values["crl_base_url"] = "http://%s:%d" % (values["host"], values["crl_port"])
+    if values["crl_next_update_hours"] < 1:
+        raise ConfigError("crl_next_update_hours must be >= 1")
+    for key in ("verifier_port", "est_port", "metrics_port", "crl_port"):
         if not 0 <= values[key] <= 65535:
             raise ConfigError("%s out of range" % key)
     if values["event_loop"] not in ("auto", "uvloop", "asyncio"):

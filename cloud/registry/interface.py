@@ -321,6 +321,12 @@ class Registry:
         Raises CertificateNotFound, RegistryError(AMBIGUOUS)."""
         raise NotImplementedError
 
+    def revoked_certificates(self, issuer):
+        """Every revoked certificate issued by `issuer` (RFC 4514 string, as stored in
+        CertificateRecord.issuer), ordered by serial: what a CRL of that CA lists.
+        Returns: list of CertificateRecord (revoked_at set)."""
+        raise NotImplementedError
+
     def certificate_and_device(self, cert_serial, issuer=None):
         """(CertificateRecord, DeviceRecord): a certificate's record and its device's, in
         ONE read (one query, one snapshot) where the backend can; what the verifier checks

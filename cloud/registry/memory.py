@@ -249,6 +249,12 @@ class MemoryRegistry(Registry):
         with self._lock:
             return self._cert(cert_serial, issuer)
 
+    def revoked_certificates(self, issuer):
+        with self._lock:
+            return sorted((c for c in self._certs.values()
+                           if c.issuer == issuer and c.revoked_at is not None),
+                          key=lambda c: c.cert_serial)
+
     def certificate_and_device(self, cert_serial, issuer=None):
         with self._lock:  # one lock: both records of the same moment
             record = self._cert(cert_serial, issuer)

@@ -380,6 +380,13 @@ class SqlRegistry(Registry):
         with self._read() as conn:
             return self._certs(conn, cert_serial, issuer)
 
+    def revoked_certificates(self, issuer):
+        with self._read() as conn:
+            rows = conn.execute(self._q("SELECT %s FROM certificates WHERE issuer = ? AND "
+                                        "revoked_at IS NOT NULL ORDER BY cert_serial"
+                                        % CERT_COLUMNS), (issuer,)).fetchall()
+        return [certificate_from_row(r) for r in rows]
+
     def set_rotation_state(self, serial, state):
         check_text("rotation state", state)
         with self._write() as conn:

@@ -28,6 +28,8 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from fleetid.cloud.est.app import make_est_app
 from fleetid.cloud.est.service import EstLabel, EstService
+from fleetid.cloud.revocation.app import make_crl_app
+from fleetid.cloud.revocation.crl import CrlIssuer, CrlPublisher, crl_url
 from fleetid.cloud.verifier.app import make_metrics_app, make_verifier_app
 from fleetid.cloud.verifier.http import Metrics, server_ssl_context
 from fleetid.cloud.verifier.revoked_cas import RevokedCaFile
@@ -178,6 +180,7 @@ def build_context(config, environ=None, clock=None):
     vendor_roots = _read_pems(vendor_paths)
     intermediates = _read_pems(config.intermediates)
     labels = []
+    crl_issuers = []
     default_label = None
     registry = open_cloud_registry(config.registry)
     for entry in label_configs:
@@ -187,8 +190,12 @@ def build_context(config, environ=None, clock=None):
         chain = [ca_cert] + [r for r in root_certs if r.subject == ca_cert.issuer]
         # Every HSM signature is verified before a certificate leaves the CA (a fault
         # in the HSM path must not ship a bad certificate); ~0.1 ms per issuance.
+        # The CRL distribution point new certificates name: this label's CRL route.
+        label_crl_url = (crl_url(config.crl_base_url, entry["name"])
+                         if config.crl_base_url else None)
         ca = IssuingCa(hsm, entry["ca_key"], ca_cert, vendor_roots, clock=clock,
-                       verify_signatures="always")
+                       verify_signatures="always", crl_url=label_crl_url)
+        crl_issuers.append(CrlIssuer(entry["name"], hsm, entry["ca_key"], ca_cert))
         labels.append(EstLabel(entry["name"], ca, chain,
                                require_approval=bool(entry.get("require_approval"))))
         if entry.get("default"):
@@ -197,16 +204,17 @@ def build_context(config, environ=None, clock=None):
                        revoked_ca_file=RevokedCaFile(config.revoked_cas_file))
     return CloudContext(hsm=hsm, registry=registry, trust=trust, labels=labels,
                         default_label=default_label, tls_cert=tls_cert, tls_key=tls_key,
-                        config=config, vendor_paths=vendor_paths)
+                        config=config, vendor_paths=vendor_paths, crl_issuers=crl_issuers)
 
 
 class CloudServer:
-    """The verifier + EST + metrics listeners.  Ports may be 0 (pick a free one);
-    `ports` holds the bound ones after start()."""
+    """The verifier + EST + metrics listeners, and the plain-HTTP CRL listener when a
+    CrlPublisher is given.  Ports may be 0 (pick a free one; the metrics listener is off
+    at 0); `ports` holds the bound ones after start()."""
 
     def __init__(self, verifier, est_service, tls_cert, tls_key, client_ca_pem,
                  host="127.0.0.1", verifier_port=8443, est_port=8444, metrics_port=0,
-                 metrics=None):
+                 metrics=None, crl_publisher=None, crl_port=0):
         self.metrics = metrics or Metrics()
         verifier.on_verdict = self.metrics.on_verdict
         self.verifier = verifier
@@ -220,6 +228,9 @@ class CloudServer:
         ]
         if metrics_port:
             self._plan.append(("metrics", make_metrics_app(self.metrics), metrics_port, None))
+        self.crl_publisher = crl_publisher
+        if crl_publisher is not None:
+            self._plan.append(("crl", make_crl_app(crl_publisher), crl_port, None))
         self._runners = []
         self.ports = {}
 
@@ -233,6 +244,11 @@ class CloudServer:
                          overlap=datetime.timedelta(days=config.overlap_days))
         kwargs = dict(host=config.host, verifier_port=config.verifier_port,
                       est_port=config.est_port, metrics_port=config.metrics_port)
+        if config.crl_port and context.crl_issuers:
+            kwargs["crl_publisher"] = CrlPublisher(
+                context.registry, context.crl_issuers,
+                next_update=datetime.timedelta(hours=config.crl_next_update_hours))
+            kwargs["crl_port"] = config.crl_port
         kwargs.update(overrides)
         return cls(verifier, est, context.tls_cert, context.tls_key,
                    context.trust.ca_bundle_pem(), **kwargs)
