@@ -122,6 +122,11 @@ class DerReader:
         if self._pos != self._end:
             raise DerError(REASON_TRAILING, "%d bytes" % (self._end - self._pos))
 
+    def span(self):
+        """(position, end): offsets in the underlying buffer of what is left to read
+        (to hash a signed element in place, or walk a part again later, without copying)."""
+        return self._pos, self._end
+
     def peek_tag(self):
         """Return the next identifier byte, or None at the end."""
         if self._pos >= self._end:

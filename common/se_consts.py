@@ -157,6 +157,7 @@ COUNTER_FIRMWARE = const(0x00)  # anti-rollback counter for signed boot
 DATA_OBJECT_COUNT = const(16)  # objects 0..15
 DATA_OBJECT_MAX = const(1024)  # bytes per object
 DATA_OBJECT_ROTATION_JOURNAL = const(0x00)
+DATA_OBJECT_CRL_NUMBER = const(0x01)  # highest verified cRLNumber (device/crl_cache.py)
 ATTEST_NONCE_MAX = const(64)
 CERT_MAX = const(2048)
 GET_RANDOM_MAX = const(1024)

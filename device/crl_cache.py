@@ -1,0 +1,543 @@
+# Cached revocation for intermittent links: keep the last verified CRL of one issuing CA,
+# refresh it on every connectivity event, and check certificate serials against it.
+# Portable: CPython and MicroPython (common/der.py's strict reader, hashlib; no crypto of
+# its own: the SE verifies the CRL's signature with the issuing CA's public point).
+#
+# CRL layout (RFC 5280 5.1), what parse_crl() accepts:
+#
+#   CertificateList ::= SEQUENCE {
+#     tbsCertList          SEQUENCE {                      <- SHA-256 of these bytes is
+#       version            INTEGER v2(1) OPTIONAL             what the SE verifies
+#       signature          AlgorithmIdentifier  ecdsa-with-SHA256, no parameters
+#       issuer             Name                 byte-equal to issuer_name_der
+#       thisUpdate         Time                 UTCTime 17 "YYMMDDHHMMSSZ" or
+#       nextUpdate         Time                 GeneralizedTime 18 "YYYYMMDDHHMMSSZ";
+#                                               required here (RFC 5280 5.1.2.5 MUST)
+#       revokedCertificates SEQUENCE OF SEQUENCE {  OPTIONAL
+#         userCertificate  INTEGER (serial)
+#         revocationDate   Time
+#         crlEntryExtensions Extensions OPTIONAL }  (no critical ones: 5.3)
+#       crlExtensions  [0] EXPLICIT Extensions      cRLNumber 2.5.29.20 required (5.2.3
+#     }                                             MUST); any other critical one (delta
+#     signatureAlgorithm   AlgorithmIdentifier      CRL indicator, issuing distribution
+#     signatureValue       BIT STRING               point) refused (5.2: "MUST NOT use")
+#   }                      (DER ECDSA-Sig-Value)
+#
+# Decisions (policy injected: CrlPolicy):
+#   * refresh(fetch, now): a fetched CRL replaces the cache only if it is well-formed DER,
+#     from this issuer, signed by it (VERIFY in the SE), not stale (now <= nextUpdate +
+#     grace) and not older (cRLNumber >= the high-water mark); on any refusal the old
+#     cache stays, and CrlError says why (`reason`, REASON_* below).
+#   * check(serial, now): revoked on the cached CRL -> RevokedError, even when that CRL is
+#     stale; no CRL, or a stale one (now > nextUpdate + grace) -> StaleRevocationError when
+#     the policy fails closed, None (not known revoked) when it fails open.
+#   * Times are seconds since 1970-01-01 UTC (ints), injected by the caller.
+#
+# Where the high-water mark lives: in an SE data object (policy.object_id, default 1;
+# se_consts.DATA_OBJECT_CRL_NUMBER), not beside the cached CRL.  The cache itself sits in
+# the injected store (a file on Linux, flash on an MCU); whoever can swap that file could
+# put back an older, validly signed CRL that still lists fewer revocations.  The SE object
+# holds the highest cRLNumber verified so far, so a cached CRL below it is refused at load
+# time.  (The number is a CRL's 1..20-octet integer: the SE's u32 monotonic counters are
+# too small for it; cloud/revocation numbers are milliseconds since the epoch.)  Record:
+#   version u8 (1) | SHA-256(issuer_name_der)[:8] | cRLNumber, big-endian, minimal
+# Write order on refresh: the store first, then the SE object (only when the number grows:
+# NVM wear).  A power cut between the two leaves a cached CRL above the mark, which load
+# accepts (it is signed) and then raises the mark to; the other order would leave the
+# cache below the mark, i.e. no usable CRL until the next refresh.
+#
+# Heap: the CRL is kept once, as bytes; its entries are walked when checked, never copied
+# into a list (check() is per connection, not per packet).
+
+import hashlib
+
+try:
+    from micropython import const
+except ImportError:  # CPython
+
+    def const(x):
+        return x
+
+
+from fleetid.common import der
+from fleetid.common.errors import (
+    DerError,
+    FleetidError,
+    ReferenceNotFound,
+    VerificationFailed,
+    WrongData,
+)
+
+# CrlError / RevocationError.reason values.
+REASON_FETCH = "fetch"  # fetch() raised
+REASON_TOO_LARGE = "too_large"  # over policy.max_size
+REASON_TRUNCATED = "truncated"  # the DER ends inside an element
+REASON_MALFORMED = "malformed"  # not the strict DER of a CRL (or no nextUpdate / number)
+REASON_ALGORITHM = "algorithm"  # not ecdsa-with-SHA256
+REASON_ISSUER = "issuer"  # signed by / naming another CA
+REASON_SIGNATURE = "signature"  # the SE says the signature does not verify
+REASON_UNSUPPORTED = "unsupported"  # a critical extension this cache cannot honour
+REASON_STALE = "stale"  # past nextUpdate + grace
+REASON_ROLLBACK = "rollback"  # cRLNumber below (or equal to, with other contents) the mark
+REASON_STATE = "state"  # the SE object holds another issuer's mark (misconfiguration)
+REASON_STORE = "store"  # the store could not keep the new CRL
+REASON_NO_CRL = "no_crl"  # nothing cached (StaleRevocationError)
+REASON_REVOKED = "revoked"  # RevokedError
+
+_TAG_UTC_TIME = const(0x17)
+_TAG_GENERALIZED_TIME = const(0x18)
+_TAG_CONTEXT_0 = const(0xA0)
+# OID contents octets (X.690 8.19) of the extensions this cache knows.
+_OID_CRL_NUMBER = b"\x55\x1d\x14"  # 2.5.29.20
+_OID_REASON_CODE = b"\x55\x1d\x15"  # 2.5.29.21 (entry, non-critical)
+_OID_INVALIDITY_DATE = b"\x55\x1d\x18"  # 2.5.29.24 (entry, non-critical)
+_OID_AKI = b"\x55\x1d\x23"  # 2.5.29.35
+_STATE_VERSION = const(1)
+_ISSUER_TAG_LEN = const(8)
+_CRL_NUMBER_MAX_OCTETS = const(20)  # RFC 5280 5.2.3
+
+
+class RevocationError(FleetidError):
+    """Base of the revocation-cache errors; `reason` is one of the REASON_* strings."""
+
+    def __init__(self, reason, detail=""):
+        super().__init__(reason if not detail else reason + ": " + detail)
+        self.reason = reason
+        self.detail = detail
+
+
+class CrlError(RevocationError):
+    """A fetched or cached CRL was refused; the cache kept what it had."""
+
+
+class RevokedError(RevocationError):
+    """The serial is on the cached, verified CRL.  `serial` (int), `revocation_date`
+    (seconds since the epoch), `crl_number` (int)."""
+
+    def __init__(self, serial, revocation_date, crl_number):
+        RevocationError.__init__(self, REASON_REVOKED, "serial %x" % serial)
+        self.serial = serial
+        self.revocation_date = revocation_date
+        self.crl_number = crl_number
+
+
+class StaleRevocationError(RevocationError):
+    """No CRL fresh enough to answer and the policy fails closed.  `reason`: "no_crl" or
+    "stale"."""
+
+
+class CrlPolicy:
+    """How the cache decides.
+
+    Params: grace_s: seconds a CRL stays usable past its nextUpdate (default 1 day: a
+        device offline over a weekend still works when the cloud re-publishes at half
+        validity).  fail_open: True answers "not known revoked" without a fresh CRL
+        (availability first); False (default) refuses (security first).  object_id: SE
+        data object for the high-water mark (default 1, se_consts.DATA_OBJECT_CRL_NUMBER;
+        one object per cached issuer).  max_size: largest CRL accepted (bytes; default
+        64 KiB).
+    """
+
+    def __init__(self, grace_s=86400, fail_open=False, object_id=1, max_size=65536):
+        if grace_s < 0 or max_size < 64:
+            raise ValueError("grace_s >= 0 and max_size >= 64")
+        self.grace_s = grace_s
+        self.fail_open = fail_open
+        self.object_id = object_id
+        self.max_size = max_size
+
+
+class FileStore:
+    """The cache on a file system: load() the last stored bytes (None when absent),
+    store(bytes) atomically (temporary file, then rename)."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def load(self):
+        try:
+            with open(self.path, "rb") as f:
+                return f.read()
+        except OSError:
+            return None
+
+    def store(self, data):
+        import os
+
+        tmp = self.path + ".tmp"
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.rename(tmp, self.path)
+
+
+# -- time: RFC 5280 4.1.2.5 -> seconds since the epoch ------------------------------------
+
+
+def _days_from_civil(y, m, d):
+    # Days since 1970-01-01 of a proleptic Gregorian date (H. Hinnant, "chrono-Compatible
+    # Low-Level Date Algorithms"); integer-only, so the same on every port.
+    if m <= 2:
+        y -= 1
+    era = (y if y >= 0 else y - 399) // 400
+    yoe = y - era * 400
+    doy = (153 * (m + (-3 if m > 2 else 9)) + 2) // 5 + d - 1
+    doe = yoe * 365 + yoe // 4 - yoe // 100 + doy
+    return era * 146097 + doe - 719468
+
+
+def _digits(text, start, count):
+    value = 0
+    for i in range(start, start + count):
+        c = text[i]
+        if c < 0x30 or c > 0x39:
+            raise DerError(der.REASON_VALUE, "time digit")
+        value = value * 10 + c - 0x30
+    return value
+
+
+def _read_time(reader):
+    # UTCTime YYMMDDHHMMSSZ (YY < 50 -> 20YY, RFC 5280 4.1.2.5.1) or GeneralizedTime
+    # YYYYMMDDHHMMSSZ (4.1.2.5.2: Zulu, seconds, no fractions).  Returns epoch seconds.
+    tag = reader.peek_tag()
+    if tag == _TAG_UTC_TIME:
+        text = reader.read_tlv(_TAG_UTC_TIME)[1]
+        if len(text) != 13:
+            raise DerError(der.REASON_VALUE, "UTCTime")
+        year = _digits(text, 0, 2)
+        year += 2000 if year < 50 else 1900
+        pos = 2
+    elif tag == _TAG_GENERALIZED_TIME:
+        text = reader.read_tlv(_TAG_GENERALIZED_TIME)[1]
+        if len(text) != 15:
+            raise DerError(der.REASON_VALUE, "GeneralizedTime")
+        year = _digits(text, 0, 4)
+        pos = 4
+    else:
+        raise DerError(der.REASON_TAG, "not a Time")
+    if text[-1] != 0x5A:  # "Z"
+        raise DerError(der.REASON_VALUE, "time not UTC")
+    month = _digits(text, pos, 2)
+    day = _digits(text, pos + 2, 2)
+    hour = _digits(text, pos + 4, 2)
+    minute = _digits(text, pos + 6, 2)
+    second = _digits(text, pos + 8, 2)
+    if not (1 <= month <= 12 and 1 <= day <= 31 and hour < 24 and minute < 60 and second < 60):
+        raise DerError(der.REASON_RANGE, "time field")
+    return ((_days_from_civil(year, month, day) * 24 + hour) * 60 + minute) * 60 + second
+
+
+# -- parsing -------------------------------------------------------------------------------
+
+
+class CrlInfo:
+    """What parse_crl() found.  Attributes: issuer_der (raw Name), this_update,
+    next_update (epoch seconds), number (int), revoked_count, signature_der, tbs_start,
+    tbs_end (offsets of tbsCertList in the CRL), and the CRL bytes (`data`)."""
+
+    def __init__(self):
+        self.data = None
+        self.issuer_der = None
+        self.this_update = None
+        self.next_update = None
+        self.number = None
+        self.revoked_count = 0
+        self.signature_der = None
+        self.tbs_start = 0
+        self.tbs_end = 0
+        self._entries = None  # (start, end) of revokedCertificates' contents, or None
+
+
+def _extensions(reader, known_noncritical, known):
+    # Walk Extensions; returns {oid contents: extnValue} for the `known` OIDs; refuses
+    # a critical extension not in `known` and a `known_noncritical` one marked critical.
+    found = {}
+    seq = reader.read_sequence()
+    while not seq.at_end():
+        ext = seq.read_sequence()
+        oid = ext.read_tlv(der.TAG_OID)[1]
+        critical = False
+        if ext.peek_tag() == der.TAG_BOOLEAN:
+            critical = ext.read_boolean()
+            if not critical:
+                raise DerError(der.REASON_VALUE, "DEFAULT FALSE encoded")  # X.690 11.5
+        value = ext.read_octet_string()
+        ext.finish()
+        if oid in found:
+            raise DerError(der.REASON_VALUE, "duplicate extension")  # RFC 5280 4.2
+        if critical and (oid not in known or oid in known_noncritical):
+            raise CrlError(REASON_UNSUPPORTED, "critical extension")
+        if oid in known:
+            found[oid] = value
+    return found
+
+
+def _read_entry(entries):
+    # One revokedCertificates entry: (serial, revocation date).
+    entry = entries.read_sequence()
+    serial = entry.read_integer()
+    when = _read_time(entry)
+    if not entry.at_end():
+        _extensions(entry, (_OID_REASON_CODE, _OID_INVALIDITY_DATE),
+                    (_OID_REASON_CODE, _OID_INVALIDITY_DATE))
+    entry.finish()
+    return serial, when
+
+
+def parse_crl(data):
+    """Parse a DER CRL strictly (the layout in the module header).
+
+    Params: data: bytes.
+    Returns: CrlInfo (the signature is NOT checked here: CrlCache does that in the SE).
+    Raises: CrlError (REASON_TRUNCATED, REASON_MALFORMED, REASON_ALGORITHM,
+        REASON_UNSUPPORTED).
+    """
+    if not isinstance(data, bytes):
+        data = bytes(data)
+    try:
+        return _parse(data)
+    except DerError as exc:
+        if exc.reason == der.REASON_TRUNCATED:
+            raise CrlError(REASON_TRUNCATED, exc.detail) from None
+        if exc.reason == der.REASON_ALGORITHM:
+            raise CrlError(REASON_ALGORITHM, exc.detail) from None
+        raise CrlError(REASON_MALFORMED, exc.reason + " " + exc.detail) from None
+
+
+def _parse(data):
+    info = CrlInfo()
+    info.data = data
+    outer = der.DerReader(data)
+    cert_list = outer.read_sequence()
+    outer.finish()
+    info.tbs_start = cert_list.span()[0]
+    tbs = cert_list.read_sequence()
+    info.tbs_end = cert_list.span()[0]
+    der.read_ecdsa_with_sha256_algorithm(cert_list)
+    info.signature_der = cert_list.read_bit_string()
+    cert_list.finish()
+    der.ecdsa_der_to_raw(info.signature_der)  # strict ECDSA-Sig-Value (REASON_RANGE...)
+
+    if tbs.peek_tag() == der.TAG_INTEGER:
+        if tbs.read_integer() != 1:  # v2; v1 CRLs have no extensions, so no number
+            raise DerError(der.REASON_VALUE, "version")
+    der.read_ecdsa_with_sha256_algorithm(tbs)
+    info.issuer_der = tbs.read_raw(der.TAG_SEQUENCE)
+    info.this_update = _read_time(tbs)
+    if tbs.peek_tag() not in (_TAG_UTC_TIME, _TAG_GENERALIZED_TIME):
+        raise DerError(der.REASON_VALUE, "no nextUpdate")  # RFC 5280 5.1.2.5
+    info.next_update = _read_time(tbs)
+    if tbs.peek_tag() == der.TAG_SEQUENCE:
+        entries = tbs.read_sequence()
+        info._entries = entries.span()
+        if entries.at_end():
+            raise DerError(der.REASON_VALUE, "empty revokedCertificates")  # 5.1.2.6
+        while not entries.at_end():
+            serial, _ = _read_entry(entries)
+            if serial < 1:
+                raise DerError(der.REASON_RANGE, "serial")  # RFC 5280 4.1.2.2: positive
+            info.revoked_count += 1
+    extensions = tbs.read_optional_context(0)
+    tbs.finish()
+    if extensions is None:
+        raise DerError(der.REASON_VALUE, "no crlExtensions")
+    found = _extensions(extensions, (_OID_CRL_NUMBER, _OID_AKI), (_OID_CRL_NUMBER, _OID_AKI))
+    extensions.finish()
+    number = found.get(_OID_CRL_NUMBER)
+    if number is None:
+        raise DerError(der.REASON_VALUE, "no cRLNumber")  # RFC 5280 5.2.3 MUST
+    _, contents = der.read_single(number, der.TAG_INTEGER)
+    info.number = der.decode_integer(contents)
+    if info.number < 0 or len(contents) > _CRL_NUMBER_MAX_OCTETS:
+        raise DerError(der.REASON_RANGE, "cRLNumber")
+    if info.next_update < info.this_update:
+        raise DerError(der.REASON_RANGE, "nextUpdate before thisUpdate")
+    return info
+
+
+def find_revoked(info, serial):
+    """Look `serial` up in a parsed CRL.  Returns: revocation date (epoch seconds) or
+    None."""
+    if info._entries is None:
+        return None
+    entries = der.DerReader(info.data, info._entries[0], info._entries[1])
+    while not entries.at_end():
+        listed, when = _read_entry(entries)
+        if listed == serial:
+            return when
+    return None
+
+
+# -- the cache -----------------------------------------------------------------------------
+
+
+class CrlCache:
+    """The last verified CRL of one issuing CA, refreshed on connectivity, checked per
+    connection.
+
+    Params: se: SeSession (VERIFY with a point; READ/WRITE DATA OBJECT for the mark).
+        store: object with load() -> bytes or None and store(bytes) (FileStore, flash).
+        issuer_point: the issuing CA's 65-byte uncompressed P-256 public point.
+        issuer_name_der: the CA's subject Name, DER (the CRL issuer must be byte-equal).
+        policy: CrlPolicy (None: the defaults).
+    Nothing is read until the first refresh / check / status (then the stored CRL is
+    re-verified through the SE: storage is not trusted).
+    """
+
+    def __init__(self, se, store, issuer_point, issuer_name_der, policy=None):
+        self.se = se
+        self.store = store
+        self.issuer_point = der.check_p256_point(issuer_point)
+        self.issuer_name_der = bytes(issuer_name_der)
+        self.policy = policy if policy is not None else CrlPolicy()
+        self._issuer_tag = hashlib.sha256(self.issuer_name_der).digest()[:_ISSUER_TAG_LEN]
+        self._info = None
+        self._mark = None  # highest cRLNumber verified (from the SE object), or None
+        self._loaded = False
+
+    # -- SE high-water mark --------------------------------------------------------------
+
+    def _read_mark(self):
+        try:
+            record = self.se.read_object(self.policy.object_id)
+        except ReferenceNotFound:
+            return None
+        if (len(record) < 2 + _ISSUER_TAG_LEN or record[0] != _STATE_VERSION
+                or record[1 : 1 + _ISSUER_TAG_LEN] != self._issuer_tag):
+            raise CrlError(REASON_STATE, "SE object %d holds another record"
+                           % self.policy.object_id)
+        return int.from_bytes(record[1 + _ISSUER_TAG_LEN :], "big")
+
+    def _write_mark(self, number):
+        size = 1
+        while number >> (8 * size):
+            size += 1
+        self.se.write_object(self.policy.object_id, bytes((_STATE_VERSION,)) +
+                             self._issuer_tag + number.to_bytes(size, "big"))
+        self._mark = number
+
+    # -- verification ---------------------------------------------------------------------
+
+    def _verify(self, data):
+        # Everything but freshness and rollback: parse, issuer, signature in the SE.
+        if len(data) > self.policy.max_size:
+            raise CrlError(REASON_TOO_LARGE, "%d bytes" % len(data))
+        info = parse_crl(data)
+        if info.issuer_der != self.issuer_name_der:
+            raise CrlError(REASON_ISSUER, "another issuer")
+        digest = hashlib.sha256(memoryview(info.data)[info.tbs_start : info.tbs_end]).digest()
+        try:
+            self.se.verify(digest, info.signature_der, point=self.issuer_point)
+        except VerificationFailed:
+            raise CrlError(REASON_SIGNATURE, "does not verify") from None
+        except (WrongData, ValueError):
+            raise CrlError(REASON_SIGNATURE, "malformed") from None
+        return info
+
+    def _load(self):
+        if self._loaded:
+            return
+        self._mark = self._read_mark()
+        self._loaded = True
+        data = self.store.load()
+        if not data:
+            return
+        try:
+            info = self._verify(data)
+        except CrlError:
+            return  # an unusable cache file counts as none; the next refresh replaces it
+        if self._mark is not None and info.number < self._mark:
+            return  # an older CRL put back in the store: refused (see the header)
+        if self._mark is None or info.number > self._mark:
+            self._write_mark(info.number)  # a refresh cut between store and mark
+        self._info = info
+
+    # -- public calls ---------------------------------------------------------------------
+
+    def refresh(self, fetch, now):
+        """Fetch a CRL and, if it passes every check, make it the cached one.
+
+        Params: fetch: callable () -> CRL DER bytes (raises on network failure).
+            now: seconds since the epoch (UTC).
+        Returns: "updated" (a newer CRL is cached) or "unchanged" (the same CRL again).
+        Raises: CrlError(reason) (REASON_FETCH, _TOO_LARGE, _TRUNCATED, _MALFORMED,
+            _ALGORITHM, _ISSUER, _SIGNATURE, _UNSUPPORTED, _STALE, _ROLLBACK, _STATE,
+            _STORE); the cache is then what it was before.  LinkError / ApduError when
+            the SE cannot be reached.
+        """
+        self._load()
+        try:
+            data = fetch()
+        except Exception as exc:  # noqa: BLE001 - any transport failure is a fetch failure
+            raise CrlError(REASON_FETCH, type(exc).__name__) from None
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise CrlError(REASON_FETCH, "not bytes")
+        data = bytes(data)
+        info = self._verify(data)
+        if now > info.next_update + self.policy.grace_s:
+            raise CrlError(REASON_STALE, "nextUpdate passed")
+        mark = self._mark
+        if mark is not None and info.number <= mark:
+            current = self._info
+            if info.number == mark and (current is None or current.data == data):
+                if current is None:
+                    self._store(info)
+                    return "updated"  # the CRL the mark names, back in the cache
+                return "unchanged"
+            raise CrlError(REASON_ROLLBACK, "cRLNumber %d <= %d" % (info.number, mark))
+        self._store(info)
+        self._write_mark(info.number)
+        return "updated"
+
+    def _store(self, info):
+        try:
+            self.store.store(info.data)
+        except Exception as exc:  # noqa: BLE001 - flash / file system failure
+            raise CrlError(REASON_STORE, type(exc).__name__) from None
+        self._info = info
+
+    def fresh(self, now):
+        """True when a CRL is cached and now <= its nextUpdate + grace."""
+        self._load()
+        return self._info is not None and now <= self._info.next_update + self.policy.grace_s
+
+    def check(self, serial, now):
+        """Check a certificate serial against the cached CRL.
+
+        Params: serial: int (the certificate's serialNumber).  now: epoch seconds.
+        Returns: None when the serial is not on a usable CRL (or, failing open, when there
+            is no fresh CRL to say).
+        Raises: RevokedError when the cached CRL lists it (fresh or stale);
+            StaleRevocationError(REASON_NO_CRL / REASON_STALE) when the policy fails closed
+            and no fresh CRL is cached; LinkError / ApduError on the first call (load).
+        """
+        self._load()
+        info = self._info
+        if info is None:
+            if self.policy.fail_open:
+                return None
+            raise StaleRevocationError(REASON_NO_CRL, "no verified CRL cached")
+        when = find_revoked(info, serial)
+        if when is not None:
+            raise RevokedError(serial, when, info.number)
+        if now > info.next_update + self.policy.grace_s and not self.policy.fail_open:
+            raise StaleRevocationError(REASON_STALE, "nextUpdate + grace passed")
+        return None
+
+    def status(self, now):
+        """For `fleetid agent status`.  Returns: dict with number, this_update,
+        next_update (epoch seconds or None), revoked (count), fresh (bool), state ("fresh",
+        "stale" or "none"), policy ("fail-open" / "fail-closed"), grace_s, high_water."""
+        self._load()
+        info = self._info
+        fresh = self.fresh(now)
+        return {
+            "number": None if info is None else info.number,
+            "this_update": None if info is None else info.this_update,
+            "next_update": None if info is None else info.next_update,
+            "revoked": 0 if info is None else info.revoked_count,
+            "fresh": fresh,
+            "state": "none" if info is None else ("fresh" if fresh else "stale"),
+            "policy": "fail-open" if self.policy.fail_open else "fail-closed",
+            "grace_s": self.policy.grace_s,
+            "high_water": self._mark,
+        }
