@@ -508,7 +508,8 @@ class CrlCache:
             is no fresh CRL to say).
         Raises: RevokedError when the cached CRL lists it (fresh or stale);
             StaleRevocationError(REASON_NO_CRL / REASON_STALE) when the policy fails closed
-            and no fresh CRL is cached; LinkError / ApduError on the first call (load).
+            and no fresh CRL is cached; on the first call (the stored CRL is loaded and
+            re-verified): CrlError(REASON_STATE), LinkError / ApduError.
         """
         self._load()
         info = self._info
