@@ -116,7 +116,24 @@ class _Loop:
         self.loop.close()
 
 
-def test_crl_is_served_at_the_distribution_point_the_certificates_name(fleet):
+def _device_cache(tmp_path, fleet):
+    # A device's CRL cache for the b42 CA over an emulated SE (device/crl_cache.py).
+    from fleetid.common.apdu import ApduProtocol
+    from fleetid.device.crl_cache import CrlCache
+    from fleetid.device.se import SeSession
+    from fleetid.sim.chip import Chip
+    from fleetid.sim.fab import fab_chip
+    from fleetid.sim.nvm import Nvm
+    from tests.device.crl_support import MemoryStore, point_of
+
+    fab_chip(str(tmp_path / "vendor"), str(tmp_path / "chip.nvm"))
+    se = SeSession(ApduProtocol(Chip(Nvm(str(tmp_path / "chip.nvm"))).process))
+    se.select()
+    ca = fleet.ca_certs["b42"]
+    return CrlCache(se, MemoryStore(), point_of(ca.public_key()), ca.subject.public_bytes())
+
+
+def test_crl_is_served_at_the_distribution_point_the_certificates_name(fleet, tmp_path):
     publisher = b42_publisher(fleet)
     server = CloudServer(fleet.verifier, fleet.est, fleet.server_cert, fleet.server_key,
                          fleet.trust.ca_bundle_pem(), verifier_port=0, est_port=0,
@@ -143,6 +160,19 @@ def test_crl_is_served_at_the_distribution_point_the_certificates_name(fleet):
         with pytest.raises(urllib.error.HTTPError) as info:
             urllib.request.urlopen(base + "/crl/nope.crl", timeout=10)
         assert info.value.code == 404
+
+        # A device fetches it from the URL in its certificate and verifies it in its SE.
+        from fleetid.device.crl_cache import RevokedError
+
+        def fetch():
+            with urllib.request.urlopen(url, timeout=10) as response:
+                return response.read()
+
+        cache = _device_cache(tmp_path, fleet)
+        now = int(crl.last_update_utc.timestamp()) + 1
+        assert cache.refresh(fetch, now) == "updated"
+        with pytest.raises(RevokedError):
+            cache.check(device.identity_cert.serial_number, now)
     finally:
         loop.run(server.stop())
         loop.close()
