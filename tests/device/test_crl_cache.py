@@ -288,3 +288,43 @@ def _FUZZ_BASES(fleet):  # noqa: N802 - built once per module
         _BASES.append(make_crl(fleet, 1, T0))
         _BASES.append(make_crl(fleet, 2 ** 100, T0, [(3, T0), (2 ** 150, T0)]))
     return _BASES
+
+
+_SEQUENCE_CRLS = {}
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[
+    HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(steps=st.lists(st.tuples(st.integers(1, 5), st.booleans(), st.booleans()),
+                      max_size=8))
+def test_any_refresh_sequence_keeps_the_highest_good_crl_and_a_matching_mark(se, fleet, steps):
+    # Model: a refresh is accepted iff the CRL is well signed and its number is above the
+    # highest accepted so far (or equal with the same bytes); the cache and the SE's mark
+    # always name the highest accepted number, whatever was refused in between.
+    if not _SEQUENCE_CRLS:
+        for number in range(1, 6):
+            _SEQUENCE_CRLS[number, True] = make_crl(fleet, number, T0, [(number, T0)])
+            _SEQUENCE_CRLS[number, False] = make_crl(fleet, number, T0, key=other_key())
+    # TEST-ONLY: forget the previous example's mark (the NVM API, never an APDU).
+    se.chip.nvm.commit({"obj/%d" % C.DATA_OBJECT_CRL_NUMBER: None})
+    store = MemoryStore()
+    now = epoch(T0) + HOUR
+    best = None
+    cache = None
+    for number, good, restart in steps:
+        if cache is None or restart:  # a restart re-loads and re-verifies the stored CRL
+            cache = _cache(se, fleet, store)
+        data = _SEQUENCE_CRLS[number, good]
+        try:
+            cache.refresh(lambda: data, now)
+            accepted = True
+        except CrlError:
+            accepted = False
+        assert accepted == (good and (best is None or number >= best)), (number, good, best)
+        if accepted:
+            best = number
+        status = cache.status(now)
+        assert status["number"] == best and status["high_water"] == best
+        if best is not None:
+            with pytest.raises(RevokedError):
+                cache.check(best, now)
