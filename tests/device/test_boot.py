@@ -268,3 +268,26 @@ def test_parser_fuzz_gives_a_report_or_a_boot_error(se, images, data):
     else:
         assert report.ok and report.image_hash == hashlib.sha256(
             split_image(image)[0]).digest()
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[
+    HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(steps=st.lists(st.tuples(st.sampled_from(["older", "good", "newer", "large"]),
+                                st.booleans()), max_size=8))
+def test_any_boot_sequence_keeps_the_counter_at_the_highest_confirmed(se, images, steps):
+    # Model: an image boots iff its SEC_CNT >= the highest confirmed so far; confirming
+    # never lowers the counter; nothing but confirm moves it.
+    se.chip.nvm.commit({"ctr/%d" % C.COUNTER_FIRMWARE: None})  # TEST-ONLY reset
+    counters = {"older": 3, "good": 5, "newer": 7, "large": 9}
+    highest = 0
+    for name, confirm in steps:
+        try:
+            report = boot.check_image(se, getattr(images, name), max_size=0x40000)
+        except BootError as exc:
+            assert exc.reason == boot.REASON_ROLLBACK and counters[name] < highest
+            continue
+        assert counters[name] >= highest
+        if confirm:
+            highest = max(highest, counters[name])
+            assert boot.confirm_boot(se, report) == highest
+        assert se.counter_read(C.COUNTER_FIRMWARE) == highest
