@@ -1,7 +1,7 @@
 """`fleetid se`: run SE commands over any bus (emulator socket, Linux i2c-dev, spidev).
 
-A thin shell: bus URI -> fleetid.device.bus.open_bus -> T=1' link (fleetid.common.t1link)
--> ApduProtocol -> fleetid.device.se.SeSession.  Errors from any layer become one short
+A thin shell over fleetid.device.stack.open_se (bus URI -> bus -> T=1' link -> ApduProtocol
+-> SeSession, SCP03 on demand).  Errors from any layer become one short
 line (click.ClickException), never a traceback.
 """
 
@@ -77,52 +77,38 @@ class _Connection:
         self.bus_uri = bus_uri
         self.t1_profile = t1_profile
         self.timeout_ms = timeout_ms
-        self.bus = None
+        self.stack = None
         self.link = None
         self.protocol = None
         self._session = None
 
-    def open_link(self):
-        from fleetid.common import t1
-        from fleetid.common.apdu import ApduProtocol
-        from fleetid.common.t1link import T1Link
-        from fleetid.device.bus import open_bus, parse_bus_uri
+    def open_stack(self):
+        from fleetid.device.stack import open_se
 
-        if self.link is None:
+        if self.stack is None:
             if not self.bus_uri:
                 raise click.UsageError("--bus URI (or FLEETID_BUS) is required")
-            parsed = parse_bus_uri(self.bus_uri)
-            if parsed.backend == "sim" and "timeout_ms" not in parsed.options:
-                parsed.options["timeout_ms"] = str(self.timeout_ms)
             try:
-                self.bus = open_bus(parsed)
+                self.stack = open_se(self.bus_uri, profile=self.t1_profile,
+                                     timeout_ms=self.timeout_ms, select=False)
             except BusError as exc:
                 raise click.ClickException(
                     "cannot reach the SE on %s: %s" % (self.bus_uri, exc)) from None
-            self.link = T1Link(self.bus, profile=t1.PROFILES[self.t1_profile])
-            self.link.open()
-            self.protocol = ApduProtocol(self.link)
-        return self.link
+            self.link = self.stack.link
+            self.protocol = self.stack.protocol
+        return self.stack
 
     def session(self):
-        from fleetid.device.se import SeSession
-
         if self._session is None:
-            self.open_link()
-            self._session = SeSession(self.protocol)
+            self._session = self.open_stack().se
             self._session.select()
         return self._session
 
     def close(self):
-        link, bus = self.link, self.bus
-        self.link = self.bus = self._session = None
-        if link is not None:
-            try:
-                link.close()
-            except FleetidError:
-                pass  # best effort: the bus is closed below anyway
-        if bus is not None:
-            bus.close()
+        opened = self.stack
+        self.stack = self.link = self.protocol = self._session = None
+        if opened is not None:
+            opened.close()
 
 
 def _hex(name, value, length=None, low=None, high=None):
@@ -547,10 +533,8 @@ def scp03_check(ctx, fab_record, level):
       fleetid se --bus sim:unix:/tmp/se.sock scp03-check --fab-record var/chip.json
       fleetid se --bus sim:unix:/tmp/se.sock scp03-check --fab-record var/chip.json --level 0x03
     """
-    from fleetid.common.apdu import ApduProtocol
     from fleetid.common.host.hostcrypto import CryptographyPrimitives
-    from fleetid.common.scp03 import Scp03Host, static_session_keys_fn
-    from fleetid.device.se import SeSession
+    from fleetid.common.scp03 import static_session_keys_fn
     from fleetid.sim.fab import load_fab_record
 
     try:
@@ -564,13 +548,13 @@ def scp03_check(ctx, fab_record, level):
                                    % (record.uid_hex, plain_uid.hex()))
     prims = CryptographyPrimitives()
     keys = record.static_keys()
-    host = Scp03Host(conn.link, prims, static_session_keys_fn(prims, keys), level=level,
-                     kvn=keys.kvn)
-    host.open()
-    wrapped_uid = SeSession(ApduProtocol(host.transceive)).uid()
+    opened = conn.open_stack()
+    wrapped_uid = opened.secure(prims, static_session_keys_fn(prims, keys), level=level,
+                                kvn=keys.kvn).uid()
+    host = opened.scp
     if wrapped_uid != plain_uid:
         raise click.ClickException("wrapped GET DATA returned another UID")
     click.echo("SCP03 open: KVN 0x%02X, security level 0x%02X, sequence counter %s"
                % (host.key_info[0], level, host.sequence_counter))
     click.echo("wrapped GET DATA (UID) ok: %s" % wrapped_uid.hex())
-    host.close()
+    opened.close_secure()

@@ -35,8 +35,6 @@ from cryptography.hazmat.primitives import serialization
 from fleetid.cloud.line import audit, station as station_mod
 from fleetid.cloud.registry.errors import RegistryError
 from fleetid.cloud.registry.interface import COMMITTED, INTENT
-from fleetid.common.apdu import ApduProtocol
-from fleetid.device.se import SeSession
 
 RESUMED = "resumed"
 REVOKED_ORPHAN = "revoked-orphan-cert"
@@ -132,13 +130,13 @@ def _try_resume(resources, device, cert_der, chip_bus, operator, link_clock):
         return "chip not reachable"
     config = resources.config
     hsm = resources.hsm
-    link = None
+    opened = None
     try:
         cert = x509.load_der_x509_certificate(cert_der)
         device_serial = config.device_serial(device.serial)
-        link = station_mod.open_link(bus, config.link_profile, link_clock)
-        plain = SeSession(ApduProtocol(link.transceive))
-        plain.select()
+        opened = station_mod.open_se_stack(bus, config.link_profile, link_clock)
+        link = opened.link
+        plain = opened.se
         if plain.uid() != device.se_uid:
             return "another chip on the programmer"
         with hsm.session() as pooled:
@@ -159,11 +157,8 @@ def _try_resume(resources, device, cert_der, chip_bus, operator, link_clock):
     except Exception as exc:  # noqa: BLE001 - any failure of the gate means: revoke
         return "confirmation failed: %s" % station_mod.classify(exc)
     finally:
-        if link is not None:
-            try:
-                link.close()
-            except Exception:  # noqa: BLE001
-                pass
+        if opened is not None:
+            opened.close()
 
 
 def _sweep(resources, journal_entries, operator, report):

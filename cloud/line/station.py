@@ -88,7 +88,7 @@ from fleetid.common.errors import (
 )
 from fleetid.common.host.hostcrypto import CryptographyPrimitives
 from fleetid.common.t1 import PROFILE_GP
-from fleetid.common.t1link import T1Link
+from fleetid.device import enrol, stack
 from fleetid.device.se import SeSession
 
 # Step names, in order (results, hooks, the report and hold reasons use them).
@@ -374,18 +374,17 @@ def classify(exc):
     return "internal:" + type(exc).__name__
 
 
-def open_link(bus, profile=PROFILE_GP, clock=None, ifsd=None):
-    """A T=1' link over `bus`, opened (CIP exchange, S(IFS) with our IFSD).
+def open_se_stack(bus, profile=PROFILE_GP, clock=None, ifsd=None):
+    """The SE stack on a chip's bus (device/stack.py: T=1' link opened with the CIP
+    exchange and S(IFS), the applet selected).
 
     ifsd: the largest INF the line host accepts; None = the profile's maximum (GP T=1':
     0xFF9, GPC_SPE_172 4; SE05x: 254).  The line host has the memory, and a certificate
     chain or a certificate then comes back in one I-block instead of a chain of 254-byte
     ones (fewer bus transactions; each costs host CPU and, on a real bus, an address
     byte and a turnaround).  The SE still sends at most what it can.
-    Raises LinkError."""
-    link = T1Link(bus, profile, clock, ifsd=profile.max_ifs if ifsd is None else ifsd)
-    link.open()
-    return link
+    Returns: device.stack.SeStack.  Raises LinkError, ApduError (the bus is closed then)."""
+    return stack.open_se(bus, profile, clock, ifsd=ifsd)
 
 
 def check_vendor_chain(resources, chain_der, se_uid):
@@ -584,9 +583,9 @@ class Station:
                 self._contain(result, state)
         finally:
             result.cycle_s = time.perf_counter() - started
-            if state.link is not None:
+            if state.stack is not None:
                 try:
-                    state.link.close()
+                    state.stack.close()
                 except Exception:  # noqa: BLE001 - the bus may be gone already
                     pass
         return result
@@ -606,9 +605,9 @@ class Station:
         config = res.config
         clock = time.perf_counter
         self._enter(state, result, IDENTIFY, clock())
-        link = state.link = open_link(bus, config.link_profile, self.link_clock)
-        plain = SeSession(ApduProtocol(link.transceive))
-        plain.select()
+        opened = state.stack = open_se_stack(bus, config.link_profile, self.link_clock)
+        link = opened.link
+        plain = opened.se
         se_uid = result.se_uid = plain.uid()
         life_cycle = plain.life_cycle()
         if life_cycle not in (C.LC_OP_READY, C.LC_INITIALIZED):
@@ -636,11 +635,11 @@ class Station:
                     raise
         try:
             result.hsm_session = "%s#%d" % (type(res.hsm).__name__, pooled.serial)
-            self._personalise(link, se_uid, result, state, clock)
+            self._personalise(opened, se_uid, result, state, clock)
         finally:
             session_cm.__exit__(None, None, None)
 
-    def _personalise(self, link, se_uid, result, state, clock):
+    def _personalise(self, opened, se_uid, result, state, clock):
         res = self.resources
         config = res.config
         hsm = res.hsm
@@ -658,12 +657,9 @@ class Station:
         # 3. SCP03 with the transport keys; PUT KEY of the diversified set.
         self._enter(state, result, INJECT, clock())
         transport = res.transport_keys()
-        host = scp03.Scp03Host(
-            link.transceive, res.prims,
-            lambda h, c, _ki: hsm.scp03_session_keys(transport, h, c),
-            level=config.scp_level, kvn=transport.kvn)
-        host.open()
-        se = SeSession(ApduProtocol(host.transceive))
+        se = opened.secure(res.prims,
+                           lambda h, c, _ki: hsm.scp03_session_keys(transport, h, c),
+                           level=config.scp_level, kvn=transport.kvn)
         with hsm.diversify(config.master_label, se_uid) as device_keys:
             payload = hsm.put_key_payload(device_keys, transport, device_keys.kvn)
             answer = se.put_key(payload, old_kvn=transport.kvn)
@@ -672,20 +668,15 @@ class Station:
 
             # 4. identity key generated inside; attested with a fresh CA nonce.
             self._enter(state, result, ATTEST, clock())
-            point = se.generate_key(slot, IDENTITY_POLICY)
             nonce = res.issuing_ca.issue_nonce()
-            # Parsed strictly once; the bundle reuses the parsed element.
-            signed = attestation.decode_signed_attestation(se.attest(slot, nonce))
+            # Parsed strictly once (device/enrol.py); the bundle reuses the parsed element.
+            point, signed = enrol.new_attested_key(se, slot, nonce, IDENTITY_POLICY)
             attestation_hash = audit.attestation_hash(signed.statement_der)
 
             # 5. CSR signed inside the SE -> the CA verifies the attestation -> certificate.
             self._enter(state, result, ISSUE, clock())
-            bundle = attestation.encode_evidence_bundle([signed], state.chain)
-            info = der.build_csr_info(
-                device_serial, device_serial, der.encode_p256_spki(point),
-                [attestation.build_evidence_attribute(bundle, checked=True),
-                 der.uri_san_extension_request("urn:fleetid:device:" + device_serial)])
-            csr = der.finish_csr(info, se.sign(slot, der.csr_signing_digest(info)))
+            csr = enrol.attested_csr(se, slot, point, signed, state.chain, device_serial,
+                                     device_serial)
             cert = res.issuing_ca.issue(csr, se_uid, device_serial, config.cert_profile)
             cert_der = cert.public_bytes(serialization.Encoding.DER)
             res.journal.record(serial, se_uid, cert_der)
@@ -698,11 +689,11 @@ class Station:
             anchors = config.trust_dgis()
             se.store_data(anchors[0][0], anchors[0][1], more=anchors[1:])
             se.set_status(C.LC_SECURED)
-            host.close()
+            opened.close_secure()
 
             # 7. confirmation gate: new keys, read-back, proof of possession.
             self._enter(state, result, CONFIRM, clock())
-            self._confirm(link, se_uid, device_keys, cert, device_serial)
+            self._confirm(opened, se_uid, device_keys, cert, device_serial)
 
         # 8. one transaction: identity record + audit entry.
         self._enter(state, result, COMMIT, clock())
@@ -719,7 +710,7 @@ class Station:
         if self.step_hook is not None:
             self.step_hook(AFTER_COMMIT)
 
-    def _confirm(self, link, se_uid, device_keys, cert, device_serial):
+    def _confirm(self, opened, se_uid, device_keys, cert, device_serial):
         """The gate, with one retry from scratch after a transient failure: the device is
         SECURED with its certificate by now, and a power glitch or a lost HSM session (the
         per-device key objects die with it: diversify again, the result is the same keys)
@@ -727,16 +718,16 @@ class Station:
         check; a failing check (LineFailure) is not retried."""
         res = self.resources
         try:
-            confirm_device(res, link, se_uid, device_keys, cert, device_serial,
+            confirm_device(res, opened.link, se_uid, device_keys, cert, device_serial,
                            res.config.slot)
             return
         except LineFailure:
             raise
         except (LinkError, SecureChannelError, ApduError, HsmError):
             pass
-        SeSession(ApduProtocol(link.transceive)).select()
+        opened.se.select()
         with res.hsm.diversify(res.config.master_label, se_uid) as fresh_keys:
-            confirm_device(res, link, se_uid, fresh_keys, cert, device_serial,
+            confirm_device(res, opened.link, se_uid, fresh_keys, cert, device_serial,
                            res.config.slot)
 
     # -- failure containment ---------------------------------------------------------------
@@ -761,11 +752,11 @@ class Station:
 
 
 class _DeviceState:
-    __slots__ = ("step", "step_started", "cert_der", "link", "chain")
+    __slots__ = ("step", "step_started", "cert_der", "stack", "chain")
 
     def __init__(self):
         self.chain = None
         self.step = None
         self.step_started = 0.0
         self.cert_der = None
-        self.link = None
+        self.stack = None

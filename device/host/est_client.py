@@ -38,9 +38,9 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.serialization import pkcs7
 from cryptography.x509.oid import NameOID
 
-from fleetid.common import attestation, der
 from fleetid.common import se_consts as C
 from fleetid.common.errors import FleetidError, ReferenceNotFound
+from fleetid.device import enrol
 from fleetid.device.host.se_tls import SeTlsClient
 
 WELL_KNOWN = "/.well-known/est"  # RFC 7030 3.2.2
@@ -177,27 +177,16 @@ class EstClient:
         """Key in `new_slot` (generated inside the SE), attested with `nonce`; the CSR with
         `current_cert`'s subject and the evidence attribute, signed in the SE.
         Returns: (65-byte public point, CSR DER)."""
-        se = self.se
-        try:
-            se.public_key(new_slot)
-        except ReferenceNotFound:
-            pass
-        else:
-            se.delete_key(new_slot)  # an abandoned earlier attempt: its key never certified
-        point = se.generate_key(new_slot, OPERATIONAL_POLICY)
-        signed = se.attest(new_slot, nonce)
-        bundle = attestation.encode_evidence_bundle([signed], se.attestation_chain())
         subject = current_cert.subject
         names = subject.get_attributes_for_oid(NameOID.COMMON_NAME)
         serials = subject.get_attributes_for_oid(NameOID.SERIAL_NUMBER)
         if len(names) != 1:
             raise EstClientError(EstClientError.SE, "the current certificate has no single CN")
-        common_name = names[0].value
-        info = der.build_csr_info(
-            common_name, serials[0].value if serials else None, der.encode_p256_spki(point),
-            [attestation.build_evidence_attribute(bundle),
-             der.uri_san_extension_request("urn:fleetid:device:" + common_name)])
-        return point, der.finish_csr(info, se.sign(new_slot, der.csr_signing_digest(info)))
+        # An abandoned earlier attempt's key in new_slot (never certified) is replaced.
+        point, _signed, csr = enrol.build_attested_csr(
+            self.se, new_slot, nonce, names[0].value, serials[0].value if serials else None,
+            policy=OPERATIONAL_POLICY, replace=True)
+        return point, csr
 
     def enroll(self, current_slot, new_slot=None, reenroll=False):
         """simpleenroll (authenticated by the identity certificate) or simplereenroll

@@ -37,10 +37,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 
 from fleetid.common import attestation, t1
-from fleetid.common.apdu import ApduProtocol
-from fleetid.common.t1link import T1Link
-from fleetid.device.bus import open_bus
-from fleetid.device.se import SeSession
+from fleetid.device.stack import open_se
 from tests.micropython.budgets import heap_for
 from tests.micropython.support import PRELUDE as HEX_PRELUDE
 from tests.micropython.support import Stage, parse
@@ -184,19 +181,12 @@ def test_se_session_under_micropython_over_the_emulator_socket(tmp_path, vendor_
         full = _run(stage, "run_info", header + "TCP_PORT = %d\n" % tcp_port, INFO_SCRIPT)
 
         # What CPython's session reads from the same chip after the MicroPython runs.
-        bus = open_bus(server.bus_uri)
-        link = T1Link(bus, profile=t1.PROFILE_GP)
-        try:
-            link.open()
-            se = SeSession(ApduProtocol(link))
-            se.select()
+        with open_se(server.bus_uri) as opened:
+            se = opened.se
             cpython_info = se.info()
             policy, cpython_point = se.public_key(2)
             cpython_counter = se.counter_read(0)
             cpython_object = se.read_object(1)
-        finally:
-            link.close()
-            bus.close()
     finally:
         tcp_server.stop()
         server.stop()

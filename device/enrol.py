@@ -1,0 +1,83 @@
+# The attested CSR, built in one place for the factory line (cloud/line/station.py) and the
+# device agent (device/agent.py, device/host/est_client.py).  Portable: CPython and
+# MicroPython.  Workflow layer: it calls SE verbs and the portable codecs only (no APDU,
+# no frame, no crypto of its own: the key is generated, attested and used inside the SE).
+#
+#     point, signed = new_attested_key(se, slot, nonce)       # GENERATE KEY + ATTEST
+#     csr_der = attested_csr(se, slot, point, signed, chain, common_name, serial_number)
+#
+# or both at once with build_attested_csr().  The CSR (RFC 2986) carries:
+#     subject CN=<common_name>[, serialNumber=<serial_number>]
+#     SubjectPublicKeyInfo of the SE's new P-256 key
+#     the evidence attribute (common/attestation.py): SignedAttestation of the new key by
+#         the manufacturer attestation key, over the CA's nonce, + the MAK chain
+#     an extensionRequest with the URI SAN urn:fleetid:device:<common_name>
+# and is signed by the new key inside the SE (proof of possession).
+
+from fleetid.common import attestation, der
+from fleetid.common.errors import ReferenceNotFound
+
+POLICY_SIGN = 0x01  # se_consts.POLICY_SIGN; the SE adds NON_EXPORTABLE, GENERATED_ON_CHIP
+DEVICE_URI_PREFIX = "urn:fleetid:device:"
+
+
+def clear_slot(se, slot):
+    """Delete the key (and with it the certificate) in `slot` if there is one.
+
+    Returns: True when a key was deleted.  Idempotent.
+    Raises: ApduError other than ReferenceNotFound, LinkError.
+    """
+    try:
+        se.public_key(slot)
+    except ReferenceNotFound:
+        return False
+    try:
+        se.delete_key(slot)
+    except ReferenceNotFound:  # deleted by an earlier attempt whose answer was lost
+        return False
+    return True
+
+
+def new_attested_key(se, slot, nonce, policy=POLICY_SIGN, replace=False):
+    """GENERATE KEY in `slot`, then ATTEST it with the verifier's `nonce`.
+
+    Params: replace: delete a key already in the slot first (an abandoned attempt's key
+        that was never certified); False lets the SE refuse (AlreadyExists).
+    Returns: (65-byte public point, SignedAttestation, strictly parsed).
+    Raises: ApduError (AlreadyExists, ...), LinkError, DerError.
+    """
+    if replace:
+        clear_slot(se, slot)
+    point = se.generate_key(slot, policy)
+    signed = attestation.decode_signed_attestation(se.attest(slot, nonce))
+    return point, signed
+
+
+def attested_csr(se, slot, point, signed, chain, common_name, serial_number=None):
+    """The DER PKCS#10 CSR for the attested key in `slot`, signed inside the SE.
+
+    Params: point, signed: new_attested_key()'s answer.  chain: the SE's attestation
+        chain (list of DER, MAK certificate first; SeSession.attestation_chain()).
+        common_name, serial_number: the subject (str; serial_number may be None).
+    Returns: bytes (DER CertificationRequest).
+    Raises: ApduError, LinkError, DerError.
+    """
+    bundle = attestation.encode_evidence_bundle([signed], chain)
+    info = der.build_csr_info(
+        common_name, serial_number, der.encode_p256_spki(point),
+        [attestation.build_evidence_attribute(bundle, checked=True),
+         der.uri_san_extension_request(DEVICE_URI_PREFIX + common_name)])
+    return der.finish_csr(info, se.sign(slot, der.csr_signing_digest(info)))
+
+
+def build_attested_csr(se, slot, nonce, common_name, serial_number=None, chain=None,
+                       policy=POLICY_SIGN, replace=True):
+    """new_attested_key() then attested_csr() (chain read from the SE when None).
+
+    Returns: (point, SignedAttestation, CSR DER).
+    """
+    point, signed = new_attested_key(se, slot, nonce, policy, replace)
+    if chain is None:
+        chain = se.attestation_chain()
+    return point, signed, attested_csr(se, slot, point, signed, chain, common_name,
+                                       serial_number)
