@@ -1,0 +1,495 @@
+# The device agent: boot check -> connect -> enrol, or renew (at a configurable fraction
+# of the validity, or on a command) -> acknowledgement -> retire the old key -> revocation
+# refresh -> report.  Portable and sans-I/O: runs unchanged on CPython and MicroPython.
+#
+#     agent = Agent(se, net, clock, rand, boot=None, revocation=None, policy=AgentPolicy())
+#     report = agent.run_once()           # one cycle; every step resumable
+#     agent.status()                      # no network: slots, journal, next renewal
+#
+# Layers (STYLE.md): SE verbs (device/se.py) and workflows (device/enrol.py) below, the
+# rotation journal (device/rotation_journal.py, whose header holds the record format and
+# the DECISION TABLE for resuming after a cut) beside.  The agent never builds an APDU or
+# a frame, and private keys never leave the SE: it only asks the SE to generate, attest,
+# sign and delete.
+#
+# Injected collaborators (duck-typed; nothing here imports a network or a clock):
+#
+#   net         the network, authenticated by the key+certificate in an SE slot:
+#                 whoami(slot) -> dict             GET /v1/whoami
+#                 nonce(slot) -> bytes             GET /.well-known/est/<label>/nonce
+#                 enroll(slot, csr_der, reenroll) -> certificate DER
+#                                                  simpleenroll / simplereenroll
+#                 ack(slot) -> None                POST /v1/rotation/ack
+#                 fetch(...)                       handed to revocation.refresh (its format)
+#               Every call raises NetError (below) on failure, with `retryable` telling
+#               a transient failure (link drop, timeout, 5xx, 202) from a refusal.
+#               CPython: device/host/agent_net.HostNetwork (se_tls + the EST client).
+#               MicroPython: a board supplies its own object with these five methods.
+#   clock       now() -> int seconds since 1970 UTC; sleep(seconds) (bounded by policy)
+#   rand        () -> float in [0, 1): backoff jitter
+#   boot        optional: check() -> report (raises on a bad image: the agent then does
+#               not connect); confirm(report) after the first accepted connection
+#               (MCUboot's "confirm after a healthy boot").  device/boot.py's functions
+#               plug in through SignedBoot below.
+#   revocation  optional: refresh(fetch, now), check(serial, now) (raises when revoked
+#               or stale), status(now) -> printable.  device/crl_cache.CrlCache fits.
+#
+# Intermittent links: each network step is retried at most policy.max_attempts times with
+# exponential backoff and full jitter (delay = U(0.5, 1) x min(max_delay, base x 2^n)),
+# or after the server's Retry-After (never earlier; a Retry-After beyond max_delay ends
+# the cycle instead), within policy.max_wait seconds of sleeping per step.  A step that
+# still fails ends the cycle with its NetError; the journal resumes it next cycle.
+
+try:
+    from micropython import const
+except ImportError:  # CPython
+
+    def const(x):
+        return x
+
+
+from fleetid.common.errors import FleetidError
+from fleetid.device import certinfo, enrol
+from fleetid.device import rotation_journal as rj
+
+SLOT_IDENTITY = const(0x01)  # se_consts.SLOT_IDENTITY
+SLOT_OPERATIONAL_A = const(0x02)  # se_consts.SLOT_OPERATIONAL_A
+SLOT_OPERATIONAL_B = const(0x03)  # se_consts.SLOT_OPERATIONAL_B
+POLICY_SIGN = const(0x01)  # se_consts.POLICY_SIGN
+
+# Server reason codes (cloud/verifier/errors.py) meaning "this credential is no longer
+# good, but the device is": rotate from the identity certificate.
+_REFUSED_CREDENTIAL = ("superseded", "expired", "not_yet_valid")
+
+
+class NetError(FleetidError):
+    """A network step failed.
+
+    reason: LINK (connection refused / dropped), TIMEOUT (a bounded wait expired), SERVER
+        (5xx), PENDING (202: come back after Retry-After), REFUSED (4xx: the server said
+        no; `status` and `server_reason`, e.g. "revoked", "superseded", say why).
+    retry_after: seconds the server asked to wait (None if it did not say).
+    retryable: True for LINK, TIMEOUT, SERVER, PENDING.
+    """
+
+    LINK = "link"
+    TIMEOUT = "timeout"
+    SERVER = "server"
+    PENDING = "pending"
+    REFUSED = "refused"
+
+    def __init__(self, reason, detail="", status=None, retry_after=None, server_reason=None):
+        text = reason
+        if status is not None:
+            text += " %d" % status
+        if detail:
+            text += ": " + detail
+        super().__init__(text)
+        self.reason = reason
+        self.detail = detail
+        self.status = status
+        self.retry_after = retry_after
+        self.server_reason = server_reason
+
+    @property
+    def retryable(self):
+        return self.reason != NetError.REFUSED
+
+
+class AgentError(FleetidError):
+    """The cycle stopped.  reason: BOOT (the image check failed: no connection made),
+    REFUSED (the verifier refused the device: `detail` has the server's reason),
+    WRONG_CERTIFICATE (the CA answered with a certificate for another key or subject),
+    JOURNAL (the journal is corrupt).  `cause` holds the underlying exception."""
+
+    BOOT = "boot"
+    REFUSED = "refused"
+    WRONG_CERTIFICATE = "wrong_certificate"
+    JOURNAL = "journal"
+
+    def __init__(self, reason, detail="", cause=None):
+        super().__init__(reason + (": " + detail if detail else ""))
+        self.reason = reason
+        self.detail = detail
+        self.cause = cause
+
+
+class AgentPolicy:
+    """Tunables (all bounded).
+
+    renew_fraction: renew when this fraction of [notBefore, notAfter] has passed (0..1).
+    max_attempts: tries per network step.  base_delay / max_delay: backoff seconds.
+    max_wait: total seconds slept per network step.  slots: the two rotation slots.
+    """
+
+    def __init__(self, renew_fraction=0.66, max_attempts=5, base_delay=1.0, max_delay=60.0,
+                 max_wait=300.0, slots=(SLOT_OPERATIONAL_A, SLOT_OPERATIONAL_B)):
+        if not 0.0 < renew_fraction <= 1.0:
+            raise ValueError("renew_fraction must be in (0, 1]")
+        if max_attempts < 1 or base_delay <= 0 or max_delay < base_delay or max_wait < 0:
+            raise ValueError("retry bounds")
+        if len(slots) != 2 or slots[0] == slots[1] or SLOT_IDENTITY in slots or 0 in slots:
+            raise ValueError("two distinct rotation slots, not the MAK or identity slot")
+        self.renew_fraction = renew_fraction
+        self.max_attempts = max_attempts
+        self.base_delay = base_delay
+        self.max_delay = max_delay
+        self.max_wait = max_wait
+        self.slots = tuple(slots)
+
+
+class AgentReport:
+    """What one cycle did.  Attributes: boot (the boot collaborator's report or None),
+    resumed (the journal's last kind at start, "none" if empty), actions (list of str, in
+    order), slot (the credential in use at the end), serial / not_after / renew_at (of
+    its certificate), identity (whoami's answer, dict, or None), retries (int), slept
+    (seconds), revocation (str or None), refused (server reason or None), journal (the
+    last kind at the end)."""
+
+    def __init__(self):
+        self.boot = None
+        self.resumed = "none"
+        self.actions = []
+        self.slot = None
+        self.serial = None
+        self.not_after = None
+        self.renew_at = None
+        self.identity = None
+        self.retries = 0
+        self.slept = 0.0
+        self.revocation = None
+        self.refused = None
+        self.journal = "none"
+
+    def as_dict(self):
+        return {"resumed": self.resumed, "actions": list(self.actions), "slot": self.slot,
+                "serial": self.serial, "not_after": self.not_after,
+                "renew_at": self.renew_at, "retries": self.retries, "slept": self.slept,
+                "revocation": self.revocation, "refused": self.refused,
+                "journal": self.journal}
+
+
+class SignedBoot:
+    """Adapts device/boot.py's functions to the agent's `boot` collaborator.
+
+    Params: check_image: fn(se, reader, max_size=...) -> BootReport (raises BootError).
+        confirm_boot: fn(se, report).  se, reader, max_size: passed through.
+    """
+
+    def __init__(self, check_image, confirm_boot, se, reader, max_size=None):
+        self._check = check_image
+        self._confirm = confirm_boot
+        self.se = se
+        self.reader = reader
+        self.max_size = max_size
+
+    def check(self):
+        if self.max_size is None:
+            return self._check(self.se, self.reader)
+        return self._check(self.se, self.reader, max_size=self.max_size)
+
+    def confirm(self, report):
+        self._confirm(self.se, report)
+
+
+def renew_at(not_before, not_after, fraction):
+    """The renewal time (int seconds) for a validity period and a fraction."""
+    return not_before + int((not_after - not_before) * fraction)
+
+
+class Agent:
+    """The device agent (module header).
+
+    Params: se: SeSession (selected).  net, clock, rand, boot, revocation: the injected
+        collaborators (module header).  policy: AgentPolicy.
+        log: optional callable(str) for progress lines (never key material).
+    """
+
+    def __init__(self, se, net, clock, rand, boot=None, revocation=None, policy=None,
+                 log=None):
+        self.se = se
+        self.net = net
+        self.clock = clock
+        self.rand = rand
+        self.boot = boot
+        self.revocation = revocation
+        self.policy = policy if policy is not None else AgentPolicy()
+        self.log = log
+        self.journal = rj.RotationJournal(se)
+        self._chain = None
+        self._report = None
+        self._booted = None  # the boot report awaiting confirm(), if any
+
+    # -- helpers -------------------------------------------------------------------------
+
+    def _note(self, action):
+        if self._report is not None:
+            self._report.actions.append(action)
+        if self.log is not None:
+            self.log(action)
+
+    def _backoff(self, attempt, retry_after):
+        policy = self.policy
+        if retry_after is not None:
+            # RFC 9110 10.2.3: not before the server's Retry-After; a little later spreads
+            # a fleet that was told the same number.
+            return retry_after + retry_after * 0.1 * self.rand()
+        delay = policy.base_delay * (1 << min(attempt - 1, 16))
+        if delay > policy.max_delay:
+            delay = policy.max_delay
+        return delay * (0.5 + 0.5 * self.rand())
+
+    def _call(self, name, fn, *args):
+        """One network step with bounded retries.  Raises the last NetError."""
+        policy = self.policy
+        attempt = 0
+        waited = 0.0
+        while True:
+            attempt += 1
+            try:
+                return fn(*args)
+            except NetError as exc:
+                if not exc.retryable or attempt >= policy.max_attempts:
+                    raise
+                if exc.retry_after is not None and exc.retry_after > policy.max_delay:
+                    raise
+                delay = self._backoff(attempt, exc.retry_after)
+                if waited + delay > policy.max_wait:
+                    raise
+                if self.log is not None:
+                    self.log("%s: %s; retry %d in %.1f s" % (name, exc.reason, attempt,
+                                                            delay))
+                self.clock.sleep(delay)
+                waited += delay
+                if self._report is not None:
+                    self._report.retries += 1
+                    self._report.slept += delay
+
+    def _spare(self, cur):
+        a, b = self.policy.slots
+        return b if cur == a else a
+
+    def _facts(self, slot):
+        return certinfo.certificate_facts(self.se.get_cert(slot))
+
+    # -- the cycle -------------------------------------------------------------------------
+
+    def run_once(self, command=None):
+        """One agent cycle (module header).  Resumes whatever the journal says first.
+
+        Params: command: None, or "rotate" (the cloud's or the operator's request).
+        Returns: AgentReport.
+        Raises: AgentError (boot refused, device refused, wrong certificate, journal
+            corrupt), NetError (a network step failed after its retries: the journal
+            keeps the progress), ApduError / LinkError (the SE failed).
+        """
+        report = self._report = AgentReport()
+        try:
+            self._run(report, command)
+        finally:
+            self._report = None
+            last = self.journal.last()
+            report.journal = rj.KIND_NAMES[last.kind] if last is not None else "none"
+        return report
+
+    def _run(self, report, command):
+        if self.boot is not None and self._booted is None:
+            try:
+                report.boot = self._booted = self.boot.check()
+            except Exception as exc:  # noqa: BLE001 - any boot refusal stops the agent
+                raise AgentError(AgentError.BOOT, "%s: %s" % (type(exc).__name__, exc), exc)
+            self._note("boot checked")
+        last = self._load()
+        report.resumed = rj.KIND_NAMES[last.kind] if last is not None else "none"
+        last = self.resume(last)
+        slot = last.cur
+        refused = None
+        try:
+            report.identity = self._call("whoami", self.net.whoami, slot)
+            self._note("connected with slot %d" % slot)
+        except NetError as exc:
+            if exc.reason != NetError.REFUSED:
+                raise
+            if exc.server_reason not in _REFUSED_CREDENTIAL:
+                report.refused = exc.server_reason or exc.detail
+                raise AgentError(AgentError.REFUSED, report.refused, exc)
+            refused = exc
+            self._note("slot %d refused (%s)" % (slot, exc.server_reason))
+        if self._booted is not None and refused is None:
+            self.boot.confirm(self._booted)
+            self._booted = None
+            self._note("boot confirmed")
+        if report.identity is not None and command is None:
+            commands = report.identity.get("commands") or ()
+            if "rotate" in commands:
+                command = "rotate"
+        now = self.clock.now()
+        cause = rj.CAUSE_NONE
+        if refused is not None:
+            cause = rj.CAUSE_REFUSED
+        elif command == "rotate":
+            cause = rj.CAUSE_COMMAND
+        elif now >= renew_at(last.t0, last.t1, self.policy.renew_fraction):
+            cause = rj.CAUSE_DUE
+        if cause != rj.CAUSE_NONE:
+            last = self.rotate(cause)
+        report.slot = last.cur
+        report.serial = self._facts(last.cur).serial
+        report.not_after = last.t1
+        report.renew_at = renew_at(last.t0, last.t1, self.policy.renew_fraction)
+        self._revocation(report)
+
+    def _load(self):
+        try:
+            return self.journal.load()
+        except rj.JournalError as exc:
+            raise AgentError(AgentError.JOURNAL, exc.reason + ": " + exc.detail, exc)
+
+    # -- the decision table (device/rotation_journal.py) ----------------------------------
+
+    def resume(self, last):
+        """Drive the journal to BASE by the decision table; enrol when it is empty.
+
+        Returns: the BASE record.  Raises as run_once."""
+        if last is None:
+            return self.rotate(rj.CAUSE_ENROL)
+        if last.kind == rj.BEGIN:
+            self._note("resume BEGIN: redo the enrolment into slot %d" % last.new)
+            return self._rotate_from(last)
+        if last.kind == rj.ISSUED:
+            self._note("resume ISSUED: acknowledge slot %d" % last.new)
+            return self._acknowledge(last)
+        if last.kind == rj.ACKED:
+            self._note("resume ACKED: retire slot %d" % last.cur)
+            return self._retire(last)
+        self._sweep(last.cur)
+        return last
+
+    def _sweep(self, cur):
+        for slot in self.policy.slots:
+            if slot != cur and enrol.clear_slot(self.se, slot):
+                self._note("deleted a stray key in slot %d" % slot)
+
+    def rotate(self, cause):
+        """Start a rotation (or the first enrolment) from the journal's current state and
+        take it to BASE.  Returns: the BASE record."""
+        last = self.journal.last()
+        if last is not None and last.kind != rj.BASE:
+            return self.resume(last)
+        cur = last.cur if last is not None else SLOT_IDENTITY
+        begin = self.journal.append(rj.Record(rj.BEGIN, cur, self._spare(cur), cause,
+                                              self.clock.now(), 0))
+        self._note("BEGIN %s: slot %d -> %d" % (rj.CAUSE_NAMES[cause], cur, begin.new))
+        return self._rotate_from(begin)
+
+    def _rotate_from(self, begin):
+        se = self.se
+        cur, new = begin.cur, begin.new
+        current = self._facts(cur)
+        if self._chain is None:
+            self._chain = se.attestation_chain()
+        auth = cur
+        while True:
+            try:
+                nonce = self._call("nonce", self.net.nonce, auth)
+                point, _signed, csr = enrol.build_attested_csr(
+                    se, new, nonce, current.common_name, current.serial_number,
+                    self._chain, POLICY_SIGN, replace=True)
+                self._note("key generated in slot %d, attested, CSR signed in the SE" % new)
+                cert_der = self._call("enroll", self.net.enroll, auth, csr,
+                                      auth != SLOT_IDENTITY)
+                break
+            except NetError as exc:
+                if exc.reason != NetError.REFUSED or auth == SLOT_IDENTITY or \
+                        exc.server_reason not in _REFUSED_CREDENTIAL:
+                    raise
+                # The current operational certificate is past its overlap window or
+                # expired: the factory identity certificate still authenticates the
+                # device (simpleenroll), and the new key still goes to `new`.
+                self._note("slot %d refused (%s): enrol with the identity certificate"
+                           % (auth, exc.server_reason))
+                auth = SLOT_IDENTITY
+        issued = certinfo.certificate_facts(cert_der)
+        if issued.point != point:
+            raise AgentError(AgentError.WRONG_CERTIFICATE, "not for the new key")
+        if issued.common_name != current.common_name or \
+                issued.serial_number != current.serial_number:
+            raise AgentError(AgentError.WRONG_CERTIFICATE, "the subject changed")
+        se.put_cert(new, cert_der)
+        record = self.journal.append(rj.Record(rj.ISSUED, cur, new, begin.cause,
+                                               issued.not_before, issued.not_after))
+        self._note("ISSUED: certificate %x stored in slot %d" % (issued.serial, new))
+        return self._acknowledge(record)
+
+    def _acknowledge(self, issued):
+        self._call("ack", self.net.ack, issued.new)
+        record = self.journal.append(rj.Record(rj.ACKED, issued.cur, issued.new,
+                                               issued.cause, issued.t0, issued.t1))
+        self._note("ACKED by the verifier: slot %d" % issued.new)
+        return self._retire(record)
+
+    def _retire(self, acked):
+        if acked.cur != SLOT_IDENTITY and enrol.clear_slot(self.se, acked.cur):
+            self._note("old key and certificate deleted from slot %d" % acked.cur)
+        base = self.journal.compact(acked.new, acked.t0, acked.t1)
+        self._note("BASE: slot %d" % acked.new)
+        return base
+
+    # -- revocation --------------------------------------------------------------------------
+
+    def _revocation(self, report):
+        cache = self.revocation
+        if cache is None:
+            return
+        now = self.clock.now()
+        try:
+            cache.refresh(self.net.fetch, now)
+            self._note("revocation refreshed")
+        except Exception as exc:  # noqa: BLE001 - a stale cache is the cache's policy
+            self._note("revocation refresh failed: %s" % type(exc).__name__)
+        try:
+            cache.check(report.serial, now)
+        except FleetidError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - RevokedError / StaleRevocationError
+            report.revocation = "%s: %s" % (type(exc).__name__, exc)
+            return
+        report.revocation = str(cache.status(now))
+
+    # -- status (no network) ------------------------------------------------------------------
+
+    def status(self):
+        """The agent's state without the network.
+
+        Returns: dict: journal (list of str records), credential_slot, slots ({slot:
+            {"key": bool, "cert": bool, "serial", "not_after"}}), renew_at, revocation
+            (str or None).
+        Raises: AgentError(JOURNAL), SE errors.
+        """
+        from fleetid.common.errors import ReferenceNotFound
+
+        last = self._load()
+        slots = {}
+        for slot in (SLOT_IDENTITY,) + self.policy.slots:
+            entry = {"key": True, "cert": False, "serial": None, "not_after": None}
+            try:
+                self.se.public_key(slot)
+            except ReferenceNotFound:
+                entry["key"] = False
+            if entry["key"]:
+                try:
+                    facts = self._facts(slot)
+                    entry["cert"] = True
+                    entry["serial"] = facts.serial
+                    entry["not_after"] = facts.not_after
+                except ReferenceNotFound:
+                    pass
+            slots[slot] = entry
+        result = {"journal": [repr(r) for r in self.journal.records],
+                  "credential_slot": rj.credential_slot(last), "slots": slots,
+                  "final": rj.is_final(last), "renew_at": None, "revocation": None}
+        if last is not None and last.kind == rj.BASE:
+            result["renew_at"] = renew_at(last.t0, last.t1, self.policy.renew_fraction)
+        if self.revocation is not None:
+            result["revocation"] = str(self.revocation.status(self.clock.now()))
+        return result

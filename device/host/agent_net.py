@@ -1,0 +1,201 @@
+"""The device agent's network on a Linux host (CPython adapter of device/agent.py's `net`).
+
+Every request is HTTPS with mutual TLS whose client key stays in the SE
+(device/host/se_tls.SeTlsClient: the CertificateVerify is signed by the SE's SIGN
+command); the server is validated against the fleet root the factory line stored in the
+SE.  One request per connection; every wait bounded (connect and per-I/O timeouts).
+
+    net = HostNetwork(se, "https://127.0.0.1:8443", "https://127.0.0.1:8444", [root_der])
+    net.whoami(slot) / net.nonce(slot) / net.enroll(slot, csr, reenroll) / net.ack(slot)
+    net.fetch(url)                          plain GET for revocation lists (bounded)
+
+Failures become device.agent.NetError: TlsClientError connect / protocol -> LINK, timeout
+-> TIMEOUT, handshake -> LINK (a transient alert is retried within the agent's bounds),
+server certificate -> REFUSED; HTTP 5xx -> SERVER, 202 -> PENDING (with Retry-After),
+other 4xx -> REFUSED with the server's reason code (the first word of its text answer).
+"""
+
+import base64
+import json
+import urllib.error
+import urllib.parse
+import urllib.request
+
+from fleetid.device.agent import NetError
+from fleetid.device.host.est_client import (
+    CT_PKCS10,
+    WELL_KNOWN,
+    EstClient,
+    EstClientError,
+    decode_base64_body,
+)
+from fleetid.device.host.se_tls import SeTlsClient, TlsClientError
+
+DEFAULT_CONNECT_TIMEOUT = 10.0
+DEFAULT_IO_TIMEOUT = 30.0
+MAX_FETCH = 4 * 1024 * 1024
+MAX_RETRY_AFTER = 24 * 3600
+
+_TLS_REASONS = {
+    TlsClientError.CONNECT: NetError.LINK,
+    TlsClientError.TIMEOUT: NetError.TIMEOUT,
+    TlsClientError.HANDSHAKE: NetError.LINK,
+    TlsClientError.PROTOCOL: NetError.LINK,
+    TlsClientError.SERVER_CERTIFICATE: NetError.REFUSED,
+}
+
+
+def parse_url(url):
+    """("host", port) of an https:// URL.  Raises ValueError."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme != "https" or not parts.hostname or not parts.port:
+        raise ValueError("expected https://HOST:PORT, got %r" % url)
+    return parts.hostname, parts.port
+
+
+def retry_after_seconds(value):
+    """Retry-After as delay-seconds (RFC 9110 10.2.3), or None (absent / an HTTP-date:
+    the agent's own backoff applies then rather than guessing clocks)."""
+    try:
+        delay = int(value)
+    except (TypeError, ValueError):
+        return None
+    return min(max(delay, 0), MAX_RETRY_AFTER)
+
+
+def error_for(response):
+    """NetError for a non-success HTTP response."""
+    text = response.body[:300].decode("utf-8", "replace").strip()
+    status = response.status
+    retry_after = retry_after_seconds(response.header("Retry-After"))
+    if status == 202:
+        return NetError(NetError.PENDING, text, status, retry_after)
+    if status >= 500:
+        return NetError(NetError.SERVER, text, status, retry_after)
+    reason = text.split(":", 1)[0].strip() or None
+    return NetError(NetError.REFUSED, text, status, retry_after, reason)
+
+
+class HostNetwork:
+    """device.agent's `net` over HTTPS (module docstring).
+
+    Params: se: SeSession.  verifier_url, est_url: https://HOST:PORT.  trust_roots_der:
+        DER roots for the servers (the SE's fleet root).  label: EST label (None: the
+        default).  connect_timeout / io_timeout: seconds per connection / per I/O.
+    Attributes: requests (count), last_status.
+    """
+
+    def __init__(self, se, verifier_url, est_url, trust_roots_der, label=None,
+                 connect_timeout=DEFAULT_CONNECT_TIMEOUT, io_timeout=DEFAULT_IO_TIMEOUT):
+        self.se = se
+        self.verifier = parse_url(verifier_url)
+        self.est = parse_url(est_url)
+        self.trust_roots_der = list(trust_roots_der)
+        self.label = label
+        self.connect_timeout = connect_timeout
+        self.io_timeout = io_timeout
+        self.requests = 0
+        self.last_status = None
+
+    def _request(self, slot, server, method, path, body=None, headers=None):
+        try:
+            client = SeTlsClient(self.se, slot, [self.se.get_cert(slot)],
+                                 self.trust_roots_der, connect_timeout=self.connect_timeout,
+                                 io_timeout=self.io_timeout)
+            self.requests += 1
+            response = client.request(server[0], server[1], method, path, body, headers)
+        except TlsClientError as exc:
+            raise NetError(_TLS_REASONS.get(exc.reason, NetError.LINK), exc.detail) from None
+        self.last_status = response.status
+        return response
+
+    def _est_path(self, op):
+        return "%s/%s%s" % (WELL_KNOWN, self.label + "/" if self.label else "", op)
+
+    def whoami(self, slot):
+        """GET /v1/whoami.  Returns: the identity (dict)."""
+        response = self._request(slot, self.verifier, "GET", "/v1/whoami")
+        if response.status != 200:
+            raise error_for(response)
+        try:
+            return json.loads(response.body)
+        except ValueError:
+            raise NetError(NetError.SERVER, "whoami answer is not JSON") from None
+
+    def nonce(self, slot):
+        """GET <label>/nonce.  Returns: the CA's single-use nonce (bytes)."""
+        response = self._request(slot, self.est, "GET", self._est_path("nonce"))
+        if response.status != 200:
+            raise error_for(response)
+        try:
+            value = decode_base64_body(response.body)
+        except EstClientError:
+            raise NetError(NetError.SERVER, "nonce is not base64") from None
+        if not 1 <= len(value) <= 64:
+            raise NetError(NetError.SERVER, "nonce of %d bytes" % len(value))
+        return value
+
+    def enroll(self, slot, csr_der, reenroll):
+        """POST simpleenroll / simplereenroll (RFC 7030 4.2.1 / 4.2.2).
+
+        Returns: the issued certificate (DER).  202 raises NetError(PENDING) with the
+        server's Retry-After: the agent sends the same request again after it."""
+        from cryptography.hazmat.primitives import serialization
+
+        op = "simplereenroll" if reenroll else "simpleenroll"
+        response = self._request(slot, self.est, "POST", self._est_path(op),
+                                 base64.encodebytes(csr_der),
+                                 {"Content-Type": CT_PKCS10,
+                                  "Content-Transfer-Encoding": "base64"})
+        if response.status != 200:
+            raise error_for(response)
+        try:
+            certs = EstClient._certs(response)
+        except EstClientError as exc:
+            raise NetError(NetError.SERVER, exc.detail) from None
+        if len(certs) != 1:
+            raise NetError(NetError.SERVER, "%d certificates" % len(certs))
+        return certs[0].public_bytes(serialization.Encoding.DER)
+
+    def ack(self, slot):
+        """POST /v1/rotation/ack with the new credential."""
+        response = self._request(slot, self.verifier, "POST", "/v1/rotation/ack")
+        if response.status != 200:
+            raise error_for(response)
+
+    def fetch(self, url, timeout=None):
+        """Plain HTTP(S) GET of a public document (a CRL), bounded in time and size.
+
+        Returns: bytes.  Raises NetError."""
+        try:
+            with urllib.request.urlopen(url, timeout=timeout or self.io_timeout) as answer:
+                data = answer.read(MAX_FETCH + 1)
+        except urllib.error.HTTPError as exc:
+            reason = NetError.SERVER if exc.code >= 500 else NetError.REFUSED
+            raise NetError(reason, "GET %s" % url, exc.code) from None
+        except TimeoutError:
+            raise NetError(NetError.TIMEOUT, "GET %s" % url) from None
+        except (urllib.error.URLError, OSError) as exc:
+            raise NetError(NetError.LINK, "GET %s: %s" % (url, exc)) from None
+        if len(data) > MAX_FETCH:
+            raise NetError(NetError.SERVER, "GET %s: answer too large" % url)
+        return data
+
+
+class SystemClock:
+    """The agent's clock on a host: now() in whole seconds, sleep(seconds) bounded by the
+    caller; `stop` (a threading.Event) interrupts a sleep (clean SIGTERM)."""
+
+    def __init__(self, stop=None):
+        import threading
+
+        self.stop = stop if stop is not None else threading.Event()
+
+    def now(self):
+        import time
+
+        return int(time.time())
+
+    def sleep(self, seconds):
+        if self.stop.wait(max(0.0, seconds)):
+            raise InterruptedError("stopping")
