@@ -239,9 +239,27 @@ class Agent:
             delay = policy.max_delay
         return delay * (0.5 + 0.5 * self.rand())
 
+    def _wait(self, name, exc, attempt, waited):
+        """After a failed try: sleep before the next one and return the time slept, or
+        re-raise `exc` when the bounds say stop."""
+        policy = self.policy
+        if not exc.retryable or attempt >= policy.max_attempts:
+            raise exc
+        if exc.retry_after is not None and exc.retry_after > policy.max_delay:
+            raise exc
+        delay = self._backoff(attempt, exc.retry_after)
+        if waited + delay > policy.max_wait:
+            raise exc
+        if self.log is not None:
+            self.log("%s: %s; retry %d in %.1f s" % (name, exc.reason, attempt, delay))
+        self.clock.sleep(delay)
+        if self._report is not None:
+            self._report.retries += 1
+            self._report.slept += delay
+        return delay
+
     def _call(self, name, fn, *args):
         """One network step with bounded retries.  Raises the last NetError."""
-        policy = self.policy
         attempt = 0
         waited = 0.0
         while True:
@@ -249,21 +267,22 @@ class Agent:
             try:
                 return fn(*args)
             except NetError as exc:
-                if not exc.retryable or attempt >= policy.max_attempts:
+                waited += self._wait(name, exc, attempt, waited)
+
+    def _enroll_pending(self, auth, csr):
+        # RFC 7030 4.2.3: after 202 + Retry-After the SAME request is sent again.  Any
+        # other failure may have consumed the CA's single-use nonce (the answer may be
+        # what got lost), so the caller starts over with a fresh nonce and a fresh key.
+        attempt = 0
+        waited = 0.0
+        while True:
+            attempt += 1
+            try:
+                return self.net.enroll(auth, csr, auth != SLOT_IDENTITY)
+            except NetError as exc:
+                if exc.reason != NetError.PENDING:
                     raise
-                if exc.retry_after is not None and exc.retry_after > policy.max_delay:
-                    raise
-                delay = self._backoff(attempt, exc.retry_after)
-                if waited + delay > policy.max_wait:
-                    raise
-                if self.log is not None:
-                    self.log("%s: %s; retry %d in %.1f s" % (name, exc.reason, attempt,
-                                                            delay))
-                self.clock.sleep(delay)
-                waited += delay
-                if self._report is not None:
-                    self._report.retries += 1
-                    self._report.slept += delay
+                waited += self._wait("enroll", exc, attempt, waited)
 
     def _spare(self, cur):
         a, b = self.policy.slots
@@ -389,26 +408,29 @@ class Agent:
         if self._chain is None:
             self._chain = se.attestation_chain()
         auth = cur
+        attempt = 0
+        waited = 0.0
         while True:
+            attempt += 1
             try:
                 nonce = self._call("nonce", self.net.nonce, auth)
                 point, _signed, csr = enrol.build_attested_csr(
                     se, new, nonce, current.common_name, current.serial_number,
                     self._chain, POLICY_SIGN, replace=True)
                 self._note("key generated in slot %d, attested, CSR signed in the SE" % new)
-                cert_der = self._call("enroll", self.net.enroll, auth, csr,
-                                      auth != SLOT_IDENTITY)
+                cert_der = self._enroll_pending(auth, csr)
                 break
             except NetError as exc:
-                if exc.reason != NetError.REFUSED or auth == SLOT_IDENTITY or \
-                        exc.server_reason not in _REFUSED_CREDENTIAL:
-                    raise
-                # The current operational certificate is past its overlap window or
-                # expired: the factory identity certificate still authenticates the
-                # device (simpleenroll), and the new key still goes to `new`.
-                self._note("slot %d refused (%s): enrol with the identity certificate"
-                           % (auth, exc.server_reason))
-                auth = SLOT_IDENTITY
+                if exc.reason == NetError.REFUSED and auth != SLOT_IDENTITY and \
+                        exc.server_reason in _REFUSED_CREDENTIAL:
+                    # The current operational certificate is past its overlap window or
+                    # expired: the factory identity certificate still authenticates the
+                    # device (simpleenroll), and the new key still goes to `new`.
+                    self._note("slot %d refused (%s): enrol with the identity certificate"
+                               % (auth, exc.server_reason))
+                    auth = SLOT_IDENTITY
+                    continue
+                waited += self._wait("enroll", exc, attempt, waited)
         issued = certinfo.certificate_facts(cert_der)
         if issued.point != point:
             raise AgentError(AgentError.WRONG_CERTIFICATE, "not for the new key")

@@ -1,0 +1,151 @@
+"""The device agent against a real line + cloud in one process (no tests in this module).
+
+`Fleet` wraps device_cloud_support.LineAndCloud: personalised emulated chips (APDUs
+straight into the applet, NVM with power-cut injection) and the EST + verifier servers on
+127.0.0.1.  `agent(i)` boots chip i (RAM state lost, applet selected) and builds a fresh
+Agent on it with the CPython network adapter, as a restarted process would.
+
+Invariant checks used after every injected fault:
+    accepted(i)   the verifier accepts the certificate in the slot the journal designates
+    settled(i)    journal final (BASE), exactly the identity slot and the current
+                  rotation slot hold keys, the current one holds the verifier's certificate
+"""
+
+import random
+import time
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from fleetid.common.errors import ReferenceNotFound
+from fleetid.device import rotation_journal as rj
+from fleetid.device.agent import Agent, AgentPolicy, NetError
+from fleetid.device.host.agent_net import HostNetwork
+from tests.device.device_cloud_support import LABEL, LineAndCloud
+
+SLOTS = (1, 2, 3)
+
+
+class TestClock:
+    """Real wall time plus an offset; sleep() advances the offset instead of sleeping."""
+
+    def __init__(self):
+        self.offset = 0.0
+        self.sleeps = []
+
+    def now(self):
+        return int(time.time() + self.offset)
+
+    def sleep(self, seconds):
+        self.sleeps.append(seconds)
+        self.offset += seconds
+
+
+class Killed(Exception):
+    """A simulated process kill at a network step (not a NetError: never retried)."""
+
+
+class FaultyNet:
+    """Wraps a net; `plan(name, call_index) -> None | ("before"|"after", exception)`."""
+
+    def __init__(self, net, plan=None):
+        self.net = net
+        self.plan = plan
+        self.calls = []
+
+    def _do(self, name, *args):
+        index = len(self.calls)
+        self.calls.append(name)
+        fault = self.plan(name, index) if self.plan is not None else None
+        if fault is not None and fault[0] == "before":
+            raise fault[1]
+        result = getattr(self.net, name)(*args)
+        if fault is not None and fault[0] == "after":
+            raise fault[1]
+        return result
+
+    def whoami(self, slot):
+        return self._do("whoami", slot)
+
+    def nonce(self, slot):
+        return self._do("nonce", slot)
+
+    def enroll(self, slot, csr, reenroll):
+        return self._do("enroll", slot, csr, reenroll)
+
+    def ack(self, slot):
+        return self._do("ack", slot)
+
+    def fetch(self, *args):
+        return self._do("fetch", *args)
+
+
+class Fleet:
+    def __init__(self, directory, devices=1):
+        self.cloud = LineAndCloud(directory, devices=devices)
+        self.clock = TestClock()
+
+    def net(self, se):
+        ports = self.cloud.ports
+        return HostNetwork(se, "https://127.0.0.1:%d" % ports["verifier"],
+                           "https://127.0.0.1:%d" % ports["est"], [self.cloud.root_der()],
+                           label=LABEL, connect_timeout=5, io_timeout=10)
+
+    def agent(self, index=0, plan=None, policy=None, seed=1, boot=None, revocation=None):
+        se = self.cloud.session(index)
+        net = FaultyNet(self.net(se), plan)
+        return Agent(se, net, self.clock, random.Random(seed).random, boot=boot,
+                     revocation=revocation, policy=policy or AgentPolicy(max_attempts=4))
+
+    def nvm(self, index=0):
+        return self.cloud.chips[index].nvm
+
+    def keys(self, se):
+        held = []
+        for slot in SLOTS:
+            try:
+                se.public_key(slot)
+                held.append(slot)
+            except ReferenceNotFound:
+                pass
+        return held
+
+    def accepted(self, index=0):
+        """The verifier's verdict on the designated credential (raises AccessRefused)."""
+        se = self.cloud.session(index)
+        journal = rj.RotationJournal(se)
+        slot = rj.credential_slot(journal.load())
+        return slot, self.cloud.verifier.verify(bytes(se.get_cert(slot)))
+
+    def settled(self, index=0):
+        """Asserts the end state of a finished rotation; returns the current slot."""
+        se = self.cloud.session(index)
+        journal = rj.RotationJournal(se)
+        last = journal.load()
+        assert last is not None and last.kind == rj.BASE, journal.records
+        assert len(journal.records) == 1
+        assert self.keys(se) == sorted((1, last.cur)), "a slot leaked"
+        cert = x509.load_der_x509_certificate(bytes(se.get_cert(last.cur)))
+        point = cert.public_key().public_bytes(serialization.Encoding.X962,
+                                               serialization.PublicFormat.UncompressedPoint)
+        assert point == se.public_key(last.cur)[1]
+        identity = self.cloud.verifier.verify(bytes(se.get_cert(last.cur)))
+        assert identity.kind == "operational" and not identity.in_overlap
+        return last.cur
+
+    def close(self):
+        self.cloud.close()
+
+
+def run_until_settled(fleet, index=0, plan=None, tries=12, **kw):
+    """Run cycles (a fresh agent each, as restarts) until one completes.
+
+    Returns: (the last report, the number of failed cycles)."""
+    failures = 0
+    for _ in range(tries):
+        agent = fleet.agent(index, plan=plan, **kw)
+        try:
+            return agent.run_once(), failures
+        except (NetError, Killed):
+            failures += 1
+    raise AssertionError("the agent did not settle in %d cycles" % tries)
