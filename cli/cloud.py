@@ -317,3 +317,48 @@ def revoke_ca_cmd(cert_file, reason, operator, config_path, state_dir):
                            "fingerprint": entry["fingerprint"], "reason": entry["reason"],
                            "revoked_at": entry["revoked_at"],
                            "file": config.revoked_cas_file}))
+
+
+@cloud.command("revoke-device")
+@click.option("--serial", "device_serial", required=True, type=int,
+              help="The device's registry serial (whoami's registry_serial).")
+@_reason_option()
+@click.option("--operator", default="", help="Who revokes (written to the audit chain).")
+@click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False),
+              help="TOML configuration (registry) as for serve.")
+@click.option("--state-dir", default=None, help="Override [cloud] state_dir.")
+@click.option("--registry", "registry_uri", default=None,
+              help="Registry URI (default: from the configuration).")
+def revoke_device_cmd(device_serial, reason, operator, config_path, state_dir, registry_uri):
+    """Revoke every certificate of one device (each with its audit entry).
+
+    \b
+    Newest first, the identity certificate last (revoking it also marks the device
+    revoked).  Verifiers and EST servers sharing the registry refuse the device from their
+    next request on.
+    \b
+    Example:
+      fleetid cloud revoke-device --serial 1042 --reason keyCompromise \\
+          --registry sqlite:var/line/registry.db --operator alice
+    """
+    from fleetid.cloud.registry import RegistryError
+
+    config = _load(config_path, state_dir)
+    registry = _open_registry(config, registry_uri)
+    try:
+        revoked = 0
+        for record in reversed(registry.certificates(device_serial)):
+            if record.revoked:
+                continue
+            registry.mark_revoked(record.cert_serial, reason, operator=operator,
+                                  issuer=record.issuer)
+            revoked += 1
+            click.echo("revoked %s certificate %s (%s)" % (record.kind, record.cert_serial,
+                                                           reason))
+        device = registry.get_device(device_serial)
+    except RegistryError as exc:
+        raise click.ClickException("registry: %s %s" % (exc.reason, exc)) from None
+    finally:
+        registry.close()
+    click.echo("device %d: status %s (%d certificate(s) revoked, audit entries written)"
+               % (device.serial, device.status, revoked))

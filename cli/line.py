@@ -213,3 +213,35 @@ def reconcile_cmd(out, hsm_uri, registry_uri, operator, no_chips):
         click.echo("device %s: %s%s" % (serial, outcome, (" (%s)" % detail) if detail else ""))
     for fingerprint in report.swept:
         click.echo("revoked journaled certificate %s" % fingerprint)
+
+
+@line.command("cloud-config")
+@click.option("--line", "line_dir", required=True, type=click.Path(file_okay=False, exists=True),
+              help="The line work directory (from `fleetid line run`).")
+@click.option("--out", required=True, type=click.Path(file_okay=False),
+              help="The cloud's state directory (cloud.toml and tls/ are written there).")
+@click.option("--label", default="widget", show_default=True,
+              help="EST label of the line's issuing CA.")
+@click.option("--verifier-port", type=click.IntRange(0, 65535), default=0, show_default=True,
+              help="0: any free port.")
+@click.option("--est-port", type=click.IntRange(0, 65535), default=0, show_default=True)
+def cloud_config_cmd(line_dir, out, label, verifier_port, est_port):
+    """Write a `fleetid cloud serve` configuration on this line's PKI, registry and HSM.
+
+    The TLS server certificate is signed by the fleet root inside the line's HSM, so the
+    line's devices trust the server with the anchor in their SE.  The soft keystore's
+    passphrase is read from FLEETID_KEYSTORE_PASS or the line's keystore.pass.
+
+    \b
+    Example:
+      fleetid line cloud-config --line var/line --out var/cloud
+      fleetid cloud serve --config var/cloud/cloud.toml
+    """
+    from fleetid.cloud.line.cloud_config import write_cloud_config
+
+    try:
+        path = write_cloud_config(line_dir, out, label, verifier_port, est_port)
+    except (FleetidError, OSError, ValueError) as exc:
+        raise _fail(exc) from None
+    click.echo("cloud configuration: %s (label %s -> the line's issuing CA; server certificate"
+               " signed by the fleet root in the HSM)" % (path, label))

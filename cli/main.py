@@ -18,6 +18,7 @@ _GROUPS = (
     ("audit", "audit"),
     ("line", "line"),
     ("cloud", "cloud"),
+    ("agent", "agent"),
 )
 
 
@@ -34,6 +35,7 @@ def cli():
       audit  the factory line's hash-chained audit log: verify, show
       line   the factory personalisation line: run stations, reconcile after a crash
       cloud  the fleet cloud: EST CA + mTLS verifier, certificate diagnosis
+      agent  the device agent: enrol, rotate without recall, status, diagnostics
 
     Every command has --help with examples.
     """

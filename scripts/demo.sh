@@ -6,9 +6,11 @@
 #   2. the line's hash-chained audit log is verified offline
 #   3. the fleet cloud (EST CA + mTLS verifier) starts on 127.0.0.1 on the line's PKI
 #   4. one shipped device, its keys in its emulated SE (served over T=1' with SE050-class
-#      latency), says who-am-I to the verifier over mTLS signed in the SE, enrols an
-#      operational certificate and rotates it over EST (new key in the SE, attested with a
-#      fresh CA nonce, CSR signed in the SE, authenticated by its current certificate)
+#      latency), says who-am-I to the verifier over mTLS signed in the SE; its agent
+#      (`fleetid agent run`) enrols an operational certificate and rotates it over EST (new
+#      key in a spare SE slot, attested with a fresh CA nonce, CSR signed in the SE,
+#      authenticated by its current certificate, acknowledged, the old key deleted), its
+#      progress journaled in the SE
 #   5. independent clients: curl + openssl read the CA certificates; an `openssl req`
 #      software-key CSR is refused for lack of attestation; `fleetid cloud check-cert`
 #      explains the device certificate
@@ -34,7 +36,6 @@ line="$work/line"
 cloud="$work/cloud"
 sock="$work/se.sock"
 bus="sim:unix:$sock"
-device=("$py" scripts/demo_device.py)
 
 pids=()
 cleanup() {
@@ -73,7 +74,7 @@ fleetid audit verify --registry "sqlite:$line/registry.db" \
     --line-pub "$line/pki/audit-line.pub.pem" --witness-pub "$line/pki/audit-witness.pub.pem"
 
 step "3. fleet cloud: EST CA + mTLS verifier on 127.0.0.1, on the line's PKI and registry"
-"${device[@]}" cloud-config --line "$line" --out "$cloud"
+fleetid line cloud-config --line "$line" --out "$cloud"
 # The line's soft keystore passphrase (demo only; production passes it by environment).
 FLEETID_KEYSTORE_PASS=$(cat "$line/keystore.pass")
 export FLEETID_KEYSTORE_PASS
@@ -84,8 +85,10 @@ read -r verifier_port est_port < <("$py" -c '
 import json, sys
 ports = json.loads(open(sys.argv[1]).readline())["listening"]
 print(ports["verifier"], ports["est"])' "$cloud/serve.out")
-echo "verifier (mTLS, client certificate required): https://127.0.0.1:$verifier_port"
-echo "EST: https://127.0.0.1:$est_port/.well-known/est"
+verifier="https://127.0.0.1:$verifier_port"
+est="https://127.0.0.1:$est_port"
+echo "verifier (mTLS, client certificate required): $verifier"
+echo "EST: $est/.well-known/est"
 root="$line/pki/ceremony/root.pem"
 
 step "4. a shipped device: its chip served over T=1' (SE050-class latency)"
@@ -97,20 +100,23 @@ wait_for "SE socket" "${pids[-1]}" test -S "$sock"
 fleetid se --bus "$bus" info
 
 step "5. who-am-I over mTLS: TLS 1.2 client key in the SE (identity certificate, slot 1)"
-"${device[@]}" whoami --bus "$bus" --port "$verifier_port" --slot 1 --save "$work/whoami.json"
+fleetid agent whoami --bus "$bus" --cloud "$verifier" --slot 1 --save "$work/whoami.json"
 serial=$("$py" -c 'import json,sys; print(json.load(open(sys.argv[1]))["registry_serial"])' \
     "$work/whoami.json")
 
-step "6. EST simpleenroll: first operational certificate (new key in SE slot 2)"
-"${device[@]}" enrol --bus "$bus" --port "$est_port" --from-slot 1 --slot 2
-step "7. EST simplereenroll: rotation authenticated by the current certificate (new key in slot 3)"
-"${device[@]}" enrol --bus "$bus" --port "$est_port" --from-slot 2 --slot 3 --reenroll
-step "8. the device switches: who-am-I with the new certificate, then acknowledge"
-"${device[@]}" whoami --bus "$bus" --port "$verifier_port" --slot 3
-"${device[@]}" ack --bus "$bus" --port "$verifier_port" --slot 3
-echo "the previous certificate (slot 2) after the acknowledgement:"
-if "${device[@]}" whoami --bus "$bus" --port "$verifier_port" --slot 2; then
-    fail "the superseded certificate was still accepted"
+step "6. the device agent enrols: EST simpleenroll, first operational certificate (new key in SE slot 2)"
+fleetid agent run --bus "$bus" --cloud "$verifier" --est "$est" --once
+fleetid agent status --bus "$bus"
+step "7. the agent rotates: EST simplereenroll authenticated by the current certificate (new key in slot 3), acknowledged, old key deleted"
+fleetid agent get-cert --bus "$bus" --out "$work/previous.pem"
+fleetid agent run --bus "$bus" --cloud "$verifier" --est "$est" --once --rotate
+fleetid agent status --bus "$bus"
+step "8. the device switched: who-am-I with the new certificate; the previous one is refused"
+fleetid agent whoami --bus "$bus" --cloud "$verifier"
+echo "the previous certificate (slot 2, deleted from the SE) after the acknowledgement:"
+if fleetid cloud check-cert --config "$cloud/cloud.toml" "$work/previous.pem" \
+        | grep -E '^(overlap|verdict)'; then
+    :
 fi
 
 step "9. independent clients: curl + openssl read the EST CA certificates"
@@ -124,18 +130,21 @@ cn=$("$py" -c 'import json,sys; print(json.load(open(sys.argv[1]))["serial"])' \
 openssl req -new -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes \
     -keyout "$work/software.key" -subj "/CN=$cn/serialNumber=$cn" -out "$work/software.csr" \
     2>/dev/null
-"${device[@]}" submit-csr --bus "$bus" --port "$est_port" --slot 1 --csr "$work/software.csr" \
+fleetid agent submit-csr --bus "$bus" --est "$est" --slot 1 --csr "$work/software.csr" \
     --expect-status 403
 step "11. fleetid cloud check-cert: every check the verifier makes, for the device's certificate"
-"${device[@]}" get-cert --bus "$bus" --slot 3 --out "$work/device.pem"
+fleetid agent get-cert --bus "$bus" --out "$work/device.pem"
 fleetid cloud check-cert --config "$cloud/cloud.toml" "$work/device.pem"
 
 step "12. revocation: the operator revokes device $serial"
-"${device[@]}" revoke --registry "sqlite:$line/registry.db" --serial "$serial" \
-    --reason keyCompromise
+fleetid cloud revoke-device --registry "sqlite:$line/registry.db" --serial "$serial" \
+    --reason keyCompromise --operator demo-operator
 step "13. the revoked device connects again: refused, with the reason"
-if "${device[@]}" whoami --bus "$bus" --port "$verifier_port" --slot 3; then
+if fleetid agent whoami --bus "$bus" --cloud "$verifier"; then
     fail "the revoked device was accepted"
+fi
+if fleetid agent run --bus "$bus" --cloud "$verifier" --est "$est" --once; then
+    fail "the revoked device's agent went on"
 fi
 if fleetid cloud check-cert --config "$cloud/cloud.toml" "$work/device.pem" \
         | grep -E 'revocation|verdict'; then

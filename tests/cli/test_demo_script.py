@@ -1,6 +1,6 @@
 """The quick-start demo (scripts/demo.sh) runs the whole lifecycle end to end and says
 so: line with 2 stations and its report, audit verified, the cloud on the line's PKI, the
-device's SE-keyed mTLS who-am-I, EST enrolment and rotation, the independent clients'
+device's SE-keyed mTLS who-am-I, the device agent's EST enrolment and rotation, the independent clients'
 moments, revocation refused with its reason; its servers are gone afterwards."""
 
 import os
@@ -34,13 +34,15 @@ def test_demo_script_runs_the_full_lifecycle(tmp_path):
     assert "TLS 1.2 aes128gcm, client key in SE slot 1 (1 signature(s) by the SE)" in out \
         or "TLS 1.2 aes256gcm, client key in SE slot 1" in out
     assert '"kind": "identity"' in out
-    # 6-8: EST enrolment, rotation, switch.
-    assert "simpleenroll authenticated by the certificate in slot 1: new key generated " \
-           "in SE slot 2" in out
-    assert "simplereenroll authenticated by the certificate in slot 2: new key generated " \
-           "in SE slot 3" in out
-    assert '"kind": "operational"' in out and '"rotation": "acked"' in out
-    assert "REFUSED 403 superseded" in out
+    # 6-8: the agent's EST enrolment, rotation, switch.
+    assert "agent: BEGIN enrol: slot 1 -> 2" in out
+    assert "agent: key generated in slot 2, attested, CSR signed in the SE" in out
+    assert "agent: BEGIN command: slot 2 -> 3" in out
+    assert "agent: ACKED by the verifier: slot 3" in out
+    assert "agent: old key and certificate deleted from slot 2" in out
+    assert "credential in use: slot 3 (settled)" in out and "slot 2: empty" in out
+    assert '"kind": "operational"' in out
+    assert "overlap        FAIL  superseded: replaced by a newer certificate" in out
     # 9-11: independent clients.
     assert "CN = fleetid Fleet Root" in out and "CN = fleetid issuing CA" in out
     assert "REFUSED 403 policy: attestation required" in out
@@ -48,6 +50,7 @@ def test_demo_script_runs_the_full_lifecycle(tmp_path):
     # 12-13: revocation.
     assert "status revoked (3 certificate(s) revoked" in out
     assert "REFUSED 403 revoked: revoked at" in out and "(keyCompromise)" in out
+    assert "REFUSED by the verifier: revoked (nothing rotated)" in done.stderr
     assert "revocation     FAIL" in out and "verdict: REFUSED" in out
     # The servers were stopped on exit: nothing listens on the SE socket any more.
     assert not (work / "se.sock").exists() or _socket_dead(str(work / "se.sock"))

@@ -1,0 +1,381 @@
+"""`fleetid agent`: the device agent on a Linux host (and the device-side diagnostics).
+
+A thin shell over fleetid.device.agent (the portable state machine), fleetid.device.stack
+(the SE) and fleetid.device.host.agent_net (HTTPS with the client key in the SE).
+Errors from any layer become one short line, never a traceback.  Exit status: 0 success,
+1 refused / failed (the reason is printed), 2 usage.
+"""
+
+import datetime
+import json
+import random
+import signal
+import sys
+
+import click
+
+from fleetid.common.errors import FleetidError
+
+_BUS_HELP = "SE bus URI (or FLEETID_BUS), e.g. sim:unix:/tmp/se.sock, linux:i2c:/dev/i2c-1:0x48"
+
+
+def _when(seconds):
+    if seconds is None:
+        return "-"
+    moment = datetime.datetime.fromtimestamp(seconds, datetime.timezone.utc)
+    return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _fail(exc):
+    from fleetid.cli.se import describe_error
+
+    raise click.ClickException(describe_error(exc)) from None
+
+
+class _Device:
+    """The SE stack, its fleet root anchor and the network adapter, opened on demand."""
+
+    def __init__(self, bus, t1_profile, timeout_ms):
+        if not bus:
+            raise click.UsageError("--bus URI (or FLEETID_BUS) is required")
+        from fleetid.device.stack import open_se
+
+        try:
+            self.stack = open_se(bus, profile=t1_profile, timeout_ms=timeout_ms)
+        except FleetidError as exc:
+            _fail(exc)
+        except ValueError as exc:
+            raise click.UsageError(str(exc)) from None
+        self.se = self.stack.se
+
+    def root_der(self):
+        from fleetid.common import se_consts as C
+
+        return bytes(self.se.get_data(C.DATA_TRUST_FLEET_ROOT, -1, 65536))
+
+    def net(self, cloud, est, label=None):
+        from fleetid.device.host.agent_net import HostNetwork
+
+        try:
+            return HostNetwork(self.se, cloud or est, est or cloud, [self.root_der()],
+                               label=label)
+        except ValueError as exc:
+            raise click.UsageError(str(exc)) from None
+
+    def close(self):
+        self.stack.close()
+
+
+def _bus_options(f):
+    f = click.option("--timeout-ms", default=5000, show_default=True,
+                     type=click.IntRange(100, 600000), help="Bus socket timeout (sim).")(f)
+    f = click.option("--t1-profile", default="gp", show_default=True,
+                     type=click.Choice(["gp", "se05x"]), help="T=1' framing.")(f)
+    f = click.option("--bus", envvar="FLEETID_BUS", default=None, help=_BUS_HELP)(f)
+    return f
+
+
+def _cloud_options(f):
+    f = click.option("--label", default=None, help="EST label (default: the server's).")(f)
+    f = click.option("--est", default=None,
+                     help="EST server, https://HOST:PORT (default: the --cloud URL).")(f)
+    f = click.option("--cloud", envvar="FLEETID_CLOUD", default=None,
+                     help="Verifier, https://HOST:PORT (or FLEETID_CLOUD).")(f)
+    return f
+
+
+@click.group()
+def agent():
+    """The device agent: enrol, rotate without recall, report; and device diagnostics.
+
+    \b
+    The agent keeps its state in the SE (the rotation journal, data object 0), so a
+    power cut anywhere resumes where it stopped.  Keys never leave the SE.
+    \b
+    Examples:
+      fleetid agent run --bus sim:unix:/tmp/se.sock --cloud https://127.0.0.1:8443 \\
+          --est https://127.0.0.1:8444 --once
+      fleetid agent status --bus sim:unix:/tmp/se.sock
+      fleetid agent whoami --bus sim:unix:/tmp/se.sock --cloud https://127.0.0.1:8443
+    """
+
+
+@agent.command("run")
+@_bus_options
+@_cloud_options
+@click.option("--once", is_flag=True, help="One cycle, then exit (0 ok, 1 failed).")
+@click.option("--rotate", is_flag=True, help="Rotate now (as a cloud command would).")
+@click.option("--interval", default=3600.0, show_default=True,
+              type=click.FloatRange(1.0, 86400.0),
+              help="Seconds between cycles (the next renewal may wake it earlier).")
+@click.option("--renew-fraction", default=0.66, show_default=True,
+              type=click.FloatRange(0.01, 1.0), help="Renew at this fraction of validity.")
+@click.option("--max-attempts", default=5, show_default=True, type=click.IntRange(1, 50),
+              help="Tries per network step (exponential backoff with jitter).")
+@click.option("--max-delay", default=60.0, show_default=True,
+              type=click.FloatRange(1.0, 3600.0), help="Longest backoff / Retry-After (s).")
+@click.option("--quiet", is_flag=True, help="Only the summary line per cycle.")
+def run_cmd(bus, t1_profile, timeout_ms, cloud, est, label, once, rotate, interval,
+            renew_fraction, max_attempts, max_delay, quiet):
+    """Run the agent: enrol, renew when due (or --rotate), acknowledge, retire the old key.
+
+    \b
+    Without --once it loops until SIGTERM / Ctrl-C, which stop it cleanly between steps
+    (a rotation in flight resumes at the next start, from the journal in the SE).
+    \b
+    Examples:
+      fleetid agent run --bus sim:unix:/tmp/se.sock --cloud https://127.0.0.1:8443 \\
+          --est https://127.0.0.1:8444 --once
+      fleetid agent run --bus linux:i2c:/dev/i2c-1:0x48 --t1-profile se05x \\
+          --cloud https://verifier.example:8443 --est https://est.example:8444
+    """
+    import threading
+
+    from fleetid.device.agent import Agent, AgentError, AgentPolicy, NetError
+    from fleetid.device.host.agent_net import SystemClock
+
+    if not (cloud or est):
+        raise click.UsageError("--cloud (and/or --est) is required")
+    stop = threading.Event()
+
+    def on_signal(signum, frame):
+        stop.set()
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    policy = AgentPolicy(renew_fraction=renew_fraction, max_attempts=max_attempts,
+                         max_delay=max_delay, max_wait=max(max_delay * max_attempts, 60.0))
+    log = None if quiet else (lambda line: click.echo("agent: " + line))
+    clock = SystemClock(stop)
+    status = 0
+    try:
+        while not stop.is_set():
+            command = "rotate" if rotate else None
+            rotate = False
+            next_wake = interval
+            try:
+                device = _Device(bus, t1_profile, timeout_ms)
+            except click.ClickException as exc:
+                if once:
+                    raise
+                click.echo("agent: SE unavailable (%s); next try in %.0f s"
+                           % (exc.message, interval), err=True)
+                stop.wait(interval)
+                continue
+            try:
+                runner = Agent(device.se, device.net(cloud, est, label), clock,
+                               random.SystemRandom().random, policy=policy, log=log)
+                report = runner.run_once(command=command)
+                click.echo("credential: slot %d, certificate serial %x, valid until %s, "
+                           "renewal at %s, journal %s"
+                           % (report.slot, report.serial, _when(report.not_after),
+                              _when(report.renew_at), report.journal))
+                status = 0
+                if report.renew_at is not None:
+                    next_wake = min(interval, max(1.0, report.renew_at - clock.now()))
+            except AgentError as exc:
+                if exc.reason == AgentError.REFUSED:
+                    click.echo("REFUSED by the verifier: %s (nothing rotated)" % exc.detail,
+                               err=True)
+                else:
+                    click.echo("FAILED %s" % exc, err=True)
+                status = 1
+            except NetError as exc:
+                click.echo("FAILED network: %s (the journal keeps the progress)" % exc,
+                           err=True)
+                status = 1
+            except InterruptedError:
+                status = 1
+            except FleetidError as exc:
+                from fleetid.cli.se import describe_error
+
+                click.echo("FAILED %s" % describe_error(exc), err=True)
+                status = 1
+            finally:
+                device.close()
+            if once:
+                break
+            stop.wait(next_wake)
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    sys.exit(status)
+
+
+@agent.command("status")
+@_bus_options
+@click.option("--renew-fraction", default=0.66, show_default=True,
+              type=click.FloatRange(0.01, 1.0))
+@click.option("--json", "as_json", is_flag=True, help="One JSON object.")
+def status_cmd(bus, t1_profile, timeout_ms, renew_fraction, as_json):
+    """Credentials, key slots, the rotation journal and the next renewal (no network).
+
+    \b
+    Example:
+      fleetid agent status --bus sim:unix:/tmp/se.sock
+    """
+    from fleetid.device.agent import Agent, AgentError, AgentPolicy
+    from fleetid.device.host.agent_net import SystemClock
+
+    device = _Device(bus, t1_profile, timeout_ms)
+    try:
+        runner = Agent(device.se, None, SystemClock(), random.random,
+                       policy=AgentPolicy(renew_fraction=renew_fraction))
+        try:
+            state = runner.status()
+        except AgentError as exc:
+            raise click.ClickException(str(exc)) from None
+        except FleetidError as exc:
+            _fail(exc)
+    finally:
+        device.close()
+    if as_json:
+        click.echo(json.dumps(state, sort_keys=True))
+        return
+    click.echo("credential in use: slot %d (%s)" % (
+        state["credential_slot"], "settled" if state["final"] else "rotation in flight"))
+    for slot, entry in sorted(state["slots"].items()):
+        if not entry["key"]:
+            click.echo("slot %d: empty" % slot)
+        elif not entry["cert"]:
+            click.echo("slot %d: key, no certificate" % slot)
+        else:
+            click.echo("slot %d: key + certificate serial %x, valid until %s"
+                       % (slot, entry["serial"], _when(entry["not_after"])))
+    click.echo("journal: %s" % ("; ".join(state["journal"]) or "empty (not enrolled)"))
+    click.echo("next renewal: %s" % _when(state["renew_at"]))
+    if state["revocation"] is not None:
+        click.echo("revocation list: %s" % state["revocation"])
+
+
+def _refusal(response):
+    return response.body.decode("utf-8", "replace").strip()
+
+
+@agent.command("whoami")
+@_bus_options
+@_cloud_options
+@click.option("--slot", default=None, type=click.IntRange(1, 15),
+              help="Key slot to authenticate with (default: the journal's credential).")
+@click.option("--save", type=click.Path(dir_okay=False), help="Write the identity JSON here.")
+def whoami_cmd(bus, t1_profile, timeout_ms, cloud, est, label, slot, save):
+    """GET /v1/whoami at the verifier over mTLS signed in the SE.
+
+    \b
+    Example:
+      fleetid agent whoami --bus sim:unix:/tmp/se.sock --cloud https://127.0.0.1:8443 --slot 1
+    """
+    from fleetid.device import rotation_journal as rj
+    from fleetid.device.host.agent_net import parse_url
+    from fleetid.device.host.se_tls import SeTlsClient
+
+    if not cloud:
+        raise click.UsageError("--cloud is required")
+    device = _Device(bus, t1_profile, timeout_ms)
+    try:
+        if slot is None:
+            slot = rj.credential_slot(rj.RotationJournal(device.se).load())
+        client = SeTlsClient(device.se, slot, [device.se.get_cert(slot)], [device.root_der()],
+                             connect_timeout=10, io_timeout=30)
+        host, port = parse_url(cloud)
+        response = client.request(host, port, "GET", "/v1/whoami")
+    except FleetidError as exc:
+        _fail(exc)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    finally:
+        device.close()
+    cipher = client.last_cipher[0] if client.last_cipher else "?"
+    click.echo("TLS 1.2 %s, client key in SE slot %d (%d signature(s) by the SE)"
+               % (cipher, slot, client.key.signatures))
+    if response.status != 200:
+        click.echo("REFUSED %d %s" % (response.status, _refusal(response)))
+        sys.exit(1)
+    identity = json.loads(response.body)
+    click.echo(json.dumps(identity, indent=1))
+    if save:
+        with open(save, "w") as f:
+            json.dump(identity, f)
+
+
+@agent.command("submit-csr")
+@_bus_options
+@_cloud_options
+@click.option("--csr", "csr_file", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="PKCS#10 request, PEM or DER (e.g. from `openssl req`).")
+@click.option("--slot", default=1, show_default=True, type=click.IntRange(1, 15))
+@click.option("--op", default="simpleenroll", show_default=True,
+              type=click.Choice(["simpleenroll", "simplereenroll"]))
+@click.option("--expect-status", default=403, show_default=True, type=int)
+def submit_csr_cmd(bus, t1_profile, timeout_ms, cloud, est, label, csr_file, slot, op,
+                   expect_status):
+    """POST a CSR file over the device's mTLS channel (a negative test: an unattested
+    CSR must be refused).  Exit 0 when the server answers --expect-status.
+
+    \b
+    Example:
+      fleetid agent submit-csr --bus sim:unix:/tmp/se.sock --est https://127.0.0.1:8444 \\
+          --csr software.csr --expect-status 403
+    """
+    import base64
+
+    from fleetid.device.host.agent_net import parse_url
+    from fleetid.device.host.se_tls import SeTlsClient
+
+    with open(csr_file, "rb") as f:
+        data = f.read()
+    if b"-----BEGIN" in data:
+        from cryptography import x509
+        from cryptography.hazmat.primitives import serialization
+
+        data = x509.load_pem_x509_csr(data).public_bytes(serialization.Encoding.DER)
+    target = est or cloud
+    if not target:
+        raise click.UsageError("--est is required")
+    device = _Device(bus, t1_profile, timeout_ms)
+    try:
+        client = SeTlsClient(device.se, slot, [device.se.get_cert(slot)], [device.root_der()],
+                             connect_timeout=10, io_timeout=30)
+        host, port = parse_url(target)
+        path = "/.well-known/est/%s%s" % (label + "/" if label else "", op)
+        response = client.request(host, port, "POST", path, base64.encodebytes(data),
+                                  {"Content-Type": "application/pkcs10"})
+    except FleetidError as exc:
+        _fail(exc)
+    finally:
+        device.close()
+    if response.status == 200:
+        click.echo("ACCEPTED (unexpected for a CSR without attestation)")
+        sys.exit(1)
+    click.echo("REFUSED %d %s" % (response.status, _refusal(response)))
+    sys.exit(0 if response.status == expect_status else 1)
+
+
+@agent.command("get-cert")
+@_bus_options
+@click.option("--slot", default=None, type=click.IntRange(1, 15),
+              help="Slot (default: the journal's credential).")
+@click.option("--out", required=True, type=click.Path(dir_okay=False))
+def get_cert_cmd(bus, t1_profile, timeout_ms, slot, out):
+    """Write the certificate of an SE slot as PEM.
+
+    \b
+    Example:
+      fleetid agent get-cert --bus sim:unix:/tmp/se.sock --out device.pem
+    """
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    from fleetid.device import rotation_journal as rj
+
+    device = _Device(bus, t1_profile, timeout_ms)
+    try:
+        if slot is None:
+            slot = rj.credential_slot(rj.RotationJournal(device.se).load())
+        cert = x509.load_der_x509_certificate(bytes(device.se.get_cert(slot)))
+    except FleetidError as exc:
+        _fail(exc)
+    finally:
+        device.close()
+    with open(out, "wb") as f:
+        f.write(cert.public_bytes(serialization.Encoding.PEM))
+    click.echo("slot %d certificate -> %s" % (slot, out))
