@@ -104,7 +104,14 @@ def _fab_batch_with_progress(fab_mod, vendor_dir, out, count):
               help="Seed of the fault injector (default: random, printed at start).")
 @click.option("--idle-timeout", default=30.0, show_default=True, type=click.FloatRange(0.1),
               help="Seconds before an idle client is dropped (frees the bus for the next).")
-def serve(nvm_path, listen, latency, t1_profile, ber, seed, idle_timeout):
+@click.option("--cut-power-at", type=click.IntRange(1), default=None, metavar="K",
+              help="Fault injection: cut the chip's power at its K-th NVM commit from now "
+                   "(once; the chip loses its RAM state and the host sees no answer).")
+@click.option("--cut-after-atomic", is_flag=True,
+              help="With --cut-power-at: cut just after the commit's atomic point (the "
+                   "write took effect, the answer is lost) instead of just before it.")
+def serve(nvm_path, listen, latency, t1_profile, ber, seed, idle_timeout, cut_power_at,
+          cut_after_atomic):
     """Serve one emulated chip over a Unix or loopback TCP socket, speaking T=1'.
 
     The socket carries raw bus transactions (write a frame, read N bytes, NACK while the
@@ -116,6 +123,7 @@ def serve(nvm_path, listen, latency, t1_profile, ber, seed, idle_timeout):
       fleetid sim serve --nvm var/chip.nvm --listen unix:/tmp/se.sock --latency se050
       fleetid sim serve --nvm var/chip.nvm --listen tcp:127.0.0.1:7050 --ber 1e-4
       fleetid sim serve --nvm var/chip.nvm --listen unix:/tmp/se.sock --t1-profile se05x
+      fleetid sim serve --nvm var/chip.nvm --listen unix:/tmp/se.sock --cut-power-at 3
     """
     from fleetid.sim.nvm import NvmError
     from fleetid.sim.server import ListenAddressError, SimServer
@@ -124,6 +132,8 @@ def serve(nvm_path, listen, latency, t1_profile, ber, seed, idle_timeout):
         if seed is None:
             seed = int.from_bytes(os.urandom(4), "big")
         endpoint = _make_endpoint(nvm_path, latency, t1_profile, ber, seed)
+        if cut_power_at is not None:
+            endpoint.chip.nvm.cut_power_at(cut_power_at, after_atomic=cut_after_atomic)
         server = SimServer(endpoint, listen, idle_timeout_s=idle_timeout)
         server.bind()
     except ListenAddressError as exc:
