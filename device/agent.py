@@ -515,3 +515,29 @@ class Agent:
         if self.revocation is not None:
             result["revocation"] = str(self.revocation.status(self.clock.now()))
         return result
+
+
+def run_forever(agent, wait, interval, log=None, cycles=None):
+    """The agent loop for a board (boards/*/main.py): one cycle, then wait until the next
+    renewal or `interval` seconds, whichever is first; failures are logged and retried
+    next cycle (the journal keeps the progress).
+
+    Params: wait: fn(seconds) -> True to stop (an event's wait(), or a sleep that returns
+        None).  interval: seconds between cycles.  cycles: stop after this many (tests).
+    Returns: the last AgentReport (or None).
+    """
+    done = 0
+    last = None
+    while cycles is None or done < cycles:
+        done += 1
+        pause = interval
+        try:
+            last = agent.run_once()
+            if last.renew_at is not None:
+                pause = min(interval, max(1, last.renew_at - agent.clock.now()))
+        except FleetidError as exc:
+            if log is not None:
+                log("cycle failed: %s" % exc)
+        if wait(pause):
+            break
+    return last
