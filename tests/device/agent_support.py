@@ -149,3 +149,94 @@ def run_until_settled(fleet, index=0, plan=None, tries=12, **kw):
         except (NetError, Killed):
             failures += 1
     raise AssertionError("the agent did not settle in %d cycles" % tries)
+
+
+class CampaignCounts:
+    """What a randomized campaign did (campaign() below)."""
+
+    FIELDS = ("rotations", "cycles", "failed_cycles", "retries", "link_drops",
+              "server_errors", "lost_answers", "pending", "kills", "power_cuts",
+              "invariant_checks", "refused_credentials", "max_cycles_per_rotation")
+
+    def __init__(self):
+        for name in self.FIELDS:
+            setattr(self, name, 0)
+
+    def as_dict(self):
+        return {name: getattr(self, name) for name in self.FIELDS}
+
+
+def campaign(fleet, rotations, seed, index=0, fault_rate=0.12, cut_rate=0.25,
+             max_cycles=40):
+    """Rotate `rotations` times under seeded random faults: at each network call a link
+    drop, a 5xx, a lost answer (the server acted, the device timed out), a 202 with
+    Retry-After, or a process kill; per rotation, an SE power cut at a random NVM write
+    (before or after its atomic point).  After every failed cycle the credential the
+    journal designates must be accepted by the verifier; after every rotation the device
+    must be settled (journal final, no spare key, certificate matches key).
+
+    Returns: CampaignCounts.  Raises AssertionError on a broken invariant.
+    """
+    from fleetid.sim.nvm import PowerLoss
+
+    rng = random.Random(seed)
+    counts = CampaignCounts()
+    nvm = fleet.nvm(index)
+
+    def plan(name, i):
+        roll = rng.random()
+        if roll >= fault_rate:
+            return None
+        kind = rng.randrange(5)
+        if kind == 0:
+            counts.link_drops += 1
+            return ("before", NetError(NetError.LINK, "connection reset"))
+        if kind == 1:
+            counts.server_errors += 1
+            return ("before", NetError(NetError.SERVER, "503", 503,
+                                       retry_after=rng.choice((None, 1, 3))))
+        if kind == 2:
+            counts.lost_answers += 1
+            return ("after", NetError(NetError.TIMEOUT, "answer lost"))
+        if kind == 3:
+            counts.pending += 1
+            return ("before", NetError(NetError.PENDING, "", 202,
+                                       retry_after=rng.randrange(1, 6)))
+        counts.kills += 1
+        return (rng.choice(("before", "after")), Killed(name))
+
+    policy = AgentPolicy(max_attempts=4, base_delay=1, max_delay=10, max_wait=60)
+    for _ in range(rotations):
+        if rng.random() < cut_rate:
+            nvm.cut_power_at(rng.randrange(1, 8), after_atomic=rng.random() < 0.5)
+        command = "rotate"
+        cycles = 0
+        while True:
+            cycles += 1
+            counts.cycles += 1
+            if cycles > max_cycles:
+                raise AssertionError("no progress after %d cycles" % max_cycles)
+            agent = fleet.agent(index, plan=plan, policy=policy, seed=rng.randrange(1 << 30))
+            try:
+                report = agent.run_once(command=command)
+                counts.retries += report.retries
+                break
+            except PowerLoss:
+                counts.power_cuts += 1
+                nvm.disarm()
+            except (NetError, Killed):
+                pass
+            counts.failed_cycles += 1
+            command = None  # the journal carries the rotation on
+            try:
+                fleet.accepted(index)
+                counts.invariant_checks += 1
+            except Exception:
+                counts.refused_credentials += 1
+                raise
+        nvm.disarm()
+        fleet.settled(index)
+        counts.invariant_checks += 1
+        counts.rotations += 1
+        counts.max_cycles_per_rotation = max(counts.max_cycles_per_rotation, cycles)
+    return counts
