@@ -49,8 +49,11 @@ except ImportError:  # CPython
 
 
 from fleetid.common.errors import FleetidError
-from fleetid.device import certinfo, enrol
+from fleetid.device import enrol
 from fleetid.device import rotation_journal as rj
+
+# device/certinfo (and common/der under it) is imported where a certificate is read: a
+# device resuming an acknowledged rotation does not load the DER reader (MicroPython heap).
 
 SLOT_IDENTITY = const(0x01)  # se_consts.SLOT_IDENTITY
 SLOT_OPERATIONAL_A = const(0x02)  # se_consts.SLOT_OPERATIONAL_A
@@ -289,6 +292,8 @@ class Agent:
         return b if cur == a else a
 
     def _facts(self, slot):
+        from fleetid.device import certinfo
+
         return certinfo.certificate_facts(self.se.get_cert(slot))
 
     # -- the cycle -------------------------------------------------------------------------
@@ -402,6 +407,8 @@ class Agent:
         return self._rotate_from(begin)
 
     def _rotate_from(self, begin):
+        from fleetid.device import certinfo
+
         se = self.se
         cur, new = begin.cur, begin.new
         current = self._facts(cur)

@@ -14,8 +14,10 @@
 #     an extensionRequest with the URI SAN urn:fleetid:device:<common_name>
 # and is signed by the new key inside the SE (proof of possession).
 
-from fleetid.common import attestation, der
 from fleetid.common.errors import ReferenceNotFound
+
+# common/attestation and common/der are imported inside the functions that build: a
+# device that only resumes a rotation (clear_slot) does not load them (MicroPython heap).
 
 POLICY_SIGN = 0x01  # se_consts.POLICY_SIGN; the SE adds NON_EXPORTABLE, GENERATED_ON_CHIP
 DEVICE_URI_PREFIX = "urn:fleetid:device:"
@@ -46,6 +48,8 @@ def new_attested_key(se, slot, nonce, policy=POLICY_SIGN, replace=False):
     Returns: (65-byte public point, SignedAttestation, strictly parsed).
     Raises: ApduError (AlreadyExists, ...), LinkError, DerError.
     """
+    from fleetid.common import attestation
+
     if replace:
         clear_slot(se, slot)
     point = se.generate_key(slot, policy)
@@ -62,6 +66,8 @@ def attested_csr(se, slot, point, signed, chain, common_name, serial_number=None
     Returns: bytes (DER CertificationRequest).
     Raises: ApduError, LinkError, DerError.
     """
+    from fleetid.common import attestation, der
+
     bundle = attestation.encode_evidence_bundle([signed], chain)
     info = der.build_csr_info(
         common_name, serial_number, der.encode_p256_spki(point),
