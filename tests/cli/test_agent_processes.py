@@ -92,6 +92,16 @@ def test_agent_enrols_survives_a_power_cut_mid_rotation_and_is_refused_once_revo
         servers.append(se)
         out = _ok(_fleetid(*agent, env=env))
         assert "agent: BEGIN enrol: slot 1 -> 2" in out and "journal BASE" in out
+        # The long-running agent: one cycle, then a bounded wait that SIGTERM ends cleanly.
+        loop_out = str(tmp_path / "loop.out")
+        loop = _Background([a for a in agent if a != "--once"] + ["--interval", "3600"],
+                           env, loop_out)
+        _wait_for(lambda: "credential: slot 2" in open(loop_out).read(), loop.proc,
+                  "agent cycle")
+        started = time.monotonic()
+        loop.proc.terminate()
+        assert loop.proc.wait(10) == 0 and time.monotonic() - started < 5
+        loop.out.close()
         se.stop()
         servers.remove(se)
 
