@@ -62,6 +62,17 @@ WORKFLOWS = {
     "run_crl": ("tests/micropython/test_crl_micropython.py::test_crl_check_under_micropython_over_the_emulator_socket",
                 SE_MODULES + ("fleetid.common.oids", "fleetid.common.der",
                               "fleetid.device.crl_cache"), 3, 102 * 1024, 128 * 1024),
+    "run_agent_journal": ("tests/micropython/test_agent_micropython.py::test_journal_replay_after_a_cut_under_micropython",
+                          SE_MODULES + ("fleetid.device.bus", "fleetid.device.stack",
+                                        "fleetid.device.enrol",
+                                        "fleetid.device.rotation_journal",
+                                        "fleetid.device.agent"),
+                          3, 91 * 1024, 114 * 1024),
+    "run_agent_csr": ("tests/micropython/test_agent_micropython.py::test_attested_csr_and_certificate_facts_under_micropython",
+                      SE_MODULES + ("fleetid.device.bus", "fleetid.device.stack",
+                                    "fleetid.common.der", "fleetid.common.attestation",
+                                    "fleetid.device.enrol", "fleetid.device.certinfo"),
+                      3, 121 * 1024, 152 * 1024),
 }
 
 

@@ -10,10 +10,9 @@ port), against the emulator over its socket, through the one SE stack
   the SE) and device/certinfo on the MAK certificate; CPython verifies the CSR's
   signature, its key against the SE's, the attestation's nonce and slot, and the facts.
 
-Heap: each workflow runs at HEAP[name], at least 1.25x the smallest `-X heapsize` that
-passes.  The minimums (1 KiB steps, mpy-cross -O3, unix port x86_64) were bisected with
-FLEETID_MP_BISECT=1, which reruns the bisection and prints them:
-    journal: 91 KiB      csr: 121 KiB     (MINIMUM_KIB; tests at 114K and 152K)
+Heap: each workflow runs at its budget in tests/micropython/budgets.py (1.25x the smallest
+`-X heapsize` that passes, bisected to 1 KiB by bench/micropython.py, which reruns this
+test with FLEETID_MP_HEAP overriding one workflow's heap).
 """
 
 import os
@@ -28,13 +27,12 @@ from fleetid.common import attestation, t1
 from fleetid.common.apdu import ApduProtocol
 from fleetid.device import rotation_journal as rj
 from fleetid.device.se import SeSession
+from tests.micropython.budgets import heap_for
 from tests.micropython.support import PRELUDE as HEX_PRELUDE
 from tests.micropython.support import Stage, parse
 
 pytestmark = pytest.mark.micropython
 
-MINIMUM_KIB = {"journal": 91, "csr": 121}
-HEAP = {name: "%dK" % -(-kib * 5 // 4) for name, kib in MINIMUM_KIB.items()}
 IFSD = 64
 T0, T1 = 1796500000, 1799100000
 
@@ -103,7 +101,7 @@ stack.close()
 print("done", gc.mem_free())
 """
 
-SCRIPTS = {"journal": JOURNAL_SCRIPT, "csr": CSR_SCRIPT}
+SCRIPTS = {"run_agent_journal": JOURNAL_SCRIPT, "run_agent_csr": CSR_SCRIPT}
 
 
 class _Rig:
@@ -178,39 +176,24 @@ def _try(stage, name, heap):
     return proc.returncode == 0 and "\ndone " in proc.stdout, proc
 
 
-def minimum_heap_kib(stage, rig, name, low=8, high=256):
-    """Bisect the smallest heap (KiB) at which workflow `name` passes."""
-    ok, proc = _try(stage, name, "%dK" % high)
-    assert ok, proc.stdout + proc.stderr
-    while high - low > 1:
-        mid = (low + high) // 2
-        rig.restore()
-        ok, _ = _try(stage, name, "%dK" % mid)
-        if ok:
-            high = mid
-        else:
-            low = mid
-    rig.restore()
-    return high
-
-
 @pytest.fixture
 def stage(tmp_path, rig):
     stage = Stage(tmp_path / "mp", opt=3)
     for name, script in SCRIPTS.items():
-        _compile(stage, "run_" + name, rig.header() + PRELUDE + script)
+        _compile(stage, name, rig.header() + PRELUDE + script)
     return stage
 
 
-def _run(stage, name, heap):
-    ok, proc = _try(stage, "run_" + name, heap)
+def _run(stage, name):
+    heap = heap_for(name)
+    ok, proc = _try(stage, name, heap)
     if not ok:
         pytest.fail("%s at %s:\n%s%s" % (name, heap, proc.stdout, proc.stderr))
     return parse(proc.stdout)
 
 
 def test_journal_replay_after_a_cut_under_micropython(stage, rig):
-    out = _run(stage, "journal", HEAP["journal"])
+    out = _run(stage, "run_agent_journal")
     assert out["before"] == ["ISSUED 3 3"]
     assert out["ack"] == ["3"]
     assert out["after"] == ["BASE 3 1 %d %d" % (T0, T1)]
@@ -227,7 +210,7 @@ def test_journal_replay_after_a_cut_under_micropython(stage, rig):
 
 
 def test_attested_csr_and_certificate_facts_under_micropython(stage, rig):
-    out = _run(stage, "csr", HEAP["csr"])
+    out = _run(stage, "run_agent_csr")
     se = rig.se()
     point = bytes.fromhex(out["point"][0])
     assert se.public_key(4)[1] == point
@@ -249,14 +232,3 @@ def test_attested_csr_and_certificate_facts_under_micropython(stage, rig):
     assert int(not_after) == int(mak.not_valid_after_utc.timestamp())
     assert mak_point == mak.public_key().public_bytes(
         serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint).hex()
-
-
-@pytest.mark.skipif(not os.environ.get("FLEETID_MP_BISECT"), reason="FLEETID_MP_BISECT=1")
-def test_bisect_minimum_heaps(stage, rig):
-    found = {}
-    for name in SCRIPTS:
-        rig.restore()
-        found[name] = minimum_heap_kib(stage, rig, "run_" + name)
-    print("\nminimum -X heapsize (KiB): %r; tests run at %r" % (found, HEAP))
-    for name, kib in found.items():
-        assert MINIMUM_KIB[name] * 5 // 4 >= kib, "raise MINIMUM_KIB[%r] to %d" % (name, kib)
