@@ -451,11 +451,32 @@ class Agent:
         return self._acknowledge(record)
 
     def _acknowledge(self, issued):
-        self._call("ack", self.net.ack, issued.new)
+        try:
+            self._call("ack", self.net.ack, issued.new)
+        except NetError as exc:
+            if exc.reason != NetError.REFUSED or exc.server_reason not in _REFUSED_CREDENTIAL:
+                raise
+            return self._abandon(issued, exc.server_reason)
         record = self.journal.append(rj.Record(rj.ACKED, issued.cur, issued.new,
                                                issued.cause, issued.t0, issued.t1))
         self._note("ACKED by the verifier: slot %d" % issued.new)
         return self._retire(record)
+
+    def _abandon(self, issued, why):
+        # The verifier no longer takes the new certificate (superseded or expired before
+        # the acknowledgement: the cloud moved on without this device).  Retrying the ack
+        # would repeat forever; instead drop the new key, go back to the state before the
+        # rotation (one atomic write) and rotate again (from the identity certificate if
+        # the old one is refused too).
+        self._note("slot %d refused at the acknowledgement (%s): rotate again"
+                   % (issued.new, why))
+        enrol.clear_slot(self.se, issued.new)
+        if issued.cur == SLOT_IDENTITY:
+            self.journal.reset()
+        else:
+            facts = self._facts(issued.cur)
+            self.journal.compact(issued.cur, facts.not_before, facts.not_after)
+        return self.rotate(rj.CAUSE_REFUSED)
 
     def _retire(self, acked):
         if acked.cur != SLOT_IDENTITY and enrol.clear_slot(self.se, acked.cur):

@@ -62,8 +62,12 @@
 #                                                                        the verifier refuses cur), PUT
 #                                                                        CERT, append ISSUED
 #   ISSUED(cur,new)  new (the verifier's       cur: key + cert;          POST /v1/rotation/ack with new,
-#                    rotation state names it)  new: key + cert           append ACKED
-#                    and cur until the ack
+#                    rotation state names it)  new: key + cert           append ACKED.  If the verifier
+#                    and cur until the ack                               refuses new as superseded /
+#                                                                        expired: delete new's key,
+#                                                                        rewrite the journal as BASE(cur)
+#                                                                        (empty when cur is the identity
+#                                                                        slot) and rotate again
 #   ACKED(cur, new)  new                       cur: key + cert, or       delete cur's key + cert if
 #                                              already deleted           present (never the identity
 #                                                                        slot), compact to BASE(new)
@@ -244,6 +248,12 @@ class RotationJournal:
         record = Record(BASE, cur, 0, CAUSE_NONE, not_before, not_after, self._seq())
         self._write([record])
         return record
+
+    def reset(self):
+        """Forget everything (one atomic write of the empty journal): the state "not
+        enrolled", used when the first enrolment's certificate was refused before its
+        acknowledgement."""
+        self._write([])
 
     def _write(self, records):
         self.se.write_object(self.object_id, encode(records))

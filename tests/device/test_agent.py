@@ -243,3 +243,24 @@ def test_agent_policy_refuses_unsafe_bounds():
         with pytest.raises(ValueError):
             AgentPolicy(**kwargs)
     assert Agent  # imported for the public API
+
+
+@pytest.mark.parametrize("enrolled", [False, True])
+def test_a_new_certificate_refused_at_the_ack_is_abandoned_and_rotated_again(fleet, enrolled):
+    if enrolled:
+        _enrolled(fleet)
+    acks = []
+
+    def plan(name, i):
+        if name == "ack":
+            acks.append(i)
+            if len(acks) == 1:
+                return ("before", NetError(NetError.REFUSED, "superseded: replaced", 403,
+                                           server_reason="superseded"))
+        return None
+
+    agent = fleet.agent(0, plan=plan)
+    report = agent.run_once(command="rotate" if enrolled else None)
+    assert any("refused at the acknowledgement (superseded)" in a for a in report.actions)
+    assert len(acks) == 2 and report.journal == "BASE"
+    assert fleet.settled(0) == (3 if enrolled else 2)
