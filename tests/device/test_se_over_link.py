@@ -13,10 +13,8 @@ from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 
 from fleetid.common import se_consts as C
 from fleetid.common import t1
-from fleetid.common.apdu import ApduProtocol
 from fleetid.common.clock import FakeClock
-from fleetid.common.t1link import T1Link
-from fleetid.device.se import SeSession
+from fleetid.device.stack import open_se
 
 DIGEST = hashlib.sha256(b"over the link").digest()
 
@@ -27,11 +25,8 @@ def _stack(chip, profile, latency):
 
     clock = FakeClock()
     endpoint = BusEndpoint(chip, profile=profile, latency=profiles.get(latency), clock=clock)
-    link = T1Link(endpoint, profile=profile, clock=clock)
-    link.open()
-    se = SeSession(ApduProtocol(link))
-    se.select()
-    return se, link, endpoint, clock
+    opened = open_se(endpoint, profile, clock)  # the one device stack, on the endpoint
+    return opened.se, opened.link, endpoint, clock
 
 
 @pytest.mark.parametrize(
