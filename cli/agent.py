@@ -75,6 +75,45 @@ def _bus_options(f):
     return f
 
 
+def _revocation_options(f):
+    f = click.option("--crl-fail-open", is_flag=True,
+                     help="With no fresh CRL, do not treat peers as revoked (default: "
+                          "fail closed).")(f)
+    f = click.option("--crl-grace", default=86400, show_default=True,
+                     type=click.IntRange(0, 30 * 86400),
+                     help="Seconds a CRL stays usable after its nextUpdate.")(f)
+    f = click.option("--crl-issuer", type=click.Path(exists=True, dir_okay=False),
+                     default=None, help="The issuing CA certificate (PEM/DER) whose CRL "
+                     "the device caches; enables the revocation cache.")(f)
+    f = click.option("--crl-cache", type=click.Path(dir_okay=False), default=None,
+                     help="File holding the cached CRL (required with --crl-issuer).")(f)
+    return f
+
+
+def _revocation(device, crl_cache, crl_issuer, crl_grace, crl_fail_open):
+    """device/crl_cache.CrlCache for the agent, or None when not configured."""
+    if crl_issuer is None:
+        return None
+    if crl_cache is None:
+        raise click.UsageError("--crl-cache FILE is required with --crl-issuer")
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    from fleetid.device.crl_cache import CrlCache, CrlPolicy, FileStore
+
+    with open(crl_issuer, "rb") as f:
+        data = f.read()
+    try:
+        issuer = (x509.load_pem_x509_certificate(data) if b"-----BEGIN" in data
+                  else x509.load_der_x509_certificate(data))
+    except ValueError:
+        raise click.UsageError("%s is not a certificate" % crl_issuer) from None
+    point = issuer.public_key().public_bytes(serialization.Encoding.X962,
+                                             serialization.PublicFormat.UncompressedPoint)
+    return CrlCache(device.se, FileStore(crl_cache), point, issuer.subject.public_bytes(),
+                    CrlPolicy(grace_s=crl_grace, fail_open=crl_fail_open))
+
+
 def _cloud_options(f):
     f = click.option("--label", default=None, help="EST label (default: the server's).")(f)
     f = click.option("--est", default=None,
@@ -115,8 +154,16 @@ def agent():
 @click.option("--max-delay", default=60.0, show_default=True,
               type=click.FloatRange(1.0, 3600.0), help="Longest backoff / Retry-After (s).")
 @click.option("--quiet", is_flag=True, help="Only the summary line per cycle.")
+@click.option("--boot-image", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="MCUboot image to check before the first connection (signed boot: "
+                   "the agent does not connect with a refused image) and to confirm after "
+                   "the first accepted one.")
+@click.option("--boot-max-size", default=0x100000, show_default=True,
+              type=click.IntRange(32), help="Slot size for --boot-image.")
+@_revocation_options
 def run_cmd(bus, t1_profile, timeout_ms, cloud, est, label, once, rotate, interval,
-            renew_fraction, max_attempts, max_delay, quiet):
+            renew_fraction, max_attempts, max_delay, quiet, boot_image, boot_max_size,
+            crl_cache, crl_issuer, crl_grace, crl_fail_open):
     """Run the agent: enrol, renew when due (or --rotate), acknowledge, retire the old key.
 
     \b
@@ -147,6 +194,7 @@ def run_cmd(bus, t1_profile, timeout_ms, cloud, est, label, once, rotate, interv
     log = None if quiet else (lambda line: click.echo("agent: " + line))
     clock = SystemClock(stop)
     status = 0
+    boot = boot_reader = None
     try:
         while not stop.is_set():
             command = "rotate" if rotate else None
@@ -162,14 +210,28 @@ def run_cmd(bus, t1_profile, timeout_ms, cloud, est, label, once, rotate, interv
                 stop.wait(interval)
                 continue
             try:
+                if boot is None and boot_image is not None:
+                    from fleetid.device import boot as boot_mod
+                    from fleetid.device.agent import SignedBoot
+
+                    boot_reader = open(boot_image, "rb")
+                    boot = SignedBoot(boot_mod.check_image, boot_mod.confirm_boot,
+                                      device.se, boot_reader, boot_max_size)
+                if boot is not None:
+                    boot.se = device.se  # checked once per process, confirmed once
                 runner = Agent(device.se, device.net(cloud, est, label), clock,
-                               random.SystemRandom().random, policy=policy, log=log)
+                               random.SystemRandom().random, boot=boot,
+                               revocation=_revocation(device, crl_cache, crl_issuer,
+                                                      crl_grace, crl_fail_open),
+                               policy=policy, log=log)
                 report = runner.run_once(command=command)
                 click.echo("credential: slot %d, certificate serial %x, valid until %s, "
                            "renewal at %s, journal %s"
                            % (report.slot, report.serial, _when(report.not_after),
                               _when(report.renew_at), report.journal))
                 status = 0
+                if report.revocation is not None:
+                    click.echo("revocation: %s" % report.revocation)
                 if report.renew_at is not None:
                     next_wake = min(interval, max(1.0, report.renew_at - clock.now()))
             except AgentError as exc:
@@ -196,6 +258,8 @@ def run_cmd(bus, t1_profile, timeout_ms, cloud, est, label, once, rotate, interv
                 break
             stop.wait(next_wake)
     finally:
+        if boot_reader is not None:
+            boot_reader.close()
         for s, handler in previous.items():
             signal.signal(s, handler)
     sys.exit(status)
@@ -206,7 +270,9 @@ def run_cmd(bus, t1_profile, timeout_ms, cloud, est, label, once, rotate, interv
 @click.option("--renew-fraction", default=0.66, show_default=True,
               type=click.FloatRange(0.01, 1.0))
 @click.option("--json", "as_json", is_flag=True, help="One JSON object.")
-def status_cmd(bus, t1_profile, timeout_ms, renew_fraction, as_json):
+@_revocation_options
+def status_cmd(bus, t1_profile, timeout_ms, renew_fraction, as_json, crl_cache, crl_issuer,
+               crl_grace, crl_fail_open):
     """Credentials, key slots, the rotation journal and the next renewal (no network).
 
     \b
@@ -219,6 +285,8 @@ def status_cmd(bus, t1_profile, timeout_ms, renew_fraction, as_json):
     device = _Device(bus, t1_profile, timeout_ms)
     try:
         runner = Agent(device.se, None, SystemClock(), random.random,
+                       revocation=_revocation(device, crl_cache, crl_issuer, crl_grace,
+                                              crl_fail_open),
                        policy=AgentPolicy(renew_fraction=renew_fraction))
         try:
             state = runner.status()
@@ -245,6 +313,8 @@ def status_cmd(bus, t1_profile, timeout_ms, renew_fraction, as_json):
     click.echo("next renewal: %s" % _when(state["renew_at"]))
     if state["revocation"] is not None:
         click.echo("revocation list: %s" % state["revocation"])
+    else:
+        click.echo("revocation list: not configured (--crl-issuer, --crl-cache)")
 
 
 def _refusal(response):
@@ -379,3 +449,13 @@ def get_cert_cmd(bus, t1_profile, timeout_ms, slot, out):
     with open(out, "wb") as f:
         f.write(cert.public_bytes(serialization.Encoding.PEM))
     click.echo("slot %d certificate -> %s" % (slot, out))
+
+
+def _attach_boot_check():
+    # cli/agent_boot.py defines `fleetid agent boot-check` (signed boot, device/boot.py).
+    from fleetid.cli.agent_boot import boot_check
+
+    agent.add_command(boot_check)
+
+
+_attach_boot_check()

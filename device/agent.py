@@ -20,7 +20,8 @@
 #                 enroll(slot, csr_der, reenroll) -> certificate DER
 #                                                  simpleenroll / simplereenroll
 #                 ack(slot) -> None                POST /v1/rotation/ack
-#                 fetch(...)                       handed to revocation.refresh (its format)
+#                 fetch_revocation(slot) -> bytes  GET the CRL of the certificate in
+#                                                  `slot` (its distribution point URL)
 #               Every call raises NetError (below) on failure, with `retryable` telling
 #               a transient failure (link drop, timeout, 5xx, 202) from a refusal.
 #               CPython: device/host/agent_net.HostNetwork (se_tls + the EST client).
@@ -31,8 +32,10 @@
 #               not connect); confirm(report) after the first accepted connection
 #               (MCUboot's "confirm after a healthy boot").  device/boot.py's functions
 #               plug in through SignedBoot below.
-#   revocation  optional: refresh(fetch, now), check(serial, now) (raises when revoked
-#               or stale), status(now) -> printable.  device/crl_cache.CrlCache fits.
+#   revocation  optional: refresh(fetch, now) with fetch() -> CRL bytes (the agent's
+#               fetch goes through net.fetch_revocation with the same bounded retries),
+#               check(serial, now) (raises when revoked or stale), status(now) -> dict or
+#               printable.  device/crl_cache.CrlCache fits as it is.
 #
 # Intermittent links: each network step is retried at most policy.max_attempts times with
 # exponential backoff and full jitter (delay = U(0.5, 1) x min(max_delay, base x 2^n)),
@@ -176,7 +179,10 @@ class SignedBoot:
     """Adapts device/boot.py's functions to the agent's `boot` collaborator.
 
     Params: check_image: fn(se, reader, max_size=...) -> BootReport (raises BootError).
-        confirm_boot: fn(se, report).  se, reader, max_size: passed through.
+        confirm_boot: fn(se, report).  se, reader, max_size: passed through (`se` may be
+        replaced when the caller reopens the SE).
+    The image is checked once (check() returns the same report afterwards) and confirmed
+    once, so one SignedBoot can serve every cycle of a long-running agent.
     """
 
     def __init__(self, check_image, confirm_boot, se, reader, max_size=None):
@@ -185,14 +191,31 @@ class SignedBoot:
         self.se = se
         self.reader = reader
         self.max_size = max_size
+        self.report = None
+        self.confirmed = False
 
     def check(self):
-        if self.max_size is None:
-            return self._check(self.se, self.reader)
-        return self._check(self.se, self.reader, max_size=self.max_size)
+        if self.report is None:
+            if self.max_size is None:
+                self.report = self._check(self.se, self.reader)
+            else:
+                self.report = self._check(self.se, self.reader, max_size=self.max_size)
+        return self.report
 
     def confirm(self, report):
-        self._confirm(self.se, report)
+        if not self.confirmed:
+            self._confirm(self.se, report)
+            self.confirmed = True
+
+
+def status_text(status):
+    """One line for a revocation collaborator's status (CrlCache.status()'s dict, or any
+    printable)."""
+    if not isinstance(status, dict):
+        return str(status)
+    return "CRL #%s %s (%s; next update %s, %s revoked)" % (
+        status.get("number"), status.get("state"), status.get("policy"),
+        status.get("next_update"), status.get("revoked"))
 
 
 def renew_at(not_before, not_after, fraction):
@@ -491,20 +514,29 @@ class Agent:
         cache = self.revocation
         if cache is None:
             return
+        from fleetid.common.errors import ApduError, LinkError
+
         now = self.clock.now()
+        slot = report.slot
+
+        def fetch():
+            return self._call("revocation", self.net.fetch_revocation, slot)
+
         try:
-            cache.refresh(self.net.fetch, now)
-            self._note("revocation refreshed")
-        except Exception as exc:  # noqa: BLE001 - a stale cache is the cache's policy
-            self._note("revocation refresh failed: %s" % type(exc).__name__)
+            result = cache.refresh(fetch, now)
+            self._note("revocation list %s" % (result or "refreshed"))
+        except (LinkError, ApduError):
+            raise  # the SE failed: not a revocation verdict
+        except Exception as exc:  # noqa: BLE001 - CrlError: the cache keeps its old CRL
+            self._note("revocation refresh refused: %s" % exc)
         try:
             cache.check(report.serial, now)
-        except FleetidError:
+        except (LinkError, ApduError):
             raise
         except Exception as exc:  # noqa: BLE001 - RevokedError / StaleRevocationError
             report.revocation = "%s: %s" % (type(exc).__name__, exc)
             return
-        report.revocation = str(cache.status(now))
+        report.revocation = status_text(cache.status(now))
 
     # -- status (no network) ------------------------------------------------------------------
 
@@ -541,7 +573,7 @@ class Agent:
         if last is not None and last.kind == rj.BASE:
             result["renew_at"] = renew_at(last.t0, last.t1, self.policy.renew_fraction)
         if self.revocation is not None:
-            result["revocation"] = str(self.revocation.status(self.clock.now()))
+            result["revocation"] = status_text(self.revocation.status(self.clock.now()))
         return result
 
 

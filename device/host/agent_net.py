@@ -7,6 +7,7 @@ SE.  One request per connection; every wait bounded (connect and per-I/O timeout
 
     net = HostNetwork(se, "https://127.0.0.1:8443", "https://127.0.0.1:8444", [root_der])
     net.whoami(slot) / net.nonce(slot) / net.enroll(slot, csr, reenroll) / net.ack(slot)
+    net.fetch_revocation(slot)              the CRL named by the slot's certificate
     net.fetch(url)                          plain GET for revocation lists (bounded)
 
 Failures become device.agent.NetError: TlsClientError connect / protocol -> LINK, timeout
@@ -86,7 +87,8 @@ class HostNetwork:
     """
 
     def __init__(self, se, verifier_url, est_url, trust_roots_der, label=None,
-                 connect_timeout=DEFAULT_CONNECT_TIMEOUT, io_timeout=DEFAULT_IO_TIMEOUT):
+                 connect_timeout=DEFAULT_CONNECT_TIMEOUT, io_timeout=DEFAULT_IO_TIMEOUT,
+                 crl_url=None):
         self.se = se
         self.verifier = parse_url(verifier_url)
         self.est = parse_url(est_url)
@@ -94,6 +96,7 @@ class HostNetwork:
         self.label = label
         self.connect_timeout = connect_timeout
         self.io_timeout = io_timeout
+        self.crl_url = crl_url
         self.requests = 0
         self.last_status = None
 
@@ -162,6 +165,34 @@ class HostNetwork:
         response = self._request(slot, self.verifier, "POST", "/v1/rotation/ack")
         if response.status != 200:
             raise error_for(response)
+
+    def fetch_revocation(self, slot):
+        """GET the CRL for the certificate in `slot`: the configured crl_url, else the
+        first HTTP URL of the certificate's CRL distribution points (RFC 5280 4.2.1.13).
+
+        Returns: bytes.  Raises NetError (REFUSED when there is no URL to fetch)."""
+        url = self.crl_url
+        if url is None:
+            from cryptography import x509
+
+            cert = x509.load_der_x509_certificate(bytes(self.se.get_cert(slot)))
+            try:
+                points = cert.extensions.get_extension_for_class(
+                    x509.CRLDistributionPoints).value
+            except x509.ExtensionNotFound:
+                points = ()
+            for point in points:
+                for name in point.full_name or ():
+                    if isinstance(name, x509.UniformResourceIdentifier) and \
+                            name.value.startswith(("http://", "https://")):
+                        url = name.value
+                        break
+                if url:
+                    break
+        if not url:
+            raise NetError(NetError.REFUSED, "no CRL distribution point", None, None,
+                           "no_crl_url")
+        return self.fetch(url)
 
     def fetch(self, url, timeout=None):
         """Plain HTTP(S) GET of a public document (a CRL), bounded in time and size.

@@ -76,8 +76,8 @@ class FaultyNet:
     def ack(self, slot):
         return self._do("ack", slot)
 
-    def fetch(self, *args):
-        return self._do("fetch", *args)
+    def fetch_revocation(self, slot):
+        return self._do("fetch_revocation", slot)
 
 
 class Fleet:

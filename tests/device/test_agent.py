@@ -187,6 +187,7 @@ class FakeRevocation:
 
     def refresh(self, fetch, now):
         self.calls.append(("refresh", callable(fetch)))
+        return "unchanged"
 
     def check(self, serial, now):
         self.calls.append(("check", serial))
@@ -264,3 +265,73 @@ def test_a_new_certificate_refused_at_the_ack_is_abandoned_and_rotated_again(fle
     assert any("refused at the acknowledgement (superseded)" in a for a in report.actions)
     assert len(acks) == 2 and report.journal == "BASE"
     assert fleet.settled(0) == (3 if enrolled else 2)
+
+
+def test_the_device_crl_cache_plugs_in_as_the_revocation_collaborator(fleet):
+    """device/crl_cache.CrlCache as it is: refreshed through net.fetch_revocation (HTTP
+    GET), its signature verified in the SE, the device's own serial checked."""
+    import datetime
+    import http.server
+    import threading
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    from fleetid.cloud.pki.signing import sign_crl
+    from fleetid.device.crl_cache import CrlCache, CrlPolicy
+    from tests.device.crl_support import MemoryStore, point_of
+
+    line = fleet.cloud.line
+    served = {}
+
+    def crl(number, revoked=()):
+        now = datetime.datetime.now(datetime.timezone.utc)
+        builder = (x509.CertificateRevocationListBuilder().issuer_name(line.ca_cert.subject)
+                   .last_update(now - datetime.timedelta(minutes=1))
+                   .next_update(now + datetime.timedelta(hours=24))
+                   .add_extension(x509.CRLNumber(number), critical=False))
+        for serial in revoked:
+            builder = builder.add_revoked_certificate(
+                x509.RevokedCertificateBuilder().serial_number(serial)
+                .revocation_date(now - datetime.timedelta(minutes=1)).build())
+        return sign_crl(line.hsm, line.labels["ca"], builder, line.ca_cert.public_key()) \
+            .public_bytes(serialization.Encoding.DER)
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            body = served["crl"]
+            self.send_response(200)
+            self.send_header("Content-Type", "application/pkix-crl")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = "http://127.0.0.1:%d/ca.crl" % server.server_port
+        store = MemoryStore()
+
+        def agent():
+            made = fleet.agent(0)
+            cache = CrlCache(made.se, store, point_of(line.ca_cert.public_key()),
+                             line.ca_cert.subject.public_bytes(), CrlPolicy(grace_s=3600))
+            made.revocation = cache
+            made.net.net.crl_url = url
+            return made
+
+        served["crl"] = crl(1)
+        report = agent().run_once()
+        assert report.revocation.startswith("CRL #1 fresh (fail-closed")
+        assert store.writes == 1  # fetched over HTTP, verified in the SE, stored
+        served["crl"] = crl(2, revoked=[report.serial])
+        report = agent().run_once()
+        assert report.revocation.startswith("RevokedError") and store.writes == 2
+        status = agent().status()
+        assert status["revocation"].startswith("CRL #2 fresh") and "1 revoked" in \
+            status["revocation"]
+    finally:
+        server.shutdown()

@@ -67,7 +67,7 @@ WORKFLOWS = {
                                         "fleetid.device.enrol",
                                         "fleetid.device.rotation_journal",
                                         "fleetid.device.agent"),
-                          3, 92 * 1024, 115 * 1024),
+                          3, 91 * 1024, 115 * 1024),
     "run_agent_csr": ("tests/micropython/test_agent_micropython.py::test_attested_csr_and_certificate_facts_under_micropython",
                       SE_MODULES + ("fleetid.device.bus", "fleetid.device.stack",
                                     "fleetid.common.der", "fleetid.common.attestation",
