@@ -278,7 +278,10 @@ def test_store_data_errors(fabbed):
     secure_refused(host, chip, C.SW_INCORRECT_P1P2, S, 0x80, 1, _dgi(C.DGI_FIRMWARE_KEY, point))
     secure_refused(host, chip, C.SW_INCORRECT_P1P2, S, 0x81, 0, _dgi(C.DGI_FIRMWARE_KEY, point))
     secure_refused(host, chip, C.SW_REF_NOT_FOUND, S, 0x80, 0, _dgi(0x7F09, point))
-    off_curve = _dgi(C.DGI_FIRMWARE_KEY, point[:-1] + b"\x00")
+    # y with its low bit flipped: for the same x the only other curve point has y' = p - y,
+    # of the other parity, so this is off the curve (zeroing the last byte was not, when
+    # that byte already was zero: 1 run in 256).
+    off_curve = _dgi(C.DGI_FIRMWARE_KEY, point[:-1] + bytes((point[-1] ^ 1,)))
     secure_refused(host, chip, C.SW_WRONG_DATA, S, 0x80, 0, off_curve)
     truncated_cert = _dgi(C.DGI_FLEET_ROOT, b"\x30\x03\x02\x01")
     secure_refused(host, chip, C.SW_WRONG_DATA, S, 0x80, 0, truncated_cert)
