@@ -200,11 +200,22 @@ def make_middleware(service_name, metrics):
 
 
 async def read_limited(request, limit):
-    """The request body, refusing more than `limit` bytes (413) before reading it all."""
+    """The whole request body, at most `limit` bytes; more is refused with 413.
+
+    The body is read to its end however it arrives (Content-Length or chunked, in as many
+    TCP segments as the network splits it into): aiohttp's Request.read() does that and
+    stops with HTTPRequestEntityTooLarge as soon as more than `client_max_size` bytes
+    came in, so no more than the limit (plus one network chunk) is ever buffered.  A
+    declared Content-Length over the limit is refused before reading anything.
+
+    Raises: CloudError(TOO_LARGE).
+    """
     length = request.content_length
     if length is not None and length > limit:
         raise CloudError(errors.TOO_LARGE, "body over %d bytes" % limit)
-    body = await request.content.read(limit + 1)
-    if len(body) > limit:
-        raise CloudError(errors.TOO_LARGE, "body over %d bytes" % limit)
-    return body
+    if request.client_max_size != limit:
+        request = request.clone(client_max_size=limit)
+    try:
+        return await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise CloudError(errors.TOO_LARGE, "body over %d bytes" % limit) from None
