@@ -82,8 +82,10 @@ def serve_cmd(config_path, state_dir, host, verifier_port, est_port, metrics_por
     except (FleetidError, OSError, ValueError) as exc:
         raise click.ClickException("%s: %s" % (type(exc).__name__, exc)) from None
     if not context.trust.vendor_roots:
-        click.echo("warning: no SE vendor roots configured: every attestation will be "
-                   "refused (unknown_vendor)", err=True)
+        # A log line like every other one on stderr (JSON), not plain text.
+        logging.getLogger("fleetid.cloud").warning(
+            "no SE vendor roots configured: every attestation will be refused "
+            "(unknown_vendor)")
     server = CloudServer.from_context(context)
 
     def ready(ports):

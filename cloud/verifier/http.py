@@ -131,12 +131,22 @@ class JsonFormatter(logging.Formatter):
 
 
 def configure_json_logging(level=logging.INFO, stream=None):
-    """Send fleetid.cloud logs to `stream` (default stderr) as JSON lines."""
+    """Make every log line of the process one JSON object on `stream` (default stderr).
+
+    fleetid.cloud logs at `level`; everything else (aiohttp's own loggers, e.g. a
+    `LineTooLong` for an oversized header, asyncio, the ssl module) goes through the root
+    logger with the same JSON formatter, so no plain-text traceback lands in the log (the
+    traceback, if any, is the "exc" field of its JSON line).  Returns the handler.
+    """
     handler = logging.StreamHandler(stream)
     handler.setFormatter(JsonFormatter())
     log.handlers[:] = [handler]
     log.setLevel(level)
     log.propagate = False
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(max(level, logging.WARNING))
+    return handler
 
 
 def error_response(exc):

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
 
 import pytest
 from click.testing import CliRunner
@@ -131,6 +132,11 @@ def test_serve_runs_verifier_and_est_on_the_embedded_defaults(tmp_path):
         with pytest.raises(Exception):  # the verifier port requires a client certificate
             urllib.request.urlopen("https://127.0.0.1:%d/v1/whoami" % ports["verifier"],
                                    context=context, timeout=10).read()
+        # An oversized header line (aiohttp's LineTooLong): answered 400, logged as JSON.
+        request = urllib.request.Request(url, headers={"X-Big": "a" * 20000})
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(request, context=context, timeout=10)
+        assert refused.value.code in (400, 431)
     finally:
         process.send_signal(signal.SIGTERM)
         try:
@@ -139,6 +145,11 @@ def test_serve_runs_verifier_and_est_on_the_embedded_defaults(tmp_path):
             process.kill()
             process.wait(5)
     assert process.returncode == 0
+    log_lines = process.stderr.read().decode().splitlines()
+    # Every line of the server log is one JSON object (no plain-text traceback).
+    records = [json.loads(line) for line in log_lines]
+    assert any("LineTooLong" in json.dumps(r) or "Got more than" in json.dumps(r)
+               for r in records), log_lines
     time.sleep(0)
 
 
