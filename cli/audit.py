@@ -202,7 +202,9 @@ def show(serial, log_path, registry_uri, line_pub, witness_pub, as_json):
     except (OSError, RegistryError) as exc:
         raise click.ClickException("cannot read %s: %s" % (source, exc))
     if not entries:
-        raise click.ClickException("no audit entries for serial %d in %s" % (serial, source))
+        raise click.ClickException("no audit entries for serial %d in %s%s" % (
+            serial, source, "" if line_pub else " (the chain was not verified: give "
+            "--line-pub and --witness-pub)"))
     if as_json:
         for entry in entries:
             click.echo(entry.line.decode("ascii"), nl=False)

@@ -9,7 +9,10 @@ The authoritative chain is a table of the registry database (`audit_log`, plus t
 one-row `audit_head` with the entry count and the head hash).  `Registry.commit_identity`
 takes the unsealed injection entry, and inside the *same* database transaction that marks
 the device committed and stores its certificate it reads the head, seals the entry (assigns
-`seq` and `prev`, computes its hash), inserts it and moves the head.  SQLite commits all of
+`seq` and `prev`, computes its hash), inserts it and moves the head.  The row's other
+columns (`seq`, `entry_type`, `device_serial`, `entry_hash`: indexes for `audit show`) are
+derived from the sealed entry, and verification derives them again and compares
+(`check_columns`), so an unhashed column cannot be changed unseen.  SQLite commits all of
 it or none of it; a second store (a file beside the database) could not join that
 transaction, which is why the file form is a mirror and not the record.  Writers are
 serialised by the transaction itself (`BEGIN IMMEDIATE` on SQLite; the head row lock on
@@ -186,6 +189,7 @@ class AuditChainBroken(FleetidError):
     TRUNCATED = "truncated"  # fewer entries than the registry / caller / witness knows of
     BEYOND_HEAD = "beyond_head"  # more entries than the registry's head row says
     HEAD = "head"  # the last hash differs from the head the registry / witness holds
+    COLUMNS = "columns"  # a registry row's indexed columns disagree with its hashed entry
 
     def __init__(self, index, reason, detail=""):
         message = "entry %d: %s" % (index, reason)
@@ -494,6 +498,39 @@ def _refuse_constant(name):
     raise ValueError("non-finite number")
 
 
+class StoredRow:
+    """One row of a registry's audit table: the stored line and the columns stored beside
+    it for indexing (seq, entry_type, device_serial, entry_hash).  Those columns are not
+    hashed, so verification derives each of them again from the hashed entry and compares
+    (check_columns): a row re-labelled to hide a device's history is caught."""
+
+    __slots__ = ("line", "seq", "entry_type", "device_serial", "entry_hash")
+
+    def __init__(self, line, seq, entry_type, device_serial, entry_hash):
+        self.line = line
+        self.seq = seq
+        self.entry_type = entry_type
+        self.device_serial = device_serial
+        self.entry_hash = entry_hash
+
+
+def stored_columns(entry):
+    """The registry columns an entry is stored under, derived from the entry alone:
+    dict seq, entry_type, device_serial (None for checkpoints), entry_hash."""
+    return {"seq": entry.seq, "entry_type": entry.type, "device_serial": entry.serial,
+            "entry_hash": entry.hash_hex}
+
+
+def check_columns(entry, row, index):
+    """Raise AuditChainBroken(index, COLUMNS) unless every stored column of `row`
+    (a StoredRow) is the one derived from `entry` (its parsed, hash-checked line)."""
+    for name, expected in sorted(stored_columns(entry).items()):
+        value = getattr(row, name)
+        # Exact types: a device_serial of True or 5.0 is not the integer the entry holds.
+        if type(value) is not type(expected) or value != expected:
+            raise AuditChainBroken(index, AuditChainBroken.COLUMNS, name)
+
+
 # -- checkpoints ----------------------------------------------------------------------------------
 
 
@@ -679,7 +716,8 @@ def verify_log(lines, line_public_key, witness_public_key, expected_count=None,
 
     Params:
       lines               iterable of stored lines (bytes), in log order: read_log_file(path),
-                          Registry.iter_audit_lines(), or a list
+                          Registry.iter_audit_lines(), or a list; or of StoredRow (a
+                          registry's audit_snapshot()), whose columns are checked too
       line_public_key     the line's checkpoint key (EC public key or PEM; or a list of them
                           when the line key was rotated)
       witness_public_key  the witness's key (same forms)
@@ -703,7 +741,11 @@ def verify_log(lines, line_public_key, witness_public_key, expected_count=None,
     checkpoint_at = []
     index = -1
     for index, line in enumerate(lines):
-        entry = parse_entry(line, index)
+        if isinstance(line, StoredRow):
+            entry = parse_entry(line.line, index)
+            check_columns(entry, line, index)
+        else:
+            entry = parse_entry(line, index)
         fields = entry.fields
         if fields["prev"] != prev:
             raise AuditChainBroken(index, AuditChainBroken.LINK)

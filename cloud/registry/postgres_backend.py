@@ -28,6 +28,7 @@ from fleetid.cloud.registry.errors import DeviceNotFound, RegistryError
 from fleetid.cloud.registry.interface import certificate_from_row, device_from_row
 from fleetid.cloud.registry.schema import placeholders
 from fleetid.cloud.registry.sql_common import (
+    AUDIT_COLUMNS,
     CERT_NAMES,
     DEVICE_NAMES,
     JOINED_QUERY,
@@ -147,7 +148,7 @@ class PostgresRegistry(SqlRegistry):
             conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
             row = conn.execute(
                 "SELECT entry_count, head_hash FROM audit_head WHERE id = 1").fetchone()
-            rows = conn.execute("SELECT entry FROM audit_log ORDER BY seq")
+            rows = conn.execute("SELECT %s FROM audit_log ORDER BY seq" % AUDIT_COLUMNS)
         except psycopg.Error as exc:
             raise _storage_error(exc) from None
         return row["entry_count"], row["head_hash"], SnapshotLines(self, conn, rows, end="ROLLBACK")

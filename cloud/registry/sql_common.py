@@ -171,7 +171,7 @@ class SqlRegistry(Registry):
             raise DeviceNotFound(serial)
         return device_from_row(row)
 
-    def _append(self, conn, fields, device_serial):
+    def _append(self, conn, fields):
         head_row = conn.execute("SELECT entry_count, head_hash FROM audit_head WHERE id = 1"
                                 + self._lock_clause).fetchone()
         count, head = head_row["entry_count"], head_row["head_hash"]
@@ -187,7 +187,9 @@ class SqlRegistry(Registry):
         conn.execute(
             self._q("INSERT INTO audit_log (seq, entry_type, device_serial, entry_hash, entry) "
                     "VALUES (?, ?, ?, ?, ?)"),
-            (count, entry.type, device_serial, entry.hash_hex, entry.line[:-1].decode("ascii")))
+            # Every indexed column is derived from the sealed entry (never from the caller),
+            # and verification derives them again (audit.check_columns).
+            (count, entry.type, entry.serial, entry.hash_hex, entry.line[:-1].decode("ascii")))
         conn.execute(self._q("UPDATE audit_head SET entry_count = ?, head_hash = ? WHERE id = 1"),
                      (count + 1, entry.hash_hex))
         return entry
@@ -283,7 +285,7 @@ class SqlRegistry(Registry):
             existing = None if row is None else certificate_from_row(row)
             if not identity_cert_present(existing, record, cert):
                 self._insert_cert(conn, cert)
-            return self._append(conn, audit_entry, record.serial)
+            return self._append(conn, audit_entry)
 
     @wrap_audit_error
     def hold(self, serial, reason, station="", operator=""):
@@ -296,7 +298,7 @@ class SqlRegistry(Registry):
             conn.execute(self._q("UPDATE devices SET status = ?, hold_reason = ?, "
                                  "updated_at = ? WHERE serial = ?"), (HELD, reason, now, serial))
             fields = build_hold(device, reason, station, operator, now)
-            return self._append(conn, fields, serial)
+            return self._append(conn, fields)
 
     @wrap_audit_error
     def reconcile(self, serial, outcome, reason, station="", operator="", cert_serial=None,
@@ -314,7 +316,7 @@ class SqlRegistry(Registry):
                 serial=serial, outcome=outcome, reason=reason, station=station,
                 operator=operator, when=now, se_uid=device.se_uid, cert_serial=cert_serial,
                 cert_fingerprint=cert_fingerprint)
-            return self._append(conn, fields, serial)
+            return self._append(conn, fields)
 
     @wrap_audit_error
     def mark_revoked(self, cert_serial, reason, operator="", issuer=None):
@@ -339,7 +341,7 @@ class SqlRegistry(Registry):
             fields = audit.revoke_entry(serial=device.serial, cert_serial=cert.cert_serial,
                                         cert_fingerprint=cert.fingerprint, reason=reason,
                                         operator=operator, when=now)
-            return self._append(conn, fields, device.serial)
+            return self._append(conn, fields)
 
     # -- devices and certificates -----------------------------------------------------------------
 
@@ -402,7 +404,7 @@ class SqlRegistry(Registry):
             raise RegistryError(RegistryError.BAD_INPUT,
                                 "device entries are written by the operation they record")
         with self._write() as conn:
-            return self._append(conn, fields, None)
+            return self._append(conn, fields)
 
     def head(self):
         with self._read() as conn:
@@ -423,23 +425,41 @@ class SqlRegistry(Registry):
             seq = rows[-1]["seq"] + 1
 
     def audit_entries_for(self, serial):
+        check_serial(serial)
         with self._read() as conn:
-            rows = conn.execute(self._q("SELECT seq, entry FROM audit_log "
-                                        "WHERE device_serial = ? ORDER BY seq"),
-                                (serial,)).fetchall()
-        return [audit.parse_entry(r["entry"].encode("ascii"), r["seq"]) for r in rows]
+            rows = conn.execute(self._q("SELECT %s FROM audit_log WHERE device_serial = ? "
+                                        "ORDER BY seq" % AUDIT_COLUMNS), (serial,)).fetchall()
+        return [_checked_row(r) for r in rows]
 
     def last_checkpoint(self):
         with self._read() as conn:
-            row = conn.execute(self._q("SELECT seq, entry FROM audit_log WHERE entry_type = ? "
-                                       "ORDER BY seq DESC LIMIT 1"),
+            row = conn.execute(self._q("SELECT %s FROM audit_log WHERE entry_type = ? "
+                                       "ORDER BY seq DESC LIMIT 1" % AUDIT_COLUMNS),
                                (audit.CHECKPOINT,)).fetchone()
-        return None if row is None else audit.parse_entry(row["entry"].encode("ascii"),
-                                                          row["seq"])
+        return None if row is None else _checked_row(row)
+
+
+AUDIT_COLUMNS = "seq, entry_type, device_serial, entry_hash, entry"
+
+
+def stored_row(row):
+    """An audit_log row (selected with AUDIT_COLUMNS) as an audit.StoredRow."""
+    return audit.StoredRow(row["entry"].encode("ascii") + b"\n", row["seq"],
+                           row["entry_type"], row["device_serial"], row["entry_hash"])
+
+
+def _checked_row(row):
+    # A row found through an index column must be what that column says: parse its entry
+    # (own hash) and check every column against it.
+    stored = stored_row(row)
+    entry = audit.parse_entry(stored.line, stored.seq)
+    audit.check_columns(entry, stored, stored.seq)
+    return entry
 
 
 class SnapshotLines:
-    """Iterator over one read transaction's audit lines; owns its connection (closed when
+    """Iterator over one read transaction's audit rows (audit.StoredRow: the line and its
+    indexed columns, selected with AUDIT_COLUMNS); owns its connection (closed when
     exhausted or on close(), after `end` - e.g. "ROLLBACK" - if given)."""
 
     def __init__(self, registry, conn, cursor, end=None):
@@ -462,7 +482,7 @@ class SnapshotLines:
         if row is None:
             self.close()
             raise StopIteration
-        return row["entry"].encode("ascii") + b"\n"
+        return stored_row(row)
 
     def close(self):
         if self._conn is not None:

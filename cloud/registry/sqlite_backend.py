@@ -24,6 +24,7 @@ import time
 from fleetid.cloud.registry.errors import DeviceNotFound, RegistryError
 from fleetid.cloud.registry.interface import certificate_from_row, device_from_row
 from fleetid.cloud.registry.sql_common import (
+    AUDIT_COLUMNS,
     CERT_NAMES,
     DEVICE_NAMES,
     JOINED_QUERY,
@@ -172,7 +173,7 @@ class SqliteRegistry(SqlRegistry):
             conn.execute("BEGIN")
             count, head = conn.execute(
                 "SELECT entry_count, head_hash FROM audit_head WHERE id = 1").fetchone()
-            cursor = conn.execute("SELECT entry FROM audit_log ORDER BY seq")
+            cursor = conn.execute("SELECT %s FROM audit_log ORDER BY seq" % AUDIT_COLUMNS)
         except sqlite3.Error as exc:
             raise _storage_error(exc) from None
         return count, head, SnapshotLines(self, conn, cursor)

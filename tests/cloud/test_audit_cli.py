@@ -122,3 +122,22 @@ def test_a_witness_anchor_catches_a_consistent_rewrite_of_table_and_head_row(reg
     assert result.exit_code == 1 and "first bad entry 1: truncated" in result.output
     bad = run("verify", "--registry", uri, "--witness-anchor", "3:xyz", *keys)
     assert bad.exit_code == 2 and "--witness-anchor" in bad.output
+
+
+@pytest.mark.parametrize("column,value", [("device_serial", 999), ("device_serial", None),
+                                          ("entry_type", "hold"), ("entry_hash", "0" * 64)])
+def test_verify_catches_a_changed_index_column_that_hides_a_device(registry_db, keys,
+                                                                    column, value):
+    """Issue 9, defect 2: the columns stored beside each entry are checked against it."""
+    uri = "sqlite:%s" % registry_db
+    assert run("show", "--serial", "2", "--registry", uri).exit_code == 0
+    conn = sqlite3.connect(registry_db)
+    conn.execute("UPDATE audit_log SET %s = ? WHERE seq = 1" % column, (value,))
+    conn.commit()
+    conn.close()
+    result = run("verify", "--registry", uri, *keys)
+    assert result.exit_code == 1, result.output
+    assert "first bad entry 1: columns (%s)" % column in result.output
+    shown = run("show", "--serial", "2", "--registry", uri, *keys)
+    assert shown.exit_code == 1 and "does not verify: first bad entry 1: columns" \
+        in shown.output
