@@ -38,14 +38,23 @@ def _source(log_path, registry_uri):
         raise click.UsageError("give exactly one of --log PATH or --registry sqlite:PATH")
 
 
-def _parse_anchor(text):
+def _parse_anchor(text, witness_keys):
+    from fleetid.cloud.line import audit
+
     if text is None:
         return None
+    if os.path.isfile(text):
+        # The witness's anchor file: its signature is checked under the witness key.
+        try:
+            return audit.read_witness_anchor(text, witness_keys)
+        except audit.AuditError as exc:
+            raise click.ClickException("witness anchor %s: %s" % (text, exc)) from None
     covers, sep, head = text.partition(":")
     head = head.lower()
     if not sep or not covers.isdigit() or int(covers) < 1 or len(head) != 64 \
             or any(c not in "0123456789abcdef" for c in head):
-        raise click.BadParameter("expected COVERS:<64 hex digits>", param_hint="--witness-anchor")
+        raise click.BadParameter("expected the witness's anchor file or COVERS:<64 hex "
+                                 "digits>", param_hint="--witness-anchor")
     return int(covers), head
 
 
@@ -79,9 +88,11 @@ def audit():
                    "'covers'); catches truncation of a file log.")
 @click.option("--expect-head", default=None, metavar="HEX",
               help="Hash the last entry (or entry expect-count - 1) must have.")
-@click.option("--witness-anchor", default=None, metavar="COVERS:HEX",
-              help="The witness's copy of its latest checkpoint: the log must still hold "
-                   "that many entries, the last of them with that hash.")
+@click.option("--witness-anchor", default=None, metavar="FILE|COVERS:HEX",
+              help="The witness's copy of its latest checkpoint (its anchor file, e.g. "
+                   "<line>/witness/anchor.json, signature checked; or COVERS:HEX): the log "
+                   "must still hold that many entries, the last of them with that hash. "
+                   "Catches a truncated and rewritten log.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def verify(log_path, registry_uri, line_pub, witness_pub, expect_count, expect_head,
            witness_anchor, as_json):
@@ -98,6 +109,8 @@ def verify(log_path, registry_uri, line_pub, witness_pub, expect_count, expect_h
           --line-pub line-checkpoint.pem --witness-pub witness.pem
       fleetid audit verify --log export-2026-11-23.jsonl --line-pub line.pem \\
           --witness-pub witness.pem --expect-count 5120 --json
+      fleetid audit verify --registry sqlite:var/line/registry.db --line-pub line.pem \\
+          --witness-pub w.pem --witness-anchor var/line/witness/anchor.json
       fleetid audit verify --log export.jsonl --line-pub line.pem --witness-pub w.pem \\
           --witness-anchor 5000:9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08
     """
@@ -105,12 +118,12 @@ def verify(log_path, registry_uri, line_pub, witness_pub, expect_count, expect_h
     from fleetid.cloud.registry import RegistryError, verify_registry_log
 
     _source(log_path, registry_uri)
-    anchor = _parse_anchor(witness_anchor)
     if registry_uri and (expect_count is not None or expect_head):
         raise click.UsageError("--expect-count / --expect-head are for --log (a registry "
                                "is checked against its own head row)")
     line_keys = _load_keys(line_pub, "line")
     witness_keys = _load_keys(witness_pub, "witness")
+    anchor = _parse_anchor(witness_anchor, witness_keys)
     source = log_path or registry_uri
     try:
         if registry_uri:

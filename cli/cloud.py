@@ -274,11 +274,14 @@ def revoke_cmd(cert_serial, cert_file, issuer, reason, operator, config_path, st
 @click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False),
               help="TOML configuration as for serve.")
 @click.option("--state-dir", default=None, help="Override [cloud] state_dir.")
-def revoke_ca_cmd(cert_file, reason, operator, config_path, state_dir):
+@click.option("--registry", "registry_uri", default=None,
+              help="Registry URI for the audit entry (default: from the configuration).")
+def revoke_ca_cmd(cert_file, reason, operator, config_path, state_dir, registry_uri):
     """Revoke a batch (issuing) CA: every device chaining through it is refused.
 
     \b
-    The revocation is appended to the revoked-CA file (config key revoked_cas_file,
+    The revocation is written to the registry's audit chain (a ca_revoke entry) and
+    appended to the revoked-CA file (config key revoked_cas_file,
     default <state_dir>/revoked-cas.jsonl); running verifiers and EST servers of this
     configuration re-read it when it changes and refuse the batch (reason ca_revoked)
     from their next request on.  A fleet root cannot be revoked this way: take it out
@@ -290,7 +293,8 @@ def revoke_ca_cmd(cert_file, reason, operator, config_path, state_dir):
     """
     from cryptography import x509
 
-    from fleetid.cloud.verifier.revoked_cas import append
+    from fleetid.cloud.registry import RegistryError
+    from fleetid.cloud.verifier.revoked_cas import revoke
     from fleetid.cloud.verifier.server import trust_from_config
 
     certificate = _read_certificate(cert_file)
@@ -310,11 +314,17 @@ def revoke_ca_cmd(cert_file, reason, operator, config_path, state_dir):
     if certificate in roots:
         raise click.ClickException("that is a fleet root: remove it from the configuration "
                                    "instead")
+    registry = _open_registry(config, registry_uri)
     try:
-        entry = append(config.revoked_cas_file, certificate, reason, operator)
+        entry, _new = revoke(config.revoked_cas_file, certificate, registry, reason, operator)
+    except RegistryError as exc:
+        raise click.ClickException("registry (audit entry): %s %s" % (exc.reason, exc)) \
+            from None
     except OSError as exc:
         raise click.ClickException("cannot write %s: %s" % (config.revoked_cas_file,
                                                             exc.strerror)) from None
+    finally:
+        registry.close()
     click.echo(json.dumps({"revoked_ca": entry["subject"],
                            "fingerprint": entry["fingerprint"], "reason": entry["reason"],
                            "revoked_at": entry["revoked_at"],

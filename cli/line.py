@@ -80,6 +80,21 @@ def _station_counts(text):
     return counts
 
 
+def _sigterm_interrupts():
+    """SIGTERM (a supervisor stopping the line) ends the run like Ctrl-C: the stations
+    finish their device, the run signs a last audit checkpoint, the command exits 1."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def interrupt(_signum, _frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
+
+
 @line.command("run")
 @click.option("--devices", "-n", type=click.IntRange(1, 1000000), required=True,
               help="Chips to personalise (per station count when several are given).")
@@ -110,6 +125,7 @@ def run_cmd(devices, stations, se_profile, hsm_uri, registry_uri, max_sessions, 
 
     counts = _station_counts(stations)
     console = Console()
+    _sigterm_interrupts()
     try:
         opened = _open_or_init(out, hsm_uri, registry_uri, max_sessions or max(8, max(counts)))
     except FleetidError as exc:
@@ -209,6 +225,9 @@ def reconcile_cmd(out, hsm_uri, registry_uri, operator, no_chips):
         opened.close()
     if not report.decisions and not report.swept:
         click.echo("nothing in flight")
+    if report.checkpoint is not None:
+        click.echo("audit checkpoint signed: covers %d entries"
+                   % report.checkpoint.fields["covers"])
     for serial, outcome, detail in report.decisions:
         click.echo("device %s: %s%s" % (serial, outcome, (" (%s)" % detail) if detail else ""))
     for fingerprint in report.swept:

@@ -232,7 +232,8 @@ class EstService:
         except HsmError:
             raise RequestRefused(errors.UNAVAILABLE, "signing service unavailable") from None
         self._consume_approval(label, identity.serial)
-        self._record(identity, certificate, now)
+        self._record(identity, certificate, now,
+                     messages.OP_SIMPLEREENROLL if reenroll else messages.OP_SIMPLEENROLL)
         return certificate
 
     def _check_subject(self, csr, identity):
@@ -249,7 +250,7 @@ class EstService:
         if identity.kind == OPERATIONAL and subject != identity.certificate.subject:
             raise RequestRefused(errors.POLICY, "re-enrolment must keep the subject")
 
-    def _record(self, identity, certificate, now):
+    def _record(self, identity, certificate, now, operation):
         der = certificate.public_bytes(serialization.Encoding.DER)
         new_fp = fingerprint_of(der)
         serial = identity.registry_serial
@@ -265,13 +266,17 @@ class EstService:
                 old = None
             state = (RotationState("overlap", old, new_fp, deadline) if old
                      else RotationState("active", new=new_fp))
+            # The registry writes the "issuance" audit entry with the certificate.
+            operator = "est:%s" % identity.fingerprint[:16]
             if self._one_transaction:
-                # Certificate and rotation state in one transaction: a crash leaves both
-                # or neither.
+                # Certificate, audit entry and rotation state in one transaction: a crash
+                # leaves all or none.
                 self.registry.add_certificate(serial, der, OPERATIONAL,
-                                              rotation_state=state.format())
+                                              rotation_state=state.format(),
+                                              operation=operation, operator=operator)
             else:
-                self.registry.add_certificate(serial, der, OPERATIONAL)
+                self.registry.add_certificate(serial, der, OPERATIONAL, operation=operation,
+                                              operator=operator)
                 self.registry.set_rotation_state(serial, state.format())
         except RegistryError:
             raise RequestRefused(errors.UNAVAILABLE, "registry unavailable") from None
@@ -285,5 +290,7 @@ def acknowledge_rotation(registry, identity):
     state = RotationState.parse(device.rotation_state)
     if state.kind == "overlap" and state.new == identity.fingerprint:
         state = RotationState("acked", state.old, state.new)
-        registry.set_rotation_state(identity.registry_serial, state.format())
+        # State and its "rotation_ack" audit entry in one transaction.
+        registry.acknowledge_rotation(identity.registry_serial, state.format(),
+                                      state.new, state.old)
     return state

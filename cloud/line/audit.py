@@ -50,6 +50,12 @@ most 256 characters, name = non-empty str):
                 [se_uid hex, cert_serial hex, cert_fingerprint hex32]
     checkpoint  covers int, head hex32, line_key hex32, line_sig hex,
                 witness_key hex32, witness_sig hex
+    issuance    serial int, kind name, operation name, cert_serial hex,
+                cert_fingerprint hex32, issuing_ca name, operator str
+                (a certificate recorded outside an injection: EST enrolment and
+                re-enrolment, a line certificate revoked before its commit)
+    rotation_ack serial int, cert_fingerprint hex32, previous_fingerprint hex32
+    ca_revoke   ca_fingerprint hex32, subject name, reason str, operator str
 
 A verifier refuses unknown fields (a new field is a new format version), a line that is
 not exactly its own canonical re-encoding (so *any* byte change is caught, even one JSON
@@ -111,7 +117,13 @@ HOLD = "hold"
 REVOKE = "revoke"
 RECONCILE = "reconcile"
 CHECKPOINT = "checkpoint"
-ENTRY_TYPES = (INJECTION, HOLD, REVOKE, RECONCILE, CHECKPOINT)
+ISSUANCE = "issuance"
+ROTATION_ACK = "rotation_ack"
+CA_REVOKE = "ca_revoke"
+ENTRY_TYPES = (INJECTION, HOLD, REVOKE, RECONCILE, CHECKPOINT, ISSUANCE, ROTATION_ACK,
+               CA_REVOKE)
+# Entries about no single device (no `serial` field, NULL device_serial in the registry).
+DEVICELESS_TYPES = (CHECKPOINT, CA_REVOKE)
 
 # Field kinds: "int" (non-negative), "str" (<= MAX_TEXT printable), "name" (a non-empty
 # "str": who / where / which, never left blank in an injection), "hex" (even-length
@@ -135,6 +147,16 @@ _REQUIRED = {
         "covers": "int", "head": "hex32", "line_key": "hex32", "line_sig": "hex",
         "witness_key": "hex32", "witness_sig": "hex",
     },
+    ISSUANCE: {
+        "serial": "int", "kind": "name", "operation": "name", "cert_serial": "hex",
+        "cert_fingerprint": "hex32", "issuing_ca": "name", "operator": "str",
+    },
+    ROTATION_ACK: {
+        "serial": "int", "cert_fingerprint": "hex32", "previous_fingerprint": "hex32",
+    },
+    CA_REVOKE: {
+        "ca_fingerprint": "hex32", "subject": "name", "reason": "str", "operator": "str",
+    },
 }
 _OPTIONAL = {
     INJECTION: {},
@@ -142,6 +164,9 @@ _OPTIONAL = {
     REVOKE: {},
     RECONCILE: {"se_uid": "hex", "cert_serial": "hex", "cert_fingerprint": "hex32"},
     CHECKPOINT: {},
+    ISSUANCE: {},
+    ROTATION_ACK: {},
+    CA_REVOKE: {},
 }
 
 _HEX_RE = re.compile(r"\A(?:[0-9a-f]{2})+\Z")
@@ -424,6 +449,42 @@ def reconcile_entry(*, serial, outcome, reason, station, operator, when, se_uid=
     return _checked(fields)
 
 
+def issuance_entry(*, serial, kind, operation, cert_der, operator, when):
+    """Build the entry of a certificate issued outside the line's injection (EST
+    simpleenroll / simplereenroll, or a certificate recorded by any other path).
+
+    Params: serial int (device); kind "identity" / "operational"; operation name (e.g.
+    "simpleenroll"); cert_der the certificate (its serial, fingerprint and issuer are
+    recorded); operator str; when as for injection_entry.  Raises AuditError(BAD_FIELDS).
+    """
+    try:
+        facts = certificate_facts(cert_der)
+    except ValueError:
+        raise AuditError(AuditError.BAD_FIELDS, "not a DER certificate") from None
+    fields = _base(ISSUANCE, when)
+    fields.update(serial=serial, kind=kind, operation=operation, operator=operator, **facts)
+    return _checked(fields)
+
+
+def rotation_ack_entry(*, serial, cert_fingerprint, previous_fingerprint, when):
+    """Build the entry of a rotation acknowledgement: device `serial` switched to
+    `cert_fingerprint`; `previous_fingerprint`'s overlap window closed.  Raises AuditError."""
+    fields = _base(ROTATION_ACK, when)
+    fields.update(serial=serial, cert_fingerprint=to_hex(cert_fingerprint),
+                  previous_fingerprint=to_hex(previous_fingerprint))
+    return _checked(fields)
+
+
+def ca_revoke_entry(*, ca_fingerprint, subject, reason, operator, when):
+    """Build the entry of a revoked issuing (batch) CA: every device under it is refused.
+    Params: ca_fingerprint SHA-256 of the CA certificate DER (bytes or hex); subject its
+    RFC 4514 name.  Raises AuditError."""
+    fields = _base(CA_REVOKE, when)
+    fields.update(ca_fingerprint=to_hex(ca_fingerprint), subject=subject, reason=reason,
+                  operator=operator)
+    return _checked(fields)
+
+
 def seal(fields, seq, prev_hex):
     """Seal unsealed `fields` as entry number `seq` after the entry whose hash is `prev_hex`.
 
@@ -567,6 +628,117 @@ class KeySigner:
 
     def __repr__(self):
         return "KeySigner(<private key>)"
+
+
+class AnchoringWitness:
+    """The witness side of checkpoints: signs with `signer` (HsmSigner / KeySigner) and
+    keeps, in `anchor_path`, the latest checkpoint it signed (the anchor).
+
+    Why: a log can be cut after any entry and its tail rewritten together with the
+    registry's head row; the result is a valid, shorter chain.  What the cut cannot change
+    is the witness's own record of how far the log went.  `audit verify --witness-anchor
+    FILE` compares the log against it (read_witness_anchor).  The witness also refuses to
+    sign a checkpoint that covers fewer entries than its anchor, or the same number with
+    another head (AuditError(STATE)): it never vouches for a rolled-back log.
+
+    Anchor file (JSON, written atomically): {"covers", "head", "time", "witness_key",
+    "witness_sig"}: the signed checkpoint statement's fields and the witness's signature
+    over it, so a reader can check the anchor came from the witness.  In production the
+    witness is another party and the file lives with it; the embedded line keeps it in
+    <line>/witness/anchor.json.
+    """
+
+    def __init__(self, signer, anchor_path):
+        self.signer = signer
+        self.anchor_path = os.fspath(anchor_path)
+        self._lock = threading.Lock()
+
+    def public_key(self):
+        return self.signer.public_key()
+
+    def sign(self, statement):
+        statement = bytes(statement)
+        if not statement.startswith(CHECKPOINT_DOMAIN):
+            raise AuditError(AuditError.SIGNER, "the witness signs checkpoint statements only")
+        try:
+            signed = json.loads(statement[len(CHECKPOINT_DOMAIN):].decode("ascii"))
+            covers, head, when = signed["covers"], signed["head"], signed["time"]
+        except (ValueError, KeyError, TypeError):
+            raise AuditError(AuditError.SIGNER, "not a checkpoint statement") from None
+        if checkpoint_statement(covers, head, when) != statement:
+            raise AuditError(AuditError.SIGNER, "not a canonical checkpoint statement")
+        with self._lock:
+            anchor = _read_anchor_file(self.anchor_path)
+            if anchor is not None:
+                if covers < anchor["covers"]:
+                    raise AuditError(AuditError.STATE, "the witness signed %d entries "
+                                     "already; refuses %d" % (anchor["covers"], covers))
+                if covers == anchor["covers"] and head != anchor["head"]:
+                    raise AuditError(AuditError.STATE, "the witness signed another head "
+                                     "for %d entries" % covers)
+            signature = bytes(self.signer.sign(statement))
+            record = {"covers": covers, "head": head, "time": when,
+                      "witness_key": key_id(self.signer.public_key()),
+                      "witness_sig": to_hex(signature)}
+            directory = os.path.dirname(os.path.abspath(self.anchor_path))
+            os.makedirs(directory, exist_ok=True)
+            tmp = "%s.tmp-%d" % (self.anchor_path, os.getpid())
+            with open(tmp, "wb") as f:
+                f.write(canonical_json(record) + b"\n")
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.anchor_path)
+            _fsync_dir(self.anchor_path)
+        return signature
+
+
+def _read_anchor_file(path):
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise AuditError(AuditError.IO, "witness anchor: %s" % (exc.strerror or exc)) \
+            from None
+    try:
+        anchor = json.loads(data.decode("ascii"))
+        problem = not isinstance(anchor, dict) or set(anchor) != {
+            "covers", "head", "time", "witness_key", "witness_sig"}
+        if not problem:
+            problem = not (_check_value("int", anchor["covers"]) and anchor["covers"] >= 1
+                           and _check_value("hex32", anchor["head"])
+                           and _check_value("time", anchor["time"])
+                           and _check_value("hex32", anchor["witness_key"])
+                           and _check_value("hex", anchor["witness_sig"]))
+    except (ValueError, UnicodeDecodeError):
+        problem = True
+    if problem:
+        raise AuditError(AuditError.STATE, "witness anchor %s is not an anchor file" % path)
+    return anchor
+
+
+def read_witness_anchor(path, witness_public_key):
+    """The (covers, head hex) a witness anchor file records, after checking its signature
+    under one of the witness's public keys (same forms as verify_log takes).
+
+    Raises AuditError(IO) unreadable, AuditError(STATE) not an anchor file or missing,
+    AuditError(SIGNER) not signed by the witness.
+    """
+    anchor = _read_anchor_file(path)
+    if anchor is None:
+        raise AuditError(AuditError.STATE, "no witness anchor at %s" % path)
+    public = _trusted_keys(witness_public_key, "witness").get(anchor["witness_key"])
+    if public is None:
+        raise AuditError(AuditError.SIGNER, "the anchor is signed by another witness key")
+    statement = checkpoint_statement(anchor["covers"], anchor["head"], anchor["time"])
+    try:
+        public.verify(binascii.unhexlify(anchor["witness_sig"]), statement,
+                      ec.ECDSA(hashes.SHA256()))
+    except (InvalidSignature, ValueError):
+        raise AuditError(AuditError.SIGNER, "the anchor's signature does not verify") \
+            from None
+    return anchor["covers"], anchor["head"]
 
 
 def checkpoint_statement(covers, head_hex, time_text):
@@ -831,6 +1003,9 @@ def describe(entry):
                     f["cert_fingerprint"], f["issuing_ca"], f["attestation_hash"]))
     if f["type"] == CHECKPOINT:
         return "%s checkpoint covers=%d head=%s" % (f["time"], f["covers"], f["head"])
+    if f["type"] == CA_REVOKE:
+        return "%s ca_revoke subject=%r ca_sha256=%s reason=%s operator=%s" % (
+            f["time"], f["subject"], f["ca_fingerprint"], f["reason"], f["operator"])
     extras = " ".join("%s=%s" % (k, f[k]) for k in sorted(f)
                       if k not in ("v", "seq", "prev", "type", "time", "serial"))
     return "%s %s serial=%d %s" % (f["time"], f["type"], f["serial"], extras)

@@ -44,11 +44,14 @@ SWEEP_REVOKED = "sweep-revoked"
 
 class ReconcileReport:
     """What reconcile did.  Attributes: decisions (list of (serial, outcome, detail)),
-    swept (certificate fingerprints revoked by the sweep), counts() -> {outcome: n}."""
+    swept (certificate fingerprints revoked by the sweep), checkpoint (the signed
+    checkpoint entry appended at the end, or None when every entry was already covered),
+    counts() -> {outcome: n}."""
 
     def __init__(self):
         self.decisions = []
         self.swept = []
+        self.checkpoint = None
 
     def add(self, serial, outcome, detail=""):
         self.decisions.append((serial, outcome, detail))
@@ -112,6 +115,11 @@ def reconcile(resources, chip_bus=None, operator="reconcile", station="reconcile
             report.add(device.serial, NO_CERTIFICATE)
 
     _sweep(resources, journal_entries, operator, report)
+    # Recovery ends with a signed checkpoint: whatever the killed run appended after its
+    # last checkpoint (and the entries written here) is anchored now, not at some later
+    # run's end.  Nothing new since the last checkpoint: no entry.
+    if resources.checkpointer is not None:
+        report.checkpoint = resources.checkpointer.checkpoint()
     return report
 
 

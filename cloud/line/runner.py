@@ -14,6 +14,8 @@ Work directory (`init_line`):
                          FLEETID_KEYSTORE_PASS / an HSM PIN by environment)
     registry.db          SQLite registry (+ WAL), the audit chain inside it
     journal.jsonl        issuance journal (station.py)
+    witness/anchor.json  the witness's latest signed checkpoint (audit.AnchoringWitness;
+                         another party's in production)
     vendor/              the simulated SE vendor's root CA (the vendor's, not the line's)
     pki/ceremony/        root key ceremony record + root.pem;  pki/ca.pem: the batch CA
 
@@ -61,6 +63,7 @@ from fleetid.sim.endpoint import BusEndpoint
 from fleetid.sim.nvm import Nvm
 
 CONFIG_FILE = "line.json"
+WITNESS_ANCHOR = os.path.join("witness", "anchor.json")
 PASS_FILE = "keystore.pass"
 PASS_ENV = "FLEETID_KEYSTORE_PASS"
 FORMAT = "fleetid-line/1"
@@ -202,9 +205,13 @@ class Line:
             self.ca_cert = x509.load_pem_x509_certificate(f.read())
         self.journal = IssuanceJournal(self._path(config["journal"]))
         self.issuing_ca = IssuingCa(hsm, self.labels["ca"], self.ca_cert, [self.vendor.cert])
+        # The witness keeps the latest checkpoint it signed (the anchor a truncated log
+        # cannot fake: `fleetid audit verify --witness-anchor <line>/witness/anchor.json`).
+        self.witness = audit.AnchoringWitness(
+            audit.HsmSigner(hsm, self.labels["audit_witness"]), self._path(WITNESS_ANCHOR))
         self.checkpointer = audit.Checkpointer(
-            registry, audit.HsmSigner(hsm, self.labels["audit_line"]),
-            audit.HsmSigner(hsm, self.labels["audit_witness"]), every_entries=256)
+            registry, audit.HsmSigner(hsm, self.labels["audit_line"]), self.witness,
+            every_entries=256)
 
     def _path(self, relative):
         return os.path.join(self.workdir, relative)
@@ -528,10 +535,12 @@ def run_line(resources, chips, stations=1, profile="none", progress=None, link_c
     errors = []
     audit_before = _audit_size(resources.registry) if measure_audit else (0, 0)
 
+    stopping = threading.Event()
+
     def station_loop(index):
         station = Station("st-%02d" % (index + 1), resources, step_hook=step_hook,
                           link_clock=link_clock)
-        while True:
+        while not stopping.is_set():
             try:
                 item = work.get_nowait()
             except queue.Empty:
@@ -563,15 +572,31 @@ def run_line(resources, chips, stations=1, profile="none", progress=None, link_c
     started = time.perf_counter()
     threads = [threading.Thread(target=guarded, args=(i,), name="station-%d" % (i + 1),
                                 daemon=True) for i in range(max(1, stations))]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    # Shutdown (the end of the lot, an error, Ctrl-C or SIGTERM turned into
+    # KeyboardInterrupt / SystemExit): stations finish the device in hand and take no
+    # more, then one signed checkpoint covers everything this run appended.  Only a
+    # SIGKILL skips it; `fleetid line reconcile` checkpoints after that.
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    except BaseException:
+        stopping.set()
+        for thread in threads:
+            if thread.is_alive():
+                thread.join()
+        if resources.checkpointer is not None:
+            try:
+                resources.checkpointer.checkpoint()
+            except Exception:  # noqa: BLE001 - the interruption is what the caller sees
+                pass
+        raise
+    if resources.checkpointer is not None:
+        resources.checkpointer.checkpoint()
     wall = time.perf_counter() - started
     if errors:
         raise errors[0]
-    if resources.checkpointer is not None:
-        resources.checkpointer.checkpoint()
     audit_after = _audit_size(resources.registry) if measure_audit else (0, 0)
     return RunSummary(stations, latency.name, runs, wall, audit_after[1] - audit_before[1],
                       audit_after[0] - audit_before[0], resources.hsm.pool_stats(),

@@ -524,7 +524,8 @@ def revoke_uncommitted(registry, serial, cert_der, operator, reason=REVOCATION_R
     certificate already recorded or already revoked.  Raises RegistryError otherwise."""
     cert = x509.load_der_x509_certificate(bytes(cert_der))
     try:
-        registry.add_certificate(serial, cert_der, "identity")
+        registry.add_certificate(serial, cert_der, "identity", operation="line-uncommitted",
+                                 operator=operator)
     except RegistryError as exc:
         if exc.reason != RegistryError.DUPLICATE_CERTIFICATE:
             raise

@@ -26,6 +26,7 @@ Every state change appends an audit entry (fleetid.cloud.line.audit) in the same
 transaction; the chain and its head live in the registry database.
 """
 
+import functools
 import hashlib
 import time
 from dataclasses import dataclass
@@ -304,10 +305,13 @@ class Registry:
         was held and reworked has several)."""
         raise NotImplementedError
 
-    def add_certificate(self, serial, cert_der, kind, rotation_state=None):
-        """Add a certificate (kind "identity" or "operational") to a device's history and,
-        when `rotation_state` is not None, store the device's rotation state (as
-        set_rotation_state), both in ONE transaction.
+    def add_certificate(self, serial, cert_der, kind, rotation_state=None,
+                        operation="recorded", operator=""):
+        """Add a certificate (kind "identity" or "operational") to a device's history with
+        its "issuance" audit entry (`operation`, e.g. "simpleenroll", and `operator` are
+        recorded) and, when `rotation_state` is not None, store the device's rotation
+        state (as set_rotation_state), all in ONE transaction: no path adds a certificate
+        without its audit entry.
         Returns CertificateRecord.  Raises DeviceNotFound, RegistryError(BAD_INPUT /
         DUPLICATE_CERTIFICATE)."""
         raise NotImplementedError
@@ -341,11 +345,18 @@ class Registry:
         owns, e.g. "overlap:<new fingerprint>").  Raises DeviceNotFound."""
         raise NotImplementedError
 
+    def acknowledge_rotation(self, serial, state, cert_fingerprint, previous_fingerprint):
+        """The device switched to `cert_fingerprint`: store rotation `state` (as
+        set_rotation_state) and a "rotation_ack" audit entry naming both fingerprints, in
+        ONE transaction.  Returns the sealed AuditEntry.  Raises DeviceNotFound."""
+        raise NotImplementedError
+
     # -- the audit chain --------------------------------------------------------------------------
 
     def append_audit(self, fields):
-        """Seal and append an entry that changes no device (checkpoints).  A checkpoint's
-        covered head is checked against the stored chain.  Returns the AuditEntry."""
+        """Seal and append an entry that changes no device (audit.DEVICELESS_TYPES:
+        checkpoints, CA revocations).  A checkpoint's covered head is checked against the
+        stored chain.  Returns the AuditEntry."""
         raise NotImplementedError
 
     def head(self):
@@ -383,6 +394,7 @@ def build_hold(device, reason, station, operator, now):
 def wrap_audit_error(fn):
     """Turn an AuditError (bad entry fields) into RegistryError(BAD_INPUT)."""
 
+    @functools.wraps(fn)  # keeps the signature visible (inspect.signature)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
@@ -390,6 +402,4 @@ def wrap_audit_error(fn):
             raise RegistryError(RegistryError.BAD_INPUT, exc.reason + " " + exc.detail) \
                 from None
 
-    wrapper.__name__ = fn.__name__
-    wrapper.__doc__ = fn.__doc__
     return wrapper

@@ -225,18 +225,24 @@ class MemoryRegistry(Registry):
             return [d for _s, d in sorted(self._devices.items(), reverse=True)
                     if d.se_uid == uid]
 
-    def add_certificate(self, serial, cert_der, kind, rotation_state=None):
+    @wrap_audit_error
+    def add_certificate(self, serial, cert_der, kind, rotation_state=None,
+                        operation="recorded", operator=""):
         if rotation_state is not None:
             check_text("rotation state", rotation_state)
         now = self._now()
         cert = certificate_row(serial, cert_der, kind, now)
+        fields = audit.issuance_entry(serial=serial, kind=kind, operation=operation,
+                                      cert_der=cert_der, operator=operator, when=now)
         with self._lock:
             self._device(serial)
             self._check_new_cert(cert)
+            entry = self._seal_next(fields)
             record = certificate_from_row(cert)
             self._certs[cert["fingerprint"]] = record
             if rotation_state is not None:
                 self._update(serial, rotation_state=rotation_state, updated_at=now)
+            self._push(entry, serial)
             return record
 
     def certificates(self, serial):
@@ -266,11 +272,23 @@ class MemoryRegistry(Registry):
             self._device(serial)
             self._update(serial, rotation_state=state, updated_at=self._now())
 
+    @wrap_audit_error
+    def acknowledge_rotation(self, serial, state, cert_fingerprint, previous_fingerprint):
+        check_text("rotation state", state)
+        now = self._now()
+        fields = audit.rotation_ack_entry(serial=serial, cert_fingerprint=cert_fingerprint,
+                                          previous_fingerprint=previous_fingerprint, when=now)
+        with self._lock:
+            self._device(serial)
+            entry = self._seal_next(fields)
+            self._update(serial, rotation_state=state, updated_at=now)
+            return self._push(entry, serial)
+
     # -- the audit chain --------------------------------------------------------------------------
 
     @wrap_audit_error
     def append_audit(self, fields):
-        if fields.get("type") != audit.CHECKPOINT:
+        if fields.get("type") not in audit.DEVICELESS_TYPES:
             raise RegistryError(RegistryError.BAD_INPUT,
                                 "device entries are written by the operation they record")
         with self._lock:

@@ -357,17 +357,22 @@ class SqlRegistry(Registry):
                                 (uid_hex,)).fetchall()
         return [device_from_row(r) for r in rows]
 
-    def add_certificate(self, serial, cert_der, kind, rotation_state=None):
+    @wrap_audit_error
+    def add_certificate(self, serial, cert_der, kind, rotation_state=None,
+                        operation="recorded", operator=""):
         if rotation_state is not None:
             check_text("rotation state", rotation_state)
         now = self._now()
         cert = certificate_row(serial, cert_der, kind, now)
+        fields = audit.issuance_entry(serial=serial, kind=kind, operation=operation,
+                                      cert_der=cert_der, operator=operator, when=now)
         with self._write() as conn:
             self._device(conn, serial, lock=rotation_state is not None)
             self._insert_cert(conn, cert)
             if rotation_state is not None:
                 conn.execute(self._q("UPDATE devices SET rotation_state = ?, updated_at = ? "
                                      "WHERE serial = ?"), (rotation_state, now, serial))
+            self._append(conn, fields)
         return certificate_from_row(cert)
 
     def certificates(self, serial):
@@ -396,11 +401,23 @@ class SqlRegistry(Registry):
             conn.execute(self._q("UPDATE devices SET rotation_state = ?, updated_at = ? "
                                  "WHERE serial = ?"), (state, self._now(), serial))
 
+    @wrap_audit_error
+    def acknowledge_rotation(self, serial, state, cert_fingerprint, previous_fingerprint):
+        check_text("rotation state", state)
+        now = self._now()
+        fields = audit.rotation_ack_entry(serial=serial, cert_fingerprint=cert_fingerprint,
+                                          previous_fingerprint=previous_fingerprint, when=now)
+        with self._write() as conn:
+            self._device(conn, serial, lock=True)
+            conn.execute(self._q("UPDATE devices SET rotation_state = ?, updated_at = ? "
+                                 "WHERE serial = ?"), (state, now, serial))
+            return self._append(conn, fields)
+
     # -- the audit chain --------------------------------------------------------------------------
 
     @wrap_audit_error
     def append_audit(self, fields):
-        if fields.get("type") != audit.CHECKPOINT:
+        if fields.get("type") not in audit.DEVICELESS_TYPES:
             raise RegistryError(RegistryError.BAD_INPUT,
                                 "device entries are written by the operation they record")
         with self._write() as conn:

@@ -91,6 +91,31 @@ def append(path, certificate, reason="unspecified", operator="", now=None):
     return entry
 
 
+def revoke(path, certificate, registry, reason="unspecified", operator="", now=None):
+    """Revoke a CA for good: a "ca_revoke" entry in the registry's audit chain, then the
+    line in the revoked-CA file (`append`).  The audit entry comes first: a revocation
+    that takes effect is never missing from the audit trail (if the file write then
+    fails, the caller reports it and the same call is repeated; the entry says what was
+    intended, and the repeat adds the file line).  An already listed CA writes nothing.
+
+    Returns (entry dict, newly revoked bool).
+    Raises ValueError (unknown reason), RegistryError (audit append), OSError (file).
+    """
+    from fleetid.cloud.line import audit
+
+    if reason not in REASONS:
+        raise ValueError("reason must be one of %s" % ", ".join(REASONS))
+    fingerprint = ca_fingerprint(certificate)
+    for entry in load(path)[0]:
+        if entry["fingerprint"] == fingerprint:
+            return entry, False
+    now = now or datetime.datetime.now(datetime.timezone.utc)
+    registry.append_audit(audit.ca_revoke_entry(
+        ca_fingerprint=fingerprint, subject=certificate.subject.rfc4514_string(),
+        reason=reason, operator=operator, when=now))
+    return append(path, certificate, reason, operator, now=now), True
+
+
 class RevokedCaFile:
     """The revoked-CA fingerprints of a file, re-read when the file changes.
 

@@ -286,11 +286,18 @@ class FleetVerifier:
             else:
                 self._cache.pop(fingerprint, None)
 
-    def revoke_ca(self, ca_certificate):
+    def revoke_ca(self, ca_certificate, reason="unspecified", operator=""):
         """Revoke a CA (a batch intermediate) for this verifier: every device chaining
         through it is refused from the next request on (the revoked set is checked on
-        every call, cached chains included)."""
+        every call, cached chains included).  The revocation is written to the registry's
+        audit chain first (a ca_revoke entry).  For a revocation every process sees, use
+        revoked_cas.revoke (`fleetid cloud revoke-ca`).  Raises RegistryError."""
+        from fleetid.cloud.line import audit
+
         fp = ca_certificate.fingerprint(_SHA256()).hex()
+        self.registry.append_audit(audit.ca_revoke_entry(
+            ca_fingerprint=fp, subject=ca_certificate.subject.rfc4514_string(),
+            reason=reason, operator=operator, when=self.now()))
         with self._lock:
             self.trust.revoked_ca.add(fp)
 

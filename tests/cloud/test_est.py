@@ -382,9 +382,10 @@ def test_reenrolment_writes_certificate_and_rotation_state_in_one_registry_call(
     registry = fleet.registry
     original = registry.add_certificate
 
-    def add_certificate(serial, cert_der, kind, rotation_state=None):
+    def add_certificate(serial, cert_der, kind, rotation_state=None, **audit_fields):
         calls.append(rotation_state)
-        return original(serial, cert_der, kind, rotation_state=rotation_state)
+        return original(serial, cert_der, kind, rotation_state=rotation_state,
+                        **audit_fields)
 
     def set_rotation_state(*args, **kwargs):  # the second transaction must not happen
         raise AssertionError("rotation state written in a transaction of its own")

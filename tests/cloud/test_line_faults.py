@@ -211,8 +211,8 @@ def test_db_failure_at_commit_holds_and_revokes(line):
     assert result.revoked and result.held
     device = line.registry.get_device(result.serial)
     assert device.status == HELD and device.committed_at is None
-    assert [e.type for e in line.registry.audit_entries_for(result.serial)] == ["revoke",
-                                                                                 "hold"]
+    assert [e.type for e in line.registry.audit_entries_for(result.serial)] == [
+        "issuance", "revoke", "hold"]
     # The next device is fine: the failure was transient.
     assert _provision(resources, lot.chips[1])[0].ok
     _reconcile_fresh(line, lot.chips)

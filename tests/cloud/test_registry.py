@@ -305,7 +305,8 @@ def test_crash_reconciliation_revokes_the_orphan_certificate(registry):
     device = registry.get_device(serial)
     assert device.status == HELD and device.hold_reason == "reconciled: revoked-orphan-cert"
     assert registry.certificate_status(facts["cert_serial"]).revoked
-    assert [e.type for e in registry.audit_entries_for(serial)] == ["revoke", "reconcile"]
+    assert [e.type for e in registry.audit_entries_for(serial)] == ["issuance", "revoke",
+                                                                    "reconcile"]
     assert entry.fields["cert_fingerprint"] == facts["cert_fingerprint"]
     assert registry.list_in_flight() == []
     with pytest.raises(InvalidState):
