@@ -898,8 +898,10 @@ def verify_log(lines, line_public_key, witness_public_key, expected_count=None,
       expected_head       hex hash the last entry must have (with expected_count: the
                           registry's head row)
       witness_anchor      (covers, head hex) from the witness's copy of its latest
-                          checkpoint: the log must hold at least `covers` entries and entry
-                          covers-1 must have that hash (the log may have grown since)
+                          checkpoint (read_witness_anchor): the log must hold at least
+                          `covers` entries, entry covers-1 must have that hash (the log may
+                          have grown since), and the checkpoint entry itself must be in the
+                          log (so not even the last checkpoint can be cut off unseen)
     Returns: VerifyReport.
     Raises: AuditChainBroken(index, reason) at the FIRST bad entry; AuditError(SIGNER) if
       a key is missing.
@@ -911,6 +913,7 @@ def verify_log(lines, line_public_key, witness_public_key, expected_count=None,
     prev = GENESIS_PREV
     last_covers = 0
     checkpoint_at = []
+    anchor_checkpoint_seen = False
     index = -1
     for index, line in enumerate(lines):
         if isinstance(line, StoredRow):
@@ -925,6 +928,9 @@ def verify_log(lines, line_public_key, witness_public_key, expected_count=None,
             _verify_checkpoint(index, fields, digests, last_covers, line_keys, witness_keys)
             last_covers = fields["covers"]
             checkpoint_at.append(index)
+            if witness_anchor is not None and (last_covers, fields["head"]) == \
+                    tuple(witness_anchor):
+                anchor_checkpoint_seen = True
             report.checkpoints += 1
         digests += entry.digest
         prev = entry.hash_hex
@@ -942,6 +948,10 @@ def verify_log(lines, line_public_key, witness_public_key, expected_count=None,
     if witness_anchor is not None and count < witness_anchor[0]:
         raise AuditChainBroken(count, AuditChainBroken.TRUNCATED,
                                "the witness signed %d entries" % witness_anchor[0])
+    if witness_anchor is not None and not anchor_checkpoint_seen:
+        raise AuditChainBroken(count, AuditChainBroken.TRUNCATED,
+                               "the witness's checkpoint of %d entries is not in the log"
+                               % witness_anchor[0])
     if expected_count is not None and count < expected_count:
         raise AuditChainBroken(count, AuditChainBroken.TRUNCATED,
                                "%d of %d entries" % (count, expected_count))

@@ -563,11 +563,19 @@ def run_line(resources, chips, stations=1, profile="none", progress=None, link_c
             if progress is not None:
                 progress(done, total, run)
 
+    running = [max(1, stations)]
+    all_stopped = threading.Event()
+
     def guarded(index):
         try:
             station_loop(index)
         except BaseException as exc:  # noqa: BLE001 - reported after join
             errors.append(exc)
+        finally:
+            with lock:
+                running[0] -= 1
+                if not running[0]:
+                    all_stopped.set()
 
     started = time.perf_counter()
     threads = [threading.Thread(target=guarded, args=(i,), name="station-%d" % (i + 1),
@@ -576,22 +584,24 @@ def run_line(resources, chips, stations=1, profile="none", progress=None, link_c
     # KeyboardInterrupt / SystemExit): stations finish the device in hand and take no
     # more, then one signed checkpoint covers everything this run appended.  Only a
     # SIGKILL skips it; `fleetid line reconcile` checkpoints after that.
+    # (Waiting on an Event, not Thread.join: a join interrupted by a signal can leave
+    # is_alive() False for a thread still running, and the last checkpoint must come
+    # after the last station's last entry.)
+    for thread in threads:
+        thread.start()
     try:
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
+        all_stopped.wait()
     except BaseException:
         stopping.set()
-        for thread in threads:
-            if thread.is_alive():
-                thread.join()
+        all_stopped.wait()
         if resources.checkpointer is not None:
             try:
                 resources.checkpointer.checkpoint()
             except Exception:  # noqa: BLE001 - the interruption is what the caller sees
                 pass
         raise
+    for thread in threads:
+        thread.join()
     if resources.checkpointer is not None:
         resources.checkpointer.checkpoint()
     wall = time.perf_counter() - started
