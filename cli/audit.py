@@ -30,7 +30,7 @@ def _open_registry(uri):
     try:
         return open_registry(uri)
     except RegistryError as exc:
-        raise click.ClickException("cannot open the registry: %s" % exc)
+        raise click.ClickException("cannot open the registry %s: %s" % (uri, exc))
 
 
 def _source(log_path, registry_uri):
@@ -83,7 +83,7 @@ def audit():
 @click.option("--witness-pub", "witness_pub", multiple=True, required=True,
               type=click.Path(exists=True, dir_okay=False),
               help="PEM public key (or certificate) of the witness; repeatable.")
-@click.option("--expect-count", type=click.IntRange(min=0), default=None,
+@click.option("--expect-count", type=click.IntRange(min=0, max=2**63 - 1), default=None,
               help="Entries the log must hold (e.g. the witness's latest checkpoint "
                    "'covers'); catches truncation of a file log.")
 @click.option("--expect-head", default=None, metavar="HEX",
@@ -160,7 +160,8 @@ def verify(log_path, registry_uri, line_pub, witness_pub, expect_count, expect_h
 
 
 @audit.command()
-@click.option("--serial", required=True, type=click.IntRange(min=1), help="Device serial.")
+@click.option("--serial", required=True, type=click.IntRange(min=1, max=2**63 - 1),
+              help="Device serial.")
 @click.option("--log", "log_path", type=click.Path(dir_okay=False), help="JSON-lines audit file.")
 @click.option("--registry", "registry_uri", metavar="sqlite:PATH", help="Registry database.")
 @click.option("--line-pub", "line_pub", multiple=True,

@@ -86,7 +86,11 @@ def serve_cmd(config_path, state_dir, host, verifier_port, est_port, metrics_por
         logging.getLogger("fleetid.cloud").warning(
             "no SE vendor roots configured: every attestation will be refused "
             "(unknown_vendor)")
-    server = CloudServer.from_context(context)
+    try:
+        server = CloudServer.from_context(context)
+    except (FleetidError, OSError, ValueError) as exc:
+        context.close()
+        raise click.ClickException("%s: %s" % (type(exc).__name__, exc)) from None
 
     def ready(ports):
         click.echo(json.dumps({"listening": ports, "host": config.host,
@@ -136,15 +140,10 @@ def check_cert_cmd(cert_file, chain_files, config_path, state_dir, registry_uri,
     from fleetid.cloud.verifier.service import FleetVerifier, load_certificates
 
     config = _load(config_path, state_dir)
-    try:
-        with open(cert_file, "rb") as f:
-            certs = load_certificates(f.read())
-        extra = []
-        for path in chain_files:
-            with open(path, "rb") as f:
-                extra.extend(load_certificates(f.read()))
-    except ValueError:
-        raise click.ClickException("%s is not a PEM/DER certificate" % cert_file) from None
+    certs = _read_certificates(cert_file)
+    extra = []
+    for path in chain_files:  # each file named on its own when it is the bad one
+        extra.extend(_read_certificates(path, "--chain "))
     extra.extend(certs[1:])  # a PEM bundle: leaf first, then its chain
     when = None
     if at_time:
@@ -154,11 +153,18 @@ def check_cert_cmd(cert_file, chain_files, config_path, state_dir, registry_uri,
             raise click.ClickException("--at must be RFC 3339") from None
         if when.tzinfo is None:
             raise click.ClickException("--at needs a time zone (e.g. Z)")
+    # The registry first: a bad --registry is named as such, not as a missing root.
     try:
-        trust = trust_from_config(config, extra)
         registry = open_registry(registry_uri or config.registry)
     except (FleetidError, OSError, ValueError) as exc:
-        raise click.ClickException("%s: %s" % (type(exc).__name__, exc)) from None
+        raise click.ClickException("registry %s: %s" % (registry_uri or config.registry,
+                                                        exc)) from None
+    try:
+        trust = trust_from_config(config, extra)
+    except (FleetidError, OSError, ValueError) as exc:
+        registry.close()
+        raise click.ClickException("trust (roots, intermediates, vendor roots): %s: %s"
+                                   % (type(exc).__name__, exc)) from None
     try:
         verifier = FleetVerifier(trust, registry, accept_identity=config.accept_identity)
         der = certs[0].public_bytes(serialization.Encoding.DER)
@@ -187,17 +193,26 @@ def _open_registry(config, registry_uri):
         raise click.ClickException("%s: %s" % (type(exc).__name__, exc)) from None
 
 
-def _read_certificate(path):
+def _read_certificates(path, what=""):
+    """Every certificate in a PEM/DER file; a ClickException naming the file otherwise."""
     from fleetid.cloud.verifier.service import load_certificates
 
     try:
         with open(path, "rb") as f:
             certs = load_certificates(f.read())
-    except (OSError, ValueError):
-        raise click.ClickException("%s is not a PEM/DER certificate" % path) from None
+    except OSError as exc:
+        raise click.ClickException("%scannot read %s: %s" % (what, path, exc.strerror)) \
+            from None
+    except ValueError:
+        raise click.ClickException("%s%s is not a PEM/DER certificate" % (what, path)) \
+            from None
     if not certs:
-        raise click.ClickException("%s holds no certificate" % path)
-    return certs[0]
+        raise click.ClickException("%s%s holds no certificate" % (what, path))
+    return certs
+
+
+def _read_certificate(path):
+    return _read_certificates(path)[0]
 
 
 def _reason_option():

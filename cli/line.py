@@ -11,6 +11,9 @@ _PROFILES = ("none", "atecc608", "optiga", "se050")
 
 
 def _fail(exc):
+    if isinstance(exc, OSError):
+        return click.ClickException("%s%s" % (exc.strerror or exc, (": %s" % exc.filename)
+                                              if exc.filename else ""))
     return click.ClickException("%s: %s" % (type(exc).__name__, exc))
 
 
@@ -61,7 +64,7 @@ def init_cmd(out, hsm_uri, registry_uri):
         opened = runner.init_line(out, hsm_uri, registry_uri)
     except FileExistsError:
         raise click.ClickException("%s already holds a line" % out) from None
-    except FleetidError as exc:
+    except (FleetidError, OSError) as exc:
         raise _fail(exc) from None
     opened.close()
     click.echo("line initialised in %s" % out)
@@ -71,12 +74,13 @@ def init_cmd(out, hsm_uri, registry_uri):
 
 
 def _station_counts(text):
-    try:
-        counts = [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise click.BadParameter("a number or a comma-separated list: 1,2,4,8") from None
+    parts = [part.strip() for part in text.split(",")]
+    if not all(part.isdigit() for part in parts):
+        raise click.BadParameter("%r: a number or a comma-separated list of numbers, e.g. "
+                                 "1,2,4,8" % text, param_hint="--stations")
+    counts = [int(part) for part in parts]
     if not counts or any(k < 1 or k > 1024 for k in counts):
-        raise click.BadParameter("station counts must be 1..1024")
+        raise click.BadParameter("station counts must be 1..1024", param_hint="--stations")
     return counts
 
 
@@ -128,7 +132,7 @@ def run_cmd(devices, stations, se_profile, hsm_uri, registry_uri, max_sessions, 
     _sigterm_interrupts()
     try:
         opened = _open_or_init(out, hsm_uri, registry_uri, max_sessions or max(8, max(counts)))
-    except FleetidError as exc:
+    except (FleetidError, OSError) as exc:
         raise _fail(exc) from None
     summaries = []
     try:
@@ -158,7 +162,7 @@ def run_cmd(devices, stations, se_profile, hsm_uri, registry_uri, max_sessions, 
             summaries.append(summary)
         report = os.path.join(out, "report-%s.html" % summaries[-1].batch)
         runner.write_report(summaries, report)
-    except FleetidError as exc:
+    except (FleetidError, OSError) as exc:
         raise _fail(exc) from None
     finally:
         opened.close()
@@ -204,7 +208,7 @@ def reconcile_cmd(out, hsm_uri, registry_uri, operator, no_chips):
 
     try:
         opened = _open_or_init(out, hsm_uri, registry_uri, init_if_missing=False)
-    except FleetidError as exc:
+    except (FleetidError, OSError) as exc:
         raise _fail(exc) from None
     try:
         chips = {}
@@ -219,7 +223,7 @@ def reconcile_cmd(out, hsm_uri, registry_uri, operator, no_chips):
 
         report = reconcile_mod.reconcile(opened.resources_for("reconcile"),
                                          chip_bus if chips else None, operator=operator)
-    except FleetidError as exc:
+    except (FleetidError, OSError) as exc:
         raise _fail(exc) from None
     finally:
         opened.close()

@@ -57,6 +57,7 @@ from fleetid.cloud.line.station import (
 )
 from fleetid.cloud.registry import open_registry
 from fleetid.common import se_consts as C
+from fleetid.common.errors import FleetidError
 from fleetid.sim import chip as chip_mod
 from fleetid.sim import fab, profiles
 from fleetid.sim.endpoint import BusEndpoint
@@ -69,6 +70,41 @@ PASS_ENV = "FLEETID_KEYSTORE_PASS"
 FORMAT = "fleetid-line/1"
 DEFAULT_SCOPE = {"product": "widget", "batch": "b1", "region": "eu"}
 FIRMWARE_VERSION = b"\x01\x00\x00"
+
+
+class LineConfigError(FleetidError):
+    """A line work directory cannot be created or opened: `path` names the file or folder,
+    `reason` says what is wrong with it (short, secret-free)."""
+
+    def __init__(self, path, reason):
+        super().__init__("%s: %s" % (path, reason))
+        self.path = path
+        self.reason = reason
+
+
+_CONFIG_KEYS = ("hsm", "registry", "labels", "vendor_dir", "root_cert", "ca_cert", "journal")
+
+
+def _read_config(workdir):
+    path = os.path.join(workdir, CONFIG_FILE)
+    try:
+        with open(path, "rb") as f:
+            config = json.loads(f.read().decode("utf-8"))
+    except FileNotFoundError:
+        raise LineConfigError(path, "no line here (run `fleetid line init` first)") from None
+    except OSError as exc:
+        raise LineConfigError(path, exc.strerror or "unreadable") from None
+    except ValueError:  # JSONDecodeError, UnicodeDecodeError
+        raise LineConfigError(path, "not valid JSON (corrupt %s)" % CONFIG_FILE) from None
+    if not isinstance(config, dict) or config.get("format") != FORMAT:
+        raise LineConfigError(path, "not a %s file" % FORMAT)
+    for key in _CONFIG_KEYS:
+        if key not in config:
+            raise LineConfigError(path, "missing %r" % key)
+    if not isinstance(config["labels"], dict) or not all(
+            isinstance(config[k], str) for k in _CONFIG_KEYS if k != "labels"):
+        raise LineConfigError(path, "malformed %s" % CONFIG_FILE)
+    return config
 
 
 # -- the work directory ----------------------------------------------------------------------
@@ -96,13 +132,18 @@ def init_line(workdir, hsm_uri=None, registry_uri=None, scope=None, operator="li
         master_key: a bytearray to import as the SCP03 master (a ceremony restore; wiped
         afterwards) instead of generating one inside the HSM.
     Returns: Line (opened; close it).
-    Raises: FileExistsError if workdir already holds a line; HSM / PKI / registry errors.
+    Raises: FileExistsError if workdir already holds a line; LineConfigError if it cannot
+        be created; HSM / PKI / registry errors.
     """
     from fleetid.cloud.hsm.soft_backend import SCRYPT_N_DEFAULT, SoftBackend
     from fleetid.cloud.pki import init_root, new_ca
 
     workdir = os.path.abspath(workdir)
-    os.makedirs(workdir, exist_ok=True)
+    try:
+        os.makedirs(workdir, exist_ok=True)
+    except OSError as exc:
+        raise LineConfigError(workdir, "cannot create the line directory: %s"
+                              % (exc.strerror or exc)) from None
     if os.path.exists(os.path.join(workdir, CONFIG_FILE)):
         raise FileExistsError(os.path.join(workdir, CONFIG_FILE))
     environ = dict(os.environ if environ is None else environ)
@@ -164,13 +205,11 @@ def open_line(workdir, hsm_uri=None, registry_uri=None, environ=None, max_sessio
     Params: hsm_uri / registry_uri: override line.json.  environ: secrets by variable
         (default os.environ; the demo passphrase file fills FLEETID_KEYSTORE_PASS when
         it is unset).  max_sessions: HSM session pool bound (None: the URI's / default).
-    Returns: Line.  Raises: FileNotFoundError (no line.json), HSM / registry errors.
+    Returns: Line.  Raises: LineConfigError (no, unreadable or corrupt line.json), HSM /
+    registry errors.
     """
     workdir = os.path.abspath(workdir)
-    with open(os.path.join(workdir, CONFIG_FILE)) as f:
-        config = json.load(f)
-    if config.get("format") != FORMAT:
-        raise ValueError("%s is not a %s file" % (CONFIG_FILE, FORMAT))
+    config = _read_config(workdir)
     environ = dict(os.environ if environ is None else environ)
     pass_path = os.path.join(workdir, PASS_FILE)
     if PASS_ENV not in environ and os.path.exists(pass_path):

@@ -61,7 +61,9 @@ def open_registry(uri, wall_clock=None):
         return MemoryRegistry(**kwargs)
     if scheme in ("postgresql", "postgres"):
         raise RegistryError(RegistryError.CONFIG, "the PostgreSQL backend is not built yet")
-    raise RegistryError(RegistryError.CONFIG, "registry URI must be sqlite:<path> or memory:")
+    # The scheme only: a mistyped URI may still carry a password.
+    raise RegistryError(RegistryError.CONFIG, "registry URI %r: must be sqlite:<path> or "
+                        "memory:" % (scheme[:32] + (":..." if sep else "")))
 
 
 def verify_registry_log(registry, line_public_key, witness_public_key, witness_anchor=None):

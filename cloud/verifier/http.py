@@ -15,6 +15,7 @@ import time
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
+from fleetid.cloud.config import ConfigError
 from fleetid.cloud.hsm.errors import HsmError
 from fleetid.cloud.registry import RegistryError
 from fleetid.cloud.verifier import errors
@@ -35,11 +36,18 @@ def server_ssl_context(cert_file, key_file, client_ca_pem, require_client_cert=T
     """A server SSLContext: TLS 1.2 (ECDHE-ECDSA-AES-GCM only) and TLS 1.3, client
     certificates verified against `client_ca_pem` (bytes: the fleet's roots and
     intermediates).  require_client_cert False = CERT_OPTIONAL (EST: cacerts needs no
-    client certificate; enrolment answers 401 without one)."""
+    client certificate; enrolment answers 401 without one).
+    Raises fleetid.cloud.config.ConfigError when the certificate or key cannot be used."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.set_ciphers(TLS12_CIPHERS)
-    context.load_cert_chain(cert_file, key_file)
+    try:
+        context.load_cert_chain(cert_file, key_file)
+    except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+        raise ConfigError("tls_cert %s / tls_key %s: not a certificate and its private key "
+                          "(%s)" % (cert_file, key_file,
+                                    getattr(exc, "reason", None) or exc.strerror or exc)) \
+            from None
     context.load_verify_locations(cadata=client_ca_pem.decode("ascii"))
     context.verify_mode = ssl.CERT_REQUIRED if require_client_cert else ssl.CERT_OPTIONAL
     # The fleet's issuing CAs are configured trust (client_ca_pem), and every accepted
