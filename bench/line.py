@@ -36,6 +36,7 @@ import datetime
 import io
 import os
 import pstats
+import secrets
 import shutil
 import sys
 import tempfile
@@ -179,10 +180,14 @@ def main(argv=None):
     n_slow_32 = 32 if quick else 192  # 6 devices per station: past the lockstep start
     print("fleetid line benchmark%s (work dir %s)" % (" --quick" if quick else "", workdir))
     print("python %s, %d CPUs" % (sys.version.split()[0], os.cpu_count() or 0))
-    line = runner.init_line(os.path.join(workdir, "line"), scrypt_n=2**14)
+    # The soft keystore's passphrase by environment (the line never stores it).
+    environ = dict(os.environ)
+    environ.setdefault(runner.PASS_ENV, secrets.token_urlsafe(24))
+    line = runner.init_line(os.path.join(workdir, "line"), scrypt_n=2**14, environ=environ)
     try:
         line.close()
-        line = runner.open_line(os.path.join(workdir, "line"), max_sessions=64)
+        line = runner.open_line(os.path.join(workdir, "line"), max_sessions=64,
+                                environ=environ)
         run(line, 10, 1, "none")  # warm-up: imports, caches, first SQLite pages
 
         raw = raw_crypto_ms(50 if quick else 200)

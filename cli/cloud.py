@@ -5,6 +5,7 @@ import json
 
 import click
 
+from fleetid.cli.hsm_secret import environ_with_secret, pass_file_option
 from fleetid.common.errors import FleetidError
 
 _VERDICT = {True: "PASS", False: "FAIL", None: "SKIP"}
@@ -54,7 +55,9 @@ def _load(config_path, state_dir=None, env=None, **overrides):
 @click.option("--crl-port", type=click.IntRange(0, 65535), default=None,
               help="Plain-HTTP CRLs, GET /crl/<label>.crl (0 = off, the default); new "
               "certificates name it as their CRL distribution point.")
-def serve_cmd(config_path, state_dir, host, verifier_port, est_port, metrics_port, crl_port):
+@pass_file_option
+def serve_cmd(config_path, state_dir, host, verifier_port, est_port, metrics_port, crl_port,
+              pass_file):
     """Run the verifier (mTLS, client certificate required) and the EST server.
 
     \b
@@ -66,19 +69,24 @@ def serve_cmd(config_path, state_dir, host, verifier_port, est_port, metrics_por
     Put SE vendor roots (PEM) in var/cloud/vendor-roots/ or name them in the config,
     e.g. the emulator's: var/vendor/vendor_root.pem.
     Logs are JSON lines on stderr; the first stdout line is JSON with the bound ports.
+    The HSM secret (the embedded keystore's passphrase) comes from its environment
+    variable (FLEETID_KEYSTORE_PASS), --keystore-pass-file, or a prompt.
     """
     import logging
     import os
 
+    from fleetid.cloud.hsm import secret_variable
     from fleetid.cloud.verifier.http import configure_json_logging
     from fleetid.cloud.verifier.server import CloudServer, build_context, serve_forever
 
     env = {} if crl_port is None else {"CRL_PORT": str(crl_port)}
     config = _load(config_path, state_dir, env, host=host, verifier_port=verifier_port,
                    est_port=est_port, metrics_port=metrics_port)
+    environ = environ_with_secret(secret_variable(config.hsm), pass_file,
+                                  creating=not os.path.exists(config.state_dir))
     configure_json_logging(getattr(logging, config.log_level.upper(), logging.INFO))
     try:
-        context = build_context(config)
+        context = build_context(config, environ)
     except (FleetidError, OSError, ValueError) as exc:
         raise click.ClickException("%s: %s" % (type(exc).__name__, exc)) from None
     if not context.trust.vendor_roots:

@@ -5,6 +5,7 @@ import os
 
 import click
 
+from fleetid.cli.hsm_secret import environ_with_secret, pass_file_option
 from fleetid.common.errors import FleetidError
 
 _PROFILES = ("none", "atecc608", "optiga", "se050")
@@ -17,19 +18,34 @@ def _fail(exc):
     return click.ClickException("%s: %s" % (type(exc).__name__, exc))
 
 
-def _open_or_init(out, hsm_uri, registry_uri, max_sessions=None, init_if_missing=True):
+def _environ(out, hsm_uri, pass_file):
+    """The environment with the HSM secret of the line in `out` supplied (hsm_secret)."""
+    from fleetid.cloud.hsm import secret_variable
     from fleetid.cloud.line import runner
 
-    if os.path.exists(os.path.join(out, runner.CONFIG_FILE)):
-        return runner.open_line(out, hsm_uri, registry_uri, max_sessions=max_sessions)
-    if not init_if_missing:
+    uri = runner.line_hsm_uri(out, hsm_uri)
+    creating = not os.path.exists(os.path.join(out, runner.CONFIG_FILE)) and not hsm_uri
+    return environ_with_secret(secret_variable(uri), pass_file, creating=creating)
+
+
+def _open_or_init(out, hsm_uri, registry_uri, max_sessions=None, init_if_missing=True,
+                  pass_file=None):
+    from fleetid.cloud.line import runner
+
+    exists = os.path.exists(os.path.join(out, runner.CONFIG_FILE))
+    if not exists and not init_if_missing:
         raise click.ClickException("no line in %s: run `fleetid line init %s` first"
                                    % (out, out))
+    environ = _environ(out, hsm_uri, pass_file)
+    if exists:
+        return runner.open_line(out, hsm_uri, registry_uri, max_sessions=max_sessions,
+                                environ=environ)
     click.echo("initialising a line in %s (vendor CA, root ceremony, issuing CA, keys)" % out)
-    line = runner.init_line(out, hsm_uri, registry_uri)
+    line = runner.init_line(out, hsm_uri, registry_uri, environ=environ)
     if max_sessions:
         line.close()
-        line = runner.open_line(out, hsm_uri, registry_uri, max_sessions=max_sessions)
+        line = runner.open_line(out, hsm_uri, registry_uri, max_sessions=max_sessions,
+                                environ=environ)
     return line
 
 
@@ -55,13 +71,20 @@ def line():
               help="HSM URI (default: a soft keystore in OUT). See `fleetid pki --help`.")
 @click.option("--registry", "registry_uri", metavar="URI",
               help="Registry URI (default: sqlite:OUT/registry.db).")
-def init_cmd(out, hsm_uri, registry_uri):
+@pass_file_option
+def init_cmd(out, hsm_uri, registry_uri, pass_file):
     """Set up a line work directory: SE vendor CA (simulated), fleet root key ceremony,
-    issuing CA, SCP03 master key and audit keys in the HSM, the registry."""
+    issuing CA, SCP03 master key and audit keys in the HSM, the registry.
+
+    The embedded soft keystore's passphrase comes from FLEETID_KEYSTORE_PASS, a file
+    named with --keystore-pass-file, or a prompt; it is never stored in OUT."""
     from fleetid.cloud.line import runner
 
     try:
-        opened = runner.init_line(out, hsm_uri, registry_uri)
+        if os.path.exists(os.path.join(out, runner.CONFIG_FILE)):
+            raise FileExistsError(out)
+        environ = _environ(out, hsm_uri, pass_file)
+        opened = runner.init_line(out, hsm_uri, registry_uri, environ=environ)
     except FileExistsError:
         raise click.ClickException("%s already holds a line" % out) from None
     except (FleetidError, OSError) as exc:
@@ -115,8 +138,9 @@ def _sigterm_interrupts():
               help="Keep chip NVM files in OUT/chips/<lot> (for reconcile with chip access).")
 @click.option("--out", required=True, type=click.Path(file_okay=False),
               help="Line work directory (initialised on first use); the report goes here.")
+@pass_file_option
 def run_cmd(devices, stations, se_profile, hsm_uri, registry_uri, max_sessions, keep_chips,
-            out):
+            out, pass_file):
     """Personalise N emulated chips on K parallel stations sharing the HSM session pool
     and the registry; print a summary and write OUT/report-<lot>.html."""
     from rich.console import Console
@@ -131,7 +155,8 @@ def run_cmd(devices, stations, se_profile, hsm_uri, registry_uri, max_sessions, 
     console = Console()
     _sigterm_interrupts()
     try:
-        opened = _open_or_init(out, hsm_uri, registry_uri, max_sessions or max(8, max(counts)))
+        opened = _open_or_init(out, hsm_uri, registry_uri, max_sessions or max(8, max(counts)),
+                               pass_file=pass_file)
     except (FleetidError, OSError) as exc:
         raise _fail(exc) from None
     summaries = []
@@ -198,7 +223,8 @@ def run_cmd(devices, stations, se_profile, hsm_uri, registry_uri, max_sessions, 
 @click.option("--operator", default="reconcile", show_default=True)
 @click.option("--no-chips", is_flag=True,
               help="Do not look for chips in OUT/chips: revoke instead of resuming.")
-def reconcile_cmd(out, hsm_uri, registry_uri, operator, no_chips):
+@pass_file_option
+def reconcile_cmd(out, hsm_uri, registry_uri, operator, no_chips, pass_file):
     """Resolve every in-flight device after a crash: resume it (chip still on a
     programmer and passes the confirmation gate), or quarantine it, revoking any
     certificate that has no committed record.  Safe to run twice."""
@@ -207,7 +233,8 @@ def reconcile_cmd(out, hsm_uri, registry_uri, operator, no_chips):
     from fleetid.sim.endpoint import BusEndpoint
 
     try:
-        opened = _open_or_init(out, hsm_uri, registry_uri, init_if_missing=False)
+        opened = _open_or_init(out, hsm_uri, registry_uri, init_if_missing=False,
+                               pass_file=pass_file)
     except (FleetidError, OSError) as exc:
         raise _fail(exc) from None
     try:

@@ -33,6 +33,17 @@ case "$work" in
 esac
 rm -rf "$work" && mkdir -p "$work"
 line="$work/line"
+# The soft keystore's passphrase: fleetid takes it from FLEETID_KEYSTORE_PASS (or a prompt,
+# or a file named with --keystore-pass-file) and never stores it beside the keystore.  The
+# demo makes one up and keeps it in its work folder, outside the line directory.
+if [ -z "${FLEETID_KEYSTORE_PASS:-}" ]; then
+    (umask 077 && "$PWD/.venv/bin/python" -c 'import secrets; print(secrets.token_urlsafe(24))' \
+        >"$work/keystore-passphrase")
+    FLEETID_KEYSTORE_PASS=$(cat "$work/keystore-passphrase")
+    echo "demo: keystore passphrase generated into ${work#$PWD/}/keystore-passphrase" \
+        "(demo only: production supplies it by environment or prompt)"
+fi
+export FLEETID_KEYSTORE_PASS
 cloud="$work/cloud"
 sock="$work/se.sock"
 bus="sim:unix:$sock"
@@ -69,15 +80,13 @@ report=$(ls "$line"/report-*.html | head -1)
 [ -s "$report" ] || fail "no line report"
 echo "HTML report: ${report#$PWD/}"
 
-step "2. the line's audit log, verified offline (hash chain + signed checkpoints)"
+step "2. the line's audit log, verified offline (hash chain + signed checkpoints + the witness's anchor)"
 fleetid audit verify --registry "sqlite:$line/registry.db" \
-    --line-pub "$line/pki/audit-line.pub.pem" --witness-pub "$line/pki/audit-witness.pub.pem"
+    --line-pub "$line/pki/audit-line.pub.pem" --witness-pub "$line/pki/audit-witness.pub.pem" \
+    --witness-anchor "$line/witness/anchor.json"
 
 step "3. fleet cloud: EST CA + mTLS verifier on 127.0.0.1, on the line's PKI and registry"
 fleetid line cloud-config --line "$line" --out "$cloud"
-# The line's soft keystore passphrase (demo only; production passes it by environment).
-FLEETID_KEYSTORE_PASS=$(cat "$line/keystore.pass")
-export FLEETID_KEYSTORE_PASS
 fleetid cloud serve --config "$cloud/cloud.toml" >"$cloud/serve.out" 2>"$cloud/serve.log" &
 pids+=($!)
 wait_for "cloud server" "${pids[-1]}" test -s "$cloud/serve.out"

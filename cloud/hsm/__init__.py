@@ -15,6 +15,7 @@ from fleetid.cloud.hsm.interface import HsmBackend, KeySetHandle, Scp03SessionKe
 
 __all__ = [
     "open_hsm",
+    "secret_variable",
     "HsmBackend",
     "HsmBusy",
     "HsmError",
@@ -60,6 +61,17 @@ def _pool_kwargs(attrs):
             except ValueError:
                 raise HsmError(HsmError.CONFIG, "bad %s %r" % (name, attrs[name])) from None
     return kwargs
+
+
+def secret_variable(uri):
+    """The environment variable an HSM URI takes its secret from (`pass-env=` of a soft
+    keystore, `pin-env=` of a PKCS#11 token), or None when it names none."""
+    _scheme, _sep, rest = uri.partition(":")
+    for part in rest.split(";"):
+        name, sep, value = part.partition("=")
+        if sep and name.strip() in ("pass-env", "pin-env") and value.strip():
+            return value.strip()
+    return None
 
 
 def open_hsm(uri, environ=None):

@@ -9,9 +9,10 @@
 Work directory (`init_line`):
 
     line.json            URIs and labels (no secrets)
-    keystore.json        soft HSM keystore (when no --hsm is given), mode 0600
-    keystore.pass        its passphrase (demo only, mode 0600; production passes
-                         FLEETID_KEYSTORE_PASS / an HSM PIN by environment)
+    keystore.json        soft HSM keystore (when no --hsm is given), mode 0600; its
+                         passphrase is never written here: it comes from
+                         FLEETID_KEYSTORE_PASS (which the CLI fills from a prompt or a
+                         file the user names), like an HSM PIN
     registry.db          SQLite registry (+ WAL), the audit chain inside it
     journal.jsonl        issuance journal (station.py)
     witness/anchor.json  the witness's latest signed checkpoint (audit.AnchoringWitness;
@@ -65,7 +66,6 @@ from fleetid.sim.nvm import Nvm
 
 CONFIG_FILE = "line.json"
 WITNESS_ANCHOR = os.path.join("witness", "anchor.json")
-PASS_FILE = "keystore.pass"
 PASS_ENV = "FLEETID_KEYSTORE_PASS"
 FORMAT = "fleetid-line/1"
 DEFAULT_SCOPE = {"product": "widget", "batch": "b1", "region": "eu"}
@@ -110,15 +110,6 @@ def _read_config(workdir):
 # -- the work directory ----------------------------------------------------------------------
 
 
-def _write_private(path, data):
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def init_line(workdir, hsm_uri=None, registry_uri=None, scope=None, operator="line-operator",
               serial_prefix="FID", scrypt_n=None, environ=None, now=None, master_key=None):
     """Set up a line work directory on the embedded defaults (soft keystore, SQLite) or on
@@ -149,10 +140,10 @@ def init_line(workdir, hsm_uri=None, registry_uri=None, scope=None, operator="li
     environ = dict(os.environ if environ is None else environ)
     if hsm_uri is None:
         keystore = os.path.join(workdir, "keystore.json")
-        if PASS_ENV not in environ:
-            passphrase = secrets.token_urlsafe(24)
-            _write_private(os.path.join(workdir, PASS_FILE), passphrase.encode())
-            environ[PASS_ENV] = passphrase
+        if not environ.get(PASS_ENV):
+            # Never generated into a file beside the keystore it unlocks.
+            raise LineConfigError(keystore, "the keystore needs a passphrase: set %s"
+                                  % PASS_ENV)
         hsm = SoftBackend(keystore, environ[PASS_ENV], scrypt_n=scrypt_n or SCRYPT_N_DEFAULT)
         hsm_uri = "soft:%s;pass-env=%s" % (keystore, PASS_ENV)
     else:
@@ -203,18 +194,14 @@ def open_line(workdir, hsm_uri=None, registry_uri=None, environ=None, max_sessio
     """Open an initialised line work directory.
 
     Params: hsm_uri / registry_uri: override line.json.  environ: secrets by variable
-        (default os.environ; the demo passphrase file fills FLEETID_KEYSTORE_PASS when
-        it is unset).  max_sessions: HSM session pool bound (None: the URI's / default).
+        (default os.environ: FLEETID_KEYSTORE_PASS for the embedded soft keystore).
+        max_sessions: HSM session pool bound (None: the URI's / default).
     Returns: Line.  Raises: LineConfigError (no, unreadable or corrupt line.json), HSM /
     registry errors.
     """
     workdir = os.path.abspath(workdir)
     config = _read_config(workdir)
     environ = dict(os.environ if environ is None else environ)
-    pass_path = os.path.join(workdir, PASS_FILE)
-    if PASS_ENV not in environ and os.path.exists(pass_path):
-        with open(pass_path) as f:
-            environ[PASS_ENV] = f.read().strip()
     uri = hsm_uri or config["hsm"]
     if max_sessions and "max-sessions=" not in uri:
         uri += ";max-sessions=%d" % max_sessions
@@ -225,6 +212,19 @@ def open_line(workdir, hsm_uri=None, registry_uri=None, environ=None, max_sessio
         hsm.close()
         raise
     return Line(workdir, config, hsm, registry)
+
+
+def line_hsm_uri(workdir, hsm_uri=None):
+    """The HSM URI a line in `workdir` opens (`hsm_uri` if given, else line.json's; for a
+    folder without a line yet, the embedded soft keystore's).  Lets a caller find out
+    which secret variable it must supply (hsm.secret_variable).
+    Raises LineConfigError for an unreadable or corrupt line.json."""
+    if hsm_uri:
+        return hsm_uri
+    if not os.path.exists(os.path.join(workdir, CONFIG_FILE)):
+        return "soft:%s;pass-env=%s" % (os.path.join(os.path.abspath(workdir),
+                                                     "keystore.json"), PASS_ENV)
+    return _read_config(os.path.abspath(workdir))["hsm"]
 
 
 class Line:

@@ -7,8 +7,9 @@
     await server.start(); ...; await server.stop()
 
 `bootstrap_embedded` is the "one command" default: with no labels configured it creates,
-under state_dir, a software keystore (its passphrase generated into keystore.pass, mode
-0600, unless FLEETID_KEYSTORE_PASS is set), a root key ceremony, one issuing CA
+under state_dir, a software keystore (its passphrase from FLEETID_KEYSTORE_PASS, which
+`fleetid cloud serve` fills from a prompt or a file the user names; never stored beside
+the keystore), a root key ceremony, one issuing CA
 ("default" label) and a TLS server certificate for 127.0.0.1 / localhost signed by the
 root through the HSM.  A production set-up names its HSM, CAs and TLS files instead.
 """
@@ -18,7 +19,6 @@ import datetime
 import glob
 import ipaddress
 import os
-import secrets
 
 from aiohttp import web
 from cryptography import x509
@@ -109,16 +109,6 @@ class CloudContext:
             close()
 
 
-def _ensure_keystore_pass(config, environ):
-    if "pass-env=FLEETID_KEYSTORE_PASS" in config.hsm and not environ.get(
-            "FLEETID_KEYSTORE_PASS"):
-        path = os.path.join(config.state_dir, "keystore.pass")
-        if not os.path.exists(path):
-            _write(path, secrets.token_urlsafe(32).encode(), 0o600)
-        with open(path) as f:
-            environ["FLEETID_KEYSTORE_PASS"] = f.read().strip()
-
-
 def bootstrap_embedded(config, hsm, now=None):
     """Create the embedded PKI under state_dir if it is not there yet (idempotent).
     Returns (labels config list, tls_cert path, tls_key path)."""
@@ -165,8 +155,7 @@ def build_context(config, environ=None, clock=None):
     from fleetid.cloud.hsm import open_hsm
     environ = os.environ if environ is None else environ
     os.makedirs(config.state_dir, exist_ok=True)
-    _ensure_keystore_pass(config, environ)
-    hsm = open_hsm(config.hsm, environ)
+    hsm = open_hsm(config.hsm, environ)  # its secret by environment variable only
     label_configs, roots, tls_cert, tls_key = list(config.labels), list(config.roots), \
         config.tls_cert, config.tls_key
     if not label_configs:

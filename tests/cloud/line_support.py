@@ -19,6 +19,7 @@ from fleetid.common import se_consts as C
 from fleetid.sim.chip import Chip
 from fleetid.sim.endpoint import BusEndpoint
 from tests.cloud.hsm_support import (
+    KEYSTORE_PASS,
     MASTER_KEY,
     SOFTHSM_MODULE,
     TEST_SCRYPT_N,
@@ -27,6 +28,10 @@ from tests.cloud.hsm_support import (
     init_softhsm_token,
     reference_device_keys,
 )
+
+
+# The soft keystore's passphrase, as an operator would supply it (by environment).
+LINE_ENV = dict(os.environ, FLEETID_KEYSTORE_PASS=KEYSTORE_PASS)
 
 
 class SimulatedKill(BaseException):
@@ -46,7 +51,7 @@ def make_line(tmp_path, kind="soft", monkeypatch=None):
         return runner.init_line(str(workdir), hsm_uri=uri, environ=environ,
                                 master_key=bytearray(MASTER_KEY))
     return runner.init_line(str(workdir), scrypt_n=TEST_SCRYPT_N,
-                            master_key=bytearray(MASTER_KEY))
+                            master_key=bytearray(MASTER_KEY), environ=LINE_ENV)
 
 
 def known_lot(line, count, chip_cls=Chip, vendor=None, batch="lot-test", import_keys=True):

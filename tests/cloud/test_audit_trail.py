@@ -29,7 +29,7 @@ from fleetid.cloud.verifier.revoked_cas import ca_fingerprint
 from fleetid.sim.endpoint import BusEndpoint
 from tests.cloud.cloud_support import pem
 from tests.cloud.hsm_support import KEYSTORE_PASS
-from tests.cloud.line_support import known_lot, make_line
+from tests.cloud.line_support import LINE_ENV, known_lot, make_line
 
 ANY_KEY = ec.generate_private_key(ec.SECP256R1()).public_key()  # logs without checkpoints
 
@@ -218,7 +218,7 @@ def test_the_witness_anchor_catches_a_truncated_and_rewritten_log(tmp_path):
     result = verify("--witness-anchor", anchor_file)
     assert result.exit_code == 1 and "first bad entry 2: truncated" in result.output
     # The witness will not sign the shorter log, so no new anchor can paper over the cut.
-    line = runner.open_line(os.path.join(str(tmp_path), "line"))
+    line = runner.open_line(os.path.join(str(tmp_path), "line"), environ=LINE_ENV)
     try:
         with pytest.raises(audit.AuditError) as refused:
             line.checkpointer.checkpoint()

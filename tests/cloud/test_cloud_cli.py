@@ -107,10 +107,19 @@ def test_config_file_and_environment(tmp_path):
 def test_serve_runs_verifier_and_est_on_the_embedded_defaults(tmp_path):
     env = dict(os.environ)
     env.pop("FLEETID_KEYSTORE_PASS", None)
+    # No passphrase anywhere (and no terminal to prompt): refused with one line.
+    refused = subprocess.run(
+        [sys.executable, "-m", "fleetid.cli.main", "cloud", "serve", "--state-dir",
+         str(tmp_path / "state")], stdin=subprocess.DEVNULL, capture_output=True, env=env,
+        cwd=str(tmp_path), timeout=60)
+    assert refused.returncode == 1 and b"FLEETID_KEYSTORE_PASS" in refused.stderr
+    assert not (tmp_path / "state" / "keystore.json").exists()
+    # The passphrase from a file the operator names.
+    (tmp_path / "operator.pass").write_text("correct horse battery staple\n")
     process = subprocess.Popen(
         [sys.executable, "-m", "fleetid.cli.main", "cloud", "serve", "--state-dir",
          str(tmp_path / "state"), "--verifier-port", "0", "--est-port", "0",
-         "--metrics-port", "0"],
+         "--metrics-port", "0", "--keystore-pass-file", str(tmp_path / "operator.pass")],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=str(tmp_path))
     try:
         ready, _, _ = select.select([process.stdout], [], [], 60)
@@ -128,7 +137,9 @@ def test_serve_runs_verifier_and_est_on_the_embedded_defaults(tmp_path):
         body = urllib.request.urlopen(url, context=context, timeout=10).read()
         certs = pkcs7.load_der_pkcs7_certificates(base64.b64decode(body))
         assert len(certs) == 2
-        assert oct(os.stat(tmp_path / "state" / "keystore.pass").st_mode & 0o777) == "0o600"
+        # The keystore is there; its passphrase is not stored beside it.
+        assert (tmp_path / "state" / "keystore.json").exists()
+        assert sorted(p.name for p in (tmp_path / "state").rglob("*pass*")) == []
         with pytest.raises(Exception):  # the verifier port requires a client certificate
             urllib.request.urlopen("https://127.0.0.1:%d/v1/whoami" % ports["verifier"],
                                    context=context, timeout=10).read()

@@ -88,3 +88,57 @@ def test_reconcile_resumes_a_device_killed_before_commit_and_run_refuses_before(
         assert INTENT not in {line.registry.get_device(s).status for s in (1, 2)}
     finally:
         line.close()
+
+
+def test_the_keystore_passphrase_never_lands_in_the_line_directory(tmp_path, monkeypatch):
+    """Issue 9, defect 4: from the environment, a file the user names, or a prompt."""
+    monkeypatch.delenv("FLEETID_KEYSTORE_PASS", raising=False)
+    out = tmp_path / "line"
+    refused = CliRunner().invoke(cli, ["line", "init", str(out)])
+    assert refused.exit_code == 1 and "FLEETID_KEYSTORE_PASS" in refused.output
+    assert not (out / "keystore.json").exists()
+    secret_file = tmp_path / "operator-secrets" / "line.pass"
+    secret_file.parent.mkdir()
+    secret_file.write_text(KEYSTORE_PASS + "\n")
+    named = ["--keystore-pass-file", str(secret_file)]
+    result = CliRunner().invoke(cli, ["line", "init", str(out), *named])
+    assert result.exit_code == 0, result.output
+    refused = CliRunner().invoke(cli, ["line", "run", "--devices", "1", "--out", str(out)])
+    assert refused.exit_code == 1 and "FLEETID_KEYSTORE_PASS" in refused.output
+    result = CliRunner().invoke(cli, ["line", "run", "--devices", "1", "--out", str(out),
+                                      *named])
+    assert result.exit_code == 0, result.output
+    result = CliRunner().invoke(cli, ["line", "reconcile", "--out", str(out)], env=_env())
+    assert result.exit_code == 0, result.output
+    wrong = CliRunner().invoke(cli, ["line", "reconcile", "--out", str(out)],
+                               env={"FLEETID_KEYSTORE_PASS": "not it"})
+    assert wrong.exit_code == 1 and "wrong keystore passphrase" in wrong.output
+    for path in out.rglob("*"):
+        assert "pass" not in path.name
+        if path.is_file():
+            assert KEYSTORE_PASS.encode() not in path.read_bytes(), path
+
+
+def test_the_secret_is_prompted_for_on_a_terminal(monkeypatch):
+    import click
+
+    from fleetid.cli import hsm_secret
+
+    asked = []
+
+    class Terminal:
+        def isatty(self):
+            return True
+
+    def prompt(text, hide_input, confirmation_prompt, err):
+        asked.append((hide_input, confirmation_prompt))
+        return "typed secret"
+
+    monkeypatch.setattr(hsm_secret.sys, "stdin", Terminal())
+    monkeypatch.setattr(click, "prompt", prompt)
+    environ = hsm_secret.environ_with_secret("FLEETID_X", creating=True, environ={})
+    assert environ == {"FLEETID_X": "typed secret"} and asked == [(True, True)]
+    # Already in the environment: no prompt.
+    assert hsm_secret.environ_with_secret("FLEETID_X", environ={"FLEETID_X": "e"}) == \
+        {"FLEETID_X": "e"}
+    assert len(asked) == 1

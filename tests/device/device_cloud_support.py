@@ -27,7 +27,7 @@ from fleetid.cloud.verifier.service import FleetTrust, FleetVerifier
 from fleetid.common import se_consts as C
 from fleetid.common.apdu import ApduProtocol
 from fleetid.device.se import SeSession
-from tests.cloud.hsm_support import TEST_SCRYPT_N
+from tests.cloud.hsm_support import KEYSTORE_PASS, TEST_SCRYPT_N
 
 PEM = serialization.Encoding.PEM
 LABEL = "widget"
@@ -42,7 +42,9 @@ class LineAndCloud:
 
     def __init__(self, directory, devices=2, labels_extra=()):
         self.dir = str(directory)
-        self.line = runner.init_line(os.path.join(self.dir, "line"), scrypt_n=TEST_SCRYPT_N)
+        self.line = runner.init_line(os.path.join(self.dir, "line"), scrypt_n=TEST_SCRYPT_N,
+                                     environ=dict(os.environ,
+                                                  FLEETID_KEYSTORE_PASS=KEYSTORE_PASS))
         lot = runner.make_lot(self.line, devices)
         summary = runner.run_line(self.line.resources_for(lot.batch), lot.chips, stations=1)
         if summary.yield_pct != 100.0:
