@@ -12,6 +12,8 @@ _PROFILES = ("none", "atecc608", "optiga", "se050")
 
 
 def _fail(exc):
+    if type(exc).__name__ == "NvmError":
+        return click.ClickException("chip NVM: %s" % exc)
     if isinstance(exc, OSError):
         return click.ClickException("%s%s" % (exc.strerror or exc, (": %s" % exc.filename)
                                               if exc.filename else ""))
@@ -231,6 +233,7 @@ def reconcile_cmd(out, hsm_uri, registry_uri, operator, no_chips, pass_file):
     from fleetid.cloud.line import reconcile as reconcile_mod
     from fleetid.cloud.line import runner
     from fleetid.sim.endpoint import BusEndpoint
+    from fleetid.sim.nvm import NvmError
 
     try:
         opened = _open_or_init(out, hsm_uri, registry_uri, init_if_missing=False,
@@ -240,6 +243,9 @@ def reconcile_cmd(out, hsm_uri, registry_uri, operator, no_chips, pass_file):
     try:
         chips = {}
         chips_root = os.path.join(out, "chips")
+        # Chip NVM temp files of a killed run hold key scalars: gone before anything else.
+        for path in runner.remove_stale_chip_files(chips_root):
+            click.echo("removed a stale chip temp file: %s" % path)
         if not no_chips and os.path.isdir(chips_root):
             for lot in sorted(os.listdir(chips_root)):
                 chips.update(runner.load_chips(os.path.join(chips_root, lot)))
@@ -250,7 +256,7 @@ def reconcile_cmd(out, hsm_uri, registry_uri, operator, no_chips, pass_file):
 
         report = reconcile_mod.reconcile(opened.resources_for("reconcile"),
                                          chip_bus if chips else None, operator=operator)
-    except (FleetidError, OSError) as exc:
+    except (FleetidError, OSError, NvmError) as exc:
         raise _fail(exc) from None
     finally:
         opened.close()

@@ -517,12 +517,16 @@ def _level(ctx, param, value):
 
 @se.command("scp03-check")
 @click.option("--fab-record", required=True, type=click.Path(exists=True, dir_okay=False),
-              help="The chip's JSON fab record (holds the SCP03 transport keys).")
+              help="The chip's JSON fab record (UID, key set; no keys).")
+@click.option("--vendor-dir", required=True, type=click.Path(exists=True, file_okay=False),
+              help="The SE vendor's folder: its transport-keys/ store holds the chip's SCP03 "
+                   "transport keys (they never travel with the fab record).")
 @click.option("--level", default="0x33", show_default=True, callback=_level,
               help="Security level: 0x01 C-MAC, 0x03 +C-DEC, 0x11 +R-MAC, 0x13, 0x33 all.")
 @click.pass_context
-def scp03_check(ctx, fab_record, level):
-    """Open SCP03 with the transport keys of a fab record and run a wrapped command.
+def scp03_check(ctx, fab_record, vendor_dir, level):
+    """Open SCP03 with a chip's transport keys (from the SE vendor's key store) and run a
+    wrapped command.  A vendor-side check: the factory line never holds these keys.
 
     Runs INITIALIZE UPDATE and EXTERNAL AUTHENTICATE at the given level (the card
     cryptogram is checked), then a GET DATA (UID) through the secure channel, and checks
@@ -530,17 +534,23 @@ def scp03_check(ctx, fab_record, level):
 
     \b
     Examples:
-      fleetid se --bus sim:unix:/tmp/se.sock scp03-check --fab-record var/chip.json
-      fleetid se --bus sim:unix:/tmp/se.sock scp03-check --fab-record var/chip.json --level 0x03
+      fleetid se --bus sim:unix:/tmp/se.sock scp03-check --fab-record var/chip.json \\
+          --vendor-dir var/vendor
+      fleetid se --bus sim:unix:/tmp/se.sock scp03-check --fab-record var/chip.json \\
+          --vendor-dir var/vendor --level 0x03
     """
     from fleetid.common.host.hostcrypto import CryptographyPrimitives
     from fleetid.common.scp03 import static_session_keys_fn
     from fleetid.sim.fab import load_fab_record
 
     try:
-        record = load_fab_record(fab_record)
-    except (OSError, ValueError) as exc:
-        raise click.ClickException("cannot read the fab record: %s" % exc) from None
+        record = load_fab_record(fab_record, vendor_dir)
+    except OSError as exc:
+        raise click.ClickException("cannot read the fab record %s or its keys in %s: %s"
+                                   % (fab_record, vendor_dir, exc.strerror or exc)) from None
+    except ValueError as exc:
+        raise click.ClickException("cannot read the fab record %s: %s"
+                                   % (fab_record, exc)) from None
     conn = ctx.find_object(_Connection)
     plain_uid = conn.session().uid()
     if plain_uid != record.se_uid:

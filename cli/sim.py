@@ -42,8 +42,10 @@ def fab(vendor_dir, out, count):
     """Chip fab: make emulated SEs (UID, MAK and its certificate, SCP03 transport keys).
 
     Each chip gets an NVM file and, beside it, a JSON fab record (<name>.json, mode 0600)
-    with its UID, MAK certificate chain and SCP03 transport keys, as an SE vendor's
-    key-delivery file would carry them.  The vendor CA is reused across runs.
+    with its UID, MAK certificate chain and transport key set number, but no key: the
+    SCP03 transport keys stay with the SE vendor, in VENDOR_DIR/transport-keys/ (mode
+    0600).  The vendor CA is reused across runs.  Temp files a killed run left are
+    removed first.
 
     \b
     Examples:

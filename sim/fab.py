@@ -7,8 +7,13 @@ SCP03_KVN_TRANSPORT); the firmware version; the GP life cycle OP_READY (the fact
 moves the chip to SECURED).
 
 Outputs: the chip's NVM file and, beside it, a JSON fab record "<nvm path without
-suffix>.json" (mode 0600): UID, MAK certificate chain, transport keys.  The record stands
-for the vendor's key-delivery file: it holds the transport keys, never a private key.
+suffix>.json" (mode 0600): UID, MAK certificate chain, firmware, life cycle and the KVN of
+its transport key set, but no key: the record travels with the chip to the factory line,
+and plaintext SCP03 keys there would open every chip of the lot.  The transport keys stay
+with the SE vendor, in "<vendor_dir>/transport-keys/<uid hex>.json" (mode 0600); the
+vendor hands them to the line's HSM, never to the line host (fleetid's line imports a
+lot's keys straight into its HSM: runner.make_lot).  `load_fab_record(path, vendor_dir)`
+joins the two for the vendor's own tools (`fleetid se scp03-check --vendor-dir`).
 
 Vendor CA files in `vendor_dir`: vendor_root.pem (certificate), vendor_root.key.pem
 (PKCS#8 private key, mode 0600).
@@ -26,7 +31,7 @@ from cryptography.x509.oid import NameOID
 
 from fleetid.common import se_consts as C
 from fleetid.sim import chip as chip_mod
-from fleetid.sim.nvm import Nvm
+from fleetid.sim.nvm import Nvm, discard_stale_temp, remove_stale_temp_files
 
 VENDOR_CERT_FILE = "vendor_root.pem"
 VENDOR_KEY_FILE = "vendor_root.key.pem"
@@ -62,16 +67,18 @@ class FabRecord:
     """What fab knows about one chip.
 
     Attributes: se_uid (16 bytes), mak_cert_der, chain_der (list: MAK certificate, vendor
-    root), transport_keys (dict: kvn int, enc/mac/dek bytes), firmware_version (3 bytes),
-    life_cycle, nvm_path, record_path.
+    root), transport_keys (dict: kvn int, enc/mac/dek bytes; None when the record was
+    loaded without the vendor's key store), firmware_version (3 bytes), life_cycle,
+    nvm_path, record_path.
     """
 
     def __init__(self, se_uid, chain_der, transport_keys, firmware_version, life_cycle,
-                 nvm_path, record_path):
+                 nvm_path, record_path, kvn=None):
         self.se_uid = bytes(se_uid)
         self.chain_der = [bytes(c) for c in chain_der]
         self.mak_cert_der = self.chain_der[0]
-        self.transport_keys = dict(transport_keys)
+        self.transport_keys = None if transport_keys is None else dict(transport_keys)
+        self.kvn = kvn if transport_keys is None else self.transport_keys["kvn"]
         self.firmware_version = bytes(firmware_version)
         self.life_cycle = life_cycle
         self.nvm_path = nvm_path
@@ -94,25 +101,27 @@ class FabRecord:
         return self.se_uid.hex()
 
     def static_keys(self):
-        """The transport keys as fleetid.common.scp03.StaticKeys."""
+        """The transport keys as fleetid.common.scp03.StaticKeys.
+        Raises ValueError when they are not loaded (they stay with the SE vendor)."""
         from fleetid.common.scp03 import StaticKeys
 
         t = self.transport_keys
+        if t is None:
+            raise ValueError("the fab record carries no transport keys (they stay with the "
+                             "SE vendor): load it with the vendor's folder")
         return StaticKeys(t["enc"], t["mac"], t["dek"], t["kvn"])
 
     def to_json(self):
-        """The JSON fab record (str)."""
-        t = self.transport_keys
+        """The JSON fab record (str): no key material (module docstring)."""
         return json.dumps(
             {
-                "format": "fleetid-fab-record/1",
+                "format": FAB_RECORD_FORMAT,
                 "uid": self.se_uid.hex(),
                 "mak_cert_chain_der": [c.hex() for c in self.chain_der],
-                "transport_keys": {
-                    "kvn": t["kvn"],
-                    "enc": t["enc"].hex(),
-                    "mac": t["mac"].hex(),
-                    "dek": t["dek"].hex(),
+                "transport_key_set": {
+                    "kvn": self.kvn,
+                    "held_by": "se-vendor",
+                    "vendor_file": transport_key_file_name(self.se_uid),
                 },
                 "firmware_version": ".".join(str(b) for b in self.firmware_version),
                 "life_cycle": C.LC_NAMES.get(self.life_cycle, "%02X" % self.life_cycle),
@@ -126,32 +135,77 @@ class FabRecord:
         return "FabRecord(uid=%s)" % self.se_uid.hex()
 
 
-def load_fab_record(record_path):
+FAB_RECORD_FORMAT = "fleetid-fab-record/2"
+TRANSPORT_KEY_DIR = "transport-keys"
+
+
+def transport_key_file_name(se_uid):
+    """Where the vendor keeps a chip's transport keys, relative to its vendor_dir."""
+    return os.path.join(TRANSPORT_KEY_DIR, "%s.json" % bytes(se_uid).hex())
+
+
+def _write_transport_keys(vendor_dir, se_uid, keys):
+    directory = os.path.join(vendor_dir, TRANSPORT_KEY_DIR)
+    os.makedirs(directory, mode=0o700, exist_ok=True)
+    remove_stale_temp_files(directory, suffixes=(".json",))
+    _write_private(os.path.join(vendor_dir, transport_key_file_name(se_uid)), json.dumps(
+        {"uid": bytes(se_uid).hex(), "kvn": keys["kvn"], "enc": keys["enc"].hex(),
+         "mac": keys["mac"].hex(), "dek": keys["dek"].hex()}).encode())
+
+
+def load_transport_keys(vendor_dir, se_uid):
+    """The vendor's transport keys of chip `se_uid`: dict kvn, enc, mac, dek.
+    Raises OSError (no such file), ValueError (malformed, or for another chip)."""
+    with open(os.path.join(vendor_dir, transport_key_file_name(se_uid))) as f:
+        data = json.load(f)
+    try:
+        if data["uid"] != bytes(se_uid).hex():
+            raise ValueError("for another chip")
+        keys = {"kvn": int(data["kvn"])}
+        for name in ("enc", "mac", "dek"):
+            keys[name] = bytes.fromhex(data[name])
+            if len(keys[name]) != 16:
+                raise ValueError("%s is not an AES-128 key" % name)
+        return keys
+    except (KeyError, TypeError) as exc:
+        raise ValueError("malformed transport key file: %s" % exc) from None
+
+
+def load_fab_record(record_path, vendor_dir=None):
     """Read a JSON fab record written by fab_chip().
 
-    Returns: FabRecord.  Raises: ValueError for a malformed record; OSError.
+    Params: vendor_dir: the SE vendor's folder; when given, the chip's transport keys are
+        loaded from the vendor's key store (the record itself holds none).
+    Returns: FabRecord (transport_keys None without vendor_dir).
+    Raises: ValueError for a malformed record or key file; OSError.
     """
     with open(record_path) as f:
         data = json.load(f)
     try:
-        t = data["transport_keys"]
+        if data.get("format") != FAB_RECORD_FORMAT:
+            raise ValueError("format %r" % (data.get("format"),))
+        key_set = data["transport_key_set"]
+        kvn = int(key_set["kvn"])
+        se_uid = bytes.fromhex(data["uid"])
         names = dict((v, k) for k, v in C.LC_NAMES.items())
         nvm_name = data.get("nvm")
         nvm_path = os.path.join(os.path.dirname(record_path), nvm_name) if nvm_name else None
-        return FabRecord(
-            bytes.fromhex(data["uid"]),
+        keys = None
+        if vendor_dir is not None:
+            keys = load_transport_keys(vendor_dir, se_uid)
+            if keys["kvn"] != kvn:
+                raise ValueError("the vendor's key set has another KVN")
+        record = FabRecord(
+            se_uid,
             [bytes.fromhex(c) for c in data["mak_cert_chain_der"]],
-            {
-                "kvn": int(t["kvn"]),
-                "enc": bytes.fromhex(t["enc"]),
-                "mac": bytes.fromhex(t["mac"]),
-                "dek": bytes.fromhex(t["dek"]),
-            },
+            keys,
             bytes(int(p) for p in data["firmware_version"].split(".")),
             names[data["life_cycle"]],
             nvm_path,
             record_path,
+            kvn=kvn,
         )
+        return record
     except (KeyError, TypeError, ValueError) as exc:
         raise ValueError("malformed fab record: %s" % exc) from None
 
@@ -310,6 +364,9 @@ def fab_chip(vendor_dir, nvm_path, firmware_version=(1, 0, 0), life_cycle=C.LC_O
         raise FileExistsError(nvm_path)
     parent = os.path.dirname(os.path.abspath(nvm_path))
     os.makedirs(parent, exist_ok=True)
+    # A killed earlier attempt at this chip: its temp files hold key scalars.
+    discard_stale_temp(nvm_path)
+    discard_stale_temp(record_path_for(nvm_path))
     vendor_ca = vendor_ca or load_or_create_vendor_ca(vendor_dir, now=now)
     se_uid = bytes(se_uid) if se_uid is not None else rng(16)
     fw = bytes(firmware_version)
@@ -328,6 +385,8 @@ def fab_chip(vendor_dir, nvm_path, firmware_version=(1, 0, 0), life_cycle=C.LC_O
         se_uid, chain, {"kvn": kvn, "enc": enc, "mac": mac, "dek": dek}, fw, life_cycle,
         nvm_path, record_path,
     )
+    # The keys to the vendor's own store first, then the key-free record beside the chip.
+    _write_transport_keys(vendor_dir, se_uid, record.transport_keys)
     _write_private(record_path, record.to_json().encode())
     return record
 
@@ -340,6 +399,8 @@ def fab_batch(vendor_dir, out_dir, count, progress=None, firmware_version=(1, 0,
     Returns: list of FabRecord.
     """
     os.makedirs(out_dir, exist_ok=True)
+    # Recovery from a killed batch: chips it never finished leave temp files with keys.
+    remove_stale_temp_files(out_dir, suffixes=(".nvm", ".json"))
     vendor_ca = load_or_create_vendor_ca(vendor_dir)
     rng = rng or os.urandom
     records = []

@@ -20,7 +20,13 @@ never guesses at half-written state.
 Fault injection, MCUboot-simulator style: `write_count` counts the commits of a run;
 `cut_power_at(k, after_atomic)` makes the k-th commit from then on raise PowerLoss, either
 before the atomic point (the state stays old; a torn temp file is left behind, which the
-next load ignores) or just after it (the state is new, but the caller never hears back).
+next power-up discards) or just after it (the state is new, but the caller never hears
+back).
+
+Stale temp files: "<path>.tmp" of a commit that never reached its atomic point (a power
+cut, a killed process) is never valid state, and it holds key scalars like the image
+itself.  Power-up (opening an Nvm, reload()) deletes it, and `remove_stale_temp_files`
+clears a folder of chips whose NVM nobody opens again (a killed fab or line run).
 
 Private keys live in this state (the SE boundary): repr() and errors never show values.
 """
@@ -167,6 +173,41 @@ class Transaction:
         return sorted(names)
 
 
+TEMP_SUFFIX = ".tmp"
+
+
+def discard_stale_temp(path):
+    """Delete "<path>.tmp", the temp file of a commit that never reached its atomic point
+    (module docstring).  Returns True if there was one.  Raises NvmError on I/O errors."""
+    try:
+        os.unlink(os.fspath(path) + TEMP_SUFFIX)
+    except FileNotFoundError:
+        return False
+    except OSError as exc:
+        raise NvmError("cannot remove a stale NVM temp file: %s" % exc.strerror) from None
+    return True
+
+
+def remove_stale_temp_files(directory, suffixes=(".nvm",)):
+    """Delete every "<name><suffix>.tmp" in `directory` (not recursive): what a killed fab
+    or line run leaves of chips whose NVM is never opened again.  A missing folder is
+    empty.  Returns the removed paths.  Raises NvmError on I/O errors."""
+    try:
+        names = os.listdir(directory)
+    except FileNotFoundError:
+        return []
+    except OSError as exc:
+        raise NvmError("cannot list %s: %s" % (directory, exc.strerror)) from None
+    removed = []
+    for name in sorted(names):
+        for suffix in suffixes:
+            if name.endswith(suffix + TEMP_SUFFIX):
+                path = os.path.join(directory, name)
+                if discard_stale_temp(path[:-len(TEMP_SUFFIX)]):
+                    removed.append(path)
+    return removed
+
+
 class Nvm:
     """Non-volatile memory of one emulated SE.
 
@@ -182,8 +223,10 @@ class Nvm:
         self._cut_at = None  # absolute commit number to cut at
         self._cut_after = False
         self._state = {}
-        if self.path is not None and os.path.exists(self.path):
-            self._state = self._load(self.path)
+        if self.path is not None:
+            discard_stale_temp(self.path)
+            if os.path.exists(self.path):
+                self._state = self._load(self.path)
 
     @staticmethod
     def _load(path):
@@ -267,11 +310,11 @@ class Nvm:
         # What a cut before os.replace leaves on a real disk: part of the temp file.
         if self.path is None:
             return
-        with open(self.path + ".tmp", "wb") as f:
+        with open(self.path + TEMP_SUFFIX, "wb") as f:
             f.write(image[: len(image) // 2])
 
     def _write_atomic(self, image, sync_dir=True):
-        tmp = self.path + ".tmp"
+        tmp = self.path + TEMP_SUFFIX
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             try:
@@ -313,4 +356,5 @@ class Nvm:
 
         Raises: NvmCorrupt, NvmError."""
         if self.path is not None:
+            discard_stale_temp(self.path)
             self._state = self._load(self.path) if os.path.exists(self.path) else {}

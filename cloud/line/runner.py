@@ -62,7 +62,7 @@ from fleetid.common.errors import FleetidError
 from fleetid.sim import chip as chip_mod
 from fleetid.sim import fab, profiles
 from fleetid.sim.endpoint import BusEndpoint
-from fleetid.sim.nvm import Nvm
+from fleetid.sim.nvm import Nvm, remove_stale_temp_files
 
 CONFIG_FILE = "line.json"
 WITNESS_ANCHOR = os.path.join("witness", "anchor.json")
@@ -356,11 +356,26 @@ def make_lot(line_or_hsm, count, batch=None, vendor=None, chip_dir=None, rng=os.
     return ChipLot(batch, chips)
 
 
+def remove_stale_chip_files(chips_root):
+    """Recovery after a killed run: delete the NVM temp files (key scalars of commits that
+    never reached their atomic point) in every lot folder under `chips_root`
+    (<line>/chips).  Returns the removed paths.  Raises NvmError."""
+    removed = []
+    if not os.path.isdir(chips_root):
+        return removed
+    for lot in sorted(os.listdir(chips_root)):
+        if os.path.isdir(os.path.join(chips_root, lot)):
+            removed += remove_stale_temp_files(os.path.join(chips_root, lot))
+    return removed
+
+
 def load_chips(chip_dir):
-    """Re-open chips kept in `chip_dir` (make_lot(chip_dir=...)).  Returns {uid: EmulatedChip}."""
+    """Re-open chips kept in `chip_dir` (make_lot(chip_dir=...)), after deleting the temp
+    files a killed run left there.  Returns {uid: EmulatedChip}."""
     out = {}
     if not chip_dir or not os.path.isdir(chip_dir):
         return out
+    remove_stale_temp_files(chip_dir)
     for name in sorted(os.listdir(chip_dir)):
         if name.startswith("se-") and name.endswith(".nvm"):
             nvm = Nvm(os.path.join(chip_dir, name))

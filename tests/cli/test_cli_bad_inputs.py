@@ -113,9 +113,11 @@ CASES = [
     (["se", "--bus", "sim:unix:{dir}/no.sock", "counter", "advance", "--target", HUGE],
      "--target"),
     (["se", "--bus", "sim:unix:{dir}/no.sock", "scp03-check", "--fab-record",
-      "{garbage.bin}"], ""),
+      "{garbage.bin}", "--vendor-dir", "{dir}"], "garbage.bin"),
     (["se", "--bus", "sim:unix:{dir}/no.sock", "scp03-check", "--fab-record",
-      "{dir}/missing.json"], "missing.json"),
+      "{dir}/missing.json", "--vendor-dir", "{dir}"], "missing.json"),
+    (["se", "--bus", "sim:unix:{dir}/no.sock", "scp03-check", "--fab-record",
+      "{empty}", "--vendor-dir", "{dir}/no-vendor"], "no-vendor"),
     # -- pki ------------------------------------------------------------------------------
     (["pki", "init-root", "--hsm", "bogus:x", "--label", "r", "--subject", "CN=r",
       "--ceremony-dir", "{dir}/cer", "--operator", "a"], "bogus"),

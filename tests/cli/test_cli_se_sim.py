@@ -136,23 +136,30 @@ def test_counters_data_objects_random_and_ecdh(runner, chip, tmp_path):
 def test_scp03_check_opens_a_channel_with_the_fab_record_keys(runner, chip, tmp_path, level):
     bus, record = chip
     result = se(runner, bus, "scp03-check", "--fab-record", str(tmp_path / "chip.json"),
-                "--level", level)
+                "--vendor-dir", str(tmp_path / "vendor"), "--level", level)
     assert result.exit_code == 0, result.output
     assert "security level 0x%02X" % int(level, 16) in result.output
     assert "wrapped GET DATA (UID) ok: %s" % record["uid"] in result.output
 
 
 def test_scp03_check_with_wrong_keys_fails_cleanly(runner, chip, tmp_path):
-    bus, _ = chip
-    record = json.loads((tmp_path / "chip.json").read_text())
-    record["transport_keys"]["mac"] = "00" * 16
-    bad = tmp_path / "bad.json"
-    bad.write_text(json.dumps(record))
-    result = se(runner, bus, "scp03-check", "--fab-record", str(bad))
+    import shutil
+
+    bus, record = chip
+    # A vendor key store holding another MAC key for this chip.
+    shutil.copytree(tmp_path / "vendor", tmp_path / "bad-vendor")
+    key_file = tmp_path / "bad-vendor" / "transport-keys" / ("%s.json" % record["uid"])
+    keys = json.loads(key_file.read_text())
+    keys["mac"] = "00" * 16
+    key_file.write_text(json.dumps(keys))
+    fab_record = str(tmp_path / "chip.json")
+    bad = ["--vendor-dir", str(tmp_path / "bad-vendor")]
+    result = se(runner, bus, "scp03-check", "--fab-record", fab_record, *bad)
     assert result.exit_code == 1
     assert "SCP03 failed (card_cryptogram)" in result.output
     assert "Traceback" not in result.output
-    result = se(runner, bus, "scp03-check", "--fab-record", str(bad), "--level", "0x07")
+    result = se(runner, bus, "scp03-check", "--fab-record", fab_record, *bad, "--level",
+                "0x07")
     assert result.exit_code == 2 and "one of 0x01" in result.output
 
 

@@ -142,3 +142,28 @@ def test_the_secret_is_prompted_for_on_a_terminal(monkeypatch):
     assert hsm_secret.environ_with_secret("FLEETID_X", environ={"FLEETID_X": "e"}) == \
         {"FLEETID_X": "e"}
     assert len(asked) == 1
+
+
+def test_reconcile_removes_chip_temp_files_a_killed_run_left(tmp_path, monkeypatch):
+    """Issue 9, defect 4: a kill mid-commit leaves "<chip>.nvm.tmp" holding key scalars."""
+    import pytest
+
+    from fleetid.sim.nvm import Nvm, PowerLoss
+
+    monkeypatch.setenv("FLEETID_KEYSTORE_PASS", KEYSTORE_PASS)
+    out = str(tmp_path / "line")
+    runner.init_line(out, scrypt_n=2**14).close()
+    lot_dir = tmp_path / "line" / "chips" / "lot-killed"
+    lot_dir.mkdir(parents=True)
+    chip = Nvm(lot_dir / "se-0102.nvm")
+    chip.commit({"uid": b"\x01\x02"})
+    chip.cut_power_at(1)  # the kill: the next commit never reaches its atomic point
+    with pytest.raises(PowerLoss):
+        chip.commit({"key/2": b"\x01" + b"\x5a" * 32})
+    orphan = lot_dir / "se-0304.nvm.tmp"  # a chip whose first commit never finished
+    orphan.write_bytes(b"FIDNVM01 torn image with \x5a\x5a key bytes")
+    assert (lot_dir / "se-0102.nvm.tmp").exists()
+    result = CliRunner().invoke(cli, ["line", "reconcile", "--out", out, "--no-chips"])
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in lot_dir.iterdir()) == ["se-0102.nvm"]
+    assert "removed a stale chip temp file" in result.output

@@ -19,7 +19,7 @@ from fleetid.sim.fab import (
     load_or_create_vendor_ca,
     record_path_for,
 )
-from fleetid.sim.nvm import Nvm
+from fleetid.sim.nvm import Nvm, PowerLoss
 from tests.sim.chip_support import open_scp, select_applet, send
 
 
@@ -54,7 +54,7 @@ def test_fab_chip_writes_nvm_and_a_private_record(tmp_path):
     assert os.stat(nvm_path).st_mode & 0o777 == 0o600
     data = json.loads(open(record.record_path).read())
     assert data["uid"] == record.se_uid.hex() and len(record.se_uid) == 16
-    assert data["transport_keys"]["kvn"] == C.SCP03_KVN_TRANSPORT
+    assert data["transport_key_set"]["kvn"] == C.SCP03_KVN_TRANSPORT
     assert data["firmware_version"] == "2.5.1" and data["life_cycle"] == "OP_READY"
     # The record never holds a private key; the NVM does, and only the NVM.
     mak_scalar = Nvm(nvm_path).get("key/0")[1:33].hex()
@@ -62,6 +62,53 @@ def test_fab_chip_writes_nvm_and_a_private_record(tmp_path):
     assert "PRIVATE" not in open(record.record_path).read()
     assert load_fab_record(record.record_path).to_json() == record.to_json()
     assert record.transport_keys["enc"].hex() not in repr(record)
+
+
+def test_the_fab_record_carries_no_transport_key_they_stay_with_the_vendor(tmp_path):
+    """Issue 9, defect 4: the record that travels with the chip holds no SCP03 key."""
+    vendor = tmp_path / "vendor"
+    record = fab_chip(vendor, tmp_path / "chips" / "c.nvm")
+    text = open(record.record_path).read()
+    for name in ("enc", "mac", "dek"):
+        key = record.transport_keys[name]
+        assert key.hex() not in text.lower() and key.hex().upper() not in text
+    assert "enc" not in json.loads(text)["transport_key_set"]
+    # The vendor keeps them, private to it.
+    key_file = vendor / "transport-keys" / ("%s.json" % record.uid_hex)
+    assert os.stat(key_file).st_mode & 0o777 == 0o600
+    assert os.stat(key_file.parent).st_mode & 0o777 == 0o700
+    loaded = load_fab_record(record.record_path)
+    assert loaded.transport_keys is None and loaded.kvn == C.SCP03_KVN_TRANSPORT
+    with pytest.raises(ValueError, match="stay with the SE vendor"):
+        loaded.static_keys()
+    with_keys = load_fab_record(record.record_path, vendor_dir=vendor)
+    assert with_keys.transport_keys == record.transport_keys
+    # Another vendor folder (or none of its keys) is refused, not guessed at.
+    with pytest.raises(OSError):
+        load_fab_record(record.record_path, vendor_dir=tmp_path / "other-vendor")
+
+
+def test_a_killed_fab_leaves_no_key_material_behind_after_recovery(tmp_path):
+    """Issue 9, defect 4: temp files of unfinished commits are removed on recovery."""
+    vendor = tmp_path / "vendor"
+    out = tmp_path / "out"
+    records = fab_batch(vendor, out, 1)
+    # What a kill during the next chip's first NVM commit leaves: a torn temp file.
+    torn = Nvm(out / "se-00ff.nvm")
+    torn.cut_power_at(1)
+    with pytest.raises(PowerLoss):
+        torn.commit({"key/0": b"\x01" + b"\x42" * 32})
+    stale = out / "se-00ff.nvm.tmp"
+    assert stale.exists()
+    (out / "se-00ee.json.tmp").write_bytes(b"{partial")
+    fab_batch(vendor, out, 1)  # the next fab run recovers first
+    assert not stale.exists() and not (out / "se-00ee.json.tmp").exists()
+    # The chip's own NVM drops a stale temp file at power-up.
+    own = records[0].nvm_path + ".tmp"
+    with open(own, "wb") as f:
+        f.write(b"torn image with key bytes")
+    Nvm(records[0].nvm_path)
+    assert not os.path.exists(own)
 
 
 def test_mak_certificate_names_the_uid_and_chains_to_the_vendor_root(tmp_path):
@@ -89,7 +136,8 @@ def test_fabbed_chip_answers_with_its_record(tmp_path):
     mak = x509.load_der_x509_certificate(record.mak_cert_der).public_key()
     assert mak.public_numbers() == ec.EllipticCurvePublicKey.from_encoded_point(
         ec.SECP256R1(), point).public_numbers()
-    assert open_scp(chip, load_fab_record(record.record_path).static_keys()).is_open
+    assert open_scp(chip, load_fab_record(record.record_path,
+                                          tmp_path / "vendor").static_keys()).is_open
 
 
 def test_fab_refuses_an_existing_nvm(tmp_path):
