@@ -130,6 +130,12 @@ def init_line(workdir, hsm_uri=None, registry_uri=None, scope=None, operator="li
     from fleetid.cloud.pki import init_root, new_ca
 
     workdir = os.path.abspath(workdir)
+    environ = dict(os.environ if environ is None else environ)
+    if hsm_uri is None and not environ.get(PASS_ENV):
+        # Refused before anything is created.  Never generated into a file beside the
+        # keystore it unlocks.
+        raise LineConfigError(os.path.join(workdir, "keystore.json"),
+                              "the keystore needs a passphrase: set %s" % PASS_ENV)
     try:
         os.makedirs(workdir, exist_ok=True)
     except OSError as exc:
@@ -137,13 +143,8 @@ def init_line(workdir, hsm_uri=None, registry_uri=None, scope=None, operator="li
                               % (exc.strerror or exc)) from None
     if os.path.exists(os.path.join(workdir, CONFIG_FILE)):
         raise FileExistsError(os.path.join(workdir, CONFIG_FILE))
-    environ = dict(os.environ if environ is None else environ)
     if hsm_uri is None:
         keystore = os.path.join(workdir, "keystore.json")
-        if not environ.get(PASS_ENV):
-            # Never generated into a file beside the keystore it unlocks.
-            raise LineConfigError(keystore, "the keystore needs a passphrase: set %s"
-                                  % PASS_ENV)
         hsm = SoftBackend(keystore, environ[PASS_ENV], scrypt_n=scrypt_n or SCRYPT_N_DEFAULT)
         hsm_uri = "soft:%s;pass-env=%s" % (keystore, PASS_ENV)
     else:

@@ -2,6 +2,7 @@
 
 import os
 
+import pytest
 from click.testing import CliRunner
 
 from fleetid.cli.main import cli
@@ -146,8 +147,6 @@ def test_the_secret_is_prompted_for_on_a_terminal(monkeypatch):
 
 def test_reconcile_removes_chip_temp_files_a_killed_run_left(tmp_path, monkeypatch):
     """Issue 9, defect 4: a kill mid-commit leaves "<chip>.nvm.tmp" holding key scalars."""
-    import pytest
-
     from fleetid.sim.nvm import Nvm, PowerLoss
 
     monkeypatch.setenv("FLEETID_KEYSTORE_PASS", KEYSTORE_PASS)
@@ -167,3 +166,9 @@ def test_reconcile_removes_chip_temp_files_a_killed_run_left(tmp_path, monkeypat
     assert result.exit_code == 0, result.output
     assert sorted(p.name for p in lot_dir.iterdir()) == ["se-0102.nvm"]
     assert "removed a stale chip temp file" in result.output
+
+
+def test_init_line_without_a_passphrase_creates_nothing(tmp_path):
+    with pytest.raises(runner.LineConfigError, match="FLEETID_KEYSTORE_PASS"):
+        runner.init_line(str(tmp_path / "line"), environ={})
+    assert not (tmp_path / "line").exists()
