@@ -145,7 +145,7 @@ def check_cert_cmd(cert_file, chain_files, config_path, state_dir, registry_uri,
 
     from fleetid.cloud.verifier.server import open_cloud_registry as open_registry
     from fleetid.cloud.verifier.server import trust_from_config
-    from fleetid.cloud.verifier.service import FleetVerifier, load_certificates
+    from fleetid.cloud.verifier.service import FleetVerifier
 
     config = _load(config_path, state_dir)
     certs = _read_certificates(cert_file)

@@ -565,7 +565,7 @@ class StoredRow:
     hashed, so verification derives each of them again from the hashed entry and compares
     (check_columns): a row re-labelled to hide a device's history is caught."""
 
-    __slots__ = ("line", "seq", "entry_type", "device_serial", "entry_hash")
+    __slots__ = ("device_serial", "entry_hash", "entry_type", "line", "seq")
 
     def __init__(self, line, seq, entry_type, device_serial, entry_hash):
         self.line = line

@@ -652,7 +652,7 @@ def run_line(resources, chips, stations=1, profile="none", progress=None, link_c
         if resources.checkpointer is not None:
             try:
                 resources.checkpointer.checkpoint()
-            except Exception:  # noqa: BLE001 - the interruption is what the caller sees
+            except Exception:  # noqa: BLE001, S110 - the interruption is what the caller sees
                 pass
         raise
     for thread in threads:

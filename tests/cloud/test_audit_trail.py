@@ -141,7 +141,7 @@ def test_a_line_run_stopped_by_sigterm_signs_a_last_checkpoint(tmp_path):
     out = tmp_path / "line"
     env = dict(os.environ, FLEETID_KEYSTORE_PASS=KEYSTORE_PASS)
     init = subprocess.run([sys.executable, "-m", "fleetid.cli.main", "line", "init", str(out)],
-                          env=env, capture_output=True, timeout=120)
+                          env=env, capture_output=True, timeout=120, check=False)
     assert init.returncode == 0, init.stderr
     process = subprocess.Popen(
         [sys.executable, "-m", "fleetid.cli.main", "line", "run", "--devices", "5000",
@@ -227,7 +227,8 @@ def test_the_witness_anchor_catches_a_truncated_and_rewritten_log(tmp_path):
         line.close()
     assert audit.read_witness_anchor(anchor_file, witness_pub) == (covers, head)
     # A forged anchor (covers lowered) fails its signature.
-    forged = json.loads(open(anchor_file).read())
+    with open(anchor_file) as f:
+        forged = json.loads(f.read())
     forged["covers"] = 2
     forged_file = tmp_path / "forged.json"
     forged_file.write_text(json.dumps(forged))

@@ -68,7 +68,8 @@ def test_the_fab_record_carries_no_transport_key_they_stay_with_the_vendor(tmp_p
     """Issue 9, defect 4: the record that travels with the chip holds no SCP03 key."""
     vendor = tmp_path / "vendor"
     record = fab_chip(vendor, tmp_path / "chips" / "c.nvm")
-    text = open(record.record_path).read()
+    with open(record.record_path) as f:
+        text = f.read()
     for name in ("enc", "mac", "dek"):
         key = record.transport_keys[name]
         assert key.hex() not in text.lower() and key.hex().upper() not in text
