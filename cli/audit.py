@@ -211,8 +211,8 @@ def show(serial, log_path, registry_uri, line_pub, witness_pub, as_json):
                                      _load_keys(witness_pub, "witness"))
             entries = audit_log.show(audit_log.read_log_file(log_path), serial)
     except audit_log.AuditChainBroken as exc:
-        raise click.ClickException("the audit log does not verify: first bad entry %d: %s"
-                                   % (exc.index, exc.reason))
+        raise click.ClickException("the audit log %s does not verify: first bad entry %d: %s"
+                                   % (source, exc.index, exc.reason))
     except (OSError, RegistryError) as exc:
         raise click.ClickException("cannot read %s: %s" % (source, exc))
     if not entries:

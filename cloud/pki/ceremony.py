@@ -170,13 +170,17 @@ def verify_ceremony(ceremony_dir, expected_fingerprint=None):
     Returns: (root certificate, record dict).
     Raises: PkiError(CEREMONY) naming the first check that failed.
     """
+    path = os.path.join(ceremony_dir, RECORD_FILE)
     try:
-        with open(os.path.join(ceremony_dir, RECORD_FILE), "rb") as f:
+        with open(path, "rb") as f:
             signed = json.loads(f.read().decode())
-        with open(os.path.join(ceremony_dir, ROOT_CERT_FILE), "rb") as f:
+        path = os.path.join(ceremony_dir, ROOT_CERT_FILE)
+        with open(path, "rb") as f:
             certificate = x509.load_pem_x509_certificate(f.read())
-    except (OSError, ValueError) as exc:
-        _fail("cannot read the ceremony files: %s" % exc.__class__.__name__)
+    except OSError as exc:
+        _fail("cannot read %s: %s" % (path, exc.strerror or exc.__class__.__name__))
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, a bad PEM
+        _fail("%s is malformed (%s)" % (path, exc.__class__.__name__))
     if not isinstance(signed, dict) or set(signed) != {"record", "signature",
                                                        "signature_algorithm"}:
         _fail("malformed record file")

@@ -17,6 +17,7 @@ from cryptography.hazmat.primitives import serialization
 from fleetid.cli.main import cli
 from fleetid.cloud.line import audit
 from fleetid.cloud.registry.sqlite_backend import SqliteRegistry
+from fleetid.sim.fab import fab_chip
 from tests.cloud.hsm_support import KEYSTORE_PASS
 from tests.cloud.test_registry import LINE, T0, WITNESS, make_cert, provision
 
@@ -66,6 +67,8 @@ def files(tmp_path_factory):
         (d / name / "line.json").write_bytes(text)
         out[name] = str(d / name)
     out["a-dir"] = str(d)
+    fab_chip(d / "vendor-good", d / "good.nvm")
+    out["good.nvm"] = str(d / "good.nvm")
     # The cloud configuration naming a TLS key that holds garbage.
     state = d / "state"
     (state / "tls").mkdir(parents=True)
@@ -91,7 +94,8 @@ CASES = [
      "garbage.bin"),
     (["sim", "serve", "--nvm", "{dir}/missing.nvm", "--listen", "unix:{dir}/s.sock"],
      "missing.nvm"),
-    (["sim", "serve", "--nvm", "{empty}", "--listen", "bogus:1"], ""),
+    (["sim", "serve", "--nvm", "{empty}", "--listen", "bogus:1"], "empty"),
+    (["sim", "serve", "--nvm", "{good.nvm}", "--listen", "bogus:1"], "bogus"),
     (["sim", "serve", "--nvm", "{empty}", "--listen", "unix:{dir}/s.sock", "--ber", "2"],
      "--ber"),
     (["sim", "serve", "--nvm", "{empty}", "--listen", "unix:{dir}/s.sock", "--latency",
@@ -104,9 +108,10 @@ CASES = [
     (["se", "--bus", "sim:unix:{dir}/no.sock", "genkey", "--slot", "x"], "--slot"),
     (["se", "--bus", "sim:unix:{dir}/no.sock", "genkey", "--slot", "2", "--usage", "fly"],
      "--usage"),
-    (["se", "--bus", "sim:unix:{dir}/no.sock", "sign", "--slot", "2", "--digest", "zz"], ""),
+    (["se", "--bus", "sim:unix:{dir}/no.sock", "sign", "--slot", "2", "--digest", "zz"],
+     "--digest"),
     (["se", "--bus", "sim:unix:{dir}/no.sock", "attest", "--slot", "2", "--nonce", "xyz"],
-     ""),
+     "--nonce"),
     (["se", "--bus", "sim:unix:{dir}/no.sock", "data", "read", "--object-id", HUGE],
      "--object-id"),
     (["se", "--bus", "sim:unix:{dir}/no.sock", "random", "--count", "-1"], "--count"),
@@ -129,12 +134,12 @@ CASES = [
      "--validity-years"),
     (["pki", "new-ca", "--hsm", "soft:{dir}/ks.json", "--root-label", "r", "--root-cert",
       "{garbage.pem}", "--label", "c", "--product", "p", "--batch", "b", "--region", "r",
-      "--out", "{dir}/ca.pem"], ""),
+      "--out", "{dir}/ca.pem"], "garbage.pem"),
     (["pki", "new-ca", "--hsm", "soft:{dir}/ks.json", "--root-label", "r", "--root-cert",
       "{dir}/missing.pem", "--label", "c", "--product", "p", "--batch", "b", "--region",
       "r", "--out", "{dir}/ca.pem"], "missing.pem"),
     (["pki", "show-ceremony", "{dir}/missing-ceremony"], "missing-ceremony"),
-    (["pki", "show-ceremony", "{corrupt-line}"], ""),
+    (["pki", "show-ceremony", "{corrupt-line}"], "ceremony.json"),
     # -- audit ----------------------------------------------------------------------------
     (["audit", "verify", "--registry", "{registry}", "--line-pub", "{garbage.pem}",
       "--witness-pub", "{witness.pub.pem}"], "garbage.pem"),
@@ -167,7 +172,7 @@ CASES = [
     (["audit", "show", "--serial", "abc", "--registry", "{registry}"], "--serial"),
     (["audit", "show", "--serial", "1", "--registry", "sqlite:{garbage.bin}"], "garbage.bin"),
     (["audit", "show", "--serial", "1", "--registry", "sqlite:{other.db}"], "other.db"),
-    (["audit", "show", "--serial", "1", "--log", "{garbage.bin}"], ""),
+    (["audit", "show", "--serial", "1", "--log", "{garbage.bin}"], "garbage.bin"),
     (["audit", "show", "--serial", "1", "--log", "{dir}/missing.jsonl"], "missing.jsonl"),
     (["audit", "show", "--serial", "1"], "--log"),
     # -- line -----------------------------------------------------------------------------
