@@ -34,6 +34,13 @@ File (all keys optional; paths relative to the file's folder):
     log_level = "info"
     event_loop = "auto"              # "uvloop" (faster TLS accept path), "asyncio", or
                                      # "auto": uvloop when installed
+    audit_line_key = "audit-line"    # HSM labels of the audit checkpoint keys: with both,
+    audit_witness_key = "audit-witness"  # the server signs a checkpoint of the registry's
+                                     # audit chain while it runs (256 new entries or an
+                                     # hour) and at shutdown; the embedded set-up makes
+                                     # them (public keys in <state_dir>/audit/)
+    witness_anchor = "..."           # default <state_dir>/witness/anchor.json: the
+                                     # witness's latest signed checkpoint
 
     [[cloud.labels]]                 # one per EST label (product / batch CA)
     name = "widget-b42"
@@ -74,10 +81,13 @@ DEFAULTS = {
     "tls_key": None,
     "log_level": "info",
     "event_loop": "auto",
+    "audit_line_key": None,
+    "audit_witness_key": None,
+    "witness_anchor": None,  # default: <state_dir>/witness/anchor.json
     "labels": [],
 }
 LIST_KEYS = ("vendor_roots", "roots", "intermediates", "revoked_cas")
-PATH_KEYS = ("state_dir", "tls_cert", "tls_key", "revoked_cas_file")
+PATH_KEYS = ("state_dir", "tls_cert", "tls_key", "revoked_cas_file", "witness_anchor")
 ENV_PREFIX = "FLEETID_CLOUD_"
 
 
@@ -170,6 +180,10 @@ def load_config(path=None, environ=None):
         values["registry"] = "sqlite:" + os.path.join(state, "registry.db")
     if not values["revoked_cas_file"]:
         values["revoked_cas_file"] = os.path.join(state, "revoked-cas.jsonl")
+    if not values["witness_anchor"]:
+        values["witness_anchor"] = os.path.join(state, "witness", "anchor.json")
+    if bool(values["audit_line_key"]) != bool(values["audit_witness_key"]):
+        raise ConfigError("audit_line_key and audit_witness_key go together")
     if not values["hsm"]:
         values["hsm"] = "soft:%s;pass-env=FLEETID_KEYSTORE_PASS" % os.path.join(
             state, "keystore.json")

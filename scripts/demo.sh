@@ -87,7 +87,11 @@ fleetid audit verify --registry "sqlite:$line/registry.db" \
 
 step "3. fleet cloud: EST CA + mTLS verifier on 127.0.0.1, on the line's PKI and registry"
 fleetid line cloud-config --line "$line" --out "$cloud"
-fleetid cloud serve --config "$cloud/cloud.toml" >"$cloud/serve.out" 2>"$cloud/serve.log" &
+# The cloud signs audit checkpoints (what EST and the verifier record) with the line's
+# audit keys, the witness keeping the same anchor file.
+FLEETID_CLOUD_AUDIT_LINE_KEY=audit-line FLEETID_CLOUD_AUDIT_WITNESS_KEY=audit-witness \
+FLEETID_CLOUD_WITNESS_ANCHOR="$line/witness/anchor.json" \
+    fleetid cloud serve --config "$cloud/cloud.toml" >"$cloud/serve.out" 2>"$cloud/serve.log" &
 pids+=($!)
 wait_for "cloud server" "${pids[-1]}" test -s "$cloud/serve.out"
 read -r verifier_port est_port < <("$py" -c '

@@ -12,6 +12,12 @@ under state_dir, a software keystore (its passphrase from FLEETID_KEYSTORE_PASS,
 the keystore), a root key ceremony, one issuing CA
 ("default" label) and a TLS server certificate for 127.0.0.1 / localhost signed by the
 root through the HSM.  A production set-up names its HSM, CAs and TLS files instead.
+
+Audit checkpoints: every issuance, re-issuance, rotation acknowledgement and revocation
+the servers record is an entry of the registry's audit chain; with checkpoint keys
+(config audit_line_key / audit_witness_key; the embedded set-up makes its own) the
+server signs a checkpoint when one is due and at shutdown, and the witness keeps its
+anchor at config.witness_anchor.
 """
 
 import asyncio
@@ -28,16 +34,21 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from fleetid.cloud.est.app import make_est_app
 from fleetid.cloud.est.service import EstLabel, EstService
+from fleetid.cloud.hsm.errors import KeyNotFound
+from fleetid.cloud.line import audit
 from fleetid.cloud.revocation.app import make_crl_app
 from fleetid.cloud.revocation.crl import CrlIssuer, CrlPublisher, crl_url
 from fleetid.cloud.verifier.app import make_metrics_app, make_verifier_app
-from fleetid.cloud.verifier.http import Metrics, server_ssl_context
+from fleetid.cloud.verifier.http import Metrics, log, server_ssl_context
 from fleetid.cloud.verifier.revoked_cas import RevokedCaFile
 from fleetid.cloud.verifier.service import FleetTrust, FleetVerifier
 
 DEFAULT_SCOPE = {"product": "default", "batch": "b0", "region": "local"}
 ROOT_LABEL = "fleet-root"
 DEFAULT_CA_LABEL = "ca-default"
+AUDIT_LINE_LABEL = "audit-line"
+AUDIT_WITNESS_LABEL = "audit-witness"
+CHECKPOINT_POLL_SECONDS = 10.0  # how often a running server asks whether one is due
 
 
 def _read_pems(paths):
@@ -148,6 +159,33 @@ def bootstrap_embedded(config, hsm, now=None):
     return labels, [root_path], tls_cert, tls_key
 
 
+def ensure_audit_keys(hsm, state_dir):
+    """The embedded set-up's audit checkpoint keys: made in the HSM on first use, public
+    keys written to <state_dir>/audit/{audit-line,audit-witness}.pub.pem (what
+    `fleetid audit verify --line-pub / --witness-pub` takes).  Returns the two labels."""
+    directory = os.path.join(state_dir, "audit")
+    os.makedirs(directory, exist_ok=True)
+    for label in (AUDIT_LINE_LABEL, AUDIT_WITNESS_LABEL):
+        try:
+            public = hsm.public_key(label)
+        except KeyNotFound:
+            hsm.generate_signing_key(label)
+            public = hsm.public_key(label)
+        path = os.path.join(directory, label + ".pub.pem")
+        if not os.path.exists(path):
+            _write(path, public.public_bytes(serialization.Encoding.PEM,
+                                             serialization.PublicFormat.SubjectPublicKeyInfo))
+    return AUDIT_LINE_LABEL, AUDIT_WITNESS_LABEL
+
+
+def checkpointer_for(config, hsm, registry, line_label, witness_label):
+    """An audit.Checkpointer over the registry, both signatures made in the HSM, the
+    witness keeping its anchor at config.witness_anchor."""
+    return audit.Checkpointer(
+        registry, audit.HsmSigner(hsm, line_label),
+        audit.AnchoringWitness(audit.HsmSigner(hsm, witness_label), config.witness_anchor))
+
+
 def build_context(config, environ=None, clock=None):
     """Open the HSM and registry named by `config`, bootstrap the embedded PKI when no
     labels are configured, and build the trust and the EST labels.  Returns CloudContext."""
@@ -191,9 +229,16 @@ def build_context(config, environ=None, clock=None):
             default_label = entry["name"]
     trust = FleetTrust(root_certs, intermediates, vendor_roots, config.revoked_cas,
                        revoked_ca_file=RevokedCaFile(config.revoked_cas_file))
+    # Audit checkpoints: the configured keys, or on the embedded set-up its own.
+    audit_labels = (config.audit_line_key, config.audit_witness_key)
+    if not audit_labels[0] and not config.labels:
+        audit_labels = ensure_audit_keys(hsm, config.state_dir)
+    checkpointer = (checkpointer_for(config, hsm, registry, *audit_labels)
+                    if audit_labels[0] else None)
     return CloudContext(hsm=hsm, registry=registry, trust=trust, labels=labels,
                         default_label=default_label, tls_cert=tls_cert, tls_key=tls_key,
-                        config=config, vendor_paths=vendor_paths, crl_issuers=crl_issuers)
+                        config=config, vendor_paths=vendor_paths, crl_issuers=crl_issuers,
+                        checkpointer=checkpointer)
 
 
 class CloudServer:
@@ -203,7 +248,14 @@ class CloudServer:
 
     def __init__(self, verifier, est_service, tls_cert, tls_key, client_ca_pem,
                  host="127.0.0.1", verifier_port=8443, est_port=8444, metrics_port=0,
-                 metrics=None, crl_publisher=None, crl_port=0):
+                 metrics=None, crl_publisher=None, crl_port=0, checkpointer=None,
+                 checkpoint_poll=CHECKPOINT_POLL_SECONDS):
+        # checkpointer: an audit.Checkpointer; while the server runs it signs a checkpoint
+        # when one is due, and once more at stop() (every issuance, re-issuance, rotation
+        # acknowledgement and revocation the server recorded is then anchored).
+        self.checkpointer = checkpointer
+        self.checkpoint_poll = checkpoint_poll
+        self._checkpoint_task = None
         self.metrics = metrics or Metrics()
         verifier.on_verdict = self.metrics.on_verdict
         self.verifier = verifier
@@ -232,7 +284,8 @@ class CloudServer:
                          default_label=context.default_label,
                          overlap=datetime.timedelta(days=config.overlap_days))
         kwargs = dict(host=config.host, verifier_port=config.verifier_port,
-                      est_port=config.est_port, metrics_port=config.metrics_port)
+                      est_port=config.est_port, metrics_port=config.metrics_port,
+                      checkpointer=getattr(context, "checkpointer", None))
         if config.crl_port and context.crl_issuers:
             kwargs["crl_publisher"] = CrlPublisher(
                 context.registry, context.crl_issuers,
@@ -252,12 +305,40 @@ class CloudServer:
             await site.start()
             self._runners.append(runner)
             self.ports[name] = site._server.sockets[0].getsockname()[1]
+        if self.checkpointer is not None:
+            self._checkpoint_task = asyncio.get_running_loop().create_task(
+                self._checkpoint_loop())
         return self.ports
 
+    async def _checkpoint(self, due_only):
+        # Signing goes through the HSM and writes the registry: off the event loop.  A
+        # failure is logged (JSON) and retried at the next poll; it never stops serving.
+        work = self.checkpointer.maybe_checkpoint if due_only else self.checkpointer.checkpoint
+        try:
+            return await asyncio.get_running_loop().run_in_executor(None, work)
+        except Exception:  # noqa: BLE001 - logged; the next poll or stop() retries
+            log.error("audit checkpoint failed", exc_info=True)
+            return None
+
+    async def _checkpoint_loop(self):
+        while True:
+            await asyncio.sleep(self.checkpoint_poll)
+            await self._checkpoint(due_only=True)
+
     async def stop(self):
+        if self._checkpoint_task is not None:
+            self._checkpoint_task.cancel()
+            try:
+                await self._checkpoint_task
+            except asyncio.CancelledError:
+                pass
+            self._checkpoint_task = None
         for runner in reversed(self._runners):
             await runner.cleanup()
         self._runners = []
+        if self.checkpointer is not None:
+            # Shutdown: everything this server recorded is anchored before it exits.
+            await self._checkpoint(due_only=False)
 
 
 EVENT_LOOPS = ("auto", "uvloop", "asyncio")

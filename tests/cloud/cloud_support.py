@@ -214,11 +214,12 @@ class Fleet:
 class RunningCloud:
     """CloudServer (verifier + EST) in a background thread's event loop."""
 
-    def __init__(self, fleet, metrics_port=0):
+    def __init__(self, fleet, metrics_port=0, **server_kwargs):
         self.fleet = fleet
         self.server = CloudServer(fleet.verifier, fleet.est, fleet.server_cert,
                                   fleet.server_key, fleet.trust.ca_bundle_pem(),
-                                  verifier_port=0, est_port=0, metrics_port=metrics_port)
+                                  verifier_port=0, est_port=0, metrics_port=metrics_port,
+                                  **server_kwargs)
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
 

@@ -234,3 +234,31 @@ def test_the_witness_anchor_catches_a_truncated_and_rewritten_log(tmp_path):
     forged_file.write_text(json.dumps(forged))
     result = verify("--witness-anchor", str(forged_file))
     assert result.exit_code == 1 and "signature does not verify" in result.output
+
+
+def test_the_cloud_signs_checkpoints_while_it_runs_and_at_shutdown(fleet, tmp_path):
+    """What the EST server and the verifier record is anchored without a line run."""
+    from tests.cloud.cloud_support import RunningCloud
+    from tests.cloud.test_registry import LINE, WITNESS
+
+    anchor = tmp_path / "witness" / "anchor.json"
+    checkpointer = audit.Checkpointer(fleet.registry, LINE,
+                                      audit.AnchoringWitness(WITNESS, anchor),
+                                      every_entries=3)
+    with RunningCloud(fleet, checkpointer=checkpointer, checkpoint_poll=0.05) as cloud:
+        device = fleet.provision()
+        for _ in range(2):
+            _, csr = device.csr()
+            status, _, body = cloud.request(
+                "est", "POST", "/.well-known/est/simpleenroll", files=device.files(),
+                body=base64.b64encode(csr), headers={"Content-Type": "application/pkcs10"})
+            assert status == 200, body
+        deadline = time.monotonic() + 10
+        while fleet.registry.last_checkpoint() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert fleet.registry.last_checkpoint() is not None  # made while running
+        fleet.verifier.revoke_ca(fleet.ca_certs["b43"])  # one more entry, then shutdown
+    report = verify_registry_log(fleet.registry, LINE.public_key(), WITNESS.public_key(),
+                                 witness_anchor=audit.read_witness_anchor(
+                                     anchor, WITNESS.public_key()))
+    assert report.unanchored == 0 and report.checkpoints == 2

@@ -138,6 +138,10 @@ def test_serve_runs_verifier_and_est_on_the_embedded_defaults(tmp_path):
         assert len(certs) == 2
         # The keystore is there; its passphrase is not stored beside it.
         assert (tmp_path / "state" / "keystore.json").exists()
+        # The embedded set-up's audit checkpoint keys (the server checkpoints what it
+        # records while it runs and at shutdown).
+        assert (tmp_path / "state" / "audit" / "audit-line.pub.pem").exists()
+        assert (tmp_path / "state" / "audit" / "audit-witness.pub.pem").exists()
         assert sorted(p.name for p in (tmp_path / "state").rglob("*pass*")) == []
         with pytest.raises(Exception):  # the verifier port requires a client certificate
             urllib.request.urlopen("https://127.0.0.1:%d/v1/whoami" % ports["verifier"],
