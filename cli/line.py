@@ -1,7 +1,10 @@
 """`fleetid line ...`: run the factory personalisation line on emulated chips, reconcile
 after a crash.  A thin shell over fleetid.cloud.line.runner / .reconcile."""
 
+import contextlib
 import os
+import signal
+import threading
 
 import click
 
@@ -109,19 +112,23 @@ def _station_counts(text):
     return counts
 
 
+@contextlib.contextmanager
 def _sigterm_interrupts():
-    """SIGTERM (a supervisor stopping the line) ends the run like Ctrl-C: the stations
-    finish their device, the run signs a last audit checkpoint, the command exits 1."""
-    import signal
-    import threading
-
+    """While the block runs, SIGTERM (a supervisor stopping the line) ends it like Ctrl-C:
+    the stations finish their device, the run signs a last audit checkpoint, the command
+    exits 1.  The previous handler is put back afterwards."""
     if threading.current_thread() is not threading.main_thread():
+        yield
         return
 
     def interrupt(_signum, _frame):
         raise KeyboardInterrupt
 
-    signal.signal(signal.SIGTERM, interrupt)
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 @line.command("run")
@@ -146,16 +153,23 @@ def run_cmd(devices, stations, se_profile, hsm_uri, registry_uri, max_sessions, 
     """Personalise N emulated chips on K parallel stations sharing the HSM session pool
     and the registry; print a summary and write OUT/report-<lot>.html."""
     from rich.console import Console
+
+    counts = _station_counts(stations)
+    console = Console()
+    with _sigterm_interrupts():
+        summaries, report = _run_lots(out, hsm_uri, registry_uri, max_sessions, keep_chips,
+                                      counts, devices, se_profile, pass_file, console)
+    _print_summaries(console, summaries, se_profile, report)
+
+
+def _run_lots(out, hsm_uri, registry_uri, max_sessions, keep_chips, counts, devices,
+              se_profile, pass_file, console):
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, \
         TimeElapsedColumn
-    from rich.table import Table
 
     from fleetid.cloud.line import reconcile as reconcile_mod
     from fleetid.cloud.line import runner
 
-    counts = _station_counts(stations)
-    console = Console()
-    _sigterm_interrupts()
     try:
         opened = _open_or_init(out, hsm_uri, registry_uri, max_sessions or max(8, max(counts)),
                                pass_file=pass_file)
@@ -193,6 +207,11 @@ def run_cmd(devices, stations, se_profile, hsm_uri, registry_uri, max_sessions, 
         raise _fail(exc) from None
     finally:
         opened.close()
+    return summaries, report
+
+
+def _print_summaries(console, summaries, se_profile, report):
+    from rich.table import Table
 
     table = Table(title="factory line, SE profile %s" % se_profile,
                   caption="K stations, N devices; cycle time, SE time and audit bytes "
