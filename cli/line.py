@@ -300,12 +300,13 @@ def reconcile_cmd(out, hsm_uri, registry_uri, operator, no_chips, pass_file):
 @click.option("--verifier-port", type=click.IntRange(0, 65535), default=0, show_default=True,
               help="0: any free port.")
 @click.option("--est-port", type=click.IntRange(0, 65535), default=0, show_default=True)
-def cloud_config_cmd(line_dir, out, label, verifier_port, est_port):
+@pass_file_option
+def cloud_config_cmd(line_dir, out, label, verifier_port, est_port, pass_file):
     """Write a `fleetid cloud serve` configuration on this line's PKI, registry and HSM.
 
     The TLS server certificate is signed by the fleet root inside the line's HSM, so the
     line's devices trust the server with the anchor in their SE.  The soft keystore's
-    passphrase is read from FLEETID_KEYSTORE_PASS or the line's keystore.pass.
+    passphrase comes from FLEETID_KEYSTORE_PASS, --keystore-pass-file or a prompt.
 
     \b
     Example:
@@ -315,7 +316,9 @@ def cloud_config_cmd(line_dir, out, label, verifier_port, est_port):
     from fleetid.cloud.line.cloud_config import write_cloud_config
 
     try:
-        path = write_cloud_config(line_dir, out, label, verifier_port, est_port)
+        environ = _environ(line_dir, None, pass_file)
+        path = write_cloud_config(line_dir, out, label, verifier_port, est_port,
+                                  environ=environ)
     except (FleetidError, OSError, ValueError) as exc:
         raise _fail(exc) from None
     click.echo("cloud configuration: %s (label %s -> the line's issuing CA; server certificate"

@@ -30,19 +30,20 @@ def _write(path, data, mode=0o644):
 
 
 def write_cloud_config(line_dir, out, label="widget", verifier_port=0, est_port=0,
-                       names=("localhost", "127.0.0.1")):
+                       names=("localhost", "127.0.0.1"), environ=None):
     """Write <out>/cloud.toml and <out>/tls/server{.pem,.key.pem} for the line in line_dir.
 
     Params: label: the EST label naming the line's issuing CA (the default label).
         verifier_port / est_port: 0 = any free port.  names: the server certificate's
-        DNS names / IP addresses.
+        DNS names / IP addresses.  environ: the HSM secret by variable (default
+        os.environ), as for runner.open_line.
     Returns: the path of cloud.toml.
     Raises: OSError, the line's HSM / PKI errors.
     """
     line_dir = os.path.abspath(line_dir)
     out = os.path.abspath(out)
     os.makedirs(os.path.join(out, "tls"), exist_ok=True)
-    line = runner.open_line(line_dir)
+    line = runner.open_line(line_dir, environ=environ)
     try:
         key = ec.generate_private_key(ec.SECP256R1())
         now = datetime.datetime.now(datetime.timezone.utc)

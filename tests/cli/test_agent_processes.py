@@ -62,14 +62,13 @@ def _serve_chip(chip, sock, env, log, *extra):
 
 
 def test_agent_enrols_survives_a_power_cut_mid_rotation_and_is_refused_once_revoked(tmp_path):
-    env = dict(os.environ, PATH=BIN + os.pathsep + os.environ["PATH"])
-    env.pop("FLEETID_KEYSTORE_PASS", None)
+    # The operator supplies the keystore passphrase by environment (never stored in the line).
+    env = dict(os.environ, PATH=BIN + os.pathsep + os.environ["PATH"],
+               FLEETID_KEYSTORE_PASS="agent process test passphrase")
     line, cloud = str(tmp_path / "line"), str(tmp_path / "cloud")
     _ok(_fleetid("line", "run", "--devices", "1", "--stations", "1", "--keep-chips",
                  "--out", line, env=env))
     _ok(_fleetid("line", "cloud-config", "--line", line, "--out", cloud, env=env))
-    with open(os.path.join(line, "keystore.pass")) as f:
-        env["FLEETID_KEYSTORE_PASS"] = f.read().strip()
     serve_out = str(tmp_path / "serve.out")
     cloud_server = _Background(["cloud", "serve", "--config", os.path.join(cloud, "cloud.toml")],
                                env, serve_out)
