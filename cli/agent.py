@@ -40,8 +40,12 @@ class _Device:
             raise click.UsageError("--bus URI (or FLEETID_BUS) is required")
         from fleetid.device.stack import open_se
 
+        from fleetid.common.errors import BusError
+
         try:
             self.stack = open_se(bus, profile=t1_profile, timeout_ms=timeout_ms)
+        except BusError as exc:
+            raise click.ClickException("cannot reach the SE on %s: %s" % (bus, exc)) from None
         except FleetidError as exc:
             _fail(exc)
         except ValueError as exc:
@@ -96,18 +100,11 @@ def _revocation(device, crl_cache, crl_issuer, crl_grace, crl_fail_open):
         return None
     if crl_cache is None:
         raise click.UsageError("--crl-cache FILE is required with --crl-issuer")
-    from cryptography import x509
     from cryptography.hazmat.primitives import serialization
 
     from fleetid.device.crl_cache import CrlCache, CrlPolicy, FileStore
 
-    with open(crl_issuer, "rb") as f:
-        data = f.read()
-    try:
-        issuer = (x509.load_pem_x509_certificate(data) if b"-----BEGIN" in data
-                  else x509.load_der_x509_certificate(data))
-    except ValueError:
-        raise click.UsageError("%s is not a certificate" % crl_issuer) from None
+    issuer = _load_cert(crl_issuer)
     point = issuer.public_key().public_bytes(serialization.Encoding.X962,
                                              serialization.PublicFormat.UncompressedPoint)
     return CrlCache(device.se, FileStore(crl_cache), point, issuer.subject.public_bytes(),
@@ -459,3 +456,80 @@ def _attach_boot_check():
 
 
 _attach_boot_check()
+
+
+@agent.command("check-peer")
+@click.argument("cert", type=click.Path(exists=True, dir_okay=False))
+@_bus_options
+@_revocation_options
+@click.option("--refresh-from", metavar="URL", default=None,
+              help="GET a new CRL from this URL first (a connectivity event); default: "
+                   "decide on the cached CRL alone, as an offline device does.")
+def check_peer_cmd(cert, bus, t1_profile, timeout_ms, crl_cache, crl_issuer, crl_grace,
+                   crl_fail_open, refresh_from):
+    """Check a peer device's certificate against the cached CRL (no other network).
+
+    The certificate must be issued by --crl-issuer (its signature is checked); its serial
+    is then looked up in the CRL the agent cached and verified through the SE.  Exit 0:
+    not revoked; 1: revoked, stale under a fail-closed policy, or not from that issuer.
+
+    \b
+    Example:
+      fleetid agent check-peer peer.pem --bus sim:unix:/tmp/se.sock \\
+          --crl-issuer ca.pem --crl-cache var/agent/crl.der
+    """
+    import time
+
+    from fleetid.device.crl_cache import RevocationError
+
+    if crl_issuer is None:
+        raise click.UsageError("--crl-issuer is required: the CA whose CRL decides")
+    peer, issuer = _load_cert(cert), _load_cert(crl_issuer)
+    try:
+        peer.verify_directly_issued_by(issuer)
+    except (ValueError, TypeError) as exc:
+        click.echo("Error: %s is not issued by %s (%s)" % (cert, crl_issuer, exc), err=True)
+        sys.exit(1)
+    device = _Device(bus, t1_profile, timeout_ms)
+    try:
+        cache = _revocation(device, crl_cache, crl_issuer, crl_grace, crl_fail_open)
+        now = int(time.time())
+        if refresh_from is not None:
+            from fleetid.device.host.agent_net import fetch_url
+
+            try:
+                click.echo("refresh: %s" % cache.refresh(lambda: fetch_url(refresh_from), now))
+            except FleetidError as exc:
+                click.echo("refresh refused, the old cache stays: %s" % exc, err=True)
+        try:
+            cache.check(peer.serial_number, now)
+        except RevocationError as exc:
+            click.echo("peer serial %x: REFUSED: %s (%s)" % (
+                peer.serial_number, exc, type(exc).__name__), err=True)
+            sys.exit(1)
+        except FleetidError as exc:
+            _fail(exc)
+        click.echo("peer serial %x: not revoked (%s)" % (
+            peer.serial_number, _status_line(cache.status(now))))
+    finally:
+        device.close()
+
+
+def _load_cert(path):
+    """A certificate from a PEM or DER file; a usage error naming the file otherwise."""
+    from cryptography import x509
+
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        if b"-----BEGIN" in data:
+            return x509.load_pem_x509_certificate(data)
+        return x509.load_der_x509_certificate(data)
+    except ValueError:
+        raise click.UsageError("%s is not a certificate" % path) from None
+
+
+def _status_line(status):
+    from fleetid.device.agent import status_text
+
+    return status_text(status)

@@ -198,19 +198,26 @@ class HostNetwork:
         """Plain HTTP(S) GET of a public document (a CRL), bounded in time and size.
 
         Returns: bytes.  Raises NetError."""
-        try:
-            with urllib.request.urlopen(url, timeout=timeout or self.io_timeout) as answer:
-                data = answer.read(MAX_FETCH + 1)
-        except urllib.error.HTTPError as exc:
-            reason = NetError.SERVER if exc.code >= 500 else NetError.REFUSED
-            raise NetError(reason, "GET %s" % url, exc.code) from None
-        except TimeoutError:
-            raise NetError(NetError.TIMEOUT, "GET %s" % url) from None
-        except (urllib.error.URLError, OSError) as exc:
-            raise NetError(NetError.LINK, "GET %s: %s" % (url, exc)) from None
-        if len(data) > MAX_FETCH:
-            raise NetError(NetError.SERVER, "GET %s: answer too large" % url)
-        return data
+        return fetch_url(url, timeout or self.io_timeout)
+
+
+def fetch_url(url, timeout=DEFAULT_IO_TIMEOUT):
+    """Plain HTTP(S) GET of a public document (a CRL), bounded in time and size.
+
+    Returns: bytes.  Raises NetError."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as answer:
+            data = answer.read(MAX_FETCH + 1)
+    except urllib.error.HTTPError as exc:
+        reason = NetError.SERVER if exc.code >= 500 else NetError.REFUSED
+        raise NetError(reason, "GET %s" % url, exc.code) from None
+    except TimeoutError:
+        raise NetError(NetError.TIMEOUT, "GET %s" % url) from None
+    except (urllib.error.URLError, OSError) as exc:
+        raise NetError(NetError.LINK, "GET %s: %s" % (url, exc)) from None
+    if len(data) > MAX_FETCH:
+        raise NetError(NetError.SERVER, "GET %s: answer too large" % url)
+    return data
 
 
 class SystemClock:
