@@ -1,5 +1,5 @@
 """`fleetid audit ...`: verify the factory line's audit log offline, show one device's
-entries.  A thin shell over fleetid.cloud.line.audit and fleetid.cloud.registry."""
+entries.  A thin shell over fleetid.cloud.audit and fleetid.cloud.registry."""
 
 import json
 import os
@@ -8,7 +8,7 @@ import click
 
 
 def _load_keys(paths, role):
-    from fleetid.cloud.line import audit
+    from fleetid.cloud import audit
 
     keys = []
     for path in paths:
@@ -39,7 +39,7 @@ def _source(log_path, registry_uri):
 
 
 def _parse_anchor(text, witness_keys):
-    from fleetid.cloud.line import audit
+    from fleetid.cloud import audit
 
     if text is None:
         return None
@@ -114,7 +114,7 @@ def verify(log_path, registry_uri, line_pub, witness_pub, expect_count, expect_h
       fleetid audit verify --log export.jsonl --line-pub line.pem --witness-pub w.pem \\
           --witness-anchor 5000:9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08
     """
-    from fleetid.cloud.line import audit as audit_log
+    from fleetid.cloud import audit as audit_log
     from fleetid.cloud.registry import RegistryError, verify_registry_log
 
     _source(log_path, registry_uri)
@@ -183,7 +183,7 @@ def show(serial, log_path, registry_uri, line_pub, witness_pub, as_json):
       fleetid audit show --serial 1042 --log export.jsonl --line-pub line.pem \\
           --witness-pub witness.pem --json
     """
-    from fleetid.cloud.line import audit as audit_log
+    from fleetid.cloud import audit as audit_log
     from fleetid.cloud.registry import DeviceNotFound, RegistryError, verify_registry_log
 
     _source(log_path, registry_uri)

@@ -32,7 +32,8 @@ Reconcile is idempotent: running it twice changes nothing the second time.
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from fleetid.cloud.line import audit, station as station_mod
+from fleetid.cloud import audit
+from fleetid.cloud.line import station as station_mod
 from fleetid.cloud.registry.errors import RegistryError
 from fleetid.cloud.registry.interface import COMMITTED, INTENT
 

@@ -47,9 +47,9 @@ import time
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from fleetid.cloud import audit
 from fleetid.cloud.ca import IssuingCa
 from fleetid.cloud.hsm import open_hsm
-from fleetid.cloud.line import audit
 from fleetid.cloud.line.station import (
     IssuanceJournal,
     LineConfig,

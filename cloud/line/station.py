@@ -69,10 +69,10 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 from cryptography.x509 import verification
 
+from fleetid.cloud import audit
 from fleetid.cloud.ca.errors import IssuanceRefused
 from fleetid.cloud.hsm import interface as hsm_interface
 from fleetid.cloud.hsm.errors import HsmBusy, HsmError
-from fleetid.cloud.line import audit
 from fleetid.cloud.registry.errors import RegistryError
 from fleetid.cloud.registry.interface import COMMITTED, IdentityRecord
 from fleetid.common import attestation, der, scp03

@@ -11,7 +11,7 @@ folder: `SELECT ... FOR UPDATE` on the `serial_counter` / `audit_head` rows in p
 SQLite's BEGIN IMMEDIATE, %s placeholders (`schema.placeholders`), BYTEA for the DER.
 """
 
-from fleetid.cloud.line import audit
+from fleetid.cloud import audit
 from fleetid.cloud.registry.errors import (
     CertificateNotFound,
     DeviceNotFound,

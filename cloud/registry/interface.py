@@ -22,7 +22,7 @@ certificate for it: add_certificate(serial, der, "identity"), mark_revoked(cert_
 reconcile(serial, "no-certificate", ...).  Every one of those writes its audit entry in
 its own transaction with the state change.
 
-Every state change appends an audit entry (fleetid.cloud.line.audit) in the same
+Every state change appends an audit entry (fleetid.cloud.audit) in the same
 transaction; the chain and its head live in the registry database.
 """
 
@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 from cryptography import x509
 
-from fleetid.cloud.line import audit
+from fleetid.cloud import audit
 from fleetid.cloud.registry.errors import InvalidState, RegistryError
 
 INTENT = "intent"

@@ -9,7 +9,7 @@ import dataclasses
 import threading
 import time
 
-from fleetid.cloud.line import audit
+from fleetid.cloud import audit
 from fleetid.cloud.registry.errors import (
     CertificateNotFound,
     DeviceNotFound,

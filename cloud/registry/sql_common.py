@@ -19,7 +19,7 @@ give it).  A backend subclass supplies what really differs:
 import contextlib
 import threading
 
-from fleetid.cloud.line import audit
+from fleetid.cloud import audit
 from fleetid.cloud.registry import schema
 from fleetid.cloud.registry.errors import (
     CertificateNotFound,

@@ -101,7 +101,7 @@ def revoke(path, certificate, registry, reason="unspecified", operator="", now=N
     Returns (entry dict, newly revoked bool).
     Raises ValueError (unknown reason), RegistryError (audit append), OSError (file).
     """
-    from fleetid.cloud.line import audit
+    from fleetid.cloud import audit
 
     if reason not in REASONS:
         raise ValueError("reason must be one of %s" % ", ".join(REASONS))

@@ -32,10 +32,10 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from fleetid.cloud import audit
 from fleetid.cloud.est.app import make_est_app
 from fleetid.cloud.est.service import EstLabel, EstService
 from fleetid.cloud.hsm.errors import KeyNotFound
-from fleetid.cloud.line import audit
 from fleetid.cloud.revocation.app import make_crl_app
 from fleetid.cloud.revocation.crl import CrlIssuer, CrlPublisher, crl_url
 from fleetid.cloud.verifier.app import make_metrics_app, make_verifier_app

@@ -292,7 +292,7 @@ class FleetVerifier:
         every call, cached chains included).  The revocation is written to the registry's
         audit chain first (a ca_revoke entry).  For a revocation every process sees, use
         revoked_cas.revoke (`fleetid cloud revoke-ca`).  Raises RegistryError."""
-        from fleetid.cloud.line import audit
+        from fleetid.cloud import audit
 
         fp = ca_certificate.fingerprint(_SHA256()).hex()
         self.registry.append_audit(audit.ca_revoke_entry(

@@ -15,7 +15,7 @@ from click.testing import CliRunner
 from cryptography.hazmat.primitives import serialization
 
 from fleetid.cli.main import cli
-from fleetid.cloud.line import audit
+from fleetid.cloud import audit
 from fleetid.cloud.registry.sqlite_backend import SqliteRegistry
 from fleetid.sim.fab import fab_chip
 from tests.cloud.hsm_support import KEYSTORE_PASS

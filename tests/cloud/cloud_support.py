@@ -19,10 +19,10 @@ import threading
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from fleetid.cloud import audit
 from fleetid.cloud.ca import IssuingCa
 from fleetid.cloud.est.service import EstLabel, EstService
 from fleetid.cloud.hsm.soft_backend import SoftBackend
-from fleetid.cloud.line import audit
 from fleetid.cloud.pki import init_root, new_ca
 from fleetid.cloud.pki.signing import sign_certificate
 from fleetid.cloud.registry import IdentityRecord

@@ -7,10 +7,10 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from fleetid.cloud import audit
 from fleetid.cloud.hsm import open_hsm
 from fleetid.cloud.hsm.soft_backend import SoftBackend
-from fleetid.cloud.line import audit
-from fleetid.cloud.line.audit import AuditChainBroken, AuditError
+from fleetid.cloud.audit import AuditChainBroken, AuditError
 from tests.cloud.hsm_support import (
     KEYSTORE_PASS,
     SOFTHSM_MODULE,

@@ -8,7 +8,7 @@ from click.testing import CliRunner
 from cryptography.hazmat.primitives import serialization
 
 from fleetid.cli.main import cli
-from fleetid.cloud.line import audit
+from fleetid.cloud import audit
 from fleetid.cloud.registry.sqlite_backend import SqliteRegistry
 from tests.cloud.test_registry import LINE, T0, WITNESS, provision
 

@@ -15,7 +15,7 @@ import sqlite3
 
 import pytest
 
-from fleetid.cloud.line import audit
+from fleetid.cloud import audit
 from fleetid.cloud.registry import verify_registry_log
 from fleetid.cloud.registry.sqlite_backend import SqliteRegistry
 from tests.cloud.test_registry import LINE, T0, WITNESS, make_cert, provision, start_device

@@ -21,7 +21,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from fleetid.cli.main import cli
-from fleetid.cloud.line import audit, runner
+from fleetid.cloud import audit
+from fleetid.cloud.line import runner
 from fleetid.cloud.line.reconcile import reconcile
 from fleetid.cloud.line.station import Station
 from fleetid.cloud.registry import verify_registry_log

@@ -6,7 +6,8 @@ import datetime
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from fleetid.cloud.line import audit, station
+from fleetid.cloud import audit
+from fleetid.cloud.line import station
 
 
 def _cert(serial, issuer_cn):

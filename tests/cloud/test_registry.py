@@ -17,8 +17,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from fleetid.cloud.line import audit
-from fleetid.cloud.line.audit import AuditChainBroken
+from fleetid.cloud import audit
+from fleetid.cloud.audit import AuditChainBroken
 from fleetid.cloud.registry import (
     COMMITTED,
     HELD,

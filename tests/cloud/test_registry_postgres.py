@@ -117,7 +117,7 @@ def registry(database):
 
 
 def test_two_handles_are_two_stateless_processes_sharing_serials_and_one_chain(database):
-    from fleetid.cloud.line import audit
+    from fleetid.cloud import audit
     from fleetid.cloud.registry.postgres_backend import PostgresRegistry
 
     handles = [PostgresRegistry(database, wall_clock=lambda: contract.T0) for _ in range(2)]
