@@ -204,6 +204,13 @@ def _field_problem(fields, sealed):
     return None
 
 
+def free_text(text):
+    """`text` made fit for a free-text ("str") field: every non-printable character
+    replaced by "?", cut to MAX_TEXT characters (a hold or reconcile reason built from an
+    exception message must not make the entry unsealable)."""
+    return "".join(ch if ch.isprintable() else "?" for ch in text)[:MAX_TEXT]
+
+
 @dataclass(frozen=True)
 class AuditEntry:
     """One sealed entry.  `line` is the stored bytes (with the trailing newline);

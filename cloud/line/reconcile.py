@@ -104,7 +104,7 @@ def reconcile(resources, chip_bus=None, operator="reconcile", station="reconcile
             last = x509.load_der_x509_certificate(certs[-1])
             registry.reconcile(
                 device.serial, REVOKED_ORPHAN,
-                _text("certificate issued, injection not confirmed: " + (detail or "")),
+                audit.free_text("certificate issued, injection not confirmed: " + (detail or "")),
                 station=station, operator=operator,
                 cert_serial=last.serial_number,
                 cert_fingerprint=audit.certificate_facts(certs[-1])["cert_fingerprint"])
@@ -122,10 +122,6 @@ def reconcile(resources, chip_bus=None, operator="reconcile", station="reconcile
     if resources.checkpointer is not None:
         report.checkpoint = resources.checkpointer.checkpoint()
     return report
-
-
-def _text(text):
-    return "".join(ch if ch.isprintable() else "?" for ch in text)[: audit.MAX_TEXT]
 
 
 def _try_resume(resources, device, cert_der, chip_bus, operator, link_clock):

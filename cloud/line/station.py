@@ -537,11 +537,6 @@ def revoke_uncommitted(registry, serial, cert_der, operator, reason=REVOCATION_R
             raise
 
 
-def _hold_text(step, cause):
-    text = "%s: %s" % (step, cause)
-    return "".join(ch if ch.isprintable() else "?" for ch in text)[: audit.MAX_TEXT]
-
-
 class Station:
     """One programmer station.  Not thread-safe itself: one thread per station; stations
     share `resources` (HSM pool, registry, CA, journal), which are.
@@ -745,8 +740,8 @@ class Station:
             except Exception:  # noqa: BLE001 - reconcile revokes it from the journal
                 return
         try:
-            registry.hold(result.serial, _hold_text(result.step, result.cause), self.name,
-                          operator)
+            reason = audit.free_text("%s: %s" % (result.step, result.cause))
+            registry.hold(result.serial, reason, self.name, operator)
             result.held = True
         except Exception:  # noqa: BLE001 - the intent stays in flight for reconcile
             pass
