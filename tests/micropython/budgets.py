@@ -58,7 +58,7 @@ WORKFLOWS = {
     "run_info": ("tests/micropython/test_se_over_socket.py::test_se_session_under_micropython_over_the_emulator_socket",
                  SE_MODULES, 3, 64 * 1024, 80 * 1024),
     "run_boot": ("tests/micropython/test_boot_micropython.py::test_boot_check_under_micropython_over_the_emulator_socket",
-                 SE_MODULES + ("fleetid.device.boot",), 3, 74 * 1024, 93 * 1024),
+                 SE_MODULES + ("fleetid.device.boot",), 3, 76 * 1024, 96 * 1024),
     "run_crl": ("tests/micropython/test_crl_micropython.py::test_crl_check_under_micropython_over_the_emulator_socket",
                 SE_MODULES + ("fleetid.common.oids", "fleetid.common.der",
                               "fleetid.device.crl_cache"), 3, 102 * 1024, 128 * 1024),
