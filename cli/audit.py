@@ -35,7 +35,7 @@ def _open_registry(uri):
 
 def _source(log_path, registry_uri):
     if bool(log_path) == bool(registry_uri):
-        raise click.UsageError("give exactly one of --log PATH or --registry sqlite:PATH")
+        raise click.UsageError("give exactly one of --log PATH or --registry URI")
 
 
 def _parse_anchor(text, witness_keys):
@@ -74,8 +74,9 @@ def audit():
 @audit.command()
 @click.option("--log", "log_path", type=click.Path(dir_okay=False),
               help="JSON-lines audit file (an export or a line's own log).")
-@click.option("--registry", "registry_uri", metavar="sqlite:PATH",
-              help="Verify the chain stored in a registry database, against its head row.")
+@click.option("--registry", "registry_uri", metavar="URI",
+              help="Verify the chain stored in a registry (sqlite:PATH or postgresql://...), "
+                   "against its head row.")
 @click.option("--line-pub", "line_pub", multiple=True, required=True,
               type=click.Path(exists=True, dir_okay=False),
               help="PEM public key (or certificate) of the line's checkpoint key; repeat for "
@@ -163,7 +164,8 @@ def verify(log_path, registry_uri, line_pub, witness_pub, expect_count, expect_h
 @click.option("--serial", required=True, type=click.IntRange(min=1, max=2**63 - 1),
               help="Device serial.")
 @click.option("--log", "log_path", type=click.Path(dir_okay=False), help="JSON-lines audit file.")
-@click.option("--registry", "registry_uri", metavar="sqlite:PATH", help="Registry database.")
+@click.option("--registry", "registry_uri", metavar="URI",
+              help="Registry: sqlite:PATH or postgresql://...")
 @click.option("--line-pub", "line_pub", multiple=True,
               type=click.Path(exists=True, dir_okay=False),
               help="With --witness-pub: verify the whole chain before showing.")

@@ -143,7 +143,7 @@ def check_cert_cmd(cert_file, chain_files, config_path, state_dir, registry_uri,
 
     from cryptography.hazmat.primitives import serialization
 
-    from fleetid.cloud.verifier.server import open_cloud_registry as open_registry
+    from fleetid.cloud.registry import open_registry
     from fleetid.cloud.verifier.server import trust_from_config
     from fleetid.cloud.verifier.service import FleetVerifier
 
@@ -193,10 +193,10 @@ def check_cert_cmd(cert_file, chain_files, config_path, state_dir, registry_uri,
 
 
 def _open_registry(config, registry_uri):
-    from fleetid.cloud.verifier.server import open_cloud_registry
+    from fleetid.cloud.registry import open_registry
 
     try:
-        return open_cloud_registry(registry_uri or config.registry)
+        return open_registry(registry_uri or config.registry)
     except (FleetidError, OSError, ValueError) as exc:
         raise click.ClickException("%s: %s" % (type(exc).__name__, exc)) from None
 

@@ -2,13 +2,13 @@
 chain of the factory line, behind one storage interface.
 
     registry = open_registry("sqlite:/var/lib/fleetid/registry.db")   # the default backend
+    registry = open_registry("postgresql://fleet@db/fleet")            # shared by many hosts
     registry = open_registry("memory:")                                # the fake, for tests
 
-Interface and life cycle: interface.py (`Registry`).  Schema: schema.py.
-PostgreSQL: not implemented yet (a later issue).  The schema is already portable SQL and
-each backend method is a short transaction, so a psycopg backend is one more module in this
-folder: `SELECT ... FOR UPDATE` on the `serial_counter` / `audit_head` rows in place of
-SQLite's BEGIN IMMEDIATE, %s placeholders (`schema.placeholders`), BYTEA for the DER.
+`open_registry` is the one factory every command uses (line, audit, cloud).
+Interface and life cycle: interface.py (`Registry`).  Schema: schema.py (portable SQL).
+Backends: sqlite_backend.py, postgres_backend.py (psycopg 3; `fleetid[postgres]`),
+memory.py.
 """
 
 from fleetid.cloud import audit
@@ -44,10 +44,12 @@ __all__ = [
 
 
 def open_registry(uri, wall_clock=None):
-    """Open a registry from a URI: "sqlite:<path>" or "memory:".
+    """Open a registry from a URI: "sqlite:<path>", "postgresql://..." / "postgres://..."
+    (anything libpq accepts after the scheme; passwords from PGPASSWORD or ~/.pgpass) or
+    "memory:".
 
-    "postgresql://..." is recognised and refused with RegistryError(CONFIG) until the
-    PostgreSQL backend exists.  Raises RegistryError(CONFIG) for anything else.
+    Raises RegistryError(CONFIG) for any other URI or when psycopg is missing,
+    RegistryError(STORAGE) when the PostgreSQL server cannot be reached.
     """
     kwargs = {} if wall_clock is None else {"wall_clock": wall_clock}
     scheme, sep, rest = uri.partition(":")
@@ -59,11 +61,13 @@ def open_registry(uri, wall_clock=None):
         from fleetid.cloud.registry.memory import MemoryRegistry
 
         return MemoryRegistry(**kwargs)
-    if scheme in ("postgresql", "postgres"):
-        raise RegistryError(RegistryError.CONFIG, "the PostgreSQL backend is not built yet")
+    if sep and scheme in ("postgresql", "postgres") and rest:
+        from fleetid.cloud.registry.postgres_backend import PostgresRegistry
+
+        return PostgresRegistry(uri, **kwargs)
     # The scheme only: a mistyped URI may still carry a password.
-    raise RegistryError(RegistryError.CONFIG, "registry URI %r: must be sqlite:<path> or "
-                        "memory:" % (scheme[:32] + (":..." if sep else "")))
+    raise RegistryError(RegistryError.CONFIG, "registry URI %r: must be sqlite:<path>, "
+                        "postgresql://... or memory:" % (scheme[:32] + (":..." if sep else "")))
 
 
 def verify_registry_log(registry, line_public_key, witness_public_key, witness_anchor=None):

@@ -1,8 +1,8 @@
 """The registry's storage interface: what the factory line and the cloud services need.
 
-Backends: `sqlite_backend.SqliteRegistry` (default), `memory.MemoryRegistry` (the fake for
-tests).  PostgreSQL: not built yet (a later issue); the schema in `schema.py` is written
-to run there unchanged (see its docstring).
+Backends: `sqlite_backend.SqliteRegistry` (default), `postgres_backend.PostgresRegistry`
+(shared by many hosts), `memory.MemoryRegistry` (the fake for tests); all opened by
+`open_registry(uri)`.  The schema in `schema.py` runs on SQLite and PostgreSQL unchanged.
 
 Device life cycle (column `devices.status`):
 
@@ -15,7 +15,7 @@ Device life cycle (column `devices.status`):
                                                                    crash: see below)
     mark_revoked(cert_serial, reason)           status "revoked"   when it is the identity cert
 
-Crash recovery of the line (architecture, "Factory line, per device", step 8): at start,
+Crash recovery of the line (fleetid.cloud.line.reconcile): at start,
 `list_in_flight()` gives every intent never committed.  For each, if the CA issued a
 certificate for it: add_certificate(serial, der, "identity"), mark_revoked(cert_serial,
 "cessationOfOperation") and reconcile(serial, "revoked-orphan-cert", ...); otherwise

@@ -179,3 +179,49 @@ def test_est_and_verifier_run_on_postgresql(database, tmp_path):
             ["identity", "operational", "operational"]
     finally:
         fleet.close()
+
+
+def _uri(conninfo):
+    """The libpq keyword conninfo of the fixtures as a postgresql:// URI (unix socket)."""
+    fields = dict(part.split("=", 1) for part in conninfo.split())
+    return "postgresql://%s@/%s?host=%s" % (fields["user"], fields["dbname"], fields["host"])
+
+
+def test_open_registry_serves_postgresql(database):
+    from fleetid.cloud.registry import open_registry
+    from fleetid.cloud.registry.postgres_backend import PostgresRegistry
+
+    for uri in (_uri(database), _uri(database).replace("postgresql:", "postgres:", 1)):
+        with open_registry(uri) as reg:
+            assert isinstance(reg, PostgresRegistry)
+            assert reg.head()[0] == 0
+
+
+def test_line_run_and_audit_verify_on_postgresql(database, tmp_path):
+    """`fleetid line run --registry postgresql://...` and `fleetid audit verify` against
+    the same PostgreSQL registry (issue 10: one open_registry for every command)."""
+    from click.testing import CliRunner
+
+    from fleetid.cli.main import cli
+    from tests.cloud.hsm_support import KEYSTORE_PASS
+
+    uri = _uri(database)
+    out = str(tmp_path / "line")
+    env = {"FLEETID_KEYSTORE_PASS": KEYSTORE_PASS}
+    run = CliRunner().invoke(cli, ["line", "run", "--devices", "3", "--stations", "2",
+                                   "--registry", uri, "--out", out], env=env)
+    assert run.exit_code == 0, run.output
+    assert not os.path.exists(os.path.join(out, "registry.db"))
+    with psycopg.connect(database) as conn:
+        assert conn.execute("SELECT count(*) FROM devices WHERE status = 'committed'"
+                            ).fetchone()[0] == 3
+    pki = os.path.join(out, "pki")
+    verify = CliRunner().invoke(cli, [
+        "audit", "verify", "--registry", uri,
+        "--line-pub", os.path.join(pki, "audit-line.pub.pem"),
+        "--witness-pub", os.path.join(pki, "audit-witness.pub.pem"),
+        "--witness-anchor", os.path.join(out, "witness", "anchor.json")])
+    assert verify.exit_code == 0, verify.output
+    assert verify.output.startswith("OK ")
+    show = CliRunner().invoke(cli, ["audit", "show", "--serial", "1", "--registry", uri])
+    assert show.exit_code == 0, show.output
