@@ -47,9 +47,14 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from fleetid.cloud.line import report as report_mod
 from fleetid.cloud.line import runner
+from fleetid.cloud.line import workdir as line_workdir
 from fleetid.cloud.line.station import STEPS, Station
+from fleetid.sim import fab
+from fleetid.sim import lot as lot_mod
 from fleetid.sim.endpoint import BusEndpoint
+from fleetid.sim.metering import EmulatedBuses, MeteredBus
 
 TARGET_HOST_MS = 2.0
 TARGET_CYCLE_RATIO = 1.05
@@ -85,9 +90,9 @@ def raw_crypto_ms(rounds):
 
 
 def run(line, devices, stations, profile):
-    lot = runner.make_lot(line, devices)
-    return runner.run_line(line.resources_for(lot.batch), lot.chips, stations=stations,
-                           profile=profile)
+    lot = lot_mod.make_lot(line, devices)
+    return runner.run_line(line.resources_for(lot.batch), lot.chips, EmulatedBuses(profile),
+                           stations=stations)
 
 
 class _Timed:
@@ -121,7 +126,7 @@ def host_split(line, devices):
     """Host wall time per device by service, 1 station, zero latency: registry, HSM
     (station calls), issuing CA (verification + HSM signature), issuance journal, and
     the rest (T=1' host side, SCP03 host, APDU/DER building, station logic)."""
-    lot = runner.make_lot(line, devices)
+    lot = lot_mod.make_lot(line, devices)
     resources = line.resources_for(lot.batch)
     totals = {}
     resources.registry = _Timed(resources.registry, "registry (SQLite, 2 durable txns)",
@@ -135,7 +140,7 @@ def host_split(line, devices):
     station = Station("st-split", resources)
     cycle = emulator = cpu = emulator_cpu = 0.0
     for made in lot.chips:
-        bus = runner.MeteredBus(BusEndpoint(made.chip))
+        bus = MeteredBus(BusEndpoint(made.chip))
         cpu0 = time.thread_time()
         result = station.provision(bus)
         cpu += time.thread_time() - cpu0
@@ -154,7 +159,7 @@ def host_split(line, devices):
 
 
 def profile_host(line, devices):
-    lot = runner.make_lot(line, devices)
+    lot = lot_mod.make_lot(line, devices)
     station = Station("st-prof", line.resources_for(lot.batch))
     endpoints = [BusEndpoint(c.chip) for c in lot.chips]
     prof = cProfile.Profile()
@@ -182,12 +187,13 @@ def main(argv=None):
     print("python %s, %d CPUs" % (sys.version.split()[0], os.cpu_count() or 0))
     # The soft keystore's passphrase by environment (the line never stores it).
     environ = dict(os.environ)
-    environ.setdefault(runner.PASS_ENV, secrets.token_urlsafe(24))
-    line = runner.init_line(os.path.join(workdir, "line"), scrypt_n=2**14, environ=environ)
+    environ.setdefault(line_workdir.PASS_ENV, secrets.token_urlsafe(24))
+    fab.load_or_create_vendor_ca(os.path.join(workdir, "line", "vendor"))
+    line = line_workdir.init_line(os.path.join(workdir, "line"), scrypt_n=2**14, environ=environ)
     try:
         line.close()
-        line = runner.open_line(os.path.join(workdir, "line"), max_sessions=64,
-                                environ=environ)
+        line = line_workdir.open_line(os.path.join(workdir, "line"), max_sessions=64,
+                                      environ=environ)
         run(line, 10, 1, "none")  # warm-up: imports, caches, first SQLite pages
 
         raw = raw_crypto_ms(50 if quick else 200)
@@ -245,8 +251,8 @@ def main(argv=None):
                  TARGET_SCALING, "MET" if scaling >= TARGET_SCALING else "NOT MET",
                  slow32.cycle_ms(50), slow32.cycle_ms(99), slow32.yield_pct))
         print("HSM pool after 32 stations: %s" % slow32.pool)
-        report = runner.write_report(fast, os.path.join(workdir, "bench-zero-latency.html"))
-        runner.write_report([slow1, slow32], os.path.join(workdir, "bench-atecc608.html"))
+        report = report_mod.write_report(fast, os.path.join(workdir, "bench-zero-latency.html"))
+        report_mod.write_report([slow1, slow32], os.path.join(workdir, "bench-atecc608.html"))
         print("\nreports: %s, %s" % (report, os.path.join(workdir, "bench-atecc608.html")))
 
         print("\n== summary ==")

@@ -1,5 +1,6 @@
 """`fleetid line ...`: run the factory personalisation line on emulated chips, reconcile
-after a crash.  A thin shell over fleetid.cloud.line.runner / .reconcile."""
+after a crash.  A thin shell over fleetid.cloud.line (workdir, runner, report, reconcile),
+with the emulated lot of fleetid.sim.lot / fleetid.sim.metering wired in."""
 
 import contextlib
 import os
@@ -26,32 +27,43 @@ def _fail(exc):
 def _environ(out, hsm_uri, pass_file):
     """The environment with the HSM secret of the line in `out` supplied (hsm_secret)."""
     from fleetid.cloud.hsm import secret_variable
-    from fleetid.cloud.line import runner
+    from fleetid.cloud.line import workdir
 
-    uri = runner.line_hsm_uri(out, hsm_uri)
-    creating = not os.path.exists(os.path.join(out, runner.CONFIG_FILE)) and not hsm_uri
+    uri = workdir.line_hsm_uri(out, hsm_uri)
+    creating = not os.path.exists(os.path.join(out, workdir.CONFIG_FILE)) and not hsm_uri
     return environ_with_secret(secret_variable(uri), pass_file, creating=creating)
 
 
 def _open_or_init(out, hsm_uri, registry_uri, max_sessions=None, init_if_missing=True,
                   pass_file=None):
-    from fleetid.cloud.line import runner
+    from fleetid.cloud.line import workdir
 
-    exists = os.path.exists(os.path.join(out, runner.CONFIG_FILE))
+    exists = os.path.exists(os.path.join(out, workdir.CONFIG_FILE))
     if not exists and not init_if_missing:
         raise click.ClickException("no line in %s: run `fleetid line init %s` first"
                                    % (out, out))
     environ = _environ(out, hsm_uri, pass_file)
     if exists:
-        return runner.open_line(out, hsm_uri, registry_uri, max_sessions=max_sessions,
-                                environ=environ)
+        return workdir.open_line(out, hsm_uri, registry_uri, max_sessions=max_sessions,
+                                 environ=environ)
     click.echo("initialising a line in %s (vendor CA, root ceremony, issuing CA, keys)" % out)
-    line = runner.init_line(out, hsm_uri, registry_uri, environ=environ)
+    line = _init_demo_line(out, hsm_uri, registry_uri, environ)
     if max_sessions:
         line.close()
-        line = runner.open_line(out, hsm_uri, registry_uri, max_sessions=max_sessions,
-                                environ=environ)
+        line = workdir.open_line(out, hsm_uri, registry_uri, max_sessions=max_sessions,
+                                 environ=environ)
     return line
+
+
+def _init_demo_line(out, hsm_uri, registry_uri, environ):
+    """init_line on the demo's simulated SE vendor: its root CA goes into OUT/vendor first
+    (the line trusts it; the vendor side, sim.lot, makes the chips with it)."""
+    from fleetid.cloud.line import workdir
+    from fleetid.sim import fab
+
+    if not os.path.exists(os.path.join(out, workdir.CONFIG_FILE)):
+        fab.load_or_create_vendor_ca(os.path.join(out, "vendor"))
+    return workdir.init_line(out, hsm_uri, registry_uri, environ=environ)
 
 
 @click.group()
@@ -83,13 +95,13 @@ def init_cmd(out, hsm_uri, registry_uri, pass_file):
 
     The embedded soft keystore's passphrase comes from FLEETID_KEYSTORE_PASS, a file
     named with --keystore-pass-file, or a prompt; it is never stored in OUT."""
-    from fleetid.cloud.line import runner
+    from fleetid.cloud.line import workdir
 
     try:
-        if os.path.exists(os.path.join(out, runner.CONFIG_FILE)):
+        if os.path.exists(os.path.join(out, workdir.CONFIG_FILE)):
             raise FileExistsError(out)
         environ = _environ(out, hsm_uri, pass_file)
-        opened = runner.init_line(out, hsm_uri, registry_uri, environ=environ)
+        opened = _init_demo_line(out, hsm_uri, registry_uri, environ)
     except FileExistsError:
         raise click.ClickException("%s already holds a line" % out) from None
     except (FleetidError, OSError) as exc:
@@ -168,7 +180,10 @@ def _run_lots(out, hsm_uri, registry_uri, max_sessions, keep_chips, counts, devi
         TimeElapsedColumn
 
     from fleetid.cloud.line import reconcile as reconcile_mod
+    from fleetid.cloud.line import report as report_mod
     from fleetid.cloud.line import runner
+    from fleetid.sim import lot as lot_mod
+    from fleetid.sim.metering import EmulatedBuses
 
     try:
         opened = _open_or_init(out, hsm_uri, registry_uri, max_sessions or max(8, max(counts)),
@@ -182,9 +197,9 @@ def _run_lots(out, hsm_uri, registry_uri, max_sessions, keep_chips, counts, devi
             raise click.ClickException("%d devices are in flight from an earlier run: run "
                                        "`fleetid line reconcile --out %s` first" % (pending, out))
         for k in counts:
-            batch = runner.new_batch_name()
+            batch = lot_mod.new_batch_name()
             chip_dir = os.path.join(out, "chips", batch) if keep_chips else None
-            lot = runner.make_lot(opened, devices, batch=batch, chip_dir=chip_dir)
+            lot = lot_mod.make_lot(opened, devices, batch=batch, chip_dir=chip_dir)
             resources = opened.resources_for(lot.batch)
             with Progress(TextColumn("[bold]%d stations" % k), BarColumn(),
                           MofNCompleteColumn(), TextColumn("{task.fields[status]}"),
@@ -198,11 +213,11 @@ def _run_lots(out, hsm_uri, registry_uri, max_sessions, keep_chips, counts, devi
                     bar.update(task, completed=done,
                                status="ok %d  held %d" % (done - failed[0], failed[0]))
 
-                summary = runner.run_line(resources, lot.chips, stations=k, profile=se_profile,
-                                          progress=progress)
+                summary = runner.run_line(resources, lot.chips, EmulatedBuses(se_profile),
+                                          stations=k, progress=progress)
             summaries.append(summary)
         report = os.path.join(out, "report-%s.html" % summaries[-1].batch)
-        runner.write_report(summaries, report)
+        report_mod.write_report(summaries, report)
     except (FleetidError, OSError) as exc:
         raise _fail(exc) from None
     finally:
@@ -250,7 +265,7 @@ def reconcile_cmd(out, hsm_uri, registry_uri, operator, no_chips, pass_file):
     programmer and passes the confirmation gate), or quarantine it, revoking any
     certificate that has no committed record.  Safe to run twice."""
     from fleetid.cloud.line import reconcile as reconcile_mod
-    from fleetid.cloud.line import runner
+    from fleetid.sim import lot as lot_mod
     from fleetid.sim.endpoint import BusEndpoint
     from fleetid.sim.nvm import NvmError
 
@@ -263,11 +278,11 @@ def reconcile_cmd(out, hsm_uri, registry_uri, operator, no_chips, pass_file):
         chips = {}
         chips_root = os.path.join(out, "chips")
         # Chip NVM temp files of a killed run hold key scalars: gone before anything else.
-        for path in runner.remove_stale_chip_files(chips_root):
+        for path in lot_mod.remove_stale_chip_files(chips_root):
             click.echo("removed a stale chip temp file: %s" % path)
         if not no_chips and os.path.isdir(chips_root):
             for lot in sorted(os.listdir(chips_root)):
-                chips.update(runner.load_chips(os.path.join(chips_root, lot)))
+                chips.update(lot_mod.load_chips(os.path.join(chips_root, lot)))
 
         def chip_bus(se_uid):
             made = chips.get(bytes(se_uid))

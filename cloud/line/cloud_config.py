@@ -15,10 +15,9 @@ import os
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from fleetid.cloud.line import runner
+from fleetid.cloud.line import workdir
 from fleetid.cloud.pki.signing import sign_certificate
 from fleetid.cloud.verifier.server import server_certificate_builder
-from fleetid.sim.fab import VENDOR_CERT_FILE
 
 SERVER_CERT_DAYS = 30
 
@@ -36,14 +35,14 @@ def write_cloud_config(line_dir, out, label="widget", verifier_port=0, est_port=
     Params: label: the EST label naming the line's issuing CA (the default label).
         verifier_port / est_port: 0 = any free port.  names: the server certificate's
         DNS names / IP addresses.  environ: the HSM secret by variable (default
-        os.environ), as for runner.open_line.
+        os.environ), as for workdir.open_line.
     Returns: the path of cloud.toml.
     Raises: OSError, the line's HSM / PKI errors.
     """
     line_dir = os.path.abspath(line_dir)
     out = os.path.abspath(out)
     os.makedirs(os.path.join(out, "tls"), exist_ok=True)
-    line = runner.open_line(line_dir, environ=environ)
+    line = workdir.open_line(line_dir, environ=environ)
     try:
         key = ec.generate_private_key(ec.SECP256R1())
         now = datetime.datetime.now(datetime.timezone.utc)
@@ -77,7 +76,7 @@ def write_cloud_config(line_dir, out, label="widget", verifier_port=0, est_port=
         "hsm = %s" % q(config["hsm"]),
         "roots = [%s]" % q(os.path.join(line_dir, config["root_cert"])),
         "vendor_roots = [%s]" % q(os.path.join(line_dir, config["vendor_dir"],
-                                               VENDOR_CERT_FILE)),
+                                               workdir.VENDOR_ROOT_FILE)),
         "tls_cert = %s" % q(tls_cert),
         "tls_key = %s" % q(tls_key),
         "",

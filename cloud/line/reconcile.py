@@ -2,7 +2,7 @@
 
 A station that dies (process kill, power cut of the line host, database down while it
 tried to hold a device) leaves intent records in the registry and, if the CA had already
-answered, a certificate in the issuance journal (station.py).  Reconcile decides, per
+answered, a certificate in the issuance journal (journal.py).  Reconcile decides, per
 intent, from what is durable (registry + journal) and, when the chip is still on its
 programmer, from the chip itself:
 
@@ -33,7 +33,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from fleetid.cloud import audit
-from fleetid.cloud.line import station as station_mod
+from fleetid.cloud.line import records, steps
+from fleetid.cloud.line.gate import confirm_device
+from fleetid.cloud.line.station import open_se_stack
 from fleetid.cloud.registry.errors import RegistryError
 from fleetid.cloud.registry.interface import COMMITTED, INTENT
 
@@ -73,7 +75,7 @@ def reconcile(resources, chip_bus=None, operator="reconcile", station="reconcile
               link_clock=None):
     """Resolve every in-flight intent (see the module docstring).
 
-    Params: resources: station.LineResources (registry, HSM, journal, CA, config).
+    Params: resources: resources.LineResources (registry, HSM, journal, CA, config).
         chip_bus: optional callable(se_uid bytes) -> a Bus to the chip, or None when the
             chip is not on a programmer any more.  Without it nothing is resumed.
         operator, station: who reconciles (audit fields).  link_clock: T=1' link clock.
@@ -100,11 +102,12 @@ def reconcile(resources, chip_bus=None, operator="reconcile", station="reconcile
             detail = "no chip access" if certs else ""
         if certs:
             for cert_der in certs:
-                station_mod.revoke_uncommitted(registry, device.serial, cert_der, operator)
+                records.revoke_uncommitted(registry, device.serial, cert_der, operator)
             last = x509.load_der_x509_certificate(certs[-1])
             registry.reconcile(
                 device.serial, REVOKED_ORPHAN,
-                audit.free_text("certificate issued, injection not confirmed: " + (detail or "")),
+                audit.free_text("certificate issued, injection not confirmed: "
+                                + (detail or "")),
                 station=station, operator=operator,
                 cert_serial=last.serial_number,
                 cert_fingerprint=audit.certificate_facts(certs[-1])["cert_fingerprint"])
@@ -139,7 +142,7 @@ def _try_resume(resources, device, cert_der, chip_bus, operator, link_clock):
     try:
         cert = x509.load_der_x509_certificate(cert_der)
         device_serial = config.device_serial(device.serial)
-        opened = station_mod.open_se_stack(bus, config.link_profile, link_clock)
+        opened = open_se_stack(bus, config.link_profile, link_clock)
         link = opened.link
         plain = opened.se
         if plain.uid() != device.se_uid:
@@ -147,10 +150,10 @@ def _try_resume(resources, device, cert_der, chip_bus, operator, link_clock):
         with hsm.session() as pooled:
             hsm_session = "%s#%d" % (type(hsm).__name__, pooled.serial)
             with hsm.diversify(config.master_label, device.se_uid) as device_keys:
-                station_mod.confirm_device(resources, link, device.se_uid, device_keys, cert,
-                                           device_serial, config.slot)
-            statement_der = station_mod.statement_from_certificate(cert)
-            record, entry = station_mod.build_commit(
+                confirm_device(resources, link, device.se_uid, device_keys, cert,
+                               device_serial, config.slot)
+            statement_der = records.statement_from_certificate(cert)
+            record, entry = records.build_commit(
                 resources, device.station or "reconcile", device.serial, device.se_uid,
                 cert.public_bytes(serialization.Encoding.DER),
                 audit.attestation_hash(statement_der), hsm_session, operator=operator,
@@ -160,7 +163,7 @@ def _try_resume(resources, device, cert_der, chip_bus, operator, link_clock):
     except RegistryError:
         raise
     except Exception as exc:  # noqa: BLE001 - any failure of the gate means: revoke
-        return "confirmation failed: %s" % station_mod.classify(exc)
+        return "confirmation failed: %s" % steps.classify(exc)
     finally:
         if opened is not None:
             opened.close()
@@ -194,7 +197,7 @@ def _sweep(resources, journal_entries, operator, report):
         except RegistryError as exc:
             if exc.reason != RegistryError.CERTIFICATE_NOT_FOUND:
                 raise
-        station_mod.revoke_uncommitted(registry, serial, cert_der, operator)
+        records.revoke_uncommitted(registry, serial, cert_der, operator)
         report.swept.append(fingerprint)
 
 

@@ -13,9 +13,11 @@ import os
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from fleetid.cloud.line import runner
+from fleetid.cloud.line import workdir
 from fleetid.cloud.registry import COMMITTED, INTENT, verify_registry_log
 from fleetid.common import se_consts as C
+from fleetid.sim import fab
+from fleetid.sim import lot as lot_mod
 from fleetid.sim.chip import Chip
 from fleetid.sim.endpoint import BusEndpoint
 from tests.cloud.hsm_support import (
@@ -39,6 +41,13 @@ class SimulatedKill(BaseException):
     (only `finally` blocks run, as the OS would not even run those)."""
 
 
+def init_demo_line(path, **kwargs):
+    """workdir.init_line on the simulated SE vendor (its root CA in <path>/vendor first,
+    as the CLI's demo does)."""
+    fab.load_or_create_vendor_ca(os.path.join(str(path), "vendor"))
+    return workdir.init_line(str(path), **kwargs)
+
+
 def make_line(tmp_path, kind="soft", monkeypatch=None):
     """An initialised, opened line in tmp_path/"line" on the soft keystore or a throwaway
     SoftHSM2 token; the SCP03 master is hsm_support.MASTER_KEY."""
@@ -48,9 +57,9 @@ def make_line(tmp_path, kind="soft", monkeypatch=None):
         environ = dict(os.environ, FLEETID_HSM_PIN=USER_PIN)
         uri = "pkcs11:module=%s;token=%s;pin-env=FLEETID_HSM_PIN" % (SOFTHSM_MODULE,
                                                                       TOKEN_LABEL)
-        return runner.init_line(str(workdir), hsm_uri=uri, environ=environ,
+        return init_demo_line(str(workdir), hsm_uri=uri, environ=environ,
                                 master_key=bytearray(MASTER_KEY))
-    return runner.init_line(str(workdir), scrypt_n=TEST_SCRYPT_N,
+    return init_demo_line(str(workdir), scrypt_n=TEST_SCRYPT_N,
                             master_key=bytearray(MASTER_KEY), environ=LINE_ENV)
 
 
@@ -59,12 +68,12 @@ def known_lot(line, count, chip_cls=Chip, vendor=None, batch="lot-test", import_
     keys = tuple(os.urandom(16) for _ in range(3))
     chips = []
     for _ in range(count):
-        made = runner.fab_in_memory(vendor or line.vendor, keys)
+        made = lot_mod.fab_in_memory(vendor or lot_mod.vendor_for(line), keys)
         made.chip = chip_cls(made.nvm)
         chips.append(made)
     if import_keys:
         line.hsm.import_transport_keys(batch, *(bytearray(k) for k in keys))
-    return runner.ChipLot(batch, chips), keys
+    return lot_mod.ChipLot(batch, chips), keys
 
 
 def chip_bus_factory(chips, clock=None):

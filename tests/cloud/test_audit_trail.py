@@ -22,15 +22,16 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from fleetid.cli.main import cli
 from fleetid.cloud import audit
-from fleetid.cloud.line import runner
+from fleetid.cloud.line import runner, workdir
 from fleetid.cloud.line.reconcile import reconcile
 from fleetid.cloud.line.station import Station
 from fleetid.cloud.registry import verify_registry_log
 from fleetid.cloud.verifier.revoked_cas import ca_fingerprint
 from fleetid.sim.endpoint import BusEndpoint
+from fleetid.sim.metering import EmulatedBuses
 from tests.cloud.cloud_support import pem
 from tests.cloud.hsm_support import KEYSTORE_PASS
-from tests.cloud.line_support import LINE_ENV, known_lot, make_line
+from tests.cloud.line_support import LINE_ENV, init_demo_line, known_lot, make_line
 
 ANY_KEY = ec.generate_private_key(ec.SECP256R1()).public_key()  # logs without checkpoints
 
@@ -127,7 +128,7 @@ def test_reconcile_signs_a_checkpoint_over_what_a_killed_run_left(tmp_path):
 def test_reconcile_command_reports_the_checkpoint(tmp_path, monkeypatch):
     monkeypatch.setenv("FLEETID_KEYSTORE_PASS", KEYSTORE_PASS)
     out = str(tmp_path / "line")
-    line = runner.init_line(out, scrypt_n=2**14)
+    line = init_demo_line(out, scrypt_n=2**14)
     try:
         lot, _keys = known_lot(line, 1)
         Station("st-1", line.resources_for(lot.batch)).provision(BusEndpoint(lot.chips[0].chip))
@@ -170,7 +171,7 @@ def test_a_line_run_stopped_by_sigterm_signs_a_last_checkpoint(tmp_path):
             process.wait(10)
     assert process.returncode == 1
     assert b"Traceback" not in process.stderr.read()
-    line = runner.open_line(str(out), environ=env)
+    line = workdir.open_line(str(out), environ=env)
     try:
         report = verify_registry_log(line.registry, *line.public_keys())
         assert report.entries < 5000 and report.unanchored == 0 and report.checkpoints >= 1
@@ -191,7 +192,7 @@ def test_the_witness_anchor_catches_a_truncated_and_rewritten_log(tmp_path):
     line = make_line(tmp_path)
     try:
         lot, _keys = known_lot(line, 4)
-        runner.run_line(line.resources_for(lot.batch), lot.chips, stations=2)
+        runner.run_line(line.resources_for(lot.batch), lot.chips, EmulatedBuses(), stations=2)
         line_pub, witness_pub = line.public_keys()
         anchor_file = os.path.join(line.workdir, "witness", "anchor.json")
         covers, head = audit.read_witness_anchor(anchor_file, witness_pub)
@@ -219,7 +220,7 @@ def test_the_witness_anchor_catches_a_truncated_and_rewritten_log(tmp_path):
     result = verify("--witness-anchor", anchor_file)
     assert result.exit_code == 1 and "first bad entry 2: truncated" in result.output
     # The witness will not sign the shorter log, so no new anchor can paper over the cut.
-    line = runner.open_line(os.path.join(str(tmp_path), "line"), environ=LINE_ENV)
+    line = workdir.open_line(os.path.join(str(tmp_path), "line"), environ=LINE_ENV)
     try:
         with pytest.raises(audit.AuditError) as refused:
             line.checkpointer.checkpoint()

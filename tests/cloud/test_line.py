@@ -10,6 +10,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.x509 import verification
 
 from fleetid.cloud.ca import verify_attestation_extension
+from fleetid.cloud.line import report as report_mod
 from fleetid.cloud.line import runner
 from fleetid.cloud.line.station import LineFailure, Station
 from fleetid.cloud.registry import COMMITTED, HELD
@@ -17,6 +18,7 @@ from fleetid.common import se_consts as C
 from fleetid.sim import fab
 from fleetid.sim.chip import Chip
 from fleetid.sim.endpoint import BusEndpoint
+from fleetid.sim.metering import EmulatedBuses
 from tests.cloud.line_support import (
     check_invariants,
     files_under,
@@ -37,8 +39,9 @@ def test_parallel_stations_commit_confirmed_identities_and_write_no_secret(
     try:
         lot, transport = known_lot(line, 6)
         before = {p: os.stat(p).st_mtime_ns for p in files_under(line.workdir)}
-        summary = runner.run_line(line.resources_for(lot.batch), lot.chips, stations=3)
-        report = runner.write_report([summary], os.path.join(line.workdir, "report.html"))
+        summary = runner.run_line(line.resources_for(lot.batch), lot.chips, EmulatedBuses(),
+                                  stations=3)
+        report = report_mod.write_report([summary], os.path.join(line.workdir, "report.html"))
 
         assert summary.yield_pct == 100.0 and summary.failures() == {}
         assert summary.audit_entries >= 6 and summary.audit_bytes > 6 * 500
@@ -56,7 +59,7 @@ def test_parallel_stations_commit_confirmed_identities_and_write_no_secret(
             assert device.status == COMMITTED and device.station.startswith("st-")
             cert = x509.load_der_x509_certificate(bytes(made.nvm.get("cert/1")))
             chain_verifier.verify(cert, [line.ca_cert])
-            statement = verify_attestation_extension(cert, [line.vendor.cert],
+            statement = verify_attestation_extension(cert, line.vendor_roots,
                                                      expected_se_uid=made.uid)
             assert statement.slot == C.SLOT_IDENTITY
             assert made.nvm.get("ta/%04x" % C.DGI_FLEET_ROOT) == line.root_cert.public_bytes(
@@ -208,7 +211,7 @@ def test_issuance_journal_shares_fsyncs_between_concurrent_stations(tmp_path, mo
     import threading
     import time as time_mod
 
-    from fleetid.cloud.line.station import IssuanceJournal
+    from fleetid.cloud.line.journal import IssuanceJournal
 
     real_fsync = os.fsync
 
@@ -246,7 +249,7 @@ def test_report_makes_a_yield_drop_obvious():
         result.cause = None if result.ok else "hsm:busy"
         runs.append(runner.DeviceRun(result, 20.0 + i % 7, 0.0, 5.0, 10.0, 19))
     summary = runner.RunSummary(4, "none", runs, 2.0, 76000, 97, {"busy_timeouts": 3}, "lot")
-    page = runner.report_html([summary])
+    page = report_mod.report_html([summary])
     assert summary.yield_pct == 97.0 and summary.failures() == {"hsm:busy": 3}
     assert "class='bad'>97.00 %" in page and "Yield loss 3.00 %" in page
     assert "<code>hsm:busy</code>" in page

@@ -7,12 +7,13 @@ from click.testing import CliRunner
 
 from fleetid.cli.main import cli
 from fleetid.cloud.line import reconcile as reconcile_mod
-from fleetid.cloud.line import runner
+from fleetid.cloud.line import workdir
 from fleetid.cloud.line.station import Station
 from fleetid.cloud.registry import COMMITTED, HELD, INTENT
+from fleetid.sim import lot as lot_mod
 from fleetid.sim.endpoint import BusEndpoint
 from tests.cloud.hsm_support import KEYSTORE_PASS
-from tests.cloud.line_support import SimulatedKill
+from tests.cloud.line_support import SimulatedKill, init_demo_line
 
 
 def _env():
@@ -44,10 +45,10 @@ def test_reconcile_resumes_a_device_killed_before_commit_and_run_refuses_before(
         tmp_path, monkeypatch):
     monkeypatch.setenv("FLEETID_KEYSTORE_PASS", KEYSTORE_PASS)
     out = str(tmp_path / "line")
-    line = runner.init_line(out, scrypt_n=2**14)
+    line = init_demo_line(out, scrypt_n=2**14)
     try:
-        batch = runner.new_batch_name()
-        lot = runner.make_lot(line, 2, batch=batch, chip_dir=os.path.join(out, "chips", batch))
+        batch = lot_mod.new_batch_name()
+        lot = lot_mod.make_lot(line, 2, batch=batch, chip_dir=os.path.join(out, "chips", batch))
         resources = line.resources_for(lot.batch)
 
         def kill(step):
@@ -81,7 +82,7 @@ def test_reconcile_resumes_a_device_killed_before_commit_and_run_refuses_before(
     assert result.exit_code == 0, result.output
     assert "device 1: resumed" in result.output
     assert "device 2: no-certificate" in result.output
-    line = runner.open_line(out)
+    line = workdir.open_line(out)
     try:
         assert line.registry.get_device(1).status == COMMITTED
         assert line.registry.get_device(2).status == HELD
@@ -151,7 +152,7 @@ def test_reconcile_removes_chip_temp_files_a_killed_run_left(tmp_path, monkeypat
 
     monkeypatch.setenv("FLEETID_KEYSTORE_PASS", KEYSTORE_PASS)
     out = str(tmp_path / "line")
-    runner.init_line(out, scrypt_n=2**14).close()
+    init_demo_line(out, scrypt_n=2**14).close()
     lot_dir = tmp_path / "line" / "chips" / "lot-killed"
     lot_dir.mkdir(parents=True)
     chip = Nvm(lot_dir / "se-0102.nvm")
@@ -169,6 +170,6 @@ def test_reconcile_removes_chip_temp_files_a_killed_run_left(tmp_path, monkeypat
 
 
 def test_init_line_without_a_passphrase_creates_nothing(tmp_path):
-    with pytest.raises(runner.LineConfigError, match="FLEETID_KEYSTORE_PASS"):
-        runner.init_line(str(tmp_path / "line"), environ={})
+    with pytest.raises(workdir.LineConfigError, match="FLEETID_KEYSTORE_PASS"):
+        workdir.init_line(str(tmp_path / "line"), environ={})
     assert not (tmp_path / "line").exists()

@@ -8,7 +8,7 @@ import sqlite3
 
 import pytest
 
-from fleetid.cloud.line import runner
+from fleetid.cloud.line import workdir
 from fleetid.cloud.line.reconcile import NO_CERTIFICATE, RESUMED, REVOKED_ORPHAN, reconcile
 from fleetid.cloud.line.station import AFTER_COMMIT, STEPS, Station
 from fleetid.cloud.registry import COMMITTED, HELD, INTENT
@@ -34,7 +34,7 @@ def line(tmp_path):
 
 def _fresh(line):
     """What a restarted line process has: a new registry connection and journal reader."""
-    return runner.open_line(line.workdir, environ=LINE_ENV)
+    return workdir.open_line(line.workdir, environ=LINE_ENV)
 
 
 def _provision(resources, made, clock=None, faults=None, hook=None):
@@ -287,7 +287,7 @@ def test_hsm_pool_exhausted_refuses_the_chip_before_writing_anything(line):
     import threading
 
     uri = line.config["hsm"] + ";max-sessions=1;acquire-timeout=0.05"
-    busy_line = runner.open_line(line.workdir, hsm_uri=uri, environ=LINE_ENV)
+    busy_line = workdir.open_line(line.workdir, hsm_uri=uri, environ=LINE_ENV)
     try:
         lot, _keys = known_lot(busy_line, 1)
         resources = busy_line.resources_for(lot.batch)

@@ -1,4 +1,4 @@
-"""station.certificate_facts (from the parsed certificate) gives audit.certificate_facts'
+"""records.certificate_facts (from the parsed certificate) gives audit.certificate_facts'
 answer (from the DER) exactly, issuer names with escapes included."""
 
 import datetime
@@ -7,7 +7,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from fleetid.cloud import audit
-from fleetid.cloud.line import station
+from fleetid.cloud.line import records
 
 
 def _cert(serial, issuer_cn):
@@ -31,8 +31,8 @@ def test_facts_from_the_parsed_certificate_equal_the_audit_modules():
     resources = _Resources()
     for serial, cn in ((0x0ABC, 'CA "one"+'), (1, "CA two"), (0x0ABC, 'CA "one"+')):
         cert, der = _cert(serial, cn)
-        assert station.certificate_facts(resources, der, cert) == audit.certificate_facts(der)
+        assert records.certificate_facts(resources, der, cert) == audit.certificate_facts(der)
     assert len(resources.issuer_names) == 2  # one cached string per issuer
     cert, der = _cert(7, "CA three")
-    assert station.certificate_facts(object(), der, cert) == audit.certificate_facts(der)
-    assert station.certificate_facts(resources, der) == audit.certificate_facts(der)
+    assert records.certificate_facts(object(), der, cert) == audit.certificate_facts(der)
+    assert records.certificate_facts(resources, der) == audit.certificate_facts(der)

@@ -1,7 +1,7 @@
 """A personalised emulated device and the fleet cloud it talks to, in one process (no
 tests in this module).
 
-The factory line (fleetid.cloud.line.runner) initialises a line on the embedded defaults
+The factory line (fleetid.cloud.line.workdir + runner) initialises a line on the embedded defaults
 (soft keystore, SQLite), fabs chips and personalises them on a station: the chips hold
 their identity key, certificate and the fleet root trust anchor, exactly as shipped.  The
 cloud (EST + verifier, fleetid.cloud.verifier.server.CloudServer) runs on 127.0.0.1 in a
@@ -27,7 +27,10 @@ from fleetid.cloud.verifier.service import FleetTrust, FleetVerifier
 from fleetid.common import se_consts as C
 from fleetid.common.apdu import ApduProtocol
 from fleetid.device.se import SeSession
+from fleetid.sim import lot as lot_mod
+from fleetid.sim.metering import EmulatedBuses
 from tests.cloud.hsm_support import KEYSTORE_PASS, TEST_SCRYPT_N
+from tests.cloud.line_support import init_demo_line
 
 PEM = serialization.Encoding.PEM
 LABEL = "widget"
@@ -36,23 +39,24 @@ LABEL = "widget"
 class LineAndCloud:
     """A line with `devices` personalised chips and the cloud on the same PKI.
 
-    Attributes: line (runner.Line), chips (list of EmulatedChip), server (CloudServer),
+    Attributes: line (workdir.Line), chips (list of EmulatedChip), server (CloudServer),
     ports ({"verifier": int, "est": int}), verifier (FleetVerifier), est (EstService).
     """
 
     def __init__(self, directory, devices=2, labels_extra=()):
         self.dir = str(directory)
-        self.line = runner.init_line(os.path.join(self.dir, "line"), scrypt_n=TEST_SCRYPT_N,
+        self.line = init_demo_line(os.path.join(self.dir, "line"), scrypt_n=TEST_SCRYPT_N,
                                      environ=dict(os.environ,
                                                   FLEETID_KEYSTORE_PASS=KEYSTORE_PASS))
-        lot = runner.make_lot(self.line, devices)
-        summary = runner.run_line(self.line.resources_for(lot.batch), lot.chips, stations=1)
+        lot = lot_mod.make_lot(self.line, devices)
+        summary = runner.run_line(self.line.resources_for(lot.batch), lot.chips,
+                                  EmulatedBuses(), stations=1)
         if summary.yield_pct != 100.0:
             raise RuntimeError("the line failed: %r" % (summary.failures(),))
         self.chips = lot.chips
         line = self.line
-        self.trust = FleetTrust([line.root_cert], [line.ca_cert], [line.vendor.cert])
-        ca = IssuingCa(line.hsm, line.labels["ca"], line.ca_cert, [line.vendor.cert])
+        self.trust = FleetTrust([line.root_cert], [line.ca_cert], line.vendor_roots)
+        ca = IssuingCa(line.hsm, line.labels["ca"], line.ca_cert, line.vendor_roots)
         chain = [line.ca_cert, line.root_cert]
         labels = [EstLabel(LABEL, ca, chain)]
         labels += [EstLabel(name, ca, chain, require_approval=True, retry_after=retry)

@@ -66,14 +66,14 @@ def test_enrol_then_reenrol_keys_made_attested_and_kept_in_the_se(env):
     assert policy & C.POLICY_GENERATED_ON_CHIP and policy & C.POLICY_NON_EXPORTABLE
     assert se.get_cert(first.slot) == first.certificate_der
     assert first.certificate.subject == identity.subject
-    statement = verify_attestation_extension(first.certificate, [env.line.vendor.cert],
+    statement = verify_attestation_extension(first.certificate, env.line.vendor_roots,
                                              expected_se_uid=se.uid())
     assert statement.slot == first.slot
 
     second = est.enroll(first.slot, reenroll=True)
     assert second.operation == "simplereenroll" and second.slot == C.SLOT_OPERATIONAL_B
     assert _point(second.certificate) == se.public_key(second.slot)[1] != point
-    statement = verify_attestation_extension(second.certificate, [env.line.vendor.cert],
+    statement = verify_attestation_extension(second.certificate, env.line.vendor_roots,
                                              expected_se_uid=se.uid())
     assert statement.slot == second.slot
     kinds = [c.kind for c in env.line.registry.certificates(record.serial)]

@@ -1,0 +1,118 @@
+"""What a line's stations share: its configuration (`LineConfig`) and its services
+(`LineResources`: HSM session pool, registry, issuing CA, SE vendor roots, issuance
+journal, audit checkpointer).  One instance per run, used by every station thread."""
+
+import datetime
+import threading
+import time
+
+from cryptography.x509 import verification
+
+from fleetid.cloud.line.steps import IDENTIFY, LineFailure
+from fleetid.common import se_consts as C
+from fleetid.common.host.hostcrypto import CryptographyPrimitives
+from fleetid.common.t1 import PROFILE_GP
+
+_VERIFIER_MAX_AGE_S = 60.0  # rebuild the vendor-chain verifier (its time) once a minute
+
+
+class LineConfig:
+    """What a line needs to know besides its services.
+
+    Params: batch: the chip batch (names the HSM transport key set; 1..128 chars).
+        ca_label: the issuing CA's key label (for the report).  master_label: the HSM's
+        SCP03 master key.  operator: who runs the line.  serial_prefix: device serials are
+        "<prefix>-<9 digits>" (certificate CN / serialNumber).  fleet_root_der: DER of the
+        fleet root (STORE DATA DGI_FLEET_ROOT).  firmware_key_point: 65-byte point of the
+        firmware-signing key or None.  server_root_der: DER or None.  scp_level: SCP03
+        security level (default C-MAC, C-DEC, R-MAC, R-ENC).  link_profile: T=1' framing.
+    """
+
+    def __init__(self, batch, fleet_root_der, master_label="scp03-master", operator="line",
+                 serial_prefix="FID", firmware_key_point=None, server_root_der=None,
+                 scp_level=0x33, slot=C.SLOT_IDENTITY, link_profile=PROFILE_GP,
+                 cert_profile="identity"):
+        self.batch = batch
+        self.fleet_root_der = bytes(fleet_root_der)
+        self.master_label = master_label
+        self.operator = operator
+        self.serial_prefix = serial_prefix
+        self.firmware_key_point = firmware_key_point
+        self.server_root_der = server_root_der
+        self.scp_level = scp_level
+        self.slot = slot
+        self.link_profile = link_profile
+        self.cert_profile = cert_profile
+
+    def trust_dgis(self):
+        """The STORE DATA DGIs of the trust anchors: [(dgi, value)], fleet root first."""
+        dgis = [(C.DGI_FLEET_ROOT, self.fleet_root_der)]
+        if self.firmware_key_point is not None:
+            dgis.append((C.DGI_FIRMWARE_KEY, self.firmware_key_point))
+        if self.server_root_der is not None:
+            dgis.append((C.DGI_SERVER_ROOT, self.server_root_der))
+        return dgis
+
+    def device_serial(self, serial):
+        """The device serial string the certificate carries for registry serial `serial`."""
+        return "%s-%09d" % (self.serial_prefix, serial)
+
+
+class LineResources:
+    """The shared services of one line: every station of a run uses the same instance.
+
+    Params: hsm: HsmBackend.  registry: Registry.  issuing_ca: IssuingCa.
+        vendor_roots: trusted SE vendor root certificates.  config: LineConfig.
+        journal: IssuanceJournal.  checkpointer: audit.Checkpointer or None.
+        prims: SCP03 host primitives (default CryptographyPrimitives()).
+        wall_clock: epoch seconds (vendor chain validation time).
+    """
+
+    def __init__(self, hsm, registry, issuing_ca, vendor_roots, config, journal,
+                 checkpointer=None, prims=None, wall_clock=time.time):
+        self.hsm = hsm
+        self.registry = registry
+        self.issuing_ca = issuing_ca
+        self.vendor_roots = list(vendor_roots)
+        self.config = config
+        self.journal = journal
+        self.checkpointer = checkpointer
+        self.prims = prims or CryptographyPrimitives()
+        self.wall_clock = wall_clock
+        self._transport = None
+        self._lock = threading.Lock()
+        self._verifier = None
+        self._verifier_at = None
+        self.issuer_name = issuing_ca.ca_certificate.subject.rfc4514_string()
+        # issuer Name DER -> RFC 4514 string, for the audit facts (certificate_facts).
+        self.issuer_names = {}
+
+    def transport_keys(self):
+        """The batch's transport KeySetHandle (looked up once)."""
+        with self._lock:
+            if self._transport is None:
+                self._transport = self.hsm.transport_keys(self.config.batch)
+            return self._transport
+
+    def vendor_verifier(self):
+        """A cryptography client verifier for MAK chains (cached, rebuilt each minute)."""
+        now = self.wall_clock()
+        with self._lock:
+            if self._verifier is None or now - self._verifier_at > _VERIFIER_MAX_AGE_S:
+                if not self.vendor_roots:
+                    raise LineFailure("counterfeit:unknown_vendor", IDENTIFY,
+                                      "no trusted SE vendor roots")
+                at = datetime.datetime.fromtimestamp(now, datetime.timezone.utc)
+                # MAK certificates are SE-vendor end-entity certificates (no SAN, no EKU):
+                # the same policy split as fleetid.cloud.ca.evidence.
+                self._verifier = (
+                    verification.PolicyBuilder()
+                    .store(verification.Store(self.vendor_roots))
+                    .time(at)
+                    .max_chain_depth(4)
+                    .extension_policies(
+                        ca_policy=verification.ExtensionPolicy.webpki_defaults_ca(),
+                        ee_policy=verification.ExtensionPolicy.permit_all())
+                    .build_client_verifier())
+                self._verifier_at = now
+            return self._verifier

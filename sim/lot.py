@@ -1,0 +1,122 @@
+"""An emulated vendor lot: chips made the way sim.fab makes them, sharing one fresh set
+of transport keys that go straight into the line's HSM (never into a file).
+
+    vendor = lot.vendor_for(line)                          # the simulated SE vendor's CA
+    chips = lot.make_lot(line, 100, "lot-2026-11-23a")     # ChipLot(batch, [EmulatedChip])
+    lot.load_chips("<line>/chips/<lot>")                   # {uid: EmulatedChip} after a crash
+
+`line` is anything with `hsm` (import_transport_keys) and `vendor_dir` (the folder of the
+simulated vendor CA): a fleetid.cloud.line Line, duck-typed, so the emulator imports
+nothing of the cloud.  The CLI, the tests and the bench wire this lot into the line.
+"""
+
+import datetime
+import os
+import secrets
+
+from fleetid.common import se_consts as C
+from fleetid.sim import chip as chip_mod
+from fleetid.sim import fab
+from fleetid.sim.nvm import Nvm, remove_stale_temp_files
+
+FIRMWARE_VERSION = b"\x01\x00\x00"
+
+
+class EmulatedChip:
+    """One emulated SE from a lot: `uid`, `chip` (sim.chip.Chip), `nvm`."""
+
+    __slots__ = ("uid", "chip", "nvm")
+
+    def __init__(self, uid, chip, nvm):
+        self.uid = uid
+        self.chip = chip
+        self.nvm = nvm
+
+
+class ChipLot:
+    """Chips of one vendor lot sharing one transport key set (`batch` in the HSM)."""
+
+    def __init__(self, batch, chips):
+        self.batch = batch
+        self.chips = chips
+
+    def by_uid(self):
+        return {c.uid: c for c in self.chips}
+
+
+def vendor_for(line, now=None):
+    """The simulated SE vendor CA (sim.fab.VendorCa) of `line` (its `vendor_dir`),
+    created on first use."""
+    return fab.load_or_create_vendor_ca(line.vendor_dir, now=now)
+
+
+def fab_in_memory(vendor, transport_keys, se_uid=None, nvm_path=None, rng=os.urandom):
+    """Make one chip the way sim.fab does, without writing a fab record (the record would
+    hold the transport keys in plaintext; here the vendor hands them to the HSM only).
+    Returns: EmulatedChip."""
+    se_uid = se_uid or rng(16)
+    nvm = Nvm(nvm_path)
+    enc, mac, dek = transport_keys
+    point = chip_mod.fab_initialise(nvm, se_uid, FIRMWARE_VERSION,
+                                    (enc, mac, dek, C.SCP03_KVN_TRANSPORT), rng=rng)
+    mak_cert = fab.issue_mak_certificate(vendor, se_uid, point)
+    chip_mod.fab_store_attestation_chain(nvm, [mak_cert, vendor.cert_der])
+    return EmulatedChip(se_uid, chip_mod.Chip(nvm, rng=rng), nvm)
+
+
+def new_batch_name():
+    """A fresh lot name: "lot-<UTC time>-<4 hex>"."""
+    return "lot-" + datetime.datetime.now(datetime.timezone.utc).strftime(
+        "%Y%m%dT%H%M%S") + "-" + secrets.token_hex(2)
+
+
+def make_lot(line_or_hsm, count, batch=None, vendor=None, chip_dir=None, rng=os.urandom):
+    """A vendor lot: fresh transport keys (imported into the HSM under `batch`, the
+    caller's copies wiped) and `count` chips holding them.
+
+    Params: line_or_hsm: a line (`hsm`, `vendor_dir`), or an HSM backend (then `vendor`
+        is required).  chip_dir: keep each chip's NVM in "<chip_dir>/se-<uid>.nvm"
+        (None: in memory).
+    Returns: ChipLot.
+    """
+    hsm = getattr(line_or_hsm, "hsm", line_or_hsm)
+    vendor = vendor or vendor_for(line_or_hsm)
+    batch = batch or new_batch_name()
+    keys = [bytearray(rng(16)) for _ in range(3)]
+    chips = []
+    if chip_dir:
+        os.makedirs(chip_dir, exist_ok=True)
+    for _ in range(count):
+        uid = rng(16)
+        path = os.path.join(chip_dir, "se-%s.nvm" % uid.hex()) if chip_dir else None
+        chips.append(fab_in_memory(vendor, tuple(bytes(k) for k in keys), uid, path, rng))
+    hsm.import_transport_keys(batch, keys[0], keys[1], keys[2])  # wipes the bytearrays
+    return ChipLot(batch, chips)
+
+
+def remove_stale_chip_files(chips_root):
+    """Recovery after a killed run: delete the NVM temp files (key scalars of commits that
+    never reached their atomic point) in every lot folder under `chips_root`
+    (<line>/chips).  Returns the removed paths.  Raises NvmError."""
+    removed = []
+    if not os.path.isdir(chips_root):
+        return removed
+    for lot in sorted(os.listdir(chips_root)):
+        if os.path.isdir(os.path.join(chips_root, lot)):
+            removed += remove_stale_temp_files(os.path.join(chips_root, lot))
+    return removed
+
+
+def load_chips(chip_dir):
+    """Re-open chips kept in `chip_dir` (make_lot(chip_dir=...)), after deleting the temp
+    files a killed run left there.  Returns {uid: EmulatedChip}."""
+    out = {}
+    if not chip_dir or not os.path.isdir(chip_dir):
+        return out
+    remove_stale_temp_files(chip_dir)
+    for name in sorted(os.listdir(chip_dir)):
+        if name.startswith("se-") and name.endswith(".nvm"):
+            nvm = Nvm(os.path.join(chip_dir, name))
+            uid = bytes(nvm.get("uid", b""))
+            out[uid] = EmulatedChip(uid, chip_mod.Chip(nvm), nvm)
+    return out
