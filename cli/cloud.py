@@ -84,6 +84,9 @@ def serve_cmd(config_path, state_dir, host, verifier_port, est_port, metrics_por
                    est_port=est_port, metrics_port=metrics_port)
     environ = environ_with_secret(secret_variable(config.hsm), pass_file,
                                   creating=not os.path.exists(config.state_dir))
+    witness = config.audit_witness_hsm
+    if witness and secret_variable(witness) != secret_variable(config.hsm):
+        environ = environ_with_secret(secret_variable(witness), None, environ=environ)
     configure_json_logging(getattr(logging, config.log_level.upper(), logging.INFO))
     try:
         context = build_context(config, environ)

@@ -24,14 +24,21 @@ def _fail(exc):
     return click.ClickException("%s: %s" % (type(exc).__name__, exc))
 
 
-def _environ(out, hsm_uri, pass_file):
-    """The environment with the HSM secret of the line in `out` supplied (hsm_secret)."""
+def _environ(out, hsm_uri, pass_file, witness_hsm_uri=None):
+    """The environment with the HSM secrets of the line in `out` supplied (hsm_secret):
+    the line's HSM, then the audit witness's keystore or token when it names another
+    variable."""
     from fleetid.cloud.hsm import secret_variable
     from fleetid.cloud.line import workdir
 
     uri = workdir.line_hsm_uri(out, hsm_uri)
     creating = not os.path.exists(os.path.join(out, workdir.CONFIG_FILE)) and not hsm_uri
-    return environ_with_secret(secret_variable(uri), pass_file, creating=creating)
+    environ = environ_with_secret(secret_variable(uri), pass_file, creating=creating)
+    witness = witness_hsm_uri or workdir.line_witness_hsm_uri(out)
+    if witness and secret_variable(witness) != secret_variable(uri):
+        environ = environ_with_secret(secret_variable(witness), None,
+                                      creating=bool(witness_hsm_uri), environ=environ)
+    return environ
 
 
 def _open_or_init(out, hsm_uri, registry_uri, max_sessions=None, init_if_missing=True,
@@ -55,15 +62,16 @@ def _open_or_init(out, hsm_uri, registry_uri, max_sessions=None, init_if_missing
     return line
 
 
-def _init_demo_line(out, hsm_uri, registry_uri, environ):
+def _init_demo_line(out, hsm_uri, registry_uri, environ, **custody):
     """init_line on the demo's simulated SE vendor: its root CA goes into OUT/vendor first
-    (the line trusts it; the vendor side, sim.lot, makes the chips with it)."""
+    (the line trusts it; the vendor side, sim.lot, makes the chips with it).  `custody`:
+    init_line's root / cas / witness_hsm_uri."""
     from fleetid.cloud.line import workdir
     from fleetid.sim import fab
 
     if not os.path.exists(os.path.join(out, workdir.CONFIG_FILE)):
         fab.load_or_create_vendor_ca(os.path.join(out, "vendor"))
-    return workdir.init_line(out, hsm_uri, registry_uri, environ=environ)
+    return workdir.init_line(out, hsm_uri, registry_uri, environ=environ, **custody)
 
 
 @click.group()
@@ -88,29 +96,65 @@ def line():
               help="HSM URI (default: a soft keystore in OUT). See `fleetid pki --help`.")
 @click.option("--registry", "registry_uri", metavar="URI",
               help="Registry URI (default: sqlite:OUT/registry.db).")
+@click.option("--root-cert", type=click.Path(exists=True, dir_okay=False),
+              help="Adopt this fleet root (from `fleetid pki init-root`); with --root-label.")
+@click.option("--root-label", help="HSM label of the adopted root's key.")
+@click.option("--ca", "cas", multiple=True, metavar="LABEL=PEM",
+              help="Adopt an issuing CA (from `fleetid pki new-ca`): its HSM key label and "
+                   "certificate.  Repeat for one CA per product/batch/region; the first "
+                   "is the default, `line run --ca-batch` chooses another.")
+@click.option("--witness-hsm", "witness_hsm_uri", metavar="URI",
+              help="The audit witness's own keystore or token (required with --hsm; "
+                   "default: a soft keystore of its own in OUT/witness).")
 @pass_file_option
-def init_cmd(out, hsm_uri, registry_uri, pass_file):
-    """Set up a line work directory: SE vendor CA (simulated), fleet root key ceremony,
-    issuing CA, SCP03 master key and audit keys in the HSM, the registry.
+def init_cmd(out, hsm_uri, registry_uri, root_cert, root_label, cas, witness_hsm_uri,
+             pass_file):
+    """Set up a line work directory: the SE vendor's root (the simulated vendor's, on the
+    demo path), the fleet root and issuing CAs, SCP03 master key, audit line key and
+    firmware key in the HSM, the audit witness key in its own keystore, the registry.
+
+    With --hsm, the root and the issuing CAs are adopted (--root-cert, --root-label,
+    --ca), as `fleetid pki init-root` and `fleetid pki new-ca` made them; without, the
+    embedded demo creates them (root key ceremony, one CA).
 
     The embedded soft keystore's passphrase comes from FLEETID_KEYSTORE_PASS, a file
     named with --keystore-pass-file, or a prompt; it is never stored in OUT."""
     from fleetid.cloud.line import workdir
 
+    root, adopted = _custody_options(root_cert, root_label, cas)
     try:
         if os.path.exists(os.path.join(out, workdir.CONFIG_FILE)):
             raise FileExistsError(out)
-        environ = _environ(out, hsm_uri, pass_file)
-        opened = _init_demo_line(out, hsm_uri, registry_uri, environ)
+        environ = _environ(out, hsm_uri, pass_file, witness_hsm_uri)
+        opened = _init_demo_line(out, hsm_uri, registry_uri, environ, root=root, cas=adopted,
+                                 witness_hsm_uri=witness_hsm_uri)
     except FileExistsError:
         raise click.ClickException("%s already holds a line" % out) from None
     except (FleetidError, OSError) as exc:
         raise _fail(exc) from None
-    opened.close()
-    click.echo("line initialised in %s" % out)
-    click.echo("  root:   %s" % os.path.join(out, "pki", "ceremony", "root.pem"))
-    click.echo("  CA:     %s" % os.path.join(out, "pki", "ca.pem"))
-    click.echo("  audit:  %s" % os.path.join(out, "pki", "audit-line.pub.pem"))
+    try:
+        click.echo("line initialised in %s" % out)
+        click.echo("  root:   %s" % os.path.join(out, opened.config["root_cert"]))
+        for entry in opened.config["cas"]:
+            click.echo("  CA:     %s (batch %s)" % (os.path.join(out, entry["cert"]),
+                                                    entry["scope"]["batch"]))
+        click.echo("  audit:  %s" % os.path.join(out, "pki", "audit-line.pub.pem"))
+        click.echo("  witness: %s" % os.path.join(out, "pki", "audit-witness.pub.pem"))
+    finally:
+        opened.close()
+
+
+def _custody_options(root_cert, root_label, cas):
+    """(root, cas) for init_line from --root-cert / --root-label / --ca LABEL=PEM."""
+    if bool(root_cert) != bool(root_label):
+        raise click.UsageError("--root-cert and --root-label go together")
+    adopted = []
+    for item in cas:
+        label, sep, path = item.partition("=")
+        if not sep or not label or not path:
+            raise click.BadParameter("%r: expected LABEL=PEM" % item, param_hint="--ca")
+        adopted.append((label, path))
+    return ((root_label, root_cert) if root_cert else None), adopted
 
 
 def _station_counts(text):
@@ -157,11 +201,13 @@ def _sigterm_interrupts():
               help="HSM session pool bound (default: the URI's, else 8 or K).")
 @click.option("--keep-chips", is_flag=True,
               help="Keep chip NVM files in OUT/chips/<lot> (for reconcile with chip access).")
+@click.option("--ca-batch", default=None,
+              help="Issue with the line's CA for this product batch (default: its default CA).")
 @click.option("--out", required=True, type=click.Path(file_okay=False),
               help="Line work directory (initialised on first use); the report goes here.")
 @pass_file_option
 def run_cmd(devices, stations, se_profile, hsm_uri, registry_uri, max_sessions, keep_chips,
-            out, pass_file):
+            ca_batch, out, pass_file):
     """Personalise N emulated chips on K parallel stations sharing the HSM session pool
     and the registry; print a summary and write OUT/report-<lot>.html."""
     from rich.console import Console
@@ -170,12 +216,13 @@ def run_cmd(devices, stations, se_profile, hsm_uri, registry_uri, max_sessions, 
     console = Console()
     with _sigterm_interrupts():
         summaries, report = _run_lots(out, hsm_uri, registry_uri, max_sessions, keep_chips,
-                                      counts, devices, se_profile, pass_file, console)
+                                      counts, devices, se_profile, pass_file, console,
+                                      ca_batch)
     _print_summaries(console, summaries, se_profile, report)
 
 
 def _run_lots(out, hsm_uri, registry_uri, max_sessions, keep_chips, counts, devices,
-              se_profile, pass_file, console):
+              se_profile, pass_file, console, ca_batch=None):
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, \
         TimeElapsedColumn
 
@@ -196,11 +243,12 @@ def _run_lots(out, hsm_uri, registry_uri, max_sessions, keep_chips, counts, devi
         if pending:
             raise click.ClickException("%d devices are in flight from an earlier run: run "
                                        "`fleetid line reconcile --out %s` first" % (pending, out))
+        opened.issuing_ca_for(ca_batch)  # an unknown batch fails before any lot is made
         for k in counts:
             batch = lot_mod.new_batch_name()
             chip_dir = os.path.join(out, "chips", batch) if keep_chips else None
             lot = lot_mod.make_lot(opened, devices, batch=batch, chip_dir=chip_dir)
-            resources = opened.resources_for(lot.batch)
+            resources = opened.resources_for(lot.batch, ca_batch=ca_batch)
             with Progress(TextColumn("[bold]%d stations" % k), BarColumn(),
                           MofNCompleteColumn(), TextColumn("{task.fields[status]}"),
                           TimeElapsedColumn(), console=console, transient=False) as bar:

@@ -39,6 +39,10 @@ File (all keys optional; paths relative to the file's folder):
                                      # audit chain while it runs (256 new entries or an
                                      # hour) and at shutdown; the embedded set-up makes
                                      # them (public keys in <state_dir>/audit/)
+    audit_witness_hsm = "..."        # the witness's own keystore or token (HSM URI; never
+                                     # the cloud's `hsm`): required with audit_witness_key;
+                                     # the embedded set-up makes a soft keystore of its
+                                     # own, <state_dir>/witness/keystore.json
     witness_anchor = "..."           # default <state_dir>/witness/anchor.json: the
                                      # witness's latest signed checkpoint
 
@@ -83,6 +87,7 @@ DEFAULTS = {
     "event_loop": "auto",
     "audit_line_key": None,
     "audit_witness_key": None,
+    "audit_witness_hsm": None,
     "witness_anchor": None,  # default: <state_dir>/witness/anchor.json
     "labels": [],
 }
@@ -187,6 +192,12 @@ def load_config(path=None, environ=None):
     if not values["hsm"]:
         values["hsm"] = "soft:%s;pass-env=FLEETID_KEYSTORE_PASS" % os.path.join(
             state, "keystore.json")
+    if values["audit_witness_key"] and not values["audit_witness_hsm"]:
+        raise ConfigError("audit_witness_key needs audit_witness_hsm: the witness's own "
+                          "keystore or token")
+    if values["audit_witness_hsm"] and values["audit_witness_hsm"] == values["hsm"]:
+        raise ConfigError("audit_witness_hsm must not be the cloud's hsm (the witness "
+                          "key lives in a keystore or token of its own)")
     if values["crl_port"] and not values["crl_base_url"]:
         values["crl_base_url"] = "http://%s:%d" % (values["host"], values["crl_port"])
     if values["crl_next_update_hours"] < 1:

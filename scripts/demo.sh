@@ -88,8 +88,9 @@ fleetid audit verify --registry "sqlite:$line/registry.db" \
 step "3. fleet cloud: EST CA + mTLS verifier on 127.0.0.1, on the line's PKI and registry"
 fleetid line cloud-config --line "$line" --out "$cloud"
 # The cloud signs audit checkpoints (what EST and the verifier record) with the line's
-# audit keys, the witness keeping the same anchor file.
+# audit keys (the witness's in its own keystore), the witness keeping the same anchor file.
 FLEETID_CLOUD_AUDIT_LINE_KEY=audit-line FLEETID_CLOUD_AUDIT_WITNESS_KEY=audit-witness \
+FLEETID_CLOUD_AUDIT_WITNESS_HSM="soft:$line/witness/keystore.json;pass-env=FLEETID_KEYSTORE_PASS" \
 FLEETID_CLOUD_WITNESS_ANCHOR="$line/witness/anchor.json" \
     fleetid cloud serve --config "$cloud/cloud.toml" >"$cloud/serve.out" 2>"$cloud/serve.log" &
 pids+=($!)

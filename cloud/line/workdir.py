@@ -17,14 +17,19 @@ Work directory (`init_line`):
     journal.jsonl        issuance journal (journal.py)
     witness/anchor.json  the witness's latest signed checkpoint (audit.AnchoringWitness;
                          another party's in production)
+    witness/keystore.json  demo only: the witness's own soft keystore (its key is never
+                         in the line's HSM; with --hsm, --witness-hsm names its token)
     vendor/              the SE vendor's root CA certificate (VENDOR_ROOT_FILE): the line
                          trusts it to attest chips; the CLI's demo puts the simulated
                          vendor's there before init_line
-    pki/ceremony/        root key ceremony record + root.pem;  pki/ca.pem: the batch CA
+    pki/                 demo: ceremony/ (root key ceremony record + root.pem) and ca.pem;
+                         adopted: root.pem and ca-<label>.pem, copies of what
+                         `fleetid pki init-root` / `new-ca` made; *.pub.pem: audit keys
 
-HSM keys (labels in line.json): fleet root, issuing CA, SCP03 master, the audit line key,
-the audit witness key and the firmware-signing key (its public point is the second trust
-anchor the line stores in every SE).
+HSM keys (labels in line.json): fleet root and issuing CAs (adopted, or made on the demo
+path), SCP03 master, the audit line key and the firmware-signing key (its public point is
+the second trust anchor the line stores in every SE).  The audit witness key: line.json's
+"witness" (its HSM URI and label).
 """
 
 import datetime
@@ -33,6 +38,7 @@ import os
 import time
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 
 from fleetid.cloud import audit
@@ -49,6 +55,7 @@ VENDOR_ROOT_FILE = "vendor_root.pem"  # the name the SE vendor (sim.fab) publish
 PASS_ENV = "FLEETID_KEYSTORE_PASS"
 FORMAT = "fleetid-line/1"
 DEFAULT_SCOPE = {"product": "widget", "batch": "b1", "region": "eu"}
+WITNESS_LABEL = "audit-witness"
 
 
 class LineConfigError(FleetidError):
@@ -90,29 +97,82 @@ def _read_config(workdir):
 
 
 def init_line(workdir, hsm_uri=None, registry_uri=None, scope=None, operator="line-operator",
-              serial_prefix="FID", scrypt_n=None, environ=None, now=None, master_key=None):
-    """Set up a line work directory on the embedded defaults (soft keystore, SQLite) or on
-    a given HSM / registry: root key ceremony, issuing CA, SCP03 master key,
-    audit line and witness keys.  Idempotent for the files it finds (an existing
-    line.json is refused).
+              serial_prefix="FID", scrypt_n=None, environ=None, now=None, master_key=None,
+              root=None, cas=(), witness_hsm_uri=None):
+    """Set up a line work directory: its PKI, SCP03 master key, audit line key,
+    firmware-signing key and the audit witness key (in its own keystore or token).
 
-    Params: workdir: folder.  hsm_uri / registry_uri: None for the defaults inside it.
-        scope: {"product", "batch", "region"} of the issuing CA.  scrypt_n: keystore
-        scrypt cost (tests pass 2**14).  environ: for the HSM secrets (default os.environ).
-        master_key: a bytearray to import as the SCP03 master (a ceremony restore; wiped
-        afterwards) instead of generating one inside the HSM.
+    Key custody: the fleet root and the issuing CAs are ADOPTED when `root` is given (as
+    `fleetid pki init-root` / `fleetid pki new-ca` made them: their keys in the HSM,
+    checked against the certificates).  They are created here only on the embedded demo
+    path (no hsm_uri, no root): a soft keystore in workdir, a root key ceremony and one
+    issuing CA for `scope`.  An HSM line without `root` is refused.
+
+    Params: workdir: folder; <workdir>/vendor/VENDOR_ROOT_FILE must hold the SE vendor's
+        root certificate.  hsm_uri / registry_uri: None for the defaults inside it.
+        scope: {"product", "batch", "region"} of the demo's issuing CA.  root: (HSM label,
+        root certificate PEM path) to adopt.  cas: [(HSM label, CA certificate PEM path)]
+        to adopt with the root, one per product/batch/region (the first is the default;
+        the line chooses by batch: Line.resources_for(ca_batch=...)).
+        witness_hsm_uri: the audit witness's keystore or token (never the line's HSM);
+        None on the demo path: a soft keystore of its own in <workdir>/witness/.
+        scrypt_n: soft keystore scrypt cost (tests pass 2**14).  environ: the HSM secrets
+        (default os.environ).  master_key: a bytearray to import as the SCP03 master (a
+        ceremony restore; wiped afterwards) instead of generating one inside the HSM.
     Returns: Line (opened; close it).
     Raises: FileExistsError if workdir already holds a line; LineConfigError if it cannot
-        be created; HSM / PKI / registry errors.
+        be created or the custody arguments do not fit; HSM / PKI / registry errors.
     """
-    from fleetid.cloud.hsm.soft_backend import SCRYPT_N_DEFAULT, SoftBackend
-    from fleetid.cloud.pki import init_root, new_ca
-
     workdir = os.path.abspath(workdir)
     environ = dict(os.environ if environ is None else environ)
+    _check_new_line(workdir, hsm_uri, environ)
+    if hsm_uri is None:  # the demo path: refused before its keystore is created
+        _check_custody(workdir, None, root, cas, witness_hsm_uri)
+    hsm, opened_uri = _open_line_hsm(workdir, hsm_uri, environ, scrypt_n)
+    if hsm_uri is not None:  # after the URI has been parsed: a bad one is named as such
+        try:
+            _check_custody(workdir, hsm_uri, root, cas, witness_hsm_uri)
+        except LineConfigError:
+            hsm.close()
+            raise
+    hsm_uri = opened_uri
+    registry_uri = registry_uri or "sqlite:" + os.path.join(workdir, "registry.db")
+    labels = {"master": "scp03-master", "audit_line": "audit-line",
+              "firmware": "firmware-signing"}
+    try:
+        now = now or datetime.datetime.now(datetime.timezone.utc)
+        pki_dir = os.path.join(workdir, "pki")
+        os.makedirs(pki_dir, exist_ok=True)
+        if root is None:
+            pki = _demo_pki(hsm, pki_dir, scope or DEFAULT_SCOPE, operator, now)
+        else:
+            pki = _adopt_pki(hsm, pki_dir, root, cas)
+        labels.update(root=pki["root_label"], ca=pki["cas"][0]["label"])
+        if master_key is None:
+            hsm.create_master_key(labels["master"])
+        else:
+            hsm.import_master_key(labels["master"], master_key)
+        for role in ("audit_line", "firmware"):
+            hsm.generate_signing_key(labels[role])
+            _write_public_key(hsm, labels[role], pki_dir, role)
+        witness = _make_witness_key(workdir, witness_hsm_uri, environ, scrypt_n, pki_dir)
+        config = {"format": FORMAT, "hsm": hsm_uri, "registry": registry_uri,
+                  "labels": labels, "operator": operator, "serial_prefix": serial_prefix,
+                  "vendor_dir": "vendor", "root_cert": pki["root_cert"],
+                  "ca_cert": pki["cas"][0]["cert"], "cas": pki["cas"], "witness": witness,
+                  "journal": "journal.jsonl"}
+        with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
+            json.dump(config, f, indent=1, sort_keys=True)
+    finally:
+        hsm.close()
+    open_registry(registry_uri).close()  # creates the schema
+    return open_line(workdir, environ=environ)
+
+
+def _check_new_line(workdir, hsm_uri, environ):
+    """What init_line refuses before anything is created."""
     if hsm_uri is None and not environ.get(PASS_ENV):
-        # Refused before anything is created.  Never generated into a file beside the
-        # keystore it unlocks.
+        # Never generated into a file beside the keystore it unlocks.
         raise LineConfigError(os.path.join(workdir, "keystore.json"),
                               "the keystore needs a passphrase: set %s" % PASS_ENV)
     try:
@@ -128,58 +188,143 @@ def init_line(workdir, hsm_uri=None, registry_uri=None, scope=None, operator="li
         # CLI's demo puts the simulated vendor's there first: fleetid.sim.lot).
         raise LineConfigError(vendor_root, "no SE vendor root certificate: put the SE "
                               "vendor's root CA certificate (PEM) here")
+
+
+def _check_custody(workdir, hsm_uri, root, cas, witness_hsm_uri):
+    """The key custody init_line accepts: adopt a root with its CAs (any HSM), or create
+    them on the demo path (the embedded soft keystore: no `hsm_uri`)."""
+    demo = hsm_uri is None
+    if root is None and (not demo or cas):
+        raise LineConfigError(workdir, "an HSM line adopts its fleet root and issuing CAs "
+                              "(root certificate + label, CA certificates + labels, as "
+                              "`fleetid pki init-root` / `fleetid pki new-ca` made them)")
+    if root is not None and not cas:
+        raise LineConfigError(workdir, "adopting a root needs its issuing CAs (made by "
+                              "`fleetid pki new-ca`)")
+    if not demo and (not witness_hsm_uri or witness_hsm_uri == hsm_uri):
+        raise LineConfigError(workdir, "the audit witness key needs its own keystore or "
+                              "token (a witness HSM URI other than the line's)")
+
+
+def _soft_keystore(path, environ, scrypt_n):
+    from fleetid.cloud.hsm.soft_backend import SCRYPT_N_DEFAULT, SoftBackend
+
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    hsm = SoftBackend(path, environ[PASS_ENV], scrypt_n=scrypt_n or SCRYPT_N_DEFAULT)
+    return hsm, "soft:%s;pass-env=%s" % (path, PASS_ENV)
+
+
+def _open_line_hsm(workdir, hsm_uri, environ, scrypt_n):
+    """(HSM, its URI): the given one, or the demo's soft keystore in workdir."""
     if hsm_uri is None:
-        keystore = os.path.join(workdir, "keystore.json")
-        hsm = SoftBackend(keystore, environ[PASS_ENV], scrypt_n=scrypt_n or SCRYPT_N_DEFAULT)
-        hsm_uri = "soft:%s;pass-env=%s" % (keystore, PASS_ENV)
-    else:
-        hsm = open_hsm(hsm_uri, environ)
-    registry_uri = registry_uri or "sqlite:" + os.path.join(workdir, "registry.db")
-    labels = {"root": "fleet-root", "ca": "ca-line", "master": "scp03-master",
-              "audit_line": "audit-line", "audit_witness": "audit-witness",
-              "firmware": "firmware-signing"}
+        return _soft_keystore(os.path.join(workdir, "keystore.json"), environ, scrypt_n)
+    return open_hsm(hsm_uri, environ), hsm_uri
+
+
+def _write_public_key(hsm, label, pki_dir, role):
+    with open(os.path.join(pki_dir, role.replace("_", "-") + ".pub.pem"), "wb") as f:
+        f.write(hsm.public_key(label).public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+
+
+def _ca_entry(cert, label, relative):
+    from fleetid.cloud.pki.profiles import ca_scope
+
+    return {"label": label, "cert": relative, "scope": ca_scope(cert)}
+
+
+def _demo_pki(hsm, pki_dir, scope, operator, now):
+    """The embedded demo's PKI, created here: root key ceremony + one issuing CA."""
+    from fleetid.cloud.pki import init_root, new_ca
+
+    root_label, ca_label = "fleet-root", "ca-line"
+    root, _record = init_root(hsm, root_label, "CN=fleetid Fleet Root,O=fleetid demo", 30,
+                              os.path.join(pki_dir, "ceremony"), [operator, "line-witness"],
+                              now=now - datetime.timedelta(minutes=10))
+    ca_cert = new_ca(hsm, root_label, root, ca_label, scope,
+                     now=now - datetime.timedelta(minutes=5))
+    with open(os.path.join(pki_dir, "ca.pem"), "wb") as f:
+        f.write(ca_cert.public_bytes(serialization.Encoding.PEM))
+    return {"root_label": root_label, "root_cert": "pki/ceremony/root.pem",
+            "cas": [_ca_entry(ca_cert, ca_label, "pki/ca.pem")]}
+
+
+def _adopt_pki(hsm, pki_dir, root, cas):
+    """Adopt an existing root and its issuing CAs: each certificate's key must be the HSM
+    key under its label, each CA directly issued by the root.  Copies the certificates
+    into pki/ (root.pem, ca-<label>.pem)."""
+    root_label, root_path = root
+    root_cert = _load_cert(root_path)
+    _check_hsm_key(hsm, root_label, root_cert, root_path)
+    pem = serialization.Encoding.PEM
+    with open(os.path.join(pki_dir, "root.pem"), "wb") as f:
+        f.write(root_cert.public_bytes(pem))
+    entries = []
+    for label, path in cas:
+        cert = _load_cert(path)
+        _check_hsm_key(hsm, label, cert, path)
+        try:
+            cert.verify_directly_issued_by(root_cert)
+        except (ValueError, TypeError, InvalidSignature):
+            raise LineConfigError(path, "not issued by the adopted root") from None
+        relative = "pki/ca-%s.pem" % "".join(c if c.isalnum() or c in "-_." else "_"
+                                              for c in label)
+        with open(os.path.join(pki_dir, os.path.basename(relative)), "wb") as f:
+            f.write(cert.public_bytes(pem))
+        entries.append(_ca_entry(cert, label, relative))
+        if entries[-1]["scope"] is None:
+            raise LineConfigError(path, "no product/batch/region scope in its subject (make "
+                                  "issuing CAs with `fleetid pki new-ca`)")
+    batches = [e["scope"]["batch"] for e in entries]
+    if len(set(batches)) != len(batches):
+        raise LineConfigError(pki_dir, "two adopted CAs for one batch")
+    return {"root_label": root_label, "root_cert": "pki/root.pem", "cas": entries}
+
+
+def _load_cert(path):
     try:
-        now = now or datetime.datetime.now(datetime.timezone.utc)
-        pki_dir = os.path.join(workdir, "pki")
-        os.makedirs(pki_dir, exist_ok=True)
-        ceremony = os.path.join(pki_dir, "ceremony")
-        root, _record = init_root(hsm, labels["root"], "CN=fleetid Fleet Root,O=fleetid demo",
-                                  30, ceremony, [operator, "line-witness"],
-                                  now=now - datetime.timedelta(minutes=10))
-        ca_cert = new_ca(hsm, labels["root"], root, labels["ca"], scope or DEFAULT_SCOPE,
-                         now=now - datetime.timedelta(minutes=5))
-        with open(os.path.join(pki_dir, "ca.pem"), "wb") as f:
-            f.write(ca_cert.public_bytes(serialization.Encoding.PEM))
-        if master_key is None:
-            hsm.create_master_key(labels["master"])
-        else:
-            hsm.import_master_key(labels["master"], master_key)
-        hsm.generate_signing_key(labels["audit_line"])
-        hsm.generate_signing_key(labels["audit_witness"])
-        hsm.generate_signing_key(labels["firmware"])
-        for role in ("audit_line", "audit_witness", "firmware"):
-            with open(os.path.join(pki_dir, role.replace("_", "-") + ".pub.pem"), "wb") as f:
-                f.write(hsm.public_key(labels[role]).public_bytes(
-                    serialization.Encoding.PEM,
-                    serialization.PublicFormat.SubjectPublicKeyInfo))
-        config = {"format": FORMAT, "hsm": hsm_uri, "registry": registry_uri,
-                  "labels": labels, "operator": operator, "serial_prefix": serial_prefix,
-                  "vendor_dir": "vendor", "root_cert": "pki/ceremony/root.pem",
-                  "ca_cert": "pki/ca.pem", "journal": "journal.jsonl"}
-        with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
-            json.dump(config, f, indent=1, sort_keys=True)
+        with open(path, "rb") as f:
+            return x509.load_pem_x509_certificate(f.read())
+    except OSError as exc:
+        raise LineConfigError(path, exc.strerror or "unreadable") from None
+    except ValueError:
+        raise LineConfigError(path, "not a PEM certificate") from None
+
+
+def _check_hsm_key(hsm, label, cert, path):
+    if hsm.public_key(label).public_numbers() != cert.public_key().public_numbers():
+        raise LineConfigError(path, "the HSM key %r is not this certificate's key" % label)
+
+
+def _make_witness_key(workdir, witness_hsm_uri, environ, scrypt_n, pki_dir):
+    """The audit witness's key, in its own keystore or token: the given one (its key
+    generated under WITNESS_LABEL unless it is there already), or on the demo path a soft
+    keystore of its own in <workdir>/witness/.  Returns line.json's "witness" entry."""
+    from fleetid.cloud.hsm.errors import KeyNotFound
+
+    if witness_hsm_uri is None:
+        hsm, witness_hsm_uri = _soft_keystore(
+            os.path.join(workdir, "witness", "keystore.json"), environ, scrypt_n)
+    else:
+        hsm = open_hsm(witness_hsm_uri, environ)
+    try:
+        try:
+            hsm.public_key(WITNESS_LABEL)
+        except KeyNotFound:
+            hsm.generate_signing_key(WITNESS_LABEL)
+        _write_public_key(hsm, WITNESS_LABEL, pki_dir, "audit_witness")
     finally:
         hsm.close()
-    open_registry(registry_uri).close()  # creates the schema
-    return open_line(workdir, environ=environ)
+    return {"hsm": witness_hsm_uri, "label": WITNESS_LABEL}
 
 
 def open_line(workdir, hsm_uri=None, registry_uri=None, environ=None, max_sessions=None):
     """Open an initialised line work directory.
 
     Params: hsm_uri / registry_uri: override line.json.  environ: secrets by variable
-        (default os.environ: FLEETID_KEYSTORE_PASS for the embedded soft keystore).
-        max_sessions: HSM session pool bound (None: the URI's / default).
+        (default os.environ: FLEETID_KEYSTORE_PASS for the embedded soft keystores, the
+        line's and the witness's).  max_sessions: HSM session pool bound (None: the
+        URI's / default).
     Returns: Line.  Raises: LineConfigError (no, unreadable or corrupt line.json), HSM /
     registry errors.
     """
@@ -189,13 +334,18 @@ def open_line(workdir, hsm_uri=None, registry_uri=None, environ=None, max_sessio
     uri = hsm_uri or config["hsm"]
     if max_sessions and "max-sessions=" not in uri:
         uri += ";max-sessions=%d" % max_sessions
-    hsm = open_hsm(uri, environ)
+    opened = []
     try:
+        opened.append(open_hsm(uri, environ))
+        witness = config.get("witness")
+        # A line.json from before the witness had its own keystore: the line's HSM.
+        opened.append(open_hsm(witness["hsm"], environ) if witness else opened[0])
         registry = open_registry(registry_uri or config["registry"])
     except Exception:
-        hsm.close()
+        for hsm in {id(h): h for h in opened}.values():
+            hsm.close()
         raise
-    return Line(workdir, config, hsm, registry)
+    return Line(workdir, config, opened[0], registry, witness_hsm=opened[1])
 
 
 def line_hsm_uri(workdir, hsm_uri=None):
@@ -211,14 +361,27 @@ def line_hsm_uri(workdir, hsm_uri=None):
     return _read_config(os.path.abspath(workdir))["hsm"]
 
 
-class Line:
-    """An opened line: HSM, registry, PKI material.  `resources_for(batch)` gives the
-    LineResources stations share.  Close it when done."""
+def line_witness_hsm_uri(workdir):
+    """The audit witness's HSM URI of the line in `workdir` (None: no line there yet, or
+    a line whose witness key is in the line's own HSM)."""
+    if not os.path.exists(os.path.join(workdir, CONFIG_FILE)):
+        return None
+    return (_read_config(os.path.abspath(workdir)).get("witness") or {}).get("hsm")
 
-    def __init__(self, workdir, config, hsm, registry):
+
+class Line:
+    """An opened line: HSM, registry, PKI material, the witness's HSM.
+    `resources_for(batch, ca_batch)` gives the LineResources stations share.  Close it
+    when done.
+
+    Attributes: ca_cert / issuing_ca: the default issuing CA (the first of line.json's
+    "cas"); issuing_cas: {scope batch: IssuingCa}, one per adopted CA."""
+
+    def __init__(self, workdir, config, hsm, registry, witness_hsm=None):
         self.workdir = workdir
         self.config = config
         self.hsm = hsm
+        self.witness_hsm = witness_hsm if witness_hsm is not None else hsm
         self.registry = registry
         self.labels = config["labels"]
         self.vendor_dir = self._path(config["vendor_dir"])
@@ -226,14 +389,22 @@ class Line:
             self.vendor_roots = x509.load_pem_x509_certificates(f.read())
         with open(self._path(config["root_cert"]), "rb") as f:
             self.root_cert = x509.load_pem_x509_certificate(f.read())
-        with open(self._path(config["ca_cert"]), "rb") as f:
-            self.ca_cert = x509.load_pem_x509_certificate(f.read())
+        self.issuing_cas = {}
+        for entry in config.get("cas") or [{"label": self.labels["ca"],
+                                           "cert": config["ca_cert"]}]:
+            with open(self._path(entry["cert"]), "rb") as f:
+                cert = x509.load_pem_x509_certificate(f.read())
+            ca = IssuingCa(hsm, entry["label"], cert, self.vendor_roots)
+            self.issuing_cas[(entry.get("scope") or {}).get("batch")] = ca
+            if entry["label"] == self.labels["ca"]:
+                self.issuing_ca, self.ca_cert = ca, cert
         self.journal = IssuanceJournal(self._path(config["journal"]))
-        self.issuing_ca = IssuingCa(hsm, self.labels["ca"], self.ca_cert, self.vendor_roots)
+        witness = config.get("witness") or {"label": self.labels.get("audit_witness")}
+        self.witness_label = witness["label"]
         # The witness keeps the latest checkpoint it signed (the anchor a truncated log
         # cannot fake: `fleetid audit verify --witness-anchor <line>/witness/anchor.json`).
         self.witness = audit.AnchoringWitness(
-            audit.HsmSigner(hsm, self.labels["audit_witness"]), self._path(WITNESS_ANCHOR))
+            audit.HsmSigner(self.witness_hsm, self.witness_label), self._path(WITNESS_ANCHOR))
         self.checkpointer = audit.Checkpointer(
             registry, audit.HsmSigner(hsm, self.labels["audit_line"]), self.witness,
             every_entries=256)
@@ -241,8 +412,22 @@ class Line:
     def _path(self, relative):
         return os.path.join(self.workdir, relative)
 
-    def resources_for(self, batch, wall_clock=time.time):
-        """LineResources for chips of transport batch `batch`."""
+    def issuing_ca_for(self, ca_batch=None):
+        """The issuing CA whose scope names batch `ca_batch` (None: the default CA).
+        Raises LineConfigError when the line has no CA for that batch."""
+        if ca_batch is None:
+            return self.issuing_ca
+        try:
+            return self.issuing_cas[ca_batch]
+        except KeyError:
+            raise LineConfigError(self._path(CONFIG_FILE), "no issuing CA for batch %r "
+                                  "(the line has: %s)" % (ca_batch, ", ".join(
+                                      sorted(str(b) for b in self.issuing_cas)))) from None
+
+    def resources_for(self, batch, wall_clock=time.time, ca_batch=None):
+        """LineResources for chips of transport batch `batch`, issued by the CA for
+        product batch `ca_batch` (None: the default CA)."""
+        issuing_ca = self.issuing_ca_for(ca_batch)
         firmware_point = None
         if "firmware" in self.labels:
             firmware_point = self.hsm.public_key(self.labels["firmware"]).public_bytes(
@@ -252,18 +437,20 @@ class Line:
                             operator=self.config.get("operator", "line-operator"),
                             serial_prefix=self.config.get("serial_prefix", "FID"),
                             firmware_key_point=firmware_point)
-        return LineResources(self.hsm, self.registry, self.issuing_ca, self.vendor_roots,
+        return LineResources(self.hsm, self.registry, issuing_ca, self.vendor_roots,
                              config, self.journal, checkpointer=self.checkpointer,
                              wall_clock=wall_clock)
 
     def public_keys(self):
         """(line public key, witness public key) of the audit checkpoints."""
         return (self.hsm.public_key(self.labels["audit_line"]),
-                self.hsm.public_key(self.labels["audit_witness"]))
+                self.witness_hsm.public_key(self.witness_label))
 
     def close(self):
         self.journal.close()
         self.registry.close()
+        if self.witness_hsm is not self.hsm:
+            self.witness_hsm.close()
         self.hsm.close()
 
     def __enter__(self):

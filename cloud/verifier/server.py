@@ -15,8 +15,9 @@ root through the HSM.  A production set-up names its HSM, CAs and TLS files inst
 
 Audit checkpoints: every issuance, re-issuance, rotation acknowledgement and revocation
 the servers record is an entry of the registry's audit chain; with checkpoint keys
-(config audit_line_key / audit_witness_key; the embedded set-up makes its own) the
-server signs a checkpoint when one is due and at shutdown, and the witness keeps its
+(config audit_line_key / audit_witness_key, the witness key in its own keystore or token
+audit_witness_hsm; the embedded set-up makes its own, the witness's in a soft keystore of
+its own under state_dir/witness) the server signs a checkpoint when one is due and at shutdown, and the witness keeps its
 anchor at config.witness_anchor.
 """
 
@@ -115,9 +116,10 @@ class CloudContext:
 
     def close(self):
         self.registry.close()
-        close = getattr(self.hsm, "close", None)
-        if close:
-            close()
+        for hsm in (getattr(self, "witness_hsm", None), self.hsm):
+            close = getattr(hsm, "close", None)
+            if close:
+                close()
 
 
 def bootstrap_embedded(config, hsm, now=None):
@@ -159,13 +161,14 @@ def bootstrap_embedded(config, hsm, now=None):
     return labels, [root_path], tls_cert, tls_key
 
 
-def ensure_audit_keys(hsm, state_dir):
-    """The embedded set-up's audit checkpoint keys: made in the HSM on first use, public
-    keys written to <state_dir>/audit/{audit-line,audit-witness}.pub.pem (what
+def ensure_audit_keys(hsm, witness_hsm, state_dir):
+    """The embedded set-up's audit checkpoint keys: the line key in `hsm`, the witness key
+    in `witness_hsm` (its own keystore), made on first use; public keys written to
+    <state_dir>/audit/{audit-line,audit-witness}.pub.pem (what
     `fleetid audit verify --line-pub / --witness-pub` takes).  Returns the two labels."""
     directory = os.path.join(state_dir, "audit")
     os.makedirs(directory, exist_ok=True)
-    for label in (AUDIT_LINE_LABEL, AUDIT_WITNESS_LABEL):
+    for hsm, label in ((hsm, AUDIT_LINE_LABEL), (witness_hsm, AUDIT_WITNESS_LABEL)):
         try:
             public = hsm.public_key(label)
         except KeyNotFound:
@@ -178,12 +181,21 @@ def ensure_audit_keys(hsm, state_dir):
     return AUDIT_LINE_LABEL, AUDIT_WITNESS_LABEL
 
 
-def checkpointer_for(config, hsm, registry, line_label, witness_label):
-    """An audit.Checkpointer over the registry, both signatures made in the HSM, the
-    witness keeping its anchor at config.witness_anchor."""
+def checkpointer_for(config, hsm, witness_hsm, registry, line_label, witness_label):
+    """An audit.Checkpointer over the registry, the line's signature made in `hsm`, the
+    witness's in its own `witness_hsm`, the witness keeping its anchor at
+    config.witness_anchor."""
     return audit.Checkpointer(
         registry, audit.HsmSigner(hsm, line_label),
-        audit.AnchoringWitness(audit.HsmSigner(hsm, witness_label), config.witness_anchor))
+        audit.AnchoringWitness(audit.HsmSigner(witness_hsm, witness_label),
+                               config.witness_anchor))
+
+
+def embedded_witness_hsm_uri(config):
+    """The embedded set-up's witness keystore: a soft keystore of its own under
+    <state_dir>/witness, unlocked like the embedded keystore (FLEETID_KEYSTORE_PASS)."""
+    return "soft:%s;pass-env=FLEETID_KEYSTORE_PASS" % os.path.join(
+        config.state_dir, "witness", "keystore.json")
 
 
 def build_context(config, environ=None, clock=None):
@@ -229,16 +241,23 @@ def build_context(config, environ=None, clock=None):
             default_label = entry["name"]
     trust = FleetTrust(root_certs, intermediates, vendor_roots, config.revoked_cas,
                        revoked_ca_file=RevokedCaFile(config.revoked_cas_file))
-    # Audit checkpoints: the configured keys, or on the embedded set-up its own.
+    # Audit checkpoints: the configured keys, or on the embedded set-up its own; the
+    # witness key always in a keystore or token of its own.
     audit_labels = (config.audit_line_key, config.audit_witness_key)
-    if not audit_labels[0] and not config.labels:
-        audit_labels = ensure_audit_keys(hsm, config.state_dir)
-    checkpointer = (checkpointer_for(config, hsm, registry, *audit_labels)
+    witness_hsm = None
+    if audit_labels[0]:
+        witness_hsm = open_hsm(config.audit_witness_hsm, environ)
+    elif not config.labels:
+        witness_dir = os.path.join(config.state_dir, "witness")
+        os.makedirs(witness_dir, exist_ok=True)
+        witness_hsm = open_hsm(embedded_witness_hsm_uri(config), environ)
+        audit_labels = ensure_audit_keys(hsm, witness_hsm, config.state_dir)
+    checkpointer = (checkpointer_for(config, hsm, witness_hsm, registry, *audit_labels)
                     if audit_labels[0] else None)
     return CloudContext(hsm=hsm, registry=registry, trust=trust, labels=labels,
                         default_label=default_label, tls_cert=tls_cert, tls_key=tls_key,
                         config=config, vendor_paths=vendor_paths, crl_issuers=crl_issuers,
-                        checkpointer=checkpointer)
+                        checkpointer=checkpointer, witness_hsm=witness_hsm)
 
 
 class CloudServer:

@@ -7,13 +7,16 @@ and a scanner that looks for secret bytes in everything a run wrote.
 """
 
 import base64
+import datetime
 import hashlib
 import os
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from fleetid.cloud.line import workdir
+from fleetid.cloud.hsm import open_hsm
+from fleetid.cloud.line import workdir as workdir_mod
+from fleetid.cloud.pki import init_root, new_ca
 from fleetid.cloud.registry import COMMITTED, INTENT, verify_registry_log
 from fleetid.common import se_consts as C
 from fleetid.sim import fab
@@ -45,7 +48,25 @@ def init_demo_line(path, **kwargs):
     """workdir.init_line on the simulated SE vendor (its root CA in <path>/vendor first,
     as the CLI's demo does)."""
     fab.load_or_create_vendor_ca(os.path.join(str(path), "vendor"))
-    return workdir.init_line(str(path), **kwargs)
+    return workdir_mod.init_line(str(path), **kwargs)
+
+
+def _pki_on_token(hsm_uri, environ, tmp_path):
+    """A fleet root and one issuing CA in the HSM, as `fleetid pki init-root` and
+    `fleetid pki new-ca` make them.  Returns (root, cas) for workdir.init_line."""
+    hsm = open_hsm(hsm_uri, environ)
+    try:
+        now = datetime.datetime.now(datetime.timezone.utc)
+        root, _record = init_root(hsm, "fleet-root", "CN=fleetid Fleet Root,O=fleetid test",
+                                  30, str(tmp_path / "ceremony"), ["operator", "witness"],
+                                  now=now - datetime.timedelta(minutes=10))
+        ca = new_ca(hsm, "fleet-root", root, "ca-line", workdir_mod.DEFAULT_SCOPE,
+                    now=now - datetime.timedelta(minutes=5))
+    finally:
+        hsm.close()
+    ca_path = tmp_path / "ca-line.pem"
+    ca_path.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    return ("fleet-root", str(tmp_path / "ceremony" / "root.pem")), [("ca-line", str(ca_path))]
 
 
 def make_line(tmp_path, kind="soft", monkeypatch=None):
@@ -57,8 +78,15 @@ def make_line(tmp_path, kind="soft", monkeypatch=None):
         environ = dict(os.environ, FLEETID_HSM_PIN=USER_PIN)
         uri = "pkcs11:module=%s;token=%s;pin-env=FLEETID_HSM_PIN" % (SOFTHSM_MODULE,
                                                                       TOKEN_LABEL)
+        # An HSM line adopts its root and issuing CA (made on the token as `fleetid pki
+        # init-root` / `new-ca` make them); its audit witness key has a keystore of its own.
+        environ[workdir_mod.PASS_ENV] = KEYSTORE_PASS
+        root, cas = _pki_on_token(uri, environ, tmp_path)
+        witness = "soft:%s;pass-env=%s" % (tmp_path / "witness-keystore.json",
+                                           workdir_mod.PASS_ENV)
         return init_demo_line(str(workdir), hsm_uri=uri, environ=environ,
-                                master_key=bytearray(MASTER_KEY))
+                              master_key=bytearray(MASTER_KEY), root=root, cas=cas,
+                              witness_hsm_uri=witness)
     return init_demo_line(str(workdir), scrypt_n=TEST_SCRYPT_N,
                             master_key=bytearray(MASTER_KEY), environ=LINE_ENV)
 
@@ -111,6 +139,9 @@ def secret_values(line, chips, transport_keys):
         for label in line.labels.values():
             kind = "aes-master" if label == line.labels["master"] else "ec-p256"
             found.append(bytes(entry(label, kind)[1]))
+    witness_entry = getattr(line.witness_hsm, "_entry", None)
+    if witness_entry is not None:
+        found.append(bytes(witness_entry(line.witness_label, "ec-p256")[1]))
     return found
 
 
