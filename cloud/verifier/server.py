@@ -95,18 +95,6 @@ def server_certificate_builder(public_key, issuer_cert, hosts, now, days=365):
     )
 
 
-def open_cloud_registry(uri):
-    """open_registry, plus PostgreSQL URIs ("postgresql://...", "postgres://...") served by
-    fleetid.cloud.registry.postgres_backend (until open_registry learns them)."""
-    from fleetid.cloud.registry import open_registry
-
-    if uri.startswith(("postgresql://", "postgres://", "postgresql:", "postgres:")):
-        from fleetid.cloud.registry.postgres_backend import PostgresRegistry
-
-        return PostgresRegistry(uri)
-    return open_registry(uri)
-
-
 class CloudContext:
     """Everything the servers need: hsm, registry, trust (FleetTrust), labels (EstLabel
     list), default_label, tls_cert / tls_key paths, config."""
@@ -203,6 +191,7 @@ def build_context(config, environ=None, clock=None):
     labels are configured, and build the trust and the EST labels.  Returns CloudContext."""
     from fleetid.cloud.ca import IssuingCa
     from fleetid.cloud.hsm import open_hsm
+    from fleetid.cloud.registry import open_registry
     environ = os.environ if environ is None else environ
     os.makedirs(config.state_dir, exist_ok=True)
     hsm = open_hsm(config.hsm, environ)  # its secret by environment variable only
@@ -221,7 +210,7 @@ def build_context(config, environ=None, clock=None):
     labels = []
     crl_issuers = []
     default_label = None
-    registry = open_cloud_registry(config.registry)
+    registry = open_registry(config.registry)
     for entry in label_configs:
         ca_cert = _read_pems([entry["ca_cert"]])[0]
         if ca_cert not in intermediates:

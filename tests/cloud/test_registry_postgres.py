@@ -225,3 +225,18 @@ def test_line_run_and_audit_verify_on_postgresql(database, tmp_path):
     assert verify.output.startswith("OK ")
     show = CliRunner().invoke(cli, ["audit", "show", "--serial", "1", "--registry", uri])
     assert show.exit_code == 0, show.output
+
+
+def test_cloud_serve_opens_postgresql_through_open_registry(database, tmp_path):
+    from fleetid.cloud.config import load_config
+    from fleetid.cloud.registry.postgres_backend import PostgresRegistry
+    from fleetid.cloud.verifier.server import build_context
+    from tests.cloud.hsm_support import KEYSTORE_PASS
+
+    config = load_config(None, environ={"FLEETID_CLOUD_STATE_DIR": str(tmp_path / "cloud"),
+                                        "FLEETID_CLOUD_REGISTRY": _uri(database)})
+    context = build_context(config, dict(os.environ, FLEETID_KEYSTORE_PASS=KEYSTORE_PASS))
+    try:
+        assert isinstance(context.registry, PostgresRegistry)
+    finally:
+        context.close()
