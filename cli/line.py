@@ -376,7 +376,7 @@ def cloud_config_cmd(line_dir, out, label, verifier_port, est_port, pass_file):
       fleetid line cloud-config --line var/line --out var/cloud
       fleetid cloud serve --config var/cloud/cloud.toml
     """
-    from fleetid.cloud.line.cloud_config import write_cloud_config
+    from fleetid.cli.line_cloud_config import write_cloud_config
 
     try:
         environ = _environ(line_dir, None, pass_file)

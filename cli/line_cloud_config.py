@@ -6,6 +6,9 @@ The cloud's TLS server key is the cloud host's (a file, as for any web server); 
 certificate is signed by the fleet root inside the line's HSM, so devices validate the
 server with the fleet root anchor the line stored in their SE.  Used by the quick-start
 demo (`fleetid line cloud-config`) and by tests that run the cloud as a process.
+
+It composes the line (fleetid.cloud.line) with the cloud server's certificate profile, two
+layers that do not import each other, so it lives with the CLI that sits on both.
 """
 
 import datetime
