@@ -43,6 +43,24 @@ def _load(config_path, state_dir=None, env=None, **overrides):
     return config
 
 
+def _adopt(config, root_certs, cas):
+    """--root-cert / --ca LABEL=PEM into the configuration (key custody: adopted, not
+    made; the server only makes a root and CA on the embedded keystore)."""
+    import os
+
+    if root_certs:
+        config.roots = [os.path.abspath(p) for p in root_certs]
+    labels = []
+    for index, item in enumerate(cas):
+        label, sep, path = item.partition("=")
+        if not sep or not label or not path:
+            raise click.BadParameter("%r: expected LABEL=PEM" % item, param_hint="--ca")
+        labels.append({"name": label, "ca_key": label, "ca_cert": os.path.abspath(path),
+                       "default": index == 0})
+    if labels:
+        config.labels = labels
+
+
 @cloud.command("serve")
 @click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False),
               help="TOML configuration file.")
@@ -55,9 +73,17 @@ def _load(config_path, state_dir=None, env=None, **overrides):
 @click.option("--crl-port", type=click.IntRange(0, 65535), default=None,
               help="Plain-HTTP CRLs, GET /crl/<label>.crl (0 = off, the default); new "
               "certificates name it as their CRL distribution point.")
+@click.option("--root-cert", "root_certs", multiple=True,
+              type=click.Path(exists=True, dir_okay=False),
+              help="Adopt this fleet root (from `fleetid pki init-root`); replaces [cloud] "
+                   "roots.")
+@click.option("--ca", "cas", multiple=True, metavar="LABEL=PEM",
+              help="Adopt an issuing CA (from `fleetid pki new-ca`): its HSM key label, which "
+                   "is also its EST label, and its certificate; replaces [[cloud.labels]]; "
+                   "the first is the default.")
 @pass_file_option
 def serve_cmd(config_path, state_dir, host, verifier_port, est_port, metrics_port, crl_port,
-              pass_file):
+              root_certs, cas, pass_file):
     """Run the verifier (mTLS, client certificate required) and the EST server.
 
     \b
@@ -68,6 +94,13 @@ def serve_cmd(config_path, state_dir, host, verifier_port, est_port, metrics_por
            openssl pkcs7 -inform DER -print_certs
     Put SE vendor roots (PEM) in var/cloud/vendor-roots/ or name them in the config,
     e.g. the emulator's: var/vendor/vendor_root.pem.
+    Only the embedded keystore gets a root and CA made here; on an HSM they are adopted:
+
+    \b
+      FLEETID_CLOUD_HSM='pkcs11:module=...;token=fleet;pin-env=PIN' \\
+      FLEETID_CLOUD_TLS_CERT=tls.pem FLEETID_CLOUD_TLS_KEY=tls.key.pem \\
+      fleetid cloud serve --root-cert ceremony/root.pem --ca ca-widget-b42-eu=ca-b42.pem
+
     Logs are JSON lines on stderr; the first stdout line is JSON with the bound ports.
     The HSM secret (the embedded keystore's passphrase) comes from its environment
     variable (FLEETID_KEYSTORE_PASS), --keystore-pass-file, or a prompt.
@@ -82,6 +115,7 @@ def serve_cmd(config_path, state_dir, host, verifier_port, est_port, metrics_por
     env = {} if crl_port is None else {"CRL_PORT": str(crl_port)}
     config = _load(config_path, state_dir, env, host=host, verifier_port=verifier_port,
                    est_port=est_port, metrics_port=metrics_port)
+    _adopt(config, root_certs, cas)
     environ = environ_with_secret(secret_variable(config.hsm), pass_file,
                                   creating=not os.path.exists(config.state_dir))
     witness = config.audit_witness_hsm

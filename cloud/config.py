@@ -96,6 +96,12 @@ PATH_KEYS = ("state_dir", "tls_cert", "tls_key", "revoked_cas_file", "witness_an
 ENV_PREFIX = "FLEETID_CLOUD_"
 
 
+def embedded_hsm_uri(state_dir):
+    """The embedded set-up's HSM: a soft keystore in state_dir (the only HSM on which
+    `fleetid cloud serve` creates a root and an issuing CA itself)."""
+    return "soft:%s;pass-env=FLEETID_KEYSTORE_PASS" % os.path.join(state_dir, "keystore.json")
+
+
 class ConfigError(ValueError):
     """The configuration is unusable (message names the key)."""
 
@@ -190,8 +196,7 @@ def load_config(path=None, environ=None):
     if bool(values["audit_line_key"]) != bool(values["audit_witness_key"]):
         raise ConfigError("audit_line_key and audit_witness_key go together")
     if not values["hsm"]:
-        values["hsm"] = "soft:%s;pass-env=FLEETID_KEYSTORE_PASS" % os.path.join(
-            state, "keystore.json")
+        values["hsm"] = embedded_hsm_uri(state)
     if values["audit_witness_key"] and not values["audit_witness_hsm"]:
         raise ConfigError("audit_witness_key needs audit_witness_hsm: the witness's own "
                           "keystore or token")

@@ -29,11 +29,13 @@ import os
 
 from aiohttp import web
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from fleetid.cloud import audit
+from fleetid.cloud.config import embedded_hsm_uri
 from fleetid.cloud.est.app import make_est_app
 from fleetid.cloud.est.service import EstLabel, EstService
 from fleetid.cloud.hsm.errors import KeyNotFound
@@ -186,6 +188,19 @@ def embedded_witness_hsm_uri(config):
         config.state_dir, "witness", "keystore.json")
 
 
+def _check_adopted_ca(entry, ca_cert, root_certs):
+    """An EST label's CA must be issued by one of the configured roots (the HSM key under
+    its label is checked against the certificate by IssuingCa)."""
+    for root in root_certs:
+        try:
+            ca_cert.verify_directly_issued_by(root)
+            return
+        except (ValueError, TypeError, InvalidSignature):
+            continue
+    raise ValueError("label %s: its CA %s is not issued by a configured root"
+                     % (entry["name"], entry["ca_cert"]))
+
+
 def build_context(config, environ=None, clock=None):
     """Open the HSM and registry named by `config`, bootstrap the embedded PKI when no
     labels are configured, and build the trust and the EST labels.  Returns CloudContext."""
@@ -198,6 +213,12 @@ def build_context(config, environ=None, clock=None):
     label_configs, roots, tls_cert, tls_key = list(config.labels), list(config.roots), \
         config.tls_cert, config.tls_key
     if not label_configs:
+        if config.hsm != embedded_hsm_uri(config.state_dir):
+            # Key custody: an HSM's root and CAs are adopted, never made by the server.
+            hsm.close()
+            raise ValueError("a cloud on its own HSM adopts its root and issuing CAs "
+                             "(roots and [[cloud.labels]], or --root-cert and --ca) as "
+                             "`fleetid pki init-root` / `fleetid pki new-ca` made them")
         label_configs, embedded_roots, tls_cert, tls_key = bootstrap_embedded(config, hsm)
         roots = roots or embedded_roots
     if not tls_cert or not tls_key:
@@ -213,6 +234,7 @@ def build_context(config, environ=None, clock=None):
     registry = open_registry(config.registry)
     for entry in label_configs:
         ca_cert = _read_pems([entry["ca_cert"]])[0]
+        _check_adopted_ca(entry, ca_cert, root_certs)
         if ca_cert not in intermediates:
             intermediates.append(ca_cert)
         chain = [ca_cert] + [r for r in root_certs if r.subject == ca_cert.issuer]

@@ -168,3 +168,39 @@ def test_cloud_serve_keeps_the_witness_key_in_its_own_keystore(tmp_path):
                 FLEETID_CLOUD_AUDIT_WITNESS_HSM=_soft(tmp_path / "k.json"))
     with pytest.raises(ConfigError, match="must not be the cloud's hsm"):
         load_config(None, environ=same)
+
+
+def test_cloud_serve_adopts_the_root_and_cas_and_makes_them_only_on_its_embedded_keystore(
+        tmp_path, pki):
+    from fleetid.cloud.config import load_config
+    from fleetid.cloud.verifier.server import build_context
+
+    _out, hsm = _line_dir(tmp_path, pki)
+    state = tmp_path / "cloud"
+    env = dict(os.environ, **_env())
+
+    def config(**attrs):
+        made = load_config(None, environ={"FLEETID_CLOUD_STATE_DIR": str(state),
+                                          "FLEETID_CLOUD_HSM": hsm,
+                                          "FLEETID_CLOUD_TLS_CERT": str(tmp_path / "t.pem"),
+                                          "FLEETID_CLOUD_TLS_KEY": str(tmp_path / "t.key")})
+        for key, value in attrs.items():
+            setattr(made, key, value)
+        return made
+
+    labels = [{"name": label, "ca_key": label, "ca_cert": path, "default": i == 0}
+              for i, (label, path) in enumerate(pki["cas"])]
+    context = build_context(config(roots=[pki["root"]], labels=labels), env)
+    try:
+        assert sorted(label.name for label in context.labels) == ["ca-b1", "ca-b2"]
+        assert context.default_label == "ca-b1"
+        assert [r.subject.rfc4514_string() for r in context.trust.roots] == \
+            ["CN=Acme Fleet Root,O=Acme"]
+    finally:
+        context.close()
+    assert not (state / "ceremony").exists() and not (state / "pki").exists()
+    with pytest.raises(ValueError, match="adopts its root and issuing CAs"):
+        build_context(config(), env)  # an HSM that is not the embedded keystore
+    assert not (state / "ceremony").exists()
+    with pytest.raises(ValueError, match="not issued by a configured root"):
+        build_context(config(roots=[pki["cas"][1][1]], labels=labels[:1]), env)
