@@ -109,9 +109,10 @@ def serve_fleetid(workdir, port, bare=False, event_loop="auto"):
     from cryptography import x509
 
     from fleetid.cloud.registry.sqlite_backend import SqliteRegistry
-    from fleetid.cloud.verifier.app import make_verifier_app
-    from fleetid.cloud.verifier.http import Metrics, server_ssl_context
-    from fleetid.cloud.verifier.server import event_loop_factory
+    from fleetid.cloud.http.verifier_app import make_verifier_app
+    from fleetid.cloud.http.metrics import Metrics
+    from fleetid.cloud.http.tls import server_ssl_context
+    from fleetid.cloud.server import event_loop_factory
     from fleetid.cloud.verifier.service import FleetTrust, FleetVerifier
 
     def pems(name):
@@ -314,7 +315,7 @@ def main(argv=None):
     nginx = shutil.which("nginx") or ("/usr/sbin/nginx" if os.path.exists("/usr/sbin/nginx")
                                       else None)
     workdir = tempfile.mkdtemp(prefix="fleetid-bench-mtls-")
-    from fleetid.cloud.verifier.server import event_loop_factory
+    from fleetid.cloud.server import event_loop_factory
 
     loop_name = event_loop_factory(args.loop).__module__.split(".")[0]
     print("fleetid mTLS bench: %d connections per measurement, %d device certificates, "

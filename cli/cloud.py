@@ -109,8 +109,8 @@ def serve_cmd(config_path, state_dir, host, verifier_port, est_port, metrics_por
     import os
 
     from fleetid.cloud.hsm import secret_variable
-    from fleetid.cloud.verifier.http import configure_json_logging
-    from fleetid.cloud.verifier.server import CloudServer, build_context, serve_forever
+    from fleetid.cloud.http.middleware import configure_json_logging
+    from fleetid.cloud.server import CloudServer, build_context, serve_forever
 
     env = {} if crl_port is None else {"CRL_PORT": str(crl_port)}
     config = _load(config_path, state_dir, env, host=host, verifier_port=verifier_port,
@@ -181,7 +181,7 @@ def check_cert_cmd(cert_file, chain_files, config_path, state_dir, registry_uri,
     from cryptography.hazmat.primitives import serialization
 
     from fleetid.cloud.registry import open_registry
-    from fleetid.cloud.verifier.server import trust_from_config
+    from fleetid.cloud.server import trust_from_config
     from fleetid.cloud.verifier.service import FleetVerifier
 
     config = _load(config_path, state_dir)
@@ -355,7 +355,7 @@ def revoke_ca_cmd(cert_file, reason, operator, config_path, state_dir, registry_
 
     from fleetid.cloud.registry import RegistryError
     from fleetid.cloud.verifier.revoked_cas import revoke
-    from fleetid.cloud.verifier.server import trust_from_config
+    from fleetid.cloud.server import trust_from_config
 
     certificate = _read_certificate(cert_file)
     try:

@@ -19,8 +19,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from fleetid.cloud.line import workdir
+from fleetid.cloud.pki.profiles import server_certificate_builder
 from fleetid.cloud.pki.signing import sign_certificate
-from fleetid.cloud.verifier.server import server_certificate_builder
 
 SERVER_CERT_DAYS = 30
 

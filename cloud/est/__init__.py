@@ -4,6 +4,6 @@ issuing CAs.
     messages.py  sans-I/O formats: base64 bodies, certs-only PKCS#7, CsrAttrs, paths
     service.py   EstService: enrolment / re-enrolment policy, labels -> issuing CAs,
                  approvals (202), overlap rotation state
-    app.py       aiohttp handlers (make_est_app)
-Status codes: the one table in fleetid.cloud.verifier.errors.
+The HTTP handlers are fleetid.cloud.http.est_app; refusals are the domain errors of
+fleetid.cloud.verifier.errors, rendered through the one table fleetid.cloud.http.errors.
 """

@@ -24,6 +24,7 @@ Scope of an issuing CA in its subject, one organizationalUnitName RDN each (RFC 
 
 import datetime
 import functools
+import ipaddress
 import re
 
 from cryptography import x509
@@ -259,3 +260,32 @@ def device_builder(profile, serial, public_key, issuer_certificate, not_before, 
     for extension, critical in extra_extensions:
         builder = builder.add_extension(extension, critical=critical)
     return builder
+
+
+def server_certificate_builder(public_key, issuer_cert, hosts, now, days=365):
+    """CertificateBuilder of a TLS server certificate (serverAuth, SANs for `hosts`:
+    DNS names or IP addresses)."""
+    sans = []
+    for host in hosts:
+        try:
+            sans.append(x509.IPAddress(ipaddress.ip_address(host)))
+        except ValueError:
+            sans.append(x509.DNSName(host))
+    ski = issuer_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+    return (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hosts[0])]))
+        .issuer_name(issuer_cert.subject)
+        .public_key(public_key)
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=days))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.KeyUsage(True, False, False, False, False, False, False, False,
+                                     False), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(x509.SubjectAlternativeName(sans), critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski),
+                       critical=False)
+    )

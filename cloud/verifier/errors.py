@@ -1,5 +1,6 @@
-"""Domain errors of the fleet cloud's HTTP services and the one table that maps them to
-HTTP status codes (EST server and verifier both render through `http_status`).
+"""Domain errors of the fleet cloud's verifier and EST services, and their reason codes.
+The one table mapping a reason to an HTTP status is fleetid.cloud.http.errors.HTTP_STATUS
+(the services know no HTTP; the middleware renders their errors through that table).
 
 A refusal carries a `reason` (a short code from the table below) and a `detail` (a short,
 secret-free sentence a device operator can act on).  Both may reach the client: they
@@ -11,10 +12,10 @@ from fleetid.common.errors import FleetidError
 
 
 class CloudError(FleetidError):
-    """Base of the cloud's request-level errors.  `reason` is a key of HTTP_STATUS."""
+    """Base of the cloud's request-level errors.  `reason` is one of REASONS."""
 
     def __init__(self, reason, detail=""):
-        if reason not in HTTP_STATUS:
+        if reason not in REASONS:
             raise ValueError("unknown cloud reason %r" % (reason,))
         super().__init__(reason if not detail else reason + ": " + detail)
         self.reason = reason
@@ -67,37 +68,9 @@ PENDING = "pending_approval"
 UNAVAILABLE = "unavailable"  # storage / HSM failure: the client may retry later
 INTERNAL = "internal_error"
 
-# THE table: domain reason -> HTTP status.
-HTTP_STATUS = {
-    NO_CLIENT_CERT: 401,
-    MALFORMED_CERT: 401,
-    CHAIN: 401,
-    EXPIRED: 401,
-    NOT_YET_VALID: 401,
-    EKU: 403,
-    CA_REVOKED: 403,
-    UNKNOWN_DEVICE: 403,
-    DEVICE_STATUS: 403,
-    REVOKED: 403,
-    SUPERSEDED: 403,
-    ATTESTATION: 403,
-    BAD_BASE64: 400,
-    BAD_REQUEST: 400,
-    UNKNOWN_LABEL: 404,
-    NOT_FOUND: 404,
-    METHOD: 405,
-    CONTENT_TYPE: 415,
-    TOO_LARGE: 413,
-    POLICY: 403,
-    WRONG_CERTIFICATE_KIND: 403,
-    PENDING: 202,
-    UNAVAILABLE: 503,
-    INTERNAL: 500,
-}
-
-
-def http_status(exc):
-    """HTTP status for a CloudError (500 for anything else: an internal cause)."""
-    if isinstance(exc, CloudError):
-        return HTTP_STATUS[exc.reason]
-    return HTTP_STATUS[INTERNAL]
+REASONS = frozenset([
+    NO_CLIENT_CERT, MALFORMED_CERT, CHAIN, EXPIRED, NOT_YET_VALID, EKU, CA_REVOKED,
+    UNKNOWN_DEVICE, DEVICE_STATUS, REVOKED, SUPERSEDED, ATTESTATION, BAD_BASE64, BAD_REQUEST,
+    UNKNOWN_LABEL, NOT_FOUND, METHOD, CONTENT_TYPE, TOO_LARGE, POLICY,
+    WRONG_CERTIFICATE_KIND, PENDING, UNAVAILABLE, INTERNAL,
+])

@@ -24,11 +24,12 @@ from fleetid.cloud.ca import IssuingCa
 from fleetid.cloud.est.service import EstLabel, EstService
 from fleetid.cloud.hsm.soft_backend import SoftBackend
 from fleetid.cloud.pki import init_root, new_ca
+from fleetid.cloud.pki.profiles import server_certificate_builder
 from fleetid.cloud.pki.signing import sign_certificate
 from fleetid.cloud.registry import IdentityRecord
 from fleetid.cloud.registry.memory import MemoryRegistry
 from fleetid.cloud.registry.sqlite_backend import SqliteRegistry
-from fleetid.cloud.verifier.server import CloudServer, server_certificate_builder
+from fleetid.cloud.server import CloudServer
 from fleetid.cloud.verifier.service import FleetTrust, FleetVerifier
 from tests.cloud.attestation_support import CountingHsm, SoftVendor, enrolment, make_csr, new_key
 from tests.cloud.hsm_support import KEYSTORE_PASS, TEST_SCRYPT_N

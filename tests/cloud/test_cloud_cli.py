@@ -274,7 +274,7 @@ def test_revoked_ca_file_keeps_revocations_when_the_file_is_lost_or_corrupt(flee
 def test_event_loop_setting_is_validated_and_resolved(tmp_path):
     import asyncio
 
-    from fleetid.cloud.verifier.server import event_loop_factory
+    from fleetid.cloud.server import event_loop_factory
 
     assert load_config(None, environ={}).event_loop == "auto"
     config = load_config(None, environ={"FLEETID_CLOUD_EVENT_LOOP": "asyncio"})

@@ -15,8 +15,8 @@ import time
 
 import pytest
 
-from fleetid.cloud.est.app import MAX_BODY
-from fleetid.cloud.verifier.app import MAX_TELEMETRY
+from fleetid.cloud.http.est_app import MAX_BODY
+from fleetid.cloud.http.verifier_app import MAX_TELEMETRY
 
 PAUSE = 0.15  # seconds between writes: long enough that each write is its own read
 

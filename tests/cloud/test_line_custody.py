@@ -144,7 +144,7 @@ def test_cloud_serve_keeps_the_witness_key_in_its_own_keystore(tmp_path):
     """The embedded cloud makes its witness key in <state_dir>/witness/keystore.json, not
     in its own keystore; configured audit keys need the witness's own HSM URI."""
     from fleetid.cloud.config import ConfigError, load_config
-    from fleetid.cloud.verifier.server import build_context
+    from fleetid.cloud.server import build_context
 
     state = str(tmp_path / "cloud")
     config = load_config(None, environ={"FLEETID_CLOUD_STATE_DIR": state})
@@ -173,7 +173,7 @@ def test_cloud_serve_keeps_the_witness_key_in_its_own_keystore(tmp_path):
 def test_cloud_serve_adopts_the_root_and_cas_and_makes_them_only_on_its_embedded_keystore(
         tmp_path, pki):
     from fleetid.cloud.config import load_config
-    from fleetid.cloud.verifier.server import build_context
+    from fleetid.cloud.server import build_context
 
     _out, hsm = _line_dir(tmp_path, pki)
     state = tmp_path / "cloud"

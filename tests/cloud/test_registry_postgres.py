@@ -230,7 +230,7 @@ def test_line_run_and_audit_verify_on_postgresql(database, tmp_path):
 def test_cloud_serve_opens_postgresql_through_open_registry(database, tmp_path):
     from fleetid.cloud.config import load_config
     from fleetid.cloud.registry.postgres_backend import PostgresRegistry
-    from fleetid.cloud.verifier.server import build_context
+    from fleetid.cloud.server import build_context
     from tests.cloud.hsm_support import KEYSTORE_PASS
 
     config = load_config(None, environ={"FLEETID_CLOUD_STATE_DIR": str(tmp_path / "cloud"),

@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives import serialization
 
 from fleetid.cloud.revocation import crl_url
 from fleetid.cloud.revocation.crl import CRL_CONTENT_TYPE
-from fleetid.cloud.verifier.server import CloudServer
+from fleetid.cloud.server import CloudServer
 from tests.cloud.crl_support import FakeMonotonic, b42_publisher
 from tests.conftest import require
 
@@ -209,7 +209,7 @@ def test_memory_registry_gives_the_same_revoked_set(tmp_path):
 
 def test_cloud_context_names_each_labels_crl_url_and_composes_the_crl_listener(tmp_path):
     from fleetid.cloud.config import load_config
-    from fleetid.cloud.verifier.server import build_context
+    from fleetid.cloud.server import build_context
 
     config = load_config(None, {"FLEETID_CLOUD_STATE_DIR": str(tmp_path / "state"),
                                 "FLEETID_CLOUD_CRL_PORT": "18446",

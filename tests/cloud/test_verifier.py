@@ -19,8 +19,8 @@ import urllib.request
 import pytest
 
 from fleetid.cloud.ca.evidence import attestation_extension
+from fleetid.cloud.http.middleware import configure_json_logging
 from fleetid.cloud.verifier.errors import AccessRefused
-from fleetid.cloud.verifier.http import configure_json_logging
 from tests.cloud.attestation_support import SoftVendor, new_key
 from tests.cloud.cloud_support import Fleet, RunningCloud, der, rogue_certificate
 from tests.conftest import require

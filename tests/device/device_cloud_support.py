@@ -4,7 +4,7 @@ tests in this module).
 The factory line (fleetid.cloud.line.workdir + runner) initialises a line on the embedded defaults
 (soft keystore, SQLite), fabs chips and personalises them on a station: the chips hold
 their identity key, certificate and the fleet root trust anchor, exactly as shipped.  The
-cloud (EST + verifier, fleetid.cloud.verifier.server.CloudServer) runs on 127.0.0.1 in a
+cloud (EST + verifier, fleetid.cloud.server.CloudServer) runs on 127.0.0.1 in a
 background event loop on the line's PKI and registry, with a TLS server certificate the
 fleet root signs through the line's HSM.
 """
@@ -21,8 +21,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from fleetid.cloud.ca import IssuingCa
 from fleetid.cloud.est.service import EstLabel, EstService
 from fleetid.cloud.line import runner
+from fleetid.cloud.pki.profiles import server_certificate_builder
 from fleetid.cloud.pki.signing import sign_certificate
-from fleetid.cloud.verifier.server import CloudServer, server_certificate_builder
+from fleetid.cloud.server import CloudServer
 from fleetid.cloud.verifier.service import FleetTrust, FleetVerifier
 from fleetid.common import se_consts as C
 from fleetid.common.apdu import ApduProtocol

@@ -9,15 +9,16 @@
 
 Handlers parse and render only; policy is EstService's.  Served over TLS with
 CERT_OPTIONAL (cacerts and csrattrs need no client certificate; the rest answer 401
-without one).  Status codes come from the one table in fleetid.cloud.verifier.errors.
+without one).  Status codes come from the one table in fleetid.cloud.http.errors.
 """
 
 from aiohttp import web
 
 from fleetid.cloud.est import messages
+from fleetid.cloud.http.middleware import make_middleware, read_limited
+from fleetid.cloud.http.tls import peer_certificate
 from fleetid.cloud.verifier import errors
 from fleetid.cloud.verifier.errors import CloudError, RequestRefused
-from fleetid.cloud.verifier.http import make_middleware, peer_certificate, read_limited
 
 EST_SERVICE_KEY = web.AppKey("est_service", object)
 MAX_BODY = 64 * 1024  # an attested P-256 CSR is ~2 KB of DER (~3 KB base64)

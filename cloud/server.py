@@ -1,5 +1,8 @@
-"""Assemble and run the fleet cloud: the verifier (mTLS, CERT_REQUIRED), the EST server
-(TLS, CERT_OPTIONAL) and the metrics listener, in one process and one event loop.
+"""The composition of the fleet cloud: the verifier (mTLS, CERT_REQUIRED), the EST server
+(TLS, CERT_OPTIONAL), the plain-HTTP CRL listener and the metrics listener, in one
+process and one event loop.  The one module that knows all of them (the HTTP handlers
+are fleetid.cloud.http's; the services below know no HTTP and nothing of each other
+beyond EST using the verifier).
 
     context = build_context(load_config(path))     # opens HSM + registry, bootstraps the
                                                    # embedded PKI on first run
@@ -24,7 +27,6 @@ anchor at config.witness_anchor.
 import asyncio
 import datetime
 import glob
-import ipaddress
 import os
 
 from aiohttp import web
@@ -32,17 +34,19 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from fleetid.cloud import audit
 from fleetid.cloud.config import embedded_hsm_uri
-from fleetid.cloud.est.app import make_est_app
 from fleetid.cloud.est.service import EstLabel, EstService
 from fleetid.cloud.hsm.errors import KeyNotFound
+from fleetid.cloud.http.est_app import make_est_app
+from fleetid.cloud.http.metrics import Metrics
+from fleetid.cloud.http.middleware import log
+from fleetid.cloud.http.tls import server_ssl_context
+from fleetid.cloud.http.verifier_app import make_metrics_app, make_verifier_app
+from fleetid.cloud.pki.profiles import server_certificate_builder
 from fleetid.cloud.revocation.app import make_crl_app
 from fleetid.cloud.revocation.crl import CrlIssuer, CrlPublisher, crl_url
-from fleetid.cloud.verifier.app import make_metrics_app, make_verifier_app
-from fleetid.cloud.verifier.http import Metrics, log, server_ssl_context
 from fleetid.cloud.verifier.revoked_cas import RevokedCaFile
 from fleetid.cloud.verifier.service import FleetTrust, FleetVerifier
 
@@ -68,33 +72,6 @@ def _write(path, data, mode=0o644):
         f.write(data)
 
 
-def server_certificate_builder(public_key, issuer_cert, hosts, now, days=365):
-    """CertificateBuilder of a TLS server certificate (serverAuth, SANs for `hosts`:
-    DNS names or IP addresses)."""
-    sans = []
-    for host in hosts:
-        try:
-            sans.append(x509.IPAddress(ipaddress.ip_address(host)))
-        except ValueError:
-            sans.append(x509.DNSName(host))
-    ski = issuer_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
-    return (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hosts[0])]))
-        .issuer_name(issuer_cert.subject)
-        .public_key(public_key)
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=days))
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.KeyUsage(True, False, False, False, False, False, False, False,
-                                     False), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        .add_extension(x509.SubjectAlternativeName(sans), critical=False)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
-        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski),
-                       critical=False)
-    )
 
 
 class CloudContext:

@@ -1,6 +1,7 @@
 """The verifier's aiohttp application: every request is authenticated by the TLS client
-certificate (served with ssl.CERT_REQUIRED, see http.server_ssl_context) and the fleet
-checks of service.FleetVerifier; handlers receive `request[DEVICE]`, a DeviceIdentity.
+certificate (served with ssl.CERT_REQUIRED, see tls.server_ssl_context) and the fleet
+checks of fleetid.cloud.verifier.service.FleetVerifier; handlers receive
+`request[DEVICE]`, a DeviceIdentity.
 
     GET  /v1/whoami              the authenticated identity (JSON)
     POST /v1/telemetry           JSON object, <= 64 KiB; 202 {"accepted": n}
@@ -21,9 +22,10 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from fleetid.cloud.est.service import acknowledge_rotation
+from fleetid.cloud.http.middleware import DEVICE, make_middleware, read_limited
+from fleetid.cloud.http.tls import peer_certificate
 from fleetid.cloud.verifier import errors
 from fleetid.cloud.verifier.errors import CloudError, RequestRefused
-from fleetid.cloud.verifier.http import DEVICE, make_middleware, peer_certificate, read_limited
 
 MAX_TELEMETRY = 64 * 1024
 VERIFIER_KEY = web.AppKey("verifier", object)

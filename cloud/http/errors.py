@@ -1,0 +1,55 @@
+"""THE table of the fleet cloud: domain reason (fleetid.cloud.verifier.errors) -> HTTP
+status, and the error response every listener renders through it (EST server and
+verifier alike)."""
+
+from aiohttp import web
+
+from fleetid.cloud.verifier import errors
+from fleetid.cloud.verifier.errors import CloudError, PendingApproval
+
+# THE table: domain reason -> HTTP status.
+HTTP_STATUS = {
+    errors.NO_CLIENT_CERT: 401,
+    errors.MALFORMED_CERT: 401,
+    errors.CHAIN: 401,
+    errors.EXPIRED: 401,
+    errors.NOT_YET_VALID: 401,
+    errors.EKU: 403,
+    errors.CA_REVOKED: 403,
+    errors.UNKNOWN_DEVICE: 403,
+    errors.DEVICE_STATUS: 403,
+    errors.REVOKED: 403,
+    errors.SUPERSEDED: 403,
+    errors.ATTESTATION: 403,
+    errors.BAD_BASE64: 400,
+    errors.BAD_REQUEST: 400,
+    errors.UNKNOWN_LABEL: 404,
+    errors.NOT_FOUND: 404,
+    errors.METHOD: 405,
+    errors.CONTENT_TYPE: 415,
+    errors.TOO_LARGE: 413,
+    errors.POLICY: 403,
+    errors.WRONG_CERTIFICATE_KIND: 403,
+    errors.PENDING: 202,
+    errors.UNAVAILABLE: 503,
+    errors.INTERNAL: 500,
+}
+
+
+def http_status(exc):
+    """HTTP status for a CloudError (500 for anything else: an internal cause)."""
+    if isinstance(exc, CloudError):
+        return HTTP_STATUS[exc.reason]
+    return HTTP_STATUS[errors.INTERNAL]
+
+
+def error_response(exc):
+    """Response for a CloudError (status from the table, text body, Retry-After on 202)."""
+    status = http_status(exc)
+    headers = {}
+    if isinstance(exc, PendingApproval):
+        headers["Retry-After"] = str(exc.retry_after)
+    if status == 405:
+        headers["Allow"] = getattr(exc, "allow", "GET, POST")
+    body = exc.reason + (": " + exc.detail if exc.detail else "") + "\n"
+    return web.Response(status=status, text=body, headers=headers, content_type="text/plain")
