@@ -8,8 +8,8 @@ attested   EstService.enroll(..., reenroll=True) in-process: client certificate 
            evidence (SE vendor chain, MAK signature, key binding, policy, SE UID, nonce),
            certificate built and signed through the HSM interface (software keystore,
            verify_signatures="always" as `fleetid cloud serve` runs it), then recorded in
-           the SQLite registry (synchronous=FULL) with the rotation state (one
-           transaction when the registry supports add_certificate(rotation_state=...)).
+           the SQLite registry (synchronous=FULL) with the rotation state in the same
+           transaction (add_certificate(rotation_state=...)).
 https      the same over HTTPS to the running EST server (new TLS 1.3 connection per
            re-enrolment, client certificate, base64 bodies).  The client runs in this
            process, beside the server's thread (they share the GIL and 2 cores): this is

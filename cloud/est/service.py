@@ -1,6 +1,7 @@
-"""The EST service: enrolment policy between the HTTP handlers (app.py) and the
-attestation-gated issuing CA (fleetid.cloud.ca).  No HTTP here: handlers pass the peer's
-DER certificate and the decoded request; refusals are CloudErrors (errors.py table).
+"""The EST service: enrolment policy between the HTTP handlers
+(fleetid.cloud.http.est_app) and the attestation-gated issuing CA (fleetid.cloud.ca).  No
+HTTP here: handlers pass the peer's DER certificate and the decoded request; refusals are
+CloudErrors (fleetid.cloud.verifier.errors; their HTTP status: fleetid.cloud.http.errors).
 
 Policy
 ------
@@ -16,7 +17,8 @@ Policy
   certificate (or the previous one inside its overlap window); the CSR subject must be
   the certificate's subject, the key must be new and attested.  The old certificate stays
   valid for `overlap` (capped at its notAfter) or until the device acknowledges the new
-  one at the verifier, whichever is first (rotation state in the registry).
+  one at the verifier, whichever is first (rotation state: fleetid.cloud.registry.rotation,
+  written with the certificate in one registry transaction).
 - Labels (RFC 7030 3.2.2) map to issuing CAs (product / batch / region scopes).  A label
   configured with `require_approval` answers 202 + Retry-After (RFC 7030 4.2.3) until an
   operator approves the device (`approve`).
@@ -25,7 +27,6 @@ Policy
 """
 
 import datetime
-import inspect
 import threading
 
 from cryptography.hazmat.primitives import serialization
@@ -37,20 +38,14 @@ from fleetid.cloud.est import messages
 from fleetid.cloud.hsm.errors import HsmError
 from fleetid.cloud.pki.errors import PkiError
 from fleetid.cloud.registry import IDENTITY, OPERATIONAL, RegistryError
+from fleetid.cloud.registry.rotation import RotationState
 from fleetid.cloud.verifier import errors
 from fleetid.cloud.verifier.errors import PendingApproval, RequestRefused
-from fleetid.cloud.verifier.service import FleetVerifier, RotationState, fingerprint_of
+from fleetid.cloud.verifier.service import FleetVerifier, fingerprint_of
 
 DEFAULT_OVERLAP = datetime.timedelta(days=7)
 
 
-def _takes_rotation_state(registry):
-    """Whether registry.add_certificate accepts rotation_state= (certificate and rotation
-    state written in one transaction)."""
-    try:
-        return "rotation_state" in inspect.signature(registry.add_certificate).parameters
-    except (TypeError, ValueError):
-        return False
 DEFAULT_RETRY_AFTER = 60
 
 # What a device operator reads when the CA refuses (fleetid.cloud.ca.errors reasons).
@@ -124,7 +119,6 @@ class EstService:
         self.verifier = verifier or FleetVerifier(trust, registry, clock=clock,
                                                   accept_identity=True)
         self._clock = self.verifier.now
-        self._one_transaction = _takes_rotation_state(registry)
         self._approvals = {}  # (label, device serial) -> "pending" | "approved"
         self._lock = threading.Lock()
 
@@ -251,46 +245,23 @@ class EstService:
             raise RequestRefused(errors.POLICY, "re-enrolment must keep the subject")
 
     def _record(self, identity, certificate, now, operation):
+        """Store the new certificate, its "issuance" audit entry and the device's new
+        rotation state (fleetid.cloud.registry.rotation) in ONE registry transaction: a
+        crash leaves all or none."""
         der = certificate.public_bytes(serialization.Encoding.DER)
         new_fp = fingerprint_of(der)
-        serial = identity.registry_serial
+        # The rotation state the verifier read for this request (same registry row).
+        current = identity.rotation
+        if identity.kind == OPERATIONAL:
+            state = RotationState.overlap(identity.fingerprint, new_fp,
+                                          min(now + self.overlap, identity.not_after))
+        elif current.new:  # a second simpleenroll: the previous one overlaps
+            state = RotationState.overlap(current.new, new_fp, now + self.overlap)
+        else:
+            state = RotationState.active(new_fp)
         try:
-            # The rotation state the verifier read for this request (same registry row).
-            current = RotationState.parse(identity.rotation_state)
-            if identity.kind == OPERATIONAL:
-                old = identity.fingerprint
-                deadline = min(now + self.overlap, identity.not_after)
-            elif current.new:  # a second simpleenroll: the previous one overlaps
-                old, deadline = current.new, now + self.overlap
-            else:
-                old = None
-            state = (RotationState("overlap", old, new_fp, deadline) if old
-                     else RotationState("active", new=new_fp))
-            # The registry writes the "issuance" audit entry with the certificate.
-            operator = "est:%s" % identity.fingerprint[:16]
-            if self._one_transaction:
-                # Certificate, audit entry and rotation state in one transaction: a crash
-                # leaves all or none.
-                self.registry.add_certificate(serial, der, OPERATIONAL,
-                                              rotation_state=state.format(),
-                                              operation=operation, operator=operator)
-            else:
-                self.registry.add_certificate(serial, der, OPERATIONAL, operation=operation,
-                                              operator=operator)
-                self.registry.set_rotation_state(serial, state.format())
+            self.registry.add_certificate(identity.registry_serial, der, OPERATIONAL,
+                                          rotation_state=state.format(), operation=operation,
+                                          operator="est:%s" % identity.fingerprint[:16])
         except RegistryError:
             raise RequestRefused(errors.UNAVAILABLE, "registry unavailable") from None
-
-
-def acknowledge_rotation(registry, identity):
-    """The device says it switched to the certificate it authenticated with: close the
-    overlap window of the previous one now.  Returns the new RotationState (unchanged if
-    there was nothing to acknowledge).  Raises RegistryError."""
-    device = registry.get_device(identity.registry_serial)
-    state = RotationState.parse(device.rotation_state)
-    if state.kind == "overlap" and state.new == identity.fingerprint:
-        state = RotationState("acked", state.old, state.new)
-        # State and its "rotation_ack" audit entry in one transaction.
-        registry.acknowledge_rotation(identity.registry_serial, state.format(),
-                                      state.new, state.old)
-    return state

@@ -21,7 +21,6 @@ import json
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from fleetid.cloud.est.service import acknowledge_rotation
 from fleetid.cloud.http.middleware import DEVICE, make_middleware, read_limited
 from fleetid.cloud.http.tls import peer_certificate
 from fleetid.cloud.verifier import errors
@@ -73,9 +72,7 @@ def make_verifier_app(verifier, metrics, telemetry=None):
 
     async def rotation_ack(request):
         identity = request[DEVICE]
-        state = acknowledge_rotation(verifier.registry, identity)
-        if state.old:
-            verifier.invalidate(state.old)
+        state = verifier.acknowledge_rotation(identity)
         return web.json_response({"rotation": state.kind or "none",
                                   "current": identity.fingerprint})
 

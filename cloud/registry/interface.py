@@ -310,7 +310,7 @@ class Registry:
         """Add a certificate (kind "identity" or "operational") to a device's history with
         its "issuance" audit entry (`operation`, e.g. "simpleenroll", and `operator` are
         recorded) and, when `rotation_state` is not None, store the device's rotation
-        state (as set_rotation_state), all in ONE transaction: no path adds a certificate
+        state (the text of a rotation.RotationState), all in ONE transaction: no path adds a certificate
         without its audit entry.
         Returns CertificateRecord.  Raises DeviceNotFound, RegistryError(BAD_INPUT /
         DUPLICATE_CERTIFICATE)."""
@@ -341,14 +341,17 @@ class Registry:
         return record, self.get_device(record.device_serial)
 
     def set_rotation_state(self, serial, state):
-        """Store the device's credential-rotation state (a short string the EST service
-        owns, e.g. "overlap:<new fingerprint>").  Raises DeviceNotFound."""
+        """Store the device's credential-rotation state: the text of a
+        rotation.RotationState (the formats are in rotation.py; the EST service writes them
+        with add_certificate, this is for repairs and tests).  Raises DeviceNotFound."""
         raise NotImplementedError
 
-    def acknowledge_rotation(self, serial, state, cert_fingerprint, previous_fingerprint):
-        """The device switched to `cert_fingerprint`: store rotation `state` (as
-        set_rotation_state) and a "rotation_ack" audit entry naming both fingerprints, in
-        ONE transaction.  Returns the sealed AuditEntry.  Raises DeviceNotFound."""
+    def acknowledge_rotation(self, serial, cert_fingerprint):
+        """The device switched to its certificate `cert_fingerprint`.  In ONE transaction
+        (the device row locked): read the rotation state; if it is the overlap that
+        certificate opened, store it as acked and append a "rotation_ack" audit entry naming
+        both fingerprints.  Returns the rotation.RotationState after the call (unchanged,
+        nothing written, when there was nothing to acknowledge).  Raises DeviceNotFound."""
         raise NotImplementedError
 
     # -- the audit chain --------------------------------------------------------------------------

@@ -36,6 +36,7 @@ from fleetid.cloud.registry.interface import (
     identity_cert_present,
     wrap_audit_error,
 )
+from fleetid.cloud.registry.rotation import RotationState
 
 
 class MemoryRegistry(Registry):
@@ -273,16 +274,19 @@ class MemoryRegistry(Registry):
             self._update(serial, rotation_state=state, updated_at=self._now())
 
     @wrap_audit_error
-    def acknowledge_rotation(self, serial, state, cert_fingerprint, previous_fingerprint):
-        check_text("rotation state", state)
-        now = self._now()
-        fields = audit.rotation_ack_entry(serial=serial, cert_fingerprint=cert_fingerprint,
-                                          previous_fingerprint=previous_fingerprint, when=now)
-        with self._lock:
-            self._device(serial)
-            entry = self._seal_next(fields)
-            self._update(serial, rotation_state=state, updated_at=now)
-            return self._push(entry, serial)
+    def acknowledge_rotation(self, serial, cert_fingerprint):
+        with self._lock:  # one lock: read, decide and write as one step
+            current = RotationState.parse(self._device(serial).rotation_state)
+            state = current.acknowledged(cert_fingerprint)
+            if state is None:
+                return current
+            now = self._now()
+            entry = self._seal_next(audit.rotation_ack_entry(
+                serial=serial, cert_fingerprint=state.new, previous_fingerprint=state.old,
+                when=now))
+            self._update(serial, rotation_state=state.format(), updated_at=now)
+            self._push(entry, serial)
+            return state
 
     # -- the audit chain --------------------------------------------------------------------------
 

@@ -48,6 +48,7 @@ from fleetid.cloud.registry.interface import (
     identity_cert_present,
     wrap_audit_error,
 )
+from fleetid.cloud.registry.rotation import RotationState
 
 DEVICE_COLUMNS = (
     "serial, se_uid, status, station, operator, batch, hsm_session, intent_at, updated_at, "
@@ -402,16 +403,20 @@ class SqlRegistry(Registry):
                                  "WHERE serial = ?"), (state, self._now(), serial))
 
     @wrap_audit_error
-    def acknowledge_rotation(self, serial, state, cert_fingerprint, previous_fingerprint):
-        check_text("rotation state", state)
-        now = self._now()
-        fields = audit.rotation_ack_entry(serial=serial, cert_fingerprint=cert_fingerprint,
-                                          previous_fingerprint=previous_fingerprint, when=now)
+    def acknowledge_rotation(self, serial, cert_fingerprint):
         with self._write() as conn:
-            self._device(conn, serial, lock=True)
+            device = self._device(conn, serial, lock=True)
+            current = RotationState.parse(device.rotation_state)
+            state = current.acknowledged(cert_fingerprint)
+            if state is None:
+                return current
+            now = self._now()
             conn.execute(self._q("UPDATE devices SET rotation_state = ?, updated_at = ? "
-                                 "WHERE serial = ?"), (state, now, serial))
-            return self._append(conn, fields)
+                                 "WHERE serial = ?"), (state.format(), now, serial))
+            self._append(conn, audit.rotation_ack_entry(
+                serial=serial, cert_fingerprint=state.new, previous_fingerprint=state.old,
+                when=now))
+            return state
 
     # -- the audit chain --------------------------------------------------------------------------
 

@@ -1,6 +1,7 @@
 """The verifier service: decides whether a client certificate authenticates a genuine,
 live device of this fleet.  No I/O of its own besides the registry; the HTTP layer
-(app.py) and the EST server call it with the DER certificate TLS delivered.
+(fleetid.cloud.http.verifier_app) and the EST service call it with the DER certificate
+TLS delivered.
 
 Checks, in order (first failure wins; reason codes in errors.py):
 
@@ -24,26 +25,24 @@ Checks, in order (first failure wins; reason codes in errors.py):
        accepted until the device acknowledges the new one or the
        overlap deadline passes, whichever is first                 superseded
 
-Cache.  Path building (4) and the attestation re-check (9: three ECDSA verifications of
-vendor evidence) are the expensive steps; their results depend only on the certificate,
-the trust store and the registry's SE UID.  They are cached per certificate fingerprint
-(LRU, bounded), the attestation verdict together with the SE UID it was checked against
-(a changed registry UID misses the cache).  Everything that revocation can change is
-checked on every call: the revoked-CA set (5) against the cached chain, and the registry
-read (6-8, 10: ONE registry.certificate_and_device call, the certificate and its device
-in one query), so a revocation written by any process sharing the registry takes effect
-on the next request (no staleness window); revoke_certificate also drops the entry.
-Validity (2) uses the certificate itself on every call.  The parsed facts of a DER
-(certificate object, device serial, issuer text, EKU verdict) are memoised by fingerprint
-as well: they cannot change for the same bytes.  When every cached piece is present,
-verify() runs these checks straight (_verify_cached), in the same order, without building
-the step closures that explain() needs.
+The list is CHECKS (end of module), each check a FleetVerifier method: verify() runs it
+in order and stops at the first refusal; explain() runs every check whose prerequisites
+passed and reports each.  There is no second copy of the order.
 
-Rotation state (registry `devices.rotation_state`, owned by the EST service):
-    "active:<fp>"                         one operational certificate, nothing pending
-    "overlap:<old fp>:<new fp>:<deadline>" the old certificate is accepted until deadline
-    "acked:<old fp>:<new fp>"             the device switched: the old one is refused
-Fingerprints are SHA-256 of the certificate DER, hex; deadline is RFC 3339 UTC.
+Cache (verify() only).  Path building (4) and the attestation re-check (9: three ECDSA
+verifications of vendor evidence) are the expensive steps; their results depend only on
+the certificate, the trust store and the registry's SE UID.  They are cached per
+certificate fingerprint (LRU, bounded), the attestation verdict together with the SE UID
+it was checked against (a changed registry UID misses the cache).  Everything that
+revocation can change is checked on every call: the revoked-CA set (5) against the cached
+chain, and the registry read (6-8, 10: ONE registry.certificate_and_device call, the
+certificate and its device in one query), so a revocation written by any process sharing
+the registry takes effect on the next request (no staleness window); revoke_certificate
+also drops the entry.  Validity (2) is checked on every call.  The parsed facts of a DER
+(certificate object, device serial, issuer text, EKU verdict, validity) are memoised by
+fingerprint as well: they cannot change for the same bytes.
+
+Rotation state: fleetid.cloud.registry.rotation (its formats are described there once).
 """
 
 import collections
@@ -59,6 +58,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from fleetid.cloud.ca.errors import AttestationError
 from fleetid.cloud.ca.evidence import EvidenceVerifier
 from fleetid.cloud.registry import COMMITTED, IDENTITY, OPERATIONAL, RegistryError
+from fleetid.cloud.registry.rotation import ACTIVE, OVERLAP, RotationState, format_deadline
 from fleetid.cloud.verifier import errors
 from fleetid.cloud.verifier.errors import AccessRefused
 
@@ -74,53 +74,6 @@ def fingerprint_of(cert_der):
     return hashlib.sha256(bytes(cert_der)).hexdigest()
 
 
-def format_deadline(moment):
-    return moment.astimezone(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def parse_deadline(text):
-    """Inverse of format_deadline ("YYYY-MM-DDTHH:MM:SSZ").  Raises ValueError."""
-    if len(text) != 20 or text[10] != "T" or text[19] != "Z":
-        raise ValueError("deadline %r" % (text,))
-    # fromisoformat is ~20x cheaper than strptime; the shape check above keeps it strict.
-    return datetime.datetime.fromisoformat(text[:19]).replace(tzinfo=datetime.timezone.utc)
-
-
-class RotationState:
-    """Parsed `devices.rotation_state` (module docstring).  kind in (None, "active",
-    "overlap", "acked"); old / new fingerprints; deadline (aware datetime or None)."""
-
-    __slots__ = ("kind", "old", "new", "deadline")
-
-    def __init__(self, kind=None, old=None, new=None, deadline=None):
-        self.kind, self.old, self.new, self.deadline = kind, old, new, deadline
-
-    @classmethod
-    def parse(cls, text):
-        if not text:
-            return cls()
-        parts = text.split(":", 3)
-        try:
-            if parts[0] == "active" and len(parts) == 2:
-                return cls("active", new=parts[1])
-            if parts[0] == "overlap" and len(parts) == 4:
-                return cls("overlap", parts[1], parts[2], parse_deadline(parts[3]))
-            if parts[0] == "acked" and len(parts) == 3:
-                return cls("acked", parts[1], parts[2])
-        except ValueError:
-            pass
-        return cls("unknown")
-
-    def format(self):
-        if self.kind == "active":
-            return "active:%s" % self.new
-        if self.kind == "overlap":
-            return "overlap:%s:%s:%s" % (self.old, self.new, format_deadline(self.deadline))
-        if self.kind == "acked":
-            return "acked:%s:%s" % (self.old, self.new)
-        raise ValueError("cannot format rotation state %r" % (self.kind,))
-
-
 class DeviceIdentity:
     """What handlers get for an authenticated peer.
 
@@ -128,14 +81,14 @@ class DeviceIdentity:
     (int), se_uid (bytes), fingerprint (hex SHA-256 of the DER), kind ("identity" /
     "operational"), certificate (x509.Certificate), issuer (RFC 4514), not_after (aware
     datetime), in_overlap (bool: an old certificate accepted during its overlap window),
-    rotation_state (the registry's rotation state text read for this verdict, or None).
+    rotation (the device's RotationState read for this verdict; RotationState() if none).
     """
 
     __slots__ = ("serial", "registry_serial", "se_uid", "fingerprint", "kind", "certificate",
-                 "issuer", "not_after", "in_overlap", "rotation_state")
+                 "issuer", "not_after", "in_overlap", "rotation")
 
     def __init__(self, serial, registry_serial, se_uid, fingerprint, kind, certificate,
-                 in_overlap=False, issuer=None, rotation_state=None, not_after=None):
+                 in_overlap=False, issuer=None, rotation=None, not_after=None):
         self.serial = serial
         self.registry_serial = registry_serial
         self.se_uid = se_uid
@@ -145,7 +98,7 @@ class DeviceIdentity:
         self.issuer = issuer or certificate.issuer.rfc4514_string()
         self.not_after = not_after or certificate.not_valid_after_utc
         self.in_overlap = in_overlap
-        self.rotation_state = rotation_state
+        self.rotation = rotation if rotation is not None else RotationState()
 
     def as_json(self):
         return {
@@ -309,149 +262,120 @@ class FleetVerifier:
                                    issuer=certificate.issuer.rfc4514_string())
         self.invalidate(fingerprint_of(der))
 
-    # -- the checks ----------------------------------------------------------------------------
+    def acknowledge_rotation(self, identity):
+        """The device behind `identity` switched to the certificate it authenticated with:
+        close the previous certificate's overlap window (one registry transaction, see
+        Registry.acknowledge_rotation) and drop that certificate's cached verdict.
+        Returns the RotationState after the call.  Raises RegistryError."""
+        state = self.registry.acknowledge_rotation(identity.registry_serial,
+                                                   identity.fingerprint)
+        if state.old:
+            self.invalidate(state.old)
+        return state
 
-    def _steps(self, cert_der, now, explaining=False):
-        """Generator of (name, callable) in check order; each callable raises AccessRefused
-        or returns a detail string (only worked out when `explaining`: verify() discards
-        them).  Shared by verify() and explain()."""
-        state = {}
+    # -- the checks: CHECKS (end of module) in order, for verify() and explain() alike -------
 
-        def parse():
-            fp = fingerprint_of(cert_der)
-            facts = self._facts.get(fp)
-            if facts is None:
-                # cryptography parses lazily: touch every field used later inside the try,
-                # so a malformed certificate is refused here and nowhere else.
-                try:
-                    cert = x509.load_der_x509_certificate(bytes(cert_der))
-                    cert.public_key()
-                    cert.not_valid_before_utc, cert.not_valid_after_utc, cert.serial_number
-                    cert.subject.rfc4514_string()
-                    # Immutable facts of this exact DER (keyed by its hash): parsed once.
-                    facts = (cert, device_serial_of(cert), cert.issuer.rfc4514_string(),
-                             _eku_problem(cert), cert.not_valid_before_utc,
-                             cert.not_valid_after_utc)
-                except AccessRefused:
-                    raise
-                except Exception:  # noqa: BLE001 - untrusted DER
-                    raise AccessRefused(errors.MALFORMED_CERT, "not a DER X.509 certificate") \
-                        from None
-                if len(self._facts) >= self._cache_size:
-                    self._facts.clear()
-                self._facts[fp] = facts
-            state["cert"], state["serial"], state["issuer"], state["eku"] = facts[:4]
-            state["fp"] = fp
-            return "device %s, certificate serial %x" % (state["serial"],
-                                                         state["cert"].serial_number)
+    def _check_certificate(self, v, now):
+        fp = fingerprint_of(v.der)
+        facts = self._facts.get(fp)
+        if facts is None:
+            facts = _parse_facts(v.der)
+            if len(self._facts) >= self._cache_size:
+                self._facts.clear()
+            self._facts[fp] = facts
+        v.fp = fp
+        v.cert, v.serial, v.issuer, v.eku, v.not_before, v.not_after = facts
+        if v.explaining:
+            return "device %s, certificate serial %x" % (v.serial, v.cert.serial_number)
+        return None
 
-        def validity():
-            cert = state["cert"]
-            if now < cert.not_valid_before_utc:
-                raise AccessRefused(errors.NOT_YET_VALID, "valid from %s"
-                                    % format_deadline(cert.not_valid_before_utc))
-            if now > cert.not_valid_after_utc:
-                raise AccessRefused(errors.EXPIRED, "expired at %s"
-                                    % format_deadline(cert.not_valid_after_utc))
-            if not explaining:
-                return None
-            return "valid until %s" % format_deadline(cert.not_valid_after_utc)
+    def _check_validity(self, v, now):
+        if now < v.not_before:
+            raise AccessRefused(errors.NOT_YET_VALID, "valid from %s"
+                                % format_deadline(v.not_before))
+        if now > v.not_after:
+            raise AccessRefused(errors.EXPIRED, "expired at %s"
+                                % format_deadline(v.not_after))
+        return "valid until %s" % format_deadline(v.not_after) if v.explaining else None
 
-        def eku():
-            if state["eku"] is not None:
-                raise state["eku"]
-            return "clientAuth"
+    def _check_eku(self, v, now):
+        if v.eku is not None:
+            raise v.eku
+        return "clientAuth"
 
-        def registry_record():
-            cert = state["cert"]
-            record, device = self._registry_read(cert.serial_number, state["issuer"],
-                                                 state["fp"])
-            state["record"], state["device"] = record, device
-            if record.kind == IDENTITY and not self.accept_identity:
-                raise AccessRefused(errors.WRONG_CERTIFICATE_KIND,
-                                    "identity certificates are for enrolment only")
-            return "device %d, %s certificate" % (device.serial, record.kind)
+    def _check_chain(self, v, now):
+        if not v.use_cache:
+            return self._build_chain(v, now)
+        entry = v.entry = self._cache_get(v.fp)
+        if entry is not None and entry[0] is not None:
+            v.chain_fps = entry[0]
+            self.cache_hits += 1
+            v.cached = True
+            return "chain: cached verdict"
+        self.cache_misses += 1
+        detail = self._build_chain(v, now)
+        self._cache_put(v.fp, chain_fps=v.chain_fps)
+        return detail
 
-        def revocation():
-            record = state["record"]
-            if record.revoked:
-                raise AccessRefused(errors.REVOKED, "revoked at %s (%s)"
-                                    % (record.revoked_at, record.revocation_reason))
-            return "not revoked"
+    def _build_chain(self, v, now):
+        verifier = (verification.PolicyBuilder().store(self.trust.store).time(now)
+                    .build_client_verifier())
+        try:
+            verified = verifier.verify(v.cert, self.trust.intermediates)
+        except Exception:  # noqa: BLE001 - VerificationError or malformed input
+            raise AccessRefused(errors.CHAIN, "does not chain to a fleet root") from None
+        v.chain_fps = tuple(c.fingerprint(_SHA256()).hex() for c in verified.chain)
+        return "chain of %d to %s" % (len(verified.chain),
+                                      verified.chain[-1].subject.rfc4514_string())
 
-        def device_status():
-            device = state["device"]
-            if device.status != COMMITTED:
-                raise AccessRefused(errors.DEVICE_STATUS, "device is %s" % device.status)
-            return "committed"
+    def _check_ca_revocation(self, v, now):
+        # Runs on every call (cheap), also when the chain verdict came from the cache.
+        for fp in v.chain_fps[1:]:
+            if self.trust.is_revoked_ca(fp):
+                ca = self.trust.by_fingerprint.get(fp)
+                name = ca.subject.rfc4514_string() if ca is not None else fp
+                raise AccessRefused(errors.CA_REVOKED, "CA %s is revoked" % name)
+        return "no CA of the chain revoked"
 
-        def cached_chain():
-            entry = state["entry"] = self._cache_get(state["fp"])
-            if entry is not None and entry[0] is not None:
-                state["chain_fps"] = entry[0]
-                state["chain"] = None
-                self.cache_hits += 1
-                state["cached"] = True
-                return "chain: cached verdict"
-            self.cache_misses += 1
-            state["cached"] = False
-            detail = chain()
-            self._cache_put(state["fp"], chain_fps=state["chain_fps"])
-            return detail
+    def _check_registry(self, v, now):
+        v.record, v.device = self._registry_read(v.cert.serial_number, v.issuer, v.fp)
+        if v.record.kind == IDENTITY and not self.accept_identity:
+            raise AccessRefused(errors.WRONG_CERTIFICATE_KIND,
+                                "identity certificates are for enrolment only")
+        if v.explaining:
+            return "device %d, %s certificate" % (v.device.serial, v.record.kind)
+        return None
 
-        def cached_attestation():
-            entry = state.get("entry")
-            if entry is None:
-                entry = self._cache_get(state["fp"])
-            if entry is not None and entry[1] == state["device"].se_uid:
+    def _check_revocation(self, v, now):
+        record = v.record
+        if record.revoked:
+            raise AccessRefused(errors.REVOKED, "revoked at %s (%s)"
+                                % (record.revoked_at, record.revocation_reason))
+        return "not revoked"
+
+    def _check_device_status(self, v, now):
+        if v.device.status != COMMITTED:
+            raise AccessRefused(errors.DEVICE_STATUS, "device is %s" % v.device.status)
+        return "committed"
+
+    def _check_attestation(self, v, now):
+        se_uid = v.device.se_uid
+        if v.use_cache:
+            entry = v.entry if v.entry is not None else self._cache_get(v.fp)
+            if entry is not None and entry[1] == se_uid:
                 return "attestation: cached verdict"
-            detail = attestation()
-            self._cache_put(state["fp"], se_uid=state["device"].se_uid)
-            return detail
+        try:
+            statement = self.trust.evidence.verify_certificate(v.cert, expected_se_uid=se_uid)
+        except AttestationError as exc:
+            raise AccessRefused(errors.ATTESTATION, exc.reason) from None
+        if v.use_cache:
+            self._cache_put(v.fp, se_uid=se_uid)
+        return "key in SE %s (vendor chain ok)" % statement.se_uid.hex()
 
-        def chain():
-            cert = state["cert"]
-            verifier = (verification.PolicyBuilder().store(self.trust.store).time(now)
-                        .build_client_verifier())
-            try:
-                verified = verifier.verify(cert, self.trust.intermediates)
-            except Exception:  # noqa: BLE001 - VerificationError or malformed input
-                raise AccessRefused(errors.CHAIN, "does not chain to a fleet root") from None
-            state["chain"] = list(verified.chain)
-            state["chain_fps"] = tuple(c.fingerprint(_SHA256()).hex() for c in verified.chain)
-            return "chain of %d to %s" % (len(verified.chain),
-                                          verified.chain[-1].subject.rfc4514_string())
-
-        def ca_revocation():
-            # Runs on every call (cheap), also when the chain verdict came from the cache.
-            for fp in state["chain_fps"][1:]:
-                if self.trust.is_revoked_ca(fp):
-                    ca = self.trust.by_fingerprint.get(fp)
-                    name = ca.subject.rfc4514_string() if ca is not None else fp
-                    raise AccessRefused(errors.CA_REVOKED, "CA %s is revoked" % name)
-            return "no CA of the chain revoked"
-
-        def attestation():
-            try:
-                statement = self.trust.evidence.verify_certificate(
-                    state["cert"], expected_se_uid=state["device"].se_uid)
-            except AttestationError as exc:
-                raise AccessRefused(errors.ATTESTATION, exc.reason) from None
-            return "key in SE %s (vendor chain ok)" % statement.se_uid.hex()
-
-        def overlap():
-            state["in_overlap"] = False
-            state["in_overlap"], detail = _overlap(state["fp"], state["record"],
-                                                   state["device"], now)
-            return detail
-
-        return state, [
-            ("certificate", parse), ("validity", validity), ("eku", eku),
-            ("chain", cached_chain), ("ca_revocation", ca_revocation),
-            ("registry", registry_record), ("revocation", revocation),
-            ("device_status", device_status), ("attestation", cached_attestation),
-            ("overlap", overlap),
-        ], {"chain": chain, "attestation": attestation}
+    def _check_overlap(self, v, now):
+        v.rotation = RotationState.parse(v.device.rotation_state)
+        v.in_overlap, detail = _overlap(v.fp, v.record.kind, v.rotation, now)
+        return detail
 
     def _registry_read(self, cert_serial, issuer, fp):
         """(CertificateRecord, DeviceRecord) of this exact certificate: ONE registry read
@@ -470,46 +394,9 @@ class FleetVerifier:
                                 "this issuer and serial")
         return record, device
 
-    def _verify_cached(self, fp, facts, entry, now):
-        """verify() when the parse facts, the chain verdict and an attestation verdict are
-        cached: the same checks in the same order as _steps, without building the step
-        closures.  Returns DeviceIdentity, or None when the attestation verdict was made
-        against another SE UID than the registry now holds (the caller runs the full
-        steps).  Raises AccessRefused, RegistryError."""
-        cert, serial, issuer, eku, not_before, not_after = facts
-        if now < not_before:
-            raise AccessRefused(errors.NOT_YET_VALID, "valid from %s"
-                                % format_deadline(not_before))
-        if now > not_after:
-            raise AccessRefused(errors.EXPIRED, "expired at %s" % format_deadline(not_after))
-        if eku is not None:
-            raise eku
-        self.cache_hits += 1
-        trust = self.trust
-        for ca_fp in entry[0][1:]:
-            if trust.is_revoked_ca(ca_fp):
-                ca = trust.by_fingerprint.get(ca_fp)
-                name = ca.subject.rfc4514_string() if ca is not None else ca_fp
-                raise AccessRefused(errors.CA_REVOKED, "CA %s is revoked" % name)
-        record, device = self._registry_read(cert.serial_number, issuer, fp)
-        if record.kind == IDENTITY and not self.accept_identity:
-            raise AccessRefused(errors.WRONG_CERTIFICATE_KIND,
-                                "identity certificates are for enrolment only")
-        if record.revoked:
-            raise AccessRefused(errors.REVOKED, "revoked at %s (%s)"
-                                % (record.revoked_at, record.revocation_reason))
-        if device.status != COMMITTED:
-            raise AccessRefused(errors.DEVICE_STATUS, "device is %s" % device.status)
-        if entry[1] != device.se_uid:
-            self.cache_hits -= 1  # counted again by the full steps
-            return None
-        in_overlap, _detail = _overlap(fp, record, device, now)
-        return DeviceIdentity(serial, device.serial, device.se_uid, fp, record.kind, cert,
-                              in_overlap=in_overlap, issuer=issuer,
-                              rotation_state=device.rotation_state, not_after=not_after)
-
     def verify(self, cert_der, now=None):
-        """Authenticate a client certificate.
+        """Authenticate a client certificate: every check of CHECKS in order, the first
+        failure refuses (cached verdicts where the module docstring allows).
 
         Params: cert_der: the DER certificate TLS received.  now: aware datetime
             (default: the injected clock).
@@ -520,84 +407,108 @@ class FleetVerifier:
         now = now or self._clock()
         if not cert_der:
             raise AccessRefused(errors.NO_CLIENT_CERT)
-        fp = fingerprint_of(cert_der)
-        facts = self._facts.get(fp)
-        entry = self._cache_get(fp) if facts is not None else None
-        if entry is not None and entry[0] is not None and entry[1] is not None:
-            try:
-                identity = self._verify_cached(fp, facts, entry, now)
-            except AccessRefused as exc:
-                if self.on_verdict:
-                    self.on_verdict(exc.reason, False)
-                raise
-            if identity is not None:
-                if self.on_verdict:
-                    self.on_verdict("ok", True)
-                return identity
-        state, steps, _ = self._steps(cert_der, now, explaining=False)
+        v = _Verdict(cert_der, use_cache=True, explaining=False)
         try:
-            for _name, step in steps:
-                step()
+            for _name, check, _needs in CHECKS:
+                check(self, v, now)
         except AccessRefused as exc:
             if self.on_verdict:
                 self.on_verdict(exc.reason, False)
             raise
         if self.on_verdict:
-            self.on_verdict("ok", state.get("cached", False))
-        device = state["device"]
-        return DeviceIdentity(state["serial"], device.serial, device.se_uid, state["fp"],
-                              state["record"].kind, state["cert"],
-                              in_overlap=state.get("in_overlap", False),
-                              issuer=state["issuer"], rotation_state=device.rotation_state)
+            self.on_verdict("ok", v.cached)
+        device = v.device
+        return DeviceIdentity(v.serial, device.serial, device.se_uid, v.fp, v.record.kind,
+                              v.cert, in_overlap=v.in_overlap, issuer=v.issuer,
+                              rotation=v.rotation, not_after=v.not_after)
 
     def explain(self, cert_der, now=None):
-        """Run every check it can and say what each found (for `fleetid cloud check-cert`).
+        """Run every check of CHECKS it can and say what each found (for `fleetid cloud
+        check-cert`).
 
         Unlike verify(), a failure does not stop the checks that do not depend on it, and
-        nothing is cached.  Returns: list of CheckResult, in check order; the verdict is
-        all(r.ok for r in results if r.ok is not None).
+        no verdict is taken from or put in the cache.  Returns: list of CheckResult, in
+        check order; the verdict is all(r.ok for r in results if r.ok is not None).
         """
         now = now or self._clock()
-        state, steps, sub = self._steps(cert_der, now, explaining=True)
+        v = _Verdict(cert_der, use_cache=False, explaining=True)
         results = []
-        order = ["certificate", "validity", "eku", "chain", "ca_revocation", "registry",
-                 "revocation", "device_status", "attestation", "overlap"]
-        table = dict(steps)
-        table.update(sub)
-        needs = {"validity": ["certificate"], "eku": ["certificate"],
-                 "chain": ["certificate"], "ca_revocation": ["chain"],
-                 "registry": ["certificate"], "revocation": ["registry"],
-                 "device_status": ["registry"], "attestation": ["registry"],
-                 "overlap": ["registry"]}
         passed = set()
-        for name in order:
-            missing = [n for n in needs.get(name, []) if n not in passed]
+        for name, check, needs in CHECKS:
+            missing = [n for n in needs if n not in passed]
             if missing:
                 results.append(CheckResult(name, None, "not run: %s failed" % missing[0]))
                 continue
             try:
-                detail = table[name]()
+                detail = check(self, v, now)
                 passed.add(name)
                 results.append(CheckResult(name, True, detail))
             except AccessRefused as exc:
-                if name == "registry" and "device" in state:
-                    passed.add(name)
+                if name == "registry" and v.device is not None:
+                    passed.add(name)  # records read: the checks on them can still run
                 results.append(CheckResult(name, False, "%s: %s" % (exc.reason, exc.detail)))
             except RegistryError as exc:
                 results.append(CheckResult(name, False, "registry error: %s" % exc.reason))
         return results
 
 
-def _overlap(fp, record, device, now):
-    """Check 10 (module docstring).  Returns (in_overlap, detail); raises AccessRefused."""
-    rotation = RotationState.parse(device.rotation_state)
-    if record.kind != OPERATIONAL or rotation.kind in (None, "active"):
-        if rotation.kind == "active" and record.kind == OPERATIONAL and rotation.new != fp:
+class _Verdict:
+    """What the checks of one verify() / explain() call found so far."""
+
+    __slots__ = ("der", "use_cache", "explaining", "fp", "cert", "serial", "issuer", "eku",
+                 "not_before", "not_after", "entry", "chain_fps", "cached", "record",
+                 "device", "in_overlap", "rotation")
+
+    def __init__(self, der, use_cache, explaining):
+        self.der, self.use_cache, self.explaining = der, use_cache, explaining
+        self.entry = self.record = self.device = self.rotation = None
+        self.cached = self.in_overlap = False
+
+
+# THE check list (module docstring): (name, check, the checks it needs).  verify() runs it
+# in order and stops at the first refusal; explain() runs every check whose needs passed.
+CHECKS = (
+    ("certificate", FleetVerifier._check_certificate, ()),
+    ("validity", FleetVerifier._check_validity, ("certificate",)),
+    ("eku", FleetVerifier._check_eku, ("certificate",)),
+    ("chain", FleetVerifier._check_chain, ("certificate",)),
+    ("ca_revocation", FleetVerifier._check_ca_revocation, ("chain",)),
+    ("registry", FleetVerifier._check_registry, ("certificate",)),
+    ("revocation", FleetVerifier._check_revocation, ("registry",)),
+    ("device_status", FleetVerifier._check_device_status, ("registry",)),
+    ("attestation", FleetVerifier._check_attestation, ("registry",)),
+    ("overlap", FleetVerifier._check_overlap, ("registry",)),
+)
+
+
+def _parse_facts(cert_der):
+    """The immutable facts of one DER (parsed once per fingerprint): (certificate, device
+    serial, issuer text, EKU refusal or None, notBefore, notAfter).  cryptography parses
+    lazily: every field used later is touched here, so a malformed certificate is refused
+    here and nowhere else.  Raises AccessRefused."""
+    try:
+        cert = x509.load_der_x509_certificate(bytes(cert_der))
+        cert.public_key()
+        cert.not_valid_before_utc, cert.not_valid_after_utc, cert.serial_number
+        cert.subject.rfc4514_string()
+        return (cert, device_serial_of(cert), cert.issuer.rfc4514_string(),
+                _eku_problem(cert), cert.not_valid_before_utc, cert.not_valid_after_utc)
+    except AccessRefused:
+        raise
+    except Exception:  # noqa: BLE001 - untrusted DER
+        raise AccessRefused(errors.MALFORMED_CERT, "not a DER X.509 certificate") from None
+
+
+def _overlap(fp, kind, rotation, now):
+    """Check 10 (module docstring) of a certificate of `kind` against the device's
+    RotationState.  Returns (in_overlap, detail); raises AccessRefused."""
+    if kind != OPERATIONAL or rotation.kind in (None, ACTIVE):
+        if rotation.kind == ACTIVE and kind == OPERATIONAL and rotation.new != fp:
             raise AccessRefused(errors.SUPERSEDED, "an older operational certificate")
         return False, "current"
     if fp == rotation.new:
         return False, "current"
-    if rotation.kind == "overlap" and fp == rotation.old:
+    if rotation.kind == OVERLAP and fp == rotation.old:
         if now > rotation.deadline:
             raise AccessRefused(errors.SUPERSEDED, "overlap window closed at %s"
                                 % format_deadline(rotation.deadline))

@@ -9,6 +9,8 @@ be caught by `verify_registry_log`; the truncations by the witness's anchor, whi
 point of keeping one.
 """
 
+import datetime
+import hashlib
 import json
 import shutil
 import sqlite3
@@ -17,6 +19,7 @@ import pytest
 
 from fleetid.cloud import audit
 from fleetid.cloud.registry import verify_registry_log
+from fleetid.cloud.registry.rotation import RotationState
 from fleetid.cloud.registry.sqlite_backend import SqliteRegistry
 from tests.cloud.test_registry import LINE, T0, WITNESS, make_cert, provision, start_device
 
@@ -37,10 +40,13 @@ def chain(tmp_path_factory):
         checkpointer.checkpoint()
         old_fp = reg.get_device(first).identity_fingerprint
         operational = make_cert(first, cert_serial=0x1234)
+        new_fp = hashlib.sha256(operational).hexdigest()
+        overlap = RotationState.overlap(
+            old_fp, new_fp, datetime.datetime.fromtimestamp(T0, datetime.timezone.utc))
         record = reg.add_certificate(first, operational, "operational",
-                                     rotation_state="overlap", operation="simplereenroll",
-                                     operator="est:0011")
-        reg.acknowledge_rotation(first, "acked", record.fingerprint, old_fp)
+                                     rotation_state=overlap.format(),
+                                     operation="simplereenroll", operator="est:0011")
+        reg.acknowledge_rotation(first, record.fingerprint)
         reg.mark_revoked(0x7F000000 + second, "keyCompromise", operator="op-1")
         third = start_device(reg)
         reg.reconcile(third, "no-certificate", "crash before issuance", station="line-1",

@@ -291,7 +291,7 @@ def test_event_loop_setting_is_validated_and_resolved(tmp_path):
 def test_rotation_deadline_round_trips_and_refuses_other_shapes():
     import datetime
 
-    from fleetid.cloud.verifier.service import format_deadline, parse_deadline
+    from fleetid.cloud.registry.rotation import format_deadline, parse_deadline
 
     moment = datetime.datetime(2027, 3, 4, 5, 6, 7, tzinfo=datetime.timezone.utc)
     assert parse_deadline(format_deadline(moment)) == moment

@@ -3,6 +3,7 @@ and the audit chain it keeps.  Contract tests run on SQLite and on the in-memory
 
 import datetime
 import glob
+import hashlib
 import os
 import pwd
 import shutil
@@ -36,6 +37,7 @@ from fleetid.cloud.registry import (
     verify_registry_log,
 )
 from fleetid.cloud.registry.memory import MemoryRegistry
+from fleetid.cloud.registry.rotation import ACKED, RotationState
 from fleetid.cloud.registry.sqlite_backend import SqliteRegistry
 from tests.conftest import require
 
@@ -489,6 +491,45 @@ def test_add_certificate_with_rotation_state_is_one_write(registry):
     assert registry.get_device(serial).rotation_state == "overlap:" + "ab" * 4
     with pytest.raises(DeviceNotFound):
         registry.add_certificate(999, make_cert(999), "operational", rotation_state="x")
+
+
+def test_acknowledge_rotation_reads_decides_and_writes_in_one_transaction(registry):
+    serial = provision(registry)
+    old_fp = registry.get_device(serial).identity_fingerprint
+    new = make_cert(serial, cert_serial=0x69)
+    new_fp = hashlib.sha256(new).hexdigest()
+    deadline = datetime.datetime.fromtimestamp(T0 + 3600, datetime.timezone.utc)
+    overlap = RotationState.overlap(old_fp, new_fp, deadline)
+    registry.add_certificate(serial, new, "operational", rotation_state=overlap.format())
+    entries = registry.head()[0]
+    # Not the certificate that opened the overlap: nothing written, the state returned.
+    assert registry.acknowledge_rotation(serial, old_fp) == overlap
+    assert registry.head()[0] == entries
+    # Several acknowledgements at once (two agents' retries): exactly one takes effect.
+    results, failures = [], []
+
+    def ack():
+        try:
+            results.append(registry.acknowledge_rotation(serial, new_fp))
+        except Exception as exc:  # pragma: no cover - reported below
+            failures.append(exc)
+
+    threads = [threading.Thread(target=ack) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert failures == []
+    acked = RotationState(ACKED, old_fp, new_fp)
+    assert results == [acked] * 4
+    assert registry.get_device(serial).rotation_state == "acked:%s:%s" % (old_fp, new_fp)
+    assert registry.head()[0] == entries + 1
+    last = audit.parse_entry(list(registry.iter_audit_lines())[-1], entries)
+    assert last.type == "rotation_ack"
+    assert registry.acknowledge_rotation(serial, new_fp) == acked  # again: a no-op
+    assert registry.head()[0] == entries + 1
+    with pytest.raises(DeviceNotFound):
+        registry.acknowledge_rotation(999, new_fp)
 
 
 def test_a_held_and_reworked_chip_has_several_records(registry):

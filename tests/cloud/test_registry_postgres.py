@@ -46,6 +46,7 @@ CONTRACT_TESTS = [
     "test_allocate_intent_serials_are_unique_under_parallel_stations",
     "test_commit_accepts_the_identity_certificate_added_before_it",
     "test_add_certificate_with_rotation_state_is_one_write",
+    "test_acknowledge_rotation_reads_decides_and_writes_in_one_transaction",
     "test_certificate_and_device_is_one_read_matching_the_two_reads",
 ]
 for _name in CONTRACT_TESTS:
