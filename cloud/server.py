@@ -20,8 +20,8 @@ Audit checkpoints: every issuance, re-issuance, rotation acknowledgement and rev
 the servers record is an entry of the registry's audit chain; with checkpoint keys
 (config audit_line_key / audit_witness_key, the witness key in its own keystore or token
 audit_witness_hsm; the embedded set-up makes its own, the witness's in a soft keystore of
-its own under state_dir/witness) the server signs a checkpoint when one is due and at shutdown, and the witness keeps its
-anchor at config.witness_anchor.
+its own under state_dir/witness) the server signs a checkpoint when one is due and at
+shutdown, and the witness keeps its anchor at config.witness_anchor.
 """
 
 import asyncio
@@ -36,7 +36,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from fleetid.cloud import audit
-from fleetid.cloud.config import embedded_hsm_uri
+from fleetid.cloud.config import ConfigError, embedded_hsm_uri
 from fleetid.cloud.est.service import EstLabel, EstService
 from fleetid.cloud.hsm.errors import KeyNotFound
 from fleetid.cloud.http.est_app import make_est_app
@@ -113,6 +113,10 @@ def bootstrap_embedded(config, hsm, now=None):
     tls_cert = config.tls_cert or os.path.join(state, "tls", "server.pem")
     tls_key = config.tls_key or os.path.join(state, "tls", "server.key.pem")
     if not os.path.exists(tls_cert):
+        if config.tls_key and os.path.exists(tls_key):
+            raise ConfigError("tls_cert %s does not exist: refusing to make a new key over "
+                              "tls_key %s (name the certificate of that key)"
+                              % (tls_cert, tls_key))
         os.makedirs(os.path.dirname(tls_cert), exist_ok=True)
         key = ec.generate_private_key(ec.SECP256R1())
         builder = server_certificate_builder(key.public_key(), root,
@@ -178,6 +182,20 @@ def _check_adopted_ca(entry, ca_cert, root_certs):
                      % (entry["name"], entry["ca_cert"]))
 
 
+def check_tls_files(config):
+    """The server certificate and key are named together or not at all (then the embedded
+    set-up makes both under state_dir).  A key without its certificate is refused: the
+    embedded set-up would otherwise write a new key over the operator's.
+    Raises ConfigError."""
+    if config.tls_key and not config.tls_cert:
+        raise ConfigError("tls_key %s is set but tls_cert is not: name the certificate of "
+                          "that key as well (or neither, for the embedded set-up's own)"
+                          % config.tls_key)
+    if config.tls_cert and not config.tls_key:
+        raise ConfigError("tls_cert %s is set but tls_key is not: name its private key as "
+                          "well (or neither, for the embedded set-up's own)" % config.tls_cert)
+
+
 def build_context(config, environ=None, clock=None):
     """Open the HSM and registry named by `config`, bootstrap the embedded PKI when no
     labels are configured, and build the trust and the EST labels.  Returns CloudContext."""
@@ -185,6 +203,7 @@ def build_context(config, environ=None, clock=None):
     from fleetid.cloud.hsm import open_hsm
     from fleetid.cloud.registry import open_registry
     environ = os.environ if environ is None else environ
+    check_tls_files(config)
     os.makedirs(config.state_dir, exist_ok=True)
     hsm = open_hsm(config.hsm, environ)  # its secret by environment variable only
     label_configs, roots, tls_cert, tls_key = list(config.labels), list(config.roots), \
@@ -199,7 +218,7 @@ def build_context(config, environ=None, clock=None):
         label_configs, embedded_roots, tls_cert, tls_key = bootstrap_embedded(config, hsm)
         roots = roots or embedded_roots
     if not tls_cert or not tls_key:
-        raise ValueError("tls_cert and tls_key are required when labels are configured")
+        raise ConfigError("tls_cert and tls_key are required when labels are configured")
     root_certs = _read_pems(roots)
     vendor_paths = list(config.vendor_roots) or sorted(
         glob.glob(os.path.join(config.state_dir, "vendor-roots", "*.pem")))

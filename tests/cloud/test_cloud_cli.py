@@ -103,6 +103,35 @@ def test_config_file_and_environment(tmp_path):
         load_config(None, environ={"FLEETID_CLOUD_EST_PORT": "many"})
 
 
+@pytest.mark.parametrize("named", ["tls_key", "tls_cert", "tls_key and a missing tls_cert"])
+def test_serve_refuses_a_tls_key_without_its_certificate_and_keeps_the_key(tmp_path, named,
+                                                                          monkeypatch):
+    def serve_forever(*_args, **_kwargs):  # a regression must fail here, not serve forever
+        raise AssertionError("cloud serve started")
+
+    monkeypatch.setattr("fleetid.cloud.server.serve_forever", serve_forever)
+    key = tmp_path / "operator.key.pem"
+    key.write_bytes(b"the operator's key\n")
+    lines = ['[cloud]', 'state_dir = "state"']
+    if named != "tls_cert":
+        lines.append('tls_key = "%s"' % key)
+    if named != "tls_key":
+        lines.append('tls_cert = "%s"' % (tmp_path / "missing.pem"))
+    if named == "tls_cert":
+        key.unlink()
+    (tmp_path / "cloud.toml").write_text("\n".join(lines) + "\n")
+    result = CliRunner().invoke(cli, ["cloud", "serve", "--config",
+                                      str(tmp_path / "cloud.toml"), "--verifier-port", "0",
+                                      "--est-port", "0", "--metrics-port", "0"],
+                                env={"FLEETID_KEYSTORE_PASS": "test-pass"})
+    assert result.exit_code == 1
+    assert "ConfigError" in result.output
+    assert ("tls_cert" if named == "tls_key" else "tls_key") in result.output
+    if named != "tls_cert":
+        assert key.read_bytes() == b"the operator's key\n"  # not overwritten
+    assert not (tmp_path / "missing.pem").exists()
+
+
 def test_serve_runs_verifier_and_est_on_the_embedded_defaults(tmp_path):
     env = dict(os.environ)
     env.pop("FLEETID_KEYSTORE_PASS", None)
