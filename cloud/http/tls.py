@@ -5,8 +5,9 @@ import ssl
 
 from fleetid.cloud.config import ConfigError
 
-# TLS 1.2 suites for clients whose key signs in an SE (tlslite-ng: TLS 1.2 client auth
-# only; ARCHITECTURE "mTLS with an SE-held key"): ECDHE-ECDSA with AES-GCM (RFC 5289).
+# TLS 1.2 suites for clients whose key signs in an SE: the device's TLS stack with the key
+# in the SE (tlslite-ng, device/host) does client authentication in TLS 1.2 only, with
+# ECDSA P-256 from the SE.  ECDHE-ECDSA with AES-GCM (RFC 5289).
 TLS12_CIPHERS = "ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-ECDSA-AES256-GCM-SHA384"
 
 SESSION_TICKETS = 1

@@ -1,10 +1,10 @@
 """Revoked fleet CAs (batch intermediates), persisted beside the cloud's state.
 
 Revoking a batch means refusing every device whose chain passes through that batch's
-issuing CA (ARCHITECTURE "Fleet PKI": batch revocation by intermediate).  The registry
-records device certificates, not CAs, so the revoked CAs live in one append-only file,
-`<state_dir>/revoked-cas.jsonl` (cloud/config.py `revoked_cas_file`), one JSON object
-per line:
+issuing CA (each product / batch / region has its own issuing CA, so revoking that CA
+revokes the batch).  The registry records device certificates, not CAs, so the revoked
+CAs live in one append-only file, `<state_dir>/revoked-cas.jsonl` (cloud/config.py
+`revoked_cas_file`), one JSON object per line:
 
     {"fingerprint": "<SHA-256 of the CA certificate DER, hex>", "subject": "<RFC 4514>",
      "reason": "<RFC 5280 5.3.1 CRLReason name>", "revoked_at": "<RFC 3339 UTC>",
