@@ -296,6 +296,14 @@ def build_fleet(workdir, devices):
     return files, os.path.join(workdir, "root.pem"), cold_ms, warm_ms
 
 
+def _ratio(result, baseline_rate):
+    """'1.23x', or 'n/a' when the baseline's server CPU time was below the clock's
+    resolution (a short --quick run of a fast server can read 0 ticks)."""
+    if not baseline_rate or not result["per_cpu_s"]:
+        return "n/a (server CPU below one clock tick: use more --connections)"
+    return "%.2fx" % (result["per_cpu_s"] / baseline_rate)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="small run (CI smoke)")
@@ -368,9 +376,9 @@ def main(argv=None):
         for nginx_name in (NGINX_SESSIONS if nginx else ()):
             for mode in ("full", "resumed"):
                 nginx_rate = results[(nginx_name, mode)]["per_cpu_s"]
-                print("ratio fleetid/%s, %s handshakes: %.2fx   (bare aiohttp/%s: %.2fx)"
-                      % (nginx_name, mode, results[("fleetid", mode)]["per_cpu_s"] / nginx_rate,
-                         nginx_name, results[("aiohttp", mode)]["per_cpu_s"] / nginx_rate))
+                print("ratio fleetid/%s, %s handshakes: %s   (bare aiohttp/%s: %s)"
+                      % (nginx_name, mode, _ratio(results[("fleetid", mode)], nginx_rate),
+                         nginx_name, _ratio(results[("aiohttp", mode)], nginx_rate)))
     finally:
         for proc in processes:
             proc.terminate()
