@@ -19,6 +19,8 @@ if [ $want_test = 1 ]; then
     ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || apt_pkgs+=(postgresql)
     # nginx: the mTLS baseline of bench/mtls.py and its smoke test.
     command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || apt_pkgs+=(nginx-light)
+    # mosquitto: the MQTT broker the MQTT tests, bench/mqtt.py and the demo start themselves.
+    command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || apt_pkgs+=(mosquitto)
 fi
 # openssl and curl: the independent EST and mTLS clients of the demo and the interop tests.
 command -v openssl >/dev/null 2>&1 || apt_pkgs+=(openssl)
@@ -50,6 +52,9 @@ if [ $want_test = 1 ]; then
     # tests do not use, so it is installed without dependencies.
     .venv/bin/python -m pip install -q "${pin[@]}" -e '.[test]'
     .venv/bin/python -m pip install -q "${pin[@]}" --no-deps yubikey-manager
+    # micropython-lib's umqtt.simple for the unix-port MQTT tests, pinned by version and
+    # sha256 (PyPI's uploads have no setup.py, so pip cannot fetch them; see the script).
+    .venv/bin/python scripts/fetch_micropython_lib.py
 else
     .venv/bin/python -m pip install -q "${pin[@]}" -e .
 fi
