@@ -42,9 +42,12 @@
 #   SET STATUS        84 F0  0x80 (card)  new life-cycle state  (GP CS 2.3 11.10)
 #
 # PUT KEY, STORE DATA and SET STATUS are accepted only inside an authenticated SCP03
-# session (C-MAC at least) and only before SECURED (SET STATUS may still move a SECURED
-# card to CARD_LOCKED or TERMINATED).  Anything sent while TERMINATED gets 0x6985
-# except GET DATA of DATA_LIFE_CYCLE.
+# session (C-MAC at least).  Before SECURED that is personalisation.  Once SECURED (SET
+# STATUS may still move a SECURED card to CARD_LOCKED or TERMINATED), PUT KEY and STORE
+# DATA are over-the-air administration: the session must be at SCP_LEVEL_OTA (0x33) and
+# opened with the card's current (highest) key set, else 0x6982; PUT KEY must replace
+# that set (P1 = its KVN, else 0x6985), in one atomic NVM commit.  Anything sent while
+# TERMINATED gets 0x6985 except GET DATA of DATA_LIFE_CYCLE.
 
 try:
     from micropython import const
@@ -183,6 +186,7 @@ SCP_LEVEL_CMAC = const(0x01)
 SCP_LEVEL_CDEC = const(0x02)
 SCP_LEVEL_RMAC = const(0x10)
 SCP_LEVEL_RENC = const(0x20)
+SCP_LEVEL_OTA = const(0x33)  # C-MAC | C-DEC | R-MAC | R-ENC: required for admin once SECURED
 SCP03_FAILURE_LIMIT = const(80)  # refused authentications before INITIALIZE UPDATE answers 0x6983
 
 # Status words (ISO/IEC 7816-4 5.1.3, GP CS 2.3 11.1.3).

@@ -475,9 +475,27 @@ class Chip:
             raise _Refusal(C.SW_REF_NOT_FOUND)
         return _decode_key_record(record)
 
-    @staticmethod
-    def _not_before_secured(tx):
-        if Chip._life_cycle(tx) not in (C.LC_OP_READY, C.LC_INITIALIZED):
+    def _admin_allowed(self, tx, replaced_kvn=None):
+        # Before SECURED: personalisation (the dispatcher already asked for an SCP03
+        # session with C-MAC).  Once SECURED, over-the-air administration only: the session
+        # must be at the full level 0x33 (C-MAC, C-DEC, R-MAC, R-ENC: the relaying agent
+        # sees neither the keys nor the trust anchors nor the answers in clear) and opened
+        # with the card's current key set (the highest loaded KVN); PUT KEY may only
+        # replace that very set (P1 = its KVN), in one NVM commit, so a power cut leaves
+        # the old set or the new one, never neither.  Replay and reordering are the SCP03
+        # session's to refuse (C-MAC chaining, the sequence counter behind the challenge).
+        life_cycle = self._life_cycle(tx)
+        if life_cycle in (C.LC_OP_READY, C.LC_INITIALIZED):
+            return
+        if life_cycle != C.LC_SECURED:
+            raise _Refusal(C.SW_CONDITIONS)
+        card = self._scp
+        if card is None or not card.active or card.level != C.SCP_LEVEL_OTA:
+            raise _Refusal(C.SW_SECURITY_STATUS)
+        kvns = self._kvns(tx)
+        if not kvns or card.kvn != kvns[-1]:
+            raise _Refusal(C.SW_SECURITY_STATUS)
+        if replaced_kvn is not None and replaced_kvn != card.kvn:
             raise _Refusal(C.SW_CONDITIONS)
 
     # -- handlers: handler(cmd, tx) -> response data, or raise _Refusal -------------
@@ -768,7 +786,7 @@ class Chip:
         return b""
 
     def _put_key(self, cmd, tx):
-        self._not_before_secured(tx)
+        self._admin_allowed(tx, replaced_kvn=cmd.p1)
         if cmd.p2 != _PUT_KEY_P2:
             raise _Refusal(C.SW_INCORRECT_P1P2)
         if len(cmd.data) != _PUT_KEY_LEN:
@@ -808,7 +826,7 @@ class Chip:
         return bytes((new_kvn,)) + kcvs
 
     def _store_data(self, cmd, tx):
-        self._not_before_secured(tx)
+        self._admin_allowed(tx)
         if cmd.p1 & ~(_STORE_LAST_BLOCK | _STORE_DGI_FORMAT):
             raise _Refusal(C.SW_INCORRECT_P1P2)
         if cmd.p2 != self._store_block & 0xFF:

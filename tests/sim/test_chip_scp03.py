@@ -303,15 +303,55 @@ def test_life_cycle_secured_locks_personalisation(fabbed):
     assert send_secure(host, C.INS_SET_STATUS, 0x80, C.LC_INITIALIZED) == (b"", C.SW_OK)
     assert send_secure(host, C.INS_SET_STATUS, 0x80, C.LC_SECURED) == (b"", C.SW_OK)
     assert send(chip, C.INS_GET_DATA, 0x01, 0x03, le=1) == (bytes((C.LC_SECURED,)), C.SW_OK)
+    # Adding a key set (P1 = 0) is personalisation: refused once SECURED, even at 0x33.
     secure_refused(host, chip, C.SW_CONDITIONS, C.INS_PUT_KEY, 0, 0x81,
                    put_key_payload(dek, 0x32, DEVICE_KEYS))
-    secure_refused(host, chip, C.SW_CONDITIONS, C.INS_STORE_DATA, 0x80, 0,
-                   _dgi(C.DGI_FIRMWARE_KEY, _firmware_point()))
     secure_refused(host, chip, C.SW_CONDITIONS, C.INS_SET_STATUS, 0x80, C.LC_INITIALIZED)
     secure_refused(host, chip, C.SW_CONDITIONS, C.INS_SET_STATUS, 0x80, C.LC_SECURED)
     # Field use goes on: keys, signatures, SCP03 sessions.
     assert send(chip, C.INS_GENERATE_KEY, 2, C.CURVE_P256, b"\x01", 256)[1] == C.SW_OK
     assert open_scp(chip, record.static_keys()).is_open
+
+
+@pytest.mark.parametrize("level", [0x01, 0x03, 0x13])
+def test_secured_admin_needs_the_full_level(fabbed, level):
+    chip, record = fabbed
+    host = open_scp(chip, record.static_keys())
+    assert send_secure(host, C.INS_SET_STATUS, 0x80, C.LC_SECURED) == (b"", C.SW_OK)
+    host = open_scp(chip, record.static_keys(), level=level)
+    dek = record.static_keys().dek
+    kvn = record.static_keys().kvn
+    secure_refused(host, chip, C.SW_SECURITY_STATUS, C.INS_STORE_DATA, 0x80, 0,
+                   _dgi(C.DGI_FIRMWARE_KEY, _firmware_point()))
+    host = open_scp(chip, record.static_keys(), level=level)
+    secure_refused(host, chip, C.SW_SECURITY_STATUS, C.INS_PUT_KEY, kvn, 0x81,
+                   put_key_payload(dek, 0x32, DEVICE_KEYS))
+
+
+def test_secured_admin_at_0x33_replaces_the_session_key_set_in_one_commit(fabbed):
+    chip, record = fabbed
+    static = record.static_keys()
+    host = open_scp(chip, static)
+    assert send_secure(host, C.INS_SET_STATUS, 0x80, C.LC_SECURED) == (b"", C.SW_OK)
+    host = open_scp(chip, static, level=C.SCP_LEVEL_OTA)
+    point = _firmware_point()
+    assert send_secure(host, C.INS_STORE_DATA, 0x80, 0,
+                       _dgi(C.DGI_FIRMWARE_KEY, point)) == (b"", C.SW_OK)
+    assert send(chip, C.INS_GET_DATA, 0x01, 0x12, le=256) == (point, C.SW_OK)
+    # PUT KEY that would replace another set than the session's: refused.
+    secure_refused(host, chip, C.SW_CONDITIONS, C.INS_PUT_KEY, static.kvn + 1, 0x81,
+                   put_key_payload(static.dek, 0x32, DEVICE_KEYS))
+    host = open_scp(chip, static, level=C.SCP_LEVEL_OTA)
+    assert send_secure(host, C.INS_PUT_KEY, static.kvn, 0x81,
+                       put_key_payload(static.dek, 0x32, DEVICE_KEYS)) == (
+        b"\x32" + expected_kcvs(DEVICE_KEYS), C.SW_OK)
+    assert send(chip, C.INS_GET_DATA, 0x01, 0x06, le=256) == (b"\x32", C.SW_OK)
+    with pytest.raises(ApduError):
+        open_scp(chip, static, kvn=static.kvn)  # the old set is gone (6A88)
+    with pytest.raises(SecureChannelError):
+        open_scp(chip, static)  # the default set is the new one: old keys do not fit
+    assert open_scp(chip, scp03.StaticKeys(*DEVICE_KEYS, kvn=0x32),
+                    level=C.SCP_LEVEL_OTA).is_open
 
 
 def test_set_status_errors(fabbed):
