@@ -26,7 +26,7 @@ from fleetid.cloud.verifier.server import server_certificate_builder
 from fleetid.common import se_consts as C
 from fleetid.common.apdu import ApduProtocol
 from fleetid.device.se import SeSession
-from tests.cloud.hsm_support import TEST_SCRYPT_N
+from tests.cloud.hsm_support import KEYSTORE_PASS, TEST_SCRYPT_N
 from tests.conftest import require
 
 PEM = serialization.Encoding.PEM
@@ -77,7 +77,9 @@ class MqttFleet:
     def __init__(self, directory, devices=2, start=True):
         require_mosquitto()
         self.dir = str(directory)
-        self.line = runner.init_line(os.path.join(self.dir, "line"), scrypt_n=TEST_SCRYPT_N)
+        self.line = runner.init_line(os.path.join(self.dir, "line"), scrypt_n=TEST_SCRYPT_N,
+                                     environ=dict(os.environ,
+                                                  FLEETID_KEYSTORE_PASS=KEYSTORE_PASS))
         lot = runner.make_lot(self.line, devices)
         summary = runner.run_line(self.line.resources_for(lot.batch), lot.chips, stations=1)
         if summary.yield_pct != 100.0:
