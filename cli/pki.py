@@ -128,6 +128,65 @@ def new_ca_cmd(hsm_uri, root_label, root_cert, label, product, batch, region, pa
     click.echo("fingerprint:    %s" % fingerprint(certificate))
 
 
+@pki.command("new-fw-key")
+@click.option("--hsm", "hsm_uri", required=True, metavar="URI",
+              help="HSM URI (see `fleetid pki --help`).")
+@click.option("--root-label", required=True, help="Label of the root key in the HSM.")
+@click.option("--root-cert", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="The root certificate (PEM).")
+@click.option("--label", required=True,
+              help="Label of the firmware-signing key in the HSM (generated unless "
+                   "--existing).")
+@click.option("--name", required=True, help="Subject CN of the certificate.")
+@click.option("--existing", is_flag=True,
+              help="Certify a key already in the HSM (e.g. the line's bare firmware key).")
+@click.option("--validity-days", default=5 * 365 + 1, show_default=True,
+              type=click.IntRange(1))
+@click.option("--out", required=True, type=click.Path(dir_okay=False),
+              help="Where the certificate (PEM) is written (must not exist).")
+def new_fw_key_cmd(hsm_uri, root_label, root_cert, label, name, existing, validity_days, out):
+    """A firmware-signing key in the HSM, certified by the fleet root (codeSigning).
+
+    Devices accept images from any installed firmware certificate that chains to their
+    fleet root and that their CRL does not list; install it over the air with SCP03
+    (fleetid.cloud.mqtt.ota.install_trust_anchor, DGI_FIRMWARE_CERT_A/B), and retire the
+    old key by revoking its certificate.
+
+    \b
+    Example:
+      fleetid pki new-fw-key --hsm 'soft:keystore.json;pass-env=FLEETID_KEYSTORE_PASS' \\
+        --root-label fleet-root --root-cert ceremony/root.pem \\
+        --label firmware-2027 --name 'Acme firmware 2027' --out firmware-2027.pem
+    """
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    from fleetid.cloud.pki import fingerprint
+    from fleetid.cloud.pki.firmware import certify_firmware_key, new_firmware_key
+
+    if os.path.exists(out):
+        raise click.ClickException("%s exists; refusing to overwrite" % out)
+    try:
+        with open(root_cert, "rb") as f:
+            root = x509.load_pem_x509_certificate(f.read())
+    except ValueError:
+        raise click.ClickException("%s is not a PEM certificate" % root_cert) from None
+    make = certify_firmware_key if existing else new_firmware_key
+    try:
+        with _open_hsm(hsm_uri) as hsm:
+            certificate = make(hsm, root_label, root, label, name,
+                               validity=datetime.timedelta(days=validity_days))
+    except FleetidError as exc:
+        raise _fail(exc) from None
+    with open(out, "xb") as f:
+        f.write(certificate.public_bytes(serialization.Encoding.PEM))
+    click.echo("firmware certificate: %s" % out)
+    click.echo("serial:               %x" % certificate.serial_number)
+    click.echo("fingerprint:          %s" % fingerprint(certificate))
+
+
 @pki.command("show-ceremony")
 @click.argument("ceremony_dir", type=click.Path(exists=True, file_okay=False))
 @click.option("--fingerprint", "expected", default=None,

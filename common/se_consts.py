@@ -122,11 +122,18 @@ DATA_SEQUENCE_COUNTER = const(0x0108)  # u24 SCP03 sequence counter
 DATA_TRUST_FLEET_ROOT = const(0x0111)  # value of DGI_FLEET_ROOT
 DATA_TRUST_FIRMWARE_KEY = const(0x0112)  # value of DGI_FIRMWARE_KEY
 DATA_TRUST_SERVER_ROOT = const(0x0113)  # value of DGI_SERVER_ROOT
+DATA_TRUST_FIRMWARE_CERT_A = const(0x0114)  # value of DGI_FIRMWARE_CERT_A
+DATA_TRUST_FIRMWARE_CERT_B = const(0x0115)  # value of DGI_FIRMWARE_CERT_B
 
 # STORE DATA DGIs (trust anchors, public).
 DGI_FLEET_ROOT = const(0x7F01)  # DER certificate of the fleet root CA
 DGI_FIRMWARE_KEY = const(0x7F02)  # 65-byte uncompressed P-256 point of the firmware-signing key
 DGI_SERVER_ROOT = const(0x7F03)  # DER certificate of the server root CA
+# Firmware-signing certificates under the fleet root (device/fwkeys.py): two places, so a
+# rotation installs the new one beside the old (both accepted) before the old is revoked.
+# Once either is written, signed boot ignores the bare DGI_FIRMWARE_KEY point.
+DGI_FIRMWARE_CERT_A = const(0x7F04)
+DGI_FIRMWARE_CERT_B = const(0x7F05)
 
 # Key slots.  Slot 0 holds the MAK (made at chip fab; ATTEST-only, never SIGN from the host).
 SLOT_MAK = const(0x00)

@@ -151,6 +151,8 @@ class BootReport:
         COUNTER_FIRMWARE when checked (int or None).  image_hash: 32-byte digest.
         load_addr, img_size, hdr_size, flags: header fields.  total_size: bytes the image
         occupies (header to the end of its TLVs).  checked_at: the `now` given (or None).
+        key_serial: serial of the firmware certificate whose key signed (device/fwkeys.py),
+        None for the bare point.
     """
 
     def __init__(self, checked_at=None):
@@ -166,6 +168,7 @@ class BootReport:
         self.flags = None
         self.total_size = None
         self.checked_at = checked_at
+        self.key_serial = None  # certificate serial of the signing key (fwkeys), if any
 
     def version_string(self):
         """The version as imgtool writes it: "major.minor.revision+build"."""
@@ -261,7 +264,7 @@ def _read_area(source, magic, size, report, what):
     return area
 
 
-def check_image(se, reader, max_size=DEFAULT_MAX_SIZE, now=None):
+def check_image(se, reader, max_size=DEFAULT_MAX_SIZE, now=None, firmware_keys=None):
     """Check an MCUboot image: header, size, SHA-256, key, signature (in the SE), counter.
 
     Nothing is written to the SE: the counter only moves in confirm_boot().
@@ -271,7 +274,11 @@ def check_image(se, reader, max_size=DEFAULT_MAX_SIZE, now=None):
         readinto(buf) or read(n), positioned at the header; read in CHUNK-byte pieces,
         never whole.  max_size: the slot size in bytes (header to the end of the TLVs).
         now: recorded in the report as checked_at (any value; not used for decisions).
-    Returns: BootReport with ok True.
+        firmware_keys: optional object with points() -> [FirmwareKey] (device/fwkeys.py:
+            firmware-signing certificates under the fleet root, revocable and rotatable);
+            None: the bare DATA_TRUST_FIRMWARE_KEY point only, as before.
+    Returns: BootReport with ok True (report.key_serial: the certificate serial of the
+        key that signed, None for the bare point).
     Raises: BootError(reason) with the report so far (REASON_*); LinkError / ApduError
         other than the refusals named above when the SE cannot be reached or misbehaves;
         ValueError when `reader` is neither bytes nor readable.
@@ -366,14 +373,30 @@ def check_image(se, reader, max_size=DEFAULT_MAX_SIZE, now=None):
         raise report._refuse("key", REASON_TLV, "both KEYHASH and PUBKEY")
     if pubkey is not None:
         keyhash = hashlib.sha256(pubkey).digest()
-    try:
-        point = se.get_data(_DATA_TRUST_FIRMWARE_KEY, _POINT_LEN)
-    except ReferenceNotFound:
-        raise report._refuse("key", REASON_NO_TRUST_ANCHOR) from None
-    spki_hash = hashlib.sha256(_SPKI_P256_PREFIX + point).digest()
-    if keyhash != spki_hash:
-        raise report._refuse("key", REASON_KEY, "not the SE's firmware-signing key")
-    report._pass("key", "firmware-signing key in the SE")
+    if firmware_keys is None:
+        try:
+            point = se.get_data(_DATA_TRUST_FIRMWARE_KEY, _POINT_LEN)
+        except ReferenceNotFound:
+            raise report._refuse("key", REASON_NO_TRUST_ANCHOR) from None
+        spki_hash = hashlib.sha256(_SPKI_P256_PREFIX + point).digest()
+        if keyhash != spki_hash:
+            raise report._refuse("key", REASON_KEY, "not the SE's firmware-signing key")
+        report._pass("key", "firmware-signing key in the SE")
+    else:
+        accepted = firmware_keys.points()
+        if not accepted:
+            raise report._refuse("key", REASON_NO_TRUST_ANCHOR)
+        point = None
+        for key in accepted:
+            if hashlib.sha256(_SPKI_P256_PREFIX + key.point).digest() == keyhash:
+                point = key.point
+                report.key_serial = key.serial
+                break
+        if point is None:
+            raise report._refuse("key", REASON_KEY, "not an accepted firmware-signing key")
+        report._pass("key", "firmware-signing key: %s" % (
+            "certificate %x" % report.key_serial if report.key_serial is not None
+            else "bare point"))
 
     # -- signature, verified by the SE ---------------------------------------------------
     if not _SIG_MIN <= len(signature) <= _SIG_MAX:
