@@ -38,6 +38,9 @@ def _stage_fleetid():
 
 
 FLEETID_FROZEN = _stage_fleetid()
+# MQTT on the board: micropython-lib's MQTT 3.1.1 client, resolved by the firmware build
+# from its micropython-lib checkout (fleetid.device.mqtt.UmqttTransport imports it).
+require("umqtt.simple")
 # opt=3: strip asserts and line numbers, as on a production image (inputs are never
 # validated with assert in fleetid, so nothing is lost).
 package("fleetid", base_path=_STAGE, opt=3)

@@ -23,6 +23,10 @@ import os
 
 HEADROOM = 1.25
 
+# micropython-lib modules a workflow may import besides fleetid's own (staged from
+# var/micropython-lib by scripts/fetch_micropython_lib.py; firmware: require()).
+MICROPYTHON_LIB_MODULES = ("umqtt.simple",)
+
 SE_MODULES = ("fleetid.common.errors", "fleetid.common.crc16", "fleetid.common.clock",
               "fleetid.common.t1", "fleetid.common.t1link", "fleetid.common.apdu",
               "fleetid.device.bus_sim", "fleetid.device.se")
@@ -73,6 +77,11 @@ WORKFLOWS = {
                                     "fleetid.common.der", "fleetid.common.attestation",
                                     "fleetid.device.enrol", "fleetid.device.certinfo"),
                       3, 121 * 1024, 152 * 1024),
+    # Minimum bisected 2026-12-06 (bench/micropython.py run_mqtt, same toolchain): 23 K,
+    # of which 15.5 K resident bytecode (umqtt.simple included) and 7.5 K working data.
+    "run_mqtt": ("tests/micropython/test_mqtt_micropython.py::test_umqtt_channel_under_micropython_against_the_broker",
+                 ("fleetid.common.mqttmsg", "fleetid.device.mqtt", "umqtt.simple"),
+                 3, 23 * 1024, 29 * 1024),
 }
 
 

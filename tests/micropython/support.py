@@ -32,6 +32,7 @@ from tests.micropython.budgets import heap_for
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 PORTABLE = ("common", "device")
+MICROPYTHON_LIB = ROOT / "var" / "micropython-lib"
 # Not staged: CPython-only code (cryptography, fcntl/ctypes); common/host is a
 # sub-package, which the glob below does not descend into.
 CPYTHON_ONLY = {"device/bus_linux.py"}
@@ -114,6 +115,12 @@ class Stage:
             for source in sorted((ROOT / name).glob("*.py")):
                 if "%s/%s" % (name, source.name) not in CPYTHON_ONLY:
                     self.compile(source, package / name / (source.stem + ".mpy"))
+        # micropython-lib modules fetched at setup time (scripts/fetch_micropython_lib.py,
+        # pinned by version and sha256), staged as firmware gets them from `require()`.
+        for source in sorted(MICROPYTHON_LIB.rglob("*.py")) if MICROPYTHON_LIB.is_dir() else ():
+            target = self.folder / source.relative_to(MICROPYTHON_LIB).with_suffix(".mpy")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            self.compile(source, target)
 
     def compile(self, source, target):
         """mpy-cross one file at the stage's optimisation level."""
@@ -160,6 +167,7 @@ class ManifestRecorder:
     def __init__(self):
         self.packages = []
         self.port_includes = []
+        self.requires = []
 
     def run(self, path):
         path = os.path.abspath(path)
@@ -168,7 +176,8 @@ class ManifestRecorder:
         try:
             with open(path) as f:
                 exec(f.read(), {"include": self.include, "package": self.package,
-                                "module": self.module, "__name__": "manifest"})
+                                "module": self.module, "require": self.require,
+                                "__name__": "manifest"})
         finally:
             os.chdir(previous)
 
@@ -180,6 +189,9 @@ class ManifestRecorder:
 
     def package(self, name, files=None, base_path=".", opt=None):
         self.packages.append((name, os.path.abspath(base_path), opt))
+
+    def require(self, name, **kwargs):
+        self.requires.append(name)
 
     def module(self, name, base_path=".", opt=None):
         raise AssertionError("fleetid freezes packages, not loose modules")

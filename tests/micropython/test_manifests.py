@@ -34,6 +34,7 @@ def test_board_manifest_freezes_common_and_device_as_fleetid(tree, board):
     rec.run(tree / "boards" / board / "manifest.py")
     assert rec.port_includes == ["$(PORT_DIR)/boards/manifest.py"]
     assert rec.packages == [("fleetid", str(tree / "var" / "mp-freeze"), 3)]
+    assert rec.requires == ["umqtt.simple"]  # micropython-lib's MQTT client, never copied
 
     stage = tree / "var" / "mp-freeze"
     staged = sorted(str(p.relative_to(stage)) for p in stage.rglob("*.py"))

@@ -1,0 +1,105 @@
+"""The device's MQTT channel under the real MicroPython interpreter (unix port) with
+micropython-lib's umqtt.simple, against the real broker.
+
+umqtt.simple 1.3.4 comes from PyPI by name, pinned by version and sha256
+(scripts/fetch_micropython_lib.py, run by scripts/setup.sh --test) and is staged beside the
+compiled core, as firmware gets it from `require("umqtt.simple")`.  MicroPython's own TLS
+needs the client key in RAM, which fleetid never allows, so the interpreter's plain MQTT
+goes through the host's SE-signed TLS tunnel (device/host/mqtt_paho.SeTlsTunnel): the
+broker authenticates the chip's SE key and names the session by its certificate CN.
+
+Checked: telemetry arrives at the cloud under the device's identity; a retained CRL
+published while the device was offline reaches it; a command (ping) is answered with the
+device's sequence number; a publication under another device's topic never reaches the
+cloud.
+"""
+
+import threading
+import time
+
+import pytest
+
+from fleetid.common import mqttmsg
+from fleetid.common import se_consts as C
+from fleetid.device.host.mqtt_paho import PahoSeTransport, SeTlsTunnel
+from tests.cloud.mqtt_support import MqttFleet
+from tests.conftest import require
+from tests.micropython.support import MICROPYTHON_LIB, PRELUDE, Stage, parse
+
+pytestmark = [pytest.mark.micropython, pytest.mark.timeout(300)]
+
+UMQTT = MICROPYTHON_LIB / "umqtt" / "simple.py"
+
+SCRIPT = PRELUDE + r"""
+for name in ("fleetid.common.mqttmsg", "fleetid.device.mqtt", "umqtt.simple"):
+    __import__(name)
+    gc.collect()
+from fleetid.device.mqtt import DeviceChannel, UmqttTransport
+
+crls = []
+rotations = []
+transport = UmqttTransport(NAME, "127.0.0.1", PORT)
+channel = DeviceChannel(transport, NAME, on_crl=lambda label, der: crls.append((label, der)),
+                        on_rotate=lambda: rotations.append(1), clock=lambda: 1700000000)
+print("granted", channel.start(crl_labels=("ca",)))
+gc.collect()
+print("telemetry", channel.send_telemetry({"heap": gc.mem_free()}))
+# A publication under another device's topic (the broker's ACL drops it).
+transport.publish("fleet/" + OTHER + "/telemetry", b'{"seq":1,"m":{"forged":1}}')
+for _ in range(200):
+    channel.step(0.05)
+    if crls and rotations:
+        break
+for label, der in crls:
+    print("crl", label, len(der))
+    show("crlder", der[:32])
+print("rotations", len(rotations))
+print("refused", channel.refused)
+channel.close()
+gc.collect()
+print("done", gc.mem_free())
+"""
+
+
+def test_umqtt_channel_under_micropython_against_the_broker(tmp_path):
+    require(UMQTT.exists(), "var/micropython-lib/umqtt/simple.py "
+                            "(scripts/fetch_micropython_lib.py)")
+    stage = Stage(tmp_path / "stage", opt=3)  # stages umqtt/simple.py from var/ too
+    fleet = MqttFleet(tmp_path / "fleet", devices=2)
+    try:
+        cloud = fleet.cloud()
+        cloud.connect()
+        crl = fleet.crl_der("ca")
+        cloud.publish_crl("ca", crl)  # retained, before the device is up
+        se = fleet.session(0)
+        name, _cert = fleet.device_name(se)
+        other, _ = fleet.device_name(fleet.session(1))
+        host_side = PahoSeTransport(se, C.SLOT_IDENTITY, fleet.chain_der(se),
+                                    [fleet.root_der()], fleet.broker.host, fleet.broker.port)
+        tunnel = SeTlsTunnel(host_side.tls_client, fleet.broker.host, fleet.broker.port)
+        port = tunnel.open()
+        tunnel.dangerous_authorise_first_peer()  # the peer is the micropython child
+
+        def cloud_side():
+            # Once the device's telemetry is in, it is subscribed: ask it to rotate.
+            if cloud.sink.wait_for(lambda s: name in s.last, 60):
+                cloud.request(name, mqttmsg.KIND_ROTATE, timeout=30)
+
+        helper = threading.Thread(target=cloud_side, daemon=True)
+        helper.start()
+        script = "NAME = %r\nOTHER = %r\nPORT = %d\n" % (name, other, port) + SCRIPT
+        out = parse(stage.run("run_mqtt", script, timeout=120))
+        helper.join(30)
+        tunnel.close()
+        assert out["granted"] == ["[1, 1]"]
+        assert out["crl"] == ["ca %d" % len(crl)]
+        assert out["crlder"] == [crl[:32].hex()]
+        assert out["rotations"] == ["1"]
+        assert out["refused"] == ["0"]
+        seq = int(out["telemetry"][0])
+        assert cloud.sink.last[name]["seq"] == seq and "heap" in cloud.sink.last[name]["m"]
+        assert other not in cloud.sink.last  # the forged publication was dropped
+        assert host_side.tls_client.key.signatures == 1  # the TLS signature: in the SE
+        cloud.close()
+    finally:
+        fleet.close()
