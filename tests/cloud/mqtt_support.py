@@ -72,20 +72,27 @@ def client_certificate_builder(public_key, issuer_cert, common_name, now, days=3
 
 class MqttFleet:
     """Line + chips + PKI files + a running broker.  Attributes: line, chips, broker,
-    publisher (CrlPublisher: labels "ca" and "root"), files (dict of PEM paths)."""
+    publisher (CrlPublisher: labels "ca" and "root"), files (dict of PEM paths).
+    Pass `line` and `chips` to put the broker on a line made elsewhere (e.g. the agent
+    tests' LineAndCloud)."""
 
-    def __init__(self, directory, devices=2, start=True):
+    def __init__(self, directory, devices=2, start=True, line=None, chips=None):
         require_mosquitto()
         self.dir = str(directory)
-        self.line = runner.init_line(os.path.join(self.dir, "line"), scrypt_n=TEST_SCRYPT_N,
-                                     environ=dict(os.environ,
-                                                  FLEETID_KEYSTORE_PASS=KEYSTORE_PASS))
-        lot = runner.make_lot(self.line, devices)
-        summary = runner.run_line(self.line.resources_for(lot.batch), lot.chips, stations=1)
-        if summary.yield_pct != 100.0:
-            raise RuntimeError("the line failed: %r" % (summary.failures(),))
-        self.chips = lot.chips
-        line = self.line
+        if line is None:
+            line = runner.init_line(os.path.join(self.dir, "line"), scrypt_n=TEST_SCRYPT_N,
+                                    environ=dict(os.environ,
+                                                 FLEETID_KEYSTORE_PASS=KEYSTORE_PASS))
+            lot = runner.make_lot(line, devices)
+            summary = runner.run_line(line.resources_for(lot.batch), lot.chips, stations=1)
+            if summary.yield_pct != 100.0:
+                raise RuntimeError("the line failed: %r" % (summary.failures(),))
+            chips = lot.chips
+            self._own_line = True
+        else:
+            self._own_line = False  # a line (and chips) someone else made and closes
+        self.line = line
+        self.chips = chips
         now = datetime.datetime.now(datetime.timezone.utc)
         pki = os.path.join(self.dir, "mqtt-pki")
         os.makedirs(pki, exist_ok=True)
@@ -178,4 +185,5 @@ class MqttFleet:
 
     def close(self):
         self.broker.stop()
-        self.line.close()
+        if self._own_line:
+            self.line.close()
