@@ -11,6 +11,7 @@ by the fleet root through the line's HSM), `require_certificate true`,
 
 import datetime
 import os
+import pathlib
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -29,6 +30,7 @@ from fleetid.device.se import SeSession
 from tests.cloud.hsm_support import KEYSTORE_PASS, TEST_SCRYPT_N
 from tests.conftest import require
 
+ROOT_DIR = pathlib.Path(__file__).resolve().parents[2]
 PEM = serialization.Encoding.PEM
 DER = serialization.Encoding.DER
 CLOUD_IDENTITY = "fleet-cloud"
