@@ -15,7 +15,6 @@ cloud.
 """
 
 import threading
-import time
 
 import pytest
 
