@@ -69,19 +69,22 @@ class DeviceChannel:
         (its certificate CN).  relay: fn(apdu bytes) -> (data, sw) into the SE, or None
         (no OTA).  on_crl: fn(label, der) or None.  on_rotate: fn() or None.
         clock: fn() -> int seconds (telemetry timestamps).  seq_start: the first
-        telemetry/reply sequence number (give the wall-clock milliseconds, or a persisted
-        counter, so that a restart keeps increasing them).  commands: SeqWindow for the
-        cloud's command numbers (pass one with load/store to persist it).
+        telemetry/reply sequence number; None: the clock in milliseconds when a clock is
+        given (so a restarted device keeps increasing them: the cloud refuses numbers not
+        above the last it took), else 1.  commands: SeqWindow for the cloud's command
+        numbers (se_command_window(se) keeps it in an SE data object across restarts).
     """
 
     def __init__(self, transport, device, relay=None, on_crl=None, on_rotate=None,
-                 clock=None, seq_start=1, commands=None):
+                 clock=None, seq_start=None, commands=None):
         self.transport = transport
         self.device = device
         self.relay = relay
         self.on_crl = on_crl
         self.on_rotate = on_rotate
         self.clock = clock
+        if seq_start is None:
+            seq_start = int(clock() * 1000) if clock is not None else 1
         self._seq = seq_start - 1
         self.commands = commands if commands is not None else mqttmsg.SeqWindow()
         self.refused = 0
@@ -188,6 +191,32 @@ class DeviceChannel:
 
     def close(self):
         self.transport.close()
+
+
+_MQTT_SEQ_OBJECT = 0x02  # se_consts.DATA_OBJECT_MQTT_SEQ
+
+
+def se_command_window(se, object_id=_MQTT_SEQ_OBJECT):
+    """A SeqWindow for the cloud's command numbers kept in an SE data object (u64 big-
+    endian; one atomic NVM write per accepted command), so a command captured before a
+    restart is still refused after it.  Params: se: SeSession."""
+
+    def load(_key):
+        from fleetid.common.errors import ReferenceNotFound
+
+        try:
+            data = se.read_object(object_id)
+        except ReferenceNotFound:
+            return None
+        value = 0
+        for byte in data:
+            value = (value << 8) | byte
+        return value
+
+    def store(_key, seq):
+        se.write_object(object_id, bytes((seq >> (8 * i)) & 0xFF for i in range(7, -1, -1)))
+
+    return mqttmsg.SeqWindow(load, store)
 
 
 def _hex(data):

@@ -118,6 +118,25 @@ def _user_name():
     return pwd.getpwuid(os.geteuid()).pw_name
 
 
+def write_crl_file(path, publisher, labels=None):
+    """Write the broker's `crlfile`: the current PEM CRL of each label of a CrlPublisher
+    (cloud/revocation), atomically (temporary file, then rename), so a broker reloading
+    at any moment reads the old file or the new one.  Call Broker.reload() (SIGHUP) after.
+    Params: labels: the CAs to include (default: every label of the publisher; a CA that
+        issues client certificates must be in it, or its clients are refused).
+    """
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    labels = publisher.labels() if labels is None else labels
+    pem = b"".join(publisher.current(label).public_bytes(Encoding.PEM) for label in labels)
+    temporary = path + ".tmp"
+    with open(temporary, "wb") as f:
+        f.write(pem)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(temporary, path)
+
+
 def free_port(host="127.0.0.1"):
     """A TCP port the kernel says is free now (bind to port 0, read it, close)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:

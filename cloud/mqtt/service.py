@@ -212,6 +212,14 @@ class CloudMqtt:
                                    retain=True)
         self._wait(info, timeout)
 
+    def publish_crls(self, publisher, labels=None, timeout=DEFAULT_TIMEOUT):
+        """publish_crl for each label of a CrlPublisher (cloud/revocation), its current
+        CRL (rebuilt there when revocation changed).  Returns: the labels published."""
+        labels = publisher.labels() if labels is None else labels
+        for label in labels:
+            self.publish_crl(label, publisher.current_der(label), timeout)
+        return list(labels)
+
     def _wait(self, info, timeout):
         try:
             info.wait_for_publish(timeout)

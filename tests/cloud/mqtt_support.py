@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from fleetid.cloud.line import runner
-from fleetid.cloud.mqtt.broker import Broker, BrokerConfig, find_mosquitto
+from fleetid.cloud.mqtt.broker import Broker, BrokerConfig, find_mosquitto, write_crl_file
 from fleetid.cloud.mqtt.service import CloudMqtt, registry_refusal
 from fleetid.cloud.pki.signing import sign_certificate
 from fleetid.cloud.revocation import CrlIssuer, CrlPublisher
@@ -134,9 +134,7 @@ class MqttFleet:
 
     def write_crlfile(self):
         """(Re)write the broker's crlfile from the current CRLs of both CAs."""
-        pem = b"".join(self.publisher.current(label).public_bytes(PEM)
-                       for label in ("ca", "root"))
-        _write(self.files["crlfile"], pem)
+        write_crl_file(self.files["crlfile"], self.publisher, ("ca", "root"))
 
     def crl_der(self, label="ca"):
         return self.publisher.current_der(label)

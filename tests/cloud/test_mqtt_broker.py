@@ -110,7 +110,7 @@ def test_a_device_cannot_publish_or_subscribe_outside_its_own_topics(fleet, clou
 
 def test_a_retained_crl_reaches_a_device_that_was_offline_when_it_was_published(fleet, cloud):
     der = fleet.crl_der("ca")
-    cloud.publish_crl("ca", der)  # no device is connected
+    assert cloud.publish_crls(fleet.publisher) == ["ca", "root"]  # no device is connected
     name, se, link = transport(fleet, 2)
     got = []
     channel = DeviceChannel(link, name, on_crl=lambda label, crl: got.append((label, crl)))
@@ -173,3 +173,41 @@ def test_a_revoked_device_is_refused_by_the_broker_and_by_the_cloud(tmp_path):
         cloud.close()
     finally:
         fleet.close()
+
+
+def test_commands_are_refused_after_a_restart_when_the_window_is_in_the_se(fleet, cloud):
+    from fleetid.device.mqtt import se_command_window
+
+    name, se, link = transport(fleet, 2)
+    channel = DeviceChannel(link, name, commands=se_command_window(se))
+    channel.start()
+    stop = threading.Event()
+    pump = threading.Thread(target=lambda: [channel.step(0.1) for _ in iter(stop.is_set, True)])
+    pump.start()
+    seq = cloud.next_seq()
+    captured = mqttmsg.encode({"seq": seq, "t": int(time.time()), "kind": "ping"})
+    topic = mqttmsg.topic(name, mqttmsg.COMMAND)
+    try:
+        cloud.client.publish(topic, captured, qos=1).wait_for_publish(10)
+        assert cloud.wait_reply(name, seq)["ok"] is True
+    finally:
+        stop.set()
+        pump.join(10)
+        channel.close()
+    # The device restarts (RAM gone); its window comes back from the SE data object.
+    name, se, link = transport(fleet, 2)
+    channel = DeviceChannel(link, name, commands=se_command_window(se),
+                            clock=lambda: int(time.time()))
+    channel.start()
+    stop.clear()
+    pump = threading.Thread(target=lambda: [channel.step(0.1) for _ in iter(stop.is_set, True)])
+    pump.start()
+    try:
+        cloud.client.publish(topic, captured, qos=1).wait_for_publish(10)
+        reply = cloud.wait_reply(name, seq)
+        assert reply["ok"] is False and reply["error"] == "replay"
+        assert se.read_object(C.DATA_OBJECT_MQTT_SEQ) == seq.to_bytes(8, "big")
+    finally:
+        stop.set()
+        pump.join(10)
+        channel.close()
