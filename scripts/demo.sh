@@ -13,7 +13,9 @@
 #      progress journaled in the SE
 #   5. independent clients: curl + openssl read the CA certificates; an `openssl req`
 #      software-key CSR is refused for lack of attestation; `fleetid cloud check-cert`
-#      explains the device certificate
+#      explains the device certificate; then MQTT (scripts/demo_mqtt.py): a mosquitto
+#      broker on the fleet PKI (mTLS, CRL file, per-device ACL), the device's SE-keyed
+#      session, telemetry, retained CRLs, and an SCP03 key rotation the device relays
 #   6. the device is revoked; its next connection is refused with the reason
 # Everything it writes goes to var/demo/ (git-ignored; FLEETID_DEMO_DIR overrides, and is
 # wiped first).  FLEETID_DEMO_SKIP_SETUP=1 skips scripts/setup.sh (the venv must exist).
@@ -149,6 +151,9 @@ fleetid agent submit-csr --bus "$bus" --est "$est" --slot 1 --csr "$work/softwar
 step "11. fleetid cloud check-cert: every check the verifier makes, for the device's certificate"
 fleetid agent get-cert --bus "$bus" --out "$work/device.pem"
 fleetid cloud check-cert --config "$cloud/cloud.toml" "$work/device.pem"
+
+step "11b. MQTT: a broker on the fleet PKI; the device's telemetry, retained CRLs, and an SCP03 key rotation it relays without holding a key"
+"$PWD/.venv/bin/python" scripts/demo_mqtt.py --line "$line" --bus "$bus" --work "$work/mqtt"
 
 step "12. revocation: the operator revokes device $serial"
 fleetid cloud revoke-device --registry "sqlite:$line/registry.db" --serial "$serial" \

@@ -19,7 +19,11 @@ if [ $want_test = 1 ]; then
     ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || apt_pkgs+=(postgresql)
     # nginx: the mTLS baseline of bench/mtls.py and its smoke test.
     command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || apt_pkgs+=(nginx-light)
-    # mosquitto: the MQTT broker the MQTT tests, bench/mqtt.py and the demo start themselves.
+    # mosquitto: the MQTT broker the MQTT tests and bench/mqtt.py start themselves.
+    command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || apt_pkgs+=(mosquitto)
+fi
+# mosquitto: the demo's MQTT step starts one (scripts/demo_mqtt.py); --test needs it too.
+if [ $want_test = 0 ]; then
     command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || apt_pkgs+=(mosquitto)
 fi
 # openssl and curl: the independent EST and mTLS clients of the demo and the interop tests.

@@ -24,7 +24,12 @@ def test_demo_script_runs_the_full_lifecycle(tmp_path):
     out = done.stdout
     assert done.returncode == 0, out[-3000:] + done.stderr[-3000:]
     steps = [line for line in out.splitlines() if "== " in line]
-    assert len(steps) == 14, steps
+    assert len(steps) == 15, steps
+    # 11b: MQTT on the line's PKI, the SE-keyed device, the relayed SCP03 rotation.
+    assert "mqtt: cloud received telemetry seq" in out
+    assert "retained CRLs published while it was offline: ca, root" in out
+    assert "mqtt: OTA SCP03 key rotation relayed by the device (level 0x33): rotated" in out
+    assert "the old SCP03 key set no longer opens a session" in out
     # 1-2: the line and its audit log.
     assert "4/4 ok 4  held 0" in out and "100.00" in out
     assert any(p.startswith("report-") and p.endswith(".html")
