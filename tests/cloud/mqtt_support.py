@@ -9,21 +9,18 @@ by the fleet root through the line's HSM), `require_certificate true`,
 (CN "fleet-cloud") is signed by the root.  `close()` stops the broker and the line.
 """
 
-import datetime
 import os
 import pathlib
 
 from cryptography import x509
+from cryptography.x509.oid import NameOID
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from fleetid.cloud.line import runner
-from fleetid.cloud.mqtt.broker import Broker, BrokerConfig, find_mosquitto, write_crl_file
+from fleetid.cloud.mqtt.broker import Broker, find_mosquitto
+from fleetid.cloud.mqtt.fleet_files import make_broker_files
 from fleetid.cloud.mqtt.service import CloudMqtt, registry_refusal
-from fleetid.cloud.pki.signing import sign_certificate
 from fleetid.cloud.revocation import CrlIssuer, CrlPublisher
-from fleetid.cloud.verifier.server import server_certificate_builder
 from fleetid.common import se_consts as C
 from fleetid.common.apdu import ApduProtocol
 from fleetid.device.se import SeSession
@@ -38,38 +35,6 @@ CLOUD_IDENTITY = "fleet-cloud"
 
 def require_mosquitto():
     require(find_mosquitto() is not None, "mosquitto (Debian package mosquitto)")
-
-
-def _write(path, data, private=False):
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600 if private else 0o644)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    return path
-
-
-def _key_pem(key):
-    return key.private_bytes(PEM, serialization.PrivateFormat.PKCS8,
-                             serialization.NoEncryption())
-
-
-def client_certificate_builder(public_key, issuer_cert, common_name, now, days=30):
-    ski = issuer_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
-    return (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
-        .issuer_name(issuer_cert.subject)
-        .public_key(public_key)
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=days))
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.KeyUsage(True, False, False, False, False, False, False, False,
-                                     False), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
-        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski),
-                       critical=False)
-    )
 
 
 class MqttFleet:
@@ -95,46 +60,27 @@ class MqttFleet:
             self._own_line = False  # a line (and chips) someone else made and closes
         self.line = line
         self.chips = chips
-        now = datetime.datetime.now(datetime.timezone.utc)
-        pki = os.path.join(self.dir, "mqtt-pki")
-        os.makedirs(pki, exist_ok=True)
-        self.files = {}
-        self.files["cafile"] = _write(os.path.join(pki, "ca-bundle.pem"),
-                                      line.root_cert.public_bytes(PEM)
-                                      + line.ca_cert.public_bytes(PEM))
-        self.files["root"] = _write(os.path.join(pki, "root.pem"),
-                                    line.root_cert.public_bytes(PEM))
-        for role, hosts_or_cn in (("server", ["localhost", "127.0.0.1"]),
-                                  ("cloud", CLOUD_IDENTITY)):
-            key = ec.generate_private_key(ec.SECP256R1())
-            if role == "server":
-                builder = server_certificate_builder(key.public_key(), line.root_cert,
-                                                     hosts_or_cn, now)
-            else:
-                builder = client_certificate_builder(key.public_key(), line.root_cert,
-                                                     hosts_or_cn, now)
-            cert = sign_certificate(line.hsm, line.labels["root"], builder,
-                                    line.root_cert.public_key())
-            self.files[role + "_cert"] = _write(os.path.join(pki, role + ".pem"),
-                                                cert.public_bytes(PEM))
-            self.files[role + "_key"] = _write(os.path.join(pki, role + ".key"),
-                                               _key_pem(key), private=True)
         self.publisher = CrlPublisher(line.registry, [
             CrlIssuer("ca", line.hsm, line.labels["ca"], line.ca_cert),
             CrlIssuer("root", line.hsm, line.labels["root"], line.root_cert),
         ], poll_interval=0.0)
-        self.files["crlfile"] = os.path.join(pki, "crl.pem")
-        self.write_crlfile()
-        self.config = BrokerConfig(self.files["cafile"], self.files["server_cert"],
-                                   self.files["server_key"], self.files["crlfile"],
-                                   cloud_identity=CLOUD_IDENTITY)
+        self.broker_files = make_broker_files(line.hsm, line.labels["root"], line.root_cert,
+                                              [line.ca_cert], self.publisher,
+                                              os.path.join(self.dir, "mqtt-pki"),
+                                              crl_labels=("ca", "root"),
+                                              cloud_identity=CLOUD_IDENTITY)
+        bf = self.broker_files
+        self.files = {"cafile": bf.cafile, "server_cert": bf.server_cert,
+                      "server_key": bf.server_key, "cloud_cert": bf.cloud_cert,
+                      "cloud_key": bf.cloud_key, "crlfile": bf.crlfile}
+        self.config = bf.config
         self.broker = Broker(self.config, os.path.join(self.dir, "broker"))
         if start:
             self.broker.start()
 
     def write_crlfile(self):
         """(Re)write the broker's crlfile from the current CRLs of both CAs."""
-        write_crl_file(self.files["crlfile"], self.publisher, ("ca", "root"))
+        self.broker_files.write_crl()
 
     def crl_der(self, label="ca"):
         return self.publisher.current_der(label)
