@@ -38,7 +38,7 @@ def main(argv=None):
     from cryptography.hazmat.primitives import serialization
     from cryptography.x509.oid import NameOID
 
-    from fleetid.cloud.line.runner import open_line
+    from fleetid.cloud.line.workdir import open_line
     from fleetid.cloud.mqtt.broker import Broker
     from fleetid.cloud.mqtt.fleet_files import make_broker_files
     from fleetid.cloud.mqtt.ota import KeySet, OtaError, open_admin, rotate_scp03_keys

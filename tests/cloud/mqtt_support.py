@@ -24,7 +24,10 @@ from fleetid.cloud.revocation import CrlIssuer, CrlPublisher
 from fleetid.common import se_consts as C
 from fleetid.common.apdu import ApduProtocol
 from fleetid.device.se import SeSession
+from fleetid.sim import lot as lot_mod
+from fleetid.sim.metering import EmulatedBuses
 from tests.cloud.hsm_support import KEYSTORE_PASS, TEST_SCRYPT_N
+from tests.cloud.line_support import init_demo_line
 from tests.conftest import require
 
 ROOT_DIR = pathlib.Path(__file__).resolve().parents[2]
@@ -47,11 +50,12 @@ class MqttFleet:
         require_mosquitto()
         self.dir = str(directory)
         if line is None:
-            line = runner.init_line(os.path.join(self.dir, "line"), scrypt_n=TEST_SCRYPT_N,
-                                    environ=dict(os.environ,
-                                                 FLEETID_KEYSTORE_PASS=KEYSTORE_PASS))
-            lot = runner.make_lot(line, devices)
-            summary = runner.run_line(line.resources_for(lot.batch), lot.chips, stations=1)
+            line = init_demo_line(os.path.join(self.dir, "line"), scrypt_n=TEST_SCRYPT_N,
+                                  environ=dict(os.environ,
+                                               FLEETID_KEYSTORE_PASS=KEYSTORE_PASS))
+            lot = lot_mod.make_lot(line, devices)
+            summary = runner.run_line(line.resources_for(lot.batch), lot.chips,
+                                      EmulatedBuses(), stations=1)
             if summary.yield_pct != 100.0:
                 raise RuntimeError("the line failed: %r" % (summary.failures(),))
             chips = lot.chips
