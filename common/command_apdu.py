@@ -1,10 +1,10 @@
-# ISO/IEC 7816-4 command APDUs as the card sees them (parsing), the other half of
-# common/apdu.py.  Portable: CPython and MicroPython.
+# ISO/IEC 7816-4 command APDUs as the card sees them (parsing).  Portable: CPython and
+# MicroPython.
 #
-# Kept apart from apdu.py so that a device, which only encodes commands, does not load
-# it; apdu.py still offers decode_command and CommandApdu (loaded from here on first use).
-# The layouts and the decoding rule are in apdu.py's header (ISO/IEC 7816-4:2005 5.1,
-# ISO/IEC 7816-3:2006 12.1.3).
+# The card's half of common/apdu_wire.py (the host's half is common/apdu.py): kept apart so
+# that a device, which only encodes commands, does not load it.  The layouts and the
+# decoding rule are in apdu_wire.py's header (ISO/IEC 7816-4:2005 5.1, ISO/IEC 7816-3:2006
+# 12.1.3).
 
 try:
     from micropython import const
@@ -14,7 +14,7 @@ except ImportError:  # CPython
         return x
 
 
-from fleetid.common.apdu import CASE_1, _check_header, encode_command
+from fleetid.common.apdu_wire import CASE_1, check_header, encode_command
 from fleetid.common.errors import ApduFormatError
 
 _HEADER_LEN = const(4)
@@ -87,7 +87,6 @@ class CommandApdu:
         )
 
 
-
 def decode_command(apdu):
     """Decode a command APDU, refusing anything that is not exactly one ISO case.
 
@@ -106,7 +105,7 @@ def decode_command(apdu):
     ins = apdu[1]
     p1 = apdu[2]
     p2 = apdu[3]
-    _check_header(cla, ins, p1, p2)
+    check_header(cla, ins, p1, p2)
     body = n - _HEADER_LEN  # ISO/IEC 7816-3:2006 12.1.3: body B1..BL, L = body
     if body == 0:
         return CommandApdu(cla, ins, p1, p2)  # case 1

@@ -50,7 +50,8 @@ except ImportError:  # CPython
         return x
 
 
-from fleetid.common.apdu import decode_command, encode_command, split_response
+from fleetid.common.apdu_wire import encode_command, split_response
+from fleetid.common.command_apdu import decode_command
 from fleetid.common.errors import ApduFormatError, SecureChannelError, apdu_error_for_sw
 
 # Data derivation constants, Amd D 4.1.5 Table 4-1.

@@ -41,7 +41,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from fleetid.common import se_consts as C
-from fleetid.common.apdu import decode_command
+from fleetid.common.command_apdu import decode_command
 from fleetid.common.attestation import encode_signed_attestation, encode_statement
 from fleetid.common.der import (
     P256_N,

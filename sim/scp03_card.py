@@ -20,7 +20,8 @@ MAC) in NVM.
 """
 
 from fleetid.common import scp03
-from fleetid.common.apdu import decode_command, encode_command
+from fleetid.common.apdu_wire import encode_command
+from fleetid.common.command_apdu import decode_command
 from fleetid.common.errors import ApduFormatError, FleetidError, SecureChannelError
 
 # Status words (ISO/IEC 7816-4 5.1.3; GP CS 2.3 11.1.3).

@@ -1,11 +1,12 @@
-"""ISO/IEC 7816-4 APDU codec and ApduProtocol (fleetid.common.apdu)."""
+"""ISO/IEC 7816-4 APDU codec (fleetid.common.apdu_wire, .command_apdu) and ApduProtocol (.apdu)."""
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fleetid.common import errors
-from fleetid.common.apdu import (
+from fleetid.common.apdu import ApduProtocol
+from fleetid.common.apdu_wire import (
     CASE_1,
     CASE_2E,
     CASE_2S,
@@ -13,12 +14,10 @@ from fleetid.common.apdu import (
     CASE_3S,
     CASE_4E,
     CASE_4S,
-    ApduProtocol,
-    CommandApdu,
-    decode_command,
     encode_command,
     split_response,
 )
+from fleetid.common.command_apdu import CommandApdu, decode_command
 from fleetid.common.errors import ApduError, ApduFormatError, LinkError
 
 HEADER = "80CA0102"

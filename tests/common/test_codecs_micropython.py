@@ -24,6 +24,8 @@ pytestmark = pytest.mark.micropython
 
 APDU_SCRIPT = r"""
 from fleetid.common import apdu
+from fleetid.common.apdu_wire import encode_command
+from fleetid.common.command_apdu import decode_command
 from fleetid.common.errors import ApduFormatError, ApduError, WrongData
 
 
@@ -35,12 +37,12 @@ def check_codec():
                  (0x80, 0xCA, 1, 4, b"", 1024, None),
                  (0x80, 0xDA, 1, 0, b"\x22" * 300, None, None),
                  (0x80, 0xDA, 1, 0, b"\x22" * 300, 65536, None)):
-        enc = apdu.encode_command(*args)
-        cmd = apdu.decode_command(enc)
+        enc = encode_command(*args)
+        cmd = decode_command(enc)
         print("apdu", cmd.case, h(enc[:8]), len(enc), cmd.le, cmd.encode() == enc)
     for bad in ("80CA0102000000AA", "FFCA0102", "8060010201"):
         try:
-            apdu.decode_command(u(bad))
+            decode_command(u(bad))
             print("apdu-bad accepted", bad)
         except ApduFormatError:
             print("apdu-bad refused", bad)

@@ -11,7 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fleetid.common import scp03
-from fleetid.common.apdu import ApduProtocol, split_response
+from fleetid.common.apdu import ApduProtocol
+from fleetid.common.apdu_wire import split_response
 from fleetid.common.errors import (
     ApduFormatError,
     ReferenceNotFound,

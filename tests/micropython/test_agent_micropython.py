@@ -38,7 +38,8 @@ T0, T1 = 1796500000, 1799100000
 
 PRELUDE = HEX_PRELUDE + r"""
 for name in ("fleetid.common.errors", "fleetid.common.crc16", "fleetid.common.clock",
-             "fleetid.common.t1", "fleetid.common.t1link", "fleetid.common.apdu",
+             "fleetid.common.t1", "fleetid.common.t1link", "fleetid.common.apdu_wire",
+             "fleetid.common.apdu",
              "fleetid.device.bus", "fleetid.device.bus_sim", "fleetid.device.se",
              "fleetid.device.stack"):
     __import__(name)

@@ -26,7 +26,8 @@ pytestmark = pytest.mark.micropython
 
 SCRIPT = PRELUDE + r"""
 for name in ("fleetid.common.errors", "fleetid.common.crc16", "fleetid.common.clock",
-             "fleetid.common.t1", "fleetid.common.t1link", "fleetid.common.apdu",
+             "fleetid.common.t1", "fleetid.common.t1link", "fleetid.common.apdu_wire",
+             "fleetid.common.apdu",
              "fleetid.device.bus_sim", "fleetid.device.se", "fleetid.device.boot"):
     __import__(name)
     gc.collect()

@@ -31,7 +31,8 @@ pytestmark = pytest.mark.micropython
 
 SCRIPT = PRELUDE + r"""
 for name in ("fleetid.common.errors", "fleetid.common.crc16", "fleetid.common.clock",
-             "fleetid.common.t1", "fleetid.common.t1link", "fleetid.common.apdu",
+             "fleetid.common.t1", "fleetid.common.t1link", "fleetid.common.apdu_wire",
+             "fleetid.common.apdu",
              "fleetid.device.bus_sim", "fleetid.device.se", "fleetid.common.oids",
              "fleetid.common.der", "fleetid.device.crl_cache"):
     __import__(name)

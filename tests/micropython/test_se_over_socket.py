@@ -66,7 +66,8 @@ def heap(label):
 # One module at a time, collecting in between: loading a .mpy leaves transient garbage
 # that would otherwise pile up into a peak well above what the modules keep.
 for name in ("fleetid.common.errors", "fleetid.common.crc16", "fleetid.common.clock",
-             "fleetid.common.t1", "fleetid.common.t1link", "fleetid.common.apdu",
+             "fleetid.common.t1", "fleetid.common.t1link", "fleetid.common.apdu_wire",
+             "fleetid.common.apdu",
              "fleetid.device.bus_sim", "fleetid.device.se"):
     __import__(name)
     gc.collect()

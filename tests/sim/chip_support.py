@@ -10,7 +10,7 @@ key in a slot through the Nvm API (never through an APDU).
 import os
 
 from fleetid.common import se_consts as C
-from fleetid.common.apdu import encode_command, split_response
+from fleetid.common.apdu_wire import encode_command, split_response
 from fleetid.sim.chip import Chip, encode_key_record, key_nvm_name
 from fleetid.sim.fab import fab_chip
 from fleetid.sim.nvm import Nvm

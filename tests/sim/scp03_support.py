@@ -2,7 +2,7 @@
 host) and tests/sim/test_scp03_card_yubikit.py (yubikit's host)."""
 
 from fleetid.common import scp03
-from fleetid.common.apdu import decode_command
+from fleetid.common.command_apdu import decode_command
 from fleetid.sim.scp03_card import Scp03CardError
 
 

@@ -8,7 +8,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fleetid.common import se_consts as C
-from fleetid.common.apdu import encode_command
+from fleetid.common.apdu_wire import encode_command
 from fleetid.sim.chip import Chip
 from fleetid.sim.nvm import Nvm
 from tests.sim.chip_support import counting_rng, fab_test_chip, select_applet

@@ -11,7 +11,7 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from fleetid.common import scp03
 from fleetid.common import se_consts as C
-from fleetid.common.apdu import split_response
+from fleetid.common.apdu_wire import split_response
 from fleetid.common.errors import ApduError, SecureChannelError
 from fleetid.sim.chip import Chip
 from fleetid.sim.nvm import Nvm

@@ -6,7 +6,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fleetid.common import scp03
-from fleetid.common.apdu import ApduProtocol, decode_command, encode_command, split_response
+from fleetid.common.apdu import ApduProtocol
+from fleetid.common.apdu_wire import encode_command, split_response
+from fleetid.common.command_apdu import decode_command
 from fleetid.common.errors import SecureChannelError, SecurityStatusNotSatisfied
 from fleetid.common.host.hostcrypto import kbkdf_scp03
 from fleetid.sim.scp03_card import Scp03Card, Scp03CardError

@@ -29,7 +29,8 @@ from yubikit.core.smartcard import (  # noqa: E402
 )
 
 from fleetid.common import scp03  # noqa: E402
-from fleetid.common.apdu import decode_command, split_response  # noqa: E402
+from fleetid.common.apdu_wire import split_response  # noqa: E402
+from fleetid.common.command_apdu import decode_command  # noqa: E402
 from fleetid.common.host.hostcrypto import CryptographyPrimitives  # noqa: E402
 from fleetid.sim.scp03_card import Scp03Card  # noqa: E402
 from tests.sim.scp03_support import CardDispatch  # noqa: E402
