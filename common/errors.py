@@ -12,9 +12,10 @@ class FleetidError(Exception):
 class LinkError(FleetidError):
     """The T=1' link could not deliver an APDU or its response.
 
-    `reason` is one of the REASON_* strings below.  After a LinkError the outcome of the
-    APDU in flight is unknown (it may or may not have executed): the link itself has been
-    resynchronised or reset when it could be, so the next transceive() may succeed.
+    `reason` is one of the class attributes below (LinkError.TIMEOUT, ...).  After a
+    LinkError the outcome of the APDU in flight is unknown (it may or may not have
+    executed): the link itself has been resynchronised or reset when it could be, so the
+    next transceive() may succeed.
     """
 
     TIMEOUT = "timeout"  # no valid block within the block waiting time, retries exhausted
@@ -56,8 +57,8 @@ class ApduFormatError(FleetidError):
 class ApduError(FleetidError):
     """The SE answered with a status word other than 9000.
 
-    `sw` is the 16-bit status word.  Subclasses name the common ones; `for_sw()` picks
-    the most specific class.
+    `sw` is the 16-bit status word.  Subclasses name the common ones, each with its status
+    word in `SW`; `apdu_error_for_sw()` picks the most specific class.
     """
 
     SW = None
