@@ -2,13 +2,13 @@
 does, against the SE on a bus, and print every check with its verdict.
 
 A thin shell over fleetid.device.boot (check_image, confirm_boot); the SE is opened from
-the bus URI the way `fleetid se` opens it (cli/se.py).  This module defines the command
-only; the `agent` group attaches it.
+the bus URI the way `fleetid se` opens it (cli/se_connection.py).  This module defines the
+command only; the `agent` group attaches it.
 """
 
 import click
 
-from fleetid.cli.se import _Connection, describe_error
+from fleetid.cli.se_connection import SeConnection, describe_error
 from fleetid.common.errors import FleetidError
 
 
@@ -42,7 +42,7 @@ def boot_check(image, bus_uri, max_size, confirm, t1_profile, timeout_ms):
     """
     from fleetid.device import boot
 
-    conn = _Connection(bus_uri, t1_profile, timeout_ms)
+    conn = SeConnection(bus_uri, t1_profile, timeout_ms)
     try:
         se = conn.session()
         with open(image, "rb") as reader:

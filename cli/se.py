@@ -10,30 +10,8 @@ import os
 
 import click
 
-from fleetid.common.errors import (
-    ApduError,
-    BusError,
-    FleetidError,
-    LinkError,
-    SecureChannelError,
-)
-
-_SW_NAMES = {
-    0x6300: "signature does not verify",
-    0x6700: "wrong length",
-    0x6982: "security status not satisfied (needs SCP03)",
-    0x6983: "authentication blocked",
-    0x6985: "conditions not satisfied (life cycle or key policy)",
-    0x6987: "secure messaging missing",
-    0x6988: "secure messaging incorrect",
-    0x6A80: "wrong data",
-    0x6A84: "not enough memory",
-    0x6A86: "incorrect P1/P2",
-    0x6A88: "not found (empty slot or object)",
-    0x6A89: "already exists (slot in use)",
-    0x6D00: "instruction not supported",
-    0x6F00: "SE internal error",
-}
+from fleetid.cli.se_connection import SeConnection, describe_error
+from fleetid.common.errors import FleetidError
 
 _POLICY_NAMES = (
     (0x01, "sign"),
@@ -42,20 +20,6 @@ _POLICY_NAMES = (
     (0x40, "non-exportable"),
     (0x80, "generated-on-chip"),
 )
-
-
-def describe_error(exc):
-    """One short line for a fleetid error (no key material, no traceback)."""
-    if isinstance(exc, ApduError):
-        return "the SE refused the command: SW %04X, %s" % (
-            exc.sw, _SW_NAMES.get(exc.sw, "unknown status"))
-    if isinstance(exc, LinkError):
-        return "T=1' link failed (%s)%s" % (exc.reason, ": " + exc.detail if exc.detail else "")
-    if isinstance(exc, SecureChannelError):
-        return "SCP03 failed (%s)" % exc.reason
-    if isinstance(exc, BusError):
-        return "bus error: %s" % exc
-    return "%s: %s" % (type(exc).__name__, exc)
 
 
 class _SeGroup(click.Group):
@@ -68,47 +32,6 @@ class _SeGroup(click.Group):
             raise click.ClickException(describe_error(exc)) from None
         except ValueError as exc:  # BusUriError, argument ranges, malformed files
             raise click.ClickException(str(exc)) from None
-
-
-class _Connection:
-    """Opens bus, link and session on first use; closes them when the command ends."""
-
-    def __init__(self, bus_uri, t1_profile, timeout_ms):
-        self.bus_uri = bus_uri
-        self.t1_profile = t1_profile
-        self.timeout_ms = timeout_ms
-        self.stack = None
-        self.link = None
-        self.protocol = None
-        self._session = None
-
-    def open_stack(self):
-        from fleetid.device.stack import open_se
-
-        if self.stack is None:
-            if not self.bus_uri:
-                raise click.UsageError("--bus URI (or FLEETID_BUS) is required")
-            try:
-                self.stack = open_se(self.bus_uri, profile=self.t1_profile,
-                                     timeout_ms=self.timeout_ms, select=False)
-            except BusError as exc:
-                raise click.ClickException(
-                    "cannot reach the SE on %s: %s" % (self.bus_uri, exc)) from None
-            self.link = self.stack.link
-            self.protocol = self.stack.protocol
-        return self.stack
-
-    def session(self):
-        if self._session is None:
-            self._session = self.open_stack().se
-            self._session.select()
-        return self._session
-
-    def close(self):
-        opened = self.stack
-        self.stack = self.link = self.protocol = self._session = None
-        if opened is not None:
-            opened.close()
 
 
 def _hex(name, value, length=None, low=None, high=None):
@@ -130,7 +53,7 @@ def _policy_text(policy):
 
 
 def _session(ctx):
-    return ctx.find_object(_Connection).session()
+    return ctx.find_object(SeConnection).session()
 
 
 _SLOT = click.IntRange(0, 15)
@@ -155,7 +78,7 @@ def se(ctx, bus_uri, t1_profile, timeout_ms):
       fleetid se --bus sim:unix:/tmp/se.sock sign --slot 2 --digest <64 hex digits>
       fleetid se --bus linux:i2c:/dev/i2c-1:0x48 --t1-profile se05x info
     """
-    conn = _Connection(bus_uri, t1_profile, timeout_ms)
+    conn = SeConnection(bus_uri, t1_profile, timeout_ms)
     ctx.obj = conn
     ctx.call_on_close(conn.close)
 
@@ -330,19 +253,23 @@ def ecdh(ctx, slot, peer):
 def attest(ctx, slot, nonce, out):
     """Attest a key with the manufacturer attestation key; check and print the statement.
 
-    The MAK signature is checked against the MAK certificate from the SE's attestation
-    chain, and that certificate against the vendor root at the end of the chain.
+    The statement and the SE's attestation chain are checked the way the issuing CA
+    checks evidence (fleetid.cloud.ca.evidence.EvidenceVerifier: path validation with
+    cryptography.x509.verification, then the MAK signature), trusting the vendor root at
+    the end of the chain: this proves the chain is consistent, not that the vendor is one
+    the fleet trusts.
 
     \b
     Examples:
       fleetid se --bus sim:unix:/tmp/se.sock attest --slot 2 --nonce 00112233
       fleetid se --bus sim:unix:/tmp/se.sock attest --slot 2 --out slot2.att.der
     """
-    from cryptography import x509
-    from cryptography.exceptions import InvalidSignature
-    from cryptography.hazmat.primitives import hashes
-    from cryptography.hazmat.primitives.asymmetric import ec
+    import datetime
 
+    from cryptography import x509
+
+    from fleetid.cloud.ca.errors import AttestationError
+    from fleetid.cloud.ca.evidence import EvidenceVerifier
     from fleetid.common import attestation
 
     nonce_bytes = _hex("--nonce", nonce, None, 1, 64) if nonce else os.urandom(16)
@@ -357,14 +284,16 @@ def attest(ctx, slot, nonce, out):
         raise click.ClickException("attestation is for another key than the one in slot %d" % slot)
     if not chain:
         raise click.ClickException("the SE has no attestation chain")
-    certs = [x509.load_der_x509_certificate(c) for c in chain]
     try:
-        certs[0].public_key().verify(signed.signature_der, st.statement_der,
-                                     ec.ECDSA(hashes.SHA256()))
-        for child, parent in zip(certs, certs[1:]):
-            child.verify_directly_issued_by(parent)
-    except (InvalidSignature, ValueError, TypeError) as exc:
-        raise click.ClickException("attestation does NOT verify: %s" % (exc or "bad signature"))
+        certs = [x509.load_der_x509_certificate(c) for c in chain]
+    except ValueError as exc:
+        raise click.ClickException("attestation chain does NOT parse: %s" % exc) from None
+    bundle = attestation.encode_evidence_bundle([signed_der], chain)
+    try:
+        EvidenceVerifier([certs[-1]]).authenticate(
+            bundle, datetime.datetime.now(datetime.timezone.utc))
+    except AttestationError as exc:
+        raise click.ClickException("attestation does NOT verify: %s" % exc) from None
     if out:
         with open(out, "wb") as f:
             f.write(signed_der)
@@ -551,7 +480,7 @@ def scp03_check(ctx, fab_record, vendor_dir, level):
     except ValueError as exc:
         raise click.ClickException("cannot read the fab record %s: %s"
                                    % (fab_record, exc)) from None
-    conn = ctx.find_object(_Connection)
+    conn = ctx.find_object(SeConnection)
     plain_uid = conn.session().uid()
     if plain_uid != record.se_uid:
         raise click.ClickException("this fab record is for SE %s, the bus has SE %s"
