@@ -27,7 +27,7 @@ def _when(seconds):
 
 
 def _fail(exc):
-    from fleetid.cli.se import describe_error
+    from fleetid.cli.se_connection import describe_error
 
     raise click.ClickException(describe_error(exc)) from None
 
@@ -175,7 +175,7 @@ def run_cmd(bus, t1_profile, timeout_ms, cloud, est, label, once, rotate, interv
     """
     import threading
 
-    from fleetid.device.agent import Agent, AgentError, AgentPolicy, NetError
+    from fleetid.device.agent import AgentPolicy
     from fleetid.device.host.agent_net import SystemClock
 
     if not (cloud or est):
@@ -188,15 +188,15 @@ def run_cmd(bus, t1_profile, timeout_ms, cloud, est, label, once, rotate, interv
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     policy = AgentPolicy(renew_fraction=renew_fraction, max_attempts=max_attempts,
                          max_delay=max_delay, max_wait=max(max_delay * max_attempts, 60.0))
-    log = None if quiet else (lambda line: click.echo("agent: " + line))
-    clock = SystemClock(stop)
+    cycle = _Cycle(SystemClock(stop), policy,
+                   None if quiet else (lambda line: click.echo("agent: " + line)),
+                   (cloud, est, label), (crl_cache, crl_issuer, crl_grace, crl_fail_open),
+                   boot_image, boot_max_size)
     status = 0
-    boot = boot_reader = None
     try:
         while not stop.is_set():
             command = "rotate" if rotate else None
             rotate = False
-            next_wake = interval
             try:
                 device = _Device(bus, t1_profile, timeout_ms)
             except click.ClickException as exc:
@@ -207,59 +207,97 @@ def run_cmd(bus, t1_profile, timeout_ms, cloud, est, label, once, rotate, interv
                 stop.wait(interval)
                 continue
             try:
-                if boot is None and boot_image is not None:
-                    from fleetid.device import boot as boot_mod
-                    from fleetid.device.agent import SignedBoot
-
-                    boot_reader = open(boot_image, "rb")
-                    boot = SignedBoot(boot_mod.check_image, boot_mod.confirm_boot,
-                                      device.se, boot_reader, boot_max_size)
-                if boot is not None:
-                    boot.se = device.se  # checked once per process, confirmed once
-                runner = Agent(device.se, device.net(cloud, est, label), clock,
-                               random.SystemRandom().random, boot=boot,
-                               revocation=_revocation(device, crl_cache, crl_issuer,
-                                                      crl_grace, crl_fail_open),
-                               policy=policy, log=log)
-                report = runner.run_once(command=command)
-                click.echo("credential: slot %d, certificate serial %x, valid until %s, "
-                           "renewal at %s, journal %s"
-                           % (report.slot, report.serial, _when(report.not_after),
-                              _when(report.renew_at), report.journal))
-                status = 0
-                if report.revocation is not None:
-                    click.echo("revocation: %s" % report.revocation)
-                if report.renew_at is not None:
-                    next_wake = min(interval, max(1.0, report.renew_at - clock.now()))
-            except AgentError as exc:
-                if exc.reason == AgentError.REFUSED:
-                    click.echo("REFUSED by the verifier: %s (nothing rotated)" % exc.detail,
-                               err=True)
-                else:
-                    click.echo("FAILED %s" % exc, err=True)
-                status = 1
-            except NetError as exc:
-                click.echo("FAILED network: %s (the journal keeps the progress)" % exc,
-                           err=True)
-                status = 1
-            except InterruptedError:
-                status = 1
-            except FleetidError as exc:
-                from fleetid.cli.se import describe_error
-
-                click.echo("FAILED %s" % describe_error(exc), err=True)
-                status = 1
+                status, renew_at = cycle.run(device, command)
             finally:
                 device.close()
             if once:
                 break
+            next_wake = interval
+            if renew_at is not None:
+                next_wake = min(interval, max(1.0, renew_at - cycle.clock.now()))
             stop.wait(next_wake)
     finally:
-        if boot_reader is not None:
-            boot_reader.close()
+        cycle.close()
         for s, handler in previous.items():
             signal.signal(s, handler)
     sys.exit(status)
+
+
+class _Cycle:
+    """One cycle of `fleetid agent run` on a freshly opened SE, and what lasts between
+    cycles: the clock, the policy, and the signed-boot check (the image is checked once
+    per process and confirmed once, whichever SE session the cycle has).
+
+    Params: clock, policy, log: for device.agent.Agent.  net_args: (cloud, est, label).
+        revocation_args: (crl_cache, crl_issuer, crl_grace, crl_fail_open).
+        boot_image, boot_max_size: --boot-image (None: no signed boot) and its slot size.
+    """
+
+    def __init__(self, clock, policy, log, net_args, revocation_args, boot_image,
+                 boot_max_size):
+        self.clock = clock
+        self.policy = policy
+        self.log = log
+        self.net_args = net_args
+        self.revocation_args = revocation_args
+        self.boot_image = boot_image
+        self.boot_max_size = boot_max_size
+        self.boot = None
+
+    def _signed_boot(self, se):
+        if self.boot is None and self.boot_image is not None:
+            from fleetid.device import boot as boot_mod
+            from fleetid.device.agent import SignedBoot
+
+            self.boot = SignedBoot(boot_mod.check_image, boot_mod.confirm_boot, se,
+                                   open(self.boot_image, "rb"), self.boot_max_size)
+        if self.boot is not None:
+            self.boot.se = se  # checked once per process, confirmed once
+        return self.boot
+
+    def run(self, device, command):
+        """Run the agent once on `device` (a _Device) and print the outcome.
+
+        Params: command: "rotate" or None.
+        Returns: (exit status 0 or 1, the next renewal time or None).
+        """
+        from fleetid.device.agent import Agent, AgentError, NetError
+
+        try:
+            runner = Agent(device.se, device.net(*self.net_args), self.clock,
+                           random.SystemRandom().random, boot=self._signed_boot(device.se),
+                           revocation=_revocation(device, *self.revocation_args),
+                           policy=self.policy, log=self.log)
+            report = runner.run_once(command=command)
+        except AgentError as exc:
+            if exc.reason == AgentError.REFUSED:
+                click.echo("REFUSED by the verifier: %s (nothing rotated)" % exc.detail,
+                           err=True)
+            else:
+                click.echo("FAILED %s" % exc, err=True)
+            return 1, None
+        except NetError as exc:
+            click.echo("FAILED network: %s (the journal keeps the progress)" % exc, err=True)
+            return 1, None
+        except InterruptedError:
+            return 1, None
+        except FleetidError as exc:
+            from fleetid.cli.se_connection import describe_error
+
+            click.echo("FAILED %s" % describe_error(exc), err=True)
+            return 1, None
+        click.echo("credential: slot %d, certificate serial %x, valid until %s, "
+                   "renewal at %s, journal %s"
+                   % (report.slot, report.serial, _when(report.not_after),
+                      _when(report.renew_at), report.journal))
+        if report.revocation is not None:
+            click.echo("revocation: %s" % report.revocation)
+        return 0, report.renew_at
+
+    def close(self):
+        """Close the boot image, if one was opened."""
+        if self.boot is not None:
+            self.boot.reader.close()
 
 
 @agent.command("status")
