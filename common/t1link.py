@@ -333,6 +333,19 @@ class T1Link:
             raise _LinkFail(LinkError.ABORTED, "S(ABORT) from the SE")
 
     def _transceive(self, apdu, total):
+        first = self._send_chain(apdu, total)
+        # Our last I-block is implicitly acknowledged by the SE's I-block.
+        self._ns ^= 1
+        self._nr ^= 1
+        if not first.more:
+            return first.inf  # the usual case: one block, already its own bytes
+        return self._receive_chain(first)
+
+    def _send_chain(self, apdu, total):
+        """Send phase: the APDU as I-blocks, until the SE's first response I-block.
+
+        Returns: that I-block (N(S)/N(R) not yet advanced).  Raises: _LinkFail.
+        """
         size = self._block_size()
         off = 0
         tries = 0
@@ -378,11 +391,11 @@ class T1Link:
             self._abort(blk)
             tries = self._count(tries, "unexpected S-block")
             self._set_r(t1.R_OTHER_ERROR)
-        # Our last I-block is implicitly acknowledged by the SE's I-block.
-        self._ns ^= 1
-        self._nr ^= 1
-        if not first.more:
-            return first.inf  # the usual case: one block, already its own bytes
+        return first
+
+    def _receive_chain(self, first):
+        """Receive phase of a chained response whose first I-block is `first`: R(ACK)
+        each block until the last.  Returns: the whole response.  Raises: _LinkFail."""
         # A chained response grows one buffer; each step's old copy is garbage at once.
         # (Keeping the pieces to join them at the end was measured worse on a 64 KiB
         # MicroPython heap: the live pieces end up spread over the free space.)
