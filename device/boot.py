@@ -289,8 +289,19 @@ def check_image(se, reader, max_size=DEFAULT_MAX_SIZE, now=None, firmware_keys=N
     source = _Source(reader)
     buf = bytearray(CHUNK)
     view = memoryview(buf)
+    hdr_size, img_size, prot_size = _check_header(source, buf, view, report)
+    image_hash, found = _hash_and_tlvs(source, buf, view, report, hdr_size, img_size,
+                                       prot_size, max_size)
+    _check_hash(found, image_hash, report)
+    _check_signature(se, found, image_hash, report, firmware_keys)
+    _check_counter(se, found, report)
+    report.ok = True
+    return report
 
-    # -- header --------------------------------------------------------------------------
+
+def _check_header(source, buf, view, report):
+    # The 32-byte header (read into buf): magic, sizes, flags, version.
+    # Returns (hdr_size, img_size, protect_tlv_size).
     _read_exact(source, view[:_HEADER_SIZE], report, "header")
     (magic, load_addr, hdr_size, prot_size, img_size, flags, major, minor, revision,
      build, _) = struct.unpack_from(_HEADER_FMT, buf, 0)
@@ -310,7 +321,12 @@ def check_image(se, reader, max_size=DEFAULT_MAX_SIZE, now=None, firmware_keys=N
     report.img_size = img_size
     report.flags = flags
     report._pass("header", "version %s, %d B payload" % (report.version_string(), img_size))
+    return hdr_size, img_size, prot_size
 
+
+def _hash_and_tlvs(source, buf, view, report, hdr_size, img_size, prot_size, max_size):
+    # Everything after the header: SHA-256 over the signed part (the header still in buf),
+    # both TLV areas parsed, the sizes against the slot.  Returns (image_hash, found TLVs).
     # -- size: the signed part plus the smallest TLV area must fit the slot ------------
     signed_size = hdr_size + img_size + prot_size
     if signed_size + _TLV_INFO_SIZE > max_size:
@@ -353,8 +369,10 @@ def check_image(se, reader, max_size=DEFAULT_MAX_SIZE, now=None, firmware_keys=N
     report.total_size = signed_size + total
     report._pass("size", "%d B in a %d B slot" % (report.total_size, max_size))
     report._pass("tlv")
+    return image_hash, found
 
-    # -- hash ----------------------------------------------------------------------------
+
+def _check_hash(found, image_hash, report):
     expected = found.get(TLV_SHA256)
     if expected is None:
         raise report._refuse("hash", REASON_HASH, "no SHA256 TLV")
@@ -363,6 +381,8 @@ def check_image(se, reader, max_size=DEFAULT_MAX_SIZE, now=None, firmware_keys=N
     report.image_hash = image_hash
     report._pass("hash", "sha256")
 
+
+def _check_signature(se, found, image_hash, report, firmware_keys):
     # -- key: the image names the SE's firmware-signing key ----------------------------
     signature = found.get(TLV_ECDSASIG)
     keyhash = found.get(TLV_KEYHASH)
@@ -373,6 +393,23 @@ def check_image(se, reader, max_size=DEFAULT_MAX_SIZE, now=None, firmware_keys=N
         raise report._refuse("key", REASON_TLV, "both KEYHASH and PUBKEY")
     if pubkey is not None:
         keyhash = hashlib.sha256(pubkey).digest()
+    point = _signing_key(se, keyhash, firmware_keys, report)
+
+    # -- signature, verified by the SE ---------------------------------------------------
+    if not _SIG_MIN <= len(signature) <= _SIG_MAX:
+        raise report._refuse("signature", REASON_SIGNATURE, "length %d" % len(signature))
+    try:
+        se.verify(image_hash, signature, point=point)
+    except VerificationFailed:
+        raise report._refuse("signature", REASON_SIGNATURE, "does not verify") from None
+    except WrongData:
+        raise report._refuse("signature", REASON_SIGNATURE, "malformed") from None
+    report._pass("signature", "ECDSA P-256, verified in the SE")
+
+
+def _signing_key(se, keyhash, firmware_keys, report):
+    # The point of the accepted firmware-signing key whose SPKI hash is `keyhash`: the
+    # SE's trust anchor, or one of `firmware_keys` (device/fwkeys.py).
     if firmware_keys is None:
         try:
             point = se.get_data(_DATA_TRUST_FIRMWARE_KEY, _POINT_LEN)
@@ -397,19 +434,11 @@ def check_image(se, reader, max_size=DEFAULT_MAX_SIZE, now=None, firmware_keys=N
         report._pass("key", "firmware-signing key: %s" % (
             "certificate %x" % report.key_serial if report.key_serial is not None
             else "bare point"))
+    return point
 
-    # -- signature, verified by the SE ---------------------------------------------------
-    if not _SIG_MIN <= len(signature) <= _SIG_MAX:
-        raise report._refuse("signature", REASON_SIGNATURE, "length %d" % len(signature))
-    try:
-        se.verify(image_hash, signature, point=point)
-    except VerificationFailed:
-        raise report._refuse("signature", REASON_SIGNATURE, "does not verify") from None
-    except WrongData:
-        raise report._refuse("signature", REASON_SIGNATURE, "malformed") from None
-    report._pass("signature", "ECDSA P-256, verified in the SE")
 
-    # -- security counter ----------------------------------------------------------------
+def _check_counter(se, found, report):
+    # -- security counter: no rollback below the SE's monotonic counter ----------------
     sec_cnt = found.get(TLV_SEC_CNT)
     if sec_cnt is None:
         raise report._refuse("security_counter", REASON_NO_COUNTER)
@@ -422,8 +451,6 @@ def check_image(se, reader, max_size=DEFAULT_MAX_SIZE, now=None, firmware_keys=N
             report.security_counter, report.se_counter))
     report._pass("security_counter", "%d >= SE counter %d" % (
         report.security_counter, report.se_counter))
-    report.ok = True
-    return report
 
 
 def confirm_boot(se, report):
