@@ -6,9 +6,9 @@
 #     report = agent.run_once()           # one cycle; every step resumable
 #     agent.status()                      # no network: slots, journal, next renewal
 #
-# Layers (STYLE.md): SE verbs (device/se.py) and workflows (device/enrol.py) below, the
-# rotation journal (device/rotation_journal.py, whose header holds the record format and
-# the DECISION TABLE for resuming after a cut) beside.  The agent never builds an APDU or
+# Layers (docs/ARCHITECTURE.md "Layers"): SE verbs (device/se.py) and workflows
+# (device/enrol.py) below, the rotation journal (device/rotation_journal.py, whose header
+# holds the record format and the DECISION TABLE for resuming after a cut) beside.  The agent never builds an APDU or
 # a frame, and private keys never leave the SE: it only asks the SE to generate, attest,
 # sign and delete.
 #

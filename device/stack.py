@@ -12,7 +12,7 @@
 # (common/t1link.py), the APDU layer by a bounded number of GET RESPONSE rounds.  Nothing
 # here retries an APDU: one that fails may already have executed (the caller decides).
 #
-# Layers (STYLE.md "Layers and their contracts"): this module only composes them.  It
+# Layers (docs/ARCHITECTURE.md "Layers", the SE stack): this module only composes them.  It
 # never builds a frame or an APDU itself.
 
 from fleetid.common import t1

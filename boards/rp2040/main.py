@@ -16,7 +16,7 @@
 # now() -> int seconds since 1970 UTC (set by NTP) and sleep(seconds).  The TLS client
 # must sign its CertificateVerify with SeSession.sign(slot, digest): MicroPython's ssl
 # module cannot, so a TLS client whose signature runs in the SE is the board's part (see
-# ARCHITECTURE "mTLS with an SE-held key"); it is not built in this repository.
+# docs/ARCHITECTURE.md "mTLS with an SE-held key"); it is not built in this repository.
 
 import board_net
 from fleetid.device.agent import Agent, AgentPolicy, run_forever

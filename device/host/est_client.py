@@ -6,7 +6,8 @@ attested and used inside the secure element.
     result = est.enroll(current_slot=1, new_slot=2)                # simpleenroll (identity)
     result = est.enroll(current_slot=2, new_slot=3, reenroll=True) # simplereenroll
 
-One enrolment, step by step (ARCHITECTURE "Device agent workflows", overlap re-keying):
+One enrolment, step by step (docs/ARCHITECTURE.md "Device agent workflows", overlap
+re-keying):
 
     1. GET <label>/nonce over mTLS with the current certificate (key in `current_slot`):
        a fresh, single-use CA nonce for the attestation.
