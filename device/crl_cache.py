@@ -59,7 +59,7 @@ except ImportError:  # CPython
         return x
 
 
-from fleetid.common import der
+from fleetid.common import asn1time, der
 from fleetid.common.errors import (
     DerError,
     FleetidError,
@@ -84,8 +84,6 @@ REASON_STORE = "store"  # the store could not keep the new CRL
 REASON_NO_CRL = "no_crl"  # nothing cached (StaleRevocationError)
 REASON_REVOKED = "revoked"  # RevokedError
 
-_TAG_UTC_TIME = const(0x17)
-_TAG_GENERALIZED_TIME = const(0x18)
 _TAG_CONTEXT_0 = const(0xA0)
 # OID contents octets (X.690 8.19) of the extensions this cache knows.
 _OID_CRL_NUMBER = b"\x55\x1d\x14"  # 2.5.29.20
@@ -173,57 +171,12 @@ class FileStore:
 # -- time: RFC 5280 4.1.2.5 -> seconds since the epoch ------------------------------------
 
 
-def _days_from_civil(y, m, d):
-    # Days since 1970-01-01 of a proleptic Gregorian date (H. Hinnant, "chrono-Compatible
-    # Low-Level Date Algorithms"); integer-only, so the same on every port.
-    if m <= 2:
-        y -= 1
-    era = (y if y >= 0 else y - 399) // 400
-    yoe = y - era * 400
-    doy = (153 * (m + (-3 if m > 2 else 9)) + 2) // 5 + d - 1
-    doe = yoe * 365 + yoe // 4 - yoe // 100 + doy
-    return era * 146097 + doe - 719468
-
-
-def _digits(text, start, count):
-    value = 0
-    for i in range(start, start + count):
-        c = text[i]
-        if c < 0x30 or c > 0x39:
-            raise DerError(der.REASON_VALUE, "time digit")
-        value = value * 10 + c - 0x30
-    return value
-
-
 def _read_time(reader):
-    # UTCTime YYMMDDHHMMSSZ (YY < 50 -> 20YY, RFC 5280 4.1.2.5.1) or GeneralizedTime
-    # YYYYMMDDHHMMSSZ (4.1.2.5.2: Zulu, seconds, no fractions).  Returns epoch seconds.
+    # An RFC 5280 Time (UTCTime or GeneralizedTime) -> epoch seconds (common/asn1time.py).
     tag = reader.peek_tag()
-    if tag == _TAG_UTC_TIME:
-        text = reader.read_tlv(_TAG_UTC_TIME)[1]
-        if len(text) != 13:
-            raise DerError(der.REASON_VALUE, "UTCTime")
-        year = _digits(text, 0, 2)
-        year += 2000 if year < 50 else 1900
-        pos = 2
-    elif tag == _TAG_GENERALIZED_TIME:
-        text = reader.read_tlv(_TAG_GENERALIZED_TIME)[1]
-        if len(text) != 15:
-            raise DerError(der.REASON_VALUE, "GeneralizedTime")
-        year = _digits(text, 0, 4)
-        pos = 4
-    else:
+    if tag != asn1time.TAG_UTC_TIME and tag != asn1time.TAG_GENERALIZED_TIME:
         raise DerError(der.REASON_TAG, "not a Time")
-    if text[-1] != 0x5A:  # "Z"
-        raise DerError(der.REASON_VALUE, "time not UTC")
-    month = _digits(text, pos, 2)
-    day = _digits(text, pos + 2, 2)
-    hour = _digits(text, pos + 4, 2)
-    minute = _digits(text, pos + 6, 2)
-    second = _digits(text, pos + 8, 2)
-    if not (1 <= month <= 12 and 1 <= day <= 31 and hour < 24 and minute < 60 and second < 60):
-        raise DerError(der.REASON_RANGE, "time field")
-    return ((_days_from_civil(year, month, day) * 24 + hour) * 60 + minute) * 60 + second
+    return asn1time.parse_time(tag, reader.read_tlv(tag)[1])
 
 
 # -- parsing -------------------------------------------------------------------------------
@@ -323,7 +276,7 @@ def _parse(data):
     der.read_ecdsa_with_sha256_algorithm(tbs)
     info.issuer_der = tbs.read_raw(der.TAG_SEQUENCE)
     info.this_update = _read_time(tbs)
-    if tbs.peek_tag() not in (_TAG_UTC_TIME, _TAG_GENERALIZED_TIME):
+    if tbs.peek_tag() not in (asn1time.TAG_UTC_TIME, asn1time.TAG_GENERALIZED_TIME):
         raise DerError(der.REASON_VALUE, "no nextUpdate")  # RFC 5280 5.1.2.5
     info.next_update = _read_time(tbs)
     if tbs.peek_tag() == der.TAG_SEQUENCE:

@@ -82,7 +82,7 @@ print("done", gc.mem_free())
 
 CSR_SCRIPT = r"""
 for name in ("fleetid.common.der", "fleetid.common.attestation", "fleetid.device.enrol",
-             "fleetid.device.certinfo"):
+             "fleetid.common.asn1time", "fleetid.device.certinfo"):
     __import__(name)
     gc.collect()
 from fleetid.device import certinfo, enrol

@@ -34,7 +34,7 @@ for name in ("fleetid.common.errors", "fleetid.common.crc16", "fleetid.common.cl
              "fleetid.common.t1", "fleetid.common.t1link", "fleetid.common.apdu_wire",
              "fleetid.common.apdu",
              "fleetid.device.bus_sim", "fleetid.device.se", "fleetid.common.oids",
-             "fleetid.common.der", "fleetid.device.crl_cache"):
+             "fleetid.common.der", "fleetid.common.asn1time", "fleetid.device.crl_cache"):
     __import__(name)
     gc.collect()
 from fleetid.common import t1
