@@ -43,14 +43,7 @@ def cli():
 
 def _register():
     for module_name, attr in _GROUPS:
-        try:
-            module = importlib.import_module("fleetid.cli." + module_name)
-        except ModuleNotFoundError as exc:
-            # An area not built yet: its module does not exist.  Any other missing module
-            # is a real bug and must surface.
-            if exc.name == "fleetid.cli." + module_name:
-                continue
-            raise
+        module = importlib.import_module("fleetid.cli." + module_name)
         cli.add_command(getattr(module, attr))
 
 
