@@ -36,16 +36,11 @@ class _Device:
     """The SE stack, its fleet root anchor and the network adapter, opened on demand."""
 
     def __init__(self, bus, t1_profile, timeout_ms):
-        if not bus:
-            raise click.UsageError("--bus URI (or FLEETID_BUS) is required")
-        from fleetid.device.stack import open_se
-
-        from fleetid.common.errors import BusError
+        from fleetid.cli.se_connection import SeConnection
 
         try:
-            self.stack = open_se(bus, profile=t1_profile, timeout_ms=timeout_ms)
-        except BusError as exc:
-            raise click.ClickException("cannot reach the SE on %s: %s" % (bus, exc)) from None
+            # Opened (and the applet selected) the way `fleetid se` opens it.
+            self.stack = SeConnection(bus, t1_profile, timeout_ms).open_stack(select=True)
         except FleetidError as exc:
             _fail(exc)
         except ValueError as exc:

@@ -81,7 +81,11 @@ class SeConnection:
         self.protocol = None
         self._session = None
 
-    def open_stack(self):
+    def open_stack(self, select=False):
+        """The SeStack, opened on first use.  Params: select: SELECT the applet while
+        opening (a failed SELECT closes the stack again; see device.stack.open_se).
+        Raises: click.UsageError (no bus), click.ClickException (SE unreachable),
+        BusUriError (a ValueError), FleetidError from the link or the SE."""
         from fleetid.device.stack import open_se
 
         if self.stack is None:
@@ -89,7 +93,7 @@ class SeConnection:
                 raise click.UsageError("--bus URI (or FLEETID_BUS) is required")
             try:
                 self.stack = open_se(self.bus_uri, profile=self.t1_profile,
-                                     timeout_ms=self.timeout_ms, select=False)
+                                     timeout_ms=self.timeout_ms, select=select)
             except BusError as exc:
                 raise click.ClickException(
                     "cannot reach the SE on %s: %s" % (self.bus_uri, exc)) from None
