@@ -13,7 +13,8 @@ from fleetid.cloud.mqtt.ota import KeySet, OtaError, install_trust_anchor, open_
 from fleetid.cloud.mqtt.service import MqttError
 from fleetid.common import mqttmsg
 from fleetid.common import se_consts as C
-from fleetid.common.apdu import ApduProtocol, split_response
+from fleetid.common.apdu import ApduProtocol
+from fleetid.common.apdu_wire import split_response
 from fleetid.common.host.hostcrypto import CryptographyPrimitives
 from fleetid.device.host.mqtt_paho import PahoSeTransport
 from fleetid.device.mqtt import DeviceChannel
