@@ -41,11 +41,9 @@ def main(argv=None):
     from fleetid.cloud.line.workdir import open_line
     from fleetid.cloud.mqtt.broker import Broker
     from fleetid.cloud.mqtt.fleet_files import make_broker_files
-    from fleetid.cloud.mqtt.ota import KeySet, OtaError, open_admin, rotate_scp03_keys
     from fleetid.cloud.mqtt.service import CloudMqtt
     from fleetid.cloud.revocation import CrlIssuer, CrlPublisher
     from fleetid.common import se_consts as C
-    from fleetid.common.host.hostcrypto import CryptographyPrimitives
     from fleetid.device.host.mqtt_paho import PahoSeTransport
     from fleetid.device.mqtt import DeviceChannel
     from fleetid.device.stack import open_se
@@ -97,34 +95,7 @@ def main(argv=None):
         print("mqtt: device received the retained CRLs published while it was offline: %s"
               % ", ".join(sorted(crls)))
 
-        # OTA: the device relays SCP03 APDUs between the HSM's keys and its SE.
-        stop = threading.Event()
-        pump = threading.Thread(target=lambda: [channel.step(0.05)
-                                                for _ in iter(stop.is_set, True)], daemon=True)
-        pump.start()
-        try:
-            new_master = "scp03-master-ota"
-            try:
-                line.hsm.create_master_key(new_master)
-            except Exception:  # noqa: BLE001 - already there (a second demo run)
-                pass
-            old = KeySet(line.labels["master"], C.SCP03_KVN_DEVICE)
-            new = KeySet(new_master, C.SCP03_KVN_DEVICE + 1)
-            prims = CryptographyPrimitives()
-            channel_apdu = cloud.apdu_channel(name, timeout=30)
-            se_uid = se.uid()
-            result = rotate_scp03_keys(line.hsm, channel_apdu, prims, se_uid, old, new)
-            print("mqtt: OTA SCP03 key rotation relayed by the device (level 0x33): %s, "
-                  "KVN %02X -> %02X, %d APDUs relayed" % (result, old.kvn, new.kvn,
-                                                          channel.relayed))
-            try:
-                open_admin(line.hsm, channel_apdu, prims, se_uid, [old]).close()
-                sys.exit("demo_mqtt: the old SCP03 keys still work")
-            except OtaError:
-                print("mqtt: the old SCP03 key set no longer opens a session")
-        finally:
-            stop.set()
-            pump.join(10)
+        _ota_scp03_rotation(line, cloud, channel, se, name)
     finally:
         if channel is not None:
             channel.close()
@@ -135,6 +106,43 @@ def main(argv=None):
         if stack is not None:
             stack.close()
         line.close()
+
+
+def _ota_scp03_rotation(line, cloud, channel, se, name):
+    """Step 4: the cloud rotates the SE's SCP03 keys over the air (KVN 31 -> 32), the
+    device relaying the APDUs; then the old set must no longer open a session."""
+    from fleetid.cloud.mqtt.ota import KeySet, OtaError, open_admin, rotate_scp03_keys
+    from fleetid.common import se_consts as C
+    from fleetid.common.host.hostcrypto import CryptographyPrimitives
+
+    # OTA: the device relays SCP03 APDUs between the HSM's keys and its SE.
+    stop = threading.Event()
+    pump = threading.Thread(target=lambda: [channel.step(0.05)
+                                            for _ in iter(stop.is_set, True)], daemon=True)
+    pump.start()
+    try:
+        new_master = "scp03-master-ota"
+        try:
+            line.hsm.create_master_key(new_master)
+        except Exception:  # noqa: BLE001 - already there (a second demo run)
+            pass
+        old = KeySet(line.labels["master"], C.SCP03_KVN_DEVICE)
+        new = KeySet(new_master, C.SCP03_KVN_DEVICE + 1)
+        prims = CryptographyPrimitives()
+        channel_apdu = cloud.apdu_channel(name, timeout=30)
+        se_uid = se.uid()
+        result = rotate_scp03_keys(line.hsm, channel_apdu, prims, se_uid, old, new)
+        print("mqtt: OTA SCP03 key rotation relayed by the device (level 0x33): %s, "
+              "KVN %02X -> %02X, %d APDUs relayed" % (result, old.kvn, new.kvn,
+                                                      channel.relayed))
+        try:
+            open_admin(line.hsm, channel_apdu, prims, se_uid, [old]).close()
+            sys.exit("demo_mqtt: the old SCP03 keys still work")
+        except OtaError:
+            print("mqtt: the old SCP03 key set no longer opens a session")
+    finally:
+        stop.set()
+        pump.join(10)
 
 
 if __name__ == "__main__":
