@@ -169,6 +169,7 @@ DATA_OBJECT_MAX = const(1024)  # bytes per object
 DATA_OBJECT_ROTATION_JOURNAL = const(0x00)
 DATA_OBJECT_CRL_NUMBER = const(0x01)  # highest verified cRLNumber (device/crl_cache.py)
 DATA_OBJECT_MQTT_SEQ = const(0x02)  # highest cloud command number taken (device/mqtt.py)
+DATA_OBJECT_REVSET_NUMBER = const(0x03)  # highest verified compact set (device/revset_cache.py)
 ATTEST_NONCE_MAX = const(64)
 CERT_MAX = const(2048)
 GET_RANDOM_MAX = const(1024)

@@ -1,0 +1,249 @@
+"""The signed compact revocation set for offline and constrained verifiers (format:
+common/revset.py), built from the same revocation state as the CRLs and OCSP, signed
+through the HSM by a revocation key certified by the fleet root.
+
+    signer = new_revocation_signer(hsm, "fleet-root", root_cert, "revocation-set")
+    publisher = CompactPublisher(registry, signer, issuing_ca_certs, revoked_cas_path)
+    wire = publisher.current()                 # GET /revset/current.frs
+    delta = publisher.delta(base_number)       # GET /revset/delta/<base>.frd (or None)
+
+What the set holds:
+  * a device serial when one of its certificates is revoked for a reason other than
+    "superseded" (rotation retires old operational keys with that reason: the device
+    stays good) -- offline verifiers check devices, not individual certificates;
+  * the key identifier (SKI) of each revoked issuing CA (cloud/verifier/revoked_cas.py):
+    one entry revokes a whole batch (device/revset_cache.py refuses any certificate whose
+    AKI names it).
+Re-published (a higher number) when that state changes -- looked at most every
+`poll_interval` seconds, or at once on `invalidate()` (event-driven: `fleetid revoke`
+calls the notify hook) -- and when half of the validity has passed.
+The publisher keeps the last `history` sets so a device holding one of them gets a delta
+(the additions and the new signature) instead of the whole set.
+"""
+
+import datetime
+import hashlib
+import threading
+import time
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.x509.oid import NameOID
+
+from fleetid.cloud.pki.profiles import to_utc_seconds, utc_now
+from fleetid.cloud.pki.signing import sign_certificate
+from fleetid.common import oids, revset
+
+# Extended key usage of the revocation-set signer (private arc, common/oids.py).
+OID_KP_REVOCATION_SET = x509.ObjectIdentifier(oids.FLEETID_ARC + ".4")
+REVSET_CONTENT_TYPE = "application/vnd.fleetid.revset"
+DELTA_CONTENT_TYPE = "application/vnd.fleetid.revset-delta"
+DEFAULT_VALIDITY = datetime.timedelta(days=7)
+DEFAULT_POLL_INTERVAL = 5.0
+# Reasons that do not put a device in the set (a retired, not a compromised, key).
+NOT_DEVICE_REVOCATIONS = ("superseded",)
+
+
+def public_point(public_key):
+    """65-byte uncompressed point of a P-256 public key."""
+    return public_key.public_bytes(serialization.Encoding.X962,
+                                   serialization.PublicFormat.UncompressedPoint)
+
+
+def new_revocation_signer(hsm, root_label, root_cert, key_label, now=None,
+                          validity=datetime.timedelta(days=5 * 365)):
+    """Create the revocation-set signing key in the HSM and certify it under the root
+    (EKU OID_KP_REVOCATION_SET only, digitalSignature, not a CA).
+    Returns: x509.Certificate.  Raises: HsmError(EXISTS), PkiError."""
+    not_before = to_utc_seconds(now) if now is not None else utc_now()
+    public_key = hsm.generate_signing_key(key_label)
+    ski = root_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+    builder = (x509.CertificateBuilder()
+               .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME,
+                                                           "fleet revocation set signer")]))
+               .issuer_name(root_cert.subject)
+               .public_key(public_key)
+               .serial_number(x509.random_serial_number())
+               .not_valid_before(not_before)
+               .not_valid_after(min(not_before + validity, root_cert.not_valid_after_utc))
+               .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+               .add_extension(x509.KeyUsage(True, False, False, False, False, False, False,
+                                            False, False), critical=True)
+               .add_extension(x509.ExtendedKeyUsage([OID_KP_REVOCATION_SET]), critical=True)
+               .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key),
+                              critical=False)
+               .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(
+                   ski), critical=False))
+    return sign_certificate(hsm, root_label, builder, root_cert.public_key())
+
+
+class RevocationSigner:
+    """The key that signs compact sets: HSM label, its certificate, the fleet root."""
+
+    def __init__(self, hsm, key_label, certificate, root_cert):
+        self.hsm = hsm
+        self.key_label = key_label
+        self.certificate = certificate
+        self.fleet_id = revset.fleet_id(public_point(root_cert.public_key()))
+        self.point = public_point(certificate.public_key())
+
+    def sign(self, signed):
+        return revset.sign_part(signed, self.hsm.sign(self.key_label, signed))
+
+
+def ca_key_id(ca_certificate):
+    """An issuing CA's 20-byte key identifier (its SKI = its devices' AKI)."""
+    return ca_certificate.extensions.get_extension_for_class(
+        x509.SubjectKeyIdentifier).value.digest
+
+
+def highest_serial(registry):
+    """The highest device serial the registry has allocated (serials are contiguous from
+    1): a doubling then binary search over get_device, so any backend answers."""
+    from fleetid.cloud.registry.errors import DeviceNotFound
+
+    def exists(serial):
+        try:
+            registry.get_device(serial)
+            return True
+        except DeviceNotFound:
+            return False
+
+    if not exists(1):
+        return 0
+    hi = 1
+    while exists(hi * 2):
+        hi *= 2
+    lo, hi = hi, hi * 2  # exists(lo), not exists(hi)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if exists(mid):
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+class _Built:
+    def __init__(self, number, wire, serials, state, built_at, this_update):
+        self.number = number
+        self.wire = wire
+        self.serials = serials
+        self.state = state
+        self.built_at = built_at
+        self.this_update = this_update
+
+
+class CompactPublisher:
+    """Builds, signs and re-publishes the compact set; serves deltas from recent sets.
+
+    Params: registry: Registry.  signer: RevocationSigner.  issuing_cas: x509 certificates
+        of the issuing CAs (their revoked certificates are read by subject).
+        revoked_cas: () -> iterable of revoked CA certificates' key identifiers (20 bytes)
+        (default: none).  validity: timedelta this_update -> next_update.  poll_interval:
+        seconds between registry looks.  history: sets kept for deltas.  clock: () ->
+        aware datetime.  monotonic: () -> seconds.  universe: () -> highest serial
+        (default: highest_serial(registry)).
+    Thread-safe.
+    """
+
+    def __init__(self, registry, signer, issuing_cas, revoked_cas=None,
+                 validity=DEFAULT_VALIDITY, poll_interval=DEFAULT_POLL_INTERVAL, history=8,
+                 clock=None, monotonic=None, universe=None):
+        self.registry = registry
+        self.signer = signer
+        self.issuers = [ca.subject.rfc4514_string() for ca in issuing_cas]
+        self.revoked_cas = revoked_cas or (lambda: ())
+        self.validity = validity
+        self.poll_interval = poll_interval
+        self.history = history
+        self.clock = clock or (lambda: datetime.datetime.now(datetime.timezone.utc))
+        self.monotonic = monotonic or time.monotonic
+        self.universe = universe or (lambda: highest_serial(registry))
+        self._lock = threading.Lock()
+        self._sets = []  # _Built, oldest first
+        self._polled_at = None
+        self._last_number = 0
+        self.build_seconds = 0.0
+
+    def invalidate(self):
+        """Look at the registry on the next request (the event-driven path)."""
+        with self._lock:
+            self._polled_at = None
+
+    def _state(self):
+        serials = set()
+        for issuer in self.issuers:
+            for record in self.registry.revoked_certificates(issuer):
+                if record.revocation_reason not in NOT_DEVICE_REVOCATIONS:
+                    serials.add(record.device_serial)
+        ca_ids = sorted(set(bytes(c) for c in self.revoked_cas()))
+        serials = sorted(serials)
+        universe = max([self.universe()] + serials[-1:])
+        digest = hashlib.sha256(repr((serials, ca_ids, universe)).encode()).digest()
+        return serials, ca_ids, universe, digest
+
+    def build(self, serials, ca_ids, universe, now):
+        """Encode and sign one set.  Returns the wire bytes (also kept as current)."""
+        now = now.astimezone(datetime.timezone.utc).replace(microsecond=0)
+        number = max(self._last_number + 1, int(now.timestamp() * 1000))
+        self._last_number = number
+        this_update = int(now.timestamp())
+        started = time.perf_counter()
+        signed = revset.encode(self.signer.fleet_id, number, this_update,
+                               this_update + int(self.validity.total_seconds()), universe,
+                               serials, ca_ids)
+        wire = self.signer.sign(signed)
+        self.build_seconds = time.perf_counter() - started
+        return number, wire
+
+    def _current(self):
+        with self._lock:
+            now = self.clock()
+            tick = self.monotonic()
+            latest = self._sets[-1] if self._sets else None
+            due = latest is None or now >= latest.built_at + self.validity / 2
+            if due or self._polled_at is None or tick - self._polled_at >= self.poll_interval:
+                self._polled_at = tick
+                serials, ca_ids, universe, state = self._state()
+                if due or state != latest.state:
+                    number, wire = self.build(serials, ca_ids, universe, now)
+                    latest = _Built(number, wire, serials, state, now, now)
+                    self._sets.append(latest)
+                    del self._sets[: -self.history]
+            return latest
+
+    def current(self):
+        """The wire bytes of the current set (rebuilt when due)."""
+        return self._current().wire
+
+    def current_number(self):
+        return self._current().number
+
+    def delta(self, base_number):
+        """The delta from set `base_number` to the current set, or None when that set is
+        not kept (the client fetches the whole set) or the current set dropped a serial
+        (deltas only add)."""
+        latest = self._current()
+        with self._lock:
+            for built in self._sets:
+                if built.number == base_number:
+                    break
+            else:
+                return None
+        if built is latest:
+            return None
+        base = set(built.serials)
+        if not base.issubset(latest.serials):
+            return None
+        added = [s for s in latest.serials if s not in base]
+        return revset.encode_delta(base_number, latest.wire, added)
+
+    def status(self):
+        """For `fleetid revocation status`: number, this_update, next_update, count,
+        ca_count, size."""
+        latest = self._current()
+        info = revset.parse(latest.wire)
+        return {"number": info.number, "this_update": info.this_update,
+                "next_update": info.next_update, "revoked": info.count,
+                "revoked_cas": info.ca_count, "bytes": len(latest.wire)}

@@ -1,0 +1,281 @@
+# Cached compact revocation set for offline and constrained verifiers: keep the last
+# verified set (common/revset.py), replace it with a newer one or apply a delta when one
+# arrives (HTTP, MQTT retained message, broadcast, a file), and check peers against it.
+# Portable: CPython and MicroPython.  Mirrors device/crl_cache.py: the SE verifies the
+# signature (the revocation signer's point, certified by the fleet root: see
+# cloud/revocation/compact.py), and the high-water mark lives in an SE data object.
+#
+# Decisions (policy injected: RevsetPolicy):
+#   * refresh(fetch, now) / apply_delta(fetch, now): new data replaces the cache only if
+#     it parses, names this fleet (fleet_id), is signed by the revocation signer (VERIFY
+#     in the SE), decodes consistently (index == body), is not stale (now <= next_update
+#     + grace) and not older (number >= the mark; equal only with identical bytes).  On
+#     any refusal the old set stays and RevsetCacheError says why (`reason`).
+#   * check(serial, ca_key_id, now): the serial in the set or its issuing CA's key id
+#     among the revoked CAs -> RevokedError, even on a stale set; no set or a stale one ->
+#     StaleRevocationError when failing closed, None when failing open.
+#   * A delta carries the new set's header, its additions and the new set's signature;
+#     the merge produces the new set's exact bytes, which are then verified as a whole.
+#
+# SE object (policy.object_id, default se_consts.DATA_OBJECT_REVSET_NUMBER = 2):
+#   version u8 (1) | fleet_id (8) | number u64 big-endian
+# Write order: the store first, then the mark (as crl_cache.py, same reasoning).
+#
+# Heap: the set is kept once, as bytes; lookups decode at most `stride` codes in place.
+# A delta needs the new set's bytes beside the old for the merge (two sets at once).
+
+import struct
+
+try:
+    from micropython import const
+except ImportError:  # CPython
+
+    def const(x):
+        return x
+
+
+from fleetid.common import revset
+from fleetid.common.errors import (
+    FleetidError,
+    ReferenceNotFound,
+    VerificationFailed,
+    WrongData,
+)
+
+REASON_FETCH = "fetch"
+REASON_TOO_LARGE = "too_large"
+REASON_TRUNCATED = "truncated"
+REASON_MALFORMED = "malformed"
+REASON_FLEET = "fleet"  # another fleet's set
+REASON_SIGNATURE = "signature"
+REASON_STALE = "stale"
+REASON_ROLLBACK = "rollback"
+REASON_BASE = "base"  # a delta for a set this cache does not hold
+REASON_STATE = "state"
+REASON_STORE = "store"
+REASON_NO_SET = "no_set"
+REASON_REVOKED = "revoked"
+
+_STATE_VERSION = const(1)
+_STATE_LEN = const(17)
+
+
+class RevsetCacheError(FleetidError):
+    """Refused set or delta, the cache kept what it had; `reason` is a REASON_* string."""
+
+    def __init__(self, reason, detail=""):
+        super().__init__(reason if not detail else reason + ": " + detail)
+        self.reason = reason
+        self.detail = detail
+
+
+class RevokedError(RevsetCacheError):
+    """The serial (or its issuing CA) is on the cached set.  `serial`, `batch` (True when
+    the issuing CA is what is revoked), `number` (the set's number)."""
+
+    def __init__(self, serial, batch, number):
+        RevsetCacheError.__init__(self, REASON_REVOKED,
+                                  ("issuing CA of %d" if batch else "serial %d") % serial)
+        self.serial = serial
+        self.batch = batch
+        self.number = number
+
+
+class StaleRevocationError(RevsetCacheError):
+    """No set fresh enough and the policy fails closed (reason "no_set" / "stale")."""
+
+
+class RevsetPolicy:
+    """grace_s: seconds a set stays usable past next_update (default 7 days: offline
+    devices hear from the cloud rarely).  fail_open: answer "not known revoked" without a
+    fresh set.  object_id: SE data object of the mark.  max_size: largest set accepted."""
+
+    def __init__(self, grace_s=7 * 86400, fail_open=False, object_id=2, max_size=1 << 20):
+        if grace_s < 0 or max_size < 64:
+            raise ValueError("grace_s >= 0 and max_size >= 64")
+        self.grace_s = grace_s
+        self.fail_open = fail_open
+        self.object_id = object_id
+        self.max_size = max_size
+
+
+class RevsetCache:
+    """The last verified compact set of one fleet.
+
+    Params: se: SeSession.  store: load() -> bytes or None, store(bytes) (crl_cache's
+        FileStore fits).  signer_point: the revocation signer's 65-byte point (provisioned
+        with the fleet root; its certificate chains to the root).  fleet: the 8-byte
+        fleet_id (revset.fleet_id(root point)).  policy: RevsetPolicy.
+    """
+
+    def __init__(self, se, store, signer_point, fleet, policy=None):
+        if len(signer_point) != 65 or len(fleet) != 8:
+            raise ValueError("signer_point / fleet")
+        self.se = se
+        self.store = store
+        self.signer_point = bytes(signer_point)
+        self.fleet = bytes(fleet)
+        self.policy = policy if policy is not None else RevsetPolicy()
+        self._set = None
+        self._mark = None
+        self._loaded = False
+
+    def _read_mark(self):
+        try:
+            record = self.se.read_object(self.policy.object_id)
+        except ReferenceNotFound:
+            return None
+        if len(record) != _STATE_LEN or record[0] != _STATE_VERSION \
+                or bytes(record[1:9]) != self.fleet:
+            raise RevsetCacheError(REASON_STATE, "SE object %d holds another record"
+                                   % self.policy.object_id)
+        return struct.unpack(">Q", bytes(record[9:]))[0]
+
+    def _write_mark(self, number):
+        self.se.write_object(self.policy.object_id, bytes((_STATE_VERSION,)) + self.fleet
+                             + struct.pack(">Q", number))
+        self._mark = number
+
+    def _verify(self, data):
+        if len(data) > self.policy.max_size:
+            raise RevsetCacheError(REASON_TOO_LARGE, "%d bytes" % len(data))
+        try:
+            info = revset.parse(data)
+        except revset.RevsetError as exc:
+            raise RevsetCacheError(REASON_TRUNCATED if exc.reason == revset.REASON_TRUNCATED
+                                   else REASON_MALFORMED, exc.detail) from None
+        if info.fleet_id != self.fleet:
+            raise RevsetCacheError(REASON_FLEET, "another fleet's set")
+        try:
+            self.se.verify(info.signed_digest(), info.signature, point=self.signer_point)
+        except VerificationFailed:
+            raise RevsetCacheError(REASON_SIGNATURE, "does not verify") from None
+        except (WrongData, ValueError):
+            raise RevsetCacheError(REASON_SIGNATURE, "malformed") from None
+        try:
+            info.check_consistent()
+        except revset.RevsetError as exc:
+            raise RevsetCacheError(REASON_MALFORMED, exc.detail) from None
+        return info
+
+    def _load(self):
+        if self._loaded:
+            return
+        self._mark = self._read_mark()
+        self._loaded = True
+        data = self.store.load()
+        if not data:
+            return
+        try:
+            info = self._verify(data)
+        except RevsetCacheError:
+            return
+        if self._mark is not None and info.number < self._mark:
+            return  # an older set put back in the store
+        if self._mark is None or info.number > self._mark:
+            self._write_mark(info.number)
+        self._set = info
+
+    def _accept(self, data, now):
+        info = self._verify(data)
+        if now > info.next_update + self.policy.grace_s:
+            raise RevsetCacheError(REASON_STALE, "next_update passed")
+        mark = self._mark
+        if mark is not None and info.number <= mark:
+            current = self._set
+            if info.number == mark and (current is None or bytes(current.data) == data):
+                if current is None:
+                    self._store(info)
+                    return "updated"
+                return "unchanged"
+            raise RevsetCacheError(REASON_ROLLBACK, "set %d <= %d" % (info.number, mark))
+        self._store(info)
+        self._write_mark(info.number)
+        return "updated"
+
+    def _store(self, info):
+        try:
+            self.store.store(info.data)
+        except Exception as exc:  # noqa: BLE001 - flash / file system failure
+            raise RevsetCacheError(REASON_STORE, type(exc).__name__) from None
+        self._set = info
+
+    @staticmethod
+    def _fetch(fetch):
+        try:
+            data = fetch()
+        except Exception as exc:  # noqa: BLE001 - any transport failure
+            raise RevsetCacheError(REASON_FETCH, type(exc).__name__) from None
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise RevsetCacheError(REASON_FETCH, "not bytes")
+        return bytes(data)
+
+    def refresh(self, fetch, now):
+        """Fetch a whole set and cache it if it passes every check.
+        Returns "updated" / "unchanged".  Raises RevsetCacheError (old state kept)."""
+        self._load()
+        return self._accept(self._fetch(fetch), now)
+
+    def apply_delta(self, fetch, now):
+        """Fetch a delta, merge it with the cached set and cache the result if the result
+        passes every check.  Returns "updated" / "unchanged".
+        Raises RevsetCacheError (REASON_BASE when no set or another base: fetch the whole
+        set instead; every refresh() reason); the old state is kept."""
+        self._load()
+        data = self._fetch(fetch)
+        if self._set is None:
+            raise RevsetCacheError(REASON_BASE, "no set to apply a delta to")
+        try:
+            delta = revset.RevDelta(data)
+            if delta.base_number != self._set.number:
+                raise RevsetCacheError(REASON_BASE, "delta for another set")
+            merged = revset.apply_delta(self._set, delta)
+        except revset.RevsetError as exc:
+            raise RevsetCacheError(REASON_TRUNCATED if exc.reason == revset.REASON_TRUNCATED
+                                   else REASON_MALFORMED, exc.detail) from None
+        except ValueError as exc:
+            raise RevsetCacheError(REASON_MALFORMED, str(exc)) from None
+        return self._accept(merged, now)
+
+    def fresh(self, now):
+        self._load()
+        return self._set is not None and now <= self._set.next_update + self.policy.grace_s
+
+    def number(self):
+        """The cached set's number, or None."""
+        self._load()
+        return None if self._set is None else self._set.number
+
+    def check(self, serial, ca_key_id, now):
+        """Check a peer: its device serial and its issuing CA's key id (the AKI of its
+        certificate; None to skip).  Returns None when not known revoked.
+        Raises RevokedError; StaleRevocationError when failing closed without a fresh set."""
+        self._load()
+        info = self._set
+        if info is None:
+            if self.policy.fail_open:
+                return None
+            raise StaleRevocationError(REASON_NO_SET, "no verified set cached")
+        if ca_key_id is not None and info.ca_revoked(ca_key_id):
+            raise RevokedError(serial, True, info.number)
+        if info.contains(serial):
+            raise RevokedError(serial, False, info.number)
+        if now > info.next_update + self.policy.grace_s and not self.policy.fail_open:
+            raise StaleRevocationError(REASON_STALE, "next_update + grace passed")
+        return None
+
+    def status(self, now):
+        """number, this_update, next_update, revoked, revoked_cas, bytes, state, high_water."""
+        self._load()
+        info = self._set
+        fresh = self.fresh(now)
+        return {
+            "number": None if info is None else info.number,
+            "this_update": None if info is None else info.this_update,
+            "next_update": None if info is None else info.next_update,
+            "revoked": 0 if info is None else info.count,
+            "revoked_cas": 0 if info is None else info.ca_count,
+            "bytes": 0 if info is None else len(info.data),
+            "state": "none" if info is None else ("fresh" if fresh else "stale"),
+            "high_water": self._mark,
+        }
