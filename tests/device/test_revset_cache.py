@@ -1,0 +1,218 @@
+"""The offline tier: the device's compact-set cache (device/revset_cache.py) against an
+emulated SE, fed by the cloud's publisher (cloud/revocation/compact.py).  A revoked
+device is refused after the next set (whole or delta); a revoked batch CA refuses every
+device under it with one entry; tampered, stale, truncated, rolled-back, wrongly signed
+and foreign-fleet data are refused with the old state kept; the SE's mark defeats a
+swapped cache file."""
+
+import datetime
+
+import pytest
+
+from fleetid.cloud.revocation.compact import ca_key_id
+from fleetid.common import revset
+from fleetid.common.apdu import ApduProtocol
+from fleetid.device.revset_cache import (
+    RevokedError,
+    RevsetCache,
+    RevsetCacheError,
+    RevsetPolicy,
+    StaleRevocationError,
+)
+from fleetid.device.se import SeSession
+from tests.cloud.cloud_support import Fleet
+from tests.cloud.compact_support import compact_publisher, revocation_signer
+from tests.device.crl_support import MemoryStore, other_key, point_of
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory):
+    fleet = Fleet(tmp_path_factory.mktemp("revsetfleet"))
+    fleet.devices = [fleet.provision("b42") for _ in range(4)] + [fleet.provision("b43")]
+    yield fleet
+    fleet.close()
+
+
+@pytest.fixture
+def se(fabbed):
+    _, chip = fabbed
+    session = SeSession(ApduProtocol(chip.process))
+    session.select()
+    return session
+
+
+def _cache(se, fleet, store=None, policy=None, signer_point=None):
+    signer = revocation_signer(fleet)
+    return RevsetCache(se, store if store is not None else MemoryStore(),
+                       signer_point or signer.point, signer.fleet_id, policy)
+
+
+def _now(wire):
+    return revset.parse(wire).this_update + 60
+
+
+def _aki(device):
+    return ca_key_id(device.fleet.ca_certs[device.batch])
+
+
+def _revoke(fleet, device, reason="keyCompromise"):
+    cert = device.identity_cert
+    fleet.registry.mark_revoked(cert.serial_number, reason,
+                                issuer=cert.issuer.rfc4514_string())
+
+
+def _refused(cache, data, now, reason, delta=False):
+    before = cache.status(now)
+    with pytest.raises(RevsetCacheError) as info:
+        (cache.apply_delta if delta else cache.refresh)(lambda: data, now)
+    assert info.value.reason == reason, info.value
+    assert cache.status(now) == before
+    return info.value
+
+
+def test_offline_device_refuses_a_revoked_device_after_the_next_set(se, fleet):
+    d = fleet.devices
+    publisher = compact_publisher(fleet)
+    first = publisher.current()
+    store = MemoryStore()
+    cache = _cache(se, fleet, store)
+    now = _now(first)
+    assert cache.refresh(lambda: first, now) == "updated"
+    assert cache.check(d[1].serial, _aki(d[1]), now) is None  # not revoked yet
+    _revoke(fleet, d[1])
+    publisher.invalidate()
+    fleet.clock.advance(seconds=2)
+    second = publisher.current()
+    assert cache.check(d[1].serial, _aki(d[1]), now) is None  # until the set arrives
+    assert cache.refresh(lambda: second, now) == "updated"
+    with pytest.raises(RevokedError) as info:
+        cache.check(d[1].serial, _aki(d[1]), now)
+    assert not info.value.batch and info.value.number == revset.parse(second).number
+    for other in (d[0], d[2], d[3], d[4]):
+        assert cache.check(other.serial, _aki(other), now) is None
+    assert store.data == second
+    assert cache.refresh(lambda: second, now) == "unchanged"
+
+
+def test_a_delta_carries_the_next_revocation_and_gives_the_clouds_set(se, fleet):
+    d = fleet.devices
+    publisher = compact_publisher(fleet)
+    base = publisher.current()
+    cache = _cache(se, fleet)
+    now = _now(base)
+    cache.refresh(lambda: base, now)
+    _revoke(fleet, d[2])
+    publisher.invalidate()
+    fleet.clock.advance(seconds=2)
+    new = publisher.current()
+    delta = publisher.delta(revset.parse(base).number)
+    assert delta is not None and len(delta) < len(new) + 40
+    assert cache.apply_delta(lambda: delta, now) == "updated"
+    assert cache.status(now)["number"] == revset.parse(new).number
+    with pytest.raises(RevokedError):
+        cache.check(d[2].serial, _aki(d[2]), now)
+    # a delta for a set the device does not hold is refused: fetch the whole set
+    _refused(cache, delta, now, "base", delta=True)
+    tampered = bytearray(delta)
+    tampered[-20] ^= 0x01  # the new signature
+    _refused(_cache(se, fleet), tampered, now, "base", delta=True)
+
+
+def test_revoking_a_batch_ca_refuses_every_device_under_it_with_one_entry(se, fleet):
+    d = fleet.devices
+    publisher = compact_publisher(fleet, revoked_cas=["b43"])
+    wire = publisher.current()
+    info = revset.parse(wire)
+    assert info.ca_count == 1
+    cache = _cache(se, fleet)
+    now = _now(wire)
+    cache.refresh(lambda: wire, now)
+    with pytest.raises(RevokedError) as exc:
+        cache.check(d[4].serial, _aki(d[4]), now)
+    assert exc.value.batch
+    assert cache.check(d[0].serial, _aki(d[0]), now) is None
+
+
+def test_bad_sets_are_refused_and_the_old_state_kept(se, fleet, tmp_path):
+    publisher = compact_publisher(fleet)
+    good = publisher.current()
+    now = _now(good)
+    cache = _cache(se, fleet)
+    cache.refresh(lambda: good, now)
+    info = revset.parse(good)
+    signer = revocation_signer(fleet)
+
+    def resigned(number=None, this_update=None, next_update=None, fleet_id=None, key=None,
+                 serials=None):
+        signed = revset.encode(fleet_id or info.fleet_id, number or info.number,
+                               this_update or info.this_update,
+                               next_update or info.next_update, info.universe,
+                               serials if serials is not None else list(info.iter_serials()),
+                               info.ca_ids())
+        if key is not None:
+            from cryptography.hazmat.primitives import hashes
+            from cryptography.hazmat.primitives.asymmetric import ec
+            return revset.sign_part(signed, key.sign(signed, ec.ECDSA(hashes.SHA256())))
+        return signer.sign(signed)
+
+    tampered = bytearray(resigned(number=info.number + 5, serials=[1]))
+    tampered[revset.HEADER_LEN - 5] ^= 0x01  # the stride: header no longer what was signed
+    _refused(cache, bytes(tampered), now, _reason_of(tampered))
+    body = bytearray(resigned(number=info.number + 6, serials=[1, 2]))
+    body[-11] ^= 0x40  # a body bit
+    _refused(cache, bytes(body), now, "signature")
+    _refused(cache, good[:-30], now, "malformed")  # cut: the length byte is no longer one
+    _refused(cache, good[:40], now, "truncated")
+    _refused(cache, resigned(number=info.number + 7, this_update=now - 40 * 86400,
+                             next_update=now - 30 * 86400), now, "stale")
+    _refused(cache, resigned(number=info.number - 1), now, "rollback")
+    _refused(cache, resigned(number=info.number + 8, key=other_key()), now, "signature")
+    _refused(cache, resigned(number=info.number + 9, fleet_id=b"\xee" * 8), now, "fleet")
+    with pytest.raises(RevsetCacheError) as exc:
+        cache.refresh(lambda: (_ for _ in ()).throw(OSError("down")), now)
+    assert exc.value.reason == "fetch"
+    assert cache.status(now)["number"] == info.number
+
+
+def _reason_of(data):
+    try:
+        revset.parse(bytes(data))
+    except revset.RevsetError as exc:
+        return "truncated" if exc.reason == revset.REASON_TRUNCATED else "malformed"
+    return "signature"
+
+
+def test_the_se_mark_refuses_an_older_set_put_back_in_the_store(se, fleet):
+    publisher = compact_publisher(fleet)
+    old = publisher.current()
+    publisher.invalidate()
+    _revoke(fleet, fleet.devices[3], "cessationOfOperation")
+    fleet.clock.advance(seconds=2)
+    new = publisher.current()
+    store = MemoryStore()
+    now = _now(new)
+    _cache(se, fleet, store).refresh(lambda: new, now)
+    store.data = old  # swapped behind the device's back
+    cache = _cache(se, fleet, store)
+    assert cache.status(now)["number"] is None  # the older set is not used
+    assert cache.status(now)["high_water"] == revset.parse(new).number
+    with pytest.raises(StaleRevocationError):
+        cache.check(fleet.devices[0].serial, None, now)
+    assert _cache(se, fleet, store, RevsetPolicy(fail_open=True)).check(
+        fleet.devices[0].serial, None, now) is None
+
+
+def test_a_stale_set_still_refuses_what_it_lists_and_fails_closed_otherwise(se, fleet):
+    publisher = compact_publisher(fleet, validity=datetime.timedelta(hours=1))
+    _revoke(fleet, fleet.devices[0])
+    publisher.invalidate()
+    wire = publisher.current()
+    cache = _cache(se, fleet, policy=RevsetPolicy(grace_s=60))
+    now = _now(wire)
+    cache.refresh(lambda: wire, now)
+    late = now + 3 * 3600
+    with pytest.raises(RevokedError):
+        cache.check(fleet.devices[0].serial, None, late)
+    with pytest.raises(StaleRevocationError) as exc:
+        cache.check(fleet.devices[4].serial, None, late)
+    assert exc.value.reason == "stale"
