@@ -1,0 +1,262 @@
+"""RFC 6960 OCSP responder for always-connected verifiers, built with `cryptography`'s OCSP
+support and signed through the HSM by a delegated responder certificate per issuing CA.
+
+    responder = OcspResponder(registry, [OcspSigner(ca_cert, hsm, "ocsp-b42", cert), ...],
+                              revoked_cas=...)
+    der = responder.respond(request_der)        # what POST /ocsp and GET /ocsp/<b64> send
+
+Delegation (RFC 6960 4.2.2.2): each issuing CA certifies a responder key kept in the HSM
+(`new_ocsp_signer`): extendedKeyUsage id-kp-OCSPSigning, id-pkix-ocsp-nocheck (4.2.2.2.1:
+clients need not check the responder certificate's own revocation; it is short-lived
+instead, 30 days by default), digitalSignature.  The responder certificate travels in the
+response's `certs` so a client holding the CA can verify it (`openssl ocsp -VAfile` not
+needed).
+
+Signing through the HSM: `OCSPResponseBuilder.sign` wants a private key object, and the
+responder key never leaves the HSM, so the builder signs once with a throwaway key (as
+cloud/pki/signing.py does for certificates), its `tbs_response_bytes` are signed by the
+HSM, and the BasicOCSPResponse is re-assembled (4.2.1).  The builder also checks that
+the certificate it is given matches that key, so it gets a stand-in certificate with the
+responder's subject, and the ResponderID is byName (the real responder certificate goes
+into `certs`):
+
+    OCSPResponse ::= SEQUENCE {
+        responseStatus   ENUMERATED { successful (0), ... },
+        responseBytes    [0] EXPLICIT SEQUENCE {
+            responseType   OBJECT IDENTIFIER,      -- id-pkix-ocsp-basic
+            response       OCTET STRING } }        -- DER BasicOCSPResponse
+    BasicOCSPResponse ::= SEQUENCE {
+        tbsResponseData  ResponseData,             -- verbatim from the builder
+        signatureAlgorithm AlgorithmIdentifier,    -- ecdsa-with-SHA256
+        signature        BIT STRING,               -- the HSM's DER ECDSA-Sig-Value
+        certs            [0] EXPLICIT SEQUENCE OF Certificate }   -- the responder's
+
+Answers (one revocation state with the CRLs and the compact set, read from the registry
+at each request, so a revocation is seen at the next query):
+  * good: the certificate is in the registry and not revoked;
+  * revoked: revoked in the registry (time and reason from it), or its issuing CA is
+    revoked (batch revocation: reason cACompromise, time of the CA's revocation);
+  * unknown: the issuer is one of ours but the serial is not in the registry;
+  * responseStatus unauthorized (6) for an issuer that is not ours (2.3), malformedRequest
+    (1) for a request that does not parse.
+Nonces (RFC 8954 / 6960 4.4.1): a request's nonce is echoed; without one, the response is
+still fresh (thisUpdate = now, nextUpdate = now + `validity`).
+"""
+
+import base64
+import datetime
+import hashlib
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.x509 import ocsp
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from fleetid.cloud.pki.profiles import to_utc_seconds, utc_now
+from fleetid.cloud.pki.signing import _throwaway_key, sign_certificate
+from fleetid.cloud.registry.errors import RegistryError
+from fleetid.common import der
+
+OCSP_REQUEST_TYPE = "application/ocsp-request"  # RFC 6960 A.1
+OCSP_RESPONSE_TYPE = "application/ocsp-response"  # RFC 6960 A.2
+OID_PKIX_OCSP_BASIC = "1.3.6.1.5.5.7.48.1.1"
+DEFAULT_VALIDITY = datetime.timedelta(minutes=10)
+MAX_REQUEST = 4096
+_REASONS = {flag.value: flag for flag in x509.ReasonFlags
+            if flag not in (x509.ReasonFlags.unspecified, x509.ReasonFlags.remove_from_crl)}
+
+
+def new_ocsp_signer(hsm, ca_label, ca_cert, key_label, now=None,
+                    validity=datetime.timedelta(days=30)):
+    """Create a delegated OCSP responder key in the HSM and certify it with the issuing
+    CA (RFC 6960 4.2.2.2).  Returns: x509.Certificate."""
+    not_before = to_utc_seconds(now) if now is not None else utc_now()
+    public_key = hsm.generate_signing_key(key_label)
+    ski = ca_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+    builder = (x509.CertificateBuilder()
+               .subject_name(x509.Name([x509.NameAttribute(
+                   NameOID.COMMON_NAME, "OCSP responder for " + ca_cert.subject.rfc4514_string()
+                   [:40])]))
+               .issuer_name(ca_cert.subject)
+               .public_key(public_key)
+               .serial_number(x509.random_serial_number())
+               .not_valid_before(not_before - datetime.timedelta(minutes=5))
+               .not_valid_after(min(not_before + validity, ca_cert.not_valid_after_utc))
+               .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+               .add_extension(x509.KeyUsage(True, False, False, False, False, False, False,
+                                            False, False), critical=True)
+               .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.OCSP_SIGNING]),
+                              critical=False)
+               .add_extension(x509.OCSPNoCheck(), critical=False)
+               .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key),
+                              critical=False)
+               .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(
+                   ski), critical=False))
+    return sign_certificate(hsm, ca_label, builder, ca_cert.public_key())
+
+
+class OcspSigner:
+    """One issuing CA's responder: the CA certificate, the HSM and the responder key's
+    label and certificate."""
+
+    def __init__(self, ca_cert, hsm, key_label, responder_cert):
+        self.ca_cert = ca_cert
+        self.hsm = hsm
+        self.key_label = key_label
+        self.responder_cert = responder_cert
+        self.issuer_text = ca_cert.subject.rfc4514_string()
+        self.responder_der = responder_cert.public_bytes(serialization.Encoding.DER)
+        key_bits = ca_cert.public_key().public_bytes(
+            serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint)
+        name = ca_cert.subject.public_bytes()
+        # CertID hashes (4.1.1): of the issuer's Name DER and of its key's BIT STRING value.
+        self.ids = {}
+        for algorithm, fn in (("sha1", hashlib.sha1), ("sha256", hashlib.sha256)):
+            self.ids[(algorithm, fn(name).digest(), fn(key_bits).digest())] = True
+        # The builder insists on holding the responder's private key; it holds a stand-in
+        # certificate with the responder's subject and the throwaway key instead, and
+        # the ResponderID is byName (4.2.2.3), so the TBS names the real responder.
+        stand_in_key = _throwaway_key()
+        self.stand_in = (x509.CertificateBuilder()
+                         .subject_name(responder_cert.subject)
+                         .issuer_name(responder_cert.subject)
+                         .public_key(stand_in_key.public_key())
+                         .serial_number(1)
+                         .not_valid_before(responder_cert.not_valid_before_utc)
+                         .not_valid_after(responder_cert.not_valid_after_utc)
+                         .sign(stand_in_key, hashes.SHA256()))
+        self.key_id = ca_cert.extensions.get_extension_for_class(
+            x509.SubjectKeyIdentifier).value.digest
+
+    def matches(self, request):
+        return (request.hash_algorithm.name, request.issuer_name_hash,
+                request.issuer_key_hash) in self.ids
+
+
+def _status_only(status):
+    # OCSPResponse with no responseBytes (responseStatus other than successful).
+    return ocsp.OCSPResponseBuilder.build_unsuccessful(status).public_bytes(
+        serialization.Encoding.DER)
+
+
+def _parse_time(text):
+    when = datetime.datetime.fromisoformat(text.replace("Z", "+00:00"))
+    return when.astimezone(datetime.timezone.utc).replace(microsecond=0)
+
+
+class OcspResponder:
+    """Answers OCSP requests from the registry's revocation state.
+
+    Params: registry: Registry.  signers: OcspSigner list (one per issuing CA).
+        revoked_cas: () -> {CA key identifier (20 bytes): revoked_at aware datetime}
+        (batch revocation; default none).  validity: nextUpdate - thisUpdate.  clock:
+        () -> aware datetime.
+    """
+
+    def __init__(self, registry, signers, revoked_cas=None, validity=DEFAULT_VALIDITY,
+                 clock=None):
+        self.registry = registry
+        self.signers = list(signers)
+        self.revoked_cas = revoked_cas or (lambda: {})
+        self.validity = validity
+        self.clock = clock or (lambda: datetime.datetime.now(datetime.timezone.utc))
+        self.responses = 0
+
+    def respond(self, request_der):
+        """The DER OCSPResponse for a DER OCSPRequest (never raises for bad input: a
+        malformed request gets responseStatus malformedRequest)."""
+        try:
+            request = ocsp.load_der_ocsp_request(bytes(request_der))
+        except (ValueError, TypeError, NotImplementedError):
+            # NotImplementedError: several certificates in one request, which
+            # `cryptography` does not parse (a known limit; clients ask one at a time).
+            return _status_only(ocsp.OCSPResponseStatus.MALFORMED_REQUEST)
+        signer = next((s for s in self.signers if s.matches(request)), None)
+        if signer is None:
+            return _status_only(ocsp.OCSPResponseStatus.UNAUTHORIZED)
+        now = self.clock().astimezone(datetime.timezone.utc).replace(microsecond=0)
+        status, revoked_at, reason = self._status(signer, request.serial_number)
+        builder = ocsp.OCSPResponseBuilder().add_response_by_hash(
+            request.issuer_name_hash, request.issuer_key_hash, request.serial_number,
+            request.hash_algorithm, status, now, now + self.validity, revoked_at, reason)
+        builder = builder.responder_id(ocsp.OCSPResponderEncoding.NAME, signer.stand_in)
+        try:
+            nonce = request.extensions.get_extension_for_class(x509.OCSPNonce).value
+            builder = builder.add_extension(nonce, critical=False)
+        except x509.ExtensionNotFound:
+            pass
+        self.responses += 1
+        return self._sign(signer, builder)
+
+    def _status(self, signer, serial):
+        ca_revoked = self.revoked_cas().get(signer.key_id)
+        if ca_revoked is not None:
+            return (ocsp.OCSPCertStatus.REVOKED, ca_revoked.astimezone(
+                datetime.timezone.utc).replace(microsecond=0), x509.ReasonFlags.ca_compromise)
+        try:
+            record = self.registry.certificate_status(serial, issuer=signer.issuer_text)
+        except RegistryError:  # not found (or ambiguous): not a certificate we vouch for
+            return ocsp.OCSPCertStatus.UNKNOWN, None, None
+        if record.revoked:
+            return (ocsp.OCSPCertStatus.REVOKED, _parse_time(record.revoked_at),
+                    _REASONS.get(record.revocation_reason or ""))
+        return ocsp.OCSPCertStatus.GOOD, None, None
+
+    def _sign(self, signer, builder):
+        draft = builder.sign(_throwaway_key(), hashes.SHA256())
+        tbs = draft.tbs_response_bytes
+        signature = signer.hsm.sign(signer.key_label, tbs)
+        basic = der.encode_sequence([
+            tbs, der.ecdsa_with_sha256_algorithm(), der.encode_bit_string(signature),
+            der.encode_context(0, der.encode_sequence([signer.responder_der]))])
+        response_bytes = der.encode_sequence([der.encode_oid(OID_PKIX_OCSP_BASIC),
+                                              der.encode_octet_string(basic)])
+        return der.encode_sequence([der.encode_tlv(0x0A, b"\x00"),  # ENUMERATED successful
+                                    der.encode_context(0, response_bytes)])
+
+
+def decode_get_path(path_tail):
+    """RFC 6960 A.1: GET {url}/{url-encoding of base64 encoding of the DER OCSPRequest}.
+    Returns the request DER.  Raises ValueError."""
+    from urllib.parse import unquote
+
+    text = unquote(path_tail)
+    return base64.b64decode(text, validate=True)
+
+
+def make_ocsp_app(responder):
+    """aiohttp Application: POST /ocsp (body: DER request, application/ocsp-request) and
+    GET /ocsp/<base64> (RFC 6960 A.1); both answer application/ocsp-response."""
+    import asyncio
+
+    from aiohttp import web
+
+    async def answer(request_der):
+        body = await asyncio.get_running_loop().run_in_executor(
+            None, responder.respond, request_der)
+        return web.Response(body=body, content_type=OCSP_RESPONSE_TYPE,
+                            headers={"Cache-Control": "no-store"})
+
+    async def post(request):
+        if request.content_type != OCSP_REQUEST_TYPE:
+            raise web.HTTPUnsupportedMediaType(text="application/ocsp-request only\n")
+        if request.content_length is not None and request.content_length > MAX_REQUEST:
+            raise web.HTTPRequestEntityTooLarge(MAX_REQUEST, request.content_length)
+        data = await request.content.read(MAX_REQUEST + 1)
+        if len(data) > MAX_REQUEST:
+            raise web.HTTPRequestEntityTooLarge(MAX_REQUEST, len(data))
+        return await answer(data)
+
+    async def get(request):
+        try:
+            data = decode_get_path(request.match_info["request"])
+        except ValueError:
+            return web.Response(body=_status_only(ocsp.OCSPResponseStatus.MALFORMED_REQUEST),
+                                content_type=OCSP_RESPONSE_TYPE)
+        return await answer(data)
+
+    app = web.Application()
+    app.router.add_post("/ocsp", post)
+    app.router.add_post("/ocsp/", post)
+    app.router.add_get("/ocsp/{request:.+}", get)
+    return app
