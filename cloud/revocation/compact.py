@@ -247,3 +247,40 @@ class CompactPublisher:
         return {"number": info.number, "this_update": info.this_update,
                 "next_update": info.next_update, "revoked": info.count,
                 "revoked_cas": info.ca_count, "bytes": len(latest.wire)}
+
+
+def make_revset_app(publisher, watcher=None):
+    """aiohttp Application serving the compact set over plain HTTP (signed, public):
+
+        GET /revset/current.frs        200 the whole set (REVSET_CONTENT_TYPE)
+        GET /revset/delta/<base>.frd   200 the delta from set <base>; 404 when that set is
+                                       not kept (fetch the whole set)
+
+    watcher: an EventWatcher polled per request (the event-driven path)."""
+    from aiohttp import web
+
+    def poll():
+        if watcher is not None:
+            watcher.poll()
+
+    async def current(request):
+        poll()
+        body = publisher.current()
+        return web.Response(body=body, content_type=REVSET_CONTENT_TYPE,
+                            headers={"Cache-Control": "public, max-age=%d"
+                                     % int(publisher.poll_interval)})
+
+    async def delta(request):
+        poll()
+        name = request.match_info["name"]
+        if not name.endswith(".frd") or not name[:-4].isdigit():
+            raise web.HTTPNotFound(text="no delta here\n")
+        body = publisher.delta(int(name[:-4]))
+        if body is None:
+            raise web.HTTPNotFound(text="no delta from that set: GET /revset/current.frs\n")
+        return web.Response(body=body, content_type=DELTA_CONTENT_TYPE)
+
+    app = web.Application()
+    app.router.add_get("/revset/current.frs", current)
+    app.router.add_get("/revset/delta/{name}", delta)
+    return app
