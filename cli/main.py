@@ -19,6 +19,8 @@ _GROUPS = (
     ("line", "line"),
     ("cloud", "cloud"),
     ("agent", "agent"),
+    ("revocation", "revoke"),
+    ("revocation", "revocation"),
 )
 
 
@@ -36,6 +38,7 @@ def cli():
       line   the factory personalisation line: run stations, reconcile after a crash
       cloud  the fleet cloud: EST CA + mTLS verifier, certificate diagnosis
       agent  the device agent: enrol, rotate without recall, status, diagnostics
+      revoke / revocation  revoke a device or a batch in every tier; tier status
 
     Every command has --help with examples.
     """

@@ -275,7 +275,7 @@ class CloudServer:
     def __init__(self, verifier, est_service, tls_cert, tls_key, client_ca_pem,
                  host="127.0.0.1", verifier_port=8443, est_port=8444, metrics_port=0,
                  metrics=None, crl_publisher=None, crl_port=0, checkpointer=None,
-                 checkpoint_poll=CHECKPOINT_POLL_SECONDS):
+                 checkpoint_poll=CHECKPOINT_POLL_SECONDS, revocation_tiers=None):
         # checkpointer: an audit.Checkpointer; while the server runs it signs a checkpoint
         # when one is due, and once more at stop() (every issuance, re-issuance, rotation
         # acknowledgement and revocation the server recorded is then anchored).
@@ -297,7 +297,13 @@ class CloudServer:
             self._plan.append(("metrics", make_metrics_app(self.metrics), metrics_port, None))
         self.crl_publisher = crl_publisher
         if crl_publisher is not None:
-            self._plan.append(("crl", make_crl_app(crl_publisher), crl_port, None))
+            crl_app = make_crl_app(crl_publisher)
+            if revocation_tiers is not None:  # OCSP + compact set on the same listener
+                from fleetid.cloud.revocation import tiers
+
+                tiers.attach(crl_app, revocation_tiers)
+            self._plan.append(("crl", crl_app, crl_port, None))
+        self.revocation_tiers = revocation_tiers
         self._runners = []
         self.ports = {}
 
@@ -317,6 +323,14 @@ class CloudServer:
                 context.registry, context.crl_issuers,
                 next_update=datetime.timedelta(hours=config.crl_next_update_hours))
             kwargs["crl_port"] = config.crl_port
+            from fleetid.cloud.revocation import tiers
+
+            issuers = [(i.key_label, i.ca_certificate) for i in context.crl_issuers]
+            roots = [r for r in context.trust.roots
+                     if r.subject == issuers[0][1].issuer] or context.trust.roots
+            kwargs["revocation_tiers"] = tiers.load(
+                context.hsm, context.registry, config.state_dir, roots[0], issuers,
+                config.revoked_cas_file, kwargs["crl_publisher"])
         kwargs.update(overrides)
         return cls(verifier, est, context.tls_cert, context.tls_key,
                    context.trust.ca_bundle_pem(), **kwargs)

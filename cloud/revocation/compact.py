@@ -259,6 +259,15 @@ def make_revset_app(publisher, watcher=None):
     watcher: an EventWatcher polled per request (the event-driven path)."""
     from aiohttp import web
 
+    app = web.Application()
+    add_revset_routes(app.router, publisher, watcher)
+    return app
+
+
+def add_revset_routes(router, publisher, watcher=None):
+    """The routes of make_revset_app on an existing aiohttp router."""
+    from aiohttp import web
+
     def poll():
         if watcher is not None:
             watcher.poll()
@@ -280,7 +289,5 @@ def make_revset_app(publisher, watcher=None):
             raise web.HTTPNotFound(text="no delta from that set: GET /revset/current.frs\n")
         return web.Response(body=body, content_type=DELTA_CONTENT_TYPE)
 
-    app = web.Application()
-    app.router.add_get("/revset/current.frs", current)
-    app.router.add_get("/revset/delta/{name}", delta)
-    return app
+    router.add_get("/revset/current.frs", current)
+    router.add_get("/revset/delta/{name}", delta)

@@ -227,6 +227,15 @@ def decode_get_path(path_tail):
 def make_ocsp_app(responder):
     """aiohttp Application: POST /ocsp (body: DER request, application/ocsp-request) and
     GET /ocsp/<base64> (RFC 6960 A.1); both answer application/ocsp-response."""
+    from aiohttp import web
+
+    app = web.Application()
+    add_ocsp_routes(app.router, responder)
+    return app
+
+
+def add_ocsp_routes(router, responder):
+    """The OCSP routes of make_ocsp_app on an existing aiohttp router."""
     import asyncio
 
     from aiohttp import web
@@ -255,8 +264,6 @@ def make_ocsp_app(responder):
                                 content_type=OCSP_RESPONSE_TYPE)
         return await answer(data)
 
-    app = web.Application()
-    app.router.add_post("/ocsp", post)
-    app.router.add_post("/ocsp/", post)
-    app.router.add_get("/ocsp/{request:.+}", get)
-    return app
+    router.add_post("/ocsp", post)
+    router.add_post("/ocsp/", post)
+    router.add_get("/ocsp/{request:.+}", get)

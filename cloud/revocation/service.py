@@ -42,6 +42,7 @@ class RevocationError(Exception):
 def bump_event(path):
     """Increase the event sequence in `path` (atomic replace).  Returns the new value."""
     seq = read_event(path) + 1
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
         f.write("%d\n" % seq)

@@ -1,0 +1,132 @@
+"""Composition of the revocation tiers for `fleetid cloud serve` and the CLI: the keys and
+certificates each tier signs with, and the routes on the plain-HTTP revocation listener
+(the CRL port):
+
+    GET  /crl/<label>.crl            RFC 5280 CRL per issuing CA (cloud/revocation/app.py)
+    POST /ocsp, GET /ocsp/<b64>      RFC 6960 OCSP (ocsp.py)          } when initialised:
+    GET  /revset/current.frs         compact set (compact.py)         } `fleetid revocation
+    GET  /revset/delta/<n>.frd       its delta from set n             }  init`
+
+Files under <state_dir>/revocation/ (made by `init_keys`, read by `load`):
+    revset-signer.pem          the compact-set signer, certified by the fleet root
+    ocsp-<CA key label>.pem    one delegated OCSP responder per issuing CA
+The keys are in the HSM under "revocation-set" and "ocsp-<CA key label>".  Certifying
+the set signer needs the root key: on the embedded set-up it is in the HSM; with an
+offline root it is a ceremony step (the signer's CSR signed at the root), not done here.
+
+Every request on the listener first polls the revocation event file (service.py), so a
+`fleetid revoke` in another process re-publishes at once; the publishers' poll_interval
+bounds the delay when an event is missed.
+"""
+
+import os
+
+from cryptography import x509
+
+from fleetid.cloud.revocation.compact import (
+    CompactPublisher,
+    RevocationSigner,
+    add_revset_routes,
+    new_revocation_signer,
+)
+from fleetid.cloud.revocation.ocsp import (
+    OcspResponder,
+    OcspSigner,
+    add_ocsp_routes,
+    new_ocsp_signer,
+)
+from fleetid.cloud.revocation.service import EVENTS_FILE, EventWatcher, revoked_ca_map
+
+REVSET_SIGNER_LABEL = "revocation-set"
+
+
+def revocation_dir(state_dir):
+    return os.path.join(state_dir, "revocation")
+
+
+def events_path(state_dir):
+    return os.path.join(state_dir, EVENTS_FILE)
+
+
+def _write_pem(path, cert):
+    from cryptography.hazmat.primitives import serialization
+
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        f.write(cert.public_bytes(serialization.Encoding.PEM))
+    os.replace(tmp, path)
+
+
+def _read_pem(path):
+    with open(path, "rb") as f:
+        return x509.load_pem_x509_certificate(f.read())
+
+
+def init_keys(hsm, state_dir, root_label, root_cert, issuers):
+    """Create what is missing: the set signer (under the root) and one OCSP responder
+    per issuing CA.  issuers: (ca_key_label, ca_cert) pairs.  Returns the paths written."""
+    folder = revocation_dir(state_dir)
+    os.makedirs(folder, exist_ok=True)
+    written = []
+    path = os.path.join(folder, "revset-signer.pem")
+    if not os.path.exists(path):
+        _write_pem(path, new_revocation_signer(hsm, root_label, root_cert,
+                                               REVSET_SIGNER_LABEL))
+        written.append(path)
+    for ca_key, ca_cert in issuers:
+        path = os.path.join(folder, "ocsp-%s.pem" % ca_key)
+        if not os.path.exists(path):
+            _write_pem(path, new_ocsp_signer(hsm, ca_key, ca_cert, "ocsp-" + ca_key))
+            written.append(path)
+    return written
+
+
+class RevocationTiers:
+    """The OCSP responder and compact publisher of a cloud, with the event watcher."""
+
+    def __init__(self, responder, compact, watcher):
+        self.responder = responder
+        self.compact = compact
+        self.watcher = watcher
+
+
+def load(hsm, registry, state_dir, root_cert, issuers, revoked_cas_path, crl_publisher=None):
+    """The tiers initialised by init_keys, or None when they are not (the CRL listener
+    then serves CRLs only).  issuers: (ca_key_label, ca_cert) pairs."""
+    folder = revocation_dir(state_dir)
+    signer_path = os.path.join(folder, "revset-signer.pem")
+    if not os.path.exists(signer_path):
+        return None
+    signers = []
+    for ca_key, ca_cert in issuers:
+        path = os.path.join(folder, "ocsp-%s.pem" % ca_key)
+        if os.path.exists(path):
+            signers.append(OcspSigner(ca_cert, hsm, "ocsp-" + ca_key, _read_pem(path)))
+    responder = OcspResponder(registry, signers,
+                              revoked_cas=lambda: revoked_ca_map(revoked_cas_path))
+    signer = RevocationSigner(hsm, REVSET_SIGNER_LABEL, _read_pem(signer_path), root_cert)
+    compact = CompactPublisher(registry, signer, [c for _, c in issuers],
+                               revoked_cas=lambda: list(revoked_ca_map(revoked_cas_path)))
+
+    def on_event():
+        compact.invalidate()
+        if crl_publisher is not None:
+            crl_publisher.invalidate()
+
+    return RevocationTiers(responder, compact, EventWatcher(events_path(state_dir), on_event))
+
+
+def attach(app, tiers):
+    """Add the OCSP and compact-set routes, and the per-request event poll, to the
+    revocation listener's aiohttp app (before it starts)."""
+    from aiohttp import web
+
+    @web.middleware
+    async def poll_events(request, handler):
+        tiers.watcher.poll()
+        return await handler(request)
+
+    app.middlewares.append(poll_events)
+    add_ocsp_routes(app.router, tiers.responder)
+    add_revset_routes(app.router, tiers.compact)
+    return app

@@ -1,0 +1,126 @@
+"""`fleetid revoke` and `fleetid revocation status`: the command writes the registry, the
+audit chain and the event file; status shows per tier what is published, its number and
+its age, fetched from a running revocation listener (CRL + OCSP + compact set)."""
+
+import asyncio
+import json
+import os
+import threading
+
+import pytest
+from click.testing import CliRunner
+
+from fleetid.cli.main import cli
+from fleetid.cloud.revocation import tiers
+from fleetid.cloud.revocation.crl import CrlIssuer, CrlPublisher
+from fleetid.cloud.verifier.server import CloudServer
+from tests.cloud.cloud_support import Fleet, pem
+
+
+@pytest.fixture
+def fleet(tmp_path):
+    fleet = Fleet(tmp_path / "fleet")
+    fleet.devices = [fleet.provision("b42"), fleet.provision("b42"), fleet.provision("b43")]
+    yield fleet
+    fleet.close()
+
+
+def _config(fleet, tmp_path):
+    for name, cert in (("root", fleet.root), ("b42", fleet.ca_certs["b42"]),
+                       ("b43", fleet.ca_certs["b43"]), ("vendor", fleet.vendor.root)):
+        (tmp_path / (name + ".pem")).write_bytes(pem(cert))
+    config = tmp_path / "cloud.toml"
+    config.write_text(
+        '[cloud]\nstate_dir = "state"\nroots = ["root.pem"]\n'
+        'intermediates = ["b42.pem", "b43.pem"]\nvendor_roots = ["vendor.pem"]\n'
+        'registry = "sqlite:%s"\n' % os.path.join(fleet.dir, "registry.db")
+        + '[[cloud.labels]]\nname = "b42"\nca_key = "ca-widget-b42"\nca_cert = "b42.pem"\n'
+        'default = true\n'
+        '[[cloud.labels]]\nname = "b43"\nca_key = "ca-widget-b43"\nca_cert = "b43.pem"\n')
+    return str(config)
+
+
+def _run(*args):
+    result = CliRunner().invoke(cli, list(args), catch_exceptions=False)
+    return result
+
+
+def test_revoke_serial_and_batch_write_registry_audit_and_event(fleet, tmp_path):
+    config = _config(fleet, tmp_path)
+    head = fleet.registry.head()
+    device = fleet.devices[0]
+    result = _run("revoke", "--serial", str(device.serial), "--reason", "keyCompromise",
+                  "--operator", "alice", "--config", config)
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.output)
+    assert out["event"] == 1 and len(out["revoked_certificates"]) == 1
+    assert fleet.registry.get_device(device.serial).status == "revoked"
+    assert fleet.registry.head() != head  # the audit chain grew
+    result = _run("revoke", "--batch", "b43", "--reason", "cACompromise", "--config", config)
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["event"] == 2
+    assert os.path.exists(tmp_path / "state" / "revoked-cas.jsonl")
+    for bad in (["revoke", "--config", config],
+                ["revoke", "--serial", "1", "--batch", "b42", "--config", config],
+                ["revoke", "--batch", "nope", "--config", config],
+                ["revoke", "--serial", "999", "--config", config]):
+        result = _run(*bad)
+        assert result.exit_code != 0 and "Traceback" not in result.output, result.output
+        assert "Error" in result.output
+    result = _run("revocation", "status", "--config", config)
+    assert result.exit_code == 0, result.output
+    status = json.loads(result.output)
+    assert status["verifier"]["event"] == 2
+    assert len(status["verifier"]["revoked_cas"]) == 1
+
+
+class _Loop:
+    def __init__(self):
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+
+    def run(self, coro):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(30)
+
+    def close(self):
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+        self.loop.close()
+
+
+def test_status_shows_every_tier_of_a_running_listener_and_revoke_reaches_it(fleet, tmp_path):
+    config = _config(fleet, tmp_path)
+    state = str(tmp_path / "state")
+    issuers = [("ca-widget-" + b, fleet.ca_certs[b]) for b in ("b42", "b43")]
+    assert tiers.load(fleet.hsm, fleet.registry, state, fleet.root, issuers,
+                      str(tmp_path / "state" / "revoked-cas.jsonl")) is None
+    tiers.init_keys(fleet.hsm, state, "fleet-root", fleet.root, issuers)
+    crl = CrlPublisher(fleet.registry, [CrlIssuer(b, fleet.hsm, k, c) for (k, c), b in
+                                        zip(issuers, ("b42", "b43"))])
+    revocation = tiers.load(fleet.hsm, fleet.registry, state, fleet.root, issuers,
+                            str(tmp_path / "state" / "revoked-cas.jsonl"), crl)
+    revocation.compact.poll_interval = 3600  # only the event can make it re-read
+    server = CloudServer(fleet.verifier, fleet.est, fleet.server_cert, fleet.server_key,
+                         fleet.trust.ca_bundle_pem(), verifier_port=0, est_port=0,
+                         crl_publisher=crl, crl_port=0, revocation_tiers=revocation)
+    loop = _Loop()
+    try:
+        ports = loop.run(server.start())
+        url = "http://127.0.0.1:%d" % ports["crl"]
+        first = json.loads(_run("revocation", "status", "--config", config, "--url",
+                                url).output)
+        assert first["ocsp"]["response_status"] == "SUCCESSFUL"
+        assert first["compact"]["revoked"] == 0
+        assert set(first["crl"]) == {"b42", "b43"}
+        assert all("number" in v for v in first["crl"].values())
+        _run("revoke", "--serial", str(fleet.devices[1].serial), "--reason",
+             "keyCompromise", "--config", config)
+        second = json.loads(_run("revocation", "status", "--config", config, "--url",
+                                 url).output)
+        assert second["compact"]["revoked"] == 1  # the event, not the hour-long poll
+        assert second["compact"]["number"] > first["compact"]["number"]
+        assert second["crl"]["b42"]["revoked"] == 1
+    finally:
+        loop.run(server.stop())
+        loop.close()
