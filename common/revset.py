@@ -343,8 +343,44 @@ class RevSet:
                 hi = mid - 1
         value, bitpos = self._block_start(lo)
         left = min(self.stride, self.count - lo * self.stride)
+        # The scan, inlined (no call or tuple per code: MicroPython's hot path).  Each
+        # code: count one-bits up to a zero, then read k bits through a 32-bit window.
+        data = self.data
+        base = self.body_pos
+        end = self.body_bits
+        k = self.k
+        mask = (1 << k) - 1
+        last = base + (end + 7) // 8  # first byte past the body
         while left > 0 and value < serial:
-            value, bitpos = self._decode(bitpos, value)
+            q = 0
+            while True:
+                if bitpos >= end:
+                    raise RevsetError(REASON_MALFORMED, "body overrun")
+                byte = (data[base + (bitpos >> 3)] << (bitpos & 7)) & 0xFF
+                if byte == 0xFF >> (bitpos & 7) << (bitpos & 7) & 0xFF and byte:
+                    # the rest of this byte is all ones
+                    run = 8 - (bitpos & 7)
+                    q += run
+                    bitpos += run
+                    continue
+                while byte & 0x80:
+                    byte = (byte << 1) & 0xFF
+                    q += 1
+                    bitpos += 1
+                bitpos += 1
+                break
+            if bitpos + k > end:
+                raise RevsetError(REASON_MALFORMED, "body overrun")
+            if k:
+                i = base + (bitpos >> 3)
+                window = 0
+                for j in range(4):
+                    window = (window << 8) | (data[i + j] if i + j < last else 0)
+                r = (window >> (32 - (bitpos & 7) - k)) & mask
+                bitpos += k
+                value += ((q << k) | r) + 1
+            else:
+                value += q + 1
             left -= 1
         return value == serial
 

@@ -1,0 +1,330 @@
+#!/usr/bin/env python3
+"""Revocation benchmark: DER CRL vs compact set vs the information-theoretic bound, lookups
+under MicroPython, set build and incremental update, OCSP responses per second.
+
+    .venv/bin/python bench/revocation.py [--quick] [--crl-full] [--no-mp] [--no-ocsp]
+
+Per fleet size N (10^4, 10^5, 10^6) and revoked fraction (0.1 %, 1 %, 10 %), with R
+random revoked serials out of 1..N (the line allocates serials monotonically):
+
+  crl        size of the DER CRL `cryptography`'s builder makes for R entries as the
+             cloud publishes them (random 159-bit certificate serials, revocationDate,
+             reasonCode), signed ECDSA P-256.  Entries cost the same bytes whatever R, so
+             above --crl-max entries (default 20 000) the CRL is built for 20 000 entries
+             and extrapolated linearly (fixed part + R x per-entry bytes measured at
+             10 000 and 20 000); --crl-full builds every one (minutes for 100 000).
+  compact    the signed compact set (common/revset.py): header, index, body, signature.
+  bound      ceil(log2 C(N, R) / 8) bytes.
+  payload/bnd  (index + body) / bound: the coding overhead, what the format controls.
+  cmp/bnd    whole set / bound (the fixed 46-byte header + ~72-byte signature dominate
+             for tiny sets).
+  crl/cmp    CRL size / compact size.
+  build ms   encode + sign (software P-256 key: the HSM path adds its own latency).
+  delta ms   cloud: encode the new set + its delta after 0.1 % of N more revocations;
+  apply ms   device side on CPython: merge the delta into the new set's exact bytes.
+  mp us      mean lookup time under MicroPython (unix port, this machine) over revoked
+             serials, their successors and random serials; mp heap: bytes allocated
+             during those lookups (the set itself is resident as one bytes object).
+
+OCSP: a Fleet (tests/cloud/cloud_support.py) with a delegated responder per CA, the
+aiohttp responder on 127.0.0.1, and a scripted client (urllib, new connection per
+request) posting requests with nonces from N threads for a few seconds; plus the
+responder's in-process rate (respond() alone: parse, registry lookup, build, HSM sign).
+"""
+
+import argparse
+import math
+import os
+import platform
+import random
+import shutil
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+FLEETS = (10**4, 10**5, 10**6)
+FRACTIONS = (0.001, 0.01, 0.1)
+FLEET_ID = bytes(range(8))
+
+
+def bound_bytes(n, r):
+    bits = (math.lgamma(n + 1) - math.lgamma(r + 1) - math.lgamma(n - r + 1)) / math.log(2)
+    return bits / 8
+
+
+class CrlSizer:
+    """DER CRL sizes from cryptography's builder, exact up to `limit` entries."""
+
+    def __init__(self, limit):
+        import datetime
+
+        from cryptography import x509
+        from cryptography.hazmat.primitives import hashes
+        from cryptography.hazmat.primitives.asymmetric import ec
+        from cryptography.x509.oid import NameOID
+
+        self.x509, self.hashes = x509, hashes
+        self.key = ec.generate_private_key(ec.SECP256R1())
+        self.issuer = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Acme"),
+                                 x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME,
+                                                    "product:widget"),
+                                 x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME,
+                                                    "batch:b42"),
+                                 x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME,
+                                                    "region:eu")])
+        self.now = datetime.datetime(2026, 12, 6, tzinfo=datetime.timezone.utc)
+        self.limit = limit
+        self.cache = {}
+        self.seconds = {}
+
+    def exact(self, r):
+        if r in self.cache:
+            return self.cache[r]
+        x509 = self.x509
+        import datetime
+
+        started = time.perf_counter()
+        builder = (x509.CertificateRevocationListBuilder().issuer_name(self.issuer)
+                   .last_update(self.now).next_update(self.now + datetime.timedelta(days=1))
+                   .add_extension(x509.CRLNumber(int(self.now.timestamp() * 1000)), False))
+        for i in range(r):
+            builder = builder.add_revoked_certificate(
+                x509.RevokedCertificateBuilder().serial_number(x509.random_serial_number())
+                .revocation_date(self.now - datetime.timedelta(seconds=i))
+                .add_extension(x509.CRLReason(x509.ReasonFlags.key_compromise), False)
+                .build())
+        from cryptography.hazmat.primitives import serialization
+
+        size = len(builder.sign(self.key, self.hashes.SHA256()).public_bytes(
+            serialization.Encoding.DER))
+        self.seconds[r] = time.perf_counter() - started
+        self.cache[r] = size
+        return size
+
+    def size(self, r):
+        """(bytes, exact?)"""
+        if r <= self.limit:
+            return self.exact(r), True
+        half = self.limit // 2
+        a, b = self.exact(half), self.exact(self.limit)
+        per_entry = (b - a) / (self.limit - half)
+        return int(round(b + per_entry * (r - self.limit))), False
+
+
+def sign_with(key):
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from fleetid.common import revset
+
+    def sign(signed):
+        return revset.sign_part(signed, key.sign(signed, ec.ECDSA(hashes.SHA256())))
+    return sign
+
+
+def compact_row(n, fraction, rng, sign):
+    from fleetid.common import revset
+
+    r = max(1, int(round(n * fraction)))
+    revoked = sorted(rng.sample(range(1, n + 1), r))
+    started = time.perf_counter()
+    wire = sign(revset.encode(FLEET_ID, 1, 0, 86400, n, revoked))
+    build_ms = (time.perf_counter() - started) * 1000
+    info = revset.parse(wire)
+    members = set(revoked)
+    extra = set()
+    while len(extra) < max(1, n // 1000):
+        s = rng.randint(1, n)
+        if s not in members:
+            extra.add(s)
+    extra = sorted(extra)
+    started = time.perf_counter()
+    new = sign(revset.encode(FLEET_ID, 2, 0, 86400, n, sorted(revoked + extra)))
+    delta = revset.encode_delta(1, new, extra)
+    delta_ms = (time.perf_counter() - started) * 1000
+    started = time.perf_counter()
+    merged = revset.apply_delta(info, revset.RevDelta(delta))
+    apply_ms = (time.perf_counter() - started) * 1000
+    if merged != new:
+        raise SystemExit("delta merge differs from the encoder's bytes")
+    payload = info.signed_len - info.index_pos
+    return {"n": n, "fraction": fraction, "r": r, "revoked": revoked, "wire": wire,
+            "compact": len(wire), "payload": payload, "bound": bound_bytes(n, r),
+            "build_ms": build_ms, "delta_ms": delta_ms, "apply_ms": apply_ms,
+            "delta_bytes": len(delta), "k": info.k, "stride": info.stride}
+
+
+MP_SCRIPT = r"""
+import gc
+import time
+from fleetid.common import revset
+gc.collect()
+f = open(SET, "rb")
+data = f.read()
+f.close()
+info = revset.parse(data)
+gc.collect()
+before = gc.mem_free()
+t0 = time.ticks_us()
+for s in QUERIES:
+    info.contains(s)
+elapsed = time.ticks_diff(time.ticks_us(), t0)
+print("us", elapsed // len(QUERIES))
+print("heap", before - gc.mem_free())
+"""
+
+
+def mp_lookup(stage, folder, row, rng, heap):
+    path = os.path.join(folder, "set-%d-%s.frs" % (row["n"], row["fraction"]))
+    with open(path, "wb") as f:
+        f.write(row["wire"])
+    revoked = row["revoked"]
+    step = max(1, len(revoked) // 100)
+    queries = revoked[::step][:100] + [s + 1 for s in revoked[::step][:100]] + [
+        rng.randint(1, row["n"]) for _ in range(100)]
+    script = "SET = %r\nQUERIES = %r\n" % (path, queries) + MP_SCRIPT
+    status, out, err = stage.try_run("bench_revset_lookup", script, heap=heap)
+    if status != 0:
+        return None, None
+    values = dict(line.split(" ", 1) for line in out.splitlines() if " " in line)
+    return int(values["us"]), int(values["heap"])
+
+
+def ocsp_rate(seconds, threads):
+    import threading
+    import urllib.request
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.x509 import ocsp
+
+    from fleetid.cloud.revocation.ocsp import make_ocsp_app
+    from tests.cloud.cloud_support import Fleet
+    from tests.cloud.ocsp_support import LoopbackServer, ocsp_responder
+
+    folder = tempfile.mkdtemp(prefix="bench-ocsp-")
+    fleet = Fleet(folder, verify_signatures="first")
+    try:
+        devices = [fleet.provision("b42") for _ in range(8)]
+        responder = ocsp_responder(fleet)
+        requests = []
+        for i, d in enumerate(devices):
+            requests.append(ocsp.OCSPRequestBuilder().add_certificate(
+                d.identity_cert, fleet.ca_certs["b42"], hashes.SHA1()).add_extension(
+                x509.OCSPNonce(os.urandom(16)), False).build().public_bytes(
+                serialization.Encoding.DER))
+        count = 0
+        started = time.perf_counter()
+        while time.perf_counter() - started < seconds:
+            responder.respond(requests[count % len(requests)])
+            count += 1
+        in_process = count / (time.perf_counter() - started)
+        with LoopbackServer(make_ocsp_app(responder)) as server:
+            done = [0] * threads
+            stop = time.perf_counter() + seconds
+
+            def client(slot):
+                i = slot
+                while time.perf_counter() < stop:
+                    req = urllib.request.Request(
+                        server.url + "/ocsp", data=requests[i % len(requests)],
+                        headers={"Content-Type": "application/ocsp-request"})
+                    with urllib.request.urlopen(req, timeout=10) as resp:
+                        ocsp.load_der_ocsp_response(resp.read())
+                    done[slot] += 1
+                    i += 1
+
+            started = time.perf_counter()
+            workers = [threading.Thread(target=client, args=(t,)) for t in range(threads)]
+            for w in workers:
+                w.start()
+            for w in workers:
+                w.join()
+            http_rate = sum(done) / (time.perf_counter() - started)
+        return in_process, http_rate
+    finally:
+        fleet.close()
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="10^4 and 10^5 only")
+    parser.add_argument("--crl-full", action="store_true", help="build every CRL in full")
+    parser.add_argument("--crl-max", type=int, default=20000)
+    parser.add_argument("--no-mp", action="store_true", help="skip the MicroPython lookups")
+    parser.add_argument("--no-ocsp", action="store_true")
+    parser.add_argument("--mp-heap", default="256K", help="-X heapsize for the lookups")
+    parser.add_argument("--ocsp-seconds", type=float, default=3.0)
+    parser.add_argument("--ocsp-threads", type=int, default=4)
+    args = parser.parse_args()
+
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    print("machine: %s, %s, %d cores, Python %s" % (
+        platform.machine(), _cpu(), os.cpu_count() or 0, platform.python_version()))
+    rng = random.Random(13)
+    sign = sign_with(ec.generate_private_key(ec.SECP256R1()))
+    sign(b"warm-up")  # the first signature pays for loading the backend
+    sizer = CrlSizer(10**9 if args.crl_full else args.crl_max)
+    stage = None
+    folder = tempfile.mkdtemp(prefix="bench-revset-")
+    if not args.no_mp:
+        from tests.micropython.budgets import parse_size
+        from tests.micropython.support import Stage
+
+        stage = Stage(os.path.join(folder, "mp"), opt=3)
+        heap = parse_size(args.mp_heap)
+    header = ("%8s %6s %7s %10s %9s %9s %8s %8s %8s %8s %8s %8s %8s %7s %7s" % (
+        "N", "rev%", "R", "crl B", "compact B", "bound B", "pay/bnd", "cmp/bnd", "crl/cmp",
+        "build ms", "delta ms", "apply ms", "delta B", "mp us", "mp heap"))
+    print(header)
+    try:
+        for n in FLEETS[:2] if args.quick else FLEETS:
+            for fraction in FRACTIONS:
+                row = compact_row(n, fraction, rng, sign)
+                crl, exact = sizer.size(row["r"])
+                us, mp_heap = (mp_lookup(stage, folder, row, rng, heap) if stage
+                               else (None, None))
+                print("%8d %6.1f %7d %9d%s %9d %9.0f %8.3f %8.3f %8.1f %8.1f %8.1f %8.1f "
+                      "%8d %7s %7s" % (
+                          n, fraction * 100, row["r"], crl, " " if exact else "*",
+                          row["compact"], math.ceil(row["bound"]),
+                          row["payload"] / row["bound"], row["compact"] / row["bound"],
+                          crl / row["compact"], row["build_ms"], row["delta_ms"],
+                          row["apply_ms"], row["delta_bytes"],
+                          "-" if us is None else us, "-" if mp_heap is None else mp_heap))
+                sys.stdout.flush()
+        if sizer.limit in sizer.seconds:
+            print("* extrapolated linearly from CRLs of %d and %d entries built by "
+                  "cryptography (%.1f s for the larger); every other CRL built in full"
+                  % (sizer.limit // 2, sizer.limit, sizer.seconds[sizer.limit]))
+        else:
+            print("every CRL built in full by cryptography")
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    if not args.no_ocsp:
+        in_process, http_rate = ocsp_rate(args.ocsp_seconds, args.ocsp_threads)
+        print("OCSP: %.0f responses/s in process (respond(): parse, registry, build, "
+              "HSM-interface sign); %.0f responses/s over HTTP on 127.0.0.1 (%d client "
+              "threads in this process, new connection per request, nonce)"
+              % (in_process, http_rate, args.ocsp_threads))
+
+
+def _cpu():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown cpu"
+
+
+if __name__ == "__main__":
+    main()
