@@ -141,6 +141,9 @@ def agent():
               help="Seconds between cycles (the next renewal may wake it earlier).")
 @click.option("--renew-fraction", default=0.66, show_default=True,
               type=click.FloatRange(0.01, 1.0), help="Renew at this fraction of validity.")
+@click.option("--renew-margin", default=0, show_default=True, type=click.IntRange(0),
+              help="Also renew when fewer than this many seconds of validity are left "
+                   "(the threshold for short-lived certificates, e.g. 28800 for 24 h ones).")
 @click.option("--max-attempts", default=5, show_default=True, type=click.IntRange(1, 50),
               help="Tries per network step (exponential backoff with jitter).")
 @click.option("--max-delay", default=60.0, show_default=True,
@@ -154,8 +157,8 @@ def agent():
               type=click.IntRange(32), help="Slot size for --boot-image.")
 @_revocation_options
 def run_cmd(bus, t1_profile, timeout_ms, cloud, est, label, once, rotate, interval,
-            renew_fraction, max_attempts, max_delay, quiet, boot_image, boot_max_size,
-            crl_cache, crl_issuer, crl_grace, crl_fail_open):
+            renew_fraction, renew_margin, max_attempts, max_delay, quiet, boot_image,
+            boot_max_size, crl_cache, crl_issuer, crl_grace, crl_fail_open):
     """Run the agent: enrol, renew when due (or --rotate), acknowledge, retire the old key.
 
     \b
@@ -181,7 +184,8 @@ def run_cmd(bus, t1_profile, timeout_ms, cloud, est, label, once, rotate, interv
         stop.set()
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-    policy = AgentPolicy(renew_fraction=renew_fraction, max_attempts=max_attempts,
+    policy = AgentPolicy(renew_fraction=renew_fraction, renew_margin_s=renew_margin,
+                         max_attempts=max_attempts,
                          max_delay=max_delay, max_wait=max(max_delay * max_attempts, 60.0))
     cycle = _Cycle(SystemClock(stop), policy,
                    None if quiet else (lambda line: click.echo("agent: " + line)),

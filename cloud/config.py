@@ -51,6 +51,8 @@ File (all keys optional; paths relative to the file's folder):
     ca_key = "ca-widget-b42-eu"      # the CA key's label in the HSM
     ca_cert = "pki/ca-widget-b42-eu.pem"
     require_approval = false
+    profile = "operational"          # or "operational-short" (24 h: short-lived
+                                     # certificates; agents renew at --renew-margin)
     default = true
 
 Environment (override the file): FLEETID_CLOUD_<KEY> for each scalar key above, e.g.

@@ -44,7 +44,7 @@ from fleetid.cloud.http.metrics import Metrics
 from fleetid.cloud.http.middleware import log
 from fleetid.cloud.http.tls import server_ssl_context
 from fleetid.cloud.http.verifier_app import make_metrics_app, make_verifier_app
-from fleetid.cloud.pki.profiles import server_certificate_builder
+from fleetid.cloud.pki.profiles import get_profile, server_certificate_builder
 from fleetid.cloud.revocation.app import make_crl_app
 from fleetid.cloud.revocation.crl import CrlIssuer, CrlPublisher, crl_url
 from fleetid.cloud.verifier.revoked_cas import RevokedCaFile
@@ -243,7 +243,8 @@ def build_context(config, environ=None, clock=None):
                        verify_signatures="always", crl_url=label_crl_url)
         crl_issuers.append(CrlIssuer(entry["name"], hsm, entry["ca_key"], ca_cert))
         labels.append(EstLabel(entry["name"], ca, chain,
-                               require_approval=bool(entry.get("require_approval"))))
+                               require_approval=bool(entry.get("require_approval")),
+                               profile=get_profile(entry.get("profile") or "operational")))
         if entry.get("default"):
             default_label = entry["name"]
     trust = FleetTrust(root_certs, intermediates, vendor_roots, config.revoked_cas,

@@ -124,14 +124,23 @@ class AgentPolicy:
     """Tunables (all bounded).
 
     renew_fraction: renew when this fraction of [notBefore, notAfter] has passed (0..1).
+    renew_margin_s: also renew when fewer than this many seconds of validity are left
+        (0: off).  The renewal threshold for short-lived operational certificates (the
+        cloud's "operational-short" profile, 24 h): revocation by expiry only works if
+        the device renews well before notAfter even when it connects rarely, e.g.
+        renew_margin_s=8 h with hourly connections.
     max_attempts: tries per network step.  base_delay / max_delay: backoff seconds.
     max_wait: total seconds slept per network step.  slots: the two rotation slots.
     """
 
     def __init__(self, renew_fraction=0.66, max_attempts=5, base_delay=1.0, max_delay=60.0,
-                 max_wait=300.0, slots=(SLOT_OPERATIONAL_A, SLOT_OPERATIONAL_B)):
+                 max_wait=300.0, slots=(SLOT_OPERATIONAL_A, SLOT_OPERATIONAL_B),
+                 renew_margin_s=0):
         if not 0.0 < renew_fraction <= 1.0:
             raise ValueError("renew_fraction must be in (0, 1]")
+        if renew_margin_s < 0:
+            raise ValueError("renew_margin_s must be >= 0")
+        self.renew_margin_s = renew_margin_s
         if max_attempts < 1 or base_delay <= 0 or max_delay < base_delay or max_wait < 0:
             raise ValueError("retry bounds")
         if len(slots) != 2 or slots[0] == slots[1] or SLOT_IDENTITY in slots or 0 in slots:
@@ -218,9 +227,13 @@ def status_text(status):
         status.get("next_update"), status.get("revoked"))
 
 
-def renew_at(not_before, not_after, fraction):
-    """The renewal time (int seconds) for a validity period and a fraction."""
-    return not_before + int((not_after - not_before) * fraction)
+def renew_at(not_before, not_after, fraction, margin=0):
+    """The renewal time (int seconds) for a validity period: the fraction's point, or
+    `margin` seconds before not_after when that is earlier (never before not_before)."""
+    when = not_before + int((not_after - not_before) * fraction)
+    if margin:
+        when = max(not_before, min(when, not_after - int(margin)))
+    return when
 
 
 class Agent:
@@ -376,14 +389,16 @@ class Agent:
             cause = rj.CAUSE_REFUSED
         elif command == "rotate":
             cause = rj.CAUSE_COMMAND
-        elif now >= renew_at(last.t0, last.t1, self.policy.renew_fraction):
+        elif now >= renew_at(last.t0, last.t1, self.policy.renew_fraction,
+                           self.policy.renew_margin_s):
             cause = rj.CAUSE_DUE
         if cause != rj.CAUSE_NONE:
             last = self.rotate(cause)
         report.slot = last.cur
         report.serial = self._facts(last.cur).serial
         report.not_after = last.t1
-        report.renew_at = renew_at(last.t0, last.t1, self.policy.renew_fraction)
+        report.renew_at = renew_at(last.t0, last.t1, self.policy.renew_fraction,
+                           self.policy.renew_margin_s)
         self._revocation(report)
 
     def _load(self):
@@ -571,7 +586,8 @@ class Agent:
                   "credential_slot": rj.credential_slot(last), "slots": slots,
                   "final": rj.is_final(last), "renew_at": None, "revocation": None}
         if last is not None and last.kind == rj.BASE:
-            result["renew_at"] = renew_at(last.t0, last.t1, self.policy.renew_fraction)
+            result["renew_at"] = renew_at(last.t0, last.t1, self.policy.renew_fraction,
+                           self.policy.renew_margin_s)
         if self.revocation is not None:
             result["revocation"] = status_text(self.revocation.status(self.clock.now()))
         return result

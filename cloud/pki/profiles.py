@@ -63,7 +63,12 @@ class CertificateProfile:
 IDENTITY = CertificateProfile("identity", datetime.timedelta(days=10 * 365 + 2))
 # Operational certificates: issued through EST, rotated with overlap (days).
 OPERATIONAL = CertificateProfile("operational", datetime.timedelta(days=30))
-PROFILES = {IDENTITY.name: IDENTITY, OPERATIONAL.name: OPERATIONAL}
+# Short-lived operational certificates (policy option, per EST label: `profile =
+# "operational-short"`): revocation by expiry for always-connected devices, which renew
+# at the agent's threshold (AgentPolicy.renew_margin_s) long before notAfter.
+OPERATIONAL_SHORT = CertificateProfile("operational-short", datetime.timedelta(hours=24))
+PROFILES = {IDENTITY.name: IDENTITY, OPERATIONAL.name: OPERATIONAL,
+            OPERATIONAL_SHORT.name: OPERATIONAL_SHORT}
 
 
 def get_profile(profile):

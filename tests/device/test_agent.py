@@ -335,3 +335,21 @@ def test_the_device_crl_cache_plugs_in_as_the_revocation_collaborator(fleet):
             status["revocation"]
     finally:
         server.shutdown()
+
+
+def test_short_lived_certificates_renew_at_the_margin_before_not_after():
+    # The renewal threshold for the cloud's "operational-short" profile (24 h): with a
+    # 12 h margin the agent renews at notAfter - 12 h, earlier than 0.66 of the validity.
+    from fleetid.cloud.pki.profiles import OPERATIONAL_SHORT, get_profile
+    from fleetid.device.agent import AgentPolicy, renew_at
+
+    assert get_profile("operational-short") is OPERATIONAL_SHORT
+    day = int(OPERATIONAL_SHORT.validity.total_seconds())
+    assert day == 86400
+    assert renew_at(0, day, 0.66) == int(day * 0.66)
+    assert renew_at(0, day, 0.66, margin=12 * 3600) == day - 12 * 3600
+    assert renew_at(0, day, 0.66, margin=4 * 3600) == int(day * 0.66)  # the earlier wins
+    assert renew_at(0, day, 0.66, margin=2 * day) == 0  # never before notBefore
+    assert AgentPolicy(renew_margin_s=28800).renew_margin_s == 28800
+    with pytest.raises(ValueError):
+        AgentPolicy(renew_margin_s=-1)
