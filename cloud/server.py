@@ -303,6 +303,10 @@ class CloudServer:
                 from fleetid.cloud.revocation import tiers
 
                 tiers.attach(crl_app, revocation_tiers)
+                if revocation_tiers.staple is not None:  # no TLS stapling: staple.py
+                    from fleetid.cloud.revocation.staple import attach_header
+
+                    attach_header(self._plan[0][1], revocation_tiers.staple)
             self._plan.append(("crl", crl_app, crl_port, None))
         self.revocation_tiers = revocation_tiers
         self._runners = []
@@ -331,7 +335,8 @@ class CloudServer:
                      if r.subject == issuers[0][1].issuer] or context.trust.roots
             kwargs["revocation_tiers"] = tiers.load(
                 context.hsm, context.registry, config.state_dir, roots[0], issuers,
-                config.revoked_cas_file, kwargs["crl_publisher"])
+                config.revoked_cas_file, kwargs["crl_publisher"],
+                server_cert=_read_pems([context.tls_cert])[0])
         kwargs.update(overrides)
         return cls(verifier, est, context.tls_cert, context.tls_key,
                    context.trust.ca_bundle_pem(), **kwargs)

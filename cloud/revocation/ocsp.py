@@ -154,7 +154,11 @@ class OcspResponder:
     """
 
     def __init__(self, registry, signers, revoked_cas=None, validity=DEFAULT_VALIDITY,
-                 clock=None):
+                 clock=None, known=()):
+        # known: certificates outside the registry this responder vouches for (the
+        # verifier's TLS server certificate, staple.py): good unless their own key id is
+        # in revoked_cas (an entry in the revoked-CA file names any certificate).
+        self.known = dict((c.serial_number, c) for c in known)
         self.registry = registry
         self.signers = list(signers)
         self.revoked_cas = revoked_cas or (lambda: {})
@@ -193,6 +197,19 @@ class OcspResponder:
         if ca_revoked is not None:
             return (ocsp.OCSPCertStatus.REVOKED, ca_revoked.astimezone(
                 datetime.timezone.utc).replace(microsecond=0), x509.ReasonFlags.ca_compromise)
+        known = self.known.get(serial)
+        if known is not None and known.issuer == signer.ca_cert.subject:
+            try:
+                own_id = known.extensions.get_extension_for_class(
+                    x509.SubjectKeyIdentifier).value.digest
+            except x509.ExtensionNotFound:
+                own_id = None
+            when = self.revoked_cas().get(own_id)
+            if when is not None:
+                return (ocsp.OCSPCertStatus.REVOKED, when.astimezone(
+                    datetime.timezone.utc).replace(microsecond=0),
+                    x509.ReasonFlags.key_compromise)
+            return ocsp.OCSPCertStatus.GOOD, None, None
         try:
             record = self.registry.certificate_status(serial, issuer=signer.issuer_text)
         except RegistryError:  # not found (or ambiguous): not a certificate we vouch for

@@ -5,7 +5,9 @@ certificates each tier signs with, and the routes on the plain-HTTP revocation l
     GET  /crl/<label>.crl            RFC 5280 CRL per issuing CA (cloud/revocation/app.py)
     POST /ocsp, GET /ocsp/<b64>      RFC 6960 OCSP (ocsp.py)          } when initialised:
     GET  /revset/current.frs         compact set (compact.py)         } `fleetid revocation
-    GET  /revset/delta/<n>.frd       its delta from set n             }  init`
+    GET  /revset/delta/<n>.frd       its delta from set n             }
+    GET  /ocsp/staple                the verifier server certificate's OCSP response
+                                     (also on every verifier response: staple.py)  init`
 
 Files under <state_dir>/revocation/ (made by `init_keys`, read by `load`):
     revset-signer.pem          the compact-set signer, certified by the fleet root
@@ -62,9 +64,14 @@ def _read_pem(path):
         return x509.load_pem_x509_certificate(f.read())
 
 
+SERVER_OCSP_LABEL = "ocsp-server-issuer"
+
+
 def init_keys(hsm, state_dir, root_label, root_cert, issuers):
-    """Create what is missing: the set signer (under the root) and one OCSP responder
-    per issuing CA.  issuers: (ca_key_label, ca_cert) pairs.  Returns the paths written."""
+    """Create what is missing: the set signer (under the root), one OCSP responder per
+    issuing CA, and the responder for the verifier's server certificate (under the root,
+    which issues it: staple.py).  issuers: (ca_key_label, ca_cert) pairs.
+    Returns the paths written."""
     folder = revocation_dir(state_dir)
     os.makedirs(folder, exist_ok=True)
     written = []
@@ -78,21 +85,28 @@ def init_keys(hsm, state_dir, root_label, root_cert, issuers):
         if not os.path.exists(path):
             _write_pem(path, new_ocsp_signer(hsm, ca_key, ca_cert, "ocsp-" + ca_key))
             written.append(path)
+    path = os.path.join(folder, SERVER_OCSP_LABEL + ".pem")
+    if not os.path.exists(path):
+        _write_pem(path, new_ocsp_signer(hsm, root_label, root_cert, SERVER_OCSP_LABEL))
+        written.append(path)
     return written
 
 
 class RevocationTiers:
     """The OCSP responder and compact publisher of a cloud, with the event watcher."""
 
-    def __init__(self, responder, compact, watcher):
+    def __init__(self, responder, compact, watcher, staple=None):
         self.responder = responder
         self.compact = compact
         self.watcher = watcher
+        self.staple = staple
 
 
-def load(hsm, registry, state_dir, root_cert, issuers, revoked_cas_path, crl_publisher=None):
+def load(hsm, registry, state_dir, root_cert, issuers, revoked_cas_path, crl_publisher=None,
+         server_cert=None):
     """The tiers initialised by init_keys, or None when they are not (the CRL listener
-    then serves CRLs only).  issuers: (ca_key_label, ca_cert) pairs."""
+    then serves CRLs only).  issuers: (ca_key_label, ca_cert) pairs.  server_cert: the
+    verifier's TLS certificate (issued by root_cert) for the staple, or None."""
     folder = revocation_dir(state_dir)
     signer_path = os.path.join(folder, "revset-signer.pem")
     if not os.path.exists(signer_path):
@@ -108,12 +122,26 @@ def load(hsm, registry, state_dir, root_cert, issuers, revoked_cas_path, crl_pub
     compact = CompactPublisher(registry, signer, [c for _, c in issuers],
                                revoked_cas=lambda: list(revoked_ca_map(revoked_cas_path)))
 
+    staple = None
+    staple_path = os.path.join(folder, SERVER_OCSP_LABEL + ".pem")
+    if server_cert is not None and os.path.exists(staple_path) \
+            and server_cert.issuer == root_cert.subject:
+        from fleetid.cloud.revocation.staple import ServerStaple
+
+        root_responder = OcspResponder(
+            registry, [OcspSigner(root_cert, hsm, SERVER_OCSP_LABEL, _read_pem(staple_path))],
+            revoked_cas=lambda: revoked_ca_map(revoked_cas_path), known=[server_cert])
+        staple = ServerStaple(root_responder, server_cert, root_cert)
+
     def on_event():
         compact.invalidate()
         if crl_publisher is not None:
             crl_publisher.invalidate()
+        if staple is not None:
+            staple.invalidate()
 
-    return RevocationTiers(responder, compact, EventWatcher(events_path(state_dir), on_event))
+    return RevocationTiers(responder, compact, EventWatcher(events_path(state_dir), on_event),
+                           staple)
 
 
 def attach(app, tiers):
@@ -127,6 +155,10 @@ def attach(app, tiers):
         return await handler(request)
 
     app.middlewares.append(poll_events)
+    if tiers.staple is not None:
+        from fleetid.cloud.revocation.staple import add_staple_route
+
+        add_staple_route(app.router, tiers.staple)
     add_ocsp_routes(app.router, tiers.responder)
     add_revset_routes(app.router, tiers.compact)
     return app

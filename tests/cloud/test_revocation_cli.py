@@ -124,3 +124,69 @@ def test_status_shows_every_tier_of_a_running_listener_and_revoke_reaches_it(fle
     finally:
         loop.run(server.stop())
         loop.close()
+
+
+def test_the_verifier_staples_its_certificates_ocsp_response_on_every_answer(fleet, tmp_path):
+    # No TLS stapling in Python's ssl server: the staple rides in a response header on the
+    # same connection (cloud/revocation/staple.py) and at GET /ocsp/staple.
+    import base64
+    import http.client
+    import ssl
+    import urllib.request
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509 import ocsp
+
+    from fleetid.cloud.revocation.staple import STAPLE_HEADER
+    from fleetid.cloud.verifier.revoked_cas import append
+
+    state = str(tmp_path / "state")
+    cas_path = str(tmp_path / "state" / "revoked-cas.jsonl")
+    issuers = [("ca-widget-b42", fleet.ca_certs["b42"])]
+    tiers.init_keys(fleet.hsm, state, "fleet-root", fleet.root, issuers)
+    with open(fleet.server_cert, "rb") as f:
+        server_cert = x509.load_pem_x509_certificate(f.read())
+    crl = CrlPublisher(fleet.registry, [CrlIssuer("b42", fleet.hsm, *issuers[0])])
+    revocation = tiers.load(fleet.hsm, fleet.registry, state, fleet.root, issuers, cas_path,
+                            crl, server_cert=server_cert)
+    server = CloudServer(fleet.verifier, fleet.est, fleet.server_cert, fleet.server_key,
+                         fleet.trust.ca_bundle_pem(), verifier_port=0, est_port=0,
+                         crl_publisher=crl, crl_port=0, revocation_tiers=revocation)
+    loop = _Loop()
+    try:
+        ports = loop.run(server.start())
+        context = ssl.create_default_context(cafile=fleet.root_file)
+        context.load_cert_chain(*fleet.devices[0].files())
+        conn = http.client.HTTPSConnection("127.0.0.1", ports["verifier"], timeout=20,
+                                           context=context)
+        conn.request("GET", "/v1/whoami")
+        response = conn.getresponse()
+        response.read()
+        presented = x509.load_der_x509_certificate(conn.sock.getpeercert(binary_form=True))
+        conn.close()
+        assert response.status == 200
+        staple = ocsp.load_der_ocsp_response(base64.b64decode(
+            response.getheader(STAPLE_HEADER)))
+        # What a device checks: the CertID names the certificate TLS presented, the
+        # responder is delegated by its issuer, the signature verifies, the status is good.
+        assert staple.serial_number == presented.serial_number
+        assert staple.certificate_status == ocsp.OCSPCertStatus.GOOD
+        responder = staple.certificates[0]
+        responder.verify_directly_issued_by(fleet.root)
+        responder.public_key().verify(staple.signature, staple.tbs_response_bytes,
+                                      ec.ECDSA(hashes.SHA256()))
+        url = "http://127.0.0.1:%d/ocsp/staple" % ports["crl"]
+        with urllib.request.urlopen(url, timeout=10) as resp:
+            assert resp.read() == base64.b64decode(response.getheader(STAPLE_HEADER))
+        # The server certificate revoked (an entry in the revoked-CA file names any
+        # certificate) + the event: the next staple says so.
+        append(cas_path, server_cert, "keyCompromise")
+        revocation.staple.invalidate()
+        with urllib.request.urlopen(url, timeout=10) as resp:
+            again = ocsp.load_der_ocsp_response(resp.read())
+        assert again.certificate_status == ocsp.OCSPCertStatus.REVOKED
+    finally:
+        loop.run(server.stop())
+        loop.close()

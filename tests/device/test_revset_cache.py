@@ -22,7 +22,7 @@ from fleetid.device.revset_cache import (
 from fleetid.device.se import SeSession
 from tests.cloud.cloud_support import Fleet
 from tests.cloud.compact_support import compact_publisher, revocation_signer
-from tests.device.crl_support import MemoryStore, other_key, point_of
+from tests.device.crl_support import MemoryStore, other_key
 
 
 @pytest.fixture(scope="module")
