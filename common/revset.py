@@ -173,6 +173,14 @@ def encode(fleet, number, this_update, next_update, universe, serials, ca_ids=()
         identifiers of revoked issuing CAs.  k / stride: None picks the best.
     Returns: bytes.  Raises: ValueError for unsorted, out-of-range or bad fields.
     """
+    return bytes(_encode(fleet, number, this_update, next_update, universe, serials,
+                         ca_ids, k, stride, 0))
+
+
+def _encode(fleet, number, this_update, next_update, universe, serials, ca_ids, k, stride,
+            tail):
+    # encode() into a bytearray with `tail` spare bytes at the end (the device's merge
+    # puts the signature there: one buffer for the new set, no copies).
     count = 0
     prev = 0
     for s in serials:
@@ -203,7 +211,7 @@ def encode(fleet, number, this_update, next_update, universe, serials, ca_ids=()
     head = struct.pack(_HEADER, MAGIC, FORMAT_VERSION, 0, bytes(fleet), number,
                        this_update, next_update, universe, count, k, stride,
                        len(ca_ids), body_bits)
-    out = _BitWriter(HEADER_LEN + CA_ID_LEN * len(ca_ids) + index_len + body_len)
+    out = _BitWriter(HEADER_LEN + CA_ID_LEN * len(ca_ids) + index_len + body_len + tail)
     buf = out.buf
     buf[:HEADER_LEN] = head
     pos = HEADER_LEN
@@ -225,7 +233,7 @@ def encode(fleet, number, this_update, next_update, universe, serials, ca_ids=()
             struct.pack_into(">II", buf, index_pos, s, out.pos - body_start)
             index_pos += _INDEX_ENTRY
         prev = s
-    return bytes(buf)
+    return buf
 
 
 def sign_part(signed, signature_der):
@@ -525,13 +533,21 @@ class _Merged:
 
 
 def apply_delta(base, delta):
-    """The new set's wire bytes: base (a RevSet) merged with delta (a RevDelta).  The
-    result is NOT verified here: the caller verifies its signature.
+    """The new set's wire bytes (a bytearray, built in place): base (a RevSet) merged
+    with delta (a RevDelta).  The result is NOT verified here: the caller verifies its
+    signature.
     Raises: RevsetError (base number mismatch, bad additions), ValueError."""
     if delta.base_number != base.number:
         raise RevsetError(REASON_MALFORMED, "delta for set %d, have %d"
                           % (delta.base_number, base.number))
     merged = _Merged(base, delta)
-    signed = encode(delta.fleet_id, delta.number, delta.this_update, delta.next_update,
-                    delta.universe, merged, delta.ca_ids, k=delta.k, stride=delta.stride)
-    return sign_part(signed, delta.signature)
+    signature = delta.signature
+    if not 8 <= len(signature) <= SIG_MAX:
+        raise ValueError("signature length")
+    tail = len(signature) + 1
+    buf = _encode(delta.fleet_id, delta.number, delta.this_update, delta.next_update,
+                  delta.universe, merged, delta.ca_ids, delta.k, delta.stride, tail)
+    end = len(buf) - tail
+    buf[end : end + len(signature)] = signature
+    buf[-1] = len(signature)
+    return buf
