@@ -75,8 +75,7 @@ def new_ocsp_signer(hsm, ca_label, ca_cert, key_label, now=None,
     ski = ca_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
     builder = (x509.CertificateBuilder()
                .subject_name(x509.Name([x509.NameAttribute(
-                   NameOID.COMMON_NAME, "OCSP responder for " + ca_cert.subject.rfc4514_string()
-                   [:40])]))
+                   NameOID.COMMON_NAME, ("OCSP " + _common_name(ca_cert))[:64])]))
                .issuer_name(ca_cert.subject)
                .public_key(public_key)
                .serial_number(x509.random_serial_number())
@@ -93,6 +92,11 @@ def new_ocsp_signer(hsm, ca_label, ca_cert, key_label, now=None,
                .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(
                    ski), critical=False))
     return sign_certificate(hsm, ca_label, builder, ca_cert.public_key())
+
+
+def _common_name(cert):
+    names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    return names[0].value if names else cert.subject.rfc4514_string()
 
 
 class OcspSigner:
