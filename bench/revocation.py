@@ -24,7 +24,9 @@ random revoked serials out of 1..N (the line allocates serials monotonically):
   apply ms   device side on CPython: merge the delta into the new set's exact bytes.
   mp us      mean lookup time under MicroPython (unix port, this machine) over revoked
              serials, their successors and random serials; mp heap: bytes allocated
-             during those lookups (the set itself is resident as one bytes object).
+             during those lookups (the set itself is resident as one bytes object);
+             mp min: the smallest -X heapsize at which parse + lookups run (bisected to
+             1 KiB; unix port, so ~20 KB of bytecode and the script's query list are in it).
 
 OCSP: a Fleet (tests/cloud/cloud_support.py) with a delegated responder per CA, the
 aiohttp responder on 127.0.0.1, and a scripted client (urllib, new connection per
@@ -160,11 +162,13 @@ def compact_row(n, fraction, rng, sign):
 
 MP_SCRIPT = r"""
 import gc
+import os
 import time
 from fleetid.common import revset
 gc.collect()
+data = bytearray(os.stat(SET)[6])
 f = open(SET, "rb")
-data = f.read()
+f.readinto(data)
 f.close()
 info = revset.parse(data)
 gc.collect()
@@ -189,9 +193,18 @@ def mp_lookup(stage, folder, row, rng, heap):
     script = "SET = %r\nQUERIES = %r\n" % (path, queries) + MP_SCRIPT
     status, out, err = stage.try_run("bench_revset_lookup", script, heap=heap)
     if status != 0:
-        return None, None
+        return None, None, None
     values = dict(line.split(" ", 1) for line in out.splitlines() if " " in line)
-    return int(values["us"]), int(values["heap"])
+    # Peak: the smallest -X heapsize at which parse + the lookups still run, bisected to
+    # 1 KiB (unix port: the ~20 KB of revset/errors bytecode and the query list included).
+    lo, hi = 4 * 1024, heap
+    while hi - lo > 1024:
+        mid = (lo + hi) // 2 // 1024 * 1024
+        if stage.try_run("bench_revset_lookup", script, heap=mid)[0] == 0:
+            hi = mid
+        else:
+            lo = mid
+    return int(values["us"]), int(values["heap"]), hi
 
 
 def ocsp_rate(seconds, threads):
@@ -279,25 +292,26 @@ def main():
 
         stage = Stage(os.path.join(folder, "mp"), opt=3)
         heap = parse_size(args.mp_heap)
-    header = ("%8s %6s %7s %10s %9s %9s %8s %8s %8s %8s %8s %8s %8s %7s %7s" % (
+    header = ("%8s %6s %7s %10s %9s %9s %8s %8s %8s %8s %8s %8s %8s %7s %7s %7s" % (
         "N", "rev%", "R", "crl B", "compact B", "bound B", "pay/bnd", "cmp/bnd", "crl/cmp",
-        "build ms", "delta ms", "apply ms", "delta B", "mp us", "mp heap"))
+        "build ms", "delta ms", "apply ms", "delta B", "mp us", "mp heap", "mp min"))
     print(header)
     try:
         for n in FLEETS[:2] if args.quick else FLEETS:
             for fraction in FRACTIONS:
                 row = compact_row(n, fraction, rng, sign)
                 crl, exact = sizer.size(row["r"])
-                us, mp_heap = (mp_lookup(stage, folder, row, rng, heap) if stage
-                               else (None, None))
+                us, mp_heap, mp_min = (mp_lookup(stage, folder, row, rng, heap) if stage
+                                       else (None, None, None))
                 print("%8d %6.1f %7d %9d%s %9d %9.0f %8.3f %8.3f %8.1f %8.1f %8.1f %8.1f "
-                      "%8d %7s %7s" % (
+                      "%8d %7s %7s %7s" % (
                           n, fraction * 100, row["r"], crl, " " if exact else "*",
                           row["compact"], math.ceil(row["bound"]),
                           row["payload"] / row["bound"], row["compact"] / row["bound"],
                           crl / row["compact"], row["build_ms"], row["delta_ms"],
                           row["apply_ms"], row["delta_bytes"],
-                          "-" if us is None else us, "-" if mp_heap is None else mp_heap))
+                          "-" if us is None else us, "-" if mp_heap is None else mp_heap,
+                          "-" if mp_min is None else "%dK" % (mp_min // 1024)))
                 sys.stdout.flush()
         if sizer.limit in sizer.seconds:
             print("* extrapolated linearly from CRLs of %d and %d entries built by "

@@ -90,13 +90,13 @@ WORKFLOWS = {
     "run_revset_lookup": ("tests/micropython/test_revset_micropython.py::test_revset_lookups_and_delta_merge_under_micropython",
     "run_revset_lookup": ("tests/micropython/test_revset_micropython.py::test_revset_lookups_under_micropython",
                           ("fleetid.common.errors", "fleetid.common.revset"),
-                          3, 1, 256 * 1024),
+                          3, 44 * 1024, 55 * 1024),
     "run_revset_merge": ("tests/micropython/test_revset_micropython.py::test_revset_delta_merge_under_micropython_gives_the_clouds_bytes",
                          ("fleetid.common.errors", "fleetid.common.revset"),
-                         3, 1, 256 * 1024),
+                         3, 55 * 1024, 69 * 1024),
     "run_revset": ("tests/micropython/test_revset_micropython.py::test_offline_device_cache_under_micropython_over_the_emulator_socket",
                    SE_MODULES + ("fleetid.common.revset", "fleetid.device.revset_cache"),
-                   3, 1, 256 * 1024),
+                   3, 81 * 1024, 102 * 1024),
 }
 
 

@@ -40,47 +40,61 @@ FLEET = bytes(range(8))
 SIG = bytes.fromhex("3006020101020101")
 
 LOOKUP = PRELUDE + r"""
+import os
+import struct
 import time
 from fleetid.common import revset
 gc.collect()
 
 
 def load(path):
+    # One buffer of the file's size (readinto): no growing read buffer beside the set.
+    buf = bytearray(os.stat(path)[6])
     f = open(path, "rb")
     try:
-        return f.read()
+        f.readinto(buf)
     finally:
         f.close()
+    return buf
 
 
 info = revset.parse(load(SET))
+queries = load(QUERIES)  # u32 big-endian serials
+count = len(queries) // 4
 gc.collect()
 base_free = gc.mem_free()
 hits = 0
 t0 = time.ticks_us()
-for s in QUERIES:
-    if info.contains(s):
+for i in range(count):
+    if info.contains(struct.unpack_from(">I", queries, 4 * i)[0]):
         hits += 1
 elapsed = time.ticks_diff(time.ticks_us(), t0)
 print("hits", hits)
-print("lookup_us", elapsed // len(QUERIES))
-print("answers", "".join("1" if info.contains(s) else "0" for s in QUERIES))
+print("lookup_us", elapsed // count)
 print("lookup_heap", base_free - gc.mem_free())
+sys.stdout.write("answers ")
+for i in range(count):
+    sys.stdout.write("1" if info.contains(struct.unpack_from(">I", queries, 4 * i)[0])
+                     else "0")
+sys.stdout.write("\n")
 print("free", gc.mem_free())
 """
 
 MERGE = PRELUDE + r"""
 import hashlib
+import os
 from fleetid.common import revset
 gc.collect()
 
 
 def load(path):
+    buf = bytearray(os.stat(path)[6])
     f = open(path, "rb")
     try:
-        return f.read()
+        f.readinto(buf)
     finally:
         f.close()
+    return buf
 
 
 info = revset.parse(load(SET))
@@ -120,8 +134,9 @@ def lookup_setup(tmp_path_factory, stage):
     (folder / "delta.frd").write_bytes(revset.encode_delta(1, new, extra))
     queries = revoked[::50] + [s + 1 for s in revoked[::50]] + [rng.randint(1, n)
                                                                   for _ in range(200)]
+    (folder / "queries.bin").write_bytes(b"".join(struct.pack(">I", q) for q in queries))
     header = "SET = %r\nDELTA = %r\nQUERIES = %r\n" % (
-        str(folder / "set.frs"), str(folder / "delta.frd"), queries)
+        str(folder / "set.frs"), str(folder / "delta.frd"), str(folder / "queries.bin"))
     return stage, header, set(revoked), queries, new
 
 
