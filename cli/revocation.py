@@ -35,11 +35,11 @@ def _ca_certs(config):
         raise click.ClickException("trust configuration: %s" % exc) from None
 
 
-def _service(config, registry):
+def _service(config, registry, ca_certs):
     from fleetid.cloud.revocation.service import RevocationService
     from fleetid.cloud.revocation.tiers import events_path
 
-    return RevocationService(registry, _ca_certs(config), config.revoked_cas_file,
+    return RevocationService(registry, ca_certs, config.revoked_cas_file,
                              events_path(config.state_dir))
 
 
@@ -74,9 +74,10 @@ def revoke(device_serial, batch, reason, operator, registry_uri, config_path, st
     if (device_serial is None) == (batch is None):
         raise click.UsageError("give exactly one of --serial, --batch")
     config = _load(config_path, state_dir)
+    ca_certs = _ca_certs(config)  # the trust first: nothing is opened for a bad one
     registry = _open_registry(config, registry_uri)
     try:
-        service = _service(config, registry)
+        service = _service(config, registry, ca_certs)
         if device_serial is not None:
             done = service.revoke_device(device_serial, reason, operator=operator)
             out = {"device": device_serial, "revoked_certificates": done, "reason": reason}
@@ -168,9 +169,10 @@ def status_cmd(url, registry_uri, config_path, state_dir):
     from fleetid.common import revset
 
     config = _load(config_path, state_dir)
+    ca_certs = _ca_certs(config)
     registry = _open_registry(config, registry_uri)
     try:
-        shared = _service(config, registry).status()
+        shared = _service(config, registry, ca_certs).status()
     finally:
         registry.close()
     now = int(time.time())
@@ -200,7 +202,7 @@ def status_cmd(url, registry_uri, config_path, state_dir):
                               "age_s": now - info.this_update}
         except Exception as exc:  # noqa: BLE001
             out["compact"] = {"error": type(exc).__name__}
-        out["ocsp"] = _ocsp_probe(url, _ca_certs(config))
+        out["ocsp"] = _ocsp_probe(url, ca_certs)
     click.echo(json.dumps(out, indent=2, sort_keys=True))
 
 

@@ -248,6 +248,14 @@ CASES = [
      "--crl-issuer"),
     (["agent", "check-peer", "{dir}/missing.pem", "--bus", "sim:unix:{dir}/no.sock"],
      "missing.pem"),
+    # fleetid revoke / revocation (issue 13).
+    (["revoke", "--reason", "keyCompromise"], "--serial"),
+    (["revoke", "--serial", "1", "--batch", "b42"], "--serial"),
+    (["revoke", "--serial", "x"], "--serial"),
+    (["revoke", "--serial", "1", "--reason", "bogus"], "--reason"),
+    (["revoke", "--batch", "nope", "--state-dir", "{dir}/rs"], "trust configuration"),
+    (["revocation", "status", "--config", "{dir}/missing.toml"], "missing.toml"),
+    (["revocation", "init", "--config", "{dir}/missing.toml"], "missing.toml"),
 ]
 
 
