@@ -324,12 +324,15 @@ class CloudServer:
                       est_port=config.est_port, metrics_port=config.metrics_port,
                       checkpointer=getattr(context, "checkpointer", None))
         if config.crl_port and context.crl_issuers:
-            kwargs["crl_publisher"] = CrlPublisher(
-                context.registry, context.crl_issuers,
-                next_update=datetime.timedelta(hours=config.crl_next_update_hours))
-            kwargs["crl_port"] = config.crl_port
             from fleetid.cloud.revocation import tiers
 
+            registry_view, crl_issuers = tiers.with_root_crl(
+                context.hsm, context.registry, context.trust.roots, context.crl_issuers,
+                config.revoked_cas_file)
+            kwargs["crl_publisher"] = CrlPublisher(
+                registry_view, crl_issuers,
+                next_update=datetime.timedelta(hours=config.crl_next_update_hours))
+            kwargs["crl_port"] = config.crl_port
             issuers = [(i.key_label, i.ca_certificate) for i in context.crl_issuers]
             roots = [r for r in context.trust.roots
                      if r.subject == issuers[0][1].issuer] or context.trust.roots

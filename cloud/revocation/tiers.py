@@ -3,6 +3,8 @@ certificates each tier signs with, and the routes on the plain-HTTP revocation l
 (the CRL port):
 
     GET  /crl/<label>.crl            RFC 5280 CRL per issuing CA (cloud/revocation/app.py)
+    GET  /crl/root.crl               the root's CRL: revoked issuing CAs (arl.py), when
+                                     the root key is in this HSM
     POST /ocsp, GET /ocsp/<b64>      RFC 6960 OCSP (ocsp.py)          } when initialised:
     GET  /revset/current.frs         compact set (compact.py)         } `fleetid revocation
     GET  /revset/delta/<n>.frd       its delta from set n             }
@@ -40,6 +42,25 @@ from fleetid.cloud.revocation.ocsp import (
 from fleetid.cloud.revocation.service import EVENTS_FILE, EventWatcher, revoked_ca_map
 
 REVSET_SIGNER_LABEL = "revocation-set"
+ROOT_CRL_LABEL = "root"  # GET /crl/root.crl: the root's CRL of revoked issuing CAs (arl.py)
+
+
+def with_root_crl(hsm, registry, roots, crl_issuers, revoked_cas_path, root_label="fleet-root"):
+    """(registry view, CRL issuers) with the root's CRL added when the root key is in this
+    HSM under `root_label` (the embedded set-up; an offline root signs its CRL at a
+    ceremony instead).  Otherwise (registry, crl_issuers) unchanged."""
+    from fleetid.cloud.revocation.arl import RootCrlRegistry
+    from fleetid.cloud.revocation.crl import CrlIssuer
+
+    try:
+        key = hsm.public_key(root_label)
+    except Exception:  # noqa: BLE001 - KeyNotFound / no such label: no root CRL here
+        return registry, crl_issuers
+    for root in roots:
+        if root.public_key().public_numbers() == key.public_numbers():
+            return (RootCrlRegistry(registry, revoked_cas_path, root),
+                    list(crl_issuers) + [CrlIssuer(ROOT_CRL_LABEL, hsm, root_label, root)])
+    return registry, crl_issuers
 
 
 def revocation_dir(state_dir):
