@@ -6,8 +6,11 @@ and foreign-fleet data are refused with the old state kept; the SE's mark defeat
 swapped cache file."""
 
 import datetime
+import itertools
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from fleetid.cloud.revocation.compact import ca_key_id
 from fleetid.common import revset
@@ -216,3 +219,44 @@ def test_a_stale_set_still_refuses_what_it_lists_and_fails_closed_otherwise(se, 
     with pytest.raises(StaleRevocationError) as exc:
         cache.check(fleet.devices[4].serial, None, late)
     assert exc.value.reason == "stale"
+
+
+@settings(max_examples=25, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.data())
+def test_no_false_positives_through_the_se_over_random_fleets(se, data):
+    # Random fleets and revocation sets, signed, verified through the SE by the cache:
+    # every unrevoked serial passes, every revoked one is refused.
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from tests.device.crl_support import point_of
+
+    universe = data.draw(st.integers(1, 3000))
+    revoked = sorted(data.draw(st.sets(st.integers(1, universe), max_size=min(universe, 300))))
+    key = _KEY[0]
+    fleet_id = b"\x11" * 8
+    number = next(_NUMBERS)  # the examples share one SE: each set is newer
+    signed = revset.encode(fleet_id, number, 1000, 10**9, universe, revoked)
+    wire = revset.sign_part(signed, key.sign(signed, ec.ECDSA(hashes.SHA256())))
+    cache = RevsetCache(se, MemoryStore(), point_of(key.public_key()), fleet_id)
+    assert cache.refresh(lambda: wire, 2000) == "updated"
+    members = set(revoked)
+    probes = set(revoked) | set(s + 1 for s in revoked) | set(
+        data.draw(st.lists(st.integers(1, universe), max_size=50)))
+    for serial in probes:
+        if serial in members:
+            with pytest.raises(RevokedError):
+                cache.check(serial, None, 2000)
+        else:
+            assert cache.check(serial, None, 2000) is None
+
+
+def _new_key():
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    return ec.generate_private_key(ec.SECP256R1())
+
+
+_KEY = [_new_key()]
+_NUMBERS = itertools.count(1)
