@@ -165,6 +165,9 @@ class CompactPublisher:
         self._polled_at = None
         self._last_number = 0
         self.build_seconds = 0.0
+        # Push delivery (a retained MQTT message, a broadcast, a file for sneakernet):
+        # callables (number, wire bytes) run after each new set, outside the lock.
+        self.subscribers = []
 
     def invalidate(self):
         """Look at the registry on the next request (the event-driven path)."""
@@ -198,6 +201,20 @@ class CompactPublisher:
         return number, wire
 
     def _current(self):
+        latest, new = self._current_locked()
+        if new:
+            for subscriber in list(self.subscribers):
+                try:
+                    subscriber(latest.number, latest.wire)
+                except Exception:  # noqa: BLE001 - one channel failing must not stop HTTP
+                    import logging
+
+                    logging.getLogger("fleetid.cloud.revocation").exception(
+                        "compact set subscriber failed")
+        return latest
+
+    def _current_locked(self):
+        new = False
         with self._lock:
             now = self.clock()
             tick = self.monotonic()
@@ -211,7 +228,8 @@ class CompactPublisher:
                     latest = _Built(number, wire, serials, state, now, now)
                     self._sets.append(latest)
                     del self._sets[: -self.history]
-            return latest
+                    new = True
+            return latest, new
 
     def current(self):
         """The wire bytes of the current set (rebuilt when due)."""

@@ -260,3 +260,17 @@ def _new_key():
 
 _KEY = [_new_key()]
 _NUMBERS = itertools.count(1)
+
+
+def test_push_subscribers_get_each_new_set_once_and_a_device_takes_it(se, fleet):
+    # The seam for push delivery (retained MQTT, broadcast): every new set is handed to
+    # the subscribers once; what they carry is verified by the device like any other.
+    publisher = compact_publisher(fleet)
+    pushed = []
+    publisher.subscribers.append(lambda number, wire: pushed.append((number, wire)))
+    publisher.subscribers.append(lambda number, wire: 1 / 0)  # a broken channel
+    first = publisher.current()
+    assert publisher.current() == first
+    assert pushed == [(revset.parse(first).number, first)]
+    cache = _cache(se, fleet)
+    assert cache.refresh(lambda: pushed[-1][1], _now(first)) == "updated"
