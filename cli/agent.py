@@ -490,6 +490,10 @@ def _attach_boot_check():
     from fleetid.cli.agent_boot import boot_check
 
     agent.add_command(boot_check)
+    # cli/agent_revset.py: `fleetid agent check-peer-offline` (the compact set).
+    from fleetid.cli.agent_revset import check_peer_offline
+
+    agent.add_command(check_peer_offline)
 
 
 _attach_boot_check()

@@ -256,6 +256,12 @@ CASES = [
     (["revoke", "--batch", "nope", "--state-dir", "{dir}/rs"], "trust configuration"),
     (["revocation", "status", "--config", "{dir}/missing.toml"], "missing.toml"),
     (["revocation", "init", "--config", "{dir}/missing.toml"], "missing.toml"),
+    (["agent", "check-peer-offline", "{dir}/missing.pem", "--root", "{device.pem}",
+      "--signer", "{device.pem}", "--cache", "{dir}/c.frs"], "missing.pem"),
+    (["agent", "check-peer-offline", "{device.pem}", "--root", "{device.pem}",
+      "--signer", "{garbage.pem}", "--cache", "{dir}/c.frs"], "garbage.pem"),
+    (["agent", "check-peer-offline", "{device.pem}", "--root", "{device.pem}",
+      "--signer", "{device.pem}", "--cache", "{dir}/c.frs"], "device.pem"),
 ]
 
 

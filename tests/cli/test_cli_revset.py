@@ -1,0 +1,80 @@
+"""`fleetid agent check-peer-offline`: an offline device decides on a peer from the
+compact set it received by any channel (--load), verified through its SE (the emulator
+on a Unix socket); a revoked peer is refused after the next set or delta, and refused
+data leaves the old set in place."""
+
+import pytest
+from click.testing import CliRunner
+
+from fleetid.cli.main import cli
+from fleetid.common import revset
+from tests.cloud.cloud_support import Fleet, pem
+from tests.cloud.compact_support import compact_publisher, revocation_signer
+
+
+@pytest.fixture
+def world(tmp_path):
+    from fleetid.common import t1
+    from fleetid.sim import profiles
+    from fleetid.sim.chip import Chip
+    from fleetid.sim.endpoint import BusEndpoint
+    from fleetid.sim.fab import fab_chip
+    from fleetid.sim.nvm import Nvm
+    from fleetid.sim.server import serve_in_thread
+
+    fleet = Fleet(tmp_path / "fleet")
+    fab_chip(str(tmp_path / "vendor"), str(tmp_path / "chip.nvm"))
+    server = serve_in_thread(BusEndpoint(Chip(Nvm(str(tmp_path / "chip.nvm"))),
+                                         profile=t1.PROFILE_GP, latency=profiles.get("none")),
+                             "unix:" + str(tmp_path / "se.sock"), idle_timeout_s=30)
+    try:
+        yield fleet, server, tmp_path
+    finally:
+        server.stop()
+        fleet.close()
+
+
+def _check(tmp_path, server, peer, load=None):
+    args = ["agent", "check-peer-offline", str(peer), "--bus", server.bus_uri,
+            "--root", str(tmp_path / "root.pem"), "--signer", str(tmp_path / "signer.pem"),
+            "--cache", str(tmp_path / "cache.frs")]
+    if load is not None:
+        args += ["--load", str(load)]
+    return CliRunner().invoke(cli, args, catch_exceptions=False)
+
+
+def test_offline_peer_check_takes_sets_and_deltas_and_keeps_the_old_set(world):
+    fleet, server, tmp_path = world
+    kept, revoked = fleet.provision("b42"), fleet.provision("b42")
+    (tmp_path / "root.pem").write_bytes(pem(fleet.root))
+    (tmp_path / "signer.pem").write_bytes(pem(revocation_signer(fleet).certificate))
+    for name, device in (("kept.pem", kept), ("revoked.pem", revoked)):
+        (tmp_path / name).write_bytes(pem(device.identity_cert))
+    publisher = compact_publisher(fleet)
+    first = publisher.current()
+    (tmp_path / "first.frs").write_bytes(first)
+    result = _check(tmp_path, server, tmp_path / "revoked.pem", tmp_path / "first.frs")
+    assert result.exit_code == 0 and "not revoked" in result.output, result.output
+
+    cert = revoked.identity_cert
+    fleet.registry.mark_revoked(cert.serial_number, "keyCompromise",
+                                issuer=cert.issuer.rfc4514_string())
+    publisher.invalidate()
+    fleet.clock.advance(seconds=2)
+    second = publisher.current()
+    delta = publisher.delta(revset.parse(first).number)
+    tampered = bytearray(delta)
+    tampered[-20] ^= 0x01
+    (tmp_path / "tampered.frd").write_bytes(bytes(tampered))
+    (tmp_path / "next.frd").write_bytes(delta)
+    result = _check(tmp_path, server, tmp_path / "revoked.pem", tmp_path / "tampered.frd")
+    assert result.exit_code == 1 and "refused, the old set stays" in result.output
+    result = _check(tmp_path, server, tmp_path / "revoked.pem")  # the old set still says
+    assert result.exit_code == 0, result.output
+    result = _check(tmp_path, server, tmp_path / "revoked.pem", tmp_path / "next.frd")
+    assert result.exit_code == 1 and "REFUSED" in result.output, result.output
+    assert (tmp_path / "cache.frs").read_bytes() == second
+    result = _check(tmp_path, server, tmp_path / "kept.pem")
+    assert result.exit_code == 0 and "1 revoked" in result.output, result.output
+    result = _check(tmp_path, server, tmp_path / "kept.pem", tmp_path / "first.frs")
+    assert result.exit_code == 1 and "rollback" in result.output, result.output
