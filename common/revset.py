@@ -178,7 +178,7 @@ def encode(fleet, number, this_update, next_update, universe, serials, ca_ids=()
 
 
 def _encode(fleet, number, this_update, next_update, universe, serials, ca_ids, k, stride,
-            tail):
+            tail, max_len=None):
     # encode() into a bytearray with `tail` spare bytes at the end (the device's merge
     # puts the signature there: one buffer for the new set, no copies).
     count = 0
@@ -211,7 +211,12 @@ def _encode(fleet, number, this_update, next_update, universe, serials, ca_ids, 
     head = struct.pack(_HEADER, MAGIC, FORMAT_VERSION, 0, bytes(fleet), number,
                        this_update, next_update, universe, count, k, stride,
                        len(ca_ids), body_bits)
-    out = _BitWriter(HEADER_LEN + CA_ID_LEN * len(ca_ids) + index_len + body_len + tail)
+    total = HEADER_LEN + CA_ID_LEN * len(ca_ids) + index_len + body_len + tail
+    if max_len is not None and total > max_len:
+        # A delta's k (unsigned until the result is verified) could ask for a huge
+        # buffer: refuse before allocating.
+        raise ValueError("set of %d bytes over the limit" % total)
+    out = _BitWriter(total)
     buf = out.buf
     buf[:HEADER_LEN] = head
     pos = HEADER_LEN
@@ -532,11 +537,12 @@ class _Merged:
                 raise RevsetError(REASON_MALFORMED, "delta re-adds a serial")
 
 
-def apply_delta(base, delta):
+def apply_delta(base, delta, max_len=1 << 20):
     """The new set's wire bytes (a bytearray, built in place): base (a RevSet) merged
     with delta (a RevDelta).  The result is NOT verified here: the caller verifies its
-    signature.
-    Raises: RevsetError (base number mismatch, bad additions), ValueError."""
+    signature.  max_len: the largest result accepted (checked before allocating).
+    Raises: RevsetError (base number mismatch, bad additions), ValueError (over max_len,
+        bad fields)."""
     if delta.base_number != base.number:
         raise RevsetError(REASON_MALFORMED, "delta for set %d, have %d"
                           % (delta.base_number, base.number))
@@ -546,7 +552,7 @@ def apply_delta(base, delta):
         raise ValueError("signature length")
     tail = len(signature) + 1
     buf = _encode(delta.fleet_id, delta.number, delta.this_update, delta.next_update,
-                  delta.universe, merged, delta.ca_ids, delta.k, delta.stride, tail)
+                  delta.universe, merged, delta.ca_ids, delta.k, delta.stride, tail, max_len)
     end = len(buf) - tail
     buf[end : end + len(signature)] = signature
     buf[-1] = len(signature)

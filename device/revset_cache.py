@@ -229,7 +229,7 @@ class RevsetCache:
             delta = revset.RevDelta(data)
             if delta.base_number != self._set.number:
                 raise RevsetCacheError(REASON_BASE, "delta for another set")
-            merged = revset.apply_delta(self._set, delta)
+            merged = revset.apply_delta(self._set, delta, self.policy.max_size)
         except revset.RevsetError as exc:
             raise RevsetCacheError(REASON_TRUNCATED if exc.reason == revset.REASON_TRUNCATED
                                    else REASON_MALFORMED, exc.detail) from None

@@ -7,6 +7,7 @@ swapped cache file."""
 
 import datetime
 import itertools
+import struct
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -110,6 +111,13 @@ def test_a_delta_carries_the_next_revocation_and_gives_the_clouds_set(se, fleet)
     new = publisher.current()
     delta = publisher.delta(revset.parse(base).number)
     assert delta is not None and len(delta) < len(new) + 40
+    # A delta whose (unsigned) header would need a huge buffer for the merge (k = 0, a
+    # serial near 2^32): refused before anything is allocated, the old set kept.
+    greedy = bytearray(delta)
+    struct.pack_into(">I", greedy, revset.DELTA_FIXED + 30, 0xFFFFFFFF)  # universe
+    greedy[revset.DELTA_FIXED + 38] = 0  # k
+    struct.pack_into(">I", greedy, revset.RevDelta(delta).added_pos, 0xFFFFFFF0)
+    _refused(cache, bytes(greedy), now, "malformed", delta=True)
     assert cache.apply_delta(lambda: delta, now) == "updated"
     assert cache.status(now)["number"] == revset.parse(new).number
     with pytest.raises(RevokedError):
