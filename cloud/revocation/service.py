@@ -86,9 +86,29 @@ class EventWatcher:
         return False
 
 
+_MAP_CACHE = {}  # path -> (file identity, map): OCSP asks on every request
+
+
 def revoked_ca_map(path):
     """{CA key identifier (20 bytes): revoked_at (aware datetime)} from the revoked-CA
-    file (entries carry the CA certificate)."""
+    file (entries carry the CA certificate).  Re-read only when the file changed (one
+    stat per call); a file that vanishes keeps the last map (fail closed, as
+    revoked_cas.RevokedCaFile)."""
+    try:
+        st = os.stat(path)
+        identity = (st.st_ino, st.st_size, st.st_mtime_ns)
+    except OSError:
+        identity = None
+    cached = _MAP_CACHE.get(path)
+    if cached is not None and (identity is None or cached[0] == identity):
+        return cached[1]
+    out = _read_map(path)
+    if identity is not None:
+        _MAP_CACHE[path] = (identity, out)
+    return out
+
+
+def _read_map(path):
     entries, _ = revoked_cas_file.load(path)
     out = {}
     for entry in entries:
