@@ -27,7 +27,7 @@ def _config_options(function):
 
 
 def _ca_certs(config):
-    from fleetid.cloud.verifier.server import trust_from_config
+    from fleetid.cloud.server import trust_from_config
 
     try:
         return list(trust_from_config(config).intermediates)
@@ -121,7 +121,7 @@ def init_cmd(root_label, config_path, state_dir, pass_file):
     and serves the compact set on that port."""
     from fleetid.cloud.hsm import secret_variable
     from fleetid.cloud.revocation import tiers
-    from fleetid.cloud.verifier.server import build_context
+    from fleetid.cloud.server import build_context
 
     config = _load(config_path, state_dir)
     environ = environ_with_secret(secret_variable(config.hsm), pass_file)

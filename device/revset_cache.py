@@ -17,7 +17,7 @@
 #   * A delta carries the new set's header, its additions and the new set's signature;
 #     the merge produces the new set's exact bytes, which are then verified as a whole.
 #
-# SE object (policy.object_id, default se_consts.DATA_OBJECT_REVSET_NUMBER = 2):
+# SE object (policy.object_id, default se_consts.DATA_OBJECT_REVSET_NUMBER = 3):
 #   version u8 (1) | fleet_id (8) | number u64 big-endian
 # Write order: the store first, then the mark (as crl_cache.py, same reasoning).
 #
@@ -90,7 +90,7 @@ class RevsetPolicy:
     devices hear from the cloud rarely).  fail_open: answer "not known revoked" without a
     fresh set.  object_id: SE data object of the mark.  max_size: largest set accepted."""
 
-    def __init__(self, grace_s=7 * 86400, fail_open=False, object_id=2, max_size=1 << 20):
+    def __init__(self, grace_s=7 * 86400, fail_open=False, object_id=3, max_size=1 << 20):
         if grace_s < 0 or max_size < 64:
             raise ValueError("grace_s >= 0 and max_size >= 64")
         self.grace_s = grace_s

@@ -13,7 +13,7 @@ from click.testing import CliRunner
 from fleetid.cli.main import cli
 from fleetid.cloud.revocation import tiers
 from fleetid.cloud.revocation.crl import CrlIssuer, CrlPublisher
-from fleetid.cloud.verifier.server import CloudServer
+from fleetid.cloud.server import CloudServer
 from tests.cloud.cloud_support import Fleet, pem
 
 

@@ -32,7 +32,7 @@ def test_a_revoked_batch_is_one_entry_on_the_roots_crl_and_the_device_refuses_it
         se = SeSession(ApduProtocol(fabbed[1].process))
         se.select()
         root_cache = CrlCache(se, MemoryStore(), point_of(fleet.root.public_key()),
-                              fleet.root.subject.public_bytes(), CrlPolicy(object_id=3))
+                              fleet.root.subject.public_bytes(), CrlPolicy(object_id=4))
         now = epoch(fleet.clock()) + 1
         assert root_cache.refresh(lambda: publisher.current_der("root"), now) == "updated"
         b42, b43 = fleet.ca_certs["b42"], fleet.ca_certs["b43"]

@@ -87,7 +87,6 @@ WORKFLOWS = {
     "run_mqtt": ("tests/micropython/test_mqtt_micropython.py::test_umqtt_channel_under_micropython_against_the_broker",
                  ("fleetid.common.mqttmsg", "fleetid.device.mqtt", "umqtt.simple"),
                  3, 23 * 1024, 29 * 1024),
-    "run_revset_lookup": ("tests/micropython/test_revset_micropython.py::test_revset_lookups_and_delta_merge_under_micropython",
     "run_revset_lookup": ("tests/micropython/test_revset_micropython.py::test_revset_lookups_under_micropython",
                           ("fleetid.common.errors", "fleetid.common.revset"),
                           3, 44 * 1024, 55 * 1024),
