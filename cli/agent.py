@@ -14,6 +14,9 @@ import sys
 
 import click
 
+from fleetid.cli.agent_device import Device as _Device
+from fleetid.cli.agent_device import fail as _fail
+from fleetid.cli.agent_device import load_cert as _load_cert
 from fleetid.common.errors import FleetidError
 
 _BUS_HELP = "SE bus URI (or FLEETID_BUS), e.g. sim:unix:/tmp/se.sock, linux:i2c:/dev/i2c-1:0x48"
@@ -24,45 +27,6 @@ def _when(seconds):
         return "-"
     moment = datetime.datetime.fromtimestamp(seconds, datetime.timezone.utc)
     return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def _fail(exc):
-    from fleetid.cli.se_connection import describe_error
-
-    raise click.ClickException(describe_error(exc)) from None
-
-
-class _Device:
-    """The SE stack, its fleet root anchor and the network adapter, opened on demand."""
-
-    def __init__(self, bus, t1_profile, timeout_ms):
-        from fleetid.cli.se_connection import SeConnection
-
-        try:
-            # Opened (and the applet selected) the way `fleetid se` opens it.
-            self.stack = SeConnection(bus, t1_profile, timeout_ms).open_stack(select=True)
-        except FleetidError as exc:
-            _fail(exc)
-        except ValueError as exc:
-            raise click.UsageError(str(exc)) from None
-        self.se = self.stack.se
-
-    def root_der(self):
-        from fleetid.common import se_consts as C
-
-        return bytes(self.se.get_data(C.DATA_TRUST_FLEET_ROOT, -1, 65536))
-
-    def net(self, cloud, est, label=None):
-        from fleetid.device.host.agent_net import HostNetwork
-
-        try:
-            return HostNetwork(self.se, cloud or est, est or cloud, [self.root_der()],
-                               label=label)
-        except ValueError as exc:
-            raise click.UsageError(str(exc)) from None
-
-    def close(self):
-        self.stack.close()
 
 
 def _bus_options(f):
@@ -554,20 +518,6 @@ def check_peer_cmd(cert, bus, t1_profile, timeout_ms, crl_cache, crl_issuer, crl
             peer.serial_number, _status_line(cache.status(now))))
     finally:
         device.close()
-
-
-def _load_cert(path):
-    """A certificate from a PEM or DER file; a usage error naming the file otherwise."""
-    from cryptography import x509
-
-    with open(path, "rb") as f:
-        data = f.read()
-    try:
-        if b"-----BEGIN" in data:
-            return x509.load_pem_x509_certificate(data)
-        return x509.load_der_x509_certificate(data)
-    except ValueError:
-        raise click.UsageError("%s is not a certificate" % path) from None
 
 
 def _status_line(status):

@@ -15,7 +15,7 @@ from fleetid.common.errors import FleetidError
 
 
 def _load_cert(path):
-    from fleetid.cli.agent import _load_cert as load
+    from fleetid.cli.agent_device import load_cert as load
 
     return load(path)
 
@@ -61,7 +61,7 @@ def check_peer_offline(cert, bus, t1_profile, timeout_ms, root_file, signer_file
     from cryptography import x509
     from cryptography.x509.oid import NameOID
 
-    from fleetid.cli.agent import _Device
+    from fleetid.cli.agent_device import Device as _Device
     from fleetid.cloud.revocation.compact import OID_KP_REVOCATION_SET, public_point
     from fleetid.common import revset
     from fleetid.device.crl_cache import FileStore
