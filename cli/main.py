@@ -19,6 +19,8 @@ _GROUPS = (
     ("line", "line"),
     ("cloud", "cloud"),
     ("agent", "agent"),
+    ("mqtt", "mqtt"),
+    ("ota", "ota"),
 )
 
 
@@ -36,6 +38,8 @@ def cli():
       line   the factory personalisation line: run stations, reconcile after a crash
       cloud  the fleet cloud: EST CA + mTLS verifier, certificate diagnosis
       agent  the device agent: enrol, rotate without recall, status, diagnostics
+      mqtt   the fleet's MQTT broker (mosquitto on the fleet PKI), the cloud's MQTT side
+      ota    over-the-air SE administration and device commands over MQTT
 
     Every command has --help with examples.
     """
