@@ -14,6 +14,7 @@ import sys
 
 import click
 
+from fleetid.cli.agent_mqtt import mqtt_options
 from fleetid.common.errors import FleetidError
 
 _BUS_HELP = "SE bus URI (or FLEETID_BUS), e.g. sim:unix:/tmp/se.sock, linux:i2c:/dev/i2c-1:0x48"
@@ -153,9 +154,10 @@ def agent():
 @click.option("--boot-max-size", default=0x100000, show_default=True,
               type=click.IntRange(32), help="Slot size for --boot-image.")
 @_revocation_options
+@mqtt_options
 def run_cmd(bus, t1_profile, timeout_ms, cloud, est, label, once, rotate, interval,
             renew_fraction, max_attempts, max_delay, quiet, boot_image, boot_max_size,
-            crl_cache, crl_issuer, crl_grace, crl_fail_open):
+            crl_cache, crl_issuer, crl_grace, crl_fail_open, **mqtt):
     """Run the agent: enrol, renew when due (or --rotate), acknowledge, retire the old key.
 
     \b
@@ -167,6 +169,8 @@ def run_cmd(bus, t1_profile, timeout_ms, cloud, est, label, once, rotate, interv
           --est https://127.0.0.1:8444 --once
       fleetid agent run --bus linux:i2c:/dev/i2c-1:0x48 --t1-profile se05x \\
           --cloud https://verifier.example:8443 --est https://est.example:8444
+      fleetid agent run --bus sim:unix:/tmp/se.sock --cloud https://127.0.0.1:8443 \\
+          --mqtt mqtts://127.0.0.1:8883 --crl-issuer ca.pem --crl-cache var/agent/ca.crl
     """
     import threading
 
@@ -175,6 +179,10 @@ def run_cmd(bus, t1_profile, timeout_ms, cloud, est, label, once, rotate, interv
 
     if not (cloud or est):
         raise click.UsageError("--cloud (and/or --est) is required")
+    if mqtt["mqtt_url"]:  # the loop with its MQTT session: cli/agent_mqtt.py
+        from fleetid.cli.agent_mqtt import run_on_mqtt
+
+        sys.exit(run_on_mqtt(**dict(locals(), **mqtt)))
     stop = threading.Event()
 
     def on_signal(signum, frame):

@@ -1,0 +1,317 @@
+"""`fleetid agent run --mqtt mqtts://HOST:PORT`: the agent with its MQTT session, a thin
+shell over fleetid.device.agent_mqtt (AgentMqtt), device/mqtt.py (DeviceChannel) and
+device/host/mqtt_paho.py (PahoSeTransport: TLS signed in the SE).
+
+One SE connection serves everything, all on this (main) thread: the agent's cycles, the
+TLS handshakes (the SE signs), the CRL cache's checks and the OTA relay.  paho's network
+thread only queues messages; they are handled between bounded waits.  What it does:
+
+* telemetry after each cycle ({"agent": summary} or {"agent": {"failed": reason}});
+* retained CRLs (fleet/crl/<label>) into the agent's CRL cache (--crl-issuer/--crl-cache);
+* a `rotate` command runs a rotation at once; `apdu` commands (SCP03 only) are relayed
+  to the SE verbatim; `ping` is answered;
+* a lost broker connection is re-opened (backoff up to --max-delay); a lost SE link is
+  re-opened and the relayed APDU tried once more (the emulator drops a client idle for
+  --idle-timeout, so an idle SE gets a GET RANDOM every KEEPALIVE_S);
+* SIGTERM / Ctrl-C stop it between steps.
+"""
+
+import random
+import sys
+import threading
+import time
+
+import click
+
+from fleetid.common.errors import FleetidError
+
+KEEPALIVE_S = 10.0  # below `fleetid sim serve`'s default --idle-timeout (30 s)
+STEP_S = 0.2  # longest wait for MQTT input before the loop looks at its timers
+
+
+def mqtt_options(function):
+    """--mqtt and its companions (decorator for `fleetid agent run`)."""
+    function = click.option(
+        "--mqtt-crl-label", "mqtt_crl_labels", multiple=True, default=("+",),
+        show_default=True, help="Retained CRL topics to take (fleet/crl/LABEL; + = all); "
+                                "the cache keeps those of --crl-issuer.")(function)
+    function = click.option(
+        "--mqtt-chain", type=click.Path(exists=True, dir_okay=False), default=None,
+        help="PEM intermediates sent after the SE's identity certificate (a broker whose "
+             "trust store lacks the issuing CA).")(function)
+    function = click.option(
+        "--mqtt-ca", type=click.Path(exists=True, dir_okay=False), default=None,
+        help="PEM roots the broker's certificate must chain to (default: the fleet root "
+             "anchor in the SE; a managed broker's public CA here).")(function)
+    function = click.option(
+        "--mqtt-timeout", default=20.0, show_default=True, type=click.FloatRange(1.0, 300.0),
+        help="Bound on each MQTT wait (TLS handshake, CONNACK, SUBACK, PUBACK).")(function)
+    function = click.option(
+        "--mqtt", "mqtt_url", default=None, metavar="URL",
+        help="Open an MQTT session, mqtts://HOST[:PORT]: telemetry, retained CRLs, "
+             "rotate commands, OTA relay (TLS signed in the SE).")(function)
+    return function
+
+
+def _pem_certs_der(path, option):
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        certs = x509.load_pem_x509_certificates(data)
+    except ValueError:
+        raise click.BadParameter("%s holds no PEM certificate" % path,
+                                 param_hint=option) from None
+    return [c.public_bytes(serialization.Encoding.DER) for c in certs]
+
+
+class MqttAgent:
+    """The --mqtt loop.  Params (keywords): the `fleetid agent run` options it uses."""
+
+    def __init__(self, stop, **options):
+        from fleetid.cli.mqtt import parse_broker
+        from fleetid.device.agent import AgentPolicy
+        from fleetid.device.host.agent_net import SystemClock
+
+        self.o = options
+        self.host, self.port = parse_broker(options["mqtt_url"], "--mqtt")
+        self.roots = (_pem_certs_der(options["mqtt_ca"], "--mqtt-ca")
+                      if options["mqtt_ca"] else None)
+        self.chain = (_pem_certs_der(options["mqtt_chain"], "--mqtt-chain")
+                      if options["mqtt_chain"] else [])
+        self.stop = stop
+        self.clock = SystemClock(stop)
+        self.policy = AgentPolicy(renew_fraction=options["renew_fraction"],
+                                  max_attempts=options["max_attempts"],
+                                  max_delay=options["max_delay"],
+                                  max_wait=max(options["max_delay"] * options["max_attempts"],
+                                               60.0))
+        self.log = None if options["quiet"] else (lambda line: click.echo("agent: " + line))
+        self.device = None
+        self.link = None
+        self.boot = None
+        self.used_at = 0.0
+        self.reported = (0, 0)
+
+    # -- the SE ------------------------------------------------------------------------
+
+    def open_device(self):
+        """The SE (opened when needed); the agent and its CRL cache follow it."""
+        from fleetid.cli.agent import _Device
+
+        if self.device is None:
+            self.device = _Device(self.o["bus"], self.o["t1_profile"], self.o["timeout_ms"])
+            self.used_at = time.monotonic()
+            if self.link is not None:
+                self.link.agent = self.make_agent(self.device)
+        return self.device
+
+    def close_device(self):
+        if self.device is not None:
+            self.device.close()
+            self.device = None
+
+    def make_agent(self, device):
+        from fleetid.cli.agent import _revocation
+        from fleetid.device.agent import Agent
+
+        o = self.o
+        return Agent(device.se, device.net(o["cloud"], o["est"], o["label"]), self.clock,
+                     random.SystemRandom().random, boot=self._signed_boot(device.se),
+                     revocation=_revocation(device, o["crl_cache"], o["crl_issuer"],
+                                            o["crl_grace"], o["crl_fail_open"]),
+                     policy=self.policy, log=self.log)
+
+    def _signed_boot(self, se):
+        if self.boot is None and self.o["boot_image"] is not None:
+            from fleetid.device import boot as boot_mod
+            from fleetid.device.agent import SignedBoot
+
+            self.boot = SignedBoot(boot_mod.check_image, boot_mod.confirm_boot, se,
+                                   open(self.o["boot_image"], "rb"), self.o["boot_max_size"])
+        if self.boot is not None:
+            self.boot.se = se  # checked once per process, confirmed once
+        return self.boot
+
+    def relay(self, apdu):
+        """The channel's relay into the SE; a lost link is re-opened and tried once more
+        (an SCP03 session open before it is gone: the SE then answers 6982)."""
+        from fleetid.common.errors import BusError, LinkError
+
+        for attempt in (0, 1):
+            try:
+                answer = self.open_device().stack.protocol.transceive_raw(apdu)
+                self.used_at = time.monotonic()
+                return answer
+            except (BusError, LinkError, OSError):
+                self.close_device()
+                if attempt:
+                    raise
+
+    def keepalive(self):
+        if self.device is not None and time.monotonic() - self.used_at > KEEPALIVE_S:
+            try:
+                self.device.se.get_random(1)
+                self.used_at = time.monotonic()
+            except (FleetidError, OSError):
+                self.close_device()
+
+    # -- MQTT --------------------------------------------------------------------------
+
+    def connect(self):
+        """(Re)open the MQTT session.  Returns: True when connected."""
+        from cryptography import x509
+        from cryptography.x509.oid import NameOID
+
+        from fleetid.common import se_consts as C
+        from fleetid.device.agent_mqtt import AgentMqtt
+        from fleetid.device.host.mqtt_paho import PahoSeTransport
+        from fleetid.device.mqtt import DeviceChannel, TransportError
+
+        if self.link is not None:
+            self.link.channel.close()
+        device = self.open_device()
+        identity = bytes(device.se.get_cert(C.SLOT_IDENTITY))
+        name = x509.load_der_x509_certificate(identity).subject.get_attributes_for_oid(
+            NameOID.COMMON_NAME)[0].value
+        transport = PahoSeTransport(device.se, C.SLOT_IDENTITY, [identity] + self.chain,
+                                    self.roots or [device.root_der()], self.host, self.port,
+                                    timeout=self.o["mqtt_timeout"])
+        channel = DeviceChannel(transport, name, relay=self.relay,
+                                clock=lambda: int(time.time()))
+        self.link = AgentMqtt(self.make_agent(device), channel)
+        try:
+            channel.start(crl_labels=self.o["mqtt_crl_labels"])
+        except TransportError as exc:
+            channel.close()
+            self.link = None
+            click.echo("mqtt: cannot connect to mqtts://%s:%d: %s" % (self.host, self.port,
+                                                                     exc), err=True)
+            return False
+        self.used_at = time.monotonic()
+        click.echo("mqtt: connected to mqtts://%s:%d as %s (TLS signed in the SE, identity "
+                   "slot %d)" % (self.host, self.port, name, C.SLOT_IDENTITY))
+        sys.stdout.flush()
+        return True
+
+    @property
+    def connected(self):
+        return self.link is not None and self.link.channel.transport.connected
+
+    def pump(self, seconds):
+        """Handle MQTT input for up to `seconds` (bounded steps).  Returns: "rotate" when
+        a rotate command arrived, else None."""
+        deadline = time.monotonic() + seconds
+        while not self.stop.is_set() and self.connected:
+            self.link.channel.step(max(0.0, min(STEP_S, deadline - time.monotonic())))
+            self._say_news()
+            if self.link.pending is not None:
+                command, self.link.pending = self.link.pending, None
+                click.echo("mqtt: %s command from the cloud" % command)
+                return command
+            self.keepalive()
+            if time.monotonic() >= deadline:
+                break
+        return None
+
+    def _say_news(self):
+        channel = self.link.channel
+        while self.link.crl_results:
+            click.echo("mqtt: retained CRL -> cache: %s" % self.link.crl_results.pop(0))
+        if (channel.relayed, channel.refused) != self.reported:
+            click.echo("mqtt: %d APDU(s) relayed to the SE, %d message(s) refused"
+                       % (channel.relayed, channel.refused))
+            self.reported = (channel.relayed, channel.refused)
+        sys.stdout.flush()
+
+    # -- the agent ---------------------------------------------------------------------
+
+    def cycle(self, command):
+        """One agent cycle, printed and reported as telemetry.
+        Returns: (exit status, next renewal time or None)."""
+        from fleetid.cli.agent import _when
+        from fleetid.device.agent import AgentError, NetError
+
+        self.link.agent = self.make_agent(self.open_device())
+        try:
+            report = self.link.run(command)
+        except (AgentError, NetError, FleetidError, InterruptedError) as exc:
+            reason = getattr(exc, "reason", None) or type(exc).__name__
+            click.echo("FAILED %s" % (exc,), err=True)
+            self._telemetry({"agent": {"failed": str(reason)}})
+            return 1, None
+        self.used_at = time.monotonic()
+        click.echo("credential: slot %d, certificate serial %x, valid until %s, renewal at "
+                   "%s, journal %s; reported as telemetry" % (
+                       report.slot, report.serial, _when(report.not_after),
+                       _when(report.renew_at), report.journal))
+        return 0, report.renew_at
+
+    def _telemetry(self, metrics):
+        from fleetid.device.mqtt import TransportError
+
+        try:
+            self.link.channel.send_telemetry(metrics)
+        except TransportError as exc:
+            click.echo("mqtt: telemetry not sent: %s" % exc, err=True)
+
+    def close(self):
+        if self.link is not None:
+            self.link.channel.close()
+        self.close_device()
+        if self.boot is not None:
+            self.boot.reader.close()
+
+
+def run_on_mqtt(**options):
+    """`fleetid agent run --mqtt`: the loop until SIGTERM / Ctrl-C (or one cycle with
+    --once).  Returns: the exit status of the last cycle."""
+    from fleetid.cli.mqtt import StopSignals
+
+    with StopSignals() as stop:
+        agent = MqttAgent(stop, **options)
+        try:
+            status = _loop(agent, options)
+        finally:
+            agent.close()
+    if stop.is_set():
+        click.echo("agent: stopped")
+    return status
+
+
+def _loop(agent, o):
+    status = 0
+    command = "rotate" if o["rotate"] else None
+    next_run = 0.0  # a cycle at start
+    backoff = 1.0
+    while not agent.stop.is_set():
+        if not agent.connected:
+            try:
+                ok = agent.connect()
+            except click.ClickException as exc:  # the SE is unreachable
+                if o["once"]:
+                    raise
+                click.echo("agent: SE unavailable (%s)" % exc.message, err=True)
+                agent.close_device()
+                ok = False
+            if not ok:
+                if o["once"]:
+                    return 1
+                agent.stop.wait(backoff)
+                backoff = min(backoff * 2, o["max_delay"])
+                continue
+            backoff = 1.0
+            agent.pump(1.0)  # the retained CRLs before the first cycle
+        if command is not None or time.monotonic() >= next_run:
+            status, renew_at = agent.cycle(command)
+            command = None
+            wake = o["interval"]
+            if renew_at is not None:
+                wake = min(wake, max(1.0, renew_at - agent.clock.now()))
+            next_run = time.monotonic() + wake
+            if o["once"]:
+                return status
+        command = agent.pump(max(0.0, next_run - time.monotonic()))
+    return status
