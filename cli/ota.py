@@ -114,13 +114,14 @@ class _Session:
         self.line.close()
 
 
-def _kvn(value):
+def _kvn(value, option):
     try:
         number = int(value, 0)
     except ValueError:
-        raise click.BadParameter("%r is not a number" % value) from None
+        raise click.BadParameter("%r is not a number" % value, param_hint=option) from None
     if not 1 <= number <= 0x7F:
-        raise click.BadParameter("%r is not a key version 0x01..0x7F" % value)
+        raise click.BadParameter("%r is not a key version 0x01..0x7F" % value,
+                                 param_hint=option)
     return number
 
 
@@ -169,8 +170,8 @@ def rotate_scp03_cmd(line_dir, broker_url, files_dir, device, timeout, pass_file
     from fleetid.cloud.mqtt.ota import KeySet, OtaError, open_admin, rotate_scp03_keys
     from fleetid.common.host.hostcrypto import CryptographyPrimitives
 
-    kvn = _kvn(kvn_text)
-    new_kvn = _kvn(new_kvn_text) if new_kvn_text else kvn + 1
+    kvn = _kvn(kvn_text, "--kvn")
+    new_kvn = _kvn(new_kvn_text, "--new-kvn") if new_kvn_text else kvn + 1
     if new_kvn == kvn:
         raise click.BadParameter("must differ from --kvn", param_hint="--new-kvn")
     session = _Session(line_dir, files_dir, broker_url, device, timeout, pass_file)
@@ -241,7 +242,7 @@ def install_fw_key_cmd(line_dir, broker_url, files_dir, device, timeout, pass_fi
     from fleetid.common import se_consts as C
     from fleetid.common.host.hostcrypto import CryptographyPrimitives
 
-    kvn = _kvn(kvn_text)
+    kvn = _kvn(kvn_text, "--kvn")
     certificate = _load_cert(fw_cert)
     session = _Session(line_dir, files_dir, broker_url, device, timeout, pass_file)
     try:
