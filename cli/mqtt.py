@@ -174,22 +174,28 @@ def mqtt():
               help="Write the files, print the mosquitto command, do not start it.")
 @click.option("--start-timeout", default=10.0, show_default=True,
               type=click.FloatRange(1.0, 120.0), help="Seconds to wait for mosquitto.")
+@click.option("--crl-interval", default=60.0, show_default=True,
+              type=click.FloatRange(1.0, 86400.0),
+              help="Seconds between checks of the registry's revocations: a change rewrites "
+                   "the CRL file and reloads mosquitto (SIGHUP).")
 @pass_file_option
-def broker_cmd(line_dir, port, host, out, write_only, start_timeout, pass_file):
+def broker_cmd(line_dir, port, host, out, write_only, start_timeout, crl_interval, pass_file):
     """mosquitto on the fleet PKI, in the foreground until SIGTERM / Ctrl-C.
 
     Writes into OUT: ca-bundle.pem (root + issuing CA), server.pem/.key (signed by the
     fleet root in the line's HSM), cloud.pem/.key (CN fleet-cloud, for `fleetid mqtt
     cloud` and `fleetid ota`), crl.pem (the CAs' CRLs), mosquitto.conf (mTLS,
     require_certificate, use_identity_as_username, crlfile) and mosquitto.acl (each device
-    its own topics).  mosquitto's log: OUT/mosquitto.log.
+    its own topics).  mosquitto's log: OUT/mosquitto.log.  While it runs, a revocation in
+    the line's registry rewrites crl.pem and reloads mosquitto, so the revoked device's
+    next TLS handshake is refused.
 
     \b
     Examples:
       fleetid mqtt broker --line var/line --port 8883
       fleetid mqtt broker --line var/line --out /etc/fleetid/mqtt --write-only
     """
-    from fleetid.cloud.mqtt.broker import Broker, BrokerError
+    from fleetid.cloud.mqtt.broker import Broker
     from fleetid.cloud.mqtt.fleet_files import make_broker_files
 
     out = out or os.path.join(line_dir, "mqtt")
@@ -199,46 +205,68 @@ def broker_cmd(line_dir, port, host, out, write_only, start_timeout, pass_file):
         files = make_broker_files(line.hsm, line.labels["root"], line.root_cert,
                                   [line.ca_cert], crl_publisher(line), out,
                                   server_hosts=hosts)
+        files.config.host = host
+        broker = Broker(files.config, out, port=port)
+        if write_only:
+            command = broker.write_files(port)
+            click.echo("broker files: %s (mosquitto.conf, mosquitto.acl, ca-bundle.pem, "
+                       "server.pem, cloud.pem, crl.pem)" % out)
+            click.echo("run: %s" % " ".join(command))
+            return
+        if broker.binary is None:
+            raise click.ClickException("mosquitto is not installed (Debian: apt-get install "
+                                       "mosquitto); --write-only writes the files without it")
+        _run_broker(broker, files, start_timeout, crl_interval)
     except (FleetidError, OSError, ValueError) as exc:
         raise fail(exc) from None
     finally:
         line.close()
-    files.config.host = host
-    broker = Broker(files.config, out, port=port)
-    if write_only:
-        try:
-            command = broker.write_files(port)
-        except OSError as exc:
-            raise fail(exc) from None
-        click.echo("broker files: %s (mosquitto.conf, mosquitto.acl, ca-bundle.pem, "
-                   "server.pem, cloud.pem, crl.pem)" % out)
-        click.echo("run: %s" % " ".join(command))
-        return
-    if broker.binary is None:
-        raise click.ClickException("mosquitto is not installed (Debian: apt-get install "
-                                   "mosquitto); --write-only writes the files without it")
-    _run_broker(broker, start_timeout, BrokerError)
 
 
-def _run_broker(broker, start_timeout, broker_error):
+def _run_broker(broker, files, start_timeout, crl_interval):
+    from fleetid.cloud.mqtt.broker import BrokerError
+
     with StopSignals() as stop:
         try:
             broker.start(start_timeout)
-        except broker_error as exc:
+        except BrokerError as exc:
             raise click.ClickException("mosquitto did not start on %s:%d: %s" % (
                 broker.host, broker.port, str(exc).splitlines()[0])) from None
         click.echo("mqtt broker: mosquitto pid %d on mqtts://%s:%d (mTLS, identity = "
                    "certificate CN, crlfile, ACL); log %s"
-                   % (broker.pid, broker.host, broker.port, broker.log_path), nl=True)
+                   % (broker.pid, broker.host, broker.port, broker.log_path))
         sys.stdout.flush()
         status = None
+        written = _crl_state(files)
+        next_check = time.monotonic() + crl_interval
         while status is None and not stop.is_set():
             status = broker.wait(0.2)
+            if status is None and time.monotonic() >= next_check:
+                written = _refresh_crl_file(files, broker, written)
+                next_check = time.monotonic() + crl_interval
         broker.stop()
     if status is not None:
         tail = broker.log().strip().splitlines()[-1:] or ["(no log)"]
         raise click.ClickException("mosquitto exited with status %s: %s" % (status, tail[0]))
     click.echo("mqtt broker: stopped")
+
+
+def _crl_state(files):
+    publisher = files.publisher
+    return tuple(publisher.current_der(label) for label in publisher.labels())
+
+
+def _refresh_crl_file(files, broker, written):
+    """Rewrite the CRL file and reload mosquitto when a CRL changed.  Returns: the state
+    now in the file."""
+    state = _crl_state(files)
+    if state != written:
+        files.write_crl()
+        broker.reload()
+        click.echo("mqtt broker: CRL file rewritten (revocations changed); mosquitto "
+                   "reloaded")
+        sys.stdout.flush()
+    return state
 
 
 @mqtt.command("cloud")

@@ -4,8 +4,9 @@ chip), `fleetid cloud serve` (EST + verifier) and `fleetid agent run --mqtt` (it
 session TLS-signed in the SE).  `fleetid ota rotate-scp03` rotates the device's SCP03 keys
 through the agent's relay, `fleetid ota install-fw-key` installs a firmware certificate
 with the new keys (and is refused with the old ones), `fleetid ota rotate` makes the agent
-rotate its credential, a device that is not online times out, and SIGTERM stops every
-long-running command cleanly."""
+rotate its credential, a device that is not online times out, a revocation reaches the
+broker's CRL file (the revoked device's handshake is refused) and the online agent's CRL
+cache, and SIGTERM stops every long-running command cleanly."""
 
 import glob
 import json
@@ -61,8 +62,8 @@ def test_ota_over_the_broker_to_an_agent_process_rotates_its_scp03_keys(tmp_path
         port = _free_port()
         url = "mqtts://127.0.0.1:%d" % port
         broker_out = str(tmp_path / "broker.out")
-        broker = _Background(["mqtt", "broker", "--line", line, "--port", str(port)], env,
-                             broker_out)
+        broker = _Background(["mqtt", "broker", "--line", line, "--port", str(port),
+                              "--crl-interval", "1"], env, broker_out)
         servers.append(broker)
         _until(broker_out, broker.proc, "mqtt broker: mosquitto pid", "broker")
         for name in ("ca-bundle.pem", "cloud.pem", "crl.pem", "mosquitto.conf"):
@@ -122,6 +123,25 @@ def test_ota_over_the_broker_to_an_agent_process_rotates_its_scp03_keys(tmp_path
         late = _fleetid("ota", "rotate", "--line", line, "--broker", url, "--device",
                         "FID-000000002", "--timeout", "2", env=env)
         assert late.returncode == 1 and "no answer within 2 s" in late.stderr, late.stderr
+
+        # Revocation: the broker rewrites its CRL file (the device's next handshake is
+        # refused), the cloud republishes the retained CRL, the online agent takes it.
+        registry = "sqlite:" + os.path.join(line, "registry.db")
+        _ok(_fleetid("cloud", "revoke-device", "--serial", "2", "--registry", registry,
+                     env=env))
+        _until(broker_out, broker.proc, "CRL file rewritten", "the broker's CRL reload")
+        _wait_for(lambda: _text(mq_cloud_out).count("crl ca published retained") == 2,
+                  mq_cloud.proc, "the republished CRL", 60)
+        _wait_for(lambda: _text(agent_out).count("retained CRL -> cache: updated") == 2,
+                  agent.proc, "the new CRL in the agent's cache", 60)
+        revoked_sock = str(tmp_path / "se2.sock")
+        chip2 = sorted(glob.glob(os.path.join(line, "chips", "*", "se-*.nvm")))[1]
+        servers.append(_serve_chip(chip2, revoked_sock, env, str(tmp_path / "se2.log")))
+        refused = _fleetid("agent", "run", "--bus", "sim:unix:" + revoked_sock, "--once",
+                           "--cloud", "https://127.0.0.1:%d" % ports["verifier"],
+                           "--mqtt", url, "--mqtt-timeout", "5", env=env)
+        assert refused.returncode == 1 and "certificate_revoked" in refused.stderr, (
+            refused.stdout + refused.stderr)
 
         _stop_cleanly(agent, agent_out, "agent: stopped")
         _stop_cleanly(mq_cloud, mq_cloud_out, "mqtt cloud: stopped; accepted 2")
