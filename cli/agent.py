@@ -14,7 +14,7 @@ import sys
 
 import click
 
-from fleetid.cli.agent_mqtt import mqtt_options
+from fleetid.cli.agent_mqtt import mqtt_options, run_on_mqtt
 from fleetid.common.errors import FleetidError
 
 _BUS_HELP = "SE bus URI (or FLEETID_BUS), e.g. sim:unix:/tmp/se.sock, linux:i2c:/dev/i2c-1:0x48"
@@ -180,9 +180,13 @@ def run_cmd(bus, t1_profile, timeout_ms, cloud, est, label, once, rotate, interv
     if not (cloud or est):
         raise click.UsageError("--cloud (and/or --est) is required")
     if mqtt["mqtt_url"]:  # the loop with its MQTT session: cli/agent_mqtt.py
-        from fleetid.cli.agent_mqtt import run_on_mqtt
-
-        sys.exit(run_on_mqtt(**dict(locals(), **mqtt)))
+        sys.exit(run_on_mqtt(
+            lambda: _Device(bus, t1_profile, timeout_ms),
+            lambda device: _revocation(device, crl_cache, crl_issuer, crl_grace, crl_fail_open),
+            _when, cloud=cloud, est=est, label=label, once=once, rotate=rotate,
+            interval=interval, renew_fraction=renew_fraction, max_attempts=max_attempts,
+            max_delay=max_delay, quiet=quiet, boot_image=boot_image,
+            boot_max_size=boot_max_size, **mqtt))
     stop = threading.Event()
 
     def on_signal(signum, frame):

@@ -68,14 +68,22 @@ def _pem_certs_der(path, option):
 
 
 class MqttAgent:
-    """The --mqtt loop.  Params (keywords): the `fleetid agent run` options it uses."""
+    """The --mqtt loop.
 
-    def __init__(self, stop, **options):
+    Params: stop: threading.Event.  open_device: fn() -> an open cli.agent._Device (raises
+        click.ClickException).  revocation: fn(device) -> CrlCache or None.  when: fn(unix
+        seconds) -> text.  options: the `fleetid agent run` options it uses, by name.
+    """
+
+    def __init__(self, stop, open_device, revocation, when, **options):
         from fleetid.cli.mqtt import parse_broker
         from fleetid.device.agent import AgentPolicy
         from fleetid.device.host.agent_net import SystemClock
 
         self.o = options
+        self._open_device = open_device
+        self._revocation = revocation
+        self._when = when
         self.host, self.port = parse_broker(options["mqtt_url"], "--mqtt")
         self.roots = (_pem_certs_der(options["mqtt_ca"], "--mqtt-ca")
                       if options["mqtt_ca"] else None)
@@ -99,10 +107,8 @@ class MqttAgent:
 
     def open_device(self):
         """The SE (opened when needed); the agent and its CRL cache follow it."""
-        from fleetid.cli.agent import _Device
-
         if self.device is None:
-            self.device = _Device(self.o["bus"], self.o["t1_profile"], self.o["timeout_ms"])
+            self.device = self._open_device()
             self.used_at = time.monotonic()
             if self.link is not None:
                 self.link.agent = self.make_agent(self.device)
@@ -114,15 +120,12 @@ class MqttAgent:
             self.device = None
 
     def make_agent(self, device):
-        from fleetid.cli.agent import _revocation
         from fleetid.device.agent import Agent
 
         o = self.o
         return Agent(device.se, device.net(o["cloud"], o["est"], o["label"]), self.clock,
                      random.SystemRandom().random, boot=self._signed_boot(device.se),
-                     revocation=_revocation(device, o["crl_cache"], o["crl_issuer"],
-                                            o["crl_grace"], o["crl_fail_open"]),
-                     policy=self.policy, log=self.log)
+                     revocation=self._revocation(device), policy=self.policy, log=self.log)
 
     def _signed_boot(self, se):
         if self.boot is None and self.o["boot_image"] is not None:
@@ -231,7 +234,6 @@ class MqttAgent:
     def cycle(self, command):
         """One agent cycle, printed and reported as telemetry.
         Returns: (exit status, next renewal time or None)."""
-        from fleetid.cli.agent import _when
         from fleetid.device.agent import AgentError, NetError
 
         self.link.agent = self.make_agent(self.open_device())
@@ -245,8 +247,8 @@ class MqttAgent:
         self.used_at = time.monotonic()
         click.echo("credential: slot %d, certificate serial %x, valid until %s, renewal at "
                    "%s, journal %s; reported as telemetry" % (
-                       report.slot, report.serial, _when(report.not_after),
-                       _when(report.renew_at), report.journal))
+                       report.slot, report.serial, self._when(report.not_after),
+                       self._when(report.renew_at), report.journal))
         return 0, report.renew_at
 
     def _telemetry(self, metrics):
@@ -265,13 +267,13 @@ class MqttAgent:
             self.boot.reader.close()
 
 
-def run_on_mqtt(**options):
+def run_on_mqtt(open_device, revocation, when, **options):
     """`fleetid agent run --mqtt`: the loop until SIGTERM / Ctrl-C (or one cycle with
-    --once).  Returns: the exit status of the last cycle."""
+    --once).  Params: as MqttAgent.  Returns: the exit status of the last cycle."""
     from fleetid.cli.mqtt import StopSignals
 
     with StopSignals() as stop:
-        agent = MqttAgent(stop, **options)
+        agent = MqttAgent(stop, open_device, revocation, when, **options)
         try:
             status = _loop(agent, options)
         finally:
