@@ -158,8 +158,9 @@ class MqttAgent:
             try:
                 self.device.se.get_random(1)
                 self.used_at = time.monotonic()
-            except (FleetidError, OSError):
+            except (FleetidError, OSError):  # the SE link broke: reconnect everything
                 self.close_device()
+                self.drop()
 
     # -- MQTT --------------------------------------------------------------------------
 
@@ -173,15 +174,19 @@ class MqttAgent:
         from fleetid.device.host.mqtt_paho import PahoSeTransport
         from fleetid.device.mqtt import DeviceChannel, TransportError
 
-        if self.link is not None:
-            self.link.channel.close()
+        self.drop()
         device = self.open_device()
-        identity = bytes(device.se.get_cert(C.SLOT_IDENTITY))
-        name = x509.load_der_x509_certificate(identity).subject.get_attributes_for_oid(
-            NameOID.COMMON_NAME)[0].value
-        transport = PahoSeTransport(device.se, C.SLOT_IDENTITY, [identity] + self.chain,
-                                    self.roots or [device.root_der()], self.host, self.port,
-                                    timeout=self.o["mqtt_timeout"])
+        try:
+            identity = bytes(device.se.get_cert(C.SLOT_IDENTITY))
+            name = x509.load_der_x509_certificate(identity).subject.get_attributes_for_oid(
+                NameOID.COMMON_NAME)[0].value
+            transport = PahoSeTransport(device.se, C.SLOT_IDENTITY, [identity] + self.chain,
+                                        self.roots or [device.root_der()], self.host,
+                                        self.port, timeout=self.o["mqtt_timeout"])
+        except (FleetidError, OSError) as exc:  # the SE link broke: open it again later
+            click.echo("agent: SE identity unavailable: %s" % (exc,), err=True)
+            self.close_device()
+            return False
         channel = DeviceChannel(transport, name, relay=self.relay,
                                 clock=lambda: int(time.time()))
         self.link = AgentMqtt(self.make_agent(device), channel)
@@ -199,6 +204,12 @@ class MqttAgent:
         sys.stdout.flush()
         return True
 
+    def drop(self):
+        """Close the MQTT session (the loop opens it again)."""
+        if self.link is not None:
+            self.link.channel.close()
+            self.link = None
+
     @property
     def connected(self):
         return self.link is not None and self.link.channel.transport.connected
@@ -206,9 +217,16 @@ class MqttAgent:
     def pump(self, seconds):
         """Handle MQTT input for up to `seconds` (bounded steps).  Returns: "rotate" when
         a rotate command arrived, else None."""
+        from fleetid.device.mqtt import TransportError
+
         deadline = time.monotonic() + seconds
         while not self.stop.is_set() and self.connected:
-            self.link.channel.step(max(0.0, min(STEP_S, deadline - time.monotonic())))
+            try:
+                self.link.channel.step(max(0.0, min(STEP_S, deadline - time.monotonic())))
+            except TransportError as exc:  # a reply could not be published
+                click.echo("mqtt: session lost: %s" % exc, err=True)
+                self.drop()
+                return None
             self._say_news()
             if self.link.pending is not None:
                 command, self.link.pending = self.link.pending, None
@@ -235,16 +253,28 @@ class MqttAgent:
         """One agent cycle, printed and reported as telemetry.
         Returns: (exit status, next renewal time or None)."""
         from fleetid.device.agent import AgentError, NetError
+        from fleetid.device.agent_mqtt import summary
 
-        self.link.agent = self.make_agent(self.open_device())
         try:
-            report = self.link.run(command)
+            agent = self.link.agent = self.make_agent(self.open_device())
+            report = agent.run_once(command=command)
+        except click.UsageError:
+            raise
+        except click.ClickException as exc:  # the SE is unreachable: reconnect later
+            click.echo("FAILED %s" % exc.message, err=True)
+            self.drop()
+            return 1, None
         except (AgentError, NetError, FleetidError, InterruptedError) as exc:
+            if isinstance(exc, AgentError) and exc.reason == AgentError.REFUSED:
+                click.echo("REFUSED by the verifier: %s (nothing rotated)" % exc.detail,
+                           err=True)
+            else:
+                click.echo("FAILED %s" % (exc,), err=True)
             reason = getattr(exc, "reason", None) or type(exc).__name__
-            click.echo("FAILED %s" % (exc,), err=True)
             self._telemetry({"agent": {"failed": str(reason)}})
             return 1, None
         self.used_at = time.monotonic()
+        self._telemetry({"agent": summary(report)})
         click.echo("credential: slot %d, certificate serial %x, valid until %s, renewal at "
                    "%s, journal %s; reported as telemetry" % (
                        report.slot, report.serial, self._when(report.not_after),
@@ -258,10 +288,10 @@ class MqttAgent:
             self.link.channel.send_telemetry(metrics)
         except TransportError as exc:
             click.echo("mqtt: telemetry not sent: %s" % exc, err=True)
+            self.drop()
 
     def close(self):
-        if self.link is not None:
-            self.link.channel.close()
+        self.drop()
         self.close_device()
         if self.boot is not None:
             self.boot.reader.close()
@@ -292,6 +322,8 @@ def _loop(agent, o):
         if not agent.connected:
             try:
                 ok = agent.connect()
+            except click.UsageError:
+                raise
             except click.ClickException as exc:  # the SE is unreachable
                 if o["once"]:
                     raise

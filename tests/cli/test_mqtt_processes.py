@@ -11,6 +11,7 @@ cache, and SIGTERM stops every long-running command cleanly."""
 import glob
 import json
 import os
+import re
 
 import pytest
 
@@ -91,11 +92,14 @@ def test_ota_over_the_broker_to_an_agent_process_rotates_its_scp03_keys(tmp_path
             "--crl-cache", str(tmp_path / "agent-ca.crl")], env, agent_out)
         servers.append(agent)
         _until(agent_out, agent.proc, "reported as telemetry", "the agent's first cycle")
-        assert "mqtt: connected to %s as FID-000000001" % url in _text(agent_out)
+        # Chips are named by SE UID, so which serial this one carries is read off the agent.
+        name = re.search(r"mqtt: connected to %s as (FID-\d+) " % re.escape(url),
+                         _text(agent_out)).group(1)
+        other = "FID-000000002" if name == "FID-000000001" else "FID-000000001"
         assert "retained CRL -> cache: updated" in _text(agent_out)
-        _until(mq_cloud_out, mq_cloud.proc, "telemetry FID-000000001", "telemetry")
+        _until(mq_cloud_out, mq_cloud.proc, "telemetry " + name, "telemetry")
 
-        ota = ["--line", line, "--broker", url, "--device", "FID-000000001", "--timeout", "20"]
+        ota = ["--line", line, "--broker", url, "--device", name, "--timeout", "20"]
         out = _ok(_fleetid("ota", "rotate-scp03", *ota, "--new-master", "scp03-master-ota",
                            "--create-master", env=env))
         assert "relayed PUT KEY" in out and "SCP03 keys: rotated" in out, out
@@ -120,22 +124,22 @@ def test_ota_over_the_broker_to_an_agent_process_rotates_its_scp03_keys(tmp_path
         _until(mq_cloud_out, mq_cloud.proc, "'slot': 3", "telemetry of the rotation")
 
         # A device that is not online: bounded wait, exit 1 with the reason.
-        late = _fleetid("ota", "rotate", "--line", line, "--broker", url, "--device",
-                        "FID-000000002", "--timeout", "2", env=env)
+        late = _fleetid("ota", "rotate", "--line", line, "--broker", url, "--device", other,
+                        "--timeout", "2", env=env)
         assert late.returncode == 1 and "no answer within 2 s" in late.stderr, late.stderr
 
         # Revocation: the broker rewrites its CRL file (the device's next handshake is
         # refused), the cloud republishes the retained CRL, the online agent takes it.
         registry = "sqlite:" + os.path.join(line, "registry.db")
-        _ok(_fleetid("cloud", "revoke-device", "--serial", "2", "--registry", registry,
-                     env=env))
+        _ok(_fleetid("cloud", "revoke-device", "--serial", other.split("-")[1].lstrip("0"),
+                     "--registry", registry, env=env))
         _until(broker_out, broker.proc, "CRL file rewritten", "the broker's CRL reload")
         _wait_for(lambda: _text(mq_cloud_out).count("crl ca published retained") == 2,
                   mq_cloud.proc, "the republished CRL", 60)
         _wait_for(lambda: _text(agent_out).count("retained CRL -> cache: updated") == 2,
                   agent.proc, "the new CRL in the agent's cache", 60)
         revoked_sock = str(tmp_path / "se2.sock")
-        chip2 = sorted(glob.glob(os.path.join(line, "chips", "*", "se-*.nvm")))[1]
+        chip2 = sorted(glob.glob(os.path.join(line, "chips", "*", "se-*.nvm")))[1]  # other
         servers.append(_serve_chip(chip2, revoked_sock, env, str(tmp_path / "se2.log")))
         refused = _fleetid("agent", "run", "--bus", "sim:unix:" + revoked_sock, "--once",
                            "--cloud", "https://127.0.0.1:%d" % ports["verifier"],
