@@ -316,12 +316,19 @@ def _publish_loop(client, publisher, interval, timeout, stop):
     """Publish each label's CRL when it differs from the last published, every
     `interval` s, until `stop` (the publisher rebuilds a CRL when the registry's
     revocations changed, at its own poll interval, or when it is half-way to nextUpdate)."""
+    from fleetid.cloud.mqtt.service import MqttError
+
     published = {}
     while not stop.is_set():
         for label in publisher.labels():
             der = publisher.current_der(label)
             if published.get(label) != der:
-                client.publish_crl(label, der, timeout)
+                try:
+                    client.publish_crl(label, der, timeout)
+                except MqttError as exc:  # paho reconnects; tried again at the next check
+                    click.echo("crl %s not published (%s); next try in %.0f s"
+                               % (label, exc, interval), err=True)
+                    continue
                 published[label] = der
                 click.echo("crl %s published retained (%d bytes)" % (label, len(der)))
         sys.stdout.flush()

@@ -127,6 +127,12 @@ def test_ota_over_the_broker_to_an_agent_process_rotates_its_scp03_keys(tmp_path
         late = _fleetid("ota", "rotate", "--line", line, "--broker", url, "--device", other,
                         "--timeout", "2", env=env)
         assert late.returncode == 1 and "no answer within 2 s" in late.stderr, late.stderr
+        unknown = _fleetid("ota", "rotate", "--line", line, "--broker", url, "--device",
+                           "FID-000000099", env=env)
+        assert unknown.returncode == 1 and "not in the line's registry" in unknown.stderr
+        no_broker = _fleetid("ota", "rotate", "--line", line, "--broker",
+                             "mqtts://127.0.0.1:%d" % _free_port(), "--device", name, env=env)
+        assert no_broker.returncode == 1 and "Connection refused" in no_broker.stderr
 
         # Revocation: the broker rewrites its CRL file (the device's next handshake is
         # refused), the cloud republishes the retained CRL, the online agent takes it.
