@@ -16,9 +16,7 @@ thread only queues messages; they are handled between bounded waits.  What it do
 * SIGTERM / Ctrl-C stop it between steps.
 """
 
-import random
 import sys
-import threading
 import time
 
 import click
@@ -70,36 +68,27 @@ def _pem_certs_der(path, option):
 class MqttAgent:
     """The --mqtt loop.
 
-    Params: stop: threading.Event.  open_device: fn() -> an open cli.agent._Device (raises
-        click.ClickException).  revocation: fn(device) -> CrlCache or None.  when: fn(unix
-        seconds) -> text.  options: the `fleetid agent run` options it uses, by name.
+    Params: cycle: cli.agent._Cycle (the Agent for an SE, one printed cycle, the clock).
+        open_device: fn() -> an open cli.agent._Device (raises click.ClickException).
+        stop: threading.Event (set by SIGTERM / Ctrl-C).  options: the `fleetid agent run`
+        options it uses, by name.
     """
 
-    def __init__(self, stop, open_device, revocation, when, **options):
+    def __init__(self, cycle, open_device, stop, **options):
         from fleetid.cli.mqtt import parse_broker
-        from fleetid.device.agent import AgentPolicy
-        from fleetid.device.host.agent_net import SystemClock
 
         self.o = options
+        self.cycle = cycle
+        self.clock = cycle.clock
         self._open_device = open_device
-        self._revocation = revocation
-        self._when = when
         self.host, self.port = parse_broker(options["mqtt_url"], "--mqtt")
         self.roots = (_pem_certs_der(options["mqtt_ca"], "--mqtt-ca")
                       if options["mqtt_ca"] else None)
         self.chain = (_pem_certs_der(options["mqtt_chain"], "--mqtt-chain")
                       if options["mqtt_chain"] else [])
         self.stop = stop
-        self.clock = SystemClock(stop)
-        self.policy = AgentPolicy(renew_fraction=options["renew_fraction"],
-                                  max_attempts=options["max_attempts"],
-                                  max_delay=options["max_delay"],
-                                  max_wait=max(options["max_delay"] * options["max_attempts"],
-                                               60.0))
-        self.log = None if options["quiet"] else (lambda line: click.echo("agent: " + line))
         self.device = None
         self.link = None
-        self.boot = None
         self.used_at = 0.0
         self.reported = (0, 0)
 
@@ -111,32 +100,13 @@ class MqttAgent:
             self.device = self._open_device()
             self.used_at = time.monotonic()
             if self.link is not None:
-                self.link.agent = self.make_agent(self.device)
+                self.link.agent = self.cycle.agent(self.device)
         return self.device
 
     def close_device(self):
         if self.device is not None:
             self.device.close()
             self.device = None
-
-    def make_agent(self, device):
-        from fleetid.device.agent import Agent
-
-        o = self.o
-        return Agent(device.se, device.net(o["cloud"], o["est"], o["label"]), self.clock,
-                     random.SystemRandom().random, boot=self._signed_boot(device.se),
-                     revocation=self._revocation(device), policy=self.policy, log=self.log)
-
-    def _signed_boot(self, se):
-        if self.boot is None and self.o["boot_image"] is not None:
-            from fleetid.device import boot as boot_mod
-            from fleetid.device.agent import SignedBoot
-
-            self.boot = SignedBoot(boot_mod.check_image, boot_mod.confirm_boot, se,
-                                   open(self.o["boot_image"], "rb"), self.o["boot_max_size"])
-        if self.boot is not None:
-            self.boot.se = se  # checked once per process, confirmed once
-        return self.boot
 
     def relay(self, apdu):
         """The channel's relay into the SE; a lost link is re-opened and tried once more
@@ -189,7 +159,7 @@ class MqttAgent:
             return False
         channel = DeviceChannel(transport, name, relay=self.relay,
                                 clock=lambda: int(time.time()))
-        self.link = AgentMqtt(self.make_agent(device), channel)
+        self.link = AgentMqtt(self.cycle.agent(device), channel)
         try:
             channel.start(crl_labels=self.o["mqtt_crl_labels"])
         except TransportError as exc:
@@ -249,65 +219,52 @@ class MqttAgent:
 
     # -- the agent ---------------------------------------------------------------------
 
-    def cycle(self, command):
-        """One agent cycle, printed and reported as telemetry.
+    def run_cycle(self, command):
+        """One agent cycle (printed by _Cycle.run), its outcome sent as telemetry.
         Returns: (exit status, next renewal time or None)."""
-        from fleetid.device.agent import AgentError, NetError
         from fleetid.device.agent_mqtt import summary
 
         try:
-            agent = self.link.agent = self.make_agent(self.open_device())
-            report = agent.run_once(command=command)
+            device = self.open_device()
         except click.UsageError:
             raise
         except click.ClickException as exc:  # the SE is unreachable: reconnect later
             click.echo("FAILED %s" % exc.message, err=True)
             self.drop()
             return 1, None
-        except (AgentError, NetError, FleetidError, InterruptedError) as exc:
-            if isinstance(exc, AgentError) and exc.reason == AgentError.REFUSED:
-                click.echo("REFUSED by the verifier: %s (nothing rotated)" % exc.detail,
-                           err=True)
-            else:
-                click.echo("FAILED %s" % (exc,), err=True)
-            reason = getattr(exc, "reason", None) or type(exc).__name__
-            self._telemetry({"agent": {"failed": str(reason)}})
-            return 1, None
+        status, renew_at = self.cycle.run(device, command)
         self.used_at = time.monotonic()
-        self._telemetry({"agent": summary(report)})
-        click.echo("credential: slot %d, certificate serial %x, valid until %s, renewal at "
-                   "%s, journal %s; reported as telemetry" % (
-                       report.slot, report.serial, self._when(report.not_after),
-                       self._when(report.renew_at), report.journal))
-        return 0, report.renew_at
+        if status == 0:
+            seq = self._telemetry({"agent": summary(self.cycle.report)})
+        else:
+            seq = self._telemetry({"agent": {"failed": str(self.cycle.failure)}})
+        if seq is not None:
+            click.echo("mqtt: cycle reported as telemetry (seq %d)" % seq)
+        return status, renew_at
 
     def _telemetry(self, metrics):
         from fleetid.device.mqtt import TransportError
 
         try:
-            self.link.channel.send_telemetry(metrics)
+            return self.link.channel.send_telemetry(metrics)
         except TransportError as exc:
             click.echo("mqtt: telemetry not sent: %s" % exc, err=True)
             self.drop()
+            return None
 
     def close(self):
         self.drop()
         self.close_device()
-        if self.boot is not None:
-            self.boot.reader.close()
 
 
-def run_on_mqtt(open_device, revocation, when, **options):
-    """`fleetid agent run --mqtt`: the loop until SIGTERM / Ctrl-C (or one cycle with
-    --once).  Params: as MqttAgent.  Returns: the exit status of the last cycle."""
-    from fleetid.cli.mqtt import StopSignals
-
-    with StopSignals() as stop:
-        agent = MqttAgent(stop, open_device, revocation, when, **options)
-        try:
-            status = _loop(agent, options)
-        finally:
-            agent.close()
+def run_on_mqtt(cycle, open_device, stop, **options):
+    """`fleetid agent run --mqtt`: the loop until `stop` (or one cycle with --once).
+    Params: as MqttAgent.  Returns: the exit status of the last cycle."""
+    agent = MqttAgent(cycle, open_device, stop, **options)
+    try:
+        status = _loop(agent, options)
+    finally:
+        agent.close()
     if stop.is_set():
         click.echo("agent: stopped")
     return status
@@ -339,7 +296,7 @@ def _loop(agent, o):
             backoff = 1.0
             agent.pump(1.0)  # the retained CRLs before the first cycle
         if command is not None or time.monotonic() >= next_run:
-            status, renew_at = agent.cycle(command)
+            status, renew_at = agent.run_cycle(command)
             command = None
             wake = o["interval"]
             if renew_at is not None:
