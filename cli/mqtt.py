@@ -58,7 +58,7 @@ def parse_broker(url, option="--broker"):
 
 def fail(exc):
     """A library error as one `Error:` line (click.ClickException)."""
-    from fleetid.cli.se import describe_error
+    from fleetid.cli.se_connection import describe_error
 
     if isinstance(exc, OSError):
         return click.ClickException("%s%s" % (exc.strerror or exc, (": %s" % exc.filename)
