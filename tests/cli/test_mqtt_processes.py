@@ -56,6 +56,11 @@ def test_ota_over_the_broker_to_an_agent_process_rotates_its_scp03_keys(tmp_path
     line = str(tmp_path / "line")
     _ok(_fleetid("line", "run", "--devices", "2", "--stations", "1", "--keep-chips",
                  "--out", line, env=env))
+    written = _ok(_fleetid("mqtt", "broker", "--line", line, "--out", str(tmp_path / "wo"),
+                           "--port", "8883", "--write-only", env=env))
+    assert "-c %s" % (tmp_path / "wo" / "mosquitto.conf") in written, written
+    assert "listener 8883 127.0.0.1" in _text(str(tmp_path / "wo" / "mosquitto.conf"))
+    assert "pattern read fleet/%u/cmd" in _text(str(tmp_path / "wo" / "mosquitto.acl"))
     servers = []
     try:
         cloud, ports = _start_cloud(tmp_path, env, line)
