@@ -17,6 +17,7 @@ import click
 from fleetid.cli.agent_device import Device as _Device
 from fleetid.cli.agent_device import fail as _fail
 from fleetid.cli.agent_device import load_cert as _load_cert
+from fleetid.cli.agent_mqtt import mqtt_options, run_on_mqtt
 from fleetid.common.errors import FleetidError
 
 _BUS_HELP = "SE bus URI (or FLEETID_BUS), e.g. sim:unix:/tmp/se.sock, linux:i2c:/dev/i2c-1:0x48"
@@ -120,9 +121,10 @@ def agent():
 @click.option("--boot-max-size", default=0x100000, show_default=True,
               type=click.IntRange(32), help="Slot size for --boot-image.")
 @_revocation_options
+@mqtt_options
 def run_cmd(bus, t1_profile, timeout_ms, cloud, est, label, once, rotate, interval,
             renew_fraction, renew_margin, max_attempts, max_delay, quiet, boot_image,
-            boot_max_size, crl_cache, crl_issuer, crl_grace, crl_fail_open):
+            boot_max_size, crl_cache, crl_issuer, crl_grace, crl_fail_open, **mqtt):
     """Run the agent: enrol, renew when due (or --rotate), acknowledge, retire the old key.
 
     \b
@@ -134,6 +136,8 @@ def run_cmd(bus, t1_profile, timeout_ms, cloud, est, label, once, rotate, interv
           --est https://127.0.0.1:8444 --once
       fleetid agent run --bus linux:i2c:/dev/i2c-1:0x48 --t1-profile se05x \\
           --cloud https://verifier.example:8443 --est https://est.example:8444
+      fleetid agent run --bus sim:unix:/tmp/se.sock --cloud https://127.0.0.1:8443 \\
+          --mqtt mqtts://127.0.0.1:8883 --crl-issuer ca.pem --crl-cache var/agent/ca.crl
     """
     import threading
 
@@ -157,6 +161,10 @@ def run_cmd(bus, t1_profile, timeout_ms, cloud, est, label, once, rotate, interv
                    boot_image, boot_max_size)
     status = 0
     try:
+        if mqtt["mqtt_url"]:  # the agent with its MQTT session: cli/agent_mqtt.py
+            sys.exit(run_on_mqtt(cycle, lambda: _Device(bus, t1_profile, timeout_ms), stop,
+                                 once=once, rotate=rotate, interval=interval,
+                                 max_delay=max_delay, **mqtt))
         while not stop.is_set():
             command = "rotate" if rotate else None
             rotate = False
@@ -206,6 +214,7 @@ class _Cycle:
         self.boot_image = boot_image
         self.boot_max_size = boot_max_size
         self.boot = None
+        self.report = self.failure = None
 
     def _signed_boot(self, se):
         if self.boot is None and self.boot_image is not None:
@@ -218,37 +227,33 @@ class _Cycle:
             self.boot.se = se  # checked once per process, confirmed once
         return self.boot
 
+    def agent(self, device):
+        """The Agent for a cycle on `device` (a _Device)."""
+        from fleetid.device.agent import Agent
+
+        return Agent(device.se, device.net(*self.net_args), self.clock,
+                     random.SystemRandom().random, boot=self._signed_boot(device.se),
+                     revocation=_revocation(device, *self.revocation_args),
+                     policy=self.policy, log=self.log)
+
     def run(self, device, command):
         """Run the agent once on `device` (a _Device) and print the outcome.
 
         Params: command: "rotate" or None.
-        Returns: (exit status 0 or 1, the next renewal time or None).
+        Returns: (exit status 0 or 1, the next renewal time or None).  Afterwards
+            `report` is the cycle's report, or None and `failure` its reason (for the
+            MQTT session's telemetry).
         """
-        from fleetid.device.agent import Agent, AgentError, NetError
+        from fleetid.device.agent import AgentError, NetError
 
+        self.report = self.failure = None
         try:
-            runner = Agent(device.se, device.net(*self.net_args), self.clock,
-                           random.SystemRandom().random, boot=self._signed_boot(device.se),
-                           revocation=_revocation(device, *self.revocation_args),
-                           policy=self.policy, log=self.log)
-            report = runner.run_once(command=command)
-        except AgentError as exc:
-            if exc.reason == AgentError.REFUSED:
-                click.echo("REFUSED by the verifier: %s (nothing rotated)" % exc.detail,
-                           err=True)
-            else:
-                click.echo("FAILED %s" % exc, err=True)
+            report = self.agent(device).run_once(command=command)
+        except (AgentError, NetError, InterruptedError, FleetidError) as exc:
+            self.failure = getattr(exc, "reason", None) or type(exc).__name__
+            _print_failure(exc)
             return 1, None
-        except NetError as exc:
-            click.echo("FAILED network: %s (the journal keeps the progress)" % exc, err=True)
-            return 1, None
-        except InterruptedError:
-            return 1, None
-        except FleetidError as exc:
-            from fleetid.cli.se_connection import describe_error
-
-            click.echo("FAILED %s" % describe_error(exc), err=True)
-            return 1, None
+        self.report = report
         click.echo("credential: slot %d, certificate serial %x, valid until %s, "
                    "renewal at %s, journal %s"
                    % (report.slot, report.serial, _when(report.not_after),
@@ -261,6 +266,21 @@ class _Cycle:
         """Close the boot image, if one was opened."""
         if self.boot is not None:
             self.boot.reader.close()
+
+
+def _print_failure(exc):
+    from fleetid.device.agent import AgentError, NetError
+
+    if isinstance(exc, AgentError) and exc.reason == AgentError.REFUSED:
+        click.echo("REFUSED by the verifier: %s (nothing rotated)" % exc.detail, err=True)
+    elif isinstance(exc, AgentError):
+        click.echo("FAILED %s" % exc, err=True)
+    elif isinstance(exc, NetError):
+        click.echo("FAILED network: %s (the journal keeps the progress)" % exc, err=True)
+    elif not isinstance(exc, InterruptedError):
+        from fleetid.cli.se_connection import describe_error
+
+        click.echo("FAILED %s" % describe_error(exc), err=True)
 
 
 @agent.command("status")

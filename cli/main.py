@@ -21,6 +21,8 @@ _GROUPS = (
     ("agent", "agent"),
     ("revocation", "revoke"),
     ("revocation", "revocation"),
+    ("mqtt", "mqtt"),
+    ("ota", "ota"),
 )
 
 
@@ -39,6 +41,8 @@ def cli():
       cloud  the fleet cloud: EST CA + mTLS verifier, certificate diagnosis
       agent  the device agent: enrol, rotate without recall, status, diagnostics
       revoke / revocation  revoke a device or a batch in every tier; tier status
+      mqtt   the fleet's MQTT broker (mosquitto on the fleet PKI), the cloud's MQTT side
+      ota    over-the-air SE administration and device commands over MQTT
 
     Every command has --help with examples.
     """

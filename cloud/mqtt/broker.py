@@ -156,16 +156,18 @@ class Broker:
     """A mosquitto process on a free loopback port, configured from a BrokerConfig.
 
     Params: config: BrokerConfig.  workdir: folder for mosquitto.conf, the ACL and the log.
-        binary: mosquitto path (default find_mosquitto()).
+        binary: mosquitto path (default find_mosquitto()).  port: a fixed port (default:
+        a free one picked at start()).
     Attributes after start(): port, host, pid, conf_path, log_path.
     """
 
-    def __init__(self, config, workdir, binary=None):
+    def __init__(self, config, workdir, binary=None, port=None):
         self.config = config
         self.workdir = str(workdir)
         self.binary = binary or find_mosquitto()
         self.host = config.host
-        self.port = None
+        self.fixed_port = port
+        self.port = port
         self.process = None
         self.conf_path = os.path.join(self.workdir, "mosquitto.conf")
         self.acl_path = os.path.join(self.workdir, "mosquitto.acl")
@@ -175,23 +177,29 @@ class Broker:
     def pid(self):
         return self.process.pid if self.process is not None else None
 
+    def write_files(self, port):
+        """Write mosquitto.conf (listening on `port`) and the ACL into the workdir.
+        Returns: the mosquitto command line that runs it.  Raises: OSError."""
+        os.makedirs(self.workdir, exist_ok=True)
+        with open(self.acl_path, "w") as f:
+            f.write(acl_text(self.config.cloud_identity))
+        with open(self.conf_path, "w") as f:
+            f.write(self.config.text(port, self.acl_path))
+        return [self.binary or "mosquitto", "-c", self.conf_path]
+
     def start(self, timeout=DEFAULT_START_TIMEOUT):
         """Write the config, start mosquitto, wait until it accepts TCP connections.
 
         A port picked free can be taken before mosquitto binds it: then it is retried on
-        another port (three attempts).
+        another port (three attempts; a fixed port is tried once).
         Raises: BrokerError (no binary, or it exits / never listens).
         """
         if self.binary is None:
             raise BrokerError("mosquitto not installed")
-        os.makedirs(self.workdir, exist_ok=True)
-        with open(self.acl_path, "w") as f:
-            f.write(acl_text(self.config.cloud_identity))
         last = None
-        for _attempt in range(3):
-            self.port = free_port(self.host)
-            with open(self.conf_path, "w") as f:
-                f.write(self.config.text(self.port, self.acl_path))
+        for _attempt in range(1 if self.fixed_port else 3):
+            self.port = self.fixed_port or free_port(self.host)
+            self.write_files(self.port)
             log = open(self.log_path, "ab")
             try:
                 self.process = subprocess.Popen([self.binary, "-c", self.conf_path],
@@ -226,6 +234,16 @@ class Broker:
                 return f.read().decode("utf-8", "replace")
         except OSError:
             return ""
+
+    def wait(self, timeout):
+        """Wait up to `timeout` s for mosquitto to exit.  Returns: its exit status, or
+        None while it runs."""
+        if self.process is None:
+            return None
+        try:
+            return self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return None
 
     def reload(self):
         """SIGHUP: mosquitto re-reads its configuration, the ACL and the listener's TLS
