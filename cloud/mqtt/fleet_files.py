@@ -11,15 +11,13 @@ device keys never appear here: devices prove theirs from their SE.
 """
 
 import datetime
-import ipaddress
 import os
 
-from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from fleetid.cloud.mqtt.broker import BrokerConfig, write_crl_file
+from fleetid.cloud.pki.profiles import tls_certificate_builder
 from fleetid.cloud.pki.signing import sign_certificate
 
 PEM = serialization.Encoding.PEM
@@ -31,40 +29,6 @@ def _write(path, data, private=False):
     with os.fdopen(fd, "wb") as f:
         f.write(data)
     return path
-
-
-def tls_certificate_builder(public_key, issuer_cert, common_name, now, server_hosts=None,
-                            days=365):
-    """CertificateBuilder of a TLS certificate under `issuer_cert`: serverAuth with SANs
-    for `server_hosts` (DNS names or IP addresses), else clientAuth."""
-    ski = issuer_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
-        .issuer_name(issuer_cert.subject)
-        .public_key(public_key)
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=days))
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.KeyUsage(True, False, False, False, False, False, False, False,
-                                     False), critical=True)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
-        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski),
-                       critical=False)
-    )
-    if server_hosts:
-        names = []
-        for host in server_hosts:
-            try:
-                names.append(x509.IPAddress(ipaddress.ip_address(host)))
-            except ValueError:
-                names.append(x509.DNSName(host))
-        return (builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
-                .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]),
-                               critical=False))
-    return builder.add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]),
-                                 critical=False)
 
 
 class BrokerFiles:

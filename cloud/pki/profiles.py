@@ -269,17 +269,19 @@ def device_builder(profile, serial, public_key, issuer_certificate, not_before, 
 
 def server_certificate_builder(public_key, issuer_cert, hosts, now, days=365):
     """CertificateBuilder of a TLS server certificate (serverAuth, SANs for `hosts`:
-    DNS names or IP addresses)."""
-    sans = []
-    for host in hosts:
-        try:
-            sans.append(x509.IPAddress(ipaddress.ip_address(host)))
-        except ValueError:
-            sans.append(x509.DNSName(host))
+    DNS names or IP addresses; CN = the first host)."""
+    return tls_certificate_builder(public_key, issuer_cert, hosts[0], now,
+                                   server_hosts=hosts, days=days)
+
+
+def tls_certificate_builder(public_key, issuer_cert, common_name, now, server_hosts=None,
+                            days=365):
+    """CertificateBuilder of a TLS certificate under `issuer_cert`: serverAuth with SANs
+    for `server_hosts` (DNS names or IP addresses), else clientAuth."""
     ski = issuer_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
-    return (
+    builder = (
         x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hosts[0])]))
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
         .issuer_name(issuer_cert.subject)
         .public_key(public_key)
         .serial_number(x509.random_serial_number())
@@ -288,9 +290,19 @@ def server_certificate_builder(public_key, issuer_cert, hosts, now, days=365):
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(x509.KeyUsage(True, False, False, False, False, False, False, False,
                                      False), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        .add_extension(x509.SubjectAlternativeName(sans), critical=False)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
         .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski),
                        critical=False)
     )
+    if server_hosts:
+        names = []
+        for host in server_hosts:
+            try:
+                names.append(x509.IPAddress(ipaddress.ip_address(host)))
+            except ValueError:
+                names.append(x509.DNSName(host))
+        return (builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
+                .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]),
+                               critical=False))
+    return builder.add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]),
+                                 critical=False)
