@@ -47,8 +47,9 @@ class Device:
         self.stack.close()
 
 
-def load_cert(path):
-    """A certificate from a PEM or DER file; a usage error naming the file otherwise."""
+def load_cert(path, param_hint=None):
+    """A certificate from a PEM or DER file; a usage error naming the file (and the option,
+    given `param_hint`) otherwise."""
     from cryptography import x509
 
     with open(path, "rb") as f:
@@ -58,4 +59,7 @@ def load_cert(path):
             return x509.load_pem_x509_certificate(data)
         return x509.load_der_x509_certificate(data)
     except ValueError:
+        if param_hint:
+            raise click.BadParameter("%s is not a certificate" % path,
+                                     param_hint=param_hint) from None
         raise click.UsageError("%s is not a certificate" % path) from None

@@ -11,6 +11,7 @@ import os
 
 import click
 
+from fleetid.cli.agent_device import load_cert
 from fleetid.cli.hsm_secret import pass_file_option
 from fleetid.cli.mqtt import (broker_option, cloud_client, connect, device_serial, fail,
                               files_option, line_option, open_line, parse_broker)
@@ -243,7 +244,7 @@ def install_fw_key_cmd(line_dir, broker_url, files_dir, device, timeout, pass_fi
     from fleetid.common.host.hostcrypto import CryptographyPrimitives
 
     kvn = _kvn(kvn_text, "--kvn")
-    certificate = _load_cert(fw_cert)
+    certificate = load_cert(fw_cert, param_hint="--fw-cert")
     session = _Session(line_dir, files_dir, broker_url, device, timeout, pass_file)
     try:
         try:
@@ -264,20 +265,6 @@ def install_fw_key_cmd(line_dir, broker_url, files_dir, device, timeout, pass_fi
         raise session.error(exc) from None
     finally:
         session.close()
-
-
-def _load_cert(path):
-    from cryptography import x509
-
-    with open(path, "rb") as f:
-        data = f.read()
-    try:
-        if b"-----BEGIN" in data:
-            return x509.load_pem_x509_certificate(data)
-        return x509.load_der_x509_certificate(data)
-    except ValueError:
-        raise click.BadParameter("%s is not a certificate" % path,
-                                 param_hint="--fw-cert") from None
 
 
 @ota.command("rotate")
