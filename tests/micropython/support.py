@@ -28,7 +28,7 @@ import sys
 import pytest
 
 from tests.conftest import require
-from tests.micropython.budgets import heap_for
+from tests.micropython.budgets import SE_MODULES, heap_for
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 PORTABLE = ("common", "device")
@@ -58,6 +58,31 @@ def show(label, b):
         sys.stdout.write(hexlify(b[i : i + 64]))
     sys.stdout.write("\n")
 """
+
+
+def open_se_script(*modules):
+    """Script head shared by the workflows that run against the emulator's socket: import
+    budgets.SE_MODULES (what a device task needs to talk to its SE) and then `modules` one at a time, collecting in between (loading a .mpy
+    leaves transient garbage that would otherwise pile up into a false peak), then open
+    the sim socket bus SOCK (a name the script's header defines), the T=1' link at IFSD 64,
+    ApduProtocol and a selected SeSession as `se`."""
+    return """
+for name in %r:
+    __import__(name)
+    gc.collect()
+from fleetid.common import t1
+from fleetid.common.apdu import ApduProtocol
+from fleetid.common.t1link import T1Link
+from fleetid.device.bus_sim import connect_unix
+from fleetid.device.se import SeSession
+
+bus = connect_unix(SOCK, 10000)
+link = T1Link(bus, t1.PROFILE_GP, None, 64)
+link.open()
+se = SeSession(ApduProtocol(link))
+se.select()
+gc.collect()
+""" % (SE_MODULES + modules,)
 
 
 def tool(name):

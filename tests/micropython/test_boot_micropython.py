@@ -20,31 +20,13 @@ from fleetid.common.t1link import T1Link
 from fleetid.device.bus import open_bus
 from fleetid.device.se import SeSession
 from tests.device.boot_support import ImgtoolKeys, provision_firmware_key, sign_image
-from tests.micropython.support import PRELUDE, Stage, parse
+from tests.micropython.support import PRELUDE, Stage, open_se_script, parse
 
 pytestmark = pytest.mark.micropython
 
-SCRIPT = PRELUDE + r"""
-for name in ("fleetid.common.errors", "fleetid.common.crc16", "fleetid.common.clock",
-             "fleetid.common.t1", "fleetid.common.t1link", "fleetid.common.apdu_wire",
-             "fleetid.common.apdu",
-             "fleetid.device.bus_sim", "fleetid.device.se", "fleetid.device.boot"):
-    __import__(name)
-    gc.collect()
-from fleetid.common import t1
-from fleetid.common.apdu import ApduProtocol
+SCRIPT = PRELUDE + open_se_script("fleetid.device.boot") + r"""
 from fleetid.device.boot import BootError
-from fleetid.common.t1link import T1Link
 from fleetid.device import boot
-from fleetid.device.bus_sim import connect_unix
-from fleetid.device.se import SeSession
-
-bus = connect_unix(SOCK, 10000)
-link = T1Link(bus, t1.PROFILE_GP, None, 64)
-link.open()
-se = SeSession(ApduProtocol(link))
-se.select()
-gc.collect()
 
 
 def attempt(path):

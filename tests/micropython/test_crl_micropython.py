@@ -25,31 +25,12 @@ from fleetid.device.se import SeSession
 from tests.cloud.cloud_support import Fleet
 from tests.cloud.crl_support import b42_publisher
 from tests.device.crl_support import epoch, make_crl, point_of
-from tests.micropython.support import PRELUDE, Stage, parse
+from tests.micropython.support import PRELUDE, Stage, open_se_script, parse
 
 pytestmark = pytest.mark.micropython
 
-SCRIPT = PRELUDE + r"""
-for name in ("fleetid.common.errors", "fleetid.common.crc16", "fleetid.common.clock",
-             "fleetid.common.t1", "fleetid.common.t1link", "fleetid.common.apdu_wire",
-             "fleetid.common.apdu",
-             "fleetid.device.bus_sim", "fleetid.device.se", "fleetid.common.oids",
-             "fleetid.common.der", "fleetid.common.asn1time", "fleetid.device.crl_cache"):
-    __import__(name)
-    gc.collect()
-from fleetid.common import t1
-from fleetid.common.apdu import ApduProtocol
-from fleetid.common.t1link import T1Link
+SCRIPT = PRELUDE + open_se_script("fleetid.common.oids", "fleetid.common.der", "fleetid.common.asn1time", "fleetid.device.crl_cache") + r"""
 from fleetid.device import crl_cache
-from fleetid.device.bus_sim import connect_unix
-from fleetid.device.se import SeSession
-
-bus = connect_unix(SOCK, 10000)
-link = T1Link(bus, t1.PROFILE_GP, None, 64)
-link.open()
-se = SeSession(ApduProtocol(link))
-se.select()
-gc.collect()
 
 
 def reader(path):

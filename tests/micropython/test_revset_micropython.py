@@ -32,7 +32,7 @@ from fleetid.device.bus import open_bus
 from fleetid.device.se import SeSession
 from tests.cloud.cloud_support import Fleet
 from tests.cloud.compact_support import compact_publisher, revocation_signer
-from tests.micropython.support import PRELUDE, Stage, parse
+from tests.micropython.support import PRELUDE, Stage, open_se_script, parse
 
 pytestmark = pytest.mark.micropython
 
@@ -155,26 +155,8 @@ def test_revset_delta_merge_under_micropython_gives_the_clouds_bytes(lookup_setu
     assert out["merged"] == [hashlib.sha256(new).hexdigest()]
 
 
-DEVICE = PRELUDE + r"""
-for name in ("fleetid.common.errors", "fleetid.common.crc16", "fleetid.common.clock",
-             "fleetid.common.t1", "fleetid.common.t1link", "fleetid.common.apdu",
-             "fleetid.device.bus_sim", "fleetid.device.se", "fleetid.common.revset",
-             "fleetid.device.revset_cache"):
-    __import__(name)
-    gc.collect()
-from fleetid.common import t1
-from fleetid.common.apdu import ApduProtocol
-from fleetid.common.t1link import T1Link
+DEVICE = PRELUDE + open_se_script("fleetid.common.revset", "fleetid.device.revset_cache") + r"""
 from fleetid.device import revset_cache
-from fleetid.device.bus_sim import connect_unix
-from fleetid.device.se import SeSession
-
-bus = connect_unix(SOCK, 10000)
-link = T1Link(bus, t1.PROFILE_GP, None, 64)
-link.open()
-se = SeSession(ApduProtocol(link))
-se.select()
-gc.collect()
 
 
 class Store:
