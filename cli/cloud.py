@@ -149,16 +149,26 @@ def serve_cmd(config_path, state_dir, host, verifier_port, est_port, metrics_por
         context.close()
 
 
+def _registry_options(config_help, registry_help="Registry URI (default: from the "
+                                                 "configuration)."):
+    """--config, --state-dir and --registry: where a command finds the cloud's registry."""
+    def decorate(function):
+        function = click.option("--registry", "registry_uri", default=None,
+                                help=registry_help)(function)
+        function = click.option("--state-dir", default=None,
+                                help="Override [cloud] state_dir.")(function)
+        return click.option("--config", "config_path",
+                            type=click.Path(exists=True, dir_okay=False),
+                            help=config_help)(function)
+    return decorate
+
+
 @cloud.command("check-cert")
 @click.argument("cert_file", type=click.Path(exists=True, dir_okay=False))
 @click.option("--chain", "chain_files", multiple=True,
               type=click.Path(exists=True, dir_okay=False),
               help="PEM file(s) with intermediates to offer (repeatable).")
-@click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False),
-              help="TOML configuration (trust, registry) as for serve.")
-@click.option("--state-dir", default=None, help="Override [cloud] state_dir.")
-@click.option("--registry", "registry_uri", default=None,
-              help="Registry URI (default: from the configuration).")
+@_registry_options("TOML configuration (trust, registry) as for serve.")
 @click.option("--at", "at_time", default=None,
               help="Check as of this time (RFC 3339, e.g. 2027-01-01T00:00:00Z).")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
@@ -277,11 +287,7 @@ def _reason_option():
               help="Issuer (RFC 4514) when --serial alone is ambiguous.")
 @_reason_option()
 @click.option("--operator", default="", help="Who revokes (written to the audit chain).")
-@click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False),
-              help="TOML configuration (registry) as for serve.")
-@click.option("--state-dir", default=None, help="Override [cloud] state_dir.")
-@click.option("--registry", "registry_uri", default=None,
-              help="Registry URI (default: from the configuration).")
+@_registry_options("TOML configuration (registry) as for serve.")
 def revoke_cmd(cert_serial, cert_file, issuer, reason, operator, config_path, state_dir,
                registry_uri):
     """Revoke one device certificate in the registry (with its audit entry).
@@ -331,11 +337,9 @@ def revoke_cmd(cert_serial, cert_file, issuer, reason, operator, config_path, st
               required=True, help="The issuing (batch) CA certificate, PEM or DER.")
 @_reason_option()
 @click.option("--operator", default="", help="Who revokes.")
-@click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False),
-              help="TOML configuration as for serve.")
-@click.option("--state-dir", default=None, help="Override [cloud] state_dir.")
-@click.option("--registry", "registry_uri", default=None,
-              help="Registry URI for the audit entry (default: from the configuration).")
+@_registry_options("TOML configuration as for serve.",
+                   registry_help="Registry URI for the audit entry (default: from the "
+                                 "configuration).")
 def revoke_ca_cmd(cert_file, reason, operator, config_path, state_dir, registry_uri):
     """Revoke a batch (issuing) CA: every device chaining through it is refused.
 
@@ -396,11 +400,7 @@ def revoke_ca_cmd(cert_file, reason, operator, config_path, state_dir, registry_
               help="The device's registry serial (whoami's registry_serial).")
 @_reason_option()
 @click.option("--operator", default="", help="Who revokes (written to the audit chain).")
-@click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False),
-              help="TOML configuration (registry) as for serve.")
-@click.option("--state-dir", default=None, help="Override [cloud] state_dir.")
-@click.option("--registry", "registry_uri", default=None,
-              help="Registry URI (default: from the configuration).")
+@_registry_options("TOML configuration (registry) as for serve.")
 def revoke_device_cmd(device_serial, reason, operator, config_path, state_dir, registry_uri):
     """Revoke every certificate of one device (each with its audit entry).
 
