@@ -82,3 +82,102 @@ def certify_public_key(hsm, issuer_label, issuer_cert, public_key, name,
     builder = firmware_certificate_builder(public_key, issuer_cert, name,
                                            now - datetime.timedelta(minutes=5), now + validity)
     return sign_certificate(hsm, issuer_label, builder, issuer_cert.public_key())
+
+
+def sign_firmware_image(hsm, key_label, payload, version, security_counter,
+                        header_size=None, load_addr=0, max_size=None, fw_cert=None):
+    """A signed MCUboot image of `payload` (cloud/pki/mcuboot_image.py), its signature
+    made inside the HSM by the firmware-signing key `key_label`; the key never leaves.
+
+    Params: hsm: HsmBackend.  key_label: the firmware-signing key's label (an ECDSA P-256
+        key, e.g. from `fleetid pki new-fw-key`).  payload: the raw binary.  version:
+        "MAJOR.MINOR.REVISION+BUILD".  security_counter: int.  header_size: bytes reserved
+        for the header (default 0x200).  load_addr: u32.  max_size: slot size or None.
+        fw_cert: optional x509.Certificate: the HSM key must be its key (images signed by
+        a key the devices will not accept are not made).
+    Returns: bytes of the image; its signature checked with the HSM key's public key.
+    Raises: ImageError (parameters, size), PkiError(KEY_MISMATCH / BAD_SIGNATURE /
+        BAD_INPUT for a key that is not P-256), KeyNotFound / HsmError.
+    """
+    from cryptography.exceptions import InvalidSignature
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from fleetid.cloud.pki import mcuboot_image
+    from fleetid.cloud.pki.errors import PkiError
+
+    public_key = hsm.public_key(key_label)
+    if not isinstance(public_key, ec.EllipticCurvePublicKey) or \
+            not isinstance(public_key.curve, ec.SECP256R1):
+        raise PkiError(PkiError.BAD_INPUT, "HSM key %r is not ECDSA P-256" % key_label)
+    if fw_cert is not None and fw_cert.public_key().public_numbers() != \
+            public_key.public_numbers():
+        raise PkiError(PkiError.KEY_MISMATCH, "HSM key %r is not the key of firmware "
+                       "certificate %x" % (key_label, fw_cert.serial_number))
+    spki = public_key.public_bytes(serialization.Encoding.DER,
+                                   serialization.PublicFormat.SubjectPublicKeyInfo)
+    signed = {}
+
+    def sign(message):
+        signed["message"] = message
+        signed["signature"] = hsm.sign(key_label, message)
+        return signed["signature"]
+
+    image = mcuboot_image.build_image(
+        payload, version, security_counter, spki, sign, load_addr=load_addr,
+        header_size=mcuboot_image.DEFAULT_HEADER_SIZE if header_size is None else header_size,
+        max_size=max_size)
+    try:  # as sign_certificate does: a wrong backend is caught here, not by a device
+        public_key.verify(signed["signature"], signed["message"], ec.ECDSA(hashes.SHA256()))
+    except InvalidSignature:
+        raise PkiError(PkiError.BAD_SIGNATURE, "image signed by %r" % key_label) from None
+    return image
+
+
+def load_firmware_public_key(data, what="public key"):
+    """The ECDSA P-256 public key in `data`: a PEM public key (`imgtool getpub -e pem`),
+    its DER SubjectPublicKeyInfo (`imgtool getpub -e raw`), or the C / Rust byte array
+    `imgtool getpub` prints by default.
+
+    A private key is refused: only the public half is certified, so the private key never
+    has to travel to the CA's operator.
+    Returns: ec.EllipticCurvePublicKey.  Raises: PkiError(BAD_INPUT) naming `what`.
+    """
+    import re
+
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from fleetid.cloud.pki.errors import PkiError
+
+    data = bytes(data)
+    if b"PRIVATE KEY-----" in data:
+        raise PkiError(PkiError.BAD_INPUT, "%s is a private key: give its public half "
+                       "(imgtool getpub -e pem -k KEY)" % what)
+    if b"-----BEGIN" in data:
+        loader, blob = serialization.load_pem_public_key, data
+    else:
+        try:
+            text = data.decode("ascii")
+        except UnicodeDecodeError:
+            text = None
+        array = re.search(r"[{\[]([^}\]]*)[}\]]", text) if text is not None else None
+        if array is not None:  # imgtool getpub -e lang-c / lang-rust
+            items = [item.strip() for item in array.group(1).split(",") if item.strip()]
+            if not all(re.fullmatch(r"0x[0-9a-fA-F]{1,2}", item) for item in items):
+                raise PkiError(PkiError.BAD_INPUT, "%s: a byte array with items that "
+                               "are not 0xNN" % what)
+            blob = bytes(int(item, 16) for item in items)
+        else:
+            blob = data
+        loader = serialization.load_der_public_key
+    try:
+        key = loader(blob)
+    except (ValueError, TypeError):
+        raise PkiError(PkiError.BAD_INPUT, "%s: not a PEM or DER public key, nor an "
+                       "imgtool getpub array" % what) from None
+    if not isinstance(key, ec.EllipticCurvePublicKey) or not isinstance(key.curve,
+                                                                        ec.SECP256R1):
+        raise PkiError(PkiError.BAD_INPUT, "%s: not an ECDSA P-256 key (imgtool keygen "
+                       "-t ecdsa-p256); the devices verify P-256 only" % what)
+    return key
