@@ -1,10 +1,15 @@
 """`fleetid agent boot-check`: check an MCUboot image the way the device's signed boot
 does, against the SE on a bus, and print every check with its verdict.
 
-A thin shell over fleetid.device.boot (check_image, confirm_boot); the SE is opened from
-the bus URI the way `fleetid se` opens it (cli/se_connection.py).  This module defines the
-command only; the `agent` group attaches it.
+A thin shell over fleetid.device.boot (check_image, confirm_boot) with the firmware keys
+the SE holds (fleetid.device.fwkeys.FirmwareKeys: the factory key until a firmware
+certificate is installed, then the installed certificates under the fleet root); the SE
+is opened from the bus URI the way `fleetid se` opens it (cli/se_connection.py).  This
+module defines the command and the check `fleetid agent run --boot-image` uses; the
+`agent` group attaches the command.
 """
+
+import time
 
 import click
 
@@ -17,13 +22,74 @@ def _print_checks(report):
         click.echo("  %-17s %-8s %s" % (name, verdict, detail))
 
 
+def key_text(key_serial, key_name):
+    """Which key a report says signed: "firmware certificate serial 1a2b (CN ...)" or the
+    factory key."""
+    if key_serial is None:
+        return "the factory firmware key (DATA_TRUST_FIRMWARE_KEY; no firmware " \
+               "certificate installed)"
+    return "firmware certificate serial %x (CN %s)" % (key_serial, key_name)
+
+
+def check_with_installed_keys(se, reader, max_size, now=None):
+    """device.boot.check_image with the firmware keys installed in the SE.
+
+    Params: se: SeSession.  reader: the image (file object or bytes).  max_size: slot
+        size.  now: seconds since 1970 (certificate validity checked when given).
+    Returns: (BootReport, FirmwareKeys) -- the keys' `refused` lists the installed
+        certificates not accepted, with the reason.
+    Raises: BootError (its report attached) with `firmware_keys` set on it; LinkError /
+        ApduError from the SE.
+    """
+    from fleetid.device import boot
+    from fleetid.device.fwkeys import FirmwareKeys
+
+    keys = FirmwareKeys(se, now=now)
+    try:
+        return boot.check_image(se, reader, max_size=max_size, now=now,
+                                firmware_keys=keys), keys
+    except boot.BootError as exc:
+        exc.firmware_keys = keys
+        raise
+
+
+def agent_boot_check(log, now):
+    """A check_image for device.agent.SignedBoot (`fleetid agent run --boot-image`): the
+    installed firmware keys, and a log line naming the key that verified the image or
+    why none did.  Params: log: fn(text) or None.  now: fn() -> seconds since 1970."""
+    from fleetid.device import boot
+
+    def check(se, reader, max_size=boot.DEFAULT_MAX_SIZE):
+        try:
+            report, keys = check_with_installed_keys(se, reader, max_size, now())
+        except boot.BootError as exc:
+            if log is not None:
+                for serial, reason in exc.firmware_keys.refused:
+                    log("signed boot: firmware certificate %s not accepted: %s" % (
+                        "?" if serial is None else "%x" % serial, reason))
+            raise
+        if log is not None:
+            log("signed boot: image %s, security counter %d, verified by %s" % (
+                report.version_string(), report.security_counter,
+                key_text(report.key_serial, report.key_name)))
+        return report
+
+    return check
+
+
+def _print_keys(keys):
+    for serial, reason in keys.refused:
+        click.echo("firmware certificate %s not accepted: %s" % (
+            "?" if serial is None else "%x" % serial, reason))
+
+
 @click.command("boot-check")
 @click.argument("image", type=click.Path(exists=True, dir_okay=False))
 @click.option("--bus", "bus_uri", envvar="FLEETID_BUS", metavar="URI", required=True,
               help="sim:unix:/path | sim:tcp:HOST:PORT | linux:i2c:/dev/i2c-N:0xADDR  "
               "(env FLEETID_BUS)")
 @click.option("--max-size", default=0x100000, show_default=True, type=click.IntRange(32),
-              help="Slot size in bytes: a larger image is refused.")
+              help="Slot size in bytes: a larger image, or a longer file, is refused.")
 @click.option("--confirm", is_flag=True,
               help="After the checks pass, advance the SE's firmware counter to the image's "
               "security counter (do this only once the image has booted well).")
@@ -32,8 +98,14 @@ def _print_checks(report):
 @click.option("--timeout-ms", default=5000, show_default=True, type=click.IntRange(100, 600000),
               help="Bound on each socket wait of the sim bus.")
 def boot_check(image, bus_uri, max_size, confirm, t1_profile, timeout_ms):
-    """Check an MCUboot IMAGE (signed with imgtool) against the SE's firmware key and
-    anti-rollback counter; print each check and its verdict.  Exit 1 on refusal.
+    """Check an MCUboot IMAGE (signed with imgtool or `fleetid ota sign-image`) against
+    the firmware keys installed in the SE and its anti-rollback counter; print each check,
+    its verdict and the key that verified the image.  Exit 1 on refusal.
+
+    \b
+    Keys accepted: the factory key until a firmware certificate is installed (`fleetid
+    ota install-fw-key`), then only the installed certificates the fleet root signed and
+    that are within their validity: the factory key is retired.
 
     \b
     Examples:
@@ -47,14 +119,18 @@ def boot_check(image, bus_uri, max_size, confirm, t1_profile, timeout_ms):
         se = conn.session()
         with open(image, "rb") as reader:
             try:
-                report = boot.check_image(se, reader, max_size=max_size)
+                report, keys = check_with_installed_keys(se, reader, max_size,
+                                                         int(time.time()))
             except boot.BootError as exc:
                 click.echo("image %s" % image)
                 if exc.report is not None:
                     _print_checks(exc.report)
+                _print_keys(exc.firmware_keys)
                 raise click.ClickException("refused: %s" % exc) from None
         click.echo("image %s" % image)
         _print_checks(report)
+        _print_keys(keys)
+        click.echo("verified by %s" % key_text(report.key_serial, report.key_name))
         click.echo("version %s, security counter %d (SE counter %d)" % (
             report.version_string(), report.security_counter, report.se_counter))
         if confirm:
