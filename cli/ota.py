@@ -423,7 +423,7 @@ def certify_fw_key_cmd(line_dir, pass_file, public_key_path, name, validity_days
     with open(public_key_path, "rb") as reader:
         data = reader.read(64 * 1024)
     try:
-        public_key = load_firmware_public_key(data, "--public-key %s" % public_key_path)
+        public_key = load_firmware_public_key(data, public_key_path)
     except FleetidError as exc:
         raise click.BadParameter(exc.detail, param_hint="--public-key") from None
     line = open_line(line_dir, pass_file)

@@ -161,7 +161,7 @@ def load_firmware_public_key(data, what="public key"):
             text = data.decode("ascii")
         except UnicodeDecodeError:
             text = None
-        array = re.search(r"[{\[]([^}\]]*)[}\]]", text) if text is not None else None
+        array = re.search(r"=\s*&?[{\[]([^}\]]*)[}\]]", text) if text is not None else None
         if array is not None:  # imgtool getpub -e lang-c / lang-rust
             items = [item.strip() for item in array.group(1).split(",") if item.strip()]
             if not all(re.fullmatch(r"0x[0-9a-fA-F]{1,2}", item) for item in items):
