@@ -31,11 +31,13 @@ def key_text(key_serial, key_name):
     return "firmware certificate serial %x (CN %s)" % (key_serial, key_name)
 
 
-def check_with_installed_keys(se, reader, max_size, now=None):
+def check_with_installed_keys(se, reader, max_size, now=None, revoked=None):
     """device.boot.check_image with the firmware keys installed in the SE.
 
     Params: se: SeSession.  reader: the image (file object or bytes).  max_size: slot
         size.  now: seconds since 1970 (certificate validity checked when given).
+        revoked: optional fn(serial) -> bool (a firmware certificate the fleet root's CRL
+        lists is not accepted).
     Returns: (BootReport, FirmwareKeys) -- the keys' `refused` lists the installed
         certificates not accepted, with the reason.
     Raises: BootError (its report attached) with `firmware_keys` set on it; LinkError /
@@ -44,7 +46,7 @@ def check_with_installed_keys(se, reader, max_size, now=None):
     from fleetid.device import boot
     from fleetid.device.fwkeys import FirmwareKeys
 
-    keys = FirmwareKeys(se, now=now)
+    keys = FirmwareKeys(se, revoked=revoked, now=now)
     try:
         return boot.check_image(se, reader, max_size=max_size, now=now,
                                 firmware_keys=keys), keys
@@ -77,6 +79,42 @@ def agent_boot_check(log, now):
     return check
 
 
+def root_crl_revoked(se, crl_issuer, crl_cache, now):
+    """fn(serial) -> bool over the fleet root's CRL cached in `crl_cache` (device/crl_cache,
+    verified in the SE with `crl_issuer`'s key), or None when neither is given.
+
+    A listed serial is revoked even when the CRL is stale; a missing or stale CRL revokes
+    nothing (a device must still boot without a network: the certificates' validity and
+    the anti-rollback counter still hold).
+    Raises: click.UsageError when only one of the two is given."""
+    if crl_issuer is None and crl_cache is None:
+        return None
+    if crl_issuer is None or crl_cache is None:
+        raise click.UsageError("--crl-issuer and --crl-cache go together")
+    from cryptography.hazmat.primitives import serialization
+
+    from fleetid.cli.agent_device import load_cert
+    from fleetid.device.crl_cache import (CrlCache, CrlPolicy, FileStore, RevokedError,
+                                          StaleRevocationError)
+
+    issuer = load_cert(crl_issuer, param_hint="--crl-issuer")
+    point = issuer.public_key().public_bytes(serialization.Encoding.X962,
+                                             serialization.PublicFormat.UncompressedPoint)
+    cache = CrlCache(se, FileStore(crl_cache), point, issuer.subject.public_bytes(),
+                     CrlPolicy())
+
+    def revoked(serial):
+        try:
+            cache.check(serial, now)
+        except RevokedError:
+            return True
+        except StaleRevocationError:
+            return False
+        return False
+
+    return revoked
+
+
 def _print_keys(keys):
     for serial, reason in keys.refused:
         click.echo("firmware certificate %s not accepted: %s" % (
@@ -93,11 +131,18 @@ def _print_keys(keys):
 @click.option("--confirm", is_flag=True,
               help="After the checks pass, advance the SE's firmware counter to the image's "
               "security counter (do this only once the image has booted well).")
+@click.option("--crl-issuer", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="The fleet root certificate (PEM/DER), whose CRL in --crl-cache lists "
+                   "retired firmware certificates: those are not accepted.")
+@click.option("--crl-cache", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="The fleet root's CRL as the agent caches it (e.g. `fleetid agent "
+                   "check-peer --crl-issuer root.pem --crl-cache FILE --refresh-from URL`).")
 @click.option("--t1-profile", default="gp", show_default=True, type=click.Choice(["gp", "se05x"]),
               help="T=1' framing: GlobalPlatform, or NXP SE05x (1-byte LEN).")
 @click.option("--timeout-ms", default=5000, show_default=True, type=click.IntRange(100, 600000),
               help="Bound on each socket wait of the sim bus.")
-def boot_check(image, bus_uri, max_size, confirm, t1_profile, timeout_ms):
+def boot_check(image, bus_uri, max_size, confirm, crl_issuer, crl_cache, t1_profile,
+               timeout_ms):
     """Check an MCUboot IMAGE (signed with imgtool or `fleetid ota sign-image`) against
     the firmware keys installed in the SE and its anti-rollback counter; print each check,
     its verdict and the key that verified the image.  Exit 1 on refusal.
@@ -105,12 +150,15 @@ def boot_check(image, bus_uri, max_size, confirm, t1_profile, timeout_ms):
     \b
     Keys accepted: the factory key until a firmware certificate is installed (`fleetid
     ota install-fw-key`), then only the installed certificates the fleet root signed and
-    that are within their validity: the factory key is retired.
+    that are within their validity and not on the root's CRL (--crl-issuer, --crl-cache):
+    the factory key is retired.
 
     \b
     Examples:
       fleetid agent boot-check app.signed.bin --bus sim:unix:/tmp/se.sock
       fleetid agent boot-check app.signed.bin --bus sim:unix:/tmp/se.sock --confirm
+      fleetid agent boot-check app.signed.bin --bus sim:unix:/tmp/se.sock \\
+          --crl-issuer var/line/pki/ceremony/root.pem --crl-cache var/agent/root.crl
     """
     from fleetid.device import boot
 
@@ -119,8 +167,10 @@ def boot_check(image, bus_uri, max_size, confirm, t1_profile, timeout_ms):
         se = conn.session()
         with open(image, "rb") as reader:
             try:
-                report, keys = check_with_installed_keys(se, reader, max_size,
-                                                         int(time.time()))
+                now = int(time.time())
+                report, keys = check_with_installed_keys(
+                    se, reader, max_size, now, root_crl_revoked(se, crl_issuer, crl_cache,
+                                                                now))
             except boot.BootError as exc:
                 click.echo("image %s" % image)
                 if exc.report is not None:

@@ -283,6 +283,48 @@ def test_boot_follows_the_installed_firmware_certificates(setting):
                                                         "factory6")).output
     assert chip.nvm.get(COUNTER) is not None
 
+    # Retiring fw-2027: the root's CRL lists its certificate; the cache the agent keeps
+    # (filled here by `fleetid agent check-peer --refresh-from`) makes boot-check refuse
+    # its images, while the build server's key still boots.
+    crl_path = setting.path("root-crl.der")
+    with open(crl_path, "wb") as f:
+        f.write(_root_crl(setting.fleet.line, [cert.serial_number]))
+    cache = setting.path("root.crl")
+    peer = _fleetid("agent", "check-peer", fw_cert, "--bus", setting.bus, "--crl-issuer",
+                    setting.root_pem, "--crl-cache", cache, "--refresh-from",
+                    "file://" + crl_path)
+    assert "refresh: updated" in peer.output and "REFUSED" in peer.output, peer.output
+    revocation = ["--crl-issuer", setting.root_pem, "--crl-cache", cache]
+    before = chip.nvm.get(COUNTER)
+    result = _boot_check(setting, setting.path("new5.signed.bin"), "--confirm", *revocation)
+    assert result.exit_code == 1 and "key_mismatch" in result.output, result.output
+    assert "firmware certificate %x not accepted: revoked" % cert.serial_number \
+        in result.output
+    assert "confirmed" not in result.output and chip.nvm.get(COUNTER) == before
+    result = _boot_check(setting, ext_image, *revocation)
+    assert result.exit_code == 0 and "CN build server" in result.output, result.output
+
+
+def _root_crl(line, serials):
+    """The fleet root's CRL listing `serials`, signed in the line's HSM (DER)."""
+    import datetime
+    import time
+
+    from fleetid.cloud.pki.signing import sign_crl
+
+    now = datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0)
+    builder = (x509.CertificateRevocationListBuilder()
+               .issuer_name(line.root_cert.subject)
+               .last_update(now - datetime.timedelta(minutes=1))
+               .next_update(now + datetime.timedelta(days=1))
+               .add_extension(x509.CRLNumber(int(time.time() * 1000)), critical=False))
+    for serial in serials:
+        builder = builder.add_revoked_certificate(
+            x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(now)
+            .build())
+    crl = sign_crl(line.hsm, line.labels["root"], builder, line.root_cert.public_key())
+    return crl.public_bytes(serialization.Encoding.DER)
+
 
 def test_boot_check_refuses_a_file_longer_than_the_slot(setting):
     image = _sign(setting, setting.factory_label, 9, "padded")
