@@ -224,7 +224,9 @@ class _Cycle:
 
             # The firmware keys installed in the SE (fwkeys.FirmwareKeys), not only the
             # factory key; the log names the key that verified the image.
-            check = agent_boot_check(self.log, lambda: int(self.clock.now()))
+            crl_cache, crl_issuer = self.revocation_args[:2]
+            check = agent_boot_check(self.log, lambda: int(self.clock.now()),
+                                     crl_issuer=crl_issuer, crl_cache=crl_cache)
             self.boot = SignedBoot(check, boot_mod.confirm_boot, se,
                                    open(self.boot_image, "rb"), self.boot_max_size)
         if self.boot is not None:

@@ -55,15 +55,44 @@ def check_with_installed_keys(se, reader, max_size, now=None, revoked=None):
         raise
 
 
-def agent_boot_check(log, now):
+def _is_fleet_root(se, issuer_path):
+    # Whether the certificate in `issuer_path` has the key of the SE's fleet root anchor.
+    from cryptography.hazmat.primitives import serialization
+
+    from fleetid.cli.agent_device import load_cert
+    from fleetid.common.errors import DerError, ReferenceNotFound
+    from fleetid.device.certinfo import certificate_facts
+    from fleetid.device.fwkeys import _DATA_TRUST_FLEET_ROOT, _LE_LONG
+
+    point = load_cert(issuer_path, param_hint="--crl-issuer").public_key().public_bytes(
+        serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint)
+    try:
+        root = certificate_facts(se.get_data(_DATA_TRUST_FLEET_ROOT, -1, _LE_LONG))
+    except (ReferenceNotFound, DerError):
+        return False
+    return bytes(root.point) == point
+
+
+def agent_boot_check(log, now, crl_issuer=None, crl_cache=None):
     """A check_image for device.agent.SignedBoot (`fleetid agent run --boot-image`): the
     installed firmware keys, and a log line naming the key that verified the image or
-    why none did.  Params: log: fn(text) or None.  now: fn() -> seconds since 1970."""
+    why none did.
+
+    Params: log: fn(text) or None.  now: fn() -> seconds since 1970.  crl_issuer,
+        crl_cache: the agent's --crl-issuer / --crl-cache; when the issuer is the fleet
+        root (which certifies firmware keys), firmware certificates its cached CRL lists
+        are not accepted; an issuing CA's CRL says nothing about them and is not used.
+    """
     from fleetid.device import boot
 
     def check(se, reader, max_size=boot.DEFAULT_MAX_SIZE):
+        when = now()
+        revoked = None
+        if crl_issuer is not None and crl_cache is not None and \
+                _is_fleet_root(se, crl_issuer):
+            revoked = root_crl_revoked(se, crl_issuer, crl_cache, when)
         try:
-            report, keys = check_with_installed_keys(se, reader, max_size, now())
+            report, keys = check_with_installed_keys(se, reader, max_size, when, revoked)
         except boot.BootError as exc:
             if log is not None:
                 for serial, reason in exc.firmware_keys.refused:

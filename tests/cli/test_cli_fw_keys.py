@@ -301,6 +301,12 @@ def test_boot_follows_the_installed_firmware_certificates(setting):
     assert "firmware certificate %x not accepted: revoked" % cert.serial_number \
         in result.output
     assert "confirmed" not in result.output and chip.nvm.get(COUNTER) == before
+    agent = _fleetid("agent", "run", "--bus", setting.bus, "--cloud", "https://127.0.0.1:1",
+                     "--once", "--max-attempts", "1", "--boot-image",
+                     setting.path("new5.signed.bin"), *revocation)
+    assert agent.exit_code == 1 and "firmware certificate %x not accepted: revoked" % \
+        cert.serial_number in agent.output, agent.output
+    assert "key_mismatch" in agent.output and chip.nvm.get(COUNTER) == before
     result = _boot_check(setting, ext_image, *revocation)
     assert result.exit_code == 0 and "CN build server" in result.output, result.output
 
