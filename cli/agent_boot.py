@@ -197,6 +197,9 @@ def boot_check(image, bus_uri, max_size, confirm, crl_issuer, crl_cache, t1_prof
         with open(image, "rb") as reader:
             try:
                 now = int(time.time())
+                if crl_issuer is not None and not _is_fleet_root(se, crl_issuer):
+                    raise click.UsageError("--crl-issuer %s: not the SE's fleet root, which "
+                                           "certifies firmware keys" % crl_issuer)
                 report, keys = check_with_installed_keys(
                     se, reader, max_size, now, root_crl_revoked(se, crl_issuer, crl_cache,
                                                                 now))

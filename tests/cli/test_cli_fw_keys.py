@@ -27,7 +27,7 @@ from fleetid.cli.main import cli
 from fleetid.common import se_consts as C
 from tests.cloud.hsm_support import KEYSTORE_PASS
 from tests.cloud.mqtt_support import MqttFleet
-from tests.device.boot_support import HEADER_SIZE, SLOT_SIZE, imgtool, sign_image
+from tests.device.boot_support import HEADER_SIZE, imgtool, sign_image
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -307,6 +307,9 @@ def test_boot_follows_the_installed_firmware_certificates(setting):
     assert agent.exit_code == 1 and "firmware certificate %x not accepted: revoked" % \
         cert.serial_number in agent.output, agent.output
     assert "key_mismatch" in agent.output and chip.nvm.get(COUNTER) == before
+    wrong = _boot_check(setting, ext_image, "--crl-issuer",
+                        os.path.join(setting.line_dir, "pki", "ca.pem"), "--crl-cache", cache)
+    assert wrong.exit_code == 2 and "not the SE's fleet root" in wrong.output, wrong.output
     result = _boot_check(setting, ext_image, *revocation)
     assert result.exit_code == 0 and "CN build server" in result.output, result.output
 
