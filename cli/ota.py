@@ -354,8 +354,7 @@ def sign_image_cmd(line_dir, pass_file, key_label, version_text, security_counte
     """
     import hashlib
 
-    from fleetid.cloud.pki.firmware import sign_firmware_image
-    from fleetid.cloud.pki.mcuboot_image import ImageError, parse_version
+    from fleetid.cloud.pki.firmware import ImageError, parse_version, sign_firmware_image
 
     header_size = _number(header_text, "--header-size", 0xFFFF)
     load_addr = _number(load_text, "--load-addr", 0xFFFFFFFF)

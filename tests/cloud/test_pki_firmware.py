@@ -10,8 +10,8 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from fleetid.cloud.hsm.soft_backend import SoftBackend
 from fleetid.cloud.pki.errors import PkiError
-from fleetid.cloud.pki.firmware import load_firmware_public_key, sign_firmware_image
-from fleetid.cloud.pki.mcuboot_image import ImageError, parse_version
+from fleetid.cloud.pki.firmware import (ImageError, load_firmware_public_key, parse_version,
+                                        sign_firmware_image)
 from tests.cloud.hsm_support import KEYSTORE_PASS, TEST_SCRYPT_N
 from tests.cloud.test_pki_cli import _run, _soft_uri
 from tests.device.boot_support import imgtool
@@ -73,6 +73,33 @@ def test_an_image_signed_in_the_hsm_passes_imgtool_verify_and_a_tampered_one_fai
             sign_firmware_image(hsm, "fw", b"", "1.0.0", 2 ** 32)
     finally:
         hsm.close()
+
+
+@pytest.mark.parametrize("load_addr", [0, 0x20008000])
+def test_an_hsm_signed_image_is_byte_for_byte_what_imgtool_sign_fix_sig_writes(tmp_path,
+                                                                               load_addr):
+    """The image equals `imgtool sign --fix-sig` given the HSM's signature and public key:
+    header (with imgtool's RAM_LOAD flag for a load address), pad, payload, SEC_CNT, hash,
+    KEYHASH and the signature TLV, all in imgtool's order."""
+    import base64
+
+    from tests.device.boot_support import split_image
+    hsm = SoftBackend(tmp_path / "ks.json", KEYSTORE_PASS, scrypt_n=TEST_SCRYPT_N)
+    try:
+        hsm.generate_signing_key("fw")
+        payload = bytes(range(256)) * 7 + b"\x5a"
+        image = sign_firmware_image(hsm, "fw", payload, "2.7.1+3", 11, load_addr=load_addr)
+        (tmp_path / "fw.pub.pem").write_bytes(hsm.public_key("fw").public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+    finally:
+        hsm.close()
+    signature = dict(split_image(image)[1])[0x22]  # ECDSASIG
+    (tmp_path / "sig.b64").write_bytes(base64.b64encode(signature))
+    (tmp_path / "app.bin").write_bytes(payload)
+    imgtool("sign", "--pad-header", "-H", 0x200, "-S", 0x100000, "-v", "2.7.1+3", "-s", 11,
+            "--load-addr", load_addr, "--fix-sig", tmp_path / "sig.b64", "--fix-sig-pubkey",
+            tmp_path / "fw.pub.pem", tmp_path / "app.bin", tmp_path / "theirs.bin")
+    assert image == (tmp_path / "theirs.bin").read_bytes()
 
 
 @pytest.mark.parametrize("text, expected", [
