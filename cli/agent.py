@@ -218,10 +218,16 @@ class _Cycle:
 
     def _signed_boot(self, se):
         if self.boot is None and self.boot_image is not None:
+            from fleetid.cli.agent_boot import agent_boot_check
             from fleetid.device import boot as boot_mod
             from fleetid.device.agent import SignedBoot
 
-            self.boot = SignedBoot(boot_mod.check_image, boot_mod.confirm_boot, se,
+            # The firmware keys installed in the SE (fwkeys.FirmwareKeys), not only the
+            # factory key; the log names the key that verified the image.
+            crl_cache, crl_issuer = self.revocation_args[:2]
+            check = agent_boot_check(self.log, lambda: int(self.clock.now()),
+                                     crl_issuer=crl_issuer, crl_cache=crl_cache)
+            self.boot = SignedBoot(check, boot_mod.confirm_boot, se,
                                    open(self.boot_image, "rb"), self.boot_max_size)
         if self.boot is not None:
             self.boot.se = se  # checked once per process, confirmed once

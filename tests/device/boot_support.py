@@ -1,5 +1,6 @@
-"""Images signed by MCUboot's own imgtool (the installed `imgtool` command, PyPI imgtool
-pinned in pyproject's test extra) and an emulated SE provisioned with the signing key.
+"""Images signed by MCUboot's own imgtool (the installed `imgtool` command, PyPI imgtool, a
+dependency of fleetid pinned in pyproject.toml) and an emulated SE provisioned with the
+signing key.
 
     keys = ImgtoolKeys(folder)                       # imgtool keygen -t ecdsa-p256, twice
     image = sign_image(folder, keys.a, payload, version="1.2.3+4", security_counter=5)
@@ -31,7 +32,7 @@ def imgtool_path():
     """The imgtool console script (beside the venv's python or on PATH); skips if absent."""
     candidate = pathlib.Path(sys.executable).parent / "imgtool"
     found = str(candidate) if candidate.exists() else shutil.which("imgtool")
-    require(found is not None, "imgtool (pip install 'fleetid[test]')")
+    require(found is not None, "imgtool (pip install fleetid)")
     return found
 
 
