@@ -1,0 +1,395 @@
+"""device/bus_linux.py through a real i2c-dev ABI to the emulator: the CUSE bridge.
+
+`fleetid sim i2c-dev` (sim/cuse.py + sim/i2cdev.py) makes a CUSE character device that
+answers i2c-dev's system calls and carries each I2C message to `fleetid sim serve`.
+
+* Where /dev/cuse can be opened, test_cli_bridge_serves_fleetid_se_info_on_a_cuse_node
+  runs the real thing: `sim serve`, `sim i2c-dev`, then `fleetid se --bus
+  linux:i2c:/dev/<node>:0x48 info` as separate processes through the kernel.  It skips
+  with the precise reason otherwise; under CI=true it fails, unless the kernel itself has
+  no CUSE (opening char device 10:203 gives ENODEV: not built in, no module to load),
+  which no setting of the test host can change.
+* Everywhere, the other tests run bus_linux.LinuxI2cBus unmodified over the bridge, with
+  only the kernel's generic FUSE forwarding played by tests/device/fuse_kernel_support.py
+  (request and reply bytes as on /dev/cuse, the unrestricted-ioctl retry dance, user
+  memory copied with ctypes from the addresses bus_linux really packs): the structures
+  are decoded by the bridge, and real T=1' frames go to the emulator and back.
+"""
+
+import ctypes
+import errno
+import os
+import select
+import shutil
+import stat
+import struct
+import subprocess
+import sys
+import time
+
+import pytest
+
+from fleetid.common.errors import BusError, BusNack
+from fleetid.device import bus_linux
+from fleetid.device.bus_linux import LinuxI2cBus
+from fleetid.device.bus_sim import connect_unix
+from fleetid.device.stack import open_se
+from fleetid.sim import cuse, i2cdev
+from fleetid.sim.i2cdev import I2cDevBridge
+
+from ..conftest import require
+from .fuse_kernel_support import FuseKernel, pointer_bits
+
+NODE = "/dev/i2c-fleetid"
+
+
+class I2cMsg(ctypes.Structure):
+    """struct i2c_msg as a C compiler lays it out (include/uapi/linux/i2c.h)."""
+
+    _fields_ = [("addr", ctypes.c_uint16), ("flags", ctypes.c_uint16),
+                ("len", ctypes.c_uint16), ("buf", ctypes.c_void_p)]
+
+
+class I2cRdwrIoctlData(ctypes.Structure):
+    """struct i2c_rdwr_ioctl_data (include/uapi/linux/i2c-dev.h)."""
+
+    _fields_ = [("msgs", ctypes.POINTER(I2cMsg)), ("nmsgs", ctypes.c_uint32)]
+
+
+class RecordingBus:
+    """The emulator's side seen from the bridge, recorded: frames written, reads served."""
+
+    def __init__(self, replies=(), nacks=0, fail=False):
+        self.written = []
+        self.replies = list(replies)
+        self.nacks = nacks
+        self.fail = fail
+        self.closed = False
+
+    def write(self, frame):
+        self._check()
+        self.written.append(bytes(frame))
+
+    def read(self, n):
+        self._check()
+        return self.replies.pop(0)[:n]
+
+    def _check(self):
+        if self.fail:
+            raise BusError("connection lost")
+        if self.nacks:
+            self.nacks -= 1
+            raise BusNack()
+
+    def reset(self):
+        pass
+
+    def close(self):
+        self.closed = True
+
+
+def _kernel(bus_factory, **kw):
+    return FuseKernel(cuse.CuseProtocol(I2cDevBridge(bus_factory), "i2c-fleetid"), **kw)
+
+
+@pytest.fixture
+def served(fabbed, tmp_path):
+    from fleetid.sim import profiles
+    from fleetid.sim.endpoint import BusEndpoint
+    from fleetid.sim.server import serve_in_thread
+
+    record, chip = fabbed
+    sock = str(tmp_path / "se.sock")
+    server = serve_in_thread(BusEndpoint(chip, latency=profiles.get("none")), "unix:" + sock)
+    yield record, sock
+    server.stop()
+
+
+# -- layouts -------------------------------------------------------------------------------
+
+
+def test_bridge_layouts_are_the_c_layouts_and_decode_what_bus_linux_packs():
+    bits = pointer_bits()
+    assert i2cdev.I2C_MSG[bits].size == ctypes.sizeof(I2cMsg)
+    assert i2cdev.I2C_RDWR_DATA[bits].size == ctypes.sizeof(I2cRdwrIoctlData)
+    assert struct.calcsize(bus_linux.I2C_MSG_FORMAT) == ctypes.sizeof(I2cMsg)
+    assert (i2cdev.I2C_MSG[64].size, i2cdev.I2C_RDWR_DATA[64].size) == (16, 16)
+    assert (i2cdev.I2C_MSG[32].size, i2cdev.I2C_RDWR_DATA[32].size) == (12, 8)
+    packed = struct.pack(bus_linux.I2C_MSG_FORMAT, 0x48, bus_linux.I2C_M_RD, 300, 0x7F001234)
+    assert i2cdev.I2C_MSG[bits].unpack(packed) == (0x48, 1, 300, 0x7F001234)
+    c_msg = I2cMsg(0x48, 0, 7, 0x1000)
+    assert i2cdev.I2C_MSG[bits].unpack(bytes(c_msg)) == (0x48, 0, 7, 0x1000)
+    assert (i2cdev.I2C_SLAVE, i2cdev.I2C_RDWR) == (bus_linux.I2C_SLAVE, bus_linux.I2C_RDWR)
+    assert cuse.IN_HEADER.size == 40 and cuse.OUT_HEADER.size == 16
+    assert cuse.IOCTL_IN.size == 32 and cuse.IOCTL_OUT.size == 16
+    assert cuse.CUSE_INIT_OUT.size == 72 and cuse.READ_IN.size == cuse.WRITE_IN.size == 40
+
+
+# -- bus_linux, unmodified, through the bridge to the emulator -------------------------------
+
+
+def test_bus_linux_runs_the_se_stack_through_the_bridge_to_the_emulator(served):
+    record, sock = served
+    bridge = I2cDevBridge(lambda: connect_unix(sock, 2000))
+    kernel = FuseKernel(cuse.CuseProtocol(bridge, "i2c-fleetid"))
+    bus = LinuxI2cBus(NODE, 0x48, sysops=kernel)
+    with open_se(bus, timeout_ms=2000) as stack:
+        assert stack.se.uid() == record.se_uid
+        info = stack.se.info()
+    assert info.attestation_chain[0] == record.chain_der[0]  # > 254 bytes: chained blocks
+    # I2C_SLAVE takes its value in one round; every transfer after it was one I2C_RDWR
+    # in four: nothing, the i2c_rdwr_ioctl_data, + the i2c_msg array, + the frame (in)
+    # or the read buffer (out).  No NACKs at zero latency: each reached the emulator.
+    assert kernel.rounds[0] == 1 and set(kernel.rounds[1:]) == {4}
+    assert bridge.transfers == len(kernel.rounds) - 1 > 10 and bridge.connects == 1
+    # Closing the node's last descriptor hung up on the emulator.
+    assert bridge._bus is None and kernel.fds == {}
+
+
+def test_i2c_rdwr_carries_a_combined_write_read_built_with_ctypes_structs():
+    bus = RecordingBus(replies=[b"\xa5\xe1\x00\x01"])
+    kernel = _kernel(lambda: bus)
+    fd = kernel.open(NODE, os.O_RDWR)
+    frame = ctypes.create_string_buffer(b"\x5a\xc1\x00\x00\xce\x3f", 6)
+    answer = ctypes.create_string_buffer(4)
+    msgs = (I2cMsg * 2)(I2cMsg(0x48, 0, 6, ctypes.addressof(frame)),
+                        I2cMsg(0x48, i2cdev.I2C_M_RD, 4, ctypes.addressof(answer)))
+    rdwr = I2cRdwrIoctlData(ctypes.cast(msgs, ctypes.POINTER(I2cMsg)), 2)
+    assert kernel.do_ioctl(kernel.fds[fd], i2cdev.I2C_RDWR, ctypes.addressof(rdwr)) == 2
+    assert bus.written == [frame.raw]
+    assert answer.raw == b"\xa5\xe1\x00\x01"  # scattered into the caller's read buffer
+    assert kernel.rounds == [4]
+
+
+@pytest.mark.parametrize("nmsgs, length, want", [
+    (0, 1, errno.EINVAL),  # i2c-dev.c: no messages
+    (43, 1, errno.EINVAL),  # > I2C_RDWR_IOCTL_MAX_MSGS
+    (1, 8193, errno.EINVAL),  # a message longer than 8192
+])
+def test_i2c_rdwr_limits_are_i2c_devs(nmsgs, length, want):
+    bus = RecordingBus()
+    kernel = _kernel(lambda: bus)
+    fd = kernel.open(NODE, os.O_RDWR)
+    buf = ctypes.create_string_buffer(length)
+    count = max(nmsgs, 1)
+    msgs = (I2cMsg * count)(*[I2cMsg(0x48, 0, length, ctypes.addressof(buf))] * count)
+    rdwr = I2cRdwrIoctlData(ctypes.cast(msgs, ctypes.POINTER(I2cMsg)), nmsgs)
+    with pytest.raises(OSError) as info:
+        kernel.do_ioctl(kernel.fds[fd], i2cdev.I2C_RDWR, ctypes.addressof(rdwr))
+    assert info.value.errno == want and bus.written == []
+
+
+def test_nack_other_address_and_a_lost_emulator_map_to_the_kernels_errnos():
+    buses = [RecordingBus(nacks=1), RecordingBus(replies=[b"\x01"])]
+    made = []
+
+    def factory():
+        made.append(buses[len(made)])
+        return made[-1]
+
+    kernel = _kernel(factory)
+    bus = LinuxI2cBus(NODE, 0x48, sysops=kernel)
+    with pytest.raises(BusNack):  # the SE is busy: ENXIO, as an address NACK
+        bus.write(b"\x5a")
+    buses[0].fail = True
+    with pytest.raises(BusError):  # the emulator went away: EIO, and the link is dropped
+        bus.write(b"\x5a")
+    assert buses[0].closed
+    assert bus.read(1) == b"\x01"  # reconnected
+    other = LinuxI2cBus(NODE, 0x49, sysops=kernel)
+    with pytest.raises(BusNack):  # nobody at 0x49
+        other.write(b"\x00")
+    bus.close()
+    other.close()
+    assert buses[1].closed and len(made) == 2
+
+
+def test_i2c_funcs_slave_and_unsupported_ioctls_answer_like_i2c_dev():
+    kernel = _kernel(RecordingBus)
+    fd = kernel.open(NODE, os.O_RDWR)
+    funcs = kernel.ioctl(fd, i2cdev.I2C_FUNCS, bytes(8))
+    assert struct.unpack("=Q", funcs)[0] == i2cdev.I2C_FUNC_I2C
+    assert kernel.rounds[-1] == 2  # nothing, then the unsigned long as an out area
+    for cmd, arg, want in [(i2cdev.I2C_SLAVE, 0x80, errno.EINVAL),
+                           (i2cdev.I2C_TENBIT, 1, errno.EOPNOTSUPP),
+                           (i2cdev.I2C_SMBUS, 0, errno.EOPNOTSUPP),
+                           (0x0799, 0, errno.ENOTTY)]:
+        with pytest.raises(OSError) as info:
+            kernel.ioctl(fd, cmd, arg)
+        assert info.value.errno == want, hex(cmd)
+    assert kernel.ioctl(fd, i2cdev.I2C_SLAVE_FORCE, 0x48) == 0
+
+
+def test_read_and_write_on_the_node_are_plain_i2c_transfers_at_the_bound_address():
+    bus = RecordingBus(replies=[b"\xa5\xe1\x00"])
+    kernel = _kernel(lambda: bus)
+    fd = kernel.open(NODE, os.O_RDWR)
+    with pytest.raises(OSError) as info:  # not bound yet: address 0, nobody there
+        kernel.write(fd, b"\x01")
+    assert info.value.errno == errno.ENXIO
+    kernel.ioctl(fd, i2cdev.I2C_SLAVE, 0x48)
+    assert kernel.write(fd, b"\x5a\xc1\x00") == 3
+    assert kernel.read(fd, 3) == b"\xa5\xe1\x00"
+    assert bus.written == [b"\x5a\xc1\x00"]
+
+
+class Memory32:
+    """A 32-bit process's memory: a few areas at low addresses."""
+
+    def __init__(self):
+        self.areas = {}
+
+    def put(self, address, data):
+        self.areas[address] = bytearray(data)
+        return address
+
+    def read(self, address, length):
+        return bytes(self.areas[address][:length])
+
+    def write(self, address, data):
+        self.areas[address][:len(data)] = data
+
+
+def test_a_32_bit_callers_compat_layout_is_decoded_with_4_byte_pointers():
+    bus = RecordingBus(replies=[b"\xa5\xe1"])
+    memory = Memory32()
+    kernel = _kernel(lambda: bus, compat=True, memory=memory)
+    fd = kernel.open(NODE, os.O_RDWR)
+    frame = memory.put(0x1000, b"\x5a\xc1\x00")
+    answer = memory.put(0x2000, bytes(2))
+    msgs = memory.put(0x3000, struct.pack("=HHH2xI", 0x48, 0, 3, frame)
+                      + struct.pack("=HHH2xI", 0x48, i2cdev.I2C_M_RD, 2, answer))
+    rdwr = memory.put(0x4000, struct.pack("=II", msgs, 2))
+    assert kernel.do_ioctl(kernel.fds[fd], i2cdev.I2C_RDWR, rdwr) == 2
+    assert bus.written == [b"\x5a\xc1\x00"] and memory.read(0x2000, 2) == b"\xa5\xe1"
+    funcs_at = memory.put(0x5000, bytes(4))
+    kernel.do_ioctl(kernel.fds[fd], i2cdev.I2C_FUNCS, funcs_at)
+    assert memory.read(0x5000, 4) == struct.pack("=I", 1)  # unsigned long is 4 bytes
+
+
+# -- the CUSE protocol itself ----------------------------------------------------------------
+
+
+def _request(opcode, body, unique=2, length=None):
+    size = cuse.IN_HEADER.size + len(body) if length is None else length
+    return cuse.IN_HEADER.pack(size, opcode, unique, 0, 0, 0, 1, 0, 0) + body
+
+
+def test_cuse_init_reply_names_the_device_and_asks_for_unrestricted_ioctls():
+    protocol = cuse.CuseProtocol(I2cDevBridge(RecordingBus), "i2c-fleetid")
+    reply = protocol.handle(_request(cuse.CUSE_INIT, cuse.CUSE_INIT_IN.pack(7, 41, 0, 1)))
+    length, error, unique = cuse.OUT_HEADER.unpack_from(reply)
+    assert (length, error, unique) == (len(reply), 0, 2)
+    major, minor, _, flags, max_read, max_write, dev_major, dev_minor = \
+        cuse.CUSE_INIT_OUT.unpack_from(reply, 16)
+    assert (major, minor, flags) == (7, 31, cuse.CUSE_UNRESTRICTED_IOCTL)
+    assert (dev_major, dev_minor) == (0, 0)  # the kernel picks the numbers
+    assert reply[16 + 72:] == b"DEVNAME=i2c-fleetid\x00"
+    assert cuse.OUT_HEADER.unpack_from(protocol.handle(_request(99, b"")))[1] == -errno.ENOSYS
+    assert protocol.handle(_request(cuse.FUSE_INTERRUPT, struct.pack("=Q", 2))) is None
+
+
+@pytest.mark.parametrize("message, why", [
+    (_request(cuse.CUSE_INIT, cuse.CUSE_INIT_IN.pack(7, 15, 0, 0)), "7.16"),
+    (_request(cuse.CUSE_INIT, cuse.CUSE_INIT_IN.pack(8, 1, 0, 0)), "7.16"),
+    (_request(cuse.FUSE_OPEN, cuse.OPEN_IN.pack(2, 0)), "before CUSE_INIT"),
+    (_request(cuse.CUSE_INIT, b"", length=99), "length"),
+    (b"\x00" * 10, "short"),
+])
+def test_cuse_protocol_refuses_malformed_sessions(message, why):
+    protocol = cuse.CuseProtocol(I2cDevBridge(RecordingBus), "i2c-fleetid")
+    with pytest.raises(cuse.CuseError) as info:
+        protocol.handle(message)
+    assert why in info.value.reason
+
+
+def test_cuse_device_names_that_the_kernel_would_misparse_are_refused():
+    for name in ("", "/dev/x", "a=b", "a\x00b"):
+        with pytest.raises(ValueError):
+            cuse.CuseProtocol(I2cDevBridge(RecordingBus), name)
+
+
+# -- the real thing, where the kernel offers CUSE -----------------------------------------------
+
+
+def _cuse_channel(tmp_path):
+    """(path of an openable CUSE channel or None, reason, kernel_lacks_cuse)."""
+    path = "/dev/cuse"
+    if not os.path.exists(path) and os.geteuid() == 0:
+        # No node (no udev, or a container's /dev): make one where we may, to ask the
+        # kernel itself whether char device 10:203 has a driver.
+        path = str(tmp_path / "cuse")
+        try:
+            os.mknod(path, 0o600 | stat.S_IFCHR, os.makedev(10, 203))
+        except OSError as exc:
+            return None, "no /dev/cuse and mknod c 10 203 failed: %s" % exc, False
+    try:
+        fd = cuse.open_cuse(path)
+    except cuse.CuseError as exc:
+        lacks = exc.errno in (errno.ENODEV, errno.ENXIO)
+        return None, exc.reason + _kernel_config_note(), lacks
+    os.close(fd)  # the probe's channel: the kernel drops it unanswered
+    return path, "", False
+
+
+def _kernel_config_note():
+    try:
+        import gzip
+
+        with gzip.open("/proc/config.gz", "rt") as f:
+            for line in f:
+                if line.startswith(("CONFIG_CUSE=", "# CONFIG_CUSE is not set")):
+                    return " [/proc/config.gz: %s]" % line.strip()
+    except OSError:
+        pass
+    return ""
+
+
+def _wait_for_line(proc, needle, timeout_s):
+    deadline = time.monotonic() + timeout_s
+    seen = []
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([proc.stderr], [], [], 0.2)
+        if ready:
+            line = proc.stderr.readline()
+            if not line:
+                break
+            seen.append(line)
+            if needle in line:
+                return seen
+    raise AssertionError("no %r within %ss; got %r" % (needle, timeout_s, seen))
+
+
+def test_cli_bridge_serves_fleetid_se_info_on_a_cuse_node(fabbed, tmp_path):
+    channel, reason, kernel_lacks = _cuse_channel(tmp_path)
+    if channel is None and kernel_lacks:
+        pytest.skip("the kernel has no CUSE, so no host setting can enable it: " + reason)
+    require(channel is not None, "an openable /dev/cuse: " + reason)
+    record, _chip = fabbed
+    fleetid = shutil.which("fleetid", path=os.path.dirname(sys.executable))
+    sock = str(tmp_path / "se.sock")
+    node = "/dev/i2c-fleetid-%d" % os.getpid()
+    procs = []
+    try:
+        serve = subprocess.Popen([fleetid, "sim", "serve", "--nvm", str(tmp_path / "chip.nvm"),
+                                  "--listen", "unix:" + sock], stderr=subprocess.PIPE, text=True)
+        procs.append(serve)
+        _wait_for_line(serve, "serving", 30)
+        bridge = subprocess.Popen([fleetid, "sim", "i2c-dev", "--listen", node, "--se",
+                                   "unix:" + sock, "--cuse-device", channel],
+                                  stderr=subprocess.PIPE, text=True)
+        procs.append(bridge)
+        _wait_for_line(bridge, "serving " + node, 30)
+        out = subprocess.run([fleetid, "se", "--bus", "linux:i2c:%s:0x48" % node, "info"],
+                             capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr
+        assert "UID:          %s" % record.se_uid.hex() in out.stdout
+    finally:
+        for proc in reversed(procs):
+            proc.terminate()
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=15)
+    assert not os.path.exists(node)  # gone with the device (devtmpfs, or the bridge's own node)
