@@ -43,12 +43,15 @@ class FuseKernel:
 
     Params: protocol: a sim/cuse.py CuseProtocol.  compat: the caller is a 32-bit process
         (FUSE_IOCTL_COMPAT | FUSE_IOCTL_32BIT).  memory: the caller's address space.
+        transport: callable(request bytes) -> reply bytes (default: protocol.handle; a
+        test of sim/cuse.py serve() passes one that goes through a message socket).
     Attributes: devname (from CUSE_INIT), unrestricted, rounds (FUSE_IOCTL requests sent
         for each ioctl() call, in order), requests (opcodes sent).
     """
 
-    def __init__(self, protocol, compat=False, memory=None):
+    def __init__(self, protocol, compat=False, memory=None, transport=None):
         self.protocol = protocol
+        self.transport = transport or protocol.handle
         self.compat = compat
         self.memory = memory or ProcessMemory()
         self._unique = 0
@@ -75,7 +78,7 @@ class FuseKernel:
         self.requests.append(opcode)
         head = cuse.IN_HEADER.pack(cuse.IN_HEADER.size + len(body), opcode, self._unique,
                                    nodeid, 0, 0, os.getpid(), 0, 0)
-        reply = self.protocol.handle(head + body)
+        reply = self.transport(head + body)
         length, error, unique = cuse.OUT_HEADER.unpack_from(reply)
         if length != len(reply) or unique != self._unique:
             raise AssertionError("malformed reply header %r" % (reply[:16],))

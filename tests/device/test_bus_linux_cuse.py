@@ -21,10 +21,12 @@ import errno
 import os
 import select
 import shutil
+import socket
 import stat
 import struct
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -307,6 +309,38 @@ def test_cuse_device_names_that_the_kernel_would_misparse_are_refused():
     for name in ("", "/dev/x", "a=b", "a\x00b"):
         with pytest.raises(ValueError):
             cuse.CuseProtocol(I2cDevBridge(RecordingBus), name)
+
+
+def test_serve_answers_each_message_of_the_channel_and_stops_on_request():
+    # A SOCK_SEQPACKET pair keeps message boundaries as /dev/cuse does (one request per
+    # read, one reply per write): serve() runs its real read/select/write loop on it.
+    channel, kernel_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    kernel_end.settimeout(5)
+    bus = RecordingBus(replies=[b"\xa5\xe1\x00\x01"])
+    protocol = cuse.CuseProtocol(I2cDevBridge(lambda: bus), "i2c-fleetid")
+    stop, ready = threading.Event(), []
+    server = threading.Thread(target=cuse.serve, daemon=True,
+                              args=(channel.fileno(), protocol, stop, lambda: ready.append(1)))
+    server.start()
+
+    def over_the_channel(request):
+        kernel_end.send(request)
+        return kernel_end.recv(cuse.READ_BUFFER)
+
+    try:
+        kernel = FuseKernel(protocol, transport=over_the_channel)
+        i2c = LinuxI2cBus(NODE, 0x48, sysops=kernel)
+        i2c.write(b"\x5a\xc1\x00\x00\xce\x3f")
+        assert i2c.read(4) == b"\xa5\xe1\x00\x01"
+        i2c.close()
+        assert bus.written == [b"\x5a\xc1\x00\x00\xce\x3f"] and bus.closed
+        assert ready == [1]  # once, after the CUSE_INIT reply went out
+    finally:
+        stop.set()
+        server.join(timeout=5)
+    assert not server.is_alive()
+    channel.close()
+    kernel_end.close()
 
 
 # -- the real thing, where the kernel offers CUSE -----------------------------------------------
