@@ -14,6 +14,10 @@ answers i2c-dev's system calls and carries each I2C message to `fleetid sim serv
   (request and reply bytes as on /dev/cuse, the unrestricted-ioctl retry dance, user
   memory copied with ctypes from the addresses bus_linux really packs): the structures
   are decoded by the bridge, and real T=1' frames go to the emulator and back.
+* Where /dev/fuse can be mounted (not CUSE, but the same kernel FUSE code),
+  test_real_kernel_fuse_... serves the bridge as a file of a FUSE mount: bus_linux opens
+  it and binds 0x48 with its real system calls, T=1' frames cross the kernel through
+  read(2)/write(2), and I2C_RDWR shows the restricted-ioctl limit that makes CUSE necessary.
 """
 
 import ctypes
@@ -41,6 +45,7 @@ from fleetid.sim.i2cdev import I2cDevBridge
 
 from ..conftest import require
 from .fuse_kernel_support import FuseKernel, pointer_bits
+from .fuse_mount_support import FuseMount, MountUnavailable
 
 NODE = "/dev/i2c-fleetid"
 
@@ -341,6 +346,69 @@ def test_serve_answers_each_message_of_the_channel_and_stops_on_request():
     assert not server.is_alive()
     channel.close()
     kernel_end.close()
+
+
+class ReadWriteI2cBus:
+    """i2c-dev's other interface (Documentation/i2c/dev-interface.rst): after I2C_SLAVE,
+    write(2) is one I2C write and read(2) one I2C read at the bound address."""
+
+    def __init__(self, linux_bus):
+        self.linux_bus = linux_bus
+        self.fd = linux_bus._fd
+
+    def write(self, frame):
+        self._call(os.write, frame)
+
+    def read(self, n):
+        data = self._call(os.read, n)
+        if len(data) != n:
+            raise BusError("short read")
+        return data
+
+    def _call(self, op, arg):
+        try:
+            return op(self.fd, arg)
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:
+                raise BusNack() from None
+            raise BusError(str(exc)) from None
+
+    def reset(self):
+        pass
+
+    def close(self):
+        self.linux_bus.close()
+
+
+def test_real_kernel_fuse_carries_i2c_slave_and_t1_frames_and_refuses_a_restricted_rdwr(
+        served, tmp_path):
+    # Not CUSE: a FUSE mount (tests/device/fuse_mount_support.py), so the kernel's own
+    # requests reach CuseProtocol and bus_linux runs with its real system calls.
+    record, sock = served
+    bridge = I2cDevBridge(lambda: connect_unix(sock, 2000))
+    (tmp_path / "mnt").mkdir()
+    mount = FuseMount(cuse.CuseProtocol(bridge, "i2c-fleetid"), tmp_path / "mnt")
+    try:
+        mount.__enter__()
+    except MountUnavailable as exc:
+        pytest.skip("no FUSE mount here (%s); the CUSE test below is the one CI requires"
+                    % exc.reason)
+    try:
+        bus = LinuxI2cBus(mount.path, 0x48)  # os.open + fcntl.ioctl(I2C_SLAVE, 0x48)
+        assert mount.ioctls == [(i2cdev.I2C_SLAVE, 0, 0)]
+        with pytest.raises(BusError) as info:
+            bus.write(b"\x5a\xc1\x00\x00\xce\x3f")
+        # The bridge answered FUSE_IOCTL_RETRY; a restricted (file-system) ioctl may not
+        # retry, so the kernel failed the call with EIO after one round, nothing sent.
+        # (Only CUSE's unrestricted ioctls can follow the pointers: the CUSE test below.)
+        assert "Input/output error" in str(info.value)
+        assert mount.ioctls[1:] == [(i2cdev.I2C_RDWR, 0, 0)] and bridge.transfers == 0
+        with open_se(ReadWriteI2cBus(bus), timeout_ms=2000) as stack:
+            assert stack.se.uid() == record.se_uid
+        assert bridge.transfers > 10
+    finally:
+        mount.__exit__(None, None, None)
+    assert mount.error is None
 
 
 # -- the real thing, where the kernel offers CUSE -----------------------------------------------
