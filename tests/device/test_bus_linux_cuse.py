@@ -495,3 +495,32 @@ def test_cli_bridge_serves_fleetid_se_info_on_a_cuse_node(fabbed, tmp_path):
                 proc.kill()
                 proc.wait(timeout=15)
     assert not os.path.exists(node)  # gone with the device (devtmpfs, or the bridge's own node)
+
+
+def test_cli_names_the_cause_when_cuse_cannot_start_and_refuses_bad_options(tmp_path):
+    from click.testing import CliRunner
+
+    from fleetid.cli.main import cli
+
+    def run(*argv):
+        return CliRunner().invoke(cli, ["sim", "i2c-dev", *argv])
+
+    base = ["--listen", "/dev/i2c-fleetid", "--se", "unix:" + str(tmp_path / "se.sock")]
+    missing = run(*base, "--cuse-device", str(tmp_path / "cuse"))
+    assert missing.exit_code == 1 and "modprobe cuse" in missing.output
+    assert "mknod %s c 10 203" % (tmp_path / "cuse") in missing.output
+    if _cuse_channel(tmp_path)[2] and os.geteuid() == 0:
+        # (Only where the kernel lacks CUSE: elsewhere the command would start serving.)
+        node = tmp_path / "cuse-node"
+        os.mknod(node, 0o600 | stat.S_IFCHR, os.makedev(10, 203))
+        opened = run(*base, "--cuse-device", str(node))
+        assert opened.exit_code == 1
+        assert "the kernel has no CUSE driver" in opened.output
+    for bad, where in [(["--listen", "/tmp/i2c-x"], "--listen"),
+                       (["--se", "tcp:nohost"], "--se"),
+                       (["--address", "0x80"], "--address")]:
+        argv = dict(zip(base[::2], base[1::2]))
+        argv.update(dict(zip(bad[::2], bad[1::2])))
+        result = run(*[w for kv in argv.items() for w in kv])
+        assert result.exit_code == 2 and where in result.output, result.output
+        assert result.exception is None or isinstance(result.exception, SystemExit)
