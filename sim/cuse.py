@@ -178,6 +178,8 @@ class CuseProtocol:
             raise CuseError("FUSE message length %d but %d bytes read" % (length, len(request)))
         body = memoryview(request)[IN_HEADER.size:]
         if opcode == CUSE_INIT:
+            if len(body) < CUSE_INIT_IN.size:
+                raise CuseError("short CUSE_INIT (%d bytes)" % len(body))
             return self._init(unique, body)
         if not self.initialised:
             raise CuseError("FUSE opcode %d before CUSE_INIT" % opcode)

@@ -301,6 +301,7 @@ def test_cuse_init_reply_names_the_device_and_asks_for_unrestricted_ioctls():
     (_request(cuse.CUSE_INIT, cuse.CUSE_INIT_IN.pack(8, 1, 0, 0)), "7.16"),
     (_request(cuse.FUSE_OPEN, cuse.OPEN_IN.pack(2, 0)), "before CUSE_INIT"),
     (_request(cuse.CUSE_INIT, b"", length=99), "length"),
+    (_request(cuse.CUSE_INIT, b"\x07\x00"), "short CUSE_INIT"),
     (b"\x00" * 10, "short"),
 ])
 def test_cuse_protocol_refuses_malformed_sessions(message, why):
