@@ -34,6 +34,8 @@ import threading
 import time
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from fleetid.common.errors import BusError, BusNack
 from fleetid.device import bus_linux
@@ -525,3 +527,39 @@ def test_cli_names_the_cause_when_cuse_cannot_start_and_refuses_bad_options(tmp_
         result = run(*[w for kv in argv.items() for w in kv])
         assert result.exit_code == 2 and where in result.output, result.output
         assert result.exception is None or isinstance(result.exception, SystemExit)
+
+
+@given(opcode=st.sampled_from([cuse.FUSE_OPEN, cuse.FUSE_READ, cuse.FUSE_WRITE,
+                               cuse.FUSE_RELEASE, cuse.FUSE_IOCTL, cuse.FUSE_POLL, 7, 4097]),
+       body=st.binary(max_size=200), unique=st.integers(0, 2**64 - 1))
+@settings(max_examples=300, deadline=None)
+def test_any_request_after_init_gets_a_well_formed_reply_or_a_typed_error(opcode, body, unique):
+    protocol = cuse.CuseProtocol(I2cDevBridge(RecordingBus), "i2c-fleetid")
+    protocol.handle(_request(cuse.CUSE_INIT, cuse.CUSE_INIT_IN.pack(7, 41, 0, 1)))
+    try:
+        reply = protocol.handle(_request(opcode, body, unique=unique))
+    except cuse.CuseError:
+        return
+    length, error, echoed = cuse.OUT_HEADER.unpack_from(reply)
+    assert length == len(reply) and echoed == unique and error <= 0
+
+
+@given(in_data=st.binary(max_size=120), out_size=st.integers(0, 9000),
+       cmd=st.sampled_from([i2cdev.I2C_RDWR, i2cdev.I2C_FUNCS]), bits=st.sampled_from([32, 64]))
+@settings(max_examples=300, deadline=None)
+def test_ioctl_decoding_of_arbitrary_caller_memory_retries_or_fails_typed(in_data, out_size,
+                                                                          cmd, bits):
+    bridge = I2cDevBridge(lambda: RecordingBus(replies=[bytes(9000)] * 50))
+    fh = bridge.open(os.O_RDWR)
+    flags = cuse.FUSE_IOCTL_UNRESTRICTED | (cuse.FUSE_IOCTL_32BIT if bits == 32 else 0)
+    try:
+        result, out = bridge.ioctl(cuse.IoctlRequest(fh, cmd, 0x1000, flags, in_data, out_size))
+    except cuse.IoctlRetry as retry:
+        assert len(retry.in_iovs) + len(retry.out_iovs) <= 2 + i2cdev.I2C_RDWR_IOCTL_MAX_MSGS
+        assert all(0 < n <= i2cdev.I2C_MAX_MESSAGE or (base, n) == retry.in_iovs[1]
+                   for base, n in retry.in_iovs[1:] + retry.out_iovs)
+        return
+    except OSError as exc:
+        assert exc.errno in (errno.EINVAL, errno.EOPNOTSUPP, errno.ENXIO)
+        return
+    assert len(out) <= out_size
