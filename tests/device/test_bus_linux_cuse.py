@@ -431,8 +431,11 @@ def _cuse_channel(tmp_path):
     try:
         fd = cuse.open_cuse(path)
     except cuse.CuseError as exc:
-        lacks = exc.errno in (errno.ENODEV, errno.ENXIO)
-        return None, exc.reason + _kernel_config_note(), lacks
+        note = _kernel_config_note()
+        # ENODEV from 10:203 is the kernel's own answer (the open already tried to load
+        # the module); without root to ask it, the kernel's config may still say so.
+        lacks = exc.errno in (errno.ENODEV, errno.ENXIO) or "CONFIG_CUSE is not set" in note
+        return None, exc.reason + note, lacks
     os.close(fd)  # the probe's channel: the kernel drops it unanswered
     return path, "", False
 
