@@ -182,3 +182,83 @@ def _make_endpoint(nvm_path, latency, t1_profile, ber, seed):
     return BusEndpoint(
         chip, profile=t1.PROFILES[t1_profile], latency=profiles.get(latency), faults=faults
     )
+
+
+@sim.command("i2c-dev")
+@click.option("--listen", required=True, metavar="/dev/NAME",
+              help="The i2c-dev node to create (a CUSE character device), e.g. "
+              "/dev/i2c-fleetid.")
+@click.option("--se", "se_uri", required=True, metavar="URI",
+              help="The emulator's socket, as `sim serve --listen` gave it: unix:/path or "
+              "tcp:127.0.0.1:PORT (a sim: prefix is accepted).")
+@click.option("--address", default="0x48", show_default=True,
+              help="The emulated SE's 7-bit I2C address; other addresses NACK.")
+@click.option("--cuse-device", default="/dev/cuse", show_default=True,
+              type=click.Path(dir_okay=False),
+              help="The kernel's CUSE channel (misc char device 10:203).")
+@click.option("--timeout-ms", default=5000, show_default=True, type=click.IntRange(100, 600000),
+              help="Bound on each wait for the emulator.")
+def i2c_dev(listen, se_uri, address, cuse_device, timeout_ms):
+    """Put the emulator behind a real i2c-dev node, so `--bus linux:i2c:...` reaches it.
+
+    Creates /dev/NAME through CUSE (character device in user space; Linux with the cuse
+    module, run as root) that answers open, read, write and the I2C_SLAVE, I2C_FUNCS and
+    I2C_RDWR ioctls as the kernel's i2c-dev does for a plain-I2C adapter, and carries each
+    I2C message to the emulator's socket as one bus transaction.  Stop with Ctrl-C or
+    SIGTERM (the node disappears).
+
+    \b
+    Examples:
+      fleetid sim serve --nvm var/chip.nvm --listen unix:/tmp/se.sock &
+      sudo fleetid sim i2c-dev --listen /dev/i2c-fleetid --se unix:/tmp/se.sock &
+      fleetid se --bus linux:i2c:/dev/i2c-fleetid:0x48 info
+    """
+    import threading
+
+    from fleetid.device.bus import BusUriError, open_bus, parse_bus_uri
+    from fleetid.sim import cuse
+    from fleetid.sim.i2cdev import I2cDevBridge
+
+    if not listen.startswith("/dev/") or listen.endswith("/") or len(listen) <= 5:
+        raise click.BadParameter("must be a path under /dev/, e.g. /dev/i2c-fleetid",
+                                 param_hint="--listen")
+    devname = listen[len("/dev/"):]
+    try:
+        bus_uri = parse_bus_uri(se_uri if se_uri.startswith("sim:") else "sim:" + se_uri)
+        if bus_uri.backend != "sim":
+            raise BusUriError(se_uri, "not an emulator socket")
+        bus_uri.options.setdefault("timeout_ms", str(timeout_ms))
+        bridge = I2cDevBridge(lambda: open_bus(bus_uri), address=int(address, 0))
+        protocol = cuse.CuseProtocol(bridge, devname)
+    except BusUriError as exc:
+        raise click.BadParameter(str(exc), param_hint="--se")
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--address or --listen")
+    try:
+        fd = cuse.open_cuse(cuse_device)
+    except cuse.CuseError as exc:
+        raise click.ClickException("cannot start CUSE: %s" % exc.reason)
+    stop_event = threading.Event()
+    previous = {s: signal.signal(s, lambda signum, frame: stop_event.set())
+                for s in (signal.SIGINT, signal.SIGTERM)}
+
+    made_nodes = []
+
+    def announce():
+        node, created = cuse.ensure_node(devname)
+        if created:
+            made_nodes.append(node)
+        click.echo("serving %s (i2c-dev, SE at 0x%02x) -> emulator %s; Ctrl-C stops"
+                   % (node, bridge.address, bus_uri.uri), err=True)
+
+    try:
+        cuse.serve(fd, protocol, stop_event, on_ready=announce)
+    except cuse.CuseError as exc:
+        raise click.ClickException("CUSE session for %s failed: %s" % (listen, exc.reason))
+    finally:
+        os.close(fd)  # the kernel removes the device
+        for node in made_nodes:
+            os.unlink(node)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    click.echo("stopped after %d I2C messages to the emulator" % bridge.transfers, err=True)
