@@ -131,6 +131,7 @@ class BoardWorld:
         from fleetid.sim.server import serve_in_thread
 
         folder = str(folder)
+        os.makedirs(folder, exist_ok=True)
         when = datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0)
         self.now = int(when.timestamp())
         keys = ImgtoolKeys(folder)
