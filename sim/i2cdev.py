@@ -5,8 +5,8 @@ ioctl, close) as drivers/i2c/i2c-dev.c does for an adapter with plain-I2C transf
 (I2C_FUNC_I2C), and carries every I2C message addressed to the emulated SE to the
 emulator as one bus transaction (write a frame / read n bytes; a busy SE's NACK comes
 back as ENXIO, Documentation/i2c/fault-codes.rst).  It is the `device` of a
-sim/cuse.py CuseProtocol, so `--bus linux:i2c:/dev/i2c-fleetid:0x48` (device/bus_linux.py,
-unmodified) talks to `fleetid sim serve`.
+sim/cuse.py CuseProtocol, so `--bus linux:i2c:/dev/i2c-fleetid:0x48`
+(device/host/bus_linux.py, unmodified) talks to `fleetid sim serve`.
 
 Kernel ABI (include/uapi/linux/i2c-dev.h, i2c.h; drivers/i2c/i2c-dev.c):
 

@@ -6,7 +6,7 @@ reply bytes back.  It knows nothing about I2C: like fuse_do_ioctl it sends an io
 no data, and while the server answers FUSE_IOCTL_RETRY it copies the requested areas of
 the caller's memory (real memory of this process, through ctypes, as copy_from_user
 does) and asks again; the final answer's data is scattered over the out areas
-(copy_to_user).  Its open/close/ioctl make it a `sysops` for device/bus_linux.py, which
+(copy_to_user).  Its open/close/ioctl make it a `sysops` for device/host/bus_linux.py, which
 runs unmodified on top: bus_linux packs real struct i2c_msg / i2c_rdwr_ioctl_data with
 ctypes and passes their addresses, and the server has to find the frames by following
 those pointers itself.
@@ -86,7 +86,7 @@ class FuseKernel:
             raise OSError(-error, os.strerror(-error))
         return reply[cuse.OUT_HEADER.size:]
 
-    # -- the sysops interface of device/bus_linux.py ---------------------------------------
+    # -- the sysops interface of device/host/bus_linux.py ---------------------------------------
 
     def open(self, path, flags):
         if path != "/dev/" + self.devname:

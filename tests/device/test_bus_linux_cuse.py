@@ -1,4 +1,4 @@
-"""device/bus_linux.py through a real i2c-dev ABI to the emulator: the CUSE bridge.
+"""device/host/bus_linux.py through a real i2c-dev ABI to the emulator: the CUSE bridge.
 
 `fleetid sim i2c-dev` (sim/cuse.py + sim/i2cdev.py) makes a CUSE character device that
 answers i2c-dev's system calls and carries each I2C message to `fleetid sim serve`.
@@ -38,8 +38,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fleetid.common.errors import BusError, BusNack
-from fleetid.device import bus_linux
-from fleetid.device.bus_linux import LinuxI2cBus
+from fleetid.device.host import bus_linux
+from fleetid.device.host.bus_linux import LinuxI2cBus
 from fleetid.device.bus_sim import connect_unix
 from fleetid.device.stack import open_se
 from fleetid.sim import cuse, i2cdev

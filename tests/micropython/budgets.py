@@ -98,6 +98,18 @@ WORKFLOWS = {
                    SE_MODULES + ("fleetid.common.revset", "fleetid.device.anchored_store",
                                  "fleetid.device.revset_cache"),
                    3, 85 * 1024, 107 * 1024),
+    # The boards' agent entry point (device/board.run) with signed boot and the CRL cache
+    # on.  Minimum bisected 2026-12-07 (bench/micropython.py run_board, same toolchain):
+    # 152 K, of which 126.7 K resident bytecode and 25.3 K working data.
+    "run_board": ("tests/micropython/test_board_micropython.py::test_board_entry_point_runs_the_agent_under_micropython",
+                  SE_MODULES + ("fleetid.device.bus", "fleetid.device.stack",
+                                "fleetid.device.enrol", "fleetid.device.rotation_journal",
+                                "fleetid.device.agent", "fleetid.device.board",
+                                "fleetid.device.boot", "fleetid.device.fwkeys",
+                                "fleetid.common.oids", "fleetid.common.der",
+                                "fleetid.common.asn1time", "fleetid.device.certinfo",
+                                "fleetid.device.anchored_store", "fleetid.device.crl_cache"),
+                  3, 152 * 1024, 190 * 1024),
 }
 
 
