@@ -91,6 +91,7 @@ class MqttAgent:
         self.link = None
         self.used_at = 0.0
         self.reported = (0, 0)
+        self.failure_kinds = set()
 
     # -- the SE ------------------------------------------------------------------------
 
@@ -215,6 +216,10 @@ class MqttAgent:
             click.echo("mqtt: %d APDU(s) relayed to the SE, %d message(s) refused"
                        % (channel.relayed, channel.refused))
             self.reported = (channel.relayed, channel.refused)
+        for kind in sorted(set(channel.failures) - self.failure_kinds):  # once per kind
+            self.failure_kinds.add(kind)
+            click.echo("mqtt: a message failed in handling (%s: %s); skipped, further "
+                       "ones counted" % (kind, channel.failures[kind]), err=True)
         sys.stdout.flush()
 
     # -- the agent ---------------------------------------------------------------------
