@@ -75,13 +75,13 @@ class MqttAgent:
     """
 
     def __init__(self, cycle, open_device, stop, **options):
-        from fleetid.cli.mqtt import parse_broker
+        from fleetid.cli.mqtt import DEFAULT_PORT, parse_broker
 
         self.o = options
         self.cycle = cycle
         self.clock = cycle.clock
         self._open_device = open_device
-        self.host, self.port = parse_broker(options["mqtt_url"], "--mqtt")
+        self.host, self.port = parse_broker(options["mqtt_url"], "--mqtt", DEFAULT_PORT)
         self.roots = (_pem_certs_der(options["mqtt_ca"], "--mqtt-ca")
                       if options["mqtt_ca"] else None)
         self.chain = (_pem_certs_der(options["mqtt_chain"], "--mqtt-chain")
