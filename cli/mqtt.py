@@ -306,35 +306,52 @@ def _refresh_crl_file(files, broker, written):
 @files_option
 @click.option("--crl-interval", default=60.0, show_default=True,
               type=click.FloatRange(1.0, 86400.0),
-              help="Seconds between checks for a changed CRL (published retained).")
+              help="Seconds between checks for a changed CRL or compact set (published "
+                   "retained).")
 @click.option("--timeout", default=10.0, show_default=True,
               type=click.FloatRange(1.0, 300.0), help="Bound on each broker exchange (s).")
+@click.option("--config", "config_path", default=None,
+              type=click.Path(exists=True, dir_okay=False),
+              help="The cloud's TOML (as for `fleetid cloud serve`, from `fleetid line "
+                   "cloud-config`): when its revocation tiers are initialised (`fleetid "
+                   "revocation init`), the compact revocation set is published retained "
+                   "on fleet/crl/revset too.")
 @pass_file_option
-def cloud_cmd(line_dir, broker_url, files_dir, crl_interval, timeout, pass_file):
+def cloud_cmd(line_dir, broker_url, files_dir, crl_interval, timeout, config_path, pass_file):
     """The cloud's MQTT side until SIGTERM / Ctrl-C: each CA's CRL published retained
-    (again whenever it changes), telemetry received (one line each), refused messages
-    counted (revoked or unknown devices, replays, malformed).
+    (again whenever it changes), the compact revocation set too with --config once
+    revocation is initialised, telemetry received (one line each), refused messages
+    counted (revoked or unknown devices, replays, malformed, too deep, failed).
 
     \b
-    Example:
+    Examples:
       fleetid mqtt cloud --line var/line --broker mqtts://127.0.0.1:8884
+      fleetid mqtt cloud --line var/line --broker mqtts://127.0.0.1:8884 \\
+          --config var/cloud/cloud.toml
     """
     from fleetid.cloud.mqtt.service import MqttError, registry_refusal
 
     parse_broker(broker_url)
+    config = None
+    if config_path is not None:
+        from fleetid.cli.cloud import _load
+
+        config = _load(config_path)
     line = open_line(line_dir, pass_file)
     try:
         client = cloud_client(line_dir, files_dir, broker_url, "fleet-cloud",
                               registry_refusal(line.registry, device_serial(line)))
         client.sink.on_telemetry = lambda device, fields: click.echo(
             "telemetry %s seq %d: %s" % (device, fields["seq"], fields.get("m")))
+        publisher = crl_publisher(line)
+        tiers = _revocation_tiers(line, config, publisher)
         connect(client, timeout)
         click.echo("mqtt cloud: connected to mqtts://%s:%d as fleet-cloud"
                    % (client.host, client.port))
         sys.stdout.flush()
         with StopSignals() as stop:
-            _publish_loop(client, crl_publisher(line), crl_interval, timeout, stop)
-    except (MqttError, FleetidError) as exc:
+            _publish_loop(client, publisher, crl_interval, timeout, stop, tiers)
+    except (MqttError, FleetidError, OSError) as exc:
         raise fail(exc) from None
     finally:
         line.close()
@@ -343,25 +360,49 @@ def cloud_cmd(line_dir, broker_url, files_dir, crl_interval, timeout, pass_file)
         "%s %d" % item for item in sorted(client.sink.metrics().items())))
 
 
-def _publish_loop(client, publisher, interval, timeout, stop):
-    """Publish each label's CRL when it differs from the last published, every
-    `interval` s, until `stop` (the publisher rebuilds a CRL when the registry's
-    revocations changed, at its own poll interval, or when it is half-way to nextUpdate)."""
+def _revocation_tiers(line, config, publisher):
+    """The cloud's revocation tiers (cloud/revocation/tiers.py) for the compact set, or
+    None (no --config, or not initialised: said on stdout)."""
+    if config is None:
+        return None
+    from fleetid.cloud.revocation import tiers as tiers_mod
+
+    tiers = tiers_mod.load(line.hsm, line.registry, config.state_dir, line.root_cert,
+                           [(line.labels["ca"], line.ca_cert)], config.revoked_cas_file,
+                           crl_publisher=publisher)
+    if tiers is None:
+        click.echo("compact set: not published (revocation not initialised in %s: run "
+                   "`fleetid revocation init --config ...`)" % config.state_dir)
+    return tiers
+
+
+def _publish_loop(client, publisher, interval, timeout, stop, tiers=None):
+    """Publish each label's CRL, and the compact set when `tiers` is given, when it
+    differs from the last published, every `interval` s, until `stop` (the publishers
+    rebuild when the registry's revocations changed, at their own poll interval, on a
+    revocation event, or when half-way to nextUpdate)."""
     from fleetid.cloud.mqtt.service import MqttError
+    from fleetid.cloud.revocation.mqtt_delivery import REVSET_LABEL
 
     published = {}
     while not stop.is_set():
-        for label in publisher.labels():
-            der = publisher.current_der(label)
+        if tiers is not None:
+            tiers.watcher.poll()  # a `fleetid revoke` elsewhere: rebuild now
+        current = [(label, "crl %s" % label, publisher.current_der(label))
+                   for label in publisher.labels()]
+        if tiers is not None:
+            current.append((REVSET_LABEL, "compact set #%d" % tiers.compact.current_number(),
+                            tiers.compact.current()))
+        for label, what, der in current:
             if published.get(label) != der:
                 try:
                     client.publish_crl(label, der, timeout)
                 except MqttError as exc:  # paho reconnects; tried again at the next check
-                    click.echo("crl %s not published (%s); next try in %.0f s"
-                               % (label, exc, interval), err=True)
+                    click.echo("%s not published (%s); next try in %.0f s"
+                               % (what, exc, interval), err=True)
                     continue
                 published[label] = der
-                click.echo("crl %s published retained (%d bytes)" % (label, len(der)))
+                click.echo("%s published retained (%d bytes)" % (what, len(der)))
         sys.stdout.flush()
         deadline = time.monotonic() + interval
         while not stop.is_set() and time.monotonic() < deadline:
