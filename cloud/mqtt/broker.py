@@ -28,7 +28,7 @@ What the fleet asks of any broker, and how mosquitto (Debian's 2.0.x) is told:
         broker.port, broker.service_port
         broker.reload()                            # SIGHUP: re-reads the CRL files
 
-Managed brokers and clusters (EMQX, HiveMQ, AWS IoT Core ...) need the same four things:
+Managed brokers and clusters (EMQX, HiveMQ, AWS IoT Core ...) need the same five things:
 see README.md, "MQTT".  Nothing in the cloud or device clients depends on mosquitto.
 """
 
