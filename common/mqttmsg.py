@@ -52,7 +52,7 @@ class MessageError(Exception):
     REPLAY = "replay"
 
     def __init__(self, reason, detail=""):
-        Exception.__init__(self, reason + (": " + detail if detail else ""))
+        super().__init__(reason + (": " + detail if detail else ""))
         self.reason = reason
         self.detail = detail
 

@@ -47,7 +47,7 @@ class TransportError(Exception):
     CLOSED = "closed"
 
     def __init__(self, reason, detail=""):
-        Exception.__init__(self, reason + (": " + detail if detail else ""))
+        super().__init__(reason + (": " + detail if detail else ""))
         self.reason = reason
         self.detail = detail
 
