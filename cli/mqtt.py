@@ -391,8 +391,11 @@ def _publish_loop(client, publisher, interval, timeout, stop, tiers=None):
         current = [(label, "crl %s" % label, publisher.current_der(label))
                    for label in publisher.labels()]
         if tiers is not None:
-            current.append((REVSET_LABEL, "compact set #%d" % tiers.compact.current_number(),
-                            tiers.compact.current()))
+            from fleetid.common import revset
+
+            wire = tiers.compact.current()
+            current.append((REVSET_LABEL, "compact set #%d" % revset.parse(wire).number,
+                            wire))
         for label, what, der in current:
             if published.get(label) != der:
                 try:

@@ -131,7 +131,8 @@ def decode_document(payload, max_size=MAX_MESSAGE, max_depth=MAX_DEPTH):
         payload = payload.encode()
     if len(payload) > max_size:
         raise MessageError(MessageError.TOO_LARGE, "over %d bytes" % max_size)
-    payload = bytes(payload)
+    if not isinstance(payload, bytes):  # no copy of what is bytes already (device heap)
+        payload = bytes(payload)
     check_depth(payload, max_depth)
     try:
         return json.loads(payload.decode())

@@ -35,6 +35,21 @@ for name in ("fleetid.common.mqttmsg", "fleetid.device.mqtt", "umqtt.simple"):
     gc.collect()
 from fleetid.device.mqtt import DeviceChannel, UmqttTransport
 
+# Nesting far deeper than MAX_DEPTH on the command topic (issue 16): at this heap
+# MicroPython's json.loads runs out of memory (MemoryError, not ValueError) at 600 levels;
+# the bracket scan refuses it first (a typed refusal, counted; nothing sent on a refusal
+# without a sequence number).  Done before the session, while the heap is unfragmented.
+deep = bytearray(1200)  # one allocation: [ x 600, then ] x 600
+for i in range(600):
+    deep[i] = 0x5B
+    deep[600 + i] = 0x5D
+probe = DeviceChannel(None, NAME)
+probe.handle("fleet/" + NAME + "/cmd", deep)
+deep = None
+print("deep", probe.refused, probe.failed)
+probe = None
+gc.collect()
+
 crls = []
 rotations = []
 transport = UmqttTransport(NAME, "127.0.0.1", PORT)
@@ -54,13 +69,6 @@ for label, der in crls:
     show("crlder", der[:32])
 print("rotations", len(rotations))
 print("refused", channel.refused)
-# Nesting far deeper than MAX_DEPTH on the command topic (issue 16): at this heap
-# MicroPython's json.loads runs out of memory (MemoryError, not ValueError) at 600 levels;
-# the bracket scan refuses it first (a typed refusal) and the channel goes on.
-deep = b"[" * 600 + b"]" * 600
-channel.handle("fleet/" + NAME + "/cmd", deep)
-deep = None
-print("deep", channel.refused, channel.failed)
 channel.close()
 gc.collect()
 print("done", gc.mem_free())
