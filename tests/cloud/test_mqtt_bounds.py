@@ -224,6 +224,10 @@ def test_the_8k_nesting_through_mosquitto_leaves_cloud_and_device_listening(tmp_
         channel = DeviceChannel(link, name, clock=lambda: int(time.time()))
         channel.start()
         try:
+            # The device's paho callbacks as installed: one that raises is survived, counted.
+            link.client.on_message(link.client, None, object())  # no .topic: AttributeError
+            link.client.on_subscribe(link.client, None, 1, None, None)
+            assert link.callback_failures == 2
             # On the device's telemetry topic (the device's own identity publishes it).
             link.publish(mqttmsg.topic(name, mqttmsg.TELEMETRY), NESTED_8K)
             assert cloud.sink.wait_for(lambda s: s.metrics()["too_deep"] == 1, 10)
