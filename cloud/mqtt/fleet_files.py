@@ -21,10 +21,9 @@ device keys never appear here: devices prove theirs from their SE.
 import datetime
 import os
 
+from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-
-from cryptography import x509
 from cryptography.x509.oid import NameOID
 
 from fleetid.cloud.hsm.errors import KeyNotFound
