@@ -136,11 +136,11 @@ def ota():
     verbatim: it holds no key and sees no plaintext.
     \b
     Examples:
-      fleetid ota rotate-scp03 --line var/line --broker mqtts://127.0.0.1:8883 \\
+      fleetid ota rotate-scp03 --line var/line --broker mqtts://127.0.0.1:8884 \\
           --device FID-000000001 --new-master scp03-master-2 --create-master
-      fleetid ota install-fw-key --line var/line --broker mqtts://127.0.0.1:8883 \\
+      fleetid ota install-fw-key --line var/line --broker mqtts://127.0.0.1:8884 \\
           --device FID-000000001 --fw-cert fw-2027.pem --master scp03-master-2 --kvn 0x32
-      fleetid ota rotate --line var/line --broker mqtts://127.0.0.1:8883 \\
+      fleetid ota rotate --line var/line --broker mqtts://127.0.0.1:8884 \\
           --device FID-000000001
       fleetid ota sign-image --line var/line --key-label fw-2027 --version 1.4.0+7 \\
           --security-counter 5 app.bin app.signed.bin
@@ -169,7 +169,7 @@ def rotate_scp03_cmd(line_dir, broker_url, files_dir, device, timeout, pass_file
 
     \b
     Example:
-      fleetid ota rotate-scp03 --line var/line --broker mqtts://127.0.0.1:8883 \\
+      fleetid ota rotate-scp03 --line var/line --broker mqtts://127.0.0.1:8884 \\
           --device FID-000000001 --new-master scp03-master-2 --create-master
     """
     from fleetid.cloud.mqtt.ota import KeySet, OtaError, open_admin, rotate_scp03_keys
@@ -238,7 +238,7 @@ def install_fw_key_cmd(line_dir, broker_url, files_dir, device, timeout, pass_fi
 
     \b
     Example:
-      fleetid ota install-fw-key --line var/line --broker mqtts://127.0.0.1:8883 \\
+      fleetid ota install-fw-key --line var/line --broker mqtts://127.0.0.1:8884 \\
           --device FID-000000001 --fw-cert fw-2027.pem --slot b
     """
     from cryptography.hazmat.primitives import serialization
@@ -279,7 +279,7 @@ def rotate_cmd(line_dir, broker_url, files_dir, device, timeout, pass_file):
 
     \b
     Example:
-      fleetid ota rotate --line var/line --broker mqtts://127.0.0.1:8883 \\
+      fleetid ota rotate --line var/line --broker mqtts://127.0.0.1:8884 \\
           --device FID-000000001
     """
     from fleetid.common import mqttmsg

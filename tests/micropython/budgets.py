@@ -83,11 +83,13 @@ WORKFLOWS = {
                                     "fleetid.device.enrol", "fleetid.common.asn1time",
                                     "fleetid.device.certinfo"),
                       3, 119 * 1024, 152 * 1024),
-    # Minimum bisected 2026-12-06 (bench/micropython.py run_mqtt, same toolchain): 23 K,
-    # of which 15.5 K resident bytecode (umqtt.simple included) and 7.5 K working data.
+    # Minimum bisected 2026-12-07 (bench/micropython.py run_mqtt, same toolchain), highest
+    # of 2 runs after issue 16 (the bounded decoder, and a 1,200-byte 600-deep command
+    # refused in the run): 26 K, of which 17.2 K resident bytecode (umqtt.simple included)
+    # and 8.8 K working data; budget 33 K >= 1.25 x 26 K.
     "run_mqtt": ("tests/micropython/test_mqtt_micropython.py::test_umqtt_channel_under_micropython_against_the_broker",
                  ("fleetid.common.mqttmsg", "fleetid.device.mqtt", "umqtt.simple"),
-                 3, 23 * 1024, 29 * 1024),
+                 3, 26 * 1024, 33 * 1024),
     "run_revset_lookup": ("tests/micropython/test_revset_micropython.py::test_revset_lookups_under_micropython",
                           ("fleetid.common.errors", "fleetid.common.revset"),
                           3, 44 * 1024, 55 * 1024),
