@@ -121,8 +121,9 @@ class _RelayingDevice:
 def _install(setting, fw_cert, place):
     device = _RelayingDevice(setting.fleet)
     try:
+        broker = setting.fleet.broker  # the cloud's side: the service listener
         return _ok("ota", "install-fw-key", "--line", setting.line_dir, "--broker",
-                   "mqtts://%s:%d" % (setting.fleet.broker.host, setting.fleet.broker.port),
+                   "mqtts://%s:%d" % (broker.host, broker.service_port),
                    "--files", os.path.join(setting.fleet.dir, "mqtt-pki"), "--device",
                    device.name, "--timeout", "20", "--fw-cert", fw_cert, "--slot", place)
     finally:
