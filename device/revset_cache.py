@@ -10,8 +10,10 @@
 #   * refresh(fetch, now) / apply_delta(fetch, now): new data replaces the cache only if
 #     it parses, names this fleet (fleet_id), is signed by the revocation signer (VERIFY
 #     in the SE), decodes consistently (index == body), is not stale (now <= next_update
-#     + grace) and not older (number >= the mark; equal only with identical bytes).  On
-#     any refusal the old set stays and RevsetCacheError says why (`reason`).
+#     + grace), not from the future (this_update <= now + clock_skew_s) and not older
+#     (number >= the mark; equal only with identical bytes).  On any refusal the old set
+#     stays and RevsetCacheError says why (`reason`).  A verified set older than the
+#     cached one is no refusal: the cached one stays, refresh() returns RESULT_OLDER.
 #   * check(serial, ca_key_id, now): the serial in the set or its issuing CA's key id
 #     among the revoked CAs -> RevokedError, even on a stale set; no set or a stale one ->
 #     StaleRevocationError when failing closed, None when failing open.
@@ -37,7 +39,12 @@ except ImportError:  # CPython
 
 from fleetid.common import revset
 from fleetid.common.errors import FleetidError
-from fleetid.device.anchored_store import AnchoredStore, AnchorPolicy
+from fleetid.device.anchored_store import (
+    DEFAULT_CLOCK_SKEW_S,
+    RESULT_OLDER,  # noqa: F401 - re-exported: a refresh() result
+    AnchoredStore,
+    AnchorPolicy,
+)
 
 REASON_FETCH = "fetch"
 REASON_TOO_LARGE = "too_large"
@@ -47,6 +54,7 @@ REASON_FLEET = "fleet"  # another fleet's set
 REASON_SIGNATURE = "signature"
 REASON_STALE = "stale"
 REASON_ROLLBACK = "rollback"
+REASON_FUTURE = "future"  # this_update beyond now + policy.clock_skew_s
 REASON_BASE = "base"  # a delta for a set this cache does not hold
 REASON_STATE = "state"
 REASON_STORE = "store"
@@ -85,10 +93,13 @@ class StaleRevocationError(RevsetCacheError):
 class RevsetPolicy(AnchorPolicy):
     """grace_s: seconds a set stays usable past next_update (default 7 days: offline
     devices hear from the cloud rarely).  fail_open: answer "not known revoked" without a
-    fresh set.  object_id: SE data object of the mark.  max_size: largest set accepted."""
+    fresh set.  object_id: SE data object of the mark.  max_size: largest set accepted.
+    clock_skew_s: how far this_update may be ahead of the device's clock (default 300 s,
+    anchored_store.DEFAULT_CLOCK_SKEW_S); beyond it: RevsetCacheError(REASON_FUTURE)."""
 
-    def __init__(self, grace_s=7 * 86400, fail_open=False, object_id=3, max_size=1 << 20):
-        AnchorPolicy.__init__(self, grace_s, fail_open, object_id, max_size)
+    def __init__(self, grace_s=7 * 86400, fail_open=False, object_id=3, max_size=1 << 20,
+                 clock_skew_s=DEFAULT_CLOCK_SKEW_S):
+        AnchorPolicy.__init__(self, grace_s, fail_open, object_id, max_size, clock_skew_s)
 
 
 class RevsetCache(AnchoredStore):
@@ -105,6 +116,7 @@ class RevsetCache(AnchoredStore):
     _STALE_ERROR = StaleRevocationError
     _NO_DOC = (REASON_NO_SET, "no verified set cached")
     _NEXT_UPDATE = "next_update"
+    _THIS_UPDATE = "this_update"
     _ROLLBACK_FMT = "set %d <= %d"
 
     def __init__(self, se, store, signer_point, fleet, policy=None):
@@ -143,7 +155,8 @@ class RevsetCache(AnchoredStore):
 
     def refresh(self, fetch, now):
         """Fetch a whole set and cache it if it passes every check.
-        Returns "updated" / "unchanged".  Raises RevsetCacheError (old state kept)."""
+        Returns "updated" / "unchanged" / RESULT_OLDER (a verified set older than the
+        cached one, which stays).  Raises RevsetCacheError (old state kept)."""
         self._load()
         return self._accept(self._fetch(fetch), now)
 
