@@ -40,14 +40,19 @@ def _load_cert(path):
 @click.option("--grace", default=7 * 86400, show_default=True,
               type=click.IntRange(0, 365 * 86400),
               help="Seconds a set stays usable past its next_update.")
+@click.option("--clock-skew", default=300, show_default=True,
+              type=click.IntRange(0, 30 * 86400),
+              help="Seconds a set's this_update may be ahead of this device's clock; a set "
+              "from further in the future is refused.")
 @click.option("--fail-open", is_flag=True,
               help="With no fresh set, do not treat peers as revoked (default: fail closed).")
 def check_peer_offline(cert, bus, t1_profile, timeout_ms, root_file, signer_file, cache_file,
-                       load_file, grace, fail_open):
+                       load_file, grace, clock_skew, fail_open):
     """Check a peer device's certificate against the cached compact revocation set.
 
-    The peer's device serial (its subject serialNumber) is looked up in the set, and its
-    issuing CA's key identifier (its AKI) among the revoked batches.  Exit 0: not
+    The peer's device serial (its subject serialNumber as the line writes it,
+    FID-000000042 -> device 42, the registry serial the set holds) is looked up in the
+    set, and its issuing CA's key identifier (its AKI) among the revoked batches.  Exit 0: not
     revoked; 1: revoked, stale under a fail-closed policy, or a refused --load.
 
     \b
@@ -69,6 +74,7 @@ def check_peer_offline(cert, bus, t1_profile, timeout_ms, root_file, signer_file
         RevsetCache,
         RevsetCacheError,
         RevsetPolicy,
+        device_number,
     )
 
     root, signer, peer = _load_cert(root_file), _load_cert(signer_file), _load_cert(cert)
@@ -79,11 +85,19 @@ def check_peer_offline(cert, bus, t1_profile, timeout_ms, root_file, signer_file
             raise ValueError("not a revocation-set signer (extendedKeyUsage)")
     except (ValueError, TypeError, x509.ExtensionNotFound) as exc:
         raise click.ClickException("%s: %s" % (signer_file, exc)) from None
-    names = peer.subject.get_attributes_for_oid(NameOID.SERIAL_NUMBER)
+    # The device serial as the line writes it (FID-000000042 -> 42, the registry serial
+    # the compact set holds); a certificate without serialNumber is named by its CN.
+    names = peer.subject.get_attributes_for_oid(NameOID.SERIAL_NUMBER) or \
+        peer.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    if len(names) != 1:
+        raise click.ClickException("%s: the subject names no single device serial "
+                                   "(serialNumber or CN)" % cert)
     try:
-        device_serial = int(names[0].value)
-    except (IndexError, ValueError):
-        raise click.ClickException("%s has no numeric device serialNumber" % cert) from None
+        device_serial = device_number(names[0].value)
+    except RevsetCacheError as exc:
+        raise click.ClickException("%s: the subject's device serial %r (serialNumber, else "
+                                   "CN) is not PREFIX-<digits> as the line writes it (%s)"
+                                   % (cert, names[0].value[:64], exc.reason)) from None
     try:
         ca_key_id = peer.extensions.get_extension_for_class(
             x509.AuthorityKeyIdentifier).value.key_identifier
@@ -93,7 +107,8 @@ def check_peer_offline(cert, bus, t1_profile, timeout_ms, root_file, signer_file
     try:
         cache = RevsetCache(device.se, FileStore(cache_file), public_point(signer.public_key()),
                             revset.fleet_id(public_point(root.public_key())),
-                            RevsetPolicy(grace_s=grace, fail_open=fail_open))
+                            RevsetPolicy(grace_s=grace, fail_open=fail_open,
+                                         clock_skew_s=clock_skew))
         now = int(time.time())
         if load_file is not None:
             with open(load_file, "rb") as f:

@@ -60,6 +60,10 @@ REASON_STATE = "state"
 REASON_STORE = "store"
 REASON_NO_SET = "no_set"
 REASON_REVOKED = "revoked"
+REASON_SERIAL = "serial"  # a peer certificate naming no device serial of the fleet
+
+# Longest decimal device serial (a registry serial is a positive signed 64-bit integer).
+_MAX_SERIAL_DIGITS = const(19)
 
 _STATE_VERSION = const(1)
 _STATE_LEN = const(17)
@@ -100,6 +104,37 @@ class RevsetPolicy(AnchorPolicy):
     def __init__(self, grace_s=7 * 86400, fail_open=False, object_id=3, max_size=1 << 20,
                  clock_skew_s=DEFAULT_CLOCK_SKEW_S):
         AnchorPolicy.__init__(self, grace_s, fail_open, object_id, max_size, clock_skew_s)
+
+
+def device_number(serial_number):
+    """The registry device serial that a fleet certificate's subject serialNumber names:
+    what the compact set holds (cloud/revocation/compact.py keys devices by the
+    registry's device serial).
+
+    The line writes PREFIX-NNNNNNNNN (cloud/line/resources.py LineConfig.device_serial:
+    "%s-%09d", prefix "FID" by default, configurable per line) in the subject's
+    serialNumber and CN, and EST re-enrolment keeps the subject, so every certificate a
+    device ever holds names the same number.  A bare decimal is the number itself.
+
+    Params: serial_number: str (the subject serialNumber, or the CN when it has none).
+    Returns: int >= 1.
+    Raises: RevsetCacheError(REASON_SERIAL) when the text is neither form (a prefix that
+        is empty, digits that are not ASCII 0-9, no digits, more than 19 of them).
+    """
+    if not isinstance(serial_number, str):
+        raise RevsetCacheError(REASON_SERIAL, "not text")
+    dash = serial_number.rfind("-")
+    digits = serial_number[dash + 1:]
+    if dash == 0 or not 1 <= len(digits) <= _MAX_SERIAL_DIGITS:
+        raise RevsetCacheError(REASON_SERIAL, "not PREFIX-<digits>: %r" % serial_number[:64])
+    for c in digits:
+        if c < "0" or c > "9":
+            raise RevsetCacheError(REASON_SERIAL, "not PREFIX-<digits>: %r"
+                                   % serial_number[:64])
+    number = int(digits)
+    if number < 1:
+        raise RevsetCacheError(REASON_SERIAL, "device serial 0: %r" % serial_number[:64])
+    return number
 
 
 class RevsetCache(AnchoredStore):
