@@ -132,6 +132,47 @@ def test_serve_refuses_a_tls_key_without_its_certificate_and_keeps_the_key(tmp_p
     assert not (tmp_path / "missing.pem").exists()
 
 
+def test_serve_refuses_a_configured_tls_pair_that_does_not_exist_and_writes_nothing(
+        tmp_path, monkeypatch):
+    def serve_forever(*_args, **_kwargs):
+        raise AssertionError("cloud serve started")
+
+    monkeypatch.setattr("fleetid.cloud.server.serve_forever", serve_forever)
+    cert, key = tmp_path / "tls" / "server.pem", tmp_path / "tls" / "server.key.pem"
+    (tmp_path / "cloud.toml").write_text(
+        '[cloud]\nstate_dir = "state"\ntls_cert = "%s"\ntls_key = "%s"\n' % (cert, key))
+    result = CliRunner().invoke(cli, ["cloud", "serve", "--config",
+                                      str(tmp_path / "cloud.toml"), "--verifier-port", "0",
+                                      "--est-port", "0", "--metrics-port", "0"],
+                                env={"FLEETID_KEYSTORE_PASS": "test-pass"})
+    assert result.exit_code == 1, result.output
+    assert "tls_cert %s does not exist" % cert in result.output, result.output
+    assert "never generated" in result.output
+    assert not (tmp_path / "tls").exists()  # no key pair made where the operator pointed
+
+
+def test_serve_on_a_busy_port_exits_1_with_one_line_naming_the_port(tmp_path):
+    import socket
+
+    env = dict(os.environ, FLEETID_KEYSTORE_PASS="test-pass")
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        port = busy.getsockname()[1]
+        done = subprocess.run(
+            [sys.executable, "-m", "fleetid.cli.main", "cloud", "serve", "--state-dir",
+             str(tmp_path / "state"), "--verifier-port", str(port), "--est-port", "0",
+             "--metrics-port", "0"], stdin=subprocess.DEVNULL, capture_output=True,
+            env=env, cwd=str(tmp_path), timeout=120, check=False)
+    err = done.stderr.decode()
+    assert done.returncode == 1, err
+    assert "Traceback" not in err, err
+    assert err.splitlines()[-1] == ("Error: cannot listen on 127.0.0.1:%d (verifier): "
+                                    "Address already in use" % port), err
+    for line in err.splitlines()[:-1]:  # before it, only the JSON log of the key set-up
+        json.loads(line)
+
+
 def test_serve_runs_verifier_and_est_on_the_embedded_defaults(tmp_path):
     env = dict(os.environ)
     env.pop("FLEETID_KEYSTORE_PASS", None)
