@@ -27,8 +27,9 @@
 #   subject CN, serialNumber and  identity           (the device's identity certificate,
 #   URI SANs = the identity                           slot 1, names the device)
 #   certificate's
-#   issuer = a CA of `cas` (or    issuer             6.1.3 (a)(4)
-#   the root itself)
+#   issuer = a CA of `cas`, not   issuer             6.1.3 (a)(4); the fleet's root signs
+#   the root itself                                     CAs only (the verifier's TLS refuses
+#                                                       a device certificate it signed)
 #   signature verifies under      signature          6.1.3 (a)(1)
 #   that CA's key (SE VERIFY)
 #
@@ -365,14 +366,12 @@ class CertificateChecker:
         if sorted(cert.uris) != sorted(wanted):
             raise CertificateRefused(REASON_IDENTITY, "URI SAN %r" % (cert.uris,))
         signer = None
-        if cert.issuer == self.root.subject:
-            signer = self.root
-        else:
-            for ca in cas:
-                if ca.subject == cert.issuer:
-                    signer = ca
-                    break
+        for ca in cas:
+            if ca.subject == cert.issuer:
+                signer = ca
+                break
         if signer is None:
-            raise CertificateRefused(REASON_ISSUER, "no CA under the fleet root issued it")
+            raise CertificateRefused(REASON_ISSUER, "no issuing CA under the fleet root "
+                                     "has its issuer name")
         self._verify(cert, signer.point)
         return cert
