@@ -85,14 +85,17 @@ _REFUSED_CREDENTIAL = ("superseded", "expired", "not_yet_valid")
 class NetError(FleetidError):
     """A network step failed.
 
-    reason: LINK (connection refused / dropped), TIMEOUT (a bounded wait expired), SERVER
-        (5xx), PENDING (202: come back after Retry-After), REFUSED (4xx: the server said
-        no; `status` and `server_reason`, e.g. "revoked", "superseded", say why).
+    reason: LINK (connection refused / dropped), HANDSHAKE (the TLS handshake failed: an
+        alert or a close during it; a server refusing the client certificate looks like
+        this), TIMEOUT (a bounded wait expired), SERVER (5xx), PENDING (202: come back
+        after Retry-After), REFUSED (4xx: the server said no; `status` and
+        `server_reason`, e.g. "revoked", "superseded", say why).
     retry_after: seconds the server asked to wait (None if it did not say).
-    retryable: True for LINK, TIMEOUT, SERVER, PENDING.
+    retryable: True for LINK, HANDSHAKE, TIMEOUT, SERVER, PENDING.
     """
 
     LINK = "link"
+    HANDSHAKE = "handshake"
     TIMEOUT = "timeout"
     SERVER = "server"
     PENDING = "pending"
@@ -547,7 +550,13 @@ class Agent:
             # A 4xx answer refuses the new certificate (superseded or expired before the
             # acknowledgement, unknown to the registry, ...): retrying the ack would
             # repeat forever, so the rotation falls back to the old credential and tries
-            # again.  No answer (link, TLS, 5xx) is not a refusal: retried next cycle.
+            # again.  No answer (link, timeout, 5xx) is not a refusal: retried next
+            # cycle.  A failed TLS handshake is a refusal only when the old credential's
+            # handshake with the same verifier succeeds right after (_tls_refused).
+            if exc.reason == NetError.HANDSHAKE and self._tls_refused(issued):
+                self._note("slot %d refused by the verifier's TLS (%s), slot %d accepted"
+                           % (issued.new, exc.detail, issued.cur))
+                return self._refuse(issued, rj.REFUSAL_ACK, exc)
             if exc.reason != NetError.REFUSED or exc.status is None:
                 raise
             self._note("slot %d refused at the acknowledgement (%s)"
@@ -557,6 +566,18 @@ class Agent:
                                                issued.cause, issued.t0, issued.t1))
         self._note("ACKED by the verifier: slot %d" % issued.new)
         return self._retire(record)
+
+    def _tls_refused(self, issued):
+        # The new certificate's handshakes failed (after their retries): does the same
+        # verifier complete a handshake with the old credential?  It does when it answers
+        # whoami, or refuses it with an HTTP status (the old one superseded or expired:
+        # the retry then enrols with the identity certificate).  Then the failure is the
+        # new certificate's, not the link's.  Anything else: not a refusal.
+        try:
+            self._call("whoami", self.net.whoami, issued.cur)
+        except NetError as exc:
+            return exc.reason == NetError.REFUSED and exc.status is not None
+        return True
 
     def _refuse(self, last, code, exc):
         # BEGIN or ISSUED -> REFUSED (one atomic write), then the REFUSED row of the

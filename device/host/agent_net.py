@@ -12,7 +12,8 @@ SE.  One request per connection; every wait bounded (connect and per-I/O timeout
     net.fetch(url)                          plain GET for revocation lists (bounded)
 
 Failures become device.agent.NetError: TlsClientError connect / protocol -> LINK, timeout
--> TIMEOUT, handshake -> LINK (a transient alert is retried within the agent's bounds),
+-> TIMEOUT, handshake -> HANDSHAKE (retried within the agent's bounds; at the rotation's
+acknowledgement the agent tells a refused new certificate from a bad link by it),
 server certificate -> REFUSED; HTTP 5xx -> SERVER, 202 -> PENDING (with Retry-After),
 other 4xx -> REFUSED with the server's reason code (the first word of its text answer).
 An enrolment answer that is not exactly one certificate in a certs-only PKCS#7 (wrong
@@ -46,7 +47,7 @@ MAX_RETRY_AFTER = 24 * 3600
 _TLS_REASONS = {
     TlsClientError.CONNECT: NetError.LINK,
     TlsClientError.TIMEOUT: NetError.TIMEOUT,
-    TlsClientError.HANDSHAKE: NetError.LINK,
+    TlsClientError.HANDSHAKE: NetError.HANDSHAKE,
     TlsClientError.PROTOCOL: NetError.LINK,
     TlsClientError.SERVER_CERTIFICATE: NetError.REFUSED,
 }

@@ -57,14 +57,26 @@ class Forger:
             line.ca_cert.subject, self.lookalike_key.public_key(), line.root_cert,
             now - datetime.timedelta(days=1), now + datetime.timedelta(days=3650))
         self.lookalike_ca = builder.sign(self.lookalike_root_key, hashes.SHA256())
+        # A real CA the fleet root certified (through the line's HSM) that the cloud does
+        # not configure (another product line's, a retired one): the device can chain its
+        # certificates to the root, the verifier's TLS does not accept them.
+        self.unconfigured_key = ec.generate_private_key(ec.SECP256R1())
+        builder = profiles.issuing_ca_builder(
+            x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fleetid retired issuing CA")]),
+            self.unconfigured_key.public_key(), line.root_cert,
+            now - datetime.timedelta(days=1), now + datetime.timedelta(days=3650))
+        self.unconfigured_ca = sign_certificate(line.hsm, line.labels["root"], builder,
+                                                line.root_cert.public_key())
 
     def rebuild(self, honest, signer="ca", subject=None, public_key=None, not_before=None,
                 not_after=None, drop=(), replace=None, add=()):
         """A copy of `honest` with the given changes, fresh serial, signed by `signer`:
         "ca" (the real issuing CA's HSM key), "root" (the fleet root's HSM key, issuer
-        name the root's) or "lookalike" (the look-alike CA key, the real CA's name)."""
+        name the root's), "lookalike" (the look-alike CA key, the real CA's name) or
+        "unconfigured" (the root-certified CA the cloud does not configure)."""
         replace = replace or {}
-        issuer = self.line.root_cert.subject if signer == "root" else honest.issuer
+        issuer = {"root": self.line.root_cert.subject,
+                  "unconfigured": self.unconfigured_ca.subject}.get(signer, honest.issuer)
         builder = (x509.CertificateBuilder()
                    .subject_name(subject or honest.subject)
                    .issuer_name(issuer)
@@ -85,6 +97,8 @@ class Forger:
             builder = builder.add_extension(value, critical)
         if signer == "lookalike":
             return builder.sign(self.lookalike_key, hashes.SHA256())
+        if signer == "unconfigured":
+            return builder.sign(self.unconfigured_key, hashes.SHA256())
         label = "root" if signer == "root" else "ca"
         issuer_cert = self.line.root_cert if signer == "root" else self.line.ca_cert
         return sign_certificate(self.line.hsm, self.line.labels[label], builder,
@@ -133,7 +147,9 @@ def _oversized(forger, honest):
 
 
 # mode: (what the answer is, the refusal expected: a certcheck reason, "ack" (stored,
-# refused by the verifier at the acknowledgement) or "transient" (no certificate: the
+# refused by the verifier at the acknowledgement), "ack_tls" (stored, refused by the
+# verifier's TLS handshake while the old credential's succeeds) or "transient" (no
+# certificate: the
 # rotation stays at BEGIN and resumes)).  Each entry's `make(forger, honest, peer, now)`
 # returns (status, content type, body bytes before base64) or a certificate.
 def _forgeries():
@@ -169,6 +185,10 @@ def _forgeries():
     @mode("signed_by_the_fleet_root", "issuer")
     def _(f, honest, peer, now):
         return f.rebuild(honest, signer="root")
+
+    @mode("root_certified_ca_unknown_to_the_verifier", "ack_tls")
+    def _(f, honest, peer, now):
+        return f.rebuild(honest, signer="unconfigured")
 
     @mode("another_key", "key")
     def _(f, honest, peer, now):
@@ -297,6 +317,12 @@ class HostileEst:
             if op == messages.OP_CACERTS and self.mode == "lookalike_ca_in_cacerts":
                 return self._answer(200, messages.CT_PKCS7_MIME,
                                     _pkcs7([self.forger.lookalike_ca,
+                                            self.cloud.line.root_cert]))
+            if op == messages.OP_CACERTS and \
+                    self.mode == "root_certified_ca_unknown_to_the_verifier":
+                return self._answer(200, messages.CT_PKCS7_MIME,
+                                    _pkcs7([self.cloud.line.ca_cert,
+                                            self.forger.unconfigured_ca,
                                             self.cloud.line.root_cert]))
             response = await handler(request)
             if op not in _ENROL_OPS or self.mode is None or response.status != 200:

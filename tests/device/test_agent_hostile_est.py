@@ -63,7 +63,7 @@ def _honest_rotation(fleet, est, command="rotate"):
 def test_the_table_has_at_least_sixteen_kinds_of_bad_answers():
     assert len(FORGERIES) >= 16
     kinds = {expected for _make, expected in FORGERIES.values()}
-    assert {"signature", "issuer", "expired", "not_yet_valid", "ack", "key", "eku",
+    assert {"signature", "issuer", "expired", "not_yet_valid", "ack", "ack_tls", "key", "eku",
             "usage", "identity", "malformed", "too_large", "transient"} <= kinds
 
 
@@ -92,10 +92,13 @@ def test_a_bad_enrolment_answer_leaves_the_old_credential_in_use(rig, mode):
         if expected == "ack":
             assert isinstance(cause, NetError) and cause.status == 403, cause
             assert est.forged == ATTEMPTS
+        elif expected == "ack_tls":
+            assert isinstance(cause, NetError) and cause.reason == NetError.HANDSHAKE, cause
+            assert est.forged == ATTEMPTS
         else:
             assert isinstance(cause, CertificateRefused) and cause.reason == expected, cause
         refusals = [a for a in agent.net.calls if a == "ack"]
-        assert len(refusals) == (ATTEMPTS if expected == "ack" else 0)
+        assert len(refusals) == {"ack": ATTEMPTS, "ack_tls": 2 * ATTEMPTS}.get(expected, 0)
         last = agent.journal.last()
         assert (last.kind, last.cur, len(agent.journal.records)) == (rj.BASE, before, 1)
         assert _slot_certs(fleet) == old  # nothing refused was left in the SE
