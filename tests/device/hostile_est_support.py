@@ -48,6 +48,13 @@ class Forger:
         self.cloud = cloud
         line = cloud.line
         self.line = line
+        # The line's device serials, read once here (the server thread must not open a
+        # chip the agent under test is using).
+        self.serials = []
+        for index in range(len(cloud.chips)):
+            _record, identity = cloud.device(cloud.session(index))
+            self.serials.append(
+                identity.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value)
         self.lookalike_key = ec.generate_private_key(ec.SECP256R1())
         self.lookalike_root_key = ec.generate_private_key(ec.SECP256R1())
         now = _now()
@@ -107,11 +114,7 @@ class Forger:
     def other_device(self, honest):
         """Another device's serial on this line (a real one, from the registry)."""
         mine = honest.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value
-        _record, identity = self.cloud.device(self.cloud.session(1))
-        other = identity.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value
-        if other == mine:
-            raise AssertionError("device 1 has device 0's serial")
-        return other
+        return [serial for serial in self.serials if serial != mine][0]
 
 
 def _name(common_name, serial_number):

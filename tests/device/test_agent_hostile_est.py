@@ -205,3 +205,33 @@ def test_a_forged_certificate_is_never_what_the_verifier_sees_from_the_device(ri
     assert forged.subject == honest.subject and forged.issuer == honest.issuer
     assert forged.public_key() == honest.public_key()
     assert forged.signature != honest.signature
+
+
+@pytest.mark.parametrize("mode, why", [("lookalike_ca_key", "signature"),
+                                       ("expired", "expired"),
+                                       ("another_key", "not for the new key"),
+                                       ("another_device_uri_san", "identity")])
+def test_the_host_est_client_checks_before_storing_too(rig, mode, why):
+    """device/host/est_client.EstClient (the host-side enrolment API) makes the same checks:
+    a refused certificate raises, and the new slot is left empty."""
+    from fleetid.common import se_consts as C
+    from fleetid.common.errors import ReferenceNotFound
+    from fleetid.device.host.est_client import EstClient, EstClientError
+
+    fleet, est = rig
+    se = fleet.cloud.session(1)
+    client = EstClient(se, "127.0.0.1", est.port, [fleet.cloud.root_der()], label=LABEL,
+                       connect_timeout=5, io_timeout=10)
+    est.mode, est.remaining = mode, None
+    try:
+        with pytest.raises(EstClientError) as refused:
+            client.enroll(C.SLOT_IDENTITY, C.SLOT_OPERATIONAL_A)
+    finally:
+        est.mode = None
+    assert refused.value.reason == EstClientError.WRONG_CERTIFICATE
+    assert why in refused.value.detail
+    with pytest.raises(ReferenceNotFound):
+        se.public_key(C.SLOT_OPERATIONAL_A)
+    result = client.enroll(C.SLOT_IDENTITY, C.SLOT_OPERATIONAL_A)  # an honest answer
+    assert bytes(se.get_cert(C.SLOT_OPERATIONAL_A)) == result.certificate_der
+    se.delete_key(C.SLOT_OPERATIONAL_A)

@@ -93,7 +93,8 @@ def test_the_wrong_slot_key_and_another_devices_identity_are_refused(rig):
 def test_cacerts_keeps_only_cas_that_chain_to_the_root_in_the_se(rig):
     fleet, se, honest, _slot = rig
     line = fleet.cloud.line
-    forger = Forger(fleet.cloud)
+    forger = Forger(fleet.cloud)  # reads both chips' identities (a fresh boot of each)
+    se = fleet.cloud.session(0)
     now = fleet.clock.now()
     candidates = [forger.lookalike_ca.public_bytes(DER),  # the real CA's name, not its key
                   honest,  # not a CA
