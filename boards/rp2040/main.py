@@ -6,8 +6,12 @@
 # supplies is its network: board_net.py must define make_net(se) returning an object with
 #
 #     whoami(slot) -> dict            GET /v1/whoami, mTLS with the key in SE slot `slot`
+#     cacerts(slot) -> list of DER    GET /.well-known/est/<label>/cacerts (the agent
+#                                     keeps the CAs that chain to the SE's fleet root)
 #     nonce(slot) -> bytes            GET /.well-known/est/<label>/nonce (base64 body)
-#     enroll(slot, csr_der, reenroll) -> certificate DER   POST simple(re)enroll
+#     enroll(slot, csr_der, reenroll) -> certificate DER   POST simple(re)enroll (raise
+#                                     fleetid.device.certcheck.CertificateRefused when
+#                                     the answer is not exactly one certificate)
 #     ack(slot) -> None               POST /v1/rotation/ack
 #     fetch(url) -> bytes             plain GET (revocation lists)
 #
