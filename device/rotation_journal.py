@@ -65,15 +65,17 @@
 #                    overlap(cur -> X) and     before ISSUED was         KEY, ATTEST, CSR signed in the
 #                    accepts cur until the     written)                  SE, (re)enrol authenticated by
 #                    overlap deadline)                                   cur (or by the identity cert if
-#                                                                        the verifier refuses cur), PUT
-#                                                                        CERT, append ISSUED
+#                                                                        the verifier refuses cur), check
+#                                                                        the certificate (certcheck.py),
+#                                                                        PUT CERT, append ISSUED; a
+#                                                                        refused certificate: append
+#                                                                        REFUSED (row REFUSED)
 #   ISSUED(cur,new)  new (the verifier's       cur: key + cert;          POST /v1/rotation/ack with new,
 #                    rotation state names it)  new: key + cert           append ACKED.  If the verifier
-#                    and cur until the ack                               refuses new as superseded /
-#                                                                        expired: delete new's key,
-#                                                                        rewrite the journal as BASE(cur)
-#                                                                        (empty when cur is the identity
-#                                                                        slot) and rotate again
+#                    and cur until the ack;                              refuses new (a 4xx answer, or
+#                    a certificate the device                            its TLS while cur's handshake
+#                    could not judge (unknown                            succeeds): append REFUSED (row
+#                    to the registry): cur                               REFUSED)
 #   ACKED(cur, new)  new                       cur: key + cert, or       delete cur's key + cert if
 #                                              already deleted           present (never the identity
 #                                                                        slot), compact to BASE(new)
