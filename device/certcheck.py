@@ -36,7 +36,8 @@
 # verified_cas() keeps the candidates (EST cacerts, RFC 7030 4.1.3: "validated using the
 # explicit TA") that are CAs (basicConstraints cA, keyCertSign when keyUsage is present),
 # within their validity, and signed by the fleet root or by a CA already kept (at most
-# MAX_DEPTH CAs below the root, pathLenConstraint honoured); the others are ignored.
+# MAX_DEPTH CAs below the root, pathLenConstraint honoured); the others are ignored, and
+# so is everything after the first MAX_CANDIDATES (a hostile list costs bounded VERIFYs).
 #
 # Certificate ::= SEQUENCE { tbsCertificate, signatureAlgorithm, signatureValue }
 # TBSCertificate ::= SEQUENCE { [0] EXPLICIT version (v3 = 2), serialNumber, signature,
@@ -62,6 +63,7 @@ _LE_LONG = const(65536)
 CERT_MAX = const(2048)  # se_consts.CERT_MAX: what PUT CERT stores
 ROOT_MAX = const(8192)
 MAX_DEPTH = const(3)  # CAs between the fleet root and a device certificate
+MAX_CANDIDATES = const(16)  # cacerts entries looked at (each may cost an SE VERIFY)
 DEFAULT_SKEW_S = const(300)  # the CA backdates notBefore by 5 minutes (profiles.py)
 DEVICE_URI_PREFIX = "urn:fleetid:device:"
 
@@ -293,12 +295,13 @@ class CertificateChecker:
     def verified_cas(self, candidates, now):
         """The CA certificates among `candidates` that chain to the fleet root.
 
-        Params: candidates: list of DER certificates (EST cacerts).  now: int seconds.
+        Params: candidates: list of DER certificates (EST cacerts; the first
+            MAX_CANDIDATES are looked at).  now: int seconds.
         Returns: list of ParsedCertificate, each with `depth` (1 = signed by the root).
         Raises: link / SE errors only (a refused candidate is left out).
         """
         pending = []
-        for data in candidates:
+        for data in candidates[:MAX_CANDIDATES]:
             try:
                 cert = parse_certificate(data, ROOT_MAX)
             except CertificateRefused:

@@ -152,3 +152,27 @@ def test_the_size_limit_is_the_se_slots(rig):
     with pytest.raises(CertificateRefused) as refused:
         certcheck.parse_certificate(honest + b"\x00" * (C.CERT_MAX + 1 - len(honest)))
     assert refused.value.reason == certcheck.REASON_TOO_LARGE
+
+
+def test_a_long_cacerts_list_costs_a_bounded_number_of_se_verifies(rig):
+    fleet, se, _honest, _slot = rig
+    line = fleet.cloud.line
+    lookalike = Forger(fleet.cloud).lookalike_ca.public_bytes(DER)
+    se = fleet.cloud.session(0)
+    verifies = []
+
+    class Counting:
+        def __init__(self, inner):
+            self.inner = inner
+
+        def get_data(self, *args):
+            return self.inner.get_data(*args)
+
+        def verify(self, *args, **kwargs):
+            verifies.append(1)
+            return self.inner.verify(*args, **kwargs)
+
+    checker = CertificateChecker(Counting(se))
+    candidates = [lookalike] * 100 + [line.ca_cert.public_bytes(DER)]
+    assert checker.verified_cas(candidates, fleet.clock.now()) == []  # the real CA: #101
+    assert len(verifies) == certcheck.MAX_CANDIDATES
