@@ -21,6 +21,9 @@
 #                                 `slot`, the server checked against the fleet root in the SE:
 #         whoami(slot) -> dict                   GET /v1/whoami (its "commands" list may
 #                                                ask for "rotate")
+#         cacerts(slot) -> [certificate DER]     GET /.well-known/est/<label>/cacerts
+#                                                (RFC 7030 4.1; the agent keeps those
+#                                                that chain to the fleet root in the SE)
 #         nonce(slot) -> bytes                   GET /.well-known/est/<label>/nonce
 #         enroll(slot, csr_der, reenroll) -> certificate DER
 #                                                POST simpleenroll / simplereenroll

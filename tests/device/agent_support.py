@@ -67,6 +67,9 @@ class FaultyNet:
     def whoami(self, slot):
         return self._do("whoami", slot)
 
+    def cacerts(self, slot):
+        return self._do("cacerts", slot)
+
     def nonce(self, slot):
         return self._do("nonce", slot)
 
