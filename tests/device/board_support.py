@@ -45,6 +45,10 @@ class Net:
         print("net whoami", slot)
         return {"commands": []}
 
+    def cacerts(self, slot):
+        print("net cacerts", slot)
+        raise NetError(NetError.REFUSED, "no enrolment in this test", 403)
+
     def nonce(self, slot):
         print("net nonce", slot)
         raise NetError(NetError.REFUSED, "no enrolment in this test", 403)
