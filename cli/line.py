@@ -42,7 +42,7 @@ def _environ(out, hsm_uri, pass_file, witness_hsm_uri=None):
 
 
 def _open_or_init(out, hsm_uri, registry_uri, max_sessions=None, init_if_missing=True,
-                  pass_file=None):
+                  pass_file=None, vendor_dir=None):
     from fleetid.cloud.line import workdir
 
     exists = os.path.exists(os.path.join(out, workdir.CONFIG_FILE))
@@ -54,7 +54,7 @@ def _open_or_init(out, hsm_uri, registry_uri, max_sessions=None, init_if_missing
         return workdir.open_line(out, hsm_uri, registry_uri, max_sessions=max_sessions,
                                  environ=environ)
     click.echo("initialising a line in %s (vendor CA, root ceremony, issuing CA, keys)" % out)
-    line = _init_demo_line(out, hsm_uri, registry_uri, environ)
+    line = _init_demo_line(out, hsm_uri, registry_uri, environ, vendor_dir=vendor_dir)
     if max_sessions:
         line.close()
         line = workdir.open_line(out, hsm_uri, registry_uri, max_sessions=max_sessions,
@@ -62,16 +62,32 @@ def _open_or_init(out, hsm_uri, registry_uri, max_sessions=None, init_if_missing
     return line
 
 
-def _init_demo_line(out, hsm_uri, registry_uri, environ, **custody):
-    """init_line on the demo's simulated SE vendor: its root CA goes into OUT/vendor first
-    (the line trusts it; the vendor side, sim.lot, makes the chips with it).  `custody`:
+def _vendor_dir(out, vendor_dir):
+    """The simulated SE vendor's folder: --vendor-dir, else "<OUT>.se-vendor" beside the
+    line (sim.lot.default_vendor_dir); never inside the line's folder."""
+    folder = os.path.abspath(vendor_dir or (os.path.abspath(out).rstrip(os.sep) + ".se-vendor"))
+    line_dir = os.path.abspath(out)
+    if folder == line_dir or folder.startswith(line_dir + os.sep):
+        raise click.BadParameter("%s is inside the line's folder: the SE vendor's keys stay "
+                                 "with the vendor" % vendor_dir, param_hint="--vendor-dir")
+    return folder
+
+
+def _init_demo_line(out, hsm_uri, registry_uri, environ, vendor_dir=None, **custody):
+    """init_line on the demo's simulated SE vendor: the vendor (its CA and keys in
+    `vendor_dir`) publishes its root certificate, only that, into OUT/vendor first (the
+    line trusts it; the vendor side, sim.lot, makes the chips with it).  `custody`:
     init_line's root / cas / witness_hsm_uri."""
     from fleetid.cloud.line import workdir
     from fleetid.sim import fab
 
     if not os.path.exists(os.path.join(out, workdir.CONFIG_FILE)):
-        fab.load_or_create_vendor_ca(os.path.join(out, "vendor"))
+        fab.publish_vendor_root(_vendor_dir(out, vendor_dir), os.path.join(out, "vendor"))
     return workdir.init_line(out, hsm_uri, registry_uri, environ=environ, **custody)
+
+
+_VENDOR_DIR_HELP = ("The simulated SE vendor's folder (its CA key and the chips' transport "
+                    "keys; default: OUT.se-vendor beside the line, never inside it).")
 
 
 @click.group()
@@ -106,9 +122,10 @@ def line():
 @click.option("--witness-hsm", "witness_hsm_uri", metavar="URI",
               help="The audit witness's own keystore or token (required with --hsm; "
                    "default: a soft keystore of its own in OUT/witness).")
+@click.option("--vendor-dir", type=click.Path(file_okay=False), help=_VENDOR_DIR_HELP)
 @pass_file_option
 def init_cmd(out, hsm_uri, registry_uri, root_cert, root_label, cas, witness_hsm_uri,
-             pass_file):
+             vendor_dir, pass_file):
     """Set up a line work directory: the SE vendor's root (the simulated vendor's, on the
     demo path), the fleet root and issuing CAs, SCP03 master key, audit line key and
     firmware key in the HSM, the audit witness key in its own keystore, the registry.
@@ -126,8 +143,8 @@ def init_cmd(out, hsm_uri, registry_uri, root_cert, root_label, cas, witness_hsm
         if os.path.exists(os.path.join(out, workdir.CONFIG_FILE)):
             raise FileExistsError(out)
         environ = _environ(out, hsm_uri, pass_file, witness_hsm_uri)
-        opened = _init_demo_line(out, hsm_uri, registry_uri, environ, root=root, cas=adopted,
-                                 witness_hsm_uri=witness_hsm_uri)
+        opened = _init_demo_line(out, hsm_uri, registry_uri, environ, vendor_dir=vendor_dir,
+                                 root=root, cas=adopted, witness_hsm_uri=witness_hsm_uri)
     except FileExistsError:
         raise click.ClickException("%s already holds a line" % out) from None
     except (FleetidError, OSError) as exc:
@@ -140,6 +157,8 @@ def init_cmd(out, hsm_uri, registry_uri, root_cert, root_label, cas, witness_hsm
                                                     entry["scope"]["batch"]))
         click.echo("  audit:  %s" % os.path.join(out, "pki", "audit-line.pub.pem"))
         click.echo("  witness: %s" % os.path.join(out, "pki", "audit-witness.pub.pem"))
+        click.echo("  transport wrapping key (for chip vendors): %s"
+                   % os.path.join(out, workdir.TRANSPORT_WRAP_PUB))
     finally:
         opened.close()
 
@@ -205,11 +224,16 @@ def _sigterm_interrupts():
               help="Issue with the line's CA for this product batch (default: its default CA).")
 @click.option("--out", required=True, type=click.Path(file_okay=False),
               help="Line work directory (initialised on first use); the report goes here.")
+@click.option("--vendor-dir", type=click.Path(file_okay=False), help=_VENDOR_DIR_HELP)
 @pass_file_option
 def run_cmd(devices, stations, se_profile, hsm_uri, registry_uri, max_sessions, keep_chips,
-            ca_batch, out, pass_file):
+            ca_batch, out, vendor_dir, pass_file):
     """Personalise N emulated chips on K parallel stations sharing the HSM session pool
-    and the registry; print a summary and write OUT/report-<lot>.html."""
+    and the registry; print a summary and write OUT/report-<lot>.html.
+
+    The simulated SE vendor (in --vendor-dir) makes each lot and ships its chips'
+    transport keys wrapped for the line's HSM (OUT/shipments/<lot>.json); the HSM
+    unwraps them inside, one chip at a time."""
     from rich.console import Console
 
     counts = _station_counts(stations)
@@ -217,12 +241,12 @@ def run_cmd(devices, stations, se_profile, hsm_uri, registry_uri, max_sessions, 
     with _sigterm_interrupts():
         summaries, report = _run_lots(out, hsm_uri, registry_uri, max_sessions, keep_chips,
                                       counts, devices, se_profile, pass_file, console,
-                                      ca_batch)
+                                      ca_batch, vendor_dir)
     _print_summaries(console, summaries, se_profile, report)
 
 
 def _run_lots(out, hsm_uri, registry_uri, max_sessions, keep_chips, counts, devices,
-              se_profile, pass_file, console, ca_batch=None):
+              se_profile, pass_file, console, ca_batch=None, vendor_dir=None):
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, \
         TimeElapsedColumn
 
@@ -234,7 +258,7 @@ def _run_lots(out, hsm_uri, registry_uri, max_sessions, keep_chips, counts, devi
 
     try:
         opened = _open_or_init(out, hsm_uri, registry_uri, max_sessions or max(8, max(counts)),
-                               pass_file=pass_file)
+                               pass_file=pass_file, vendor_dir=vendor_dir)
     except (FleetidError, OSError) as exc:
         raise _fail(exc) from None
     summaries = []
@@ -247,7 +271,8 @@ def _run_lots(out, hsm_uri, registry_uri, max_sessions, keep_chips, counts, devi
         for k in counts:
             batch = lot_mod.new_batch_name()
             chip_dir = os.path.join(out, "chips", batch) if keep_chips else None
-            lot = lot_mod.make_lot(opened, devices, batch=batch, chip_dir=chip_dir)
+            lot = lot_mod.make_lot(opened, devices, batch=batch, chip_dir=chip_dir,
+                                   vendor_dir=_vendor_dir(out, vendor_dir))
             resources = opened.resources_for(lot.batch, ca_batch=ca_batch)
             with Progress(TextColumn("[bold]%d stations" % k), BarColumn(),
                           MofNCompleteColumn(), TextColumn("{task.fields[status]}"),
@@ -266,7 +291,7 @@ def _run_lots(out, hsm_uri, registry_uri, max_sessions, keep_chips, counts, devi
             summaries.append(summary)
         report = os.path.join(out, "report-%s.html" % summaries[-1].batch)
         report_mod.write_report(summaries, report)
-    except (FleetidError, OSError) as exc:
+    except (FleetidError, OSError, ValueError) as exc:
         raise _fail(exc) from None
     finally:
         opened.close()

@@ -299,6 +299,28 @@ def load_or_create_vendor_ca(vendor_dir, now=None):
         os.close(lock_fd)
 
 
+def publish_vendor_root(vendor_dir, trust_dir, now=None):
+    """What the SE vendor gives a factory line to trust: its root certificate only.
+
+    Loads (or creates) the vendor CA in `vendor_dir` and writes the certificate, never the
+    key, to "<trust_dir>/vendor_root.pem" (a line's vendor/ folder).
+    Returns: VendorCa.  Raises: OSError, ValueError; ValueError too when `trust_dir` is
+    `vendor_dir` or inside it (the line's folder must not hold the vendor's key).
+    """
+    vendor_real = os.path.realpath(vendor_dir)
+    trust_real = os.path.realpath(trust_dir)
+    if trust_real == vendor_real or trust_real.startswith(vendor_real + os.sep) or \
+            vendor_real.startswith(trust_real + os.sep):
+        raise ValueError("the SE vendor's folder %s and the line's trust folder %s must be "
+                         "apart (the vendor's key stays with the vendor)" % (vendor_dir,
+                                                                             trust_dir))
+    vendor_ca = load_or_create_vendor_ca(vendor_dir, now=now)
+    os.makedirs(trust_dir, exist_ok=True)
+    _write_public(os.path.join(trust_dir, VENDOR_CERT_FILE),
+                  vendor_ca.cert.public_bytes(serialization.Encoding.PEM))
+    return vendor_ca
+
+
 def issue_mak_certificate(vendor_ca, se_uid, mak_point, now=None):
     """The MAK certificate: subject CN "fleetid SE <uid hex>", serialNumber = UID hex.
 

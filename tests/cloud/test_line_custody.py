@@ -54,7 +54,7 @@ def pki(tmp_path_factory):
 def _line_dir(tmp_path, pki):
     """A line folder holding the (simulated) SE vendor's root, on a copy of the keystore."""
     out = tmp_path / "line"
-    fab.load_or_create_vendor_ca(str(out / "vendor"))
+    fab.publish_vendor_root(str(out) + ".se-vendor", str(out / "vendor"))
     copy = tmp_path / "hsm.json"
     copy.write_bytes((pki["base"] / "hsm.json").read_bytes())
     os.chmod(copy, 0o600)
