@@ -207,8 +207,9 @@ def _sigterm_interrupts():
 
 
 @line.command("run")
-@click.option("--devices", "-n", type=click.IntRange(1, 1000000), required=True,
-              help="Chips to personalise (per station count when several are given).")
+@click.option("--devices", "-n", type=click.IntRange(1, 1000000), default=None,
+              help="Chips to personalise (per station count when several are given); the "
+                   "simulated vendor makes them.  Or --chips with --shipment.")
 @click.option("--stations", "-k", default="4", show_default=True, metavar="K[,K...]",
               help="Parallel stations; a list runs each count in turn (scaling curve).")
 @click.option("--se-profile", type=click.Choice(_PROFILES), default="none",
@@ -225,9 +226,15 @@ def _sigterm_interrupts():
 @click.option("--out", required=True, type=click.Path(file_okay=False),
               help="Line work directory (initialised on first use); the report goes here.")
 @click.option("--vendor-dir", type=click.Path(file_okay=False), help=_VENDOR_DIR_HELP)
+@click.option("--chips", "chips_dir", type=click.Path(file_okay=False, exists=True),
+              help="Personalise these chips (se-*.nvm from `fleetid sim fab`) instead of a "
+                   "simulated lot; with --shipment.")
+@click.option("--shipment", type=click.Path(dir_okay=False, exists=True),
+              help="Their vendor's transport-key shipment (`fleetid sim ship`), received "
+                   "into OUT/shipments/ and the HSM first.")
 @pass_file_option
 def run_cmd(devices, stations, se_profile, hsm_uri, registry_uri, max_sessions, keep_chips,
-            ca_batch, out, vendor_dir, pass_file):
+            ca_batch, out, vendor_dir, chips_dir, shipment, pass_file):
     """Personalise N emulated chips on K parallel stations sharing the HSM session pool
     and the registry; print a summary and write OUT/report-<lot>.html.
 
@@ -237,16 +244,41 @@ def run_cmd(devices, stations, se_profile, hsm_uri, registry_uri, max_sessions, 
     from rich.console import Console
 
     counts = _station_counts(stations)
+    if bool(chips_dir) != bool(shipment):
+        raise click.UsageError("--chips and --shipment go together")
+    if bool(devices) == bool(chips_dir):
+        raise click.UsageError("give --devices (a simulated lot) or --chips with --shipment")
+    if chips_dir and len(counts) > 1:
+        raise click.UsageError("--chips runs one station count (a chip is personalised once)")
     console = Console()
+    delivered = (chips_dir, shipment) if chips_dir else None
     with _sigterm_interrupts():
         summaries, report = _run_lots(out, hsm_uri, registry_uri, max_sessions, keep_chips,
                                       counts, devices, se_profile, pass_file, console,
-                                      ca_batch, vendor_dir)
+                                      ca_batch, vendor_dir, delivered)
     _print_summaries(console, summaries, se_profile, report)
 
 
+def _delivered_lot(opened, chips_dir, shipment):
+    """A ChipLot of the chips in `chips_dir`, their vendor's `shipment` received by the
+    line (its KEK into the HSM; a refused shipment raises ShipmentError / HsmError)."""
+    import json
+
+    from fleetid.sim import lot as lot_mod
+
+    with open(shipment, "rb") as f:
+        try:
+            doc = json.loads(f.read().decode("utf-8"))
+        except ValueError:
+            raise click.ClickException("%s: not a JSON shipment" % shipment) from None
+    chips = lot_mod.load_chips(chips_dir)
+    if not chips:
+        raise click.ClickException("no chips (se-*.nvm) in %s" % chips_dir)
+    return lot_mod.ChipLot(opened.receive_shipment(doc), list(chips.values()))
+
+
 def _run_lots(out, hsm_uri, registry_uri, max_sessions, keep_chips, counts, devices,
-              se_profile, pass_file, console, ca_batch=None, vendor_dir=None):
+              se_profile, pass_file, console, ca_batch=None, vendor_dir=None, delivered=None):
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, \
         TimeElapsedColumn
 
@@ -269,10 +301,14 @@ def _run_lots(out, hsm_uri, registry_uri, max_sessions, keep_chips, counts, devi
                                        "`fleetid line reconcile --out %s` first" % (pending, out))
         opened.issuing_ca_for(ca_batch)  # an unknown batch fails before any lot is made
         for k in counts:
-            batch = lot_mod.new_batch_name()
-            chip_dir = os.path.join(out, "chips", batch) if keep_chips else None
-            lot = lot_mod.make_lot(opened, devices, batch=batch, chip_dir=chip_dir,
-                                   vendor_dir=_vendor_dir(out, vendor_dir))
+            if delivered:
+                lot = _delivered_lot(opened, *delivered)
+                devices = len(lot.chips)
+            else:
+                batch = lot_mod.new_batch_name()
+                chip_dir = os.path.join(out, "chips", batch) if keep_chips else None
+                lot = lot_mod.make_lot(opened, devices, batch=batch, chip_dir=chip_dir,
+                                       vendor_dir=_vendor_dir(out, vendor_dir))
             resources = opened.resources_for(lot.batch, ca_batch=ca_batch)
             with Progress(TextColumn("[bold]%d stations" % k), BarColumn(),
                           MofNCompleteColumn(), TextColumn("{task.fields[status]}"),

@@ -30,8 +30,8 @@ _HEX = re.compile(r"\A[0-9a-f]*\Z")
 class ShipmentError(FleetidError):
     """A shipment (or one chip's entry in it) is refused.  `reason`: "malformed",
     "recipient" (wrapped for another line's key), "vendor" (not from a trusted vendor
-    root), "not_shipped" (no entry for this chip), "signature" (the chip's entry does not
-    verify); `detail` is secret-free."""
+    root), "received" (this lot was received already), "not_shipped" (no entry for this
+    chip), "signature" (the chip's entry does not verify); `detail` is secret-free."""
 
     def __init__(self, reason, detail=""):
         super().__init__(reason if not detail else reason + ": " + detail)

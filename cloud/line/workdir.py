@@ -471,7 +471,7 @@ class Line:
         shipment.vendor_key(self.vendor_roots)
         path = self._shipment_path(shipment.lot)
         if os.path.exists(path):
-            raise ShipmentError("malformed", "lot %s was received already" % shipment.lot)
+            raise ShipmentError("received", "lot %s was received already" % shipment.lot)
         os.makedirs(os.path.dirname(path), exist_ok=True)
         tmp = path + ".tmp"
         with open(tmp, "w") as f:
