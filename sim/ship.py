@@ -19,12 +19,14 @@ Wrapping (constants in fleetid.cloud.hsm.interface; the line unwraps inside its 
     signature    ECDSA-SHA256 by the vendor's root key over the canonical JSON of
                  [format, lot, recipient, kek.wrapped, the chip entry without signature]:
                  the line verifies it against the vendor root it trusts, per chip
+    kek.signature  the same over [format, lot, vendor, recipient, kek.wrapped]: the line
+                 checks it before it lets the KEK into its HSM
 
 Shipment document (JSON, "fleetid-transport-shipment/1"):
 
     {"format": ..., "lot": "<lot>", "vendor": "<vendor root subject, RFC 4514>",
      "recipient": "<SHA-256 hex of the line wrapping key's SubjectPublicKeyInfo DER>",
-     "kek": {"alg": "rsaes-oaep-sha1", "wrapped": hex},
+     "kek": {"alg": "rsaes-oaep-sha1", "wrapped": hex, "signature": hex},
      "chips": [{"uid": hex, "kvn": n, "wrap": "aes-kw-rfc3394", "enc": hex, "mac": hex,
                 "dek": hex, "kcv": [hex, hex, hex], "signature": hex}, ...]}
 
@@ -61,6 +63,12 @@ def signed_bytes(doc, chip):
                       sort_keys=True, separators=(",", ":")).encode()
 
 
+def signed_header(doc):
+    """The bytes the shipment's kek.signature covers (the line recomputes the same)."""
+    return json.dumps([doc["format"], doc["lot"], doc["vendor"], doc["recipient"],
+                       doc["kek"]["wrapped"]], sort_keys=True, separators=(",", ":")).encode()
+
+
 def _kcv(key):
     encryptor = Cipher(algorithms.AES(bytes(key)), modes.ECB()).encryptor()
     return (encryptor.update(b"\x01" * 16) + encryptor.finalize())[:3]
@@ -85,6 +93,8 @@ def ship_keys(vendor_ca, lot, chips, line_public_key, kvn=C.SCP03_KVN_TRANSPORT,
                "recipient": recipient_id(line_public_key),
                "kek": {"alg": KEK_ALG, "wrapped": line_public_key.encrypt(bytes(kek), _OAEP).hex()},
                "chips": []}
+        doc["kek"]["signature"] = vendor_ca.key.sign(signed_header(doc),
+                                                     ec.ECDSA(hashes.SHA256())).hex()
         for se_uid, keys in chips:
             if len(keys) != 3 or any(len(k) != 16 for k in keys):
                 raise ValueError("transport keys of %s: three 16-byte keys" % bytes(se_uid).hex())

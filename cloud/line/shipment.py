@@ -5,6 +5,7 @@ the HSM, which unwraps them inside (HsmBackend.unwrap_transport_keys).
 
     shipment = TransportShipment.load(path)
     shipment.check_recipient(recipient_id)              # SHA-256 of the line key's SPKI
+    shipment.check_vendor(vendor_roots)                 # the header's vendor signature
     delivery = shipment.delivery_for(se_uid, vendor_roots)   # signature checked per chip
 
 Nothing here ever holds a plaintext key: the document has none.
@@ -116,15 +117,30 @@ class TransportShipment:
         if self.recipient != line_recipient_id:
             raise ShipmentError("recipient", "lot %s is wrapped for another line key" % self.lot)
 
-    def vendor_key(self, vendor_roots):
-        """The public key of the trusted vendor root named by the shipment.
-        Raises ShipmentError("vendor")."""
+    def _verify(self, vendor_roots, signature, signed):
+        """True when a trusted vendor root of the shipment's vendor name signed `signed`."""
         for root in vendor_roots:
-            if root.subject.rfc4514_string() == self.vendor and \
-                    isinstance(root.public_key(), ec.EllipticCurvePublicKey):
-                return root.public_key()
-        raise ShipmentError("vendor", "lot %s: %s is not a trusted SE vendor" % (self.lot,
-                                                                                  self.vendor))
+            key = root.public_key()
+            if root.subject.rfc4514_string() != self.vendor or \
+                    not isinstance(key, ec.EllipticCurvePublicKey):
+                continue
+            try:
+                key.verify(signature, signed, ec.ECDSA(hashes.SHA256()))
+                return True
+            except InvalidSignature:
+                continue
+        return False
+
+    def check_vendor(self, vendor_roots):
+        """Raise ShipmentError("vendor") unless a trusted SE vendor root signed the
+        shipment's header (lot, vendor, recipient, wrapped KEK)."""
+        signature = _hex(self.doc["kek"].get("signature"), None, "kek signature")
+        signed = json.dumps([FORMAT, self.lot, self.vendor, self.recipient,
+                             self.doc["kek"]["wrapped"]], sort_keys=True,
+                            separators=(",", ":")).encode()
+        if not self._verify(vendor_roots, signature, signed):
+            raise ShipmentError("vendor", "lot %s is not signed by a trusted SE vendor (%s)"
+                                % (self.lot, self.vendor))
 
     def delivery_for(self, se_uid, vendor_roots):
         """The chip's wrapped keys, after its entry's signature verified under the vendor
@@ -137,10 +153,8 @@ class TransportShipment:
         body = dict((k, v) for k, v in entry.items() if k != "signature")
         signed = json.dumps([FORMAT, self.lot, self.recipient, self.doc["kek"]["wrapped"], body],
                             sort_keys=True, separators=(",", ":")).encode()
-        try:
-            self.vendor_key(vendor_roots).verify(signature, signed, ec.ECDSA(hashes.SHA256()))
-        except InvalidSignature:
-            raise ShipmentError("signature", "chip %s" % bytes(se_uid).hex()) from None
+        if not self._verify(vendor_roots, signature, signed):
+            raise ShipmentError("signature", "chip %s" % bytes(se_uid).hex())
         kvn = entry.get("kvn")
         kcvs = entry.get("kcv")
         if entry.get("wrap") != WRAP_ALG or not isinstance(kvn, int) or not 0 < kvn < 0x80 \

@@ -468,7 +468,7 @@ class Line:
         if wrapping is None:
             raise ShipmentError("recipient", "this line has no transport wrapping key")
         shipment.check_recipient(recipient_id(wrapping))
-        shipment.vendor_key(self.vendor_roots)
+        shipment.check_vendor(self.vendor_roots)
         path = self._shipment_path(shipment.lot)
         if os.path.exists(path):
             raise ShipmentError("received", "lot %s was received already" % shipment.lot)
