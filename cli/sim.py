@@ -46,8 +46,8 @@ def fab(vendor_dir, out, count):
     Each chip gets an NVM file and, beside it, a JSON fab record (<name>.json, mode 0600)
     with its UID, MAK certificate chain and transport key set number, but no key: the
     SCP03 transport keys stay with the SE vendor, in VENDOR_DIR/transport-keys/ (mode
-    0600).  The vendor CA is reused across runs.  Temp files a killed run left are
-    removed first.
+    0600); `fleetid sim ship` delivers them to a line wrapped for its HSM.  The vendor CA
+    is reused across runs.  Temp files a killed run left are removed first.
 
     \b
     Examples:

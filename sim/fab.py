@@ -11,12 +11,13 @@ suffix>.json" (mode 0600): UID, MAK certificate chain, firmware, life cycle and 
 its transport key set, but no key: the record travels with the chip to the factory line,
 and plaintext SCP03 keys there would open every chip of the lot.  The transport keys stay
 with the SE vendor, in "<vendor_dir>/transport-keys/<uid hex>.json" (mode 0600); the
-vendor hands them to the line's HSM, never to the line host (fleetid's line imports a
-lot's keys straight into its HSM: sim/lot.py make_lot).  `load_fab_record(path, vendor_dir)`
-joins the two for the vendor's own tools (`fleetid se scp03-check --vendor-dir`).
+vendor ships them to a line wrapped for the line's HSM (sim/ship.py, `fleetid sim ship`),
+never in plaintext.  `load_fab_record(path, vendor_dir)` joins the two for the vendor's
+own tools (`fleetid se scp03-check --vendor-dir`).
 
 Vendor CA files in `vendor_dir`: vendor_root.pem (certificate), vendor_root.key.pem
-(PKCS#8 private key, mode 0600).
+(PKCS#8 private key, mode 0600).  A line gets the certificate only
+(`publish_vendor_root`); `vendor_dir` is never inside a line's folder.
 """
 
 import datetime

@@ -71,8 +71,8 @@ def vendor_for(line, now=None, vendor_dir=None):
 
 
 def fab_in_memory(vendor, transport_keys, se_uid=None, nvm_path=None, rng=os.urandom):
-    """Make one chip the way sim.fab does, without writing a fab record (the record would
-    hold the transport keys in plaintext; here the vendor hands them to the HSM only).
+    """Make one chip the way sim.fab does, holding `transport_keys`, without writing a
+    fab record or the vendor's key file (make_lot ships the keys to the line wrapped).
     Returns: EmulatedChip."""
     se_uid = se_uid or rng(16)
     nvm = Nvm(nvm_path)
