@@ -76,13 +76,17 @@ def _vendor_dir(out, vendor_dir):
 def _init_demo_line(out, hsm_uri, registry_uri, environ, vendor_dir=None, **custody):
     """init_line on the demo's simulated SE vendor: the vendor (its CA and keys in
     `vendor_dir`) publishes its root certificate, only that, into OUT/vendor first (the
-    line trusts it; the vendor side, sim.lot, makes the chips with it).  `custody`:
-    init_line's root / cas / witness_hsm_uri."""
+    line trusts it; the vendor side, sim.lot, makes the chips with it).  A vendor root
+    already in OUT/vendor (a real vendor's, put there by the operator) is kept unless
+    --vendor-dir names the simulated one.  `custody`: init_line's root / cas /
+    witness_hsm_uri."""
     from fleetid.cloud.line import workdir
     from fleetid.sim import fab
 
-    if not os.path.exists(os.path.join(out, workdir.CONFIG_FILE)):
-        fab.publish_vendor_root(_vendor_dir(out, vendor_dir), os.path.join(out, "vendor"))
+    trust_dir = os.path.join(out, "vendor")
+    if not os.path.exists(os.path.join(out, workdir.CONFIG_FILE)) and (
+            vendor_dir or not os.path.exists(os.path.join(trust_dir, workdir.VENDOR_ROOT_FILE))):
+        fab.publish_vendor_root(_vendor_dir(out, vendor_dir), trust_dir)
     return workdir.init_line(out, hsm_uri, registry_uri, environ=environ, **custody)
 
 

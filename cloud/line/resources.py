@@ -139,7 +139,12 @@ class LineResources:
         try:
             yield handle
         finally:
-            self.hsm.release(handle)
+            try:
+                self.hsm.release(handle)
+            except HsmError:
+                # A lost or closed session took the objects with it; a committed device
+                # must not turn into a failure over the clean-up.
+                pass
 
     def vendor_verifier(self):
         """A cryptography client verifier for MAK chains (cached, rebuilt each minute)."""
