@@ -126,3 +126,53 @@ def test_a_tampered_or_misdirected_delivery_is_refused_with_a_typed_error(env, v
         hsm.import_transport_kek("transport-kek:lot-1", "transport-wrap",
                                  bytes.fromhex(doc["kek"]["wrapped"]))
     assert refused.value.reason == HsmError.EXISTS
+
+
+def test_on_pkcs11_the_delivered_keys_exist_only_as_sensitive_non_extractable_objects(
+        tmp_path, monkeypatch, vendor):
+    """The KEK, the wrapping key and a chip's unwrapped transport keys are token or session
+    objects the host cannot read or export: CKA_SENSITIVE, not CKA_EXTRACTABLE, each with
+    only the usage it needs (the transport keys lose CKA_ENCRYPT after the KCV)."""
+    from pkcs11 import Attribute, KeyType, ObjectClass
+    from pkcs11 import exceptions as p11e
+
+    backend_env = BackendEnv("pkcs11", tmp_path, monkeypatch)
+    hsm = backend_env.open()
+    try:
+        doc = _shipment(hsm, vendor)
+        hsm.import_transport_kek("transport-kek:lot-1", "transport-wrap",
+                                 bytes.fromhex(doc["kek"]["wrapped"]))
+        with hsm.session(), hsm.unwrap_transport_keys("transport-kek:lot-1", UID_A,
+                                                      *_chip(doc, UID_A)) as transport:
+            def inspect(session):
+                found = {}
+                for obj in session.get_objects({Attribute.CLASS: ObjectClass.SECRET_KEY}):
+                    found[obj.label] = obj
+                private = session.get_key(object_class=ObjectClass.PRIVATE_KEY,
+                                          key_type=KeyType.RSA, label="transport-wrap")
+                found["transport-wrap"] = private
+                out = {label: (obj[Attribute.SENSITIVE], obj[Attribute.EXTRACTABLE],
+                               obj[Attribute.UNWRAP], obj[Attribute.DECRYPT])
+                       for label, obj in found.items()}
+                chip = {label: (obj[Attribute.SIGN], obj[Attribute.WRAP], obj[Attribute.ENCRYPT])
+                        for label, obj in found.items() if "chip-transport" in label}
+                dek = found["scp03-chip-transport:%s:dek" % UID_A.hex()]
+                enc = found["scp03-chip-transport:%s:enc" % UID_A.hex()]
+                try:
+                    dek.wrap_key(enc)
+                    exported = True
+                except p11e.PKCS11Error:
+                    exported = False
+                return out, chip, exported
+
+            attrs, chip, exported = hsm._run(inspect)
+            assert transport.kind == "chip-transport"
+        assert exported is False
+        for label in ("transport-kek:lot-1", "transport-wrap"):
+            assert attrs[label] == (True, False, True, False), label
+        names = {"scp03-chip-transport:%s:%s" % (UID_A.hex(), n): n for n in ("enc", "mac", "dek")}
+        for label, name in names.items():
+            assert attrs[label][:2] == (True, False), label
+            assert chip[label] == ((False, True, False) if name == "dek" else (True, False, False))
+    finally:
+        backend_env.close_all()

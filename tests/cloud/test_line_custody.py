@@ -300,6 +300,12 @@ def test_fab_ship_and_line_run_personalise_fabbed_chips_from_a_wrapped_shipment(
     plaintext = [k for r in records for k in (r.transport_keys["enc"], r.transport_keys["mac"],
                                               r.transport_keys["dek"])]
     _ok(CliRunner().invoke(cli, ["line", "init", out, "--vendor-dir", vendor_dir], env=_env()))
+    not_rsa = CliRunner().invoke(cli, ["sim", "ship", "--vendor-dir", vendor_dir, "--chips",
+                                       chips, "--line-key",
+                                       os.path.join(out, "pki", "audit-line.pub.pem"),
+                                       "--out", shipment])
+    assert not_rsa.exit_code == 1 and "must be an RSA public key" in not_rsa.output
+    assert not os.path.exists(shipment)
     _ok(CliRunner().invoke(cli, ["sim", "ship", "--vendor-dir", vendor_dir, "--chips", chips,
                                  "--line-key", os.path.join(out, "pki", "transport-wrap.pub.pem"),
                                  "--lot", "lot-fab", "--out", shipment]))
