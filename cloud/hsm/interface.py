@@ -7,7 +7,10 @@ transport key or a per-device static key.  What crosses the interface to the hos
 - opaque `KeySetHandle`s naming SCP03 static key sets held by the backend;
 - PUT KEY data fields whose key components are encrypted under the card's current DEK;
 - SCP03 *session* keys (ephemeral, one card session; GP Amd D 6.2.1), which the host's
-  secure-channel code needs to MAC and encrypt APDUs.
+  secure-channel code needs to MAC and encrypt APDUs;
+- the public half of the transport wrapping key, for chip vendors; what comes in from
+  them is wrapped (a shipment KEK under that key, transport keys under the KEK) and is
+  unwrapped inside (`import_transport_kek`, `unwrap_transport_keys`).
 
 Backends: `fleetid.cloud.hsm.pkcs11_backend.Pkcs11Backend` (SoftHSM2 in tests, a vendor
 HSM in production) and `fleetid.cloud.hsm.soft_backend.SoftBackend` (encrypted keystore
