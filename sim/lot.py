@@ -65,7 +65,8 @@ def vendor_for(line, now=None, vendor_dir=None):
     vendor = fab.load_or_create_vendor_ca(vendor_dir or default_vendor_dir(line), now=now)
     roots = getattr(line, "vendor_roots", None)
     if roots is not None and vendor.cert not in roots:
-        raise ValueError("the SE vendor in %s is not one this line trusts"
+        raise ValueError("the SE vendor in %s is not one this line trusts (name the "
+                         "vendor folder the line was initialised with: --vendor-dir)"
                          % (vendor_dir or default_vendor_dir(line)))
     return vendor
 
