@@ -18,6 +18,8 @@ def sim():
     Examples:
       fleetid sim fab --vendor-dir var/vendor --out var/chip.nvm
       fleetid sim fab --vendor-dir var/vendor --out var/chips/ --count 100
+      fleetid sim ship --vendor-dir var/vendor --chips var/chips \
+          --line-key var/line/pki/transport-wrap.pub.pem --out var/shipment.json
       fleetid sim serve --nvm var/chip.nvm --listen unix:/tmp/se.sock --latency se050
     """
 
@@ -44,8 +46,8 @@ def fab(vendor_dir, out, count):
     Each chip gets an NVM file and, beside it, a JSON fab record (<name>.json, mode 0600)
     with its UID, MAK certificate chain and transport key set number, but no key: the
     SCP03 transport keys stay with the SE vendor, in VENDOR_DIR/transport-keys/ (mode
-    0600).  The vendor CA is reused across runs.  Temp files a killed run left are
-    removed first.
+    0600); `fleetid sim ship` delivers them to a line wrapped for its HSM.  The vendor CA
+    is reused across runs.  Temp files a killed run left are removed first.
 
     \b
     Examples:
@@ -88,6 +90,52 @@ def _fab_batch_with_progress(fab_mod, vendor_dir, out, count):
             progress.update(task, completed=done)
 
         return fab_mod.fab_batch(vendor_dir, out, count, progress=advance)
+
+
+@sim.command()
+@click.option("--vendor-dir", required=True, type=click.Path(file_okay=False, exists=True),
+              help="The SE vendor's folder (from `fleetid sim fab`): its CA key signs the "
+                   "shipment, its transport-keys/ hold the chips' keys.")
+@click.option("--chips", "chips_dir", required=True,
+              type=click.Path(file_okay=False, exists=True),
+              help="Folder of chips from `fleetid sim fab` (their <name>.json fab records).")
+@click.option("--line-key", required=True, type=click.Path(dir_okay=False, exists=True),
+              help="The line's transport wrapping public key (LINE/pki/transport-wrap.pub.pem).")
+@click.option("--lot", default=None, help="Lot name (default: lot-<UTC time>-<4 hex>).")
+@click.option("--out", required=True, type=click.Path(dir_okay=False),
+              help="The shipment file to write (JSON; wrapped keys only, never plaintext).")
+def ship(vendor_dir, chips_dir, line_key, lot, out):
+    """Ship a lot to a factory line: every chip's SCP03 transport keys wrapped for the
+    line's HSM (a fresh AES-256 KEK under the line's RSA key with RSAES-OAEP, each key
+    under the KEK with AES key wrap, RFC 3394), with KCVs and the vendor's signature per
+    chip.  The line unwraps them inside its HSM (`fleetid line run --chips --shipment`).
+
+    \b
+    Example:
+      fleetid sim ship --vendor-dir var/vendor --chips var/chips \
+          --line-key var/line/pki/transport-wrap.pub.pem --out var/shipment.json
+    """
+    from cryptography.hazmat.primitives.serialization import load_pem_public_key
+
+    from fleetid.sim import fab as fab_mod
+    from fleetid.sim import lot as lot_mod
+    from fleetid.sim import ship as ship_mod
+
+    try:
+        with open(line_key, "rb") as f:
+            public = load_pem_public_key(f.read())
+        records = [fab_mod.load_fab_record(os.path.join(chips_dir, name))
+                   for name in sorted(os.listdir(chips_dir))
+                   if name.startswith("se-") and name.endswith(".json")]
+        if not records:
+            raise click.ClickException("no fab records (se-*.json) in %s" % chips_dir)
+        lot = lot or lot_mod.new_batch_name()
+        doc = ship_mod.ship_fab_records(vendor_dir, records, public, lot)
+        ship_mod.write_shipment(out, doc)
+    except (OSError, ValueError) as exc:
+        raise click.ClickException("ship failed: %s" % exc)
+    click.echo("lot %s: %d chips' transport keys wrapped for %s -> %s"
+               % (lot, len(records), line_key, out))
 
 
 @sim.command()

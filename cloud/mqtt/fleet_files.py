@@ -42,6 +42,7 @@ SERVICE_CRL_DAYS = 30  # the service CA's own CRL when no publisher is given (em
 
 def _write(path, data, private=False):
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600 if private else 0o644)
+    os.fchmod(fd, 0o600 if private else 0o644)  # an existing file keeps its mode otherwise
     with os.fdopen(fd, "wb") as f:
         f.write(data)
     return path
