@@ -257,30 +257,9 @@ def _check_signature(verify, sha256, cert, issuer):
         raise TlsError("se", ALERT_INTERNAL_ERROR, type(exc).__name__) from None
 
 
-def verify_server_chain(chain_der, anchors_der, server_name, now, verify, sha256,
-                        revocation=None):
-    """Check the server's chain to one of the trust anchors.
-
-    Params: chain_der: list of DER certificates as the server sent them, leaf first.
-        anchors_der: list of DER trust-anchor certificates (the fleet root from the SE).
-        server_name: the host name or IP literal the client connected to (None: no name
-            check -- only for probes that say so).  now: epoch seconds.
-        verify: `verify(point65, digest32, signature_der)`, raising VerificationFailed
-            when the signature does not verify (SeSession.verify with point=, or
-            common.host.tls13_host.ecdsa_verify).  sha256: one-shot digest function.
-        revocation: optional `revocation(path)`, path = list of ParsedCertificate below the
-            anchor, leaf first; raises a FleetidError when one is revoked (or the status
-            cannot be established under the agent's policy).
-    Returns: (path, report): the ParsedCertificates leaf first, and a list of
-        (check, verdict text) for every check passed.
-    Raises: TlsCertificateError(check, alert); TlsError("se") if the SE cannot verify.
-    """
-    if not chain_der:
-        raise _fail("path", ALERT_BAD_CERTIFICATE, "empty chain")
-    report = []
-    sent = [parse_certificate(c) for c in chain_der]
-    anchors = [parse_certificate(c) for c in anchors_der]
-    report.append(("parse", "%d certificate(s), P-256, ecdsa-with-SHA256" % len(sent)))
+def _build_path(sent, anchors, verify, sha256):
+    # Leaf first, each issuer found by subject == issuer and its signature verified, up
+    # to an anchor.  Returns (path, anchor).
     path = [sent[0]]
     pool = sent[1:]
     anchor = None
@@ -305,6 +284,34 @@ def verify_server_chain(chain_der, anchors_der, server_name, now, verify, sha256
         _check_signature(verify, sha256, current, issuer)
         pool.remove(issuer)
         path.append(issuer)
+    return path, anchor
+
+
+def verify_server_chain(chain_der, anchors_der, server_name, now, verify, sha256,
+                        revocation=None):
+    """Check the server's chain to one of the trust anchors.
+
+    Params: chain_der: list of DER certificates as the server sent them, leaf first.
+        anchors_der: list of DER trust-anchor certificates (the fleet root from the SE).
+        server_name: the host name or IP literal the client connected to (None: no name
+            check -- only for probes that say so).  now: epoch seconds.
+        verify: `verify(point65, digest32, signature_der)`, raising VerificationFailed
+            when the signature does not verify (SeSession.verify with point=, or
+            common.host.tls13_host.ecdsa_verify).  sha256: one-shot digest function.
+        revocation: optional `revocation(path)`, path = list of ParsedCertificate below the
+            anchor, leaf first; raises a FleetidError when one is revoked (or the status
+            cannot be established under the agent's policy).
+    Returns: (path, report): the ParsedCertificates leaf first, and a list of
+        (check, verdict text) for every check passed.
+    Raises: TlsCertificateError(check, alert); TlsError("se") if the SE cannot verify.
+    """
+    if not chain_der:
+        raise _fail("path", ALERT_BAD_CERTIFICATE, "empty chain")
+    report = []
+    sent = [parse_certificate(c) for c in chain_der]
+    anchors = [parse_certificate(c) for c in anchors_der]
+    report.append(("parse", "%d certificate(s), P-256, ecdsa-with-SHA256" % len(sent)))
+    path, anchor = _build_path(sent, anchors, verify, sha256)
     report.append(("path", "%d certificate(s) to the anchor" % len(path)))
     report.append(("signature", "%d signature(s) verified" % len(path)))
     for cert in path + [anchor]:
