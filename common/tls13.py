@@ -335,20 +335,41 @@ class Tls13Config:
         self.initial_key_share = initial_key_share
 
 
-class _Direction:
-    # One direction of record protection: AEAD, static IV, sequence number (RFC 8446 5.3).
+class RecordProtection:
+    """One direction of record protection (RFC 8446 5.2, 5.3): the AEAD and static IV of a
+    traffic secret, and the 64-bit sequence number.
+
+    Params: prims: the crypto provider.  secret: the traffic secret."""
+
     def __init__(self, prims, secret):
         self.secret = secret
-        key, self.iv = K.traffic_keys(prims, secret)
-        self.aead = prims.aead(key)
+        key, self._iv = K.traffic_keys(prims, secret)
+        self._aead = prims.aead(key)
         self.seq = 0
 
-    def nonce(self):
+    def _nonce(self):
+        # RFC 8446 5.3: the sequence number, left-padded to 12 bytes, XORed with the IV.
         seq = self.seq
         self.seq += 1
-        iv = self.iv
+        iv = self._iv
         pad = seq.to_bytes(8, "big")
         return iv[:4] + bytes(iv[4 + i] ^ pad[i] for i in range(8))
+
+    def seal(self, content_type, fragment):
+        """TLSCiphertext for one fragment (no padding).  Returns: header || encrypted."""
+        inner = fragment + bytes((content_type,))
+        header = bytes((CT_APPLICATION_DATA,)) + _u16(LEGACY_VERSION) + _u16(len(inner) + K.TAG_LEN)
+        return header + self._aead.seal(self._nonce(), header, inner)
+
+    def open(self, header, body):
+        """Decrypt one record.  Returns: TLSInnerPlaintext (content || type || zeros).
+        Raises: TlsError("bad_record_mac")."""
+        if len(body) < K.TAG_LEN + 1:
+            raise TlsError("bad_record_mac", ALERT_BAD_RECORD_MAC, "short record")
+        plain = self._aead.open(self._nonce(), header, body)
+        if plain is None:
+            raise TlsError("bad_record_mac", ALERT_BAD_RECORD_MAC)
+        return plain
 
 
 class Tls13Client:
@@ -528,11 +549,7 @@ class Tls13Client:
             if self._write is None:
                 self._out.extend(bytes((content_type,)) + _u16(LEGACY_VERSION) + _vec16(chunk))
             else:
-                inner = chunk + bytes((content_type,))
-                header = bytes((CT_APPLICATION_DATA,)) + _u16(LEGACY_VERSION) + \
-                    _u16(len(inner) + K.TAG_LEN)
-                self._out.extend(header)
-                self._out.extend(self._write.aead.seal(self._write.nonce(), header, inner))
+                self._out.extend(self._write.seal(content_type, chunk))
             i += step
             if i >= len(payload):
                 break
@@ -570,11 +587,7 @@ class Tls13Client:
                     return
                 raise TlsError("unexpected_message", ALERT_UNEXPECTED_MESSAGE,
                                "unprotected record %d" % content_type)
-            if len(body) < K.TAG_LEN + 1:
-                raise TlsError("bad_record_mac", ALERT_BAD_RECORD_MAC, "short record")
-            plain = self._read.aead.open(self._read.nonce(), header, body)
-            if plain is None:
-                raise TlsError("bad_record_mac", ALERT_BAD_RECORD_MAC)
+            plain = self._read.open(header, body)
             end = len(plain)
             while end > 0 and plain[end - 1] == 0:
                 end -= 1  # RFC 8446 5.4: strip the zero padding
@@ -789,8 +802,8 @@ class Tls13Client:
         derived = K.derive_secret(prims, self._hs_secret, b"derived", empty_hash)
         self._master = K.hkdf_extract(prims, derived, K.ZEROS)
         self._expect_key_change()
-        self._read = _Direction(prims, self._s_hs)
-        self._write = _Direction(prims, self._c_hs)
+        self._read = RecordProtection(prims, self._s_hs)
+        self._write = RecordProtection(prims, self._c_hs)
         self._state = _WAIT_EE
 
     def _hello_retry(self, message, extensions):
@@ -930,7 +943,7 @@ class Tls13Client:
         c_ap = K.derive_secret(prims, self._master, b"c ap traffic", th)
         s_ap = K.derive_secret(prims, self._master, b"s ap traffic", th)
         self._expect_key_change()
-        self._read = _Direction(prims, s_ap)
+        self._read = RecordProtection(prims, s_ap)
         # Our flight, still under the client handshake traffic key (RFC 8446 4.4).
         if self._cert_requested:
             self._send_client_certificate()
@@ -939,7 +952,7 @@ class Tls13Client:
         self._add(finished)
         self._write_record(CT_HANDSHAKE, finished)
         self._res_master = K.derive_secret(prims, self._master, b"res master", self._th())
-        self._write = _Direction(prims, c_ap)
+        self._write = RecordProtection(prims, c_ap)
         info = HandshakeInfo()
         info.resumed = self._resumed
         info.hello_retry = self._hrr
@@ -995,7 +1008,7 @@ class Tls13Client:
         if len(body) != 1 or body[0] > 1:
             raise TlsError("illegal_parameter", ALERT_ILLEGAL_PARAMETER, "KeyUpdate")
         self._expect_key_change()
-        self._read = _Direction(self._prims, K.next_traffic_secret(self._prims, self._read.secret))
+        self._read = RecordProtection(self._prims, K.next_traffic_secret(self._prims, self._read.secret))
         requested = body[0] == 1
         if requested:
             self._send_key_update(0)
@@ -1003,7 +1016,7 @@ class Tls13Client:
 
     def _send_key_update(self, request):
         self._write_record(CT_HANDSHAKE, _handshake(HT_KEY_UPDATE, bytes((request,))))
-        self._write = _Direction(self._prims, K.next_traffic_secret(self._prims, self._write.secret))
+        self._write = RecordProtection(self._prims, K.next_traffic_secret(self._prims, self._write.secret))
 
 
 def _lenient_types(raw_ext):
