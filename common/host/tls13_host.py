@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from fleetid.common.errors import VerificationFailed
+from fleetid.common.errors import VerificationFailed, WrongData
 
 
 class _Aead:
@@ -93,6 +93,10 @@ class SoftwareEphemeral:
             serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint)
 
     def shared_secret(self, peer_point):
-        peer = ec.EllipticCurvePublicKey.from_encoded_point(ec.SECP256R1(), bytes(peer_point))
+        """Raises: WrongData, as the SE's ECDH does, for a point not on P-256."""
+        try:
+            peer = ec.EllipticCurvePublicKey.from_encoded_point(ec.SECP256R1(), bytes(peer_point))
+        except ValueError:
+            raise WrongData(0x6A80) from None
         self.operations += 1
         return self._key.exchange(ec.ECDH(), peer)
