@@ -1,0 +1,97 @@
+"""The SE's transient (RAM-only) key object, SLOT_TRANSIENT: the TLS 1.3 ECDHE share made
+and used inside the SE without a single NVM write, lost on power loss; and a whole
+handshake of the TLS 1.3 client with every key operation in the emulated SE writing no
+NVM either."""
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from fleetid.common import se_consts as C
+from fleetid.common import tls13 as T
+from fleetid.common.apdu import ApduProtocol
+from fleetid.common.host.tls13_host import CryptographyTls13Primitives
+from fleetid.common.errors import IncorrectP1P2, ReferenceNotFound, WrongData
+from fleetid.device.se import SeSession
+from fleetid.device.tls13_keys import SeEphemeral, se_signer, se_verifier
+from tests.common.tls13_support import NOW, FakeServer, TestPki, full_handshake
+
+
+@pytest.fixture
+def chip(fabbed):
+    _record, chip = fabbed
+    return chip
+
+
+@pytest.fixture
+def se(chip):
+    session = SeSession(ApduProtocol(chip.process))
+    session.select()
+    return session
+
+
+def _point(key):
+    return key.public_key().public_bytes(serialization.Encoding.X962,
+                                         serialization.PublicFormat.UncompressedPoint)
+
+
+def test_transient_key_agrees_with_a_peer_and_writes_no_nvm(chip, se):
+    writes = chip.nvm.write_count
+    before = chip.nvm.snapshot()
+    point = se.generate_transient_key()
+    peer = ec.generate_private_key(ec.SECP256R1())
+    shared = se.ecdh_transient(_point(peer))
+    expected = peer.exchange(ec.ECDH(), ec.EllipticCurvePublicKey.from_encoded_point(
+        ec.SECP256R1(), point))
+    assert shared == expected
+    assert chip.nvm.write_count == writes and chip.nvm.snapshot() == before
+    # A second GENERATE replaces the key (no ALREADY_EXISTS: it is ephemeral).
+    assert se.generate_transient_key() != point
+    assert chip.nvm.write_count == writes
+
+
+def test_transient_key_is_lost_on_power_loss(chip, se):
+    se.generate_transient_key()
+    chip.power_loss()
+    se.select()
+    with pytest.raises(ReferenceNotFound):
+        se.ecdh_transient(_point(ec.generate_private_key(ec.SECP256R1())))
+
+
+def test_transient_key_is_ecdh_only_and_checks_the_peer_point(chip, se):
+    send = ApduProtocol(chip.process).send_apdu
+    with pytest.raises(WrongData):  # SIGN usage refused for the transient object
+        send(C.CLA_PROPRIETARY, C.INS_GENERATE_KEY, C.SLOT_TRANSIENT, C.CURVE_P256,
+             bytes((C.POLICY_SIGN | C.POLICY_ECDH,)), 256)
+    se.generate_transient_key()
+    with pytest.raises(IncorrectP1P2):  # no SIGN with it (not a key slot)
+        send(C.CLA_PROPRIETARY, C.INS_SIGN, C.SLOT_TRANSIENT, 0, bytes(32), 256)
+    off_curve = b"\x04" + bytes(63) + b"\x07"
+    with pytest.raises(WrongData):
+        se.ecdh_transient(off_curve)
+    # DELETE KEY erases it; GET PUBLIC KEY then finds nothing.
+    send(C.CLA_PROPRIETARY, C.INS_DELETE_KEY, C.SLOT_TRANSIENT, 0)
+    with pytest.raises(ReferenceNotFound):
+        send(C.CLA_PROPRIETARY, C.INS_GET_PUBLIC_KEY, C.SLOT_TRANSIENT, 0, b"", 256)
+
+
+def test_handshake_with_every_key_operation_in_the_se_writes_no_nvm(chip, se):
+    # A client key generated in slot 5 of this chip, certified by the test PKI; the
+    # ECDHE share in the transient object; the server chain and CertificateVerify
+    # checked by the SE's VERIFY.
+    pki = TestPki()
+    point = se.generate_key(5, C.POLICY_SIGN)
+    client_key = ec.EllipticCurvePublicKey.from_encoded_point(ec.SECP256R1(), point)
+    pki.client = pki.leaf(type("K", (), {"public_key": lambda self: client_key})(),
+                          eku=x509.oid.ExtendedKeyUsageOID.CLIENT_AUTH, names=())
+    writes = chip.nvm.write_count
+    ephemeral = SeEphemeral(se)
+    config = T.Tls13Config(CryptographyTls13Primitives(), ephemeral, [pki.root_der()],
+                           se_verifier(se), lambda: NOW, server_name="server.test",
+                           signer=se_signer(se, 5), client_chain=[pki.client])
+    client = T.Tls13Client(config)
+    server = FakeServer(pki)
+    events = full_handshake(client, server)  # the server checks our CertificateVerify
+    assert events[0][1].client_certificate and ephemeral.operations == 2
+    assert chip.nvm.write_count == writes  # 0 NVM writes per handshake
