@@ -114,6 +114,8 @@ def _extension(cert, oid, critical, value):
                 cert.ip_addresses.append(bytes(contents))
     elif critical:
         raise _fail("parse", ALERT_UNSUPPORTED_CERTIFICATE, "unknown critical extension " + oid)
+    else:
+        return  # a non-critical extension this check does not use (SKI, AKI, CRL DP, ...)
     reader.finish()
 
 

@@ -126,8 +126,9 @@ class LineServerCerts:
         self.env = env
         self.dir = str(directory)
         self.ca_pem = os.path.join(self.dir, "client-cas.pem")
-        with open(self.ca_pem, "w") as f:
-            f.write(env.trust.ca_bundle_pem())
+        bundle = env.trust.ca_bundle_pem()
+        with open(self.ca_pem, "wb") as f:
+            f.write(bundle if isinstance(bundle, bytes) else bundle.encode())
 
     def _write(self, name, cert, key):
         cert_path = os.path.join(self.dir, name + ".pem")
