@@ -233,3 +233,59 @@ def test_tls12_only_server_is_refused(env, server_factory):
     # We offer TLS 1.3 and its suite only: OpenSSL capped at 1.2 finds nothing in common.
     assert isinstance(error, TlsAlertReceived) or error.reason == "protocol_version"
     assert error.alert in (40, 70)
+
+
+# -- fleetid agent probe-tls ----------------------------------------------------------------
+
+
+@pytest.fixture
+def bus_uri(env, tmp_path):
+    from fleetid.common import t1
+    from fleetid.sim import profiles
+    from fleetid.sim.endpoint import BusEndpoint
+    from fleetid.sim.server import serve_in_thread
+
+    chip = env.chips[0].chip
+    chip.power_loss()
+    server = serve_in_thread(BusEndpoint(chip, profile=t1.PROFILE_GP,
+                                         latency=profiles.get("none")),
+                             "unix:" + str(tmp_path / "se.sock"), idle_timeout_s=30)
+    try:
+        yield server.bus_uri
+    finally:
+        server.stop()
+
+
+def _probe(*args):
+    from click.testing import CliRunner
+
+    from fleetid.cli.main import cli
+
+    return CliRunner().invoke(cli, ["agent", "probe-tls", *args], catch_exceptions=False)
+
+
+def test_probe_tls_reports_the_negotiation_and_the_chain_checks(env, server_factory, bus_uri):
+    server = server_factory("-rev")
+    result = _probe("127.0.0.1:%d" % server.port, "--bus", bus_uri, "--server-name",
+                    "localhost", "--resume", "--net-timeout", "5")
+    assert result.exit_code == 0, result.output
+    out = result.output
+    for line in ("version: TLSv1.3", "suite: TLS_AES_128_GCM_SHA256", "group: secp256r1",
+                 "resumption: no (full handshake)", "resumption: yes (PSK-DHE",
+                 "client certificate: sent, signed by SE slot 1",
+                 "SE operations: generate 1, ecdh 1, sign 1, verify 2",
+                 "SE operations: generate 1, ecdh 1, sign 0, verify 0",
+                 "eku                ok  serverAuth", "name               ok  localhost"):
+        assert line in out, out
+
+
+def test_probe_tls_exits_1_with_the_reason(env, certs, server_factory, bus_uri, tmp_path):
+    server = server_factory()
+    result = _probe("127.0.0.1:%d" % server.port, "--bus", bus_uri, "--server-name",
+                    "elsewhere.example", "--net-timeout", "5")
+    assert result.exit_code == 1
+    assert "REFUSED: server chain failed check 'name'" in result.output
+    foreign_cert, _key = certs.foreign("other-root")
+    result = _probe("127.0.0.1:%d" % server.port, "--bus", bus_uri, "--roots", foreign_cert,
+                    "--server-name", "localhost", "--net-timeout", "5")
+    assert result.exit_code == 1 and "check 'path'" in result.output, result.output
