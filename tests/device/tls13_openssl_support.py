@@ -138,6 +138,25 @@ class LineServerCerts:
         _write_key(key_path, key)
         return cert_path, key_path
 
+    def client(self, name="software-client"):
+        """A clientAuth certificate under the fleet root with its key in a file (for
+        `openssl s_client`, the software-key baseline of bench/tls.py)."""
+        from fleetid.cloud.pki.profiles import tls_certificate_builder
+
+        line = self.env.line
+        key = ec.generate_private_key(ec.SECP256R1())
+        builder = tls_certificate_builder(key.public_key(), line.root_cert, name,
+                                          datetime.datetime.now(datetime.timezone.utc))
+        cert = sign_certificate(line.hsm, line.labels["root"], builder,
+                                line.root_cert.public_key())
+        return self._write(name, cert, key)
+
+    def root_pem(self):
+        path = os.path.join(self.dir, "fleet-root.pem")
+        with open(path, "wb") as f:
+            f.write(self.env.line.root_cert.public_bytes(PEM))
+        return path
+
     def fleet(self, name="server", hosts=("localhost", "127.0.0.1"), not_before=None, days=30):
         """A serverAuth certificate the fleet root signs (through the line's HSM)."""
         line = self.env.line
@@ -181,6 +200,9 @@ class CountingChip:
 
     def reset(self):
         self.counts.clear()
+
+    def __getattr__(self, name):  # power_loss(), last_nvm_write_bytes, nvm: the chip's
+        return getattr(self.chip, name)
 
 
 def counting_session(made):
