@@ -116,7 +116,8 @@ ALERT_UNSUPPORTED_EXTENSION = const(110)
 
 # RFC 8446 4.1.3: the ServerHello.random of a HelloRetryRequest (SHA-256 of
 # "HelloRetryRequest"), and the TLS 1.2/1.1 downgrade sentinels in the last 8 bytes.
-HRR_RANDOM = bytes.fromhex("cf21ad74e59a6111be1d8c021e65b891c2a211167abb8c5e079e09e2c8a8339c")
+HRR_RANDOM = (b"\xcf\x21\xad\x74\xe5\x9a\x61\x11\xbe\x1d\x8c\x02\x1e\x65\xb8\x91"
+              b"\xc2\xa2\x11\x16\x7a\xbb\x8c\x5e\x07\x9e\x09\xe2\xc8\xa8\x33\x9c")
 _DOWNGRADE_TLS12 = b"DOWNGRD\x01"
 _DOWNGRADE_TLS11 = b"DOWNGRD\x00"
 
@@ -558,8 +559,11 @@ class Tls13Client:
         self._write_record(CT_ALERT, bytes((level, description)))
 
     def _records(self, events):
-        buf = self._in
-        while len(buf) >= _HEADER and self._state != _CLOSED:
+        # No `del buf[:n]`: MicroPython's bytearray has no slice deletion.
+        while self._state != _CLOSED:
+            buf = self._in
+            if len(buf) < _HEADER:
+                return
             content_type = buf[0]
             length = buf[3] << 8 | buf[4]
             limit = MAX_CIPHERTEXT if self._read is not None else MAX_PLAINTEXT
@@ -571,7 +575,7 @@ class Tls13Client:
                 return
             header = bytes(buf[:_HEADER])
             body = bytes(buf[_HEADER:_HEADER + length])
-            del buf[:_HEADER + length]
+            self._in = buf[_HEADER + length:]
             self._record(content_type, header, body, events)
 
     def _record(self, content_type, header, body, events):
@@ -638,15 +642,17 @@ class Tls13Client:
     # -- handshake framing ----------------------------------------------------------------
 
     def _handshake_messages(self, events):
-        hs = self._hs
-        while len(hs) >= 4 and self._state != _CLOSED:
+        while self._state != _CLOSED:
+            hs = self._hs
+            if len(hs) < 4:
+                return
             length = hs[1] << 16 | hs[2] << 8 | hs[3]
             if length > self._cfg.max_handshake:
                 raise TlsError("handshake_too_large", ALERT_ILLEGAL_PARAMETER, "%d bytes" % length)
             if len(hs) < 4 + length:
                 return
             message = bytes(hs[:4 + length])
-            del hs[:4 + length]
+            self._hs = hs[4 + length:]
             self._message(message[0], message, events)
 
     def _expect_key_change(self):
@@ -728,9 +734,10 @@ class Tls13Client:
             truncated = bytes(message[:len(message) - binder_len])
             binder_key = K.derive_secret(self._prims, self._early, b"res binder",
                                          self._prims.sha256(b""))
+            mark = len(self._transcript)
             self._add(truncated)
             binder = K.finished_mac(self._prims, binder_key, self._th())
-            del self._transcript[len(self._transcript) - len(truncated):]
+            self._transcript = self._transcript[:mark]
             message[len(message) - K.HASH_LEN:] = binder
         self._add(message)
         self._write_record(CT_HANDSHAKE, bytes(message))
