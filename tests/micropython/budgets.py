@@ -98,6 +98,17 @@ WORKFLOWS = {
                    SE_MODULES + ("fleetid.common.revset", "fleetid.device.anchored_store",
                                  "fleetid.device.revset_cache"),
                    3, 85 * 1024, 107 * 1024),
+    # TLS 1.3 (common/tls13.py): placeholders until bench/micropython.py measures them.
+    "run_tls13_vectors": ("tests/common/test_tls13_micropython.py::test_rfc8448_key_schedule_and_records_under_micropython",
+                          ("fleetid.common.errors", "fleetid.common.der",
+                           "fleetid.common.asn1time", "fleetid.common.tls13_crypto",
+                           "fleetid.common.tls13_cert", "fleetid.common.tls13"),
+                          3, 200 * 1024, 250 * 1024),
+    "run_tls13": ("tests/common/test_tls13_micropython.py::test_board_tls13_session_with_the_se_key_under_micropython",
+                  SE_MODULES + ("fleetid.common.der", "fleetid.common.asn1time",
+                                "fleetid.common.tls13_crypto", "fleetid.common.tls13_cert",
+                                "fleetid.common.tls13", "fleetid.device.tls13_keys"),
+                  3, 400 * 1024, 500 * 1024),
 }
 
 
