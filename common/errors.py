@@ -167,7 +167,8 @@ class TlsError(FleetidError):
 
     `reason`: a short word naming what went wrong ("decode", "unexpected_message",
     "bad_finished", "server_certificate", "protocol_version", ...).  `alert`: the TLS alert
-    number (RFC 8446 6) sent to the peer, or received from it (TlsAlertReceived).
+    number (RFC 8446 6) sent to the peer, or received from it (TlsAlertReceived); None when
+    no alert applies (socket error "io", "timeout", "eof", use after close "closed").
     `detail`: short text, never key material.  Every failure of the client is a TlsError
     (or a subclass); the connection is closed after one.
     """

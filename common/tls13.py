@@ -467,7 +467,7 @@ class Tls13Client:
             refuse (the alert to send is then queued in data_to_send()).  Closed after.
         """
         if self._state == _CLOSED:
-            raise TlsError("closed", ALERT_CLOSE_NOTIFY, "connection closed")
+            raise TlsError("closed", None, "connection closed")
         if self._state == _START:
             raise TlsError("state", ALERT_INTERNAL_ERROR, "start() first")
         events = []

@@ -95,3 +95,10 @@ def test_handshake_with_every_key_operation_in_the_se_writes_no_nvm(chip, se):
     events = full_handshake(client, server)  # the server checks our CertificateVerify
     assert events[0][1].client_certificate and ephemeral.operations == 2
     assert chip.nvm.write_count == writes  # 0 NVM writes per handshake
+
+
+def test_session_copy_of_the_transient_slot_matches_se_consts():
+    from fleetid.device import se as se_mod
+
+    assert se_mod._SLOT_TRANSIENT == C.SLOT_TRANSIENT >= C.SLOT_COUNT
+    assert se_mod._POLICY_ECDH == C.POLICY_ECDH
