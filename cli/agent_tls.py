@@ -14,6 +14,8 @@ import click
 
 from fleetid.common.errors import FleetidError
 
+_TICKET_WAIT_MS = 2000  # servers send their tickets right after the handshake
+
 
 def _anchors(path):
     # A PEM bundle (one or more certificates) or one DER certificate.
@@ -63,7 +65,7 @@ def _handshake(device, host, port, anchors, server_name, slot, ticket, timeout):
     try:
         try:
             # Servers send their session tickets right after the handshake.
-            stream.wait(lambda: stream.tickets)
+            stream.wait(lambda: stream.tickets, _TICKET_WAIT_MS)
         except FleetidError:
             pass  # no ticket within the timeout: the report says so
         ops = "generate %d, ecdh %d, sign %d, verify %d" % (

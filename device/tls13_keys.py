@@ -107,12 +107,12 @@ class Tls13Stream:
             except Exception:  # noqa: S110
                 pass
 
-    def _pump(self, until):
+    def _pump(self, until, deadline_ms=None):
         # Read and process until `until()` or the deadline; returns nothing.
         from fleetid.common import tls13
         from fleetid.common.errors import TlsError
 
-        end = self._clock.now_ms() + self._deadline_ms
+        end = self._clock.now_ms() + (self._deadline_ms if deadline_ms is None else deadline_ms)
         while not until():
             if self._clock.now_ms() > end:
                 raise TlsError("timeout", None, "deadline")
@@ -177,9 +177,24 @@ class Tls13Stream:
 
         return self._guard(work)
 
-    def wait(self, condition):
-        """Process records until `condition()` holds (e.g. a ticket arrived)."""
-        self._guard(lambda: self._pump(condition))
+    def wait(self, condition, deadline_ms=None):
+        """Process records until `condition()` holds (e.g. a ticket arrived).
+
+        Params: deadline_ms: a shorter bound than the stream's for this wait; the socket
+            timeout is lowered to it for the wait (when the socket has settimeout) and
+            restored after (when it has gettimeout; MicroPython's has not).
+        A timeout closes the stream, as every failure does."""
+        if deadline_ms is None:
+            self._guard(lambda: self._pump(condition))
+            return
+        settimeout = getattr(self._sock, "settimeout", None)
+        gettimeout = getattr(self._sock, "gettimeout", None)
+        previous = gettimeout() if gettimeout is not None else None
+        if settimeout is not None:
+            settimeout(deadline_ms / 1000)
+        self._guard(lambda: self._pump(condition, deadline_ms))
+        if settimeout is not None and previous is not None:
+            settimeout(previous)
 
     def key_update(self, request_peer=False):
         """Send a KeyUpdate (and ask the peer for one when request_peer)."""
