@@ -1,7 +1,8 @@
-"""The SE's transient (RAM-only) key object, SLOT_TRANSIENT: the TLS 1.3 ECDHE share made
-and used inside the SE without a single NVM write, lost on power loss; and a whole
-handshake of the TLS 1.3 client with every key operation in the emulated SE writing no
-NVM either."""
+"""The TLS 1.3 client with the SE (emulated chip, APDUs straight into the applet): the
+transient (RAM-only) key object SLOT_TRANSIENT that holds the ECDHE share -- made and used
+inside the SE without a single NVM write, lost on power loss, ECDH only; a whole SE-keyed
+handshake writing no NVM; and the server's revocation checked through the agent's CRL
+cache, verified by the SE."""
 
 import pytest
 from cryptography import x509
@@ -102,3 +103,48 @@ def test_session_copy_of_the_transient_slot_matches_se_consts():
 
     assert se_mod._SLOT_TRANSIENT == C.SLOT_TRANSIENT >= C.SLOT_COUNT
     assert se_mod._POLICY_ECDH == C.POLICY_ECDH
+
+
+def test_revoked_server_is_refused_through_the_agents_crl_cache(chip, se):
+    # The agent's CRL cache (device/crl_cache.py) of the server's issuer, verified through
+    # the SE, behind the client's revocation hook: a listed server is certificate_revoked.
+    import datetime
+
+    from cryptography.hazmat.primitives import hashes
+
+    from fleetid.common.errors import TlsCertificateError
+    from fleetid.device.crl_cache import CrlCache
+    from fleetid.device.tls13_keys import crl_revocation
+    from tests.common.tls13_support import client_config
+    from tests.device.crl_support import MemoryStore, point_of
+
+    pki = TestPki()
+    server_serial = x509.load_der_x509_certificate(pki.server).serial_number
+    at = datetime.datetime.fromtimestamp(NOW, datetime.timezone.utc)
+
+    def crl(number, revoked):
+        builder = (x509.CertificateRevocationListBuilder().issuer_name(pki.root.subject)
+                   .last_update(at - datetime.timedelta(hours=1))
+                   .next_update(at + datetime.timedelta(hours=23))
+                   .add_extension(x509.CRLNumber(number), critical=False))
+        for serial in revoked:
+            builder = builder.add_revoked_certificate(
+                x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(at)
+                .build())
+        return builder.sign(pki.root_key, hashes.SHA256()).public_bytes(
+            serialization.Encoding.DER)
+
+    cache = CrlCache(se, MemoryStore(), point_of(pki.root_key.public_key()),
+                     pki.root.subject.public_bytes())
+    cache.refresh(lambda: crl(1, []), NOW)
+    hook = crl_revocation([cache], lambda: NOW)
+    events = full_handshake(T.Tls13Client(client_config(pki, revocation=hook)), FakeServer(pki))
+    assert dict(events[0][1].chain_report)["revocation"] == "not revoked"
+    cache.refresh(lambda: crl(2, [server_serial]), NOW)
+    client = T.Tls13Client(client_config(pki, revocation=hook))
+    server = FakeServer(pki)
+    client.receive(server.server_hello(client.start()))
+    with pytest.raises(TlsCertificateError) as caught:
+        client.receive(server.protect(b"".join(server.flight())))
+    assert (caught.value.check, caught.value.alert) == ("revocation", 44)
+    assert "RevokedError" in caught.value.detail
