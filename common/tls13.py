@@ -33,8 +33,10 @@
 #     buffers; max_fragment_length (RFC 6066) is not offered (superseded by RFC 8449).
 #
 # Wire formats: RFC 8446 4 (handshake), 5 (record layer), 6 (alerts); all integers
-# big-endian.  The transcript is kept as bytes (bounded by max_transcript) and hashed
-# whole at each point a hash is needed: MicroPython's hashlib has no copy().
+# big-endian.  The transcript is kept as bytes and hashed whole at each point a hash is
+# needed (MicroPython's hashlib has no copy()), in one buffer of max_transcript bytes
+# allocated when the handshake starts: growing a buffer on a fragmented board heap needs
+# a larger free block than the data itself.
 #
 # Every failure is a TlsError (common/errors.py) with `reason` and `alert`; when the
 # failure is ours to report, the fatal alert record is queued in data_to_send() first.
@@ -145,7 +147,7 @@ _START = const(8)
 
 RECORD_SIZE_LIMIT_DEFAULT = const(4096)
 MAX_HANDSHAKE_DEFAULT = const(16384)
-MAX_TRANSCRIPT_DEFAULT = const(24576)
+MAX_TRANSCRIPT_DEFAULT = const(8192)  # a fleet handshake is 3-4 KB (two chains of 1-2 certs)
 
 
 def _u16(n):
@@ -388,7 +390,8 @@ class Tls13Client:
         self._out = bytearray()
         self._in = bytearray()
         self._hs = bytearray()  # handshake bytes not yet a whole message
-        self._transcript = bytearray()
+        self._transcript = None  # bytearray(max_transcript) from start(); _tlen bytes used
+        self._tlen = 0
         self._read = None
         self._write = None
         self._peer_limit = None  # peer's record_size_limit
@@ -431,6 +434,7 @@ class Tls13Client:
         if self._state != _START:
             raise TlsError("state", ALERT_INTERNAL_ERROR, "already started")
         try:
+            self._transcript = bytearray(self._cfg.max_transcript)
             self._random = self._prims.random(32)
             if self._cfg.initial_key_share:
                 self._generate_share()
@@ -529,7 +533,8 @@ class Tls13Client:
         self._forget()
 
     def _forget(self):
-        self._transcript = bytearray()
+        self._transcript = None
+        self._tlen = 0
         self._hs = bytearray()
         self._in = bytearray()
         self._psk = self._early = self._hs_secret = self._master = None
@@ -559,26 +564,36 @@ class Tls13Client:
         self._write_record(CT_ALERT, bytes((level, description)))
 
     def _records(self, events):
-        # No `del buf[:n]`: MicroPython's bytearray has no slice deletion.
+        # No local holds a record while it is processed (the board's heap keeps one copy
+        # of it at a time), and no `del buf[:n]`: MicroPython's bytearray has none.
         while self._state != _CLOSED:
-            buf = self._in
-            if len(buf) < _HEADER:
+            size = self._record_size()
+            if not size:
                 return
-            content_type = buf[0]
-            length = buf[3] << 8 | buf[4]
-            limit = MAX_CIPHERTEXT if self._read is not None else MAX_PLAINTEXT
-            if self._read is not None and self._our_limit_active:
-                limit = self._cfg.record_size_limit + K.TAG_LEN
-            if length > limit:
-                raise TlsError("record_overflow", ALERT_RECORD_OVERFLOW, "%d bytes" % length)
-            if len(buf) < _HEADER + length:
-                return
-            header = bytes(buf[:_HEADER])
-            body = bytes(buf[_HEADER:_HEADER + length])
-            self._in = buf[_HEADER + length:]
-            self._record(content_type, header, body, events)
+            self._record(size, events)
 
-    def _record(self, content_type, header, body, events):
+    def _record_size(self):
+        # Header || body size of the next whole record, 0 when it is still incomplete.
+        buf = self._in
+        if len(buf) < _HEADER:
+            return 0
+        length = buf[3] << 8 | buf[4]
+        limit = MAX_CIPHERTEXT if self._read is not None else MAX_PLAINTEXT
+        if self._read is not None and self._our_limit_active:
+            limit = self._cfg.record_size_limit + K.TAG_LEN
+        if length > limit:
+            raise TlsError("record_overflow", ALERT_RECORD_OVERFLOW, "%d bytes" % length)
+        if len(buf) < _HEADER + length:
+            return 0
+        return _HEADER + length
+
+    def _record(self, size, events):
+        buf = self._in
+        self._in = buf[size:]
+        content_type = buf[0]
+        header = bytes(buf[:_HEADER])
+        body = bytes(buf[_HEADER:size])
+        buf = None
         if content_type == CT_CHANGE_CIPHER_SPEC:
             # RFC 8446 5: one byte 0x01, only while the handshake runs; dropped.
             if body != b"\x01" or self._state == _CONNECTED:
@@ -592,22 +607,25 @@ class Tls13Client:
                 raise TlsError("unexpected_message", ALERT_UNEXPECTED_MESSAGE,
                                "unprotected record %d" % content_type)
             plain = self._read.open(header, body)
+            body = None
             end = len(plain)
             while end > 0 and plain[end - 1] == 0:
                 end -= 1  # RFC 8446 5.4: strip the zero padding
             if end == 0:
                 raise TlsError("unexpected_message", ALERT_UNEXPECTED_MESSAGE, "no content type")
             content_type = plain[end - 1]
-            body = plain[:end - 1]
             inner_limit = self._cfg.record_size_limit if self._our_limit_active else MAX_PLAINTEXT + 1
             if len(plain) > inner_limit:
                 raise TlsError("record_overflow", ALERT_RECORD_OVERFLOW, "inner plaintext")
+            body = plain[:end - 1]
+            plain = None
         elif content_type == CT_APPLICATION_DATA:
             raise TlsError("unexpected_message", ALERT_UNEXPECTED_MESSAGE, "data before keys")
         if content_type == CT_HANDSHAKE:
             if not body:
                 raise TlsError("unexpected_message", ALERT_UNEXPECTED_MESSAGE, "empty handshake record")
             self._hs.extend(body)
+            body = None
             self._handshake_messages(events)
         elif content_type == CT_ALERT:
             self._alert(body, events)
@@ -653,6 +671,7 @@ class Tls13Client:
                 return
             message = bytes(hs[:4 + length])
             self._hs = hs[4 + length:]
+            hs = None
             self._message(message[0], message, events)
 
     def _expect_key_change(self):
@@ -661,12 +680,14 @@ class Tls13Client:
             raise TlsError("unexpected_message", ALERT_UNEXPECTED_MESSAGE, "message spans key change")
 
     def _add(self, message):
-        if len(self._transcript) + len(message) > self._cfg.max_transcript:
+        end = self._tlen + len(message)
+        if end > len(self._transcript):
             raise TlsError("limit", ALERT_INTERNAL_ERROR, "transcript")
-        self._transcript.extend(message)
+        self._transcript[self._tlen:end] = message
+        self._tlen = end
 
     def _th(self):
-        return self._prims.sha256(self._transcript)
+        return self._prims.sha256(memoryview(self._transcript)[:self._tlen])
 
     def _message(self, msg_type, message, events):
         state = self._state
@@ -734,10 +755,10 @@ class Tls13Client:
             truncated = bytes(message[:len(message) - binder_len])
             binder_key = K.derive_secret(self._prims, self._early, b"res binder",
                                          self._prims.sha256(b""))
-            mark = len(self._transcript)
+            mark = self._tlen
             self._add(truncated)
             binder = K.finished_mac(self._prims, binder_key, self._th())
-            self._transcript = self._transcript[:mark]
+            self._tlen = mark
             message[len(message) - K.HASH_LEN:] = binder
         self._add(message)
         self._write_record(CT_HANDSHAKE, bytes(message))
@@ -838,7 +859,8 @@ class Tls13Client:
             self._generate_share()
         # RFC 8446 4.4.1: ClientHello1 is replaced by message_hash(Hash(ClientHello1)).
         ch1_hash = self._th()
-        self._transcript = bytearray(_handshake(HT_MESSAGE_HASH, ch1_hash))
+        self._tlen = 0
+        self._add(_handshake(HT_MESSAGE_HASH, ch1_hash))
         self._add(message)
         self._expect_key_change()
         self._send_client_hello()
@@ -969,7 +991,8 @@ class Tls13Client:
         self.info = info
         self._state = _CONNECTED
         # The transcript and handshake secrets are no longer needed.
-        self._transcript = bytearray()
+        self._transcript = None
+        self._tlen = 0
         self._psk = self._early = self._hs_secret = self._master = None
         self._c_hs = self._s_hs = None
         events.append((EVENT_HANDSHAKE_COMPLETE, info))

@@ -44,7 +44,7 @@ class CryptographyTls13Primitives:
     """sha256 / hmac_sha256 / aead / random for fleetid.common.tls13, on `cryptography`."""
 
     def sha256(self, data):
-        return hashlib.sha256(bytes(data)).digest()
+        return hashlib.sha256(data).digest()
 
     def hmac_sha256(self, key, data):
         return hmac.new(bytes(key), bytes(data), hashlib.sha256).digest()
