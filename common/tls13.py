@@ -450,6 +450,12 @@ class Tls13Client:
         except FleetidError as exc:
             self._state = _CLOSED
             raise TlsError("se", ALERT_INTERNAL_ERROR, type(exc).__name__) from None
+        except MemoryError:
+            self._state = _CLOSED
+            raise TlsError("memory", ALERT_INTERNAL_ERROR) from None
+        except Exception as exc:  # a bug must surface as a typed error, not a stack trace
+            self._state = _CLOSED
+            raise TlsError("internal", ALERT_INTERNAL_ERROR, type(exc).__name__) from None
         return self.data_to_send()
 
     def _generate_share(self):
