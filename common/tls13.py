@@ -620,7 +620,9 @@ class Tls13Client:
             if end == 0:
                 raise TlsError("unexpected_message", ALERT_UNEXPECTED_MESSAGE, "no content type")
             content_type = plain[end - 1]
-            inner_limit = self._cfg.record_size_limit if self._our_limit_active else MAX_PLAINTEXT + 1
+            inner_limit = MAX_PLAINTEXT + 1
+            if self._our_limit_active:
+                inner_limit = self._cfg.record_size_limit
             if len(plain) > inner_limit:
                 raise TlsError("record_overflow", ALERT_RECORD_OVERFLOW, "inner plaintext")
             body = plain[:end - 1]
@@ -629,7 +631,8 @@ class Tls13Client:
             raise TlsError("unexpected_message", ALERT_UNEXPECTED_MESSAGE, "data before keys")
         if content_type == CT_HANDSHAKE:
             if not body:
-                raise TlsError("unexpected_message", ALERT_UNEXPECTED_MESSAGE, "empty handshake record")
+                raise TlsError("unexpected_message", ALERT_UNEXPECTED_MESSAGE,
+                               "empty handshake record")
             self._hs.extend(body)
             body = None
             self._handshake_messages(events)
@@ -683,7 +686,8 @@ class Tls13Client:
     def _expect_key_change(self):
         # RFC 8446 5.1: handshake messages must not span a key change.
         if self._hs:
-            raise TlsError("unexpected_message", ALERT_UNEXPECTED_MESSAGE, "message spans key change")
+            raise TlsError("unexpected_message", ALERT_UNEXPECTED_MESSAGE,
+                           "message spans key change")
 
     def _add(self, message):
         end = self._tlen + len(message)
@@ -842,7 +846,8 @@ class Tls13Client:
 
     def _hello_retry(self, message, extensions):
         if self._hrr:
-            raise TlsError("unexpected_message", ALERT_UNEXPECTED_MESSAGE, "second HelloRetryRequest")
+            raise TlsError("unexpected_message", ALERT_UNEXPECTED_MESSAGE,
+                           "second HelloRetryRequest")
         self._hrr = True
         share = extensions.get(EXT_KEY_SHARE)
         cookie = extensions.get(EXT_COOKIE)
@@ -922,7 +927,8 @@ class Tls13Client:
             if (listed[i] << 8 | listed[i + 1]) == SIG_ECDSA_SECP256R1_SHA256:
                 ours = True
         if not ours and self._cfg.signer is not None:
-            raise TlsError("handshake_failure", ALERT_HANDSHAKE_FAILURE, "no common signature scheme")
+            raise TlsError("handshake_failure", ALERT_HANDSHAKE_FAILURE,
+                           "no common signature scheme")
         self._cert_requested = True
         self._add(message)
         self._state = _WAIT_CERT
@@ -1044,7 +1050,8 @@ class Tls13Client:
         if len(body) != 1 or body[0] > 1:
             raise TlsError("illegal_parameter", ALERT_ILLEGAL_PARAMETER, "KeyUpdate")
         self._expect_key_change()
-        self._read = RecordProtection(self._prims, K.next_traffic_secret(self._prims, self._read.secret))
+        self._read = RecordProtection(self._prims,
+                                      K.next_traffic_secret(self._prims, self._read.secret))
         requested = body[0] == 1
         if requested:
             self._send_key_update(0)
@@ -1052,7 +1059,8 @@ class Tls13Client:
 
     def _send_key_update(self, request):
         self._write_record(CT_HANDSHAKE, _handshake(HT_KEY_UPDATE, bytes((request,))))
-        self._write = RecordProtection(self._prims, K.next_traffic_secret(self._prims, self._write.secret))
+        self._write = RecordProtection(self._prims,
+                                       K.next_traffic_secret(self._prims, self._write.secret))
 
 
 def _lenient_types(raw_ext):

@@ -165,8 +165,6 @@ class Tls13Stream:
         """Run the handshake.  Returns: HandshakeInfo."""
 
         def work():
-            from fleetid.common import tls13 as _t  # noqa: F401
-
             if not self._client.connected:
                 first = self._client.start()
                 sender = getattr(self._sock, "send", None) or self._sock.write

@@ -210,7 +210,8 @@ def test_key_update_requested_by_the_server_is_answered_and_keys_move(pki):
     server = FakeServer(pki)
     full_handshake(client, server)
     update = server.protect(handshake(T.HT_KEY_UPDATE, b"\x01"))
-    server.write = T.RecordProtection(server.prims, K.next_traffic_secret(server.prims, server.s_ap))
+    server.write = T.RecordProtection(server.prims,
+                                      K.next_traffic_secret(server.prims, server.s_ap))
     events = client.receive(update + server.protect(b"new keys", T.CT_APPLICATION_DATA))
     assert events == [(T.EVENT_KEY_UPDATE, True), (T.EVENT_DATA, b"new keys")]
     answer = server.read_application(client.data_to_send())
