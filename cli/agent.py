@@ -550,3 +550,8 @@ def _status_line(status):
     from fleetid.device.agent import status_text
 
     return status_text(status)
+
+
+from fleetid.cli.agent_tls import probe_tls  # noqa: E402  `fleetid agent probe-tls` (TLS 1.3)
+
+agent.add_command(probe_tls)
