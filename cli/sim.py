@@ -136,6 +136,7 @@ def serve(nvm_path, listen, latency, t1_profile, ber, seed, idle_timeout, cut_po
         endpoint = _make_endpoint(nvm_path, latency, t1_profile, ber, seed)
         if cut_power_at is not None:
             endpoint.chip.nvm.cut_power_at(cut_power_at, after_atomic=cut_after_atomic)
+            endpoint.on_power_loss = _say_power_cut
         server = SimServer(endpoint, listen, idle_timeout_s=idle_timeout)
         server.bind()
     except ListenAddressError as exc:
@@ -164,6 +165,13 @@ def serve(nvm_path, listen, latency, t1_profile, ber, seed, idle_timeout, cut_po
             signal.signal(s, handler)
     click.echo("stopped after %d clients, %d bus transactions"
                % (server.clients_served, server.transactions), err=True)
+
+
+def _say_power_cut(cut):
+    """--cut-power-at fired: one line on stderr, as it happens."""
+    click.echo("power cut (--cut-power-at): %s; the commit %s, the chip lost its RAM state "
+               "and the host gets no answer to this command"
+               % (cut, "took effect" if cut.applied else "was lost"), err=True)
 
 
 def _make_endpoint(nvm_path, latency, t1_profile, ber, seed):
