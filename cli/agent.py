@@ -278,9 +278,9 @@ def _print_failure(exc):
     elif isinstance(exc, NetError):
         click.echo("FAILED network: %s (the journal keeps the progress)" % exc, err=True)
     elif not isinstance(exc, InterruptedError):
-        from fleetid.cli.se_connection import describe_error
+        from fleetid.cli.se_connection import describe_error, where
 
-        click.echo("FAILED %s" % describe_error(exc), err=True)
+        click.echo("FAILED %s%s" % (where(exc=exc), describe_error(exc)), err=True)
 
 
 @agent.command("status")
@@ -369,7 +369,7 @@ def whoami_cmd(bus, t1_profile, timeout_ms, cloud, est, label, slot, save):
     except FleetidError as exc:
         _fail(exc)
     except ValueError as exc:
-        raise click.UsageError(str(exc)) from None
+        raise click.BadParameter("%s: %s" % (cloud, exc), param_hint="--cloud") from None
     finally:
         device.close()
     cipher = client.last_cipher[0] if client.last_cipher else "?"

@@ -66,7 +66,7 @@ def fab(vendor_dir, out, count):
     except FileExistsError as exc:
         raise click.ClickException("%s already exists: fab never overwrites a chip" % exc)
     except (OSError, ValueError) as exc:
-        raise click.ClickException("fab failed: %s" % exc)
+        raise click.ClickException("fab of %s (vendor CA %s) failed: %s" % (out, vendor_dir, exc))
     click.echo("%d chips in %s (vendor CA %s)" % (len(records), out, vendor_dir))
 
 
@@ -146,7 +146,7 @@ def serve(nvm_path, listen, latency, t1_profile, ber, seed, idle_timeout, cut_po
     except NvmError as exc:
         raise click.ClickException("cannot load the chip's NVM %s: %s" % (nvm_path, exc))
     except ValueError as exc:
-        raise click.ClickException(str(exc))
+        raise click.ClickException("cannot serve %s: %s" % (nvm_path, exc))
 
     def stop(signum, frame):
         server.shutdown()
