@@ -415,7 +415,11 @@ def submit_csr_cmd(bus, t1_profile, timeout_ms, cloud, est, label, csr_file, slo
         from cryptography import x509
         from cryptography.hazmat.primitives import serialization
 
-        data = x509.load_pem_x509_csr(data).public_bytes(serialization.Encoding.DER)
+        try:
+            data = x509.load_pem_x509_csr(data).public_bytes(serialization.Encoding.DER)
+        except ValueError:
+            raise click.BadParameter("%s is not a PEM CSR" % csr_file,
+                                     param_hint="--csr") from None
     target = est or cloud
     if not target:
         raise click.UsageError("--est is required")
@@ -429,6 +433,8 @@ def submit_csr_cmd(bus, t1_profile, timeout_ms, cloud, est, label, csr_file, slo
                                   {"Content-Type": "application/pkcs10"})
     except FleetidError as exc:
         _fail(exc)
+    except ValueError as exc:
+        raise click.BadParameter("%s: %s" % (target, exc), param_hint="--est/--cloud") from None
     finally:
         device.close()
     if response.status == 200:
@@ -462,6 +468,8 @@ def get_cert_cmd(bus, t1_profile, timeout_ms, slot, out):
         cert = x509.load_der_x509_certificate(bytes(device.se.get_cert(slot)))
     except FleetidError as exc:
         _fail(exc)
+    except ValueError:
+        raise click.ClickException("slot %d does not hold a DER certificate" % slot) from None
     finally:
         device.close()
     with open(out, "wb") as f:
