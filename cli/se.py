@@ -317,8 +317,11 @@ def attest(ctx, slot, nonce, out):
     except AttestationError as exc:
         raise click.ClickException("attestation does NOT verify: %s" % exc) from None
     if out:
-        with open(out, "wb") as f:
-            f.write(signed_der)
+        try:
+            with open(out, "wb") as f:
+                f.write(signed_der)
+        except OSError as exc:
+            raise click.ClickException("--out %s: %s" % (out, exc.strerror or exc)) from None
     click.echo("slot:         %d" % st.slot)
     click.echo("SE UID:       %s" % st.se_uid.hex())
     click.echo("public key:   %s" % st.public_point.hex())

@@ -66,7 +66,8 @@ def describe_error(exc):
 
 # The options that say what a device-side command worked on; an error line names them
 # ("se pubkey --slot 7: the SE refused the command: SW 6A88, ...").
-_NAMED_PARAMS = (("slot", "--slot"), ("counter_id", "--id"), ("object_id", "--id"))
+_NAMED_PARAMS = (("slot", "--slot"), ("counter_id", "--id"), ("object_id", "--id"),
+                 ("target", "--to"))
 
 
 def where(ctx=None, exc=None):

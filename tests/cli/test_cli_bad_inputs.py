@@ -343,12 +343,16 @@ def test_a_bad_input_gets_one_clear_error_line_and_no_traceback(files, args, nam
 # -- the input is named: errors from a live SE, the link, and values the CLI parses ----------
 # (issue 16 item 13: "SW 6A88" without the slot, "not hex" without the value).  The chip is
 # a fresh `fleetid sim fab` chip served in-process on the GP profile: slot 7, object 3 and
-# slot 9 are empty.
+# slot 9 are empty, slot 4 holds an attestable key, counter 2 stands at 5.
 
 NAMED_CASES = [
     (["se", "--bus", "{bus}", "pubkey", "--slot", "7"], ["se pubkey --slot 7", "SW 6A88"]),
     (["se", "--bus", "{bus}", "delkey", "--slot", "9"], ["se delkey --slot 9", "SW 6A88"]),
     (["se", "--bus", "{bus}", "data", "read", "--id", "3"], ["se data read --id 3", "SW 6A88"]),
+    (["se", "--bus", "{bus}", "attest", "--slot", "4", "--out", "/proc/fleetid/a.der"],
+     ["--out /proc/fleetid/a.der"]),
+    (["se", "--bus", "{bus}", "counter", "advance", "--id", "2", "--to", "3"],
+     ["se counter advance --id 2 --to 3", "SW 6A80"]),
     (["se", "--bus", "{bus}", "sign", "--slot", "2", "--digest", "zz"],
      ["--digest", "'zz' is not hex"]),
     (["se", "--bus", "{bus}", "sign", "--slot", "2", "--digest", "0011"],
@@ -395,6 +399,10 @@ def served(files, tmp_path_factory):
     server = serve_in_thread(BusEndpoint(Chip(Nvm(str(d / "chip.nvm"))), profile=t1.PROFILE_GP),
                              "unix:%s" % (d / "se.sock"))
     try:
+        for args in (["genkey", "--slot", "4", "--usage", "sign"],
+                     ["counter", "advance", "--id", "2", "--to", "5"]):
+            result = CliRunner().invoke(cli, ["se", "--bus", server.bus_uri] + args)
+            assert result.exit_code == 0, result.output
         yield dict(files, bus=server.bus_uri, **{"good.json": str(d / "chip.json")})
     finally:
         server.stop()
