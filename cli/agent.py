@@ -381,8 +381,11 @@ def whoami_cmd(bus, t1_profile, timeout_ms, cloud, est, label, slot, save):
     identity = json.loads(response.body)
     click.echo(json.dumps(identity, indent=1))
     if save:
-        with open(save, "w") as f:
-            json.dump(identity, f)
+        try:
+            with open(save, "w") as f:
+                json.dump(identity, f)
+        except OSError as exc:
+            raise click.ClickException("--save %s: %s" % (save, exc.strerror or exc)) from None
 
 
 @agent.command("submit-csr")
@@ -472,8 +475,11 @@ def get_cert_cmd(bus, t1_profile, timeout_ms, slot, out):
         raise click.ClickException("slot %d does not hold a DER certificate" % slot) from None
     finally:
         device.close()
-    with open(out, "wb") as f:
-        f.write(cert.public_bytes(serialization.Encoding.PEM))
+    try:
+        with open(out, "wb") as f:
+            f.write(cert.public_bytes(serialization.Encoding.PEM))
+    except OSError as exc:
+        raise click.ClickException("--out %s: %s" % (out, exc.strerror or exc)) from None
     click.echo("slot %d certificate -> %s" % (slot, out))
 
 

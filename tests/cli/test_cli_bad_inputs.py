@@ -422,3 +422,29 @@ def test_an_error_names_the_option_and_the_value_it_is_about(served, args, names
     assert len(errors) == 1, result.output
     for name in names:
         assert _fill(name, served) in errors[0], result.output
+
+
+def test_agent_get_cert_names_an_out_file_it_cannot_write(tmp_path):
+    """A chip the line personalised (its identity certificate in slot 1), served in-process:
+    `agent get-cert --out` into a folder that cannot exist is named, not a traceback."""
+    from fleetid.common import t1
+    from fleetid.sim.endpoint import BusEndpoint
+    from fleetid.sim.server import serve_in_thread
+    from tests.device.device_cloud_support import LineAndCloud
+
+    cloud = LineAndCloud(tmp_path, devices=1)
+    server = serve_in_thread(BusEndpoint(cloud.chips[0].chip, profile=t1.PROFILE_GP),
+                             "unix:%s" % (tmp_path / "se.sock"))
+    try:
+        runner = CliRunner()
+        ok = runner.invoke(cli, ["agent", "get-cert", "--bus", server.bus_uri, "--slot", "1",
+                                 "--out", str(tmp_path / "id.pem")])
+        assert ok.exit_code == 0, ok.output
+        bad = runner.invoke(cli, ["agent", "get-cert", "--bus", server.bus_uri, "--slot", "1",
+                                  "--out", "/proc/fleetid/id.pem"])
+        assert bad.exit_code == 1, bad.output
+        assert bad.exception is None or isinstance(bad.exception, SystemExit), bad.exception
+        assert "Error: --out /proc/fleetid/id.pem" in bad.output, bad.output
+    finally:
+        server.stop()
+        cloud.close()
