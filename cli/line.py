@@ -16,12 +16,16 @@ _PROFILES = ("none", "atecc608", "optiga", "se050")
 
 
 def _fail(exc):
+    # Named after the line folder the command works on (its --out / OUT).
+    ctx = click.get_current_context(silent=True)
+    out = ctx.params.get("out") if ctx is not None else None
+    where = "line %s: " % out if out else ""
     if type(exc).__name__ == "NvmError":
-        return click.ClickException("chip NVM: %s" % exc)
+        return click.ClickException("%schip NVM: %s" % (where, exc))
     if isinstance(exc, OSError):
-        return click.ClickException("%s%s" % (exc.strerror or exc, (": %s" % exc.filename)
-                                              if exc.filename else ""))
-    return click.ClickException("%s: %s" % (type(exc).__name__, exc))
+        return click.ClickException("%s%s%s" % (where, exc.strerror or exc, (
+            ": %s" % exc.filename) if exc.filename else ""))
+    return click.ClickException("%s%s: %s" % (where, type(exc).__name__, exc))
 
 
 def _environ(out, hsm_uri, pass_file, witness_hsm_uri=None):
@@ -187,7 +191,8 @@ def _station_counts(text):
                                  "1,2,4,8" % text, param_hint="--stations")
     counts = [int(part) for part in parts]
     if not counts or any(k < 1 or k > 1024 for k in counts):
-        raise click.BadParameter("station counts must be 1..1024", param_hint="--stations")
+        raise click.BadParameter("%r: station counts must be 1..1024" % text,
+                                 param_hint="--stations")
     return counts
 
 

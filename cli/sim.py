@@ -68,7 +68,7 @@ def fab(vendor_dir, out, count):
     except FileExistsError as exc:
         raise click.ClickException("%s already exists: fab never overwrites a chip" % exc)
     except (OSError, ValueError) as exc:
-        raise click.ClickException("fab failed: %s" % exc)
+        raise click.ClickException("fab of %s (vendor CA %s) failed: %s" % (out, vendor_dir, exc))
     click.echo("%d chips in %s (vendor CA %s)" % (len(records), out, vendor_dir))
 
 
@@ -184,6 +184,7 @@ def serve(nvm_path, listen, latency, t1_profile, ber, seed, idle_timeout, cut_po
         endpoint = _make_endpoint(nvm_path, latency, t1_profile, ber, seed)
         if cut_power_at is not None:
             endpoint.chip.nvm.cut_power_at(cut_power_at, after_atomic=cut_after_atomic)
+            endpoint.on_power_loss = _say_power_cut
         server = SimServer(endpoint, listen, idle_timeout_s=idle_timeout)
         server.bind()
     except ListenAddressError as exc:
@@ -193,7 +194,7 @@ def serve(nvm_path, listen, latency, t1_profile, ber, seed, idle_timeout, cut_po
     except NvmError as exc:
         raise click.ClickException("cannot load the chip's NVM %s: %s" % (nvm_path, exc))
     except ValueError as exc:
-        raise click.ClickException(str(exc))
+        raise click.ClickException("cannot serve %s: %s" % (nvm_path, exc))
 
     def stop(signum, frame):
         server.shutdown()
@@ -212,6 +213,13 @@ def serve(nvm_path, listen, latency, t1_profile, ber, seed, idle_timeout, cut_po
             signal.signal(s, handler)
     click.echo("stopped after %d clients, %d bus transactions"
                % (server.clients_served, server.transactions), err=True)
+
+
+def _say_power_cut(cut):
+    """--cut-power-at fired: one line on stderr, as it happens."""
+    click.echo("power cut (--cut-power-at): %s; the commit %s, the chip lost its RAM state "
+               "and the host gets no answer to this command"
+               % (cut, "took effect" if cut.applied else "was lost"), err=True)
 
 
 def _make_endpoint(nvm_path, latency, t1_profile, ber, seed):

@@ -87,6 +87,20 @@ def test_check_cert_on_a_stranger_and_an_expired_time(fleet, tmp_path):
         result.output
 
 
+def test_check_cert_names_a_missing_subject_alt_name_not_a_broken_chain(fleet, tmp_path):
+    from tests.cloud.test_verifier import ca_signed_without_san
+
+    config = _config(fleet, tmp_path)
+    device = fleet.provision()
+    key, cert = ca_signed_without_san(fleet, device)
+    cert_file, _ = device.files(cert, key)
+    result = _check(config, cert_file)
+    assert result.exit_code == 1
+    chain = [line for line in result.output.splitlines() if line.startswith("chain")]
+    assert len(chain) == 1 and " FAIL " in chain[0], result.output
+    assert "subjectAltName" in chain[0] and "does not chain" not in chain[0]
+
+
 def test_config_file_and_environment(tmp_path):
     path = tmp_path / "c.toml"
     path.write_text('[cloud]\nverifier_port = 9000\nvendor_roots = ["v.pem"]\n'

