@@ -60,9 +60,9 @@ SCRYPT_N = 2**14
 
 
 def init_demo_line(path, **kwargs):
-    """workdir.init_line on the simulated SE vendor (its root CA in <path>/vendor first,
-    as the CLI's demo does)."""
-    fab.load_or_create_vendor_ca(os.path.join(str(path), "vendor"))
+    """workdir.init_line on the simulated SE vendor (its root certificate published into
+    <path>/vendor first, its key in "<path>.se-vendor", as the CLI's demo does)."""
+    fab.publish_vendor_root(str(path) + ".se-vendor", os.path.join(str(path), "vendor"))
     return workdir_mod.init_line(str(path), **kwargs)
 
 

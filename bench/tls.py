@@ -34,8 +34,8 @@ from fleetid.common import se_consts as C  # noqa: E402
 from fleetid.device.host.tls13_socket import connect, se_client_config  # noqa: E402
 from fleetid.device.stack import open_se  # noqa: E402
 from fleetid.sim.metering import EmulatedBuses  # noqa: E402
-from tests.device.device_cloud_support import LineAndCloud  # noqa: E402
-from tests.device.tls13_openssl_support import (  # noqa: E402
+from bench._support import LineAndCloud  # noqa: E402
+from bench._tls13_support import (  # noqa: E402
     OPENSSL,
     CountingChip,
     LineServerCerts,

@@ -23,6 +23,7 @@ from fleetid.sim import fab
 from fleetid.sim import lot as lot_mod
 from fleetid.sim.chip import Chip
 from fleetid.sim.endpoint import BusEndpoint
+from bench._support import init_demo_line  # noqa: F401 (re-exported: the tests import it from here)
 from tests.cloud.hsm_support import (
     KEYSTORE_PASS,
     MASTER_KEY,
@@ -42,13 +43,6 @@ LINE_ENV = dict(os.environ, FLEETID_KEYSTORE_PASS=KEYSTORE_PASS)
 class SimulatedKill(BaseException):
     """A process kill at a step boundary: not an Exception, so no station code handles it
     (only `finally` blocks run, as the OS would not even run those)."""
-
-
-def init_demo_line(path, **kwargs):
-    """workdir.init_line on the simulated SE vendor (its root certificate published into
-    <path>/vendor first, its key in "<path>.se-vendor", as the CLI's demo does)."""
-    fab.publish_vendor_root(str(path) + ".se-vendor", os.path.join(str(path), "vendor"))
-    return workdir_mod.init_line(str(path), **kwargs)
 
 
 def _pki_on_token(hsm_uri, environ, tmp_path):
