@@ -39,7 +39,8 @@ from fleetid.cloud.revocation.ocsp import (
     add_ocsp_routes,
     new_ocsp_signer,
 )
-from fleetid.cloud.revocation.service import EVENTS_FILE, EventWatcher, revoked_ca_map
+from fleetid.cloud.revocation.service import EVENTS_FILE, EventWatcher
+from fleetid.cloud.verifier.revoked_cas import revoked_ca_map
 
 REVSET_SIGNER_LABEL = "revocation-set"
 ROOT_CRL_LABEL = "root"  # GET /crl/root.crl: the root's CRL of revoked issuing CAs (arl.py)

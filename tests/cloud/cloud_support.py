@@ -30,6 +30,8 @@ from fleetid.cloud.registry import IdentityRecord
 from fleetid.cloud.registry.memory import MemoryRegistry
 from fleetid.cloud.registry.sqlite_backend import SqliteRegistry
 from fleetid.cloud.server import CloudServer
+from fleetid.cloud.revocation.service import RevocationService
+from fleetid.cloud.verifier.revoked_cas import RevokedCaFile
 from fleetid.cloud.verifier.service import FleetTrust, FleetVerifier
 from tests.cloud.attestation_support import CountingHsm, SoftVendor, enrolment, make_csr, new_key
 from tests.cloud.hsm_support import KEYSTORE_PASS, TEST_SCRYPT_N
@@ -127,7 +129,9 @@ class Fleet:
             self.registry = MemoryRegistry()
         else:
             self.registry = registry_kind
-        self.trust = FleetTrust([self.root], list(self.ca_certs.values()), [self.vendor.root])
+        self.revoked_cas_path = os.path.join(self.dir, "revoked-cas.jsonl")
+        self.trust = FleetTrust([self.root], list(self.ca_certs.values()), [self.vendor.root],
+                                revoked_ca_file=RevokedCaFile(self.revoked_cas_path))
         self.labels = [
             EstLabel("b42", self.cas["b42"], [self.ca_certs["b42"], self.root]),
             EstLabel("b43", self.cas["b43"], [self.ca_certs["b43"], self.root]),
@@ -137,7 +141,17 @@ class Fleet:
         self.est = EstService(self.labels, self.registry, self.trust, default_label="b42",
                               overlap=overlap, clock=self.clock)
         self.verifier = FleetVerifier(self.trust, self.registry, clock=self.clock)
+        self.revocation = RevocationService(
+            self.registry, list(self.ca_certs.values()), self.revoked_cas_path,
+            os.path.join(self.dir, "revocation.events"), listeners=[self.verifier.invalidate])
         self._server_files()
+
+    def revoke_certificate(self, certificate, reason, operator=""):
+        """Revoke `certificate` through the one writer (RevocationService), as `fleetid
+        revoke --cert` does.  Returns its CertificateRecord."""
+        return self.revocation.revoke_certificate(
+            certificate.serial_number, reason, operator=operator,
+            issuer=certificate.issuer.rfc4514_string())
 
     def label_batch(self, label):
         return {"b42": "b42", "b43": "b43", "b42-approval": "b42"}.get(label, "b42")

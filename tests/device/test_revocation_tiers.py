@@ -18,10 +18,9 @@ from fleetid.cloud.revocation.service import (
     EventWatcher,
     RevocationService,
     read_event,
-    revoked_ca_map,
 )
 from fleetid.cloud.verifier.errors import AccessRefused
-from fleetid.cloud.verifier.revoked_cas import RevokedCaFile
+from fleetid.cloud.verifier.revoked_cas import RevokedCaFile, revoked_ca_map
 from fleetid.common import revset
 from fleetid.common.apdu import ApduProtocol
 from fleetid.device.crl_cache import CrlCache
