@@ -393,7 +393,7 @@ def _publish_loop(client, publisher, interval, timeout, stop, tiers=None):
         if tiers is not None:
             from fleetid.common import revset
 
-            wire = tiers.compact.current()
+            wire = tiers.tier("compact").publisher.current()
             current.append((REVSET_LABEL, "compact set #%d" % revset.parse(wire).number,
                             wire))
         for label, what, der in current:

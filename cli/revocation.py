@@ -280,10 +280,12 @@ def init_cmd(root_label, config_path, state_dir, pass_file):
 FETCH_TIMEOUT_S = 10
 
 
-def _fetch(url):
+def _fetch(url, data=None, content_type=None):
     import urllib.request
 
-    with urllib.request.urlopen(url, timeout=FETCH_TIMEOUT_S) as resp:
+    headers = {"Content-Type": content_type} if content_type else {}
+    request = urllib.request.Request(url, data=data, headers=headers)
+    with urllib.request.urlopen(request, timeout=FETCH_TIMEOUT_S) as resp:
         return resp.read()
 
 
@@ -328,9 +330,7 @@ def status_cmd(url, registry_uri, config_path, state_dir):
     Exit status: 0; 1 when --url is given and a tier there cannot be fetched or read
     (each named with its URL and the cause: connection refused, HTTP status, ...).
     """
-    from cryptography import x509
-
-    from fleetid.common import revset
+    from fleetid.cloud.revocation.tiers import TIERS
 
     config = load_config(config_path, state_dir)
     ca_certs = _ca_certs(config)
@@ -339,37 +339,15 @@ def status_cmd(url, registry_uri, config_path, state_dir):
         shared = _service(config, registry, ca_certs).status()
     finally:
         registry.close()
-    now = int(time.time())
     out = {"verifier": dict(shared, freshness="live (registry per request)")}
     if url:
         url = url.rstrip("/")
-        crls = {}
         names = [e["name"] for e in getattr(config, "labels", None) or [{"name": "default"}]]
-        for name in names + ["root"]:
-            crl_url = "%s/crl/%s.crl" % (url, name)
-            try:
-                crl = x509.load_der_x509_crl(_fetch(crl_url))
-                number = crl.extensions.get_extension_for_class(x509.CRLNumber).value
-                crls[name] = {"number": number.crl_number,
-                              "this_update": crl.last_update_utc.isoformat(),
-                              "next_update": crl.next_update_utc.isoformat(),
-                              "revoked": len(crl),
-                              "age_s": now - int(crl.last_update_utc.timestamp())}
-            except Exception as exc:  # noqa: BLE001 - report per tier, never a traceback
-                if name == "root" and getattr(exc, "code", None) == 404:
-                    continue  # no root CRL on this cloud (offline root)
-                crls[name] = _tier_error(crl_url, exc)
-        out["crl"] = crls
-        try:
-            info = revset.parse(_fetch(url + "/revset/current.frs"))
-            out["compact"] = {"number": info.number, "revoked": info.count,
-                              "revoked_cas": info.ca_count, "universe": info.universe,
-                              "bytes": len(info.data), "this_update": info.this_update,
-                              "next_update": info.next_update,
-                              "age_s": now - info.this_update}
-        except Exception as exc:  # noqa: BLE001
-            out["compact"] = _tier_error(url + "/revset/current.frs", exc)
-        out["ocsp"] = _ocsp_probe(url, ca_certs)
+        facts = {"labels": names, "ca_certs": ca_certs, "now": int(time.time())}
+        for tier in TIERS:
+            answer = tier.status(url, facts, _fetch, _tier_error)
+            if answer is not None:
+                out[tier.name] = answer
     click.echo(json.dumps(out, indent=2, sort_keys=True))
     if url:
         _exit_on_tier_errors(url, out)
@@ -378,8 +356,15 @@ def status_cmd(url, registry_uri, config_path, state_dir):
 def _exit_on_tier_errors(url, out):
     """Exit 1 naming each tier that could not be fetched (its URL and the cause), or the
     listener once when nothing there answered."""
-    tiers = [("crl " + name, answer) for name, answer in sorted(out["crl"].items())]
-    tiers += [("compact", out["compact"]), ("ocsp", out["ocsp"])]
+    from fleetid.cloud.revocation.tiers import TIERS
+
+    tiers = []
+    for tier in TIERS:
+        answer = out.get(tier.name)
+        if answer is not None and tier.per_label:
+            tiers += [(tier.name + " " + name, a) for name, a in sorted(answer.items())]
+        elif answer is not None:
+            tiers.append((tier.name, answer))
     failed = [(tier, answer) for tier, answer in tiers if "error" in answer]
     if not failed:
         return
@@ -391,36 +376,3 @@ def _exit_on_tier_errors(url, out):
         for tier, answer in failed:
             click.echo("Error: %s: %s: %s" % (tier, answer["url"], answer["cause"]), err=True)
     sys.exit(1)
-
-
-def _ocsp_probe(url, ca_certs):
-    # Ask about serial 1 of the first issuing CA: any answer (good / unknown / revoked)
-    # shows the responder is up, signed and how long its answers last.
-    import hashlib
-    import urllib.request
-
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.x509 import ocsp
-
-    if not ca_certs:
-        return {"error": "NoIssuingCa", "url": url + "/ocsp",
-                "cause": "no issuing CA configured"}
-    ca = ca_certs[0]
-    point = ca.public_key().public_bytes(serialization.Encoding.X962,
-                                         serialization.PublicFormat.UncompressedPoint)
-    request = ocsp.OCSPRequestBuilder().add_certificate_by_hash(
-        hashlib.sha1(ca.subject.public_bytes()).digest(), hashlib.sha1(point).digest(), 1,
-        hashes.SHA1()).build().public_bytes(serialization.Encoding.DER)
-    try:
-        req = urllib.request.Request(url + "/ocsp", data=request,
-                                     headers={"Content-Type": "application/ocsp-request"})
-        with urllib.request.urlopen(req, timeout=FETCH_TIMEOUT_S) as resp:
-            answer = ocsp.load_der_ocsp_response(resp.read())
-    except Exception as exc:  # noqa: BLE001
-        return _tier_error(url + "/ocsp", exc)
-    if answer.response_status != ocsp.OCSPResponseStatus.SUCCESSFUL:
-        return {"response_status": answer.response_status.name}
-    return {"response_status": "SUCCESSFUL", "this_update": answer.this_update_utc.isoformat(),
-            "next_update": answer.next_update_utc.isoformat(),
-            "responder": answer.certificates[0].subject.rfc4514_string(),
-            "freshness": "live (signed per request)"}

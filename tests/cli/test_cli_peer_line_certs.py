@@ -19,13 +19,13 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import NameOID
 
 from fleetid.cli.main import cli
-from fleetid.cloud.revocation.app import make_crl_app
+from fleetid.cloud.http.revocation_app import make_revocation_app
 from fleetid.cloud.revocation.compact import (
     CompactPublisher,
     RevocationSigner,
     new_revocation_signer,
 )
-from fleetid.cloud.revocation.crl import CrlIssuer, CrlPublisher
+from fleetid.cloud.revocation.crl import CrlIssuer, CrlPublisher, CrlTier
 from fleetid.common import se_consts as C
 from fleetid.device.revset_cache import RevsetCacheError, device_number
 from tests.cloud.crl_support import FakeMonotonic
@@ -85,7 +85,7 @@ def world(tmp_path_factory):
     server = serve_in_thread(BusEndpoint(Chip(Nvm(str(tmp_path / "checker.nvm"))),
                                          profile=t1.PROFILE_GP, latency=profiles.get("none")),
                              "unix:" + str(tmp_path / "se.sock"), idle_timeout_s=60)
-    crl_listener = LoopbackServer(make_crl_app(crls)).__enter__()
+    crl_listener = LoopbackServer(make_revocation_app([CrlTier(crls)])).__enter__()
     try:
         yield {"dir": tmp_path, "fleet": fleet, "certs": certs, "serials": serials,
                "compact": compact, "crls": crls, "bus": server.bus_uri,

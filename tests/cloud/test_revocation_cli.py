@@ -100,7 +100,7 @@ def test_status_shows_every_tier_of_a_running_listener_and_revoke_reaches_it(fle
                                         zip(issuers, ("b42", "b43"))])
     revocation = tiers.load(fleet.hsm, fleet.registry, state, fleet.root, issuers,
                             str(tmp_path / "state" / "revoked-cas.jsonl"), crl)
-    revocation.compact.poll_interval = 3600  # only the event can make it re-read
+    revocation.tier("compact").publisher.poll_interval = 3600  # only the event can make it re-read
     server = CloudServer(fleet.verifier, fleet.est, fleet.server_cert, fleet.server_key,
                          fleet.trust.ca_bundle_pem(), verifier_port=0, est_port=0,
                          crl_publisher=crl, crl_port=0, revocation_tiers=revocation)
@@ -183,7 +183,7 @@ def test_the_verifier_staples_its_certificates_ocsp_response_on_every_answer(fle
         # The server certificate revoked (an entry in the revoked-CA file names any
         # certificate) + the event: the next staple says so.
         append(cas_path, server_cert, "keyCompromise")
-        revocation.staple.invalidate()
+        revocation.tier("staple").invalidate()
         with urllib.request.urlopen(url, timeout=10) as resp:
             again = ocsp.load_der_ocsp_response(resp.read())
         assert again.certificate_status == ocsp.OCSPCertStatus.REVOKED

@@ -7,7 +7,8 @@ import urllib.request
 
 import pytest
 
-from fleetid.cloud.revocation.compact import DELTA_CONTENT_TYPE, make_revset_app
+from fleetid.cloud.http.revocation_app import make_revocation_app
+from fleetid.cloud.revocation.compact import DELTA_CONTENT_TYPE, CompactTier
 from fleetid.common import revset
 from tests.cloud.cloud_support import Fleet
 from tests.cloud.compact_support import compact_publisher
@@ -27,7 +28,7 @@ def served(tmp_path_factory):
     fleet.clock.advance(seconds=2)
     publisher.current()
     try:
-        with LoopbackServer(make_revset_app(publisher)) as server:
+        with LoopbackServer(make_revocation_app([CompactTier(publisher)])) as server:
             yield server, first
     finally:
         fleet.close()
