@@ -511,7 +511,7 @@ def check_peer_cmd(cert, bus, t1_profile, timeout_ms, crl_cache, crl_issuer, crl
     """
     import time
 
-    from fleetid.device.crl_cache import RevocationError
+    from fleetid.device.anchored_store import RevocationCacheError
 
     if crl_issuer is None:
         raise click.UsageError("--crl-issuer is required: the CA whose CRL decides")
@@ -533,8 +533,8 @@ def check_peer_cmd(cert, bus, t1_profile, timeout_ms, crl_cache, crl_issuer, crl
             except FleetidError as exc:
                 click.echo("refresh refused, the old cache stays: %s" % exc, err=True)
         try:
-            cache.check(peer.serial_number, now)
-        except RevocationError as exc:
+            cache.check_serial(peer.serial_number, now)
+        except RevocationCacheError as exc:
             click.echo("peer serial %x: REFUSED: %s (%s)" % (
                 peer.serial_number, exc, type(exc).__name__), err=True)
             sys.exit(1)

@@ -134,7 +134,7 @@ def root_crl_revoked(se, crl_issuer, crl_cache, now):
 
     def revoked(serial):
         try:
-            cache.check(serial, now)
+            cache.check_serial(serial, now)
         except RevokedError:
             return True
         except StaleRevocationError:

@@ -37,7 +37,7 @@ from fleetid.cloud.verifier.errors import BAD_REQUEST, NOT_FOUND, CloudError
 from fleetid.common import oids, revset
 
 # Extended key usage of the revocation-set signer (private arc, common/oids.py).
-OID_KP_REVOCATION_SET = x509.ObjectIdentifier(oids.FLEETID_ARC + ".4")
+OID_KP_REVOCATION_SET = x509.ObjectIdentifier(oids.OID_KP_REVOCATION_SET)
 REVSET_CONTENT_TYPE = "application/vnd.fleetid.revset"
 DELTA_CONTENT_TYPE = "application/vnd.fleetid.revset-delta"
 CURRENT_PATH = "/revset/current.frs"

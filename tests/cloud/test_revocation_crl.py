@@ -172,7 +172,7 @@ def test_crl_is_served_at_the_distribution_point_the_certificates_name(fleet, tm
         now = int(crl.last_update_utc.timestamp()) + 1
         assert cache.refresh(fetch, now) == "updated"
         with pytest.raises(RevokedError):
-            cache.check(device.identity_cert.serial_number, now)
+            cache.check_serial(device.identity_cert.serial_number, now)
     finally:
         loop.run(server.stop())
         loop.close()

@@ -82,18 +82,18 @@ def test_offline_device_refuses_a_revoked_device_after_the_next_set(se, fleet):
     cache = _cache(se, fleet, store)
     now = _now(first)
     assert cache.refresh(lambda: first, now) == "updated"
-    assert cache.check(d[1].serial, _aki(d[1]), now) is None  # not revoked yet
+    assert cache.check_device(d[1].serial, _aki(d[1]), now) is None  # not revoked yet
     _revoke(fleet, d[1])
     publisher.invalidate()
     fleet.clock.advance(seconds=2)
     second = publisher.current()
-    assert cache.check(d[1].serial, _aki(d[1]), now) is None  # until the set arrives
+    assert cache.check_device(d[1].serial, _aki(d[1]), now) is None  # until the set arrives
     assert cache.refresh(lambda: second, now) == "updated"
     with pytest.raises(RevokedError) as info:
-        cache.check(d[1].serial, _aki(d[1]), now)
+        cache.check_device(d[1].serial, _aki(d[1]), now)
     assert not info.value.batch and info.value.number == revset.parse(second).number
     for other in (d[0], d[2], d[3], d[4]):
-        assert cache.check(other.serial, _aki(other), now) is None
+        assert cache.check_device(other.serial, _aki(other), now) is None
     assert store.data == second
     assert cache.refresh(lambda: second, now) == "unchanged"
 
@@ -121,7 +121,7 @@ def test_a_delta_carries_the_next_revocation_and_gives_the_clouds_set(se, fleet)
     assert cache.apply_delta(lambda: delta, now) == "updated"
     assert cache.status(now)["number"] == revset.parse(new).number
     with pytest.raises(RevokedError):
-        cache.check(d[2].serial, _aki(d[2]), now)
+        cache.check_device(d[2].serial, _aki(d[2]), now)
     # a delta for a set the device does not hold is refused: fetch the whole set
     _refused(cache, delta, now, "base", delta=True)
     tampered = bytearray(delta)
@@ -139,9 +139,9 @@ def test_revoking_a_batch_ca_refuses_every_device_under_it_with_one_entry(se, fl
     now = _now(wire)
     cache.refresh(lambda: wire, now)
     with pytest.raises(RevokedError) as exc:
-        cache.check(d[4].serial, _aki(d[4]), now)
+        cache.check_device(d[4].serial, _aki(d[4]), now)
     assert exc.value.batch
-    assert cache.check(d[0].serial, _aki(d[0]), now) is None
+    assert cache.check_device(d[0].serial, _aki(d[0]), now) is None
 
 
 def test_bad_sets_are_refused_and_the_old_state_kept(se, fleet, tmp_path):
@@ -214,8 +214,8 @@ def test_the_se_mark_refuses_an_older_set_put_back_in_the_store(se, fleet):
     assert cache.status(now)["number"] is None  # the older set is not used
     assert cache.status(now)["high_water"] == revset.parse(new).number
     with pytest.raises(StaleRevocationError):
-        cache.check(fleet.devices[0].serial, None, now)
-    assert _cache(se, fleet, store, RevsetPolicy(fail_open=True)).check(
+        cache.check_device(fleet.devices[0].serial, None, now)
+    assert _cache(se, fleet, store, RevsetPolicy(fail_open=True)).check_device(
         fleet.devices[0].serial, None, now) is None
 
 
@@ -229,9 +229,9 @@ def test_a_stale_set_still_refuses_what_it_lists_and_fails_closed_otherwise(se, 
     cache.refresh(lambda: wire, now)
     late = now + 3 * 3600
     with pytest.raises(RevokedError):
-        cache.check(fleet.devices[0].serial, None, late)
+        cache.check_device(fleet.devices[0].serial, None, late)
     with pytest.raises(StaleRevocationError) as exc:
-        cache.check(fleet.devices[4].serial, None, late)
+        cache.check_device(fleet.devices[4].serial, None, late)
     assert exc.value.reason == "stale"
 
 
@@ -261,9 +261,9 @@ def test_no_false_positives_through_the_se_over_random_fleets(se, data):
     for serial in probes:
         if serial in members:
             with pytest.raises(RevokedError):
-                cache.check(serial, None, 2000)
+                cache.check_device(serial, None, 2000)
         else:
-            assert cache.check(serial, None, 2000) is None
+            assert cache.check_device(serial, None, 2000) is None
 
 
 def _new_key():

@@ -189,14 +189,14 @@ cache = revset_cache.RevsetCache(se, Store(STORE), unhexlify(POINT), unhexlify(F
 print("refresh", cache.refresh(reader(FIRST), NOW))
 gc.collect()
 try:
-    cache.check(REVOKED, None, NOW)
+    cache.check_device(REVOKED, None, NOW)
     print("check revoked none")
 except revset_cache.RevokedError as exc:
     print("check revoked", exc.reason)
-print("check kept", cache.check(KEPT, None, NOW))
+print("check kept", cache.check_device(KEPT, None, NOW))
 print("delta", cache.apply_delta(reader(DELTA), NOW))
 try:
-    cache.check(LATER, None, NOW)
+    cache.check_device(LATER, None, NOW)
     print("check later none")
 except revset_cache.RevokedError as exc:
     print("check later", exc.reason)
