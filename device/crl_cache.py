@@ -31,9 +31,10 @@
 #     and CrlError says why (`reason`, REASON_* below).  A signed CRL older than the
 #     cached one (a late copy from a second channel) is no refusal: the cached one stays
 #     and refresh() returns RESULT_OLDER ("older than cached, kept cached").
-#   * check(facts, now) / check_serial(serial, now): revoked on the cached CRL -> RevokedError, even when that CRL is
-#     stale; no CRL, or a stale one (now > nextUpdate + grace) -> StaleRevocationError when
-#     the policy fails closed, None (not known revoked) when it fails open.
+#   * check(facts, now) / check_serial(serial, now): revoked on the cached CRL ->
+#     RevokedError, even when that CRL is stale; no CRL, or a stale one (now >
+#     nextUpdate + grace) -> StaleRevocationError when the policy fails closed, None (not
+#     known revoked) when it fails open.
 #   * Times are seconds since 1970-01-01 UTC (ints), injected by the caller.
 #
 # Where the high-water mark lives: in an SE data object (policy.object_id, default 1;
