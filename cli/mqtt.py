@@ -393,7 +393,7 @@ def _publish_loop(client, publisher, interval, timeout, stop, tiers=None):
         if tiers is not None:
             from fleetid.common import revset
 
-            wire = tiers.tier("compact").publisher.current()
+            wire = tiers.tier("revset").publisher.current()
             current.append((REVSET_LABEL, "compact set #%d" % revset.parse(wire).number,
                             wire))
         for label, what, der in current:

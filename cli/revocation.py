@@ -316,7 +316,7 @@ def _tier_error(url, exc):
 @revocation.command("status")
 @click.option("--url", default=None,
               help="The revocation listener (e.g. http://127.0.0.1:8446): fetch what it "
-              "publishes (CRLs, compact set, an OCSP probe).")
+              "publishes (CRLs, the compact revocation set, an OCSP probe).")
 @registry_option()
 @config_options()
 def status_cmd(url, registry_uri, config_path, state_dir):
@@ -326,7 +326,8 @@ def status_cmd(url, registry_uri, config_path, state_dir):
     verifier: the registry and revoked-CA file it reads per request (always current);
     ocsp:     a probe answer's thisUpdate / nextUpdate (answers are made per request);
     crl:      per CA label, cRLNumber, thisUpdate, nextUpdate, age;
-    compact:  set number, entries, size, thisUpdate, nextUpdate, age.
+    revset:   the compact revocation set: number, entries, size, thisUpdate,
+              nextUpdate, age.
     Exit status: 0; 1 when --url is given and a tier there cannot be fetched or read
     (each named with its URL and the cause: connection refused, HTTP status, ...).
     """

@@ -4,7 +4,7 @@
 # Portable: CPython and MicroPython.  Shares device/crl_cache.py's mechanism
 # (device/anchored_store.py: load, refresh, store-then-mark): the SE verifies the
 # signature (the revocation signer's point, certified by the fleet root: see
-# cloud/revocation/compact.py), and the high-water mark lives in an SE data object.
+# cloud/revocation/revset_publisher.py), and the high-water mark lives in an SE data object.
 #
 # Decisions (policy injected: RevsetPolicy):
 #   * refresh(fetch, now) / apply_delta(fetch, now): new data replaces the cache only if
@@ -94,7 +94,7 @@ class RevsetPolicy(AnchorPolicy):
 
 def device_number(serial_number):
     """The registry device serial that a fleet certificate's subject serialNumber names:
-    what the compact set holds (cloud/revocation/compact.py keys devices by the
+    what the compact set holds (cloud/revocation/revset_publisher.py keys devices by the
     registry's device serial).
 
     The line writes PREFIX-NNNNNNNNN (cloud/line/resources.py LineConfig.device_serial:

@@ -9,7 +9,7 @@ revocation, with its ca_revoke audit entry).  Every tier reads that state:
     OCSP               registry + revoked-CA file per request     at the next query
     CRL per CA         registry, re-built by CrlPublisher         next fetch after the event
                                                                   (<= poll_interval without)
-    compact set        registry + revoked CAs, CompactPublisher   next set after the event
+    compact set        registry + revoked CAs, RevsetPublisher   next set after the event
                                                                   (<= poll_interval without)
 
 RevocationService is the only writer of that state (every `fleetid revoke` form and its

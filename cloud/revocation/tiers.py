@@ -6,7 +6,8 @@ reaches them all.  Each tier is a class with the interface of tier.py, in its ow
                               root key is in this HSM: with_root_crl)
     staple        staple.py   GET /ocsp/staple (and a header on every verifier response)
     ocsp          ocsp.py     POST /ocsp, GET /ocsp/<b64>
-    compact       compact.py  GET /revset/current.frs, GET /revset/delta/<n>.frd
+    revset        revset_publisher.py
+                              GET /revset/current.frs, GET /revset/delta/<n>.frd
 
 cloud/http/revocation_app.py serves the routes of every built tier, polling the event file
 (service.py) on each request: a `fleetid revoke` in another process invalidates every
@@ -25,7 +26,7 @@ with an offline root it is a ceremony step (the CSR signed at the root), not don
 
 import os
 
-from fleetid.cloud.revocation.compact import CompactTier
+from fleetid.cloud.revocation.revset_publisher import RevsetTier
 from fleetid.cloud.revocation.crl import ROOT_CRL_NAME, CrlTier
 from fleetid.cloud.revocation.ocsp import OcspTier
 from fleetid.cloud.revocation.service import EVENTS_FILE, EventWatcher
@@ -35,7 +36,7 @@ from fleetid.cloud.verifier.revoked_cas import revoked_ca_map
 
 # THE list: every tier, in route order (the staple's /ocsp/staple before OCSP's
 # /ocsp/{request}).
-TIERS = (CrlTier, StapleTier, OcspTier, CompactTier)
+TIERS = (CrlTier, StapleTier, OcspTier, RevsetTier)
 
 ROOT_CRL_LABEL = ROOT_CRL_NAME
 

@@ -3,7 +3,7 @@
 A set is verified in the SE against the signer's public point; the signer's certificate
 is what makes that point trustworthy: it must be issued by the fleet root (the same root
 that names the fleet: common/revset.fleet_id) and carry the revocation-set extended key
-usage (common/oids.OID_KP_REVOCATION_SET), which cloud/revocation/compact.py gives it.
+usage (common/oids.OID_KP_REVOCATION_SET), which cloud/revocation/revset_publisher.py gives it.
 """
 
 from cryptography import x509

@@ -4,7 +4,7 @@ operational certificate EST issues at the agent's enrolment (same subject), not
 hand-made look-alikes with numeric serials.
 
   * `fleetid agent check-peer-offline` (compact set): the line's FID-… serial maps to the
-    registry serial the set holds (cloud/revocation/compact.py keys devices by it); a
+    registry serial the set holds (cloud/revocation/revset_publisher.py keys devices by it); a
     revoked device is refused whichever of its certificates it shows;
   * `fleetid agent check-peer` (the issuing CA's CRL, fetched from the CRL listener);
   * `fleetid cloud check-cert` (the verifier's checks, one by one).
@@ -20,8 +20,8 @@ from cryptography.x509.oid import NameOID
 
 from fleetid.cli.main import cli
 from fleetid.cloud.http.revocation_app import make_revocation_app
-from fleetid.cloud.revocation.compact import (
-    CompactPublisher,
+from fleetid.cloud.revocation.revset_publisher import (
+    RevsetPublisher,
     RevocationSigner,
     new_revocation_signer,
 )
@@ -63,7 +63,7 @@ def world(tmp_path_factory):
     signer_cert = new_revocation_signer(line.hsm, line.labels["root"], line.root_cert,
                                         "revocation-set")
     signer = RevocationSigner(line.hsm, "revocation-set", signer_cert, line.root_cert)
-    compact = CompactPublisher(line.registry, signer, [line.ca_cert],
+    compact = RevsetPublisher(line.registry, signer, [line.ca_cert],
                                monotonic=FakeMonotonic())
     crls = CrlPublisher(line.registry, [CrlIssuer("ca", line.hsm, line.labels["ca"],
                                                   line.ca_cert)],

@@ -7,8 +7,8 @@ import time
 
 import pytest
 
-from fleetid.cloud.revocation.compact import (
-    CompactPublisher,
+from fleetid.cloud.revocation.revset_publisher import (
+    RevsetPublisher,
     RevocationSigner,
     new_revocation_signer,
 )
@@ -37,7 +37,7 @@ def test_a_retained_compact_set_reaches_an_offline_device_and_refuses_the_revoke
     cert = new_revocation_signer(line.hsm, line.labels["root"], line.root_cert,
                                  "revocation-set-mqtt")
     signer = RevocationSigner(line.hsm, "revocation-set-mqtt", cert, line.root_cert)
-    publisher = CompactPublisher(line.registry, signer, [line.ca_cert], poll_interval=0.0)
+    publisher = RevsetPublisher(line.registry, signer, [line.ca_cert], poll_interval=0.0)
     cloud = fleet.cloud(client_id="fleet-cloud-revset-%d" % time.monotonic_ns())
     cloud.connect()
     try:

@@ -100,7 +100,7 @@ def test_status_shows_every_tier_of_a_running_listener_and_revoke_reaches_it(fle
                                         zip(issuers, ("b42", "b43"))])
     revocation = tiers.load(fleet.hsm, fleet.registry, state, fleet.root, issuers,
                             str(tmp_path / "state" / "revoked-cas.jsonl"), crl)
-    revocation.tier("compact").publisher.poll_interval = 3600  # only the event can make it re-read
+    revocation.tier("revset").publisher.poll_interval = 3600  # only the event can make it re-read
     server = CloudServer(fleet.verifier, fleet.est, fleet.server_cert, fleet.server_key,
                          fleet.trust.ca_bundle_pem(), verifier_port=0, est_port=0,
                          crl_publisher=crl, crl_port=0, revocation_tiers=revocation)
@@ -111,15 +111,15 @@ def test_status_shows_every_tier_of_a_running_listener_and_revoke_reaches_it(fle
         first = json.loads(_run("revocation", "status", "--config", config, "--url",
                                 url).output)
         assert first["ocsp"]["response_status"] == "SUCCESSFUL"
-        assert first["compact"]["revoked"] == 0
+        assert first["revset"]["revoked"] == 0
         assert set(first["crl"]) == {"b42", "b43"}
         assert all("number" in v for v in first["crl"].values())
         _run("revoke", "--serial", str(fleet.devices[1].serial), "--reason",
              "keyCompromise", "--config", config)
         second = json.loads(_run("revocation", "status", "--config", config, "--url",
                                  url).output)
-        assert second["compact"]["revoked"] == 1  # the event, not the hour-long poll
-        assert second["compact"]["number"] > first["compact"]["number"]
+        assert second["revset"]["revoked"] == 1  # the event, not the hour-long poll
+        assert second["revset"]["number"] > first["revset"]["number"]
         assert second["crl"]["b42"]["revoked"] == 1
     finally:
         loop.run(server.stop())
@@ -209,7 +209,7 @@ def test_status_of_an_unreachable_listener_exits_1_naming_the_url_and_cause(flee
     assert "Error: revocation listener %s: Connection refused" % url in result.stderr, \
         result.stderr
     report = json.loads(result.stdout)
-    assert report["compact"] == {"error": "URLError", "url": url + "/revset/current.frs",
+    assert report["revset"] == {"error": "URLError", "url": url + "/revset/current.frs",
                                  "cause": "Connection refused"}
 
 

@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509 import ocsp
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from fleetid.cloud.revocation.compact import ca_key_id
+from fleetid.cloud.revocation.revset_publisher import ca_key_id
 from fleetid.cloud.http.revocation_app import make_revocation_app
 from fleetid.cloud.revocation.ocsp import OCSP_REQUEST_TYPE, OcspTier
 from tests.cloud.cloud_support import Fleet, pem

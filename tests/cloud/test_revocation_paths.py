@@ -23,7 +23,7 @@ from cryptography.x509 import ocsp
 
 from fleetid.cli.main import cli
 from fleetid.cloud.revocation import tiers
-from fleetid.cloud.revocation.compact import CURRENT_PATH, ca_key_id
+from fleetid.cloud.revocation.revset_publisher import CURRENT_PATH, ca_key_id
 from fleetid.cloud.revocation.crl import CrlIssuer, CrlPublisher, crl_path
 from fleetid.cloud.server import CloudServer
 from fleetid.common import revset
@@ -82,7 +82,7 @@ def served(tmp_path):
     crl = CrlPublisher(registry_view, crl_issuers, poll_interval=HOUR)
     revocation = tiers.load(fleet.hsm, fleet.registry, state, fleet.root, issuers,
                             fleet.revoked_cas_path, crl)
-    revocation.tier("compact").publisher.poll_interval = HOUR
+    revocation.tier("revset").publisher.poll_interval = HOUR
     server = CloudServer(fleet.verifier, fleet.est, fleet.server_cert, fleet.server_key,
                          fleet.trust.ca_bundle_pem(), verifier_port=0, est_port=0,
                          crl_publisher=crl, crl_port=0, revocation_tiers=revocation)
@@ -136,7 +136,7 @@ def _tiers_say(fleet, ports, device, batch):
     the_set = revset.parse(_get(base + CURRENT_PATH))
     in_set = the_set.ca_revoked(ca_key_id(ca)) if batch else the_set.contains(device.serial)
     return {"verifier": _whoami(fleet, ports, device)[0], "crl": in_crl is not None,
-            "ocsp": answer.certificate_status.name, "compact": bool(in_set)}
+            "ocsp": answer.certificate_status.name, "revset": bool(in_set)}
 
 
 @pytest.mark.parametrize("what, words", PATHS, ids=["%s: %s" % (k, " ".join(w[:-1])) for k, w in PATHS])
@@ -144,7 +144,7 @@ def test_every_revoke_path_reaches_every_tier_on_the_next_request(served, what, 
     fleet, device, other, config, folder, ports = served
     target = other if what == "batch" else device
     bystander = device if what == "batch" else other
-    good = {"verifier": 200, "crl": False, "ocsp": "GOOD", "compact": False}
+    good = {"verifier": 200, "crl": False, "ocsp": "GOOD", "revset": False}
     assert _tiers_say(fleet, ports, target, what == "batch") == good  # the old answers
     cert_file = folder / "target.pem"
     cert_file.write_bytes(pem(target.identity_cert))
@@ -156,6 +156,6 @@ def test_every_revoke_path_reaches_every_tier_on_the_next_request(served, what, 
     assert result.exit_code == 0, result.output
     said = _tiers_say(fleet, ports, target, what == "batch")
     assert said["verifier"] == 403 and said["crl"] and said["ocsp"] == "REVOKED" \
-        and said["compact"], said
+        and said["revset"], said
     assert _whoami(fleet, ports, bystander)[0] == 200  # the other one is untouched
-    assert set(t.name for t in tiers.TIERS) == {"crl", "staple", "ocsp", "compact"}
+    assert set(t.name for t in tiers.TIERS) == {"crl", "staple", "ocsp", "revset"}

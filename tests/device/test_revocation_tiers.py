@@ -29,7 +29,7 @@ from fleetid.device.revset_cache import RevokedError as SetRevoked
 from fleetid.device.revset_cache import RevsetCache
 from fleetid.device.se import SeSession
 from tests.cloud.cloud_support import Fleet
-from tests.cloud.compact_support import compact_publisher, revocation_signer
+from tests.cloud.revset_support import revset_publisher, revocation_signer
 from tests.cloud.crl_support import b42_publisher
 from tests.cloud.ocsp_support import ocsp_responder
 from tests.device.crl_support import MemoryStore, epoch, point_of
@@ -43,7 +43,7 @@ def world(tmp_path, fabbed):
     events = str(tmp_path / "revocation.events")
     fleet.trust.revoked_ca_file = RevokedCaFile(cas_path)  # as cloud serve configures it
     crl = b42_publisher(fleet)
-    compact = compact_publisher(fleet)
+    compact = revset_publisher(fleet)
     compact.revoked_cas = lambda: list(revoked_ca_map(cas_path))
     watchers = [EventWatcher(events, crl.invalidate), EventWatcher(events, compact.invalidate)]
     service = RevocationService(fleet.registry, list(fleet.ca_certs.values()), cas_path,
@@ -145,7 +145,7 @@ def test_without_an_event_the_publishers_catch_up_within_the_poll_interval(world
 
 def test_a_revoked_batch_is_refused_in_every_tier_with_one_entry(world):
     fleet, service, _, compact, watchers, responder, se, cas_path = world
-    from fleetid.cloud.revocation.compact import ca_key_id
+    from fleetid.cloud.revocation.revset_publisher import ca_key_id
 
     device = fleet.devices[3]  # b43
     entry, new = service.revoke_batch("b43", "cACompromise", operator="alice")
@@ -171,7 +171,7 @@ def test_a_revoked_batch_is_refused_in_every_tier_with_one_entry(world):
 def test_both_caches_check_the_same_certificate_facts(world):
     # One portable facts reader (device/certinfo.py: serial, subject serialNumber, AKI)
     # feeds check(facts, now) on the CRL cache and the compact-set cache alike.
-    from fleetid.cloud.revocation.compact import ca_key_id
+    from fleetid.cloud.revocation.revset_publisher import ca_key_id
     from fleetid.device.anchored_store import RevokedError
     from fleetid.device.certinfo import certificate_facts
 

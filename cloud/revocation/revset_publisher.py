@@ -3,7 +3,7 @@ common/revset.py), built from the same revocation state as the CRLs and OCSP, si
 through the HSM by a revocation key certified by the fleet root.
 
     signer = new_revocation_signer(hsm, "fleet-root", root_cert, "revocation-set")
-    publisher = CompactPublisher(registry, signer, issuing_ca_certs, revoked_cas_path)
+    publisher = RevsetPublisher(registry, signer, issuing_ca_certs, revoked_cas_path)
     wire = publisher.current()                 # GET /revset/current.frs
     delta = publisher.delta(base_number)       # GET /revset/delta/<base>.frd (or None)
 
@@ -142,7 +142,7 @@ class _Built:
         self.this_update = this_update
 
 
-class CompactPublisher:
+class RevsetPublisher:
     """Builds, signs and re-publishes the compact set; serves deltas from recent sets.
 
     Params: registry: Registry.  signer: RevocationSigner.  issuing_cas: x509 certificates
@@ -288,8 +288,8 @@ def parse_delta_name(name):
     return int(digits, 10)
 
 
-class CompactTier(Tier):
-    """The compact-set tier (tier.py), over plain HTTP (signed, public):
+class RevsetTier(Tier):
+    """The revocation-set tier (tier.py), over plain HTTP (signed, public):
 
         GET /revset/current.frs        200 the whole set (REVSET_CONTENT_TYPE)
         GET /revset/delta/<base>.frd   200 the delta from set <base>; not_found (404)
@@ -298,7 +298,7 @@ class CompactTier(Tier):
                                        digits
     """
 
-    name = "compact"
+    name = "revset"
 
     def __init__(self, publisher):
         self.publisher = publisher
@@ -315,7 +315,7 @@ class CompactTier(Tier):
         if cert is None:
             return None
         signer = RevocationSigner(setup.hsm, SIGNER_LABEL, cert, setup.root_cert)
-        return cls(CompactPublisher(setup.registry, signer, [c for _, c in setup.issuers],
+        return cls(RevsetPublisher(setup.registry, signer, [c for _, c in setup.issuers],
                                     revoked_cas=lambda: list(setup.revoked_cas())))
 
     def invalidate(self):
