@@ -18,10 +18,8 @@ from fleetid.cli.agent_device import Device as _Device
 from fleetid.cli.agent_device import fail as _fail
 from fleetid.cli.agent_device import load_cert as _load_cert
 from fleetid.cli.agent_mqtt import mqtt_options, run_on_mqtt
+from fleetid.cli.options import bus_options
 from fleetid.common.errors import FleetidError
-
-_BUS_HELP = "SE bus URI (or FLEETID_BUS), e.g. sim:unix:/tmp/se.sock, linux:i2c:/dev/i2c-1:0x48"
-
 
 def _when(seconds):
     if seconds is None:
@@ -30,13 +28,7 @@ def _when(seconds):
     return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def _bus_options(f):
-    f = click.option("--timeout-ms", default=5000, show_default=True,
-                     type=click.IntRange(100, 600000), help="Bus socket timeout (sim).")(f)
-    f = click.option("--t1-profile", default="gp", show_default=True,
-                     type=click.Choice(["gp", "se05x"]), help="T=1' framing.")(f)
-    f = click.option("--bus", envvar="FLEETID_BUS", default=None, help=_BUS_HELP)(f)
-    return f
+_bus_options = bus_options()
 
 
 def _revocation_options(f):

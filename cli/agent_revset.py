@@ -11,6 +11,7 @@ import sys
 
 import click
 
+from fleetid.cli.options import bus_options
 from fleetid.common.errors import FleetidError
 
 
@@ -22,11 +23,7 @@ def _load_cert(path):
 
 @click.command("check-peer-offline")
 @click.argument("cert", type=click.Path(exists=True, dir_okay=False))
-@click.option("--bus", envvar="FLEETID_BUS", metavar="URI", default=None,
-              help="The SE's bus URI (env FLEETID_BUS).")
-@click.option("--t1-profile", default="gp", show_default=True,
-              type=click.Choice(["gp", "se05x"]))
-@click.option("--timeout-ms", default=2000, show_default=True, type=click.IntRange(10))
+@bus_options(timeout_ms=2000, shortest_ms=10)
 @click.option("--root", "root_file", type=click.Path(exists=True, dir_okay=False),
               required=True, help="The fleet root certificate (names the fleet).")
 @click.option("--signer", "signer_file", type=click.Path(exists=True, dir_okay=False),

@@ -92,3 +92,24 @@ def read_certificates(path, what=""):
     if not certs:
         raise click.ClickException("%s%s holds no certificate" % (what, path))
     return certs
+
+
+BUS_HELP = ("The SE's bus: sim:unix:/path | sim:tcp:HOST:PORT | linux:i2c:/dev/i2c-N:0xADDR | "
+            "linux:spi:/dev/spidevB.C  (env FLEETID_BUS)")
+
+
+def bus_options(dest="bus", required=False, timeout_ms=5000, shortest_ms=100):
+    """--bus (env FLEETID_BUS), --t1-profile and --timeout-ms (decorator factory): how a
+    command reaches the SE.  dest: the parameter name of --bus.  timeout_ms: the default
+    bound on each socket wait of the sim bus; shortest_ms: the least accepted."""
+    def decorate(function):
+        function = click.option(
+            "--timeout-ms", default=timeout_ms, show_default=True,
+            type=click.IntRange(shortest_ms, 600000),
+            help="Bound on each socket wait of the sim bus.")(function)
+        function = click.option(
+            "--t1-profile", default="gp", show_default=True, type=click.Choice(["gp", "se05x"]),
+            help="T=1' framing: GlobalPlatform, or NXP SE05x (1-byte LEN).")(function)
+        return click.option("--bus", dest, envvar="FLEETID_BUS", metavar="URI", default=None,
+                            required=required, help=BUS_HELP)(function)
+    return decorate
