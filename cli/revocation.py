@@ -177,15 +177,19 @@ def revoke(device_serial, batch, cert_file, cert_serial, issuer, reason, operato
     given = [v for v in (device_serial, batch, cert_file, cert_serial) if v is not None]
     if len(given) != 1:
         raise click.UsageError("give exactly one of --serial, --batch, --cert, --cert-serial")
-    if device_serial is not None:
-        target = ("device", device_serial)
-    elif batch is not None:
-        target = ("batch", batch)
-    elif cert_file is not None:
-        target = _certificate_target(cert_file, issuer)
-    else:
-        target = ("certificate", (_hex_serial(cert_serial, "--cert-serial"), issuer))
+    target = _target(device_serial, batch, cert_file, cert_serial, issuer, "--cert-serial")
     revoke_target(target, reason, operator, config_path, state_dir, registry_uri)
+
+
+def _target(device_serial, batch, cert_file, cert_serial, issuer, serial_option):
+    """The one given of the options as revoke_target's target."""
+    if device_serial is not None:
+        return ("device", device_serial)
+    if batch is not None:
+        return ("batch", batch)
+    if cert_file is not None:
+        return _certificate_target(cert_file, issuer)
+    return ("certificate", (_hex_serial(cert_serial, serial_option), issuer))
 
 
 # -- `fleetid cloud revoke`, `revoke-ca`, `revoke-device`: hidden aliases (cli/cloud.py) ---
@@ -203,10 +207,7 @@ def cloud_revoke(cert_serial, cert_file, issuer, reason, operator, registry_uri,
     """Alias of `fleetid revoke --cert-serial/--cert`."""
     if (cert_serial is None) == (cert_file is None):
         raise click.UsageError("give exactly one of --serial and --cert")
-    if cert_file is not None:
-        target = _certificate_target(cert_file, issuer)
-    else:
-        target = ("certificate", (_hex_serial(cert_serial, "--serial"), issuer))
+    target = _target(None, None, cert_file, cert_serial, issuer, "--serial")
     revoke_target(target, reason, operator, config_path, state_dir, registry_uri)
 
 

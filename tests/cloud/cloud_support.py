@@ -13,6 +13,7 @@ import asyncio
 import datetime
 import http.client
 import os
+import pathlib
 import ssl
 import threading
 
@@ -51,6 +52,41 @@ class Clock:
 
     def advance(self, **delta):
         self.offset += datetime.timedelta(**delta)
+
+
+class LoopThread:
+    """An asyncio loop on a daemon thread: run(coro) waits (bounded) for its result."""
+
+    def __init__(self):
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+
+    def run(self, coro):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(30)
+
+    def close(self):
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+        self.loop.close()
+
+
+def revocation_config(fleet, folder, extra=""):
+    """A cloud TOML in `folder` on the fleet's PKI and registry (labels b42, b43; state
+    under folder/state), `extra` appended to its [cloud] table.  Returns its path."""
+    folder = pathlib.Path(folder)
+    for name, cert in (("root", fleet.root), ("b42", fleet.ca_certs["b42"]),
+                       ("b43", fleet.ca_certs["b43"]), ("vendor", fleet.vendor.root)):
+        (folder / (name + ".pem")).write_bytes(pem(cert))
+    config = folder / "cloud.toml"
+    config.write_text(
+        '[cloud]\nstate_dir = "state"\nroots = ["root.pem"]\n'
+        'intermediates = ["b42.pem", "b43.pem"]\nvendor_roots = ["vendor.pem"]\n'
+        'registry = "sqlite:%s"\n' % os.path.join(fleet.dir, "registry.db") + extra
+        + '[[cloud.labels]]\nname = "b42"\nca_key = "ca-widget-b42"\nca_cert = "b42.pem"\n'
+        'default = true\n'
+        '[[cloud.labels]]\nname = "b43"\nca_key = "ca-widget-b43"\nca_cert = "b43.pem"\n')
+    return str(config)
 
 
 def pem(cert):

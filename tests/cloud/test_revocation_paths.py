@@ -8,11 +8,9 @@ write (so it holds the old answer): only the event can make the next answer new.
 staple tier speaks of the server's own certificate, which none of these paths revokes.
 """
 
-import asyncio
 import http.client
 import os
 import ssl
-import threading
 import urllib.request
 
 import pytest
@@ -27,7 +25,7 @@ from fleetid.cloud.revocation.revset_publisher import CURRENT_PATH, ca_key_id
 from fleetid.cloud.revocation.crl import CrlIssuer, CrlPublisher, crl_path
 from fleetid.cloud.server import CloudServer
 from fleetid.common import revset
-from tests.cloud.cloud_support import Fleet, pem
+from tests.cloud.cloud_support import Fleet, LoopThread, pem, revocation_config
 
 HOUR = 3600.0
 
@@ -45,33 +43,12 @@ PATHS = [
 ]
 
 
-class _Loop:
-    def __init__(self):
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-
-    def run(self, coro):
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(60)
-
-    def close(self):
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
-
-
 @pytest.fixture
 def served(tmp_path):
     fleet = Fleet(tmp_path / "fleet")
     device, other = fleet.provision("b42"), fleet.provision("b43")
-    for name, cert in (("root", fleet.root), ("b42", fleet.ca_certs["b42"]),
-                       ("b43", fleet.ca_certs["b43"]), ("vendor", fleet.vendor.root)):
-        (tmp_path / (name + ".pem")).write_bytes(pem(cert))
-    config = tmp_path / "cloud.toml"
-    config.write_text(
-        '[cloud]\nstate_dir = "state"\nroots = ["root.pem"]\n'
-        'intermediates = ["b42.pem", "b43.pem"]\nvendor_roots = ["vendor.pem"]\n'
-        'registry = "sqlite:%s"\nrevoked_cas_file = "%s"\n'
-        % (os.path.join(fleet.dir, "registry.db"), fleet.revoked_cas_path))
+    config = revocation_config(fleet, tmp_path,
+                               'revoked_cas_file = "%s"\n' % fleet.revoked_cas_path)
     state = str(tmp_path / "state")
     issuers = [("ca-widget-" + b, fleet.ca_certs[b]) for b in ("b42", "b43")]
     tiers.init_keys(fleet.hsm, state, "fleet-root", fleet.root, issuers)
@@ -86,10 +63,10 @@ def served(tmp_path):
     server = CloudServer(fleet.verifier, fleet.est, fleet.server_cert, fleet.server_key,
                          fleet.trust.ca_bundle_pem(), verifier_port=0, est_port=0,
                          crl_publisher=crl, crl_port=0, revocation_tiers=revocation)
-    loop = _Loop()
+    loop = LoopThread()
     try:
         ports = loop.run(server.start())
-        yield fleet, device, other, str(config), tmp_path, ports
+        yield fleet, device, other, config, tmp_path, ports
     finally:
         loop.run(server.stop())
         loop.close()
