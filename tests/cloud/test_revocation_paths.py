@@ -8,9 +8,7 @@ write (so it holds the old answer): only the event can make the next answer new.
 staple tier speaks of the server's own certificate, which none of these paths revokes.
 """
 
-import http.client
 import os
-import ssl
 import urllib.request
 
 import pytest
@@ -23,9 +21,8 @@ from fleetid.cli.main import cli
 from fleetid.cloud.revocation import tiers
 from fleetid.cloud.revocation.revset_publisher import CURRENT_PATH, ca_key_id
 from fleetid.cloud.revocation.crl import CrlIssuer, CrlPublisher, crl_path
-from fleetid.cloud.server import CloudServer
 from fleetid.common import revset
-from tests.cloud.cloud_support import Fleet, LoopThread, pem, revocation_config
+from tests.cloud.cloud_support import Fleet, RunningCloud, pem, revocation_config
 
 HOUR = 3600.0
 
@@ -60,16 +57,11 @@ def served(tmp_path):
     revocation = tiers.load(fleet.hsm, fleet.registry, state, fleet.root, issuers,
                             fleet.revoked_cas_path, crl)
     revocation.tier("revset").publisher.poll_interval = HOUR
-    server = CloudServer(fleet.verifier, fleet.est, fleet.server_cert, fleet.server_key,
-                         fleet.trust.ca_bundle_pem(), verifier_port=0, est_port=0,
-                         crl_publisher=crl, crl_port=0, revocation_tiers=revocation)
-    loop = LoopThread()
     try:
-        ports = loop.run(server.start())
-        yield fleet, device, other, config, tmp_path, ports
+        with RunningCloud(fleet, crl_publisher=crl, crl_port=0,
+                          revocation_tiers=revocation) as cloud:
+            yield fleet, device, other, config, tmp_path, cloud
     finally:
-        loop.run(server.stop())
-        loop.close()
         fleet.close()
 
 
@@ -80,24 +72,16 @@ def _get(url, data=None, content_type=None):
         return resp.read()
 
 
-def _whoami(fleet, ports, device):
-    context = ssl.create_default_context(cafile=fleet.root_file)
-    context.load_cert_chain(*device.files())
-    conn = http.client.HTTPSConnection("127.0.0.1", ports["verifier"], timeout=20,
-                                       context=context)
-    try:
-        conn.request("GET", "/v1/whoami")
-        response = conn.getresponse()
-        return response.status, response.read()
-    finally:
-        conn.close()
+def _whoami(cloud, device):
+    return cloud.request("verifier", "GET", "/v1/whoami", files=device.files())[0]
 
 
-def _tiers_say(fleet, ports, device, batch):
+def _tiers_say(cloud, device, batch):
     """What each tier answers about `device` now, one request each: the verifier's status,
     whether the CRL (the batch CA's, or the root's for a revoked CA) lists it, OCSP's
     status, whether the compact set holds it."""
-    base = "http://127.0.0.1:%d" % ports["crl"]
+    fleet = cloud.fleet
+    base = "http://127.0.0.1:%d" % cloud.ports["crl"]
     cert = device.identity_cert
     ca = fleet.ca_certs[device.batch]
     if batch:
@@ -112,17 +96,17 @@ def _tiers_say(fleet, ports, device, batch):
         "application/ocsp-request"))
     the_set = revset.parse(_get(base + CURRENT_PATH))
     in_set = the_set.ca_revoked(ca_key_id(ca)) if batch else the_set.contains(device.serial)
-    return {"verifier": _whoami(fleet, ports, device)[0], "crl": in_crl is not None,
+    return {"verifier": _whoami(cloud, device), "crl": in_crl is not None,
             "ocsp": answer.certificate_status.name, "revset": bool(in_set)}
 
 
 @pytest.mark.parametrize("what, words", PATHS, ids=["%s: %s" % (k, " ".join(w[:-1])) for k, w in PATHS])
 def test_every_revoke_path_reaches_every_tier_on_the_next_request(served, what, words):
-    fleet, device, other, config, folder, ports = served
+    fleet, device, other, config, folder, cloud = served
     target = other if what == "batch" else device
     bystander = device if what == "batch" else other
     good = {"verifier": 200, "crl": False, "ocsp": "GOOD", "revset": False}
-    assert _tiers_say(fleet, ports, target, what == "batch") == good  # the old answers
+    assert _tiers_say(cloud, target, what == "batch") == good  # the old answers
     cert_file = folder / "target.pem"
     cert_file.write_bytes(pem(target.identity_cert))
     fill = {"{serial}": str(target.serial), "{cert}": str(cert_file),
@@ -131,8 +115,8 @@ def test_every_revoke_path_reaches_every_tier_on_the_next_request(served, what, 
     args = [fill.get(w, w) for w in words] + ["--reason", "keyCompromise", "--config", config]
     result = CliRunner().invoke(cli, args, catch_exceptions=False)
     assert result.exit_code == 0, result.output
-    said = _tiers_say(fleet, ports, target, what == "batch")
+    said = _tiers_say(cloud, target, what == "batch")
     assert said["verifier"] == 403 and said["crl"] and said["ocsp"] == "REVOKED" \
         and said["revset"], said
-    assert _whoami(fleet, ports, bystander)[0] == 200  # the other one is untouched
+    assert _whoami(cloud, bystander) == 200  # the other one is untouched
     assert set(t.name for t in tiers.TIERS) == {"crl", "staple", "ocsp", "revset"}
