@@ -10,9 +10,11 @@ CAs live in one append-only file, `<state_dir>/revoked-cas.jsonl` (cloud/config.
      "reason": "<RFC 5280 5.3.1 CRLReason name>", "revoked_at": "<RFC 3339 UTC>",
      "operator": "<who>"}
 
-Writers (RevocationService.revoke_ca: `fleetid revoke --batch/--cert`) append a line and fsync; readers (every verifier and
-EST process) look at the file's identity (inode, size, mtime) on each check and re-read
-it when it changed, so a running server refuses the batch from its next request on.
+The one writer (RevocationService.revoke_ca: `fleetid revoke --batch/--cert`) appends a
+line and fsyncs; readers (every verifier and EST process) look at the file's identity
+(inode, size, mtime) on each check and re-read it when it changed, so a running server
+refuses the batch from its next request on; `decoded` is the one reader of the CA
+certificates the entries carry (OCSP, revocation set, root CRL).
 Entries are only ever added: a line that does not parse is skipped (and reported by
 `load`), and a file that vanishes or cannot be read keeps the set loaded so far
 (fail closed: a revocation is never undone by losing the file).

@@ -8,7 +8,6 @@ write (so it holds the old answer): only the event can make the next answer new.
 staple tier speaks of the server's own certificate, which none of these paths revokes.
 """
 
-import os
 import urllib.request
 
 import pytest
@@ -100,7 +99,8 @@ def _tiers_say(cloud, device, batch):
             "ocsp": answer.certificate_status.name, "revset": bool(in_set)}
 
 
-@pytest.mark.parametrize("what, words", PATHS, ids=["%s: %s" % (k, " ".join(w[:-1])) for k, w in PATHS])
+@pytest.mark.parametrize("what, words", PATHS,
+                         ids=["%s: %s" % (k, " ".join(w[:-1])) for k, w in PATHS])
 def test_every_revoke_path_reaches_every_tier_on_the_next_request(served, what, words):
     fleet, device, other, config, folder, cloud = served
     target = other if what == "batch" else device
