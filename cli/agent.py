@@ -18,10 +18,8 @@ from fleetid.cli.agent_device import Device as _Device
 from fleetid.cli.agent_device import fail as _fail
 from fleetid.cli.agent_device import load_cert as _load_cert
 from fleetid.cli.agent_mqtt import mqtt_options, run_on_mqtt
+from fleetid.cli.options import bus_options
 from fleetid.common.errors import FleetidError
-
-_BUS_HELP = "SE bus URI (or FLEETID_BUS), e.g. sim:unix:/tmp/se.sock, linux:i2c:/dev/i2c-1:0x48"
-
 
 def _when(seconds):
     if seconds is None:
@@ -30,13 +28,7 @@ def _when(seconds):
     return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def _bus_options(f):
-    f = click.option("--timeout-ms", default=5000, show_default=True,
-                     type=click.IntRange(100, 600000), help="Bus socket timeout (sim).")(f)
-    f = click.option("--t1-profile", default="gp", show_default=True,
-                     type=click.Choice(["gp", "se05x"]), help="T=1' framing.")(f)
-    f = click.option("--bus", envvar="FLEETID_BUS", default=None, help=_BUS_HELP)(f)
-    return f
+_bus_options = bus_options()
 
 
 def _revocation_options(f):
@@ -525,7 +517,7 @@ def check_peer_cmd(cert, bus, t1_profile, timeout_ms, crl_cache, crl_issuer, crl
     """
     import time
 
-    from fleetid.device.crl_cache import RevocationError
+    from fleetid.device.anchored_store import RevocationCacheError
 
     if crl_issuer is None:
         raise click.UsageError("--crl-issuer is required: the CA whose CRL decides")
@@ -547,8 +539,8 @@ def check_peer_cmd(cert, bus, t1_profile, timeout_ms, crl_cache, crl_issuer, crl
             except FleetidError as exc:
                 click.echo("refresh refused, the old cache stays: %s" % exc, err=True)
         try:
-            cache.check(peer.serial_number, now)
-        except RevocationError as exc:
+            cache.check_serial(peer.serial_number, now)
+        except RevocationCacheError as exc:
             click.echo("peer serial %x: REFUSED: %s (%s)" % (
                 peer.serial_number, exc, type(exc).__name__), err=True)
             sys.exit(1)

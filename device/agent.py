@@ -641,7 +641,7 @@ class Agent:
         except Exception as exc:  # noqa: BLE001 - CrlError: the cache keeps its old CRL
             self._note("revocation refresh refused: %s" % exc)
         try:
-            cache.check(report.serial, now)
+            cache.check_serial(report.serial, now)
         except (LinkError, ApduError):
             raise
         except Exception as exc:  # noqa: BLE001 - RevokedError / StaleRevocationError

@@ -163,7 +163,7 @@ step "11b. MQTT: a broker on the fleet PKI; the device's telemetry, retained CRL
 "$PWD/.venv/bin/python" scripts/demo_mqtt.py --line "$line" --bus "$bus" --work "$work/mqtt"
 
 step "12. revocation: the operator revokes device $serial"
-fleetid cloud revoke-device --registry "sqlite:$line/registry.db" --serial "$serial" \
+fleetid revoke --registry "sqlite:$line/registry.db" --serial "$serial" \
     --reason keyCompromise --operator demo-operator
 step "13. the revoked device connects again: refused, with the reason"
 if fleetid agent whoami --bus "$bus" --cloud "$verifier"; then

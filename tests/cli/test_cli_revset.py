@@ -9,7 +9,7 @@ from click.testing import CliRunner
 from fleetid.cli.main import cli
 from fleetid.common import revset
 from tests.cloud.cloud_support import Fleet, pem
-from tests.cloud.compact_support import compact_publisher, revocation_signer
+from tests.cloud.revset_support import revset_publisher, revocation_signer
 
 
 @pytest.fixture
@@ -50,7 +50,7 @@ def test_offline_peer_check_takes_sets_and_deltas_and_keeps_the_old_set(world):
     (tmp_path / "signer.pem").write_bytes(pem(revocation_signer(fleet).certificate))
     for name, device in (("kept.pem", kept), ("revoked.pem", revoked)):
         (tmp_path / name).write_bytes(pem(device.identity_cert))
-    publisher = compact_publisher(fleet)
+    publisher = revset_publisher(fleet)
     first = publisher.current()
     (tmp_path / "first.frs").write_bytes(first)
     result = _check(tmp_path, server, tmp_path / "revoked.pem", tmp_path / "first.frs")

@@ -125,7 +125,7 @@ def test_202_retry_after_is_honoured_within_its_bounds(env):
 def test_a_revoked_device_cannot_enrol(env):
     se = env.session(3)
     _record, identity = env.device(se)
-    env.verifier.revoke_certificate(identity, "cessationOfOperation", operator="test")
+    env.revoke_certificate(identity, "cessationOfOperation", operator="test")
     with pytest.raises(EstClientError) as info:
         _est(env, se).enroll(C.SLOT_IDENTITY)
     assert info.value.status == 403 and info.value.server_reason == "revoked"

@@ -135,7 +135,7 @@ def test_after_revocation_the_device_is_refused_with_the_reason(env):
     client = _client(se)
     assert client.request("127.0.0.1", env.ports["verifier"], "GET",
                           "/v1/whoami").status == 200
-    env.verifier.revoke_certificate(cert, "keyCompromise", operator="test")
+    env.revoke_certificate(cert, "keyCompromise", operator="test")
     response = client.request("127.0.0.1", env.ports["verifier"], "GET", "/v1/whoami")
     assert response.status == 403
     assert response.body.startswith(b"revoked") and b"keyCompromise" in response.body
