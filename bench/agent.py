@@ -101,7 +101,7 @@ def measure(fleet, rotations, profile_name):
     rows = []
     for _ in range(rotations):
         e0w, e0c = emulator.wall, emulator.cpu
-        l0w, l0c = link_meter.wall, link_meter.cpu
+        l0w, l0c, l0n = link_meter.wall, link_meter.cpu, link_meter.calls
         w0, c0 = time.perf_counter(), time.thread_time()
         report = agent.run_once(command="rotate")
         wall = time.perf_counter() - w0
@@ -113,7 +113,7 @@ def measure(fleet, rotations, profile_name):
         link_cpu = link_meter.cpu - l0c
         host = cpu - emu_cpu
         se_time = link_wall - (link_cpu - emu_cpu)
-        rows.append((wall, se_time, wall - se_time - host, host))
+        rows.append((wall, se_time, wall - se_time - host, host, link_meter.calls - l0n))
     stack.close()
     return rows
 
@@ -143,6 +143,7 @@ def main(argv=None):
     share = 100.0 * host / wall
     print("host time %.1f %% of wall (target <= 10 %%: %s)"
           % (share, "met" if share <= 10.0 else "NOT met"))
+    print("SE commands (APDUs) per rotation: %.1f" % (sum(r[4] for r in rows) / n))
     return 0
 
 

@@ -1,7 +1,9 @@
-"""The device's mTLS client with its key in the SE (fleetid.device.host.se_tls) against
-the real fleet verifier on 127.0.0.1, for chips personalised by the real factory line:
-TLS 1.2 ECDHE-ECDSA-AES-GCM, CertificateVerify signed by the SE, the server validated
-with the fleet root anchor read from the SE, typed failures with bounded waits."""
+"""The device's HTTPS client with its key in the SE (fleetid.device.host.se_https, on the
+portable TLS 1.3 client) against the real fleet verifier on 127.0.0.1, for chips
+personalised by the real factory line: TLS 1.3, ECDHE in the SE's transient key,
+CertificateVerify signed by the SE, the server validated with the fleet root anchor read
+from the SE, PSK-DHE resumption with the server's ticket, typed failures with bounded
+waits."""
 
 import datetime
 import hashlib
@@ -13,13 +15,10 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 
 from fleetid.common import se_consts as C
-from tests.device.device_cloud_support import LineAndCloud
-
-pytest.importorskip("tlslite")
-from fleetid.device.host.se_tls import SeEcdsaKey, SeTlsClient, TlsClientError  # noqa: E402
+from fleetid.device.host.se_https import SeTlsClient, TicketCache, TlsClientError
+from tests.device.device_cloud_support import LABEL, LineAndCloud
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +36,7 @@ def _client(se, slot=C.SLOT_IDENTITY, **kwargs):
     return SeTlsClient(se, slot, [se.get_cert(slot)], [_anchor(se)], **kwargs)
 
 
-def test_whoami_over_tls12_with_the_se_held_identity_key(env):
+def test_whoami_over_tls13_with_the_se_held_identity_key(env):
     se = env.session(0)
     record, cert = env.device(se)
     client = _client(se)
@@ -49,31 +48,46 @@ def test_whoami_over_tls12_with_the_se_held_identity_key(env):
     assert identity["registry_serial"] == record.serial
     assert identity["se_uid"] == se.uid().hex() and identity["kind"] == "identity"
     assert identity["fingerprint"] == hashlib.sha256(se.get_cert(1)).hexdigest()
-    # CertificateVerify was signed by the SE (one SIGN per handshake), AES-GCM suite, and
-    # the server chain validated to the fleet root the line stored in the SE.
-    assert client.key.signatures == 1
-    assert client.last_cipher[0] in ("aes128gcm", "aes256gcm")
-    assert client.last_server_chain[0].subject.rfc4514_string() == "CN=localhost"
-    # One request per connection: a second request handshakes (and signs) again.
-    assert client.request("localhost", env.ports["verifier"], "GET", "/healthz").status == 200
-    assert client.key.signatures == 2
+    # TLS 1.3, a full handshake: the client certificate signed for by the SE, the server
+    # chain validated to the fleet root the line stored in the SE (checked by its VERIFY).
+    info = client.last_info
+    assert (info.version, info.suite) == ("TLSv1.3", "TLS_AES_128_GCM_SHA256")
+    assert info.client_certificate and not info.resumed
+    assert dict(info.chain_report)["name"]
+    assert client.handshakes == 1 and client.resumed == 0
+    # The verifier sent a session ticket: the next connection to it with the same key
+    # resumes (PSK-DHE: ECDHE in the SE again, no SIGN, no chain check) and the verifier
+    # still knows the device (the resumed session keeps its certificate).
+    assert len(client.tickets) == 1
+    full_ops = client.se_operations
+    again = client.request("127.0.0.1", env.ports["verifier"], "GET", "/v1/whoami")
+    assert again.status == 200 and json.loads(again.body) == identity
+    assert client.last_info.resumed and client.resumed == 1
+    assert client.se_operations - full_ops == 2  # GENERATE (transient) + ECDH only
+    assert full_ops >= 4  # GENERATE + ECDH + SIGN + VERIFY(s)
 
 
-def test_key_object_signs_sha256_digests_in_the_se_and_nothing_else(env):
+def test_a_ticket_is_never_offered_for_another_key_or_server(env):
     se = env.session(0)
-    key = SeEcdsaKey(se, C.SLOT_IDENTITY)
-    digest = hashlib.sha256(b"handshake transcript").digest()
-    signature = bytes(key.sign(bytearray(digest), hashAlg="sha256"))
-    public = ec.EllipticCurvePublicKey.from_encoded_point(ec.SECP256R1(), key.point)
-    public.verify(signature, digest, ec.ECDSA(Prehashed(hashes.SHA256())))
-    assert key.verify(bytearray(signature), bytearray(digest)) is True
-    assert key.verify(bytearray(signature), bytearray(b"\x00" * 32)) is False
-    assert len(key) == 256 and key.hasPrivateKey()
+    tickets = TicketCache()
+    identity = _client(se, tickets=tickets)
+    assert identity.request("127.0.0.1", env.ports["verifier"], "GET",
+                            "/v1/whoami").status == 200
+    assert len(tickets) == 1
+    # Another server name: a full handshake (the ticket is the verifier's at 127.0.0.1).
+    assert identity.request("localhost", env.ports["verifier"], "GET",
+                            "/healthz").status == 200
+    assert not identity.last_info.resumed
+    # No client certificate (a public document, here EST cacerts): a full handshake, no
+    # SIGN.  The verifier requires a certificate: refused as a handshake.
+    anonymous = SeTlsClient(se, None, [], [_anchor(se)], tickets=tickets)
+    response = anonymous.request("127.0.0.1", env.ports["est"], "GET",
+                                 "/.well-known/est/%s/cacerts" % LABEL)
+    assert response.status == 200
+    assert not anonymous.last_info.resumed and not anonymous.last_info.client_certificate
     with pytest.raises(TlsClientError) as info:
-        key.sign(bytearray(48), hashAlg="sha384")
-    assert info.value.reason == TlsClientError.SE
-    with pytest.raises(TlsClientError):
-        key.write()  # an SE-held key has nothing to export
+        anonymous.request("127.0.0.1", env.ports["verifier"], "GET", "/v1/whoami")
+    assert info.value.reason == TlsClientError.HANDSHAKE
 
 
 def test_a_server_outside_the_device_trust_anchor_is_refused(env):
