@@ -197,6 +197,8 @@ class SeTlsClient:
         self.last_info = None
         self.handshakes = 0
         self.resumed = 0
+        self.signatures = 0
+        self.verifications = 0
         self.se_operations = 0
 
     def _ticket_key(self, host, port):
@@ -223,8 +225,10 @@ class SeTlsClient:
         except TlsError as exc:
             raise client_error(exc, False) from None
         finally:
-            self.se_operations += ephemeral.operations + config.verify.calls + (
-                config.signer.calls if config.signer is not None else 0)
+            signed = config.signer.calls if config.signer is not None else 0
+            self.signatures += signed
+            self.verifications += config.verify.calls
+            self.se_operations += ephemeral.operations + config.verify.calls + signed
         self.handshakes += 1
         self.last_info = tls.info
         if tls.info.resumed:
@@ -238,8 +242,10 @@ class SeTlsClient:
         if tls.tickets:
             self.tickets.put(tls.ticket_key, tls.tickets[-1])
 
-    def request(self, host, port, method, path, body=None, headers=None):
-        """One HTTPS request on a fresh connection.
+    def request(self, host, port, method, path, body=None, headers=None,
+                max_response=MAX_RESPONSE):
+        """One HTTPS request on a fresh connection (answers over `max_response` bytes
+        are refused).
 
         Returns: HttpResponse.  Raises: TlsClientError (connect, timeout, handshake,
         server_certificate, se, protocol).  An HTTP error status is not an exception.
@@ -251,10 +257,10 @@ class SeTlsClient:
             send.setdefault("Connection", "close")
             conn.request(method, path, body=body, headers=send)
             response = conn.getresponse()
-            data = response.read(MAX_RESPONSE + 1)
-            if len(data) > MAX_RESPONSE:
+            data = response.read(max_response + 1)
+            if len(data) > max_response:
                 raise TlsClientError(TlsClientError.PROTOCOL, "response over %d bytes"
-                                     % MAX_RESPONSE)
+                                     % max_response)
             if conn.tls is not None:
                 self.keep_ticket(conn.tls)
             return HttpResponse(response.status, response.reason,
