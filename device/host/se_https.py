@@ -61,6 +61,21 @@ class TlsClientError(FleetidError):
         self.alert = alert
 
 
+# RFC 8446 6 AlertDescription names, for messages ("peer alert 44 certificate_revoked").
+ALERT_NAMES = {
+    0: "close_notify", 10: "unexpected_message", 20: "bad_record_mac",
+    22: "record_overflow", 40: "handshake_failure", 42: "bad_certificate",
+    43: "unsupported_certificate", 44: "certificate_revoked", 45: "certificate_expired",
+    46: "certificate_unknown", 47: "illegal_parameter", 48: "unknown_ca",
+    49: "access_denied", 50: "decode_error", 51: "decrypt_error", 70: "protocol_version",
+    71: "insufficient_security", 80: "internal_error", 86: "inappropriate_fallback",
+    90: "user_canceled", 109: "missing_extension", 110: "unsupported_extension",
+    112: "unrecognized_name", 113: "bad_certificate_status_response",
+    115: "unknown_psk_identity", 116: "certificate_required",
+    120: "no_application_protocol",
+}
+
+
 def client_error(exc, answered):
     """TlsClientError for a TlsError of the TLS 1.3 client.  `answered`: whether the
     server had sent application data on the connection.  Until it has, a lost connection
@@ -72,7 +87,8 @@ def client_error(exc, answered):
     if isinstance(exc, TlsAlertReceived):
         # A TLS 1.3 server refuses the client's certificate after the client's Finished:
         # its alert arrives on the first read.  Either way the server refused the session.
-        return TlsClientError(TlsClientError.HANDSHAKE, str(exc), exc.alert)
+        return TlsClientError(TlsClientError.HANDSHAKE, "%s %s" % (
+            exc, ALERT_NAMES.get(exc.alert, "")), exc.alert)
     reason = exc.reason
     if reason == "connect":
         if exc.detail in ("TimeoutError", "timeout"):

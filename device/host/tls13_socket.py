@@ -189,6 +189,35 @@ class TlsSocket:
             raise self._fail(exc) from None
         return self.info
 
+    def settle(self, seconds):
+        """After the handshake, read until the server's first session ticket (or data, or
+        close) arrives, at most `seconds`.  A TLS 1.3 server checks the client's
+        certificate after the client's Finished and sends its tickets only once it has
+        accepted it: waiting for them turns a refused certificate into an error here
+        rather than a silent drop later.
+        Returns: True when a ticket or data came, False when the wait expired (the
+        connection stays open).  Raises: TlsError (the server's alert, eof)."""
+        previous = self._sock.gettimeout()
+        try:
+            self._sock.settimeout(seconds)
+            end = time.monotonic() + seconds
+            while not self.tickets and not self._pending and not self._eof:
+                if time.monotonic() > end:
+                    return False
+                try:
+                    data = self._sock.recv(self._CHUNK)
+                except TimeoutError:
+                    return False
+                if not data:
+                    raise TlsError("eof", None, "connection closed by the peer")
+                self._feed(data)
+            return True
+        except Exception as exc:
+            raise self._fail(exc) from None
+        finally:
+            if not self._closed:
+                self._sock.settimeout(previous)
+
     def recv(self, bufsize):
         """Up to `bufsize` bytes of application data; b"" after close_notify."""
         if self._closed and not self._pending:
@@ -254,12 +283,20 @@ class TlsSocket:
         self._close_requested = True
         if self._files > 0 and not force:
             return
-        try:
-            with self._lock:
+        # The lock is taken with a bound: a writer blocked on a peer that reads nothing
+        # must not block close (the close_notify is skipped then).
+        if self._lock.acquire(timeout=1.0):
+            try:
                 if not self._client.closed:
                     self._client.close()
                     self._sock.sendall(self._client.data_to_send())
-        except Exception:  # noqa: S110 the peer may be gone
+            except Exception:  # noqa: S110 the peer may be gone
+                pass
+            finally:
+                self._lock.release()
+        try:
+            self._sock.shutdown(socket.SHUT_RDWR)  # wakes a reader in another thread
+        except OSError:
             pass
         self._close_socket()
 
