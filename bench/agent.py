@@ -7,9 +7,10 @@ One process: the real EST CA and verifier on 127.0.0.1 (their own thread), a per
 emulated chip behind its bus endpoint with the latency profile (real time: the endpoint
 NACKs while the modelled operation runs, the host's T=1' link polls), the agent on the
 full device stack (device/stack.open_se over that bus) with the CPython network adapter
-(TLS 1.2 whose CertificateVerify is signed by the SE).  Each rotation: whoami, nonce,
-GENERATE KEY + ATTEST + CSR signed in the SE, simplereenroll, PUT CERT, ack, DELETE KEY,
-four journal writes.
+(TLS 1.3 whose ECDHE and CertificateVerify run in the SE; session tickets kept, so the
+requests after the first to each server with the same key resume with PSK-DHE).  Each
+rotation: whoami, nonce, GENERATE KEY + ATTEST + CSR signed in the SE, simplereenroll,
+PUT CERT, ack, DELETE KEY, four journal writes.
 
 Split of each rotation's wall time (agent thread):
     SE time       wall time inside the T=1' link's transceive, minus the host CPU spent
