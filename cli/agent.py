@@ -534,7 +534,9 @@ def check_peer_cmd(cert, bus, t1_profile, timeout_ms, crl_cache, crl_issuer, crl
             from fleetid.device.host.agent_net import fetch_url
 
             try:
-                click.echo("refresh: %s" % cache.refresh(lambda: fetch_url(refresh_from), now))
+                click.echo("refresh: %s" % cache.refresh(
+                    lambda: fetch_url(refresh_from, se=device.se,
+                                      trust_roots_der=[device.root_der()]), now))
             except FleetidError as exc:
                 click.echo("refresh refused, the old cache stays: %s" % exc, err=True)
         try:

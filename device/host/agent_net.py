@@ -257,23 +257,47 @@ class HostNetwork:
         Returns: bytes.  Raises NetError."""
         if urllib.parse.urlsplit(url).scheme != "https":
             return fetch_url(url, timeout or self.io_timeout)
-        parts = urllib.parse.urlsplit(url)
-        if not parts.hostname:
-            raise NetError(NetError.REFUSED, "GET %s: no host" % url)
-        path = parts.path or "/"
-        if parts.query:
-            path += "?" + parts.query
-        response = self._request(None, (parts.hostname, parts.port or 443), "GET", path,
-                                 max_response=MAX_FETCH)
+        host, port, path = _https_target(url)
+        response = self._request(None, (host, port), "GET", path, max_response=MAX_FETCH)
         if response.status != 200:
             raise error_for(response)
         return response.body
 
 
-def fetch_url(url, timeout=DEFAULT_IO_TIMEOUT):
-    """Plain HTTP(S) GET of a public document (a CRL), bounded in time and size.
+def _https_target(url):
+    # (host, port, path?query) of an https:// URL; NetError(REFUSED) without a host.
+    parts = urllib.parse.urlsplit(url)
+    if not parts.hostname:
+        raise NetError(NetError.REFUSED, "GET %s: no host" % url)
+    path = parts.path or "/"
+    if parts.query:
+        path += "?" + parts.query
+    try:
+        port = parts.port or 443
+    except ValueError:
+        raise NetError(NetError.REFUSED, "GET %s: bad port" % url) from None
+    return parts.hostname, port, path
+
+
+def fetch_url(url, timeout=DEFAULT_IO_TIMEOUT, se=None, trust_roots_der=None):
+    """GET of a public document (a CRL), bounded in time and size.  With `se` and
+    `trust_roots_der`, an https:// URL goes over the device's TLS 1.3 client (the server
+    verified to those roots by the SE, no client certificate); otherwise urllib (http://,
+    or https:// against the host's trust store).
 
     Returns: bytes.  Raises NetError."""
+    if se is not None and trust_roots_der and urllib.parse.urlsplit(url).scheme == "https":
+        host, port, path = _https_target(url)
+        client = SeTlsClient(se, None, [], trust_roots_der,
+                             connect_timeout=min(timeout, DEFAULT_CONNECT_TIMEOUT),
+                             io_timeout=timeout)
+        try:
+            response = client.request(host, port, "GET", path, max_response=MAX_FETCH)
+        except TlsClientError as exc:
+            raise NetError(_TLS_REASONS.get(exc.reason, NetError.LINK), exc.detail) from None
+        if response.status != 200:
+            raise error_for(response)
+        return response.body
     try:
         with urllib.request.urlopen(url, timeout=timeout) as answer:
             data = answer.read(MAX_FETCH + 1)

@@ -90,8 +90,7 @@ def test_a_ticket_is_never_offered_for_another_key_or_server(env):
     assert info.value.reason == TlsClientError.HANDSHAKE
 
 
-def test_a_server_outside_the_device_trust_anchor_is_refused(env):
-    se = env.session(0)
+def _foreign_root():
     other = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, "someone else's root")])
     now = datetime.datetime.now(datetime.timezone.utc)
@@ -101,8 +100,12 @@ def test_a_server_outside_the_device_trust_anchor_is_refused(env):
                     .not_valid_after(now + datetime.timedelta(days=1))
                     .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
                     .sign(other, hashes.SHA256()))
-    client = SeTlsClient(se, C.SLOT_IDENTITY, [se.get_cert(1)],
-                         [foreign_root.public_bytes(serialization.Encoding.DER)])
+    return foreign_root.public_bytes(serialization.Encoding.DER)
+
+
+def test_a_server_outside_the_device_trust_anchor_is_refused(env):
+    se = env.session(0)
+    client = SeTlsClient(se, C.SLOT_IDENTITY, [se.get_cert(1)], [_foreign_root()])
     with pytest.raises(TlsClientError) as info:
         client.request("127.0.0.1", env.ports["verifier"], "GET", "/v1/whoami")
     assert info.value.reason == TlsClientError.SERVER_CERTIFICATE
@@ -154,3 +157,53 @@ def test_after_revocation_the_device_is_refused_with_the_reason(env):
     assert response.status == 403
     assert response.body.startswith(b"revoked") and b"keyCompromise" in response.body
     assert env.line.registry.get_device(record.serial).status == "revoked"
+
+
+def test_a_crl_is_fetched_over_https_with_the_server_checked_by_the_se(env):
+    """HostNetwork.fetch / fetch_url over https://: the TLS 1.3 client without a client
+    certificate, the server verified to the fleet root the SE holds; a server outside it
+    is refused, an HTTP error is typed, the answer is bounded."""
+    import http.server
+    import ssl
+
+    from fleetid.device.agent import NetError
+    from fleetid.device.host.agent_net import HostNetwork, fetch_url
+
+    served = {"/crl/ca": b"0\x82 a CRL's bytes"}
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 http.server's name
+            body = served.get(self.path)
+            self.send_response(200 if body else 404)
+            self.send_header("Content-Length", str(len(body or b"")))
+            self.end_headers()
+            self.wfile.write(body or b"")
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(env.server_cert, env.server_key)
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        se = env.session(0)
+        port = server.server_address[1]
+        url = "https://localhost:%d/crl/ca" % port
+        net = HostNetwork(se, url, url, [_anchor(se)], connect_timeout=5, io_timeout=5)
+        assert net.fetch(url) == served["/crl/ca"]
+        assert net.handshakes == 1 and net.resumed == 0  # no client certificate needed
+        assert fetch_url(url, 5, se=se, trust_roots_der=[_anchor(se)]) == served["/crl/ca"]
+        with pytest.raises(NetError) as info:
+            net.fetch("https://localhost:%d/crl/none" % port)
+        assert info.value.reason == NetError.REFUSED and info.value.status == 404
+        # A device of another fleet (another root in its SE) refuses this server.
+        with pytest.raises(NetError) as info:
+            fetch_url(url, 5, se=se, trust_roots_der=[_foreign_root()])
+        assert info.value.reason == NetError.REFUSED and info.value.status is None
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
