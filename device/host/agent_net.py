@@ -62,6 +62,12 @@ _TLS_REASONS = {
 }
 
 
+class _NoTickets(TicketCache):
+    # A ticket cache that keeps nothing: every connection a full handshake.
+    def put(self, key, ticket):
+        pass
+
+
 def parse_url(url):
     """("host", port) of an https:// URL.  Raises ValueError."""
     parts = urllib.parse.urlsplit(url)
@@ -99,6 +105,8 @@ class HostNetwork:
     Params: se: SeSession.  verifier_url, est_url: https://HOST:PORT.  trust_roots_der:
         DER roots for the servers (the SE's fleet root).  label: EST label (None: the
         default).  connect_timeout / io_timeout: seconds per connection / per I/O.
+        resumption: keep the servers' session tickets (False: every request a full
+        handshake; for measurements).  verify_in_se: as se_https.SeTlsClient.
     Attributes: requests (count), last_status, tickets (TicketCache), handshakes /
         resumed (counts of TLS handshakes, and of those resumed with a ticket),
         se_operations (the SE commands the TLS handshakes issued).
@@ -106,7 +114,7 @@ class HostNetwork:
 
     def __init__(self, se, verifier_url, est_url, trust_roots_der, label=None,
                  connect_timeout=DEFAULT_CONNECT_TIMEOUT, io_timeout=DEFAULT_IO_TIMEOUT,
-                 crl_url=None):
+                 crl_url=None, resumption=True, verify_in_se=True):
         self.se = se
         self.verifier = parse_url(verifier_url)
         self.est = parse_url(est_url)
@@ -117,7 +125,8 @@ class HostNetwork:
         self.crl_url = crl_url
         self.requests = 0
         self.last_status = None
-        self.tickets = TicketCache()
+        self.tickets = TicketCache() if resumption else _NoTickets()
+        self.verify_in_se = verify_in_se
         self.handshakes = 0
         self.resumed = 0
         self.se_operations = 0
@@ -126,7 +135,7 @@ class HostNetwork:
         chain = [self.se.get_cert(slot)] if slot is not None else []
         return SeTlsClient(self.se, slot, chain, self.trust_roots_der,
                            connect_timeout=self.connect_timeout, io_timeout=self.io_timeout,
-                           tickets=self.tickets)
+                           tickets=self.tickets, verify_in_se=self.verify_in_se)
 
     def _request(self, slot, server, method, path, body=None, headers=None, **kwargs):
         client = None

@@ -181,7 +181,11 @@ class SeTlsClient:
         bounded by one of them, the handshake by io_timeout overall).  now: () -> epoch
         seconds (default: the host's clock).  tickets: a TicketCache shared by the clients
         of one agent (default: this client's own).  revocation: the chain's revocation
-        hook (device/tls13_keys.crl_revocation).
+        hook (device/tls13_keys.crl_revocation).  verify_in_se: True (default) checks the
+        server's chain and CertificateVerify with the SE's VERIFY; False with
+        `cryptography` on the host (common/host/tls13_host.ecdsa_verify: public-key
+        operations, the anchors still the ones read from the SE; saves two SE VERIFYs
+        per full handshake).
     Attributes: certificate (x509, the client's), last_info (HandshakeInfo of the last
         connection), handshakes / resumed (counts), se_operations (ECDHE + SIGN + VERIFY
         commands issued).
@@ -189,7 +193,7 @@ class SeTlsClient:
 
     def __init__(self, se, slot, cert_chain_der, trust_roots_der,
                  connect_timeout=DEFAULT_CONNECT_TIMEOUT, io_timeout=DEFAULT_IO_TIMEOUT,
-                 now=None, tickets=None, revocation=None):
+                 now=None, tickets=None, revocation=None, verify_in_se=True):
         if not trust_roots_der:
             raise ValueError("trust_roots_der needs at least one root")
         self.se = se
@@ -210,6 +214,7 @@ class SeTlsClient:
         self.now = now
         self.tickets = tickets if tickets is not None else TicketCache()
         self.revocation = revocation
+        self.verify_in_se = verify_in_se
         self.last_info = None
         self.handshakes = 0
         self.resumed = 0
@@ -234,7 +239,12 @@ class SeTlsClient:
             config.signer = None
         else:
             config.signer = _Counted(config.signer)
-        config.verify = _Counted(config.verify)
+        if self.verify_in_se:
+            config.verify = _Counted(config.verify)
+        else:
+            from fleetid.common.host.tls13_host import ecdsa_verify
+
+            config.verify = _Counted(ecdsa_verify)
         try:
             tls = TlsSocket.connect(host, port, config, connect_timeout=self.connect_timeout,
                                     io_timeout=self.io_timeout)
@@ -242,9 +252,10 @@ class SeTlsClient:
             raise client_error(exc, False) from None
         finally:
             signed = config.signer.calls if config.signer is not None else 0
+            verified = config.verify.calls if self.verify_in_se else 0
             self.signatures += signed
-            self.verifications += config.verify.calls
-            self.se_operations += ephemeral.operations + config.verify.calls + signed
+            self.verifications += verified
+            self.se_operations += ephemeral.operations + verified + signed
         self.handshakes += 1
         self.last_info = tls.info
         if tls.info.resumed:

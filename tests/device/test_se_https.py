@@ -207,3 +207,17 @@ def test_a_crl_is_fetched_over_https_with_the_server_checked_by_the_se(env):
         server.shutdown()
         server.server_close()
         thread.join(5)
+
+
+def test_host_side_verification_issues_no_se_verify_and_still_refuses_a_foreign_root(env):
+    se = env.session(0)
+    client = _client(se, verify_in_se=False)
+    assert client.request("127.0.0.1", env.ports["verifier"], "GET",
+                          "/v1/whoami").status == 200
+    assert client.verifications == 0 and client.signatures == 1
+    assert dict(client.last_info.chain_report)["signature"]
+    foreign = SeTlsClient(se, C.SLOT_IDENTITY, [se.get_cert(1)], [_foreign_root()],
+                          verify_in_se=False)
+    with pytest.raises(TlsClientError) as info:
+        foreign.request("127.0.0.1", env.ports["verifier"], "GET", "/v1/whoami")
+    assert info.value.reason == TlsClientError.SERVER_CERTIFICATE
