@@ -20,8 +20,9 @@ races to the port gets a closed connection, never the device's TLS identity.  Th
 handshake runs before the port opens, and the tunnel then waits (bounded) for the broker's
 session ticket, which a TLS 1.3 server sends only once it has accepted the client's
 certificate: a refused certificate (e.g. revoked: the broker's CRL) is an exception from
-connect(), not a silent drop.  The ticket is kept: a reconnection of the same transport
-resumes (PSK-DHE, no SIGN).
+connect(), not a silent drop.  The ticket is not kept: a resumed session would skip the
+broker's certificate and CRL checks (OpenSSL does not re-verify a resumed client), so a
+revoked device could ride a ticket; MQTT reconnections are rare, each is a full handshake.
 
 Pinned: paho-mqtt 2.1.0 (CallbackAPIVersion.VERSION2, the public client API only;
 constraints.txt); tests/device/test_mqtt_paho.py and tests/cloud/test_mqtt_*.py run it
@@ -82,7 +83,6 @@ class SeTlsTunnel:
             tls.settle(min(SETTLE_TIMEOUT, client.io_timeout))
         except FleetidError as exc:
             raise client_error(exc, False) from None
-        client.keep_ticket(tls)
         tls.settimeout(None)  # the pumps block; close() unblocks them
         self._tls = tls
         listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
