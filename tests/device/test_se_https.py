@@ -221,3 +221,67 @@ def test_host_side_verification_issues_no_se_verify_and_still_refuses_a_foreign_
     with pytest.raises(TlsClientError) as info:
         foreign.request("127.0.0.1", env.ports["verifier"], "GET", "/v1/whoami")
     assert info.value.reason == TlsClientError.SERVER_CERTIFICATE
+
+
+def test_the_tls_socket_ends_with_close_notify_and_serves_http_client_and_threads(env):
+    """TlsSocket against Python's ssl server (TLS 1.3, client certificate required): data
+    both ways from two threads at once, makefile() lines, and close() sends close_notify
+    (the server's read ends cleanly, not with 'EOF in violation of protocol')."""
+    import ssl
+
+    from fleetid.device.host.tls13_socket import TlsSocket, se_client_config
+
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_3
+    context.load_cert_chain(env.server_cert, env.server_key)
+    for cert in (env.line.root_cert, env.line.ca_cert):  # the device's issuing chain
+        context.load_verify_locations(cadata=cert.public_bytes(
+            serialization.Encoding.PEM).decode())
+    context.verify_mode = ssl.CERT_REQUIRED
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    seen = {}
+
+    def serve():
+        conn, _ = listener.accept()
+        with context.wrap_socket(conn, server_side=True) as tls:
+            tls.settimeout(10)
+            received = b""
+            tls.sendall(b"hello\nworld\n")
+            try:
+                while True:
+                    data = tls.recv(4096)
+                    if not data:
+                        break
+                    received += data
+                    tls.sendall(data.upper())
+                seen["end"] = "close_notify"
+            except ssl.SSLError as exc:
+                seen["end"] = exc.reason
+            seen["received"] = received
+            seen["peer"] = tls.getpeercert(binary_form=True)
+
+    server = threading.Thread(target=serve, daemon=True)
+    server.start()
+    se = env.session(0)
+    config, _ephemeral = se_client_config(se, C.SLOT_IDENTITY, [_anchor(se)], "127.0.0.1")
+    tls = TlsSocket.connect("127.0.0.1", listener.getsockname()[1], config, io_timeout=10)
+    try:
+        reader = tls.makefile("rb")
+        assert reader.readline() == b"hello\n" and reader.readline() == b"world\n"
+        echoed = []
+        pump = threading.Thread(target=lambda: echoed.append(reader.read(2 * 3000)))
+        pump.start()
+        for _ in range(2):
+            tls.sendall(b"abc" * 1000)  # while the other thread reads
+        pump.join(10)
+        assert echoed == [b"ABC" * 2000]
+        reader.close()
+    finally:
+        tls.close()
+    server.join(10)
+    listener.close()
+    assert seen["end"] == "close_notify"
+    assert seen["received"] == b"abc" * 2000 and seen["peer"] == se.get_cert(1)
+    assert tls.closed
