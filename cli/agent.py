@@ -534,9 +534,10 @@ def check_peer_cmd(cert, bus, t1_profile, timeout_ms, crl_cache, crl_issuer, crl
             from fleetid.device.host.agent_net import fetch_url
 
             try:
+                # https:// over the device's TLS 1.3 client, anchored at the SE's root.
+                roots = [device.root_der()] if refresh_from.startswith("https://") else None
                 click.echo("refresh: %s" % cache.refresh(
-                    lambda: fetch_url(refresh_from, se=device.se,
-                                      trust_roots_der=[device.root_der()]), now))
+                    lambda: fetch_url(refresh_from, se=device.se, trust_roots_der=roots), now))
             except FleetidError as exc:
                 click.echo("refresh refused, the old cache stays: %s" % exc, err=True)
         try:
