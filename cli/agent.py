@@ -350,9 +350,10 @@ def whoami_cmd(bus, t1_profile, timeout_ms, cloud, est, label, slot, save):
     Example:
       fleetid agent whoami --bus sim:unix:/tmp/se.sock --cloud https://127.0.0.1:8443 --slot 1
     """
+    from fleetid.common.mqttmsg import MessageError, decode_document
     from fleetid.device import rotation_journal as rj
     from fleetid.device.host.agent_net import parse_url
-    from fleetid.device.host.se_tls import SeTlsClient
+    from fleetid.device.host.se_https import SeTlsClient
 
     if not cloud:
         raise click.UsageError("--cloud is required")
@@ -370,13 +371,17 @@ def whoami_cmd(bus, t1_profile, timeout_ms, cloud, est, label, slot, save):
         raise click.BadParameter("%s: %s" % (cloud, exc), param_hint="--cloud") from None
     finally:
         device.close()
-    cipher = client.last_cipher[0] if client.last_cipher else "?"
-    click.echo("TLS 1.2 %s, client key in SE slot %d (%d signature(s) by the SE)"
-               % (cipher, slot, client.key.signatures))
+    info = client.last_info
+    click.echo("TLS 1.3 %s, client key in SE slot %d (%d signature(s) by the SE, ECDHE in "
+               "its transient key, %d VERIFY(s) of the server's chain and CertificateVerify)"
+               % (info.suite, slot, client.signatures, client.verifications))
     if response.status != 200:
         click.echo("REFUSED %d %s" % (response.status, _refusal(response)))
         sys.exit(1)
-    identity = json.loads(response.body)
+    try:
+        identity = decode_document(response.body)
+    except MessageError as exc:
+        raise click.ClickException("whoami answer: %s" % exc) from None
     click.echo(json.dumps(identity, indent=1))
     if save:
         try:
@@ -408,7 +413,7 @@ def submit_csr_cmd(bus, t1_profile, timeout_ms, cloud, est, label, csr_file, slo
     import base64
 
     from fleetid.device.host.agent_net import parse_url
-    from fleetid.device.host.se_tls import SeTlsClient
+    from fleetid.device.host.se_https import SeTlsClient
 
     with open(csr_file, "rb") as f:
         data = f.read()
@@ -535,7 +540,10 @@ def check_peer_cmd(cert, bus, t1_profile, timeout_ms, crl_cache, crl_issuer, crl
             from fleetid.device.host.agent_net import fetch_url
 
             try:
-                click.echo("refresh: %s" % cache.refresh(lambda: fetch_url(refresh_from), now))
+                # https:// over the device's TLS 1.3 client, anchored at the SE's root.
+                roots = [device.root_der()] if refresh_from.startswith("https://") else None
+                click.echo("refresh: %s" % cache.refresh(
+                    lambda: fetch_url(refresh_from, se=device.se, trust_roots_der=roots), now))
             except FleetidError as exc:
                 click.echo("refresh refused, the old cache stays: %s" % exc, err=True)
         try:

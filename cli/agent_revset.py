@@ -3,8 +3,9 @@ compact revocation set (the offline tier), verified through the SE.
 
 A thin shell over fleetid.device.revset_cache.  The set (or a delta) arrives by whatever
 channel the device has (HTTP when it can, a retained message, a broadcast, a file carried
-over): --load FILE hands it to the cache, which keeps it only if it verifies.  This module
-defines the command only; the `agent` group attaches it.
+over): --load FILE hands it to the cache, which keeps it only if it verifies; --fetch URL
+gets it first (https:// over the device's TLS 1.3 client, the server checked by the SE to
+--root).  This module defines the command only; the `agent` group attaches it.
 """
 
 import sys
@@ -34,6 +35,9 @@ def _load_cert(path):
 @click.option("--load", "load_file", type=click.Path(exists=True, dir_okay=False),
               default=None, help="A set (.frs) or delta (.frd) just received: verified "
               "through the SE and kept only if it passes.")
+@click.option("--fetch", "fetch_url", metavar="URL", default=None,
+              help="GET the set or delta from URL, then as --load: https:// goes over the "
+              "device's TLS 1.3 client with the server verified by the SE to --root.")
 @click.option("--grace", default=7 * 86400, show_default=True,
               type=click.IntRange(0, 365 * 86400),
               help="Seconds a set stays usable past its next_update.")
@@ -44,7 +48,7 @@ def _load_cert(path):
 @click.option("--fail-open", is_flag=True,
               help="With no fresh set, do not treat peers as revoked (default: fail closed).")
 def check_peer_offline(cert, bus, t1_profile, timeout_ms, root_file, signer_file, cache_file,
-                       load_file, grace, clock_skew, fail_open):
+                       load_file, fetch_url, grace, clock_skew, fail_open):
     """Check a peer device's certificate against the cached compact revocation set.
 
     The peer's device serial (its subject serialNumber as the line writes it,
@@ -64,6 +68,8 @@ def check_peer_offline(cert, bus, t1_profile, timeout_ms, root_file, signer_file
     from fleetid.device.anchored_store import FileStore, RevocationCacheError
     from fleetid.device.revset_cache import RevsetCache, RevsetPolicy
 
+    if load_file is not None and fetch_url is not None:
+        raise click.UsageError("--load and --fetch are exclusive")
     point, fleet = _signer_anchor(root_file, signer_file)
     facts, device_serial = _peer(cert)
     device = _Device(bus, t1_profile, timeout_ms)
@@ -72,9 +78,23 @@ def check_peer_offline(cert, bus, t1_profile, timeout_ms, root_file, signer_file
                             RevsetPolicy(grace_s=grace, fail_open=fail_open,
                                          clock_skew_s=clock_skew))
         now = int(time.time())
-        if load_file is not None:
+        if fetch_url is not None:
+            from cryptography.hazmat.primitives import serialization
+
+            from fleetid.device.host.agent_net import fetch_url as fetch
+
+            try:
+                data = fetch(fetch_url, 30, se=device.se, trust_roots_der=[
+                    _load_cert(root_file).public_bytes(serialization.Encoding.DER)])
+            except FleetidError as exc:
+                click.echo("Error: --fetch %s: %s, the old set stays" % (fetch_url, exc),
+                           err=True)
+                sys.exit(1)
+            load_file = fetch_url
+        elif load_file is not None:
             with open(load_file, "rb") as f:
                 data = f.read()
+        if load_file is not None:
             try:
                 click.echo("load: %s" % cache.receive(data, now))
             except RevocationCacheError as exc:

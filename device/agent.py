@@ -27,7 +27,7 @@
 #               a transient failure (link drop, timeout, 5xx, 202) from a refusal;
 #               enroll raises device/certcheck.CertificateRefused when the answer is not
 #               exactly one certificate (wrong content type, not PKCS#7, none, several).
-#               CPython: device/host/agent_net.HostNetwork (se_tls + the EST client).
+#               CPython: device/host/agent_net.HostNetwork (se_https + EST).
 #               MicroPython: a board supplies its own object with these six methods.
 #   clock       now() -> int seconds since 1970 UTC; sleep(seconds) (bounded by policy)
 #   rand        () -> float in [0, 1): backoff jitter

@@ -122,7 +122,7 @@ pids+=($!)
 wait_for "SE socket" "${pids[-1]}" test -S "$sock"
 fleetid se --bus "$bus" info
 
-step "5. who-am-I over mTLS: TLS 1.2 client key in the SE (identity certificate, slot 1)"
+step "5. who-am-I over mTLS: TLS 1.3, client key in the SE (identity certificate, slot 1)"
 fleetid agent whoami --bus "$bus" --cloud "$verifier" --slot 1 --save "$work/whoami.json"
 serial=$("$py" -c 'import json,sys; print(json.load(open(sys.argv[1]))["registry_serial"])' \
     "$work/whoami.json")

@@ -36,9 +36,9 @@ def test_demo_script_runs_the_full_lifecycle(tmp_path):
     assert any(p.startswith("report-") and p.endswith(".html")
                for p in os.listdir(work / "line"))
     assert "OK sqlite:" in out and "injection 4" in out
-    # 5: who-am-I over TLS 1.2, key in the SE.
-    assert "TLS 1.2 aes128gcm, client key in SE slot 1 (1 signature(s) by the SE)" in out \
-        or "TLS 1.2 aes256gcm, client key in SE slot 1" in out
+    # 5: who-am-I over TLS 1.3, key in the SE.
+    assert "TLS 1.3 TLS_AES_128_GCM_SHA256, client key in SE slot 1 (1 signature(s) by the SE, " \
+        "ECDHE in its transient key" in out
     assert '"kind": "identity"' in out
     # 6-8: the agent's EST enrolment, rotation, switch.
     assert "agent: BEGIN enrol: slot 1 -> 2" in out
