@@ -68,7 +68,7 @@ def crl_revocation(caches, now):
         for cert in path:
             for cache in caches:
                 if cache.issuer_name_der == cert.issuer:
-                    cache.check(cert.serial, now())
+                    cache.check_serial(cert.serial, now())
 
     return check
 

@@ -97,7 +97,7 @@ def test_the_set_is_fetched_over_https_with_the_device_tls13_client(world):
     (tmp_path / "root.pem").write_bytes(pem(fleet.root))
     (tmp_path / "signer.pem").write_bytes(pem(revocation_signer(fleet).certificate))
     (tmp_path / "peer.pem").write_bytes(pem(peer.identity_cert))
-    current = compact_publisher(fleet).current()
+    current = revset_publisher(fleet).current()
     requests = []
 
     class Handler(http.server.BaseHTTPRequestHandler):
