@@ -55,8 +55,9 @@ from fleetid.sim.metering import EmulatedBuses
 
 PEM = serialization.Encoding.PEM
 LABEL = "widget"
-# The throwaway line's soft keystore: its passphrase (the tests re-open the line with the
-# same one, tests/cloud/hsm_support.KEYSTORE_PASS) and scrypt's floor cost (~50 ms an open).
+# The throwaway soft keystores' passphrase and scrypt's floor cost (~50 ms an open), for the
+# line here and bench/_cloud_support's Fleet; tests/cloud/hsm_support re-exports both
+# (SCRYPT_N as TEST_SCRYPT_N).
 KEYSTORE_PASS = "correct horse battery staple"
 SCRYPT_N = 2**14
 

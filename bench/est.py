@@ -37,7 +37,7 @@ if ROOT not in sys.path:
 
 def prepare(fleet, devices, count):
     """[(device, client cert DER, CSR DER)] for `count` re-enrolments over `devices`."""
-    from tests.cloud.cloud_support import der
+    from bench._cloud_support import der
 
     work = []
     for n in range(count):
@@ -79,7 +79,7 @@ def main(argv=None):
     count = args.count or (100 if args.quick else 1000)
     ndev = args.devices or (10 if args.quick else 50)
 
-    from tests.cloud.cloud_support import Fleet, RunningCloud
+    from bench._cloud_support import Fleet, RunningCloud
 
     workdir = tempfile.mkdtemp(prefix="fleetid-bench-est-")
     try:

@@ -51,7 +51,7 @@ Fairness (what each server does per connection, and where they differ):
            `fleetid cloud serve` does by default), or --loop asyncio.
 
 Everything listens on 127.0.0.1; loops are bounded by --connections.  Needs the repo root
-on sys.path (it reuses the test fleet of tests/cloud/cloud_support.py).
+on sys.path (it reuses the fleet of bench/_cloud_support.py, which the tests use too).
 """
 
 import argparse
@@ -257,7 +257,7 @@ def measure(pid, port, path, device_files, connections, root_file, resume):
 def build_fleet(workdir, devices):
     from cryptography.hazmat.primitives import serialization
 
-    from tests.cloud.cloud_support import Fleet, pem
+    from bench._cloud_support import Fleet, pem
 
     fleet = Fleet(os.path.join(workdir, "fleet"))
     files = []

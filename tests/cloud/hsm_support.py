@@ -14,14 +14,15 @@ import subprocess
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.kdf.kbkdf import KBKDFCMAC, CounterLocation, Mode
 
+# The soft keystores' passphrase and scrypt cost: one definition, shared with the benches.
+from bench._support import KEYSTORE_PASS  # noqa: F401 (re-exported)
+from bench._support import SCRYPT_N as TEST_SCRYPT_N  # noqa: F401 (re-exported)
 from tests.conftest import require
 
 SOFTHSM_MODULE = "/usr/lib/softhsm/libsofthsm2.so"
 TOKEN_LABEL = "fleetid"
 USER_PIN = "user-pin-4711"
 SO_PIN = "so-pin-0815"
-KEYSTORE_PASS = "correct horse battery staple"
-TEST_SCRYPT_N = 2**14  # the floor: keeps each keystore open at ~50 ms
 
 # Known test key material (never use outside tests).
 MASTER_KEY = bytes.fromhex("000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f")
