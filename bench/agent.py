@@ -36,7 +36,7 @@ from fleetid.device.agent import Agent, AgentPolicy  # noqa: E402
 from fleetid.device.stack import open_se  # noqa: E402
 from fleetid.sim import profiles  # noqa: E402
 from fleetid.sim.endpoint import BusEndpoint  # noqa: E402
-from tests.device.agent_support import Fleet  # noqa: E402
+from bench._support import Fleet  # noqa: E402
 
 
 class _Meter:

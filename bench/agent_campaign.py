@@ -18,7 +18,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from tests.device.agent_support import Fleet, campaign  # noqa: E402
+from bench._support import Fleet, campaign  # noqa: E402
 
 
 def main(argv=None):

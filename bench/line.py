@@ -188,7 +188,9 @@ def main(argv=None):
     # The soft keystore's passphrase by environment (the line never stores it).
     environ = dict(os.environ)
     environ.setdefault(line_workdir.PASS_ENV, secrets.token_urlsafe(24))
-    fab.load_or_create_vendor_ca(os.path.join(workdir, "line", "vendor"))
+    # The simulated vendor's key beside the line, only its root certificate inside.
+    fab.publish_vendor_root(os.path.join(workdir, "line.se-vendor"),
+                            os.path.join(workdir, "line", "vendor"))
     line = line_workdir.init_line(os.path.join(workdir, "line"), scrypt_n=2**14, environ=environ)
     try:
         line.close()

@@ -314,9 +314,12 @@ def main(argv=None):
         server_keyfile = pki._key_file("broker", server_key)
         cloud_cert, cloud_key = pki.issue("fleet-cloud")
         cloud_keyfile = pki._key_file("fleet-cloud", cloud_key)
-        config = BrokerConfig(pki.cafile, server_cert, server_keyfile, pki.crlfile)
+        # Bench only: one root is the trust of both listeners (devices and services).
+        config = BrokerConfig(pki.cafile, server_cert, server_keyfile, pki.crlfile,
+                              pki.cafile, pki.crlfile)
         with Broker(config, os.path.join(folder, "broker")) as broker:
-            cloud = CloudMqtt(broker.host, broker.port, pki.cafile, cloud_cert, cloud_keyfile)
+            cloud = CloudMqtt(broker.host, broker.service_port, pki.cafile, cloud_cert,
+                              cloud_keyfile)
             cloud.connect()
             try:
                 tel = bench_telemetry(pki, broker, cloud, args.publishers, args.seconds)

@@ -7,15 +7,16 @@
 # (var/ is git-ignored).  makemanifest.py runs a manifest with its folder as the current
 # directory, so the repository root is "..".
 #
-# Not frozen: common/host/ (CPython-only helpers on `cryptography`/asn1crypto) and
-# device/bus_linux.py (i2c-dev/spidev through fcntl/ctypes, CPython only).
+# Not frozen: the sub-packages common/host/ and device/host/, where every CPython-only
+# module lives (`cryptography`/asn1crypto helpers, the TLS and EST clients, the i2c-dev /
+# spidev backend on fcntl/ctypes).  Only the .py files directly in common/ and device/ are
+# staged, so nothing needs to be listed here.
 
 import os
 import shutil
 
 _REPO = os.path.abspath("..")
 _STAGE = os.path.join(_REPO, "var", "mp-freeze")
-_EXCLUDE = ("device/bus_linux.py",)
 
 
 def _stage_fleetid():
@@ -30,8 +31,8 @@ def _stage_fleetid():
         os.makedirs(os.path.join(root, folder))
         for name in sorted(os.listdir(os.path.join(_REPO, folder))):
             rel = folder + "/" + name
-            if not name.endswith(".py") or rel in _EXCLUDE:
-                continue  # sub-packages (common/host) and non-Python files stay out
+            if not name.endswith(".py"):
+                continue  # sub-packages (common/host, device/host) and non-Python files
             shutil.copyfile(os.path.join(_REPO, folder, name), os.path.join(root, folder, name))
             staged.append("fleetid/" + rel)
     return staged

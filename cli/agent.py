@@ -218,10 +218,16 @@ class _Cycle:
 
     def _signed_boot(self, se):
         if self.boot is None and self.boot_image is not None:
+            from fleetid.cli.agent_boot import agent_boot_check
             from fleetid.device import boot as boot_mod
             from fleetid.device.agent import SignedBoot
 
-            self.boot = SignedBoot(boot_mod.check_image, boot_mod.confirm_boot, se,
+            # The firmware keys installed in the SE (fwkeys.FirmwareKeys), not only the
+            # factory key; the log names the key that verified the image.
+            crl_cache, crl_issuer = self.revocation_args[:2]
+            check = agent_boot_check(self.log, lambda: int(self.clock.now()),
+                                     crl_issuer=crl_issuer, crl_cache=crl_cache)
+            self.boot = SignedBoot(check, boot_mod.confirm_boot, se,
                                    open(self.boot_image, "rb"), self.boot_max_size)
         if self.boot is not None:
             self.boot.se = se  # checked once per process, confirmed once
@@ -278,9 +284,9 @@ def _print_failure(exc):
     elif isinstance(exc, NetError):
         click.echo("FAILED network: %s (the journal keeps the progress)" % exc, err=True)
     elif not isinstance(exc, InterruptedError):
-        from fleetid.cli.se_connection import describe_error
+        from fleetid.cli.se_connection import describe_error, where
 
-        click.echo("FAILED %s" % describe_error(exc), err=True)
+        click.echo("FAILED %s%s" % (where(exc=exc), describe_error(exc)), err=True)
 
 
 @agent.command("status")
@@ -369,7 +375,7 @@ def whoami_cmd(bus, t1_profile, timeout_ms, cloud, est, label, slot, save):
     except FleetidError as exc:
         _fail(exc)
     except ValueError as exc:
-        raise click.UsageError(str(exc)) from None
+        raise click.BadParameter("%s: %s" % (cloud, exc), param_hint="--cloud") from None
     finally:
         device.close()
     cipher = client.last_cipher[0] if client.last_cipher else "?"
@@ -381,8 +387,11 @@ def whoami_cmd(bus, t1_profile, timeout_ms, cloud, est, label, slot, save):
     identity = json.loads(response.body)
     click.echo(json.dumps(identity, indent=1))
     if save:
-        with open(save, "w") as f:
-            json.dump(identity, f)
+        try:
+            with open(save, "w") as f:
+                json.dump(identity, f)
+        except OSError as exc:
+            raise click.ClickException("--save %s: %s" % (save, exc.strerror or exc)) from None
 
 
 @agent.command("submit-csr")
@@ -415,7 +424,11 @@ def submit_csr_cmd(bus, t1_profile, timeout_ms, cloud, est, label, csr_file, slo
         from cryptography import x509
         from cryptography.hazmat.primitives import serialization
 
-        data = x509.load_pem_x509_csr(data).public_bytes(serialization.Encoding.DER)
+        try:
+            data = x509.load_pem_x509_csr(data).public_bytes(serialization.Encoding.DER)
+        except ValueError:
+            raise click.BadParameter("%s is not a PEM CSR" % csr_file,
+                                     param_hint="--csr") from None
     target = est or cloud
     if not target:
         raise click.UsageError("--est is required")
@@ -429,6 +442,8 @@ def submit_csr_cmd(bus, t1_profile, timeout_ms, cloud, est, label, csr_file, slo
                                   {"Content-Type": "application/pkcs10"})
     except FleetidError as exc:
         _fail(exc)
+    except ValueError as exc:
+        raise click.BadParameter("%s: %s" % (target, exc), param_hint="--est/--cloud") from None
     finally:
         device.close()
     if response.status == 200:
@@ -462,10 +477,15 @@ def get_cert_cmd(bus, t1_profile, timeout_ms, slot, out):
         cert = x509.load_der_x509_certificate(bytes(device.se.get_cert(slot)))
     except FleetidError as exc:
         _fail(exc)
+    except ValueError:
+        raise click.ClickException("slot %d does not hold a DER certificate" % slot) from None
     finally:
         device.close()
-    with open(out, "wb") as f:
-        f.write(cert.public_bytes(serialization.Encoding.PEM))
+    try:
+        with open(out, "wb") as f:
+            f.write(cert.public_bytes(serialization.Encoding.PEM))
+    except OSError as exc:
+        raise click.ClickException("--out %s: %s" % (out, exc.strerror or exc)) from None
     click.echo("slot %d certificate -> %s" % (slot, out))
 
 
@@ -544,3 +564,8 @@ def _status_line(status):
     from fleetid.device.agent import status_text
 
     return status_text(status)
+
+
+from fleetid.cli.agent_tls import probe_tls  # noqa: E402  `fleetid agent probe-tls` (TLS 1.3)
+
+agent.add_command(probe_tls)

@@ -9,9 +9,11 @@ from fleetid.common.errors import FleetidError
 
 
 def fail(exc):
-    from fleetid.cli.se_connection import describe_error
+    """Raise the one-line error for `exc`, naming the command, its slot and, for a link or
+    bus failure, the bus."""
+    from fleetid.cli.se_connection import describe_error, where
 
-    raise click.ClickException(describe_error(exc)) from None
+    raise click.ClickException(where(exc=exc) + describe_error(exc)) from None
 
 
 class Device:
@@ -41,7 +43,7 @@ class Device:
             return HostNetwork(self.se, cloud or est, est or cloud, [self.root_der()],
                                label=label)
         except ValueError as exc:
-            raise click.UsageError(str(exc)) from None
+            raise click.UsageError("--cloud %s / --est %s: %s" % (cloud, est, exc)) from None
 
     def close(self):
         self.stack.close()

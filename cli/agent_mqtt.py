@@ -8,6 +8,8 @@ thread only queues messages; they are handled between bounded waits.  What it do
 
 * telemetry after each cycle ({"agent": summary} or {"agent": {"failed": reason}});
 * retained CRLs (fleet/crl/<label>) into the agent's CRL cache (--crl-issuer/--crl-cache);
+* the retained compact revocation set (fleet/crl/revset) into the device's compact-set
+  cache (--mqtt-revset-signer/--mqtt-revset-cache), verified through the SE;
 * a `rotate` command runs a rotation at once; `apdu` commands (SCP03 only) are relayed
   to the SE verbatim; `ping` is answered;
 * a lost broker connection is re-opened (backoff up to --max-delay); a lost SE link is
@@ -33,6 +35,15 @@ def mqtt_options(function):
         "--mqtt-crl-label", "mqtt_crl_labels", multiple=True, default=("+",),
         show_default=True, help="Retained CRL topics to take (fleet/crl/LABEL; + = all); "
                                 "the cache keeps those of --crl-issuer.")(function)
+    function = click.option(
+        "--mqtt-revset-cache", type=click.Path(dir_okay=False), default=None,
+        help="File of the cached compact revocation set: retained sets (fleet/crl/revset) "
+             "are verified through the SE and kept here (needs --mqtt-revset-signer).")(
+        function)
+    function = click.option(
+        "--mqtt-revset-signer", type=click.Path(exists=True, dir_okay=False), default=None,
+        help="The compact-set signer's certificate (issued by the fleet root; "
+             "<state_dir>/revocation/revset-signer.pem in the cloud).")(function)
     function = click.option(
         "--mqtt-chain", type=click.Path(exists=True, dir_okay=False), default=None,
         help="PEM intermediates sent after the SE's identity certificate (a broker whose "
@@ -65,6 +76,29 @@ def _pem_certs_der(path, option):
     return [c.public_bytes(serialization.Encoding.DER) for c in certs]
 
 
+def _revset_signer(signer_path, cache_path):
+    """The compact-set signer's certificate (--mqtt-revset-signer), checked to be one;
+    None when not configured.  Raises: click.UsageError, click.BadParameter."""
+    if signer_path is None and cache_path is None:
+        return None
+    if signer_path is None or cache_path is None:
+        raise click.UsageError("--mqtt-revset-signer and --mqtt-revset-cache go together")
+    from cryptography import x509
+
+    from fleetid.cli.agent_device import load_cert
+    from fleetid.cloud.revocation.compact import OID_KP_REVOCATION_SET
+
+    signer = load_cert(signer_path, "--mqtt-revset-signer")
+    try:
+        usages = signer.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    except x509.ExtensionNotFound:
+        usages = []
+    if OID_KP_REVOCATION_SET not in usages:
+        raise click.BadParameter("%s is not a revocation-set signer (extendedKeyUsage)"
+                                 % signer_path, param_hint="--mqtt-revset-signer")
+    return signer
+
+
 class MqttAgent:
     """The --mqtt loop.
 
@@ -75,13 +109,13 @@ class MqttAgent:
     """
 
     def __init__(self, cycle, open_device, stop, **options):
-        from fleetid.cli.mqtt import parse_broker
+        from fleetid.cli.mqtt import DEFAULT_PORT, parse_broker
 
         self.o = options
         self.cycle = cycle
         self.clock = cycle.clock
         self._open_device = open_device
-        self.host, self.port = parse_broker(options["mqtt_url"], "--mqtt")
+        self.host, self.port = parse_broker(options["mqtt_url"], "--mqtt", DEFAULT_PORT)
         self.roots = (_pem_certs_der(options["mqtt_ca"], "--mqtt-ca")
                       if options["mqtt_ca"] else None)
         self.chain = (_pem_certs_der(options["mqtt_chain"], "--mqtt-chain")
@@ -89,8 +123,12 @@ class MqttAgent:
         self.stop = stop
         self.device = None
         self.link = None
+        self.revset_signer = _revset_signer(options.get("mqtt_revset_signer"),
+                                            options.get("mqtt_revset_cache"))
+        self.revset = None  # device.revset_mqtt.RevsetDispatch while connected
         self.used_at = 0.0
         self.reported = (0, 0)
+        self.failure_kinds = set()
 
     # -- the SE ------------------------------------------------------------------------
 
@@ -153,6 +191,8 @@ class MqttAgent:
             transport = PahoSeTransport(device.se, C.SLOT_IDENTITY, [identity] + self.chain,
                                         self.roots or [device.root_der()], self.host,
                                         self.port, timeout=self.o["mqtt_timeout"])
+            cache = (self._revset_cache(device) if self.revset_signer is not None
+                     else None)
         except (FleetidError, OSError) as exc:  # the SE link broke: open it again later
             click.echo("agent: SE identity unavailable: %s" % (exc,), err=True)
             self.close_device()
@@ -160,8 +200,17 @@ class MqttAgent:
         channel = DeviceChannel(transport, name, relay=self.relay,
                                 clock=lambda: int(time.time()))
         self.link = AgentMqtt(self.cycle.agent(device), channel)
+        labels = list(self.o["mqtt_crl_labels"])
+        if cache is not None:
+            from fleetid.device.revset_mqtt import REVSET_LABEL, RevsetDispatch
+
+            self.revset = RevsetDispatch(cache, lambda: int(time.time()),
+                                         on_crl=channel.on_crl)
+            channel.on_crl = self.revset
+            if "+" not in labels and REVSET_LABEL not in labels:
+                labels.append(REVSET_LABEL)
         try:
-            channel.start(crl_labels=self.o["mqtt_crl_labels"])
+            channel.start(crl_labels=labels)
         except TransportError as exc:
             channel.close()
             self.link = None
@@ -173,6 +222,26 @@ class MqttAgent:
                    "slot %d)" % (self.host, self.port, name, C.SLOT_IDENTITY))
         sys.stdout.flush()
         return True
+
+    def _revset_cache(self, device):
+        """The device's compact-set cache, its fleet named by the SE's root anchor (the
+        signer must be issued by that root).  Raises: click.UsageError."""
+        from cryptography import x509
+
+        from fleetid.cloud.revocation.compact import public_point
+        from fleetid.common import revset
+        from fleetid.device.crl_cache import FileStore
+        from fleetid.device.revset_cache import RevsetCache
+
+        root = x509.load_der_x509_certificate(device.root_der())
+        try:
+            self.revset_signer.verify_directly_issued_by(root)
+        except (ValueError, TypeError) as exc:
+            raise click.UsageError("--mqtt-revset-signer %s: not issued by the SE's fleet "
+                                   "root (%s)" % (self.o["mqtt_revset_signer"], exc)) from None
+        return RevsetCache(device.se, FileStore(self.o["mqtt_revset_cache"]),
+                           public_point(self.revset_signer.public_key()),
+                           revset.fleet_id(public_point(root.public_key())))
 
     def drop(self):
         """Close the MQTT session (the loop opens it again)."""
@@ -211,10 +280,16 @@ class MqttAgent:
         channel = self.link.channel
         while self.link.crl_results:
             click.echo("mqtt: retained CRL -> cache: %s" % self.link.crl_results.pop(0))
+        while self.revset is not None and self.revset.results:
+            click.echo("mqtt: retained compact set -> cache: %s" % self.revset.results.pop(0))
         if (channel.relayed, channel.refused) != self.reported:
             click.echo("mqtt: %d APDU(s) relayed to the SE, %d message(s) refused"
                        % (channel.relayed, channel.refused))
             self.reported = (channel.relayed, channel.refused)
+        for kind in sorted(set(channel.failures) - self.failure_kinds):  # once per kind
+            self.failure_kinds.add(kind)
+            click.echo("mqtt: a message failed in handling (%s: %s); skipped, further "
+                       "ones counted" % (kind, channel.failures[kind]), err=True)
         sys.stdout.flush()
 
     # -- the agent ---------------------------------------------------------------------

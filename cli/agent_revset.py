@@ -40,14 +40,19 @@ def _load_cert(path):
 @click.option("--grace", default=7 * 86400, show_default=True,
               type=click.IntRange(0, 365 * 86400),
               help="Seconds a set stays usable past its next_update.")
+@click.option("--clock-skew", default=300, show_default=True,
+              type=click.IntRange(0, 30 * 86400),
+              help="Seconds a set's this_update may be ahead of this device's clock; a set "
+              "from further in the future is refused.")
 @click.option("--fail-open", is_flag=True,
               help="With no fresh set, do not treat peers as revoked (default: fail closed).")
 def check_peer_offline(cert, bus, t1_profile, timeout_ms, root_file, signer_file, cache_file,
-                       load_file, grace, fail_open):
+                       load_file, grace, clock_skew, fail_open):
     """Check a peer device's certificate against the cached compact revocation set.
 
-    The peer's device serial (its subject serialNumber) is looked up in the set, and its
-    issuing CA's key identifier (its AKI) among the revoked batches.  Exit 0: not
+    The peer's device serial (its subject serialNumber as the line writes it,
+    FID-000000042 -> device 42, the registry serial the set holds) is looked up in the
+    set, and its issuing CA's key identifier (its AKI) among the revoked batches.  Exit 0: not
     revoked; 1: revoked, stale under a fail-closed policy, or a refused --load.
 
     \b
@@ -58,42 +63,21 @@ def check_peer_offline(cert, bus, t1_profile, timeout_ms, root_file, signer_file
     """
     import time
 
-    from cryptography import x509
-    from cryptography.x509.oid import NameOID
-
     from fleetid.cli.agent_device import Device as _Device
-    from fleetid.cloud.revocation.compact import OID_KP_REVOCATION_SET, public_point
+    from fleetid.cloud.revocation.compact import public_point
     from fleetid.common import revset
     from fleetid.device.crl_cache import FileStore
-    from fleetid.device.revset_cache import (
-        RevsetCache,
-        RevsetCacheError,
-        RevsetPolicy,
-    )
+    from fleetid.device.revset_cache import RevsetCache, RevsetCacheError, RevsetPolicy
 
     root, signer, peer = _load_cert(root_file), _load_cert(signer_file), _load_cert(cert)
-    try:
-        signer.verify_directly_issued_by(root)
-        usages = signer.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
-        if OID_KP_REVOCATION_SET not in usages:
-            raise ValueError("not a revocation-set signer (extendedKeyUsage)")
-    except (ValueError, TypeError, x509.ExtensionNotFound) as exc:
-        raise click.ClickException("%s: %s" % (signer_file, exc)) from None
-    names = peer.subject.get_attributes_for_oid(NameOID.SERIAL_NUMBER)
-    try:
-        device_serial = int(names[0].value)
-    except (IndexError, ValueError):
-        raise click.ClickException("%s has no numeric device serialNumber" % cert) from None
-    try:
-        ca_key_id = peer.extensions.get_extension_for_class(
-            x509.AuthorityKeyIdentifier).value.key_identifier
-    except x509.ExtensionNotFound:
-        ca_key_id = None
+    _check_signer(signer, root, signer_file)
+    device_serial, ca_key_id = _peer_identity(peer, cert)
     device = _Device(bus, t1_profile, timeout_ms)
     try:
         cache = RevsetCache(device.se, FileStore(cache_file), public_point(signer.public_key()),
                             revset.fleet_id(public_point(root.public_key())),
-                            RevsetPolicy(grace_s=grace, fail_open=fail_open))
+                            RevsetPolicy(grace_s=grace, fail_open=fail_open,
+                                         clock_skew_s=clock_skew))
         now = int(time.time())
         if load_file is not None:
             with open(load_file, "rb") as f:
@@ -119,3 +103,46 @@ def check_peer_offline(cert, bus, t1_profile, timeout_ms, root_file, signer_file
         raise click.ClickException("%s: %s" % (type(exc).__name__, exc)) from None
     finally:
         device.close()
+
+
+def _check_signer(signer, root, signer_file):
+    """The set signer must be issued by the root, with the revocation-set EKU."""
+    from cryptography import x509
+
+    from fleetid.cloud.revocation.compact import OID_KP_REVOCATION_SET
+
+    try:
+        signer.verify_directly_issued_by(root)
+        usages = signer.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+        if OID_KP_REVOCATION_SET not in usages:
+            raise ValueError("not a revocation-set signer (extendedKeyUsage)")
+    except (ValueError, TypeError, x509.ExtensionNotFound) as exc:
+        raise click.ClickException("%s: %s" % (signer_file, exc)) from None
+
+
+def _peer_identity(peer, cert):
+    """(device serial, issuing CA key id or None) of a peer certificate.  The device
+    serial as the line writes it (FID-000000042 -> 42, the registry serial the compact
+    set holds); a certificate without serialNumber is named by its CN."""
+    from cryptography import x509
+    from cryptography.x509.oid import NameOID
+
+    from fleetid.device.revset_cache import RevsetCacheError, device_number
+
+    names = peer.subject.get_attributes_for_oid(NameOID.SERIAL_NUMBER) or \
+        peer.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    if len(names) != 1:
+        raise click.ClickException("%s: the subject names no single device serial "
+                                   "(serialNumber or CN)" % cert)
+    try:
+        device_serial = device_number(names[0].value)
+    except RevsetCacheError as exc:
+        raise click.ClickException("%s: the subject's device serial %r (serialNumber, else "
+                                   "CN) is not PREFIX-<digits> as the line writes it (%s)"
+                                   % (cert, names[0].value[:64], exc.reason)) from None
+    try:
+        ca_key_id = peer.extensions.get_extension_for_class(
+            x509.AuthorityKeyIdentifier).value.key_identifier
+    except x509.ExtensionNotFound:
+        ca_key_id = None
+    return device_serial, ca_key_id

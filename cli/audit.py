@@ -33,6 +33,23 @@ def _open_registry(uri):
         raise click.ClickException("cannot open the registry %s: %s" % (uri, exc))
 
 
+def _at(text):
+    """--at as epoch seconds (now when not given)."""
+    import datetime
+    import time
+
+    if text is None:
+        return time.time()
+    try:
+        when = datetime.datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise click.BadParameter("expected RFC 3339, e.g. 2027-01-01T00:00:00Z: %r" % text,
+                                 param_hint="--at") from None
+    if when.tzinfo is None:
+        raise click.BadParameter("needs a time zone (e.g. Z): %r" % text, param_hint="--at")
+    return when.timestamp()
+
+
 def _source(log_path, registry_uri):
     if bool(log_path) == bool(registry_uri):
         raise click.UsageError("give exactly one of --log PATH or --registry URI")
@@ -94,15 +111,31 @@ def audit():
                    "<line>/witness/anchor.json, signature checked; or COVERS:HEX): the log "
                    "must still hold that many entries, the last of them with that hash. "
                    "Catches a truncated and rewritten log.")
+@click.option("--max-unanchored-age", type=click.IntRange(min=0), default=None,
+              metavar="SECONDS",
+              help="Fail when an entry has been left without a checkpoint for longer than "
+                   "this (default: the checkpoint interval, 3600 s).")
+@click.option("--max-unanchored-revocation-age", "max_urgent_age",
+              type=click.IntRange(min=0), default=None, metavar="SECONDS",
+              help="Fail when a revocation or CA change has been left without a checkpoint "
+                   "for longer than this (default 60 s: one is due at once).")
+@click.option("--at", "at_time", default=None, metavar="RFC3339",
+              help="Judge that age as of this time (default: now), e.g. for an export "
+                   "taken earlier: 2027-01-01T00:00:00Z.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def verify(log_path, registry_uri, line_pub, witness_pub, expect_count, expect_head,
-           witness_anchor, as_json):
+           witness_anchor, max_unanchored_age, max_urgent_age, at_time, as_json):
     """Verify every entry, hash link and checkpoint signature of an audit log, offline.
 
     Prints OK with the counts, or the index (0-based) and reason of the FIRST bad entry
     and exits with status 1.  A registry's chain is also checked against the registry's
     head row (entry count and head hash), so a truncated table shows.  A file log can only
     show truncation against --expect-count / --expect-head (e.g. from the witness).
+    Entries after the last checkpoint fail the log (reason unanchored) once the oldest of
+    them is older than --max-unanchored-age (one hour), or a revocation or CA change
+    among them older than --max-unanchored-revocation-age (60 s): a checkpoint was due
+    by then (at once after a revocation, otherwise every hour), and without one those
+    entries could have been cut off unseen.
 
     \b
     Examples:
@@ -122,6 +155,11 @@ def verify(log_path, registry_uri, line_pub, witness_pub, expect_count, expect_h
     if registry_uri and (expect_count is not None or expect_head):
         raise click.UsageError("--expect-count / --expect-head are for --log (a registry "
                                "is checked against its own head row)")
+    now = _at(at_time)
+    max_age = audit_log.DEFAULT_EVERY_SECONDS if max_unanchored_age is None \
+        else max_unanchored_age
+    max_urgent = audit_log.DEFAULT_URGENT_MAX_AGE_S if max_urgent_age is None \
+        else max_urgent_age
     line_keys = _load_keys(line_pub, "line")
     witness_keys = _load_keys(witness_pub, "witness")
     anchor = _parse_anchor(witness_anchor, witness_keys)
@@ -137,6 +175,7 @@ def verify(log_path, registry_uri, line_pub, witness_pub, expect_count, expect_h
             report = audit_log.verify_log(audit_log.read_log_file(log_path), line_keys,
                                           witness_keys, expected_count=expect_count,
                                           expected_head=expect_head, witness_anchor=anchor)
+        audit_log.check_anchoring(report, now, max_age, max_urgent)
     except audit_log.AuditChainBroken as exc:
         if as_json:
             click.echo(json.dumps({"ok": False, "source": source, "index": exc.index,

@@ -110,7 +110,7 @@ def serve_cmd(config_path, state_dir, host, verifier_port, est_port, metrics_por
 
     from fleetid.cloud.hsm import secret_variable
     from fleetid.cloud.http.middleware import configure_json_logging
-    from fleetid.cloud.server import CloudServer, build_context, serve_forever
+    from fleetid.cloud.server import CloudServer, ListenError, build_context, serve_forever
 
     env = {} if crl_port is None else {"CRL_PORT": str(crl_port)}
     config = _load(config_path, state_dir, env, host=host, verifier_port=verifier_port,
@@ -145,6 +145,8 @@ def serve_cmd(config_path, state_dir, host, verifier_port, est_port, metrics_por
 
     try:
         serve_forever(server, ready, event_loop=config.event_loop)
+    except ListenError as exc:  # a busy port: one line naming it, exit 1
+        raise click.ClickException(str(exc)) from None
     finally:
         context.close()
 

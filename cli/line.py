@@ -16,12 +16,16 @@ _PROFILES = ("none", "atecc608", "optiga", "se050")
 
 
 def _fail(exc):
+    # Named after the line folder the command works on (its --out / OUT).
+    ctx = click.get_current_context(silent=True)
+    out = ctx.params.get("out") if ctx is not None else None
+    where = "line %s: " % out if out else ""
     if type(exc).__name__ == "NvmError":
-        return click.ClickException("chip NVM: %s" % exc)
+        return click.ClickException("%schip NVM: %s" % (where, exc))
     if isinstance(exc, OSError):
-        return click.ClickException("%s%s" % (exc.strerror or exc, (": %s" % exc.filename)
-                                              if exc.filename else ""))
-    return click.ClickException("%s: %s" % (type(exc).__name__, exc))
+        return click.ClickException("%s%s%s" % (where, exc.strerror or exc, (
+            ": %s" % exc.filename) if exc.filename else ""))
+    return click.ClickException("%s%s: %s" % (where, type(exc).__name__, exc))
 
 
 def _environ(out, hsm_uri, pass_file, witness_hsm_uri=None):
@@ -42,7 +46,7 @@ def _environ(out, hsm_uri, pass_file, witness_hsm_uri=None):
 
 
 def _open_or_init(out, hsm_uri, registry_uri, max_sessions=None, init_if_missing=True,
-                  pass_file=None):
+                  pass_file=None, vendor_dir=None):
     from fleetid.cloud.line import workdir
 
     exists = os.path.exists(os.path.join(out, workdir.CONFIG_FILE))
@@ -54,7 +58,7 @@ def _open_or_init(out, hsm_uri, registry_uri, max_sessions=None, init_if_missing
         return workdir.open_line(out, hsm_uri, registry_uri, max_sessions=max_sessions,
                                  environ=environ)
     click.echo("initialising a line in %s (vendor CA, root ceremony, issuing CA, keys)" % out)
-    line = _init_demo_line(out, hsm_uri, registry_uri, environ)
+    line = _init_demo_line(out, hsm_uri, registry_uri, environ, vendor_dir=vendor_dir)
     if max_sessions:
         line.close()
         line = workdir.open_line(out, hsm_uri, registry_uri, max_sessions=max_sessions,
@@ -62,16 +66,36 @@ def _open_or_init(out, hsm_uri, registry_uri, max_sessions=None, init_if_missing
     return line
 
 
-def _init_demo_line(out, hsm_uri, registry_uri, environ, **custody):
-    """init_line on the demo's simulated SE vendor: its root CA goes into OUT/vendor first
-    (the line trusts it; the vendor side, sim.lot, makes the chips with it).  `custody`:
-    init_line's root / cas / witness_hsm_uri."""
+def _vendor_dir(out, vendor_dir):
+    """The simulated SE vendor's folder: --vendor-dir, else "<OUT>.se-vendor" beside the
+    line (sim.lot.default_vendor_dir); never inside the line's folder."""
+    folder = os.path.abspath(vendor_dir or (os.path.abspath(out).rstrip(os.sep) + ".se-vendor"))
+    line_dir = os.path.abspath(out)
+    if folder == line_dir or folder.startswith(line_dir + os.sep):
+        raise click.BadParameter("%s is inside the line's folder: the SE vendor's keys stay "
+                                 "with the vendor" % vendor_dir, param_hint="--vendor-dir")
+    return folder
+
+
+def _init_demo_line(out, hsm_uri, registry_uri, environ, vendor_dir=None, **custody):
+    """init_line on the demo's simulated SE vendor: the vendor (its CA and keys in
+    `vendor_dir`) publishes its root certificate, only that, into OUT/vendor first (the
+    line trusts it; the vendor side, sim.lot, makes the chips with it).  A vendor root
+    already in OUT/vendor (a real vendor's, put there by the operator) is kept unless
+    --vendor-dir names the simulated one.  `custody`: init_line's root / cas /
+    witness_hsm_uri."""
     from fleetid.cloud.line import workdir
     from fleetid.sim import fab
 
-    if not os.path.exists(os.path.join(out, workdir.CONFIG_FILE)):
-        fab.load_or_create_vendor_ca(os.path.join(out, "vendor"))
+    trust_dir = os.path.join(out, "vendor")
+    if not os.path.exists(os.path.join(out, workdir.CONFIG_FILE)) and (
+            vendor_dir or not os.path.exists(os.path.join(trust_dir, workdir.VENDOR_ROOT_FILE))):
+        fab.publish_vendor_root(_vendor_dir(out, vendor_dir), trust_dir)
     return workdir.init_line(out, hsm_uri, registry_uri, environ=environ, **custody)
+
+
+_VENDOR_DIR_HELP = ("The simulated SE vendor's folder (its CA key and the chips' transport "
+                    "keys; default: OUT.se-vendor beside the line, never inside it).")
 
 
 @click.group()
@@ -106,9 +130,10 @@ def line():
 @click.option("--witness-hsm", "witness_hsm_uri", metavar="URI",
               help="The audit witness's own keystore or token (required with --hsm; "
                    "default: a soft keystore of its own in OUT/witness).")
+@click.option("--vendor-dir", type=click.Path(file_okay=False), help=_VENDOR_DIR_HELP)
 @pass_file_option
 def init_cmd(out, hsm_uri, registry_uri, root_cert, root_label, cas, witness_hsm_uri,
-             pass_file):
+             vendor_dir, pass_file):
     """Set up a line work directory: the SE vendor's root (the simulated vendor's, on the
     demo path), the fleet root and issuing CAs, SCP03 master key, audit line key and
     firmware key in the HSM, the audit witness key in its own keystore, the registry.
@@ -126,8 +151,8 @@ def init_cmd(out, hsm_uri, registry_uri, root_cert, root_label, cas, witness_hsm
         if os.path.exists(os.path.join(out, workdir.CONFIG_FILE)):
             raise FileExistsError(out)
         environ = _environ(out, hsm_uri, pass_file, witness_hsm_uri)
-        opened = _init_demo_line(out, hsm_uri, registry_uri, environ, root=root, cas=adopted,
-                                 witness_hsm_uri=witness_hsm_uri)
+        opened = _init_demo_line(out, hsm_uri, registry_uri, environ, vendor_dir=vendor_dir,
+                                 root=root, cas=adopted, witness_hsm_uri=witness_hsm_uri)
     except FileExistsError:
         raise click.ClickException("%s already holds a line" % out) from None
     except (FleetidError, OSError) as exc:
@@ -140,6 +165,8 @@ def init_cmd(out, hsm_uri, registry_uri, root_cert, root_label, cas, witness_hsm
                                                     entry["scope"]["batch"]))
         click.echo("  audit:  %s" % os.path.join(out, "pki", "audit-line.pub.pem"))
         click.echo("  witness: %s" % os.path.join(out, "pki", "audit-witness.pub.pem"))
+        click.echo("  transport wrapping key (for chip vendors): %s"
+                   % os.path.join(out, workdir.TRANSPORT_WRAP_PUB))
     finally:
         opened.close()
 
@@ -164,7 +191,8 @@ def _station_counts(text):
                                  "1,2,4,8" % text, param_hint="--stations")
     counts = [int(part) for part in parts]
     if not counts or any(k < 1 or k > 1024 for k in counts):
-        raise click.BadParameter("station counts must be 1..1024", param_hint="--stations")
+        raise click.BadParameter("%r: station counts must be 1..1024" % text,
+                                 param_hint="--stations")
     return counts
 
 
@@ -188,8 +216,9 @@ def _sigterm_interrupts():
 
 
 @line.command("run")
-@click.option("--devices", "-n", type=click.IntRange(1, 1000000), required=True,
-              help="Chips to personalise (per station count when several are given).")
+@click.option("--devices", "-n", type=click.IntRange(1, 1000000), default=None,
+              help="Chips to personalise (per station count when several are given); the "
+                   "simulated vendor makes them.  Or --chips with --shipment.")
 @click.option("--stations", "-k", default="4", show_default=True, metavar="K[,K...]",
               help="Parallel stations; a list runs each count in turn (scaling curve).")
 @click.option("--se-profile", type=click.Choice(_PROFILES), default="none",
@@ -205,24 +234,60 @@ def _sigterm_interrupts():
               help="Issue with the line's CA for this product batch (default: its default CA).")
 @click.option("--out", required=True, type=click.Path(file_okay=False),
               help="Line work directory (initialised on first use); the report goes here.")
+@click.option("--vendor-dir", type=click.Path(file_okay=False), help=_VENDOR_DIR_HELP)
+@click.option("--chips", "chips_dir", type=click.Path(file_okay=False, exists=True),
+              help="Personalise these chips (se-*.nvm from `fleetid sim fab`) instead of a "
+                   "simulated lot; with --shipment.")
+@click.option("--shipment", type=click.Path(dir_okay=False, exists=True),
+              help="Their vendor's transport-key shipment (`fleetid sim ship`), received "
+                   "into OUT/shipments/ and the HSM first.")
 @pass_file_option
 def run_cmd(devices, stations, se_profile, hsm_uri, registry_uri, max_sessions, keep_chips,
-            ca_batch, out, pass_file):
+            ca_batch, out, vendor_dir, chips_dir, shipment, pass_file):
     """Personalise N emulated chips on K parallel stations sharing the HSM session pool
-    and the registry; print a summary and write OUT/report-<lot>.html."""
+    and the registry; print a summary and write OUT/report-<lot>.html.
+
+    The simulated SE vendor (in --vendor-dir) makes each lot and ships its chips'
+    transport keys wrapped for the line's HSM (OUT/shipments/<lot>.json); the HSM
+    unwraps them inside, one chip at a time."""
     from rich.console import Console
 
     counts = _station_counts(stations)
+    if bool(chips_dir) != bool(shipment):
+        raise click.UsageError("--chips and --shipment go together")
+    if bool(devices) == bool(chips_dir):
+        raise click.UsageError("give --devices (a simulated lot) or --chips with --shipment")
+    if chips_dir and len(counts) > 1:
+        raise click.UsageError("--chips runs one station count (a chip is personalised once)")
     console = Console()
+    delivered = (chips_dir, shipment) if chips_dir else None
     with _sigterm_interrupts():
         summaries, report = _run_lots(out, hsm_uri, registry_uri, max_sessions, keep_chips,
                                       counts, devices, se_profile, pass_file, console,
-                                      ca_batch)
+                                      ca_batch, vendor_dir, delivered)
     _print_summaries(console, summaries, se_profile, report)
 
 
+def _delivered_lot(opened, chips_dir, shipment):
+    """A ChipLot of the chips in `chips_dir`, their vendor's `shipment` received by the
+    line (its KEK into the HSM; a refused shipment raises ShipmentError / HsmError)."""
+    import json
+
+    from fleetid.sim import lot as lot_mod
+
+    with open(shipment, "rb") as f:
+        try:
+            doc = json.loads(f.read().decode("utf-8"))
+        except ValueError:
+            raise click.ClickException("%s: not a JSON shipment" % shipment) from None
+    chips = lot_mod.load_chips(chips_dir)
+    if not chips:
+        raise click.ClickException("no chips (se-*.nvm) in %s" % chips_dir)
+    return lot_mod.ChipLot(opened.receive_shipment(doc), list(chips.values()))
+
+
 def _run_lots(out, hsm_uri, registry_uri, max_sessions, keep_chips, counts, devices,
-              se_profile, pass_file, console, ca_batch=None):
+              se_profile, pass_file, console, ca_batch=None, vendor_dir=None, delivered=None):
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, \
         TimeElapsedColumn
 
@@ -234,7 +299,7 @@ def _run_lots(out, hsm_uri, registry_uri, max_sessions, keep_chips, counts, devi
 
     try:
         opened = _open_or_init(out, hsm_uri, registry_uri, max_sessions or max(8, max(counts)),
-                               pass_file=pass_file)
+                               pass_file=pass_file, vendor_dir=vendor_dir)
     except (FleetidError, OSError) as exc:
         raise _fail(exc) from None
     summaries = []
@@ -245,9 +310,14 @@ def _run_lots(out, hsm_uri, registry_uri, max_sessions, keep_chips, counts, devi
                                        "`fleetid line reconcile --out %s` first" % (pending, out))
         opened.issuing_ca_for(ca_batch)  # an unknown batch fails before any lot is made
         for k in counts:
-            batch = lot_mod.new_batch_name()
-            chip_dir = os.path.join(out, "chips", batch) if keep_chips else None
-            lot = lot_mod.make_lot(opened, devices, batch=batch, chip_dir=chip_dir)
+            if delivered:
+                lot = _delivered_lot(opened, *delivered)
+                devices = len(lot.chips)
+            else:
+                batch = lot_mod.new_batch_name()
+                chip_dir = os.path.join(out, "chips", batch) if keep_chips else None
+                lot = lot_mod.make_lot(opened, devices, batch=batch, chip_dir=chip_dir,
+                                       vendor_dir=_vendor_dir(out, vendor_dir))
             resources = opened.resources_for(lot.batch, ca_batch=ca_batch)
             with Progress(TextColumn("[bold]%d stations" % k), BarColumn(),
                           MofNCompleteColumn(), TextColumn("{task.fields[status]}"),
@@ -266,7 +336,7 @@ def _run_lots(out, hsm_uri, registry_uri, max_sessions, keep_chips, counts, devi
             summaries.append(summary)
         report = os.path.join(out, "report-%s.html" % summaries[-1].batch)
         report_mod.write_report(summaries, report)
-    except (FleetidError, OSError) as exc:
+    except (FleetidError, OSError, ValueError) as exc:
         raise _fail(exc) from None
     finally:
         opened.close()

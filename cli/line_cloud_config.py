@@ -27,6 +27,7 @@ SERVER_CERT_DAYS = 30
 
 def _write(path, data, mode=0o644):
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    os.fchmod(fd, mode)  # an existing file keeps its mode otherwise (a private key: 0600)
     with os.fdopen(fd, "wb") as f:
         f.write(data)
 

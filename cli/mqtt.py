@@ -18,7 +18,8 @@ import click
 from fleetid.cli.hsm_secret import environ_with_secret, pass_file_option
 from fleetid.common.errors import FleetidError
 
-DEFAULT_PORT = 8883  # IANA: MQTT over TLS
+DEFAULT_PORT = 8883  # IANA: MQTT over TLS (the device listener)
+DEFAULT_SERVICE_PORT = 8884  # the service listener (the cloud, operators): PORT + 1
 
 
 def line_option(function):
@@ -33,24 +34,26 @@ def files_option(function):
     return click.option("--files", "files_dir", default=None,
                         type=click.Path(file_okay=False),
                         help="The broker's files folder (default LINE/mqtt): "
-                             "ca-bundle.pem, cloud.pem, cloud.key.")(function)
+                             "ca-bundle.pem, cloud.pem, cloud.key (the cloud's identity, "
+                             "from the service CA).")(function)
 
 
 def broker_option(function):
-    """--broker mqtts://HOST:PORT (decorator)."""
+    """--broker mqtts://HOST:PORT (decorator): the broker's *service* listener."""
     return click.option("--broker", "broker_url", required=True, metavar="URL",
-                        help="The broker, mqtts://HOST[:PORT] (default port %d)."
-                        % DEFAULT_PORT)(function)
+                        help="The broker's service listener, mqtts://HOST[:PORT] (default "
+                             "port %d; devices use %d)." % (DEFAULT_SERVICE_PORT,
+                                                            DEFAULT_PORT))(function)
 
 
-def parse_broker(url, option="--broker"):
+def parse_broker(url, option="--broker", default_port=DEFAULT_SERVICE_PORT):
     """(host, port) of an mqtts:// URL.  Raises: click.UsageError naming the option."""
     scheme, sep, rest = (url or "").partition("://")
     if not sep or scheme != "mqtts" or not rest or "/" in rest.rstrip("/"):
         raise click.UsageError("%s %r: expected mqtts://HOST[:PORT]" % (option, url))
     host, colon, port = rest.rstrip("/").rpartition(":")
     if not colon:
-        return rest.rstrip("/"), DEFAULT_PORT
+        return rest.rstrip("/"), default_port
     if not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise click.UsageError("%s %r: bad host or port" % (option, url))
     return host.strip("[]"), int(port)
@@ -86,12 +89,21 @@ def open_line(line_dir, pass_file):
 
 def crl_publisher(line):
     """A CrlPublisher for the line's issuing CA ("ca") and its root ("root", which signs
-    the broker's and the cloud's certificates)."""
+    the broker's server certificate)."""
     from fleetid.cloud.revocation import CrlIssuer, CrlPublisher
 
     return CrlPublisher(line.registry, [
         CrlIssuer("ca", line.hsm, line.labels["ca"], line.ca_cert),
         CrlIssuer("root", line.hsm, line.labels["root"], line.root_cert)])
+
+
+def service_crl_publisher(line, files):
+    """A CrlPublisher for the service CA ("service"): revocations of service
+    certificates recorded in the line's registry reach the service listener's CRL."""
+    from fleetid.cloud.revocation import CrlIssuer, CrlPublisher
+
+    return CrlPublisher(line.registry, [CrlIssuer("service", line.hsm, files.service_ca_label,
+                                                  files.service_ca_cert)])
 
 
 def device_serial(line):
@@ -158,14 +170,17 @@ def mqtt():
     Examples:
       fleetid mqtt broker --line var/line --port 8883          # mosquitto, foreground
       fleetid mqtt broker --line var/line --write-only         # just the files
-      fleetid mqtt cloud --line var/line --broker mqtts://127.0.0.1:8883
+      fleetid mqtt cloud --line var/line --broker mqtts://127.0.0.1:8884
     """
 
 
 @mqtt.command("broker")
 @line_option
 @click.option("--port", default=DEFAULT_PORT, show_default=True,
-              type=click.IntRange(1, 65535), help="TCP port of the TLS listener.")
+              type=click.IntRange(1, 65535), help="TCP port of the devices' TLS listener.")
+@click.option("--service-port", default=None, type=click.IntRange(1, 65535),
+              help="TCP port of the service listener (the cloud, operators; trusts only "
+                   "the service CA) [default: PORT + 1].")
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Address to listen on (and a name in the server certificate).")
 @click.option("--out", default=None, type=click.Path(file_okay=False),
@@ -179,25 +194,35 @@ def mqtt():
               help="Seconds between checks of the registry's revocations: a change rewrites "
                    "the CRL file and reloads mosquitto (SIGHUP).")
 @pass_file_option
-def broker_cmd(line_dir, port, host, out, write_only, start_timeout, crl_interval, pass_file):
+def broker_cmd(line_dir, port, service_port, host, out, write_only, start_timeout,
+               crl_interval, pass_file):
     """mosquitto on the fleet PKI, in the foreground until SIGTERM / Ctrl-C.
 
-    Writes into OUT: ca-bundle.pem (root + issuing CA), server.pem/.key (signed by the
-    fleet root in the line's HSM), cloud.pem/.key (CN fleet-cloud, for `fleetid mqtt
-    cloud` and `fleetid ota`), crl.pem (the CAs' CRLs), mosquitto.conf (mTLS,
-    require_certificate, use_identity_as_username, crlfile) and mosquitto.acl (each device
-    its own topics).  mosquitto's log: OUT/mosquitto.log.  While it runs, a revocation in
-    the line's registry rewrites crl.pem and reloads mosquitto, so the revoked device's
-    next TLS handshake is refused.
+    Two listeners: devices on PORT (trust: the fleet root and issuing CA; each device its
+    own topics, no name more), services on SERVICE_PORT (trust: the service CA alone; the
+    whole fleet/# tree).  Writes into OUT: ca-bundle.pem (root + issuing CA), server.pem/.key
+    (signed by the fleet root in the line's HSM), service-ca.pem (the service CA, its key
+    in the line's HSM), cloud.pem/.key (CN fleet-cloud from the service CA, for `fleetid
+    mqtt cloud` and `fleetid ota`), crl.pem and service-crl.pem, mosquitto.conf (mTLS,
+    require_certificate, use_identity_as_username, crlfile, per listener) and the ACLs
+    mosquitto.acl and mosquitto-service.acl.  mosquitto's log: OUT/mosquitto.log.  While
+    it runs, a revocation in the line's registry rewrites the CRL files and reloads
+    mosquitto, so the revoked device's next TLS handshake is refused.
 
     \b
     Examples:
-      fleetid mqtt broker --line var/line --port 8883
+      fleetid mqtt broker --line var/line --port 8883      # services on 8884
       fleetid mqtt broker --line var/line --out /etc/fleetid/mqtt --write-only
     """
     from fleetid.cloud.mqtt.broker import Broker
     from fleetid.cloud.mqtt.fleet_files import make_broker_files
 
+    if service_port is None:
+        if port == 65535:
+            raise click.UsageError("--port 65535: give --service-port too")
+        service_port = port + 1
+    if service_port == port:
+        raise click.UsageError("--service-port %d: must differ from --port" % port)
     out = out or os.path.join(line_dir, "mqtt")
     line = open_line(line_dir, pass_file)
     try:
@@ -205,12 +230,15 @@ def broker_cmd(line_dir, port, host, out, write_only, start_timeout, crl_interva
         files = make_broker_files(line.hsm, line.labels["root"], line.root_cert,
                                   [line.ca_cert], crl_publisher(line), out,
                                   server_hosts=hosts)
+        files.service_publisher = service_crl_publisher(line, files)
+        files.write_crl()
         files.config.host = host
-        broker = Broker(files.config, out, port=port)
+        broker = Broker(files.config, out, port=port, service_port=service_port)
         if write_only:
-            command = broker.write_files(port)
-            click.echo("broker files: %s (mosquitto.conf, mosquitto.acl, ca-bundle.pem, "
-                       "server.pem, cloud.pem, crl.pem)" % out)
+            command = broker.write_files(port, service_port)
+            click.echo("broker files: %s (mosquitto.conf, mosquitto.acl, "
+                       "mosquitto-service.acl, ca-bundle.pem, service-ca.pem, server.pem, "
+                       "cloud.pem, crl.pem, service-crl.pem)" % out)
             click.echo("run: %s" % " ".join(command))
             return
         if broker.binary is None:
@@ -232,9 +260,11 @@ def _run_broker(broker, files, start_timeout, crl_interval):
         except BrokerError as exc:
             raise click.ClickException("mosquitto did not start on %s:%d: %s" % (
                 broker.host, broker.port, str(exc).splitlines()[0])) from None
-        click.echo("mqtt broker: mosquitto pid %d on mqtts://%s:%d (mTLS, identity = "
-                   "certificate CN, crlfile, ACL); log %s"
-                   % (broker.pid, broker.host, broker.port, broker.log_path))
+        click.echo("mqtt broker: mosquitto pid %d on mqtts://%s:%d (devices) and "
+                   "mqtts://%s:%d (services: the service CA only); mTLS, identity = "
+                   "certificate CN, crlfile, ACL; log %s"
+                   % (broker.pid, broker.host, broker.port, broker.host, broker.service_port,
+                      broker.log_path))
         sys.stdout.flush()
         status = None
         written = _crl_state(files)
@@ -252,8 +282,9 @@ def _run_broker(broker, files, start_timeout, crl_interval):
 
 
 def _crl_state(files):
-    publisher = files.publisher
-    return tuple(publisher.current_der(label) for label in publisher.labels())
+    return tuple(publisher.current_der(label)
+                 for publisher in (files.publisher, files.service_publisher)
+                 for label in publisher.labels())
 
 
 def _refresh_crl_file(files, broker, written):
@@ -275,35 +306,52 @@ def _refresh_crl_file(files, broker, written):
 @files_option
 @click.option("--crl-interval", default=60.0, show_default=True,
               type=click.FloatRange(1.0, 86400.0),
-              help="Seconds between checks for a changed CRL (published retained).")
+              help="Seconds between checks for a changed CRL or compact set (published "
+                   "retained).")
 @click.option("--timeout", default=10.0, show_default=True,
               type=click.FloatRange(1.0, 300.0), help="Bound on each broker exchange (s).")
+@click.option("--config", "config_path", default=None,
+              type=click.Path(exists=True, dir_okay=False),
+              help="The cloud's TOML (as for `fleetid cloud serve`, from `fleetid line "
+                   "cloud-config`): when its revocation tiers are initialised (`fleetid "
+                   "revocation init`), the compact revocation set is published retained "
+                   "on fleet/crl/revset too.")
 @pass_file_option
-def cloud_cmd(line_dir, broker_url, files_dir, crl_interval, timeout, pass_file):
+def cloud_cmd(line_dir, broker_url, files_dir, crl_interval, timeout, config_path, pass_file):
     """The cloud's MQTT side until SIGTERM / Ctrl-C: each CA's CRL published retained
-    (again whenever it changes), telemetry received (one line each), refused messages
-    counted (revoked or unknown devices, replays, malformed).
+    (again whenever it changes), the compact revocation set too with --config once
+    revocation is initialised, telemetry received (one line each), refused messages
+    counted (revoked or unknown devices, replays, malformed, too deep, failed).
 
     \b
-    Example:
-      fleetid mqtt cloud --line var/line --broker mqtts://127.0.0.1:8883
+    Examples:
+      fleetid mqtt cloud --line var/line --broker mqtts://127.0.0.1:8884
+      fleetid mqtt cloud --line var/line --broker mqtts://127.0.0.1:8884 \\
+          --config var/cloud/cloud.toml
     """
     from fleetid.cloud.mqtt.service import MqttError, registry_refusal
 
     parse_broker(broker_url)
+    config = None
+    if config_path is not None:
+        from fleetid.cli.cloud import _load
+
+        config = _load(config_path)
     line = open_line(line_dir, pass_file)
     try:
         client = cloud_client(line_dir, files_dir, broker_url, "fleet-cloud",
                               registry_refusal(line.registry, device_serial(line)))
         client.sink.on_telemetry = lambda device, fields: click.echo(
             "telemetry %s seq %d: %s" % (device, fields["seq"], fields.get("m")))
+        publisher = crl_publisher(line)
+        tiers = _revocation_tiers(line, config, publisher)
         connect(client, timeout)
         click.echo("mqtt cloud: connected to mqtts://%s:%d as fleet-cloud"
                    % (client.host, client.port))
         sys.stdout.flush()
         with StopSignals() as stop:
-            _publish_loop(client, crl_publisher(line), crl_interval, timeout, stop)
-    except (MqttError, FleetidError) as exc:
+            _publish_loop(client, publisher, crl_interval, timeout, stop, tiers)
+    except (MqttError, FleetidError, OSError) as exc:
         raise fail(exc) from None
     finally:
         line.close()
@@ -312,25 +360,52 @@ def cloud_cmd(line_dir, broker_url, files_dir, crl_interval, timeout, pass_file)
         "%s %d" % item for item in sorted(client.sink.metrics().items())))
 
 
-def _publish_loop(client, publisher, interval, timeout, stop):
-    """Publish each label's CRL when it differs from the last published, every
-    `interval` s, until `stop` (the publisher rebuilds a CRL when the registry's
-    revocations changed, at its own poll interval, or when it is half-way to nextUpdate)."""
+def _revocation_tiers(line, config, publisher):
+    """The cloud's revocation tiers (cloud/revocation/tiers.py) for the compact set, or
+    None (no --config, or not initialised: said on stdout)."""
+    if config is None:
+        return None
+    from fleetid.cloud.revocation import tiers as tiers_mod
+
+    tiers = tiers_mod.load(line.hsm, line.registry, config.state_dir, line.root_cert,
+                           [(line.labels["ca"], line.ca_cert)], config.revoked_cas_file,
+                           crl_publisher=publisher)
+    if tiers is None:
+        click.echo("compact set: not published (revocation not initialised in %s: run "
+                   "`fleetid revocation init --config ...`)" % config.state_dir)
+    return tiers
+
+
+def _publish_loop(client, publisher, interval, timeout, stop, tiers=None):
+    """Publish each label's CRL, and the compact set when `tiers` is given, when it
+    differs from the last published, every `interval` s, until `stop` (the publishers
+    rebuild when the registry's revocations changed, at their own poll interval, on a
+    revocation event, or when half-way to nextUpdate)."""
     from fleetid.cloud.mqtt.service import MqttError
+    from fleetid.cloud.revocation.mqtt_delivery import REVSET_LABEL
 
     published = {}
     while not stop.is_set():
-        for label in publisher.labels():
-            der = publisher.current_der(label)
+        if tiers is not None:
+            tiers.watcher.poll()  # a `fleetid revoke` elsewhere: rebuild now
+        current = [(label, "crl %s" % label, publisher.current_der(label))
+                   for label in publisher.labels()]
+        if tiers is not None:
+            from fleetid.common import revset
+
+            wire = tiers.compact.current()
+            current.append((REVSET_LABEL, "compact set #%d" % revset.parse(wire).number,
+                            wire))
+        for label, what, der in current:
             if published.get(label) != der:
                 try:
                     client.publish_crl(label, der, timeout)
                 except MqttError as exc:  # paho reconnects; tried again at the next check
-                    click.echo("crl %s not published (%s); next try in %.0f s"
-                               % (label, exc, interval), err=True)
+                    click.echo("%s not published (%s); next try in %.0f s"
+                               % (what, exc, interval), err=True)
                     continue
                 published[label] = der
-                click.echo("crl %s published retained (%d bytes)" % (label, len(der)))
+                click.echo("%s published retained (%d bytes)" % (what, len(der)))
         sys.stdout.flush()
         deadline = time.monotonic() + interval
         while not stop.is_set() and time.monotonic() < deadline:

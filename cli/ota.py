@@ -136,12 +136,16 @@ def ota():
     verbatim: it holds no key and sees no plaintext.
     \b
     Examples:
-      fleetid ota rotate-scp03 --line var/line --broker mqtts://127.0.0.1:8883 \\
+      fleetid ota rotate-scp03 --line var/line --broker mqtts://127.0.0.1:8884 \\
           --device FID-000000001 --new-master scp03-master-2 --create-master
-      fleetid ota install-fw-key --line var/line --broker mqtts://127.0.0.1:8883 \\
+      fleetid ota install-fw-key --line var/line --broker mqtts://127.0.0.1:8884 \\
           --device FID-000000001 --fw-cert fw-2027.pem --master scp03-master-2 --kvn 0x32
-      fleetid ota rotate --line var/line --broker mqtts://127.0.0.1:8883 \\
+      fleetid ota rotate --line var/line --broker mqtts://127.0.0.1:8884 \\
           --device FID-000000001
+      fleetid ota sign-image --line var/line --key-label fw-2027 --version 1.4.0+7 \\
+          --security-counter 5 app.bin app.signed.bin
+      fleetid ota certify-fw-key --line var/line --public-key build-key.pub.pem \\
+          --name "Acme build server 2027" --out fw-build.pem
     """
 
 
@@ -165,7 +169,7 @@ def rotate_scp03_cmd(line_dir, broker_url, files_dir, device, timeout, pass_file
 
     \b
     Example:
-      fleetid ota rotate-scp03 --line var/line --broker mqtts://127.0.0.1:8883 \\
+      fleetid ota rotate-scp03 --line var/line --broker mqtts://127.0.0.1:8884 \\
           --device FID-000000001 --new-master scp03-master-2 --create-master
     """
     from fleetid.cloud.mqtt.ota import KeySet, OtaError, open_admin, rotate_scp03_keys
@@ -234,7 +238,7 @@ def install_fw_key_cmd(line_dir, broker_url, files_dir, device, timeout, pass_fi
 
     \b
     Example:
-      fleetid ota install-fw-key --line var/line --broker mqtts://127.0.0.1:8883 \\
+      fleetid ota install-fw-key --line var/line --broker mqtts://127.0.0.1:8884 \\
           --device FID-000000001 --fw-cert fw-2027.pem --slot b
     """
     from cryptography.hazmat.primitives import serialization
@@ -275,7 +279,7 @@ def rotate_cmd(line_dir, broker_url, files_dir, device, timeout, pass_file):
 
     \b
     Example:
-      fleetid ota rotate --line var/line --broker mqtts://127.0.0.1:8883 \\
+      fleetid ota rotate --line var/line --broker mqtts://127.0.0.1:8884 \\
           --device FID-000000001
     """
     from fleetid.common import mqttmsg
@@ -287,3 +291,152 @@ def rotate_cmd(line_dir, broker_url, files_dir, device, timeout, pass_file):
                    "reports as telemetry" % device)
     finally:
         session.close()
+
+
+def _write_atomically(path, data):
+    """Write `data` to `path` through a temporary file beside it (no half-written file)."""
+    temporary = "%s.tmp-%d" % (path, os.getpid())
+    try:
+        with open(temporary, "wb") as writer:
+            writer.write(data)
+        os.replace(temporary, path)
+    except OSError as exc:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+        raise fail(exc) from None
+
+
+def _number(value, option, limit):
+    try:
+        number = int(value, 0)
+    except ValueError:
+        raise click.BadParameter("%r is not a number" % value, param_hint=option) from None
+    if not 0 <= number <= limit:
+        raise click.BadParameter("%r is not 0..%d" % (value, limit), param_hint=option)
+    return number
+
+
+@ota.command("sign-image")
+@line_option
+@pass_file_option
+@click.option("--key-label", required=True,
+              help="HSM label of the firmware-signing key (ECDSA P-256), e.g. the one "
+                   "`fleetid pki new-fw-key --label` made, or the line's factory key "
+                   "`firmware-signing`.")
+@click.option("--version", "version_text", required=True, metavar="MAJ.MIN.REV+BUILD",
+              help="The image version, as imgtool writes it (e.g. 1.4.0+7).")
+@click.option("--security-counter", required=True, type=click.IntRange(0, 0xFFFFFFFF),
+              help="The anti-rollback counter (SEC_CNT, protected): the device's signed "
+                   "boot refuses images below its SE's counter.")
+@click.option("--header-size", "header_text", default="0x200", show_default=True,
+              help="Bytes reserved for the header before the payload (imgtool -H).")
+@click.option("--load-addr", "load_text", default="0", show_default=True,
+              help="Load address (0: execute in place).")
+@click.option("--max-size", default=0x100000, show_default=True, type=click.IntRange(32),
+              help="Slot size in bytes: a larger image is refused.")
+@click.option("--fw-cert", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="The key's firmware certificate (PEM/DER): refuse to sign unless the "
+                   "HSM key is its key.")
+@click.argument("payload", type=click.Path(exists=True, dir_okay=False))
+@click.argument("output", type=click.Path(dir_okay=False))
+def sign_image_cmd(line_dir, pass_file, key_label, version_text, security_counter,
+                   header_text, load_text, max_size, fw_cert, payload, output):
+    """Wrap the raw binary PAYLOAD into a signed MCUboot image OUTPUT (what `imgtool sign
+    --pad-header` writes), signed inside the line's HSM by the firmware-signing key
+    --key-label: the key never leaves it.  `imgtool verify -k PUBLIC-KEY OUTPUT` accepts
+    the result; devices boot it once the key's certificate is installed (`fleetid ota
+    install-fw-key`).
+
+    \b
+    Example:
+      fleetid ota sign-image --line var/line --key-label fw-2027 --version 1.4.0+7 \\
+          --security-counter 5 app.bin app.signed.bin
+    """
+    import hashlib
+
+    from fleetid.cloud.pki.firmware import ImageError, parse_version, sign_firmware_image
+
+    header_size = _number(header_text, "--header-size", 0xFFFF)
+    load_addr = _number(load_text, "--load-addr", 0xFFFFFFFF)
+    try:
+        version = parse_version(version_text)
+    except ImageError as exc:
+        raise click.BadParameter(exc.detail, param_hint="--version") from None
+    size = os.path.getsize(payload)
+    if size + header_size > max_size:
+        raise click.ClickException("%s: %d B payload + %d B header > slot %d B (--max-size)"
+                                   % (payload, size, header_size, max_size))
+    certificate = load_cert(fw_cert, param_hint="--fw-cert") if fw_cert else None
+    with open(payload, "rb") as reader:
+        data = reader.read()
+    line = open_line(line_dir, pass_file)
+    try:
+        image = sign_firmware_image(line.hsm, key_label, data, version, security_counter,
+                                    header_size=header_size, load_addr=load_addr,
+                                    max_size=max_size, fw_cert=certificate)
+    except ImageError as exc:
+        raise click.ClickException("%s: %s" % (payload, exc)) from None
+    except FleetidError as exc:
+        raise fail(exc) from None
+    finally:
+        line.close()
+    _write_atomically(output, image)
+    click.echo("%s: MCUboot image %d B, version %s, security counter %d, signed in the HSM "
+               "by %r; sha256 %s" % (output, len(image), "%d.%d.%d+%d" % version,
+                                     security_counter, key_label,
+                                     hashlib.sha256(image).hexdigest()))
+
+
+@ota.command("certify-fw-key")
+@line_option
+@pass_file_option
+@click.option("--public-key", "public_key_path", required=True,
+              type=click.Path(exists=True, dir_okay=False),
+              help="The firmware-signing public key: `imgtool getpub -e pem` (PEM), "
+                   "`-e raw` (DER) or its default C / Rust array.  Not the private key.")
+@click.option("--name", required=True, help="The certificate's CN (the key's name).")
+@click.option("--validity-days", default=1826, show_default=True,
+              type=click.IntRange(1, 20 * 366), help="Validity of the certificate.")
+@click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False),
+              help="Where to write the firmware certificate (PEM).")
+def certify_fw_key_cmd(line_dir, pass_file, public_key_path, name, validity_days,
+                       out_path):
+    """Certify an external firmware-signing key (an imgtool ecdsa-p256 key on a build
+    server, say) under the fleet root, signed in the line's HSM.  Only the public half
+    is read.  Install the certificate with `fleetid ota install-fw-key`; the devices'
+    signed boot then accepts images `imgtool sign -k KEY` makes with it.
+
+    \b
+    Example:
+      imgtool getpub -k build-key.pem -e pem -o build-key.pub.pem
+      fleetid ota certify-fw-key --line var/line --public-key build-key.pub.pem \\
+          --name "Acme build server 2027" --out fw-build.pem
+    """
+    import datetime
+    import hashlib
+
+    from cryptography.hazmat.primitives import serialization
+
+    from fleetid.cloud.pki.firmware import certify_public_key, load_firmware_public_key
+
+    with open(public_key_path, "rb") as reader:
+        data = reader.read(64 * 1024)
+    try:
+        public_key = load_firmware_public_key(data, public_key_path)
+    except FleetidError as exc:
+        raise click.BadParameter(exc.detail, param_hint="--public-key") from None
+    line = open_line(line_dir, pass_file)
+    try:
+        certificate = certify_public_key(line.hsm, line.labels["root"], line.root_cert,
+                                         public_key, name,
+                                         validity=datetime.timedelta(days=validity_days))
+    except FleetidError as exc:
+        raise fail(exc) from None
+    finally:
+        line.close()
+    _write_atomically(out_path, certificate.public_bytes(serialization.Encoding.PEM))
+    spki = public_key.public_bytes(serialization.Encoding.DER,
+                                   serialization.PublicFormat.SubjectPublicKeyInfo)
+    click.echo("%s: firmware certificate serial %x, CN %s, under the fleet root; key hash "
+               "(MCUboot KEYHASH) %s" % (out_path, certificate.serial_number, name,
+                                         hashlib.sha256(spki).hexdigest()))

@@ -13,9 +13,21 @@ def _open_hsm(uri):
     return open_hsm(uri)
 
 
+# The inputs a pki error line names (labels, subject, folders; never the HSM URI, which
+# a PKCS#11 setup may extend with more than the names of secret variables).
+_NAMED_PARAMS = ("label", "root_label", "subject", "ceremony_dir")
+
+
 def _fail(exc):
-    # Library errors carry short, secret-free messages; show them as-is.
-    return click.ClickException("%s: %s" % (type(exc).__name__, exc))
+    # Library errors carry short, secret-free messages; show them as-is, after the
+    # command's labels / subject / folder the error may be about.
+    ctx = click.get_current_context(silent=True)
+    params = ctx.command.params if ctx is not None else ()
+    named = ["%s %s" % (p.opts[0] if isinstance(p, click.Option) else p.human_readable_name,
+                        ctx.params[p.name])
+             for p in params if p.name in _NAMED_PARAMS and ctx.params.get(p.name) is not None]
+    return click.ClickException("%s%s: %s" % ("(%s) " % ", ".join(named) if named else "",
+                                              type(exc).__name__, exc))
 
 
 @click.group()

@@ -2,6 +2,7 @@
 A thin shell over fleetid.cloud.revocation (service.py, tiers.py)."""
 
 import json
+import sys
 import time
 
 import click
@@ -141,11 +142,38 @@ def init_cmd(root_label, config_path, state_dir, pass_file):
     click.echo(json.dumps({"written": written}))
 
 
+FETCH_TIMEOUT_S = 10
+
+
 def _fetch(url):
     import urllib.request
 
-    with urllib.request.urlopen(url, timeout=10) as resp:
+    with urllib.request.urlopen(url, timeout=FETCH_TIMEOUT_S) as resp:
         return resp.read()
+
+
+def _cause(exc):
+    """What went wrong with a fetch, in words: the HTTP status, the socket's reason
+    (connection refused, name not known, timed out) or the parse failure."""
+    import socket
+    import urllib.error
+
+    if isinstance(exc, urllib.error.HTTPError):
+        return "HTTP %d %s" % (exc.code, exc.reason)
+    if isinstance(exc, urllib.error.URLError):
+        reason = exc.reason
+        if isinstance(reason, OSError) and reason.strerror:
+            return reason.strerror
+        return str(reason)
+    if isinstance(exc, (socket.timeout, TimeoutError)):
+        return "no answer within %d s" % FETCH_TIMEOUT_S
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return "%s: %s" % (type(exc).__name__, exc)
+
+
+def _tier_error(url, exc):
+    return {"error": type(exc).__name__, "url": url, "cause": _cause(exc)}
 
 
 @revocation.command("status")
@@ -163,6 +191,8 @@ def status_cmd(url, registry_uri, config_path, state_dir):
     ocsp:     a probe answer's thisUpdate / nextUpdate (answers are made per request);
     crl:      per CA label, cRLNumber, thisUpdate, nextUpdate, age;
     compact:  set number, entries, size, thisUpdate, nextUpdate, age.
+    Exit status: 0; 1 when --url is given and a tier there cannot be fetched or read
+    (each named with its URL and the cause: connection refused, HTTP status, ...).
     """
     from cryptography import x509
 
@@ -182,8 +212,9 @@ def status_cmd(url, registry_uri, config_path, state_dir):
         crls = {}
         names = [e["name"] for e in getattr(config, "labels", None) or [{"name": "default"}]]
         for name in names + ["root"]:
+            crl_url = "%s/crl/%s.crl" % (url, name)
             try:
-                crl = x509.load_der_x509_crl(_fetch("%s/crl/%s.crl" % (url, name)))
+                crl = x509.load_der_x509_crl(_fetch(crl_url))
                 number = crl.extensions.get_extension_for_class(x509.CRLNumber).value
                 crls[name] = {"number": number.crl_number,
                               "this_update": crl.last_update_utc.isoformat(),
@@ -193,7 +224,7 @@ def status_cmd(url, registry_uri, config_path, state_dir):
             except Exception as exc:  # noqa: BLE001 - report per tier, never a traceback
                 if name == "root" and getattr(exc, "code", None) == 404:
                     continue  # no root CRL on this cloud (offline root)
-                crls[name] = {"error": type(exc).__name__}
+                crls[name] = _tier_error(crl_url, exc)
         out["crl"] = crls
         try:
             info = revset.parse(_fetch(url + "/revset/current.frs"))
@@ -203,9 +234,29 @@ def status_cmd(url, registry_uri, config_path, state_dir):
                               "next_update": info.next_update,
                               "age_s": now - info.this_update}
         except Exception as exc:  # noqa: BLE001
-            out["compact"] = {"error": type(exc).__name__}
+            out["compact"] = _tier_error(url + "/revset/current.frs", exc)
         out["ocsp"] = _ocsp_probe(url, ca_certs)
     click.echo(json.dumps(out, indent=2, sort_keys=True))
+    if url:
+        _exit_on_tier_errors(url, out)
+
+
+def _exit_on_tier_errors(url, out):
+    """Exit 1 naming each tier that could not be fetched (its URL and the cause), or the
+    listener once when nothing there answered."""
+    tiers = [("crl " + name, answer) for name, answer in sorted(out["crl"].items())]
+    tiers += [("compact", out["compact"]), ("ocsp", out["ocsp"])]
+    failed = [(tier, answer) for tier, answer in tiers if "error" in answer]
+    if not failed:
+        return
+    causes = set((answer["error"], answer["cause"]) for _tier, answer in failed)
+    if len(failed) == len(tiers) and len(causes) == 1 and \
+            next(iter(causes))[0] == "URLError":  # not an HTTP answer: nothing is there
+        click.echo("Error: revocation listener %s: %s" % (url, causes.pop()[1]), err=True)
+    else:
+        for tier, answer in failed:
+            click.echo("Error: %s: %s: %s" % (tier, answer["url"], answer["cause"]), err=True)
+    sys.exit(1)
 
 
 def _ocsp_probe(url, ca_certs):
@@ -218,7 +269,8 @@ def _ocsp_probe(url, ca_certs):
     from cryptography.x509 import ocsp
 
     if not ca_certs:
-        return {"error": "no issuing CA configured"}
+        return {"error": "NoIssuingCa", "url": url + "/ocsp",
+                "cause": "no issuing CA configured"}
     ca = ca_certs[0]
     point = ca.public_key().public_bytes(serialization.Encoding.X962,
                                          serialization.PublicFormat.UncompressedPoint)
@@ -228,10 +280,10 @@ def _ocsp_probe(url, ca_certs):
     try:
         req = urllib.request.Request(url + "/ocsp", data=request,
                                      headers={"Content-Type": "application/ocsp-request"})
-        with urllib.request.urlopen(req, timeout=10) as resp:
+        with urllib.request.urlopen(req, timeout=FETCH_TIMEOUT_S) as resp:
             answer = ocsp.load_der_ocsp_response(resp.read())
     except Exception as exc:  # noqa: BLE001
-        return {"error": type(exc).__name__}
+        return _tier_error(url + "/ocsp", exc)
     if answer.response_status != ocsp.OCSPResponseStatus.SUCCESSFUL:
         return {"response_status": answer.response_status.name}
     return {"response_status": "SUCCESSFUL", "this_update": answer.this_update_utc.isoformat(),

@@ -10,7 +10,7 @@ import os
 
 import click
 
-from fleetid.cli.se_connection import SeConnection, describe_error
+from fleetid.cli.se_connection import SeConnection, describe_error, where
 from fleetid.common.errors import FleetidError
 
 _POLICY_NAMES = (
@@ -22,8 +22,24 @@ _POLICY_NAMES = (
 )
 
 
+class _SeCommand(click.Command):
+    """An `se` sub-command: a library error becomes one line that names the command and
+    the slot / object / counter it addressed, then what the SE or the link said."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except FleetidError as exc:
+            raise click.ClickException(where(ctx, exc) + describe_error(exc)) from None
+        except ValueError as exc:  # BusUriError, argument ranges, malformed files
+            raise click.ClickException(where(ctx) + str(exc)) from None
+
+
 class _SeGroup(click.Group):
     """Turns library errors raised by any sub-command into one-line ClickExceptions."""
+
+    command_class = _SeCommand
+    group_class = type  # sub-groups (counter, data) are _SeGroups too
 
     def invoke(self, ctx):
         try:
@@ -34,16 +50,22 @@ class _SeGroup(click.Group):
             raise click.ClickException(str(exc)) from None
 
 
+def _clip(value, limit=80):
+    """A user's value for an error line, cut to `limit` characters."""
+    return value if len(value) <= limit else value[:limit] + "..."
+
+
 def _hex(name, value, length=None, low=None, high=None):
     try:
         data = bytes.fromhex(value.replace(":", "").replace(" ", ""))
     except ValueError:
-        raise click.BadParameter("not hex", param_hint=name) from None
+        raise click.BadParameter("%r is not hex" % _clip(value), param_hint=name) from None
     if length is not None and len(data) != length:
-        raise click.BadParameter("must be %d bytes (%d hex digits)" % (length, 2 * length),
-                                 param_hint=name)
+        raise click.BadParameter("must be %d bytes (%d hex digits), got %d bytes"
+                                 % (length, 2 * length, len(data)), param_hint=name)
     if low is not None and not low <= len(data) <= high:
-        raise click.BadParameter("must be %d..%d bytes" % (low, high), param_hint=name)
+        raise click.BadParameter("must be %d..%d bytes, got %d" % (low, high, len(data)),
+                                 param_hint=name)
     return data
 
 
@@ -295,8 +317,11 @@ def attest(ctx, slot, nonce, out):
     except AttestationError as exc:
         raise click.ClickException("attestation does NOT verify: %s" % exc) from None
     if out:
-        with open(out, "wb") as f:
-            f.write(signed_der)
+        try:
+            with open(out, "wb") as f:
+                f.write(signed_der)
+        except OSError as exc:
+            raise click.ClickException("--out %s: %s" % (out, exc.strerror or exc)) from None
     click.echo("slot:         %d" % st.slot)
     click.echo("SE UID:       %s" % st.se_uid.hex())
     click.echo("public key:   %s" % st.public_point.hex())
@@ -438,9 +463,9 @@ def _level(ctx, param, value):
     try:
         level = int(value, 0)
     except ValueError:
-        raise click.BadParameter("an integer such as 0x33") from None
+        raise click.BadParameter("%r is not an integer such as 0x33" % _clip(value)) from None
     if level not in (0x01, 0x03, 0x11, 0x13, 0x33):
-        raise click.BadParameter("one of 0x01, 0x03, 0x11, 0x13, 0x33")
+        raise click.BadParameter("%s is not one of 0x01, 0x03, 0x11, 0x13, 0x33" % value)
     return level
 
 

@@ -64,6 +64,36 @@ def describe_error(exc):
     return "%s: %s" % (type(exc).__name__, exc)
 
 
+# The options that say what a device-side command worked on; an error line names them
+# ("se pubkey --slot 7: the SE refused the command: SW 6A88, ...").
+_NAMED_PARAMS = (("slot", "--slot"), ("counter_id", "--id"), ("object_id", "--id"),
+                 ("target", "--to"))
+
+
+def where(ctx=None, exc=None):
+    """The prefix of a device-side error line: the command, the slot / object / counter it
+    addressed and, for a link or bus failure, the bus ("se pubkey --slot 7: ").
+
+    Params: ctx: the command's click context (default: the current one).  exc: the error.
+    Returns: str ("" outside a command).
+    """
+    ctx = ctx or click.get_current_context(silent=True)
+    if ctx is None:
+        return ""
+    named = [ctx.command_path.split(" ", 1)[-1]]
+    named += ["%s %s" % (flag, ctx.params[name]) for name, flag in _NAMED_PARAMS
+              if ctx.params.get(name) is not None]
+    if isinstance(exc, (LinkError, BusError)):
+        scope = ctx
+        while scope is not None:
+            bus = scope.params.get("bus") or scope.params.get("bus_uri")
+            if bus:
+                named.append("--bus %s" % bus)
+                break
+            scope = scope.parent
+    return " ".join(named) + ": "
+
+
 class SeConnection:
     """Opens bus, link and session on first use; closes them when the command ends.
 

@@ -18,6 +18,8 @@ def sim():
     Examples:
       fleetid sim fab --vendor-dir var/vendor --out var/chip.nvm
       fleetid sim fab --vendor-dir var/vendor --out var/chips/ --count 100
+      fleetid sim ship --vendor-dir var/vendor --chips var/chips \
+          --line-key var/line/pki/transport-wrap.pub.pem --out var/shipment.json
       fleetid sim serve --nvm var/chip.nvm --listen unix:/tmp/se.sock --latency se050
     """
 
@@ -44,8 +46,8 @@ def fab(vendor_dir, out, count):
     Each chip gets an NVM file and, beside it, a JSON fab record (<name>.json, mode 0600)
     with its UID, MAK certificate chain and transport key set number, but no key: the
     SCP03 transport keys stay with the SE vendor, in VENDOR_DIR/transport-keys/ (mode
-    0600).  The vendor CA is reused across runs.  Temp files a killed run left are
-    removed first.
+    0600); `fleetid sim ship` delivers them to a line wrapped for its HSM.  The vendor CA
+    is reused across runs.  Temp files a killed run left are removed first.
 
     \b
     Examples:
@@ -66,7 +68,7 @@ def fab(vendor_dir, out, count):
     except FileExistsError as exc:
         raise click.ClickException("%s already exists: fab never overwrites a chip" % exc)
     except (OSError, ValueError) as exc:
-        raise click.ClickException("fab failed: %s" % exc)
+        raise click.ClickException("fab of %s (vendor CA %s) failed: %s" % (out, vendor_dir, exc))
     click.echo("%d chips in %s (vendor CA %s)" % (len(records), out, vendor_dir))
 
 
@@ -88,6 +90,52 @@ def _fab_batch_with_progress(fab_mod, vendor_dir, out, count):
             progress.update(task, completed=done)
 
         return fab_mod.fab_batch(vendor_dir, out, count, progress=advance)
+
+
+@sim.command()
+@click.option("--vendor-dir", required=True, type=click.Path(file_okay=False, exists=True),
+              help="The SE vendor's folder (from `fleetid sim fab`): its CA key signs the "
+                   "shipment, its transport-keys/ hold the chips' keys.")
+@click.option("--chips", "chips_dir", required=True,
+              type=click.Path(file_okay=False, exists=True),
+              help="Folder of chips from `fleetid sim fab` (their <name>.json fab records).")
+@click.option("--line-key", required=True, type=click.Path(dir_okay=False, exists=True),
+              help="The line's transport wrapping public key (LINE/pki/transport-wrap.pub.pem).")
+@click.option("--lot", default=None, help="Lot name (default: lot-<UTC time>-<4 hex>).")
+@click.option("--out", required=True, type=click.Path(dir_okay=False),
+              help="The shipment file to write (JSON; wrapped keys only, never plaintext).")
+def ship(vendor_dir, chips_dir, line_key, lot, out):
+    """Ship a lot to a factory line: every chip's SCP03 transport keys wrapped for the
+    line's HSM (a fresh AES-256 KEK under the line's RSA key with RSAES-OAEP, each key
+    under the KEK with AES key wrap, RFC 3394), with KCVs and the vendor's signature per
+    chip.  The line unwraps them inside its HSM (`fleetid line run --chips --shipment`).
+
+    \b
+    Example:
+      fleetid sim ship --vendor-dir var/vendor --chips var/chips \
+          --line-key var/line/pki/transport-wrap.pub.pem --out var/shipment.json
+    """
+    from cryptography.hazmat.primitives.serialization import load_pem_public_key
+
+    from fleetid.sim import fab as fab_mod
+    from fleetid.sim import lot as lot_mod
+    from fleetid.sim import ship as ship_mod
+
+    try:
+        with open(line_key, "rb") as f:
+            public = load_pem_public_key(f.read())
+        records = [fab_mod.load_fab_record(os.path.join(chips_dir, name))
+                   for name in sorted(os.listdir(chips_dir))
+                   if name.startswith("se-") and name.endswith(".json")]
+        if not records:
+            raise click.ClickException("no fab records (se-*.json) in %s" % chips_dir)
+        lot = lot or lot_mod.new_batch_name()
+        doc = ship_mod.ship_fab_records(vendor_dir, records, public, lot)
+        ship_mod.write_shipment(out, doc)
+    except (OSError, ValueError) as exc:
+        raise click.ClickException("ship failed: %s" % exc)
+    click.echo("lot %s: %d chips' transport keys wrapped for %s -> %s"
+               % (lot, len(records), line_key, out))
 
 
 @sim.command()
@@ -136,6 +184,7 @@ def serve(nvm_path, listen, latency, t1_profile, ber, seed, idle_timeout, cut_po
         endpoint = _make_endpoint(nvm_path, latency, t1_profile, ber, seed)
         if cut_power_at is not None:
             endpoint.chip.nvm.cut_power_at(cut_power_at, after_atomic=cut_after_atomic)
+            endpoint.on_power_loss = _say_power_cut
         server = SimServer(endpoint, listen, idle_timeout_s=idle_timeout)
         server.bind()
     except ListenAddressError as exc:
@@ -145,7 +194,7 @@ def serve(nvm_path, listen, latency, t1_profile, ber, seed, idle_timeout, cut_po
     except NvmError as exc:
         raise click.ClickException("cannot load the chip's NVM %s: %s" % (nvm_path, exc))
     except ValueError as exc:
-        raise click.ClickException(str(exc))
+        raise click.ClickException("cannot serve %s: %s" % (nvm_path, exc))
 
     def stop(signum, frame):
         server.shutdown()
@@ -166,6 +215,13 @@ def serve(nvm_path, listen, latency, t1_profile, ber, seed, idle_timeout, cut_po
                % (server.clients_served, server.transactions), err=True)
 
 
+def _say_power_cut(cut):
+    """--cut-power-at fired: one line on stderr, as it happens."""
+    click.echo("power cut (--cut-power-at): %s; the commit %s, the chip lost its RAM state "
+               "and the host gets no answer to this command"
+               % (cut, "took effect" if cut.applied else "was lost"), err=True)
+
+
 def _make_endpoint(nvm_path, latency, t1_profile, ber, seed):
     from fleetid.common import t1
     from fleetid.sim import profiles
@@ -182,3 +238,83 @@ def _make_endpoint(nvm_path, latency, t1_profile, ber, seed):
     return BusEndpoint(
         chip, profile=t1.PROFILES[t1_profile], latency=profiles.get(latency), faults=faults
     )
+
+
+@sim.command("i2c-dev")
+@click.option("--listen", required=True, metavar="/dev/NAME",
+              help="The i2c-dev node to create (a CUSE character device), e.g. "
+              "/dev/i2c-fleetid.")
+@click.option("--se", "se_uri", required=True, metavar="URI",
+              help="The emulator's socket, as `sim serve --listen` gave it: unix:/path or "
+              "tcp:127.0.0.1:PORT (a sim: prefix is accepted).")
+@click.option("--address", default="0x48", show_default=True,
+              help="The emulated SE's 7-bit I2C address; other addresses NACK.")
+@click.option("--cuse-device", default="/dev/cuse", show_default=True,
+              type=click.Path(dir_okay=False),
+              help="The kernel's CUSE channel (misc char device 10:203).")
+@click.option("--timeout-ms", default=5000, show_default=True, type=click.IntRange(100, 600000),
+              help="Bound on each wait for the emulator.")
+def i2c_dev(listen, se_uri, address, cuse_device, timeout_ms):
+    """Put the emulator behind a real i2c-dev node, so `--bus linux:i2c:...` reaches it.
+
+    Creates /dev/NAME through CUSE (character device in user space; Linux with the cuse
+    module, run as root) that answers open, read, write and the I2C_SLAVE, I2C_FUNCS and
+    I2C_RDWR ioctls as the kernel's i2c-dev does for a plain-I2C adapter, and carries each
+    I2C message to the emulator's socket as one bus transaction.  Stop with Ctrl-C or
+    SIGTERM (the node disappears).
+
+    \b
+    Examples:
+      fleetid sim serve --nvm var/chip.nvm --listen unix:/tmp/se.sock &
+      sudo fleetid sim i2c-dev --listen /dev/i2c-fleetid --se unix:/tmp/se.sock &
+      fleetid se --bus linux:i2c:/dev/i2c-fleetid:0x48 info
+    """
+    import threading
+
+    from fleetid.device.bus import BusUriError, open_bus, parse_bus_uri
+    from fleetid.sim import cuse
+    from fleetid.sim.i2cdev import I2cDevBridge
+
+    if not listen.startswith("/dev/") or listen.endswith("/") or len(listen) <= 5:
+        raise click.BadParameter("must be a path under /dev/, e.g. /dev/i2c-fleetid",
+                                 param_hint="--listen")
+    devname = listen[len("/dev/"):]
+    try:
+        bus_uri = parse_bus_uri(se_uri if se_uri.startswith("sim:") else "sim:" + se_uri)
+        if bus_uri.backend != "sim":
+            raise BusUriError(se_uri, "not an emulator socket")
+        bus_uri.options.setdefault("timeout_ms", str(timeout_ms))
+        bridge = I2cDevBridge(lambda: open_bus(bus_uri), address=int(address, 0))
+        protocol = cuse.CuseProtocol(bridge, devname)
+    except BusUriError as exc:
+        raise click.BadParameter(str(exc), param_hint="--se")
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--address or --listen")
+    try:
+        fd = cuse.open_cuse(cuse_device)
+    except cuse.CuseError as exc:
+        raise click.ClickException("cannot start CUSE: %s" % exc.reason)
+    stop_event = threading.Event()
+    previous = {s: signal.signal(s, lambda signum, frame: stop_event.set())
+                for s in (signal.SIGINT, signal.SIGTERM)}
+
+    made_nodes = []
+
+    def announce():
+        node, created = cuse.ensure_node(devname)
+        if created:
+            made_nodes.append(node)
+        click.echo("serving %s (i2c-dev, SE at 0x%02x) -> emulator %s; Ctrl-C stops"
+                   % (node, bridge.address, bus_uri.uri), err=True)
+
+    try:
+        cuse.serve(fd, protocol, stop_event, on_ready=announce)
+    except cuse.CuseError as exc:
+        raise click.ClickException("CUSE session for %s failed: %s" % (listen, exc.reason))
+    finally:
+        os.close(fd)  # the kernel removes the device
+        for node in made_nodes:
+            os.unlink(node)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    click.echo("stopped after %d I2C messages to the emulator" % bridge.transfers, err=True)

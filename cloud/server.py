@@ -68,6 +68,7 @@ def _read_pems(paths):
 
 def _write(path, data, mode=0o644):
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    os.fchmod(fd, mode)  # an existing file keeps its mode otherwise (a private key: 0600)
     with os.fdopen(fd, "wb") as f:
         f.write(data)
 
@@ -89,6 +90,18 @@ class CloudContext:
                 close()
 
 
+def refuse_missing_tls_files(config):
+    """Configured TLS files are the operator's: used as they are, never made.  Only the
+    embedded defaults (neither named) are generated, under state_dir/tls.
+    Raises ConfigError naming the configured path that does not exist."""
+    for option, path in (("tls_cert", config.tls_cert), ("tls_key", config.tls_key)):
+        if path and not os.path.isfile(path):
+            raise ConfigError("%s %s does not exist: a configured TLS certificate and key "
+                              "are used as they are, never generated (name existing files, "
+                              "or neither for the embedded set-up's own under %s)"
+                              % (option, path, os.path.join(config.state_dir, "tls")))
+
+
 def bootstrap_embedded(config, hsm, now=None):
     """Create the embedded PKI under state_dir if it is not there yet (idempotent).
     Returns (labels config list, tls_cert path, tls_key path)."""
@@ -96,6 +109,7 @@ def bootstrap_embedded(config, hsm, now=None):
     from fleetid.cloud.pki.signing import sign_certificate
 
     state = config.state_dir
+    refuse_missing_tls_files(config)
     pki_dir = os.path.join(state, "pki")
     os.makedirs(pki_dir, exist_ok=True)
     root_path = os.path.join(state, "ceremony", "root.pem")
@@ -113,10 +127,6 @@ def bootstrap_embedded(config, hsm, now=None):
     tls_cert = config.tls_cert or os.path.join(state, "tls", "server.pem")
     tls_key = config.tls_key or os.path.join(state, "tls", "server.key.pem")
     if not os.path.exists(tls_cert):
-        if config.tls_key and os.path.exists(tls_key):
-            raise ConfigError("tls_cert %s does not exist: refusing to make a new key over "
-                              "tls_key %s (name the certificate of that key)"
-                              % (tls_cert, tls_key))
         os.makedirs(os.path.dirname(tls_cert), exist_ok=True)
         key = ec.generate_private_key(ec.SECP256R1())
         builder = server_certificate_builder(key.public_key(), root,
@@ -194,6 +204,8 @@ def check_tls_files(config):
     if config.tls_cert and not config.tls_key:
         raise ConfigError("tls_cert %s is set but tls_key is not: name its private key as "
                           "well (or neither, for the embedded set-up's own)" % config.tls_cert)
+    if not config.labels and config.hsm == embedded_hsm_uri(config.state_dir):
+        refuse_missing_tls_files(config)  # the embedded set-up, before its keystore opens
 
 
 def build_context(config, environ=None, clock=None):
@@ -266,6 +278,18 @@ def build_context(config, environ=None, clock=None):
                         default_label=default_label, tls_cert=tls_cert, tls_key=tls_key,
                         config=config, vendor_paths=vendor_paths, crl_issuers=crl_issuers,
                         checkpointer=checkpointer, witness_hsm=witness_hsm)
+
+
+class ListenError(OSError):
+    """A listener could not bind its address.  Fields: listener (verifier, est, crl,
+    metrics), host, port, cause (the OS's words: "Address already in use")."""
+
+    def __init__(self, listener, host, port, cause):
+        super().__init__("cannot listen on %s:%d (%s): %s" % (host, port, listener, cause))
+        self.listener = listener
+        self.host = host
+        self.port = port
+        self.cause = cause
 
 
 class CloudServer:
@@ -351,7 +375,17 @@ class CloudServer:
             host = self.host if name != "metrics" else "127.0.0.1"
             site = web.TCPSite(runner, host, port, ssl_context=ssl_context,
                                backlog=1024, reuse_address=True)
-            await site.start()
+            try:
+                await site.start()
+            except OSError as exc:  # EADDRINUSE, EACCES (< 1024), EADDRNOTAVAIL
+                await runner.cleanup()
+                for started in reversed(self._runners):  # the listeners already up
+                    await started.cleanup()
+                self._runners = []
+                # asyncio words it "error while attempting to bind on address ...": the
+                # OS's own words for the errno are shorter and name the cause alone.
+                cause = os.strerror(exc.errno) if exc.errno else str(exc)
+                raise ListenError(name, host, port, cause) from None
             self._runners.append(runner)
             self.ports[name] = site._server.sockets[0].getsockname()[1]
         if self.checkpointer is not None:

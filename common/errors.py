@@ -160,3 +160,36 @@ class DerError(FleetidError):
         super().__init__(reason if not detail else reason + ": " + detail)
         self.reason = reason
         self.detail = detail
+
+
+class TlsError(FleetidError):
+    """The TLS 1.3 client (common/tls13.py) refused or lost the connection.
+
+    `reason`: a short word naming what went wrong ("decode", "unexpected_message",
+    "bad_finished", "server_certificate", "protocol_version", ...).  `alert`: the TLS alert
+    number (RFC 8446 6) sent to the peer, or received from it (TlsAlertReceived); None when
+    no alert applies (socket error "io", "timeout", "eof", use after close "closed").
+    `detail`: short text, never key material.  Every failure of the client is a TlsError
+    (or a subclass); the connection is closed after one.
+    """
+
+    def __init__(self, reason, alert, detail=""):
+        super().__init__(reason if not detail else reason + ": " + detail)
+        self.reason = reason
+        self.alert = alert
+        self.detail = detail
+
+
+class TlsAlertReceived(TlsError):
+    """The peer sent a fatal alert (`alert` is its number), or closed with close_notify
+    before the handshake completed."""
+
+
+class TlsCertificateError(TlsError):
+    """The server's certificate chain failed a check.  `check` names it: "parse",
+    "path", "signature", "validity", "basic_constraints", "key_usage", "eku", "name",
+    "revocation", "algorithm"."""
+
+    def __init__(self, check, alert, detail=""):
+        super().__init__("server_certificate", alert, check + (": " + detail if detail else ""))
+        self.check = check

@@ -35,16 +35,24 @@ KIND_ROTATE = "rotate"
 KIND_PING = "ping"
 
 MAX_MESSAGE = 8192  # bytes: larger JSON payloads are refused before parsing
+# Deepest nesting of arrays/objects a decoded document may have.  The fleet's messages nest
+# 3 deep ({"m": {"agent": {...}}}); CPython's json recurses once per level and raises
+# RecursionError (not ValueError) near 1,000, MicroPython's runs out of C stack sooner,
+# so the depth is checked by a scan of the bytes *before* json.loads.
+MAX_DEPTH = 16
 
 
 class MessageError(Exception):
-    """A message is malformed, oversized or replayed.  reason: MALFORMED, REPLAY."""
+    """A message is malformed, oversized, too deeply nested or replayed.
+    reason: MALFORMED, TOO_LARGE, TOO_DEEP, REPLAY."""
 
     MALFORMED = "malformed"
+    TOO_LARGE = "too_large"
+    TOO_DEEP = "too_deep"
     REPLAY = "replay"
 
     def __init__(self, reason, detail=""):
-        Exception.__init__(self, reason + (": " + detail if detail else ""))
+        super().__init__(reason + (": " + detail if detail else ""))
         self.reason = reason
         self.detail = detail
 
@@ -63,7 +71,10 @@ def split_topic(name):
     """(device or None, leaf) of a fleet topic; (None, label) for a CRL topic.
     Raises: MessageError(MALFORMED) for anything else."""
     if isinstance(name, (bytes, bytearray)):
-        name = bytes(name).decode()
+        try:
+            name = bytes(name).decode()
+        except UnicodeError:
+            raise MessageError(MessageError.MALFORMED, "topic")
     parts = name.split("/")
     if len(parts) != 3 or parts[0] != PREFIX or not parts[1] or not parts[2]:
         raise MessageError(MessageError.MALFORMED, "topic")
@@ -77,15 +88,64 @@ def encode(fields):
     return json.dumps(fields, separators=(",", ":")).encode()
 
 
-def decode(payload):
-    """Parse a JSON message.  Returns: dict with an int "seq".
-    Raises: MessageError(MALFORMED)."""
-    if len(payload) > MAX_MESSAGE:
-        raise MessageError(MessageError.MALFORMED, "too large")
+_QUOTE = 0x22
+_BACKSLASH = 0x5C
+_OPENERS = (0x5B, 0x7B)  # [ {
+_CLOSERS = (0x5D, 0x7D)  # ] }
+
+
+def check_depth(data, max_depth=MAX_DEPTH):
+    """Refuse JSON text nested deeper than `max_depth` (arrays and objects), by one pass
+    over its bytes that skips string contents (RFC 8259 7: inside a string only `\\` escapes
+    and `"` ends it).  Cheap (no allocation) and portable: MicroPython's json has no hook.
+    Params: data: bytes-like UTF-8 JSON text.
+    Raises: MessageError(TOO_DEEP)."""
+    depth = 0
+    in_string = False
+    escaped = False
+    for byte in data:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif byte == _BACKSLASH:
+                escaped = True
+            elif byte == _QUOTE:
+                in_string = False
+        elif byte == _QUOTE:
+            in_string = True
+        elif byte in _OPENERS:
+            depth += 1
+            if depth > max_depth:
+                raise MessageError(MessageError.TOO_DEEP, "nested deeper than %d" % max_depth)
+        elif byte in _CLOSERS:
+            depth -= 1
+
+
+def decode_document(payload, max_size=MAX_MESSAGE, max_depth=MAX_DEPTH):
+    """THE bounded JSON decoder of the fleet (MQTT messages on both sides, the verifier's
+    /v1/telemetry): size checked first, then nesting depth, then json.loads.
+    Params: payload: bytes-like (or str) JSON text.
+    Returns: the decoded value.
+    Raises: MessageError(TOO_LARGE / TOO_DEEP / MALFORMED), never anything else."""
+    if isinstance(payload, str):
+        payload = payload.encode()
+    if len(payload) > max_size:
+        raise MessageError(MessageError.TOO_LARGE, "over %d bytes" % max_size)
+    if not isinstance(payload, bytes):  # no copy of what is bytes already (device heap)
+        payload = bytes(payload)
+    check_depth(payload, max_depth)
     try:
-        fields = json.loads(bytes(payload).decode())
-    except (ValueError, UnicodeError):
+        return json.loads(payload.decode())
+    except (ValueError, UnicodeError, RuntimeError, MemoryError):
+        # RuntimeError: recursion (CPython's RecursionError is one), should the scan and
+        # the parser ever disagree; MemoryError: a small heap on a device.
         raise MessageError(MessageError.MALFORMED, "not JSON")
+
+
+def decode(payload):
+    """Parse a JSON message (decode_document's bounds).  Returns: dict with an int "seq".
+    Raises: MessageError(MALFORMED, TOO_LARGE, TOO_DEEP)."""
+    fields = decode_document(payload)
     if not isinstance(fields, dict):
         raise MessageError(MessageError.MALFORMED, "not an object")
     seq = fields.get("seq")

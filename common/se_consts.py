@@ -217,3 +217,10 @@ SW_WRONG_P1P2 = const(0x6B00)
 SW_INS_NOT_SUPPORTED = const(0x6D00)
 SW_CLA_NOT_SUPPORTED = const(0x6E00)
 SW_UNKNOWN = const(0x6F00)
+
+# Transient key object (RAM only, as real SEs have): GENERATE KEY / ECDH / GET PUBLIC KEY /
+# DELETE KEY with P1 = SLOT_TRANSIENT address one P-256 key pair held in the applet's RAM,
+# never in NVM.  GENERATE KEY replaces it (no ALREADY_EXISTS: it is ephemeral by design);
+# the policy must be ECDH only; power loss, reset or DELETE KEY erase it.  Used for the
+# TLS 1.3 ECDHE share (common/tls13.py) so a handshake writes no NVM.
+SLOT_TRANSIENT = const(0x80)

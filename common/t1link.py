@@ -111,6 +111,7 @@ class T1Link:
         self._tx_len = 0
         self._last_ctl = False  # the last block we sent is in _ctl (else in _tx)
         self._need_open = False  # a reset happened and open() has not completed since
+        self._foreign_nad = None  # NAD of the last block refused for its NAD (for a hint)
         self.blocks_sent = 0
         self.blocks_received = 0
         self.retransmissions = 0
@@ -305,9 +306,13 @@ class T1Link:
     def _try(self):
         """One exchange of the last block.  Returns (block or None, failure kind)."""
         try:
-            return self._xfer(), None
+            blk = self._xfer()
+            self._foreign_nad = None
+            return blk, None
         except FrameError as e:
             self.frame_errors += 1
+            if e.reason == t1.ERR_NAD:
+                self._foreign_nad = e.detail
             return None, (t1.R_CRC_ERROR if e.reason == t1.ERR_CRC else t1.R_OTHER_ERROR)
         except _Timeout:
             self.timeouts += 1
@@ -319,8 +324,20 @@ class T1Link:
         if tries > self.max_retries:
             if why is _Timeout:
                 raise _LinkFail(LinkError.TIMEOUT, "no block within BWT")
-            raise _LinkFail(LinkError.RETRIES, why if isinstance(why, str) else "bad blocks")
+            raise _LinkFail(LinkError.RETRIES, why if isinstance(why, str) else self._bad_blocks())
         return tries
+
+    def _bad_blocks(self):
+        """The RETRIES detail; names the other framing profile when the refused blocks came
+        from its SE address (GPC_SPE_172 4: 0x12, UM11225: 0xA5), the signature of a host
+        and an SE set up with different profiles."""
+        nad = self._foreign_nad
+        for name in t1.PROFILES:
+            other = t1.PROFILES[name]
+            if other is not self.profile and nad == "%02X" % other.nad_se:
+                return ("bad blocks from NAD %s, the %s profile's SE address: T=1' profile "
+                        "mismatch? try --t1-profile %s" % (nad, name, name))
+        return "bad blocks"
 
     def _abort(self, blk):
         if blk.kind == t1.BLOCK_S and not blk.response and blk.stype == self.profile.s_abort:

@@ -16,6 +16,7 @@
 #
 #   net         the network, authenticated by the key+certificate in an SE slot:
 #                 whoami(slot) -> dict             GET /v1/whoami
+#                 cacerts(slot) -> list of DER     GET /.well-known/est/<label>/cacerts
 #                 nonce(slot) -> bytes             GET /.well-known/est/<label>/nonce
 #                 enroll(slot, csr_der, reenroll) -> certificate DER
 #                                                  simpleenroll / simplereenroll
@@ -23,9 +24,11 @@
 #                 fetch_revocation(slot) -> bytes  GET the CRL of the certificate in
 #                                                  `slot` (its distribution point URL)
 #               Every call raises NetError (below) on failure, with `retryable` telling
-#               a transient failure (link drop, timeout, 5xx, 202) from a refusal.
+#               a transient failure (link drop, timeout, 5xx, 202) from a refusal;
+#               enroll raises device/certcheck.CertificateRefused when the answer is not
+#               exactly one certificate (wrong content type, not PKCS#7, none, several).
 #               CPython: device/host/agent_net.HostNetwork (se_tls + the EST client).
-#               MicroPython: a board supplies its own object with these five methods.
+#               MicroPython: a board supplies its own object with these six methods.
 #   clock       now() -> int seconds since 1970 UTC; sleep(seconds) (bounded by policy)
 #   rand        () -> float in [0, 1): backoff jitter
 #   boot        optional: check() -> report (raises on a bad image: the agent then does
@@ -42,6 +45,17 @@
 # or after the server's Retry-After (never earlier; a Retry-After beyond max_delay ends
 # the cycle instead), within policy.max_wait seconds of sleeping per step.  A step that
 # still fails ends the cycle with its NetError; the journal resumes it next cycle.
+#
+# Certificates are checked before they are stored (device/certcheck.py: chain to the
+# fleet root in the SE through the EST cacerts, signatures verified by the SE, the new
+# slot's key, validity on the agent's clock, clientAuth, the identity certificate's CN,
+# serialNumber and URI SAN).  A refused certificate, or a new certificate the verifier
+# refuses at the acknowledgement, is a REFUSED journal record: the new key is deleted,
+# the old credential stays in use, and the rotation is tried again with a fresh key, at
+# most policy.max_rotation_attempts times per rotation; then the journal goes back to
+# BASE(old) and the cycle ends with AgentError(WRONG_CERTIFICATE) (the next cycle starts
+# a new rotation when one is due).  No answer from the CA can leave a device on a
+# credential the verifier refuses.
 
 try:
     from micropython import const
@@ -71,14 +85,17 @@ _REFUSED_CREDENTIAL = ("superseded", "expired", "not_yet_valid")
 class NetError(FleetidError):
     """A network step failed.
 
-    reason: LINK (connection refused / dropped), TIMEOUT (a bounded wait expired), SERVER
-        (5xx), PENDING (202: come back after Retry-After), REFUSED (4xx: the server said
-        no; `status` and `server_reason`, e.g. "revoked", "superseded", say why).
+    reason: LINK (connection refused / dropped), HANDSHAKE (the TLS handshake failed: an
+        alert or a close during it; a server refusing the client certificate looks like
+        this), TIMEOUT (a bounded wait expired), SERVER (5xx), PENDING (202: come back
+        after Retry-After), REFUSED (4xx: the server said no; `status` and
+        `server_reason`, e.g. "revoked", "superseded", say why).
     retry_after: seconds the server asked to wait (None if it did not say).
-    retryable: True for LINK, TIMEOUT, SERVER, PENDING.
+    retryable: True for LINK, HANDSHAKE, TIMEOUT, SERVER, PENDING.
     """
 
     LINK = "link"
+    HANDSHAKE = "handshake"
     TIMEOUT = "timeout"
     SERVER = "server"
     PENDING = "pending"
@@ -105,8 +122,10 @@ class NetError(FleetidError):
 class AgentError(FleetidError):
     """The cycle stopped.  reason: BOOT (the image check failed: no connection made),
     REFUSED (the verifier refused the device: `detail` has the server's reason),
-    WRONG_CERTIFICATE (the CA answered with a certificate for another key or subject),
-    JOURNAL (the journal is corrupt).  `cause` holds the underlying exception."""
+    WRONG_CERTIFICATE (the rotation was abandoned after policy.max_rotation_attempts
+    refused certificates: the agent's checks or the verifier's acknowledgement refused
+    each; the old credential stays in use), JOURNAL (the journal is corrupt).  `cause`
+    holds the underlying exception (the last refusal: CertificateRefused or NetError)."""
 
     BOOT = "boot"
     REFUSED = "refused"
@@ -131,11 +150,20 @@ class AgentPolicy:
         renew_margin_s=8 h with hourly connections.
     max_attempts: tries per network step.  base_delay / max_delay: backoff seconds.
     max_wait: total seconds slept per network step.  slots: the two rotation slots.
+    max_rotation_attempts: certificates a rotation may have refused (by the agent's checks
+        or at the acknowledgement) before it is abandoned (1..8).
+    clock_skew_s: seconds a new certificate's notBefore may lie ahead of the clock.
     """
 
     def __init__(self, renew_fraction=0.66, max_attempts=5, base_delay=1.0, max_delay=60.0,
                  max_wait=300.0, slots=(SLOT_OPERATIONAL_A, SLOT_OPERATIONAL_B),
-                 renew_margin_s=0):
+                 renew_margin_s=0, max_rotation_attempts=3, clock_skew_s=300):
+        if not 1 <= max_rotation_attempts <= 8:
+            raise ValueError("max_rotation_attempts must be in 1..8")  # journal: 63 records
+        if clock_skew_s < 0:
+            raise ValueError("clock_skew_s must be >= 0")
+        self.max_rotation_attempts = max_rotation_attempts
+        self.clock_skew_s = clock_skew_s
         if not 0.0 < renew_fraction <= 1.0:
             raise ValueError("renew_fraction must be in (0, 1]")
         if renew_margin_s < 0:
@@ -256,6 +284,9 @@ class Agent:
         self.log = log
         self.journal = rj.RotationJournal(se)
         self._chain = None
+        self._checker = None  # certcheck.CertificateChecker, made on first use
+        self._cas = None  # the EST cacerts that chain to the fleet root
+        self._identity = None  # the identity certificate, parsed
         self._report = None
         self._booted = None  # the boot report awaiting confirm(), if any
 
@@ -424,6 +455,9 @@ class Agent:
         if last.kind == rj.ACKED:
             self._note("resume ACKED: retire slot %d" % last.cur)
             return self._retire(last)
+        if last.kind == rj.REFUSED:
+            self._note("resume REFUSED: delete slot %d's key, retry or abandon" % last.new)
+            return self._after_refusal(last, None)
         self._sweep(last.cur)
         return last
 
@@ -444,8 +478,28 @@ class Agent:
         self._note("BEGIN %s: slot %d -> %d" % (rj.CAUSE_NAMES[cause], cur, begin.new))
         return self._rotate_from(begin)
 
+    def _certificates(self, auth):
+        # The checker (fleet root from the SE), the identity certificate and the EST
+        # cacerts that chain to the root, fetched once per agent (they change with a CA
+        # rollover, not per rotation).
+        from fleetid.device import certcheck
+
+        if self._checker is None:
+            self._checker = certcheck.CertificateChecker(self.se,
+                                                         skew_s=self.policy.clock_skew_s)
+        if self._identity is None:
+            self._identity = certcheck.parse_certificate(self.se.get_cert(SLOT_IDENTITY))
+        if not self._cas:
+            cas = self._checker.verified_cas(self._call("cacerts", self.net.cacerts, auth),
+                                             self.clock.now())
+            if not cas:
+                raise certcheck.CertificateRefused(certcheck.REASON_ISSUER,
+                                                   "no CA from cacerts chains to the root")
+            self._cas = cas
+        return self._checker
+
     def _rotate_from(self, begin):
-        from fleetid.device import certinfo
+        from fleetid.device.certcheck import CertificateRefused
 
         se = self.se
         cur, new = begin.cur, begin.new
@@ -458,13 +512,19 @@ class Agent:
         while True:
             attempt += 1
             try:
+                checker = self._certificates(auth)
                 nonce = self._call("nonce", self.net.nonce, auth)
                 point, _signed, csr = enrol.build_attested_csr(
                     se, new, nonce, current.common_name, current.serial_number,
                     self._chain, POLICY_SIGN, replace=True)
                 self._note("key generated in slot %d, attested, CSR signed in the SE" % new)
                 cert_der = self._enroll_pending(auth, csr)
+                issued = checker.check_issued(cert_der, self._cas, point, self._identity,
+                                              self.clock.now())
                 break
+            except CertificateRefused as exc:
+                self._note("certificate for slot %d refused (%s)" % (new, exc))
+                return self._refuse(begin, rj.REFUSAL_CHECK, exc)
             except NetError as exc:
                 if exc.reason == NetError.REFUSED and auth != SLOT_IDENTITY and \
                         exc.server_reason in _REFUSED_CREDENTIAL:
@@ -476,45 +536,81 @@ class Agent:
                     auth = SLOT_IDENTITY
                     continue
                 waited += self._wait("enroll", exc, attempt, waited)
-        issued = certinfo.certificate_facts(cert_der)
-        if issued.point != point:
-            raise AgentError(AgentError.WRONG_CERTIFICATE, "not for the new key")
-        if issued.common_name != current.common_name or \
-                issued.serial_number != current.serial_number:
-            raise AgentError(AgentError.WRONG_CERTIFICATE, "the subject changed")
         se.put_cert(new, cert_der)
         record = self.journal.append(rj.Record(rj.ISSUED, cur, new, begin.cause,
                                                issued.not_before, issued.not_after))
-        self._note("ISSUED: certificate %x stored in slot %d" % (issued.serial, new))
+        self._note("ISSUED: certificate %x checked and stored in slot %d"
+                   % (issued.serial, new))
         return self._acknowledge(record)
 
     def _acknowledge(self, issued):
         try:
             self._call("ack", self.net.ack, issued.new)
         except NetError as exc:
-            if exc.reason != NetError.REFUSED or exc.server_reason not in _REFUSED_CREDENTIAL:
+            # A 4xx answer refuses the new certificate (superseded or expired before the
+            # acknowledgement, unknown to the registry, ...): retrying the ack would
+            # repeat forever, so the rotation falls back to the old credential and tries
+            # again.  No answer (link, timeout, 5xx) is not a refusal: retried next
+            # cycle.  A failed TLS handshake is a refusal only when the old credential's
+            # handshake with the same verifier succeeds right after (_tls_refused).
+            if exc.reason == NetError.HANDSHAKE and self._tls_refused(issued):
+                self._note("slot %d refused by the verifier's TLS (%s), slot %d accepted"
+                           % (issued.new, exc.detail, issued.cur))
+                return self._refuse(issued, rj.REFUSAL_ACK, exc)
+            if exc.reason != NetError.REFUSED or exc.status is None:
                 raise
-            return self._abandon(issued, exc.server_reason)
+            self._note("slot %d refused at the acknowledgement (%s)"
+                       % (issued.new, exc.server_reason or exc.detail))
+            return self._refuse(issued, rj.REFUSAL_ACK, exc)
         record = self.journal.append(rj.Record(rj.ACKED, issued.cur, issued.new,
                                                issued.cause, issued.t0, issued.t1))
         self._note("ACKED by the verifier: slot %d" % issued.new)
         return self._retire(record)
 
-    def _abandon(self, issued, why):
-        # The verifier no longer takes the new certificate (superseded or expired before
-        # the acknowledgement: the cloud moved on without this device).  Retrying the ack
-        # would repeat forever; instead drop the new key, go back to the state before the
-        # rotation (one atomic write) and rotate again (from the identity certificate if
-        # the old one is refused too).
-        self._note("slot %d refused at the acknowledgement (%s): rotate again"
-                   % (issued.new, why))
-        enrol.clear_slot(self.se, issued.new)
-        if issued.cur == SLOT_IDENTITY:
+    def _tls_refused(self, issued):
+        # The new certificate's handshakes failed (after their retries): does the same
+        # verifier complete a handshake with the old credential?  It does when it answers
+        # whoami, or refuses it with an HTTP status (the old one superseded or expired:
+        # the retry then enrols with the identity certificate).  Then the failure is the
+        # new certificate's, not the link's.  Anything else: not a refusal.
+        try:
+            self._call("whoami", self.net.whoami, issued.cur)
+        except NetError as exc:
+            return exc.reason == NetError.REFUSED and exc.status is not None
+        return True
+
+    def _refuse(self, last, code, exc):
+        # BEGIN or ISSUED -> REFUSED (one atomic write), then the REFUSED row of the
+        # decision table.
+        record = self.journal.append(rj.Record(rj.REFUSED, last.cur, last.new, last.cause,
+                                               self.clock.now(), code))
+        return self._after_refusal(record, exc)
+
+    def _after_refusal(self, refused, exc):
+        # Delete the new key (and the refused certificate with it), then retry with a
+        # fresh key or, after max_rotation_attempts refusals, abandon the rotation: the
+        # journal goes back to the state before it (one atomic write) and the old
+        # credential stays in use.
+        if enrol.clear_slot(self.se, refused.new):
+            self._note("deleted the key in slot %d" % refused.new)
+        count = rj.refusals(self.journal.records)
+        if count < self.policy.max_rotation_attempts:
+            begin = self.journal.append(rj.Record(rj.BEGIN, refused.cur, refused.new,
+                                                  refused.cause, self.clock.now(), 0))
+            self._note("BEGIN again: attempt %d of %d, slot %d -> %d" % (
+                count + 1, self.policy.max_rotation_attempts, begin.cur, begin.new))
+            return self._rotate_from(begin)
+        if refused.cur == SLOT_IDENTITY:
             self.journal.reset()
         else:
-            facts = self._facts(issued.cur)
-            self.journal.compact(issued.cur, facts.not_before, facts.not_after)
-        return self.rotate(rj.CAUSE_REFUSED)
+            facts = self._facts(refused.cur)
+            self.journal.compact(refused.cur, facts.not_before, facts.not_after)
+        self._note("rotation abandoned after %d refused certificates: slot %d stays in use"
+                   % (count, refused.cur))
+        raise AgentError(AgentError.WRONG_CERTIFICATE,
+                         "%d certificates refused (last: %s); slot %d stays in use"
+                         % (count, exc if exc is not None else
+                            rj.REFUSAL_NAMES.get(refused.t1, "?"), refused.cur), exc)
 
     def _retire(self, acked):
         if acked.cur != SLOT_IDENTITY and enrol.clear_slot(self.se, acked.cur):

@@ -18,6 +18,9 @@
 # The agent never builds APDUs for the relay and never sees the relayed plaintext.
 
 
+_REVSET_LABEL = "revset"  # fleet/crl/revset carries the compact set, not a CRL
+
+
 class AgentMqtt:
     """Joins a DeviceChannel and an Agent.
 
@@ -36,7 +39,7 @@ class AgentMqtt:
 
     def _crl(self, label, der):
         cache = self.agent.revocation
-        if cache is None:
+        if cache is None or label == _REVSET_LABEL:  # the compact set: device/revset_mqtt.py
             return
         try:
             result = cache.refresh(lambda: der, self.agent.clock.now())

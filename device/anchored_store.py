@@ -7,9 +7,23 @@
 #     first use; the stored document is then re-verified through the SE (storage is not
 #     trusted), ignored when below the mark, and the mark raised when the document is
 #     above it (a refresh cut between store and mark).
-#   * Refresh: verify, refuse stale or older documents (equal number: only the same
-#     bytes), store first, then the mark (only when it grows: NVM wear).  On any refusal
-#     the old state stays and the subclass's error class says why.
+#   * Refresh: verify, refuse a document dated beyond the allowed clock skew (its
+#     this_update more than policy.clock_skew_s ahead of `now`), stale documents and, with
+#     nothing newer cached, older ones (equal number: only the same bytes); store first,
+#     then the mark (only when it grows: NVM wear).  On any refusal the old state stays
+#     and the subclass's error class says why.
+#   * A verified document older than the cached one is not a refusal: it is what a second
+#     channel delivers late (a retained MQTT message after an HTTP fetch, a CDN copy), the
+#     newer one is kept, and refresh() returns RESULT_OLDER ("older than cached, kept
+#     cached") for the caller's log.  The same number with other bytes stays a refusal
+#     (REASON_ROLLBACK: two documents under one number is not a harmless delay).
+#
+# Clock skew (DEFAULT_CLOCK_SKEW_S, 5 minutes; AnchorPolicy clock_skew_s): a signed
+# document from the future is refused (REASON_FUTURE).  Why: its number (milliseconds of
+# its thisUpdate, cloud/revocation) would become the mark in the SE, and every honest
+# document after it would be refused as a rollback until that date; and a device whose
+# clock is that far behind cannot judge freshness anyway.  5 minutes covers RTC drift
+# between NTP/connectivity events; a fleet with worse clocks raises it.
 #
 # A subclass (CrlCache, RevsetCache) sets self.se, self.store, self.policy (grace_s,
 # fail_open, object_id, max_size) and calls _init_anchor(); it provides:
@@ -17,6 +31,7 @@
 #   _STALE_ERROR    exception class when failing closed: _STALE_ERROR(reason, detail)
 #   _NO_DOC         (reason, detail) of _STALE_ERROR when nothing is cached
 #   _NEXT_UPDATE    name of the next-update field in stale details ("... passed")
+#   _THIS_UPDATE    name of the this-update field in future details
 #   _ROLLBACK_FMT   "%d <= %d" detail format of a rollback refusal
 #   _verify(data)   parse + check + self._se_verify(); returns the document (attributes
 #                   data, number, this_update, next_update) or raises _ERROR
@@ -32,6 +47,13 @@ REASON_STALE = "stale"  # past next update + grace
 REASON_ROLLBACK = "rollback"  # number below (or equal to, with other contents) the mark
 REASON_STATE = "state"  # the SE object holds another record (misconfiguration)
 REASON_STORE = "store"  # the store could not keep the new document
+REASON_FUTURE = "future"  # this_update beyond now + policy.clock_skew_s
+
+# refresh() results besides "updated" / "unchanged".
+RESULT_OLDER = "older than cached, kept cached"
+
+# Seconds a document's this_update may lie ahead of the device's clock (see the header).
+DEFAULT_CLOCK_SKEW_S = 300
 
 
 class AnchorPolicy:
@@ -40,12 +62,16 @@ class AnchorPolicy:
     Params: grace_s: seconds a document stays usable past its next update.  fail_open:
         True answers "not known revoked" without a fresh document.  object_id: SE data
         object of the mark.  max_size: largest document accepted (bytes).
-    Raises: ValueError (grace_s < 0 or max_size < 64).
+        clock_skew_s: seconds a document's this_update may be ahead of `now` (default
+        DEFAULT_CLOCK_SKEW_S); beyond it the document is refused (REASON_FUTURE).
+    Raises: ValueError (grace_s < 0, max_size < 64 or clock_skew_s < 0).
     """
 
-    def __init__(self, grace_s, fail_open, object_id, max_size):
-        if grace_s < 0 or max_size < 64:
-            raise ValueError("grace_s >= 0 and max_size >= 64")
+    def __init__(self, grace_s, fail_open, object_id, max_size,
+                 clock_skew_s=DEFAULT_CLOCK_SKEW_S):
+        if grace_s < 0 or max_size < 64 or clock_skew_s < 0:
+            raise ValueError("grace_s >= 0, max_size >= 64 and clock_skew_s >= 0")
+        self.clock_skew_s = clock_skew_s
         self.grace_s = grace_s
         self.fail_open = fail_open
         self.object_id = object_id
@@ -122,8 +148,16 @@ class AnchoredStore:
         return bytes(data)
 
     def _accept(self, data, now):
-        # data: bytes.  Returns "updated" / "unchanged"; raises _ERROR (old state kept).
+        # data: bytes.  Returns "updated" / "unchanged" / RESULT_OLDER; raises _ERROR
+        # (old state kept).
         doc = self._verified(data)
+        ahead = doc.this_update - now
+        if ahead > self.policy.clock_skew_s:
+            raise self._ERROR(REASON_FUTURE, "%s %d s ahead of this device's clock (%d s "
+                              "allowed)" % (self._THIS_UPDATE, ahead,
+                                            self.policy.clock_skew_s))
+        if self._doc is not None and doc.number < self._doc.number:
+            return RESULT_OLDER  # a late copy from another channel: the newer one stays
         if now > doc.next_update + self.policy.grace_s:
             raise self._ERROR(REASON_STALE, self._NEXT_UPDATE + " passed")
         mark = self._mark

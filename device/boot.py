@@ -104,7 +104,7 @@ _SPKI_P256_PREFIX = b"\x30\x59\x30\x13\x06\x07\x2a\x86\x48\xce\x3d\x02\x01\x06\x
 
 # BootError.reason values: one per kind of refusal.
 REASON_TRUNCATED = "truncated"  # the image ends before its header, payload or TLVs do
-REASON_OVERSIZED = "oversized"  # larger than the slot (max_size)
+REASON_OVERSIZED = "oversized"  # the image, or the file holding it, is larger than the slot
 REASON_MAGIC = "magic"  # not an MCUboot image (or big-endian)
 REASON_HEADER = "header"  # header fields inconsistent
 REASON_FLAGS = "flags"  # encrypted / compressed / non-bootable
@@ -152,7 +152,9 @@ class BootReport:
         load_addr, img_size, hdr_size, flags: header fields.  total_size: bytes the image
         occupies (header to the end of its TLVs).  checked_at: the `now` given (or None).
         key_serial: serial of the firmware certificate whose key signed (device/fwkeys.py),
-        None for the bare point.
+        None for the bare point.  key_name: that certificate's CN (None for the bare
+        point).  file_size: bytes from the header to the end of the reader, when the
+        reader can tell (bytes, seekable files), else None.
     """
 
     def __init__(self, checked_at=None):
@@ -169,6 +171,8 @@ class BootReport:
         self.total_size = None
         self.checked_at = checked_at
         self.key_serial = None  # certificate serial of the signing key (fwkeys), if any
+        self.key_name = None
+        self.file_size = None
 
     def version_string(self):
         """The version as imgtool writes it: "major.minor.revision+build"."""
@@ -199,6 +203,21 @@ class _Source:
             self._readinto = getattr(reader, "readinto", None)
             if self._readinto is None and getattr(reader, "read", None) is None:
                 raise ValueError("reader must be bytes or have readinto/read")
+
+    def remaining(self):
+        # Bytes from here to the end, or None when the reader cannot tell (a stream, a
+        # flash reader without seek).  Leaves the position where it was.
+        if self._view is not None:
+            return len(self._view) - self._pos
+        try:
+            here = self._reader.tell()
+            end = self._reader.seek(0, 2)
+            if end is None:
+                end = self._reader.tell()
+            self._reader.seek(here)
+        except (AttributeError, OSError, ValueError):
+            return None
+        return end - here
 
     def fill(self, view):
         # Fill `view` (a memoryview) completely; returns the byte count actually read.
@@ -272,7 +291,9 @@ def check_image(se, reader, max_size=DEFAULT_MAX_SIZE, now=None, firmware_keys=N
     Params: se: SeSession (reads DATA_TRUST_FIRMWARE_KEY and COUNTER_FIRMWARE, VERIFY with
         the key's point).  reader: the image as bytes-like, or a file-like object with
         readinto(buf) or read(n), positioned at the header; read in CHUNK-byte pieces,
-        never whole.  max_size: the slot size in bytes (header to the end of the TLVs).
+        never whole.  max_size: the slot size in bytes: the image (header to the end of
+        its TLVs) and, when the reader can tell its length (bytes, a seekable file), the
+        whole rest of the reader must fit, else REASON_OVERSIZED with both sizes.
         now: recorded in the report as checked_at (any value; not used for decisions).
         firmware_keys: optional object with points() -> [FirmwareKey] (device/fwkeys.py:
             firmware-signing certificates under the fleet root, revocable and rotatable);
@@ -287,6 +308,12 @@ def check_image(se, reader, max_size=DEFAULT_MAX_SIZE, now=None, firmware_keys=N
         raise ValueError("max_size must be an int >= 32")
     report = BootReport(now)
     source = _Source(reader)
+    # A file longer than the slot is refused even when the image inside would fit: what
+    # is flashed is the file, and the bytes past the slot would land in the next one.
+    report.file_size = source.remaining()
+    if report.file_size is not None and report.file_size > max_size:
+        raise report._refuse("size", REASON_OVERSIZED, "file %d B > slot %d B" % (
+            report.file_size, max_size))
     buf = bytearray(CHUNK)
     view = memoryview(buf)
     hdr_size, img_size, prot_size = _check_header(source, buf, view, report)
@@ -428,6 +455,7 @@ def _signing_key(se, keyhash, firmware_keys, report):
             if hashlib.sha256(_SPKI_P256_PREFIX + key.point).digest() == keyhash:
                 point = key.point
                 report.key_serial = key.serial
+                report.key_name = getattr(key, "name", None)
                 break
         if point is None:
             raise report._refuse("key", REASON_KEY, "not an accepted firmware-signing key")

@@ -2,7 +2,8 @@
 # MicroPython (the backend modules are imported only when their scheme is used, so a
 # MicroPython board never loads the Linux backend and the other way round).
 #
-# Every backend is a duck-typed Bus (see device/bus_sim.py, bus_linux.py, bus_machine.py):
+# Every backend is a duck-typed Bus (device/bus_sim.py, device/host/bus_linux.py,
+# device/bus_machine.py; SCHEMES below maps each backend:transport to its module):
 #     bus.write(frame) -> None    one write transaction; BusNack when the SE is busy
 #     bus.read(n) -> bytes        one read transaction of exactly n bytes; BusNack when busy
 #     bus.reset() -> None         hardware reset / power cycle where the backend can
@@ -102,6 +103,105 @@ def _split_last(uri, rest, what):
     return rest[:pos], rest[pos + 1 :]
 
 
+# -- the scheme table -------------------------------------------------------------------
+#
+# One row per (backend, transport): the module that opens it (imported by name, only when
+# a URI of that scheme is opened: `__import__` with a fromlist returns the module itself on
+# CPython and MicroPython alike), the function that reads the target part of the URI into
+# the BusUri, and the function that opens it from the imported module.  The `linux` module
+# is CPython-only and sits in device/host/ (never frozen into firmware); naming it here
+# keeps the one URI grammar in one place, and a MicroPython board never imports it.
+# A tuple, not a dict, so the order of the "unknown backend" message is the same on both
+# interpreters.  A new backend is one module plus one row.
+
+
+def _target_path(parsed, rest):
+    parsed.path = rest
+
+
+def _target_tcp(parsed, rest):
+    uri = parsed.uri
+    host, port = _split_last(uri, rest, "host>:<port")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not host:
+        raise BusUriError(uri, "empty host")
+    parsed.host = host
+    parsed.port = _parse_int(uri, "port", port, 1, 65535)
+
+
+def _target_linux_i2c(parsed, rest):
+    uri = parsed.uri
+    path, addr = _split_last(uri, rest, "/dev/i2c-N>:<address")
+    parsed.path = path
+    parsed.address = _parse_int(uri, "address", addr, _I2C_ADDR_MIN, _I2C_ADDR_MAX)
+
+
+def _target_machine_i2c(parsed, rest):
+    uri = parsed.uri
+    bus_id, addr = _split_last(uri, rest, "id>:<address")
+    parsed.bus_id = _parse_int(uri, "bus id", bus_id, 0, 255)
+    parsed.address = _parse_int(uri, "address", addr, _I2C_ADDR_MIN, _I2C_ADDR_MAX)
+
+
+def _target_machine_spi(parsed, rest):
+    uri = parsed.uri
+    bus_id, pin = _split_last(uri, rest, "id>:<cs pin")
+    parsed.bus_id = _parse_int(uri, "bus id", bus_id, 0, 255)
+    parsed.cs_pin = _parse_int(uri, "cs pin", pin, 0, 255)
+
+
+def _open_sim_unix(mod, parsed):
+    return mod.connect_unix(parsed.path, parsed.option_int("timeout_ms", mod.DEFAULT_TIMEOUT_MS))
+
+
+def _open_sim_tcp(mod, parsed):
+    return mod.connect_tcp(parsed.host, parsed.port,
+                           parsed.option_int("timeout_ms", mod.DEFAULT_TIMEOUT_MS))
+
+
+def _open_linux_i2c(mod, parsed):
+    return mod.LinuxI2cBus(parsed.path, parsed.address)
+
+
+def _open_linux_spi(mod, parsed):
+    return mod.LinuxSpiBus(parsed.path, speed_hz=parsed.option_int("hz", mod.SPI_DEFAULT_HZ),
+                           mode=parsed.option_int("mode", 0))
+
+
+def _open_machine_i2c(mod, parsed):
+    return mod.open_i2c(parsed.bus_id, parsed.address,
+                        parsed.option_int("freq", mod.I2C_DEFAULT_HZ))
+
+
+def _open_machine_spi(mod, parsed):
+    return mod.open_spi(parsed.bus_id, parsed.cs_pin,
+                        parsed.option_int("freq", mod.SPI_DEFAULT_HZ))
+
+
+_SIM = "fleetid.device.bus_sim"
+_LINUX = "fleetid.device.host.bus_linux"
+_MACHINE = "fleetid.device.bus_machine"
+
+# (backend, transport, module, read the target, open)
+SCHEMES = (
+    ("sim", "unix", _SIM, _target_path, _open_sim_unix),
+    ("sim", "tcp", _SIM, _target_tcp, _open_sim_tcp),
+    ("linux", "i2c", _LINUX, _target_linux_i2c, _open_linux_i2c),
+    ("linux", "spi", _LINUX, _target_path, _open_linux_spi),
+    ("machine", "i2c", _MACHINE, _target_machine_i2c, _open_machine_i2c),
+    ("machine", "spi", _MACHINE, _target_machine_spi, _open_machine_spi),
+)
+
+
+def _scheme(uri, backend, transport):
+    for row in SCHEMES:
+        if row[0] == backend and row[1] == transport:
+            return row
+    raise BusUriError(uri, "unknown backend/transport %s:%s (%s)" % (
+        backend, transport, ", ".join(row[0] + ":" + row[1] for row in SCHEMES)))
+
+
 def parse_bus_uri(uri):
     """Parse a bus URI (grammar at the top of this module).
 
@@ -116,37 +216,10 @@ def parse_bus_uri(uri):
     if len(parts) < 3 or not parts[2]:
         raise BusUriError(uri, "expected <backend>:<transport>:<target>")
     backend, transport, rest = parts
+    scheme = _scheme(uri, backend, transport)
     parsed = BusUri(uri, backend, transport)
     parsed.options = options
-    if backend == "sim" and transport == "unix":
-        parsed.path = rest
-    elif backend == "sim" and transport == "tcp":
-        host, port = _split_last(uri, rest, "host>:<port")
-        if host.startswith("[") and host.endswith("]"):
-            host = host[1:-1]
-        if not host:
-            raise BusUriError(uri, "empty host")
-        parsed.host = host
-        parsed.port = _parse_int(uri, "port", port, 1, 65535)
-    elif backend == "linux" and transport == "i2c":
-        path, addr = _split_last(uri, rest, "/dev/i2c-N>:<address")
-        parsed.path = path
-        parsed.address = _parse_int(uri, "address", addr, _I2C_ADDR_MIN, _I2C_ADDR_MAX)
-    elif backend == "linux" and transport == "spi":
-        parsed.path = rest
-    elif backend == "machine" and transport == "i2c":
-        bus_id, addr = _split_last(uri, rest, "id>:<address")
-        parsed.bus_id = _parse_int(uri, "bus id", bus_id, 0, 255)
-        parsed.address = _parse_int(uri, "address", addr, _I2C_ADDR_MIN, _I2C_ADDR_MAX)
-    elif backend == "machine" and transport == "spi":
-        bus_id, pin = _split_last(uri, rest, "id>:<cs pin")
-        parsed.bus_id = _parse_int(uri, "bus id", bus_id, 0, 255)
-        parsed.cs_pin = _parse_int(uri, "cs pin", pin, 0, 255)
-    else:
-        raise BusUriError(
-            uri, "unknown backend/transport %s:%s (sim:unix, sim:tcp, linux:i2c, linux:spi, "
-            "machine:i2c, machine:spi)" % (backend, transport)
-        )
+    scheme[3](parsed, rest)
     return parsed
 
 
@@ -159,29 +232,6 @@ def open_bus(uri):
         (no socket there, no device node, permission denied, address in use by a driver).
     """
     parsed = uri if isinstance(uri, BusUri) else parse_bus_uri(uri)
-    if parsed.backend == "sim":
-        from fleetid.device import bus_sim
-
-        timeout_ms = parsed.option_int("timeout_ms", bus_sim.DEFAULT_TIMEOUT_MS)
-        if parsed.transport == "unix":
-            return bus_sim.connect_unix(parsed.path, timeout_ms)
-        return bus_sim.connect_tcp(parsed.host, parsed.port, timeout_ms)
-    if parsed.backend == "linux":
-        from fleetid.device import bus_linux
-
-        if parsed.transport == "i2c":
-            return bus_linux.LinuxI2cBus(parsed.path, parsed.address)
-        return bus_linux.LinuxSpiBus(
-            parsed.path,
-            speed_hz=parsed.option_int("hz", bus_linux.SPI_DEFAULT_HZ),
-            mode=parsed.option_int("mode", 0),
-        )
-    from fleetid.device import bus_machine
-
-    if parsed.transport == "i2c":
-        return bus_machine.open_i2c(
-            parsed.bus_id, parsed.address, parsed.option_int("freq", bus_machine.I2C_DEFAULT_HZ)
-        )
-    return bus_machine.open_spi(
-        parsed.bus_id, parsed.cs_pin, parsed.option_int("freq", bus_machine.SPI_DEFAULT_HZ)
-    )
+    scheme = _scheme(parsed.uri, parsed.backend, parsed.transport)
+    module = __import__(scheme[2], None, None, ("_",))
+    return scheme[4](module, parsed)

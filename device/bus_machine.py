@@ -9,7 +9,7 @@
 # writeto() that returns fewer ACKed bytes than it sent is a NACK in the data phase.
 # ETIMEDOUT (clock stretching too long, a stuck bus) is a bus failure.
 #
-# SPI: no NACK; as in device/bus_linux.py, the first read after a write polls, and a first
+# SPI: no NACK; as in device/host/bus_linux.py, the first read after a write polls, and a first
 # byte of 0x00 or 0xFF (filler: no frame ready) is reported as BusNack.
 
 try:

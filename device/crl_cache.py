@@ -25,9 +25,12 @@
 #
 # Decisions (policy injected: CrlPolicy):
 #   * refresh(fetch, now): a fetched CRL replaces the cache only if it is well-formed DER,
-#     from this issuer, signed by it (VERIFY in the SE), not stale (now <= nextUpdate +
-#     grace) and not older (cRLNumber >= the high-water mark); on any refusal the old
-#     cache stays, and CrlError says why (`reason`, REASON_* below).
+#     from this issuer, signed by it (VERIFY in the SE), not from the future (thisUpdate <=
+#     now + clock_skew_s, 5 minutes by default), not stale (now <= nextUpdate + grace) and
+#     not older (cRLNumber >= the high-water mark); on any refusal the old cache stays,
+#     and CrlError says why (`reason`, REASON_* below).  A signed CRL older than the
+#     cached one (a late copy from a second channel) is no refusal: the cached one stays
+#     and refresh() returns RESULT_OLDER ("older than cached, kept cached").
 #   * check(serial, now): revoked on the cached CRL -> RevokedError, even when that CRL is
 #     stale; no CRL, or a stale one (now > nextUpdate + grace) -> StaleRevocationError when
 #     the policy fails closed, None (not known revoked) when it fails open.
@@ -64,7 +67,12 @@ except ImportError:  # CPython
 
 from fleetid.common import asn1time, der
 from fleetid.common.errors import DerError, FleetidError
-from fleetid.device.anchored_store import AnchoredStore, AnchorPolicy
+from fleetid.device.anchored_store import (
+    DEFAULT_CLOCK_SKEW_S,
+    RESULT_OLDER,  # noqa: F401 - re-exported: a refresh() result
+    AnchoredStore,
+    AnchorPolicy,
+)
 
 # CrlError / RevocationError.reason values.
 REASON_FETCH = "fetch"  # fetch() raised
@@ -76,7 +84,9 @@ REASON_ISSUER = "issuer"  # signed by / naming another CA
 REASON_SIGNATURE = "signature"  # the SE says the signature does not verify
 REASON_UNSUPPORTED = "unsupported"  # a critical extension this cache cannot honour
 REASON_STALE = "stale"  # past nextUpdate + grace
-REASON_ROLLBACK = "rollback"  # cRLNumber below (or equal to, with other contents) the mark
+REASON_ROLLBACK = "rollback"  # cRLNumber below the mark with nothing newer cached, or
+#                               equal to it with other contents
+REASON_FUTURE = "future"  # thisUpdate beyond now + policy.clock_skew_s
 REASON_STATE = "state"  # the SE object holds another issuer's mark (misconfiguration)
 REASON_STORE = "store"  # the store could not keep the new CRL
 REASON_NO_CRL = "no_crl"  # nothing cached (StaleRevocationError)
@@ -131,11 +141,13 @@ class CrlPolicy(AnchorPolicy):
         (availability first); False (default) refuses (security first).  object_id: SE
         data object for the high-water mark (default 1, se_consts.DATA_OBJECT_CRL_NUMBER;
         one object per cached issuer).  max_size: largest CRL accepted (bytes; default
-        64 KiB).
+        64 KiB).  clock_skew_s: how far a CRL's thisUpdate may be ahead of the device's
+        clock (default DEFAULT_CLOCK_SKEW_S = 300 s); beyond it: CrlError(REASON_FUTURE).
     """
 
-    def __init__(self, grace_s=86400, fail_open=False, object_id=1, max_size=65536):
-        AnchorPolicy.__init__(self, grace_s, fail_open, object_id, max_size)
+    def __init__(self, grace_s=86400, fail_open=False, object_id=1, max_size=65536,
+                 clock_skew_s=DEFAULT_CLOCK_SKEW_S):
+        AnchorPolicy.__init__(self, grace_s, fail_open, object_id, max_size, clock_skew_s)
 
 
 class FileStore:
@@ -334,6 +346,7 @@ class CrlCache(AnchoredStore):
     _STALE_ERROR = StaleRevocationError
     _NO_DOC = (REASON_NO_CRL, "no verified CRL cached")
     _NEXT_UPDATE = "nextUpdate"
+    _THIS_UPDATE = "thisUpdate"
     _ROLLBACK_FMT = "cRLNumber %d <= %d"
 
     def __init__(self, se, store, issuer_point, issuer_name_der, policy=None):
@@ -377,10 +390,11 @@ class CrlCache(AnchoredStore):
 
         Params: fetch: callable () -> CRL DER bytes (raises on network failure).
             now: seconds since the epoch (UTC).
-        Returns: "updated" (a newer CRL is cached) or "unchanged" (the same CRL again).
+        Returns: "updated" (a newer CRL is cached), "unchanged" (the same CRL again) or
+            RESULT_OLDER (a verified CRL older than the cached one: the cached one stays).
         Raises: CrlError(reason) (REASON_FETCH, _TOO_LARGE, _TRUNCATED, _MALFORMED,
-            _ALGORITHM, _ISSUER, _SIGNATURE, _UNSUPPORTED, _STALE, _ROLLBACK, _STATE,
-            _STORE); the cache is then what it was before.  LinkError / ApduError when
+            _ALGORITHM, _ISSUER, _SIGNATURE, _UNSUPPORTED, _FUTURE, _STALE, _ROLLBACK,
+            _STATE, _STORE); the cache is then what it was before.  LinkError / ApduError when
             the SE cannot be reached.
         """
         self._load()

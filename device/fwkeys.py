@@ -45,12 +45,14 @@ _POINT_LEN = const(65)
 
 class FirmwareKey:
     """One accepted key: point (65 bytes), serial (certificate serial, None for the bare
-    point), source ("certificate" or "bare")."""
+    point), source ("certificate" or "bare"), name (the certificate's CN, None for the
+    bare point)."""
 
-    def __init__(self, point, serial, source):
+    def __init__(self, point, serial, source, name=None):
         self.point = point
         self.serial = serial
         self.source = source
+        self.name = name
 
 
 def _signed_parts(cert_der):
@@ -123,5 +125,6 @@ class FirmwareKeys:
             if self.revoked is not None and self.revoked(facts.serial):
                 self.refused.append((facts.serial, "revoked"))
                 continue
-            out.append(FirmwareKey(facts.point, facts.serial, "certificate"))
+            out.append(FirmwareKey(facts.point, facts.serial, "certificate",
+                                   facts.common_name))
         return out

@@ -47,7 +47,7 @@ class TransportError(Exception):
     CLOSED = "closed"
 
     def __init__(self, reason, detail=""):
-        Exception.__init__(self, reason + (": " + detail if detail else ""))
+        super().__init__(reason + (": " + detail if detail else ""))
         self.reason = reason
         self.detail = detail
 
@@ -90,6 +90,11 @@ class DeviceChannel:
         self.refused = 0
         self.relayed = 0
         self.crls = 0
+        # Messages whose handling raised (a bug, or input no check foresaw): counted, the
+        # first of each kind kept in `failures` (kind -> message) for the caller to log
+        # once; the channel goes on with the next message.
+        self.failed = 0
+        self.failures = {}
 
     def start(self, crl_labels=("+",)):
         """Connect and subscribe to this device's commands and the retained CRLs.
@@ -118,9 +123,20 @@ class DeviceChannel:
         """Handle what arrives within `timeout` seconds.  Returns: messages handled."""
         handled = 0
         for name, payload in self.transport.poll(timeout):
-            self.handle(name, payload)
+            try:
+                self.handle(name, payload)
+            except TransportError:
+                raise  # the session is lost (a reply not published): the caller reconnects
+            except Exception as exc:  # one message must never end the device's loop
+                self._failed(exc)
             handled += 1
         return handled
+
+    def _failed(self, exc):
+        self.failed += 1
+        kind = type(exc).__name__
+        if kind not in self.failures:
+            self.failures[kind] = str(exc)[:120]
 
     def handle(self, name, payload):
         """Dispatch one received message (see the module header)."""
@@ -142,7 +158,7 @@ class DeviceChannel:
             self.commands.accept("cloud", command["seq"])
         except mqttmsg.MessageError as exc:
             self.refused += 1
-            seq = _seq_of(payload)
+            seq = _seq_of(payload) if exc.reason == mqttmsg.MessageError.REPLAY else None
             if seq is not None:
                 self._reply(seq, False, {"error": exc.reason})
             return

@@ -10,8 +10,10 @@
 #   * refresh(fetch, now) / apply_delta(fetch, now): new data replaces the cache only if
 #     it parses, names this fleet (fleet_id), is signed by the revocation signer (VERIFY
 #     in the SE), decodes consistently (index == body), is not stale (now <= next_update
-#     + grace) and not older (number >= the mark; equal only with identical bytes).  On
-#     any refusal the old set stays and RevsetCacheError says why (`reason`).
+#     + grace), not from the future (this_update <= now + clock_skew_s) and not older
+#     (number >= the mark; equal only with identical bytes).  On any refusal the old set
+#     stays and RevsetCacheError says why (`reason`).  A verified set older than the
+#     cached one is no refusal: the cached one stays, refresh() returns RESULT_OLDER.
 #   * check(serial, ca_key_id, now): the serial in the set or its issuing CA's key id
 #     among the revoked CAs -> RevokedError, even on a stale set; no set or a stale one ->
 #     StaleRevocationError when failing closed, None when failing open.
@@ -37,7 +39,12 @@ except ImportError:  # CPython
 
 from fleetid.common import revset
 from fleetid.common.errors import FleetidError
-from fleetid.device.anchored_store import AnchoredStore, AnchorPolicy
+from fleetid.device.anchored_store import (
+    DEFAULT_CLOCK_SKEW_S,
+    RESULT_OLDER,  # noqa: F401 - re-exported: a refresh() result
+    AnchoredStore,
+    AnchorPolicy,
+)
 
 REASON_FETCH = "fetch"
 REASON_TOO_LARGE = "too_large"
@@ -47,11 +54,16 @@ REASON_FLEET = "fleet"  # another fleet's set
 REASON_SIGNATURE = "signature"
 REASON_STALE = "stale"
 REASON_ROLLBACK = "rollback"
+REASON_FUTURE = "future"  # this_update beyond now + policy.clock_skew_s
 REASON_BASE = "base"  # a delta for a set this cache does not hold
 REASON_STATE = "state"
 REASON_STORE = "store"
 REASON_NO_SET = "no_set"
 REASON_REVOKED = "revoked"
+REASON_SERIAL = "serial"  # a peer certificate naming no device serial of the fleet
+
+# Longest decimal device serial (a registry serial is a positive signed 64-bit integer).
+_MAX_SERIAL_DIGITS = const(19)
 
 _STATE_VERSION = const(1)
 _STATE_LEN = const(17)
@@ -85,10 +97,44 @@ class StaleRevocationError(RevsetCacheError):
 class RevsetPolicy(AnchorPolicy):
     """grace_s: seconds a set stays usable past next_update (default 7 days: offline
     devices hear from the cloud rarely).  fail_open: answer "not known revoked" without a
-    fresh set.  object_id: SE data object of the mark.  max_size: largest set accepted."""
+    fresh set.  object_id: SE data object of the mark.  max_size: largest set accepted.
+    clock_skew_s: how far this_update may be ahead of the device's clock (default 300 s,
+    anchored_store.DEFAULT_CLOCK_SKEW_S); beyond it: RevsetCacheError(REASON_FUTURE)."""
 
-    def __init__(self, grace_s=7 * 86400, fail_open=False, object_id=3, max_size=1 << 20):
-        AnchorPolicy.__init__(self, grace_s, fail_open, object_id, max_size)
+    def __init__(self, grace_s=7 * 86400, fail_open=False, object_id=3, max_size=1 << 20,
+                 clock_skew_s=DEFAULT_CLOCK_SKEW_S):
+        AnchorPolicy.__init__(self, grace_s, fail_open, object_id, max_size, clock_skew_s)
+
+
+def device_number(serial_number):
+    """The registry device serial that a fleet certificate's subject serialNumber names:
+    what the compact set holds (cloud/revocation/compact.py keys devices by the
+    registry's device serial).
+
+    The line writes PREFIX-NNNNNNNNN (cloud/line/resources.py LineConfig.device_serial:
+    "%s-%09d", prefix "FID" by default, configurable per line) in the subject's
+    serialNumber and CN, and EST re-enrolment keeps the subject, so every certificate a
+    device ever holds names the same number.  A bare decimal is the number itself.
+
+    Params: serial_number: str (the subject serialNumber, or the CN when it has none).
+    Returns: int >= 1.
+    Raises: RevsetCacheError(REASON_SERIAL) when the text is neither form (a prefix that
+        is empty, digits that are not ASCII 0-9, no digits, more than 19 of them).
+    """
+    if not isinstance(serial_number, str):
+        raise RevsetCacheError(REASON_SERIAL, "not text")
+    dash = serial_number.rfind("-")
+    digits = serial_number[dash + 1:]
+    if dash == 0 or not 1 <= len(digits) <= _MAX_SERIAL_DIGITS:
+        raise RevsetCacheError(REASON_SERIAL, "not PREFIX-<digits>: %r" % serial_number[:64])
+    for c in digits:
+        if c < "0" or c > "9":
+            raise RevsetCacheError(REASON_SERIAL, "not PREFIX-<digits>: %r"
+                                   % serial_number[:64])
+    number = int(digits)
+    if number < 1:
+        raise RevsetCacheError(REASON_SERIAL, "device serial 0: %r" % serial_number[:64])
+    return number
 
 
 class RevsetCache(AnchoredStore):
@@ -105,6 +151,7 @@ class RevsetCache(AnchoredStore):
     _STALE_ERROR = StaleRevocationError
     _NO_DOC = (REASON_NO_SET, "no verified set cached")
     _NEXT_UPDATE = "next_update"
+    _THIS_UPDATE = "this_update"
     _ROLLBACK_FMT = "set %d <= %d"
 
     def __init__(self, se, store, signer_point, fleet, policy=None):
@@ -143,7 +190,8 @@ class RevsetCache(AnchoredStore):
 
     def refresh(self, fetch, now):
         """Fetch a whole set and cache it if it passes every check.
-        Returns "updated" / "unchanged".  Raises RevsetCacheError (old state kept)."""
+        Returns "updated" / "unchanged" / RESULT_OLDER (a verified set older than the
+        cached one, which stays).  Raises RevsetCacheError (old state kept)."""
         self._load()
         return self._accept(self._fetch(fetch), now)
 

@@ -31,4 +31,6 @@ class RevsetDispatch:
             result = self.cache.refresh(lambda: payload, self.clock())
         except RevsetCacheError as exc:
             result = "refused: " + exc.reason
+        except Exception as exc:  # anything else the bytes provoke: the old set stays
+            result = "refused: " + type(exc).__name__
         self.results.append(result)

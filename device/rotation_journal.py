@@ -7,7 +7,8 @@
 # the whole object again (WRITE DATA OBJECT is atomic in the SE: after a power cut the
 # object holds the old records or the old records plus the new one, never a torn mix).
 # When a rotation ends, the journal is compacted to one BASE record (again one atomic
-# write), so it never holds more than 4 records in normal use.
+# write), so it never holds more than 4 records in normal use (2 more per refused
+# certificate, at most 3 x the agent's max_rotation_attempts + 2 in all).
 #
 # Object layout (all integers big-endian):
 #
@@ -28,6 +29,9 @@
 #            ISSUED 03: the new certificate is stored beside its key in `new`;
 #                       t0/t1 = its notBefore/notAfter
 #            ACKED 04: the verifier acknowledged `new` (t0/t1 copied from ISSUED)
+#            REFUSED 05: the certificate for `new` was refused: by the agent's checks
+#                       before it was stored (after BEGIN), or by the verifier at the
+#                       acknowledgement (after ISSUED); t0 = when, t1 = REFUSAL_* code
 #     cur    slot of the credential in use before the rotation (the identity slot 1 for
 #            the first enrolment)
 #     new    slot of the new key (0 in BASE)
@@ -37,7 +41,9 @@
 #     crc    CRC-16/X-25 (common/crc16.py) of bytes 0..13
 #
 # Allowed sequences: [] | [BASE] | [BASE] BEGIN | ... BEGIN ISSUED | ... ISSUED ACKED, and
-# the same without the leading BASE for the first enrolment.  Anything else (a bad magic,
+# the same without the leading BASE for the first enrolment; a REFUSED may follow BEGIN or
+# ISSUED and is followed by BEGIN (the next attempt, same slots).  The number of REFUSED
+# records since the start is the rotation's count of refused certificates (refusals()).  Anything else (a bad magic,
 # version, CRC, length or order) raises JournalError(CORRUPT): the agent then stops and
 # says so instead of guessing which key is good.
 #
@@ -59,18 +65,28 @@
 #                    overlap(cur -> X) and     before ISSUED was         KEY, ATTEST, CSR signed in the
 #                    accepts cur until the     written)                  SE, (re)enrol authenticated by
 #                    overlap deadline)                                   cur (or by the identity cert if
-#                                                                        the verifier refuses cur), PUT
-#                                                                        CERT, append ISSUED
+#                                                                        the verifier refuses cur), check
+#                                                                        the certificate (certcheck.py),
+#                                                                        PUT CERT, append ISSUED; a
+#                                                                        refused certificate: append
+#                                                                        REFUSED (row REFUSED)
 #   ISSUED(cur,new)  new (the verifier's       cur: key + cert;          POST /v1/rotation/ack with new,
 #                    rotation state names it)  new: key + cert           append ACKED.  If the verifier
-#                    and cur until the ack                               refuses new as superseded /
-#                                                                        expired: delete new's key,
-#                                                                        rewrite the journal as BASE(cur)
-#                                                                        (empty when cur is the identity
-#                                                                        slot) and rotate again
+#                    and cur until the ack;                              refuses new (a 4xx answer, or
+#                    a certificate the device                            its TLS while cur's handshake
+#                    could not judge (unknown                            succeeds): append REFUSED (row
+#                    to the registry): cur                               REFUSED)
 #   ACKED(cur, new)  new                       cur: key + cert, or       delete cur's key + cert if
 #                                              already deleted           present (never the identity
 #                                                                        slot), compact to BASE(new)
+#   REFUSED(cur,new) cur (the refused cert     cur: key + cert;          delete new's key if present;
+#                    was never acknowledged;   new: nothing, a key, or   fewer than the allowed
+#                    the verifier accepts cur  a key + the refused cert  refusals: append BEGIN(cur,
+#                    as before the rotation                              new) and go on as BEGIN;
+#                    or inside its overlap)                              else compact to BASE(cur)
+#                                                                        (empty when cur is the
+#                                                                        identity slot) and end the
+#                                                                        cycle (rotation abandoned)
 #
 # The records always name the credential to connect with: cur up to and including BEGIN,
 # new from ISSUED on (credential_slot() below).  No slot leaks: a key outside {identity,
@@ -102,7 +118,14 @@ BASE = const(0x01)
 BEGIN = const(0x02)
 ISSUED = const(0x03)
 ACKED = const(0x04)
-KIND_NAMES = {BASE: "BASE", BEGIN: "BEGIN", ISSUED: "ISSUED", ACKED: "ACKED"}
+REFUSED = const(0x05)
+KIND_NAMES = {BASE: "BASE", BEGIN: "BEGIN", ISSUED: "ISSUED", ACKED: "ACKED",
+              REFUSED: "REFUSED"}
+
+# REFUSED's t1: who refused the certificate.
+REFUSAL_CHECK = const(1)  # the agent's checks (device/certcheck.py), before storing it
+REFUSAL_ACK = const(2)  # the verifier, at the acknowledgement
+REFUSAL_NAMES = {REFUSAL_CHECK: "check", REFUSAL_ACK: "ack"}
 
 CAUSE_NONE = const(0)
 CAUSE_ENROL = const(1)  # no operational credential yet
@@ -113,8 +136,8 @@ CAUSE_NAMES = {CAUSE_NONE: "-", CAUSE_ENROL: "enrol", CAUSE_DUE: "due",
                CAUSE_COMMAND: "command", CAUSE_REFUSED: "refused"}
 
 # What may follow each kind (None: the empty journal).
-_NEXT = {None: (BASE, BEGIN), BASE: (BEGIN,), BEGIN: (ISSUED,), ISSUED: (ACKED,),
-         ACKED: ()}
+_NEXT = {None: (BASE, BEGIN), BASE: (BEGIN,), BEGIN: (ISSUED, REFUSED),
+         ISSUED: (ACKED, REFUSED), ACKED: (), REFUSED: (BEGIN,)}
 
 
 class JournalError(FleetidError):
@@ -179,8 +202,8 @@ def decode(data):
         if kind not in _NEXT[last]:
             raise JournalError(JournalError.CORRUPT, "%s after %s" % (
                 KIND_NAMES.get(kind, "kind %d" % kind), KIND_NAMES.get(last, "start")))
-        if records and kind != BASE and (cur != records[-1].cur or
-                                         (kind != BEGIN and new != records[-1].new)):
+        if records and kind != BASE and (cur != records[-1].cur or (
+                (kind != BEGIN or last == REFUSED) and new != records[-1].new)):
             raise JournalError(JournalError.CORRUPT, "slots change inside a rotation")
         records.append(Record(kind, cur, new, cause, t0, t1, seq))
         last = kind
@@ -270,6 +293,15 @@ def credential_slot(last):
     if last.kind in (ISSUED, ACKED):
         return last.new
     return last.cur
+
+
+def refusals(records):
+    """How many certificates the rotation in `records` had refused (REFUSED records)."""
+    count = 0
+    for record in records:
+        if record.kind == REFUSED:
+            count += 1
+    return count
 
 
 def is_final(last):

@@ -53,6 +53,8 @@ _DATA_ATTESTATION_CHAIN = const(0x0104)
 _DATA_FREE_SLOTS = const(0x0105)
 _SLOT_LAST = const(15)  # SLOT_COUNT - 1
 _CURVE_P256 = const(0x03)
+_SLOT_TRANSIENT = const(0x80)
+_POLICY_ECDH = const(0x02)
 _VERIFY_WITH_POINT = const(0xFF)
 _TAG_POINT = const(0x41)
 _TAG_DIGEST = const(0x42)
@@ -330,6 +332,29 @@ class SeSession:
         """
         peer_point = _bytes("peer point", peer_point, _POINT_LEN, _POINT_LEN)
         return self._slot(_INS_ECDH, slot, peer_point, _LE_SHORT, 32)
+
+    def generate_transient_key(self):
+        """GENERATE KEY into the transient (RAM-only) key object: an ECDH-only P-256 key
+        that replaces the previous one and is lost on power loss (se_consts.SLOT_TRANSIENT).
+        Writes no NVM: the TLS 1.3 ECDHE share.
+
+        Returns: the 65-byte uncompressed public point.
+        """
+        point = self._cmd(_INS_GENERATE_KEY, _SLOT_TRANSIENT, _CURVE_P256,
+                          bytes((_POLICY_ECDH,)), _LE_SHORT, _POINT_LEN)
+        if point[0] != 0x04:
+            raise _bad(_INS_GENERATE_KEY)
+        return point
+
+    def ecdh_transient(self, peer_point):
+        """ECDH with the transient key and a peer's 65-byte point.
+
+        Returns: the 32-byte shared X coordinate.
+        Raises: ReferenceNotFound (no transient key since power-up), WrongData (the point
+            is not on P-256).
+        """
+        peer_point = _bytes("peer point", peer_point, _POINT_LEN, _POINT_LEN)
+        return self._cmd(_INS_ECDH, _SLOT_TRANSIENT, 0, peer_point, _LE_SHORT, 32)
 
     def attest(self, slot, nonce):
         """ATTEST the key in `slot` with the manufacturer attestation key.

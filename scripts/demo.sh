@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # The quick-start demo: set up, then run the full device lifecycle as far as fleetid is
 # built, on the embedded defaults (SQLite registry, software keystore, emulated SEs):
-#   1. factory line: an SE vendor fabs a lot of chips; the line (HSM custody, root key
-#      ceremony, batch CA) personalises them on 2 parallel stations; HTML report
+#   1. factory line: an SE vendor (its CA key and the chips' transport keys in its own
+#      folder, var/demo/se-vendor) fabs a lot of chips and ships their transport keys
+#      wrapped for the line's HSM; the line (HSM custody, root key ceremony, batch CA)
+#      personalises them on 2 parallel stations; HTML report
 #   2. the line's hash-chained audit log is verified offline
 #   3. the fleet cloud (EST CA + mTLS verifier) starts on 127.0.0.1 on the line's PKI
 #   4. one shipped device, its keys in its emulated SE (served over T=1' with SE050-class
@@ -77,7 +79,12 @@ wait_for() {
 }
 
 step "1. chip fab + factory line: 4 chips personalised on 2 parallel stations (SE050-class latency)"
-fleetid line run --devices 4 --stations 2 --se-profile se050 --keep-chips --out "$line"
+# The simulated SE vendor keeps its keys in its own folder; the line gets its root
+# certificate and a shipment of transport keys wrapped for the line's HSM.
+fleetid line run --devices 4 --stations 2 --se-profile se050 --keep-chips \
+    --vendor-dir "$work/se-vendor" --out "$line"
+ls "$line"/shipments/*.json >/dev/null || fail "no wrapped transport-key shipment"
+[ ! -e "$line/vendor/vendor_root.key.pem" ] || fail "the vendor's key is in the line folder"
 report=$(ls "$line"/report-*.html | head -1)
 [ -s "$report" ] || fail "no line report"
 echo "HTML report: ${report#$PWD/}"

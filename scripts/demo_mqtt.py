@@ -61,9 +61,9 @@ def main(argv=None):
         files = make_broker_files(line.hsm, line.labels["root"], line.root_cert,
                                   [line.ca_cert], publisher, os.path.join(args.work, "pki"))
         broker = Broker(files.config, os.path.join(args.work, "broker")).start()
-        print("mqtt: mosquitto on %s:%d (mTLS, identity = certificate CN, crlfile, ACL)"
-              % (broker.host, broker.port))
-        cloud = CloudMqtt(broker.host, broker.port, files.cafile, files.cloud_cert,
+        print("mqtt: mosquitto on %s:%d, services on %d (mTLS, identity = certificate CN, "
+              "crlfile, ACL)" % (broker.host, broker.port, broker.service_port))
+        cloud = CloudMqtt(broker.host, broker.service_port, files.cafile, files.cloud_cert,
                           files.cloud_key).connect()
         print("mqtt: cloud published retained CRLs: %s" % ", ".join(
             cloud.publish_crls(publisher)))

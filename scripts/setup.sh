@@ -19,6 +19,8 @@ if [ $want_test = 1 ]; then
     ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || apt_pkgs+=(postgresql)
     # nginx: the mTLS baseline of bench/mtls.py and its smoke test.
     command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || apt_pkgs+=(nginx-light)
+    # systemd: systemd-analyze verify / systemd-sysusers check the agent's unit (boards/).
+    command -v systemd-analyze >/dev/null 2>&1 || apt_pkgs+=(systemd)
 fi
 # mosquitto: the MQTT broker the demo's MQTT step, the MQTT tests and bench/mqtt.py start.
 command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || apt_pkgs+=(mosquitto)

@@ -22,6 +22,8 @@ NVM layout (keys of sim.nvm.Nvm; integers big-endian):
     "uid"        16 B SE unique id                "fw"        3 B firmware version
     "lc"         1 B GP life cycle (absent: OP_READY)
     "chain"      DER certificates concatenated (MAK certificate first)
+    (RAM only, never NVM: the transient key object of se_consts.SLOT_TRANSIENT, lost on
+    power loss)
     "key/<n>"    slot n: policy(1) || private scalar(32) || public point(65)
     "cert/<n>"   DER certificate beside the key in slot n
     "ctr/<n>"    u32 monotonic counter n       "obj/<n>"   data object n
@@ -249,6 +251,7 @@ class Chip:
         self._scp = None
         self._selected = False
         self._store_block = 0
+        self._transient = None  # RAM-only key record (se_consts.SLOT_TRANSIENT)
         self.last_nvm_write_bytes = 0
 
     def __repr__(self):
@@ -261,6 +264,7 @@ class Chip:
         NVM kept (re-read from the file when there is one)."""
         self._selected = False
         self._store_block = 0
+        self._transient = None
         if self._scp is not None:
             self._scp.reset()
         self.nvm.reload()
@@ -323,6 +327,7 @@ class Chip:
         except PowerLoss:
             self._selected = False
             self._store_block = 0
+            self._transient = None
             if self._scp is not None:
                 self._scp.reset()
             raise
@@ -551,6 +556,8 @@ class Chip:
         return value
 
     def _generate_key(self, cmd, tx):
+        if cmd.p1 == C.SLOT_TRANSIENT:
+            return self._generate_transient(cmd)
         slot = self._slot(cmd, allow_mak=False)
         if cmd.p2 != C.CURVE_P256:
             raise _Refusal(C.SW_INCORRECT_P1P2)
@@ -567,15 +574,41 @@ class Chip:
         tx[key_nvm_name(slot)] = record
         return point
 
+    # The transient key object (se_consts.SLOT_TRANSIENT): RAM only, never staged in `tx`.
+
+    def _generate_transient(self, cmd):
+        if cmd.p2 != C.CURVE_P256:
+            raise _Refusal(C.SW_INCORRECT_P1P2)
+        if len(cmd.data) != 1:
+            raise _Refusal(C.SW_WRONG_LENGTH)
+        if cmd.data[0] != C.POLICY_ECDH:
+            raise _Refusal(C.SW_WRONG_DATA)  # an ephemeral key agreement key, nothing else
+        policy = C.POLICY_ECDH | C.POLICY_NON_EXPORTABLE | C.POLICY_GENERATED_ON_CHIP
+        record, point = encode_key_record(policy, generate_scalar(self._rng))
+        self._transient = record
+        return point
+
+    def _transient_key(self):
+        if self._transient is None:
+            raise _Refusal(C.SW_REF_NOT_FOUND)
+        return _decode_key_record(self._transient)
+
     def _get_public_key(self, cmd, tx):
         self._no_data(cmd)
         self._p2_zero(cmd)
+        if cmd.p1 == C.SLOT_TRANSIENT:
+            policy, _, point = self._transient_key()
+            return bytes((policy,)) + point
         policy, _, point = self._key(tx, self._slot(cmd, allow_mak=True))
         return bytes((policy,)) + point
 
     def _delete_key(self, cmd, tx):
         self._no_data(cmd)
         self._p2_zero(cmd)
+        if cmd.p1 == C.SLOT_TRANSIENT:
+            self._transient_key()
+            self._transient = None
+            return b""
         slot = self._slot(cmd, allow_mak=False)
         self._key(tx, slot)
         tx.delete(key_nvm_name(slot))
@@ -634,10 +667,15 @@ class Chip:
 
     def _ecdh(self, cmd, tx):
         self._p2_zero(cmd)
-        slot = self._slot(cmd, allow_mak=False)
-        if len(cmd.data) != 65:
-            raise _Refusal(C.SW_WRONG_LENGTH)
-        policy, scalar, _ = self._key(tx, slot)
+        if cmd.p1 == C.SLOT_TRANSIENT:
+            if len(cmd.data) != 65:
+                raise _Refusal(C.SW_WRONG_LENGTH)
+            policy, scalar, _ = self._transient_key()
+        else:
+            slot = self._slot(cmd, allow_mak=False)
+            if len(cmd.data) != 65:
+                raise _Refusal(C.SW_WRONG_LENGTH)
+            policy, scalar, _ = self._key(tx, slot)
         if not policy & C.POLICY_ECDH:
             raise _Refusal(C.SW_CONDITIONS)
         try:

@@ -68,14 +68,16 @@ class BusEndpoint:
         profile.  latency: a LatencyProfile (.bus_hz, .op_ms(op), .nvm_write_ms(n)).
         clock: SystemClock by default.  faults: FaultPlan (none injected by default).
         ifsc, bwt_ms: what the card announces in its CIP.  realtime_bus: sleep the
-        transfer time on the clock.
+        transfer time on the clock.  on_power_loss: called with the PowerLoss when an
+        injected power cut fires (for `fleetid sim serve` to say so), or None.
     Attributes: card (T1Card), faults, counters (writes, reads, nacks, wtx, executions,
         power_losses).
     """
 
     def __init__(self, chip, profile=t1.PROFILE_GP, latency=None, clock=None, faults=None,
-                 ifsc=254, bwt_ms=None, realtime_bus=True):
+                 ifsc=254, bwt_ms=None, realtime_bus=True, on_power_loss=None):
         self.chip = chip
+        self.on_power_loss = on_power_loss
         self.profile = profile
         self.latency = latency if latency is not None else _default_latency()
         self.clock = clock if clock is not None else SystemClock()
@@ -120,9 +122,11 @@ class BusEndpoint:
         self._out = None
         try:
             reply = self.card.receive(frame)
-        except _PowerLoss:  # cut during the chip's NVM commit: RAM state gone
+        except _PowerLoss as cut:  # cut during the chip's NVM commit: RAM state gone
             self.counters["power_losses"] += 1
             self._idle()
+            if self.on_power_loss is not None:
+                self.on_power_loss(cut)
             return
         apdu = self.card.last_apdu
         now = self.clock.now_us()

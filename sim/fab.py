@@ -11,12 +11,13 @@ suffix>.json" (mode 0600): UID, MAK certificate chain, firmware, life cycle and 
 its transport key set, but no key: the record travels with the chip to the factory line,
 and plaintext SCP03 keys there would open every chip of the lot.  The transport keys stay
 with the SE vendor, in "<vendor_dir>/transport-keys/<uid hex>.json" (mode 0600); the
-vendor hands them to the line's HSM, never to the line host (fleetid's line imports a
-lot's keys straight into its HSM: sim/lot.py make_lot).  `load_fab_record(path, vendor_dir)`
-joins the two for the vendor's own tools (`fleetid se scp03-check --vendor-dir`).
+vendor ships them to a line wrapped for the line's HSM (sim/ship.py, `fleetid sim ship`),
+never in plaintext.  `load_fab_record(path, vendor_dir)` joins the two for the vendor's
+own tools (`fleetid se scp03-check --vendor-dir`).
 
 Vendor CA files in `vendor_dir`: vendor_root.pem (certificate), vendor_root.key.pem
-(PKCS#8 private key, mode 0600).
+(PKCS#8 private key, mode 0600).  A line gets the certificate only
+(`publish_vendor_root`); `vendor_dir` is never inside a line's folder.
 """
 
 import datetime
@@ -297,6 +298,28 @@ def load_or_create_vendor_ca(vendor_dir, now=None):
     finally:
         fcntl.flock(lock_fd, fcntl.LOCK_UN)
         os.close(lock_fd)
+
+
+def publish_vendor_root(vendor_dir, trust_dir, now=None):
+    """What the SE vendor gives a factory line to trust: its root certificate only.
+
+    Loads (or creates) the vendor CA in `vendor_dir` and writes the certificate, never the
+    key, to "<trust_dir>/vendor_root.pem" (a line's vendor/ folder).
+    Returns: VendorCa.  Raises: OSError, ValueError; ValueError too when `trust_dir` is
+    `vendor_dir` or inside it (the line's folder must not hold the vendor's key).
+    """
+    vendor_real = os.path.realpath(vendor_dir)
+    trust_real = os.path.realpath(trust_dir)
+    if trust_real == vendor_real or trust_real.startswith(vendor_real + os.sep) or \
+            vendor_real.startswith(trust_real + os.sep):
+        raise ValueError("the SE vendor's folder %s and the line's trust folder %s must be "
+                         "apart (the vendor's key stays with the vendor)" % (vendor_dir,
+                                                                             trust_dir))
+    vendor_ca = load_or_create_vendor_ca(vendor_dir, now=now)
+    os.makedirs(trust_dir, exist_ok=True)
+    _write_public(os.path.join(trust_dir, VENDOR_CERT_FILE),
+                  vendor_ca.cert.public_bytes(serialization.Encoding.PEM))
+    return vendor_ca
 
 
 def issue_mak_certificate(vendor_ca, se_uid, mak_point, now=None):

@@ -1,51 +1,28 @@
 # The fleetid device agent on an ESP32 (MicroPython, fleetid frozen in with manifest.py).
-# Copy to the board's file system as main.py, with a board_net.py of your own (below).
+# Copy to the board's file system as main.py, beside a board_net.py that provides the
+# network and the clock: make_net(se) and make_clock(), the contract at the top of
+# fleetid/device/board.py (device/board.py in this repository).  The loop, the SE stack,
+# the signed-boot check and the CRL cache are all in the firmware (fleetid.device.board.run);
+# this file holds only this board's constants.
 #
-# Everything portable is in the firmware: the SE stack (fleetid.device.stack), the agent's
-# state machine and the rotation journal in the SE (fleetid.device.agent).  What a board
-# supplies is its network: board_net.py must define make_net(se) returning an object with
-#
-#     whoami(slot) -> dict            GET /v1/whoami, mTLS with the key in SE slot `slot`
-#     nonce(slot) -> bytes            GET /.well-known/est/<label>/nonce (base64 body)
-#     enroll(slot, csr_der, reenroll) -> certificate DER   POST simple(re)enroll
-#     ack(slot) -> None               POST /v1/rotation/ack
-#     fetch(url) -> bytes             plain GET (revocation lists)
-#
-# raising fleetid.device.agent.NetError on failure (LINK / TIMEOUT / SERVER / PENDING with
-# retry_after / REFUSED with server_reason), and make_clock() returning an object with
-# now() -> int seconds since 1970 UTC (set by NTP) and sleep(seconds).  The TLS client
-# must sign its CertificateVerify with SeSession.sign(slot, digest): MicroPython's ssl
-# module cannot, so a TLS client whose signature runs in the SE is the board's part (see
-# docs/ARCHITECTURE.md "mTLS with an SE-held key"); it is not built in this repository.
+# No board_net.py ships here: its TLS client must sign the CertificateVerify in the SE,
+# which MicroPython's ssl cannot; a portable TLS 1.3 client for that is being written
+# separately, and a board_net on top of it comes with it.
 
-import board_net
-from fleetid.device.agent import Agent, AgentPolicy, run_forever
-from fleetid.device.stack import open_se
+from fleetid.device.board import run
 
 BUS = "machine:i2c:0:0x48"  # machine.I2C(0); SE050-class chips answer at 0x48
 T1_PROFILE = "se05x"
-INTERVAL_S = 3600
+INTERVAL_S = 3600  # at most this long between agent cycles
+RENEW_FRACTION = 0.66  # renew when this fraction of the certificate's validity has passed
+RENEW_MARGIN_S = 0  # ... or this many seconds before notAfter (0: off)
+BOOT_IMAGE = None  # path of the MCUboot image to check before connecting (None: off)
+BOOT_MAX_SIZE = None  # its slot size (None: fleetid.device.boot.DEFAULT_MAX_SIZE)
+CRL_ISSUER = None  # issuing CA certificate (DER file) whose CRL is cached (None: off)
+CRL_CACHE = None  # file holding the cached CRL (required with CRL_ISSUER)
+CRL_GRACE_S = 86400  # seconds a CRL stays usable after its nextUpdate
+CRL_FAIL_OPEN = False  # with no fresh CRL, do not treat peers as revoked
 
-
-def _rand():
-    import os
-
-    return int.from_bytes(os.urandom(2), "big") / 65536
-
-
-def main():
-    clock = board_net.make_clock()
-    stack = open_se(BUS, profile=T1_PROFILE)
-    try:
-        agent = Agent(stack.se, board_net.make_net(stack.se), clock, _rand,
-                      policy=AgentPolicy(), log=print)
-
-        def wait(seconds):
-            clock.sleep(seconds)
-
-        run_forever(agent, wait, INTERVAL_S, log=print)
-    finally:
-        stack.close()
-
-
-main()
+run(BUS, T1_PROFILE, INTERVAL_S, boot_image=BOOT_IMAGE, boot_max_size=BOOT_MAX_SIZE,
+    crl_issuer=CRL_ISSUER, crl_cache_path=CRL_CACHE, crl_grace_s=CRL_GRACE_S,
+    crl_fail_open=CRL_FAIL_OPEN, renew_fraction=RENEW_FRACTION, renew_margin_s=RENEW_MARGIN_S)

@@ -40,7 +40,13 @@ PostgreSQL), so parallel stations get one linear chain.
 The file form (`filestore.AuditFile`) holds byte-identical lines: see filestore.
 """
 
-from fleetid.cloud.audit.checkpoints import Checkpointer, checkpoint_entry, checkpoint_statement
+from fleetid.cloud.audit.checkpoints import (
+    DEFAULT_EVERY_SECONDS,
+    URGENT_TYPES,
+    Checkpointer,
+    checkpoint_entry,
+    checkpoint_statement,
+)
 from fleetid.cloud.audit.codec import (
     CA_REVOKE,
     CHECKPOINT,
@@ -85,16 +91,24 @@ from fleetid.cloud.audit.errors import AuditChainBroken, AuditError
 from fleetid.cloud.audit.filestore import AuditFile, export_lines, read_log_file
 from fleetid.cloud.audit.signers import HsmSigner, KeySigner, key_id, load_public_key
 from fleetid.cloud.audit.stats import entry_size_stats, sample_injection_entry
-from fleetid.cloud.audit.verify import VerifyReport, describe, show, verify_log
+from fleetid.cloud.audit.verify import (
+    DEFAULT_URGENT_MAX_AGE_S,
+    VerifyReport,
+    check_anchoring,
+    describe,
+    show,
+    verify_log,
+)
 from fleetid.cloud.audit.witness import AnchoringWitness, read_witness_anchor
 
 __all__ = [
-    "CA_REVOKE", "CHECKPOINT", "CHECKPOINT_DOMAIN", "DEVICELESS_TYPES", "ENTRY_HASH_DOMAIN",
+    "CA_REVOKE", "CHECKPOINT", "CHECKPOINT_DOMAIN", "DEFAULT_EVERY_SECONDS",
+    "DEFAULT_URGENT_MAX_AGE_S",    "DEVICELESS_TYPES", "ENTRY_HASH_DOMAIN", "URGENT_TYPES",
     "ENTRY_TYPES", "FORMAT_VERSION", "GENESIS_PREV", "HOLD", "INJECTION", "ISSUANCE",
     "MAX_ENTRY_BYTES", "MAX_TEXT", "RECONCILE", "REVOKE", "ROTATION_ACK",
     "AnchoringWitness", "AuditChainBroken", "AuditEntry", "AuditError", "AuditFile",
     "Checkpointer", "HsmSigner", "KeySigner", "StoredRow", "VerifyReport",
-    "attestation_hash", "ca_revoke_entry", "canonical_json", "cert_serial_hex",
+    "attestation_hash", "ca_revoke_entry", "canonical_json", "check_anchoring", "cert_serial_hex",
     "certificate_facts", "check_columns", "checkpoint_entry", "checkpoint_statement",
     "describe", "entry_size_stats", "export_lines", "format_time", "free_text", "hold_entry",
     "injection_entry", "issuance_entry", "key_id", "load_public_key", "parse_entry",

@@ -11,9 +11,21 @@ with ECDSA P-256 / SHA-256 (DER signatures, hex in the entry); `line_key` and
 `witness_key` are SHA-256 of each signer's SubjectPublicKeyInfo DER.  The checkpoint is
 then appended to the chain like any entry, at some seq >= covers: signing happens outside
 the registry's write lock, so stations keep committing while the HSM and the witness sign.
+
+When one is due (Checkpointer.due): every `every_entries` entries (256), every
+`every_seconds` (DEFAULT_EVERY_SECONDS, one hour) while entries are pending, and AT ONCE
+when a pending entry is a revocation or a CA change (URGENT_TYPES: revoke, ca_revoke).
+Why at once: entries after the last checkpoint can be cut off with the head row by whoever
+can write the database, unseen until the next checkpoint; a revocation is the entry an
+attacker most wants gone.  A process that holds the signers checkpoints right after
+such an entry (maybe_checkpoint after the write); a running `cloud serve` also picks up
+those written by other processes sharing the registry (`fleetid revoke`, `fleetid cloud
+revoke-ca`) within its poll (server.CHECKPOINT_POLL_SECONDS).  `fleetid audit verify`
+fails when an entry has stayed uncovered longer than the interval (verify.py).
 """
 
 import datetime
+import json
 import threading
 import time as _time
 
@@ -22,8 +34,10 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from fleetid.cloud.audit.codec import (
+    CA_REVOKE,
     CHECKPOINT,
     CHECKPOINT_DOMAIN,
+    REVOKE,
     canonical_json,
     checked_fields,
     new_fields,
@@ -31,6 +45,12 @@ from fleetid.cloud.audit.codec import (
 )
 from fleetid.cloud.audit.errors import AuditError
 from fleetid.cloud.audit.signers import key_id
+
+# The longest an entry waits for its checkpoint (Checkpointer.every_seconds), and what
+# `fleetid audit verify` allows an uncovered entry by default.
+DEFAULT_EVERY_SECONDS = 3600.0
+# Entry types that make a checkpoint due at once (module docstring).
+URGENT_TYPES = (REVOKE, CA_REVOKE)
 
 
 def checkpoint_statement(covers, head_hex, time_text):
@@ -73,8 +93,15 @@ class Checkpointer:
     """
 
     def __init__(self, store, line_signer, witness_signer, every_entries=256,
-                 every_seconds=3600.0, wall_clock=_time.time):
+                 every_seconds=DEFAULT_EVERY_SECONDS, wall_clock=_time.time,
+                 urgent_types=URGENT_TYPES):
         self.store = store
+        # Entry types that make a checkpoint due at once; read from the store's pending
+        # tail (iter_audit_lines(start)), each line once.  A store without that call (the
+        # file mirror) has no urgent check.
+        self.urgent_types = tuple(urgent_types)
+        self._scanned = None  # entries already looked at for urgent types
+        self._urgent = False
         self.line_signer = line_signer
         self.witness_signer = witness_signer
         self.every_entries = every_entries
@@ -107,7 +134,33 @@ class Checkpointer:
             if pending <= 0:
                 return False
             return (pending >= self.every_entries
-                    or self.wall_clock() - self._last_time >= self.every_seconds)
+                    or self.wall_clock() - self._last_time >= self.every_seconds
+                    or self._urgent_pending(count))
+
+    def _urgent_pending(self, count):
+        # Whether an entry of an urgent type was appended since the last checkpoint.
+        # Only lines not looked at before are read (amortised O(1) per append).
+        if self._urgent:
+            return True
+        lines = getattr(self.store, "iter_audit_lines", None)
+        if not self.urgent_types or lines is None:
+            return False
+        start = self._last_covers if self._scanned is None else self._scanned
+        if start >= count:
+            return False
+        for line in lines(start):
+            if start >= count:
+                break  # appended after head(): the next call looks at it
+            start += 1
+            try:
+                kind = json.loads(line)["type"]
+            except (ValueError, KeyError, TypeError):
+                continue  # verify_log names a bad line; here it only cannot be urgent
+            if kind in self.urgent_types:
+                self._urgent = True
+                break
+        self._scanned = start
+        return self._urgent
 
     def maybe_checkpoint(self):
         """Checkpoint if due().  Returns the sealed AuditEntry, or None."""
@@ -131,6 +184,8 @@ class Checkpointer:
             self._last_covers = count
             self._had_checkpoint = True
             self._last_time = now
+            self._urgent = False
+            self._scanned = None  # the next look starts at the new checkpoint's cover
             return entry
 
 

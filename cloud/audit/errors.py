@@ -42,6 +42,7 @@ class AuditChainBroken(FleetidError):
     BEYOND_HEAD = "beyond_head"  # more entries than the registry's head row says
     HEAD = "head"  # the last hash differs from the head the registry / witness holds
     COLUMNS = "columns"  # a registry row's indexed columns disagree with its hashed entry
+    UNANCHORED = "unanchored"  # an entry no checkpoint covers, older than the interval
 
     def __init__(self, index, reason, detail=""):
         message = "entry %d: %s" % (index, reason)

@@ -10,16 +10,25 @@ count and head hash the caller knows (`expected_count`, `expected_head`), or the
 witness's signed anchor of its latest checkpoint (`witness_anchor`).  Entries after the
 last checkpoint are reported as `unanchored`: only the next checkpoint makes them
 tamper-evident against someone who can rewrite the whole tail and the head row together.
+A checkpoint is due at least every checkpoints.DEFAULT_EVERY_SECONDS while entries are
+pending (and at once after a revocation), so an entry left uncovered for longer is a
+failure, not a note: check_anchoring() raises for it (`fleetid audit verify` runs it).
 """
 
 import binascii
+import collections
+import datetime
 from dataclasses import dataclass, field
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from fleetid.cloud.audit.checkpoints import checkpoint_statement
+from fleetid.cloud.audit.checkpoints import (
+    DEFAULT_EVERY_SECONDS,
+    URGENT_TYPES,
+    checkpoint_statement,
+)
 from fleetid.cloud.audit.codec import (
     CA_REVOKE,
     CHECKPOINT,
@@ -33,6 +42,12 @@ from fleetid.cloud.audit.errors import AuditChainBroken
 from fleetid.cloud.audit.signers import trusted_keys
 
 
+# How long a revocation or CA change may wait for its checkpoint: it is due at once, and a
+# running `cloud serve` looks every server.CHECKPOINT_POLL_SECONDS (10 s) for those
+# written by other processes; 60 s leaves room for a slow HSM.
+DEFAULT_URGENT_MAX_AGE_S = 60
+
+
 @dataclass
 class VerifyReport:
     """What verify_log found in a log that verified.
@@ -40,7 +55,10 @@ class VerifyReport:
     entries: total; by_type: {type: count}; checkpoints: count; head: hash of the last
     entry (hex; GENESIS_PREV for an empty log); anchored: entries covered by the last
     checkpoint; unanchored: entries other than checkpoints that no checkpoint covers yet;
-    first_time / last_time: of the entries.
+    oldest_unanchored_index / oldest_unanchored_time: the first of those (-1 / "" when
+    none); oldest_urgent_index / oldest_urgent_time: the first of those that is a
+    revocation or CA change (checkpoints.URGENT_TYPES); first_time / last_time: of the
+    entries.
     """
 
     entries: int = 0
@@ -49,6 +67,10 @@ class VerifyReport:
     head: str = GENESIS_PREV
     anchored: int = 0
     unanchored: int = 0
+    oldest_unanchored_index: int = -1
+    oldest_unanchored_time: str = ""
+    oldest_urgent_index: int = -1
+    oldest_urgent_time: str = ""
     first_time: str = ""
     last_time: str = ""
 
@@ -100,6 +122,7 @@ class _ChainWalk:
         self.checkpoint_at = []
         self.anchor_checkpoint_seen = False
         self.count = 0
+        self.uncovered = collections.deque()  # (index, time) of entries no checkpoint covers
 
     def step(self, index, line):
         """Check entry `index` (its own form, its link, a checkpoint's signatures)."""
@@ -113,6 +136,8 @@ class _ChainWalk:
             raise AuditChainBroken(index, AuditChainBroken.LINK)
         if fields["type"] == CHECKPOINT:
             self._checkpoint(index, fields)
+        else:
+            self.uncovered.append((index, fields["time"], fields["type"] in URGENT_TYPES))
         self.digests += entry.digest
         self.prev = entry.hash_hex
         anchor = self.witness_anchor
@@ -132,6 +157,8 @@ class _ChainWalk:
         _verify_checkpoint(index, fields, self.digests, self.last_covers, self.line_keys,
                            self.witness_keys)
         self.last_covers = fields["covers"]
+        while self.uncovered and self.uncovered[0][0] < self.last_covers:
+            self.uncovered.popleft()
         self.checkpoint_at.append(index)
         if self.witness_anchor is not None and \
                 (self.last_covers, fields["head"]) == tuple(self.witness_anchor):
@@ -162,7 +189,49 @@ class _ChainWalk:
         # Checkpoint entries sign themselves: only other entries count as not yet anchored.
         report.unanchored = count - self.last_covers - sum(
             1 for i in self.checkpoint_at if i >= self.last_covers)
+        if self.uncovered:
+            report.oldest_unanchored_index, report.oldest_unanchored_time, _ = \
+                self.uncovered[0]
+        for index, time_text, urgent in self.uncovered:
+            if urgent:
+                report.oldest_urgent_index, report.oldest_urgent_time = index, time_text
+                break
         return report
+
+
+def check_anchoring(report, now, max_age_s=DEFAULT_EVERY_SECONDS,
+                    urgent_max_age_s=DEFAULT_URGENT_MAX_AGE_S):
+    """Fail a verified log with an entry left without a checkpoint for too long at `now`:
+    any entry older than `max_age_s` (a checkpoint was due every interval), or a
+    revocation / CA change older than `urgent_max_age_s` (one was due at once:
+    checkpoints.URGENT_TYPES).  Either way that tail was never anchored, or a checkpoint
+    after it was cut off, and it could be cut off unseen.
+
+    Params: report: VerifyReport of verify_log.  now: epoch seconds.  max_age_s: seconds
+        (default: the checkpoint interval, DEFAULT_EVERY_SECONDS).  urgent_max_age_s:
+        seconds (default DEFAULT_URGENT_MAX_AGE_S: a running server's checkpoint poll
+        with margin).
+    Returns: None.  Raises: AuditChainBroken(the uncovered entry's index, UNANCHORED).
+    """
+    for index, time_text, limit, what in (
+            (report.oldest_urgent_index, report.oldest_urgent_time, urgent_max_age_s,
+             "a revocation or CA change, due a checkpoint at once"),
+            (report.oldest_unanchored_index, report.oldest_unanchored_time, max_age_s,
+             "the checkpoint interval")):
+        if index < 0:
+            continue
+        age = now - _epoch(time_text)
+        if age > limit:
+            raise AuditChainBroken(
+                index, AuditChainBroken.UNANCHORED,
+                "%d entries after the last checkpoint; this one (%s) is %d s old, more than "
+                "%d s (%s): they could be cut off unseen"
+                % (report.unanchored, time_text, age, limit, what))
+
+
+def _epoch(time_text):
+    moment = datetime.datetime.strptime(time_text, "%Y-%m-%dT%H:%M:%S.%fZ")
+    return moment.replace(tzinfo=datetime.timezone.utc).timestamp()
 
 
 def _verify_checkpoint(index, fields, digests, last_covers, line_keys, witness_keys):

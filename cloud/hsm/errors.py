@@ -22,6 +22,7 @@ class HsmError(FleetidError):
     BAD_HANDLE = "bad_handle"  # a key-set handle from another backend, released, or the wrong kind
     POLICY = "policy"  # the key's usage attributes forbid the operation
     KCV_MISMATCH = "kcv_mismatch"  # imported key material does not match the fab record's KCVs
+    WRAPPED_KEY_INVALID = "wrapped_key_invalid"  # a wrapped key fails its unwrap integrity check
     SESSION_LOST = "session_lost"  # the session broke, and so did the one retry on a fresh one
     KEYSTORE = "keystore"  # the soft keystore file is corrupt, unreadable or too permissive
     CLOSED = "closed"  # the backend was closed

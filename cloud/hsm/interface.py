@@ -7,7 +7,10 @@ transport key or a per-device static key.  What crosses the interface to the hos
 - opaque `KeySetHandle`s naming SCP03 static key sets held by the backend;
 - PUT KEY data fields whose key components are encrypted under the card's current DEK;
 - SCP03 *session* keys (ephemeral, one card session; GP Amd D 6.2.1), which the host's
-  secure-channel code needs to MAC and encrypt APDUs.
+  secure-channel code needs to MAC and encrypt APDUs;
+- the public half of the transport wrapping key, for chip vendors; what comes in from
+  them is wrapped (a shipment KEK under that key, transport keys under the KEK) and is
+  unwrapped inside (`import_transport_kek`, `unwrap_transport_keys`).
 
 Backends: `fleetid.cloud.hsm.pkcs11_backend.Pkcs11Backend` (SoftHSM2 in tests, a vendor
 HSM in production) and `fleetid.cloud.hsm.soft_backend.SoftBackend` (encrypted keystore
@@ -75,6 +78,20 @@ KDF_S_RMAC = 0x07
 # ECDSA over P-256 with SHA-256: the only signing profile CA keys use.
 DIGEST_BYTES = 32
 
+# Transport-key delivery (a chip vendor's shipment wrapped for the line's HSM):
+#   the line's transport wrapping key   RSA-3072, private half unwrap-only in the HSM
+#   the shipment's key-encryption key   AES-256, RSAES-OAEP (RFC 8017 7.1) with SHA-1 and
+#                                       MGF1-SHA-1 under the wrapping key: SoftHSM2 2.6.1
+#                                       offers OAEP with SHA-1 only (OAEP's security does not
+#                                       rest on collision resistance; AWS KMS import offers
+#                                       the same RSAES_OAEP_SHA_1)
+#   each transport key                  AES key wrap, RFC 3394 (CKM_AES_KEY_WRAP) under the
+#                                       KEK: 16-byte key -> 24 bytes, integrity-checked
+TRANSPORT_WRAPPING_BITS = 3072
+TRANSPORT_KEK_BYTES = 32
+TRANSPORT_KEY_WRAPPED_BYTES = SCP03_KEY_BYTES + 8
+TRANSPORT_KEK_WRAPPED_BYTES = TRANSPORT_WRAPPING_BITS // 8
+
 
 
 class Scp03SessionKeys:
@@ -123,6 +140,22 @@ def check_kvn(kvn):
     if not isinstance(kvn, int) or not 0x01 <= kvn <= 0x7F:
         raise HsmError(HsmError.BAD_INPUT, "key version number %r" % (kvn,))
     return kvn
+
+
+def check_wrapped_transport_keys(wrapped_keys, expected_kcvs):
+    """Return (3 wrapped keys, 3 KCVs) as bytes; raise HsmError(BAD_INPUT) unless there are
+    three of each, 24 and 3 bytes long."""
+    try:
+        wrapped = tuple(bytes(w) for w in wrapped_keys)
+        kcvs = tuple(bytes(k) for k in expected_kcvs)
+    except TypeError:
+        raise HsmError(HsmError.BAD_INPUT, "wrapped keys and KCVs must be bytes") from None
+    if len(wrapped) != 3 or len(kcvs) != 3:
+        raise HsmError(HsmError.BAD_INPUT, "need three wrapped keys and three KCVs")
+    if any(len(w) != TRANSPORT_KEY_WRAPPED_BYTES for w in wrapped) or \
+            any(len(k) != KCV_BYTES for k in kcvs):
+        raise HsmError(HsmError.BAD_INPUT, "wrapped key or KCV size")
+    return wrapped, kcvs
 
 
 def check_digest(digest):
@@ -223,12 +256,14 @@ class KeySetHandle:
     """An opaque reference to an SCP03 static key set held by one backend.
 
     Holds no key bytes.  Attributes:
-      kind   "transport" (imported from the vendor's fab record, persistent) or "device"
-             (diversified for one chip, ephemeral: lives until `release()`)
-      name   the batch id (transport) or the SE UID in hex (device)
+      kind   "transport" (imported from the vendor's fab record, persistent), "device"
+             (diversified for one chip, ephemeral: lives until `release()`) or
+             "chip-transport" (one chip's transport keys unwrapped from the vendor's
+             shipment, ephemeral like a device set)
+      name   the batch id (transport) or the SE UID in hex (device, chip-transport)
       kvn    the key version number the set has (or will have) on the card
-      kcvs   (kcv_enc, kcv_mac, kcv_dek), 3 bytes each, for device sets (public values,
-             computed inside the backend); None for transport sets
+      kcvs   (kcv_enc, kcv_mac, kcv_dek), 3 bytes each, for device and chip-transport
+             sets (public values, computed inside the backend); None for transport sets
 
     A device handle is a context manager: leaving the block releases the per-device key
     objects (`with hsm.diversify(master, uid) as device_keys: ...`).
@@ -236,6 +271,7 @@ class KeySetHandle:
 
     TRANSPORT = "transport"
     DEVICE = "device"
+    CHIP_TRANSPORT = "chip-transport"
     __slots__ = ("kind", "name", "kvn", "kcvs", "_owner", "_ref", "_released")
 
     def __init__(self, owner, kind, name, kvn, ref, kcvs=None):
@@ -372,6 +408,53 @@ class HsmBackend:
         """Return the transport KeySetHandle imported for `batch`.  Raises KeyNotFound."""
         raise NotImplementedError
 
+    # -- transport keys delivered wrapped (the chip vendor's shipment) -------------------
+
+    def create_transport_wrapping_key(self, label):
+        """Generate the line's transport wrapping key pair (RSA-3072) named `label`.
+
+        The private key is persistent, sensitive, non-extractable and UNWRAP-only: chip
+        vendors wrap each shipment's key-encryption key for its public half (RSAES-OAEP,
+        the constants above), and only this backend can unwrap it.
+        Returns: the public key (cryptography RSAPublicKey).
+        Raises: HsmError(EXISTS).
+        """
+        raise NotImplementedError
+
+    def transport_wrapping_public_key(self, label):
+        """The RSAPublicKey of transport wrapping key `label`.  Raises KeyNotFound."""
+        raise NotImplementedError
+
+    def import_transport_kek(self, label, wrapping_label, wrapped_kek):
+        """Unwrap a shipment's AES-256 key-encryption key inside the backend and keep it
+        as `label` (persistent, sensitive, non-extractable, UNWRAP-only; the soft
+        keystore keeps it encrypted at rest).
+
+        Params: wrapped_kek: RSAES-OAEP ciphertext under `wrapping_label`'s public key.
+        Raises: HsmError(EXISTS), KeyNotFound (no wrapping key),
+            HsmError(WRAPPED_KEY_INVALID) when the ciphertext does not decrypt to an
+            AES-256 key (tampered, or wrapped for another key).
+        """
+        raise NotImplementedError
+
+    def unwrap_transport_keys(self, kek_label, se_uid, wrapped_keys, expected_kcvs,
+                              kvn=se_consts.SCP03_KVN_TRANSPORT):
+        """Unwrap one chip's SCP03 transport keys (RFC 3394 AES key wrap under the
+        shipment's KEK `kek_label`) inside the backend, as ephemeral key objects with the
+        usage of transport keys (ENC/MAC: CMAC; DEK: wrap), and check their KCVs.
+
+        The plaintext keys never reach the host with the PKCS#11 backend (C_UnwrapKey,
+        KCVs with C_Encrypt inside the token).
+        Params: wrapped_keys: (enc, mac, dek), 24 bytes each.  expected_kcvs: the
+            vendor's three KCVs (3 bytes each, GP Amd D 7.2).
+        Returns: a chip-transport KeySetHandle (release it, or use it as a context manager).
+        Raises: HsmError(WRAPPED_KEY_INVALID) for a wrapped key that fails the RFC 3394
+            integrity check, HsmError(KCV_MISMATCH) when the unwrapped keys are not the
+            ones the vendor names (both: nothing kept), KeyNotFound (no such KEK),
+            HsmError(BAD_INPUT).
+        """
+        raise NotImplementedError
+
     # -- per-device SCP03 operations -------------------------------------------------
 
     def diversify(self, master_label, se_uid, kvn=se_consts.SCP03_KVN_DEVICE):
@@ -409,6 +492,6 @@ class HsmBackend:
         raise NotImplementedError
 
     def release(self, handle):
-        """Destroy the per-device key objects behind a device handle.  Idempotent; a no-op
-        for transport handles (those are persistent)."""
+        """Destroy the per-device key objects behind a device or chip-transport handle.
+        Idempotent; a no-op for transport handles (those are persistent)."""
         raise NotImplementedError

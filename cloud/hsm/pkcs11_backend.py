@@ -11,6 +11,7 @@ by SoftHSM2 2.6.1):
   KCV               C_Encrypt CKM_AES_ECB of 16 x 0x01 (first 3 bytes kept)
   PUT KEY           C_WrapKey CKM_AES_CBC, zero IV, one 16-byte key (= ECB of one block)
   session keys      C_Sign CKM_AES_CMAC over the SCP03 KDF inputs (interface.py)
+  wrapped delivery  RSA-OAEP / AES key wrap unwraps (pkcs11_delivery.py)
 
 Object attributes (all CKA_PRIVATE, CKA_SENSITIVE):
   EC private key    token, non-extractable, non-modifiable, SIGN only
@@ -20,6 +21,7 @@ Object attributes (all CKA_PRIVATE, CKA_SENSITIVE):
   device ENC/MAC    session object, extractable (to be wrapped), SIGN; ENCRYPT only while
                     the KCV is computed
   device DEK        session object, extractable, WRAP (for a later rotation PUT KEY)
+  (wrapping key, shipment KEK, chip transport keys: pkcs11_delivery.py)
 
 Login: one dedicated session logs the user in (PKCS#11 login state is per application and
 token, so every pooled session shares it); pooled sessions never log in or out themselves,
@@ -52,8 +54,10 @@ from pkcs11.util.ec import encode_ec_public_key, encode_named_curve_parameters
 
 from fleetid.common import se_consts
 from fleetid.cloud.hsm import interface
-from fleetid.cloud.hsm.errors import HsmError, KeyNotFound, SessionLost
+from fleetid.cloud.hsm.errors import HsmError, KeyNotFound
 from fleetid.cloud.hsm.interface import KeySetHandle
+from fleetid.cloud.hsm.pkcs11_common import SESSION_LOST, native_errors, secret_template
+from fleetid.cloud.hsm.pkcs11_delivery import Pkcs11TransportDelivery
 from fleetid.cloud.hsm.pool import DEFAULT_ACQUIRE_TIMEOUT, DEFAULT_MAX_SESSIONS, PooledBackend
 
 log = logging.getLogger("fleetid.cloud.hsm.pkcs11")
@@ -61,29 +65,6 @@ log = logging.getLogger("fleetid.cloud.hsm.pkcs11")
 _TRANSPORT_LABEL = "scp03-transport:%s:%s"  # batch, component name
 _TRANSPORT_ID = b"scp03-transport"  # || kvn || component
 _DEVICE_LABEL = "scp03-device:%s:%s"  # se_uid hex, component name
-
-# Native errors that mean "this session is gone": the pool discards it, the op retries.
-_SESSION_LOST = (
-    p11e.SessionHandleInvalid,
-    p11e.SessionClosed,
-    p11e.DeviceRemoved,
-    p11e.DeviceError,
-    p11e.TokenNotPresent,
-)
-_NOT_FOUND = (
-    p11e.NoSuchKey,
-    p11e.ObjectHandleInvalid,
-    p11e.KeyHandleInvalid,
-    p11e.WrappingKeyHandleInvalid,
-)
-_POLICY = (
-    p11e.KeyNotWrappable,
-    p11e.KeyUnextractable,
-    p11e.AttributeSensitive,
-    p11e.AttributeReadOnly,
-    p11e.KeyTypeInconsistent,
-    p11e.MechanismInvalid,
-)
 
 # -- one initialised library per module path ------------------------------------------------
 
@@ -118,48 +99,7 @@ def _release_lib(module, lib):
                 pass
 
 
-@contextlib.contextmanager
-def _native_errors(what=""):
-    """Translate python-pkcs11 exceptions into the HsmError tree."""
-    try:
-        yield
-    except _SESSION_LOST as exc:
-        raise SessionLost(type(exc).__name__) from None
-    except _NOT_FOUND:
-        raise KeyNotFound(what) from None
-    except p11e.MultipleObjectsReturned:
-        raise HsmError(HsmError.BACKEND, "several objects labelled " + what) from None
-    except _POLICY as exc:
-        raise HsmError(HsmError.POLICY, "%s: %s" % (what, type(exc).__name__)) from None
-    except p11e.UserNotLoggedIn:
-        raise HsmError(HsmError.LOGIN, "not logged in") from None
-    except p11e.PKCS11Error as exc:
-        raise HsmError(HsmError.BACKEND, "%s: %s" % (what, type(exc).__name__)) from None
-
-
-def _secret_template(label, token, key_id=None, **usage):
-    """A complete AES secret-key template: every usage flag explicit, default False."""
-    template = {
-        Attribute.CLASS: ObjectClass.SECRET_KEY,
-        Attribute.KEY_TYPE: KeyType.AES,
-        Attribute.TOKEN: token,
-        Attribute.PRIVATE: True,
-        Attribute.SENSITIVE: True,
-        Attribute.EXTRACTABLE: usage.pop("extractable", False),
-        Attribute.LABEL: label,
-    }
-    for name in ("encrypt", "decrypt", "sign", "verify", "wrap", "unwrap", "derive"):
-        template[getattr(Attribute, name.upper())] = usage.pop(name, False)
-    if token:
-        template[Attribute.MODIFIABLE] = False
-    if key_id is not None:
-        template[Attribute.ID] = key_id
-    if usage:
-        raise TypeError("unknown usage flags %r" % sorted(usage))
-    return template
-
-
-class Pkcs11Backend(PooledBackend):
+class Pkcs11Backend(Pkcs11TransportDelivery, PooledBackend):
     """HsmBackend over a PKCS#11 token.
 
     Params:
@@ -215,7 +155,7 @@ class Pkcs11Backend(PooledBackend):
     def _open_session(self):
         if self._closed:
             raise HsmError(HsmError.CLOSED, "backend closed")
-        with _call_lock(self.module), _native_errors("open session"):
+        with _call_lock(self.module), native_errors("open session"):
             return self._token.open(rw=True)  # no PIN: shares the login session's state
 
     def _close_session(self, raw):
@@ -253,7 +193,7 @@ class Pkcs11Backend(PooledBackend):
 
     @staticmethod
     def _find_secret(session, what, label=None, key_id=None):
-        with _native_errors(what):
+        with native_errors(what):
             return session.get_key(object_class=ObjectClass.SECRET_KEY, key_type=KeyType.AES,
                                    label=label, id=key_id)
 
@@ -272,7 +212,7 @@ class Pkcs11Backend(PooledBackend):
         self._check_label(label)
 
         def op(session):
-            with self._create_lock, _native_errors(label):
+            with self._create_lock, native_errors(label):
                 if self._label_taken(session, label):
                     raise HsmError(HsmError.EXISTS, label)
                 public, _private = session.generate_keypair(
@@ -308,7 +248,7 @@ class Pkcs11Backend(PooledBackend):
 
     def public_key(self, label):
         def op(session):
-            with _native_errors(label):
+            with native_errors(label):
                 public = session.get_key(object_class=ObjectClass.PUBLIC_KEY,
                                          key_type=KeyType.EC, label=label)
                 return serialization.load_der_public_key(encode_ec_public_key(public))
@@ -319,7 +259,7 @@ class Pkcs11Backend(PooledBackend):
         digest = interface.check_digest(digest)
 
         def op(session):
-            with _native_errors(label):
+            with native_errors(label):
                 private = session.get_key(object_class=ObjectClass.PRIVATE_KEY,
                                           key_type=KeyType.EC, label=label)
                 raw = private.sign(digest, mechanism=Mechanism.ECDSA)  # r || s, 32 B each
@@ -337,10 +277,10 @@ class Pkcs11Backend(PooledBackend):
             raise HsmError(HsmError.BAD_INPUT, "master key size %r" % (bits,))
 
         def op(session):
-            with self._create_lock, _native_errors(label):
+            with self._create_lock, native_errors(label):
                 if self._label_taken(session, label):
                     raise HsmError(HsmError.EXISTS, label)
-                template = _secret_template(label, token=True, derive=True)
+                template = secret_template(label, token=True, derive=True)
                 del template[Attribute.CLASS], template[Attribute.KEY_TYPE]
                 session.generate_key(KeyType.AES, bits, label=label, store=True,
                                      template=template)
@@ -356,10 +296,10 @@ class Pkcs11Backend(PooledBackend):
                 raise HsmError(HsmError.BAD_INPUT, "master key must be 16 or 32 bytes")
 
             def op(session):
-                with self._create_lock, _native_errors(label):
+                with self._create_lock, native_errors(label):
                     if self._label_taken(session, label):
                         raise HsmError(HsmError.EXISTS, label)
-                    template = _secret_template(label, token=True, derive=True)
+                    template = secret_template(label, token=True, derive=True)
                     template[Attribute.VALUE] = bytes(key_material)
                     session.create_object(template)
                 log.info("imported AES master key %s", label)
@@ -389,7 +329,7 @@ class Pkcs11Backend(PooledBackend):
 
             def op(session):
                 created = []
-                with self._create_lock, _native_errors(batch):
+                with self._create_lock, native_errors(batch):
                     labels = [_TRANSPORT_LABEL % (batch, interface.COMPONENT_NAMES[c])
                               for c in interface.COMPONENTS]
                     if any(self._label_taken(session, label) for label in labels):
@@ -400,7 +340,7 @@ class Pkcs11Backend(PooledBackend):
                                 usage = {"wrap": True}
                             else:
                                 usage = {"sign": True}
-                            template = _secret_template(
+                            template = secret_template(
                                 label, token=True,
                                 key_id=_TRANSPORT_ID + bytes((kvn, component)), **usage)
                             template[Attribute.VALUE] = bytes(key)
@@ -425,7 +365,7 @@ class Pkcs11Backend(PooledBackend):
         def op(session):
             enc = self._find_secret(session, "transport " + batch,
                                     label=_TRANSPORT_LABEL % (batch, "enc"))
-            with _native_errors(batch):
+            with native_errors(batch):
                 key_id = enc[Attribute.ID]
             if len(key_id) != len(_TRANSPORT_ID) + 2 or not key_id.startswith(_TRANSPORT_ID):
                 raise HsmError(HsmError.BACKEND, "transport key %s has a foreign CKA_ID" % batch)
@@ -444,7 +384,7 @@ class Pkcs11Backend(PooledBackend):
             master = self._find_secret(session, master_label, label=master_label)
             handle_id = os.urandom(8)
             derived = []
-            with _native_errors(master_label):
+            with native_errors(master_label):
                 try:
                     for component in interface.COMPONENTS:
                         name = interface.COMPONENT_NAMES[component]
@@ -453,7 +393,7 @@ class Pkcs11Backend(PooledBackend):
                             usage["wrap"] = True
                         else:
                             usage["sign"] = True
-                        template = _secret_template(
+                        template = secret_template(
                             _DEVICE_LABEL % (uid_hex, name), token=False,
                             key_id=handle_id + bytes((component,)), **usage)
                         template[Attribute.VALUE_LEN] = interface.SCP03_KEY_BYTES
@@ -487,7 +427,7 @@ class Pkcs11Backend(PooledBackend):
             wrapped = []
             for component in interface.COMPONENTS:
                 key = self._component(session, device_keys_handle, component)
-                with _native_errors("wrap " + interface.COMPONENT_NAMES[component]):
+                with native_errors("wrap " + interface.COMPONENT_NAMES[component]):
                     wrapped.append(dek.wrap_key(key, mechanism=Mechanism.AES_CBC,
                                                 mechanism_param=bytes(16)))
             return interface.assemble_put_key_data(new_kvn, wrapped, device_keys_handle.kcvs)
@@ -500,7 +440,7 @@ class Pkcs11Backend(PooledBackend):
         bits = 8 * interface.SCP03_KEY_BYTES
 
         def kdf(key, constant):
-            with _native_errors("cmac"):
+            with native_errors("cmac"):
                 return b"".join(
                     key.sign(block, mechanism=Mechanism.AES_CMAC)
                     for block in interface.scp03_kdf_inputs(constant, context, bits)
@@ -520,7 +460,7 @@ class Pkcs11Backend(PooledBackend):
     def release(self, handle):
         if not isinstance(handle, KeySetHandle) or handle._owner is not self:
             raise HsmError(HsmError.BAD_HANDLE, "not a key set of this backend")
-        if handle.kind != KeySetHandle.DEVICE or handle._released:
+        if handle.kind == KeySetHandle.TRANSPORT or handle._released:
             return
         handle._released = True
         self._count_device_set(-1)
@@ -533,7 +473,7 @@ class Pkcs11Backend(PooledBackend):
                     key = self._component(session, handle, component)
                 except KeyNotFound:
                     continue  # its session is gone, and the object with it
-                with _native_errors("destroy"):
+                with native_errors("destroy"):
                     key.destroy()
 
         self._run(op)

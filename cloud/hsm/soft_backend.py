@@ -21,7 +21,12 @@ File format (JSON, `fleetid-keystore/1`):
      "check": {"nonce": hex(12), "ct": hex},       # GCM of a fixed marker: wrong passphrase
      "keys": {label: {"kind": k, "meta": {...}, "nonce": hex(12), "ct": hex}}}
 kinds: "ec-p256" (32-byte private scalar), "aes-master" (16/32 bytes),
-"scp03-transport" (ENC || MAC || DEK, meta {"kvn": n}; label "scp03-transport:<batch>").
+"scp03-transport" (ENC || MAC || DEK, meta {"kvn": n}; label "scp03-transport:<batch>"),
+"rsa-unwrap" (the transport wrapping key: PKCS#8 DER), "aes-kek" (a shipment's 32-byte
+key-encryption key, unwrapped from the vendor's RSAES-OAEP ciphertext).  A chip's
+transport keys delivered in a shipment are never stored here: they stay wrapped under the
+KEK in the shipment file and are unwrapped in memory for one device (like a per-device
+set, until released).
 
 One process writes a keystore at a time (no cross-process locking).
 """
@@ -34,8 +39,8 @@ import os
 import threading
 
 from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives import cmac, hashes
-from cryptography.hazmat.primitives.asymmetric import ec, utils
+from cryptography.hazmat.primitives import cmac, hashes, keywrap, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa, utils
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
@@ -58,7 +63,11 @@ _CHECK_MARKER = b"fleetid keystore passphrase check"
 KIND_EC = "ec-p256"
 KIND_MASTER = "aes-master"
 KIND_TRANSPORT = "scp03-transport"
+KIND_RSA_UNWRAP = "rsa-unwrap"
+KIND_KEK = "aes-kek"
 _TRANSPORT_PREFIX = "scp03-transport:"
+# interface.py: the shipment KEK is RSAES-OAEP with SHA-1 / MGF1-SHA-1.
+_OAEP = padding.OAEP(mgf=padding.MGF1(hashes.SHA1()), algorithm=hashes.SHA1(), label=None)
 
 
 def _aes_ecb_encrypt(key, block):
@@ -373,6 +382,100 @@ class SoftBackend(PooledBackend):
 
         return self._run(op)
 
+    # -- transport keys delivered wrapped ----------------------------------------------
+
+    def create_transport_wrapping_key(self, label):
+        self._check_label(label)
+
+        def op(session):
+            session.ensure_open()
+            private = rsa.generate_private_key(65537, interface.TRANSPORT_WRAPPING_BITS)
+            der = bytearray(private.private_bytes(
+                serialization.Encoding.DER, serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption()))
+            try:
+                with self._lock:
+                    self._check_open()
+                    self._put_entry(label, KIND_RSA_UNWRAP, {}, der)
+            finally:
+                _wipe(der)
+            log.info("generated RSA-%d transport wrapping key %s",
+                     interface.TRANSPORT_WRAPPING_BITS, label)
+            return private.public_key()
+
+        return self._run(op)
+
+    def _unwrapping_key(self, label):
+        _meta, der = self._entry(label, KIND_RSA_UNWRAP)
+        return serialization.load_der_private_key(der, password=None)
+
+    def transport_wrapping_public_key(self, label):
+        def op(session):
+            session.ensure_open()
+            return self._unwrapping_key(label).public_key()
+
+        return self._run(op)
+
+    def import_transport_kek(self, label, wrapping_label, wrapped_kek):
+        self._check_label(label)
+        if not isinstance(wrapped_kek, (bytes, bytearray)):
+            raise HsmError(HsmError.BAD_INPUT, "wrapped KEK must be bytes")
+
+        def op(session):
+            session.ensure_open()
+            private = self._unwrapping_key(wrapping_label)
+            try:
+                kek = bytearray(private.decrypt(bytes(wrapped_kek), _OAEP))
+            except ValueError:
+                raise HsmError(HsmError.WRAPPED_KEY_INVALID, label) from None
+            try:
+                if len(kek) != interface.TRANSPORT_KEK_BYTES:
+                    raise HsmError(HsmError.WRAPPED_KEY_INVALID, "%s: not an AES-256 key"
+                                   % label)
+                with self._lock:
+                    self._check_open()
+                    self._put_entry(label, KIND_KEK, {"wrapping_key": wrapping_label}, kek)
+            finally:
+                _wipe(kek)
+            log.info("imported transport KEK %s (unwrapped with %s)", label, wrapping_label)
+
+        self._run(op)
+
+    def unwrap_transport_keys(self, kek_label, se_uid, wrapped_keys, expected_kcvs,
+                              kvn=se_consts.SCP03_KVN_TRANSPORT):
+        se_uid = interface.check_se_uid(se_uid)
+        interface.check_kvn(kvn)
+        wrapped, expected = interface.check_wrapped_transport_keys(wrapped_keys, expected_kcvs)
+
+        def op(session):
+            session.ensure_open()
+            _meta, kek = self._entry(kek_label, KIND_KEK)
+            keys = {}
+            for component, blob in zip(interface.COMPONENTS, wrapped):
+                try:
+                    key = keywrap.aes_key_unwrap(kek, blob)  # RFC 3394 2.2.3 integrity check
+                except keywrap.InvalidUnwrap:
+                    raise HsmError(HsmError.WRAPPED_KEY_INVALID, "%s %s" % (
+                        se_uid.hex(), interface.COMPONENT_NAMES[component])) from None
+                if len(key) != interface.SCP03_KEY_BYTES:
+                    raise HsmError(HsmError.WRAPPED_KEY_INVALID, "%s: key size" % se_uid.hex())
+                keys[component] = key
+            kcvs = tuple(
+                _aes_ecb_encrypt(keys[c], interface.KCV_INPUT_BLOCK)[:interface.KCV_BYTES]
+                for c in interface.COMPONENTS
+            )
+            if kcvs != expected:
+                raise HsmError(HsmError.KCV_MISMATCH, se_uid.hex())
+            with self._lock:
+                self._check_open()
+                handle_id = next(self._next_device_id)
+                self._device_keys[handle_id] = (session, keys)
+            self._count_device_set(+1)
+            return KeySetHandle(self, KeySetHandle.CHIP_TRANSPORT, se_uid.hex(), kvn,
+                                handle_id, kcvs)
+
+        return self._run(op)
+
     def _key_set(self, handle, session):
         """{component: key bytes} of a live handle (decrypted for transport sets)."""
         if handle.kind == KeySetHandle.TRANSPORT:
@@ -458,7 +561,7 @@ class SoftBackend(PooledBackend):
     def release(self, handle):
         if not isinstance(handle, KeySetHandle) or handle._owner is not self:
             raise HsmError(HsmError.BAD_HANDLE, "not a key set of this backend")
-        if handle.kind != KeySetHandle.DEVICE or handle._released:
+        if handle.kind == KeySetHandle.TRANSPORT or handle._released:
             return
         handle._released = True
         with self._lock:

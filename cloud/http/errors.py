@@ -28,12 +28,22 @@ HTTP_STATUS = {
     errors.METHOD: 405,
     errors.CONTENT_TYPE: 415,
     errors.TOO_LARGE: 413,
+    errors.DOCUMENT_LIMIT: 400,
     errors.POLICY: 403,
     errors.WRONG_CERTIFICATE_KIND: 403,
     errors.PENDING: 202,
     errors.UNAVAILABLE: 503,
     errors.INTERNAL: 500,
 }
+
+
+# RFC 7235 3.1: a 401 MUST carry a WWW-Authenticate challenge.  The credential both the
+# EST server (RFC 7030 3.2.3: TLS client authentication, no HTTP-based auth here) and the
+# verifier take is the TLS client certificate, which no registered HTTP scheme names; a
+# Basic challenge would invite passwords nothing checks.  So the challenge is a scheme of
+# our own (an RFC 7235 token) that says what to present: clients that know no scheme
+# simply show the 401, and the body says "present the device certificate (mTLS)".
+WWW_AUTHENTICATE = 'TLS-Client-Certificate realm="fleetid"'
 
 
 def http_status(exc):
@@ -49,6 +59,8 @@ def error_response(exc):
     headers = {}
     if isinstance(exc, PendingApproval):
         headers["Retry-After"] = str(exc.retry_after)
+    if status == 401:
+        headers["WWW-Authenticate"] = WWW_AUTHENTICATE
     if status == 405:
         headers["Allow"] = getattr(exc, "allow", "GET, POST")
     body = exc.reason + (": " + exc.detail if exc.detail else "") + "\n"

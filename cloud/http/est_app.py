@@ -9,7 +9,9 @@
 
 Handlers parse and render only; policy is EstService's.  Served over TLS with
 CERT_OPTIONAL (cacerts and csrattrs need no client certificate; the rest answer 401
-without one).  Status codes come from the one table in fleetid.cloud.http.errors.
+without one, with a WWW-Authenticate challenge naming the TLS client certificate: RFC 7030
+3.2.3 / RFC 7235 3.1, see fleetid.cloud.http.errors).  Status codes come from the one
+table in fleetid.cloud.http.errors.
 """
 
 from aiohttp import web

@@ -1,6 +1,7 @@
 """TLS of the cloud's listeners: the server SSLContext (TLS 1.3, and TLS 1.2 with
 ECDHE-ECDSA-AES-GCM for SE-held client keys) and the peer certificate of a request."""
 
+import os
 import ssl
 
 from fleetid.cloud.config import ConfigError
@@ -19,6 +20,9 @@ def server_ssl_context(cert_file, key_file, client_ca_pem, require_client_cert=T
     intermediates).  require_client_cert False = CERT_OPTIONAL (EST: cacerts needs no
     client certificate; enrolment answers 401 without one).
     Raises fleetid.cloud.config.ConfigError when the certificate or key cannot be used."""
+    for option, path in (("tls_cert", cert_file), ("tls_key", key_file)):
+        if not os.path.isfile(path):
+            raise ConfigError("%s %s does not exist" % (option, path))
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.set_ciphers(TLS12_CIPHERS)

@@ -16,7 +16,6 @@ loopback listener: scraping must not need a device certificate.
 """
 
 import collections
-import json
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -25,6 +24,7 @@ from fleetid.cloud.http.middleware import DEVICE, make_middleware, read_limited
 from fleetid.cloud.http.tls import peer_certificate
 from fleetid.cloud.verifier import errors
 from fleetid.cloud.verifier.errors import CloudError, RequestRefused
+from fleetid.common import mqttmsg
 
 MAX_TELEMETRY = 64 * 1024
 VERIFIER_KEY = web.AppKey("verifier", object)
@@ -61,9 +61,11 @@ def make_verifier_app(verifier, metrics, telemetry=None):
         if request.content_type != "application/json":
             raise CloudError(errors.CONTENT_TYPE, "send application/json")
         body = await read_limited(request, MAX_TELEMETRY)
-        try:
-            document = json.loads(body)
-        except (ValueError, UnicodeDecodeError):
+        try:  # the fleet's one bounded decoder (size, then nesting depth, then json)
+            document = mqttmsg.decode_document(body, MAX_TELEMETRY, mqttmsg.MAX_DEPTH)
+        except mqttmsg.MessageError as exc:
+            if exc.reason == mqttmsg.MessageError.TOO_DEEP:
+                raise RequestRefused(errors.DOCUMENT_LIMIT, exc.detail) from None
             raise RequestRefused(errors.BAD_REQUEST, "body is not JSON") from None
         if not isinstance(document, dict):
             raise RequestRefused(errors.BAD_REQUEST, "telemetry must be a JSON object")

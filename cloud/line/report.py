@@ -5,6 +5,7 @@ of one or more runs (runner.py).
 """
 
 import datetime
+import hashlib
 import html
 import json
 import os
@@ -106,6 +107,57 @@ def _svg_scaling(points, width=640, height=240):
     return "".join(parts)
 
 
+def device_rows(summary):
+    """The per-device list of one run, in the order the stations finished the devices.
+
+    Returns: list of dicts: serial (the registry's number, None when nothing was
+    written), device_serial (the certificate's serial name), se_uid (hex), cert_sha256
+    (SHA-256 of the identity certificate's DER, hex; None without one), station,
+    finished_at (ISO 8601 UTC), status ("committed", "held" or "failed"), cause and step
+    (failed devices).
+    """
+    rows = []
+    for run in sorted(summary.runs, key=lambda r: (r.finished_at is None, r.finished_at or 0,
+                                                   r.result.serial or 0)):
+        result = run.result
+        if result.ok:
+            status = "committed"
+        else:
+            status = "held" if result.held else "failed"
+        rows.append({
+            "serial": result.serial, "device_serial": result.device_serial,
+            "se_uid": bytes(result.se_uid).hex() if result.se_uid is not None else None,
+            "cert_sha256": (hashlib.sha256(bytes(result.cert_der)).hexdigest()
+                            if result.cert_der else None),
+            "station": result.station,
+            "finished_at": (run.finished_at.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+                            if run.finished_at is not None else None),
+            "status": status, "cause": result.cause, "step": result.step,
+        })
+    return rows
+
+
+def _device_table(summary):
+    esc = html.escape
+    out = ["<h2>Devices</h2>",
+           "<table><tr><th class='l'>serial</th><th class='l'>SE UID</th>"
+           "<th class='l'>certificate SHA-256</th><th class='l'>station</th>"
+           "<th class='l'>finished (UTC)</th><th class='l'>status</th></tr>"]
+    for row in device_rows(summary):
+        status = row["status"]
+        if row["cause"]:
+            status += ": %s at %s" % (row["cause"], row["step"])
+        out.append("<tr><td class='l'>%s</td><td class='l'><code>%s</code></td>"
+                   "<td class='l'><code>%s</code></td><td class='l'>%s</td>"
+                   "<td class='l'>%s</td><td class='l %s'>%s</td></tr>"
+                   % (esc(row["device_serial"] or "-"), esc(row["se_uid"] or "-"),
+                      esc(row["cert_sha256"] or "-"), esc(row["station"] or "-"),
+                      esc(row["finished_at"] or "-"),
+                      "ok" if row["status"] == "committed" else "bad", esc(status)))
+    out.append("</table>")
+    return "\n".join(out)
+
+
 def report_html(summaries, title="fleetid factory line report"):
     """The line report (one HTML page, inline SVG, no external resources).
 
@@ -175,14 +227,18 @@ def report_html(summaries, title="fleetid factory line report"):
     out.append("</table><h2>HSM session pool</h2><table>")
     for key, value in sorted((main.pool or {}).items()):
         out.append("<tr><td class='l'>%s</td><td>%s</td></tr>" % (esc(key), esc(str(value))))
-    out.append("</table></body></html>")
+    out.append("</table>")
+    out.append(_device_table(main))
+    out.append("</body></html>")
     return "\n".join(out)
 
 
 def write_report(summaries, path):
-    """Write report_html(summaries) and a JSON summary beside it ("<path>.json")."""
+    """Write report_html(summaries) and a JSON summary beside it ("<path>.json"): one
+    object per run, RunSummary.as_dict() plus "devices" (device_rows())."""
     with open(path, "w") as f:
         f.write(report_html(summaries))
     with open(os.path.splitext(path)[0] + ".json", "w") as f:
-        json.dump([s.as_dict() for s in summaries], f, indent=1, sort_keys=True)
+        json.dump([dict(s.as_dict(), devices=device_rows(s)) for s in summaries], f,
+                  indent=1, sort_keys=True)
     return path

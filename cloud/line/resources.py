@@ -2,12 +2,15 @@
 (`LineResources`: HSM session pool, registry, issuing CA, SE vendor roots, issuance
 journal, audit checkpointer).  One instance per run, used by every station thread."""
 
+import contextlib
 import datetime
 import threading
 import time
 
 from cryptography.x509 import verification
 
+from fleetid.cloud.hsm.errors import HsmError
+from fleetid.cloud.line.shipment import ShipmentError
 from fleetid.cloud.line.steps import IDENTIFY, LineFailure
 from fleetid.common import se_consts as C
 from fleetid.common.host.hostcrypto import CryptographyPrimitives
@@ -66,10 +69,14 @@ class LineResources:
         journal: IssuanceJournal.  checkpointer: audit.Checkpointer or None.
         prims: SCP03 host primitives (default CryptographyPrimitives()).
         wall_clock: epoch seconds (vendor chain validation time).
+        shipment: the lot's TransportShipment (shipment.py) and kek_label its KEK in the
+        HSM: each chip's transport keys are unwrapped from it inside the HSM; None: the
+        HSM's batch key set `config.batch` (imported by the vendor in plaintext).
     """
 
     def __init__(self, hsm, registry, issuing_ca, vendor_roots, config, journal,
-                 checkpointer=None, prims=None, wall_clock=time.time):
+                 checkpointer=None, prims=None, wall_clock=time.time, shipment=None,
+                 kek_label=None):
         self.hsm = hsm
         self.registry = registry
         self.issuing_ca = issuing_ca
@@ -79,6 +86,8 @@ class LineResources:
         self.checkpointer = checkpointer
         self.prims = prims or CryptographyPrimitives()
         self.wall_clock = wall_clock
+        self.shipment = shipment
+        self.kek_label = kek_label
         self._transport = None
         self._lock = threading.Lock()
         self._verifier = None
@@ -93,6 +102,49 @@ class LineResources:
             if self._transport is None:
                 self._transport = self.hsm.transport_keys(self.config.batch)
             return self._transport
+
+    def transport_kvn(self, se_uid):
+        """The KVN of the transport key set chip `se_uid` should hold (identify step).
+        With a shipment, the chip's entry must be there and its vendor signature verify.
+        Raises LineFailure("transport_keys:<reason>") (nothing written yet)."""
+        if self.shipment is None:
+            return self.transport_keys().kvn
+        return self._delivery(se_uid).kvn
+
+    def _delivery(self, se_uid):
+        try:
+            return self.shipment.delivery_for(se_uid, self.vendor_roots)
+        except ShipmentError as exc:
+            raise LineFailure("transport_keys:" + exc.reason, IDENTIFY, exc.detail) from None
+
+    @contextlib.contextmanager
+    def chip_transport_keys(self, se_uid):
+        """Context manager: the transport KeySetHandle for chip `se_uid`.  From a
+        shipment, the chip's keys are unwrapped inside the HSM (on the caller's pinned
+        session) and destroyed on exit; otherwise the batch's persistent set.
+        Raises LineFailure("transport_keys:wrapped_key_invalid" / ":kcv_mismatch" / ...)
+        when the delivery is refused: the device is not personalised."""
+        if self.shipment is None:
+            yield self.transport_keys()
+            return
+        delivery = self._delivery(se_uid)
+        try:
+            handle = self.hsm.unwrap_transport_keys(self.kek_label, se_uid, delivery.wrapped,
+                                                    delivery.kcvs, kvn=delivery.kvn)
+        except HsmError as exc:
+            if exc.reason in (HsmError.WRAPPED_KEY_INVALID, HsmError.KCV_MISMATCH):
+                raise LineFailure("transport_keys:" + exc.reason, IDENTIFY,
+                                  "chip %s" % bytes(se_uid).hex()) from None
+            raise
+        try:
+            yield handle
+        finally:
+            try:
+                self.hsm.release(handle)
+            except HsmError:
+                # A lost or closed session took the objects with it; a committed device
+                # must not turn into a failure over the clean-up.
+                pass
 
     def vendor_verifier(self):
         """A cryptography client verifier for MAK chains (cached, rebuilt each minute)."""

@@ -15,6 +15,7 @@ emulator time as the bus measured them (sim/metering.py defines them for the emu
 host cost = cycle time minus emulator time.
 """
 
+import datetime
 import math
 import queue
 import threading
@@ -27,11 +28,15 @@ from fleetid.cloud.line.station import Station
 
 
 class DeviceRun:
-    """One device's run: the station's DeviceResult plus cycle / SE / emulator times (ms)."""
+    """One device's run: the station's DeviceResult plus cycle / SE / emulator times (ms)
+    and finished_at (aware UTC datetime: when the station was done with it)."""
 
-    __slots__ = ("result", "cycle_ms", "se_ms", "emulator_ms", "host_cpu_ms", "apdus")
+    __slots__ = ("result", "cycle_ms", "se_ms", "emulator_ms", "host_cpu_ms", "apdus",
+                 "finished_at")
 
-    def __init__(self, result, cycle_ms, se_ms, emulator_ms, host_cpu_ms, apdus):
+    def __init__(self, result, cycle_ms, se_ms, emulator_ms, host_cpu_ms, apdus,
+                 finished_at=None):
+        self.finished_at = finished_at
         self.result = result
         self.cycle_ms = cycle_ms
         self.se_ms = se_ms
@@ -155,7 +160,8 @@ def _measure(result, bus, cpu_s):
     se_ms, emulator_ms, emulator_cpu_ms, apdus = (
         measurements() if measurements is not None else (0.0, 0.0, 0.0, 0))
     return DeviceRun(result, result.cycle_s * 1000.0, se_ms, emulator_ms,
-                     max(0.0, cpu_s * 1000.0 - emulator_cpu_ms), apdus)
+                     max(0.0, cpu_s * 1000.0 - emulator_cpu_ms), apdus,
+                     datetime.datetime.now(datetime.timezone.utc))
 
 
 class _StationThreads:

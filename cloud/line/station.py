@@ -14,8 +14,10 @@ Steps, what each writes, and what happens when it fails
                UID; the chip must be in transport state and not
                already in the registry                            (refusal: nothing at all)
     intent     allocate_intent (serial + intent, one transaction) serial, intent record
-    inject     SCP03 with the batch transport keys (session keys
-               from the HSM), PUT KEY of the HSM-diversified set,
+    inject     SCP03 with the chip's transport keys (unwrapped
+               inside the HSM from the vendor's shipment, or the
+               batch's set; session keys from the HSM), PUT KEY
+               of the HSM-diversified set,
                the SE's KCVs checked against the HSM's            SE: new SCP03 keys
     attest     GENERATE KEY (identity slot) and ATTEST with a
                fresh CA nonce                                     SE: identity key
@@ -214,10 +216,10 @@ class Station:
         life_cycle = plain.life_cycle()
         if life_cycle not in (C.LC_OP_READY, C.LC_INITIALIZED):
             raise LineFailure("not_personalisable:" + C.LC_NAMES.get(life_cycle, "?"), IDENTIFY)
-        transport = res.transport_keys()
-        if transport.kvn not in bytes(plain.get_data(C.DATA_SCP_INFO)):
+        transport_kvn = res.transport_kvn(se_uid)
+        if transport_kvn not in bytes(plain.get_data(C.DATA_SCP_INFO)):
             raise LineFailure("not_in_transport_state", IDENTIFY,
-                              "transport key set 0x%02X absent" % transport.kvn)
+                              "transport key set 0x%02X absent" % transport_kvn)
         state.chain = plain.attestation_chain()
         check_vendor_chain(res, state.chain, se_uid)
         for earlier in res.registry.find_by_se_uid(se_uid):
@@ -237,11 +239,14 @@ class Station:
                     raise
         try:
             result.hsm_session = "%s#%d" % (type(res.hsm).__name__, pooled.serial)
-            self._personalise(opened, se_uid, result, state, clock)
+            # A shipped chip's transport keys: unwrapped inside the HSM on this session
+            # (still identify: a refused delivery writes nothing), destroyed afterwards.
+            with res.chip_transport_keys(se_uid) as transport:
+                self._personalise(opened, se_uid, transport, result, state, clock)
         finally:
             session_cm.__exit__(None, None, None)
 
-    def _personalise(self, opened, se_uid, result, state, clock):
+    def _personalise(self, opened, se_uid, transport, result, state, clock):
         res = self.resources
         config = res.config
         hsm = res.hsm
@@ -258,7 +263,6 @@ class Station:
 
         # 3. SCP03 with the transport keys; PUT KEY of the diversified set.
         self._enter(state, result, INJECT, clock())
-        transport = res.transport_keys()
         se = opened.secure(res.prims,
                            lambda h, c, _ki: hsm.scp03_session_keys(transport, h, c),
                            level=config.scp_level, kvn=transport.kvn)

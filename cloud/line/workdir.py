@@ -19,16 +19,23 @@ Work directory (`init_line`):
                          another party's in production)
     witness/keystore.json  demo only: the witness's own soft keystore (its key is never
                          in the line's HSM; with --hsm, --witness-hsm names its token)
-    vendor/              the SE vendor's root CA certificate (VENDOR_ROOT_FILE): the line
-                         trusts it to attest chips; the CLI's demo puts the simulated
-                         vendor's there before init_line
+    vendor/              the SE vendor's root CA certificate (VENDOR_ROOT_FILE), nothing
+                         else: the line trusts it to attest chips and to check shipments;
+                         the CLI's demo publishes the simulated vendor's certificate there
+                         before init_line (the vendor's key stays in its own folder)
+    shipments/<lot>.json the chip vendor's transport-key shipments, as received: every
+                         key wrapped for the line's HSM (format: fleetid.sim.ship); the
+                         HSM unwraps them inside, one chip at a time (shipment.py)
     pki/                 demo: ceremony/ (root key ceremony record + root.pem) and ca.pem;
                          adopted: root.pem and ca-<label>.pem, copies of what
-                         `fleetid pki init-root` / `new-ca` made; *.pub.pem: audit keys
+                         `fleetid pki init-root` / `new-ca` made; *.pub.pem: audit keys;
+                         transport-wrap.pub.pem: the HSM's transport wrapping key, which
+                         the line gives its chip vendors
 
 HSM keys (labels in line.json): fleet root and issuing CAs (adopted, or made on the demo
-path), SCP03 master, the audit line key and the firmware-signing key (its public point is
-the second trust anchor the line stores in every SE).  The audit witness key: line.json's
+path), SCP03 master, the audit line key, the firmware-signing key (its public point is
+the second trust anchor the line stores in every SE), the transport wrapping key (RSA,
+unwrap-only) and one key-encryption key per received shipment ("transport-kek:<lot>").  The audit witness key: line.json's
 "witness" (its HSM URI and label).
 """
 
@@ -46,6 +53,7 @@ from fleetid.cloud.ca import IssuingCa
 from fleetid.cloud.hsm import open_hsm
 from fleetid.cloud.line.journal import IssuanceJournal
 from fleetid.cloud.line.resources import LineConfig, LineResources
+from fleetid.cloud.line.shipment import ShipmentError, TransportShipment, recipient_id
 from fleetid.cloud.registry import open_registry
 from fleetid.common.errors import FleetidError
 
@@ -56,6 +64,10 @@ PASS_ENV = "FLEETID_KEYSTORE_PASS"
 FORMAT = "fleetid-line/1"
 DEFAULT_SCOPE = {"product": "widget", "batch": "b1", "region": "eu"}
 WITNESS_LABEL = "audit-witness"
+TRANSPORT_WRAP_LABEL = "transport-wrap"
+TRANSPORT_WRAP_PUB = os.path.join("pki", "transport-wrap.pub.pem")
+SHIPMENTS_DIR = "shipments"
+_KEK_PREFIX = "transport-kek:"
 
 
 class LineConfigError(FleetidError):
@@ -155,6 +167,11 @@ def init_line(workdir, hsm_uri=None, registry_uri=None, scope=None, operator="li
         for role in ("audit_line", "firmware"):
             hsm.generate_signing_key(labels[role])
             _write_public_key(hsm, labels[role], pki_dir, role)
+        labels["transport_wrap"] = TRANSPORT_WRAP_LABEL
+        wrapping = hsm.create_transport_wrapping_key(TRANSPORT_WRAP_LABEL)
+        with open(os.path.join(workdir, TRANSPORT_WRAP_PUB), "wb") as f:
+            f.write(wrapping.public_bytes(serialization.Encoding.PEM,
+                                          serialization.PublicFormat.SubjectPublicKeyInfo))
         witness = _make_witness_key(workdir, witness_hsm_uri, environ, scrypt_n, pki_dir)
         config = {"format": FORMAT, "hsm": hsm_uri, "registry": registry_uri,
                   "labels": labels, "operator": operator, "serial_prefix": serial_prefix,
@@ -424,10 +441,65 @@ class Line:
                                   "(the line has: %s)" % (ca_batch, ", ".join(
                                       sorted(str(b) for b in self.issuing_cas)))) from None
 
+    def transport_wrapping_key(self):
+        """The public half of the HSM's transport wrapping key (what chip vendors wrap a
+        shipment's KEK for), or None for a line made before it had one."""
+        label = self.labels.get("transport_wrap")
+        return None if label is None else self.hsm.transport_wrapping_public_key(label)
+
+    def _shipment_path(self, lot):
+        if not isinstance(lot, str) or not lot or lot.startswith(".") or \
+                any(not (c.isalnum() or c in "-_.") for c in lot):
+            raise ShipmentError("malformed", "lot name %r" % (lot,))
+        return self._path(os.path.join(SHIPMENTS_DIR, lot + ".json"))
+
+    def receive_shipment(self, doc):
+        """Accept a chip vendor's transport-key shipment (a parsed JSON document, format
+        fleetid.sim.ship): it must be wrapped for this line's key and name a trusted SE
+        vendor; its KEK is unwrapped into the HSM ("transport-kek:<lot>") and the
+        document kept as <workdir>/shipments/<lot>.json (it holds wrapped keys only).
+        Chip entries are verified one by one when a station reaches the chip.
+        Returns: the lot name (resources_for(lot) then uses the shipment).
+        Raises: ShipmentError (nothing kept), HsmError (EXISTS: lot received already;
+        WRAPPED_KEY_INVALID: the KEK does not unwrap).
+        """
+        shipment = TransportShipment(doc)
+        wrapping = self.transport_wrapping_key()
+        if wrapping is None:
+            raise ShipmentError("recipient", "this line has no transport wrapping key")
+        shipment.check_recipient(recipient_id(wrapping))
+        shipment.check_vendor(self.vendor_roots)
+        path = self._shipment_path(shipment.lot)
+        if os.path.exists(path):
+            raise ShipmentError("received", "lot %s was received already" % shipment.lot)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(doc, f, indent=1, sort_keys=True)
+            f.flush()
+            os.fsync(f.fileno())
+        try:  # the KEK first: a refused one leaves no shipment file behind
+            self.hsm.import_transport_kek(_KEK_PREFIX + shipment.lot,
+                                          self.labels["transport_wrap"], shipment.wrapped_kek)
+        except BaseException:
+            os.unlink(tmp)
+            raise
+        os.replace(tmp, path)
+        return shipment.lot
+
     def resources_for(self, batch, wall_clock=time.time, ca_batch=None):
         """LineResources for chips of transport batch `batch`, issued by the CA for
-        product batch `ca_batch` (None: the default CA)."""
+        product batch `ca_batch` (None: the default CA).  When a shipment was received
+        for lot `batch` (receive_shipment), each chip's transport keys come from it,
+        unwrapped inside the HSM; otherwise from the HSM's batch key set."""
         issuing_ca = self.issuing_ca_for(ca_batch)
+        shipment = None
+        try:
+            path = self._shipment_path(batch)
+        except ShipmentError:
+            path = None
+        if path is not None and os.path.exists(path):
+            shipment = TransportShipment.load(path)
         firmware_point = None
         if "firmware" in self.labels:
             firmware_point = self.hsm.public_key(self.labels["firmware"]).public_bytes(
@@ -439,7 +511,8 @@ class Line:
                             firmware_key_point=firmware_point)
         return LineResources(self.hsm, self.registry, issuing_ca, self.vendor_roots,
                              config, self.journal, checkpointer=self.checkpointer,
-                             wall_clock=wall_clock)
+                             wall_clock=wall_clock, shipment=shipment,
+                             kek_label=_KEK_PREFIX + batch if shipment else None)
 
     def public_keys(self):
         """(line public key, witness public key) of the audit checkpoints."""

@@ -23,6 +23,7 @@ wall-clock milliseconds, so a restarted cloud keeps increasing them); devices re
 number not above the last they took.
 """
 
+import logging
 import threading
 import time
 
@@ -33,6 +34,7 @@ from fleetid.common import mqttmsg
 
 DEFAULT_TIMEOUT = 10.0
 QOS = 1  # at least once: duplicates are caught by the sequence numbers
+_log = logging.getLogger("fleetid.cloud.mqtt")
 
 
 class MqttError(Exception):
@@ -60,7 +62,8 @@ class TelemetrySink:
     def __init__(self, on_telemetry=None):
         self._lock = threading.RLock()  # wait_for's predicate may call metrics()
         self.last = {}
-        self.counts = {"accepted": 0, "replay": 0, "malformed": 0, "refused_device": 0}
+        self.counts = {"accepted": 0, "replay": 0, "malformed": 0, "refused_device": 0,
+                       "too_deep": 0, "too_large": 0, "failed": 0}
         self.on_telemetry = on_telemetry
         self._event = threading.Condition(self._lock)
 
@@ -92,6 +95,42 @@ class TelemetrySink:
                 if value or left <= 0:
                     return value
                 self._event.wait(left)
+
+
+class CallbackGuard:
+    """Keeps paho's network thread alive: paho re-raises an exception from a callback out
+    of its loop, which ends the thread (the process stays up and handles nothing more).
+    A guarded callback logs the first failure of each exception type (a flood of bad
+    messages must not flood the log) and counts every one in `sink`'s "failed" counter.
+
+    Params: sink: TelemetrySink (its "failed" counter).  log: logging.Logger.
+    """
+
+    def __init__(self, sink, log=_log):
+        self.sink = sink
+        self.log = log
+        self._seen = set()
+
+    def wrap(self, callback):
+        """fn(*args) -> callback(*args), never raising."""
+
+        def guarded(*args):
+            try:
+                return callback(*args)
+            except Exception as exc:  # any message, any bug: the thread must survive
+                self.failed(callback, exc)
+            return None
+
+        return guarded
+
+    def failed(self, callback, exc):
+        self.sink.refuse("failed")
+        kind = type(exc).__name__
+        if kind not in self._seen:
+            self._seen.add(kind)
+            self.log.warning("MQTT %s failed (%s: %s); further %s failures only counted "
+                             "(metric 'failed')", getattr(callback, "__name__", "callback"),
+                             kind, str(exc)[:200], kind)
 
 
 def registry_refusal(registry, parse_serial):
@@ -138,8 +177,9 @@ class CloudMqtt:
         client = paho_client.Client(CallbackAPIVersion.VERSION2, client_id=client_id,
                                     protocol=paho_client.MQTTv311, clean_session=True)
         client.tls_set(ca_certs=cafile, certfile=certfile, keyfile=keyfile)
-        client.on_connect = self._on_connect
-        client.on_message = self._on_message
+        self.guard = CallbackGuard(self.sink)
+        client.on_connect = self.guard.wrap(self._on_connect)
+        client.on_message = self.guard.wrap(self._on_message)
         self.client = client
 
     # -- connection ----------------------------------------------------------------------
@@ -181,8 +221,8 @@ class CloudMqtt:
         try:
             device, leaf = mqttmsg.split_topic(message.topic)
             fields = mqttmsg.decode(message.payload)
-        except mqttmsg.MessageError:
-            self.sink.refuse("malformed")
+        except mqttmsg.MessageError as exc:
+            self.sink.refuse(exc.reason if exc.reason in self.sink.counts else "malformed")
             return
         if device is None:
             return

@@ -36,6 +36,13 @@ DEVICE_URN_PREFIX = "urn:fleetid:device:"
 # Device serials go into a PrintableString (serialNumber, X.520) and a URN NSS (RFC 8141):
 # keep to a repertoire valid in both.
 _SERIAL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.-]{0,63}$")
+# The service name space (the broker's, the cloud's and operators' identities: CN
+# "fleet-cloud" ...): a device serial may never fall into it, whatever CA path issues it
+# (line, EST, re-enrolment), so no device certificate is ever named like a service.  The
+# broker does not rely on names alone (service identities come from their own CA on
+# their own listener, cloud/mqtt/broker.py); this keeps names unambiguous everywhere else
+# (logs, registry, MQTT user names).
+RESERVED_NAME_PREFIX = "fleet-"
 _SCOPE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,31}$")
 SCOPE_KEYS = ("product", "batch", "region")
 
@@ -94,12 +101,21 @@ def to_utc_seconds(moment):
 
 
 def check_device_serial(serial):
-    """Return `serial` if it is 1..64 of [A-Za-z0-9.-] (starting alphanumeric).
+    """Return `serial` if it is 1..64 of [A-Za-z0-9.-] (starting alphanumeric) and not in
+    the reserved service name space (is_reserved_name: "fleet-...", any case).
 
     Raises: PkiError(BAD_INPUT)."""
     if not isinstance(serial, str) or not _SERIAL_RE.match(serial):
         raise PkiError(PkiError.BAD_INPUT, "device serial must be 1..64 of [A-Za-z0-9.-]")
+    if is_reserved_name(serial):
+        raise PkiError(PkiError.BAD_INPUT, "device serial %r is in the reserved service name "
+                                           "space (%s...)" % (serial, RESERVED_NAME_PREFIX))
     return serial
+
+
+def is_reserved_name(name):
+    """True for a name in the service name space (RESERVED_NAME_PREFIX, any case)."""
+    return isinstance(name, str) and name.lower().startswith(RESERVED_NAME_PREFIX)
 
 
 def device_urn(serial):

@@ -40,6 +40,9 @@ REVSET_CONTENT_TYPE = "application/vnd.fleetid.revset"
 DELTA_CONTENT_TYPE = "application/vnd.fleetid.revset-delta"
 DEFAULT_VALIDITY = datetime.timedelta(days=7)
 DEFAULT_POLL_INTERVAL = 5.0
+# A set number is milliseconds since the epoch (build()): 13 digits until the year 2286;
+# 20 ASCII digits bound any 64-bit number and refuse longer paths before int() sees them.
+MAX_NUMBER_DIGITS = 20
 # Reasons that do not put a device in the set (a retired, not a compromised, key).
 NOT_DEVICE_REVOCATIONS = ("superseded",)
 
@@ -267,12 +270,26 @@ class CompactPublisher:
                 "revoked_cas": info.ca_count, "bytes": len(latest.wire)}
 
 
+def parse_delta_name(name):
+    """The base set number of a delta path component "<number>.frd", or None when it is
+    not 1..MAX_NUMBER_DIGITS ASCII digits and ".frd" (str.isdigit() also takes "²" and
+    other Unicode digits, which int() then refuses)."""
+    if not name.endswith(".frd"):
+        return None
+    digits = name[:-4]
+    if not 1 <= len(digits) <= MAX_NUMBER_DIGITS or \
+            any(c not in "0123456789" for c in digits):
+        return None
+    return int(digits, 10)
+
+
 def make_revset_app(publisher, watcher=None):
     """aiohttp Application serving the compact set over plain HTTP (signed, public):
 
         GET /revset/current.frs        200 the whole set (REVSET_CONTENT_TYPE)
         GET /revset/delta/<base>.frd   200 the delta from set <base>; 404 when that set is
-                                       not kept (fetch the whole set)
+                                       not kept (fetch the whole set); 400 when <base>
+                                       is not 1..20 ASCII digits
 
     watcher: an EventWatcher polled per request (the event-driven path)."""
     from aiohttp import web
@@ -299,10 +316,11 @@ def add_revset_routes(router, publisher, watcher=None):
 
     async def delta(request):
         poll()
-        name = request.match_info["name"]
-        if not name.endswith(".frd") or not name[:-4].isdigit():
-            raise web.HTTPNotFound(text="no delta here\n")
-        body = publisher.delta(int(name[:-4]))
+        base = parse_delta_name(request.match_info["name"])
+        if base is None:
+            raise web.HTTPBadRequest(text="a delta is /revset/delta/<set number>.frd with "
+                                     "1 to %d ASCII digits\n" % MAX_NUMBER_DIGITS)
+        body = publisher.delta(base)
         if body is None:
             raise web.HTTPNotFound(text="no delta from that set: GET /revset/current.frs\n")
         return web.Response(body=body, content_type=DELTA_CONTENT_TYPE)

@@ -39,8 +39,11 @@ at each request, so a revocation is seen at the next query):
   * unknown: the issuer is one of ours but the serial is not in the registry;
   * responseStatus unauthorized (6) for an issuer that is not ours (2.3), malformedRequest
     (1) for a request that does not parse.
-Nonces (RFC 8954 / 6960 4.4.1): a request's nonce is echoed; without one, the response is
-still fresh (thisUpdate = now, nextUpdate = now + `validity`).
+Nonces (RFC 8954 / 6960 4.4.1): a request's nonce of 1..32 octets is echoed (RFC 8954
+2.1: Nonce ::= OCTET STRING (SIZE(1..32))); a request whose nonce is empty or longer than
+32 octets is answered malformedRequest (2.1: the responder MUST reject it) and nothing is
+echoed.  Without a nonce, the response is still fresh (thisUpdate = now, nextUpdate =
+now + `validity`).
 """
 
 import base64
@@ -62,6 +65,9 @@ OCSP_RESPONSE_TYPE = "application/ocsp-response"  # RFC 6960 A.2
 OID_PKIX_OCSP_BASIC = "1.3.6.1.5.5.7.48.1.1"
 DEFAULT_VALIDITY = datetime.timedelta(minutes=10)
 MAX_REQUEST = 4096
+# RFC 8954 2.1: a nonce is 1 to 32 octets; anything else is a malformedRequest.
+MIN_NONCE = 1
+MAX_NONCE = 32
 _REASONS = {flag.value: flag for flag in x509.ReasonFlags
             if flag not in (x509.ReasonFlags.unspecified, x509.ReasonFlags.remove_from_crl)}
 
@@ -179,6 +185,14 @@ class OcspResponder:
             # NotImplementedError: several certificates in one request, which
             # `cryptography` does not parse (a known limit; clients ask one at a time).
             return _status_only(ocsp.OCSPResponseStatus.MALFORMED_REQUEST)
+        try:
+            nonce = request.extensions.get_extension_for_class(x509.OCSPNonce).value
+        except x509.ExtensionNotFound:
+            nonce = None
+        except (ValueError, TypeError):  # an extension that does not parse
+            return _status_only(ocsp.OCSPResponseStatus.MALFORMED_REQUEST)
+        if nonce is not None and not MIN_NONCE <= len(nonce.nonce) <= MAX_NONCE:
+            return _status_only(ocsp.OCSPResponseStatus.MALFORMED_REQUEST)
         signer = next((s for s in self.signers if s.matches(request)), None)
         if signer is None:
             return _status_only(ocsp.OCSPResponseStatus.UNAUTHORIZED)
@@ -188,11 +202,8 @@ class OcspResponder:
             request.issuer_name_hash, request.issuer_key_hash, request.serial_number,
             request.hash_algorithm, status, now, now + self.validity, revoked_at, reason)
         builder = builder.responder_id(ocsp.OCSPResponderEncoding.NAME, signer.stand_in)
-        try:
-            nonce = request.extensions.get_extension_for_class(x509.OCSPNonce).value
+        if nonce is not None:
             builder = builder.add_extension(nonce, critical=False)
-        except x509.ExtensionNotFound:
-            pass
         self.responses += 1
         return self._sign(signer, builder)
 

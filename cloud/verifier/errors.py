@@ -62,6 +62,7 @@ NOT_FOUND = "not_found"
 METHOD = "method_not_allowed"
 CONTENT_TYPE = "unsupported_content_type"
 TOO_LARGE = "too_large"
+DOCUMENT_LIMIT = "document_limit"  # a JSON body nested deeper than the bound (mqttmsg.MAX_DEPTH)
 POLICY = "policy"  # the CA's or the EST policy's refusal (attestation, subject change, ...)
 WRONG_CERTIFICATE_KIND = "wrong_certificate_kind"
 PENDING = "pending_approval"
@@ -71,6 +72,6 @@ INTERNAL = "internal_error"
 REASONS = frozenset([
     NO_CLIENT_CERT, MALFORMED_CERT, CHAIN, EXPIRED, NOT_YET_VALID, EKU, CA_REVOKED,
     UNKNOWN_DEVICE, DEVICE_STATUS, REVOKED, SUPERSEDED, ATTESTATION, BAD_BASE64, BAD_REQUEST,
-    UNKNOWN_LABEL, NOT_FOUND, METHOD, CONTENT_TYPE, TOO_LARGE, POLICY,
+    UNKNOWN_LABEL, NOT_FOUND, METHOD, CONTENT_TYPE, TOO_LARGE, DOCUMENT_LIMIT, POLICY,
     WRONG_CERTIFICATE_KIND, PENDING, UNAVAILABLE, INTERNAL,
 ])

@@ -48,6 +48,7 @@ Rotation state: fleetid.cloud.registry.rotation (its formats are described there
 import collections
 import datetime
 import hashlib
+import re
 import threading
 
 from cryptography import x509
@@ -322,7 +323,9 @@ class FleetVerifier:
                     .build_client_verifier())
         try:
             verified = verifier.verify(v.cert, self.trust.intermediates)
-        except Exception:  # noqa: BLE001 - VerificationError or malformed input
+        except verification.VerificationError as exc:
+            raise AccessRefused(errors.CHAIN, chain_refusal(exc)) from None
+        except Exception:  # noqa: BLE001 - malformed input
             raise AccessRefused(errors.CHAIN, "does not chain to a fleet root") from None
         v.chain_fps = tuple(c.fingerprint(_SHA256()).hex() for c in verified.chain)
         return "chain of %d to %s" % (len(verified.chain),
@@ -479,6 +482,33 @@ CHECKS = (
     ("attestation", FleetVerifier._check_attestation, ("registry",)),
     ("overlap", FleetVerifier._check_overlap, ("registry",)),
 )
+
+
+# cryptography.x509.verification's VerificationError text: "validation failed: <cause>",
+# the cause ending with "(encountered processing <Certificate(subject=<Name(...)>, ...)>)"
+# when one certificate of the path broke the policy.
+_VALIDATION_FAILED = "validation failed: "
+_ENCOUNTERED = re.compile(r"\s*\(encountered processing "
+                          r"<Certificate\(subject=<Name\((.*?)\)>.*\)$")
+
+
+def chain_refusal(exc):
+    """The detail of a CHAIN refusal from cryptography's VerificationError: "does not chain
+    to a fleet root" only when no path exists, else the policy check that failed and in
+    which certificate (e.g. a leaf without subjectAltName).  Secret-free: it describes the
+    client's own certificates."""
+    cause = str(exc)
+    if cause.startswith(_VALIDATION_FAILED):
+        cause = cause[len(_VALIDATION_FAILED):]
+    where = _ENCOUNTERED.search(cause)
+    if where is not None:
+        cause = "%s (in %s)" % (cause[:where.start()], where.group(1))
+    # "candidates exhausted": no issuer in the store or the pool signs it (another fleet,
+    # a bad signature); any other cause is a policy check (RFC 5280 profile, client-auth
+    # rules) that a certificate of an otherwise built path failed.
+    if cause.startswith("candidates exhausted"):
+        return "does not chain to a fleet root (%s)" % cause
+    return "refused by the client-auth path policy: %s" % cause
 
 
 def _parse_facts(cert_der):

@@ -6,14 +6,20 @@ command); the server is validated against the fleet root the factory line stored
 SE.  One request per connection; every wait bounded (connect and per-I/O timeouts).
 
     net = HostNetwork(se, "https://127.0.0.1:8443", "https://127.0.0.1:8444", [root_der])
-    net.whoami(slot) / net.nonce(slot) / net.enroll(slot, csr, reenroll) / net.ack(slot)
+    net.whoami(slot) / net.cacerts(slot) / net.nonce(slot) / net.enroll(slot, csr, reenroll)
+    net.ack(slot)
     net.fetch_revocation(slot)              the CRL named by the slot's certificate
     net.fetch(url)                          plain GET for revocation lists (bounded)
 
 Failures become device.agent.NetError: TlsClientError connect / protocol -> LINK, timeout
--> TIMEOUT, handshake -> LINK (a transient alert is retried within the agent's bounds),
+-> TIMEOUT, handshake -> HANDSHAKE (retried within the agent's bounds; at the rotation's
+acknowledgement the agent tells a refused new certificate from a bad link by it),
 server certificate -> REFUSED; HTTP 5xx -> SERVER, 202 -> PENDING (with Retry-After),
 other 4xx -> REFUSED with the server's reason code (the first word of its text answer).
+An enrolment answer that is not exactly one certificate in a certs-only PKCS#7 (wrong
+content type, not base64, not PKCS#7, none, several) raises
+device.certcheck.CertificateRefused(MALFORMED): the CA answered, and what it answered
+cannot be the device's certificate (the agent counts it as a refused certificate).
 """
 
 import base64
@@ -23,6 +29,7 @@ import urllib.parse
 import urllib.request
 
 from fleetid.device.agent import NetError
+from fleetid.device.certcheck import REASON_MALFORMED, CertificateRefused
 from fleetid.device.host.est_client import (
     CT_PKCS10,
     WELL_KNOWN,
@@ -40,7 +47,7 @@ MAX_RETRY_AFTER = 24 * 3600
 _TLS_REASONS = {
     TlsClientError.CONNECT: NetError.LINK,
     TlsClientError.TIMEOUT: NetError.TIMEOUT,
-    TlsClientError.HANDSHAKE: NetError.LINK,
+    TlsClientError.HANDSHAKE: NetError.HANDSHAKE,
     TlsClientError.PROTOCOL: NetError.LINK,
     TlsClientError.SERVER_CERTIFICATE: NetError.REFUSED,
 }
@@ -125,6 +132,23 @@ class HostNetwork:
         except ValueError:
             raise NetError(NetError.SERVER, "whoami answer is not JSON") from None
 
+    def cacerts(self, slot):
+        """GET <label>/cacerts (RFC 7030 4.1): the CA certificates, unchecked (the agent
+        keeps those that chain to the fleet root in its SE).
+
+        Returns: list of DER certificates.  Raises NetError (SERVER when the answer is
+        not a certs-only PKCS#7)."""
+        from cryptography.hazmat.primitives import serialization
+
+        response = self._request(slot, self.est, "GET", self._est_path("cacerts"))
+        if response.status != 200:
+            raise error_for(response)
+        try:
+            certs = EstClient._certs(response)
+        except EstClientError as exc:
+            raise NetError(NetError.SERVER, "cacerts: " + exc.detail) from None
+        return [cert.public_bytes(serialization.Encoding.DER) for cert in certs]
+
     def nonce(self, slot):
         """GET <label>/nonce.  Returns: the CA's single-use nonce (bytes)."""
         response = self._request(slot, self.est, "GET", self._est_path("nonce"))
@@ -141,8 +165,10 @@ class HostNetwork:
     def enroll(self, slot, csr_der, reenroll):
         """POST simpleenroll / simplereenroll (RFC 7030 4.2.1 / 4.2.2).
 
-        Returns: the issued certificate (DER).  202 raises NetError(PENDING) with the
-        server's Retry-After: the agent sends the same request again after it."""
+        Returns: the issued certificate (DER; the agent checks it).  202 raises
+        NetError(PENDING) with the server's Retry-After: the agent sends the same request
+        again after it.  Raises CertificateRefused(MALFORMED) for a 200 answer that is not
+        exactly one certificate in a certs-only PKCS#7."""
         from cryptography.hazmat.primitives import serialization
 
         op = "simplereenroll" if reenroll else "simpleenroll"
@@ -155,9 +181,9 @@ class HostNetwork:
         try:
             certs = EstClient._certs(response)
         except EstClientError as exc:
-            raise NetError(NetError.SERVER, exc.detail) from None
+            raise CertificateRefused(REASON_MALFORMED, exc.detail) from None
         if len(certs) != 1:
-            raise NetError(NetError.SERVER, "%d certificates" % len(certs))
+            raise CertificateRefused(REASON_MALFORMED, "%d certificates" % len(certs))
         return certs[0].public_bytes(serialization.Encoding.DER)
 
     def ack(self, slot):

@@ -21,8 +21,12 @@ re-keying):
        (RFC 7030 4.2.1 / 4.2.2), authenticated by the current certificate (mTLS).
        202 + Retry-After (RFC 7030 4.2.3): wait (capped) and send the same request again,
        within a bounded total wait.
-    5. 200: a certs-only PKCS#7 (RFC 7030 4.2.3, base64 per RFC 8951 3); the certificate
-       must be for the new key and the same subject; PUT CERT beside the key.
+    5. 200: a certs-only PKCS#7 (RFC 7030 4.2.3, base64 per RFC 8951 3) of one
+       certificate, checked before it is stored as the agent checks it
+       (device/certcheck.py: chain to the fleet root in the SE through GET cacerts,
+       signatures verified by the SE, the new key, validity, clientAuth, the identity
+       certificate's names); PUT CERT beside the key.  A refused certificate: the new
+       key is deleted, nothing is stored, EstClientError(WRONG_CERTIFICATE).
 
 The old key and certificate stay where they are: the verifier accepts both during the
 overlap window, and the device switches when the verifier acknowledges the new one.
@@ -223,20 +227,36 @@ class EstClient:
                                      "requests and %.0f s" % (attempts, waited), status=202)
             self.sleep(delay)
             waited += delay
+        try:
+            cert = self._checked(response, current_slot, point, client.certificate)
+        except EstClientError:
+            enrol.clear_slot(self.se, new_slot)  # nothing refused stays in the SE
+            raise
+        self.se.put_cert(new_slot, cert.public_bytes(serialization.Encoding.DER))
+        return EnrolmentResult(new_slot, cert, op, attempts, waited)
+
+    def _checked(self, response, current_slot, point, current):
+        # The one certificate of the answer, checked (device/certcheck.py) before storing.
+        from fleetid.device import certcheck
+
         certs = self._certs(response)
         if len(certs) != 1:
             raise EstClientError(EstClientError.BAD_RESPONSE, "%d certificates" % len(certs))
         cert = certs[0]
-        issued_point = cert.public_key().public_bytes(serialization.Encoding.X962,
-                                                      serialization.PublicFormat.
-                                                      UncompressedPoint)
-        if issued_point != point:
-            raise EstClientError(EstClientError.WRONG_CERTIFICATE,
-                                 "the certificate is not for the new key")
-        if cert.subject != client.certificate.subject:
+        if cert.subject != current.subject:
             raise EstClientError(EstClientError.WRONG_CERTIFICATE, "the subject changed")
-        self.se.put_cert(new_slot, cert.public_bytes(serialization.Encoding.DER))
-        return EnrolmentResult(new_slot, cert, op, attempts, waited)
+        checker = certcheck.CertificateChecker(self.se)
+        cas = checker.verified_cas([c.public_bytes(serialization.Encoding.DER)
+                                    for c in self.cacerts(current_slot)], int(time.time()))
+        try:
+            checker.check_issued(cert.public_bytes(serialization.Encoding.DER), cas, point,
+                                 certcheck.parse_certificate(
+                                     self.se.get_cert(C.SLOT_IDENTITY)), int(time.time()))
+        except certcheck.CertificateRefused as exc:
+            detail = "the certificate is not for the new key" \
+                if exc.reason == certcheck.REASON_KEY else str(exc)
+            raise EstClientError(EstClientError.WRONG_CERTIFICATE, detail) from None
+        return cert
 
     def _retry_after(self, response):
         value = response.header("Retry-After", "")

@@ -23,6 +23,7 @@ tlslite-ng 0.8.2 (constraints.txt); tests/device/test_mqtt_paho.py runs both aga
 mosquitto.
 """
 
+import logging
 import queue
 import socket
 import threading
@@ -38,6 +39,7 @@ from fleetid.device.mqtt import TransportError
 
 DEFAULT_TIMEOUT = 10.0
 _CHUNK = 16384
+_log = logging.getLogger("fleetid.device.mqtt")
 
 
 class SeTlsTunnel:
@@ -228,6 +230,8 @@ class PahoSeTransport:
         self._connack_rc = None
         self._subacks = {}
         self._suback_cond = threading.Condition()
+        self.callback_failures = 0  # exceptions raised in paho callbacks (survived)
+        self._failure_kinds = set()
 
     def connect(self):
         """TLS (SE-signed) to the broker, then MQTT CONNECT (clean session).
@@ -239,9 +243,9 @@ class PahoSeTransport:
             raise TransportError(TransportError.CONNECT, str(exc)) from None
         client = paho_client.Client(CallbackAPIVersion.VERSION2, client_id=self.client_id,
                                     protocol=paho_client.MQTTv311, clean_session=True)
-        client.on_connect = self._on_connect
-        client.on_message = self._on_message
-        client.on_subscribe = self._on_subscribe
+        client.on_connect = self._guard(self._on_connect)
+        client.on_message = self._guard(self._on_message)
+        client.on_subscribe = self._guard(self._on_subscribe)
         self.client = client
         try:
             client.connect("127.0.0.1", local_port, keepalive=60)
@@ -257,6 +261,24 @@ class PahoSeTransport:
         if self._connack_rc:
             self.close()
             raise TransportError(TransportError.REFUSED, "CONNACK %s" % self._connack_rc)
+
+    def _guard(self, callback):
+        """paho re-raises a callback's exception out of its network loop, which ends the
+        thread: the session would go silent.  Guarded: logged once per kind, counted."""
+
+        def guarded(*args):
+            try:
+                return callback(*args)
+            except Exception as exc:
+                self.callback_failures += 1
+                kind = type(exc).__name__
+                if kind not in self._failure_kinds:
+                    self._failure_kinds.add(kind)
+                    _log.warning("paho %s failed (%s); further ones only counted",
+                                 callback.__name__, kind)
+            return None
+
+        return guarded
 
     def _on_connect(self, client, userdata, flags, reason_code, properties):
         self._connack_rc = 0 if not reason_code.is_failure else reason_code.value

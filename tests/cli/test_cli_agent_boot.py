@@ -84,3 +84,26 @@ def test_boot_check_reports_an_unreachable_bus_in_one_line(tmp_path):
                                              "sim:unix:%s" % (tmp_path / "none.sock")])
     assert result.exit_code == 1
     assert "Traceback" not in result.output and "Error:" in result.output
+
+
+def test_boot_check_refuses_a_file_longer_than_the_slot_even_when_the_image_fits(served,
+                                                                                 tmp_path):
+    bus, paths, chip = served
+    with open(paths["good"], "rb") as f:
+        image = f.read()
+    slot = len(image) + 64
+    padded = tmp_path / "padded.img"
+    padded.write_bytes(image + b"\xff" * 65)  # erased flash past the image, one byte too many
+    runner = CliRunner()
+    result = runner.invoke(boot_check, [str(padded), "--bus", bus, "--max-size", str(slot),
+                                        "--confirm"])
+    assert result.exit_code == 1, result.output
+    assert "size              refused  oversized: file %d B > slot %d B" % (slot + 1, slot) \
+        in result.output
+    assert "Error: refused: oversized: file %d B > slot %d B" % (slot + 1, slot) \
+        in result.output
+    assert chip.nvm.get("ctr/%d" % C.COUNTER_FIRMWARE) is None  # nothing confirmed
+    padded.write_bytes(image + b"\xff" * 64)  # the same image in a file that fits
+    result = runner.invoke(boot_check, [str(padded), "--bus", bus, "--max-size", str(slot)])
+    assert result.exit_code == 0, result.output
+    assert "verified by the factory firmware key" in result.output

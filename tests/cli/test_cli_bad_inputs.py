@@ -338,3 +338,113 @@ def test_a_bad_input_gets_one_clear_error_line_and_no_traceback(files, args, nam
     errors = [line for line in output.splitlines() if line.startswith(("Error", "FAIL "))]
     assert len(errors) == 1, output
     assert _fill(names, files) in errors[0], output
+
+
+# -- the input is named: errors from a live SE, the link, and values the CLI parses ----------
+# (issue 16 item 13: "SW 6A88" without the slot, "not hex" without the value).  The chip is
+# a fresh `fleetid sim fab` chip served in-process on the GP profile: slot 7, object 3 and
+# slot 9 are empty, slot 4 holds an attestable key, counter 2 stands at 5.
+
+NAMED_CASES = [
+    (["se", "--bus", "{bus}", "pubkey", "--slot", "7"], ["se pubkey --slot 7", "SW 6A88"]),
+    (["se", "--bus", "{bus}", "delkey", "--slot", "9"], ["se delkey --slot 9", "SW 6A88"]),
+    (["se", "--bus", "{bus}", "data", "read", "--id", "3"], ["se data read --id 3", "SW 6A88"]),
+    (["se", "--bus", "{bus}", "attest", "--slot", "4", "--out", "/proc/fleetid/a.der"],
+     ["--out /proc/fleetid/a.der"]),
+    (["se", "--bus", "{bus}", "counter", "advance", "--id", "2", "--to", "3"],
+     ["se counter advance --id 2 --to 3", "SW 6A80"]),
+    (["se", "--bus", "{bus}", "sign", "--slot", "2", "--digest", "zz"],
+     ["--digest", "'zz' is not hex"]),
+    (["se", "--bus", "{bus}", "sign", "--slot", "2", "--digest", "0011"],
+     ["--digest", "got 2 bytes"]),
+    (["se", "--bus", "{bus}", "attest", "--slot", "2", "--nonce", "xyz"],
+     ["--nonce", "'xyz' is not hex"]),
+    (["se", "--bus", "{bus}", "ecdh", "--slot", "2", "--peer", "04zz"],
+     ["--peer", "'04zz' is not hex"]),
+    (["se", "--bus", "{bus}", "data", "write", "--id", "1", "--hex", "q"],
+     ["--hex", "'q' is not hex"]),
+    (["se", "--bus", "{bus}", "scp03-check", "--fab-record", "{good.json}", "--vendor-dir",
+      "{dir}", "--level", "0x99"], ["--level", "0x99 is not one of"]),
+    (["se", "--bus", "{bus}", "scp03-check", "--fab-record", "{good.json}", "--vendor-dir",
+      "{dir}", "--level", "high"], ["--level", "'high' is not an integer"]),
+    (["se", "--bus", "{bus}", "--t1-profile", "se05x", "info"],
+     ["se info --bus {bus}", "try --t1-profile gp"]),
+    (["agent", "get-cert", "--bus", "{bus}", "--slot", "5", "--out", "{dir}/c5.pem"],
+     ["agent get-cert --slot 5", "SW 6A88"]),
+    (["agent", "status", "--bus", "{bus}", "--t1-profile", "se05x"],
+     ["agent status --bus {bus}", "try --t1-profile gp"]),
+    (["agent", "submit-csr", "--bus", "{bus}", "--est", "https://127.0.0.1:1", "--csr",
+      "{garbage.pem}"], ["--csr", "garbage.pem"]),
+    (["agent", "whoami", "--bus", "{bus}", "--slot", "6", "--cloud", "https://127.0.0.1:1"],
+     ["agent whoami --slot 6", "SW 6A88"]),
+    (["line", "run", "--devices", "1", "--stations", "1,0", "--out", "{dir}/l4"],
+     ["--stations", "'1,0'"]),
+    (["pki", "init-root", "--hsm", "soft:{dir}/ks-named.json", "--label", "r", "--subject",
+      "not-a-dn", "--ceremony-dir", "{dir}/cer-named", "--operator", "a"],
+     ["--subject not-a-dn"]),
+]
+
+
+@pytest.fixture(scope="module")
+def served(files, tmp_path_factory):
+    """A fresh fabbed chip served in-process; `files` plus {bus} and {good.json}."""
+    from fleetid.common import t1
+    from fleetid.sim.chip import Chip
+    from fleetid.sim.endpoint import BusEndpoint
+    from fleetid.sim.nvm import Nvm
+    from fleetid.sim.server import serve_in_thread
+
+    d = tmp_path_factory.mktemp("served")
+    fab_chip(d / "vendor", d / "chip.nvm")
+    server = serve_in_thread(BusEndpoint(Chip(Nvm(str(d / "chip.nvm"))), profile=t1.PROFILE_GP),
+                             "unix:%s" % (d / "se.sock"))
+    try:
+        for args in (["genkey", "--slot", "4", "--usage", "sign"],
+                     ["counter", "advance", "--id", "2", "--to", "5"]):
+            result = CliRunner().invoke(cli, ["se", "--bus", server.bus_uri] + args)
+            assert result.exit_code == 0, result.output
+        yield dict(files, bus=server.bus_uri, **{"good.json": str(d / "chip.json")})
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize("args,names", NAMED_CASES,
+                         ids=[" ".join(c[0][2:5]) + " #%d" % i for i, c in enumerate(NAMED_CASES)])
+def test_an_error_names_the_option_and_the_value_it_is_about(served, args, names,
+                                                            monkeypatch):
+    monkeypatch.setenv("FLEETID_KEYSTORE_PASS", KEYSTORE_PASS)
+    monkeypatch.chdir(served["dir"])
+    result = CliRunner().invoke(cli, [_fill(a, served) for a in args])
+    assert result.exception is None or isinstance(result.exception, SystemExit), (
+        "traceback: %r\n%s" % (result.exception, result.output))
+    assert result.exit_code in (1, 2), result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("Error")]
+    assert len(errors) == 1, result.output
+    for name in names:
+        assert _fill(name, served) in errors[0], result.output
+
+
+def test_agent_get_cert_names_an_out_file_it_cannot_write(tmp_path):
+    """A chip the line personalised (its identity certificate in slot 1), served in-process:
+    `agent get-cert --out` into a folder that cannot exist is named, not a traceback."""
+    from fleetid.common import t1
+    from fleetid.sim.endpoint import BusEndpoint
+    from fleetid.sim.server import serve_in_thread
+    from tests.device.device_cloud_support import LineAndCloud
+
+    cloud = LineAndCloud(tmp_path, devices=1)
+    server = serve_in_thread(BusEndpoint(cloud.chips[0].chip, profile=t1.PROFILE_GP),
+                             "unix:%s" % (tmp_path / "se.sock"))
+    try:
+        runner = CliRunner()
+        ok = runner.invoke(cli, ["agent", "get-cert", "--bus", server.bus_uri, "--slot", "1",
+                                 "--out", str(tmp_path / "id.pem")])
+        assert ok.exit_code == 0, ok.output
+        bad = runner.invoke(cli, ["agent", "get-cert", "--bus", server.bus_uri, "--slot", "1",
+                                  "--out", "/proc/fleetid/id.pem"])
+        assert bad.exit_code == 1, bad.output
+        assert bad.exception is None or isinstance(bad.exception, SystemExit), bad.exception
+        assert "Error: --out /proc/fleetid/id.pem" in bad.output, bad.output
+    finally:
+        server.stop()
+        cloud.close()

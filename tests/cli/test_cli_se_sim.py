@@ -267,3 +267,43 @@ def test_serve_refuses_a_corrupt_nvm_and_a_bad_listen_address(runner, tmp_path):
                                  "tcp:10.1.2.3:7050"])
     assert result.exit_code == 2 and "non-loopback" in result.output
     assert "Traceback" not in result.output
+
+
+def test_real_processes_name_a_profile_mismatch_and_log_the_power_cut(tmp_path):
+    """`sim serve --t1-profile se05x --cut-power-at 1`: a host on the GP profile is told
+    which profile to try; the first NVM commit (genkey) is cut and the server says so."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    nvm = tmp_path / "chip.nvm"
+    sock = tmp_path / "se.sock"
+    subprocess.run(_fleetid() + ["sim", "fab", "--vendor-dir", str(tmp_path / "v"), "--out",
+                                 str(nvm)], check=True, timeout=60, env=env)
+    server = subprocess.Popen(
+        _fleetid() + ["sim", "serve", "--nvm", str(nvm), "--listen", "unix:%s" % sock,
+                      "--t1-profile", "se05x", "--cut-power-at", "1"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while not sock.exists():
+            assert server.poll() is None, server.stderr.read().decode()
+            assert time.monotonic() < deadline, "server did not come up"
+            time.sleep(0.05)
+        bus = "sim:unix:%s" % sock
+        wrong = subprocess.run(_fleetid() + ["se", "--bus", bus, "info"],
+                               capture_output=True, text=True, timeout=60, env=env)
+        assert wrong.returncode == 1 and "Traceback" not in wrong.stderr
+        assert "T=1' profile mismatch? try --t1-profile se05x" in wrong.stderr
+        cut = subprocess.run(_fleetid() + ["se", "--bus", bus, "--t1-profile", "se05x",
+                                           "--timeout-ms", "2000", "genkey", "--slot", "2",
+                                           "--usage", "sign"],
+                             capture_output=True, text=True, timeout=120, env=env)
+        assert cut.returncode != 0, cut.stdout
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(timeout=10) == 0
+        log = server.stderr.read().decode()
+        assert "power cut (--cut-power-at): power lost at commit" in log, log
+        assert "before the atomic point" in log and "the commit was lost" in log
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait(timeout=10)

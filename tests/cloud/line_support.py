@@ -23,6 +23,7 @@ from fleetid.sim import fab
 from fleetid.sim import lot as lot_mod
 from fleetid.sim.chip import Chip
 from fleetid.sim.endpoint import BusEndpoint
+from bench._support import init_demo_line  # noqa: F401 (re-exported: the tests import it from here)
 from tests.cloud.hsm_support import (
     KEYSTORE_PASS,
     MASTER_KEY,
@@ -42,13 +43,6 @@ LINE_ENV = dict(os.environ, FLEETID_KEYSTORE_PASS=KEYSTORE_PASS)
 class SimulatedKill(BaseException):
     """A process kill at a step boundary: not an Exception, so no station code handles it
     (only `finally` blocks run, as the OS would not even run those)."""
-
-
-def init_demo_line(path, **kwargs):
-    """workdir.init_line on the simulated SE vendor (its root CA in <path>/vendor first,
-    as the CLI's demo does)."""
-    fab.load_or_create_vendor_ca(os.path.join(str(path), "vendor"))
-    return workdir_mod.init_line(str(path), **kwargs)
 
 
 def _pki_on_token(hsm_uri, environ, tmp_path):
@@ -136,9 +130,18 @@ def secret_values(line, chips, transport_keys):
                 found.append(scalar)
     entry = getattr(line.hsm, "_entry", None)
     if entry is not None:
-        for label in line.labels.values():
+        for role, label in line.labels.items():
+            if role == "transport_wrap":  # RSA: its primes and private exponent
+                private = serialization.load_der_private_key(
+                    bytes(entry(label, "rsa-unwrap")[1]), password=None).private_numbers()
+                found.extend(n.to_bytes((n.bit_length() + 7) // 8, "big")
+                             for n in (private.p, private.q, private.d))
+                continue
             kind = "aes-master" if label == line.labels["master"] else "ec-p256"
             found.append(bytes(entry(label, kind)[1]))
+        for label, stored in line.hsm._doc["keys"].items():  # the shipments' KEKs
+            if stored["kind"] == "aes-kek":
+                found.append(bytes(entry(label, "aes-kek")[1]))
     witness_entry = getattr(line.witness_hsm, "_entry", None)
     if witness_entry is not None:
         found.append(bytes(witness_entry(line.witness_label, "ec-p256")[1]))

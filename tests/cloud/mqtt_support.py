@@ -5,8 +5,9 @@ emulated chips (identity key in the SE, certificate CN = device serial, fleet ro
 anchor), then a broker starts on a free loopback port with TLS (server certificate signed
 by the fleet root through the line's HSM), `require_certificate true`,
 `use_identity_as_username true`, the CRLs of the issuing CA and of the root as its
-`crlfile`, and the ACL of fleetid.cloud.mqtt.broker.  The cloud's own client certificate
-(CN "fleet-cloud") is signed by the root.  `close()` stops the broker and the line.
+`crlfile`, and the ACL of fleetid.cloud.mqtt.broker; a second listener (`service_port`)
+trusts only the service CA, which signs the cloud's own client certificate (CN
+"fleet-cloud").  `close()` stops the broker and the line.
 """
 
 import os
@@ -74,7 +75,8 @@ class MqttFleet:
                                               crl_labels=("ca", "root"),
                                               cloud_identity=CLOUD_IDENTITY)
         bf = self.broker_files
-        self.files = {"cafile": bf.cafile, "server_cert": bf.server_cert,
+        self.files = {"cafile": bf.cafile, "service_cafile": bf.service_cafile,
+                      "server_cert": bf.server_cert,
                       "server_key": bf.server_key, "cloud_cert": bf.cloud_cert,
                       "cloud_key": bf.cloud_key, "crlfile": bf.crlfile}
         self.config = bf.config
@@ -122,7 +124,7 @@ class MqttFleet:
         devices the registry does not hold as committed."""
         kwargs.setdefault("device_refusal", registry_refusal(self.line.registry,
                                                              self.parse_serial))
-        return CloudMqtt(self.broker.host, self.broker.port, self.files["cafile"],
+        return CloudMqtt(self.broker.host, self.broker.service_port, self.files["cafile"],
                          self.files["cloud_cert"], self.files["cloud_key"], **kwargs)
 
     def revoke(self, cert, reason="keyCompromise"):

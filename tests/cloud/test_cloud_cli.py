@@ -87,6 +87,20 @@ def test_check_cert_on_a_stranger_and_an_expired_time(fleet, tmp_path):
         result.output
 
 
+def test_check_cert_names_a_missing_subject_alt_name_not_a_broken_chain(fleet, tmp_path):
+    from tests.cloud.test_verifier import ca_signed_without_san
+
+    config = _config(fleet, tmp_path)
+    device = fleet.provision()
+    key, cert = ca_signed_without_san(fleet, device)
+    cert_file, _ = device.files(cert, key)
+    result = _check(config, cert_file)
+    assert result.exit_code == 1
+    chain = [line for line in result.output.splitlines() if line.startswith("chain")]
+    assert len(chain) == 1 and " FAIL " in chain[0], result.output
+    assert "subjectAltName" in chain[0] and "does not chain" not in chain[0]
+
+
 def test_config_file_and_environment(tmp_path):
     path = tmp_path / "c.toml"
     path.write_text('[cloud]\nverifier_port = 9000\nvendor_roots = ["v.pem"]\n'
@@ -130,6 +144,47 @@ def test_serve_refuses_a_tls_key_without_its_certificate_and_keeps_the_key(tmp_p
     if named != "tls_cert":
         assert key.read_bytes() == b"the operator's key\n"  # not overwritten
     assert not (tmp_path / "missing.pem").exists()
+
+
+def test_serve_refuses_a_configured_tls_pair_that_does_not_exist_and_writes_nothing(
+        tmp_path, monkeypatch):
+    def serve_forever(*_args, **_kwargs):
+        raise AssertionError("cloud serve started")
+
+    monkeypatch.setattr("fleetid.cloud.server.serve_forever", serve_forever)
+    cert, key = tmp_path / "tls" / "server.pem", tmp_path / "tls" / "server.key.pem"
+    (tmp_path / "cloud.toml").write_text(
+        '[cloud]\nstate_dir = "state"\ntls_cert = "%s"\ntls_key = "%s"\n' % (cert, key))
+    result = CliRunner().invoke(cli, ["cloud", "serve", "--config",
+                                      str(tmp_path / "cloud.toml"), "--verifier-port", "0",
+                                      "--est-port", "0", "--metrics-port", "0"],
+                                env={"FLEETID_KEYSTORE_PASS": "test-pass"})
+    assert result.exit_code == 1, result.output
+    assert "tls_cert %s does not exist" % cert in result.output, result.output
+    assert "never generated" in result.output
+    assert not (tmp_path / "tls").exists()  # no key pair made where the operator pointed
+
+
+def test_serve_on_a_busy_port_exits_1_with_one_line_naming_the_port(tmp_path):
+    import socket
+
+    env = dict(os.environ, FLEETID_KEYSTORE_PASS="test-pass")
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        port = busy.getsockname()[1]
+        done = subprocess.run(
+            [sys.executable, "-m", "fleetid.cli.main", "cloud", "serve", "--state-dir",
+             str(tmp_path / "state"), "--verifier-port", str(port), "--est-port", "0",
+             "--metrics-port", "0"], stdin=subprocess.DEVNULL, capture_output=True,
+            env=env, cwd=str(tmp_path), timeout=120, check=False)
+    err = done.stderr.decode()
+    assert done.returncode == 1, err
+    assert "Traceback" not in err, err
+    assert err.splitlines()[-1] == ("Error: cannot listen on 127.0.0.1:%d (verifier): "
+                                    "Address already in use" % port), err
+    for line in err.splitlines()[:-1]:  # before it, only the JSON log of the key set-up
+        json.loads(line)
 
 
 def test_serve_runs_verifier_and_est_on_the_embedded_defaults(tmp_path):

@@ -135,9 +135,11 @@ def test_status_codes_for_wrong_requests(fleet, cloud):
     ]
     before = fleet.snapshot()
     for (method, path, tls_files, body, headers), expected in cases:
-        status, _, text = cloud.request("est", method, path, files=tls_files, body=body,
-                                        headers=headers)
+        status, answer, text = cloud.request("est", method, path, files=tls_files, body=body,
+                                             headers=headers)
         assert status == expected, (path, status, text)
+        if status == 401:  # RFC 7235 3.1: every 401 carries a challenge
+            assert answer["WWW-Authenticate"] == 'TLS-Client-Certificate realm="fleetid"'
     bad_sig = bytearray(csr)
     bad_sig[-5] ^= 0x01
     status, _, text = post(cloud, "simpleenroll", files, bytes(bad_sig))

@@ -253,3 +253,41 @@ def test_report_makes_a_yield_drop_obvious():
     assert summary.yield_pct == 97.0 and summary.failures() == {"hsm:busy": 3}
     assert "class='bad'>97.00 %" in page and "Yield loss 3.00 %" in page
     assert "<code>hsm:busy</code>" in page
+
+
+def test_report_lists_every_device_with_serial_se_uid_fingerprint_station_and_time(tmp_path):
+    """A real line run (soft keystore, two stations): the report's HTML and JSON list each
+    device as the registry and the chip itself know it."""
+    import datetime
+    import hashlib
+    import json
+
+    line = make_line(tmp_path, "soft")
+    try:
+        lot, _transport = known_lot(line, 3)
+        started = datetime.datetime.now(datetime.timezone.utc)
+        summary = runner.run_line(line.resources_for(lot.batch), lot.chips, EmulatedBuses(),
+                                  stations=2)
+        ended = datetime.datetime.now(datetime.timezone.utc)
+        path = report_mod.write_report([summary], os.path.join(line.workdir, "report.html"))
+        page = open(path).read()
+        with open(os.path.join(line.workdir, "report.json")) as f:
+            rows = json.load(f)[0]["devices"]
+        assert len(rows) == 3 and [r["status"] for r in rows] == ["committed"] * 3
+        by_uid = {r["se_uid"]: r for r in rows}
+        for made in lot.chips:
+            device = line.registry.find_by_se_uid(made.uid)[0]
+            row = by_uid[made.uid.hex()]
+            fingerprint = hashlib.sha256(bytes(made.nvm.get("cert/1"))).hexdigest()
+            cert = x509.load_der_x509_certificate(bytes(made.nvm.get("cert/1")))
+            assert row["serial"] == device.serial and row["station"] == device.station
+            assert row["device_serial"] == cert.subject.get_attributes_for_oid(
+                x509.oid.NameOID.COMMON_NAME)[0].value
+            assert row["cert_sha256"] == fingerprint
+            when = datetime.datetime.strptime(row["finished_at"], "%Y-%m-%dT%H:%M:%S.%fZ")
+            assert started <= when.replace(tzinfo=datetime.timezone.utc) <= ended
+            for text in (row["device_serial"], made.uid.hex(), fingerprint, row["station"],
+                         row["finished_at"]):
+                assert text in page
+    finally:
+        line.close()

@@ -1,22 +1,32 @@
 """Key custody of the line (issue 10): `fleetid line init` adopts an existing fleet root and
 issuing CAs (as `fleetid pki init-root` / `fleetid pki new-ca` made them) and creates them
 only on the embedded demo path; one issuing CA per product/batch/region, the line choosing
-by batch; the audit witness key in a keystore of its own, never the line's."""
+by batch; the audit witness key in a keystore of its own, never the line's.
 
+Issue 16 item 20: the SE vendor's CA key and the chips' transport keys stay in the
+vendor's folder; the line receives the vendor's root certificate and a shipment of
+transport keys wrapped for its HSM, which unwraps them inside; a tampered delivery is
+refused with a typed cause and the chip is not personalised."""
+
+import json
 import os
 
 import pytest
 from click.testing import CliRunner
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from fleetid.cli.main import cli
 from fleetid.cloud.hsm import open_hsm
 from fleetid.cloud.hsm.errors import KeyNotFound
-from fleetid.cloud.line import workdir
-from fleetid.sim import fab
+from fleetid.cloud.line import runner, workdir
+from fleetid.common import se_consts as C
+from fleetid.sim import fab, ship
+from fleetid.sim import lot as lot_mod
+from fleetid.sim.metering import EmulatedBuses
 from tests.cloud.hsm_support import KEYSTORE_PASS
-from tests.cloud.line_support import make_line
+from tests.cloud.line_support import check_invariants, files_under, make_line, scan
 
 
 def _env():
@@ -54,7 +64,7 @@ def pki(tmp_path_factory):
 def _line_dir(tmp_path, pki):
     """A line folder holding the (simulated) SE vendor's root, on a copy of the keystore."""
     out = tmp_path / "line"
-    fab.load_or_create_vendor_ca(str(out / "vendor"))
+    fab.publish_vendor_root(str(out) + ".se-vendor", str(out / "vendor"))
     copy = tmp_path / "hsm.json"
     copy.write_bytes((pki["base"] / "hsm.json").read_bytes())
     os.chmod(copy, 0o600)
@@ -204,3 +214,193 @@ def test_cloud_serve_adopts_the_root_and_cas_and_makes_them_only_on_its_embedded
     assert not (state / "ceremony").exists()
     with pytest.raises(ValueError, match="not issued by a configured root"):
         build_context(config(roots=[pki["cas"][1][1]], labels=labels[:1]), env)
+
+
+# -- issue 16 item 20: vendor secrets stay with the vendor; transport keys arrive wrapped ------
+
+
+def _transport_keys_on(chips):
+    """Each chip's SCP03 transport keys (ENC, MAC, DEK), read from its NVM before the line
+    replaces them: what the vendor shipped, the plaintext the line must never write."""
+    keys = []
+    for made in chips:
+        stored = bytes(made.nvm.get("scp/%02x" % C.SCP03_KVN_TRANSPORT))
+        keys.extend(stored[i:i + 16] for i in (0, 16, 32))
+    return keys
+
+
+def _vendor_private_values(vendor):
+    """The vendor CA's private scalar and its PEM body (what a leaked key file holds)."""
+    scalar = vendor.key.private_numbers().private_value.to_bytes(32, "big")
+    pem = vendor.key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                   serialization.NoEncryption())
+    body = b"".join(pem.splitlines()[1:-1])
+    return [scalar, body[:40]]
+
+
+@pytest.mark.parametrize("kind", ["soft", "pkcs11"])
+def test_wrapped_delivery_personalises_the_lot_and_leaves_no_vendor_secret_in_the_line(
+        kind, tmp_path, monkeypatch):
+    line = make_line(tmp_path, kind, monkeypatch)
+    try:
+        chip_dir = os.path.join(line.workdir, "chips", "lot-w1")
+        lot = lot_mod.make_lot(line, 4, batch="lot-w1", chip_dir=chip_dir)
+        transport = _transport_keys_on(lot.chips)
+        assert len(set(transport)) == 12  # a key set per chip
+        shipped = os.path.join(line.workdir, "shipments", "lot-w1.json")
+        with open(shipped) as f:
+            doc = json.load(f)
+        assert sorted(c["uid"] for c in doc["chips"]) == sorted(m.uid.hex() for m in lot.chips)
+        resources = line.resources_for("lot-w1")
+        assert resources.shipment is not None
+        summary = runner.run_line(resources, lot.chips, EmulatedBuses(), stations=2)
+        assert summary.yield_pct == 100.0, summary.failures()
+        assert check_invariants(line, lot.chips) == (4, 0)
+        assert line.hsm.pool_stats()["device_key_sets"] == 0  # unwrapped sets released
+        with pytest.raises(KeyNotFound):  # never imported as a batch set
+            line.hsm.transport_keys("lot-w1")
+        vendor = lot_mod.vendor_for(line)
+        assert os.path.dirname(vendor.key_path) == line.workdir + ".se-vendor"
+        assert os.listdir(os.path.join(line.workdir, "vendor")) == [fab.VENDOR_CERT_FILE]
+        hits = scan(files_under(line.workdir), transport + _vendor_private_values(vendor))
+        assert hits == []
+    finally:
+        line.close()
+
+
+def test_line_init_and_run_keep_the_vendor_key_in_the_vendor_folder(tmp_path):
+    out = str(tmp_path / "line")
+    _ok(CliRunner().invoke(cli, ["line", "init", out], env=_env()))
+    _ok(CliRunner().invoke(cli, ["line", "run", "--devices", "2", "--stations", "1",
+                                 "--keep-chips", "--out", out], env=_env()))
+    vendor = fab.load_or_create_vendor_ca(out + ".se-vendor")
+    assert os.stat(vendor.key_path).st_mode & 0o777 == 0o600
+    assert os.listdir(os.path.join(out, "vendor")) == [fab.VENDOR_CERT_FILE]
+    names = files_under(out)
+    assert not any(n.endswith((".key", ".key.pem")) or "transport-keys" in n for n in names)
+    assert scan(names, _vendor_private_values(vendor)) == []
+    (shipment,) = os.listdir(os.path.join(out, "shipments"))
+    assert shipment.startswith("lot-")
+    refused = CliRunner().invoke(cli, ["line", "init", str(tmp_path / "other"), "--vendor-dir",
+                                       str(tmp_path / "other" / "vendor")], env=_env())
+    assert refused.exit_code == 2 and "keys stay with the vendor" in refused.output
+    assert not os.path.exists(str(tmp_path / "other" / "vendor" / fab.VENDOR_KEY_FILE))
+
+
+def test_fab_ship_and_line_run_personalise_fabbed_chips_from_a_wrapped_shipment(tmp_path):
+    """`fleetid sim fab` -> `fleetid line init --vendor-dir` -> `fleetid sim ship` ->
+    `fleetid line run --chips --shipment`: the vendor's plaintext transport keys stay in
+    its transport-keys/ folder; the line gets them wrapped only."""
+    vendor_dir, chips, out = (str(tmp_path / n) for n in ("vendor", "chips", "line"))
+    shipment = str(tmp_path / "shipment.json")
+    _ok(CliRunner().invoke(cli, ["sim", "fab", "--vendor-dir", vendor_dir, "--out", chips,
+                                 "--count", "3"]))
+    records = [fab.load_fab_record(os.path.join(chips, n), vendor_dir)
+               for n in sorted(os.listdir(chips)) if n.endswith(".json")]
+    plaintext = [k for r in records for k in (r.transport_keys["enc"], r.transport_keys["mac"],
+                                              r.transport_keys["dek"])]
+    _ok(CliRunner().invoke(cli, ["line", "init", out, "--vendor-dir", vendor_dir], env=_env()))
+    not_rsa = CliRunner().invoke(cli, ["sim", "ship", "--vendor-dir", vendor_dir, "--chips",
+                                       chips, "--line-key",
+                                       os.path.join(out, "pki", "audit-line.pub.pem"),
+                                       "--out", shipment])
+    assert not_rsa.exit_code == 1 and "must be an RSA public key" in not_rsa.output
+    assert not os.path.exists(shipment)
+    _ok(CliRunner().invoke(cli, ["sim", "ship", "--vendor-dir", vendor_dir, "--chips", chips,
+                                 "--line-key", os.path.join(out, "pki", "transport-wrap.pub.pem"),
+                                 "--lot", "lot-fab", "--out", shipment]))
+    assert scan([shipment], plaintext) == []
+    result = _ok(CliRunner().invoke(cli, ["line", "run", "--chips", chips, "--shipment",
+                                          shipment, "--stations", "2", "--out", out], env=_env()))
+    assert "100.00" in result.output
+    line = workdir.open_line(out, environ=dict(os.environ, **_env()))
+    try:
+        for record in records:
+            (device,) = line.registry.find_by_se_uid(record.se_uid)
+            assert device.status == "committed"
+    finally:
+        line.close()
+    assert scan(files_under(out), plaintext) == []
+    again = CliRunner().invoke(cli, ["line", "run", "--chips", chips, "--shipment", shipment,
+                                     "--out", out], env=_env())
+    assert again.exit_code == 1 and "received already" in again.output
+
+
+def _tamper(doc, uid, component, vendor=None):
+    """Flip one bit of a chip's wrapped key; re-sign the entry when `vendor` is given (a
+    shipment corrupted before the vendor signed it)."""
+    (entry,) = [c for c in doc["chips"] if c["uid"] == uid.hex()]
+    blob = bytearray.fromhex(entry[component])
+    blob[10] ^= 0x04
+    entry[component] = blob.hex()
+    if vendor is not None:
+        entry["signature"] = vendor.key.sign(ship.signed_bytes(doc, entry),
+                                             ec.ECDSA(hashes.SHA256())).hex()
+
+
+@pytest.mark.parametrize("kind", ["soft", "pkcs11"])
+def test_a_tampered_wrapped_transport_key_is_refused_and_the_chip_not_personalised(
+        kind, tmp_path, monkeypatch):
+    line = make_line(tmp_path, kind, monkeypatch)
+    try:
+        lot = lot_mod.make_lot(line, 4, batch="lot-t1")
+        vendor = lot_mod.vendor_for(line)
+        path = os.path.join(line.workdir, "shipments", "lot-t1.json")
+        with open(path) as f:
+            doc = json.load(f)
+        chips = lot.chips
+        _tamper(doc, chips[0].uid, "enc")  # the vendor's signature no longer verifies
+        _tamper(doc, chips[1].uid, "mac", vendor)  # signed, but fails RFC 3394's check
+        (entry,) = [c for c in doc["chips"] if c["uid"] == chips[2].uid.hex()]
+        entry["enc"], entry["dek"] = entry["dek"], entry["enc"]  # valid blobs, wrong places
+        entry["signature"] = vendor.key.sign(ship.signed_bytes(doc, entry),
+                                             ec.ECDSA(hashes.SHA256())).hex()
+        with open(path, "w") as f:
+            json.dump(doc, f)
+        summary = runner.run_line(line.resources_for("lot-t1"), chips, EmulatedBuses(),
+                                  stations=2)
+        causes = {r.result.se_uid: r.result for r in summary.runs}
+        expected = ["transport_keys:signature", "transport_keys:wrapped_key_invalid",
+                    "transport_keys:kcv_mismatch"]
+        for made, cause in zip(chips, expected):
+            result = causes[made.uid]
+            assert (result.ok, result.cause, result.step) == (False, cause, "identify")
+            assert result.serial is None  # refused before anything was written
+            assert line.registry.find_by_se_uid(made.uid) == []
+            assert made.nvm.get("lc") == bytes((C.LC_OP_READY,))
+            assert made.nvm.get("scp/%02x" % C.SCP03_KVN_DEVICE) is None
+        assert causes[chips[3].uid].ok
+        assert check_invariants(line, chips) == (1, 0)
+        assert line.hsm.pool_stats()["device_key_sets"] == 0
+    finally:
+        line.close()
+
+
+def test_a_shipment_for_another_line_or_from_an_unknown_vendor_is_refused(tmp_path):
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    from fleetid.cloud.line.shipment import ShipmentError
+
+    line = make_line(tmp_path)
+    try:
+        vendor = lot_mod.vendor_for(line)
+        stranger = fab.load_or_create_vendor_ca(str(tmp_path / "stranger"))
+        keys = (os.urandom(16), os.urandom(16), os.urandom(16))
+        other_line = rsa.generate_private_key(65537, 3072).public_key()
+        cases = [
+            (ship.ship_keys(vendor, "lot-x", [(os.urandom(16), keys)], other_line), "recipient"),
+            (ship.ship_keys(stranger, "lot-x", [(os.urandom(16), keys)],
+                            line.transport_wrapping_key()), "vendor"),
+            ({"format": "fleetid-transport-shipment/1", "lot": "lot-x"}, "malformed"),
+        ]
+        for doc, reason in cases:
+            with pytest.raises(ShipmentError) as refused:
+                line.receive_shipment(doc)
+            assert refused.value.reason == reason
+            assert not os.path.exists(os.path.join(line.workdir, "shipments", "lot-x.json"))
+        # The KEK was never imported: a good shipment for lot-x is still accepted.
+        good = ship.ship_keys(vendor, "lot-x", [(os.urandom(16), keys)],
+                              line.transport_wrapping_key())
+        assert line.receive_shipment(good) == "lot-x"
+    finally:
+        line.close()

@@ -190,3 +190,39 @@ def test_the_verifier_staples_its_certificates_ocsp_response_on_every_answer(fle
     finally:
         loop.run(server.stop())
         loop.close()
+
+
+def _closed_port():
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]  # nothing listens there once closed
+
+
+def test_status_of_an_unreachable_listener_exits_1_naming_the_url_and_cause(fleet, tmp_path):
+    config = _config(fleet, tmp_path)
+    url = "http://127.0.0.1:%d" % _closed_port()
+    result = CliRunner().invoke(cli, ["revocation", "status", "--config", config, "--url",
+                                      url])
+    assert result.exit_code == 1, result.output
+    assert "Error: revocation listener %s: Connection refused" % url in result.stderr, \
+        result.stderr
+    report = json.loads(result.stdout)
+    assert report["compact"] == {"error": "URLError", "url": url + "/revset/current.frs",
+                                 "cause": "Connection refused"}
+
+
+def test_status_names_each_tier_a_listener_does_not_serve(fleet, tmp_path):
+    from aiohttp import web
+
+    from tests.cloud.ocsp_support import LoopbackServer
+
+    config = _config(fleet, tmp_path)
+    with LoopbackServer(web.Application()) as server:  # answers 404 to everything
+        result = CliRunner().invoke(cli, ["revocation", "status", "--config", config,
+                                          "--url", server.url])
+    assert result.exit_code == 1, result.output
+    for path in ("/crl/b42.crl", "/crl/b43.crl", "/revset/current.frs"):
+        assert "%s%s: HTTP 404 Not Found" % (server.url, path) in result.stderr, result.stderr
+    assert "ocsp: %s/ocsp: HTTP 404 Not Found" % server.url in result.stderr, result.stderr

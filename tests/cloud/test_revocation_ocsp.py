@@ -150,3 +150,34 @@ def test_openssl_ocsp_queries_the_responder(fleet, tmp_path):
     assert "good.pem: good" in texts["good"], texts
     assert "revoked.pem: revoked" in texts["revoked"], texts
     assert "Reason: cessationOfOperation" in texts["revoked"], texts
+
+
+@pytest.mark.parametrize("length", [0, 33, 129, 3000])
+def test_a_nonce_outside_1_to_32_octets_is_a_malformed_request_and_not_echoed(fleet, length):
+    # RFC 8954 2.1: Nonce ::= OCTET STRING (SIZE(1..32)); a responder MUST reject others.
+    with LoopbackServer(make_ocsp_app(ocsp_responder(fleet))) as server:
+        answer = _post(server.url, _request(fleet.devices[1], nonce=os.urandom(length)))
+    assert answer.response_status == ocsp.OCSPResponseStatus.MALFORMED_REQUEST
+
+
+@pytest.mark.parametrize("length", [1, 16, 32])
+def test_a_nonce_of_1_to_32_octets_is_echoed(fleet, length):
+    nonce = os.urandom(length)
+    with LoopbackServer(make_ocsp_app(ocsp_responder(fleet))) as server:
+        answer = _post(server.url, _request(fleet.devices[1], nonce=nonce))
+    assert answer.response_status == ocsp.OCSPResponseStatus.SUCCESSFUL
+    assert answer.extensions.get_extension_for_class(x509.OCSPNonce).value.nonce == nonce
+
+
+def test_openssl_ocsp_sees_a_3000_byte_nonce_refused_as_malformed(fleet, tmp_path):
+    openssl = shutil.which("openssl")
+    require(openssl is not None, "openssl")
+    (tmp_path / "req.der").write_bytes(_request(fleet.devices[1], nonce=os.urandom(3000)))
+    with LoopbackServer(make_ocsp_app(ocsp_responder(fleet))) as server:
+        out = subprocess.run(
+            [openssl, "ocsp", "-reqin", str(tmp_path / "req.der"), "-url",
+             server.url + "/ocsp", "-noverify"],
+            capture_output=True, text=True, timeout=30, check=False,
+            env=dict(os.environ, OPENSSL_CONF="/dev/null"))
+    text = out.stdout + out.stderr
+    assert "malformedrequest" in text.lower(), text

@@ -387,3 +387,55 @@ def test_arbitrary_certificate_bytes_are_refused_never_crash(fleet):
 
     check()
     assert fleet.snapshot() == before
+
+
+# -- the reason of a chain refusal -------------------------------------------------------------
+
+
+def ca_signed_without_san(fleet, device):
+    """The device's line-issued identity certificate less its subjectAltName, for a new key,
+    signed by the fleet CA through its HSM and registered (the careless insider's copy).
+    Returns (key, certificate)."""
+    from cryptography import x509
+    from cryptography.x509.oid import ExtensionOID
+
+    from fleetid.cloud.pki.signing import sign_certificate
+
+    issued, key = device.identity_cert, new_key()
+    builder = (x509.CertificateBuilder().subject_name(issued.subject)
+               .issuer_name(issued.issuer).public_key(key.public_key())
+               .serial_number(x509.random_serial_number())
+               .not_valid_before(issued.not_valid_before_utc)
+               .not_valid_after(issued.not_valid_after_utc)
+               .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()),
+                              critical=False))
+    for ext in issued.extensions:
+        if ext.oid not in (ExtensionOID.SUBJECT_ALTERNATIVE_NAME,
+                           ExtensionOID.SUBJECT_KEY_IDENTIFIER):
+            builder = builder.add_extension(ext.value, ext.critical)
+    cert = sign_certificate(fleet.hsm, "ca-widget-" + device.batch, builder)
+    fleet.registry.add_certificate(device.serial, der(cert), "operational")
+    return key, cert
+
+
+def test_chain_refusal_names_the_policy_check_a_ca_signed_certificate_fails(fleet):
+    """A certificate the fleet CA really signed (through its HSM), the device's own name,
+    but no subjectAltName: the path exists, cryptography's client-auth policy refuses the
+    leaf.  verify() and explain() (what `fleetid cloud check-cert` prints) say so instead
+    of "does not chain to a fleet root"."""
+    _key, cert = ca_signed_without_san(fleet, fleet.provision())
+    exc = refused(fleet, cert, "chain", "subjectAltName")
+    assert "does not chain" not in exc.detail
+    assert "missing required extension" in exc.detail and "CN=" in exc.detail
+    chain = {r.name: r for r in fleet.verifier.explain(der(cert))}["chain"]
+    assert chain.ok is False and "subjectAltName" in chain.detail
+
+
+def test_chain_refusal_of_another_fleets_certificate_still_says_no_path(fleet, tmp_path):
+    other = Fleet(tmp_path / "other")
+    try:
+        exc = refused(fleet, other.provision().identity_cert, "chain",
+                      "does not chain to a fleet root")
+        assert "candidates exhausted" in exc.detail
+    finally:
+        other.close()

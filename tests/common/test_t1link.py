@@ -207,3 +207,34 @@ def test_close_closes_the_bus():
 def test_ifsd_out_of_range_is_refused():
     with pytest.raises(ValueError):
         T1Link(None, t1.PROFILE_SE05X, FakeClock(), ifsd=255)
+
+
+# -- hints: a host and an SE set up with different framing profiles ---------------------------
+
+
+@pytest.mark.parametrize("host,card", [("gp", "se05x"), ("se05x", "gp")])
+def test_profile_mismatch_says_which_t1_profile_to_try(host, card):
+    """The SE answers from its own profile's address (GP 0x12, SE05x 0xA5): every block is
+    refused for its NAD, and the typed error names the profile the SE speaks."""
+    clock = FakeClock()
+    se = T1Card(lambda apdu: bytes(apdu) + b"\x90\x00", t1.PROFILES[card])
+    link = T1Link(ScriptedBus(se.receive, clock), t1.PROFILES[host], clock=clock)
+    with pytest.raises(LinkError) as info:
+        link.open()
+    assert info.value.reason == LinkError.RETRIES
+    assert ("T=1' profile mismatch? try --t1-profile %s" % card) in str(info.value)
+    assert "NAD %02X" % t1.PROFILES[card].nad_se in info.value.detail
+
+
+def test_corrupted_blocks_of_the_right_profile_give_no_profile_hint():
+    clock = FakeClock()
+    card = T1Card(lambda apdu: bytes(apdu) + b"\x90\x00", GP)
+
+    def flip_crc(frame):
+        reply = card.receive(frame)
+        return None if reply is None else reply[:-1] + bytes([reply[-1] ^ 0xFF])
+
+    link = T1Link(ScriptedBus(flip_crc, clock), GP, clock=clock)
+    with pytest.raises(LinkError) as info:
+        link.open()
+    assert info.value.reason == LinkError.RETRIES and info.value.detail == "bad blocks"

@@ -1,140 +1,21 @@
 """The device agent against a real line + cloud in one process (no tests in this module).
 
-`Fleet` wraps device_cloud_support.LineAndCloud: personalised emulated chips (APDUs
-straight into the applet, NVM with power-cut injection) and the EST + verifier servers on
-127.0.0.1.  `agent(i)` boots chip i (RAM state lost, applet selected) and builds a fresh
-Agent on it with the CPython network adapter, as a restarted process would.
-
-Invariant checks used after every injected fault:
-    accepted(i)   the verifier accepts the certificate in the slot the journal designates
-    settled(i)    journal final (BASE), exactly the identity slot and the current
-                  rotation slot hold keys, the current one holds the verifier's certificate
+`Fleet` (personalised emulated chips and the EST + verifier servers on 127.0.0.1, with the
+invariant checks `accepted` and `settled`), the fault-injecting network wrapper and the
+randomized rotation `campaign` live in bench/_support.py, which the benchmarks run without
+the test extras; they are re-exported here for the tests.
 """
 
-import random
-import time
-
-from cryptography import x509
-from cryptography.hazmat.primitives import serialization
-
-from fleetid.common.errors import ReferenceNotFound
-from fleetid.device import rotation_journal as rj
-from fleetid.device.agent import Agent, AgentPolicy, NetError
-from fleetid.device.host.agent_net import HostNetwork
-from tests.device.device_cloud_support import LABEL, LineAndCloud
-
-SLOTS = (1, 2, 3)
-
-
-class TestClock:
-    """Real wall time plus an offset; sleep() advances the offset instead of sleeping."""
-
-    def __init__(self):
-        self.offset = 0.0
-        self.sleeps = []
-
-    def now(self):
-        return int(time.time() + self.offset)
-
-    def sleep(self, seconds):
-        self.sleeps.append(seconds)
-        self.offset += seconds
-
-
-class Killed(Exception):
-    """A simulated process kill at a network step (not a NetError: never retried)."""
-
-
-class FaultyNet:
-    """Wraps a net; `plan(name, call_index) -> None | ("before"|"after", exception)`."""
-
-    def __init__(self, net, plan=None):
-        self.net = net
-        self.plan = plan
-        self.calls = []
-
-    def _do(self, name, *args):
-        index = len(self.calls)
-        self.calls.append(name)
-        fault = self.plan(name, index) if self.plan is not None else None
-        if fault is not None and fault[0] == "before":
-            raise fault[1]
-        result = getattr(self.net, name)(*args)
-        if fault is not None and fault[0] == "after":
-            raise fault[1]
-        return result
-
-    def whoami(self, slot):
-        return self._do("whoami", slot)
-
-    def nonce(self, slot):
-        return self._do("nonce", slot)
-
-    def enroll(self, slot, csr, reenroll):
-        return self._do("enroll", slot, csr, reenroll)
-
-    def ack(self, slot):
-        return self._do("ack", slot)
-
-    def fetch_revocation(self, slot):
-        return self._do("fetch_revocation", slot)
-
-
-class Fleet:
-    def __init__(self, directory, devices=1):
-        self.cloud = LineAndCloud(directory, devices=devices)
-        self.clock = TestClock()
-
-    def net(self, se):
-        ports = self.cloud.ports
-        return HostNetwork(se, "https://127.0.0.1:%d" % ports["verifier"],
-                           "https://127.0.0.1:%d" % ports["est"], [self.cloud.root_der()],
-                           label=LABEL, connect_timeout=5, io_timeout=10)
-
-    def agent(self, index=0, plan=None, policy=None, seed=1, boot=None, revocation=None):
-        se = self.cloud.session(index)
-        net = FaultyNet(self.net(se), plan)
-        return Agent(se, net, self.clock, random.Random(seed).random, boot=boot,
-                     revocation=revocation, policy=policy or AgentPolicy(max_attempts=4))
-
-    def nvm(self, index=0):
-        return self.cloud.chips[index].nvm
-
-    def keys(self, se):
-        held = []
-        for slot in SLOTS:
-            try:
-                se.public_key(slot)
-                held.append(slot)
-            except ReferenceNotFound:
-                pass
-        return held
-
-    def accepted(self, index=0):
-        """The verifier's verdict on the designated credential (raises AccessRefused)."""
-        se = self.cloud.session(index)
-        journal = rj.RotationJournal(se)
-        slot = rj.credential_slot(journal.load())
-        return slot, self.cloud.verifier.verify(bytes(se.get_cert(slot)))
-
-    def settled(self, index=0):
-        """Asserts the end state of a finished rotation; returns the current slot."""
-        se = self.cloud.session(index)
-        journal = rj.RotationJournal(se)
-        last = journal.load()
-        assert last is not None and last.kind == rj.BASE, journal.records
-        assert len(journal.records) == 1
-        assert self.keys(se) == sorted((1, last.cur)), "a slot leaked"
-        cert = x509.load_der_x509_certificate(bytes(se.get_cert(last.cur)))
-        point = cert.public_key().public_bytes(serialization.Encoding.X962,
-                                               serialization.PublicFormat.UncompressedPoint)
-        assert point == se.public_key(last.cur)[1]
-        identity = self.cloud.verifier.verify(bytes(se.get_cert(last.cur)))
-        assert identity.kind == "operational" and not identity.in_overlap
-        return last.cur
-
-    def close(self):
-        self.cloud.close()
+from bench._support import (  # noqa: F401 (re-exported)
+    SLOTS,
+    CampaignCounts,
+    FaultyNet,
+    Fleet,
+    Killed,
+    TestClock,
+    campaign,
+)
+from fleetid.device.agent import NetError
 
 
 def run_until_settled(fleet, index=0, plan=None, tries=12, **kw):
@@ -149,94 +30,3 @@ def run_until_settled(fleet, index=0, plan=None, tries=12, **kw):
         except (NetError, Killed):
             failures += 1
     raise AssertionError("the agent did not settle in %d cycles" % tries)
-
-
-class CampaignCounts:
-    """What a randomized campaign did (campaign() below)."""
-
-    FIELDS = ("rotations", "cycles", "failed_cycles", "retries", "link_drops",
-              "server_errors", "lost_answers", "pending", "kills", "power_cuts",
-              "invariant_checks", "refused_credentials", "max_cycles_per_rotation")
-
-    def __init__(self):
-        for name in self.FIELDS:
-            setattr(self, name, 0)
-
-    def as_dict(self):
-        return {name: getattr(self, name) for name in self.FIELDS}
-
-
-def campaign(fleet, rotations, seed, index=0, fault_rate=0.12, cut_rate=0.25,
-             max_cycles=40):
-    """Rotate `rotations` times under seeded random faults: at each network call a link
-    drop, a 5xx, a lost answer (the server acted, the device timed out), a 202 with
-    Retry-After, or a process kill; per rotation, an SE power cut at a random NVM write
-    (before or after its atomic point).  After every failed cycle the credential the
-    journal designates must be accepted by the verifier; after every rotation the device
-    must be settled (journal final, no spare key, certificate matches key).
-
-    Returns: CampaignCounts.  Raises AssertionError on a broken invariant.
-    """
-    from fleetid.sim.nvm import PowerLoss
-
-    rng = random.Random(seed)
-    counts = CampaignCounts()
-    nvm = fleet.nvm(index)
-
-    def plan(name, i):
-        roll = rng.random()
-        if roll >= fault_rate:
-            return None
-        kind = rng.randrange(5)
-        if kind == 0:
-            counts.link_drops += 1
-            return ("before", NetError(NetError.LINK, "connection reset"))
-        if kind == 1:
-            counts.server_errors += 1
-            return ("before", NetError(NetError.SERVER, "503", 503,
-                                       retry_after=rng.choice((None, 1, 3))))
-        if kind == 2:
-            counts.lost_answers += 1
-            return ("after", NetError(NetError.TIMEOUT, "answer lost"))
-        if kind == 3:
-            counts.pending += 1
-            return ("before", NetError(NetError.PENDING, "", 202,
-                                       retry_after=rng.randrange(1, 6)))
-        counts.kills += 1
-        return (rng.choice(("before", "after")), Killed(name))
-
-    policy = AgentPolicy(max_attempts=4, base_delay=1, max_delay=10, max_wait=60)
-    for _ in range(rotations):
-        if rng.random() < cut_rate:
-            nvm.cut_power_at(rng.randrange(1, 8), after_atomic=rng.random() < 0.5)
-        command = "rotate"
-        cycles = 0
-        while True:
-            cycles += 1
-            counts.cycles += 1
-            if cycles > max_cycles:
-                raise AssertionError("no progress after %d cycles" % max_cycles)
-            agent = fleet.agent(index, plan=plan, policy=policy, seed=rng.randrange(1 << 30))
-            try:
-                report = agent.run_once(command=command)
-                counts.retries += report.retries
-                break
-            except PowerLoss:
-                counts.power_cuts += 1
-                nvm.disarm()
-            except (NetError, Killed):
-                pass
-            counts.failed_cycles += 1
-            command = None  # the journal carries the rotation on
-            try:
-                fleet.accepted(index)
-                counts.invariant_checks += 1
-            except Exception:
-                counts.refused_credentials += 1
-                raise
-        nvm.disarm()
-        fleet.settled(index)
-        counts.invariant_checks += 1
-        counts.rotations += 1
-        counts.max_cycles_per_rotation = max(counts.max_cycles_per_rotation, cycles)
-    return counts

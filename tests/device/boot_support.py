@@ -1,5 +1,6 @@
-"""Images signed by MCUboot's own imgtool (the installed `imgtool` command, PyPI imgtool
-pinned in pyproject's test extra) and an emulated SE provisioned with the signing key.
+"""Images signed by MCUboot's own imgtool (the installed `imgtool` command, PyPI imgtool, a
+dependency of fleetid pinned in pyproject.toml) and an emulated SE provisioned with the
+signing key.
 
     keys = ImgtoolKeys(folder)                       # imgtool keygen -t ecdsa-p256, twice
     image = sign_image(folder, keys.a, payload, version="1.2.3+4", security_counter=5)
@@ -31,7 +32,7 @@ def imgtool_path():
     """The imgtool console script (beside the venv's python or on PATH); skips if absent."""
     candidate = pathlib.Path(sys.executable).parent / "imgtool"
     found = str(candidate) if candidate.exists() else shutil.which("imgtool")
-    require(found is not None, "imgtool (pip install 'fleetid[test]')")
+    require(found is not None, "imgtool (pip install fleetid)")
     return found
 
 
@@ -108,18 +109,23 @@ def join_image(signed_part, tlvs):
     return signed_part + struct.pack("<HH", 0x6907, 4 + len(body)) + body
 
 
-def provision_firmware_key(chip, record, point):
-    """STORE DATA DGI_FIRMWARE_KEY = point inside SCP03 (as the factory line does)."""
+def provision_firmware_key(chip, record, point, fleet_root_der=None):
+    """STORE DATA DGI_FIRMWARE_KEY = point (and DGI_FLEET_ROOT = fleet_root_der when
+    given) inside SCP03 (as the factory line does)."""
     from tests.sim.chip_support import open_scp, send_secure
 
     host = open_scp(chip, record.static_keys())
     value = struct.pack(">HB", C.DGI_FIRMWARE_KEY, len(point)) + point
+    if fleet_root_der is not None:  # GP CS 2.3 11.11.3.2: length FF || u16 from 255 on
+        value += struct.pack(">HBH", C.DGI_FLEET_ROOT, 0xFF, len(fleet_root_der)) + \
+            fleet_root_der
     _, sw = send_secure(host, C.INS_STORE_DATA, 0x80, 0, value)
     assert sw == C.SW_OK, "STORE DATA: SW %04X" % sw
 
 
-def provisioned_se(vendor_dir, folder, point, name="chip"):
-    """A fabbed chip holding `point` as its firmware-signing key (None: no key).
+def provisioned_se(vendor_dir, folder, point, name="chip", fleet_root_der=None):
+    """A fabbed chip holding `point` as its firmware-signing key (None: no key) and
+    `fleet_root_der` as its fleet root anchor (None: none).
 
     Returns: (SeSession over chip.process, Chip, FabRecord)."""
     from fleetid.sim.chip import Chip
@@ -132,6 +138,6 @@ def provisioned_se(vendor_dir, folder, point, name="chip"):
     se = SeSession(ApduProtocol(chip.process))
     se.select()
     if point is not None:
-        provision_firmware_key(chip, record, point)
+        provision_firmware_key(chip, record, point, fleet_root_der)
         se.select()  # a fresh selection ends the SCP03 session
     return se, chip, record

@@ -88,7 +88,7 @@ def test_rotation_survives_a_kill_at_every_network_step(fleet, when):
     clean = fleet.agent(0)
     clean.run_once(command="rotate")
     steps = list(clean.net.calls)
-    assert steps == ["whoami", "nonce", "enroll", "ack"]
+    assert steps == ["whoami", "cacerts", "nonce", "enroll", "ack"]
     for index, name in enumerate(steps):
         def plan(step, i, index=index):
             return (when, Killed(step)) if i == index else None

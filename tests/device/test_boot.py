@@ -153,21 +153,47 @@ def test_truncated_image_is_refused(se, images, cut):
     _refused(se, image, boot.REASON_TRUNCATED)
 
 
-def test_oversized_image_is_refused_before_its_payload_is_read(se, images):
-    class Counting(io.BytesIO):
-        def readinto(self, b):
-            n = super().readinto(b)
-            self.total = getattr(self, "total", 0) + n
-            return n
+class _Stream(io.BytesIO):
+    """A reader that cannot tell its length (a pipe, a flash reader without seek), counting
+    the bytes read."""
 
-    reader = Counting(images.large)
+    total = 0
+
+    def readinto(self, b):
+        n = super().readinto(b)
+        self.total += n
+        return n
+
+    def tell(self):
+        raise io.UnsupportedOperation("not seekable")
+
+
+def test_oversized_image_is_refused_before_its_payload_is_read(se, images):
+    reader = _Stream(images.large)
     error = _refused(se, reader, boot.REASON_OVERSIZED, max_size=128 * 1024)
     assert reader.total == 32  # the header only
     assert "slot" in error.detail
     # An image that fits only without its TLVs is refused when the TLV area is read.
     signed_len = len(split_image(images.good)[0])
-    _refused(se, images.good, boot.REASON_OVERSIZED, max_size=signed_len + 8)
+    _refused(se, _Stream(images.good), boot.REASON_OVERSIZED, max_size=signed_len + 8)
     assert boot.check_image(se, images.good, max_size=len(images.good)).ok
+
+
+def test_a_file_longer_than_the_slot_is_refused_even_when_its_image_fits(se, images,
+                                                                        tmp_path):
+    slot = len(images.good) + 100
+    path = tmp_path / "padded.bin"
+    path.write_bytes(images.good + b"\xff" * 101)  # the image fits; the file does not
+    with open(path, "rb") as reader:
+        error = _refused(se, reader, boot.REASON_OVERSIZED, max_size=slot)
+        assert reader.tell() == 0  # refused before anything was read
+    assert error.detail == "file %d B > slot %d B" % (slot + 1, slot)
+    assert error.report.file_size == slot + 1
+    _refused(se, images.good + b"\xff" * 101, boot.REASON_OVERSIZED, max_size=slot)
+    # Trailing bytes inside the slot (erased flash after the image) are allowed.
+    path.write_bytes(images.good + b"\xff" * 100)
+    with open(path, "rb") as reader:
+        assert boot.check_image(se, reader, max_size=slot).file_size == slot
 
 
 def test_rollback_is_refused_and_the_counter_moves_only_on_confirm(se, images):

@@ -14,8 +14,8 @@ import struct
 import pytest
 
 from fleetid.common.errors import BusError, BusNack
-from fleetid.device import bus_linux
-from fleetid.device.bus_linux import LinuxI2cBus, LinuxSpiBus
+from fleetid.device.host import bus_linux
+from fleetid.device.host.bus_linux import LinuxI2cBus, LinuxSpiBus
 
 POINTER = ctypes.sizeof(ctypes.c_void_p)
 

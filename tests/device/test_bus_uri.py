@@ -101,3 +101,41 @@ def test_machine_backend_needs_micropython():
     with pytest.raises(BusError):
         open_bus("machine:i2c:0:0x48")
     assert bus.BusUri  # the parsed type is public for callers that validate early
+
+
+def test_one_scheme_table_names_every_backend_and_its_module():
+    # One row per backend:transport; the grammar's error message is built from it.
+    import importlib
+
+    pairs = [(row[0], row[1]) for row in bus.SCHEMES]
+    assert pairs == [("sim", "unix"), ("sim", "tcp"), ("linux", "i2c"), ("linux", "spi"),
+                     ("machine", "i2c"), ("machine", "spi")]
+    with pytest.raises(BusUriError) as info:
+        parse_bus_uri("usb:hid:0")
+    assert info.value.detail.endswith("(%s)" % ", ".join("%s:%s" % p for p in pairs))
+    for backend, transport, module, _target, _open in bus.SCHEMES:
+        assert importlib.import_module(module).__name__ == module
+    # The CPython-only backend lives with the other CPython-only adapters, never frozen.
+    modules = {row[0]: row[2] for row in bus.SCHEMES}
+    assert modules["linux"] == "fleetid.device.host.bus_linux"
+    assert modules["sim"].startswith("fleetid.device.bus_")
+    assert modules["machine"].startswith("fleetid.device.bus_")
+
+
+def test_open_bus_reaches_the_linux_backend_through_the_table(tmp_path, monkeypatch):
+    from fleetid.device.host import bus_linux
+
+    opened = []
+
+    class Recorder:
+        def __init__(self, path, address=None, speed_hz=None, mode=None):
+            opened.append((path, address, speed_hz, mode))
+
+    monkeypatch.setattr(bus_linux, "LinuxI2cBus", Recorder)
+    monkeypatch.setattr(bus_linux, "LinuxSpiBus", Recorder)
+    open_bus("linux:i2c:/dev/i2c-3:0x48")
+    open_bus(parse_bus_uri("linux:spi:/dev/spidev1.0?hz=2000000&mode=3"))
+    open_bus("linux:spi:/dev/spidev1.1")
+    assert opened == [("/dev/i2c-3", 0x48, None, None),
+                      ("/dev/spidev1.0", None, 2000000, 3),
+                      ("/dev/spidev1.1", None, bus_linux.SPI_DEFAULT_HZ, 0)]

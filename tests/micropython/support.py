@@ -8,8 +8,8 @@ tests/micropython/):
   (tests.conftest.require).
 * `Stage(folder, opt)` compiles common/ and device/ into folder/fleetid/{common,device} as
   .mpy files: the import names firmware uses (boards/fleetid_manifest.py), and bytecode as
-  firmware carries it.  CPython-only code (common/host/, device/bus_linux.py) is left out,
-  as the freeze manifests leave it out.
+  firmware carries it.  CPython-only code (the sub-packages common/host/ and device/host/)
+  is left out, as the freeze manifests leave it out.
 * `Stage.run(name, script)` compiles the script too (compiling it on the target would eat
   the heap under test), runs `import name` with `-X heapsize=` the workflow's budget from
   budgets.py (measured minimum plus 25 % headroom) and returns its stdout; a non-zero exit
@@ -33,9 +33,8 @@ from tests.micropython.budgets import SE_MODULES, heap_for
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 PORTABLE = ("common", "device")
 MICROPYTHON_LIB = ROOT / "var" / "micropython-lib"
-# Not staged: CPython-only code (cryptography, fcntl/ctypes); common/host is a
-# sub-package, which the glob below does not descend into.
-CPYTHON_ONLY = {"device/bus_linux.py"}
+# Not staged: CPython-only code (cryptography, fcntl/ctypes) lives in the sub-packages
+# common/host and device/host, which the glob below does not descend into.
 
 PRELUDE = r"""
 import gc
@@ -138,8 +137,7 @@ class Stage:
         for name in PORTABLE:
             (package / name).mkdir()
             for source in sorted((ROOT / name).glob("*.py")):
-                if "%s/%s" % (name, source.name) not in CPYTHON_ONLY:
-                    self.compile(source, package / name / (source.stem + ".mpy"))
+                self.compile(source, package / name / (source.stem + ".mpy"))
         # micropython-lib modules fetched at setup time (scripts/fetch_micropython_lib.py,
         # pinned by version and sha256), staged as firmware gets them from `require()`.
         for source in sorted(MICROPYTHON_LIB.rglob("*.py")) if MICROPYTHON_LIB.is_dir() else ():

@@ -9,6 +9,10 @@ port), against the emulator over its socket, through the one SE stack
 * csr: device/enrol.build_attested_csr (GENERATE KEY, ATTEST with a nonce, CSR signed in
   the SE) and device/certinfo on the MAK certificate; CPython verifies the CSR's
   signature, its key against the SE's, the attestation's nonce and slot, and the facts.
+* certcheck: device/certcheck checks a device certificate for a key in the SE against a
+  fleet root (the project's certificate profiles, signed on CPython): cacerts filtered
+  by SE VERIFY, the certificate accepted; expired, look-alike-signed and other-key
+  variants refused with their reasons.
 
 Heap: each workflow runs at its budget in tests/micropython/budgets.py (1.25x the smallest
 `-X heapsize` that passes, bisected to 1 KiB by bench/micropython.py, which reruns this
@@ -102,7 +106,38 @@ stack.close()
 print("done", gc.mem_free())
 """
 
-SCRIPTS = {"run_agent_journal": JOURNAL_SCRIPT, "run_agent_csr": CSR_SCRIPT}
+CERTCHECK_SCRIPT = r"""
+for name in ("fleetid.common.der", "fleetid.common.asn1time", "fleetid.device.certcheck"):
+    __import__(name)
+    gc.collect()
+from fleetid.device import certcheck
+import certdata
+
+stack = open_se("sim:unix:" + SOCK + "?timeout_ms=10000", ifsd=IFSD)
+se = stack.se
+checker = certcheck.CertificateChecker(se, certdata.ROOT)
+cas = checker.verified_cas([certdata.LOOKALIKE, certdata.CA, certdata.ROOT], certdata.NOW)
+print("cas", len(cas), cas[0].depth)
+gc.collect()
+identity = certcheck.parse_certificate(certdata.IDENTITY)
+point = se.public_key(4)[1]
+cert = checker.check_issued(certdata.OP, cas, point, identity, certdata.NOW)
+print("ok", cert.serial, cert.not_after)
+for label, data, now in (("expired", certdata.OP, cert.not_after + 1),
+                         ("forged", certdata.FORGED, certdata.NOW),
+                         ("otherkey", certdata.OTHER, certdata.NOW)):
+    gc.collect()
+    try:
+        checker.check_issued(data, cas, point, identity, now)
+        print("refused", label, "none")
+    except certcheck.CertificateRefused as exc:
+        print("refused", label, exc.reason)
+stack.close()
+print("done", gc.mem_free())
+"""
+
+SCRIPTS = {"run_agent_journal": JOURNAL_SCRIPT, "run_agent_csr": CSR_SCRIPT,
+           "run_agent_certcheck": CERTCHECK_SCRIPT}
 
 
 class _Rig:
@@ -233,3 +268,60 @@ def test_attested_csr_and_certificate_facts_under_micropython(stage, rig):
     assert int(not_after) == int(mak.not_valid_after_utc.timestamp())
     assert mak_point == mak.public_key().public_bytes(
         serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint).hex()
+
+
+def _fleet_certificates(point):
+    # A root, its issuing CA, an identity and an operational certificate for `point`
+    # (the project's profiles), a look-alike CA and its forgery, another key's certificate.
+    import datetime
+    import time
+
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    from fleetid.cloud.pki import profiles
+
+    def der(cert):
+        return cert.public_bytes(serialization.Encoding.DER)
+
+    def name(text):
+        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, text)])
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+    years = datetime.timedelta(days=3700)
+    root_key, ca_key, fake_key = (ec.generate_private_key(ec.SECP256R1()) for _ in range(3))
+    root = profiles.root_builder(name("mp root"), root_key.public_key(), now, now + 2 * years) \
+        .sign(root_key, hashes.SHA256())
+    ca = profiles.issuing_ca_builder(name("mp CA"), ca_key.public_key(), root, now,
+                                     now + years).sign(root_key, hashes.SHA256())
+    lookalike = profiles.issuing_ca_builder(name("mp CA"), fake_key.public_key(), root, now,
+                                            now + years).sign(fake_key, hashes.SHA256())
+    key = ec.EllipticCurvePublicKey.from_encoded_point(ec.SECP256R1(), bytes(point))
+    other = ec.generate_private_key(ec.SECP256R1()).public_key()
+
+    def device(profile, public_key, signer):
+        return der(profiles.device_builder(profile, "FID-000000042", public_key, ca, now)
+                   .sign(signer, hashes.SHA256()))
+
+    return {"ROOT": der(root), "CA": der(ca), "LOOKALIKE": der(lookalike),
+            "IDENTITY": device("identity", other, ca_key),
+            "OP": device("operational", key, ca_key),
+            "FORGED": device("operational", key, fake_key),
+            "OTHER": device("operational", other, ca_key), "NOW": int(time.time())}
+
+
+def test_certificate_checks_under_micropython(tmp_path, rig):
+    se = rig.se()
+    point = se.generate_key(4, 0x01)
+    data = _fleet_certificates(point)
+    stage = Stage(tmp_path / "mp-certcheck", opt=3)
+    _compile(stage, "certdata", "".join("%s = %r\n" % item for item in data.items()))
+    _compile(stage, "run_agent_certcheck", rig.header() + PRELUDE + CERTCHECK_SCRIPT)
+    out = _run(stage, "run_agent_certcheck")
+    assert out["cas"] == ["1 1"]  # the look-alike CA left out, the root itself skipped
+    op = x509.load_der_x509_certificate(data["OP"])
+    assert out["ok"] == ["%d %d" % (op.serial_number,
+                                    int(op.not_valid_after_utc.timestamp()))]
+    assert sorted(out["refused"]) == ["expired expired", "forged signature",
+                                      "otherkey key"]

@@ -35,3 +35,20 @@ def test_heap_override_is_per_workflow_and_budget_otherwise(monkeypatch):
     assert budgets.heap_for("run_se") == str(budgets.WORKFLOWS["run_se"][4])
     with pytest.raises(KeyError):
         budgets.heap_for("run_unbudgeted")
+
+
+def test_bench_minimum_is_the_highest_of_several_bisections(monkeypatch, capsys):
+    """Single bisections move by 1-2 K (fragmentation): the bench takes the highest of
+    --runs (default 3) of them, and a workflow that fails in any run is reported broken."""
+    from bench import micropython as bench
+
+    found = iter([85 * 1024, 87 * 1024, 86 * 1024])
+    monkeypatch.setattr(bench, "minimum_heap", lambda name: next(found))
+    assert bench.highest_minimum("run_revset", 3) == (87 * 1024, [85 * 1024, 87 * 1024,
+                                                                   86 * 1024])
+    assert "run_revset: 85 K 87 K 86 K" in capsys.readouterr().out
+    broken = iter([85 * 1024, None])
+    monkeypatch.setattr(bench, "minimum_heap", lambda name: next(broken))
+    assert bench.highest_minimum("run_revset", 3) == (None, [85 * 1024, None])
+    source = (ROOT / "bench" / "micropython.py").read_text()
+    assert '"--runs", type=int, default=3' in source

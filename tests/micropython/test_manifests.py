@@ -41,11 +41,20 @@ def test_board_manifest_freezes_common_and_device_as_fleetid(tree, board):
     expected = ["fleetid/__init__.py"]
     for folder in ("common", "device"):
         for source in sorted((ROOT / folder).glob("*.py")):
-            if "%s/%s" % (folder, source.name) != "device/bus_linux.py":
-                expected.append("fleetid/%s/%s" % (folder, source.name))
+            expected.append("fleetid/%s/%s" % (folder, source.name))
     assert staged == sorted(expected)
     assert "fleetid/device/se.py" in staged and "fleetid/common/t1link.py" in staged
+    assert "fleetid/device/board.py" in staged  # the one agent entry point of main.py
     assert not any("host" in name or "bus_linux" in name for name in staged)
+
+
+def test_shared_manifest_has_no_hand_written_exclude_list():
+    # CPython-only code stays out because it lives in the host/ sub-packages, not because
+    # the manifest names files: nothing CPython-only sits directly in common/ or device/.
+    text = (ROOT / "boards" / "fleetid_manifest.py").read_text()
+    assert "EXCLUDE" not in text and "bus_linux" not in text
+    assert not (ROOT / "device" / "bus_linux.py").exists()
+    assert (ROOT / "device" / "host" / "bus_linux.py").exists()
 
 
 def test_staged_core_compiles_for_micropython_and_stays_portable(tree):

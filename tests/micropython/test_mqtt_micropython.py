@@ -11,7 +11,7 @@ broker authenticates the chip's SE key and names the session by its certificate 
 Checked: telemetry arrives at the cloud under the device's identity; a retained CRL
 published while the device was offline reaches it; a command (ping) is answered with the
 device's sequence number; a publication under another device's topic never reaches the
-cloud.
+cloud; a command nested 600 deep is refused (the bracket scan, not a parser recursion).
 """
 
 import threading
@@ -34,6 +34,21 @@ for name in ("fleetid.common.mqttmsg", "fleetid.device.mqtt", "umqtt.simple"):
     __import__(name)
     gc.collect()
 from fleetid.device.mqtt import DeviceChannel, UmqttTransport
+
+# Nesting far deeper than MAX_DEPTH on the command topic (issue 16): at this heap
+# MicroPython's json.loads runs out of memory (MemoryError, not ValueError) at 600 levels;
+# the bracket scan refuses it first (a typed refusal, counted; nothing sent on a refusal
+# without a sequence number).  Done before the session, while the heap is unfragmented.
+deep = bytearray(1200)  # one allocation: [ x 600, then ] x 600
+for i in range(600):
+    deep[i] = 0x5B
+    deep[600 + i] = 0x5D
+probe = DeviceChannel(None, NAME)
+probe.handle("fleet/" + NAME + "/cmd", deep)
+deep = None
+print("deep", probe.refused, probe.failed)
+probe = None
+gc.collect()
 
 crls = []
 rotations = []
@@ -95,6 +110,7 @@ def test_umqtt_channel_under_micropython_against_the_broker(tmp_path):
         assert out["crlder"] == [crl[:32].hex()]
         assert out["rotations"] == ["1"]
         assert out["refused"] == ["0"]
+        assert out["deep"] == ["1 0"]  # refused, not failed
         seq = int(out["telemetry"][0])
         assert cloud.sink.last[name]["seq"] == seq and "heap" in cloud.sink.last[name]["m"]
         assert other not in cloud.sink.last  # the forged publication was dropped

@@ -1,0 +1,54 @@
+#!/bin/sh
+# Install the fleetid device agent as a systemd service on a Linux board (Debian, Raspberry
+# Pi OS; needs python3-venv).  Run as root, from a checkout or with a built wheel:
+#     sudo boards/linux-i2c/install.sh                       # fleetid from this checkout
+#     sudo boards/linux-i2c/install.sh fleetid-0.1.0-py3-none-any.whl
+# It puts fleetid in a venv at /opt/fleetid (ExecStart runs /opt/fleetid/bin/fleetid),
+# pinned by the checkout's constraints.txt; installs fleetid-agent.service and the
+# sysusers.d entry (/etc/sysusers.d/fleetid-agent.conf) and applies it (user fleetid-agent,
+# member of i2c); copies agent.env.example to /etc/fleetid/agent.env unless that exists
+# (never overwritten); then reloads systemd.  Re-running upgrades fleetid in place.
+# Then: edit /etc/fleetid/agent.env and `systemctl enable --now fleetid-agent`.
+#
+# DESTDIR=/path installs into that tree instead and leaves the running system alone
+# (systemd-sysusers --root, no daemon-reload): for checking the result (the test does,
+# then runs systemd-analyze verify --root on it).  A venv is not relocatable, so such a
+# tree is for inspection, not for copying to a board.  FLEETID_PIP_OPTS adds pip options
+# (e.g. --no-index --find-links DIR on a board without network).
+set -eu
+
+here=$(cd "$(dirname "$0")" && pwd)
+repo=$(cd "$here/../.." && pwd)
+source=${1:-$repo}
+root=${DESTDIR:-}
+prefix=/opt/fleetid
+python=${PYTHON:-python3}
+
+if [ -z "$root" ] && [ "$(id -u)" != 0 ]; then
+    echo "install.sh: run as root (or set DESTDIR to install into a tree)" >&2
+    exit 1
+fi
+
+echo "install.sh: fleetid from $source into $root$prefix"
+[ -x "$root$prefix/bin/python" ] || "$python" -m venv "$root$prefix"
+pin=""
+[ -f "$repo/constraints.txt" ] && pin="-c $repo/constraints.txt"
+# shellcheck disable=SC2086  # the option strings are lists of words
+"$root$prefix/bin/python" -m pip install -q $pin ${FLEETID_PIP_OPTS:-} "$source"
+[ -x "$root$prefix/bin/fleetid" ] || { echo "install.sh: no $prefix/bin/fleetid" >&2; exit 1; }
+
+install -D -m 0644 "$here/fleetid-agent.service" "$root/etc/systemd/system/fleetid-agent.service"
+install -D -m 0644 "$here/fleetid-agent.sysusers" "$root/etc/sysusers.d/fleetid-agent.conf"
+if [ -e "$root/etc/fleetid/agent.env" ]; then
+    echo "install.sh: keeping the existing /etc/fleetid/agent.env"
+else
+    install -D -m 0644 "$here/agent.env.example" "$root/etc/fleetid/agent.env"
+fi
+
+if [ -n "$root" ]; then
+    systemd-sysusers --root="$root" "$root/etc/sysusers.d/fleetid-agent.conf"
+else
+    systemd-sysusers /etc/sysusers.d/fleetid-agent.conf
+    systemctl daemon-reload
+    echo "install.sh: now edit /etc/fleetid/agent.env, then: systemctl enable --now fleetid-agent"
+fi
