@@ -39,6 +39,8 @@ from fleetid.cloud.line import workdir as workdir_mod
 from fleetid.cloud.pki.profiles import server_certificate_builder
 from fleetid.cloud.pki.signing import sign_certificate
 from fleetid.cloud.server import CloudServer
+from fleetid.cloud.revocation.service import RevocationService
+from fleetid.cloud.verifier.revoked_cas import RevokedCaFile
 from fleetid.cloud.verifier.service import FleetTrust, FleetVerifier
 from fleetid.common import se_consts as C
 from fleetid.common.apdu import ApduProtocol
@@ -85,7 +87,9 @@ class LineAndCloud:
             raise RuntimeError("the line failed: %r" % (summary.failures(),))
         self.chips = lot.chips
         line = self.line
-        self.trust = FleetTrust([line.root_cert], [line.ca_cert], line.vendor_roots)
+        self.revoked_cas_path = os.path.join(self.dir, "revoked-cas.jsonl")
+        self.trust = FleetTrust([line.root_cert], [line.ca_cert], line.vendor_roots,
+                                revoked_ca_file=RevokedCaFile(self.revoked_cas_path))
         ca = IssuingCa(line.hsm, line.labels["ca"], line.ca_cert, line.vendor_roots)
         chain = [line.ca_cert, line.root_cert]
         labels = [EstLabel(LABEL, ca, chain)]
@@ -93,6 +97,9 @@ class LineAndCloud:
                    for name, retry in labels_extra]
         self.est = EstService(labels, line.registry, self.trust, default_label=LABEL)
         self.verifier = FleetVerifier(self.trust, line.registry)
+        self.revocation = RevocationService(
+            line.registry, [line.ca_cert], self.revoked_cas_path,
+            os.path.join(self.dir, "revocation.events"), listeners=[self.verifier.invalidate])
         key = ec.generate_private_key(ec.SECP256R1())
         now = datetime.datetime.now(datetime.timezone.utc)
         builder = server_certificate_builder(key.public_key(), line.root_cert,
@@ -114,6 +121,13 @@ class LineAndCloud:
         self.thread.start()
         asyncio.run_coroutine_threadsafe(self.server.start(), self.loop).result(30)
         self.ports = self.server.ports
+
+    def revoke_certificate(self, certificate, reason, operator=""):
+        """Revoke `certificate` through the one writer (RevocationService), as `fleetid
+        revoke --cert` does.  Returns its CertificateRecord."""
+        return self.revocation.revoke_certificate(
+            certificate.serial_number, reason, operator=operator,
+            issuer=certificate.issuer.rfc4514_string())
 
     def session(self, index=0):
         """A selected SeSession on chip `index` (APDUs straight into the applet)."""

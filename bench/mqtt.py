@@ -18,8 +18,9 @@ crl         `--devices` simulated devices, each with its own certificate (CN = i
             the time for the same devices to get the retained copy when they
             (re)subscribe after it was published (the offline-device case).
 
-Devices here hold software keys (Python's ssl) because 1,000 emulated SEs signing through
-tlslite-ng would measure tlslite-ng; the SE-keyed path is tested in
+Devices here hold software keys (Python's ssl) because 1,000 emulated SEs each running
+the pure-Python TLS 1.3 client would measure that client and the emulators, not the
+broker; the SE-keyed path is tested in
 tests/cloud/test_mqtt_broker.py.  Everything runs on this machine: the broker, the cloud
 and the devices share its cores, which the printed figures name.
 """

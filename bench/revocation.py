@@ -215,7 +215,8 @@ def ocsp_rate(seconds, threads):
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.x509 import ocsp
 
-    from fleetid.cloud.revocation.ocsp import make_ocsp_app
+    from fleetid.cloud.http.revocation_app import make_revocation_app
+    from fleetid.cloud.revocation.ocsp import OcspTier
     from tests.cloud.cloud_support import Fleet
     from tests.cloud.ocsp_support import LoopbackServer, ocsp_responder
 
@@ -236,7 +237,7 @@ def ocsp_rate(seconds, threads):
             responder.respond(requests[count % len(requests)])
             count += 1
         in_process = count / (time.perf_counter() - started)
-        with LoopbackServer(make_ocsp_app(responder)) as server:
+        with LoopbackServer(make_revocation_app([OcspTier(responder)])) as server:
             done = [0] * threads
             stop = time.perf_counter() + seconds
 

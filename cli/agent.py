@@ -18,10 +18,8 @@ from fleetid.cli.agent_device import Device as _Device
 from fleetid.cli.agent_device import fail as _fail
 from fleetid.cli.agent_device import load_cert as _load_cert
 from fleetid.cli.agent_mqtt import mqtt_options, run_on_mqtt
+from fleetid.cli.options import bus_options
 from fleetid.common.errors import FleetidError
-
-_BUS_HELP = "SE bus URI (or FLEETID_BUS), e.g. sim:unix:/tmp/se.sock, linux:i2c:/dev/i2c-1:0x48"
-
 
 def _when(seconds):
     if seconds is None:
@@ -30,13 +28,7 @@ def _when(seconds):
     return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def _bus_options(f):
-    f = click.option("--timeout-ms", default=5000, show_default=True,
-                     type=click.IntRange(100, 600000), help="Bus socket timeout (sim).")(f)
-    f = click.option("--t1-profile", default="gp", show_default=True,
-                     type=click.Choice(["gp", "se05x"]), help="T=1' framing.")(f)
-    f = click.option("--bus", envvar="FLEETID_BUS", default=None, help=_BUS_HELP)(f)
-    return f
+_bus_options = bus_options()
 
 
 def _revocation_options(f):
@@ -358,9 +350,10 @@ def whoami_cmd(bus, t1_profile, timeout_ms, cloud, est, label, slot, save):
     Example:
       fleetid agent whoami --bus sim:unix:/tmp/se.sock --cloud https://127.0.0.1:8443 --slot 1
     """
+    from fleetid.common.mqttmsg import MessageError, decode_document
     from fleetid.device import rotation_journal as rj
     from fleetid.device.host.agent_net import parse_url
-    from fleetid.device.host.se_tls import SeTlsClient
+    from fleetid.device.host.se_https import SeTlsClient
 
     if not cloud:
         raise click.UsageError("--cloud is required")
@@ -378,13 +371,17 @@ def whoami_cmd(bus, t1_profile, timeout_ms, cloud, est, label, slot, save):
         raise click.BadParameter("%s: %s" % (cloud, exc), param_hint="--cloud") from None
     finally:
         device.close()
-    cipher = client.last_cipher[0] if client.last_cipher else "?"
-    click.echo("TLS 1.2 %s, client key in SE slot %d (%d signature(s) by the SE)"
-               % (cipher, slot, client.key.signatures))
+    info = client.last_info
+    click.echo("TLS 1.3 %s, client key in SE slot %d (%d signature(s) by the SE, ECDHE in "
+               "its transient key, %d VERIFY(s) of the server's chain and CertificateVerify)"
+               % (info.suite, slot, client.signatures, client.verifications))
     if response.status != 200:
         click.echo("REFUSED %d %s" % (response.status, _refusal(response)))
         sys.exit(1)
-    identity = json.loads(response.body)
+    try:
+        identity = decode_document(response.body)
+    except MessageError as exc:
+        raise click.ClickException("whoami answer: %s" % exc) from None
     click.echo(json.dumps(identity, indent=1))
     if save:
         try:
@@ -416,7 +413,7 @@ def submit_csr_cmd(bus, t1_profile, timeout_ms, cloud, est, label, csr_file, slo
     import base64
 
     from fleetid.device.host.agent_net import parse_url
-    from fleetid.device.host.se_tls import SeTlsClient
+    from fleetid.device.host.se_https import SeTlsClient
 
     with open(csr_file, "rb") as f:
         data = f.read()
@@ -525,7 +522,7 @@ def check_peer_cmd(cert, bus, t1_profile, timeout_ms, crl_cache, crl_issuer, crl
     """
     import time
 
-    from fleetid.device.crl_cache import RevocationError
+    from fleetid.device.anchored_store import RevocationCacheError
 
     if crl_issuer is None:
         raise click.UsageError("--crl-issuer is required: the CA whose CRL decides")
@@ -543,12 +540,15 @@ def check_peer_cmd(cert, bus, t1_profile, timeout_ms, crl_cache, crl_issuer, crl
             from fleetid.device.host.agent_net import fetch_url
 
             try:
-                click.echo("refresh: %s" % cache.refresh(lambda: fetch_url(refresh_from), now))
+                # https:// over the device's TLS 1.3 client, anchored at the SE's root.
+                roots = [device.root_der()] if refresh_from.startswith("https://") else None
+                click.echo("refresh: %s" % cache.refresh(
+                    lambda: fetch_url(refresh_from, se=device.se, trust_roots_der=roots), now))
             except FleetidError as exc:
                 click.echo("refresh refused, the old cache stays: %s" % exc, err=True)
         try:
-            cache.check(peer.serial_number, now)
-        except RevocationError as exc:
+            cache.check_serial(peer.serial_number, now)
+        except RevocationCacheError as exc:
             click.echo("peer serial %x: REFUSED: %s (%s)" % (
                 peer.serial_number, exc, type(exc).__name__), err=True)
             sys.exit(1)

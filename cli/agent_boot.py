@@ -13,6 +13,7 @@ import time
 
 import click
 
+from fleetid.cli.options import bus_options
 from fleetid.cli.se_connection import SeConnection, describe_error
 from fleetid.common.errors import FleetidError
 
@@ -134,7 +135,7 @@ def root_crl_revoked(se, crl_issuer, crl_cache, now):
 
     def revoked(serial):
         try:
-            cache.check(serial, now)
+            cache.check_serial(serial, now)
         except RevokedError:
             return True
         except StaleRevocationError:
@@ -152,9 +153,7 @@ def _print_keys(keys):
 
 @click.command("boot-check")
 @click.argument("image", type=click.Path(exists=True, dir_okay=False))
-@click.option("--bus", "bus_uri", envvar="FLEETID_BUS", metavar="URI", required=True,
-              help="sim:unix:/path | sim:tcp:HOST:PORT | linux:i2c:/dev/i2c-N:0xADDR  "
-              "(env FLEETID_BUS)")
+@bus_options("bus_uri", required=True)
 @click.option("--max-size", default=0x100000, show_default=True, type=click.IntRange(32),
               help="Slot size in bytes: a larger image, or a longer file, is refused.")
 @click.option("--confirm", is_flag=True,
@@ -166,10 +165,6 @@ def _print_keys(keys):
 @click.option("--crl-cache", type=click.Path(exists=True, dir_okay=False), default=None,
               help="The fleet root's CRL as the agent caches it (e.g. `fleetid agent "
                    "check-peer --crl-issuer root.pem --crl-cache FILE --refresh-from URL`).")
-@click.option("--t1-profile", default="gp", show_default=True, type=click.Choice(["gp", "se05x"]),
-              help="T=1' framing: GlobalPlatform, or NXP SE05x (1-byte LEN).")
-@click.option("--timeout-ms", default=5000, show_default=True, type=click.IntRange(100, 600000),
-              help="Bound on each socket wait of the sim bus.")
 def boot_check(image, bus_uri, max_size, confirm, crl_issuer, crl_cache, t1_profile,
                timeout_ms):
     """Check an MCUboot IMAGE (signed with imgtool or `fleetid ota sign-image`) against

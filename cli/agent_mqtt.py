@@ -83,17 +83,11 @@ def _revset_signer(signer_path, cache_path):
         return None
     if signer_path is None or cache_path is None:
         raise click.UsageError("--mqtt-revset-signer and --mqtt-revset-cache go together")
-    from cryptography import x509
-
     from fleetid.cli.agent_device import load_cert
-    from fleetid.cloud.revocation.compact import OID_KP_REVOCATION_SET
+    from fleetid.device.host.revset_signer import is_revocation_signer
 
     signer = load_cert(signer_path, "--mqtt-revset-signer")
-    try:
-        usages = signer.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
-    except x509.ExtensionNotFound:
-        usages = []
-    if OID_KP_REVOCATION_SET not in usages:
+    if not is_revocation_signer(signer):
         raise click.BadParameter("%s is not a revocation-set signer (extendedKeyUsage)"
                                  % signer_path, param_hint="--mqtt-revset-signer")
     return signer
@@ -228,20 +222,17 @@ class MqttAgent:
         signer must be issued by that root).  Raises: click.UsageError."""
         from cryptography import x509
 
-        from fleetid.cloud.revocation.compact import public_point
-        from fleetid.common import revset
-        from fleetid.device.crl_cache import FileStore
+        from fleetid.device.anchored_store import FileStore
+        from fleetid.device.host.revset_signer import signer_anchor
         from fleetid.device.revset_cache import RevsetCache
 
         root = x509.load_der_x509_certificate(device.root_der())
         try:
-            self.revset_signer.verify_directly_issued_by(root)
-        except (ValueError, TypeError) as exc:
-            raise click.UsageError("--mqtt-revset-signer %s: not issued by the SE's fleet "
-                                   "root (%s)" % (self.o["mqtt_revset_signer"], exc)) from None
-        return RevsetCache(device.se, FileStore(self.o["mqtt_revset_cache"]),
-                           public_point(self.revset_signer.public_key()),
-                           revset.fleet_id(public_point(root.public_key())))
+            point, fleet = signer_anchor(self.revset_signer, root)
+        except ValueError as exc:
+            raise click.UsageError("--mqtt-revset-signer %s: %s (the SE's fleet root)"
+                                   % (self.o["mqtt_revset_signer"], exc)) from None
+        return RevsetCache(device.se, FileStore(self.o["mqtt_revset_cache"]), point, fleet)
 
     def drop(self):
         """Close the MQTT session (the loop opens it again)."""

@@ -6,6 +6,8 @@ import os
 
 import click
 
+from fleetid.cli.options import open_registry
+
 
 def _load_keys(paths, role):
     from fleetid.cloud import audit
@@ -19,18 +21,6 @@ def _load_keys(paths, role):
             raise click.ClickException("cannot load the %s public key %s: %s"
                                        % (role, path, getattr(exc, "strerror", None) or exc))
     return keys
-
-
-def _open_registry(uri):
-    from fleetid.cloud.registry import RegistryError, open_registry
-
-    scheme, _sep, rest = uri.partition(":")
-    if scheme == "sqlite" and rest and not os.path.exists(rest):
-        raise click.ClickException("no registry database at %s" % rest)
-    try:
-        return open_registry(uri)
-    except RegistryError as exc:
-        raise click.ClickException("cannot open the registry %s: %s" % (uri, exc))
 
 
 def _at(text):
@@ -166,7 +156,7 @@ def verify(log_path, registry_uri, line_pub, witness_pub, expect_count, expect_h
     source = log_path or registry_uri
     try:
         if registry_uri:
-            with _open_registry(registry_uri) as registry:
+            with open_registry(registry_uri, must_exist=True) as registry:
                 report = verify_registry_log(registry, line_keys, witness_keys,
                                              witness_anchor=anchor)
         else:
@@ -234,7 +224,7 @@ def show(serial, log_path, registry_uri, line_pub, witness_pub, as_json):
     device = None
     try:
         if registry_uri:
-            with _open_registry(registry_uri) as registry:
+            with open_registry(registry_uri, must_exist=True) as registry:
                 if line_pub:
                     verify_registry_log(registry, _load_keys(line_pub, "line"),
                                         _load_keys(witness_pub, "witness"))

@@ -334,9 +334,9 @@ def cloud_cmd(line_dir, broker_url, files_dir, crl_interval, timeout, config_pat
     parse_broker(broker_url)
     config = None
     if config_path is not None:
-        from fleetid.cli.cloud import _load
+        from fleetid.cli.options import load_config
 
-        config = _load(config_path)
+        config = load_config(config_path)
     line = open_line(line_dir, pass_file)
     try:
         client = cloud_client(line_dir, files_dir, broker_url, "fleet-cloud",
@@ -393,7 +393,7 @@ def _publish_loop(client, publisher, interval, timeout, stop, tiers=None):
         if tiers is not None:
             from fleetid.common import revset
 
-            wire = tiers.compact.current()
+            wire = tiers.tier("revset").publisher.current()
             current.append((REVSET_LABEL, "compact set #%d" % revset.parse(wire).number,
                             wire))
         for label, what, der in current:

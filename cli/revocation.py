@@ -7,24 +7,16 @@ import time
 
 import click
 
-from fleetid.cli.cloud import _load, _open_registry
-from fleetid.cli.hsm_secret import environ_with_secret, pass_file_option
+from fleetid.cli.hsm_secret import environ_with_secret
+from fleetid.cli.options import (
+    config_options,
+    load_config,
+    open_registry,
+    pass_file_option,
+    read_certificates,
+    registry_option,
+)
 from fleetid.common.errors import FleetidError
-
-_REASONS = ("unspecified", "keyCompromise", "cACompromise", "affiliationChanged",
-            "superseded", "cessationOfOperation", "certificateHold", "privilegeWithdrawn",
-            "aACompromise")
-_CONFIG = [
-    click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False),
-                 help="TOML configuration as for `fleetid cloud serve`."),
-    click.option("--state-dir", default=None, help="Override [cloud] state_dir."),
-]
-
-
-def _config_options(function):
-    for option in reversed(_CONFIG):
-        function = option(function)
-    return function
 
 
 def _ca_certs(config):
@@ -36,6 +28,15 @@ def _ca_certs(config):
         raise click.ClickException("trust configuration: %s" % exc) from None
 
 
+def _roots(config):
+    from fleetid.cloud.server import trust_from_config
+
+    try:
+        return trust_from_config(config).roots
+    except (OSError, ValueError):
+        return []  # no roots configured: none to protect
+
+
 def _service(config, registry, ca_certs):
     from fleetid.cloud.revocation.service import RevocationService
     from fleetid.cloud.revocation.tiers import events_path
@@ -44,50 +45,85 @@ def _service(config, registry, ca_certs):
                              events_path(config.state_dir))
 
 
-@click.command("revoke")
-@click.option("--serial", "device_serial", type=int, default=None,
-              help="A device's registry serial: every certificate of it is revoked.")
-@click.option("--batch", default=None,
-              help="A batch (the batch of an issuing CA's scope, or its subject): the CA "
-              "is revoked, one entry for every device under it.")
-@click.option("--reason", type=click.Choice(_REASONS), default="unspecified",
-              show_default=True, help="RFC 5280 5.3.1 CRLReason.")
-@click.option("--operator", default="", help="Who revokes (written to the audit chain).")
-@click.option("--registry", "registry_uri", default=None,
-              help="Registry URI (default: from the configuration).")
-@_config_options
-def revoke(device_serial, batch, reason, operator, registry_uri, config_path, state_dir):
-    """Revoke a device or a whole batch in every tier.
+def _revoke_options(function):
+    """--reason, --operator, --registry, --config, --state-dir: every revoke command."""
+    from fleetid.cloud.verifier.revoked_cas import REASONS
 
-    \b
-    Writes the registry (verifier and OCSP see it at their next request), the audit chain
-    (one entry per certificate, or one ca_revoke entry for a batch), and the revocation
-    event file, which makes running servers re-publish the CRLs and the compact set at
-    once (or within their poll interval, 5 s, if the event is missed).
-    \b
-    Examples:
-      fleetid revoke --serial 1042 --reason keyCompromise --operator alice
-      fleetid revoke --batch b42 --reason cACompromise --operator alice
-    """
+    function = config_options()(function)
+    function = registry_option()(function)
+    function = click.option("--operator", default="",
+                            help="Who revokes (written to the audit chain).")(function)
+    return click.option("--reason", type=click.Choice(REASONS), default="unspecified",
+                        show_default=True, help="RFC 5280 5.3.1 CRLReason.")(function)
+
+
+def _hex_serial(text, option):
+    text = text.strip().replace(":", "").lower()
+    if text.startswith("0x"):
+        text = text[2:]
+    try:
+        return int(text, 16)
+    except ValueError:
+        raise click.UsageError("%s must be hexadecimal" % option) from None
+
+
+def _is_ca(certificate):
+    from cryptography import x509
+
+    try:
+        return certificate.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    except x509.ExtensionNotFound:
+        return False
+
+
+def _write(service, target, reason, operator, roots):
+    """One revocation through the service; the JSON report."""
+    kind, value = target
+    if kind == "device":
+        done = service.revoke_device(value, reason, operator=operator)
+        return {"device": value, "revoked_certificates": done, "reason": reason}
+    if kind in ("batch", "ca"):
+        if kind == "batch":
+            entry, new = service.revoke_batch(value, reason, operator=operator)
+        else:
+            entry, new = service.revoke_ca(value, reason, operator=operator, roots=roots)
+        out = {"batch": value} if kind == "batch" else {}
+        out.update({"revoked_ca": entry["subject"], "fingerprint": entry["fingerprint"],
+                    "new": new, "reason": entry["reason"], "revoked_at": entry["revoked_at"],
+                    "file": service.revoked_cas_path})
+        return out
+    cert_serial, issuer = value
+    record = service.revoke_certificate(cert_serial, reason, operator=operator,
+                                        issuer=issuer)
+    return {"revoked": record.cert_serial, "fingerprint": record.fingerprint,
+            "device": record.device_serial, "kind": record.kind,
+            "reason": record.revocation_reason, "revoked_at": record.revoked_at}
+
+
+_REVOCATION_REFUSALS = {
+    "not_a_ca": "%s is not a CA certificate (use `fleetid revoke --cert` for a device)",
+    "fleet_root": "%s is a fleet root: remove it from the configuration instead",
+}
+
+
+def revoke_target(target, reason, operator, config_path, state_dir, registry_uri):
+    """Run one revocation: target is ("device", registry serial), ("batch", name),
+    ("ca", certificate) or ("certificate", (serial int, issuer or None)).  Prints the
+    JSON report with the event number.  Every `fleetid revoke` form and the `fleetid
+    cloud revoke*` aliases come here."""
     from fleetid.cloud.registry import RegistryError
     from fleetid.cloud.revocation.service import RevocationError
 
-    if (device_serial is None) == (batch is None):
-        raise click.UsageError("give exactly one of --serial, --batch")
-    config = _load(config_path, state_dir)
-    ca_certs = _ca_certs(config)  # the trust first: nothing is opened for a bad one
-    registry = _open_registry(config, registry_uri)
+    config = load_config(config_path, state_dir)
+    ca_certs = _ca_certs(config) if target[0] == "batch" else []  # trust before registry
+    roots = _roots(config) if target[0] == "ca" else []
+    registry = open_registry(registry_uri or config.registry)
     try:
         service = _service(config, registry, ca_certs)
-        if device_serial is not None:
-            done = service.revoke_device(device_serial, reason, operator=operator)
-            out = {"device": device_serial, "revoked_certificates": done, "reason": reason}
-        else:
-            entry, new = service.revoke_batch(batch, reason, operator=operator)
-            out = {"batch": batch, "revoked_ca": entry["subject"], "new": new,
-                   "reason": entry["reason"], "revoked_at": entry["revoked_at"]}
+        out = _write(service, target, reason, operator, roots)
     except RevocationError as exc:
-        raise click.ClickException("%s" % exc) from None
+        text = _REVOCATION_REFUSALS.get(exc.reason)
+        raise click.ClickException(text % exc.detail if text else "%s" % exc) from None
     except RegistryError as exc:
         raise click.ClickException("registry: %s %s" % (exc.reason, exc)) from None
     except OSError as exc:
@@ -96,6 +132,106 @@ def revoke(device_serial, batch, reason, operator, registry_uri, config_path, st
         registry.close()
     out["event"] = _read_event(config)
     click.echo(json.dumps(out))
+
+
+def _certificate_target(cert_file, issuer=None):
+    certificate = read_certificates(cert_file)[0]
+    if _is_ca(certificate):
+        return ("ca", certificate)
+    return ("certificate", (certificate.serial_number,
+                            issuer or certificate.issuer.rfc4514_string()))
+
+
+@click.command("revoke")
+@click.option("--serial", "device_serial", type=int, default=None,
+              help="A device's registry serial: every certificate of it is revoked.")
+@click.option("--batch", default=None,
+              help="A batch (the batch of an issuing CA's scope, or its subject): the CA "
+              "is revoked, one entry for every device under it.")
+@click.option("--cert", "cert_file", type=click.Path(exists=True, dir_okay=False),
+              default=None, help="A certificate file (PEM or DER): a device certificate "
+              "is revoked alone, an issuing CA certificate as its batch.")
+@click.option("--cert-serial", default=None,
+              help="A certificate's serial number, hex as `openssl x509 -noout -serial` "
+              "prints it (a 0x prefix is accepted).")
+@click.option("--issuer", default=None,
+              help="Issuer (RFC 4514) when --cert-serial alone is ambiguous.")
+@_revoke_options
+def revoke(device_serial, batch, cert_file, cert_serial, issuer, reason, operator,
+           registry_uri, config_path, state_dir):
+    """Revoke a device, a certificate or a whole batch in every tier.
+
+    \b
+    Writes the registry (verifier and OCSP see it at their next request), the audit chain
+    (one entry per certificate, or one ca_revoke entry for a batch), and the revocation
+    event file, which makes running servers re-publish the CRLs and the revocation set at
+    once (or within their poll interval, 5 s, if the event is missed).
+    `fleetid cloud revoke`, `revoke-ca` and `revoke-device` are aliases of this command.
+    \b
+    Examples:
+      fleetid revoke --serial 1042 --reason keyCompromise --operator alice
+      fleetid revoke --batch b42 --reason cACompromise --operator alice
+      fleetid revoke --cert device.pem --reason keyCompromise
+      fleetid revoke --cert-serial 4F3A...9C --operator alice
+    """
+    given = [v for v in (device_serial, batch, cert_file, cert_serial) if v is not None]
+    if len(given) != 1:
+        raise click.UsageError("give exactly one of --serial, --batch, --cert, --cert-serial")
+    target = _target(device_serial, batch, cert_file, cert_serial, issuer, "--cert-serial")
+    revoke_target(target, reason, operator, config_path, state_dir, registry_uri)
+
+
+def _target(device_serial, batch, cert_file, cert_serial, issuer, serial_option):
+    """The one given of the options as revoke_target's target."""
+    if device_serial is not None:
+        return ("device", device_serial)
+    if batch is not None:
+        return ("batch", batch)
+    if cert_file is not None:
+        return _certificate_target(cert_file, issuer)
+    return ("certificate", (_hex_serial(cert_serial, serial_option), issuer))
+
+
+# -- `fleetid cloud revoke`, `revoke-ca`, `revoke-device`: hidden aliases (cli/cloud.py) ---
+
+@click.command("revoke", hidden=True)
+@click.option("--serial", "cert_serial", default=None,
+              help="Certificate serial number, hex (`fleetid revoke --cert-serial`).")
+@click.option("--cert", "cert_file", type=click.Path(exists=True, dir_okay=False),
+              default=None, help="The certificate (PEM or DER) to revoke.")
+@click.option("--issuer", default=None,
+              help="Issuer (RFC 4514) when --serial alone is ambiguous.")
+@_revoke_options
+def cloud_revoke(cert_serial, cert_file, issuer, reason, operator, registry_uri,
+                 config_path, state_dir):
+    """Alias of `fleetid revoke --cert-serial/--cert`."""
+    if (cert_serial is None) == (cert_file is None):
+        raise click.UsageError("give exactly one of --serial and --cert")
+    target = _target(None, None, cert_file, cert_serial, issuer, "--serial")
+    revoke_target(target, reason, operator, config_path, state_dir, registry_uri)
+
+
+@click.command("revoke-ca", hidden=True)
+@click.option("--cert", "cert_file", type=click.Path(exists=True, dir_okay=False),
+              required=True, help="The issuing (batch) CA certificate, PEM or DER.")
+@_revoke_options
+def cloud_revoke_ca(cert_file, reason, operator, registry_uri, config_path, state_dir):
+    """Alias of `fleetid revoke --cert CA_FILE`."""
+    target = _certificate_target(cert_file)
+    if target[0] != "ca":
+        raise click.ClickException(_REVOCATION_REFUSALS["not_a_ca"] % cert_file)
+    revoke_target(target, reason, operator, config_path, state_dir, registry_uri)
+
+
+@click.command("revoke-device", hidden=True)
+@click.option("--serial", "device_serial", required=True, type=int,
+              help="The device's registry serial (whoami's registry_serial).")
+@_revoke_options
+def cloud_revoke_device(device_serial, reason, operator, registry_uri, config_path,
+                        state_dir):
+    """Alias of `fleetid revoke --serial`."""
+    revoke_target(("device", device_serial), reason, operator, config_path, state_dir,
+                  registry_uri)
 
 
 def _read_event(config):
@@ -113,7 +249,7 @@ def revocation():
 @revocation.command("init")
 @click.option("--root-label", default="fleet-root", show_default=True,
               help="HSM label of the fleet root key (certifies the compact-set signer).")
-@_config_options
+@config_options()
 @pass_file_option
 def init_cmd(root_label, config_path, state_dir, pass_file):
     """Create the OCSP responder keys (one per issuing CA) and the compact-set signer
@@ -124,7 +260,7 @@ def init_cmd(root_label, config_path, state_dir, pass_file):
     from fleetid.cloud.revocation import tiers
     from fleetid.cloud.server import build_context
 
-    config = _load(config_path, state_dir)
+    config = load_config(config_path, state_dir)
     environ = environ_with_secret(secret_variable(config.hsm), pass_file)
     try:
         context = build_context(config, environ)
@@ -145,10 +281,12 @@ def init_cmd(root_label, config_path, state_dir, pass_file):
 FETCH_TIMEOUT_S = 10
 
 
-def _fetch(url):
+def _fetch(url, data=None, content_type=None):
     import urllib.request
 
-    with urllib.request.urlopen(url, timeout=FETCH_TIMEOUT_S) as resp:
+    headers = {"Content-Type": content_type} if content_type else {}
+    request = urllib.request.Request(url, data=data, headers=headers)
+    with urllib.request.urlopen(request, timeout=FETCH_TIMEOUT_S) as resp:
         return resp.read()
 
 
@@ -179,10 +317,9 @@ def _tier_error(url, exc):
 @revocation.command("status")
 @click.option("--url", default=None,
               help="The revocation listener (e.g. http://127.0.0.1:8446): fetch what it "
-              "publishes (CRLs, compact set, an OCSP probe).")
-@click.option("--registry", "registry_uri", default=None,
-              help="Registry URI (default: from the configuration).")
-@_config_options
+              "publishes (CRLs, the compact revocation set, an OCSP probe).")
+@registry_option()
+@config_options()
 def status_cmd(url, registry_uri, config_path, state_dir):
     """Per tier: what is published, its number or version, and how fresh it is.
 
@@ -190,52 +327,29 @@ def status_cmd(url, registry_uri, config_path, state_dir):
     verifier: the registry and revoked-CA file it reads per request (always current);
     ocsp:     a probe answer's thisUpdate / nextUpdate (answers are made per request);
     crl:      per CA label, cRLNumber, thisUpdate, nextUpdate, age;
-    compact:  set number, entries, size, thisUpdate, nextUpdate, age.
+    revset:   the compact revocation set: number, entries, size, thisUpdate,
+              nextUpdate, age.
     Exit status: 0; 1 when --url is given and a tier there cannot be fetched or read
     (each named with its URL and the cause: connection refused, HTTP status, ...).
     """
-    from cryptography import x509
+    from fleetid.cloud.revocation.tiers import TIERS
 
-    from fleetid.common import revset
-
-    config = _load(config_path, state_dir)
+    config = load_config(config_path, state_dir)
     ca_certs = _ca_certs(config)
-    registry = _open_registry(config, registry_uri)
+    registry = open_registry(registry_uri or config.registry)
     try:
         shared = _service(config, registry, ca_certs).status()
     finally:
         registry.close()
-    now = int(time.time())
     out = {"verifier": dict(shared, freshness="live (registry per request)")}
     if url:
         url = url.rstrip("/")
-        crls = {}
         names = [e["name"] for e in getattr(config, "labels", None) or [{"name": "default"}]]
-        for name in names + ["root"]:
-            crl_url = "%s/crl/%s.crl" % (url, name)
-            try:
-                crl = x509.load_der_x509_crl(_fetch(crl_url))
-                number = crl.extensions.get_extension_for_class(x509.CRLNumber).value
-                crls[name] = {"number": number.crl_number,
-                              "this_update": crl.last_update_utc.isoformat(),
-                              "next_update": crl.next_update_utc.isoformat(),
-                              "revoked": len(crl),
-                              "age_s": now - int(crl.last_update_utc.timestamp())}
-            except Exception as exc:  # noqa: BLE001 - report per tier, never a traceback
-                if name == "root" and getattr(exc, "code", None) == 404:
-                    continue  # no root CRL on this cloud (offline root)
-                crls[name] = _tier_error(crl_url, exc)
-        out["crl"] = crls
-        try:
-            info = revset.parse(_fetch(url + "/revset/current.frs"))
-            out["compact"] = {"number": info.number, "revoked": info.count,
-                              "revoked_cas": info.ca_count, "universe": info.universe,
-                              "bytes": len(info.data), "this_update": info.this_update,
-                              "next_update": info.next_update,
-                              "age_s": now - info.this_update}
-        except Exception as exc:  # noqa: BLE001
-            out["compact"] = _tier_error(url + "/revset/current.frs", exc)
-        out["ocsp"] = _ocsp_probe(url, ca_certs)
+        facts = {"labels": names, "ca_certs": ca_certs, "now": int(time.time())}
+        for tier in TIERS:
+            answer = tier.status(url, facts, _fetch, _tier_error)
+            if answer is not None:
+                out[tier.name] = answer
     click.echo(json.dumps(out, indent=2, sort_keys=True))
     if url:
         _exit_on_tier_errors(url, out)
@@ -244,8 +358,15 @@ def status_cmd(url, registry_uri, config_path, state_dir):
 def _exit_on_tier_errors(url, out):
     """Exit 1 naming each tier that could not be fetched (its URL and the cause), or the
     listener once when nothing there answered."""
-    tiers = [("crl " + name, answer) for name, answer in sorted(out["crl"].items())]
-    tiers += [("compact", out["compact"]), ("ocsp", out["ocsp"])]
+    from fleetid.cloud.revocation.tiers import TIERS
+
+    tiers = []
+    for tier in TIERS:
+        answer = out.get(tier.name)
+        if answer is not None and tier.per_label:
+            tiers += [(tier.name + " " + name, a) for name, a in sorted(answer.items())]
+        elif answer is not None:
+            tiers.append((tier.name, answer))
     failed = [(tier, answer) for tier, answer in tiers if "error" in answer]
     if not failed:
         return
@@ -257,36 +378,3 @@ def _exit_on_tier_errors(url, out):
         for tier, answer in failed:
             click.echo("Error: %s: %s: %s" % (tier, answer["url"], answer["cause"]), err=True)
     sys.exit(1)
-
-
-def _ocsp_probe(url, ca_certs):
-    # Ask about serial 1 of the first issuing CA: any answer (good / unknown / revoked)
-    # shows the responder is up, signed and how long its answers last.
-    import hashlib
-    import urllib.request
-
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.x509 import ocsp
-
-    if not ca_certs:
-        return {"error": "NoIssuingCa", "url": url + "/ocsp",
-                "cause": "no issuing CA configured"}
-    ca = ca_certs[0]
-    point = ca.public_key().public_bytes(serialization.Encoding.X962,
-                                         serialization.PublicFormat.UncompressedPoint)
-    request = ocsp.OCSPRequestBuilder().add_certificate_by_hash(
-        hashlib.sha1(ca.subject.public_bytes()).digest(), hashlib.sha1(point).digest(), 1,
-        hashes.SHA1()).build().public_bytes(serialization.Encoding.DER)
-    try:
-        req = urllib.request.Request(url + "/ocsp", data=request,
-                                     headers={"Content-Type": "application/ocsp-request"})
-        with urllib.request.urlopen(req, timeout=FETCH_TIMEOUT_S) as resp:
-            answer = ocsp.load_der_ocsp_response(resp.read())
-    except Exception as exc:  # noqa: BLE001
-        return _tier_error(url + "/ocsp", exc)
-    if answer.response_status != ocsp.OCSPResponseStatus.SUCCESSFUL:
-        return {"response_status": answer.response_status.name}
-    return {"response_status": "SUCCESSFUL", "this_update": answer.this_update_utc.isoformat(),
-            "next_update": answer.next_update_utc.isoformat(),
-            "responder": answer.certificates[0].subject.rfc4514_string(),
-            "freshness": "live (signed per request)"}

@@ -10,6 +10,7 @@ import os
 
 import click
 
+from fleetid.cli.options import bus_options
 from fleetid.cli.se_connection import SeConnection, describe_error, where
 from fleetid.common.errors import FleetidError
 
@@ -82,13 +83,7 @@ _SLOT = click.IntRange(0, 15)
 
 
 @click.group(cls=_SeGroup)
-@click.option("--bus", "bus_uri", envvar="FLEETID_BUS", metavar="URI",
-              help="sim:unix:/path | sim:tcp:HOST:PORT | linux:i2c:/dev/i2c-N:0xADDR | "
-              "linux:spi:/dev/spidevB.C  (env FLEETID_BUS)")
-@click.option("--t1-profile", default="gp", show_default=True, type=click.Choice(["gp", "se05x"]),
-              help="T=1' framing: GlobalPlatform, or NXP SE05x (1-byte LEN).")
-@click.option("--timeout-ms", default=5000, show_default=True, type=click.IntRange(100, 600000),
-              help="Bound on each socket wait of the sim bus.")
+@bus_options("bus_uri")
 @click.pass_context
 def se(ctx, bus_uri, t1_profile, timeout_ms):
     """Run SE commands over a bus: the emulator's socket or a real chip.

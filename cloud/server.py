@@ -45,8 +45,8 @@ from fleetid.cloud.http.middleware import log
 from fleetid.cloud.http.tls import server_ssl_context
 from fleetid.cloud.http.verifier_app import make_metrics_app, make_verifier_app
 from fleetid.cloud.pki.profiles import get_profile, server_certificate_builder
-from fleetid.cloud.revocation.app import make_crl_app
-from fleetid.cloud.revocation.crl import CrlIssuer, CrlPublisher, crl_url
+from fleetid.cloud.http.revocation_app import attach_staple_header, make_revocation_app
+from fleetid.cloud.revocation.crl import CrlIssuer, CrlPublisher, CrlTier, crl_url
 from fleetid.cloud.verifier.revoked_cas import RevokedCaFile
 from fleetid.cloud.verifier.service import FleetTrust, FleetVerifier
 
@@ -322,15 +322,14 @@ class CloudServer:
             self._plan.append(("metrics", make_metrics_app(self.metrics), metrics_port, None))
         self.crl_publisher = crl_publisher
         if crl_publisher is not None:
-            crl_app = make_crl_app(crl_publisher)
-            if revocation_tiers is not None:  # OCSP + compact set on the same listener
-                from fleetid.cloud.revocation import tiers
-
-                tiers.attach(crl_app, revocation_tiers)
-                if revocation_tiers.staple is not None:  # no TLS stapling: staple.py
-                    from fleetid.cloud.revocation.staple import attach_header
-
-                    attach_header(self._plan[0][1], revocation_tiers.staple)
+            if revocation_tiers is None:  # not initialised: the CRLs only
+                crl_app = make_revocation_app([CrlTier(crl_publisher)], metrics=self.metrics)
+            else:  # every tier (tiers.TIERS) on the same listener
+                crl_app = make_revocation_app(revocation_tiers.tiers, revocation_tiers.watcher,
+                                              self.metrics)
+                staple = revocation_tiers.tier("staple")
+                if staple is not None:  # no TLS stapling: staple.py
+                    attach_staple_header(self._plan[0][1], staple.staple)
             self._plan.append(("crl", crl_app, crl_port, None))
         self.revocation_tiers = revocation_tiers
         self._runners = []

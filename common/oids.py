@@ -21,3 +21,7 @@ OID_COMMON_NAME = "2.5.4.3"
 OID_SERIAL_NUMBER = "2.5.4.5"
 OID_EXTENSION_REQUEST = "1.2.840.113549.1.9.14"
 OID_SUBJECT_ALT_NAME = "2.5.29.17"
+
+# Extended key usage of the compact revocation set's signer (cloud/revocation/revset_publisher.py
+# certifies it; devices check it before trusting a set: device/host/revset_signer.py).
+OID_KP_REVOCATION_SET = FLEETID_ARC + ".4"

@@ -27,7 +27,7 @@
 #               a transient failure (link drop, timeout, 5xx, 202) from a refusal;
 #               enroll raises device/certcheck.CertificateRefused when the answer is not
 #               exactly one certificate (wrong content type, not PKCS#7, none, several).
-#               CPython: device/host/agent_net.HostNetwork (se_tls + the EST client).
+#               CPython: device/host/agent_net.HostNetwork (se_https + EST).
 #               MicroPython: a board supplies its own object with these six methods.
 #   clock       now() -> int seconds since 1970 UTC; sleep(seconds) (bounded by policy)
 #   rand        () -> float in [0, 1): backoff jitter
@@ -641,7 +641,7 @@ class Agent:
         except Exception as exc:  # noqa: BLE001 - CrlError: the cache keeps its old CRL
             self._note("revocation refresh refused: %s" % exc)
         try:
-            cache.check(report.serial, now)
+            cache.check_serial(report.serial, now)
         except (LinkError, ApduError):
             raise
         except Exception as exc:  # noqa: BLE001 - RevokedError / StaleRevocationError

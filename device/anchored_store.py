@@ -25,11 +25,14 @@
 # clock is that far behind cannot judge freshness anyway.  5 minutes covers RTC drift
 # between NTP/connectivity events; a fleet with worse clocks raises it.
 #
+# The errors both caches raise (RevocationCacheError, RevokedError,
+# StaleRevocationError) and the file store (FileStore) live here too.
+#
 # A subclass (CrlCache, RevsetCache) sets self.se, self.store, self.policy (grace_s,
 # fail_open, object_id, max_size) and calls _init_anchor(); it provides:
-#   _ERROR          exception class of refusals: _ERROR(reason, detail)
-#   _STALE_ERROR    exception class when failing closed: _STALE_ERROR(reason, detail)
-#   _NO_DOC         (reason, detail) of _STALE_ERROR when nothing is cached
+#   _ERROR          exception class of refusals (a RevocationCacheError):
+#                   _ERROR(reason, detail)
+#   _NO_DOC         (reason, detail) of StaleRevocationError when nothing is cached
 #   _NEXT_UPDATE    name of the next-update field in stale details ("... passed")
 #   _THIS_UPDATE    name of the this-update field in future details
 #   _ROLLBACK_FMT   "%d <= %d" detail format of a rollback refusal
@@ -37,7 +40,7 @@
 #                   data, number, this_update, next_update) or raises _ERROR
 #   _mark_record(number) -> bytes, _mark_number(record) -> int or None (another record)
 
-from fleetid.common.errors import ReferenceNotFound, VerificationFailed, WrongData
+from fleetid.common.errors import FleetidError, ReferenceNotFound, VerificationFailed, WrongData
 
 # Reason strings both caches use (their modules re-export them under the same names).
 REASON_FETCH = "fetch"  # fetch() raised or did not give bytes
@@ -54,6 +57,58 @@ RESULT_OLDER = "older than cached, kept cached"
 
 # Seconds a document's this_update may lie ahead of the device's clock (see the header).
 DEFAULT_CLOCK_SKEW_S = 300
+
+
+class RevocationCacheError(FleetidError):
+    """Base of the revocation caches' errors (CRL and compact set); `reason` is a REASON_*
+    string of the cache's module, `detail` a short text."""
+
+    def __init__(self, reason, detail=""):
+        super().__init__(reason if not detail else reason + ": " + detail)
+        self.reason = reason
+        self.detail = detail
+
+
+class RevokedError(RevocationCacheError):
+    """The peer is on the cached, verified document (fresh or stale).  `serial` (int: the
+    certificate serial for a CRL, the device serial for a compact set), `number` (the
+    document's), `batch` (True when its issuing CA is what is revoked),
+    `revocation_date` (epoch seconds, or None when the document does not say)."""
+
+    def __init__(self, serial, number, detail, batch=False, revocation_date=None):
+        RevocationCacheError.__init__(self, "revoked", detail)
+        self.serial = serial
+        self.number = number
+        self.batch = batch
+        self.revocation_date = revocation_date
+
+
+class StaleRevocationError(RevocationCacheError):
+    """No document fresh enough to answer and the policy fails closed (`reason`: the
+    cache's "no document" reason, or "stale")."""
+
+
+class FileStore:
+    """A cache's document on a file system: load() the last stored bytes (None when
+    absent), store(bytes) atomically (temporary file, then rename)."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def load(self):
+        try:
+            with open(self.path, "rb") as f:
+                return f.read()
+        except OSError:
+            return None
+
+    def store(self, data):
+        import os
+
+        tmp = self.path + ".tmp"
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.rename(tmp, self.path)
 
 
 class AnchorPolicy:
@@ -188,18 +243,18 @@ class AnchoredStore:
         return self._doc is not None and now <= self._doc.next_update + self.policy.grace_s
 
     def _current(self):
-        # The cached document, or None when failing open without one; raises _STALE_ERROR
+        # The cached document, or None when failing open without one; raises StaleRevocationError
         # (the _NO_DOC reason) when failing closed without one.
         self._load()
         doc = self._doc
         if doc is None and not self.policy.fail_open:
-            raise self._STALE_ERROR(self._NO_DOC[0], self._NO_DOC[1])
+            raise StaleRevocationError(self._NO_DOC[0], self._NO_DOC[1])
         return doc
 
     def _check_fresh(self, doc, now):
         # After the revocation lookups: a stale document fails closed.
         if now > doc.next_update + self.policy.grace_s and not self.policy.fail_open:
-            raise self._STALE_ERROR(REASON_STALE, self._NEXT_UPDATE + " + grace passed")
+            raise StaleRevocationError(REASON_STALE, self._NEXT_UPDATE + " + grace passed")
 
     def _status(self, now):
         # (document or None, fresh, dict with number, this_update, next_update).

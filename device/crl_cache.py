@@ -31,9 +31,10 @@
 #     and CrlError says why (`reason`, REASON_* below).  A signed CRL older than the
 #     cached one (a late copy from a second channel) is no refusal: the cached one stays
 #     and refresh() returns RESULT_OLDER ("older than cached, kept cached").
-#   * check(serial, now): revoked on the cached CRL -> RevokedError, even when that CRL is
-#     stale; no CRL, or a stale one (now > nextUpdate + grace) -> StaleRevocationError when
-#     the policy fails closed, None (not known revoked) when it fails open.
+#   * check(facts, now) / check_serial(serial, now): revoked on the cached CRL ->
+#     RevokedError, even when that CRL is stale; no CRL, or a stale one (now >
+#     nextUpdate + grace) -> StaleRevocationError when the policy fails closed, None (not
+#     known revoked) when it fails open.
 #   * Times are seconds since 1970-01-01 UTC (ints), injected by the caller.
 #
 # Where the high-water mark lives: in an SE data object (policy.object_id, default 1;
@@ -66,15 +67,19 @@ except ImportError:  # CPython
 
 
 from fleetid.common import asn1time, der
-from fleetid.common.errors import DerError, FleetidError
-from fleetid.device.anchored_store import (
+from fleetid.common.errors import DerError
+from fleetid.device.anchored_store import (  # noqa: F401 - errors and store re-exported
     DEFAULT_CLOCK_SKEW_S,
-    RESULT_OLDER,  # noqa: F401 - re-exported: a refresh() result
+    RESULT_OLDER,
     AnchoredStore,
     AnchorPolicy,
+    FileStore,
+    RevocationCacheError,
+    RevokedError,
+    StaleRevocationError,
 )
 
-# CrlError / RevocationError.reason values.
+# CrlError / RevocationCacheError.reason values.
 REASON_FETCH = "fetch"  # fetch() raised
 REASON_TOO_LARGE = "too_large"  # over policy.max_size
 REASON_TRUNCATED = "truncated"  # the DER ends inside an element
@@ -103,33 +108,8 @@ _ISSUER_TAG_LEN = const(8)
 _CRL_NUMBER_MAX_OCTETS = const(20)  # RFC 5280 5.2.3
 
 
-class RevocationError(FleetidError):
-    """Base of the revocation-cache errors; `reason` is one of the REASON_* strings."""
-
-    def __init__(self, reason, detail=""):
-        super().__init__(reason if not detail else reason + ": " + detail)
-        self.reason = reason
-        self.detail = detail
-
-
-class CrlError(RevocationError):
+class CrlError(RevocationCacheError):
     """A fetched or cached CRL was refused; the cache kept what it had."""
-
-
-class RevokedError(RevocationError):
-    """The serial is on the cached, verified CRL.  `serial` (int), `revocation_date`
-    (seconds since the epoch), `crl_number` (int)."""
-
-    def __init__(self, serial, revocation_date, crl_number):
-        RevocationError.__init__(self, REASON_REVOKED, "serial %x" % serial)
-        self.serial = serial
-        self.revocation_date = revocation_date
-        self.crl_number = crl_number
-
-
-class StaleRevocationError(RevocationError):
-    """No CRL fresh enough to answer and the policy fails closed.  `reason`: "no_crl" or
-    "stale"."""
 
 
 class CrlPolicy(AnchorPolicy):
@@ -148,29 +128,6 @@ class CrlPolicy(AnchorPolicy):
     def __init__(self, grace_s=86400, fail_open=False, object_id=1, max_size=65536,
                  clock_skew_s=DEFAULT_CLOCK_SKEW_S):
         AnchorPolicy.__init__(self, grace_s, fail_open, object_id, max_size, clock_skew_s)
-
-
-class FileStore:
-    """The cache on a file system: load() the last stored bytes (None when absent),
-    store(bytes) atomically (temporary file, then rename)."""
-
-    def __init__(self, path):
-        self.path = path
-
-    def load(self):
-        try:
-            with open(self.path, "rb") as f:
-                return f.read()
-        except OSError:
-            return None
-
-    def store(self, data):
-        import os
-
-        tmp = self.path + ".tmp"
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.rename(tmp, self.path)
 
 
 # -- time: RFC 5280 4.1.2.5 -> seconds since the epoch ------------------------------------
@@ -343,7 +300,6 @@ class CrlCache(AnchoredStore):
     """
 
     _ERROR = CrlError
-    _STALE_ERROR = StaleRevocationError
     _NO_DOC = (REASON_NO_CRL, "no verified CRL cached")
     _NEXT_UPDATE = "nextUpdate"
     _THIS_UPDATE = "thisUpdate"
@@ -400,7 +356,15 @@ class CrlCache(AnchoredStore):
         self._load()
         return self._accept(self._fetch(fetch), now)
 
-    def check(self, serial, now):
+    def check(self, facts, now):
+        """Check a peer's certificate against the cached CRL: check_serial(facts.serial).
+
+        Params: facts: certinfo.CertFacts of the peer's certificate (or anything with its
+            `serial`).  now: epoch seconds.
+        Returns, raises: as check_serial."""
+        return self.check_serial(facts.serial, now)
+
+    def check_serial(self, serial, now):
         """Check a certificate serial against the cached CRL.
 
         Params: serial: int (the certificate's serialNumber).  now: epoch seconds.
@@ -416,7 +380,8 @@ class CrlCache(AnchoredStore):
             return None
         when = find_revoked(info, serial)
         if when is not None:
-            raise RevokedError(serial, when, info.number)
+            raise RevokedError(serial, info.number, "serial %x" % serial,
+                               revocation_date=when)
         self._check_fresh(info, now)
         return None
 

@@ -9,8 +9,8 @@
 #   transport.close()
 #   each raises TransportError(reason) on failure.
 #
-#   CPython:     device/host/mqtt_paho.PahoSeTransport (paho-mqtt over an SE-signed
-#                tlslite-ng session: the client key never leaves the SE)
+#   CPython:     device/host/mqtt_paho.PahoSeTransport (paho-mqtt over the portable TLS
+#                1.3 client, SE-keyed: the client key never leaves the SE)
 #   MicroPython: UmqttTransport below (micropython-lib's umqtt.simple, pulled into firmware
 #                by `require("umqtt.simple")` in boards/fleetid_manifest.py)
 #

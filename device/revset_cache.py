@@ -4,7 +4,7 @@
 # Portable: CPython and MicroPython.  Shares device/crl_cache.py's mechanism
 # (device/anchored_store.py: load, refresh, store-then-mark): the SE verifies the
 # signature (the revocation signer's point, certified by the fleet root: see
-# cloud/revocation/compact.py), and the high-water mark lives in an SE data object.
+# cloud/revocation/revset_publisher.py), and the high-water mark lives in an SE data object.
 #
 # Decisions (policy injected: RevsetPolicy):
 #   * refresh(fetch, now) / apply_delta(fetch, now): new data replaces the cache only if
@@ -14,9 +14,11 @@
 #     (number >= the mark; equal only with identical bytes).  On any refusal the old set
 #     stays and RevsetCacheError says why (`reason`).  A verified set older than the
 #     cached one is no refusal: the cached one stays, refresh() returns RESULT_OLDER.
-#   * check(serial, ca_key_id, now): the serial in the set or its issuing CA's key id
+#   * check(facts, now) (a peer's certinfo.CertFacts; check_device(serial, ca_key_id,
+#     now) underneath): its device serial in the set or its issuing CA's key id (AKI)
 #     among the revoked CAs -> RevokedError, even on a stale set; no set or a stale one ->
-#     StaleRevocationError when failing closed, None when failing open.
+#     StaleRevocationError when failing closed, None when failing open.  Both errors are
+#     anchored_store.py's, shared with the CRL cache.
 #   * A delta carries the new set's header, its additions and the new set's signature;
 #     the merge produces the new set's exact bytes, which are then verified as a whole.
 #
@@ -38,12 +40,15 @@ except ImportError:  # CPython
 
 
 from fleetid.common import revset
-from fleetid.common.errors import FleetidError
-from fleetid.device.anchored_store import (
+from fleetid.device.anchored_store import (  # noqa: F401 - errors and store re-exported
     DEFAULT_CLOCK_SKEW_S,
-    RESULT_OLDER,  # noqa: F401 - re-exported: a refresh() result
+    RESULT_OLDER,
     AnchoredStore,
     AnchorPolicy,
+    FileStore,
+    RevocationCacheError,
+    RevokedError,
+    StaleRevocationError,
 )
 
 REASON_FETCH = "fetch"
@@ -69,29 +74,10 @@ _STATE_VERSION = const(1)
 _STATE_LEN = const(17)
 
 
-class RevsetCacheError(FleetidError):
-    """Refused set or delta, the cache kept what it had; `reason` is a REASON_* string."""
-
-    def __init__(self, reason, detail=""):
-        super().__init__(reason if not detail else reason + ": " + detail)
-        self.reason = reason
-        self.detail = detail
-
-
-class RevokedError(RevsetCacheError):
-    """The serial (or its issuing CA) is on the cached set.  `serial`, `batch` (True when
-    the issuing CA is what is revoked), `number` (the set's number)."""
-
-    def __init__(self, serial, batch, number):
-        RevsetCacheError.__init__(self, REASON_REVOKED,
-                                  ("issuing CA of %d" if batch else "serial %d") % serial)
-        self.serial = serial
-        self.batch = batch
-        self.number = number
-
-
-class StaleRevocationError(RevsetCacheError):
-    """No set fresh enough and the policy fails closed (reason "no_set" / "stale")."""
+class RevsetCacheError(RevocationCacheError):
+    """Refused set or delta (the cache kept what it had), or a peer certificate naming no
+    device serial; `reason` is a REASON_* string.  RevokedError and StaleRevocationError
+    (anchored_store.py, shared with the CRL cache) answer check()."""
 
 
 class RevsetPolicy(AnchorPolicy):
@@ -108,7 +94,7 @@ class RevsetPolicy(AnchorPolicy):
 
 def device_number(serial_number):
     """The registry device serial that a fleet certificate's subject serialNumber names:
-    what the compact set holds (cloud/revocation/compact.py keys devices by the
+    what the compact set holds (cloud/revocation/revset_publisher.py keys devices by the
     registry's device serial).
 
     The line writes PREFIX-NNNNNNNNN (cloud/line/resources.py LineConfig.device_serial:
@@ -137,6 +123,16 @@ def device_number(serial_number):
     return number
 
 
+def peer_device(facts):
+    """The device serial a peer certificate names (device_number of its subject's
+    serialNumber, else its CN).  Params: facts: certinfo.CertFacts.
+    Raises: RevsetCacheError(REASON_SERIAL)."""
+    name = facts.serial_number if facts.serial_number is not None else facts.common_name
+    if name is None:
+        raise RevsetCacheError(REASON_SERIAL, "the subject has no serialNumber or CN")
+    return device_number(name)
+
+
 class RevsetCache(AnchoredStore):
     """The last verified compact set of one fleet.
 
@@ -148,7 +144,6 @@ class RevsetCache(AnchoredStore):
     """
 
     _ERROR = RevsetCacheError
-    _STALE_ERROR = StaleRevocationError
     _NO_DOC = (REASON_NO_SET, "no verified set cached")
     _NEXT_UPDATE = "next_update"
     _THIS_UPDATE = "this_update"
@@ -221,7 +216,22 @@ class RevsetCache(AnchoredStore):
         self._load()
         return None if self._doc is None else self._doc.number
 
-    def check(self, serial, ca_key_id, now):
+    def check(self, facts, now):
+        """Check a peer's certificate: its device serial (device_number of its subject's
+        serialNumber, else its CN) and its issuing CA's key id (its AKI).
+        Params: facts: certinfo.CertFacts of the peer's certificate.  now: epoch seconds.
+        Returns None when not known revoked.  Raises RevsetCacheError(REASON_SERIAL) when
+        the subject names no device serial; otherwise as check_device."""
+        return self.check_device(peer_device(facts), facts.authority_key_id, now)
+
+    def receive(self, data, now):
+        """A set (.frs) or a delta (.frd) just received, by whatever channel: refresh or
+        apply_delta by its magic.  Returns and raises as those."""
+        if bytes(data[:4]) == revset.DELTA_MAGIC:
+            return self.apply_delta(lambda: data, now)
+        return self.refresh(lambda: data, now)
+
+    def check_device(self, serial, ca_key_id, now):
         """Check a peer: its device serial and its issuing CA's key id (the AKI of its
         certificate; None to skip).  Returns None when not known revoked.
         Raises RevokedError; StaleRevocationError when failing closed without a fresh set."""
@@ -229,9 +239,9 @@ class RevsetCache(AnchoredStore):
         if info is None:
             return None
         if ca_key_id is not None and info.ca_revoked(ca_key_id):
-            raise RevokedError(serial, True, info.number)
+            raise RevokedError(serial, info.number, "issuing CA of %d" % serial, batch=True)
         if info.contains(serial):
-            raise RevokedError(serial, False, info.number)
+            raise RevokedError(serial, info.number, "serial %d" % serial)
         self._check_fresh(info, now)
         return None
 

@@ -122,7 +122,7 @@ pids+=($!)
 wait_for "SE socket" "${pids[-1]}" test -S "$sock"
 fleetid se --bus "$bus" info
 
-step "5. who-am-I over mTLS: TLS 1.2 client key in the SE (identity certificate, slot 1)"
+step "5. who-am-I over mTLS: TLS 1.3, client key in the SE (identity certificate, slot 1)"
 fleetid agent whoami --bus "$bus" --cloud "$verifier" --slot 1 --save "$work/whoami.json"
 serial=$("$py" -c 'import json,sys; print(json.load(open(sys.argv[1]))["registry_serial"])' \
     "$work/whoami.json")
@@ -163,7 +163,7 @@ step "11b. MQTT: a broker on the fleet PKI; the device's telemetry, retained CRL
 "$PWD/.venv/bin/python" scripts/demo_mqtt.py --line "$line" --bus "$bus" --work "$work/mqtt"
 
 step "12. revocation: the operator revokes device $serial"
-fleetid cloud revoke-device --registry "sqlite:$line/registry.db" --serial "$serial" \
+fleetid revoke --registry "sqlite:$line/registry.db" --serial "$serial" \
     --reason keyCompromise --operator demo-operator
 step "13. the revoked device connects again: refused, with the reason"
 if fleetid agent whoami --bus "$bus" --cloud "$verifier"; then

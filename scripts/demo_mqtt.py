@@ -83,7 +83,7 @@ def main(argv=None):
                                 clock=lambda: int(time.time()))
         channel.start()
         print("mqtt: device %s connected; TLS CertificateVerify signed in its SE (%d)"
-              % (name, transport.tls_client.key.signatures))
+              % (name, transport.tls_client.signatures))
         seq = channel.send_telemetry({"uptime_s": 42, "fw": "1.2.3"})
         deadline = time.monotonic() + 10
         while (len(crls) < 2 or name not in cloud.sink.last) and time.monotonic() < deadline:

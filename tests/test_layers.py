@@ -268,3 +268,38 @@ def test_click_is_imported_in_cli_only():
             if any(name == "click" or name.startswith("click.") for name in names):
                 bad.append("%s:%d" % (path.relative_to(ROOT), node.lineno))
     assert not bad, "click imported outside cli/: " + ", ".join(bad)
+
+
+def _absolute_imports(path):
+    """Yield (line, dotted name) for every absolute import in a file (lazy ones too)."""
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                yield node.lineno, alias.name
+        elif isinstance(node, ast.ImportFrom) and not node.level:
+            base = node.module or ""
+            yield node.lineno, base
+            for alias in node.names:
+                yield node.lineno, base + "." + alias.name
+
+
+def test_the_device_never_imports_the_cloud():
+    # The device side (device/, device/host/, the boards and the CLI's device commands,
+    # cli/agent*.py) runs without the cloud's code: an OID or a helper it needs lives in
+    # common/ or device/ (issue 17: the peer check once imported cloud/revocation).
+    files = sorted((ROOT / "device").rglob("*.py")) + sorted((ROOT / "boards").rglob("*.py"))
+    files += sorted((ROOT / "cli").glob("agent*.py"))
+    bad = ["%s:%d imports %s" % (path.relative_to(ROOT), line, name)
+           for path in files for line, name in _absolute_imports(path)
+           if name == "fleetid.cloud" or name.startswith("fleetid.cloud.")]
+    assert not bad, "the device imports the cloud:\n" + "\n".join(sorted(set(bad)))
+
+
+def test_click_is_imported_in_cli_only_anywhere_outside_tests():
+    # Library code, boards and scripts alike (test_click_is_imported_in_cli_only reads the
+    # packages; this reads every source file but tests/ and bench/).
+    bad = ["%s:%d" % (path.relative_to(ROOT), line)
+           for path in _non_test_python_files() if path.parts[len(ROOT.parts)] != "cli"
+           for line, name in _absolute_imports(path)
+           if name == "click" or name.startswith("click.")]
+    assert not bad, "click imported outside cli/: " + ", ".join(sorted(set(bad)))

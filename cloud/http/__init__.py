@@ -7,6 +7,8 @@
     metrics.py       Prometheus metrics of one server process
     verifier_app.py  the verifier's aiohttp handlers (make_verifier_app, make_metrics_app)
     est_app.py       the EST server's aiohttp handlers (make_est_app)
+    revocation_app.py  the revocation listener: every revocation tier's routes
+                     (make_revocation_app), the verifier's staple header
 
-fleetid.cloud.server composes them (with the CRL routes) into the running cloud.
+fleetid.cloud.server composes them into the running cloud.
 """

@@ -1,14 +1,19 @@
 """TLS of the cloud's listeners: the server SSLContext (TLS 1.3, and TLS 1.2 with
-ECDHE-ECDSA-AES-GCM for SE-held client keys) and the peer certificate of a request."""
+ECDHE-ECDSA-AES-GCM for clients that have no TLS 1.3) and the peer certificate of a
+request."""
 
 import os
 import ssl
 
 from fleetid.cloud.config import ConfigError
 
-# TLS 1.2 suites for clients whose key signs in an SE: the device's TLS stack with the key
-# in the SE (tlslite-ng, device/host) does client authentication in TLS 1.2 only, with
-# ECDSA P-256 from the SE.  ECDHE-ECDSA with AES-GCM (RFC 5289).
+# TLS 1.2 suites, ECDHE-ECDSA with AES-GCM (RFC 5289), for clients whose TLS stack has no
+# TLS 1.3 client authentication.  fleetid's own device agent no longer needs them: it
+# speaks TLS 1.3 only (common/tls13.py, on CPython and MicroPython).  Kept because the
+# verifier and EST server are also reached by integrators' firmware on stacks that are
+# TLS 1.2-only with an SE-held key (e.g. mbedTLS 2.x with an ATECC/SE05x key
+# callback), and tests/cloud/test_verifier.py pins that they work; dropping TLS 1.2 is
+# a fleet policy decision (an option), not something the agent requires.
 TLS12_CIPHERS = "ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-ECDSA-AES256-GCM-SHA384"
 
 SESSION_TICKETS = 1

@@ -1,5 +1,7 @@
-"""Revocation publishing: RFC 5280 CRLs per issuing CA for intermittently connected
-devices (crl.py: the service; app.py: the HTTP route at the CRL distribution point)."""
+"""Revocation: one state and its one writer (service.py), and the tiers that publish it
+(tier.py: the interface; tiers.py: the list; crl.py, staple.py, ocsp.py,
+revset_publisher.py: one module each).  Their HTTP routes are served by
+fleetid.cloud.http.revocation_app."""
 
 from fleetid.cloud.revocation.crl import CrlIssuer, CrlPublisher, crl_path, crl_url
 

@@ -16,7 +16,6 @@ signs it: on the embedded set-up it is in the HSM; with an offline root the ARL 
 at a ceremony with a long nextUpdate instead (not built here).
 """
 
-from cryptography import x509
 
 from fleetid.cloud.verifier import revoked_cas as revoked_cas_file
 
@@ -45,15 +44,7 @@ class RootCrlRegistry:
         if issuer != self._root_text:
             return self._registry.revoked_certificates(issuer)
         out = []
-        entries, _ = revoked_cas_file.load(self._path)
-        for entry in entries:
-            pem = entry.get("certificate")
-            if not pem:
-                continue
-            try:
-                cert = x509.load_pem_x509_certificate(pem.encode())
-            except ValueError:
-                continue
+        for entry, cert, _when in revoked_cas_file.decoded(self._path):
             if cert.issuer != self._root_subject:
                 continue  # not a CA this root issued
             out.append(_RevokedCa("%x" % cert.serial_number, entry["revoked_at"],

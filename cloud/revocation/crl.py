@@ -29,6 +29,7 @@ it has verified (device/crl_cache.py), so one process's older CRL never replaces
 
 import datetime
 import hashlib
+import logging
 import threading
 import time
 
@@ -36,10 +37,14 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from fleetid.cloud.pki.signing import sign_crl
+from fleetid.cloud.revocation.tier import Reply, Route, Tier
+from fleetid.cloud.verifier.errors import NOT_FOUND, UNAVAILABLE, CloudError
 
 DEFAULT_NEXT_UPDATE = datetime.timedelta(hours=24)
 DEFAULT_POLL_INTERVAL = 5.0  # seconds between looks at the registry's revocation state
 CRL_CONTENT_TYPE = "application/pkix-crl"  # RFC 2585 4.2
+ROOT_CRL_NAME = "root"  # GET /crl/root.crl: the root's CRL of revoked issuing CAs (arl.py)
+_log = logging.getLogger("fleetid.cloud.revocation")
 _REASONS = {flag.value: flag for flag in x509.ReasonFlags
             if flag not in (x509.ReasonFlags.unspecified, x509.ReasonFlags.remove_from_crl)}
 
@@ -201,3 +206,73 @@ class CrlPublisher:
                 published = self._build(issuer, revoked, state, now)
                 self._published[label] = published
             return published
+
+
+class CrlTier(Tier):
+    """The CRL tier (tier.py): GET /crl/<label>.crl -> the DER CRL of that issuing CA
+    (`application/pkix-crl`, RFC 2585 4.2), at the distribution point URL the
+    certificates name (crl_url).  Served over plain HTTP: a CRL is signed and public, and
+    a device that checks revocation before it trusts a TLS server cannot need that TLS
+    first (RFC 5280 4.2.1.13 uses http URIs for the same reason).
+
+        GET /crl/<label>.crl   200 DER, Cache-Control max-age up to the next refresh;
+                               not_found (404) for an unknown label; unavailable (503)
+                               when the CRL cannot be built
+    """
+
+    name = "crl"
+    per_label = True
+
+    def __init__(self, publisher):
+        self.publisher = publisher
+
+    @classmethod
+    def build(cls, setup):
+        return cls(setup.crl_publisher) if setup.crl_publisher is not None else None
+
+    def invalidate(self):
+        self.publisher.invalidate()
+
+    def routes(self):
+        return [Route("GET", "/crl/{name}", self._get, blocking=True)]
+
+    def _get(self, params, _body):
+        publisher = self.publisher
+        name = params["name"]
+        if not name.endswith(".crl") or name[:-4] not in publisher.issuers:
+            raise CloudError(NOT_FOUND, "no CRL here")
+        label = name[:-4]
+        try:
+            crl = publisher.current(label)
+            body = publisher.current_der(label)
+        except Exception:  # noqa: BLE001 - HSM / registry trouble: no stale answer, no cause
+            _log.exception("CRL for %s could not be built", label)
+            raise CloudError(UNAVAILABLE, "CRL temporarily unavailable") from None
+        now = datetime.datetime.now(datetime.timezone.utc)
+        refresh = crl.last_update_utc + publisher.next_update / 2
+        max_age = max(0, min(int((refresh - now).total_seconds()),
+                             int(publisher.poll_interval)))
+        return Reply(body, CRL_CONTENT_TYPE, {
+            "Cache-Control": "public, max-age=%d" % max_age,
+            "Last-Modified": crl.last_update_utc.strftime("%a, %d %b %Y %H:%M:%S GMT")})
+
+    @staticmethod
+    def status(base_url, facts, fetch, failed):
+        """Per CA label (and the root's, when served): cRLNumber, thisUpdate,
+        nextUpdate, entries, age."""
+        out = {}
+        for name in list(facts["labels"]) + [ROOT_CRL_NAME]:
+            url = "%s%s" % (base_url, crl_path(name))
+            try:
+                crl = x509.load_der_x509_crl(fetch(url))
+                number = crl.extensions.get_extension_for_class(x509.CRLNumber).value
+                out[name] = {"number": number.crl_number,
+                             "this_update": crl.last_update_utc.isoformat(),
+                             "next_update": crl.next_update_utc.isoformat(),
+                             "revoked": len(crl),
+                             "age_s": facts["now"] - int(crl.last_update_utc.timestamp())}
+            except Exception as exc:  # noqa: BLE001 - report per label, never a traceback
+                if name == ROOT_CRL_NAME and getattr(exc, "code", None) == 404:
+                    continue  # no root CRL on this cloud (offline root)
+                out[name] = failed(url, exc)
+        return out

@@ -1,6 +1,6 @@
 """Retained-MQTT delivery of the compact revocation set (the offline tier's push channel).
 
-Each new set the CompactPublisher builds is published retained on fleet/crl/revset
+Each new set the RevsetPublisher builds is published retained on fleet/crl/revset
 (common/mqttmsg.crl_topic("revset")): the broker's ACL already lets every device read
 fleet/crl/#, and a device that was offline when it was published gets it on its next
 subscription.  The set is signed by the revocation key under the fleet root, so the
@@ -17,7 +17,7 @@ _log = logging.getLogger("fleetid.cloud.revocation")
 
 
 def retained_publisher(cloud_mqtt, label=REVSET_LABEL):
-    """A CompactPublisher subscriber that publishes each new set retained through a
+    """A RevsetPublisher subscriber that publishes each new set retained through a
     connected fleetid.cloud.mqtt CloudMqtt (its publish_crl: QoS 1, retained)."""
 
     def publish(number, wire):

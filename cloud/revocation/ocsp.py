@@ -58,6 +58,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from fleetid.cloud.pki.profiles import to_utc_seconds, utc_now
 from fleetid.cloud.pki.signing import _throwaway_key, sign_certificate
 from fleetid.cloud.registry.errors import RegistryError
+from fleetid.cloud.revocation.tier import Reply, Route, Tier
 from fleetid.common import der
 
 OCSP_REQUEST_TYPE = "application/ocsp-request"  # RFC 6960 A.1
@@ -256,46 +257,81 @@ def decode_get_path(path_tail):
     return base64.b64decode(text, validate=True)
 
 
-def make_ocsp_app(responder):
-    """aiohttp Application: POST /ocsp (body: DER request, application/ocsp-request) and
-    GET /ocsp/<base64> (RFC 6960 A.1); both answer application/ocsp-response."""
-    from aiohttp import web
+class OcspTier(Tier):
+    """The OCSP tier (tier.py): RFC 6960 over plain HTTP, answers signed per request.
 
-    app = web.Application()
-    add_ocsp_routes(app.router, responder)
-    return app
+        POST /ocsp, /ocsp/     body: DER OCSPRequest (application/ocsp-request, at most
+                               MAX_REQUEST bytes)
+        GET  /ocsp/<base64>    RFC 6960 A.1 (a path that does not decode: a
+                               malformedRequest OCSP answer, as the RFC wants)
+    Both answer application/ocsp-response, Cache-Control no-store.
+    """
 
+    name = "ocsp"
 
-def add_ocsp_routes(router, responder):
-    """The OCSP routes of make_ocsp_app on an existing aiohttp router."""
-    import asyncio
+    def __init__(self, responder):
+        self.responder = responder
 
-    from aiohttp import web
+    @classmethod
+    def init_keys(cls, setup):
+        """One delegated responder per issuing CA: ocsp-<CA key label>.pem."""
+        written = []
+        for ca_key, ca_cert in setup.issuers:
+            written += setup.write_pem("ocsp-%s.pem" % ca_key, lambda: new_ocsp_signer(
+                setup.hsm, ca_key, ca_cert, "ocsp-" + ca_key))
+        return written
 
-    async def answer(request_der):
-        body = await asyncio.get_running_loop().run_in_executor(
-            None, responder.respond, request_der)
-        return web.Response(body=body, content_type=OCSP_RESPONSE_TYPE,
-                            headers={"Cache-Control": "no-store"})
+    @classmethod
+    def build(cls, setup):
+        signers = []
+        for ca_key, ca_cert in setup.issuers:
+            cert = setup.read_pem("ocsp-%s.pem" % ca_key)
+            if cert is not None:
+                signers.append(OcspSigner(ca_cert, setup.hsm, "ocsp-" + ca_key, cert))
+        if not signers:
+            return None
+        return cls(OcspResponder(setup.registry, signers, revoked_cas=setup.revoked_cas))
 
-    async def post(request):
-        if request.content_type != OCSP_REQUEST_TYPE:
-            raise web.HTTPUnsupportedMediaType(text="application/ocsp-request only\n")
-        if request.content_length is not None and request.content_length > MAX_REQUEST:
-            raise web.HTTPRequestEntityTooLarge(MAX_REQUEST, request.content_length)
-        data = await request.content.read(MAX_REQUEST + 1)
-        if len(data) > MAX_REQUEST:
-            raise web.HTTPRequestEntityTooLarge(MAX_REQUEST, len(data))
-        return await answer(data)
+    def routes(self):
+        return [Route("POST", "/ocsp", self._post, OCSP_REQUEST_TYPE, MAX_REQUEST, True),
+                Route("POST", "/ocsp/", self._post, OCSP_REQUEST_TYPE, MAX_REQUEST, True),
+                Route("GET", "/ocsp/{request:.+}", self._get, blocking=True)]
 
-    async def get(request):
+    def _answer(self, body):
+        return Reply(body, OCSP_RESPONSE_TYPE, {"Cache-Control": "no-store"})
+
+    def _post(self, _params, body):
+        return self._answer(self.responder.respond(body))
+
+    def _get(self, params, _body):
         try:
-            data = decode_get_path(request.match_info["request"])
+            data = decode_get_path(params["request"])
         except ValueError:
-            return web.Response(body=_status_only(ocsp.OCSPResponseStatus.MALFORMED_REQUEST),
-                                content_type=OCSP_RESPONSE_TYPE)
-        return await answer(data)
+            return Reply(_status_only(ocsp.OCSPResponseStatus.MALFORMED_REQUEST),
+                         OCSP_RESPONSE_TYPE)
+        return self._answer(self.responder.respond(data))
 
-    router.add_post("/ocsp", post)
-    router.add_post("/ocsp/", post)
-    router.add_get("/ocsp/{request:.+}", get)
+    @staticmethod
+    def status(base_url, facts, fetch, failed):
+        """A probe about serial 1 of the first issuing CA: any answer (good / unknown /
+        revoked) shows the responder is up, signed and how long its answers last."""
+        url = base_url + "/ocsp"
+        if not facts["ca_certs"]:
+            return {"error": "NoIssuingCa", "url": url, "cause": "no issuing CA configured"}
+        ca = facts["ca_certs"][0]
+        point = ca.public_key().public_bytes(serialization.Encoding.X962,
+                                             serialization.PublicFormat.UncompressedPoint)
+        request = ocsp.OCSPRequestBuilder().add_certificate_by_hash(
+            hashlib.sha1(ca.subject.public_bytes()).digest(), hashlib.sha1(point).digest(), 1,
+            hashes.SHA1()).build().public_bytes(serialization.Encoding.DER)
+        try:
+            answer = ocsp.load_der_ocsp_response(fetch(url, request, OCSP_REQUEST_TYPE))
+        except Exception as exc:  # noqa: BLE001 - reported, never a traceback
+            return failed(url, exc)
+        if answer.response_status != ocsp.OCSPResponseStatus.SUCCESSFUL:
+            return {"response_status": answer.response_status.name}
+        return {"response_status": "SUCCESSFUL",
+                "this_update": answer.this_update_utc.isoformat(),
+                "next_update": answer.next_update_utc.isoformat(),
+                "responder": answer.certificates[0].subject.rfc4514_string(),
+                "freshness": "live (signed per request)"}

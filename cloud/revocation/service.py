@@ -9,17 +9,18 @@ revocation, with its ca_revoke audit entry).  Every tier reads that state:
     OCSP               registry + revoked-CA file per request     at the next query
     CRL per CA         registry, re-built by CrlPublisher         next fetch after the event
                                                                   (<= poll_interval without)
-    compact set        registry + revoked CAs, CompactPublisher   next set after the event
+    compact set        registry + revoked CAs, RevsetPublisher   next set after the event
                                                                   (<= poll_interval without)
 
-Propagation is event-driven with a bounded fallback: `revoke_*` bumps a sequence number in
+RevocationService is the only writer of that state (every `fleetid revoke` form and its
+`fleetid cloud revoke*` aliases call it).  Propagation is event-driven with a bounded
+fallback: each of its writes bumps a sequence number in
 `<state_dir>/revocation.events` (one line, written atomically); `EventWatcher` (one stat
 per request in each publishing process) invalidates the publishers when it changes, and
 the publishers also look at the registry at most every `poll_interval` seconds whatever
 happens (a lost event costs at most that interval).
 """
 
-import datetime
 import os
 
 from cryptography import x509
@@ -32,11 +33,12 @@ EVENTS_FILE = "revocation.events"
 
 class RevocationError(Exception):
     """A revocation request that cannot be carried out (`reason`: "unknown_device",
-    "unknown_batch", "nothing_to_revoke")."""
+    "unknown_batch", "not_a_ca", "fleet_root", "bad_reason")."""
 
     def __init__(self, reason, detail=""):
         super().__init__(reason if not detail else reason + ": " + detail)
         self.reason = reason
+        self.detail = detail
 
 
 def bump_event(path):
@@ -86,46 +88,6 @@ class EventWatcher:
         return False
 
 
-_MAP_CACHE = {}  # path -> (file identity, map): OCSP asks on every request
-
-
-def revoked_ca_map(path):
-    """{CA key identifier (20 bytes): revoked_at (aware datetime)} from the revoked-CA
-    file (entries carry the CA certificate).  Re-read only when the file changed (one
-    stat per call); a file that vanishes keeps the last map (fail closed, as
-    revoked_cas.RevokedCaFile)."""
-    try:
-        st = os.stat(path)
-        identity = (st.st_ino, st.st_size, st.st_mtime_ns)
-    except OSError:
-        identity = None
-    cached = _MAP_CACHE.get(path)
-    if cached is not None and (identity is None or cached[0] == identity):
-        return cached[1]
-    out = _read_map(path)
-    if identity is not None:
-        _MAP_CACHE[path] = (identity, out)
-    return out
-
-
-def _read_map(path):
-    entries, _ = revoked_cas_file.load(path)
-    out = {}
-    for entry in entries:
-        pem = entry.get("certificate")
-        if not pem:
-            continue
-        try:
-            cert = x509.load_pem_x509_certificate(pem.encode())
-            key_id = cert.extensions.get_extension_for_class(
-                x509.SubjectKeyIdentifier).value.digest
-        except (ValueError, x509.ExtensionNotFound):
-            continue
-        when = datetime.datetime.fromisoformat(entry["revoked_at"].replace("Z", "+00:00"))
-        out[key_id] = when
-    return out
-
-
 class RevocationService:
     """Writes revocations into the one state and announces them.
 
@@ -169,6 +131,39 @@ class RevocationService:
         self._announce()
         return done
 
+    def revoke_certificate(self, cert_serial, reason, operator="", issuer=None):
+        """Revoke one certificate (int serial; `issuer` RFC 4514 when the serial alone is
+        ambiguous) with its audit entry; revoking a device's identity certificate also
+        marks the device revoked.  Returns the CertificateRecord after the write.
+        Raises RegistryError."""
+        self.registry.mark_revoked(cert_serial, reason, operator=operator, issuer=issuer)
+        record = self.registry.certificate_status(cert_serial, issuer=issuer)
+        self._announce()
+        return record
+
+    def revoke_ca(self, certificate, reason, operator="", roots=()):
+        """Revoke an issuing (batch) CA certificate: its ca_revoke audit entry, then its
+        line in the revoked-CA file; every tier refuses every device under it.
+        roots: the fleet roots, which cannot be revoked this way.
+        Returns (entry dict, newly revoked).  Raises RevocationError ("not_a_ca",
+        "fleet_root", "bad_reason"), RegistryError, OSError."""
+        try:
+            is_ca = certificate.extensions.get_extension_for_class(
+                x509.BasicConstraints).value.ca
+        except x509.ExtensionNotFound:
+            is_ca = False
+        if not is_ca:
+            raise RevocationError("not_a_ca", certificate.subject.rfc4514_string())
+        if certificate in roots:
+            raise RevocationError("fleet_root", certificate.subject.rfc4514_string())
+        try:
+            entry, new = revoked_cas_file.revoke(self.revoked_cas_path, certificate,
+                                                 self.registry, reason, operator)
+        except ValueError as exc:
+            raise RevocationError("bad_reason", str(exc)) from None
+        self._announce()
+        return entry, new
+
     def batch_ca(self, batch):
         """The issuing CA certificate whose scope names `batch` (or whose subject is it)."""
         for cert in self.ca_certs:
@@ -180,11 +175,7 @@ class RevocationService:
     def revoke_batch(self, batch, reason, operator=""):
         """Revoke a batch: its issuing CA, one entry (audit + revoked-CA file) that every
         tier honours for every device under it.  Returns (entry dict, newly revoked)."""
-        cert = self.batch_ca(batch)
-        entry, new = revoked_cas_file.revoke(self.revoked_cas_path, cert, self.registry,
-                                             reason, operator)
-        self._announce()
-        return entry, new
+        return self.revoke_ca(self.batch_ca(batch), reason, operator)
 
     def status(self):
         """The shared state: revoked certificates per issuing CA, revoked CAs, the event

@@ -33,7 +33,16 @@ import threading
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.x509 import ocsp
 
+from fleetid.cloud.revocation.ocsp import (
+    OCSP_RESPONSE_TYPE,
+    OcspResponder,
+    OcspSigner,
+    new_ocsp_signer,
+)
+from fleetid.cloud.revocation.tier import Reply, Route, Tier
+
 STAPLE_HEADER = "Fleetid-OCSP-Staple"
+RESPONDER_LABEL = "ocsp-server-issuer"  # HSM key and <state_dir>/revocation/<label>.pem
 
 
 class ServerStaple:
@@ -74,27 +83,39 @@ class ServerStaple:
         return base64.b64encode(self.der()).decode()
 
 
-def attach_header(app, staple):
-    """Add the staple header to every response of an aiohttp app (before it starts)."""
+class StapleTier(Tier):
+    """The staple tier (tier.py): GET /ocsp/staple -> the staple, DER (listed before the
+    OCSP tier: its /ocsp/{request} route would take the path otherwise).  The header on
+    the verifier's responses: cloud/http/revocation_app.attach_staple_header."""
 
-    async def add(request, response):
-        try:
-            response.headers[STAPLE_HEADER] = staple.header_value()
-        except Exception:  # noqa: BLE001 - no staple is better than no answer
-            pass
+    name = "staple"
 
-    app.on_response_prepare.append(add)
-    return app
+    def __init__(self, staple):
+        self.staple = staple
 
+    @classmethod
+    def init_keys(cls, setup):
+        """The responder for the verifier's server certificate, under the root (which
+        issues that certificate)."""
+        return setup.write_pem(RESPONDER_LABEL + ".pem", lambda: new_ocsp_signer(
+            setup.hsm, setup.root_label, setup.root_cert, RESPONDER_LABEL))
 
-def add_staple_route(router, staple):
-    """GET /ocsp/staple -> the staple, DER (before the /ocsp/{request} catch-all)."""
-    from aiohttp import web
+    @classmethod
+    def build(cls, setup):
+        cert = setup.read_pem(RESPONDER_LABEL + ".pem")
+        server_cert, root = setup.server_cert, setup.root_cert
+        if cert is None or server_cert is None or server_cert.issuer != root.subject:
+            return None
+        responder = OcspResponder(
+            setup.registry, [OcspSigner(root, setup.hsm, RESPONDER_LABEL, cert)],
+            revoked_cas=setup.revoked_cas, known=[server_cert])
+        return cls(ServerStaple(responder, server_cert, root))
 
-    from fleetid.cloud.revocation.ocsp import OCSP_RESPONSE_TYPE
+    def invalidate(self):
+        self.staple.invalidate()
 
-    async def get(request):
-        return web.Response(body=staple.der(), content_type=OCSP_RESPONSE_TYPE,
-                            headers={"Cache-Control": "no-cache"})
+    def routes(self):
+        return [Route("GET", "/ocsp/staple", self._get, blocking=True)]
 
-    router.add_get("/ocsp/staple", get)
+    def _get(self, _params, _body):
+        return Reply(self.staple.der(), OCSP_RESPONSE_TYPE, {"Cache-Control": "no-cache"})

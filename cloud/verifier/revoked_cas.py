@@ -10,9 +10,11 @@ CAs live in one append-only file, `<state_dir>/revoked-cas.jsonl` (cloud/config.
      "reason": "<RFC 5280 5.3.1 CRLReason name>", "revoked_at": "<RFC 3339 UTC>",
      "operator": "<who>"}
 
-Writers (`fleetid cloud revoke-ca`) append a line and fsync; readers (every verifier and
-EST process) look at the file's identity (inode, size, mtime) on each check and re-read
-it when it changed, so a running server refuses the batch from its next request on.
+The one writer (RevocationService.revoke_ca: `fleetid revoke --batch/--cert`) appends a
+line and fsyncs; readers (every verifier and EST process) look at the file's identity
+(inode, size, mtime) on each check and re-read it when it changed, so a running server
+refuses the batch from its next request on; `decoded` is the one reader of the CA
+certificates the entries carry (OCSP, revocation set, root CRL).
 Entries are only ever added: a line that does not parse is skipped (and reported by
 `load`), and a file that vanishes or cannot be read keeps the set loaded so far
 (fail closed: a revocation is never undone by losing the file).
@@ -23,6 +25,7 @@ import json
 import os
 import threading
 
+from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 
 # RFC 5280 5.3.1 CRLReason names (removeFromCRL is not a revocation and is refused).
@@ -61,6 +64,54 @@ def load(path):
         entry["fingerprint"] = fingerprint.lower()
         entries.append(entry)
     return entries, skipped
+
+
+def decoded(path):
+    """The entries that carry their CA certificate, decoded: a list of
+    (entry dict, x509.Certificate, revoked_at aware datetime).  The one reader of the
+    certificates in the file (the OCSP, compact-set and root-CRL tiers use it); an entry
+    whose certificate or time does not parse is skipped.  Raises OSError as `load`."""
+    out = []
+    for entry in load(path)[0]:
+        pem = entry.get("certificate")
+        if not pem:
+            continue
+        try:
+            cert = x509.load_pem_x509_certificate(pem.encode())
+            when = datetime.datetime.fromisoformat(
+                str(entry["revoked_at"]).replace("Z", "+00:00"))
+        except (ValueError, KeyError):
+            continue
+        out.append((entry, cert, when))
+    return out
+
+
+_MAP_CACHE = {}  # path -> (file identity, map): OCSP asks on every request
+
+
+def revoked_ca_map(path):
+    """{CA key identifier (20 bytes): revoked_at (aware datetime)} from the file.
+    Re-read only when the file changed (one stat per call); a file that vanishes keeps
+    the last map (fail closed, as RevokedCaFile)."""
+    try:
+        st = os.stat(path)
+        identity = (st.st_ino, st.st_size, st.st_mtime_ns)
+    except OSError:
+        identity = None
+    cached = _MAP_CACHE.get(path)
+    if cached is not None and (identity is None or cached[0] == identity):
+        return cached[1]
+    out = {}
+    for _entry, cert, when in decoded(path):
+        try:
+            key_id = cert.extensions.get_extension_for_class(
+                x509.SubjectKeyIdentifier).value.digest
+        except x509.ExtensionNotFound:
+            continue
+        out[key_id] = when
+    if identity is not None:
+        _MAP_CACHE[path] = (identity, out)
+    return out
 
 
 def append(path, certificate, reason="unspecified", operator="", now=None):

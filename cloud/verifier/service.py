@@ -153,9 +153,9 @@ def device_serial_of(certificate):
 
 class FleetTrust:
     """The trust configuration: fleet roots, fleet intermediates, SE vendor roots and the
-    revoked CAs: fingerprints given here, added at run time (`revoke_ca`), and those of
-    `revoked_ca_file` (a revoked_cas.RevokedCaFile, re-read when it changes, so a
-    `fleetid cloud revoke-ca` reaches running servers)."""
+    revoked CAs: fingerprints given here and those of `revoked_ca_file` (a
+    revoked_cas.RevokedCaFile, re-read when it changes, so a revocation written by
+    RevocationService in another process reaches running servers)."""
 
     def __init__(self, roots, intermediates, vendor_roots, revoked_ca_fingerprints=(),
                  revoked_ca_file=None):
@@ -239,29 +239,6 @@ class FleetVerifier:
                 self._cache.clear()
             else:
                 self._cache.pop(fingerprint, None)
-
-    def revoke_ca(self, ca_certificate, reason="unspecified", operator=""):
-        """Revoke a CA (a batch intermediate) for this verifier: every device chaining
-        through it is refused from the next request on (the revoked set is checked on
-        every call, cached chains included).  The revocation is written to the registry's
-        audit chain first (a ca_revoke entry).  For a revocation every process sees, use
-        revoked_cas.revoke (`fleetid cloud revoke-ca`).  Raises RegistryError."""
-        from fleetid.cloud import audit
-
-        fp = ca_certificate.fingerprint(_SHA256()).hex()
-        self.registry.append_audit(audit.ca_revoke_entry(
-            ca_fingerprint=fp, subject=ca_certificate.subject.rfc4514_string(),
-            reason=reason, operator=operator, when=self.now()))
-        with self._lock:
-            self.trust.revoked_ca.add(fp)
-
-    def revoke_certificate(self, certificate, reason, operator=""):
-        """Revoke a device certificate in the registry (audit entry included) and drop its
-        cached verdict.  Raises RegistryError."""
-        der = certificate.public_bytes(serialization.Encoding.DER)
-        self.registry.mark_revoked(certificate.serial_number, reason, operator=operator,
-                                   issuer=certificate.issuer.rfc4514_string())
-        self.invalidate(fingerprint_of(der))
 
     def acknowledge_rotation(self, identity):
         """The device behind `identity` switched to the certificate it authenticated with:

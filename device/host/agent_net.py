@@ -1,20 +1,28 @@
 """The device agent's network on a Linux host (CPython adapter of device/agent.py's `net`).
 
-Every request is HTTPS with mutual TLS whose client key stays in the SE
-(device/host/se_tls.SeTlsClient: the CertificateVerify is signed by the SE's SIGN
-command); the server is validated against the fleet root the factory line stored in the
-SE.  One request per connection; every wait bounded (connect and per-I/O timeouts).
+Every request is HTTPS over the portable TLS 1.3 client with mutual authentication whose
+client key stays in the SE (device/host/se_https.SeTlsClient: the ECDHE share in the SE's
+transient key, the CertificateVerify signed by the SE's SIGN command); the server is
+validated against the fleet root the factory line stored in the SE (the SE's VERIFY).
+One request per connection; every wait bounded (connect and per-I/O timeouts).  The
+session tickets the servers send are kept (in memory, per server and key) and used once
+by the next connection with the same key: PSK-DHE resumption, so the requests of a
+rotation after the first to each server cost the SE one ECDHE and no SIGN or VERIFY.
 
     net = HostNetwork(se, "https://127.0.0.1:8443", "https://127.0.0.1:8444", [root_der])
     net.whoami(slot) / net.cacerts(slot) / net.nonce(slot) / net.enroll(slot, csr, reenroll)
     net.ack(slot)
     net.fetch_revocation(slot)              the CRL named by the slot's certificate
-    net.fetch(url)                          plain GET for revocation lists (bounded)
+    net.fetch(url)                          GET of a public document (a revocation list):
+                                            https:// over the TLS 1.3 client without a
+                                            client certificate, http:// plain (bounded)
 
 Failures become device.agent.NetError: TlsClientError connect / protocol -> LINK, timeout
--> TIMEOUT, handshake -> HANDSHAKE (retried within the agent's bounds; at the rotation's
+-> TIMEOUT, handshake -> HANDSHAKE (the server refused the session: an alert, or the
+connection closed before any answer, which is how a TLS 1.3 server refuses a client
+certificate after the handshake; retried within the agent's bounds; at the rotation's
 acknowledgement the agent tells a refused new certificate from a bad link by it),
-server certificate -> REFUSED; HTTP 5xx -> SERVER, 202 -> PENDING (with Retry-After),
+server certificate -> REFUSED, SE -> LINK; HTTP 5xx -> SERVER, 202 -> PENDING (with Retry-After),
 other 4xx -> REFUSED with the server's reason code (the first word of its text answer).
 An enrolment answer that is not exactly one certificate in a certs-only PKCS#7 (wrong
 content type, not base64, not PKCS#7, none, several) raises
@@ -23,11 +31,11 @@ cannot be the device's certificate (the agent counts it as a refused certificate
 """
 
 import base64
-import json
 import urllib.error
 import urllib.parse
 import urllib.request
 
+from fleetid.common.mqttmsg import MessageError, decode_document
 from fleetid.device.agent import NetError
 from fleetid.device.certcheck import REASON_MALFORMED, CertificateRefused
 from fleetid.device.host.est_client import (
@@ -37,7 +45,7 @@ from fleetid.device.host.est_client import (
     EstClientError,
     decode_base64_body,
 )
-from fleetid.device.host.se_tls import SeTlsClient, TlsClientError
+from fleetid.device.host.se_https import SeTlsClient, TicketCache, TlsClientError
 
 DEFAULT_CONNECT_TIMEOUT = 10.0
 DEFAULT_IO_TIMEOUT = 30.0
@@ -50,7 +58,14 @@ _TLS_REASONS = {
     TlsClientError.HANDSHAKE: NetError.HANDSHAKE,
     TlsClientError.PROTOCOL: NetError.LINK,
     TlsClientError.SERVER_CERTIFICATE: NetError.REFUSED,
+    TlsClientError.SE: NetError.LINK,
 }
+
+
+class _NoTickets(TicketCache):
+    # A ticket cache that keeps nothing: every connection a full handshake.
+    def put(self, key, ticket):
+        pass
 
 
 def parse_url(url):
@@ -90,12 +105,16 @@ class HostNetwork:
     Params: se: SeSession.  verifier_url, est_url: https://HOST:PORT.  trust_roots_der:
         DER roots for the servers (the SE's fleet root).  label: EST label (None: the
         default).  connect_timeout / io_timeout: seconds per connection / per I/O.
-    Attributes: requests (count), last_status.
+        resumption: keep the servers' session tickets (False: every request a full
+        handshake; for measurements).  verify_in_se: as se_https.SeTlsClient.
+    Attributes: requests (count), last_status, tickets (TicketCache), handshakes /
+        resumed (counts of TLS handshakes, and of those resumed with a ticket),
+        se_operations (the SE commands the TLS handshakes issued).
     """
 
     def __init__(self, se, verifier_url, est_url, trust_roots_der, label=None,
                  connect_timeout=DEFAULT_CONNECT_TIMEOUT, io_timeout=DEFAULT_IO_TIMEOUT,
-                 crl_url=None):
+                 crl_url=None, resumption=True, verify_in_se=True):
         self.se = se
         self.verifier = parse_url(verifier_url)
         self.est = parse_url(est_url)
@@ -106,16 +125,32 @@ class HostNetwork:
         self.crl_url = crl_url
         self.requests = 0
         self.last_status = None
+        self.tickets = TicketCache() if resumption else _NoTickets()
+        self.verify_in_se = verify_in_se
+        self.handshakes = 0
+        self.resumed = 0
+        self.se_operations = 0
 
-    def _request(self, slot, server, method, path, body=None, headers=None):
+    def _client(self, slot):
+        chain = [self.se.get_cert(slot)] if slot is not None else []
+        return SeTlsClient(self.se, slot, chain, self.trust_roots_der,
+                           connect_timeout=self.connect_timeout, io_timeout=self.io_timeout,
+                           tickets=self.tickets, verify_in_se=self.verify_in_se)
+
+    def _request(self, slot, server, method, path, body=None, headers=None, **kwargs):
+        client = None
         try:
-            client = SeTlsClient(self.se, slot, [self.se.get_cert(slot)],
-                                 self.trust_roots_der, connect_timeout=self.connect_timeout,
-                                 io_timeout=self.io_timeout)
+            client = self._client(slot)
             self.requests += 1
-            response = client.request(server[0], server[1], method, path, body, headers)
+            response = client.request(server[0], server[1], method, path, body, headers,
+                                      **kwargs)
         except TlsClientError as exc:
             raise NetError(_TLS_REASONS.get(exc.reason, NetError.LINK), exc.detail) from None
+        finally:
+            if client is not None:
+                self.handshakes += client.handshakes
+                self.resumed += client.resumed
+                self.se_operations += client.se_operations
         self.last_status = response.status
         return response
 
@@ -128,9 +163,12 @@ class HostNetwork:
         if response.status != 200:
             raise error_for(response)
         try:
-            return json.loads(response.body)
-        except ValueError:
-            raise NetError(NetError.SERVER, "whoami answer is not JSON") from None
+            identity = decode_document(response.body)
+        except MessageError as exc:
+            raise NetError(NetError.SERVER, "whoami answer: %s" % exc) from None
+        if not isinstance(identity, dict):
+            raise NetError(NetError.SERVER, "whoami answer is not a JSON object")
+        return identity
 
     def cacerts(self, slot):
         """GET <label>/cacerts (RFC 7030 4.1): the CA certificates, unchecked (the agent
@@ -221,16 +259,54 @@ class HostNetwork:
         return self.fetch(url)
 
     def fetch(self, url, timeout=None):
-        """Plain HTTP(S) GET of a public document (a CRL), bounded in time and size.
+        """GET of a public document (a CRL, a compact set), bounded in time and size: an
+        https:// URL over the TLS 1.3 client (the server validated to the fleet root by
+        the SE; no client certificate), http:// plain.
 
         Returns: bytes.  Raises NetError."""
-        return fetch_url(url, timeout or self.io_timeout)
+        if urllib.parse.urlsplit(url).scheme != "https":
+            return fetch_url(url, timeout or self.io_timeout)
+        host, port, path = _https_target(url)
+        response = self._request(None, (host, port), "GET", path, max_response=MAX_FETCH)
+        if response.status != 200:
+            raise error_for(response)
+        return response.body
 
 
-def fetch_url(url, timeout=DEFAULT_IO_TIMEOUT):
-    """Plain HTTP(S) GET of a public document (a CRL), bounded in time and size.
+def _https_target(url):
+    # (host, port, path?query) of an https:// URL; NetError(REFUSED) without a host.
+    parts = urllib.parse.urlsplit(url)
+    if not parts.hostname:
+        raise NetError(NetError.REFUSED, "GET %s: no host" % url)
+    path = parts.path or "/"
+    if parts.query:
+        path += "?" + parts.query
+    try:
+        port = parts.port or 443
+    except ValueError:
+        raise NetError(NetError.REFUSED, "GET %s: bad port" % url) from None
+    return parts.hostname, port, path
+
+
+def fetch_url(url, timeout=DEFAULT_IO_TIMEOUT, se=None, trust_roots_der=None):
+    """GET of a public document (a CRL), bounded in time and size.  With `se` and
+    `trust_roots_der`, an https:// URL goes over the device's TLS 1.3 client (the server
+    verified to those roots by the SE, no client certificate); otherwise urllib (http://,
+    or https:// against the host's trust store).
 
     Returns: bytes.  Raises NetError."""
+    if se is not None and trust_roots_der and urllib.parse.urlsplit(url).scheme == "https":
+        host, port, path = _https_target(url)
+        client = SeTlsClient(se, None, [], trust_roots_der,
+                             connect_timeout=min(timeout, DEFAULT_CONNECT_TIMEOUT),
+                             io_timeout=timeout)
+        try:
+            response = client.request(host, port, "GET", path, max_response=MAX_FETCH)
+        except TlsClientError as exc:
+            raise NetError(_TLS_REASONS.get(exc.reason, NetError.LINK), exc.detail) from None
+        if response.status != 200:
+            raise error_for(response)
+        return response.body
     try:
         with urllib.request.urlopen(url, timeout=timeout) as answer:
             data = answer.read(MAX_FETCH + 1)

@@ -32,7 +32,9 @@ The old key and certificate stay where they are: the verifier accepts both durin
 overlap window, and the device switches when the verifier acknowledges the new one.
 Failures raise EstClientError (typed by `reason`, the HTTP status and the server's
 reason text when there was an answer); the SE and TLS layers' errors pass through as
-TlsClientError / ApduError.
+TlsClientError / ApduError.  The TLS is the portable TLS 1.3 client with the SE-held key
+(device/host/se_https.py); the session tickets the server sends are kept by this client
+(per key) so the requests after the first resume (PSK-DHE: no SIGN, no chain check).
 """
 
 import base64
@@ -46,7 +48,7 @@ from cryptography.x509.oid import NameOID
 from fleetid.common import se_consts as C
 from fleetid.common.errors import FleetidError, ReferenceNotFound
 from fleetid.device import enrol
-from fleetid.device.host.se_tls import SeTlsClient
+from fleetid.device.host.se_https import SeTlsClient, TicketCache
 
 WELL_KNOWN = "/.well-known/est"  # RFC 7030 3.2.2
 CT_PKCS10 = "application/pkcs10"  # RFC 7030 4.2.1
@@ -122,7 +124,8 @@ class EstClient:
         DER roots for the server's certificate (the SE's fleet root anchor).
         label: EST label (None: the server's default).  sleep: (seconds) -> None (injected
         for tests).  max_wait_s / max_retry_after_s / max_attempts: the bounds on 202.
-        tls_kwargs: extra SeTlsClient arguments (timeouts, clock).
+        tls_kwargs: extra SeTlsClient arguments (connect_timeout, io_timeout, now,
+        tickets: a TicketCache to share with other clients of the same device).
     """
 
     def __init__(self, se, host, port, trust_roots_der, label=None, sleep=time.sleep,
@@ -137,6 +140,7 @@ class EstClient:
         self.max_wait_s = max_wait_s
         self.max_retry_after_s = max_retry_after_s
         self.max_attempts = max_attempts
+        tls_kwargs.setdefault("tickets", TicketCache())
         self.tls_kwargs = tls_kwargs
 
     def _path(self, op):

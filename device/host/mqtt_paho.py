@@ -2,11 +2,13 @@
 
 paho-mqtt has no public hook for a custom socket (eclipse-paho/paho.mqtt.python issue 873;
 PR 945 unmerged) and Python's `ssl` cannot sign with a key it does not hold.  So the TLS
-session is tlslite-ng's (device/host/se_tls.py: TLS 1.2 ECDHE-ECDSA AES-GCM, the
-CertificateVerify signed by the SE's SIGN command) and paho is handed plain MQTT over a
-loopback TCP connection that `SeTlsTunnel` forwards into that session, stunnel-style:
+session is the project's portable TLS 1.3 client (device/host/se_https.py over
+device/host/tls13_socket.TlsSocket: ECDHE in the SE's transient key, the CertificateVerify
+signed by the SE's SIGN command, the broker's chain verified to the fleet root by the SE's
+VERIFY) and paho is handed plain MQTT over a loopback TCP connection that `SeTlsTunnel`
+forwards into that session, stunnel-style:
 
-    paho --MQTT--> 127.0.0.1:<ephemeral> ==SeTlsTunnel==> TLS (SE-signed) --> broker:8883
+    paho --MQTT--> 127.0.0.1:<ephemeral> ==SeTlsTunnel==> TLS 1.3 (SE-keyed) --> broker:8883
 
 Why this and not a paho subclass: it uses only paho's public API (`connect(host, port)`,
 `socket()`), so a paho upgrade cannot break it silently; a subclass overriding
@@ -15,12 +17,16 @@ hop and two pump threads.  The tunnel listens on 127.0.0.1 only, accepts exactly
 connection and forwards nothing until the caller has confirmed that the accepted peer is
 paho's own socket (`authorise(paho.socket().getsockname())`): another local process that
 races to the port gets a closed connection, never the device's TLS identity.  The TLS
-handshake runs before the port opens, so a refused certificate (e.g. revoked: the broker's
-CRL) is an exception from connect(), not a silent drop.
+handshake runs before the port opens, and the tunnel then waits (bounded) for the broker's
+session ticket, which a TLS 1.3 server sends only once it has accepted the client's
+certificate: a refused certificate (e.g. revoked: the broker's CRL) is an exception from
+connect(), not a silent drop.  The ticket is not kept: a resumed session would skip the
+broker's certificate and CRL checks (OpenSSL does not re-verify a resumed client), so a
+revoked device could ride a ticket; MQTT reconnections are rare, each is a full handshake.
 
-Pinned: paho-mqtt 2.1.0 (CallbackAPIVersion.VERSION2, the public client API only) and
-tlslite-ng 0.8.2 (constraints.txt); tests/device/test_mqtt_paho.py runs both against
-mosquitto.
+Pinned: paho-mqtt 2.1.0 (CallbackAPIVersion.VERSION2, the public client API only;
+constraints.txt); tests/device/test_mqtt_paho.py and tests/cloud/test_mqtt_*.py run it
+against mosquitto and the fleet's broker.
 """
 
 import logging
@@ -31,13 +37,13 @@ import time
 
 import paho.mqtt.client as paho_client
 from paho.mqtt.enums import CallbackAPIVersion
-from tlslite import TLSConnection
-from tlslite.errors import TLSError
 
-from fleetid.device.host.se_tls import SeTlsClient, TlsClientError
+from fleetid.common.errors import FleetidError
+from fleetid.device.host.se_https import SeTlsClient, TlsClientError, client_error
 from fleetid.device.mqtt import TransportError
 
 DEFAULT_TIMEOUT = 10.0
+SETTLE_TIMEOUT = 2.0  # bound on the wait for the broker's ticket (its certificate verdict)
 _CHUNK = 16384
 _log = logging.getLogger("fleetid.device.mqtt")
 
@@ -68,31 +74,16 @@ class SeTlsTunnel:
         """Handshake with the broker (the SE signs), then listen on loopback.
 
         Returns: the local port paho must connect to.
-        Raises: TlsClientError (connect, timeout, handshake, server_certificate, se).
+        Raises: TlsClientError (connect, timeout, handshake (also: the broker refused our
+            certificate), server_certificate, se).
         """
         client = self.tls_client
+        tls = client.open(self.host, self.port)  # TlsClientError
         try:
-            raw = socket.create_connection((self.host, self.port),
-                                           timeout=client.connect_timeout)
-        except OSError as exc:
-            raise TlsClientError(TlsClientError.CONNECT, "%s:%d: %s" % (
-                self.host, self.port, exc)) from None
-        raw.settimeout(client.io_timeout)
-        tls = TLSConnection(raw)
-        try:
-            tls.handshakeClientCert(client.cert_chain, client.key, settings=client.settings)
-            # A revoked client certificate shows only after the handshake on TLS 1.2
-            # servers that check late; a zero-length read would then fail.  The server
-            # chain check is ours: the broker must chain to the device's fleet root.
-            client.check_server(tls, self.host)
-        except TlsClientError:
-            raw.close()
-            raise
-        except (TLSError, OSError) as exc:
-            raw.close()
-            raise TlsClientError(TlsClientError.HANDSHAKE, "%s: %s" % (
-                type(exc).__name__, exc)) from None
-        raw.settimeout(None)  # the pumps block; close() unblocks them
+            tls.settle(min(SETTLE_TIMEOUT, client.io_timeout))
+        except FleetidError as exc:
+            raise client_error(exc, False) from None
+        tls.settimeout(None)  # the pumps block; close() unblocks them
         self._tls = tls
         listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         listener.bind(("127.0.0.1", 0))
@@ -150,9 +141,9 @@ class SeTlsTunnel:
                 data = self._local.recv(_CHUNK)
                 if not data:
                     break
-                self._tls.write(data)
+                self._tls.sendall(data)
                 self.bytes_up += len(data)
-        except (OSError, TLSError):
+        except (OSError, FleetidError):
             pass
         self.close()
 
@@ -163,12 +154,12 @@ class SeTlsTunnel:
                 return
         try:
             while True:
-                data = self._tls.read(max=_CHUNK, min=1)
+                data = self._tls.recv(_CHUNK)
                 if not data:
                     break
-                self._local.sendall(bytes(data))
+                self._local.sendall(data)
                 self.bytes_down += len(data)
-        except (OSError, TLSError):
+        except (OSError, FleetidError):
             pass
         self.close()
 
@@ -185,14 +176,7 @@ class SeTlsTunnel:
                     pass
         tls = self._tls
         if tls is not None:
-            try:
-                tls.sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-            try:
-                tls.sock.close()
-            except OSError:
-                pass
+            tls.close()  # close_notify, then shutdown (wakes the pumps) and close
 
     @property
     def closed(self):

@@ -4,7 +4,7 @@ operational certificate EST issues at the agent's enrolment (same subject), not
 hand-made look-alikes with numeric serials.
 
   * `fleetid agent check-peer-offline` (compact set): the line's FID-… serial maps to the
-    registry serial the set holds (cloud/revocation/compact.py keys devices by it); a
+    registry serial the set holds (cloud/revocation/revset_publisher.py keys devices by it); a
     revoked device is refused whichever of its certificates it shows;
   * `fleetid agent check-peer` (the issuing CA's CRL, fetched from the CRL listener);
   * `fleetid cloud check-cert` (the verifier's checks, one by one).
@@ -19,13 +19,13 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import NameOID
 
 from fleetid.cli.main import cli
-from fleetid.cloud.revocation.app import make_crl_app
-from fleetid.cloud.revocation.compact import (
-    CompactPublisher,
+from fleetid.cloud.http.revocation_app import make_revocation_app
+from fleetid.cloud.revocation.revset_publisher import (
+    RevsetPublisher,
     RevocationSigner,
     new_revocation_signer,
 )
-from fleetid.cloud.revocation.crl import CrlIssuer, CrlPublisher
+from fleetid.cloud.revocation.crl import CrlIssuer, CrlPublisher, CrlTier
 from fleetid.common import se_consts as C
 from fleetid.device.revset_cache import RevsetCacheError, device_number
 from tests.cloud.crl_support import FakeMonotonic
@@ -63,7 +63,7 @@ def world(tmp_path_factory):
     signer_cert = new_revocation_signer(line.hsm, line.labels["root"], line.root_cert,
                                         "revocation-set")
     signer = RevocationSigner(line.hsm, "revocation-set", signer_cert, line.root_cert)
-    compact = CompactPublisher(line.registry, signer, [line.ca_cert],
+    compact = RevsetPublisher(line.registry, signer, [line.ca_cert],
                                monotonic=FakeMonotonic())
     crls = CrlPublisher(line.registry, [CrlIssuer("ca", line.hsm, line.labels["ca"],
                                                   line.ca_cert)],
@@ -85,7 +85,7 @@ def world(tmp_path_factory):
     server = serve_in_thread(BusEndpoint(Chip(Nvm(str(tmp_path / "checker.nvm"))),
                                          profile=t1.PROFILE_GP, latency=profiles.get("none")),
                              "unix:" + str(tmp_path / "se.sock"), idle_timeout_s=60)
-    crl_listener = LoopbackServer(make_crl_app(crls)).__enter__()
+    crl_listener = LoopbackServer(make_revocation_app([CrlTier(crls)])).__enter__()
     try:
         yield {"dir": tmp_path, "fleet": fleet, "certs": certs, "serials": serials,
                "compact": compact, "crls": crls, "bus": server.bus_uri,

@@ -9,7 +9,7 @@ from click.testing import CliRunner
 from fleetid.cli.main import cli
 from fleetid.common import revset
 from tests.cloud.cloud_support import Fleet, pem
-from tests.cloud.compact_support import compact_publisher, revocation_signer
+from tests.cloud.revset_support import revset_publisher, revocation_signer
 
 
 @pytest.fixture
@@ -50,7 +50,7 @@ def test_offline_peer_check_takes_sets_and_deltas_and_keeps_the_old_set(world):
     (tmp_path / "signer.pem").write_bytes(pem(revocation_signer(fleet).certificate))
     for name, device in (("kept.pem", kept), ("revoked.pem", revoked)):
         (tmp_path / name).write_bytes(pem(device.identity_cert))
-    publisher = compact_publisher(fleet)
+    publisher = revset_publisher(fleet)
     first = publisher.current()
     (tmp_path / "first.frs").write_bytes(first)
     result = _check(tmp_path, server, tmp_path / "revoked.pem", tmp_path / "first.frs")
@@ -82,3 +82,58 @@ def test_offline_peer_check_takes_sets_and_deltas_and_keeps_the_old_set(world):
     assert "load: older than cached, kept cached" in result.output, result.output
     assert result.exit_code == 1 and "REFUSED" in result.output, result.output
     assert (tmp_path / "cache.frs").read_bytes() == second
+
+
+def test_the_set_is_fetched_over_https_with_the_device_tls13_client(world):
+    """--fetch https://...: the set comes over the device's TLS 1.3 client (ECDHE and the
+    server chain's check in the SE, no client certificate), then is verified and cached as
+    --load would; a failed fetch leaves the old set."""
+    import http.server
+    import ssl
+    import threading
+
+    fleet, server, tmp_path = world
+    peer = fleet.provision("b42")
+    (tmp_path / "root.pem").write_bytes(pem(fleet.root))
+    (tmp_path / "signer.pem").write_bytes(pem(revocation_signer(fleet).certificate))
+    (tmp_path / "peer.pem").write_bytes(pem(peer.identity_cert))
+    current = compact_publisher(fleet).current()
+    requests = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 http.server's name
+            requests.append(self.path)
+            body = current if self.path == "/revset/current.frs" else b""
+            self.send_response(200 if body else 404)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    https = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_3
+    context.load_cert_chain(fleet.server_cert, fleet.server_key)
+    https.socket = context.wrap_socket(https.socket, server_side=True)
+    thread = threading.Thread(target=https.serve_forever, daemon=True)
+    thread.start()
+    base = "https://localhost:%d" % https.server_address[1]
+    try:
+        args = ["agent", "check-peer-offline", str(tmp_path / "peer.pem"), "--bus",
+                server.bus_uri, "--root", str(tmp_path / "root.pem"), "--signer",
+                str(tmp_path / "signer.pem"), "--cache", str(tmp_path / "cache.frs")]
+        result = CliRunner().invoke(cli, args + ["--fetch", base + "/revset/current.frs"],
+                                    catch_exceptions=False)
+        assert result.exit_code == 0 and "not revoked" in result.output, result.output
+        assert (tmp_path / "cache.frs").read_bytes() == current
+        result = CliRunner().invoke(cli, args + ["--fetch", base + "/revset/none.frs"],
+                                    catch_exceptions=False)
+        assert result.exit_code == 1 and "the old set stays" in result.output, result.output
+        assert (tmp_path / "cache.frs").read_bytes() == current
+        assert requests == ["/revset/current.frs", "/revset/none.frs"]
+    finally:
+        https.shutdown()
+        https.server_close()
+        thread.join(5)

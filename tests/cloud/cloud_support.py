@@ -13,6 +13,7 @@ import asyncio
 import datetime
 import http.client
 import os
+import pathlib
 import ssl
 import threading
 
@@ -30,6 +31,8 @@ from fleetid.cloud.registry import IdentityRecord
 from fleetid.cloud.registry.memory import MemoryRegistry
 from fleetid.cloud.registry.sqlite_backend import SqliteRegistry
 from fleetid.cloud.server import CloudServer
+from fleetid.cloud.revocation.service import RevocationService
+from fleetid.cloud.verifier.revoked_cas import RevokedCaFile
 from fleetid.cloud.verifier.service import FleetTrust, FleetVerifier
 from tests.cloud.attestation_support import CountingHsm, SoftVendor, enrolment, make_csr, new_key
 from tests.cloud.hsm_support import KEYSTORE_PASS, TEST_SCRYPT_N
@@ -49,6 +52,41 @@ class Clock:
 
     def advance(self, **delta):
         self.offset += datetime.timedelta(**delta)
+
+
+class LoopThread:
+    """An asyncio loop on a daemon thread: run(coro) waits (bounded) for its result."""
+
+    def __init__(self):
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+
+    def run(self, coro):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(30)
+
+    def close(self):
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+        self.loop.close()
+
+
+def revocation_config(fleet, folder, extra=""):
+    """A cloud TOML in `folder` on the fleet's PKI and registry (labels b42, b43; state
+    under folder/state), `extra` appended to its [cloud] table.  Returns its path."""
+    folder = pathlib.Path(folder)
+    for name, cert in (("root", fleet.root), ("b42", fleet.ca_certs["b42"]),
+                       ("b43", fleet.ca_certs["b43"]), ("vendor", fleet.vendor.root)):
+        (folder / (name + ".pem")).write_bytes(pem(cert))
+    config = folder / "cloud.toml"
+    config.write_text(
+        '[cloud]\nstate_dir = "state"\nroots = ["root.pem"]\n'
+        'intermediates = ["b42.pem", "b43.pem"]\nvendor_roots = ["vendor.pem"]\n'
+        'registry = "sqlite:%s"\n' % os.path.join(fleet.dir, "registry.db") + extra
+        + '[[cloud.labels]]\nname = "b42"\nca_key = "ca-widget-b42"\nca_cert = "b42.pem"\n'
+        'default = true\n'
+        '[[cloud.labels]]\nname = "b43"\nca_key = "ca-widget-b43"\nca_cert = "b43.pem"\n')
+    return str(config)
 
 
 def pem(cert):
@@ -127,7 +165,9 @@ class Fleet:
             self.registry = MemoryRegistry()
         else:
             self.registry = registry_kind
-        self.trust = FleetTrust([self.root], list(self.ca_certs.values()), [self.vendor.root])
+        self.revoked_cas_path = os.path.join(self.dir, "revoked-cas.jsonl")
+        self.trust = FleetTrust([self.root], list(self.ca_certs.values()), [self.vendor.root],
+                                revoked_ca_file=RevokedCaFile(self.revoked_cas_path))
         self.labels = [
             EstLabel("b42", self.cas["b42"], [self.ca_certs["b42"], self.root]),
             EstLabel("b43", self.cas["b43"], [self.ca_certs["b43"], self.root]),
@@ -137,7 +177,17 @@ class Fleet:
         self.est = EstService(self.labels, self.registry, self.trust, default_label="b42",
                               overlap=overlap, clock=self.clock)
         self.verifier = FleetVerifier(self.trust, self.registry, clock=self.clock)
+        self.revocation = RevocationService(
+            self.registry, list(self.ca_certs.values()), self.revoked_cas_path,
+            os.path.join(self.dir, "revocation.events"), listeners=[self.verifier.invalidate])
         self._server_files()
+
+    def revoke_certificate(self, certificate, reason, operator=""):
+        """Revoke `certificate` through the one writer (RevocationService), as `fleetid
+        revoke --cert` does.  Returns its CertificateRecord."""
+        return self.revocation.revoke_certificate(
+            certificate.serial_number, reason, operator=operator,
+            issuer=certificate.issuer.rfc4514_string())
 
     def label_batch(self, label):
         return {"b42": "b42", "b43": "b43", "b42-approval": "b42"}.get(label, "b42")

@@ -98,8 +98,8 @@ def test_ca_revocation_by_cli_and_by_the_verifier_are_audit_entries(fleet, tmp_p
     again = CliRunner().invoke(cli, ["cloud", "revoke-ca", "--cert", str(ca_file),
                                      "--config", str(config)])
     assert again.exit_code == 0 and fleet.registry.head()[0] == count
-    # The verifier's run-time revocation writes its entry too.
-    fleet.verifier.revoke_ca(fleet.ca_certs["b43"], reason="superseded", operator="bob")
+    # The service (the one writer) writes its entry too.
+    fleet.revocation.revoke_ca(fleet.ca_certs["b43"], "superseded", operator="bob")
     [line] = list(fleet.registry.iter_audit_lines(count))
     assert audit.parse_entry(line, count).fields["subject"] == \
         fleet.ca_certs["b43"].subject.rfc4514_string()
@@ -259,7 +259,7 @@ def test_the_cloud_signs_checkpoints_while_it_runs_and_at_shutdown(fleet, tmp_pa
         while fleet.registry.last_checkpoint() is None and time.monotonic() < deadline:
             time.sleep(0.05)
         assert fleet.registry.last_checkpoint() is not None  # made while running
-        fleet.verifier.revoke_ca(fleet.ca_certs["b43"])  # one more entry, then shutdown
+        fleet.revocation.revoke_ca(fleet.ca_certs["b43"], "unspecified")  # one more entry
     report = verify_registry_log(fleet.registry, LINE.public_key(), WITNESS.public_key(),
                                  witness_anchor=audit.read_witness_anchor(
                                      anchor, WITNESS.public_key()))

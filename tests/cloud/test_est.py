@@ -236,7 +236,7 @@ def test_attack_same_key_reenrolment_is_refused(fleet):
 def test_attack_revoked_device_cannot_enrol(fleet):
     device = fleet.provision()
     fleet.enrol(device)
-    fleet.verifier.revoke_certificate(device.cert, "keyCompromise")
+    fleet.revoke_certificate(device.cert, "keyCompromise")
     _, csr = device.csr()
     _enrol_refused(fleet, device.cert, csr, True, "revoked at", status_reason="revoked")
 
@@ -244,7 +244,7 @@ def test_attack_revoked_device_cannot_enrol(fleet):
 def test_attack_revoked_batch_intermediate(fleet):
     device = fleet.provision()
     other_batch = fleet.provision(batch="b43")
-    fleet.verifier.revoke_ca(fleet.ca_certs["b42"])
+    fleet.revocation.revoke_ca(fleet.ca_certs["b42"], "unspecified")
     _, csr = device.csr()
     _enrol_refused(fleet, device.identity_cert, csr, False, "is revoked",
                    status_reason="ca_revoked")

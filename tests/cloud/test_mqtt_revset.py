@@ -7,8 +7,8 @@ import time
 
 import pytest
 
-from fleetid.cloud.revocation.compact import (
-    CompactPublisher,
+from fleetid.cloud.revocation.revset_publisher import (
+    RevsetPublisher,
     RevocationSigner,
     new_revocation_signer,
 )
@@ -37,7 +37,7 @@ def test_a_retained_compact_set_reaches_an_offline_device_and_refuses_the_revoke
     cert = new_revocation_signer(line.hsm, line.labels["root"], line.root_cert,
                                  "revocation-set-mqtt")
     signer = RevocationSigner(line.hsm, "revocation-set-mqtt", cert, line.root_cert)
-    publisher = CompactPublisher(line.registry, signer, [line.ca_cert], poll_interval=0.0)
+    publisher = RevsetPublisher(line.registry, signer, [line.ca_cert], poll_interval=0.0)
     cloud = fleet.cloud(client_id="fleet-cloud-revset-%d" % time.monotonic_ns())
     cloud.connect()
     try:
@@ -64,8 +64,8 @@ def test_a_retained_compact_set_reaches_an_offline_device_and_refuses_the_revoke
             assert dispatch.results == ["updated"]
             assert (tmp_path / "revset.frs").read_bytes() == wire
             with pytest.raises(RevokedError):
-                cache.check(fleet.parse_serial(name_revoked), None, int(time.time()))
-            assert cache.check(fleet.parse_serial(name), None, int(time.time())) is None
+                cache.check_device(fleet.parse_serial(name_revoked), None, int(time.time()))
+            assert cache.check_device(fleet.parse_serial(name), None, int(time.time())) is None
             # A forged retained set (the cloud's identity may publish there, a device may
             # not; this one is simply not signed by the revocation key): refused.
             forged = bytearray(wire)
@@ -76,7 +76,7 @@ def test_a_retained_compact_set_reaches_an_offline_device_and_refuses_the_revoke
                 channel.step(0.2)
             assert dispatch.results[1:] == ["refused: signature"]
             with pytest.raises(RevokedError):
-                cache.check(fleet.parse_serial(name_revoked), None, int(time.time()))
+                cache.check_device(fleet.parse_serial(name_revoked), None, int(time.time()))
         finally:
             channel.close()
     finally:

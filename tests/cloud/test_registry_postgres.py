@@ -172,7 +172,7 @@ def test_est_and_verifier_run_on_postgresql(database, tmp_path):
         new = fleet.est.enroll("b42", der(old), csr, reenroll=True)
         assert fleet.verifier.verify(der(old)).in_overlap
         assert fleet.verifier.verify(der(new)).kind == "operational"
-        fleet.verifier.revoke_certificate(new, "keyCompromise")
+        fleet.revoke_certificate(new, "keyCompromise")
         with pytest.raises(AccessRefused) as info:
             fleet.verifier.verify(der(new))
         assert info.value.reason == "revoked"

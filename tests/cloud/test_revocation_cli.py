@@ -2,10 +2,8 @@
 audit chain and the event file; status shows per tier what is published, its number and
 its age, fetched from a running revocation listener (CRL + OCSP + compact set)."""
 
-import asyncio
 import json
 import os
-import threading
 
 import pytest
 from click.testing import CliRunner
@@ -14,7 +12,7 @@ from fleetid.cli.main import cli
 from fleetid.cloud.revocation import tiers
 from fleetid.cloud.revocation.crl import CrlIssuer, CrlPublisher
 from fleetid.cloud.server import CloudServer
-from tests.cloud.cloud_support import Fleet, pem
+from tests.cloud.cloud_support import Fleet, LoopThread, revocation_config
 
 
 @pytest.fixture
@@ -25,28 +23,13 @@ def fleet(tmp_path):
     fleet.close()
 
 
-def _config(fleet, tmp_path):
-    for name, cert in (("root", fleet.root), ("b42", fleet.ca_certs["b42"]),
-                       ("b43", fleet.ca_certs["b43"]), ("vendor", fleet.vendor.root)):
-        (tmp_path / (name + ".pem")).write_bytes(pem(cert))
-    config = tmp_path / "cloud.toml"
-    config.write_text(
-        '[cloud]\nstate_dir = "state"\nroots = ["root.pem"]\n'
-        'intermediates = ["b42.pem", "b43.pem"]\nvendor_roots = ["vendor.pem"]\n'
-        'registry = "sqlite:%s"\n' % os.path.join(fleet.dir, "registry.db")
-        + '[[cloud.labels]]\nname = "b42"\nca_key = "ca-widget-b42"\nca_cert = "b42.pem"\n'
-        'default = true\n'
-        '[[cloud.labels]]\nname = "b43"\nca_key = "ca-widget-b43"\nca_cert = "b43.pem"\n')
-    return str(config)
-
-
 def _run(*args):
     result = CliRunner().invoke(cli, list(args), catch_exceptions=False)
     return result
 
 
 def test_revoke_serial_and_batch_write_registry_audit_and_event(fleet, tmp_path):
-    config = _config(fleet, tmp_path)
+    config = revocation_config(fleet, tmp_path)
     head = fleet.registry.head()
     device = fleet.devices[0]
     result = _run("revoke", "--serial", str(device.serial), "--reason", "keyCompromise",
@@ -74,23 +57,8 @@ def test_revoke_serial_and_batch_write_registry_audit_and_event(fleet, tmp_path)
     assert len(status["verifier"]["revoked_cas"]) == 1
 
 
-class _Loop:
-    def __init__(self):
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-
-    def run(self, coro):
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(30)
-
-    def close(self):
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
-        self.loop.close()
-
-
 def test_status_shows_every_tier_of_a_running_listener_and_revoke_reaches_it(fleet, tmp_path):
-    config = _config(fleet, tmp_path)
+    config = revocation_config(fleet, tmp_path)
     state = str(tmp_path / "state")
     issuers = [("ca-widget-" + b, fleet.ca_certs[b]) for b in ("b42", "b43")]
     assert tiers.load(fleet.hsm, fleet.registry, state, fleet.root, issuers,
@@ -100,26 +68,26 @@ def test_status_shows_every_tier_of_a_running_listener_and_revoke_reaches_it(fle
                                         zip(issuers, ("b42", "b43"))])
     revocation = tiers.load(fleet.hsm, fleet.registry, state, fleet.root, issuers,
                             str(tmp_path / "state" / "revoked-cas.jsonl"), crl)
-    revocation.compact.poll_interval = 3600  # only the event can make it re-read
+    revocation.tier("revset").publisher.poll_interval = 3600  # only the event can make it re-read
     server = CloudServer(fleet.verifier, fleet.est, fleet.server_cert, fleet.server_key,
                          fleet.trust.ca_bundle_pem(), verifier_port=0, est_port=0,
                          crl_publisher=crl, crl_port=0, revocation_tiers=revocation)
-    loop = _Loop()
+    loop = LoopThread()
     try:
         ports = loop.run(server.start())
         url = "http://127.0.0.1:%d" % ports["crl"]
         first = json.loads(_run("revocation", "status", "--config", config, "--url",
                                 url).output)
         assert first["ocsp"]["response_status"] == "SUCCESSFUL"
-        assert first["compact"]["revoked"] == 0
+        assert first["revset"]["revoked"] == 0
         assert set(first["crl"]) == {"b42", "b43"}
         assert all("number" in v for v in first["crl"].values())
         _run("revoke", "--serial", str(fleet.devices[1].serial), "--reason",
              "keyCompromise", "--config", config)
         second = json.loads(_run("revocation", "status", "--config", config, "--url",
                                  url).output)
-        assert second["compact"]["revoked"] == 1  # the event, not the hour-long poll
-        assert second["compact"]["number"] > first["compact"]["number"]
+        assert second["revset"]["revoked"] == 1  # the event, not the hour-long poll
+        assert second["revset"]["number"] > first["revset"]["number"]
         assert second["crl"]["b42"]["revoked"] == 1
     finally:
         loop.run(server.stop())
@@ -154,7 +122,7 @@ def test_the_verifier_staples_its_certificates_ocsp_response_on_every_answer(fle
     server = CloudServer(fleet.verifier, fleet.est, fleet.server_cert, fleet.server_key,
                          fleet.trust.ca_bundle_pem(), verifier_port=0, est_port=0,
                          crl_publisher=crl, crl_port=0, revocation_tiers=revocation)
-    loop = _Loop()
+    loop = LoopThread()
     try:
         ports = loop.run(server.start())
         context = ssl.create_default_context(cafile=fleet.root_file)
@@ -183,7 +151,7 @@ def test_the_verifier_staples_its_certificates_ocsp_response_on_every_answer(fle
         # The server certificate revoked (an entry in the revoked-CA file names any
         # certificate) + the event: the next staple says so.
         append(cas_path, server_cert, "keyCompromise")
-        revocation.staple.invalidate()
+        revocation.tier("staple").invalidate()
         with urllib.request.urlopen(url, timeout=10) as resp:
             again = ocsp.load_der_ocsp_response(resp.read())
         assert again.certificate_status == ocsp.OCSPCertStatus.REVOKED
@@ -201,7 +169,7 @@ def _closed_port():
 
 
 def test_status_of_an_unreachable_listener_exits_1_naming_the_url_and_cause(fleet, tmp_path):
-    config = _config(fleet, tmp_path)
+    config = revocation_config(fleet, tmp_path)
     url = "http://127.0.0.1:%d" % _closed_port()
     result = CliRunner().invoke(cli, ["revocation", "status", "--config", config, "--url",
                                       url])
@@ -209,7 +177,7 @@ def test_status_of_an_unreachable_listener_exits_1_naming_the_url_and_cause(flee
     assert "Error: revocation listener %s: Connection refused" % url in result.stderr, \
         result.stderr
     report = json.loads(result.stdout)
-    assert report["compact"] == {"error": "URLError", "url": url + "/revset/current.frs",
+    assert report["revset"] == {"error": "URLError", "url": url + "/revset/current.frs",
                                  "cause": "Connection refused"}
 
 
@@ -218,7 +186,7 @@ def test_status_names_each_tier_a_listener_does_not_serve(fleet, tmp_path):
 
     from tests.cloud.ocsp_support import LoopbackServer
 
-    config = _config(fleet, tmp_path)
+    config = revocation_config(fleet, tmp_path)
     with LoopbackServer(web.Application()) as server:  # answers 404 to everything
         result = CliRunner().invoke(cli, ["revocation", "status", "--config", config,
                                           "--url", server.url])

@@ -3,11 +3,9 @@ signed through the HSM, accepted by `openssl crl -verify`, re-published with a h
 CRL number when revocation changes, and served over HTTP at the distribution point URL
 that issued certificates name."""
 
-import asyncio
 import datetime
 import shutil
 import subprocess
-import threading
 import urllib.error
 import urllib.request
 
@@ -18,6 +16,7 @@ from cryptography.hazmat.primitives import serialization
 from fleetid.cloud.revocation import crl_url
 from fleetid.cloud.revocation.crl import CRL_CONTENT_TYPE
 from fleetid.cloud.server import CloudServer
+from tests.cloud.cloud_support import LoopThread
 from tests.cloud.crl_support import FakeMonotonic, b42_publisher
 from tests.conftest import require
 
@@ -101,21 +100,6 @@ def test_revocation_change_is_republished_with_a_higher_number(revoked_fleet):
     assert number(publisher.current("b42")) > number(third)
 
 
-class _Loop:
-    def __init__(self):
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-
-    def run(self, coro):
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(30)
-
-    def close(self):
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
-        self.loop.close()
-
-
 def _device_cache(tmp_path, fleet):
     # A device's CRL cache for the b42 CA over an emulated SE (device/crl_cache.py).
     from fleetid.common.apdu import ApduProtocol
@@ -138,7 +122,7 @@ def test_crl_is_served_at_the_distribution_point_the_certificates_name(fleet, tm
     server = CloudServer(fleet.verifier, fleet.est, fleet.server_cert, fleet.server_key,
                          fleet.trust.ca_bundle_pem(), verifier_port=0, est_port=0,
                          crl_publisher=publisher, crl_port=0)
-    loop = _Loop()
+    loop = LoopThread()
     try:
         ports = loop.run(server.start())
         base = "http://127.0.0.1:%d" % ports["crl"]
@@ -172,7 +156,7 @@ def test_crl_is_served_at_the_distribution_point_the_certificates_name(fleet, tm
         now = int(crl.last_update_utc.timestamp()) + 1
         assert cache.refresh(fetch, now) == "updated"
         with pytest.raises(RevokedError):
-            cache.check(device.identity_cert.serial_number, now)
+            cache.check_serial(device.identity_cert.serial_number, now)
     finally:
         loop.run(server.stop())
         loop.close()

@@ -17,8 +17,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509 import ocsp
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from fleetid.cloud.revocation.compact import ca_key_id
-from fleetid.cloud.revocation.ocsp import OCSP_REQUEST_TYPE, make_ocsp_app
+from fleetid.cloud.revocation.revset_publisher import ca_key_id
+from fleetid.cloud.http.revocation_app import make_revocation_app
+from fleetid.cloud.revocation.ocsp import OCSP_REQUEST_TYPE, OcspTier
 from tests.cloud.cloud_support import Fleet, pem
 from tests.cloud.ocsp_support import LoopbackServer, ocsp_responder, ocsp_signers
 from tests.conftest import require
@@ -69,7 +70,7 @@ def _check_signed(response, fleet, batch):
 def test_ocsp_client_sees_a_revocation_at_its_next_query_over_post_and_get(fleet):
     device = fleet.devices[0]
     responder = ocsp_responder(fleet)
-    with LoopbackServer(make_ocsp_app(responder)) as server:
+    with LoopbackServer(make_revocation_app([OcspTier(responder)])) as server:
         first = _post(server.url, _request(device, nonce=b"n" * 16))
         assert first.response_status == ocsp.OCSPResponseStatus.SUCCESSFUL
         assert first.certificate_status == ocsp.OCSPCertStatus.GOOD
@@ -135,7 +136,7 @@ def test_openssl_ocsp_queries_the_responder(fleet, tmp_path):
         (tmp_path / (name + ".pem")).write_bytes(pem(cert))
     ocsp_signers(fleet)
     texts = {}
-    with LoopbackServer(make_ocsp_app(ocsp_responder(fleet))) as server:
+    with LoopbackServer(make_revocation_app([OcspTier(ocsp_responder(fleet))])) as server:
         for name in ("good", "revoked"):
             out = subprocess.run(
                 [openssl, "ocsp", "-issuer", str(tmp_path / "ca.pem"),
@@ -155,7 +156,7 @@ def test_openssl_ocsp_queries_the_responder(fleet, tmp_path):
 @pytest.mark.parametrize("length", [0, 33, 129, 3000])
 def test_a_nonce_outside_1_to_32_octets_is_a_malformed_request_and_not_echoed(fleet, length):
     # RFC 8954 2.1: Nonce ::= OCTET STRING (SIZE(1..32)); a responder MUST reject others.
-    with LoopbackServer(make_ocsp_app(ocsp_responder(fleet))) as server:
+    with LoopbackServer(make_revocation_app([OcspTier(ocsp_responder(fleet))])) as server:
         answer = _post(server.url, _request(fleet.devices[1], nonce=os.urandom(length)))
     assert answer.response_status == ocsp.OCSPResponseStatus.MALFORMED_REQUEST
 
@@ -163,7 +164,7 @@ def test_a_nonce_outside_1_to_32_octets_is_a_malformed_request_and_not_echoed(fl
 @pytest.mark.parametrize("length", [1, 16, 32])
 def test_a_nonce_of_1_to_32_octets_is_echoed(fleet, length):
     nonce = os.urandom(length)
-    with LoopbackServer(make_ocsp_app(ocsp_responder(fleet))) as server:
+    with LoopbackServer(make_revocation_app([OcspTier(ocsp_responder(fleet))])) as server:
         answer = _post(server.url, _request(fleet.devices[1], nonce=nonce))
     assert answer.response_status == ocsp.OCSPResponseStatus.SUCCESSFUL
     assert answer.extensions.get_extension_for_class(x509.OCSPNonce).value.nonce == nonce
@@ -173,7 +174,7 @@ def test_openssl_ocsp_sees_a_3000_byte_nonce_refused_as_malformed(fleet, tmp_pat
     openssl = shutil.which("openssl")
     require(openssl is not None, "openssl")
     (tmp_path / "req.der").write_bytes(_request(fleet.devices[1], nonce=os.urandom(3000)))
-    with LoopbackServer(make_ocsp_app(ocsp_responder(fleet))) as server:
+    with LoopbackServer(make_revocation_app([OcspTier(ocsp_responder(fleet))])) as server:
         out = subprocess.run(
             [openssl, "ocsp", "-reqin", str(tmp_path / "req.der"), "-url",
              server.url + "/ocsp", "-noverify"],

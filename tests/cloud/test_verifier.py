@@ -140,12 +140,12 @@ def test_attack_revoked_device_even_with_a_cached_verdict(fleet, cloud):
     assert cloud.request("verifier", "GET", "/v1/whoami", files=files)[0] == 200
     fleet.verifier.verify(der(device.cert))
     assert fleet.verifier.cache_hits >= 1
-    fleet.verifier.revoke_certificate(device.cert, "keyCompromise")
+    fleet.revoke_certificate(device.cert, "keyCompromise")
     refused(fleet, device.cert, "revoked", "keyCompromise")
     status, _, body = cloud.request("verifier", "GET", "/v1/whoami", files=files)
     assert status == 403 and body.startswith(b"revoked")
     # Revoking the identity certificate revokes the device: it cannot enrol again.
-    fleet.verifier.revoke_certificate(device.identity_cert, "cessationOfOperation")
+    fleet.revoke_certificate(device.identity_cert, "cessationOfOperation")
     refused(fleet, device.identity_cert, "revoked")
 
 
@@ -176,7 +176,7 @@ def test_a_resumed_tls13_session_is_still_checked_on_every_request(fleet, cloud)
     assert status == 200 and reused
     assert json.loads(body)["serial"] == device.name
     # A resumed session skips the TLS certificate check, never the fleet checks.
-    fleet.verifier.revoke_certificate(device.cert, "keyCompromise")
+    fleet.revoke_certificate(device.cert, "keyCompromise")
     status, body, _, reused = whoami(session)
     assert reused and status == 403 and body.startswith(b"revoked")
 
@@ -184,7 +184,7 @@ def test_a_resumed_tls13_session_is_still_checked_on_every_request(fleet, cloud)
 def test_attack_revoked_batch_intermediate(fleet, cloud):
     device, other_batch = fleet.provision(), fleet.provision(batch="b43")
     fleet.verifier.verify(der(device.identity_cert))  # cached chain verdict
-    fleet.verifier.revoke_ca(fleet.ca_certs["b42"])
+    fleet.revocation.revoke_ca(fleet.ca_certs["b42"], "unspecified")
     refused(fleet, device.identity_cert, "ca_revoked", "batch:b42")
     assert fleet.verifier.verify(der(other_batch.identity_cert)).serial == other_batch.name
     status, _, _ = cloud.request("verifier", "GET", "/v1/whoami", files=device.files())

@@ -189,7 +189,7 @@ class FakeRevocation:
         self.calls.append(("refresh", callable(fetch)))
         return "unchanged"
 
-    def check(self, serial, now):
+    def check_serial(self, serial, now):
         self.calls.append(("check", serial))
         if serial in self.revoked:
             raise LookupError("revoked serial %x" % serial)

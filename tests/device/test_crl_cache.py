@@ -77,11 +77,11 @@ def test_cloud_made_crl_verifies_through_the_se_and_answers_checks(se, fleet):
     assert cache.refresh(lambda: der, now) == "updated"
     assert store.data == der
     with pytest.raises(RevokedError) as info:
-        cache.check(cert.serial_number, now)
+        cache.check_serial(cert.serial_number, now)
     assert info.value.serial == cert.serial_number and info.value.reason == "revoked"
     number = crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
-    assert info.value.crl_number == number
-    assert cache.check(kept.identity_cert.serial_number, now) is None
+    assert info.value.number == number
+    assert cache.check_serial(kept.identity_cert.serial_number, now) is None
     status = cache.status(now)
     assert status["number"] == number and status["high_water"] == number
     assert status["this_update"] == epoch(crl.last_update_utc)
@@ -148,7 +148,7 @@ def test_wrongly_signed_crl_is_refused_by_the_se(se, fleet):
     flipped = bytearray(make_crl(fleet, 41, T0, [(99, T0)]))
     flipped[-10] ^= 0x01  # one bit of the signature's s
     _refused(cache, bytes(flipped), now, crl_cache.REASON_SIGNATURE)
-    assert cache.check(99, now) is None  # the refused CRLs changed nothing
+    assert cache.check_serial(99, now) is None  # the refused CRLs changed nothing
 
 
 def test_crl_of_another_issuer_is_refused(se, fleet):
@@ -184,25 +184,25 @@ def test_freshness_policy_fails_closed_or_open(se, fleet):
     data = make_crl(fleet, 80, T0, [(0xABC, T0)])
     closed = _cache(se, fleet)
     with pytest.raises(StaleRevocationError) as info:
-        closed.check(1, epoch(T0))
+        closed.check_serial(1, epoch(T0))
     assert info.value.reason == crl_cache.REASON_NO_CRL
     closed.refresh(lambda: data, epoch(T0) + HOUR)
     fresh_until = epoch(T0) + 24 * HOUR + 86400  # nextUpdate + default grace
-    assert closed.check(1, fresh_until) is None
+    assert closed.check_serial(1, fresh_until) is None
     with pytest.raises(StaleRevocationError) as info:
-        closed.check(1, fresh_until + 1)
+        closed.check_serial(1, fresh_until + 1)
     assert info.value.reason == crl_cache.REASON_STALE
     assert closed.status(fresh_until + 1)["state"] == "stale"
     with pytest.raises(RevokedError):  # a stale CRL still proves a revocation
-        closed.check(0xABC, fresh_until + 1)
+        closed.check_serial(0xABC, fresh_until + 1)
 
     open_policy = CrlPolicy(grace_s=0, fail_open=True, object_id=2)
     opened = _cache(se, fleet, policy=open_policy)
-    assert opened.check(1, epoch(T0)) is None  # nothing cached: open
+    assert opened.check_serial(1, epoch(T0)) is None  # nothing cached: open
     opened.refresh(lambda: data, epoch(T0) + HOUR)
-    assert opened.check(1, epoch(T0) + 24 * HOUR + 1) is None
+    assert opened.check_serial(1, epoch(T0) + 24 * HOUR + 1) is None
     with pytest.raises(RevokedError):
-        opened.check(0xABC, epoch(T0) + 24 * HOUR + 1)
+        opened.check_serial(0xABC, epoch(T0) + 24 * HOUR + 1)
     assert opened.status(epoch(T0))["policy"] == "fail-open"
 
 
@@ -218,13 +218,13 @@ def test_swapped_cache_file_cannot_roll_back(se, fleet, tmp_path):
     restarted = _cache(se, fleet, store)
     assert restarted.status(now)["state"] == "none"  # refused at load
     with pytest.raises(StaleRevocationError):
-        restarted.check(0x77, now)
+        restarted.check_serial(0x77, now)
     with pytest.raises(CrlError) as info:
         restarted.refresh(lambda: older, now)
     assert info.value.reason == crl_cache.REASON_ROLLBACK
     assert restarted.refresh(lambda: newer, now) == "updated"  # the mark's own CRL is back
     with pytest.raises(RevokedError):
-        restarted.check(0x77, now)
+        restarted.check_serial(0x77, now)
 
 
 def test_power_cut_between_store_and_mark_is_healed_at_load(se, fleet):
@@ -335,7 +335,7 @@ def test_any_refresh_sequence_keeps_the_highest_good_crl_and_a_matching_mark(se,
         assert status["number"] == best and status["high_water"] == best
         if best is not None:
             with pytest.raises(RevokedError):
-                cache.check(best, now)
+                cache.check_serial(best, now)
 
 
 @pytest.mark.parametrize("ahead", [301, 3600, 10 * 86400])
@@ -350,7 +350,7 @@ def test_a_ca_signed_crl_dated_beyond_the_clock_skew_is_refused_and_the_cache_ke
     error = _refused(cache, data, now, crl_cache.REASON_FUTURE)
     assert "%d s ahead" % ahead in str(error) and "300 s allowed" in str(error)
     assert store.writes == 1 and cache.status(now)["high_water"] == 300  # SE mark kept
-    assert cache.check(0x55, now) is None
+    assert cache.check_serial(0x55, now) is None
 
 
 def test_a_crl_within_the_clock_skew_is_taken_and_the_skew_is_configurable(se, fleet):
@@ -407,4 +407,4 @@ def test_a_retained_mqtt_crl_older_than_the_http_one_is_no_refusal_for_the_agent
     channel.on_crl("b42", make_crl(fleet, 500, T0))
     assert link.crl_results == ["older than cached, kept cached"]
     with pytest.raises(RevokedError):
-        agent.revocation.check(0x66, Clock().now())
+        agent.revocation.check_serial(0x66, Clock().now())

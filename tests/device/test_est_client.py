@@ -13,23 +13,21 @@ from hypothesis import strategies as st
 from fleetid.cloud.ca import verify_attestation_extension
 from fleetid.common import se_consts as C
 from fleetid.common.errors import ReferenceNotFound
-from tests.device.device_cloud_support import LABEL, LineAndCloud
-
-pytest.importorskip("tlslite")
-from fleetid.device.host.est_client import (  # noqa: E402
+from fleetid.device.host.est_client import (
     EstClient,
     EstClientError,
     decode_base64_body,
     spare_slot,
 )
-from fleetid.device.host.se_tls import SeTlsClient  # noqa: E402
+from fleetid.device.host.se_https import SeTlsClient, TicketCache
+from tests.device.device_cloud_support import LABEL, LineAndCloud
 
 APPROVAL = "widget-approval"
 
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    running = LineAndCloud(tmp_path_factory.mktemp("est-client"), devices=4,
+    running = LineAndCloud(tmp_path_factory.mktemp("est-client"), devices=5,
                            labels_extra=[(APPROVAL, 7)])
     yield running
     running.close()
@@ -52,6 +50,31 @@ def _point(cert):
 def _whoami(env, se, slot):
     client = SeTlsClient(se, slot, [se.get_cert(slot)], [_anchor(se)])
     return client.request("127.0.0.1", env.ports["verifier"], "GET", "/v1/whoami")
+
+
+def test_an_enrolment_makes_one_full_handshake_and_resumes_the_rest(env):
+    # nonce, simpleenroll, cacerts (the issued certificate's check): three connections
+    # authenticated by the identity key; the first is a full TLS 1.3 handshake, the
+    # others resume with the EST server's session ticket (PSK-DHE).
+    se = env.session(4)
+    env.device(se)
+    tickets = TicketCache()
+    handshakes = []
+    original = SeTlsClient.open
+
+    def counted(client, host, port):
+        tls = original(client, host, port)
+        handshakes.append(tls.info.resumed)
+        return tls
+
+    SeTlsClient.open = counted
+    try:
+        result = _est(env, se, tickets=tickets).enroll(C.SLOT_IDENTITY)
+    finally:
+        SeTlsClient.open = original
+    assert result.slot == C.SLOT_OPERATIONAL_A
+    assert handshakes == [False, True, True]
+    assert len(tickets) == 1  # the newest ticket, kept for the next request
 
 
 def test_enrol_then_reenrol_keys_made_attested_and_kept_in_the_se(env):
@@ -125,7 +148,7 @@ def test_202_retry_after_is_honoured_within_its_bounds(env):
 def test_a_revoked_device_cannot_enrol(env):
     se = env.session(3)
     _record, identity = env.device(se)
-    env.verifier.revoke_certificate(identity, "cessationOfOperation", operator="test")
+    env.revoke_certificate(identity, "cessationOfOperation", operator="test")
     with pytest.raises(EstClientError) as info:
         _est(env, se).enroll(C.SLOT_IDENTITY)
     assert info.value.status == 403 and info.value.server_reason == "revoked"

@@ -120,7 +120,7 @@ def test_firmware_key_rotation_and_revocation_through_the_pki(setting):
 
     def revoked(serial):
         try:
-            cache.check(serial, epoch)
+            cache.check_serial(serial, epoch)
         except crl_cache.RevokedError:
             return True
         return False

@@ -36,7 +36,7 @@ def test_a_revoked_batch_is_one_entry_on_the_roots_crl_and_the_device_refuses_it
         now = epoch(fleet.clock()) + 1
         assert root_cache.refresh(lambda: publisher.current_der("root"), now) == "updated"
         b42, b43 = fleet.ca_certs["b42"], fleet.ca_certs["b43"]
-        assert root_cache.check(b43.serial_number, now) is None
+        assert root_cache.check_serial(b43.serial_number, now) is None
         device = fleet.provision("b43")
         service.revoke_batch("b43", "cACompromise", operator="alice")
         fleet.clock.advance(seconds=1)
@@ -44,9 +44,9 @@ def test_a_revoked_batch_is_one_entry_on_the_roots_crl_and_the_device_refuses_it
         assert len(root_crl) == 1  # one entry for the whole batch
         assert root_cache.refresh(lambda: publisher.current_der("root"), now + 1) == "updated"
         with pytest.raises(RevokedError) as info:
-            root_cache.check(b43.serial_number, now + 1)  # the peer's issuing CA
+            root_cache.check_serial(b43.serial_number, now + 1)  # the peer's issuing CA
         assert info.value.serial == b43.serial_number
-        assert root_cache.check(b42.serial_number, now + 1) is None
+        assert root_cache.check_serial(b42.serial_number, now + 1) is None
         # The batch's own CRL is untouched: no per-device entries.
         assert len(publisher.current("b43")) == 0
         assert device.identity_cert.issuer == b43.subject

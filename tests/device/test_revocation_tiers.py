@@ -18,10 +18,9 @@ from fleetid.cloud.revocation.service import (
     EventWatcher,
     RevocationService,
     read_event,
-    revoked_ca_map,
 )
 from fleetid.cloud.verifier.errors import AccessRefused
-from fleetid.cloud.verifier.revoked_cas import RevokedCaFile
+from fleetid.cloud.verifier.revoked_cas import RevokedCaFile, revoked_ca_map
 from fleetid.common import revset
 from fleetid.common.apdu import ApduProtocol
 from fleetid.device.crl_cache import CrlCache
@@ -30,7 +29,7 @@ from fleetid.device.revset_cache import RevokedError as SetRevoked
 from fleetid.device.revset_cache import RevsetCache
 from fleetid.device.se import SeSession
 from tests.cloud.cloud_support import Fleet
-from tests.cloud.compact_support import compact_publisher, revocation_signer
+from tests.cloud.revset_support import revset_publisher, revocation_signer
 from tests.cloud.crl_support import b42_publisher
 from tests.cloud.ocsp_support import ocsp_responder
 from tests.device.crl_support import MemoryStore, epoch, point_of
@@ -44,7 +43,7 @@ def world(tmp_path, fabbed):
     events = str(tmp_path / "revocation.events")
     fleet.trust.revoked_ca_file = RevokedCaFile(cas_path)  # as cloud serve configures it
     crl = b42_publisher(fleet)
-    compact = compact_publisher(fleet)
+    compact = revset_publisher(fleet)
     compact.revoked_cas = lambda: list(revoked_ca_map(cas_path))
     watchers = [EventWatcher(events, crl.invalidate), EventWatcher(events, compact.invalidate)]
     service = RevocationService(fleet.registry, list(fleet.ca_certs.values()), cas_path,
@@ -101,16 +100,16 @@ def test_an_intermittent_device_refuses_it_after_its_next_reconnect(world):
     now = epoch(fleet.clock()) + 1
     cache.refresh(lambda: crl.current_der("b42"), now)  # connected once
     cert = device.identity_cert
-    assert cache.check(cert.serial_number, now) is None
+    assert cache.check_serial(cert.serial_number, now) is None
     service.revoke_device(device.serial, "keyCompromise")  # device offline meanwhile
-    assert cache.check(cert.serial_number, now) is None  # not yet: no reconnect
+    assert cache.check_serial(cert.serial_number, now) is None  # not yet: no reconnect
     fleet.clock.advance(seconds=1)
     for watcher in watchers:
         assert watcher.poll()  # the event: publishers re-read now, not after poll_interval
     cache.refresh(lambda: crl.current_der("b42"), now + 2)  # reconnect
     with pytest.raises(CrlRevoked):
-        cache.check(cert.serial_number, now + 2)
-    assert cache.check(fleet.devices[1].identity_cert.serial_number, now + 2) is None
+        cache.check_serial(cert.serial_number, now + 2)
+    assert cache.check_serial(fleet.devices[1].identity_cert.serial_number, now + 2) is None
 
 
 def test_an_offline_device_refuses_it_after_the_next_compact_set(world):
@@ -122,14 +121,14 @@ def test_an_offline_device_refuses_it_after_the_next_compact_set(world):
     now = revset.parse(first).this_update + 1
     cache.refresh(lambda: first, now)
     service.revoke_device(device.serial, "keyCompromise")
-    assert cache.check(device.serial, None, now) is None  # the old set does not know
+    assert cache.check_device(device.serial, None, now) is None  # the old set does not know
     fleet.clock.advance(seconds=1)
     for watcher in watchers:
         watcher.poll()
     cache.refresh(lambda: compact.current(), now + 1)  # the next set arrives
     with pytest.raises(SetRevoked):
-        cache.check(device.serial, None, now + 1)
-    assert cache.check(fleet.devices[1].serial, None, now + 1) is None
+        cache.check_device(device.serial, None, now + 1)
+    assert cache.check_device(fleet.devices[1].serial, None, now + 1) is None
 
 
 def test_without_an_event_the_publishers_catch_up_within_the_poll_interval(world):
@@ -146,7 +145,7 @@ def test_without_an_event_the_publishers_catch_up_within_the_poll_interval(world
 
 def test_a_revoked_batch_is_refused_in_every_tier_with_one_entry(world):
     fleet, service, _, compact, watchers, responder, se, cas_path = world
-    from fleetid.cloud.revocation.compact import ca_key_id
+    from fleetid.cloud.revocation.revset_publisher import ca_key_id
 
     device = fleet.devices[3]  # b43
     entry, new = service.revoke_batch("b43", "cACompromise", operator="alice")
@@ -163,7 +162,43 @@ def test_a_revoked_batch_is_refused_in_every_tier_with_one_entry(world):
     cache = RevsetCache(se, MemoryStore(), signer.point, signer.fleet_id)
     cache.refresh(lambda: wire, info.this_update + 1)
     with pytest.raises(SetRevoked) as exc:
-        cache.check(device.serial, ca_key_id(fleet.ca_certs["b43"]), info.this_update + 1)
+        cache.check_device(device.serial, ca_key_id(fleet.ca_certs["b43"]), info.this_update + 1)
     assert exc.value.batch
     assert len(fleet.registry.revoked_certificates(
         fleet.ca_certs["b43"].subject.rfc4514_string())) == 0  # no per-device entries
+
+
+def test_both_caches_check_the_same_certificate_facts(world):
+    # One portable facts reader (device/certinfo.py: serial, subject serialNumber, AKI)
+    # feeds check(facts, now) on the CRL cache and the compact-set cache alike.
+    from fleetid.cloud.revocation.revset_publisher import ca_key_id
+    from fleetid.device.anchored_store import RevokedError
+    from fleetid.device.certinfo import certificate_facts
+
+    fleet, service, crl, compact, watchers, _, se, _ = world
+    device, other = fleet.devices[0], fleet.devices[3]  # b42, b43
+    ca = fleet.ca_certs["b42"]
+    facts = certificate_facts(device.identity_cert.public_bytes(serialization.Encoding.DER))
+    assert facts.serial == device.identity_cert.serial_number
+    assert facts.authority_key_id == ca_key_id(ca)
+    crl_cache = CrlCache(se, MemoryStore(), point_of(ca.public_key()), ca.subject.public_bytes())
+    signer = revocation_signer(fleet)
+    set_cache = RevsetCache(se, MemoryStore(), signer.point, signer.fleet_id)
+    service.revoke_device(device.serial, "keyCompromise")
+    service.revoke_batch("b43", "cACompromise")
+    fleet.clock.advance(seconds=1)
+    for watcher in watchers:
+        watcher.poll()
+    now = epoch(fleet.clock()) + 1
+    crl_cache.refresh(lambda: crl.current_der("b42"), now)
+    wire = compact.current()
+    set_cache.refresh(lambda: wire, revset.parse(wire).this_update + 1)
+    set_now = revset.parse(wire).this_update + 1
+    for cache, at in ((crl_cache, now), (set_cache, set_now)):
+        with pytest.raises(RevokedError) as revoked:  # the one shared class
+            cache.check(facts, at)
+        assert not revoked.value.batch
+    batch_facts = certificate_facts(other.identity_cert.public_bytes(serialization.Encoding.DER))
+    with pytest.raises(RevokedError) as revoked:
+        set_cache.check(batch_facts, set_now)  # by its AKI: the batch's CA is revoked
+    assert revoked.value.batch

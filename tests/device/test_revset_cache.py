@@ -1,5 +1,5 @@
 """The offline tier: the device's compact-set cache (device/revset_cache.py) against an
-emulated SE, fed by the cloud's publisher (cloud/revocation/compact.py).  A revoked
+emulated SE, fed by the cloud's publisher (cloud/revocation/revset_publisher.py).  A revoked
 device is refused after the next set (whole or delta); a revoked batch CA refuses every
 device under it with one entry; tampered, stale, truncated, rolled-back, wrongly signed
 and foreign-fleet data are refused with the old state kept; the SE's mark defeats a
@@ -13,7 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fleetid.cloud.revocation.compact import ca_key_id
+from fleetid.cloud.revocation.revset_publisher import ca_key_id
 from fleetid.common import revset
 from fleetid.common.apdu import ApduProtocol
 from fleetid.device.revset_cache import (
@@ -25,7 +25,7 @@ from fleetid.device.revset_cache import (
 )
 from fleetid.device.se import SeSession
 from tests.cloud.cloud_support import Fleet
-from tests.cloud.compact_support import compact_publisher, revocation_signer
+from tests.cloud.revset_support import revset_publisher, revocation_signer
 from tests.device.crl_support import MemoryStore, other_key
 
 
@@ -76,31 +76,31 @@ def _refused(cache, data, now, reason, delta=False):
 
 def test_offline_device_refuses_a_revoked_device_after_the_next_set(se, fleet):
     d = fleet.devices
-    publisher = compact_publisher(fleet)
+    publisher = revset_publisher(fleet)
     first = publisher.current()
     store = MemoryStore()
     cache = _cache(se, fleet, store)
     now = _now(first)
     assert cache.refresh(lambda: first, now) == "updated"
-    assert cache.check(d[1].serial, _aki(d[1]), now) is None  # not revoked yet
+    assert cache.check_device(d[1].serial, _aki(d[1]), now) is None  # not revoked yet
     _revoke(fleet, d[1])
     publisher.invalidate()
     fleet.clock.advance(seconds=2)
     second = publisher.current()
-    assert cache.check(d[1].serial, _aki(d[1]), now) is None  # until the set arrives
+    assert cache.check_device(d[1].serial, _aki(d[1]), now) is None  # until the set arrives
     assert cache.refresh(lambda: second, now) == "updated"
     with pytest.raises(RevokedError) as info:
-        cache.check(d[1].serial, _aki(d[1]), now)
+        cache.check_device(d[1].serial, _aki(d[1]), now)
     assert not info.value.batch and info.value.number == revset.parse(second).number
     for other in (d[0], d[2], d[3], d[4]):
-        assert cache.check(other.serial, _aki(other), now) is None
+        assert cache.check_device(other.serial, _aki(other), now) is None
     assert store.data == second
     assert cache.refresh(lambda: second, now) == "unchanged"
 
 
 def test_a_delta_carries_the_next_revocation_and_gives_the_clouds_set(se, fleet):
     d = fleet.devices
-    publisher = compact_publisher(fleet)
+    publisher = revset_publisher(fleet)
     base = publisher.current()
     cache = _cache(se, fleet)
     now = _now(base)
@@ -121,7 +121,7 @@ def test_a_delta_carries_the_next_revocation_and_gives_the_clouds_set(se, fleet)
     assert cache.apply_delta(lambda: delta, now) == "updated"
     assert cache.status(now)["number"] == revset.parse(new).number
     with pytest.raises(RevokedError):
-        cache.check(d[2].serial, _aki(d[2]), now)
+        cache.check_device(d[2].serial, _aki(d[2]), now)
     # a delta for a set the device does not hold is refused: fetch the whole set
     _refused(cache, delta, now, "base", delta=True)
     tampered = bytearray(delta)
@@ -131,7 +131,7 @@ def test_a_delta_carries_the_next_revocation_and_gives_the_clouds_set(se, fleet)
 
 def test_revoking_a_batch_ca_refuses_every_device_under_it_with_one_entry(se, fleet):
     d = fleet.devices
-    publisher = compact_publisher(fleet, revoked_cas=["b43"])
+    publisher = revset_publisher(fleet, revoked_cas=["b43"])
     wire = publisher.current()
     info = revset.parse(wire)
     assert info.ca_count == 1
@@ -139,13 +139,13 @@ def test_revoking_a_batch_ca_refuses_every_device_under_it_with_one_entry(se, fl
     now = _now(wire)
     cache.refresh(lambda: wire, now)
     with pytest.raises(RevokedError) as exc:
-        cache.check(d[4].serial, _aki(d[4]), now)
+        cache.check_device(d[4].serial, _aki(d[4]), now)
     assert exc.value.batch
-    assert cache.check(d[0].serial, _aki(d[0]), now) is None
+    assert cache.check_device(d[0].serial, _aki(d[0]), now) is None
 
 
 def test_bad_sets_are_refused_and_the_old_state_kept(se, fleet, tmp_path):
-    publisher = compact_publisher(fleet)
+    publisher = revset_publisher(fleet)
     good = publisher.current()
     now = _now(good)
     cache = _cache(se, fleet)
@@ -200,7 +200,7 @@ def _reason_of(data):
 
 
 def test_the_se_mark_refuses_an_older_set_put_back_in_the_store(se, fleet):
-    publisher = compact_publisher(fleet)
+    publisher = revset_publisher(fleet)
     old = publisher.current()
     publisher.invalidate()
     _revoke(fleet, fleet.devices[3], "cessationOfOperation")
@@ -214,13 +214,13 @@ def test_the_se_mark_refuses_an_older_set_put_back_in_the_store(se, fleet):
     assert cache.status(now)["number"] is None  # the older set is not used
     assert cache.status(now)["high_water"] == revset.parse(new).number
     with pytest.raises(StaleRevocationError):
-        cache.check(fleet.devices[0].serial, None, now)
-    assert _cache(se, fleet, store, RevsetPolicy(fail_open=True)).check(
+        cache.check_device(fleet.devices[0].serial, None, now)
+    assert _cache(se, fleet, store, RevsetPolicy(fail_open=True)).check_device(
         fleet.devices[0].serial, None, now) is None
 
 
 def test_a_stale_set_still_refuses_what_it_lists_and_fails_closed_otherwise(se, fleet):
-    publisher = compact_publisher(fleet, validity=datetime.timedelta(hours=1))
+    publisher = revset_publisher(fleet, validity=datetime.timedelta(hours=1))
     _revoke(fleet, fleet.devices[0])
     publisher.invalidate()
     wire = publisher.current()
@@ -229,9 +229,9 @@ def test_a_stale_set_still_refuses_what_it_lists_and_fails_closed_otherwise(se, 
     cache.refresh(lambda: wire, now)
     late = now + 3 * 3600
     with pytest.raises(RevokedError):
-        cache.check(fleet.devices[0].serial, None, late)
+        cache.check_device(fleet.devices[0].serial, None, late)
     with pytest.raises(StaleRevocationError) as exc:
-        cache.check(fleet.devices[4].serial, None, late)
+        cache.check_device(fleet.devices[4].serial, None, late)
     assert exc.value.reason == "stale"
 
 
@@ -261,9 +261,9 @@ def test_no_false_positives_through_the_se_over_random_fleets(se, data):
     for serial in probes:
         if serial in members:
             with pytest.raises(RevokedError):
-                cache.check(serial, None, 2000)
+                cache.check_device(serial, None, 2000)
         else:
-            assert cache.check(serial, None, 2000) is None
+            assert cache.check_device(serial, None, 2000) is None
 
 
 def _new_key():
@@ -279,7 +279,7 @@ _NUMBERS = itertools.count(1)
 def test_push_subscribers_get_each_new_set_once_and_a_device_takes_it(se, fleet):
     # The seam for push delivery (retained MQTT, broadcast): every new set is handed to
     # the subscribers once; what they carry is verified by the device like any other.
-    publisher = compact_publisher(fleet)
+    publisher = revset_publisher(fleet)
     pushed = []
     publisher.subscribers.append(lambda number, wire: pushed.append((number, wire)))
     publisher.subscribers.append(lambda number, wire: 1 / 0)  # a broken channel
@@ -293,7 +293,7 @@ def test_push_subscribers_get_each_new_set_once_and_a_device_takes_it(se, fleet)
 def test_a_set_dated_beyond_the_clock_skew_is_refused_and_the_skew_is_configurable(se, fleet):
     from fleetid.device.revset_cache import RevsetPolicy
 
-    publisher = compact_publisher(fleet)
+    publisher = revset_publisher(fleet)
     wire = publisher.current()
     this_update = revset.parse(wire).this_update
     cache = _cache(se, fleet, policy=RevsetPolicy(object_id=5))

@@ -48,11 +48,11 @@ cache = crl_cache.CrlCache(se, crl_cache.FileStore(STORE), unhexlify(POINT),
 print("refresh", cache.refresh(reader(CRL), NOW))
 gc.collect()
 try:
-    cache.check(REVOKED, NOW)
+    cache.check_serial(REVOKED, NOW)
     print("check revoked none")
 except crl_cache.RevokedError as exc:
     print("check revoked", exc.reason, exc.revocation_date)
-print("check kept", cache.check(KEPT, NOW))
+print("check kept", cache.check_serial(KEPT, NOW))
 for path in (FLIPPED, OLDER):
     try:
         print("again", cache.refresh(reader(path), NOW))

@@ -31,7 +31,7 @@ from fleetid.common.t1link import T1Link
 from fleetid.device.bus import open_bus
 from fleetid.device.se import SeSession
 from tests.cloud.cloud_support import Fleet
-from tests.cloud.compact_support import compact_publisher, revocation_signer
+from tests.cloud.revset_support import revset_publisher, revocation_signer
 from tests.micropython.support import PRELUDE, Stage, open_se_script, parse
 
 pytestmark = pytest.mark.micropython
@@ -189,14 +189,14 @@ cache = revset_cache.RevsetCache(se, Store(STORE), unhexlify(POINT), unhexlify(F
 print("refresh", cache.refresh(reader(FIRST), NOW))
 gc.collect()
 try:
-    cache.check(REVOKED, None, NOW)
+    cache.check_device(REVOKED, None, NOW)
     print("check revoked none")
 except revset_cache.RevokedError as exc:
     print("check revoked", exc.reason)
-print("check kept", cache.check(KEPT, None, NOW))
+print("check kept", cache.check_device(KEPT, None, NOW))
 print("delta", cache.apply_delta(reader(DELTA), NOW))
 try:
-    cache.check(LATER, None, NOW)
+    cache.check_device(LATER, None, NOW)
     print("check later none")
 except revset_cache.RevokedError as exc:
     print("check later", exc.reason)
@@ -229,7 +229,7 @@ def device_setup(tmp_path_factory, stage):
     for d in devices[:1]:
         fleet.registry.mark_revoked(d.identity_cert.serial_number, "keyCompromise",
                                     issuer=d.identity_cert.issuer.rfc4514_string())
-    publisher = compact_publisher(fleet)
+    publisher = revset_publisher(fleet)
     first = publisher.current()
     fleet.registry.mark_revoked(devices[2].identity_cert.serial_number, "keyCompromise",
                                 issuer=devices[2].identity_cert.issuer.rfc4514_string())

@@ -3,7 +3,7 @@ common/revset.py), built from the same revocation state as the CRLs and OCSP, si
 through the HSM by a revocation key certified by the fleet root.
 
     signer = new_revocation_signer(hsm, "fleet-root", root_cert, "revocation-set")
-    publisher = CompactPublisher(registry, signer, issuing_ca_certs, revoked_cas_path)
+    publisher = RevsetPublisher(registry, signer, issuing_ca_certs, revoked_cas_path)
     wire = publisher.current()                 # GET /revset/current.frs
     delta = publisher.delta(base_number)       # GET /revset/delta/<base>.frd (or None)
 
@@ -32,12 +32,17 @@ from cryptography.x509.oid import NameOID
 
 from fleetid.cloud.pki.profiles import to_utc_seconds, utc_now
 from fleetid.cloud.pki.signing import sign_certificate
+from fleetid.cloud.revocation.tier import Reply, Route, Tier
+from fleetid.cloud.verifier.errors import BAD_REQUEST, NOT_FOUND, CloudError
 from fleetid.common import oids, revset
 
 # Extended key usage of the revocation-set signer (private arc, common/oids.py).
-OID_KP_REVOCATION_SET = x509.ObjectIdentifier(oids.FLEETID_ARC + ".4")
+OID_KP_REVOCATION_SET = x509.ObjectIdentifier(oids.OID_KP_REVOCATION_SET)
 REVSET_CONTENT_TYPE = "application/vnd.fleetid.revset"
 DELTA_CONTENT_TYPE = "application/vnd.fleetid.revset-delta"
+CURRENT_PATH = "/revset/current.frs"
+SIGNER_LABEL = "revocation-set"  # the set signer's HSM key
+SIGNER_FILE = "revset-signer.pem"  # its certificate under <state_dir>/revocation/
 DEFAULT_VALIDITY = datetime.timedelta(days=7)
 DEFAULT_POLL_INTERVAL = 5.0
 # A set number is milliseconds since the epoch (build()): 13 digits until the year 2286;
@@ -137,7 +142,7 @@ class _Built:
         self.this_update = this_update
 
 
-class CompactPublisher:
+class RevsetPublisher:
     """Builds, signs and re-publishes the compact set; serves deltas from recent sets.
 
     Params: registry: Registry.  signer: RevocationSigner.  issuing_cas: x509 certificates
@@ -283,47 +288,66 @@ def parse_delta_name(name):
     return int(digits, 10)
 
 
-def make_revset_app(publisher, watcher=None):
-    """aiohttp Application serving the compact set over plain HTTP (signed, public):
+class RevsetTier(Tier):
+    """The revocation-set tier (tier.py), over plain HTTP (signed, public):
 
         GET /revset/current.frs        200 the whole set (REVSET_CONTENT_TYPE)
-        GET /revset/delta/<base>.frd   200 the delta from set <base>; 404 when that set is
-                                       not kept (fetch the whole set); 400 when <base>
-                                       is not 1..20 ASCII digits
+        GET /revset/delta/<base>.frd   200 the delta from set <base>; not_found (404)
+                                       when that set is not kept (fetch the whole set);
+                                       bad_request (400) when <base> is not 1..20 ASCII
+                                       digits
+    """
 
-    watcher: an EventWatcher polled per request (the event-driven path)."""
-    from aiohttp import web
+    name = "revset"
 
-    app = web.Application()
-    add_revset_routes(app.router, publisher, watcher)
-    return app
+    def __init__(self, publisher):
+        self.publisher = publisher
 
+    @classmethod
+    def init_keys(cls, setup):
+        """The set signer, certified by the fleet root: revset-signer.pem."""
+        return setup.write_pem(SIGNER_FILE, lambda: new_revocation_signer(
+            setup.hsm, setup.root_label, setup.root_cert, SIGNER_LABEL))
 
-def add_revset_routes(router, publisher, watcher=None):
-    """The routes of make_revset_app on an existing aiohttp router."""
-    from aiohttp import web
+    @classmethod
+    def build(cls, setup):
+        cert = setup.read_pem(SIGNER_FILE)
+        if cert is None:
+            return None
+        signer = RevocationSigner(setup.hsm, SIGNER_LABEL, cert, setup.root_cert)
+        return cls(RevsetPublisher(setup.registry, signer, [c for _, c in setup.issuers],
+                                    revoked_cas=lambda: list(setup.revoked_cas())))
 
-    def poll():
-        if watcher is not None:
-            watcher.poll()
+    def invalidate(self):
+        self.publisher.invalidate()
 
-    async def current(request):
-        poll()
-        body = publisher.current()
-        return web.Response(body=body, content_type=REVSET_CONTENT_TYPE,
-                            headers={"Cache-Control": "public, max-age=%d"
-                                     % int(publisher.poll_interval)})
+    def routes(self):
+        return [Route("GET", CURRENT_PATH, self._current, blocking=True),
+                Route("GET", "/revset/delta/{name}", self._delta, blocking=True)]
 
-    async def delta(request):
-        poll()
-        base = parse_delta_name(request.match_info["name"])
+    def _current(self, _params, _body):
+        return Reply(self.publisher.current(), REVSET_CONTENT_TYPE,
+                     {"Cache-Control": "public, max-age=%d" % int(self.publisher.poll_interval)})
+
+    def _delta(self, params, _body):
+        base = parse_delta_name(params["name"])
         if base is None:
-            raise web.HTTPBadRequest(text="a delta is /revset/delta/<set number>.frd with "
-                                     "1 to %d ASCII digits\n" % MAX_NUMBER_DIGITS)
-        body = publisher.delta(base)
+            raise CloudError(BAD_REQUEST, "a delta is /revset/delta/<set number>.frd with 1 "
+                             "to %d ASCII digits" % MAX_NUMBER_DIGITS)
+        body = self.publisher.delta(base)
         if body is None:
-            raise web.HTTPNotFound(text="no delta from that set: GET /revset/current.frs\n")
-        return web.Response(body=body, content_type=DELTA_CONTENT_TYPE)
+            raise CloudError(NOT_FOUND, "no delta from that set: GET " + CURRENT_PATH)
+        return Reply(body, DELTA_CONTENT_TYPE)
 
-    router.add_get("/revset/current.frs", current)
-    router.add_get("/revset/delta/{name}", delta)
+    @staticmethod
+    def status(base_url, facts, fetch, failed):
+        """The served set: number, entries, revoked CAs, universe, size, age."""
+        url = base_url + CURRENT_PATH
+        try:
+            info = revset.parse(fetch(url))
+        except Exception as exc:  # noqa: BLE001 - reported, never a traceback
+            return failed(url, exc)
+        return {"number": info.number, "revoked": info.count, "revoked_cas": info.ca_count,
+                "universe": info.universe, "bytes": len(info.data),
+                "this_update": info.this_update, "next_update": info.next_update,
+                "age_s": facts["now"] - info.this_update}

@@ -1,8 +1,8 @@
-"""A fleet whose cloud publishes the compact revocation set (cloud/revocation/compact.py):
+"""A fleet whose cloud publishes the compact revocation set (cloud/revocation/revset_publisher.py):
 the revocation signer certified by the fleet root, a publisher on the fleet's clock."""
 
-from fleetid.cloud.revocation.compact import (
-    CompactPublisher,
+from fleetid.cloud.revocation.revset_publisher import (
+    RevsetPublisher,
     RevocationSigner,
     ca_key_id,
     new_revocation_signer,
@@ -21,10 +21,10 @@ def revocation_signer(fleet, label="revocation-set"):
     return signer
 
 
-def compact_publisher(fleet, revoked_cas=(), monotonic=None, **kwargs):
-    """CompactPublisher over both issuing CAs; revoked_cas: batch names whose CA is
+def revset_publisher(fleet, revoked_cas=(), monotonic=None, **kwargs):
+    """RevsetPublisher over both issuing CAs; revoked_cas: batch names whose CA is
     revoked (a list the test may extend later)."""
-    return CompactPublisher(
+    return RevsetPublisher(
         fleet.registry, revocation_signer(fleet), list(fleet.ca_certs.values()),
         revoked_cas=lambda: [ca_key_id(fleet.ca_certs[b]) for b in revoked_cas],
         clock=fleet.clock, monotonic=monotonic or FakeMonotonic(), **kwargs)

@@ -1,4 +1,4 @@
-"""GET /revset/delta/<n>.frd (cloud/revocation/compact.py) over HTTP: the base number is
+"""GET /revset/delta/<n>.frd (cloud/revocation/revset_publisher.py) over HTTP: the base number is
 1..20 ASCII digits, anything else a 400 that names the form, a set that is not kept a
 404, and neither reaches int() or a traceback."""
 
@@ -7,10 +7,11 @@ import urllib.request
 
 import pytest
 
-from fleetid.cloud.revocation.compact import DELTA_CONTENT_TYPE, make_revset_app
+from fleetid.cloud.http.revocation_app import make_revocation_app
+from fleetid.cloud.revocation.revset_publisher import DELTA_CONTENT_TYPE, RevsetTier
 from fleetid.common import revset
 from tests.cloud.cloud_support import Fleet
-from tests.cloud.compact_support import compact_publisher
+from tests.cloud.revset_support import revset_publisher
 from tests.cloud.ocsp_support import LoopbackServer
 
 
@@ -18,7 +19,7 @@ from tests.cloud.ocsp_support import LoopbackServer
 def served(tmp_path_factory):
     fleet = Fleet(tmp_path_factory.mktemp("revsetfleet"))
     devices = [fleet.provision("b42") for _ in range(2)]
-    publisher = compact_publisher(fleet)
+    publisher = revset_publisher(fleet)
     first = revset.parse(publisher.current()).number
     cert = devices[0].identity_cert
     fleet.registry.mark_revoked(cert.serial_number, "keyCompromise",
@@ -27,7 +28,7 @@ def served(tmp_path_factory):
     fleet.clock.advance(seconds=2)
     publisher.current()
     try:
-        with LoopbackServer(make_revset_app(publisher)) as server:
+        with LoopbackServer(make_revocation_app([RevsetTier(publisher)])) as server:
             yield server, first
     finally:
         fleet.close()

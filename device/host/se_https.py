@@ -1,0 +1,308 @@
+"""HTTPS whose client key lives in the secure element (CPython host adapter), on the
+portable TLS 1.3 client (fleetid.common.tls13 bound to the SE by
+fleetid.device.host.tls13_socket).
+
+Python's `ssl` cannot sign with a key it does not hold, so the device's TLS is the
+project's own TLS 1.3 client: the ECDHE share is the SE's transient key, the
+CertificateVerify is signed by the SE's SIGN, the server chain is verified to the fleet
+root with the SE's VERIFY (validity, EKU serverAuth, host name or IP, revocation through
+an optional hook).  http.client does the HTTP/1.1 framing over a TlsSocket.
+
+    se = SeSession(protocol); se.select()
+    tickets = TicketCache()
+    client = SeTlsClient(se, slot=1, cert_chain_der=[se.get_cert(1)],
+                         trust_roots_der=[se.get_data(DATA_TRUST_FLEET_ROOT)], tickets=tickets)
+    response = client.request("127.0.0.1", 8443, "GET", "/v1/whoami")
+    response.status, response.headers, response.body
+
+One request per connection.  Resumption: the session ticket the server sends is kept in
+`tickets` (keyed by server, name, slot and client certificate: a resumed TLS 1.3 session
+keeps the client certificate of the full handshake, so a ticket is never offered for
+another key) and used once by the next connection to the same server with the same key
+(PSK-DHE: a fresh ECDHE in the SE, no SIGN, no chain check).  Every network wait is
+bounded (connect and per-I/O timeouts, a handshake deadline).  Failures raise
+TlsClientError(reason, detail).
+"""
+
+import hashlib
+import http.client
+import threading
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from fleetid.common.errors import FleetidError, TlsAlertReceived, TlsCertificateError, TlsError
+from fleetid.device.host.tls13_socket import TlsSocket, se_client_config
+
+DEFAULT_CONNECT_TIMEOUT = 10.0
+DEFAULT_IO_TIMEOUT = 30.0
+MAX_RESPONSE = 1024 * 1024
+_POINT_FORMAT = (serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint)
+
+
+class TlsClientError(FleetidError):
+    """The TLS/HTTPS exchange failed.  `reason` is one of the constants below; `detail`
+    is a short text (never key material); `alert` the TLS alert number when one was sent
+    or received, else None."""
+
+    CONNECT = "connect"  # TCP connection refused / unreachable
+    TIMEOUT = "timeout"  # a bounded wait expired
+    HANDSHAKE = "handshake"  # TLS refused: an alert from the server (e.g. our certificate
+    #                          refused: TLS 1.3 servers say so after our Finished), no
+    #                          common parameters, a malformed handshake
+    SERVER_CERTIFICATE = "server_certificate"  # server chain / name not trusted
+    SE = "se"  # the SE could not do its part (ECDH, SIGN, VERIFY)
+    PROTOCOL = "protocol"  # malformed or oversized HTTP response, connection dropped
+
+    def __init__(self, reason, detail="", alert=None):
+        super().__init__(reason if not detail else reason + ": " + detail)
+        self.reason = reason
+        self.detail = detail
+        self.alert = alert
+
+
+# RFC 8446 6 AlertDescription names, for messages ("peer alert 44 certificate_revoked").
+ALERT_NAMES = {
+    0: "close_notify", 10: "unexpected_message", 20: "bad_record_mac",
+    22: "record_overflow", 40: "handshake_failure", 42: "bad_certificate",
+    43: "unsupported_certificate", 44: "certificate_revoked", 45: "certificate_expired",
+    46: "certificate_unknown", 47: "illegal_parameter", 48: "unknown_ca",
+    49: "access_denied", 50: "decode_error", 51: "decrypt_error", 70: "protocol_version",
+    71: "insufficient_security", 80: "internal_error", 86: "inappropriate_fallback",
+    90: "user_canceled", 109: "missing_extension", 110: "unsupported_extension",
+    112: "unrecognized_name", 113: "bad_certificate_status_response",
+    115: "unknown_psk_identity", 116: "certificate_required",
+    120: "no_application_protocol",
+}
+
+
+def client_error(exc, answered):
+    """TlsClientError for a TlsError of the TLS 1.3 client.  `answered`: whether the
+    server had sent application data on the connection.  Until it has, a lost connection
+    is the server refusing the session (HANDSHAKE): a TLS 1.3 server checks the client's
+    certificate after the client's Finished, and may just close then; once it answered,
+    a lost connection is PROTOCOL."""
+    if isinstance(exc, TlsCertificateError):
+        return TlsClientError(TlsClientError.SERVER_CERTIFICATE, exc.detail, exc.alert)
+    if isinstance(exc, TlsAlertReceived):
+        # A TLS 1.3 server refuses the client's certificate after the client's Finished:
+        # its alert arrives on the first read.  Either way the server refused the session.
+        return TlsClientError(TlsClientError.HANDSHAKE, "%s %s" % (
+            exc, ALERT_NAMES.get(exc.alert, "")), exc.alert)
+    reason = exc.reason
+    if reason == "connect":
+        if exc.detail in ("TimeoutError", "timeout"):
+            return TlsClientError(TlsClientError.TIMEOUT, "connect")
+        return TlsClientError(TlsClientError.CONNECT, exc.detail)
+    if reason == "timeout" or (reason == "io" and exc.detail in ("TimeoutError", "timeout")):
+        return TlsClientError(TlsClientError.TIMEOUT, str(exc))
+    if reason == "se":
+        return TlsClientError(TlsClientError.SE, exc.detail, exc.alert)
+    if reason in ("io", "eof") and answered:
+        return TlsClientError(TlsClientError.PROTOCOL, str(exc))
+    return TlsClientError(TlsClientError.HANDSHAKE, str(exc), exc.alert)
+
+
+class TicketCache:
+    """Session tickets for PSK-DHE resumption, one per (host, port, server name, slot,
+    client certificate), each used once (servers that keep sessions, as the verifier's
+    OpenSSL cache does, forget a session once resumed).  Thread-safe.  Tickets hold a
+    resumption secret: kept in memory only, never written or logged."""
+
+    def __init__(self):
+        self._tickets = {}
+        self._lock = threading.Lock()
+
+    def take(self, key):
+        with self._lock:
+            return self._tickets.pop(key, None)
+
+    def put(self, key, ticket):
+        with self._lock:
+            self._tickets[key] = ticket
+
+    def clear(self):
+        with self._lock:
+            self._tickets.clear()
+
+    def __len__(self):
+        return len(self._tickets)
+
+
+class HttpResponse:
+    """status (int), reason (str), headers (dict, lower-case names), body (bytes)."""
+
+    def __init__(self, status, reason, headers, body):
+        self.status = status
+        self.reason = reason
+        self.headers = headers
+        self.body = body
+
+    def header(self, name, default=None):
+        return self.headers.get(name.lower(), default)
+
+    def __repr__(self):
+        return "HttpResponse(%d %s, %d bytes)" % (self.status, self.reason, len(self.body))
+
+
+class _Counted:
+    # Counts the calls of one SE operation (SIGN, VERIFY) for the report.
+    def __init__(self, function):
+        self.function = function
+        self.calls = 0
+
+    def __call__(self, *args):
+        self.calls += 1
+        return self.function(*args)
+
+
+class _SeHttpsConnection(http.client.HTTPConnection):
+    # http.client does the HTTP/1.1 framing; connect() is the TLS 1.3 handshake with the
+    # SE-held key over a TlsSocket.
+
+    default_port = http.client.HTTPS_PORT
+
+    def __init__(self, client, host, port, timeout):
+        http.client.HTTPConnection.__init__(self, host, port, timeout=timeout)
+        self._client = client
+
+    def connect(self):
+        self.sock = self.tls = self._client.open(self.host, self.port)
+
+
+class SeTlsClient:
+    """HTTPS (and raw TLS) client authenticated by a certificate whose key is in the SE.
+
+    Params: se: SeSession (selected).  slot: the key slot, or None for no client
+        certificate (public documents: a CRL; the SE still does ECDHE and VERIFY).
+        cert_chain_der: [leaf DER, intermediates...] to present (slot given).
+        trust_roots_der: DER roots the server chain must validate to (the device's fleet
+        root trust anchor).  connect_timeout / io_timeout: seconds (every socket wait is
+        bounded by one of them, the handshake by io_timeout overall).  now: () -> epoch
+        seconds (default: the host's clock).  tickets: a TicketCache shared by the clients
+        of one agent (default: this client's own).  revocation: the chain's revocation
+        hook (device/tls13_keys.crl_revocation).  verify_in_se: True (default) checks the
+        server's chain and CertificateVerify with the SE's VERIFY; False with
+        `cryptography` on the host (common/host/tls13_host.ecdsa_verify: public-key
+        operations, the anchors still the ones read from the SE; saves two SE VERIFYs
+        per full handshake).
+    Attributes: certificate (x509, the client's), last_info (HandshakeInfo of the last
+        connection), handshakes / resumed (counts), se_operations (ECDHE + SIGN + VERIFY
+        commands issued).
+    """
+
+    def __init__(self, se, slot, cert_chain_der, trust_roots_der,
+                 connect_timeout=DEFAULT_CONNECT_TIMEOUT, io_timeout=DEFAULT_IO_TIMEOUT,
+                 now=None, tickets=None, revocation=None, verify_in_se=True):
+        if not trust_roots_der:
+            raise ValueError("trust_roots_der needs at least one root")
+        self.se = se
+        self.slot = slot
+        self.cert_chain_der = [bytes(d) for d in cert_chain_der or ()]
+        self.certificate = None
+        if slot is not None:
+            if not self.cert_chain_der:
+                raise ValueError("cert_chain_der needs the client certificate")
+            leaf = x509.load_der_x509_certificate(self.cert_chain_der[0])
+            _policy, point = se.public_key(slot)
+            if leaf.public_key().public_bytes(*_POINT_FORMAT) != bytes(point):
+                raise ValueError("the certificate is not for the key in slot %d" % slot)
+            self.certificate = leaf
+        self.trust_roots_der = [bytes(d) for d in trust_roots_der]
+        self.connect_timeout = connect_timeout
+        self.io_timeout = io_timeout
+        self.now = now
+        self.tickets = tickets if tickets is not None else TicketCache()
+        self.revocation = revocation
+        self.verify_in_se = verify_in_se
+        self.last_info = None
+        self.handshakes = 0
+        self.resumed = 0
+        self.signatures = 0
+        self.verifications = 0
+        self.se_operations = 0
+
+    def _ticket_key(self, host, port):
+        leaf = hashlib.sha256(self.cert_chain_der[0]).digest() if self.cert_chain_der else b""
+        return (host, port, self.slot, leaf)
+
+    def open(self, host, port):
+        """One TLS 1.3 connection to host:port, resuming with a kept ticket when there is
+        one.  Returns: a connected TlsSocket.  Raises: TlsClientError."""
+        key = self._ticket_key(host, port)
+        ticket = self.tickets.take(key)
+        config, ephemeral = se_client_config(
+            self.se, self.slot if self.slot is not None else 0, self.trust_roots_der, host,
+            client_chain=self.cert_chain_der, revocation=self.revocation, ticket=ticket,
+            now=self.now)
+        if self.slot is None:
+            config.signer = None
+        else:
+            config.signer = _Counted(config.signer)
+        if self.verify_in_se:
+            config.verify = _Counted(config.verify)
+        else:
+            from fleetid.common.host.tls13_host import ecdsa_verify
+
+            config.verify = _Counted(ecdsa_verify)
+        try:
+            tls = TlsSocket.connect(host, port, config, connect_timeout=self.connect_timeout,
+                                    io_timeout=self.io_timeout)
+        except TlsError as exc:
+            raise client_error(exc, False) from None
+        finally:
+            signed = config.signer.calls if config.signer is not None else 0
+            verified = config.verify.calls if self.verify_in_se else 0
+            self.signatures += signed
+            self.verifications += verified
+            self.se_operations += ephemeral.operations + verified + signed
+        self.handshakes += 1
+        self.last_info = tls.info
+        if tls.info.resumed:
+            self.resumed += 1
+        tls.ticket_key = key
+        return tls
+
+    def keep_ticket(self, tls):
+        """Keep the newest ticket `tls` received for the next connection (request() does
+        this after reading the answer)."""
+        if tls.tickets:
+            self.tickets.put(tls.ticket_key, tls.tickets[-1])
+
+    def request(self, host, port, method, path, body=None, headers=None,
+                max_response=MAX_RESPONSE):
+        """One HTTPS request on a fresh connection (answers over `max_response` bytes
+        are refused).
+
+        Returns: HttpResponse.  Raises: TlsClientError (connect, timeout, handshake,
+        server_certificate, se, protocol).  An HTTP error status is not an exception.
+        """
+        conn = _SeHttpsConnection(self, host, port, self.io_timeout)
+        conn.tls = None
+        try:
+            send = dict(headers or {})
+            send.setdefault("Connection", "close")
+            conn.request(method, path, body=body, headers=send)
+            response = conn.getresponse()
+            data = response.read(max_response + 1)
+            if len(data) > max_response:
+                raise TlsClientError(TlsClientError.PROTOCOL, "response over %d bytes"
+                                     % max_response)
+            if conn.tls is not None:
+                self.keep_ticket(conn.tls)
+            return HttpResponse(response.status, response.reason,
+                                {k.lower(): v for k, v in response.getheaders()}, data)
+        except TlsClientError:
+            raise
+        except TlsError as exc:
+            raise client_error(exc, conn.tls is not None and conn.tls.data_received) \
+                from None
+        except TimeoutError:
+            raise TlsClientError(TlsClientError.TIMEOUT, "%s %s" % (method, path)) from None
+        except (http.client.HTTPException, OSError) as exc:
+            raise TlsClientError(TlsClientError.PROTOCOL, "%s: %s" % (
+                type(exc).__name__, exc)) from None
+        finally:
+            conn.close()
+            if conn.tls is not None:
+                conn.tls.close(force=True)
