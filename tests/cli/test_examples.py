@@ -32,6 +32,7 @@ RUN_BY_WALKTHROUGH = (
     "fleetid revocation status",
     "fleetid cloud serve",
     "fleetid cloud check-cert",
+    "fleetid revoke",
 )
 
 
@@ -82,6 +83,18 @@ def test_help_examples_of_first_commands_are_in_the_walkthrough():
                          + "\n".join(not_run))
 
 
+def test_cloud_serve_help_curl_pipeline_is_the_walkthrough_s():
+    # The pipeline that failed as written (CRLF into `base64 -d`): the one in --help is
+    # the one the walkthrough runs.
+    help_text = dict(examples.walk_commands(cli))[("fleetid", "cloud", "serve")].help
+    lines = [line for line in help_text.splitlines() if line.strip() != "\b"]
+    pipelines = [line for line in examples.join_continuations(lines)
+                 if line.startswith("curl ")]
+    script = list(examples.join_continuations(examples.walkthrough().splitlines()))
+    assert pipelines and all(p in script for p in pipelines), pipelines
+    assert all("tr -d '\\r'" in p for p in pipelines)
+
+
 def _ports_free(*ports):
     for port in ports:
         with socket.socket() as s:
@@ -115,4 +128,4 @@ def test_readme_walkthrough_runs_as_written(tmp_path):
     assert "OK sqlite:var/line/registry.db" in out  # audit verify
     assert "CN = fleetid Fleet Root" in out  # curl | base64 -d | openssl pkcs7
     assert "verdict: ACCEPTED" in out and "verdict: REFUSED" in out  # check-cert
-    assert '"compact"' in out  # revocation status over --url
+    assert '"revset"' in out  # revocation status over --url
