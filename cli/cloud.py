@@ -73,11 +73,16 @@ def serve_cmd(config_path, state_dir, host, verifier_port, est_port, metrics_por
     """Run the verifier (mTLS, client certificate required) and the EST server.
 
     \b
-    Example (embedded defaults, one command):
-      fleetid cloud serve
-      curl --cacert var/cloud/ceremony/root.pem \\
-           https://127.0.0.1:8444/.well-known/est/cacerts | base64 -d |
-           openssl pkcs7 -inform DER -print_certs
+    Example (on a line's PKI; the README's walkthrough runs these lines):
+      fleetid line cloud-config --line var/line --out var/cloud \\
+          --verifier-port 8443 --est-port 8444
+      fleetid cloud serve --config var/cloud/cloud.toml --crl-port 8446
+      curl -sS --cacert var/line/pki/ceremony/root.pem \\
+          https://127.0.0.1:8444/.well-known/est/cacerts | tr -d '\\r' | base64 -d \\
+          | openssl pkcs7 -inform DER -print_certs -noout
+    (EST answers base64 with CRLF line breaks, RFC 8951; coreutils base64 wants the CRs
+    gone.)  With no configuration at all, `fleetid cloud serve` runs on embedded
+    defaults in var/cloud: a root and an issuing CA of its own, made there.
     Put SE vendor roots (PEM) in var/cloud/vendor-roots/ or name them in the config,
     e.g. the emulator's: var/vendor/vendor_root.pem.
     Only the embedded keystore gets a root and CA made here; on an HSM they are adopted:
@@ -157,8 +162,9 @@ def check_cert_cmd(cert_file, chain_files, config_path, state_dir, registry_uri,
     policy, SE UID == registry), overlap / supersession.
     Exit status: 0 accepted, 1 refused.
     \b
-    Example:
-      fleetid cloud check-cert device.pem --chain ca-widget-b42-eu.pem
+    Examples (the README's walkthrough runs the first):
+      fleetid cloud check-cert --config var/cloud/cloud.toml var/device.pem
+      fleetid cloud check-cert --config var/cloud/cloud.toml device.pem --chain ca-b42.pem
     """
     import datetime
 

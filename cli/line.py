@@ -143,7 +143,16 @@ def init_cmd(out, hsm_uri, registry_uri, root_cert, root_label, cas, witness_hsm
     embedded demo creates them (root key ceremony, one CA).
 
     The embedded soft keystore's passphrase comes from FLEETID_KEYSTORE_PASS, a file
-    named with --keystore-pass-file, or a prompt; it is never stored in OUT."""
+    named with --keystore-pass-file, or a prompt; it is never stored in OUT.
+
+    \b
+    Examples (the README's walkthrough runs the first):
+      fleetid line init var/line
+      HSM="pkcs11:module=/usr/lib/softhsm/libsofthsm2.so;token=fleetid;pin-env=PIN"
+      fleetid line init var/line --hsm "$HSM" --root-cert var/ceremony/root.pem \\
+          --root-label fleet-root --ca ca-widget-b42=var/ca-b42.pem \\
+          --witness-hsm "soft:var/witness/keystore.json;pass-env=WITNESS_PASS"
+    """
     from fleetid.cloud.line import workdir
 
     root, adopted = _custody_options(root_cert, root_label, cas)
@@ -249,7 +258,13 @@ def run_cmd(devices, stations, se_profile, hsm_uri, registry_uri, max_sessions, 
 
     The simulated SE vendor (in --vendor-dir) makes each lot and ships its chips'
     transport keys wrapped for the line's HSM (OUT/shipments/<lot>.json); the HSM
-    unwraps them inside, one chip at a time."""
+    unwraps them inside, one chip at a time.
+
+    \b
+    Examples (the README's walkthrough runs the first):
+      fleetid line run --devices 4 --stations 2 --keep-chips --out var/line
+      fleetid line run --devices 64 --stations 1,2,4,8 --se-profile se050 --out var/line
+    """
     from rich.console import Console
 
     counts = _station_counts(stations)
@@ -381,7 +396,12 @@ def _print_summaries(console, summaries, se_profile, report):
 def reconcile_cmd(out, hsm_uri, registry_uri, operator, no_chips, pass_file):
     """Resolve every in-flight device after a crash: resume it (chip still on a
     programmer and passes the confirmation gate), or quarantine it, revoking any
-    certificate that has no committed record.  Safe to run twice."""
+    certificate that has no committed record.  Safe to run twice.
+
+    \b
+    Example (after a crash or a kill of `line run`; the README's walkthrough runs it):
+      fleetid line reconcile --out var/line
+    """
     from fleetid.cloud.line import reconcile as reconcile_mod
     from fleetid.sim import lot as lot_mod
     from fleetid.sim.endpoint import BusEndpoint
@@ -442,8 +462,9 @@ def cloud_config_cmd(line_dir, out, label, verifier_port, est_port, pass_file):
     passphrase comes from FLEETID_KEYSTORE_PASS, --keystore-pass-file or a prompt.
 
     \b
-    Example:
-      fleetid line cloud-config --line var/line --out var/cloud
+    Example (the README's walkthrough runs it; 0, the default, takes any free port):
+      fleetid line cloud-config --line var/line --out var/cloud \\
+          --verifier-port 8443 --est-port 8444
       fleetid cloud serve --config var/cloud/cloud.toml
     """
     from fleetid.cli.line_cloud_config import write_cloud_config

@@ -171,7 +171,8 @@ def revoke(device_serial, batch, cert_file, cert_serial, issuer, reason, operato
     Examples:
       fleetid revoke --serial 1042 --reason keyCompromise --operator alice
       fleetid revoke --batch b42 --reason cACompromise --operator alice
-      fleetid revoke --cert device.pem --reason keyCompromise
+      fleetid revoke --config var/cloud/cloud.toml --cert var/device.pem \\
+          --reason keyCompromise --operator alice
       fleetid revoke --cert-serial 4F3A...9C --operator alice
     """
     given = [v for v in (device_serial, batch, cert_file, cert_serial) if v is not None]
@@ -255,7 +256,12 @@ def init_cmd(root_label, config_path, state_dir, pass_file):
     """Create the OCSP responder keys (one per issuing CA) and the compact-set signer
     (under the fleet root) in the HSM, with their certificates under
     <state_dir>/revocation/.  `fleetid cloud serve --crl-port N` then also answers OCSP
-    and serves the compact set on that port."""
+    and serves the compact set on that port.
+
+    \b
+    Example (the README's walkthrough runs it):
+      fleetid revocation init --config var/cloud/cloud.toml
+    """
     from fleetid.cloud.hsm import secret_variable
     from fleetid.cloud.revocation import tiers
     from fleetid.cloud.server import build_context
@@ -331,6 +337,11 @@ def status_cmd(url, registry_uri, config_path, state_dir):
               nextUpdate, age.
     Exit status: 0; 1 when --url is given and a tier there cannot be fetched or read
     (each named with its URL and the cause: connection refused, HTTP status, ...).
+
+    \b
+    Examples (the README's walkthrough runs the second):
+      fleetid revocation status --config var/cloud/cloud.toml
+      fleetid revocation status --config var/cloud/cloud.toml --url http://127.0.0.1:8446
     """
     from fleetid.cloud.revocation.tiers import TIERS
 

@@ -58,7 +58,9 @@ File (all keys optional; paths relative to the file's folder):
 Environment (override the file): FLEETID_CLOUD_<KEY> for each scalar key above, e.g.
 FLEETID_CLOUD_VERIFIER_PORT=9443, FLEETID_CLOUD_REGISTRY=postgresql://...; list keys
 (vendor_roots, roots, intermediates, revoked_cas) take a comma-separated list.
-FLEETID_CLOUD_CONFIG names the file when --config is not given.  Secrets are never in the
+FLEETID_CLOUD_CONFIG names the file when --config is not given; without either,
+<state_dir>/cloud.toml is read when it exists (what `fleetid line cloud-config --out`
+writes), so every cloud command run beside it finds the same cloud.  Secrets are never in the
 file: the HSM URI names the environment variable that holds them.
 """
 
@@ -145,12 +147,21 @@ def _convert(key, value):
     return value
 
 
+def _beside_state(environ):
+    """<state_dir>/cloud.toml (state_dir from the environment, else the default) when it
+    exists, else None."""
+    state_dir = environ.get(ENV_PREFIX + "STATE_DIR") or DEFAULTS["state_dir"]
+    candidate = os.path.join(state_dir, "cloud.toml")
+    return candidate if os.path.isfile(candidate) else None
+
+
 def load_config(path=None, environ=None):
-    """Resolve the configuration: defaults < file (`path`, or $FLEETID_CLOUD_CONFIG) <
-    environment.  Returns CloudConfig.  Raises ConfigError."""
+    """Resolve the configuration: defaults < file (`path`, else $FLEETID_CLOUD_CONFIG, else
+    <state_dir>/cloud.toml when it exists) < environment.  Returns CloudConfig.  Raises
+    ConfigError."""
     environ = os.environ if environ is None else environ
     values = {k: (list(v) if isinstance(v, list) else v) for k, v in DEFAULTS.items()}
-    path = path or environ.get(ENV_PREFIX + "CONFIG")
+    path = path or environ.get(ENV_PREFIX + "CONFIG") or _beside_state(environ)
     base = os.getcwd()
     if path:
         try:

@@ -117,6 +117,24 @@ def test_config_file_and_environment(tmp_path):
         load_config(None, environ={"FLEETID_CLOUD_EST_PORT": "many"})
 
 
+def test_config_beside_the_state_dir_is_found_without_config(tmp_path, monkeypatch):
+    # `fleetid line cloud-config --out var/cloud` writes var/cloud/cloud.toml: every cloud
+    # command run from the same folder reads it without --config (README examples).
+    monkeypatch.chdir(tmp_path)
+    assert load_config(None, environ={}).verifier_port != 9300  # nothing there yet
+    (tmp_path / "var" / "cloud").mkdir(parents=True)
+    (tmp_path / "var" / "cloud" / "cloud.toml").write_text("[cloud]\nverifier_port = 9300\n")
+    assert load_config(None, environ={}).verifier_port == 9300
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "cloud.toml").write_text("[cloud]\nverifier_port = 9400\n")
+    assert load_config(None, environ={"FLEETID_CLOUD_STATE_DIR": str(other)}).verifier_port \
+        == 9400
+    named = tmp_path / "named.toml"
+    named.write_text("[cloud]\nverifier_port = 9500\n")
+    assert load_config(str(named), environ={}).verifier_port == 9500  # --config wins
+
+
 @pytest.mark.parametrize("named", ["tls_key", "tls_cert", "tls_key and a missing tls_cert"])
 def test_serve_refuses_a_tls_key_without_its_certificate_and_keeps_the_key(tmp_path, named,
                                                                           monkeypatch):
