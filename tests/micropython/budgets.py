@@ -137,6 +137,22 @@ WORKFLOWS = {
                                 "fleetid.common.tls13_crypto", "fleetid.common.tls13_cert",
                                 "fleetid.common.tls13", "fleetid.device.tls13_keys"),
                   3, 178 * 1024, 223 * 1024),
+    # The board agent end to end (device/board.run + device/board_net over device/https
+    # and the TLS 1.3 client) against `fleetid cloud serve`: enrolment, a rotation cut by
+    # a power loss, the resumed rotation with the CRL refresh.
+    "run_board_net": ("tests/micropython/test_board_net_micropython.py::test_board_agent_enrols_rotates_through_a_power_cut_and_refreshes_its_crl",
+                      SE_MODULES + ("fleetid.device.bus", "fleetid.device.stack",
+                                    "fleetid.common.der", "fleetid.common.attestation",
+                                    "fleetid.device.enrol", "fleetid.device.rotation_journal",
+                                    "fleetid.device.agent", "fleetid.device.board",
+                                    "fleetid.common.oids", "fleetid.common.asn1time",
+                                    "fleetid.device.certinfo", "fleetid.device.certcheck",
+                                    "fleetid.device.anchored_store",
+                                    "fleetid.device.crl_cache",
+                                    "fleetid.common.tls13_crypto", "fleetid.common.tls13_cert",
+                                    "fleetid.common.tls13", "fleetid.device.tls13_keys",
+                                    "fleetid.device.https", "fleetid.device.board_net"),
+                      3, 320 * 1024, 400 * 1024),
 }
 
 
