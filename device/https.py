@@ -348,6 +348,14 @@ class HttpsClient:
                                    client_chain=[cert], revocation=self.revocation,
                                    ticket=ticket, record_size_limit=RECORD_SIZE_LIMIT)
         cert = None
+        # Collect before the handshake's largest allocation (the transcript buffer,
+        # Tls13Config.max_transcript, one contiguous block): measured under MicroPython,
+        # a heap left to collect on its own mid-handshake fragments until that block no
+        # longer fits (a MemoryError seen as a failed handshake) well above the heap this
+        # needs with the collection here.
+        import gc
+
+        gc.collect()
         sock = _connect(host, port, self.timeout_s)
         stream = Tls13Stream(sock, tls13.Tls13Client(config), SystemClock(),
                              int(self.timeout_s * 1000))

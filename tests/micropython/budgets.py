@@ -152,7 +152,7 @@ WORKFLOWS = {
                                     "fleetid.common.tls13_crypto", "fleetid.common.tls13_cert",
                                     "fleetid.common.tls13", "fleetid.device.tls13_keys",
                                     "fleetid.device.https", "fleetid.device.board_net"),
-                      3, 320 * 1024, 400 * 1024),
+                      3, 350 * 1024, 440 * 1024),
     # MQTT from the board over the SE-keyed TLS 1.3 client (device/tls_socket.py under
     # umqtt.simple) straight to mosquitto: the SE session, the TLS client and the channel.
     "run_mqtt_tls": ("tests/micropython/test_mqtt_tls_micropython.py::test_umqtt_over_the_se_keyed_tls13_client_under_micropython",
