@@ -116,7 +116,10 @@ def retry_after_seconds(value):
 
 def error_for(response):
     """NetError for a non-success HTTP answer (module header)."""
-    text = response.body[:300].decode().strip() if response.body else ""
+    try:
+        text = response.body[:300].decode().strip()
+    except UnicodeError:  # not UTF-8 (or cut inside a character): no reason code
+        text = ""
     status = response.status
     retry_after = retry_after_seconds(response.header("Retry-After"))
     if status == 202:

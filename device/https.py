@@ -238,8 +238,15 @@ def _connect(host, port, timeout_s):
 
 
 def _is_timeout(exc):
-    # CPython: socket.timeout (TimeoutError); MicroPython: OSError(ETIMEDOUT).
-    return isinstance(exc, TimeoutError) or (exc.args and exc.args[0] == 110)
+    # MicroPython: OSError(ETIMEDOUT) (it has no TimeoutError); CPython: TimeoutError.
+    import errno
+
+    if exc.args and exc.args[0] == errno.ETIMEDOUT:
+        return True
+    try:
+        return isinstance(exc, TimeoutError)
+    except NameError:
+        return False
 
 
 def _send_all(sock, data):

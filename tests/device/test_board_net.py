@@ -98,6 +98,17 @@ def test_any_bytes_give_an_answer_or_an_http_error(data):
     assert len(response.body) <= 64
 
 
+def test_a_closed_port_is_a_link_error():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(https.HttpError) as refused:
+        https.fetch("http://127.0.0.1:%d/crl" % port)
+    assert refused.value.reason == https.HttpError.LINK
+
+
 def test_urls():
     assert https.parse_url("https://10.0.0.2:8443") == ("https", "10.0.0.2", 8443, "/")
     assert https.parse_url("http://h/crl/a.crl") == ("http", "h", 80, "/crl/a.crl")
