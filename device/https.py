@@ -38,6 +38,12 @@ MAX_BODY_DEFAULT = const(32768)
 CONNECT_TIMEOUT_S = const(10)
 IO_TIMEOUT_S = const(30)
 RECORD_SIZE_LIMIT = const(4096)  # RFC 8449: what the board accepts per TLS record
+# Transcript bytes one handshake may keep (Tls13Config.max_transcript, one contiguous
+# block): a full handshake with `fleetid cloud serve` measured 3,005 B (server leaf signed
+# by the root, the identity certificate as ours).  Below common/tls13's 8 KiB default
+# because that block is what a fragmented board heap fails to find; a longer server chain
+# needs it raised (a handshake over it fails with TlsError "limit").
+MAX_TRANSCRIPT = const(5120)
 
 
 class HttpError(FleetidError):
@@ -297,11 +303,13 @@ class HttpsClient:
         URL's host).  revocation: optional `revocation(path)` for the server chain
         (device/tls13_keys.crl_revocation).  timeout_s: per socket wait; the handshake and
         each answer are bounded by it too.  max_body: largest answer body.
+        max_transcript: Tls13Config.max_transcript (MAX_TRANSCRIPT above).
     Attributes: handshakes, resumed (counts), se_operations (ECDHE operations in the SE).
     """
 
     def __init__(self, se, anchors_der, now, prims=None, server_name=None, revocation=None,
-                 timeout_s=IO_TIMEOUT_S, max_body=MAX_BODY_DEFAULT):
+                 timeout_s=IO_TIMEOUT_S, max_body=MAX_BODY_DEFAULT,
+                 max_transcript=MAX_TRANSCRIPT):
         if prims is None:
             from fleetid.common.tls13_crypto import PortableTls13Primitives
 
@@ -314,6 +322,7 @@ class HttpsClient:
         self.revocation = revocation
         self.timeout_s = timeout_s
         self.max_body = max_body
+        self.max_transcript = max_transcript
         self._tickets = {}  # (slot, host, port) -> (certificate digest, SessionTicket)
         self.handshakes = 0
         self.resumed = 0
@@ -353,10 +362,11 @@ class HttpsClient:
         config = tls13.Tls13Config(self.prims, ephemeral, self.anchors, se_verifier(self.se),
                                    self.now, server_name=name, signer=se_signer(self.se, slot),
                                    client_chain=[cert], revocation=self.revocation,
-                                   ticket=ticket, record_size_limit=RECORD_SIZE_LIMIT)
+                                   ticket=ticket, record_size_limit=RECORD_SIZE_LIMIT,
+                                   max_transcript=self.max_transcript)
         cert = None
         # Collect before the handshake's largest allocation (the transcript buffer,
-        # Tls13Config.max_transcript, one contiguous block): measured under MicroPython,
+        # max_transcript, one contiguous block): measured under MicroPython,
         # a heap left to collect on its own mid-handshake fragments until that block no
         # longer fits (a MemoryError seen as a failed handshake) well above the heap this
         # needs with the collection here.
