@@ -109,12 +109,13 @@ class SeTlsWrapper:
         (the fleet root in the SE).  now: epoch-seconds clock.  server_name: the name or IP
         to check in the server's certificate.  client_chain: DER certificates, ours first
         (None: the slot's certificate).  prims: crypto provider (None: portable).
-        timeout_s: each wait.  record_size_limit: RFC 8449.
+        timeout_s: each wait.  record_size_limit: RFC 8449.  max_transcript: the
+        handshake's transcript block (device/https.MAX_TRANSCRIPT says why 5 KiB).
     Attributes: stream (the last Tls13Stream), ephemeral (its SeEphemeral).
     """
 
     def __init__(self, se, slot, anchors_der, now, server_name, client_chain=None,
-                 prims=None, timeout_s=30, record_size_limit=4096):
+                 prims=None, timeout_s=30, record_size_limit=4096, max_transcript=5120):
         self.se = se
         self.slot = slot
         self.anchors = list(anchors_der)
@@ -124,6 +125,7 @@ class SeTlsWrapper:
         self.prims = prims
         self.timeout_s = timeout_s
         self.record_size_limit = record_size_limit
+        self.max_transcript = max_transcript
         self.stream = None
         self.ephemeral = None
 
@@ -147,7 +149,8 @@ class SeTlsWrapper:
         config = tls13.Tls13Config(prims, self.ephemeral, self.anchors, se_verifier(self.se),
                                    self.now, server_name=self.server_name,
                                    signer=se_signer(self.se, self.slot), client_chain=chain,
-                                   record_size_limit=self.record_size_limit)
+                                   record_size_limit=self.record_size_limit,
+                                   max_transcript=self.max_transcript)
         sock.settimeout(self.timeout_s)
         self.stream = Tls13Stream(sock, tls13.Tls13Client(config), SystemClock(),
                                   int(self.timeout_s * 1000))
