@@ -28,7 +28,8 @@
 #               enroll raises device/certcheck.CertificateRefused when the answer is not
 #               exactly one certificate (wrong content type, not PKCS#7, none, several).
 #               CPython: device/host/agent_net.HostNetwork (se_https + EST).
-#               MicroPython: a board supplies its own object with these six methods.
+#               MicroPython: device/board_net.BoardNetwork (device/https.py over the
+#               SE-keyed TLS 1.3 client), or a board's own object with these methods.
 #   clock       now() -> int seconds since 1970 UTC; sleep(seconds) (bounded by policy)
 #   rand        () -> float in [0, 1): backoff jitter
 #   boot        optional: check() -> report (raises on a bad image: the agent then does

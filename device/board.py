@@ -36,10 +36,12 @@
 #       server_reason) is not.  device/host/agent_net.HostNetwork is the CPython
 #       implementation (the reference for paths, bodies and error mapping).
 #
-# The TLS client is the board's part: its CertificateVerify must be signed in the SE
-# (SeSession.sign), which MicroPython's `ssl` cannot do.  A portable TLS 1.3 client for
-# that is being written separately; until a board_net on top of it exists, these boards
-# run the agent only with a board_net the integrator supplies.
+# fleetid.device.board_net ships that module for every board with `socket`: HTTP/1.1
+# (device/https.py) over the portable TLS 1.3 client whose CertificateVerify is signed in
+# the SE (common/tls13.py, device/tls13_keys.py; MicroPython's `ssl` cannot use an SE
+# key).  The board's constants reach it through run(): verifier_url, est_url and, when
+# set, server_name, est_label, crl_url, passed as make_net(se, **those).  A module given
+# without them is called as make_net(se) (an integrator's own network).
 #
 # Options (all off by default; the board's main.py sets them as constants):
 #     boot_image      path of the running MCUboot image on the board's file system: check
@@ -131,14 +133,16 @@ def signed_boot(se, image_path, clock, max_size=None, log=None):
 def run(bus, t1_profile="gp", interval_s=3600, net_module="board_net", boot_image=None,
         boot_max_size=None, crl_issuer=None, crl_cache_path=None, crl_grace_s=86400,
         crl_fail_open=False, renew_fraction=0.66, renew_margin_s=0, log=print,
-        cycles=None):
+        cycles=None, verifier_url=None, est_url=None, server_name=None, est_label=None,
+        crl_url=None):
     """Run the device agent on a board (module header).
 
     Params: bus: bus URI (device/bus.py).  t1_profile: "gp" or "se05x".  interval_s:
         seconds between cycles at most.  net_module: the board's network module, by name
         or as the module itself.  boot_image ... renew_margin_s: the options in the module
         header (off by default).  log: fn(str).  cycles: stop after this many (tests;
-        None: run forever).
+        None: run forever).  verifier_url ... crl_url: the network's constants, passed
+        to make_net(se, ...) when any is set (fleetid.device.board_net takes them).
     Returns: the last AgentReport (only when `cycles` ends the loop).
     Raises: ValueError (crl_issuer without crl_cache_path or the other way round), and
         what opening the SE raises (BusUriError, BusError, LinkError, ApduError): a board
@@ -148,7 +152,14 @@ def run(bus, t1_profile="gp", interval_s=3600, net_module="board_net", boot_imag
     if (crl_issuer is None) != (crl_cache_path is None):
         raise ValueError("crl_issuer and crl_cache_path go together")
     if isinstance(net_module, str):
-        net_module = __import__(net_module)
+        # A non-empty fromlist makes __import__ return the named (dotted) module itself.
+        net_module = __import__(net_module, None, None, ("make_net",))
+    net_options = {}
+    for name, value in (("verifier_url", verifier_url), ("est_url", est_url),
+                        ("server_name", server_name), ("est_label", est_label),
+                        ("crl_url", crl_url)):
+        if value is not None:
+            net_options[name] = value
     policy = AgentPolicy(renew_fraction=renew_fraction, renew_margin_s=renew_margin_s)
     clock = net_module.make_clock()
     stack = open_se(bus, profile=t1_profile)
@@ -161,7 +172,9 @@ def run(bus, t1_profile="gp", interval_s=3600, net_module="board_net", boot_imag
         if crl_issuer is not None:
             revocation = crl_cache(se, crl_issuer, crl_cache_path, crl_grace_s,
                                    crl_fail_open)
-        agent = Agent(se, net_module.make_net(se), clock, _urandom_fraction, boot=boot,
+        net = net_module.make_net(se, **net_options) if net_options else \
+            net_module.make_net(se)
+        agent = Agent(se, net, clock, _urandom_fraction, boot=boot,
                       revocation=revocation, policy=policy, log=log)
 
         def wait(seconds):

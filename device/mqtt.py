@@ -263,35 +263,50 @@ class UmqttTransport:
     """The transport on MicroPython: micropython-lib's umqtt.simple (MQTT 3.1.1).
 
     Params: client_id: this device's name.  host, port: where its MQTT connection goes.
-        keepalive: seconds.
-    The connection is plain TCP to host:port: MicroPython's own `ssl` (mbedTLS) needs the
-    private key in RAM, which fleetid never allows, and the portable TLS client whose
-    signatures run in the SE is not written yet (ARCHITECTURE.md, mTLS).  The unix-port
-    tests therefore reach the broker through the host's SE-signed TLS tunnel
-    (device/host/mqtt_paho.SeTlsTunnel), the identity still proven by the SE.
+        keepalive: seconds.  tls: None (plain TCP) or device/tls_socket.SeTlsWrapper: TLS
+        1.3 with every private-key operation in the SE (MicroPython's own `ssl` needs the
+        key in RAM, which fleetid never allows).  umqtt.simple 1.4+ takes it as its `ssl`
+        context; 1.3 imports `ussl` on connect, so the wrapper stands in for that module
+        during connect() only.
     umqtt.simple is imported on connect(): firmware freezes it (require("umqtt.simple")),
     the unix-port tests stage it from var/micropython-lib (scripts/fetch_micropython_lib.py).
     """
 
-    def __init__(self, client_id, host, port, keepalive=60):
+    def __init__(self, client_id, host, port, keepalive=60, tls=None):
         self.client_id = client_id
         self.host = host
         self.port = port
         self.keepalive = keepalive
+        self.tls = tls
         self.client = None
         self._inbox = []
 
     def connect(self):
+        import sys
+
         from umqtt.simple import MQTTClient, MQTTException
 
-        client = MQTTClient(self.client_id, self.host, self.port, keepalive=self.keepalive)
+        if self.tls is None:
+            client = MQTTClient(self.client_id, self.host, self.port, keepalive=self.keepalive)
+        else:
+            client = MQTTClient(self.client_id, self.host, self.port, keepalive=self.keepalive,
+                                ssl=self.tls)
         client.set_callback(self._on_message)
+        previous = sys.modules.get("ussl")
+        if self.tls is not None:
+            sys.modules["ussl"] = self.tls  # umqtt.simple 1.3: `import ussl` in connect()
         try:
             client.connect()
         except MQTTException as exc:
             raise TransportError(TransportError.REFUSED, "CONNACK %s" % exc)
         except OSError as exc:
             raise TransportError(TransportError.CONNECT, str(exc))
+        finally:
+            if self.tls is not None:
+                if previous is None:
+                    del sys.modules["ussl"]
+                else:
+                    sys.modules["ussl"] = previous
         self.client = client
 
     def _on_message(self, topic, payload):

@@ -197,6 +197,11 @@ class Tls13Stream:
 
         return self._guard(work)
 
+    def available(self):
+        """True when recv() returns without reading the socket: application data is
+        buffered, or the peer has closed."""
+        return bool(self._pending) or self._client.closed
+
     def wait(self, condition, deadline_ms=None):
         """Process records until `condition()` holds (e.g. a ticket arrived).
 

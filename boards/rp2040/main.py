@@ -1,13 +1,12 @@
 # The fleetid device agent on an RP2040 (MicroPython, fleetid frozen in with manifest.py).
-# Copy to the board's file system as main.py, beside a board_net.py that provides the
-# network and the clock: make_net(se) and make_clock(), the contract at the top of
-# fleetid/device/board.py (device/board.py in this repository).  The loop, the SE stack,
-# the signed-boot check and the CRL cache are all in the firmware (fleetid.device.board.run);
-# this file holds only this board's constants.
-#
-# No board_net.py ships here: its TLS client must sign the CertificateVerify in the SE,
-# which MicroPython's ssl cannot; a portable TLS 1.3 client for that is being written
-# separately, and a board_net on top of it comes with it.
+# Copy to the board's file system as main.py.  The loop, the SE stack, the signed-boot
+# check, the CRL cache and the network are all in the firmware (fleetid.device.board.run
+# with fleetid.device.board_net: HTTPS over the portable TLS 1.3 client whose keys stay in
+# the SE); this file holds only this board's constants.  The board's boot.py brings the
+# network interface up and sets the clock by NTP first (docs/INTEGRATING.md).
+# NET_MODULE names the network module: an integrator's own (a board_net.py beside this
+# file, the contract at the top of fleetid/device/board.py) replaces the shipped one.
+# A Pico without Wi-Fi has no `socket`: use a Pico W, or an integrator's NET_MODULE.
 
 from fleetid.device.board import run
 
@@ -22,7 +21,13 @@ CRL_ISSUER = None  # issuing CA certificate (DER file) whose CRL is cached (None
 CRL_CACHE = None  # file holding the cached CRL (required with CRL_ISSUER)
 CRL_GRACE_S = 86400  # seconds a CRL stays usable after its nextUpdate
 CRL_FAIL_OPEN = False  # with no fresh CRL, do not treat peers as revoked
+NET_MODULE = "fleetid.device.board_net"  # the shipped network (socket + SE-keyed TLS 1.3)
+VERIFIER_URL = "https://fleet.example.net:8443"  # fleetid cloud serve: the verifier
+EST_URL = "https://fleet.example.net:8444"  # ... and EST (RFC 7030)
+SERVER_NAME = None  # name or IP the servers' certificates carry (None: the URLs' host)
 
-run(BUS, T1_PROFILE, INTERVAL_S, boot_image=BOOT_IMAGE, boot_max_size=BOOT_MAX_SIZE,
-    crl_issuer=CRL_ISSUER, crl_cache_path=CRL_CACHE, crl_grace_s=CRL_GRACE_S,
-    crl_fail_open=CRL_FAIL_OPEN, renew_fraction=RENEW_FRACTION, renew_margin_s=RENEW_MARGIN_S)
+run(BUS, T1_PROFILE, INTERVAL_S, net_module=NET_MODULE, boot_image=BOOT_IMAGE,
+    boot_max_size=BOOT_MAX_SIZE, crl_issuer=CRL_ISSUER, crl_cache_path=CRL_CACHE,
+    crl_grace_s=CRL_GRACE_S, crl_fail_open=CRL_FAIL_OPEN, renew_fraction=RENEW_FRACTION,
+    renew_margin_s=RENEW_MARGIN_S, verifier_url=VERIFIER_URL, est_url=EST_URL,
+    server_name=SERVER_NAME)

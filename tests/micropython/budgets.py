@@ -138,6 +138,38 @@ WORKFLOWS = {
                                 "fleetid.common.tls13_crypto", "fleetid.common.tls13_cert",
                                 "fleetid.common.tls13", "fleetid.device.tls13_keys"),
                   3, 178 * 1024, 223 * 1024),
+    # The board agent end to end (device/board.run + device/board_net over device/https
+    # and the TLS 1.3 client) against `fleetid cloud serve`: enrolment, a rotation cut by
+    # a power loss, the resumed rotation with the CRL refresh (a step retried fails the
+    # test, so a handshake that ran out of heap is not hidden by the agent's retries).
+    # Minimum bisected 2026-12-07 (bench/micropython.py run_board_net, same toolchain),
+    # with device/https's 5 KiB transcript block: 334 K, of which 198.8 K resident
+    # bytecode and 135.2 K working -- far over the issue's 32 KiB, mostly fragmentation
+    # (with common/tls13's 8 KiB default block it was 361 K).
+    "run_board_net": ("tests/micropython/test_board_net_micropython.py::test_board_agent_enrols_rotates_through_a_power_cut_and_refreshes_its_crl",
+                      SE_MODULES + ("fleetid.device.bus", "fleetid.device.stack",
+                                    "fleetid.common.der", "fleetid.common.attestation",
+                                    "fleetid.device.enrol", "fleetid.device.rotation_journal",
+                                    "fleetid.device.agent", "fleetid.device.board",
+                                    "fleetid.common.oids", "fleetid.common.asn1time",
+                                    "fleetid.device.certinfo", "fleetid.device.certcheck",
+                                    "fleetid.device.anchored_store",
+                                    "fleetid.device.crl_cache",
+                                    "fleetid.common.tls13_crypto", "fleetid.common.tls13_cert",
+                                    "fleetid.common.tls13", "fleetid.device.tls13_keys",
+                                    "fleetid.device.https", "fleetid.device.board_net"),
+                      3, 334 * 1024, 418 * 1024),
+    # MQTT from the board over the SE-keyed TLS 1.3 client (device/tls_socket.py under
+    # umqtt.simple) straight to mosquitto: the SE session, the TLS client and the channel.
+    # Minimum bisected 2026-12-07 (bench/micropython.py run_mqtt_tls, 5 KiB transcript
+    # block): 201 K, of which 130.7 K resident bytecode and 70.3 K working.
+    "run_mqtt_tls": ("tests/micropython/test_mqtt_tls_micropython.py::test_umqtt_over_the_se_keyed_tls13_client_under_micropython",
+                     SE_MODULES + ("fleetid.common.der", "fleetid.common.asn1time",
+                                   "fleetid.common.tls13_crypto", "fleetid.common.tls13_cert",
+                                   "fleetid.common.tls13", "fleetid.device.tls13_keys",
+                                   "fleetid.device.tls_socket", "fleetid.common.mqttmsg",
+                                   "fleetid.device.mqtt", "umqtt.simple"),
+                     3, 201 * 1024, 252 * 1024),
 }
 
 

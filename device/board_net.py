@@ -1,0 +1,328 @@
+# The board's network for the agent (device/board.py's `board_net` contract), on `socket`
+# and the SE-keyed TLS 1.3 client: what a MicroPython board (and the unix port, the same
+# file) uses against `fleetid cloud serve`.  Portable: MicroPython and CPython.
+#
+#     # boards/<board>/main.py
+#     from fleetid.device.board import run
+#     run("machine:i2c:0:0x48", "se05x", 3600, net_module="fleetid.device.board_net",
+#         verifier_url="https://10.0.0.2:8443", est_url="https://10.0.0.2:8444")
+#
+# device/board.run passes the board's constants to make_net(se, ...) below.  Paths,
+# bodies and the mapping of answers to device.agent.NetError are those of the CPython
+# reference, device/host/agent_net.HostNetwork:
+#
+#   whoami     GET  verifier /v1/whoami                    200 JSON object
+#   cacerts    GET  est /.well-known/est[/label]/cacerts   200 base64 certs-only PKCS#7
+#   nonce      GET  est .../nonce                          200 base64, 1..64 bytes
+#   enroll     POST est .../simpleenroll | simplereenroll  base64 PKCS#10 in (RFC 7030
+#                                                          4.2.1), 200 base64 certs-only
+#                                                          PKCS#7 with exactly one
+#                                                          certificate out
+#   ack        POST verifier /v1/rotation/ack              200
+#   fetch_revocation  GET the CRL: crl_url, else the first http(s) URI of the slot
+#                     certificate's CRL distribution points (RFC 5280 4.2.1.13)
+#
+#   transport: HttpError link -> LINK, timeout -> TIMEOUT, handshake -> HANDSHAKE, a
+#   server certificate refused -> REFUSED.  HTTP: 202 -> PENDING (Retry-After seconds),
+#   5xx -> SERVER, other non-200 -> REFUSED with the server's reason code (the text before
+#   the first ":" of its answer).  An enrolment answer that is not exactly one certificate
+#   in a certs-only PKCS#7 -> device.certcheck.CertificateRefused(MALFORMED).
+#
+# Every request is its own connection; session tickets make all but the first of a
+# cycle's connections per slot a PSK-DHE resumption (device/https.py header).  PKCS#7 is
+# read with common/der.py: SignedData (RFC 5652 5.1) certificates [0] IMPLICIT.
+
+from fleetid.device.agent import NetError
+
+WELL_KNOWN = "/.well-known/est"  # RFC 7030 3.2.2
+CT_PKCS10 = "application/pkcs10"  # RFC 7030 4.2.1
+CT_PKCS7_MIME = "application/pkcs7-mime"  # RFC 7030 4.2.3 (certs-only)
+OID_SIGNED_DATA = "1.2.840.113549.1.7.2"  # RFC 5652 5.1
+OID_CRL_DISTRIBUTION_POINTS = "2.5.29.31"  # RFC 5280 4.2.1.13
+MAX_RETRY_AFTER = 24 * 3600
+MAX_CRL = 65536
+_DATA_TRUST_FLEET_ROOT = 0x0111  # se_consts.DATA_TRUST_FLEET_ROOT
+_EPOCH_2000 = 946684800  # seconds from 1970 to 2000 (ports whose time() counts from 2000)
+
+
+class Pkcs7Error(ValueError):
+    """Not a certs-only PKCS#7 (detail says why)."""
+
+
+def pkcs7_certificates(data):
+    """The certificates of a certs-only PKCS#7 (RFC 5652 5.1 SignedData, RFC 7030 4.1.3),
+    DER.  Returns: list of DER certificates (possibly empty).  Raises: Pkcs7Error."""
+    from fleetid.common import der
+    from fleetid.common.errors import DerError
+
+    try:
+        info = der.DerReader(data).read_sequence()
+        if info.read_oid() != OID_SIGNED_DATA:
+            raise Pkcs7Error("not SignedData")
+        signed = info.read_context(0).read_sequence()
+        signed.read_integer()  # version
+        signed.read_set()  # digestAlgorithms (empty in certs-only)
+        signed.read_sequence()  # encapContentInfo
+        certs = []
+        block = signed.read_optional_context(0)
+        if block is not None:
+            while not block.at_end():
+                certs.append(bytes(block.read_raw(der.TAG_SEQUENCE)))
+        return certs
+    except DerError as exc:
+        raise Pkcs7Error("bad DER: %s" % exc) from None
+
+
+def crl_urls(cert_der):
+    """The http(s) URIs of a certificate's CRL distribution points (fullName
+    uniformResourceIdentifier, RFC 5280 4.2.1.13), in order.  Raises: DerError."""
+    from fleetid.common import der
+
+    tbs = der.DerReader(cert_der).read_sequence().read_sequence()
+    out = []
+    while not tbs.at_end():
+        if tbs.peek_tag() != 0xA3:  # [3] extensions
+            tbs.read_tlv()
+            continue
+        extensions = tbs.read_context(3).read_sequence()
+        while not extensions.at_end():
+            extension = extensions.read_sequence()
+            if extension.read_oid() != OID_CRL_DISTRIBUTION_POINTS:
+                continue
+            if extension.peek_tag() == der.TAG_BOOLEAN:
+                extension.read_boolean()
+            points = der.DerReader(extension.read_octet_string()).read_sequence()
+            while not points.at_end():
+                point = points.read_sequence()
+                name = point.read_optional_context(0)  # distributionPoint
+                full = name.read_optional_context(0) if name is not None else None
+                while full is not None and not full.at_end():
+                    tag, value = full.read_tlv()
+                    if tag == 0x86:  # [6] IMPLICIT IA5String uniformResourceIdentifier
+                        uri = bytes(value).decode()
+                        if uri.startswith("http://") or uri.startswith("https://"):
+                            out.append(uri)
+    return out
+
+
+def retry_after_seconds(value):
+    """Retry-After as delay-seconds (RFC 9110 10.2.3), or None."""
+    try:
+        delay = int(value)
+    except (TypeError, ValueError):
+        return None
+    return min(max(delay, 0), MAX_RETRY_AFTER)
+
+
+def error_for(response):
+    """NetError for a non-success HTTP answer (module header)."""
+    try:
+        text = response.body[:300].decode().strip()
+    except UnicodeError:  # not UTF-8 (or cut inside a character): no reason code
+        text = ""
+    status = response.status
+    retry_after = retry_after_seconds(response.header("Retry-After"))
+    if status == 202:
+        return NetError(NetError.PENDING, text, status, retry_after)
+    if status >= 500:
+        return NetError(NetError.SERVER, text, status, retry_after)
+    reason = text.split(":", 1)[0].strip() or None
+    return NetError(NetError.REFUSED, text, status, retry_after, reason)
+
+
+def decode_base64(body):
+    """RFC 8951 3: base64 with or without line breaks.  Raises: ValueError."""
+    import binascii
+
+    text = b"".join(bytes(body).split())
+    if len(text) % 4:
+        raise ValueError("not base64")
+    try:
+        return binascii.a2b_base64(text)
+    except Exception:  # binascii.Error (CPython), ValueError (MicroPython)
+        raise ValueError("not base64") from None
+
+
+class BoardNetwork:
+    """device.agent's `net` over device/https.py (module header).
+
+    Params: se: SeSession.  verifier_url, est_url: https://HOST:PORT.  now: epoch seconds
+        clock.  server_name: the name or IP in the servers' certificates (None: the URL
+        host).  est_label: EST label or None.  crl_url: fixed CRL URL (None: the
+        certificate's distribution point).  timeout_s, max_body: device/https bounds.
+        anchors_der: trust anchors (None: the fleet root the line stored in the SE).
+    Attributes: https (the HttpsClient: handshakes / resumed / se_operations).
+    """
+
+    def __init__(self, se, verifier_url, est_url, now, server_name=None, est_label=None,
+                 crl_url=None, timeout_s=30, max_body=16384, anchors_der=None):
+        from fleetid.device.https import HttpsClient, parse_url
+
+        for url in (verifier_url, est_url):
+            if parse_url(url)[0] != "https":
+                raise ValueError("verifier and EST URLs are https://")
+        if anchors_der is None:
+            anchors_der = [bytes(se.get_data(_DATA_TRUST_FLEET_ROOT, -1, 65536))]
+        self.se = se
+        self.verifier_url = verifier_url
+        self.est_url = est_url
+        self.est_label = est_label
+        self.crl_url = crl_url
+        self.https = HttpsClient(se, anchors_der, now, server_name=server_name,
+                                 timeout_s=timeout_s, max_body=max_body)
+
+    def _request(self, slot, base, method, path, body=None, headers=None):
+        from fleetid.device.https import HttpError
+
+        try:
+            return self.https.request(slot, base, method, path, body, headers)
+        except HttpError as exc:
+            raise NetError(exc.reason, exc.detail) from None
+
+    def _ok(self, slot, base, method, path, body=None, headers=None):
+        response = self._request(slot, base, method, path, body, headers)
+        if response.status != 200:
+            raise error_for(response)
+        return response
+
+    def _est_path(self, op):
+        return "%s/%s%s" % (WELL_KNOWN, self.est_label + "/" if self.est_label else "", op)
+
+    def whoami(self, slot):
+        """GET /v1/whoami.  Returns: dict."""
+        import json
+
+        response = self._ok(slot, self.verifier_url, "GET", "/v1/whoami")
+        try:
+            identity = json.loads(response.body)
+        except ValueError:
+            raise NetError(NetError.SERVER, "whoami answer is not JSON") from None
+        if not isinstance(identity, dict):
+            raise NetError(NetError.SERVER, "whoami answer is not an object")
+        return identity
+
+    def _pkcs7(self, response):
+        content_type = response.header("Content-Type", "")
+        if not content_type.startswith(CT_PKCS7_MIME):
+            raise Pkcs7Error("content type %s" % content_type)
+        try:
+            data = decode_base64(response.body)
+        except ValueError:
+            raise Pkcs7Error("body is not base64") from None
+        return pkcs7_certificates(data)
+
+    def cacerts(self, slot):
+        """GET cacerts (RFC 7030 4.1).  Returns: list of DER certificates, unchecked."""
+        response = self._ok(slot, self.est_url, "GET", self._est_path("cacerts"))
+        try:
+            return self._pkcs7(response)
+        except Pkcs7Error as exc:
+            raise NetError(NetError.SERVER, "cacerts: %s" % exc) from None
+
+    def nonce(self, slot):
+        """GET nonce.  Returns: bytes (1..64)."""
+        response = self._ok(slot, self.est_url, "GET", self._est_path("nonce"))
+        try:
+            value = decode_base64(response.body)
+        except ValueError:
+            raise NetError(NetError.SERVER, "nonce is not base64") from None
+        if not 1 <= len(value) <= 64:
+            raise NetError(NetError.SERVER, "nonce of %d bytes" % len(value))
+        return value
+
+    def enroll(self, slot, csr_der, reenroll):
+        """POST simpleenroll / simplereenroll.  Returns: the certificate DER.  Raises:
+        NetError; CertificateRefused(MALFORMED) for a 200 answer that is not exactly one
+        certificate in a certs-only PKCS#7."""
+        import binascii
+
+        from fleetid.device.certcheck import REASON_MALFORMED, CertificateRefused
+
+        op = "simplereenroll" if reenroll else "simpleenroll"
+        body = binascii.b2a_base64(csr_der)
+        response = self._ok(slot, self.est_url, "POST", self._est_path(op), body,
+                            {"Content-Type": CT_PKCS10,
+                             "Content-Transfer-Encoding": "base64"})
+        try:
+            certs = self._pkcs7(response)
+        except Pkcs7Error as exc:
+            raise CertificateRefused(REASON_MALFORMED, str(exc)) from None
+        if len(certs) != 1:
+            raise CertificateRefused(REASON_MALFORMED, "%d certificates" % len(certs))
+        return certs[0]
+
+    def ack(self, slot):
+        """POST /v1/rotation/ack with the new credential."""
+        self._ok(slot, self.verifier_url, "POST", "/v1/rotation/ack", b"")
+
+    def fetch_revocation(self, slot):
+        """GET the CRL for the certificate in `slot` (crl_url, else its distribution
+        point).  Returns: bytes.  Raises: NetError (REFUSED with "no_crl_url")."""
+        from fleetid.common.errors import DerError
+        from fleetid.device.https import HttpError, fetch
+
+        url = self.crl_url
+        if url is None:
+            try:
+                urls = crl_urls(bytes(self.se.get_cert(slot)))
+            except DerError:
+                urls = ()
+            url = urls[0] if urls else None
+        if not url:
+            raise NetError(NetError.REFUSED, "no CRL distribution point", None, None,
+                           "no_crl_url")
+        try:
+            if url.startswith("https://"):
+                from fleetid.device.https import parse_url
+
+                _, host, port, path = parse_url(url)
+                response = self.https.request(slot, "https://%s:%d" % (host, port), "GET",
+                                              path)
+            else:
+                response = fetch(url, MAX_CRL)
+        except HttpError as exc:
+            raise NetError(exc.reason, exc.detail) from None
+        except ValueError as exc:
+            raise NetError(NetError.REFUSED, "CRL URL %s: %s" % (url, exc), None, None,
+                           "bad_crl_url") from None
+        if response.status != 200:
+            raise error_for(response)
+        return response.body
+
+
+class BoardClock:
+    """The agent's clock on a board: now() in whole seconds since 1970 UTC (time.time(),
+    corrected on ports that count from 2000; set it by NTP first -- ntptime.settime()),
+    sleep(seconds) with time.sleep."""
+
+    def __init__(self):
+        import time
+
+        self._time = time
+        self._offset = _EPOCH_2000 if time.gmtime(0)[0] == 2000 else 0
+
+    def now(self):
+        return int(self._time.time()) + self._offset
+
+    def sleep(self, seconds):
+        if seconds > 0:
+            self._time.sleep(seconds)
+
+
+def make_clock():
+    """device/board.py contract: the board's wall clock."""
+    return BoardClock()
+
+
+def make_net(se, verifier_url=None, est_url=None, server_name=None, est_label=None,
+             crl_url=None, timeout_s=30, now=None):
+    """device/board.py contract: the agent's `net` for the SE session `se`, with the
+    board's constants (device/board.run passes them).
+
+    Raises: ValueError when the verifier or EST URL is missing or not https://."""
+    if verifier_url is None or est_url is None:
+        raise ValueError("board_net needs verifier_url and est_url (board constants)")
+    if now is None:
+        now = BoardClock().now
+    return BoardNetwork(se, verifier_url, est_url, now, server_name=server_name,
+                        est_label=est_label, crl_url=crl_url, timeout_s=timeout_s)

@@ -1,0 +1,395 @@
+# HTTP/1.1 (RFC 9112) for the board: one request per connection, over the SE-keyed TLS 1.3
+# stream (device/tls13_keys.Tls13Stream) or a plain socket (a CRL is a public, signed
+# document).  Portable: CPython and MicroPython (socket, no urllib, no http.client).
+#
+#     client = HttpsClient(se, anchors_der, now, prims)       # keeps session tickets
+#     response = client.request(slot, "https://10.0.0.2:8443", "GET", "/v1/whoami")
+#     response = fetch("http://10.0.0.2:8080/crl/widget.crl")      # plain HTTP
+#     response.status / response.header("Content-Type") / response.body
+#
+# Bounds (the board's heap): the status line and each header line at most MAX_LINE bytes,
+# at most MAX_HEADERS header lines, the body at most `max_body` bytes (Content-Length,
+# chunked transfer coding RFC 9112 7.1, or read to the close); every socket wait bounded by
+# the socket timeout and the stream's deadline.  Anything else is HttpError.
+#
+# Resumption: the client keeps the newest NewSessionTicket per (slot, host, port) together
+# with a digest of the certificate the full handshake authenticated with (RFC 8446 4.6.1:
+# a resumed session carries the original client identity).  A ticket is offered only while
+# that slot still holds the same certificate, so a rotation (new key in the slot) always
+# does a full handshake with the new key, and the other calls of a cycle resume.
+#
+# Errors: HttpError.reason uses device/agent.NetError's words (LINK, TIMEOUT, HANDSHAKE,
+# REFUSED for a server certificate the fleet root does not vouch for); device/board_net.py
+# turns them, and the HTTP status of an answer, into NetError.  Nothing else escapes.
+
+try:
+    from micropython import const
+except ImportError:  # CPython
+
+    def const(x):
+        return x
+
+
+from fleetid.common.errors import FleetidError
+
+MAX_LINE = const(1024)
+MAX_HEADERS = const(32)
+MAX_BODY_DEFAULT = const(32768)
+CONNECT_TIMEOUT_S = const(10)
+IO_TIMEOUT_S = const(30)
+RECORD_SIZE_LIMIT = const(4096)  # RFC 8449: what the board accepts per TLS record
+# Transcript bytes one handshake may keep (Tls13Config.max_transcript, one contiguous
+# block): a full handshake with `fleetid cloud serve` measured 3,005 B (server leaf signed
+# by the root, the identity certificate as ours).  Below common/tls13's 8 KiB default
+# because that block is what a fragmented board heap fails to find; a longer server chain
+# needs it raised (a handshake over it fails with TlsError "limit").
+MAX_TRANSCRIPT = const(5120)
+
+
+class HttpError(FleetidError):
+    """A request failed before an HTTP answer was read whole.
+
+    reason: "link" (connect / send / receive failed, or the answer is not HTTP/1.1 within
+    the bounds), "timeout", "handshake" (the TLS handshake failed or the peer sent an
+    alert), "refused" (the server's certificate failed a check: `check` names it).
+    """
+
+    LINK = "link"
+    TIMEOUT = "timeout"
+    HANDSHAKE = "handshake"
+    REFUSED = "refused"
+
+    def __init__(self, reason, detail="", check=None):
+        super().__init__(reason + (": " + detail if detail else ""))
+        self.reason = reason
+        self.detail = detail
+        self.check = check
+
+
+class HttpResponse:
+    """status (int), headers (dict, lower-case names), body (bytes)."""
+
+    def __init__(self, status, headers, body):
+        self.status = status
+        self.headers = headers
+        self.body = body
+
+    def header(self, name, default=None):
+        return self.headers.get(name.lower(), default)
+
+
+def parse_url(url):
+    """(scheme, host, port, path) of an http:// or https:// URL (no userinfo, no IPv6
+    literal).  Raises: ValueError."""
+    if url.startswith("https://"):
+        scheme, rest, port = "https", url[8:], 443
+    elif url.startswith("http://"):
+        scheme, rest, port = "http", url[7:], 80
+    else:
+        raise ValueError("not an http(s) URL")
+    slash = rest.find("/")
+    authority, path = (rest, "/") if slash < 0 else (rest[:slash], rest[slash:])
+    if "@" in authority or "[" in authority or not authority:
+        raise ValueError("unsupported authority")
+    host, _, port_text = authority.partition(":")
+    if port_text:
+        port = int(port_text)
+        if not 0 < port < 65536:
+            raise ValueError("bad port")
+    return scheme, host, port, path
+
+
+class _Reader:
+    # Buffered reads over `recv() -> bytes` (b"" at the end of the stream).
+    def __init__(self, recv):
+        self._recv = recv
+        self._buf = b""
+        self._eof = False
+
+    def _more(self):
+        if self._eof:
+            return False
+        data = self._recv()
+        if not data:
+            self._eof = True
+            return False
+        self._buf = self._buf + data if self._buf else bytes(data)
+        return True
+
+    def line(self):
+        while True:
+            end = self._buf.find(b"\r\n")
+            if end >= 0:
+                if end > MAX_LINE:
+                    break
+                out = self._buf[:end]
+                self._buf = self._buf[end + 2:]
+                return out
+            if len(self._buf) > MAX_LINE:
+                break
+            if not self._more():
+                raise HttpError(HttpError.LINK, "answer cut short")
+        raise HttpError(HttpError.LINK, "line over %d bytes" % MAX_LINE)
+
+    def exact(self, n, out):
+        while len(self._buf) < n:
+            if not self._more():
+                raise HttpError(HttpError.LINK, "body cut short")
+        out.extend(self._buf[:n])
+        self._buf = self._buf[n:]
+
+    def to_end(self, limit, out):
+        while True:
+            if len(out) + len(self._buf) > limit:
+                raise HttpError(HttpError.LINK, "body over %d bytes" % limit)
+            out.extend(self._buf)
+            self._buf = b""
+            if not self._more():
+                return
+
+
+def _head(method, host, port, path, body, headers):
+    lines = ["%s %s HTTP/1.1" % (method, path), "Host: %s:%d" % (host, port),
+             "Connection: close", "User-Agent: fleetid-board"]
+    for name in headers or ():
+        lines.append("%s: %s" % (name, headers[name]))
+    if body is not None or method == "POST":
+        lines.append("Content-Length: %d" % (len(body) if body else 0))
+    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+
+def read_response(recv, max_body=MAX_BODY_DEFAULT, method="GET"):
+    """Read one HTTP/1.1 answer through `recv() -> bytes` (b"" at the close).
+
+    Returns: HttpResponse.  Raises: HttpError(LINK) for anything that is not a bounded
+    HTTP/1.1 answer (status line, header lines, Content-Length or chunked body)."""
+    reader = _Reader(recv)
+    status_line = reader.line()
+    parts = status_line.split(b" ", 2)
+    if len(parts) < 2 or parts[0] not in (b"HTTP/1.1", b"HTTP/1.0") or len(parts[1]) != 3:
+        raise HttpError(HttpError.LINK, "not an HTTP/1.1 status line")
+    try:
+        status = int(parts[1])
+    except ValueError:
+        raise HttpError(HttpError.LINK, "bad status code") from None
+    if not 100 <= status <= 599:
+        raise HttpError(HttpError.LINK, "bad status code")
+    headers = {}
+    count = 0
+    while True:
+        line = reader.line()
+        if not line:
+            break
+        count += 1
+        if count > MAX_HEADERS:
+            raise HttpError(HttpError.LINK, "over %d header lines" % MAX_HEADERS)
+        name, colon, value = line.partition(b":")
+        if not colon or not name or name != name.strip():
+            raise HttpError(HttpError.LINK, "bad header line")
+        # Repeated fields other than Set-Cookie may be joined with commas (RFC 9110 5.3).
+        key = name.decode().lower()
+        text = value.strip().decode()
+        headers[key] = headers[key] + ", " + text if key in headers else text
+    body = bytearray()
+    if method == "HEAD" or status in (204, 304) or status < 200:
+        return HttpResponse(status, headers, b"")
+    coding = headers.get("transfer-encoding")
+    if coding is not None:
+        # RFC 9112 6.3: chunked must be the final coding; nothing else is supported here.
+        if coding.lower() != "chunked":
+            raise HttpError(HttpError.LINK, "transfer coding %s" % coding)
+        while True:
+            size_text = reader.line().split(b";", 1)[0].strip()
+            try:
+                size = int(size_text, 16)
+            except ValueError:
+                raise HttpError(HttpError.LINK, "bad chunk size") from None
+            if size < 0 or len(body) + size > max_body:
+                raise HttpError(HttpError.LINK, "body over %d bytes" % max_body)
+            if size == 0:
+                break
+            reader.exact(size, body)
+            if reader.line():
+                raise HttpError(HttpError.LINK, "chunk not followed by CRLF")
+        for _ in range(MAX_HEADERS + 1):  # trailer section, ignored
+            if not reader.line():
+                break
+        else:
+            raise HttpError(HttpError.LINK, "trailer too long")
+    elif "content-length" in headers:
+        try:
+            length = int(headers["content-length"])
+        except ValueError:
+            raise HttpError(HttpError.LINK, "bad Content-Length") from None
+        if length < 0 or length > max_body:
+            raise HttpError(HttpError.LINK, "body of %d bytes over %d" % (length, max_body))
+        reader.exact(length, body)
+    else:
+        reader.to_end(max_body, body)
+    return HttpResponse(status, headers, bytes(body))
+
+
+def _connect(host, port, timeout_s):
+    import socket
+
+    sock = socket.socket()
+    try:
+        sock.settimeout(timeout_s)
+        sock.connect(socket.getaddrinfo(host, port)[0][-1])
+    except OSError as exc:
+        sock.close()
+        raise HttpError(HttpError.TIMEOUT if _is_timeout(exc) else HttpError.LINK,
+                        "connect %s:%d" % (host, port)) from None
+    return sock
+
+
+def _is_timeout(exc):
+    # MicroPython: OSError(ETIMEDOUT) (it has no TimeoutError); CPython: TimeoutError.
+    import errno
+
+    if exc.args and exc.args[0] == errno.ETIMEDOUT:
+        return True
+    try:
+        return isinstance(exc, TimeoutError)
+    except NameError:
+        return False
+
+
+def _send_all(sock, data):
+    view = memoryview(data)
+    while len(view):
+        n = sock.send(view)
+        view = view[len(view) if n is None else n:]
+
+
+def fetch(url, max_body=65536, timeout_s=IO_TIMEOUT_S):
+    """Plain HTTP GET of a public document (a CRL: its signature is what makes it
+    trustworthy, RFC 5280 5).  https:// URLs are refused here (use HttpsClient).
+
+    Returns: HttpResponse.  Raises: HttpError, ValueError (not an http:// URL)."""
+    scheme, host, port, path = parse_url(url)
+    if scheme != "http":
+        raise ValueError("fetch() is for http:// URLs")
+    sock = _connect(host, port, timeout_s)
+    try:
+        _send_all(sock, _head("GET", host, port, path, None, None))
+        return read_response(lambda: sock.recv(1024), max_body)
+    except OSError as exc:
+        raise HttpError(HttpError.TIMEOUT if _is_timeout(exc) else HttpError.LINK,
+                        "GET %s" % url) from None
+    finally:
+        sock.close()
+
+
+def _tls_error(exc):
+    from fleetid.common.errors import TlsCertificateError
+
+    if isinstance(exc, TlsCertificateError):
+        return HttpError(HttpError.REFUSED, str(exc), exc.check)
+    if exc.reason == "timeout":
+        return HttpError(HttpError.TIMEOUT, str(exc))
+    if exc.reason in ("io", "eof", "closed"):
+        return HttpError(HttpError.LINK, str(exc))
+    return HttpError(HttpError.HANDSHAKE, str(exc))
+
+
+class HttpsClient:
+    """HTTPS with the SE's key (module header).
+
+    Params: se: selected SeSession.  anchors_der: list of DER trust anchors (the fleet
+        root in the SE).  now: `now() -> epoch seconds` (certificate validity, ticket
+        age).  prims: the TLS crypto provider (None: common/tls13_crypto's portable one).
+        server_name: the name or IP to check in every server's certificate (None: the
+        URL's host).  revocation: optional `revocation(path)` for the server chain
+        (device/tls13_keys.crl_revocation).  timeout_s: per socket wait; the handshake and
+        each answer are bounded by it too.  max_body: largest answer body.
+        max_transcript: Tls13Config.max_transcript (MAX_TRANSCRIPT above).
+    Attributes: handshakes, resumed (counts), se_operations (ECDHE operations in the SE).
+    """
+
+    def __init__(self, se, anchors_der, now, prims=None, server_name=None, revocation=None,
+                 timeout_s=IO_TIMEOUT_S, max_body=MAX_BODY_DEFAULT,
+                 max_transcript=MAX_TRANSCRIPT):
+        if prims is None:
+            from fleetid.common.tls13_crypto import PortableTls13Primitives
+
+            prims = PortableTls13Primitives()
+        self.se = se
+        self.anchors = list(anchors_der)
+        self.now = now
+        self.prims = prims
+        self.server_name = server_name
+        self.revocation = revocation
+        self.timeout_s = timeout_s
+        self.max_body = max_body
+        self.max_transcript = max_transcript
+        self._tickets = {}  # (slot, host, port) -> (certificate digest, SessionTicket)
+        self.handshakes = 0
+        self.resumed = 0
+        self.se_operations = 0
+
+    def forget(self):
+        """Drop every session ticket (the next requests do full handshakes)."""
+        self._tickets = {}
+
+    def request(self, slot, base_url, method, path, body=None, headers=None):
+        """One request on its own connection, authenticated by the key in `slot`.
+
+        Params: base_url: https://HOST:PORT (a path in it is ignored).  body: bytes or
+            None.  headers: dict or None.
+        Returns: HttpResponse (any status; the caller maps it).
+        Raises: HttpError; ApduError / LinkError when the SE fails.
+        """
+        import hashlib
+
+        from fleetid.common import tls13
+        from fleetid.common.clock import SystemClock
+        from fleetid.common.errors import TlsError
+        from fleetid.device.tls13_keys import SeEphemeral, Tls13Stream, se_signer, se_verifier
+
+        scheme, host, port, _ = parse_url(base_url)
+        if scheme != "https":
+            raise ValueError("HttpsClient takes https:// URLs")
+        cert = bytes(self.se.get_cert(slot))
+        digest = hashlib.sha256(cert).digest()
+        key = (slot, host, port)
+        name = self.server_name or host
+        kept = self._tickets.pop(key, None)
+        ticket = None
+        if kept is not None and kept[0] == digest and kept[1].usable(int(self.now()), name):
+            ticket = kept[1]
+        ephemeral = SeEphemeral(self.se)
+        config = tls13.Tls13Config(self.prims, ephemeral, self.anchors, se_verifier(self.se),
+                                   self.now, server_name=name, signer=se_signer(self.se, slot),
+                                   client_chain=[cert], revocation=self.revocation,
+                                   ticket=ticket, record_size_limit=RECORD_SIZE_LIMIT,
+                                   max_transcript=self.max_transcript)
+        cert = None
+        # Collect before the handshake's largest allocation (the transcript buffer,
+        # max_transcript, one contiguous block): measured under MicroPython,
+        # a heap left to collect on its own mid-handshake fragments until that block no
+        # longer fits (a MemoryError seen as a failed handshake) well above the heap this
+        # needs with the collection here.
+        import gc
+
+        gc.collect()
+        sock = _connect(host, port, self.timeout_s)
+        stream = Tls13Stream(sock, tls13.Tls13Client(config), SystemClock(),
+                             int(self.timeout_s * 1000))
+        try:
+            info = stream.handshake()
+            self.handshakes += 1
+            if info.resumed:
+                self.resumed += 1
+            stream.send(_head(method, host, port, path, body, headers))
+            if body:
+                stream.send(body)
+            response = read_response(stream.recv, self.max_body, method)
+        except TlsError as exc:
+            raise _tls_error(exc) from None
+        finally:
+            self.se_operations += ephemeral.operations
+            if stream.tickets:
+                self._tickets[key] = (digest, stream.tickets[-1])
+            stream.close()
+        return response
