@@ -151,39 +151,48 @@ def run_cmd(bus, t1_profile, timeout_ms, cloud, est, label, once, rotate, interv
                    None if quiet else (lambda line: click.echo("agent: " + line)),
                    (cloud, est, label), (crl_cache, crl_issuer, crl_grace, crl_fail_open),
                    boot_image, boot_max_size)
-    status = 0
     try:
         if mqtt["mqtt_url"]:  # the agent with its MQTT session: cli/agent_mqtt.py
             sys.exit(run_on_mqtt(cycle, lambda: _Device(bus, t1_profile, timeout_ms), stop,
                                  once=once, rotate=rotate, interval=interval,
                                  max_delay=max_delay, **mqtt))
-        while not stop.is_set():
-            command = "rotate" if rotate else None
-            rotate = False
-            try:
-                device = _Device(bus, t1_profile, timeout_ms)
-            except click.ClickException as exc:
-                if once:
-                    raise
-                click.echo("agent: SE unavailable (%s); next try in %.0f s"
-                           % (exc.message, interval), err=True)
-                stop.wait(interval)
-                continue
-            try:
-                status, renew_at = cycle.run(device, command)
-            finally:
-                device.close()
-            if once:
-                break
-            next_wake = interval
-            if renew_at is not None:
-                next_wake = min(interval, max(1.0, renew_at - cycle.clock.now()))
-            stop.wait(next_wake)
+        status = _run_cycles(cycle, lambda: _Device(bus, t1_profile, timeout_ms), stop,
+                             once, rotate, interval)
     finally:
         cycle.close()
         for s, handler in previous.items():
             signal.signal(s, handler)
     sys.exit(status)
+
+
+def _run_cycles(cycle, open_device, stop, once, rotate, interval):
+    """Run agent cycles until `stop` (or one with `once`), each on a freshly opened SE;
+    an SE that does not open is retried after `interval` unless `once`.  Returns the last
+    cycle's exit status."""
+    status = 0
+    while not stop.is_set():
+        command = "rotate" if rotate else None
+        rotate = False
+        try:
+            device = open_device()
+        except click.ClickException as exc:
+            if once:
+                raise
+            click.echo("agent: SE unavailable (%s); next try in %.0f s"
+                       % (exc.message, interval), err=True)
+            stop.wait(interval)
+            continue
+        try:
+            status, renew_at = cycle.run(device, command)
+        finally:
+            device.close()
+        if once:
+            break
+        next_wake = interval
+        if renew_at is not None:
+            next_wake = min(interval, max(1.0, renew_at - cycle.clock.now()))
+        stop.wait(next_wake)
+    return status
 
 
 class _Cycle:

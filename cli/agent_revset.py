@@ -78,29 +78,8 @@ def check_peer_offline(cert, bus, t1_profile, timeout_ms, root_file, signer_file
                             RevsetPolicy(grace_s=grace, fail_open=fail_open,
                                          clock_skew_s=clock_skew))
         now = int(time.time())
-        if fetch_url is not None:
-            from cryptography.hazmat.primitives import serialization
-
-            from fleetid.device.host.agent_net import fetch_url as fetch
-
-            try:
-                data = fetch(fetch_url, 30, se=device.se, trust_roots_der=[
-                    _load_cert(root_file).public_bytes(serialization.Encoding.DER)])
-            except FleetidError as exc:
-                click.echo("Error: --fetch %s: %s, the old set stays" % (fetch_url, exc),
-                           err=True)
-                sys.exit(1)
-            load_file = fetch_url
-        elif load_file is not None:
-            with open(load_file, "rb") as f:
-                data = f.read()
-        if load_file is not None:
-            try:
-                click.echo("load: %s" % cache.receive(data, now))
-            except RevocationCacheError as exc:
-                click.echo("Error: %s refused, the old set stays: %s" % (load_file, exc),
-                           err=True)
-                sys.exit(1)
+        if load_file is not None or fetch_url is not None:
+            _receive_set(cache, device, load_file, fetch_url, root_file, now)
         try:
             cache.check(facts, now)
         except RevocationCacheError as exc:
@@ -115,6 +94,33 @@ def check_peer_offline(cert, bus, t1_profile, timeout_ms, root_file, signer_file
         raise click.ClickException("%s: %s" % (type(exc).__name__, exc)) from None
     finally:
         device.close()
+
+
+def _receive_set(cache, device, load_file, fetch_url, root_file, now):
+    """Hand a set or delta from --load FILE or --fetch URL to the cache; exit 1 if it
+    cannot be had or the cache refuses it (the old set stays)."""
+    from fleetid.device.anchored_store import RevocationCacheError
+
+    if fetch_url is not None:
+        from cryptography.hazmat.primitives import serialization
+
+        from fleetid.device.host.agent_net import fetch_url as fetch
+
+        try:
+            data = fetch(fetch_url, 30, se=device.se, trust_roots_der=[
+                _load_cert(root_file).public_bytes(serialization.Encoding.DER)])
+        except FleetidError as exc:
+            click.echo("Error: --fetch %s: %s, the old set stays" % (fetch_url, exc), err=True)
+            sys.exit(1)
+        load_file = fetch_url
+    else:
+        with open(load_file, "rb") as f:
+            data = f.read()
+    try:
+        click.echo("load: %s" % cache.receive(data, now))
+    except RevocationCacheError as exc:
+        click.echo("Error: %s refused, the old set stays: %s" % (load_file, exc), err=True)
+        sys.exit(1)
 
 
 def _signer_anchor(root_file, signer_file):

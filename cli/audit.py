@@ -167,15 +167,25 @@ def verify(log_path, registry_uri, line_pub, witness_pub, expect_count, expect_h
                                           expected_head=expect_head, witness_anchor=anchor)
         audit_log.check_anchoring(report, now, max_age, max_urgent)
     except audit_log.AuditChainBroken as exc:
-        if as_json:
-            click.echo(json.dumps({"ok": False, "source": source, "index": exc.index,
-                                   "reason": exc.reason, "detail": exc.detail}))
-        else:
-            click.echo("FAIL %s: first bad entry %d: %s%s" % (
-                source, exc.index, exc.reason, (" (%s)" % exc.detail) if exc.detail else ""))
+        _echo_broken(exc, source, as_json)
         raise SystemExit(1)
     except (OSError, RegistryError) as exc:
         raise click.ClickException("cannot read %s: %s" % (source, exc))
+    _echo_verified(report, source, as_json)
+
+
+def _echo_broken(exc, source, as_json):
+    """Print the first bad entry of a log that failed verification (AuditChainBroken)."""
+    if as_json:
+        click.echo(json.dumps({"ok": False, "source": source, "index": exc.index,
+                               "reason": exc.reason, "detail": exc.detail}))
+    else:
+        click.echo("FAIL %s: first bad entry %d: %s%s" % (
+            source, exc.index, exc.reason, (" (%s)" % exc.detail) if exc.detail else ""))
+
+
+def _echo_verified(report, source, as_json):
+    """Print the report of a log that verified: counts by type, checkpoints, head."""
     if as_json:
         out = dict(vars(report))
         out.update(ok=True, source=source)
@@ -250,6 +260,14 @@ def show(serial, log_path, registry_uri, line_pub, witness_pub, as_json):
         raise click.ClickException("no audit entries for serial %d in %s%s" % (
             serial, source, "" if line_pub else " (the chain was not verified: give "
             "--line-pub and --witness-pub)"))
+    _echo_entries(entries, device, bool(line_pub), as_json)
+
+
+def _echo_entries(entries, device, verified, as_json):
+    """Print a device's audit entries (JSON lines as stored, or described one a line),
+    after its registry record when there is one."""
+    from fleetid.cloud import audit as audit_log
+
     if as_json:
         for entry in entries:
             click.echo(entry.line.decode("ascii"), nl=False)
@@ -260,5 +278,5 @@ def show(serial, log_path, registry_uri, line_pub, witness_pub, as_json):
             (", hold reason: %s" % device.hold_reason) if device.hold_reason else ""))
     for entry in entries:
         click.echo("[%d] %s" % (entry.seq, audit_log.describe(entry)))
-    if not line_pub:
+    if not verified:
         click.echo("note: the chain was not verified (give --line-pub and --witness-pub)")

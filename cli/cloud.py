@@ -99,34 +99,16 @@ def serve_cmd(config_path, state_dir, host, verifier_port, est_port, metrics_por
     import logging
     import os
 
-    from fleetid.cloud.hsm import secret_variable
     from fleetid.cloud.http.middleware import configure_json_logging
-    from fleetid.cloud.server import CloudServer, ListenError, build_context, serve_forever
+    from fleetid.cloud.server import ListenError, serve_forever
 
     env = {} if crl_port is None else {"CRL_PORT": str(crl_port)}
     config = load_config(config_path, state_dir, env, host=host, verifier_port=verifier_port,
                    est_port=est_port, metrics_port=metrics_port)
     _adopt(config, root_certs, cas)
-    environ = environ_with_secret(secret_variable(config.hsm), pass_file,
-                                  creating=not os.path.exists(config.state_dir))
-    witness = config.audit_witness_hsm
-    if witness and secret_variable(witness) != secret_variable(config.hsm):
-        environ = environ_with_secret(secret_variable(witness), None, environ=environ)
+    environ = _environ_with_hsm_secrets(config, pass_file)
     configure_json_logging(getattr(logging, config.log_level.upper(), logging.INFO))
-    try:
-        context = build_context(config, environ)
-    except (FleetidError, OSError, ValueError) as exc:
-        raise click.ClickException("%s: %s" % (type(exc).__name__, exc)) from None
-    if not context.trust.vendor_roots:
-        # A log line like every other one on stderr (JSON), not plain text.
-        logging.getLogger("fleetid.cloud").warning(
-            "no SE vendor roots configured: every attestation will be refused "
-            "(unknown_vendor)")
-    try:
-        server = CloudServer.from_context(context)
-    except (FleetidError, OSError, ValueError) as exc:
-        context.close()
-        raise click.ClickException("%s: %s" % (type(exc).__name__, exc)) from None
+    context, server = _compose_server(config, environ)
 
     def ready(ports):
         click.echo(json.dumps({"listening": ports, "host": config.host,
@@ -140,6 +122,44 @@ def serve_cmd(config_path, state_dir, host, verifier_port, est_port, metrics_por
         raise click.ClickException(str(exc)) from None
     finally:
         context.close()
+
+
+def _environ_with_hsm_secrets(config, pass_file):
+    """The environment with the HSM's secret (and the audit witness's, when it is another
+    one) in place: from its variable, --keystore-pass-file, or a prompt."""
+    import os
+
+    from fleetid.cloud.hsm import secret_variable
+
+    environ = environ_with_secret(secret_variable(config.hsm), pass_file,
+                                  creating=not os.path.exists(config.state_dir))
+    witness = config.audit_witness_hsm
+    if witness and secret_variable(witness) != secret_variable(config.hsm):
+        environ = environ_with_secret(secret_variable(witness), None, environ=environ)
+    return environ
+
+
+def _compose_server(config, environ):
+    """(context, CloudServer) from the configuration; a failure is one ClickException
+    naming its type (the context is closed when the server cannot be made)."""
+    import logging
+
+    from fleetid.cloud.server import CloudServer, build_context
+
+    try:
+        context = build_context(config, environ)
+    except (FleetidError, OSError, ValueError) as exc:
+        raise click.ClickException("%s: %s" % (type(exc).__name__, exc)) from None
+    if not context.trust.vendor_roots:
+        # A log line like every other one on stderr (JSON), not plain text.
+        logging.getLogger("fleetid.cloud").warning(
+            "no SE vendor roots configured: every attestation will be refused "
+            "(unknown_vendor)")
+    try:
+        return context, CloudServer.from_context(context)
+    except (FleetidError, OSError, ValueError) as exc:
+        context.close()
+        raise click.ClickException("%s: %s" % (type(exc).__name__, exc)) from None
 
 
 @cloud.command("check-cert")
@@ -166,8 +186,6 @@ def check_cert_cmd(cert_file, chain_files, config_path, state_dir, registry_uri,
       fleetid cloud check-cert --config var/cloud/cloud.toml var/device.pem
       fleetid cloud check-cert --config var/cloud/cloud.toml device.pem --chain ca-b42.pem
     """
-    import datetime
-
     from cryptography.hazmat.primitives import serialization
 
     from fleetid.cloud.registry import open_registry
@@ -180,14 +198,7 @@ def check_cert_cmd(cert_file, chain_files, config_path, state_dir, registry_uri,
     for path in chain_files:  # each file named on its own when it is the bad one
         extra.extend(read_certificates(path, "--chain "))
     extra.extend(certs[1:])  # a PEM bundle: leaf first, then its chain
-    when = None
-    if at_time:
-        try:
-            when = datetime.datetime.fromisoformat(at_time.replace("Z", "+00:00"))
-        except ValueError:
-            raise click.ClickException("--at must be RFC 3339") from None
-        if when.tzinfo is None:
-            raise click.ClickException("--at needs a time zone (e.g. Z)")
+    when = _check_time(at_time)
     # The registry first: a bad --registry is named as such, not as a missing root.
     try:
         registry = open_registry(registry_uri or config.registry)
@@ -207,6 +218,27 @@ def check_cert_cmd(cert_file, chain_files, config_path, state_dir, registry_uri,
     finally:
         registry.close()
     accepted = all(r.ok is True for r in results)
+    _echo_checks(results, accepted, as_json)
+    raise SystemExit(0 if accepted else 1)
+
+
+def _check_time(at_time):
+    """--at as an aware datetime (None: now)."""
+    import datetime
+
+    if not at_time:
+        return None
+    try:
+        when = datetime.datetime.fromisoformat(at_time.replace("Z", "+00:00"))
+    except ValueError:
+        raise click.ClickException("--at must be RFC 3339") from None
+    if when.tzinfo is None:
+        raise click.ClickException("--at needs a time zone (e.g. Z)")
+    return when
+
+
+def _echo_checks(results, accepted, as_json):
+    """Print the verifier's verdict per check, then the overall one."""
     if as_json:
         click.echo(json.dumps({"accepted": accepted, "checks": [
             {"check": r.name, "verdict": _VERDICT[r.ok], "detail": r.detail}
@@ -216,7 +248,6 @@ def check_cert_cmd(cert_file, chain_files, config_path, state_dir, registry_uri,
         for r in results:
             click.echo("%-*s  %s  %s" % (width, r.name, _VERDICT[r.ok], r.detail))
         click.echo("verdict: %s" % ("ACCEPTED" if accepted else "REFUSED"))
-    raise SystemExit(0 if accepted else 1)
 
 
 # The revoke commands of earlier releases: hidden aliases of `fleetid revoke`, which owns

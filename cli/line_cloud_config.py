@@ -65,33 +65,42 @@ def write_cloud_config(line_dir, out, label="widget", verifier_port=0, est_port=
                                       serialization.NoEncryption()), 0o600)
     _write(tls_cert, cert.public_bytes(pem))
 
-    def q(path):
-        return json.dumps(path)  # a TOML basic string is JSON-compatible for paths
-
-    toml = "\n".join([
-        "# fleetid cloud on the factory line's PKI (written by fleetid line cloud-config)",
-        "[cloud]",
-        "state_dir = %s" % q(out),
-        "host = \"127.0.0.1\"",
-        "verifier_port = %d" % verifier_port,
-        "est_port = %d" % est_port,
-        "metrics_port = 0",
-        "registry = %s" % q(config["registry"]),
-        "hsm = %s" % q(config["hsm"]),
-        "roots = [%s]" % q(os.path.join(line_dir, config["root_cert"])),
-        "vendor_roots = [%s]" % q(os.path.join(line_dir, config["vendor_dir"],
-                                               workdir.VENDOR_ROOT_FILE)),
-        "tls_cert = %s" % q(tls_cert),
-        "tls_key = %s" % q(tls_key),
-        "",
-        "[[cloud.labels]]",
-        "name = %s" % q(label),
-        "ca_key = %s" % q(labels["ca"]),
-        "ca_cert = %s" % q(os.path.join(line_dir, config["ca_cert"])),
-        "default = true",
-        "",
-    ])
+    toml = _cloud_toml(line_dir, out, config, labels, label, verifier_port, est_port,
+                       tls_cert, tls_key)
     path = os.path.join(out, "cloud.toml")
     with open(path, "w") as f:
         f.write(toml)
     return path
+
+
+def _q(path):
+    return json.dumps(path)  # a TOML basic string is JSON-compatible for paths
+
+
+def _cloud_toml(line_dir, out, config, labels, label, verifier_port, est_port, tls_cert,
+                tls_key):
+    """The text of cloud.toml: the line's registry, HSM, root, vendor root and issuing CA
+    (its key label as the default EST label), and the server's TLS files."""
+    return "\n".join([
+        "# fleetid cloud on the factory line's PKI (written by fleetid line cloud-config)",
+        "[cloud]",
+        "state_dir = %s" % _q(out),
+        "host = \"127.0.0.1\"",
+        "verifier_port = %d" % verifier_port,
+        "est_port = %d" % est_port,
+        "metrics_port = 0",
+        "registry = %s" % _q(config["registry"]),
+        "hsm = %s" % _q(config["hsm"]),
+        "roots = [%s]" % _q(os.path.join(line_dir, config["root_cert"])),
+        "vendor_roots = [%s]" % _q(os.path.join(line_dir, config["vendor_dir"],
+                                                workdir.VENDOR_ROOT_FILE)),
+        "tls_cert = %s" % _q(tls_cert),
+        "tls_key = %s" % _q(tls_key),
+        "",
+        "[[cloud.labels]]",
+        "name = %s" % _q(label),
+        "ca_key = %s" % _q(labels["ca"]),
+        "ca_cert = %s" % _q(os.path.join(line_dir, config["ca_cert"])),
+        "default = true",
+        "",
+    ])

@@ -281,12 +281,6 @@ def attest(ctx, slot, nonce, out):
       fleetid se --bus sim:unix:/tmp/se.sock attest --slot 2 --nonce 00112233
       fleetid se --bus sim:unix:/tmp/se.sock attest --slot 2 --out slot2.att.der
     """
-    import datetime
-
-    from cryptography import x509
-
-    from fleetid.cloud.ca.errors import AttestationError
-    from fleetid.cloud.ca.evidence import EvidenceVerifier
     from fleetid.common import attestation
 
     nonce_bytes = _hex("--nonce", nonce, None, 1, 64) if nonce else os.urandom(16)
@@ -299,18 +293,7 @@ def attest(ctx, slot, nonce, out):
         raise click.ClickException("attestation carries another nonce: replayed or broken")
     if st.slot != slot or st.public_point != session.public_key(slot)[1]:
         raise click.ClickException("attestation is for another key than the one in slot %d" % slot)
-    if not chain:
-        raise click.ClickException("the SE has no attestation chain")
-    try:
-        certs = [x509.load_der_x509_certificate(c) for c in chain]
-    except ValueError as exc:
-        raise click.ClickException("attestation chain does NOT parse: %s" % exc) from None
-    bundle = attestation.encode_evidence_bundle([signed_der], chain)
-    try:
-        EvidenceVerifier([certs[-1]]).authenticate(
-            bundle, datetime.datetime.now(datetime.timezone.utc))
-    except AttestationError as exc:
-        raise click.ClickException("attestation does NOT verify: %s" % exc) from None
+    certs = _authenticate_evidence(signed_der, chain)
     if out:
         try:
             with open(out, "wb") as f:
@@ -328,6 +311,32 @@ def attest(ctx, slot, nonce, out):
     click.echo("chain:        verified up to %s" % certs[-1].subject.rfc4514_string())
     if out:
         click.echo("written:      %s" % out)
+
+
+def _authenticate_evidence(signed_der, chain):
+    """Check a SignedAttestation and the SE's chain as the issuing CA does, trusting the
+    chain's own last certificate; returns the chain's certificates (leaf first)."""
+    import datetime
+
+    from cryptography import x509
+
+    from fleetid.cloud.ca.errors import AttestationError
+    from fleetid.cloud.ca.evidence import EvidenceVerifier
+    from fleetid.common import attestation
+
+    if not chain:
+        raise click.ClickException("the SE has no attestation chain")
+    try:
+        certs = [x509.load_der_x509_certificate(c) for c in chain]
+    except ValueError as exc:
+        raise click.ClickException("attestation chain does NOT parse: %s" % exc) from None
+    bundle = attestation.encode_evidence_bundle([signed_der], chain)
+    try:
+        EvidenceVerifier([certs[-1]]).authenticate(
+            bundle, datetime.datetime.now(datetime.timezone.utc))
+    except AttestationError as exc:
+        raise click.ClickException("attestation does NOT verify: %s" % exc) from None
+    return certs
 
 
 @se.group()

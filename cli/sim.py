@@ -271,25 +271,9 @@ def i2c_dev(listen, se_uri, address, cuse_device, timeout_ms):
     """
     import threading
 
-    from fleetid.device.bus import BusUriError, open_bus, parse_bus_uri
     from fleetid.sim import cuse
-    from fleetid.sim.i2cdev import I2cDevBridge
 
-    if not listen.startswith("/dev/") or listen.endswith("/") or len(listen) <= 5:
-        raise click.BadParameter("must be a path under /dev/, e.g. /dev/i2c-fleetid",
-                                 param_hint="--listen")
-    devname = listen[len("/dev/"):]
-    try:
-        bus_uri = parse_bus_uri(se_uri if se_uri.startswith("sim:") else "sim:" + se_uri)
-        if bus_uri.backend != "sim":
-            raise BusUriError(se_uri, "not an emulator socket")
-        bus_uri.options.setdefault("timeout_ms", str(timeout_ms))
-        bridge = I2cDevBridge(lambda: open_bus(bus_uri), address=int(address, 0))
-        protocol = cuse.CuseProtocol(bridge, devname)
-    except BusUriError as exc:
-        raise click.BadParameter(str(exc), param_hint="--se")
-    except ValueError as exc:
-        raise click.BadParameter(str(exc), param_hint="--address or --listen")
+    devname, bus_uri, bridge, protocol = _i2c_dev_bridge(listen, se_uri, address, timeout_ms)
     try:
         fd = cuse.open_cuse(cuse_device)
     except cuse.CuseError as exc:
@@ -318,3 +302,27 @@ def i2c_dev(listen, se_uri, address, cuse_device, timeout_ms):
         for s, handler in previous.items():
             signal.signal(s, handler)
     click.echo("stopped after %d I2C messages to the emulator" % bridge.transfers, err=True)
+
+
+def _i2c_dev_bridge(listen, se_uri, address, timeout_ms):
+    """(device name, emulator bus URI, I2cDevBridge, CuseProtocol) for `sim i2c-dev`'s
+    options; a bad one is a BadParameter naming it."""
+    from fleetid.device.bus import BusUriError, open_bus, parse_bus_uri
+    from fleetid.sim import cuse
+    from fleetid.sim.i2cdev import I2cDevBridge
+
+    if not listen.startswith("/dev/") or listen.endswith("/") or len(listen) <= 5:
+        raise click.BadParameter("must be a path under /dev/, e.g. /dev/i2c-fleetid",
+                                 param_hint="--listen")
+    devname = listen[len("/dev/"):]
+    try:
+        bus_uri = parse_bus_uri(se_uri if se_uri.startswith("sim:") else "sim:" + se_uri)
+        if bus_uri.backend != "sim":
+            raise BusUriError(se_uri, "not an emulator socket")
+        bus_uri.options.setdefault("timeout_ms", str(timeout_ms))
+        bridge = I2cDevBridge(lambda: open_bus(bus_uri), address=int(address, 0))
+        return devname, bus_uri, bridge, cuse.CuseProtocol(bridge, devname)
+    except BusUriError as exc:
+        raise click.BadParameter(str(exc), param_hint="--se")
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--address or --listen")

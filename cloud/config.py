@@ -164,19 +164,7 @@ def load_config(path=None, environ=None):
     path = path or environ.get(ENV_PREFIX + "CONFIG") or _beside_state(environ)
     base = os.getcwd()
     if path:
-        try:
-            with open(path, "rb") as f:
-                document = tomllib.load(f)
-        except OSError as exc:
-            raise ConfigError("cannot read %s: %s" % (path, exc.strerror)) from None
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError("%s: %s" % (path, exc)) from None
-        section = document.get("cloud", {})
-        if not isinstance(section, dict):
-            raise ConfigError("[cloud] must be a table")
-        unknown = set(section) - set(DEFAULTS)
-        if unknown:
-            raise ConfigError("unknown key(s) in [cloud]: %s" % ", ".join(sorted(unknown)))
+        section = _cloud_section(path)
         base = os.path.dirname(os.path.abspath(path))
         for key, value in section.items():
             values[key] = value if key == "labels" else _convert(key, value)
@@ -186,6 +174,32 @@ def load_config(path=None, environ=None):
         env = environ.get(ENV_PREFIX + key.upper())
         if env is not None:
             values[key] = _convert(key, env)
+    _resolve_paths(values, base)
+    _derive_and_check(values)
+    return CloudConfig(values)
+
+
+def _cloud_section(path):
+    """The [cloud] table of the TOML file at path, its keys checked against DEFAULTS."""
+    try:
+        with open(path, "rb") as f:
+            document = tomllib.load(f)
+    except OSError as exc:
+        raise ConfigError("cannot read %s: %s" % (path, exc.strerror)) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError("%s: %s" % (path, exc)) from None
+    section = document.get("cloud", {})
+    if not isinstance(section, dict):
+        raise ConfigError("[cloud] must be a table")
+    unknown = set(section) - set(DEFAULTS)
+    if unknown:
+        raise ConfigError("unknown key(s) in [cloud]: %s" % ", ".join(sorted(unknown)))
+    return section
+
+
+def _resolve_paths(values, base):
+    """Make every path in values (the labels' CA certificates, PATH_KEYS, the lists of
+    roots) absolute, relative to base (the configuration file's folder, else the cwd)."""
     labels = []
     for entry in values["labels"]:
         if not isinstance(entry, dict) or not {"name", "ca_key", "ca_cert"} <= set(entry):
@@ -199,6 +213,11 @@ def load_config(path=None, environ=None):
             values[key] = _abs(base, values[key])
     for key in ("vendor_roots", "roots", "intermediates"):
         values[key] = [_abs(base, p) for p in values[key]]
+
+
+def _derive_and_check(values):
+    """Fill the values that default from others (the registry, files and HSM under
+    state_dir, the CRL base URL) and refuse combinations that cannot work."""
     state = values["state_dir"]
     if not values["registry"]:
         values["registry"] = "sqlite:" + os.path.join(state, "registry.db")
@@ -225,7 +244,6 @@ def load_config(path=None, environ=None):
             raise ConfigError("%s out of range" % key)
     if values["event_loop"] not in ("auto", "uvloop", "asyncio"):
         raise ConfigError("event_loop must be auto, uvloop or asyncio")
-    return CloudConfig(values)
 
 
 def _abs(base, path):

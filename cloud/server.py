@@ -211,7 +211,6 @@ def check_tls_files(config):
 def build_context(config, environ=None, clock=None):
     """Open the HSM and registry named by `config`, bootstrap the embedded PKI when no
     labels are configured, and build the trust and the EST labels.  Returns CloudContext."""
-    from fleetid.cloud.ca import IssuingCa
     from fleetid.cloud.hsm import open_hsm
     from fleetid.cloud.registry import open_registry
     environ = os.environ if environ is None else environ
@@ -241,28 +240,50 @@ def build_context(config, environ=None, clock=None):
     default_label = None
     registry = open_registry(config.registry)
     for entry in label_configs:
-        ca_cert = _read_pems([entry["ca_cert"]])[0]
-        _check_adopted_ca(entry, ca_cert, root_certs)
-        if ca_cert not in intermediates:
-            intermediates.append(ca_cert)
-        chain = [ca_cert] + [r for r in root_certs if r.subject == ca_cert.issuer]
-        # Every HSM signature is verified before a certificate leaves the CA (a fault
-        # in the HSM path must not ship a bad certificate); ~0.1 ms per issuance.
-        # The CRL distribution point new certificates name: this label's CRL route.
-        label_crl_url = (crl_url(config.crl_base_url, entry["name"])
-                         if config.crl_base_url else None)
-        ca = IssuingCa(hsm, entry["ca_key"], ca_cert, vendor_roots, clock=clock,
-                       verify_signatures="always", crl_url=label_crl_url)
-        crl_issuers.append(CrlIssuer(entry["name"], hsm, entry["ca_key"], ca_cert))
-        labels.append(EstLabel(entry["name"], ca, chain,
-                               require_approval=bool(entry.get("require_approval")),
-                               profile=get_profile(entry.get("profile") or "operational")))
+        label, crl_issuer = _est_label(config, hsm, entry, root_certs, intermediates,
+                                       vendor_roots, clock)
+        labels.append(label)
+        crl_issuers.append(crl_issuer)
         if entry.get("default"):
             default_label = entry["name"]
     trust = FleetTrust(root_certs, intermediates, vendor_roots, config.revoked_cas,
                        revoked_ca_file=RevokedCaFile(config.revoked_cas_file))
-    # Audit checkpoints: the configured keys, or on the embedded set-up its own; the
-    # witness key always in a keystore or token of its own.
+    checkpointer, witness_hsm = _audit_checkpointer(config, hsm, registry, environ)
+    return CloudContext(hsm=hsm, registry=registry, trust=trust, labels=labels,
+                        default_label=default_label, tls_cert=tls_cert, tls_key=tls_key,
+                        config=config, vendor_paths=vendor_paths, crl_issuers=crl_issuers,
+                        checkpointer=checkpointer, witness_hsm=witness_hsm)
+
+
+def _est_label(config, hsm, entry, root_certs, intermediates, vendor_roots, clock):
+    """(EstLabel, CrlIssuer) for one [[cloud.labels]] entry: its CA certificate checked
+    against the roots and added to `intermediates`, its IssuingCa on the HSM key."""
+    from fleetid.cloud.ca import IssuingCa
+
+    ca_cert = _read_pems([entry["ca_cert"]])[0]
+    _check_adopted_ca(entry, ca_cert, root_certs)
+    if ca_cert not in intermediates:
+        intermediates.append(ca_cert)
+    chain = [ca_cert] + [r for r in root_certs if r.subject == ca_cert.issuer]
+    # Every HSM signature is verified before a certificate leaves the CA (a fault
+    # in the HSM path must not ship a bad certificate); ~0.1 ms per issuance.
+    # The CRL distribution point new certificates name: this label's CRL route.
+    label_crl_url = (crl_url(config.crl_base_url, entry["name"])
+                     if config.crl_base_url else None)
+    ca = IssuingCa(hsm, entry["ca_key"], ca_cert, vendor_roots, clock=clock,
+                   verify_signatures="always", crl_url=label_crl_url)
+    label = EstLabel(entry["name"], ca, chain,
+                     require_approval=bool(entry.get("require_approval")),
+                     profile=get_profile(entry.get("profile") or "operational"))
+    return label, CrlIssuer(entry["name"], hsm, entry["ca_key"], ca_cert)
+
+
+def _audit_checkpointer(config, hsm, registry, environ):
+    """(audit.Checkpointer or None, the witness's HSM or None): the configured audit
+    keys, or on the embedded set-up its own; the witness key always in a keystore or
+    token of its own."""
+    from fleetid.cloud.hsm import open_hsm
+
     audit_labels = (config.audit_line_key, config.audit_witness_key)
     witness_hsm = None
     if audit_labels[0]:
@@ -274,10 +295,7 @@ def build_context(config, environ=None, clock=None):
         audit_labels = ensure_audit_keys(hsm, witness_hsm, config.state_dir)
     checkpointer = (checkpointer_for(config, hsm, witness_hsm, registry, *audit_labels)
                     if audit_labels[0] else None)
-    return CloudContext(hsm=hsm, registry=registry, trust=trust, labels=labels,
-                        default_label=default_label, tls_cert=tls_cert, tls_key=tls_key,
-                        config=config, vendor_paths=vendor_paths, crl_issuers=crl_issuers,
-                        checkpointer=checkpointer, witness_hsm=witness_hsm)
+    return checkpointer, witness_hsm
 
 
 class ListenError(OSError):

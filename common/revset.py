@@ -181,13 +181,7 @@ def _encode(fleet, number, this_update, next_update, universe, serials, ca_ids, 
             tail, max_len=None):
     # encode() into a bytearray with `tail` spare bytes at the end (the device's merge
     # puts the signature there: one buffer for the new set, no copies).
-    count = 0
-    prev = 0
-    for s in serials:
-        if s <= prev or s > universe:
-            raise ValueError("serials must be sorted, distinct, in 1..universe")
-        prev = s
-        count += 1
+    count = _count_serials(serials, universe)
     if universe > SERIAL_MAX or len(fleet) != 8:
         raise ValueError("universe / fleet_id")
     if k is None:
@@ -223,8 +217,28 @@ def _encode(fleet, number, this_update, next_update, universe, serials, ca_ids, 
     for c in ca_ids:
         buf[pos : pos + CA_ID_LEN] = c
         pos += CA_ID_LEN
-    index_pos = pos
     out.pos = (pos + index_len) * 8
+    _write_body(out, pos, serials, count, k, stride)
+    return buf
+
+
+def _count_serials(serials, universe):
+    # How many serials; each must be above the one before and at most `universe`.
+    count = 0
+    prev = 0
+    for s in serials:
+        if s <= prev or s > universe:
+            raise ValueError("serials must be sorted, distinct, in 1..universe")
+        prev = s
+        count += 1
+    return count
+
+
+def _write_body(out, index_pos, serials, count, k, stride):
+    # The Golomb-Rice body from out.pos (gap - 1: unary quotient, a 0 bit, k-bit
+    # remainder), and every `stride`-th serial with its body bit offset into the index
+    # at index_pos.
+    buf = out.buf
     body_start = out.pos
     prev = 0
     j = 0
@@ -238,7 +252,6 @@ def _encode(fleet, number, this_update, next_update, universe, serials, ca_ids, 
             struct.pack_into(">II", buf, index_pos, s, out.pos - body_start)
             index_pos += _INDEX_ENTRY
         prev = s
-    return buf
 
 
 def sign_part(signed, signature_der):

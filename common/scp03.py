@@ -531,6 +531,28 @@ class Scp03Host:
             raise ValueError("host challenge must be 8 bytes")
         return bytes(chosen)
 
+    def _initialize_update(self, host_challenge):
+        # INITIALIZE UPDATE (Amd D 7.1.1); returns the response data once its length, the
+        # key set's SCP identifier and its i parameter suit this session's level.
+        init_update = encode_command(CLA_GP, INS_INITIALIZE_UPDATE, self.kvn, 0x00,
+                                     host_challenge, 256)
+        data, sw = split_response(self._transceive(init_update))
+        if sw != _SW_OK:
+            raise apdu_error_for_sw(sw, "INITIALIZE UPDATE")
+        if len(data) not in (INIT_UPDATE_RESPONSE_LEN, INIT_UPDATE_RESPONSE_LEN_NO_SEQ):
+            raise SecureChannelError("card_cryptogram", "INITIALIZE UPDATE response length")
+        key_info = data[10:13]
+        if key_info[1] != SCP03_ID:
+            raise SecureChannelError("card_cryptogram", "key set is not for SCP03")
+        i_param = key_info[2]
+        if i_param & I_S16_MODE:
+            raise SecureChannelError("level", "S16 mode not supported")
+        if self.level & LEVEL_R_MAC and not i_param & I_R_MAC_SUPPORT:
+            raise SecureChannelError("level", "card does not support R-MAC")
+        if self.level & LEVEL_R_ENCRYPTION and not i_param & I_R_ENC_SUPPORT:
+            raise SecureChannelError("level", "card does not support R-ENC")
+        return data
+
     def open(self):
         """Run INITIALIZE UPDATE and EXTERNAL AUTHENTICATE (Amd D 7.1.1, 7.1.2).
 
@@ -544,26 +566,10 @@ class Scp03Host:
         """
         self.close()
         host_challenge = self._next_host_challenge()
-        init_update = encode_command(CLA_GP, INS_INITIALIZE_UPDATE, self.kvn, 0x00,
-                                     host_challenge, 256)
-        data, sw = split_response(self._transceive(init_update))
-        if sw != _SW_OK:
-            raise apdu_error_for_sw(sw, "INITIALIZE UPDATE")
-        init_data = data
-        if len(data) not in (INIT_UPDATE_RESPONSE_LEN, INIT_UPDATE_RESPONSE_LEN_NO_SEQ):
-            raise SecureChannelError("card_cryptogram", "INITIALIZE UPDATE response length")
-        key_info = data[10:13]
-        if key_info[1] != SCP03_ID:
-            raise SecureChannelError("card_cryptogram", "key set is not for SCP03")
-        i_param = key_info[2]
-        if i_param & I_S16_MODE:
-            raise SecureChannelError("level", "S16 mode not supported")
-        if self.level & LEVEL_R_MAC and not i_param & I_R_MAC_SUPPORT:
-            raise SecureChannelError("level", "card does not support R-MAC")
-        if self.level & LEVEL_R_ENCRYPTION and not i_param & I_R_ENC_SUPPORT:
-            raise SecureChannelError("level", "card does not support R-ENC")
-        card_challenge = data[13:21]
-        cryptogram = data[21:29]
+        init_data = self._initialize_update(host_challenge)
+        key_info = init_data[10:13]
+        card_challenge = init_data[13:21]
+        cryptogram = init_data[21:29]
         keys = self._session_keys_fn(host_challenge, card_challenge, key_info)
         context = _check_challenges(host_challenge, card_challenge)
         s_mac = bind_key(self._prims, keys.s_mac)

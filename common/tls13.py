@@ -829,6 +829,13 @@ class Tls13Client:
             self._psk = None
             self._early = K.hkdf_extract(self._prims, b"", K.ZEROS)
         self._add(message)
+        self._handshake_keys(point)
+        self._state = _WAIT_EE
+
+    def _handshake_keys(self, point):
+        # RFC 8446 7.1: the (EC)DHE secret with the server's share (in the SE), the
+        # handshake secret and both handshake traffic keys over the transcript up to the
+        # ServerHello, and the master secret; records are protected from here on.
         shared = self._cfg.ephemeral.shared_secret(point)
         prims = self._prims
         empty_hash = prims.sha256(b"")
@@ -842,7 +849,6 @@ class Tls13Client:
         self._expect_key_change()
         self._read = RecordProtection(prims, self._s_hs)
         self._write = RecordProtection(prims, self._c_hs)
-        self._state = _WAIT_EE
 
     def _hello_retry(self, message, extensions):
         if self._hrr:

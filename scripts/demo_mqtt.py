@@ -34,21 +34,14 @@ def main(argv=None):
     parser.add_argument("--work", required=True)
     args = parser.parse_args(argv)
 
-    from cryptography import x509
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.x509.oid import NameOID
-
     from fleetid.cloud.line.workdir import open_line
     from fleetid.cloud.mqtt.broker import Broker
     from fleetid.cloud.mqtt.fleet_files import make_broker_files
     from fleetid.cloud.mqtt.service import CloudMqtt
     from fleetid.cloud.revocation import CrlIssuer, CrlPublisher
-    from fleetid.common import se_consts as C
-    from fleetid.device.host.mqtt_paho import PahoSeTransport
     from fleetid.device.mqtt import DeviceChannel
     from fleetid.device.stack import open_se
 
-    der = serialization.Encoding.DER
     line = open_line(args.line)
     stack = None
     broker = None
@@ -70,30 +63,13 @@ def main(argv=None):
 
         stack = open_se(args.bus)
         se = stack.se
-        identity = bytes(se.get_cert(C.SLOT_IDENTITY))
-        name = x509.load_der_x509_certificate(identity).subject.get_attributes_for_oid(
-            NameOID.COMMON_NAME)[0].value
-        transport = PahoSeTransport(se, C.SLOT_IDENTITY,
-                                    [identity, line.ca_cert.public_bytes(der)],
-                                    [bytes(se.get_data(C.DATA_TRUST_FLEET_ROOT, -1, 65536))],
-                                    broker.host, broker.port, timeout=20)
+        name, transport = _device_transport(se, line, broker)
         crls = []
         channel = DeviceChannel(transport, name, relay=stack.protocol.transceive_raw,
                                 on_crl=lambda label, crl: crls.append(label),
                                 clock=lambda: int(time.time()))
         channel.start()
-        print("mqtt: device %s connected; TLS CertificateVerify signed in its SE (%d)"
-              % (name, transport.tls_client.signatures))
-        seq = channel.send_telemetry({"uptime_s": 42, "fw": "1.2.3"})
-        deadline = time.monotonic() + 10
-        while (len(crls) < 2 or name not in cloud.sink.last) and time.monotonic() < deadline:
-            channel.step(0.1)
-        got = cloud.sink.last.get(name, {})
-        if got.get("seq") != seq or sorted(crls) != ["ca", "root"]:
-            sys.exit("demo_mqtt: telemetry or retained CRLs missing")
-        print("mqtt: cloud received telemetry seq %d from %s: %s" % (seq, name, got["m"]))
-        print("mqtt: device received the retained CRLs published while it was offline: %s"
-              % ", ".join(sorted(crls)))
+        _telemetry_and_retained_crls(channel, cloud, name, transport, crls)
 
         _ota_scp03_rotation(line, cloud, channel, se, name)
     finally:
@@ -106,6 +82,44 @@ def main(argv=None):
         if stack is not None:
             stack.close()
         line.close()
+
+
+def _device_transport(se, line, broker):
+    """(the device's name, its MQTT transport): TLS with the SE's identity key and
+    certificate, the server checked to the fleet root the SE holds."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.x509.oid import NameOID
+
+    from fleetid.common import se_consts as C
+    from fleetid.device.host.mqtt_paho import PahoSeTransport
+
+    identity = bytes(se.get_cert(C.SLOT_IDENTITY))
+    name = x509.load_der_x509_certificate(identity).subject.get_attributes_for_oid(
+        NameOID.COMMON_NAME)[0].value
+    ca_der = line.ca_cert.public_bytes(serialization.Encoding.DER)
+    transport = PahoSeTransport(se, C.SLOT_IDENTITY, [identity, ca_der],
+                                [bytes(se.get_data(C.DATA_TRUST_FLEET_ROOT, -1, 65536))],
+                                broker.host, broker.port, timeout=20)
+    return name, transport
+
+
+def _telemetry_and_retained_crls(channel, cloud, name, transport, crls):
+    """Step 3: the device sends telemetry the cloud must receive under its name, and gets
+    the CRLs retained while it was offline (into `crls`); exits the demo if either is
+    missing after 10 s."""
+    print("mqtt: device %s connected; TLS CertificateVerify signed in its SE (%d)"
+          % (name, transport.tls_client.signatures))
+    seq = channel.send_telemetry({"uptime_s": 42, "fw": "1.2.3"})
+    deadline = time.monotonic() + 10
+    while (len(crls) < 2 or name not in cloud.sink.last) and time.monotonic() < deadline:
+        channel.step(0.1)
+    got = cloud.sink.last.get(name, {})
+    if got.get("seq") != seq or sorted(crls) != ["ca", "root"]:
+        sys.exit("demo_mqtt: telemetry or retained CRLs missing")
+    print("mqtt: cloud received telemetry seq %d from %s: %s" % (seq, name, got["m"]))
+    print("mqtt: device received the retained CRLs published while it was offline: %s"
+          % ", ".join(sorted(crls)))
 
 
 def _ota_scp03_rotation(line, cloud, channel, se, name):

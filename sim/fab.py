@@ -258,33 +258,7 @@ def load_or_create_vendor_ca(vendor_dir, now=None):
             return VendorCa(cert, key, cert_path, key_path)
         key = ec.generate_private_key(ec.SECP256R1())
         now = now or datetime.datetime.now(datetime.timezone.utc)
-        name = x509.Name(
-            [
-                x509.NameAttribute(NameOID.ORGANIZATION_NAME, VENDOR_ORG),
-                x509.NameAttribute(NameOID.COMMON_NAME, "fleetid SE vendor root CA"),
-            ]
-        )
-        ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
-        cert = (
-            x509.CertificateBuilder()
-            .subject_name(name)
-            .issuer_name(name)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(days=1))
-            .not_valid_after(now + datetime.timedelta(days=365 * _VENDOR_ROOT_YEARS))
-            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-            .add_extension(
-                x509.KeyUsage(
-                    digital_signature=False, content_commitment=False, key_encipherment=False,
-                    data_encipherment=False, key_agreement=False, key_cert_sign=True,
-                    crl_sign=True, encipher_only=False, decipher_only=False,
-                ),
-                critical=True,
-            )
-            .add_extension(ski, critical=False)
-            .sign(key, hashes.SHA256())
-        )
+        cert = _vendor_root_certificate(key, now)
         _write_private(
             key_path,
             key.private_bytes(
@@ -298,6 +272,38 @@ def load_or_create_vendor_ca(vendor_dir, now=None):
     finally:
         fcntl.flock(lock_fd, fcntl.LOCK_UN)
         os.close(lock_fd)
+
+
+def _vendor_root_certificate(key, now):
+    """The vendor root CA's self-signed certificate for `key` (path length 0: it signs
+    the MAK certificates directly), valid from a day before `now`."""
+    name = x509.Name(
+        [
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, VENDOR_ORG),
+            x509.NameAttribute(NameOID.COMMON_NAME, "fleetid SE vendor root CA"),
+        ]
+    )
+    ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
+    return (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=365 * _VENDOR_ROOT_YEARS))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=False, content_commitment=False, key_encipherment=False,
+                data_encipherment=False, key_agreement=False, key_cert_sign=True,
+                crl_sign=True, encipher_only=False, decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(ski, critical=False)
+        .sign(key, hashes.SHA256())
+    )
 
 
 def publish_vendor_root(vendor_dir, trust_dir, now=None):

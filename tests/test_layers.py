@@ -14,8 +14,10 @@ as one at module top.
 2. No import cycle between units, whatever the table says (checked on the real graph),
    nor between modules (e.g. two modules of common/ that import each other).
 3. No module in cloud/ over 600 lines.
-4. No function over 80 lines outside tests/ and bench/.
+4. No function over 60 lines (docstring included) outside tests/ and bench/.
 5. click is imported in cli/ only (library code never depends on the CLI framework).
+6. The device side never imports the cloud.
+7. The layer table in docs/ARCHITECTURE.md is SITS_ON.
 """
 
 import ast
@@ -67,7 +69,12 @@ SITS_ON = {
 }
 
 CLOUD_MODULE_MAX_LINES = 600
-FUNCTION_MAX_LINES = 80
+FUNCTION_MAX_LINES = 60
+
+# Functions allowed over FUNCTION_MAX_LINES for now, each with why; a later step empties
+# this.  common/tls13_cert.py is being rewritten by the X.509-parser work of issue 17
+# (one certificate-facts reader); its verify_server_chain is split there, not here.
+LONG_FUNCTIONS_PENDING = {("common/tls13_cert.py", "verify_server_chain")}
 
 
 def _source_modules():
@@ -156,6 +163,34 @@ def test_the_layer_table_is_a_dag_over_known_units():
         assert unit not in allowed_below(unit), "the layer table loops through " + unit
 
 
+def _documented_layer_table():
+    """{unit: (units it sits on)} from the table in docs/ARCHITECTURE.md ("Layers")."""
+    text = (ROOT / "docs" / "ARCHITECTURE.md").read_text()
+    rows = text.split("| unit | sits directly on |", 1)[1].split("\n\n", 1)[0]
+    table = {}
+    for line in rows.splitlines():
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        if len(cells) != 2 or not cells[0].startswith("`"):
+            continue  # the header's rule
+        unit = cells[0].strip("`")
+        below = cells[1].split(" (")[0]  # a note in brackets may follow the units
+        table[unit] = tuple(sorted(u.strip().strip("`") for u in below.split(",")
+                                   if u.strip().startswith("`")))
+    return table
+
+
+def test_the_documented_layer_table_is_the_tested_one():
+    # The doc's table names every unit but the `cloud` namespace package (which holds
+    # no code and sits on nothing); each row must say what SITS_ON says.
+    documented = _documented_layer_table()
+    tested = {unit: tuple(sorted(below)) for unit, below in SITS_ON.items() if unit != "cloud"}
+    differ = ["%s: doc %s, test %s" % (unit, documented.get(unit), tested.get(unit))
+              for unit in sorted(set(documented) | set(tested))
+              if documented.get(unit) != tested.get(unit)]
+    assert not differ, "docs/ARCHITECTURE.md's layer table and SITS_ON differ:\n" + \
+        "\n".join(differ)
+
+
 def test_every_source_unit_has_a_place_in_the_layer_table():
     missing = sorted({unit_of(m) for m in MODULES} - set(SITS_ON))
     assert not missing, "units with no place in SITS_ON (add them, and to the doc): %s" % missing
@@ -241,16 +276,31 @@ def _non_test_python_files():
             yield from sorted(top.rglob("*.py"))
 
 
-def test_no_function_over_80_lines_outside_tests_and_bench():
-    long = []
+def _function_lengths():
+    """Yield (file, line, name, lines) for every def and async def outside tests/ and
+    bench/ (methods and nested functions too; the docstring counts)."""
     for path in _non_test_python_files():
         for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
-                lines = node.end_lineno - node.lineno + 1
-                if lines > FUNCTION_MAX_LINES:
-                    long.append("%s:%d %s: %d lines"
-                                % (path.relative_to(ROOT), node.lineno, node.name, lines))
+                yield (path.relative_to(ROOT).as_posix(), node.lineno, node.name,
+                       node.end_lineno - node.lineno + 1)
+
+
+def test_no_function_over_60_lines_outside_tests_and_bench():
+    long = ["%s:%d %s: %d lines" % (path, line, name, lines)
+            for path, line, name, lines in _function_lengths()
+            if lines > FUNCTION_MAX_LINES and (path, name) not in LONG_FUNCTIONS_PENDING]
     assert not long, "functions over %d lines:\n%s" % (FUNCTION_MAX_LINES, "\n".join(long))
+
+
+def test_every_pending_long_function_is_still_long():
+    # Once a pending function is split (or renamed, or moved) its entry must go, so the
+    # list only shrinks and cannot hide a new long function under an old name.
+    still_long = {(path, name) for path, _, name, lines in _function_lengths()
+                  if lines > FUNCTION_MAX_LINES}
+    done = sorted("%s %s" % pending for pending in LONG_FUNCTIONS_PENDING - still_long)
+    assert not done, "remove from LONG_FUNCTIONS_PENDING (no longer over %d lines): %s" % (
+        FUNCTION_MAX_LINES, ", ".join(done))
 
 
 def test_click_is_imported_in_cli_only():

@@ -260,6 +260,20 @@ class IssuingCa:
 
         # The statements are authentic from here on: the nonce(s) get used up.
         public_key = csr.public_key()
+        signed = self._use_nonces(evidence, public_key, spki, expected_se_uid, now)
+
+        extension = attestation_extension(evidence.minimal_bundle(signed))
+        builder = profiles.device_builder(
+            profile, serial, public_key, self.ca_certificate, now, crl_url=self.crl_url,
+            extra_extensions=[(extension, False)],
+        )
+        return self.signer.sign(builder)
+
+    def _use_nonces(self, evidence, public_key, spki, expected_se_uid, now):
+        """Consume the nonce of the authenticated statement for `public_key`, bound to the
+        CSR's key (or, when that statement is refused, every nonce of the evidence, so a
+        refused request cannot be replayed), then refuse if anything failed.
+        Returns: the key's SignedAttestation.  Raises: IssuanceRefused."""
         refusal = None
         try:
             signed = evidence.statement_for(public_key)
@@ -279,10 +293,4 @@ class IssuingCa:
             raise IssuanceRefused(refusal.reason, refusal.detail)
         if nonce_refusal is not None:
             raise IssuanceRefused(nonce_refusal.reason)
-
-        extension = attestation_extension(evidence.minimal_bundle(signed))
-        builder = profiles.device_builder(
-            profile, serial, public_key, self.ca_certificate, now, crl_url=self.crl_url,
-            extra_extensions=[(extension, False)],
-        )
-        return self.signer.sign(builder)
+        return signed

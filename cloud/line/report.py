@@ -158,6 +158,43 @@ def _device_table(summary):
     return "\n".join(out)
 
 
+def _scaling_section(summaries):
+    """Stations vs throughput: a table (each run against linear scaling of the smallest)
+    and its chart."""
+    out = ["<h2>Stations vs throughput</h2>"]
+    points = sorted((s.stations, s.throughput) for s in summaries)
+    base_k, base_t = points[0]
+    out.append("<table><tr><th>stations</th><th>devices</th><th>devices/s</th>"
+               "<th>vs linear</th><th>cycle p50 ms</th><th>cycle p99 ms</th>"
+               "<th>yield %</th></tr>")
+    for s in sorted(summaries, key=lambda s: s.stations):
+        linear = base_t / base_k * s.stations if base_k else 0.0
+        out.append("<tr><td>%d</td><td>%d</td><td>%.2f</td><td>%.2f</td><td>%.1f</td>"
+                   "<td>%.1f</td><td>%.2f</td></tr>"
+                   % (s.stations, s.devices, s.throughput,
+                      s.throughput / linear if linear else 0.0, s.cycle_ms(50),
+                      s.cycle_ms(99), s.yield_pct))
+    out.append("</table>")
+    out.append(_svg_scaling(points))
+    return "\n".join(out)
+
+
+def _failures_section(summary):
+    """Failures by cause: how many devices each cause held, and their share."""
+    esc = html.escape
+    out = ["<h2>Failures by cause</h2>"]
+    failures = summary.failures()
+    if failures:
+        out.append("<table><tr><th class='l'>cause</th><th>devices</th><th>%</th></tr>")
+        for cause, count in failures.items():
+            out.append("<tr><td class='l'><code>%s</code></td><td>%d</td><td>%.2f</td></tr>"
+                       % (esc(cause), count, 100.0 * count / summary.devices))
+        out.append("</table>")
+    else:
+        out.append("<p class='ok'>none</p>")
+    return "\n".join(out)
+
+
 def report_html(summaries, title="fleetid factory line report"):
     """The line report (one HTML page, inline SVG, no external resources).
 
@@ -195,31 +232,8 @@ def report_html(summaries, title="fleetid factory line report"):
         out.append("<p>Zero-latency SE profile: the cycle time is host cost plus the "
                    "emulator's own CPU time (mean %.1f ms of %.1f ms).</p>"
                    % (main.mean("emulator_ms"), main.mean("cycle_ms")))
-    out.append("<h2>Stations vs throughput</h2>")
-    points = sorted((s.stations, s.throughput) for s in summaries)
-    base_k, base_t = points[0]
-    out.append("<table><tr><th>stations</th><th>devices</th><th>devices/s</th>"
-               "<th>vs linear</th><th>cycle p50 ms</th><th>cycle p99 ms</th>"
-               "<th>yield %</th></tr>")
-    for s in sorted(summaries, key=lambda s: s.stations):
-        linear = base_t / base_k * s.stations if base_k else 0.0
-        out.append("<tr><td>%d</td><td>%d</td><td>%.2f</td><td>%.2f</td><td>%.1f</td>"
-                   "<td>%.1f</td><td>%.2f</td></tr>"
-                   % (s.stations, s.devices, s.throughput,
-                      s.throughput / linear if linear else 0.0, s.cycle_ms(50),
-                      s.cycle_ms(99), s.yield_pct))
-    out.append("</table>")
-    out.append(_svg_scaling(points))
-    out.append("<h2>Failures by cause</h2>")
-    failures = main.failures()
-    if failures:
-        out.append("<table><tr><th class='l'>cause</th><th>devices</th><th>%</th></tr>")
-        for cause, count in failures.items():
-            out.append("<tr><td class='l'><code>%s</code></td><td>%d</td><td>%.2f</td></tr>"
-                       % (esc(cause), count, 100.0 * count / main.devices))
-        out.append("</table>")
-    else:
-        out.append("<p class='ok'>none</p>")
+    out.append(_scaling_section(summaries))
+    out.append(_failures_section(main))
     out.append("<h2>Mean time per step (committed devices)</h2><table>"
                "<tr><th class='l'>step</th><th>ms</th></tr>")
     for step, ms in main.step_means_ms().items():

@@ -251,7 +251,6 @@ class Station:
         config = res.config
         hsm = res.hsm
         registry = res.registry
-        slot = config.slot
 
         # 2. serial + intent: from here on the device exists for the registry.
         self._enter(state, result, INTENT, clock())
@@ -272,30 +271,13 @@ class Station:
             if answer != hsm_interface.put_key_response_expected(payload):
                 raise LineFailure("inject:kcv", INJECT, "the SE's key check values differ")
 
-            # 4. identity key generated inside; attested with a fresh CA nonce.
-            self._enter(state, result, ATTEST, clock())
-            nonce = res.issuing_ca.issue_nonce()
-            # Parsed strictly once (device/enrol.py); the bundle reuses the parsed element.
-            point, signed = enrol.new_attested_key(se, slot, nonce, IDENTITY_POLICY)
-            attestation_hash = audit.attestation_hash(signed.statement_der)
-
-            # 5. CSR signed inside the SE -> the CA verifies the attestation -> certificate.
-            self._enter(state, result, ISSUE, clock())
-            csr = enrol.attested_csr(se, slot, point, signed, state.chain, device_serial,
-                                     device_serial)
-            cert = res.issuing_ca.issue(csr, se_uid, device_serial, config.cert_profile)
-            cert_der = cert.public_bytes(serialization.Encoding.DER)
-            res.journal.record(serial, se_uid, cert_der)
-            state.cert_der = result.cert_der = cert_der
+            # 4.-5. identity key generated inside, attested, certified.
+            cert, cert_der, attestation_hash = self._attest_and_issue(
+                se, se_uid, serial, device_serial, result, state, clock)
 
             # 6. certificate, trust anchors, life cycle SECURED.
             self._enter(state, result, PERSONALISE, clock())
-            se.put_cert(slot, cert_der)
-            # The trust anchors in one STORE DATA (the applet stores all DGIs or none).
-            anchors = config.trust_dgis()
-            se.store_data(anchors[0][0], anchors[0][1], more=anchors[1:])
-            se.set_status(C.LC_SECURED)
-            opened.close_secure()
+            self._secure(opened, se, cert_der)
 
             # 7. confirmation gate: new keys, read-back, proof of possession.
             self._enter(state, result, CONFIRM, clock())
@@ -315,6 +297,43 @@ class Station:
                 pass
         if self.step_hook is not None:
             self.step_hook(AFTER_COMMIT)
+
+    def _attest_and_issue(self, se, se_uid, serial, device_serial, result, state, clock):
+        """Steps 4 and 5: a new identity key made inside the SE, attested with a fresh CA
+        nonce; a CSR signed inside the SE, the CA verifies the attestation and issues.
+        The certificate is journalled before it leaves for the SE.
+        Returns: (certificate, its DER, the attestation statement's hash for the audit
+        entry)."""
+        res = self.resources
+        config = res.config
+        slot = config.slot
+        # 4. identity key generated inside; attested with a fresh CA nonce.
+        self._enter(state, result, ATTEST, clock())
+        nonce = res.issuing_ca.issue_nonce()
+        # Parsed strictly once (device/enrol.py); the bundle reuses the parsed element.
+        point, signed = enrol.new_attested_key(se, slot, nonce, IDENTITY_POLICY)
+        attestation_hash = audit.attestation_hash(signed.statement_der)
+
+        # 5. CSR signed inside the SE -> the CA verifies the attestation -> certificate.
+        self._enter(state, result, ISSUE, clock())
+        csr = enrol.attested_csr(se, slot, point, signed, state.chain, device_serial,
+                                 device_serial)
+        cert = res.issuing_ca.issue(csr, se_uid, device_serial, config.cert_profile)
+        cert_der = cert.public_bytes(serialization.Encoding.DER)
+        res.journal.record(serial, se_uid, cert_der)
+        state.cert_der = result.cert_der = cert_der
+        return cert, cert_der, attestation_hash
+
+    def _secure(self, opened, se, cert_der):
+        """Step 6: the certificate and the trust anchors into the SE, life cycle SECURED,
+        the SCP03 session closed."""
+        config = self.resources.config
+        se.put_cert(config.slot, cert_der)
+        # The trust anchors in one STORE DATA (the applet stores all DGIs or none).
+        anchors = config.trust_dgis()
+        se.store_data(anchors[0][0], anchors[0][1], more=anchors[1:])
+        se.set_status(C.LC_SECURED)
+        opened.close_secure()
 
     def _confirm(self, opened, se_uid, device_keys, cert, device_serial):
         """The gate, with one retry from scratch after a transient failure: the device is

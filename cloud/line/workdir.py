@@ -138,16 +138,8 @@ def init_line(workdir, hsm_uri=None, registry_uri=None, scope=None, operator="li
     workdir = os.path.abspath(workdir)
     environ = dict(os.environ if environ is None else environ)
     _check_new_line(workdir, hsm_uri, environ)
-    if hsm_uri is None:  # the demo path: refused before its keystore is created
-        _check_custody(workdir, None, root, cas, witness_hsm_uri)
-    hsm, opened_uri = _open_line_hsm(workdir, hsm_uri, environ, scrypt_n)
-    if hsm_uri is not None:  # after the URI has been parsed: a bad one is named as such
-        try:
-            _check_custody(workdir, hsm_uri, root, cas, witness_hsm_uri)
-        except LineConfigError:
-            hsm.close()
-            raise
-    hsm_uri = opened_uri
+    hsm, hsm_uri = _open_custody_checked_hsm(workdir, hsm_uri, environ, scrypt_n, root, cas,
+                                             witness_hsm_uri)
     registry_uri = registry_uri or "sqlite:" + os.path.join(workdir, "registry.db")
     labels = {"master": "scp03-master", "audit_line": "audit-line",
               "firmware": "firmware-signing"}
@@ -160,18 +152,7 @@ def init_line(workdir, hsm_uri=None, registry_uri=None, scope=None, operator="li
         else:
             pki = _adopt_pki(hsm, pki_dir, root, cas)
         labels.update(root=pki["root_label"], ca=pki["cas"][0]["label"])
-        if master_key is None:
-            hsm.create_master_key(labels["master"])
-        else:
-            hsm.import_master_key(labels["master"], master_key)
-        for role in ("audit_line", "firmware"):
-            hsm.generate_signing_key(labels[role])
-            _write_public_key(hsm, labels[role], pki_dir, role)
-        labels["transport_wrap"] = TRANSPORT_WRAP_LABEL
-        wrapping = hsm.create_transport_wrapping_key(TRANSPORT_WRAP_LABEL)
-        with open(os.path.join(workdir, TRANSPORT_WRAP_PUB), "wb") as f:
-            f.write(wrapping.public_bytes(serialization.Encoding.PEM,
-                                          serialization.PublicFormat.SubjectPublicKeyInfo))
+        _make_line_keys(hsm, workdir, pki_dir, labels, master_key)
         witness = _make_witness_key(workdir, witness_hsm_uri, environ, scrypt_n, pki_dir)
         config = {"format": FORMAT, "hsm": hsm_uri, "registry": registry_uri,
                   "labels": labels, "operator": operator, "serial_prefix": serial_prefix,
@@ -184,6 +165,41 @@ def init_line(workdir, hsm_uri=None, registry_uri=None, scope=None, operator="li
         hsm.close()
     open_registry(registry_uri).close()  # creates the schema
     return open_line(workdir, environ=environ)
+
+
+def _open_custody_checked_hsm(workdir, hsm_uri, environ, scrypt_n, root, cas,
+                              witness_hsm_uri):
+    """(HSM, its URI as opened) once the custody arguments fit: on the demo path checked
+    before its keystore is created, on an HSM after its URI has been parsed (so a bad URI
+    is named as such)."""
+    if hsm_uri is None:
+        _check_custody(workdir, None, root, cas, witness_hsm_uri)
+    hsm, opened_uri = _open_line_hsm(workdir, hsm_uri, environ, scrypt_n)
+    if hsm_uri is not None:
+        try:
+            _check_custody(workdir, hsm_uri, root, cas, witness_hsm_uri)
+        except LineConfigError:
+            hsm.close()
+            raise
+    return hsm, opened_uri
+
+
+def _make_line_keys(hsm, workdir, pki_dir, labels, master_key):
+    """The line's own keys in its HSM: the SCP03 master (made inside, or imported from a
+    ceremony restore), the audit line and firmware-signing keys (their public keys written
+    to pki_dir) and the transport wrapping key (its public key in TRANSPORT_WRAP_PUB)."""
+    if master_key is None:
+        hsm.create_master_key(labels["master"])
+    else:
+        hsm.import_master_key(labels["master"], master_key)
+    for role in ("audit_line", "firmware"):
+        hsm.generate_signing_key(labels[role])
+        _write_public_key(hsm, labels[role], pki_dir, role)
+    labels["transport_wrap"] = TRANSPORT_WRAP_LABEL
+    wrapping = hsm.create_transport_wrapping_key(TRANSPORT_WRAP_LABEL)
+    with open(os.path.join(workdir, TRANSPORT_WRAP_PUB), "wb") as f:
+        f.write(wrapping.public_bytes(serialization.Encoding.PEM,
+                                      serialization.PublicFormat.SubjectPublicKeyInfo))
 
 
 def _check_new_line(workdir, hsm_uri, environ):

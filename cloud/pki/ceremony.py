@@ -98,11 +98,7 @@ def init_root(hsm, label, subject, validity_years, ceremony_dir, operators, now=
     Raises: PkiError(BAD_INPUT / EXISTS / BAD_SIGNATURE), HsmError(EXISTS) if the label
         is taken.
     """
-    operators = [str(name).strip() for name in (operators or ())]
-    if not operators or not all(operators):
-        raise PkiError(PkiError.BAD_INPUT, "a ceremony needs named operators")
-    if len(set(operators)) != len(operators):
-        raise PkiError(PkiError.BAD_INPUT, "operators must be distinct people")
+    operators = _ceremony_operators(operators)
     if not isinstance(validity_years, int) or not 1 <= validity_years <= 50:
         raise PkiError(PkiError.BAD_INPUT, "validity_years must be 1..50")
     subject = _name(subject)
@@ -120,7 +116,36 @@ def init_root(hsm, label, subject, validity_years, ceremony_dir, operators, now=
         hsm, label, root_builder(subject, public_key, started, not_after), public_key
     )
     completed = utc_now() if now is None else started
-    record = {
+    record = _ceremony_record(hsm, label, operators, started, completed, certificate)
+    signature = hsm.sign(label, canonical_json(record))
+    try:
+        public_key.verify(signature, canonical_json(record), ec.ECDSA(hashes.SHA256()))
+    except InvalidSignature:
+        raise PkiError(PkiError.BAD_SIGNATURE, "ceremony record") from None
+    signed = {
+        "record": record,
+        "signature_algorithm": SIGNATURE_ALGORITHM,
+        "signature": base64.b64encode(signature).decode(),
+    }
+    _write_new(cert_path, certificate.public_bytes(serialization.Encoding.PEM))
+    _write_new(record_path, json.dumps(signed, indent=2, sort_keys=True).encode() + b"\n")
+    return certificate, record
+
+
+def _ceremony_operators(operators):
+    """The operators' names, stripped; at least one, each named, no one twice."""
+    operators = [str(name).strip() for name in (operators or ())]
+    if not operators or not all(operators):
+        raise PkiError(PkiError.BAD_INPUT, "a ceremony needs named operators")
+    if len(set(operators)) != len(operators):
+        raise PkiError(PkiError.BAD_INPUT, "operators must be distinct people")
+    return operators
+
+
+def _ceremony_record(hsm, label, operators, started, completed, certificate):
+    """The ceremony record (signed by the root key, then written as ceremony.json)."""
+    public_key = certificate.public_key()
+    return {
         "kind": RECORD_KIND,
         "version": RECORD_VERSION,
         "operators": operators,
@@ -139,19 +164,6 @@ def init_root(hsm, label, subject, validity_years, ceremony_dir, operators, now=
             ).decode(),
         },
     }
-    signature = hsm.sign(label, canonical_json(record))
-    try:
-        public_key.verify(signature, canonical_json(record), ec.ECDSA(hashes.SHA256()))
-    except InvalidSignature:
-        raise PkiError(PkiError.BAD_SIGNATURE, "ceremony record") from None
-    signed = {
-        "record": record,
-        "signature_algorithm": SIGNATURE_ALGORITHM,
-        "signature": base64.b64encode(signature).decode(),
-    }
-    _write_new(cert_path, certificate.public_bytes(serialization.Encoding.PEM))
-    _write_new(record_path, json.dumps(signed, indent=2, sort_keys=True).encode() + b"\n")
-    return certificate, record
 
 
 def _fail(detail):
@@ -170,17 +182,7 @@ def verify_ceremony(ceremony_dir, expected_fingerprint=None):
     Returns: (root certificate, record dict).
     Raises: PkiError(CEREMONY) naming the first check that failed.
     """
-    path = os.path.join(ceremony_dir, RECORD_FILE)
-    try:
-        with open(path, "rb") as f:
-            signed = json.loads(f.read().decode())
-        path = os.path.join(ceremony_dir, ROOT_CERT_FILE)
-        with open(path, "rb") as f:
-            certificate = x509.load_pem_x509_certificate(f.read())
-    except OSError as exc:
-        _fail("cannot read %s: %s" % (path, exc.strerror or exc.__class__.__name__))
-    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, a bad PEM
-        _fail("%s is malformed (%s)" % (path, exc.__class__.__name__))
+    signed, certificate = _read_ceremony(ceremony_dir)
     if not isinstance(signed, dict) or set(signed) != {"record", "signature",
                                                        "signature_algorithm"}:
         _fail("malformed record file")
@@ -190,21 +192,7 @@ def verify_ceremony(ceremony_dir, expected_fingerprint=None):
     if (record.get("version") != RECORD_VERSION
             or signed["signature_algorithm"] != SIGNATURE_ALGORITHM):
         _fail("unsupported record version or algorithm")
-    public_key = certificate.public_key()
-    if not isinstance(public_key, ec.EllipticCurvePublicKey) or not isinstance(
-        public_key.curve, ec.SECP256R1
-    ):
-        _fail("root key is not P-256")
-    try:
-        certificate.verify_directly_issued_by(certificate)
-    except (ValueError, TypeError, InvalidSignature):
-        _fail("root certificate is not validly self-signed")
-    try:
-        constraints = certificate.extensions.get_extension_for_class(x509.BasicConstraints)
-    except x509.ExtensionNotFound:
-        constraints = None
-    if constraints is None or not constraints.value.ca:
-        _fail("root certificate is not a CA")
+    public_key = _check_root_certificate(certificate)
     root = record.get("root")
     if not isinstance(root, dict):
         _fail("record has no root section")
@@ -233,3 +221,39 @@ def verify_ceremony(ceremony_dir, expected_fingerprint=None):
         if wanted != expected["fingerprint_sha256"]:
             _fail("root is not the expected root (fingerprint differs)")
     return certificate, record
+
+
+def _read_ceremony(ceremony_dir):
+    """(the signed record as parsed JSON, the root certificate) from a ceremony directory."""
+    path = os.path.join(ceremony_dir, RECORD_FILE)
+    try:
+        with open(path, "rb") as f:
+            signed = json.loads(f.read().decode())
+        path = os.path.join(ceremony_dir, ROOT_CERT_FILE)
+        with open(path, "rb") as f:
+            certificate = x509.load_pem_x509_certificate(f.read())
+    except OSError as exc:
+        _fail("cannot read %s: %s" % (path, exc.strerror or exc.__class__.__name__))
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, a bad PEM
+        _fail("%s is malformed (%s)" % (path, exc.__class__.__name__))
+    return signed, certificate
+
+
+def _check_root_certificate(certificate):
+    """The root's public key, once the certificate is a validly self-signed P-256 CA."""
+    public_key = certificate.public_key()
+    if not isinstance(public_key, ec.EllipticCurvePublicKey) or not isinstance(
+        public_key.curve, ec.SECP256R1
+    ):
+        _fail("root key is not P-256")
+    try:
+        certificate.verify_directly_issued_by(certificate)
+    except (ValueError, TypeError, InvalidSignature):
+        _fail("root certificate is not validly self-signed")
+    try:
+        constraints = certificate.extensions.get_extension_for_class(x509.BasicConstraints)
+    except x509.ExtensionNotFound:
+        constraints = None
+    if constraints is None or not constraints.value.ca:
+        _fail("root certificate is not a CA")
+    return public_key
