@@ -158,6 +158,48 @@ def _head(method, host, port, path, body, headers):
     return ("\r\n".join(lines) + "\r\n\r\n").encode()
 
 
+def _read_headers(reader):
+    """The header section as {lower-case name: value}, bounded to MAX_HEADERS lines."""
+    headers = {}
+    count = 0
+    while True:
+        line = reader.line()
+        if not line:
+            return headers
+        count += 1
+        if count > MAX_HEADERS:
+            raise HttpError(HttpError.LINK, "over %d header lines" % MAX_HEADERS)
+        name, colon, value = line.partition(b":")
+        if not colon or not name or name != name.strip():
+            raise HttpError(HttpError.LINK, "bad header line")
+        # Repeated fields other than Set-Cookie may be joined with commas (RFC 9110 5.3).
+        key = name.decode().lower()
+        text = value.strip().decode()
+        headers[key] = headers[key] + ", " + text if key in headers else text
+
+
+def _read_chunked(reader, max_body, body):
+    """A chunked body (RFC 9112 7.1) into `body`, at most max_body bytes; the trailer
+    section is read and ignored."""
+    while True:
+        size_text = reader.line().split(b";", 1)[0].strip()
+        try:
+            size = int(size_text, 16)
+        except ValueError:
+            raise HttpError(HttpError.LINK, "bad chunk size") from None
+        if size < 0 or len(body) + size > max_body:
+            raise HttpError(HttpError.LINK, "body over %d bytes" % max_body)
+        if size == 0:
+            break
+        reader.exact(size, body)
+        if reader.line():
+            raise HttpError(HttpError.LINK, "chunk not followed by CRLF")
+    for _ in range(MAX_HEADERS + 1):  # trailer section, ignored
+        if not reader.line():
+            return
+    raise HttpError(HttpError.LINK, "trailer too long")
+
+
 def read_response(recv, max_body=MAX_BODY_DEFAULT, method="GET"):
     """Read one HTTP/1.1 answer through `recv() -> bytes` (b"" at the close).
 
@@ -174,22 +216,7 @@ def read_response(recv, max_body=MAX_BODY_DEFAULT, method="GET"):
         raise HttpError(HttpError.LINK, "bad status code") from None
     if not 100 <= status <= 599:
         raise HttpError(HttpError.LINK, "bad status code")
-    headers = {}
-    count = 0
-    while True:
-        line = reader.line()
-        if not line:
-            break
-        count += 1
-        if count > MAX_HEADERS:
-            raise HttpError(HttpError.LINK, "over %d header lines" % MAX_HEADERS)
-        name, colon, value = line.partition(b":")
-        if not colon or not name or name != name.strip():
-            raise HttpError(HttpError.LINK, "bad header line")
-        # Repeated fields other than Set-Cookie may be joined with commas (RFC 9110 5.3).
-        key = name.decode().lower()
-        text = value.strip().decode()
-        headers[key] = headers[key] + ", " + text if key in headers else text
+    headers = _read_headers(reader)
     body = bytearray()
     if method == "HEAD" or status in (204, 304) or status < 200:
         return HttpResponse(status, headers, b"")
@@ -198,24 +225,7 @@ def read_response(recv, max_body=MAX_BODY_DEFAULT, method="GET"):
         # RFC 9112 6.3: chunked must be the final coding; nothing else is supported here.
         if coding.lower() != "chunked":
             raise HttpError(HttpError.LINK, "transfer coding %s" % coding)
-        while True:
-            size_text = reader.line().split(b";", 1)[0].strip()
-            try:
-                size = int(size_text, 16)
-            except ValueError:
-                raise HttpError(HttpError.LINK, "bad chunk size") from None
-            if size < 0 or len(body) + size > max_body:
-                raise HttpError(HttpError.LINK, "body over %d bytes" % max_body)
-            if size == 0:
-                break
-            reader.exact(size, body)
-            if reader.line():
-                raise HttpError(HttpError.LINK, "chunk not followed by CRLF")
-        for _ in range(MAX_HEADERS + 1):  # trailer section, ignored
-            if not reader.line():
-                break
-        else:
-            raise HttpError(HttpError.LINK, "trailer too long")
+        _read_chunked(reader, max_body, body)
     elif "content-length" in headers:
         try:
             length = int(headers["content-length"])
@@ -332,6 +342,14 @@ class HttpsClient:
         """Drop every session ticket (the next requests do full handshakes)."""
         self._tickets = {}
 
+    def _take_ticket(self, key, digest, name):
+        """The session ticket kept for (slot, host, port), if it was made with the same
+        client certificate (digest) and is still usable for `name`; it is used once."""
+        kept = self._tickets.pop(key, None)
+        if kept is not None and kept[0] == digest and kept[1].usable(int(self.now()), name):
+            return kept[1]
+        return None
+
     def request(self, slot, base_url, method, path, body=None, headers=None):
         """One request on its own connection, authenticated by the key in `slot`.
 
@@ -354,10 +372,7 @@ class HttpsClient:
         digest = hashlib.sha256(cert).digest()
         key = (slot, host, port)
         name = self.server_name or host
-        kept = self._tickets.pop(key, None)
-        ticket = None
-        if kept is not None and kept[0] == digest and kept[1].usable(int(self.now()), name):
-            ticket = kept[1]
+        ticket = self._take_ticket(key, digest, name)
         ephemeral = SeEphemeral(self.se)
         config = tls13.Tls13Config(self.prims, ephemeral, self.anchors, se_verifier(self.se),
                                    self.now, server_name=name, signer=se_signer(self.se, slot),
