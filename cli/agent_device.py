@@ -6,6 +6,7 @@ module and never cli/agent.py (tests/test_layers.py: no module import cycle)."""
 import click
 
 from fleetid.common.errors import FleetidError
+from fleetid.device.bus import BusUriError
 
 
 def fail(exc):
@@ -25,6 +26,8 @@ class Device:
         try:
             # Opened (and the applet selected) the way `fleetid se` opens it.
             self.stack = SeConnection(bus, t1_profile, timeout_ms).open_stack(select=True)
+        except BusUriError as exc:  # a usage error, as before it became a FleetidError
+            raise click.UsageError(str(exc)) from None
         except FleetidError as exc:
             fail(exc)
         except ValueError as exc:

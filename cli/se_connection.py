@@ -19,6 +19,7 @@ from fleetid.common.errors import (
     SecureChannelError,
     SecurityStatusNotSatisfied,
 )
+from fleetid.device.bus import BusUriError
 
 # What a refusal usually means for the fleetid applet (common/se_consts.py), beside the
 # status word's name: the hint a user needs to act on it.
@@ -61,6 +62,8 @@ def describe_error(exc):
         return "SCP03 failed (%s)" % exc.reason
     if isinstance(exc, BusError):
         return "bus error: %s" % exc
+    if isinstance(exc, BusUriError):
+        return str(exc)  # "bad bus URI ..." names itself
     return "%s: %s" % (type(exc).__name__, exc)
 
 
@@ -115,7 +118,7 @@ class SeConnection:
         """The SeStack, opened on first use.  Params: select: SELECT the applet while
         opening (a failed SELECT closes the stack again; see device.stack.open_se).
         Raises: click.UsageError (no bus), click.ClickException (SE unreachable),
-        BusUriError (a ValueError), FleetidError from the link or the SE."""
+        BusUriError, FleetidError from the link or the SE."""
         from fleetid.device.stack import open_se
 
         if self.stack is None:

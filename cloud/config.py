@@ -67,6 +67,8 @@ file: the HSM URI names the environment variable that holds them.
 import os
 import tomllib
 
+from fleetid.common.errors import FleetidError
+
 DEFAULTS = {
     "state_dir": "var/cloud",
     "host": "127.0.0.1",
@@ -106,8 +108,9 @@ def embedded_hsm_uri(state_dir):
     return "soft:%s;pass-env=FLEETID_KEYSTORE_PASS" % os.path.join(state_dir, "keystore.json")
 
 
-class ConfigError(ValueError):
-    """The configuration is unusable (message names the key)."""
+class ConfigError(FleetidError, ValueError):
+    """The configuration is unusable (message names the key).  Also a ValueError: a bad
+    value the operator gave, and callers of load_config / build_context catch it as one."""
 
 
 class CloudConfig:

@@ -49,6 +49,7 @@ from fleetid.cloud.http.revocation_app import attach_staple_header, make_revocat
 from fleetid.cloud.revocation.crl import CrlIssuer, CrlPublisher, CrlTier, crl_url
 from fleetid.cloud.verifier.revoked_cas import RevokedCaFile
 from fleetid.cloud.verifier.service import FleetTrust, FleetVerifier
+from fleetid.common.errors import FleetidError
 
 DEFAULT_SCOPE = {"product": "default", "batch": "b0", "region": "local"}
 ROOT_LABEL = "fleet-root"
@@ -298,9 +299,10 @@ def _audit_checkpointer(config, hsm, registry, environ):
     return checkpointer, witness_hsm
 
 
-class ListenError(OSError):
+class ListenError(FleetidError, OSError):
     """A listener could not bind its address.  Fields: listener (verifier, est, crl,
-    metrics), host, port, cause (the OS's words: "Address already in use")."""
+    metrics), host, port, cause (the OS's words: "Address already in use").  Also an
+    OSError: it stands for the bind() failure, which callers may catch as one."""
 
     def __init__(self, listener, host, port, cause):
         super().__init__("cannot listen on %s:%d (%s): %s" % (host, port, listener, cause))

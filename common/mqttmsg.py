@@ -24,6 +24,8 @@
 
 import json
 
+from fleetid.common.errors import FleetidError
+
 PREFIX = "fleet"
 TELEMETRY = "telemetry"
 COMMAND = "cmd"
@@ -42,7 +44,7 @@ MAX_MESSAGE = 8192  # bytes: larger JSON payloads are refused before parsing
 MAX_DEPTH = 16
 
 
-class MessageError(Exception):
+class MessageError(FleetidError):
     """A message is malformed, oversized, too deeply nested or replayed.
     reason: MALFORMED, TOO_LARGE, TOO_DEEP, REPLAY."""
 

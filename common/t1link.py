@@ -52,11 +52,11 @@ _CTL_LEN = const(10)  # an R- or S-block with up to 4 INF bytes
 _MAX_S_INF = const(254)  # room for S-block INF (CIP) whatever the IFSD
 
 
-class _Timeout(Exception):
+class _Timeout(FleetidError):
     pass
 
 
-class _LinkFail(Exception):
+class _LinkFail(FleetidError):
     def __init__(self, reason, detail=""):
         super().__init__(reason)
         self.reason = reason

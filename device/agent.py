@@ -388,7 +388,7 @@ class Agent:
         if self.boot is not None and self._booted is None:
             try:
                 report.boot = self._booted = self.boot.check()
-            except Exception as exc:  # noqa: BLE001 - any boot refusal stops the agent
+            except (FleetidError, OSError) as exc:  # BootError, the SE, the image's read
                 raise AgentError(AgentError.BOOT, "%s: %s" % (type(exc).__name__, exc), exc)
             self._note("boot checked")
         last = self._load()
@@ -627,6 +627,7 @@ class Agent:
         if cache is None:
             return
         from fleetid.common.errors import ApduError, LinkError
+        from fleetid.device.anchored_store import RevocationCacheError
 
         now = self.clock.now()
         slot = report.slot
@@ -639,13 +640,13 @@ class Agent:
             self._note("revocation list %s" % (result or "refreshed"))
         except (LinkError, ApduError):
             raise  # the SE failed: not a revocation verdict
-        except Exception as exc:  # noqa: BLE001 - CrlError: the cache keeps its old CRL
+        except RevocationCacheError as exc:  # CrlError / RevsetCacheError: the old one stays
             self._note("revocation refresh refused: %s" % exc)
         try:
             cache.check_serial(report.serial, now)
         except (LinkError, ApduError):
             raise
-        except Exception as exc:  # noqa: BLE001 - RevokedError / StaleRevocationError
+        except RevocationCacheError as exc:  # RevokedError / StaleRevocationError
             report.revocation = "%s: %s" % (type(exc).__name__, exc)
             return
         report.revocation = status_text(cache.status(now))

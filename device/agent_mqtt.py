@@ -41,9 +41,13 @@ class AgentMqtt:
         cache = self.agent.revocation
         if cache is None or label == _REVSET_LABEL:  # the compact set: device/revset_mqtt.py
             return
+        from fleetid.device.anchored_store import RevocationCacheError
+
+        # Anything else (the SE's LinkError / ApduError) reaches DeviceChannel.step(), the
+        # network-callback boundary that counts it and keeps the loop alive.
         try:
             result = cache.refresh(lambda: der, self.agent.clock.now())
-        except Exception as exc:  # CrlError: the cache keeps what it had
+        except RevocationCacheError as exc:  # CrlError: the cache keeps what it had
             result = "refused: %s" % (getattr(exc, "reason", None) or type(exc).__name__)
         self.crl_results.append(result)
 

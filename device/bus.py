@@ -18,9 +18,12 @@
 #     machine:spi:ID:CS_PIN               MicroPython machine.SPI(ID), chip select on a Pin
 # Options: timeout_ms (sim), hz / freq (linux:spi, machine), mode (spi).
 
+from fleetid.common.errors import FleetidError
 
-class BusUriError(ValueError):
-    """A bus URI that does not parse.  `uri` holds the offending string."""
+
+class BusUriError(FleetidError):
+    """A bus URI that does not parse.  `uri` holds the offending string.  Not a ValueError
+    (it was): MicroPython allows one native exception base, and this module is portable."""
 
     def __init__(self, uri, detail):
         super().__init__("bad bus URI %r: %s" % (uri, detail))
@@ -207,7 +210,7 @@ def parse_bus_uri(uri):
 
     Params: uri: str.
     Returns: BusUri.
-    Raises: BusUriError (a ValueError) naming what is wrong.
+    Raises: BusUriError (a FleetidError) naming what is wrong.
     """
     if not isinstance(uri, str) or not uri:
         raise BusUriError(uri, "empty")

@@ -31,13 +31,14 @@
 #   * a reply goes to fleet/<me>/reply with the channel's own sequence number.
 
 from fleetid.common import mqttmsg
+from fleetid.common.errors import FleetidError
 
 _CLA_GP = 0x80
 _CLA_SM = 0x84  # GP Amd D 6.2.1: CLA b3 set when wrapped
 _INS_INITIALIZE_UPDATE = 0x50
 
 
-class TransportError(Exception):
+class TransportError(FleetidError):
     """The MQTT transport failed.  reason: CONNECT (TLS or TCP), TIMEOUT, REFUSED
     (CONNACK refused), CLOSED."""
 

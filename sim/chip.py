@@ -53,7 +53,7 @@ from fleetid.common.der import (
     ecdsa_der_to_raw,
     ecdsa_raw_to_der,
 )
-from fleetid.common.errors import ApduFormatError, DerError
+from fleetid.common.errors import ApduFormatError, DerError, FleetidError
 from fleetid.sim.nvm import PowerLoss, Transaction
 
 # ISO/IEC 7816-4 5.1.3 Table 6: SELECT of an unknown application.
@@ -123,7 +123,7 @@ _SEQ_MAX = 0xFFFFFF  # u24 sequence counter (GP Amd D 6.2.2.1)
 _COUNTER_MAX = 0xFFFFFFFF
 
 
-class _Refusal(Exception):
+class _Refusal(FleetidError):
     """A handler refuses the command with `sw`; `persist` is committed anyway (or None)."""
 
     def __init__(self, sw, persist=None):

@@ -46,6 +46,8 @@ import select
 import stat
 import struct
 
+from fleetid.common.errors import FleetidError
+
 FUSE_KERNEL_VERSION = 7
 # The minor we speak: >= 11 (cuse_process_init_reply refuses less) and >= 16 (iovecs
 # in the fixed fuse_ioctl_iovec layout, fs/fuse/ioctl.c fuse_copy_ioctl_iovec).  The
@@ -96,7 +98,7 @@ MAX_WRITE = 8192
 _POLL_S = 0.2  # shutdown latency bound of serve()
 
 
-class CuseError(Exception):
+class CuseError(FleetidError):
     """The CUSE session could not start or broke (`reason` says which step, `errno`)."""
 
     def __init__(self, reason, err=None):
@@ -105,7 +107,7 @@ class CuseError(Exception):
         self.errno = err
 
 
-class IoctlRetry(Exception):
+class IoctlRetry(FleetidError):
     """Raised by device.ioctl(): copy these areas of the caller's memory and call again.
 
     Attributes: in_iovs, out_iovs: lists of (address, length) in the caller's space.

@@ -36,6 +36,8 @@ import hashlib
 import os
 import struct
 
+from fleetid.common.errors import FleetidError
+
 _MAGIC = b"FIDNVM01"
 _HEADER = struct.Struct(">8sI")  # magic, body length
 _KEY_LEN = struct.Struct(">H")
@@ -43,7 +45,7 @@ _VALUE_LEN = struct.Struct(">I")
 _DIGEST_LEN = 32  # SHA-256
 
 
-class NvmError(Exception):
+class NvmError(FleetidError):
     """The NVM file could not be read or written."""
 
 

@@ -37,8 +37,9 @@ _POLL_S = 0.05  # shutdown latency bound for accept/recv waits
 _BACKLOG = 8
 
 
-class ListenAddressError(ValueError):
-    """A --listen value that does not parse or is not allowed."""
+class ListenAddressError(FleetidError, ValueError):
+    """A --listen value that does not parse or is not allowed.  Also a ValueError (a
+    malformed argument value, caught as one by its callers)."""
 
 
 def parse_listen(listen, dangerous_allow_non_loopback=False):
@@ -74,7 +75,7 @@ def parse_listen(listen, dangerous_allow_non_loopback=False):
     raise ListenAddressError("expected unix:/path or tcp:HOST:PORT, got %r" % listen)
 
 
-class _ClientGone(Exception):
+class _ClientGone(FleetidError):
     pass
 
 

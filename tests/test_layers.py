@@ -61,7 +61,7 @@ SITS_ON = {
     "cloud.mqtt": ("cloud.pki", "cloud.registry", "device"),
     # The cloud's configuration (cloud/config.py) and the HTTP layer: the error table, the
     # middleware and the one module that composes verifier + EST + CRL routes.
-    "cloud.config": (),
+    "cloud.config": ("common",),  # its ConfigError is a common/errors.FleetidError
     "cloud.http": ("cloud.est", "cloud.revocation", "cloud.config"),
     "cloud.server": ("cloud.http", "cloud.mqtt"),
     # The CLI, the only place click lives, on everything.

@@ -40,6 +40,7 @@ import subprocess
 import time
 
 from fleetid.common import mqttmsg
+from fleetid.common.errors import FleetidError
 
 DEFAULT_START_TIMEOUT = 10.0
 
@@ -177,7 +178,7 @@ def free_port(host="127.0.0.1"):
         return probe.getsockname()[1]
 
 
-class BrokerError(Exception):
+class BrokerError(FleetidError):
     """mosquitto did not start (its log is in `log`)."""
 
     def __init__(self, message, log=""):

@@ -31,13 +31,14 @@ import paho.mqtt.client as paho_client
 from paho.mqtt.enums import CallbackAPIVersion
 
 from fleetid.common import mqttmsg
+from fleetid.common.errors import FleetidError
 
 DEFAULT_TIMEOUT = 10.0
 QOS = 1  # at least once: duplicates are caught by the sequence numbers
 _log = logging.getLogger("fleetid.cloud.mqtt")
 
 
-class MqttError(Exception):
+class MqttError(FleetidError):
     """The MQTT exchange failed.  reason: CONNECT, TIMEOUT, REFUSED (the device answered
     ok=false: `reply` has its answer)."""
 

@@ -23,6 +23,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from fleetid.cloud.pki.profiles import utc_now
 from fleetid.cloud.pki.signing import sign_certificate
+from fleetid.common.errors import FleetidError
 
 DEFAULT_VALIDITY = datetime.timedelta(days=5 * 365 + 1)
 
@@ -32,9 +33,10 @@ IMAGE_HEADER_SIZE = 32  # struct image_header (bootutil/image.h), imgtool's mini
 DEFAULT_HEADER_SIZE = 0x200  # what the fleet's boards reserve (imgtool -H 0x200)
 
 
-class ImageError(ValueError):
+class ImageError(FleetidError, ValueError):
     """The image cannot be built as asked.  `reason`: "version", "security_counter",
-    "header_size", "load_addr" or "oversized"; `detail`: short text."""
+    "header_size", "load_addr" or "oversized"; `detail`: short text.  Also a ValueError:
+    parse_version() is a value parser and click option callbacks catch ValueError."""
 
     def __init__(self, reason, detail):
         super().__init__("%s: %s" % (reason, detail))

@@ -27,11 +27,12 @@ from cryptography import x509
 
 from fleetid.cloud.pki.profiles import ca_scope
 from fleetid.cloud.verifier import revoked_cas as revoked_cas_file
+from fleetid.common.errors import FleetidError
 
 EVENTS_FILE = "revocation.events"
 
 
-class RevocationError(Exception):
+class RevocationError(FleetidError):
     """A revocation request that cannot be carried out (`reason`: "unknown_device",
     "unknown_batch", "not_a_ca", "fleet_root", "bad_reason")."""
 

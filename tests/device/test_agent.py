@@ -7,6 +7,8 @@ import pytest
 
 from fleetid.cloud.verifier.errors import AccessRefused
 from fleetid.device import rotation_journal as rj
+from fleetid.device.anchored_store import RevokedError
+from fleetid.device.boot import REASON_SIGNATURE, BootError
 from fleetid.device.agent import Agent, AgentError, AgentPolicy, NetError
 from fleetid.sim.nvm import PowerLoss
 from tests.device.agent_support import Fleet, Killed, run_until_settled
@@ -173,7 +175,7 @@ class FakeBoot:
     def check(self):
         self.calls.append("check")
         if self.fail:
-            raise ValueError("bad signature")
+            raise BootError(REASON_SIGNATURE, "bad signature")
         return "report-1"
 
     def confirm(self, report):
@@ -192,7 +194,7 @@ class FakeRevocation:
     def check_serial(self, serial, now):
         self.calls.append(("check", serial))
         if serial in self.revoked:
-            raise LookupError("revoked serial %x" % serial)
+            raise RevokedError(serial, 1, "serial %x" % serial)
 
     def status(self, now):
         return "fresh until %d" % (now + 3600)
@@ -219,7 +221,7 @@ def test_revocation_is_refreshed_checked_and_reported(fleet):
     assert fleet.agent(0, revocation=revocation).status()["revocation"].startswith("fresh")
     revocation.revoked.add(report.serial)
     report = fleet.agent(0, revocation=revocation).run_once()
-    assert report.revocation.startswith("LookupError")
+    assert report.revocation.startswith("RevokedError")
 
 
 def test_a_superseded_credential_re_enrols_with_the_identity_certificate(fleet):

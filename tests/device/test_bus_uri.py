@@ -1,11 +1,11 @@
 """Bus URIs: every documented form parses to the right fields; malformed ones are refused
-with a BusUriError (a ValueError) naming the problem, never a crash."""
+with a BusUriError (a FleetidError) naming the problem, never a crash."""
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fleetid.common.errors import BusError
+from fleetid.common.errors import BusError, FleetidError
 from fleetid.device import bus
 from fleetid.device.bus import BusUriError, open_bus, parse_bus_uri
 
@@ -60,7 +60,7 @@ def test_malformed_uris_are_refused_with_a_reason(uri, detail):
     with pytest.raises(BusUriError) as info:
         parse_bus_uri(uri)
     assert detail in info.value.detail
-    assert isinstance(info.value, ValueError)
+    assert isinstance(info.value, FleetidError)
 
 
 def test_bad_option_value_is_a_uri_error():

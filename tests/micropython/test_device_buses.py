@@ -10,7 +10,7 @@ from tests.micropython.support import Stage
 pytestmark = pytest.mark.micropython
 
 SCRIPT = r"""
-from fleetid.common.errors import BusError, BusNack
+from fleetid.common.errors import BusError, BusNack, FleetidError
 from fleetid.device.bus import BusUriError, parse_bus_uri
 from fleetid.device.bus_machine import MachineI2cBus, MachineSpiBus
 
@@ -24,7 +24,7 @@ for uri in ("bogus", "linux:i2c:/dev/i2c-1:0x78", "sim:tcp:h:99999", "usb:x:y"):
         parse_bus_uri(uri)
         print("bad-uri accepted", uri)
     except BusUriError as e:
-        print("bad-uri refused", isinstance(e, ValueError))
+        print("bad-uri refused", isinstance(e, FleetidError))
 
 
 class FakeI2C:
