@@ -32,6 +32,7 @@
 # cycle's connections per slot a PSK-DHE resumption (device/https.py header).  PKCS#7 is
 # read with common/der.py: SignedData (RFC 5652 5.1) certificates [0] IMPLICIT.
 
+from fleetid.common.errors import FleetidError
 from fleetid.device.agent import NetError
 
 WELL_KNOWN = "/.well-known/est"  # RFC 7030 3.2.2
@@ -45,7 +46,7 @@ _DATA_TRUST_FLEET_ROOT = 0x0111  # se_consts.DATA_TRUST_FLEET_ROOT
 _EPOCH_2000 = 946684800  # seconds from 1970 to 2000 (ports whose time() counts from 2000)
 
 
-class Pkcs7Error(ValueError):
+class Pkcs7Error(FleetidError):
     """Not a certs-only PKCS#7 (detail says why)."""
 
 
