@@ -122,8 +122,9 @@ def test_ota_over_the_broker_to_an_agent_process_rotates_its_scp03_keys(tmp_path
                                mq_cloud_out)
         servers.append(mq_cloud)
         _until(mq_cloud_out, mq_cloud.proc, "crl ca published retained", "retained CRL")
-        _until(mq_cloud_out, mq_cloud.proc, "published retained", "retained compact set")
-        assert re.search(r"compact set #\d+ published retained", _text(mq_cloud_out))
+        _wait_for(lambda: re.search(r"compact set #\d+ published retained",
+                                    _text(mq_cloud_out)), mq_cloud.proc,
+                  "retained compact set", 60)
 
         # The agent, its SE served by the emulator, connected after the CRL was published.
         chip = sorted(glob.glob(os.path.join(line, "chips", "*", "se-*.nvm")))[0]
