@@ -7,6 +7,7 @@ from fleetid.common.errors import BusError, LinkError
 from fleetid.common.host.hostcrypto import CryptographyPrimitives
 from fleetid.common.scp03 import static_session_keys_fn
 from fleetid.device.stack import open_se, profile_named
+from fleetid.device.bus import BusUriError
 
 
 @pytest.fixture
@@ -76,5 +77,5 @@ def test_a_link_that_cannot_open_closes_the_bus_it_was_given():
 def test_unknown_profiles_and_uris_are_refused_before_anything_opens():
     with pytest.raises(ValueError):
         profile_named("t0")
-    with pytest.raises(ValueError):
+    with pytest.raises(BusUriError):  # a FleetidError (one exception tree, issue 17)
         open_se("serial:/dev/ttyS0")
