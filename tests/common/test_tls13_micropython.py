@@ -87,7 +87,8 @@ def test_rfc8448_key_schedule_and_records_under_micropython(tmp_path):
 
 SESSION_SCRIPT = PRELUDE + open_se_script(
     "fleetid.common.der", "fleetid.common.asn1time", "fleetid.common.tls13_crypto",
-    "fleetid.common.tls13_cert", "fleetid.common.tls13", "fleetid.device.tls13_keys") + r"""
+    "fleetid.common.x509", "fleetid.common.tls13_cert", "fleetid.common.tls13",
+    "fleetid.device.tls13_keys") + r"""
 import socket
 import time
 

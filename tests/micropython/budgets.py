@@ -85,12 +85,12 @@ WORKFLOWS = {
                       SE_MODULES + ("fleetid.device.bus", "fleetid.device.stack",
                                     "fleetid.common.der", "fleetid.common.attestation",
                                     "fleetid.device.enrol", "fleetid.common.asn1time",
-                                    "fleetid.device.certinfo"),
+                                    "fleetid.common.x509", "fleetid.device.certinfo"),
                       3, 119 * 1024, 152 * 1024),
     "run_agent_certcheck": ("tests/micropython/test_agent_micropython.py::test_certificate_checks_under_micropython",
                             SE_MODULES + ("fleetid.device.bus", "fleetid.device.stack",
                                           "fleetid.common.der", "fleetid.common.asn1time",
-                                          "fleetid.device.certcheck"),
+                                          "fleetid.common.x509", "fleetid.device.certcheck"),
                             # 2026-12-07, bench/micropython.py run_agent_certcheck: 114 K in
                             # two runs (87 K of it resident bytecode)
                             3, 114 * 1024, 143 * 1024),
@@ -120,7 +120,8 @@ WORKFLOWS = {
                                 "fleetid.device.agent", "fleetid.device.board",
                                 "fleetid.device.boot", "fleetid.device.fwkeys",
                                 "fleetid.common.oids", "fleetid.common.der",
-                                "fleetid.common.asn1time", "fleetid.device.certinfo",
+                                "fleetid.common.asn1time", "fleetid.common.x509",
+                                "fleetid.device.certinfo",
                                 "fleetid.device.anchored_store", "fleetid.device.crl_cache"),
                   3, 152 * 1024, 190 * 1024),
     # TLS 1.3 (common/tls13.py).  Minimums bisected 2026-12-07 (bench/micropython.py
@@ -131,12 +132,13 @@ WORKFLOWS = {
     "run_tls13_vectors": ("tests/common/test_tls13_micropython.py::test_rfc8448_key_schedule_and_records_under_micropython",
                           ("fleetid.common.errors", "fleetid.common.der",
                            "fleetid.common.asn1time", "fleetid.common.tls13_crypto",
-                           "fleetid.common.tls13_cert", "fleetid.common.tls13"),
+                           "fleetid.common.x509", "fleetid.common.tls13_cert",
+                           "fleetid.common.tls13"),
                           3, 87 * 1024, 110 * 1024),
     "run_tls13": ("tests/common/test_tls13_micropython.py::test_board_tls13_session_with_the_se_key_under_micropython",
                   SE_MODULES + ("fleetid.common.der", "fleetid.common.asn1time",
-                                "fleetid.common.tls13_crypto", "fleetid.common.tls13_cert",
-                                "fleetid.common.tls13", "fleetid.device.tls13_keys"),
+                                "fleetid.common.tls13_crypto", "fleetid.common.x509",
+                                "fleetid.common.tls13_cert", "fleetid.common.tls13", "fleetid.device.tls13_keys"),
                   3, 178 * 1024, 223 * 1024),
 }
 
