@@ -1,5 +1,5 @@
 # The TLS server's certificate chain, checked to the fleet's trust anchors.  Portable:
-# CPython and MicroPython (strict DER reader common/der.py, no X.509 library).
+# CPython and MicroPython (certificates parsed by common/x509.py, no X.509 library).
 #
 # Policy (RFC 5280 6.1 trimmed to what a fleet PKI issues, which is all a device needs):
 #   * every certificate: ecdsa-with-SHA256 signature, P-256 key, validity covering `now`
@@ -28,7 +28,7 @@ except ImportError:  # CPython
         return x
 
 
-from fleetid.common import asn1time, der
+from fleetid.common import der, x509
 from fleetid.common.errors import (
     ApduError,
     DerError,
@@ -38,10 +38,6 @@ from fleetid.common.errors import (
 )
 
 MAX_DEPTH = const(4)
-_CTX_VERSION = const(0xA0)
-_CTX_EXTENSIONS = const(0xA3)
-_SAN_DNS = const(0x82)  # GeneralName dNSName [2] IA5String (implicit, primitive)
-_SAN_IP = const(0x87)  # GeneralName iPAddress [7] OCTET STRING
 
 # RFC 8446 6.2 alert numbers used here.
 ALERT_BAD_CERTIFICATE = const(42)
@@ -51,129 +47,32 @@ ALERT_CERTIFICATE_EXPIRED = const(45)
 ALERT_UNKNOWN_CA = const(48)
 ALERT_INTERNAL_ERROR = const(80)
 
-_OID_BASIC_CONSTRAINTS = "2.5.29.19"
-_OID_KEY_USAGE = "2.5.29.15"
-_OID_EXT_KEY_USAGE = "2.5.29.37"
-_OID_SUBJECT_ALT_NAME = "2.5.29.17"
-_OID_SERVER_AUTH = "1.3.6.1.5.5.7.3.1"
-_OID_ANY_EKU = "2.5.29.37.0"
-_KNOWN_EXTENSIONS = (_OID_BASIC_CONSTRAINTS, _OID_KEY_USAGE, _OID_EXT_KEY_USAGE,
-                     _OID_SUBJECT_ALT_NAME)
-_KU_DIGITAL_SIGNATURE = const(0x80)  # bit 0, first octet (RFC 5280 4.2.1.3)
-_KU_KEY_CERT_SIGN = const(0x04)  # bit 5
-
 CHECKS = ("parse", "algorithm", "path", "signature", "validity", "basic_constraints",
           "key_usage", "eku", "name", "revocation")
-
-
-class ParsedCertificate:
-    """What the chain check reads from one certificate.
-
-    Attributes: der (bytes), tbs (the signed bytes), signature (DER ECDSA-Sig-Value),
-    serial (int), issuer / subject (DER Name bytes), not_before / not_after (epoch s),
-    point (65-byte P-256 key), is_ca (bool or None without basicConstraints),
-    key_usage (first octet or None), eku (list of dotted OIDs or None), dns_names (list of
-    str), ip_addresses (list of bytes).
-    """
-
-    def __init__(self):
-        self.is_ca = None
-        self.key_usage = None
-        self.eku = None
-        self.dns_names = []
-        self.ip_addresses = []
 
 
 def _fail(check, alert, detail=""):
     return TlsCertificateError(check, alert, detail)
 
 
-def _extension(cert, oid, critical, value):
-    reader = der.DerReader(value)
-    if oid == _OID_BASIC_CONSTRAINTS:
-        seq = reader.read_sequence()
-        cert.is_ca = seq.read_boolean() if seq.peek_tag() == der.TAG_BOOLEAN else False
-        if not seq.at_end():
-            seq.read_integer()  # pathLenConstraint: MAX_DEPTH bounds the path anyway
-        seq.finish()
-    elif oid == _OID_KEY_USAGE:
-        bits, _unused = reader.read_bit_string_bits()
-        cert.key_usage = bits[0] if bits else 0
-    elif oid == _OID_EXT_KEY_USAGE:
-        seq = reader.read_sequence()
-        cert.eku = []
-        while not seq.at_end():
-            cert.eku.append(seq.read_oid())
-    elif oid == _OID_SUBJECT_ALT_NAME:
-        seq = reader.read_sequence()
-        while not seq.at_end():
-            tag, contents = seq.read_tlv()
-            if tag == _SAN_DNS:
-                cert.dns_names.append(bytes(contents).decode())
-            elif tag == _SAN_IP:
-                cert.ip_addresses.append(bytes(contents))
-    elif critical:
-        raise _fail("parse", ALERT_UNSUPPORTED_CERTIFICATE, "unknown critical extension " + oid)
-    else:
-        return  # a non-critical extension this check does not use (SKI, AKI, CRL DP, ...)
-    reader.finish()
-
-
 def parse_certificate(cert_der):
-    """Parse a DER certificate for the chain check.
+    """Parse a DER certificate for the chain check (common/x509.py).
 
-    Returns: ParsedCertificate.
+    Returns: x509.Certificate.
     Raises: TlsCertificateError("parse" or "algorithm") on anything else than a strict DER
-        X.509 v3 certificate with a P-256 key, signed with ecdsa-with-SHA256.
+        X.509 v3 certificate with a P-256 key, signed with ecdsa-with-SHA256, or one with
+        an unknown critical extension.
     """
     try:
-        cert = ParsedCertificate()
-        cert.der = bytes(cert_der)
-        outer = der.DerReader(cert.der)
-        body = outer.read_sequence()
-        outer.finish()
-        cert.tbs = body.read_raw(der.TAG_SEQUENCE)
-        try:
-            der.read_ecdsa_with_sha256_algorithm(body)
-        except DerError as exc:
-            raise _fail("algorithm", ALERT_UNSUPPORTED_CERTIFICATE, exc.reason) from None
-        cert.signature = body.read_bit_string()
-        body.finish()
-        tbs = der.DerReader(cert.tbs).read_sequence()
-        if tbs.peek_tag() == _CTX_VERSION:
-            tbs.read_tlv(_CTX_VERSION)
-        cert.serial = tbs.read_integer()
-        tbs.read_raw(der.TAG_SEQUENCE)  # signature algorithm (the outer one is checked)
-        cert.issuer = tbs.read_raw(der.TAG_SEQUENCE)
-        validity = tbs.read_sequence()
-        tag, contents = validity.read_tlv()
-        cert.not_before = asn1time.parse_time(tag, contents)
-        tag, contents = validity.read_tlv()
-        cert.not_after = asn1time.parse_time(tag, contents)
-        validity.finish()
-        cert.subject = tbs.read_raw(der.TAG_SEQUENCE)
-        try:
-            cert.point = der.read_p256_spki(tbs)
-        except DerError as exc:
-            raise _fail("algorithm", ALERT_UNSUPPORTED_CERTIFICATE, exc.reason) from None
-        while not tbs.at_end():
-            tag = tbs.peek_tag()
-            if tag != _CTX_EXTENSIONS:
-                tbs.read_tlv()  # issuerUniqueID / subjectUniqueID
-                continue
-            extensions = tbs.read_context(3).read_sequence()
-            while not extensions.at_end():
-                ext = extensions.read_sequence()
-                oid = ext.read_oid()
-                critical = ext.read_boolean() if ext.peek_tag() == der.TAG_BOOLEAN else False
-                value = ext.read_octet_string()
-                ext.finish()
-                _extension(cert, oid, critical, value)
-        return cert
+        cert = x509.parse_certificate(cert_der)
     except DerError as exc:
+        if exc.reason in (der.REASON_ALGORITHM, der.REASON_POINT):
+            raise _fail("algorithm", ALERT_UNSUPPORTED_CERTIFICATE, exc.reason) from None
         raise _fail("parse", ALERT_BAD_CERTIFICATE, exc.reason) from None
-    except (ValueError, IndexError, UnicodeError):
-        raise _fail("parse", ALERT_BAD_CERTIFICATE, "value") from None
+    if cert.unknown_critical is not None:
+        raise _fail("parse", ALERT_UNSUPPORTED_CERTIFICATE,
+                    "unknown critical extension " + cert.unknown_critical)
+    return cert
 
 
 def _parse_ipv4(text):
@@ -248,7 +147,7 @@ def name_matches(cert, server_name):
 
 def _check_signature(verify, sha256, cert, issuer):
     try:
-        verify(issuer.point, sha256(cert.tbs), cert.signature)
+        x509.verify_signature(cert, issuer.point, verify, sha256)
     except (ApduError, ValueError):  # VerificationFailed, or WrongData for bad DER
         raise _fail("signature", ALERT_BAD_CERTIFICATE, "serial %d" % cert.serial) from None
     except TlsError:
@@ -264,21 +163,13 @@ def _build_path(sent, anchors, verify, sha256):
     # to an anchor.  Returns (path, anchor).
     path = [sent[0]]
     pool = sent[1:]
-    anchor = None
-    while anchor is None:
+    while True:
         current = path[-1]
-        for candidate in anchors:
-            if candidate.subject == current.issuer:
-                _check_signature(verify, sha256, current, candidate)
-                anchor = candidate
-                break
+        anchor = x509.find_issuer(current, anchors)
         if anchor is not None:
-            break
-        issuer = None
-        for candidate in pool:
-            if candidate.subject == current.issuer and candidate is not current:
-                issuer = candidate
-                break
+            _check_signature(verify, sha256, current, anchor)
+            return path, anchor
+        issuer = x509.find_issuer(current, pool)
         if issuer is None:
             raise _fail("path", ALERT_UNKNOWN_CA, "no path to a trust anchor")
         if len(path) >= MAX_DEPTH:
@@ -286,7 +177,45 @@ def _build_path(sent, anchors, verify, sha256):
         _check_signature(verify, sha256, current, issuer)
         pool.remove(issuer)
         path.append(issuer)
-    return path, anchor
+
+
+def _check_profile(path, anchor, now, report):
+    # Validity of every certificate, CA flags and key usages (RFC 5280 6.1.3, 6.1.4).
+    for cert in path + [anchor]:
+        status = x509.time_status(cert, now)
+        if status == x509.NOT_YET_VALID:
+            raise _fail("validity", ALERT_BAD_CERTIFICATE, "not yet valid: serial %d" % cert.serial)
+        if status is not None:
+            raise _fail("validity", ALERT_CERTIFICATE_EXPIRED, "expired: serial %d" % cert.serial)
+    report.append(("validity", "every certificate valid now"))
+    for cert in path[1:] + [anchor]:
+        if cert.is_ca is not True:
+            raise _fail("basic_constraints", ALERT_BAD_CERTIFICATE, "issuer is not a CA")
+        if cert.key_usage is not None and not cert.key_usage & x509.KU_KEY_CERT_SIGN:
+            raise _fail("key_usage", ALERT_BAD_CERTIFICATE, "issuer without keyCertSign")
+    leaf = path[0]
+    if leaf.is_ca:
+        raise _fail("basic_constraints", ALERT_BAD_CERTIFICATE, "leaf is a CA")
+    report.append(("basic_constraints", "issuers are CAs, the leaf is not"))
+    if leaf.key_usage is not None and not leaf.key_usage & x509.KU_DIGITAL_SIGNATURE:
+        raise _fail("key_usage", ALERT_BAD_CERTIFICATE, "leaf without digitalSignature")
+    report.append(("key_usage", "digitalSignature" if leaf.key_usage is not None else "absent"))
+    if leaf.eku is None or x509.OID_SERVER_AUTH not in leaf.eku:
+        raise _fail("eku", ALERT_UNSUPPORTED_CERTIFICATE, "no serverAuth")
+    report.append(("eku", "serverAuth"))
+
+
+def _check_revocation(path, revocation, report):
+    if revocation is None:
+        report.append(("revocation", "no cache"))
+        return
+    try:
+        revocation(path)
+    except TlsError:
+        raise
+    except FleetidError as exc:
+        raise _fail("revocation", ALERT_CERTIFICATE_REVOKED, type(exc).__name__) from None
+    report.append(("revocation", "not revoked"))
 
 
 def verify_server_chain(chain_der, anchors_der, server_name, now, verify, sha256,
@@ -300,10 +229,10 @@ def verify_server_chain(chain_der, anchors_der, server_name, now, verify, sha256
         verify: `verify(point65, digest32, signature_der)`, raising VerificationFailed
             when the signature does not verify (SeSession.verify with point=, or
             common.host.tls13_host.ecdsa_verify).  sha256: one-shot digest function.
-        revocation: optional `revocation(path)`, path = list of ParsedCertificate below the
-            anchor, leaf first; raises a FleetidError when one is revoked (or the status
-            cannot be established under the agent's policy).
-    Returns: (path, report): the ParsedCertificates leaf first, and a list of
+        revocation: optional `revocation(path)`, path = list of x509.Certificate below
+            the anchor, leaf first; raises a FleetidError when one is revoked (or the
+            status cannot be established under the agent's policy).
+    Returns: (path, report): the x509.Certificates leaf first, and a list of
         (check, verdict text) for every check passed.
     Raises: TlsCertificateError(check, alert); TlsError("se") if the SE cannot verify.
     """
@@ -316,41 +245,12 @@ def verify_server_chain(chain_der, anchors_der, server_name, now, verify, sha256
     path, anchor = _build_path(sent, anchors, verify, sha256)
     report.append(("path", "%d certificate(s) to the anchor" % len(path)))
     report.append(("signature", "%d signature(s) verified" % len(path)))
-    for cert in path + [anchor]:
-        if now < cert.not_before:
-            raise _fail("validity", ALERT_BAD_CERTIFICATE, "not yet valid: serial %d" % cert.serial)
-        if now > cert.not_after:
-            raise _fail("validity", ALERT_CERTIFICATE_EXPIRED, "expired: serial %d" % cert.serial)
-    report.append(("validity", "every certificate valid now"))
-    for cert in path[1:] + [anchor]:
-        if cert.is_ca is not True:
-            raise _fail("basic_constraints", ALERT_BAD_CERTIFICATE, "issuer is not a CA")
-        if cert.key_usage is not None and not cert.key_usage & _KU_KEY_CERT_SIGN:
-            raise _fail("key_usage", ALERT_BAD_CERTIFICATE, "issuer without keyCertSign")
-    leaf = path[0]
-    if leaf.is_ca:
-        raise _fail("basic_constraints", ALERT_BAD_CERTIFICATE, "leaf is a CA")
-    report.append(("basic_constraints", "issuers are CAs, the leaf is not"))
-    if leaf.key_usage is not None and not leaf.key_usage & _KU_DIGITAL_SIGNATURE:
-        raise _fail("key_usage", ALERT_BAD_CERTIFICATE, "leaf without digitalSignature")
-    report.append(("key_usage", "digitalSignature" if leaf.key_usage is not None else "absent"))
-    if leaf.eku is None or _OID_SERVER_AUTH not in leaf.eku:
-        raise _fail("eku", ALERT_UNSUPPORTED_CERTIFICATE, "no serverAuth")
-    report.append(("eku", "serverAuth"))
+    _check_profile(path, anchor, now, report)
     if server_name is not None:
-        if not name_matches(leaf, server_name):
+        if not name_matches(path[0], server_name):
             raise _fail("name", ALERT_BAD_CERTIFICATE, "not in subjectAltName")
         report.append(("name", server_name + " in subjectAltName"))
     else:
         report.append(("name", "not checked"))
-    if revocation is not None:
-        try:
-            revocation(path)
-        except TlsError:
-            raise
-        except FleetidError as exc:
-            raise _fail("revocation", ALERT_CERTIFICATE_REVOKED, type(exc).__name__) from None
-        report.append(("revocation", "not revoked"))
-    else:
-        report.append(("revocation", "no cache"))
+    _check_revocation(path, revocation, report)
     return path, report

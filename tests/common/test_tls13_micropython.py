@@ -24,7 +24,9 @@ pytestmark = pytest.mark.micropython
 V = {k: v for k, v in load_vectors("tls13/rfc8448.json").items() if not k.startswith("_")}
 
 VECTORS_SCRIPT = PRELUDE + r"""
-for name in ("fleetid.common.errors", "fleetid.common.tls13_crypto", "fleetid.common.tls13"):
+for name in ("fleetid.common.errors", "fleetid.common.der", "fleetid.common.asn1time",
+             "fleetid.common.x509", "fleetid.common.tls13_cert", "fleetid.common.tls13_crypto",
+             "fleetid.common.tls13"):
     __import__(name)
     gc.collect()
 from fleetid.common import tls13
@@ -87,7 +89,8 @@ def test_rfc8448_key_schedule_and_records_under_micropython(tmp_path):
 
 SESSION_SCRIPT = PRELUDE + open_se_script(
     "fleetid.common.der", "fleetid.common.asn1time", "fleetid.common.tls13_crypto",
-    "fleetid.common.tls13_cert", "fleetid.common.tls13", "fleetid.device.tls13_keys") + r"""
+    "fleetid.common.x509", "fleetid.common.tls13_cert", "fleetid.common.tls13",
+    "fleetid.device.tls13_keys") + r"""
 import socket
 import time
 

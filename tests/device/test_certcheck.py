@@ -57,7 +57,7 @@ def test_an_issued_certificate_passes_every_check(rig):
     assert cert.serial == parsed.serial_number
     assert cert.not_after == int(parsed.not_valid_after_utc.timestamp())
     assert cert.uris == ["urn:fleetid:device:" + cert.common_name]
-    assert cert.eku == ["1.3.6.1.5.5.7.3.2"] and not cert.ca
+    assert cert.eku == ["1.3.6.1.5.5.7.3.2"] and not cert.is_ca
 
 
 def test_validity_boundaries_on_the_agents_clock(rig):

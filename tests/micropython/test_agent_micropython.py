@@ -86,7 +86,7 @@ print("done", gc.mem_free())
 
 CSR_SCRIPT = r"""
 for name in ("fleetid.common.der", "fleetid.common.attestation", "fleetid.device.enrol",
-             "fleetid.common.asn1time", "fleetid.device.certinfo"):
+             "fleetid.common.asn1time", "fleetid.common.x509", "fleetid.device.certinfo"):
     __import__(name)
     gc.collect()
 from fleetid.device import certinfo, enrol
@@ -107,7 +107,8 @@ print("done", gc.mem_free())
 """
 
 CERTCHECK_SCRIPT = r"""
-for name in ("fleetid.common.der", "fleetid.common.asn1time", "fleetid.device.certcheck"):
+for name in ("fleetid.common.der", "fleetid.common.asn1time", "fleetid.common.x509",
+             "fleetid.device.certcheck"):
     __import__(name)
     gc.collect()
 from fleetid.device import certcheck
