@@ -44,23 +44,13 @@ def _split_target(target):
     return host.strip("[]"), int(port)
 
 
-class _Counted:
-    # Counts the SE's SIGN and VERIFY calls the handshake makes (for the report).
-    def __init__(self, function):
-        self.function = function
-        self.calls = 0
-
-    def __call__(self, *args):
-        self.calls += 1
-        return self.function(*args)
-
-
 def _handshake(device, host, port, anchors, server_name, slot, ticket, timeout):
+    from fleetid.device.host.se_https import CountedCall
     from fleetid.device.host.tls13_socket import connect, se_client_config
 
     config, ephemeral = se_client_config(device.se, slot, anchors, server_name, ticket=ticket)
-    config.signer = _Counted(config.signer)
-    config.verify = _Counted(config.verify)
+    config.signer = CountedCall(config.signer)
+    config.verify = CountedCall(config.verify)
     stream = connect(host, port, config, connect_timeout=timeout, io_timeout=timeout)
     try:
         try:

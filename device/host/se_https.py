@@ -145,8 +145,9 @@ class HttpResponse:
         return "HttpResponse(%d %s, %d bytes)" % (self.status, self.reason, len(self.body))
 
 
-class _Counted:
-    # Counts the calls of one SE operation (SIGN, VERIFY) for the report.
+class CountedCall:
+    """Wraps one SE operation of the TLS client (its SIGN or VERIFY callable) and counts
+    its calls, for reports (`fleetid agent probe-tls`, the rotation benchmark)."""
     def __init__(self, function):
         self.function = function
         self.calls = 0
@@ -238,13 +239,13 @@ class SeTlsClient:
         if self.slot is None:
             config.signer = None
         else:
-            config.signer = _Counted(config.signer)
+            config.signer = CountedCall(config.signer)
         if self.verify_in_se:
-            config.verify = _Counted(config.verify)
+            config.verify = CountedCall(config.verify)
         else:
             from fleetid.common.host.tls13_host import ecdsa_verify
 
-            config.verify = _Counted(ecdsa_verify)
+            config.verify = CountedCall(ecdsa_verify)
         try:
             tls = TlsSocket.connect(host, port, config, connect_timeout=self.connect_timeout,
                                     io_timeout=self.io_timeout)
