@@ -144,6 +144,18 @@ def decode_base64(body):
         raise ValueError("not base64") from None
 
 
+def nonce_value(body):
+    """The CA's nonce from a 200 answer's body: base64 (RFC 8951), 1..64 bytes.
+    Raises: NetError(SERVER) otherwise."""
+    try:
+        value = decode_base64(body)
+    except ValueError:
+        raise NetError(NetError.SERVER, "nonce is not base64") from None
+    if not 1 <= len(value) <= 64:
+        raise NetError(NetError.SERVER, "nonce of %d bytes" % len(value))
+    return value
+
+
 class BoardNetwork:
     """device.agent's `net` over device/https.py (module header).
 
@@ -222,14 +234,7 @@ class BoardNetwork:
 
     def nonce(self, slot):
         """GET nonce.  Returns: bytes (1..64)."""
-        response = self._ok(slot, self.est_url, "GET", self._est_path("nonce"))
-        try:
-            value = decode_base64(response.body)
-        except ValueError:
-            raise NetError(NetError.SERVER, "nonce is not base64") from None
-        if not 1 <= len(value) <= 64:
-            raise NetError(NetError.SERVER, "nonce of %d bytes" % len(value))
-        return value
+        return nonce_value(self._ok(slot, self.est_url, "GET", self._est_path("nonce")).body)
 
     def enroll(self, slot, csr_der, reenroll):
         """POST simpleenroll / simplereenroll.  Returns: the certificate DER.  Raises:

@@ -37,20 +37,26 @@ import urllib.request
 
 from fleetid.common.mqttmsg import MessageError, decode_document
 from fleetid.device.agent import NetError
+# The answer -> NetError mapping and the nonce's checks are the board's (portable) ones:
+# the same contract on both runtimes.
+from fleetid.device.board_net import (  # noqa: F401 - re-exported
+    MAX_RETRY_AFTER,
+    error_for,
+    nonce_value,
+    retry_after_seconds,
+)
 from fleetid.device.certcheck import REASON_MALFORMED, CertificateRefused
 from fleetid.device.host.est_client import (
     CT_PKCS10,
     WELL_KNOWN,
     EstClient,
     EstClientError,
-    decode_base64_body,
 )
 from fleetid.device.host.se_https import SeTlsClient, TicketCache, TlsClientError
 
 DEFAULT_CONNECT_TIMEOUT = 10.0
 DEFAULT_IO_TIMEOUT = 30.0
 MAX_FETCH = 4 * 1024 * 1024
-MAX_RETRY_AFTER = 24 * 3600
 
 _TLS_REASONS = {
     TlsClientError.CONNECT: NetError.LINK,
@@ -74,29 +80,6 @@ def parse_url(url):
     if parts.scheme != "https" or not parts.hostname or not parts.port:
         raise ValueError("expected https://HOST:PORT, got %r" % url)
     return parts.hostname, parts.port
-
-
-def retry_after_seconds(value):
-    """Retry-After as delay-seconds (RFC 9110 10.2.3), or None (absent / an HTTP-date:
-    the agent's own backoff applies then rather than guessing clocks)."""
-    try:
-        delay = int(value)
-    except (TypeError, ValueError):
-        return None
-    return min(max(delay, 0), MAX_RETRY_AFTER)
-
-
-def error_for(response):
-    """NetError for a non-success HTTP response."""
-    text = response.body[:300].decode("utf-8", "replace").strip()
-    status = response.status
-    retry_after = retry_after_seconds(response.header("Retry-After"))
-    if status == 202:
-        return NetError(NetError.PENDING, text, status, retry_after)
-    if status >= 500:
-        return NetError(NetError.SERVER, text, status, retry_after)
-    reason = text.split(":", 1)[0].strip() or None
-    return NetError(NetError.REFUSED, text, status, retry_after, reason)
 
 
 class HostNetwork:
@@ -192,13 +175,7 @@ class HostNetwork:
         response = self._request(slot, self.est, "GET", self._est_path("nonce"))
         if response.status != 200:
             raise error_for(response)
-        try:
-            value = decode_base64_body(response.body)
-        except EstClientError:
-            raise NetError(NetError.SERVER, "nonce is not base64") from None
-        if not 1 <= len(value) <= 64:
-            raise NetError(NetError.SERVER, "nonce of %d bytes" % len(value))
-        return value
+        return nonce_value(response.body)
 
     def enroll(self, slot, csr_der, reenroll):
         """POST simpleenroll / simplereenroll (RFC 7030 4.2.1 / 4.2.2).
