@@ -45,6 +45,7 @@ from fleetid.cloud.http.middleware import log
 from fleetid.cloud.http.tls import server_ssl_context
 from fleetid.cloud.http.verifier_app import make_metrics_app, make_verifier_app
 from fleetid.cloud.pki.profiles import get_profile, server_certificate_builder
+from fleetid.cloud.registry.shared_state import shared_tables
 from fleetid.cloud.http.revocation_app import attach_staple_header, make_revocation_app
 from fleetid.cloud.revocation.crl import CrlIssuer, CrlPublisher, CrlTier, crl_url
 from fleetid.cloud.verifier.revoked_cas import RevokedCaFile
@@ -240,9 +241,10 @@ def build_context(config, environ=None, clock=None):
     crl_issuers = []
     default_label = None
     registry = open_registry(config.registry)
+    shared = shared_tables(registry)  # None on memory: (state kept in this process)
     for entry in label_configs:
         label, crl_issuer = _est_label(config, hsm, entry, root_certs, intermediates,
-                                       vendor_roots, clock)
+                                       vendor_roots, clock, shared)
         labels.append(label)
         crl_issuers.append(crl_issuer)
         if entry.get("default"):
@@ -253,13 +255,17 @@ def build_context(config, environ=None, clock=None):
     return CloudContext(hsm=hsm, registry=registry, trust=trust, labels=labels,
                         default_label=default_label, tls_cert=tls_cert, tls_key=tls_key,
                         config=config, vendor_paths=vendor_paths, crl_issuers=crl_issuers,
-                        checkpointer=checkpointer, witness_hsm=witness_hsm)
+                        checkpointer=checkpointer, witness_hsm=witness_hsm,
+                        shared=shared)
 
 
-def _est_label(config, hsm, entry, root_certs, intermediates, vendor_roots, clock):
+def _est_label(config, hsm, entry, root_certs, intermediates, vendor_roots, clock,
+               shared=None):
     """(EstLabel, CrlIssuer) for one [[cloud.labels]] entry: its CA certificate checked
-    against the roots and added to `intermediates`, its IssuingCa on the HSM key."""
+    against the roots and added to `intermediates`, its IssuingCa on the HSM key (its
+    nonces in the registry's shared tables when given, so any worker consumes them)."""
     from fleetid.cloud.ca import IssuingCa
+    from fleetid.cloud.ca.nonces import RegistryNonceStore
 
     ca_cert = _read_pems([entry["ca_cert"]])[0]
     _check_adopted_ca(entry, ca_cert, root_certs)
@@ -271,8 +277,10 @@ def _est_label(config, hsm, entry, root_certs, intermediates, vendor_roots, cloc
     # The CRL distribution point new certificates name: this label's CRL route.
     label_crl_url = (crl_url(config.crl_base_url, entry["name"])
                      if config.crl_base_url else None)
+    nonce_store = (RegistryNonceStore(shared.nonces(entry["ca_key"]))
+                   if shared is not None else None)
     ca = IssuingCa(hsm, entry["ca_key"], ca_cert, vendor_roots, clock=clock,
-                   verify_signatures="always", crl_url=label_crl_url)
+                   verify_signatures="always", crl_url=label_crl_url, nonce_store=nonce_store)
     label = EstLabel(entry["name"], ca, chain,
                      require_approval=bool(entry.get("require_approval")),
                      profile=get_profile(entry.get("profile") or "operational"))
@@ -360,9 +368,11 @@ class CloudServer:
         config = context.config
         verifier = FleetVerifier(context.trust, context.registry,
                                  accept_identity=config.accept_identity)
+        shared = getattr(context, "shared", None)
         est = EstService(context.labels, context.registry, context.trust,
                          default_label=context.default_label,
-                         overlap=datetime.timedelta(days=config.overlap_days))
+                         overlap=datetime.timedelta(days=config.overlap_days),
+                         approvals=shared.approvals if shared is not None else None)
         kwargs = dict(host=config.host, verifier_port=config.verifier_port,
                       est_port=config.est_port, metrics_port=config.metrics_port,
                       checkpointer=getattr(context, "checkpointer", None))
