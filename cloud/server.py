@@ -328,7 +328,9 @@ class CloudServer:
     def __init__(self, verifier, est_service, tls_cert, tls_key, client_ca_pem,
                  host="127.0.0.1", verifier_port=8443, est_port=8444, metrics_port=0,
                  metrics=None, crl_publisher=None, crl_port=0, checkpointer=None,
-                 checkpoint_poll=CHECKPOINT_POLL_SECONDS, revocation_tiers=None):
+                 checkpoint_poll=CHECKPOINT_POLL_SECONDS, revocation_tiers=None, sockets=None):
+        # sockets: {listener name: bound listening socket} to serve instead of binding
+        # (the workers of serve_workers share the parent's).
         # checkpointer: an audit.Checkpointer; while the server runs it signs a checkpoint
         # when one is due, and once more at stop() (every issuance, re-issuance, rotation
         # acknowledgement and revocation the server recorded is then anchored).
@@ -360,6 +362,7 @@ class CloudServer:
                     attach_staple_header(self._plan[0][1], staple.staple)
             self._plan.append(("crl", crl_app, crl_port, None))
         self.revocation_tiers = revocation_tiers
+        self.sockets = dict(sockets or {})
         self._runners = []
         self.ports = {}
 
@@ -402,8 +405,12 @@ class CloudServer:
             runner = web.AppRunner(app, access_log=None)
             await runner.setup()
             host = self.host if name != "metrics" else "127.0.0.1"
-            site = web.TCPSite(runner, host, port, ssl_context=ssl_context,
-                               backlog=1024, reuse_address=True)
+            if name in self.sockets:
+                site = web.SockSite(runner, self.sockets[name], ssl_context=ssl_context,
+                                    backlog=1024)
+            else:
+                site = web.TCPSite(runner, host, port, ssl_context=ssl_context,
+                                   backlog=1024, reuse_address=True)
             try:
                 await site.start()
             except OSError as exc:  # EADDRINUSE, EACCES (< 1024), EADDRNOTAVAIL
@@ -421,6 +428,11 @@ class CloudServer:
             self._checkpoint_task = asyncio.get_running_loop().create_task(
                 self._checkpoint_loop())
         return self.ports
+
+    def listeners(self):
+        """[(name, host, port)] of the listeners start() would bind."""
+        return [(name, self.host if name != "metrics" else "127.0.0.1", port)
+                for name, _app, port, _ssl in self._plan]
 
     async def _checkpoint(self, due_only):
         # Signing goes through the HSM and writes the registry: off the event loop.  A
@@ -517,3 +529,56 @@ def trust_from_config(config, extra_intermediates=()):
     return FleetTrust(_read_pems(roots), intermediates, _read_pems(vendor_paths),
                       config.revoked_cas,
                       revoked_ca_file=RevokedCaFile(config.revoked_cas_file))
+
+
+def serve_workers(config, environ, workers, ready=None, **supervisor_options):
+    """`fleetid cloud serve --workers N`: N processes serving the same listeners
+    (cloud/http/workers.py: the parent binds, forks and supervises).
+
+    The parent first builds the context once (the embedded PKI's bootstrap and the
+    registry's migrations happen there, before any worker) and closes it; each worker
+    then opens its own HSM session and registry connections.  Only worker 0 signs audit
+    checkpoints (one witness anchor writer).  `ready(ports, pids)` is called once every
+    worker serves.  Returns the exit status (0 after SIGTERM / SIGINT, 1 after a crash
+    loop).
+
+    Raises ConfigError for workers > 1 on a "memory:" registry (its nonces, approvals and
+    audit chain would be one per process), ListenError, SupervisorError("not_ready").
+    """
+    from fleetid.cloud.http.workers import ListenerBindError, Supervisor, bind_listeners
+
+    if workers > 1 and config.registry.startswith("memory:"):
+        raise ConfigError("--workers %d needs a registry in a database (sqlite:<path> on "
+                          "one host, postgresql://... across hosts): a memory: registry "
+                          "would give each worker its own nonces, approvals and audit chain"
+                          % workers)
+    context = build_context(config, environ)
+    try:
+        listeners = CloudServer.from_context(context).listeners()
+    finally:
+        context.close()
+    try:
+        sockets = bind_listeners(listeners)
+    except ListenerBindError as exc:
+        raise ListenError(exc.listener, exc.host, exc.port, exc.cause) from None
+
+    def run_worker(index, worker_ready):
+        worker_context = build_context(config, environ)
+        try:
+            overrides = {"sockets": sockets}
+            if index:
+                overrides["checkpointer"] = None
+            server = CloudServer.from_context(worker_context, **overrides)
+            serve_forever(server, lambda _ports: worker_ready(), event_loop=config.event_loop)
+        finally:
+            worker_context.close()
+
+    supervisor = Supervisor(workers, run_worker, **supervisor_options)
+    try:
+        pids = supervisor.start()
+        if ready:
+            ready({name: sock.getsockname()[1] for name, sock in sockets.items()}, pids)
+        return supervisor.run()
+    finally:
+        for sock in sockets.values():
+            sock.close()

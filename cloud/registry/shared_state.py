@@ -24,6 +24,7 @@ time order in both databases and "expired" is one comparison inside the UPDATE.
 import datetime
 
 from fleetid.cloud.registry.errors import RegistryError
+from fleetid.common.errors import FleetidError
 
 # The refusal reasons of NonceTable.consume (the same strings as cloud/ca/errors.py).
 NONCE_UNKNOWN = "nonce_unknown"
@@ -162,7 +163,7 @@ class ApprovalTable:
         return [(r["label"], r["device_serial"]) for r in rows]
 
 
-class _Raced(Exception):
+class _Raced(FleetidError):
     """Internal: a concurrent insert of the same pending row (harmless)."""
 
 
