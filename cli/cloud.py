@@ -192,6 +192,60 @@ def _compose_server(config, environ):
         raise click.ClickException("%s: %s" % (type(exc).__name__, exc)) from None
 
 
+def _approval_table(config_path, state_dir, registry_uri):
+    """(registry, its ApprovalTable) of the configured registry; refused for a registry
+    that keeps approvals in the server's process (memory:)."""
+    from fleetid.cli.options import open_registry
+    from fleetid.cloud.registry.shared_state import shared_tables
+
+    uri = registry_uri or load_config(config_path, state_dir).registry
+    registry = open_registry(uri)
+    tables = shared_tables(registry)
+    if tables is None:
+        registry.close()
+        raise click.ClickException("registry %s keeps no approvals (use sqlite: or "
+                                   "postgresql://)" % uri.partition(":")[0])
+    return registry, tables.approvals
+
+
+@cloud.command("pending")
+@registry_options("TOML configuration (its registry) as for serve.")
+def pending_cmd(config_path, state_dir, registry_uri):
+    """List the EST enrolments waiting for approval (labels with require_approval), one
+    "LABEL DEVICE" line each, as every EST worker sharing the registry sees them."""
+    registry, approvals = _approval_table(config_path, state_dir, registry_uri)
+    try:
+        for label, device in approvals.pending():
+            click.echo("%s %s" % (label, device))
+    except FleetidError as exc:
+        raise click.ClickException("%s: %s" % (type(exc).__name__, exc)) from None
+    finally:
+        registry.close()
+
+
+@cloud.command("approve")
+@click.argument("label")
+@click.argument("device")
+@registry_options("TOML configuration (its registry) as for serve.")
+def approve_cmd(label, device, config_path, state_dir, registry_uri):
+    """Approve the deferred EST enrolment (RFC 7030 4.2.3) of DEVICE (its serial, as
+    `fleetid cloud pending` lists it) under LABEL: the device's next request to any EST
+    worker sharing the registry is issued.
+
+    \b
+    Example:
+      fleetid cloud approve --config var/cloud/cloud.toml widget-b42 17
+    """
+    registry, approvals = _approval_table(config_path, state_dir, registry_uri)
+    try:
+        approvals.approve(label, device)
+    except FleetidError as exc:
+        raise click.ClickException("%s: %s" % (type(exc).__name__, exc)) from None
+    finally:
+        registry.close()
+    click.echo("approved %s %s" % (label, device))
+
+
 @cloud.command("check-cert")
 @click.argument("cert_file", type=click.Path(exists=True, dir_okay=False))
 @click.option("--chain", "chain_files", multiple=True,

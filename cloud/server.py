@@ -240,7 +240,8 @@ def build_context(config, environ=None, clock=None):
     labels = []
     crl_issuers = []
     default_label = None
-    registry = open_registry(config.registry)
+    registry = open_registry(config.registry,
+                             timeout_s=getattr(config, "registry_timeout", 0) or None)
     shared = shared_tables(registry)  # None on memory: (state kept in this process)
     for entry in label_configs:
         label, crl_issuer = _est_label(config, hsm, entry, root_certs, intermediates,
