@@ -299,3 +299,134 @@ def test_two_processes_appending_concurrently_keep_one_chain(cluster, tmp_path):
     assert verify.exit_code == 0, verify.output
     assert verify.output.startswith("OK ") and \
         "51 entries (checkpoint 1, injection 50)" in verify.output, verify.output
+
+
+def _enrol_until_done(fleet, port, device, received, errors, deadline):
+    """simpleenroll `device` through whichever worker answers, retrying (fresh nonce) on
+    a refused / reset connection or a 503 until one certificate comes back."""
+    while time.monotonic() < deadline:
+        try:
+            _, csr = enrolment(device.chip, _nonce(fleet, port, device), device.name)
+            status, body = _enroll(fleet, port, device, csr)
+        except (OSError, http.client.HTTPException, AssertionError) as exc:
+            errors.append(type(exc).__name__)
+            time.sleep(0.2)
+            continue
+        if status == 200:
+            received.append((device, body))
+            return
+        errors.append(status)
+        time.sleep(0.2)
+
+
+def _chain_verifies(registry, folder):
+    """A checkpoint over the registry's chain (test keys), then the full verification."""
+    line, witness = (audit.KeySigner(ec.generate_private_key(ec.SECP256R1()))
+                     for _ in range(2))
+    audit.Checkpointer(registry, line, audit.AnchoringWitness(
+        witness, str(folder / "anchor.json"))).checkpoint()
+    return verify_registry_log(registry, line.public_key(), witness.public_key())
+
+
+def test_a_killed_worker_is_restarted_and_no_record_is_lost_or_forked(fleet, tmp_path):
+    from cryptography.hazmat.primitives.serialization import pkcs7
+
+    devices = [fleet.provision() for _ in range(8)]
+    serve = Serve(_config(fleet, tmp_path), tmp_path, workers=2)
+    received, errors = [], []
+    try:
+        victim = serve.info["workers"][0]
+        deadline = time.monotonic() + 240
+        threads = [threading.Thread(target=lambda group=devices[i::3]: [
+            _enrol_until_done(fleet, serve.ports["est"], d, received, errors, deadline)
+            for d in group]) for i in range(3)]
+        for thread in threads:
+            thread.start()
+        while not received and time.monotonic() < deadline:
+            time.sleep(0.05)
+        os.kill(victim, signal.SIGKILL)  # while the clients keep sending
+        for thread in threads:
+            thread.join(300)
+        end = time.monotonic() + RECOVERY_S
+        while "worker 0 restarted" not in serve.log() and time.monotonic() < end:
+            time.sleep(0.2)
+        assert "worker 0 restarted" in serve.log()
+    finally:
+        assert serve.stop() == 0
+    assert sorted(d.serial for d, _ in received) == sorted(d.serial for d in devices)
+    # No record lost: every certificate a client got is in the registry.  No record
+    # forked: every operational certificate there has its one issuance entry, and the
+    # chain is one line.
+    for device, body in received:
+        cert = pkcs7.load_der_pkcs7_certificates(base64.b64decode(body))[0]
+        record = fleet.registry.certificate_status(cert.serial_number)
+        assert record.device_serial == device.serial and record.kind == "operational"
+    issued = 0
+    for device in devices:
+        operational = [c for c in fleet.registry.certificates(device.serial)
+                       if c.kind == "operational"]
+        entries = [e for e in fleet.registry.audit_entries_for(device.serial)
+                   if e.fields["type"] == audit.ISSUANCE]
+        assert sorted(e.fields["cert_fingerprint"] for e in entries) == \
+            sorted(c.fingerprint for c in operational)
+        issued += len(operational)
+    report = _chain_verifies(fleet.registry, tmp_path)
+    assert report.entries == len(devices) + issued + 1
+
+
+def _status(fleet, port, device, path="/v1/whoami"):
+    try:
+        return _request(fleet, port, "GET", path, files=device.files(
+            device.identity_cert, device.identity_key))[0]
+    except (OSError, http.client.HTTPException) as exc:
+        return type(exc).__name__
+
+
+def _until(predicate, bound=RECOVERY_S):
+    end = time.monotonic() + bound
+    while time.monotonic() < end:
+        if predicate():
+            return True
+        time.sleep(0.3)
+    return False
+
+
+def test_postgresql_restarted_and_paused_typed_503_then_recovery(fleet, cluster, tmp_path):
+    from fleetid.cloud.registry.postgres_backend import PostgresRegistry
+
+    device, revoked = fleet.provision(), fleet.provision()
+    serve = Serve(_config(fleet, tmp_path, registry_timeout=3), tmp_path, workers=2)
+    verifier, est = serve.ports["verifier"], serve.ports["est"]
+    try:
+        assert _status(fleet, verifier, device) == 200
+        # Restarted: down, then up.  While down every answer is a 503, never a 200.
+        cluster.stop()
+        try:
+            assert [_status(fleet, verifier, device) for _ in range(3)] == [503] * 3
+            assert _status(fleet, est, device, EST + "b42/nonce") == 503
+        finally:
+            cluster.start()
+        assert _until(lambda: all(_status(fleet, verifier, device) == 200 for _ in range(4)))
+        with PostgresRegistry(fleet.database) as registry:
+            registry.mark_revoked(revoked.identity_cert.serial_number, "keyCompromise")
+        assert [_status(fleet, verifier, revoked) for _ in range(4)] == [403] * 4
+        # Paused (every PostgreSQL process stopped): bounded 503s, the revoked device
+        # still refused, then recovery by itself after SIGCONT.
+        cluster.signal_all(signal.SIGSTOP)
+        try:
+            assert _status(fleet, verifier, revoked) == 503
+            assert _status(fleet, verifier, device) == 503
+            assert _status(fleet, est, device, EST + "b42/nonce") == 503
+        finally:
+            cluster.signal_all(signal.SIGCONT)
+        assert _until(lambda: all(_status(fleet, verifier, device) == 200 for _ in range(4)))
+        assert _status(fleet, est, device, EST + "b42/nonce") == 200
+        assert [_status(fleet, verifier, revoked) for _ in range(4)] == [403] * 4
+    finally:
+        assert serve.stop() == 0
+    # The outages are logged (one JSON line each: the storage error, never a plain-text
+    # traceback), and nothing but them failed.
+    records = [json.loads(line) for line in serve.log().splitlines()]
+    failures = {r.get("error") for r in records if r.get("msg") == "backend failure"}
+    assert failures == {"RegistryError"}
+    assert not [r for r in records if r["level"] == "error" and r.get("msg") != "backend failure"]
