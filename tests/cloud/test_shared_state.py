@@ -144,3 +144,29 @@ def test_approvals_given_through_one_handle_are_honoured_through_another(tmp_pat
     finally:
         a.close()
         b.close()
+
+
+def test_a_revocation_announced_by_one_process_reaches_another_through_the_registry(tmp_path):
+    """Processes without a shared state directory (other hosts) see the announcement
+    through the registry's event sequence, looked at once per interval."""
+    from fleetid.cloud.revocation.service import RegistryEventWatcher, RevocationService
+
+    writer, reader = (SqliteRegistry(tmp_path / "registry.db") for _ in range(2))
+    try:
+        now = [100.0]
+        seen = []
+        watcher = RegistryEventWatcher(shared_tables(reader).revocation_events,
+                                       lambda: seen.append(1), interval=1.0,
+                                       clock=lambda: now[0])
+        assert watcher.poll() is False
+        service = RevocationService(writer, [], str(tmp_path / "host-a" / "revoked.jsonl"),
+                                    str(tmp_path / "host-a" / "revocation.events"))
+        service._announce()  # what every revoke_* does after its write
+        assert watcher.poll() is False  # within the interval: no query
+        now[0] += 1.0
+        assert watcher.poll() is True and seen == [1]
+        now[0] += 1.0
+        assert watcher.poll() is False and seen == [1]
+    finally:
+        writer.close()
+        reader.close()
