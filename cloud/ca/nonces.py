@@ -116,11 +116,20 @@ class RegistryNonceStore(NonceStore):
     (RegistryError(STORAGE)): the caller answers "unavailable", nothing is accepted.
     """
 
+    PURGE_EVERY = 1000  # adds between two purges of expired unused nonces (per process)
+
     def __init__(self, table):
         self.table = table
+        self._lock = threading.Lock()
+        self._adds = 0
 
     def add(self, nonce, issued_at, expires_at):
         self.table.add(bytes(nonce), issued_at, expires_at)
+        with self._lock:
+            self._adds += 1
+            due = self._adds % self.PURGE_EVERY == 0
+        if due:  # keeps the table to the live nonces and the consumed ones
+            self.table.purge(issued_at)
 
     def consume(self, nonce, now, bound_key):
         reason = self.table.consume(bytes(nonce), now, bytes(bound_key))

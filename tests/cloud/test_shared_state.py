@@ -93,6 +93,14 @@ def test_a_nonce_issued_through_one_handle_is_consumed_once_through_another(tmp_
         assert info.value.reason == "nonce_unknown"
         assert store_a.purge(NOW + TTL) == 1  # the expired unused one; the used one stays
         assert store_a.binding(nonce) is not None
+        # Expired unused nonces are purged as the store issues (every PURGE_EVERY adds).
+        store_a.PURGE_EVERY = 3
+        for index in range(3):
+            store_a.add(bytes([9, index]) * 16, NOW, NOW + TTL)
+        store_a.add(b"\x0a" * 32, NOW + TTL, NOW + 2 * TTL)  # the 6th add of store_a: purges
+        with pytest.raises(NonceRefused) as info:
+            store_b.consume(bytes([9, 0]) * 16, NOW + TTL, b"k" * 32)
+        assert info.value.reason == "nonce_unknown"
     finally:
         a.close()
         b.close()

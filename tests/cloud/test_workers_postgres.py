@@ -250,6 +250,37 @@ def test_separate_est_processes_share_nonces_and_approvals(fleet, tmp_path):
         assert a.stop() == 0 and b.stop() == 0
 
 
+def test_a_version_1_database_is_migrated_once_by_concurrent_first_starts(cluster):
+    from fleetid.cloud.registry import schema
+    from fleetid.cloud.registry.postgres_backend import PostgresRegistry
+
+    database = cluster.new_database()
+    with psycopg.connect(database, autocommit=True) as conn:
+        for statement in schema.statements("postgresql"):  # what version 1 created
+            conn.execute(statement)
+    opened, failed = [], []
+
+    def open_one():
+        try:
+            opened.append(PostgresRegistry(database))
+        except Exception as exc:  # noqa: BLE001 - reported below
+            failed.append(exc)
+
+    threads = [threading.Thread(target=open_one) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    for registry in opened:
+        registry.close()
+    assert not failed and len(opened) == 3
+    with psycopg.connect(database) as conn:
+        assert conn.execute("SELECT value FROM registry_meta WHERE name = 'schema_version'"
+                            ).fetchone()[0] == "2"
+        assert conn.execute("SELECT version FROM schema_history").fetchall() == [(2,)]
+        assert conn.execute("SELECT seq FROM revocation_events").fetchall() == [(0,)]
+
+
 def _provision_many(database, station, count):
     """Run in a child process: `count` devices through the line's registry calls."""
     from fleetid.cloud.registry.postgres_backend import PostgresRegistry
