@@ -133,6 +133,19 @@ def fleet(cluster, tmp_path):
     fleet.close()
 
 
+@pytest.fixture(params=["postgresql", "sqlite"])
+def any_fleet(request, tmp_path):
+    """The fleet on PostgreSQL (above), or on SQLite: processes on one host share the
+    file, BEGIN IMMEDIATE serialising their writes."""
+    if request.param == "postgresql":
+        yield request.getfixturevalue("fleet")
+        return
+    fleet = Fleet(tmp_path / "fleet")
+    fleet.uri = "sqlite:" + fleet.registry.path
+    yield fleet
+    fleet.close()
+
+
 def _config(fleet, folder, registry_timeout=3):
     """cloud.toml adopting the fleet's root and CA (label b42, and b42-approval with
     require_approval) on its soft keystore and PostgreSQL registry."""
@@ -218,10 +231,11 @@ def _enroll(fleet, port, device, csr, label="b42"):
                     body=base64.b64encode(csr), headers={"Content-Type": "application/pkcs10"})
 
 
-def test_separate_est_processes_share_nonces_and_approvals(fleet, tmp_path):
-    """Two stateless EST processes on one PostgreSQL registry: a nonce issued by A is
-    consumed by B, its replay at A is refused; a pending approval recorded through A,
-    approved by the operator, is honoured by B."""
+def test_separate_est_processes_share_nonces_and_approvals(any_fleet, tmp_path):
+    """Two stateless EST processes on one registry (PostgreSQL; SQLite on one host): a
+    nonce issued by A is consumed by B, its replay at A is refused; a pending approval
+    recorded through A, approved by the operator, is honoured by B."""
+    fleet = any_fleet
     config = _config(fleet, tmp_path)
     a = Serve(config, tmp_path)
     b = Serve(config, tmp_path)
