@@ -119,6 +119,7 @@ class Supervisor:
     # -- the worker side --------------------------------------------------------------------------
 
     def _spawn(self, index):
+        parent = os.getpid()
         pid = os.fork()
         if pid:
             self.pids[pid] = index
@@ -128,6 +129,7 @@ class Supervisor:
         try:  # the child: never returns into the parent's code
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             signal.signal(signal.SIGINT, signal.SIG_DFL)
+            _term_with_parent(parent)
             os.close(self._ready_r)
             self.run_worker(index, lambda: os.write(self._ready_w, b"%d\n" % index))
             status = 0
@@ -141,13 +143,16 @@ class Supervisor:
 
     def start(self):
         """Fork every worker and wait until all report ready.  Returns their pids.
+        SIGTERM / SIGINT from here on stop the workers (run() then returns at once).
         Raises SupervisorError("not_ready") after ready_timeout (workers stopped)."""
+        self._previous = {sig: signal.signal(sig, self._on_signal)
+                          for sig in (signal.SIGTERM, signal.SIGINT)}
         for index in range(self.workers):
             self._spawn(index)
         waiting = set(range(self.workers))
         deadline = time.monotonic() + self.ready_timeout
         buffer = b""
-        while waiting:
+        while waiting and not self._stopping:
             left = deadline - time.monotonic()
             if left <= 0 or self._reap(restart=False):
                 self.stop()
@@ -204,8 +209,6 @@ class Supervisor:
     def run(self):
         """Supervise until SIGTERM / SIGINT, then stop every worker.  Returns 0, or 1
         after a crash loop (every worker stopped)."""
-        previous = {sig: signal.signal(sig, self._on_signal)
-                    for sig in (signal.SIGTERM, signal.SIGINT)}
         try:
             while not self._stopping:
                 self._reap()
@@ -217,8 +220,6 @@ class Supervisor:
             return 1
         finally:
             self.stop()
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
 
     def _on_signal(self, signum, frame):
         self._stopping = True
@@ -230,8 +231,12 @@ class Supervisor:
                 break
 
     def stop(self):
-        """SIGTERM every worker, wait at most stop_timeout, SIGKILL the rest, reap all."""
+        """SIGTERM every worker, wait at most stop_timeout, SIGKILL the rest, reap all;
+        the signal handlers start() installed are put back."""
         self._stopping = True
+        for sig, handler in getattr(self, "_previous", {}).items():
+            signal.signal(sig, handler)
+        self._previous = {}
         for pid in list(self.pids):
             _kill(pid, signal.SIGTERM)
         deadline = time.monotonic() + self.stop_timeout
@@ -244,6 +249,20 @@ class Supervisor:
         while self.pids:
             pid, _ = os.waitpid(next(iter(self.pids)), 0)
             self.pids.pop(pid, None)
+
+
+def _term_with_parent(parent):
+    """Linux: SIGTERM this worker when its parent (pid `parent`) dies, even by SIGKILL,
+    so no worker outlives its supervisor.  Best effort elsewhere."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != parent:  # the parent already died between fork and prctl
+        os._exit(1)
 
 
 def _kill(pid, sig):

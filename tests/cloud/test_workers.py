@@ -120,3 +120,42 @@ def test_serve_refuses_several_workers_over_a_memory_registry(tmp_path):
     assert err.splitlines()[-1].startswith("Error: ConfigError: --workers 2 needs a registry "
                                            "in a database"), err
     assert not (tmp_path / "state" / "keystore.json").exists()  # refused before anything
+
+
+_ORPHAN_SCRIPT = """
+import sys, time
+from fleetid.cloud.http.workers import Supervisor
+
+def work(index, ready):
+    ready()
+    while True:
+        time.sleep(0.05)
+
+supervisor = Supervisor(2, work, ready_timeout=30)
+print(" ".join(str(p) for p in supervisor.start()), flush=True)
+supervisor.run()
+"""
+
+
+def _alive(pid):
+    try:
+        with open("/proc/%d/stat" % pid) as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_no_worker_outlives_a_killed_supervisor():
+    parent = subprocess.Popen([sys.executable, "-c", _ORPHAN_SCRIPT], stdout=subprocess.PIPE)
+    try:
+        pids = [int(p) for p in parent.stdout.readline().split()]
+        assert len(pids) == 2 and all(_alive(p) for p in pids)
+        parent.kill()  # SIGKILL: the supervisor cannot stop them itself
+        parent.wait(10)
+        end = time.monotonic() + 10
+        while any(_alive(p) for p in pids) and time.monotonic() < end:
+            time.sleep(0.05)
+        assert not any(_alive(p) for p in pids)
+    finally:
+        parent.kill()
+        parent.wait(10)
