@@ -67,9 +67,14 @@ def _adopt(config, root_certs, cas):
               help="Adopt an issuing CA (from `fleetid pki new-ca`): its HSM key label, which "
                    "is also its EST label, and its certificate; replaces [[cloud.labels]]; "
                    "the first is the default.")
+@click.option("--workers", type=click.IntRange(1, 64), default=1, show_default=True,
+              help="Worker processes serving the same ports, supervised by this one "
+                   "(restarted when they die, stopped on SIGTERM).  Their shared state "
+                   "is in the registry: sqlite:<path> on one host, postgresql://... "
+                   "across hosts; a memory: registry is refused.")
 @pass_file_option
 def serve_cmd(config_path, state_dir, host, verifier_port, est_port, metrics_port, crl_port,
-              root_certs, cas, pass_file):
+              root_certs, cas, workers, pass_file):
     """Run the verifier (mTLS, client certificate required) and the EST server.
 
     \b
@@ -108,6 +113,9 @@ def serve_cmd(config_path, state_dir, host, verifier_port, est_port, metrics_por
     _adopt(config, root_certs, cas)
     environ = _environ_with_hsm_secrets(config, pass_file)
     configure_json_logging(getattr(logging, config.log_level.upper(), logging.INFO))
+    if workers > 1:
+        _serve_workers(config, environ, workers)
+        return
     context, server = _compose_server(config, environ)
 
     def ready(ports):
@@ -122,6 +130,28 @@ def serve_cmd(config_path, state_dir, host, verifier_port, est_port, metrics_por
         raise click.ClickException(str(exc)) from None
     finally:
         context.close()
+
+
+def _serve_workers(config, environ, workers):
+    """`serve --workers N`: the parent prints the ready line (with the workers' pids)
+    and supervises; exit status 1 after a crash loop."""
+    import os
+
+    from fleetid.cloud.server import serve_workers
+
+    def ready(ports, pids):
+        click.echo(json.dumps({"listening": ports, "host": config.host, "workers": pids,
+                               "root": os.path.join(config.state_dir, "ceremony", "root.pem")
+                               if not config.roots else config.roots[0],
+                               "labels": sorted(entry["name"] for entry in config.labels)
+                               or ["default"]}), nl=True)
+
+    try:
+        status = serve_workers(config, environ, workers, ready)
+    except (FleetidError, OSError, ValueError) as exc:
+        raise click.ClickException("%s: %s" % (type(exc).__name__, exc)) from None
+    if status:
+        raise click.exceptions.Exit(status)
 
 
 def _environ_with_hsm_secrets(config, pass_file):
@@ -160,6 +190,60 @@ def _compose_server(config, environ):
     except (FleetidError, OSError, ValueError) as exc:
         context.close()
         raise click.ClickException("%s: %s" % (type(exc).__name__, exc)) from None
+
+
+def _approval_table(config_path, state_dir, registry_uri):
+    """(registry, its ApprovalTable) of the configured registry; refused for a registry
+    that keeps approvals in the server's process (memory:)."""
+    from fleetid.cli.options import open_registry
+    from fleetid.cloud.registry.shared_state import shared_tables
+
+    uri = registry_uri or load_config(config_path, state_dir).registry
+    registry = open_registry(uri)
+    tables = shared_tables(registry)
+    if tables is None:
+        registry.close()
+        raise click.ClickException("registry %s keeps no approvals (use sqlite: or "
+                                   "postgresql://)" % uri.partition(":")[0])
+    return registry, tables.approvals
+
+
+@cloud.command("pending")
+@registry_options("TOML configuration (its registry) as for serve.")
+def pending_cmd(config_path, state_dir, registry_uri):
+    """List the EST enrolments waiting for approval (labels with require_approval), one
+    "LABEL DEVICE" line each, as every EST worker sharing the registry sees them."""
+    registry, approvals = _approval_table(config_path, state_dir, registry_uri)
+    try:
+        for label, device in approvals.pending():
+            click.echo("%s %s" % (label, device))
+    except FleetidError as exc:
+        raise click.ClickException("%s: %s" % (type(exc).__name__, exc)) from None
+    finally:
+        registry.close()
+
+
+@cloud.command("approve")
+@click.argument("label")
+@click.argument("device")
+@registry_options("TOML configuration (its registry) as for serve.")
+def approve_cmd(label, device, config_path, state_dir, registry_uri):
+    """Approve the deferred EST enrolment (RFC 7030 4.2.3) of DEVICE (its serial, as
+    `fleetid cloud pending` lists it) under LABEL: the device's next request to any EST
+    worker sharing the registry is issued.
+
+    \b
+    Example:
+      fleetid cloud approve --config var/cloud/cloud.toml widget-b42 17
+    """
+    registry, approvals = _approval_table(config_path, state_dir, registry_uri)
+    try:
+        approvals.approve(label, device)
+    except FleetidError as exc:
+        raise click.ClickException("%s: %s" % (type(exc).__name__, exc)) from None
+    finally:
+        registry.close()
+    click.echo("approved %s %s" % (label, device))
 
 
 @cloud.command("check-cert")

@@ -18,6 +18,10 @@ File (all keys optional; paths relative to the file's folder):
                                      # none (no CRL distribution point)
     crl_next_update_hours = 24       # nextUpdate - thisUpdate of each CRL
     registry = "sqlite:var/cloud/registry.db"   # or postgresql://user@host/db
+    registry_timeout = 0             # seconds one registry operation may take before the
+                                     # request fails "unavailable" (503), also while
+                                     # PostgreSQL is paused; 0 = the backend's defaults
+                                     # (SQLite busy 10 s; PostgreSQL 31 s)
     hsm = "soft:var/cloud/keystore.json;pass-env=FLEETID_KEYSTORE_PASS"
     vendor_roots = ["var/vendor/vendor_root.pem"]   # trusted SE vendor roots (PEM)
     roots = ["var/cloud/ceremony/root.pem"]         # fleet roots (PEM)
@@ -79,6 +83,7 @@ DEFAULTS = {
     "crl_base_url": None,  # default: http://<host>:<crl_port>
     "crl_next_update_hours": 24,
     "registry": None,  # default: sqlite:<state_dir>/registry.db
+    "registry_timeout": 0,  # seconds; 0 = the registry backend's defaults
     "hsm": None,  # default: soft:<state_dir>/keystore.json;pass-env=FLEETID_KEYSTORE_PASS
     "vendor_roots": [],
     "roots": [],
@@ -242,6 +247,8 @@ def _derive_and_check(values):
         values["crl_base_url"] = "http://%s:%d" % (values["host"], values["crl_port"])
     if values["crl_next_update_hours"] < 1:
         raise ConfigError("crl_next_update_hours must be >= 1")
+    if values["registry_timeout"] < 0:
+        raise ConfigError("registry_timeout must be >= 0")
     for key in ("verifier_port", "est_port", "metrics_port", "crl_port"):
         if not 0 <= values[key] <= 65535:
             raise ConfigError("%s out of range" % key)

@@ -45,6 +45,7 @@ from fleetid.cloud.http.middleware import log
 from fleetid.cloud.http.tls import server_ssl_context
 from fleetid.cloud.http.verifier_app import make_metrics_app, make_verifier_app
 from fleetid.cloud.pki.profiles import get_profile, server_certificate_builder
+from fleetid.cloud.registry.shared_state import shared_tables
 from fleetid.cloud.http.revocation_app import attach_staple_header, make_revocation_app
 from fleetid.cloud.revocation.crl import CrlIssuer, CrlPublisher, CrlTier, crl_url
 from fleetid.cloud.verifier.revoked_cas import RevokedCaFile
@@ -239,10 +240,12 @@ def build_context(config, environ=None, clock=None):
     labels = []
     crl_issuers = []
     default_label = None
-    registry = open_registry(config.registry)
+    registry = open_registry(config.registry,
+                             timeout_s=getattr(config, "registry_timeout", 0) or None)
+    shared = shared_tables(registry)  # None on memory: (state kept in this process)
     for entry in label_configs:
         label, crl_issuer = _est_label(config, hsm, entry, root_certs, intermediates,
-                                       vendor_roots, clock)
+                                       vendor_roots, clock, shared)
         labels.append(label)
         crl_issuers.append(crl_issuer)
         if entry.get("default"):
@@ -253,13 +256,17 @@ def build_context(config, environ=None, clock=None):
     return CloudContext(hsm=hsm, registry=registry, trust=trust, labels=labels,
                         default_label=default_label, tls_cert=tls_cert, tls_key=tls_key,
                         config=config, vendor_paths=vendor_paths, crl_issuers=crl_issuers,
-                        checkpointer=checkpointer, witness_hsm=witness_hsm)
+                        checkpointer=checkpointer, witness_hsm=witness_hsm,
+                        shared=shared)
 
 
-def _est_label(config, hsm, entry, root_certs, intermediates, vendor_roots, clock):
+def _est_label(config, hsm, entry, root_certs, intermediates, vendor_roots, clock,
+               shared=None):
     """(EstLabel, CrlIssuer) for one [[cloud.labels]] entry: its CA certificate checked
-    against the roots and added to `intermediates`, its IssuingCa on the HSM key."""
+    against the roots and added to `intermediates`, its IssuingCa on the HSM key (its
+    nonces in the registry's shared tables when given, so any worker consumes them)."""
     from fleetid.cloud.ca import IssuingCa
+    from fleetid.cloud.ca.nonces import RegistryNonceStore
 
     ca_cert = _read_pems([entry["ca_cert"]])[0]
     _check_adopted_ca(entry, ca_cert, root_certs)
@@ -271,8 +278,10 @@ def _est_label(config, hsm, entry, root_certs, intermediates, vendor_roots, cloc
     # The CRL distribution point new certificates name: this label's CRL route.
     label_crl_url = (crl_url(config.crl_base_url, entry["name"])
                      if config.crl_base_url else None)
+    nonce_store = (RegistryNonceStore(shared.nonces(entry["ca_key"]))
+                   if shared is not None else None)
     ca = IssuingCa(hsm, entry["ca_key"], ca_cert, vendor_roots, clock=clock,
-                   verify_signatures="always", crl_url=label_crl_url)
+                   verify_signatures="always", crl_url=label_crl_url, nonce_store=nonce_store)
     label = EstLabel(entry["name"], ca, chain,
                      require_approval=bool(entry.get("require_approval")),
                      profile=get_profile(entry.get("profile") or "operational"))
@@ -320,7 +329,9 @@ class CloudServer:
     def __init__(self, verifier, est_service, tls_cert, tls_key, client_ca_pem,
                  host="127.0.0.1", verifier_port=8443, est_port=8444, metrics_port=0,
                  metrics=None, crl_publisher=None, crl_port=0, checkpointer=None,
-                 checkpoint_poll=CHECKPOINT_POLL_SECONDS, revocation_tiers=None):
+                 checkpoint_poll=CHECKPOINT_POLL_SECONDS, revocation_tiers=None, sockets=None):
+        # sockets: {listener name: bound listening socket} to serve instead of binding
+        # (the workers of serve_workers share the parent's).
         # checkpointer: an audit.Checkpointer; while the server runs it signs a checkpoint
         # when one is due, and once more at stop() (every issuance, re-issuance, rotation
         # acknowledgement and revocation the server recorded is then anchored).
@@ -352,6 +363,7 @@ class CloudServer:
                     attach_staple_header(self._plan[0][1], staple.staple)
             self._plan.append(("crl", crl_app, crl_port, None))
         self.revocation_tiers = revocation_tiers
+        self.sockets = dict(sockets or {})
         self._runners = []
         self.ports = {}
 
@@ -360,9 +372,11 @@ class CloudServer:
         config = context.config
         verifier = FleetVerifier(context.trust, context.registry,
                                  accept_identity=config.accept_identity)
+        shared = getattr(context, "shared", None)
         est = EstService(context.labels, context.registry, context.trust,
                          default_label=context.default_label,
-                         overlap=datetime.timedelta(days=config.overlap_days))
+                         overlap=datetime.timedelta(days=config.overlap_days),
+                         approvals=shared.approvals if shared is not None else None)
         kwargs = dict(host=config.host, verifier_port=config.verifier_port,
                       est_port=config.est_port, metrics_port=config.metrics_port,
                       checkpointer=getattr(context, "checkpointer", None))
@@ -392,8 +406,12 @@ class CloudServer:
             runner = web.AppRunner(app, access_log=None)
             await runner.setup()
             host = self.host if name != "metrics" else "127.0.0.1"
-            site = web.TCPSite(runner, host, port, ssl_context=ssl_context,
-                               backlog=1024, reuse_address=True)
+            if name in self.sockets:
+                site = web.SockSite(runner, self.sockets[name], ssl_context=ssl_context,
+                                    backlog=1024)
+            else:
+                site = web.TCPSite(runner, host, port, ssl_context=ssl_context,
+                                   backlog=1024, reuse_address=True)
             try:
                 await site.start()
             except OSError as exc:  # EADDRINUSE, EACCES (< 1024), EADDRNOTAVAIL
@@ -411,6 +429,11 @@ class CloudServer:
             self._checkpoint_task = asyncio.get_running_loop().create_task(
                 self._checkpoint_loop())
         return self.ports
+
+    def listeners(self):
+        """[(name, host, port)] of the listeners start() would bind."""
+        return [(name, self.host if name != "metrics" else "127.0.0.1", port)
+                for name, _app, port, _ssl in self._plan]
 
     async def _checkpoint(self, due_only):
         # Signing goes through the HSM and writes the registry: off the event loop.  A
@@ -507,3 +530,56 @@ def trust_from_config(config, extra_intermediates=()):
     return FleetTrust(_read_pems(roots), intermediates, _read_pems(vendor_paths),
                       config.revoked_cas,
                       revoked_ca_file=RevokedCaFile(config.revoked_cas_file))
+
+
+def serve_workers(config, environ, workers, ready=None, **supervisor_options):
+    """`fleetid cloud serve --workers N`: N processes serving the same listeners
+    (cloud/http/workers.py: the parent binds, forks and supervises).
+
+    The parent first builds the context once (the embedded PKI's bootstrap and the
+    registry's migrations happen there, before any worker) and closes it; each worker
+    then opens its own HSM session and registry connections.  Only worker 0 signs audit
+    checkpoints (one witness anchor writer).  `ready(ports, pids)` is called once every
+    worker serves.  Returns the exit status (0 after SIGTERM / SIGINT, 1 after a crash
+    loop).
+
+    Raises ConfigError for workers > 1 on a "memory:" registry (its nonces, approvals and
+    audit chain would be one per process), ListenError, SupervisorError("not_ready").
+    """
+    from fleetid.cloud.http.workers import ListenerBindError, Supervisor, bind_listeners
+
+    if workers > 1 and config.registry.startswith("memory:"):
+        raise ConfigError("--workers %d needs a registry in a database (sqlite:<path> on "
+                          "one host, postgresql://... across hosts): a memory: registry "
+                          "would give each worker its own nonces, approvals and audit chain"
+                          % workers)
+    context = build_context(config, environ)
+    try:
+        listeners = CloudServer.from_context(context).listeners()
+    finally:
+        context.close()
+    try:
+        sockets = bind_listeners(listeners)
+    except ListenerBindError as exc:
+        raise ListenError(exc.listener, exc.host, exc.port, exc.cause) from None
+
+    def run_worker(index, worker_ready):
+        worker_context = build_context(config, environ)
+        try:
+            overrides = {"sockets": sockets}
+            if index:
+                overrides["checkpointer"] = None
+            server = CloudServer.from_context(worker_context, **overrides)
+            serve_forever(server, lambda _ports: worker_ready(), event_loop=config.event_loop)
+        finally:
+            worker_context.close()
+
+    supervisor = Supervisor(workers, run_worker, **supervisor_options)
+    try:
+        pids = supervisor.start()
+        if ready:
+            ready({name: sock.getsockname()[1] for name, sock in sockets.items()}, pids)
+        return supervisor.run()
+    finally:
+        for sock in sockets.values():
+            sock.close()

@@ -1,11 +1,12 @@
 """Attestation nonces: issued by the CA, single use, expiring, bound to a key when used.
 
 The storage interface (`NonceStore`) is what the issuing CA declares; this module has the
-in-memory implementation (one process: the factory line in-process, tests).  A
-registry-backed store (several stateless CA processes) implements the same three calls
-with one row per nonce, `consume` as a single conditional UPDATE
-(`... SET consumed_at=?, bound_key=? WHERE nonce=? AND consumed_at IS NULL`) so two
-processes cannot both consume one nonce.
+in-memory implementation (one process: the factory line in-process, tests) and
+`RegistryNonceStore`, the store of several stateless CA processes: one row per nonce in
+the registry's database (cloud/registry/shared_state.NonceTable, table ca_nonces), with
+`consume` a single conditional UPDATE
+(`... SET consumed_at=?, bound_key=? WHERE nonce=? AND consumed_at IS NULL AND
+expires_at > ?`), so two processes can never both consume one nonce.
 
 Times are aware UTC datetimes from the CA's injected clock (wall time, because nonces
 must expire consistently across processes sharing a registry).
@@ -102,3 +103,42 @@ class InMemoryNonceStore(NonceStore):
     def __len__(self):
         with self._lock:
             return len(self._entries)
+
+
+class RegistryNonceStore(NonceStore):
+    """A NonceStore over a table of the registry's database shared by every CA process
+    (SQLite on one host, PostgreSQL across hosts): a nonce issued by one process is
+    consumed by any other, exactly once.
+
+    `table`: cloud/registry/shared_state.NonceTable (or anything with its add /
+    consume -> None-or-reason / purge / binding calls; the CA does not import the
+    registry).  Storage failures propagate as the table raises them
+    (RegistryError(STORAGE)): the caller answers "unavailable", nothing is accepted.
+    """
+
+    PURGE_EVERY = 1000  # adds between two purges of expired unused nonces (per process)
+
+    def __init__(self, table):
+        self.table = table
+        self._lock = threading.Lock()
+        self._adds = 0
+
+    def add(self, nonce, issued_at, expires_at):
+        self.table.add(bytes(nonce), issued_at, expires_at)
+        with self._lock:
+            self._adds += 1
+            due = self._adds % self.PURGE_EVERY == 0
+        if due:  # keeps the table to the live nonces and the consumed ones
+            self.table.purge(issued_at)
+
+    def consume(self, nonce, now, bound_key):
+        reason = self.table.consume(bytes(nonce), now, bytes(bound_key))
+        if reason is not None:
+            raise errors.NonceRefused(reason)
+
+    def purge(self, now):
+        return self.table.purge(now)
+
+    def binding(self, nonce):
+        """(consumed_at, bound_key) of a consumed nonce, or None (tests and audit)."""
+        return self.table.binding(bytes(nonce))

@@ -21,7 +21,9 @@ Policy
   written with the certificate in one registry transaction).
 - Labels (RFC 7030 3.2.2) map to issuing CAs (product / batch / region scopes).  A label
   configured with `require_approval` answers 202 + Retry-After (RFC 7030 4.2.3) until an
-  operator approves the device (`approve`).
+  operator approves the device (`approve`).  Approvals live in an approval store: in
+  this process (InMemoryApprovals, the default) or in the registry's database
+  (cloud/registry/shared_state.ApprovalTable), which every EST worker shares.
 - A refusal writes nothing: no certificate, no registry change.  (The CA's nonce-burning
   rule still applies: once evidence is authenticated its nonce is used up.)
 """
@@ -97,17 +99,48 @@ class EstLabel:
         self.cacerts_der = messages.certs_only(self.chain)
 
 
+class InMemoryApprovals:
+    """Deferred-enrolment approvals of one process (the interface every approval store
+    has: approve, request -> approved?, consume, pending).  Thread-safe."""
+
+    def __init__(self):
+        self._approvals = {}  # (label, device serial) -> "pending" | "approved"
+        self._lock = threading.Lock()
+
+    def approve(self, label, device_serial):
+        with self._lock:
+            self._approvals[(label, device_serial)] = "approved"
+
+    def request(self, label, device_serial):
+        """True when approved; otherwise recorded as pending and False."""
+        with self._lock:
+            if self._approvals.get((label, device_serial)) == "approved":
+                return True
+            self._approvals[(label, device_serial)] = "pending"
+            return False
+
+    def consume(self, label, device_serial):
+        with self._lock:
+            self._approvals.pop((label, device_serial), None)
+
+    def pending(self):
+        with self._lock:
+            return sorted(k for k, v in self._approvals.items() if v == "pending")
+
+
 class EstService:
     """EST policy over issuing CAs.  Thread-safe.
 
     EstService(labels, registry, trust, default_label=None, overlap=DEFAULT_OVERLAP,
-               clock=None, verifier=None)
+               clock=None, verifier=None, approvals=None)
     labels: iterable of EstLabel.  trust: FleetTrust (client authentication).
     verifier: a FleetVerifier accepting identity certificates (default: built here).
+    approvals: the approval store (InMemoryApprovals by default; the registry's
+    shared_state.ApprovalTable when several EST processes share one registry).
     """
 
     def __init__(self, labels, registry, trust, default_label=None, overlap=DEFAULT_OVERLAP,
-                 clock=None, verifier=None):
+                 clock=None, verifier=None, approvals=None):
         self.labels = {label.name: label for label in labels}
         if not self.labels:
             raise ValueError("EST needs at least one label")
@@ -119,8 +152,7 @@ class EstService:
         self.verifier = verifier or FleetVerifier(trust, registry, clock=clock,
                                                   accept_identity=True)
         self._clock = self.verifier.now
-        self._approvals = {}  # (label, device serial) -> "pending" | "approved"
-        self._lock = threading.Lock()
+        self.approvals = approvals if approvals is not None else InMemoryApprovals()
 
     # -- labels and public operations -----------------------------------------------------------
 
@@ -154,28 +186,21 @@ class EstService:
     def approve(self, label_name, device_serial):
         """Approve the pending (or a future) enrolment of `device_serial` under a label."""
         self.label(label_name)
-        with self._lock:
-            self._approvals[(label_name, device_serial)] = "approved"
+        self.approvals.approve(label_name, device_serial)
 
     def pending(self):
         """[(label, device serial)] awaiting approval."""
-        with self._lock:
-            return sorted(k for k, v in self._approvals.items() if v == "pending")
+        return [tuple(p) for p in self.approvals.pending()]
 
     def _gate(self, label, serial):
         if not label.require_approval:
             return
-        key = (label.name, serial)
-        with self._lock:
-            if self._approvals.get(key) == "approved":
-                return
-            self._approvals[key] = "pending"
-        raise PendingApproval(label.retry_after)
+        if not self.approvals.request(label.name, serial):
+            raise PendingApproval(label.retry_after)
 
     def _consume_approval(self, label, serial):
         if label.require_approval:
-            with self._lock:
-                self._approvals.pop((label.name, serial), None)
+            self.approvals.consume(label.name, serial)
 
     # -- enrolment ------------------------------------------------------------------------------
 

@@ -43,20 +43,28 @@ __all__ = [
 ]
 
 
-def open_registry(uri, wall_clock=None):
+def open_registry(uri, wall_clock=None, timeout_s=None):
     """Open a registry from a URI: "sqlite:<path>", "postgresql://..." / "postgres://..."
     (anything libpq accepts after the scheme; passwords from PGPASSWORD or ~/.pgpass) or
     "memory:".
+
+    timeout_s: the longest one operation may wait (None: the backend's defaults): SQLite's
+    busy timeout; on PostgreSQL the server's statement_timeout, a third of it as
+    lock_timeout and connect_timeout (>= 2 s), and a client-side deadline one second
+    longer that holds while the server does not answer at all (pg_deadline.py).
 
     Raises RegistryError(CONFIG) for any other URI or when psycopg is missing,
     RegistryError(STORAGE) when the PostgreSQL server cannot be reached.
     """
     kwargs = {} if wall_clock is None else {"wall_clock": wall_clock}
+    timeouts = {}
     scheme, sep, rest = uri.partition(":")
     if sep and scheme == "sqlite" and rest:
         from fleetid.cloud.registry.sqlite_backend import SqliteRegistry
 
-        return SqliteRegistry(rest, **kwargs)
+        if timeout_s:
+            timeouts = {"busy_timeout_s": float(timeout_s)}
+        return SqliteRegistry(rest, **kwargs, **timeouts)
     if sep and scheme == "memory" and not rest:
         from fleetid.cloud.registry.memory import MemoryRegistry
 
@@ -64,7 +72,10 @@ def open_registry(uri, wall_clock=None):
     if sep and scheme in ("postgresql", "postgres") and rest:
         from fleetid.cloud.registry.postgres_backend import PostgresRegistry
 
-        return PostgresRegistry(uri, **kwargs)
+        if timeout_s:
+            timeouts = {"lock_timeout_s": timeout_s / 3.0,
+                        "connect_timeout_s": max(2, int(timeout_s / 3.0))}
+        return PostgresRegistry(uri, **kwargs, **timeouts)
     # The scheme only: a mistyped URI may still carry a password.
     raise RegistryError(RegistryError.CONFIG, "registry URI %r: must be sqlite:<path>, "
                         "postgresql://... or memory:" % (scheme[:32] + (":..." if sep else "")))

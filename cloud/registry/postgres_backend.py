@@ -14,7 +14,9 @@ How the guarantees of the interface are kept on PostgreSQL:
   issuer + serial) are enforced by the server; their violations map to the interface's
   errors;
 - the schema is applied under a transaction-level advisory lock (concurrent first starts);
-- lock_timeout / statement_timeout bound every wait (RegistryError(STORAGE) after them);
+- lock_timeout / statement_timeout bound every wait (RegistryError(STORAGE) after them),
+  and a client-side deadline (pg_deadline.py) bounds it when the server does not answer
+  at all (paused);
 - one connection per thread.
 
 URI: anything libpq accepts ("postgresql://user@host:5432/db", "host=/run/pg dbname=x").
@@ -26,6 +28,7 @@ import time
 
 from fleetid.cloud.registry.errors import DeviceNotFound, RegistryError
 from fleetid.cloud.registry.interface import certificate_from_row, device_from_row
+from fleetid.cloud.registry.pg_deadline import Deadlines
 from fleetid.cloud.registry.schema import placeholders
 from fleetid.cloud.registry.sql_common import (
     AUDIT_COLUMNS,
@@ -71,7 +74,7 @@ class PostgresRegistry(SqlRegistry):
     _lock_clause = " FOR UPDATE"
 
     def __init__(self, conninfo, wall_clock=time.time, lock_timeout_s=10.0,
-                 connect_timeout_s=10):
+                 connect_timeout_s=10, query_deadline_s=None):
         if psycopg is None:
             raise RegistryError(RegistryError.CONFIG, "psycopg is not installed "
                                 "(pip install 'fleetid[postgres]')")
@@ -79,6 +82,9 @@ class PostgresRegistry(SqlRegistry):
         self.conninfo = conninfo
         self.lock_timeout_s = lock_timeout_s
         self.connect_timeout_s = connect_timeout_s
+        # statement_timeout (3 x lock_timeout) and a second more: the server's own
+        # timeouts answer first whenever it runs.
+        self.deadlines = Deadlines(query_deadline_s or lock_timeout_s * 3 + 1.0)
         self._apply_schema()
 
     # -- connections and transactions -------------------------------------------------------------
@@ -97,7 +103,16 @@ class PostgresRegistry(SqlRegistry):
     def _write(self):
         conn = self._conn()
         try:
-            with conn.transaction():
+            with self.deadlines.watch(conn), conn.transaction():
+                yield conn
+        except psycopg.Error as exc:
+            raise _storage_error(exc) from None
+
+    @contextlib.contextmanager
+    def _read(self):
+        conn = self._conn()
+        try:
+            with self.deadlines.watch(conn):
                 yield conn
         except psycopg.Error as exc:
             raise _storage_error(exc) from None

@@ -9,9 +9,15 @@ both (SQLite 3.8+, PostgreSQL 9.5+).  Singleton rows (`id = 1`) hold the serial 
 and the audit head, so a writer on PostgreSQL can lock them with SELECT ... FOR UPDATE,
 which is what serialises serial allocation and audit appends there; SQLite's
 BEGIN IMMEDIATE does the same for the whole database.
+
+Versions: SCHEMA is version 1 as first released; MIGRATIONS holds each later version's
+forward step, applied in order by migrations.upgrade() when a registry opens (a fresh
+database is created at 1 and brought forward the same way, so new and upgraded
+databases take one path).  registry_meta's schema_version names the current version;
+schema_history records when each migration ran.
 """
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS registry_meta (
@@ -91,6 +97,43 @@ INSERT INTO audit_head (id, entry_count, head_hash)
     WHERE NOT EXISTS (SELECT 1 FROM audit_head);
 """
 
+# Forward migrations: version -> its statements (same portable SQL as SCHEMA).
+MIGRATIONS = {
+    # 2: the state several stateless cloud processes share (issue 19): attestation
+    # nonces (cloud/ca/nonces.py: consumed by one conditional UPDATE), EST pending
+    # approvals, and the revocation event sequence every process polls.
+    2: """
+CREATE TABLE IF NOT EXISTS schema_history (
+    version INTEGER PRIMARY KEY,
+    applied_at TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS ca_nonces (
+    nonce TEXT PRIMARY KEY,
+    ca TEXT NOT NULL,
+    issued_at TEXT NOT NULL,
+    expires_at TEXT NOT NULL,
+    consumed_at TEXT,
+    bound_key TEXT
+);
+CREATE INDEX IF NOT EXISTS ca_nonces_outstanding ON ca_nonces (expires_at)
+    WHERE consumed_at IS NULL;
+CREATE TABLE IF NOT EXISTS est_approvals (
+    label TEXT NOT NULL,
+    device_serial TEXT NOT NULL,
+    state TEXT NOT NULL CHECK (state IN ('pending', 'approved')),
+    updated_at TEXT NOT NULL,
+    PRIMARY KEY (label, device_serial)
+);
+CREATE TABLE IF NOT EXISTS revocation_events (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    seq BIGINT NOT NULL,
+    updated_at TEXT NOT NULL
+);
+INSERT INTO revocation_events (id, seq, updated_at)
+    SELECT 1, 0, '1970-01-01T00:00:00Z' WHERE NOT EXISTS (SELECT 1 FROM revocation_events);
+""",
+}
+
 # Type spellings per dialect; the schema text uses the PostgreSQL names.
 DIALECTS = {
     "postgresql": {},
@@ -106,10 +149,13 @@ def schema_for(dialect):
     return text
 
 
-def statements(dialect):
-    """The schema as a list of single statements (comments stripped)."""
-    lines = [line for line in schema_for(dialect).splitlines()
-             if not line.strip().startswith("--")]
+def statements(dialect, text=None):
+    """The schema (or `text`, e.g. a migration) as a list of single statements for
+    `dialect` (comments stripped)."""
+    text = schema_for(dialect) if text is None else text
+    for portable, native in DIALECTS[dialect].items():
+        text = text.replace(" " + portable + " ", " " + native + " ")
+    lines = [line for line in text.splitlines() if not line.strip().startswith("--")]
     return [s.strip() for s in "\n".join(lines).split(";") if s.strip()]
 
 

@@ -20,7 +20,7 @@ import contextlib
 import threading
 
 from fleetid.cloud import audit
-from fleetid.cloud.registry import schema
+from fleetid.cloud.registry import migrations, schema
 from fleetid.cloud.registry.errors import (
     CertificateNotFound,
     DeviceNotFound,
@@ -147,11 +147,7 @@ class SqlRegistry(Registry):
             self._lock_schema(conn)
             for statement in schema.statements(self.dialect):
                 conn.execute(statement)
-            row = conn.execute(
-                "SELECT value FROM registry_meta WHERE name = 'schema_version'").fetchone()
-            if row is None or row["value"] != str(schema.SCHEMA_VERSION):
-                raise RegistryError(RegistryError.SCHEMA, "version %s"
-                                    % (row and row["value"]))
+            migrations.upgrade(conn, self.dialect, self._q)
 
     def close(self):
         with self._connections_lock:

@@ -19,9 +19,15 @@ fallback: each of its writes bumps a sequence number in
 per request in each publishing process) invalidates the publishers when it changes, and
 the publishers also look at the registry at most every `poll_interval` seconds whatever
 happens (a lost event costs at most that interval).
+
+Processes that do not share the state directory (workers on other hosts over one
+PostgreSQL registry) see the same events through the registry: each announcement also
+bumps the registry's revocation event sequence (shared_state.RevocationEvents), and
+`RegistryEventWatcher` reads it at most every `interval` seconds (1 s by default).
 """
 
 import os
+import time
 
 from cryptography import x509
 
@@ -89,6 +95,52 @@ class EventWatcher:
         return False
 
 
+class RegistryEventWatcher:
+    """Calls `on_change()` when the registry's revocation event sequence
+    (shared_state.RevocationEvents) moved since the last look; looks at most every
+    `interval` seconds, so poll() per request costs one query per interval.  A registry
+    that cannot be read counts as no change (the publishers' poll_interval still
+    bounds the delay)."""
+
+    def __init__(self, events, on_change, interval=1.0, clock=time.monotonic):
+        self.events = events
+        self.on_change = on_change
+        self.interval = interval
+        self.clock = clock
+        self._looked = None
+        self._seen = self._read()
+
+    def _read(self):
+        from fleetid.cloud.registry.errors import RegistryError
+
+        try:
+            return self.events.current()
+        except RegistryError:
+            return None
+
+    def poll(self):
+        now = self.clock()
+        if self._looked is not None and now - self._looked < self.interval:
+            return False
+        self._looked = now
+        seq = self._read()
+        if seq is None or seq == self._seen:
+            return False
+        self._seen = seq
+        self.on_change()
+        return True
+
+
+class AnyWatcher:
+    """Several watchers polled as one: poll() is true when any saw a change."""
+
+    def __init__(self, watchers):
+        self.watchers = list(watchers)
+
+    def poll(self):
+        return any([watcher.poll() for watcher in self.watchers])
+
+
 class RevocationService:
     """Writes revocations into the one state and announces them.
 
@@ -107,6 +159,11 @@ class RevocationService:
 
     def _announce(self):
         seq = bump_event(self.events_path)
+        from fleetid.cloud.registry.shared_state import shared_tables
+
+        shared = shared_tables(self.registry)
+        if shared is not None:  # other hosts' processes poll the registry's sequence
+            shared.revocation_events.bump()
         for listener in self.listeners:
             listener()
         return seq

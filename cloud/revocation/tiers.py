@@ -29,7 +29,12 @@ import os
 from fleetid.cloud.revocation.revset_publisher import RevsetTier
 from fleetid.cloud.revocation.crl import ROOT_CRL_NAME, CrlTier
 from fleetid.cloud.revocation.ocsp import OcspTier
-from fleetid.cloud.revocation.service import EVENTS_FILE, EventWatcher
+from fleetid.cloud.revocation.service import (
+    EVENTS_FILE,
+    AnyWatcher,
+    EventWatcher,
+    RegistryEventWatcher,
+)
 from fleetid.cloud.revocation.staple import StapleTier
 from fleetid.cloud.revocation.tier import TierSetup
 from fleetid.cloud.verifier.revoked_cas import revoked_ca_map
@@ -90,9 +95,14 @@ class RevocationTiers:
     """The built tiers of a cloud (in TIERS order) and the watcher of the event file,
     whose change invalidates every one of them."""
 
-    def __init__(self, tiers, events_file=None):
+    def __init__(self, tiers, events_file=None, registry_events=None):
+        # registry_events: the registry's shared_state.RevocationEvents, for events
+        # announced by processes on other hosts (no shared event file).
         self.tiers = list(tiers)
         self.watcher = EventWatcher(events_file, self.on_event) if events_file else None
+        if registry_events is not None:
+            watchers = [RegistryEventWatcher(registry_events, self.on_event)]
+            self.watcher = AnyWatcher(watchers + ([self.watcher] if self.watcher else []))
 
     def on_event(self):
         for tier in self.tiers:
@@ -117,4 +127,8 @@ def load(hsm, registry, state_dir, root_cert, issuers, revoked_cas_path, crl_pub
     built = [tier for tier in (cls.build(setup) for cls in TIERS) if tier is not None]
     if all(tier.name == CrlTier.name for tier in built):
         return None
-    return RevocationTiers(built, events_path(state_dir))
+    from fleetid.cloud.registry.shared_state import shared_tables
+
+    shared = shared_tables(registry) if registry is not None else None
+    return RevocationTiers(built, events_path(state_dir),
+                           shared.revocation_events if shared is not None else None)
