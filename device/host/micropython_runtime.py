@@ -24,6 +24,8 @@ import shutil
 import subprocess
 import sys
 
+from fleetid.common.errors import FleetidError
+
 MAIN_MODULE = "fleetid_board_main"
 
 # Lines the board script prints, `word rest`: log <agent log line>, report <slot>
@@ -57,8 +59,8 @@ print("done")
 """
 
 
-class RuntimeMissing(Exception):
-    """A tool or module the MicroPython runtime needs is not installed (what says which)."""
+class RuntimeMissing(FleetidError):
+    """A tool or module the MicroPython runtime needs is not installed (`what` says which)."""
 
     def __init__(self, what):
         super().__init__(what)

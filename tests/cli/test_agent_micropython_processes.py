@@ -210,3 +210,26 @@ def test_board_agent_under_micropython_enrols_rotates_through_a_cut_and_reports_
                 server.wait(10)
             else:
                 server.stop()
+
+
+def test_options_the_board_agent_lacks_are_refused_by_name(tmp_path):
+    from click.testing import CliRunner
+
+    from fleetid.cli.agent import agent
+
+    signer = tmp_path / "signer.pem"
+    signer.write_text("")
+    runner = CliRunner()
+    result = runner.invoke(agent, [
+        "run", "--runtime", "micropython", "--bus", "linux:i2c:/dev/i2c-1:0x48",
+        "--cloud", "https://127.0.0.1:8443", "--rotate", "--mqtt", "mqtts://127.0.0.1:8883",
+        "--mqtt-revset-signer", str(signer), "--mqtt-revset-cache", str(tmp_path / "c")])
+    assert result.exit_code == 2, result.output
+    for named in ("--runtime micropython does not support", "--rotate",
+                  "--mqtt-revset-signer", "--mqtt-revset-cache",
+                  "--bus linux:i2c:/dev/i2c-1:0x48"):
+        assert named in result.output, result.output
+    result = runner.invoke(agent, ["run", "--bus", "sim:unix:/nonexistent",
+                                  "--cloud", "https://127.0.0.1:8443", "--mp-heap", "512K"])
+    assert result.exit_code == 2 and "--mp-heap goes with --runtime micropython" in \
+        result.output, result.output
