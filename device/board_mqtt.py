@@ -55,11 +55,12 @@ class BoardMqtt:
         transport.  crl_labels: retained CRL labels to subscribe to ("+": all).  clock:
         now() in epoch seconds.  log: fn(str).  keepalive_s: the transport's keepalive.
         se_keepalive_s: seconds of SE idleness before a GET RANDOM (None: never).
+        name: the MQTT client id (None: the identity certificate's CN, read from the SE).
     Attributes: link (AgentMqtt while connected), sent (telemetry sequence numbers).
     """
 
     def __init__(self, stack, agent, make_transport, crl_labels, clock, log,
-                 keepalive_s=60, se_keepalive_s=None):
+                 keepalive_s=60, se_keepalive_s=None, name=None):
         self.stack = stack
         self.agent = agent
         self.make_transport = make_transport
@@ -70,7 +71,7 @@ class BoardMqtt:
         self.se_keepalive_s = se_keepalive_s
         self.link = None
         self.sent = []
-        self._name = None
+        self._name = name
         self._mqtt_at = self._se_at = _ticks()
 
     def device_name(self):
@@ -198,7 +199,8 @@ def run_on_mqtt(session, interval_s, log, cycles=None, sleep=None):
     command = None
     while cycles is None or done < cycles:
         if session.link is None and session.connect():
-            session.pump(1.0)  # the retained CRLs before the cycle
+            # The retained CRLs before the cycle (and a command already waiting).
+            command = session.pump(1.0) or command
         done += 1
         last = session.cycle(command)
         command = None
