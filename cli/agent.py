@@ -9,6 +9,7 @@ Errors from any layer become one short line, never a traceback.  Exit status: 0 
 import datetime
 import json
 import random
+import re
 import signal
 import sys
 
@@ -29,6 +30,11 @@ def _when(seconds):
 
 
 _bus_options = bus_options()
+
+
+def _bad_heap(value):
+    raise click.BadParameter("%r: a size in bytes, or with a K or M suffix (512K)" % value,
+                             param_hint="--mp-heap")
 
 
 def _revocation_options(f):
@@ -119,7 +125,9 @@ def agent():
               help="cpython: this process.  micropython: the board agent "
                    "(fleetid.device.board.run, as flashed to boards) under the MicroPython "
                    "unix port, on a sim: bus; options it lacks are refused by name.")
-@click.option("--mp-heap", default=None, metavar="SIZE",
+@click.option("--mp-heap", default=None, metavar="SIZE", callback=lambda ctx, param, value: (
+              value if value is None or re.fullmatch(r"[1-9][0-9]*[KkMm]?", value) else
+              _bad_heap(value)),
               help="With --runtime micropython: the interpreter's -X heapsize (e.g. 512K; "
                    "default: the unix port's).")
 def run_cmd(bus, t1_profile, timeout_ms, cloud, est, label, once, rotate, interval,

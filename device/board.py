@@ -271,7 +271,7 @@ def run(bus, t1_profile="gp", interval_s=3600, net_module="board_net", boot_imag
                                log=log, cycles=cycles)
         session = _mqtt_session(net_module, stack, agent, clock, log, hook, {
             "mqtt_url": mqtt_url, "mqtt_roots": mqtt_roots, "mqtt_chain": mqtt_chain,
-            "server_name": server_name, "mqtt_timeout_s": mqtt_timeout_s,
+            "server_name": None, "mqtt_timeout_s": mqtt_timeout_s,  # the broker: its host
             "mqtt_crl_labels": mqtt_crl_labels, "se_keepalive_s": se_keepalive_s})
         try:
             return _run_on_mqtt(session, interval_s, log, cycles, clock.sleep)
