@@ -9,6 +9,7 @@ Errors from any layer become one short line, never a traceback.  Exit status: 0 
 import datetime
 import json
 import random
+import re
 import signal
 import sys
 
@@ -29,6 +30,11 @@ def _when(seconds):
 
 
 _bus_options = bus_options()
+
+
+def _bad_heap(value):
+    raise click.BadParameter("%r: a size in bytes, or with a K or M suffix (512K)" % value,
+                             param_hint="--mp-heap")
 
 
 def _revocation_options(f):
@@ -114,14 +120,26 @@ def agent():
               type=click.IntRange(32), help="Slot size for --boot-image.")
 @_revocation_options
 @mqtt_options
+@click.option("--runtime", default="cpython", show_default=True,
+              type=click.Choice(["cpython", "micropython"]),
+              help="cpython: this process.  micropython: the board agent "
+                   "(fleetid.device.board.run, as flashed to boards) under the MicroPython "
+                   "unix port, on a sim: bus; options it lacks are refused by name.")
+@click.option("--mp-heap", default=None, metavar="SIZE", callback=lambda ctx, param, value: (
+              value if value is None or re.fullmatch(r"[1-9][0-9]*[KkMm]?", value) else
+              _bad_heap(value)),
+              help="With --runtime micropython: the interpreter's -X heapsize (e.g. 512K; "
+                   "default: the unix port's).")
 def run_cmd(bus, t1_profile, timeout_ms, cloud, est, label, once, rotate, interval,
             renew_fraction, renew_margin, max_attempts, max_delay, quiet, boot_image,
-            boot_max_size, crl_cache, crl_issuer, crl_grace, crl_fail_open, **mqtt):
+            boot_max_size, crl_cache, crl_issuer, crl_grace, crl_fail_open, runtime,
+            mp_heap, **mqtt):
     """Run the agent: enrol, renew when due (or --rotate), acknowledge, retire the old key.
 
     \b
     Without --once it loops until SIGTERM / Ctrl-C, which stop it cleanly between steps
     (a rotation in flight resumes at the next start, from the journal in the SE).
+    --runtime micropython: the board agent does it all by itself (cli/agent_micropython.py).
     \b
     Examples:
       fleetid agent run --bus sim:unix:/tmp/se.sock --cloud https://127.0.0.1:8443 \\
@@ -130,12 +148,21 @@ def run_cmd(bus, t1_profile, timeout_ms, cloud, est, label, once, rotate, interv
           --cloud https://verifier.example:8443 --est https://est.example:8444
       fleetid agent run --bus sim:unix:/tmp/se.sock --cloud https://127.0.0.1:8443 \\
           --mqtt mqtts://127.0.0.1:8883 --crl-issuer ca.pem --crl-cache var/agent/ca.crl
+      fleetid agent run --runtime micropython --bus sim:unix:/tmp/se.sock \\
+          --cloud https://127.0.0.1:8443 --est https://127.0.0.1:8444 --mqtt mqtts://127.0.0.1:8883
     """
+    if runtime == "micropython":  # the board agent: cli/agent_micropython.py
+        from fleetid.cli.agent_micropython import run_micropython
+        options = dict(locals(), **mqtt)
+        sys.exit(run_micropython(**{k: v for k, v in options.items() if k not in (
+            "mqtt", "runtime", "run_micropython")}))
     import threading
 
     from fleetid.device.agent import AgentPolicy
     from fleetid.device.host.agent_net import SystemClock
 
+    if mp_heap is not None:
+        raise click.UsageError("--mp-heap goes with --runtime micropython")
     if not (cloud or est):
         raise click.UsageError("--cloud (and/or --est) is required")
     stop = threading.Event()

@@ -51,8 +51,24 @@
 #     boot_max_size   the image slot's size (None: device/boot.DEFAULT_MAX_SIZE).
 #     crl_issuer      path of the issuing CA's certificate (DER) whose CRL the device
 #     crl_cache       caches, and the file the cache lives in: both or neither.
-#     crl_grace_s, crl_fail_open   device/crl_cache.CrlPolicy.
-#     renew_fraction, renew_margin_s   device/agent.AgentPolicy.
+#     crl_grace_s, crl_fail_open   device/crl_cache.CrlPolicy.  With the cache on, the
+#                     servers' chains (HTTPS and MQTT) are checked against it too
+#                     (server_revocation below: a listed server is refused).
+#     renew_fraction, renew_margin_s, max_attempts, max_delay   device/agent.AgentPolicy.
+#     mqtt_url        mqtts://HOST[:PORT]: run() opens the MQTT session itself
+#                     (device/board_mqtt.py: telemetry after every cycle, retained CRLs
+#                     into the cache, rotate / SCP03 relay / ping commands), its
+#                     transport from the network module's
+#         make_mqtt(se, name, mqtt_url, anchors_der=, chain_der=, server_name=,
+#                   timeout_s=, revocation=, now=) -> device/mqtt transport
+#                     (board_net's: umqtt.simple over device/tls_socket.py, TLS 1.3 with
+#                     the identity key in the SE).
+#     mqtt_crl_labels retained CRL labels to take (("+",): all).
+#     mqtt_roots, mqtt_chain   DER files: the broker's anchors (None: the fleet root in
+#                     the SE) and certificates sent after the identity certificate.
+#     mqtt_timeout_s  bound on each TLS wait of the MQTT session.
+#     se_keepalive_s  a GET RANDOM to the SE at least this often while waiting (None: off;
+#                     the emulator behind `fleetid sim serve` drops an idle client).
 # Modules of an option that is off are never imported (the board's heap).
 
 from fleetid.device.agent import Agent, AgentPolicy, run_forever
@@ -130,37 +146,109 @@ def signed_boot(se, image_path, clock, max_size=None, log=None):
     return SignedBoot(check, boot.confirm_boot, se, open(image_path, "rb"), max_size)
 
 
+def server_revocation(cache, now):
+    """The `revocation(path)` hook of the board's TLS client (common/tls13_cert.py) from
+    its CRL cache: a certificate of the server's path issued by the cached CRL's issuer
+    and listed on it refuses the chain (the client sends certificate_revoked), even when
+    that CRL is stale.  No fresh CRL does not refuse a server, whatever the peers' policy
+    (crl_fail_open): the CRL itself is fetched over these connections and is verified by
+    its own signature, so refusing servers for want of one would lock the board out of
+    the fetch that refreshes it.  The compact revocation set keys on device serial
+    numbers (device/revset_cache.py), so it says nothing about a server.
+
+    Params: cache: device/crl_cache.CrlCache.  now: now() -> epoch seconds.
+    """
+    from fleetid.device.anchored_store import StaleRevocationError
+
+    def check(path):
+        for cert in path:
+            if cert.issuer == cache.issuer_name_der:
+                try:
+                    cache.check_serial(cert.serial, now())
+                except StaleRevocationError:
+                    pass
+
+    return check
+
+
+def _net_options(verifier_url, est_url, server_name, est_label, crl_url):
+    out = {}
+    for name, value in (("verifier_url", verifier_url), ("est_url", est_url),
+                        ("server_name", server_name), ("est_label", est_label),
+                        ("crl_url", crl_url)):
+        if value is not None:
+            out[name] = value
+    return out
+
+
+def _mqtt_session(net_module, stack, agent, clock, log, revocation, mqtt):
+    # device/board_mqtt.BoardMqtt with the network module's make_mqtt (board_net's:
+    # umqtt.simple over the SE-keyed TLS 1.3 client).  mqtt: the run() options by name.
+    from fleetid.device.board_mqtt import BoardMqtt
+
+    make_mqtt = getattr(net_module, "make_mqtt", None)
+    if make_mqtt is None:
+        raise ValueError("the network module has no make_mqtt (MQTT_URL needs one)")
+    anchors = [_read_file(p) for p in mqtt["mqtt_roots"]] if mqtt["mqtt_roots"] else None
+    chain = [_read_file(p) for p in mqtt["mqtt_chain"] or ()]
+
+    def make_transport(name):
+        return make_mqtt(stack.se, name, mqtt["mqtt_url"], anchors_der=anchors,
+                         chain_der=chain, server_name=mqtt["server_name"],
+                         timeout_s=mqtt["mqtt_timeout_s"], revocation=revocation,
+                         now=clock.now)
+
+    return BoardMqtt(stack, agent, make_transport, mqtt["mqtt_crl_labels"], clock, log,
+                     se_keepalive_s=mqtt["se_keepalive_s"])
+
+
+def _sleeper(clock, se, se_keepalive_s):
+    # run_forever's wait: the clock's sleep, in slices with a GET RANDOM between them when
+    # the SE must be kept awake (se_keepalive_s; the emulator drops an idle client).
+    def wait(seconds):
+        while se_keepalive_s is not None and seconds > se_keepalive_s:
+            clock.sleep(se_keepalive_s)
+            se.get_random(1)
+            seconds -= se_keepalive_s
+        clock.sleep(seconds)  # None: never asks to stop
+
+    return wait
+
+
+def _run_on_mqtt(session, interval_s, log, cycles, sleep):
+    from fleetid.device.board_mqtt import run_on_mqtt
+
+    return run_on_mqtt(session, interval_s, log, cycles, sleep)
+
+
 def run(bus, t1_profile="gp", interval_s=3600, net_module="board_net", boot_image=None,
         boot_max_size=None, crl_issuer=None, crl_cache_path=None, crl_grace_s=86400,
         crl_fail_open=False, renew_fraction=0.66, renew_margin_s=0, log=print,
         cycles=None, verifier_url=None, est_url=None, server_name=None, est_label=None,
-        crl_url=None):
+        crl_url=None, mqtt_url=None, mqtt_crl_labels=("+",), mqtt_roots=None,
+        mqtt_chain=None, mqtt_timeout_s=20, max_attempts=5, max_delay=60.0,
+        se_keepalive_s=None):
     """Run the device agent on a board (module header).
 
     Params: bus: bus URI (device/bus.py).  t1_profile: "gp" or "se05x".  interval_s:
-        seconds between cycles at most.  net_module: the board's network module, by name
-        or as the module itself.  boot_image ... renew_margin_s: the options in the module
-        header (off by default).  log: fn(str).  cycles: stop after this many (tests;
-        None: run forever).  verifier_url ... crl_url: the network's constants, passed
-        to make_net(se, ...) when any is set (fleetid.device.board_net takes them).
-    Returns: the last AgentReport (only when `cycles` ends the loop).
-    Raises: ValueError (crl_issuer without crl_cache_path or the other way round), and
-        what opening the SE raises (BusUriError, BusError, LinkError, ApduError): a board
-        without its SE has nothing to run.  Failures inside a cycle are logged and the
-        cycle retried after the interval (the journal in the SE keeps the progress).
+        seconds between cycles at most.  net_module: the board's network module (name or
+        module).  log: fn(str).  cycles: stop after this many (None: forever).  The
+        others: the options and network constants in the module header.
+    Returns: the last AgentReport (only when `cycles` ends the loop; None when it failed).
+    Raises: ValueError (crl_issuer without crl_cache_path or the other way round; MQTT_URL
+        with a network module without make_mqtt), and what opening the SE raises
+        (BusUriError, BusError, LinkError, ApduError).  Failures inside a cycle are
+        logged and the cycle retried after the interval (the SE's journal keeps them).
     """
     if (crl_issuer is None) != (crl_cache_path is None):
         raise ValueError("crl_issuer and crl_cache_path go together")
     if isinstance(net_module, str):
         # A non-empty fromlist makes __import__ return the named (dotted) module itself.
         net_module = __import__(net_module, None, None, ("make_net",))
-    net_options = {}
-    for name, value in (("verifier_url", verifier_url), ("est_url", est_url),
-                        ("server_name", server_name), ("est_label", est_label),
-                        ("crl_url", crl_url)):
-        if value is not None:
-            net_options[name] = value
-    policy = AgentPolicy(renew_fraction=renew_fraction, renew_margin_s=renew_margin_s)
+    net_options = _net_options(verifier_url, est_url, server_name, est_label, crl_url)
+    policy = AgentPolicy(renew_fraction=renew_fraction, renew_margin_s=renew_margin_s,
+                         max_attempts=max_attempts, max_delay=max_delay,
+                         max_wait=max(max_delay * max_attempts, 60.0))
     clock = net_module.make_clock()
     stack = open_se(bus, profile=t1_profile)
     boot = None
@@ -168,19 +256,27 @@ def run(bus, t1_profile="gp", interval_s=3600, net_module="board_net", boot_imag
         se = stack.se
         if boot_image is not None:
             boot = signed_boot(se, boot_image, clock, boot_max_size, log)
-        revocation = None
+        revocation = hook = None
         if crl_issuer is not None:
             revocation = crl_cache(se, crl_issuer, crl_cache_path, crl_grace_s,
                                    crl_fail_open)
-        net = net_module.make_net(se, **net_options) if net_options else \
-            net_module.make_net(se)
+            hook = server_revocation(revocation, clock.now)
+            if net_options:  # the shipped board_net (an integrator's make_net(se) may not)
+                net_options["revocation"] = hook
+        net = net_module.make_net(se, **net_options)  # none: an integrator's make_net(se)
         agent = Agent(se, net, clock, _urandom_fraction, boot=boot,
                       revocation=revocation, policy=policy, log=log)
-
-        def wait(seconds):
-            clock.sleep(seconds)  # None: never asks to stop
-
-        return run_forever(agent, wait, interval_s, log=log, cycles=cycles)
+        if mqtt_url is None:
+            return run_forever(agent, _sleeper(clock, se, se_keepalive_s), interval_s,
+                               log=log, cycles=cycles)
+        session = _mqtt_session(net_module, stack, agent, clock, log, hook, {
+            "mqtt_url": mqtt_url, "mqtt_roots": mqtt_roots, "mqtt_chain": mqtt_chain,
+            "server_name": None, "mqtt_timeout_s": mqtt_timeout_s,  # the broker: its host
+            "mqtt_crl_labels": mqtt_crl_labels, "se_keepalive_s": se_keepalive_s})
+        try:
+            return _run_on_mqtt(session, interval_s, log, cycles, clock.sleep)
+        finally:
+            session.drop()
     finally:
         if boot is not None:
             boot.reader.close()

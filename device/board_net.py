@@ -43,6 +43,7 @@ OID_CRL_DISTRIBUTION_POINTS = "2.5.29.31"  # RFC 5280 4.2.1.13
 MAX_RETRY_AFTER = 24 * 3600
 MAX_CRL = 65536
 _DATA_TRUST_FLEET_ROOT = 0x0111  # se_consts.DATA_TRUST_FLEET_ROOT
+_SLOT_IDENTITY = 0x01  # se_consts.SLOT_IDENTITY
 _EPOCH_2000 = 946684800  # seconds from 1970 to 2000 (ports whose time() counts from 2000)
 
 
@@ -321,14 +322,62 @@ def make_clock():
 
 
 def make_net(se, verifier_url=None, est_url=None, server_name=None, est_label=None,
-             crl_url=None, timeout_s=30, now=None):
+             crl_url=None, timeout_s=30, now=None, revocation=None):
     """device/board.py contract: the agent's `net` for the SE session `se`, with the
     board's constants (device/board.run passes them).
 
+    Params: revocation: the servers' chains' `revocation(path)` hook (device/board.run
+        passes device/board.server_revocation when the board keeps a CRL), or None.
     Raises: ValueError when the verifier or EST URL is missing or not https://."""
     if verifier_url is None or est_url is None:
         raise ValueError("board_net needs verifier_url and est_url (board constants)")
     if now is None:
         now = BoardClock().now
-    return BoardNetwork(se, verifier_url, est_url, now, server_name=server_name,
-                        est_label=est_label, crl_url=crl_url, timeout_s=timeout_s)
+    net = BoardNetwork(se, verifier_url, est_url, now, server_name=server_name,
+                       est_label=est_label, crl_url=crl_url, timeout_s=timeout_s)
+    net.https.revocation = revocation
+    return net
+
+
+def parse_mqtt_url(url):
+    """(host, port) of mqtts://HOST[:PORT] (port 8883 by default, RFC-less but IANA's).
+    Raises: ValueError."""
+    scheme, sep, rest = url.partition("://")
+    rest = rest.rstrip("/")
+    if scheme != "mqtts" or not sep or not rest or "/" in rest:
+        raise ValueError("%r: expected mqtts://HOST[:PORT]" % url)
+    host, colon, port = rest.rpartition(":")
+    if not colon or "]" in port:
+        return rest.strip("[]"), 8883
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError("%r: bad host or port" % url)
+    return host.strip("[]"), int(port)
+
+
+def make_mqtt(se, name, mqtt_url, anchors_der=None, chain_der=(), server_name=None,
+              timeout_s=20, keepalive_s=60, revocation=None, now=None):
+    """device/board.py contract (optional): the MQTT transport of the board's session,
+    device/mqtt.UmqttTransport (micropython-lib's umqtt.simple) over the SE-keyed TLS 1.3
+    client (device/tls_socket.SeTlsWrapper), authenticated by the identity key.
+
+    Params: se: SeSession.  name: the MQTT client id (the identity certificate's CN).
+        mqtt_url: mqtts://HOST[:PORT].  anchors_der: the broker's trust anchors (None:
+        the fleet root in the SE).  chain_der: certificates sent after the identity
+        certificate (intermediates a broker lacks).  server_name: name or IP in the
+        broker's certificate (None: the URL's host).  timeout_s: each TLS wait.
+        revocation: the broker chain's `revocation(path)` hook or None.
+    Returns: UmqttTransport (not connected).  Raises: ValueError (bad URL).
+    """
+    from fleetid.device.mqtt import UmqttTransport
+    from fleetid.device.tls_socket import SeTlsWrapper
+
+    host, port = parse_mqtt_url(mqtt_url)
+    if anchors_der is None:
+        anchors_der = [bytes(se.get_data(_DATA_TRUST_FLEET_ROOT, -1, 65536))]
+    if now is None:
+        now = BoardClock().now
+    identity = bytes(se.get_cert(_SLOT_IDENTITY))
+    tls = SeTlsWrapper(se, _SLOT_IDENTITY, anchors_der, now, server_name or host,
+                       client_chain=[identity] + list(chain_der), timeout_s=timeout_s,
+                       revocation=revocation)
+    return UmqttTransport(name, host, port, keepalive=keepalive_s, tls=tls)

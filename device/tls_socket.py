@@ -111,11 +111,14 @@ class SeTlsWrapper:
         (None: the slot's certificate).  prims: crypto provider (None: portable).
         timeout_s: each wait.  record_size_limit: RFC 8449.  max_transcript: the
         handshake's transcript block (device/https.MAX_TRANSCRIPT says why 5 KiB).
+        revocation: the server chain's `revocation(path)` hook (common/tls13_cert.py), or
+        None.
     Attributes: stream (the last Tls13Stream), ephemeral (its SeEphemeral).
     """
 
     def __init__(self, se, slot, anchors_der, now, server_name, client_chain=None,
-                 prims=None, timeout_s=30, record_size_limit=4096, max_transcript=5120):
+                 prims=None, timeout_s=30, record_size_limit=4096, max_transcript=5120,
+                 revocation=None):
         self.se = se
         self.slot = slot
         self.anchors = list(anchors_der)
@@ -126,6 +129,7 @@ class SeTlsWrapper:
         self.timeout_s = timeout_s
         self.record_size_limit = record_size_limit
         self.max_transcript = max_transcript
+        self.revocation = revocation
         self.stream = None
         self.ephemeral = None
 
@@ -149,6 +153,7 @@ class SeTlsWrapper:
         config = tls13.Tls13Config(prims, self.ephemeral, self.anchors, se_verifier(self.se),
                                    self.now, server_name=self.server_name,
                                    signer=se_signer(self.se, self.slot), client_chain=chain,
+                                   revocation=self.revocation,
                                    record_size_limit=self.record_size_limit,
                                    max_transcript=self.max_transcript)
         sock.settimeout(self.timeout_s)

@@ -184,6 +184,32 @@ WORKFLOWS = {
                                    "fleetid.device.tls_socket", "fleetid.common.mqttmsg",
                                    "fleetid.device.mqtt", "umqtt.simple"),
                      3, 201 * 1024, 252 * 1024),
+    # `fleetid agent run --runtime micropython` end to end (device/board.run with
+    # board_net and its own MQTT session, device/board_mqtt.py) against `fleetid cloud
+    # serve`, an nginx HTTPS front for the CRL and `fleetid mqtt broker`: every module the
+    # board agent imports.  Minimum bisected by hand 2026-12-07 with FLEETID_MP_HEAP (same
+    # toolchain; fails at 400 K and 407 K, passes at 411, 415, 430, 460 K): 411 K, of which
+    # 223.0 K resident bytecode (the bench's resident_bytecode) and 188 K working.
+    "run_agent_micropython": ("tests/cli/test_agent_micropython_processes.py::test_board_agent_under_micropython_enrols_rotates_through_a_cut_and_reports_on_mqtt",
+                              SE_MODULES + ("fleetid.device.bus", "fleetid.device.stack",
+                                            "fleetid.common.der", "fleetid.common.attestation",
+                                            "fleetid.device.enrol",
+                                            "fleetid.device.rotation_journal",
+                                            "fleetid.device.agent", "fleetid.device.board",
+                                            "fleetid.common.oids", "fleetid.common.asn1time",
+                                            "fleetid.common.x509", "fleetid.device.certinfo",
+                                            "fleetid.device.certcheck",
+                                            "fleetid.device.anchored_store",
+                                            "fleetid.device.crl_cache",
+                                            "fleetid.common.tls13_crypto",
+                                            "fleetid.common.tls13_cert", "fleetid.common.tls13",
+                                            "fleetid.device.tls13_keys", "fleetid.device.https",
+                                            "fleetid.device.board_net",
+                                            "fleetid.device.tls_socket",
+                                            "fleetid.common.mqttmsg", "fleetid.device.mqtt",
+                                            "fleetid.device.agent_mqtt",
+                                            "fleetid.device.board_mqtt", "umqtt.simple"),
+                              3, 411 * 1024, 516 * 1024),
 }
 
 
