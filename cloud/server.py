@@ -41,7 +41,7 @@ from fleetid.cloud.est.service import EstLabel, EstService
 from fleetid.cloud.hsm.errors import KeyNotFound
 from fleetid.cloud.http.est_app import make_est_app
 from fleetid.cloud.http.metrics import Metrics
-from fleetid.cloud.http.middleware import log
+from fleetid.cloud.http.middleware import BODY_TIMEOUT, ServerTimeouts, log
 from fleetid.cloud.http.tls import server_ssl_context
 from fleetid.cloud.http.verifier_app import make_metrics_app, make_verifier_app
 from fleetid.cloud.pki.profiles import get_profile, server_certificate_builder
@@ -312,15 +312,41 @@ class ListenError(FleetidError, OSError):
         self.cause = cause
 
 
+class _BoundedTcpSite(web.TCPSite):
+    # aiohttp's TCPSite with a bound on the TLS handshake: it passes no
+    # ssl_handshake_timeout to create_server, so asyncio's default (60 s) would hold a
+    # client that stops mid-handshake.  Otherwise TCPSite.start() as it is.
+
+    def __init__(self, *args, ssl_handshake_timeout=None, **kwargs):
+        web.TCPSite.__init__(self, *args, **kwargs)
+        self.ssl_handshake_timeout = ssl_handshake_timeout
+
+    async def start(self):
+        await web.BaseSite.start(self)
+        bound = {}
+        if self._ssl_context is not None and self.ssl_handshake_timeout:
+            bound["ssl_handshake_timeout"] = self.ssl_handshake_timeout
+        self._server = await asyncio.get_running_loop().create_server(
+            self._runner.server, self._host, self._port, ssl=self._ssl_context,
+            backlog=self._backlog, reuse_address=self._reuse_address,
+            reuse_port=self._reuse_port, **bound)
+        sockets = self._server.sockets
+        self._bound_port = sockets[0].getsockname()[1] if sockets else self._port
+
+
 class CloudServer:
     """The verifier + EST + metrics listeners, and the plain-HTTP CRL listener when a
     CrlPublisher is given.  Ports may be 0 (pick a free one; the metrics listener is off
-    at 0); `ports` holds the bound ones after start()."""
+    at 0); `ports` holds the bound ones after start().  `timeouts` (ServerTimeouts)
+    bounds what a client can make every listener wait for: the TLS handshake, a request
+    head, a request body."""
 
     def __init__(self, verifier, est_service, tls_cert, tls_key, client_ca_pem,
                  host="127.0.0.1", verifier_port=8443, est_port=8444, metrics_port=0,
                  metrics=None, crl_publisher=None, crl_port=0, checkpointer=None,
-                 checkpoint_poll=CHECKPOINT_POLL_SECONDS, revocation_tiers=None):
+                 checkpoint_poll=CHECKPOINT_POLL_SECONDS, revocation_tiers=None,
+                 timeouts=None):
+        self.timeouts = timeouts or ServerTimeouts()
         # checkpointer: an audit.Checkpointer; while the server runs it signs a checkpoint
         # when one is due, and once more at stop() (every issuance, re-issuance, rotation
         # acknowledgement and revocation the server recorded is then anchored).
@@ -352,6 +378,8 @@ class CloudServer:
                     attach_staple_header(self._plan[0][1], staple.staple)
             self._plan.append(("crl", crl_app, crl_port, None))
         self.revocation_tiers = revocation_tiers
+        for _name, app, _port, _context in self._plan:
+            app[BODY_TIMEOUT] = self.timeouts.body  # read_limited's bound
         self._runners = []
         self.ports = {}
 
@@ -389,11 +417,12 @@ class CloudServer:
 
     async def start(self):
         for name, app, port, ssl_context in self._plan:
-            runner = web.AppRunner(app, access_log=None)
+            runner = web.AppRunner(app, access_log=None, **self.timeouts.runner_options())
             await runner.setup()
             host = self.host if name != "metrics" else "127.0.0.1"
-            site = web.TCPSite(runner, host, port, ssl_context=ssl_context,
-                               backlog=1024, reuse_address=True)
+            site = _BoundedTcpSite(runner, host, port, ssl_context=ssl_context,
+                                   backlog=1024, reuse_address=True,
+                                   ssl_handshake_timeout=self.timeouts.handshake)
             try:
                 await site.start()
             except OSError as exc:  # EADDRINUSE, EACCES (< 1024), EADDRNOTAVAIL
