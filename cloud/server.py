@@ -313,19 +313,24 @@ class ListenError(FleetidError, OSError):
 
 
 class _BoundedTcpSite(web.TCPSite):
-    # aiohttp's TCPSite with a bound on the TLS handshake: it passes no
-    # ssl_handshake_timeout to create_server, so asyncio's default (60 s) would hold a
-    # client that stops mid-handshake.  Otherwise TCPSite.start() as it is.
+    # aiohttp's TCPSite with bounds on the TLS handshake and the TLS shutdown: it passes
+    # neither to create_server, so the loop's defaults apply: asyncio's 60 s for a client
+    # that stops mid-handshake, and 30 s (asyncio, uvloop) waiting for the client's
+    # close_notify after the server closed, during which uvloop's transport keeps reading
+    # and decrypting whatever the client still streams (a client sending a huge body
+    # after its 413 kept the server busy for the whole body).  Otherwise TCPSite.start().
 
-    def __init__(self, *args, ssl_handshake_timeout=None, **kwargs):
+    def __init__(self, *args, ssl_handshake_timeout=None, ssl_shutdown_timeout=None,
+                 **kwargs):
         web.TCPSite.__init__(self, *args, **kwargs)
-        self.ssl_handshake_timeout = ssl_handshake_timeout
+        self.ssl_timeouts = {"ssl_handshake_timeout": ssl_handshake_timeout,
+                             "ssl_shutdown_timeout": ssl_shutdown_timeout}
 
     async def start(self):
         await web.BaseSite.start(self)
         bound = {}
-        if self._ssl_context is not None and self.ssl_handshake_timeout:
-            bound["ssl_handshake_timeout"] = self.ssl_handshake_timeout
+        if self._ssl_context is not None:
+            bound = dict((k, v) for k, v in self.ssl_timeouts.items() if v)
         self._server = await asyncio.get_running_loop().create_server(
             self._runner.server, self._host, self._port, ssl=self._ssl_context,
             backlog=self._backlog, reuse_address=self._reuse_address,
@@ -422,7 +427,8 @@ class CloudServer:
             host = self.host if name != "metrics" else "127.0.0.1"
             site = _BoundedTcpSite(runner, host, port, ssl_context=ssl_context,
                                    backlog=1024, reuse_address=True,
-                                   ssl_handshake_timeout=self.timeouts.handshake)
+                                   ssl_handshake_timeout=self.timeouts.handshake,
+                                   ssl_shutdown_timeout=self.timeouts.linger)
             try:
                 await site.start()
             except OSError as exc:  # EADDRINUSE, EACCES (< 1024), EADDRNOTAVAIL

@@ -46,7 +46,9 @@ class ServerTimeouts:
         linger: after an answer given before the body was read whole (413, 408), how
             long the rest is read and dropped so the client sees the answer before the
             close (aiohttp's lingering_time, 10 s by default, during which a client
-            streaming a huge body keeps the server reading).
+            streaming a huge body keeps the server reading); also how long a TLS
+            connection the server closes waits for the client's close_notify (the loop's
+            ssl_shutdown_timeout, 30 s by default).
     Raises: ValueError for a bound that is not a positive number.
     """
 
