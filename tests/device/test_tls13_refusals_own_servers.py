@@ -12,9 +12,18 @@ server's TLS key log, so it can re-encrypt the server's real flight with a wrong
 or without its CertificateVerify; mosquitto writes no key log, so those two rows run
 against the CloudServer listeners only.
 
-For every row: the client raises a TlsError (a FleetidError) naming the reason and the
-alert, nothing untyped; the client's socket is closed, and the relay, standing where the
-server is, sees the client's side close within a bounded wait (no half-open connection).
+For every row, through TlsSocket (CPython's HTTPS and MQTT tunnel) and Tls13Stream (the
+portable driver a board runs): the client raises a TlsError (a FleetidError) naming the
+reason and the alert, nothing untyped; the alert reaches the server (read in the clear,
+or decrypted with the client's handshake secret from the key log; mosquitto's sealed
+ones are only seen to be one record); the client's socket is closed, and the relay,
+standing where the server is, sees the client's side close within a bounded wait (no
+half-open connection).  A second table runs rows through the callers (se_https,
+device/https, the paho MQTT transport): each raises its own typed error.
+
+The server is led to TLS 1.2 two ways: by a relay that strips supported_versions (the
+client refuses the TLS 1.2 ServerHello itself: protocol_version), and by capping the
+CloudServer context at TLS 1.2 (the server gives up: the client sees its alert or close).
 """
 
 import datetime
