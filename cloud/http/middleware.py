@@ -36,7 +36,9 @@ class ServerTimeouts:
     Params (seconds, each > 0):
         handshake: the whole TLS handshake, from the TCP accept (asyncio's
             ssl_handshake_timeout; its own default is 60 s).  A client that stops
-            mid-handshake is dropped after it.
+            mid-handshake is dropped after it.  The default leaves a slow board room:
+            a full handshake with every key operation in an SE050-class SE takes ~0.3 s
+            on a host (README, TLS 1.3 client), a microcontroller several times that.
         idle: a complete request head, counted from the connection's start or from the
             previous answer; bytes arriving do not extend it, so a head dribbled a byte at
             a time (slowloris) is dropped after it too.  (aiohttp's keepalive_timeout: it
@@ -52,7 +54,7 @@ class ServerTimeouts:
     Raises: ValueError for a bound that is not a positive number.
     """
 
-    def __init__(self, handshake=10.0, idle=30.0, body=30.0, linger=2.0):
+    def __init__(self, handshake=20.0, idle=30.0, body=30.0, linger=2.0):
         for name, value in (("handshake", handshake), ("idle", idle), ("body", body),
                             ("linger", linger)):
             if not isinstance(value, (int, float)) or not value > 0:
