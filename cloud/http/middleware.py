@@ -38,7 +38,7 @@ class ServerTimeouts:
             ssl_handshake_timeout; its own default is 60 s).  A client that stops
             mid-handshake is dropped after it.  The default leaves a slow board room:
             a full handshake with every key operation in an SE050-class SE takes ~0.3 s
-            on a host (README, TLS 1.3 client), a microcontroller several times that.
+            on a host (README, TLS 1.3 client); a microcontroller is slower (not measured here).
         idle: a complete request head, counted from the connection's start or from the
             previous answer; bytes arriving do not extend it, so a head dribbled a byte at
             a time (slowloris) is dropped after it too.  (aiohttp's keepalive_timeout: it
