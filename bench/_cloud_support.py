@@ -34,7 +34,7 @@ from fleetid.cloud.pki.signing import sign_certificate
 from fleetid.cloud.registry import IdentityRecord
 from fleetid.cloud.registry.memory import MemoryRegistry
 from fleetid.cloud.registry.sqlite_backend import SqliteRegistry
-from fleetid.cloud.server import CloudServer
+from fleetid.cloud.server import CloudServer, event_loop_factory
 from fleetid.cloud.revocation.service import RevocationService
 from fleetid.cloud.verifier.revoked_cas import RevokedCaFile
 from fleetid.cloud.verifier.service import FleetTrust, FleetVerifier
@@ -267,15 +267,16 @@ class Fleet:
 
 
 class RunningCloud:
-    """CloudServer (verifier + EST) in a background thread's event loop."""
+    """CloudServer (verifier + EST) in a background thread's event loop (event_loop:
+    "asyncio", "uvloop" or "auto", as fleetid.cloud.server.event_loop_factory)."""
 
-    def __init__(self, fleet, metrics_port=0, **server_kwargs):
+    def __init__(self, fleet, metrics_port=0, event_loop="asyncio", **server_kwargs):
         self.fleet = fleet
         self.server = CloudServer(fleet.verifier, fleet.est, fleet.server_cert,
                                   fleet.server_key, fleet.trust.ca_bundle_pem(),
                                   verifier_port=0, est_port=0, metrics_port=metrics_port,
                                   **server_kwargs)
-        self.loop = asyncio.new_event_loop()
+        self.loop = event_loop_factory(event_loop)()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
 
     def __enter__(self):

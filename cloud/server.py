@@ -41,8 +41,9 @@ from fleetid.cloud.est.service import EstLabel, EstService
 from fleetid.cloud.hsm.errors import KeyNotFound
 from fleetid.cloud.http.est_app import make_est_app
 from fleetid.cloud.http.metrics import Metrics
-from fleetid.cloud.http.middleware import log
+from fleetid.cloud.http.middleware import BODY_TIMEOUT, ServerTimeouts, log
 from fleetid.cloud.http.tls import server_ssl_context
+from fleetid.cloud.http import sites
 from fleetid.cloud.http.verifier_app import make_metrics_app, make_verifier_app
 from fleetid.cloud.pki.profiles import get_profile, server_certificate_builder
 from fleetid.cloud.registry.shared_state import shared_tables
@@ -324,14 +325,18 @@ class ListenError(FleetidError, OSError):
 class CloudServer:
     """The verifier + EST + metrics listeners, and the plain-HTTP CRL listener when a
     CrlPublisher is given.  Ports may be 0 (pick a free one; the metrics listener is off
-    at 0); `ports` holds the bound ones after start()."""
+    at 0); `ports` holds the bound ones after start().  `timeouts` (ServerTimeouts)
+    bounds what a client can make every listener wait for: the TLS handshake, a request
+    head, a request body."""
 
     def __init__(self, verifier, est_service, tls_cert, tls_key, client_ca_pem,
                  host="127.0.0.1", verifier_port=8443, est_port=8444, metrics_port=0,
                  metrics=None, crl_publisher=None, crl_port=0, checkpointer=None,
-                 checkpoint_poll=CHECKPOINT_POLL_SECONDS, revocation_tiers=None, sockets=None):
+                 checkpoint_poll=CHECKPOINT_POLL_SECONDS, revocation_tiers=None,
+                 sockets=None, timeouts=None):
         # sockets: {listener name: bound listening socket} to serve instead of binding
         # (the workers of serve_workers share the parent's).
+        self.timeouts = timeouts or ServerTimeouts()
         # checkpointer: an audit.Checkpointer; while the server runs it signs a checkpoint
         # when one is due, and once more at stop() (every issuance, re-issuance, rotation
         # acknowledgement and revocation the server recorded is then anchored).
@@ -364,6 +369,8 @@ class CloudServer:
             self._plan.append(("crl", crl_app, crl_port, None))
         self.revocation_tiers = revocation_tiers
         self.sockets = dict(sockets or {})
+        for _name, app, _port, _context in self._plan:
+            app[BODY_TIMEOUT] = self.timeouts.body  # read_limited's bound
         self._runners = []
         self.ports = {}
 
@@ -403,15 +410,17 @@ class CloudServer:
 
     async def start(self):
         for name, app, port, ssl_context in self._plan:
-            runner = web.AppRunner(app, access_log=None)
+            runner = web.AppRunner(app, access_log=None, **self.timeouts.runner_options())
             await runner.setup()
             host = self.host if name != "metrics" else "127.0.0.1"
+            bounds = sites.ssl_bounds(ssl_context, self.timeouts)
             if name in self.sockets:
-                site = web.SockSite(runner, self.sockets[name], ssl_context=ssl_context,
-                                    backlog=1024)
+                site = sites.BoundedSockSite(runner, self.sockets[name], ssl_context=ssl_context,
+                                        backlog=1024)
             else:
-                site = web.TCPSite(runner, host, port, ssl_context=ssl_context,
-                                   backlog=1024, reuse_address=True)
+                site = sites.BoundedTcpSite(runner, host, port, ssl_context=ssl_context,
+                                       backlog=1024, reuse_address=True)
+            site.ssl_bounds = bounds
             try:
                 await site.start()
             except OSError as exc:  # EADDRINUSE, EACCES (< 1024), EADDRNOTAVAIL

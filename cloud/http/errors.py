@@ -28,6 +28,7 @@ HTTP_STATUS = {
     errors.METHOD: 405,
     errors.CONTENT_TYPE: 415,
     errors.TOO_LARGE: 413,
+    errors.REQUEST_TIMEOUT: 408,
     errors.DOCUMENT_LIMIT: 400,
     errors.POLICY: 403,
     errors.WRONG_CERTIFICATE_KIND: 403,

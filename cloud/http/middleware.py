@@ -1,12 +1,14 @@
 """The cloud's aiohttp middleware (every listener but metrics and CRL runs it): error
 rendering through the one status table (fleetid.cloud.http.errors), request metrics, one
-JSON access line per request; JSON-lines logging for the process; the bounded body read.
+JSON access line per request; JSON-lines logging for the process; the bounded body read
+and the bounds on every wait a client can impose (ServerTimeouts).
 
 Rendering rule: a CloudError renders as its status (errors.HTTP_STATUS) with a text body
 "<reason>: <detail>"; anything else is logged with its traceback and answered with a
 generic 500 (or 503 for storage / HSM failures): internal causes never reach a client.
 """
 
+import asyncio
 import json
 import logging
 import time
@@ -22,6 +24,54 @@ from fleetid.cloud.verifier.errors import CloudError
 log = logging.getLogger("fleetid.cloud")
 # request["device"]: the authenticated DeviceIdentity (set by the verifier's middleware).
 DEVICE = web.RequestKey("device", object) if hasattr(web, "RequestKey") else "device"
+# app[BODY_TIMEOUT]: seconds read_limited waits for a whole body (CloudServer sets it from
+# its ServerTimeouts; an app without it uses ServerTimeouts' default).
+BODY_TIMEOUT = web.AppKey("body_timeout", float) if hasattr(web, "AppKey") else "body_timeout"
+
+
+class ServerTimeouts:
+    """How long a listener waits for a client, at each step where a slow or vanished
+    client could otherwise hold a connection (and its memory) for ever.
+
+    Params (seconds, each > 0):
+        handshake: the whole TLS handshake, from the TCP accept (asyncio's
+            ssl_handshake_timeout; its own default is 60 s).  A client that stops
+            mid-handshake is dropped after it.  The default leaves a slow board room:
+            a full handshake with every key operation in an SE050-class SE takes ~0.3 s
+            on a host (README, TLS 1.3 client); a microcontroller is slower (not measured here).
+        idle: a complete request head, counted from the connection's start or from the
+            previous answer; bytes arriving do not extend it, so a head dribbled a byte at
+            a time (slowloris) is dropped after it too.  (aiohttp's keepalive_timeout: it
+            closes a connection whose handler still waits for a request head.)
+        body: the whole request body, once its head is in (read_limited): the client gets
+            408 and the connection is closed.
+        linger: after an answer given before the body was read whole (413, 408), how
+            long the rest is read and dropped so the client sees the answer before the
+            close (aiohttp's lingering_time, 10 s by default, during which a client
+            streaming a huge body keeps the server reading); also how long a TLS
+            connection the server closes waits for the client's close_notify (the loop's
+            ssl_shutdown_timeout, 30 s by default).
+    Raises: ValueError for a bound that is not a positive number.
+    """
+
+    def __init__(self, handshake=20.0, idle=30.0, body=30.0, linger=2.0):
+        for name, value in (("handshake", handshake), ("idle", idle), ("body", body),
+                            ("linger", linger)):
+            if not isinstance(value, (int, float)) or not value > 0:
+                raise ValueError("ServerTimeouts.%s must be a positive number of seconds"
+                                 % name)
+        self.handshake = float(handshake)
+        self.idle = float(idle)
+        self.body = float(body)
+        self.linger = float(linger)
+
+    def runner_options(self):
+        """Keyword arguments for aiohttp's AppRunner (its request handler's bounds)."""
+        return {"keepalive_timeout": self.idle, "lingering_time": self.linger}
+
+    def __repr__(self):
+        return "ServerTimeouts(handshake=%g, idle=%g, body=%g, linger=%g)" % (
+            self.handshake, self.idle, self.body, self.linger)
 
 
 class JsonFormatter(logging.Formatter):
@@ -70,6 +120,8 @@ def make_middleware(service_name, metrics):
         except CloudError as exc:
             response = error_response(exc)
             fields["reason"] = exc.reason
+            if exc.reason == errors.REQUEST_TIMEOUT:
+                response.force_close()  # RFC 9110 15.5.9: 408, then close
         except web.HTTPException as exc:
             response = exc
         except (RegistryError, HsmError) as exc:
@@ -112,14 +164,25 @@ async def read_limited(request, limit):
     came in, so no more than the limit (plus one network chunk) is ever buffered.  A
     declared Content-Length over the limit is refused before reading anything.
 
-    Raises: CloudError(TOO_LARGE).
+    The whole body must arrive within the app's BODY_TIMEOUT (ServerTimeouts.body).
+
+    Raises: CloudError(TOO_LARGE); CloudError(REQUEST_TIMEOUT) when the body is not in
+        within the bound; CloudError(BAD_REQUEST) when the client closed before sending it
+        whole (it is gone: the answer is for the access log, not a server fault).
     """
     length = request.content_length
     if length is not None and length > limit:
         raise CloudError(errors.TOO_LARGE, "body over %d bytes" % limit)
     if request.client_max_size != limit:
         request = request.clone(client_max_size=limit)
+    timeout = request.config_dict.get(BODY_TIMEOUT) or ServerTimeouts().body
     try:
-        return await request.read()
+        return await asyncio.wait_for(request.read(), timeout)
     except web.HTTPRequestEntityTooLarge:
         raise CloudError(errors.TOO_LARGE, "body over %d bytes" % limit) from None
+    except TimeoutError:
+        raise CloudError(errors.REQUEST_TIMEOUT, "body not received within %g s"
+                         % timeout) from None
+    except ConnectionError:
+        raise CloudError(errors.BAD_REQUEST, "connection closed before the whole body") \
+            from None
