@@ -6,6 +6,7 @@ A tier instance (built by tiers.load from the HSM, the registry and the revoked-
     name                  the key of the tier in `fleetid revocation status`
     invalidate()          a revocation was written (the event, service.py): drop what is
                           cached, so the next request sees it
+    start() / stop()      the listener starts / stops (a tier's background work)
     routes()              list of Route: what the tier serves on the revocation listener,
                           without HTTP (cloud/http/revocation_app.py adapts them to aiohttp
                           and renders refusals through cloud/http/errors.py)
@@ -92,6 +93,16 @@ class Reply:
         self.headers = dict(headers or {})
 
 
+class Deferred:
+    """A route's answer that needs blocking work (a signature, a storage read):
+    `work()` -> Reply, which the listener runs in a worker thread, off the event loop."""
+
+    __slots__ = ("work",)
+
+    def __init__(self, work):
+        self.work = work
+
+
 class Route:
     """One route of a tier.
 
@@ -100,11 +111,15 @@ class Route:
         body the request body (b"" for GET).  content_type: the one request type a POST
         takes (others: unsupported_content_type), or None.  body_limit: bytes a POST may
         carry (more: too_large).  blocking: handle signs or reads storage and runs in a
-        worker thread, off the event loop.
+        worker thread, off the event loop (a handle that answers from memory runs on the
+        loop and returns a Deferred for its blocking cases).  client_limited: the
+        listener's per-client rate limit applies (over it: rate_limited, 429 with
+        Retry-After).
     """
 
     def __init__(self, method, path, handle, content_type=None, body_limit=0,
-                 blocking=False):
+                 blocking=False, client_limited=False):
+        self.client_limited = client_limited
         self.method = method
         self.path = path
         self.handle = handle
@@ -121,6 +136,12 @@ class Tier:
 
     def invalidate(self):
         pass
+
+    def start(self):
+        """The listener started (background work may begin)."""
+
+    def stop(self):
+        """The listener stops (bounded)."""
 
     def routes(self):
         return []

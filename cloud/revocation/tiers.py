@@ -5,7 +5,8 @@ reaches them all.  Each tier is a class with the interface of tier.py, in its ow
     crl           crl.py      GET /crl/<label>.crl (and /crl/root.crl, arl.py, when the
                               root key is in this HSM: with_root_crl)
     staple        staple.py   GET /ocsp/staple (and a header on every verifier response)
-    ocsp          ocsp.py     POST /ocsp, GET /ocsp/<b64>
+    ocsp          ocsp_tier.py  POST /ocsp, GET /ocsp/<b64> (ocsp.py signs, ocsp_cache.py
+                              keeps the pre-signed answers)
     revset        revset_publisher.py
                               GET /revset/current.frs, GET /revset/delta/<n>.frd
 
@@ -28,7 +29,7 @@ import os
 
 from fleetid.cloud.revocation.revset_publisher import RevsetTier
 from fleetid.cloud.revocation.crl import ROOT_CRL_NAME, CrlTier
-from fleetid.cloud.revocation.ocsp import OcspTier
+from fleetid.cloud.revocation.ocsp_tier import OcspTier
 from fleetid.cloud.revocation.service import EVENTS_FILE, EventWatcher
 from fleetid.cloud.revocation.staple import StapleTier
 from fleetid.cloud.revocation.tier import TierSetup
