@@ -45,7 +45,14 @@ from fleetid.cloud.http.middleware import log
 from fleetid.cloud.http.tls import server_ssl_context
 from fleetid.cloud.http.verifier_app import make_metrics_app, make_verifier_app
 from fleetid.cloud.pki.profiles import get_profile, server_certificate_builder
-from fleetid.cloud.http.revocation_app import attach_staple_header, make_revocation_app
+from fleetid.cloud.http.ocsp_fast import OcspFastPath, OcspFastSite
+from fleetid.cloud.http.rate_limit import ClientRateLimits
+from fleetid.cloud.http.revocation_app import (
+    CLIENT_BURST,
+    CLIENT_RATE,
+    attach_staple_header,
+    make_revocation_app,
+)
 from fleetid.cloud.revocation.crl import CrlIssuer, CrlPublisher, CrlTier, crl_url
 from fleetid.cloud.verifier.revoked_cas import RevokedCaFile
 from fleetid.cloud.verifier.service import FleetTrust, FleetVerifier
@@ -341,12 +348,18 @@ class CloudServer:
         if metrics_port:
             self._plan.append(("metrics", make_metrics_app(self.metrics), metrics_port, None))
         self.crl_publisher = crl_publisher
+        self._fast = {}  # listener name -> OcspFastPath
         if crl_publisher is not None:
             if revocation_tiers is None:  # not initialised: the CRLs only
                 crl_app = make_revocation_app([CrlTier(crl_publisher)], metrics=self.metrics)
             else:  # every tier (tiers.TIERS) on the same listener
+                limits = ClientRateLimits(CLIENT_RATE, CLIENT_BURST)
                 crl_app = make_revocation_app(revocation_tiers.tiers, revocation_tiers.watcher,
-                                              self.metrics)
+                                              self.metrics, client_limits=limits)
+                ocsp_tier = revocation_tiers.tier("ocsp")
+                if ocsp_tier is not None:  # OCSP off aiohttp's request path: ocsp_fast.py
+                    self._fast["crl"] = OcspFastPath(ocsp_tier, limits,
+                                                     revocation_tiers.watcher, self.metrics)
                 staple = revocation_tiers.tier("staple")
                 if staple is not None:  # no TLS stapling: staple.py
                     attach_staple_header(self._plan[0][1], staple.staple)
@@ -392,8 +405,12 @@ class CloudServer:
             runner = web.AppRunner(app, access_log=None)
             await runner.setup()
             host = self.host if name != "metrics" else "127.0.0.1"
-            site = web.TCPSite(runner, host, port, ssl_context=ssl_context,
-                               backlog=1024, reuse_address=True)
+            if name in self._fast:
+                site = OcspFastSite(runner, host, port, self._fast[name], backlog=1024,
+                                    reuse_address=True)
+            else:
+                site = web.TCPSite(runner, host, port, ssl_context=ssl_context,
+                                   backlog=1024, reuse_address=True)
             try:
                 await site.start()
             except OSError as exc:  # EADDRINUSE, EACCES (< 1024), EADDRNOTAVAIL

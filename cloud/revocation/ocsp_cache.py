@@ -149,6 +149,9 @@ class OcspCache:
             for key in signer.ids:
                 self._index[key] = index
         self._entries = {}  # (signer index, algorithm name, serial) -> CachedResponse
+        # DER request without nonce -> its key: a client asks with the same bytes each
+        # time, so those are parsed once (bounded like the entries).
+        self._parsed = {}
         self._due = []  # heap of (refresh_at, sequence, key)
         self._sequence = itertools.count()
         self._revoked = set()  # (signer index, serial) revoked at the reconciled epoch
@@ -169,21 +172,28 @@ class OcspCache:
         does not parse gets malformedRequest, a foreign issuer unauthorized.
         Returns OcspAnswer (with `query` set when a signature is needed)."""
         self.sync()
-        request, nonce, refusal = read_request(request_der)
-        if refusal is not None:
-            return OcspAnswer(refusal)
-        algorithm = request.hash_algorithm.name
-        index = self._index.get((algorithm, request.issuer_name_hash,
-                                 request.issuer_key_hash))
-        if index is None:
-            return OcspAnswer(UNAUTHORIZED)
-        serial = request.serial_number
-        if nonce is None:
-            entry = self._entries.get((index, algorithm, serial))
-            if entry is not None and self._servable(entry, index, serial):
-                self.stats["hits"] += 1
-                return OcspAnswer(entry.der, entry)
-        return OcspAnswer(query=OcspQuery(index, algorithm, serial, nonce))
+        if type(request_der) is not bytes:
+            request_der = bytes(request_der)
+        key = self._parsed.get(request_der)  # the same bytes parse the same: skip it
+        if key is None:
+            request, nonce, refusal = read_request(request_der)
+            if refusal is not None:
+                return OcspAnswer(refusal)
+            algorithm = request.hash_algorithm.name
+            index = self._index.get((algorithm, request.issuer_name_hash,
+                                     request.issuer_key_hash))
+            if index is None:
+                return OcspAnswer(UNAUTHORIZED)
+            key = (index, algorithm, request.serial_number)
+            if nonce is not None:
+                return OcspAnswer(query=OcspQuery(index, algorithm, key[2], nonce))
+            if len(self._parsed) < self.max_entries:
+                self._parsed[request_der] = key
+        entry = self._entries.get(key)
+        if entry is not None and self._servable(entry, key[0], key[2]):
+            self.stats["hits"] += 1
+            return OcspAnswer(entry.der, entry)
+        return OcspAnswer(query=OcspQuery(key[0], key[1], key[2], None))
 
     def _servable(self, entry, index, serial):
         if self.clock().timestamp() >= entry.next_update:

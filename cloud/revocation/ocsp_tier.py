@@ -97,8 +97,14 @@ class OcspTier(Tier):
         return self.answer(body)
 
     def _get(self, params, _body):
+        return self.answer_path(params["request"])
+
+    def answer_path(self, path_tail):
+        """answer() for a GET: `path_tail` is what follows /ocsp/ (RFC 6960 A.1: the
+        URL-encoded base64 of the DER request); one that does not decode gets a
+        malformedRequest answer."""
         try:
-            data = decode_get_path(params["request"])
+            data = decode_get_path(path_tail)
         except ValueError:
             return Reply(MALFORMED, OCSP_RESPONSE_TYPE, {"Cache-Control": "no-store"})
         return self.answer(data)

@@ -1,0 +1,356 @@
+"""The OCSP fast path of the revocation listener: OCSP requests answered by a lean
+asyncio protocol around aiohttp's own HTTP parser; every other request handed, with its
+connection, to the listener's aiohttp application.
+
+    fast = OcspFastPath(ocsp_tier, client_limits=limits, watcher=watcher, metrics=metrics)
+    site = OcspFastSite(runner, host, port, fast)     # instead of web.TCPSite
+    await site.start()
+
+Why: an OCSP answer from the pre-signed cache (cloud/revocation/ocsp_cache.py) is a
+dictionary lookup, and aiohttp's per-request machinery (request and response objects,
+a task per request, router, middlewares) cost several times that: in bench/ocsp.py the
+bare aiohttp floor alone used more server CPU per response than `openssl ocsp` signing
+each one.  So the requests the OCSP tier serves are taken off that path:
+
+    POST /ocsp, POST /ocsp/          application/ocsp-request, Content-Length <= 4096
+    GET|HEAD /ocsp/<base64>          RFC 6960 A.1 / RFC 5019 5 (not /ocsp/staple)
+
+Each connection starts in this protocol.  At each request boundary it looks at the
+request line: an OCSP route is parsed by aiohttp's HttpRequestParser (request line and
+headers validated by aiohttp: no HTTP parsing of our own beyond finding the end of the
+head and counting Content-Length bytes) and answered here; anything else (CRLs, the
+compact set, the staple, unknown paths, chunked bodies) hands the connection and the
+bytes not yet consumed to aiohttp's protocol (transport.set_protocol), which serves it
+through the app, middlewares and error table as before.  The same checks as the app's
+route: the per-client token bucket (429 rate_limited, Retry-After), the event-file poll
+(one stat), the content type (415), the body limit (413); refusals rendered from the one
+status table (cloud/http/errors.py); the metrics counter and latency histogram under the
+same endpoint names; the JSON access line when INFO is enabled.
+
+Bounds: a request head of at most MAX_HEAD bytes, a body of at most MAX_REQUEST; an idle
+or unfinished connection is closed after `keepalive_timeout` seconds; one request at a
+time per connection (reading pauses while a signature is made in a worker thread, so
+pipelined requests are answered in order).
+"""
+
+import asyncio
+import email.utils
+import logging
+import time
+
+from aiohttp import web
+from aiohttp.http import HttpProcessingError, HttpRequestParser
+
+from fleetid.cloud.hsm.errors import HsmError
+from fleetid.cloud.http.errors import HTTP_STATUS, WWW_AUTHENTICATE
+from fleetid.cloud.registry import RegistryError
+from fleetid.cloud.revocation.ocsp import MAX_REQUEST, OCSP_REQUEST_TYPE
+from fleetid.cloud.revocation.tier import Deferred
+from fleetid.cloud.verifier import errors
+from fleetid.cloud.verifier.errors import CloudError, RateLimited
+
+log = logging.getLogger("fleetid.cloud")
+
+SERVICE = "revocation"
+MAX_HEAD = 8190  # aiohttp's own max_line_size / max_field_size default
+KEEPALIVE_TIMEOUT = 75.0  # aiohttp's default keepalive_timeout
+_REASON = {200: b"OK", 400: b"Bad Request", 413: b"Payload Too Large",
+           415: b"Unsupported Media Type", 429: b"Too Many Requests",
+           500: b"Internal Server Error", 503: b"Service Unavailable"}
+
+
+class _Date:
+    """The Date header (RFC 9110 6.6.1), formatted once per second."""
+
+    second = None
+    value = b""
+
+    @classmethod
+    def now(cls):
+        second = int(time.time())
+        if second != cls.second:
+            cls.second = second
+            cls.value = email.utils.formatdate(second, usegmt=True).encode()
+        return cls.value
+
+
+def _route(line):
+    """The endpoint name of an OCSP request line, or None for anything else."""
+    parts = line.split(b" ")
+    if len(parts) != 3:
+        return None
+    method, target = parts[0], parts[1].split(b"?", 1)[0]
+    if method == b"POST" and target in (b"/ocsp", b"/ocsp/"):
+        return target.decode()
+    if method in (b"GET", b"HEAD") and target.startswith(b"/ocsp/") and len(target) > 6 \
+            and target != b"/ocsp/staple":
+        return "/ocsp/{request}"
+    return None
+
+
+class OcspFastPath:
+    """What the OCSP connections of one listener share.
+
+    Params: tier: the OcspTier (answer(der) / answer_path(text) -> Reply or Deferred).
+        client_limits: ClientRateLimits or None.  watcher: EventWatcher polled per
+        request, or None.  metrics: Metrics or None.  keepalive_timeout: seconds.
+    """
+
+    def __init__(self, tier, client_limits=None, watcher=None, metrics=None,
+                 keepalive_timeout=KEEPALIVE_TIMEOUT):
+        self.tier = tier
+        self.client_limits = client_limits
+        self.watcher = watcher
+        self.metrics = metrics
+        self.keepalive_timeout = keepalive_timeout
+        self.connections = set()
+
+    def close_all(self):
+        for connection in list(self.connections):
+            connection.transport.close()
+        self.connections.clear()
+
+
+class OcspConnection(asyncio.Protocol):
+    """One client connection while it asks OCSP questions (see the module text)."""
+
+    def __init__(self, fast, fallback):
+        self.fast = fast
+        self.fallback = fallback  # aiohttp's protocol factory (the runner's web.Server)
+        self.transport = None
+        self.buffer = bytearray()
+        self.pending = None  # (message, endpoint, body length) of a head being read
+        self.busy = False
+        self.timer = None
+
+    # -- asyncio.Protocol ---------------------------------------------------------------------
+
+    def connection_made(self, transport):
+        self.transport = transport
+        peer = transport.get_extra_info("peername")
+        self.peer = peer[0] if peer else ""
+        self.loop = asyncio.get_running_loop()
+        self.parser = HttpRequestParser(self, self.loop, 2**16, max_line_size=MAX_HEAD,
+                                        max_field_size=MAX_HEAD)
+        self.fast.connections.add(self)
+        self._arm_timer()
+
+    def connection_lost(self, exc):
+        self.fast.connections.discard(self)
+        if self.timer is not None:
+            self.timer.cancel()
+
+    def data_received(self, data):
+        self.buffer += data
+        if not self.busy:
+            self._process()
+
+    # flow control asked by the parser's payload reader (bodies here are tiny)
+    def pause_reading(self, *args, **kwargs):
+        pass
+
+    def resume_reading(self, *args, **kwargs):
+        pass
+
+    # -- requests -----------------------------------------------------------------------------
+
+    def _process(self):
+        while not self.busy and not self.transport.is_closing():
+            if self.pending is None and not self._read_head():
+                return
+            message, endpoint, length = self.pending
+            if len(self.buffer) < length:
+                return
+            body = bytes(self.buffer[:length])
+            del self.buffer[:length]
+            if length:
+                self.parser.feed_data(body)  # keeps aiohttp's parser in step
+            self.pending = None
+            self._answer(message, endpoint, body)
+
+    def _read_head(self):
+        """Parse the next request head when it is complete.  True when self.pending is
+        set; False to wait for more bytes (or after handing over / refusing)."""
+        line_end = self.buffer.find(b"\r\n")
+        if line_end < 0:
+            if len(self.buffer) > MAX_HEAD:
+                self._refuse(CloudError(errors.BAD_REQUEST, "request line too long"))
+            return False
+        endpoint = _route(bytes(self.buffer[:line_end]))
+        if endpoint is None:
+            self._hand_over()
+            return False
+        end = self.buffer.find(b"\r\n\r\n")
+        if end < 0:
+            if len(self.buffer) > MAX_HEAD:
+                self._refuse(CloudError(errors.BAD_REQUEST, "request head too long"))
+            return False
+        head = bytes(self.buffer[:end + 4])
+        del self.buffer[:end + 4]
+        try:
+            messages, _, _ = self.parser.feed_data(head)
+            message = messages[0][0]
+        except (HttpProcessingError, IndexError) as exc:
+            self._refuse(CloudError(errors.BAD_REQUEST, getattr(exc, "message", "") or
+                                    "not an HTTP request"))
+            return False
+        if message.chunked:
+            self._refuse(CloudError(errors.BAD_REQUEST, "send a Content-Length"))
+            return False
+        length = int(message.headers.get("Content-Length") or 0)
+        if length > MAX_REQUEST:
+            self._refuse(CloudError(errors.TOO_LARGE, "body over %d bytes" % MAX_REQUEST))
+            return False
+        self.pending = (message, endpoint, length)
+        return True
+
+    def _hand_over(self):
+        """Give the connection, and every byte not consumed yet, to aiohttp."""
+        if self.timer is not None:
+            self.timer.cancel()
+        self.fast.connections.discard(self)
+        protocol = self.fallback()
+        self.transport.set_protocol(protocol)
+        protocol.connection_made(self.transport)
+        data, self.buffer = bytes(self.buffer), bytearray()
+        if data:
+            protocol.data_received(data)
+
+    def _answer(self, message, endpoint, body):
+        started = time.perf_counter()
+        try:
+            reply = self._reply(message, endpoint, body)
+        except CloudError as exc:
+            self._send_error(exc, message, endpoint, started)
+            return
+        if isinstance(reply, Deferred):  # a signature: off the event loop, in order
+            self.busy = True
+            self.transport.pause_reading()
+            future = self.loop.run_in_executor(None, reply.work)
+            future.add_done_callback(lambda f: self._deferred_done(f, message, endpoint,
+                                                                   started))
+            return
+        self._send(reply, message, endpoint, started)
+
+    def _reply(self, message, endpoint, body):
+        fast = self.fast
+        if fast.client_limits is not None:
+            wait = fast.client_limits.take(self.peer)
+            if wait:
+                raise RateLimited(fast.client_limits.retry_after(wait))
+        if fast.watcher is not None:
+            fast.watcher.poll()
+        if message.method == "POST":
+            content_type = message.headers.get("Content-Type", "")
+            if content_type.split(";", 1)[0].strip().lower() != OCSP_REQUEST_TYPE:
+                raise CloudError(errors.CONTENT_TYPE, OCSP_REQUEST_TYPE + " only")
+            return fast.tier.answer(body)
+        return fast.tier.answer_path(message.path.split("?", 1)[0][len("/ocsp/"):])
+
+    def _deferred_done(self, future, message, endpoint, started):
+        self.busy = False
+        if self.transport.is_closing():
+            return
+        try:
+            reply = future.result()
+        except (RegistryError, HsmError) as exc:
+            log.error("backend failure", exc_info=True,
+                      extra={"fields": {"service": SERVICE, "path": message.path,
+                                        "error": type(exc).__name__}})
+            self._send_error(CloudError(errors.UNAVAILABLE, "try again later"), message,
+                             endpoint, started)
+        except Exception:  # noqa: BLE001 - internal cause: logged, never sent
+            log.error("internal error", exc_info=True,
+                      extra={"fields": {"service": SERVICE, "path": message.path}})
+            self._send_error(CloudError(errors.INTERNAL), message, endpoint, started)
+        else:
+            self._send(reply, message, endpoint, started)
+        if not self.transport.is_closing():
+            self.transport.resume_reading()
+            self._process()
+
+    # -- answers ------------------------------------------------------------------------------
+
+    def _send(self, reply, message, endpoint, started):
+        headers = [b"Content-Type: " + reply.content_type.encode()]
+        headers += [("%s: %s" % item).encode() for item in reply.headers.items()]
+        self._write(200, headers, reply.body, message, endpoint, started)
+
+    def _send_error(self, exc, message, endpoint, started):
+        status = HTTP_STATUS[exc.reason]
+        headers = [b"Content-Type: text/plain; charset=utf-8"]
+        if isinstance(exc, RateLimited):
+            headers.append(b"Retry-After: %d" % exc.retry_after)
+        if status == 401:
+            headers.append(b"WWW-Authenticate: " + WWW_AUTHENTICATE.encode())
+        body = (exc.reason + (": " + exc.detail if exc.detail else "") + "\n").encode()
+        self._write(status, headers, body, message, endpoint, started, reason=exc.reason)
+
+    def _refuse(self, exc):
+        """A request that cannot be read on: answer and close."""
+        self.pending = None
+        self.buffer = bytearray()
+        self._send_error(exc, None, "unmatched", time.perf_counter())
+        self.transport.close()
+
+    def _write(self, status, headers, body, message, endpoint, started, reason=None):
+        close = message is None or message.should_close
+        lines = [b"HTTP/1.1 %d %s" % (status, _REASON.get(status, b"")),
+                 b"Date: " + _Date.now(), b"Content-Length: %d" % len(body)] + headers
+        if close:
+            lines.append(b"Connection: close")
+        elif message.version < (1, 1):
+            lines.append(b"Connection: keep-alive")
+        head_only = message is not None and message.method == "HEAD"
+        self.transport.write(b"\r\n".join(lines) + b"\r\n\r\n" + (b"" if head_only else body))
+        elapsed = time.perf_counter() - started
+        if self.fast.metrics is not None:
+            self.fast.metrics.request_done(SERVICE, endpoint, status, elapsed)
+        if log.isEnabledFor(logging.INFO):
+            fields = {"service": SERVICE, "method": message.method if message else "",
+                      "path": message.path if message else "", "remote": self.peer,
+                      "status": status, "ms": round(elapsed * 1000, 3)}
+            if reason:
+                fields["reason"] = reason
+            log.info("request", extra={"fields": fields})
+        if close:
+            self.transport.close()
+        else:
+            self._arm_timer()
+
+    def _arm_timer(self):
+        if self.timer is not None:
+            self.timer.cancel()
+        self.timer = self.loop.call_later(self.fast.keepalive_timeout, self._idle)
+
+    def _idle(self):
+        # No complete request for keepalive_timeout seconds (idle, or a slow client):
+        # bounded like aiohttp's own keep-alive; a signature in flight is let finish.
+        if self.busy:
+            self._arm_timer()
+        else:
+            self.transport.close()
+
+
+class OcspFastSite(web.TCPSite):
+    """web.TCPSite whose connections start in OcspConnection (the OCSP fast path), with
+    the runner's aiohttp protocol for everything else.  Params as web.TCPSite, plus
+    fast: OcspFastPath."""
+
+    def __init__(self, runner, host, port, fast, **kwargs):
+        super().__init__(runner, host, port, **kwargs)
+        self.fast = fast
+
+    async def start(self):
+        await web.BaseSite.start(self)  # registers the site with its runner
+        loop = asyncio.get_running_loop()
+        fast, fallback = self.fast, self._runner.server
+        self._server = await loop.create_server(
+            lambda: OcspConnection(fast, fallback), self._host, self._port,
+            ssl=self._ssl_context, backlog=self._backlog,
+            reuse_address=self._reuse_address, reuse_port=self._reuse_port)
+        self._bound_port = self._server.sockets[0].getsockname()[1]
+
+    async def stop(self):
+        await super().stop()
+        self.fast.close_all()
