@@ -54,6 +54,8 @@ log = logging.getLogger("fleetid.cloud")
 SERVICE = "revocation"
 MAX_HEAD = 8190  # aiohttp's own max_line_size / max_field_size default
 KEEPALIVE_TIMEOUT = 75.0  # aiohttp's default keepalive_timeout
+SWEEP_SECONDS = 5.0  # how often idle connections are looked for
+MAX_HEADS = 1024  # distinct request heads remembered (parse_head)
 _REASON = {200: b"OK", 400: b"Bad Request", 413: b"Payload Too Large",
            415: b"Unsupported Media Type", 429: b"Too Many Requests",
            500: b"Internal Server Error", 503: b"Service Unavailable"}
@@ -104,11 +106,85 @@ class OcspFastPath:
         self.metrics = metrics
         self.keepalive_timeout = keepalive_timeout
         self.connections = set()
+        self._sweeper = None
+        self._heads = {}  # request head bytes -> HeadFacts (clients repeat their heads)
+        self._parser = None
+
+    def parse_head(self, head):
+        """HeadFacts of a complete request head (through "\r\n\r\n"), parsed by
+        aiohttp's HttpRequestParser; the same bytes parse the same, so a head seen before
+        is not parsed again (at most MAX_HEADS kept).  Raises HttpProcessingError."""
+        facts = self._heads.get(head)
+        if facts is None:
+            # A parser of its own per head: it is then never left waiting for a body.
+            parser = HttpRequestParser(_NoFlowControl, asyncio.get_running_loop(), 2**16,
+                                       max_line_size=MAX_HEAD, max_field_size=MAX_HEAD)
+            messages, _, _ = parser.feed_data(head)
+            if not messages:
+                raise HttpProcessingError(message="not a complete request head")
+            facts = HeadFacts(messages[0][0])
+            if len(self._heads) >= MAX_HEADS:
+                self._heads.clear()
+            self._heads[head] = facts
+        return facts
+
+    def add(self, connection):
+        self.connections.add(connection)
+        if self._sweeper is None:
+            self._sweeper = connection.loop.call_later(SWEEP_SECONDS, self._sweep)
+
+    def _sweep(self):
+        # Connections with no complete request for keepalive_timeout seconds (idle, or
+        # a slow client) are closed, like aiohttp's own keep-alive bound; one timer per
+        # listener instead of one per request.
+        self._sweeper = None
+        if not self.connections:
+            return
+        loop = next(iter(self.connections)).loop
+        limit = loop.time() - self.keepalive_timeout
+        for connection in list(self.connections):
+            if connection.last_active < limit and not connection.busy:
+                connection.transport.close()
+                self.connections.discard(connection)
+        if self.connections:
+            self._sweeper = loop.call_later(SWEEP_SECONDS, self._sweep)
 
     def close_all(self):
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
         for connection in list(self.connections):
             connection.transport.close()
         self.connections.clear()
+
+
+class _NoFlowControl:
+    """The parser's payload reader may ask its protocol to pause: heads only here."""
+
+    @staticmethod
+    def pause_reading(*args, **kwargs):
+        pass
+
+    @staticmethod
+    def resume_reading(*args, **kwargs):
+        pass
+
+
+class HeadFacts:
+    """What the fast path needs of a parsed request head (aiohttp RawRequestMessage)."""
+
+    __slots__ = ("method", "path", "version", "should_close", "chunked", "length",
+                 "content_type")
+
+    def __init__(self, message):
+        self.method = message.method
+        self.path = message.path
+        self.version = message.version
+        self.should_close = message.should_close
+        self.chunked = message.chunked
+        self.length = int(message.headers.get("Content-Length") or 0)
+        self.content_type = message.headers.get("Content-Type", "").split(";", 1)[0] \
+            .strip().lower()
 
 
 class OcspConnection(asyncio.Protocol):
@@ -121,7 +197,6 @@ class OcspConnection(asyncio.Protocol):
         self.buffer = bytearray()
         self.pending = None  # (message, endpoint, body length) of a head being read
         self.busy = False
-        self.timer = None
 
     # -- asyncio.Protocol ---------------------------------------------------------------------
 
@@ -130,27 +205,16 @@ class OcspConnection(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         self.peer = peer[0] if peer else ""
         self.loop = asyncio.get_running_loop()
-        self.parser = HttpRequestParser(self, self.loop, 2**16, max_line_size=MAX_HEAD,
-                                        max_field_size=MAX_HEAD)
-        self.fast.connections.add(self)
-        self._arm_timer()
+        self.last_active = self.loop.time()
+        self.fast.add(self)
 
     def connection_lost(self, exc):
         self.fast.connections.discard(self)
-        if self.timer is not None:
-            self.timer.cancel()
 
     def data_received(self, data):
         self.buffer += data
         if not self.busy:
             self._process()
-
-    # flow control asked by the parser's payload reader (bodies here are tiny)
-    def pause_reading(self, *args, **kwargs):
-        pass
-
-    def resume_reading(self, *args, **kwargs):
-        pass
 
     # -- requests -----------------------------------------------------------------------------
 
@@ -163,8 +227,6 @@ class OcspConnection(asyncio.Protocol):
                 return
             body = bytes(self.buffer[:length])
             del self.buffer[:length]
-            if length:
-                self.parser.feed_data(body)  # keeps aiohttp's parser in step
             self.pending = None
             self._answer(message, endpoint, body)
 
@@ -188,16 +250,14 @@ class OcspConnection(asyncio.Protocol):
         head = bytes(self.buffer[:end + 4])
         del self.buffer[:end + 4]
         try:
-            messages, _, _ = self.parser.feed_data(head)
-            message = messages[0][0]
-        except (HttpProcessingError, IndexError) as exc:
-            self._refuse(CloudError(errors.BAD_REQUEST, getattr(exc, "message", "") or
-                                    "not an HTTP request"))
+            message = self.fast.parse_head(head)
+        except HttpProcessingError as exc:
+            self._refuse(CloudError(errors.BAD_REQUEST, exc.message or "not HTTP"))
             return False
         if message.chunked:
             self._refuse(CloudError(errors.BAD_REQUEST, "send a Content-Length"))
             return False
-        length = int(message.headers.get("Content-Length") or 0)
+        length = message.length
         if length > MAX_REQUEST:
             self._refuse(CloudError(errors.TOO_LARGE, "body over %d bytes" % MAX_REQUEST))
             return False
@@ -206,8 +266,6 @@ class OcspConnection(asyncio.Protocol):
 
     def _hand_over(self):
         """Give the connection, and every byte not consumed yet, to aiohttp."""
-        if self.timer is not None:
-            self.timer.cancel()
         self.fast.connections.discard(self)
         protocol = self.fallback()
         self.transport.set_protocol(protocol)
@@ -241,8 +299,7 @@ class OcspConnection(asyncio.Protocol):
         if fast.watcher is not None:
             fast.watcher.poll()
         if message.method == "POST":
-            content_type = message.headers.get("Content-Type", "")
-            if content_type.split(";", 1)[0].strip().lower() != OCSP_REQUEST_TYPE:
+            if message.content_type != OCSP_REQUEST_TYPE:
                 raise CloudError(errors.CONTENT_TYPE, OCSP_REQUEST_TYPE + " only")
             return fast.tier.answer(body)
         return fast.tier.answer_path(message.path.split("?", 1)[0][len("/ocsp/"):])
@@ -316,20 +373,7 @@ class OcspConnection(asyncio.Protocol):
         if close:
             self.transport.close()
         else:
-            self._arm_timer()
-
-    def _arm_timer(self):
-        if self.timer is not None:
-            self.timer.cancel()
-        self.timer = self.loop.call_later(self.fast.keepalive_timeout, self._idle)
-
-    def _idle(self):
-        # No complete request for keepalive_timeout seconds (idle, or a slow client):
-        # bounded like aiohttp's own keep-alive; a signature in flight is let finish.
-        if self.busy:
-            self._arm_timer()
-        else:
-            self.transport.close()
+            self.last_active = self.loop.time()
 
 
 class OcspFastSite(web.TCPSite):
