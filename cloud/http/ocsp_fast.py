@@ -56,6 +56,7 @@ MAX_HEAD = 8190  # aiohttp's own max_line_size / max_field_size default
 KEEPALIVE_TIMEOUT = 75.0  # aiohttp's default keepalive_timeout
 SWEEP_SECONDS = 5.0  # how often idle connections are looked for
 MAX_HEADS = 1024  # distinct request heads remembered (parse_head)
+MAX_DRAIN = 65536  # a refused body up to this size is read and dropped before closing
 _REASON = {200: b"OK", 400: b"Bad Request", 413: b"Payload Too Large",
            415: b"Unsupported Media Type", 429: b"Too Many Requests",
            500: b"Internal Server Error", 503: b"Service Unavailable"}
@@ -197,6 +198,7 @@ class OcspConnection(asyncio.Protocol):
         self.buffer = bytearray()
         self.pending = None  # (message, endpoint, body length) of a head being read
         self.busy = False
+        self.draining = 0  # bytes of a refused body still to read and drop
 
     # -- asyncio.Protocol ---------------------------------------------------------------------
 
@@ -213,8 +215,17 @@ class OcspConnection(asyncio.Protocol):
 
     def data_received(self, data):
         self.buffer += data
-        if not self.busy:
+        if self.draining:
+            self._drain()
+        elif not self.busy:
             self._process()
+
+    def _drain(self):
+        taken = min(self.draining, len(self.buffer))
+        del self.buffer[:taken]
+        self.draining -= taken
+        if not self.draining:
+            self.transport.close()
 
     # -- requests -----------------------------------------------------------------------------
 
@@ -259,7 +270,12 @@ class OcspConnection(asyncio.Protocol):
             return False
         length = message.length
         if length > MAX_REQUEST:
-            self._refuse(CloudError(errors.TOO_LARGE, "body over %d bytes" % MAX_REQUEST))
+            # Read (and drop) a body of modest size before closing: closing with unread
+            # bytes makes the kernel reset the connection, and the client may lose the 413.
+            self.draining = length if length <= MAX_DRAIN else 0
+            self._refuse(CloudError(errors.TOO_LARGE, "body over %d bytes" % MAX_REQUEST),
+                         close=not self.draining)
+            self._drain()
             return False
         self.pending = (message, endpoint, length)
         return True
@@ -343,12 +359,13 @@ class OcspConnection(asyncio.Protocol):
         body = (exc.reason + (": " + exc.detail if exc.detail else "") + "\n").encode()
         self._write(status, headers, body, message, endpoint, started, reason=exc.reason)
 
-    def _refuse(self, exc):
-        """A request that cannot be read on: answer and close."""
+    def _refuse(self, exc, close=True):
+        """A request that cannot be read on: answer and close (or let _drain close)."""
         self.pending = None
-        self.buffer = bytearray()
         self._send_error(exc, None, "unmatched", time.perf_counter())
-        self.transport.close()
+        if close:
+            self.buffer = bytearray()
+            self.transport.close()
 
     def _write(self, status, headers, body, message, endpoint, started, reason=None):
         close = message is None or message.should_close
@@ -370,6 +387,8 @@ class OcspConnection(asyncio.Protocol):
             if reason:
                 fields["reason"] = reason
             log.info("request", extra={"fields": fields})
+        if message is None:
+            return  # a refusal: _refuse closes (or drains first)
         if close:
             self.transport.close()
         else:

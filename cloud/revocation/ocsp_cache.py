@@ -59,6 +59,7 @@ PRESIGN_ALGORITHM = "sha1"  # RFC 5019 2.1.1: clients of the lightweight profile
 _ALGORITHMS = {"sha1": hashes.SHA1(), "sha256": hashes.SHA256()}
 _GOOD = ocsp.OCSPCertStatus.GOOD
 _UNKNOWN = ocsp.OCSPCertStatus.UNKNOWN
+_REVOKED = ocsp.OCSPCertStatus.REVOKED
 NO_STORE = {"Cache-Control": "no-store"}
 
 
@@ -253,9 +254,16 @@ class OcspCache:
 
     def _apply(self, revoked, revoked_cas):
         # Under self._lock: drop what the new state changes and queue it to be re-signed.
-        changed = revoked.symmetric_difference(self._revoked)
-        keys = [(index, algorithm, serial) for index, serial in changed
-                for algorithm in _ALGORITHMS]
+        # A certificate whose revocation state changed: its entries saying otherwise
+        # (an entry signed after the revocation already says "revoked").
+        keys = []
+        for index, serial in revoked.symmetric_difference(self._revoked):
+            now_revoked = (index, serial) in revoked
+            for algorithm in _ALGORITHMS:
+                entry = self._entries.get((index, algorithm, serial))
+                if entry is not None and (entry.status is _REVOKED) != now_revoked:
+                    keys.append((index, algorithm, serial))
+        # A CA revoked (or restored): every entry under it (cACompromise wins, ocsp.py).
         changed_cas = set(index for index in set(revoked_cas) | set(self._revoked_cas)
                           if revoked_cas.get(index) != self._revoked_cas.get(index))
         if changed_cas:
@@ -313,6 +321,7 @@ class OcspCache:
     def presign(self):
         """Sign a response for every unexpired certificate of every issuing CA the
         registry knows and that is not cached yet (SHA-1 CertIDs).  Returns the count."""
+        self.sync()  # the revoked set the stored answers are checked against
         count = 0
         valid_at = self.clock().astimezone(datetime.timezone.utc).strftime(
             "%Y-%m-%dT%H:%M:%S.000Z")
