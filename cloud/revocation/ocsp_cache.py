@@ -111,15 +111,17 @@ class OcspAnswer:
 
 
 class OcspQuery:
-    """A parsed request waiting for a signature: signer index, algorithm, serial, nonce."""
+    """A parsed request waiting for a signature: signer index, algorithm, serial, nonce;
+    or, while a revocation is still to be reconciled, the request's DER alone."""
 
-    __slots__ = ("index", "algorithm", "serial", "nonce")
+    __slots__ = ("index", "algorithm", "serial", "nonce", "request_der")
 
-    def __init__(self, index, algorithm, serial, nonce):
+    def __init__(self, index, algorithm, serial, nonce, request_der=None):
         self.index = index
         self.algorithm = algorithm
         self.serial = serial
         self.nonce = nonce
+        self.request_der = request_der
 
 
 class OcspCache:
@@ -158,7 +160,10 @@ class OcspCache:
         self._revoked = set()  # (signer index, serial) revoked at the reconciled epoch
         self._revoked_cas = {}  # signer index -> revoked_at (batch revocation)
         self._seen_epoch = None
-        self._stale = True  # reconcile before the first answer
+        # invalidate() counts up; a reconciliation catches up with the count it read
+        # before its registry reads (one during the reads forces another pass).
+        self._invalidated = 1
+        self._reconciled = 0  # reconcile before the first answer
         self._lock = threading.Lock()
         self._sync_lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
@@ -169,12 +174,15 @@ class OcspCache:
     # -- the request path --------------------------------------------------------------------
 
     def prepare(self, request_der):
-        """Answer from the cache when it can.  Never raises for bad input: a request that
-        does not parse gets malformedRequest, a foreign issuer unauthorized.
-        Returns OcspAnswer (with `query` set when a signature is needed)."""
-        self.sync()
+        """Answer from the cache when it can (non-blocking: one epoch() call and dict
+        lookups).  Never raises for bad input: a request that does not parse gets
+        malformedRequest, a foreign issuer unauthorized.  Returns OcspAnswer, with
+        `query` set when a signature or a reconciliation is needed (sign() it)."""
         if type(request_der) is not bytes:
             request_der = bytes(request_der)
+        if self._reconciled != self._invalidated or self.epoch() != self._seen_epoch:
+            # A revocation to reconcile first (registry reads): in sign(), off the loop.
+            return OcspAnswer(query=OcspQuery(None, None, None, None, request_der))
         key = self._parsed.get(request_der)  # the same bytes parse the same: skip it
         if key is None:
             request, nonce, refusal = read_request(request_der)
@@ -203,8 +211,15 @@ class OcspCache:
             (index, serial) in self._revoked or index in self._revoked_cas)
 
     def sign(self, query):
-        """Sign the answer for a query prepare() could not answer (blocking: registry
-        read and HSM signature), and keep it when it is cacheable.  Returns OcspAnswer."""
+        """Answer a query prepare() could not (blocking: the reconciliation's registry
+        reads, a registry read and an HSM signature), keeping the answer when it is
+        cacheable.  Returns OcspAnswer."""
+        if query.request_der is not None:  # reconcile, then answer as prepare() would
+            self.sync()
+            answer = self.prepare(query.request_der)
+            if answer.query is None or answer.query.request_der is not None:
+                return answer if answer.query is None else self.sign(answer.query)
+            query = answer.query
         signer = self.responder.signers[query.index]
         algorithm = _ALGORITHMS[query.algorithm]
         if query.nonce is not None or query.serial in self.responder.known:
@@ -223,22 +238,23 @@ class OcspCache:
 
     def invalidate(self):
         """A revocation was written (the event hook): reconcile before the next answer."""
-        self._stale = True
+        self._invalidated += 1
 
     def sync(self):
         """Reconcile with the revocation state when the epoch moved or invalidate() was
         called (one read of revoked certificates per issuing CA); else one epoch() call."""
         epoch = self.epoch()
-        if epoch == self._seen_epoch and not self._stale:
+        if epoch == self._seen_epoch and self._reconciled == self._invalidated:
             return
         with self._sync_lock:
-            if epoch == self._seen_epoch and not self._stale:
+            target = self._invalidated
+            if epoch == self._seen_epoch and self._reconciled == target:
                 return
-            self._stale = False  # an invalidate() during the read forces another pass
             revoked, revoked_cas = self._read_revocations()
             with self._lock:
                 self._apply(revoked, revoked_cas)
-            self._seen_epoch = epoch
+                self._seen_epoch = epoch
+                self._reconciled = target
 
     def _read_revocations(self):
         revoked = set()
