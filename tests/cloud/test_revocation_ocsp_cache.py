@@ -9,6 +9,8 @@ import base64
 import datetime
 import http.client
 import os
+import shutil
+import subprocess
 import urllib.error
 import urllib.request
 
@@ -21,13 +23,14 @@ from fleetid.cloud.http.metrics import Metrics
 from fleetid.cloud.http.ocsp_fast import OcspFastPath
 from fleetid.cloud.http.rate_limit import ClientRateLimits
 from fleetid.cloud.http.revocation_app import make_revocation_app
-from fleetid.cloud.revocation.ocsp import OCSP_REQUEST_TYPE
+from fleetid.cloud.revocation.ocsp import OCSP_REQUEST_TYPE, OcspResponder
 from fleetid.cloud.revocation.ocsp_cache import OcspCache, OcspQuery
 from fleetid.cloud.revocation.ocsp_tier import OcspTier
 from fleetid.cloud.revocation.service import EventWatcher, read_event
 from fleetid.cloud.verifier.revoked_cas import revoked_ca_map
-from tests.cloud.cloud_support import Fleet
-from tests.cloud.ocsp_support import LoopbackServer, ocsp_responder
+from tests.cloud.cloud_support import Fleet, pem
+from tests.cloud.ocsp_support import LoopbackServer, ocsp_responder, ocsp_signers
+from tests.conftest import require
 
 GOOD, REVOKED, UNKNOWN = (ocsp.OCSPCertStatus.GOOD, ocsp.OCSPCertStatus.REVOKED,
                           ocsp.OCSPCertStatus.UNKNOWN)
@@ -338,3 +341,33 @@ def test_other_routes_on_an_ocsp_connection_reach_the_aiohttp_app(fleet):
         samples = server.metrics.requests.collect()[0].samples
         endpoints = set(s.labels["endpoint"] for s in samples if s.value >= 1)
         assert {"/ocsp", "/ocsp/"} <= endpoints
+
+
+def test_openssl_ocsp_reads_the_cached_answers_over_http_1_0(fleet, tmp_path):
+    # openssl's client speaks HTTP/1.0 and verifies the delegated responder's signature.
+    openssl = shutil.which("openssl")
+    require(openssl is not None, "openssl")
+    good, revoked = fleet.devices[5], fleet.devices[6]
+    fleet.revoke_certificate(revoked.identity_cert, "keyCompromise")
+    for name, cert in (("root", fleet.root), ("ca", fleet.ca_certs["b42"]),
+                       ("good", good.identity_cert), ("revoked", revoked.identity_cert)):
+        (tmp_path / (name + ".pem")).write_bytes(pem(cert))
+    # openssl checks thisUpdate against the real clock (the fleet's is a test clock).
+    responder = OcspResponder(fleet.registry, ocsp_signers(fleet),
+                              revoked_cas=lambda: revoked_ca_map(fleet.revoked_cas_path))
+    tier = OcspTier(responder)
+    tier.cache.presign()
+    with Listener(tier, fleet) as server:
+        for name, said in (("good", "good.pem: good"), ("revoked", "revoked.pem: revoked")):
+            out = subprocess.run(
+                [openssl, "ocsp", "-issuer", str(tmp_path / "ca.pem"),
+                 "-CAfile", str(tmp_path / "root.pem"),
+                 "-verify_other", str(tmp_path / "ca.pem"),
+                 "-cert", str(tmp_path / (name + ".pem")), "-no_nonce",  # RFC 5019
+                 "-url", server.url + "/ocsp"],
+                capture_output=True, text=True, timeout=30, check=False,
+                env=dict(os.environ, OPENSSL_CONF="/dev/null"))
+            text = out.stdout + out.stderr
+            assert out.returncode == 0 and "Response verify OK" in text, text
+            assert said in text, text
+    assert tier.cache.stats["hits"] >= 2
