@@ -371,3 +371,39 @@ def test_openssl_ocsp_reads_the_cached_answers_over_http_1_0(fleet, tmp_path):
             assert out.returncode == 0 and "Response verify OK" in text, text
             assert said in text, text
     assert tier.cache.stats["hits"] >= 2
+
+
+def test_a_failed_reconciliation_answers_503_never_a_stale_good(fleet):
+    # The registry is down when a revocation event arrives: every OCSP request is
+    # refused (503, retry later) until the revoked set is read again, none answered from
+    # the entries that may be stale.
+    tier = _tier(fleet)
+    tier.cache.presign()
+    body = _request(fleet, fleet.devices[5].identity_cert)
+    responder = tier.responder
+    with Listener(tier, fleet) as server:
+        assert _facts(_post(server.url, body)[2])[1] == GOOD
+        real = responder.registry
+        responder.registry = _Down(real)
+        tier.invalidate()
+        try:
+            for ask in (_post, _get):
+                with pytest.raises(urllib.error.HTTPError) as refused:
+                    ask(server.url, body)
+                assert refused.value.code == 503
+        finally:
+            responder.registry = real
+        assert _facts(_post(server.url, body)[2])[1] == GOOD
+
+
+class _Down:
+    def __init__(self, registry):
+        self.registry = registry
+
+    def revoked_certificates(self, issuer):
+        from fleetid.cloud.registry import RegistryError
+
+        raise RegistryError(RegistryError.STORAGE, "database unreachable")
+
+    def __getattr__(self, name):
+        return getattr(self.registry, name)
