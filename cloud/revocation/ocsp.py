@@ -3,7 +3,11 @@ support and signed through the HSM by a delegated responder certificate per issu
 
     responder = OcspResponder(registry, [OcspSigner(ca_cert, hsm, "ocsp-b42", cert), ...],
                               revoked_cas=...)
-    der = responder.respond(request_der)        # what POST /ocsp and GET /ocsp/<b64> send
+    der = responder.respond(request_der)        # signed now, from the registry's state
+
+The listener does not call respond() per request: OcspTier (ocsp_tier.py) answers from
+pre-signed responses (ocsp_cache.py) made with sign_response(), and signs per request
+only nonces, misses and unknown serials.
 
 Delegation (RFC 6960 4.2.2.2): each issuing CA certifies a responder key kept in the HSM
 (`new_ocsp_signer`): extendedKeyUsage id-kp-OCSPSigning, id-pkix-ocsp-nocheck (4.2.2.2.1:
@@ -32,7 +36,7 @@ into `certs`):
         certs            [0] EXPLICIT SEQUENCE OF Certificate }   -- the responder's
 
 Answers (one revocation state with the CRLs and the compact set, read from the registry
-at each request, so a revocation is seen at the next query):
+when the response is signed; the cache re-signs on every revocation event):
   * good: the certificate is in the registry and not revoked;
   * revoked: revoked in the registry (time and reason from it), or its issuing CA is
     revoked (batch revocation: reason cACompromise, time of the CA's revocation);
@@ -42,8 +46,8 @@ at each request, so a revocation is seen at the next query):
 Nonces (RFC 8954 / 6960 4.4.1): a request's nonce of 1..32 octets is echoed (RFC 8954
 2.1: Nonce ::= OCTET STRING (SIZE(1..32))); a request whose nonce is empty or longer than
 32 octets is answered malformedRequest (2.1: the responder MUST reject it) and nothing is
-echoed.  Without a nonce, the response is still fresh (thisUpdate = now, nextUpdate =
-now + `validity`).
+echoed.  A response signed here has thisUpdate = producedAt = now and nextUpdate =
+now + `validity` (the cache's own validity for the answers it keeps).
 """
 
 import base64
