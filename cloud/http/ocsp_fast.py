@@ -175,7 +175,7 @@ class HeadFacts:
     """What the fast path needs of a parsed request head (aiohttp RawRequestMessage)."""
 
     __slots__ = ("method", "path", "version", "should_close", "chunked", "length",
-                 "content_type")
+                 "content_type", "expect_continue")
 
     def __init__(self, message):
         self.method = message.method
@@ -186,6 +186,7 @@ class HeadFacts:
         self.length = int(message.headers.get("Content-Length") or 0)
         self.content_type = message.headers.get("Content-Type", "").split(";", 1)[0] \
             .strip().lower()
+        self.expect_continue = message.headers.get("Expect", "").lower() == "100-continue"
 
 
 class OcspConnection(asyncio.Protocol):
@@ -277,6 +278,8 @@ class OcspConnection(asyncio.Protocol):
                          close=not self.draining)
             self._drain()
             return False
+        if message.expect_continue and len(self.buffer) < length:
+            self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")  # RFC 9110 10.1.1
         self.pending = (message, endpoint, length)
         return True
 

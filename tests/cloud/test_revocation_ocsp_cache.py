@@ -10,6 +10,7 @@ import datetime
 import http.client
 import os
 import shutil
+import socket
 import subprocess
 import urllib.error
 import urllib.request
@@ -407,3 +408,29 @@ class _Down:
 
     def __getattr__(self, name):
         return getattr(self.registry, name)
+
+
+def test_a_client_that_expects_100_continue_gets_it_then_the_answer(fleet):
+    tier = _tier(fleet)
+    body = _request(fleet, fleet.devices[5].identity_cert)
+    with Listener(tier, fleet) as server:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+            sock.sendall(b"POST /ocsp HTTP/1.1\r\nHost: x\r\nContent-Type: %s\r\n"
+                         b"Content-Length: %d\r\nExpect: 100-continue\r\n\r\n"
+                         % (OCSP_REQUEST_TYPE.encode(), len(body)))
+            assert sock.recv(100).startswith(b"HTTP/1.1 100 Continue\r\n\r\n")
+            sock.sendall(body)
+            answer = b""
+            while not _complete(answer):
+                answer += sock.recv(65536)
+        assert answer.startswith(b"HTTP/1.1 200 OK")
+        assert _facts(answer.split(b"\r\n\r\n", 1)[1])[1] == GOOD
+
+
+def _complete(answer):
+    head, found, body = answer.partition(b"\r\n\r\n")
+    if not found:
+        return False
+    length = [int(line.split(b":")[1]) for line in head.lower().split(b"\r\n")
+              if line.startswith(b"content-length:")]
+    return len(body) >= length[0]
