@@ -72,7 +72,8 @@ class OcspTier(Tier):
                 signers.append(OcspSigner(ca_cert, setup.hsm, "ocsp-" + ca_key, cert))
         if not signers:
             return None
-        return cls(OcspResponder(setup.registry, signers, revoked_cas=setup.revoked_cas))
+        responder = OcspResponder(setup.registry, signers, revoked_cas=setup.revoked_cas)
+        return cls(responder, OcspCache(responder, epoch=setup.revocation_epoch))
 
     def routes(self):
         return [Route("POST", "/ocsp", self._post, OCSP_REQUEST_TYPE, MAX_REQUEST,

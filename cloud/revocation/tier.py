@@ -40,10 +40,14 @@ class TierSetup:
     certificates), root_cert (the fleet root), issuers ((CA key label, CA certificate)
     pairs), revoked_cas (() -> {CA key identifier: revoked_at}, the revoked-CA file),
     crl_publisher (or None), server_cert (the verifier's TLS certificate, or None),
-    root_label (the root key's HSM label, for init_keys)."""
+    root_label (the root key's HSM label, for init_keys), revocation_epoch (() -> a value
+    that moves when any process commits a revocation, read per request by caches that
+    must see it: the OCSP cache; None: the event file's watcher alone)."""
 
     def __init__(self, hsm, registry, folder, root_cert, issuers, revoked_cas,
-                 crl_publisher=None, server_cert=None, root_label="fleet-root"):
+                 crl_publisher=None, server_cert=None, root_label="fleet-root",
+                 revocation_epoch=None):
+        self.revocation_epoch = revocation_epoch
         self.root_label = root_label
         self.hsm = hsm
         self.registry = registry

@@ -69,10 +69,11 @@ def events_path(state_dir):
 
 
 def _setup(hsm, registry, state_dir, root_cert, issuers, revoked_cas_path,
-           crl_publisher=None, server_cert=None, root_label="fleet-root"):
+           crl_publisher=None, server_cert=None, root_label="fleet-root",
+           revocation_epoch=None):
     return TierSetup(hsm, registry, revocation_dir(state_dir), root_cert, issuers,
                      lambda: revoked_ca_map(revoked_cas_path), crl_publisher, server_cert,
-                     root_label)
+                     root_label, revocation_epoch)
 
 
 def init_keys(hsm, state_dir, root_label, root_cert, issuers):
@@ -108,13 +109,14 @@ class RevocationTiers:
 
 
 def load(hsm, registry, state_dir, root_cert, issuers, revoked_cas_path, crl_publisher=None,
-         server_cert=None):
+         server_cert=None, revocation_epoch=None):
     """Every tier whose keys init_keys made (and the CRL tier of crl_publisher), or None
     when none but the CRL's is (not initialised: the listener then serves CRLs only).
     issuers: (ca_key_label, ca_cert) pairs.  server_cert: the verifier's TLS certificate
-    (issued by root_cert) for the staple, or None."""
+    (issued by root_cert) for the staple, or None.  revocation_epoch: see TierSetup (a
+    counter shared by every process, e.g. in PostgreSQL), or None."""
     setup = _setup(hsm, registry, state_dir, root_cert, issuers, revoked_cas_path,
-                   crl_publisher, server_cert)
+                   crl_publisher, server_cert, revocation_epoch=revocation_epoch)
     built = [tier for tier in (cls.build(setup) for cls in TIERS) if tier is not None]
     if all(tier.name == CrlTier.name for tier in built):
         return None

@@ -434,3 +434,26 @@ def _complete(answer):
     length = [int(line.split(b":")[1]) for line in head.lower().split(b"\r\n")
               if line.startswith(b"content-length:")]
     return len(body) >= length[0]
+
+
+def test_the_cloud_wires_a_shared_revocation_epoch_into_the_ocsp_cache(fleet, tmp_path):
+    # Several processes over one database: a revocation another process commits reaches
+    # this one's cache when the shared epoch moves (a counter in PostgreSQL, say), with
+    # no event file in common.  Until it moves, the pre-signed answer stands.
+    from fleetid.cloud.revocation import tiers
+
+    state = str(tmp_path / "state")
+    issuers = [("ca-widget-b42", fleet.ca_certs["b42"])]
+    tiers.init_keys(fleet.hsm, state, "fleet-root", fleet.root, issuers)
+    epoch = [0]
+    built = tiers.load(fleet.hsm, fleet.registry, state, fleet.root, issuers,
+                       str(tmp_path / "revoked-cas.jsonl"), revocation_epoch=lambda: epoch[0])
+    cache = built.tier("ocsp").cache
+    device = fleet.provision("b42")
+    body = _request(fleet, device.identity_cert)
+    assert _facts(cache.answer(body).der)[1] == GOOD
+    fleet.registry.mark_revoked(device.identity_cert.serial_number, "keyCompromise",
+                                issuer=device.identity_cert.issuer.rfc4514_string())
+    assert _facts(cache.answer(body).der)[1] == GOOD  # the epoch has not moved yet
+    epoch[0] += 1
+    assert _facts(cache.answer(body).der)[1] == REVOKED
