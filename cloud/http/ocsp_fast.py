@@ -57,7 +57,7 @@ KEEPALIVE_TIMEOUT = 75.0  # aiohttp's default keepalive_timeout
 SWEEP_SECONDS = 5.0  # how often idle connections are looked for
 MAX_HEADS = 1024  # distinct request heads remembered (parse_head)
 MAX_DRAIN = 65536  # a refused body up to this size is read and dropped before closing
-_REASON = {200: b"OK", 400: b"Bad Request", 413: b"Payload Too Large",
+_REASON = {200: b"OK", 304: b"Not Modified", 400: b"Bad Request", 413: b"Payload Too Large",
            415: b"Unsupported Media Type", 429: b"Too Many Requests",
            500: b"Internal Server Error", 503: b"Service Unavailable"}
 
@@ -175,7 +175,7 @@ class HeadFacts:
     """What the fast path needs of a parsed request head (aiohttp RawRequestMessage)."""
 
     __slots__ = ("method", "path", "version", "should_close", "chunked", "length",
-                 "content_type", "expect_continue")
+                 "content_type", "expect_continue", "if_none_match")
 
     def __init__(self, message):
         self.method = message.method
@@ -187,6 +187,9 @@ class HeadFacts:
         self.content_type = message.headers.get("Content-Type", "").split(";", 1)[0] \
             .strip().lower()
         self.expect_continue = message.headers.get("Expect", "").lower() == "100-continue"
+        match = message.headers.get("If-None-Match")
+        self.if_none_match = None if match is None else \
+            [tag.strip() for tag in match.split(",")]
 
 
 class OcspConnection(asyncio.Protocol):
@@ -350,6 +353,12 @@ class OcspConnection(asyncio.Protocol):
     def _send(self, reply, message, endpoint, started):
         headers = [b"Content-Type: " + reply.content_type.encode()]
         headers += [("%s: %s" % item).encode() for item in reply.headers.items()]
+        etag = reply.headers.get("ETag")
+        if etag is not None and message.if_none_match is not None and \
+                message.method != "POST" and etag in message.if_none_match:
+            # RFC 9110 13.1.2 / 15.4.5: the cache in front already holds this answer.
+            self._write(304, headers[1:], b"", message, endpoint, started)
+            return
         self._write(200, headers, reply.body, message, endpoint, started)
 
     def _send_error(self, exc, message, endpoint, started):
@@ -372,8 +381,9 @@ class OcspConnection(asyncio.Protocol):
 
     def _write(self, status, headers, body, message, endpoint, started, reason=None):
         close = message is None or message.should_close
-        lines = [b"HTTP/1.1 %d %s" % (status, _REASON.get(status, b"")),
-                 b"Date: " + _Date.now(), b"Content-Length: %d" % len(body)] + headers
+        lines = [b"HTTP/1.1 %d %s" % (status, _REASON.get(status, b"")), b"Date: " +
+                 _Date.now()] + ([b"Content-Length: %d" % len(body)] if status != 304
+                                 else []) + headers
         if close:
             lines.append(b"Connection: close")
         elif message.version < (1, 1):

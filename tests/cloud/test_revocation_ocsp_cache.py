@@ -457,3 +457,22 @@ def test_the_cloud_wires_a_shared_revocation_epoch_into_the_ocsp_cache(fleet, tm
     assert _facts(cache.answer(body).der)[1] == GOOD  # the epoch has not moved yet
     epoch[0] += 1
     assert _facts(cache.answer(body).der)[1] == REVOKED
+
+
+def test_a_get_with_the_cached_answers_etag_gets_304(fleet):
+    # RFC 5019 6.2: ETag lets an HTTP cache revalidate the answer it holds.
+    tier = _tier(fleet)
+    tier.cache.presign()
+    body = _request(fleet, fleet.devices[5].identity_cert)
+    tail = urllib.request.quote(base64.b64encode(body).decode(), safe="")
+    with Listener(tier, fleet) as server:
+        _, headers, der = _get(server.url, body)
+        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+        conn.request("GET", "/ocsp/" + tail, headers={"If-None-Match": headers["ETag"]})
+        response = conn.getresponse()
+        assert response.status == 304 and response.read() == b""
+        assert response.headers["ETag"] == headers["ETag"]
+        conn.request("GET", "/ocsp/" + tail, headers={"If-None-Match": '"other"'})
+        response = conn.getresponse()
+        assert response.status == 200 and response.read() == der
+        conn.close()
