@@ -7,6 +7,7 @@ import threading
 
 from aiohttp import web
 
+from fleetid.cloud.http.ocsp_fast import OcspFastSite
 from fleetid.cloud.revocation.ocsp import OcspResponder, OcspSigner, new_ocsp_signer
 from bench._cloud_support import NOW
 
@@ -30,9 +31,12 @@ def ocsp_responder(fleet, revoked_cas=None, **kwargs):
 
 
 class LoopbackServer:
-    """Serve an aiohttp Application on 127.0.0.1:<free port> in a thread.  `url`."""
+    """Serve an aiohttp Application on 127.0.0.1:<free port> in a thread.  `url`.
+    fast: an OcspFastPath (cloud/http/ocsp_fast.py) to serve OCSP as `fleetid cloud
+    serve` does (its connections start in the fast path), or None (the app alone)."""
 
-    def __init__(self, app):
+    def __init__(self, app, fast=None):
+        self.fast = fast
         self.app = app
         self.loop = asyncio.new_event_loop()
         self._ready = threading.Event()
@@ -42,7 +46,10 @@ class LoopbackServer:
         asyncio.set_event_loop(self.loop)
         self.runner = web.AppRunner(self.app, access_log=None)
         self.loop.run_until_complete(self.runner.setup())
-        site = web.TCPSite(self.runner, "127.0.0.1", 0)
+        if self.fast is not None:
+            site = OcspFastSite(self.runner, "127.0.0.1", 0, self.fast)
+        else:
+            site = web.TCPSite(self.runner, "127.0.0.1", 0)
         self.loop.run_until_complete(site.start())
         self.port = site._server.sockets[0].getsockname()[1]
         self.url = "http://127.0.0.1:%d" % self.port

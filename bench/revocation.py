@@ -223,7 +223,7 @@ def ocsp_rate(seconds, threads):
     from bench._cloud_support import Fleet
     from bench._ocsp_support import LoopbackServer, ocsp_responder
     from fleetid.cloud.http.revocation_app import make_revocation_app
-    from fleetid.cloud.revocation.ocsp import OcspTier
+    from fleetid.cloud.revocation.ocsp_tier import OcspTier
 
     folder = tempfile.mkdtemp(prefix="bench-ocsp-")
     fleet = Fleet(folder, verify_signatures="first")

@@ -44,10 +44,18 @@ from fleetid.cloud.http.metrics import Metrics
 from fleetid.cloud.http.middleware import BODY_TIMEOUT, ServerTimeouts, log
 from fleetid.cloud.http.tls import server_ssl_context
 from fleetid.cloud.http import sites
+from fleetid.cloud.http.sites import EVENT_LOOPS, event_loop_factory, serve_forever  # noqa: F401
 from fleetid.cloud.http.verifier_app import make_metrics_app, make_verifier_app
 from fleetid.cloud.pki.profiles import get_profile, server_certificate_builder
 from fleetid.cloud.registry.shared_state import shared_tables
-from fleetid.cloud.http.revocation_app import attach_staple_header, make_revocation_app
+from fleetid.cloud.http.ocsp_fast import OcspFastPath, OcspFastSite
+from fleetid.cloud.http.rate_limit import ClientRateLimits
+from fleetid.cloud.http.revocation_app import (
+    CLIENT_BURST,
+    CLIENT_RATE,
+    attach_staple_header,
+    make_revocation_app,
+)
 from fleetid.cloud.revocation.crl import CrlIssuer, CrlPublisher, CrlTier, crl_url
 from fleetid.cloud.verifier.revoked_cas import RevokedCaFile
 from fleetid.cloud.verifier.service import FleetTrust, FleetVerifier
@@ -357,12 +365,19 @@ class CloudServer:
         if metrics_port:
             self._plan.append(("metrics", make_metrics_app(self.metrics), metrics_port, None))
         self.crl_publisher = crl_publisher
+        self._fast = {}  # listener name -> OcspFastPath
         if crl_publisher is not None:
             if revocation_tiers is None:  # not initialised: the CRLs only
                 crl_app = make_revocation_app([CrlTier(crl_publisher)], metrics=self.metrics)
             else:  # every tier (tiers.TIERS) on the same listener
+                limits = ClientRateLimits(CLIENT_RATE, CLIENT_BURST)
                 crl_app = make_revocation_app(revocation_tiers.tiers, revocation_tiers.watcher,
-                                              self.metrics)
+                                              self.metrics, client_limits=limits)
+                ocsp_tier = revocation_tiers.tier("ocsp")
+                if ocsp_tier is not None:  # OCSP off aiohttp's request path: ocsp_fast.py
+                    self._fast["crl"] = OcspFastPath(
+                        ocsp_tier, limits, revocation_tiers.watcher, self.metrics,
+                        keepalive_timeout=self.timeouts.idle, body_timeout=self.timeouts.body)
                 staple = revocation_tiers.tier("staple")
                 if staple is not None:  # no TLS stapling: staple.py
                     attach_staple_header(self._plan[0][1], staple.staple)
@@ -414,12 +429,16 @@ class CloudServer:
             await runner.setup()
             host = self.host if name != "metrics" else "127.0.0.1"
             bounds = sites.ssl_bounds(ssl_context, self.timeouts)
-            if name in self.sockets:
-                site = sites.BoundedSockSite(runner, self.sockets[name], ssl_context=ssl_context,
-                                        backlog=1024)
+            if name in self._fast:
+                site = OcspFastSite(runner, host, port, self._fast[name],
+                                    sock=self.sockets.get(name), backlog=1024,
+                                    reuse_address=True)
+            elif name in self.sockets:
+                site = sites.BoundedSockSite(runner, self.sockets[name],
+                                             ssl_context=ssl_context, backlog=1024)
             else:
                 site = sites.BoundedTcpSite(runner, host, port, ssl_context=ssl_context,
-                                       backlog=1024, reuse_address=True)
+                                            backlog=1024, reuse_address=True)
             site.ssl_bounds = bounds
             try:
                 await site.start()
@@ -473,50 +492,6 @@ class CloudServer:
         if self.checkpointer is not None:
             # Shutdown: everything this server recorded is anchored before it exits.
             await self._checkpoint(due_only=False)
-
-
-EVENT_LOOPS = ("auto", "uvloop", "asyncio")
-
-
-def event_loop_factory(kind="auto"):
-    """The event loop constructor for the servers: "uvloop" (libuv, with a compiled TLS
-    transport: in bench/mtls.py about 10-15% more mTLS connections per CPU-second than
-    asyncio's), "asyncio" (the standard library's), or "auto" (uvloop when installed,
-    else asyncio).
-    Raises ValueError for an unknown kind, ImportError for "uvloop" when not installed."""
-    if kind not in EVENT_LOOPS:
-        raise ValueError("event_loop must be one of %s" % (EVENT_LOOPS,))
-    if kind in ("auto", "uvloop"):
-        try:
-            import uvloop
-        except ImportError:
-            if kind == "uvloop":
-                raise
-        else:
-            return uvloop.new_event_loop
-    return asyncio.new_event_loop
-
-
-def serve_forever(server, ready=None, event_loop="auto"):
-    """Run `server` until SIGINT / SIGTERM.  `ready(ports)` is called once listening.
-    event_loop: see event_loop_factory."""
-    import signal
-
-    async def main():
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        ports = await server.start()
-        if ready:
-            ready(ports)
-        try:
-            await stop.wait()
-        finally:
-            await server.stop()
-
-    with asyncio.Runner(loop_factory=event_loop_factory(event_loop)) as runner:
-        runner.run(main())
 
 
 def trust_from_config(config, extra_intermediates=()):

@@ -138,3 +138,11 @@ def test_revocation_bench_without_the_test_extras_runs_its_cpython_figures():
             if line.split() and line.split()[0] in ("10000", "100000")]
     assert len(rows) == 6, proc.stdout
     assert all(row[-3:] == ["-", "-", "-"] for row in rows), proc.stdout
+
+
+def test_ocsp_bench_runs_without_the_test_extras():
+    require(shutil.which("openssl"), "openssl (the baseline responder)")
+    proc = _run_without_test_extras(BENCH / "ocsp.py", "--quick", "--seconds", "0.2",
+                                    "--devices", "2", "--clients", "2", timeout=300)
+    assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-3000:])
+    assert "ratio fleetid/openssl ocsp, cached, close:" in proc.stdout

@@ -5,7 +5,7 @@ verifier alike)."""
 from aiohttp import web
 
 from fleetid.cloud.verifier import errors
-from fleetid.cloud.verifier.errors import CloudError, PendingApproval
+from fleetid.cloud.verifier.errors import CloudError, PendingApproval, RateLimited
 
 # THE table: domain reason -> HTTP status.
 HTTP_STATUS = {
@@ -34,6 +34,7 @@ HTTP_STATUS = {
     errors.WRONG_CERTIFICATE_KIND: 403,
     errors.PENDING: 202,
     errors.UNAVAILABLE: 503,
+    errors.RATE_LIMITED: 429,
     errors.INTERNAL: 500,
 }
 
@@ -55,10 +56,11 @@ def http_status(exc):
 
 
 def error_response(exc):
-    """Response for a CloudError (status from the table, text body, Retry-After on 202)."""
+    """Response for a CloudError (status from the table, text body, Retry-After on 202
+    and 429)."""
     status = http_status(exc)
     headers = {}
-    if isinstance(exc, PendingApproval):
+    if isinstance(exc, (PendingApproval, RateLimited)):
         headers["Retry-After"] = str(exc.retry_after)
     if status == 401:
         headers["WWW-Authenticate"] = WWW_AUTHENTICATE

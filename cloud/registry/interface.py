@@ -331,6 +331,13 @@ class Registry:
         Returns: list of CertificateRecord (revoked_at set)."""
         raise NotImplementedError
 
+    def certificate_serials(self, issuer, valid_at=None):
+        """The serials (int) of every certificate issued by `issuer` (RFC 4514 string)
+        whose notAfter is after `valid_at` (RFC 3339 UTC text as the records store it;
+        None: all), revoked or not: what an OCSP responder pre-signs.  An iterator read in
+        pages (one query per page), so a fleet of millions is never one list."""
+        raise NotImplementedError
+
     def certificate_and_device(self, cert_serial, issuer=None):
         """(CertificateRecord, DeviceRecord): a certificate's record and its device's, in
         ONE read (one query, one snapshot) where the backend can; what the verifier checks

@@ -262,6 +262,12 @@ class MemoryRegistry(Registry):
                            if c.issuer == issuer and c.revoked_at is not None),
                           key=lambda c: c.cert_serial)
 
+    def certificate_serials(self, issuer, valid_at=None):
+        with self._lock:
+            found = sorted(c.cert_serial for c in self._certs.values()
+                           if c.issuer == issuer and c.not_after > (valid_at or ""))
+        return iter([int(serial, 16) for serial in found])
+
     def certificate_and_device(self, cert_serial, issuer=None):
         with self._lock:  # one lock: both records of the same moment
             record = self._cert(cert_serial, issuer)

@@ -391,6 +391,20 @@ class SqlRegistry(Registry):
                                         % CERT_COLUMNS), (issuer,)).fetchall()
         return [certificate_from_row(r) for r in rows]
 
+    def certificate_serials(self, issuer, valid_at=None, page=5000):
+        last = ""
+        while True:
+            with self._read() as conn:
+                rows = conn.execute(self._q(
+                    "SELECT cert_serial FROM certificates WHERE issuer = ? AND cert_serial > ? "
+                    "AND not_after > ? ORDER BY cert_serial LIMIT %d" % int(page)),
+                    (issuer, last, valid_at or "")).fetchall()
+            for row in rows:
+                yield int(row["cert_serial"], 16)
+            if len(rows) < page:
+                return
+            last = rows[-1]["cert_serial"]
+
     def set_rotation_state(self, serial, state):
         check_text("rotation state", state)
         with self._write() as conn:

@@ -3,7 +3,11 @@ support and signed through the HSM by a delegated responder certificate per issu
 
     responder = OcspResponder(registry, [OcspSigner(ca_cert, hsm, "ocsp-b42", cert), ...],
                               revoked_cas=...)
-    der = responder.respond(request_der)        # what POST /ocsp and GET /ocsp/<b64> send
+    der = responder.respond(request_der)        # signed now, from the registry's state
+
+The listener does not call respond() per request: OcspTier (ocsp_tier.py) answers from
+pre-signed responses (ocsp_cache.py) made with sign_response(), and signs per request
+only nonces, misses and unknown serials.
 
 Delegation (RFC 6960 4.2.2.2): each issuing CA certifies a responder key kept in the HSM
 (`new_ocsp_signer`): extendedKeyUsage id-kp-OCSPSigning, id-pkix-ocsp-nocheck (4.2.2.2.1:
@@ -32,7 +36,7 @@ into `certs`):
         certs            [0] EXPLICIT SEQUENCE OF Certificate }   -- the responder's
 
 Answers (one revocation state with the CRLs and the compact set, read from the registry
-at each request, so a revocation is seen at the next query):
+when the response is signed; the cache re-signs on every revocation event):
   * good: the certificate is in the registry and not revoked;
   * revoked: revoked in the registry (time and reason from it), or its issuing CA is
     revoked (batch revocation: reason cACompromise, time of the CA's revocation);
@@ -42,8 +46,8 @@ at each request, so a revocation is seen at the next query):
 Nonces (RFC 8954 / 6960 4.4.1): a request's nonce of 1..32 octets is echoed (RFC 8954
 2.1: Nonce ::= OCTET STRING (SIZE(1..32))); a request whose nonce is empty or longer than
 32 octets is answered malformedRequest (2.1: the responder MUST reject it) and nothing is
-echoed.  Without a nonce, the response is still fresh (thisUpdate = now, nextUpdate =
-now + `validity`).
+echoed.  A response signed here has thisUpdate = producedAt = now and nextUpdate =
+now + `validity` (the cache's own validity for the answers it keeps).
 """
 
 import base64
@@ -58,7 +62,6 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from fleetid.cloud.pki.profiles import to_utc_seconds, utc_now
 from fleetid.cloud.pki.signing import _throwaway_key, sign_certificate
 from fleetid.cloud.registry.errors import RegistryError
-from fleetid.cloud.revocation.tier import Reply, Route, Tier
 from fleetid.common import der
 
 OCSP_REQUEST_TYPE = "application/ocsp-request"  # RFC 6960 A.1
@@ -122,8 +125,10 @@ class OcspSigner:
         name = ca_cert.subject.public_bytes()
         # CertID hashes (4.1.1): of the issuer's Name DER and of its key's BIT STRING value.
         self.ids = {}
+        self.hashes = {}  # algorithm name -> (issuerNameHash, issuerKeyHash)
         for algorithm, fn in (("sha1", hashlib.sha1), ("sha256", hashlib.sha256)):
-            self.ids[(algorithm, fn(name).digest(), fn(key_bits).digest())] = True
+            self.hashes[algorithm] = (fn(name).digest(), fn(key_bits).digest())
+            self.ids[(algorithm,) + self.hashes[algorithm]] = True
         # The builder insists on holding the responder's private key; it holds a stand-in
         # certificate with the responder's subject and the throwaway key instead, and
         # the ResponderID is byName (4.2.2.3), so the TBS names the real responder.
@@ -148,6 +153,32 @@ def _status_only(status):
     # OCSPResponse with no responseBytes (responseStatus other than successful).
     return ocsp.OCSPResponseBuilder.build_unsuccessful(status).public_bytes(
         serialization.Encoding.DER)
+
+
+MALFORMED = _status_only(ocsp.OCSPResponseStatus.MALFORMED_REQUEST)
+UNAUTHORIZED = _status_only(ocsp.OCSPResponseStatus.UNAUTHORIZED)
+TRY_LATER = _status_only(ocsp.OCSPResponseStatus.TRY_LATER)
+
+
+def read_request(request_der):
+    """Parse a DER OCSPRequest.  Returns (OCSPRequest, x509.OCSPNonce or None, None), or
+    (None, None, the DER malformedRequest response) for a request that does not parse or
+    whose nonce is outside 1..32 octets (RFC 8954 2.1)."""
+    try:
+        request = ocsp.load_der_ocsp_request(bytes(request_der))
+    except (ValueError, TypeError, NotImplementedError):
+        # NotImplementedError: several certificates in one request, which
+        # `cryptography` does not parse (a known limit; clients ask one at a time).
+        return None, None, MALFORMED
+    try:
+        nonce = request.extensions.get_extension_for_class(x509.OCSPNonce).value
+    except x509.ExtensionNotFound:
+        nonce = None
+    except (ValueError, TypeError):  # an extension that does not parse
+        return None, None, MALFORMED
+    if nonce is not None and not MIN_NONCE <= len(nonce.nonce) <= MAX_NONCE:
+        return None, None, MALFORMED
+    return request, nonce, None
 
 
 def _parse_time(text):
@@ -180,33 +211,37 @@ class OcspResponder:
     def respond(self, request_der):
         """The DER OCSPResponse for a DER OCSPRequest (never raises for bad input: a
         malformed request gets responseStatus malformedRequest)."""
-        try:
-            request = ocsp.load_der_ocsp_request(bytes(request_der))
-        except (ValueError, TypeError, NotImplementedError):
-            # NotImplementedError: several certificates in one request, which
-            # `cryptography` does not parse (a known limit; clients ask one at a time).
-            return _status_only(ocsp.OCSPResponseStatus.MALFORMED_REQUEST)
-        try:
-            nonce = request.extensions.get_extension_for_class(x509.OCSPNonce).value
-        except x509.ExtensionNotFound:
-            nonce = None
-        except (ValueError, TypeError):  # an extension that does not parse
-            return _status_only(ocsp.OCSPResponseStatus.MALFORMED_REQUEST)
-        if nonce is not None and not MIN_NONCE <= len(nonce.nonce) <= MAX_NONCE:
-            return _status_only(ocsp.OCSPResponseStatus.MALFORMED_REQUEST)
-        signer = next((s for s in self.signers if s.matches(request)), None)
+        request, nonce, refusal = read_request(request_der)
+        if refusal is not None:
+            return refusal
+        signer = self.signer_for(request)
         if signer is None:
-            return _status_only(ocsp.OCSPResponseStatus.UNAUTHORIZED)
+            return UNAUTHORIZED
+        return self.sign_response(signer, request.hash_algorithm, request.serial_number,
+                                  nonce)[0]
+
+    def signer_for(self, request):
+        """The OcspSigner whose CA the request's CertID names, or None (not ours)."""
+        return next((s for s in self.signers if s.matches(request)), None)
+
+    def sign_response(self, signer, algorithm, serial, nonce=None, validity=None):
+        """Read the certificate's status now and sign a response for it (CertID hashed
+        with `algorithm`, a cryptography hash instance: SHA1 or SHA256).
+        nonce: the request's x509.OCSPNonce to echo, or None.  validity: nextUpdate -
+        thisUpdate (default the responder's).
+        Returns (DER OCSPResponse, OCSPCertStatus, thisUpdate, nextUpdate)."""
+        name_hash, key_hash = signer.hashes[algorithm.name]
         now = self.clock().astimezone(datetime.timezone.utc).replace(microsecond=0)
-        status, revoked_at, reason = self._status(signer, request.serial_number)
+        next_update = now + (validity or self.validity)
+        status, revoked_at, reason = self._status(signer, serial)
         builder = ocsp.OCSPResponseBuilder().add_response_by_hash(
-            request.issuer_name_hash, request.issuer_key_hash, request.serial_number,
-            request.hash_algorithm, status, now, now + self.validity, revoked_at, reason)
+            name_hash, key_hash, serial, algorithm, status, now, next_update, revoked_at,
+            reason)
         builder = builder.responder_id(ocsp.OCSPResponderEncoding.NAME, signer.stand_in)
         if nonce is not None:
             builder = builder.add_extension(nonce, critical=False)
         self.responses += 1
-        return self._sign(signer, builder)
+        return self._sign(signer, builder), status, now, next_update
 
     def _status(self, signer, serial):
         ca_revoked = self.revoked_cas().get(signer.key_id)
@@ -255,83 +290,3 @@ def decode_get_path(path_tail):
 
     text = unquote(path_tail)
     return base64.b64decode(text, validate=True)
-
-
-class OcspTier(Tier):
-    """The OCSP tier (tier.py): RFC 6960 over plain HTTP, answers signed per request.
-
-        POST /ocsp, /ocsp/     body: DER OCSPRequest (application/ocsp-request, at most
-                               MAX_REQUEST bytes)
-        GET  /ocsp/<base64>    RFC 6960 A.1 (a path that does not decode: a
-                               malformedRequest OCSP answer, as the RFC wants)
-    Both answer application/ocsp-response, Cache-Control no-store.
-    """
-
-    name = "ocsp"
-
-    def __init__(self, responder):
-        self.responder = responder
-
-    @classmethod
-    def init_keys(cls, setup):
-        """One delegated responder per issuing CA: ocsp-<CA key label>.pem."""
-        written = []
-        for ca_key, ca_cert in setup.issuers:
-            written += setup.write_pem("ocsp-%s.pem" % ca_key, lambda: new_ocsp_signer(
-                setup.hsm, ca_key, ca_cert, "ocsp-" + ca_key))
-        return written
-
-    @classmethod
-    def build(cls, setup):
-        signers = []
-        for ca_key, ca_cert in setup.issuers:
-            cert = setup.read_pem("ocsp-%s.pem" % ca_key)
-            if cert is not None:
-                signers.append(OcspSigner(ca_cert, setup.hsm, "ocsp-" + ca_key, cert))
-        if not signers:
-            return None
-        return cls(OcspResponder(setup.registry, signers, revoked_cas=setup.revoked_cas))
-
-    def routes(self):
-        return [Route("POST", "/ocsp", self._post, OCSP_REQUEST_TYPE, MAX_REQUEST, True),
-                Route("POST", "/ocsp/", self._post, OCSP_REQUEST_TYPE, MAX_REQUEST, True),
-                Route("GET", "/ocsp/{request:.+}", self._get, blocking=True)]
-
-    def _answer(self, body):
-        return Reply(body, OCSP_RESPONSE_TYPE, {"Cache-Control": "no-store"})
-
-    def _post(self, _params, body):
-        return self._answer(self.responder.respond(body))
-
-    def _get(self, params, _body):
-        try:
-            data = decode_get_path(params["request"])
-        except ValueError:
-            return Reply(_status_only(ocsp.OCSPResponseStatus.MALFORMED_REQUEST),
-                         OCSP_RESPONSE_TYPE)
-        return self._answer(self.responder.respond(data))
-
-    @staticmethod
-    def status(base_url, facts, fetch, failed):
-        """A probe about serial 1 of the first issuing CA: any answer (good / unknown /
-        revoked) shows the responder is up, signed and how long its answers last."""
-        url = base_url + "/ocsp"
-        if not facts["ca_certs"]:
-            return {"error": "NoIssuingCa", "url": url, "cause": "no issuing CA configured"}
-        ca = facts["ca_certs"][0]
-        point = ca.public_key().public_bytes(serialization.Encoding.X962,
-                                             serialization.PublicFormat.UncompressedPoint)
-        request = ocsp.OCSPRequestBuilder().add_certificate_by_hash(
-            hashlib.sha1(ca.subject.public_bytes()).digest(), hashlib.sha1(point).digest(), 1,
-            hashes.SHA1()).build().public_bytes(serialization.Encoding.DER)
-        try:
-            answer = ocsp.load_der_ocsp_response(fetch(url, request, OCSP_REQUEST_TYPE))
-        except Exception as exc:  # noqa: BLE001 - reported, never a traceback
-            return failed(url, exc)
-        if answer.response_status != ocsp.OCSPResponseStatus.SUCCESSFUL:
-            return {"response_status": answer.response_status.name}
-        return {"response_status": "SUCCESSFUL",
-                "this_update": answer.this_update_utc.isoformat(),
-                "next_update": answer.next_update_utc.isoformat(),
-                "responder": answer.certificates[0].subject.rfc4514_string(),
-                "freshness": "live (signed per request)"}

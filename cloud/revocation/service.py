@@ -6,7 +6,8 @@ revocation, with its ca_revoke audit entry).  Every tier reads that state:
 
     tier               reads                                      sees a revocation
     verifier (mTLS)    registry + revoked-CA file per request     at once
-    OCSP               registry + revoked-CA file per request     at the next query
+    OCSP               pre-signed cache (ocsp_cache.py), checked  at the next query after
+                       against the revoked set on every event     the event
     CRL per CA         registry, re-built by CrlPublisher         next fetch after the event
                                                                   (<= poll_interval without)
     compact set        registry + revoked CAs, RevsetPublisher   next set after the event

@@ -6,6 +6,7 @@ A tier instance (built by tiers.load from the HSM, the registry and the revoked-
     name                  the key of the tier in `fleetid revocation status`
     invalidate()          a revocation was written (the event, service.py): drop what is
                           cached, so the next request sees it
+    start() / stop()      the listener starts / stops (a tier's background work)
     routes()              list of Route: what the tier serves on the revocation listener,
                           without HTTP (cloud/http/revocation_app.py adapts them to aiohttp
                           and renders refusals through cloud/http/errors.py)
@@ -39,10 +40,14 @@ class TierSetup:
     certificates), root_cert (the fleet root), issuers ((CA key label, CA certificate)
     pairs), revoked_cas (() -> {CA key identifier: revoked_at}, the revoked-CA file),
     crl_publisher (or None), server_cert (the verifier's TLS certificate, or None),
-    root_label (the root key's HSM label, for init_keys)."""
+    root_label (the root key's HSM label, for init_keys), revocation_epoch (() -> a value
+    that moves when any process commits a revocation, read per request by caches that
+    must see it: the OCSP cache; None: the event file's watcher alone)."""
 
     def __init__(self, hsm, registry, folder, root_cert, issuers, revoked_cas,
-                 crl_publisher=None, server_cert=None, root_label="fleet-root"):
+                 crl_publisher=None, server_cert=None, root_label="fleet-root",
+                 revocation_epoch=None):
+        self.revocation_epoch = revocation_epoch
         self.root_label = root_label
         self.hsm = hsm
         self.registry = registry
@@ -92,6 +97,16 @@ class Reply:
         self.headers = dict(headers or {})
 
 
+class Deferred:
+    """A route's answer that needs blocking work (a signature, a storage read):
+    `work()` -> Reply, which the listener runs in a worker thread, off the event loop."""
+
+    __slots__ = ("work",)
+
+    def __init__(self, work):
+        self.work = work
+
+
 class Route:
     """One route of a tier.
 
@@ -100,11 +115,15 @@ class Route:
         body the request body (b"" for GET).  content_type: the one request type a POST
         takes (others: unsupported_content_type), or None.  body_limit: bytes a POST may
         carry (more: too_large).  blocking: handle signs or reads storage and runs in a
-        worker thread, off the event loop.
+        worker thread, off the event loop (a handle that answers from memory runs on the
+        loop and returns a Deferred for its blocking cases).  client_limited: the
+        listener's per-client rate limit applies (over it: rate_limited, 429 with
+        Retry-After).
     """
 
     def __init__(self, method, path, handle, content_type=None, body_limit=0,
-                 blocking=False):
+                 blocking=False, client_limited=False):
+        self.client_limited = client_limited
         self.method = method
         self.path = path
         self.handle = handle
@@ -121,6 +140,12 @@ class Tier:
 
     def invalidate(self):
         pass
+
+    def start(self):
+        """The listener started (background work may begin)."""
+
+    def stop(self):
+        """The listener stops (bounded)."""
 
     def routes(self):
         return []

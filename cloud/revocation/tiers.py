@@ -5,7 +5,8 @@ reaches them all.  Each tier is a class with the interface of tier.py, in its ow
     crl           crl.py      GET /crl/<label>.crl (and /crl/root.crl, arl.py, when the
                               root key is in this HSM: with_root_crl)
     staple        staple.py   GET /ocsp/staple (and a header on every verifier response)
-    ocsp          ocsp.py     POST /ocsp, GET /ocsp/<b64>
+    ocsp          ocsp_tier.py  POST /ocsp, GET /ocsp/<b64> (ocsp.py signs, ocsp_cache.py
+                              keeps the pre-signed answers)
     revset        revset_publisher.py
                               GET /revset/current.frs, GET /revset/delta/<n>.frd
 
@@ -28,7 +29,7 @@ import os
 
 from fleetid.cloud.revocation.revset_publisher import RevsetTier
 from fleetid.cloud.revocation.crl import ROOT_CRL_NAME, CrlTier
-from fleetid.cloud.revocation.ocsp import OcspTier
+from fleetid.cloud.revocation.ocsp_tier import OcspTier
 from fleetid.cloud.revocation.service import (
     EVENTS_FILE,
     AnyWatcher,
@@ -73,10 +74,11 @@ def events_path(state_dir):
 
 
 def _setup(hsm, registry, state_dir, root_cert, issuers, revoked_cas_path,
-           crl_publisher=None, server_cert=None, root_label="fleet-root"):
+           crl_publisher=None, server_cert=None, root_label="fleet-root",
+           revocation_epoch=None):
     return TierSetup(hsm, registry, revocation_dir(state_dir), root_cert, issuers,
                      lambda: revoked_ca_map(revoked_cas_path), crl_publisher, server_cert,
-                     root_label)
+                     root_label, revocation_epoch)
 
 
 def init_keys(hsm, state_dir, root_label, root_cert, issuers):
@@ -117,13 +119,14 @@ class RevocationTiers:
 
 
 def load(hsm, registry, state_dir, root_cert, issuers, revoked_cas_path, crl_publisher=None,
-         server_cert=None):
+         server_cert=None, revocation_epoch=None):
     """Every tier whose keys init_keys made (and the CRL tier of crl_publisher), or None
     when none but the CRL's is (not initialised: the listener then serves CRLs only).
     issuers: (ca_key_label, ca_cert) pairs.  server_cert: the verifier's TLS certificate
-    (issued by root_cert) for the staple, or None."""
+    (issued by root_cert) for the staple, or None.  revocation_epoch: see TierSetup (a
+    counter shared by every process, e.g. in PostgreSQL), or None."""
     setup = _setup(hsm, registry, state_dir, root_cert, issuers, revoked_cas_path,
-                   crl_publisher, server_cert)
+                   crl_publisher, server_cert, revocation_epoch=revocation_epoch)
     built = [tier for tier in (cls.build(setup) for cls in TIERS) if tier is not None]
     if all(tier.name == CrlTier.name for tier in built):
         return None

@@ -40,6 +40,15 @@ class PendingApproval(CloudError):
         self.retry_after = int(retry_after)
 
 
+class RateLimited(CloudError):
+    """The client is over its request rate (a token bucket per address: 429 with
+    Retry-After).  `retry_after` is whole seconds."""
+
+    def __init__(self, retry_after, detail="too many requests"):
+        super().__init__(RATE_LIMITED, detail)
+        self.retry_after = int(retry_after)
+
+
 # -- reason codes ------------------------------------------------------------------------------
 # Client authentication (verifier and EST).
 NO_CLIENT_CERT = "no_client_certificate"
@@ -67,6 +76,7 @@ POLICY = "policy"  # the CA's or the EST policy's refusal (attestation, subject 
 WRONG_CERTIFICATE_KIND = "wrong_certificate_kind"
 PENDING = "pending_approval"
 UNAVAILABLE = "unavailable"  # storage / HSM failure: the client may retry later
+RATE_LIMITED = "rate_limited"  # over the per-client rate: retry after `retry_after` s
 INTERNAL = "internal_error"
 REQUEST_TIMEOUT = "request_timeout"  # the request body did not arrive within the bound
 
@@ -74,5 +84,5 @@ REASONS = frozenset([
     NO_CLIENT_CERT, MALFORMED_CERT, CHAIN, EXPIRED, NOT_YET_VALID, EKU, CA_REVOKED,
     UNKNOWN_DEVICE, DEVICE_STATUS, REVOKED, SUPERSEDED, ATTESTATION, BAD_BASE64, BAD_REQUEST,
     UNKNOWN_LABEL, NOT_FOUND, METHOD, CONTENT_TYPE, TOO_LARGE, DOCUMENT_LIMIT, POLICY,
-    WRONG_CERTIFICATE_KIND, PENDING, UNAVAILABLE, INTERNAL, REQUEST_TIMEOUT,
+    WRONG_CERTIFICATE_KIND, PENDING, UNAVAILABLE, RATE_LIMITED, INTERNAL, REQUEST_TIMEOUT,
 ])

@@ -744,3 +744,19 @@ def test_verification_beside_live_stations_reads_one_consistent_snapshot(tmp_pat
             stop.set()
             worker.join()
         assert errors == [] and counts == sorted(counts)
+
+
+def test_certificate_serials_lists_an_issuers_unexpired_certificates_in_pages(registry):
+    # What the OCSP cache pre-signs (cloud/revocation/ocsp_cache.py): every certificate
+    # of an issuer, revoked ones too, read in pages; none past its notAfter.
+    serials = [provision(registry) for _ in range(5)]
+    records = [registry.certificates(s)[0] for s in serials]
+    registry.mark_revoked(records[0].cert_serial, "keyCompromise")
+    issuer = records[0].issuer
+    expected = sorted(int(r.cert_serial, 16) for r in records)
+    assert sorted(registry.certificate_serials(issuer)) == expected
+    if not isinstance(registry, MemoryRegistry):  # the SQL backends read in pages
+        assert sorted(registry.certificate_serials(issuer, page=2)) == expected
+    assert list(registry.certificate_serials("CN=another issuer")) == []
+    latest = max(r.not_after for r in records)
+    assert list(registry.certificate_serials(issuer, valid_at=latest)) == []

@@ -48,6 +48,7 @@ CONTRACT_TESTS = [
     "test_add_certificate_with_rotation_state_is_one_write",
     "test_acknowledge_rotation_reads_decides_and_writes_in_one_transaction",
     "test_certificate_and_device_is_one_read_matching_the_two_reads",
+    "test_certificate_serials_lists_an_issuers_unexpired_certificates_in_pages",
 ]
 for _name in CONTRACT_TESTS:
     if hasattr(contract, _name):

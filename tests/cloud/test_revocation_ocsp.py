@@ -19,7 +19,8 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from fleetid.cloud.revocation.revset_publisher import ca_key_id
 from fleetid.cloud.http.revocation_app import make_revocation_app
-from fleetid.cloud.revocation.ocsp import OCSP_REQUEST_TYPE, OcspTier
+from fleetid.cloud.revocation.ocsp import OCSP_REQUEST_TYPE
+from fleetid.cloud.revocation.ocsp_tier import OcspTier
 from tests.cloud.cloud_support import Fleet, pem
 from tests.cloud.ocsp_support import LoopbackServer, ocsp_responder, ocsp_signers
 from tests.conftest import require
