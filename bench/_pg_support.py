@@ -70,6 +70,15 @@ def process_cpu_seconds(pid):
     return stat[1] if stat else 0.0
 
 
+def machine_busy():
+    """(busy, total) jiffies of all CPUs so far (/proc/stat): the share of the machine in
+    use between two readings, whoever used it (the machine may be shared)."""
+    with open("/proc/stat") as f:
+        values = [int(v) for v in f.readline().split()[1:]]
+    idle = values[3] + (values[4] if len(values) > 4 else 0)  # idle + iowait
+    return sum(values) - idle, sum(values)
+
+
 class ThrowawayPostgres:
     """A PostgreSQL cluster in a temporary folder, stopped and removed on exit."""
 

@@ -460,7 +460,7 @@ def revoke_batch(fleet, uri, state_dir, revoked_cas, victims, servers, crl_port,
 def storm_round(fleet, ctx, processes, devices, clients, victims=None):
     """P servers, one storm (with the batch revocation when victims are given).  Returns
     the round's figures."""
-    from bench._pg_support import process_cpu_seconds
+    from bench._pg_support import machine_busy, process_cpu_seconds
 
     folder = ctx["folder"]
     servers = []
@@ -478,9 +478,11 @@ def storm_round(fleet, ctx, processes, devices, clients, victims=None):
         storm = Storm(fleet, devices, servers, clients, on_half)
         cpu = [process_cpu_seconds(s.pid) for s in servers]
         pg_cpu = ctx["pg"].cpu_seconds() if ctx["pg"] else None
-        own = os.times()
+        own, machine = os.times(), machine_busy()
         wall = storm.run()
-        own_after = os.times()
+        own_after, machine_after = os.times(), machine_busy()
+        out["machine_busy"] = ((machine_after[0] - machine[0])
+                               / max(1, machine_after[1] - machine[1]))
         if victims:
             deadline = time.monotonic() + TIER_TIMEOUT + 30
             while "revocation" not in out and time.monotonic() < deadline:
@@ -566,9 +568,10 @@ def print_report(figures):
                   row["per_s"] / base if base else 0, row["p50_ms"] or 0, row["p99_ms"] or 0,
                   row["errors"]))
         busiest = max(row["cpu_share"].items(), key=lambda item: item[1])
-        print("  CPU, share of one core: %s; busiest: %s" % (", ".join(
-            "%s %.0f%%" % (name, 100 * share) for name, share in row["cpu_share"].items()),
-            busiest[0]))
+        print("  CPU, share of one core: %s; busiest: %s; the whole machine (%d cores, "
+              "shared) %.0f%% busy" % (", ".join(
+                  "%s %.0f%%" % (name, 100 * share) for name, share in row["cpu_share"].items()),
+                  busiest[0], os.cpu_count() or 0, 100 * row["machine_busy"]))
         if row.get("error_sample"):
             print("  errors, e.g.: %s" % row["error_sample"][0])
     rev = figures["rounds"][-1].get("revocation")
