@@ -24,7 +24,8 @@ storm      for each process count P of --processes: P `fleetid cloud serve` proc
            19 item 1), so each device sends its nonce request and its re-enrolment to the
            same process (device i -> process i mod P).
 revocation during the last storm (at half of it): --victims enrolled devices revoked one
-           by one through RevocationService (what `fleetid revoke --serial` does), then the
+           by one through RevocationService (what `fleetid revoke --serial` does; its
+           registry handle opened before the storm, see revocation_service()), then the
            time until each tier shows the last of them: the verifier of every process
            (GET /v1/whoami with its certificate refused), the CRL, OCSP and the compact set
            on process 0's revocation listener.  MQTT is not measured here: `fleetid mqtt
@@ -421,24 +422,29 @@ def _tier_checks(fleet, victim, servers, crl_port):
     return checks
 
 
-def revoke_batch(fleet, uri, state_dir, revoked_cas, victims, servers, crl_port, out):
-    """Revoke `victims` one by one (the one writer), then time each tier until it shows
-    the last one.  Fills out["revocation"]."""
+def revocation_service(fleet, ctx):
+    """The one writer on its own registry handle, opened BEFORE the storm: opening a
+    registry applies the schema (CREATE INDEX IF NOT EXISTS ...), and that DDL, run
+    while servers write, was seen to deadlock with a re-enrolment's transaction (one
+    request answered 503; PostgreSQL's log: "deadlock detected").  Returns (registry,
+    RevocationService)."""
     from fleetid.cloud.registry import open_registry
     from fleetid.cloud.revocation.service import RevocationService
     from fleetid.cloud.revocation.tiers import events_path
 
-    registry = open_registry(uri)
-    try:
-        service = RevocationService(registry, list(fleet.ca_certs.values()), revoked_cas,
-                                    events_path(state_dir))
-        checks = _tier_checks(fleet, victims[-1], servers, crl_port)
-        started = time.perf_counter()
-        for victim in victims:
-            service.revoke_device(victim.serial, "keyCompromise", operator="bench")
-        written = time.perf_counter()
-    finally:
-        registry.close()
+    registry = open_registry(ctx["uri"])
+    return registry, RevocationService(registry, list(fleet.ca_certs.values()),
+                                       ctx["revoked_cas"], events_path(ctx["state_dir"]))
+
+
+def revoke_batch(fleet, service, victims, servers, crl_port, out):
+    """Revoke `victims` one by one through `service` (what `fleetid revoke --serial`
+    does), then time each tier until it shows the last one.  Fills out["revocation"]."""
+    checks = _tier_checks(fleet, victims[-1], servers, crl_port)
+    started = time.perf_counter()
+    for victim in victims:
+        service.revoke_device(victim.serial, "keyCompromise", operator="bench")
+    written = time.perf_counter()
     seen = {}
     while checks and time.perf_counter() - written < TIER_TIMEOUT:
         for name, check in list(checks.items()):
@@ -472,9 +478,9 @@ def storm_round(fleet, ctx, processes, devices, clients, victims=None):
                                                      % (processes, index))))
         on_half = None
         if victims:
-            def on_half():
-                revoke_batch(fleet, ctx["uri"], ctx["state_dir"], ctx["revoked_cas"],
-                             victims, servers, ctx["crl_port"], out)
+            revoking = revocation_service(fleet, ctx)
+            on_half = lambda: revoke_batch(  # noqa: E731 - run in the storm's thread
+                fleet, revoking[1], victims, servers, ctx["crl_port"], out)
         storm = Storm(fleet, devices, servers, clients, on_half)
         cpu = [process_cpu_seconds(s.pid) for s in servers]
         pg_cpu = ctx["pg"].cpu_seconds() if ctx["pg"] else None
@@ -491,6 +497,8 @@ def storm_round(fleet, ctx, processes, devices, clients, victims=None):
     finally:
         for server in servers:
             server.stop()
+        if victims and on_half is not None:
+            revoking[0].close()
     return out
 
 
