@@ -4,7 +4,6 @@ benchmarks, one with --json figures (est: attested re-enrolments vs raw issuance
 that only prints (link), in the demo's environment (no tests/, pytest or hypothesis)."""
 
 import importlib.util
-import json
 
 from tests.test_bench_imports import BENCH, _run_without_test_extras
 
@@ -32,15 +31,3 @@ def test_report_runs_two_benchmarks_and_sets_each_figure_beside_its_baseline(tmp
     else:
         assert "matplotlib is missing" in report
 
-
-def test_a_benchmark_json_file_has_figures_with_baselines(tmp_path):
-    # The format bench/report.py reads, as a benchmark writes it.
-    out = tmp_path / "est.json"
-    proc = _run_without_test_extras(BENCH / "est.py", "--quick", "--count", "6",
-                                    "--devices", "2", "--json", out, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    document = json.loads(out.read_text())
-    assert document["bench"] == "est" and len(document["figures"]) == 2
-    for row in document["figures"]:
-        assert row["baseline"] == "raw cryptography issuance"
-        assert abs(row["ratio"] - row["value"] / row["baseline_value"]) < 1e-9
