@@ -177,6 +177,7 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="short run (CI smoke test)")
     parser.add_argument("--dir", help="work directory (default: a temporary one, removed)")
     parser.add_argument("--profile", action="store_true", help="cProfile the host side")
+    parser.add_argument("--json", dest="json_path", help="also write the figures as JSON")
     args = parser.parse_args(argv)
     quick = args.quick
     workdir = args.dir or tempfile.mkdtemp(prefix="fleetid-bench-line-")
@@ -274,6 +275,18 @@ def main(argv=None):
             print("%-44s %12.3f %12s %8s" % (name, value,
                                               "-" if target is None else "%.3f" % target,
                                               "-" if r is None else "%.2f" % r))
+        if args.json_path:  # bench/report.py
+            from bench._report_support import figure, write_json
+
+            write_json(args.json_path, "line", {name: value for name, value, _t, _r in rows}, [
+                figure("host CPU per device (1 station)", host_cpu, "ms",
+                       "raw cryptography keygen + CSR + issue + verify", raw,
+                       higher_is_better=False),
+                figure("ATECC608-class cycle per device", slow1.mean("cycle_ms"), "ms",
+                       "SE-only time of the same steps", slow1.mean("se_ms"),
+                       higher_is_better=False),
+                figure("ATECC608-class, 32 stations", slow32.throughput, "devices/s",
+                       "32 x 1 station (linear)", 32 * slow1.throughput)])
         if args.profile:
             print("\n== cProfile: 1 station, zero latency, %d devices ==" % (n_fast // 2))
             print(profile_host(line, n_fast // 2))

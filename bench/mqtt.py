@@ -302,6 +302,7 @@ def main(argv=None):
     parser.add_argument("--publishers", type=int, default=20)
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--quick", action="store_true", help="100 devices, 3 s")
+    parser.add_argument("--json", dest="json_path", help="also write the figures as JSON")
     args = parser.parse_args(argv)
     if args.quick:
         args.devices, args.seconds = 100, 3.0
@@ -333,6 +334,14 @@ def main(argv=None):
                       "retained copy on re-subscribe: %.3f s (devices connected in %.1f s)" % (
                           len(pki.crl_der), crl["devices"], crl["live"], crl["retained"],
                           crl["connect_seconds"]))
+                if args.json_path:  # bench/report.py
+                    from bench._report_support import figure, write_json
+
+                    write_json(args.json_path, "mqtt", {"telemetry": tel, "crl": crl}, [
+                        figure("telemetry accepted by the cloud", tel["rate"], "msg/s"),
+                        figure("retained CRL on re-subscribe, %d devices" % crl["devices"],
+                               crl["retained"], "s", "the same CRL live to subscribed devices",
+                               crl["live"], higher_is_better=False)])
             finally:
                 cloud.close()
 

@@ -314,6 +314,7 @@ def main(argv=None):
     parser.add_argument("--loop", choices=("auto", "uvloop", "asyncio"), default="auto",
                         help="event loop of both Python servers (default: uvloop if "
                              "installed, as `fleetid cloud serve` runs)")
+    parser.add_argument("--json", dest="json_path", help="also write the figures as JSON")
     args = parser.parse_args(argv)
     if args.serve:
         serve_fleetid(args.serve[0], int(args.serve[1]), bare=args.bare, event_loop=args.loop)
@@ -379,6 +380,8 @@ def main(argv=None):
                 print("ratio fleetid/%s, %s handshakes: %s   (bare aiohttp/%s: %s)"
                       % (nginx_name, mode, _ratio(results[("fleetid", mode)], nginx_rate),
                          nginx_name, _ratio(results[("aiohttp", mode)], nginx_rate)))
+        if args.json_path:  # bench/report.py
+            _write_json(args.json_path, results)
     finally:
         for proc in processes:
             proc.terminate()
@@ -388,6 +391,21 @@ def main(argv=None):
                 proc.kill()
         shutil.rmtree(workdir, ignore_errors=True)
     return 0
+
+
+def _write_json(path, results):
+    """The connections per server CPU-second of fleetid and bare aiohttp beside each nginx
+    set-up's, per handshake mode (bench/_report_support format)."""
+    from bench._report_support import figure, write_json
+
+    rows = []
+    for mode in ("full", "resumed"):
+        for name in sorted({n for n, _m in results} - {"fleetid", "aiohttp"}):
+            for ours in ("fleetid", "aiohttp"):
+                rows.append(figure("%s, %s handshakes" % (ours, mode),
+                                   results[(ours, mode)]["per_cpu_s"], "conn/CPU-s",
+                                   name, results[(name, mode)]["per_cpu_s"]))
+    write_json(path, "mtls", {"%s %s" % key: value for key, value in results.items()}, rows)
 
 
 if __name__ == "__main__":

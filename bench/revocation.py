@@ -280,7 +280,9 @@ def main(argv=None):
     parser.add_argument("--mp-heap", default="256K", help="-X heapsize for the lookups")
     parser.add_argument("--ocsp-seconds", type=float, default=3.0)
     parser.add_argument("--ocsp-threads", type=int, default=4)
+    parser.add_argument("--json", dest="json_path", help="also write the figures as JSON")
     args = parser.parse_args(argv)
+    collected = []  # (n, fraction, row, crl bytes): --json
 
     from cryptography.hazmat.primitives.asymmetric import ec
 
@@ -316,6 +318,7 @@ def main(argv=None):
             for fraction in FRACTIONS:
                 row = compact_row(n, fraction, rng, sign)
                 crl, exact = sizer.size(row["r"])
+                collected.append((n, fraction, row, crl))
                 us, mp_heap, mp_min = (mp_lookup(stage, folder, row, rng, heap) if stage
                                        else (None, None, None))
                 print("%8d %6.1f %7d %9d%s %9d %9.0f %8.3f %8.3f %8.1f %8.1f %8.1f %8.1f "
@@ -342,11 +345,34 @@ def main(argv=None):
               "HSM-interface sign); %.0f responses/s over HTTP on 127.0.0.1 (%d client "
               "threads in this process, new connection per request, nonce)"
               % (in_process, http_rate, args.ocsp_threads))
+    if args.json_path:  # bench/report.py
+        _write_json(args.json_path, collected,
+                    None if args.no_ocsp else (in_process, http_rate))
     if mp_missing is not None:
         sys.stderr.write("bench/revocation.py: MicroPython columns not measured (no test "
                          "extras): exit status 2\n")
         return 2
     return 0
+
+
+def _write_json(path, collected, ocsp_rates):
+    from bench._report_support import figure, write_json
+
+    rows = []
+    for n, fraction, row, crl in collected:
+        what = "N=%d, %g %% revoked" % (n, fraction * 100)
+        rows.append(figure("compact set, " + what, row["compact"], "B",
+                           "information-theoretic bound log2 C(N,R)",
+                           math.ceil(row["bound"]), higher_is_better=False))
+        rows.append(figure("compact set, " + what, row["compact"], "B", "CRL", crl,
+                           higher_is_better=False))
+    if ocsp_rates:
+        rows.append(figure("OCSP responses, in process", ocsp_rates[0], "/s"))
+        rows.append(figure("OCSP responses, HTTP on 127.0.0.1", ocsp_rates[1], "/s"))
+    raw = [{"n": n, "fraction": f, "crl_bytes": c, **{k: v for k, v in r.items()
+                                                          if isinstance(v, (int, float))}}
+           for n, f, r, c in collected]
+    write_json(path, "revocation", {"rows": raw, "ocsp": ocsp_rates}, rows)
 
 
 def _cpu():

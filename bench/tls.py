@@ -101,6 +101,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--handshakes", type=int, default=5)
     parser.add_argument("--profile", default="se050")
+    parser.add_argument("--json", dest="json_path", help="also write the figures as JSON")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as directory:
         env = LineAndCloud(os.path.join(directory, "env"), devices=1)
@@ -141,6 +142,23 @@ def main():
     _row("fleetid resumed", resumed)
     print("%-16s %8.1f %8s %8s %8s   software key (process start-up %.1f ms subtracted)" % (
         "openssl s_client", s_client, "-", "-", "-", startup))
+    if args.json_path:  # bench/report.py
+        _write_json(args.json_path, full, resumed, s_client)
+
+
+def _write_json(path, full, resumed, s_client):
+    from bench._report_support import figure, write_json
+
+    rows = []
+    for name, results in (("full", full), ("resumed", resumed)):
+        wall = statistics.median(r["wall"] for r in results)
+        se = statistics.median(r["se"] for r in results)
+        rows.append(figure("SE-keyed TLS 1.3 handshake, %s" % name, wall, "ms",
+                           "the SE-only time of it", se, higher_is_better=False))
+        rows.append(figure("SE-keyed TLS 1.3 handshake, %s" % name, wall, "ms",
+                           "openssl s_client, software key", s_client,
+                           higher_is_better=False))
+    write_json(path, "tls", {"full": full, "resumed": resumed, "s_client_ms": s_client}, rows)
 
 
 if __name__ == "__main__":
