@@ -1,8 +1,8 @@
-"""The composition of the fleet cloud: the verifier (mTLS, CERT_REQUIRED), the EST server
-(TLS, CERT_OPTIONAL), the plain-HTTP CRL listener and the metrics listener, in one
-process and one event loop.  The one module that knows all of them (the HTTP handlers
-are fleetid.cloud.http's; the services below know no HTTP and nothing of each other
-beyond EST using the verifier).
+"""The composition of the fleet cloud: the verifier (mTLS: a client certificate on every
+request) and the EST server (TLS, client certificate optional) on one TLS context, the
+plain-HTTP CRL listener and the metrics listener, in one process and one event loop.
+The one module that knows all of them (the HTTP handlers are fleetid.cloud.http's; the
+services below know no HTTP and nothing of each other beyond EST using the verifier).
 
     context = build_context(load_config(path))     # opens HSM + registry, bootstraps the
                                                    # embedded PKI on first run
@@ -332,11 +332,20 @@ class CloudServer:
         self.verifier = verifier
         self.est_service = est_service
         self.host = host
+        # One SSLContext for both TLS listeners, hence one OpenSSL session cache: a session
+        # a device made with one server resumes on the other (a rotation's whoami,
+        # nonce and re-enrolment then cost one full handshake between them, RFC 8446
+        # 4.6.1: same server certificate, same name).  The context asks for a client
+        # certificate without requiring one (EST's cacerts needs none); the verifier
+        # refuses a request without one in its own middleware (401
+        # no_client_certificate, before any handler), and both check the certificate
+        # of every request, a resumed session's included.  A certificate that is
+        # presented and does not chain to the fleet's CAs still fails the handshake.
+        tls_context = server_ssl_context(tls_cert, tls_key, client_ca_pem, False)
         self._plan = [
             ("verifier", make_verifier_app(verifier, self.metrics), verifier_port,
-             server_ssl_context(tls_cert, tls_key, client_ca_pem, True)),
-            ("est", make_est_app(est_service, self.metrics), est_port,
-             server_ssl_context(tls_cert, tls_key, client_ca_pem, False)),
+             tls_context),
+            ("est", make_est_app(est_service, self.metrics), est_port, tls_context),
         ]
         if metrics_port:
             self._plan.append(("metrics", make_metrics_app(self.metrics), metrics_port, None))

@@ -70,9 +70,15 @@ def test_tls12_offers_only_ecdhe_ecdsa_aes_gcm(fleet, cloud):
                 tls.recv(1)
 
 
-def test_no_client_certificate_is_refused_by_the_handshake(fleet, cloud):
-    with pytest.raises((ssl.SSLError, ConnectionError)):
-        cloud.request("verifier", "GET", "/v1/whoami")
+def test_no_client_certificate_is_refused_before_any_handler(fleet, cloud):
+    # The verifier shares its TLS context (and session cache) with EST, where a client
+    # certificate is optional: the handshake completes, the verifier's middleware refuses.
+    before = fleet.snapshot()
+    status, _, body = cloud.request("verifier", "GET", "/v1/whoami")
+    assert status == 401 and body.startswith(b"no_client_certificate:")
+    status, _, body = cloud.request("verifier", "POST", "/v1/rotation/ack")
+    assert status == 401 and body.startswith(b"no_client_certificate:")
+    assert fleet.snapshot() == before
 
 
 def test_identity_certificates_authenticate_and_every_check_has_a_verdict(fleet):
@@ -350,11 +356,12 @@ def test_interop_openssl_s_client_and_curl_cert(fleet, cloud):
         ["curl", "-sS", "--cacert", fleet.root_file, "--cert", cert_file, "--key", key_file,
          "https://127.0.0.1:%d/v1/whoami" % port], capture_output=True, timeout=30)
     assert json.loads(result.stdout)["kind"] == "operational"
-    # Without a client certificate the handshake itself fails.
-    result = subprocess.run(["curl", "-sS", "--cacert", fleet.root_file,
+    # Without a client certificate: refused by the verifier (401) before any handler.
+    result = subprocess.run(["curl", "-sS", "-w", "%{http_code}", "--cacert", fleet.root_file,
                              "https://127.0.0.1:%d/v1/whoami" % port],
                             capture_output=True, timeout=30)
-    assert result.returncode != 0
+    assert result.stdout.startswith(b"no_client_certificate:")
+    assert result.stdout.endswith(b"401")
 
 
 # -- property: any bytes as a client certificate are refused with a reason ----------------------
