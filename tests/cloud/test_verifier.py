@@ -187,6 +187,41 @@ def test_a_resumed_tls13_session_is_still_checked_on_every_request(fleet, cloud)
     assert reused and status == 403 and body.startswith(b"revoked")
 
 
+def test_a_session_made_with_est_resumes_at_the_verifier_and_is_checked_there(fleet, cloud):
+    # The verifier and EST share one TLS context (one session cache): a device's session
+    # with EST resumes at the verifier, which still runs every fleet check on the
+    # certificate the session carries; a revocation refuses the very next request.
+    import socket
+
+    device = fleet.provision()
+    fleet.enrol(device)
+    context = cloud.client_context(device.files())
+    context.minimum_version = ssl.TLSVersion.TLSv1_3
+
+    def get(service, path, session):
+        import http.client
+
+        with socket.create_connection(("127.0.0.1", cloud.ports[service]), 20) as raw:
+            with context.wrap_socket(raw, server_hostname="127.0.0.1",
+                                     session=session) as tls:
+                tls.sendall(b"GET %s HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+                            % path.encode())
+                response = http.client.HTTPResponse(tls)
+                response.begin()
+                body = response.read()
+                return response.status, body, tls.session, tls.session_reused
+
+    status, _, session, reused = get("est", "/.well-known/est/b42/cacerts", None)
+    assert status == 200 and not reused
+    status, body, session, reused = get("verifier", "/v1/whoami", session)
+    assert status == 200 and reused and json.loads(body)["serial"] == device.name
+    status, _, session, reused = get("est", "/.well-known/est/b42/cacerts", session)
+    assert status == 200 and reused
+    fleet.revoke_certificate(device.cert, "keyCompromise")
+    status, body, _, reused = get("verifier", "/v1/whoami", session)
+    assert reused and status == 403 and body.startswith(b"revoked")
+
+
 def test_attack_revoked_batch_intermediate(fleet, cloud):
     device, other_batch = fleet.provision(), fleet.provision(batch="b43")
     fleet.verifier.verify(der(device.identity_cert))  # cached chain verdict
