@@ -9,9 +9,9 @@ NACKs while the modelled operation runs, the host's T=1' link polls), the agent 
 full device stack (device/stack.open_se over that bus) with the CPython network adapter
 (TLS 1.3 whose ECDHE and CertificateVerify run in the SE).  Measured twice in the same
 run: with session tickets kept (keyed by server name: the verifier and EST share one
-session cache, so every request of a rotation resumes with PSK-DHE but the
-acknowledgement, the one full handshake that proves the new key) and without (every
-request a full handshake).  Each
+session cache, so every connection of a rotation resumes with PSK-DHE but the
+acknowledgement's, the one full handshake that proves the new key) and without (every
+connection a full handshake).  The nonce and the re-enrolment share one connection.  Each
 rotation: whoami, nonce, GENERATE KEY + ATTEST + CSR signed in the SE, simplereenroll,
 PUT CERT, ack, DELETE KEY, four journal writes.
 

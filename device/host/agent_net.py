@@ -4,10 +4,14 @@ Every request is HTTPS over the portable TLS 1.3 client with mutual authenticati
 client key stays in the SE (device/host/se_https.SeTlsClient: the ECDHE share in the SE's
 transient key, the CertificateVerify signed by the SE's SIGN command); the server is
 validated against the fleet root the factory line stored in the SE (the SE's VERIFY).
-One request per connection; every wait bounded (connect and per-I/O timeouts).  The
-session tickets the servers send are kept (in memory, per server and key) and used once
-by the next connection with the same key: PSK-DHE resumption, so the requests of a
-rotation after the first to each server cost the SE one ECDHE and no SIGN or VERIFY.
+One request per connection, but for the enrolment, which goes over the connection its
+nonce came on (kept open for it, at most KEEP_OPEN_S; a lost kept connection is a LINK
+error, and the agent starts over with a fresh nonce as after any failed enrolment); every
+wait bounded (connect and per-I/O timeouts).  The session tickets the servers send are
+kept (in memory, per server name and key: the cloud's verifier and EST share one session
+cache) and used once by the next connection with the same key: PSK-DHE resumption, so a
+rotation's connections cost the SE one ECDHE each and no SIGN or VERIFY, but for the
+acknowledgement's, the one full handshake that proves the new key.
 
     net = HostNetwork(se, "https://127.0.0.1:8443", "https://127.0.0.1:8444", [root_der])
     net.whoami(slot) / net.cacerts(slot) / net.nonce(slot) / net.enroll(slot, csr, reenroll)
@@ -31,6 +35,7 @@ cannot be the device's certificate (the agent counts it as a refused certificate
 """
 
 import base64
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -62,6 +67,10 @@ from fleetid.device.host.se_https import (
 DEFAULT_CONNECT_TIMEOUT = 10.0
 DEFAULT_IO_TIMEOUT = 30.0
 MAX_FETCH = 4 * 1024 * 1024
+# The nonce's connection is reused by the enrolment only this soon after (the agent sends
+# it after building the CSR in the SE, well under a second; aiohttp closes an idle
+# connection after 75 s).
+KEEP_OPEN_S = 10.0
 
 _TLS_REASONS = {
     TlsClientError.CONNECT: NetError.LINK,
@@ -123,6 +132,7 @@ class HostNetwork:
         # no-resumption mode measures the plain full handshake).
         self.verified = VerifiedSignatures() if resumption else None
         self._chains = {}  # slot -> DER certificate read from the SE (see _client)
+        self._kept = None  # (slot, server, KeptConnection, monotonic time) or None
         self.handshakes = 0
         self.resumed = 0
         self.se_operations = 0
@@ -150,20 +160,45 @@ class HostNetwork:
         self._chains[slot] = chain[0]
         return client
 
-    def _request(self, slot, server, method, path, body=None, headers=None, **kwargs):
+    def _take_kept(self, slot, server):
+        # The connection the last request left open, if it is for this slot and server and
+        # recent; any other is closed.
+        kept, self._kept = self._kept, None
+        if kept is None:
+            return None
+        if kept[:2] == (slot, server) and time.monotonic() - kept[3] < KEEP_OPEN_S:
+            return kept[2]
+        kept[2].close()
+        return None
+
+    def close(self):
+        """Close the connection kept open for a next request, if any."""
+        kept, self._kept = self._kept, None
+        if kept is not None:
+            kept[2].close()
+
+    def _request(self, slot, server, method, path, body=None, headers=None, keep_open=False,
+                 **kwargs):
         client = None
+        kept = self._take_kept(slot, server)
+        counts = (0, 0, 0)
         try:
-            client = self._client(slot)
+            # A kept connection goes on with the client that opened it (its certificate
+            # was checked against the slot then, and the slot has not changed since).
+            client = kept.conn._client if kept is not None else self._client(slot)
+            counts = (client.handshakes, client.resumed, client.se_operations)
             self.requests += 1
             response = client.request(server[0], server[1], method, path, body, headers,
-                                      **kwargs)
+                                      keep_open=keep_open, connection=kept, **kwargs)
+            if response.connection is not None:
+                self._kept = (slot, server, response.connection, time.monotonic())
         except TlsClientError as exc:
             raise NetError(_TLS_REASONS.get(exc.reason, NetError.LINK), exc.detail) from None
         finally:
             if client is not None:
-                self.handshakes += client.handshakes
-                self.resumed += client.resumed
-                self.se_operations += client.se_operations
+                self.handshakes += client.handshakes - counts[0]
+                self.resumed += client.resumed - counts[1]
+                self.se_operations += client.se_operations - counts[2]
         self.last_status = response.status
         return response
 
@@ -202,7 +237,9 @@ class HostNetwork:
 
     def nonce(self, slot):
         """GET <label>/nonce.  Returns: the CA's single-use nonce (bytes)."""
-        response = self._request(slot, self.est, "GET", self._est_path("nonce"))
+        # Kept open for the enrolment that follows (module docstring).
+        response = self._request(slot, self.est, "GET", self._est_path("nonce"),
+                                 keep_open=True)
         if response.status != 200:
             raise error_for(response)
         return nonce_value(response.body)

@@ -173,13 +173,15 @@ class VerifiedSignatures:
 
 
 class HttpResponse:
-    """status (int), reason (str), headers (dict, lower-case names), body (bytes)."""
+    """status (int), reason (str), headers (dict, lower-case names), body (bytes),
+    connection (a KeptConnection when the request asked to keep it open, else None)."""
 
     def __init__(self, status, reason, headers, body):
         self.status = status
         self.reason = reason
         self.headers = headers
         self.body = body
+        self.connection = None
 
     def header(self, name, default=None):
         return self.headers.get(name.lower(), default)
@@ -323,28 +325,42 @@ class SeTlsClient:
             self.tickets.put(tls.ticket_key, tls.tickets[-1])
 
     def request(self, host, port, method, path, body=None, headers=None,
-                max_response=MAX_RESPONSE):
-        """One HTTPS request on a fresh connection (answers over `max_response` bytes
-        are refused).
+                max_response=MAX_RESPONSE, keep_open=False, connection=None):
+        """One HTTPS request, on a fresh connection unless `connection` is given (answers
+        over `max_response` bytes are refused).
 
+        Params: keep_open: leave the connection open after the answer when the server
+            allows it (a persistent HTTP/1.1 connection, RFC 9112 9.3): the answer's
+            `connection` is then a KeptConnection for one next request to the same
+            server (None when the server closes it).  connection: a KeptConnection from
+            an earlier answer: the request goes over it, without a new handshake.
         Returns: HttpResponse.  Raises: TlsClientError (connect, timeout, handshake,
         server_certificate, se, protocol).  An HTTP error status is not an exception.
         """
-        conn = _SeHttpsConnection(self, host, port, self.io_timeout)
-        conn.tls = None
+        if connection is not None:
+            conn = connection.conn
+        else:
+            conn = _SeHttpsConnection(self, host, port, self.io_timeout)
+            conn.tls = None
+        kept = None
         try:
             send = dict(headers or {})
-            send.setdefault("Connection", "close")
+            if not keep_open:
+                send.setdefault("Connection", "close")
             conn.request(method, path, body=body, headers=send)
             response = conn.getresponse()
             data = response.read(max_response + 1)
             if len(data) > max_response:
                 raise TlsClientError(TlsClientError.PROTOCOL, "response over %d bytes"
                                      % max_response)
-            if conn.tls is not None:
+            if conn.tls is not None and connection is None:
                 self.keep_ticket(conn.tls)
-            return HttpResponse(response.status, response.reason,
-                                {k.lower(): v for k, v in response.getheaders()}, data)
+            if keep_open and not response.will_close and response.isclosed():
+                kept = KeptConnection(conn, host, port)
+            answer = HttpResponse(response.status, response.reason,
+                                  {k.lower(): v for k, v in response.getheaders()}, data)
+            answer.connection = kept
+            return answer
         except TlsClientError:
             raise
         except TlsError as exc:
@@ -356,6 +372,25 @@ class SeTlsClient:
             raise TlsClientError(TlsClientError.PROTOCOL, "%s: %s" % (
                 type(exc).__name__, exc)) from None
         finally:
-            conn.close()
-            if conn.tls is not None:
-                conn.tls.close(force=True)
+            if kept is None:
+                _close(conn)
+
+
+def _close(conn):
+    conn.close()
+    if conn.tls is not None:
+        conn.tls.close(force=True)
+
+
+class KeptConnection:
+    """An open, authenticated connection left by SeTlsClient.request(keep_open=True), for
+    one next request to the same server (request(connection=...)).  The caller closes
+    it when it does not use it (close())."""
+
+    def __init__(self, conn, host, port):
+        self.conn = conn
+        self.host = host
+        self.port = port
+
+    def close(self):
+        _close(self.conn)

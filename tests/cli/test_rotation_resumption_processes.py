@@ -4,9 +4,10 @@ and `fleetid sim serve` in their own processes, every command the SE receives co
 
 A full handshake costs the SE GENERATE (transient) + ECDH + SIGN (CertificateVerify) +
 VERIFY (the server's CertificateVerify; the chain's signature once per agent); a resumed
-one GENERATE + ECDH.  Of a rotation's four connections (whoami, nonce, simplereenroll:
-old key; ack: new key) only the acknowledgement, which proves the new key, may be full:
-the verifier and EST share one session cache and tickets are kept per server name."""
+one GENERATE + ECDH.  A rotation's requests: whoami (verifier), nonce and simplereenroll
+(EST, one connection) with the old key, ack (verifier) with the new key.  Only the
+acknowledgement, which proves the new key, may be a full handshake: the verifier and EST
+share one session cache and tickets are kept per server name."""
 
 import glob
 import json
@@ -69,14 +70,14 @@ def test_a_rotation_does_one_full_handshake_and_resumes_the_rest(tmp_path):
             link.counts.clear()
             handshakes, resumed, se_operations = net.handshakes, net.resumed, net.se_operations
             assert agent.run_once(command="rotate").journal == "BASE"
-            # whoami, nonce, simplereenroll (old key), ack (new key).
-            assert (net.handshakes - handshakes, net.resumed - resumed) == (4, 3)
-            assert link.count(C.INS_GENERATE_KEY, C.SLOT_TRANSIENT) == 4
-            assert link.count(C.INS_ECDH) == 4
+            # whoami, nonce + simplereenroll (old key), ack (new key).
+            assert (net.handshakes - handshakes, net.resumed - resumed) == (3, 2)
+            assert link.count(C.INS_GENERATE_KEY, C.SLOT_TRANSIENT) == 3
+            assert link.count(C.INS_ECDH) == 3
             # The CSR's signature and the one CertificateVerify of the new key.
             assert link.count(C.INS_SIGN) == 2
-            # 4 x (GENERATE + ECDH), one SIGN, one VERIFY (the server's CertificateVerify).
-            assert net.se_operations - se_operations == 10
+            # 3 x (GENERATE + ECDH), one SIGN, one VERIFY (the server's CertificateVerify).
+            assert net.se_operations - se_operations == 8
     finally:
         if stack is not None:
             stack.close()
