@@ -107,6 +107,25 @@ def test_a_ticket_from_the_verifier_resumes_on_est_and_back(env):
     assert (client.handshakes, client.resumed, client.signatures) == (3, 2, 1)
 
 
+def test_a_kept_connection_carries_the_next_request_without_a_handshake(env):
+    # As the agent's nonce and re-enrolment do: the first answer leaves the connection
+    # open, the second request goes over it, and closes it.
+    se = env.session(0)
+    client = _client(se)
+    nonce = client.request("127.0.0.1", env.ports["est"], "GET",
+                           "/.well-known/est/%s/nonce" % LABEL, keep_open=True)
+    assert nonce.status == 200 and nonce.connection is not None
+    cacerts = client.request("127.0.0.1", env.ports["est"], "GET",
+                             "/.well-known/est/%s/cacerts" % LABEL,
+                             connection=nonce.connection)
+    assert cacerts.status == 200 and cacerts.connection is None
+    assert client.handshakes == 1 and client.signatures == 1
+    # Closed after the second request: given again, it connects anew (resumed).
+    again = client.request("127.0.0.1", env.ports["est"], "GET",
+                           "/.well-known/est/%s/cacerts" % LABEL, connection=nonce.connection)
+    assert again.status == 200 and client.handshakes == 2 and client.last_info.resumed
+
+
 def _foreign_root():
     other = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, "someone else's root")])
