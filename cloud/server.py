@@ -42,7 +42,7 @@ from fleetid.cloud.hsm.errors import KeyNotFound
 from fleetid.cloud.http.est_app import make_est_app
 from fleetid.cloud.http.metrics import Metrics
 from fleetid.cloud.http.middleware import log
-from fleetid.cloud.http.tls import server_ssl_context
+from fleetid.cloud.http.tls import TICKETS_STATEFUL, server_ssl_context
 from fleetid.cloud.http.verifier_app import make_metrics_app, make_verifier_app
 from fleetid.cloud.pki.profiles import get_profile, server_certificate_builder
 from fleetid.cloud.http.revocation_app import attach_staple_header, make_revocation_app
@@ -320,7 +320,8 @@ class CloudServer:
     def __init__(self, verifier, est_service, tls_cert, tls_key, client_ca_pem,
                  host="127.0.0.1", verifier_port=8443, est_port=8444, metrics_port=0,
                  metrics=None, crl_publisher=None, crl_port=0, checkpointer=None,
-                 checkpoint_poll=CHECKPOINT_POLL_SECONDS, revocation_tiers=None):
+                 checkpoint_poll=CHECKPOINT_POLL_SECONDS, revocation_tiers=None,
+                 tls_tickets=TICKETS_STATEFUL):
         # checkpointer: an audit.Checkpointer; while the server runs it signs a checkpoint
         # when one is due, and once more at stop() (every issuance, re-issuance, rotation
         # acknowledgement and revocation the server recorded is then anchored).
@@ -341,7 +342,11 @@ class CloudServer:
         # no_client_certificate, before any handler), and both check the certificate
         # of every request, a resumed session's included.  A certificate that is
         # presented and does not chain to the fleet's CAs still fails the handshake.
-        tls_context = server_ssl_context(tls_cert, tls_key, client_ca_pem, False)
+        # tls_tickets: TICKETS_STATEFUL (one process) or TICKETS_STATELESS for worker
+        # processes forked after this constructor: they share the context's ticket key,
+        # so a session resumes on whichever worker gets the connection (tls.py).
+        tls_context = server_ssl_context(tls_cert, tls_key, client_ca_pem, False,
+                                         tickets=tls_tickets)
         self._plan = [
             ("verifier", make_verifier_app(verifier, self.metrics), verifier_port,
              tls_context),
