@@ -2,7 +2,7 @@
 same run.
 
     .venv/bin/python bench/mtls.py [--quick] [--connections N] [--devices D]
-                                   [--loop auto|uvloop|asyncio]
+                                   [--loop auto|uvloop|asyncio] [--workers N]
 
 What is measured, per server, as connections per server CPU-second (utime + stime of
 the server process from /proc, so client cost does not count):
@@ -13,16 +13,19 @@ the server process from /proc, so client cost does not count):
   resumed  TLS 1.3 session resumption (a reconnecting fleet), same request.
 A bare aiohttp server (same TLS context, a handler that checks nothing) is measured too:
 the floor of the framework, so the cost of the fleet checks themselves shows.
-nginx from Debian (`nginx-light`), one worker process (`master_process off`),
+nginx from Debian (`nginx-light`), one worker process (`master_process off`; with
+--workers N, N workers under its master, and N fleetid worker processes forked after the
+TLS context was made, each listening on the same port with SO_REUSEPORT; a server's CPU
+is the sum over its processes),
 `ssl_verify_client on` with the fleet's roots + intermediates, the same server
 certificate.  Devices rotate over D attested certificates (their verdicts are cached
 after the first connection, as in a running fleet); the cold per-certificate cost of the
 full check is printed separately.
 
 Fairness (what each server does per connection, and where they differ):
-  same     one process, one worker thread of request handling; the same server key and
-           certificate; the same client CAs (fleet roots + issuing CAs); TLS 1.3 with
-           the client's default key share; one HTTP/1.1 request per connection
+  same     one process (or N: --workers), one thread of request handling each; the
+           same server key and certificate; the same client CAs (fleet roots + issuing
+           CAs); TLS 1.3 with the client's default key share; one HTTP/1.1 request per connection
            (`Connection: close`, the server closes); access logs off on both (nginx
            `access_log off`; fleetid's JSON access line is skipped when INFO is not
            enabled, as here); a 2xx answer of a few hundred bytes at most (nginx "ok
@@ -49,6 +52,12 @@ Fairness (what each server does per connection, and where they differ):
            `ssl_session_cache builtin:20480`); a ratio is printed against each.
   loop     both Python servers run on the same event loop: uvloop when installed (as
            `fleetid cloud serve` does by default), or --loop asyncio.
+  workers  with --workers N > 1 a stateful session lives in the worker that made it: a
+           resumption the kernel hands to another worker is a full handshake, for
+           fleetid and nginx-sc alike (the "resumed" count shows it).  "fleetid-st"
+           runs stateless tickets sealed with the key of the context made before the
+           fork, so every worker resumes every session, as nginx's tickets (key made by
+           its master) do: its ratio is printed against "nginx".
 
 Everything listens on 127.0.0.1; loops are bounded by --connections.  Needs the repo root
 on sys.path (it reuses the fleet of bench/_cloud_support.py, which the tests use too).
@@ -73,11 +82,33 @@ REQUEST = b"GET %s HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
 
 
 def cpu_seconds(pid):
-    """utime + stime of a process (seconds), from /proc/<pid>/stat."""
-    with open("/proc/%d/stat" % pid) as f:
-        fields = f.read().rsplit(")", 1)[1].split()
+    """utime + stime of a process and of its live child processes (seconds), from /proc:
+    a server's workers count as the server."""
     ticks = os.sysconf("SC_CLK_TCK")
-    return (int(fields[11]) + int(fields[12])) / ticks
+    total = 0
+    for one in [pid] + _children(pid):
+        try:
+            with open("/proc/%d/stat" % one) as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:  # exited meanwhile
+            continue
+        total += int(fields[11]) + int(fields[12])
+    return total / ticks
+
+
+def _children(pid):
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open("/proc/%s/stat" % entry) as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(entry))
+    return found
 
 
 def free_port():
@@ -100,9 +131,59 @@ def wait_port(port, timeout=30):
 # -- the fleetid verifier in its own process --------------------------------------------------
 
 
-def serve_fleetid(workdir, port, bare=False, event_loop="auto"):
-    """Child process: the verifier app over the bench fleet's files (bare=True: the same
-    TLS context and aiohttp, a handler that checks nothing: the framework's floor)."""
+def serve_fleetid(workdir, port, bare=False, event_loop="auto", workers=1,
+                  tickets="stateful"):
+    """Server process: the verifier app over the bench fleet's files (bare=True: the same
+    TLS context and aiohttp, a handler that checks nothing: the framework's floor).
+
+    The TLS context is cloud/server.py's (one context for the verifier and EST, client
+    certificate optional at the TLS layer, required by the verifier's middleware), made
+    here before any worker is forked.  workers > 1: that many forked worker processes,
+    each with its own event loop, registry connection and listening socket on the same
+    port (SO_REUSEPORT: the kernel spreads connections over them); this process only
+    waits, and stops them on SIGTERM."""
+    from fleetid.cloud.http.tls import server_ssl_context
+
+    context = server_ssl_context(os.path.join(workdir, "fleet", "server.pem"),
+                                 os.path.join(workdir, "fleet", "server.key"),
+                                 _client_cas(workdir), False, tickets=tickets)
+    if workers <= 1:
+        _serve_worker(workdir, port, context, bare, event_loop, reuse_port=False)
+        return
+    import signal
+
+    children = []
+    for _ in range(workers):
+        pid = os.fork()
+        if pid == 0:  # a worker: serve until terminated
+            try:
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)
+                _serve_worker(workdir, port, context, bare, event_loop, reuse_port=True)
+            finally:
+                os._exit(0)
+        children.append(pid)
+
+    def stop(signum, frame):
+        for child in children:
+            try:
+                os.kill(child, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        for child in children:
+            os.waitpid(child, 0)
+        os._exit(0)
+
+    signal.signal(signal.SIGTERM, stop)
+    for child in children:
+        os.waitpid(child, 0)
+
+
+def _client_cas(workdir):
+    with open(os.path.join(workdir, "client-cas.pem"), "rb") as f:
+        return f.read()
+
+
+def _serve_worker(workdir, port, context, bare, event_loop, reuse_port):
     import asyncio
 
     from aiohttp import web
@@ -111,7 +192,6 @@ def serve_fleetid(workdir, port, bare=False, event_loop="auto"):
     from fleetid.cloud.registry.sqlite_backend import SqliteRegistry
     from fleetid.cloud.http.verifier_app import make_verifier_app
     from fleetid.cloud.http.metrics import Metrics
-    from fleetid.cloud.http.tls import server_ssl_context
     from fleetid.cloud.server import event_loop_factory
     from fleetid.cloud.verifier.service import FleetTrust, FleetVerifier
 
@@ -124,9 +204,6 @@ def serve_fleetid(workdir, port, bare=False, event_loop="auto"):
     verifier = FleetVerifier(trust, registry)
     metrics = Metrics()
     verifier.on_verdict = metrics.on_verdict
-    context = server_ssl_context(os.path.join(workdir, "fleet", "server.pem"),
-                                 os.path.join(workdir, "fleet", "server.key"),
-                                 trust.ca_bundle_pem(), True)
 
     async def ok(request):
         return web.Response(text="ok")
@@ -141,7 +218,7 @@ def serve_fleetid(workdir, port, bare=False, event_loop="auto"):
         runner = web.AppRunner(app, access_log=None)
         await runner.setup()
         await web.TCPSite(runner, "127.0.0.1", port, ssl_context=context,
-                          backlog=1024).start()
+                          backlog=1024, reuse_port=reuse_port or None).start()
         await asyncio.Event().wait()
 
     with asyncio.Runner(loop_factory=event_loop_factory(event_loop)) as runner:
@@ -150,8 +227,8 @@ def serve_fleetid(workdir, port, bare=False, event_loop="auto"):
 
 NGINX_CONF = """
 daemon off;
-master_process off;
-worker_processes 1;
+master_process %(master)s;
+worker_processes %(workers)d;
 error_log %(dir)s/nginx-error.log warn;
 pid %(dir)s/nginx.pid;
 events { worker_connections 1024; }
@@ -304,20 +381,74 @@ def _ratio(result, baseline_rate):
     return "%.2fx" % (result["per_cpu_s"] / baseline_rate)
 
 
+def _start_python(workdir, args, name, extra):
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--serve", workdir,
+                             str(port), "--loop", args.loop, "--workers", str(args.workers)]
+                            + extra, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return proc, (name, proc.pid, port, "/v1/whoami")
+
+
+def _start_nginx(nginx, workdir, name, sessions, workers):
+    port = free_port()
+    ndir = os.path.join(workdir, name)
+    os.makedirs(os.path.join(ndir, "tmp"), exist_ok=True)
+    for entry in ("fleet", "client-cas.pem"):
+        os.symlink(os.path.join(workdir, entry), os.path.join(ndir, entry))
+    conf = os.path.join(ndir, "nginx.conf")
+    with open(conf, "w") as f:
+        f.write(NGINX_CONF % {"dir": ndir, "port": port, "sessions": sessions,
+                              "master": "on" if workers > 1 else "off",
+                              "workers": workers})
+    proc = subprocess.Popen([nginx, "-p", ndir, "-c", conf],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return proc, (name, proc.pid, port, "/")
+
+
+def _servers(args, workdir, nginx, processes):
+    """Start every server of the run.  Returns [(name, pid, port, path)]."""
+    python = [("fleetid", []), ("aiohttp", ["--bare"])]
+    if args.workers > 1:
+        # Stateless tickets sealed with the key of the context made before the fork:
+        # every worker resumes every device's session (compare with nginx's tickets,
+        # whose key nginx's master also makes before forking its workers).
+        python.append(("fleetid-st", ["--tickets", "stateless"]))
+    servers = []
+    for name, extra in python:
+        proc, server = _start_python(workdir, args, name, extra)
+        processes.append(proc)
+        wait_port(server[2])
+        servers.append(server)
+    for name, sessions in (NGINX_SESSIONS.items() if nginx else ()):
+        proc, server = _start_nginx(nginx, workdir, name, sessions, args.workers)
+        processes.append(proc)
+        wait_port(server[2])
+        servers.append(server)
+    return servers
+
+
+# (ours, nginx's with the same session mechanism) pairs whose ratio is printed.
+RATIOS = (("fleetid", "nginx"), ("fleetid", "nginx-sc"), ("fleetid-st", "nginx"))
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="small run (CI smoke)")
     parser.add_argument("--connections", type=int, default=None)
     parser.add_argument("--devices", type=int, default=None)
+    parser.add_argument("--workers", type=int, default=1,
+                        help="server worker processes, fleetid and nginx alike (default 1)")
     parser.add_argument("--serve", nargs=2, metavar=("WORKDIR", "PORT"), help=argparse.SUPPRESS)
     parser.add_argument("--bare", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--tickets", default="stateful", help=argparse.SUPPRESS)
     parser.add_argument("--loop", choices=("auto", "uvloop", "asyncio"), default="auto",
                         help="event loop of both Python servers (default: uvloop if "
                              "installed, as `fleetid cloud serve` runs)")
     parser.add_argument("--json", dest="json_path", help="also write the figures as JSON")
     args = parser.parse_args(argv)
     if args.serve:
-        serve_fleetid(args.serve[0], int(args.serve[1]), bare=args.bare, event_loop=args.loop)
+        serve_fleetid(args.serve[0], int(args.serve[1]), bare=args.bare, event_loop=args.loop,
+                      workers=args.workers, tickets=args.tickets)
         return 0
     connections = args.connections or (300 if args.quick else 3000)
     devices = args.devices or (10 if args.quick else 50)
@@ -328,41 +459,15 @@ def main(argv=None):
 
     loop_name = event_loop_factory(args.loop).__module__.split(".")[0]
     print("fleetid mTLS bench: %d connections per measurement, %d device certificates, "
-          "event loop %s" % (connections, devices, loop_name))
+          "event loop %s, %d worker process(es) per server"
+          % (connections, devices, loop_name, args.workers))
     files, root_file, cold_ms, warm_ms = build_fleet(workdir, devices)
     print("full check of one certificate in-process: cold %.2f ms, cached verdict %.3f ms"
           % (cold_ms, warm_ms))
     processes = []
     results = {}
     try:
-        port = free_port()
-        ours = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--serve", workdir,
-                                 str(port), "--loop", args.loop], stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL)
-        processes.append(ours)
-        wait_port(port)
-        servers = [("fleetid", ours.pid, port, "/v1/whoami")]
-        bport = free_port()
-        bare = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--serve", workdir,
-                                 str(bport), "--bare", "--loop", args.loop], stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL)
-        processes.append(bare)
-        wait_port(bport)
-        servers.append(("aiohttp", bare.pid, bport, "/v1/whoami"))
-        for nginx_name, sessions in (NGINX_SESSIONS.items() if nginx else ()):
-            nport = free_port()
-            ndir = os.path.join(workdir, nginx_name)
-            os.makedirs(os.path.join(ndir, "tmp"), exist_ok=True)
-            for name in ("fleet", "client-cas.pem"):
-                os.symlink(os.path.join(workdir, name), os.path.join(ndir, name))
-            conf = os.path.join(ndir, "nginx.conf")
-            with open(conf, "w") as f:
-                f.write(NGINX_CONF % {"dir": ndir, "port": nport, "sessions": sessions})
-            proc = subprocess.Popen([nginx, "-p", ndir, "-c", conf],
-                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            processes.append(proc)
-            wait_port(nport)
-            servers.append((nginx_name, proc.pid, nport, "/"))
+        servers = _servers(args, workdir, nginx, processes)
         if not nginx:
             print("nginx not found: install nginx-light for the comparison")
         for mode in ("full", "resumed"):
@@ -370,16 +475,18 @@ def main(argv=None):
                 r = measure(pid, srv_port, path, files, connections, root_file,
                             resume=(mode == "resumed"))
                 results[(name, mode)] = r
-                print("%-8s %-8s %6d ok %3d errors %6d resumed  server CPU %.2f s  wall %.2f s"
+                print("%-10s %-8s %6d ok %3d errors %6d resumed  server CPU %.2f s  wall %.2f s"
                       "  -> %.0f connections per server CPU-second"
                       % (name, mode, r["ok"], r["errors"], r["resumed"], r["cpu"], r["wall"],
                          r["per_cpu_s"]))
-        for nginx_name in (NGINX_SESSIONS if nginx else ()):
+        for ours, theirs in RATIOS:
             for mode in ("full", "resumed"):
-                nginx_rate = results[(nginx_name, mode)]["per_cpu_s"]
-                print("ratio fleetid/%s, %s handshakes: %s   (bare aiohttp/%s: %s)"
-                      % (nginx_name, mode, _ratio(results[("fleetid", mode)], nginx_rate),
-                         nginx_name, _ratio(results[("aiohttp", mode)], nginx_rate)))
+                if (ours, mode) not in results or (theirs, mode) not in results:
+                    continue
+                nginx_rate = results[(theirs, mode)]["per_cpu_s"]
+                print("ratio %s/%s, %s handshakes: %s   (bare aiohttp/%s: %s)"
+                      % (ours, theirs, mode, _ratio(results[(ours, mode)], nginx_rate),
+                         theirs, _ratio(results[("aiohttp", mode)], nginx_rate)))
         if args.json_path:  # bench/report.py
             _write_json(args.json_path, results)
     finally:

@@ -243,6 +243,12 @@ class _Cycle:
         self.boot_max_size = boot_max_size
         self.boot = None
         self.report = self.failure = None
+        # The servers' session tickets outlive a cycle's SE session and network: the
+        # next cycle's first request resumes (a rotation then does one full handshake,
+        # the new key's).
+        from fleetid.device.host.se_https import TicketCache
+
+        self.tickets = TicketCache()
 
     def _signed_boot(self, se):
         if self.boot is None and self.boot_image is not None:
@@ -265,7 +271,7 @@ class _Cycle:
         """The Agent for a cycle on `device` (a _Device)."""
         from fleetid.device.agent import Agent
 
-        return Agent(device.se, device.net(*self.net_args), self.clock,
+        return Agent(device.se, device.net(*self.net_args, tickets=self.tickets), self.clock,
                      random.SystemRandom().random, boot=self._signed_boot(device.se),
                      revocation=_revocation(device, *self.revocation_args),
                      policy=self.policy, log=self.log)

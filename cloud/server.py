@@ -1,8 +1,8 @@
-"""The composition of the fleet cloud: the verifier (mTLS, CERT_REQUIRED), the EST server
-(TLS, CERT_OPTIONAL), the plain-HTTP CRL listener and the metrics listener, in one
-process and one event loop.  The one module that knows all of them (the HTTP handlers
-are fleetid.cloud.http's; the services below know no HTTP and nothing of each other
-beyond EST using the verifier).
+"""The composition of the fleet cloud: the verifier (mTLS: a client certificate on every
+request) and the EST server (TLS, client certificate optional) on one TLS context, the
+plain-HTTP CRL listener and the metrics listener, in one process and one event loop.
+The one module that knows all of them (the HTTP handlers are fleetid.cloud.http's; the
+services below know no HTTP and nothing of each other beyond EST using the verifier).
 
     context = build_context(load_config(path))     # opens HSM + registry, bootstraps the
                                                    # embedded PKI on first run
@@ -42,7 +42,7 @@ from fleetid.cloud.hsm.errors import KeyNotFound
 from fleetid.cloud.http.est_app import make_est_app
 from fleetid.cloud.http.metrics import Metrics
 from fleetid.cloud.http.middleware import BODY_TIMEOUT, ServerTimeouts, log
-from fleetid.cloud.http.tls import server_ssl_context
+from fleetid.cloud.http.tls import TICKETS_STATEFUL, TICKETS_STATELESS, server_ssl_context
 from fleetid.cloud.http import sites
 from fleetid.cloud.http.sites import EVENT_LOOPS, event_loop_factory, serve_forever  # noqa: F401
 from fleetid.cloud.http.verifier_app import make_metrics_app, make_verifier_app
@@ -341,7 +341,8 @@ class CloudServer:
                  host="127.0.0.1", verifier_port=8443, est_port=8444, metrics_port=0,
                  metrics=None, crl_publisher=None, crl_port=0, checkpointer=None,
                  checkpoint_poll=CHECKPOINT_POLL_SECONDS, revocation_tiers=None,
-                 sockets=None, timeouts=None):
+                 sockets=None, timeouts=None, tls_tickets=TICKETS_STATEFUL,
+                 tls_context=None):
         # sockets: {listener name: bound listening socket} to serve instead of binding
         # (the workers of serve_workers share the parent's).
         self.timeouts = timeouts or ServerTimeouts()
@@ -356,38 +357,60 @@ class CloudServer:
         self.verifier = verifier
         self.est_service = est_service
         self.host = host
+        # One SSLContext for both TLS listeners, hence one OpenSSL session cache: a session
+        # a device made with one server resumes on the other (a rotation's whoami,
+        # nonce and re-enrolment then cost one full handshake between them, RFC 8446
+        # 4.6.1: same server certificate, same name).  The context asks for a client
+        # certificate without requiring one (EST's cacerts needs none); the verifier
+        # refuses a request without one in its own middleware (401
+        # no_client_certificate, before any handler), and both check the certificate
+        # of every request, a resumed session's included.  A certificate that is
+        # presented and does not chain to the fleet's CAs still fails the handshake.
+        # tls_tickets: TICKETS_STATEFUL (one process) or TICKETS_STATELESS for worker
+        # processes forked after this constructor: they share the context's ticket key,
+        # so a session resumes on whichever worker gets the connection (tls.py).
+        # tls_context: that SSLContext, made beforehand (serve_workers makes it in the
+        # parent, so every forked worker has the same ticket key).
+        if tls_context is None:
+            tls_context = server_ssl_context(tls_cert, tls_key, client_ca_pem, False,
+                                             tickets=tls_tickets)
+        self.tls_context = tls_context
         self._plan = [
             ("verifier", make_verifier_app(verifier, self.metrics), verifier_port,
-             server_ssl_context(tls_cert, tls_key, client_ca_pem, True)),
-            ("est", make_est_app(est_service, self.metrics), est_port,
-             server_ssl_context(tls_cert, tls_key, client_ca_pem, False)),
+             tls_context),
+            ("est", make_est_app(est_service, self.metrics), est_port, tls_context),
         ]
         if metrics_port:
             self._plan.append(("metrics", make_metrics_app(self.metrics), metrics_port, None))
         self.crl_publisher = crl_publisher
         self._fast = {}  # listener name -> OcspFastPath
         if crl_publisher is not None:
-            if revocation_tiers is None:  # not initialised: the CRLs only
-                crl_app = make_revocation_app([CrlTier(crl_publisher)], metrics=self.metrics)
-            else:  # every tier (tiers.TIERS) on the same listener
-                limits = ClientRateLimits(CLIENT_RATE, CLIENT_BURST)
-                crl_app = make_revocation_app(revocation_tiers.tiers, revocation_tiers.watcher,
-                                              self.metrics, client_limits=limits)
-                ocsp_tier = revocation_tiers.tier("ocsp")
-                if ocsp_tier is not None:  # OCSP off aiohttp's request path: ocsp_fast.py
-                    self._fast["crl"] = OcspFastPath(
-                        ocsp_tier, limits, revocation_tiers.watcher, self.metrics,
-                        keepalive_timeout=self.timeouts.idle, body_timeout=self.timeouts.body)
-                staple = revocation_tiers.tier("staple")
-                if staple is not None:  # no TLS stapling: staple.py
-                    attach_staple_header(self._plan[0][1], staple.staple)
-            self._plan.append(("crl", crl_app, crl_port, None))
+            self._plan.append(("crl", self._revocation_app(crl_publisher, revocation_tiers),
+                               crl_port, None))
         self.revocation_tiers = revocation_tiers
         self.sockets = dict(sockets or {})
         for _name, app, _port, _context in self._plan:
             app[BODY_TIMEOUT] = self.timeouts.body  # read_limited's bound
         self._runners = []
         self.ports = {}
+
+    def _revocation_app(self, crl_publisher, revocation_tiers):
+        """The plain-HTTP revocation listener's app: CRLs only when the tiers are not
+        initialised, else every tier (tiers.TIERS), OCSP also on the fast path."""
+        if revocation_tiers is None:
+            return make_revocation_app([CrlTier(crl_publisher)], metrics=self.metrics)
+        limits = ClientRateLimits(CLIENT_RATE, CLIENT_BURST)
+        app = make_revocation_app(revocation_tiers.tiers, revocation_tiers.watcher,
+                                  self.metrics, client_limits=limits)
+        ocsp_tier = revocation_tiers.tier("ocsp")
+        if ocsp_tier is not None:  # OCSP off aiohttp's request path: ocsp_fast.py
+            self._fast["crl"] = OcspFastPath(
+                ocsp_tier, limits, revocation_tiers.watcher, self.metrics,
+                keepalive_timeout=self.timeouts.idle, body_timeout=self.timeouts.body)
+        staple = revocation_tiers.tier("staple")
+        if staple is not None:  # no TLS stapling: staple.py
+            attach_staple_header(self._plan[0][1], staple.staple)
+        return app
 
     @classmethod
     def from_context(cls, context, **overrides):
@@ -539,7 +562,11 @@ def serve_workers(config, environ, workers, ready=None, **supervisor_options):
                           % workers)
     context = build_context(config, environ)
     try:
-        listeners = CloudServer.from_context(context).listeners()
+        # One TLS context made here, before the fork, with stateless tickets: every
+        # worker then seals and opens tickets with the same key, and a device resumes
+        # on whichever worker the kernel hands its connection to (cloud/http/tls.py).
+        parent = CloudServer.from_context(context, tls_tickets=TICKETS_STATELESS)
+        listeners, tls_context = parent.listeners(), parent.tls_context
     finally:
         context.close()
     try:
@@ -550,7 +577,7 @@ def serve_workers(config, environ, workers, ready=None, **supervisor_options):
     def run_worker(index, worker_ready):
         worker_context = build_context(config, environ)
         try:
-            overrides = {"sockets": sockets}
+            overrides = {"sockets": sockets, "tls_context": tls_context}
             if index:
                 overrides["checkpointer"] = None
             server = CloudServer.from_context(worker_context, **overrides)

@@ -12,11 +12,13 @@
 # chunked transfer coding RFC 9112 7.1, or read to the close); every socket wait bounded by
 # the socket timeout and the stream's deadline.  Anything else is HttpError.
 #
-# Resumption: the client keeps the newest NewSessionTicket per (slot, host, port) together
+# Resumption: the client keeps the newest NewSessionTicket per (slot, server name) together
 # with a digest of the certificate the full handshake authenticated with (RFC 8446 4.6.1:
-# a resumed session carries the original client identity).  A ticket is offered only while
-# that slot still holds the same certificate, so a rotation (new key in the slot) always
-# does a full handshake with the new key, and the other calls of a cycle resume.
+# a resumed session carries the original client identity, and is tied to the server's
+# name, not its port: the cloud's verifier and EST listeners share one session cache, so
+# a ticket from one resumes on the other).  A ticket is offered only while that slot still
+# holds the same certificate, so a rotation (new key in the slot) does one full handshake
+# with the new key, and the other calls of a cycle resume.
 #
 # Errors: HttpError.reason uses device/agent.NetError's words (LINK, TIMEOUT, HANDSHAKE,
 # REFUSED for a server certificate the fleet root does not vouch for); device/board_net.py
@@ -333,7 +335,7 @@ class HttpsClient:
         self.timeout_s = timeout_s
         self.max_body = max_body
         self.max_transcript = max_transcript
-        self._tickets = {}  # (slot, host, port) -> (certificate digest, SessionTicket)
+        self._tickets = {}  # (slot, server name) -> (certificate digest, SessionTicket)
         self.handshakes = 0
         self.resumed = 0
         self.se_operations = 0
@@ -343,7 +345,7 @@ class HttpsClient:
         self._tickets = {}
 
     def _take_ticket(self, key, digest, name):
-        """The session ticket kept for (slot, host, port), if it was made with the same
+        """The session ticket kept for (slot, server name), if it was made with the same
         client certificate (digest) and is still usable for `name`; it is used once."""
         kept = self._tickets.pop(key, None)
         if kept is not None and kept[0] == digest and kept[1].usable(int(self.now()), name):
@@ -370,8 +372,8 @@ class HttpsClient:
             raise ValueError("HttpsClient takes https:// URLs")
         cert = bytes(self.se.get_cert(slot))
         digest = hashlib.sha256(cert).digest()
-        key = (slot, host, port)
         name = self.server_name or host
+        key = (slot, name)
         ticket = self._take_ticket(key, digest, name)
         ephemeral = SeEphemeral(self.se)
         config = tls13.Tls13Config(self.prims, ephemeral, self.anchors, se_verifier(self.se),

@@ -18,13 +18,27 @@ TLS12_CIPHERS = "ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-ECDSA-AES256-GCM-SHA384"
 
 SESSION_TICKETS = 1
 
+# How resumed sessions are found (RFC 8446 4.6.1 leaves it to the server):
+TICKETS_STATEFUL = "stateful"  # a session id into this process's session cache (default)
+TICKETS_STATELESS = "stateless"  # the session sealed into the ticket (OpenSSL's default)
+TICKET_MODES = (TICKETS_STATEFUL, TICKETS_STATELESS)
 
-def server_ssl_context(cert_file, key_file, client_ca_pem, require_client_cert=True):
+
+def server_ssl_context(cert_file, key_file, client_ca_pem, require_client_cert=True,
+                       tickets=TICKETS_STATEFUL):
     """A server SSLContext: TLS 1.2 (ECDHE-ECDSA-AES-GCM only) and TLS 1.3, client
     certificates verified against `client_ca_pem` (bytes: the fleet's roots and
     intermediates).  require_client_cert False = CERT_OPTIONAL (EST: cacerts needs no
-    client certificate; enrolment answers 401 without one).
-    Raises fleetid.cloud.config.ConfigError when the certificate or key cannot be used."""
+    client certificate; enrolment answers 401 without one).  tickets: TICKETS_STATEFUL
+    (one process: cheaper, see below) or TICKETS_STATELESS (worker processes forked
+    after this context was made: OpenSSL draws the ticket key when the context is
+    created, so every fork seals and opens tickets with the same key and a device
+    resumes whichever worker the kernel hands its connection to; a stateful session
+    lives in one worker's cache only).
+    Raises fleetid.cloud.config.ConfigError when the certificate or key cannot be used,
+    ValueError for an unknown `tickets`."""
+    if tickets not in TICKET_MODES:
+        raise ValueError("tickets must be one of %s" % (TICKET_MODES,))
     for option, path in (("tls_cert", cert_file), ("tls_key", key_file)):
         if not os.path.isfile(path):
             raise ConfigError("%s %s does not exist" % (option, path))
@@ -63,7 +77,8 @@ def server_ssl_context(cert_file, key_file, client_ca_pem, require_client_cert=T
     # request of a resumed connection as well (the registry is read each time).  Cost:
     # OpenSSL's default cache bound (20480 sessions, oldest evicted: a device beyond it
     # makes a full handshake) and the session timeout.
-    context.options |= ssl.OP_NO_TICKET
+    if tickets == TICKETS_STATEFUL:
+        context.options |= ssl.OP_NO_TICKET
     return context
 
 

@@ -1,7 +1,9 @@
 """The verifier's aiohttp application: every request is authenticated by the TLS client
-certificate (served with ssl.CERT_REQUIRED, see tls.server_ssl_context) and the fleet
-checks of fleetid.cloud.verifier.service.FleetVerifier; handlers receive
-`request[DEVICE]`, a DeviceIdentity.
+certificate and the fleet checks of fleetid.cloud.verifier.service.FleetVerifier;
+handlers receive `request[DEVICE]`, a DeviceIdentity.  A request without a client
+certificate is refused here (401 no_client_certificate): the listener shares its TLS
+context (and session cache) with EST, where the certificate is optional
+(cloud/server.py), so the handshake alone does not require one.
 
     GET  /v1/whoami              the authenticated identity (JSON)
     POST /v1/telemetry           JSON object, <= 64 KiB; 202 {"accepted": n}

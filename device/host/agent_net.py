@@ -4,10 +4,14 @@ Every request is HTTPS over the portable TLS 1.3 client with mutual authenticati
 client key stays in the SE (device/host/se_https.SeTlsClient: the ECDHE share in the SE's
 transient key, the CertificateVerify signed by the SE's SIGN command); the server is
 validated against the fleet root the factory line stored in the SE (the SE's VERIFY).
-One request per connection; every wait bounded (connect and per-I/O timeouts).  The
-session tickets the servers send are kept (in memory, per server and key) and used once
-by the next connection with the same key: PSK-DHE resumption, so the requests of a
-rotation after the first to each server cost the SE one ECDHE and no SIGN or VERIFY.
+One request per connection, but for the enrolment, which goes over the connection its
+nonce came on (kept open for it, at most KEEP_OPEN_S; a lost kept connection is a LINK
+error, and the agent starts over with a fresh nonce as after any failed enrolment); every
+wait bounded (connect and per-I/O timeouts).  The session tickets the servers send are
+kept (in memory, per server name and key: the cloud's verifier and EST share one session
+cache) and used once by the next connection with the same key: PSK-DHE resumption, so a
+rotation's connections cost the SE one ECDHE each and no SIGN or VERIFY, but for the
+acknowledgement's, the one full handshake that proves the new key.
 
     net = HostNetwork(se, "https://127.0.0.1:8443", "https://127.0.0.1:8444", [root_der])
     net.whoami(slot) / net.cacerts(slot) / net.nonce(slot) / net.enroll(slot, csr, reenroll)
@@ -31,6 +35,7 @@ cannot be the device's certificate (the agent counts it as a refused certificate
 """
 
 import base64
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -52,11 +57,20 @@ from fleetid.device.host.est_client import (
     EstClient,
     EstClientError,
 )
-from fleetid.device.host.se_https import SeTlsClient, TicketCache, TlsClientError
+from fleetid.device.host.se_https import (
+    SeTlsClient,
+    TicketCache,
+    TlsClientError,
+    VerifiedSignatures,
+)
 
 DEFAULT_CONNECT_TIMEOUT = 10.0
 DEFAULT_IO_TIMEOUT = 30.0
 MAX_FETCH = 4 * 1024 * 1024
+# The nonce's connection is reused by the enrolment only this soon after (the agent sends
+# it after building the CSR in the SE, well under a second; aiohttp closes an idle
+# connection after 75 s).
+KEEP_OPEN_S = 10.0
 
 _TLS_REASONS = {
     TlsClientError.CONNECT: NetError.LINK,
@@ -90,6 +104,8 @@ class HostNetwork:
         default).  connect_timeout / io_timeout: seconds per connection / per I/O.
         resumption: keep the servers' session tickets (False: every request a full
         handshake; for measurements).  verify_in_se: as se_https.SeTlsClient.
+        tickets: a TicketCache to keep across HostNetworks (a long-running agent opens
+        one per cycle; default: this one's own).
     Attributes: requests (count), last_status, tickets (TicketCache), handshakes /
         resumed (counts of TLS handshakes, and of those resumed with a ticket),
         se_operations (the SE commands the TLS handshakes issued).
@@ -97,7 +113,7 @@ class HostNetwork:
 
     def __init__(self, se, verifier_url, est_url, trust_roots_der, label=None,
                  connect_timeout=DEFAULT_CONNECT_TIMEOUT, io_timeout=DEFAULT_IO_TIMEOUT,
-                 crl_url=None, resumption=True, verify_in_se=True):
+                 crl_url=None, resumption=True, verify_in_se=True, tickets=None):
         self.se = se
         self.verifier = parse_url(verifier_url)
         self.est = parse_url(est_url)
@@ -108,32 +124,81 @@ class HostNetwork:
         self.crl_url = crl_url
         self.requests = 0
         self.last_status = None
-        self.tickets = TicketCache() if resumption else _NoTickets()
+        if not resumption:
+            tickets = _NoTickets()
+        self.tickets = tickets if tickets is not None else TicketCache()
         self.verify_in_se = verify_in_se
+        # Server chains verified once per HostNetwork; only when resuming (the
+        # no-resumption mode measures the plain full handshake).
+        self.verified = VerifiedSignatures() if resumption else None
+        self._chains = {}  # slot -> DER certificate read from the SE (see _client)
+        self._kept = None  # (slot, server, KeptConnection, monotonic time) or None
         self.handshakes = 0
         self.resumed = 0
         self.se_operations = 0
 
     def _client(self, slot):
-        chain = [self.se.get_cert(slot)] if slot is not None else []
-        return SeTlsClient(self.se, slot, chain, self.trust_roots_der,
-                           connect_timeout=self.connect_timeout, io_timeout=self.io_timeout,
-                           tickets=self.tickets, verify_in_se=self.verify_in_se)
+        # The slot's certificate is read from the SE once and kept while the slot holds
+        # the same key: SeTlsClient checks the certificate against the slot's public key
+        # (GET PUBLIC KEY, a few bytes) on every connection, and the agent gives every
+        # new key its own certificate (a rotation generates a new key), so a mismatch is
+        # the only way a kept certificate goes stale: then it is read again.  Saves
+        # GET CERT (~1.5 KB over the bus) per request.
+        kwargs = dict(connect_timeout=self.connect_timeout, io_timeout=self.io_timeout,
+                      tickets=self.tickets, verify_in_se=self.verify_in_se,
+                      verified=self.verified)
+        if slot is None:
+            return SeTlsClient(self.se, None, [], self.trust_roots_der, **kwargs)
+        kept = self._chains.get(slot)
+        if kept is not None:
+            try:
+                return SeTlsClient(self.se, slot, [kept], self.trust_roots_der, **kwargs)
+            except ValueError:  # the slot has another key now
+                del self._chains[slot]
+        chain = [bytes(self.se.get_cert(slot))]
+        client = SeTlsClient(self.se, slot, chain, self.trust_roots_der, **kwargs)
+        self._chains[slot] = chain[0]
+        return client
 
-    def _request(self, slot, server, method, path, body=None, headers=None, **kwargs):
+    def _take_kept(self, slot, server):
+        # The connection the last request left open, if it is for this slot and server and
+        # recent; any other is closed.
+        kept, self._kept = self._kept, None
+        if kept is None:
+            return None
+        if kept[:2] == (slot, server) and time.monotonic() - kept[3] < KEEP_OPEN_S:
+            return kept[2]
+        kept[2].close()
+        return None
+
+    def close(self):
+        """Close the connection kept open for a next request, if any."""
+        kept, self._kept = self._kept, None
+        if kept is not None:
+            kept[2].close()
+
+    def _request(self, slot, server, method, path, body=None, headers=None, keep_open=False,
+                 **kwargs):
         client = None
+        kept = self._take_kept(slot, server)
+        counts = (0, 0, 0)
         try:
-            client = self._client(slot)
+            # A kept connection goes on with the client that opened it (its certificate
+            # was checked against the slot then, and the slot has not changed since).
+            client = kept.conn._client if kept is not None else self._client(slot)
+            counts = (client.handshakes, client.resumed, client.se_operations)
             self.requests += 1
             response = client.request(server[0], server[1], method, path, body, headers,
-                                      **kwargs)
+                                      keep_open=keep_open, connection=kept, **kwargs)
+            if response.connection is not None:
+                self._kept = (slot, server, response.connection, time.monotonic())
         except TlsClientError as exc:
             raise NetError(_TLS_REASONS.get(exc.reason, NetError.LINK), exc.detail) from None
         finally:
             if client is not None:
-                self.handshakes += client.handshakes
-                self.resumed += client.resumed
-                self.se_operations += client.se_operations
+                self.handshakes += client.handshakes - counts[0]
+                self.resumed += client.resumed - counts[1]
+                self.se_operations += client.se_operations - counts[2]
         self.last_status = response.status
         return response
 
@@ -172,7 +237,9 @@ class HostNetwork:
 
     def nonce(self, slot):
         """GET <label>/nonce.  Returns: the CA's single-use nonce (bytes)."""
-        response = self._request(slot, self.est, "GET", self._est_path("nonce"))
+        # Kept open for the enrolment that follows (module docstring).
+        response = self._request(slot, self.est, "GET", self._est_path("nonce"),
+                                 keep_open=True)
         if response.status != 200:
             raise error_for(response)
         return nonce_value(response.body)

@@ -16,10 +16,14 @@ an optional hook).  http.client does the HTTP/1.1 framing over a TlsSocket.
     response.status, response.headers, response.body
 
 One request per connection.  Resumption: the session ticket the server sends is kept in
-`tickets` (keyed by server, name, slot and client certificate: a resumed TLS 1.3 session
-keeps the client certificate of the full handshake, so a ticket is never offered for
-another key) and used once by the next connection to the same server with the same key
-(PSK-DHE: a fresh ECDHE in the SE, no SIGN, no chain check).  Every network wait is
+`tickets` (keyed by the server's name, slot and client certificate: a resumed TLS 1.3
+session keeps the client certificate of the full handshake, so a ticket is never offered
+for another key) and used once by the next connection to the same server name with the
+same key (PSK-DHE: a fresh ECDHE in the SE, no SIGN, no chain check).  The port is not
+part of the key: RFC 8446 4.6.1 ties a ticket to the server's identity (the SNI the
+chain was checked for), and the cloud's verifier and EST listeners share one session
+cache (cloud/server.py), so a ticket from one resumes on the other.  A server that does
+not know the ticket answers with a full handshake; the ticket is spent either way.  Every network wait is
 bounded (connect and per-I/O timeouts, a handshake deadline).  Failures raise
 TlsClientError(reason, detail).
 """
@@ -104,14 +108,16 @@ def client_error(exc, answered):
 
 
 class TicketCache:
-    """Session tickets for PSK-DHE resumption, one per (host, port, server name, slot,
-    client certificate), each used once (servers that keep sessions, as the verifier's
-    OpenSSL cache does, forget a session once resumed).  Thread-safe.  Tickets hold a
-    resumption secret: kept in memory only, never written or logged."""
+    """Session tickets for PSK-DHE resumption, one per (server name, slot, client
+    certificate), each used once (servers that keep sessions, as the cloud's OpenSSL
+    cache does, forget a session once resumed).  At most `limit` tickets: the oldest goes
+    first (a rotated-away certificate's ticket is never taken again).  Thread-safe.
+    Tickets hold a resumption secret: kept in memory only, never written or logged."""
 
-    def __init__(self):
+    def __init__(self, limit=16):
         self._tickets = {}
         self._lock = threading.Lock()
+        self.limit = limit
 
     def take(self, key):
         with self._lock:
@@ -119,7 +125,10 @@ class TicketCache:
 
     def put(self, key, ticket):
         with self._lock:
-            self._tickets[key] = ticket
+            self._tickets.pop(key, None)
+            self._tickets[key] = ticket  # dicts keep insertion order: newest last
+            while len(self._tickets) > self.limit:
+                del self._tickets[next(iter(self._tickets))]
 
     def clear(self):
         with self._lock:
@@ -129,14 +138,50 @@ class TicketCache:
         return len(self._tickets)
 
 
+class VerifiedSignatures:
+    """Signatures the client has already verified, so a server chain seen again costs
+    no second VERIFY of the same certificate signature (RFC 8446 4.4.2: the server sends
+    the same chain on every full handshake; only its CertificateVerify, over a new
+    transcript, is new).  An ECDSA verification is a function of (public key, digest,
+    signature) alone, so a remembered success stays true; failures are never remembered.
+    Bounded (`limit` entries, the oldest dropped).  Thread-safe.  Holds digests of public
+    data only."""
+
+    def __init__(self, limit=64):
+        self._known = {}
+        self._lock = threading.Lock()
+        self.limit = limit
+        self.hits = 0
+
+    def wrap(self, verify):
+        """`verify(point, digest, signature)` that skips `verify` for a signature it
+        verified before (and raises as `verify` does otherwise)."""
+        def remembered(point, digest, signature):
+            key = hashlib.sha256(b"%d:%d:" % (len(point), len(digest)) + bytes(point)
+                                 + bytes(digest) + bytes(signature)).digest()
+            with self._lock:
+                if key in self._known:
+                    self.hits += 1
+                    return None
+            result = verify(point, digest, signature)
+            with self._lock:
+                self._known[key] = True
+                while len(self._known) > self.limit:
+                    del self._known[next(iter(self._known))]
+            return result
+        return remembered
+
+
 class HttpResponse:
-    """status (int), reason (str), headers (dict, lower-case names), body (bytes)."""
+    """status (int), reason (str), headers (dict, lower-case names), body (bytes),
+    connection (a KeptConnection when the request asked to keep it open, else None)."""
 
     def __init__(self, status, reason, headers, body):
         self.status = status
         self.reason = reason
         self.headers = headers
         self.body = body
+        self.connection = None
 
     def header(self, name, default=None):
         return self.headers.get(name.lower(), default)
@@ -186,7 +231,9 @@ class SeTlsClient:
         server's chain and CertificateVerify with the SE's VERIFY; False with
         `cryptography` on the host (common/host/tls13_host.ecdsa_verify: public-key
         operations, the anchors still the ones read from the SE; saves two SE VERIFYs
-        per full handshake).
+        per full handshake).  verified: a VerifiedSignatures shared by the clients of
+        one agent (None: every signature verified), so a server chain seen before
+        costs no VERIFY (the CertificateVerify is verified on every full handshake).
     Attributes: certificate (x509, the client's), last_info (HandshakeInfo of the last
         connection), handshakes / resumed (counts), se_operations (ECDHE + SIGN + VERIFY
         commands issued).
@@ -194,7 +241,8 @@ class SeTlsClient:
 
     def __init__(self, se, slot, cert_chain_der, trust_roots_der,
                  connect_timeout=DEFAULT_CONNECT_TIMEOUT, io_timeout=DEFAULT_IO_TIMEOUT,
-                 now=None, tickets=None, revocation=None, verify_in_se=True):
+                 now=None, tickets=None, revocation=None, verify_in_se=True,
+                 verified=None):
         if not trust_roots_der:
             raise ValueError("trust_roots_der needs at least one root")
         self.se = se
@@ -216,6 +264,7 @@ class SeTlsClient:
         self.tickets = tickets if tickets is not None else TicketCache()
         self.revocation = revocation
         self.verify_in_se = verify_in_se
+        self.verified = verified
         self.last_info = None
         self.handshakes = 0
         self.resumed = 0
@@ -223,14 +272,16 @@ class SeTlsClient:
         self.verifications = 0
         self.se_operations = 0
 
-    def _ticket_key(self, host, port):
+    def _ticket_key(self, host):
+        # The server name (SNI, the name the full handshake checked), not the port.
         leaf = hashlib.sha256(self.cert_chain_der[0]).digest() if self.cert_chain_der else b""
-        return (host, port, self.slot, leaf)
+        return (host, self.slot, leaf)
 
     def open(self, host, port):
-        """One TLS 1.3 connection to host:port, resuming with a kept ticket when there is
-        one.  Returns: a connected TlsSocket.  Raises: TlsClientError."""
-        key = self._ticket_key(host, port)
+        """One TLS 1.3 connection to host:port, resuming with a ticket kept for the
+        server name when there is one.  Returns: a connected TlsSocket.
+        Raises: TlsClientError."""
+        key = self._ticket_key(host)
         ticket = self.tickets.take(key)
         config, ephemeral = se_client_config(
             self.se, self.slot if self.slot is not None else 0, self.trust_roots_der, host,
@@ -246,6 +297,9 @@ class SeTlsClient:
             from fleetid.common.host.tls13_host import ecdsa_verify
 
             config.verify = CountedCall(ecdsa_verify)
+        counted_verify = config.verify
+        if self.verified is not None:
+            config.verify = self.verified.wrap(counted_verify)
         try:
             tls = TlsSocket.connect(host, port, config, connect_timeout=self.connect_timeout,
                                     io_timeout=self.io_timeout)
@@ -253,7 +307,7 @@ class SeTlsClient:
             raise client_error(exc, False) from None
         finally:
             signed = config.signer.calls if config.signer is not None else 0
-            verified = config.verify.calls if self.verify_in_se else 0
+            verified = counted_verify.calls if self.verify_in_se else 0
             self.signatures += signed
             self.verifications += verified
             self.se_operations += ephemeral.operations + verified + signed
@@ -271,28 +325,42 @@ class SeTlsClient:
             self.tickets.put(tls.ticket_key, tls.tickets[-1])
 
     def request(self, host, port, method, path, body=None, headers=None,
-                max_response=MAX_RESPONSE):
-        """One HTTPS request on a fresh connection (answers over `max_response` bytes
-        are refused).
+                max_response=MAX_RESPONSE, keep_open=False, connection=None):
+        """One HTTPS request, on a fresh connection unless `connection` is given (answers
+        over `max_response` bytes are refused).
 
+        Params: keep_open: leave the connection open after the answer when the server
+            allows it (a persistent HTTP/1.1 connection, RFC 9112 9.3): the answer's
+            `connection` is then a KeptConnection for one next request to the same
+            server (None when the server closes it).  connection: a KeptConnection from
+            an earlier answer: the request goes over it, without a new handshake.
         Returns: HttpResponse.  Raises: TlsClientError (connect, timeout, handshake,
         server_certificate, se, protocol).  An HTTP error status is not an exception.
         """
-        conn = _SeHttpsConnection(self, host, port, self.io_timeout)
-        conn.tls = None
+        if connection is not None:
+            conn = connection.conn
+        else:
+            conn = _SeHttpsConnection(self, host, port, self.io_timeout)
+            conn.tls = None
+        kept = None
         try:
             send = dict(headers or {})
-            send.setdefault("Connection", "close")
+            if not keep_open:
+                send.setdefault("Connection", "close")
             conn.request(method, path, body=body, headers=send)
             response = conn.getresponse()
             data = response.read(max_response + 1)
             if len(data) > max_response:
                 raise TlsClientError(TlsClientError.PROTOCOL, "response over %d bytes"
                                      % max_response)
-            if conn.tls is not None:
+            if conn.tls is not None and connection is None:
                 self.keep_ticket(conn.tls)
-            return HttpResponse(response.status, response.reason,
-                                {k.lower(): v for k, v in response.getheaders()}, data)
+            if keep_open and not response.will_close and response.isclosed():
+                kept = KeptConnection(conn, host, port)
+            answer = HttpResponse(response.status, response.reason,
+                                  {k.lower(): v for k, v in response.getheaders()}, data)
+            answer.connection = kept
+            return answer
         except TlsClientError:
             raise
         except TlsError as exc:
@@ -304,6 +372,25 @@ class SeTlsClient:
             raise TlsClientError(TlsClientError.PROTOCOL, "%s: %s" % (
                 type(exc).__name__, exc)) from None
         finally:
-            conn.close()
-            if conn.tls is not None:
-                conn.tls.close(force=True)
+            if kept is None:
+                _close(conn)
+
+
+def _close(conn):
+    conn.close()
+    if conn.tls is not None:
+        conn.tls.close(force=True)
+
+
+class KeptConnection:
+    """An open, authenticated connection left by SeTlsClient.request(keep_open=True), for
+    one next request to the same server (request(connection=...)).  The caller closes
+    it when it does not use it (close())."""
+
+    def __init__(self, conn, host, port):
+        self.conn = conn
+        self.host = host
+        self.port = port
+
+    def close(self):
+        _close(self.conn)

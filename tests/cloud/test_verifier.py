@@ -70,9 +70,15 @@ def test_tls12_offers_only_ecdhe_ecdsa_aes_gcm(fleet, cloud):
                 tls.recv(1)
 
 
-def test_no_client_certificate_is_refused_by_the_handshake(fleet, cloud):
-    with pytest.raises((ssl.SSLError, ConnectionError)):
-        cloud.request("verifier", "GET", "/v1/whoami")
+def test_no_client_certificate_is_refused_before_any_handler(fleet, cloud):
+    # The verifier shares its TLS context (and session cache) with EST, where a client
+    # certificate is optional: the handshake completes, the verifier's middleware refuses.
+    before = fleet.snapshot()
+    status, _, body = cloud.request("verifier", "GET", "/v1/whoami")
+    assert status == 401 and body.startswith(b"no_client_certificate:")
+    status, _, body = cloud.request("verifier", "POST", "/v1/rotation/ack")
+    assert status == 401 and body.startswith(b"no_client_certificate:")
+    assert fleet.snapshot() == before
 
 
 def test_identity_certificates_authenticate_and_every_check_has_a_verdict(fleet):
@@ -178,6 +184,41 @@ def test_a_resumed_tls13_session_is_still_checked_on_every_request(fleet, cloud)
     # A resumed session skips the TLS certificate check, never the fleet checks.
     fleet.revoke_certificate(device.cert, "keyCompromise")
     status, body, _, reused = whoami(session)
+    assert reused and status == 403 and body.startswith(b"revoked")
+
+
+def test_a_session_made_with_est_resumes_at_the_verifier_and_is_checked_there(fleet, cloud):
+    # The verifier and EST share one TLS context (one session cache): a device's session
+    # with EST resumes at the verifier, which still runs every fleet check on the
+    # certificate the session carries; a revocation refuses the very next request.
+    import socket
+
+    device = fleet.provision()
+    fleet.enrol(device)
+    context = cloud.client_context(device.files())
+    context.minimum_version = ssl.TLSVersion.TLSv1_3
+
+    def get(service, path, session):
+        import http.client
+
+        with socket.create_connection(("127.0.0.1", cloud.ports[service]), 20) as raw:
+            with context.wrap_socket(raw, server_hostname="127.0.0.1",
+                                     session=session) as tls:
+                tls.sendall(b"GET %s HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+                            % path.encode())
+                response = http.client.HTTPResponse(tls)
+                response.begin()
+                body = response.read()
+                return response.status, body, tls.session, tls.session_reused
+
+    status, _, session, reused = get("est", "/.well-known/est/b42/cacerts", None)
+    assert status == 200 and not reused
+    status, body, session, reused = get("verifier", "/v1/whoami", session)
+    assert status == 200 and reused and json.loads(body)["serial"] == device.name
+    status, _, session, reused = get("est", "/.well-known/est/b42/cacerts", session)
+    assert status == 200 and reused
+    fleet.revoke_certificate(device.cert, "keyCompromise")
+    status, body, _, reused = get("verifier", "/v1/whoami", session)
     assert reused and status == 403 and body.startswith(b"revoked")
 
 
@@ -350,11 +391,12 @@ def test_interop_openssl_s_client_and_curl_cert(fleet, cloud):
         ["curl", "-sS", "--cacert", fleet.root_file, "--cert", cert_file, "--key", key_file,
          "https://127.0.0.1:%d/v1/whoami" % port], capture_output=True, timeout=30)
     assert json.loads(result.stdout)["kind"] == "operational"
-    # Without a client certificate the handshake itself fails.
-    result = subprocess.run(["curl", "-sS", "--cacert", fleet.root_file,
+    # Without a client certificate: refused by the verifier (401) before any handler.
+    result = subprocess.run(["curl", "-sS", "-w", "%{http_code}", "--cacert", fleet.root_file,
                              "https://127.0.0.1:%d/v1/whoami" % port],
                             capture_output=True, timeout=30)
-    assert result.returncode != 0
+    assert result.stdout.startswith(b"no_client_certificate:")
+    assert result.stdout.endswith(b"401")
 
 
 # -- property: any bytes as a client certificate are refused with a reason ----------------------

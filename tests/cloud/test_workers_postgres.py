@@ -14,6 +14,7 @@ import json
 import os
 import select
 import signal
+import socket
 import ssl
 import subprocess
 import sys
@@ -513,3 +514,47 @@ def test_postgresql_restarted_and_paused_typed_503_then_recovery(fleet, cluster,
     failures = {r.get("error") for r in records if r.get("msg") == "backend failure"}
     assert failures == {"RegistryError"}
     assert not [r for r in records if r["level"] == "error" and r.get("msg") != "backend failure"]
+
+
+def _whoami_session(context, port, session):
+    """(session, reused) of one mTLS GET /v1/whoami resuming `session` (or None)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as raw:
+        with context.wrap_socket(raw, server_hostname="127.0.0.1", session=session) as tls:
+            tls.sendall(b"GET /v1/whoami HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                        b"Connection: close\r\n\r\n")
+            answer = b""
+            while True:
+                data = tls.recv(65536)
+                if not data:
+                    break
+                answer += data
+            assert answer.startswith(b"HTTP/1.1 200"), answer[:200]
+            return tls.session, tls.session_reused
+
+
+def test_a_session_made_at_one_worker_resumes_at_the_other(fleet, tmp_path):
+    """The workers share one ticket key (the parent makes the TLS context before it
+    forks), so a device resumes whichever worker accepts it: one worker is stopped
+    (SIGSTOP) while the other makes the session, then they swap."""
+    device = fleet.provision()
+    context = ssl.create_default_context(cafile=fleet.root_file)
+    context.minimum_version = ssl.TLSVersion.TLSv1_3
+    context.load_cert_chain(*device.files(device.identity_cert, device.identity_key))
+    serve = Serve(_config(fleet, tmp_path), tmp_path, workers=2)
+    try:
+        first, second = serve.info["workers"]
+        port = serve.ports["verifier"]
+        os.kill(second, signal.SIGSTOP)
+        try:
+            session, reused = _whoami_session(context, port, None)
+            assert not reused
+        finally:
+            os.kill(second, signal.SIGCONT)
+        os.kill(first, signal.SIGSTOP)
+        try:
+            _, reused = _whoami_session(context, port, session)
+        finally:
+            os.kill(first, signal.SIGCONT)
+        assert reused
+    finally:
+        assert serve.stop() == 0

@@ -79,15 +79,51 @@ def test_a_ticket_is_never_offered_for_another_key_or_server(env):
                             "/healthz").status == 200
     assert not identity.last_info.resumed
     # No client certificate (a public document, here EST cacerts): a full handshake, no
-    # SIGN.  The verifier requires a certificate: refused as a handshake.
+    # SIGN.  Its ticket resumes on the verifier (same name, one session cache), and the
+    # resumed session carries no client certificate: refused by the verifier.
     anonymous = SeTlsClient(se, None, [], [_anchor(se)], tickets=tickets)
     response = anonymous.request("127.0.0.1", env.ports["est"], "GET",
                                  "/.well-known/est/%s/cacerts" % LABEL)
     assert response.status == 200
     assert not anonymous.last_info.resumed and not anonymous.last_info.client_certificate
-    with pytest.raises(TlsClientError) as info:
-        anonymous.request("127.0.0.1", env.ports["verifier"], "GET", "/v1/whoami")
-    assert info.value.reason == TlsClientError.HANDSHAKE
+    response = anonymous.request("127.0.0.1", env.ports["verifier"], "GET", "/v1/whoami")
+    assert anonymous.last_info.resumed
+    assert response.status == 401 and response.body.startswith(b"no_client_certificate")
+
+
+def test_a_ticket_from_the_verifier_resumes_on_est_and_back(env):
+    # One server name, two listeners sharing one session cache (cloud/server.py): the
+    # device's key signs once, every later connection resumes whichever port it goes to.
+    se = env.session(0)
+    client = _client(se)
+    assert client.request("127.0.0.1", env.ports["verifier"], "GET",
+                          "/v1/whoami").status == 200
+    assert client.request("127.0.0.1", env.ports["est"], "GET",
+                          "/.well-known/est/%s/cacerts" % LABEL).status == 200
+    assert client.last_info.resumed
+    assert client.request("127.0.0.1", env.ports["verifier"], "GET",
+                          "/v1/whoami").status == 200
+    assert client.last_info.resumed
+    assert (client.handshakes, client.resumed, client.signatures) == (3, 2, 1)
+
+
+def test_a_kept_connection_carries_the_next_request_without_a_handshake(env):
+    # As the agent's nonce and re-enrolment do: the first answer leaves the connection
+    # open, the second request goes over it, and closes it.
+    se = env.session(0)
+    client = _client(se)
+    nonce = client.request("127.0.0.1", env.ports["est"], "GET",
+                           "/.well-known/est/%s/nonce" % LABEL, keep_open=True)
+    assert nonce.status == 200 and nonce.connection is not None
+    cacerts = client.request("127.0.0.1", env.ports["est"], "GET",
+                             "/.well-known/est/%s/cacerts" % LABEL,
+                             connection=nonce.connection)
+    assert cacerts.status == 200 and cacerts.connection is None
+    assert client.handshakes == 1 and client.signatures == 1
+    # Closed after the second request: given again, it connects anew (resumed).
+    again = client.request("127.0.0.1", env.ports["est"], "GET",
+                           "/.well-known/est/%s/cacerts" % LABEL, connection=nonce.connection)
+    assert again.status == 200 and client.handshakes == 2 and client.last_info.resumed
 
 
 def _foreign_root():
