@@ -128,8 +128,8 @@ class SoftBackend(PooledBackend):
         self.path = os.path.abspath(path)
         self._lock = threading.RLock()
         self._device_keys = {}  # handle id -> (creating session, {component: key bytes})
-        # (label, kind) -> (meta, plaintext) and label -> key object: decrypted once, kept
-        # for the process's life (entries never change once written); dropped by close().
+        # Decrypted once, kept for the process's life (entries never change), dropped by
+        # close(): (label, kind) -> (meta, plaintext) / key object.
         self._plain = {}
         self._key_objects = {}
         self._next_device_id = itertools.count(1)
@@ -257,16 +257,14 @@ class SoftBackend(PooledBackend):
             self._check_open()
             return self._plain.setdefault((label, kind), (entry["meta"], secret))
 
-    def _key_object(self, label, make):
-        """The cryptography key object for `label`, made once by make(label)."""
-        with self._lock:
-            self._check_open()
-            found = self._key_objects.get(label)
+    def _key_object(self, label, kind, make):
+        """The cryptography key object make(plaintext) of entry `label`, made once."""
+        found = self._key_objects.get((label, kind))
         if found is None:
-            found = make(label)
+            found = make(self._entry(label, kind)[1])
             with self._lock:
                 self._check_open()
-                found = self._key_objects.setdefault(label, found)
+                found = self._key_objects.setdefault((label, kind), found)
         return found
 
     def _check_open(self):
@@ -310,11 +308,8 @@ class SoftBackend(PooledBackend):
         return self._run(op)
 
     def _private_key(self, label):
-        return self._key_object(("ec", label), self._derive_private_key)
-
-    def _derive_private_key(self, cache_key):
-        _meta, scalar = self._entry(cache_key[1], KIND_EC)
-        return ec.derive_private_key(int.from_bytes(scalar, "big"), ec.SECP256R1())
+        return self._key_object(label, KIND_EC, lambda scalar: ec.derive_private_key(
+            int.from_bytes(scalar, "big"), ec.SECP256R1()))
 
     def public_key(self, label):
         def op(session):
@@ -436,11 +431,8 @@ class SoftBackend(PooledBackend):
         return self._run(op)
 
     def _unwrapping_key(self, label):
-        return self._key_object(("rsa", label), self._load_unwrapping_key)
-
-    def _load_unwrapping_key(self, cache_key):
-        _meta, der = self._entry(cache_key[1], KIND_RSA_UNWRAP)
-        return serialization.load_der_private_key(der, password=None)
+        return self._key_object(label, KIND_RSA_UNWRAP, lambda der: (
+            serialization.load_der_private_key(der, password=None)))
 
     def transport_wrapping_public_key(self, label):
         def op(session):
