@@ -111,10 +111,9 @@ class SqlRegistry(Registry):
         self._connections = []
         self._connections_lock = threading.Lock()
         self._closed = False
-        if group_commit is True:
-            group_commit = {}
-        self.group_commit = (GroupCommitWriter(self, **group_commit)
-                             if group_commit else None)
+        options = {} if group_commit is True else group_commit
+        self.group_commit = (GroupCommitWriter(self, **options)
+                             if group_commit or isinstance(group_commit, dict) else None)
 
     @staticmethod
     def _storage_error(exc):  # pragma: no cover - every backend defines its own
