@@ -43,6 +43,7 @@ savepoint, rolled back if the op raises).
 """
 
 import collections
+import os
 import threading
 import time
 
@@ -90,6 +91,7 @@ class GroupCommitWriter:
         self._cond = threading.Condition()
         self._closed = False
         self._thread = None
+        self._pid = None
         self._last_batch = 0
         self.batches = 0
         self.ops = 0
@@ -108,7 +110,12 @@ class GroupCommitWriter:
         with self._cond:
             if self._closed:
                 raise RegistryError(RegistryError.CLOSED)
+            if self._thread is not None and self._pid != os.getpid():
+                # A forked child: the writer thread stayed in the parent.
+                self._thread = None
+                self._queue.clear()
             if self._thread is None:
+                self._pid = os.getpid()
                 self._thread = threading.Thread(target=self._run, daemon=True,
                                                 name="registry-group-commit")
                 self._thread.start()
