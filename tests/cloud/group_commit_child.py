@@ -7,8 +7,8 @@ est:  a fleet in DIR (bench/_cloud_support.Fleet: soft keystore, SQLite registry
       group commit), devices provisioned and enrolled, then concurrent re-enrolments from
       several threads, each appending the fingerprint of the certificate it was handed to
       DIR/issued.txt (what the devices hold: "issued").
-line: the line in DIR/line (initialised by the test), a fresh lot, run_line with several
-      stations on the emulated chips (zero latency).
+line: the line in DIR/line (initialised by the test), fresh lots one after the other,
+      run_line with several stations on the emulated chips (zero latency).
 
 Prints "ready" once the concurrent part starts.  --kill-at-commit N: the process kills
 itself (SIGKILL) at the registry's N-th COMMIT of that part, just before it (the batch is
@@ -32,6 +32,7 @@ from fleetid.sim.metering import EmulatedBuses
 KEYSTORE_ENV = dict(os.environ, FLEETID_KEYSTORE_PASS="group-commit-crash-pass")
 CALLERS = 6
 ROUNDS = 400  # bound on the re-enrolments (the test kills the process long before)
+LOTS = 40  # bound on the line's lots (likewise)
 
 
 def kill_at_commit(registry, n, after):
@@ -83,12 +84,14 @@ def run_est(directory, args):
 
 def run_line(directory, args):
     line = workdir_mod.open_line(os.path.join(directory, "line"), environ=KEYSTORE_ENV)
-    lot = lot_mod.make_lot(line, 24)
+    lot = lot_mod.make_lot(line, 16)
     if args.kill_at_commit:
         kill_at_commit(line.registry, args.kill_at_commit, args.after)
     print("ready", lot.batch, flush=True)
-    runner.run_line(line.resources_for(lot.batch), lot.chips, EmulatedBuses("none"),
-                    stations=4, measure_audit=False)
+    for _ in range(LOTS):  # lot after lot until killed (bounded)
+        runner.run_line(line.resources_for(lot.batch), lot.chips, EmulatedBuses("none"),
+                        stations=4, measure_audit=False)
+        lot = lot_mod.make_lot(line, 16)
 
 
 def main(argv=None):
