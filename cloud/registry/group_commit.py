@@ -38,8 +38,9 @@ previous batch held more than one, i.e. when writers are concurrent.  A lone wri
 station, one request at a time) pays no added latency.
 
 The backend supplies `_write()` (a context manager: a write transaction, yielding its
-connection, committing on exit) and `_savepoint(conn)` (a context manager: one op's
-savepoint, rolled back if the op raises).
+connection, committing on exit), `_savepoint(conn)` (a context manager: one op's
+savepoint, rolled back if the op raises) and `_transaction_open(conn)` (False when the
+database dropped the transaction under a failed op: the batch then fails as a whole).
 """
 
 import collections
@@ -209,3 +210,8 @@ class GroupCommitWriter:
             op.error = registry._storage_error(exc)
         except Exception as exc:  # noqa: BLE001 - the op's own refusal, for its caller
             op.error = exc
+        if op.error is not None and not registry._transaction_open(conn):
+            # The database dropped the whole transaction (SQLite does on some I/O
+            # errors): the batch so far is gone, and the next ops must not run outside
+            # a transaction.  Fail the batch: every op of it, nothing written.
+            raise RegistryError(RegistryError.STORAGE, "group commit: transaction lost")

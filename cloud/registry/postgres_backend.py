@@ -103,6 +103,9 @@ class PostgresRegistry(SqlRegistry):
         except psycopg.Error as exc:
             raise _storage_error(exc) from None
 
+    def _transaction_open(self, conn):
+        return conn.info.transaction_status == psycopg.pq.TransactionStatus.INTRANS
+
     @contextlib.contextmanager
     def _savepoint(self, conn):
         # One group-commit op inside the batch transaction: a nested transaction() is a

@@ -14,7 +14,7 @@ give it).  A backend subclass supplies what really differs:
   `_unique(conn, error)` (a unique-constraint violation of the statements inside becomes
   `error`, without spoiling the transaction), `_take_serial(conn)`, `_lock_schema(conn)`,
   `_allocated_intent(...)`, `certificate_and_device()` and `audit_snapshot()`,
-  `_savepoint(conn)` (one group-commit op's savepoint).
+  `_savepoint(conn)` (one group-commit op's savepoint), `_transaction_open(conn)`.
 
 Group commit (group_commit.py): the writes of the commit path (allocate_intent,
 commit_identity, add_certificate: the line's and EST's per-device writes) go through one
@@ -162,6 +162,10 @@ class SqlRegistry(Registry):
             if row is None or row["value"] != str(schema.SCHEMA_VERSION):
                 raise RegistryError(RegistryError.SCHEMA, "version %s"
                                     % (row and row["value"]))
+
+    def _transaction_open(self, conn):
+        """Is the write transaction on `conn` still open (group commit, after a failed op)?"""
+        return True
 
     def _batched(self, fn):
         """fn(conn) in a write transaction, durable when this returns: through the group

@@ -108,6 +108,9 @@ class SqliteRegistry(SqlRegistry):
             except sqlite3.Error as exc:
                 raise _storage_error(exc) from None
 
+    def _transaction_open(self, conn):
+        return conn.in_transaction
+
     @contextlib.contextmanager
     def _savepoint(self, conn):
         # One group-commit op inside the batch transaction (SQLite "SAVEPOINT"): an op

@@ -161,6 +161,39 @@ def test_a_failed_batch_commit_fails_every_caller_and_writes_nothing(tmp_path):
         reg.close()
 
 
+def test_a_transaction_dropped_under_an_op_fails_the_whole_batch(tmp_path):
+    # SQLite rolls the whole transaction back on some errors (disk full, I/O): the ops
+    # before it are gone with it, and the ones after it must not run in autocommit mode.
+    reg = SqliteRegistry(tmp_path / "r.db", wall_clock=lambda: T0)
+    try:
+        serials = [reg.allocate_intent(uid(600 + n), "line-1/st-1").serial for n in range(2)]
+
+        def dropped(conn):
+            conn.execute("ROLLBACK")
+            raise sqlite3.OperationalError("disk I/O error")
+
+        calls = [lambda: reg.commit_identity(*_identity(reg, serials[0])),
+                 lambda: reg.group_commit.submit(dropped),
+                 lambda: reg.commit_identity(*_identity(reg, serials[1]))]
+        with _Gate(reg):
+            threads, out = [], []
+            for call in calls:  # in this order into the batch
+                more, result = _in_threads([call])
+                threads += more
+                out += [result]
+                _queued(reg, len(threads))
+        _join(threads)
+        # The op before it and the op itself fail (nothing of them written); the op after
+        # it was not run in the lost transaction but in the next batch, committed.
+        assert [exc.reason for (_r, exc), in out[:2]] == [RegistryError.STORAGE] * 2
+        assert out[2][0][1] is None
+        assert [reg.get_device(s).status for s in serials] == [INTENT, COMMITTED]
+        assert reg.head()[0] == 1
+        verify_registry_log(reg, LINE.public_key(), WITNESS.public_key())
+    finally:
+        reg.close()
+
+
 def test_a_caller_whose_op_never_starts_withdraws_it_and_nothing_is_written(registry):
     registry.group_commit.wait_timeout_s = 0.2
     with _Gate(registry):
