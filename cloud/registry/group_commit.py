@@ -115,7 +115,7 @@ class GroupCommitWriter:
                 # A forked child: the writer thread stayed in the parent.
                 self._thread = None
                 self._queue.clear()
-            if self._thread is None:
+            if self._thread is None or not self._thread.is_alive():
                 self._pid = os.getpid()
                 self._thread = threading.Thread(target=self._run, daemon=True,
                                                 name="registry-group-commit")
@@ -132,8 +132,11 @@ class GroupCommitWriter:
                         pass
                     raise RegistryError(RegistryError.STORAGE, "group commit: timed out "
                                         "waiting for the writer")
-            # Started: the database's own timeouts bound what is left.
-            op.done.wait()
+            # Started: the database's own timeouts bound what is left (lock / busy /
+            # statement timeouts per op); this bound only catches a writer gone wrong.
+            if not op.done.wait(self.wait_timeout_s * self.max_batch):
+                raise RegistryError(RegistryError.STORAGE, "group commit: no answer from "
+                                    "the writer")
         if op.error is not None:
             raise op.error
         return op.result
@@ -175,6 +178,7 @@ class GroupCommitWriter:
     def _batch(self, first):
         cpu = time.thread_time()
         batch = [first]
+        failure = RegistryError(RegistryError.STORAGE, "group commit: writer stopped")
         try:
             with self._registry._write() as conn:
                 self._apply(conn, first)
@@ -186,20 +190,22 @@ class GroupCommitWriter:
                         break
                     batch.append(op)
                     self._apply(conn, op)
+            failure = None  # committed
         except Exception as exc:  # noqa: BLE001 - BEGIN/COMMIT failed: nothing was written
             failure = exc if isinstance(exc, RegistryError) else RegistryError(
                 RegistryError.STORAGE, "group commit: %s" % type(exc).__name__)
+        finally:
+            # Also on a BaseException in this thread: no caller is left waiting.
             for op in batch:
-                if op.error is None:
+                if failure is not None and op.error is None:
                     op.error = failure
                     op.result = None
-        self._last_batch = len(batch)
-        self.batches += 1
-        self.ops += len(batch)
-        self.largest = max(self.largest, len(batch))
-        self.cpu_s += time.thread_time() - cpu
-        for op in batch:
-            op.done.set()
+                op.done.set()
+            self._last_batch = len(batch)
+            self.batches += 1
+            self.ops += len(batch)
+            self.largest = max(self.largest, len(batch))
+            self.cpu_s += time.thread_time() - cpu
 
     def _apply(self, conn, op):
         registry = self._registry
