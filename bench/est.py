@@ -150,13 +150,19 @@ def main(argv=None):
             fleet.est.enroll("b42", item[1], item[2], reenroll=True)
 
         sequential = count / in_callers(prepare(fleet, devices, count), 1, reenrol)
+        # With and without group commit, interleaved (two halves each): the machine's
+        # load drifts, and the two figures are compared with each other.
         group = fleet.registry.group_commit
         batches, ops = group.batches, group.ops
-        concurrent = count / in_callers(prepare(fleet, devices, count), callers, reenrol)
+        half = max(1, count // 2)
+        grouped_s = ungrouped_s = 0.0
+        for _ in range(2):
+            grouped_s += in_callers(prepare(fleet, devices, half), callers, reenrol)
+            fleet.registry.group_commit = None  # each re-enrolment its own transaction
+            ungrouped_s += in_callers(prepare(fleet, devices, half), callers, reenrol)
+            fleet.registry.group_commit = group
         batches, ops = group.batches - batches, group.ops - ops
-        fleet.registry.group_commit = None  # each re-enrolment its own transaction again
-        ungrouped = count / in_callers(prepare(fleet, devices, count), callers, reenrol)
-        fleet.registry.group_commit = group
+        concurrent, ungrouped = 2 * half / grouped_s, 2 * half / ungrouped_s
 
         raw = count / raw_issuance([csr for _, _, csr in prepare(fleet, devices, count)],
                                    fleet.ca_certs["b42"])
