@@ -56,7 +56,7 @@ DEFAULT_WAIT_TIMEOUT_S = 30.0
 
 
 class _Op:
-    __slots__ = ("fn", "result", "error", "done", "started", "withdrawn")
+    __slots__ = ("fn", "result", "error", "done", "started")
 
     def __init__(self, fn):
         self.fn = fn
@@ -64,16 +64,15 @@ class _Op:
         self.error = None
         self.done = threading.Event()
         self.started = False
-        self.withdrawn = False
 
 
 class GroupCommitWriter:
     """One writer thread that runs registry ops in shared transactions.
 
-    Params: registry: a SqlRegistry (its _write() and _savepoint()).  max_batch: ops per
-        transaction at most.  max_delay_s: how long an open batch waits for more ops when
-        writers are concurrent.  wait_timeout_s: how long a caller waits for its op to
-        start.
+    Params: registry: a SqlRegistry (its _write(), _savepoint(), _transaction_open()).
+        max_batch: ops per transaction at most.  max_delay_s: how long an open batch
+        waits for more ops when writers are concurrent.  wait_timeout_s: how long a
+        caller waits for its op to start.
     Attributes: batches, ops (counters: transactions committed or tried, ops run),
         largest (the largest batch so far), cpu_s (the writer thread's CPU time: the
         callers' write work moved here, benchmarks add it back to theirs).
@@ -125,7 +124,6 @@ class GroupCommitWriter:
         if not op.done.wait(self.wait_timeout_s):
             with self._cond:
                 if not op.started:
-                    op.withdrawn = True
                     try:
                         self._queue.remove(op)
                     except ValueError:
@@ -195,17 +193,17 @@ class GroupCommitWriter:
             failure = exc if isinstance(exc, RegistryError) else RegistryError(
                 RegistryError.STORAGE, "group commit: %s" % type(exc).__name__)
         finally:
+            self._last_batch = len(batch)
+            self.batches += 1
+            self.ops += len(batch)
+            self.largest = max(self.largest, len(batch))
+            self.cpu_s += time.thread_time() - cpu
             # Also on a BaseException in this thread: no caller is left waiting.
             for op in batch:
                 if failure is not None and op.error is None:
                     op.error = failure
                     op.result = None
                 op.done.set()
-            self._last_batch = len(batch)
-            self.batches += 1
-            self.ops += len(batch)
-            self.largest = max(self.largest, len(batch))
-            self.cpu_s += time.thread_time() - cpu
 
     def _apply(self, conn, op):
         registry = self._registry
