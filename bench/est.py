@@ -17,6 +17,12 @@ https      the same over HTTPS to the running EST server (new TLS 1.3 connection
 raw        cryptography alone, what a CA that checks nothing would do: load the DER CSR,
            verify its signature, build the same device certificate profile and sign it
            with an in-memory P-256 key.
+concurrent the same re-enrolments from --callers threads at once (an EST server's request
+           workers; the HTTPS figure uses as many client connections): their registry
+           writes share durable commits (group commit, cloud/registry/group_commit.py).
+           "1 caller" is the sequential figure (every re-enrolment waits for its own
+           fsync) beside it, and "no group commit" the concurrent run with
+           group_commit=False (one transaction, one fsync per re-enrolment, as before).
 Device-side work (key generation, attestation, CSR signing) is prepared before timing.
 Loops are bounded by --count; the server listens on 127.0.0.1 only.
 """
@@ -28,6 +34,7 @@ import os
 import shutil
 import sys
 import tempfile
+import threading
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -70,15 +77,62 @@ def raw_issuance(csrs, ca_cert):
     return time.perf_counter() - started
 
 
+def in_callers(work, callers, call):
+    """Seconds to run call(item) over `work` from `callers` threads (each takes the next
+    item).  Raises the first error."""
+    items = iter(work)
+    lock = threading.Lock()
+    errors = []
+
+    def loop():
+        while not errors:
+            with lock:
+                item = next(items, None)
+            if item is None:
+                return
+            try:
+                call(item)
+            except Exception as exc:  # noqa: BLE001 - reported after the join
+                errors.append(exc)
+
+    threads = [threading.Thread(target=loop, daemon=True) for _ in range(callers)]
+    started = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(600)
+    if errors:
+        raise errors[0]
+    return time.perf_counter() - started
+
+
+def https_reenrol(cloud, contexts, item):
+    device, _cert_der, csr = item
+    conn = http.client.HTTPSConnection("127.0.0.1", cloud.ports["est"], timeout=20,
+                                       context=contexts[device.name])
+    try:
+        conn.request("POST", "/.well-known/est/b42/simplereenroll", body=base64.b64encode(csr),
+                     headers={"Content-Type": "application/pkcs10"})
+        response = conn.getresponse()
+        status, body = response.status, response.read()
+    finally:
+        conn.close()
+    if status != 200:
+        raise RuntimeError("re-enrolment failed: %d %r" % (status, body[:200]))
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--count", type=int, default=None)
     parser.add_argument("--devices", type=int, default=None)
     parser.add_argument("--json", dest="json_path", help="also write the figures as JSON")
+    parser.add_argument("--callers", type=int, default=8,
+                        help="concurrent re-enrolments (threads / client connections)")
     args = parser.parse_args(argv)
     count = args.count or (100 if args.quick else 1000)
     ndev = args.devices or (10 if args.quick else 50)
+    callers = max(1, args.callers)
 
     from bench._cloud_support import Fleet, RunningCloud
 
@@ -90,51 +144,64 @@ def main(argv=None):
             device = fleet.provision()
             fleet.enrol(device)
             devices.append(device)
-        print("fleetid EST bench: %d re-enrolments over %d devices" % (count, ndev))
+        print("fleetid EST bench: %d re-enrolments over %d devices, %d callers; python %s, "
+              "%d CPUs" % (count, ndev, callers, sys.version.split()[0], os.cpu_count() or 0))
 
-        work = prepare(fleet, devices, count)
-        started = time.perf_counter()
-        for _device, cert_der, csr in work:
-            fleet.est.enroll("b42", cert_der, csr, reenroll=True)
-        attested = count / (time.perf_counter() - started)
+        def reenrol(item):
+            fleet.est.enroll("b42", item[1], item[2], reenroll=True)
 
-        raw = count / raw_issuance([csr for _, _, csr in work], fleet.ca_certs["b42"])
+        sequential = count / in_callers(prepare(fleet, devices, count), 1, reenrol)
+        # With and without group commit, interleaved (two halves each): the machine's
+        # load drifts, and the two figures are compared with each other.
+        group = fleet.registry.group_commit
+        batches, ops = group.batches, group.ops
+        half = max(1, count // 2)
+        grouped_s = ungrouped_s = 0.0
+        for _ in range(2):
+            grouped_s += in_callers(prepare(fleet, devices, half), callers, reenrol)
+            fleet.registry.group_commit = None  # each re-enrolment its own transaction
+            ungrouped_s += in_callers(prepare(fleet, devices, half), callers, reenrol)
+            fleet.registry.group_commit = group
+        batches, ops = group.batches - batches, group.ops - ops
+        concurrent, ungrouped = 2 * half / grouped_s, 2 * half / ungrouped_s
 
-        work = prepare(fleet, devices, count)
+        raw = count / raw_issuance([csr for _, _, csr in prepare(fleet, devices, count)],
+                                   fleet.ca_certs["b42"])
+
         files = {d.name: d.files() for d in devices}
         with RunningCloud(fleet) as cloud:
             # Client TLS contexts (CA file, device key) are built before timing: a device
             # loads its credentials once, not per request.
             contexts = {name: cloud.client_context(f) for name, f in files.items()}
-            started = time.perf_counter()
-            for device, _cert_der, csr in work:
-                conn = http.client.HTTPSConnection("127.0.0.1", cloud.ports["est"],
-                                                   timeout=20, context=contexts[device.name])
-                try:
-                    conn.request("POST", "/.well-known/est/b42/simplereenroll",
-                                 body=base64.b64encode(csr),
-                                 headers={"Content-Type": "application/pkcs10"})
-                    response = conn.getresponse()
-                    status, body = response.status, response.read()
-                finally:
-                    conn.close()
-                if status != 200:
-                    raise RuntimeError("re-enrolment failed: %d %r" % (status, body[:200]))
-            https = count / (time.perf_counter() - started)
+
+            def over_https(item):
+                https_reenrol(cloud, contexts, item)
+
+            https_1 = count / in_callers(prepare(fleet, devices, count), 1, over_https)
+            https = count / in_callers(prepare(fleet, devices, count), callers, over_https)
         fleet.close()
-        print("attested re-enrolments (in-process) : %8.1f /s" % attested)
-        print("attested re-enrolments (HTTPS, mTLS): %8.1f /s" % https)
-        print("raw cryptography issuance           : %8.1f /s" % raw)
-        print("ratio attested/raw: %.2fx in-process, %.2fx over HTTPS" % (attested / raw,
-                                                                        https / raw))
+        print("attested re-enrolments (in-process, %2d callers): %8.1f /s  (%d ops in %d "
+              "commits)" % (callers, concurrent, ops, batches))
+        print("  same, no group commit                : %8.1f /s" % ungrouped)
+        print("  same, 1 caller                       : %8.1f /s" % sequential)
+        print("attested re-enrolments (HTTPS, mTLS, %2d)  : %8.1f /s" % (callers, https))
+        print("  same, 1 client                       : %8.1f /s" % https_1)
+        print("raw cryptography issuance (1 thread)   : %8.1f /s" % raw)
+        print("ratio attested/raw: %.2fx in-process (%.2fx without group commit, %.2fx one "
+              "caller), %.2fx over HTTPS (%.2fx one client)"
+              % (concurrent / raw, ungrouped / raw, sequential / raw, https / raw,
+                 https_1 / raw))
         if args.json_path:  # bench/report.py
             from bench._report_support import figure, write_json
 
-            write_json(args.json_path, "est", {"attested": attested, "https": https, "raw": raw}, [
-                figure("attested re-enrolments, in-process", attested, "/s",
-                       "raw cryptography issuance", raw),
-                figure("attested re-enrolments, HTTPS + mTLS", https, "/s",
-                       "raw cryptography issuance", raw)])
+            write_json(args.json_path, "est",
+                       {"attested": concurrent, "attested_ungrouped": ungrouped,
+                        "attested_one_caller": sequential, "https": https,
+                        "https_one_client": https_1, "raw": raw}, [
+                           figure("attested re-enrolments, in-process, %d callers" % callers,
+                                  concurrent, "/s", "raw cryptography issuance", raw),
+                           figure("attested re-enrolments, HTTPS + mTLS, %d clients" % callers,
+                                  https, "/s", "raw cryptography issuance", raw)])
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     return 0

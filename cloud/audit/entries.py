@@ -21,6 +21,43 @@ from fleetid.cloud.audit.codec import (
     to_hex,
 )
 from fleetid.cloud.audit.errors import AuditError
+from fleetid.common import der
+from fleetid.common.errors import DerError
+
+# issuer Name DER -> its RFC 4514 string: every certificate of a CA has the same issuer,
+# and cryptography builds the Name and its string anew on each access (~0.1 ms, more
+# than the rest of a registry write).  Bounded: a fleet has few issuing CAs.
+_ISSUER_NAMES = {}
+_ISSUER_NAMES_MAX = 256
+
+
+def issuer_der(cert_der):
+    """The DER of a certificate's issuer Name, or None if unreadable.
+
+    Certificate ::= SEQUENCE { tbsCertificate SEQUENCE { [0] version OPTIONAL,
+    serialNumber, signature AlgorithmIdentifier, issuer Name, ... } ... } (RFC 5280 4.1).
+    """
+    try:
+        tbs = der.DerReader(bytes(cert_der)).read_sequence().read_sequence()
+        if tbs.peek_tag() == 0xA0:
+            tbs.read_tlv(0xA0)
+        tbs.read_tlv(der.TAG_INTEGER)
+        tbs.read_raw(der.TAG_SEQUENCE)
+        return tbs.read_raw(der.TAG_SEQUENCE)
+    except DerError:
+        return None
+
+
+def issuer_name(cert_der, cert):
+    """cert.issuer.rfc4514_string() of `cert` (parsed from `cert_der`), cached by the
+    issuer's DER encoding (the same bytes always give the same string)."""
+    key = issuer_der(cert_der)
+    text = _ISSUER_NAMES.get(key) if key is not None else None
+    if text is None:
+        text = cert.issuer.rfc4514_string()
+        if key is not None and len(_ISSUER_NAMES) < _ISSUER_NAMES_MAX:
+            _ISSUER_NAMES[key] = text
+    return text
 
 
 def certificate_facts(cert_der):
@@ -33,7 +70,7 @@ def certificate_facts(cert_der):
     return {
         "cert_serial": cert_serial_hex(cert.serial_number),
         "cert_fingerprint": hashlib.sha256(bytes(cert_der)).hexdigest(),
-        "issuing_ca": cert.issuer.rfc4514_string(),
+        "issuing_ca": issuer_name(cert_der, cert),
     }
 
 

@@ -3,9 +3,12 @@
 Same interface, same pool semantics and, for the same key material, the same output bytes
 as the PKCS#11 backend (the contract tests compare them).  What differs is where keys live:
 
-- **In use, keys are in this process's memory.**  Each operation decrypts the key it needs
-  from the keystore entry, uses it with `cryptography`, and drops the reference; per-device
-  key sets stay in memory until released.  Python cannot reliably wipe memory, so a process
+- **In use, keys are in this process's memory.**  The first operation on a key decrypts
+  its keystore entry; the plaintext and the `cryptography` key object made from it (an
+  EC private key, the RSA unwrapping key) stay cached in memory for the process's life
+  (until close()), so a signature does not pay the GCM decryption and the EC scalar
+  multiplication of re-deriving the key each time.  The cache is never written anywhere.
+  Per-device key sets stay in memory until released.  Python cannot reliably wipe memory, so a process
   dump can reveal keys.  The PKCS#11 backend never has CA, master, transport or per-device
   keys in host memory at all.  Use this backend for the demo and development, an HSM for
   production.
@@ -125,6 +128,10 @@ class SoftBackend(PooledBackend):
         self.path = os.path.abspath(path)
         self._lock = threading.RLock()
         self._device_keys = {}  # handle id -> (creating session, {component: key bytes})
+        # Decrypted once, kept for the process's life (entries never change), dropped by
+        # close(): (label, kind) -> (meta, plaintext) / key object.
+        self._plain = {}
+        self._key_objects = {}
         self._next_device_id = itertools.count(1)
         self._closed = False
         if os.path.exists(self.path):
@@ -231,9 +238,13 @@ class SoftBackend(PooledBackend):
             raise
 
     def _entry(self, label, kind):
-        """Return (meta, plaintext secret) of entry `label`, which must be of `kind`."""
+        """Return (meta, plaintext secret) of entry `label`, which must be of `kind`
+        (decrypted on first use, then from the in-memory cache)."""
         with self._lock:
             self._check_open()
+            cached = self._plain.get((label, kind))
+            if cached is not None:
+                return cached
             entry = self._doc["keys"].get(label)
         if entry is None or entry.get("kind") != kind:
             raise KeyNotFound(label)
@@ -242,7 +253,19 @@ class SoftBackend(PooledBackend):
                                        _aad(label, kind, entry["meta"]))
         except (InvalidTag, ValueError, KeyError) as exc:
             raise HsmError(HsmError.KEYSTORE, "entry %s does not authenticate" % label) from exc
-        return entry["meta"], secret
+        with self._lock:
+            self._check_open()
+            return self._plain.setdefault((label, kind), (entry["meta"], secret))
+
+    def _key_object(self, label, kind, make):
+        """The cryptography key object make(plaintext) of entry `label`, made once."""
+        found = self._key_objects.get((label, kind))
+        if found is None:
+            found = make(self._entry(label, kind)[1])
+            with self._lock:
+                self._check_open()
+                found = self._key_objects.setdefault((label, kind), found)
+        return found
 
     def _check_open(self):
         if self._closed:
@@ -263,6 +286,8 @@ class SoftBackend(PooledBackend):
             self._closed = True
             self._gcm = None
             self._device_keys.clear()
+            self._plain.clear()
+            self._key_objects.clear()
         self._pool.close()
 
     # -- CA signing keys -------------------------------------------------------------------
@@ -283,8 +308,8 @@ class SoftBackend(PooledBackend):
         return self._run(op)
 
     def _private_key(self, label):
-        _meta, scalar = self._entry(label, KIND_EC)
-        return ec.derive_private_key(int.from_bytes(scalar, "big"), ec.SECP256R1())
+        return self._key_object(label, KIND_EC, lambda scalar: ec.derive_private_key(
+            int.from_bytes(scalar, "big"), ec.SECP256R1()))
 
     def public_key(self, label):
         def op(session):
@@ -406,8 +431,8 @@ class SoftBackend(PooledBackend):
         return self._run(op)
 
     def _unwrapping_key(self, label):
-        _meta, der = self._entry(label, KIND_RSA_UNWRAP)
-        return serialization.load_der_private_key(der, password=None)
+        return self._key_object(label, KIND_RSA_UNWRAP, lambda der: (
+            serialization.load_der_private_key(der, password=None)))
 
     def transport_wrapping_public_key(self, label):
         def op(session):

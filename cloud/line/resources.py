@@ -17,6 +17,7 @@ from fleetid.common.host.hostcrypto import CryptographyPrimitives
 from fleetid.common.t1 import PROFILE_GP
 
 _VERIFIER_MAX_AGE_S = 60.0  # rebuild the vendor-chain verifier (its time) once a minute
+_DELIVERIES_KEPT = 256  # verified chip deliveries kept between identify and inject
 
 
 class LineConfig:
@@ -92,6 +93,7 @@ class LineResources:
         self._lock = threading.Lock()
         self._verifier = None
         self._verifier_at = None
+        self._deliveries = {}  # se_uid -> verified ChipDelivery (oldest first, bounded)
         self.issuer_name = issuing_ca.ca_certificate.subject.rfc4514_string()
         # issuer Name DER -> RFC 4514 string, for the audit facts (certificate_facts).
         self.issuer_names = {}
@@ -112,10 +114,23 @@ class LineResources:
         return self._delivery(se_uid).kvn
 
     def _delivery(self, se_uid):
+        # identify (transport_kvn) and inject (chip_transport_keys) both need the chip's
+        # delivery: its vendor signature is verified once, the result kept for the second
+        # call (a few chips: one per station in flight; the shipment file is immutable).
+        se_uid = bytes(se_uid)
+        with self._lock:
+            found = self._deliveries.get(se_uid)
+        if found is not None:
+            return found
         try:
-            return self.shipment.delivery_for(se_uid, self.vendor_roots)
+            found = self.shipment.delivery_for(se_uid, self.vendor_roots)
         except ShipmentError as exc:
             raise LineFailure("transport_keys:" + exc.reason, IDENTIFY, exc.detail) from None
+        with self._lock:
+            if len(self._deliveries) >= _DELIVERIES_KEPT:
+                self._deliveries.pop(next(iter(self._deliveries)))
+            self._deliveries[se_uid] = found
+        return found
 
     @contextlib.contextmanager
     def chip_transport_keys(self, se_uid):

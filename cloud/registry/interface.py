@@ -140,7 +140,7 @@ def certificate_row(serial, cert_der, kind, now_text):
         "device_serial": serial,
         "kind": kind,
         "cert_serial": audit.cert_serial_hex(cert.serial_number),
-        "issuer": cert.issuer.rfc4514_string(),
+        "issuer": audit.issuer_name(cert_der, cert),
         "not_before": audit.format_time(cert.not_valid_before_utc),
         "not_after": audit.format_time(cert.not_valid_after_utc),
         "added_at": now_text,

@@ -3,7 +3,8 @@ share one registry across machines.  Same contract as SqliteRegistry; same schem
 (schema.schema_for("postgresql")), same `?` queries rewritten to %s.
 
 How the guarantees of the interface are kept on PostgreSQL:
-- one transaction per operation (`with conn.transaction()`), READ COMMITTED;
+- one transaction per operation (`with conn.transaction()`), READ COMMITTED; the commit
+  path's ops of concurrent callers share one (group commit, each op in its own savepoint);
 - serial allocation is one `UPDATE serial_counter ... RETURNING` (row lock; never repeats,
   committed before the call returns);
 - every audit append first locks the `audit_head` row (SELECT ... FOR UPDATE): appends
@@ -74,11 +75,11 @@ class PostgresRegistry(SqlRegistry):
     _lock_clause = " FOR UPDATE"
 
     def __init__(self, conninfo, wall_clock=time.time, lock_timeout_s=10.0,
-                 connect_timeout_s=10, query_deadline_s=None):
+                 connect_timeout_s=10, query_deadline_s=None, group_commit=True):
         if psycopg is None:
             raise RegistryError(RegistryError.CONFIG, "psycopg is not installed "
                                 "(pip install 'fleetid[postgres]')")
-        super().__init__(wall_clock)
+        super().__init__(wall_clock, group_commit)
         self.conninfo = conninfo
         self.lock_timeout_s = lock_timeout_s
         self.connect_timeout_s = connect_timeout_s
@@ -116,6 +117,16 @@ class PostgresRegistry(SqlRegistry):
                 yield conn
         except psycopg.Error as exc:
             raise _storage_error(exc) from None
+
+    def _transaction_open(self, conn):
+        return conn.info.transaction_status == psycopg.pq.TransactionStatus.INTRANS
+
+    @contextlib.contextmanager
+    def _savepoint(self, conn):
+        # One group-commit op inside the batch transaction: a nested transaction() is a
+        # SAVEPOINT, rolled back to if the op raises.
+        with conn.transaction():
+            yield
 
     @contextlib.contextmanager
     def _unique(self, conn, error):

@@ -13,7 +13,13 @@ give it).  A backend subclass supplies what really differs:
 - `_new_connection()`, `_write()` (how a write transaction begins and ends),
   `_unique(conn, error)` (a unique-constraint violation of the statements inside becomes
   `error`, without spoiling the transaction), `_take_serial(conn)`, `_lock_schema(conn)`,
-  `_allocated_intent(...)`, `certificate_and_device()` and `audit_snapshot()`.
+  `_allocated_intent(...)`, `certificate_and_device()` and `audit_snapshot()`,
+  `_savepoint(conn)` (one group-commit op's savepoint), `_transaction_open(conn)`.
+
+Group commit (group_commit.py): the writes of the commit path (allocate_intent,
+commit_identity, add_certificate: the line's and EST's per-device writes) go through one
+writer thread that runs concurrent callers' ops in one transaction with one durable
+commit (`_batched`).  `group_commit=False` gives every op its own transaction again.
 """
 
 import contextlib
@@ -21,6 +27,7 @@ import threading
 
 from fleetid.cloud import audit
 from fleetid.cloud.registry import migrations, schema
+from fleetid.cloud.registry.group_commit import GroupCommitWriter
 from fleetid.cloud.registry.errors import (
     CertificateNotFound,
     DeviceNotFound,
@@ -98,12 +105,15 @@ class SqlRegistry(Registry):
     _db_error = Exception
     _lock_clause = ""
 
-    def __init__(self, wall_clock):
+    def __init__(self, wall_clock, group_commit=True):
         self.wall_clock = wall_clock
         self._local = threading.local()
         self._connections = []
         self._connections_lock = threading.Lock()
         self._closed = False
+        options = {} if group_commit is True else group_commit
+        self.group_commit = (GroupCommitWriter(self, **options)
+                             if group_commit or isinstance(group_commit, dict) else None)
 
     @staticmethod
     def _storage_error(exc):  # pragma: no cover - every backend defines its own
@@ -149,7 +159,23 @@ class SqlRegistry(Registry):
                 conn.execute(statement)
             migrations.upgrade(conn, self.dialect, self._q)
 
+    def _transaction_open(self, conn):
+        """Is the write transaction on `conn` still open (group commit, after a failed op)?"""
+        return True
+
+    def _batched(self, fn):
+        """fn(conn) in a write transaction, durable when this returns: through the group
+        commit writer (shared with concurrent callers) or, without it, its own."""
+        if self.group_commit is None:
+            with self._write() as conn:
+                return fn(conn)
+        if self._closed:
+            raise RegistryError(RegistryError.CLOSED)
+        return self.group_commit.submit(fn)
+
     def close(self):
+        if self.group_commit is not None:
+            self.group_commit.close()
         with self._connections_lock:
             self._closed = True
             connections, self._connections = self._connections, []
@@ -240,12 +266,15 @@ class SqlRegistry(Registry):
         uid_hex = check_se_uid(se_uid)
         _check_intent_text(station, operator, batch, hsm_session)
         now = self._now()
-        with self._write() as conn:
+
+        def op(conn):
             serial = self._take_serial(conn)
             self._insert_intent(conn, serial, uid_hex, station, operator, batch, hsm_session,
                                 now)
             return self._allocated_intent(conn, serial, uid_hex, station, operator, batch,
                                           hsm_session, now)
+
+        return self._batched(op)
 
     def _allocated_intent(self, conn, serial, uid_hex, station, operator, batch, hsm_session,
                           now):
@@ -265,7 +294,8 @@ class SqlRegistry(Registry):
         check_serial(record.serial)
         now = self._now()
         cert = certificate_row(record.serial, record.identity_cert_der, IDENTITY, now)
-        with self._write() as conn:
+
+        def op(conn):
             device = self._device(conn, record.serial, lock=True)
             check_commit(device, record, audit_entry, cert)
             with self._unique(conn, DuplicateSeUid(device.se_uid.hex())):
@@ -283,6 +313,8 @@ class SqlRegistry(Registry):
             if not identity_cert_present(existing, record, cert):
                 self._insert_cert(conn, cert)
             return self._append(conn, audit_entry)
+
+        return self._batched(op)
 
     @wrap_audit_error
     def hold(self, serial, reason, station="", operator=""):
@@ -363,13 +395,16 @@ class SqlRegistry(Registry):
         cert = certificate_row(serial, cert_der, kind, now)
         fields = audit.issuance_entry(serial=serial, kind=kind, operation=operation,
                                       cert_der=cert_der, operator=operator, when=now)
-        with self._write() as conn:
+
+        def op(conn):
             self._device(conn, serial, lock=rotation_state is not None)
             self._insert_cert(conn, cert)
             if rotation_state is not None:
                 conn.execute(self._q("UPDATE devices SET rotation_state = ?, updated_at = ? "
                                      "WHERE serial = ?"), (rotation_state, now, serial))
             self._append(conn, fields)
+
+        self._batched(op)
         return certificate_from_row(cert)
 
     def certificates(self, serial):

@@ -21,6 +21,7 @@ import pytest
 
 from fleetid.cloud.registry import RegistryError
 from tests.cloud import test_registry as contract
+from tests.cloud import test_registry_group_commit as group_commit_tests
 from tests.conftest import require
 
 try:
@@ -53,6 +54,14 @@ CONTRACT_TESTS = [
 for _name in CONTRACT_TESTS:
     if hasattr(contract, _name):
         globals()[_name] = getattr(contract, _name)
+# Group commit on PostgreSQL: one transaction per batch, each op in a savepoint.
+GROUP_COMMIT_TESTS = [
+    "test_concurrent_commits_share_one_durable_transaction",
+    "test_an_op_refused_inside_a_batch_leaves_the_others_committed",
+    "test_a_caller_whose_op_never_starts_withdraws_it_and_nothing_is_written",
+]
+for _name in GROUP_COMMIT_TESTS:
+    globals()[_name] = getattr(group_commit_tests, _name)
 
 
 def _tool(name):
