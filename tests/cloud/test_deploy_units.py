@@ -17,65 +17,22 @@ import os
 import shlex
 import shutil
 import subprocess
-import sys
 
 import pytest
 
-from ..conftest import require
+from tests.systemd_support import env_file, install_root, unit_entries
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DEPLOY = os.path.join(ROOT, "deploy")
 SERVICES = ("fleetid-cloud.service", "fleetid-mqtt-broker.service",
             "fleetid-mqtt-cloud.service", "fleetid-backup.service")
 UNITS = SERVICES + ("fleetid-backup.timer",)
-SYSTEM_UNITS = ("/usr/lib/systemd/system", "/lib/systemd/system")
-
-
-def _unit_entries(path):
-    """{key: [values]} of a unit file (systemd allows a key more than once)."""
-    entries = {}
-    with open(path) as f:
-        for line in f:
-            line = line.strip()
-            if not line or line.startswith(("#", ";", "[")):
-                continue
-            key, _, value = line.partition("=")
-            entries.setdefault(key, []).append(value)
-    return entries
-
-
-def _env_file(path):
-    env = {}
-    with open(path) as f:
-        for line in f:
-            line = line.strip()
-            if line and not line.startswith("#"):
-                key, _, value = line.partition("=")
-                env[key] = value
-    return env
 
 
 @pytest.fixture(scope="module")
 def installed(tmp_path_factory):
     """A root that deploy/install.sh filled (DESTDIR), with the host's units beside it."""
-    require(shutil.which("systemd-analyze"), "systemd-analyze (Debian package systemd)")
-    require(shutil.which("systemd-sysusers"), "systemd-sysusers (Debian package systemd)")
-    units = next((d for d in SYSTEM_UNITS if os.path.isdir(d)), None)
-    require(units, "the host's systemd unit files (/usr/lib/systemd/system)")
-    base = tmp_path_factory.mktemp("cloud-units")
-    wheels = base / "wheels"
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps",
-                    "--no-build-isolation", "-w", str(wheels), ROOT],
-                   check=True, timeout=300, capture_output=True)
-    wheel = next(wheels.glob("fleetid-*.whl"))
-    root = base / "root"
-    env = dict(os.environ, DESTDIR=str(root), FLEETID_PIP_OPTS="--no-deps --no-index",
-               PYTHON=sys.executable)
-    run = subprocess.run(["sh", os.path.join(DEPLOY, "install.sh"), str(wheel)], env=env,
-                         capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stderr
-    shutil.copytree(units, root / "usr" / "lib" / "systemd" / "system", symlinks=True)
-    return root, wheel, env
+    return install_root(tmp_path_factory.mktemp("cloud-units"), os.path.join(DEPLOY, "install.sh"))
 
 
 def _verify(root, *units):
@@ -121,7 +78,7 @@ def test_install_creates_the_service_user_and_keeps_site_settings(installed):
 
 @pytest.mark.parametrize("unit", SERVICES)
 def test_every_service_runs_as_the_service_user_in_its_state_directory_hardened(unit):
-    entries = _unit_entries(os.path.join(DEPLOY, unit))
+    entries = unit_entries(os.path.join(DEPLOY, unit))
     for key, value in [("User", "fleetid"), ("StateDirectory", "fleetid"),
                        ("NoNewPrivileges", "yes"), ("ProtectSystem", "strict"),
                        ("ProtectHome", "yes"), ("PrivateTmp", "yes"),
@@ -132,7 +89,7 @@ def test_every_service_runs_as_the_service_user_in_its_state_directory_hardened(
 
 def _argv(unit, env):
     """The ExecStart argv as systemd runs it: %S -> /var/lib, ${VAR} one word, $VAR split."""
-    entries = _unit_entries(os.path.join(DEPLOY, unit))
+    entries = unit_entries(os.path.join(DEPLOY, unit))
     args = []
     for word in shlex.split(entries["ExecStart"][0]):
         if word.startswith("${") and word.endswith("}"):
@@ -153,7 +110,7 @@ def test_execstart_with_the_example_settings_parses_with_the_real_command(unit, 
     from fleetid.cli.main import cli
     from tests.cli import examples
 
-    env = _env_file(os.path.join(DEPLOY, "cloud.env.example"))
+    env = env_file(os.path.join(DEPLOY, "cloud.env.example"))
     argv = _argv(unit, env)
     assert argv[0] == "/opt/fleetid/bin/fleetid" and tuple(argv[1:3]) == path
     assert examples.parse(cli, argv[1:]) is None, argv
@@ -162,7 +119,7 @@ def test_execstart_with_the_example_settings_parses_with_the_real_command(unit, 
 def test_the_example_configuration_loads_with_the_example_environment():
     from fleetid.cloud.config import load_config
 
-    env = _env_file(os.path.join(DEPLOY, "cloud.env.example"))
+    env = env_file(os.path.join(DEPLOY, "cloud.env.example"))
     config = load_config(os.path.join(DEPLOY, "cloud.toml.example"), env)
     assert config.registry.startswith("postgresql://")
     assert config.state_dir == "/var/lib/fleetid/cloud"

@@ -17,63 +17,20 @@ import os
 import shlex
 import shutil
 import subprocess
-import sys
 
 import pytest
 
-from ..conftest import require
+from tests.systemd_support import env_file, install_root, unit_entries
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 BOARD = os.path.join(ROOT, "boards", "linux-i2c")
 UNIT = "fleetid-agent.service"
-SYSTEM_UNITS = ("/usr/lib/systemd/system", "/lib/systemd/system")
-
-
-def _unit_entries(path):
-    """{key: [values]} of a unit file (systemd allows a key more than once)."""
-    entries = {}
-    with open(path) as f:
-        for line in f:
-            line = line.strip()
-            if not line or line.startswith(("#", ";", "[")):
-                continue
-            key, _, value = line.partition("=")
-            entries.setdefault(key, []).append(value)
-    return entries
-
-
-def _env_file(path):
-    env = {}
-    with open(path) as f:
-        for line in f:
-            line = line.strip()
-            if line and not line.startswith("#"):
-                key, _, value = line.partition("=")
-                env[key] = value
-    return env
 
 
 @pytest.fixture(scope="module")
 def installed(tmp_path_factory):
     """A root that install.sh filled (DESTDIR), with the host's units beside it."""
-    require(shutil.which("systemd-analyze"), "systemd-analyze (Debian package systemd)")
-    require(shutil.which("systemd-sysusers"), "systemd-sysusers (Debian package systemd)")
-    units = next((d for d in SYSTEM_UNITS if os.path.isdir(d)), None)
-    require(units, "the host's systemd unit files (/usr/lib/systemd/system)")
-    base = tmp_path_factory.mktemp("agent-unit")
-    wheels = base / "wheels"
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps",
-                    "--no-build-isolation", "-w", str(wheels), ROOT],
-                   check=True, timeout=300, capture_output=True)
-    wheel = next(wheels.glob("fleetid-*.whl"))
-    root = base / "root"
-    env = dict(os.environ, DESTDIR=str(root), FLEETID_PIP_OPTS="--no-deps --no-index",
-               PYTHON=sys.executable)
-    run = subprocess.run(["sh", os.path.join(BOARD, "install.sh"), str(wheel)], env=env,
-                         capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stderr
-    shutil.copytree(units, root / "usr" / "lib" / "systemd" / "system", symlinks=True)
-    return root, wheel, env
+    return install_root(tmp_path_factory.mktemp("agent-unit"), os.path.join(BOARD, "install.sh"))
 
 
 def _verify(root):
@@ -111,7 +68,7 @@ def test_install_creates_the_user_in_the_i2c_group_and_keeps_site_settings(insta
     with open(root / "etc" / "group") as f:
         groups = {line.split(":")[0]: line.strip().split(":")[3].split(",") for line in f}
     assert "fleetid-agent" in groups["i2c"]
-    entries = _unit_entries(root / "etc" / "systemd" / "system" / UNIT)
+    entries = unit_entries(root / "etc" / "systemd" / "system" / UNIT)
     assert entries["User"] == ["fleetid-agent"] and entries["SupplementaryGroups"] == ["i2c"]
     # Re-running (an upgrade) keeps the site's settings.
     site = root / "etc" / "fleetid" / "agent.env"
@@ -123,7 +80,7 @@ def test_install_creates_the_user_in_the_i2c_group_and_keeps_site_settings(insta
 
 
 def test_unit_keeps_the_caches_in_its_state_directory_and_is_hardened():
-    entries = _unit_entries(os.path.join(BOARD, UNIT))
+    entries = unit_entries(os.path.join(BOARD, UNIT))
     state = entries["StateDirectory"][0]
     argv = shlex.split(entries["ExecStart"][0])
     assert argv[argv.index("--crl-cache") + 1].startswith("%S/" + state + "/")
@@ -141,8 +98,8 @@ def test_execstart_with_the_example_site_settings_is_a_valid_agent_command_line(
     # spaces, the env file's variables set) parses with the real `fleetid agent run`.
     from fleetid.cli.agent import run_cmd
 
-    entries = _unit_entries(os.path.join(BOARD, UNIT))
-    env = _env_file(os.path.join(BOARD, "agent.env.example"))
+    entries = unit_entries(os.path.join(BOARD, UNIT))
+    env = env_file(os.path.join(BOARD, "agent.env.example"))
     argv = shlex.split(entries["ExecStart"][0])
     assert argv[:3] == ["/opt/fleetid/bin/fleetid", "agent", "run"]
     args = []
