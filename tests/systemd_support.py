@@ -3,10 +3,13 @@ board's agent, tests/cloud/test_deploy_units.py for the cloud): reading unit and
 environment files, and an install.sh run for real into a temporary root (DESTDIR) from
 a wheel of this checkout, with the host's unit files beside it so targets resolve."""
 
+import functools
 import os
+import pathlib
 import shutil
 import subprocess
 import sys
+import tempfile
 
 from tests.conftest import require
 
@@ -39,6 +42,16 @@ def env_file(path):
     return env
 
 
+@functools.lru_cache(maxsize=None)
+def _wheel():
+    # One wheel of this checkout per test session (building it takes a while).
+    wheels = pathlib.Path(tempfile.mkdtemp(prefix="fleetid-wheel-"))
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps",
+                    "--no-build-isolation", "-w", str(wheels), ROOT],
+                   check=True, timeout=300, capture_output=True)
+    return next(wheels.glob("fleetid-*.whl"))
+
+
 def install_root(base, install_sh):
     """Run `install_sh WHEEL` with DESTDIR=<base>/root (the venv installed with --no-deps
     --no-index from a wheel of this checkout), copy the host's unit files into the root.
@@ -47,11 +60,7 @@ def install_root(base, install_sh):
     require(shutil.which("systemd-sysusers"), "systemd-sysusers (Debian package systemd)")
     units = next((d for d in SYSTEM_UNITS if os.path.isdir(d)), None)
     require(units, "the host's systemd unit files (/usr/lib/systemd/system)")
-    wheels = base / "wheels"
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps",
-                    "--no-build-isolation", "-w", str(wheels), ROOT],
-                   check=True, timeout=300, capture_output=True)
-    wheel = next(wheels.glob("fleetid-*.whl"))
+    wheel = _wheel()
     root = base / "root"
     env = dict(os.environ, DESTDIR=str(root), FLEETID_PIP_OPTS="--no-deps --no-index",
                PYTHON=sys.executable)
