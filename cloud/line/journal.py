@@ -27,8 +27,8 @@ class IssuanceJournal:
     the certificate goes to the SE.  JSON lines, thread-safe;
     certificates are public, nothing secret is written.
 
-    Durability with group commit: `record` returns only once an fsync (fdatasync) that started after
-    its line was written has completed.  Stations appending at the same moment share one
+    Durability with group commit: `record` returns only once an fsync (fdatasync, _sync)
+    that started after its line was written has completed.  Stations appending at the same moment share one
     fsync (the first becomes the syncer, the others wait for it), so K stations do not
     queue K fsyncs one behind the other.
 
