@@ -39,7 +39,9 @@ class SystemClock:
 
     def now_ms(self):
         """Return monotonic milliseconds since an arbitrary origin (never wraps)."""
-        return self.now_us() // 1000
+        if _MICROPYTHON:
+            return self.now_us() // 1000
+        return int(time.monotonic() * 1000000) // 1000  # now_us() // 1000, one call less
 
     def sleep_us(self, us):
         """Block for `us` microseconds (no-op when us <= 0)."""

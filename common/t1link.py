@@ -196,7 +196,9 @@ class T1Link:
     # ---- bus transactions ---------------------------------------------------------
 
     def _write(self, buf, n):
-        deadline = self.clock.now_ms() + self.bwt_ms
+        # The BWT deadline is read from the clock at the first NACK only: an SE that takes
+        # the frame at once (the usual case) costs no clock read.
+        deadline = None
         # A view of the frame buffer, not a copy (see the class docstring).
         frame = memoryview(buf)[:n]
         wait = self.poll_ms
@@ -206,6 +208,8 @@ class T1Link:
                 self.blocks_sent += 1
                 return
             except BusNack:
+                if deadline is None:
+                    deadline = self.clock.now_ms() + self.bwt_ms
                 wait = self._poll_wait(deadline, wait)
             except BusError as e:
                 raise _LinkFail(LinkError.BUS, str(e))
@@ -222,11 +226,14 @@ class T1Link:
         return min(cap, wait)
 
     def _read_polled(self, n, deadline):
+        # deadline None: one BWT from the first NACK (read from the clock only then).
         wait = self.poll_ms
         while True:
             try:
                 data = self.bus.read(n)
             except BusNack:
+                if deadline is None:
+                    deadline = self.clock.now_ms() + self.bwt_ms
                 wait = self._poll_wait(deadline, wait)
                 continue
             except BusError as e:
@@ -243,8 +250,9 @@ class T1Link:
             raise FrameError(t1.ERR_NAD, "%02X" % hdr[0])
         if p + n + 2 > len(self._rx):
             raise FrameError(t1.ERR_LENGTH, "LEN %d above IFSD" % n)
-        # The body follows the prologue at once on a sane bus; allow one more BWT.
-        body = self._read_polled(n + 2, self.clock.now_ms() + self.bwt_ms)
+        # The body follows the prologue at once on a sane bus; allow one more BWT (from
+        # the body's first NACK, if any).
+        body = self._read_polled(n + 2, None)
         rx = self._rx
         rx[0:p] = hdr
         rx[p : p + n + 2] = body

@@ -49,13 +49,15 @@ def check_vendor_chain(resources, chain_der, se_uid):
     return mak
 
 
-def confirm_device(resources, link, se_uid, device_keys, cert, device_serial, slot):
+def confirm_device(resources, link, se_uid, device_keys, cert, device_serial, slot,
+                   cert_der=None):
     """The confirmation gate (step 7), also used by reconcile to resume a device.
 
     Opens a fresh SCP03 session with the per-device keys (the card cryptogram, checked in
     constant time by Scp03Host.open, proves the card holds them), reads back the life cycle
     (must be SECURED) and the certificate (must be `cert`), and has the SE sign a fresh
-    challenge that must verify under the certificate's key.
+    challenge that must verify under the certificate's key.  cert_der: `cert`'s DER when
+    the caller has it already (the station: not encoded again).
     Returns: None.  Raises LineFailure("confirmation:<what>") or link / SE errors.
     """
     hsm = resources.hsm
@@ -65,18 +67,19 @@ def confirm_device(resources, link, se_uid, device_keys, cert, device_serial, sl
         level=resources.config.scp_level, kvn=device_keys.kvn)
     host.open()
     try:  # the session (its prepared session keys) is dropped whatever the outcome
-        _confirm_checks(host, device_keys, cert, device_serial, slot)
+        _confirm_checks(host, device_keys, cert, device_serial, slot, cert_der)
     finally:
         host.close()
 
 
-def _confirm_checks(host, device_keys, cert, device_serial, slot):
+def _confirm_checks(host, device_keys, cert, device_serial, slot, cert_der):
     if host.key_info is None or host.key_info[0] != device_keys.kvn:
         raise LineFailure("confirmation:kvn", CONFIRM, "the card used another key set")
     se = SeSession(ApduProtocol(host.transceive))
     if se.life_cycle() != C.LC_SECURED:
         raise LineFailure("confirmation:life_cycle", CONFIRM)
-    cert_der = cert.public_bytes(serialization.Encoding.DER)
+    if cert_der is None:
+        cert_der = cert.public_bytes(serialization.Encoding.DER)
     if se.get_cert(slot) != cert_der:
         raise LineFailure("confirmation:certificate", CONFIRM, "SE holds another certificate")
     challenge = os.urandom(CHALLENGE_BYTES)

@@ -16,13 +16,19 @@ from fleetid.cloud import audit
 from fleetid.cloud.registry.errors import RegistryError
 
 
+# fdatasync where the OS has it: an O_APPEND write's data and the file size (what reading
+# the line back needs) are flushed, the modification time is not (one metadata write less
+# per record).  fsync elsewhere.
+_sync = getattr(os, "fdatasync", os.fsync)
+
+
 class IssuanceJournal:
     """Durable record of every certificate the line received from the CA, written before
     the certificate goes to the SE.  JSON lines, thread-safe;
     certificates are public, nothing secret is written.
 
-    Durability with group commit: `record` returns only once an fsync that started after
-    its line was written has completed.  Stations appending at the same moment share one
+    Durability with group commit: `record` returns only once an fsync (fdatasync, _sync)
+    that started after its line was written has completed.  Stations appending at the same moment share one
     fsync (the first becomes the syncer, the others wait for it), so K stations do not
     queue K fsyncs one behind the other.
 
@@ -61,7 +67,7 @@ class IssuanceJournal:
                 fd = self._fd
                 self._cond.release()
                 try:
-                    os.fsync(fd)
+                    _sync(fd)
                     ok = True
                 finally:
                     self._cond.acquire()

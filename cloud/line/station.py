@@ -281,7 +281,7 @@ class Station:
 
             # 7. confirmation gate: new keys, read-back, proof of possession.
             self._enter(state, result, CONFIRM, clock())
-            self._confirm(opened, se_uid, device_keys, cert, device_serial)
+            self._confirm(opened, se_uid, device_keys, cert, cert_der, device_serial)
 
         # 8. one transaction: identity record + audit entry.
         self._enter(state, result, COMMIT, clock())
@@ -335,7 +335,7 @@ class Station:
         se.set_status(C.LC_SECURED)
         opened.close_secure()
 
-    def _confirm(self, opened, se_uid, device_keys, cert, device_serial):
+    def _confirm(self, opened, se_uid, device_keys, cert, cert_der, device_serial):
         """The gate, with one retry from scratch after a transient failure: the device is
         SECURED with its certificate by now, and a power glitch or a lost HSM session (the
         per-device key objects die with it: diversify again, the result is the same keys)
@@ -344,7 +344,7 @@ class Station:
         res = self.resources
         try:
             confirm_device(res, opened.link, se_uid, device_keys, cert, device_serial,
-                           res.config.slot)
+                           res.config.slot, cert_der)
             return
         except LineFailure:
             raise
@@ -353,7 +353,7 @@ class Station:
         opened.se.select()
         with res.hsm.diversify(res.config.master_label, se_uid) as fresh_keys:
             confirm_device(res, opened.link, se_uid, fresh_keys, cert, device_serial,
-                           res.config.slot)
+                           res.config.slot, cert_der)
 
     # -- failure containment ---------------------------------------------------------------
 

@@ -211,15 +211,16 @@ def test_issuance_journal_shares_fsyncs_between_concurrent_stations(tmp_path, mo
     import threading
     import time as time_mod
 
+    from fleetid.cloud.line import journal as journal_mod
     from fleetid.cloud.line.journal import IssuanceJournal
 
-    real_fsync = os.fsync
+    real_sync = journal_mod._sync  # os.fdatasync (os.fsync where the OS lacks it)
 
-    def slow_fsync(fd):  # a disk with 5 ms of commit latency
+    def slow_sync(fd):  # a disk with 5 ms of commit latency
         time_mod.sleep(0.005)
-        real_fsync(fd)
+        real_sync(fd)
 
-    monkeypatch.setattr(os, "fsync", slow_fsync)
+    monkeypatch.setattr(journal_mod, "_sync", slow_sync)
     journal = IssuanceJournal(tmp_path / "journal.jsonl")
     cert = bytes.fromhex("3003020101")
 
