@@ -67,9 +67,12 @@ class FaultRow:
         self.lost_or_forked = lost_or_forked
         self.recover_s = recover_s
         self.note = note
+        self.baseline = (None, None)  # (name, seconds) measured in the same run
 
     def as_dict(self):
-        return {name: getattr(self, name) for name in self.FIELDS}
+        row = {name: getattr(self, name) for name in self.FIELDS}
+        row["baseline"], row["baseline_s"] = self.baseline
+        return row
 
     @property
     def passed(self):

@@ -1,0 +1,331 @@
+#!/usr/bin/env python3
+"""The fault table (issue 19 item 6): each fault injected into real parts on this machine
+while requests keep coming, and what the requests made during the fault got.
+
+    .venv/bin/python bench/faults.py [--only broker,hsm] [--json FILE]
+
+broker_restart   mosquitto (the fleet's configuration: mTLS, ACL, CRL file, no
+                 persistence) SIGKILLed and started again on its ports, while a device
+                 publishes QoS 1 telemetry every 50 ms to a running CloudMqtt that holds a
+                 retained CRL.  ok = telemetry PUBACKed; typed = publish refused while the
+                 broker is down (paho: not connected); wrong = a message accepted twice by
+                 the cloud; lost = the retained CRL missing after the restart; recover =
+                 kill -> first telemetry accepted after the restart (the retained CRL found
+                 by a new subscriber, in the note).  Telemetry PUBACKed by mosquitto but
+                 never delivered is counted in the note, not as a lost record: QoS 1 is at
+                 least once only up to the broker, which runs without persistence, so what
+                 it held when killed is gone, and so is what a device published after the
+                 restart before the cloud had subscribed again (no subscriber yet).
+hsm_session_lost SoftHSM2 under a running EST service (in-process CloudServer over a
+                 Pkcs11Backend): C_CloseAllSessions on its token, once with the login
+                 possible again and once with the login refused for 1 s.  ok = 200 with
+                 its certificate recorded; typed = 503 with nothing recorded; wrong = any
+                 other answer, or a 200 whose record is missing; lost/forked = records
+                 that differ from the answers (a certificate without record, or two).
+                 recover = fault -> first 200.
+
+Each row must read wrong 0, lost/forked 0 and a finite recover time; the exit status is
+1 otherwise.  PostgreSQL restart / pause, a killed worker and slow clients are covered by
+tests/cloud/test_workers_postgres.py and tests/cloud/test_slow_clients.py; they have no
+row here yet.
+"""
+
+import argparse
+import base64
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from bench._fault_support import (FaultRow, SOFTHSM_MODULE, close_all_sessions,  # noqa: E402
+                                  format_table, restart_broker)
+
+SCENARIOS = ("broker", "hsm")
+
+
+# -- broker restarted -------------------------------------------------------------------
+
+
+def _broker_parts(folder):
+    from bench.mqtt import BenchPki
+    from fleetid.cloud.mqtt.broker import Broker, BrokerConfig
+    from fleetid.cloud.mqtt.service import CloudMqtt
+
+    os.makedirs(folder, exist_ok=True)
+    pki = BenchPki(folder)
+    server_cert, server_key = pki.issue("broker", server=True)
+    server_keyfile = pki._key_file("broker", server_key)
+    cloud_cert, cloud_key = pki.issue("fleet-cloud")
+    cloud_keyfile = pki._key_file("fleet-cloud", cloud_key)
+    config = BrokerConfig(pki.cafile, server_cert, server_keyfile, pki.crlfile,
+                          pki.cafile, pki.crlfile)
+    broker = Broker(config, os.path.join(folder, "broker")).start()
+    cloud = CloudMqtt(broker.host, broker.service_port, pki.cafile, cloud_cert,
+                      cloud_keyfile)
+    pki.issue("dev-1", key=pki.device_key)
+    pki.issue("dev-2", key=pki.device_key)
+    return pki, broker, cloud
+
+
+class _Telemetry(threading.Thread):
+    """A device publishing QoS 1 telemetry every `period` s (paho reconnects by itself,
+    capped at 4 s as the cloud's)."""
+
+    def __init__(self, pki, broker, name="dev-1", period=0.05):
+        super().__init__(daemon=True)
+        from bench.mqtt import _device_client
+
+        self.client = _device_client(pki, name)
+        self.client.reconnect_delay_set(1, 4)
+        self.name, self.period = name, period
+        self.stop = threading.Event()
+        self.acked, self.refused = [], 0
+        self.client.connect(broker.host, broker.port, keepalive=30)
+        self.client.loop_start()
+
+    def run(self):
+        from fleetid.common import mqttmsg
+
+        seq = int(time.time() * 1000)  # ~ wall-clock ms, as devices start theirs
+        while not self.stop.wait(self.period):
+            seq = max(seq + 1, int(time.time() * 1000))  # seq ~ wall-clock ms
+            info = self.client.publish(mqttmsg.topic(self.name, mqttmsg.TELEMETRY),
+                                       mqttmsg.encode({"seq": seq, "m": {"n": seq}}), qos=1)
+            try:
+                info.wait_for_publish(1.0)
+            except (RuntimeError, ValueError):  # not connected: refused at once
+                self.refused += 1
+                continue
+            if info.is_published():
+                self.acked.append(seq)
+            else:
+                self.refused += 1
+
+    def close(self):
+        self.stop.set()
+        self.join(5)
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+def _retained_crl_found(pki, broker, timeout):
+    """A new subscriber on fleet/crl/ca: True when the retained CRL reaches it."""
+    from bench.mqtt import _device_client
+    from fleetid.common import mqttmsg
+
+    got = threading.Event()
+    client = _device_client(pki, "dev-2", lambda c, u, m: got.set() if m.retain else None)
+    client.on_connect = lambda c, u, f, rc, p: c.subscribe(mqttmsg.crl_topic("ca"), 1)
+    try:
+        client.connect(broker.host, broker.port, keepalive=30)
+    except OSError:
+        return False
+    client.loop_start()
+    try:
+        return got.wait(timeout)
+    finally:
+        client.disconnect()
+        client.loop_stop()
+
+
+def _when(seqs, killed_at_ms):
+    """Where the lost messages were published, relative to the kill (seq ~ wall ms)."""
+    if not seqs:
+        return "-"
+    return "published %+d .. %+d ms from the kill" % (seqs[0] - killed_at_ms,
+                                                     seqs[-1] - killed_at_ms)
+
+
+def broker_restart(folder, down_s=1.0, bound_s=30.0):
+    pki, broker, cloud = _broker_parts(folder)
+    accepted = []
+    cloud.sink.on_telemetry = lambda device, fields: accepted.append(fields["seq"])
+    device = None
+    try:
+        cloud.connect()
+        cloud.publish_crl("ca", pki.crl_der)
+        device = _Telemetry(pki, broker)
+        device.start()
+        deadline = time.monotonic() + 10
+        while not accepted and time.monotonic() < deadline:
+            time.sleep(0.05)
+        killed_at, killed_at_ms = time.monotonic(), int(time.time() * 1000)
+        restart_broker(broker, down_s)
+        listening_s = time.monotonic() - killed_at
+        before = len(accepted)
+        recover = None
+        while time.monotonic() - killed_at < bound_s:
+            if len(accepted) > before:
+                recover = time.monotonic() - killed_at
+                break
+            time.sleep(0.02)
+        crl_ok = recover is not None and _retained_crl_found(pki, broker, 10)
+        crl_s = time.monotonic() - killed_at if crl_ok else None
+        time.sleep(1.0)  # the last PUBACKed messages reach the cloud
+        device.close()
+        time.sleep(0.5)
+        acked, seen = set(device.acked), set(accepted)
+        in_crash = sorted(acked - seen)
+        row = FaultRow("broker_restart", ok=len(device.acked), typed_error=device.refused,
+                       wrong_accept=len(accepted) - len(seen),
+                       lost_or_forked=0 if crl_ok else 1, recover_s=recover if crl_ok else None,
+                       note="down %.1f s; retained CRL to a new subscriber %s; cloud "
+                            "reconnections %d; replays refused %d; telemetry PUBACKed, never "
+                            "delivered %d (%s)" % (
+                                down_s, "after %.2f s" % crl_s if crl_ok else "NEVER",
+                                cloud.connections - 1, cloud.sink.metrics()["replay"],
+                                len(in_crash), _when(in_crash, killed_at_ms)))
+        row.baseline = ("the broker listening again", listening_s)
+    finally:
+        if device is not None and device.is_alive():
+            device.close()
+        cloud.close()
+        broker.stop()
+    return row
+
+
+# -- HSM session lost -------------------------------------------------------------------
+
+
+def _softhsm_token(folder, pin):
+    tokendir = os.path.join(folder, "tokens")
+    os.makedirs(tokendir)
+    conf = os.path.join(folder, "softhsm2.conf")
+    with open(conf, "w") as f:
+        f.write("directories.tokendir = %s\nobjectstore.backend = file\nlog.level = ERROR\n"
+                % tokendir)
+    os.environ["SOFTHSM2_CONF"] = conf  # read when this process loads the module
+    subprocess.run(["softhsm2-util", "--init-token", "--free", "--label", "faults",
+                    "--so-pin", "so-pin-faults", "--pin", pin], check=True,
+                   capture_output=True)
+
+
+def _enrol(cloud, device):
+    from bench._attestation_support import enrolment
+
+    status, _, nonce_b64 = cloud.request("est", "GET", "/.well-known/est/nonce",
+                                         files=device.files())
+    if status != 200:
+        return status
+    _key, csr = enrolment(device.chip, base64.b64decode(nonce_b64), device.name)
+    return cloud.request("est", "POST", "/.well-known/est/simpleenroll",
+                         files=device.files(), body=base64.b64encode(csr),
+                         headers={"Content-Type": "application/pkcs10"})[0]
+
+
+def _requests_until_served(cloud, fleet, devices, row, started, bound_s,
+                           refused_until=None):
+    """Enrol `devices` (provisioned before the fault) until one is served (200) or
+    `bound_s` passes; tally the row."""
+    backend = fleet.hsm._hsm
+    for device in devices:
+        if time.monotonic() - started > bound_s:
+            return
+        if refused_until is not None and time.monotonic() >= refused_until:
+            backend._pin, refused_until = row.pin, None  # the login works again
+        status = _enrol(cloud, device)
+        kinds = [c.kind for c in fleet.registry.certificates(device.serial)]
+        operational = kinds.count("operational")
+        if status == 200 and operational == 1:
+            row.ok += 1
+            row.recover_s = time.monotonic() - started
+            return
+        if status == 503 and operational == 0:
+            row.typed_error += 1
+        else:
+            row.wrong_accept += 1
+        row.lost_or_forked += operational > 1 or (status != 200 and operational)
+
+
+def hsm_session_lost(folder, bound_s=20.0, devices_per_fault=60):
+    from bench._cloud_support import Fleet, RunningCloud
+    from fleetid.cloud.hsm.pkcs11_backend import Pkcs11Backend
+
+    pin = "faults-user-pin"
+    _softhsm_token(folder, pin)
+    backend = Pkcs11Backend(SOFTHSM_MODULE, "faults", pin, max_sessions=4)
+    fleet = Fleet(os.path.join(folder, "fleet"), hsm=backend)
+    rows = []
+    try:
+        with RunningCloud(fleet) as cloud:
+            warm = [fleet.provision() for _ in range(3)]
+            started = time.monotonic()
+            for device in warm:  # warm: sessions in the pool; the baseline latency
+                _enrol(cloud, device)
+            enrol_s = (time.monotonic() - started) / len(warm)
+            for name, refused_s in (("hsm_session_lost", None),
+                                    ("hsm_lost_login_refused", 1.0)):
+                row = FaultRow(name)
+                row.pin = pin
+                devices = [fleet.provision() for _ in range(devices_per_fault)]
+                if refused_s is not None:
+                    backend._pin = "refused-while-the-fault-lasts"
+                started = time.monotonic()
+                close_all_sessions(backend)
+                _requests_until_served(cloud, fleet, devices, row, started, bound_s,
+                                       started + refused_s if refused_s else None)
+                row.note = "C_CloseAllSessions%s; re-logins so far %d" % (
+                    ", login refused %.0f s" % refused_s if refused_s else "",
+                    backend.relogins)
+                row.baseline = ("one enrolment, no fault", enrol_s)
+                rows.append(row)
+    finally:
+        fleet.close()
+        backend.close()
+    return rows
+
+
+# -- the table --------------------------------------------------------------------------
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--only", default=",".join(SCENARIOS),
+                        help="comma-separated scenarios: %s" % ", ".join(SCENARIOS))
+    parser.add_argument("--quick", action="store_true", help="the default (kept for report.py)")
+    parser.add_argument("--json", dest="json_path", help="also write the table as JSON")
+    args = parser.parse_args(argv)
+    chosen = [name.strip() for name in args.only.split(",") if name.strip()]
+    unknown = sorted(set(chosen) - set(SCENARIOS))
+    if unknown:
+        parser.error("unknown scenario(s): %s" % ", ".join(unknown))
+    print("machine: %s, %d cores, Python %s" % (platform.machine(), os.cpu_count(),
+                                                platform.python_version()))
+    rows = []
+    with tempfile.TemporaryDirectory() as folder:
+        if "broker" in chosen:
+            from fleetid.cloud.mqtt.broker import find_mosquitto
+
+            if find_mosquitto() is None:
+                sys.exit("mosquitto is not installed (apt-get install mosquitto)")
+            rows.append(broker_restart(os.path.join(folder, "broker")))
+        if "hsm" in chosen:
+            if not os.path.exists(SOFTHSM_MODULE):
+                sys.exit("SoftHSM2 is not installed (apt-get install softhsm2)")
+            os.makedirs(os.path.join(folder, "hsm"))
+            rows += hsm_session_lost(os.path.join(folder, "hsm"))
+    for line in format_table(rows):
+        print(line)
+    if args.json_path:  # bench/report.py
+        from bench._report_support import figure, write_json
+
+        write_json(args.json_path, "faults", {"rows": [row.as_dict() for row in rows]}, [
+            figure("%s: time to recover" % row.fault, row.recover_s, "s",
+                   row.baseline[0], row.baseline[1], higher_is_better=False)
+            for row in rows])
+    failed = [row.fault for row in rows if not row.passed]
+    if failed:
+        print("FAILED: %s (wrong accepts, lost or forked records, or no recovery)"
+              % ", ".join(failed))
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
