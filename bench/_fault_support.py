@@ -68,6 +68,7 @@ class FaultRow:
         self.recover_s = recover_s
         self.note = note
         self.baseline = (None, None)  # (name, seconds) measured in the same run
+        self.untyped = 0  # answers that are neither a success nor a typed refusal
 
     def as_dict(self):
         row = {name: getattr(self, name) for name in self.FIELDS}
@@ -76,7 +77,7 @@ class FaultRow:
 
     @property
     def passed(self):
-        return (self.wrong_accept == 0 and self.lost_or_forked == 0
+        return (self.wrong_accept == 0 and self.lost_or_forked == 0 and self.untyped == 0
                 and self.recover_s is not None)
 
 
@@ -91,3 +92,63 @@ def format_table(rows):
             row.fault, row.ok, row.typed_error, row.wrong_accept, row.lost_or_forked,
             recover, row.note))
     return lines
+
+
+# -- PostgreSQL (a bench/_pg_support.ThrowawayPostgres) ---------------------------------
+
+
+def _children(pid):
+    """Every process whose parent is `pid` (from /proc)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open("/proc/%s/stat" % entry) as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(entry))
+    return found
+
+
+def pg_processes(pg):
+    """The postmaster and every process it started."""
+    postmaster = pg.postmaster_pid()
+    return [postmaster] + _children(postmaster)
+
+
+def pg_signal_all(pg, sig):
+    """Send `sig` to every PostgreSQL process (SIGSTOP: the whole server paused)."""
+    for pid in pg_processes(pg):
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
+
+
+def pg_stop(pg):
+    """pg_ctl stop -m fast (clients disconnected, a clean shutdown)."""
+    import subprocess
+
+    subprocess.run(pg.as_user + [pg.pg_ctl, "-D", pg.data, "-w", "-m", "fast", "stop"],
+                   check=True, capture_output=True, timeout=60)
+
+
+def pg_start(pg):
+    """pg_ctl start with the options ThrowawayPostgres started it with."""
+    import subprocess
+
+    options = "-k %s -c listen_addresses='' -c max_connections=%d" % (
+        pg.base, pg.max_connections)
+    if not pg.durable:
+        options += " -c fsync=off -c synchronous_commit=off"
+    subprocess.run(pg.as_user + [pg.pg_ctl, "-D", pg.data, "-w", "-l",
+                                 os.path.join(pg.base, "log"), "-o", options, "start"],
+                   check=True, capture_output=True, timeout=60)
+
+
+def worker_pids(serve_pid):
+    """The worker processes of a `fleetid cloud serve --workers N` parent."""
+    return _children(serve_pid)

@@ -2,7 +2,7 @@
 """The fault table (issue 19 item 6): each fault injected into real parts on this machine
 while requests keep coming, and what the requests made during the fault got.
 
-    .venv/bin/python bench/faults.py [--only broker,hsm] [--json FILE]
+    .venv/bin/python bench/faults.py [--only broker,hsm,postgres] [--json FILE]
 
 broker_restart   mosquitto (the fleet's configuration: mTLS, ACL, CRL file, no
                  persistence) SIGKILLed and started again on its ports, while a device
@@ -24,10 +24,21 @@ hsm_session_lost SoftHSM2 under a running EST service (in-process CloudServer ov
                  that differ from the answers (a certificate without record, or two).
                  recover = fault -> first 200.
 
-Each row must read wrong 0, lost/forked 0 and a finite recover time; the exit status is
-1 otherwise.  PostgreSQL restart / pause, a killed worker and slow clients are covered by
-tests/cloud/test_workers_postgres.py and tests/cloud/test_slow_clients.py; they have no
-row here yet.
+postgres_restart `fleetid cloud serve --workers 2` on a throwaway PostgreSQL cluster
+postgres_pause   (bench/_pg_support.py, registry_timeout 3 s), enrolments of fresh devices
+worker_killed    one after another (nonce, attested CSR, simpleenroll) while PostgreSQL is
+                 stopped and started again, while every PostgreSQL process is SIGSTOPped,
+                 and while one worker is SIGKILLed.  ok = 200 with exactly one certificate
+                 recorded; typed = 503, or the connection dropped by the killed worker;
+                 wrong = a 200 whose record is missing or doubled; lost/forked = a device
+                 with two operational certificates; answers that are neither are counted
+                 as "untyped" in the note (and fail the row).  recover = fault -> first 200
+                 after the fault ended (for the worker: once the parent has restarted it).
+                 Each figure stands beside one enrolment's time without a fault, same run.
+
+Each row must read wrong 0, lost/forked 0, no untyped answer and a finite recover time;
+the exit status is 1 otherwise.  Slow and abruptly closing clients are covered by
+tests/cloud/test_slow_clients.py; they have no row here yet.  Runs in under a minute.
 """
 
 import argparse
@@ -46,7 +57,7 @@ sys.path.insert(0, ROOT)
 from bench._fault_support import (FaultRow, SOFTHSM_MODULE, close_all_sessions,  # noqa: E402
                                   format_table, restart_broker)
 
-SCENARIOS = ("broker", "hsm")
+SCENARIOS = ("broker", "hsm", "postgres")
 
 
 # -- broker restarted -------------------------------------------------------------------
@@ -281,6 +292,155 @@ def hsm_session_lost(folder, bound_s=20.0, devices_per_fault=60):
     return rows
 
 
+# -- PostgreSQL restarted / paused, a worker killed ---------------------------------------
+
+
+def _attempt(fleet, port, device):
+    """One enrolment of a fresh device (nonce, attested CSR, simpleenroll) against
+    `fleetid cloud serve`.  Returns: the HTTP status, or "reset" (connection dropped)."""
+    import http.client
+
+    from bench._attestation_support import enrolment
+    from bench.workers import request
+
+    try:
+        status, body = request(fleet, port, device, "GET", "nonce")
+        if status != 200:
+            return status
+        _key, csr = enrolment(device.chip, base64.b64decode(body), device.name)
+        return request(fleet, port, device, "POST", "simpleenroll", base64.b64encode(csr))[0]
+    except (OSError, http.client.HTTPException):
+        return "reset"
+
+
+def _certificates(fleet, device, attempts=3):
+    """The device's certificates in the registry; this process's own connection may have
+    been cut by the fault (it reconnects on the next call): bounded retries."""
+    from fleetid.cloud.registry.errors import RegistryError
+
+    for attempt in range(attempts):
+        try:
+            return fleet.registry.certificates(device.serial)
+        except RegistryError:
+            if attempt == attempts - 1:
+                raise
+            time.sleep(0.5)
+
+
+def _score(row, fleet, results):
+    """Tally (device, status) pairs into `row`, reading the registry (after recovery)."""
+    untyped = {}
+    for device, status in results:
+        kinds = [c.kind for c in _certificates(fleet, device)]
+        operational = kinds.count("operational")
+        if status == 200:
+            row.ok += 1
+            row.wrong_accept += operational != 1
+        elif status in (503, "reset"):
+            row.typed_error += 1
+        else:
+            untyped[status] = untyped.get(status, 0) + 1
+        row.lost_or_forked += operational > 1
+    row.untyped = sum(untyped.values())
+    return ", untyped %r" % untyped if untyped else ""
+
+
+def _fault_run(fleet, port, devices, fault_s, on, off, bound_s=30.0, ready=None):
+    """Requests one after another from `on()` until the first 200 after `off()` (called
+    at `fault_s`).  Returns: (results, seconds to recover or None)."""
+    results, started, restored = [], time.monotonic(), False
+    on()
+    try:
+        for device in devices:
+            elapsed = time.monotonic() - started
+            if not restored and elapsed >= fault_s:
+                off()
+                restored = True
+            if elapsed > bound_s:
+                break
+            status = _attempt(fleet, port, device)
+            results.append((device, status))
+            if restored and status == 200 and (ready is None or ready()):
+                return results, time.monotonic() - started
+            time.sleep(0.05)
+    finally:
+        if not restored:
+            off()
+    return results, None
+
+
+def _serve_config(fleet, folder, registry):
+    from bench.workers import write_config
+
+    path = write_config(fleet, folder, registry)
+    with open(path) as f:
+        text = f.read()
+    with open(path, "w") as f:  # a paused registry: 503 after 3 s, not libpq's minutes
+        f.write(text.replace('registry = "%s"\n' % registry,
+                             'registry = "%s"\nregistry_timeout = 3\n' % registry, 1))
+    return path
+
+
+def postgres_and_workers(folder, per_fault=40):
+    import signal
+
+    from bench._cloud_support import Fleet
+    from bench._fault_support import pg_signal_all, pg_start, pg_stop, worker_pids
+    from bench._pg_support import ThrowawayPostgres
+    from bench.workers import start_server, stop_server
+    from fleetid.cloud.registry import open_registry
+
+    rows = []
+    with ThrowawayPostgres() as pg:
+        fleet = Fleet(os.path.join(folder, "fleet"), registry_kind=open_registry(pg.uri),
+                      verify_signatures="first")
+        process, port = start_server(_serve_config(fleet, folder, pg.uri), folder, 2)
+        try:
+            baseline = _baseline(fleet, port)
+            faults = [
+                ("postgres_restart", 1.0, lambda: pg_stop(pg), lambda: pg_start(pg), None),
+                ("postgres_pause", 4.0, lambda: pg_signal_all(pg, signal.SIGSTOP),
+                 lambda: pg_signal_all(pg, signal.SIGCONT), None)]
+            notes = {"postgres_restart": "pg_ctl stop -m fast, started again after 1 s",
+                     "postgres_pause": "every PostgreSQL process SIGSTOPped 4 s "
+                                       "(registry_timeout 3 s)",
+                     "worker_killed": "SIGKILL of 1 of 2 workers 0.15 s into the requests; "
+                                      "recovered = restarted by the parent and a 200"}
+            killed = []
+
+            def kill_worker():  # 0.15 s on: a request is in flight (one takes ~0.1 s)
+                killed.append(worker_pids(process.pid)[0])
+                os.kill(killed[0], signal.SIGKILL)
+
+            def workers_back():
+                pids = worker_pids(process.pid)
+                return bool(killed) and len(pids) == 2 and killed[0] not in pids
+
+            timer = threading.Timer(0.15, kill_worker)
+            faults.append(("worker_killed", 0.0, timer.start, lambda: None, workers_back))
+            pools = [[fleet.provision() for _ in range(per_fault)] for _ in faults]
+            for (name, fault_s, on, off, ready), devices in zip(faults, pools):
+                results, recover = _fault_run(fleet, port, devices, fault_s, on, off,
+                                              ready=ready)
+                row = FaultRow(name, recover_s=recover)
+                row.note = notes[name] + _score(row, fleet, results)
+                row.baseline = ("one enrolment, no fault", baseline)
+                rows.append(row)
+        finally:
+            stop_server(process)
+            fleet.close()
+    return rows
+
+
+def _baseline(fleet, port, count=3):
+    devices = [fleet.provision() for _ in range(count)]
+    started = time.monotonic()
+    for device in devices:
+        if _attempt(fleet, port, device) != 200:
+            raise SystemExit("the server refuses enrolments before any fault")
+    return (time.monotonic() - started) / count
+
+
 # -- the table --------------------------------------------------------------------------
 
 
@@ -310,6 +470,12 @@ def main(argv=None):
                 sys.exit("SoftHSM2 is not installed (apt-get install softhsm2)")
             os.makedirs(os.path.join(folder, "hsm"))
             rows += hsm_session_lost(os.path.join(folder, "hsm"))
+        if "postgres" in chosen:
+            from bench._pg_support import missing
+
+            if missing():
+                sys.exit("PostgreSQL rows need: %s" % "; ".join(missing()))
+            rows += postgres_and_workers(os.path.join(folder, "pg"))
     for line in format_table(rows):
         print(line)
     if args.json_path:  # bench/report.py
