@@ -2,7 +2,7 @@
 """The fault table (issue 19 item 6): each fault injected into real parts on this machine
 while requests keep coming, and what the requests made during the fault got.
 
-    .venv/bin/python bench/faults.py [--only broker,hsm,postgres] [--json FILE]
+    .venv/bin/python bench/faults.py [--only broker,hsm,postgres,slow] [--json FILE]
 
 broker_restart   mosquitto (the fleet's configuration: mTLS, ACL, CRL file, no
                  persistence) SIGKILLed and started again on its ports, while a device
@@ -37,8 +37,17 @@ worker_killed    one after another (nonce, attested CSR, simpleenroll) while Pos
                  Each figure stands beside one enrolment's time without a fault, same run.
 
 Each row must read wrong 0, lost/forked 0, no untyped answer and a finite recover time;
-the exit status is 1 otherwise.  Slow and abruptly closing clients are covered by
-tests/cloud/test_slow_clients.py; they have no row here yet.  Runs in under a minute.
+the exit status is 1 otherwise.
+
+slow_clients     18 hostile TLS clients on the in-process EST listener (ServerTimeouts of
+                 1 s): bodies that stop, request heads dribbled a byte per 0.2 s, bodies
+                 abandoned by a close; good enrolments run meanwhile.  ok = good
+                 enrolments served with one record; typed = hostile connections the server
+                 ended (408 or close); wrong = a hostile one answered 2xx; recover = the
+                 longest a hostile connection held its slot.  The many-case version with
+                 registry / audit / HSM snapshots is tests/cloud/test_slow_clients.py.
+
+Runs in about a minute on 2 shared cores.
 """
 
 import argparse
@@ -57,7 +66,7 @@ sys.path.insert(0, ROOT)
 from bench._fault_support import (FaultRow, SOFTHSM_MODULE, close_all_sessions,  # noqa: E402
                                   format_table, restart_broker)
 
-SCENARIOS = ("broker", "hsm", "postgres")
+SCENARIOS = ("broker", "hsm", "postgres", "slow")
 
 
 # -- broker restarted -------------------------------------------------------------------
@@ -441,6 +450,98 @@ def _baseline(fleet, port, count=3):
     return (time.monotonic() - started) / count
 
 
+# -- slow and abruptly closing clients --------------------------------------------------
+
+
+def _hostile(cloud, files, kind, bound_s, outcome):
+    """One hostile TLS client on the EST listener: "slow_body" (a POST whose body stops
+    after 10 bytes), "slow_head" (a request head dribbled a byte per 0.2 s) or "abrupt"
+    (a body abandoned by a close).  Appends (kind, ended by the server, seconds, first
+    bytes of the answer) to `outcome`."""
+    import socket
+    import ssl
+
+    head = (b"POST /.well-known/est/simpleenroll HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            b"Content-Type: application/pkcs10\r\nContent-Length: 1000\r\n\r\n")
+    started = time.monotonic()
+    raw = socket.create_connection(("127.0.0.1", cloud.ports["est"]), timeout=bound_s)
+    sock = cloud.client_context(files).wrap_socket(raw, server_hostname="127.0.0.1")
+    answer, ended = b"", False
+    with sock:
+        if kind == "abrupt":
+            sock.sendall(head + b"A" * 10)
+            outcome.append((kind, True, time.monotonic() - started, b""))
+            return
+        dribble = b"X-Slow: " + b"a" * 4000 if kind == "slow_head" else None
+        sock.sendall(b"GET /.well-known/est/cacerts HTTP/1.1\r\n" if dribble
+                     else head + b"A" * 10)
+        sock.settimeout(0.2)
+        while time.monotonic() - started < bound_s and not ended:
+            try:
+                data = sock.recv(65536)
+                answer += data
+                ended = not data
+            except (socket.timeout, ssl.SSLWantReadError):
+                if dribble:
+                    try:
+                        sock.sendall(dribble[:1])
+                    except OSError:
+                        ended = True
+                    dribble = dribble[1:] or b"x"
+            except OSError:
+                ended = True
+    outcome.append((kind, ended, time.monotonic() - started, answer[:12]))
+
+
+def slow_clients(folder, hostile_each=6, bound_s=20.0):
+    from bench._cloud_support import Fleet, RunningCloud
+    from fleetid.cloud.http.middleware import ServerTimeouts
+
+    fleet = Fleet(os.path.join(folder, "fleet"))
+    timeouts = ServerTimeouts(handshake=1.0, idle=1.0, body=1.0, linger=0.5)
+    holder = fleet.provision()
+    devices = [fleet.provision() for _ in range(40)]
+    try:
+        with RunningCloud(fleet, timeouts=timeouts) as cloud:
+            started = time.monotonic()
+            for device in devices[:3]:
+                _enrol(cloud, device)
+            baseline = (time.monotonic() - started) / 3
+            outcome, threads, files = [], [], holder.files()
+            for kind in ("slow_body", "slow_head", "abrupt"):
+                for _ in range(hostile_each):
+                    thread = threading.Thread(target=_hostile, args=(
+                        cloud, files, kind, bound_s, outcome), daemon=True)
+                    thread.start()
+                    threads.append(thread)
+            results = []
+            for device in devices[3:]:  # good clients while the hostile ones are held
+                if not any(thread.is_alive() for thread in threads):
+                    break
+                results.append((device, _enrol(cloud, device)))
+            for thread in threads:
+                thread.join(bound_s + 5)
+        row = FaultRow("slow_clients")
+        row.ok = sum(1 for _d, status in results if status == 200)
+        row.typed_error = sum(1 for _k, ended, _s, _a in outcome if ended)
+        row.wrong_accept = sum(1 for _k, _e, _s, answer in outcome
+                               if answer.startswith(b"HTTP/1.1 2"))
+        row.untyped = sum(1 for _d, status in results if status != 200)
+        row.lost_or_forked = sum(
+            1 for device, status in results
+            if [c.kind for c in fleet.registry.certificates(device.serial)].count(
+                "operational") != (1 if status == 200 else 0))
+        held = [seconds for _k, ended, seconds, _a in outcome if ended]
+        row.recover_s = max(held) if len(held) == len(outcome) else None
+        row.note = ("%d hostile EST connections (slow body, slow head, abrupt close), "
+                    "timeouts 1 s; recover = the longest a hostile one was held; good "
+                    "enrolments meanwhile %d" % (len(outcome), len(results)))
+        row.baseline = ("one enrolment, no fault", baseline)
+    finally:
+        fleet.close()
+    return [row]
+
+
 # -- the table --------------------------------------------------------------------------
 
 
@@ -476,6 +577,8 @@ def main(argv=None):
             if missing():
                 sys.exit("PostgreSQL rows need: %s" % "; ".join(missing()))
             rows += postgres_and_workers(os.path.join(folder, "pg"))
+        if "slow" in chosen:
+            rows += slow_clients(os.path.join(folder, "slow"))
     for line in format_table(rows):
         print(line)
     if args.json_path:  # bench/report.py
