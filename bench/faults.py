@@ -240,15 +240,16 @@ def _enrol(cloud, device):
 
 
 def _requests_until_served(cloud, fleet, devices, row, started, bound_s,
-                           refused_until=None):
+                           refused_until=None, pin=None):
     """Enrol `devices` (provisioned before the fault) until one is served (200) or
-    `bound_s` passes; tally the row."""
+    `bound_s` passes; tally the row.  Until `refused_until` the token refuses the login;
+    then the backend has its `pin` again."""
     backend = fleet.hsm._hsm
     for device in devices:
         if time.monotonic() - started > bound_s:
             return
         if refused_until is not None and time.monotonic() >= refused_until:
-            backend._pin, refused_until = row.pin, None  # the login works again
+            backend._pin, refused_until = pin, None  # the login works again
         status = _enrol(cloud, device)
         kinds = [c.kind for c in fleet.registry.certificates(device.serial)]
         operational = kinds.count("operational")
@@ -282,14 +283,13 @@ def hsm_session_lost(folder, bound_s=20.0, devices_per_fault=60):
             for name, refused_s in (("hsm_session_lost", None),
                                     ("hsm_lost_login_refused", 1.0)):
                 row = FaultRow(name)
-                row.pin = pin
                 devices = [fleet.provision() for _ in range(devices_per_fault)]
                 if refused_s is not None:
                     backend._pin = "refused-while-the-fault-lasts"
                 started = time.monotonic()
                 close_all_sessions(backend)
                 _requests_until_served(cloud, fleet, devices, row, started, bound_s,
-                                       started + refused_s if refused_s else None)
+                                       started + refused_s if refused_s else None, pin)
                 row.note = "C_CloseAllSessions%s; re-logins so far %d" % (
                     ", login refused %.0f s" % refused_s if refused_s else "",
                     backend.relogins)
