@@ -140,15 +140,16 @@ class Device:
 class Fleet:
     """Everything of one fleet, in `directory`.  `registry_kind`: "sqlite" / "memory" or
     a Registry instance.  verify_signatures: the issuing CAs' policy ("always" in tests:
-    every HSM signature checked; the benchmarks use the EST server's "first")."""
+    every HSM signature checked; the benchmarks use the EST server's "first").  hsm: an
+    opened HSM backend to hold the fleet's keys (default: a soft keystore in `directory`)."""
 
     def __init__(self, directory, registry_kind="sqlite", overlap=datetime.timedelta(days=7),
-                 verify_signatures="always"):
+                 verify_signatures="always", hsm=None):
         self.dir = str(directory)
         os.makedirs(self.dir, exist_ok=True)
         self.clock = Clock()
-        self.hsm = CountingHsm(SoftBackend(os.path.join(self.dir, "keystore.json"),
-                                           KEYSTORE_PASS, scrypt_n=SCRYPT_N))
+        self.hsm = CountingHsm(hsm or SoftBackend(os.path.join(self.dir, "keystore.json"),
+                                                  KEYSTORE_PASS, scrypt_n=SCRYPT_N))
         self.root, _ = init_root(self.hsm, "fleet-root", "CN=Test Fleet Root,O=Acme", 30,
                                  os.path.join(self.dir, "ceremony"), ["alice", "bob"],
                                  now=NOW - datetime.timedelta(days=400))

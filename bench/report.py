@@ -47,6 +47,9 @@ BENCHES = {
               "revocation propagation"),
     "micropython": (["run_apdu", "--runs", "1"], [], "MicroPython heap per workflow vs the "
                     "test budgets"),
+    "faults": (["--quick"], [], "fault table: broker restarted, HSM session lost, PostgreSQL "
+               "restarted / paused, a worker killed, slow clients (requests ok / typed error "
+               "/ wrong accept, records lost or forked, time to recover)"),
 }
 QUICK_TIMEOUT = 900.0  # s per benchmark
 FULL_TIMEOUT = 5400.0

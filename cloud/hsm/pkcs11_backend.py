@@ -25,7 +25,12 @@ Object attributes (all CKA_PRIVATE, CKA_SENSITIVE):
 
 Login: one dedicated session logs the user in (PKCS#11 login state is per application and
 token, so every pooled session shares it); pooled sessions never log in or out themselves,
-so discarding one cannot log the others out.  The PIN is passed to C_Login and not kept.
+so discarding one cannot log the others out.  The login state ends with the application's
+last session (PKCS#11 v2.40 5.6, C_CloseAllSessions; a token reset or a daemon restart
+does the same): when a lost session turns out to have taken the login session with it,
+the backend logs in again once (`_session_lost`), discards the dead idle sessions, and
+the operation's one retry runs on a fresh session.  So the PIN is kept in this object's
+memory (never logged, never in repr) for that re-login; a failed re-login is HsmError.
 
 Threads: python-pkcs11 always calls C_Initialize(NULL), and with NULL arguments PKCS#11
 (v2.40 section 5.4, C_Initialize) lets the library assume no concurrent calls; SoftHSM2
@@ -105,7 +110,8 @@ class Pkcs11Backend(Pkcs11TransportDelivery, PooledBackend):
     Params:
       module           path of the PKCS#11 library (/usr/lib/softhsm/libsofthsm2.so)
       token_label      CKA token label
-      pin              user PIN (from config / env; used once for C_Login, never logged)
+      pin              user PIN (from config / env; for C_Login, again after a lost login;
+                       never logged)
       max_sessions     pool bound (keep below the HSM's session limit / number of lines)
       acquire_timeout  seconds to wait for a session before HsmBusy
       dangerous_assume_thread_safe_module
@@ -126,6 +132,7 @@ class Pkcs11Backend(Pkcs11TransportDelivery, PooledBackend):
         self.token_label = token_label
         self._closed = False
         self._create_lock = threading.Lock()
+        self._login_lock = threading.Lock()  # one re-login at a time
         self._lib = _acquire_lib(module)
         try:
             try:
@@ -146,6 +153,9 @@ class Pkcs11Backend(Pkcs11TransportDelivery, PooledBackend):
         except BaseException:
             _release_lib(module, self._lib)
             raise
+        self._pin = pin
+        self._login_lost = False
+        self.relogins = 0
         self._init_pool(self._open_session, self._close_session, max_sessions, acquire_timeout)
         log.info("PKCS#11 token %r opened (max %d sessions)", token_label, max_sessions)
 
@@ -155,6 +165,8 @@ class Pkcs11Backend(Pkcs11TransportDelivery, PooledBackend):
     def _open_session(self):
         if self._closed:
             raise HsmError(HsmError.CLOSED, "backend closed")
+        if self._login_lost:  # a re-login failed earlier: try again first
+            self._relogin()
         with _call_lock(self.module), native_errors("open session"):
             return self._token.open(rw=True)  # no PIN: shares the login session's state
 
@@ -165,6 +177,43 @@ class Pkcs11Backend(Pkcs11TransportDelivery, PooledBackend):
     def _invoke(self, operation, raw):
         with self._call_lock:
             return operation(raw)
+
+    def _session_lost(self):
+        """A pooled session was lost: if the login session is gone too, every session of
+        this application is (the login state went with them): discard the idle sessions
+        and log in again.  Raises: HsmError(LOGIN / TOKEN) when the re-login fails (the
+        next session opened tries once more: one login attempt per operation, bounded)."""
+        with self._login_lock, _call_lock(self.module):
+            if not self._login_lost:
+                try:
+                    self._login_session.generate_random(64)  # cheap probe: still open?
+                    return
+                except p11e.PKCS11Error:
+                    self._login_lost = True
+        discarded = self._pool.discard_idle()
+        log.warning("PKCS#11 token %r: the login went with the sessions; %d idle "
+                    "session(s) discarded, logging in again", self.token_label, discarded)
+        self._relogin()
+
+    def _relogin(self):
+        """Log in again on a new login session, once the old one is known lost."""
+        with self._login_lock, _call_lock(self.module):
+            if not self._login_lost:
+                return  # another thread did
+            try:
+                self._login_session.close()
+            except p11e.PKCS11Error:  # already invalid
+                pass
+            try:
+                # python-pkcs11 leaves the session open when C_Login fails: one handle per
+                # refused attempt, at most one attempt per operation.
+                self._login_session = self._token.open(rw=True, user_pin=self._pin)
+            except (p11e.PinIncorrect, p11e.PinLocked, p11e.PinExpired) as exc:
+                raise HsmError(HsmError.LOGIN, "re-login: " + type(exc).__name__) from None
+            except p11e.PKCS11Error as exc:
+                raise HsmError(HsmError.TOKEN, "re-login: %s" % type(exc).__name__) from None
+            self._login_lost = False
+            self.relogins += 1
 
     def close(self):
         if self._closed:

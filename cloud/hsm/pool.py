@@ -11,7 +11,8 @@ station competes for them.  The pool:
 
 `PooledBackend` layers the operation runner on top: an operation takes a session (or the
 one the calling thread pinned with `session()`), and when the session turns out to be lost
-it is discarded and the operation retried once on a fresh session.  Operations are
+it is discarded and the operation retried once on a fresh session (after `_session_lost()`
+has restored what the loss took with it: the PKCS#11 backend's login).  Operations are
 idempotent or create only ephemeral objects, so one retry is safe.
 """
 
@@ -151,6 +152,19 @@ class SessionPool:
                 "busy_timeouts": self._busy_timeouts,
             }
 
+    def discard_idle(self):
+        """Close and discard every idle session (they all died with the login state, e.g.
+        C_CloseAllSessions or a token reset); in-use ones are discarded as their
+        operations report them lost.  Returns: how many were discarded."""
+        with self._cond:
+            idle, self._idle = self._idle, []
+            self._open_count -= len(idle)
+            self._discarded += len(idle)
+            self._cond.notify_all()
+        for pooled in idle:
+            self._close_quietly(pooled)
+        return len(idle)
+
     def close(self):
         """Close idle sessions now and in-use ones as they come back.  Idempotent."""
         with self._cond:
@@ -208,6 +222,7 @@ class PooledBackend(HsmBackend):
                 lost = True
                 if attempt == 2:
                     raise HsmError(HsmError.SESSION_LOST, exc.detail) from None
+                self._session_lost()
             finally:
                 if pinned is None:
                     self._pool.release(pooled, lost)
@@ -223,6 +238,10 @@ class PooledBackend(HsmBackend):
     def _invoke(self, operation, raw):
         """Hook: how one operation runs on a native session (PKCS#11 serialises here)."""
         return operation(raw)
+
+    def _session_lost(self):
+        """Hook: a session was found lost, before the one retry (PKCS#11: restores the
+        login state if it went too).  Raises: HsmError when it cannot be restored."""
 
     def pool_stats(self):
         stats = self._pool.stats()

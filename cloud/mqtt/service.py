@@ -18,6 +18,13 @@ On top, the cloud refuses messages from devices the registry no longer trusts
 and this closes the window of a session opened before the revocation) and replayed or
 reordered messages (SeqWindow per device and topic).
 
+A broker restart: paho reconnects (bounded backoff, RECONNECT_MAX_DELAY), the
+subscriptions are renewed on every CONNACK, and the retained CRLs this client published
+are published again (the fleet's mosquitto runs without persistence, so a restarted
+broker holds no retained message; a device subscribing after the restart must still get
+the current CRL).  QoS 1 messages in flight are resent by paho; their duplicates are
+refused by the sequence windows.
+
 Commands carry this client's own strictly increasing sequence numbers (start: the
 wall-clock milliseconds, so a restarted cloud keeps increasing them); devices refuse any
 number not above the last they took.
@@ -34,6 +41,11 @@ from fleetid.common import mqttmsg
 from fleetid.common.errors import FleetidError
 
 DEFAULT_TIMEOUT = 10.0
+# paho reconnects by itself after a lost connection (a broker restart), waiting 1, 2, 4 ...
+# seconds between attempts, capped here: a restarted broker is found again within this
+# bound after it listens (paho's default cap, 120 s, would leave the fleet unserved).
+RECONNECT_MIN_DELAY = 1
+RECONNECT_MAX_DELAY = 4
 QOS = 1  # at least once: duplicates are caught by the sequence numbers
 _log = logging.getLogger("fleetid.cloud.mqtt")
 
@@ -174,10 +186,13 @@ class CloudMqtt:
         self._reply_cond = threading.Condition(self._lock)
         self._windows = mqttmsg.SeqWindow()
         self._connected = threading.Event()
+        self._retained = {}  # topic -> payload: published again after each reconnection
+        self.connections = 0  # CONNACKs accepted (1 + reconnections)
         self.refused_replies = 0
         client = paho_client.Client(CallbackAPIVersion.VERSION2, client_id=client_id,
                                     protocol=paho_client.MQTTv311, clean_session=True)
         client.tls_set(ca_certs=cafile, certfile=certfile, keyfile=keyfile)
+        client.reconnect_delay_set(RECONNECT_MIN_DELAY, RECONNECT_MAX_DELAY)
         self.guard = CallbackGuard(self.sink)
         client.on_connect = self.guard.wrap(self._on_connect)
         client.on_message = self.guard.wrap(self._on_message)
@@ -203,6 +218,16 @@ class CloudMqtt:
             return
         client.subscribe([(mqttmsg.topic("+", mqttmsg.TELEMETRY), QOS),
                           (mqttmsg.topic("+", mqttmsg.REPLY), QOS)])
+        with self._lock:
+            retained = list(self._retained.items())
+            self.connections += 1
+            again = self.connections > 1
+        if again:
+            _log.warning("MQTT reconnected to %s:%d (connection %d); %d retained "
+                         "message(s) published again", self.host, self.port,
+                         self.connections, len(retained))
+        for topic, payload in retained:  # queued; paho sends them on this connection
+            client.publish(topic, payload, qos=QOS, retain=True)
         self._connected.set()
 
     def close(self):
@@ -249,8 +274,10 @@ class CloudMqtt:
         """Publish the DER CRL of CA `label` retained on fleet/crl/<label>: the broker
         keeps it and hands it to every device that subscribes later (offline ones on
         reconnect).  Raises: MqttError(TIMEOUT) if the broker did not acknowledge."""
-        info = self.client.publish(mqttmsg.crl_topic(label), bytes(crl_der), qos=QOS,
-                                   retain=True)
+        topic, payload = mqttmsg.crl_topic(label), bytes(crl_der)
+        with self._lock:
+            self._retained[topic] = payload
+        info = self.client.publish(topic, payload, qos=QOS, retain=True)
         self._wait(info, timeout)
 
     def publish_crls(self, publisher, labels=None, timeout=DEFAULT_TIMEOUT):

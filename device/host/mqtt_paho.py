@@ -225,8 +225,13 @@ class PahoSeTransport:
             local_port = self.tunnel.open()
         except TlsClientError as exc:
             raise TransportError(TransportError.CONNECT, str(exc)) from None
+        # No reconnection inside paho: the tunnel it talks to carries one TLS session and
+        # accepts one connection, so a lost broker leaves paho retrying a closed loopback
+        # port for as long as the thread lives.  The caller reconnects (a new tunnel, a new
+        # SE-signed handshake) with its own bounded backoff when `connected` turns false.
         client = paho_client.Client(CallbackAPIVersion.VERSION2, client_id=self.client_id,
-                                    protocol=paho_client.MQTTv311, clean_session=True)
+                                    protocol=paho_client.MQTTv311, clean_session=True,
+                                    reconnect_on_failure=False)
         client.on_connect = self._guard(self._on_connect)
         client.on_message = self._guard(self._on_message)
         client.on_subscribe = self._guard(self._on_subscribe)
