@@ -89,6 +89,9 @@ POLICY_SIGN = const(0x01)  # se_consts.POLICY_SIGN
 # Server reason codes (cloud/verifier/errors.py) meaning "this credential is no longer
 # good, but the device is": rotate from the identity certificate.
 _REFUSED_CREDENTIAL = ("superseded", "expired", "not_yet_valid")
+# NetError.server_reason of a server certificate the agent's CRL caches list (the
+# network's `revocation` hook refused the handshake with alert 44, RFC 8446 6.2).
+CERTIFICATE_REVOKED = "certificate_revoked"
 
 
 class NetError(FleetidError):
@@ -409,8 +412,8 @@ class Agent:
             report.identity = self._call("whoami", self.net.whoami, slot)
             self._note("connected with slot %d" % slot)
         except NetError as exc:
-            if exc.reason != NetError.REFUSED:
-                raise
+            if exc.reason != NetError.REFUSED or exc.server_reason == CERTIFICATE_REVOKED:
+                raise  # the device refused the server (a CRL lists it), not the other way
             if exc.server_reason not in _REFUSED_CREDENTIAL:
                 report.refused = exc.server_reason or exc.detail
                 raise AgentError(AgentError.REFUSED, report.refused, exc)

@@ -36,7 +36,7 @@
 # read with common/der.py: SignedData (RFC 5652 5.1) certificates [0] IMPLICIT.
 
 from fleetid.common.errors import FleetidError
-from fleetid.device.agent import NetError
+from fleetid.device.agent import CERTIFICATE_REVOKED, NetError
 
 WELL_KNOWN = "/.well-known/est"  # RFC 7030 3.2.2
 CT_PKCS10 = "application/pkcs10"  # RFC 7030 4.2.1
@@ -46,7 +46,6 @@ OID_CRL_DISTRIBUTION_POINTS = "2.5.29.31"  # RFC 5280 4.2.1.13
 MAX_RETRY_AFTER = 24 * 3600
 MAX_CRL = 65536
 ROOT_CRL_FILE = "root.crl"  # cloud/revocation/crl.py ROOT_CRL_NAME + ".crl"
-CERTIFICATE_REVOKED = "certificate_revoked"  # RFC 8446 6.2 alert 44, as a NetError reason
 _DATA_TRUST_FLEET_ROOT = 0x0111  # se_consts.DATA_TRUST_FLEET_ROOT
 _SLOT_IDENTITY = 0x01  # se_consts.SLOT_IDENTITY
 _EPOCH_2000 = 946684800  # seconds from 1970 to 2000 (ports whose time() counts from 2000)
