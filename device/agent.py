@@ -723,7 +723,8 @@ def run_forever(agent, wait, interval, log=None, cycles=None):
     next cycle (the journal keeps the progress).
 
     Params: wait: fn(seconds) -> True to stop (an event's wait(), or a sleep that returns
-        None).  interval: seconds between cycles.  cycles: stop after this many (tests).
+        None).  interval: seconds between cycles.  cycles: stop after this many, with no
+        wait after the last (tests, `fleetid agent run --runtime micropython --once`).
     Returns: the last AgentReport (or None).
     """
     done = 0
@@ -738,6 +739,8 @@ def run_forever(agent, wait, interval, log=None, cycles=None):
         except FleetidError as exc:
             if log is not None:
                 log("cycle failed: %s" % exc)
+        if cycles is not None and done >= cycles:
+            break  # no wait after the last cycle (`fleetid agent run --once`)
         if wait(pause):
             break
     return last
