@@ -52,6 +52,18 @@ def _revocation_options(f):
     return f
 
 
+def _root_crl_options(f):
+    f = click.option("--root-crl-url", default=None, metavar="URL",
+                     help="The fleet root's CRL (default: root.crl beside the issuing "
+                          "CA's CRL URL, as the cloud's revocation listener serves it).")(f)
+    f = click.option("--root-crl-cache", type=click.Path(dir_okay=False), default=None,
+                     help="File caching the fleet root's CRL (verified in the SE against "
+                          "the fleet root; refreshed every cycle).  With it or --crl-issuer, "
+                          "every server the agent connects to (verifier, EST, CRL, MQTT) "
+                          "is refused when a cached CRL lists its certificate.")(f)
+    return f
+
+
 def _revocation(device, crl_cache, crl_issuer, crl_grace, crl_fail_open):
     """device/crl_cache.CrlCache for the agent, or None when not configured."""
     if crl_issuer is None:
@@ -119,6 +131,7 @@ def agent():
 @click.option("--boot-max-size", default=0x100000, show_default=True,
               type=click.IntRange(32), help="Slot size for --boot-image.")
 @_revocation_options
+@_root_crl_options
 @mqtt_options
 @click.option("--runtime", default="cpython", show_default=True,
               type=click.Choice(["cpython", "micropython"]),
@@ -132,8 +145,8 @@ def agent():
                    "default: the unix port's).")
 def run_cmd(bus, t1_profile, timeout_ms, cloud, est, label, once, rotate, interval,
             renew_fraction, renew_margin, max_attempts, max_delay, quiet, boot_image,
-            boot_max_size, crl_cache, crl_issuer, crl_grace, crl_fail_open, runtime,
-            mp_heap, **mqtt):
+            boot_max_size, crl_cache, crl_issuer, crl_grace, crl_fail_open, root_crl_cache,
+            root_crl_url, runtime, mp_heap, **mqtt):
     """Run the agent: enrol, renew when due (or --rotate), acknowledge, retire the old key.
 
     \b
@@ -177,7 +190,7 @@ def run_cmd(bus, t1_profile, timeout_ms, cloud, est, label, once, rotate, interv
     cycle = _Cycle(SystemClock(stop), policy,
                    None if quiet else (lambda line: click.echo("agent: " + line)),
                    (cloud, est, label), (crl_cache, crl_issuer, crl_grace, crl_fail_open),
-                   boot_image, boot_max_size)
+                   boot_image, boot_max_size, (root_crl_cache, root_crl_url))
     try:
         if mqtt["mqtt_url"]:  # the agent with its MQTT session: cli/agent_mqtt.py
             sys.exit(run_on_mqtt(cycle, lambda: _Device(bus, t1_profile, timeout_ms), stop,
@@ -230,10 +243,11 @@ class _Cycle:
     Params: clock, policy, log: for device.agent.Agent.  net_args: (cloud, est, label).
         revocation_args: (crl_cache, crl_issuer, crl_grace, crl_fail_open).
         boot_image, boot_max_size: --boot-image (None: no signed boot) and its slot size.
+        root_crl_args: (root_crl_cache, root_crl_url).
     """
 
     def __init__(self, clock, policy, log, net_args, revocation_args, boot_image,
-                 boot_max_size):
+                 boot_max_size, root_crl_args=(None, None)):
         self.clock = clock
         self.policy = policy
         self.log = log
@@ -241,6 +255,7 @@ class _Cycle:
         self.revocation_args = revocation_args
         self.boot_image = boot_image
         self.boot_max_size = boot_max_size
+        self.root_crl_args = root_crl_args
         self.boot = None
         self.report = self.failure = None
         # The servers' session tickets outlive a cycle's SE session and network: the
@@ -267,14 +282,31 @@ class _Cycle:
             self.boot.se = se  # checked once per process, confirmed once
         return self.boot
 
-    def agent(self, device):
-        """The Agent for a cycle on `device` (a _Device)."""
+    def revocation(self, device):
+        """(issuing CA's CrlCache or None, root's CrlCache or None, the servers'
+        revocation hook over both or None: device/board.server_revocation, the board
+        agent's own) for a cycle on `device`."""
+        from fleetid.device.board import root_crl_cache, server_revocation
+
+        cache = _revocation(device, *self.revocation_args)
+        root = None
+        if self.root_crl_args[0] is not None:
+            root = root_crl_cache(device.se, self.root_crl_args[0], self.revocation_args[2])
+        caches = [c for c in (cache, root) if c is not None]
+        hook = server_revocation(caches, self.clock.now) if caches else None
+        return cache, root, hook
+
+    def agent(self, device, revocation=None):
+        """The Agent for a cycle on `device` (a _Device).  revocation: what
+        self.revocation(device) returned, to share (None: made here)."""
         from fleetid.device.agent import Agent
 
-        return Agent(device.se, device.net(*self.net_args, tickets=self.tickets), self.clock,
-                     random.SystemRandom().random, boot=self._signed_boot(device.se),
-                     revocation=_revocation(device, *self.revocation_args),
-                     policy=self.policy, log=self.log)
+        cache, root, hook = revocation or self.revocation(device)
+        net = device.net(*self.net_args, tickets=self.tickets, revocation=hook,
+                         root_crl_url=self.root_crl_args[1])
+        return Agent(device.se, net, self.clock, random.SystemRandom().random,
+                     boot=self._signed_boot(device.se), revocation=cache,
+                     policy=self.policy, log=self.log, root_revocation=root)
 
     def run(self, device, command):
         """Run the agent once on `device` (a _Device) and print the outcome.

@@ -39,12 +39,13 @@ class Device:
 
         return bytes(self.se.get_data(C.DATA_TRUST_FLEET_ROOT, -1, 65536))
 
-    def net(self, cloud, est, label=None, tickets=None):
+    def net(self, cloud, est, label=None, tickets=None, revocation=None, root_crl_url=None):
         from fleetid.device.host.agent_net import HostNetwork
 
         try:
             return HostNetwork(self.se, cloud or est, est or cloud, [self.root_der()],
-                               label=label, tickets=tickets)
+                               label=label, tickets=tickets, revocation=revocation,
+                               root_crl_url=root_crl_url)
         except ValueError as exc:
             raise click.UsageError("--cloud %s / --est %s: %s" % (cloud, est, exc)) from None
 

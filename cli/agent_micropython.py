@@ -7,7 +7,8 @@ keeps, and the interpreter's lines are printed as the CPython agent prints its o
 What the board agent does by itself there: signed boot (--boot-image), enrolment and
 re-keying with the journal in the SE, the CRL cache (--crl-issuer/--crl-cache: refreshed
 from the distribution point over HTTPS or HTTP, or from the retained MQTT topic; the
-servers' chains checked against it) and, with --mqtt, the MQTT session (telemetry,
+servers' chains checked against it, and against the fleet root's CRL with
+--root-crl-cache) and, with --mqtt, the MQTT session (telemetry,
 retained CRLs, rotate / SCP03-relay / ping commands) -- every TLS connection the portable
 TLS 1.3 client with its private-key operations in the SE.
 """
@@ -80,6 +81,11 @@ def board_options(folder, o):
         options["crl_cache_path"] = os.path.abspath(o["crl_cache"])
         options["crl_grace_s"] = o["crl_grace"]
         options["crl_fail_open"] = o["crl_fail_open"]
+    if o.get("root_crl_cache") is not None:
+        options["root_crl_cache_path"] = os.path.abspath(o["root_crl_cache"])
+        options["crl_grace_s"] = o["crl_grace"]
+    if o.get("root_crl_url") is not None:
+        options["root_crl_url"] = o["root_crl_url"]
     if o["mqtt_url"]:
         from fleetid.cli.mqtt import DEFAULT_PORT, parse_broker
 

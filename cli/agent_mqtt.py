@@ -182,9 +182,13 @@ class MqttAgent:
             identity = bytes(device.se.get_cert(C.SLOT_IDENTITY))
             name = x509.load_der_x509_certificate(identity).subject.get_attributes_for_oid(
                 NameOID.COMMON_NAME)[0].value
+            # The broker's chain is checked against the agent's CRL caches (the same
+            # device/board.server_revocation as its HTTPS connections).
+            revocation = self.cycle.revocation(device)
             transport = PahoSeTransport(device.se, C.SLOT_IDENTITY, [identity] + self.chain,
                                         self.roots or [device.root_der()], self.host,
-                                        self.port, timeout=self.o["mqtt_timeout"])
+                                        self.port, timeout=self.o["mqtt_timeout"],
+                                        revocation=revocation[2])
             cache = (self._revset_cache(device) if self.revset_signer is not None
                      else None)
         except (FleetidError, OSError) as exc:  # the SE link broke: open it again later
@@ -193,7 +197,7 @@ class MqttAgent:
             return False
         channel = DeviceChannel(transport, name, relay=self.relay,
                                 clock=lambda: int(time.time()))
-        self.link = AgentMqtt(self.cycle.agent(device), channel)
+        self.link = AgentMqtt(self.cycle.agent(device, revocation), channel)
         labels = list(self.o["mqtt_crl_labels"])
         if cache is not None:
             from fleetid.device.revset_mqtt import REVSET_LABEL, RevsetDispatch

@@ -82,13 +82,16 @@ def _write(service, target, reason, operator, roots):
     if kind == "device":
         done = service.revoke_device(value, reason, operator=operator)
         return {"device": value, "revoked_certificates": done, "reason": reason}
-    if kind in ("batch", "ca"):
+    if kind in ("batch", "ca", "server"):
         if kind == "batch":
             entry, new = service.revoke_batch(value, reason, operator=operator)
+        elif kind == "server":
+            entry, new = service.revoke_server_cert(value, reason, operator=operator,
+                                                    roots=roots)
         else:
             entry, new = service.revoke_ca(value, reason, operator=operator, roots=roots)
         out = {"batch": value} if kind == "batch" else {}
-        out.update({"revoked_ca": entry["subject"], "fingerprint": entry["fingerprint"],
+        out.update({"revoked_server" if kind == "server" else "revoked_ca": entry["subject"], "fingerprint": entry["fingerprint"],
                     "new": new, "reason": entry["reason"], "revoked_at": entry["revoked_at"],
                     "file": service.revoked_cas_path})
         return out
@@ -103,12 +106,16 @@ def _write(service, target, reason, operator, roots):
 _REVOCATION_REFUSALS = {
     "not_a_ca": "%s is not a CA certificate (use `fleetid revoke --cert` for a device)",
     "fleet_root": "%s is a fleet root: remove it from the configuration instead",
+    "not_a_server": "%s is not a TLS server certificate (serverAuth, not a CA)",
+    "not_root_issued": "%s is not issued by a configured fleet root (the root's CRL "
+                       "lists only the root's certificates)",
 }
 
 
 def revoke_target(target, reason, operator, config_path, state_dir, registry_uri):
     """Run one revocation: target is ("device", registry serial), ("batch", name),
-    ("ca", certificate) or ("certificate", (serial int, issuer or None)).  Prints the
+    ("ca", certificate), ("server", certificate) or ("certificate", (serial int, issuer
+    or None)).  Prints the
     JSON report with the event number.  Every `fleetid revoke` form and the `fleetid
     cloud revoke*` aliases come here."""
     from fleetid.cloud.registry import RegistryError
@@ -116,7 +123,7 @@ def revoke_target(target, reason, operator, config_path, state_dir, registry_uri
 
     config = load_config(config_path, state_dir)
     ca_certs = _ca_certs(config) if target[0] == "batch" else []  # trust before registry
-    roots = _roots(config) if target[0] == "ca" else []
+    roots = _roots(config) if target[0] in ("ca", "server") else []
     registry = open_registry(registry_uri or config.registry)
     try:
         service = _service(config, registry, ca_certs)
@@ -156,9 +163,14 @@ def _certificate_target(cert_file, issuer=None):
               "prints it (a 0x prefix is accepted).")
 @click.option("--issuer", default=None,
               help="Issuer (RFC 4514) when --cert-serial alone is ambiguous.")
+@click.option("--server-cert", "server_cert_file", default=None,
+              type=click.Path(exists=True, dir_okay=False),
+              help="One of the cloud's own TLS server certificates (verifier / EST "
+              "listener, broker; issued by the fleet root): listed on the root's CRL and "
+              "the server's OCSP staple, so agents refuse that server.")
 @_revoke_options
-def revoke(device_serial, batch, cert_file, cert_serial, issuer, reason, operator,
-           registry_uri, config_path, state_dir):
+def revoke(device_serial, batch, cert_file, cert_serial, issuer, server_cert_file, reason,
+           operator, registry_uri, config_path, state_dir):
     """Revoke a device, a certificate or a whole batch in every tier.
 
     \b
@@ -174,10 +186,17 @@ def revoke(device_serial, batch, cert_file, cert_serial, issuer, reason, operato
       fleetid revoke --config var/cloud/cloud.toml --cert var/device.pem \\
           --reason keyCompromise --operator alice
       fleetid revoke --cert-serial 4F3A...9C --operator alice
+      fleetid revoke --config var/cloud/cloud.toml --server-cert var/cloud/tls.pem \
+          --reason keyCompromise --operator alice
     """
-    given = [v for v in (device_serial, batch, cert_file, cert_serial) if v is not None]
+    given = [v for v in (device_serial, batch, cert_file, cert_serial, server_cert_file)
+             if v is not None]
     if len(given) != 1:
-        raise click.UsageError("give exactly one of --serial, --batch, --cert, --cert-serial")
+        raise click.UsageError("give exactly one of --serial, --batch, --cert, --cert-serial, "
+                               "--server-cert")
+    if server_cert_file is not None:
+        target = ("server", read_certificates(server_cert_file)[0])
+        return revoke_target(target, reason, operator, config_path, state_dir, registry_uri)
     target = _target(device_serial, batch, cert_file, cert_serial, issuer, "--cert-serial")
     revoke_target(target, reason, operator, config_path, state_dir, registry_uri)
 

@@ -40,6 +40,14 @@
 #               fetch goes through net.fetch_revocation with the same bounded retries),
 #               check(serial, now) (raises when revoked or stale), status(now) -> dict or
 #               printable.  device/crl_cache.CrlCache fits as it is.
+#   root_revocation  optional: the fleet root's CRL cache (device/board.root_crl_cache),
+#               refreshed after `revocation` through net.fetch_root_revocation(slot) with
+#               the same retries.  It lists the root-issued certificates the cloud
+#               revoked (issuing CAs, the cloud's own server certificates); the agent's
+#               TLS connections check the servers' chains against both caches
+#               (device/board.server_revocation, which the network is given); a CRL
+#               that changed makes the agent call net.forget_sessions() when the net
+#               has it, so no session ticket resumes past a server's revocation.
 #
 # Intermittent links: each network step is retried at most policy.max_attempts times with
 # exponential backoff and full jitter (delay = U(0.5, 1) x min(max_delay, base x 2^n)),
@@ -81,6 +89,9 @@ POLICY_SIGN = const(0x01)  # se_consts.POLICY_SIGN
 # Server reason codes (cloud/verifier/errors.py) meaning "this credential is no longer
 # good, but the device is": rotate from the identity certificate.
 _REFUSED_CREDENTIAL = ("superseded", "expired", "not_yet_valid")
+# NetError.server_reason of a server certificate the agent's CRL caches list (the
+# network's `revocation` hook refused the handshake with alert 44, RFC 8446 6.2).
+CERTIFICATE_REVOKED = "certificate_revoked"
 
 
 class NetError(FleetidError):
@@ -268,19 +279,20 @@ def renew_at(not_before, not_after, fraction, margin=0):
 class Agent:
     """The device agent (module header).
 
-    Params: se: SeSession (selected).  net, clock, rand, boot, revocation: the injected
-        collaborators (module header).  policy: AgentPolicy.
+    Params: se: SeSession (selected).  net, clock, rand, boot, revocation,
+        root_revocation: the injected collaborators (module header).  policy: AgentPolicy.
         log: optional callable(str) for progress lines (never key material).
     """
 
     def __init__(self, se, net, clock, rand, boot=None, revocation=None, policy=None,
-                 log=None):
+                 log=None, root_revocation=None):
         self.se = se
         self.net = net
         self.clock = clock
         self.rand = rand
         self.boot = boot
         self.revocation = revocation
+        self.root_revocation = root_revocation
         self.policy = policy if policy is not None else AgentPolicy()
         self.log = log
         self.journal = rj.RotationJournal(se)
@@ -400,8 +412,8 @@ class Agent:
             report.identity = self._call("whoami", self.net.whoami, slot)
             self._note("connected with slot %d" % slot)
         except NetError as exc:
-            if exc.reason != NetError.REFUSED:
-                raise
+            if exc.reason != NetError.REFUSED or exc.server_reason == CERTIFICATE_REVOKED:
+                raise  # the device refused the server (a CRL lists it), not the other way
             if exc.server_reason not in _REFUSED_CREDENTIAL:
                 report.refused = exc.server_reason or exc.detail
                 raise AgentError(AgentError.REFUSED, report.refused, exc)
@@ -622,26 +634,40 @@ class Agent:
 
     # -- revocation --------------------------------------------------------------------------
 
+    def _refresh(self, cache, what, fetch_revocation, slot, now):
+        # One refresh; a refused CRL keeps the old one (noted), an SE failure propagates.
+        from fleetid.common.errors import ApduError, LinkError
+        from fleetid.device.anchored_store import RevocationCacheError
+
+        def fetch():
+            return self._call(what, fetch_revocation, slot)
+
+        try:
+            result = cache.refresh(fetch, now)
+            self._note("%s list %s" % (what, result or "refreshed"))
+            forget = getattr(self.net, "forget_sessions", None)
+            if result == "updated" and forget is not None:
+                # A session ticket resumes without the server's certificate (RFC 8446
+                # 2.2): after a new CRL, the next connections show their chains again.
+                forget()
+        except (LinkError, ApduError):
+            raise  # the SE failed: not a revocation verdict
+        except RevocationCacheError as exc:  # CrlError / RevsetCacheError: the old one stays
+            self._note("%s refresh refused: %s" % (what, exc))
+
     def _revocation(self, report):
+        now = self.clock.now()
+        slot = report.slot
+        if self.root_revocation is not None:  # the servers' root CRL (module header)
+            self._refresh(self.root_revocation, "root revocation",
+                          self.net.fetch_root_revocation, slot, now)
         cache = self.revocation
         if cache is None:
             return
         from fleetid.common.errors import ApduError, LinkError
         from fleetid.device.anchored_store import RevocationCacheError
 
-        now = self.clock.now()
-        slot = report.slot
-
-        def fetch():
-            return self._call("revocation", self.net.fetch_revocation, slot)
-
-        try:
-            result = cache.refresh(fetch, now)
-            self._note("revocation list %s" % (result or "refreshed"))
-        except (LinkError, ApduError):
-            raise  # the SE failed: not a revocation verdict
-        except RevocationCacheError as exc:  # CrlError / RevsetCacheError: the old one stays
-            self._note("revocation refresh refused: %s" % exc)
+        self._refresh(cache, "revocation", self.net.fetch_revocation, slot, now)
         try:
             cache.check_serial(report.serial, now)
         except (LinkError, ApduError):
@@ -697,7 +723,8 @@ def run_forever(agent, wait, interval, log=None, cycles=None):
     next cycle (the journal keeps the progress).
 
     Params: wait: fn(seconds) -> True to stop (an event's wait(), or a sleep that returns
-        None).  interval: seconds between cycles.  cycles: stop after this many (tests).
+        None).  interval: seconds between cycles.  cycles: stop after this many, with no
+        wait after the last (tests, `fleetid agent run --runtime micropython --once`).
     Returns: the last AgentReport (or None).
     """
     done = 0
@@ -712,6 +739,8 @@ def run_forever(agent, wait, interval, log=None, cycles=None):
         except FleetidError as exc:
             if log is not None:
                 log("cycle failed: %s" % exc)
+        if cycles is not None and done >= cycles:
+            break  # no wait after the last cycle (`fleetid agent run --once`)
         if wait(pause):
             break
     return last

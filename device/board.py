@@ -54,6 +54,14 @@
 #     crl_grace_s, crl_fail_open   device/crl_cache.CrlPolicy.  With the cache on, the
 #                     servers' chains (HTTPS and MQTT) are checked against it too
 #                     (server_revocation below: a listed server is refused).
+#     root_crl_cache_path  the file caching the fleet root's CRL (root_crl_cache below;
+#                     its issuer is the fleet root in the SE), refreshed each cycle from
+#     root_crl_url    root_crl_url, else root.crl beside the issuing CA's CRL URL.  The
+#                     cloud's server certificates are issued by the root, so this is the
+#                     CRL that can refuse a revoked verifier, EST server or broker: every
+#                     connection's server chain is checked against both caches
+#                     (server_revocation: a listed server is refused even when the CRL
+#                     is stale; no fresh CRL refuses no server).
 #     renew_fraction, renew_margin_s, max_attempts, max_delay   device/agent.AgentPolicy.
 #     mqtt_url        mqtts://HOST[:PORT]: run() opens the MQTT session itself
 #                     (device/board_mqtt.py: telemetry after every cycle, retained CRLs
@@ -73,6 +81,10 @@
 
 from fleetid.device.agent import Agent, AgentPolicy, run_forever
 from fleetid.device.stack import open_se
+
+
+_DATA_TRUST_FLEET_ROOT = 0x0111  # se_consts.DATA_TRUST_FLEET_ROOT
+_DATA_OBJECT_ROOT_CRL_NUMBER = 4  # se_consts.DATA_OBJECT_ROOT_CRL_NUMBER
 
 
 def _urandom_fraction():
@@ -146,36 +158,69 @@ def signed_boot(se, image_path, clock, max_size=None, log=None):
     return SignedBoot(check, boot.confirm_boot, se, open(image_path, "rb"), max_size)
 
 
-def server_revocation(cache, now):
-    """The `revocation(path)` hook of the board's TLS client (common/tls13_cert.py) from
-    its CRL cache: a certificate of the server's path issued by the cached CRL's issuer
-    and listed on it refuses the chain (the client sends certificate_revoked), even when
-    that CRL is stale.  No fresh CRL does not refuse a server, whatever the peers' policy
-    (crl_fail_open): the CRL itself is fetched over these connections and is verified by
-    its own signature, so refusing servers for want of one would lock the board out of
-    the fetch that refreshes it.  The compact revocation set keys on device serial
-    numbers (device/revset_cache.py), so it says nothing about a server.
+def root_crl_cache(se, cache_path, grace_s=86400):
+    """device/crl_cache.CrlCache of the fleet root's CRL (the cloud's /crl/root.crl,
+    cloud/revocation/arl.py: the root-issued certificates it revoked, issuing CAs and the
+    cloud's own server certificates), the issuer being the fleet root the line stored in
+    the SE, its high-water mark in SE data object 4 (se_consts.DATA_OBJECT_ROOT_CRL_NUMBER;
+    object 1 is the issuing CA's).
 
-    Params: cache: device/crl_cache.CrlCache.  now: now() -> epoch seconds.
+    Params: se: SeSession.  cache_path: the file holding the cached root CRL.  grace_s:
+        CrlPolicy.grace_s.
+    Returns: CrlCache.  Raises: DerError (the SE holds no fleet root certificate).
+    """
+    from fleetid.device.crl_cache import CrlCache, CrlPolicy, FileStore
+
+    root = bytes(se.get_data(_DATA_TRUST_FLEET_ROOT, -1, 65536))
+    point, name = issuer_key_and_name(root)
+    return CrlCache(se, FileStore(cache_path), point, name,
+                    CrlPolicy(grace_s=grace_s, object_id=_DATA_OBJECT_ROOT_CRL_NUMBER))
+
+
+def server_revocation(caches, now):
+    """The `revocation(path)` hook of the agent's TLS client (common/tls13_cert.py), the
+    one both runtimes pass to every connection they open (EST, verifier, CRL fetches over
+    HTTPS, MQTT), from their CRL caches (the issuing CA's and the fleet root's: the
+    cloud's server certificates are issued by the root, so the root's CRL is the one that
+    can list them).  Policy:
+
+    * a certificate of the server's path issued by a cached CRL's issuer and listed on it
+      refuses the chain (the client sends certificate_revoked), even when that CRL is
+      stale: a revocation once seen is never forgotten;
+    * no CRL, or no fresh one, refuses no server, whatever the peers' policy
+      (crl_fail_open): the CRLs themselves are fetched over these connections and are
+      verified by their own signatures, so refusing servers for want of a fresh CRL would
+      lock the device out of the very fetch that refreshes it.
+
+    The compact revocation set keys on device serial numbers (device/revset_cache.py), so
+    it says nothing about a server.
+
+    Params: caches: a device/crl_cache.CrlCache, or a list of them.  now: now() -> epoch
+        seconds.
+    Returns: check(path), raising RevokedError for a listed certificate.
     """
     from fleetid.device.anchored_store import StaleRevocationError
 
+    if not isinstance(caches, (list, tuple)):
+        caches = (caches,)
+
     def check(path):
         for cert in path:
-            if cert.issuer == cache.issuer_name_der:
-                try:
-                    cache.check_serial(cert.serial, now())
-                except StaleRevocationError:
-                    pass
+            for cache in caches:
+                if cert.issuer == cache.issuer_name_der:
+                    try:
+                        cache.check_serial(cert.serial, now())
+                    except StaleRevocationError:
+                        pass
 
     return check
 
 
-def _net_options(verifier_url, est_url, server_name, est_label, crl_url):
+def _net_options(verifier_url, est_url, server_name, est_label, crl_url, root_crl_url):
     out = {}
     for name, value in (("verifier_url", verifier_url), ("est_url", est_url),
                         ("server_name", server_name), ("est_label", est_label),
-                        ("crl_url", crl_url)):
+                        ("crl_url", crl_url), ("root_crl_url", root_crl_url)):
         if value is not None:
             out[name] = value
     return out
@@ -215,6 +260,19 @@ def _sleeper(clock, se, se_keepalive_s):
     return wait
 
 
+def _revocation_caches(se, clock, crl, root_crl_cache_path):
+    # (issuing CA's CrlCache or None, root's CrlCache or None, the servers' revocation
+    # hook over both, or None).  crl: (crl_issuer, crl_cache_path, grace_s, fail_open).
+    issuer_path, cache_path, grace_s, fail_open = crl
+    revocation = root = None
+    if issuer_path is not None:
+        revocation = crl_cache(se, issuer_path, cache_path, grace_s, fail_open)
+    if root_crl_cache_path is not None:
+        root = root_crl_cache(se, root_crl_cache_path, grace_s)
+    caches = [c for c in (revocation, root) if c is not None]
+    return revocation, root, server_revocation(caches, clock.now) if caches else None
+
+
 def _run_on_mqtt(session, interval_s, log, cycles, sleep):
     from fleetid.device.board_mqtt import run_on_mqtt
 
@@ -227,7 +285,7 @@ def run(bus, t1_profile="gp", interval_s=3600, net_module="board_net", boot_imag
         cycles=None, verifier_url=None, est_url=None, server_name=None, est_label=None,
         crl_url=None, mqtt_url=None, mqtt_crl_labels=("+",), mqtt_roots=None,
         mqtt_chain=None, mqtt_timeout_s=20, max_attempts=5, max_delay=60.0,
-        se_keepalive_s=None):
+        se_keepalive_s=None, root_crl_cache_path=None, root_crl_url=None):
     """Run the device agent on a board (module header).
 
     Params: bus: bus URI (device/bus.py).  t1_profile: "gp" or "se05x".  interval_s:
@@ -245,7 +303,8 @@ def run(bus, t1_profile="gp", interval_s=3600, net_module="board_net", boot_imag
     if isinstance(net_module, str):
         # A non-empty fromlist makes __import__ return the named (dotted) module itself.
         net_module = __import__(net_module, None, None, ("make_net",))
-    net_options = _net_options(verifier_url, est_url, server_name, est_label, crl_url)
+    net_options = _net_options(verifier_url, est_url, server_name, est_label, crl_url,
+                               root_crl_url)
     policy = AgentPolicy(renew_fraction=renew_fraction, renew_margin_s=renew_margin_s,
                          max_attempts=max_attempts, max_delay=max_delay,
                          max_wait=max(max_delay * max_attempts, 60.0))
@@ -256,16 +315,15 @@ def run(bus, t1_profile="gp", interval_s=3600, net_module="board_net", boot_imag
         se = stack.se
         if boot_image is not None:
             boot = signed_boot(se, boot_image, clock, boot_max_size, log)
-        revocation = hook = None
-        if crl_issuer is not None:
-            revocation = crl_cache(se, crl_issuer, crl_cache_path, crl_grace_s,
-                                   crl_fail_open)
-            hook = server_revocation(revocation, clock.now)
-            if net_options:  # the shipped board_net (an integrator's make_net(se) may not)
-                net_options["revocation"] = hook
+        revocation, root, hook = _revocation_caches(
+            se, clock, (crl_issuer, crl_cache_path, crl_grace_s, crl_fail_open),
+            root_crl_cache_path)
+        if hook is not None and net_options:  # the shipped board_net (an integrator's
+            net_options["revocation"] = hook  # make_net(se) may not take it)
         net = net_module.make_net(se, **net_options)  # none: an integrator's make_net(se)
         agent = Agent(se, net, clock, _urandom_fraction, boot=boot,
-                      revocation=revocation, policy=policy, log=log)
+                      revocation=revocation, policy=policy, log=log,
+                      root_revocation=root)
         if mqtt_url is None:
             return run_forever(agent, _sleeper(clock, se, se_keepalive_s), interval_s,
                                log=log, cycles=cycles)

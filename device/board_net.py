@@ -21,9 +21,12 @@
 #   ack        POST verifier /v1/rotation/ack              200
 #   fetch_revocation  GET the CRL: crl_url, else the first http(s) URI of the slot
 #                     certificate's CRL distribution points (RFC 5280 4.2.1.13)
+#   fetch_root_revocation  GET the fleet root's CRL: root_crl_url, else root.crl beside
+#                     the issuing CA's CRL URL (the cloud's revocation listener)
 #
 #   transport: HttpError link -> LINK, timeout -> TIMEOUT, handshake -> HANDSHAKE, a
-#   server certificate refused -> REFUSED.  HTTP: 202 -> PENDING (Retry-After seconds),
+#   server certificate refused -> REFUSED (server_reason "certificate_revoked" when a
+#   CRL cache lists it: the `revocation` hook, device/board.server_revocation).  HTTP: 202 -> PENDING (Retry-After seconds),
 #   5xx -> SERVER, other non-200 -> REFUSED with the server's reason code (the text before
 #   the first ":" of its answer).  An enrolment answer that is not exactly one certificate
 #   in a certs-only PKCS#7 -> device.certcheck.CertificateRefused(MALFORMED).
@@ -33,7 +36,7 @@
 # read with common/der.py: SignedData (RFC 5652 5.1) certificates [0] IMPLICIT.
 
 from fleetid.common.errors import FleetidError
-from fleetid.device.agent import NetError
+from fleetid.device.agent import CERTIFICATE_REVOKED, NetError
 
 WELL_KNOWN = "/.well-known/est"  # RFC 7030 3.2.2
 CT_PKCS10 = "application/pkcs10"  # RFC 7030 4.2.1
@@ -42,6 +45,7 @@ OID_SIGNED_DATA = "1.2.840.113549.1.7.2"  # RFC 5652 5.1
 OID_CRL_DISTRIBUTION_POINTS = "2.5.29.31"  # RFC 5280 4.2.1.13
 MAX_RETRY_AFTER = 24 * 3600
 MAX_CRL = 65536
+ROOT_CRL_FILE = "root.crl"  # cloud/revocation/crl.py ROOT_CRL_NAME + ".crl"
 _DATA_TRUST_FLEET_ROOT = 0x0111  # se_consts.DATA_TRUST_FLEET_ROOT
 _SLOT_IDENTITY = 0x01  # se_consts.SLOT_IDENTITY
 _EPOCH_2000 = 946684800  # seconds from 1970 to 2000 (ports whose time() counts from 2000)
@@ -107,6 +111,27 @@ def crl_urls(cert_der):
     return out
 
 
+def root_crl_url_beside(crl_url):
+    """The fleet root's CRL URL served beside an issuing CA's: the cloud's revocation
+    listener serves /crl/<label>.crl and /crl/root.crl (cloud/revocation/crl.py
+    ROOT_CRL_NAME), so the last path segment becomes "root.crl"."""
+    base, slash, _ = crl_url.rpartition("/")
+    if not slash or base.endswith("/"):
+        raise NetError(NetError.REFUSED, "no root CRL URL beside %s" % crl_url, None,
+                       None, "no_crl_url")
+    return base + "/" + ROOT_CRL_FILE
+
+
+def net_error(exc):
+    """device/https.HttpError -> NetError.  A server certificate refused because a CRL
+    cache lists it (the chain's "revocation" check, alert 44) is REFUSED with
+    server_reason "certificate_revoked" (HostNetwork maps it the same way)."""
+    if exc.reason == NetError.REFUSED and exc.check == "revocation":
+        return NetError(NetError.REFUSED, CERTIFICATE_REVOKED + ": " + exc.detail, None,
+                        None, CERTIFICATE_REVOKED)
+    return NetError(exc.reason, exc.detail)
+
+
 def retry_after_seconds(value):
     """Retry-After as delay-seconds (RFC 9110 10.2.3), or None."""
     try:
@@ -165,11 +190,15 @@ class BoardNetwork:
         host).  est_label: EST label or None.  crl_url: fixed CRL URL (None: the
         certificate's distribution point).  timeout_s, max_body: device/https bounds.
         anchors_der: trust anchors (None: the fleet root the line stored in the SE).
+        root_crl_url: the fleet root's CRL (None: root_crl_url_beside the issuing CA's
+        CRL URL).  revocation: the servers' chains' `revocation(path)` hook
+        (device/board.server_revocation) or None.
     Attributes: https (the HttpsClient: handshakes / resumed / se_operations).
     """
 
     def __init__(self, se, verifier_url, est_url, now, server_name=None, est_label=None,
-                 crl_url=None, timeout_s=30, max_body=16384, anchors_der=None):
+                 crl_url=None, timeout_s=30, max_body=16384, anchors_der=None,
+                 root_crl_url=None, revocation=None):
         from fleetid.device.https import HttpsClient, parse_url
 
         for url in (verifier_url, est_url):
@@ -182,8 +211,10 @@ class BoardNetwork:
         self.est_url = est_url
         self.est_label = est_label
         self.crl_url = crl_url
+        self.root_crl_url = root_crl_url
         self.https = HttpsClient(se, anchors_der, now, server_name=server_name,
-                                 timeout_s=timeout_s, max_body=max_body)
+                                 revocation=revocation, timeout_s=timeout_s,
+                                 max_body=max_body)
 
     def _request(self, slot, base, method, path, body=None, headers=None):
         from fleetid.device.https import HttpError
@@ -191,7 +222,7 @@ class BoardNetwork:
         try:
             return self.https.request(slot, base, method, path, body, headers)
         except HttpError as exc:
-            raise NetError(exc.reason, exc.detail) from None
+            raise net_error(exc) from None
 
     def _ok(self, slot, base, method, path, body=None, headers=None):
         response = self._request(slot, base, method, path, body, headers)
@@ -262,11 +293,9 @@ class BoardNetwork:
         """POST /v1/rotation/ack with the new credential."""
         self._ok(slot, self.verifier_url, "POST", "/v1/rotation/ack", b"")
 
-    def fetch_revocation(self, slot):
-        """GET the CRL for the certificate in `slot` (crl_url, else its distribution
-        point).  Returns: bytes.  Raises: NetError (REFUSED with "no_crl_url")."""
+    def _crl_url(self, slot):
+        # crl_url, else the first http(s) distribution point of the slot's certificate.
         from fleetid.common.errors import DerError
-        from fleetid.device.https import HttpError, fetch
 
         url = self.crl_url
         if url is None:
@@ -278,6 +307,26 @@ class BoardNetwork:
         if not url:
             raise NetError(NetError.REFUSED, "no CRL distribution point", None, None,
                            "no_crl_url")
+        return url
+
+    def forget_sessions(self):
+        """Drop the session tickets (device/agent.py calls it after a CRL changed)."""
+        self.https.forget()
+
+    def fetch_revocation(self, slot):
+        """GET the CRL for the certificate in `slot` (crl_url, else its distribution
+        point).  Returns: bytes.  Raises: NetError (REFUSED with "no_crl_url")."""
+        return self._get_crl(slot, self._crl_url(slot))
+
+    def fetch_root_revocation(self, slot):
+        """GET the fleet root's CRL: root_crl_url, else root_crl_url_beside(the issuing
+        CA's CRL URL).  Returns: bytes.  Raises: NetError."""
+        url = self.root_crl_url or root_crl_url_beside(self._crl_url(slot))
+        return self._get_crl(slot, url)
+
+    def _get_crl(self, slot, url):
+        from fleetid.device.https import HttpError, fetch
+
         try:
             if url.startswith("https://"):
                 from fleetid.device.https import parse_url
@@ -288,7 +337,7 @@ class BoardNetwork:
             else:
                 response = fetch(url, MAX_CRL)
         except HttpError as exc:
-            raise NetError(exc.reason, exc.detail) from None
+            raise net_error(exc) from None
         except ValueError as exc:
             raise NetError(NetError.REFUSED, "CRL URL %s: %s" % (url, exc), None, None,
                            "bad_crl_url") from None
@@ -322,7 +371,7 @@ def make_clock():
 
 
 def make_net(se, verifier_url=None, est_url=None, server_name=None, est_label=None,
-             crl_url=None, timeout_s=30, now=None, revocation=None):
+             crl_url=None, timeout_s=30, now=None, revocation=None, root_crl_url=None):
     """device/board.py contract: the agent's `net` for the SE session `se`, with the
     board's constants (device/board.run passes them).
 
@@ -333,10 +382,9 @@ def make_net(se, verifier_url=None, est_url=None, server_name=None, est_label=No
         raise ValueError("board_net needs verifier_url and est_url (board constants)")
     if now is None:
         now = BoardClock().now
-    net = BoardNetwork(se, verifier_url, est_url, now, server_name=server_name,
-                       est_label=est_label, crl_url=crl_url, timeout_s=timeout_s)
-    net.https.revocation = revocation
-    return net
+    return BoardNetwork(se, verifier_url, est_url, now, server_name=server_name,
+                        est_label=est_label, crl_url=crl_url, timeout_s=timeout_s,
+                        root_crl_url=root_crl_url, revocation=revocation)
 
 
 def parse_mqtt_url(url):

@@ -313,7 +313,7 @@ class HttpsClient:
         age).  prims: the TLS crypto provider (None: common/tls13_crypto's portable one).
         server_name: the name or IP to check in every server's certificate (None: the
         URL's host).  revocation: optional `revocation(path)` for the server chain
-        (device/tls13_keys.crl_revocation).  timeout_s: per socket wait; the handshake and
+        (device/board.server_revocation).  timeout_s: per socket wait; the handshake and
         each answer are bounded by it too.  max_body: largest answer body.
         max_transcript: Tls13Config.max_transcript (MAX_TRANSCRIPT above).
     Attributes: handshakes, resumed (counts), se_operations (ECDHE operations in the SE).

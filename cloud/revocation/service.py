@@ -41,12 +41,23 @@ EVENTS_FILE = "revocation.events"
 
 class RevocationError(FleetidError):
     """A revocation request that cannot be carried out (`reason`: "unknown_device",
-    "unknown_batch", "not_a_ca", "fleet_root", "bad_reason")."""
+    "unknown_batch", "not_a_ca", "fleet_root", "not_a_server", "not_root_issued",
+    "bad_reason")."""
 
     def __init__(self, reason, detail=""):
         super().__init__(reason if not detail else reason + ": " + detail)
         self.reason = reason
         self.detail = detail
+
+
+def _directly_issued(certificate, issuer):
+    from cryptography.exceptions import InvalidSignature
+
+    try:
+        certificate.verify_directly_issued_by(issuer)
+    except (ValueError, TypeError, InvalidSignature):
+        return False
+    return True
 
 
 def bump_event(path):
@@ -215,6 +226,42 @@ class RevocationService:
             raise RevocationError("not_a_ca", certificate.subject.rfc4514_string())
         if certificate in roots:
             raise RevocationError("fleet_root", certificate.subject.rfc4514_string())
+        try:
+            entry, new = revoked_cas_file.revoke(self.revoked_cas_path, certificate,
+                                                 self.registry, reason, operator)
+        except ValueError as exc:
+            raise RevocationError("bad_reason", str(exc)) from None
+        self._announce()
+        return entry, new
+
+    def revoke_server_cert(self, certificate, reason, operator="", roots=()):
+        """Revoke one of the cloud's own TLS server certificates (verifier / EST listener,
+        broker) issued by a fleet root: its audit entry, then its line in the revoked-CA
+        file, the file of root-issued certificates the root's CRL lists
+        (cloud/revocation/arl.py) and the server's OCSP staple reads (staple.py).  The
+        agents, which check every server's chain against their cached root CRL, refuse
+        that server from their next root CRL refresh on.  The audit entry is the
+        ca_revoke record (a root-issued certificate's fingerprint and subject).
+        roots: the fleet roots; the certificate must be directly issued by one of them.
+        Returns (entry dict, newly revoked).  Raises RevocationError ("not_a_server":
+        a CA or no serverAuth; "not_root_issued"; "bad_reason"), RegistryError, OSError."""
+        from cryptography.x509.oid import ExtendedKeyUsageOID
+
+        subject = certificate.subject.rfc4514_string()
+        try:
+            is_ca = certificate.extensions.get_extension_for_class(
+                x509.BasicConstraints).value.ca
+        except x509.ExtensionNotFound:
+            is_ca = False
+        try:
+            usages = certificate.extensions.get_extension_for_class(
+                x509.ExtendedKeyUsage).value
+        except x509.ExtensionNotFound:
+            usages = ()
+        if is_ca or ExtendedKeyUsageOID.SERVER_AUTH not in usages:
+            raise RevocationError("not_a_server", subject)
+        if not any(_directly_issued(certificate, root) for root in roots):
+            raise RevocationError("not_root_issued", subject)
         try:
             entry, new = revoked_cas_file.revoke(self.revoked_cas_path, certificate,
                                                  self.registry, reason, operator)

@@ -10,8 +10,10 @@ CAs live in one append-only file, `<state_dir>/revoked-cas.jsonl` (cloud/config.
      "reason": "<RFC 5280 5.3.1 CRLReason name>", "revoked_at": "<RFC 3339 UTC>",
      "operator": "<who>"}
 
-The one writer (RevocationService.revoke_ca: `fleetid revoke --batch/--cert`) appends a
-line and fsyncs; readers (every verifier and EST process) look at the file's identity
+The writers (RevocationService.revoke_ca: `fleetid revoke --batch/--cert`, and
+revoke_server_cert: `fleetid revoke --server-cert`, a root-issued TLS server certificate of
+the cloud's, which the root's CRL and the server's OCSP staple then list) append a line
+and fsync; readers (every verifier and EST process) look at the file's identity
 (inode, size, mtime) on each check and re-read it when it changed, so a running server
 refuses the batch from its next request on; `decoded` is the one reader of the CA
 certificates the entries carry (OCSP, revocation set, root CRL).

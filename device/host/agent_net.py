@@ -17,6 +17,7 @@ acknowledgement's, the one full handshake that proves the new key.
     net.whoami(slot) / net.cacerts(slot) / net.nonce(slot) / net.enroll(slot, csr, reenroll)
     net.ack(slot)
     net.fetch_revocation(slot)              the CRL named by the slot's certificate
+    net.fetch_root_revocation(slot)         the fleet root's CRL (root.crl beside it)
     net.fetch(url)                          GET of a public document (a revocation list):
                                             https:// over the TLS 1.3 client without a
                                             client certificate, http:// plain (bounded)
@@ -26,7 +27,8 @@ Failures become device.agent.NetError: TlsClientError connect / protocol -> LINK
 connection closed before any answer, which is how a TLS 1.3 server refuses a client
 certificate after the handshake; retried within the agent's bounds; at the rotation's
 acknowledgement the agent tells a refused new certificate from a bad link by it),
-server certificate -> REFUSED, SE -> LINK; HTTP 5xx -> SERVER, 202 -> PENDING (with Retry-After),
+server certificate -> REFUSED (server_reason "certificate_revoked" when the `revocation`
+hook, device/board.server_revocation over the agent's CRL caches, lists it), SE -> LINK; HTTP 5xx -> SERVER, 202 -> PENDING (with Retry-After),
 other 4xx -> REFUSED with the server's reason code (the first word of its text answer).
 An enrolment answer that is not exactly one certificate in a certs-only PKCS#7 (wrong
 content type, not base64, not PKCS#7, none, several) raises
@@ -45,10 +47,12 @@ from fleetid.device.agent import NetError
 # The answer -> NetError mapping and the nonce's checks are the board's (portable) ones:
 # the same contract on both runtimes.
 from fleetid.device.board_net import (  # noqa: F401 - re-exported
+    CERTIFICATE_REVOKED,
     MAX_RETRY_AFTER,
     error_for,
     nonce_value,
     retry_after_seconds,
+    root_crl_url_beside,
 )
 from fleetid.device.certcheck import REASON_MALFORMED, CertificateRefused
 from fleetid.device.host.est_client import (
@@ -88,6 +92,16 @@ class _NoTickets(TicketCache):
         pass
 
 
+def net_error(exc):
+    """NetError for a TlsClientError (module docstring); a server certificate refused
+    with certificate_revoked (alert 44: a CRL cache lists it) is REFUSED with
+    server_reason "certificate_revoked", as device/board_net.net_error maps it."""
+    if exc.reason == TlsClientError.SERVER_CERTIFICATE and exc.alert == 44:
+        return NetError(NetError.REFUSED, CERTIFICATE_REVOKED + ": " + exc.detail, None,
+                        None, CERTIFICATE_REVOKED)
+    return NetError(_TLS_REASONS.get(exc.reason, NetError.LINK), exc.detail)
+
+
 def parse_url(url):
     """("host", port) of an https:// URL.  Raises ValueError."""
     parts = urllib.parse.urlsplit(url)
@@ -105,7 +119,10 @@ class HostNetwork:
         resumption: keep the servers' session tickets (False: every request a full
         handshake; for measurements).  verify_in_se: as se_https.SeTlsClient.
         tickets: a TicketCache to keep across HostNetworks (a long-running agent opens
-        one per cycle; default: this one's own).
+        one per cycle; default: this one's own).  revocation: the servers' chains'
+        `revocation(path)` hook, given to every connection (device/board.server_revocation
+        over the agent's CRL caches) or None.  root_crl_url: the fleet root's CRL (None:
+        root.crl beside the issuing CA's CRL URL).
     Attributes: requests (count), last_status, tickets (TicketCache), handshakes /
         resumed (counts of TLS handshakes, and of those resumed with a ticket),
         se_operations (the SE commands the TLS handshakes issued).
@@ -113,7 +130,8 @@ class HostNetwork:
 
     def __init__(self, se, verifier_url, est_url, trust_roots_der, label=None,
                  connect_timeout=DEFAULT_CONNECT_TIMEOUT, io_timeout=DEFAULT_IO_TIMEOUT,
-                 crl_url=None, resumption=True, verify_in_se=True, tickets=None):
+                 crl_url=None, resumption=True, verify_in_se=True, tickets=None,
+                 revocation=None, root_crl_url=None):
         self.se = se
         self.verifier = parse_url(verifier_url)
         self.est = parse_url(est_url)
@@ -122,6 +140,8 @@ class HostNetwork:
         self.connect_timeout = connect_timeout
         self.io_timeout = io_timeout
         self.crl_url = crl_url
+        self.root_crl_url = root_crl_url
+        self.revocation = revocation
         self.requests = 0
         self.last_status = None
         if not resumption:
@@ -146,7 +166,7 @@ class HostNetwork:
         # GET CERT (~1.5 KB over the bus) per request.
         kwargs = dict(connect_timeout=self.connect_timeout, io_timeout=self.io_timeout,
                       tickets=self.tickets, verify_in_se=self.verify_in_se,
-                      verified=self.verified)
+                      verified=self.verified, revocation=self.revocation)
         if slot is None:
             return SeTlsClient(self.se, None, [], self.trust_roots_der, **kwargs)
         kept = self._chains.get(slot)
@@ -193,7 +213,7 @@ class HostNetwork:
             if response.connection is not None:
                 self._kept = (slot, server, response.connection, time.monotonic())
         except TlsClientError as exc:
-            raise NetError(_TLS_REASONS.get(exc.reason, NetError.LINK), exc.detail) from None
+            raise net_error(exc) from None
         finally:
             if client is not None:
                 self.handshakes += client.handshakes - counts[0]
@@ -274,11 +294,8 @@ class HostNetwork:
         if response.status != 200:
             raise error_for(response)
 
-    def fetch_revocation(self, slot):
-        """GET the CRL for the certificate in `slot`: the configured crl_url, else the
-        first HTTP URL of the certificate's CRL distribution points (RFC 5280 4.2.1.13).
-
-        Returns: bytes.  Raises NetError (REFUSED when there is no URL to fetch)."""
+    def _crl_url(self, slot):
+        # crl_url, else the first http(s) distribution point of the slot's certificate.
         url = self.crl_url
         if url is None:
             from cryptography import x509
@@ -300,7 +317,24 @@ class HostNetwork:
         if not url:
             raise NetError(NetError.REFUSED, "no CRL distribution point", None, None,
                            "no_crl_url")
-        return self.fetch(url)
+        return url
+
+    def forget_sessions(self):
+        """Drop the session tickets (device/agent.py calls it after a CRL changed)."""
+        self.tickets.clear()
+
+    def fetch_revocation(self, slot):
+        """GET the CRL for the certificate in `slot`: the configured crl_url, else the
+        first HTTP URL of the certificate's CRL distribution points (RFC 5280 4.2.1.13).
+
+        Returns: bytes.  Raises NetError (REFUSED when there is no URL to fetch)."""
+        return self.fetch(self._crl_url(slot))
+
+    def fetch_root_revocation(self, slot):
+        """GET the fleet root's CRL: root_crl_url, else root.crl beside the issuing CA's
+        CRL URL (device/board_net.root_crl_url_beside).  Returns: bytes.  Raises
+        NetError."""
+        return self.fetch(self.root_crl_url or root_crl_url_beside(self._crl_url(slot)))
 
     def fetch(self, url, timeout=None):
         """GET of a public document (a CRL, a compact set), bounded in time and size: an
@@ -347,7 +381,7 @@ def fetch_url(url, timeout=DEFAULT_IO_TIMEOUT, se=None, trust_roots_der=None):
         try:
             response = client.request(host, port, "GET", path, max_response=MAX_FETCH)
         except TlsClientError as exc:
-            raise NetError(_TLS_REASONS.get(exc.reason, NetError.LINK), exc.detail) from None
+            raise net_error(exc) from None
         if response.status != 200:
             raise error_for(response)
         return response.body

@@ -190,13 +190,16 @@ class PahoSeTransport:
     Params: se: SeSession (selected).  slot: the key slot of the client certificate.
         cert_chain_der: [leaf, intermediates...].  trust_roots_der: roots the broker's
         certificate must chain to.  host, port: the broker.  client_id: MQTT client id
-        (default the certificate CN).  timeout: bound on every wait.
+        (default the certificate CN).  timeout: bound on every wait.  revocation: the
+        broker chain's `revocation(path)` hook (device/board.server_revocation over the
+        agent's CRL caches) or None.
     """
 
     def __init__(self, se, slot, cert_chain_der, trust_roots_der, host, port, client_id=None,
-                 timeout=DEFAULT_TIMEOUT):
+                 timeout=DEFAULT_TIMEOUT, revocation=None):
         self.tls_client = SeTlsClient(se, slot, cert_chain_der, trust_roots_der,
-                                      connect_timeout=timeout, io_timeout=timeout)
+                                      connect_timeout=timeout, io_timeout=timeout,
+                                      revocation=revocation)
         if client_id is None:
             from cryptography.x509.oid import NameOID
 

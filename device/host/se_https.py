@@ -227,7 +227,7 @@ class SeTlsClient:
         bounded by one of them, the handshake by io_timeout overall).  now: () -> epoch
         seconds (default: the host's clock).  tickets: a TicketCache shared by the clients
         of one agent (default: this client's own).  revocation: the chain's revocation
-        hook (device/tls13_keys.crl_revocation).  verify_in_se: True (default) checks the
+        hook (device/board.server_revocation).  verify_in_se: True (default) checks the
         server's chain and CertificateVerify with the SE's VERIFY; False with
         `cryptography` on the host (common/host/tls13_host.ecdsa_verify: public-key
         operations, the anchors still the ones read from the SE; saves two SE VERIFYs

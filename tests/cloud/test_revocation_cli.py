@@ -12,7 +12,7 @@ from fleetid.cli.main import cli
 from fleetid.cloud.revocation import tiers
 from fleetid.cloud.revocation.crl import CrlIssuer, CrlPublisher
 from fleetid.cloud.server import CloudServer
-from tests.cloud.cloud_support import Fleet, LoopThread, revocation_config
+from tests.cloud.cloud_support import Fleet, LoopThread, pem, revocation_config
 
 
 @pytest.fixture
@@ -194,3 +194,35 @@ def test_status_names_each_tier_a_listener_does_not_serve(fleet, tmp_path):
     for path in ("/crl/b42.crl", "/crl/b43.crl", "/revset/current.frs"):
         assert "%s%s: HTTP 404 Not Found" % (server.url, path) in result.stderr, result.stderr
     assert "ocsp: %s/ocsp: HTTP 404 Not Found" % server.url in result.stderr, result.stderr
+
+
+def test_revoke_server_cert_lists_the_clouds_own_certificate_on_the_root_crl(fleet, tmp_path):
+    # `fleetid revoke --server-cert`: the one way to revoke the cloud's TLS certificate
+    # (root-issued, in no registry); the root's CRL view then lists its serial.
+    from cryptography import x509
+
+    from fleetid.cloud.revocation.arl import RootCrlRegistry
+    from fleetid.cloud.verifier import revoked_cas
+
+    config = revocation_config(fleet, tmp_path)
+    path = str(tmp_path / "state" / "revoked-cas.jsonl")
+    device_pem = tmp_path / "device.pem"
+    device_pem.write_bytes(pem(fleet.devices[0].identity_cert))
+    ca_pem = tmp_path / "ca.pem"
+    ca_pem.write_bytes(pem(fleet.ca_certs["b42"]))
+    # Refused, nothing written: a device certificate, a CA (not serverAuth).
+    for bad in (device_pem, ca_pem):
+        result = _run("revoke", "--server-cert", str(bad), "--config", config)
+        assert result.exit_code == 1 and "not a TLS server certificate" in result.output
+        assert not os.path.exists(path)
+    result = _run("revoke", "--server-cert", fleet.server_cert, "--reason", "keyCompromise",
+                  "--operator", "alice", "--config", config)
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.output)
+    assert out["new"] and out["event"] == 1 and out["reason"] == "keyCompromise"
+    with open(fleet.server_cert, "rb") as f:
+        server = x509.load_pem_x509_certificate(f.read())
+    listed = RootCrlRegistry(fleet.registry, path, fleet.root).revoked_certificates(
+        fleet.root.subject.rfc4514_string())
+    assert [r.cert_serial for r in listed] == ["%x" % server.serial_number]
+    assert len(revoked_cas.load(path)[0]) == 1

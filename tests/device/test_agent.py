@@ -224,6 +224,26 @@ def test_revocation_is_refreshed_checked_and_reported(fleet):
     assert report.revocation.startswith("RevokedError")
 
 
+def test_the_root_crl_is_refreshed_too_and_a_changed_crl_drops_the_session_tickets(fleet):
+    root, calls = FakeRevocation(), []
+
+    def refresh(fetch, now):
+        calls.append(fetch())
+        return "updated" if len(calls) == 1 else "unchanged"
+
+    root.refresh = refresh
+    for _ in range(2):
+        agent = fleet.agent(0)
+        agent.root_revocation = root
+        agent.net.fetch_root_revocation = lambda slot: b"root CRL of slot %d" % slot
+        agent.net.forget_sessions = lambda: calls.append("forget")
+        report = agent.run_once()
+    # A changed CRL drops the tickets (a resumed session shows no certificate); the
+    # device's own serial is never checked against the root's CRL.
+    assert calls == [b"root CRL of slot 2", "forget", b"root CRL of slot 2"]
+    assert root.calls == [] and report.revocation is None
+
+
 def test_a_superseded_credential_re_enrols_with_the_identity_certificate(fleet):
     _enrolled(fleet)
     se = fleet.cloud.session(0)

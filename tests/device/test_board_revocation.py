@@ -90,3 +90,17 @@ def test_no_fresh_crl_refuses_no_server_even_when_peers_fail_closed(se, pki):
         cache.check_serial(12345, later)
     # ... the server the refresh goes through is not.
     assert _verdict(pki, board.server_revocation(cache, lambda: later)) == "not revoked"
+
+
+def test_the_hook_checks_every_cache_it_is_given_the_roots_among_them(se, pki):
+    # The agents pass [issuing CA's cache, root's cache]: the server (issued by the root)
+    # is refused by the root's CRL; a cache of another issuer, even empty, says nothing.
+    other = CrlCache(se, MemoryStore(), point_of(pki.root_key.public_key()),
+                     x509.Name.from_rfc4514_string("CN=Another CA").public_bytes(),
+                     CrlPolicy(grace_s=0, object_id=5))
+    root = _cache(se, pki)
+    serial = x509.load_der_x509_certificate(pki.server).serial_number
+    root.refresh(lambda: _crl(pki, 1, [serial]), NOW)
+    error = _refused(pki, board.server_revocation([other, root], lambda: NOW))
+    assert (error.check, error.alert) == ("revocation", 44)
+    assert _verdict(pki, board.server_revocation([other], lambda: NOW)) == "not revoked"
