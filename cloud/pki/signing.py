@@ -98,7 +98,13 @@ class CertificateSigner:
     def sign(self, builder):
         """Sign a complete CertificateBuilder.  Returns x509.Certificate.
         Raises: PkiError(BAD_SIGNATURE), HsmError / KeyNotFound."""
-        tbs = tbs_of(builder)
+        return self.sign_tbs(tbs_of(builder))
+
+    def sign_tbs(self, tbs):
+        """Sign exact TBSCertificate bytes (steps 3-5; e.g. from
+        fleetid.cloud.pki.device_tbs, which needs no throwaway signature).
+        Returns x509.Certificate.  Raises: PkiError(BAD_SIGNATURE), HsmError / KeyNotFound;
+        ValueError if the bytes do not make a certificate."""
         signature = self.hsm.sign(self.label, tbs)
         certificate = x509.load_der_x509_certificate(assemble_signed(tbs, signature))
         if self.verify == "always" or not self._verified_once:
