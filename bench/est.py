@@ -1,7 +1,8 @@
 """EST benchmark: attested re-enrolments per second against the raw certificate-issuance
 rate of `cryptography`, same machine, same run.
 
-    .venv/bin/python bench/est.py [--quick] [--count N] [--devices D]
+    .venv/bin/python bench/est.py [--quick] [--count N] [--devices D] [--callers C]
+                                  [--workers-list 1,2] [--json PATH]
 
 attested   EstService.enroll(..., reenroll=True) in-process: client certificate check
            (chain, attestation extension, registry, overlap), CSR proof of possession,
