@@ -1,7 +1,8 @@
 """EST benchmark: attested re-enrolments per second against the raw certificate-issuance
 rate of `cryptography`, same machine, same run.
 
-    .venv/bin/python bench/est.py [--quick] [--count N] [--devices D]
+    .venv/bin/python bench/est.py [--quick] [--count N] [--devices D] [--callers C]
+                                  [--workers-list 1,2] [--json PATH]
 
 attested   EstService.enroll(..., reenroll=True) in-process: client certificate check
            (chain, attestation extension, registry, overlap), CSR proof of possession,
@@ -10,10 +11,13 @@ attested   EstService.enroll(..., reenroll=True) in-process: client certificate 
            verify_signatures="always" as `fleetid cloud serve` runs it), then recorded in
            the SQLite registry (synchronous=FULL) with the rotation state in the same
            transaction (add_certificate(rotation_state=...)).
-https      the same over HTTPS to the running EST server (new TLS 1.3 connection per
-           re-enrolment, client certificate, base64 bodies).  The client runs in this
-           process, beside the server's thread (they share the GIL and 2 cores): this is
-           wall-clock throughput of client + server, an upper bound on the server's cost.
+https      the same over HTTPS to `fleetid cloud serve --workers N` (N of --workers-list)
+           running in its own processes on the same SQLite registry; the clients run in
+           this process (bench/_est_https_support.py).  Each re-enrolment is a new
+           connection resuming the device's TLS 1.3 session (ticket from its nonce GET),
+           client certificate, base64 bodies.  Server CPU per re-enrolment (/proc, the
+           server's parent + workers) is printed beside the rate; clients and server still
+           share the machine's 2 cores.
 raw        cryptography alone, what a CA that checks nothing would do: load the DER CSR,
            verify its signature, build the same device certificate profile and sign it
            with an in-memory P-256 key.
@@ -23,13 +27,15 @@ concurrent the same re-enrolments from --callers threads at once (an EST server'
            "1 caller" is the sequential figure (every re-enrolment waits for its own
            fsync) beside it, and "no group commit" the concurrent run with
            group_commit=False (one transaction, one fsync per re-enrolment, as before).
+cpu        process CPU time per certificate (time.process_time: every thread of this
+           process, the registry writer's included) of the concurrent in-process run and of
+           raw issuance: on a loaded machine their ratio moves far less than the wall-clock
+           rates'.
 Device-side work (key generation, attestation, CSR signing) is prepared before timing.
 Loops are bounded by --count; the server listens on 127.0.0.1 only.
 """
 
 import argparse
-import base64
-import http.client
 import os
 import shutil
 import sys
@@ -106,21 +112,6 @@ def in_callers(work, callers, call):
     return time.perf_counter() - started
 
 
-def https_reenrol(cloud, contexts, item):
-    device, _cert_der, csr = item
-    conn = http.client.HTTPSConnection("127.0.0.1", cloud.ports["est"], timeout=20,
-                                       context=contexts[device.name])
-    try:
-        conn.request("POST", "/.well-known/est/b42/simplereenroll", body=base64.b64encode(csr),
-                     headers={"Content-Type": "application/pkcs10"})
-        response = conn.getresponse()
-        status, body = response.status, response.read()
-    finally:
-        conn.close()
-    if status != 200:
-        raise RuntimeError("re-enrolment failed: %d %r" % (status, body[:200]))
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true")
@@ -129,12 +120,15 @@ def main(argv=None):
     parser.add_argument("--json", dest="json_path", help="also write the figures as JSON")
     parser.add_argument("--callers", type=int, default=8,
                         help="concurrent re-enrolments (threads / client connections)")
+    parser.add_argument("--workers-list", default="1,2",
+                        help="server worker processes of the HTTPS runs")
     args = parser.parse_args(argv)
+    workers_list = [int(w) for w in args.workers_list.split(",") if w]
     count = args.count or (100 if args.quick else 1000)
     ndev = args.devices or (10 if args.quick else 50)
     callers = max(1, args.callers)
 
-    from bench._cloud_support import Fleet, RunningCloud
+    from bench._cloud_support import Fleet
 
     workdir = tempfile.mkdtemp(prefix="fleetid-bench-est-")
     try:
@@ -156,52 +150,66 @@ def main(argv=None):
         group = fleet.registry.group_commit
         batches, ops = group.batches, group.ops
         half = max(1, count // 2)
-        grouped_s = ungrouped_s = 0.0
+        grouped_s = ungrouped_s = grouped_cpu = 0.0
         for _ in range(2):
-            grouped_s += in_callers(prepare(fleet, devices, half), callers, reenrol)
+            work = prepare(fleet, devices, half)
+            cpu = time.process_time()  # this process's CPU, every thread (writer too)
+            grouped_s += in_callers(work, callers, reenrol)
+            grouped_cpu += time.process_time() - cpu
             fleet.registry.group_commit = None  # each re-enrolment its own transaction
             ungrouped_s += in_callers(prepare(fleet, devices, half), callers, reenrol)
             fleet.registry.group_commit = group
         batches, ops = group.batches - batches, group.ops - ops
         concurrent, ungrouped = 2 * half / grouped_s, 2 * half / ungrouped_s
 
-        raw = count / raw_issuance([csr for _, _, csr in prepare(fleet, devices, count)],
-                                   fleet.ca_certs["b42"])
+        work = prepare(fleet, devices, count)
+        cpu = time.process_time()
+        raw = count / raw_issuance([csr for _, _, csr in work], fleet.ca_certs["b42"])
+        raw_cpu_ms = 1000.0 * (time.process_time() - cpu) / count
+        cpu_ms = 1000.0 * grouped_cpu / (2 * half)
 
-        files = {d.name: d.files() for d in devices}
-        with RunningCloud(fleet) as cloud:
-            # Client TLS contexts (CA file, device key) are built before timing: a device
-            # loads its credentials once, not per request.
-            contexts = {name: cloud.client_context(f) for name, f in files.items()}
+        from bench import _est_https_support
 
-            def over_https(item):
-                https_reenrol(cloud, contexts, item)
-
-            https_1 = count / in_callers(prepare(fleet, devices, count), 1, over_https)
-            https = count / in_callers(prepare(fleet, devices, count), callers, over_https)
+        https = {}
+        for workers in workers_list:  # server in its own processes, clients here
+            https[workers] = _est_https_support.measure(
+                fleet, devices, count, callers, workers, os.path.join(workdir, "serve"))
         fleet.close()
         print("attested re-enrolments (in-process, %2d callers): %8.1f /s  (%d ops in %d "
               "commits)" % (callers, concurrent, ops, batches))
         print("  same, no group commit                : %8.1f /s" % ungrouped)
         print("  same, 1 caller                       : %8.1f /s" % sequential)
-        print("attested re-enrolments (HTTPS, mTLS, %2d)  : %8.1f /s" % (callers, https))
-        print("  same, 1 client                       : %8.1f /s" % https_1)
+        for workers, figures in sorted(https.items()):
+            print("attested re-enrolments (HTTPS, %d worker%s): %8.1f /s  (%d clients, "
+                  "server CPU %.2f ms each, %d%% resumed TLS 1.3)"
+                  % (workers, "s" if workers > 1 else " ", figures["rate"], callers,
+                     figures["server_cpu_ms"], round(100 * figures["resumed"])))
         print("raw cryptography issuance (1 thread)   : %8.1f /s" % raw)
+        print("CPU per certificate: %.2f ms attested (in-process, %d callers, all threads), "
+              "%.2f ms raw: raw/attested %.2fx (the machine's load changes CPU time far less "
+              "than wall time)" % (cpu_ms, callers, raw_cpu_ms, raw_cpu_ms / cpu_ms))
         print("ratio attested/raw: %.2fx in-process (%.2fx without group commit, %.2fx one "
-              "caller), %.2fx over HTTPS (%.2fx one client)"
-              % (concurrent / raw, ungrouped / raw, sequential / raw, https / raw,
-                 https_1 / raw))
+              "caller)" % (concurrent / raw, ungrouped / raw, sequential / raw)
+              + "".join(", %.2fx over HTTPS with %d worker%s" % (
+                  f["rate"] / raw, w, "s" if w > 1 else "") for w, f in sorted(https.items())))
+        if len(https) > 1:
+            low, high = min(https), max(https)
+            print("ratio HTTPS %d/%d workers: %.2fx" % (
+                high, low, https[high]["rate"] / https[low]["rate"]))
         if args.json_path:  # bench/report.py
             from bench._report_support import figure, write_json
 
             write_json(args.json_path, "est",
                        {"attested": concurrent, "attested_ungrouped": ungrouped,
-                        "attested_one_caller": sequential, "https": https,
-                        "https_one_client": https_1, "raw": raw}, [
+                        "attested_one_caller": sequential, "raw": raw,
+                        "attested_cpu_ms": cpu_ms, "raw_cpu_ms": raw_cpu_ms,
+                        "https": {str(w): f for w, f in https.items()}}, [
                            figure("attested re-enrolments, in-process, %d callers" % callers,
                                   concurrent, "/s", "raw cryptography issuance", raw),
-                           figure("attested re-enrolments, HTTPS + mTLS, %d clients" % callers,
-                                  https, "/s", "raw cryptography issuance", raw)])
+                       ] + [figure("attested re-enrolments, HTTPS, %d server worker(s), %d "
+                                   "clients" % (w, callers), f["rate"], "/s",
+                                   "raw cryptography issuance", raw)
+                            for w, f in sorted(https.items())])
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     return 0

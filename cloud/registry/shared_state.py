@@ -73,7 +73,8 @@ class NonceTable:
         Returns None when consumed, else NONCE_UNKNOWN / NONCE_REPLAYED / NONCE_EXPIRED
         (nothing written).  Raises RegistryError(STORAGE)."""
         key, now_text = bytes(nonce).hex(), time_text(now)
-        with self._registry._write() as conn:
+
+        def op(conn):
             cursor = conn.execute(self._q(
                 "UPDATE ca_nonces SET consumed_at = ?, bound_key = ? WHERE nonce = ? AND ca = ? "
                 "AND consumed_at IS NULL AND expires_at > ?"),
@@ -82,9 +83,15 @@ class NonceTable:
                 return None
             row = conn.execute(self._q("SELECT consumed_at FROM ca_nonces WHERE nonce = ? "
                                        "AND ca = ?"), (key, self.ca)).fetchone()
-        if row is None:
-            return NONCE_UNKNOWN
-        return NONCE_REPLAYED if row["consumed_at"] is not None else NONCE_EXPIRED
+            if row is None:
+                return NONCE_UNKNOWN
+            return NONCE_REPLAYED if row["consumed_at"] is not None else NONCE_EXPIRED
+
+        # Through the group commit writer when the registry has one: concurrent requests'
+        # consumptions share one durable commit (as their certificate records do), each in
+        # its own savepoint; the answer is returned only once that commit is done, and the
+        # database's write lock still serialises the conditional UPDATE between processes.
+        return self._registry._batched(op)
 
     def purge(self, now):
         """Delete nonces that expired unused before `now`; returns how many.  Consumed

@@ -134,6 +134,43 @@ def test_one_nonce_raced_by_four_processes_is_consumed_by_exactly_one(tmp_path):
     assert outcomes == ["consumed"] + ["nonce_replayed"] * 3
 
 
+def test_concurrent_nonce_consumptions_share_group_commits_and_are_each_durable(tmp_path):
+    # EST requests consume their nonces at the same moment: through the registry's group
+    # commit writer they share fsyncs; each result is durable (another handle sees it) and
+    # one nonce raced by threads is still consumed once.
+    import threading
+
+    path = tmp_path / "registry.db"
+    with SqliteRegistry(path) as reg, SqliteRegistry(path) as other:
+        store = RegistryNonceStore(shared_tables(reg).nonces("ca-b42"))
+        nonces = [bytes([n]) * 32 for n in range(16)]
+        for nonce in nonces:
+            store.add(nonce, NOW, NOW + TTL)
+        group = reg.group_commit
+        batches, ops = group.batches, group.ops
+        outcomes = []
+        barrier = threading.Barrier(20)
+
+        def consume(nonce):
+            barrier.wait(10)
+            try:
+                store.consume(nonce, NOW, b"k" * 32)
+                outcomes.append("consumed")
+            except NonceRefused as exc:
+                outcomes.append(exc.reason)
+
+        threads = [threading.Thread(target=consume, args=(n,))
+                   for n in nonces + [nonces[0]] * 4]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(30)
+        assert sorted(outcomes) == ["consumed"] * 16 + ["nonce_replayed"] * 4
+        assert group.ops - ops == 20 and group.batches - batches < 20
+        seen = RegistryNonceStore(shared_tables(other).nonces("ca-b42"))
+        assert all(seen.binding(n)[1] == b"k" * 32 for n in nonces)
+
+
 def test_approvals_given_through_one_handle_are_honoured_through_another(tmp_path):
     a, b = (SqliteRegistry(tmp_path / "registry.db") for _ in range(2))
     try:
