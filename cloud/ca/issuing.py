@@ -57,12 +57,11 @@ from fleetid.cloud.ca.evidence import (
 )
 from fleetid.cloud.ca.nonces import InMemoryNonceStore
 from fleetid.cloud.pki import profiles
-from fleetid.cloud.pki.device_tbs import DeviceTbsTemplate, TemplateMismatch
 from fleetid.cloud.pki.errors import PkiError
 from fleetid.cloud.pki.signing import CertificateSigner
 from fleetid.common import der
 from fleetid.common.errors import DerError
-from fleetid.common.oids import OID_ATTR_EVIDENCE, OID_EXT_ATTESTATION
+from fleetid.common.oids import OID_ATTR_EVIDENCE
 
 NONCE_BYTES = 32  # within ATTEST's 1..64 (se_consts.ATTEST_NONCE_MAX)
 DEFAULT_NONCE_TTL = datetime.timedelta(minutes=5)
@@ -203,7 +202,6 @@ class IssuingCa:
         self.nonce_store = nonce_store if nonce_store is not None else InMemoryNonceStore()
         self.evidence_verifier = evidence_verifier or EvidenceVerifier(vendor_roots)
         self._clock = clock or _system_clock
-        self._templates = {}  # (profile name, validity) -> DeviceTbsTemplate or None
 
     def _now(self, now):
         try:
@@ -264,28 +262,12 @@ class IssuingCa:
         public_key = csr.public_key()
         signed = self._use_nonces(evidence, public_key, spki, expected_se_uid, now)
 
-        bundle = evidence.minimal_bundle(signed)
-        template = self._template(profile)
-        if template is not None:  # the same bytes as the builder's, without its throwaway
-            return self.signer.sign_tbs(template.tbs(serial, spki, now, [bundle]))
+        extension = attestation_extension(evidence.minimal_bundle(signed))
         builder = profiles.device_builder(
             profile, serial, public_key, self.ca_certificate, now, crl_url=self.crl_url,
-            extra_extensions=[(attestation_extension(bundle), False)],
+            extra_extensions=[(extension, False)],
         )
         return self.signer.sign(builder)
-
-    def _template(self, profile):
-        """The DeviceTbsTemplate of `profile` under this CA (made on first use), or None
-        when it cannot reproduce the builder's bytes (the builder is used then)."""
-        key = (profile.name, profile.validity)
-        if key not in self._templates:
-            try:
-                template = DeviceTbsTemplate(profile, self.ca_certificate, self.crl_url,
-                                             extra_oids=[OID_EXT_ATTESTATION])
-            except TemplateMismatch:
-                template = None
-            self._templates[key] = template  # a race makes two equal ones: harmless
-        return self._templates[key]
 
     def _use_nonces(self, evidence, public_key, spki, expected_se_uid, now):
         """Consume the nonce of the authenticated statement for `public_key`, bound to the

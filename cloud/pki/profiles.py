@@ -227,15 +227,14 @@ def issuing_ca_builder(subject, public_key, issuer_certificate, not_before, not_
 
 
 def device_builder(profile, serial, public_key, issuer_certificate, not_before, crl_url=None,
-                   extra_extensions=(), serial_number=None):
+                   extra_extensions=()):
     """CertificateBuilder of a device certificate.
 
     Params: profile: CertificateProfile or its name.  serial: device serial (str).
         public_key: the device key (cryptography EC public key).  issuer_certificate: the
         issuing CA's certificate.  not_before: aware datetime.  crl_url: the issuing CA's
         CRL distribution point (str) or None.  extra_extensions: (ExtensionType, critical)
-        pairs (the issuing CA adds the attestation extension this way).  serial_number:
-        the certificate's serial (int; default x509.random_serial_number()).
+        pairs (the issuing CA adds the attestation extension this way).
     Returns: x509.CertificateBuilder (unsigned).
     Raises: PkiError(BAD_INPUT) for a bad serial or profile, PkiError(VALIDITY) if the
         certificate would outlive its issuer.
@@ -257,7 +256,7 @@ def device_builder(profile, serial, public_key, issuer_certificate, not_before, 
         .subject_name(subject)
         .issuer_name(issuer_certificate.subject)
         .public_key(public_key)
-        .serial_number(x509.random_serial_number() if serial_number is None else serial_number)
+        .serial_number(x509.random_serial_number())
         .not_valid_before(not_before - NOT_BEFORE_BACKDATE)
         .not_valid_after(not_after)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)

@@ -18,10 +18,6 @@ live in the HSM (`HsmBackend.sign`), so we:
 5. load the result with `cryptography` and verify its signature with the HSM's public key,
    so a wrong label or a broken backend is caught here, not by a device in the field.
 
-Device certificates on the issuing CA's hot path skip steps 1-2: their TBS comes from
-fleetid.cloud.pki.device_tbs (the builder's bytes without a throwaway signature) and goes
-to `CertificateSigner.sign_tbs` for steps 3-5.
-
 The throwaway key is generated once per process and never leaves it; nothing it signed is
 ever released (its signature is cut off in step 2).  One key or one per call makes no
 difference to what is released; one per process saves a key generation per certificate.
@@ -102,13 +98,7 @@ class CertificateSigner:
     def sign(self, builder):
         """Sign a complete CertificateBuilder.  Returns x509.Certificate.
         Raises: PkiError(BAD_SIGNATURE), HsmError / KeyNotFound."""
-        return self.sign_tbs(tbs_of(builder))
-
-    def sign_tbs(self, tbs):
-        """Sign exact TBSCertificate bytes (steps 3-5; e.g. from
-        fleetid.cloud.pki.device_tbs, which needs no throwaway signature).
-        Returns x509.Certificate.  Raises: PkiError(BAD_SIGNATURE), HsmError / KeyNotFound;
-        ValueError if the bytes do not make a certificate."""
+        tbs = tbs_of(builder)
         signature = self.hsm.sign(self.label, tbs)
         certificate = x509.load_der_x509_certificate(assemble_signed(tbs, signature))
         if self.verify == "always" or not self._verified_once:
