@@ -60,13 +60,15 @@ def issuer_name(cert_der, cert):
     return text
 
 
-def certificate_facts(cert_der):
-    """What the log records about a certificate, from its DER.
+def certificate_facts(cert_der, cert=None):
+    """What the log records about a certificate, from its DER (and `cert`, the parsed
+    certificate, when the caller has it: no second parse).
 
     Returns dict: cert_serial (hex), cert_fingerprint (SHA-256 of the DER, hex),
     issuing_ca (the issuer name, RFC 4514 string).
     """
-    cert = x509.load_der_x509_certificate(bytes(cert_der))
+    if cert is None:
+        cert = x509.load_der_x509_certificate(bytes(cert_der))
     return {
         "cert_serial": cert_serial_hex(cert.serial_number),
         "cert_fingerprint": hashlib.sha256(bytes(cert_der)).hexdigest(),

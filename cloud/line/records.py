@@ -1,17 +1,14 @@
 """What the line writes about a device: the identity record and injection audit entry
-of a commit, the audit facts of a certificate, and the revocation of a certificate that
+of a commit, and the revocation of a certificate that
 was never committed.  (The text of a hold or reconcile reason: audit.free_text.)"""
-
-import hashlib
 
 from cryptography import x509
 
 from fleetid.cloud import audit
 from fleetid.cloud.registry.errors import RegistryError
 from fleetid.cloud.registry.interface import IdentityRecord
-from fleetid.common import attestation, der
+from fleetid.common import attestation
 from fleetid.common import se_consts as C
-from fleetid.common.errors import DerError
 
 REVOCATION_REASON = "cessationOfOperation"  # RFC 5280 5.3.1 CRLReason: never shipped
 
@@ -23,42 +20,6 @@ def statement_from_certificate(cert):
     value = cert.extensions.get_extension_for_oid(ATTESTATION_EXTENSION_OID).value.value
     bundle = attestation.decode_evidence_bundle(value)
     return bundle.statements[0].statement_der
-
-
-def certificate_facts(resources, cert_der, cert=None):
-    """audit.certificate_facts(cert_der), from the parsed `cert` when the caller has it
-    (no second parse; the issuer's RFC 4514 string cached per issuer DER)."""
-    if cert is None:
-        return audit.certificate_facts(cert_der)
-    issuer_der = _issuer_der(cert_der)  # cheaper than building cert.issuer's Name
-    names = getattr(resources, "issuer_names", None)
-    if issuer_der is None:
-        names = None
-    issuer = names.get(issuer_der) if names is not None else None
-    if issuer is None:
-        issuer = cert.issuer.rfc4514_string()
-        if names is not None and len(names) < 64:
-            names[issuer_der] = issuer
-    return {
-        "cert_serial": audit.cert_serial_hex(cert.serial_number),
-        "cert_fingerprint": hashlib.sha256(bytes(cert_der)).hexdigest(),
-        "issuing_ca": issuer,
-    }
-
-
-def _issuer_der(cert_der):
-    # Certificate ::= SEQUENCE { tbsCertificate SEQUENCE { [0] version OPTIONAL,
-    #   serialNumber, signature AlgorithmIdentifier, issuer Name, ... } ... } (RFC 5280
-    # 4.1): the issuer's encoding, as the cache key of its string.  None if unreadable.
-    try:
-        tbs = der.DerReader(cert_der).read_sequence().read_sequence()
-        if tbs.peek_tag() == 0xA0:
-            tbs.read_tlv(0xA0)
-        tbs.read_tlv(der.TAG_INTEGER)
-        tbs.read_raw(der.TAG_SEQUENCE)
-        return tbs.read_raw(der.TAG_SEQUENCE)
-    except DerError:
-        return None
 
 
 def build_commit(resources, station_name, serial, se_uid, cert_der, attestation_hash,
@@ -73,7 +34,7 @@ def build_commit(resources, station_name, serial, se_uid, cert_der, attestation_
         serial=serial, se_uid=bytes(se_uid), identity_cert_der=bytes(cert_der),
         slot=config.slot, aid=C.AID, batch=batch, station=station_name,
         operator=operator, hsm_session=hsm_session, attestation_hash=attestation_hash)
-    facts = certificate_facts(resources, cert_der, cert)
+    facts = audit.certificate_facts(cert_der, cert)
     entry = audit.injection_entry(
         serial=serial, se_uid=se_uid, slot=config.slot, aid=C.AID,
         cert_serial=facts["cert_serial"], cert_fingerprint=facts["cert_fingerprint"],

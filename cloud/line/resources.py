@@ -95,8 +95,6 @@ class LineResources:
         self._verifier_at = None
         self._deliveries = {}  # se_uid -> verified ChipDelivery (oldest first, bounded)
         self.issuer_name = issuing_ca.ca_certificate.subject.rfc4514_string()
-        # issuer Name DER -> RFC 4514 string, for the audit facts (certificate_facts).
-        self.issuer_names = {}
 
     def transport_keys(self):
         """The batch's transport KeySetHandle (looked up once)."""
