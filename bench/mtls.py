@@ -117,6 +117,16 @@ def free_port():
         return probe.getsockname()[1]
 
 
+def stop_processes(processes, wait=10):
+    """SIGTERM each of `processes`, SIGKILL any still running `wait` seconds later."""
+    for proc in processes:
+        proc.terminate()
+        try:
+            proc.wait(wait)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
 def wait_port(port, timeout=30):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -490,12 +500,7 @@ def main(argv=None):
         if args.json_path:  # bench/report.py
             _write_json(args.json_path, results)
     finally:
-        for proc in processes:
-            proc.terminate()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        stop_processes(processes)
         shutil.rmtree(workdir, ignore_errors=True)
     return 0
 

@@ -45,7 +45,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from bench.mtls import cpu_seconds, free_port, wait_port  # noqa: E402
+from bench.mtls import cpu_seconds, free_port, stop_processes, wait_port  # noqa: E402
 
 REQUEST_HEAD = (b"POST /ocsp HTTP/1.1\r\nHost: 127.0.0.1\r\n"
                 b"Content-Type: application/ocsp-request\r\nContent-Length: %d\r\n"
@@ -411,12 +411,7 @@ def main(argv=None):
         errors = sum(r["errors"] for r in results.values())
         return 0 if errors == 0 else 1
     finally:
-        for proc in processes:
-            proc.terminate()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        stop_processes(processes)
         shutil.rmtree(workdir, ignore_errors=True)
 
 
