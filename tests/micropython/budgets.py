@@ -172,6 +172,20 @@ WORKFLOWS = {
                                     "fleetid.common.tls13", "fleetid.device.tls13_keys",
                                     "fleetid.device.https", "fleetid.device.board_net"),
                       3, 334 * 1024, 418 * 1024),
+    # Issue 18's heap goal: one full TLS 1.3 handshake with the SE key (whoami) and one
+    # EST re-enrolment (nonce, key + CSR in the SE, simplereenroll), resumed, through
+    # device/board_net against `fleetid cloud serve`.  First bisected 2026-12-07
+    # (bench/micropython.py --runs 1 run_tls, before any heap work): 251 K, 173.4 K of it
+    # resident bytecode, 77.6 K working.
+    "run_tls": ("tests/micropython/test_tls_micropython.py::test_board_tls_session_and_est_reenrolment_under_micropython",
+                SE_MODULES + ("fleetid.common.der", "fleetid.common.attestation",
+                              "fleetid.device.enrol", "fleetid.device.rotation_journal",
+                              "fleetid.device.agent", "fleetid.common.asn1time",
+                              "fleetid.common.x509", "fleetid.device.certinfo",
+                              "fleetid.common.tls13_crypto", "fleetid.common.tls13_cert",
+                              "fleetid.common.tls13", "fleetid.device.tls13_keys",
+                              "fleetid.device.https", "fleetid.device.board_net"),
+                3, 251 * 1024, 320 * 1024),
     # MQTT from the board over the SE-keyed TLS 1.3 client (device/tls_socket.py under
     # umqtt.simple) straight to mosquitto: the SE session, the TLS client and the channel.
     # Minimum bisected 2026-12-07 (bench/micropython.py run_mqtt_tls, 5 KiB transcript
