@@ -7,6 +7,8 @@
 #     prims.aead(key16) -> an object with
 #         seal(nonce12, aad, plaintext) -> ciphertext || 16-byte tag      (AES-128-GCM)
 #         open(nonce12, aad, ciphertext_and_tag) -> plaintext, or None when the tag fails
+#         and optionally open_in_place(nonce12, aad, writable_buffer) -> plaintext length
+#         or None: the plaintext written over the ciphertext (PortableGcm has it)
 #     prims.random(n) -> n bytes
 # On CPython: fleetid.common.host.tls13_host.CryptographyTls13Primitives (pyca/cryptography).
 # On MicroPython: PortableTls13Primitives below: hashlib's SHA-256, HMAC written here
@@ -270,6 +272,22 @@ class PortableGcm:
         out = bytearray(n)
         self._ctr(nonce, view[:n], out)
         return out
+
+    def open_in_place(self, nonce, aad, buf):
+        """open() into the ciphertext's own writable buffer `buf` (ciphertext || tag):
+        the plaintext overwrites the ciphertext.  Returns: its length, or None when the
+        tag fails (buf then unchanged)."""
+        if len(nonce) != IV_LEN or len(buf) < TAG_LEN:
+            return None
+        n = len(buf) - TAG_LEN
+        expected = self._tag(nonce, aad, buf[:n])
+        acc = 0
+        for k in range(TAG_LEN):
+            acc |= expected[k] ^ buf[n + k]  # constant time in the tag
+        if acc:
+            return None
+        self._ctr(nonce, buf[:n], buf)
+        return n
 
 
 def _cryptolib_ecb(key):

@@ -44,6 +44,13 @@ RECORD_SIZE_LIMIT = const(4096)  # RFC 8449: what the board accepts per TLS reco
 # because that block is what a fragmented board heap fails to find; a longer server chain
 # needs it raised (a handshake over it fails with TlsError "limit").
 MAX_TRANSCRIPT = const(5120)
+# The board's side of the heap: what it sends goes in records of at most SEND_FRAGMENT
+# plaintext bytes (Tls13Config.send_fragment; a 1.5 KB certificate or a 2.4 KB base64 CSR
+# is never sealed as one block), and the socket is read RECV_CHUNK bytes at a time
+# (MicroPython's recv(n) allocates n first).  Measured (bench/micropython.py run_tls):
+# on a heap fragmented by a handshake, blocks of 1.5-2.4 KB were what failed first.
+SEND_FRAGMENT = const(512)
+RECV_CHUNK = const(512)
 
 
 class HttpError(FleetidError):
@@ -378,7 +385,8 @@ class HttpsClient:
                                    self.now, server_name=name, signer=se_signer(self.se, slot),
                                    client_chain=[cert], revocation=self.revocation,
                                    ticket=ticket, record_size_limit=RECORD_SIZE_LIMIT,
-                                   max_transcript=self.max_transcript)
+                                   max_transcript=self.max_transcript,
+                                   send_fragment=SEND_FRAGMENT)
         cert = None
         # Collect before the handshake's largest allocation (the transcript buffer,
         # max_transcript, one contiguous block): measured under MicroPython,
@@ -390,7 +398,7 @@ class HttpsClient:
         gc.collect()
         sock = _connect(host, port, self.timeout_s)
         stream = Tls13Stream(sock, tls13.Tls13Client(config), SystemClock(),
-                             int(self.timeout_s * 1000))
+                             int(self.timeout_s * 1000), RECV_CHUNK)
         try:
             info = stream.handshake()
             self.handshakes += 1
