@@ -121,6 +121,32 @@ def test_small_maximum_fragments_reassemble(env, server_factory):
         stream.close()
 
 
+def test_board_sized_records_with_the_portable_provider(env, server_factory):
+    # What a board runs (device/https): the portable provider (records opened in place
+    # in their own buffer) and small records out (send_fragment), so the client
+    # Certificate and the application data go out in many records; s_server reassembles
+    # them and checks the client's CertificateVerify over that transcript.
+    from fleetid.common.host.tls13_host import ecb_block_function
+    from fleetid.common.tls13_crypto import PortableTls13Primitives
+
+    server = server_factory("-rev")
+    se, _counting, anchors = _device(env)
+    config, _ = se_client_config(se, C.SLOT_IDENTITY, anchors, "localhost",
+                                 prims=PortableTls13Primitives(aes_ecb=ecb_block_function),
+                                 send_fragment=100)
+    stream = connect("127.0.0.1", server.port, config, io_timeout=10)
+    try:
+        assert stream.info.client_certificate
+        line = bytes(range(0x41, 0x5B)) * 20 + b"\n"
+        stream.send(line)
+        received = b""
+        while len(received) < len(line):
+            received += stream.recv()
+        assert received == line[-2::-1] + b"\n"
+    finally:
+        stream.close()
+
+
 def test_session_ticket_resumes_with_one_ecdhe_and_no_signature(env, server_factory):
     server = server_factory("-rev")
     se, counting, anchors = _device(env)
