@@ -342,6 +342,9 @@ class Tls13Config:
         record_size_limit: what we accept per record (RFC 8449; 64..16385).
         send_fragment: the largest plaintext we put in one record (a board sends small
             records so that no large block is needed to seal one; default 2^14).
+        record_buffer: a bytearray received records are assembled and opened in when
+            they fit (one connection at a time may use it), allocated once by a board
+            while its heap is whole; None or a larger record: a buffer per record.
         max_handshake / max_transcript: bounds on one handshake message and on the
             transcript's bytes (hashed as they come, not kept).
         initial_key_share: False sends the first ClientHello with an empty key_share
@@ -354,7 +357,7 @@ class Tls13Config:
                  signer=None, client_chain=None, revocation=None, ticket=None,
                  record_size_limit=RECORD_SIZE_LIMIT_DEFAULT,
                  max_handshake=MAX_HANDSHAKE_DEFAULT, max_transcript=MAX_TRANSCRIPT_DEFAULT,
-                 initial_key_share=True, send_fragment=MAX_PLAINTEXT):
+                 initial_key_share=True, send_fragment=MAX_PLAINTEXT, record_buffer=None):
         if not 64 <= record_size_limit <= MAX_PLAINTEXT + 1:
             raise ValueError("record_size_limit must be 64..16385")
         self.prims = prims
@@ -372,6 +375,7 @@ class Tls13Config:
         self.max_transcript = max_transcript
         self.initial_key_share = initial_key_share
         self.send_fragment = max(64, min(send_fragment, MAX_PLAINTEXT))
+        self.record_buffer = record_buffer
 
 
 class RecordProtection:
@@ -436,7 +440,9 @@ class Tls13Client:
         self._prims = config.prims
         self._state = _START
         self._out = []  # records queued for the peer, each its own bytes
-        self._in = bytearray()
+        self._head = bytearray()  # the next record's header, while incomplete
+        self._rec = None  # the record being received: a writable buffer of its size
+        self._fill = 0  # bytes of _rec received
         self._hs = bytearray()  # handshake bytes not yet a whole message
         self._transcript = None  # _Transcript from start()
         self._read = None
@@ -537,8 +543,7 @@ class Tls13Client:
             raise TlsError("state", ALERT_INTERNAL_ERROR, "start() first")
         events = []
         try:
-            self._in.extend(data)
-            self._records(events)
+            self._feed(data, events)
         except TlsAlertReceived:
             self._state = _CLOSED
             raise
@@ -596,7 +601,8 @@ class Tls13Client:
     def _forget(self):
         self._transcript = None
         self._hs = bytearray()
-        self._in = bytearray()
+        self._head = bytearray()
+        self._rec = None
         self._psk = self._early = self._hs_secret = self._master = None
         self._c_hs = self._s_hs = None
 
@@ -649,39 +655,59 @@ class Tls13Client:
     def _send_alert(self, level, description):
         self._write_record(CT_ALERT, bytes((level, description)))
 
-    def _records(self, events):
-        # No local holds a record while it is processed (the board's heap keeps one copy
-        # of it at a time), and no `del buf[:n]`: MicroPython's bytearray has none.
-        while self._state != _CLOSED:
-            size = self._record_size()
-            if not size:
-                return
-            self._record(size, events)
+    def _feed(self, data, events):
+        # Records assembled in place: the 5-byte header, then one buffer of exactly the
+        # record's size, filled from `data` and processed when whole.  No buffer grows and
+        # nothing after a record is copied (the board's heap holds each record once).
+        view = memoryview(data)
+        i = 0
+        while i < len(view) and self._state != _CLOSED:
+            rec = self._rec
+            if rec is None:
+                take = min(_HEADER - len(self._head), len(view) - i)
+                self._head.extend(view[i:i + take])
+                i += take
+                if len(self._head) < _HEADER:
+                    return
+                size = _HEADER + self._record_length(self._head)
+                shared = self._cfg.record_buffer
+                if shared is not None and size <= len(shared):
+                    rec = memoryview(shared)[:size]
+                else:
+                    rec = bytearray(size)
+                self._rec = rec
+                rec[:_HEADER] = self._head
+                self._head = bytearray()
+                self._fill = _HEADER
+            take = min(len(rec) - self._fill, len(view) - i)
+            rec[self._fill:self._fill + take] = view[i:i + take]
+            self._fill += take
+            i += take
+            if self._fill == len(rec):
+                self._rec = None
+                self._record(rec, events)
+                rec = None
 
-    def _record_size(self):
-        # Header || body size of the next whole record, 0 when it is still incomplete.
-        buf = self._in
-        if len(buf) < _HEADER:
-            return 0
-        length = buf[3] << 8 | buf[4]
+    def _record_length(self, header):
+        # The body length a record header announces, within our limits.
+        length = header[3] << 8 | header[4]
         limit = MAX_CIPHERTEXT if self._read is not None else MAX_PLAINTEXT
         if self._read is not None and self._our_limit_active:
             limit = self._cfg.record_size_limit + K.TAG_LEN
         if length > limit:
             raise TlsError("record_overflow", ALERT_RECORD_OVERFLOW, "%d bytes" % length)
-        if len(buf) < _HEADER + length:
-            return 0
-        return _HEADER + length
+        return length
 
-    def _record(self, size, events):
-        buf = self._in
+    def _record(self, buf, events):
+        # One whole record (a writable buffer of header || body, ours to decrypt in
+        # place; no view of it outlives this call: the record buffer is reused).
+        size = len(buf)
         content_type = buf[0]
         header = bytes(buf[:_HEADER])
         if self._read is not None and content_type == CT_APPLICATION_DATA:
             body = memoryview(buf)[_HEADER:size]  # opened in place where it can be
         else:
             body = bytes(buf[_HEADER:size])
-        self._in = buf[size:] if len(buf) > size else bytearray()
         buf = None
         if content_type == CT_CHANGE_CIPHER_SPEC:
             # RFC 8446 5: one byte 0x01, only while the handshake runs; dropped.

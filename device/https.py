@@ -51,6 +51,9 @@ MAX_TRANSCRIPT = const(5120)
 # on a heap fragmented by a handshake, blocks of 1.5-2.4 KB were what failed first.
 SEND_FRAGMENT = const(512)
 RECV_CHUNK = const(512)
+# Received records are assembled and opened in one buffer the client allocates once
+# (Tls13Config.record_buffer): a record of up to RECORD_SIZE_LIMIT plaintext bytes.
+_RECORD_BUFFER = const(RECORD_SIZE_LIMIT + 22)  # header 5, content type 1, tag 16
 
 
 class HttpError(FleetidError):
@@ -107,11 +110,17 @@ def parse_url(url):
 
 
 class _Reader:
-    # Buffered reads over `recv() -> bytes` (b"" at the end of the stream).
+    # Buffered reads over `recv() -> bytes` (b"" at the end of the stream).  The data
+    # received is consumed by moving a position, never by slicing off what was read (a
+    # 2 KB answer in one record would be copied once per header line otherwise).
     def __init__(self, recv):
         self._recv = recv
         self._buf = b""
+        self._pos = 0
         self._eof = False
+
+    def _left(self):
+        return len(self._buf) - self._pos
 
     def _more(self):
         if self._eof:
@@ -120,37 +129,47 @@ class _Reader:
         if not data:
             self._eof = True
             return False
-        self._buf = self._buf + data if self._buf else bytes(data)
+        if self._left():
+            self._buf = self._buf[self._pos:] + data
+        else:
+            self._buf = bytes(data)
+        self._pos = 0
         return True
 
     def line(self):
         while True:
-            end = self._buf.find(b"\r\n")
+            end = self._buf.find(b"\r\n", self._pos)
             if end >= 0:
-                if end > MAX_LINE:
+                if end - self._pos > MAX_LINE:
                     break
-                out = self._buf[:end]
-                self._buf = self._buf[end + 2:]
+                out = self._buf[self._pos:end]
+                self._pos = end + 2
                 return out
-            if len(self._buf) > MAX_LINE:
+            if self._left() > MAX_LINE:
                 break
             if not self._more():
                 raise HttpError(HttpError.LINK, "answer cut short")
         raise HttpError(HttpError.LINK, "line over %d bytes" % MAX_LINE)
 
+    def _take(self, n, out):
+        # Up to n buffered bytes into `out` (a bytearray); returns how many.
+        take = min(n, self._left())
+        if take:
+            out.extend(memoryview(self._buf)[self._pos:self._pos + take])
+            self._pos += take
+        return take
+
     def exact(self, n, out):
-        while len(self._buf) < n:
-            if not self._more():
+        while n:
+            if not self._left() and not self._more():
                 raise HttpError(HttpError.LINK, "body cut short")
-        out.extend(self._buf[:n])
-        self._buf = self._buf[n:]
+            n -= self._take(n, out)
 
     def to_end(self, limit, out):
         while True:
-            if len(out) + len(self._buf) > limit:
+            if len(out) + self._left() > limit:
                 raise HttpError(HttpError.LINK, "body over %d bytes" % limit)
-            out.extend(self._buf)
-            self._buf = b""
+            self._take(self._left(), out)
             if not self._more():
                 return
 
@@ -341,6 +360,7 @@ class HttpsClient:
         self.max_body = max_body
         self.max_transcript = max_transcript
         self._tickets = {}  # (slot, host, port) -> (certificate digest, SessionTicket)
+        self._record_buffer = bytearray(_RECORD_BUFFER)
         self.handshakes = 0
         self.resumed = 0
         self.se_operations = 0
@@ -386,7 +406,8 @@ class HttpsClient:
                                    client_chain=[cert], revocation=self.revocation,
                                    ticket=ticket, record_size_limit=RECORD_SIZE_LIMIT,
                                    max_transcript=self.max_transcript,
-                                   send_fragment=SEND_FRAGMENT)
+                                   send_fragment=SEND_FRAGMENT,
+                                   record_buffer=self._record_buffer)
         cert = None
         # Collect before the handshake's largest allocation (the transcript buffer,
         # max_transcript, one contiguous block): measured under MicroPython,

@@ -182,6 +182,7 @@ WORKFLOWS = {
                               "fleetid.device.enrol", "fleetid.device.rotation_journal",
                               "fleetid.device.agent", "fleetid.common.asn1time",
                               "fleetid.common.x509", "fleetid.device.certinfo",
+                              "fleetid.common.oids", "fleetid.device.certcheck",
                               "fleetid.common.tls13_crypto", "fleetid.common.tls13_cert",
                               "fleetid.common.tls13", "fleetid.device.tls13_keys",
                               "fleetid.device.https", "fleetid.device.board_net"),
