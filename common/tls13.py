@@ -342,6 +342,9 @@ class Tls13Config:
         record_size_limit: what we accept per record (RFC 8449; 64..16385).
         send_fragment: the largest plaintext we put in one record (a board sends small
             records so that no large block is needed to seal one; default 2^14).
+        data_chunk: None, or the largest bytes object one EVENT_DATA carries: a record's
+            data is then handed out in pieces of at most that size (a board needs no
+            block of a whole record for it).
         record_buffer: a bytearray received records are assembled and opened in when
             they fit (one connection at a time may use it), allocated once by a board
             while its heap is whole; None or a larger record: a buffer per record.
@@ -357,7 +360,8 @@ class Tls13Config:
                  signer=None, client_chain=None, revocation=None, ticket=None,
                  record_size_limit=RECORD_SIZE_LIMIT_DEFAULT,
                  max_handshake=MAX_HANDSHAKE_DEFAULT, max_transcript=MAX_TRANSCRIPT_DEFAULT,
-                 initial_key_share=True, send_fragment=MAX_PLAINTEXT, record_buffer=None):
+                 initial_key_share=True, send_fragment=MAX_PLAINTEXT, record_buffer=None,
+                 data_chunk=None):
         if not 64 <= record_size_limit <= MAX_PLAINTEXT + 1:
             raise ValueError("record_size_limit must be 64..16385")
         self.prims = prims
@@ -376,6 +380,7 @@ class Tls13Config:
         self.initial_key_share = initial_key_share
         self.send_fragment = max(64, min(send_fragment, MAX_PLAINTEXT))
         self.record_buffer = record_buffer
+        self.data_chunk = data_chunk
 
 
 class RecordProtection:
@@ -753,7 +758,9 @@ class Tls13Client:
             if self._hs:
                 # RFC 8446 5.1: handshake messages must not be interleaved with other types
                 raise TlsError("unexpected_message", ALERT_UNEXPECTED_MESSAGE, "interleaved")
-            events.append((EVENT_DATA, bytes(body)))
+            step = self._cfg.data_chunk or len(body)
+            for i in range(0, len(body), step):
+                events.append((EVENT_DATA, bytes(body[i:i + step])))
         else:
             raise TlsError("unexpected_message", ALERT_UNEXPECTED_MESSAGE,
                            "content type %d" % content_type)

@@ -159,6 +159,17 @@ class _Reader:
             self._pos += take
         return take
 
+    def fill(self, view):
+        # Exactly len(view) bytes into the writable `view`.
+        got = 0
+        while got < len(view):
+            if not self._left() and not self._more():
+                raise HttpError(HttpError.LINK, "body cut short")
+            take = min(len(view) - got, self._left())
+            view[got:got + take] = memoryview(self._buf)[self._pos:self._pos + take]
+            self._pos += take
+            got += take
+
     def exact(self, n, out):
         while n:
             if not self._left() and not self._more():
@@ -259,7 +270,8 @@ def read_response(recv, max_body=MAX_BODY_DEFAULT, method="GET"):
             raise HttpError(HttpError.LINK, "bad Content-Length") from None
         if length < 0 or length > max_body:
             raise HttpError(HttpError.LINK, "body of %d bytes over %d" % (length, max_body))
-        reader.exact(length, body)
+        body = bytearray(length)  # one block of the announced size, filled in place
+        reader.fill(memoryview(body))
     else:
         reader.to_end(max_body, body)
     return HttpResponse(status, headers, bytes(body))
@@ -407,7 +419,7 @@ class HttpsClient:
                                    ticket=ticket, record_size_limit=RECORD_SIZE_LIMIT,
                                    max_transcript=self.max_transcript,
                                    send_fragment=SEND_FRAGMENT,
-                                   record_buffer=self._record_buffer)
+                                   record_buffer=self._record_buffer, data_chunk=RECV_CHUNK)
         cert = None
         # Collect before the handshake's largest allocation (the transcript buffer,
         # max_transcript, one contiguous block): measured under MicroPython,
