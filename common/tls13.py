@@ -758,12 +758,19 @@ class Tls13Client:
             if self._hs:
                 # RFC 8446 5.1: handshake messages must not be interleaved with other types
                 raise TlsError("unexpected_message", ALERT_UNEXPECTED_MESSAGE, "interleaved")
-            step = self._cfg.data_chunk or len(body)
-            for i in range(0, len(body), step):
-                events.append((EVENT_DATA, bytes(body[i:i + step])))
+            self._data(body, events)
         else:
             raise TlsError("unexpected_message", ALERT_UNEXPECTED_MESSAGE,
                            "content type %d" % content_type)
+
+    def _data(self, body, events):
+        # Application data out as bytes, in pieces of at most data_chunk bytes.
+        step = self._cfg.data_chunk or len(body)
+        if not step:
+            events.append((EVENT_DATA, b""))  # an empty record, as it came
+            return
+        for i in range(0, len(body), step):
+            events.append((EVENT_DATA, bytes(body[i:i + step])))
 
     def _alert(self, body, events):
         if len(body) != 2:
