@@ -33,10 +33,11 @@
 #     buffers; max_fragment_length (RFC 6066) is not offered (superseded by RFC 8449).
 #
 # Wire formats: RFC 8446 4 (handshake), 5 (record layer), 6 (alerts); all integers
-# big-endian.  The transcript is kept as bytes and hashed whole at each point a hash is
-# needed (MicroPython's hashlib has no copy()), in one buffer of max_transcript bytes
-# allocated when the handshake starts: growing a buffer on a fragmented board heap needs
-# a larger free block than the data itself.
+# big-endian.  The transcript's bytes are not kept: MicroPython's hashlib has no copy()
+# and its digest() ends a hash, so every handshake message is fed to as many running
+# SHA-256 objects as the handshake will take transcript hashes, and each hash ends one of
+# them (_Transcript).  No buffer of the whole transcript, which on a fragmented board heap
+# needed one block larger than the data.
 #
 # Every failure is a TlsError (common/errors.py) with `reason` and `alert`; when the
 # failure is ours to report, the fatal alert record is queued in data_to_send() first.
@@ -148,6 +149,11 @@ _START = const(8)
 RECORD_SIZE_LIMIT_DEFAULT = const(4096)
 MAX_HANDSHAKE_DEFAULT = const(16384)
 MAX_TRANSCRIPT_DEFAULT = const(8192)  # a fleet handshake is 3-4 KB (two chains of 1-2 certs)
+# Transcript hashes one ClientHello..client Finished takes at most: the PSK binder, the
+# handshake secrets, the server's CertificateVerify and Finished, the application
+# secrets, our CertificateVerify and Finished, the resumption secret.  A
+# HelloRetryRequest takes one more hash (ClientHello1) and restarts the transcript.
+_TRANSCRIPT_HASHES = const(8)
 
 
 def _u16(n):
@@ -247,6 +253,33 @@ def _extensions(data, allowed):
     return out
 
 
+class _Transcript:
+    # The handshake transcript (RFC 8446 4.4.1) as `count` running SHA-256 objects fed
+    # the same messages; hash() ends one of them.  `limit` bounds the bytes fed.
+    def __init__(self, count, limit):
+        import hashlib
+
+        self._pool = [hashlib.sha256() for _ in range(count)]
+        self.length = 0
+        self._limit = limit
+
+    def add(self, message):
+        self.length += len(message)
+        if self.length > self._limit:
+            raise TlsError("limit", ALERT_INTERNAL_ERROR, "transcript")
+        for running in self._pool:
+            running.update(message)
+
+    def hash(self, partial=None):
+        """Transcript-Hash of the messages so far (and `partial` bytes after them)."""
+        if not self._pool:
+            raise TlsError("limit", ALERT_INTERNAL_ERROR, "transcript hashes")
+        running = self._pool.pop()
+        if partial is not None:
+            running.update(partial)
+        return running.digest()
+
+
 class SessionTicket:
     """A NewSessionTicket (RFC 8446 4.6.1) with its resumption PSK.
 
@@ -307,8 +340,16 @@ class Tls13Config:
         revocation: optional `revocation(path)` (common/tls13_cert.py).
         ticket: a SessionTicket to offer for PSK-DHE resumption, or None.
         record_size_limit: what we accept per record (RFC 8449; 64..16385).
+        send_fragment: the largest plaintext we put in one record (a board sends small
+            records so that no large block is needed to seal one; default 2^14).
+        data_chunk: None, or the largest bytes object one EVENT_DATA carries: a record's
+            data is then handed out in pieces of at most that size (a board needs no
+            block of a whole record for it).
+        record_buffer: a bytearray received records are assembled and opened in when
+            they fit (one connection at a time may use it), allocated once by a board
+            while its heap is whole; None or a larger record: a buffer per record.
         max_handshake / max_transcript: bounds on one handshake message and on the
-            transcript bytes kept.
+            transcript's bytes (hashed as they come, not kept).
         initial_key_share: False sends the first ClientHello with an empty key_share
             (RFC 8446 4.2.8 lets a client ask the server to pick the group); the share is
             then made after the HelloRetryRequest.  Costs a round trip: for tests and
@@ -319,7 +360,8 @@ class Tls13Config:
                  signer=None, client_chain=None, revocation=None, ticket=None,
                  record_size_limit=RECORD_SIZE_LIMIT_DEFAULT,
                  max_handshake=MAX_HANDSHAKE_DEFAULT, max_transcript=MAX_TRANSCRIPT_DEFAULT,
-                 initial_key_share=True):
+                 initial_key_share=True, send_fragment=MAX_PLAINTEXT, record_buffer=None,
+                 data_chunk=None):
         if not 64 <= record_size_limit <= MAX_PLAINTEXT + 1:
             raise ValueError("record_size_limit must be 64..16385")
         self.prims = prims
@@ -336,6 +378,9 @@ class Tls13Config:
         self.max_handshake = max_handshake
         self.max_transcript = max_transcript
         self.initial_key_share = initial_key_share
+        self.send_fragment = max(64, min(send_fragment, MAX_PLAINTEXT))
+        self.record_buffer = record_buffer
+        self.data_chunk = data_chunk
 
 
 class RecordProtection:
@@ -360,16 +405,28 @@ class RecordProtection:
 
     def seal(self, content_type, fragment):
         """TLSCiphertext for one fragment (no padding).  Returns: header || encrypted."""
-        inner = fragment + bytes((content_type,))
-        header = bytes((CT_APPLICATION_DATA,)) + _u16(LEGACY_VERSION) + _u16(len(inner) + K.TAG_LEN)
-        return header + self._aead.seal(self._nonce(), header, inner)
+        n = len(fragment)
+        inner = bytearray(n + 1)
+        inner[:n] = fragment
+        inner[n] = content_type
+        header = bytes((CT_APPLICATION_DATA,)) + _u16(LEGACY_VERSION) + _u16(n + 1 + K.TAG_LEN)
+        sealed = self._aead.seal(self._nonce(), header, inner)
+        inner = None
+        return header + sealed
 
     def open(self, header, body):
-        """Decrypt one record.  Returns: TLSInnerPlaintext (content || type || zeros).
-        Raises: TlsError("bad_record_mac")."""
+        """Decrypt one record.  Returns: TLSInnerPlaintext (content || type || zeros):
+        a view of `body` itself when body is a memoryview (of a writable buffer) and the provider
+        decrypts in place, else new bytes.  Raises: TlsError("bad_record_mac")."""
         if len(body) < K.TAG_LEN + 1:
             raise TlsError("bad_record_mac", ALERT_BAD_RECORD_MAC, "short record")
-        plain = self._aead.open(self._nonce(), header, body)
+        in_place = getattr(self._aead, "open_in_place", None)
+        if in_place is not None and isinstance(body, memoryview):
+            # The portable provider decrypts into the record's own buffer: no copy.
+            n = in_place(self._nonce(), header, body)
+            plain = None if n is None else body[:n]
+        else:
+            plain = self._aead.open(self._nonce(), header, body)
         if plain is None:
             raise TlsError("bad_record_mac", ALERT_BAD_RECORD_MAC)
         return plain
@@ -387,11 +444,12 @@ class Tls13Client:
         self._cfg = config
         self._prims = config.prims
         self._state = _START
-        self._out = bytearray()
-        self._in = bytearray()
+        self._out = []  # records queued for the peer, each its own bytes
+        self._head = bytearray()  # the next record's header, while incomplete
+        self._rec = None  # the record being received: a writable buffer of its size
+        self._fill = 0  # bytes of _rec received
         self._hs = bytearray()  # handshake bytes not yet a whole message
-        self._transcript = None  # bytearray(max_transcript) from start(); _tlen bytes used
-        self._tlen = 0
+        self._transcript = None  # _Transcript from start()
         self._read = None
         self._write = None
         self._peer_limit = None  # peer's record_size_limit
@@ -434,7 +492,7 @@ class Tls13Client:
         if self._state != _START:
             raise TlsError("state", ALERT_INTERNAL_ERROR, "already started")
         try:
-            self._transcript = bytearray(self._cfg.max_transcript)
+            self._transcript = _Transcript(_TRANSCRIPT_HASHES, self._cfg.max_transcript)
             self._random = self._prims.random(32)
             if self._cfg.initial_key_share:
                 self._generate_share()
@@ -465,8 +523,16 @@ class Tls13Client:
 
     def data_to_send(self):
         """Returns (and clears) the bytes queued for the peer."""
-        out = bytes(self._out)
-        self._out = bytearray()
+        out = b"".join(self._out)
+        self._out = []
+        return out
+
+    def records_to_send(self):
+        """Returns (and clears) the queued records as a list of bytes: the same bytes as
+        data_to_send() without joining them into one block (a board sends them one by
+        one)."""
+        out = self._out
+        self._out = []
         return out
 
     def receive(self, data):
@@ -482,8 +548,7 @@ class Tls13Client:
             raise TlsError("state", ALERT_INTERNAL_ERROR, "start() first")
         events = []
         try:
-            self._in.extend(data)
-            self._records(events)
+            self._feed(data, events)
         except TlsAlertReceived:
             self._state = _CLOSED
             raise
@@ -510,7 +575,7 @@ class Tls13Client:
         """Queue application data (fragmented to the peer's record size limit)."""
         if self._state != _CONNECTED:
             raise TlsError("state", ALERT_INTERNAL_ERROR, "not connected")
-        self._write_record(CT_APPLICATION_DATA, bytes(data))
+        self._write_record(CT_APPLICATION_DATA, memoryview(data))
 
     def key_update(self, request_peer=False):
         """Send KeyUpdate and move to the next write secret (RFC 8446 4.6.3).
@@ -540,18 +605,19 @@ class Tls13Client:
 
     def _forget(self):
         self._transcript = None
-        self._tlen = 0
         self._hs = bytearray()
-        self._in = bytearray()
+        self._head = bytearray()
+        self._rec = None
         self._psk = self._early = self._hs_secret = self._master = None
         self._c_hs = self._s_hs = None
 
     # -- record layer (RFC 8446 5) ----------------------------------------------------------
 
     def _max_fragment(self):
+        step = self._cfg.send_fragment
         if self._peer_limit is not None and self._write is not None:
-            return min(MAX_PLAINTEXT, self._peer_limit - 1)  # RFC 8449 4: includes the type
-        return MAX_PLAINTEXT
+            return min(step, self._peer_limit - 1)  # RFC 8449 4: includes the type
+        return step
 
     def _write_record(self, content_type, payload):
         step = self._max_fragment()
@@ -559,46 +625,94 @@ class Tls13Client:
         while True:
             chunk = payload[i:i + step]
             if self._write is None:
-                self._out.extend(bytes((content_type,)) + _u16(LEGACY_VERSION) + _vec16(chunk))
+                self._out.append(bytes((content_type,)) + _u16(LEGACY_VERSION) + _vec16(chunk))
             else:
-                self._out.extend(self._write.seal(content_type, chunk))
+                self._out.append(self._write.seal(content_type, chunk))
             i += step
             if i >= len(payload):
                 break
 
+    def _write_handshake_pieces(self, pieces):
+        # One handshake message given as consecutive pieces: each fed to the transcript,
+        # and the bytes written in handshake records of at most send_fragment bytes
+        # (RFC 8446 5.1 lets a handshake message span records).
+        total = 0
+        for piece in pieces:
+            total += len(piece)
+        step = min(self._max_fragment(), total)
+        stage = bytearray(step)
+        fill = 0
+        for piece in pieces:
+            self._add(piece)
+            view = memoryview(piece)
+            i = 0
+            while i < len(view):
+                take = min(len(view) - i, step - fill)
+                stage[fill:fill + take] = view[i:i + take]
+                fill += take
+                i += take
+                if fill == step:
+                    self._write_record(CT_HANDSHAKE, stage)
+                    fill = 0
+        if fill:
+            self._write_record(CT_HANDSHAKE, memoryview(stage)[:fill])
+
     def _send_alert(self, level, description):
         self._write_record(CT_ALERT, bytes((level, description)))
 
-    def _records(self, events):
-        # No local holds a record while it is processed (the board's heap keeps one copy
-        # of it at a time), and no `del buf[:n]`: MicroPython's bytearray has none.
-        while self._state != _CLOSED:
-            size = self._record_size()
-            if not size:
-                return
-            self._record(size, events)
+    def _feed(self, data, events):
+        # Records assembled in place: the 5-byte header, then one buffer of exactly the
+        # record's size, filled from `data` and processed when whole.  No buffer grows and
+        # nothing after a record is copied (the board's heap holds each record once).
+        view = memoryview(data)
+        i = 0
+        while i < len(view) and self._state != _CLOSED:
+            rec = self._rec
+            if rec is None:
+                take = min(_HEADER - len(self._head), len(view) - i)
+                self._head.extend(view[i:i + take])
+                i += take
+                if len(self._head) < _HEADER:
+                    return
+                size = _HEADER + self._record_length(self._head)
+                shared = self._cfg.record_buffer
+                if shared is not None and size <= len(shared):
+                    rec = memoryview(shared)[:size]
+                else:
+                    rec = bytearray(size)
+                self._rec = rec
+                rec[:_HEADER] = self._head
+                self._head = bytearray()
+                self._fill = _HEADER
+            take = min(len(rec) - self._fill, len(view) - i)
+            rec[self._fill:self._fill + take] = view[i:i + take]
+            self._fill += take
+            i += take
+            if self._fill == len(rec):
+                self._rec = None
+                self._record(rec, events)
+                rec = None
 
-    def _record_size(self):
-        # Header || body size of the next whole record, 0 when it is still incomplete.
-        buf = self._in
-        if len(buf) < _HEADER:
-            return 0
-        length = buf[3] << 8 | buf[4]
+    def _record_length(self, header):
+        # The body length a record header announces, within our limits.
+        length = header[3] << 8 | header[4]
         limit = MAX_CIPHERTEXT if self._read is not None else MAX_PLAINTEXT
         if self._read is not None and self._our_limit_active:
             limit = self._cfg.record_size_limit + K.TAG_LEN
         if length > limit:
             raise TlsError("record_overflow", ALERT_RECORD_OVERFLOW, "%d bytes" % length)
-        if len(buf) < _HEADER + length:
-            return 0
-        return _HEADER + length
+        return length
 
-    def _record(self, size, events):
-        buf = self._in
-        self._in = buf[size:]
+    def _record(self, buf, events):
+        # One whole record (a writable buffer of header || body, ours to decrypt in
+        # place; no view of it outlives this call: the record buffer is reused).
+        size = len(buf)
         content_type = buf[0]
         header = bytes(buf[:_HEADER])
-        body = bytes(buf[_HEADER:size])
+        if self._read is not None and content_type == CT_APPLICATION_DATA:
+            body = memoryview(buf)[_HEADER:size]  # opened in place where it can be
+        else:
+            body = bytes(buf[_HEADER:size])
         buf = None
         if content_type == CT_CHANGE_CIPHER_SPEC:
             # RFC 8446 5: one byte 0x01, only while the handshake runs; dropped.
@@ -630,7 +744,7 @@ class Tls13Client:
         elif content_type == CT_APPLICATION_DATA:
             raise TlsError("unexpected_message", ALERT_UNEXPECTED_MESSAGE, "data before keys")
         if content_type == CT_HANDSHAKE:
-            if not body:
+            if len(body) == 0:
                 raise TlsError("unexpected_message", ALERT_UNEXPECTED_MESSAGE,
                                "empty handshake record")
             self._hs.extend(body)
@@ -644,10 +758,19 @@ class Tls13Client:
             if self._hs:
                 # RFC 8446 5.1: handshake messages must not be interleaved with other types
                 raise TlsError("unexpected_message", ALERT_UNEXPECTED_MESSAGE, "interleaved")
-            events.append((EVENT_DATA, body))
+            self._data(body, events)
         else:
             raise TlsError("unexpected_message", ALERT_UNEXPECTED_MESSAGE,
                            "content type %d" % content_type)
+
+    def _data(self, body, events):
+        # Application data out as bytes, in pieces of at most data_chunk bytes.
+        step = self._cfg.data_chunk or len(body)
+        if not step:
+            events.append((EVENT_DATA, b""))  # an empty record, as it came
+            return
+        for i in range(0, len(body), step):
+            events.append((EVENT_DATA, bytes(body[i:i + step])))
 
     def _alert(self, body, events):
         if len(body) != 2:
@@ -690,14 +813,10 @@ class Tls13Client:
                            "message spans key change")
 
     def _add(self, message):
-        end = self._tlen + len(message)
-        if end > len(self._transcript):
-            raise TlsError("limit", ALERT_INTERNAL_ERROR, "transcript")
-        self._transcript[self._tlen:end] = message
-        self._tlen = end
+        self._transcript.add(message)
 
     def _th(self):
-        return self._prims.sha256(memoryview(self._transcript)[:self._tlen])
+        return self._transcript.hash()
 
     def _message(self, msg_type, message, events):
         state = self._state
@@ -762,13 +881,11 @@ class Tls13Client:
         if binder_len:
             # RFC 8446 4.2.11.2: the binder is a Finished MAC over the transcript up to
             # and including the identities (the ClientHello without the binders list).
-            truncated = bytes(message[:len(message) - binder_len])
             binder_key = K.derive_secret(self._prims, self._early, b"res binder",
                                          self._prims.sha256(b""))
-            mark = self._tlen
-            self._add(truncated)
-            binder = K.finished_mac(self._prims, binder_key, self._th())
-            self._tlen = mark
+            truncated = memoryview(message)[:len(message) - binder_len]
+            binder = K.finished_mac(self._prims, binder_key, self._transcript.hash(truncated))
+            truncated = None
             message[len(message) - K.HASH_LEN:] = binder
         self._add(message)
         self._write_record(CT_HANDSHAKE, bytes(message))
@@ -876,7 +993,7 @@ class Tls13Client:
             self._generate_share()
         # RFC 8446 4.4.1: ClientHello1 is replaced by message_hash(Hash(ClientHello1)).
         ch1_hash = self._th()
-        self._tlen = 0
+        self._transcript = _Transcript(_TRANSCRIPT_HASHES, self._cfg.max_transcript)
         self._add(_handshake(HT_MESSAGE_HASH, ch1_hash))
         self._add(message)
         self._expect_key_change()
@@ -1010,20 +1127,28 @@ class Tls13Client:
         self._state = _CONNECTED
         # The transcript and handshake secrets are no longer needed.
         self._transcript = None
-        self._tlen = 0
         self._psk = self._early = self._hs_secret = self._master = None
         self._c_hs = self._s_hs = None
         events.append((EVENT_HANDSHAKE_COMPLETE, info))
 
     def _send_client_certificate(self):
+        # The Certificate message in pieces (header, then per certificate its length, its
+        # DER and empty extensions), each hashed and written in records of at most
+        # send_fragment bytes: the chain is never copied into one message-sized block.
         cfg = self._cfg
-        entries = bytearray()
-        if cfg.signer is not None:
-            for cert in cfg.client_chain:
-                entries += _vec24(cert) + _vec16(b"")
-        certificate = _handshake(HT_CERTIFICATE, _vec8(self._cr_context) + _vec24(bytes(entries)))
-        self._add(certificate)
-        self._write_record(CT_HANDSHAKE, certificate)
+        chain = cfg.client_chain if cfg.signer is not None else ()
+        entries = 0
+        for cert in chain:
+            entries += 3 + len(cert) + 2
+        context = _vec8(self._cr_context)
+        pieces = [bytes((HT_CERTIFICATE,)) + _u24(len(context) + 3 + entries) + context
+                  + _u24(entries)]
+        for cert in chain:
+            pieces.append(_u24(len(cert)))
+            pieces.append(cert)
+            pieces.append(b"\x00\x00")
+        self._write_handshake_pieces(pieces)
+        pieces = None
         if cfg.signer is None:
             return  # RFC 8446 4.4.2: an empty Certificate, no CertificateVerify
         content = b"\x20" * 64 + _CLIENT_CV_CONTEXT + b"\x00" + self._th()

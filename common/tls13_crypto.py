@@ -7,6 +7,8 @@
 #     prims.aead(key16) -> an object with
 #         seal(nonce12, aad, plaintext) -> ciphertext || 16-byte tag      (AES-128-GCM)
 #         open(nonce12, aad, ciphertext_and_tag) -> plaintext, or None when the tag fails
+#         and optionally open_in_place(nonce12, aad, writable_buffer) -> plaintext length
+#         or None: the plaintext written over the ciphertext (PortableGcm has it)
 #     prims.random(n) -> n bytes
 # On CPython: fleetid.common.host.tls13_host.CryptographyTls13Primitives (pyca/cryptography).
 # On MicroPython: PortableTls13Primitives below: hashlib's SHA-256, HMAC written here
@@ -16,6 +18,8 @@
 #
 # Nothing here copies a hash object (MicroPython's hashlib has no copy()): every digest
 # is computed over complete bytes.  Nothing here logs; keys never appear in reprs.
+
+from array import array
 
 try:
     from micropython import const
@@ -31,7 +35,6 @@ IV_LEN = const(12)  # RFC 8446 5.3: iv_length = max(8, N_MIN) = 12 for AES-GCM
 TAG_LEN = const(16)
 _BLOCK = const(16)
 _HMAC_BLOCK = const(64)  # SHA-256 block size (RFC 2104 "B")
-_MASK128 = (1 << 128) - 1
 
 ZEROS = bytes(HASH_LEN)
 
@@ -103,111 +106,203 @@ def hmac_sha256(sha256, key, data):
 
 
 # GCM reduction of the 4 bits shifted out, for Shoup's 4-bit table method (as in mbed TLS
-# gcm.c "last4"), placed in the top 16 bits of the 128-bit accumulator.
+# gcm.c "last4"): XORed into the most significant 16 bits of the 128-bit accumulator.
 _LAST4 = (0x0000, 0x1C20, 0x3840, 0x2460, 0x7080, 0x6CA0, 0x48C0, 0x54E0,
           0xE100, 0xFD20, 0xD940, 0xC560, 0x9180, 0x8DA0, 0xA9C0, 0xB5E0)
 _R = 0xE1 << 120  # x^128 + x^7 + x^2 + x + 1 in GCM's reflected bit order (SP 800-38D 6.3)
 
 
+def _h_table(h_block):
+    # The 16 multiples of H for Shoup's method, as one array of 16-bit limbs per limb
+    # position (limb 0 = the most significant 16 bits).  Built once per key with 128-bit
+    # integers; the per-block work below uses the limbs only.
+    table = [0] * 16
+    v = int.from_bytes(h_block, "big")
+    table[8] = v
+    i = 4
+    while i:
+        v = (v >> 1) ^ _R if v & 1 else v >> 1
+        table[i] = v
+        i >>= 1
+    i = 2
+    while i < 16:
+        for j in range(1, i):
+            table[i + j] = table[i] ^ table[j]
+        i <<= 1
+    return [array("H", [(t >> (112 - 16 * k)) & 0xFFFF for t in table]) for k in range(8)]
+
+
 class Ghash:
     """GHASH (NIST SP 800-38D 6.4) for one hash subkey H, with a 16-entry table of the
     multiples of H (Shoup's 4-bit method): 32 table steps per block instead of 128 bit
-    steps.  Blocks are big-endian 128-bit integers, bit 0 of the field being the MSB."""
+    steps.  The 128-bit accumulator is eight 16-bit limbs (most significant first) in
+    locals and one preallocated array: every value stays a small int on 32-bit ports
+    too (no 128-bit integer, so no heap allocation, per block)."""
 
     def __init__(self, h_block):
-        table = [0] * 16
-        v = int.from_bytes(h_block, "big")
-        table[8] = v
-        i = 4
-        while i:
-            v = (v >> 1) ^ _R if v & 1 else v >> 1
-            table[i] = v
-            i >>= 1
-        i = 2
-        while i < 16:
-            for j in range(1, i):
-                table[i + j] = table[i] ^ table[j]
-            i <<= 1
-        self._table = table
+        self._t = _h_table(h_block)
+        self._y = array("H", [0] * 8)
 
-    def mult(self, x):
-        """x * H in GF(2^128); x and the result as 128-bit integers."""
-        table = self._table
+    def _mult(self, y):
+        # y <- y * H in place: the nibbles of y from the least significant up, each step
+        # z = (z >> 4) ^ reduction ^ table[nibble].
+        t0, t1, t2, t3, t4, t5, t6, t7 = self._t
         last4 = _LAST4
-        z = 0
-        for i in range(15, -1, -1):
-            byte = (x >> (8 * (15 - i))) & 0xFF
-            if i != 15:
-                rem = z & 0xF
-                z = (z >> 4) ^ (last4[rem] << 112)
-            z ^= table[byte & 0xF]
-            rem = z & 0xF
-            z = (z >> 4) ^ (last4[rem] << 112)
-            z ^= table[byte >> 4]
-        return z
+        z0 = z1 = z2 = z3 = z4 = z5 = z6 = z7 = 0
+        for j in range(7, -1, -1):
+            w = y[j]
+            for _ in range(4):
+                rem = z7 & 0xF
+                z7 = (z7 >> 4) | ((z6 & 0xF) << 12)
+                z6 = (z6 >> 4) | ((z5 & 0xF) << 12)
+                z5 = (z5 >> 4) | ((z4 & 0xF) << 12)
+                z4 = (z4 >> 4) | ((z3 & 0xF) << 12)
+                z3 = (z3 >> 4) | ((z2 & 0xF) << 12)
+                z2 = (z2 >> 4) | ((z1 & 0xF) << 12)
+                z1 = (z1 >> 4) | ((z0 & 0xF) << 12)
+                n = w & 0xF
+                z0 = (z0 >> 4) ^ last4[rem] ^ t0[n]
+                z1 ^= t1[n]
+                z2 ^= t2[n]
+                z3 ^= t3[n]
+                z4 ^= t4[n]
+                z5 ^= t5[n]
+                z6 ^= t6[n]
+                z7 ^= t7[n]
+                w >>= 4
+        y[0] = z0
+        y[1] = z1
+        y[2] = z2
+        y[3] = z3
+        y[4] = z4
+        y[5] = z5
+        y[6] = z6
+        y[7] = z7
 
-    def digest(self, aad, ciphertext):
-        """GHASH_H(A || 0* || C || 0* || [len(A)]64 || [len(C)]64) as 16 bytes."""
-        y = 0
+    def digest(self, aad, ciphertext, out=None):
+        """GHASH_H(A || 0* || C || 0* || [len(A)]64 || [len(C)]64): 16 bytes, written
+        into `out` (a writable 16-byte buffer) when given, else returned as bytes."""
+        y = self._y
+        for k in range(8):
+            y[k] = 0
         for data in (aad, ciphertext):
-            for i in range(0, len(data), _BLOCK):
-                chunk = data[i:i + _BLOCK]
-                if len(chunk) < _BLOCK:
-                    chunk = bytes(chunk) + bytes(_BLOCK - len(chunk))
-                y = self.mult(y ^ int.from_bytes(chunk, "big"))
-        y = self.mult(y ^ ((len(aad) * 8) << 64 | (len(ciphertext) * 8)))
-        return y.to_bytes(16, "big")
+            n = len(data)
+            for i in range(0, n, _BLOCK):
+                for k in range(8):
+                    p = i + 2 * k
+                    hi = data[p] if p < n else 0
+                    lo = data[p + 1] if p + 1 < n else 0
+                    y[k] ^= hi << 8 | lo
+                self._mult(y)
+        for k, bits in ((0, len(aad) * 8), (4, len(ciphertext) * 8)):
+            y[k + 1] ^= bits >> 32 & 0xFFFF
+            y[k + 2] ^= bits >> 16 & 0xFFFF
+            y[k + 3] ^= bits & 0xFFFF
+        self._mult(y)
+        target = bytearray(_BLOCK) if out is None else out
+        for k in range(8):
+            target[2 * k] = y[k] >> 8
+            target[2 * k + 1] = y[k] & 0xFF
+        return bytes(target) if out is None else out
 
 
 class PortableGcm:
     """AES-GCM (NIST SP 800-38D) with 96-bit nonces and 128-bit tags over an AES-ECB
-    block function `encrypt_block(block16) -> 16 bytes` for one key."""
+    block function `encrypt_block(block16) -> 16 bytes` for one key (its answer is used
+    before the next call, so it may be one buffer the function reuses).
+
+    seal() returns one bytearray (ciphertext || tag) written in place; open() decrypts
+    into one bytearray; the counter block and the tag are preallocated per key."""
 
     def __init__(self, encrypt_block):
         self._encrypt = encrypt_block
         self._ghash = Ghash(encrypt_block(bytes(_BLOCK)))
+        self._counter = bytearray(_BLOCK)
+        self._tagbuf = bytearray(_BLOCK)
 
-    def _ctr(self, nonce, data):
-        # GCTR from inc32(J0), J0 = nonce || 0^31 || 1 (SP 800-38D 7.1 steps 2-3).
-        out = bytearray(len(data))
-        counter = 2
+    def _ctr(self, nonce, data, out):
+        # GCTR from inc32(J0), J0 = nonce || 0^31 || 1 (SP 800-38D 7.1 steps 2-3), into
+        # out[:len(data)].
+        block = self._counter
+        block[:IV_LEN] = nonce
         encrypt = self._encrypt
-        for i in range(0, len(data), _BLOCK):
-            stream = encrypt(nonce + counter.to_bytes(4, "big"))
-            chunk = data[i:i + _BLOCK]
-            for k in range(len(chunk)):
-                out[i + k] = chunk[k] ^ stream[k]
+        n = len(data)
+        counter = 2
+        for i in range(0, n, _BLOCK):
+            block[12] = counter >> 24 & 0xFF
+            block[13] = counter >> 16 & 0xFF
+            block[14] = counter >> 8 & 0xFF
+            block[15] = counter & 0xFF
+            stream = encrypt(block)
+            for k in range(min(_BLOCK, n - i)):
+                out[i + k] = data[i + k] ^ stream[k]
             counter += 1
-        return bytes(out)
 
     def _tag(self, nonce, aad, ciphertext):
-        s = self._ghash.digest(aad, ciphertext)
-        j0 = self._encrypt(nonce + b"\x00\x00\x00\x01")
-        return bytes(a ^ b for a, b in zip(s, j0))
+        # The tag in self._tagbuf: GHASH xor E(K, J0).
+        tag = self._ghash.digest(aad, ciphertext, self._tagbuf)
+        block = self._counter
+        block[:IV_LEN] = nonce
+        block[12:] = b"\x00\x00\x00\x01"
+        j0 = self._encrypt(block)
+        for k in range(_BLOCK):
+            tag[k] ^= j0[k]
+        return tag
 
     def seal(self, nonce, aad, plaintext):
         if len(nonce) != IV_LEN:
             raise ValueError("GCM nonce must be 12 bytes")
-        ciphertext = self._ctr(bytes(nonce), plaintext)
-        return ciphertext + self._tag(bytes(nonce), aad, ciphertext)
+        n = len(plaintext)
+        out = bytearray(n + TAG_LEN)
+        self._ctr(nonce, plaintext, out)
+        out[n:] = self._tag(nonce, aad, memoryview(out)[:n])
+        return out
 
     def open(self, nonce, aad, data):
         if len(nonce) != IV_LEN or len(data) < TAG_LEN:
             return None
-        ciphertext = data[:-TAG_LEN]
-        expected = self._tag(bytes(nonce), aad, ciphertext)
+        n = len(data) - TAG_LEN
+        view = memoryview(data)
+        expected = self._tag(nonce, aad, view[:n])
         acc = 0
-        for a, b in zip(expected, data[-TAG_LEN:]):
-            acc |= a ^ b  # constant time in the tag
+        for k in range(TAG_LEN):
+            acc |= expected[k] ^ data[n + k]  # constant time in the tag
         if acc:
             return None
-        return self._ctr(bytes(nonce), ciphertext)
+        out = bytearray(n)
+        self._ctr(nonce, view[:n], out)
+        return out
+
+    def open_in_place(self, nonce, aad, buf):
+        """open() into the ciphertext's own writable buffer `buf` (ciphertext || tag):
+        the plaintext overwrites the ciphertext.  Returns: its length, or None when the
+        tag fails (buf then unchanged)."""
+        if len(nonce) != IV_LEN or len(buf) < TAG_LEN:
+            return None
+        n = len(buf) - TAG_LEN
+        expected = self._tag(nonce, aad, buf[:n])
+        acc = 0
+        for k in range(TAG_LEN):
+            acc |= expected[k] ^ buf[n + k]  # constant time in the tag
+        if acc:
+            return None
+        self._ctr(nonce, buf[:n], buf)
+        return n
 
 
 def _cryptolib_ecb(key):
+    # One block per call into one preallocated 16-byte buffer (cryptolib's encrypt(in,
+    # out)): the returned block is overwritten by the next call, which PortableGcm allows.
     import cryptolib  # MicroPython
 
-    return cryptolib.aes(bytes(key), 1).encrypt
+    aes = cryptolib.aes(bytes(key), 1)
+    out = bytearray(_BLOCK)
+
+    def encrypt(block):
+        aes.encrypt(block, out)
+        return out
+
+    return encrypt
 
 
 class PortableTls13Primitives:

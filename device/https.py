@@ -46,6 +46,16 @@ RECORD_SIZE_LIMIT = const(4096)  # RFC 8449: what the board accepts per TLS reco
 # because that block is what a fragmented board heap fails to find; a longer server chain
 # needs it raised (a handshake over it fails with TlsError "limit").
 MAX_TRANSCRIPT = const(5120)
+# The board's side of the heap: what it sends goes in records of at most SEND_FRAGMENT
+# plaintext bytes (Tls13Config.send_fragment; a 1.5 KB certificate or a 2.4 KB base64 CSR
+# is never sealed as one block), and the socket is read RECV_CHUNK bytes at a time
+# (MicroPython's recv(n) allocates n first).  Measured (bench/micropython.py run_tls):
+# on a heap fragmented by a handshake, blocks of 1.5-2.4 KB were what failed first.
+SEND_FRAGMENT = const(512)
+RECV_CHUNK = const(512)
+# Received records are assembled and opened in one buffer the client allocates once
+# (Tls13Config.record_buffer): a record of up to RECORD_SIZE_LIMIT plaintext bytes.
+_RECORD_BUFFER = const(RECORD_SIZE_LIMIT + 22)  # header 5, content type 1, tag 16
 
 
 class HttpError(FleetidError):
@@ -102,11 +112,17 @@ def parse_url(url):
 
 
 class _Reader:
-    # Buffered reads over `recv() -> bytes` (b"" at the end of the stream).
+    # Buffered reads over `recv() -> bytes` (b"" at the end of the stream).  The data
+    # received is consumed by moving a position, never by slicing off what was read (a
+    # 2 KB answer in one record would be copied once per header line otherwise).
     def __init__(self, recv):
         self._recv = recv
         self._buf = b""
+        self._pos = 0
         self._eof = False
+
+    def _left(self):
+        return len(self._buf) - self._pos
 
     def _more(self):
         if self._eof:
@@ -115,37 +131,58 @@ class _Reader:
         if not data:
             self._eof = True
             return False
-        self._buf = self._buf + data if self._buf else bytes(data)
+        if self._left():
+            self._buf = self._buf[self._pos:] + data
+        else:
+            self._buf = bytes(data)
+        self._pos = 0
         return True
 
     def line(self):
         while True:
-            end = self._buf.find(b"\r\n")
+            end = self._buf.find(b"\r\n", self._pos)
             if end >= 0:
-                if end > MAX_LINE:
+                if end - self._pos > MAX_LINE:
                     break
-                out = self._buf[:end]
-                self._buf = self._buf[end + 2:]
+                out = self._buf[self._pos:end]
+                self._pos = end + 2
                 return out
-            if len(self._buf) > MAX_LINE:
+            if self._left() > MAX_LINE:
                 break
             if not self._more():
                 raise HttpError(HttpError.LINK, "answer cut short")
         raise HttpError(HttpError.LINK, "line over %d bytes" % MAX_LINE)
 
-    def exact(self, n, out):
-        while len(self._buf) < n:
-            if not self._more():
+    def _take(self, n, out):
+        # Up to n buffered bytes into `out` (a bytearray); returns how many.
+        take = min(n, self._left())
+        if take:
+            out.extend(memoryview(self._buf)[self._pos:self._pos + take])
+            self._pos += take
+        return take
+
+    def fill(self, view):
+        # Exactly len(view) bytes into the writable `view`.
+        got = 0
+        while got < len(view):
+            if not self._left() and not self._more():
                 raise HttpError(HttpError.LINK, "body cut short")
-        out.extend(self._buf[:n])
-        self._buf = self._buf[n:]
+            take = min(len(view) - got, self._left())
+            view[got:got + take] = memoryview(self._buf)[self._pos:self._pos + take]
+            self._pos += take
+            got += take
+
+    def exact(self, n, out):
+        while n:
+            if not self._left() and not self._more():
+                raise HttpError(HttpError.LINK, "body cut short")
+            n -= self._take(n, out)
 
     def to_end(self, limit, out):
         while True:
-            if len(out) + len(self._buf) > limit:
+            if len(out) + self._left() > limit:
                 raise HttpError(HttpError.LINK, "body over %d bytes" % limit)
-            out.extend(self._buf)
-            self._buf = b""
+            self._take(self._left(), out)
             if not self._more():
                 return
 
@@ -235,7 +272,8 @@ def read_response(recv, max_body=MAX_BODY_DEFAULT, method="GET"):
             raise HttpError(HttpError.LINK, "bad Content-Length") from None
         if length < 0 or length > max_body:
             raise HttpError(HttpError.LINK, "body of %d bytes over %d" % (length, max_body))
-        reader.exact(length, body)
+        body = bytearray(length)  # one block of the announced size, filled in place
+        reader.fill(memoryview(body))
     else:
         reader.to_end(max_body, body)
     return HttpResponse(status, headers, bytes(body))
@@ -336,6 +374,7 @@ class HttpsClient:
         self.max_body = max_body
         self.max_transcript = max_transcript
         self._tickets = {}  # (slot, server name) -> (certificate digest, SessionTicket)
+        self._record_buffer = bytearray(_RECORD_BUFFER)
         self.handshakes = 0
         self.resumed = 0
         self.se_operations = 0
@@ -380,7 +419,9 @@ class HttpsClient:
                                    self.now, server_name=name, signer=se_signer(self.se, slot),
                                    client_chain=[cert], revocation=self.revocation,
                                    ticket=ticket, record_size_limit=RECORD_SIZE_LIMIT,
-                                   max_transcript=self.max_transcript)
+                                   max_transcript=self.max_transcript,
+                                   send_fragment=SEND_FRAGMENT,
+                                   record_buffer=self._record_buffer, data_chunk=RECV_CHUNK)
         cert = None
         # Collect before the handshake's largest allocation (the transcript buffer,
         # max_transcript, one contiguous block): measured under MicroPython,
@@ -392,7 +433,7 @@ class HttpsClient:
         gc.collect()
         sock = _connect(host, port, self.timeout_s)
         stream = Tls13Stream(sock, tls13.Tls13Client(config), SystemClock(),
-                             int(self.timeout_s * 1000))
+                             int(self.timeout_s * 1000), RECV_CHUNK)
         try:
             info = stream.handshake()
             self.handshakes += 1

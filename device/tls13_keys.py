@@ -100,14 +100,15 @@ class Tls13Stream:
         self.key_updates = 0
 
     def _flush(self):
-        out = self._client.data_to_send()
-        view = memoryview(out)
-        while len(view):
-            sender = getattr(self._sock, "send", None) or self._sock.write
-            n = sender(view)
-            if n is None:
-                n = len(view)
-            view = view[n:]
+        # Record by record (Tls13Client.records_to_send): no block of the whole flight.
+        sender = getattr(self._sock, "send", None) or self._sock.write
+        for record in self._client.records_to_send():
+            view = memoryview(record)
+            while len(view):
+                n = sender(view)
+                if n is None:
+                    n = len(view)
+                view = view[n:]
 
     def _fail(self, exc):
         from fleetid.common.errors import TlsError

@@ -121,6 +121,36 @@ def test_small_maximum_fragments_reassemble(env, server_factory):
         stream.close()
 
 
+def test_board_sized_records_with_the_portable_provider(env, server_factory):
+    # What a board runs (device/https): the portable provider (records opened in place,
+    # in the reused record_buffer when they fit it, else in a buffer of their own), small
+    # records out (send_fragment: the client Certificate and the data span many records;
+    # s_server reassembles them and checks our CertificateVerify over that transcript)
+    # and the answer handed out in small pieces (data_chunk).
+    from fleetid.common.host.tls13_host import ecb_block_function
+    from fleetid.common.tls13_crypto import PortableTls13Primitives
+
+    server = server_factory("-rev")
+    se, _counting, anchors = _device(env)
+    config, _ = se_client_config(se, C.SLOT_IDENTITY, anchors, "localhost",
+                                 prims=PortableTls13Primitives(aes_ecb=ecb_block_function),
+                                 send_fragment=100, record_buffer=bytearray(600),
+                                 data_chunk=7)
+    stream = connect("127.0.0.1", server.port, config, io_timeout=10)
+    try:
+        assert stream.info.client_certificate
+        line = bytes(range(0x41, 0x5B)) * 20 + b"\n"
+        stream.send(line)
+        received = b""
+        while len(received) < len(line):
+            piece = stream.recv()
+            assert 0 < len(piece) <= 7
+            received += piece
+        assert received == line[-2::-1] + b"\n"
+    finally:
+        stream.close()
+
+
 def test_session_ticket_resumes_with_one_ecdhe_and_no_signature(env, server_factory):
     server = server_factory("-rev")
     se, counting, anchors = _device(env)
