@@ -14,6 +14,7 @@ import logging
 import time
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from fleetid.cloud.hsm.errors import HsmError
 from fleetid.cloud.http.errors import error_response
@@ -86,6 +87,22 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, sort_keys=True, default=str)
 
 
+class ClientHttpErrorFilter(logging.Filter):
+    """aiohttp logs a request it cannot parse (a bad chunk size, a broken header) as an
+    ERROR with a traceback ("Error handling request"), though the fault is the client's
+    and the client got its 400: this makes it one WARNING line naming the cause, so
+    malformed input cannot fill the log with tracebacks or pass for a server failure."""
+
+    def filter(self, record):
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, HttpProcessingError):
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+            record.msg, record.args = "malformed HTTP from a client: %s", (
+                (exc.message or type(exc).__name__).strip().splitlines()[0],)
+            record.exc_info = record.exc_text = None
+        return True
+
+
 def configure_json_logging(level=logging.INFO, stream=None):
     """Make every log line of the process one JSON object on `stream` (default stderr).
 
@@ -102,6 +119,9 @@ def configure_json_logging(level=logging.INFO, stream=None):
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(max(level, logging.WARNING))
+    server_log = logging.getLogger("aiohttp.server")
+    if not any(isinstance(f, ClientHttpErrorFilter) for f in server_log.filters):
+        server_log.addFilter(ClientHttpErrorFilter())
     return handler
 
 

@@ -327,6 +327,33 @@ def test_metrics_and_json_logs(fleet, tmp_path):
     assert "PRIVATE KEY" not in stream.getvalue()
 
 
+def test_a_request_aiohttp_cannot_parse_is_one_warning_line_not_a_traceback(fleet):
+    """A chunked body with a bad chunk size (aiohttp answers 400 and logs "Error handling
+    request" with a traceback at ERROR): one WARNING line naming the cause instead."""
+    import socket
+    import ssl
+
+    stream = io.StringIO()
+    configure_json_logging(stream=stream)
+    try:
+        with RunningCloud(fleet) as cloud:
+            context = ssl.create_default_context(cafile=fleet.root_file)
+            with socket.create_connection(("127.0.0.1", cloud.ports["est"]), timeout=10) as raw:
+                with context.wrap_socket(raw, server_hostname="127.0.0.1") as s:
+                    s.sendall(b"POST /.well-known/est/simpleenroll HTTP/1.1\r\nHost: x\r\n"
+                              b"Content-Type: application/pkcs10\r\n"
+                              b"Transfer-Encoding: chunked\r\n\r\nzz\r\n")
+                    answer = s.recv(4096)
+    finally:
+        logging.getLogger("fleetid.cloud").handlers[:] = []
+    assert answer.startswith(b"HTTP/1.0 400") or answer.startswith(b"HTTP/1.1 400"), answer
+    lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+    malformed = [line for line in lines if line["logger"] == "aiohttp.server"]
+    assert malformed and all(line["level"] == "warning" for line in malformed), lines
+    assert "chunk size" in malformed[0]["msg"]
+    assert "Traceback" not in stream.getvalue()
+
+
 def _free_port():
     import socket
 
