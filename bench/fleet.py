@@ -30,10 +30,10 @@ storm      for each worker count W of --workers: ONE `fleetid cloud serve --work
 revocation during the last storm (at half of it): --victims enrolled devices revoked by
            `fleetid revoke --from-file` (a separate process opening its registry while the
            storm writes: no DDL, no deadlock; one event for the list), then the time from
-           the command's start until each tier shows the last of them: the verifier
-           (GET /v1/whoami with its certificate refused on 4 connections per worker, i.e.
-           whichever worker answers), the CRL, OCSP and the compact set on the revocation
-           listener.  MQTT is not measured here: `fleetid mqtt cloud` runs on a line
+           the command's end (and from its start) until each tier shows the last of them:
+           the verifier (GET /v1/whoami with its certificate refused on 4 connections per
+           worker, i.e. whichever worker answers), the CRL, OCSP and the compact set on the
+           revocation listener.  MQTT is not measured here: `fleetid mqtt cloud` runs on a line
            directory (bench/mqtt.py measures the retained delivery).
 figures    devices/s against W, p50/p99 of one re-enrolment (nonce + enrol, client side),
            CPU per component as a share of one core during the storm (each worker, the
@@ -451,7 +451,9 @@ def _tier_checks(fleet, victim, server, crl_port):
 def revoke_batch(fleet, ctx, victims, server, out):
     """Revoke `victims` with `fleetid revoke --from-file` (its own process, opening its
     registry while the storm writes), then time each tier until it shows the last one,
-    from the command's start.  Fills out["revocation"]."""
+    from the command's end (tiers_s: as earlier runs measured it, after the writes) and
+    from its start (tiers_from_start_s: the process start included).  Fills
+    out["revocation"]."""
     checks = _tier_checks(fleet, victims[-1], server, ctx["crl_port"])
     listed = os.path.join(ctx["folder"], "victims-%d.txt" % len(out))
     with open(listed, "w") as f:
@@ -470,7 +472,7 @@ def revoke_batch(fleet, ctx, victims, server, out):
         for name, check in list(checks.items()):
             try:
                 if check():
-                    seen[name] = time.perf_counter() - started
+                    seen[name] = time.perf_counter() - written
                     del checks[name]
             except Exception:  # noqa: BLE001 - not there yet (e.g. set being rebuilt)
                 pass
@@ -478,7 +480,9 @@ def revoke_batch(fleet, ctx, victims, server, out):
     out["revocation"] = {"devices": len(victims), "write_s": written - started,
                          "per_s": len(victims) / (written - started),
                          "report": json.loads(command.stdout.decode().splitlines()[-1]),
-                         "tiers_s": seen, "not_seen": sorted(checks)}
+                         "tiers_s": seen, "not_seen": sorted(checks),
+                         "tiers_from_start_s": {k: v + written - started
+                                                for k, v in seen.items()}}
 
 
 # -- one round, sizes, report --------------------------------------------------------------
@@ -608,8 +612,9 @@ def print_report(figures):
               "took %.2f s (process start included; one event)" % (rev["devices"],
                                                                    rev["write_s"]))
         for name, seconds in sorted(rev["tiers_s"].items(), key=lambda item: item[1]):
-            print("  %-22s shows the last revocation %7.1f ms after the command started"
-                  % (name, 1000 * seconds))
+            print("  %-22s shows the last revocation %7.1f ms after the command returned "
+                  "(%.1f ms after it started)" % (name, 1000 * seconds,
+                                                  1000 * rev["tiers_from_start_s"][name]))
         for name in rev["not_seen"]:
             print("  %-22s NOT within %.0f s" % (name, TIER_TIMEOUT))
     print("MQTT tier: not measured here (`fleetid mqtt cloud` runs on a line directory; "
