@@ -38,8 +38,10 @@ revocation during the last storm (at half of it): --victims enrolled devices rev
 figures    devices/s against W, p50/p99 of one re-enrolment (nonce + enrol, client side),
            CPU per component as a share of one core during the storm (each worker, the
            supervisor, PostgreSQL, this client) -- the first to reach 100 % is what
-           saturates -- and the database size per device (pg_database_size and each
-           table's pg_total_relation_size / devices).
+           saturates -- the database size per device (pg_database_size and each
+           table's pg_total_relation_size / devices), and the tiers' rebuild query
+           (revoked certificates of one issuer) with the schema-3 index against the same
+           query without it, in the same run (revoked_query()).
 
 Needs PostgreSQL (server binaries, or --registry) and psycopg (fleetid[postgres]); without
 them it says what is missing and exits 2.  Every wait is bounded; servers listen on
@@ -556,6 +558,37 @@ def database_size(uri, devices):
             "table_bytes_per_device": {t: b / max(count, 1) for t, b in tables.items()}}
 
 
+def revoked_query(uri, issuer, repeats=5):
+    """The tiers' rebuild query (Registry.revoked_certificates: an issuer's revoked
+    certificates) timed on this registry with the schema-3 partial index and, in the same
+    run, without it (dropped inside a transaction that is rolled back: the baseline of
+    schema 2).  Returns {"with_index_ms", "without_index_ms", "plan", "revoked"}."""
+    import psycopg
+
+    from fleetid.cloud.registry.sql_common import CERT_COLUMNS
+
+    query = ("SELECT %s FROM certificates WHERE issuer = %%s AND revoked_at IS NOT NULL "
+             "ORDER BY cert_serial" % CERT_COLUMNS)
+
+    def best(conn):
+        times, rows = [], 0
+        for _ in range(repeats):
+            started = time.perf_counter()
+            rows = len(conn.execute(query, (issuer,)).fetchall())
+            times.append(time.perf_counter() - started)
+        return 1000 * min(times), rows
+
+    with psycopg.connect(uri) as conn:
+        plan = conn.execute("EXPLAIN " + query, (issuer,)).fetchone()[0]
+        with_index, revoked = best(conn)
+        conn.rollback()
+        conn.execute("DROP INDEX certificates_revoked_by_issuer")
+        without_index, _ = best(conn)
+        conn.rollback()
+    return {"with_index_ms": with_index, "without_index_ms": without_index, "plan": plan,
+            "revoked": revoked}
+
+
 def verify_chain(uri):
     """The registry's whole audit chain verified offline (every entry, link and stored
     column, from one snapshot; cloud/audit/verify.py): the filler's COPY kept it one
@@ -617,6 +650,12 @@ def print_report(figures):
                                                   1000 * rev["tiers_from_start_s"][name]))
         for name in rev["not_seen"]:
             print("  %-22s NOT within %.0f s" % (name, TIER_TIMEOUT))
+    query = figures["revoked_query"]
+    print("the tiers' rebuild query (%d revoked certificates, %d devices): %.2f ms with the "
+          "schema-3 index, %.2f ms without it (same run; %.0fx); plan: %s" % (
+              query["revoked"], figures["size"]["devices"], query["with_index_ms"],
+              query["without_index_ms"], query["without_index_ms"]
+              / max(query["with_index_ms"], 1e-6), query["plan"]))
     print("MQTT tier: not measured here (`fleetid mqtt cloud` runs on a line directory; "
           "bench/mqtt.py measures retained delivery)")
 
@@ -663,6 +702,8 @@ def run(args, uri, pg, folder):
             rounds.append(storm_round(fleet, ctx, workers, storm_devices, args.clients,
                                       victims if last else None, args.split_nonce))
         figures = {"registry": registry, "rounds": rounds, "schema": ctx["schema"],
+                   "revoked_query": revoked_query(uri, fleet.ca_certs["b42"].subject
+                                                  .rfc4514_string()),
                    "size": database_size(uri, args.devices), "audit_chain": verify_chain(uri)}
     finally:
         fleet.close()
@@ -727,6 +768,10 @@ def report_figures(figures):
         rows.append(figure("revocation visible: " + name, 1000 * seconds, "ms",
                            "the poll bound (event missed)", 1000 * POLL_BOUND_S,
                            higher_is_better=False))
+    query = figures["revoked_query"]
+    rows.append(figure("revoked-per-issuer query (the tiers' rebuild)",
+                       query["with_index_ms"], "ms", "without the schema-3 index",
+                       query["without_index_ms"], higher_is_better=False))
     rows.append(figure("database bytes per device", figures["size"]["bytes_per_device"],
                        "B", higher_is_better=False))
     return rows

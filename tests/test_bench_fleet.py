@@ -35,4 +35,5 @@ def test_fleet_bench_storm_and_revocation_in_a_small_run(tmp_path):
     assert revocation["report"]["devices"] == 2 and revocation["report"]["event"] >= 1
     assert {"worker 0", "worker 1", "supervisor"} <= set(storm["cpu_share"])
     assert raw["schema"]["pending"] is False
+    assert raw["revoked_query"]["revoked"] >= 2  # the victims, with and without the index
     assert "database bytes per device" in [row["name"] for row in document["figures"]]
