@@ -70,6 +70,21 @@ def process_cpu_seconds(pid):
     return stat[1] if stat else 0.0
 
 
+def process_tree_cpu_seconds(pid):
+    """{pid: user + system CPU seconds} of `pid` and its direct children (a supervisor
+    and its workers) so far."""
+    out = {}
+    stat = _proc_stat(pid)
+    if stat:
+        out[pid] = stat[1]
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            child = _proc_stat(int(entry))
+            if child and child[0] == pid:
+                out[int(entry)] = child[1]
+    return out
+
+
 def machine_busy():
     """(busy, total) jiffies of all CPUs so far (/proc/stat): the share of the machine in
     use between two readings, whoever used it (the machine may be shared)."""

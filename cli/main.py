@@ -23,6 +23,7 @@ _GROUPS = (
     ("revocation", "revocation"),
     ("mqtt", "mqtt"),
     ("ota", "ota"),
+    ("registry", "registry"),
 )
 
 
@@ -43,6 +44,7 @@ def cli():
       revoke / revocation  revoke a device or a batch in every tier; tier status
       mqtt   the fleet's MQTT broker (mosquitto on the fleet PKI), the cloud's MQTT side
       ota    over-the-air SE administration and device commands over MQTT
+      registry  the device registry's schema: migrate before starting the workers
 
     Every command has --help with examples.
     """

@@ -79,6 +79,8 @@ def _is_ca(certificate):
 def _write(service, target, reason, operator, roots):
     """One revocation through the service; the JSON report."""
     kind, value = target
+    if kind == "devices":
+        return _write_devices(service, value, reason, operator)
     if kind == "device":
         done = service.revoke_device(value, reason, operator=operator)
         return {"device": value, "revoked_certificates": done, "reason": reason}
@@ -103,6 +105,55 @@ def _write(service, target, reason, operator, roots):
             "reason": record.revocation_reason, "revoked_at": record.revoked_at}
 
 
+def read_serial_list(path):
+    """The device serials of a --from-file list: one registry serial per line (decimal;
+    blank lines and `#` comments skipped; a repeated serial counts once).  Returns
+    (path, [serial], {serial: line number}).  Raises click.ClickException naming the first
+    bad line, before anything is written."""
+    serials, lines = [], {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise click.ClickException("cannot read %s: %s" % (path, exc)) from None
+    for number, line in enumerate(text.splitlines(), 1):
+        item = line.split("#", 1)[0].strip()
+        if not item:
+            continue
+        if not item.isdigit() or not 0 < int(item) < 2 ** 63:
+            raise click.ClickException("%s line %d: %r is not a device serial (one registry "
+                                       "serial per line); nothing revoked"
+                                       % (path, number, item[:40]))
+        serial = int(item)
+        if serial not in lines:
+            lines[serial] = number
+            serials.append(serial)
+    if not serials:
+        raise click.ClickException("%s: no device serials in it; nothing revoked" % path)
+    return path, serials, lines
+
+
+def _write_devices(service, value, reason, operator):
+    """`fleetid revoke --from-file`: every listed device, one event, a progress bar on
+    stderr (stdout keeps the JSON report)."""
+    from fleetid.cloud.revocation.service import RevocationError
+
+    path, serials, lines = value
+    with click.progressbar(length=len(serials), label="revoking", file=sys.stderr) as bar:
+        try:
+            done = service.revoke_devices(serials, reason, operator=operator,
+                                          progress=bar.update)
+        except RevocationError as exc:
+            if exc.reason != "unknown_device":
+                raise
+            raise click.ClickException("%s line %d: device %s is not in the registry; "
+                                       "nothing revoked" % (path, lines[int(exc.detail)],
+                                                            exc.detail)) from None
+    return {"devices": len(serials), "file": path,
+            "revoked_certificates": sum(len(v) for v in done.values()),
+            "already_revoked": sum(1 for v in done.values() if not v), "reason": reason}
+
+
 _REVOCATION_REFUSALS = {
     "not_a_ca": "%s is not a CA certificate (use `fleetid revoke --cert` for a device)",
     "fleet_root": "%s is a fleet root: remove it from the configuration instead",
@@ -113,9 +164,9 @@ _REVOCATION_REFUSALS = {
 
 
 def revoke_target(target, reason, operator, config_path, state_dir, registry_uri):
-    """Run one revocation: target is ("device", registry serial), ("batch", name),
-    ("ca", certificate), ("server", certificate) or ("certificate", (serial int, issuer
-    or None)).  Prints the
+    """Run one revocation: target is ("device", registry serial), ("devices", (path,
+    serials, line numbers): read_serial_list), ("batch", name), ("ca", certificate),
+    ("server", certificate) or ("certificate", (serial int, issuer or None)).  Prints the
     JSON report with the event number.  Every `fleetid revoke` form and the `fleetid
     cloud revoke*` aliases come here."""
     from fleetid.cloud.registry import RegistryError
@@ -168,8 +219,12 @@ def _certificate_target(cert_file, issuer=None):
               help="One of the cloud's own TLS server certificates (verifier / EST "
               "listener, broker; issued by the fleet root): listed on the root's CRL and "
               "the server's OCSP staple, so agents refuse that server.")
+@click.option("--from-file", "serial_file", type=click.Path(exists=True, dir_okay=False),
+              default=None, help="A list of devices' registry serials, one per line: all "
+              "revoked, one event for the list (checked first: a bad line revokes nothing).")
 @_revoke_options
-def revoke(device_serial, batch, cert_file, cert_serial, issuer, server_cert_file, reason,
+def revoke(device_serial, batch, cert_file, cert_serial, issuer, server_cert_file,
+           serial_file, reason,
            operator, registry_uri, config_path, state_dir):
     """Revoke a device, a certificate or a whole batch in every tier.
 
@@ -188,15 +243,20 @@ def revoke(device_serial, batch, cert_file, cert_serial, issuer, server_cert_fil
       fleetid revoke --cert-serial 4F3A...9C --operator alice
       fleetid revoke --config var/cloud/cloud.toml --server-cert var/cloud/tls.pem \
           --reason keyCompromise --operator alice
+      fleetid revoke --from-file recall.txt --reason keyCompromise --operator alice
     """
-    given = [v for v in (device_serial, batch, cert_file, cert_serial, server_cert_file)
-             if v is not None]
+    given = [v for v in (device_serial, batch, cert_file, cert_serial, server_cert_file,
+                         serial_file) if v is not None]
     if len(given) != 1:
         raise click.UsageError("give exactly one of --serial, --batch, --cert, --cert-serial, "
-                               "--server-cert")
+                               "--server-cert, --from-file")
     if server_cert_file is not None:
         target = ("server", read_certificates(server_cert_file)[0])
         return revoke_target(target, reason, operator, config_path, state_dir, registry_uri)
+    if serial_file is not None:
+        revoke_target(("devices", read_serial_list(serial_file)), reason, operator,
+                      config_path, state_dir, registry_uri)
+        return
     target = _target(device_serial, batch, cert_file, cert_serial, issuer, "--cert-serial")
     revoke_target(target, reason, operator, config_path, state_dir, registry_uri)
 

@@ -29,6 +29,7 @@ Policy
 """
 
 import datetime
+import logging
 import threading
 
 from cryptography.hazmat.primitives import serialization
@@ -44,6 +45,8 @@ from fleetid.cloud.registry.rotation import RotationState
 from fleetid.cloud.verifier import errors
 from fleetid.cloud.verifier.errors import PendingApproval, RequestRefused
 from fleetid.cloud.verifier.service import FleetVerifier, fingerprint_of
+
+_log = logging.getLogger(__name__)
 
 DEFAULT_OVERLAP = datetime.timedelta(days=7)
 
@@ -288,5 +291,9 @@ class EstService:
             self.registry.add_certificate(identity.registry_serial, der, OPERATIONAL,
                                           rotation_state=state.format(), operation=operation,
                                           operator="est:%s" % identity.fingerprint[:16])
-        except RegistryError:
+        except RegistryError as exc:
+            # The client sees 503 only; the operator sees why (reason and the backend's
+            # short cause: class name and SQLSTATE on PostgreSQL, never row values).
+            _log.warning("re-enrolment of device %s not recorded: registry %s",
+                         identity.registry_serial, exc)
             raise RequestRefused(errors.UNAVAILABLE, "registry unavailable") from None

@@ -43,7 +43,7 @@ __all__ = [
 ]
 
 
-def open_registry(uri, wall_clock=None, timeout_s=None):
+def open_registry(uri, wall_clock=None, timeout_s=None, apply_schema=True):
     """Open a registry from a URI: "sqlite:<path>", "postgresql://..." / "postgres://..."
     (anything libpq accepts after the scheme; passwords from PGPASSWORD or ~/.pgpass) or
     "memory:".
@@ -53,10 +53,14 @@ def open_registry(uri, wall_clock=None, timeout_s=None):
     lock_timeout and connect_timeout (>= 2 s), and a client-side deadline one second
     longer that holds while the server does not answer at all (pg_deadline.py).
 
+    apply_schema: False opens a SQL registry without creating or migrating its schema
+    (`fleetid registry migrate` reads the version, then calls migrate()).
+
     Raises RegistryError(CONFIG) for any other URI or when psycopg is missing,
     RegistryError(STORAGE) when the PostgreSQL server cannot be reached.
     """
     kwargs = {} if wall_clock is None else {"wall_clock": wall_clock}
+    schema_kwargs = {} if apply_schema else {"apply_schema": False}
     timeouts = {}
     scheme, sep, rest = uri.partition(":")
     if sep and scheme == "sqlite" and rest:
@@ -64,7 +68,7 @@ def open_registry(uri, wall_clock=None, timeout_s=None):
 
         if timeout_s:
             timeouts = {"busy_timeout_s": float(timeout_s)}
-        return SqliteRegistry(rest, **kwargs, **timeouts)
+        return SqliteRegistry(rest, **kwargs, **timeouts, **schema_kwargs)
     if sep and scheme == "memory" and not rest:
         from fleetid.cloud.registry.memory import MemoryRegistry
 
@@ -75,7 +79,7 @@ def open_registry(uri, wall_clock=None, timeout_s=None):
         if timeout_s:
             timeouts = {"lock_timeout_s": timeout_s / 3.0,
                         "connect_timeout_s": max(2, int(timeout_s / 3.0))}
-        return PostgresRegistry(uri, **kwargs, **timeouts)
+        return PostgresRegistry(uri, **kwargs, **timeouts, **schema_kwargs)
     # The scheme only: a mistyped URI may still carry a password.
     raise RegistryError(RegistryError.CONFIG, "registry URI %r: must be sqlite:<path>, "
                         "postgresql://... or memory:" % (scheme[:32] + (":..." if sep else "")))

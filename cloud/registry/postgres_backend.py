@@ -75,7 +75,8 @@ class PostgresRegistry(SqlRegistry):
     _lock_clause = " FOR UPDATE"
 
     def __init__(self, conninfo, wall_clock=time.time, lock_timeout_s=10.0,
-                 connect_timeout_s=10, query_deadline_s=None, group_commit=True):
+                 connect_timeout_s=10, query_deadline_s=None, group_commit=True,
+                 apply_schema=True):
         if psycopg is None:
             raise RegistryError(RegistryError.CONFIG, "psycopg is not installed "
                                 "(pip install 'fleetid[postgres]')")
@@ -86,7 +87,8 @@ class PostgresRegistry(SqlRegistry):
         # statement_timeout (3 x lock_timeout) and a second more: the server's own
         # timeouts answer first whenever it runs.
         self.deadlines = Deadlines(query_deadline_s or lock_timeout_s * 3 + 1.0)
-        self._apply_schema()
+        if apply_schema:  # False: `fleetid registry migrate` reads the version first
+            self._apply_schema()
 
     # -- connections and transactions -------------------------------------------------------------
 
@@ -138,6 +140,11 @@ class PostgresRegistry(SqlRegistry):
 
     def _lock_schema(self, conn):
         conn.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK,))
+
+    def _table_exists(self, conn, name):
+        # A catalog read: no error (which would end the transaction), no lock taken.
+        return conn.execute("SELECT to_regclass(%s) IS NOT NULL AS present",
+                            (name,)).fetchone()["present"]
 
     def _take_serial(self, conn):
         return conn.execute("UPDATE serial_counter SET next_serial = next_serial + 1 "

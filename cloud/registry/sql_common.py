@@ -152,12 +152,45 @@ class SqlRegistry(Registry):
     def _lock_schema(self, conn):
         pass
 
+    def _table_exists(self, conn, name):  # pragma: no cover - every backend defines its own
+        raise NotImplementedError
+
+    def schema_version(self):
+        """The database's schema version (int), read without writing or locking anything;
+        None for a database without the registry's tables.  Raises RegistryError(SCHEMA)
+        for an unreadable version, RegistryError(STORAGE)."""
+        with self._read() as conn:
+            if not self._table_exists(conn, "registry_meta"):
+                return None
+            return migrations.current_version(conn)
+
     def _apply_schema(self):
+        # Read-only first: a registry opened beside live writers (a second worker, a
+        # `fleetid revoke` during load) runs no DDL when the schema is current.  On
+        # PostgreSQL even `CREATE INDEX IF NOT EXISTS` takes a SHARE lock on its table,
+        # and taken table after table inside one transaction it deadlocked with a
+        # re-enrolment's row writes (issue 19).
+        version = self.schema_version()
+        if version is not None and version >= schema.SCHEMA_VERSION:
+            migrations.check_known(version)
+            return
+        self.migrate()
+
+    def migrate(self):
+        """Create the schema (fresh database) and apply the pending migrations, in one
+        transaction under the schema lock (concurrent first starts migrate once).
+        Returns (version before (None: fresh), version after, versions applied).
+        Raises RegistryError(SCHEMA) for a newer or unreadable version,
+        RegistryError(STORAGE)."""
         with self._write() as conn:
             self._lock_schema(conn)
-            for statement in schema.statements(self.dialect):
-                conn.execute(statement)
-            migrations.upgrade(conn, self.dialect, self._q)
+            before = (migrations.current_version(conn)
+                      if self._table_exists(conn, "registry_meta") else None)
+            if before is None:
+                for statement in schema.statements(self.dialect):
+                    conn.execute(statement)
+            applied = migrations.upgrade(conn, self.dialect, self._q)
+        return before, schema.SCHEMA_VERSION, applied
 
     def _transaction_open(self, conn):
         """Is the write transaction on `conn` still open (group commit, after a failed op)?"""

@@ -61,7 +61,8 @@ class SqliteRegistry(SqlRegistry):
     _db_error = sqlite3.Error
     _storage_error = staticmethod(_storage_error)
 
-    def __init__(self, path, wall_clock=time.time, busy_timeout_s=10.0, group_commit=True):
+    def __init__(self, path, wall_clock=time.time, busy_timeout_s=10.0, group_commit=True,
+                 apply_schema=True):
         path = os.fspath(path)
         if path == ":memory:" or not path:
             raise RegistryError(RegistryError.CONFIG, "use MemoryRegistry for in-memory")
@@ -69,7 +70,8 @@ class SqliteRegistry(SqlRegistry):
         self.path = path
         self.busy_timeout_s = busy_timeout_s
         self._write_lock = threading.Lock()
-        self._apply_schema()
+        if apply_schema:  # False: `fleetid registry migrate` reads the version first
+            self._apply_schema()
 
     # -- connections and transactions -------------------------------------------------------------
 
@@ -130,6 +132,10 @@ class SqliteRegistry(SqlRegistry):
             yield
         except sqlite3.IntegrityError:
             raise error from None
+
+    def _table_exists(self, conn, name):
+        return conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?",
+                            (name,)).fetchone() is not None
 
     def _take_serial(self, conn):
         serial = conn.execute(

@@ -185,12 +185,44 @@ class RevocationService:
         it marks the device revoked), each with its audit entry.
         Returns: list of revoked certificate serials (hex).  Raises RevocationError,
         RegistryError."""
+        self._check_devices([serial])
+        done = self._revoke_device_certificates(serial, reason, operator)
+        self._announce()
+        return done
+
+    def revoke_devices(self, serials, reason, operator="", progress=None):
+        """Revoke every device of `serials` (registry serials) as revoke_device does, and
+        announce them in ONE event: the tiers rebuild once for the whole list.
+
+        Every serial is checked first: an unknown one raises RevocationError
+        ("unknown_device") before anything is written.  Resumable: run again after a
+        crash, the devices already revoked are skipped (an empty list each).
+        Params: progress: called with 1 after each device (a progress bar's update).
+        Returns: {serial: list of revoked certificate serials (hex)}.
+        Raises RevocationError, RegistryError."""
+        serials = list(serials)
+        self._check_devices(serials)
+        done = {}
+        try:
+            for serial in serials:
+                done[serial] = self._revoke_device_certificates(serial, reason, operator)
+                if progress is not None:
+                    progress(1)
+        finally:
+            if done:  # what was written is announced even when a later write failed
+                self._announce()
+        return done
+
+    def _check_devices(self, serials):
         from fleetid.cloud.registry.errors import DeviceNotFound
 
-        try:
-            self.registry.get_device(serial)
-        except DeviceNotFound:
-            raise RevocationError("unknown_device", str(serial)) from None
+        for serial in serials:
+            try:
+                self.registry.get_device(serial)
+            except DeviceNotFound:
+                raise RevocationError("unknown_device", str(serial)) from None
+
+    def _revoke_device_certificates(self, serial, reason, operator):
         done = []
         for record in reversed(self.registry.certificates(serial)):
             if record.revoked:
@@ -198,7 +230,6 @@ class RevocationService:
             self.registry.mark_revoked(record.cert_serial, reason, operator=operator,
                                        issuer=record.issuer)
             done.append(record.cert_serial)
-        self._announce()
         return done
 
     def revoke_certificate(self, cert_serial, reason, operator="", issuer=None):

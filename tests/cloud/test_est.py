@@ -406,3 +406,27 @@ def test_reenrolment_writes_certificate_and_rotation_state_in_one_registry_call(
     assert len(calls) == 1 and calls[0].startswith("overlap:")
     state = registry.get_device(device.serial).rotation_state
     assert state == calls[0] and der(cert) != old
+
+
+def test_a_registry_failure_behind_a_503_is_logged_for_the_operator(fleet, caplog):
+    from fleetid.cloud.est.service import EstService
+    from fleetid.cloud.registry import RegistryError
+
+    device = fleet.provision()
+    fleet.enrol(device)
+    registry = fleet.registry
+
+    def add_certificate(*args, **kwargs):
+        raise RegistryError(RegistryError.STORAGE, "OperationalError (40P01)")
+
+    registry.add_certificate = add_certificate
+    est = EstService(fleet.labels, registry, fleet.trust, default_label="b42",
+                     clock=fleet.clock)
+    _, csr = device.csr()
+    with caplog.at_level("WARNING", logger="fleetid.cloud.est.service"):
+        with pytest.raises(RequestRefused) as info:
+            est.enroll("b42", der(device.cert), csr, reenroll=True)
+    assert info.value.reason == "unavailable"
+    lines = [r.getMessage() for r in caplog.records if r.name == "fleetid.cloud.est.service"]
+    assert len(lines) == 1 and "40P01" in lines[0] and str(device.serial) in lines[0], lines
+    assert "PRIVATE" not in lines[0]

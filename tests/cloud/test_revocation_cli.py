@@ -226,3 +226,44 @@ def test_revoke_server_cert_lists_the_clouds_own_certificate_on_the_root_crl(fle
         fleet.root.subject.rfc4514_string())
     assert [r.cert_serial for r in listed] == ["%x" % server.serial_number]
     assert len(revoked_cas.load(path)[0]) == 1
+
+
+def test_revoke_from_file_revokes_the_list_in_one_event_and_resumes(fleet, tmp_path):
+    config = revocation_config(fleet, tmp_path)
+    listed = tmp_path / "recall.txt"
+    first, second, third = fleet.devices
+    listed.write_text("# recall 2026-12\n%d\n\n%d  # the b43 one\n%d\n"
+                      % (first.serial, third.serial, first.serial))
+    result = CliRunner().invoke(cli, ["revoke", "--from-file", str(listed), "--reason",
+                                      "keyCompromise", "--operator", "alice", "--config",
+                                      config])
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)
+    assert (out["devices"], out["revoked_certificates"], out["already_revoked"]) == (2, 2, 0)
+    assert out["event"] == 1  # one event for the whole list: the tiers rebuild once
+    assert "revoking" in result.stderr  # the progress bar, off stdout
+    statuses = [fleet.registry.get_device(d.serial).status for d in fleet.devices]
+    assert statuses == ["revoked", "committed", "revoked"]
+    # Run again (as after a crash mid-list): the revoked are skipped, nothing fails.
+    again = json.loads(CliRunner().invoke(cli, ["revoke", "--from-file", str(listed),
+                                                "--config", config]).stdout)
+    assert (again["revoked_certificates"], again["already_revoked"]) == (0, 2)
+
+
+@pytest.mark.parametrize("bad_line, named", [("12x", "line 3: '12x' is not a device serial"),
+                                             ("999", "line 3: device 999 is not in the "
+                                                     "registry")])
+def test_revoke_from_file_with_a_bad_line_names_it_and_revokes_nothing(fleet, tmp_path,
+                                                                       bad_line, named):
+    config = revocation_config(fleet, tmp_path)
+    listed = tmp_path / "recall.txt"
+    listed.write_text("%d\n%d\n%s\n" % (fleet.devices[0].serial, fleet.devices[1].serial,
+                                        bad_line))
+    head = fleet.registry.head()
+    result = CliRunner().invoke(cli, ["revoke", "--from-file", str(listed), "--config",
+                                      config])
+    assert result.exit_code == 1 and named in result.output, result.output
+    assert "nothing revoked" in result.output and "Traceback" not in result.output
+    assert fleet.registry.head() == head
+    assert {fleet.registry.get_device(d.serial).status for d in fleet.devices} == {"committed"}
+    assert not os.path.exists(tiers.events_path(tmp_path / "state"))

@@ -43,8 +43,9 @@ def test_a_version_1_registry_is_migrated_forward_once_and_keeps_its_records(tmp
         SqliteRegistry(path).close()
     conn = sqlite3.connect(path)
     assert conn.execute("SELECT value FROM registry_meta WHERE name = 'schema_version'"
-                        ).fetchone()[0] == str(schema.SCHEMA_VERSION) == "2"
-    assert conn.execute("SELECT version FROM schema_history").fetchall() == [(2,)]
+                        ).fetchone()[0] == str(schema.SCHEMA_VERSION) == "3"
+    assert conn.execute("SELECT version FROM schema_history ORDER BY version"
+                        ).fetchall() == [(2,), (3,)]
     tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
     assert {"ca_nonces", "est_approvals", "revocation_events", "schema_history"} <= tables
     conn.close()
@@ -56,12 +57,12 @@ def test_a_registry_newer_than_the_code_is_refused_untouched(tmp_path):
     path = tmp_path / "registry.db"
     SqliteRegistry(path).close()
     conn = sqlite3.connect(path)
-    conn.execute("UPDATE registry_meta SET value = '3' WHERE name = 'schema_version'")
+    conn.execute("UPDATE registry_meta SET value = '4' WHERE name = 'schema_version'")
     conn.commit()
     conn.close()
     with pytest.raises(RegistryError) as info:
         SqliteRegistry(path)
-    assert info.value.reason == RegistryError.SCHEMA and "knows up to 2" in str(info.value)
+    assert info.value.reason == RegistryError.SCHEMA and "knows up to 3" in str(info.value)
 
 
 def test_a_nonce_issued_through_one_handle_is_consumed_once_through_another(tmp_path):
