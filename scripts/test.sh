@@ -4,9 +4,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh --test
-# Two pytest workers (pytest-xdist), one test file at a time each (--dist loadfile: a
-# file's module fixtures, e.g. its PostgreSQL cluster, and its order stay in one process);
-# every server a test starts is on a free port, so two files never collide.  On 2 cores
-# this is about 6 minutes instead of 12 in one process.  `scripts/test.sh -n 0` runs
-# everything in one process.
-exec .venv/bin/python -m pytest -q -p no:cacheprovider -n 2 --dist loadfile "$@"
+# One process by default (about 12 minutes on 2 cores).  `scripts/test.sh -n 2 --dist
+# loadfile` runs two pytest-xdist workers, one test file at a time each (about 6 minutes),
+# but under that load a few timing-sensitive tests (the audit's urgent checkpoint, the
+# tamper table) have failed once in three runs: not yet the default.
+exec .venv/bin/python -m pytest -q -p no:cacheprovider "$@"
