@@ -73,20 +73,9 @@ class DeviceClient:
 
 def process_cpu_seconds(pid):
     """utime + stime (s) of `pid` and its direct children, from /proc."""
-    tick = os.sysconf("SC_CLK_TCK")
-    total = 0
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open("/proc/%s/stat" % entry) as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        # After "(comm)": state ppid ... utime (14th field overall) stime (15th).
-        if int(entry) == pid or int(fields[1]) == pid:
-            total += int(fields[11]) + int(fields[12])
-    return total / tick
+    from bench._pg_support import process_tree_cpu_seconds
+
+    return sum(process_tree_cpu_seconds(pid).values())
 
 
 def prepare(clients, count):

@@ -84,31 +84,9 @@ REQUEST = b"GET %s HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
 def cpu_seconds(pid):
     """utime + stime of a process and of its live child processes (seconds), from /proc:
     a server's workers count as the server."""
-    ticks = os.sysconf("SC_CLK_TCK")
-    total = 0
-    for one in [pid] + _children(pid):
-        try:
-            with open("/proc/%d/stat" % one) as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:  # exited meanwhile
-            continue
-        total += int(fields[11]) + int(fields[12])
-    return total / ticks
+    from bench._pg_support import process_tree_cpu_seconds
 
-
-def _children(pid):
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open("/proc/%s/stat" % entry) as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid:
-            found.append(int(entry))
-    return found
+    return sum(process_tree_cpu_seconds(pid).values())
 
 
 def free_port():
