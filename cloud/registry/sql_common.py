@@ -586,6 +586,13 @@ class SnapshotLines:
 
     def close(self):
         if self._conn is not None:
+            # The cursor first: a statement left mid-iteration (a verification that stopped
+            # at a bad entry) would keep SQLite's handle open after conn.close() until the
+            # cursor is garbage-collected, holding the database's WAL and wal-index.
+            try:
+                self._cursor.close()
+            except self._registry._db_error:
+                pass
             if self._end is not None:
                 try:
                     self._conn.execute(self._end)
