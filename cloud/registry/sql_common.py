@@ -586,9 +586,7 @@ class SnapshotLines:
 
     def close(self):
         if self._conn is not None:
-            # The cursor first: a statement left mid-iteration (a verification that stopped
-            # at a bad entry) would keep SQLite's handle open after conn.close() until the
-            # cursor is garbage-collected, holding the database's WAL and wal-index.
+            # The cursor first: a statement left mid-walk keeps SQLite's handle (and WAL) open.
             try:
                 self._cursor.close()
             except self._registry._db_error:
