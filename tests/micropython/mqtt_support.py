@@ -6,7 +6,9 @@ test_mqtt_tls_micropython.py (the device's own SE-keyed TLS 1.3 client).
 fleet with its broker (tests/cloud/mqtt_support.MqttFleet), connects the cloud and
 publishes the issuing CA's CRL retained before any device is up; it yields
 (fleet, cloud, crl) and closes both.  `rotate_once_seen` asks a device to rotate once its
-telemetry is in; `check_session` holds the checks both tests make of a script's output.
+telemetry is in; `script_wait_and_report(steps)` is the scripts' shared MicroPython tail
+(step the channel until the CRL and the rotate command are in, print them) and
+`check_session` the checks both tests make of its output.
 """
 
 import contextlib
@@ -51,6 +53,22 @@ def rotate_once_seen(cloud, name):
     helper = threading.Thread(target=cloud_side, daemon=True)
     helper.start()
     return helper
+
+
+def script_wait_and_report(steps):
+    """MicroPython script lines (`channel`, `crls`, `rotations` and PRELUDE's `show` in
+    scope): step the channel at most `steps` times 0.05 s until a CRL and a rotate command
+    are in, then print them ("crl", "crlder", "rotations")."""
+    return r"""
+for _ in range(%d):
+    channel.step(0.05)
+    if crls and rotations:
+        break
+for label, der in crls:
+    print("crl", label, len(der))
+    show("crlder", der[:32])
+print("rotations", len(rotations))
+""" % steps
 
 
 def check_session(out, cloud, crl, name):

@@ -18,7 +18,8 @@ import pytest
 
 from fleetid.common import se_consts as C
 from fleetid.device.host.mqtt_paho import PahoSeTransport, SeTlsTunnel
-from tests.micropython.mqtt_support import check_session, rotate_once_seen, umqtt_broker
+from tests.micropython.mqtt_support import (check_session, rotate_once_seen,
+                                            script_wait_and_report, umqtt_broker)
 from tests.micropython.support import PRELUDE, Stage, parse
 
 pytestmark = [pytest.mark.micropython, pytest.mark.timeout(300)]
@@ -54,14 +55,7 @@ gc.collect()
 print("telemetry", channel.send_telemetry({"heap": gc.mem_free()}))
 # A publication under another device's topic (the broker's ACL drops it).
 transport.publish("fleet/" + OTHER + "/telemetry", b'{"seq":1,"m":{"forged":1}}')
-for _ in range(200):
-    channel.step(0.05)
-    if crls and rotations:
-        break
-for label, der in crls:
-    print("crl", label, len(der))
-    show("crlder", der[:32])
-print("rotations", len(rotations))
+""" + script_wait_and_report(200) + r"""
 print("refused", channel.refused)
 channel.close()
 gc.collect()

@@ -15,7 +15,8 @@ Heap: the script runs at its budget in tests/micropython/budgets.py ("run_mqtt_t
 import pytest
 
 from tests.micropython.budgets import WORKFLOWS
-from tests.micropython.mqtt_support import check_session, rotate_once_seen, umqtt_broker
+from tests.micropython.mqtt_support import (check_session, rotate_once_seen,
+                                            script_wait_and_report, umqtt_broker)
 from tests.micropython.support import PRELUDE, Stage, open_se_script, parse
 
 pytestmark = [pytest.mark.micropython, pytest.mark.timeout(300)]
@@ -42,14 +43,7 @@ print("tls", tls.stream.info.version, tls.stream.info.suite,
       int(tls.stream.info.client_certificate), tls.ephemeral.operations)
 gc.collect()
 print("telemetry", channel.send_telemetry({"heap": gc.mem_free()}))
-for _ in range(400):
-    channel.step(0.05)
-    if crls and rotations:
-        break
-for label, der in crls:
-    print("crl", label, len(der))
-    show("crlder", der[:32])
-print("rotations", len(rotations))
+""" + script_wait_and_report(400) + r"""
 print("ssl", int("ssl" in sys.modules or "tls" in sys.modules))
 channel.close()
 link.close()
