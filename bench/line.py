@@ -1,6 +1,6 @@
 """Benchmark of the factory line (cloud/line): throughput, host cost, cycle time.
 
-Run:  .venv/bin/python bench/line.py [--quick] [--dir DIR] [--profile]
+Run:  .venv/bin/python bench/line.py [--quick] [--host-only] [--dir DIR] [--profile]
 
 Everything runs in one process: K station threads, the soft-keystore HSM, the SQLite
 registry (WAL, synchronous=FULL: every registry transaction is durable; the stations'
@@ -201,6 +201,9 @@ def main(argv=None):
     parser.add_argument("--dir", help="work directory (default: a temporary one, removed)")
     parser.add_argument("--profile", action="store_true", help="cProfile the host side")
     parser.add_argument("--json", dest="json_path", help="also write the figures as JSON")
+    parser.add_argument("--host-only", action="store_true",
+                        help="only the zero-latency host cost (1 station, its split and the "
+                             "raw crypto baseline), no scaling or ATECC608 runs")
     args = parser.parse_args(argv)
     quick = args.quick
     workdir = args.dir or tempfile.mkdtemp(prefix="fleetid-bench-line-")
@@ -229,7 +232,7 @@ def main(argv=None):
                   "host CPU", "emulator", "yield %")
         print("%8s %8s %8s %11s %10s %10s %9s %9s %8s" % header)
         fast = []
-        for k in (1, 2, 4, 8):
+        for k in ((1,) if args.host_only else (1, 2, 4, 8)):
             s = run(line, n_fast, k, "none")
             fast.append(s)
             host_wall = s.mean("cycle_ms") - s.mean("emulator_ms")
@@ -261,6 +264,11 @@ def main(argv=None):
                                                    wall_ms))
         print("audit: %.0f bytes/device (%d entries for %d devices, checkpoints included)"
               % (one.audit_bytes / max(1, len(one.ok)), one.audit_entries, len(one.ok)))
+        if args.host_only:
+            if args.profile:
+                print("\n== cProfile: 1 station, zero latency, %d devices ==" % (n_fast // 2))
+                print(profile_host(line, n_fast // 2))
+            return 0
 
         print("\n== ATECC608-class SE profile (real time) ==")
         slow1 = run(line, n_slow_1, 1, "atecc608")
