@@ -4,7 +4,8 @@ Run:  .venv/bin/python bench/line.py [--quick] [--host-only] [--dir DIR] [--prof
 
 Everything runs in one process: K station threads, the soft-keystore HSM, the SQLite
 registry (WAL, synchronous=FULL: every registry transaction is durable; the stations'
-writes group-committed by its writer thread, whose CPU time is added to the host cost),
+writes group-committed: a batch runs on the thread of the station that found the writer
+idle, or on the writer thread, whose CPU time is added to the host cost),
 the issuance journal (fsync per certificate, shared by stations writing at once) and the
 emulated SEs behind their bus endpoints.
 
