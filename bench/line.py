@@ -113,7 +113,7 @@ def run(line, devices, stations, profile):
     return summary
 
 
-_REGISTRY = "registry (SQLite, 2 durable txns, writer CPU)"
+_REGISTRY = "registry (SQLite, 2 durable txns)"
 
 
 class _Timed:
