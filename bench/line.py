@@ -29,8 +29,10 @@ emulated SEs behind their bus endpoints.
    * 32 stations against linear: throughput(32) / (32 x throughput(1)).  Target >= 0.9.
 3. Audit bytes per device (injection entries + checkpoints, as stored).
 
---profile adds a cProfile of 1 station at zero latency (main thread), top functions by
-own time, so the host cost split can be checked.
+--profile adds a cProfile of 1 station at zero latency (main thread, on its CPU time): CPU
+per device by area with the emulator's apart (shared common/ code is the emulator's when
+called from sim/), then the top functions by own time, so the host cost split can be
+checked.
 """
 
 import argparse
@@ -209,17 +211,123 @@ def host_split(line, devices):
     return host, host_cpu, rows
 
 
+# Areas of the cProfile summary: the first prefix (path relative to the repository) that
+# matches a function's file.  Library and built-in functions count for the area of their
+# heaviest caller.
+_AREAS = (
+    ("sim/", "emulator (sim/: endpoint, SE-side T=1', applet, chip crypto)"),
+    ("common/t1", "T=1' host (common/t1*.py, CRC)"),
+    ("common/crc16", "T=1' host (common/t1*.py, CRC)"),
+    ("common/clock", "T=1' host (common/t1*.py, CRC)"),
+    ("common/scp03", "SCP03 host (common/scp03.py, common/host/)"),
+    ("common/host/", "SCP03 host (common/scp03.py, common/host/)"),
+    ("common/apdu", "APDU / SE session (common/apdu*, device/se.py, stack)"),
+    ("common/command_apdu", "APDU / SE session (common/apdu*, device/se.py, stack)"),
+    ("device/se.py", "APDU / SE session (common/apdu*, device/se.py, stack)"),
+    ("device/stack.py", "APDU / SE session (common/apdu*, device/se.py, stack)"),
+    ("common/", "DER / attestation codecs (common/der.py, attestation.py, enrol)"),
+    ("device/", "DER / attestation codecs (common/der.py, attestation.py, enrol)"),
+    ("cloud/ca/", "issuing CA (cloud/ca/, cloud/pki/)"),
+    ("cloud/pki/", "issuing CA (cloud/ca/, cloud/pki/)"),
+    ("cloud/registry/", "registry (cloud/registry/)"),
+    ("cloud/audit/", "audit entries (cloud/audit/)"),
+    ("cloud/hsm/", "HSM (cloud/hsm/)"),
+    ("cloud/line/", "line: station, gate, journal, shipment (cloud/line/)"),
+)
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
+
+
+def _area_of_file(filename):
+    if not filename.startswith(_REPO) or os.sep + ".venv" + os.sep in filename:
+        return None
+    rel = filename[len(_REPO):].replace(os.sep, "/")
+    for prefix, area in _AREAS:
+        if rel.startswith(prefix):
+            return area
+    return "other"
+
+
+_EMULATOR = _AREAS[0][1]
+# Code the emulated SE runs too (sim/ imports these): its time is the emulator's when the
+# call came from sim/, else the host's.
+_SHARED = ("common/", "device/")
+
+
+def profile_areas(stats):
+    """{area: own CPU seconds} from pstats' raw stats.  A function of common/ or device/
+    counts for the emulator as far as its calls came from sim/ (through any chain of
+    shared or library functions), else for its own area; a library or built-in function
+    counts for its callers' areas, in proportion to the time spent in it per caller."""
+    memo = {}
+
+    def rel(filename):
+        if not filename.startswith(_REPO) or os.sep + ".venv" + os.sep in filename:
+            return None
+        return filename[len(_REPO):].replace(os.sep, "/")
+
+    def weights(func, depth=0):
+        # {area: share of func's time}
+        if func in memo:
+            return memo[func]
+        path = rel(func[0])
+        own = _area_of_file(func[0]) if path is not None else None
+        if own is not None and not path.startswith(_SHARED):
+            memo[func] = {own: 1.0}
+            return memo[func]
+        memo[func] = {own or "other": 1.0}  # a cycle ends here
+        callers = stats[func][4]
+        total = sum(v[2] for v in callers.values()) if callers else 0.0
+        if not callers or depth > 60 or total <= 0:
+            return memo[func]
+        mix = {}
+        for caller, value in callers.items():
+            share = value[2] / total
+            for name, w in weights(caller, depth + 1).items():
+                if own is not None and name != _EMULATOR:
+                    name = own  # a shared function's host calls count for its own area
+                mix[name] = mix.get(name, 0.0) + share * w
+        memo[func] = mix
+        return mix
+
+    totals = {}
+    for func, (_cc, _nc, tottime, _ct, _callers) in stats.items():
+        for name, w in weights(func).items():
+            totals[name] = totals.get(name, 0.0) + tottime * w
+    return totals
+
+
 def profile_host(line, devices):
+    """cProfile of 1 station (zero latency) on this thread's CPU time (waits for fsync or
+    the group-commit writer do not count): CPU per device by area, the emulator's apart,
+    then the host functions with the most own time.  The profiler's own overhead inflates
+    every figure (most where calls are many and short): read it for shares, the bench's
+    figures above for times."""
     lot = lot_mod.make_lot(line, devices)
     station = Station("st-prof", line.resources_for(lot.batch))
     endpoints = [BusEndpoint(c.chip) for c in lot.chips]
-    prof = cProfile.Profile()
+    prof = cProfile.Profile(time.thread_time)
     prof.enable()
     for endpoint in endpoints:
         station.provision(endpoint)
     prof.disable()
     out = io.StringIO()
-    pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(25)
+    stats = pstats.Stats(prof, stream=out)
+    totals = profile_areas(stats.stats)
+    host = sum(v for k, v in totals.items() if not k.startswith("emulator"))
+    out.write("profiled CPU ms per device by area (host total %.2f, emulator %.2f):\n"
+              % (host * 1000.0 / devices,
+                 sum(v for k, v in totals.items() if k.startswith("emulator"))
+                 * 1000.0 / devices))
+    for name, seconds in sorted(totals.items(), key=lambda kv: -kv[1]):
+        out.write("  %-66s %7.3f\n" % (name, seconds * 1000.0 / devices))
+    out.write("\nfunctions by own time, sim/ left out (common/ ones include their calls from "
+              "the emulator):\n")
+    sim = os.path.join(_REPO, "sim") + os.sep
+    for func in list(stats.stats):
+        if func[0].startswith(sim):
+            del stats.stats[func]
+    stats.total_tt = host
+    stats.sort_stats("tottime").print_stats(25)
     return out.getvalue()
 
 
