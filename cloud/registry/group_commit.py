@@ -102,6 +102,7 @@ class GroupCommitWriter:
         self._pid = None
         self._last_batch = 0
         self._active = False  # a batch is running (on the writer or a caller's thread)
+        self._runner = None  # the thread running it
         self.batches = 0
         self.ops = 0
         self.largest = 0
@@ -128,6 +129,7 @@ class GroupCommitWriter:
             inline = not self._active and not self._queue
             if inline:
                 self._active = True
+                self._runner = threading.current_thread()
                 op.started = True
             else:
                 self._start_writer()
@@ -160,13 +162,21 @@ class GroupCommitWriter:
         return op.result
 
     def close(self, timeout_s=10.0):
-        """Finish the queued ops, then stop the writer thread (bounded wait)."""
+        """Finish the queued ops and a batch running on a caller's thread, then stop the
+        writer thread (bounded waits)."""
+        deadline = time.monotonic() + timeout_s
         with self._cond:
             self._closed = True
             self._cond.notify_all()
             thread = self._thread
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout_s)
+        with self._cond:
+            while self._active and self._runner is not threading.current_thread():
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                self._cond.wait(remaining)
 
     # -- the writer thread -----------------------------------------------------------------
 
@@ -194,6 +204,7 @@ class GroupCommitWriter:
         thread)."""
         with self._cond:
             self._active = False
+            self._runner = None
             if self._queue:
                 self._start_writer()
             self._cond.notify_all()
@@ -208,6 +219,7 @@ class GroupCommitWriter:
                 first = self._queue.popleft()
                 first.started = True
                 self._active = True
+                self._runner = threading.current_thread()
             try:
                 self._batch(first)
             finally:
