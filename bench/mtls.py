@@ -178,7 +178,10 @@ def _serve_worker(workdir, port, context, bare, event_loop, reuse_port):
     from cryptography import x509
 
     from fleetid.cloud.registry.sqlite_backend import SqliteRegistry
+    from fleetid.cloud.http.middleware import ServerTimeouts
+    from fleetid.cloud.http.sites import ssl_bounds
     from fleetid.cloud.http.verifier_app import make_verifier_app
+    from fleetid.cloud.http.verifier_fast import VerifierFastPath, VerifierFastSite
     from fleetid.cloud.http.metrics import Metrics
     from fleetid.cloud.server import event_loop_factory
     from fleetid.cloud.verifier.service import FleetTrust, FleetVerifier
@@ -192,6 +195,7 @@ def _serve_worker(workdir, port, context, bare, event_loop, reuse_port):
     verifier = FleetVerifier(trust, registry)
     metrics = Metrics()
     verifier.on_verdict = metrics.on_verdict
+    timeouts = ServerTimeouts()
 
     async def ok(request):
         return web.Response(text="ok")
@@ -203,10 +207,18 @@ def _serve_worker(workdir, port, context, bare, event_loop, reuse_port):
         app = make_verifier_app(verifier, metrics)
 
     async def main():
-        runner = web.AppRunner(app, access_log=None)
+        runner = web.AppRunner(app, access_log=None, **timeouts.runner_options())
         await runner.setup()
-        await web.TCPSite(runner, "127.0.0.1", port, ssl_context=context,
-                          backlog=1024, reuse_port=reuse_port or None).start()
+        if bare:
+            site = web.TCPSite(runner, "127.0.0.1", port, ssl_context=context,
+                               backlog=1024, reuse_port=reuse_port or None)
+        else:  # as `fleetid cloud serve` listens: the verifier's fast path first
+            site = VerifierFastSite(runner, "127.0.0.1", port,
+                                    VerifierFastPath(verifier, metrics, timeouts.idle),
+                                    ssl_context=context, backlog=1024,
+                                    reuse_port=reuse_port or None)
+            site.ssl_bounds = ssl_bounds(context, timeouts)
+        await site.start()
         await asyncio.Event().wait()
 
     with asyncio.Runner(loop_factory=event_loop_factory(event_loop)) as runner:
