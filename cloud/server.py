@@ -384,10 +384,8 @@ class CloudServer:
         if metrics_port:
             self._plan.append(("metrics", make_metrics_app(self.metrics), metrics_port, None))
         self.crl_publisher = crl_publisher
-        # listener name -> its fast path: the verifier's hot GET routes (verifier_fast.py)
-        # and OCSP (ocsp_fast.py) off aiohttp's request path
-        self._fast = {"verifier": VerifierFastPath(verifier, self.metrics,
-                                                   keepalive_timeout=self.timeouts.idle)}
+        # listener name -> its fast path (verifier_fast.py, ocsp_fast.py)
+        self._fast = {"verifier": VerifierFastPath(verifier, self.metrics, self.timeouts.idle)}
         if crl_publisher is not None:
             self._plan.append(("crl", self._revocation_app(crl_publisher, revocation_tiers),
                                crl_port, None))
