@@ -36,7 +36,9 @@ endpoint names; the JSON access line when INFO is enabled; the OCSP staple heade
 the server has one (revocation_app.attach_staple_header's, for the aiohttp routes).
 
 Bounds: a request head of at most MAX_HEAD bytes (longer: handed to aiohttp, which
-refuses it); a connection with no complete request head for `keepalive_timeout` seconds
+refuses it); answers wait (and reading pauses) while the transport's write buffer is
+over its high-water mark, so a client that pipelines and never reads holds a bounded
+amount of memory; a connection with no complete request head for `keepalive_timeout` seconds
 is closed (the listener's ServerTimeouts.idle, as aiohttp's keepalive_timeout; checked
 every SWEEP_SECONDS by one timer per listener, not one per connection); the TLS
 handshake and shutdown bounds are the site's ssl_bounds (cloud/http/sites.py).
@@ -149,13 +151,15 @@ class VerifierFastPath:
 class VerifierConnection(asyncio.Protocol):
     """One client connection while it calls the fast routes (see the module text)."""
 
-    __slots__ = ("fast", "fallback", "transport", "buffer", "loop", "last_active")
+    __slots__ = ("fast", "fallback", "transport", "buffer", "loop", "last_active",
+                 "write_paused")
 
     def __init__(self, fast, fallback):
         self.fast = fast
         self.fallback = fallback  # aiohttp's protocol factory (the runner's web.Server)
         self.transport = None
         self.buffer = b""
+        self.write_paused = False
 
     def connection_made(self, transport):
         self.transport = transport
@@ -168,9 +172,27 @@ class VerifierConnection(asyncio.Protocol):
 
     def data_received(self, data):
         self.buffer = self.buffer + data if self.buffer else data
-        while self.buffer and not self.transport.is_closing():
+        self._process()
+
+    def _process(self):
+        while self.buffer and not self.write_paused and not self.transport.is_closing():
             if not self._next_request():
                 return
+
+    # A client that pipelines requests and reads no answer: once the transport's write
+    # buffer is over its high-water mark, no request is answered and nothing more is
+    # read until the client has taken the answers (memory stays bounded; the idle sweep
+    # closes a client that never reads).
+
+    def pause_writing(self):
+        self.write_paused = True
+        self.transport.pause_reading()
+
+    def resume_writing(self):
+        self.write_paused = False
+        if not self.transport.is_closing():
+            self.transport.resume_reading()
+            self._process()
 
     def _next_request(self):
         """Answer the request at the start of the buffer when its head is whole.  True to

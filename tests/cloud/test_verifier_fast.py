@@ -164,3 +164,55 @@ def test_http10_closes_unless_kept_alive(fleet, cloud):
         status, headers, _ = _read_answers(tls, 1)[0]
         assert status == 200 and headers["connection"].lower() == "close"
         assert tls.recv(1) == b""
+
+
+class _Transport:
+    """What VerifierConnection uses of a transport, recording what it is told."""
+
+    def __init__(self):
+        self.written = []
+        self.reading = True
+        self.closing = False
+
+    def get_extra_info(self, name, default=None):
+        return default  # no TLS: every request is answered 401 no_client_certificate
+
+    def write(self, data):
+        self.written.append(data)
+
+    def pause_reading(self):
+        self.reading = False
+
+    def resume_reading(self):
+        self.reading = True
+
+    def is_closing(self):
+        return self.closing
+
+    def close(self):
+        self.closing = True
+
+
+def test_a_client_that_reads_no_answer_stops_being_read_and_answered(fleet):
+    import asyncio
+
+    from fleetid.cloud.http.verifier_fast import VerifierConnection, VerifierFastPath
+
+    async def scenario():
+        fast = VerifierFastPath(fleet.verifier)
+        connection = VerifierConnection(fast, fallback=None)
+        transport = _Transport()
+        connection.connection_made(transport)
+        request = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
+        connection.data_received(request)
+        assert len(transport.written) == 1 and transport.written[0].startswith(
+            b"HTTP/1.1 401 ")
+        connection.pause_writing()  # the write buffer is over its high-water mark
+        assert not transport.reading
+        connection.data_received(request * 3)  # already in flight
+        assert len(transport.written) == 1
+        connection.resume_writing()  # the client took the answers
+        assert transport.reading and len(transport.written) == 4
+        fast.close_all()
+
+    asyncio.run(scenario())
