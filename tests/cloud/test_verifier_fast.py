@@ -213,6 +213,10 @@ def test_a_client_that_reads_no_answer_stops_being_read_and_answered(fleet):
         assert len(transport.written) == 1
         connection.resume_writing()  # the client took the answers
         assert transport.reading and len(transport.written) == 4
+        connection.data_received(request + request[:20])  # one and a piece
+        assert len(transport.written) == 5
+        connection.data_received(request[20:])
+        assert len(transport.written) == 6 and not transport.closing
         fast.close_all()
 
     asyncio.run(scenario())
