@@ -213,6 +213,7 @@ class OcspConnection(asyncio.Protocol):
         self.buffer = bytearray()
         self.pending = None  # (message, endpoint, body length) of a head being read
         self.busy = False
+        self.write_paused = False  # the transport's write buffer is over its high-water mark
         self.draining = 0  # bytes of a refused body still to read and drop
 
     # -- asyncio.Protocol ---------------------------------------------------------------------
@@ -228,11 +229,25 @@ class OcspConnection(asyncio.Protocol):
     def connection_lost(self, exc):
         self.fast.connections.discard(self)
 
+    # A client that pipelines requests and reads no answer: while the write buffer is over
+    # its high-water mark, nothing is answered or read (memory stays bounded; the idle
+    # sweep closes a client that never reads).  As the verifier's fast path does.
+
+    def pause_writing(self):
+        self.write_paused = True
+        self.transport.pause_reading()
+
+    def resume_writing(self):
+        self.write_paused = False
+        if not self.busy and not self.transport.is_closing():
+            self.transport.resume_reading()
+            self._process()
+
     def data_received(self, data):
         self.buffer += data
         if self.draining:
             self._drain()
-        elif not self.busy:
+        elif not self.busy and not self.write_paused:
             self._process()
 
     def _drain(self):
@@ -245,7 +260,7 @@ class OcspConnection(asyncio.Protocol):
     # -- requests -----------------------------------------------------------------------------
 
     def _process(self):
-        while not self.busy and not self.transport.is_closing():
+        while not self.busy and not self.write_paused and not self.transport.is_closing():
             if self.pending is None and not self._read_head():
                 return
             message, endpoint, length = self.pending
@@ -363,7 +378,7 @@ class OcspConnection(asyncio.Protocol):
             self._send_error(CloudError(errors.INTERNAL), message, endpoint, started)
         else:
             self._send(reply, message, endpoint, started)
-        if not self.transport.is_closing():
+        if not self.transport.is_closing() and not self.write_paused:
             self.transport.resume_reading()
             self._process()
 

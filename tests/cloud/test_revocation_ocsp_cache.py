@@ -28,8 +28,9 @@ from fleetid.cloud.revocation.ocsp import OCSP_REQUEST_TYPE, OcspResponder
 from fleetid.cloud.revocation.ocsp_cache import OcspCache, OcspQuery
 from fleetid.cloud.revocation.ocsp_tier import OcspTier
 from fleetid.cloud.revocation.service import EventWatcher, read_event
+from fleetid.cloud.revocation.tier import Deferred, Reply
 from fleetid.cloud.verifier.revoked_cas import revoked_ca_map
-from tests.cloud.cloud_support import Fleet, pem
+from tests.cloud.cloud_support import Fleet, RecordingTransport, pem
 from tests.cloud.ocsp_support import LoopbackServer, ocsp_responder, ocsp_signers
 from tests.conftest import require
 
@@ -476,3 +477,60 @@ def test_a_get_with_the_cached_answers_etag_gets_304(fleet):
         response = conn.getresponse()
         assert response.status == 200 and response.read() == der
         conn.close()
+
+
+class _AnswerTier:
+    """A tier whose cached answers are Reply objects and whose misses are Deferred (a
+    signature off the event loop), as OcspTier's."""
+
+    def __init__(self):
+        self.deferred = False
+
+    def answer_path(self, text):
+        reply = Reply(b"\x30\x03\x0a\x01\x00", "application/ocsp-response")
+        return Deferred(lambda: reply) if self.deferred else reply
+
+
+def test_a_client_that_reads_no_answer_stops_being_read_and_answered():
+    """Pipelined OCSP GETs from a client that never reads: once the transport's write
+    buffer is over its high-water mark nothing more is answered or read, also when a
+    signature (Deferred) finishes meanwhile; reading resumes when the client has read."""
+    import asyncio
+
+    from fleetid.cloud.http.ocsp_fast import OcspConnection
+
+    request = b"GET /ocsp/MAo%3D HTTP/1.1\r\nHost: x\r\n\r\n"
+
+    async def _signed(connection):  # bounded: the worker thread returns at once
+        for _ in range(1000):
+            if not connection.busy:
+                return
+            await asyncio.sleep(0.01)
+        raise AssertionError("the deferred answer never finished")
+
+    async def scenario():
+        tier = _AnswerTier()
+        fast = OcspFastPath(tier)
+        connection = OcspConnection(fast, fallback=None)
+        transport = RecordingTransport()
+        connection.connection_made(transport)
+        connection.data_received(request)
+        assert len(transport.written) == 1 and transport.written[0].startswith(b"HTTP/1.1 200 ")
+        connection.pause_writing()
+        assert not transport.reading
+        connection.data_received(request * 3)  # already in flight
+        assert len(transport.written) == 1
+        connection.resume_writing()
+        assert transport.reading and len(transport.written) == 4
+        tier.deferred = True  # a miss: signed in a worker thread
+        connection.data_received(request * 2)
+        assert connection.busy and not transport.reading
+        connection.pause_writing()  # the answers before it fill the buffer meanwhile
+        await _signed(connection)
+        assert len(transport.written) == 5 and not transport.reading
+        connection.resume_writing()
+        await _signed(connection)
+        assert len(transport.written) == 6 and transport.reading and not transport.closing
+        fast.close_all()
+
+    asyncio.run(scenario())

@@ -14,7 +14,7 @@ import ssl
 import pytest
 
 from fleetid.cloud.http import verifier_fast
-from tests.cloud.cloud_support import RunningCloud, rogue_certificate
+from tests.cloud.cloud_support import RecordingTransport, RunningCloud, rogue_certificate
 
 
 def _connect(cloud, files):
@@ -166,33 +166,6 @@ def test_http10_closes_unless_kept_alive(fleet, cloud):
         assert tls.recv(1) == b""
 
 
-class _Transport:
-    """What VerifierConnection uses of a transport, recording what it is told."""
-
-    def __init__(self):
-        self.written = []
-        self.reading = True
-        self.closing = False
-
-    def get_extra_info(self, name, default=None):
-        return default  # no TLS: every request is answered 401 no_client_certificate
-
-    def write(self, data):
-        self.written.append(data)
-
-    def pause_reading(self):
-        self.reading = False
-
-    def resume_reading(self):
-        self.reading = True
-
-    def is_closing(self):
-        return self.closing
-
-    def close(self):
-        self.closing = True
-
-
 def test_a_client_that_reads_no_answer_stops_being_read_and_answered(fleet):
     import asyncio
 
@@ -201,7 +174,7 @@ def test_a_client_that_reads_no_answer_stops_being_read_and_answered(fleet):
     async def scenario():
         fast = VerifierFastPath(fleet.verifier)
         connection = VerifierConnection(fast, fallback=None)
-        transport = _Transport()
+        transport = RecordingTransport()
         connection.connection_made(transport)
         request = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
         connection.data_received(request)
