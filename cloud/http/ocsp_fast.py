@@ -66,7 +66,7 @@ _REASON = {200: b"OK", 304: b"Not Modified", 400: b"Bad Request", 413: b"Payload
            500: b"Internal Server Error", 503: b"Service Unavailable"}
 
 
-class _Date:
+class HttpDate:
     """The Date header (RFC 9110 6.6.1), formatted once per second."""
 
     second = None
@@ -124,7 +124,7 @@ class OcspFastPath:
         facts = self._heads.get(head)
         if facts is None:
             # A parser of its own per head: it is then never left waiting for a body.
-            parser = HttpRequestParser(_NoFlowControl, asyncio.get_running_loop(), 2**16,
+            parser = HttpRequestParser(NoFlowControl, asyncio.get_running_loop(), 2**16,
                                        max_line_size=MAX_HEAD, max_field_size=MAX_HEAD)
             messages, _, _ = parser.feed_data(head)
             if not messages:
@@ -170,7 +170,7 @@ class OcspFastPath:
         self.connections.clear()
 
 
-class _NoFlowControl:
+class NoFlowControl:
     """The parser's payload reader may ask its protocol to pause: heads only here."""
 
     @staticmethod
@@ -416,7 +416,7 @@ class OcspConnection(asyncio.Protocol):
     def _write(self, status, headers, body, message, endpoint, started, reason=None):
         close = message is None or message.should_close
         lines = [b"HTTP/1.1 %d %s" % (status, _REASON.get(status, b"")), b"Date: " +
-                 _Date.now()] + ([b"Content-Length: %d" % len(body)] if status != 304
+                 HttpDate.now()] + ([b"Content-Length: %d" % len(body)] if status != 304
                                  else []) + headers
         if close:
             lines.append(b"Connection: close")

@@ -56,7 +56,7 @@ from aiohttp.http import HttpProcessingError, HttpRequestParser
 from fleetid.cloud.hsm.errors import HsmError
 from fleetid.cloud.http.errors import HTTP_STATUS, WWW_AUTHENTICATE
 from fleetid.cloud.http.ocsp_fast import KEEPALIVE_TIMEOUT, MAX_HEAD, MAX_HEADS, \
-    SWEEP_SECONDS, HeadFacts, _Date, _NoFlowControl
+    SWEEP_SECONDS, HeadFacts, HttpDate, NoFlowControl
 from fleetid.cloud.registry import RegistryError
 from fleetid.cloud.revocation.staple import STAPLE_HEADER
 from fleetid.cloud.verifier import errors
@@ -108,7 +108,7 @@ class VerifierFastPath:
         MAX_HEADS kept).  Raises HttpProcessingError."""
         facts = self._heads.get(head)
         if facts is None:
-            parser = HttpRequestParser(_NoFlowControl, asyncio.get_running_loop(), 2**16,
+            parser = HttpRequestParser(NoFlowControl, asyncio.get_running_loop(), 2**16,
                                        max_line_size=MAX_HEAD, max_field_size=MAX_HEAD)
             messages, _, _ = parser.feed_data(head)
             if not messages:
@@ -289,7 +289,7 @@ class VerifierConnection(asyncio.Protocol):
 
     def _write(self, status, headers, body, message, endpoint, started, identity, reason):
         close = message.should_close
-        lines = [_status_line(status), b"Date: " + _Date.now(),
+        lines = [_status_line(status), b"Date: " + HttpDate.now(),
                  b"Content-Length: %d" % len(body)] + headers
         staple = self.fast.staple
         if staple is not None:
