@@ -37,15 +37,15 @@ pipelined requests are answered in order).
 """
 
 import asyncio
-import email.utils
 import logging
 import time
 
-from aiohttp import web
-from aiohttp.http import HttpProcessingError, HttpRequestParser
+from aiohttp.http import HttpProcessingError
 
 from fleetid.cloud.hsm.errors import HsmError
 from fleetid.cloud.http.errors import HTTP_STATUS, WWW_AUTHENTICATE
+from fleetid.cloud.http.fast_path import KEEPALIVE_TIMEOUT, MAX_HEAD, FastPath, FastSite, \
+    HttpDate
 from fleetid.cloud.registry import RegistryError
 from fleetid.cloud.revocation.ocsp import MAX_REQUEST, OCSP_REQUEST_TYPE
 from fleetid.cloud.revocation.tier import Deferred
@@ -55,30 +55,11 @@ from fleetid.cloud.verifier.errors import CloudError, RateLimited
 log = logging.getLogger("fleetid.cloud")
 
 SERVICE = "revocation"
-MAX_HEAD = 8190  # aiohttp's own max_line_size / max_field_size default
-KEEPALIVE_TIMEOUT = 75.0  # aiohttp's default keepalive_timeout
 BODY_TIMEOUT = 30.0  # ServerTimeouts' default body bound
-SWEEP_SECONDS = 1.0  # how often idle connections are looked for
-MAX_HEADS = 1024  # distinct request heads remembered (parse_head)
 MAX_DRAIN = 65536  # a refused body up to this size is read and dropped before closing
 _REASON = {200: b"OK", 304: b"Not Modified", 400: b"Bad Request", 413: b"Payload Too Large",
            415: b"Unsupported Media Type", 429: b"Too Many Requests",
            500: b"Internal Server Error", 503: b"Service Unavailable"}
-
-
-class HttpDate:
-    """The Date header (RFC 9110 6.6.1), formatted once per second."""
-
-    second = None
-    value = b""
-
-    @classmethod
-    def now(cls):
-        second = int(time.time())
-        if second != cls.second:
-            cls.second = second
-            cls.value = email.utils.formatdate(second, usegmt=True).encode()
-        return cls.value
 
 
 def _route(line):
@@ -95,7 +76,7 @@ def _route(line):
     return None
 
 
-class OcspFastPath:
+class OcspFastPath(FastPath):
     """What the OCSP connections of one listener share.
 
     Params: tier: the OcspTier (answer(der) / answer_path(text) -> Reply or Deferred).
@@ -106,101 +87,23 @@ class OcspFastPath:
 
     def __init__(self, tier, client_limits=None, watcher=None, metrics=None,
                  keepalive_timeout=KEEPALIVE_TIMEOUT, body_timeout=BODY_TIMEOUT):
+        super().__init__(keepalive_timeout)
         self.tier = tier
         self.client_limits = client_limits
         self.watcher = watcher
         self.metrics = metrics
-        self.keepalive_timeout = keepalive_timeout
         self.body_timeout = body_timeout
-        self.connections = set()
-        self._sweeper = None
-        self._heads = {}  # request head bytes -> HeadFacts (clients repeat their heads)
-        self._parser = None
 
-    def parse_head(self, head):
-        """HeadFacts of a complete request head (through "\r\n\r\n"), parsed by
-        aiohttp's HttpRequestParser; the same bytes parse the same, so a head seen before
-        is not parsed again (at most MAX_HEADS kept).  Raises HttpProcessingError."""
-        facts = self._heads.get(head)
-        if facts is None:
-            # A parser of its own per head: it is then never left waiting for a body.
-            parser = HttpRequestParser(NoFlowControl, asyncio.get_running_loop(), 2**16,
-                                       max_line_size=MAX_HEAD, max_field_size=MAX_HEAD)
-            messages, _, _ = parser.feed_data(head)
-            if not messages:
-                raise HttpProcessingError(message="not a complete request head")
-            facts = HeadFacts(messages[0][0])
-            if len(self._heads) >= MAX_HEADS:
-                self._heads.clear()
-            self._heads[head] = facts
-        return facts
-
-    def add(self, connection):
-        self.connections.add(connection)
-        if self._sweeper is None:
-            self._sweeper = connection.loop.call_later(SWEEP_SECONDS, self._sweep)
-
-    def _sweep(self):
-        # Connections with no complete request for keepalive_timeout seconds (idle, or
-        # a slow client) are closed, like aiohttp's own keep-alive bound; one timer per
-        # listener instead of one per request.
-        self._sweeper = None
-        if not self.connections:
-            return
-        loop = next(iter(self.connections)).loop
-        now = loop.time()
-        for connection in list(self.connections):
-            if connection.busy:
-                continue
-            if connection.pending is not None:  # a head in, its body not yet whole
-                if connection.body_since < now - self.body_timeout:
-                    connection.time_out_body()
-            elif connection.last_active < now - self.keepalive_timeout:
-                connection.transport.close()
-                self.connections.discard(connection)
-        if self.connections:
-            self._sweeper = loop.call_later(SWEEP_SECONDS, self._sweep)
-
-    def close_all(self):
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-            self._sweeper = None
-        for connection in list(self.connections):
-            connection.transport.close()
-        self.connections.clear()
-
-
-class NoFlowControl:
-    """The parser's payload reader may ask its protocol to pause: heads only here."""
-
-    @staticmethod
-    def pause_reading(*args, **kwargs):
-        pass
-
-    @staticmethod
-    def resume_reading(*args, **kwargs):
-        pass
-
-
-class HeadFacts:
-    """What the fast path needs of a parsed request head (aiohttp RawRequestMessage)."""
-
-    __slots__ = ("method", "path", "version", "should_close", "chunked", "length",
-                 "content_type", "expect_continue", "if_none_match")
-
-    def __init__(self, message):
-        self.method = message.method
-        self.path = message.path
-        self.version = message.version
-        self.should_close = message.should_close
-        self.chunked = message.chunked
-        self.length = int(message.headers.get("Content-Length") or 0)
-        self.content_type = message.headers.get("Content-Type", "").split(";", 1)[0] \
-            .strip().lower()
-        self.expect_continue = message.headers.get("Expect", "").lower() == "100-continue"
-        match = message.headers.get("If-None-Match")
-        self.if_none_match = None if match is None else \
-            [tag.strip() for tag in match.split(",")]
+    def idle(self, connection, now):
+        # A connection answering (a signature in a worker) is not idle; one whose body
+        # did not arrive whole in body_timeout gets 408 and is closed.
+        if connection.busy:
+            return False
+        if connection.pending is not None:
+            if connection.body_since < now - self.body_timeout:
+                connection.time_out_body()
+            return False
+        return super().idle(connection, now)
 
 
 class OcspConnection(asyncio.Protocol):
@@ -442,36 +345,7 @@ class OcspConnection(asyncio.Protocol):
             self.last_active = self.loop.time()
 
 
-class OcspFastSite(web.TCPSite):
-    """web.TCPSite whose connections start in OcspConnection (the OCSP fast path), with
-    the runner's aiohttp protocol for everything else.  Params as web.TCPSite, plus
-    fast: OcspFastPath, and sock: a listening socket to serve instead of binding (the
-    workers of `cloud serve --workers N` share their parent's).  `ssl_bounds` (see
-    cloud/http/sites.py) may be set before start()."""
+class OcspFastSite(FastSite):
+    """The revocation listener's site: connections start in OcspConnection (FastSite)."""
 
-    ssl_bounds = {}
-
-    def __init__(self, runner, host, port, fast, sock=None, **kwargs):
-        super().__init__(runner, host, port, **kwargs)
-        self.fast = fast
-        self.sock = sock
-
-    async def start(self):
-        await web.BaseSite.start(self)  # registers the site with its runner
-        loop = asyncio.get_running_loop()
-        fast, fallback = self.fast, self._runner.server
-        factory = lambda: OcspConnection(fast, fallback)  # noqa: E731
-        if self.sock is not None:
-            self._server = await loop.create_server(
-                factory, sock=self.sock, ssl=self._ssl_context, backlog=self._backlog,
-                **self.ssl_bounds)
-        else:
-            self._server = await loop.create_server(
-                factory, self._host, self._port, ssl=self._ssl_context,
-                backlog=self._backlog, reuse_address=self._reuse_address,
-                reuse_port=self._reuse_port, **self.ssl_bounds)
-        self._bound_port = self._server.sockets[0].getsockname()[1]
-
-    async def stop(self):
-        await super().stop()
-        self.fast.close_all()
+    connection_class = OcspConnection

@@ -50,13 +50,12 @@ import logging
 import time
 from http import HTTPStatus
 
-from aiohttp import web
-from aiohttp.http import HttpProcessingError, HttpRequestParser
+from aiohttp.http import HttpProcessingError
 
 from fleetid.cloud.hsm.errors import HsmError
 from fleetid.cloud.http.errors import HTTP_STATUS, WWW_AUTHENTICATE
-from fleetid.cloud.http.ocsp_fast import KEEPALIVE_TIMEOUT, MAX_HEAD, MAX_HEADS, \
-    SWEEP_SECONDS, HeadFacts, HttpDate, NoFlowControl
+from fleetid.cloud.http.fast_path import KEEPALIVE_TIMEOUT, MAX_HEAD, FastPath, FastSite, \
+    HttpDate
 from fleetid.cloud.registry import RegistryError
 from fleetid.cloud.revocation.staple import STAPLE_HEADER
 from fleetid.cloud.verifier import errors
@@ -84,7 +83,7 @@ def _status_line(status):
     return line
 
 
-class VerifierFastPath:
+class VerifierFastPath(FastPath):
     """What the fast-path connections of the verifier's listener share.
 
     Params: verifier: the FleetVerifier.  metrics: Metrics or None.  keepalive_timeout:
@@ -94,58 +93,10 @@ class VerifierFastPath:
 
     def __init__(self, verifier, metrics=None, keepalive_timeout=KEEPALIVE_TIMEOUT,
                  staple=None):
+        super().__init__(keepalive_timeout)
         self.verifier = verifier
         self.metrics = metrics
-        self.keepalive_timeout = keepalive_timeout
         self.staple = staple
-        self.connections = set()
-        self._sweeper = None
-        self._heads = {}  # request head bytes -> HeadFacts (devices repeat their heads)
-
-    def parse_head(self, head):
-        """HeadFacts of a complete request head (through "\\r\\n\\r\\n"), parsed by
-        aiohttp's HttpRequestParser; a head seen before is not parsed again (at most
-        MAX_HEADS kept).  Raises HttpProcessingError."""
-        facts = self._heads.get(head)
-        if facts is None:
-            parser = HttpRequestParser(NoFlowControl, asyncio.get_running_loop(), 2**16,
-                                       max_line_size=MAX_HEAD, max_field_size=MAX_HEAD)
-            messages, _, _ = parser.feed_data(head)
-            if not messages:
-                raise HttpProcessingError(message="not a complete request head")
-            facts = HeadFacts(messages[0][0])
-            if len(self._heads) >= MAX_HEADS:
-                self._heads.clear()
-            self._heads[head] = facts
-        return facts
-
-    def add(self, connection):
-        self.connections.add(connection)
-        if self._sweeper is None:
-            self._sweeper = connection.loop.call_later(SWEEP_SECONDS, self._sweep)
-
-    def _sweep(self):
-        # Connections with no complete request head for keepalive_timeout seconds are
-        # closed, like aiohttp's own bound.
-        self._sweeper = None
-        if not self.connections:
-            return
-        loop = next(iter(self.connections)).loop
-        deadline = loop.time() - self.keepalive_timeout
-        for connection in list(self.connections):
-            if connection.last_active < deadline:
-                connection.transport.close()
-                self.connections.discard(connection)
-        if self.connections:
-            self._sweeper = loop.call_later(SWEEP_SECONDS, self._sweep)
-
-    def close_all(self):
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-            self._sweeper = None
-        for connection in list(self.connections):
-            connection.transport.close()
-        self.connections.clear()
 
 
 class VerifierConnection(asyncio.Protocol):
@@ -325,36 +276,7 @@ class VerifierConnection(asyncio.Protocol):
             self.last_active = self.loop.time()
 
 
-class VerifierFastSite(web.TCPSite):
-    """web.TCPSite whose connections start in VerifierConnection (the fast path), with
-    the runner's aiohttp protocol for everything else.  Params as web.TCPSite, plus
-    fast: VerifierFastPath, and sock: a listening socket to serve instead of binding
-    (the workers of `cloud serve --workers N` share their parent's).  `ssl_bounds` (see
-    cloud/http/sites.py) may be set before start()."""
+class VerifierFastSite(FastSite):
+    """The verifier listener's site: connections start in VerifierConnection (FastSite)."""
 
-    ssl_bounds = {}
-
-    def __init__(self, runner, host, port, fast, sock=None, **kwargs):
-        super().__init__(runner, host, port, **kwargs)
-        self.fast = fast
-        self.sock = sock
-
-    async def start(self):
-        await web.BaseSite.start(self)  # registers the site with its runner
-        loop = asyncio.get_running_loop()
-        fast, fallback = self.fast, self._runner.server
-        factory = lambda: VerifierConnection(fast, fallback)  # noqa: E731
-        if self.sock is not None:
-            self._server = await loop.create_server(
-                factory, sock=self.sock, ssl=self._ssl_context, backlog=self._backlog,
-                **self.ssl_bounds)
-        else:
-            self._server = await loop.create_server(
-                factory, self._host, self._port, ssl=self._ssl_context,
-                backlog=self._backlog, reuse_address=self._reuse_address,
-                reuse_port=self._reuse_port, **self.ssl_bounds)
-        self._bound_port = self._server.sockets[0].getsockname()[1]
-
-    async def stop(self):
-        await super().stop()
-        self.fast.close_all()
+    connection_class = VerifierConnection

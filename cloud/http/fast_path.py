@@ -1,0 +1,170 @@
+"""What the listeners' fast paths share (ocsp_fast.py, verifier_fast.py): a lean asyncio
+protocol per connection answers a listener's hot routes with aiohttp's own HTTP parser
+and hands every other request, with its connection, to the listener's aiohttp app.
+
+    FastPath      one per listener: its connections, the idle sweep (one timer per
+                  listener, not one per request), request heads parsed by aiohttp once
+                  per distinct head
+    FastSite      web.TCPSite whose connections start in the fast path's protocol
+    HeadFacts     what a fast path needs of a parsed request head
+    HttpDate      the Date header, formatted once per second
+
+A connection class used here has `loop`, `transport` and `last_active` (the loop time of
+its last complete request), and takes (fast, fallback) where fallback is aiohttp's
+protocol factory (the runner's web.Server).
+"""
+
+import asyncio
+import email.utils
+import time
+
+from aiohttp import web
+from aiohttp.http import HttpProcessingError, HttpRequestParser
+
+MAX_HEAD = 8190  # aiohttp's own max_line_size / max_field_size default
+KEEPALIVE_TIMEOUT = 75.0  # aiohttp's default keepalive_timeout
+SWEEP_SECONDS = 1.0  # how often idle connections are looked for
+MAX_HEADS = 1024  # distinct request heads remembered (parse_head)
+
+
+class HttpDate:
+    """The Date header (RFC 9110 6.6.1), formatted once per second."""
+
+    second = None
+    value = b""
+
+    @classmethod
+    def now(cls):
+        second = int(time.time())
+        if second != cls.second:
+            cls.second = second
+            cls.value = email.utils.formatdate(second, usegmt=True).encode()
+        return cls.value
+
+
+class NoFlowControl:
+    """The parser's payload reader may ask its protocol to pause: heads only here."""
+
+    @staticmethod
+    def pause_reading(*args, **kwargs):
+        pass
+
+    @staticmethod
+    def resume_reading(*args, **kwargs):
+        pass
+
+
+class HeadFacts:
+    """What a fast path needs of a parsed request head (aiohttp RawRequestMessage)."""
+
+    __slots__ = ("method", "path", "version", "should_close", "chunked", "length",
+                 "content_type", "expect_continue", "if_none_match")
+
+    def __init__(self, message):
+        self.method = message.method
+        self.path = message.path
+        self.version = message.version
+        self.should_close = message.should_close
+        self.chunked = message.chunked
+        self.length = int(message.headers.get("Content-Length") or 0)
+        self.content_type = message.headers.get("Content-Type", "").split(";", 1)[0] \
+            .strip().lower()
+        self.expect_continue = message.headers.get("Expect", "").lower() == "100-continue"
+        match = message.headers.get("If-None-Match")
+        self.if_none_match = None if match is None else \
+            [tag.strip() for tag in match.split(",")]
+
+
+class FastPath:
+    """A listener's fast-path connections.  Params: keepalive_timeout: seconds with no
+    complete request head after which a connection is closed (as aiohttp's bound)."""
+
+    def __init__(self, keepalive_timeout=KEEPALIVE_TIMEOUT):
+        self.keepalive_timeout = keepalive_timeout
+        self.connections = set()
+        self._sweeper = None
+        self._heads = {}  # request head bytes -> HeadFacts (clients repeat their heads)
+
+    def parse_head(self, head):
+        """HeadFacts of a complete request head (through "\\r\\n\\r\\n"), parsed by
+        aiohttp's HttpRequestParser; the same bytes parse the same, so a head seen before
+        is not parsed again (at most MAX_HEADS kept).  Raises HttpProcessingError."""
+        facts = self._heads.get(head)
+        if facts is None:
+            # A parser of its own per head: it is then never left waiting for a body.
+            parser = HttpRequestParser(NoFlowControl, asyncio.get_running_loop(), 2**16,
+                                       max_line_size=MAX_HEAD, max_field_size=MAX_HEAD)
+            messages, _, _ = parser.feed_data(head)
+            if not messages:
+                raise HttpProcessingError(message="not a complete request head")
+            facts = HeadFacts(messages[0][0])
+            if len(self._heads) >= MAX_HEADS:
+                self._heads.clear()
+            self._heads[head] = facts
+        return facts
+
+    def add(self, connection):
+        self.connections.add(connection)
+        if self._sweeper is None:
+            self._sweeper = connection.loop.call_later(SWEEP_SECONDS, self._sweep)
+
+    def idle(self, connection, now):
+        """Whether the sweep closes `connection` (a subclass may act on it first)."""
+        return connection.last_active < now - self.keepalive_timeout
+
+    def _sweep(self):
+        self._sweeper = None
+        if not self.connections:
+            return
+        loop = next(iter(self.connections)).loop
+        now = loop.time()
+        for connection in list(self.connections):
+            if self.idle(connection, now):
+                connection.transport.close()
+                self.connections.discard(connection)
+        if self.connections:
+            self._sweeper = loop.call_later(SWEEP_SECONDS, self._sweep)
+
+    def close_all(self):
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
+        for connection in list(self.connections):
+            connection.transport.close()
+        self.connections.clear()
+
+
+class FastSite(web.TCPSite):
+    """web.TCPSite whose connections start in `connection_class(fast, fallback)` (a
+    subclass names it), with the runner's aiohttp protocol as the fallback.  Params as
+    web.TCPSite, plus fast: the FastPath, and sock: a listening socket to serve instead
+    of binding (the workers of `cloud serve --workers N` share their parent's).
+    `ssl_bounds` (see cloud/http/sites.py) may be set before start()."""
+
+    connection_class = None
+    ssl_bounds = {}
+
+    def __init__(self, runner, host, port, fast, sock=None, **kwargs):
+        super().__init__(runner, host, port, **kwargs)
+        self.fast = fast
+        self.sock = sock
+
+    async def start(self):
+        await web.BaseSite.start(self)  # registers the site with its runner
+        loop = asyncio.get_running_loop()
+        fast, fallback, connection = self.fast, self._runner.server, self.connection_class
+        factory = lambda: connection(fast, fallback)  # noqa: E731
+        if self.sock is not None:
+            self._server = await loop.create_server(
+                factory, sock=self.sock, ssl=self._ssl_context, backlog=self._backlog,
+                **self.ssl_bounds)
+        else:
+            self._server = await loop.create_server(
+                factory, self._host, self._port, ssl=self._ssl_context,
+                backlog=self._backlog, reuse_address=self._reuse_address,
+                reuse_port=self._reuse_port, **self.ssl_bounds)
+        self._bound_port = self._server.sockets[0].getsockname()[1]
+
+    async def stop(self):
+        await super().stop()
+        self.fast.close_all()
