@@ -79,12 +79,15 @@ class HttpError(FleetidError):
 
 
 class HttpResponse:
-    """status (int), headers (dict, lower-case names), body (bytes)."""
+    """status (int), headers (dict, lower-case names), body (bytes or bytearray), pieces
+    (None, or a 200 answer's body as the list of pieces it arrived in, body then None:
+    read_response's `pieces`)."""
 
-    def __init__(self, status, headers, body):
+    def __init__(self, status, headers, body, pieces=None):
         self.status = status
         self.headers = headers
         self.body = body
+        self.pieces = pieces
 
     def header(self, name, default=None):
         return self.headers.get(name.lower(), default)
@@ -178,6 +181,26 @@ class _Reader:
                 raise HttpError(HttpError.LINK, "body cut short")
             n -= self._take(n, out)
 
+    def pieces(self, n):
+        # Exactly n bytes as the list of pieces they arrive in (the buffered part sliced
+        # off, then each recv() piece as it is, the last one cut): no block of n bytes.
+        out = []
+        take = min(n, self._left())
+        if take:
+            out.append(self._buf[self._pos:self._pos + take])
+            self._pos += take
+            n -= take
+        while n:
+            data = self._recv()
+            if not data:
+                self._eof = True
+                raise HttpError(HttpError.LINK, "body cut short")
+            if len(data) > n:
+                data = data[:n]
+            out.append(data)
+            n -= len(data)
+        return out
+
     def to_end(self, limit, out):
         while True:
             if len(out) + self._left() > limit:
@@ -239,11 +262,15 @@ def _read_chunked(reader, max_body, body):
     raise HttpError(HttpError.LINK, "trailer too long")
 
 
-def read_response(recv, max_body=MAX_BODY_DEFAULT, method="GET"):
+def read_response(recv, max_body=MAX_BODY_DEFAULT, method="GET", pieces=False):
     """Read one HTTP/1.1 answer through `recv() -> bytes` (b"" at the close).
 
-    Returns: HttpResponse.  Raises: HttpError(LINK) for anything that is not a bounded
-    HTTP/1.1 answer (status line, header lines, Content-Length or chunked body)."""
+    Params: pieces: a 200 answer with a Content-Length keeps its body as the list of
+        pieces recv() gave (response.pieces; response.body None): a board that decodes
+        the body as it goes (an EST answer's base64) needs no block of the whole body.
+    Returns: HttpResponse; its body is a bytearray (no copy into bytes).  Raises:
+    HttpError(LINK) for anything that is not a bounded HTTP/1.1 answer (status line,
+    header lines, Content-Length or chunked body)."""
     reader = _Reader(recv)
     status_line = reader.line()
     parts = status_line.split(b" ", 2)
@@ -272,11 +299,13 @@ def read_response(recv, max_body=MAX_BODY_DEFAULT, method="GET"):
             raise HttpError(HttpError.LINK, "bad Content-Length") from None
         if length < 0 or length > max_body:
             raise HttpError(HttpError.LINK, "body of %d bytes over %d" % (length, max_body))
+        if pieces and status == 200:
+            return HttpResponse(status, headers, None, reader.pieces(length))
         body = bytearray(length)  # one block of the announced size, filled in place
         reader.fill(memoryview(body))
     else:
         reader.to_end(max_body, body)
-    return HttpResponse(status, headers, bytes(body))
+    return HttpResponse(status, headers, body)
 
 
 def _connect(host, port, timeout_s):
@@ -391,11 +420,12 @@ class HttpsClient:
             return kept[1]
         return None
 
-    def request(self, slot, base_url, method, path, body=None, headers=None):
+    def request(self, slot, base_url, method, path, body=None, headers=None, pieces=False):
         """One request on its own connection, authenticated by the key in `slot`.
 
         Params: base_url: https://HOST:PORT (a path in it is ignored).  body: bytes or
-            None.  headers: dict or None.
+            None.  headers: dict or None.  pieces: read_response's (a 200 answer's body
+            as the pieces it arrived in).
         Returns: HttpResponse (any status; the caller maps it).
         Raises: HttpError; ApduError / LinkError when the SE fails.
         """
@@ -442,7 +472,7 @@ class HttpsClient:
             stream.send(_head(method, host, port, path, body, headers))
             if body:
                 stream.send(body)
-            response = read_response(stream.recv, self.max_body, method)
+            response = read_response(stream.recv, self.max_body, method, pieces)
         except TlsError as exc:
             raise _tls_error(exc) from None
         finally:
