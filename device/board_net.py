@@ -180,6 +180,7 @@ def decode_base64(body):
 
 
 _BASE64_CHUNK = const(64)  # base64 characters decoded at a time (48 bytes)
+_BASE64_STEP = const(384)  # bytes encoded at a time (512 characters, a send fragment)
 
 
 def decode_base64_pieces(pieces):
@@ -240,6 +241,30 @@ def _decode_chunk(binascii, text, out, written):
         raise ValueError("not base64")
     out[written:end] = chunk
     return end
+
+
+class Base64Body:
+    """A request body: the base64 of `data` as binascii.b2a_base64 gives it (one line and
+    a final newline), encoded _BASE64_STEP bytes at a time as it is sent (device/https
+    sends an iterable body piece by piece), so no block of the whole text is made.
+    len() is the text's length (Content-Length)."""
+
+    def __init__(self, data):
+        self._data = data
+
+    def __len__(self):
+        return (len(self._data) + 2) // 3 * 4 + 1
+
+    def __iter__(self):
+        import binascii
+
+        view = memoryview(self._data)
+        size = len(view)
+        if not size:
+            yield b"\n"
+        for i in range(0, size, _BASE64_STEP):
+            yield binascii.b2a_base64(view[i:i + _BASE64_STEP],
+                                      newline=i + _BASE64_STEP >= size)
 
 
 def nonce_value(body):
@@ -359,12 +384,10 @@ class BoardNetwork:
         """POST simpleenroll / simplereenroll.  Returns: the certificate DER.  Raises:
         NetError; CertificateRefused(MALFORMED) for a 200 answer that is not exactly one
         certificate in a certs-only PKCS#7."""
-        import binascii
-
         from fleetid.device.certcheck import REASON_MALFORMED, CertificateRefused
 
         op = "simplereenroll" if reenroll else "simpleenroll"
-        body = binascii.b2a_base64(csr_der)
+        body = Base64Body(csr_der)
         response = self._ok(slot, self.est_url, "POST", self._est_path(op), body,
                             {"Content-Type": CT_PKCS10,
                              "Content-Transfer-Encoding": "base64"}, pieces=True)

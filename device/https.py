@@ -216,7 +216,7 @@ def _head(method, host, port, path, body, headers):
     for name in headers or ():
         lines.append("%s: %s" % (name, headers[name]))
     if body is not None or method == "POST":
-        lines.append("Content-Length: %d" % (len(body) if body else 0))
+        lines.append("Content-Length: %d" % (len(body) if body is not None else 0))
     return ("\r\n".join(lines) + "\r\n\r\n").encode()
 
 
@@ -423,8 +423,8 @@ class HttpsClient:
     def request(self, slot, base_url, method, path, body=None, headers=None, pieces=False):
         """One request on its own connection, authenticated by the key in `slot`.
 
-        Params: base_url: https://HOST:PORT (a path in it is ignored).  body: bytes or
-            None.  headers: dict or None.  pieces: read_response's (a 200 answer's body
+        Params: base_url: https://HOST:PORT (a path in it is ignored).  body: bytes, None,
+            or an iterable of bytes pieces with len() (their total) sent one by one.  headers: dict or None.  pieces: read_response's (a 200 answer's body
             as the pieces it arrived in).
         Returns: HttpResponse (any status; the caller maps it).
         Raises: HttpError; ApduError / LinkError when the SE fails.
@@ -470,8 +470,12 @@ class HttpsClient:
             if info.resumed:
                 self.resumed += 1
             stream.send(_head(method, host, port, path, body, headers))
-            if body:
-                stream.send(body)
+            if isinstance(body, (bytes, bytearray, memoryview)):
+                if len(body):
+                    stream.send(body)
+            elif body is not None:
+                for piece in body:  # an iterable body (board_net.Base64Body), as it comes
+                    stream.send(piece)
             response = read_response(stream.recv, self.max_body, method, pieces)
         except TlsError as exc:
             raise _tls_error(exc) from None

@@ -4,6 +4,7 @@ cloud really makes (cloud/est/messages.certs_only, cloud/pki/profiles.device_bui
 The whole module under MicroPython against `fleetid cloud serve`:
 tests/micropython/test_board_net_micropython.py."""
 
+import binascii
 import datetime
 
 import pytest
@@ -96,6 +97,14 @@ def test_base64_decoded_from_pieces_is_the_standard_decoding(data, step, width):
     pieces = [text[i:i + step] for i in range(0, len(text), step)]
     assert board_net.decode_base64_pieces(pieces) == data
     assert pieces == []  # each piece dropped once decoded
+
+
+@given(st.binary(max_size=1200))
+def test_base64_body_is_b2a_base64_in_pieces(data):
+    body = board_net.Base64Body(data)
+    pieces = list(body)
+    assert b"".join(pieces) == binascii.b2a_base64(data) and len(body) == len(b"".join(pieces))
+    assert all(len(piece) <= 513 for piece in pieces)
 
 
 @pytest.mark.parametrize("text", [b"QQ=", b"Q===", b"QQ==QUJD", b"QU*D", b"QUJ", b"=QUJ"])
@@ -222,7 +231,8 @@ def test_enrolment_sends_base64_pkcs10_and_takes_exactly_one_certificate(pki):
     slot, base, method, path, body, headers = net.https.requests[0]
     assert (slot, base, method, path) == (2, "https://e:2", "POST",
                                           "/.well-known/est/simplereenroll")
-    assert body.strip() == b"MAMCAQU=" and headers["Content-Type"] == "application/pkcs10"
+    assert b"".join(body) == b"MAMCAQU=\n" == binascii.b2a_base64(b"\x30\x03\x02\x01\x05")
+    assert len(body) == 9 and headers["Content-Type"] == "application/pkcs10"
     for response in (
             https.HttpResponse(200, {"content-type": "application/pkcs7-mime"},
                                encode_base64(certs_only([device, ca]))),
