@@ -404,8 +404,24 @@ class RecordProtection:
         return iv[:4] + bytes(iv[4 + i] ^ pad[i] for i in range(8))
 
     def seal(self, content_type, fragment):
-        """TLSCiphertext for one fragment (no padding).  Returns: header || encrypted."""
+        """TLSCiphertext for one fragment (no padding).  Returns: header || encrypted
+        (a bytearray written in place when the provider can seal in place: one block
+        per record, no inner plaintext nor ciphertext copy)."""
         n = len(fragment)
+        in_place = getattr(self._aead, "seal_in_place", None)
+        if in_place is not None:
+            size = n + 1 + K.TAG_LEN
+            record = bytearray(_HEADER + size)
+            record[0] = CT_APPLICATION_DATA
+            record[1] = LEGACY_VERSION >> 8
+            record[2] = LEGACY_VERSION & 0xFF
+            record[3] = size >> 8
+            record[4] = size & 0xFF
+            record[_HEADER:_HEADER + n] = fragment
+            record[_HEADER + n] = content_type
+            view = memoryview(record)
+            in_place(self._nonce(), view[:_HEADER], view[_HEADER:])
+            return record
         inner = bytearray(n + 1)
         inner[:n] = fragment
         inner[n] = content_type
