@@ -372,6 +372,15 @@ def _tls_error(exc):
     return HttpError(HttpError.HANDSHAKE, str(exc))
 
 
+def _copied_ticket(ticket):
+    # A SessionTicket in new blocks (bytes(memoryview(b)) copies; bytes(b) would not).
+    from fleetid.common.tls13 import SessionTicket
+
+    return SessionTicket(bytes(memoryview(ticket.ticket)), bytes(memoryview(ticket.psk)),
+                         ticket.lifetime_s, ticket.age_add, ticket.received_s,
+                         ticket.server_name)
+
+
 class HttpsClient:
     """HTTPS with the SE's key (module header).
 
@@ -489,7 +498,13 @@ class HttpsClient:
             raise _tls_error(exc) from None
         finally:
             self.se_operations += ephemeral.operations
-            if stream.tickets:
-                self._tickets[key] = (digest, stream.tickets[-1])
             stream.close()
+            if stream.tickets:
+                # Kept past this connection: copied after a collection, so that it lands
+                # in a low hole rather than among the connection's garbage, where it
+                # would split the free heap the next connections need.
+                ticket = stream.tickets[-1]
+                stream = config = None
+                gc.collect()
+                self._tickets[key] = (digest, _copied_ticket(ticket))
         return response
