@@ -441,8 +441,9 @@ class HttpsClient:
         """One request on its own connection, authenticated by the key in `slot`.
 
         Params: base_url: https://HOST:PORT (a path in it is ignored).  body: bytes, None,
-            or an iterable of bytes pieces with len() (their total) sent one by one.  headers: dict or None.  pieces: read_response's (a 200 answer's body
-            as the pieces it arrived in).
+            or an iterable of bytes pieces with len() (their total) sent one by one.
+            headers: dict or None.  pieces: read_response's (a 200 answer's body as the
+            pieces it arrived in).
         Returns: HttpResponse (any status; the caller maps it).
         Raises: HttpError; ApduError / LinkError when the SE fails.
         """
