@@ -223,5 +223,19 @@ class CountingHsm:
         self.signatures += 1
         return self._hsm.sign_digest(label, digest)
 
+    def __new__(cls, hsm):
+        # A backend that signs certificates itself (SoftBackend.sign_certificate) gets
+        # the wrapper that counts those signatures too; CertificateSigner looks for that
+        # method on the class (fleetid.cloud.pki.signing, "Native signing").
+        if cls is CountingHsm and callable(getattr(type(hsm), "sign_certificate", None)):
+            cls = _NativeCountingHsm
+        return object.__new__(cls)
+
     def __getattr__(self, name):
         return getattr(self._hsm, name)
+
+
+class _NativeCountingHsm(CountingHsm):
+    def sign_certificate(self, label, builder):
+        self.signatures += 1
+        return self._hsm.sign_certificate(label, builder)

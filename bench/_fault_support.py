@@ -17,6 +17,8 @@ import os
 import signal
 import time
 
+from bench._pg_support import child_pids
+
 SOFTHSM_MODULE = "/usr/lib/softhsm/libsofthsm2.so"
 CKR_OK = 0
 
@@ -97,26 +99,10 @@ def format_table(rows):
 # -- PostgreSQL (a bench/_pg_support.ThrowawayPostgres) ---------------------------------
 
 
-def _children(pid):
-    """Every process whose parent is `pid` (from /proc)."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open("/proc/%s/stat" % entry) as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        if int(fields[1]) == pid:
-            found.append(int(entry))
-    return found
-
-
 def pg_processes(pg):
     """The postmaster and every process it started."""
     postmaster = pg.postmaster_pid()
-    return [postmaster] + _children(postmaster)
+    return [postmaster] + child_pids(postmaster)
 
 
 def pg_signal_all(pg, sig):
@@ -151,4 +137,4 @@ def pg_start(pg):
 
 def worker_pids(serve_pid):
     """The worker processes of a `fleetid cloud serve --workers N` parent."""
-    return _children(serve_pid)
+    return child_pids(serve_pid)

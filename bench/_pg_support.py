@@ -70,6 +70,23 @@ def process_cpu_seconds(pid):
     return stat[1] if stat else 0.0
 
 
+def _children_cpu_seconds(pid):
+    """{child pid: user + system CPU seconds} of the live direct children of `pid`."""
+    out = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            child = _proc_stat(int(entry))
+            if child and child[0] == pid:
+                out[int(entry)] = child[1]
+    return out
+
+
+def child_pids(pid):
+    """The live direct children of `pid` (a supervisor's workers, a postmaster's
+    backends), in pid order, from /proc."""
+    return sorted(_children_cpu_seconds(pid))
+
+
 def process_tree_cpu_seconds(pid):
     """{pid: user + system CPU seconds} of `pid` and its direct children (a supervisor
     and its workers) so far."""
@@ -77,11 +94,7 @@ def process_tree_cpu_seconds(pid):
     stat = _proc_stat(pid)
     if stat:
         out[pid] = stat[1]
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            child = _proc_stat(int(entry))
-            if child and child[0] == pid:
-                out[int(entry)] = child[1]
+    out.update(_children_cpu_seconds(pid))
     return out
 
 
@@ -148,11 +161,4 @@ class ThrowawayPostgres:
         """CPU seconds of the postmaster and every process it started (backends, the WAL
         writer, the checkpointer ...) so far.  Backends that exited are not counted:
         compare two readings taken while the same connections are open."""
-        parent = self.postmaster_pid()
-        total = process_cpu_seconds(parent)
-        for entry in os.listdir("/proc"):
-            if entry.isdigit():
-                stat = _proc_stat(int(entry))
-                if stat and stat[0] == parent:
-                    total += stat[1]
-        return total
+        return sum(process_tree_cpu_seconds(self.postmaster_pid()).values())

@@ -55,7 +55,6 @@ import json
 import os
 import queue
 import secrets
-import select
 import shutil
 import subprocess
 import sys
@@ -242,43 +241,14 @@ def _fleetid():
     return [sys.executable, "-m", "fleetid.cli.main"]
 
 
-class CloudProcess:
-    """One `fleetid cloud serve --workers W` (the supervisor and its W workers, sharing
-    the listening sockets); `ports` and `workers` (their pids) once listening."""
+def cloud_process(config, crl_port, log_path, workers=1):
+    """One `fleetid cloud serve --workers W` (bench/_serve_support.CloudServe: `ports`,
+    `workers` (their pids), stop()) on ephemeral ports and `crl_port`, once listening."""
+    from bench._serve_support import CloudServe
 
-    def __init__(self, config, crl_port, log_path, workers=1):
-        self.log = open(log_path, "ab")
-        self.proc = subprocess.Popen(
-            _fleetid() + ["cloud", "serve", "--config", config, "--verifier-port", "0",
-                          "--est-port", "0", "--metrics-port", "0", "--crl-port",
-                          str(crl_port), "--workers", str(workers)],
-            stdout=subprocess.PIPE, stderr=self.log, env=_fleetid_env())
-        self.pid = self.proc.pid
-        deadline = time.monotonic() + START_TIMEOUT
-        line = b""
-        while not line.endswith(b"\n") and time.monotonic() < deadline:
-            ready, _, _ = select.select([self.proc.stdout], [], [], 0.5)
-            if ready:
-                chunk = os.read(self.proc.stdout.fileno(), 4096)
-                if not chunk:
-                    break
-                line += chunk
-        if not line.endswith(b"\n"):
-            self.stop()
-            raise RuntimeError("fleetid cloud serve did not start (log: %s)" % log_path)
-        ready = json.loads(line.split(b"\n")[0])
-        self.ports = ready["listening"]
-        self.workers = ready.get("workers") or [self.pid]
-
-    def stop(self):
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        self.log.close()
+    return CloudServe(config, log_path, workers,
+                      args=["--verifier-port", "0", "--est-port", "0", "--metrics-port", "0",
+                            "--crl-port", str(crl_port)], timeout=START_TIMEOUT)
 
 
 def migrate_check(config):
@@ -496,7 +466,7 @@ def storm_round(fleet, ctx, workers, devices, clients, victims=None, split_nonce
     from bench._pg_support import machine_busy, process_tree_cpu_seconds
 
     out = {"workers": workers, "devices": len(devices)}
-    server = CloudProcess(ctx["config"], ctx["crl_port"], os.path.join(
+    server = cloud_process(ctx["config"], ctx["crl_port"], os.path.join(
         ctx["folder"], "serve-%d.log" % workers), workers=workers)
     try:
         on_half = None

@@ -1,10 +1,11 @@
 """Benchmark of the factory line (cloud/line): throughput, host cost, cycle time.
 
-Run:  .venv/bin/python bench/line.py [--quick] [--dir DIR] [--profile]
+Run:  .venv/bin/python bench/line.py [--quick] [--host-only] [--dir DIR] [--profile]
 
 Everything runs in one process: K station threads, the soft-keystore HSM, the SQLite
 registry (WAL, synchronous=FULL: every registry transaction is durable; the stations'
-writes group-committed by its writer thread, whose CPU time is added to the host cost),
+writes group-committed: a batch runs on the thread of the station that found the writer
+idle, or on the writer thread, whose CPU time is added to the host cost),
 the issuance journal (fsync per certificate, shared by stations writing at once) and the
 emulated SEs behind their bus endpoints.
 
@@ -28,8 +29,10 @@ emulated SEs behind their bus endpoints.
    * 32 stations against linear: throughput(32) / (32 x throughput(1)).  Target >= 0.9.
 3. Audit bytes per device (injection entries + checkpoints, as stored).
 
---profile adds a cProfile of 1 station at zero latency (main thread), top functions by
-own time, so the host cost split can be checked.
+--profile adds a cProfile of 1 station at zero latency (main thread, on its CPU time): CPU
+per device by area with the emulator's apart (shared common/ code is the emulator's when
+called from sim/), then the top functions by own time, so the host cost split can be
+checked.
 """
 
 import argparse
@@ -51,6 +54,7 @@ from cryptography.x509.oid import NameOID
 
 from fleetid.cloud.line import report as report_mod
 from fleetid.cloud.line import runner
+from fleetid.cloud.line import station as station_mod
 from fleetid.cloud.line import workdir as line_workdir
 from fleetid.cloud.line.station import STEPS, Station
 from fleetid.sim import fab
@@ -111,7 +115,7 @@ def run(line, devices, stations, profile):
     return summary
 
 
-_REGISTRY = "registry (SQLite, 2 durable txns, writer CPU)"
+_REGISTRY = "registry (SQLite, 2 durable txns)"
 
 
 class _Timed:
@@ -141,13 +145,36 @@ class _Timed:
         return timed
 
 
+def _timed_function(fn, name, totals):
+    """fn, timing every call into totals[name] like _Timed."""
+
+    def timed(*args, **kwargs):
+        started, cpu = time.perf_counter(), time.thread_time()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            total = totals.setdefault(name, [0.0, 0.0])
+            total[0] += time.perf_counter() - started
+            total[1] += time.thread_time() - cpu
+
+    return timed
+
+
+_CHIP_CHECKS = "chip checks (MAK chain, shipment signature)"
+
+
 def host_split(line, devices):
     """Host wall time per device by service, 1 station, zero latency: registry, HSM
-    (station calls), issuing CA (verification + HSM signature), issuance journal, and
-    the rest (T=1' host side, SCP03 host, APDU/DER building, station logic)."""
+    (station calls), issuing CA (verification + HSM signature), issuance journal, the
+    identify step's checks on the chip (MAK chain validation, the shipment entry's vendor
+    signature), and the rest (T=1' host side, SCP03 host, APDU/DER building, the
+    confirmation gate, station logic)."""
     lot = lot_mod.make_lot(line, devices)
     resources = line.resources_for(lot.batch)
     totals = {}
+    resources.transport_kvn = _timed_function(resources.transport_kvn, _CHIP_CHECKS, totals)
+    check_vendor_chain = station_mod.check_vendor_chain
+    station_mod.check_vendor_chain = _timed_function(check_vendor_chain, _CHIP_CHECKS, totals)
     resources.registry = _Timed(resources.registry, _REGISTRY, totals)
     resources.hsm = _Timed(resources.hsm, "HSM calls (session keys, diversify, wrap)",
                            totals)
@@ -158,16 +185,19 @@ def host_split(line, devices):
     station = Station("st-split", resources)
     cycle = emulator = cpu = emulator_cpu = 0.0
     writer_before = writer_cpu_s(line.registry)
-    for made in lot.chips:
-        bus = MeteredBus(BusEndpoint(made.chip))
-        cpu0 = time.thread_time()
-        result = station.provision(bus)
-        cpu += time.thread_time() - cpu0
-        if not result.ok:
-            raise SystemExit("host split run failed: %s" % result.cause)
-        cycle += result.cycle_s
-        emulator += bus.emulator_s
-        emulator_cpu += bus.emulator_cpu_s
+    try:
+        for made in lot.chips:
+            bus = MeteredBus(BusEndpoint(made.chip))
+            cpu0 = time.thread_time()
+            result = station.provision(bus)
+            cpu += time.thread_time() - cpu0
+            if not result.ok:
+                raise SystemExit("host split run failed: %s" % result.cause)
+            cycle += result.cycle_s
+            emulator += bus.emulator_s
+            emulator_cpu += bus.emulator_cpu_s
+    finally:
+        station_mod.check_vendor_chain = check_vendor_chain
     # The registry's work on the group-commit writer thread (its CPU, not the station's).
     writer = writer_cpu_s(line.registry) - writer_before
     totals.setdefault(_REGISTRY, [0.0, 0.0])[1] += writer
@@ -176,22 +206,128 @@ def host_split(line, devices):
     host = (cycle - emulator) / n
     host_cpu = (cpu - emulator_cpu) / n
     rows = [(name, wall / n, cpu_s / n) for name, (wall, cpu_s) in sorted(totals.items())]
-    rows.append(("T=1' host, SCP03 host, APDU/DER, station", host - sum(r[1] for r in rows),
+    rows.append(("T=1' host, SCP03 host, APDU/DER, gate, station", host - sum(r[1] for r in rows),
                  host_cpu - sum(r[2] for r in rows)))
     return host, host_cpu, rows
 
 
+# Areas of the cProfile summary: the first prefix (path relative to the repository) that
+# matches a function's file.  Library and built-in functions count for the area of their
+# heaviest caller.
+_AREAS = (
+    ("sim/", "emulator (sim/: endpoint, SE-side T=1', applet, chip crypto)"),
+    ("common/t1", "T=1' host (common/t1*.py, CRC)"),
+    ("common/crc16", "T=1' host (common/t1*.py, CRC)"),
+    ("common/clock", "T=1' host (common/t1*.py, CRC)"),
+    ("common/scp03", "SCP03 host (common/scp03.py, common/host/)"),
+    ("common/host/", "SCP03 host (common/scp03.py, common/host/)"),
+    ("common/apdu", "APDU / SE session (common/apdu*, device/se.py, stack)"),
+    ("common/command_apdu", "APDU / SE session (common/apdu*, device/se.py, stack)"),
+    ("device/se.py", "APDU / SE session (common/apdu*, device/se.py, stack)"),
+    ("device/stack.py", "APDU / SE session (common/apdu*, device/se.py, stack)"),
+    ("common/", "DER / attestation codecs (common/der.py, attestation.py, enrol)"),
+    ("device/", "DER / attestation codecs (common/der.py, attestation.py, enrol)"),
+    ("cloud/ca/", "issuing CA (cloud/ca/, cloud/pki/)"),
+    ("cloud/pki/", "issuing CA (cloud/ca/, cloud/pki/)"),
+    ("cloud/registry/", "registry (cloud/registry/)"),
+    ("cloud/audit/", "audit entries (cloud/audit/)"),
+    ("cloud/hsm/", "HSM (cloud/hsm/)"),
+    ("cloud/line/", "line: station, gate, journal, shipment (cloud/line/)"),
+)
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
+
+
+def _area_of_file(filename):
+    if not filename.startswith(_REPO) or os.sep + ".venv" + os.sep in filename:
+        return None
+    rel = filename[len(_REPO):].replace(os.sep, "/")
+    for prefix, area in _AREAS:
+        if rel.startswith(prefix):
+            return area
+    return "other"
+
+
+_EMULATOR = _AREAS[0][1]
+# Code the emulated SE runs too (sim/ imports these): its time is the emulator's when the
+# call came from sim/, else the host's.
+_SHARED = ("common/", "device/")
+
+
+def profile_areas(stats):
+    """{area: own CPU seconds} from pstats' raw stats.  A function of common/ or device/
+    counts for the emulator as far as its calls came from sim/ (through any chain of
+    shared or library functions), else for its own area; a library or built-in function
+    counts for its callers' areas, in proportion to the time spent in it per caller."""
+    memo = {}
+
+    def rel(filename):
+        if not filename.startswith(_REPO) or os.sep + ".venv" + os.sep in filename:
+            return None
+        return filename[len(_REPO):].replace(os.sep, "/")
+
+    def weights(func, depth=0):
+        # {area: share of func's time}
+        if func in memo:
+            return memo[func]
+        path = rel(func[0])
+        own = _area_of_file(func[0]) if path is not None else None
+        if own is not None and not path.startswith(_SHARED):
+            memo[func] = {own: 1.0}
+            return memo[func]
+        memo[func] = {own or "other": 1.0}  # a cycle ends here
+        callers = stats[func][4]
+        total = sum(v[2] for v in callers.values()) if callers else 0.0
+        if not callers or depth > 60 or total <= 0:
+            return memo[func]
+        mix = {}
+        for caller, value in callers.items():
+            share = value[2] / total
+            for name, w in weights(caller, depth + 1).items():
+                if own is not None and name != _EMULATOR:
+                    name = own  # a shared function's host calls count for its own area
+                mix[name] = mix.get(name, 0.0) + share * w
+        memo[func] = mix
+        return mix
+
+    totals = {}
+    for func, (_cc, _nc, tottime, _ct, _callers) in stats.items():
+        for name, w in weights(func).items():
+            totals[name] = totals.get(name, 0.0) + tottime * w
+    return totals
+
+
 def profile_host(line, devices):
+    """cProfile of 1 station (zero latency) on this thread's CPU time (waits for fsync or
+    the group-commit writer do not count): CPU per device by area, the emulator's apart,
+    then the host functions with the most own time.  The profiler's own overhead inflates
+    every figure (most where calls are many and short): read it for shares, the bench's
+    figures above for times."""
     lot = lot_mod.make_lot(line, devices)
     station = Station("st-prof", line.resources_for(lot.batch))
     endpoints = [BusEndpoint(c.chip) for c in lot.chips]
-    prof = cProfile.Profile()
+    prof = cProfile.Profile(time.thread_time)
     prof.enable()
     for endpoint in endpoints:
         station.provision(endpoint)
     prof.disable()
     out = io.StringIO()
-    pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(25)
+    stats = pstats.Stats(prof, stream=out)
+    totals = profile_areas(stats.stats)
+    host = sum(v for k, v in totals.items() if not k.startswith("emulator"))
+    out.write("profiled CPU ms per device by area (host total %.2f, emulator %.2f):\n"
+              % (host * 1000.0 / devices,
+                 sum(v for k, v in totals.items() if k.startswith("emulator"))
+                 * 1000.0 / devices))
+    for name, seconds in sorted(totals.items(), key=lambda kv: -kv[1]):
+        out.write("  %-66s %7.3f\n" % (name, seconds * 1000.0 / devices))
+    out.write("\nfunctions by own time, sim/ left out (common/ ones include their calls from "
+              "the emulator):\n")
+    sim = os.path.join(_REPO, "sim") + os.sep
+    for func in list(stats.stats):
+        if func[0].startswith(sim):
+            del stats.stats[func]
+    stats.total_tt = host
+    stats.sort_stats("tottime").print_stats(25)
     return out.getvalue()
 
 
@@ -201,6 +337,9 @@ def main(argv=None):
     parser.add_argument("--dir", help="work directory (default: a temporary one, removed)")
     parser.add_argument("--profile", action="store_true", help="cProfile the host side")
     parser.add_argument("--json", dest="json_path", help="also write the figures as JSON")
+    parser.add_argument("--host-only", action="store_true",
+                        help="only the zero-latency host cost (1 station, its split and the "
+                             "raw crypto baseline), no scaling or ATECC608 runs")
     args = parser.parse_args(argv)
     quick = args.quick
     workdir = args.dir or tempfile.mkdtemp(prefix="fleetid-bench-line-")
@@ -229,7 +368,7 @@ def main(argv=None):
                   "host CPU", "emulator", "yield %")
         print("%8s %8s %8s %11s %10s %10s %9s %9s %8s" % header)
         fast = []
-        for k in (1, 2, 4, 8):
+        for k in ((1,) if args.host_only else (1, 2, 4, 8)):
             s = run(line, n_fast, k, "none")
             fast.append(s)
             host_wall = s.mean("cycle_ms") - s.mean("emulator_ms")
@@ -261,6 +400,11 @@ def main(argv=None):
                                                    wall_ms))
         print("audit: %.0f bytes/device (%d entries for %d devices, checkpoints included)"
               % (one.audit_bytes / max(1, len(one.ok)), one.audit_entries, len(one.ok)))
+        if args.host_only:
+            if args.profile:
+                print("\n== cProfile: 1 station, zero latency, %d devices ==" % (n_fast // 2))
+                print(profile_host(line, n_fast // 2))
+            return 0
 
         print("\n== ATECC608-class SE profile (real time) ==")
         slow1 = run(line, n_slow_1, 1, "atecc608")

@@ -12,7 +12,10 @@ the server process from /proc, so client cost does not count):
            every request; `GET /` on nginx: its chain check, a static 200);
   resumed  TLS 1.3 session resumption (a reconnecting fleet), same request.
 A bare aiohttp server (same TLS context, a handler that checks nothing) is measured too:
-the floor of the framework, so the cost of the fleet checks themselves shows.
+the floor of the framework, so the cost of the fleet checks themselves shows; and
+"tls-floor", an asyncio.Protocol on the same TLS context and event loop that writes a
+fixed 200 on the first bytes it gets and closes (no HTTP, no checks): the ceiling of any
+server driving OpenSSL through the event loop's TLS transport, as fleetid does.
 nginx from Debian (`nginx-light`), one worker process (`master_process off`; with
 --workers N, N workers under its master, and N fleetid worker processes forked after the
 TLS context was made, each listening on the same port with SO_REUSEPORT; a server's CPU
@@ -33,7 +36,10 @@ Fairness (what each server does per connection, and where they differ):
   fleetid  additionally runs FleetVerifier on every request (cached chain and
            attestation verdicts, ONE registry read: the certificate's status joined
            with its device's, registry.certificate_and_device), Prometheus counters and
-           a latency histogram.
+           a latency histogram.  It listens as `fleetid cloud serve` does: the
+           verifier's fast path (cloud/http/verifier_fast.py) answers GET /v1/whoami
+           without aiohttp's per-request machinery, with the same checks and answers;
+           "aiohttp" stays the plain framework (TCPSite, router, a handler).
   TLS      the Python servers use fleetid's server_ssl_context: OpenSSL stops path
            validation at the trusted issuing CA (VERIFY_X509_PARTIAL_CHAIN; the full
            path to a fleet root is validated by FleetVerifier with
@@ -122,7 +128,8 @@ def wait_port(port, timeout=30):
 def serve_fleetid(workdir, port, bare=False, event_loop="auto", workers=1,
                   tickets="stateful"):
     """Server process: the verifier app over the bench fleet's files (bare=True: the same
-    TLS context and aiohttp, a handler that checks nothing: the framework's floor).
+    TLS context and aiohttp, a handler that checks nothing: the framework's floor;
+    bare="floor": the TLS transport's floor, FloorProtocol).
 
     The TLS context is cloud/server.py's (one context for the verifier and EST, client
     certificate optional at the TLS layer, required by the verifier's middleware), made
@@ -171,6 +178,25 @@ def _client_cas(workdir):
         return f.read()
 
 
+class FloorProtocol:
+    """"tls-floor": answers a fixed 200 to the first bytes of a connection and closes."""
+
+    ANSWER = b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nConnection: close\r\n\r\nok\n"
+
+    def connection_made(self, transport):
+        self.transport = transport
+
+    def data_received(self, data):
+        self.transport.write(self.ANSWER)
+        self.transport.close()
+
+    def connection_lost(self, exc):
+        pass
+
+    def eof_received(self):
+        return False
+
+
 def _serve_worker(workdir, port, context, bare, event_loop, reuse_port):
     import asyncio
 
@@ -178,7 +204,10 @@ def _serve_worker(workdir, port, context, bare, event_loop, reuse_port):
     from cryptography import x509
 
     from fleetid.cloud.registry.sqlite_backend import SqliteRegistry
+    from fleetid.cloud.http.middleware import ServerTimeouts
+    from fleetid.cloud.http.sites import ssl_bounds
     from fleetid.cloud.http.verifier_app import make_verifier_app
+    from fleetid.cloud.http.verifier_fast import VerifierFastPath, VerifierFastSite
     from fleetid.cloud.http.metrics import Metrics
     from fleetid.cloud.server import event_loop_factory
     from fleetid.cloud.verifier.service import FleetTrust, FleetVerifier
@@ -192,6 +221,7 @@ def _serve_worker(workdir, port, context, bare, event_loop, reuse_port):
     verifier = FleetVerifier(trust, registry)
     metrics = Metrics()
     verifier.on_verdict = metrics.on_verdict
+    timeouts = ServerTimeouts()
 
     async def ok(request):
         return web.Response(text="ok")
@@ -203,10 +233,23 @@ def _serve_worker(workdir, port, context, bare, event_loop, reuse_port):
         app = make_verifier_app(verifier, metrics)
 
     async def main():
-        runner = web.AppRunner(app, access_log=None)
+        runner = web.AppRunner(app, access_log=None, **timeouts.runner_options())
         await runner.setup()
-        await web.TCPSite(runner, "127.0.0.1", port, ssl_context=context,
-                          backlog=1024, reuse_port=reuse_port or None).start()
+        if bare == "floor":
+            await asyncio.get_running_loop().create_server(
+                FloorProtocol, "127.0.0.1", port, ssl=context, backlog=1024,
+                reuse_port=reuse_port or None, **ssl_bounds(context, timeouts))
+            await asyncio.Event().wait()
+        if bare:
+            site = web.TCPSite(runner, "127.0.0.1", port, ssl_context=context,
+                               backlog=1024, reuse_port=reuse_port or None)
+        else:  # as `fleetid cloud serve` listens: the verifier's fast path first
+            site = VerifierFastSite(runner, "127.0.0.1", port,
+                                    VerifierFastPath(verifier, metrics, timeouts.idle),
+                                    ssl_context=context, backlog=1024,
+                                    reuse_port=reuse_port or None)
+            site.ssl_bounds = ssl_bounds(context, timeouts)
+        await site.start()
         await asyncio.Event().wait()
 
     with asyncio.Runner(loop_factory=event_loop_factory(event_loop)) as runner:
@@ -395,7 +438,7 @@ def _start_nginx(nginx, workdir, name, sessions, workers):
 
 def _servers(args, workdir, nginx, processes):
     """Start every server of the run.  Returns [(name, pid, port, path)]."""
-    python = [("fleetid", []), ("aiohttp", ["--bare"])]
+    python = [("fleetid", []), ("aiohttp", ["--bare"]), ("tls-floor", ["--floor"])]
     if args.workers > 1:
         # Stateless tickets sealed with the key of the context made before the fork:
         # every worker resumes every device's session (compare with nginx's tickets,
@@ -428,6 +471,7 @@ def main(argv=None):
                         help="server worker processes, fleetid and nginx alike (default 1)")
     parser.add_argument("--serve", nargs=2, metavar=("WORKDIR", "PORT"), help=argparse.SUPPRESS)
     parser.add_argument("--bare", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--floor", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--tickets", default="stateful", help=argparse.SUPPRESS)
     parser.add_argument("--loop", choices=("auto", "uvloop", "asyncio"), default="auto",
                         help="event loop of both Python servers (default: uvloop if "
@@ -435,7 +479,8 @@ def main(argv=None):
     parser.add_argument("--json", dest="json_path", help="also write the figures as JSON")
     args = parser.parse_args(argv)
     if args.serve:
-        serve_fleetid(args.serve[0], int(args.serve[1]), bare=args.bare, event_loop=args.loop,
+        serve_fleetid(args.serve[0], int(args.serve[1]),
+                      bare="floor" if args.floor else args.bare, event_loop=args.loop,
                       workers=args.workers, tickets=args.tickets)
         return 0
     connections = args.connections or (300 if args.quick else 3000)
@@ -472,9 +517,10 @@ def main(argv=None):
                 if (ours, mode) not in results or (theirs, mode) not in results:
                     continue
                 nginx_rate = results[(theirs, mode)]["per_cpu_s"]
-                print("ratio %s/%s, %s handshakes: %s   (bare aiohttp/%s: %s)"
-                      % (ours, theirs, mode, _ratio(results[(ours, mode)], nginx_rate),
-                         theirs, _ratio(results[("aiohttp", mode)], nginx_rate)))
+                print("ratio %s/%s, %s handshakes: %s   (bare aiohttp/%s: %s, tls-floor/%s: "
+                      "%s)" % (ours, theirs, mode, _ratio(results[(ours, mode)], nginx_rate),
+                               theirs, _ratio(results[("aiohttp", mode)], nginx_rate),
+                               theirs, _ratio(results[("tls-floor", mode)], nginx_rate)))
         if args.json_path:  # bench/report.py
             _write_json(args.json_path, results)
     finally:
@@ -484,14 +530,14 @@ def main(argv=None):
 
 
 def _write_json(path, results):
-    """The connections per server CPU-second of fleetid and bare aiohttp beside each nginx
-    set-up's, per handshake mode (bench/_report_support format)."""
+    """The connections per server CPU-second of fleetid, bare aiohttp and the TLS floor
+    beside each nginx set-up's, per handshake mode (bench/_report_support format)."""
     from bench._report_support import figure, write_json
 
     rows = []
     for mode in ("full", "resumed"):
-        for name in sorted({n for n, _m in results} - {"fleetid", "aiohttp"}):
-            for ours in ("fleetid", "aiohttp"):
+        for name in sorted({n for n, _m in results if n.startswith("nginx")}):
+            for ours in ("fleetid", "aiohttp", "tls-floor"):
                 rows.append(figure("%s, %s handshakes" % (ours, mode),
                                    results[(ours, mode)]["per_cpu_s"], "conn/CPU-s",
                                    name, results[(name, mode)]["per_cpu_s"]))

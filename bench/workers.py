@@ -18,13 +18,9 @@ Default registry: SQLite in a temporary folder (workers on one host share the fi
 import argparse
 import base64
 import http.client
-import json
 import os
-import select
 import shutil
-import signal
 import ssl
-import subprocess
 import sys
 import tempfile
 import threading
@@ -59,29 +55,19 @@ def write_config(fleet, folder, registry):
 
 
 def start_server(config, folder, workers):
-    """(process, EST port) of `fleetid cloud serve --workers N` once it listens."""
-    from bench._support import KEYSTORE_PASS
+    """(server, EST port) of `fleetid cloud serve --workers N` once it listens (server: a
+    bench/_serve_support.CloudServe, its `pid` the supervisor's)."""
+    from bench._serve_support import CloudServe, ServeFailed
 
-    process = subprocess.Popen(
-        [sys.executable, "-m", "fleetid.cli.main", "cloud", "serve", "--config", config,
-         "--workers", str(workers)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-        stdin=subprocess.DEVNULL, cwd=folder,
-        env=dict(os.environ, FLEETID_KEYSTORE_PASS=KEYSTORE_PASS))
-    ready, _, _ = select.select([process.stdout], [], [], 180)
-    line = process.stdout.readline() if ready else b""
-    if not line:
-        process.kill()
-        raise SystemExit("the server did not start")
-    return process, json.loads(line)["listening"]["est"]
-
-
-def stop_server(process):
-    process.send_signal(signal.SIGTERM)
     try:
-        process.wait(60)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait(10)
+        server = CloudServe(config, workers=workers, cwd=folder, timeout=180)
+    except ServeFailed:
+        raise SystemExit("the server did not start") from None
+    return server, server.ports["est"]
+
+
+def stop_server(server):
+    server.stop()
 
 
 def request(fleet, port, device, method, op, body=None):

@@ -64,6 +64,36 @@ def _root_crl_options(f):
     return f
 
 
+def _root_revocation(device, root_crl_cache, crl_grace):
+    """The fleet root's CRL cache (device/board.root_crl_cache) as `agent status` reads
+    it: on the file `agent run --root-crl-cache` keeps, or with none given on no file at
+    all (os.devnull: nothing cached, the SE's high-water mark alone).  None when the SE
+    holds no fleet root."""
+    import os
+
+    from fleetid.common.errors import DerError, ReferenceNotFound
+    from fleetid.device.board import root_crl_cache as open_root_cache
+
+    try:
+        return open_root_cache(device.se, root_crl_cache or os.devnull, crl_grace)
+    except (ReferenceNotFound, DerError):
+        return None
+
+
+def _root_status_line(status, cache_file):
+    if status is None:
+        return "root CRL: no fleet root in the SE"
+    mark = "none" if status["high_water"] is None else "#%d" % status["high_water"]
+    where = "SE high-water mark %s (data object 4)" % mark
+    if cache_file is None:
+        return "root CRL: no cache file given (--root-crl-cache); %s" % where
+    if status["number"] is None:
+        return "root CRL: none cached in %s; %s" % (cache_file, where)
+    return "root CRL: #%d %s (this update %s, next update %s, %d revoked); %s" % (
+        status["number"], status["state"], _when(status["this_update"]),
+        _when(status["next_update"]), status["revoked"], where)
+
+
 def _revocation(device, crl_cache, crl_issuer, crl_grace, crl_fail_open):
     """device/crl_cache.CrlCache for the agent, or None when not configured."""
     if crl_issuer is None:
@@ -361,9 +391,13 @@ def _print_failure(exc):
               type=click.FloatRange(0.01, 1.0))
 @click.option("--json", "as_json", is_flag=True, help="One JSON object.")
 @_revocation_options
+@click.option("--root-crl-cache", type=click.Path(dir_okay=False), default=None,
+              help="The file `agent run --root-crl-cache` keeps the fleet root's CRL in "
+                   "(default: show the SE's high-water mark alone).")
 def status_cmd(bus, t1_profile, timeout_ms, renew_fraction, as_json, crl_cache, crl_issuer,
-               crl_grace, crl_fail_open):
-    """Credentials, key slots, the rotation journal and the next renewal (no network).
+               crl_grace, crl_fail_open, root_crl_cache):
+    """Credentials, key slots, the rotation journal, the next renewal and the CRL caches
+    (the issuing CA's, the fleet root's with its high-water mark in the SE; no network).
 
     \b
     Example:
@@ -377,7 +411,8 @@ def status_cmd(bus, t1_profile, timeout_ms, renew_fraction, as_json, crl_cache, 
         runner = Agent(device.se, None, SystemClock(), random.random,
                        revocation=_revocation(device, crl_cache, crl_issuer, crl_grace,
                                               crl_fail_open),
-                       policy=AgentPolicy(renew_fraction=renew_fraction))
+                       policy=AgentPolicy(renew_fraction=renew_fraction),
+                       root_revocation=_root_revocation(device, root_crl_cache, crl_grace))
         try:
             state = runner.status()
         except AgentError as exc:
@@ -387,6 +422,10 @@ def status_cmd(bus, t1_profile, timeout_ms, renew_fraction, as_json, crl_cache, 
     finally:
         device.close()
     if as_json:
+        if state["root_revocation"] is not None:
+            state["root_revocation"]["cache_file"] = root_crl_cache
+            # Not a peers' policy: no fresh root CRL refuses no server (server_revocation).
+            state["root_revocation"].pop("policy", None)
         click.echo(json.dumps(state, sort_keys=True))
         return
     click.echo("credential in use: slot %d (%s)" % (
@@ -405,6 +444,7 @@ def status_cmd(bus, t1_profile, timeout_ms, renew_fraction, as_json, crl_cache, 
         click.echo("revocation list: %s" % state["revocation"])
     else:
         click.echo("revocation list: not configured (--crl-issuer, --crl-cache)")
+    click.echo(_root_status_line(state["root_revocation"], root_crl_cache))
 
 
 def _refusal(response):

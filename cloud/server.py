@@ -49,6 +49,7 @@ from fleetid.cloud.http.verifier_app import make_metrics_app, make_verifier_app
 from fleetid.cloud.pki.profiles import get_profile, server_certificate_builder
 from fleetid.cloud.registry.shared_state import shared_tables
 from fleetid.cloud.http.ocsp_fast import OcspFastPath, OcspFastSite
+from fleetid.cloud.http.verifier_fast import VerifierFastPath, VerifierFastSite
 from fleetid.cloud.http.rate_limit import ClientRateLimits
 from fleetid.cloud.http.revocation_app import (
     CLIENT_BURST,
@@ -383,7 +384,8 @@ class CloudServer:
         if metrics_port:
             self._plan.append(("metrics", make_metrics_app(self.metrics), metrics_port, None))
         self.crl_publisher = crl_publisher
-        self._fast = {}  # listener name -> OcspFastPath
+        # listener name -> its fast path (verifier_fast.py, ocsp_fast.py)
+        self._fast = {"verifier": VerifierFastPath(verifier, self.metrics, self.timeouts.idle)}
         if crl_publisher is not None:
             self._plan.append(("crl", self._revocation_app(crl_publisher, revocation_tiers),
                                crl_port, None))
@@ -410,6 +412,7 @@ class CloudServer:
         staple = revocation_tiers.tier("staple")
         if staple is not None:  # no TLS stapling: staple.py
             attach_staple_header(self._plan[0][1], staple.staple)
+            self._fast["verifier"].staple = staple.staple
         return app
 
     @classmethod
@@ -453,9 +456,10 @@ class CloudServer:
             host = self.host if name != "metrics" else "127.0.0.1"
             bounds = sites.ssl_bounds(ssl_context, self.timeouts)
             if name in self._fast:
-                site = OcspFastSite(runner, host, port, self._fast[name],
-                                    sock=self.sockets.get(name), backlog=1024,
-                                    reuse_address=True)
+                site_class = VerifierFastSite if name == "verifier" else OcspFastSite
+                site = site_class(runner, host, port, self._fast[name],
+                                  sock=self.sockets.get(name), ssl_context=ssl_context,
+                                  backlog=1024, reuse_address=True)
             elif name in self.sockets:
                 site = sites.BoundedSockSite(runner, self.sockets[name],
                                              ssl_context=ssl_context, backlog=1024)

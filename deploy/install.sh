@@ -16,54 +16,35 @@
 #
 # DESTDIR=/path installs into that tree instead and leaves the running system alone
 # (systemd-sysusers --root, no daemon-reload): for checking the result (the test does, then
-# runs systemd-analyze verify --root on it).  FLEETID_PIP_OPTS adds pip options.
+# runs systemd-analyze verify --root on it).  FLEETID_PIP_OPTS adds pip options.  The steps
+# it shares with boards/linux-i2c/install.sh are in install_common.sh beside it.
 set -eu
 
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$here/.." && pwd)
 source=${1:-$repo}
-root=${DESTDIR:-}
-prefix=/opt/fleetid
-python=${PYTHON:-python3}
 units="fleetid-cloud.service fleetid-mqtt-broker.service fleetid-mqtt-cloud.service
 fleetid-backup.service fleetid-backup.timer"
+# shellcheck source=deploy/install_common.sh
+. "$here/install_common.sh"
 
-if [ -z "$root" ] && [ "$(id -u)" != 0 ]; then
-    echo "install.sh: run as root (or set DESTDIR to install into a tree)" >&2
-    exit 1
-fi
-
-echo "install.sh: fleetid[postgres] from $source into $root$prefix"
-[ -x "$root$prefix/bin/python" ] || "$python" -m venv "$root$prefix"
-pin=""
-[ -f "$repo/constraints.txt" ] && pin="-c $repo/constraints.txt"
-# shellcheck disable=SC2086  # the option strings are lists of words
-"$root$prefix/bin/python" -m pip install -q $pin ${FLEETID_PIP_OPTS:-} "$source[postgres]"
-[ -x "$root$prefix/bin/fleetid" ] || { echo "install.sh: no $prefix/bin/fleetid" >&2; exit 1; }
+install_require_root
+install_fleetid "$source[postgres]"
 
 install -D -m 0755 "$here/backup.sh" "$root$prefix/libexec/fleetid-backup"
 for unit in $units; do
     install -D -m 0644 "$here/$unit" "$root/etc/systemd/system/$unit"
 done
 install -D -m 0644 "$here/fleetid.sysusers" "$root/etc/sysusers.d/fleetid.conf"
-if [ -e "$root/etc/fleetid/cloud.toml" ]; then
-    echo "install.sh: keeping the existing /etc/fleetid/cloud.toml"
-else
-    install -D -m 0644 "$here/cloud.toml.example" "$root/etc/fleetid/cloud.toml"
-fi
-if [ -e "$root/etc/fleetid/cloud.env" ]; then
-    echo "install.sh: keeping the existing /etc/fleetid/cloud.env"
-else
-    install -D -m 0600 "$here/cloud.env.example" "$root/etc/fleetid/cloud.env"
-fi
+install_site_file "$here/cloud.toml.example" /etc/fleetid/cloud.toml 0644
+install_site_file "$here/cloud.env.example" /etc/fleetid/cloud.env 0600
 install -d -m 0750 "$root/var/backups/fleetid"
 
+install_sysusers /etc/sysusers.d/fleetid.conf
 if [ -n "$root" ]; then
-    systemd-sysusers --root="$root" "$root/etc/sysusers.d/fleetid.conf"
     chown --reference="$root/etc/passwd" "$root/var/backups/fleetid" 2>/dev/null || true
 else
-    systemd-sysusers /etc/sysusers.d/fleetid.conf
     chown fleetid:fleetid /var/backups/fleetid
-    systemctl daemon-reload
-    echo "install.sh: now follow docs/DEPLOY.md, then: systemctl enable --now fleetid-cloud"
 fi
+install_reload_systemd
+[ -n "$root" ] || echo "install.sh: now follow docs/DEPLOY.md, then: systemctl enable --now fleetid-cloud"

@@ -684,7 +684,8 @@ class Agent:
 
         Returns: dict: journal (list of str records), credential_slot, slots ({slot:
             {"key": bool, "cert": bool, "serial", "not_after"}}), renew_at, revocation
-            (str or None).
+            (str or None), root_revocation (root_revocation.status(now): the fleet root's
+            CRL cache, its SE high-water mark among it; None without one).
         Raises: AgentError(JOURNAL), SE errors.
         """
         from fleetid.common.errors import ReferenceNotFound
@@ -708,12 +709,15 @@ class Agent:
             slots[slot] = entry
         result = {"journal": [repr(r) for r in self.journal.records],
                   "credential_slot": rj.credential_slot(last), "slots": slots,
-                  "final": rj.is_final(last), "renew_at": None, "revocation": None}
+                  "final": rj.is_final(last), "renew_at": None, "revocation": None,
+                  "root_revocation": None}
         if last is not None and last.kind == rj.BASE:
             result["renew_at"] = renew_at(last.t0, last.t1, self.policy.renew_fraction,
                            self.policy.renew_margin_s)
         if self.revocation is not None:
             result["revocation"] = status_text(self.revocation.status(self.clock.now()))
+        if self.root_revocation is not None:
+            result["root_revocation"] = self.root_revocation.status(self.clock.now())
         return result
 
 

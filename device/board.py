@@ -1,9 +1,17 @@
 # The device agent's one entry point on a MicroPython board.  boards/<board>/main.py holds
-# the board's constants and calls run() once; everything else is here, the same on every
-# board.  Portable: runs unchanged under MicroPython (the boards) and CPython (tests).
+# the board's constants and hands them over once, run_constants(globals()); everything else
+# is here, the same on every board.  Portable: runs unchanged under MicroPython (the
+# boards) and CPython (tests).
 #
-#     from fleetid.device.board import run
-#     run("machine:i2c:0:0x48", "se05x", 3600)      # never returns on a board
+#     from fleetid.device.board import run_constants
+#     BUS = "machine:i2c:0:0x48"
+#     T1_PROFILE = "se05x"
+#     INTERVAL_S = 3600
+#     run_constants(globals())                      # never returns on a board
+#
+# run_constants passes each upper-case name as run()'s parameter of that name in lower
+# case (BUS -> bus, CRL_CACHE_PATH -> crl_cache_path, MQTT_URL -> mqtt_url); run() can be
+# called directly too.
 #
 # What run() does: opens the SE stack on the bus URI (device/stack.open_se), builds the
 # agent (device/agent.Agent) with the board's network and clock, the optional signed-boot
@@ -43,7 +51,7 @@
 # set, server_name, est_label, crl_url, passed as make_net(se, **those).  A module given
 # without them is called as make_net(se) (an integrator's own network).
 #
-# Options (all off by default; the board's main.py sets them as constants):
+# Options (all off by default; the board's main.py sets them as constants, upper case):
 #     boot_image      path of the running MCUboot image on the board's file system: check
 #                     it (signature by an installed firmware key, hash, security counter)
 #                     before the first connection, confirm it after the first accepted one.
@@ -339,3 +347,19 @@ def run(bus, t1_profile="gp", interval_s=3600, net_module="board_net", boot_imag
         if boot is not None:
             boot.reader.close()
         stack.close()
+
+
+def run_constants(constants):
+    """Run the agent with a board's constants (module header): `constants` is the board's
+    main.py globals(); each upper-case name is run()'s parameter of that name in lower case,
+    other names (imports, dunders) are passed over.
+
+    Returns: what run() returns.
+    Raises: TypeError for a constant that names no parameter of run() (a misspelt one is
+        refused, not ignored) or a missing BUS, before the SE is opened; what run() raises.
+    """
+    options = {}
+    for name, value in constants.items():
+        if name.isupper():
+            options[name.lower()] = value
+    return run(**options)

@@ -7,13 +7,12 @@
 #                            operational key
 #   se_verifier(se)          certificate and CertificateVerify signatures checked by the
 #                            SE's VERIFY with a point (no ECDSA code on the board)
-#   crl_revocation(...)      the server chain's revocation check from the agent's CRL
-#                            caches (device/crl_cache.py)
 #   Tls13Stream(sock, ...)   drives a Tls13Client over any blocking socket with recv(n) and
 #                            send(b) (CPython's socket, MicroPython's socket), every wait
 #                            bounded by the socket's timeout and an overall deadline
 #
-# device/host/tls13_socket.py opens the TCP connection on CPython.
+# device/host/tls13_socket.py opens the TCP connection on CPython.  The server chain's
+# revocation hook is device/board.server_revocation, the one both runtimes pass.
 
 
 class SeEphemeral:
@@ -51,26 +50,6 @@ def se_verifier(se):
         se.verify(digest, signature, point=point)
 
     return verify
-
-
-def crl_revocation(caches, now):
-    """The client's `revocation(path)` hook from the agent's CRL caches.
-
-    Params: caches: device.crl_cache.CrlCache objects (one per issuing CA the device keeps
-        a CRL of).  now: `now() -> epoch seconds`.
-    Each certificate of the server's path whose issuer (DER Name) has a cache is checked
-    against it: RevokedError, or StaleRevocationError under a fail-closed policy, refuses
-    the chain (the client sends certificate_revoked).  A certificate whose issuer has no
-    cache here is left to the chain's other checks.
-    """
-
-    def check(path):
-        for cert in path:
-            for cache in caches:
-                if cache.issuer_name_der == cert.issuer:
-                    cache.check_serial(cert.serial, now())
-
-    return check
 
 
 class Tls13Stream:

@@ -4,8 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh --test
-# One process by default (about 12 minutes on 2 cores).  `scripts/test.sh -n 2 --dist
-# loadfile` runs two pytest-xdist workers, one test file at a time each (about 6 minutes),
-# but under that load a few timing-sensitive tests (the audit's urgent checkpoint, the
-# tamper table) have failed once in three runs: not yet the default.
-exec .venv/bin/python -m pytest -q -p no:cacheprovider "$@"
+# Two pytest-xdist workers, one test file at a time each (about 6 minutes on 2 cores; one
+# process takes about 12).  Extra arguments come after these: `scripts/test.sh -n 0` runs
+# in one process, `-n 4` in four.
+exec .venv/bin/python -m pytest -q -p no:cacheprovider -n 2 --dist loadfile "$@"

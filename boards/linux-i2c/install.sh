@@ -14,41 +14,23 @@
 # (systemd-sysusers --root, no daemon-reload): for checking the result (the test does,
 # then runs systemd-analyze verify --root on it).  A venv is not relocatable, so such a
 # tree is for inspection, not for copying to a board.  FLEETID_PIP_OPTS adds pip options
-# (e.g. --no-index --find-links DIR on a board without network).
+# (e.g. --no-index --find-links DIR on a board without network).  The steps it shares with
+# the cloud's deploy/install.sh are in deploy/install_common.sh (so run it from a checkout).
 set -eu
 
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$here/../.." && pwd)
 source=${1:-$repo}
-root=${DESTDIR:-}
-prefix=/opt/fleetid
-python=${PYTHON:-python3}
+# shellcheck source=deploy/install_common.sh
+. "$repo/deploy/install_common.sh"
 
-if [ -z "$root" ] && [ "$(id -u)" != 0 ]; then
-    echo "install.sh: run as root (or set DESTDIR to install into a tree)" >&2
-    exit 1
-fi
-
-echo "install.sh: fleetid from $source into $root$prefix"
-[ -x "$root$prefix/bin/python" ] || "$python" -m venv "$root$prefix"
-pin=""
-[ -f "$repo/constraints.txt" ] && pin="-c $repo/constraints.txt"
-# shellcheck disable=SC2086  # the option strings are lists of words
-"$root$prefix/bin/python" -m pip install -q $pin ${FLEETID_PIP_OPTS:-} "$source"
-[ -x "$root$prefix/bin/fleetid" ] || { echo "install.sh: no $prefix/bin/fleetid" >&2; exit 1; }
+install_require_root
+install_fleetid "$source"
 
 install -D -m 0644 "$here/fleetid-agent.service" "$root/etc/systemd/system/fleetid-agent.service"
 install -D -m 0644 "$here/fleetid-agent.sysusers" "$root/etc/sysusers.d/fleetid-agent.conf"
-if [ -e "$root/etc/fleetid/agent.env" ]; then
-    echo "install.sh: keeping the existing /etc/fleetid/agent.env"
-else
-    install -D -m 0644 "$here/agent.env.example" "$root/etc/fleetid/agent.env"
-fi
+install_site_file "$here/agent.env.example" /etc/fleetid/agent.env 0644
 
-if [ -n "$root" ]; then
-    systemd-sysusers --root="$root" "$root/etc/sysusers.d/fleetid-agent.conf"
-else
-    systemd-sysusers /etc/sysusers.d/fleetid-agent.conf
-    systemctl daemon-reload
-    echo "install.sh: now edit /etc/fleetid/agent.env, then: systemctl enable --now fleetid-agent"
-fi
+install_sysusers /etc/sysusers.d/fleetid-agent.conf
+install_reload_systemd
+[ -n "$root" ] || echo "install.sh: now edit /etc/fleetid/agent.env, then: systemctl enable --now fleetid-agent"

@@ -218,6 +218,15 @@ class EvidenceVerifier:
         return AuthenticatedEvidence(bundle, validated.mak_certificate, validated.chain,
                                      validated.below_root_der)
 
+    def validated_mak(self, cert_ders, at):
+        """The MAK certificate of a chain (MAK first, DER) that validates to a trusted
+        vendor root at `at`: the check authenticate() makes, through the same chain
+        cache, so a caller that checks a chip's chain before its evidence arrives (the
+        factory line's counterfeit check) leaves the later authenticate() a cache hit.
+        Returns: x509.Certificate.  Raises AttestationError(bad_evidence /
+        unknown_vendor)."""
+        return self._validated_chain(tuple(bytes(c) for c in cert_ders), at).mak_certificate
+
     def _validated_chain(self, cert_ders, at):
         """_ValidatedChain for the bundle's certificates at `at` (cached, module
         docstring).  Raises AttestationError(bad_evidence / unknown_vendor)."""

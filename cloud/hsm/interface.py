@@ -308,6 +308,10 @@ class HsmBackend:
     session to the calling thread for a whole device (what a line station does).
 
     Errors: HsmError (with `reason`), HsmBusy, KeyNotFound; nothing backend-native.
+
+    Optional: `sign_certificate(label, builder)` (a backend whose keys live in this
+    process signs a whole x509.CertificateBuilder with one signature; SoftBackend has it,
+    Pkcs11Backend does not: fleetid.cloud.pki.signing, "Native signing").
     """
 
     # -- lifecycle -----------------------------------------------------------------

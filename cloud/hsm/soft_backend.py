@@ -3,15 +3,12 @@
 Same interface, same pool semantics and, for the same key material, the same output bytes
 as the PKCS#11 backend (the contract tests compare them).  What differs is where keys live:
 
-- **In use, keys are in this process's memory.**  The first operation on a key decrypts
-  its keystore entry; the plaintext and the `cryptography` key object made from it (an
-  EC private key, the RSA unwrapping key) stay cached in memory for the process's life
-  (until close()), so a signature does not pay the GCM decryption and the EC scalar
-  multiplication of re-deriving the key each time.  The cache is never written anywhere.
-  Per-device key sets stay in memory until released.  Python cannot reliably wipe memory, so a process
-  dump can reveal keys.  The PKCS#11 backend never has CA, master, transport or per-device
-  keys in host memory at all.  Use this backend for the demo and development, an HSM for
-  production.
+- **In use, keys are in this process's memory.**  A key's entry is decrypted on first use;
+  the plaintext and its `cryptography` key object stay cached (never written anywhere)
+  until close(), so a signature pays no GCM decryption or key re-derivation.  Per-device
+  key sets stay in memory until released.  Python cannot reliably wipe memory, so a
+  process dump can reveal keys; the PKCS#11 backend never has CA, master, transport or
+  per-device keys in host memory.  Use this one for the demo and development only.
 - **At rest, the file never holds plaintext key bytes.**  Each entry is AES-256-GCM
   encrypted under a storage key derived with scrypt from a passphrase (config / env), with
   the entry's label, kind and metadata as associated data (entries cannot be swapped or
@@ -119,17 +116,14 @@ class SoftBackend(PooledBackend):
     """
 
     def __init__(self, path, passphrase, max_sessions=DEFAULT_MAX_SESSIONS,
-                 acquire_timeout=DEFAULT_ACQUIRE_TIMEOUT, create=True,
-                 scrypt_n=SCRYPT_N_DEFAULT):
+                 acquire_timeout=DEFAULT_ACQUIRE_TIMEOUT, create=True, scrypt_n=SCRYPT_N_DEFAULT):
         if passphrase is None or len(passphrase) == 0:
             raise HsmError(HsmError.CONFIG, "empty keystore passphrase")
-        if isinstance(passphrase, str):
-            passphrase = passphrase.encode("utf-8")
+        passphrase = passphrase.encode("utf-8") if isinstance(passphrase, str) else passphrase
         self.path = os.path.abspath(path)
         self._lock = threading.RLock()
         self._device_keys = {}  # handle id -> (creating session, {component: key bytes})
-        # Decrypted once, kept for the process's life (entries never change), dropped by
-        # close(): (label, kind) -> (meta, plaintext) / key object.
+        # Decrypted once, kept until close(): (label, kind) -> (meta, plaintext) / key object.
         self._plain = {}
         self._key_objects = {}
         self._next_device_id = itertools.count(1)
@@ -150,9 +144,8 @@ class SoftBackend(PooledBackend):
 
     def _derive_storage_key(self, passphrase, kdf):
         try:
-            salt = binascii.unhexlify(kdf["salt"])
-            scrypt = Scrypt(salt=salt, length=32, n=int(kdf["n"]), r=int(kdf["r"]),
-                            p=int(kdf["p"]))
+            scrypt = Scrypt(salt=binascii.unhexlify(kdf["salt"]), length=32, n=int(kdf["n"]),
+                            r=int(kdf["r"]), p=int(kdf["p"]))
             return AESGCM(scrypt.derive(passphrase))
         except (KeyError, ValueError, TypeError, binascii.Error) as exc:
             raise HsmError(HsmError.KEYSTORE, "bad kdf parameters") from exc
@@ -323,9 +316,19 @@ class SoftBackend(PooledBackend):
 
         def op(session):
             session.ensure_open()
-            return self._private_key(label).sign(
-                digest, ec.ECDSA(utils.Prehashed(hashes.SHA256()))
-            )
+            return self._private_key(label).sign(digest, ec.ECDSA(utils.Prehashed(hashes.SHA256())))
+
+        return self._run(op)
+
+    def sign_certificate(self, label, builder):
+        """Sign an x509.CertificateBuilder with key `label` (ecdsa-with-SHA256): one
+        signature, not the TBS route's two; CertificateSigner (pki/signing.py) uses this
+        optional capability and still checks the signature.  Returns x509.Certificate.
+        Raises: KeyNotFound, HsmError; ValueError from an incomplete builder."""
+
+        def op(session):
+            session.ensure_open()
+            return builder.sign(self._private_key(label), hashes.SHA256())
 
         return self._run(op)
 

@@ -67,7 +67,10 @@ def make_est_app(service, metrics, max_body=MAX_BODY):
         if client is None:
             raise CloudError(errors.NO_CLIENT_CERT, "present the device certificate (mTLS)")
         if op == messages.OP_NONCE:
-            return _b64_response(service.nonce(label, client), messages.CT_NONCE)
+            # In a thread, as enrolments: the client check reads the registry and the
+            # nonce is written durably (a commit); the event loop must not wait for them.
+            nonce = await _in_thread(service.nonce, label, client)
+            return _b64_response(nonce, messages.CT_NONCE)
         if request.content_type != messages.CT_PKCS10:
             raise CloudError(errors.CONTENT_TYPE, "send application/pkcs10")
         body = await read_limited(request, max_body)

@@ -3,6 +3,7 @@ chain validates to a trusted SE vendor root and names the chip) and the confirma
 of step 7, which reconcile also runs to resume a device.  Every check is positive: a
 value is compared or a signature verified; no error is not enough."""
 
+import datetime
 import hashlib
 import os
 
@@ -12,6 +13,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 
+from fleetid.cloud.ca import errors as ca_errors
+from fleetid.cloud.ca.errors import AttestationError
 from fleetid.cloud.line.steps import CONFIRM, IDENTIFY, LineFailure
 from fleetid.common import scp03
 from fleetid.common import se_consts as C
@@ -31,6 +34,30 @@ def check_vendor_chain(resources, chain_der, se_uid):
     Raises LineFailure("counterfeit:<why>")."""
     if not chain_der:
         raise LineFailure("counterfeit:no_chain", IDENTIFY)
+    if getattr(resources, "chain_verifier", None) is not None:
+        mak = _validated_mak(resources, chain_der)
+    else:
+        mak = _verified_mak(resources, chain_der)
+    names = mak.subject.get_attributes_for_oid(x509.NameOID.SERIAL_NUMBER)
+    if names and names[0].value.lower() != se_uid.hex():
+        raise LineFailure("counterfeit:uid_mismatch", IDENTIFY,
+                          "MAK certificate names another SE")
+    return mak
+
+
+def _validated_mak(resources, chain_der):
+    """The chain validated by the issuing CA's evidence verifier (same trust store; its
+    chain cache then serves the CA's check at step 5), at the line's wall-clock time."""
+    at = datetime.datetime.fromtimestamp(resources.wall_clock(), datetime.timezone.utc)
+    try:
+        return resources.chain_verifier.validated_mak(chain_der, at)
+    except AttestationError as exc:
+        if exc.reason == ca_errors.BAD_EVIDENCE:
+            raise LineFailure("counterfeit:bad_chain", IDENTIFY) from None
+        raise LineFailure("counterfeit:unknown_vendor", IDENTIFY) from None
+
+
+def _verified_mak(resources, chain_der):
     try:
         certificates = [x509.load_der_x509_certificate(c) for c in chain_der]
     except ValueError:
@@ -42,10 +69,6 @@ def check_vendor_chain(resources, chain_der, se_uid):
         raise
     except Exception:  # noqa: BLE001 - VerificationError or a malformed certificate
         raise LineFailure("counterfeit:unknown_vendor", IDENTIFY) from None
-    names = mak.subject.get_attributes_for_oid(x509.NameOID.SERIAL_NUMBER)
-    if names and names[0].value.lower() != se_uid.hex():
-        raise LineFailure("counterfeit:uid_mismatch", IDENTIFY,
-                          "MAK certificate names another SE")
     return mak
 
 

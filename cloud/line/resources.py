@@ -95,6 +95,14 @@ class LineResources:
         self._verifier_at = None
         self._deliveries = {}  # se_uid -> verified ChipDelivery (oldest first, bounded)
         self.issuer_name = issuing_ca.ca_certificate.subject.rfc4514_string()
+        # The CA's evidence verifier, when it trusts exactly the line's vendor roots: the
+        # counterfeit check of step 1 then validates each chip's MAK chain through its
+        # chain cache, and the CA's own check of the same chain at step 5 is a hit
+        # (one path validation per chip instead of two).
+        verifier = getattr(issuing_ca, "evidence_verifier", None)
+        self.chain_verifier = verifier if (
+            verifier is not None and self.vendor_roots
+            and list(getattr(verifier, "vendor_roots", ())) == self.vendor_roots) else None
 
     def transport_keys(self):
         """The batch's transport KeySetHandle (looked up once)."""

@@ -91,6 +91,11 @@ class TransportShipment:
         _hex(self.recipient, 32, "recipient")
         self.wrapped_kek = _hex(kek.get("wrapped"), None, "kek")
         self.doc = doc
+        # Per-chip signed text = this prefix + the chip's entry + "]" (delivery_for), and
+        # the vendor keys that may sign it per trusted-root list: both fixed per shipment.
+        self._entry_prefix = json.dumps([FORMAT, self.lot, self.recipient, kek["wrapped"]],
+                                        sort_keys=True, separators=(",", ":"))[:-1] + ","
+        self._vendor_keys = (None, ())
         self.chips = {}
         for entry in entries:
             if not isinstance(entry, dict):
@@ -119,17 +124,25 @@ class TransportShipment:
 
     def _verify(self, vendor_roots, signature, signed):
         """True when a trusted vendor root of the shipment's vendor name signed `signed`."""
-        for root in vendor_roots:
-            key = root.public_key()
-            if root.subject.rfc4514_string() != self.vendor or \
-                    not isinstance(key, ec.EllipticCurvePublicKey):
-                continue
+        for key in self._keys_of(vendor_roots):
             try:
                 key.verify(signature, signed, ec.ECDSA(hashes.SHA256()))
                 return True
             except InvalidSignature:
                 continue
         return False
+
+    def _keys_of(self, vendor_roots):
+        """The EC public keys of the roots in `vendor_roots` named like the shipment's
+        vendor; kept for the last list seen (the line passes the same list per chip)."""
+        roots = tuple(vendor_roots)
+        cached_roots, keys = self._vendor_keys
+        if cached_roots != roots:
+            keys = tuple(key for key, root in ((r.public_key(), r) for r in roots)
+                         if root.subject.rfc4514_string() == self.vendor
+                         and isinstance(key, ec.EllipticCurvePublicKey))
+            self._vendor_keys = (roots, keys)
+        return keys
 
     def check_vendor(self, vendor_roots):
         """Raise ShipmentError("vendor") unless a trusted SE vendor root signed the
@@ -151,8 +164,9 @@ class TransportShipment:
                                 % (bytes(se_uid).hex(), self.lot))
         signature = _hex(entry.get("signature"), None, "signature")
         body = dict((k, v) for k, v in entry.items() if k != "signature")
-        signed = json.dumps([FORMAT, self.lot, self.recipient, self.doc["kek"]["wrapped"], body],
-                            sort_keys=True, separators=(",", ":")).encode()
+        # = json.dumps([FORMAT, lot, recipient, wrapped KEK, body]) with the same options
+        signed = (self._entry_prefix + json.dumps(body, sort_keys=True, separators=(",", ":"))
+                  + "]").encode()
         if not self._verify(vendor_roots, signature, signed):
             raise ShipmentError("signature", "chip %s" % bytes(se_uid).hex())
         kvn = entry.get("kvn")

@@ -32,6 +32,14 @@ construction, and the verify-after-sign of step 5 runs per `verify` policy:
             wrong signature later is still caught before harm, by the verifier's chain
             check on the certificate's first use (the device cannot authenticate with
             it); the certificate is never trusted unchecked.
+
+Native signing.  A backend whose key objects live in this process (the software keystore,
+fleetid.cloud.hsm.soft_backend) may define `sign_certificate(label, builder)`: it signs
+the builder with its key directly, so steps 1-4 cost one signature, not two, and nothing
+is re-parsed.  The key still never leaves the backend, the certificate bytes have the
+same structure (cryptography writes the same outer SEQUENCE), and step 5 runs per the same
+policy on the certificate's own TBS bytes and signature.  The PKCS#11 backend keeps
+steps 1-4.
 """
 
 import threading
@@ -94,13 +102,21 @@ class CertificateSigner:
         self.verify = verify
         self._hsm_key = _check_issuer_key(hsm, label, issuer_public_key)
         self._verified_once = False
+        # A backend holding its keys in this process signs the builder itself (module
+        # docstring, "Native signing").  Looked up on the class: a wrapper that forwards
+        # attributes (a counting or fault-injecting HSM) keeps the TBS route it wraps.
+        self._native = callable(getattr(type(hsm), "sign_certificate", None))
 
     def sign(self, builder):
         """Sign a complete CertificateBuilder.  Returns x509.Certificate.
         Raises: PkiError(BAD_SIGNATURE), HsmError / KeyNotFound."""
-        tbs = tbs_of(builder)
-        signature = self.hsm.sign(self.label, tbs)
-        certificate = x509.load_der_x509_certificate(assemble_signed(tbs, signature))
+        if self._native:
+            certificate = self.hsm.sign_certificate(self.label, builder)
+            tbs, signature = certificate.tbs_certificate_bytes, certificate.signature
+        else:
+            tbs = tbs_of(builder)
+            signature = self.hsm.sign(self.label, tbs)
+            certificate = x509.load_der_x509_certificate(assemble_signed(tbs, signature))
         if self.verify == "always" or not self._verified_once:
             try:
                 self._hsm_key.verify(signature, tbs, ec.ECDSA(hashes.SHA256()))

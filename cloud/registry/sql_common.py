@@ -586,6 +586,11 @@ class SnapshotLines:
 
     def close(self):
         if self._conn is not None:
+            # The cursor first: a statement left mid-walk keeps SQLite's handle (and WAL) open.
+            try:
+                self._cursor.close()
+            except self._registry._db_error:
+                pass
             if self._end is not None:
                 try:
                     self._conn.execute(self._end)

@@ -50,6 +50,14 @@ class RevocationError(FleetidError):
         self.detail = detail
 
 
+def _is_ca(certificate):
+    """True when the certificate's basicConstraints say CA."""
+    try:
+        return certificate.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    except x509.ExtensionNotFound:
+        return False
+
+
 def _directly_issued(certificate, issuer):
     from cryptography.exceptions import InvalidSignature
 
@@ -248,22 +256,11 @@ class RevocationService:
         roots: the fleet roots, which cannot be revoked this way.
         Returns (entry dict, newly revoked).  Raises RevocationError ("not_a_ca",
         "fleet_root", "bad_reason"), RegistryError, OSError."""
-        try:
-            is_ca = certificate.extensions.get_extension_for_class(
-                x509.BasicConstraints).value.ca
-        except x509.ExtensionNotFound:
-            is_ca = False
-        if not is_ca:
+        if not _is_ca(certificate):
             raise RevocationError("not_a_ca", certificate.subject.rfc4514_string())
         if certificate in roots:
             raise RevocationError("fleet_root", certificate.subject.rfc4514_string())
-        try:
-            entry, new = revoked_cas_file.revoke(self.revoked_cas_path, certificate,
-                                                 self.registry, reason, operator)
-        except ValueError as exc:
-            raise RevocationError("bad_reason", str(exc)) from None
-        self._announce()
-        return entry, new
+        return self._record_revoked_cert(certificate, reason, operator)
 
     def revoke_server_cert(self, certificate, reason, operator="", roots=()):
         """Revoke one of the cloud's own TLS server certificates (verifier / EST listener,
@@ -280,19 +277,21 @@ class RevocationService:
 
         subject = certificate.subject.rfc4514_string()
         try:
-            is_ca = certificate.extensions.get_extension_for_class(
-                x509.BasicConstraints).value.ca
-        except x509.ExtensionNotFound:
-            is_ca = False
-        try:
             usages = certificate.extensions.get_extension_for_class(
                 x509.ExtendedKeyUsage).value
         except x509.ExtensionNotFound:
             usages = ()
-        if is_ca or ExtendedKeyUsageOID.SERVER_AUTH not in usages:
+        if _is_ca(certificate) or ExtendedKeyUsageOID.SERVER_AUTH not in usages:
             raise RevocationError("not_a_server", subject)
         if not any(_directly_issued(certificate, root) for root in roots):
             raise RevocationError("not_root_issued", subject)
+        return self._record_revoked_cert(certificate, reason, operator)
+
+    def _record_revoked_cert(self, certificate, reason, operator):
+        """The shared tail of revoke_ca and revoke_server_cert: the ca_revoke audit entry
+        and the certificate's line in the revoked-CA file, then the announcement.
+        Returns (entry dict, newly revoked).  Raises RevocationError ("bad_reason"),
+        RegistryError, OSError."""
         try:
             entry, new = revoked_cas_file.revoke(self.revoked_cas_path, certificate,
                                                  self.registry, reason, operator)

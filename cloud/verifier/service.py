@@ -173,10 +173,14 @@ class FleetTrust:
 
     def is_revoked_ca(self, fingerprint):
         """Whether the CA with this SHA-256 fingerprint (hex) is revoked."""
-        if fingerprint in self.revoked_ca:
-            return True
-        return (self.revoked_ca_file is not None
-                and fingerprint in self.revoked_ca_file.fingerprints())
+        return any(fingerprint in revoked for revoked in self.revoked_ca_sets())
+
+    def revoked_ca_sets(self):
+        """The sets of revoked CA fingerprints now: the configured ones and the file's
+        (one stat of the file per call; a CA is revoked when it is in any of them)."""
+        if self.revoked_ca_file is None:
+            return (self.revoked_ca,)
+        return self.revoked_ca, self.revoked_ca_file.fingerprints()
 
     def ca_bundle_pem(self):
         """PEM of roots + intermediates: what the TLS stack loads as client CAs."""
@@ -309,9 +313,11 @@ class FleetVerifier:
                                       verified.chain[-1].subject.rfc4514_string())
 
     def _check_ca_revocation(self, v, now):
-        # Runs on every call (cheap), also when the chain verdict came from the cache.
+        # Runs on every call (cheap: one stat of the revoked-CA file), also when the chain
+        # verdict came from the cache.
+        revoked_sets = self.trust.revoked_ca_sets()
         for fp in v.chain_fps[1:]:
-            if self.trust.is_revoked_ca(fp):
+            if any(fp in revoked for revoked in revoked_sets):
                 ca = self.trust.by_fingerprint.get(fp)
                 name = ca.subject.rfc4514_string() if ca is not None else fp
                 raise AccessRefused(errors.CA_REVOKED, "CA %s is revoked" % name)

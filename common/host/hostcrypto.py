@@ -77,11 +77,6 @@ class CryptographyPrimitives:
         return "CryptographyPrimitives()"
 
 
-# Up to this many blocks, CBC encryption chains the prepared ECB context block by block
-# (about 3 us a block); above it one fresh CBC context (about 25 us) is cheaper.
-_CBC_CHAIN_MAX_BLOCKS = 6
-
-
 class PreparedKey:
     """One AES key with its cipher contexts built once: AES-ECB of a block, AES-CBC
     without padding, AES-CMAC.  Same results as CryptographyPrimitives with that key.
@@ -92,7 +87,7 @@ class PreparedKey:
     thread).  The repr never shows key bytes.
     """
 
-    __slots__ = ("_alg", "_cmac", "_ecb_dec", "_ecb_enc")
+    __slots__ = ("_alg", "_cbc_enc", "_cbc_last", "_cmac", "_ecb_dec", "_ecb_enc")
 
     def __init__(self, key):
         self._alg = algorithms.AES(_key(key))
@@ -102,6 +97,11 @@ class PreparedKey:
         self._ecb_enc = None
         self._ecb_dec = None
         self._cmac = None
+        # One CBC encryption context for every call: it chains from the last ciphertext
+        # block it produced (_cbc_last), so a call with another IV whitens its first block
+        # (aes_cbc_encrypt).
+        self._cbc_enc = None
+        self._cbc_last = bytes(BLOCK)
 
     def _live(self):
         if self._alg is None:
@@ -126,20 +126,21 @@ class PreparedKey:
         n = len(data)
         if len(iv) != BLOCK or n % BLOCK:
             raise ValueError("AES-CBC needs a 16-byte IV and whole blocks")
-        if n > _CBC_CHAIN_MAX_BLOCKS * BLOCK:
-            enc = Cipher(self._alg, modes.CBC(bytes(iv))).encryptor()
-            return enc.update(bytes(data)) + enc.finalize()
-        # CBC (SP 800-38A 6.2): C(i) = E(P(i) xor C(i-1)), C(0) = IV.
-        update = self._encryptor().update
-        from_bytes = int.from_bytes
+        if not n:
+            return b""
+        # The persistent context computes C(1) = E(X xor L) for a first block X, L its
+        # last output block (the zero IV at first).  X = P(1) xor IV xor L gives
+        # E(P(1) xor IV): CBC under `iv` (SP 800-38A 6.2), then the context chains on.
+        enc = self._cbc_enc
+        if enc is None:
+            enc = self._cbc_enc = Cipher(self._alg, modes.CBC(bytes(BLOCK))).encryptor()
         data = bytes(data)
-        prev = from_bytes(iv, "big")
-        out = []
-        for i in range(0, n, BLOCK):
-            block = update((prev ^ from_bytes(data[i : i + BLOCK], "big")).to_bytes(BLOCK, "big"))
-            out.append(block)
-            prev = from_bytes(block, "big")
-        return b"".join(out)
+        from_bytes = int.from_bytes
+        first = (from_bytes(data[:BLOCK], "big") ^ from_bytes(iv, "big")
+                 ^ from_bytes(self._cbc_last, "big")).to_bytes(BLOCK, "big")
+        out = enc.update(first + data[BLOCK:])
+        self._cbc_last = out[n - BLOCK:]
+        return out
 
     def aes_cbc_decrypt(self, iv, data):
         """AES-CBC decryption without unpadding.  `data`: a multiple of 16 bytes."""
@@ -173,14 +174,15 @@ class PreparedKey:
         """Finalize the contexts and forget the key.  Idempotent."""
         if self._alg is None:
             return
-        for ctx in (self._ecb_enc, self._ecb_dec, self._cmac):
+        for ctx in (self._ecb_enc, self._ecb_dec, self._cmac, self._cbc_enc):
             if ctx is None:
                 continue
             try:
                 ctx.finalize()
             except Exception:  # noqa: BLE001, S110 - already finalized: nothing to free
                 pass
-        self._alg = self._ecb_enc = self._ecb_dec = self._cmac = None
+        self._alg = self._ecb_enc = self._ecb_dec = self._cmac = self._cbc_enc = None
+        self._cbc_last = bytes(BLOCK)
 
     def __repr__(self):
         return "PreparedKey(<redacted>)"

@@ -88,10 +88,12 @@ def micropython_lib_dir():
 
 
 def stage(folder, opt=3, need_umqtt=False):
-    """Compile the portable core and micropython-lib into `folder` (module header).
+    """Compile the portable core and micropython-lib into `folder` (module header).  The
+    MicroPython tests stage through this too (tests/micropython/support.Stage).
 
     Params: folder: an empty directory.  opt: mpy-cross -O level (3: as the freeze
-        manifests).  need_umqtt: fail when umqtt.simple is not available (an MQTT run).
+        manifests; None: mpy-cross's default, which keeps line numbers in tracebacks).
+        need_umqtt: fail when umqtt.simple is not available (an MQTT run).
     Returns: (micropython path, mpy-cross path).
     Raises: RuntimeMissing; subprocess.CalledProcessError when a file does not compile.
     """
@@ -115,17 +117,20 @@ def stage(folder, opt=3, need_umqtt=False):
         target_dir = package / source_dir.name
         target_dir.mkdir(exist_ok=True)
         for source in sorted(source_dir.glob("*.py")):  # not host/: CPython only
-            _compile(mpy_cross, opt, source, target_dir / (source.stem + ".mpy"))
+            compile_mpy(mpy_cross, source, target_dir / (source.stem + ".mpy"), opt)
     for source in sorted(lib.rglob("*.py")) if lib.is_dir() else ():
         target = folder / source.relative_to(lib).with_suffix(".mpy")
         target.parent.mkdir(parents=True, exist_ok=True)
-        _compile(mpy_cross, opt, source, target)
+        compile_mpy(mpy_cross, source, target, opt)
     return micropython, mpy_cross
 
 
-def _compile(mpy_cross, opt, source, target):
-    subprocess.run([mpy_cross, "-O%d" % opt, "-o", str(target), str(source)], check=True,
-                   timeout=60, capture_output=True)
+def compile_mpy(mpy_cross, source, target, opt=3):
+    """mpy-cross `source` into `target` at -O`opt` (None: mpy-cross's default).
+    Raises: subprocess.CalledProcessError (its stderr: the compiler's message)."""
+    args = [mpy_cross] if opt is None else [mpy_cross, "-O%d" % opt]
+    subprocess.run(args + ["-o", str(target), str(source)], check=True, timeout=60,
+                   capture_output=True)
 
 
 def board_script(folder, mpy_cross, bus, t1_profile, interval_s, cycles, options, opt=3):
@@ -139,7 +144,7 @@ def board_script(folder, mpy_cross, bus, t1_profile, interval_s, cycles, options
         bus, t1_profile, interval_s, cycles, options)
     source = pathlib.Path(folder) / (MAIN_MODULE + ".py")
     source.write_text(header + SCRIPT)
-    _compile(mpy_cross, opt, source, pathlib.Path(folder) / (MAIN_MODULE + ".mpy"))
+    compile_mpy(mpy_cross, source, pathlib.Path(folder) / (MAIN_MODULE + ".mpy"), opt)
     source.unlink()
     return MAIN_MODULE
 

@@ -10,7 +10,9 @@ point of keeping one.
 """
 
 import datetime
+import gc
 import hashlib
+import os
 import json
 import shutil
 import sqlite3
@@ -140,6 +142,42 @@ def test_every_stored_column_of_every_row_is_checked(chain, tmp_path):
     assert len(caught) == 5 * len(rows)
     # A re-labelled row is named as such, not as some later symptom.
     assert {reason for reason, (_s, column, _v) in caught if column != "seq"} == {"columns"}
+
+
+def _handles_on(path):
+    """This process's open file descriptors on `path` or its -wal / -shm files."""
+    found = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink("/proc/self/fd/" + fd)
+        except OSError:
+            continue
+        if target.startswith(str(path)):
+            found.append(target)
+    return found
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc")
+def test_a_verification_stopped_at_a_bad_entry_lets_go_of_the_database(chain, tmp_path):
+    """The walk stops mid-table with its statement still open; closing the snapshot must
+    close SQLite's handle then, not when the garbage collector gets to the cursor: a
+    lingering handle keeps the WAL, whose frames an operator's next copy of the file (or
+    this suite's next tampered copy) would pick up.  The collector is off to show it."""
+    _path, anchor, _count = chain
+    db = _copy(chain, tmp_path, "stopped")
+    rows = _rows(db)
+    _sql(db, "UPDATE audit_log SET entry_hash = ? WHERE seq = ?",
+         (_other(rows[1][3]), rows[1][0]))
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        reason, _what = _caught(db, anchor, "second row")
+        assert reason == "columns"
+        assert _handles_on(db) == []
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["stopped.db"]
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def test_every_field_inside_every_entry_is_covered_by_its_hash(chain, tmp_path):

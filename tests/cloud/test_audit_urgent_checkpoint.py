@@ -52,6 +52,25 @@ def _keys(tmp_path):
     return ["--line-pub", paths[0], "--witness-pub", paths[1]]
 
 
+def _entries_through(registry, entry_type):
+    """The entry count up to and including the log's last entry of `entry_type`."""
+    last = None
+    for index, line in enumerate(registry.iter_audit_lines()):
+        if json.loads(line)["type"] == entry_type:
+            last = index
+    assert last is not None, entry_type
+    return last + 1
+
+
+def _wait_covered(registry, count):
+    """Wait (bounded: the server polls every 50 ms) for a checkpoint covering `count`."""
+    deadline = time.monotonic() + 30
+    while registry.last_checkpoint().fields["covers"] < count and \
+            time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert registry.last_checkpoint().fields["covers"] >= count
+
+
 def test_a_running_cloud_anchors_a_revocation_written_by_another_process(tmp_path):
     fleet = Fleet(tmp_path / "fleet")
     try:
@@ -74,22 +93,15 @@ def test_a_running_cloud_anchors_a_revocation_written_by_another_process(tmp_pat
                                               "--reason", "keyCompromise", "--config",
                                               str(config)], catch_exceptions=False)
             assert result.exit_code == 0, result.output
-            revoked_at = fleet.registry.head()[0]
-            deadline = time.monotonic() + 30  # bounded wait for the server's poll
-            while fleet.registry.last_checkpoint().fields["covers"] < revoked_at and \
-                    time.monotonic() < deadline:
-                time.sleep(0.05)
-            assert fleet.registry.last_checkpoint().fields["covers"] == revoked_at
+            # Counted from the revoke entry itself, not from head(): the server may have
+            # appended its checkpoint already, and head() would count that entry too.
+            revoked_at = _entries_through(fleet.registry, "revoke")
+            _wait_covered(fleet.registry, revoked_at)
             # A CA change (the revoked-CA file and its audit entry) the same way.
             revoked_cas.revoke(str(tmp_path / "state" / "revoked-cas.jsonl"),
                                fleet.ca_certs["b43"], fleet.registry, "cACompromise",
                                "alice")
-            changed_at = fleet.registry.head()[0]
-            deadline = time.monotonic() + 30
-            while fleet.registry.last_checkpoint().fields["covers"] < changed_at and \
-                    time.monotonic() < deadline:
-                time.sleep(0.05)
-            assert fleet.registry.last_checkpoint().fields["covers"] == changed_at
+            _wait_covered(fleet.registry, _entries_through(fleet.registry, "ca_revoke"))
         result = CliRunner().invoke(cli, ["audit", "verify", "--registry", registry_uri,
                                           "--json"] + _keys(tmp_path))
         report = json.loads(result.output)

@@ -114,6 +114,20 @@ def test_counterfeit_chip_is_refused_before_anything_is_written(soft_line, tmp_p
     assert made.nvm.get("key/1") is None
 
 
+def test_each_chip_chain_is_validated_once_for_the_gate_and_the_ca(soft_line):
+    # The counterfeit check goes through the CA's evidence verifier: its chain cache then
+    # answers the CA's own check of the same MAK chain at issuance.
+    lot, _keys = known_lot(soft_line, 2)
+    resources = soft_line.resources_for(lot.batch)
+    verifier = resources.issuing_ca.evidence_verifier
+    assert resources.chain_verifier is verifier
+    hits = verifier.chain_cache_hits
+    station = Station("st-01", resources)
+    for made in lot.chips:
+        assert station.provision(BusEndpoint(made.chip)).ok
+    assert verifier.chain_cache_hits == hits + 2
+
+
 class _OtherKeyChip(Chip):
     """Attests the key in slot 5 whatever slot the station asks for."""
 

@@ -239,3 +239,32 @@ def test_certificate_signer_checks_every_or_only_the_first_signature(pki):
     assert info.value.reason == PkiError.KEY_MISMATCH
     with pytest.raises(PkiError):
         CertificateSigner(hsm, "ca-widget-b42-eu", ca.public_key(), verify="never")
+
+
+def test_native_signing_gives_the_tbs_route_certificate_and_is_counted(pki):
+    """A backend that signs builders itself (the software keystore) gives a certificate
+    of the same structure as the TBS route, checked the same way; a forwarding wrapper
+    keeps the TBS route, and the counting wrapper counts either kind of signature."""
+    from fleetid.cloud.pki.signing import CertificateSigner
+    from tests.cloud.attestation_support import CountingHsm
+
+    hsm, _root, ca, _dir = pki
+    native = callable(getattr(type(hsm), "sign_certificate", None))
+    assert native == (type(hsm).__name__ == "SoftBackend")
+    key = new_key().public_key()
+    signer = CertificateSigner(hsm, "ca-widget-b42-eu", ca.public_key())
+    assert signer._native == native
+    cert = signer.sign(device_builder("operational", "WX-9", key, ca, T0))
+    cert.verify_directly_issued_by(ca)
+    via_tbs = CertificateSigner(_CorruptingHsm(hsm, 1), "ca-widget-b42-eu", ca.public_key())
+    assert not via_tbs._native
+    other = via_tbs.sign(device_builder("operational", "WX-9", key, ca, T0))
+    other.verify_directly_issued_by(ca)
+    assert cert.signature_algorithm_oid == other.signature_algorithm_oid
+    assert cert.signature_hash_algorithm.name == other.signature_hash_algorithm.name
+    assert list(cert.extensions) == list(other.extensions) and cert.subject == other.subject
+    counting = CountingHsm(hsm)
+    counted = CertificateSigner(counting, "ca-widget-b42-eu", ca.public_key())
+    assert counted._native == native
+    counted.sign(device_builder("operational", "WX-9", key, ca, T0))
+    assert counting.signatures == 1

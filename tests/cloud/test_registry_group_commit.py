@@ -112,6 +112,26 @@ def test_concurrent_commits_share_one_durable_transaction(registry, tmp_path):
             assert {other.get_device(s).status for s in serials} == {COMMITTED}
 
 
+def test_a_lone_writer_runs_its_batch_on_its_own_thread_durably(registry, tmp_path):
+    # Nothing running, nothing queued: no hand-off to the writer thread, same transaction.
+    group = registry.group_commit
+    ran_on = []
+
+    def op(conn):
+        ran_on.append(threading.current_thread())
+        return registry._take_serial(conn) if isinstance(registry, SqliteRegistry) else 0
+
+    batches = group.batches
+    group.submit(op)
+    serial = registry.allocate_intent(uid(700), "line-1/st-1").serial
+    registry.commit_identity(*_identity(registry, serial))
+    assert ran_on == [threading.current_thread()]
+    assert group.batches - batches == 3
+    if isinstance(registry, SqliteRegistry):
+        with SqliteRegistry(tmp_path / "r.db") as other:
+            assert other.get_device(serial).status == COMMITTED
+
+
 def test_an_op_refused_inside_a_batch_leaves_the_others_committed(registry):
     good = [registry.allocate_intent(uid(200 + n), "line-1/st-1").serial for n in range(3)]
     done = registry.allocate_intent(uid(299), "line-1/st-2").serial

@@ -1,6 +1,6 @@
 """The PostgreSQL registry backend on a throwaway PostgreSQL server started by this module
-(initdb + pg_ctl on a unix socket in a temporary directory, as a non-root user when run
-as root): the registry contract tests of test_registry.py run against it unchanged, plus
+(bench/_pg_support.ThrowawayPostgres: initdb + pg_ctl on a unix socket in a temporary
+directory, as a non-root user when run as root): the registry contract tests of test_registry.py run against it unchanged, plus
 what only a shared server shows (two handles = two stateless processes) and the cloud
 services (EST + verifier) on top of it.
 
@@ -8,17 +8,13 @@ Skips locally when the PostgreSQL server binaries or psycopg are missing; fails 
 CI=true (tests.conftest.require).
 """
 
-import glob
 import os
-import pwd
-import shutil
-import subprocess
-import tempfile
 import threading
 import uuid
 
 import pytest
 
+from bench._pg_support import USER, ThrowawayPostgres, missing
 from fleetid.cloud.registry import RegistryError
 from tests.cloud import test_registry as contract
 from tests.cloud import test_registry_group_commit as group_commit_tests
@@ -64,49 +60,14 @@ for _name in GROUP_COMMIT_TESTS:
     globals()[_name] = getattr(group_commit_tests, _name)
 
 
-def _tool(name):
-    found = shutil.which(name)
-    if found:
-        return found
-    candidates = sorted(glob.glob("/usr/lib/postgresql/*/bin/" + name))
-    return candidates[-1] if candidates else None
-
-
 @pytest.fixture(scope="module")
 def pg_server():
-    """A throwaway cluster; yields the libpq conninfo of its maintenance database."""
-    initdb, pg_ctl = _tool("initdb"), _tool("pg_ctl")
-    require(initdb and pg_ctl, "PostgreSQL server binaries (apt-get install postgresql)")
-    require(psycopg is not None, "psycopg (pip install 'psycopg[binary]')")
-    base = tempfile.mkdtemp(prefix="fleetid-pgtest-")
-    as_user = []
-    if os.geteuid() == 0:  # initdb and postgres refuse to run as root
-        require(shutil.which("runuser"), "runuser (to run PostgreSQL as a non-root user)")
-        user = "postgres" if _has_user("postgres") else "nobody"
-        os.chmod(base, 0o755)
-        os.chown(base, pwd.getpwnam(user).pw_uid, -1)
-        as_user = ["runuser", "-u", user, "--"]
-    data = os.path.join(base, "data")
-    try:
-        subprocess.run(as_user + [initdb, "--no-sync", "-D", data, "-A", "trust", "-U",
-                                  "fleet"], check=True, capture_output=True, timeout=120)
-        options = "-k %s -c listen_addresses='' -c fsync=off -c max_connections=200" % base
-        subprocess.run(as_user + [pg_ctl, "-D", data, "-w", "-l", os.path.join(base, "log"),
-                                  "-o", options, "start"],
-                       check=True, capture_output=True, timeout=60)
-        yield "host=%s user=fleet dbname=postgres" % base
-    finally:
-        subprocess.run(as_user + [pg_ctl, "-D", data, "-m", "immediate", "stop"],
-                       capture_output=True, timeout=60)
-        shutil.rmtree(base, ignore_errors=True)
-
-
-def _has_user(name):
-    try:
-        pwd.getpwnam(name)
-        return True
-    except KeyError:
-        return False
+    """A throwaway cluster (bench/_pg_support.ThrowawayPostgres, fsync off); yields the
+    libpq conninfo of its maintenance database."""
+    lacking = missing()
+    require(not lacking, "; ".join(lacking))
+    with ThrowawayPostgres(durable=False) as pg:
+        yield "host=%s user=%s dbname=postgres" % (pg.base, USER)
 
 
 @pytest.fixture

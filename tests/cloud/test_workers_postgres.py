@@ -12,13 +12,10 @@ import base64
 import http.client
 import json
 import os
-import select
 import signal
 import socket
 import ssl
 import subprocess
-import sys
-import tempfile
 import threading
 import time
 import uuid
@@ -28,14 +25,16 @@ from click.testing import CliRunner
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from bench._fault_support import pg_signal_all, pg_start, pg_stop
+from bench._pg_support import ThrowawayPostgres, missing
+from bench._serve_support import CloudServe, ServeFailed
 from fleetid.cli.main import cli
 from fleetid.cloud import audit
 from fleetid.cloud.registry import verify_registry_log
 from tests.cloud import test_registry as contract
 from tests.cloud.attestation_support import enrolment
 from tests.cloud.cloud_support import Fleet, der, pem
-from tests.cloud.hsm_support import KEYSTORE_PASS
-from tests.cloud.test_registry_postgres import _has_user, _tool, _uri
+from tests.cloud.test_registry_postgres import _uri
 from tests.conftest import require
 
 try:
@@ -48,56 +47,27 @@ READY_S = 120  # a server's start (keystore, registry, TLS) on a loaded 2-core m
 RECOVERY_S = 30  # the bound within which services must serve again after an outage
 
 
-class Cluster:
-    """A PostgreSQL cluster of this module: initdb + pg_ctl on a unix socket, owned so a
-    test may restart it and pause (SIGSTOP) every one of its processes."""
+class Cluster(ThrowawayPostgres):
+    """A PostgreSQL cluster of this module (bench/_pg_support.ThrowawayPostgres, fsync off),
+    owned so a test may restart it and pause (SIGSTOP) every one of its processes
+    (bench/_fault_support: pg_stop, pg_start, pg_signal_all)."""
 
     def __init__(self):
-        self.initdb, self.pg_ctl = _tool("initdb"), _tool("pg_ctl")
-        require(self.initdb and self.pg_ctl, "PostgreSQL server binaries")
-        require(psycopg is not None, "psycopg (pip install 'psycopg[binary]')")
-        self.base = tempfile.mkdtemp(prefix="fleetid-pgworkers-")
-        self.as_user = []
-        if os.geteuid() == 0:  # initdb and postgres refuse to run as root
-            import pwd
-
-            user = "postgres" if _has_user("postgres") else "nobody"
-            os.chmod(self.base, 0o755)
-            os.chown(self.base, pwd.getpwnam(user).pw_uid, -1)
-            self.as_user = ["runuser", "-u", user, "--"]
-        self.data = os.path.join(self.base, "data")
-        subprocess.run(self.as_user + [self.initdb, "--no-sync", "-D", self.data, "-A", "trust",
-                                       "-U", "fleet"], check=True, capture_output=True,
-                       timeout=120)
-        self.start()
+        lacking = missing()
+        require(not lacking, "; ".join(lacking))
+        super().__init__(durable=False, max_connections=100)
+        self.__enter__()
         self.conninfo = "host=%s user=fleet dbname=postgres" % self.base
 
-    def _ctl(self, *args, check=True):
-        options = "-k %s -c listen_addresses='' -c fsync=off -c max_connections=100" % self.base
-        return subprocess.run(self.as_user + [self.pg_ctl, "-D", self.data, "-w", "-l",
-                                              os.path.join(self.base, "log"), "-o", options]
-                              + list(args), check=check, capture_output=True, timeout=120)
-
     def start(self):
-        self._ctl("start")
+        pg_start(self)
 
-    def stop(self, mode="fast"):
-        self._ctl("-m", mode, "stop", check=False)
-
-    def pids(self):
-        """The postmaster and every process it started."""
-        with open(os.path.join(self.data, "postmaster.pid")) as f:
-            postmaster = int(f.readline())
-        children = subprocess.run(["ps", "-o", "pid=", "--ppid", str(postmaster)],
-                                  capture_output=True, text=True).stdout.split()
-        return [postmaster] + [int(p) for p in children]
+    def stop(self):
+        """pg_ctl stop -m fast."""
+        pg_stop(self)
 
     def signal_all(self, sig):
-        for pid in self.pids():
-            try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
+        pg_signal_all(self, sig)
 
     def new_database(self):
         name = "w_" + uuid.uuid4().hex[:12]
@@ -107,10 +77,7 @@ class Cluster:
 
     def close(self):
         self.signal_all(signal.SIGCONT)  # never leave a stopped cluster behind
-        self.stop("immediate")
-        import shutil
-
-        shutil.rmtree(self.base, ignore_errors=True)
+        self.__exit__(None, None, None)  # -m immediate, the folder removed
 
 
 @pytest.fixture(scope="module")
@@ -169,40 +136,17 @@ def _config(fleet, folder, registry_timeout=3):
     return str(path)
 
 
-class Serve:
-    """One `fleetid cloud serve` process (and its workers); stderr (JSON log) to a file."""
+class Serve(CloudServe):
+    """One `fleetid cloud serve` process (and its workers) in `folder`, its stderr (JSON
+    log) to a file there: bench/_serve_support.CloudServe, failing the test when it does
+    not start."""
 
     def __init__(self, config, folder, workers=1):
-        self.log_path = str(folder / ("serve-%s.log" % uuid.uuid4().hex[:6]))
-        self._log = open(self.log_path, "wb")
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "fleetid.cli.main", "cloud", "serve", "--config", config,
-             "--workers", str(workers)],
-            stdout=subprocess.PIPE, stderr=self._log, stdin=subprocess.DEVNULL,
-            env=dict(os.environ, FLEETID_KEYSTORE_PASS=KEYSTORE_PASS), cwd=str(folder))
-        ready, _, _ = select.select([self.process.stdout], [], [], READY_S)
-        line = self.process.stdout.readline() if ready else b""
-        if not line:
-            self.stop()
-            pytest.fail("serve did not start:\n" + self.log()[-3000:])
-        self.info = json.loads(line)
-        self.ports = self.info["listening"]
-
-    def log(self):
-        with open(self.log_path, "rb") as f:
-            return f.read().decode(errors="replace")
-
-    def stop(self):
-        """SIGTERM, bounded wait; returns the exit status."""
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(60)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(10)
-        self._log.close()
-        return self.process.returncode
+        try:
+            super().__init__(config, str(folder / ("serve-%s.log" % uuid.uuid4().hex[:6])),
+                             workers, cwd=str(folder), timeout=READY_S)
+        except ServeFailed as exc:
+            pytest.fail(str(exc))
 
 
 def _request(fleet, port, method, path, files=None, body=None, headers=None):

@@ -84,10 +84,17 @@ def test_prepared_key_matches_the_plain_primitives(key_len):
     key = os.urandom(key_len)
     prepared = PRIMS.prepare_key(key)
     iv = os.urandom(16)
-    for nblocks in (0, 1, 2, 3, 6, 7, 20):  # both CBC paths (chained and one context)
+    for nblocks in (0, 1, 2, 3, 6, 7, 20):
         data = os.urandom(16 * nblocks)
         assert prepared.aes_cbc_encrypt(iv, data) == PRIMS.aes_cbc_encrypt(key, iv, data)
         assert prepared.aes_cbc_decrypt(iv, data) == PRIMS.aes_cbc_decrypt(key, iv, data)
+    # One CBC context serves every call, chaining on from its last block: calls in a row
+    # with other IVs (a session's commands) and the same IV twice give fresh-context CBC.
+    for nblocks in (1, 5, 1, 2, 40, 3, 3, 1):
+        data = os.urandom(16 * nblocks)
+        for call_iv in (os.urandom(16), bytes(16), bytes(16)):
+            assert prepared.aes_cbc_encrypt(call_iv, data) == PRIMS.aes_cbc_encrypt(
+                key, call_iv, data)
     for n in (0, 1, 15, 16, 17, 64, 100):
         data = os.urandom(n)
         assert prepared.cmac(data) == PRIMS.cmac(key, data)

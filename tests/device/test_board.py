@@ -52,9 +52,14 @@ def test_everything_off_is_the_bare_agent_loop(world, capsys):
 
 
 def test_signed_boot_and_crl_cache_from_the_board_constants(world, capsys):
+    # As boards/<board>/main.py hands them over: its globals(), run_constants(globals()).
     log = []
-    report = _run(world, log, boot_image=world.image, boot_max_size=IMAGE_MAX_SIZE,
-                  crl_issuer=world.issuer, crl_cache_path=world.cache)
+    report = board.run_constants({
+        "__name__": "__main__", "run_constants": board.run_constants,
+        "BUS": world.bus_uri, "T1_PROFILE": "gp", "INTERVAL_S": 3600,
+        "NET_MODULE": _board_net(world), "LOG": log.append, "CYCLES": 2,
+        "BOOT_IMAGE": world.image, "BOOT_MAX_SIZE": IMAGE_MAX_SIZE,
+        "CRL_ISSUER": world.issuer, "CRL_CACHE_PATH": world.cache})
     out = capsys.readouterr().out.splitlines()
     assert out + ["sleep 3600"] == ["net whoami 2", "net fetch_revocation 2", "sleep 3600"] * 2
     assert log.index("boot checked") < log.index("connected with slot 2") < log.index(
@@ -84,6 +89,11 @@ def test_a_crl_listing_the_devices_certificate_is_reported(revoked_world, capsys
     report = _run(revoked_world, [], crl_issuer=revoked_world.issuer,
                   crl_cache_path=revoked_world.cache)
     assert report.revocation.startswith("RevokedError")
+
+
+def test_a_misspelt_board_constant_is_refused_before_the_se_is_opened(world):
+    with pytest.raises(TypeError):
+        board.run_constants({"BUS": "unix:/nonexistent", "CRL_CACHE": world.cache})
 
 
 def test_crl_issuer_and_cache_go_together(world):

@@ -45,9 +45,10 @@ from fleetid.common.clock import SystemClock
 from fleetid.common.errors import FleetidError, TlsAlertReceived, TlsCertificateError, TlsError
 from fleetid.common.host.tls13_host import CryptographyTls13Primitives
 from fleetid.common.tls13 import RecordProtection, Tls13Client
+from fleetid.device.board import server_revocation
 from fleetid.device.crl_cache import CrlCache
 from fleetid.device.host.tls13_socket import TlsSocket, se_client_config
-from fleetid.device.tls13_keys import Tls13Stream, crl_revocation
+from fleetid.device.tls13_keys import Tls13Stream
 from tests.device.crl_support import MemoryStore
 from tests.device.device_cloud_support import LineAndCloud
 
@@ -390,7 +391,7 @@ def _revocation(env, se, certificate):
     cache = CrlCache(se, MemoryStore(), point, line.root_cert.subject.public_bytes())
     now = int(time.time())
     cache.refresh(lambda: publisher.current_der("root"), now)
-    return crl_revocation([cache], lambda: now)
+    return server_revocation([cache], lambda: now)
 
 
 # -- the table ---------------------------------------------------------------------------------

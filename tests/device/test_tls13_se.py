@@ -107,14 +107,15 @@ def test_session_copy_of_the_transient_slot_matches_se_consts():
 
 def test_revoked_server_is_refused_through_the_agents_crl_cache(chip, se):
     # The agent's CRL cache (device/crl_cache.py) of the server's issuer, verified through
-    # the SE, behind the client's revocation hook: a listed server is certificate_revoked.
+    # the SE, behind the client's revocation hook (device/board.server_revocation, the one
+    # both runtimes pass): a listed server is certificate_revoked.
     import datetime
 
     from cryptography.hazmat.primitives import hashes
 
     from fleetid.common.errors import TlsCertificateError
     from fleetid.device.crl_cache import CrlCache
-    from fleetid.device.tls13_keys import crl_revocation
+    from fleetid.device.board import server_revocation
     from tests.common.tls13_support import client_config
     from tests.device.crl_support import MemoryStore, point_of
 
@@ -137,7 +138,7 @@ def test_revoked_server_is_refused_through_the_agents_crl_cache(chip, se):
     cache = CrlCache(se, MemoryStore(), point_of(pki.root_key.public_key()),
                      pki.root.subject.public_bytes())
     cache.refresh(lambda: crl(1, []), NOW)
-    hook = crl_revocation([cache], lambda: NOW)
+    hook = server_revocation([cache], lambda: NOW)
     events = full_handshake(T.Tls13Client(client_config(pki, revocation=hook)), FakeServer(pki))
     assert dict(events[0][1].chain_report)["revocation"] == "not revoked"
     cache.refresh(lambda: crl(2, [server_serial]), NOW)

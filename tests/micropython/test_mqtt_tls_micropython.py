@@ -12,19 +12,14 @@ reaches it over TLS; a command (rotate) reaches it; no NVM write in the SE.
 Heap: the script runs at its budget in tests/micropython/budgets.py ("run_mqtt_tls").
 """
 
-import threading
-
 import pytest
 
-from fleetid.common import mqttmsg
-from tests.cloud.mqtt_support import MqttFleet
-from tests.conftest import require
 from tests.micropython.budgets import WORKFLOWS
-from tests.micropython.support import MICROPYTHON_LIB, PRELUDE, Stage, open_se_script, parse
+from tests.micropython.mqtt_support import (check_session, rotate_once_seen,
+                                            script_wait_and_report, umqtt_broker)
+from tests.micropython.support import PRELUDE, Stage, open_se_script, parse
 
 pytestmark = [pytest.mark.micropython, pytest.mark.timeout(300)]
-
-UMQTT = MICROPYTHON_LIB / "umqtt" / "simple.py"
 
 SCRIPT = PRELUDE + open_se_script(*WORKFLOWS["run_mqtt_tls"][1][9:]) + r"""
 import sys
@@ -48,14 +43,7 @@ print("tls", tls.stream.info.version, tls.stream.info.suite,
       int(tls.stream.info.client_certificate), tls.ephemeral.operations)
 gc.collect()
 print("telemetry", channel.send_telemetry({"heap": gc.mem_free()}))
-for _ in range(400):
-    channel.step(0.05)
-    if crls and rotations:
-        break
-for label, der in crls:
-    print("crl", label, len(der))
-    show("crlder", der[:32])
-print("rotations", len(rotations))
+""" + script_wait_and_report(400) + r"""
 print("ssl", int("ssl" in sys.modules or "tls" in sys.modules))
 channel.close()
 link.close()
@@ -73,17 +61,8 @@ def test_umqtt_over_the_se_keyed_tls13_client_under_micropython(tmp_path):
     from fleetid.sim.endpoint import BusEndpoint
     from fleetid.sim.server import serve_in_thread
 
-    require(UMQTT.exists(), "var/micropython-lib/umqtt/simple.py "
-                            "(scripts/fetch_micropython_lib.py)")
-    stage = Stage(tmp_path / "stage", opt=3)
-    fleet = MqttFleet(tmp_path / "fleet", devices=1)
-    servers = []
-    try:
-        cloud = fleet.cloud()
-        cloud.connect()
-        servers.append(cloud)
-        crl = fleet.crl_der("ca")
-        cloud.publish_crl("ca", crl)  # retained, before the device is up
+    with umqtt_broker(tmp_path, devices=1) as (fleet, cloud, crl):
+        stage = Stage(tmp_path / "stage", opt=3)
         name, _cert = fleet.device_name(fleet.session(0))
         ca = tmp_path / "ca.der"
         ca.write_bytes(fleet.line.ca_cert.public_bytes(serialization.Encoding.DER))
@@ -94,13 +73,7 @@ def test_umqtt_over_the_se_keyed_tls13_client_under_micropython(tmp_path):
         se_server = serve_in_thread(BusEndpoint(chip, profile=t1.PROFILE_GP,
                                                 latency=profiles.get("none")),
                                     "unix:" + sock, idle_timeout_s=60)
-
-        def cloud_side():
-            if cloud.sink.wait_for(lambda s: name in s.last, 60):
-                cloud.request(name, mqttmsg.KIND_ROTATE, timeout=30)
-
-        helper = threading.Thread(target=cloud_side, daemon=True)
-        helper.start()
+        helper = rotate_once_seen(cloud, name)
         header = "SOCK = %r\nNAME = %r\nPORT = %d\nCA = %r\n" % (
             sock, name, fleet.broker.port, str(ca))
         try:
@@ -109,15 +82,6 @@ def test_umqtt_over_the_se_keyed_tls13_client_under_micropython(tmp_path):
             se_server.stop()
         helper.join(30)
         assert out["tls"] == ["TLSv1.3 TLS_AES_128_GCM_SHA256 1 2"]
-        assert out["granted"] == ["[1, 1]"]
-        assert out["crl"] == ["ca %d" % len(crl)]
-        assert out["crlder"] == [crl[:32].hex()]
-        assert out["rotations"] == ["1"]
+        check_session(out, cloud, crl, name)
         assert out["ssl"] == ["0"]
-        seq = int(out["telemetry"][0])
-        assert cloud.sink.last[name]["seq"] == seq and "heap" in cloud.sink.last[name]["m"]
         assert chip.nvm.write_count == writes  # the handshake wrote no NVM
-    finally:
-        for server in servers:
-            server.close()
-        fleet.close()

@@ -1,0 +1,360 @@
+"""The verifier's fast path: its hot GET routes answered by a lean asyncio protocol around
+aiohttp's own HTTP parser; every other request handed, with its connection, to the
+verifier's aiohttp application.
+
+    fast = VerifierFastPath(verifier, metrics, keepalive_timeout=..)
+    site = VerifierFastSite(runner, host, port, fast, ssl_context=context)  # not TCPSite
+    await site.start()
+
+Why: a device's request on a resumed session costs the verifier a cached verdict and
+one memoised registry read (~0.05 ms), and aiohttp's per-connection machinery (a
+request handler and its task, request and response objects, router, two middlewares)
+cost several times that: in bench/mtls.py the bare aiohttp floor alone was 0.6x the
+connections per server CPU-second of nginx with the same session mechanism.  So the
+routes a device calls on every connection are taken off that path:
+
+    GET /v1/whoami       the authenticated identity (JSON), as verifier_app's whoami
+    GET /healthz         {"ok": true}, after the same authentication
+
+with no body (no Content-Length above 0, not chunked, no Expect).  Each connection
+starts in this protocol; at each request boundary it looks at the request line.  One of
+those routes is parsed by aiohttp's HttpRequestParser (request line and headers
+validated by aiohttp; the only bytes looked at here are the request line, to pick the
+route, and the end of the head) and answered here; anything else (the POST routes, other
+paths, HEAD, a query string, a head aiohttp refuses, a body) hands the connection and
+the bytes not yet consumed to aiohttp's protocol (transport.set_protocol), which serves
+it through the app, its middlewares and the error table as before.
+
+The same checks as the app's authenticate middleware, in the same place: the TLS client
+certificate of this connection (none: 401 no_client_certificate) through
+FleetVerifier.verify, every check of its CHECKS list on every request (cached chain and
+attestation verdicts, the registry read, revocation, validity); refusals rendered from
+the one status table (cloud/http/errors.py, WWW-Authenticate on 401); registry and HSM
+failures logged and answered 503, anything else logged and answered 500 (internal causes
+never reach the client); the metrics counter and latency histogram under the same
+endpoint names; the JSON access line when INFO is enabled; the OCSP staple header when
+the server has one (revocation_app.attach_staple_header's, for the aiohttp routes).
+
+Bounds: a request head of at most MAX_HEAD bytes (longer: handed to aiohttp, which
+refuses it); answers wait (and reading pauses) while the transport's write buffer is
+over its high-water mark, so a client that pipelines and never reads holds a bounded
+amount of memory; a connection with no complete request head for `keepalive_timeout` seconds
+is closed (the listener's ServerTimeouts.idle, as aiohttp's keepalive_timeout; checked
+every SWEEP_SECONDS by one timer per listener, not one per connection); the TLS
+handshake and shutdown bounds are the site's ssl_bounds (cloud/http/sites.py).
+"""
+
+import asyncio
+import json
+import logging
+import time
+from http import HTTPStatus
+
+from aiohttp import web
+from aiohttp.http import HttpProcessingError, HttpRequestParser
+
+from fleetid.cloud.hsm.errors import HsmError
+from fleetid.cloud.http.errors import HTTP_STATUS, WWW_AUTHENTICATE
+from fleetid.cloud.http.ocsp_fast import KEEPALIVE_TIMEOUT, MAX_HEAD, MAX_HEADS, \
+    SWEEP_SECONDS, HeadFacts, _Date, _NoFlowControl
+from fleetid.cloud.registry import RegistryError
+from fleetid.cloud.revocation.staple import STAPLE_HEADER
+from fleetid.cloud.verifier import errors
+from fleetid.cloud.verifier.errors import CloudError
+
+log = logging.getLogger("fleetid.cloud")
+
+SERVICE = "verifier"
+# request line -> endpoint name (the aiohttp route's canonical path, for the metrics)
+ROUTES = {b"GET /v1/whoami HTTP/1.1": "/v1/whoami", b"GET /v1/whoami HTTP/1.0": "/v1/whoami",
+          b"GET /healthz HTTP/1.1": "/healthz", b"GET /healthz HTTP/1.0": "/healthz"}
+JSON_TYPE = b"Content-Type: application/json; charset=utf-8"
+TEXT_TYPE = b"Content-Type: text/plain; charset=utf-8"
+HEALTHZ_BODY = json.dumps({"ok": True}).encode()
+
+
+_STATUS_LINES = {}
+
+
+def _status_line(status):
+    line = _STATUS_LINES.get(status)
+    if line is None:
+        line = _STATUS_LINES[status] = b"HTTP/1.1 %d %s" % (status,
+                                                             HTTPStatus(status).phrase.encode())
+    return line
+
+
+class VerifierFastPath:
+    """What the fast-path connections of the verifier's listener share.
+
+    Params: verifier: the FleetVerifier.  metrics: Metrics or None.  keepalive_timeout:
+        seconds (module text).  staple: a ServerStaple whose header_value() goes on every
+        answer (set it before connections arrive), or None.
+    """
+
+    def __init__(self, verifier, metrics=None, keepalive_timeout=KEEPALIVE_TIMEOUT,
+                 staple=None):
+        self.verifier = verifier
+        self.metrics = metrics
+        self.keepalive_timeout = keepalive_timeout
+        self.staple = staple
+        self.connections = set()
+        self._sweeper = None
+        self._heads = {}  # request head bytes -> HeadFacts (devices repeat their heads)
+
+    def parse_head(self, head):
+        """HeadFacts of a complete request head (through "\\r\\n\\r\\n"), parsed by
+        aiohttp's HttpRequestParser; a head seen before is not parsed again (at most
+        MAX_HEADS kept).  Raises HttpProcessingError."""
+        facts = self._heads.get(head)
+        if facts is None:
+            parser = HttpRequestParser(_NoFlowControl, asyncio.get_running_loop(), 2**16,
+                                       max_line_size=MAX_HEAD, max_field_size=MAX_HEAD)
+            messages, _, _ = parser.feed_data(head)
+            if not messages:
+                raise HttpProcessingError(message="not a complete request head")
+            facts = HeadFacts(messages[0][0])
+            if len(self._heads) >= MAX_HEADS:
+                self._heads.clear()
+            self._heads[head] = facts
+        return facts
+
+    def add(self, connection):
+        self.connections.add(connection)
+        if self._sweeper is None:
+            self._sweeper = connection.loop.call_later(SWEEP_SECONDS, self._sweep)
+
+    def _sweep(self):
+        # Connections with no complete request head for keepalive_timeout seconds are
+        # closed, like aiohttp's own bound.
+        self._sweeper = None
+        if not self.connections:
+            return
+        loop = next(iter(self.connections)).loop
+        deadline = loop.time() - self.keepalive_timeout
+        for connection in list(self.connections):
+            if connection.last_active < deadline:
+                connection.transport.close()
+                self.connections.discard(connection)
+        if self.connections:
+            self._sweeper = loop.call_later(SWEEP_SECONDS, self._sweep)
+
+    def close_all(self):
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
+        for connection in list(self.connections):
+            connection.transport.close()
+        self.connections.clear()
+
+
+class VerifierConnection(asyncio.Protocol):
+    """One client connection while it calls the fast routes (see the module text)."""
+
+    __slots__ = ("fast", "fallback", "transport", "buffer", "pos", "loop", "last_active",
+                 "write_paused")
+
+    def __init__(self, fast, fallback):
+        self.fast = fast
+        self.fallback = fallback  # aiohttp's protocol factory (the runner's web.Server)
+        self.transport = None
+        # bytes received; those before `pos` are answered (pipelined requests are taken
+        # off by moving `pos`, the rest copied once per data_received, not per request)
+        self.buffer = b""
+        self.pos = 0
+        self.write_paused = False
+
+    def connection_made(self, transport):
+        self.transport = transport
+        self.loop = asyncio.get_running_loop()
+        self.last_active = self.loop.time()
+        self.fast.add(self)
+
+    def connection_lost(self, exc):
+        self.fast.connections.discard(self)
+
+    def data_received(self, data):
+        self.buffer = self.buffer[self.pos:] + data if self.buffer else data
+        self.pos = 0
+        self._process()
+
+    def _process(self):
+        while self.pos < len(self.buffer) and not self.write_paused \
+                and not self.transport.is_closing():
+            if not self._next_request():
+                return
+
+    # A client that pipelines requests and reads no answer: once the transport's write
+    # buffer is over its high-water mark, no request is answered and nothing more is
+    # read until the client has taken the answers (memory stays bounded; the idle sweep
+    # closes a client that never reads).
+
+    def pause_writing(self):
+        self.write_paused = True
+        self.transport.pause_reading()
+
+    def resume_writing(self):
+        self.write_paused = False
+        if not self.transport.is_closing():
+            self.transport.resume_reading()
+            self._process()
+
+    def _next_request(self):
+        """Answer the request at the start of the buffer when its head is whole.  True to
+        look for another one; False to wait for more bytes (or after handing over)."""
+        buffer, pos = self.buffer, self.pos
+        line_end = buffer.find(b"\r\n", pos)
+        if line_end < 0:
+            if len(buffer) - pos > MAX_HEAD:
+                self._hand_over()  # aiohttp refuses the over-long line
+            return False
+        endpoint = ROUTES.get(buffer[pos:line_end])
+        if endpoint is None:
+            self._hand_over()
+            return False
+        end = buffer.find(b"\r\n\r\n", line_end)
+        if end < 0:
+            if len(buffer) - pos > MAX_HEAD:
+                self._hand_over()
+            return False
+        head = buffer[pos:end + 4]
+        try:
+            message = self.fast.parse_head(head)
+        except HttpProcessingError:
+            self._hand_over()  # aiohttp answers 400 and logs it as it does for any route
+            return False
+        if message.chunked or message.length or message.expect_continue:
+            self._hand_over()  # a body: aiohttp reads and bounds it
+            return False
+        if end + 4 == len(buffer):
+            self.buffer, self.pos = b"", 0
+        else:
+            self.pos = end + 4
+        self._answer(message, endpoint)
+        return True
+
+    def _hand_over(self):
+        """Give the connection, and every byte not consumed yet, to aiohttp."""
+        self.fast.connections.discard(self)
+        protocol = self.fallback()
+        self.transport.set_protocol(protocol)
+        protocol.connection_made(self.transport)
+        data, self.buffer, self.pos = self.buffer[self.pos:], b"", 0
+        if data:
+            protocol.data_received(data)
+
+    def _answer(self, message, endpoint):
+        """verifier_app's authenticate middleware and handler, for one request."""
+        started = time.perf_counter()
+        identity = reason = None
+        try:
+            ssl_object = self.transport.get_extra_info("ssl_object")
+            der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None \
+                else None
+            if der is None:
+                raise CloudError(errors.NO_CLIENT_CERT, "present the device certificate "
+                                                        "(mTLS)")
+            identity = self.fast.verifier.verify(der)
+            if endpoint == "/v1/whoami":
+                body = json.dumps(identity.as_json()).encode()
+            else:
+                body = HEALTHZ_BODY
+            status, headers = 200, [JSON_TYPE]
+        except CloudError as exc:
+            status, headers, body = self._error(exc)
+            reason = exc.reason
+        except (RegistryError, HsmError) as exc:
+            log.error("backend failure", exc_info=True,
+                      extra={"fields": {"service": SERVICE, "path": message.path,
+                                        "error": type(exc).__name__}})
+            status, headers, body = self._error(CloudError(errors.UNAVAILABLE,
+                                                           "try again later"))
+            reason = errors.UNAVAILABLE
+        except Exception:  # noqa: BLE001 - internal cause: logged, never sent
+            log.error("internal error", exc_info=True,
+                      extra={"fields": {"service": SERVICE, "path": message.path}})
+            status, headers, body = self._error(CloudError(errors.INTERNAL))
+            reason = errors.INTERNAL
+        self._write(status, headers, body, message, endpoint, started, identity, reason)
+
+    @staticmethod
+    def _error(exc):
+        """(status, headers, body) of a CloudError: cloud/http/errors.error_response's."""
+        status = HTTP_STATUS[exc.reason]
+        headers = [TEXT_TYPE]
+        if status == 401:
+            headers.append(b"WWW-Authenticate: " + WWW_AUTHENTICATE.encode())
+        body = (exc.reason + (": " + exc.detail if exc.detail else "") + "\n").encode()
+        return status, headers, body
+
+    def _write(self, status, headers, body, message, endpoint, started, identity, reason):
+        close = message.should_close
+        lines = [_status_line(status), b"Date: " + _Date.now(),
+                 b"Content-Length: %d" % len(body)] + headers
+        staple = self.fast.staple
+        if staple is not None:
+            try:
+                lines.append(("%s: %s" % (STAPLE_HEADER, staple.header_value())).encode())
+            except Exception:  # noqa: BLE001 - no staple is better than no answer
+                pass
+        if close:
+            lines.append(b"Connection: close")
+        elif message.version < (1, 1):
+            lines.append(b"Connection: keep-alive")
+        lines.append(b"\r\n")
+        # Counted and logged before the answer leaves, as the app's middleware does: a
+        # client that has its answer finds it in the metrics.
+        elapsed = time.perf_counter() - started
+        if self.fast.metrics is not None:
+            self.fast.metrics.request_done(SERVICE, endpoint, status, elapsed)
+        if log.isEnabledFor(logging.INFO):
+            peer = self.transport.get_extra_info("peername")
+            fields = {"service": SERVICE, "method": message.method, "path": message.path,
+                      "remote": peer[0] if peer else "", "status": status,
+                      "ms": round(elapsed * 1000, 3)}
+            if reason:
+                fields["reason"] = reason
+            if identity is not None:
+                fields["device"] = identity.serial
+                fields["fingerprint"] = identity.fingerprint
+            log.info("request", extra={"fields": fields})
+        self.transport.write(b"\r\n".join(lines) + body)
+        if close:
+            self.transport.close()
+        else:
+            self.last_active = self.loop.time()
+
+
+class VerifierFastSite(web.TCPSite):
+    """web.TCPSite whose connections start in VerifierConnection (the fast path), with
+    the runner's aiohttp protocol for everything else.  Params as web.TCPSite, plus
+    fast: VerifierFastPath, and sock: a listening socket to serve instead of binding
+    (the workers of `cloud serve --workers N` share their parent's).  `ssl_bounds` (see
+    cloud/http/sites.py) may be set before start()."""
+
+    ssl_bounds = {}
+
+    def __init__(self, runner, host, port, fast, sock=None, **kwargs):
+        super().__init__(runner, host, port, **kwargs)
+        self.fast = fast
+        self.sock = sock
+
+    async def start(self):
+        await web.BaseSite.start(self)  # registers the site with its runner
+        loop = asyncio.get_running_loop()
+        fast, fallback = self.fast, self._runner.server
+        factory = lambda: VerifierConnection(fast, fallback)  # noqa: E731
+        if self.sock is not None:
+            self._server = await loop.create_server(
+                factory, sock=self.sock, ssl=self._ssl_context, backlog=self._backlog,
+                **self.ssl_bounds)
+        else:
+            self._server = await loop.create_server(
+                factory, self._host, self._port, ssl=self._ssl_context,
+                backlog=self._backlog, reuse_address=self._reuse_address,
+                reuse_port=self._reuse_port, **self.ssl_bounds)
+        self._bound_port = self._server.sockets[0].getsockname()[1]
+
+    async def stop(self):
+        await super().stop()
+        self.fast.close_all()
