@@ -404,8 +404,24 @@ class RecordProtection:
         return iv[:4] + bytes(iv[4 + i] ^ pad[i] for i in range(8))
 
     def seal(self, content_type, fragment):
-        """TLSCiphertext for one fragment (no padding).  Returns: header || encrypted."""
+        """TLSCiphertext for one fragment (no padding).  Returns: header || encrypted
+        (a bytearray written in place when the provider can seal in place: one block
+        per record, no inner plaintext nor ciphertext copy)."""
         n = len(fragment)
+        in_place = getattr(self._aead, "seal_in_place", None)
+        if in_place is not None:
+            size = n + 1 + K.TAG_LEN
+            record = bytearray(_HEADER + size)
+            record[0] = CT_APPLICATION_DATA
+            record[1] = LEGACY_VERSION >> 8
+            record[2] = LEGACY_VERSION & 0xFF
+            record[3] = size >> 8
+            record[4] = size & 0xFF
+            record[_HEADER:_HEADER + n] = fragment
+            record[_HEADER + n] = content_type
+            view = memoryview(record)
+            in_place(self._nonce(), view[:_HEADER], view[_HEADER:])
+            return record
         inner = bytearray(n + 1)
         inner[:n] = fragment
         inner[n] = content_type
@@ -449,6 +465,7 @@ class Tls13Client:
         self._rec = None  # the record being received: a writable buffer of its size
         self._fill = 0  # bytes of _rec received
         self._hs = bytearray()  # handshake bytes not yet a whole message
+        self._rest = 0  # bytes of the record after the message being handled
         self._transcript = None  # _Transcript from start()
         self._read = None
         self._write = None
@@ -747,9 +764,8 @@ class Tls13Client:
             if len(body) == 0:
                 raise TlsError("unexpected_message", ALERT_UNEXPECTED_MESSAGE,
                                "empty handshake record")
-            self._hs.extend(body)
+            self._handshake_data(body, events)
             body = None
-            self._handshake_messages(events)
         elif content_type == CT_ALERT:
             self._alert(body, events)
         elif content_type == CT_APPLICATION_DATA:
@@ -791,24 +807,59 @@ class Tls13Client:
 
     # -- handshake framing ----------------------------------------------------------------
 
+    def _handshake_data(self, body, events):
+        # One record's handshake bytes (bytes, or a view of the record buffer that must
+        # not outlive this call).  With no partial message pending, the whole messages
+        # are taken straight from the record (no copy into _hs; the Certificate message
+        # as a view, every other one as its own bytes) and only a trailing partial
+        # message is kept in _hs; otherwise the bytes join _hs.
+        if self._hs:
+            self._hs.extend(body)
+            self._handshake_messages(events)
+            return
+        view = memoryview(body)
+        size = len(view)
+        pos = 0
+        while self._state != _CLOSED and size - pos >= 4:
+            length = self._message_length(view, pos)
+            end = pos + 4 + length
+            if end > size:
+                break
+            self._rest = size - end  # bytes after this message (_expect_key_change)
+            self._dispatch(view[pos:end], events)
+            pos = end
+        self._rest = 0
+        if pos < size and self._state != _CLOSED:
+            self._hs = bytearray(view[pos:])
+
+    def _message_length(self, data, pos):
+        length = data[pos + 1] << 16 | data[pos + 2] << 8 | data[pos + 3]
+        if length > self._cfg.max_handshake:
+            raise TlsError("handshake_too_large", ALERT_ILLEGAL_PARAMETER, "%d bytes" % length)
+        return length
+
+    def _dispatch(self, view, events):
+        # A whole message given as a view: the Certificate message (the largest, parsed
+        # with views; x509 copies each certificate once) stays a view, every other
+        # message becomes its own bytes (their handlers keep and compare slices).
+        msg_type = view[0]
+        self._message(msg_type, view if msg_type == HT_CERTIFICATE else bytes(view), events)
+
     def _handshake_messages(self, events):
         while self._state != _CLOSED:
             hs = self._hs
             if len(hs) < 4:
                 return
-            length = hs[1] << 16 | hs[2] << 8 | hs[3]
-            if length > self._cfg.max_handshake:
-                raise TlsError("handshake_too_large", ALERT_ILLEGAL_PARAMETER, "%d bytes" % length)
-            if len(hs) < 4 + length:
+            end = 4 + self._message_length(hs, 0)
+            if len(hs) < end:
                 return
-            message = bytes(hs[:4 + length])
-            self._hs = hs[4 + length:]
+            self._hs = hs[end:]
+            self._dispatch(memoryview(hs)[:end], events)
             hs = None
-            self._message(message[0], message, events)
 
     def _expect_key_change(self):
         # RFC 8446 5.1: handshake messages must not span a key change.
-        if self._hs:
+        if self._hs or self._rest:
             raise TlsError("unexpected_message", ALERT_UNEXPECTED_MESSAGE,
                            "message spans key change")
 
@@ -820,7 +871,7 @@ class Tls13Client:
 
     def _message(self, msg_type, message, events):
         state = self._state
-        body = message[4:]
+        body = memoryview(message)[4:] if msg_type == HT_CERTIFICATE else message[4:]
         if state == _CONNECTED:
             if msg_type == HT_NEW_SESSION_TICKET:
                 events.append((EVENT_SESSION_TICKET, self._new_session_ticket(body)))
@@ -1057,8 +1108,9 @@ class Tls13Client:
         self._state = _WAIT_CERT
 
     def _certificate(self, message, body):
+        # body and message are views (_dispatch): nothing of them is kept.
         reader = _Reader(body)
-        if reader.vec8():
+        if len(reader.vec8()):
             raise TlsError("illegal_parameter", ALERT_ILLEGAL_PARAMETER, "certificate context")
         entries = _Reader(reader.vec24())
         reader.done()
@@ -1066,7 +1118,7 @@ class Tls13Client:
         while entries.pos < len(entries.data):
             cert = entries.vec24()
             entries.vec16()  # per-certificate extensions (none were requested)
-            if not cert:
+            if not len(cert):
                 raise _decode_error("empty certificate")
             chain.append(cert)
         if not chain:

@@ -8,7 +8,9 @@
 #         seal(nonce12, aad, plaintext) -> ciphertext || 16-byte tag      (AES-128-GCM)
 #         open(nonce12, aad, ciphertext_and_tag) -> plaintext, or None when the tag fails
 #         and optionally open_in_place(nonce12, aad, writable_buffer) -> plaintext length
-#         or None: the plaintext written over the ciphertext (PortableGcm has it)
+#         or None: the plaintext written over the ciphertext, and seal_in_place(nonce12,
+#         aad, writable_buffer): plaintext || 16 bytes of room sealed in place (PortableGcm
+#         has both)
 #     prims.random(n) -> n bytes
 # On CPython: fleetid.common.host.tls13_host.CryptographyTls13Primitives (pyca/cryptography).
 # On MicroPython: PortableTls13Primitives below: hashlib's SHA-256, HMAC written here
@@ -257,6 +259,16 @@ class PortableGcm:
         self._ctr(nonce, plaintext, out)
         out[n:] = self._tag(nonce, aad, memoryview(out)[:n])
         return out
+
+    def seal_in_place(self, nonce, aad, buf):
+        """seal() into the writable buffer `buf` (plaintext || TAG_LEN bytes of room): the
+        ciphertext overwrites the plaintext and the tag fills the room (aad may be a view
+        of the same buffer, before `buf`)."""
+        if len(nonce) != IV_LEN or len(buf) < TAG_LEN:
+            raise ValueError("GCM nonce must be 12 bytes, and room for the tag")
+        n = len(buf) - TAG_LEN
+        self._ctr(nonce, buf[:n], buf)
+        buf[n:] = self._tag(nonce, aad, buf[:n])
 
     def open(self, nonce, aad, data):
         if len(nonce) != IV_LEN or len(data) < TAG_LEN:

@@ -35,6 +35,14 @@
 # cycle's connections per slot a PSK-DHE resumption (device/https.py header).  PKCS#7 is
 # read with common/der.py: SignedData (RFC 5652 5.1) certificates [0] IMPLICIT.
 
+try:
+    from micropython import const
+except ImportError:  # CPython
+
+    def const(x):
+        return x
+
+
 from fleetid.common.errors import FleetidError
 from fleetid.device.agent import CERTIFICATE_REVOKED, NetError
 
@@ -49,6 +57,7 @@ ROOT_CRL_FILE = "root.crl"  # cloud/revocation/crl.py ROOT_CRL_NAME + ".crl"
 _DATA_TRUST_FLEET_ROOT = 0x0111  # se_consts.DATA_TRUST_FLEET_ROOT
 _SLOT_IDENTITY = 0x01  # se_consts.SLOT_IDENTITY
 _EPOCH_2000 = 946684800  # seconds from 1970 to 2000 (ports whose time() counts from 2000)
+_WHITESPACE = b" \t\n\r\x0b\x0c"  # what bytes.split() drops (RFC 8951 3: line breaks)
 
 
 class Pkcs7Error(FleetidError):
@@ -170,6 +179,94 @@ def decode_base64(body):
         raise ValueError("not base64") from None
 
 
+_BASE64_CHUNK = const(64)  # base64 characters decoded at a time (48 bytes)
+_BASE64_STEP = const(384)  # bytes encoded at a time (512 characters, a send fragment)
+
+
+def decode_base64_pieces(pieces):
+    """RFC 8951 3: base64 with or without line breaks (any whitespace), given as a list
+    of bytes-like pieces in order (device/https's `pieces`: a body as it arrived),
+    decoded into one bytearray of exactly the decoded size.  The text is never joined
+    into one block, and each piece is dropped from the list once decoded, so a board
+    needs no block of the whole base64 body, only one of the result.
+
+    Returns: bytearray.  Raises: ValueError (not base64: length, padding, alphabet)."""
+    import binascii
+
+    count = 0
+    first_pad = -1
+    last = second = 0
+    for piece in pieces:
+        for c in piece:
+            if c in _WHITESPACE:
+                continue
+            if c == 0x3D and first_pad < 0:  # "="
+                first_pad = count
+            count += 1
+            second, last = last, c
+    pads = (last == 0x3D) + (second == 0x3D)
+    if count % 4 or (first_pad >= 0 and first_pad < count - pads):
+        raise ValueError("not base64")
+    out = bytearray(count // 4 * 3 - pads)
+    stage = bytearray(_BASE64_CHUNK)
+    fill = written = 0
+    try:
+        while pieces:
+            piece = pieces.pop(0)
+            for c in piece:
+                if c in _WHITESPACE:
+                    continue
+                stage[fill] = c
+                fill += 1
+                if fill == _BASE64_CHUNK:
+                    written = _decode_chunk(binascii, stage, out, written)
+                    fill = 0
+            piece = None
+        if fill:
+            written = _decode_chunk(binascii, memoryview(stage)[:fill], out, written)
+    except ValueError:
+        raise
+    except Exception:  # binascii.Error is a ValueError on CPython; MicroPython: ValueError
+        raise ValueError("not base64") from None
+    if written != len(out):
+        raise ValueError("not base64")
+    return out
+
+
+def _decode_chunk(binascii, text, out, written):
+    # One staged run of base64 characters (a multiple of 4) into out[written:].
+    chunk = binascii.a2b_base64(text)
+    end = written + len(chunk)
+    if end > len(out):
+        raise ValueError("not base64")
+    out[written:end] = chunk
+    return end
+
+
+class Base64Body:
+    """A request body: the base64 of `data` as binascii.b2a_base64 gives it (one line and
+    a final newline), encoded _BASE64_STEP bytes at a time as it is sent (device/https
+    sends an iterable body piece by piece), so no block of the whole text is made.
+    len() is the text's length (Content-Length)."""
+
+    def __init__(self, data):
+        self._data = data
+
+    def __len__(self):
+        return (len(self._data) + 2) // 3 * 4 + 1
+
+    def __iter__(self):
+        import binascii
+
+        view = memoryview(self._data)
+        size = len(view)
+        if not size:
+            yield b"\n"
+        for i in range(0, size, _BASE64_STEP):
+            yield binascii.b2a_base64(view[i:i + _BASE64_STEP],
+                                      newline=i + _BASE64_STEP >= size)
+
+
 def nonce_value(body):
     """The CA's nonce from a 200 answer's body: base64 (RFC 8951), 1..64 bytes.
     Raises: NetError(SERVER) otherwise."""
@@ -216,16 +313,19 @@ class BoardNetwork:
                                  revocation=revocation, timeout_s=timeout_s,
                                  max_body=max_body)
 
-    def _request(self, slot, base, method, path, body=None, headers=None):
+    def _request(self, slot, base, method, path, body=None, headers=None, pieces=False):
         from fleetid.device.https import HttpError
 
         try:
+            if pieces:
+                return self.https.request(slot, base, method, path, body, headers,
+                                          pieces=True)
             return self.https.request(slot, base, method, path, body, headers)
         except HttpError as exc:
             raise net_error(exc) from None
 
-    def _ok(self, slot, base, method, path, body=None, headers=None):
-        response = self._request(slot, base, method, path, body, headers)
+    def _ok(self, slot, base, method, path, body=None, headers=None, pieces=False):
+        response = self._request(slot, base, method, path, body, headers, pieces)
         if response.status != 200:
             raise error_for(response)
         return response
@@ -247,18 +347,30 @@ class BoardNetwork:
         return identity
 
     def _pkcs7(self, response):
+        # The base64 body decoded from the pieces it arrived in (device/https `pieces`,
+        # after the connection closed), each dropped once decoded; the decoded DER is the
+        # one block of the answer's size the board needs (then copied once for
+        # common/der.py, which reads bytes).
         content_type = response.header("Content-Type", "")
         if not content_type.startswith(CT_PKCS7_MIME):
             raise Pkcs7Error("content type %s" % content_type)
+        pieces = getattr(response, "pieces", None)
+        if pieces is None:
+            pieces = [response.body]
+        response.pieces = response.body = None
         try:
-            data = decode_base64(response.body)
+            decoded = decode_base64_pieces(pieces)
         except ValueError:
             raise Pkcs7Error("body is not base64") from None
+        pieces = None
+        data = bytes(decoded)
+        decoded = None
         return pkcs7_certificates(data)
 
     def cacerts(self, slot):
         """GET cacerts (RFC 7030 4.1).  Returns: list of DER certificates, unchecked."""
-        response = self._ok(slot, self.est_url, "GET", self._est_path("cacerts"))
+        response = self._ok(slot, self.est_url, "GET", self._est_path("cacerts"),
+                            pieces=True)
         try:
             return self._pkcs7(response)
         except Pkcs7Error as exc:
@@ -272,15 +384,14 @@ class BoardNetwork:
         """POST simpleenroll / simplereenroll.  Returns: the certificate DER.  Raises:
         NetError; CertificateRefused(MALFORMED) for a 200 answer that is not exactly one
         certificate in a certs-only PKCS#7."""
-        import binascii
-
         from fleetid.device.certcheck import REASON_MALFORMED, CertificateRefused
 
         op = "simplereenroll" if reenroll else "simpleenroll"
-        body = binascii.b2a_base64(csr_der)
+        body = Base64Body(csr_der)
         response = self._ok(slot, self.est_url, "POST", self._est_path(op), body,
                             {"Content-Type": CT_PKCS10,
-                             "Content-Transfer-Encoding": "base64"})
+                             "Content-Transfer-Encoding": "base64"}, pieces=True)
+        body = None
         try:
             certs = self._pkcs7(response)
         except Pkcs7Error as exc:

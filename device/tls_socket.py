@@ -13,6 +13,15 @@
 # is waiting on the wire (select.poll with a zero timeout), else what is buffered, at most
 # n bytes.  Every TLS failure surfaces as OSError (what socket clients catch); the stream
 # is closed after it.
+#
+# Heap (a board's): the socket is read CHUNK bytes at a time, what is sent goes in
+# records of at most CHUNK plaintext bytes, and a received record's data is handed out
+# in pieces of at most CHUNK bytes (device/https.py does the same), so no block larger
+# than a record is needed.  No shared record buffer: an MQTT session's records are small
+# and one kept for the session's life costs more than it saves (bench/micropython.py
+# run_mqtt_tls, measured both ways).
+
+CHUNK = 512
 
 
 class TlsSocket:
@@ -155,10 +164,11 @@ class SeTlsWrapper:
                                    signer=se_signer(self.se, self.slot), client_chain=chain,
                                    revocation=self.revocation,
                                    record_size_limit=self.record_size_limit,
-                                   max_transcript=self.max_transcript)
+                                   max_transcript=self.max_transcript,
+                                   send_fragment=CHUNK, data_chunk=CHUNK)
         sock.settimeout(self.timeout_s)
         self.stream = Tls13Stream(sock, tls13.Tls13Client(config), SystemClock(),
-                                  int(self.timeout_s * 1000))
+                                  int(self.timeout_s * 1000), CHUNK)
         try:
             self.stream.handshake()
         except TlsError as exc:

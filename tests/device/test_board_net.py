@@ -4,6 +4,7 @@ cloud really makes (cloud/est/messages.certs_only, cloud/pki/profiles.device_bui
 The whole module under MicroPython against `fleetid cloud serve`:
 tests/micropython/test_board_net_micropython.py."""
 
+import binascii
 import datetime
 
 import pytest
@@ -67,6 +68,49 @@ def test_content_length_and_chunked_answers_read_in_any_fragmentation(step):
     response = https.read_response(_recv_from(chunked, step))
     assert (response.status, response.body, response.header("Retry-After")) == \
         (202, b"wait: x", "7")
+
+
+@pytest.mark.parametrize("step", [1, 7, 4096])
+def test_a_200_answer_in_pieces_is_the_body_as_it_arrived(step):
+    # read_response(pieces=True): the body as the recv() pieces (no block of the whole
+    # body); a non-200 answer keeps its body, as error_for reads it.
+    head = b"HTTP/1.1 200 OK\r\nContent-Length: 11\r\n\r\n"
+    response = https.read_response(_recv_from(head + b"{\"a\": [1]}\nextra", step),
+                                   pieces=True)
+    assert response.body is None
+    assert b"".join(response.pieces) == b"{\"a\": [1]}\n"
+    assert all(len(piece) <= step for piece in response.pieces)
+    refused = https.read_response(_recv_from(head.replace(b"200 OK", b"403 No") +
+                                             b"revoked: x\n", step), pieces=True)
+    assert (refused.body, refused.pieces) == (b"revoked: x\n", None)
+    with pytest.raises(https.HttpError):
+        https.read_response(_recv_from(head + b"short", step), pieces=True)
+
+
+@given(st.binary(max_size=200), st.integers(1, 80), st.integers(0, 76))
+def test_base64_decoded_from_pieces_is_the_standard_decoding(data, step, width):
+    import base64
+
+    text = base64.b64encode(data)
+    if width:  # line breaks every `width` characters (RFC 8951 3 allows any)
+        text = b"\r\n".join(text[i:i + width] for i in range(0, len(text), width))
+    pieces = [text[i:i + step] for i in range(0, len(text), step)]
+    assert board_net.decode_base64_pieces(pieces) == data
+    assert pieces == []  # each piece dropped once decoded
+
+
+@given(st.binary(max_size=1200))
+def test_base64_body_is_b2a_base64_in_pieces(data):
+    body = board_net.Base64Body(data)
+    pieces = list(body)
+    assert b"".join(pieces) == binascii.b2a_base64(data) and len(body) == len(b"".join(pieces))
+    assert all(len(piece) <= 513 for piece in pieces)
+
+
+@pytest.mark.parametrize("text", [b"QQ=", b"Q===", b"QQ==QUJD", b"QU*D", b"QUJ", b"=QUJ"])
+def test_base64_pieces_that_are_not_base64_are_refused(text):
+    with pytest.raises(ValueError):
+        board_net.decode_base64_pieces([text[:2], text[2:]])
 
 
 @pytest.mark.parametrize("answer", [
@@ -165,7 +209,7 @@ class _FakeHttps:
         self.response = response
         self.requests = []
 
-    def request(self, slot, base, method, path, body=None, headers=None):
+    def request(self, slot, base, method, path, body=None, headers=None, pieces=False):
         self.requests.append((slot, base, method, path, body, headers))
         return self.response
 
@@ -187,7 +231,8 @@ def test_enrolment_sends_base64_pkcs10_and_takes_exactly_one_certificate(pki):
     slot, base, method, path, body, headers = net.https.requests[0]
     assert (slot, base, method, path) == (2, "https://e:2", "POST",
                                           "/.well-known/est/simplereenroll")
-    assert body.strip() == b"MAMCAQU=" and headers["Content-Type"] == "application/pkcs10"
+    assert b"".join(body) == b"MAMCAQU=\n" == binascii.b2a_base64(b"\x30\x03\x02\x01\x05")
+    assert len(body) == 9 and headers["Content-Type"] == "application/pkcs10"
     for response in (
             https.HttpResponse(200, {"content-type": "application/pkcs7-mime"},
                                encode_base64(certs_only([device, ca]))),
