@@ -627,3 +627,58 @@ def test_extension_request_attribute_shape():
     assert values == [bytes.fromhex("30123010" "0603551d11" "0409" "30078605" "75726e3a61")]
     with pytest.raises(DerError):
         der.uri_san_extension_request("urn:\u00e9")
+
+
+def _nested_csr_info(cn, serial, spki, attributes):
+    # The CertificationRequestInfo composed element by element (each level joined on its
+    # own), the reference for the parts builder.
+    encoded = sorted(der.encode_sequence([der.encode_oid(oid), der.encode_set(values)])
+                     for oid, values in attributes)
+    return der.encode_sequence([der.encode_integer(0), der.encode_name(cn, serial), spki,
+                                der.encode_context(0, b"".join(encoded))])
+
+
+def test_csr_built_from_parts_has_the_same_bytes(p256_key):
+    big = der.encode_sequence([der.encode_octet_string(bytes(range(256)) * 2)])
+    pieces = [big[:4], big[4:9], big[9:]]  # one element in three parts
+    small = der.encode_sequence([der.encode_null()])
+    attributes = [(OID_ATTR_EVIDENCE, [big]), der.uri_san_extension_request("urn:a"),
+                  ("1.2.3.4", [small, der.encode_integer(5)]),
+                  ("1.2.3.4", [der.encode_integer(7)]),  # same OID: whole encodings sort
+                  ("1.2.3", [small])]
+    spki = _spki(p256_key)
+    info = der.build_csr_info("dev", "1", spki, attributes)
+    assert info == _nested_csr_info("dev", "1", spki, attributes)
+    parts = der.csr_info_parts("dev", "1", spki,
+                               [(OID_ATTR_EVIDENCE, [pieces])] + attributes[1:])
+    assert all(isinstance(part, bytes) for part in parts)
+    assert any(part is pieces[2] for part in parts)  # referenced, not copied
+    assert b"".join(parts) == info
+    assert der.csr_parts_digest(parts) == der.csr_signing_digest(info)
+    signature = p256_key.sign(info, ec.ECDSA(hashes.SHA256()))
+    csr = der.finish_csr_parts(parts, signature)
+    assert csr == der.finish_csr(info, signature)
+    assert x509.load_der_x509_csr(csr).is_signature_valid
+    written = der.finish_csr_parts(parts, signature, der.csr_buffer(parts))
+    assert type(written) is bytes and written == csr
+    # The buffer holds the longest signature: a shorter one leaves room, trimmed away.
+    short = der.ecdsa_raw_to_der(bytes(31) + b"\x01" + bytes(31) + b"\x01")
+    out = der.csr_buffer(parts)
+    assert der.finish_csr_parts(parts, short, out) == der.finish_csr(info, short)
+    assert len(out) == len(der.finish_csr(info, short))
+
+
+def test_parts_that_are_not_one_element_are_refused(p256_key):
+    element = der.encode_sequence([der.encode_null()])
+    for bad in ([element[:1], element[1:] + b"\x00"], [element[:1]], [], [element, element]):
+        with pytest.raises(DerError):
+            der.csr_info_parts("d", None, _spki(p256_key), [(OID_ATTR_EVIDENCE, [bad])])
+    parts = der.csr_info_parts("d", None, _spki(p256_key), None)
+    with pytest.raises(DerError):
+        der.finish_csr_parts(parts + [b"\x00"], _sig("01", "01"))
+    with pytest.raises(DerError):
+        der.finish_csr_parts(parts, bytes.fromhex("308106020101020101"))
+    small = bytearray(10)  # too small: joined into new bytes instead
+    assert der.finish_csr_parts(parts, _sig("01", "01"), small) == der.finish_csr(
+        b"".join(parts), _sig("01", "01"))
+    assert small == bytearray(10)
