@@ -37,7 +37,6 @@ from fleetid.common.der import (
     ecdsa_der_to_raw,
     ecdsa_with_sha256_algorithm,
     encode_bit_string,
-    encode_header,
     encode_integer,
     encode_octet_string,
     encode_p256_spki,
@@ -283,45 +282,26 @@ def encode_evidence_bundle(signed_attestations, certificates):
     Returns: bytes.
     Raises: DerError (empty statements, malformed element).
     """
-    return b"".join(evidence_bundle_parts(signed_attestations, certificates))
-
-
-def evidence_bundle_parts(signed_attestations, certificates):
-    """encode_evidence_bundle() as a list of bytes parts (the headers, then the
-    statements and certificates themselves, not copied): one attribute value for
-    der.csr_info_parts(), so the CSR holds the bundle's bytes once.
-
-    Params, raises: as encode_evidence_bundle().  Returns: list of bytes.
-    """
     if not signed_attestations:
         raise DerError(REASON_RANGE, "at least one statement")
     elements = []
     for element in signed_attestations:
         if isinstance(element, SignedAttestation):
-            element = element.der
+            elements.append(element.der)
         else:
             decode_signed_attestation(element)
-        elements.append(element if isinstance(element, bytes) else bytes(element))
+            elements.append(element)
     checked_certs = []
     for cert in certificates:
         reader = DerReader(cert)
-        reader.skip(TAG_SEQUENCE)
+        checked_certs.append(reader.read_raw(TAG_SEQUENCE))
         reader.finish()
-        checked_certs.append(cert if isinstance(cert, bytes) else bytes(cert))
-    statements_len = 0
-    for element in elements:
-        statements_len += len(element)
-    certs_len = 0
-    for cert in checked_certs:
-        certs_len += len(cert)
-    statements_header = encode_header(TAG_SEQUENCE, statements_len)
-    certs_header = encode_header(TAG_SEQUENCE, certs_len)
-    parts = [encode_header(TAG_SEQUENCE, len(statements_header) + statements_len
-                           + len(certs_header) + certs_len), statements_header]
-    parts.extend(elements)
-    parts.append(certs_header)
-    parts.extend(checked_certs)
-    return parts
+    return encode_sequence(
+        [
+            encode_sequence([bytes(e) for e in elements]),
+            encode_sequence(checked_certs),
+        ]
+    )
 
 
 def decode_evidence_bundle(der):
@@ -351,17 +331,11 @@ def decode_evidence_bundle(der):
 def build_evidence_attribute(bundle_der, checked=False):
     """The PKCS#10 attribute carrying an evidence bundle, for der.build_csr_info().
 
-    Params: bundle_der: DER, or evidence_bundle_parts()' list of parts (kept as parts).
-        checked: True when bundle_der is encode_evidence_bundle()'s (or
-        evidence_bundle_parts()') output, which is well-formed by construction (skips
-        parsing it again).
+    Params: checked: True when bundle_der is encode_evidence_bundle()'s output, which
+        is well-formed by construction (skips parsing it again).
     Returns: (OID_ATTR_EVIDENCE, [bundle_der]).
     Raises: DerError if bundle_der is not a well-formed EvidenceBundle.
     """
-    if isinstance(bundle_der, list):  # evidence_bundle_parts(): one value in pieces
-        if not checked:
-            decode_evidence_bundle(b"".join(bundle_der))
-        return (OID_ATTR_EVIDENCE, [bundle_der])
     if not checked:
         decode_evidence_bundle(bundle_der)
     return (OID_ATTR_EVIDENCE, [bytes(bundle_der)])

@@ -20,7 +20,6 @@
 #                 0x80 (indefinite) is BER only (X.690 10.1); DER needs the shortest form.
 
 import hashlib
-import sys
 
 try:
     from micropython import const
@@ -58,8 +57,6 @@ _CLASS_CONTEXT = const(0x80)
 _CONSTRUCTED = const(0x20)
 _HIGH_TAG = const(0x1F)
 _MAX_LENGTH_OCTETS = const(4)  # 4 GB: far above anything an SE or a CSR carries
-_ECDSA_SIG_MAX = const(72)  # DER ECDSA-Sig-Value of P-256: 2 + 2 x (2 + 33)
-_MICROPYTHON = sys.implementation.name == "micropython"
 
 # DerError.reason values.
 REASON_TRUNCATED = "truncated"  # a TLV runs past the end of its container
@@ -466,12 +463,6 @@ def encode_length(length):
     return bytes((0x80 | count,)) + length.to_bytes(count, "big")
 
 
-def encode_header(tag, length):
-    """Identifier byte and DER length octets of an element whose contents are `length`
-    bytes (to write an element in pieces: header, then the contents' parts)."""
-    return bytes((tag,)) + encode_length(length)
-
-
 def encode_tlv(tag, contents):
     """One element: identifier byte, DER length, contents."""
     if not isinstance(tag, int) or tag < 1 or tag > 0xFF or tag & _HIGH_TAG == _HIGH_TAG:
@@ -803,85 +794,6 @@ def encode_attribute(oid, values):
     return encode_sequence([encode_oid(oid), encode_set(checked)])
 
 
-def _parts_len(parts):
-    total = 0
-    for part in parts:
-        total += len(part)
-    return total
-
-
-def _element_parts(parts):
-    # A value given in pieces: bytes each, together exactly one element (its header
-    # announces the rest).  Returns: the list of bytes parts.
-    parts = [part if isinstance(part, bytes) else bytes(part) for part in parts]
-    total = _parts_len(parts)
-    first = parts[0] if parts else b""
-    for header_len in range(2, 3 + _MAX_LENGTH_OCTETS):
-        if len(first) >= header_len and total >= header_len \
-                and first[:header_len] == encode_header(first[0], total - header_len):
-            return parts
-    raise DerError(REASON_VALUE, "parts are not one element")
-
-
-def _attribute_parts(oid, values):
-    # Attribute ::= SEQUENCE { type OID, values SET OF ANY } as a list of parts; a value
-    # is a complete TLV (checked) or a list of parts of one (not joined here).
-    if not values:
-        raise DerError(REASON_RANGE, "attribute needs at least one value")
-    elements = []
-    for value in values:
-        if isinstance(value, (list, tuple)):
-            elements.append(_element_parts(value))
-        else:
-            elements.append([check_single(value)])
-    if len(elements) > 1:  # SET OF in DER order: compare whole encodings
-        elements = sorted([b"".join(element)] for element in elements)
-    set_len = 0
-    for element in elements:
-        set_len += _parts_len(element)
-    set_header = encode_header(TAG_SET, set_len)
-    oid_der = encode_oid(oid)
-    parts = [encode_header(TAG_SEQUENCE, len(oid_der) + len(set_header) + set_len),
-             oid_der, set_header]
-    for element in elements:
-        parts.extend(element)
-    return parts
-
-
-def csr_info_parts(subject_cn, subject_serial, spki_der, attributes=None):
-    """build_csr_info() as a list of bytes parts whose concatenation is the info: large
-    attribute values (the evidence bundle) are referenced, not copied, so a device holds
-    the CSR once (finish_csr_parts) instead of once per nesting level.
-
-    Params: as build_csr_info(); an attribute value may also be a list of bytes parts
-        forming one element (attestation.evidence_bundle_parts()).
-    Returns: list of bytes.  Raises: DerError as build_csr_info().
-    """
-    parse_p256_spki(spki_der)
-    encoded = []
-    for oid, values in attributes or ():
-        encoded.append(_attribute_parts(oid, values))
-    # attributes [0] IMPLICIT SET OF Attribute: always present, sorted like any SET OF.
-    # Distinct headers + OIDs decide the DER order by themselves (a TLV is never a proper
-    # prefix of another); equal ones need the whole encodings.
-    keys = [element[0] + element[1] for element in encoded]
-    if len(set(keys)) != len(keys):
-        keys = [b"".join(element) for element in encoded]
-    order = sorted(range(len(encoded)), key=lambda i: keys[i])
-    attributes_len = 0
-    for element in encoded:
-        attributes_len += _parts_len(element)
-    head = [encode_integer(0),  # version v1(0)
-            encode_name(subject_cn, subject_serial),
-            bytes(spki_der),
-            encode_header(_context_tag(0, True), attributes_len)]
-    parts = [encode_header(TAG_SEQUENCE, _parts_len(head) + attributes_len)]
-    parts.extend(head)
-    for i in order:
-        parts.extend(encoded[i])
-    return parts
-
-
 def build_csr_info(subject_cn, subject_serial, spki_der, attributes=None):
     """DER CertificationRequestInfo (RFC 2986 4.1), the bytes the SE signs.
 
@@ -891,20 +803,26 @@ def build_csr_info(subject_cn, subject_serial, spki_der, attributes=None):
     Returns: bytes.
     Raises: DerError on any invalid input (bad key, bad names, malformed values).
     """
-    return b"".join(csr_info_parts(subject_cn, subject_serial, spki_der, attributes))
+    parse_p256_spki(spki_der)
+    encoded = []
+    for oid, values in attributes or ():
+        encoded.append(encode_attribute(oid, values))
+    # attributes [0] IMPLICIT SET OF Attribute: always present, sorted like any SET OF.
+    encoded.sort()
+    attributes_der = _constructed(_context_tag(0, True), encoded)
+    return encode_sequence(
+        [
+            encode_integer(0),  # version v1(0)
+            encode_name(subject_cn, subject_serial),
+            spki_der,
+            attributes_der,
+        ]
+    )
 
 
 def csr_signing_digest(info_der):
     """SHA-256 of the CertificationRequestInfo: the digest to give to SE SIGN."""
     return hashlib.sha256(bytes(info_der)).digest()
-
-
-def csr_parts_digest(info_parts):
-    """csr_signing_digest() of csr_info_parts()' output, hashed part by part."""
-    digest = hashlib.sha256()
-    for part in info_parts:
-        digest.update(part)
-    return digest.digest()
 
 
 def finish_csr(info_der, signature_der):
@@ -919,47 +837,6 @@ def finish_csr(info_der, signature_der):
     return encode_sequence(
         [bytes(info_der), ecdsa_with_sha256_algorithm(), encode_bit_string(signature_der)]
     )
-
-
-def csr_buffer(info_parts):
-    """Room for finish_csr_parts(): a bytearray of the CSR's largest size (the longest
-    P-256 signature), to allocate before SE SIGN.  On a small heap the exchange with the
-    SE leaves it fragmented: a block of the CSR's size may no longer be free after it."""
-    return bytearray(2 + _MAX_LENGTH_OCTETS + _parts_len(info_parts)
-                     + len(ecdsa_with_sha256_algorithm()) + 3 + _ECDSA_SIG_MAX)
-
-
-def finish_csr_parts(info_parts, signature_der, out=None):
-    """finish_csr() from csr_info_parts()' output, the info never held whole on its own.
-
-    Params: out: a bytearray allocated beforehand (csr_buffer(), or a bound taken before
-        the parts existed), or None.  When the CSR fits, it is written into `out` and the
-        bytearray trimmed to the CSR's length (in place), then returned as it is on
-        MicroPython (no copy) and as bytes on CPython; otherwise (None, too small) the
-        CSR is joined once into new bytes.
-    Returns: the CSR (bytes, or `out` on MicroPython).
-    Raises: DerError if the parts are not one SEQUENCE or the signature not strict DER.
-    """
-    info_parts = _element_parts(info_parts)
-    if info_parts[0][0] != TAG_SEQUENCE:
-        raise DerError(REASON_TAG, "info is not a SEQUENCE")
-    ecdsa_der_to_raw(signature_der)
-    algorithm = ecdsa_with_sha256_algorithm()
-    bits = encode_bit_string(signature_der)
-    total = _parts_len(info_parts) + len(algorithm) + len(bits)
-    parts = [encode_header(TAG_SEQUENCE, total)]
-    parts.extend(info_parts)
-    parts.append(algorithm)
-    parts.append(bits)
-    total += len(parts[0])
-    if out is None or len(out) < total:
-        return b"".join(parts)
-    pos = 0
-    for part in parts:
-        out[pos : pos + len(part)] = part
-        pos += len(part)
-    out[pos:] = b""
-    return out if _MICROPYTHON else bytes(out)
 
 
 def uri_san_extension_request(uri):

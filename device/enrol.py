@@ -16,8 +16,9 @@
 
 from fleetid.common.errors import ReferenceNotFound
 
-# common/attestation and common/der are imported inside the functions that build: a
-# device that only resumes a rotation (clear_slot) does not load them (MicroPython heap).
+# common/attestation, common/der and common/csr are imported inside the functions that
+# build: a device that only resumes a rotation (clear_slot) does not load them
+# (MicroPython heap).
 
 POLICY_SIGN = 0x01  # se_consts.POLICY_SIGN; the SE adds NON_EXPORTABLE, GENERATED_ON_CHIP
 DEVICE_URI_PREFIX = "urn:fleetid:device:"
@@ -70,20 +71,20 @@ def attested_csr(se, slot, point, signed, chain, common_name, serial_number=None
         it was written into, not copied).
     Raises: ApduError, LinkError, DerError.
     """
-    from fleetid.common import attestation, der
+    from fleetid.common import csr, der
+    from fleetid.common.oids import OID_ATTR_EVIDENCE
 
     # Built as parts (headers + the statement and chain certificates referenced, not
     # copied), hashed part by part for the SE's SIGN and written once into a buffer
     # allocated before SIGN: the heap holds the CSR once instead of the bundle, the
-    # attribute, the info and the CSR side by side.
-    info = der.csr_info_parts(
+    # attribute, the info and the CSR side by side (common/csr.py).
+    info = csr.info_parts(
         common_name, serial_number, der.encode_p256_spki(point),
-        [attestation.build_evidence_attribute(
-            attestation.evidence_bundle_parts([signed], chain), checked=True),
+        [(OID_ATTR_EVIDENCE, [csr.evidence_bundle_parts([signed], chain)]),
          der.uri_san_extension_request(DEVICE_URI_PREFIX + common_name)])
     if out is None:
-        out = der.csr_buffer(info)  # before SIGN, while the heap has the contiguous room
-    return der.finish_csr_parts(info, se.sign(slot, der.csr_parts_digest(info)), out)
+        out = csr.buffer_for(info)  # before SIGN, while the heap has the contiguous room
+    return csr.finish(info, se.sign(slot, csr.signing_digest(info)), out)
 
 
 def build_attested_csr(se, slot, nonce, common_name, serial_number=None, chain=None,

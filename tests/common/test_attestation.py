@@ -229,16 +229,6 @@ def test_evidence_attribute_survives_in_a_csr(mak_certificate):
     assert carried == bundle_der
     bundle = attestation.decode_evidence_bundle(carried)
     assert bundle.statements[0].statement.public_point == _point(device_key)
-    # The same CSR from the bundle's parts (what the device builds: nothing copied).
-    parts = attestation.evidence_bundle_parts([attestation.decode_signed_attestation(signed)],
-                                              [mak_certificate])
-    assert b"".join(parts) == bundle_der
-    assert any(part is mak_certificate for part in parts)
-    for checked in (True, False):
-        info_parts = der.csr_info_parts(
-            "dev-1", "SN1", _spki(device_key),
-            [attestation.build_evidence_attribute(parts, checked=checked)])
-        assert b"".join(info_parts) == info
 
 
 # ----------------------------------------------------------------------------------------

@@ -84,10 +84,11 @@ WORKFLOWS = {
     "run_agent_csr": ("tests/micropython/test_agent_micropython.py::test_attested_csr_and_certificate_facts_under_micropython",
                       SE_MODULES + ("fleetid.device.bus", "fleetid.device.stack",
                                     "fleetid.common.der", "fleetid.common.attestation",
+                                    "fleetid.common.csr",
                                     "fleetid.device.enrol", "fleetid.common.asn1time",
                                     "fleetid.common.x509", "fleetid.device.certinfo"),
                       # 2026-12-07 (issue 18 budgets): the CSR built as parts into one
-                      # buffer taken before the SE exchanges (device/enrol.py; 133 K
+                      # buffer taken before the SE exchanges (common/csr.py; 133 K
                       # before, the 1.6 KB CSR found no block in a fragmented heap):
                       # bench/micropython.py --runs 3 run_agent_csr: 116 K in each run
                       # (96.8 K bytecode, 19.2 K working).  Budget 145 K = 1.25 x 116 K.
@@ -115,9 +116,10 @@ WORKFLOWS = {
                           ("fleetid.common.errors", "fleetid.common.revset"),
                           3, 44 * 1024, 55 * 1024),
     "run_revset_merge": ("tests/micropython/test_revset_micropython.py::test_revset_delta_merge_under_micropython_gives_the_clouds_bytes",
-                         ("fleetid.common.errors", "fleetid.common.revset"),
+                         ("fleetid.common.errors", "fleetid.common.revset",
+                          "fleetid.common.revset_merge"),
                          # 2026-12-07 (issue 18 budgets): the merge streamed into the file
-                         # (revset.write_delta_merge), not held beside the old set (54 K
+                         # (common/revset_merge.py), not held beside the old set (54 K
                          # before): --runs 3 run_revset_merge: 46 K in each run (23.5 K
                          # bytecode, 22.5 K working).  Budget 58 K >= 1.25 x 46 K.
                          3, 46 * 1024, 58 * 1024),

@@ -6,7 +6,7 @@ answers for revoked serials, their neighbours and random serials equal CPython's
 script prints the mean lookup time (bench/revocation.py reports it per size).
 run_revset_merge: a delta (100 more revocations) merges into exactly the bytes CPython's
 encoder makes, streamed into the destination file in 256-byte chunks
-(revset.write_delta_merge): the new set is never held beside the old one.
+(common/revset_merge.py): the new set is never held beside the old one.
 
 run_revset (device workflow, against the emulator over its Unix socket): the cache
 (device/revset_cache.py) refreshes from a cloud-made set, verifies it through the SE with
@@ -87,6 +87,8 @@ import hashlib
 import os
 from fleetid.common import revset
 gc.collect()
+from fleetid.common import revset_merge
+gc.collect()
 
 
 def load(path):
@@ -114,7 +116,7 @@ def write(chunk):
 
 
 try:
-    size = revset.write_delta_merge(info, delta, write)
+    size = revset_merge.write_delta_merge(info, delta, write)
 finally:
     out.close()
 info = None
