@@ -191,6 +191,10 @@ class DerReader:
         self._expect(tag)
         return self._buf[begin : self._pos]
 
+    def skip(self, tag=None):
+        """Read one element without copying it (the header and length are checked)."""
+        self._expect(tag)
+
     def read_sequence(self):
         """Read a SEQUENCE; returns a DerReader over its contents."""
         _, start, end = self._expect(TAG_SEQUENCE)

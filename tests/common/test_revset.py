@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fleetid.common import revset
+from fleetid.common import revset, revset_merge
 
 FLEET = bytes(range(8))
 SIG = bytes.fromhex("3006020101020101")  # a syntactically valid DER signature
@@ -70,6 +70,25 @@ def test_a_merged_delta_gives_the_clouds_exact_bytes(case, data):
     added = sorted(set(revoked) - set(base_serials))
     delta = revset.RevDelta(revset.encode_delta(1, new, added))
     assert revset.apply_delta(base, delta) == new
+    chunks = []
+    assert revset_merge.write_delta_merge(base, delta, lambda c: chunks.append(bytes(c))) == len(new)
+    assert b"".join(chunks) == new
+
+
+def test_a_streamed_merge_refuses_before_writing_and_respects_max_len():
+    base = revset.parse(wire([3, 9, 27], 100, number=1))
+    new = wire([3, 5, 9, 27], 100, number=2)
+    chunks = []
+    with pytest.raises(ValueError):
+        revset_merge.write_delta_merge(base, revset.RevDelta(revset.encode_delta(1, new, [5])),
+                                 chunks.append, max_len=len(new) - 1)
+    with pytest.raises(revset.RevsetError):  # re-adds 9
+        revset_merge.write_delta_merge(base, revset.RevDelta(revset.encode_delta(1, new, [5, 9])),
+                                 chunks.append)
+    with pytest.raises(revset.RevsetError):  # for another base
+        revset_merge.write_delta_merge(base, revset.RevDelta(revset.encode_delta(7, new, [5])),
+                                 chunks.append)
+    assert chunks == []
 
 
 def test_truncated_and_inconsistent_sets_are_refused():

@@ -85,8 +85,9 @@ print("done", gc.mem_free())
 """
 
 CSR_SCRIPT = r"""
-for name in ("fleetid.common.der", "fleetid.common.attestation", "fleetid.device.enrol",
-             "fleetid.common.asn1time", "fleetid.common.x509", "fleetid.device.certinfo"):
+for name in ("fleetid.common.der", "fleetid.common.attestation", "fleetid.common.csr",
+             "fleetid.device.enrol", "fleetid.common.asn1time", "fleetid.common.x509",
+             "fleetid.device.certinfo"):
     __import__(name)
     gc.collect()
 from fleetid.device import certinfo, enrol

@@ -5,7 +5,8 @@ made by CPython's encoder, is parsed and queried in place by common/revset.py: t
 answers for revoked serials, their neighbours and random serials equal CPython's.  The
 script prints the mean lookup time (bench/revocation.py reports it per size).
 run_revset_merge: a delta (100 more revocations) merges into exactly the bytes CPython's
-encoder makes, in one new buffer beside the old set.
+encoder makes, streamed into the destination file in 256-byte chunks
+(common/revset_merge.py): the new set is never held beside the old one.
 
 run_revset (device workflow, against the emulator over its Unix socket): the cache
 (device/revset_cache.py) refreshes from a cloud-made set, verifies it through the SE with
@@ -15,7 +16,8 @@ SE.
 
 Heap: both run at their budgets in tests/micropython/budgets.py (the minimum
 bench/micropython.py bisected, plus 25 %).  The set is held once as bytes; a lookup
-decodes at most `stride` codes in place; a delta's merge holds the old and the new set.
+decodes at most `stride` codes in place; a streamed delta merge holds the old set and a
+256-byte chunk.
 """
 
 import random
@@ -85,6 +87,8 @@ import hashlib
 import os
 from fleetid.common import revset
 gc.collect()
+from fleetid.common import revset_merge
+gc.collect()
 
 
 def load(path):
@@ -100,10 +104,24 @@ def load(path):
 info = revset.parse(load(SET))
 delta = revset.RevDelta(load(DELTA))
 gc.collect()
-merged = revset.apply_delta(info, delta)
+# Streamed into the destination file (and hashed on the way): the new set is never held
+# beside the old one.
+digest = hashlib.sha256()
+out = open(MERGED, "wb")
+
+
+def write(chunk):
+    digest.update(chunk)
+    out.write(chunk)
+
+
+try:
+    size = revset_merge.write_delta_merge(info, delta, write)
+finally:
+    out.close()
 info = None
 gc.collect()
-print("merged", hexlify(hashlib.sha256(merged).digest()).decode())
+print("merged", size, hexlify(digest.digest()).decode())
 print("free", gc.mem_free())
 """
 
@@ -135,13 +153,14 @@ def lookup_setup(tmp_path_factory, stage):
     queries = revoked[::50] + [s + 1 for s in revoked[::50]] + [rng.randint(1, n)
                                                                   for _ in range(200)]
     (folder / "queries.bin").write_bytes(b"".join(struct.pack(">I", q) for q in queries))
-    header = "SET = %r\nDELTA = %r\nQUERIES = %r\n" % (
-        str(folder / "set.frs"), str(folder / "delta.frd"), str(folder / "queries.bin"))
-    return stage, header, set(revoked), queries, new
+    header = "SET = %r\nDELTA = %r\nQUERIES = %r\nMERGED = %r\n" % (
+        str(folder / "set.frs"), str(folder / "delta.frd"), str(folder / "queries.bin"),
+        str(folder / "merged.frs"))
+    return stage, header, set(revoked), queries, new, folder
 
 
 def test_revset_lookups_under_micropython(lookup_setup):
-    stage, header, revoked, queries, new = lookup_setup
+    stage, header, revoked, queries, new, _ = lookup_setup
     out = parse(stage.run("run_revset_lookup", header + LOOKUP))
     assert out["answers"] == ["".join("1" if s in revoked else "0" for s in queries)]
     assert int(out["lookup_us"][0]) > 0
@@ -150,9 +169,13 @@ def test_revset_lookups_under_micropython(lookup_setup):
 def test_revset_delta_merge_under_micropython_gives_the_clouds_bytes(lookup_setup):
     import hashlib
 
-    stage, header, revoked, queries, new = lookup_setup
+    stage, header, revoked, queries, new, folder = lookup_setup
+    merged = folder / "merged.frs"
+    if merged.exists():
+        merged.unlink()
     out = parse(stage.run("run_revset_merge", header + MERGE))
-    assert out["merged"] == [hashlib.sha256(new).hexdigest()]
+    assert out["merged"] == ["%d %s" % (len(new), hashlib.sha256(new).hexdigest())]
+    assert merged.read_bytes() == new
 
 
 DEVICE = PRELUDE + open_se_script("fleetid.common.revset", "fleetid.device.revset_cache") + r"""
