@@ -225,6 +225,7 @@ def bench_crl(pki, broker, cloud, devices):
         client.subscribe(topic, 1)
 
     stop = threading.Event()
+    resubscribe = threading.Event()  # the offline case, asked of the driving thread
     clients = []
 
     def drive():
@@ -244,6 +245,12 @@ def bench_crl(pki, broker, cloud, devices):
             _service(selector, clients, 0.0)
         last_misc = time.monotonic()
         while not stop.is_set():
+            if resubscribe.is_set():
+                # Here, not from the main thread: an SSL socket must not be written by
+                # one thread while another reads it (a SUBSCRIBE could be lost).
+                resubscribe.clear()
+                for client in clients:
+                    client.subscribe(topic, 1)  # a new SUBSCRIBE re-sends the retained message
             _service(selector, clients, 0.01)
             if time.monotonic() - last_misc > 1.0:
                 for client in clients:
@@ -271,8 +278,7 @@ def bench_crl(pki, broker, cloud, devices):
         received.clear()
         got_all.clear()
     resub_at = time.monotonic()
-    for client in list(clients):
-        client.subscribe(topic, 1)  # a new SUBSCRIBE re-sends the retained message
+    resubscribe.set()
     if not got_all.wait(120):
         raise RuntimeError("retained: %d of %d devices" % (len(received), devices))
     retained = max(received.values()) - resub_at
