@@ -86,6 +86,35 @@ class _ByteSink:
             self.n = 0
 
 
+def _count(merged, k, universe):
+    """Pass 1: (count, body bits) of the merged serials, checked sorted, distinct and in
+    range as _encode() does."""
+    count = 0
+    body_bits = 0
+    prev = 0
+    for s in merged:
+        if s <= prev or s > universe:
+            raise ValueError("serials must be sorted, distinct, in 1..universe")
+        body_bits += _code_bits(s - prev, k)
+        prev = s
+        count += 1
+    return count, body_bits
+
+
+def _write_index(out, merged, k, stride, count):
+    """Pass 2: the index (it precedes the body): every stride-th serial and the body bit
+    offset just after its code."""
+    pos = 0
+    prev = 0
+    j = 0
+    for s in merged:
+        pos += _code_bits(s - prev, k)
+        prev = s
+        j += 1
+        if j % stride == 0 and j < count:
+            out.put(struct.pack(">II", s, pos))
+
+
 def write_delta_merge(base, delta, write, max_len=1 << 20):
     """revset.apply_delta() streamed: the new set's exact wire bytes handed to `write` in
     chunks (a bytes-like each, only valid during the call: copy or hash it), never held
@@ -108,16 +137,7 @@ def write_delta_merge(base, delta, write, max_len=1 << 20):
     k = delta.k
     stride = delta.stride
     merged = _Merged(base, delta)
-    # Pass 1: count (sorted, distinct, in range) and body bits, as _encode() does.
-    count = 0
-    body_bits = 0
-    prev = 0
-    for s in merged:
-        if s <= prev or s > delta.universe:
-            raise ValueError("serials must be sorted, distinct, in 1..universe")
-        body_bits += _code_bits(s - prev, k)
-        prev = s
-        count += 1
+    count, body_bits = _count(merged, k, delta.universe)
     ca_ids = sorted(bytes(c) for c in delta.ca_ids)
     for c in ca_ids:
         if len(c) != CA_ID_LEN:
@@ -135,17 +155,7 @@ def write_delta_merge(base, delta, write, max_len=1 << 20):
                         delta.universe, count, k, stride, len(ca_ids), body_bits))
     for c in ca_ids:
         out.put(c)
-    # Pass 2: the index (it precedes the body): every stride-th serial and the body
-    # bit offset just after its code.
-    pos = 0
-    prev = 0
-    j = 0
-    for s in merged:
-        pos += _code_bits(s - prev, k)
-        prev = s
-        j += 1
-        if j % stride == 0 and j < count:
-            out.put(struct.pack(">II", s, pos))
+    _write_index(out, merged, k, stride, count)
     # Pass 3: the body.
     prev = 0
     low = (1 << k) - 1

@@ -262,6 +262,17 @@ def _read_chunked(reader, max_body, body):
     raise HttpError(HttpError.LINK, "trailer too long")
 
 
+def _send_body(stream, body):
+    """Send a request body: bytes-like, None, or an iterable of pieces (board_net.Base64Body)
+    sent as they come."""
+    if isinstance(body, (bytes, bytearray, memoryview)):
+        if len(body):
+            stream.send(body)
+    elif body is not None:
+        for piece in body:
+            stream.send(piece)
+
+
 def read_response(recv, max_body=MAX_BODY_DEFAULT, method="GET", pieces=False):
     """Read one HTTP/1.1 answer through `recv() -> bytes` (b"" at the close).
 
@@ -437,6 +448,18 @@ class HttpsClient:
             return kept[1]
         return None
 
+    def _config(self, slot, cert, name, ticket, ephemeral):
+        """The Tls13Config of one connection with the key in `slot` (certificate `cert`)."""
+        from fleetid.common import tls13
+        from fleetid.device.tls13_keys import se_signer, se_verifier
+
+        return tls13.Tls13Config(self.prims, ephemeral, self.anchors, se_verifier(self.se),
+                                 self.now, server_name=name, signer=se_signer(self.se, slot),
+                                 client_chain=[cert], revocation=self.revocation,
+                                 ticket=ticket, record_size_limit=RECORD_SIZE_LIMIT,
+                                 max_transcript=self.max_transcript, send_fragment=SEND_FRAGMENT,
+                                 record_buffer=self._record_buffer, data_chunk=RECV_CHUNK)
+
     def request(self, slot, base_url, method, path, body=None, headers=None, pieces=False):
         """One request on its own connection, authenticated by the key in `slot`.
 
@@ -452,7 +475,7 @@ class HttpsClient:
         from fleetid.common import tls13
         from fleetid.common.clock import SystemClock
         from fleetid.common.errors import TlsError
-        from fleetid.device.tls13_keys import SeEphemeral, Tls13Stream, se_signer, se_verifier
+        from fleetid.device.tls13_keys import SeEphemeral, Tls13Stream
 
         scheme, host, port, _ = parse_url(base_url)
         if scheme != "https":
@@ -463,19 +486,11 @@ class HttpsClient:
         key = (slot, name)
         ticket = self._take_ticket(key, digest, name)
         ephemeral = SeEphemeral(self.se)
-        config = tls13.Tls13Config(self.prims, ephemeral, self.anchors, se_verifier(self.se),
-                                   self.now, server_name=name, signer=se_signer(self.se, slot),
-                                   client_chain=[cert], revocation=self.revocation,
-                                   ticket=ticket, record_size_limit=RECORD_SIZE_LIMIT,
-                                   max_transcript=self.max_transcript,
-                                   send_fragment=SEND_FRAGMENT,
-                                   record_buffer=self._record_buffer, data_chunk=RECV_CHUNK)
+        config = self._config(slot, cert, name, ticket, ephemeral)
         cert = None
-        # Collect before the handshake's largest allocation (the transcript buffer,
-        # max_transcript, one contiguous block): measured under MicroPython,
-        # a heap left to collect on its own mid-handshake fragments until that block no
-        # longer fits (a MemoryError seen as a failed handshake) well above the heap this
-        # needs with the collection here.
+        # Collect before the handshake's largest allocation (the transcript buffer, one
+        # block): under MicroPython a heap left to collect on its own mid-handshake
+        # fragments until that block no longer fits, well above the heap needed here.
         import gc
 
         gc.collect()
@@ -488,12 +503,7 @@ class HttpsClient:
             if info.resumed:
                 self.resumed += 1
             stream.send(_head(method, host, port, path, body, headers))
-            if isinstance(body, (bytes, bytearray, memoryview)):
-                if len(body):
-                    stream.send(body)
-            elif body is not None:
-                for piece in body:  # an iterable body (board_net.Base64Body), as it comes
-                    stream.send(piece)
+            _send_body(stream, body)
             response = read_response(stream.recv, self.max_body, method, pieces)
         except TlsError as exc:
             raise _tls_error(exc) from None
