@@ -393,15 +393,20 @@ class RecordProtection:
         self.secret = secret
         key, self._iv = K.traffic_keys(prims, secret)
         self._aead = prims.aead(key)
+        self._nonce_buf = bytearray(self._iv)  # rewritten per record: no allocation
         self.seq = 0
 
     def _nonce(self):
-        # RFC 8446 5.3: the sequence number, left-padded to 12 bytes, XORed with the IV.
+        # RFC 8446 5.3: the sequence number, left-padded to 12 bytes, XORed with the IV,
+        # written into one buffer per direction (used before the next record's nonce).
         seq = self.seq
         self.seq += 1
         iv = self._iv
-        pad = seq.to_bytes(8, "big")
-        return iv[:4] + bytes(iv[4 + i] ^ pad[i] for i in range(8))
+        out = self._nonce_buf
+        for i in range(11, 3, -1):
+            out[i] = iv[i] ^ (seq & 0xFF)
+            seq >>= 8
+        return out
 
     def seal(self, content_type, fragment):
         """TLSCiphertext for one fragment (no padding).  Returns: header || encrypted

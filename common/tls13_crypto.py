@@ -111,27 +111,35 @@ def hmac_sha256(sha256, key, data):
 # gcm.c "last4"): XORed into the most significant 16 bits of the 128-bit accumulator.
 _LAST4 = (0x0000, 0x1C20, 0x3840, 0x2460, 0x7080, 0x6CA0, 0x48C0, 0x54E0,
           0xE100, 0xFD20, 0xD940, 0xC560, 0x9180, 0x8DA0, 0xA9C0, 0xB5E0)
-_R = 0xE1 << 120  # x^128 + x^7 + x^2 + x + 1 in GCM's reflected bit order (SP 800-38D 6.3)
 
 
 def _h_table(h_block):
-    # The 16 multiples of H for Shoup's method, as one array of 16-bit limbs per limb
-    # position (limb 0 = the most significant 16 bits).  Built once per key with 128-bit
-    # integers; the per-block work below uses the limbs only.
-    table = [0] * 16
-    v = int.from_bytes(h_block, "big")
-    table[8] = v
-    i = 4
-    while i:
-        v = (v >> 1) ^ _R if v & 1 else v >> 1
-        table[i] = v
-        i >>= 1
+    # The 16 multiples of H for Shoup's method in one array of 128 16-bit limbs: entry i
+    # at [8 * i, 8 * i + 8), most significant limb first.  Built in limbs (no 128-bit
+    # integer, no list per limb): one 256-byte block per key, allocated once.
+    t = array("H", range(128))  # sized from range's length: no list, no regrowth
+    for k in range(8):
+        t[k] = 0
+        t[64 + k] = h_block[2 * k] << 8 | h_block[2 * k + 1]
+    # Entries 4, 2, 1: each the one before times x (a right shift in GCM's reflected
+    # order, reduced by R when a bit falls out).
+    src = 64
+    for dst in (32, 16, 8):
+        carry = 0
+        for k in range(8):
+            w = t[src + k]
+            t[dst + k] = w >> 1 | carry << 15
+            carry = w & 1
+        if carry:
+            t[dst] ^= 0xE100  # R's most significant 16 bits
+        src = dst
     i = 2
     while i < 16:
         for j in range(1, i):
-            table[i + j] = table[i] ^ table[j]
+            for k in range(8):
+                t[8 * (i + j) + k] = t[8 * i + k] ^ t[8 * j + k]
         i <<= 1
-    return [array("H", [(t >> (112 - 16 * k)) & 0xFFFF for t in table]) for k in range(8)]
+    return t
 
 
 class Ghash:
@@ -139,16 +147,17 @@ class Ghash:
     multiples of H (Shoup's 4-bit method): 32 table steps per block instead of 128 bit
     steps.  The 128-bit accumulator is eight 16-bit limbs (most significant first) in
     locals and one preallocated array: every value stays a small int on 32-bit ports
-    too (no 128-bit integer, so no heap allocation, per block)."""
+    too (no 128-bit integer, so no heap allocation, per block).  Per key: the table (one
+    256-byte array) and the accumulator, nothing else."""
 
     def __init__(self, h_block):
         self._t = _h_table(h_block)
-        self._y = array("H", [0] * 8)
+        self._y = array("H", range(8))
 
     def _mult(self, y):
         # y <- y * H in place: the nibbles of y from the least significant up, each step
         # z = (z >> 4) ^ reduction ^ table[nibble].
-        t0, t1, t2, t3, t4, t5, t6, t7 = self._t
+        t = self._t
         last4 = _LAST4
         z0 = z1 = z2 = z3 = z4 = z5 = z6 = z7 = 0
         for j in range(7, -1, -1):
@@ -162,15 +171,15 @@ class Ghash:
                 z3 = (z3 >> 4) | ((z2 & 0xF) << 12)
                 z2 = (z2 >> 4) | ((z1 & 0xF) << 12)
                 z1 = (z1 >> 4) | ((z0 & 0xF) << 12)
-                n = w & 0xF
-                z0 = (z0 >> 4) ^ last4[rem] ^ t0[n]
-                z1 ^= t1[n]
-                z2 ^= t2[n]
-                z3 ^= t3[n]
-                z4 ^= t4[n]
-                z5 ^= t5[n]
-                z6 ^= t6[n]
-                z7 ^= t7[n]
+                n = (w & 0xF) << 3
+                z0 = (z0 >> 4) ^ last4[rem] ^ t[n]
+                z1 ^= t[n + 1]
+                z2 ^= t[n + 2]
+                z3 ^= t[n + 3]
+                z4 ^= t[n + 4]
+                z5 ^= t[n + 5]
+                z6 ^= t[n + 6]
+                z7 ^= t[n + 7]
                 w >>= 4
         y[0] = z0
         y[1] = z1
