@@ -151,6 +151,17 @@ def _best_k(serials):
     return best_k, best_bits
 
 
+def _checked_layout(ca_ids, stride, k):
+    """The CA key identifiers sorted (bytes), after checking them, the stride and k."""
+    ca_ids = sorted(bytes(c) for c in ca_ids)
+    for c in ca_ids:
+        if len(c) != CA_ID_LEN:
+            raise ValueError("CA key identifier length")
+    if len(ca_ids) > 255 or not 1 <= stride <= 0xFFFF or not 0 <= k <= K_MAX:
+        raise ValueError("ca_count / stride / k")
+    return ca_ids
+
+
 def _pick_stride(count, body_bits):
     # Smallest power of two >= 16 keeping the index <= 1 % of the body.
     stride = 16
@@ -194,12 +205,7 @@ def _encode(fleet, number, this_update, next_update, universe, serials, ca_ids, 
             prev = s
     if stride is None:
         stride = _pick_stride(count, body_bits)
-    ca_ids = sorted(bytes(c) for c in ca_ids)
-    for c in ca_ids:
-        if len(c) != CA_ID_LEN:
-            raise ValueError("CA key identifier length")
-    if len(ca_ids) > 255 or not 1 <= stride <= 0xFFFF or not 0 <= k <= K_MAX:
-        raise ValueError("ca_count / stride / k")
+    ca_ids = _checked_layout(ca_ids, stride, k)
     index_len = _index_count(count, stride) * _INDEX_ENTRY
     body_len = (body_bits + 7) // 8
     head = struct.pack(_HEADER, MAGIC, FORMAT_VERSION, 0, bytes(fleet), number,

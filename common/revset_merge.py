@@ -19,13 +19,13 @@ from fleetid.common.revset import (
     CA_ID_LEN,
     FORMAT_VERSION,
     HEADER_LEN,
-    K_MAX,
     MAGIC,
     REASON_MALFORMED,
     SERIAL_MAX,
     SIG_MAX,
     RevsetError,
     _code_bits,
+    _checked_layout,
     _index_count,
     _Merged,
 )
@@ -138,12 +138,7 @@ def write_delta_merge(base, delta, write, max_len=1 << 20):
     stride = delta.stride
     merged = _Merged(base, delta)
     count, body_bits = _count(merged, k, delta.universe)
-    ca_ids = sorted(bytes(c) for c in delta.ca_ids)
-    for c in ca_ids:
-        if len(c) != CA_ID_LEN:
-            raise ValueError("CA key identifier length")
-    if len(ca_ids) > 255 or not 1 <= stride <= 0xFFFF or not 0 <= k <= K_MAX:
-        raise ValueError("ca_count / stride / k")
+    ca_ids = _checked_layout(delta.ca_ids, stride, k)
     index_len = _index_count(count, stride) * _INDEX_ENTRY
     total = (HEADER_LEN + CA_ID_LEN * len(ca_ids) + index_len + (body_bits + 7) // 8
              + len(signature) + 1)
