@@ -18,7 +18,6 @@ import http.client
 import os
 import ssl
 import threading
-import time
 
 EST = "/.well-known/est/b42/"
 
@@ -93,30 +92,16 @@ def prepare(clients, count):
 
 
 def run(work, callers):
-    """Seconds for `callers` threads to send every simplereenroll of `work`."""
-    queue = list(work)
-    lock = threading.Lock()
-    failures = []
+    """Seconds for `callers` threads to send every simplereenroll of `work` (est.in_callers)."""
+    from bench.est import in_callers
 
-    def caller():
-        while not failures:
-            with lock:
-                if not queue:
-                    return
-                client, body = queue.pop()
-            status, answer = client.request("POST", "simplereenroll", body)
-            if status != 200:
-                failures.append((status, answer[:200]))
+    def reenrol(item):
+        client, body = item
+        status, answer = client.request("POST", "simplereenroll", body)
+        if status != 200:
+            raise RuntimeError("re-enrolment refused: %d %r" % (status, answer[:200]))
 
-    threads = [threading.Thread(target=caller, daemon=True) for _ in range(callers)]
-    started = time.perf_counter()
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(600)
-    if failures:
-        raise RuntimeError("re-enrolments refused: %r" % failures[:3])
-    return time.perf_counter() - started
+    return in_callers(work, callers, reenrol)
 
 
 def measure(fleet, devices, count, callers, workers, folder):

@@ -25,6 +25,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from bench.mtls import free_port  # noqa: F401 - re-exported (its benches and tests)
 from fleetid.cloud.pki.profiles import server_certificate_builder
 from fleetid.cloud.pki.signing import sign_certificate
 from fleetid.common import se_consts as C
@@ -34,12 +35,6 @@ from fleetid.device.se import SeSession
 PEM = serialization.Encoding.PEM
 OPENSSL = shutil.which("openssl")
 START_TIMEOUT_S = 10.0
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class SServer:

@@ -74,20 +74,13 @@ SCENARIOS = ("broker", "hsm", "postgres", "slow")
 
 def _broker_parts(folder):
     from bench.mqtt import BenchPki
-    from fleetid.cloud.mqtt.broker import Broker, BrokerConfig
-    from fleetid.cloud.mqtt.service import CloudMqtt
+    from fleetid.cloud.mqtt.broker import Broker
 
     os.makedirs(folder, exist_ok=True)
     pki = BenchPki(folder)
-    server_cert, server_key = pki.issue("broker", server=True)
-    server_keyfile = pki._key_file("broker", server_key)
-    cloud_cert, cloud_key = pki.issue("fleet-cloud")
-    cloud_keyfile = pki._key_file("fleet-cloud", cloud_key)
-    config = BrokerConfig(pki.cafile, server_cert, server_keyfile, pki.crlfile,
-                          pki.cafile, pki.crlfile)
+    config, make_cloud = pki.broker_and_cloud()
     broker = Broker(config, os.path.join(folder, "broker")).start()
-    cloud = CloudMqtt(broker.host, broker.service_port, pki.cafile, cloud_cert,
-                      cloud_keyfile)
+    cloud = make_cloud(broker)
     pki.issue("dev-1", key=pki.device_key)
     pki.issue("dev-2", key=pki.device_key)
     return pki, broker, cloud

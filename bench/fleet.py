@@ -204,14 +204,6 @@ def bulk_insert(uri, model_serial, count, batch):
 # -- the cloud processes -------------------------------------------------------------------
 
 
-def _free_port():
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def write_config(fleet, folder, uri, crl_port):
     """A cloud.toml on the fleet's PKI, keystore and the PostgreSQL registry."""
     from bench._cloud_support import revocation_config
@@ -655,9 +647,11 @@ def _prepare(args, uri, folder):
 
 
 def run(args, uri, pg, folder):
+    from bench.mtls import free_port
+
     fleet, storm_devices, victims, registry = _prepare(args, uri, folder)
     try:
-        crl_port = _free_port()
+        crl_port = free_port()
         config = write_config(fleet, folder, uri, crl_port)
         revocation_init(config, folder)
         from fleetid.cloud.config import load_config

@@ -95,6 +95,23 @@ class BenchPki:
         return _write(os.path.join(self.folder, name + ".key"), key.private_bytes(
             PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
 
+    def broker_and_cloud(self):
+        """(BrokerConfig, CloudMqtt factory(broker)) on this root: the broker's server
+        certificate and the cloud's client certificate issued here.  Bench only: one root
+        is the trust of both listeners (devices and services)."""
+        server_cert, server_key = self.issue("broker", server=True)
+        server_keyfile = self._key_file("broker", server_key)
+        cloud_cert, cloud_key = self.issue("fleet-cloud")
+        cloud_keyfile = self._key_file("fleet-cloud", cloud_key)
+        config = BrokerConfig(self.cafile, server_cert, server_keyfile, self.crlfile,
+                              self.cafile, self.crlfile)
+
+        def cloud(broker):
+            return CloudMqtt(broker.host, broker.service_port, self.cafile, cloud_cert,
+                             cloud_keyfile)
+
+        return config, cloud
+
     def issue(self, name, server=False, key=None):
         key = key or ec.generate_private_key(ec.SECP256R1())
         builder = (x509.CertificateBuilder().subject_name(_name(name))
@@ -318,16 +335,9 @@ def main(argv=None):
         platform.machine(), os.cpu_count(), platform.python_version(), _mosquitto_version()))
     with tempfile.TemporaryDirectory() as folder:
         pki = BenchPki(folder)
-        server_cert, server_key = pki.issue("broker", server=True)
-        server_keyfile = pki._key_file("broker", server_key)
-        cloud_cert, cloud_key = pki.issue("fleet-cloud")
-        cloud_keyfile = pki._key_file("fleet-cloud", cloud_key)
-        # Bench only: one root is the trust of both listeners (devices and services).
-        config = BrokerConfig(pki.cafile, server_cert, server_keyfile, pki.crlfile,
-                              pki.cafile, pki.crlfile)
+        config, make_cloud = pki.broker_and_cloud()
         with Broker(config, os.path.join(folder, "broker")) as broker:
-            cloud = CloudMqtt(broker.host, broker.service_port, pki.cafile, cloud_cert,
-                              cloud_keyfile)
+            cloud = make_cloud(broker)
             cloud.connect()
             try:
                 tel = bench_telemetry(pki, broker, cloud, args.publishers, args.seconds)

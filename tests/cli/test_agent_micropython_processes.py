@@ -34,8 +34,9 @@ import urllib.request
 
 import pytest
 
+from bench.mtls import free_port
 from fleetid.cloud.mqtt.broker import find_mosquitto
-from tests.cli.test_agent_processes import (_Background, _fleetid, _free_port, _ok,
+from tests.cli.test_agent_processes import (_Background, _fleetid, _ok,
                                             _serve_chip, _wait_for)
 from tests.conftest import require
 from tests.micropython.budgets import heap_for
@@ -107,7 +108,7 @@ def test_board_agent_under_micropython_enrols_rotates_through_a_cut_and_reports_
     _ok(_fleetid("line", "run", "--devices", "1", "--stations", "1", "--keep-chips",
                  "--out", line, env=env))
     _ok(_fleetid("line", "cloud-config", "--line", line, "--out", cloud_dir, env=env))
-    crl_port, front_port, port, service_port = (_free_port() for _ in range(4))
+    crl_port, front_port, port, service_port = (free_port() for _ in range(4))
     servers = []
     try:
         front, access_log = _https_crl_front(tmp_path, front_port, crl_port, cloud_dir)

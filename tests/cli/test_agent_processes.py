@@ -9,12 +9,13 @@ a refusal once the operator revoked the device itself."""
 import glob
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
 
 import pytest
+
+from bench.mtls import free_port
 
 BIN = os.path.dirname(sys.executable)
 
@@ -64,12 +65,6 @@ def _serve_chip(chip, sock, env, log, *extra):
     return server
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _crl_lists(url, serial, timeout=30):
     """Wait until the CRL served at `url` lists `serial` (the publisher polls the registry
     every few seconds).  Returns: True once listed, False at the timeout."""
@@ -96,7 +91,7 @@ def test_agent_enrols_survives_a_power_cut_mid_rotation_and_is_refused_once_revo
                  "--out", line, env=env))
     _ok(_fleetid("line", "cloud-config", "--line", line, "--out", cloud, env=env))
     serve_out = str(tmp_path / "serve.out")
-    crl_port = _free_port()
+    crl_port = free_port()
     cloud_server = _Background(["cloud", "serve", "--config", os.path.join(cloud, "cloud.toml"),
                                 "--crl-port", str(crl_port)], env, serve_out)
     servers = [cloud_server]

@@ -15,8 +15,9 @@ import time
 
 import pytest
 
+from bench.mtls import free_port
 from fleetid.cloud.mqtt.broker import find_mosquitto
-from tests.cli.test_agent_processes import (_Background, _fleetid, _free_port, _ok,
+from tests.cli.test_agent_processes import (_Background, _fleetid, _ok,
                                             _serve_chip, _wait_for)
 from tests.cli.test_mqtt_processes import _start_cloud, _stop_cleanly, _text, _until
 from tests.conftest import require
@@ -47,9 +48,9 @@ def test_a_killed_broker_restarted_on_its_ports_is_found_again_by_cloud_and_agen
     try:
         cloud, ports = _start_cloud(tmp_path, env, line)
         servers.append(cloud)
-        port, service_port = _free_port(), _free_port()
+        port, service_port = free_port(), free_port()
         while service_port == port:
-            service_port = _free_port()
+            service_port = free_port()
         broker, broker_out, mosquitto_pid = _start_broker(tmp_path, env, line, port,
                                                           service_port, 1)
         servers.append(broker)

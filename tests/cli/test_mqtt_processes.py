@@ -20,8 +20,9 @@ import re
 
 import pytest
 
+from bench.mtls import free_port
 from fleetid.cloud.mqtt.broker import find_mosquitto
-from tests.cli.test_agent_processes import (_Background, _fleetid, _free_port, _ok,
+from tests.cli.test_agent_processes import (_Background, _fleetid, _ok,
                                             _serve_chip, _wait_for)
 from tests.conftest import require
 
@@ -100,9 +101,9 @@ def test_ota_over_the_broker_to_an_agent_process_rotates_its_scp03_keys(tmp_path
         assert "revset-signer.pem" in _ok(_fleetid("revocation", "init", "--config",
                                                    cloud_toml, env=env))
         signer = str(tmp_path / "cloud" / "revocation" / "revset-signer.pem")
-        port, service_port = _free_port(), _free_port()
+        port, service_port = free_port(), free_port()
         while service_port == port:
-            service_port = _free_port()
+            service_port = free_port()
         url = "mqtts://127.0.0.1:%d" % port  # devices
         service_url = "mqtts://127.0.0.1:%d" % service_port  # the cloud, operators
         broker_out = str(tmp_path / "broker.out")
@@ -191,7 +192,7 @@ def test_ota_over_the_broker_to_an_agent_process_rotates_its_scp03_keys(tmp_path
                            "--device", "FID-000000099", env=env)
         assert unknown.returncode == 1 and "not in the line's registry" in unknown.stderr
         no_broker = _fleetid("ota", "rotate", "--line", line, "--broker",
-                             "mqtts://127.0.0.1:%d" % _free_port(), "--device", name, env=env)
+                             "mqtts://127.0.0.1:%d" % free_port(), "--device", name, env=env)
         assert no_broker.returncode == 1 and "Connection refused" in no_broker.stderr
 
         # Revocation: the broker rewrites its CRL file (the device's next handshake is

@@ -27,7 +27,8 @@ import urllib.request
 import pytest
 from cryptography import x509
 
-from tests.cli.test_agent_processes import (_Background, _fleetid, _free_port, _ok,
+from bench.mtls import free_port
+from tests.cli.test_agent_processes import (_Background, _fleetid, _ok,
                                             _serve_chip, _wait_for)
 
 
@@ -46,7 +47,7 @@ def revoked_cloud(tmp_path_factory):
     _ok(_fleetid("line", "run", "--devices", "2", "--stations", "1", "--keep-chips",
                  "--out", line, env=env))
     _ok(_fleetid("line", "cloud-config", "--line", line, "--out", cloud, env=env))
-    serve_out, crl_port = str(tmp / "serve.out"), _free_port()
+    serve_out, crl_port = str(tmp / "serve.out"), free_port()
     config = os.path.join(cloud, "cloud.toml")
     server = _Background(["cloud", "serve", "--config", config, "--crl-port", str(crl_port)],
                          env, serve_out)

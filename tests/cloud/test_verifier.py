@@ -18,6 +18,8 @@ import urllib.request
 
 import pytest
 
+from bench.mtls import free_port
+
 from fleetid.cloud.ca.evidence import attestation_extension
 from fleetid.cloud.http.middleware import configure_json_logging
 from fleetid.cloud.verifier.errors import AccessRefused
@@ -308,7 +310,7 @@ def test_metrics_and_json_logs(fleet, tmp_path):
     stream = io.StringIO()
     configure_json_logging(stream=stream)
     try:
-        with RunningCloud(fleet, metrics_port=_free_port()) as cloud:
+        with RunningCloud(fleet, metrics_port=free_port()) as cloud:
             cloud.request("verifier", "GET", "/v1/whoami", files=device.files())
             key, cert = rogue_certificate(fleet, device)
             cloud.request("verifier", "GET", "/v1/whoami", files=device.files(cert, key))
@@ -352,14 +354,6 @@ def test_a_request_aiohttp_cannot_parse_is_one_warning_line_not_a_traceback(flee
     assert malformed and all(line["level"] == "warning" for line in malformed), lines
     assert "chunk size" in malformed[0]["msg"]
     assert "Traceback" not in stream.getvalue()
-
-
-def _free_port():
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 class ExplodingRegistry:

@@ -30,7 +30,8 @@ import urllib.request
 
 import pytest
 
-from tests.cli.test_agent_processes import _Background, _free_port, _ok, _serve_chip, _wait_for
+from bench.mtls import free_port
+from tests.cli.test_agent_processes import _Background, _ok, _serve_chip, _wait_for
 from tests.micropython.budgets import WORKFLOWS
 from tests.micropython.support import Stage, parse
 
@@ -102,7 +103,7 @@ def cloud(tmp_path):
     with open(str(tmp_path / "issuer.der"), "wb") as f:
         f.write(issuer.public_bytes(serialization.Encoding.DER))
     serve_out = str(tmp_path / "serve.out")
-    crl_port = _free_port()
+    crl_port = free_port()
     server = _Background(["cloud", "serve", "--config", os.path.join(config, "cloud.toml"),
                           "--crl-port", str(crl_port)], env, serve_out)
     try:
