@@ -8,6 +8,7 @@ and hands every other request, with its connection, to the listener's aiohttp ap
     FastSite      web.TCPSite whose connections start in the fast path's protocol
     HeadFacts     what a fast path needs of a parsed request head
     HttpDate      the Date header, formatted once per second
+    FastConnection  the protocols' common part: leaving the FastPath, the hand-over
 
 A connection class used here has `loop`, `transport` and `last_active` (the loop time of
 its last complete request), and takes (fast, fallback) where fallback is aiohttp's
@@ -73,6 +74,26 @@ class HeadFacts:
         match = message.headers.get("If-None-Match")
         self.if_none_match = None if match is None else \
             [tag.strip() for tag in match.split(",")]
+
+
+class FastConnection(asyncio.Protocol):
+    """What a fast path's connection shares: it leaves its FastPath when closed, and hands
+    itself to aiohttp for anything the fast path does not answer."""
+
+    __slots__ = ()
+
+    def connection_lost(self, exc):
+        self.fast.connections.discard(self)
+
+    def give_to_app(self, data):
+        """Give the connection, and `data` (the bytes not consumed yet), to aiohttp's
+        protocol (self.fallback(): the runner's web.Server)."""
+        self.fast.connections.discard(self)
+        protocol = self.fallback()
+        self.transport.set_protocol(protocol)
+        protocol.connection_made(self.transport)
+        if data:
+            protocol.data_received(data)
 
 
 class FastPath:

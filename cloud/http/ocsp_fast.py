@@ -44,8 +44,8 @@ from aiohttp.http import HttpProcessingError
 
 from fleetid.cloud.hsm.errors import HsmError
 from fleetid.cloud.http.errors import HTTP_STATUS, WWW_AUTHENTICATE
-from fleetid.cloud.http.fast_path import KEEPALIVE_TIMEOUT, MAX_HEAD, FastPath, FastSite, \
-    HttpDate
+from fleetid.cloud.http.fast_path import KEEPALIVE_TIMEOUT, MAX_HEAD, FastConnection, \
+    FastPath, FastSite, HttpDate
 from fleetid.cloud.registry import RegistryError
 from fleetid.cloud.revocation.ocsp import MAX_REQUEST, OCSP_REQUEST_TYPE
 from fleetid.cloud.revocation.tier import Deferred
@@ -106,7 +106,7 @@ class OcspFastPath(FastPath):
         return super().idle(connection, now)
 
 
-class OcspConnection(asyncio.Protocol):
+class OcspConnection(FastConnection):
     """One client connection while it asks OCSP questions (see the module text)."""
 
     def __init__(self, fast, fallback):
@@ -128,9 +128,6 @@ class OcspConnection(asyncio.Protocol):
         self.loop = asyncio.get_running_loop()
         self.last_active = self.loop.time()
         self.fast.add(self)
-
-    def connection_lost(self, exc):
-        self.fast.connections.discard(self)
 
     # A client that pipelines requests and reads no answer: while the write buffer is over
     # its high-water mark, nothing is answered or read (memory stays bounded; the idle
@@ -224,14 +221,8 @@ class OcspConnection(asyncio.Protocol):
         self._refuse(CloudError(errors.REQUEST_TIMEOUT, "request body not received in time"))
 
     def _hand_over(self):
-        """Give the connection, and every byte not consumed yet, to aiohttp."""
-        self.fast.connections.discard(self)
-        protocol = self.fallback()
-        self.transport.set_protocol(protocol)
-        protocol.connection_made(self.transport)
         data, self.buffer = bytes(self.buffer), bytearray()
-        if data:
-            protocol.data_received(data)
+        self.give_to_app(data)
 
     def _answer(self, message, endpoint, body):
         started = time.perf_counter()

@@ -54,8 +54,8 @@ from aiohttp.http import HttpProcessingError
 
 from fleetid.cloud.hsm.errors import HsmError
 from fleetid.cloud.http.errors import HTTP_STATUS, WWW_AUTHENTICATE
-from fleetid.cloud.http.fast_path import KEEPALIVE_TIMEOUT, MAX_HEAD, FastPath, FastSite, \
-    HttpDate
+from fleetid.cloud.http.fast_path import KEEPALIVE_TIMEOUT, MAX_HEAD, FastConnection, \
+    FastPath, FastSite, HttpDate
 from fleetid.cloud.registry import RegistryError
 from fleetid.cloud.revocation.staple import STAPLE_HEADER
 from fleetid.cloud.verifier import errors
@@ -99,7 +99,7 @@ class VerifierFastPath(FastPath):
         self.staple = staple
 
 
-class VerifierConnection(asyncio.Protocol):
+class VerifierConnection(FastConnection):
     """One client connection while it calls the fast routes (see the module text)."""
 
     __slots__ = ("fast", "fallback", "transport", "buffer", "pos", "loop", "last_active",
@@ -120,9 +120,6 @@ class VerifierConnection(asyncio.Protocol):
         self.loop = asyncio.get_running_loop()
         self.last_active = self.loop.time()
         self.fast.add(self)
-
-    def connection_lost(self, exc):
-        self.fast.connections.discard(self)
 
     def data_received(self, data):
         self.buffer = self.buffer[self.pos:] + data if self.buffer else data
@@ -185,14 +182,8 @@ class VerifierConnection(asyncio.Protocol):
         return True
 
     def _hand_over(self):
-        """Give the connection, and every byte not consumed yet, to aiohttp."""
-        self.fast.connections.discard(self)
-        protocol = self.fallback()
-        self.transport.set_protocol(protocol)
-        protocol.connection_made(self.transport)
         data, self.buffer, self.pos = self.buffer[self.pos:], b"", 0
-        if data:
-            protocol.data_received(data)
+        self.give_to_app(data)
 
     def _answer(self, message, endpoint):
         """verifier_app's authenticate middleware and handler, for one request."""
