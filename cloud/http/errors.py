@@ -55,9 +55,10 @@ def http_status(exc):
     return HTTP_STATUS[errors.INTERNAL]
 
 
-def error_response(exc):
-    """Response for a CloudError (status from the table, text body, Retry-After on 202
-    and 429)."""
+def error_parts(exc):
+    """(status, headers dict, text body) of a CloudError's answer: the status from the
+    table, Retry-After on 202 and 429, the challenge on 401, Allow on 405.  The aiohttp
+    routes (error_response) and the fast paths (cloud/http/fast_path.py) render it."""
     status = http_status(exc)
     headers = {}
     if isinstance(exc, (PendingApproval, RateLimited)):
@@ -66,5 +67,10 @@ def error_response(exc):
         headers["WWW-Authenticate"] = WWW_AUTHENTICATE
     if status == 405:
         headers["Allow"] = getattr(exc, "allow", "GET, POST")
-    body = exc.reason + (": " + exc.detail if exc.detail else "") + "\n"
+    return status, headers, exc.reason + (": " + exc.detail if exc.detail else "") + "\n"
+
+
+def error_response(exc):
+    """Response for a CloudError (error_parts)."""
+    status, headers, body = error_parts(exc)
     return web.Response(status=status, text=body, headers=headers, content_type="text/plain")

@@ -22,10 +22,21 @@ import time
 from aiohttp import web
 from aiohttp.http import HttpProcessingError, HttpRequestParser
 
+from fleetid.cloud.http.errors import error_parts
+
 MAX_HEAD = 8190  # aiohttp's own max_line_size / max_field_size default
 KEEPALIVE_TIMEOUT = 75.0  # aiohttp's default keepalive_timeout
 SWEEP_SECONDS = 1.0  # how often idle connections are looked for
 MAX_HEADS = 1024  # distinct request heads remembered (parse_head)
+
+
+def error_answer(exc):
+    """(status, header lines, body bytes) of a CloudError for a fast path: the aiohttp
+    routes' answer (cloud/http/errors.error_parts), as raw lines."""
+    status, headers, text = error_parts(exc)
+    lines = [b"Content-Type: text/plain; charset=utf-8"]
+    lines += [("%s: %s" % item).encode() for item in headers.items()]
+    return status, lines, text.encode()
 
 
 class HttpDate:

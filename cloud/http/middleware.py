@@ -23,6 +23,19 @@ from fleetid.cloud.verifier import errors
 from fleetid.cloud.verifier.errors import CloudError
 
 log = logging.getLogger("fleetid.cloud")
+
+
+def failure_error(exc, service, path):
+    """The CloudError answered for an exception that is not one: 503 unavailable for a
+    registry or HSM failure, 500 internal for anything else; the cause is logged with its
+    traceback, never sent.  The app's middleware and the fast paths answer through it."""
+    if isinstance(exc, (RegistryError, HsmError)):
+        log.error("backend failure", exc_info=exc, extra={"fields": {
+            "service": service, "path": path, "error": type(exc).__name__}})
+        return CloudError(errors.UNAVAILABLE, "try again later")
+    log.error("internal error", exc_info=exc, extra={"fields": {"service": service,
+                                                                "path": path}})
+    return CloudError(errors.INTERNAL)
 # request["device"]: the authenticated DeviceIdentity (set by the verifier's middleware).
 DEVICE = web.RequestKey("device", object) if hasattr(web, "RequestKey") else "device"
 # app[BODY_TIMEOUT]: seconds read_limited waits for a whole body (CloudServer sets it from
@@ -144,17 +157,10 @@ def make_middleware(service_name, metrics):
                 response.force_close()  # RFC 9110 15.5.9: 408, then close
         except web.HTTPException as exc:
             response = exc
-        except (RegistryError, HsmError) as exc:
-            log.error("backend failure", exc_info=True,
-                      extra={"fields": dict(fields, service=service_name, path=request.path,
-                                            error=type(exc).__name__)})
-            response = error_response(CloudError(errors.UNAVAILABLE, "try again later"))
-            fields["reason"] = errors.UNAVAILABLE
-        except Exception:  # noqa: BLE001 - internal cause: logged, never sent
-            log.error("internal error", exc_info=True,
-                      extra={"fields": dict(fields, service=service_name, path=request.path)})
-            response = error_response(CloudError(errors.INTERNAL))
-            fields["reason"] = errors.INTERNAL
+        except Exception as exc:  # noqa: BLE001 - internal cause: logged, never sent
+            answer = failure_error(exc, service_name, request.path)
+            response = error_response(answer)
+            fields["reason"] = answer.reason
         elapsed = time.perf_counter() - started
         metrics.request_done(service_name, endpoint, response.status, elapsed)
         # The access line is built only when someone reads it (a disabled INFO level

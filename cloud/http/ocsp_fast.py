@@ -42,11 +42,9 @@ import time
 
 from aiohttp.http import HttpProcessingError
 
-from fleetid.cloud.hsm.errors import HsmError
-from fleetid.cloud.http.errors import HTTP_STATUS, WWW_AUTHENTICATE
 from fleetid.cloud.http.fast_path import KEEPALIVE_TIMEOUT, MAX_HEAD, FastConnection, \
-    FastPath, FastSite, HttpDate
-from fleetid.cloud.registry import RegistryError
+    FastPath, FastSite, HttpDate, error_answer
+from fleetid.cloud.http.middleware import failure_error
 from fleetid.cloud.revocation.ocsp import MAX_REQUEST, OCSP_REQUEST_TYPE
 from fleetid.cloud.revocation.tier import Deferred
 from fleetid.cloud.verifier import errors
@@ -260,16 +258,9 @@ class OcspConnection(FastConnection):
             return
         try:
             reply = future.result()
-        except (RegistryError, HsmError) as exc:
-            log.error("backend failure", exc_info=True,
-                      extra={"fields": {"service": SERVICE, "path": message.path,
-                                        "error": type(exc).__name__}})
-            self._send_error(CloudError(errors.UNAVAILABLE, "try again later"), message,
-                             endpoint, started)
-        except Exception:  # noqa: BLE001 - internal cause: logged, never sent
-            log.error("internal error", exc_info=True,
-                      extra={"fields": {"service": SERVICE, "path": message.path}})
-            self._send_error(CloudError(errors.INTERNAL), message, endpoint, started)
+        except Exception as exc:  # noqa: BLE001 - internal cause: logged, never sent
+            self._send_error(failure_error(exc, SERVICE, message.path), message, endpoint,
+                             started)
         else:
             self._send(reply, message, endpoint, started)
         if not self.transport.is_closing() and not self.write_paused:
@@ -290,13 +281,7 @@ class OcspConnection(FastConnection):
         self._write(200, headers, reply.body, message, endpoint, started)
 
     def _send_error(self, exc, message, endpoint, started):
-        status = HTTP_STATUS[exc.reason]
-        headers = [b"Content-Type: text/plain; charset=utf-8"]
-        if isinstance(exc, RateLimited):
-            headers.append(b"Retry-After: %d" % exc.retry_after)
-        if status == 401:
-            headers.append(b"WWW-Authenticate: " + WWW_AUTHENTICATE.encode())
-        body = (exc.reason + (": " + exc.detail if exc.detail else "") + "\n").encode()
+        status, headers, body = error_answer(exc)
         self._write(status, headers, body, message, endpoint, started, reason=exc.reason)
 
     def _refuse(self, exc, close=True):

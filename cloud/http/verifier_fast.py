@@ -52,11 +52,9 @@ from http import HTTPStatus
 
 from aiohttp.http import HttpProcessingError
 
-from fleetid.cloud.hsm.errors import HsmError
-from fleetid.cloud.http.errors import HTTP_STATUS, WWW_AUTHENTICATE
 from fleetid.cloud.http.fast_path import KEEPALIVE_TIMEOUT, MAX_HEAD, FastConnection, \
-    FastPath, FastSite, HttpDate
-from fleetid.cloud.registry import RegistryError
+    FastPath, FastSite, HttpDate, error_answer
+from fleetid.cloud.http.middleware import failure_error
 from fleetid.cloud.revocation.staple import STAPLE_HEADER
 from fleetid.cloud.verifier import errors
 from fleetid.cloud.verifier.errors import CloudError
@@ -68,7 +66,6 @@ SERVICE = "verifier"
 ROUTES = {b"GET /v1/whoami HTTP/1.1": "/v1/whoami", b"GET /v1/whoami HTTP/1.0": "/v1/whoami",
           b"GET /healthz HTTP/1.1": "/healthz", b"GET /healthz HTTP/1.0": "/healthz"}
 JSON_TYPE = b"Content-Type: application/json; charset=utf-8"
-TEXT_TYPE = b"Content-Type: text/plain; charset=utf-8"
 HEALTHZ_BODY = json.dumps({"ok": True}).encode()
 
 
@@ -202,32 +199,12 @@ class VerifierConnection(FastConnection):
             else:
                 body = HEALTHZ_BODY
             status, headers = 200, [JSON_TYPE]
-        except CloudError as exc:
-            status, headers, body = self._error(exc)
+        except Exception as exc:  # noqa: BLE001 - internal causes: logged, never sent
+            if not isinstance(exc, CloudError):
+                exc = failure_error(exc, SERVICE, message.path)
+            status, headers, body = error_answer(exc)
             reason = exc.reason
-        except (RegistryError, HsmError) as exc:
-            log.error("backend failure", exc_info=True,
-                      extra={"fields": {"service": SERVICE, "path": message.path,
-                                        "error": type(exc).__name__}})
-            status, headers, body = self._error(CloudError(errors.UNAVAILABLE,
-                                                           "try again later"))
-            reason = errors.UNAVAILABLE
-        except Exception:  # noqa: BLE001 - internal cause: logged, never sent
-            log.error("internal error", exc_info=True,
-                      extra={"fields": {"service": SERVICE, "path": message.path}})
-            status, headers, body = self._error(CloudError(errors.INTERNAL))
-            reason = errors.INTERNAL
         self._write(status, headers, body, message, endpoint, started, identity, reason)
-
-    @staticmethod
-    def _error(exc):
-        """(status, headers, body) of a CloudError: cloud/http/errors.error_response's."""
-        status = HTTP_STATUS[exc.reason]
-        headers = [TEXT_TYPE]
-        if status == 401:
-            headers.append(b"WWW-Authenticate: " + WWW_AUTHENTICATE.encode())
-        body = (exc.reason + (": " + exc.detail if exc.detail else "") + "\n").encode()
-        return status, headers, body
 
     def _write(self, status, headers, body, message, endpoint, started, identity, reason):
         close = message.should_close
