@@ -11,6 +11,15 @@ import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 BOARD_MAINS = sorted(ROOT.glob("boards/*/main.py"))
+INTEGRATING = ROOT / "docs" / "INTEGRATING.md"
+
+
+def _doc_mains():
+    """The `main.py` examples of docs/INTEGRATING.md: its python blocks that call
+    run_constants, less the lines `...` that mark an elision."""
+    blocks = [b.split("```")[0] for b in INTEGRATING.read_text().split("```python\n")[1:]]
+    return ["\n".join(line for line in b.splitlines() if line != "...")
+            for b in blocks if "run_constants(" in b]
 
 
 def _literal(node):
@@ -25,11 +34,19 @@ def test_every_micropython_board_has_a_main():
     assert [p.parent.name for p in BOARD_MAINS] == ["esp32", "rp2040"]
 
 
-@pytest.mark.parametrize("main", BOARD_MAINS, ids=lambda p: p.parent.name)
+def test_the_integration_guide_shows_a_main_of_constants():
+    assert len(_doc_mains()) == 2  # the board's and the unix port's
+
+
+@pytest.mark.parametrize(
+    "main", BOARD_MAINS + _doc_mains(),
+    ids=lambda p: p.parent.name if isinstance(p, pathlib.Path) else "INTEGRATING")
 def test_board_main_is_constants_and_one_call_of_the_shared_entry_point(main):
     from fleetid.device import board
 
-    tree = ast.parse(main.read_text(), str(main))
+    text = main.read_text() if isinstance(main, pathlib.Path) else main
+    name = main.name if isinstance(main, pathlib.Path) else "INTEGRATING.md"
+    tree = ast.parse(text, name)
     constants = set()
     calls = []
     for node in tree.body:
@@ -45,7 +62,7 @@ def test_board_main_is_constants_and_one_call_of_the_shared_entry_point(main):
             calls.append(node.value)
         else:
             pytest.fail("%s:%d: %s is neither a constant nor the call" % (
-                main.name, node.lineno, type(node).__name__))
+                name, node.lineno, type(node).__name__))
     assert [ast.dump(c) for c in calls] == [ast.dump(ast.parse(
         "run_constants(globals())", mode="eval").body)]
     # Every constant is a parameter of the entry point (run_constants lowercases the name).
