@@ -86,9 +86,11 @@ def fab_in_memory(vendor, transport_keys, se_uid=None, nvm_path=None, rng=os.ura
 
 
 def new_batch_name():
-    """A fresh lot name: "lot-<UTC time>-<4 hex>"."""
+    """A fresh lot name: "lot-<UTC time>-<8 hex>".  Eight random hex digits, not four: a
+    bench or a test makes several lots within one second, and four digits made two of them
+    collide (the line refused the second: "lot ... was received already")."""
     return "lot-" + datetime.datetime.now(datetime.timezone.utc).strftime(
-        "%Y%m%dT%H%M%S") + "-" + secrets.token_hex(2)
+        "%Y%m%dT%H%M%S") + "-" + secrets.token_hex(4)
 
 
 def make_lot(line_or_hsm, count, batch=None, vendor=None, chip_dir=None, rng=os.urandom,
