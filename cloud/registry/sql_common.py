@@ -53,6 +53,7 @@ from fleetid.cloud.registry.interface import (
     check_text,
     device_from_row,
     identity_cert_present,
+    row_facts,
     wrap_audit_error,
 )
 from fleetid.cloud.registry.rotation import RotationState
@@ -226,6 +227,12 @@ class SqlRegistry(Registry):
         if row is None:
             raise DeviceNotFound(serial)
         return device_from_row(row)
+
+    def _check_device(self, conn, serial):
+        """Raise DeviceNotFound unless device `serial` exists (no record built)."""
+        if conn.execute(self._q("SELECT 1 FROM devices WHERE serial = ?"),
+                        (serial,)).fetchone() is None:
+            raise DeviceNotFound(serial)
 
     def _append(self, conn, fields):
         head_row = conn.execute("SELECT entry_count, head_hash FROM audit_head WHERE id = 1"
@@ -427,14 +434,19 @@ class SqlRegistry(Registry):
         now = self._now()
         cert = certificate_row(serial, cert_der, kind, now)
         fields = audit.issuance_entry(serial=serial, kind=kind, operation=operation,
-                                      cert_der=cert_der, operator=operator, when=now)
+                                      cert_der=cert_der, operator=operator, when=now,
+                                      facts=row_facts(cert))
 
         def op(conn):
-            self._device(conn, serial, lock=rotation_state is not None)
+            if rotation_state is None:
+                self._check_device(conn, serial)
+            elif conn.execute(self._q("UPDATE devices SET rotation_state = ?, updated_at = ? "
+                                      "WHERE serial = ?"),
+                              (rotation_state, now, serial)).rowcount != 1:
+                # The UPDATE is the existence check and takes the row lock (one statement
+                # where a locking read came first).
+                raise DeviceNotFound(serial)
             self._insert_cert(conn, cert)
-            if rotation_state is not None:
-                conn.execute(self._q("UPDATE devices SET rotation_state = ?, updated_at = ? "
-                                     "WHERE serial = ?"), (rotation_state, now, serial))
             self._append(conn, fields)
 
         self._batched(op)
