@@ -33,10 +33,20 @@ cpu        process CPU time per certificate (time.process_time: every thread of 
            rates'.
 Device-side work (key generation, attestation, CSR signing) is prepared before timing.
 Loops are bounded by --count; the server listens on 127.0.0.1 only.
+
+--profile adds a cProfile of --count sequential in-process re-enrolments (main thread, on
+its CPU time; with group commit each one's registry batch runs on this thread): CPU per
+certificate by area (library and built-in functions, cryptography's and sqlite3's, count
+for the areas that called them), then the top functions by own time.  The profiler's
+overhead inflates every figure, most where calls are many and short: read it for shares,
+the figures above for times.
 """
 
 import argparse
+import cProfile
+import io
 import os
+import pstats
 import shutil
 import sys
 import tempfile
@@ -112,12 +122,83 @@ def in_callers(work, callers, call):
     return time.perf_counter() - started
 
 
+# Areas of the --profile summary: the first prefix (path in the repository) that matches a
+# function's file.
+_AREAS = (
+    ("cloud/est/", "EST service (cloud/est/)"),
+    ("cloud/verifier/", "client certificate check (cloud/verifier/)"),
+    ("cloud/ca/", "issuing CA: CSR, evidence, nonces (cloud/ca/)"),
+    ("cloud/pki/", "certificate profile and signing (cloud/pki/)"),
+    ("cloud/hsm/", "HSM (cloud/hsm/)"),
+    ("cloud/registry/", "registry (cloud/registry/, sqlite3)"),
+    ("cloud/audit/", "audit entries (cloud/audit/)"),
+    ("common/", "DER / attestation codecs (common/)"),
+)
+
+
+def _area(filename):
+    """The area of a repository file, None for a library or built-in function."""
+    root = ROOT + os.sep
+    if not filename.startswith(root) or os.sep + ".venv" + os.sep in filename:
+        return None
+    rel = filename[len(root):].replace(os.sep, "/")
+    return next((area for prefix, area in _AREAS if rel.startswith(prefix)), "other")
+
+
+def profile_areas(stats):
+    """{area: own CPU seconds} from pstats' raw stats; a library or built-in function
+    counts for its callers' areas, in proportion to the time spent in it per caller."""
+    memo = {}
+
+    def weights(func, depth=0):
+        if func not in memo:
+            own = _area(func[0])
+            memo[func] = {own or "other": 1.0}  # a cycle ends here
+            callers = stats[func][4]
+            total = sum(v[2] for v in callers.values()) if callers else 0.0
+            if own is None and total > 0 and depth < 60:
+                mix = {}
+                for caller, value in callers.items():
+                    for name, w in weights(caller, depth + 1).items():
+                        mix[name] = mix.get(name, 0.0) + value[2] / total * w
+                memo[func] = mix
+        return memo[func]
+
+    totals = {}
+    for func, (_cc, _nc, tottime, _ct, _callers) in stats.items():
+        for name, w in weights(func).items():
+            totals[name] = totals.get(name, 0.0) + tottime * w
+    return totals
+
+
+def profile_reenrolments(work, reenrol):
+    """cProfile of `work` re-enrolled one after the other on this thread's CPU time:
+    CPU ms per certificate by area, then the functions with the most own time."""
+    prof = cProfile.Profile(time.thread_time)
+    prof.enable()
+    for item in work:
+        reenrol(item)
+    prof.disable()
+    out = io.StringIO()
+    stats = pstats.Stats(prof, stream=out)
+    totals = profile_areas(stats.stats)
+    out.write("profiled CPU ms per certificate by area (total %.3f):\n"
+              % (sum(totals.values()) * 1000.0 / len(work)))
+    for name, seconds in sorted(totals.items(), key=lambda kv: -kv[1]):
+        out.write("  %-50s %7.3f\n" % (name, seconds * 1000.0 / len(work)))
+    out.write("\nfunctions by own time:\n")
+    stats.sort_stats("tottime").print_stats(25)
+    return out.getvalue()
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--count", type=int, default=None)
     parser.add_argument("--devices", type=int, default=None)
     parser.add_argument("--json", dest="json_path", help="also write the figures as JSON")
+    parser.add_argument("--profile", action="store_true",
+                        help="cProfile sequential in-process re-enrolments (module docstring)")
     parser.add_argument("--callers", type=int, default=8,
                         help="concurrent re-enrolments (threads / client connections)")
     parser.add_argument("--workers-list", default="1,2",
@@ -174,6 +255,8 @@ def main(argv=None):
         for workers in workers_list:  # server in its own processes, clients here
             https[workers] = _est_https_support.measure(
                 fleet, devices, count, callers, workers, os.path.join(workdir, "serve"))
+        profile = (profile_reenrolments(prepare(fleet, devices, count), reenrol)
+                   if args.profile else None)
         fleet.close()
         print("attested re-enrolments (in-process, %2d callers): %8.1f /s  (%d ops in %d "
               "commits)" % (callers, concurrent, ops, batches))
@@ -196,6 +279,9 @@ def main(argv=None):
             low, high = min(https), max(https)
             print("ratio HTTPS %d/%d workers: %.2fx" % (
                 high, low, https[high]["rate"] / https[low]["rate"]))
+        if profile:
+            print("\n== cProfile: %d sequential in-process re-enrolments ==" % count)
+            print(profile)
         if args.json_path:  # bench/report.py
             from bench._report_support import figure, write_json
 

@@ -182,19 +182,30 @@ def valid_value(kind, value):
     return False
 
 
-def _field_problem(fields, sealed):
-    """None if `fields` match the schema of their type, else a short description."""
-    entry_type = fields.get("type")
-    if entry_type not in _REQUIRED:
-        return "unknown type %r" % (entry_type,)
+def _schema(entry_type, sealed):
+    """(field name -> kind, the required names sorted) of one entry type, sealed or not."""
     schema = dict(_COMMON_FIELDS)
     schema.update(_REQUIRED[entry_type])
     if not sealed:
         for name in ("seq", "prev"):
             schema.pop(name)
-    required = set(schema)
+    required = tuple(sorted(schema))
     schema.update(_OPTIONAL[entry_type])
-    for name in sorted(required):
+    return schema, required
+
+
+# Built once: every entry of a registry write is checked twice (built, then sealed).
+_SCHEMAS = {(entry_type, sealed): _schema(entry_type, sealed)
+            for entry_type in _REQUIRED for sealed in (False, True)}
+
+
+def _field_problem(fields, sealed):
+    """None if `fields` match the schema of their type, else a short description."""
+    entry_type = fields.get("type")
+    if entry_type not in _REQUIRED:
+        return "unknown type %r" % (entry_type,)
+    schema, required = _SCHEMAS[(entry_type, sealed)]
+    for name in required:
         if name not in fields:
             return "missing %s" % name
     for name, value in sorted(fields.items()):

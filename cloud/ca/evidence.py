@@ -102,8 +102,13 @@ class AuthenticatedEvidence:
             wanted = public_point(public_key)
         except ValueError:
             raise AttestationError(errors.KEY_MISMATCH, "not a P-256 key") from None
+        return self.statement_for_point(wanted)
+
+    def statement_for_point(self, point):
+        """The SignedAttestation attesting the P-256 key whose uncompressed point
+        (public_point) is `point`.  Raises: AttestationError(key_mismatch)."""
         for signed in self.statements:
-            if hmac.compare_digest(signed.statement.public_point, wanted):
+            if hmac.compare_digest(signed.statement.public_point, point):
                 return signed
         raise AttestationError(errors.KEY_MISMATCH)
 

@@ -77,14 +77,18 @@ def _refuse(reason, detail=""):
 
 class ParsedCsr:
     """A CSR whose proof of possession parse_csr checked: der (bytes), csr
-    (x509.CertificateSigningRequest), spki (DER SubjectPublicKeyInfo of its key).
-    Hand it to IssuingCa.issue(parsed_csr=...) so the request is not parsed and its
-    signature not verified twice (the EST service checks the CSR before the CA does)."""
+    (x509.CertificateSigningRequest), spki (DER SubjectPublicKeyInfo of its key),
+    public_key (its key), point (the key's 65-byte uncompressed P-256 point), subject
+    (its x509.Name).  Hand it to IssuingCa.issue(parsed_csr=...) so the request is not
+    parsed and its signature not verified twice (the EST service checks the CSR before
+    the CA does).  The key and subject are kept because cryptography builds a new
+    object on every csr.public_key() / csr.subject access."""
 
-    __slots__ = ("der", "csr", "spki")
+    __slots__ = ("der", "csr", "spki", "public_key", "point", "subject")
 
-    def __init__(self, der_bytes, csr, spki):
+    def __init__(self, der_bytes, csr, spki, public_key, point, subject):
         self.der, self.csr, self.spki = der_bytes, csr, spki
+        self.public_key, self.point, self.subject = public_key, point, subject
 
 
 def parse_csr(csr_der):
@@ -100,12 +104,12 @@ def parse_csr(csr_der):
         csr = x509.load_der_x509_csr(csr_der)
         public_key = csr.public_key()
         algorithm = csr.signature_algorithm_oid
-        csr.subject  # parsed lazily: a malformed subject is refused here, not later
+        subject = csr.subject  # parsed lazily: a malformed subject is refused here
     except Exception:  # noqa: BLE001 - untrusted DER: ValueError, InvalidVersion,
         # UnsupportedAlgorithm, ...; every parse failure is a refusal.
         _refuse(errors.BAD_CSR, "not a DER PKCS#10 request")
     try:
-        public_point(public_key)
+        point = public_point(public_key)
     except ValueError:
         _refuse(errors.BAD_CSR, "key is not P-256")
     if algorithm != SignatureAlgorithmOID.ECDSA_WITH_SHA256:
@@ -119,7 +123,7 @@ def parse_csr(csr_der):
     spki = public_key.public_bytes(
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
     )
-    return ParsedCsr(csr_der, csr, spki)
+    return ParsedCsr(csr_der, csr, spki, public_key, point, subject)
 
 
 _EVIDENCE_OID_TLV = der.encode_oid(OID_ATTR_EVIDENCE)
@@ -251,7 +255,6 @@ class IssuingCa:
 
         if not isinstance(parsed_csr, ParsedCsr) or parsed_csr.der != csr_der:
             parsed_csr = parse_csr(csr_der)
-        csr, spki = parsed_csr.csr, parsed_csr.spki
         bundle_der = evidence_from_csr(parsed_csr.der)
         try:
             evidence = self.evidence_verifier.authenticate(bundle_der, now)
@@ -259,24 +262,25 @@ class IssuingCa:
             raise IssuanceRefused(exc.reason, exc.detail) from None
 
         # The statements are authentic from here on: the nonce(s) get used up.
-        public_key = csr.public_key()
-        signed = self._use_nonces(evidence, public_key, spki, expected_se_uid, now)
+        signed = self._use_nonces(evidence, parsed_csr.point, parsed_csr.spki,
+                                  expected_se_uid, now)
 
         extension = attestation_extension(evidence.minimal_bundle(signed))
         builder = profiles.device_builder(
-            profile, serial, public_key, self.ca_certificate, now, crl_url=self.crl_url,
+            profile, serial, parsed_csr.public_key, self.ca_certificate, now,
+            crl_url=self.crl_url,
             extra_extensions=[(extension, False)],
         )
         return self.signer.sign(builder)
 
-    def _use_nonces(self, evidence, public_key, spki, expected_se_uid, now):
-        """Consume the nonce of the authenticated statement for `public_key`, bound to the
-        CSR's key (or, when that statement is refused, every nonce of the evidence, so a
-        refused request cannot be replayed), then refuse if anything failed.
+    def _use_nonces(self, evidence, point, spki, expected_se_uid, now):
+        """Consume the nonce of the authenticated statement for the CSR's key (`point`),
+        bound to that key (or, when that statement is refused, every nonce of the
+        evidence, so a refused request cannot be replayed), then refuse if anything failed.
         Returns: the key's SignedAttestation.  Raises: IssuanceRefused."""
         refusal = None
         try:
-            signed = evidence.statement_for(public_key)
+            signed = evidence.statement_for_point(point)
             check_statement(signed, expected_se_uid)
             to_consume = [signed.statement.nonce]
         except AttestationError as exc:

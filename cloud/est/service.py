@@ -224,7 +224,6 @@ class EstService:
         except IssuanceRefused as exc:
             raise RequestRefused(errors.BAD_REQUEST, CSR_MESSAGES.get(
                 exc.reason, ISSUANCE_MESSAGES.get(exc.reason, exc.reason))) from None
-        csr = parsed.csr
         now = self._clock()
         identity = self.verifier.verify(client_cert_der, now=now)
         if not reenroll and identity.kind != IDENTITY:
@@ -235,7 +234,7 @@ class EstService:
             raise RequestRefused(errors.WRONG_CERTIFICATE_KIND,
                                  "simplereenroll takes the current operational certificate; "
                                  "enrol first with simpleenroll")
-        self._check_subject(csr, identity)
+        self._check_subject(parsed.subject, identity)
         if parsed.spki == identity.certificate.public_key().public_bytes(
                 serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo):
             raise RequestRefused(errors.POLICY, "enrolment needs a new key (generate one in "
@@ -258,10 +257,11 @@ class EstService:
                      messages.OP_SIMPLEREENROLL if reenroll else messages.OP_SIMPLEENROLL)
         return certificate
 
-    def _check_subject(self, csr, identity):
+    def _check_subject(self, subject, identity):
         # RFC 7030 4.2.2: a re-enrolment keeps the subject; for fleetid the same holds for
         # the first operational certificate (the device cannot choose its identity).
-        subject = csr.subject  # built once: cryptography makes a new Name per access
+        # `subject`: the CSR's, built once by parse_csr (cryptography makes a new Name
+        # per access).
         names = subject.get_attributes_for_oid(NameOID.COMMON_NAME)
         serials = subject.get_attributes_for_oid(NameOID.SERIAL_NUMBER)
         if len(names) != 1 or names[0].value != identity.serial or \

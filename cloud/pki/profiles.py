@@ -176,9 +176,33 @@ def _aki(issuer_certificate):
     return x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski.value)
 
 
+@functools.lru_cache(maxsize=64)
 def _crl_dp(url):
+    # Memoised per URL (str): every certificate of a CA names the same CRL.
     return x509.CRLDistributionPoints(
         [x509.DistributionPoint([x509.UniformResourceIdentifier(url)], None, None, None)]
+    )
+
+
+@functools.lru_cache(maxsize=64)
+def _device_template(issuer_certificate):
+    """What every device certificate of one issuer shares: the issuer name and the
+    profile's first three extensions (basicConstraints, keyUsage, EKU clientAuth), in
+    profile order.  Memoised per issuer certificate like _aki: builders are immutable
+    (each call returns a new one), so one template serves every certificate."""
+    return (
+        x509.CertificateBuilder()
+        .issuer_name(issuer_certificate.subject)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True, content_commitment=False, key_encipherment=False,
+                data_encipherment=False, key_agreement=False, key_cert_sign=False,
+                crl_sign=False, encipher_only=False, decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
     )
 
 
@@ -252,23 +276,12 @@ def device_builder(profile, serial, public_key, issuer_certificate, not_before, 
         ]
     )
     builder = (
-        x509.CertificateBuilder()
+        _device_template(issuer_certificate)
         .subject_name(subject)
-        .issuer_name(issuer_certificate.subject)
         .public_key(public_key)
         .serial_number(x509.random_serial_number())
         .not_valid_before(not_before - NOT_BEFORE_BACKDATE)
         .not_valid_after(not_after)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True, content_commitment=False, key_encipherment=False,
-                data_encipherment=False, key_agreement=False, key_cert_sign=False,
-                crl_sign=False, encipher_only=False, decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
         .add_extension(
             x509.SubjectAlternativeName([x509.UniformResourceIdentifier(device_urn(serial))]),
             critical=False,

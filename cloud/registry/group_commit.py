@@ -69,7 +69,7 @@ class _Op:
         self.fn = fn
         self.result = None
         self.error = None
-        self.done = threading.Event()
+        self.done = None  # an Event once queued; an op run on its caller's thread needs none
         self.started = False
 
 
@@ -133,6 +133,7 @@ class GroupCommitWriter:
                 op.started = True
             else:
                 self._start_writer()
+                op.done = threading.Event()
                 self._queue.append(op)
                 self._cond.notify_all()
         if inline:  # nothing running, nothing queued: this thread runs the batch
@@ -256,7 +257,8 @@ class GroupCommitWriter:
                 if failure is not None and op.error is None:
                     op.error = failure
                     op.result = None
-                op.done.set()
+                if op.done is not None:
+                    op.done.set()
 
     def _apply(self, conn, op):
         registry = self._registry

@@ -150,6 +150,13 @@ def certificate_row(serial, cert_der, kind, now_text):
     }
 
 
+def row_facts(cert):
+    """audit.certificate_facts of a certificate_row's certificate, read from the row
+    (the same three values, derived there from the same DER)."""
+    return {"cert_serial": cert["cert_serial"], "cert_fingerprint": cert["fingerprint"],
+            "issuing_ca": cert["issuer"]}
+
+
 def check_serial(serial):
     if not isinstance(serial, int) or isinstance(serial, bool) or not 0 < serial < 2**63:
         raise RegistryError(RegistryError.BAD_INPUT, "serial must be a positive int")

@@ -34,6 +34,7 @@ from fleetid.cloud.registry.interface import (
     check_serial,
     check_text,
     identity_cert_present,
+    row_facts,
     wrap_audit_error,
 )
 from fleetid.cloud.registry.rotation import RotationState
@@ -234,7 +235,8 @@ class MemoryRegistry(Registry):
         now = self._now()
         cert = certificate_row(serial, cert_der, kind, now)
         fields = audit.issuance_entry(serial=serial, kind=kind, operation=operation,
-                                      cert_der=cert_der, operator=operator, when=now)
+                                      cert_der=cert_der, operator=operator, when=now,
+                                      facts=row_facts(cert))
         with self._lock:
             self._device(serial)
             self._check_new_cert(cert)

@@ -25,7 +25,11 @@ UNKNOWN = "unknown"
 
 def format_deadline(moment):
     """An aware datetime as "YYYY-MM-DDTHH:MM:SSZ" (UTC)."""
-    return moment.astimezone(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    moment = moment.astimezone(datetime.timezone.utc)
+    # Formatted by hand, as audit.format_time: strftime goes through the C library's
+    # time zone state (a stat of /etc/localtime per call on glibc without TZ).
+    return "%04d-%02d-%02dT%02d:%02d:%02dZ" % (
+        moment.year, moment.month, moment.day, moment.hour, moment.minute, moment.second)
 
 
 def parse_deadline(text):

@@ -53,6 +53,7 @@ from fleetid.cloud.registry.interface import (
     check_text,
     device_from_row,
     identity_cert_present,
+    row_facts,
     wrap_audit_error,
 )
 from fleetid.cloud.registry.rotation import RotationState
@@ -74,6 +75,7 @@ JOINED_QUERY = (
     "WHERE c.cert_serial = ?" % (", ".join("c." + n for n in CERT_NAMES),
                                  ", ".join("d." + n for n in DEVICE_NAMES)))
 JOINED_QUERY_ISSUER = JOINED_QUERY + " AND c.issuer = ?"
+SET_ROTATION = "UPDATE devices SET rotation_state = ?, updated_at = ? WHERE serial = ?"
 
 
 def cert_serial_text(cert_serial):
@@ -426,15 +428,15 @@ class SqlRegistry(Registry):
             check_text("rotation state", rotation_state)
         now = self._now()
         cert = certificate_row(serial, cert_der, kind, now)
-        fields = audit.issuance_entry(serial=serial, kind=kind, operation=operation,
-                                      cert_der=cert_der, operator=operator, when=now)
+        fields = audit.issuance_entry(serial=serial, kind=kind, operation=operation, when=now,
+                                      cert_der=cert_der, operator=operator, facts=row_facts(cert))
 
         def op(conn):
-            self._device(conn, serial, lock=rotation_state is not None)
+            if rotation_state is None:
+                self._device(conn, serial)
+            elif conn.execute(self._q(SET_ROTATION), (rotation_state, now, serial)).rowcount != 1:
+                raise DeviceNotFound(serial)  # the UPDATE checked the device and locked its row
             self._insert_cert(conn, cert)
-            if rotation_state is not None:
-                conn.execute(self._q("UPDATE devices SET rotation_state = ?, updated_at = ? "
-                                     "WHERE serial = ?"), (rotation_state, now, serial))
             self._append(conn, fields)
 
         self._batched(op)
@@ -477,8 +479,7 @@ class SqlRegistry(Registry):
         check_text("rotation state", state)
         with self._write() as conn:
             self._device(conn, serial, lock=True)
-            conn.execute(self._q("UPDATE devices SET rotation_state = ?, updated_at = ? "
-                                 "WHERE serial = ?"), (state, self._now(), serial))
+            conn.execute(self._q(SET_ROTATION), (state, self._now(), serial))
 
     @wrap_audit_error
     def acknowledge_rotation(self, serial, cert_fingerprint):
@@ -489,8 +490,7 @@ class SqlRegistry(Registry):
             if state is None:
                 return current
             now = self._now()
-            conn.execute(self._q("UPDATE devices SET rotation_state = ?, updated_at = ? "
-                                 "WHERE serial = ?"), (state.format(), now, serial))
+            conn.execute(self._q(SET_ROTATION), (state.format(), now, serial))
             self._append(conn, audit.rotation_ack_entry(
                 serial=serial, cert_fingerprint=state.new, previous_fingerprint=state.old,
                 when=now))

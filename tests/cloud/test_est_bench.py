@@ -20,3 +20,14 @@ def test_est_bench_runs_and_prints_the_ratio():
     assert "CPU per certificate:" in result.stdout
     resumed = re.search(r"HTTPS, 2 workers\).*?(\d+)% resumed", result.stdout)
     assert resumed and int(resumed.group(1)) > 0, result.stdout
+
+
+def test_est_bench_profile_prints_the_split_by_area():
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "est.py"),
+                             "--quick", "--count", "12", "--devices", "3",
+                             "--workers-list", "", "--profile"],
+                            capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "profiled CPU ms per certificate by area" in result.stdout
+    for area in ("registry (cloud/registry/", "issuing CA", "EST service"):
+        assert area in result.stdout, result.stdout
