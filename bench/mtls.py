@@ -35,8 +35,10 @@ Fairness (what each server does per connection, and where they differ):
            <subject DN>", fleetid the whoami JSON, bare aiohttp "ok").
   fleetid  additionally runs FleetVerifier on every request (cached chain and
            attestation verdicts, ONE registry read: the certificate's status joined
-           with its device's, registry.certificate_and_device), Prometheus counters and
-           a latency histogram.  It listens as `fleetid cloud serve` does: the
+           with its device's, registry.certificate_and_device; one stat of the
+           revoked-CA file, configured as `fleetid cloud serve` does it, the file
+           absent as it is until a first CA revocation), Prometheus counters and a
+           latency histogram.  It listens as `fleetid cloud serve` does: the
            verifier's fast path (cloud/http/verifier_fast.py) answers GET /v1/whoami
            without aiohttp's per-request machinery, with the same checks and answers;
            "aiohttp" stays the plain framework (TCPSite, router, a handler).
@@ -210,13 +212,16 @@ def _serve_worker(workdir, port, context, bare, event_loop, reuse_port):
     from fleetid.cloud.http.verifier_fast import VerifierFastPath, VerifierFastSite
     from fleetid.cloud.http.metrics import Metrics
     from fleetid.cloud.server import event_loop_factory
+    from fleetid.cloud.verifier.revoked_cas import RevokedCaFile
     from fleetid.cloud.verifier.service import FleetTrust, FleetVerifier
 
     def pems(name):
         with open(os.path.join(workdir, name), "rb") as f:
             return x509.load_pem_x509_certificates(f.read())
 
-    trust = FleetTrust(pems("root.pem"), pems("intermediates.pem"), pems("vendor.pem"))
+    trust = FleetTrust(pems("root.pem"), pems("intermediates.pem"), pems("vendor.pem"),
+                       revoked_ca_file=RevokedCaFile(
+                           os.path.join(workdir, "fleet", "revoked-cas.jsonl")))
     registry = SqliteRegistry(os.path.join(workdir, "fleet", "registry.db"))
     verifier = FleetVerifier(trust, registry)
     metrics = Metrics()
