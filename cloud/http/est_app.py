@@ -35,7 +35,9 @@ def _b64_response(data, content_type, extra=None):
                         content_type=content_type, **(extra or {}))
 
 
-def _split(tail):
+def split_tail(tail):
+    """(label or None, operation) of the path after /.well-known/est/ (est_fast.py too).
+    Raises RequestRefused (404)."""
     parts = tail.split("/") if tail else []
     if len(parts) == 1:
         return None, parts[0]
@@ -50,7 +52,7 @@ def make_est_app(service, metrics, max_body=MAX_BODY):
     """The EST aiohttp Application over an EstService."""
 
     async def dispatch(request):
-        label, op = _split(request.match_info["tail"])
+        label, op = split_tail(request.match_info["tail"])
         if op not in _GET_OPS + _POST_OPS:
             raise RequestRefused(errors.NOT_FOUND, "not an EST operation")
         service.label(label)  # 404 for an unknown label before anything else
