@@ -8,7 +8,11 @@ re-enrolment after it opens a new connection that resumes that session (no certi
 exchange, no signature: what a device on a monthly rotation does with a ticket it kept,
 and what `cloud serve --workers` supports across workers, their tickets keys being made
 in the parent).  Server CPU is read from /proc (utime + stime of the parent and its
-workers) before and after the timed run.
+workers) before and after the timed run, the clients' CPU (this process: only the
+client threads run during it) from os.times(), and the share of the machine's CPUs in
+use (by anyone: the machine may be shared) from /proc/stat.  measure_postgres runs the
+same over a throwaway PostgreSQL cluster (the registry for N processes across hosts),
+its own fleet enrolled in it; the database's CPU is reported beside the server's.
 
 It imports fleetid, the runtime dependencies and bench support only (never tests/).
 """
@@ -104,23 +108,80 @@ def run(work, callers):
     return in_callers(work, callers, reenrol)
 
 
-def measure(fleet, devices, count, callers, workers, folder):
+def _own_cpu_seconds():
+    times = os.times()
+    return times.user + times.system
+
+
+def measure(fleet, devices, count, callers, workers, folder, registry=None, database=None):
     """{"rate": re-enrolments/s, "server_cpu_ms": server CPU per re-enrolment,
-    "resumed": share of resumed handshakes} with `workers` server processes."""
+    "client_cpu_ms": the clients' CPU per re-enrolment, "machine_busy": share of the
+    machine's CPUs in use, "resumed": share of resumed handshakes} with `workers` server
+    processes on `registry` (default: the fleet's SQLite file); with `database` (a
+    ThrowawayPostgres) also "db_cpu_ms", its CPU per re-enrolment."""
+    from bench._pg_support import machine_busy
     from bench.workers import start_server, stop_server, write_config
 
     os.makedirs(folder, exist_ok=True)
-    config = write_config(fleet, folder, "sqlite:" + fleet.registry.path)
+    config = write_config(fleet, folder, registry or "sqlite:" + fleet.registry.path)
     process, port = start_server(config, folder, workers)
     try:
         clients = [DeviceClient(d, fleet.root_file, port) for d in devices]
         work = prepare(clients, count)
         resumed_before = sum(c.resumed for c in clients)
-        cpu_before = process_cpu_seconds(process.pid)
+        readings = [(process_cpu_seconds(process.pid), _own_cpu_seconds(), machine_busy(),
+                     database.cpu_seconds() if database else 0.0)]
         seconds = run(work, callers)
-        cpu = process_cpu_seconds(process.pid) - cpu_before
+        readings.append((process_cpu_seconds(process.pid), _own_cpu_seconds(),
+                         machine_busy(), database.cpu_seconds() if database else 0.0))
         resumed = sum(c.resumed for c in clients) - resumed_before
     finally:
         stop_server(process)
-    return {"rate": count / seconds, "server_cpu_ms": 1000.0 * cpu / count,
-            "resumed": resumed / float(count)}
+    (cpu0, own0, busy0, db0), (cpu1, own1, busy1, db1) = readings
+    figures = {"rate": count / seconds, "server_cpu_ms": 1000.0 * (cpu1 - cpu0) / count,
+               "client_cpu_ms": 1000.0 * (own1 - own0) / count,
+               "machine_busy": (busy1[0] - busy0[0]) / float(max(1, busy1[1] - busy0[1])),
+               "resumed": resumed / float(count)}
+    if database:
+        figures["db_cpu_ms"] = 1000.0 * (db1 - db0) / count
+    return figures
+
+
+def measure_postgres(devices, count, callers, workers_list, folder):
+    """{workers: measure() figures} over a throwaway PostgreSQL cluster, with a fleet of
+    `devices` devices of its own enrolled in it (None when PostgreSQL or psycopg is
+    missing here: bench/_pg_support.missing())."""
+    from bench._cloud_support import Fleet
+    from bench._pg_support import ThrowawayPostgres, missing
+    from fleetid.cloud.registry import open_registry
+
+    if missing():
+        return None
+    with ThrowawayPostgres() as database:
+        fleet = Fleet(os.path.join(folder, "fleet"), verify_signatures="always",
+                      registry_kind=open_registry(database.uri))
+        try:
+            enrolled = []
+            for _ in range(devices):
+                device = fleet.provision()
+                fleet.enrol(device)
+                enrolled.append(device)
+            return {workers: measure(fleet, enrolled, count, callers, workers,
+                                     os.path.join(folder, "serve-%d" % workers),
+                                     database.uri, database)
+                    for workers in workers_list}
+        finally:
+            fleet.close()
+
+
+def report_line(workers, figures, callers, over=""):
+    """The bench's line for one HTTPS run (measure's figures); over: " over PostgreSQL"
+    for measure_postgres's."""
+    return ("attested re-enrolments (HTTPS%s, %d worker%s): %8.1f /s  (%d clients; CPU "
+            "per re-enrolment: server %.2f ms%s, clients %.2f ms; machine %d%% busy; %d%% "
+            "resumed TLS 1.3)" % (
+                over, workers, "s" if workers > 1 else " ", figures["rate"], callers,
+                figures["server_cpu_ms"],
+                ", database %.2f ms" % figures["db_cpu_ms"] if "db_cpu_ms" in figures
+                else "", figures["client_cpu_ms"], round(100 * figures["machine_busy"]),
+                round(100 * figures["resumed"])))
