@@ -11,7 +11,9 @@ Handlers parse and render only; policy is EstService's.  Served over TLS with
 CERT_OPTIONAL (cacerts and csrattrs need no client certificate; the rest answer 401
 without one, with a WWW-Authenticate challenge naming the TLS client certificate: RFC 7030
 3.2.3 / RFC 7235 3.1, see fleetid.cloud.http.errors).  Status codes come from the one
-table in fleetid.cloud.http.errors.
+table in fleetid.cloud.http.errors.  A device's usual nonce GET and simplereenroll are
+answered off aiohttp's request path by est_fast.py, with these steps in this order;
+any change here is one there too (tests/cloud/test_est_fast.py compares the two).
 """
 
 from aiohttp import web

@@ -208,3 +208,53 @@ def test_pipelined_requests_in_order_then_handed_over(fleet, cloud):
     assert s3 == 200 and "server" in h3 and pkcs7.load_der_pkcs7_certificates(
         base64.b64decode(b3))
     assert "server" not in h1 and "server" not in h2
+
+
+def test_a_connection_waiting_for_its_answer_is_not_idle(fleet):
+    import asyncio
+
+    from fleetid.cloud.http.est_fast import EstConnection, EstFastPath
+    from tests.cloud.cloud_support import RecordingTransport
+
+    async def scenario():
+        fast = EstFastPath(fleet.est, keepalive_timeout=1.0)
+        connection = EstConnection(fast, fallback=None)
+        connection.connection_made(RecordingTransport())
+        later = connection.loop.time() + 10
+        connection.busy = True  # a re-enrolment in its worker thread
+        assert not fast.idle(connection, later)
+        connection.busy = False
+        assert fast.idle(connection, later)
+        fast.close_all()
+
+    asyncio.run(scenario())
+
+
+def test_a_client_that_reads_no_answer_stops_being_read_and_answered(fleet):
+    import asyncio
+
+    from fleetid.cloud.http.est_fast import EstConnection, EstFastPath
+    from tests.cloud.cloud_support import RecordingTransport
+
+    async def scenario():
+        fast = EstFastPath(fleet.est)
+        connection = EstConnection(fast, fallback=None)
+        transport = RecordingTransport()
+        connection.connection_made(transport)
+        request = _request(EST + "nonce", close=False)  # no TLS here: 401 at once
+        connection.data_received(request)
+        assert len(transport.written) == 1 and transport.written[0].startswith(
+            b"HTTP/1.1 401 ")
+        connection.pause_writing()  # the write buffer is over its high-water mark
+        assert not transport.reading
+        connection.data_received(request * 3)  # already in flight
+        assert len(transport.written) == 1
+        connection.resume_writing()  # the client took the answers
+        assert transport.reading and len(transport.written) == 4
+        connection.data_received(request + request[:20])  # one and a piece
+        assert len(transport.written) == 5
+        connection.data_received(request[20:])
+        assert len(transport.written) == 6 and not transport.closing
+        fast.close_all()
+
+    asyncio.run(scenario())
