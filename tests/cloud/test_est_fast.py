@@ -258,3 +258,12 @@ def test_a_client_that_reads_no_answer_stops_being_read_and_answered(fleet):
         fast.close_all()
 
     asyncio.run(scenario())
+
+
+def test_a_label_that_needs_approval_answers_as_the_app(fleet, cloud):
+    device = fleet.provision()
+    fleet.enrol(device)
+    fast, app = _both(cloud, device.files(), "b42-approval/simplereenroll",
+                      make_body=lambda: base64.b64encode(device.csr("b42-approval")[1]))
+    _same_answer(fast, app)
+    assert fast[0] == 202 and fast[1]["retry-after"] == "30", fast
