@@ -2,7 +2,7 @@
 rate of `cryptography`, same machine, same run.
 
     .venv/bin/python bench/est.py [--quick] [--count N] [--devices D] [--callers C]
-                                  [--workers-list 1,2] [--json PATH]
+                                  [--workers-list 1,2] [--https-postgres] [--json PATH]
 
 attested   EstService.enroll(..., reenroll=True) in-process: client certificate check
            (chain, attestation extension, registry, overlap), CSR proof of possession,
@@ -15,9 +15,12 @@ https      the same over HTTPS to `fleetid cloud serve --workers N` (N of --work
            running in its own processes on the same SQLite registry; the clients run in
            this process (bench/_est_https_support.py).  Each re-enrolment is a new
            connection resuming the device's TLS 1.3 session (ticket from its nonce GET),
-           client certificate, base64 bodies.  Server CPU per re-enrolment (/proc, the
-           server's parent + workers) is printed beside the rate; clients and server still
-           share the machine's 2 cores.
+           client certificate, base64 bodies.  Printed beside the rate, per
+           re-enrolment: the server's CPU (/proc, its parent + workers) and the clients'
+           (this process), and the share of the machine's CPUs in use (by anyone: the
+           machine may be shared); clients and server share the machine's cores.
+           --https-postgres: the same runs over a throwaway PostgreSQL cluster (the
+           registry for N processes across hosts), with the database's CPU.
 raw        cryptography alone, what a CA that checks nothing would do: load the DER CSR,
            verify its signature, build the same device certificate profile and sign it
            with an in-memory P-256 key.
@@ -203,6 +206,8 @@ def main(argv=None):
                         help="concurrent re-enrolments (threads / client connections)")
     parser.add_argument("--workers-list", default="1,2",
                         help="server worker processes of the HTTPS runs")
+    parser.add_argument("--https-postgres", action="store_true",
+                        help="also run the HTTPS runs over a throwaway PostgreSQL cluster")
     args = parser.parse_args(argv)
     workers_list = [int(w) for w in args.workers_list.split(",") if w]
     count = args.count or (100 if args.quick else 1000)
@@ -250,11 +255,15 @@ def main(argv=None):
         cpu_ms = 1000.0 * grouped_cpu / (2 * half)
 
         from bench import _est_https_support
+        from bench._pg_support import missing as pg_missing
 
         https = {}
         for workers in workers_list:  # server in its own processes, clients here
             https[workers] = _est_https_support.measure(
                 fleet, devices, count, callers, workers, os.path.join(workdir, "serve"))
+        https_pg = _est_https_support.measure_postgres(
+            ndev, count, callers, workers_list, os.path.join(workdir, "pg")) \
+            if args.https_postgres else None
         profile = (profile_reenrolments(prepare(fleet, devices, count), reenrol)
                    if args.profile else None)
         fleet.close()
@@ -263,10 +272,12 @@ def main(argv=None):
         print("  same, no group commit                : %8.1f /s" % ungrouped)
         print("  same, 1 caller                       : %8.1f /s" % sequential)
         for workers, figures in sorted(https.items()):
-            print("attested re-enrolments (HTTPS, %d worker%s): %8.1f /s  (%d clients, "
-                  "server CPU %.2f ms each, %d%% resumed TLS 1.3)"
-                  % (workers, "s" if workers > 1 else " ", figures["rate"], callers,
-                     figures["server_cpu_ms"], round(100 * figures["resumed"])))
+            print(_est_https_support.report_line(workers, figures, callers))
+        for workers, figures in sorted((https_pg or {}).items()):
+            print(_est_https_support.report_line(workers, figures, callers,
+                                                    " over PostgreSQL"))
+        if args.https_postgres and https_pg is None:
+            print("HTTPS over PostgreSQL: not run (%s)" % "; ".join(pg_missing()))
         print("raw cryptography issuance (1 thread)   : %8.1f /s" % raw)
         print("CPU per certificate: %.2f ms attested (in-process, %d callers, all threads), "
               "%.2f ms raw: raw/attested %.2fx (the machine's load changes CPU time far less "
@@ -275,10 +286,11 @@ def main(argv=None):
               "caller)" % (concurrent / raw, ungrouped / raw, sequential / raw)
               + "".join(", %.2fx over HTTPS with %d worker%s" % (
                   f["rate"] / raw, w, "s" if w > 1 else "") for w, f in sorted(https.items())))
-        if len(https) > 1:
-            low, high = min(https), max(https)
-            print("ratio HTTPS %d/%d workers: %.2fx" % (
-                high, low, https[high]["rate"] / https[low]["rate"]))
+        for registry, runs in (("", https), (" over PostgreSQL", https_pg or {})):
+            if len(runs) > 1:
+                low, high = min(runs), max(runs)
+                print("ratio HTTPS%s %d/%d workers: %.2fx" % (
+                    registry, high, low, runs[high]["rate"] / runs[low]["rate"]))
         if profile:
             print("\n== cProfile: %d sequential in-process re-enrolments ==" % count)
             print(profile)
@@ -289,7 +301,9 @@ def main(argv=None):
                        {"attested": concurrent, "attested_ungrouped": ungrouped,
                         "attested_one_caller": sequential, "raw": raw,
                         "attested_cpu_ms": cpu_ms, "raw_cpu_ms": raw_cpu_ms,
-                        "https": {str(w): f for w, f in https.items()}}, [
+                        "https": {str(w): f for w, f in https.items()},
+                        "https_postgres": {str(w): f for w, f in (https_pg or {}).items()}},
+                       [
                            figure("attested re-enrolments, in-process, %d callers" % callers,
                                   concurrent, "/s", "raw cryptography issuance", raw),
                        ] + [figure("attested re-enrolments, HTTPS, %d server worker(s), %d "

@@ -48,6 +48,7 @@ from fleetid.cloud.http.sites import EVENT_LOOPS, event_loop_factory, serve_fore
 from fleetid.cloud.http.verifier_app import make_metrics_app, make_verifier_app
 from fleetid.cloud.pki.profiles import get_profile, server_certificate_builder
 from fleetid.cloud.registry.shared_state import shared_tables
+from fleetid.cloud.http.est_fast import EstFastPath, EstFastSite
 from fleetid.cloud.http.ocsp_fast import OcspFastPath, OcspFastSite
 from fleetid.cloud.http.verifier_fast import VerifierFastPath, VerifierFastSite
 from fleetid.cloud.http.rate_limit import ClientRateLimits
@@ -68,6 +69,7 @@ DEFAULT_CA_LABEL = "ca-default"
 AUDIT_LINE_LABEL = "audit-line"
 AUDIT_WITNESS_LABEL = "audit-witness"
 CHECKPOINT_POLL_SECONDS = 10.0  # how often a running server asks whether one is due
+_FAST_SITES = {"verifier": VerifierFastSite, "est": EstFastSite, "crl": OcspFastSite}
 
 
 def _read_pems(paths):
@@ -83,8 +85,6 @@ def _write(path, data, mode=0o644):
     os.fchmod(fd, mode)  # an existing file keeps its mode otherwise (a private key: 0600)
     with os.fdopen(fd, "wb") as f:
         f.write(data)
-
-
 
 
 class CloudContext:
@@ -384,8 +384,9 @@ class CloudServer:
         if metrics_port:
             self._plan.append(("metrics", make_metrics_app(self.metrics), metrics_port, None))
         self.crl_publisher = crl_publisher
-        # listener name -> its fast path (verifier_fast.py, ocsp_fast.py)
-        self._fast = {"verifier": VerifierFastPath(verifier, self.metrics, self.timeouts.idle)}
+        # listener name -> its fast path (verifier_fast.py, est_fast.py, ocsp_fast.py)
+        self._fast = {"verifier": VerifierFastPath(verifier, self.metrics, self.timeouts.idle),
+                      "est": EstFastPath(est_service, self.metrics, self.timeouts.idle)}
         if crl_publisher is not None:
             self._plan.append(("crl", self._revocation_app(crl_publisher, revocation_tiers),
                                crl_port, None))
@@ -456,10 +457,9 @@ class CloudServer:
             host = self.host if name != "metrics" else "127.0.0.1"
             bounds = sites.ssl_bounds(ssl_context, self.timeouts)
             if name in self._fast:
-                site_class = VerifierFastSite if name == "verifier" else OcspFastSite
-                site = site_class(runner, host, port, self._fast[name],
-                                  sock=self.sockets.get(name), ssl_context=ssl_context,
-                                  backlog=1024, reuse_address=True)
+                site = _FAST_SITES[name](
+                    runner, host, port, self._fast[name], sock=self.sockets.get(name),
+                    ssl_context=ssl_context, backlog=1024, reuse_address=True)
             elif name in self.sockets:
                 site = sites.BoundedSockSite(runner, self.sockets[name],
                                              ssl_context=ssl_context, backlog=1024)

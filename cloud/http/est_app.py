@@ -11,7 +11,9 @@ Handlers parse and render only; policy is EstService's.  Served over TLS with
 CERT_OPTIONAL (cacerts and csrattrs need no client certificate; the rest answer 401
 without one, with a WWW-Authenticate challenge naming the TLS client certificate: RFC 7030
 3.2.3 / RFC 7235 3.1, see fleetid.cloud.http.errors).  Status codes come from the one
-table in fleetid.cloud.http.errors.
+table in fleetid.cloud.http.errors.  A device's usual nonce GET and simplereenroll are
+answered off aiohttp's request path by est_fast.py, with these steps in this order;
+any change here is one there too (tests/cloud/test_est_fast.py compares the two).
 """
 
 from aiohttp import web
@@ -35,7 +37,9 @@ def _b64_response(data, content_type, extra=None):
                         content_type=content_type, **(extra or {}))
 
 
-def _split(tail):
+def split_tail(tail):
+    """(label or None, operation) of the path after /.well-known/est/ (est_fast.py too).
+    Raises RequestRefused (404)."""
     parts = tail.split("/") if tail else []
     if len(parts) == 1:
         return None, parts[0]
@@ -50,7 +54,7 @@ def make_est_app(service, metrics, max_body=MAX_BODY):
     """The EST aiohttp Application over an EstService."""
 
     async def dispatch(request):
-        label, op = _split(request.match_info["tail"])
+        label, op = split_tail(request.match_info["tail"])
         if op not in _GET_OPS + _POST_OPS:
             raise RequestRefused(errors.NOT_FOUND, "not an EST operation")
         service.label(label)  # 404 for an unknown label before anything else

@@ -8,6 +8,7 @@ and hands every other request, with its connection, to the listener's aiohttp ap
     FastSite      web.TCPSite whose connections start in the fast path's protocol
     HeadFacts     what a fast path needs of a parsed request head
     HttpDate      the Date header, formatted once per second
+    status_line   an answer's status line
     FastConnection  the protocols' common part: leaving the FastPath, the hand-over
 
 A connection class used here has `loop`, `transport` and `last_active` (the loop time of
@@ -18,6 +19,7 @@ protocol factory (the runner's web.Server).
 import asyncio
 import email.utils
 import time
+from http import HTTPStatus
 
 from aiohttp import web
 from aiohttp.http import HttpProcessingError, HttpRequestParser
@@ -37,6 +39,18 @@ def error_answer(exc):
     lines = [b"Content-Type: text/plain; charset=utf-8"]
     lines += [("%s: %s" % item).encode() for item in headers.items()]
     return status, lines, text.encode()
+
+
+_STATUS_LINES = {}
+
+
+def status_line(status):
+    """b"HTTP/1.1 <status> <reason phrase>" (made once per status)."""
+    line = _STATUS_LINES.get(status)
+    if line is None:
+        line = _STATUS_LINES[status] = b"HTTP/1.1 %d %s" % (status,
+                                                             HTTPStatus(status).phrase.encode())
+    return line
 
 
 class HttpDate:

@@ -48,12 +48,11 @@ import asyncio
 import json
 import logging
 import time
-from http import HTTPStatus
 
 from aiohttp.http import HttpProcessingError
 
 from fleetid.cloud.http.fast_path import KEEPALIVE_TIMEOUT, MAX_HEAD, FastConnection, \
-    FastPath, FastSite, HttpDate, error_answer
+    FastPath, FastSite, HttpDate, error_answer, status_line
 from fleetid.cloud.http.middleware import failure_error
 from fleetid.cloud.revocation.staple import STAPLE_HEADER
 from fleetid.cloud.verifier import errors
@@ -67,17 +66,6 @@ ROUTES = {b"GET /v1/whoami HTTP/1.1": "/v1/whoami", b"GET /v1/whoami HTTP/1.0": 
           b"GET /healthz HTTP/1.1": "/healthz", b"GET /healthz HTTP/1.0": "/healthz"}
 JSON_TYPE = b"Content-Type: application/json; charset=utf-8"
 HEALTHZ_BODY = json.dumps({"ok": True}).encode()
-
-
-_STATUS_LINES = {}
-
-
-def _status_line(status):
-    line = _STATUS_LINES.get(status)
-    if line is None:
-        line = _STATUS_LINES[status] = b"HTTP/1.1 %d %s" % (status,
-                                                             HTTPStatus(status).phrase.encode())
-    return line
 
 
 class VerifierFastPath(FastPath):
@@ -208,7 +196,7 @@ class VerifierConnection(FastConnection):
 
     def _write(self, status, headers, body, message, endpoint, started, identity, reason):
         close = message.should_close
-        lines = [_status_line(status), b"Date: " + HttpDate.now(),
+        lines = [status_line(status), b"Date: " + HttpDate.now(),
                  b"Content-Length: %d" % len(body)] + headers
         staple = self.fast.staple
         if staple is not None:

@@ -1,0 +1,257 @@
+"""EST's fast path: a device's rotation requests answered by a lean asyncio protocol around
+aiohttp's own HTTP parser; every other request handed, with its connection, to the EST
+aiohttp application (est_app.py).
+
+    fast = EstFastPath(est_service, metrics, keepalive_timeout=..)
+    site = EstFastSite(runner, host, port, fast, ssl_context=context)  # not TCPSite
+    await site.start()
+
+Why: a rotation opens a new (resumed) TLS connection for its nonce and another for its
+re-enrolment, and aiohttp's per-connection machinery (a request handler and its task,
+request and response objects, router, middleware, the body read under wait_for) is
+paid on each, as the verifier's and OCSP's fast paths found (verifier_fast.py,
+ocsp_fast.py).  So these two routes are taken off that path:
+
+    GET  /.well-known/est[/<label>]/nonce            no body
+    POST /.well-known/est[/<label>]/simplereenroll   Content-Type application/pkcs10,
+                                                     Content-Length <= MAX_BODY, the
+                                                     whole body in with its head
+
+Anything else (the other operations, a wrong method or content type, HEAD, a query
+string, a percent-encoded or otherwise unusual path, a chunked body, Expect, a body
+that is not whole yet, a head aiohttp refuses) hands the connection and the bytes not
+yet consumed to aiohttp's protocol, which serves it through the app as before.
+
+The same steps as est_app's dispatch, in the same order, through the same functions:
+the label (est_app.split_tail, EstService.label: 404), the TLS client certificate of
+this connection (none: 401 no_client_certificate), the base64 body
+(messages.decode_base64_body: 400), EstService.nonce / EstService.enroll in a worker
+thread (blocking: HSM and registry), the issuance counter; refusals rendered from the
+one status table (fast_path.error_answer), registry and HSM failures 503 and anything
+else 500 (middleware.failure_error: logged, never sent); the request counter and
+latency histogram under the app's endpoint name; the JSON access line when INFO is
+enabled.  One request at a time per connection: reading pauses while the worker thread
+runs, so pipelined requests are answered in order.
+
+Bounds: a request head of at most MAX_HEAD bytes (longer: handed to aiohttp, which
+refuses it); a connection with no complete request head for `keepalive_timeout` seconds
+is closed (one answering is not idle); the body bound and its timeout are aiohttp's, as
+a body that is not whole with its head is read by aiohttp; while the transport's write
+buffer is over its high-water mark nothing is read or answered.
+"""
+
+import asyncio
+import logging
+import re
+import time
+
+from aiohttp.http import HttpProcessingError
+
+from fleetid.cloud.est import messages
+from fleetid.cloud.http.est_app import MAX_BODY, split_tail
+from fleetid.cloud.http.fast_path import KEEPALIVE_TIMEOUT, MAX_HEAD, FastConnection, \
+    FastPath, FastSite, HttpDate, error_answer, status_line
+from fleetid.cloud.http.middleware import failure_error
+from fleetid.cloud.verifier import errors
+from fleetid.cloud.verifier.errors import CloudError
+
+log = logging.getLogger("fleetid.cloud")
+
+SERVICE = "est"
+ENDPOINT = messages.WELL_KNOWN + "/{tail}"  # the app's one route (its metrics name)
+# The request lines served here: the path's characters are those of a label and no
+# segment is a dot segment, so the path aiohttp routes and logs (request.path, decoded
+# and normalised) is the same text.
+_ROUTE = re.compile(rb"\A(GET|POST) " + re.escape(messages.WELL_KNOWN.encode())
+                    + rb"/((?:[A-Za-z0-9][A-Za-z0-9._-]*/)?(nonce|simplereenroll)) HTTP/1\.[01]\Z")
+_METHOD = {b"nonce": b"GET", b"simplereenroll": b"POST"}
+_NONCE_HEADERS = [b"Content-Type: " + messages.CT_NONCE.encode(),
+                  b"Content-Transfer-Encoding: base64"]
+_CERTS_HEADERS = [b"Content-Type: %s; smime-type=%s" % (messages.CT_PKCS7_MIME.encode(),
+                                                        messages.SMIME_CERTS_ONLY.encode()),
+                  b"Content-Transfer-Encoding: base64"]
+
+
+class EstFastPath(FastPath):
+    """What the fast-path connections of the EST listener share.
+
+    Params: service: the EstService.  metrics: Metrics or None.  keepalive_timeout:
+        seconds (module text).
+    """
+
+    def __init__(self, service, metrics=None, keepalive_timeout=KEEPALIVE_TIMEOUT):
+        super().__init__(keepalive_timeout)
+        self.service = service
+        self.metrics = metrics
+
+    def idle(self, connection, now):
+        return not connection.busy and super().idle(connection, now)
+
+
+class EstConnection(FastConnection):
+    """One client connection while it asks for nonces and re-enrolments (module text)."""
+
+    def __init__(self, fast, fallback):
+        self.fast = fast
+        self.fallback = fallback  # aiohttp's protocol factory (the runner's web.Server)
+        self.transport = None
+        self.buffer = bytearray()
+        self.busy = False  # a worker thread is answering the current request
+        self.write_paused = False
+
+    def connection_made(self, transport):
+        self.transport = transport
+        peer = transport.get_extra_info("peername")
+        self.peer = peer[0] if peer else ""
+        self.loop = asyncio.get_running_loop()
+        self.last_active = self.loop.time()
+        self.fast.add(self)
+
+    # As the other fast paths: while the write buffer is over its high-water mark nothing
+    # is read or answered (a client that pipelines and never reads holds bounded memory).
+
+    def pause_writing(self):
+        self.write_paused = True
+        self.transport.pause_reading()
+
+    def resume_writing(self):
+        self.write_paused = False
+        if not self.busy and not self.transport.is_closing():
+            self.transport.resume_reading()
+            self._process()
+
+    def data_received(self, data):
+        self.buffer += data
+        if not self.busy and not self.write_paused:
+            self._process()
+
+    def _process(self):
+        while self.buffer and not self.busy and not self.write_paused \
+                and not self.transport.is_closing():
+            if not self._next_request():
+                return
+
+    def _next_request(self):
+        """Start answering the request at the start of the buffer when it is whole.  True
+        to look for another one; False to wait for more bytes (or after handing over)."""
+        buffer = self.buffer
+        line_end = buffer.find(b"\r\n")
+        if line_end < 0:
+            if len(buffer) > MAX_HEAD:
+                self._hand_over()  # aiohttp refuses the over-long line
+            return False
+        route = _ROUTE.match(bytes(buffer[:line_end]))
+        if route is None or _METHOD[route.group(3)] != route.group(1):
+            self._hand_over()
+            return False
+        end = buffer.find(b"\r\n\r\n", line_end)
+        if end < 0:
+            if len(buffer) > MAX_HEAD:
+                self._hand_over()
+            return False
+        try:
+            message = self.fast.parse_head(bytes(buffer[:end + 4]))
+        except HttpProcessingError:
+            self._hand_over()  # aiohttp answers 400 and logs it as it does for any route
+            return False
+        length = message.length
+        if message.chunked or message.expect_continue or len(buffer) < end + 4 + length \
+                or (message.method == "GET" and length) \
+                or (message.method == "POST" and (message.content_type != messages.CT_PKCS10
+                                                  or length > MAX_BODY)):
+            self._hand_over()  # aiohttp reads, bounds or refuses it
+            return False
+        body = bytes(buffer[end + 4:end + 4 + length])
+        del buffer[:end + 4 + length]
+        self._answer(message, route.group(2).decode(), body)
+        return True
+
+    def _hand_over(self):
+        data, self.buffer = bytes(self.buffer), bytearray()
+        self.give_to_app(data)
+
+    def _answer(self, message, tail, body):
+        """est_app's dispatch for one request: the checks here, the service call in a
+        worker thread (reading paused until it is answered)."""
+        started = time.perf_counter()
+        service = self.fast.service
+        try:
+            label, op = split_tail(tail)
+            service.label(label)  # 404 for an unknown label before anything else
+            ssl_object = self.transport.get_extra_info("ssl_object")
+            client = ssl_object.getpeercert(binary_form=True) if ssl_object is not None \
+                else None
+            if client is None:
+                raise CloudError(errors.NO_CLIENT_CERT, "present the device certificate "
+                                                        "(mTLS)")
+            if op == messages.OP_NONCE:
+                work = (service.nonce, label, client)
+            else:
+                work = (service.enroll, label, client, messages.decode_base64_body(body),
+                        True)
+        except Exception as exc:  # noqa: BLE001 - internal causes: logged, never sent
+            self._send_error(exc, message, started)
+            return
+        self.busy = True
+        self.transport.pause_reading()
+        future = self.loop.run_in_executor(None, *work)
+        future.add_done_callback(lambda f: self._done(f, message, label, op, started))
+
+    def _done(self, future, message, label, op, started):
+        self.busy = False
+        try:
+            result = future.result()
+        except Exception as exc:  # noqa: BLE001 - internal causes: logged, never sent
+            self._send_error(exc, message, started)
+        else:
+            if op == messages.OP_NONCE:
+                headers, body = _NONCE_HEADERS, messages.encode_base64(result)
+            else:
+                service = self.fast.service
+                if self.fast.metrics is not None:
+                    self.fast.metrics.issued.labels(label or service.default_label, op).inc()
+                headers = _CERTS_HEADERS
+                body = messages.encode_base64(messages.certs_only([result]))
+            self._write(200, headers, body, message, started)
+        if not self.transport.is_closing() and not self.write_paused:
+            self.transport.resume_reading()
+            self._process()
+
+    def _send_error(self, exc, message, started):
+        if not isinstance(exc, CloudError):
+            exc = failure_error(exc, SERVICE, message.path)
+        status, headers, body = error_answer(exc)
+        self._write(status, headers, body, message, started, exc.reason)
+
+    def _write(self, status, headers, body, message, started, reason=None):
+        # Counted and logged before the answer leaves, as the app's middleware does (and
+        # also when the client has gone meanwhile: the request was served all the same).
+        elapsed = time.perf_counter() - started
+        if self.fast.metrics is not None:
+            self.fast.metrics.request_done(SERVICE, ENDPOINT, status, elapsed)
+        if log.isEnabledFor(logging.INFO):
+            fields = {"service": SERVICE, "method": message.method, "path": message.path,
+                      "remote": self.peer, "status": status, "ms": round(elapsed * 1000, 3)}
+            if reason:
+                fields["reason"] = reason
+            log.info("request", extra={"fields": fields})
+        if self.transport.is_closing():
+            return
+        close = message.should_close
+        lines = [status_line(status), b"Date: " + HttpDate.now(),
+                 b"Content-Length: %d" % len(body)] + headers
+        if close:
+            lines.append(b"Connection: close")
+        elif message.version < (1, 1):
+            lines.append(b"Connection: keep-alive")
+        self.transport.write(b"\r\n".join(lines) + b"\r\n\r\n" + body)
+        if close:
+            self.transport.close()
+        else:
+            self.last_active = self.loop.time()
+
+
+class EstFastSite(FastSite):
+    """The EST listener's site: connections start in EstConnection (FastSite)."""
+
+    connection_class = EstConnection

@@ -1,0 +1,269 @@
+"""EST's fast path (cloud/http/est_fast.py): the nonce GET and simplereenroll answered off
+aiohttp's request path with the same checks and the same answers as the EST aiohttp app,
+everything else handed to the app on the same connection.
+
+Each comparison asks the same question twice on the same server: once on the fast route,
+once in a form the fast path hands over (a query string: aiohttp's router ignores it), so
+the app's answer is the reference.  Which one answered shows in the Server header, which
+aiohttp adds and the fast path does not.
+"""
+
+import base64
+import logging
+import socket
+import time
+
+import pytest
+from cryptography.hazmat.primitives.serialization import pkcs7
+
+from fleetid.cloud.http import est_fast
+from fleetid.cloud.registry import RegistryError
+from tests.cloud.cloud_support import RunningCloud
+
+EST = "/.well-known/est/"
+VIA_APP = "?via=app"
+
+
+def _connect(cloud, files):
+    raw = socket.create_connection(("127.0.0.1", cloud.ports["est"]), timeout=20)
+    return cloud.client_context(files).wrap_socket(raw, server_hostname="127.0.0.1")
+
+
+def _read_answers(tls, count):
+    """`count` HTTP/1.1 answers read off one connection: [(status, headers, body)]."""
+    data, answers = b"", []
+    while len(answers) < count:
+        end = data.find(b"\r\n\r\n")
+        if end >= 0:
+            head = data[:end].decode("latin-1").split("\r\n")
+            headers = {}
+            for line in head[1:]:
+                name, _, value = line.partition(":")
+                headers[name.strip().lower()] = value.strip()
+            length = int(headers.get("content-length", 0))
+            if len(data) >= end + 4 + length:
+                answers.append((int(head[0].split()[1]), headers,
+                                data[end + 4:end + 4 + length]))
+                data = data[end + 4 + length:]
+                continue
+        chunk = tls.recv(65536)
+        if not chunk:
+            raise AssertionError("connection closed after %d answers" % len(answers))
+        data += chunk
+    return answers
+
+
+def _request(target, body=None, content_type=b"application/pkcs10", close=True):
+    head = b"%s %s HTTP/1.1\r\nHost: x\r\n" % (b"GET" if body is None else b"POST",
+                                               target.encode())
+    if body is not None:
+        head += b"Content-Type: %s\r\nContent-Length: %d\r\n" % (content_type, len(body))
+    return head + (b"Connection: close\r\n" if close else b"") + b"\r\n" + (body or b"")
+
+
+def _ask(cloud, files, target, body=None, **kwargs):
+    with _connect(cloud, files) as tls:
+        tls.sendall(_request(target, body, **kwargs))
+        return _read_answers(tls, 1)[0]
+
+
+def _both(cloud, files, op, body=None, make_body=None, **kwargs):
+    """(fast answer, app answer) of one question; make_body() gives each its own body
+    (a CSR with a fresh nonce)."""
+    fast = _ask(cloud, files, EST + op, make_body() if make_body else body, **kwargs)
+    app = _ask(cloud, files, EST + op + VIA_APP, make_body() if make_body else body,
+               **kwargs)
+    assert "server" not in fast[1] and "server" in app[1], (fast[1], app[1])
+    return fast, app
+
+
+def _same_answer(fast, app, same_body=True):
+    assert fast[0] == app[0], (fast, app)
+    if same_body:
+        assert fast[2] == app[2]
+    for header in ("content-type", "content-transfer-encoding", "www-authenticate",
+                   "retry-after", "allow", "connection"):
+        assert fast[1].get(header) == app[1].get(header), header
+
+
+@pytest.fixture
+def cloud(fleet):
+    with RunningCloud(fleet) as running:
+        yield running
+
+
+def _csr_body(device):
+    return lambda: base64.b64encode(device.csr()[1])
+
+
+def test_nonces_are_the_apps_answers(fleet, cloud):
+    device = fleet.provision()
+    fleet.enrol(device)
+    fast, app = _both(cloud, device.files(), "nonce")
+    _same_answer(fast, app, same_body=False)
+    assert fast[0] == 200 and len(base64.b64decode(fast[2])) == len(base64.b64decode(app[2]))
+    for files, op, status, start in ((None, "nonce", 401, b"no_client_certificate:"),
+                                     (device.files(), "nope/nonce", 404, b"unknown_label:"),
+                                     (device.files(), "b42/nonce", 200, b"")):
+        fast, app = _both(cloud, files, op)
+        assert fast[0] == status and fast[2].startswith(start), fast
+        _same_answer(fast, app, same_body=status != 200)
+
+
+def test_reenrolments_are_the_apps_answers(fleet, cloud):
+    device = fleet.provision()
+    old = fleet.enrol(device)
+    fast, app = _both(cloud, device.files(), "simplereenroll", make_body=_csr_body(device))
+    _same_answer(fast, app, same_body=False)
+    for answer in (fast, app):
+        [new] = pkcs7.load_der_pkcs7_certificates(base64.b64decode(answer[2]))
+        assert answer[0] == 200 and new.subject == old.subject
+    _, csr = device.csr()
+    replayed = base64.b64encode(csr)
+    assert _ask(cloud, device.files(), EST + "simplereenroll", replayed)[0] == 200
+    identity = device.files(device.identity_cert, device.identity_key)
+    for files, body, status, start in (
+            (device.files(), replayed, 403, b"policy: attestation nonce was already used"),
+            (device.files(), b"%%% not base64", 400, b"bad_base64:"),
+            (device.files(), b"", 400, b"bad_base64:"),
+            (None, replayed, 401, b"no_client_certificate:"),
+            (identity, base64.b64encode(device.csr()[1]), 403, b"wrong_certificate_kind")):
+        fast, app = _both(cloud, files, "simplereenroll", body)
+        assert fast[0] == status and fast[2].startswith(start), fast
+        _same_answer(fast, app)
+
+
+def test_counted_and_logged_as_the_app_does(fleet, cloud):
+    device = fleet.provision()
+    fleet.enrol(device)
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger = logging.getLogger("fleetid.cloud")
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        _both(cloud, device.files(), "nonce")
+        _both(cloud, None, "nonce")
+        _both(cloud, device.files(), "simplereenroll", make_body=_csr_body(device))
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    lines = [dict(r.fields, ms=None) for r in records if r.getMessage() == "request"]
+    assert len(lines) == 6
+    for fast, app in zip(lines[::2], lines[1::2]):
+        assert fast == app
+    metrics = cloud.server.metrics
+    endpoint = est_fast.ENDPOINT
+    assert metrics.requests.labels("est", endpoint, "200")._value.get() == 4
+    assert metrics.requests.labels("est", endpoint, "401")._value.get() == 2
+    assert metrics.issued.labels("b42", "simplereenroll")._value.get() == 2
+
+
+def test_a_registry_failure_is_the_apps_503(fleet, cloud, monkeypatch):
+    device = fleet.provision()
+    fleet.enrol(device)
+
+    def failing(*args, **kwargs):
+        raise RegistryError(RegistryError.STORAGE, "disk I/O error")
+
+    monkeypatch.setattr(fleet.est, "enroll", failing)
+    monkeypatch.setattr(fleet.est, "nonce", failing)
+    for op, body in (("simplereenroll", base64.b64encode(device.csr()[1])), ("nonce", None)):
+        fast, app = _both(cloud, device.files(), op, body)
+        assert fast[0] == 503 and fast[2] == b"unavailable: try again later\n"
+        _same_answer(fast, app)
+
+
+def test_other_forms_are_answered_by_the_app(fleet, cloud):
+    device = fleet.provision()
+    fleet.enrol(device)
+    body = base64.b64encode(device.csr()[1])
+    status, headers, _ = _ask(cloud, device.files(), EST + "simplereenroll", body,
+                              content_type=b"text/plain")
+    assert status == 415 and "server" in headers
+    status, headers, _ = _ask(cloud, device.files(), EST + "nonce", b"x")  # POST
+    assert status == 405 and headers["allow"] == "GET" and "server" in headers
+    with _connect(cloud, device.files()) as tls:  # the body after its head: aiohttp reads it
+        request = _request(EST + "simplereenroll", body)
+        tls.sendall(request[:-len(body)])
+        time.sleep(0.2)
+        tls.sendall(request[-len(body):])
+        status, headers, _ = _read_answers(tls, 1)[0]
+    assert status == 200 and "server" in headers
+
+
+def test_pipelined_requests_in_order_then_handed_over(fleet, cloud):
+    device = fleet.provision()
+    fleet.enrol(device)
+    with _connect(cloud, device.files()) as tls:
+        tls.sendall(_request(EST + "nonce", close=False)
+                    + _request(EST + "simplereenroll", base64.b64encode(device.csr()[1]),
+                               close=False)
+                    + _request(EST + "cacerts"))
+        (s1, h1, b1), (s2, h2, _), (s3, h3, b3) = _read_answers(tls, 3)
+    assert s1 == 200 and h1["content-type"] == "application/octet-stream" and b1
+    assert s2 == 200 and h2["content-type"].startswith("application/pkcs7-mime")
+    assert s3 == 200 and "server" in h3 and pkcs7.load_der_pkcs7_certificates(
+        base64.b64decode(b3))
+    assert "server" not in h1 and "server" not in h2
+
+
+def test_a_connection_waiting_for_its_answer_is_not_idle(fleet):
+    import asyncio
+
+    from fleetid.cloud.http.est_fast import EstConnection, EstFastPath
+    from tests.cloud.cloud_support import RecordingTransport
+
+    async def scenario():
+        fast = EstFastPath(fleet.est, keepalive_timeout=1.0)
+        connection = EstConnection(fast, fallback=None)
+        connection.connection_made(RecordingTransport())
+        later = connection.loop.time() + 10
+        connection.busy = True  # a re-enrolment in its worker thread
+        assert not fast.idle(connection, later)
+        connection.busy = False
+        assert fast.idle(connection, later)
+        fast.close_all()
+
+    asyncio.run(scenario())
+
+
+def test_a_client_that_reads_no_answer_stops_being_read_and_answered(fleet):
+    import asyncio
+
+    from fleetid.cloud.http.est_fast import EstConnection, EstFastPath
+    from tests.cloud.cloud_support import RecordingTransport
+
+    async def scenario():
+        fast = EstFastPath(fleet.est)
+        connection = EstConnection(fast, fallback=None)
+        transport = RecordingTransport()
+        connection.connection_made(transport)
+        request = _request(EST + "nonce", close=False)  # no TLS here: 401 at once
+        connection.data_received(request)
+        assert len(transport.written) == 1 and transport.written[0].startswith(
+            b"HTTP/1.1 401 ")
+        connection.pause_writing()  # the write buffer is over its high-water mark
+        assert not transport.reading
+        connection.data_received(request * 3)  # already in flight
+        assert len(transport.written) == 1
+        connection.resume_writing()  # the client took the answers
+        assert transport.reading and len(transport.written) == 4
+        connection.data_received(request + request[:20])  # one and a piece
+        assert len(transport.written) == 5
+        connection.data_received(request[20:])
+        assert len(transport.written) == 6 and not transport.closing
+        fast.close_all()
+
+    asyncio.run(scenario())
+
+
+def test_a_label_that_needs_approval_answers_as_the_app(fleet, cloud):
+    device = fleet.provision()
+    fleet.enrol(device)
+    fast, app = _both(cloud, device.files(), "b42-approval/simplereenroll",
+                      make_body=lambda: base64.b64encode(device.csr("b42-approval")[1]))
+    _same_answer(fast, app)
+    assert fast[0] == 202 and fast[1]["retry-after"] == "30", fast
