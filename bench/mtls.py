@@ -2,7 +2,7 @@
 same run.
 
     .venv/bin/python bench/mtls.py [--quick] [--connections N] [--devices D]
-                                   [--loop auto|uvloop|asyncio] [--workers N]
+                                   [--loop auto|uvloop|asyncio] [--workers N] [--profile]
 
 What is measured, per server, as connections per server CPU-second (utime + stime of
 the server process from /proc, so client cost does not count):
@@ -35,8 +35,10 @@ Fairness (what each server does per connection, and where they differ):
            <subject DN>", fleetid the whoami JSON, bare aiohttp "ok").
   fleetid  additionally runs FleetVerifier on every request (cached chain and
            attestation verdicts, ONE registry read: the certificate's status joined
-           with its device's, registry.certificate_and_device), Prometheus counters and
-           a latency histogram.  It listens as `fleetid cloud serve` does: the
+           with its device's, registry.certificate_and_device; one stat of the
+           revoked-CA file, configured as `fleetid cloud serve` does it, the file
+           absent as it is until a first CA revocation), Prometheus counters and a
+           latency histogram.  It listens as `fleetid cloud serve` does: the
            verifier's fast path (cloud/http/verifier_fast.py) answers GET /v1/whoami
            without aiohttp's per-request machinery, with the same checks and answers;
            "aiohttp" stays the plain framework (TCPSite, router, a handler).
@@ -64,6 +66,12 @@ Fairness (what each server does per connection, and where they differ):
            runs stateless tickets sealed with the key of the context made before the
            fork, so every worker resumes every session, as nginx's tickets (key made by
            its master) do: its ratio is printed against "nginx".
+
+--profile: after the figures, one more fleetid server (one process) runs under cProfile
+for a resumed measurement, and its top functions by own time are printed: where the
+server's Python time goes per request.  The profiler slows Python code several-fold and
+does not see inside uvloop and OpenSSL (their time is the event loop's own), so read it
+for where the Python time goes, not for the rates.
 
 Everything listens on 127.0.0.1; loops are bounded by --connections.  Needs the repo root
 on sys.path (it reuses the fleet of bench/_cloud_support.py, which the tests use too).
@@ -210,13 +218,16 @@ def _serve_worker(workdir, port, context, bare, event_loop, reuse_port):
     from fleetid.cloud.http.verifier_fast import VerifierFastPath, VerifierFastSite
     from fleetid.cloud.http.metrics import Metrics
     from fleetid.cloud.server import event_loop_factory
+    from fleetid.cloud.verifier.revoked_cas import RevokedCaFile
     from fleetid.cloud.verifier.service import FleetTrust, FleetVerifier
 
     def pems(name):
         with open(os.path.join(workdir, name), "rb") as f:
             return x509.load_pem_x509_certificates(f.read())
 
-    trust = FleetTrust(pems("root.pem"), pems("intermediates.pem"), pems("vendor.pem"))
+    trust = FleetTrust(pems("root.pem"), pems("intermediates.pem"), pems("vendor.pem"),
+                       revoked_ca_file=RevokedCaFile(
+                           os.path.join(workdir, "fleet", "revoked-cas.jsonl")))
     registry = SqliteRegistry(os.path.join(workdir, "fleet", "registry.db"))
     verifier = FleetVerifier(trust, registry)
     metrics = Metrics()
@@ -293,6 +304,51 @@ NGINX_SESSIONS = {
     "nginx": "        ssl_session_tickets on;",
     "nginx-sc": "        ssl_session_tickets off;\n        ssl_session_cache builtin:20480;",
 }
+
+
+def serve_profiled(workdir, port, stats_path, event_loop):
+    """The fleetid server (one process), profiled by cProfile from SIGUSR1 on (after
+    start-up and warm-up); its stats are written to `stats_path` on SIGTERM."""
+    import cProfile
+    import signal
+
+    profiler = cProfile.Profile()
+
+    def stop(signum, frame):
+        profiler.disable()
+        profiler.dump_stats(stats_path)
+        os._exit(0)
+
+    signal.signal(signal.SIGUSR1, lambda signum, frame: profiler.enable())
+    signal.signal(signal.SIGTERM, stop)
+    serve_fleetid(workdir, port, event_loop=event_loop)
+
+
+def profile_resumed(args, workdir, files, root_file, connections, top=25):
+    """Run a resumed measurement against a profiled fleetid server; returns the text of
+    its top functions by own time (pstats), per request."""
+    import io
+    import pstats
+    import signal
+
+    stats_path = os.path.join(workdir, "fleetid.prof")
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--serve", workdir,
+                             str(port), "--loop", args.loop, "--profile-out", stats_path],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_port(port)
+        run_load(port, "/v1/whoami", files, len(files) * 3, root_file, True)  # warm-up
+        proc.send_signal(signal.SIGUSR1)
+        time.sleep(0.2)
+        counter, _wall = run_load(port, "/v1/whoami", files, connections, root_file, True)
+    finally:
+        stop_processes([proc])
+    out = io.StringIO()
+    out.write("cProfile of the fleetid server, resumed, %d requests (times inflated by the "
+              "profiler):\n" % counter["ok"])
+    pstats.Stats(stats_path, stream=out).sort_stats("tottime").print_stats(top)
+    return out.getvalue()
 
 
 # -- load generator ----------------------------------------------------------------------------
@@ -477,7 +533,13 @@ def main(argv=None):
                         help="event loop of both Python servers (default: uvloop if "
                              "installed, as `fleetid cloud serve` runs)")
     parser.add_argument("--json", dest="json_path", help="also write the figures as JSON")
+    parser.add_argument("--profile", action="store_true",
+                        help="then profile a fleetid server during a resumed run (cProfile)")
+    parser.add_argument("--profile-out", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.serve and args.profile_out:
+        serve_profiled(args.serve[0], int(args.serve[1]), args.profile_out, args.loop)
+        return 0
     if args.serve:
         serve_fleetid(args.serve[0], int(args.serve[1]),
                       bare="floor" if args.floor else args.bare, event_loop=args.loop,
@@ -523,6 +585,8 @@ def main(argv=None):
                                theirs, _ratio(results[("tls-floor", mode)], nginx_rate)))
         if args.json_path:  # bench/report.py
             _write_json(args.json_path, results)
+        if args.profile:
+            print(profile_resumed(args, workdir, files, root_file, connections))
     finally:
         stop_processes(processes)
         shutil.rmtree(workdir, ignore_errors=True)

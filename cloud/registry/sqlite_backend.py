@@ -157,12 +157,15 @@ class SqliteRegistry(SqlRegistry):
         # per-thread write count covers this thread's own connection (which
         # data_version does not report).  Any commit at all drops every memoised
         # answer.  The check is ~10x cheaper than the joined query; the records are
-        # immutable.
-        cert_serial = cert_serial_text(cert_serial)
+        # immutable.  The memo is keyed by the serial as given (an int from the
+        # verifier): a hit needs no conversion to the stored text.
         conn = self._conn()
         local = self._local
+        cursor = getattr(local, "version_cursor", None)
+        if cursor is None or cursor.connection is not conn:  # one per connection, reused
+            cursor = local.version_cursor = conn.cursor()
         try:
-            token = (conn.execute("PRAGMA data_version").fetchone()[0],
+            token = (cursor.execute("PRAGMA data_version").fetchone()[0],
                      getattr(local, "writes", 0))
         except sqlite3.Error as exc:
             raise _storage_error(exc) from None
@@ -173,6 +176,7 @@ class SqliteRegistry(SqlRegistry):
         found = memo[1].get(key)
         if found is not None:
             return found
+        cert_serial = cert_serial_text(cert_serial)
         try:
             cursor = conn.cursor()
             cursor.row_factory = None

@@ -185,6 +185,10 @@ class RevokedCaFile:
 
     def fingerprints(self):
         """The current set (a stat per call; a re-read only when the file changed)."""
+        if self._identity is None and not os.access(self.path, os.F_OK):
+            # No file yet (no CA ever revoked): one access(2), without the cost of the
+            # FileNotFoundError a stat raises (the verifier asks on every request).
+            return self._fingerprints
         try:
             st = os.stat(self.path)
             identity = (st.st_ino, st.st_size, st.st_mtime_ns)

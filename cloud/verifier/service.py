@@ -39,8 +39,9 @@ chain, and the registry read (6-8, 10: ONE registry.certificate_and_device call,
 certificate and its device in one query), so a revocation written by any process sharing
 the registry takes effect on the next request (no staleness window); revoke_certificate
 also drops the entry.  Validity (2) is checked on every call.  The parsed facts of a DER
-(certificate object, device serial, issuer text, EKU verdict, validity) are memoised by
-fingerprint as well: they cannot change for the same bytes.
+(its fingerprint, certificate object, device serial, issuer text, EKU verdict, validity)
+are memoised by the DER bytes themselves, and a parsed rotation state by its stored
+text: they cannot change for the same bytes or text.
 
 Rotation state: fleetid.cloud.registry.rotation (its formats are described there once).
 """
@@ -105,9 +106,23 @@ class DeviceIdentity:
         return {
             "serial": self.serial, "registry_serial": self.registry_serial,
             "se_uid": self.se_uid.hex(), "fingerprint": self.fingerprint, "kind": self.kind,
-            "issuer": self.issuer, "not_after": format_deadline(self.not_after),
+            "issuer": self.issuer, "not_after": _deadline_text(self.not_after),
             "in_overlap": self.in_overlap,
         }
+
+
+_DEADLINE_TEXTS = {}  # aware datetime -> format_deadline's text (whoami's not_after)
+
+
+def _deadline_text(moment):
+    """format_deadline(moment), formatted once per distinct moment (a certificate's
+    notAfter is the same on each of its requests; equal instants format alike)."""
+    text = _DEADLINE_TEXTS.get(moment)
+    if text is None:
+        if len(_DEADLINE_TEXTS) >= DEFAULT_CACHE_SIZE:
+            _DEADLINE_TEXTS.clear()
+        text = _DEADLINE_TEXTS[moment] = format_deadline(moment)
+    return text
 
 
 class CheckResult:
@@ -204,7 +219,10 @@ class FleetVerifier:
         self._clock = clock or utc_now
         self.accept_identity = accept_identity
         self._cache = collections.OrderedDict()  # fp -> [chain fps, attested SE UID]
-        self._facts = {}  # fp -> (certificate, device serial, issuer text, EKU refusal)
+        # DER -> (fp, certificate, device serial, issuer text, EKU refusal, notBefore,
+        # notAfter); rotation-state text -> RotationState
+        self._facts = {}
+        self._rotations = {}
         self._cache_size = cache_size
         self._lock = threading.Lock()
         self.on_verdict = on_verdict
@@ -258,15 +276,17 @@ class FleetVerifier:
     # -- the checks: CHECKS (end of module) in order, for verify() and explain() alike -------
 
     def _check_certificate(self, v, now):
-        fp = fingerprint_of(v.der)
-        facts = self._facts.get(fp)
+        # Keyed by the DER itself: the same bytes have the same fingerprint and facts, so
+        # a certificate seen before costs a dict lookup instead of a SHA-256 per request
+        # (and no memory: the parsed certificate holds a reference to these same bytes).
+        der = bytes(v.der)
+        facts = self._facts.get(der)
         if facts is None:
-            facts = _parse_facts(v.der)
+            facts = (fingerprint_of(der),) + _parse_facts(der)
             if len(self._facts) >= self._cache_size:
                 self._facts.clear()
-            self._facts[fp] = facts
-        v.fp = fp
-        v.cert, v.serial, v.issuer, v.eku, v.not_before, v.not_after = facts
+            self._facts[der] = facts
+        v.fp, v.cert, v.serial, v.issuer, v.eku, v.not_before, v.not_after = facts
         if v.explaining:
             return "device %s, certificate serial %x" % (v.serial, v.cert.serial_number)
         return None
@@ -316,11 +336,13 @@ class FleetVerifier:
         # Runs on every call (cheap: one stat of the revoked-CA file), also when the chain
         # verdict came from the cache.
         revoked_sets = self.trust.revoked_ca_sets()
-        for fp in v.chain_fps[1:]:
-            if any(fp in revoked for revoked in revoked_sets):
-                ca = self.trust.by_fingerprint.get(fp)
-                name = ca.subject.rfc4514_string() if ca is not None else fp
-                raise AccessRefused(errors.CA_REVOKED, "CA %s is revoked" % name)
+        cas = v.chain_fps[1:]
+        if any(revoked and not revoked.isdisjoint(cas) for revoked in revoked_sets):
+            for fp in cas:  # the first revoked CA in chain order names the refusal
+                if any(fp in revoked for revoked in revoked_sets):
+                    ca = self.trust.by_fingerprint.get(fp)
+                    name = ca.subject.rfc4514_string() if ca is not None else fp
+                    raise AccessRefused(errors.CA_REVOKED, "CA %s is revoked" % name)
         return "no CA of the chain revoked"
 
     def _check_registry(self, v, now):
@@ -359,7 +381,14 @@ class FleetVerifier:
         return "key in SE %s (vendor chain ok)" % statement.se_uid.hex()
 
     def _check_overlap(self, v, now):
-        v.rotation = RotationState.parse(v.device.rotation_state)
+        text = v.device.rotation_state
+        rotation = self._rotations.get(text)
+        if rotation is None:  # RotationState is immutable: parsed once per stored text
+            rotation = RotationState.parse(text)
+            if len(self._rotations) >= self._cache_size:
+                self._rotations.clear()
+            self._rotations[text] = rotation
+        v.rotation = rotation
         v.in_overlap, detail = _overlap(v.fp, v.record.kind, v.rotation, now)
         return detail
 
