@@ -154,15 +154,20 @@ class Supervisor:
         buffer = b""
         while waiting and not self._stopping:
             left = deadline - time.monotonic()
-            if left <= 0 or self._reap(restart=False):
-                self.stop()
-                raise SupervisorError("not_ready", "worker(s) %s did not start"
-                                      % sorted(waiting))
-            readable, _, _ = select.select([self._ready_r], [], [], min(left, _POLL_S))
+            # The pipe before the exits: a worker that said it was ready and exited since
+            # (its line is in the pipe before its exit is seen) did start.
+            readable, _, _ = select.select([self._ready_r], [], [],
+                                           max(0.0, min(left, _POLL_S)))
             if readable:
                 buffer += os.read(self._ready_r, 4096)
                 *lines, buffer = buffer.split(b"\n")
                 waiting -= {int(line) for line in lines if line}
+                if not waiting:
+                    break
+            if left <= 0 or self._reap(restart=False):
+                self.stop()
+                raise SupervisorError("not_ready", "worker(s) %s did not start"
+                                      % sorted(waiting))
         return sorted(self.pids)
 
     def _reap(self, restart=True):

@@ -86,6 +86,23 @@ def test_a_crash_loop_stops_every_worker_with_status_1():
     assert supervisor.pids == {}
 
 
+def test_a_worker_ready_then_gone_before_the_parent_looks_has_started():
+    # The parent sees the exit only after the ready line is in the pipe (waitid WNOWAIT:
+    # exited, not reaped), as on a loaded machine.  It used to reap first and call the
+    # worker "did not start"; it started, and its quick deaths are run()'s to count.
+    class LateParent(Supervisor):
+        def _spawn(self, index):
+            pid = super()._spawn(index)
+            os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT)
+            return pid
+
+    supervisor = LateParent(1, lambda index, ready: ready(), ready_timeout=10,
+                            stop_timeout=2, restart_delay=0.01, max_quick_deaths=3)
+    assert len(supervisor.start()) == 1
+    assert supervisor.run() == 1
+    assert supervisor.pids == {}
+
+
 def test_stop_kills_a_worker_that_ignores_sigterm_after_the_bound():
     def stubborn(index, ready):
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
