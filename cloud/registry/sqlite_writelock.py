@@ -26,10 +26,13 @@ lock with its file descriptor: the kernel releases it.
 
 Where flock is missing (no fcntl module) or fails (a file system without it, a lock file
 that cannot be opened), writers go on without it: SQLite's busy handler alone, as
-before.  The lock file is created 0600 beside the database, never followed through a
-symbolic link, and kept (deleting it while in use would let two writers lock two files).
+before (with a warning in the log).  The lock file is created 0600 beside the database
+(owned by the database's owner when root creates it, as SQLite does with its -wal and
+-shm files), never followed through a symbolic link, and kept (deleting it while in use
+would let two writers lock two files).
 """
 
+import logging
 import os
 import time
 
@@ -42,6 +45,8 @@ except ImportError:  # pragma: no cover - not on POSIX CPython
 
 FIRST_PAUSE_S = 0.0001
 MAX_PAUSE_S = 0.001
+log = logging.getLogger("fleetid.cloud.registry")
+
 _UNUSABLE = -1  # open() or flock() failed for this process: go on without the lock
 
 
@@ -50,6 +55,7 @@ class WriterLock:
     the registry calls it under its in-process write lock (one writer per process)."""
 
     def __init__(self, db_path):
+        self.db_path = db_path
         self.path = db_path + "-writelock"
         self._fd = None
         self._pid = None
@@ -69,8 +75,10 @@ class WriterLock:
                 return True
             except BlockingIOError:
                 pass  # another process holds it
-            except OSError:
-                self._fd = _UNUSABLE  # e.g. ENOLCK: this file system cannot flock
+            except OSError as exc:  # e.g. ENOLCK: this file system cannot flock
+                log.warning("writer lock %s unusable (%s): SQLite's busy handler alone",
+                            self.path, exc.strerror)
+                self._fd = _UNUSABLE
                 os.close(fd)
                 return False
             now = time.monotonic()
@@ -103,9 +111,25 @@ class WriterLock:
         if self._fd is None:
             self._fd = _UNUSABLE
             if fcntl is not None:
-                flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0)
-                try:
-                    self._fd = os.open(self.path, flags, 0o600)
-                except OSError:
-                    pass  # e.g. a read-only directory: SQLite's busy handler alone
+                self._fd = self._open_file()
         return self._fd
+
+    def _open_file(self):
+        flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0)
+        try:
+            fd = os.open(self.path, flags, 0o600)
+        except OSError as exc:  # e.g. a read-only directory, another user's lock file
+            log.warning("writer lock %s unusable (%s): SQLite's busy handler alone",
+                        self.path, exc.strerror)
+            return _UNUSABLE
+        if hasattr(os, "geteuid") and os.geteuid() == 0:
+            # As SQLite does for its -wal and -shm files: a file root creates (a CLI
+            # command run as root) belongs to the database's owner, or the service
+            # user could not open it afterwards.
+            try:
+                owner = os.stat(self.db_path)
+                if os.fstat(fd).st_uid != owner.st_uid:
+                    os.fchown(fd, owner.st_uid, owner.st_gid)
+            except OSError:
+                pass  # the lock still works for this process
+        return fd

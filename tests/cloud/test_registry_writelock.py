@@ -232,3 +232,36 @@ def test_a_forked_child_takes_its_own_lock(tmp_path):
     finally:
         lock.release()
         lock.close()
+
+
+@pytest.mark.parametrize("obstacle", ["directory", "symlink"])
+def test_an_unusable_lock_file_falls_back_to_sqlite(tmp_path, obstacle, caplog):
+    path = str(tmp_path / "registry.db")
+    target = tmp_path / "elsewhere"
+    target.write_bytes(b"")
+    if obstacle == "directory":
+        os.mkdir(path + "-writelock")
+    else:  # never followed: the target is not locked (nor created, nor changed)
+        os.symlink(target, path + "-writelock")
+    registry = SqliteRegistry(path)
+    try:
+        assert registry.allocate_intent(UID, "station-1").se_uid == UID
+        assert registry.allocate_serial() > 0
+    finally:
+        registry.close()
+    assert "writer lock" in caplog.text and "busy handler alone" in caplog.text
+    assert target.read_bytes() == b""
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0, reason="needs root")
+def test_created_by_root_the_lock_file_belongs_to_the_database_owner(tmp_path):
+    path = str(tmp_path / "registry.db")
+    SqliteRegistry(path).close()
+    os.chown(path, 4242, 4343)
+    registry = SqliteRegistry(path)
+    try:
+        registry.allocate_serial()
+    finally:
+        registry.close()
+    info = os.stat(path + "-writelock")
+    assert (info.st_uid, info.st_gid) == (4242, 4343)
