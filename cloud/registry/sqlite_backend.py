@@ -76,7 +76,7 @@ class SqliteRegistry(SqlRegistry):
         self.path = path
         self.busy_timeout_s = busy_timeout_s
         self._write_lock = threading.Lock()
-        self._writer_lock = WriterLock(path)
+        self._flock = WriterLock(path)
         if apply_schema:  # False: `fleetid registry migrate` reads the version first
             self._apply_schema()
 
@@ -103,7 +103,7 @@ class SqliteRegistry(SqlRegistry):
         # dropped by any write of this thread's connection (data_version misses those).
         self._local.writes = getattr(self._local, "writes", 0) + 1
         with self._write_lock:
-            locked = self._writer_lock.acquire(self.busy_timeout_s)
+            locked = self._flock.acquire(self.busy_timeout_s)
             try:
                 conn.execute("BEGIN IMMEDIATE")
                 try:
@@ -119,15 +119,16 @@ class SqliteRegistry(SqlRegistry):
                 raise _storage_error(exc) from None
             finally:
                 if locked:
-                    self._writer_lock.release()
+                    self._flock.release()
 
     def close(self):
         super().close()
-        # Under the in-process write lock (bounded: a transaction ends within the busy
-        # timeout): a write still running must not unlock a closed, reused descriptor.
+        # Under the in-process write lock: a write still running must not unlock a
+        # closed (and maybe reused) descriptor.  Bounded: past the bound the lock file
+        # stays open until the process ends.
         if self._write_lock.acquire(timeout=2 * self.busy_timeout_s + 1.0):
             try:
-                self._writer_lock.close()
+                self._flock.close()
             finally:
                 self._write_lock.release()
 
