@@ -151,29 +151,41 @@ class Supervisor:
             self._spawn(index)
         waiting = set(range(self.workers))
         deadline = time.monotonic() + self.ready_timeout
-        buffer = b""
+        pipe = [b""]
         while waiting and not self._stopping:
             left = deadline - time.monotonic()
-            # The pipe before the exits: a worker that said it was ready and exited since
-            # (its line is in the pipe before its exit is seen) did start.
-            readable, _, _ = select.select([self._ready_r], [], [],
-                                           max(0.0, min(left, _POLL_S)))
-            if readable:
-                buffer += os.read(self._ready_r, 4096)
-                *lines, buffer = buffer.split(b"\n")
-                waiting -= {int(line) for line in lines if line}
-                if not waiting:
-                    break
-            if left <= 0 or self._reap(restart=False):
-                self.stop()
-                raise SupervisorError("not_ready", "worker(s) %s did not start"
-                                      % sorted(waiting))
+            waiting -= self._ready_lines(pipe, max(0.0, min(left, _POLL_S)))
+            exited = self._reap(restart=False) if waiting and left > 0 else []
+            if waiting and (exited or left <= 0):
+                # The pipe again: a worker that said it was ready and exited since the
+                # last read (its line is in the pipe before its exit can be seen) did start.
+                waiting -= self._ready_lines(pipe, 0.0)
+                failed = waiting & set(exited) if left > 0 else waiting
+                if failed:
+                    self.stop()
+                    raise SupervisorError("not_ready", "worker(s) %s did not start"
+                                          % sorted(failed))
+                try:  # started, then gone: restarted as run() does
+                    for index in exited:
+                        self._restart(index)
+                except SupervisorError:
+                    self.stop()
+                    raise
         return sorted(self.pids)
 
+    def _ready_lines(self, pipe, timeout):
+        """The indexes of the workers whose ready line came within `timeout` seconds;
+        pipe[0] holds a partial line between calls."""
+        readable, _, _ = select.select([self._ready_r], [], [], timeout)
+        if not readable:
+            return set()
+        *lines, pipe[0] = (pipe[0] + os.read(self._ready_r, 4096)).split(b"\n")
+        return {int(line) for line in lines if line}
+
     def _reap(self, restart=True):
-        """Collect exited workers; restart them when `restart`.  Returns how many
-        exited.  Raises SupervisorError("crash_loop")."""
-        exited = 0
+        """Collect exited workers; restart them when `restart`.  Returns the indexes of
+        those that exited.  Raises SupervisorError("crash_loop")."""
+        exited = []
         while self.pids:
             try:
                 pid, status = os.waitpid(-1, os.WNOHANG)
@@ -184,7 +196,7 @@ class Supervisor:
             index = self.pids.pop(pid, None)
             if index is None:
                 continue
-            exited += 1
+            exited.append(index)
             log.log(logging.INFO if self._stopping else logging.WARNING,
                     "worker %d (pid %d) exited: %s", index, pid, _status_text(status))
             if restart and not self._stopping:

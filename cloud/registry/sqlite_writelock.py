@@ -22,7 +22,9 @@ more CPU per write than a blocking flock; a helper thread doing the blocking flo
 bounded caller cost the same as polling (its two thread hand-offs per wait), so it was
 not kept.  BEGIN IMMEDIATE then waits in SQLite's busy handler (its own busy timeout)
 only behind a writer without the flock.  A holder that dies (even kill -9) loses its
-lock with its file descriptor: the kernel releases it.
+lock with its file descriptor: the kernel releases it; a forked child closes the
+descriptor it inherits at once (os.register_at_fork), so it cannot keep its parent's lock
+alive.
 
 Where flock is missing (no fcntl module) or fails (a file system without it, a lock file
 that cannot be opened), writers go on without it: SQLite's busy handler alone, as
@@ -35,6 +37,7 @@ would let two writers lock two files).
 import logging
 import os
 import time
+import weakref
 
 from fleetid.cloud.registry.errors import RegistryError
 
@@ -48,6 +51,26 @@ MAX_PAUSE_S = 0.001
 log = logging.getLogger("fleetid.cloud.registry")
 
 _UNUSABLE = -1  # open() or flock() failed for this process: go on without the lock
+_OPEN = weakref.WeakSet()  # every WriterLock of this process
+
+
+def _close_inherited():
+    """In a forked child, at once: close the inherited lock files.  An inherited
+    descriptor shares the parent's open file, and so its lock: kept open, it would hold a
+    lock the parent took even after the parent died (kill -9), and every writer would
+    wait out its timeout.  Closing (never unlocking: that would release the parent's lock)
+    is safe here, before any other code of the child can have reused the numbers."""
+    for lock in list(_OPEN):
+        fd, lock._fd, lock._pid = lock._fd, None, None
+        if fd is not None and fd != _UNUSABLE:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_close_inherited)
 
 
 class WriterLock:
@@ -59,6 +82,7 @@ class WriterLock:
         self.path = db_path + "-writelock"
         self._fd = None
         self._pid = None
+        _OPEN.add(self)
 
     def acquire(self, timeout_s):
         """Take the lock, waiting at most timeout_s.  Returns True when taken (call
@@ -101,11 +125,8 @@ class WriterLock:
 
     def _open(self):
         if self._pid != os.getpid():
-            # First use, or a forked child: an inherited descriptor shares the parent's
-            # open file, and so its lock; this process needs its own.  The inherited
-            # one is left open: its number may have been closed and reused since the
-            # fork (fd-closing code after fork), and an unlock through it would release
-            # the parent's lock.
+            # First use, or a forked child (whose inherited descriptor _close_inherited
+            # closed right after the fork): this process needs its own open file.
             self._pid = os.getpid()
             self._fd = None
         if self._fd is None:

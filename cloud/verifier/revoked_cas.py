@@ -35,6 +35,9 @@ REASONS = ("unspecified", "keyCompromise", "cACompromise", "affiliationChanged",
            "superseded", "cessationOfOperation", "certificateHold", "privilegeWithdrawn",
            "aACompromise")
 FILE_NAME = "revoked-cas.jsonl"
+# access(2) by the effective ids, as open() and stat() go: by the real ones a process
+# started with split ids could take an existing file for absent.
+_EFFECTIVE = os.access in os.supports_effective_ids
 
 
 def ca_fingerprint(certificate):
@@ -185,7 +188,7 @@ class RevokedCaFile:
 
     def fingerprints(self):
         """The current set (a stat per call; a re-read only when the file changed)."""
-        if self._identity is None and not os.access(self.path, os.F_OK):
+        if self._identity is None and not os.access(self.path, os.F_OK, effective_ids=_EFFECTIVE):
             # No file yet (no CA ever revoked): one access(2), without the cost of the
             # FileNotFoundError a stat raises (the verifier asks on every request).
             return self._fingerprints

@@ -156,7 +156,7 @@ def test_a_stopped_holder_storage_error_within_the_bound_then_recovery(holder):
     registry = SqliteRegistry(path, busy_timeout_s=0.5)
     try:
         os.kill(child.pid, signal.SIGSTOP)
-        for _ in range(2):  # the group commit path, then a plain write
+        for _ in range(2):  # twice: the wait is bounded each time, not only the first
             started = time.monotonic()
             with pytest.raises(RegistryError) as caught:
                 registry.allocate_intent(UID, "station-1")
@@ -265,3 +265,50 @@ def test_created_by_root_the_lock_file_belongs_to_the_database_owner(tmp_path):
         registry.close()
     info = os.stat(path + "-writelock")
     assert (info.st_uid, info.st_gid) == (4242, 4343)
+
+
+def _wait_exit(pid, seconds):
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return status
+        time.sleep(0.01)
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    pytest.fail("process %d did not finish" % pid)
+
+
+def test_a_child_forked_by_a_holder_does_not_keep_its_lock_after_it_is_killed(tmp_path):
+    # P takes the lock and forks Q, then P is killed -9 while Q lives on.  Q's inherited
+    # descriptor shares P's open file: had Q kept it open, the lock would outlive P.
+    path = str(tmp_path / "registry.db")
+    read_end, write_end = os.pipe()
+    holder = os.fork()
+    if holder == 0:  # P
+        try:
+            os.close(read_end)
+            lock = sqlite_writelock.WriterLock(path)
+            lock.acquire(1.0)
+            child = os.fork()
+            if child == 0:  # Q: lives on, holding nothing of its own
+                time.sleep(30)
+                os._exit(0)
+            os.write(write_end, b"%d\n" % child)
+            time.sleep(30)
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    assert select.select([read_end], [], [], 10)[0], "the holder did not start"
+    child = int(os.read(read_end, 64))
+    os.close(read_end)
+    os.kill(holder, signal.SIGKILL)
+    _wait_exit(holder, 10)
+    lock = sqlite_writelock.WriterLock(path)
+    try:
+        assert lock.acquire(2.0)  # RegistryError(STORAGE) while Q kept P's lock
+        lock.release()
+    finally:
+        lock.close()
+        os.kill(child, signal.SIGKILL)
+        time.sleep(0.05)

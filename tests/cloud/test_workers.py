@@ -93,13 +93,34 @@ def test_a_worker_ready_then_gone_before_the_parent_looks_has_started():
     class LateParent(Supervisor):
         def _spawn(self, index):
             pid = super()._spawn(index)
-            os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT)
+            deadline = time.monotonic() + 10
+            while os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT | os.WNOHANG) is None:
+                assert time.monotonic() < deadline, "the worker did not exit"
+                time.sleep(0.005)
             return pid
 
     supervisor = LateParent(1, lambda index, ready: ready(), ready_timeout=10,
                             stop_timeout=2, restart_delay=0.01, max_quick_deaths=3)
     assert len(supervisor.start()) == 1
     assert supervisor.run() == 1
+    assert supervisor.pids == {}
+
+
+def test_a_worker_gone_after_ready_while_another_starts_is_restarted_by_start():
+    def worker(index, ready):
+        if index == 1:
+            time.sleep(0.5)  # still starting when worker 0 is gone
+            _serve_until_term(index, ready)
+        else:
+            ready()  # and gone at once
+
+    supervisor = Supervisor(2, worker, ready_timeout=10, stop_timeout=2, restart_delay=0.01,
+                            max_quick_deaths=1000)
+    try:
+        assert len(supervisor.start()) == 2
+        assert supervisor.restarts >= 1  # worker 0, restarted while worker 1 started
+    finally:
+        supervisor.stop()
     assert supervisor.pids == {}
 
 
