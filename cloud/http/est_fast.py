@@ -37,7 +37,10 @@ Bounds: a request head of at most MAX_HEAD bytes (longer: handed to aiohttp, whi
 refuses it); a connection with no complete request head for `keepalive_timeout` seconds
 is closed (one answering is not idle); the body bound and its timeout are aiohttp's, as
 a body that is not whole with its head is read by aiohttp; while the transport's write
-buffer is over its high-water mark nothing is read or answered.
+buffer is over its high-water mark nothing is read or answered.  When the listener stops
+(FastPath.stop), a request running in its worker thread still gets its answer (with
+Connection: close; the certificate it issued is delivered), within the runner's
+shutdown timeout.
 """
 
 import asyncio
@@ -83,9 +86,6 @@ class EstFastPath(FastPath):
         super().__init__(keepalive_timeout)
         self.service = service
         self.metrics = metrics
-
-    def idle(self, connection, now):
-        return not connection.busy and super().idle(connection, now)
 
 
 class EstConnection(FastConnection):
@@ -237,7 +237,7 @@ class EstConnection(FastConnection):
             log.info("request", extra={"fields": fields})
         if self.transport.is_closing():
             return
-        close = message.should_close
+        close = message.should_close or self.fast.stopping
         lines = [status_line(status), b"Date: " + HttpDate.now(),
                  b"Content-Length: %d" % len(body)] + headers
         if close:
@@ -247,6 +247,7 @@ class EstConnection(FastConnection):
         self.transport.write(b"\r\n".join(lines) + b"\r\n\r\n" + body)
         if close:
             self.transport.close()
+            self.fast.discard(self)  # answered: stop() need not wait for the TLS close
         else:
             self.last_active = self.loop.time()
 

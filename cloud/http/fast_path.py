@@ -4,7 +4,7 @@ and hands every other request, with its connection, to the listener's aiohttp ap
 
     FastPath      one per listener: its connections, the idle sweep (one timer per
                   listener, not one per request), request heads parsed by aiohttp once
-                  per distinct head
+                  per distinct head, the stop (running answers delivered, bounded)
     FastSite      web.TCPSite whose connections start in the fast path's protocol
     HeadFacts     what a fast path needs of a parsed request head
     HttpDate      the Date header, formatted once per second
@@ -106,14 +106,15 @@ class FastConnection(asyncio.Protocol):
     itself to aiohttp for anything the fast path does not answer."""
 
     __slots__ = ()
+    busy = False  # a worker thread is answering its request (a subclass sets it)
 
     def connection_lost(self, exc):
-        self.fast.connections.discard(self)
+        self.fast.discard(self)
 
     def give_to_app(self, data):
         """Give the connection, and `data` (the bytes not consumed yet), to aiohttp's
         protocol (self.fallback(): the runner's web.Server)."""
-        self.fast.connections.discard(self)
+        self.fast.discard(self)
         protocol = self.fallback()
         self.transport.set_protocol(protocol)
         protocol.connection_made(self.transport)
@@ -128,7 +129,9 @@ class FastPath:
     def __init__(self, keepalive_timeout=KEEPALIVE_TIMEOUT):
         self.keepalive_timeout = keepalive_timeout
         self.connections = set()
+        self.stopping = False  # stop() began: answers go with Connection: close
         self._sweeper = None
+        self._drained = None  # stop()'s future: no busy connection is left
         self._heads = {}  # request head bytes -> HeadFacts (clients repeat their heads)
 
     def parse_head(self, head):
@@ -150,13 +153,23 @@ class FastPath:
         return facts
 
     def add(self, connection):
+        if self.stopping:  # accepted before the listener closed, its handshake after
+            connection.transport.close()
+            return
         self.connections.add(connection)
         if self._sweeper is None:
             self._sweeper = connection.loop.call_later(SWEEP_SECONDS, self._sweep)
 
+    def discard(self, connection):
+        """`connection` left: closed, handed to aiohttp, or (stopping) answered."""
+        self.connections.discard(connection)
+        if self._drained is not None and not self._drained.done() \
+                and not any(c.busy for c in self.connections):
+            self._drained.set_result(None)
+
     def idle(self, connection, now):
         """Whether the sweep closes `connection` (a subclass may act on it first)."""
-        return connection.last_active < now - self.keepalive_timeout
+        return not connection.busy and connection.last_active < now - self.keepalive_timeout
 
     def _sweep(self):
         self._sweeper = None
@@ -170,6 +183,25 @@ class FastPath:
                 self.connections.discard(connection)
         if self.connections:
             self._sweeper = loop.call_later(SWEEP_SECONDS, self._sweep)
+
+    async def stop(self, timeout):
+        """Close the connections once their listener accepts no more: the idle ones at
+        once; one whose request runs in a worker thread (busy) sends its answer with
+        Connection: close and closes (the certificate it issued is delivered), waited for
+        at most `timeout` seconds (the runner's shutdown timeout, which aiohttp gives its
+        own handlers), after which it is closed all the same."""
+        self.stopping = True
+        for connection in list(self.connections):
+            if not connection.busy:
+                connection.transport.close()
+                self.connections.discard(connection)
+        if self.connections:
+            self._drained = asyncio.get_running_loop().create_future()
+            try:
+                await asyncio.wait_for(self._drained, timeout)
+            except asyncio.TimeoutError:
+                pass
+        self.close_all()
 
     def close_all(self):
         if self._sweeper is not None:
@@ -212,5 +244,5 @@ class FastSite(web.TCPSite):
         self._bound_port = self._server.sockets[0].getsockname()[1]
 
     async def stop(self):
-        await super().stop()
-        self.fast.close_all()
+        await super().stop()  # the listener accepts no more connections
+        await self.fast.stop(self._runner._shutdown_timeout)

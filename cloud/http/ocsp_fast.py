@@ -293,7 +293,7 @@ class OcspConnection(FastConnection):
             self.transport.close()
 
     def _write(self, status, headers, body, message, endpoint, started, reason=None):
-        close = message is None or message.should_close
+        close = message is None or message.should_close or self.fast.stopping
         lines = [b"HTTP/1.1 %d %s" % (status, _REASON.get(status, b"")), b"Date: " +
                  HttpDate.now()] + ([b"Content-Length: %d" % len(body)] if status != 304
                                  else []) + headers
@@ -317,6 +317,7 @@ class OcspConnection(FastConnection):
             return  # a refusal: _refuse closes (or drains first)
         if close:
             self.transport.close()
+            self.fast.discard(self)  # answered: stop() need not wait for the TLS close
         else:
             self.last_active = self.loop.time()
 

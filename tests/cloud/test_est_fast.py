@@ -8,17 +8,20 @@ the app's answer is the reference.  Which one answered shows in the Server heade
 aiohttp adds and the fast path does not.
 """
 
+import asyncio
 import base64
 import logging
 import socket
+import threading
 import time
 
 import pytest
 from cryptography.hazmat.primitives.serialization import pkcs7
 
 from fleetid.cloud.http import est_fast
+from fleetid.cloud.http.est_fast import EstConnection, EstFastPath
 from fleetid.cloud.registry import RegistryError
-from tests.cloud.cloud_support import RunningCloud
+from tests.cloud.cloud_support import RecordingTransport, RunningCloud
 
 EST = "/.well-known/est/"
 VIA_APP = "?via=app"
@@ -267,3 +270,121 @@ def test_a_label_that_needs_approval_answers_as_the_app(fleet, cloud):
                       make_body=lambda: base64.b64encode(device.csr("b42-approval")[1]))
     _same_answer(fast, app)
     assert fast[0] == 202 and fast[1]["retry-after"] == "30", fast
+
+
+class _TlsTransport(RecordingTransport):
+    """A RecordingTransport whose client presented the certificate `der`."""
+
+    def __init__(self, der=b"client certificate"):
+        super().__init__()
+        self.der = der
+
+    def get_extra_info(self, name, default=None):
+        return self if name == "ssl_object" else default
+
+    def getpeercert(self, binary_form=False):
+        return self.der
+
+
+class _BlockingService:
+    """An EstService whose nonce() waits in its worker thread until released."""
+
+    default_label = "b42"
+
+    def __init__(self):
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+    def label(self, label):
+        return label
+
+    def nonce(self, label, client):
+        self.entered.set()
+        self.release.wait(10)
+        return b"n" * 32
+
+
+async def _busy_connection(fast, service):
+    connection = EstConnection(fast, fallback=None)
+    connection.connection_made(_TlsTransport())
+    connection.data_received(_request(EST + "nonce", close=False))
+    assert connection.busy
+    assert await connection.loop.run_in_executor(None, service.entered.wait, 10)
+    return connection
+
+
+def test_stop_closes_idle_connections_and_delivers_the_running_answers():
+    async def scenario():
+        service = _BlockingService()
+        fast = EstFastPath(service)
+        idle = EstConnection(fast, fallback=None)
+        idle.connection_made(RecordingTransport())
+        busy = await _busy_connection(fast, service)
+        stopping = asyncio.ensure_future(fast.stop(10))
+        await asyncio.sleep(0.05)
+        assert idle.transport.closing and not busy.transport.closing
+        assert not stopping.done() and not busy.transport.written
+        late = EstConnection(fast, fallback=None)  # its TLS handshake ended after stop
+        late.connection_made(RecordingTransport())
+        assert late.transport.closing and late not in fast.connections
+        service.release.set()
+        await asyncio.wait_for(stopping, 5)
+        [answer] = busy.transport.written
+        assert answer.startswith(b"HTTP/1.1 200 ") and b"\r\nConnection: close\r\n" in answer
+        assert busy.transport.closing and not fast.connections
+
+    asyncio.run(scenario())
+
+
+def test_stop_waits_for_a_running_answer_no_longer_than_its_bound(caplog):
+    async def scenario():
+        service = _BlockingService()
+        fast = EstFastPath(service)
+        busy = await _busy_connection(fast, service)
+        started = time.monotonic()
+        await asyncio.wait_for(fast.stop(0.2), 5)
+        assert 0.15 < time.monotonic() - started < 2
+        assert busy.transport.closing and not fast.connections
+        service.release.set()  # the worker's answer comes after the bound: dropped
+        while busy.busy:
+            await asyncio.sleep(0.01)
+        assert not busy.transport.written
+
+    with caplog.at_level(logging.INFO):
+        asyncio.run(scenario())
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.records
+
+
+@pytest.mark.parametrize("via", ["", VIA_APP])
+def test_a_reenrolment_running_when_the_server_stops_is_delivered(fleet, monkeypatch, via):
+    # As a SIGTERM does (sites.serve_forever): the server stops while the certificate is
+    # being issued; the device gets it, on the fast path as from the app.
+    device = fleet.provision()
+    fleet.enrol(device)
+    entered, release = threading.Event(), threading.Event()
+    enroll = fleet.est.enroll
+
+    def slow(*args, **kwargs):
+        entered.set()
+        release.wait(10)
+        return enroll(*args, **kwargs)
+
+    monkeypatch.setattr(fleet.est, "enroll", slow)
+    with RunningCloud(fleet) as running:
+        tls = _connect(running, device.files())
+        tls.sendall(_request(EST + "simplereenroll" + via,
+                             base64.b64encode(device.csr()[1]), close=False))
+        assert entered.wait(10)
+        stopping = asyncio.run_coroutine_threadsafe(running.server.stop(), running.loop)
+        time.sleep(0.3)
+        assert not stopping.done()
+        with pytest.raises(OSError):  # the listener accepts no more
+            _connect(running, device.files())
+        release.set()
+        status, headers, body = _read_answers(tls, 1)[0]
+        stopping.result(10)
+        tls.close()
+    assert status == 200 and ("server" in headers) == bool(via), (status, headers)
+    if not via:  # said, as RFC 9112 9.6 asks (aiohttp closes after its answer unsaid)
+        assert headers["connection"] == "close"
+    pkcs7.load_der_pkcs7_certificates(base64.b64decode(body))

@@ -534,3 +534,37 @@ def test_a_client_that_reads_no_answer_stops_being_read_and_answered():
         fast.close_all()
 
     asyncio.run(scenario())
+
+
+def test_stop_delivers_a_signature_running_in_its_worker_thread():
+    """At stop an idle connection is closed at once; one whose answer is being signed
+    (Deferred) gets it, with Connection: close, before it is closed (as EST's)."""
+    import asyncio
+    import threading
+
+    from fleetid.cloud.http.ocsp_fast import OcspConnection
+
+    release = threading.Event()
+    tier = _AnswerTier()
+    tier.deferred = True
+    answer_path = tier.answer_path
+    tier.answer_path = lambda text: Deferred(
+        lambda: release.wait(10) and answer_path(text).work())
+
+    async def scenario():
+        fast = OcspFastPath(tier)
+        idle, busy = OcspConnection(fast, fallback=None), OcspConnection(fast, fallback=None)
+        idle.connection_made(RecordingTransport())
+        busy.connection_made(RecordingTransport())
+        busy.data_received(b"GET /ocsp/MAo%3D HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert busy.busy
+        stopping = asyncio.ensure_future(fast.stop(10))
+        await asyncio.sleep(0.05)
+        assert idle.transport.closing and not busy.transport.closing and not stopping.done()
+        release.set()
+        await asyncio.wait_for(stopping, 5)
+        [answer] = busy.transport.written
+        assert answer.startswith(b"HTTP/1.1 200 ") and b"\r\nConnection: close\r\n" in answer
+        assert busy.transport.closing and not fast.connections
+
+    asyncio.run(scenario())
