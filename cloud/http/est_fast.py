@@ -33,8 +33,9 @@ latency histogram under the app's endpoint name; the JSON access line when INFO 
 enabled.  One request at a time per connection: reading pauses while the worker thread
 runs, so pipelined requests are answered in order.
 
-Bounds: a request head of at most MAX_HEAD bytes (longer: handed to aiohttp, which
-refuses it); a connection with no complete request head for `keepalive_timeout` seconds
+Bounds: a request head of at most MAX_HEAD bytes, whether it arrives whole or in pieces
+(longer: handed to aiohttp, which bounds each line and the number of header lines, not
+the head as a whole, and refuses or serves it); a connection with no complete request head for `keepalive_timeout` seconds
 is closed (one answering is not idle); the body bound and its timeout are aiohttp's, as
 a body that is not whole with its head is read by aiohttp; while the transport's write
 buffer is over its high-water mark nothing is read or answered.  When the listener stops

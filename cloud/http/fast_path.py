@@ -30,6 +30,7 @@ MAX_HEAD = 8190  # aiohttp's own max_line_size / max_field_size default
 KEEPALIVE_TIMEOUT = 75.0  # aiohttp's default keepalive_timeout
 SWEEP_SECONDS = 1.0  # how often idle connections are looked for
 MAX_HEADS = 1024  # distinct request heads remembered (parse_head)
+MAX_CACHED_HEAD = 1024  # longer heads are parsed each time, not remembered
 
 
 def error_answer(exc):
@@ -101,6 +102,11 @@ class HeadFacts:
             [tag.strip() for tag in match.split(",")]
 
 
+class HeadTooLong(HttpProcessingError):
+    """A complete request head over MAX_HEAD bytes (arrived in one read): a fast path does
+    with it what it does with an incomplete head that long."""
+
+
 class FastConnection(asyncio.Protocol):
     """What a fast path's connection shares: it leaves its FastPath when closed, and hands
     itself to aiohttp for anything the fast path does not answer."""
@@ -137,7 +143,11 @@ class FastPath:
     def parse_head(self, head):
         """HeadFacts of a complete request head (through "\\r\\n\\r\\n"), parsed by
         aiohttp's HttpRequestParser; the same bytes parse the same, so a head seen before
-        is not parsed again (at most MAX_HEADS kept).  Raises HttpProcessingError."""
+        is not parsed again (at most MAX_HEADS kept, each of at most MAX_CACHED_HEAD
+        bytes: the heads clients repeat are small, and distinct big ones from anyone
+        would hold memory).  Raises HttpProcessingError (HeadTooLong over MAX_HEAD)."""
+        if len(head) > MAX_HEAD:
+            raise HeadTooLong(message="request head too long")
         facts = self._heads.get(head)
         if facts is None:
             # A parser of its own per head: it is then never left waiting for a body.
@@ -147,9 +157,10 @@ class FastPath:
             if not messages:
                 raise HttpProcessingError(message="not a complete request head")
             facts = HeadFacts(messages[0][0])
-            if len(self._heads) >= MAX_HEADS:
-                self._heads.clear()
-            self._heads[head] = facts
+            if len(head) <= MAX_CACHED_HEAD:
+                if len(self._heads) >= MAX_HEADS:
+                    self._heads.clear()
+                self._heads[head] = facts
         return facts
 
     def add(self, connection):

@@ -27,8 +27,9 @@ route: the per-client token bucket (429 rate_limited, Retry-After), the event-fi
 status table (cloud/http/errors.py); the metrics counter and latency histogram under the
 same endpoint names; the JSON access line when INFO is enabled.
 
-Bounds: a request head of at most MAX_HEAD bytes, a body of at most MAX_REQUEST; a
-connection with no complete request head for `keepalive_timeout` seconds is closed, and one
+Bounds: a request head of at most MAX_HEAD bytes (longer, whole or in pieces: 400), a
+body of at most MAX_REQUEST; a connection with no complete request head for
+`keepalive_timeout` seconds is closed, and one
 whose body does not arrive whole within `body_timeout` seconds of its head gets 408
 request_timeout and is closed (the listener's ServerTimeouts idle and body, as on the
 aiohttp path; checked every SWEEP_SECONDS); one request at a

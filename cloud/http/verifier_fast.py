@@ -35,8 +35,9 @@ never reach the client); the metrics counter and latency histogram under the sam
 endpoint names; the JSON access line when INFO is enabled; the OCSP staple header when
 the server has one (revocation_app.attach_staple_header's, for the aiohttp routes).
 
-Bounds: a request head of at most MAX_HEAD bytes (longer: handed to aiohttp, which
-refuses it); answers wait (and reading pauses) while the transport's write buffer is
+Bounds: a request head of at most MAX_HEAD bytes, whether it arrives whole or in pieces
+(longer: handed to aiohttp, which bounds each line and the number of header lines, not
+the head as a whole, and refuses or serves it); answers wait (and reading pauses) while the transport's write buffer is
 over its high-water mark, so a client that pipelines and never reads holds a bounded
 amount of memory; a connection with no complete request head for `keepalive_timeout` seconds
 is closed (the listener's ServerTimeouts.idle, as aiohttp's keepalive_timeout; checked

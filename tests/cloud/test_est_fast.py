@@ -388,3 +388,67 @@ def test_a_reenrolment_running_when_the_server_stops_is_delivered(fleet, monkeyp
     if not via:  # said, as RFC 9112 9.6 asks (aiohttp closes after its answer unsaid)
         assert headers["connection"] == "close"
     pkcs7.load_der_pkcs7_certificates(base64.b64decode(body))
+
+
+def _big_head(target, size, tag=b""):
+    """A GET head of about `size` bytes in header lines aiohttp accepts (each < 8190)."""
+    pads = b"".join(b"X-Pad-%d: %s\r\n" % (n, b"a" * 4000) for n in range(size // 4000))
+    return b"GET %s HTTP/1.1\r\nHost: x\r\nX-Tag: %s\r\n%sConnection: close\r\n\r\n" % (
+        target.encode(), tag, pads)
+
+
+def test_a_head_over_max_head_in_one_read_is_the_apps(fleet, cloud):
+    # TLS reads join up to 256 KiB: a whole head over MAX_HEAD arrives in one
+    # data_received and goes to aiohttp as one arriving in pieces does.
+    device = fleet.provision()
+    fleet.enrol(device)
+    answers = []
+    for target in (EST + "nonce", EST + "nonce" + VIA_APP):
+        with _connect(cloud, device.files()) as tls:
+            tls.sendall(_big_head(target, 12000))
+            answers.append(_read_answers(tls, 1)[0])
+    fast, app = answers
+    assert "server" in fast[1] and "server" in app[1], (fast, app)
+    _same_answer(fast, app, same_body=False)
+
+
+class _App:
+    """aiohttp's protocol, as far as a hand-over goes: records what it is given."""
+
+    def __init__(self):
+        self.data = b""
+
+    def connection_made(self, transport):
+        pass
+
+    def data_received(self, data):
+        self.data += data
+
+
+def test_distinct_big_heads_are_not_remembered(fleet):
+    import tracemalloc
+
+    async def scenario():
+        fast = EstFastPath(fleet.est)
+        app = _App()
+        transport = RecordingTransport()
+        transport.set_protocol = lambda protocol: None
+        connection = EstConnection(fast, fallback=lambda: app)
+        connection.connection_made(transport)
+        head = _big_head(EST + "nonce", 12000)
+        connection.data_received(head)  # over MAX_HEAD: handed over, not parsed
+        assert app.data == head and not transport.written
+        tracemalloc.start()
+        before = tracemalloc.get_traced_memory()[0]
+        for n in range(1000):  # distinct heads under MAX_HEAD (no TLS here: 401)
+            connection = EstConnection(fast, fallback=None)
+            connection.connection_made(RecordingTransport())
+            connection.data_received(_big_head(EST + "nonce", 4000, b"%d" % n))
+            assert connection.transport.written[0].startswith(b"HTTP/1.1 401 ")
+            connection.connection_lost(None)
+        held = tracemalloc.get_traced_memory()[0] - before
+        tracemalloc.stop()
+        assert held < 1_000_000, held  # 1000 heads of 4 KB: 4 MB when all were kept
+        fast.close_all()
+
+    asyncio.run(scenario())

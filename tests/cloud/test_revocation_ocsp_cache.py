@@ -568,3 +568,27 @@ def test_stop_delivers_a_signature_running_in_its_worker_thread():
         assert busy.transport.closing and not fast.connections
 
     asyncio.run(scenario())
+
+
+def test_a_whole_head_over_max_head_is_refused_as_one_in_pieces():
+    import asyncio
+
+    from fleetid.cloud.http.ocsp_fast import OcspConnection
+
+    pads = b"".join(b"X-Pad-%d: %s\r\n" % (n, b"a" * 4000) for n in range(3))
+    head = b"GET /ocsp/MAo%3D HTTP/1.1\r\nHost: x\r\n" + pads + b"\r\n"
+
+    async def scenario():
+        written = []
+        for pieces in ([head], [head[:-2], head[-2:]]):
+            connection = OcspConnection(OcspFastPath(_AnswerTier()), fallback=None)
+            transport = RecordingTransport()
+            connection.connection_made(transport)
+            for piece in pieces:
+                connection.data_received(piece)
+            assert transport.closing
+            written.append(b"".join(transport.written).split(b"\r\n", 1))
+        assert written[0][0] == written[1][0] == b"HTTP/1.1 400 Bad Request"
+        assert written[0][1].split(b"\r\n\r\n")[1] == written[1][1].split(b"\r\n\r\n")[1]
+
+    asyncio.run(scenario())
