@@ -193,30 +193,38 @@ class EstConnection(FastConnection):
         except Exception as exc:  # noqa: BLE001 - internal causes: logged, never sent
             self._send_error(exc, message, started)
             return
+        try:
+            future = self.loop.run_in_executor(None, *work)
+        except Exception as exc:  # noqa: BLE001 - the executor is shut down: 500, logged
+            self._send_error(exc, message, started)
+            return
+        # Busy only once submitted: a connection marked busy with no worker thread to
+        # clear it would never be swept.
         self.busy = True
         self.transport.pause_reading()
-        future = self.loop.run_in_executor(None, *work)
         future.add_done_callback(lambda f: self._done(f, message, label, op, started))
 
     def _done(self, future, message, label, op, started):
         self.busy = False
         try:
-            result = future.result()
+            headers, body = self._success(future.result(), label, op)
         except Exception as exc:  # noqa: BLE001 - internal causes: logged, never sent
             self._send_error(exc, message, started)
         else:
-            if op == messages.OP_NONCE:
-                headers, body = _NONCE_HEADERS, messages.encode_base64(result)
-            else:
-                service = self.fast.service
-                if self.fast.metrics is not None:
-                    self.fast.metrics.issued.labels(label or service.default_label, op).inc()
-                headers = _CERTS_HEADERS
-                body = messages.encode_base64(messages.certs_only([result]))
             self._write(200, headers, body, message, started)
         if not self.transport.is_closing() and not self.write_paused:
             self.transport.resume_reading()
             self._process()
+
+    def _success(self, result, label, op):
+        """(headers, body) of the 200 answer to the worker thread's `result` (the issued
+        counter first, as est_app)."""
+        if op == messages.OP_NONCE:
+            return _NONCE_HEADERS, messages.encode_base64(result)
+        if self.fast.metrics is not None:
+            self.fast.metrics.issued.labels(label or self.fast.service.default_label,
+                                            op).inc()
+        return _CERTS_HEADERS, messages.encode_base64(messages.certs_only([result]))
 
     def _send_error(self, exc, message, started):
         if not isinstance(exc, CloudError):

@@ -231,9 +231,14 @@ class OcspConnection(FastConnection):
             self._send_error(exc, message, endpoint, started)
             return
         if isinstance(reply, Deferred):  # a signature: off the event loop, in order
-            self.busy = True
+            try:
+                future = self.loop.run_in_executor(None, reply.work)
+            except Exception as exc:  # noqa: BLE001 - the executor is shut down: logged
+                self._send_error(failure_error(exc, SERVICE, message.path), message,
+                                 endpoint, started)
+                return
+            self.busy = True  # only once submitted (else never cleared, never swept)
             self.transport.pause_reading()
-            future = self.loop.run_in_executor(None, reply.work)
             future.add_done_callback(lambda f: self._deferred_done(f, message, endpoint,
                                                                    started))
             return

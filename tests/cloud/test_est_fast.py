@@ -452,3 +452,57 @@ def test_distinct_big_heads_are_not_remembered(fleet):
         fast.close_all()
 
     asyncio.run(scenario())
+
+
+class _BrokenService(_BlockingService):
+    """An EstService whose re-enrolment returns what no answer can be made of."""
+
+    def enroll(self, label, client, csr, reenroll):
+        return "not a certificate"
+
+
+def _request_log(caplog):
+    return [(r.getMessage(), r.levelno) for r in caplog.records]
+
+
+def test_a_worker_that_cannot_be_submitted_is_a_500_and_not_busy(caplog):
+    import concurrent.futures
+
+    async def scenario():
+        executor = concurrent.futures.ThreadPoolExecutor(1)
+        executor.shutdown()  # as at interpreter exit
+        asyncio.get_running_loop().set_default_executor(executor)
+        fast = EstFastPath(_BlockingService(), keepalive_timeout=1.0)
+        connection = EstConnection(fast, fallback=None)
+        connection.connection_made(_TlsTransport())
+        connection.data_received(_request(EST + "nonce", close=False) * 2)
+        written = connection.transport.written
+        assert len(written) == 2 and all(w.startswith(b"HTTP/1.1 500 ") for w in written)
+        assert not connection.busy and connection.transport.reading
+        assert fast.idle(connection, connection.loop.time() + 10)  # the sweep closes it
+        fast.close_all()
+
+    with caplog.at_level(logging.INFO, logger="fleetid.cloud"):
+        asyncio.run(scenario())
+    assert ("internal error", logging.ERROR) in _request_log(caplog)
+    assert _request_log(caplog).count(("request", logging.INFO)) == 2
+
+
+def test_an_answer_that_cannot_be_made_is_a_500_and_reading_resumes(caplog):
+    async def scenario():
+        fast = EstFastPath(_BrokenService())
+        connection = EstConnection(fast, fallback=None)
+        connection.connection_made(_TlsTransport())
+        connection.data_received(_request(EST + "simplereenroll", b"MAo=", close=False))
+        while connection.busy:
+            await asyncio.sleep(0.01)
+        [answer] = connection.transport.written
+        assert answer.startswith(b"HTTP/1.1 500 ")
+        assert answer.endswith(b"\r\n\r\ninternal_error\n")
+        assert connection.transport.reading and not connection.transport.closing
+        fast.close_all()
+
+    with caplog.at_level(logging.INFO, logger="fleetid.cloud"):
+        asyncio.run(scenario())
+    assert ("internal error", logging.ERROR) in _request_log(caplog)
+    assert ("request", logging.INFO) in _request_log(caplog)

@@ -592,3 +592,28 @@ def test_a_whole_head_over_max_head_is_refused_as_one_in_pieces():
         assert written[0][1].split(b"\r\n\r\n")[1] == written[1][1].split(b"\r\n\r\n")[1]
 
     asyncio.run(scenario())
+
+
+def test_a_signature_that_cannot_be_submitted_is_a_500_and_not_busy():
+    import asyncio
+    import concurrent.futures
+
+    from fleetid.cloud.http.ocsp_fast import OcspConnection
+
+    async def scenario():
+        executor = concurrent.futures.ThreadPoolExecutor(1)
+        executor.shutdown()  # as at interpreter exit
+        asyncio.get_running_loop().set_default_executor(executor)
+        tier = _AnswerTier()
+        tier.deferred = True
+        fast = OcspFastPath(tier)
+        connection = OcspConnection(fast, fallback=None)
+        connection.connection_made(RecordingTransport())
+        connection.data_received(b"GET /ocsp/MAo%3D HTTP/1.1\r\nHost: x\r\n\r\n")
+        [answer] = connection.transport.written
+        assert answer.startswith(b"HTTP/1.1 500 ") and not connection.busy
+        assert connection.transport.reading and not connection.transport.closing
+        assert fast.idle(connection, connection.loop.time() + 100)
+        fast.close_all()
+
+    asyncio.run(scenario())
