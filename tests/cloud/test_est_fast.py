@@ -506,3 +506,97 @@ def test_an_answer_that_cannot_be_made_is_a_500_and_reading_resumes(caplog):
         asyncio.run(scenario())
     assert ("internal error", logging.ERROR) in _request_log(caplog)
     assert ("request", logging.INFO) in _request_log(caplog)
+
+
+
+def _raw_both(cloud, files, exchange):
+    """exchange(tls, via) run on the fast route's connection (via "") and in the app's
+    form (via VIA_APP): the fast path hands each such request to aiohttp, so both are the
+    app's answers, and the same."""
+    answers = []
+    for via in ("", VIA_APP):
+        with _connect(cloud, files) as tls:
+            answers.append(exchange(tls, via))
+    fast, app = answers
+    assert "server" in fast[1] and "server" in app[1], (fast, app)
+    return fast, app
+
+
+def test_forms_the_fast_route_hands_over_are_the_apps_answers(fleet, cloud):
+    device = fleet.provision()
+    fleet.enrol(device)
+    files, csr = device.files(), _csr_body(device)
+
+    def sent(request):
+        def exchange(tls, via):
+            tls.sendall(request(via))
+            return _read_answers(tls, 1)[0]
+        return exchange
+
+    too_big = b"A" * (est_fast.MAX_BODY + 1)
+    fast, app = _raw_both(cloud, files, sent(
+        lambda via: _request(EST + "simplereenroll" + via, too_big)))
+    assert fast[0] == 413, fast
+    _same_answer(fast, app)
+
+    def chunked(via):
+        body = csr()
+        return (b"POST %s HTTP/1.1\r\nHost: x\r\nContent-Type: application/pkcs10\r\n"
+                b"Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n%x\r\n%s\r\n0\r\n\r\n"
+                % ((EST + "simplereenroll" + via).encode(), len(body), body))
+    fast, app = _raw_both(cloud, files, sent(chunked))
+    assert fast[0] == 200, fast
+    _same_answer(fast, app, same_body=False)
+
+    fast, app = _raw_both(cloud, files, sent(  # GET with a body
+        lambda via: _request(EST + "nonce" + via).replace(
+            b"Connection: close\r\n", b"Content-Length: 1\r\nConnection: close\r\n") + b"x"))
+    _same_answer(fast, app, same_body=fast[0] != 200)
+
+    def expecting(tls, via):
+        body = csr()
+        request = _request(EST + "simplereenroll" + via, body)
+        head = request[:-len(body)]
+        tls.sendall(head[:-2] + b"Expect: 100-continue\r\n\r\n")
+        interim = tls.recv(65536)
+        assert interim.startswith(b"HTTP/1.1 100 Continue\r\n\r\n"), interim
+        tls.sendall(body)
+        return _read_answers(tls, 1)[0]
+    fast, app = _raw_both(cloud, files, expecting)
+    assert fast[0] == 200, fast
+    _same_answer(fast, app, same_body=False)
+
+
+def test_a_client_gone_while_its_reenrolment_runs_is_dropped_cleanly(fleet, cloud,
+                                                                     monkeypatch, caplog):
+    device = fleet.provision()
+    fleet.enrol(device)
+    entered, release, issued = threading.Event(), threading.Event(), threading.Event()
+    enroll = fleet.est.enroll
+
+    def slow(*args, **kwargs):
+        entered.set()
+        release.wait(10)
+        try:
+            return enroll(*args, **kwargs)
+        finally:
+            issued.set()
+
+    monkeypatch.setattr(fleet.est, "enroll", slow)
+    with caplog.at_level(logging.INFO):
+        with _connect(cloud, device.files()) as tls:
+            tls.sendall(_request(EST + "simplereenroll", base64.b64encode(device.csr()[1])))
+            assert entered.wait(10)
+        time.sleep(0.2)  # the server sees the client gone
+        release.set()
+        assert issued.wait(10)
+        for _ in range(500):  # its answer made (and dropped) on the event loop
+            if any(r.getMessage() == "request" for r in caplog.records):
+                break
+            time.sleep(0.01)
+        monkeypatch.setattr(fleet.est, "enroll", enroll)
+        assert _ask(cloud, device.files(), EST + "nonce")[0] == 200
+    errors = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert not errors, [(r.name, r.getMessage()) for r in errors]
+    served = [r.fields for r in caplog.records if r.getMessage() == "request"]
+    assert [f["status"] for f in served] == [200, 200]  # counted as served, as the app
