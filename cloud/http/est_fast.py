@@ -45,7 +45,6 @@ shutdown timeout.
 """
 
 import asyncio
-import logging
 import re
 import time
 
@@ -54,12 +53,10 @@ from aiohttp.http import HttpProcessingError
 from fleetid.cloud.est import messages
 from fleetid.cloud.http.est_app import MAX_BODY, split_tail
 from fleetid.cloud.http.fast_path import KEEPALIVE_TIMEOUT, MAX_HEAD, FastConnection, \
-    FastPath, FastSite, HttpDate, error_answer, status_line
+    FastPath, FastSite, error_answer
 from fleetid.cloud.http.middleware import failure_error
 from fleetid.cloud.verifier import errors
 from fleetid.cloud.verifier.errors import CloudError
-
-log = logging.getLogger("fleetid.cloud")
 
 SERVICE = "est"
 ENDPOINT = messages.WELL_KNOWN + "/{tail}"  # the app's one route (its metrics name)
@@ -107,19 +104,6 @@ class EstConnection(FastConnection):
         self.loop = asyncio.get_running_loop()
         self.last_active = self.loop.time()
         self.fast.add(self)
-
-    # As the other fast paths: while the write buffer is over its high-water mark nothing
-    # is read or answered (a client that pipelines and never reads holds bounded memory).
-
-    def pause_writing(self):
-        self.write_paused = True
-        self.transport.pause_reading()
-
-    def resume_writing(self):
-        self.write_paused = False
-        if not self.busy and not self.transport.is_closing():
-            self.transport.resume_reading()
-            self._process()
 
     def data_received(self, data):
         self.buffer += data
@@ -233,32 +217,12 @@ class EstConnection(FastConnection):
         self._write(status, headers, body, message, started, exc.reason)
 
     def _write(self, status, headers, body, message, started, reason=None):
-        # Counted and logged before the answer leaves, as the app's middleware does (and
-        # also when the client has gone meanwhile: the request was served all the same).
-        elapsed = time.perf_counter() - started
-        if self.fast.metrics is not None:
-            self.fast.metrics.request_done(SERVICE, ENDPOINT, status, elapsed)
-        if log.isEnabledFor(logging.INFO):
-            fields = {"service": SERVICE, "method": message.method, "path": message.path,
-                      "remote": self.peer, "status": status, "ms": round(elapsed * 1000, 3)}
-            if reason:
-                fields["reason"] = reason
-            log.info("request", extra={"fields": fields})
-        if self.transport.is_closing():
-            return
-        close = message.should_close or self.fast.stopping
-        lines = [status_line(status), b"Date: " + HttpDate.now(),
-                 b"Content-Length: %d" % len(body)] + headers
-        if close:
-            lines.append(b"Connection: close")
-        elif message.version < (1, 1):
-            lines.append(b"Connection: keep-alive")
-        self.transport.write(b"\r\n".join(lines) + b"\r\n\r\n" + body)
-        if close:
-            self.transport.close()
-            self.fast.discard(self)  # answered: stop() need not wait for the TLS close
-        else:
-            self.last_active = self.loop.time()
+        # Counted and logged also when the client has gone meanwhile: the request was
+        # served all the same.
+        self.served(SERVICE, ENDPOINT, status, message, started, reason)
+        if not self.transport.is_closing():
+            self.send(status, headers, body, message, message.should_close
+                      or self.fast.stopping)
 
 
 class EstFastSite(FastSite):

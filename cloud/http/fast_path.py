@@ -11,13 +11,15 @@ and hands every other request, with its connection, to the listener's aiohttp ap
     status_line   an answer's status line
     FastConnection  the protocols' common part: leaving the FastPath, the hand-over
 
-A connection class used here has `loop`, `transport` and `last_active` (the loop time of
-its last complete request), and takes (fast, fallback) where fallback is aiohttp's
-protocol factory (the runner's web.Server).
+A connection class used here has `loop`, `transport`, `peer` (the client's address),
+`last_active` (the loop time of its last complete request), `write_paused` and
+`_process()` (answer what is buffered), and takes (fast, fallback) where fallback is
+aiohttp's protocol factory (the runner's web.Server); its FastPath has `metrics`.
 """
 
 import asyncio
 import email.utils
+import logging
 import time
 from http import HTTPStatus
 
@@ -25,6 +27,8 @@ from aiohttp import web
 from aiohttp.http import HttpProcessingError, HttpRequestParser
 
 from fleetid.cloud.http.errors import error_parts
+
+log = logging.getLogger("fleetid.cloud")
 
 MAX_HEAD = 8190  # aiohttp's own max_line_size / max_field_size default
 KEEPALIVE_TIMEOUT = 75.0  # aiohttp's default keepalive_timeout
@@ -116,6 +120,54 @@ class FastConnection(asyncio.Protocol):
 
     def connection_lost(self, exc):
         self.fast.discard(self)
+
+    # A client that pipelines requests and reads no answer: while the transport's write
+    # buffer is over its high-water mark nothing is read or answered (memory stays
+    # bounded; the idle sweep closes a client that never reads).
+
+    def pause_writing(self):
+        self.write_paused = True
+        self.transport.pause_reading()
+
+    def resume_writing(self):
+        self.write_paused = False
+        if not self.busy and not self.transport.is_closing():
+            self.transport.resume_reading()
+            self._process()
+
+    def served(self, service, endpoint, status, message, started, reason=None,
+               identity=None):
+        """Count and log (the JSON access line, when INFO is enabled) one answered
+        request as the app's middleware does: before its answer leaves, so a client
+        that has its answer finds it in the metrics."""
+        elapsed = time.perf_counter() - started
+        if self.fast.metrics is not None:
+            self.fast.metrics.request_done(service, endpoint, status, elapsed)
+        if log.isEnabledFor(logging.INFO):
+            fields = {"service": service, "method": message.method, "path": message.path,
+                      "remote": self.peer, "status": status, "ms": round(elapsed * 1000, 3)}
+            if reason:
+                fields["reason"] = reason
+            if identity is not None:
+                fields["device"] = identity.serial
+                fields["fingerprint"] = identity.fingerprint
+            log.info("request", extra={"fields": fields})
+
+    def send(self, status, headers, body, message, close):
+        """Write one answer; then close the connection (leaving the FastPath: stop() need
+        not wait for the TLS close) or note it active."""
+        lines = [status_line(status), b"Date: " + HttpDate.now(),
+                 b"Content-Length: %d" % len(body)] + headers
+        if close:
+            lines.append(b"Connection: close")
+        elif message.version < (1, 1):
+            lines.append(b"Connection: keep-alive")
+        self.transport.write(b"\r\n".join(lines) + b"\r\n\r\n" + body)
+        if close:
+            self.transport.close()
+            self.fast.discard(self)
+        else:
+            self.last_active = self.loop.time()
 
     def give_to_app(self, data):
         """Give the connection, and `data` (the bytes not consumed yet), to aiohttp's

@@ -128,20 +128,6 @@ class OcspConnection(FastConnection):
         self.last_active = self.loop.time()
         self.fast.add(self)
 
-    # A client that pipelines requests and reads no answer: while the write buffer is over
-    # its high-water mark, nothing is answered or read (memory stays bounded; the idle
-    # sweep closes a client that never reads).  As the verifier's fast path does.
-
-    def pause_writing(self):
-        self.write_paused = True
-        self.transport.pause_reading()
-
-    def resume_writing(self):
-        self.write_paused = False
-        if not self.busy and not self.transport.is_closing():
-            self.transport.resume_reading()
-            self._process()
-
     def data_received(self, data):
         self.buffer += data
         if self.draining:
