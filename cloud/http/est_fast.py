@@ -33,15 +33,18 @@ latency histogram under the app's endpoint name; the JSON access line when INFO 
 enabled.  One request at a time per connection: reading pauses while the worker thread
 runs, so pipelined requests are answered in order.
 
-Bounds: a request head of at most MAX_HEAD bytes (longer: handed to aiohttp, which
-refuses it); a connection with no complete request head for `keepalive_timeout` seconds
+Bounds: a request head of at most MAX_HEAD bytes, whether it arrives whole or in pieces
+(longer: handed to aiohttp, which bounds each line and the number of header lines, not
+the head as a whole, and refuses or serves it); a connection with no complete request head for `keepalive_timeout` seconds
 is closed (one answering is not idle); the body bound and its timeout are aiohttp's, as
 a body that is not whole with its head is read by aiohttp; while the transport's write
-buffer is over its high-water mark nothing is read or answered.
+buffer is over its high-water mark nothing is read or answered.  When the listener stops
+(FastPath.stop), a request running in its worker thread still gets its answer (with
+Connection: close; the certificate it issued is delivered), within the runner's
+shutdown timeout.
 """
 
 import asyncio
-import logging
 import re
 import time
 
@@ -50,12 +53,10 @@ from aiohttp.http import HttpProcessingError
 from fleetid.cloud.est import messages
 from fleetid.cloud.http.est_app import MAX_BODY, split_tail
 from fleetid.cloud.http.fast_path import KEEPALIVE_TIMEOUT, MAX_HEAD, FastConnection, \
-    FastPath, FastSite, HttpDate, error_answer, status_line
+    FastPath, FastSite, error_answer
 from fleetid.cloud.http.middleware import failure_error
 from fleetid.cloud.verifier import errors
 from fleetid.cloud.verifier.errors import CloudError
-
-log = logging.getLogger("fleetid.cloud")
 
 SERVICE = "est"
 ENDPOINT = messages.WELL_KNOWN + "/{tail}"  # the app's one route (its metrics name)
@@ -84,9 +85,6 @@ class EstFastPath(FastPath):
         self.service = service
         self.metrics = metrics
 
-    def idle(self, connection, now):
-        return not connection.busy and super().idle(connection, now)
-
 
 class EstConnection(FastConnection):
     """One client connection while it asks for nonces and re-enrolments (module text)."""
@@ -106,19 +104,6 @@ class EstConnection(FastConnection):
         self.loop = asyncio.get_running_loop()
         self.last_active = self.loop.time()
         self.fast.add(self)
-
-    # As the other fast paths: while the write buffer is over its high-water mark nothing
-    # is read or answered (a client that pipelines and never reads holds bounded memory).
-
-    def pause_writing(self):
-        self.write_paused = True
-        self.transport.pause_reading()
-
-    def resume_writing(self):
-        self.write_paused = False
-        if not self.busy and not self.transport.is_closing():
-            self.transport.resume_reading()
-            self._process()
 
     def data_received(self, data):
         self.buffer += data
@@ -192,30 +177,38 @@ class EstConnection(FastConnection):
         except Exception as exc:  # noqa: BLE001 - internal causes: logged, never sent
             self._send_error(exc, message, started)
             return
+        try:
+            future = self.loop.run_in_executor(None, *work)
+        except Exception as exc:  # noqa: BLE001 - the executor is shut down: 500, logged
+            self._send_error(exc, message, started)
+            return
+        # Busy only once submitted: a connection marked busy with no worker thread to
+        # clear it would never be swept.
         self.busy = True
         self.transport.pause_reading()
-        future = self.loop.run_in_executor(None, *work)
         future.add_done_callback(lambda f: self._done(f, message, label, op, started))
 
     def _done(self, future, message, label, op, started):
         self.busy = False
         try:
-            result = future.result()
+            headers, body = self._success(future.result(), label, op)
         except Exception as exc:  # noqa: BLE001 - internal causes: logged, never sent
             self._send_error(exc, message, started)
         else:
-            if op == messages.OP_NONCE:
-                headers, body = _NONCE_HEADERS, messages.encode_base64(result)
-            else:
-                service = self.fast.service
-                if self.fast.metrics is not None:
-                    self.fast.metrics.issued.labels(label or service.default_label, op).inc()
-                headers = _CERTS_HEADERS
-                body = messages.encode_base64(messages.certs_only([result]))
             self._write(200, headers, body, message, started)
         if not self.transport.is_closing() and not self.write_paused:
             self.transport.resume_reading()
             self._process()
+
+    def _success(self, result, label, op):
+        """(headers, body) of the 200 answer to the worker thread's `result` (the issued
+        counter first, as est_app)."""
+        if op == messages.OP_NONCE:
+            return _NONCE_HEADERS, messages.encode_base64(result)
+        if self.fast.metrics is not None:
+            self.fast.metrics.issued.labels(label or self.fast.service.default_label,
+                                            op).inc()
+        return _CERTS_HEADERS, messages.encode_base64(messages.certs_only([result]))
 
     def _send_error(self, exc, message, started):
         if not isinstance(exc, CloudError):
@@ -224,31 +217,12 @@ class EstConnection(FastConnection):
         self._write(status, headers, body, message, started, exc.reason)
 
     def _write(self, status, headers, body, message, started, reason=None):
-        # Counted and logged before the answer leaves, as the app's middleware does (and
-        # also when the client has gone meanwhile: the request was served all the same).
-        elapsed = time.perf_counter() - started
-        if self.fast.metrics is not None:
-            self.fast.metrics.request_done(SERVICE, ENDPOINT, status, elapsed)
-        if log.isEnabledFor(logging.INFO):
-            fields = {"service": SERVICE, "method": message.method, "path": message.path,
-                      "remote": self.peer, "status": status, "ms": round(elapsed * 1000, 3)}
-            if reason:
-                fields["reason"] = reason
-            log.info("request", extra={"fields": fields})
-        if self.transport.is_closing():
-            return
-        close = message.should_close
-        lines = [status_line(status), b"Date: " + HttpDate.now(),
-                 b"Content-Length: %d" % len(body)] + headers
-        if close:
-            lines.append(b"Connection: close")
-        elif message.version < (1, 1):
-            lines.append(b"Connection: keep-alive")
-        self.transport.write(b"\r\n".join(lines) + b"\r\n\r\n" + body)
-        if close:
-            self.transport.close()
-        else:
-            self.last_active = self.loop.time()
+        # Counted and logged also when the client has gone meanwhile: the request was
+        # served all the same.
+        self.served(SERVICE, ENDPOINT, status, message, started, reason)
+        if not self.transport.is_closing():
+            self.send(status, headers, body, message, message.should_close
+                      or self.fast.stopping)
 
 
 class EstFastSite(FastSite):

@@ -4,20 +4,22 @@ and hands every other request, with its connection, to the listener's aiohttp ap
 
     FastPath      one per listener: its connections, the idle sweep (one timer per
                   listener, not one per request), request heads parsed by aiohttp once
-                  per distinct head
+                  per distinct head, the stop (running answers delivered, bounded)
     FastSite      web.TCPSite whose connections start in the fast path's protocol
     HeadFacts     what a fast path needs of a parsed request head
     HttpDate      the Date header, formatted once per second
     status_line   an answer's status line
     FastConnection  the protocols' common part: leaving the FastPath, the hand-over
 
-A connection class used here has `loop`, `transport` and `last_active` (the loop time of
-its last complete request), and takes (fast, fallback) where fallback is aiohttp's
-protocol factory (the runner's web.Server).
+A connection class used here has `loop`, `transport`, `peer` (the client's address),
+`last_active` (the loop time of its last complete request), `write_paused` and
+`_process()` (answer what is buffered), and takes (fast, fallback) where fallback is
+aiohttp's protocol factory (the runner's web.Server); its FastPath has `metrics`.
 """
 
 import asyncio
 import email.utils
+import logging
 import time
 from http import HTTPStatus
 
@@ -26,10 +28,13 @@ from aiohttp.http import HttpProcessingError, HttpRequestParser
 
 from fleetid.cloud.http.errors import error_parts
 
+log = logging.getLogger("fleetid.cloud")
+
 MAX_HEAD = 8190  # aiohttp's own max_line_size / max_field_size default
 KEEPALIVE_TIMEOUT = 75.0  # aiohttp's default keepalive_timeout
 SWEEP_SECONDS = 1.0  # how often idle connections are looked for
 MAX_HEADS = 1024  # distinct request heads remembered (parse_head)
+MAX_CACHED_HEAD = 1024  # longer heads are parsed each time, not remembered
 
 
 def error_answer(exc):
@@ -101,19 +106,73 @@ class HeadFacts:
             [tag.strip() for tag in match.split(",")]
 
 
+class HeadTooLong(HttpProcessingError):
+    """A complete request head over MAX_HEAD bytes (arrived in one read): a fast path does
+    with it what it does with an incomplete head that long."""
+
+
 class FastConnection(asyncio.Protocol):
     """What a fast path's connection shares: it leaves its FastPath when closed, and hands
     itself to aiohttp for anything the fast path does not answer."""
 
     __slots__ = ()
+    busy = False  # a worker thread is answering its request (a subclass sets it)
 
     def connection_lost(self, exc):
-        self.fast.connections.discard(self)
+        self.fast.discard(self)
+
+    # A client that pipelines requests and reads no answer: while the transport's write
+    # buffer is over its high-water mark nothing is read or answered (memory stays
+    # bounded; the idle sweep closes a client that never reads).
+
+    def pause_writing(self):
+        self.write_paused = True
+        self.transport.pause_reading()
+
+    def resume_writing(self):
+        self.write_paused = False
+        if not self.busy and not self.transport.is_closing():
+            self.transport.resume_reading()
+            self._process()
+
+    def served(self, service, endpoint, status, message, started, reason=None,
+               identity=None):
+        """Count and log (the JSON access line, when INFO is enabled) one answered
+        request as the app's middleware does: before its answer leaves, so a client
+        that has its answer finds it in the metrics."""
+        elapsed = time.perf_counter() - started
+        if self.fast.metrics is not None:
+            self.fast.metrics.request_done(service, endpoint, status, elapsed)
+        if log.isEnabledFor(logging.INFO):
+            fields = {"service": service, "method": message.method, "path": message.path,
+                      "remote": self.peer, "status": status, "ms": round(elapsed * 1000, 3)}
+            if reason:
+                fields["reason"] = reason
+            if identity is not None:
+                fields["device"] = identity.serial
+                fields["fingerprint"] = identity.fingerprint
+            log.info("request", extra={"fields": fields})
+
+    def send(self, status, headers, body, message, close):
+        """Write one answer; then close the connection (leaving the FastPath: stop() need
+        not wait for the TLS close) or note it active."""
+        lines = [status_line(status), b"Date: " + HttpDate.now(),
+                 b"Content-Length: %d" % len(body)] + headers
+        if close:
+            lines.append(b"Connection: close")
+        elif message.version < (1, 1):
+            lines.append(b"Connection: keep-alive")
+        self.transport.write(b"\r\n".join(lines) + b"\r\n\r\n" + body)
+        if close:
+            self.transport.close()
+            self.fast.discard(self)
+        else:
+            self.last_active = self.loop.time()
 
     def give_to_app(self, data):
         """Give the connection, and `data` (the bytes not consumed yet), to aiohttp's
         protocol (self.fallback(): the runner's web.Server)."""
-        self.fast.connections.discard(self)
+        self.fast.discard(self)
         protocol = self.fallback()
         self.transport.set_protocol(protocol)
         protocol.connection_made(self.transport)
@@ -128,13 +187,19 @@ class FastPath:
     def __init__(self, keepalive_timeout=KEEPALIVE_TIMEOUT):
         self.keepalive_timeout = keepalive_timeout
         self.connections = set()
+        self.stopping = False  # stop() began: answers go with Connection: close
         self._sweeper = None
+        self._drained = None  # stop()'s future: no busy connection is left
         self._heads = {}  # request head bytes -> HeadFacts (clients repeat their heads)
 
     def parse_head(self, head):
         """HeadFacts of a complete request head (through "\\r\\n\\r\\n"), parsed by
         aiohttp's HttpRequestParser; the same bytes parse the same, so a head seen before
-        is not parsed again (at most MAX_HEADS kept).  Raises HttpProcessingError."""
+        is not parsed again (at most MAX_HEADS kept, each of at most MAX_CACHED_HEAD
+        bytes: the heads clients repeat are small, and distinct big ones from anyone
+        would hold memory).  Raises HttpProcessingError (HeadTooLong over MAX_HEAD)."""
+        if len(head) > MAX_HEAD:
+            raise HeadTooLong(message="request head too long")
         facts = self._heads.get(head)
         if facts is None:
             # A parser of its own per head: it is then never left waiting for a body.
@@ -144,19 +209,30 @@ class FastPath:
             if not messages:
                 raise HttpProcessingError(message="not a complete request head")
             facts = HeadFacts(messages[0][0])
-            if len(self._heads) >= MAX_HEADS:
-                self._heads.clear()
-            self._heads[head] = facts
+            if len(head) <= MAX_CACHED_HEAD:
+                if len(self._heads) >= MAX_HEADS:
+                    self._heads.clear()
+                self._heads[head] = facts
         return facts
 
     def add(self, connection):
+        if self.stopping:  # accepted before the listener closed, its handshake after
+            connection.transport.close()
+            return
         self.connections.add(connection)
         if self._sweeper is None:
             self._sweeper = connection.loop.call_later(SWEEP_SECONDS, self._sweep)
 
+    def discard(self, connection):
+        """`connection` left: closed, handed to aiohttp, or (stopping) answered."""
+        self.connections.discard(connection)
+        if self._drained is not None and not self._drained.done() \
+                and not any(c.busy for c in self.connections):
+            self._drained.set_result(None)
+
     def idle(self, connection, now):
         """Whether the sweep closes `connection` (a subclass may act on it first)."""
-        return connection.last_active < now - self.keepalive_timeout
+        return not connection.busy and connection.last_active < now - self.keepalive_timeout
 
     def _sweep(self):
         self._sweeper = None
@@ -170,6 +246,25 @@ class FastPath:
                 self.connections.discard(connection)
         if self.connections:
             self._sweeper = loop.call_later(SWEEP_SECONDS, self._sweep)
+
+    async def stop(self, timeout):
+        """Close the connections once their listener accepts no more: the idle ones at
+        once; one whose request runs in a worker thread (busy) sends its answer with
+        Connection: close and closes (the certificate it issued is delivered), waited for
+        at most `timeout` seconds (the runner's shutdown timeout, which aiohttp gives its
+        own handlers), after which it is closed all the same."""
+        self.stopping = True
+        for connection in list(self.connections):
+            if not connection.busy:
+                connection.transport.close()
+                self.connections.discard(connection)
+        if self.connections:
+            self._drained = asyncio.get_running_loop().create_future()
+            try:
+                await asyncio.wait_for(self._drained, timeout)
+            except asyncio.TimeoutError:
+                pass
+        self.close_all()
 
     def close_all(self):
         if self._sweeper is not None:
@@ -212,5 +307,5 @@ class FastSite(web.TCPSite):
         self._bound_port = self._server.sockets[0].getsockname()[1]
 
     async def stop(self):
-        await super().stop()
-        self.fast.close_all()
+        await super().stop()  # the listener accepts no more connections
+        await self.fast.stop(self._runner._shutdown_timeout)

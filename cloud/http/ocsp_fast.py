@@ -27,8 +27,9 @@ route: the per-client token bucket (429 rate_limited, Retry-After), the event-fi
 status table (cloud/http/errors.py); the metrics counter and latency histogram under the
 same endpoint names; the JSON access line when INFO is enabled.
 
-Bounds: a request head of at most MAX_HEAD bytes, a body of at most MAX_REQUEST; a
-connection with no complete request head for `keepalive_timeout` seconds is closed, and one
+Bounds: a request head of at most MAX_HEAD bytes (longer, whole or in pieces: 400), a
+body of at most MAX_REQUEST; a connection with no complete request head for
+`keepalive_timeout` seconds is closed, and one
 whose body does not arrive whole within `body_timeout` seconds of its head gets 408
 request_timeout and is closed (the listener's ServerTimeouts idle and body, as on the
 aiohttp path; checked every SWEEP_SECONDS); one request at a
@@ -127,20 +128,6 @@ class OcspConnection(FastConnection):
         self.last_active = self.loop.time()
         self.fast.add(self)
 
-    # A client that pipelines requests and reads no answer: while the write buffer is over
-    # its high-water mark, nothing is answered or read (memory stays bounded; the idle
-    # sweep closes a client that never reads).  As the verifier's fast path does.
-
-    def pause_writing(self):
-        self.write_paused = True
-        self.transport.pause_reading()
-
-    def resume_writing(self):
-        self.write_paused = False
-        if not self.busy and not self.transport.is_closing():
-            self.transport.resume_reading()
-            self._process()
-
     def data_received(self, data):
         self.buffer += data
         if self.draining:
@@ -230,9 +217,14 @@ class OcspConnection(FastConnection):
             self._send_error(exc, message, endpoint, started)
             return
         if isinstance(reply, Deferred):  # a signature: off the event loop, in order
-            self.busy = True
+            try:
+                future = self.loop.run_in_executor(None, reply.work)
+            except Exception as exc:  # noqa: BLE001 - the executor is shut down: logged
+                self._send_error(failure_error(exc, SERVICE, message.path), message,
+                                 endpoint, started)
+                return
+            self.busy = True  # only once submitted (else never cleared, never swept)
             self.transport.pause_reading()
-            future = self.loop.run_in_executor(None, reply.work)
             future.add_done_callback(lambda f: self._deferred_done(f, message, endpoint,
                                                                    started))
             return
@@ -293,7 +285,7 @@ class OcspConnection(FastConnection):
             self.transport.close()
 
     def _write(self, status, headers, body, message, endpoint, started, reason=None):
-        close = message is None or message.should_close
+        close = message is None or message.should_close or self.fast.stopping
         lines = [b"HTTP/1.1 %d %s" % (status, _REASON.get(status, b"")), b"Date: " +
                  HttpDate.now()] + ([b"Content-Length: %d" % len(body)] if status != 304
                                  else []) + headers
@@ -317,6 +309,7 @@ class OcspConnection(FastConnection):
             return  # a refusal: _refuse closes (or drains first)
         if close:
             self.transport.close()
+            self.fast.discard(self)  # answered: stop() need not wait for the TLS close
         else:
             self.last_active = self.loop.time()
 

@@ -35,8 +35,9 @@ never reach the client); the metrics counter and latency histogram under the sam
 endpoint names; the JSON access line when INFO is enabled; the OCSP staple header when
 the server has one (revocation_app.attach_staple_header's, for the aiohttp routes).
 
-Bounds: a request head of at most MAX_HEAD bytes (longer: handed to aiohttp, which
-refuses it); answers wait (and reading pauses) while the transport's write buffer is
+Bounds: a request head of at most MAX_HEAD bytes, whether it arrives whole or in pieces
+(longer: handed to aiohttp, which bounds each line and the number of header lines, not
+the head as a whole, and refuses or serves it); answers wait (and reading pauses) while the transport's write buffer is
 over its high-water mark, so a client that pipelines and never reads holds a bounded
 amount of memory; a connection with no complete request head for `keepalive_timeout` seconds
 is closed (the listener's ServerTimeouts.idle, as aiohttp's keepalive_timeout; checked
@@ -46,19 +47,16 @@ handshake and shutdown bounds are the site's ssl_bounds (cloud/http/sites.py).
 
 import asyncio
 import json
-import logging
 import time
 
 from aiohttp.http import HttpProcessingError
 
 from fleetid.cloud.http.fast_path import KEEPALIVE_TIMEOUT, MAX_HEAD, FastConnection, \
-    FastPath, FastSite, HttpDate, error_answer, status_line
+    FastPath, FastSite, error_answer
 from fleetid.cloud.http.middleware import failure_error
 from fleetid.cloud.revocation.staple import STAPLE_HEADER
 from fleetid.cloud.verifier import errors
 from fleetid.cloud.verifier.errors import CloudError
-
-log = logging.getLogger("fleetid.cloud")
 
 SERVICE = "verifier"
 # request line -> endpoint name (the aiohttp route's canonical path, for the metrics)
@@ -87,8 +85,8 @@ class VerifierFastPath(FastPath):
 class VerifierConnection(FastConnection):
     """One client connection while it calls the fast routes (see the module text)."""
 
-    __slots__ = ("fast", "fallback", "transport", "buffer", "pos", "loop", "last_active",
-                 "write_paused")
+    __slots__ = ("fast", "fallback", "transport", "peer", "buffer", "pos", "loop",
+                 "last_active", "write_paused")
 
     def __init__(self, fast, fallback):
         self.fast = fast
@@ -102,6 +100,8 @@ class VerifierConnection(FastConnection):
 
     def connection_made(self, transport):
         self.transport = transport
+        peer = transport.get_extra_info("peername")
+        self.peer = peer[0] if peer else ""
         self.loop = asyncio.get_running_loop()
         self.last_active = self.loop.time()
         self.fast.add(self)
@@ -116,21 +116,6 @@ class VerifierConnection(FastConnection):
                 and not self.transport.is_closing():
             if not self._next_request():
                 return
-
-    # A client that pipelines requests and reads no answer: once the transport's write
-    # buffer is over its high-water mark, no request is answered and nothing more is
-    # read until the client has taken the answers (memory stays bounded; the idle sweep
-    # closes a client that never reads).
-
-    def pause_writing(self):
-        self.write_paused = True
-        self.transport.pause_reading()
-
-    def resume_writing(self):
-        self.write_paused = False
-        if not self.transport.is_closing():
-            self.transport.resume_reading()
-            self._process()
 
     def _next_request(self):
         """Answer the request at the start of the buffer when its head is whole.  True to
@@ -195,41 +180,15 @@ class VerifierConnection(FastConnection):
         self._write(status, headers, body, message, endpoint, started, identity, reason)
 
     def _write(self, status, headers, body, message, endpoint, started, identity, reason):
-        close = message.should_close
-        lines = [status_line(status), b"Date: " + HttpDate.now(),
-                 b"Content-Length: %d" % len(body)] + headers
         staple = self.fast.staple
         if staple is not None:
             try:
-                lines.append(("%s: %s" % (STAPLE_HEADER, staple.header_value())).encode())
+                headers = headers + [("%s: %s" % (STAPLE_HEADER,
+                                                  staple.header_value())).encode()]
             except Exception:  # noqa: BLE001 - no staple is better than no answer
                 pass
-        if close:
-            lines.append(b"Connection: close")
-        elif message.version < (1, 1):
-            lines.append(b"Connection: keep-alive")
-        lines.append(b"\r\n")
-        # Counted and logged before the answer leaves, as the app's middleware does: a
-        # client that has its answer finds it in the metrics.
-        elapsed = time.perf_counter() - started
-        if self.fast.metrics is not None:
-            self.fast.metrics.request_done(SERVICE, endpoint, status, elapsed)
-        if log.isEnabledFor(logging.INFO):
-            peer = self.transport.get_extra_info("peername")
-            fields = {"service": SERVICE, "method": message.method, "path": message.path,
-                      "remote": peer[0] if peer else "", "status": status,
-                      "ms": round(elapsed * 1000, 3)}
-            if reason:
-                fields["reason"] = reason
-            if identity is not None:
-                fields["device"] = identity.serial
-                fields["fingerprint"] = identity.fingerprint
-            log.info("request", extra={"fields": fields})
-        self.transport.write(b"\r\n".join(lines) + body)
-        if close:
-            self.transport.close()
-        else:
-            self.last_active = self.loop.time()
+        self.served(SERVICE, endpoint, status, message, started, reason, identity)
+        self.send(status, headers, body, message, message.should_close)
 
 
 class VerifierFastSite(FastSite):

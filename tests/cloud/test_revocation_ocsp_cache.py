@@ -534,3 +534,86 @@ def test_a_client_that_reads_no_answer_stops_being_read_and_answered():
         fast.close_all()
 
     asyncio.run(scenario())
+
+
+def test_stop_delivers_a_signature_running_in_its_worker_thread():
+    """At stop an idle connection is closed at once; one whose answer is being signed
+    (Deferred) gets it, with Connection: close, before it is closed (as EST's)."""
+    import asyncio
+    import threading
+
+    from fleetid.cloud.http.ocsp_fast import OcspConnection
+
+    release = threading.Event()
+    tier = _AnswerTier()
+    tier.deferred = True
+    answer_path = tier.answer_path
+    tier.answer_path = lambda text: Deferred(
+        lambda: release.wait(10) and answer_path(text).work())
+
+    async def scenario():
+        fast = OcspFastPath(tier)
+        idle, busy = OcspConnection(fast, fallback=None), OcspConnection(fast, fallback=None)
+        idle.connection_made(RecordingTransport())
+        busy.connection_made(RecordingTransport())
+        busy.data_received(b"GET /ocsp/MAo%3D HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert busy.busy
+        stopping = asyncio.ensure_future(fast.stop(10))
+        await asyncio.sleep(0.05)
+        assert idle.transport.closing and not busy.transport.closing and not stopping.done()
+        release.set()
+        await asyncio.wait_for(stopping, 5)
+        [answer] = busy.transport.written
+        assert answer.startswith(b"HTTP/1.1 200 ") and b"\r\nConnection: close\r\n" in answer
+        assert busy.transport.closing and not fast.connections
+
+    asyncio.run(scenario())
+
+
+def test_a_whole_head_over_max_head_is_refused_as_one_in_pieces():
+    import asyncio
+
+    from fleetid.cloud.http.ocsp_fast import OcspConnection
+
+    pads = b"".join(b"X-Pad-%d: %s\r\n" % (n, b"a" * 4000) for n in range(3))
+    head = b"GET /ocsp/MAo%3D HTTP/1.1\r\nHost: x\r\n" + pads + b"\r\n"
+
+    async def scenario():
+        written = []
+        for pieces in ([head], [head[:-2], head[-2:]]):
+            connection = OcspConnection(OcspFastPath(_AnswerTier()), fallback=None)
+            transport = RecordingTransport()
+            connection.connection_made(transport)
+            for piece in pieces:
+                connection.data_received(piece)
+            assert transport.closing
+            written.append(b"".join(transport.written).split(b"\r\n", 1))
+        assert written[0][0] == written[1][0] == b"HTTP/1.1 400 Bad Request"
+        assert written[0][1].split(b"\r\n\r\n")[1] == written[1][1].split(b"\r\n\r\n")[1]
+
+    asyncio.run(scenario())
+
+
+def test_a_signature_that_cannot_be_submitted_is_a_500_and_not_busy():
+    import asyncio
+    import concurrent.futures
+
+    from fleetid.cloud.http.ocsp_fast import OcspConnection
+
+    async def scenario():
+        executor = concurrent.futures.ThreadPoolExecutor(1)
+        executor.shutdown()  # as at interpreter exit
+        asyncio.get_running_loop().set_default_executor(executor)
+        tier = _AnswerTier()
+        tier.deferred = True
+        fast = OcspFastPath(tier)
+        connection = OcspConnection(fast, fallback=None)
+        connection.connection_made(RecordingTransport())
+        connection.data_received(b"GET /ocsp/MAo%3D HTTP/1.1\r\nHost: x\r\n\r\n")
+        [answer] = connection.transport.written
+        assert answer.startswith(b"HTTP/1.1 500 ") and not connection.busy
+        assert connection.transport.reading and not connection.transport.closing
+        assert fast.idle(connection, connection.loop.time() + 100)
+        fast.close_all()
+
+    asyncio.run(scenario())

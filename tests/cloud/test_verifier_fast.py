@@ -193,3 +193,33 @@ def test_a_client_that_reads_no_answer_stops_being_read_and_answered(fleet):
         fast.close_all()
 
     asyncio.run(scenario())
+
+
+def test_a_whole_head_over_max_head_is_handed_to_aiohttp(fleet):
+    import asyncio
+
+    from fleetid.cloud.http.verifier_fast import VerifierConnection, VerifierFastPath
+
+    class App:
+        data = b""
+
+        def connection_made(self, transport):
+            pass
+
+        def data_received(self, data):
+            self.data += data
+
+    async def scenario():
+        fast = VerifierFastPath(fleet.verifier)
+        app = App()
+        connection = VerifierConnection(fast, fallback=lambda: app)
+        transport = RecordingTransport()
+        transport.set_protocol = lambda protocol: None
+        connection.connection_made(transport)
+        pads = b"".join(b"X-Pad-%d: %s\r\n" % (n, b"a" * 4000) for n in range(3))
+        head = b"GET /healthz HTTP/1.1\r\nHost: x\r\n" + pads + b"\r\n"
+        connection.data_received(head)  # whole, in one read (TLS joins reads)
+        assert app.data == head and not transport.written
+        fast.close_all()
+
+    asyncio.run(scenario())
