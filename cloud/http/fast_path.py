@@ -27,6 +27,7 @@ from aiohttp import web
 from aiohttp.http import HttpProcessingError, HttpRequestParser
 
 from fleetid.cloud.http.errors import error_parts
+from fleetid.common.errors import FleetidError
 
 log = logging.getLogger("fleetid.cloud")
 
@@ -106,9 +107,11 @@ class HeadFacts:
             [tag.strip() for tag in match.split(",")]
 
 
-class HeadTooLong(HttpProcessingError):
+class HeadTooLong(HttpProcessingError, FleetidError):
     """A complete request head over MAX_HEAD bytes (arrived in one read): a fast path does
-    with it what it does with an incomplete head that long."""
+    with it what it does with an incomplete head that long.  An HttpProcessingError, as
+    the fast paths catch aiohttp's parse errors, and a FleetidError like every error of
+    fleetid's own."""
 
 
 class FastConnection(asyncio.Protocol):
