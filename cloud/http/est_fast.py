@@ -44,7 +44,6 @@ Connection: close; the certificate it issued is delivered), within the runner's
 shutdown timeout.
 """
 
-import asyncio
 import re
 import time
 
@@ -96,14 +95,6 @@ class EstConnection(FastConnection):
         self.buffer = bytearray()
         self.busy = False  # a worker thread is answering the current request
         self.write_paused = False
-
-    def connection_made(self, transport):
-        self.transport = transport
-        peer = transport.get_extra_info("peername")
-        self.peer = peer[0] if peer else ""
-        self.loop = asyncio.get_running_loop()
-        self.last_active = self.loop.time()
-        self.fast.add(self)
 
     def data_received(self, data):
         self.buffer += data

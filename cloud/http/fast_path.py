@@ -121,6 +121,14 @@ class FastConnection(asyncio.Protocol):
     __slots__ = ()
     busy = False  # a worker thread is answering its request (a subclass sets it)
 
+    def connection_made(self, transport):
+        self.transport = transport
+        peer = transport.get_extra_info("peername")
+        self.peer = peer[0] if peer else ""
+        self.loop = asyncio.get_running_loop()
+        self.last_active = self.loop.time()
+        self.fast.add(self)
+
     def connection_lost(self, exc):
         self.fast.discard(self)
 

@@ -37,7 +37,6 @@ time per connection (reading pauses while a signature is made in a worker thread
 pipelined requests are answered in order).
 """
 
-import asyncio
 import logging
 import time
 
@@ -119,14 +118,6 @@ class OcspConnection(FastConnection):
         self.draining = 0  # bytes of a refused body still to read and drop
 
     # -- asyncio.Protocol ---------------------------------------------------------------------
-
-    def connection_made(self, transport):
-        self.transport = transport
-        peer = transport.get_extra_info("peername")
-        self.peer = peer[0] if peer else ""
-        self.loop = asyncio.get_running_loop()
-        self.last_active = self.loop.time()
-        self.fast.add(self)
 
     def data_received(self, data):
         self.buffer += data

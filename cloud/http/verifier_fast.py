@@ -45,7 +45,6 @@ every SWEEP_SECONDS by one timer per listener, not one per connection); the TLS
 handshake and shutdown bounds are the site's ssl_bounds (cloud/http/sites.py).
 """
 
-import asyncio
 import json
 import time
 
@@ -97,14 +96,6 @@ class VerifierConnection(FastConnection):
         self.buffer = b""
         self.pos = 0
         self.write_paused = False
-
-    def connection_made(self, transport):
-        self.transport = transport
-        peer = transport.get_extra_info("peername")
-        self.peer = peer[0] if peer else ""
-        self.loop = asyncio.get_running_loop()
-        self.last_active = self.loop.time()
-        self.fast.add(self)
 
     def data_received(self, data):
         self.buffer = self.buffer[self.pos:] + data if self.buffer else data

@@ -23,6 +23,28 @@ from bench._cloud_support import (  # noqa: F401 (re-exported)
 )
 
 
+def check_flow_control(fast, connection, request):
+    """A fast path's connection, given a request it answers 401 at once (no TLS here),
+    stops reading and answering while its transport's write buffer is over its
+    high-water mark (pause_writing), answers what came meanwhile on resume_writing, and
+    takes a request split across reads.  Runs inside the event loop."""
+    transport = RecordingTransport()
+    connection.connection_made(transport)
+    connection.data_received(request)
+    assert len(transport.written) == 1 and transport.written[0].startswith(b"HTTP/1.1 401 ")
+    connection.pause_writing()  # the write buffer is over its high-water mark
+    assert not transport.reading
+    connection.data_received(request * 3)  # already in flight
+    assert len(transport.written) == 1
+    connection.resume_writing()  # the client took the answers
+    assert transport.reading and len(transport.written) == 4
+    connection.data_received(request + request[:20])  # one and a piece
+    assert len(transport.written) == 5
+    connection.data_received(request[20:])
+    assert len(transport.written) == 6 and not transport.closing
+    fast.close_all()
+
+
 class RecordingTransport:
     """What the fast paths' protocols (verifier_fast, ocsp_fast) use of a transport,
     recording what they are told."""

@@ -22,7 +22,7 @@ from fleetid.cloud.http import est_fast
 from fleetid.cloud.http.est_fast import EstConnection, EstFastPath
 from fleetid.cloud.http.fast_path import MAX_CACHED_HEAD
 from fleetid.cloud.registry import RegistryError
-from tests.cloud.cloud_support import RecordingTransport, RunningCloud
+from tests.cloud.cloud_support import RecordingTransport, RunningCloud, check_flow_control
 
 EST = "/.well-known/est/"
 VIA_APP = "?via=app"
@@ -237,29 +237,10 @@ def test_a_connection_waiting_for_its_answer_is_not_idle(fleet):
 def test_a_client_that_reads_no_answer_stops_being_read_and_answered(fleet):
     import asyncio
 
-    from fleetid.cloud.http.est_fast import EstConnection, EstFastPath
-    from tests.cloud.cloud_support import RecordingTransport
-
     async def scenario():
         fast = EstFastPath(fleet.est)
-        connection = EstConnection(fast, fallback=None)
-        transport = RecordingTransport()
-        connection.connection_made(transport)
-        request = _request(EST + "nonce", close=False)  # no TLS here: 401 at once
-        connection.data_received(request)
-        assert len(transport.written) == 1 and transport.written[0].startswith(
-            b"HTTP/1.1 401 ")
-        connection.pause_writing()  # the write buffer is over its high-water mark
-        assert not transport.reading
-        connection.data_received(request * 3)  # already in flight
-        assert len(transport.written) == 1
-        connection.resume_writing()  # the client took the answers
-        assert transport.reading and len(transport.written) == 4
-        connection.data_received(request + request[:20])  # one and a piece
-        assert len(transport.written) == 5
-        connection.data_received(request[20:])
-        assert len(transport.written) == 6 and not transport.closing
-        fast.close_all()
+        check_flow_control(fast, EstConnection(fast, fallback=None),
+                           _request(EST + "nonce", close=False))
 
     asyncio.run(scenario())
 

@@ -14,7 +14,8 @@ import ssl
 import pytest
 
 from fleetid.cloud.http import verifier_fast
-from tests.cloud.cloud_support import RecordingTransport, RunningCloud, rogue_certificate
+from tests.cloud.cloud_support import RecordingTransport, RunningCloud, check_flow_control, \
+    rogue_certificate
 
 
 def _connect(cloud, files):
@@ -173,24 +174,8 @@ def test_a_client_that_reads_no_answer_stops_being_read_and_answered(fleet):
 
     async def scenario():
         fast = VerifierFastPath(fleet.verifier)
-        connection = VerifierConnection(fast, fallback=None)
-        transport = RecordingTransport()
-        connection.connection_made(transport)
-        request = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
-        connection.data_received(request)
-        assert len(transport.written) == 1 and transport.written[0].startswith(
-            b"HTTP/1.1 401 ")
-        connection.pause_writing()  # the write buffer is over its high-water mark
-        assert not transport.reading
-        connection.data_received(request * 3)  # already in flight
-        assert len(transport.written) == 1
-        connection.resume_writing()  # the client took the answers
-        assert transport.reading and len(transport.written) == 4
-        connection.data_received(request + request[:20])  # one and a piece
-        assert len(transport.written) == 5
-        connection.data_received(request[20:])
-        assert len(transport.written) == 6 and not transport.closing
-        fast.close_all()
+        check_flow_control(fast, VerifierConnection(fast, fallback=None),
+                           b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
 
     asyncio.run(scenario())
 
