@@ -54,7 +54,6 @@ from fleetid.cloud.http.est_app import MAX_BODY, split_tail
 from fleetid.cloud.http.fast_path import KEEPALIVE_TIMEOUT, MAX_HEAD, FastConnection, \
     FastPath, FastSite, error_answer
 from fleetid.cloud.http.middleware import failure_error
-from fleetid.cloud.verifier import errors
 from fleetid.cloud.verifier.errors import CloudError
 
 SERVICE = "est"
@@ -154,12 +153,7 @@ class EstConnection(FastConnection):
         try:
             label, op = split_tail(tail)
             service.label(label)  # 404 for an unknown label before anything else
-            ssl_object = self.transport.get_extra_info("ssl_object")
-            client = ssl_object.getpeercert(binary_form=True) if ssl_object is not None \
-                else None
-            if client is None:
-                raise CloudError(errors.NO_CLIENT_CERT, "present the device certificate "
-                                                        "(mTLS)")
+            client = self.client_certificate()
             if op == messages.OP_NONCE:
                 work = (service.nonce, label, client)
             else:

@@ -27,6 +27,8 @@ from aiohttp import web
 from aiohttp.http import HttpProcessingError, HttpRequestParser
 
 from fleetid.cloud.http.errors import error_parts
+from fleetid.cloud.verifier import errors
+from fleetid.cloud.verifier.errors import CloudError
 from fleetid.common.errors import FleetidError
 
 log = logging.getLogger("fleetid.cloud")
@@ -131,6 +133,15 @@ class FastConnection(asyncio.Protocol):
 
     def connection_lost(self, exc):
         self.fast.discard(self)
+
+    def client_certificate(self):
+        """The DER of this connection's TLS client certificate; CloudError
+        no_client_certificate (401) without one, as the apps answer."""
+        ssl_object = self.transport.get_extra_info("ssl_object")
+        der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
+        if der is None:
+            raise CloudError(errors.NO_CLIENT_CERT, "present the device certificate (mTLS)")
+        return der
 
     # A client that pipelines requests and reads no answer: while the transport's write
     # buffer is over its high-water mark nothing is read or answered (memory stays

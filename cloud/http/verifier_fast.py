@@ -54,7 +54,6 @@ from fleetid.cloud.http.fast_path import KEEPALIVE_TIMEOUT, MAX_HEAD, FastConnec
     FastPath, FastSite, error_answer
 from fleetid.cloud.http.middleware import failure_error
 from fleetid.cloud.revocation.staple import STAPLE_HEADER
-from fleetid.cloud.verifier import errors
 from fleetid.cloud.verifier.errors import CloudError
 
 SERVICE = "verifier"
@@ -151,13 +150,7 @@ class VerifierConnection(FastConnection):
         started = time.perf_counter()
         identity = reason = None
         try:
-            ssl_object = self.transport.get_extra_info("ssl_object")
-            der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None \
-                else None
-            if der is None:
-                raise CloudError(errors.NO_CLIENT_CERT, "present the device certificate "
-                                                        "(mTLS)")
-            identity = self.fast.verifier.verify(der)
+            identity = self.fast.verifier.verify(self.client_certificate())
             if endpoint == "/v1/whoami":
                 body = json.dumps(identity.as_json()).encode()
             else:

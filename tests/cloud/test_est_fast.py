@@ -22,7 +22,8 @@ from fleetid.cloud.http import est_fast
 from fleetid.cloud.http.est_fast import EstConnection, EstFastPath
 from fleetid.cloud.http.fast_path import MAX_CACHED_HEAD
 from fleetid.cloud.registry import RegistryError
-from tests.cloud.cloud_support import RecordingTransport, RunningCloud, check_flow_control
+from tests.cloud.cloud_support import RecordingTransport, RunningCloud, check_flow_control, \
+    read_answers
 
 EST = "/.well-known/est/"
 VIA_APP = "?via=app"
@@ -31,30 +32,6 @@ VIA_APP = "?via=app"
 def _connect(cloud, files):
     raw = socket.create_connection(("127.0.0.1", cloud.ports["est"]), timeout=20)
     return cloud.client_context(files).wrap_socket(raw, server_hostname="127.0.0.1")
-
-
-def _read_answers(tls, count):
-    """`count` HTTP/1.1 answers read off one connection: [(status, headers, body)]."""
-    data, answers = b"", []
-    while len(answers) < count:
-        end = data.find(b"\r\n\r\n")
-        if end >= 0:
-            head = data[:end].decode("latin-1").split("\r\n")
-            headers = {}
-            for line in head[1:]:
-                name, _, value = line.partition(":")
-                headers[name.strip().lower()] = value.strip()
-            length = int(headers.get("content-length", 0))
-            if len(data) >= end + 4 + length:
-                answers.append((int(head[0].split()[1]), headers,
-                                data[end + 4:end + 4 + length]))
-                data = data[end + 4 + length:]
-                continue
-        chunk = tls.recv(65536)
-        if not chunk:
-            raise AssertionError("connection closed after %d answers" % len(answers))
-        data += chunk
-    return answers
 
 
 def _request(target, body=None, content_type=b"application/pkcs10", close=True):
@@ -68,7 +45,7 @@ def _request(target, body=None, content_type=b"application/pkcs10", close=True):
 def _ask(cloud, files, target, body=None, **kwargs):
     with _connect(cloud, files) as tls:
         tls.sendall(_request(target, body, **kwargs))
-        return _read_answers(tls, 1)[0]
+        return read_answers(tls, 1)[0]
 
 
 def _both(cloud, files, op, body=None, make_body=None, **kwargs):
@@ -194,7 +171,7 @@ def test_other_forms_are_answered_by_the_app(fleet, cloud):
         tls.sendall(request[:-len(body)])
         time.sleep(0.2)
         tls.sendall(request[-len(body):])
-        status, headers, _ = _read_answers(tls, 1)[0]
+        status, headers, _ = read_answers(tls, 1)[0]
     assert status == 200 and "server" in headers
 
 
@@ -206,7 +183,7 @@ def test_pipelined_requests_in_order_then_handed_over(fleet, cloud):
                     + _request(EST + "simplereenroll", base64.b64encode(device.csr()[1]),
                                close=False)
                     + _request(EST + "cacerts"))
-        (s1, h1, b1), (s2, h2, _), (s3, h3, b3) = _read_answers(tls, 3)
+        (s1, h1, b1), (s2, h2, _), (s3, h3, b3) = read_answers(tls, 3)
     assert s1 == 200 and h1["content-type"] == "application/octet-stream" and b1
     assert s2 == 200 and h2["content-type"].startswith("application/pkcs7-mime")
     assert s3 == 200 and "server" in h3 and pkcs7.load_der_pkcs7_certificates(
@@ -363,7 +340,7 @@ def test_a_reenrolment_running_when_the_server_stops_is_delivered(fleet, monkeyp
         with pytest.raises(OSError):  # the listener accepts no more
             _connect(running, device.files())
         release.set()
-        status, headers, body = _read_answers(tls, 1)[0]
+        status, headers, body = read_answers(tls, 1)[0]
         stopping.result(10)
         tls.close()
     assert status == 200 and ("server" in headers) == bool(via), (status, headers)
@@ -388,7 +365,7 @@ def test_a_head_over_max_head_in_one_read_is_the_apps(fleet, cloud):
     for target in (EST + "nonce", EST + "nonce" + VIA_APP):
         with _connect(cloud, device.files()) as tls:
             tls.sendall(_big_head(target, 12000))
-            answers.append(_read_answers(tls, 1)[0])
+            answers.append(read_answers(tls, 1)[0])
     fast, app = answers
     assert "server" in fast[1] and "server" in app[1], (fast, app)
     _same_answer(fast, app, same_body=False)
@@ -516,7 +493,7 @@ def test_forms_the_fast_route_hands_over_are_the_apps_answers(fleet, cloud):
     def sent(request):
         def exchange(tls, via):
             tls.sendall(request(via))
-            return _read_answers(tls, 1)[0]
+            return read_answers(tls, 1)[0]
         return exchange
 
     too_big = b"A" * (est_fast.MAX_BODY + 1)
@@ -547,7 +524,7 @@ def test_forms_the_fast_route_hands_over_are_the_apps_answers(fleet, cloud):
         interim = tls.recv(65536)
         assert interim.startswith(b"HTTP/1.1 100 Continue\r\n\r\n"), interim
         tls.sendall(body)
-        return _read_answers(tls, 1)[0]
+        return read_answers(tls, 1)[0]
     fast, app = _raw_both(cloud, files, expecting)
     assert fast[0] == 200, fast
     _same_answer(fast, app, same_body=False)

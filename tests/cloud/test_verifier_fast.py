@@ -15,7 +15,7 @@ import pytest
 
 from fleetid.cloud.http import verifier_fast
 from tests.cloud.cloud_support import RecordingTransport, RunningCloud, check_flow_control, \
-    rogue_certificate
+    read_answers, rogue_certificate
 
 
 def _connect(cloud, files):
@@ -24,37 +24,11 @@ def _connect(cloud, files):
     return context.wrap_socket(raw, server_hostname="127.0.0.1")
 
 
-def _read_answers(tls, count, head_only=False):
-    """`count` HTTP/1.1 answers read off one connection: [(status, headers, body)]
-    (head_only: answers to HEAD, which announce a length and send no body)."""
-    data = b""
-    answers = []
-    while len(answers) < count:
-        end = data.find(b"\r\n\r\n")
-        if end >= 0:
-            head = data[:end].decode("latin-1").split("\r\n")
-            headers = {}
-            for line in head[1:]:
-                name, _, value = line.partition(":")
-                headers[name.strip().lower()] = value.strip()
-            length = 0 if head_only else int(headers.get("content-length", 0))
-            if len(data) >= end + 4 + length:
-                answers.append((int(head[0].split()[1]), headers,
-                                data[end + 4:end + 4 + length]))
-                data = data[end + 4 + length:]
-                continue
-        chunk = tls.recv(65536)
-        if not chunk:
-            raise AssertionError("connection closed after %d answers" % len(answers))
-        data += chunk
-    return answers
-
-
 def _ask(cloud, files, target, method="GET", extra=b""):
     with _connect(cloud, files) as tls:
         tls.sendall(b"%s %s HTTP/1.1\r\nHost: x\r\nConnection: close\r\n%s\r\n"
                     % (method.encode(), target.encode(), extra))
-        return _read_answers(tls, 1, head_only=method == "HEAD")[0]
+        return read_answers(tls, 1, head_only=method == "HEAD")[0]
 
 
 def _same_answer(fast, app):
@@ -106,18 +80,18 @@ def test_keep_alive_pipelining_and_hand_over_on_one_connection(fleet, cloud):
         # two fast requests in one write, answered in order
         tls.sendall(b"GET /v1/whoami HTTP/1.1\r\nHost: x\r\n\r\n"
                     b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
-        (s1, _, b1), (s2, _, b2) = _read_answers(tls, 2)
+        (s1, _, b1), (s2, _, b2) = read_answers(tls, 2)
         assert s1 == 200 and json.loads(b1)["serial"] == device.name
         assert s2 == 200 and json.loads(b2) == {"ok": True}
         # then a route the fast path does not serve: aiohttp takes the connection over
         body = b'{"temperature": 21}'
         tls.sendall(b"POST /v1/telemetry HTTP/1.1\r\nHost: x\r\nContent-Type: "
                     b"application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
-        status, _, answer = _read_answers(tls, 1)[0]
+        status, _, answer = read_answers(tls, 1)[0]
         assert status == 202 and json.loads(answer) == {"accepted": 1}
         # and keeps it: the app answers whoami too now
         tls.sendall(b"GET /v1/whoami HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        status, headers, answer = _read_answers(tls, 1)[0]
+        status, headers, answer = read_answers(tls, 1)[0]
         assert status == 200 and json.loads(answer)["serial"] == device.name
 
 
@@ -136,7 +110,7 @@ def test_a_get_with_a_body_or_a_bad_head_goes_to_aiohttp(fleet, cloud):
     with _connect(cloud, device.files()) as tls:
         tls.sendall(b"GET /v1/whoami HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n"
                     b"Connection: close\r\n\r\nhi")
-        assert _read_answers(tls, 1)[0][0] == 200  # the app read (and ignored) the body
+        assert read_answers(tls, 1)[0][0] == 200  # the app read (and ignored) the body
     with _connect(cloud, device.files()) as tls:
         tls.sendall(b"GET /v1/whoami HTTP/1.1\r\nHost: x\r\nno colon here\r\n\r\n")
         data = tls.recv(4096)
@@ -159,10 +133,10 @@ def test_http10_closes_unless_kept_alive(fleet, cloud):
     device = fleet.provision()
     with _connect(cloud, device.files()) as tls:
         tls.sendall(b"GET /healthz HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
-        status, headers, _ = _read_answers(tls, 1)[0]
+        status, headers, _ = read_answers(tls, 1)[0]
         assert status == 200 and headers["connection"].lower() == "keep-alive"
         tls.sendall(b"GET /healthz HTTP/1.0\r\n\r\n")
-        status, headers, _ = _read_answers(tls, 1)[0]
+        status, headers, _ = read_answers(tls, 1)[0]
         assert status == 200 and headers["connection"].lower() == "close"
         assert tls.recv(1) == b""
 
