@@ -29,7 +29,6 @@ import datetime
 import glob
 import os
 
-from aiohttp import web
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
@@ -452,7 +451,7 @@ class CloudServer:
 
     async def start(self):
         for name, app, port, ssl_context in self._plan:
-            runner = web.AppRunner(app, access_log=None, **self.timeouts.runner_options())
+            runner = sites.Runner(app, access_log=None, **self.timeouts.runner_options())
             await runner.setup()
             host = self.host if name != "metrics" else "127.0.0.1"
             bounds = sites.ssl_bounds(ssl_context, self.timeouts)

@@ -1,5 +1,6 @@
 """How the cloud's listeners are served: aiohttp sites whose TLS handshake and TLS
-shutdown are bounded, the event loop, and the run-until-signalled loop.
+shutdown are bounded, the runner whose answers neither echo a malformed request nor name
+Python's and aiohttp's versions, the event loop, and the run-until-signalled loop.
 
 aiohttp's TCPSite and SockSite call the loop's create_server without
 ssl_handshake_timeout or ssl_shutdown_timeout; the two sites here do the same start()
@@ -7,8 +8,50 @@ with both.  (fleetid.cloud.server re-exports event_loop_factory and serve_foreve
 """
 
 import asyncio
+from http import HTTPStatus
 
-from aiohttp import web
+from aiohttp import hdrs, web
+from aiohttp.web_protocol import RequestHandler
+
+SERVER_NAME = "fleetid"  # the Server header of every answer (aiohttp's: Python/x aiohttp/y)
+
+
+class _Handler(RequestHandler):
+    """aiohttp's connection handler, but its own answers to a request it could not parse
+    (400, 413, 431, ...) carry only the status phrase: aiohttp's text quotes the offending
+    bytes back to whoever sent them.  Its 500 is aiohttp's (a fixed text)."""
+
+    __slots__ = ()
+
+    def handle_error(self, request, status=500, exc=None, message=None):
+        if status != HTTPStatus.INTERNAL_SERVER_ERROR:
+            message = "%d %s" % (status, HTTPStatus(status).phrase)
+        response = super().handle_error(request, status, exc, message)
+        response.headers[hdrs.SERVER] = SERVER_NAME
+        return response
+
+
+class _Server(web.Server):
+    def __call__(self):
+        return _Handler(self, loop=self._loop, **self._kwargs)
+
+
+async def _name_server(request, response):
+    response.headers[hdrs.SERVER] = SERVER_NAME
+
+
+class Runner(web.AppRunner):
+    """web.AppRunner whose app's answers say `Server: fleetid` and whose connections are
+    _Handler's (above).  The fast paths write their own answers, with no Server header."""
+
+    def __init__(self, app, **kwargs):
+        app.on_response_prepare.append(_name_server)
+        super().__init__(app, **kwargs)
+
+    async def _make_server(self):
+        server = await super()._make_server()
+        server.__class__ = _Server  # the same object; only its handler class changes
+        return server
 
 
 def ssl_bounds(ssl_context, timeouts):

@@ -356,6 +356,38 @@ def test_a_request_aiohttp_cannot_parse_is_one_warning_line_not_a_traceback(flee
     assert "Traceback" not in stream.getvalue()
 
 
+def test_answers_neither_echo_a_malformed_request_nor_name_versions(fleet):
+    """aiohttp's own 400 quotes the offending bytes back and every answer says
+    `Server: Python/3.x aiohttp/3.y`; the cloud's runner (sites.Runner) answers the
+    status phrase only, and `Server: fleetid`."""
+    import socket
+    import ssl
+
+    def exchange(port, request):
+        context = ssl.create_default_context(cafile=fleet.root_file)
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+            with context.wrap_socket(raw, server_hostname="127.0.0.1") as s:
+                s.sendall(request)
+                answer = b""
+                while chunk := s.recv(65536):
+                    answer += chunk
+        return answer
+
+    marker = b"<script>echo-me-back</script>"
+    with RunningCloud(fleet) as cloud:
+        for port in (cloud.ports["est"], cloud.ports["verifier"]):
+            for request in (b"GET /healthz HTTP/1.1\r\nHost: x\r\nBad " + marker + b"\r\n\r\n",
+                            b"GET /" + marker + b"\x00 HTTP/1.1\r\nHost: x\r\n\r\n"):
+                answer = exchange(port, request)
+                head, _, body = answer.partition(b"\r\n\r\n")
+                assert head.startswith(b"HTTP/1.0 400 ") or head.startswith(b"HTTP/1.1 400 ")
+                assert body == b"400 Bad Request" and marker not in answer, answer
+                assert b"\r\nServer: fleetid\r\n" in head and b"aiohttp" not in answer
+        answer = exchange(cloud.ports["est"], b"GET /.well-known/est/cacerts HTTP/1.1\r\n"
+                                              b"Host: x\r\nConnection: close\r\n\r\n")
+        assert answer.startswith(b"HTTP/1.1 200 ") and b"\r\nServer: fleetid\r\n" in answer
+
+
 class ExplodingRegistry:
     """A registry whose reads fail with an internal cause the client must never see."""
 
