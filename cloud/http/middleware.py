@@ -65,12 +65,16 @@ class ServerTimeouts:
             streaming a huge body keeps the server reading); also how long a TLS
             connection the server closes waits for the client's close_notify (the loop's
             ssl_shutdown_timeout, 30 s by default).
+        stop: on stop, how long requests in flight may take to be answered, waited for
+            twice (the fast paths', then aiohttp's handlers: the runner's
+            shutdown_timeout, 60 s by default).  The default keeps a whole stop inside
+            the worker supervisor's 15 s and the systemd units' TimeoutStopSec=30.
     Raises: ValueError for a bound that is not a positive number.
     """
 
-    def __init__(self, handshake=20.0, idle=30.0, body=30.0, linger=2.0):
+    def __init__(self, handshake=20.0, idle=30.0, body=30.0, linger=2.0, stop=5.0):
         for name, value in (("handshake", handshake), ("idle", idle), ("body", body),
-                            ("linger", linger)):
+                            ("linger", linger), ("stop", stop)):
             if not isinstance(value, (int, float)) or not value > 0:
                 raise ValueError("ServerTimeouts.%s must be a positive number of seconds"
                                  % name)
@@ -78,14 +82,16 @@ class ServerTimeouts:
         self.idle = float(idle)
         self.body = float(body)
         self.linger = float(linger)
+        self.stop = float(stop)
 
     def runner_options(self):
         """Keyword arguments for aiohttp's AppRunner (its request handler's bounds)."""
-        return {"keepalive_timeout": self.idle, "lingering_time": self.linger}
+        return {"keepalive_timeout": self.idle, "lingering_time": self.linger,
+                "shutdown_timeout": self.stop}
 
     def __repr__(self):
-        return "ServerTimeouts(handshake=%g, idle=%g, body=%g, linger=%g)" % (
-            self.handshake, self.idle, self.body, self.linger)
+        return "ServerTimeouts(handshake=%g, idle=%g, body=%g, linger=%g, stop=%g)" % (
+            self.handshake, self.idle, self.body, self.linger, self.stop)
 
 
 class JsonFormatter(logging.Formatter):

@@ -349,6 +349,38 @@ def test_a_reenrolment_running_when_the_server_stops_is_delivered(fleet, monkeyp
     pkcs7.load_der_pkcs7_certificates(base64.b64decode(body))
 
 
+@pytest.mark.parametrize("via", ["", VIA_APP])
+def test_a_stop_waits_for_a_stuck_reenrolment_no_longer_than_its_bound(fleet, monkeypatch,
+                                                                        via):
+    # ServerTimeouts.stop bounds each of the two waits (the fast paths', aiohttp's); a
+    # re-enrolment stuck past it does not hold the stop (the systemd units give 30 s).
+    from fleetid.cloud.http.middleware import ServerTimeouts
+
+    device = fleet.provision()
+    fleet.enrol(device)
+    entered, release = threading.Event(), threading.Event()
+
+    def stuck(*args, **kwargs):
+        entered.set()
+        release.wait(30)
+        raise RuntimeError("released after the test")
+
+    monkeypatch.setattr(fleet.est, "enroll", stuck)
+    try:
+        with RunningCloud(fleet, timeouts=ServerTimeouts(stop=0.5)) as running:
+            tls = _connect(running, device.files())
+            tls.sendall(_request(EST + "simplereenroll" + via,
+                                 base64.b64encode(device.csr()[1]), close=False))
+            assert entered.wait(10)
+            started = time.monotonic()
+            asyncio.run_coroutine_threadsafe(running.server.stop(), running.loop).result(20)
+            took = time.monotonic() - started
+            tls.close()
+    finally:
+        release.set()
+    assert 0.4 <= took < 10, took  # waited for it, within two bounds and the close (not 30 s)
+
+
 def _big_head(target, size, tag=b""):
     """A GET head of about `size` bytes in header lines aiohttp accepts (each < 8190)."""
     pads = b"".join(b"X-Pad-%d: %s\r\n" % (n, b"a" * 4000) for n in range(size // 4000))

@@ -264,8 +264,9 @@ def test_a_client_closing_mid_body_is_no_internal_error(served, listener, caplog
 
 def test_default_timeouts_bound_every_wait():
     timeouts = ServerTimeouts()
-    for name in ("handshake", "idle", "body", "linger"):
+    for name in ("handshake", "idle", "body", "linger", "stop"):
         assert 0 < getattr(timeouts, name) <= 60, name
+    assert timeouts.runner_options()["shutdown_timeout"] == timeouts.stop
     with pytest.raises(ValueError):
         ServerTimeouts(body=0)
     with pytest.raises(ValueError):
