@@ -1,5 +1,6 @@
-"""cloud/http/metrics.py: the plain counters scrape as prometheus_client's own Counter and
-Histogram would for the same observations (the /metrics text is unchanged)."""
+"""cloud/http/metrics.py: the /metrics text names, labels and buckets its metrics as an
+independent prometheus_client reference does for the same observations (a change of a
+name, a label or a bucket, which dashboards and alerts depend on, shows here)."""
 
 import re
 
