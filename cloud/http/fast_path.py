@@ -1,4 +1,4 @@
-"""What the listeners' fast paths share (ocsp_fast.py, verifier_fast.py): a lean asyncio
+"""What the listeners' fast paths share (est_fast.py, ocsp_fast.py, verifier_fast.py): a lean asyncio
 protocol per connection answers a listener's hot routes with aiohttp's own HTTP parser
 and hands every other request, with its connection, to the listener's aiohttp app.
 
@@ -26,6 +26,7 @@ from http import HTTPStatus
 from aiohttp import web
 from aiohttp.http import HttpProcessingError, HttpRequestParser
 
+from fleetid.cloud.http import sites
 from fleetid.cloud.http.errors import error_parts
 from fleetid.cloud.verifier import errors
 from fleetid.cloud.verifier.errors import CloudError
@@ -313,20 +314,8 @@ class FastSite(web.TCPSite):
         self.sock = sock
 
     async def start(self):
-        await web.BaseSite.start(self)  # registers the site with its runner
-        loop = asyncio.get_running_loop()
         fast, fallback, connection = self.fast, self._runner.server, self.connection_class
-        factory = lambda: connection(fast, fallback)  # noqa: E731
-        if self.sock is not None:
-            self._server = await loop.create_server(
-                factory, sock=self.sock, ssl=self._ssl_context, backlog=self._backlog,
-                **self.ssl_bounds)
-        else:
-            self._server = await loop.create_server(
-                factory, self._host, self._port, ssl=self._ssl_context,
-                backlog=self._backlog, reuse_address=self._reuse_address,
-                reuse_port=self._reuse_port, **self.ssl_bounds)
-        self._bound_port = self._server.sockets[0].getsockname()[1]
+        await sites.create_server(self, lambda: connection(fast, fallback), self.sock)
 
     async def stop(self):
         await super().stop()  # the listener accepts no more connections

@@ -67,27 +67,38 @@ def ssl_bounds(ssl_context, timeouts):
     return dict((k, v) for k, v in bounds.items() if v)
 
 
+async def create_server(site, protocol_factory, sock=None):
+    """A site's start(): the loop's server for `protocol_factory` on `sock` (a socket
+    bound by serve_workers' parent) or on the site's host and port, with its TLS context
+    and the bounds of ssl_bounds (set as site.ssl_bounds)."""
+    await web.BaseSite.start(site)  # registers the site with its runner
+    loop = asyncio.get_running_loop()
+    if sock is not None:
+        site._server = await loop.create_server(
+            protocol_factory, sock=sock, ssl=site._ssl_context, backlog=site._backlog,
+            **site.ssl_bounds)
+    else:
+        site._server = await loop.create_server(
+            protocol_factory, site._host, site._port, ssl=site._ssl_context,
+            backlog=site._backlog, reuse_address=site._reuse_address,
+            reuse_port=site._reuse_port, **site.ssl_bounds)
+    if isinstance(site, web.TCPSite):  # its name (the URL aiohttp logs) with the bound port
+        sockets = site._server.sockets
+        site._bound_port = sockets[0].getsockname()[1] if sockets else site._port
+
+
 class BoundedTcpSite(web.TCPSite):
     # TCPSite.start() with the TLS bounds of ssl_bounds (set as .ssl_bounds).
 
     async def start(self):
-        await web.BaseSite.start(self)
-        self._server = await asyncio.get_running_loop().create_server(
-            self._runner.server, self._host, self._port, ssl=self._ssl_context,
-            backlog=self._backlog, reuse_address=self._reuse_address,
-            reuse_port=self._reuse_port, **self.ssl_bounds)
-        sockets = self._server.sockets
-        self._bound_port = sockets[0].getsockname()[1] if sockets else self._port
+        await create_server(self, self._runner.server)
 
 
 class BoundedSockSite(web.SockSite):
     # SockSite.start() (a socket bound by serve_workers' parent) with the same bounds.
 
     async def start(self):
-        await web.BaseSite.start(self)
-        self._server = await asyncio.get_running_loop().create_server(
-            self._runner.server, sock=self._sock, ssl=self._ssl_context,
-            backlog=self._backlog, **self.ssl_bounds)
+        await create_server(self, self._runner.server, self._sock)
 
 
 EVENT_LOOPS = ("auto", "uvloop", "asyncio")
