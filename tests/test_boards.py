@@ -45,8 +45,8 @@ def test_board_main_is_constants_and_one_call_of_the_shared_entry_point(main):
     from fleetid.device import board
 
     text = main.read_text() if isinstance(main, pathlib.Path) else main
-    name = main.name if isinstance(main, pathlib.Path) else "INTEGRATING.md"
-    tree = ast.parse(text, name)
+    source = main.name if isinstance(main, pathlib.Path) else "INTEGRATING.md"
+    tree = ast.parse(text, source)
     constants = set()
     calls = []
     for node in tree.body:
@@ -62,7 +62,7 @@ def test_board_main_is_constants_and_one_call_of_the_shared_entry_point(main):
             calls.append(node.value)
         else:
             pytest.fail("%s:%d: %s is neither a constant nor the call" % (
-                name, node.lineno, type(node).__name__))
+                source, node.lineno, type(node).__name__))
     assert [ast.dump(c) for c in calls] == [ast.dump(ast.parse(
         "run_constants(globals())", mode="eval").body)]
     # Every constant is a parameter of the entry point (run_constants lowercases the name).

@@ -67,12 +67,6 @@ def _same_answer(fast, app, same_body=True):
         assert fast[1].get(header) == app[1].get(header), header
 
 
-@pytest.fixture
-def cloud(fleet):
-    with RunningCloud(fleet) as running:
-        yield running
-
-
 def _csr_body(device):
     return lambda: base64.b64encode(device.csr()[1])
 
@@ -192,11 +186,6 @@ def test_pipelined_requests_in_order_then_handed_over(fleet, cloud):
 
 
 def test_a_connection_waiting_for_its_answer_is_not_idle(fleet):
-    import asyncio
-
-    from fleetid.cloud.http.est_fast import EstConnection, EstFastPath
-    from tests.cloud.cloud_support import RecordingTransport
-
     async def scenario():
         fast = EstFastPath(fleet.est, keepalive_timeout=1.0)
         connection = EstConnection(fast, fallback=None)
@@ -212,8 +201,6 @@ def test_a_connection_waiting_for_its_answer_is_not_idle(fleet):
 
 
 def test_a_client_that_reads_no_answer_stops_being_read_and_answered(fleet):
-    import asyncio
-
     async def scenario():
         fast = EstFastPath(fleet.est)
         check_flow_control(fast, EstConnection(fast, fallback=None),

@@ -205,6 +205,18 @@ def test_without_fcntl_sqlite_busy_handler_alone(tmp_path, monkeypatch):
     assert not os.path.exists(path + "-writelock")
 
 
+def _wait_exit(pid, seconds):
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return status
+        time.sleep(0.01)
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    pytest.fail("process %d did not finish" % pid)
+
+
 def test_a_forked_child_takes_its_own_lock(tmp_path):
     lock = sqlite_writelock.WriterLock(str(tmp_path / "registry.db"))
     assert lock.acquire(1.0)
@@ -218,17 +230,7 @@ def test_a_forked_child_takes_its_own_lock(tmp_path):
                 os._exit(0)
             finally:
                 os._exit(2)
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            done, status = os.waitpid(pid, os.WNOHANG)
-            if done:
-                break
-            time.sleep(0.01)
-        else:
-            os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
-            pytest.fail("forked child did not finish")
-        assert os.waitstatus_to_exitcode(status) == 0
+        assert os.waitstatus_to_exitcode(_wait_exit(pid, 30)) == 0
     finally:
         lock.release()
         lock.close()
@@ -265,18 +267,6 @@ def test_created_by_root_the_lock_file_belongs_to_the_database_owner(tmp_path):
         registry.close()
     info = os.stat(path + "-writelock")
     assert (info.st_uid, info.st_gid) == (4242, 4343)
-
-
-def _wait_exit(pid, seconds):
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        done, status = os.waitpid(pid, os.WNOHANG)
-        if done:
-            return status
-        time.sleep(0.01)
-    os.kill(pid, signal.SIGKILL)
-    os.waitpid(pid, 0)
-    pytest.fail("process %d did not finish" % pid)
 
 
 def test_a_child_forked_by_a_holder_does_not_keep_its_lock_after_it_is_killed(tmp_path):

@@ -14,7 +14,7 @@ import ssl
 import pytest
 
 from fleetid.cloud.http import verifier_fast
-from tests.cloud.cloud_support import RecordingTransport, RunningCloud, check_flow_control, \
+from tests.cloud.cloud_support import RecordingTransport, check_flow_control, \
     read_answers, rogue_certificate
 
 
@@ -37,12 +37,6 @@ def _same_answer(fast, app):
     assert fast[2] == app[2]
     for header in ("content-type", "www-authenticate"):
         assert fast[1].get(header) == app[1].get(header), header
-
-
-@pytest.fixture
-def cloud(fleet):
-    with RunningCloud(fleet) as running:
-        yield running
 
 
 def test_every_verdict_is_the_apps_answer(fleet, cloud):
