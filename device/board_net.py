@@ -317,10 +317,7 @@ class BoardNetwork:
         from fleetid.device.https import HttpError
 
         try:
-            if pieces:
-                return self.https.request(slot, base, method, path, body, headers,
-                                          pieces=True)
-            return self.https.request(slot, base, method, path, body, headers)
+            return self.https.request(slot, base, method, path, body, headers, pieces=pieces)
         except HttpError as exc:
             raise net_error(exc) from None
 
