@@ -106,23 +106,9 @@ class DeviceIdentity:
         return {
             "serial": self.serial, "registry_serial": self.registry_serial,
             "se_uid": self.se_uid.hex(), "fingerprint": self.fingerprint, "kind": self.kind,
-            "issuer": self.issuer, "not_after": _deadline_text(self.not_after),
+            "issuer": self.issuer, "not_after": format_deadline(self.not_after),
             "in_overlap": self.in_overlap,
         }
-
-
-_DEADLINE_TEXTS = {}  # aware datetime -> format_deadline's text (whoami's not_after)
-
-
-def _deadline_text(moment):
-    """format_deadline(moment), formatted once per distinct moment (a certificate's
-    notAfter is the same on each of its requests; equal instants format alike)."""
-    text = _DEADLINE_TEXTS.get(moment)
-    if text is None:
-        if len(_DEADLINE_TEXTS) >= DEFAULT_CACHE_SIZE:
-            _DEADLINE_TEXTS.clear()
-        text = _DEADLINE_TEXTS[moment] = format_deadline(moment)
-    return text
 
 
 class CheckResult:
