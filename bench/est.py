@@ -139,41 +139,6 @@ _AREAS = (
 )
 
 
-def _area(filename):
-    """The area of a repository file, None for a library or built-in function."""
-    root = ROOT + os.sep
-    if not filename.startswith(root) or os.sep + ".venv" + os.sep in filename:
-        return None
-    rel = filename[len(root):].replace(os.sep, "/")
-    return next((area for prefix, area in _AREAS if rel.startswith(prefix)), "other")
-
-
-def profile_areas(stats):
-    """{area: own CPU seconds} from pstats' raw stats; a library or built-in function
-    counts for its callers' areas, in proportion to the time spent in it per caller."""
-    memo = {}
-
-    def weights(func, depth=0):
-        if func not in memo:
-            own = _area(func[0])
-            memo[func] = {own or "other": 1.0}  # a cycle ends here
-            callers = stats[func][4]
-            total = sum(v[2] for v in callers.values()) if callers else 0.0
-            if own is None and total > 0 and depth < 60:
-                mix = {}
-                for caller, value in callers.items():
-                    for name, w in weights(caller, depth + 1).items():
-                        mix[name] = mix.get(name, 0.0) + value[2] / total * w
-                memo[func] = mix
-        return memo[func]
-
-    totals = {}
-    for func, (_cc, _nc, tottime, _ct, _callers) in stats.items():
-        for name, w in weights(func).items():
-            totals[name] = totals.get(name, 0.0) + tottime * w
-    return totals
-
-
 def profile_reenrolments(work, reenrol):
     """cProfile of `work` re-enrolled one after the other on this thread's CPU time:
     CPU ms per certificate by area, then the functions with the most own time."""
@@ -184,11 +149,12 @@ def profile_reenrolments(work, reenrol):
     prof.disable()
     out = io.StringIO()
     stats = pstats.Stats(prof, stream=out)
-    totals = profile_areas(stats.stats)
+    from bench import _profile_support
+
+    totals = _profile_support.profile_areas(stats.stats, _AREAS)
     out.write("profiled CPU ms per certificate by area (total %.3f):\n"
               % (sum(totals.values()) * 1000.0 / len(work)))
-    for name, seconds in sorted(totals.items(), key=lambda kv: -kv[1]):
-        out.write("  %-50s %7.3f\n" % (name, seconds * 1000.0 / len(work)))
+    _profile_support.write_areas(out, totals, len(work), 50)
     out.write("\nfunctions by own time:\n")
     stats.sort_stats("tottime").print_stats(25)
     return out.getvalue()

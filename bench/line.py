@@ -245,66 +245,10 @@ _AREAS = (
     ("cloud/hsm/", "HSM (cloud/hsm/)"),
     ("cloud/line/", "line: station, gate, journal, shipment (cloud/line/)"),
 )
-_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
-
-
-def _area_of_file(filename):
-    if not filename.startswith(_REPO) or os.sep + ".venv" + os.sep in filename:
-        return None
-    rel = filename[len(_REPO):].replace(os.sep, "/")
-    for prefix, area in _AREAS:
-        if rel.startswith(prefix):
-            return area
-    return "other"
-
-
 _EMULATOR = _AREAS[0][1]
 # Code the emulated SE runs too (sim/ imports these): its time is the emulator's when the
 # call came from sim/, else the host's.
 _SHARED = ("common/", "device/")
-
-
-def profile_areas(stats):
-    """{area: own CPU seconds} from pstats' raw stats.  A function of common/ or device/
-    counts for the emulator as far as its calls came from sim/ (through any chain of
-    shared or library functions), else for its own area; a library or built-in function
-    counts for its callers' areas, in proportion to the time spent in it per caller."""
-    memo = {}
-
-    def rel(filename):
-        if not filename.startswith(_REPO) or os.sep + ".venv" + os.sep in filename:
-            return None
-        return filename[len(_REPO):].replace(os.sep, "/")
-
-    def weights(func, depth=0):
-        # {area: share of func's time}
-        if func in memo:
-            return memo[func]
-        path = rel(func[0])
-        own = _area_of_file(func[0]) if path is not None else None
-        if own is not None and not path.startswith(_SHARED):
-            memo[func] = {own: 1.0}
-            return memo[func]
-        memo[func] = {own or "other": 1.0}  # a cycle ends here
-        callers = stats[func][4]
-        total = sum(v[2] for v in callers.values()) if callers else 0.0
-        if not callers or depth > 60 or total <= 0:
-            return memo[func]
-        mix = {}
-        for caller, value in callers.items():
-            share = value[2] / total
-            for name, w in weights(caller, depth + 1).items():
-                if own is not None and name != _EMULATOR:
-                    name = own  # a shared function's host calls count for its own area
-                mix[name] = mix.get(name, 0.0) + share * w
-        memo[func] = mix
-        return mix
-
-    totals = {}
-    for func, (_cc, _nc, tottime, _ct, _callers) in stats.items():
-        for name, w in weights(func).items():
-            totals[name] = totals.get(name, 0.0) + tottime * w
-    return totals
 
 
 def profile_host(line, devices):
@@ -323,17 +267,18 @@ def profile_host(line, devices):
     prof.disable()
     out = io.StringIO()
     stats = pstats.Stats(prof, stream=out)
-    totals = profile_areas(stats.stats)
+    from bench import _profile_support
+
+    totals = _profile_support.profile_areas(stats.stats, _AREAS, _SHARED, _EMULATOR)
     host = sum(v for k, v in totals.items() if not k.startswith("emulator"))
     out.write("profiled CPU ms per device by area (host total %.2f, emulator %.2f):\n"
               % (host * 1000.0 / devices,
                  sum(v for k, v in totals.items() if k.startswith("emulator"))
                  * 1000.0 / devices))
-    for name, seconds in sorted(totals.items(), key=lambda kv: -kv[1]):
-        out.write("  %-66s %7.3f\n" % (name, seconds * 1000.0 / devices))
+    _profile_support.write_areas(out, totals, devices, 66)
     out.write("\nfunctions by own time, sim/ left out (common/ ones include their calls from "
               "the emulator):\n")
-    sim = os.path.join(_REPO, "sim") + os.sep
+    sim = os.path.join(_profile_support.REPO, "sim") + os.sep
     for func in list(stats.stats):
         if func[0].startswith(sim):
             del stats.stats[func]
