@@ -213,7 +213,7 @@ def _serve_worker(workdir, port, context, bare, event_loop, reuse_port):
 
     from fleetid.cloud.registry.sqlite_backend import SqliteRegistry
     from fleetid.cloud.http.middleware import ServerTimeouts
-    from fleetid.cloud.http.sites import ssl_bounds
+    from fleetid.cloud.http.sites import Runner, ssl_bounds
     from fleetid.cloud.http.verifier_app import make_verifier_app
     from fleetid.cloud.http.verifier_fast import VerifierFastPath, VerifierFastSite
     from fleetid.cloud.http.metrics import Metrics
@@ -244,13 +244,15 @@ def _serve_worker(workdir, port, context, bare, event_loop, reuse_port):
         app = make_verifier_app(verifier, metrics)
 
     async def main():
-        runner = web.AppRunner(app, access_log=None, **timeouts.runner_options())
-        await runner.setup()
-        if bare == "floor":
+        if bare == "floor":  # no HTTP, no app: the loop's TLS transport alone
             await asyncio.get_running_loop().create_server(
                 FloorProtocol, "127.0.0.1", port, ssl=context, backlog=1024,
                 reuse_port=reuse_port or None, **ssl_bounds(context, timeouts))
             await asyncio.Event().wait()
+        # fleetid's runner as `cloud serve` makes it; the bare framework's own
+        runner = (web.AppRunner if bare else Runner)(app, access_log=None,
+                                                     **timeouts.runner_options())
+        await runner.setup()
         if bare:
             site = web.TCPSite(runner, "127.0.0.1", port, ssl_context=context,
                                backlog=1024, reuse_port=reuse_port or None)
