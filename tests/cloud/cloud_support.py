@@ -97,3 +97,25 @@ class RecordingTransport:
 
     def close(self):
         self.closing = True
+
+    def set_protocol(self, protocol):  # a hand-over to aiohttp
+        self.protocol = protocol
+
+
+class HandedOverApp:
+    """aiohttp's protocol, as far as a fast path's hand-over goes: records what it is
+    given."""
+
+    def __init__(self):
+        self.data = b""
+
+    def connection_made(self, transport):
+        pass
+
+    def data_received(self, data):
+        self.data += data
+
+
+def pad_headers(count):
+    """`count` header lines of about 4 KB each (each under aiohttp's 8190-byte bound)."""
+    return b"".join(b"X-Pad-%d: %s\r\n" % (n, b"a" * 4000) for n in range(count))

@@ -22,8 +22,8 @@ from fleetid.cloud.http import est_fast
 from fleetid.cloud.http.est_fast import EstConnection, EstFastPath
 from fleetid.cloud.http.fast_path import MAX_CACHED_HEAD
 from fleetid.cloud.registry import RegistryError
-from tests.cloud.cloud_support import RecordingTransport, RunningCloud, check_flow_control, \
-    read_answers
+from tests.cloud.cloud_support import HandedOverApp, RecordingTransport, RunningCloud, \
+    check_flow_control, pad_headers, read_answers
 
 EST = "/.well-known/est/"
 VIA_APP = "?via=app"
@@ -370,7 +370,7 @@ def test_a_stop_waits_for_a_stuck_reenrolment_no_longer_than_its_bound(fleet, mo
 
 def _big_head(target, size, tag=b""):
     """A GET head of about `size` bytes in header lines aiohttp accepts (each < 8190)."""
-    pads = b"".join(b"X-Pad-%d: %s\r\n" % (n, b"a" * 4000) for n in range(size // 4000))
+    pads = pad_headers(size // 4000)
     return b"GET %s HTTP/1.1\r\nHost: x\r\nX-Tag: %s\r\n%sConnection: close\r\n\r\n" % (
         target.encode(), tag, pads)
 
@@ -390,27 +390,13 @@ def test_a_head_over_max_head_in_one_read_is_the_apps(fleet, cloud):
     _same_answer(fast, app, same_body=False)
 
 
-class _App:
-    """aiohttp's protocol, as far as a hand-over goes: records what it is given."""
-
-    def __init__(self):
-        self.data = b""
-
-    def connection_made(self, transport):
-        pass
-
-    def data_received(self, data):
-        self.data += data
-
-
 def test_distinct_big_heads_are_not_remembered(fleet):
     import tracemalloc
 
     async def scenario():
         fast = EstFastPath(fleet.est)
-        app = _App()
+        app = HandedOverApp()
         transport = RecordingTransport()
-        transport.set_protocol = lambda protocol: None
         connection = EstConnection(fast, fallback=lambda: app)
         connection.connection_made(transport)
         head = _big_head(EST + "nonce", 12000)

@@ -30,7 +30,7 @@ from fleetid.cloud.revocation.ocsp_tier import OcspTier
 from fleetid.cloud.revocation.service import EventWatcher, read_event
 from fleetid.cloud.revocation.tier import Deferred, Reply
 from fleetid.cloud.verifier.revoked_cas import revoked_ca_map
-from tests.cloud.cloud_support import Fleet, RecordingTransport, pem
+from tests.cloud.cloud_support import Fleet, RecordingTransport, pad_headers, pem
 from tests.cloud.ocsp_support import LoopbackServer, ocsp_responder, ocsp_signers
 from tests.conftest import require
 
@@ -575,8 +575,7 @@ def test_a_whole_head_over_max_head_is_refused_as_one_in_pieces():
 
     from fleetid.cloud.http.ocsp_fast import OcspConnection
 
-    pads = b"".join(b"X-Pad-%d: %s\r\n" % (n, b"a" * 4000) for n in range(3))
-    head = b"GET /ocsp/MAo%3D HTTP/1.1\r\nHost: x\r\n" + pads + b"\r\n"
+    head = b"GET /ocsp/MAo%3D HTTP/1.1\r\nHost: x\r\n" + pad_headers(3) + b"\r\n"
 
     async def scenario():
         written = []

@@ -14,8 +14,8 @@ import ssl
 import pytest
 
 from fleetid.cloud.http import verifier_fast
-from tests.cloud.cloud_support import RecordingTransport, check_flow_control, \
-    read_answers, rogue_certificate
+from tests.cloud.cloud_support import HandedOverApp, RecordingTransport, check_flow_control, \
+    pad_headers, read_answers, rogue_certificate
 
 
 def _connect(cloud, files):
@@ -153,24 +153,13 @@ def test_a_whole_head_over_max_head_is_handed_to_aiohttp(fleet):
 
     from fleetid.cloud.http.verifier_fast import VerifierConnection, VerifierFastPath
 
-    class App:
-        data = b""
-
-        def connection_made(self, transport):
-            pass
-
-        def data_received(self, data):
-            self.data += data
-
     async def scenario():
         fast = VerifierFastPath(fleet.verifier)
-        app = App()
+        app = HandedOverApp()
         connection = VerifierConnection(fast, fallback=lambda: app)
         transport = RecordingTransport()
-        transport.set_protocol = lambda protocol: None
         connection.connection_made(transport)
-        pads = b"".join(b"X-Pad-%d: %s\r\n" % (n, b"a" * 4000) for n in range(3))
-        head = b"GET /healthz HTTP/1.1\r\nHost: x\r\n" + pads + b"\r\n"
+        head = b"GET /healthz HTTP/1.1\r\nHost: x\r\n" + pad_headers(3) + b"\r\n"
         connection.data_received(head)  # whole, in one read (TLS joins reads)
         assert app.data == head and not transport.written
         fast.close_all()
