@@ -43,7 +43,7 @@ import time
 from aiohttp.http import HttpProcessingError
 
 from fleetid.cloud.http.fast_path import KEEPALIVE_TIMEOUT, MAX_HEAD, FastConnection, \
-    FastPath, FastSite, HttpDate, error_answer
+    FastPath, FastSite, HeadTooLong, HttpDate, error_answer
 from fleetid.cloud.http.middleware import failure_error
 from fleetid.cloud.revocation.ocsp import MAX_REQUEST, OCSP_REQUEST_TYPE
 from fleetid.cloud.revocation.tier import Deferred
@@ -168,8 +168,13 @@ class OcspConnection(FastConnection):
         del self.buffer[:end + 4]
         try:
             message = self.fast.parse_head(head)
-        except HttpProcessingError as exc:
-            self._refuse(CloudError(errors.BAD_REQUEST, exc.message or "not HTTP"))
+        except HeadTooLong:
+            self._refuse(CloudError(errors.BAD_REQUEST, "request head too long"))
+            return False
+        except HttpProcessingError:
+            # Never the parser's own text: it quotes the client's bytes back (as aiohttp's
+            # answers did before sites.Runner).
+            self._refuse(CloudError(errors.BAD_REQUEST, "malformed request head"))
             return False
         if message.chunked:  # aiohttp reads chunked bodies (and bounds them: 413)
             self.buffer[:0] = head

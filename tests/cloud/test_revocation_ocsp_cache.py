@@ -593,6 +593,28 @@ def test_a_whole_head_over_max_head_is_refused_as_one_in_pieces():
     asyncio.run(scenario())
 
 
+def test_a_malformed_head_is_refused_without_its_bytes_quoted_back():
+    import asyncio
+
+    from fleetid.cloud.http.ocsp_fast import OcspConnection
+
+    marker = b"<script>echo-me-back</script>"
+
+    async def scenario():
+        for head in (b"GET /ocsp/MAo%3D HTTP/1.1\r\nHost x" + marker + b"\r\n\r\n",
+                     b"POST /ocsp HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n"
+                     b"Content-Length: 4\r\nX-" + marker + b": 1\r\n\r\nabcd"):
+            connection = OcspConnection(OcspFastPath(_AnswerTier()), fallback=None)
+            transport = RecordingTransport()
+            connection.connection_made(transport)
+            connection.data_received(head)
+            answer = b"".join(transport.written)
+            assert answer.startswith(b"HTTP/1.1 400 Bad Request") and transport.closing
+            assert marker not in answer and b"Host x" not in answer, answer
+
+    asyncio.run(scenario())
+
+
 def test_a_signature_that_cannot_be_submitted_is_a_500_and_not_busy():
     import asyncio
     import concurrent.futures
