@@ -25,6 +25,7 @@ Passwords come from the environment (PGPASSWORD) or ~/.pgpass, never the config 
 """
 
 import contextlib
+import select
 import time
 
 from fleetid.cloud.registry.errors import DeviceNotFound, RegistryError
@@ -100,7 +101,22 @@ class PostgresRegistry(SqlRegistry):
             options="-c lock_timeout=%d -c statement_timeout=%d" % (ms, ms * 3))
 
     def _usable(self, conn):
-        return conn is not None and not conn.closed
+        """Whether the thread's connection can take the next operation.  An idle
+        autocommit connection has nothing to read unless the server ended it (a restart
+        or pg_terminate_backend sends FATAL 57P01, then closes it), so pending input,
+        found by a zero-timeout select without a round trip, retires the connection and
+        the operation opens a new one instead of failing as "unavailable" on the dead
+        one.  The registry never LISTENs; the rare asynchronous notice or parameter
+        report costs one reconnection."""
+        if conn is None or conn.closed:
+            return False
+        try:
+            if not select.select((conn.pgconn.socket,), (), (), 0)[0]:
+                return True
+        except (psycopg.Error, OSError, ValueError):
+            pass
+        conn.close()
+        return False
 
     @contextlib.contextmanager
     def _write(self):

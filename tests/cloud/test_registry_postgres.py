@@ -10,6 +10,7 @@ CI=true (tests.conftest.require).
 
 import os
 import threading
+import time
 import uuid
 
 import pytest
@@ -128,6 +129,47 @@ def test_open_errors_are_registry_errors(pg_server):
                          connect_timeout_s=5)
     assert info.value.reason == RegistryError.STORAGE
     assert "does_not_exist" not in str(info.value)
+
+
+def _terminate_backends(database):
+    """End every other session of the test's database from the server side, as a restart
+    does (FATAL 57P01, then the socket closed).  Returns how many were ended."""
+    name = database.rsplit("dbname=", 1)[1]
+    others = "FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid()"
+    with psycopg.connect(database, autocommit=True) as admin:
+        ended = admin.execute("SELECT count(pg_terminate_backend(pid)) " + others,
+                              (name,)).fetchone()[0]
+        # pg_terminate_backend only signals: wait (bounded) until those backends are gone.
+        end = time.monotonic() + 10
+        while admin.execute("SELECT count(*) " + others, (name,)).fetchone()[0]:
+            assert time.monotonic() < end, "terminated backends still listed"
+            time.sleep(0.01)
+    return ended
+
+
+def test_a_connection_the_server_ended_is_replaced_before_the_next_operation(registry,
+                                                                              database):
+    """After a PostgreSQL restart every worker thread holds a dead connection: the next
+    operation on it must open a new one, not answer "unavailable" once per thread."""
+    serial = contract.provision(registry)
+    registry.mark_revoked(registry.certificates(serial)[-1].cert_serial, "keyCompromise")
+    # Ended from the server side while idle: the next read and the next write still work,
+    # and what they see is what was committed before.
+    for operation in (lambda: registry.get_device(serial).status,
+                      lambda: contract.provision(registry)):
+        assert _terminate_backends(database) >= 1
+        assert operation()
+    assert registry.get_device(serial).status == "revoked"
+    assert registry.get_device(serial + 1).serial == serial + 1
+
+
+def test_a_live_idle_connection_is_kept_across_operations(registry):
+    """The check costs no reconnection while the server keeps the connection."""
+    contract.provision(registry)
+    conn = registry._conn()
+    serial = contract.provision(registry)
+    registry.get_device(serial)
+    assert registry._conn() is conn and not conn.closed
 
 
 def test_est_and_verifier_run_on_postgresql(database, tmp_path):
