@@ -137,7 +137,7 @@ def _serve_workers(config, environ, workers):
     and supervises; exit status 1 after a crash loop."""
     import os
 
-    from fleetid.cloud.server import serve_workers
+    from fleetid.cloud.serve_workers import serve_workers
 
     def ready(ports, pids):
         click.echo(json.dumps({"listening": ports, "host": config.host, "workers": pids,

@@ -41,7 +41,7 @@ from fleetid.cloud.hsm.errors import KeyNotFound
 from fleetid.cloud.http.est_app import make_est_app
 from fleetid.cloud.http.metrics import Metrics
 from fleetid.cloud.http.middleware import BODY_TIMEOUT, ServerTimeouts, log
-from fleetid.cloud.http.tls import TICKETS_STATEFUL, TICKETS_STATELESS, server_ssl_context
+from fleetid.cloud.http.tls import TICKETS_STATEFUL, server_ssl_context
 from fleetid.cloud.http import sites
 from fleetid.cloud.http.sites import EVENT_LOOPS, event_loop_factory, serve_forever  # noqa: F401
 from fleetid.cloud.http.verifier_app import make_metrics_app, make_verifier_app
@@ -540,60 +540,3 @@ def trust_from_config(config, extra_intermediates=()):
     return FleetTrust(_read_pems(roots), intermediates, _read_pems(vendor_paths),
                       config.revoked_cas,
                       revoked_ca_file=RevokedCaFile(config.revoked_cas_file))
-
-
-def serve_workers(config, environ, workers, ready=None, **supervisor_options):
-    """`fleetid cloud serve --workers N`: N processes serving the same listeners
-    (cloud/http/workers.py: the parent binds, forks and supervises).
-
-    The parent first builds the context once (the embedded PKI's bootstrap and the
-    registry's migrations happen there, before any worker) and closes it; each worker
-    then opens its own HSM session and registry connections.  Only worker 0 signs audit
-    checkpoints (one witness anchor writer).  `ready(ports, pids)` is called once every
-    worker serves.  Returns the exit status (0 after SIGTERM / SIGINT, 1 after a crash
-    loop).
-
-    Raises ConfigError for workers > 1 on a "memory:" registry (its nonces, approvals and
-    audit chain would be one per process), ListenError, SupervisorError("not_ready").
-    """
-    from fleetid.cloud.http.workers import ListenerBindError, Supervisor, bind_listeners
-
-    if workers > 1 and config.registry.startswith("memory:"):
-        raise ConfigError("--workers %d needs a registry in a database (sqlite:<path> on "
-                          "one host, postgresql://... across hosts): a memory: registry "
-                          "would give each worker its own nonces, approvals and audit chain"
-                          % workers)
-    context = build_context(config, environ)
-    try:
-        # One TLS context made here, before the fork, with stateless tickets: every
-        # worker then seals and opens tickets with the same key, and a device resumes
-        # on whichever worker the kernel hands its connection to (cloud/http/tls.py).
-        parent = CloudServer.from_context(context, tls_tickets=TICKETS_STATELESS)
-        listeners, tls_context = parent.listeners(), parent.tls_context
-    finally:
-        context.close()
-    try:
-        sockets = bind_listeners(listeners)
-    except ListenerBindError as exc:
-        raise ListenError(exc.listener, exc.host, exc.port, exc.cause) from None
-
-    def run_worker(index, worker_ready):
-        worker_context = build_context(config, environ)
-        try:
-            overrides = {"sockets": sockets, "tls_context": tls_context}
-            if index:
-                overrides["checkpointer"] = None
-            server = CloudServer.from_context(worker_context, **overrides)
-            serve_forever(server, lambda _ports: worker_ready(), event_loop=config.event_loop)
-        finally:
-            worker_context.close()
-
-    supervisor = Supervisor(workers, run_worker, **supervisor_options)
-    try:
-        pids = supervisor.start()
-        if ready:
-            ready({name: sock.getsockname()[1] for name, sock in sockets.items()}, pids)
-        return supervisor.run()
-    finally:
-        for sock in sockets.values():
-            sock.close()

@@ -64,8 +64,10 @@ SITS_ON = {
     "cloud.config": ("common",),  # its ConfigError is a common/errors.FleetidError
     "cloud.http": ("cloud.est", "cloud.revocation", "cloud.config"),
     "cloud.server": ("cloud.http", "cloud.mqtt"),
+    # `cloud serve --workers N`: the same composition in N supervised processes.
+    "cloud.serve_workers": ("cloud.server",),
     # The CLI, the only place click lives, on everything.
-    "cli": ("cloud.server", "cloud.line", "device.host", "sim"),
+    "cli": ("cloud.serve_workers", "cloud.line", "device.host", "sim"),
 }
 
 CLOUD_MODULE_MAX_LINES = 600

@@ -1,17 +1,62 @@
-"""Prometheus metrics of one cloud server process (requests, verdicts, verdict cache,
-EST issuance, latency), kept by prometheus_client."""
+"""Prometheus metrics of a cloud server (requests, verdicts, verdict cache, EST issuance,
+latency), kept by prometheus_client: one process's own, or, for `cloud serve --workers N`,
+the sum over every worker through prometheus_client's multiprocess mode (each worker
+writes its values to memory-mapped files in one shared directory; a scrape on any worker
+reads them all)."""
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+import os
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, multiprocess, values
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
 
 
-class Metrics:
-    """Prometheus metrics of one server process (own CollectorRegistry, so tests and
-    several apps in one process do not collide)."""
+_MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
-    def __init__(self):
+
+def prepare_shared_dir(state_dir):
+    """<state_dir>/metrics, created (0700) and emptied of an earlier run's files: call it
+    in the parent before the workers start.  Returns its path."""
+    path = os.path.join(state_dir, "metrics")
+    os.makedirs(path, mode=0o700, exist_ok=True)
+    for name in os.listdir(path):
+        if name.endswith(".db"):
+            os.unlink(os.path.join(path, name))
+    return path
+
+
+def _share_process_values(shared_dir):
+    """Make every metric this process creates from now on (labelled children included)
+    keep its value in memory-mapped files under shared_dir.  prometheus_client chooses
+    the value store once, at import, from PROMETHEUS_MULTIPROC_DIR; a worker imports it
+    before it is forked, so the choice is made again here.  Process-wide: for a worker
+    process only."""
+    os.environ[_MULTIPROC_ENV] = shared_dir
+    values.ValueClass = values.MultiProcessValue()
+
+
+class Metrics:
+    """Prometheus metrics of a server (own CollectorRegistry, so tests and several apps
+    in one process do not collide).  shared_dir: None for one process's own metrics, or
+    in a worker process the workers' shared directory (prepare_shared_dir; this switches
+    the whole process to the shared store).  `scrape` is the registry /metrics reports:
+    the process's own, or the sum over the workers (one that exited still counts: its
+    files stay until the next start, so totals never drop)."""
+
+    def __init__(self, shared_dir=None):
         self.registry = CollectorRegistry()
+        self.scrape = self.registry
+        if shared_dir is not None:
+            _share_process_values(shared_dir)
+            self.scrape = CollectorRegistry()
+            multiprocess.MultiProcessCollector(self.scrape, path=shared_dir)
+        self._make_metrics()
+
+        # labels() costs a lock and a tuple lookup per call: the children of the label
+        # sets seen so far are kept here (a handful: endpoints x statuses).
+        self._children = {}
+
+    def _make_metrics(self):
         self.requests = Counter("fleetid_http_requests_total", "HTTP requests",
                                 ["service", "endpoint", "status"], registry=self.registry)
         self.verdicts = Counter("fleetid_verifier_verdicts_total",
@@ -24,10 +69,6 @@ class Metrics:
         self.latency = Histogram("fleetid_http_request_seconds", "Request handling time",
                                  ["service", "endpoint"], registry=self.registry,
                                  buckets=LATENCY_BUCKETS)
-
-        # labels() costs a lock and a tuple lookup per call: the children of the label
-        # sets seen so far are kept here (a handful: endpoints x statuses).
-        self._children = {}
 
     def _child(self, metric, *labels):
         key = (id(metric),) + labels

@@ -109,7 +109,7 @@ def make_metrics_app(metrics):
     """Plain-HTTP app exposing /metrics (Prometheus text format)."""
 
     async def scrape(request):
-        return web.Response(body=generate_latest(metrics.registry),
+        return web.Response(body=generate_latest(metrics.scrape),
                             headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     app = web.Application()
