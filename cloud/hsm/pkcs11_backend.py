@@ -61,7 +61,7 @@ from fleetid.common import se_consts
 from fleetid.cloud.hsm import interface
 from fleetid.cloud.hsm.errors import HsmError, KeyNotFound
 from fleetid.cloud.hsm.interface import KeySetHandle
-from fleetid.cloud.hsm.pkcs11_common import SESSION_LOST, native_errors, secret_template
+from fleetid.cloud.hsm.pkcs11_common import native_errors, secret_template
 from fleetid.cloud.hsm.pkcs11_delivery import Pkcs11TransportDelivery
 from fleetid.cloud.hsm.pool import DEFAULT_ACQUIRE_TIMEOUT, DEFAULT_MAX_SESSIONS, PooledBackend
 

@@ -210,7 +210,6 @@ class Station:
         clock = time.perf_counter
         self._enter(state, result, IDENTIFY, clock())
         opened = state.stack = open_se_stack(bus, config.link_profile, self.link_clock)
-        link = opened.link
         plain = opened.se
         se_uid = result.se_uid = plain.uid()
         life_cycle = plain.life_cycle()
