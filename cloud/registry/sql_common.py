@@ -57,6 +57,7 @@ from fleetid.cloud.registry.interface import (
     wrap_audit_error,
 )
 from fleetid.cloud.registry.rotation import RotationState
+from fleetid.cloud.registry.sql_revoke import SqlRevocation
 
 DEVICE_COLUMNS = (
     "serial, se_uid, status, station, operator, batch, hsm_session, intent_at, updated_at, "
@@ -100,8 +101,9 @@ def _check_intent_text(station, operator, batch, hsm_session):
         check_text(name, value)
 
 
-class SqlRegistry(Registry):
-    """The common part of the SQL backends; see the module docstring."""
+class SqlRegistry(SqlRevocation, Registry):
+    """The common part of the SQL backends; see the module docstring.  Revocation
+    (mark_revoked, mark_revoked_many) is in sql_revoke.py."""
 
     dialect = None
     _db_error = Exception
@@ -380,31 +382,6 @@ class SqlRegistry(Registry):
                 serial=serial, outcome=outcome, reason=reason, station=station,
                 operator=operator, when=now, se_uid=device.se_uid, cert_serial=cert_serial,
                 cert_fingerprint=cert_fingerprint)
-            return self._append(conn, fields)
-
-    @wrap_audit_error
-    def mark_revoked(self, cert_serial, reason, operator="", issuer=None):
-        check_text("reason", reason, allow_empty=False)
-        now = self._now()
-        with self._write() as conn:
-            cert = self._certs(conn, cert_serial, issuer)
-            if self._lock_clause:
-                device = self._device(conn, cert.device_serial, lock=True)
-                # Re-read under the device lock: a concurrent revocation is seen.
-                cert = self._certs(conn, cert_serial, issuer)
-            if cert.revoked:
-                raise RegistryError(RegistryError.STATE, "already revoked")
-            conn.execute(self._q("UPDATE certificates SET revoked_at = ?, "
-                                 "revocation_reason = ? WHERE fingerprint = ?"),
-                         (now, reason, cert.fingerprint))
-            if not self._lock_clause:
-                device = self._device(conn, cert.device_serial)
-            if cert.kind == IDENTITY and device.identity_fingerprint == cert.fingerprint:
-                conn.execute(self._q("UPDATE devices SET status = ?, updated_at = ? "
-                                     "WHERE serial = ?"), (REVOKED, now, device.serial))
-            fields = audit.revoke_entry(serial=device.serial, cert_serial=cert.cert_serial,
-                                        cert_fingerprint=cert.fingerprint, reason=reason,
-                                        operator=operator, when=now)
             return self._append(conn, fields)
 
     # -- devices and certificates -----------------------------------------------------------------
