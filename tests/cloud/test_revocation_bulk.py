@@ -169,6 +169,34 @@ def test_bad_input_writes_nothing(make_registry, kind, tmp_path):
     assert not os.path.exists(service.events_path)
 
 
+def _fail_in_second_chunk(registry, monkeypatch):
+    """Make the second chunk of revoke_devices fail: on SQL, once all its rows and audit
+    entries are written (not committed); in memory (which checks everything before it
+    changes anything), while it builds the 6th entry (device 3's second certificate)."""
+    calls = []
+    if isinstance(registry, MemoryRegistry):
+        real = audit.revoke_entry
+
+        def failing(**fields):
+            calls.append(fields)
+            if len(calls) == 6:
+                raise RegistryError(RegistryError.STORAGE, "injected")
+            return real(**fields)
+
+        monkeypatch.setattr(audit, "revoke_entry", failing)
+        return
+    real_append = registry._append_all
+
+    def failing_append(conn, fields_list):
+        entries = real_append(conn, fields_list)
+        calls.append(entries)
+        if len(calls) == 2:
+            raise RegistryError(RegistryError.STORAGE, "injected")
+        return entries
+
+    monkeypatch.setattr(registry, "_append_all", failing_append)
+
+
 @pytest.mark.parametrize("kind", BACKENDS)
 def test_a_failure_inside_a_chunk_loses_that_chunk_only_and_a_rerun_completes_it(
         make_registry, kind, tmp_path, monkeypatch):
@@ -177,16 +205,7 @@ def test_a_failure_inside_a_chunk_loses_that_chunk_only_and_a_rerun_completes_it
     for each in (reg, reference):
         _populate(each, ders)
     start = reg.head()[0]
-    real = audit.revoke_entry
-    calls = []
-
-    def failing(**fields):  # the 6th certificate: the middle of the second chunk
-        calls.append(fields["cert_serial"])
-        if len(calls) == 6:
-            raise RegistryError(RegistryError.STORAGE, "injected")
-        return real(**fields)
-
-    monkeypatch.setattr(audit, "revoke_entry", failing)
+    _fail_in_second_chunk(reg, monkeypatch)
     service = _service(reg, tmp_path / "state")
     ticks = []
     with pytest.raises(RegistryError):
@@ -198,7 +217,7 @@ def test_a_failure_inside_a_chunk_loses_that_chunk_only_and_a_rerun_completes_it
         [REVOKED, REVOKED, "committed", "committed", "committed"]
     assert not any(c.revoked for n in (3, 4, 5) for c in reg.certificates(n))
     assert reg.head()[0] == start + 4 and _verify(reg).entries == start + 4
-    monkeypatch.setattr(audit, "revoke_entry", real)
+    monkeypatch.undo()
     again = service.revoke_devices([1, 2, 3, 4, 5], "keyCompromise", chunk=2)
     assert again[1] == again[2] == [] and all(len(again[n]) == 2 for n in (3, 4, 5))
     _per_certificate(reference, [1, 2, 3, 4, 5], "keyCompromise", "")
@@ -206,22 +225,21 @@ def test_a_failure_inside_a_chunk_loses_that_chunk_only_and_a_rerun_completes_it
     assert _verify(reg).entries == start + 10
 
 
-# The child: revoke devices 1..5 two per chunk, SIGKILLed inside the 6th audit append
-# (device 3's identity certificate: the middle of the second chunk, its operational one
-# written but not committed).
+# The child: revoke devices 1..5 two per chunk, SIGKILLed inside the second chunk's
+# transaction once all its rows and audit entries are written, before its COMMIT.
 _KILLED_CHILD = """
 import os, signal, sys
 from fleetid.cloud.registry.sql_common import SqlRegistry
 from fleetid.cloud.revocation.service import RevocationService
 kind, target, folder = sys.argv[1:4]
-appended = []
-real = SqlRegistry._append
-def append(self, conn, fields):
-    appended.append(fields)
-    if len(appended) == 6:
+chunks = []
+real = SqlRegistry._append_all
+def append_all(self, conn, fields_list):
+    chunks.append(real(self, conn, fields_list))
+    if len(chunks) == 2:
         os.kill(os.getpid(), signal.SIGKILL)
-    return real(self, conn, fields)
-SqlRegistry._append = append
+    return chunks[-1]
+SqlRegistry._append_all = append_all
 if kind == "sqlite":
     from fleetid.cloud.registry.sqlite_backend import SqliteRegistry as Backend
 else:
@@ -265,14 +283,14 @@ def _blocked_append(registry):
     """Make `registry`'s next audit append wait (inside its transaction, its device rows
     locked) until released.  Returns (entered, release) events."""
     entered, release = threading.Event(), threading.Event()
-    real = registry._append
+    real = registry._append_all
 
-    def append(conn, fields):
+    def append_all(conn, fields_list):
         entered.set()
         assert release.wait(30)
-        return real(conn, fields)
+        return real(conn, fields_list)
 
-    registry._append = append
+    registry._append_all = append_all
     return entered, release
 
 
