@@ -527,7 +527,7 @@ def revoked_query(uri, issuer, repeats=5):
     schema 2).  Returns {"with_index_ms", "without_index_ms", "plan", "revoked"}."""
     import psycopg
 
-    from fleetid.cloud.registry.sql_common import CERT_COLUMNS
+    from fleetid.cloud.registry.sql_rows import CERT_COLUMNS
 
     query = ("SELECT %s FROM certificates WHERE issuer = %%s AND revoked_at IS NOT NULL "
              "ORDER BY cert_serial" % CERT_COLUMNS)

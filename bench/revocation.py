@@ -3,6 +3,7 @@
 under MicroPython, set build and incremental update, OCSP responses per second.
 
     .venv/bin/python bench/revocation.py [--quick] [--crl-full] [--no-mp] [--no-ocsp]
+    .venv/bin/python bench/revocation.py --bulk N [--bulk-rounds R] [--no-pg]
 
 The MicroPython columns need the test extras (`bash scripts/setup.sh --test`: pytest and
 the interpreter, run through tests/micropython/support.Stage).  Without them the CPython
@@ -37,9 +38,19 @@ OCSP: a Fleet (bench/_cloud_support.py) with a delegated responder per CA, the
 aiohttp responder on 127.0.0.1, and a scripted client (urllib, new connection per
 request) posting requests with nonces from N threads for a few seconds; plus the
 responder's in-process rate (respond() alone: parse, registry lookup, build, HSM sign).
+
+--bulk N (only this): the registry writes of `fleetid revoke --from-file` for N devices
+(an identity and an operational certificate each), devices/s, on SQLite (a file in the
+temporary folder, synchronous=FULL) and PostgreSQL (a throwaway durable cluster, when
+bench/_pg_support.missing() is empty; --no-pg skips it): the per-certificate path (the
+baseline: one mark_revoked transaction per certificate, as revoke_devices wrote before
+its chunks) against RevocationService.revoke_devices (CHUNK devices per transaction),
+each on its own copy of one populated registry, alternated --bulk-rounds times in the
+same run; both do the same up-front check of every serial and one announcement.
 """
 
 import argparse
+import contextlib
 import math
 import os
 import platform
@@ -273,6 +284,200 @@ def ocsp_rate(seconds, threads):
         shutil.rmtree(folder, ignore_errors=True)
 
 
+# -- bulk revocation: per certificate against chunks ----------------------------------------
+
+
+def _bulk_ders(count):
+    """(identity DER, operational DER) for devices 1..count, one CA key (whose signatures
+    nobody checks here)."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    issuer = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "bench batch CA")])
+    start = datetime.datetime(2026, 11, 1, tzinfo=datetime.timezone.utc)
+
+    def cert(n, number):
+        return (x509.CertificateBuilder()
+                .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, str(n))]))
+                .issuer_name(issuer).public_key(key.public_key()).serial_number(number)
+                .not_valid_before(start).not_valid_after(start + datetime.timedelta(days=3650))
+                .sign(key, hashes.SHA256()).public_bytes(serialization.Encoding.DER))
+
+    return [(cert(n, 0x7F000000 + n), cert(n, 0x55000000 + n)) for n in range(1, count + 1)]
+
+
+def _bulk_populate(registry, ders):
+    """Each device as the line and EST leave it: intent, committed identity (with its
+    injection entry), then an operational certificate (issuance entry)."""
+    from fleetid.cloud import audit
+    from fleetid.cloud.registry import IdentityRecord
+
+    for identity_der, operational_der in ders:
+        se_uid = os.urandom(16)
+        serial = registry.allocate_intent(se_uid, "line-1/st-1").serial
+        facts = audit.certificate_facts(identity_der)
+        record = IdentityRecord(serial=serial, se_uid=se_uid, identity_cert_der=identity_der,
+                                slot=2, aid=bytes.fromhex("a000000620466c656574"),
+                                batch="b42", station="line-1/st-1", operator="bench",
+                                hsm_session="pool/1",
+                                attestation_hash=audit.attestation_hash(b"%d" % serial))
+        registry.commit_identity(record, audit.injection_entry(
+            serial=serial, se_uid=se_uid, slot=2, aid=record.aid,
+            cert_serial=facts["cert_serial"], cert_fingerprint=facts["cert_fingerprint"],
+            issuing_ca=facts["issuing_ca"], batch="b42", station="line-1/st-1",
+            operator="bench", hsm_session="pool/1", attestation_hash=record.attestation_hash,
+            when=time.time()))
+        registry.add_certificate(serial, operational_der, "operational")
+
+
+def _per_certificate(service, serials, reason):
+    """The baseline: revoke_devices before its chunks (every serial checked, one
+    mark_revoked transaction per certificate, newest first, one announcement)."""
+    from fleetid.cloud.revocation.service import bump_event
+
+    registry = service.registry
+    for serial in serials:
+        registry.get_device(serial)
+    for serial in serials:
+        for record in reversed(registry.certificates(serial)):
+            if not record.revoked:
+                registry.mark_revoked(record.cert_serial, reason, issuer=record.issuer)
+    bump_event(service.events_path)
+
+
+class _SqliteCopies:
+    """A populated SQLite registry and fresh copies of it."""
+
+    def __init__(self, folder):
+        self.folder = folder
+        self.template = os.path.join(folder, "template.db")
+        self.made = 0
+
+    def populate(self, ders):
+        import sqlite3
+
+        from fleetid.cloud.registry.sqlite_backend import SqliteRegistry
+
+        with SqliteRegistry(self.template) as registry:
+            _bulk_populate(registry, ders)
+        with sqlite3.connect(self.template) as conn:  # the WAL into the file, then copy it
+            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+
+    def open(self):
+        from fleetid.cloud.registry.sqlite_backend import SqliteRegistry
+
+        self.made += 1
+        path = os.path.join(self.folder, "copy-%d.db" % self.made)
+        shutil.copyfile(self.template, path)
+        return SqliteRegistry(path)
+
+
+class _PostgresCopies:
+    """A populated PostgreSQL registry (database `bulk`) and fresh copies of it (CREATE
+    DATABASE ... TEMPLATE)."""
+
+    def __init__(self, pg):
+        from bench._pg_support import USER
+
+        self.admin = "host=%s user=%s dbname=postgres" % (pg.base, USER)
+        self.made = 0
+
+    def _database(self, name, template=None):
+        import psycopg
+
+        with psycopg.connect(self.admin, autocommit=True) as conn:
+            conn.execute("CREATE DATABASE %s%s" % (name, " TEMPLATE " + template
+                                                   if template else ""))
+        return self.admin.replace("dbname=postgres", "dbname=" + name)
+
+    def populate(self, ders):
+        from fleetid.cloud.registry.postgres_backend import PostgresRegistry
+
+        with PostgresRegistry(self._database("bulk")) as registry:
+            _bulk_populate(registry, ders)
+
+    def open(self):
+        from fleetid.cloud.registry.postgres_backend import PostgresRegistry
+
+        self.made += 1
+        return PostgresRegistry(self._database("copy_%d" % self.made, template="bulk"))
+
+
+def bulk_revocation(copies, count, rounds, folder):
+    """Alternate the per-certificate path and the chunks on fresh copies.  Returns
+    {"per_certificate": [devices/s], "chunks": [devices/s], "entries": {the chain lengths
+    after each run} (one: both paths wrote the same number of entries)}."""
+    from fleetid.cloud.revocation.service import RevocationService
+
+    out = {"per_certificate": [], "chunks": [], "entries": set()}
+    serials = list(range(1, count + 1))
+    for index in range(2 * rounds):
+        which = "per_certificate" if index % 2 == 0 else "chunks"
+        registry = copies.open()
+        try:
+            state = tempfile.mkdtemp(dir=folder)
+            service = RevocationService(registry, [], os.path.join(state, "revoked.jsonl"),
+                                        os.path.join(state, "revocation.events"))
+            started = time.perf_counter()
+            if which == "chunks":
+                service.revoke_devices(serials, "keyCompromise")
+            else:
+                _per_certificate(service, serials, "keyCompromise")
+            out[which].append(count / (time.perf_counter() - started))
+            out["entries"].add(registry.head()[0])
+        finally:
+            registry.close()
+    return out
+
+
+def run_bulk(args):
+    """--bulk: print devices/s of both paths per backend, and their ratio."""
+    from bench._pg_support import ThrowawayPostgres, missing
+    from fleetid.cloud.revocation.service import CHUNK
+
+    print("machine: %s, %s, %d cores, Python %s" % (
+        platform.machine(), _cpu(), os.cpu_count() or 0, platform.python_version()))
+    ders = _bulk_ders(args.bulk)
+    folder = tempfile.mkdtemp(prefix="bench-bulk-revoke-")
+    try:
+        backends = [("SQLite", lambda: contextlib.nullcontext(_SqliteCopies(folder)))]
+        lacking = missing()
+        if args.no_pg or lacking:
+            print("PostgreSQL: not measured (%s)" % ("--no-pg" if args.no_pg
+                                                     else "; ".join(lacking)))
+        else:
+            backends.append(("PostgreSQL", lambda: _pg_copies(ThrowawayPostgres())))
+        for name, opened in backends:
+            with opened() as copies:
+                started = time.perf_counter()
+                copies.populate(ders)
+                print("%s: %d devices populated in %.1f s" % (
+                    name, args.bulk, time.perf_counter() - started))
+                sys.stdout.flush()
+                got = bulk_revocation(copies, args.bulk, args.bulk_rounds, folder)
+            assert len(got["entries"]) == 1, got["entries"]  # the same chain length
+            base, chunked = (sum(got[k]) / len(got[k]) for k in ("per_certificate", "chunks"))
+            print("%s: revoke %d devices (2 certificates each): per certificate %s "
+                  "devices/s, chunks of %d devices %s devices/s: %.1fx" % (
+                      name, args.bulk, " / ".join("%.0f" % v for v in got["per_certificate"]),
+                      CHUNK, " / ".join("%.0f" % v for v in got["chunks"]), chunked / base))
+            sys.stdout.flush()
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    return 0
+
+
+@contextlib.contextmanager
+def _pg_copies(pg):
+    with pg:
+        yield _PostgresCopies(pg)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="10^4 and 10^5 only")
@@ -284,7 +489,13 @@ def main(argv=None):
     parser.add_argument("--ocsp-seconds", type=float, default=3.0)
     parser.add_argument("--ocsp-threads", type=int, default=4)
     parser.add_argument("--json", dest="json_path", help="also write the figures as JSON")
+    parser.add_argument("--bulk", type=int, default=0, metavar="N",
+                        help="only the bulk revocation writes of N devices (see above)")
+    parser.add_argument("--bulk-rounds", type=int, default=2)
+    parser.add_argument("--no-pg", action="store_true", help="--bulk on SQLite only")
     args = parser.parse_args(argv)
+    if args.bulk:
+        return run_bulk(args)
     collected = []  # (n, fraction, row, crl bytes): --json
 
     from cryptography.hazmat.primitives.asymmetric import ec

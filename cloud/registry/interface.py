@@ -14,6 +14,7 @@ Device life cycle (column `devices.status`):
     reconcile(serial, outcome, reason)          status "held"      (an intent resolved after a
                                                                    crash: see below)
     mark_revoked(cert_serial, reason)           status "revoked"   when it is the identity cert
+    mark_revoked_many([(cert_serial, issuer)])  the same for many certificates, ONE transaction
 
 Crash recovery of the line (fleetid.cloud.line.reconcile): at start,
 `list_in_flight()` gives every intent never committed.  For each, if the CA issued a
@@ -298,6 +299,20 @@ class Registry:
         Params: cert_serial int or hex; issuer (RFC 4514 string) when the serial alone is
         ambiguous.  Returns the sealed AuditEntry.
         Raises: CertificateNotFound, RegistryError(AMBIGUOUS / STATE: already revoked).
+        """
+        raise NotImplementedError
+
+    def mark_revoked_many(self, certificates, reason, operator=""):
+        """mark_revoked for each (cert_serial, issuer) of `certificates`, in order, in ONE
+        transaction (one durable commit for the lot: a bulk revocation's chunk): each
+        revoked certificate gets the same row changes and the same revoke audit entry,
+        appended to the chain in list order, as mark_revoked would give it.  A certificate
+        already revoked (before, concurrently by another process, or earlier in the list)
+        is skipped, not an error.  Every certificate is found first: an unknown or
+        ambiguous one raises and nothing is written.
+
+        Returns: [sealed AuditEntry, or None for a skipped one], one per item.
+        Raises: CertificateNotFound, RegistryError(AMBIGUOUS / BAD_INPUT / STORAGE).
         """
         raise NotImplementedError
 

@@ -205,15 +205,40 @@ class MemoryRegistry(Registry):
             cert = self._cert(cert_serial, issuer)
             if cert.revoked:
                 raise RegistryError(RegistryError.STATE, "already revoked")
-            device = self._device(cert.device_serial)
-            entry = self._seal_next(audit.revoke_entry(
-                serial=device.serial, cert_serial=cert.cert_serial,
-                cert_fingerprint=cert.fingerprint, reason=reason, operator=operator, when=now))
-            self._certs[cert.fingerprint] = dataclasses.replace(
-                cert, revoked_at=now, revocation_reason=reason)
-            if cert.kind == IDENTITY and device.identity_fingerprint == cert.fingerprint:
-                self._update(device.serial, status=REVOKED, updated_at=now)
-            return self._push(entry, device.serial)
+            fields = self._revoke_fields(cert, reason, operator, now)
+            return self._apply_revoke(cert, self._seal_next(fields), reason, now)
+
+    @wrap_audit_error
+    def mark_revoked_many(self, certificates, reason, operator=""):
+        check_text("reason", reason, allow_empty=False)
+        with self._lock:
+            # Every certificate found and every entry built before anything changes.
+            found = [self._cert(serial, issuer) for serial, issuer in certificates]
+            planned, done = [], set()
+            for cert in found:
+                if cert.revoked or cert.fingerprint in done:
+                    planned.append(None)
+                    continue
+                done.add(cert.fingerprint)
+                self._device(cert.device_serial)
+                now = self._now()
+                planned.append((cert, self._revoke_fields(cert, reason, operator, now), now))
+            return [None if plan is None else
+                    self._apply_revoke(plan[0], self._seal_next(plan[1]), reason, plan[2])
+                    for plan in planned]
+
+    def _revoke_fields(self, cert, reason, operator, now):
+        return audit.revoke_entry(serial=cert.device_serial, cert_serial=cert.cert_serial,
+                                  cert_fingerprint=cert.fingerprint, reason=reason,
+                                  operator=operator, when=now)
+
+    def _apply_revoke(self, cert, entry, reason, now):
+        device = self._device(cert.device_serial)
+        self._certs[cert.fingerprint] = dataclasses.replace(
+            cert, revoked_at=now, revocation_reason=reason)
+        if cert.kind == IDENTITY and device.identity_fingerprint == cert.fingerprint:
+            self._update(device.serial, status=REVOKED, updated_at=now)
+        return self._push(entry, device.serial)
 
     # -- devices and certificates -----------------------------------------------------------------
 

@@ -32,14 +32,12 @@ from fleetid.cloud.registry.errors import DeviceNotFound, RegistryError
 from fleetid.cloud.registry.interface import certificate_from_row, device_from_row
 from fleetid.cloud.registry.pg_deadline import Deadlines
 from fleetid.cloud.registry.schema import placeholders
-from fleetid.cloud.registry.sql_common import (
-    AUDIT_COLUMNS,
+from fleetid.cloud.registry.sql_common import AUDIT_COLUMNS, SnapshotLines, SqlRegistry
+from fleetid.cloud.registry.sql_rows import (
     CERT_NAMES,
     DEVICE_NAMES,
     JOINED_QUERY,
     JOINED_QUERY_ISSUER,
-    SnapshotLines,
-    SqlRegistry,
     cert_serial_text,
     one_certificate,
 )

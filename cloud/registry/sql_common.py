@@ -29,7 +29,6 @@ from fleetid.cloud import audit
 from fleetid.cloud.registry import migrations, schema
 from fleetid.cloud.registry.group_commit import GroupCommitWriter
 from fleetid.cloud.registry.errors import (
-    CertificateNotFound,
     DeviceNotFound,
     DuplicateSerial,
     DuplicateSeUid,
@@ -57,42 +56,18 @@ from fleetid.cloud.registry.interface import (
     wrap_audit_error,
 )
 from fleetid.cloud.registry.rotation import RotationState
-
-DEVICE_COLUMNS = (
-    "serial, se_uid, status, station, operator, batch, hsm_session, intent_at, updated_at, "
-    "committed_at, hold_reason, slot, aid, issuing_ca, attestation_hash, "
-    "identity_fingerprint, rotation_state"
+from fleetid.cloud.registry.sql_revoke import SqlRevocation
+from fleetid.cloud.registry.sql_rows import (
+    AUDIT_INSERT,
+    CERT_COLUMNS,
+    DEVICE_COLUMNS,
+    HEAD_LOCKED,
+    HEAD_UPDATE,
+    SET_ROTATION,
+    audit_row,
+    cert_serial_text,
+    one_certificate,
 )
-CERT_COLUMNS = (
-    "fingerprint, device_serial, kind, cert_serial, issuer, not_before, not_after, added_at, "
-    "der, revoked_at, revocation_reason"
-)
-DEVICE_NAMES = tuple(c.strip() for c in DEVICE_COLUMNS.split(","))
-CERT_NAMES = tuple(c.strip() for c in CERT_COLUMNS.split(","))
-# The certificate joined with its device (the column names of the two tables differ).
-JOINED_QUERY = (
-    "SELECT %s, %s FROM certificates c LEFT JOIN devices d ON d.serial = c.device_serial "
-    "WHERE c.cert_serial = ?" % (", ".join("c." + n for n in CERT_NAMES),
-                                 ", ".join("d." + n for n in DEVICE_NAMES)))
-JOINED_QUERY_ISSUER = JOINED_QUERY + " AND c.issuer = ?"
-SET_ROTATION = "UPDATE devices SET rotation_state = ?, updated_at = ? WHERE serial = ?"
-
-
-def cert_serial_text(cert_serial):
-    """The stored (hex) form of a certificate serial given as int, bytes or hex."""
-    return (audit.cert_serial_hex(cert_serial) if isinstance(cert_serial, int)
-            else audit.to_hex(cert_serial))
-
-
-def one_certificate(rows, cert_serial):
-    """The single row of a certificate lookup; CertificateNotFound / AMBIGUOUS otherwise."""
-    if not rows:
-        raise CertificateNotFound(cert_serial)
-    if len(rows) > 1:
-        raise RegistryError(RegistryError.AMBIGUOUS, "serial %s: give the issuer"
-                            % cert_serial)
-    return rows[0]
-
 
 def _check_intent_text(station, operator, batch, hsm_session):
     for name, value in (("station", station), ("operator", operator), ("batch", batch),
@@ -100,8 +75,9 @@ def _check_intent_text(station, operator, batch, hsm_session):
         check_text(name, value)
 
 
-class SqlRegistry(Registry):
-    """The common part of the SQL backends; see the module docstring."""
+class SqlRegistry(SqlRevocation, Registry):
+    """The common part of the SQL backends; see the module docstring.  Revocation
+    (mark_revoked, mark_revoked_many) is in sql_revoke.py."""
 
     dialect = None
     _db_error = Exception
@@ -230,8 +206,7 @@ class SqlRegistry(Registry):
         return device_from_row(row)
 
     def _append(self, conn, fields):
-        head_row = conn.execute("SELECT entry_count, head_hash FROM audit_head WHERE id = 1"
-                                + self._lock_clause).fetchone()
+        head_row = conn.execute(HEAD_LOCKED + self._lock_clause).fetchone()
         count, head = head_row["entry_count"], head_row["head_hash"]
         if fields.get("type") == audit.CHECKPOINT:
             covers = fields.get("covers")
@@ -242,14 +217,8 @@ class SqlRegistry(Registry):
             if row is None or row["entry_hash"] != fields.get("head"):
                 raise RegistryError(RegistryError.MISMATCH, "checkpoint head")
         entry = audit.seal(fields, count, head)
-        conn.execute(
-            self._q("INSERT INTO audit_log (seq, entry_type, device_serial, entry_hash, entry) "
-                    "VALUES (?, ?, ?, ?, ?)"),
-            # Every indexed column is derived from the sealed entry (never from the caller),
-            # and verification derives them again (audit.check_columns).
-            (count, entry.type, entry.serial, entry.hash_hex, entry.line[:-1].decode("ascii")))
-        conn.execute(self._q("UPDATE audit_head SET entry_count = ?, head_hash = ? WHERE id = 1"),
-                     (count + 1, entry.hash_hex))
+        conn.execute(self._q(AUDIT_INSERT), audit_row(entry))
+        conn.execute(self._q(HEAD_UPDATE), (count + 1, entry.hash_hex))
         return entry
 
     def _certs(self, conn, cert_serial, issuer):
@@ -380,31 +349,6 @@ class SqlRegistry(Registry):
                 serial=serial, outcome=outcome, reason=reason, station=station,
                 operator=operator, when=now, se_uid=device.se_uid, cert_serial=cert_serial,
                 cert_fingerprint=cert_fingerprint)
-            return self._append(conn, fields)
-
-    @wrap_audit_error
-    def mark_revoked(self, cert_serial, reason, operator="", issuer=None):
-        check_text("reason", reason, allow_empty=False)
-        now = self._now()
-        with self._write() as conn:
-            cert = self._certs(conn, cert_serial, issuer)
-            if self._lock_clause:
-                device = self._device(conn, cert.device_serial, lock=True)
-                # Re-read under the device lock: a concurrent revocation is seen.
-                cert = self._certs(conn, cert_serial, issuer)
-            if cert.revoked:
-                raise RegistryError(RegistryError.STATE, "already revoked")
-            conn.execute(self._q("UPDATE certificates SET revoked_at = ?, "
-                                 "revocation_reason = ? WHERE fingerprint = ?"),
-                         (now, reason, cert.fingerprint))
-            if not self._lock_clause:
-                device = self._device(conn, cert.device_serial)
-            if cert.kind == IDENTITY and device.identity_fingerprint == cert.fingerprint:
-                conn.execute(self._q("UPDATE devices SET status = ?, updated_at = ? "
-                                     "WHERE serial = ?"), (REVOKED, now, device.serial))
-            fields = audit.revoke_entry(serial=device.serial, cert_serial=cert.cert_serial,
-                                        cert_fingerprint=cert.fingerprint, reason=reason,
-                                        operator=operator, when=now)
             return self._append(conn, fields)
 
     # -- devices and certificates -----------------------------------------------------------------

@@ -31,14 +31,12 @@ import time
 
 from fleetid.cloud.registry.errors import DeviceNotFound, RegistryError
 from fleetid.cloud.registry.interface import certificate_from_row, device_from_row
-from fleetid.cloud.registry.sql_common import (
-    AUDIT_COLUMNS,
+from fleetid.cloud.registry.sql_common import AUDIT_COLUMNS, SnapshotLines, SqlRegistry
+from fleetid.cloud.registry.sql_rows import (
     CERT_NAMES,
     DEVICE_NAMES,
     JOINED_QUERY,
     JOINED_QUERY_ISSUER,
-    SnapshotLines,
-    SqlRegistry,
     cert_serial_text,
     one_certificate,
 )

@@ -1,0 +1,165 @@
+"""Certificate revocation on the SQL backends: `mark_revoked` (one certificate, one
+transaction) and `mark_revoked_many` (many certificates, ONE transaction: a bulk
+revocation of 10,000 devices pays a few dozen durable commits instead of one per
+certificate), one code path for both so their rows and audit entries cannot drift apart.
+
+Set-based: whatever the number of certificates, the transaction reads them (a query per
+500 serials), locks their devices (the same), updates the rows (executemany, pipelined by
+psycopg on PostgreSQL) and appends the entries (the chain's head row read under its lock
+once and moved once): a handful of round trips per chunk, not several per certificate.
+Mixed into sql_common.SqlRegistry, whose helpers it calls (`_write`, `_q`, `_now`,
+`_lock_clause`).
+
+How a revocation stays single on PostgreSQL (READ COMMITTED, other processes writing):
+every device concerned is locked (SELECT ... FOR UPDATE) before anything is written, in
+serial order (two bulk revocations over the same devices cannot deadlock), and each
+certificate is read again under that lock, so a revocation committed by another process in
+between is seen: skipped by the bulk form, RegistryError(STATE) for the single one. The
+devices are locked before the first audit append (which locks the chain head), the order
+every single-device write uses. On SQLite, BEGIN IMMEDIATE already holds the database's
+write lock.
+"""
+
+from fleetid.cloud import audit
+from fleetid.cloud.registry.errors import DeviceNotFound, RegistryError
+from fleetid.cloud.registry.interface import (
+    IDENTITY,
+    REVOKED,
+    certificate_from_row,
+    check_text,
+    device_from_row,
+    wrap_audit_error,
+)
+from fleetid.cloud.registry.sql_rows import (
+    AUDIT_INSERT,
+    CERT_COLUMNS,
+    DEVICE_COLUMNS,
+    HEAD_LOCKED,
+    HEAD_UPDATE,
+    audit_row,
+    cert_serial_text,
+    one_certificate,
+)
+
+_GROUP = 500  # values per IN (...) list: far below SQLite's variable limit (999 before 3.32)
+
+
+def _in_list(values):
+    return "(%s)" % ", ".join("?" * len(values))
+
+
+class SqlRevocation:
+    """mark_revoked and mark_revoked_many for SqlRegistry (see the module docstring)."""
+
+    @wrap_audit_error
+    def mark_revoked(self, cert_serial, reason, operator="", issuer=None):
+        check_text("reason", reason, allow_empty=False)
+        with self._write() as conn:
+            [entry] = self._revoke_listed(conn, [(cert_serial, issuer)], reason, operator,
+                                          strict=True)
+            return entry
+
+    @wrap_audit_error
+    def mark_revoked_many(self, certificates, reason, operator=""):
+        check_text("reason", reason, allow_empty=False)
+        certificates = list(certificates)
+        if not certificates:
+            return []
+        with self._write() as conn:
+            return self._revoke_listed(conn, certificates, reason, operator, strict=False)
+
+    def _revoke_listed(self, conn, certificates, reason, operator, strict):
+        """Revoke each (cert_serial, issuer) of `certificates` in order inside the open
+        write transaction.  Every certificate is found before anything is written (an
+        unknown one raises and the transaction writes nothing).  One already revoked
+        (before, by another process, or earlier in this list) raises RegistryError(STATE)
+        when `strict`, else gives None.  Returns [AuditEntry or None], one per item."""
+        found = self._find_certs(conn, certificates)
+        devices = self._locked_devices(conn, {cert.device_serial for cert in found})
+        if self._lock_clause:  # read again under the device locks: concurrent revocations
+            found = self._find_certs(conn, certificates)
+        chosen, done = [], set()
+        for cert in found:
+            if cert.revoked or cert.fingerprint in done:
+                if strict:
+                    raise RegistryError(RegistryError.STATE, "already revoked")
+                chosen.append(None)
+                continue
+            done.add(cert.fingerprint)
+            chosen.append(cert)
+        entries = iter(self._write_revocations(
+            conn, [cert for cert in chosen if cert is not None], devices, reason, operator))
+        return [None if cert is None else next(entries) for cert in chosen]
+
+    def _write_revocations(self, conn, certs, devices, reason, operator):
+        """The rows and audit entries of revoking `certs` (none revoked, each once), in
+        order: what one mark_revoked per certificate writes.  Returns the AuditEntries."""
+        if not certs:
+            return []
+        revoked, identities, fields = [], [], []
+        for cert in certs:
+            now = self._now()
+            device = devices[cert.device_serial]
+            revoked.append((now, reason, cert.fingerprint))
+            if cert.kind == IDENTITY and device.identity_fingerprint == cert.fingerprint:
+                identities.append((REVOKED, now, device.serial))
+            fields.append(audit.revoke_entry(
+                serial=device.serial, cert_serial=cert.cert_serial,
+                cert_fingerprint=cert.fingerprint, reason=reason, operator=operator,
+                when=now))
+        conn.cursor().executemany(self._q("UPDATE certificates SET revoked_at = ?, "
+                                          "revocation_reason = ? WHERE fingerprint = ?"),
+                                  revoked)
+        if identities:
+            conn.cursor().executemany(self._q("UPDATE devices SET status = ?, updated_at = ? "
+                                              "WHERE serial = ?"), identities)
+        return self._append_all(conn, fields)
+
+    def _append_all(self, conn, fields_list):
+        """Seal `fields_list` (no checkpoint among them) into the chain in order, as as many
+        _append calls would: the head row read under its lock once, the entries
+        inserted, the head moved once."""
+        head_row = conn.execute(HEAD_LOCKED + self._lock_clause).fetchone()
+        count, head = head_row["entry_count"], head_row["head_hash"]
+        entries = []
+        for fields in fields_list:
+            entry = audit.seal(fields, count + len(entries), head)
+            head = entry.hash_hex
+            entries.append(entry)
+        conn.cursor().executemany(self._q(AUDIT_INSERT), [audit_row(e) for e in entries])
+        conn.execute(self._q(HEAD_UPDATE), (count + len(entries), head))
+        return entries
+
+    def _find_certs(self, conn, certificates):
+        """The CertificateRecord of each (cert_serial, issuer), in order, as _certs finds
+        one (CertificateNotFound, RegistryError(AMBIGUOUS)); one query per _GROUP
+        serials."""
+        wanted = [(cert_serial_text(serial), issuer) for serial, issuer in certificates]
+        texts = sorted({text for text, _issuer in wanted})
+        rows = {}
+        for start in range(0, len(texts), _GROUP):
+            part = texts[start:start + _GROUP]
+            query = "SELECT %s FROM certificates WHERE cert_serial IN %s" % (
+                CERT_COLUMNS, _in_list(part))
+            for row in conn.execute(self._q(query), part).fetchall():
+                rows.setdefault(row["cert_serial"], []).append(row)
+        return [certificate_from_row(one_certificate(
+            [row for row in rows.get(text, ()) if issuer is None or row["issuer"] == issuer],
+            text)) for text, issuer in wanted]
+
+    def _locked_devices(self, conn, serials):
+        """{serial: DeviceRecord} of `serials`, each row locked on PostgreSQL (FOR UPDATE,
+        in serial order).  Raises DeviceNotFound."""
+        serials = sorted(serials)
+        devices = {}
+        for start in range(0, len(serials), _GROUP):
+            part = serials[start:start + _GROUP]
+            query = "SELECT %s FROM devices WHERE serial IN %s ORDER BY serial%s" % (
+                DEVICE_COLUMNS, _in_list(part), self._lock_clause)
+            for row in conn.execute(self._q(query), part).fetchall():
+                device = device_from_row(row)
+                devices[device.serial] = device
+        for serial in serials:
+            if serial not in devices:
+                raise DeviceNotFound(serial)
+        return devices
