@@ -90,15 +90,19 @@ class StaleRevocationError(RevocationCacheError):
 
 class FileStore:
     """A cache's document on a file system: load() the last stored bytes (None when
-    absent), store(bytes) atomically (temporary file, then rename)."""
+    absent), store(bytes) atomically (temporary file, then rename).  A document can also
+    be written in pieces (device/revset_cache.py streams a merged set): begin(),
+    append(chunk)..., staged() (the bytes written, to verify), then commit() (the same
+    rename) or discard(); until commit() the stored document stays as it was, so a cut
+    or a failure anywhere before it leaves the old one in force."""
 
     def __init__(self, path):
         self.path = path
+        self._out = None  # the temporary file while a document is being staged
 
     def load(self):
         try:
-            with open(self.path, "rb") as f:
-                return f.read()
+            return _read(self.path)
         except OSError:
             return None
 
@@ -109,6 +113,44 @@ class FileStore:
         with open(tmp, "wb") as f:
             f.write(data)
         os.rename(tmp, self.path)
+
+    def begin(self):
+        self.discard()
+        self._out = open(self.path + ".tmp", "wb")
+
+    def append(self, chunk):
+        self._out.write(chunk)
+
+    def staged(self):
+        self._out.close()
+        self._out = None
+        return _read(self.path + ".tmp")
+
+    def commit(self):
+        import os
+
+        os.rename(self.path + ".tmp", self.path)
+
+    def discard(self):
+        import os
+
+        out = self._out
+        self._out = None
+        try:
+            if out is not None:
+                out.close()
+            os.remove(self.path + ".tmp")
+        except OSError:
+            pass  # nothing staged: nothing to remove
+
+
+def _read(path):
+    # The whole file in one buffer of its size: MicroPython's read() of a whole file
+    # grows its buffer in steps, each a copy beside the data.
+    import os
+
+    with open(path, "rb") as f:
+        return f.read(os.stat(path)[6])
 
 
 class AnchorPolicy:
@@ -206,25 +248,32 @@ class AnchoredStore:
         # data: bytes.  Returns "updated" / "unchanged" / RESULT_OLDER; raises _ERROR
         # (old state kept).
         doc = self._verified(data)
+        current = self._doc
+        return self._admit(doc, now, None if current is None else current.number,
+                           lambda: _same(current.data, data), self._store)
+
+    def _admit(self, doc, now, number, same, keep):
+        # The decisions on a verified document.  number: the cached document's (None:
+        # none cached); same(): True when doc's bytes are the cached document's;
+        # keep(doc): stores doc and makes it the cached one.
         ahead = doc.this_update - now
         if ahead > self.policy.clock_skew_s:
             raise self._ERROR(REASON_FUTURE, "%s %d s ahead of this device's clock (%d s "
                               "allowed)" % (self._THIS_UPDATE, ahead,
                                             self.policy.clock_skew_s))
-        if self._doc is not None and doc.number < self._doc.number:
+        if number is not None and doc.number < number:
             return RESULT_OLDER  # a late copy from another channel: the newer one stays
         if now > doc.next_update + self.policy.grace_s:
             raise self._ERROR(REASON_STALE, self._NEXT_UPDATE + " passed")
         mark = self._mark
         if mark is not None and doc.number <= mark:
-            current = self._doc
-            if doc.number == mark and (current is None or _same(current.data, data)):
-                if current is None:
-                    self._store(doc)
+            if doc.number == mark and (number is None or same()):
+                if number is None:
+                    keep(doc)
                     return "updated"  # the document the mark names, back in the cache
                 return "unchanged"
             raise self._ERROR(REASON_ROLLBACK, self._ROLLBACK_FMT % (doc.number, mark))
-        self._store(doc)
+        keep(doc)
         self._write_mark(doc.number)
         return "updated"
 
