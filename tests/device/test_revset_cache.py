@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fleetid.cloud.revocation.revset_publisher import ca_key_id
-from fleetid.common import revset
+from fleetid.common import revset, revset_merge
 from fleetid.common.apdu import ApduProtocol
 from fleetid.device.revset_cache import (
     FileStore,
@@ -158,11 +158,12 @@ def test_bad_sets_are_refused_and_the_old_state_kept(se, fleet, tmp_path):
 
     def resigned(number=None, this_update=None, next_update=None, fleet_id=None, key=None,
                  serials=None):
-        signed = revset.encode(fleet_id or info.fleet_id, number or info.number,
-                               this_update or info.this_update,
-                               next_update or info.next_update, info.universe,
-                               serials if serials is not None else list(info.iter_serials()),
-                               info.ca_ids())
+        signed = revset_merge.encode(fleet_id or info.fleet_id, number or info.number,
+                                     this_update or info.this_update,
+                                     next_update or info.next_update, info.universe,
+                                     serials if serials is not None
+                                     else list(info.iter_serials()),
+                                     info.ca_ids())
         if key is not None:
             from cryptography.hazmat.primitives import hashes
             from cryptography.hazmat.primitives.asymmetric import ec
@@ -254,7 +255,7 @@ def test_no_false_positives_through_the_se_over_random_fleets(se, data):
     key = _KEY[0]
     fleet_id = b"\x11" * 8
     number = next(_NUMBERS)  # the examples share one SE: each set is newer
-    signed = revset.encode(fleet_id, number, 1000, 10**9, universe, revoked)
+    signed = revset_merge.encode(fleet_id, number, 1000, 10**9, universe, revoked)
     wire = revset.sign_part(signed, key.sign(signed, ec.ECDSA(hashes.SHA256())))
     cache = RevsetCache(se, MemoryStore(), point_of(key.public_key()), fleet_id)
     assert cache.refresh(lambda: wire, 2000) == "updated"
@@ -375,8 +376,9 @@ def _signed_pair(universe, revoked, added, key=None):
     def sign(signed):
         return revset.sign_part(signed, key.sign(signed, ec.ECDSA(hashes.SHA256())))
 
-    base = sign(revset.encode(fleet_id, 1, 1000, 10**9, universe, revoked))
-    new = sign(revset.encode(fleet_id, 2, 1001, 10**9, universe, sorted(revoked + added)))
+    base = sign(revset_merge.encode(fleet_id, 1, 1000, 10**9, universe, revoked))
+    new = sign(revset_merge.encode(fleet_id, 2, 1001, 10**9, universe,
+                                   sorted(revoked + added)))
     return base, new, revset.encode_delta(1, new, added), point_of(key.public_key()), fleet_id
 
 
@@ -449,7 +451,7 @@ def test_a_refused_merge_changes_nothing_and_leaves_no_staged_file(se, tmp_path)
     from cryptography.hazmat.primitives import hashes
     from cryptography.hazmat.primitives.asymmetric import ec
 
-    signed = revset.encode(fleet_id, 1, 1000, 10**9, 5000, sorted(revoked + added))
+    signed = revset_merge.encode(fleet_id, 1, 1000, 10**9, 5000, sorted(revoked + added))
     same_number = revset.sign_part(signed, key.sign(signed, ec.ECDSA(hashes.SHA256())))
     _refused(cache, revset.encode_delta(1, same_number, added), now, "rollback", delta=True)
     # a delta that gives the cached set again: unchanged

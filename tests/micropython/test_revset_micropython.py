@@ -30,7 +30,7 @@ import struct
 
 import pytest
 
-from fleetid.common import revset
+from fleetid.common import revset, revset_merge
 from fleetid.common import se_consts as C
 from fleetid.common import t1
 from fleetid.common.apdu import ApduProtocol
@@ -99,7 +99,7 @@ def lookup_setup(tmp_path_factory, stage):
     rng = random.Random(7)
     n = 10**6
     revoked = sorted(rng.sample(range(1, n + 1), n // 100))
-    base = revset.sign_part(revset.encode(FLEET, 1, 0, 100, n, revoked), SIG)
+    base = revset.sign_part(revset_merge.encode(FLEET, 1, 0, 100, n, revoked), SIG)
     (folder / "set.frs").write_bytes(base)
     queries = revoked[::50] + [s + 1 for s in revoked[::50]] + [rng.randint(1, n)
                                                                   for _ in range(200)]
@@ -209,9 +209,10 @@ def merge_setup(tmp_path_factory, stage):
             extra.add(s)
     extra = sorted(extra)
     this_update = 1_700_000_000
-    first = sign(revset.encode(FLEET, 1, this_update, this_update + 86400, n, revoked))
-    second = sign(revset.encode(FLEET, 2, this_update + 1, this_update + 86401, n,
-                                sorted(revoked + extra)))
+    first = sign(revset_merge.encode(FLEET, 1, this_update, this_update + 86400, n,
+                                     revoked))
+    second = sign(revset_merge.encode(FLEET, 2, this_update + 1, this_update + 86401, n,
+                                      sorted(revoked + extra)))
     delta = revset.encode_delta(1, second, extra)
     flipped = bytearray(delta)
     flipped[-12] ^= 0x01  # inside the new set's signature
