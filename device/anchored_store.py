@@ -90,19 +90,15 @@ class StaleRevocationError(RevocationCacheError):
 
 class FileStore:
     """A cache's document on a file system: load() the last stored bytes (None when
-    absent), store(bytes) atomically (temporary file, then rename).  A document can also
-    be written in pieces (device/revset_cache.py streams a merged set): begin(),
-    append(chunk)..., staged() (the bytes written, to verify), then commit() (the same
-    rename) or discard(); until commit() the stored document stays as it was, so a cut
-    or a failure anywhere before it leaves the old one in force."""
+    absent), store(bytes) atomically (temporary file, then rename)."""
 
     def __init__(self, path):
         self.path = path
-        self._out = None  # the temporary file while a document is being staged
 
     def load(self):
         try:
-            return _read(self.path)
+            with open(self.path, "rb") as f:
+                return f.read()
         except OSError:
             return None
 
@@ -113,44 +109,6 @@ class FileStore:
         with open(tmp, "wb") as f:
             f.write(data)
         os.rename(tmp, self.path)
-
-    def begin(self):
-        self.discard()
-        self._out = open(self.path + ".tmp", "wb")
-
-    def append(self, chunk):
-        self._out.write(chunk)
-
-    def staged(self):
-        self._out.close()
-        self._out = None
-        return _read(self.path + ".tmp")
-
-    def commit(self):
-        import os
-
-        os.rename(self.path + ".tmp", self.path)
-
-    def discard(self):
-        import os
-
-        out = self._out
-        self._out = None
-        try:
-            if out is not None:
-                out.close()
-            os.remove(self.path + ".tmp")
-        except OSError:
-            pass  # nothing staged: nothing to remove
-
-
-def _read(path):
-    # The whole file in one buffer of its size: MicroPython's read() of a whole file
-    # grows its buffer in steps, each a copy beside the data.
-    import os
-
-    with open(path, "rb") as f:
-        return f.read(os.stat(path)[6])
 
 
 class AnchorPolicy:

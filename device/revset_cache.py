@@ -21,12 +21,13 @@
 #     anchored_store.py's, shared with the CRL cache.
 #   * A delta carries the new set's header, its additions and the new set's signature;
 #     the merge produces the new set's exact bytes, which are then verified as a whole.
-#     They are streamed into a staged copy in the store (common/revset_merge.py; the
-#     store's begin / append / staged / commit / discard, FileStore has them), the old
-#     set read in place; then the old set leaves the heap (the store still holds it), the
-#     staged copy is loaded and verified (every refresh() check), and only then commit()
-#     replaces the stored set.  A refusal, a failure or a cut before commit() leaves the
-#     old set in the store, and the cache loads it again (verified, as at start-up).
+#     They are streamed into a staged copy (common/revset_merge.py; a FileStore's goes
+#     to its temporary file, a store with begin / append / staged / commit / discard
+#     stages it itself), the old set read in place; then the old set leaves the heap (the
+#     store still holds it), the staged copy is loaded and verified (every refresh()
+#     check), and only then commit() replaces the stored set.  A refusal, a failure or a
+#     cut before commit() leaves the old set in the store, and the cache loads it again
+#     (verified, as at start-up).
 #
 # SE object (policy.object_id, default se_consts.DATA_OBJECT_REVSET_NUMBER = 3):
 #   version u8 (1) | fleet_id (8) | number u64 big-endian
@@ -34,8 +35,8 @@
 #
 # Heap: the set is kept once, as bytes; lookups decode at most `stride` codes in place.
 # A delta needs the old set and a 256-byte chunk while merging, then the new set alone:
-# never both sets at once.  A store with only load() and store() gets the merged set
-# gathered in the heap beside the old one (_HeapStaging).
+# never both sets at once.  Another store with only load() and store() gets the merged
+# set gathered in the heap beside the old one (_HeapStaging).
 
 import hashlib
 import struct
@@ -148,9 +149,61 @@ def peer_device(facts):
     return device_number(name)
 
 
+def _staging(store):
+    # Where a merged set is staged: the store itself when it stages (begin / append /
+    # staged / commit / discard), a file beside a FileStore's, else the heap.
+    if hasattr(store, "begin"):
+        return store
+    if isinstance(store, FileStore):
+        return _FileStaging(store.path)
+    return _HeapStaging(store)
+
+
+class _FileStaging:
+    # A FileStore's set written in pieces: the temporary file and rename its store()
+    # uses, so until commit() the stored set stays as it was.
+    def __init__(self, path):
+        self.path = path
+        self.tmp = path + ".tmp"
+        self.out = None
+
+    def begin(self):
+        self.out = open(self.tmp, "wb")
+
+    def append(self, chunk):
+        self.out.write(chunk)
+
+    def staged(self):
+        import os
+
+        self.out.close()
+        self.out = None
+        with open(self.tmp, "rb") as f:
+            # one buffer of the file's size: MicroPython's read() of a whole file grows
+            # its buffer in steps, each a copy beside the data
+            return f.read(os.stat(self.tmp)[6])
+
+    def commit(self):
+        import os
+
+        os.rename(self.tmp, self.path)
+
+    def discard(self):
+        import os
+
+        out = self.out
+        self.out = None
+        try:
+            if out is not None:
+                out.close()
+            os.remove(self.tmp)
+        except OSError:
+            pass  # nothing staged: nothing to remove
+
+
 class _HeapStaging:
-    # The staging of a store with only load() and store(bytes): the merged set gathered
-    # in the heap (beside the old one) and stored whole on commit.
+    # A store with only load() and store(bytes): the merged set gathered in the heap
+    # (beside the old one) and stored whole on commit.
     def __init__(self, store):
         self.store = store
         self.data = None
@@ -174,9 +227,10 @@ class _HeapStaging:
 class RevsetCache(AnchoredStore):
     """The last verified compact set of one fleet.
 
-    Params: se: SeSession.  store: load() -> bytes or None, store(bytes), and for a delta
-        merged without both sets in the heap begin(), append(chunk), staged() -> bytes,
-        commit(), discard() (FileStore has them all; see the module header).
+    Params: se: SeSession.  store: load() -> bytes or None, store(bytes) (FileStore
+        fits: a delta is staged in a file beside its own; another store stages it with
+        begin(), append(chunk), staged() -> bytes, commit(), discard() if it has them,
+        else the merge is gathered in the heap; see the module header).
         signer_point: the revocation signer's 65-byte point (provisioned
         with the fleet root; its certificate chains to the root).  fleet: the 8-byte
         fleet_id (revset.fleet_id(root point)).  policy: RevsetPolicy.
@@ -263,7 +317,7 @@ class RevsetCache(AnchoredStore):
             raise _refusal(exc) from None
         if delta.base_number != base.number:
             raise RevsetCacheError(REASON_BASE, "delta for another set")
-        staging = self.store if hasattr(self.store, "begin") else _HeapStaging(self.store)
+        staging = _staging(self.store)
         try:
             self._stored(staging.begin)
             revset_merge.write_delta_merge(

@@ -9,6 +9,7 @@ new one."""
 
 import datetime
 import itertools
+import random
 import struct
 
 import pytest
@@ -383,8 +384,6 @@ def _signed_pair(universe, revoked, added, key=None):
 
 
 def _sample(universe, count, extra, seed):
-    import random
-
     rng = random.Random(seed)
     picked = rng.sample(range(1, universe + 1), count + extra)
     return sorted(picked[:count]), sorted(picked[count:])

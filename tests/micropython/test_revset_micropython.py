@@ -7,10 +7,10 @@ script prints the mean lookup time (bench/revocation.py reports it per size).
 run_revset_merge (the device's merge, against the emulator over its Unix socket): the
 cache (device/revset_cache.py) holds a set for 10^6 devices with 4 % revoked (31 KB) in a
 FileStore; a delta whose new signature is flipped is refused and the old set still
-answers; the good delta (100 more revocations) is streamed into the store's staged copy
-in 256-byte chunks (common/revset_merge.py), read back once the old set has left the
-heap, verified through the SE and committed: the store then holds exactly the bytes
-CPython's encoder made.  At its budget the old merge (the new set built beside the old
+answers; the good delta (100 more revocations) is streamed into a staged file beside
+the store's in 256-byte chunks (common/revset_merge.py), read back once the old set has
+left the heap, verified through the SE and committed: the store then holds exactly the
+bytes CPython's encoder made.  At its budget the old merge (the new set built beside the old
 one) runs out of heap.
 
 run_revset (device workflow, against the emulator over its Unix socket): the cache
