@@ -485,3 +485,23 @@ def test_a_merge_never_holds_the_old_set_beside_the_new_one(se, tmp_path):
     assert len(new) > 30000
     assert peak - held < len(new) // 2, (peak - held, len(new))
     assert cache.status(now)["bytes"] == len(new)
+
+
+def test_a_file_store_that_cannot_stage_keeps_the_old_set(se, tmp_path):
+    # The FileStore's temporary file cannot be made (a directory in its place): the merge
+    # is refused as a store failure before anything is written, the old set answers, and
+    # once the way is clear the same delta goes through.
+    revoked, added = _sample(5000, 400, 20, 8)
+    base, new, delta, point, fleet_id = _signed_pair(5000, revoked, added)
+    path = tmp_path / "set.frs"
+    cache = RevsetCache(se, FileStore(str(path)), point, fleet_id)
+    now = 2000
+    assert cache.refresh(lambda: base, now) == "updated"
+    (tmp_path / "set.frs.tmp").mkdir()
+    _refused(cache, delta, now, "store", delta=True)
+    assert path.read_bytes() == base
+    with pytest.raises(RevokedError):
+        cache.check_device(revoked[0], None, now)
+    (tmp_path / "set.frs.tmp").rmdir()
+    assert cache.apply_delta(lambda: delta, now) == "updated"
+    assert path.read_bytes() == new
