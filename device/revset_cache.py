@@ -27,7 +27,8 @@
 #     store still holds it), the staged copy is loaded and verified (every refresh()
 #     check), and only then commit() replaces the stored set.  A refusal, a failure or a
 #     cut before commit() leaves the old set in the store, and the cache loads it again
-#     (verified, as at start-up).
+#     (verified, as at start-up).  While the new set is checked the cache holds none: like
+#     its SE session, a cache belongs to one task (no check() during apply_delta()).
 #
 # SE object (policy.object_id, default se_consts.DATA_OBJECT_REVSET_NUMBER = 3):
 #   version u8 (1) | fleet_id (8) | number u64 big-endian
