@@ -145,12 +145,12 @@ def sign_with(key):
 
 
 def compact_row(n, fraction, rng, sign):
-    from fleetid.common import revset
+    from fleetid.common import revset, revset_merge
 
     r = max(1, int(round(n * fraction)))
     revoked = sorted(rng.sample(range(1, n + 1), r))
     started = time.perf_counter()
-    wire = sign(revset.encode(FLEET_ID, 1, 0, 86400, n, revoked))
+    wire = sign(revset_merge.encode(FLEET_ID, 1, 0, 86400, n, revoked))
     build_ms = (time.perf_counter() - started) * 1000
     info = revset.parse(wire)
     members = set(revoked)
@@ -161,11 +161,11 @@ def compact_row(n, fraction, rng, sign):
             extra.add(s)
     extra = sorted(extra)
     started = time.perf_counter()
-    new = sign(revset.encode(FLEET_ID, 2, 0, 86400, n, sorted(revoked + extra)))
+    new = sign(revset_merge.encode(FLEET_ID, 2, 0, 86400, n, sorted(revoked + extra)))
     delta = revset.encode_delta(1, new, extra)
     delta_ms = (time.perf_counter() - started) * 1000
     started = time.perf_counter()
-    merged = revset.apply_delta(info, revset.RevDelta(delta))
+    merged = revset_merge.apply_delta(info, revset.RevDelta(delta))
     apply_ms = (time.perf_counter() - started) * 1000
     if merged != new:
         raise SystemExit("delta merge differs from the encoder's bytes")

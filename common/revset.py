@@ -38,8 +38,9 @@
 #   end-1  1    n
 #
 # The encoding is canonical (one byte string per (header fields, serial set)): the
-# device applies an incremental update by merging in place into a new buffer and then
+# device applies an incremental update by streaming the merge into its store and then
 # verifying the signature the cloud made over the same bytes (device/revset_cache.py).
+# The encoder (whole sets and merges) is common/revset_merge.py; this module decodes.
 
 import hashlib
 import struct
@@ -85,179 +86,11 @@ def fleet_id(root_point):
     return hashlib.sha256(bytes(root_point)).digest()[:8]
 
 
-# -- bit I/O ---------------------------------------------------------------------------
-
-
-class _BitWriter:
-    # Into a preallocated bytearray (sized by a counting pass); MSB first.
-    def __init__(self, size):
-        self.buf = bytearray(size)
-        self.pos = 0
-
-    def ones(self, count):
-        pos = self.pos
-        buf = self.buf
-        while count and pos & 7:
-            buf[pos >> 3] |= 0x80 >> (pos & 7)
-            pos += 1
-            count -= 1
-        while count >= 8:
-            buf[pos >> 3] = 0xFF
-            pos += 8
-            count -= 8
-        while count:
-            buf[pos >> 3] |= 0x80 >> (pos & 7)
-            pos += 1
-            count -= 1
-        self.pos = pos
-
-    def bits(self, value, width):
-        pos = self.pos
-        buf = self.buf
-        while width:
-            width -= 1
-            if (value >> width) & 1:
-                buf[pos >> 3] |= 0x80 >> (pos & 7)
-            pos += 1
-        self.pos = pos
-
-
 def _index_count(count, stride):
     return (count - 1) // stride if count else 0
 
 
-def _code_bits(gap, k):
-    return ((gap - 1) >> k) + 1 + k
-
-
-def _best_k(serials):
-    # The k that minimises the body (exact count for each candidate).
-    best_k, best_bits = 0, None
-    count = len(serials)
-    if not count:
-        return 0, 0
-    mean = (serials[-1] + count - 1) // count
-    k0 = 0
-    while (1 << (k0 + 1)) <= mean and k0 < K_MAX:
-        k0 += 1
-    for k in range(max(0, k0 - 2), min(K_MAX, k0 + 2) + 1):
-        total = 0
-        prev = 0
-        for s in serials:
-            total += ((s - prev - 1) >> k) + 1 + k
-            prev = s
-        if best_bits is None or total < best_bits:
-            best_k, best_bits = k, total
-    return best_k, best_bits
-
-
-def _checked_layout(ca_ids, stride, k):
-    """The CA key identifiers sorted (bytes), after checking them, the stride and k."""
-    ca_ids = sorted(bytes(c) for c in ca_ids)
-    for c in ca_ids:
-        if len(c) != CA_ID_LEN:
-            raise ValueError("CA key identifier length")
-    if len(ca_ids) > 255 or not 1 <= stride <= 0xFFFF or not 0 <= k <= K_MAX:
-        raise ValueError("ca_count / stride / k")
-    return ca_ids
-
-
-def _pick_stride(count, body_bits):
-    # Smallest power of two >= 16 keeping the index <= 1 % of the body.
-    stride = 16
-    while stride < 32768 and stride < count and (
-            _index_count(count, stride) * 64 * 100 > body_bits):
-        stride *= 2
-    return stride
-
-
-# -- encoding (cloud and device merge) ---------------------------------------------------
-
-
-def encode(fleet, number, this_update, next_update, universe, serials, ca_ids=(),
-           k=None, stride=None):
-    """The signed part of a set (without the signature).
-
-    Params: fleet: 8-byte fleet_id.  number: u64.  this_update / next_update: epoch s.
-        universe: highest serial allocated.  serials: sorted, distinct ints in
-        1..universe (a list, or any re-iterable sorted sequence).  ca_ids: 20-byte key
-        identifiers of revoked issuing CAs.  k / stride: None picks the best.
-    Returns: bytes.  Raises: ValueError for unsorted, out-of-range or bad fields.
-    """
-    return bytes(_encode(fleet, number, this_update, next_update, universe, serials,
-                         ca_ids, k, stride, 0))
-
-
-def _encode(fleet, number, this_update, next_update, universe, serials, ca_ids, k, stride,
-            tail, max_len=None):
-    # encode() into a bytearray with `tail` spare bytes at the end (the device's merge
-    # puts the signature there: one buffer for the new set, no copies).
-    count = _count_serials(serials, universe)
-    if universe > SERIAL_MAX or len(fleet) != 8:
-        raise ValueError("universe / fleet_id")
-    if k is None:
-        k, body_bits = _best_k(serials)
-    else:
-        body_bits = 0
-        prev = 0
-        for s in serials:
-            body_bits += _code_bits(s - prev, k)
-            prev = s
-    if stride is None:
-        stride = _pick_stride(count, body_bits)
-    ca_ids = _checked_layout(ca_ids, stride, k)
-    index_len = _index_count(count, stride) * _INDEX_ENTRY
-    body_len = (body_bits + 7) // 8
-    head = struct.pack(_HEADER, MAGIC, FORMAT_VERSION, 0, bytes(fleet), number,
-                       this_update, next_update, universe, count, k, stride,
-                       len(ca_ids), body_bits)
-    total = HEADER_LEN + CA_ID_LEN * len(ca_ids) + index_len + body_len + tail
-    if max_len is not None and total > max_len:
-        # A delta's k (unsigned until the result is verified) could ask for a huge
-        # buffer: refuse before allocating.
-        raise ValueError("set of %d bytes over the limit" % total)
-    out = _BitWriter(total)
-    buf = out.buf
-    buf[:HEADER_LEN] = head
-    pos = HEADER_LEN
-    for c in ca_ids:
-        buf[pos : pos + CA_ID_LEN] = c
-        pos += CA_ID_LEN
-    out.pos = (pos + index_len) * 8
-    _write_body(out, pos, serials, count, k, stride)
-    return buf
-
-
-def _count_serials(serials, universe):
-    # How many serials; each must be above the one before and at most `universe`.
-    count = 0
-    prev = 0
-    for s in serials:
-        if s <= prev or s > universe:
-            raise ValueError("serials must be sorted, distinct, in 1..universe")
-        prev = s
-        count += 1
-    return count
-
-
-def _write_body(out, index_pos, serials, count, k, stride):
-    # The Golomb-Rice body from out.pos (gap - 1: unary quotient, a 0 bit, k-bit
-    # remainder), and every `stride`-th serial with its body bit offset into the index
-    # at index_pos.
-    buf = out.buf
-    body_start = out.pos
-    prev = 0
-    j = 0
-    for s in serials:
-        v = s - prev - 1
-        out.ones(v >> k)
-        out.pos += 1
-        out.bits(v & ((1 << k) - 1), k)
-        j += 1
-        if j % stride == 0 and j < count:
-            struct.pack_into(">II", buf, index_pos, s, out.pos - body_start)
-            index_pos += _INDEX_ENTRY
-        prev = s
+# -- wire form (the encoder is common/revset_merge.py) -----------------------------------
 
 
 def sign_part(signed, signature_der):
@@ -462,7 +295,8 @@ def parse(data):
 #   ..  4*added  the added serials, sorted, u32 (revocations only grow)
 #   ..  n  the new set's signature (DER); then 1 byte n
 # The device merges its verified set with the additions into the new set's exact bytes
-# (encode() is canonical) and verifies the new signature through the SE: a delta needs
+# (revset_merge.write_delta_merge: the encoding is canonical) and verifies the new
+# signature through the SE: a delta needs
 # no signature of its own, and a wrong one just fails that verification.
 
 DELTA_FIXED = const(13)
@@ -528,51 +362,3 @@ def encode_delta(base_number, new_set, added):
     parts.append(new.signature)
     parts.append(bytes((len(new.signature),)))
     return b"".join(parts)
-
-
-class _Merged:
-    # Sorted union of a set's serials and a delta's additions, re-iterable (encode()
-    # walks it twice or three times), never materialised.
-    def __init__(self, base, delta):
-        self.base = base
-        self.delta = delta
-
-    def __len__(self):
-        return self.base.count + self.delta.added
-
-    def __iter__(self):
-        a = self.base.iter_serials()
-        b = self.delta.iter_added()
-        x = next(a, None)
-        y = next(b, None)
-        while x is not None or y is not None:
-            if y is None or (x is not None and x < y):
-                yield x
-                x = next(a, None)
-            elif x is None or y < x:
-                yield y
-                y = next(b, None)
-            else:
-                raise RevsetError(REASON_MALFORMED, "delta re-adds a serial")
-
-
-def apply_delta(base, delta, max_len=1 << 20):
-    """The new set's wire bytes (a bytearray, built in place): base (a RevSet) merged
-    with delta (a RevDelta).  The result is NOT verified here: the caller verifies its
-    signature.  max_len: the largest result accepted (checked before allocating).
-    Raises: RevsetError (base number mismatch, bad additions), ValueError (over max_len,
-        bad fields)."""
-    if delta.base_number != base.number:
-        raise RevsetError(REASON_MALFORMED, "delta for set %d, have %d"
-                          % (delta.base_number, base.number))
-    merged = _Merged(base, delta)
-    signature = delta.signature
-    if not 8 <= len(signature) <= SIG_MAX:
-        raise ValueError("signature length")
-    tail = len(signature) + 1
-    buf = _encode(delta.fleet_id, delta.number, delta.this_update, delta.next_update,
-                  delta.universe, merged, delta.ca_ids, delta.k, delta.stride, tail, max_len)
-    end = len(buf) - tail
-    buf[end : end + len(signature)] = signature
-    buf[-1] = len(signature)
-    return buf

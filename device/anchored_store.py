@@ -206,25 +206,32 @@ class AnchoredStore:
         # data: bytes.  Returns "updated" / "unchanged" / RESULT_OLDER; raises _ERROR
         # (old state kept).
         doc = self._verified(data)
+        current = self._doc
+        return self._admit(doc, now, None if current is None else current.number,
+                           lambda: _same(current.data, data), self._store)
+
+    def _admit(self, doc, now, number, same, keep):
+        # The decisions on a verified document.  number: the cached document's (None:
+        # none cached); same(): True when doc's bytes are the cached document's;
+        # keep(doc): stores doc and makes it the cached one.
         ahead = doc.this_update - now
         if ahead > self.policy.clock_skew_s:
             raise self._ERROR(REASON_FUTURE, "%s %d s ahead of this device's clock (%d s "
                               "allowed)" % (self._THIS_UPDATE, ahead,
                                             self.policy.clock_skew_s))
-        if self._doc is not None and doc.number < self._doc.number:
+        if number is not None and doc.number < number:
             return RESULT_OLDER  # a late copy from another channel: the newer one stays
         if now > doc.next_update + self.policy.grace_s:
             raise self._ERROR(REASON_STALE, self._NEXT_UPDATE + " passed")
         mark = self._mark
         if mark is not None and doc.number <= mark:
-            current = self._doc
-            if doc.number == mark and (current is None or _same(current.data, data)):
-                if current is None:
-                    self._store(doc)
+            if doc.number == mark and (number is None or same()):
+                if number is None:
+                    keep(doc)
                     return "updated"  # the document the mark names, back in the cache
                 return "unchanged"
             raise self._ERROR(REASON_ROLLBACK, self._ROLLBACK_FMT % (doc.number, mark))
-        self._store(doc)
+        keep(doc)
         self._write_mark(doc.number)
         return "updated"
 

@@ -21,14 +21,25 @@
 #     anchored_store.py's, shared with the CRL cache.
 #   * A delta carries the new set's header, its additions and the new set's signature;
 #     the merge produces the new set's exact bytes, which are then verified as a whole.
+#     They are streamed into a staged copy (common/revset_merge.py; a FileStore's goes
+#     to its temporary file, a store with begin / append / staged / commit / discard
+#     stages it itself), the old set read in place; then the old set leaves the heap (the
+#     store still holds it), the staged copy is loaded and verified (every refresh()
+#     check), and only then commit() replaces the stored set.  A refusal, a failure or a
+#     cut before commit() leaves the old set in the store, and the cache loads it again
+#     (verified, as at start-up).  While the new set is checked the cache holds none: like
+#     its SE session, a cache belongs to one task (no check() during apply_delta()).
 #
 # SE object (policy.object_id, default se_consts.DATA_OBJECT_REVSET_NUMBER = 3):
 #   version u8 (1) | fleet_id (8) | number u64 big-endian
 # Write order: the store first, then the mark (as crl_cache.py, same reasoning).
 #
 # Heap: the set is kept once, as bytes; lookups decode at most `stride` codes in place.
-# A delta needs the new set's bytes beside the old for the merge (two sets at once).
+# A delta needs the old set and a 256-byte chunk while merging, then the new set alone:
+# never both sets at once.  Another store with only load() and store() gets the merged
+# set gathered in the heap beside the old one (_HeapStaging).
 
+import hashlib
 import struct
 
 try:
@@ -39,7 +50,7 @@ except ImportError:  # CPython
         return x
 
 
-from fleetid.common import revset
+from fleetid.common import revset, revset_merge
 from fleetid.device.anchored_store import (  # noqa: F401 - errors and store re-exported
     DEFAULT_CLOCK_SKEW_S,
     RESULT_OLDER,
@@ -78,6 +89,12 @@ class RevsetCacheError(RevocationCacheError):
     """Refused set or delta (the cache kept what it had), or a peer certificate naming no
     device serial; `reason` is a REASON_* string.  RevokedError and StaleRevocationError
     (anchored_store.py, shared with the CRL cache) answer check()."""
+
+
+def _refusal(exc):
+    # A revset.RevsetError as the cache's refusal.
+    return RevsetCacheError(REASON_TRUNCATED if exc.reason == revset.REASON_TRUNCATED
+                            else REASON_MALFORMED, exc.detail)
 
 
 class RevsetPolicy(AnchorPolicy):
@@ -133,11 +150,89 @@ def peer_device(facts):
     return device_number(name)
 
 
+def _staging(store):
+    # Where a merged set is staged: the store itself when it stages (begin / append /
+    # staged / commit / discard), a file beside a FileStore's, else the heap.
+    if hasattr(store, "begin"):
+        return store
+    if isinstance(store, FileStore):
+        return _FileStaging(store.path)
+    return _HeapStaging(store)
+
+
+class _FileStaging:
+    # A FileStore's set written in pieces: the temporary file and rename its store()
+    # uses, so until commit() the stored set stays as it was.
+    def __init__(self, path):
+        self.path = path
+        self.tmp = path + ".tmp"
+        self.out = None
+
+    def begin(self):
+        self.out = open(self.tmp, "wb")
+
+    def append(self, chunk):
+        self.out.write(chunk)
+
+    def staged(self):
+        import os
+
+        self.out.close()
+        self.out = None
+        with open(self.tmp, "rb") as f:
+            # one buffer of the file's size: MicroPython's read() of a whole file grows
+            # its buffer in steps, each a copy beside the data
+            return f.read(os.stat(self.tmp)[6])
+
+    def commit(self):
+        import os
+
+        os.rename(self.tmp, self.path)
+
+    def discard(self):
+        import os
+
+        out = self.out
+        self.out = None
+        try:
+            if out is not None:
+                out.close()
+            os.remove(self.tmp)
+        except OSError:
+            pass  # nothing staged: nothing to remove
+
+
+class _HeapStaging:
+    # A store with only load() and store(bytes): the merged set gathered in the heap
+    # (beside the old one) and stored whole on commit.
+    def __init__(self, store):
+        self.store = store
+        self.data = None
+
+    def begin(self):
+        self.data = bytearray()
+
+    def append(self, chunk):
+        self.data.extend(chunk)
+
+    def staged(self):
+        return self.data
+
+    def commit(self):
+        self.store.store(self.data)
+
+    def discard(self):
+        self.data = None
+
+
 class RevsetCache(AnchoredStore):
     """The last verified compact set of one fleet.
 
-    Params: se: SeSession.  store: load() -> bytes or None, store(bytes) (crl_cache's
-        FileStore fits).  signer_point: the revocation signer's 65-byte point (provisioned
+    Params: se: SeSession.  store: load() -> bytes or None, store(bytes) (FileStore
+        fits: a delta is staged in a file beside its own; another store stages it with
+        begin(), append(chunk), staged() -> bytes, commit(), discard() if it has them,
+        else the merge is gathered in the heap; see the module header).
+        signer_point: the revocation signer's 65-byte point (provisioned
         with the fleet root; its certificate chains to the root).  fleet: the 8-byte
         fleet_id (revset.fleet_id(root point)).  policy: RevsetPolicy.
     The load / refresh / mark mechanism is device/anchored_store.py's.
@@ -172,8 +267,7 @@ class RevsetCache(AnchoredStore):
         try:
             info = revset.parse(data)
         except revset.RevsetError as exc:
-            raise RevsetCacheError(REASON_TRUNCATED if exc.reason == revset.REASON_TRUNCATED
-                                   else REASON_MALFORMED, exc.detail) from None
+            raise _refusal(exc) from None
         if info.fleet_id != self.fleet:
             raise RevsetCacheError(REASON_FLEET, "another fleet's set")
         self._se_verify(info.signed_digest(), info.signature, self.signer_point)
@@ -196,20 +290,75 @@ class RevsetCache(AnchoredStore):
         Raises RevsetCacheError (REASON_BASE when no set or another base: fetch the whole
         set instead; every refresh() reason); the old state is kept."""
         self._load()
-        data = self._fetch(fetch)
-        if self._doc is None:
+        staging, digest = self._merge(self._fetch(fetch))
+        number = self._doc.number
+        self._doc = None  # the old set leaves the heap (the store keeps it) for the new one
+        result = None
+        try:
+            doc = self._verified(self._stored(staging.staged))
+            result = self._admit(doc, now, number,
+                                 lambda: hashlib.sha256(doc.data).digest() == digest,
+                                 lambda new: self._commit(staging, new))
+        finally:
+            if result != "updated":
+                self._abandon(staging)
+        return result
+
+    def _merge(self, data):
+        # The delta merged with the cached set into a staged copy in the store, chunk by
+        # chunk: the old set read in place, the new one never held.  Returns (staging,
+        # SHA-256 of the old set's bytes: a delta of the same number must give them).
+        # Raises RevsetCacheError (nothing staged, the old set cached).
+        base = self._doc
+        if base is None:
             raise RevsetCacheError(REASON_BASE, "no set to apply a delta to")
         try:
             delta = revset.RevDelta(data)
-            if delta.base_number != self._doc.number:
-                raise RevsetCacheError(REASON_BASE, "delta for another set")
-            merged = revset.apply_delta(self._doc, delta, self.policy.max_size)
         except revset.RevsetError as exc:
-            raise RevsetCacheError(REASON_TRUNCATED if exc.reason == revset.REASON_TRUNCATED
-                                   else REASON_MALFORMED, exc.detail) from None
-        except ValueError as exc:
-            raise RevsetCacheError(REASON_MALFORMED, str(exc)) from None
-        return self._accept(merged, now)
+            raise _refusal(exc) from None
+        if delta.base_number != base.number:
+            raise RevsetCacheError(REASON_BASE, "delta for another set")
+        staging = _staging(self.store)
+        try:
+            self._stored(staging.begin)
+            revset_merge.write_delta_merge(
+                base, delta, lambda chunk: self._stored(staging.append, chunk),
+                self.policy.max_size)
+        except BaseException as exc:  # noqa: B036 - a cut too: the staged copy goes
+            self._abandon(staging)
+            if isinstance(exc, revset.RevsetError):
+                raise _refusal(exc) from None
+            if isinstance(exc, ValueError):
+                raise RevsetCacheError(REASON_MALFORMED, str(exc)) from None
+            raise
+        return staging, hashlib.sha256(base.data).digest()
+
+    def _stored(self, step, *args):
+        # A step of the store's; its failure (flash, file system) is REASON_STORE.
+        try:
+            return step(*args)
+        except Exception as exc:  # noqa: BLE001 - flash / file system failure
+            raise RevsetCacheError(REASON_STORE, type(exc).__name__) from None
+
+    def _commit(self, staging, doc):
+        self._stored(staging.commit)
+        self._doc = doc
+
+    def _abandon(self, staging):
+        # A merge failed, or its set refused or left unused ("unchanged", older): the
+        # staged copy goes and, once the old set has left the heap, it comes back from the
+        # store, verified again as at start-up.  A failure here leaves the cache to load
+        # it on its next use.
+        try:
+            staging.discard()
+        except Exception:  # noqa: BLE001, S110 - a copy left staged: the next begin() clears it
+            pass
+        if self._doc is None:
+            self._loaded = False
+            try:
+                self._load()
+            except Exception:  # noqa: BLE001 - the SE unreachable: retried on next use
+                self._loaded = False
 
     def number(self):
         """The cached set's number, or None."""

@@ -34,7 +34,7 @@ from fleetid.cloud.pki.profiles import to_utc_seconds, utc_now
 from fleetid.cloud.pki.signing import sign_certificate
 from fleetid.cloud.revocation.tier import Reply, Route, Tier
 from fleetid.cloud.verifier.errors import BAD_REQUEST, NOT_FOUND, CloudError
-from fleetid.common import oids, revset
+from fleetid.common import oids, revset, revset_merge
 
 # Extended key usage of the revocation-set signer (private arc, common/oids.py).
 OID_KP_REVOCATION_SET = x509.ObjectIdentifier(oids.OID_KP_REVOCATION_SET)
@@ -201,9 +201,9 @@ class RevsetPublisher:
         self._last_number = number
         this_update = int(now.timestamp())
         started = time.perf_counter()
-        signed = revset.encode(self.signer.fleet_id, number, this_update,
-                               this_update + int(self.validity.total_seconds()), universe,
-                               serials, ca_ids)
+        signed = revset_merge.encode(self.signer.fleet_id, number, this_update,
+                                     this_update + int(self.validity.total_seconds()),
+                                     universe, serials, ca_ids)
         wire = self.signer.sign(signed)
         self.build_seconds = time.perf_counter() - started
         return number, wire

@@ -1,7 +1,8 @@
-"""The compact revocation set codec (common/revset.py): exact membership (no false
-positives, no false negatives) over random fleets and revocation sets, size near
-log2 C(N, R), canonical encoding (a delta merged on the device gives the cloud's bytes),
-and refusal of truncated or inconsistent sets."""
+"""The compact revocation set codec (common/revset.py; its one encoder, whole sets and
+streamed merges, in common/revset_merge.py): exact membership (no false positives, no
+false negatives) over random fleets and revocation sets, size near log2 C(N, R),
+canonical encoding (a delta merged on the device gives the cloud's bytes), and refusal of
+truncated or inconsistent sets."""
 
 import math
 import random
@@ -17,8 +18,8 @@ SIG = bytes.fromhex("3006020101020101")  # a syntactically valid DER signature
 
 
 def wire(serials, universe, number=1, ca_ids=(), **kw):
-    return revset.sign_part(revset.encode(FLEET, number, 0, 100, universe, serials, ca_ids,
-                                          **kw), SIG)
+    return revset.sign_part(revset_merge.encode(FLEET, number, 0, 100, universe, serials,
+                                                ca_ids, **kw), SIG)
 
 
 def bound_bits(n, r):
@@ -69,7 +70,7 @@ def test_a_merged_delta_gives_the_clouds_exact_bytes(case, data):
     new = wire(revoked, universe, number=2, ca_ids=[b"\x01" * 20])
     added = sorted(set(revoked) - set(base_serials))
     delta = revset.RevDelta(revset.encode_delta(1, new, added))
-    assert revset.apply_delta(base, delta) == new
+    assert revset_merge.apply_delta(base, delta) == new
     chunks = []
     assert revset_merge.write_delta_merge(base, delta, lambda c: chunks.append(bytes(c))) == len(new)
     assert b"".join(chunks) == new

@@ -3,10 +3,13 @@ emulated SE, fed by the cloud's publisher (cloud/revocation/revset_publisher.py)
 device is refused after the next set (whole or delta); a revoked batch CA refuses every
 device under it with one entry; tampered, stale, truncated, rolled-back, wrongly signed
 and foreign-fleet data are refused with the old state kept; the SE's mark defeats a
-swapped cache file."""
+swapped cache file.  A delta is merged into the store's staged copy: a store failure or a
+cut at any step leaves the old set answering, and the old set is never held beside the
+new one."""
 
 import datetime
 import itertools
+import random
 import struct
 
 import pytest
@@ -14,9 +17,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fleetid.cloud.revocation.revset_publisher import ca_key_id
-from fleetid.common import revset
+from fleetid.common import revset, revset_merge
 from fleetid.common.apdu import ApduProtocol
 from fleetid.device.revset_cache import (
+    FileStore,
     RevokedError,
     RevsetCache,
     RevsetCacheError,
@@ -155,11 +159,12 @@ def test_bad_sets_are_refused_and_the_old_state_kept(se, fleet, tmp_path):
 
     def resigned(number=None, this_update=None, next_update=None, fleet_id=None, key=None,
                  serials=None):
-        signed = revset.encode(fleet_id or info.fleet_id, number or info.number,
-                               this_update or info.this_update,
-                               next_update or info.next_update, info.universe,
-                               serials if serials is not None else list(info.iter_serials()),
-                               info.ca_ids())
+        signed = revset_merge.encode(fleet_id or info.fleet_id, number or info.number,
+                                     this_update or info.this_update,
+                                     next_update or info.next_update, info.universe,
+                                     serials if serials is not None
+                                     else list(info.iter_serials()),
+                                     info.ca_ids())
         if key is not None:
             from cryptography.hazmat.primitives import hashes
             from cryptography.hazmat.primitives.asymmetric import ec
@@ -251,7 +256,7 @@ def test_no_false_positives_through_the_se_over_random_fleets(se, data):
     key = _KEY[0]
     fleet_id = b"\x11" * 8
     number = next(_NUMBERS)  # the examples share one SE: each set is newer
-    signed = revset.encode(fleet_id, number, 1000, 10**9, universe, revoked)
+    signed = revset_merge.encode(fleet_id, number, 1000, 10**9, universe, revoked)
     wire = revset.sign_part(signed, key.sign(signed, ec.ECDSA(hashes.SHA256())))
     cache = RevsetCache(se, MemoryStore(), point_of(key.public_key()), fleet_id)
     assert cache.refresh(lambda: wire, 2000) == "updated"
@@ -311,3 +316,192 @@ def se_mark(se, object_id):
         return bytes(se.read_object(object_id))
     except ReferenceNotFound:
         return None
+
+
+# -- the streamed merge into the store (device/revset_cache.py apply_delta) ---------------
+
+
+class PowerCut(BaseException):
+    """The device losing power mid-step: nothing after it runs (not even except Exception)."""
+
+
+class StagingStore(MemoryStore):
+    """A store that stages as FileStore does (begin / append / staged / commit / discard),
+    failing on demand: `fail` is ("append", i) for the i-th chunk, ("staged", 0) or
+    ("commit", 0); `error` the exception class raised there."""
+
+    def __init__(self, data=None, fail=None, error=OSError):
+        MemoryStore.__init__(self, data)
+        self.fail = fail
+        self.error = error
+        self.staging = None
+        self.chunks = 0
+
+    def _step(self, name, i=0):
+        if self.fail == (name, i):
+            raise self.error(name)
+
+    def begin(self):
+        self.staging = bytearray()
+        self.chunks = 0
+
+    def append(self, chunk):
+        self._step("append", self.chunks)
+        self.staging += chunk
+        self.chunks += 1
+
+    def staged(self):
+        self._step("staged")
+        return bytes(self.staging)
+
+    def commit(self):
+        self._step("commit")
+        self.data = bytes(self.staging)
+        self.writes += 1
+
+    def discard(self):
+        self.staging = None
+
+
+def _signed_pair(universe, revoked, added, key=None):
+    """(base wire, new wire, delta, point, fleet_id): a base set, the set with `added`
+    more, the delta between them, signed by `key` (a fresh one by default)."""
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from tests.device.crl_support import point_of
+
+    key = key or _new_key()
+    fleet_id = b"\x22" * 8
+
+    def sign(signed):
+        return revset.sign_part(signed, key.sign(signed, ec.ECDSA(hashes.SHA256())))
+
+    base = sign(revset_merge.encode(fleet_id, 1, 1000, 10**9, universe, revoked))
+    new = sign(revset_merge.encode(fleet_id, 2, 1001, 10**9, universe,
+                                   sorted(revoked + added)))
+    return base, new, revset.encode_delta(1, new, added), point_of(key.public_key()), fleet_id
+
+
+def _sample(universe, count, extra, seed):
+    rng = random.Random(seed)
+    picked = rng.sample(range(1, universe + 1), count + extra)
+    return sorted(picked[:count]), sorted(picked[count:])
+
+
+def test_a_store_failure_or_a_cut_at_any_step_of_a_merge_leaves_the_old_set(se):
+    # Fault injection through every step of the streamed merge: each chunk written, the
+    # read-back of the staged copy and the commit.  Each time the old set stays in the
+    # store and keeps answering, on the same cache and after a restart.
+    revoked, added = _sample(20000, 3000, 50, 5)
+    base, new, delta, point, fleet_id = _signed_pair(20000, revoked, added)
+    now = 2000
+    dry = StagingStore(base)
+    assert RevsetCache(se, dry, point, fleet_id, RevsetPolicy(object_id=8)).apply_delta(
+        lambda: delta, now) == "updated"
+    assert dry.data == new and dry.chunks > 4
+    faults = [("append", i) for i in range(dry.chunks)] + [("staged", 0), ("commit", 0)]
+    policy = RevsetPolicy(object_id=9)
+    for fault in faults:
+        for error in (OSError, PowerCut):
+            store = StagingStore(base, fault, error)
+            cache = RevsetCache(se, store, point, fleet_id, policy)
+            before = cache.status(now)
+            assert before["number"] == 1
+            if error is OSError:
+                with pytest.raises(RevsetCacheError) as info:
+                    cache.apply_delta(lambda: delta, now)
+                assert info.value.reason == "store", fault
+            else:
+                with pytest.raises(PowerCut):
+                    cache.apply_delta(lambda: delta, now)
+            assert store.data == base and store.writes == 0, fault
+            assert cache.status(now) == before, fault
+            with pytest.raises(RevokedError) as hit:
+                cache.check_device(revoked[-1], None, now)
+            assert hit.value.number == 1
+            assert cache.check_device(added[0], None, now) is None
+            rebooted = RevsetCache(se, StagingStore(store.data), point, fleet_id, policy)
+            assert rebooted.status(now)["number"] == 1
+    cache = RevsetCache(se, store, point, fleet_id, policy)
+    store.fail = None
+    assert cache.apply_delta(lambda: delta, now) == "updated"
+    assert store.data == new
+    with pytest.raises(RevokedError):
+        cache.check_device(added[0], None, now)
+
+
+def test_a_refused_merge_changes_nothing_and_leaves_no_staged_file(se, tmp_path):
+    # Refusals after the merge (a flipped new signature, a delta re-signed under the
+    # cached number with other contents) on a FileStore: the stored set, the SE's mark
+    # and the answers stay; the staged file is gone.
+    revoked, added = _sample(5000, 400, 20, 6)
+    key = _new_key()
+    base, new, delta, point, fleet_id = _signed_pair(5000, revoked, added, key)
+    path = tmp_path / "set.frs"
+    cache = RevsetCache(se, FileStore(str(path)), point, fleet_id)
+    now = 2000
+    assert cache.refresh(lambda: base, now) == "updated"
+    flipped = bytearray(delta)
+    flipped[-12] ^= 0x01
+    _refused(cache, bytes(flipped), now, "signature", delta=True)
+    assert path.read_bytes() == base and not (tmp_path / "set.frs.tmp").exists()
+    # the same number as the cached set, other contents: a rollback
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    signed = revset_merge.encode(fleet_id, 1, 1000, 10**9, 5000, sorted(revoked + added))
+    same_number = revset.sign_part(signed, key.sign(signed, ec.ECDSA(hashes.SHA256())))
+    _refused(cache, revset.encode_delta(1, same_number, added), now, "rollback", delta=True)
+    # a delta that gives the cached set again: unchanged
+    assert cache.apply_delta(lambda: revset.encode_delta(1, base, []), now) == "unchanged"
+    assert path.read_bytes() == base and not (tmp_path / "set.frs.tmp").exists()
+    with pytest.raises(RevokedError):
+        cache.check_device(revoked[0], None, now)
+    assert cache.apply_delta(lambda: delta, now) == "updated"
+    assert path.read_bytes() == new and not (tmp_path / "set.frs.tmp").exists()
+    assert RevsetCache(se, FileStore(str(path)), point, fleet_id).number() == 2
+
+
+def test_a_merge_never_holds_the_old_set_beside_the_new_one(se, tmp_path):
+    # With a staging store (FileStore) the old set leaves the heap before the new one is
+    # read back: the merge's peak above the cached set stays well under one set (it was
+    # a whole new set, built beside the old one, before the merge was streamed).
+    import tracemalloc
+
+    revoked, added = _sample(10**6, 40000, 100, 7)
+    base, new, delta, point, fleet_id = _signed_pair(10**6, revoked, added)
+    cache = RevsetCache(se, FileStore(str(tmp_path / "set.frs")), point, fleet_id)
+    now = 2000
+    tracemalloc.start()
+    try:
+        assert cache.refresh(lambda: bytes(bytearray(base)), now) == "updated"
+        held, _ = tracemalloc.get_traced_memory()
+        tracemalloc.reset_peak()
+        assert cache.apply_delta(lambda: delta, now) == "updated"
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert len(new) > 30000
+    assert peak - held < len(new) // 2, (peak - held, len(new))
+    assert cache.status(now)["bytes"] == len(new)
+
+
+def test_a_file_store_that_cannot_stage_keeps_the_old_set(se, tmp_path):
+    # The FileStore's temporary file cannot be made (a directory in its place): the merge
+    # is refused as a store failure before anything is written, the old set answers, and
+    # once the way is clear the same delta goes through.
+    revoked, added = _sample(5000, 400, 20, 8)
+    base, new, delta, point, fleet_id = _signed_pair(5000, revoked, added)
+    path = tmp_path / "set.frs"
+    cache = RevsetCache(se, FileStore(str(path)), point, fleet_id)
+    now = 2000
+    assert cache.refresh(lambda: base, now) == "updated"
+    (tmp_path / "set.frs.tmp").mkdir()
+    _refused(cache, delta, now, "store", delta=True)
+    assert path.read_bytes() == base
+    with pytest.raises(RevokedError):
+        cache.check_device(revoked[0], None, now)
+    (tmp_path / "set.frs.tmp").rmdir()
+    assert cache.apply_delta(lambda: delta, now) == "updated"
+    assert path.read_bytes() == new

@@ -4,9 +4,14 @@ run_revset_lookup (codec only): a set for 10^6 devices with 1 % revoked (about 1
 made by CPython's encoder, is parsed and queried in place by common/revset.py: the
 answers for revoked serials, their neighbours and random serials equal CPython's.  The
 script prints the mean lookup time (bench/revocation.py reports it per size).
-run_revset_merge: a delta (100 more revocations) merges into exactly the bytes CPython's
-encoder makes, streamed into the destination file in 256-byte chunks
-(common/revset_merge.py): the new set is never held beside the old one.
+run_revset_merge (the device's merge, against the emulator over its Unix socket): the
+cache (device/revset_cache.py) holds a set for 10^6 devices with 4 % revoked (31 KB) in a
+FileStore; a delta whose new signature is flipped is refused and the old set still
+answers; the good delta (100 more revocations) is streamed into a staged file beside
+the store's in 256-byte chunks (common/revset_merge.py), read back once the old set has
+left the heap, verified through the SE and committed: the store then holds exactly the
+bytes CPython's encoder made.  At its budget the old merge (the new set built beside the old
+one) runs out of heap.
 
 run_revset (device workflow, against the emulator over its Unix socket): the cache
 (device/revset_cache.py) refreshes from a cloud-made set, verifies it through the SE with
@@ -14,10 +19,10 @@ the revocation signer's point, refuses a revoked device, keeps an unrevoked one,
 a delta, refuses a flipped signature and an older set; CPython then reads the mark in the
 SE.
 
-Heap: both run at their budgets in tests/micropython/budgets.py (the minimum
+Heap: each runs at its budget in tests/micropython/budgets.py (the minimum
 bench/micropython.py bisected, plus 25 %).  The set is held once as bytes; a lookup
-decodes at most `stride` codes in place; a streamed delta merge holds the old set and a
-256-byte chunk.
+decodes at most `stride` codes in place; the cache's delta merge holds the old set and a
+256-byte chunk, then the new set alone.
 """
 
 import random
@@ -25,7 +30,7 @@ import struct
 
 import pytest
 
-from fleetid.common import revset
+from fleetid.common import revset, revset_merge
 from fleetid.common import se_consts as C
 from fleetid.common import t1
 from fleetid.common.apdu import ApduProtocol
@@ -82,53 +87,9 @@ sys.stdout.write("\n")
 print("free", gc.mem_free())
 """
 
-MERGE = PRELUDE + r"""
-import hashlib
-import os
-from fleetid.common import revset
-gc.collect()
-from fleetid.common import revset_merge
-gc.collect()
-
-
-def load(path):
-    buf = bytearray(os.stat(path)[6])
-    f = open(path, "rb")
-    try:
-        f.readinto(buf)
-    finally:
-        f.close()
-    return buf
-
-
-info = revset.parse(load(SET))
-delta = revset.RevDelta(load(DELTA))
-gc.collect()
-# Streamed into the destination file (and hashed on the way): the new set is never held
-# beside the old one.
-digest = hashlib.sha256()
-out = open(MERGED, "wb")
-
-
-def write(chunk):
-    digest.update(chunk)
-    out.write(chunk)
-
-
-try:
-    size = revset_merge.write_delta_merge(info, delta, write)
-finally:
-    out.close()
-info = None
-gc.collect()
-print("merged", size, hexlify(digest.digest()).decode())
-print("free", gc.mem_free())
-"""
-
-
 @pytest.fixture(scope="module")
 def stage(tmp_path_factory):
-    """One staged core for both workflows (compiling it is most of the set-up time)."""
+    """One staged core for every workflow (compiling it is most of the set-up time)."""
     return Stage(tmp_path_factory.mktemp("mprevsetstage") / "mp", opt=3)
 
 
@@ -138,7 +99,108 @@ def lookup_setup(tmp_path_factory, stage):
     rng = random.Random(7)
     n = 10**6
     revoked = sorted(rng.sample(range(1, n + 1), n // 100))
-    base = revset.sign_part(revset.encode(FLEET, 1, 0, 100, n, revoked), SIG)
+    base = revset.sign_part(revset_merge.encode(FLEET, 1, 0, 100, n, revoked), SIG)
+    (folder / "set.frs").write_bytes(base)
+    queries = revoked[::50] + [s + 1 for s in revoked[::50]] + [rng.randint(1, n)
+                                                                  for _ in range(200)]
+    (folder / "queries.bin").write_bytes(b"".join(struct.pack(">I", q) for q in queries))
+    header = "SET = %r\nQUERIES = %r\n" % (str(folder / "set.frs"),
+                                           str(folder / "queries.bin"))
+    return stage, header, set(revoked), queries
+
+
+def test_revset_lookups_under_micropython(lookup_setup):
+    stage, header, revoked, queries = lookup_setup
+    out = parse(stage.run("run_revset_lookup", header + LOOKUP))
+    assert out["answers"] == ["".join("1" if s in revoked else "0" for s in queries)]
+    assert int(out["lookup_us"][0]) > 0
+
+
+MERGE = PRELUDE + open_se_script("fleetid.common.revset", "fleetid.common.revset_merge",
+                                 "fleetid.device.anchored_store",
+                                 "fleetid.device.revset_cache") + r"""
+import os
+from fleetid.device import revset_cache
+
+
+def reader(path):
+    # The whole file as bytes, in one buffer of its size (as a fetch hands it over).
+    def fetch():
+        f = open(path, "rb")
+        try:
+            return f.read(os.stat(path)[6])
+        finally:
+            f.close()
+    return fetch
+
+
+def checks():
+    for serial in (REVOKED, LATER):
+        try:
+            cache.check_device(serial, None, NOW)
+            print("check", serial, "none")
+        except revset_cache.RevokedError as exc:
+            print("check", serial, exc.number)
+
+
+cache = revset_cache.RevsetCache(se, revset_cache.FileStore(STORE), unhexlify(POINT),
+                                 unhexlify(FLEETID))
+print("refresh", cache.refresh(reader(FIRST), NOW))
+gc.collect()
+for path in (FLIPPED, DELTA):
+    try:
+        print("delta", cache.apply_delta(reader(path), NOW))
+    except revset_cache.RevsetCacheError as exc:
+        print("refused", exc.reason)
+    gc.collect()
+    checks()
+print("status", cache.status(NOW)["number"], cache.status(NOW)["bytes"])
+link.close()
+bus.close()
+print("free", gc.mem_free())
+"""
+
+# The merge workflow's set: 10^6 devices, 4 % revoked (about 31 KB), and a delta of 100
+# more.  Big enough that the new set beside the old one (the merge before it was
+# streamed into the store) does not fit the budget the streamed merge runs at.
+MERGE_REVOKED = 40000
+
+
+def _serve_se(folder):
+    """A fresh emulated SE on a Unix socket in `folder`: (server, socket path)."""
+    from fleetid.sim import profiles
+    from fleetid.sim.chip import Chip
+    from fleetid.sim.endpoint import BusEndpoint
+    from fleetid.sim.fab import fab_chip
+    from fleetid.sim.nvm import Nvm
+    from fleetid.sim.server import serve_in_thread
+
+    nvm_path = str(folder / "chip.nvm")
+    fab_chip(str(folder / "vendor"), nvm_path)
+    chip = Chip(Nvm(nvm_path))
+    sock = str(folder / "se.sock")
+    server = serve_in_thread(BusEndpoint(chip, profile=t1.PROFILE_GP,
+                                         latency=profiles.get("none")), "unix:" + sock,
+                             idle_timeout_s=30)
+    return server, sock
+
+
+@pytest.fixture(scope="module")
+def merge_setup(tmp_path_factory, stage):
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from tests.device.crl_support import point_of
+
+    folder = tmp_path_factory.mktemp("mprevsetmerge")
+    key = ec.generate_private_key(ec.SECP256R1())
+
+    def sign(signed):
+        return revset.sign_part(signed, key.sign(signed, ec.ECDSA(hashes.SHA256())))
+
+    rng = random.Random(11)
+    n = 10**6
+    revoked = sorted(rng.sample(range(1, n + 1), MERGE_REVOKED))
     members = set(revoked)
     extra = set()
     while len(extra) < 100:
@@ -146,39 +208,47 @@ def lookup_setup(tmp_path_factory, stage):
         if s not in members:
             extra.add(s)
     extra = sorted(extra)
-    new_serials = sorted(revoked + extra)
-    new = revset.sign_part(revset.encode(FLEET, 2, 0, 100, n, new_serials), SIG)
-    (folder / "set.frs").write_bytes(base)
-    (folder / "delta.frd").write_bytes(revset.encode_delta(1, new, extra))
-    queries = revoked[::50] + [s + 1 for s in revoked[::50]] + [rng.randint(1, n)
-                                                                  for _ in range(200)]
-    (folder / "queries.bin").write_bytes(b"".join(struct.pack(">I", q) for q in queries))
-    header = "SET = %r\nDELTA = %r\nQUERIES = %r\nMERGED = %r\n" % (
-        str(folder / "set.frs"), str(folder / "delta.frd"), str(folder / "queries.bin"),
-        str(folder / "merged.frs"))
-    return stage, header, set(revoked), queries, new, folder
+    this_update = 1_700_000_000
+    first = sign(revset_merge.encode(FLEET, 1, this_update, this_update + 86400, n,
+                                     revoked))
+    second = sign(revset_merge.encode(FLEET, 2, this_update + 1, this_update + 86401, n,
+                                      sorted(revoked + extra)))
+    delta = revset.encode_delta(1, second, extra)
+    flipped = bytearray(delta)
+    flipped[-12] ^= 0x01  # inside the new set's signature
+    for name, data in (("first.frs", first), ("delta.frd", delta),
+                       ("flipped.frd", bytes(flipped))):
+        (folder / name).write_bytes(data)
+    server, sock = _serve_se(folder)
+    header = ("SOCK = %r\nFIRST = %r\nDELTA = %r\nFLIPPED = %r\nSTORE = %r\nPOINT = %r\n"
+              "FLEETID = %r\nNOW = %d\nREVOKED = %d\nLATER = %d\n") % (
+        sock, str(folder / "first.frs"), str(folder / "delta.frd"),
+        str(folder / "flipped.frd"), str(folder / "cache.frs"),
+        point_of(key.public_key()).hex(), FLEET.hex(), this_update + 60, revoked[len(revoked) // 2],
+        extra[-1])
+    try:
+        yield stage, header, folder, revoked[len(revoked) // 2], extra[-1], second
+    finally:
+        server.stop()
 
 
-def test_revset_lookups_under_micropython(lookup_setup):
-    stage, header, revoked, queries, new, _ = lookup_setup
-    out = parse(stage.run("run_revset_lookup", header + LOOKUP))
-    assert out["answers"] == ["".join("1" if s in revoked else "0" for s in queries)]
-    assert int(out["lookup_us"][0]) > 0
-
-
-def test_revset_delta_merge_under_micropython_gives_the_clouds_bytes(lookup_setup):
-    import hashlib
-
-    stage, header, revoked, queries, new, folder = lookup_setup
-    merged = folder / "merged.frs"
-    if merged.exists():
-        merged.unlink()
+def test_revset_delta_merge_through_the_device_cache_under_micropython(merge_setup):
+    # The device's own path (RevsetCache.apply_delta): a refused delta (its new signature
+    # flipped) leaves the old set answering; the good one gives the cloud's exact bytes
+    # in the store, and the lookups answer from the new set.
+    stage, header, folder, revoked, later, second = merge_setup
     out = parse(stage.run("run_revset_merge", header + MERGE))
-    assert out["merged"] == ["%d %s" % (len(new), hashlib.sha256(new).hexdigest())]
-    assert merged.read_bytes() == new
+    assert out["refresh"] == ["updated"]
+    assert out["refused"] == ["signature"]
+    assert out["delta"] == ["updated"]
+    assert out["check"] == ["%d 1" % revoked, "%d none" % later,
+                            "%d 2" % revoked, "%d 2" % later]
+    assert out["status"] == ["2 %d" % len(second)]
+    assert (folder / "cache.frs").read_bytes() == second
 
 
-DEVICE = PRELUDE + open_se_script("fleetid.common.revset", "fleetid.device.revset_cache") + r"""
+DEVICE = PRELUDE + open_se_script("fleetid.common.revset", "fleetid.common.revset_merge",
+                                  "fleetid.device.revset_cache") + r"""
 from fleetid.device import revset_cache
 
 
@@ -239,13 +309,6 @@ print("free", gc.mem_free())
 
 @pytest.fixture(scope="module")
 def device_setup(tmp_path_factory, stage):
-    from fleetid.sim import profiles
-    from fleetid.sim.chip import Chip
-    from fleetid.sim.endpoint import BusEndpoint
-    from fleetid.sim.fab import fab_chip
-    from fleetid.sim.nvm import Nvm
-    from fleetid.sim.server import serve_in_thread
-
     folder = tmp_path_factory.mktemp("mprevsetdev")
     fleet = Fleet(folder / "fleet")
     devices = [fleet.provision("b42") for _ in range(3)]
@@ -266,13 +329,7 @@ def device_setup(tmp_path_factory, stage):
                        ("flipped.frs", bytes(flipped))):
         (folder / name).write_bytes(data)
     signer = revocation_signer(fleet)
-    nvm_path = str(folder / "chip.nvm")
-    fab_chip(str(folder / "vendor"), nvm_path)
-    chip = Chip(Nvm(nvm_path))
-    sock = str(folder / "se.sock")
-    server = serve_in_thread(BusEndpoint(chip, profile=t1.PROFILE_GP,
-                                         latency=profiles.get("none")), "unix:" + sock,
-                             idle_timeout_s=30)
+    server, sock = _serve_se(folder)
     now = revset.parse(second).this_update + 60
     header = ("SOCK = %r\nFIRST = %r\nDELTA = %r\nFLIPPED = %r\nSTORE = %r\nPOINT = %r\n"
               "FLEETID = %r\nNOW = %d\nREVOKED = %d\nKEPT = %d\nLATER = %d\n") % (
