@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from fleetid.cloud.pki import init_root, new_ca
-from fleetid.common import attestation, der, se_consts
+from fleetid.common import attestation, csr, der, se_consts
 
 # The policy GENERATE KEY gives a signing key (se_consts): all the CA requires.
 DEFAULT_POLICY = (
@@ -168,7 +168,7 @@ class SoftVendor:
 
 
 def make_csr(signing_key, serial, bundle_der=None, public_key=None, uri=True, extra_attributes=()):
-    """A DER CSR as the device builds it (common/der.py): CN and serialNumber = serial,
+    """A DER CSR as the device builds it (common/csr.py): CN and serialNumber = serial,
     the evidence bundle as a PKCS#10 attribute (if given), a URI SAN extensionRequest,
     signed by `signing_key` over the info that names `public_key` (default: the signing
     key's own public key; a different one makes a CSR without proof of possession)."""
@@ -177,10 +177,10 @@ def make_csr(signing_key, serial, bundle_der=None, public_key=None, uri=True, ex
     if bundle_der is not None:
         attributes.append(attestation.build_evidence_attribute(bundle_der))
     if uri:
-        attributes.append(der.uri_san_extension_request("urn:fleetid:device:" + serial))
-    info = der.build_csr_info(serial, serial, der.encode_p256_spki(point(public_key)), attributes)
-    signature = signing_key.sign(info, ec.ECDSA(hashes.SHA256()))
-    return der.finish_csr(info, signature)
+        attributes.append(csr.uri_san_extension_request("urn:fleetid:device:" + serial))
+    info = csr.info_parts(serial, serial, der.encode_p256_spki(point(public_key)), attributes)
+    signature = signing_key.sign(b"".join(info), ec.ECDSA(hashes.SHA256()))
+    return csr.finish(info, signature)
 
 
 def enrolment(chip, nonce, serial, **fields):

@@ -329,7 +329,7 @@ def decode_evidence_bundle(der):
 
 
 def build_evidence_attribute(bundle_der, checked=False):
-    """The PKCS#10 attribute carrying an evidence bundle, for der.build_csr_info().
+    """The PKCS#10 attribute carrying an evidence bundle, for csr.info_parts().
 
     Params: checked: True when bundle_der is encode_evidence_bundle()'s output, which
         is well-formed by construction (skips parsing it again).

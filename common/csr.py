@@ -1,12 +1,19 @@
-# The attested CSR written in pieces, for a device's small heap.  Portable: CPython and
-# MicroPython.  The bytes are common/der.py's build_csr_info() / finish_csr() with the
-# evidence bundle of common/attestation.py (tests/common/test_csr.py compares them), but
-# built as a list of parts: headers computed from lengths, the statement and the chain
-# certificates referenced, not copied; the parts are hashed one by one for the SE's SIGN
-# and the CSR is written once into a buffer the caller allocated early.  The nested
-# builders hold the bundle, the attribute, its SET, the attributes, the info and the CSR
-# side by side (device/enrol.py; bench/micropython.py run_agent_csr).  A module of its
-# own: workflows that never build a CSR do not load its bytecode.
+# PKCS#10 (RFC 2986 4) with the signature made elsewhere (inside the SE): fleetid's one
+# CSR builder, for the device (device/enrol.py) and the host's tests and benches.
+# Portable: CPython and MicroPython.
+#
+#   parts = info_parts(cn, serial, spki, attributes)   # the CertificationRequestInfo
+#   signature_der = SE.sign(slot, signing_digest(parts))
+#   csr = finish(parts, signature_der, out)
+#
+# The info is a list of bytes parts: headers computed from lengths, the values (the
+# evidence bundle's statement and chain certificates: evidence_bundle_parts())
+# referenced, not copied.  The parts are hashed one by one for the SE's SIGN and the CSR
+# is written once into a buffer the caller allocated early, so a device's small heap
+# holds the CSR once instead of the bundle, the attribute, its SET, the attributes, the
+# info and the CSR side by side (bench/micropython.py run_agent_csr).  A caller that
+# signs the info itself (cryptography's key.sign on the host) joins the parts.  A module
+# of its own: workflows that never build a CSR do not load its bytecode.
 
 import hashlib
 import sys
@@ -19,35 +26,23 @@ except ImportError:  # CPython
         return x
 
 
-from fleetid.common.der import (
-    REASON_RANGE,
-    REASON_TAG,
-    REASON_VALUE,
-    TAG_SEQUENCE,
-    TAG_SET,
-    DerReader,
-    check_single,
-    ecdsa_der_to_raw,
-    ecdsa_with_sha256_algorithm,
-    encode_bit_string,
-    encode_integer,
-    encode_length,
-    encode_name,
-    encode_oid,
-    parse_p256_spki,
-)
+from fleetid.common import der, oids
 from fleetid.common.errors import DerError
 
+_TAG_SEQUENCE = const(0x30)
+_TAG_SET = const(0x31)
 _TAG_ATTRIBUTES = const(0xA0)  # [0] constructed: CertificationRequestInfo.attributes
+_TAG_URI = const(0x86)  # GeneralName uniformResourceIdentifier: [6] IMPLICIT IA5String
 _LENGTH_OCTETS_MAX = const(4)  # der.py's longest length form
 _ECDSA_SIG_MAX = const(72)  # DER ECDSA-Sig-Value of P-256: 2 + 2 x (2 + 33)
+_UB_NAME = const(64)  # ub-common-name, ub-serial-number (X.520, RFC 5280 A.1)
 _MICROPYTHON = sys.implementation.name == "micropython"
 
 
 def encode_header(tag, length):
     """Identifier byte and DER length octets of an element whose contents are `length`
     bytes (an element written in pieces: its header, then the contents' parts)."""
-    return bytes((tag,)) + encode_length(length)
+    return bytes((tag,)) + der.encode_length(length)
 
 
 def _parts_len(parts):
@@ -67,7 +62,42 @@ def _element_parts(parts):
         if len(first) >= header_len and total >= header_len \
                 and first[:header_len] == encode_header(first[0], total - header_len):
             return parts
-    raise DerError(REASON_VALUE, "parts are not one element")
+    raise DerError(der.REASON_VALUE, "parts are not one element")
+
+
+def _rdn(oid, value_der):
+    return der.encode_set([der.encode_sequence([der.encode_oid(oid), value_der])])
+
+
+def encode_name(common_name, serial_number=None):
+    """X.501 Name: CN (UTF8String) then, if given, serialNumber (PrintableString).
+
+    Raises: DerError(REASON_RANGE) for empty or over-long values (ub 64, RFC 5280 A.1)."""
+    if not isinstance(common_name, str) or not 1 <= len(common_name) <= _UB_NAME:
+        raise DerError(der.REASON_RANGE, "common name length 1..64")
+    rdns = [_rdn(oids.OID_COMMON_NAME, der.encode_utf8_string(common_name))]
+    if serial_number is not None:
+        if not isinstance(serial_number, str) or not 1 <= len(serial_number) <= _UB_NAME:
+            raise DerError(der.REASON_RANGE, "serial number length 1..64")
+        rdns.append(_rdn(oids.OID_SERIAL_NUMBER, der.encode_printable_string(serial_number)))
+    return der.encode_sequence(rdns)
+
+
+def uri_san_extension_request(uri):
+    """CSR attribute extensionRequest (PKCS#9, RFC 2985 5.4.2) holding one
+    non-critical subjectAltName with a uniformResourceIdentifier (RFC 5280 4.2.1.6).
+
+    Returns: (OID_EXTENSION_REQUEST, [Extensions DER]) for info_parts().
+    Raises: DerError(REASON_VALUE) for an empty or non-ASCII URI.
+    """
+    if not isinstance(uri, str) or not uri:
+        raise DerError(der.REASON_VALUE, "URI must be a non-empty str")
+    # The IA5String (its ASCII check) under the GeneralName's implicit tag.
+    general_names = der.encode_sequence([bytes((_TAG_URI,)) + der.encode_ia5_string(uri)[1:]])
+    extension = der.encode_sequence(
+        [der.encode_oid(oids.OID_SUBJECT_ALT_NAME), der.encode_octet_string(general_names)]
+    )  # critical DEFAULT FALSE: omitted in DER (X.690 11.5)
+    return (oids.OID_EXTENSION_REQUEST, [der.encode_sequence([extension])])
 
 
 def evidence_bundle_parts(signed_attestations, certificates):
@@ -80,19 +110,19 @@ def evidence_bundle_parts(signed_attestations, certificates):
     Returns: list of bytes.  Raises: DerError (no statement, malformed certificate).
     """
     if not signed_attestations:
-        raise DerError(REASON_RANGE, "at least one statement")
+        raise DerError(der.REASON_RANGE, "at least one statement")
     elements = []
     for signed in signed_attestations:
         elements.append(signed.der if isinstance(signed.der, bytes) else bytes(signed.der))
     certs = []
     for cert in certificates:
-        reader = DerReader(cert)
-        reader.skip(TAG_SEQUENCE)
+        reader = der.DerReader(cert)
+        reader.skip(_TAG_SEQUENCE)
         reader.finish()
         certs.append(cert if isinstance(cert, bytes) else bytes(cert))
-    statements_header = encode_header(TAG_SEQUENCE, _parts_len(elements))
-    certs_header = encode_header(TAG_SEQUENCE, _parts_len(certs))
-    parts = [encode_header(TAG_SEQUENCE, len(statements_header) + _parts_len(elements)
+    statements_header = encode_header(_TAG_SEQUENCE, _parts_len(elements))
+    certs_header = encode_header(_TAG_SEQUENCE, _parts_len(certs))
+    parts = [encode_header(_TAG_SEQUENCE, len(statements_header) + _parts_len(elements)
                            + len(certs_header) + _parts_len(certs)), statements_header]
     parts.extend(elements)
     parts.append(certs_header)
@@ -101,24 +131,24 @@ def evidence_bundle_parts(signed_attestations, certificates):
 
 
 def _attribute_parts(oid, values):
-    # Attribute ::= SEQUENCE { type OID, values SET OF ANY } as a list of parts; a value
-    # is a complete TLV (checked) or a list of parts of one (not joined here).
+    # Attribute ::= SEQUENCE { type OID, values SET SIZE(1..MAX) OF ANY } as a list of
+    # parts; a value is a complete TLV (checked) or a list of parts of one (not joined).
     if not values:
-        raise DerError(REASON_RANGE, "attribute needs at least one value")
+        raise DerError(der.REASON_RANGE, "attribute needs at least one value")
     elements = []
     for value in values:
         if isinstance(value, (list, tuple)):
             elements.append(_element_parts(value))
         else:
-            elements.append([check_single(value)])
+            elements.append([der.check_single(value)])
     if len(elements) > 1:  # SET OF in DER order: compare whole encodings
         elements = sorted([b"".join(element)] for element in elements)
     set_len = 0
     for element in elements:
         set_len += _parts_len(element)
-    set_header = encode_header(TAG_SET, set_len)
-    oid_der = encode_oid(oid)
-    parts = [encode_header(TAG_SEQUENCE, len(oid_der) + len(set_header) + set_len),
+    set_header = encode_header(_TAG_SET, set_len)
+    oid_der = der.encode_oid(oid)
+    parts = [encode_header(_TAG_SEQUENCE, len(oid_der) + len(set_header) + set_len),
              oid_der, set_header]
     for element in elements:
         parts.extend(element)
@@ -126,19 +156,23 @@ def _attribute_parts(oid, values):
 
 
 def info_parts(subject_cn, subject_serial, spki_der, attributes=None):
-    """der.build_csr_info() as a list of bytes parts whose concatenation is the info.
+    """DER CertificationRequestInfo (RFC 2986 4.1), the bytes the SE signs, as a list of
+    bytes parts whose concatenation is the info.
 
-    Params: as der.build_csr_info(); an attribute value may also be a list of bytes
-        parts forming one element (evidence_bundle_parts()), kept as parts.
-    Returns: list of bytes.  Raises: DerError as der.build_csr_info().
+    Params: subject_cn: str (UTF8String CN).  subject_serial: str or None
+        (PrintableString serialNumber).  spki_der: DER P-256 SubjectPublicKeyInfo.
+        attributes: list of (oid, [value, ...]) or None; a value is one DER element, or
+        a list of bytes parts forming one (evidence_bundle_parts()), kept as parts.
+    Returns: list of bytes.
+    Raises: DerError on any invalid input (bad key, bad names, malformed values).
     """
-    parse_p256_spki(spki_der)
+    der.parse_p256_spki(spki_der)
     encoded = []
     for oid, values in attributes or ():
         encoded.append(_attribute_parts(oid, values))
-    # attributes [0] IMPLICIT SET OF Attribute, sorted like any SET OF.  Distinct headers
-    # + OIDs decide the DER order by themselves (a TLV is never a proper prefix of
-    # another); equal ones need the whole encodings.
+    # attributes [0] IMPLICIT SET OF Attribute: always present, sorted like any SET OF.
+    # Distinct headers + OIDs decide the DER order by themselves (a TLV is never a proper
+    # prefix of another); equal ones need the whole encodings.
     keys = [element[0] + element[1] for element in encoded]
     if len(set(keys)) != len(keys):
         keys = [b"".join(element) for element in encoded]
@@ -146,11 +180,11 @@ def info_parts(subject_cn, subject_serial, spki_der, attributes=None):
     attributes_len = 0
     for element in encoded:
         attributes_len += _parts_len(element)
-    head = [encode_integer(0),  # version v1(0)
+    head = [der.encode_integer(0),  # version v1(0)
             encode_name(subject_cn, subject_serial),
             bytes(spki_der),
             encode_header(_TAG_ATTRIBUTES, attributes_len)]
-    parts = [encode_header(TAG_SEQUENCE, _parts_len(head) + attributes_len)]
+    parts = [encode_header(_TAG_SEQUENCE, _parts_len(head) + attributes_len)]
     parts.extend(head)
     for i in order:
         parts.extend(encoded[i])
@@ -158,7 +192,8 @@ def info_parts(subject_cn, subject_serial, spki_der, attributes=None):
 
 
 def signing_digest(parts):
-    """der.csr_signing_digest() of info_parts()' output, hashed part by part."""
+    """SHA-256 of the info (info_parts()' output, hashed part by part): the digest to
+    give to SE SIGN."""
     digest = hashlib.sha256()
     for part in parts:
         digest.update(part)
@@ -169,28 +204,30 @@ def buffer_for(parts):
     """Room for finish(): a bytearray of the CSR's largest size for these info parts
     (the longest P-256 signature)."""
     return bytearray(2 + _LENGTH_OCTETS_MAX + _parts_len(parts)
-                     + len(ecdsa_with_sha256_algorithm()) + 3 + _ECDSA_SIG_MAX)
+                     + len(der.ecdsa_with_sha256_algorithm()) + 3 + _ECDSA_SIG_MAX)
 
 
 def finish(parts, signature_der, out=None):
-    """der.finish_csr() from info_parts()' output, the info never held whole on its own.
+    """DER CertificationRequest from the info and an ECDSA signature over sha256(info),
+    the info never held whole on its own.
 
-    Params: out: a bytearray allocated beforehand (buffer_for(), or a bound taken before
-        the parts existed: device/enrol.csr_size_max()), or None.  When the CSR fits, it
-        is written into `out` and the bytearray trimmed to the CSR's length (in place),
-        then returned as it is on MicroPython (no copy) and as bytes on CPython;
-        otherwise (None, too small) the CSR is joined once into new bytes.
+    Params: parts: info_parts()' output (or [info DER]).  signature_der: DER
+        ECDSA-Sig-Value.  out: a bytearray allocated beforehand (buffer_for(), or a bound
+        taken before the parts existed: device/enrol.csr_size_max()), or None.  When the
+        CSR fits, it is written into `out` and the bytearray trimmed to the CSR's length
+        (in place), then returned as it is on MicroPython (no copy) and as bytes on
+        CPython; otherwise (None, too small) the CSR is joined once into new bytes.
     Returns: the CSR (bytes, or `out` on MicroPython).
     Raises: DerError if the parts are not one SEQUENCE or the signature not strict DER.
     """
     parts = _element_parts(parts)
-    if parts[0][0] != TAG_SEQUENCE:
-        raise DerError(REASON_TAG, "info is not a SEQUENCE")
-    ecdsa_der_to_raw(signature_der)
-    algorithm = ecdsa_with_sha256_algorithm()
-    bits = encode_bit_string(signature_der)
+    if parts[0][0] != _TAG_SEQUENCE:
+        raise DerError(der.REASON_TAG, "info is not a SEQUENCE")
+    der.ecdsa_der_to_raw(signature_der)
+    algorithm = der.ecdsa_with_sha256_algorithm()
+    bits = der.encode_bit_string(signature_der)
     total = _parts_len(parts) + len(algorithm) + len(bits)
-    whole = [encode_header(TAG_SEQUENCE, total)]
+    whole = [encode_header(_TAG_SEQUENCE, total)]
     whole.extend(parts)
     whole.append(algorithm)
     whole.append(bits)

@@ -5,7 +5,7 @@
 # minimal lengths, INTEGER, BOOLEAN, NULL, OCTET/BIT STRING, OBJECT IDENTIFIER,
 # UTF8String, PrintableString, IA5String, SEQUENCE, SET (OF), context-specific tags; plus
 # the P-256 pieces built on them: ECDSA-Sig-Value <-> raw r||s, SubjectPublicKeyInfo,
-# and a PKCS#10 CertificationRequest whose signature is made elsewhere (inside the SE).
+# the ecdsa-with-SHA256 AlgorithmIdentifier.  The PKCS#10 CSR is built by common/csr.py.
 #
 # Strictness is the point: every parse either returns exactly what a DER encoder would
 # have produced for the value, or raises DerError with a `reason` (the REASON_* strings
@@ -19,8 +19,6 @@
 #     length:     0xxxxxxx (0..127), or 1nnnnnnn + n big-endian bytes (n = 1..4 here);
 #                 0x80 (indefinite) is BER only (X.690 10.1); DER needs the shortest form.
 
-import hashlib
-
 try:
     from micropython import const
 except ImportError:  # CPython
@@ -31,13 +29,9 @@ except ImportError:  # CPython
 
 from fleetid.common.errors import DerError
 from fleetid.common.oids import (
-    OID_COMMON_NAME,
     OID_EC_PUBLIC_KEY,
     OID_ECDSA_WITH_SHA256,
-    OID_EXTENSION_REQUEST,
     OID_PRIME256V1,
-    OID_SERIAL_NUMBER,
-    OID_SUBJECT_ALT_NAME,
 )
 
 # Universal tags (X.680 8.4, Table 1), with the constructed bit where DER requires it.
@@ -76,10 +70,6 @@ P256_B = 0x5AC635D8AA3A93E7B3EBBD55769886BC651D06B0CC53B0F63BCE3C3E27D2604B
 P256_N = 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551
 P256_POINT_LEN = const(65)  # SEC 1 2.3.3 uncompressed: 04 || X(32) || Y(32)
 P256_SCALAR_LEN = const(32)
-
-# X.520 / RFC 5280 Appendix A upper bounds.
-_UB_COMMON_NAME = const(64)
-_UB_SERIAL_NUMBER = const(64)
 
 # X.680 41.4 Table 10: the PrintableString repertoire.
 _PRINTABLE = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789 '()+,-./:=?"
@@ -739,11 +729,7 @@ def parse_p256_spki(spki_der):
 
 
 # ---------------------------------------------------------------------------------------
-# PKCS#10 (RFC 2986 4) with the signature made inside the SE:
-#
-#   info = build_csr_info(cn, serial, spki, attributes)
-#   signature_der = SE.sign(slot, csr_signing_digest(info))
-#   csr = finish_csr(info, signature_der)
+# The signature algorithm of PKCS#10, X.509 and the SE's statements
 
 
 def ecdsa_with_sha256_algorithm():
@@ -759,98 +745,3 @@ def read_ecdsa_with_sha256_algorithm(reader):
     if not algorithm.at_end():
         raise DerError(REASON_ALGORITHM, "parameters present")  # RFC 5758 3.2
     algorithm.finish()
-
-
-def _attribute_type_and_value(oid, value_der):
-    return encode_set([encode_sequence([encode_oid(oid), value_der])])
-
-
-def encode_name(common_name, serial_number=None):
-    """X.501 Name: CN (UTF8String) then, if given, serialNumber (PrintableString).
-
-    Raises: DerError(REASON_RANGE) for empty or over-long values (ub 64, RFC 5280 A.1)."""
-    if not isinstance(common_name, str) or not 1 <= len(common_name) <= _UB_COMMON_NAME:
-        raise DerError(REASON_RANGE, "common name length 1..64")
-    rdns = [_attribute_type_and_value(OID_COMMON_NAME, encode_utf8_string(common_name))]
-    if serial_number is not None:
-        if not isinstance(serial_number, str) or not (
-            1 <= len(serial_number) <= _UB_SERIAL_NUMBER
-        ):
-            raise DerError(REASON_RANGE, "serial number length 1..64")
-        rdns.append(
-            _attribute_type_and_value(OID_SERIAL_NUMBER, encode_printable_string(serial_number))
-        )
-    return encode_sequence(rdns)
-
-
-def encode_attribute(oid, values):
-    """PKCS#10 Attribute ::= SEQUENCE { type OID, values SET SIZE(1..MAX) OF ANY }.
-
-    Params: oid: dotted string.  values: list of DER elements (each one complete TLV).
-    """
-    if not values:
-        raise DerError(REASON_RANGE, "attribute needs at least one value")
-    checked = [check_single(value) for value in values]
-    return encode_sequence([encode_oid(oid), encode_set(checked)])
-
-
-def build_csr_info(subject_cn, subject_serial, spki_der, attributes=None):
-    """DER CertificationRequestInfo (RFC 2986 4.1), the bytes the SE signs.
-
-    Params: subject_cn: str (UTF8String CN).  subject_serial: str or None
-        (PrintableString serialNumber).  spki_der: DER P-256 SubjectPublicKeyInfo.
-        attributes: list of (oid, [value_der, ...]) or None.
-    Returns: bytes.
-    Raises: DerError on any invalid input (bad key, bad names, malformed values).
-    """
-    parse_p256_spki(spki_der)
-    encoded = []
-    for oid, values in attributes or ():
-        encoded.append(encode_attribute(oid, values))
-    # attributes [0] IMPLICIT SET OF Attribute: always present, sorted like any SET OF.
-    encoded.sort()
-    attributes_der = _constructed(_context_tag(0, True), encoded)
-    return encode_sequence(
-        [
-            encode_integer(0),  # version v1(0)
-            encode_name(subject_cn, subject_serial),
-            spki_der,
-            attributes_der,
-        ]
-    )
-
-
-def csr_signing_digest(info_der):
-    """SHA-256 of the CertificationRequestInfo: the digest to give to SE SIGN."""
-    return hashlib.sha256(bytes(info_der)).digest()
-
-
-def finish_csr(info_der, signature_der):
-    """DER CertificationRequest from the info and an ECDSA signature over sha256(info).
-
-    Params: info_der: output of build_csr_info().  signature_der: DER ECDSA-Sig-Value.
-    Returns: bytes.
-    Raises: DerError if either input is not strict DER of the right shape.
-    """
-    check_single(info_der, TAG_SEQUENCE)
-    ecdsa_der_to_raw(signature_der)
-    return encode_sequence(
-        [bytes(info_der), ecdsa_with_sha256_algorithm(), encode_bit_string(signature_der)]
-    )
-
-
-def uri_san_extension_request(uri):
-    """CSR attribute extensionRequest (PKCS#9, RFC 2985 5.4.2) holding one
-    non-critical subjectAltName with a uniformResourceIdentifier (RFC 5280 4.2.1.6).
-
-    Returns: (OID_EXTENSION_REQUEST, [Extensions DER]) for build_csr_info().
-    """
-    if not isinstance(uri, str) or not uri:
-        raise DerError(REASON_VALUE, "URI must be a non-empty str")
-    contents = uri.encode()
-    _check_ascii(contents)
-    general_names = encode_sequence([encode_context(6, contents, False)])  # [6] IA5String
-    extension = encode_sequence(
-        [encode_oid(OID_SUBJECT_ALT_NAME), encode_octet_string(general_names)]
-    )  # critical DEFAULT FALSE: omitted in DER (X.690 11.5)
-    return (OID_EXTENSION_REQUEST, [encode_sequence([extension])])

@@ -81,7 +81,7 @@ def attested_csr(se, slot, point, signed, chain, common_name, serial_number=None
     info = csr.info_parts(
         common_name, serial_number, der.encode_p256_spki(point),
         [(OID_ATTR_EVIDENCE, [csr.evidence_bundle_parts([signed], chain)]),
-         der.uri_san_extension_request(DEVICE_URI_PREFIX + common_name)])
+         csr.uri_san_extension_request(DEVICE_URI_PREFIX + common_name)])
     if out is None:
         out = csr.buffer_for(info)  # before SIGN, while the heap has the contiguous room
     return csr.finish(info, se.sign(slot, csr.signing_digest(info)), out)

@@ -21,7 +21,7 @@ from fleetid.cloud.ca import (
 from fleetid.cloud.ca.evidence import ATTESTATION_EXTENSION_OID, attestation_extension
 from fleetid.cloud.pki import PkiError, sign_certificate
 from fleetid.cloud.pki.profiles import device_builder
-from fleetid.common import attestation, der, se_consts
+from fleetid.common import attestation, csr, der, se_consts
 from fleetid.common.errors import DerError
 from fleetid.common.oids import OID_ATTR_EVIDENCE
 from tests.cloud.attestation_support import (
@@ -331,12 +331,12 @@ def test_two_evidence_attributes_are_refused(ca, chip):
 
 def test_malformed_evidence_bundle_is_refused(ca, chip):
     key = new_key()
-    info = der.build_csr_info(
+    info = csr.info_parts(
         SERIAL, SERIAL, der.encode_p256_spki(chip_point(key)),
         [(OID_ATTR_EVIDENCE, [der.encode_sequence([])])],
     )
-    csr = der.finish_csr(info, key.sign(info, ec.ECDSA(hashes.SHA256())))
-    refused(ca, csr, chip.se_uid, "bad_evidence")
+    csr_der = csr.finish(info, key.sign(b"".join(info), ec.ECDSA(hashes.SHA256())))
+    refused(ca, csr_der, chip.se_uid, "bad_evidence")
 
 
 def chip_point(key):
@@ -483,12 +483,12 @@ def test_fuzz_mutated_evidence_in_a_validly_signed_csr_is_only_ever_refused(fuzz
         der.check_single(bytes(bundle))
     except DerError:
         bundle = der.encode_octet_string(bytes(bundle))
-    info = der.build_csr_info(SERIAL, SERIAL, der.encode_p256_spki(chip_point(key)),
-                              [(OID_ATTR_EVIDENCE, [bytes(bundle)])])
-    csr = der.finish_csr(info, key.sign(info, ec.ECDSA(hashes.SHA256())))
+    info = csr.info_parts(SERIAL, SERIAL, der.encode_p256_spki(chip_point(key)),
+                          [(OID_ATTR_EVIDENCE, [bytes(bundle)])])
+    csr_der = csr.finish(info, key.sign(b"".join(info), ec.ECDSA(hashes.SHA256())))
     before = ca.hsm.signatures
     with pytest.raises(IssuanceRefused) as info:
-        ca.issue(csr, chip.se_uid, SERIAL, "identity")
+        ca.issue(csr_der, chip.se_uid, SERIAL, "identity")
     assert info.value.reason in REASONS
     assert ca.hsm.signatures == before
 

@@ -7,7 +7,7 @@ from cryptography import x509
 from cryptography.x509 import verification
 
 from fleetid.cloud.ca import IssuanceRefused, IssuingCa, verify_attestation_extension
-from fleetid.common import attestation, der
+from fleetid.common import attestation, csr, der
 from fleetid.common import se_consts as C
 from fleetid.common.apdu import ApduProtocol
 from fleetid.device.se import SeSession
@@ -32,10 +32,10 @@ def line(tmp_path):
 def _attested_csr(se, nonce, slot=C.SLOT_IDENTITY):
     point = se.generate_key(slot, C.POLICY_SIGN)
     evidence = attestation.encode_evidence_bundle([se.attest(slot, nonce)], se.attestation_chain())
-    info = der.build_csr_info(SERIAL, SERIAL, der.encode_p256_spki(point),
-                              [attestation.build_evidence_attribute(evidence),
-                               der.uri_san_extension_request("urn:fleetid:device:" + SERIAL)])
-    return der.finish_csr(info, se.sign(slot, der.csr_signing_digest(info)))
+    info = csr.info_parts(SERIAL, SERIAL, der.encode_p256_spki(point),
+                          [attestation.build_evidence_attribute(evidence),
+                           csr.uri_san_extension_request("urn:fleetid:device:" + SERIAL)])
+    return csr.finish(info, se.sign(slot, csr.signing_digest(info)))
 
 
 def test_emulated_chip_gets_an_identity_certificate_that_validates(line):

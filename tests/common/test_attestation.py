@@ -13,7 +13,7 @@ from cryptography.x509.oid import NameOID
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fleetid.common import attestation, der
+from fleetid.common import attestation, csr, der
 from fleetid.common.der import REASON_ALGORITHM, REASON_RANGE
 from fleetid.common.errors import DerError
 from fleetid.common.host import asn1
@@ -219,11 +219,11 @@ def test_evidence_attribute_survives_in_a_csr(mak_certificate):
     bundle_der = attestation.encode_evidence_bundle([signed], [mak_certificate])
     attribute = attestation.build_evidence_attribute(bundle_der)
     assert attribute == (OID_ATTR_EVIDENCE, [bundle_der])
-    info = der.build_csr_info("dev-1", "SN1", _spki(device_key), [attribute])
-    csr_der = der.finish_csr(info, device_key.sign(info, ec.ECDSA(hashes.SHA256())))
-    csr = x509.load_der_x509_csr(csr_der)
-    assert csr.is_signature_valid
-    value = csr.attributes.get_attribute_for_oid(x509.ObjectIdentifier(OID_ATTR_EVIDENCE))
+    info = csr.info_parts("dev-1", "SN1", _spki(device_key), [attribute])
+    csr_der = csr.finish(info, device_key.sign(b"".join(info), ec.ECDSA(hashes.SHA256())))
+    request = x509.load_der_x509_csr(csr_der)
+    assert request.is_signature_valid
+    value = request.attributes.get_attribute_for_oid(x509.ObjectIdentifier(OID_ATTR_EVIDENCE))
     # cryptography returns the value's contents; re-wrap them as the SEQUENCE they were.
     carried = der.encode_sequence([value.value])
     assert carried == bundle_der

@@ -1,14 +1,11 @@
-"""Strict DER reader/writer, ECDSA-Sig-Value, P-256 SPKI and PKCS#10 (fleetid.common.der)."""
-
-import hashlib
+"""Strict DER reader/writer, ECDSA-Sig-Value and P-256 SPKI (fleetid.common.der); the
+PKCS#10 CSR built on them is tests/common/test_csr.py's."""
 
 import pytest
-from asn1crypto import core, csr as asn1_csr
-from cryptography import x509
+from asn1crypto import core
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -26,7 +23,6 @@ from fleetid.common.der import (
     DerReader,
 )
 from fleetid.common.errors import DerError
-from fleetid.common.oids import OID_ATTR_EVIDENCE, OID_EXTENSION_REQUEST
 from tests.conftest import load_vectors
 
 # ----------------------------------------------------------------------------------------
@@ -521,109 +517,3 @@ def test_wycheproof_ecdh_public_points_on_the_curve_check():
             ec.EllipticCurvePublicKey.from_encoded_point(ec.SECP256R1(), point)
             accepted += 1
     assert accepted > 0
-
-
-# ----------------------------------------------------------------------------------------
-# PKCS#10
-
-
-def _build_csr(key, cn="fleetid-dev-000042", serial="FID000042", attributes=None):
-    info = der.build_csr_info(cn, serial, _spki(key), attributes)
-    signature = key.sign(info, ec.ECDSA(hashes.SHA256()))  # stands in for SE SIGN
-    return info, der.finish_csr(info, signature)
-
-
-def test_csr_loads_in_cryptography_with_a_valid_signature(p256_key):
-    evidence = der.encode_sequence([der.encode_octet_string(b"evidence bytes")])
-    uri = "urn:fleetid:device:000042"
-    attributes = [(OID_ATTR_EVIDENCE, [evidence]), der.uri_san_extension_request(uri)]
-    info, encoded = _build_csr(p256_key, attributes=attributes)
-    csr = x509.load_der_x509_csr(encoded)
-    assert csr.is_signature_valid
-    assert csr.signature_algorithm_oid.dotted_string == "1.2.840.10045.4.3.2"
-    assert csr.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value == (
-        "fleetid-dev-000042"
-    )
-    assert csr.subject.get_attributes_for_oid(NameOID.SERIAL_NUMBER)[0].value == "FID000042"
-    assert csr.public_key().public_numbers() == p256_key.public_key().public_numbers()
-    assert csr.tbs_certrequest_bytes == info
-    evidence_attr = csr.attributes.get_attribute_for_oid(x509.ObjectIdentifier(OID_ATTR_EVIDENCE))
-    # cryptography hands back the value's contents and tag separately.
-    assert evidence_attr.value == evidence[2:]
-    assert evidence_attr._type == 0x30
-    san = csr.extensions.get_extension_for_class(x509.SubjectAlternativeName)
-    assert not san.critical
-    assert san.value.get_values_for_type(x509.UniformResourceIdentifier) == [uri]
-    # Cross-check with asn1crypto: the attributes SET OF is in DER order, and the evidence
-    # value is carried byte for byte.  (asn1crypto cannot force-re-encode an attribute of
-    # an OID it does not know, so the evidence value is compared as stored.)
-    parsed = asn1_csr.CertificationRequest.load(encoded)
-    attrs = parsed["certification_request_info"]["attributes"]
-    encodings = [attr.dump() for attr in attrs]
-    assert encodings == sorted(encodings)
-    by_oid = {attr["type"].dotted: attr["values"] for attr in attrs}
-    assert by_oid[OID_ATTR_EVIDENCE].dump() == der.encode_set([evidence])
-    assert by_oid[OID_EXTENSION_REQUEST].dump(force=True) == der.encode_set(
-        der.uri_san_extension_request(uri)[1]
-    )
-
-
-def test_csr_without_serial_and_attributes(p256_key):
-    _, encoded = _build_csr(p256_key, serial=None)
-    csr = x509.load_der_x509_csr(encoded)
-    assert csr.is_signature_valid
-    assert len(csr.subject) == 1
-    assert len(csr.attributes) == 0
-    assert asn1_csr.CertificationRequest.load(encoded).dump(force=True) == encoded
-
-
-def test_csr_signing_digest_is_sha256_of_the_info(p256_key):
-    from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
-
-    info = der.build_csr_info("d", "1", _spki(p256_key), None)
-    digest = der.csr_signing_digest(info)
-    assert digest == hashlib.sha256(info).digest()
-    signature = p256_key.sign(digest, ec.ECDSA(Prehashed(hashes.SHA256())))
-    assert x509.load_der_x509_csr(der.finish_csr(info, signature)).is_signature_valid
-
-
-def test_csr_with_tampered_info_does_not_verify(p256_key):
-    info, encoded = _build_csr(p256_key)
-    tampered = encoded.replace(b"FID000042", b"FID000043")
-    assert not x509.load_der_x509_csr(tampered).is_signature_valid
-
-
-@pytest.mark.parametrize(
-    "kwargs",
-    [
-        dict(subject_cn=""),
-        dict(subject_cn="x" * 65),
-        dict(subject_serial="SN@1"),
-        dict(subject_serial=""),
-        dict(spki_der=b"\x30\x00"),
-        dict(attributes=[(OID_ATTR_EVIDENCE, [])]),
-        dict(attributes=[(OID_ATTR_EVIDENCE, [b"\x04\x05ab"])]),
-        dict(attributes=[("1.2.x", [b"\x05\x00"])]),
-    ],
-)
-def test_csr_builder_refuses_bad_input(p256_key, kwargs):
-    args = dict(subject_cn="dev", subject_serial="1", spki_der=_spki(p256_key), attributes=None)
-    args.update(kwargs)
-    with pytest.raises(DerError):
-        der.build_csr_info(**args)
-
-
-def test_finish_csr_refuses_ber_signature_and_bad_info(p256_key):
-    info = der.build_csr_info("d", None, _spki(p256_key), None)
-    with pytest.raises(DerError):
-        der.finish_csr(info, bytes.fromhex("308106020101020101"))
-    with pytest.raises(DerError):
-        der.finish_csr(info + b"\x00", _sig("01", "01"))
-
-
-def test_extension_request_attribute_shape():
-    oid, values = der.uri_san_extension_request("urn:a")
-    assert oid == OID_EXTENSION_REQUEST
-    assert values == [bytes.fromhex("30123010" "0603551d11" "0409" "30078605" "75726e3a61")]
-    with pytest.raises(DerError):
-        der.uri_san_extension_request("urn:\u00e9")

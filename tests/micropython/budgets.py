@@ -52,11 +52,18 @@ WORKFLOWS = {
                  None, 34 * 1024, 43 * 1024),
     "run_der": ("tests/common/test_codecs_micropython.py::test_portable_codecs_run_under_micropython",
                 ("fleetid.common.errors", "fleetid.common.der"),
-                None, 47 * 1024, 59 * 1024),
+                # 2026-12-07 23:40 UTC (branch csr-fold: one CSR builder, common/csr.py), --runs 2
+                # in one session: 46 / 46 K, 28.8 K bytecode, 17.2 K working (before the fold, the
+                # same session: 47 / 47 K)
+                None, 46 * 1024, 59 * 1024),
     "run_attestation": ("tests/common/test_codecs_micropython.py::test_portable_codecs_run_under_micropython",
                         ("fleetid.common.errors", "fleetid.common.der",
                          "fleetid.common.attestation"),
-                        None, 53 * 1024, 67 * 1024),
+                        # 2026-12-07 23:40 UTC (branch csr-fold: one CSR builder, common/csr.py;
+                        # the CSR check moved to run_agent_csr), --runs 2 in one session:
+                        # 49 / 49 K, 33.5 K bytecode, 15.5 K working (before the fold, the same
+                        # session: 51 / 51 K)
+                        None, 49 * 1024, 67 * 1024),
     "run_scp03": ("tests/common/test_scp03_micropython.py::test_scp03_host_gives_openscp_bytes_under_micropython",
                   ("fleetid.common.errors", "fleetid.common.scp03"),
                   None, 47 * 1024, 60 * 1024),
@@ -77,7 +84,11 @@ WORKFLOWS = {
     "run_crl": ("tests/micropython/test_crl_micropython.py::test_crl_check_under_micropython_over_the_emulator_socket",
                 SE_MODULES + ("fleetid.common.oids", "fleetid.common.der",
                               "fleetid.common.asn1time", "fleetid.device.anchored_store",
-                              "fleetid.device.crl_cache"), 3, 108 * 1024, 135 * 1024),
+                              "fleetid.device.crl_cache"),
+                # 2026-12-07 23:40 UTC (branch csr-fold: one CSR builder, common/csr.py), --runs 2
+                # in one session: 107 / 107 K, 86.8 K bytecode, 20.2 K working (before the fold,
+                # the same session: 107 / 107 K)
+                3, 107 * 1024, 135 * 1024),
     "run_agent_journal": ("tests/micropython/test_agent_micropython.py::test_journal_replay_after_a_cut_under_micropython",
                           SE_MODULES + ("fleetid.device.bus", "fleetid.device.stack",
                                         "fleetid.device.enrol",
@@ -98,7 +109,10 @@ WORKFLOWS = {
                       # before, the 1.6 KB CSR found no block in a fragmented heap):
                       # bench/micropython.py --runs 3 run_agent_csr: 116 K in each run
                       # (97.8 K bytecode, 18.2 K working).  Budget 145 K = 1.25 x 116 K.
-                      3, 116 * 1024, 145 * 1024),
+                      # 2026-12-07 23:40 UTC (branch csr-fold: one CSR builder, common/csr.py),
+                      # --runs 2 in one session: 115 / 115 K, 96.9 K bytecode, 18.1 K working
+                      # (before the fold, the same session: 117 / 116 K)
+                      3, 115 * 1024, 145 * 1024),
     "run_agent_certcheck": ("tests/micropython/test_agent_micropython.py::test_certificate_checks_under_micropython",
                             SE_MODULES + ("fleetid.device.bus", "fleetid.device.stack",
                                           "fleetid.common.der", "fleetid.common.asn1time",
@@ -106,7 +120,11 @@ WORKFLOWS = {
                             # 2026-12-07 (issue 17, common/x509.py), bench/micropython.py
                             # --runs 3 run_agent_certcheck: 120 K in each run (92.4 K of it
                             # resident bytecode)
-                            3, 120 * 1024, 150 * 1024),
+                            # 2026-12-07 23:40 UTC (branch csr-fold: one CSR builder,
+                            # common/csr.py), --runs 2 in one session: 119 / 119 K, 91.0 K
+                            # bytecode, 28.0 K working (before the fold, the same session:
+                            # 120 / 121 K)
+                            3, 119 * 1024, 150 * 1024),
     # Minimum bisected 2026-12-07 (bench/micropython.py run_mqtt, same toolchain), highest
     # of 2 runs after issue 16 (the bounded decoder, and a 1,200-byte 600-deep command
     # refused in the run): 26 K, of which 17.2 K resident bytecode (umqtt.simple included)
@@ -161,7 +179,10 @@ WORKFLOWS = {
                                 "fleetid.device.certinfo",
                                 "fleetid.device.anchored_store", "fleetid.device.crl_cache"),
                   # issue 17 (common/x509.py), --runs 3: 160 K (135.0 K bytecode) in each
-                  3, 166 * 1024, 208 * 1024),
+                  # 2026-12-07 23:40 UTC (branch csr-fold: one CSR builder, common/csr.py),
+                  # --runs 2 in one session: 165 / 165 K, 137.2 K bytecode, 27.8 K working (before
+                  # the fold, the same session: 166 / 166 K)
+                  3, 165 * 1024, 208 * 1024),
     # TLS 1.3 (common/tls13.py).  Minimums bisected 2026-12-07 (bench/micropython.py
     # run_tls13_vectors run_tls13, same toolchain, after the transcript went into one
     # preallocated buffer): run_tls13_vectors 87 K (69.1 K resident bytecode, 17.9 K
@@ -174,6 +195,9 @@ WORKFLOWS = {
                            "fleetid.common.tls13"),
                           # issue 17 (common/x509.py loaded one module at a time), --runs 3:
                           # 94 K (72.0 K bytecode) in each run
+                          # 2026-12-07 23:40 UTC (branch csr-fold: one CSR builder, common/csr.py),
+                          # --runs 2 in one session: 97 / 97 K, 73.9 K bytecode, 23.1 K working
+                          # (before the fold, the same session: 97 / 97 K)
                           3, 97 * 1024, 122 * 1024),
     "run_tls13": ("tests/common/test_tls13_micropython.py::test_board_tls13_session_with_the_se_key_under_micropython",
                   SE_MODULES + ("fleetid.common.der", "fleetid.common.asn1time",
@@ -190,7 +214,10 @@ WORKFLOWS = {
                   # Branch heap-tls2 (GHASH table in one array built in limbs, nonces in
                   # place), --runs 2 in one session: 171 / 169 K, 121.3 K bytecode, 49.7 K
                   # working (main the same session: 178 / 178 K, 56.2 K working).
-                  3, 171 * 1024, 230 * 1024),
+                  # 2026-12-07 23:40 UTC (branch csr-fold: one CSR builder, common/csr.py),
+                  # --runs 2 in one session: 168 / 168 K, 119.9 K bytecode, 48.1 K working (before
+                  # the fold, the same session: 167 / 169 K)
+                  3, 168 * 1024, 230 * 1024),
     # The board agent end to end (device/board.run + device/board_net over device/https
     # and the TLS 1.3 client) against `fleetid cloud serve`: enrolment, a rotation cut by
     # a power loss, the resumed rotation with the CRL refresh (a step retried fails the
@@ -221,7 +248,10 @@ WORKFLOWS = {
                       # Branch heap-tls2 (GHASH table, nonces), --runs 2 in one session:
                       # 289 / 289 K, 209.8 K bytecode, 79.2 K working (main: 290 / 295 K,
                       # 84.8 K working -- over its budget rule)
-                      3, 289 * 1024, 362 * 1024),
+                      # 2026-12-07 23:40 UTC (branch csr-fold: one CSR builder, common/csr.py),
+                      # --runs 2 in one session: 288 / 286 K, 208.6 K bytecode, 79.4 K working
+                      # (before the fold, the same session: 289 / 289 K)
+                      3, 288 * 1024, 362 * 1024),
     # Issue 18's heap goal: one full TLS 1.3 handshake with the SE key (whoami) and one
     # EST re-enrolment (nonce, key + CSR in the SE, simplereenroll), resumed, through
     # device/board_net against `fleetid cloud serve`.  First bisected 2026-12-07
@@ -254,7 +284,10 @@ WORKFLOWS = {
                               "fleetid.common.tls13_crypto", "fleetid.common.tls13_cert",
                               "fleetid.common.tls13", "fleetid.device.tls13_keys",
                               "fleetid.device.https", "fleetid.device.board_net"),
-                3, 229 * 1024, 289 * 1024),
+                # 2026-12-07 23:40 UTC (branch csr-fold: one CSR builder, common/csr.py), --runs 2
+                # in one session: 226 / 231 K, 184.1 K bytecode, 46.9 K working (before the fold,
+                # the same session: 231 / 232 K)
+                3, 231 * 1024, 289 * 1024),
     # MQTT from the board over the SE-keyed TLS 1.3 client (device/tls_socket.py under
     # umqtt.simple) straight to mosquitto: the SE session, the TLS client and the channel.
     # Minimum bisected 2026-12-07 (bench/micropython.py run_mqtt_tls, 5 KiB transcript
@@ -274,6 +307,9 @@ WORKFLOWS = {
                      # the same session: 211 / 212 K, 75.1 K working -- over its budget rule).
                      # Branch heap-tls2 (GHASH table, nonces), --runs 2 in one session: 189 /
                      # 189 K, 137.2 K bytecode, 51.8 K working (main: 196 / 197 K, 59.3 K)
+                     # 2026-12-07 23:40 UTC (branch csr-fold: one CSR builder, common/csr.py),
+                     # --runs 2 in one session: 189 / 187 K, 135.8 K bytecode, 53.2 K working
+                     # (before the fold, the same session: 190 / 191 K)
                      3, 189 * 1024, 242 * 1024),
     # `fleetid agent run --runtime micropython` end to end (device/board.run with
     # board_net and its own MQTT session, device/board_mqtt.py) against `fleetid cloud
@@ -300,7 +336,11 @@ WORKFLOWS = {
                                             "fleetid.common.mqttmsg", "fleetid.device.mqtt",
                                             "fleetid.device.agent_mqtt",
                                             "fleetid.device.board_mqtt", "umqtt.simple"),
-                              3, 411 * 1024, 516 * 1024),
+                              # 2026-12-07 23:40 UTC (branch csr-fold: one CSR builder,
+                              # common/csr.py), --runs 2 in one session: 340 / 332 K, 229.5 K
+                              # bytecode, 110.5 K working (before the fold, the same session:
+                              # 345 / 342 K)
+                              3, 340 * 1024, 516 * 1024),
 }
 
 

@@ -19,6 +19,7 @@ Heap: each workflow runs at its budget in tests/micropython/budgets.py (1.25x th
 test with FLEETID_MP_HEAP overriding one workflow's heap).
 """
 
+import hashlib
 import os
 import shutil
 import subprocess
@@ -29,6 +30,7 @@ from cryptography.hazmat.primitives import serialization
 
 from fleetid.common import attestation, t1
 from fleetid.common.apdu import ApduProtocol
+from fleetid.device import enrol
 from fleetid.device import rotation_journal as rj
 from fleetid.device.se import SeSession
 from tests.micropython.budgets import heap_for
@@ -263,6 +265,20 @@ def test_attested_csr_and_certificate_facts_under_micropython(stage, rig):
         serialization.Encoding.DER)))
     statement = bundle.statements[0].statement
     assert (statement.slot, statement.nonce, statement.public_point) == (4, rig.nonce, point)
+    # The CSR builder (device/enrol.py over common/csr.py) gives the same bytes under both
+    # interpreters: CPython's run on the same inputs, with the SE's signature, and asked to
+    # sign sha256 of the same info.
+    asked = []
+
+    class Signer:
+        def sign(self, slot, digest):
+            asked.append((slot, digest))
+            return csr.signature
+
+    again = enrol.attested_csr(Signer(), 4, point, bundle.statements[0], bundle.certificates,
+                               "FID-000000042", "FID-000000042")
+    assert again.hex() == out["csr"][0]
+    assert asked == [(4, hashlib.sha256(csr.tbs_certrequest_bytes).digest())]
     mak = x509.load_der_x509_certificate(rig.record.chain_der[0])
     serial, not_before, not_after, mak_point = out["mak"][0].split()
     assert int(serial) == mak.serial_number
