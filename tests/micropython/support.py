@@ -57,6 +57,21 @@ def show(label, b):
 """
 
 
+def serve_chip(chip, folder):
+    """An emulated SE (`chip`, a sim Chip) served on a Unix socket in `folder` with no
+    modelled latency, for a workflow's SOCK.  Returns (server, socket path)."""
+    from fleetid.common import t1
+    from fleetid.sim import profiles
+    from fleetid.sim.endpoint import BusEndpoint
+    from fleetid.sim.server import serve_in_thread
+
+    sock = str(folder / "se.sock")
+    server = serve_in_thread(BusEndpoint(chip, profile=t1.PROFILE_GP,
+                                         latency=profiles.get("none")), "unix:" + sock,
+                             idle_timeout_s=30)
+    return server, sock
+
+
 def open_se_script(*modules):
     """Script head shared by the workflows that run against the emulator's socket: import
     budgets.SE_MODULES (what a device task needs to talk to its SE) and then `modules` one at a time, collecting in between (loading a .mpy

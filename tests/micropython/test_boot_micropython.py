@@ -20,7 +20,7 @@ from fleetid.common.t1link import T1Link
 from fleetid.device.bus import open_bus
 from fleetid.device.se import SeSession
 from tests.device.boot_support import ImgtoolKeys, provision_firmware_key, sign_image
-from tests.micropython.support import PRELUDE, Stage, open_se_script, parse
+from tests.micropython.support import PRELUDE, Stage, open_se_script, parse, serve_chip
 
 pytestmark = pytest.mark.micropython
 
@@ -60,12 +60,9 @@ print("free", gc.mem_free())
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    from fleetid.sim import profiles
     from fleetid.sim.chip import Chip
-    from fleetid.sim.endpoint import BusEndpoint
     from fleetid.sim.fab import fab_chip
     from fleetid.sim.nvm import Nvm
-    from fleetid.sim.server import serve_in_thread
     from tests.sim.chip_support import select_applet
 
     folder = tmp_path_factory.mktemp("mpboot")
@@ -83,10 +80,7 @@ def setup(tmp_path_factory):
     select_applet(chip)
     provision_firmware_key(chip, record, keys.a_point)
     chip.power_loss()
-    sock = str(folder / "se.sock")
-    server = serve_in_thread(BusEndpoint(chip, profile=t1.PROFILE_GP,
-                                         latency=profiles.get("none")), "unix:" + sock,
-                             idle_timeout_s=30)
+    server, sock = serve_chip(chip, folder)
     stage = Stage(folder / "mp", opt=3)
     header = "SOCK = %r\nGOOD = %r\nOTHER = %r\nOLDER = %r\nMAX_SIZE = %d\n" % (
         sock, images["good"], images["other"], images["older"], 0x20000)

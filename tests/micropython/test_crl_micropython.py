@@ -25,7 +25,7 @@ from fleetid.device.se import SeSession
 from tests.cloud.cloud_support import Fleet
 from tests.cloud.crl_support import b42_publisher
 from tests.device.crl_support import epoch, make_crl, point_of
-from tests.micropython.support import PRELUDE, Stage, open_se_script, parse
+from tests.micropython.support import PRELUDE, Stage, open_se_script, parse, serve_chip
 
 pytestmark = pytest.mark.micropython
 
@@ -69,12 +69,9 @@ print("free", gc.mem_free())
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    from fleetid.sim import profiles
     from fleetid.sim.chip import Chip
-    from fleetid.sim.endpoint import BusEndpoint
     from fleetid.sim.fab import fab_chip
     from fleetid.sim.nvm import Nvm
-    from fleetid.sim.server import serve_in_thread
 
     folder = tmp_path_factory.mktemp("mpcrl")
     fleet = Fleet(folder / "fleet")
@@ -93,10 +90,7 @@ def setup(tmp_path_factory):
     nvm_path = str(folder / "chip.nvm")
     fab_chip(str(folder / "vendor"), nvm_path)
     chip = Chip(Nvm(nvm_path))
-    sock = str(folder / "se.sock")
-    server = serve_in_thread(BusEndpoint(chip, profile=t1.PROFILE_GP,
-                                         latency=profiles.get("none")), "unix:" + sock,
-                             idle_timeout_s=30)
+    server, sock = serve_chip(chip, folder)
     now = epoch(crl.last_update_utc) + 60
     header = ("SOCK = %r\nCRL = %r\nFLIPPED = %r\nOLDER = %r\nSTORE = %r\nPOINT = %r\n"
               "ISSUER = %r\nNOW = %d\nREVOKED = %d\nKEPT = %d\n") % (

@@ -39,7 +39,7 @@ from fleetid.device.bus import open_bus
 from fleetid.device.se import SeSession
 from tests.cloud.cloud_support import Fleet
 from tests.cloud.revset_support import revset_publisher, revocation_signer
-from tests.micropython.support import PRELUDE, Stage, open_se_script, parse
+from tests.micropython.support import PRELUDE, Stage, open_se_script, parse, serve_chip
 
 pytestmark = pytest.mark.micropython
 
@@ -168,20 +168,14 @@ MERGE_REVOKED = 40000
 
 def _serve_se(folder):
     """A fresh emulated SE on a Unix socket in `folder`: (server, socket path)."""
-    from fleetid.sim import profiles
     from fleetid.sim.chip import Chip
-    from fleetid.sim.endpoint import BusEndpoint
     from fleetid.sim.fab import fab_chip
     from fleetid.sim.nvm import Nvm
-    from fleetid.sim.server import serve_in_thread
 
     nvm_path = str(folder / "chip.nvm")
     fab_chip(str(folder / "vendor"), nvm_path)
     chip = Chip(Nvm(nvm_path))
-    sock = str(folder / "se.sock")
-    server = serve_in_thread(BusEndpoint(chip, profile=t1.PROFILE_GP,
-                                         latency=profiles.get("none")), "unix:" + sock,
-                             idle_timeout_s=30)
+    server, sock = serve_chip(chip, folder)
     return server, sock
 
 
