@@ -6,7 +6,12 @@ from fleetid.common.errors import FleetidError
 
 class RegistryError(FleetidError):
     """A registry operation failed.  `reason` is one of the constants below; `detail` a
-    short, secret-free description."""
+    short, secret-free description.  `retryable`: the database rolled the whole
+    transaction back over a conflict with another writer (PostgreSQL's deadlock
+    detection or serialization failure), so nothing was written and the same operation
+    may simply run again."""
+
+    retryable = False
 
     STORAGE = "storage"  # the database failed (I/O, locked past the busy timeout, ...)
     SCHEMA = "schema"  # the database has another schema version

@@ -54,10 +54,17 @@ _JOINED_QUERY_ISSUER = placeholders(JOINED_QUERY_ISSUER, "postgresql")
 _SCHEMA_LOCK = 0x666C6565  # pg_advisory_xact_lock key for schema creation ("flee")
 
 
+# deadlock_detected, serialization_failure: the server rolled the transaction back.
+_CONFLICTS = ("40P01", "40001")
+
+
 def _storage_error(exc):
     # Only the class name and SQLSTATE: server messages can quote row values.
-    return RegistryError(RegistryError.STORAGE, "%s (%s)" % (
-        type(exc).__name__, getattr(exc, "sqlstate", None) or "-"))
+    sqlstate = getattr(exc, "sqlstate", None)
+    error = RegistryError(RegistryError.STORAGE, "%s (%s)" % (
+        type(exc).__name__, sqlstate or "-"))
+    error.retryable = sqlstate in _CONFLICTS
+    return error
 
 
 class PostgresRegistry(SqlRegistry):

@@ -41,6 +41,27 @@ EVENTS_FILE = "revocation.events"
 # (bench/revocation.py --bulk: SQLite, PostgreSQL), the time the registry's other writers
 # (the line, EST) may wait for the chunk's locks; the commit is paid once per chunk.
 CHUNK = 200
+# Runs of a revocation's transaction after PostgreSQL rolled it back over a lock conflict
+# (see _again).
+CONFLICT_RUNS = 4
+
+
+def _again(write, *args, **kwargs):
+    """write(*args, **kwargs), run again (CONFLICT_RUNS times in all at most) when the
+    database rolled it back over a lock conflict with another writer (RegistryError
+    .retryable): nothing of it was written, and the new run reads afresh.  On PostgreSQL
+    a revocation holds its devices' rows while it waits for the audit chain's head, which
+    a group-commit batch of EST writes may hold while it waits for one of those rows: the
+    server's deadlock detection ends one side, and a revocation is not dropped for it."""
+    from fleetid.cloud.registry.errors import RegistryError
+
+    for run in range(1, CONFLICT_RUNS + 1):
+        try:
+            return write(*args, **kwargs)
+        except RegistryError as exc:
+            if not exc.retryable or run == CONFLICT_RUNS:
+                raise
+            time.sleep(0.05 * run)
 
 
 class RevocationError(FleetidError):
@@ -198,7 +219,7 @@ class RevocationService:
         Returns: list of revoked certificate serials (hex).  Raises RevocationError,
         RegistryError."""
         self._check_devices([serial])
-        done = self._revoke_chunk([serial], reason, operator)
+        done = _again(self._revoke_chunk, [serial], reason, operator)
         self._announce()
         return done[serial]
 
@@ -225,7 +246,7 @@ class RevocationService:
             step = max(1, chunk)
             for start in range(0, len(serials), step):
                 part = serials[start:start + step]
-                done.update(self._revoke_chunk(part, reason, operator))
+                done.update(_again(self._revoke_chunk, part, reason, operator))
                 if progress is not None:
                     for _ in part:
                         progress(1)
@@ -267,7 +288,8 @@ class RevocationService:
         ambiguous) with its audit entry; revoking a device's identity certificate also
         marks the device revoked.  Returns the CertificateRecord after the write.
         Raises RegistryError."""
-        self.registry.mark_revoked(cert_serial, reason, operator=operator, issuer=issuer)
+        _again(self.registry.mark_revoked, cert_serial, reason, operator=operator,
+               issuer=issuer)
         record = self.registry.certificate_status(cert_serial, issuer=issuer)
         self._announce()
         return record

@@ -370,3 +370,31 @@ def test_a_concurrent_single_revocation_is_never_doubled_on_postgresql(make_regi
                if e.type == "revoke"]
     assert sorted(revoked) == sorted(set(revoked)) and len(revoked) == 8
     assert _verify(reg).by_type == {"injection": 3, "issuance": 5, "revoke": 8}
+
+
+def test_a_chunk_ended_by_the_servers_deadlock_detection_runs_again(make_registry, tmp_path):
+    """A group-commit batch holds the audit chain's head and then wants a device row a
+    chunk holds, while the chunk waits for the head: PostgreSQL ends one side of the
+    cycle.  When that is the chunk, nothing of it was written and it runs again."""
+    reg = make_registry("postgresql")
+    _populate(reg, _certificates(3))
+    service = _service(reg, tmp_path / "state")
+    runs = []
+    real = service._revoke_chunk
+    service._revoke_chunk = lambda *args: runs.append(1) or real(*args)
+    with psycopg.connect(reg.conninfo) as writer:  # the other writer, in a transaction
+        # Its deadlock check waits 10 s, the chunk's 1 s: the chunk is the side ended.
+        writer.execute("SET deadlock_timeout = '10s'")
+        writer.execute("SELECT entry_count FROM audit_head WHERE id = 1 FOR UPDATE")
+        out = []
+        bulk = _run(lambda: service.revoke_devices([1, 2, 3], "keyCompromise"), out)
+        _wait_for_a_lock_wait(reg.conninfo)  # the chunk holds devices 1-3, waits for the head
+        writer.execute("SELECT serial FROM devices WHERE serial = 2 FOR UPDATE")
+        writer.rollback()
+        bulk.join(30)
+    # (Order within a device: by added_at, equal under the fixed test clock.)
+    assert [{n: sorted(done) for n, done in out[0].items()}] == [
+        {n: ["%x" % (0x55000000 + n), "%x" % (0x7F000000 + n)] for n in (1, 2, 3)}], out
+    assert len(runs) == 2
+    assert [reg.get_device(n).status for n in (1, 2, 3)] == [REVOKED] * 3
+    assert _verify(reg).by_type == {"injection": 3, "issuance": 3, "revoke": 6}
