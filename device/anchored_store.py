@@ -88,9 +88,36 @@ class StaleRevocationError(RevocationCacheError):
     cache's "no document" reason, or "stale")."""
 
 
+def synced(f):
+    # The file's bytes on the medium before the rename that publishes them: on CPython
+    # (Linux ext4, XFS, ...) a power cut could otherwise leave the new name with no data.
+    # MicroPython's file systems (littlefs, FAT) commit at close; its os has no fsync.
+    import os
+
+    f.flush()
+    if hasattr(os, "fsync"):
+        os.fsync(f.fileno())
+
+
+def publish(tmp, path):
+    # rename(tmp, path), and on CPython the directory synced after it: the mark is
+    # written to the SE once this returns, and a rename lost to a power cut would leave
+    # the older document below that mark, refused as a rollback until the next fetch.
+    import os
+
+    os.rename(tmp, path)
+    if hasattr(os, "fsync"):
+        folder = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
+        try:
+            os.fsync(folder)
+        finally:
+            os.close(folder)
+
+
 class FileStore:
     """A cache's document on a file system: load() the last stored bytes (None when
-    absent), store(bytes) atomically (temporary file, then rename)."""
+    absent), store(bytes) atomically and durably (temporary file synced, then renamed,
+    then the directory synced)."""
 
     def __init__(self, path):
         self.path = path
@@ -103,12 +130,11 @@ class FileStore:
             return None
 
     def store(self, data):
-        import os
-
         tmp = self.path + ".tmp"
         with open(tmp, "wb") as f:
             f.write(data)
-        os.rename(tmp, self.path)
+            synced(f)
+        publish(tmp, self.path)
 
 
 class AnchorPolicy:

@@ -60,6 +60,8 @@ from fleetid.device.anchored_store import (  # noqa: F401 - errors and store re-
     RevocationCacheError,
     RevokedError,
     StaleRevocationError,
+    publish,
+    synced,
 )
 
 REASON_FETCH = "fetch"
@@ -177,6 +179,7 @@ class _FileStaging:
     def staged(self):
         import os
 
+        synced(self.out)
         self.out.close()
         self.out = None
         with open(self.tmp, "rb") as f:
@@ -185,9 +188,7 @@ class _FileStaging:
             return f.read(os.stat(self.tmp)[6])
 
     def commit(self):
-        import os
-
-        os.rename(self.tmp, self.path)
+        publish(self.tmp, self.path)
 
     def discard(self):
         import os
