@@ -444,6 +444,7 @@ def run_bulk(args):
         platform.machine(), _cpu(), os.cpu_count() or 0, platform.python_version()))
     ders = _bulk_ders(args.bulk)
     folder = tempfile.mkdtemp(prefix="bench-bulk-revoke-")
+    measured = []  # (backend, per-certificate devices/s, chunked devices/s): --json
     try:
         backends = [("SQLite", lambda: contextlib.nullcontext(_SqliteCopies(folder)))]
         lacking = missing()
@@ -467,8 +468,17 @@ def run_bulk(args):
                       name, args.bulk, " / ".join("%.0f" % v for v in got["per_certificate"]),
                       CHUNK, " / ".join("%.0f" % v for v in got["chunks"]), chunked / base))
             sys.stdout.flush()
+            measured.append((name, base, chunked))
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+    if args.json_path:
+        from bench._report_support import figure, write_json
+
+        write_json(args.json_path, "revocation_bulk", {"devices": args.bulk, "chunk": CHUNK,
+                                                       "measured": measured},
+                   [figure("bulk revocation, %s, chunks of %d" % (name, CHUNK), chunked,
+                           "devices/s", "one transaction per certificate", base)
+                    for name, base, chunked in measured])
     return 0
 
 
