@@ -109,16 +109,19 @@ class PostgresRegistry(SqlRegistry):
         """Whether the thread's connection can take the next operation.  An idle
         autocommit connection has nothing to read unless the server ended it (a restart
         or pg_terminate_backend sends FATAL 57P01, then closes it), so pending input,
-        found by a zero-timeout select without a round trip, retires the connection and
-        the operation opens a new one instead of failing as "unavailable" on the dead
-        one.  The registry never LISTENs; the rare asynchronous notice or parameter
-        report costs one reconnection."""
+        found by a zero-timeout poll without a round trip (poll, not select: a server
+        process's descriptors pass 1024), retires the connection and the operation opens
+        a new one instead of failing as "unavailable" on the dead one.  The registry
+        never LISTENs; the rare asynchronous notice or parameter report costs one
+        reconnection."""
         if conn is None or conn.closed:
             return False
         try:
-            if not select.select((conn.pgconn.socket,), (), (), 0)[0]:
+            idle = select.poll()
+            idle.register(conn.pgconn.socket, select.POLLIN)
+            if not idle.poll(0):
                 return True
-        except (psycopg.Error, OSError, ValueError):
+        except (psycopg.Error, OSError):
             pass
         conn.close()
         return False

@@ -108,15 +108,18 @@ class SqlRegistry(SqlRevocation, Registry):
     def _conn(self):
         if self._closed:
             raise RegistryError(RegistryError.CLOSED)
-        conn = getattr(self._local, "conn", None)
-        if not self._usable(conn):
-            try:
-                conn = self._new_connection()
-            except self._db_error as exc:
-                raise self._storage_error(exc) from None
-            with self._connections_lock:
-                self._connections.append(conn)
-            self._local.conn = conn
+        old = getattr(self._local, "conn", None)
+        if self._usable(old):
+            return old
+        try:
+            conn = self._new_connection()
+        except self._db_error as exc:
+            raise self._storage_error(exc) from None
+        with self._connections_lock:
+            if old is not None and old in self._connections:
+                self._connections.remove(old)  # retired by _usable: closed already
+            self._connections.append(conn)
+        self._local.conn = conn
         return conn
 
     @contextlib.contextmanager

@@ -163,13 +163,40 @@ def test_a_connection_the_server_ended_is_replaced_before_the_next_operation(reg
     assert registry.get_device(serial + 1).serial == serial + 1
 
 
-def test_a_live_idle_connection_is_kept_across_operations(registry):
-    """The check costs no reconnection while the server keeps the connection."""
-    contract.provision(registry)
-    conn = registry._conn()
-    serial = contract.provision(registry)
-    registry.get_device(serial)
-    assert registry._conn() is conn and not conn.closed
+def test_a_live_idle_connection_is_kept_across_operations(database):
+    """The check costs no reconnection while the server keeps the connection, also on a
+    descriptor above 1023 (a server process with many client sockets open: select()
+    cannot watch those), and a replaced connection is not kept."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < 1100:
+        require(hard >= 1100, "RLIMIT_NOFILE hard limit %d < 1100" % hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (1100, hard))
+    from fleetid.cloud.registry.postgres_backend import PostgresRegistry
+
+    fillers = []
+    registry = None
+    try:
+        while not fillers or fillers[-1] < 1030:
+            fillers.append(os.open(os.devnull, os.O_RDONLY))
+        registry = PostgresRegistry(database, wall_clock=lambda: contract.T0)
+        contract.provision(registry)
+        conn = registry._conn()
+        assert conn.pgconn.socket >= 1024
+        serial = contract.provision(registry)
+        registry.get_device(serial)
+        assert registry._conn() is conn and not conn.closed
+        held = len(registry._connections)
+        _terminate_backends(database)
+        registry.get_device(serial)
+        assert registry._conn() is not conn and len(registry._connections) == held
+    finally:
+        if registry is not None:
+            registry.close()
+        for fd in fillers:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
 def test_est_and_verifier_run_on_postgresql(database, tmp_path):
