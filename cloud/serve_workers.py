@@ -8,8 +8,10 @@ directory's files, and - for /metrics - one directory of memory-mapped metric fi
 whole service, not the one process the kernel happened to hand the connection to.
 """
 
+import shutil
+
 from fleetid.cloud.config import ConfigError
-from fleetid.cloud.http.metrics import Metrics, prepare_shared_dir
+from fleetid.cloud.http.metrics import Metrics, new_shared_dir
 from fleetid.cloud.http.sites import serve_forever
 from fleetid.cloud.http.tls import TICKETS_STATELESS
 from fleetid.cloud.server import CloudServer, ListenError, build_context
@@ -21,8 +23,8 @@ def serve_workers(config, environ, workers, ready=None, **supervisor_options):
     The parent first builds the context once (the embedded PKI's bootstrap and the
     registry's migrations happen there, before any worker) and closes it; each worker
     then opens its own HSM session and registry connections.  Only worker 0 signs audit
-    checkpoints (one witness anchor writer).  The metrics directory
-    (<state_dir>/metrics) is emptied before the first fork.  `ready(ports, pids)` is
+    checkpoints (one witness anchor writer).  The metrics directory is made before the
+    first fork and removed when the run ends.  `ready(ports, pids)` is
     called once every worker serves.  Returns the exit status (0 after SIGTERM / SIGINT,
     1 after a crash loop).
 
@@ -49,7 +51,7 @@ def serve_workers(config, environ, workers, ready=None, **supervisor_options):
         sockets = bind_listeners(listeners)
     except ListenerBindError as exc:
         raise ListenError(exc.listener, exc.host, exc.port, exc.cause) from None
-    metrics_dir = prepare_shared_dir(config.state_dir) if config.metrics_port else None
+    metrics_dir = new_shared_dir() if config.metrics_port else None
 
     def run_worker(index, worker_ready):
         worker_context = build_context(config, environ)
@@ -72,3 +74,5 @@ def serve_workers(config, environ, workers, ready=None, **supervisor_options):
     finally:
         for sock in sockets.values():
             sock.close()
+        if metrics_dir is not None:
+            shutil.rmtree(metrics_dir, ignore_errors=True)

@@ -1,10 +1,11 @@
 """Prometheus metrics of a cloud server (requests, verdicts, verdict cache, EST issuance,
 latency), kept by prometheus_client: one process's own, or, for `cloud serve --workers N`,
 the sum over every worker through prometheus_client's multiprocess mode (each worker
-writes its values to memory-mapped files in one shared directory; a scrape on any worker
-reads them all)."""
+writes its values to memory-mapped files in one directory private to the run; a scrape
+on any worker reads them all)."""
 
 import os
+import tempfile
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, multiprocess, values
 
@@ -14,15 +15,12 @@ LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1
 _MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 
-def prepare_shared_dir(state_dir):
-    """<state_dir>/metrics, created (0700) and emptied of an earlier run's files: call it
-    in the parent before the workers start.  Returns its path."""
-    path = os.path.join(state_dir, "metrics")
-    os.makedirs(path, mode=0o700, exist_ok=True)
-    for name in os.listdir(path):
-        if name.endswith(".db"):
-            os.unlink(os.path.join(path, name))
-    return path
+def new_shared_dir():
+    """A new private directory (0700, under TMPDIR) for the metric files of one run of
+    `cloud serve --workers N`: the files are named by process id, so a directory shared
+    with another run or another host could mix or corrupt their counts.  The caller
+    removes it when the run ends.  Returns its path."""
+    return tempfile.mkdtemp(prefix="fleetid-metrics-")
 
 
 def _share_process_values(shared_dir):
@@ -38,10 +36,10 @@ def _share_process_values(shared_dir):
 class Metrics:
     """Prometheus metrics of a server (own CollectorRegistry, so tests and several apps
     in one process do not collide).  shared_dir: None for one process's own metrics, or
-    in a worker process the workers' shared directory (prepare_shared_dir; this switches
+    in a worker process the workers' shared directory (new_shared_dir; this switches
     the whole process to the shared store).  `scrape` is the registry /metrics reports:
     the process's own, or the sum over the workers (one that exited still counts: its
-    files stay until the next start, so totals never drop)."""
+    files stay for the run, so totals never drop)."""
 
     def __init__(self, shared_dir=None):
         self.registry = CollectorRegistry()

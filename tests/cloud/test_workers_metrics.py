@@ -1,6 +1,6 @@
 """/metrics of `fleetid cloud serve --workers N` reports the whole service: the kernel hands
 a scrape to one worker, and what it answers must be every worker's counts summed
-(prometheus_client's multiprocess mode over <state_dir>/metrics), including those of a
+(prometheus_client's multiprocess mode over a directory private to the run), including those of a
 worker that was killed and restarted in between, so a Prometheus rate() never sees the
 service's counters jump down."""
 
@@ -50,15 +50,17 @@ def _est_requests_reported(port):
     return sum(float(value) for labels, value in series if 'service="est"' in labels)
 
 
-def test_a_scrape_on_any_worker_reports_every_workers_requests(tmp_path):
+def test_a_scrape_on_any_worker_reports_every_workers_requests(tmp_path, monkeypatch):
     metrics_port = _free_port()
     config = tmp_path / "cloud.toml"
     config.write_text('state_dir = "%s"\nverifier_port = 0\nest_port = 0\ncrl_port = 0\n'
                       "metrics_port = %d\n" % (tmp_path / "state", metrics_port))
-    (tmp_path / "state" / "metrics").mkdir(parents=True)
-    (tmp_path / "state" / "metrics" / "counter_1.db").write_bytes(b"an earlier run's")
+    temporary = tmp_path / "tmp"  # the server's TMPDIR: its metrics directory goes there
+    temporary.mkdir()
+    monkeypatch.setenv("TMPDIR", str(temporary))
     serve = CloudServe(config, tmp_path / "serve.log", workers=2, cwd=str(tmp_path))
     try:
+        assert [p.name[:16] for p in temporary.iterdir()] == ["fleetid-metrics-"]
         context = ssl.create_default_context(cafile=serve.info["root"])
         est = serve.ports["est"]
         assert [_cacerts(est, context) for _ in range(REQUESTS)] == [200] * REQUESTS
@@ -74,4 +76,5 @@ def test_a_scrape_on_any_worker_reports_every_workers_requests(tmp_path):
         assert reported == [REQUESTS + 10] * 8
     finally:
         assert serve.stop() == 0
+    assert list(temporary.iterdir()) == []  # removed with the run
 
