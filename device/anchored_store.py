@@ -103,15 +103,20 @@ def publish(tmp, path):
     # rename(tmp, path), and on CPython the directory synced after it: the mark is
     # written to the SE once this returns, and a rename lost to a power cut would leave
     # the older document below that mark, refused as a rollback until the next fetch.
+    # Best effort: a file system that cannot sync a directory (some FUSE, 9p) keeps the
+    # rename's own guarantees rather than failing a document already published.
     import os
 
     os.rename(tmp, path)
-    if hasattr(os, "fsync"):
-        folder = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
+    if hasattr(os, "fsync") and hasattr(os, "open"):
         try:
-            os.fsync(folder)
-        finally:
-            os.close(folder)
+            folder = os.open(path.rpartition("/")[0] or ".", os.O_RDONLY)
+            try:
+                os.fsync(folder)
+            finally:
+                os.close(folder)
+        except OSError:
+            pass
 
 
 class FileStore:

@@ -301,8 +301,8 @@ class RevsetCache(AnchoredStore):
                                  lambda: hashlib.sha256(doc.data).digest() == digest,
                                  lambda new: self._commit(staging, new))
         finally:
-            if result != "updated":
-                self._abandon(staging)
+            if self._doc is None:  # not committed: refused, unused, or a failure before
+                self._abandon(staging)  # (after a commit the staged copy is the store's)
         return result
 
     def _merge(self, data):

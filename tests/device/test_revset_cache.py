@@ -336,6 +336,7 @@ class StagingStore(MemoryStore):
         self.error = error
         self.staging = None
         self.chunks = 0
+        self.discards = 0
 
     def _step(self, name, i=0):
         if self.fail == (name, i):
@@ -361,6 +362,7 @@ class StagingStore(MemoryStore):
 
     def discard(self):
         self.staging = None
+        self.discards += 1
 
 
 def _signed_pair(universe, revoked, added, key=None):
@@ -543,4 +545,52 @@ def test_a_stored_set_is_synced_before_its_rename_and_the_rename_after(se, tmp_p
     del events[:]
     assert cache.apply_delta(lambda: delta, 2000) == "updated"
     assert events == published
+    assert (folder / "set.frs").read_bytes() == new
+
+
+def test_a_mark_write_cut_after_the_commit_keeps_the_committed_set(se):
+    # Power lost between the store's commit and the SE's mark: the staged copy is the
+    # store's set by then, never discarded; the next start loads it and raises the mark.
+    revoked, added = _sample(5000, 400, 20, 8)
+    base, new, delta, point, fleet_id = _signed_pair(5000, revoked, added)
+    policy = RevsetPolicy(object_id=10)
+    store = StagingStore(base)
+    cache = RevsetCache(se, store, point, fleet_id, policy)
+    assert cache.status(2000)["number"] == 1
+
+    def cut(number):
+        raise PowerCut("mark")
+
+    cache._write_mark = cut
+    with pytest.raises(PowerCut):
+        cache.apply_delta(lambda: delta, 2000)
+    assert store.data == new and store.discards == 0
+    rebooted = RevsetCache(se, StagingStore(store.data), point, fleet_id, policy)
+    assert rebooted.status(2000)["number"] == 2
+    with pytest.raises(RevokedError):
+        rebooted.check_device(added[0], None, 2000)
+
+
+def test_a_directory_that_cannot_be_synced_does_not_fail_a_published_set(se, tmp_path,
+                                                                        monkeypatch):
+    # Some file systems (FUSE, 9p) refuse fsync on a directory: the set is published by
+    # then, and the cache takes it rather than failing closed on every refresh.
+    import errno
+    import os
+
+    folder = tmp_path / "cache"  # apart from the emulated SE's NVM file
+    folder.mkdir()
+    real_fsync = os.fsync
+
+    def fsync(fd):
+        if os.readlink("/proc/self/fd/%d" % fd) == str(folder):
+            raise OSError(errno.EINVAL, "directory fsync refused")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    revoked, added = _sample(5000, 400, 20, 9)
+    base, new, delta, point, fleet_id = _signed_pair(5000, revoked, added, _new_key())
+    cache = RevsetCache(se, FileStore(str(folder / "set.frs")), point, fleet_id)
+    assert cache.refresh(lambda: base, 2000) == "updated"
+    assert cache.apply_delta(lambda: delta, 2000) == "updated"
     assert (folder / "set.frs").read_bytes() == new
