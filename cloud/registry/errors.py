@@ -6,10 +6,11 @@ from fleetid.common.errors import FleetidError
 
 class RegistryError(FleetidError):
     """A registry operation failed.  `reason` is one of the constants below; `detail` a
-    short, secret-free description.  `retryable`: the database rolled the whole
-    transaction back over a conflict with another writer (PostgreSQL's deadlock
-    detection or serialization failure), so nothing was written and the same operation
-    may simply run again."""
+    short, secret-free description.  `retryable`: the database rolled the operation back
+    over a conflict with another writer (PostgreSQL's deadlock detection or
+    serialization failure: its transaction, or inside a group-commit batch its
+    savepoint), so nothing of it was written and the same operation may simply run
+    again."""
 
     retryable = False
 

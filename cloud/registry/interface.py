@@ -312,7 +312,8 @@ class Registry:
         ambiguous one raises and nothing is written.
 
         Returns: [sealed AuditEntry, or None for a skipped one], one per item.
-        Raises: CertificateNotFound, RegistryError(AMBIGUOUS / BAD_INPUT / STORAGE).
+        Raises: CertificateNotFound, DeviceNotFound, RegistryError(AMBIGUOUS / BAD_INPUT /
+        STORAGE; STORAGE with .retryable when the server ended it over a lock conflict).
         """
         raise NotImplementedError
 

@@ -41,6 +41,9 @@ EVENTS_FILE = "revocation.events"
 # (bench/revocation.py --bulk: SQLite, PostgreSQL), the time the registry's other writers
 # (the line, EST) may wait for the chunk's locks; the commit is paid once per chunk.
 CHUNK = 200
+# Transactions per chunk: the devices are read again after each, for certificates added
+# meanwhile (RevocationService._revoke_chunk).
+CHUNK_PASSES = 3
 # Runs of a revocation's transaction after PostgreSQL rolled it back over a lock conflict
 # (see _again).
 CONFLICT_RUNS = 4
@@ -219,7 +222,7 @@ class RevocationService:
         Returns: list of revoked certificate serials (hex).  Raises RevocationError,
         RegistryError."""
         self._check_devices([serial])
-        done = _again(self._revoke_chunk, [serial], reason, operator)
+        done = self._revoke_chunk([serial], reason, operator)
         self._announce()
         return done[serial]
 
@@ -246,7 +249,7 @@ class RevocationService:
             step = max(1, chunk)
             for start in range(0, len(serials), step):
                 part = serials[start:start + step]
-                done.update(_again(self._revoke_chunk, part, reason, operator))
+                done.update(self._revoke_chunk(part, reason, operator))
                 if progress is not None:
                     for _ in part:
                         progress(1)
@@ -266,21 +269,26 @@ class RevocationService:
 
     def _revoke_chunk(self, serials, reason, operator):
         """Every unrevoked certificate of each device of `serials`, newest first (the
-        identity one last), in one transaction.  Returns {serial: [cert serial hex]}
-        (a serial listed twice: the later, empty, list, as one revocation after the
-        other gives)."""
-        plan = []  # (index in serials, certificate record)
-        for index, serial in enumerate(serials):
-            plan.extend((index, record)
-                        for record in reversed(self.registry.certificates(serial))
-                        if not record.revoked)
-        entries = self.registry.mark_revoked_many(
-            [(record.cert_serial, record.issuer) for _, record in plan], reason,
-            operator=operator)
+        identity one last), in one transaction; then the devices are read again, and a
+        certificate added meanwhile (an EST re-enrolment that passed its checks before
+        the chunk and recorded its certificate after the read) is revoked in a next
+        transaction, up to CHUNK_PASSES.  Returns {serial: [cert serial hex]} (a serial
+        listed twice: the later, empty, list, as one revocation after the other gives)."""
         lists = [[] for _ in serials]
-        for (index, record), entry in zip(plan, entries):
-            if entry is not None:  # None: revoked meanwhile (another writer, a repeat)
-                lists[index].append(record.cert_serial)
+        for _ in range(CHUNK_PASSES):
+            plan = []  # (index in serials, certificate record)
+            for index, serial in enumerate(serials):
+                plan.extend((index, record)
+                            for record in reversed(self.registry.certificates(serial))
+                            if not record.revoked)
+            if not plan:
+                break
+            entries = _again(self.registry.mark_revoked_many,
+                             [(record.cert_serial, record.issuer) for _, record in plan],
+                             reason, operator=operator)
+            for (index, record), entry in zip(plan, entries):
+                if entry is not None:  # None: revoked meanwhile (another writer, a repeat)
+                    lists[index].append(record.cert_serial)
         return dict(zip(serials, lists))
 
     def revoke_certificate(self, cert_serial, reason, operator="", issuer=None):

@@ -380,8 +380,8 @@ def test_a_chunk_ended_by_the_servers_deadlock_detection_runs_again(make_registr
     _populate(reg, _certificates(3))
     service = _service(reg, tmp_path / "state")
     runs = []
-    real = service._revoke_chunk
-    service._revoke_chunk = lambda *args: runs.append(1) or real(*args)
+    real = reg.mark_revoked_many
+    reg.mark_revoked_many = lambda *args, **kwargs: runs.append(1) or real(*args, **kwargs)
     with psycopg.connect(reg.conninfo) as writer:  # the other writer, in a transaction
         # Its deadlock check waits 10 s, the chunk's 1 s: the chunk is the side ended.
         writer.execute("SET deadlock_timeout = '10s'")
@@ -398,3 +398,28 @@ def test_a_chunk_ended_by_the_servers_deadlock_detection_runs_again(make_registr
     assert len(runs) == 2
     assert [reg.get_device(n).status for n in (1, 2, 3)] == [REVOKED] * 3
     assert _verify(reg).by_type == {"injection": 3, "issuance": 3, "revoke": 6}
+
+
+@pytest.mark.parametrize("kind", BACKENDS)
+def test_a_certificate_added_while_a_chunk_is_written_is_revoked_too(make_registry, kind,
+                                                                     tmp_path):
+    """An EST re-enrolment that passed its checks before the chunk read its devices and
+    records its certificate after that read: the devices are read again after the
+    chunk's transaction, and the new certificate revoked in the next one."""
+    reg = make_registry(kind)
+    _populate(reg, _certificates(3))
+    late = contract.make_cert(2, cert_serial=0x66000002)
+    real = reg.mark_revoked_many
+    calls = []
+
+    def with_a_late_certificate(*args, **kwargs):
+        if not calls:
+            reg.add_certificate(2, late, "operational")  # lands between read and write
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    reg.mark_revoked_many = with_a_late_certificate
+    done = _service(reg, tmp_path / "state").revoke_devices([1, 2, 3], "keyCompromise")
+    assert "66000002" in done[2] and len(calls) == 2
+    assert all(record.revoked for n in (1, 2, 3) for record in reg.certificates(n))
+    assert _verify(reg).by_type == {"injection": 3, "issuance": 4, "revoke": 7}
