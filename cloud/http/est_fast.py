@@ -88,12 +88,7 @@ class EstConnection(FastConnection):
     """One client connection while it asks for nonces and re-enrolments (module text)."""
 
     def __init__(self, fast, fallback):
-        self.fast = fast
-        self.fallback = fallback  # aiohttp's protocol factory (the runner's web.Server)
-        self.transport = None
-        self.buffer = bytearray()
-        self.busy = False  # a worker thread is answering the current request
-        self.write_paused = False
+        super().__init__(fast, fallback)
 
     def data_received(self, data):
         self.buffer += data
@@ -140,10 +135,6 @@ class EstConnection(FastConnection):
         del buffer[:end + 4 + length]
         self._answer(message, route.group(2).decode(), body)
         return True
-
-    def _hand_over(self):
-        data, self.buffer = bytes(self.buffer), bytearray()
-        self.give_to_app(data)
 
     def _answer(self, message, tail, body):
         """est_app's dispatch for one request: the checks here, the service call in a

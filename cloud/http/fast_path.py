@@ -124,6 +124,13 @@ class FastConnection(asyncio.Protocol):
     __slots__ = ()
     busy = False  # a worker thread is answering its request (a subclass sets it)
 
+    def __init__(self, fast, fallback):
+        self.fast = fast
+        self.fallback = fallback  # aiohttp's protocol factory (the runner's web.Server)
+        self.transport = None
+        self.buffer = bytearray()  # bytes received and not yet answered or handed over
+        self.write_paused = False  # the transport's write buffer is over its high-water mark
+
     def connection_made(self, transport):
         self.transport = transport
         peer = transport.get_extra_info("peername")
@@ -191,6 +198,11 @@ class FastConnection(asyncio.Protocol):
             self.fast.discard(self)
         else:
             self.last_active = self.loop.time()
+
+    def _hand_over(self):
+        """Give the connection and what it has buffered to the app."""
+        data, self.buffer = bytes(self.buffer), bytearray()
+        self.give_to_app(data)
 
     def give_to_app(self, data):
         """Give the connection, and `data` (the bytes not consumed yet), to aiohttp's

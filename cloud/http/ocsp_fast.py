@@ -108,13 +108,8 @@ class OcspConnection(FastConnection):
     """One client connection while it asks OCSP questions (see the module text)."""
 
     def __init__(self, fast, fallback):
-        self.fast = fast
-        self.fallback = fallback  # aiohttp's protocol factory (the runner's web.Server)
-        self.transport = None
-        self.buffer = bytearray()
+        super().__init__(fast, fallback)
         self.pending = None  # (message, endpoint, body length) of a head being read
-        self.busy = False
-        self.write_paused = False  # the transport's write buffer is over its high-water mark
         self.draining = 0  # bytes of a refused body still to read and drop
 
     # -- asyncio.Protocol ---------------------------------------------------------------------
@@ -200,10 +195,6 @@ class OcspConnection(FastConnection):
         self.pending = None
         self.buffer = bytearray()
         self._refuse(CloudError(errors.REQUEST_TIMEOUT, "request body not received in time"))
-
-    def _hand_over(self):
-        data, self.buffer = bytes(self.buffer), bytearray()
-        self.give_to_app(data)
 
     def _answer(self, message, endpoint, body):
         started = time.perf_counter()

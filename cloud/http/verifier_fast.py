@@ -87,14 +87,11 @@ class VerifierConnection(FastConnection):
                  "last_active", "write_paused")
 
     def __init__(self, fast, fallback):
-        self.fast = fast
-        self.fallback = fallback  # aiohttp's protocol factory (the runner's web.Server)
-        self.transport = None
+        super().__init__(fast, fallback)
         # bytes received; those before `pos` are answered (pipelined requests are taken
         # off by moving `pos`, the rest copied once per data_received, not per request)
         self.buffer = b""
         self.pos = 0
-        self.write_paused = False
 
     def data_received(self, data):
         self.buffer = self.buffer[self.pos:] + data if self.buffer else data

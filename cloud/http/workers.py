@@ -115,6 +115,7 @@ class Supervisor:
         self._quick_deaths = 0
         self._stopping = False
         self._ready_r, self._ready_w = os.pipe()
+        self._partial = b""  # a ready line read in part (_ready_lines)
 
     # -- the worker side --------------------------------------------------------------------------
 
@@ -151,15 +152,14 @@ class Supervisor:
             self._spawn(index)
         waiting = set(range(self.workers))
         deadline = time.monotonic() + self.ready_timeout
-        pipe = [b""]
         while waiting and not self._stopping:
             left = deadline - time.monotonic()
-            waiting -= self._ready_lines(pipe, max(0.0, min(left, _POLL_S)))
+            waiting -= self._ready_lines(max(0.0, min(left, _POLL_S)))
             exited = self._reap(restart=False) if waiting and left > 0 else []
             if waiting and (exited or left <= 0):
                 # The pipe again: a worker that said it was ready and exited since the
                 # last read (its line is in the pipe before its exit can be seen) did start.
-                waiting -= self._ready_lines(pipe, 0.0)
+                waiting -= self._ready_lines(0.0)
                 failed = waiting & set(exited) if left > 0 else waiting
                 if failed:
                     self.stop()
@@ -173,13 +173,13 @@ class Supervisor:
                     raise
         return sorted(self.pids)
 
-    def _ready_lines(self, pipe, timeout):
-        """The indexes of the workers whose ready line came within `timeout` seconds;
-        pipe[0] holds a partial line between calls."""
+    def _ready_lines(self, timeout):
+        """The indexes of the workers whose ready line came within `timeout` seconds (a
+        partial line waits in self._partial for the next call)."""
         readable, _, _ = select.select([self._ready_r], [], [], timeout)
         if not readable:
             return set()
-        *lines, pipe[0] = (pipe[0] + os.read(self._ready_r, 4096)).split(b"\n")
+        *lines, self._partial = (self._partial + os.read(self._ready_r, 4096)).split(b"\n")
         return {int(line) for line in lines if line}
 
     def _reap(self, restart=True):
