@@ -184,6 +184,14 @@ def _crl_dp(url):
     )
 
 
+# keyUsage of every end-entity certificate (device and server): digitalSignature only.
+_LEAF_KEY_USAGE = x509.KeyUsage(
+    digital_signature=True, content_commitment=False, key_encipherment=False,
+    data_encipherment=False, key_agreement=False, key_cert_sign=False, crl_sign=False,
+    encipher_only=False, decipher_only=False,
+)
+
+
 @functools.lru_cache(maxsize=64)
 def _device_template(issuer_certificate):
     """What every device certificate of one issuer shares: the issuer name and the
@@ -194,14 +202,7 @@ def _device_template(issuer_certificate):
         x509.CertificateBuilder()
         .issuer_name(issuer_certificate.subject)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True, content_commitment=False, key_encipherment=False,
-                data_encipherment=False, key_agreement=False, key_cert_sign=False,
-                crl_sign=False, encipher_only=False, decipher_only=False,
-            ),
-            critical=True,
-        )
+        .add_extension(_LEAF_KEY_USAGE, critical=True)
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
     )
 
@@ -317,8 +318,7 @@ def tls_certificate_builder(public_key, issuer_cert, common_name, now, server_ho
         .not_valid_before(now - datetime.timedelta(minutes=5))
         .not_valid_after(now + datetime.timedelta(days=days))
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.KeyUsage(True, False, False, False, False, False, False, False,
-                                     False), critical=True)
+        .add_extension(_LEAF_KEY_USAGE, critical=True)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
         .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski),
                        critical=False)
