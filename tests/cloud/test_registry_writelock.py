@@ -82,11 +82,8 @@ def _free(path):
 
 def test_lock_file_beside_the_database_0600(tmp_path):
     path = str(tmp_path / "registry.db")
-    registry = SqliteRegistry(path)
-    try:
+    with SqliteRegistry(path) as registry:
         registry.allocate_intent(UID, "station-1")
-    finally:
-        registry.close()
     mode = os.lstat(path + "-writelock").st_mode
     assert stat.S_ISREG(mode) and stat.S_IMODE(mode) == 0o600
 
@@ -118,8 +115,7 @@ def test_a_write_waits_for_the_lock_bounded_then_storage_error(tmp_path, group_c
 
 def test_released_after_commit_and_after_an_exception(tmp_path):
     path = str(tmp_path / "registry.db")
-    registry = SqliteRegistry(path, busy_timeout_s=0.3)
-    try:
+    with SqliteRegistry(path, busy_timeout_s=0.3) as registry:
         registry.allocate_intent(UID, "station-1")
         assert _free(path)
         with pytest.raises(RegistryError) as caught:  # raised inside the transaction
@@ -132,14 +128,11 @@ def test_released_after_commit_and_after_an_exception(tmp_path):
                 1 / 0
         assert _free(path)
         assert registry.allocate_serial() != 7  # rolled back
-    finally:
-        registry.close()
 
 
 def test_a_killed_holder_blocks_nobody(holder):
     path, child = holder
-    registry = SqliteRegistry(path, busy_timeout_s=5.0)
-    try:
+    with SqliteRegistry(path, busy_timeout_s=5.0) as registry:
         assert not _free(path)
         child.kill()  # SIGKILL in the transaction, the writer lock held
         child.wait(10)
@@ -149,14 +142,11 @@ def test_a_killed_holder_blocks_nobody(holder):
         # loaded machine may take a while to run the write, not 5 s).
         assert time.monotonic() - started < 4.0
         assert registry.allocate_serial() < 1000  # the killed transaction left nothing
-    finally:
-        registry.close()
 
 
 def test_a_stopped_holder_storage_error_within_the_bound_then_recovery(holder):
     path, child = holder
-    registry = SqliteRegistry(path, busy_timeout_s=0.5)
-    try:
+    with SqliteRegistry(path, busy_timeout_s=0.5) as registry:
         os.kill(child.pid, signal.SIGSTOP)
         for _ in range(2):  # twice: the wait is bounded each time, not only the first
             started = time.monotonic()
@@ -170,8 +160,6 @@ def test_a_stopped_holder_storage_error_within_the_bound_then_recovery(holder):
         assert _readline(child) == b"done\n"
         assert registry.allocate_intent(UID, "station-1").se_uid == UID  # 0.5 s bound
         assert registry.allocate_serial() > 1000  # after the holder's commit
-    finally:
-        registry.close()
 
 
 def test_writers_without_the_lock_still_serialised_by_sqlite(tmp_path):
@@ -196,12 +184,9 @@ def test_writers_without_the_lock_still_serialised_by_sqlite(tmp_path):
 def test_without_fcntl_sqlite_busy_handler_alone(tmp_path, monkeypatch):
     monkeypatch.setattr(sqlite_writelock, "fcntl", None)
     path = str(tmp_path / "registry.db")
-    registry = SqliteRegistry(path)
-    try:
+    with SqliteRegistry(path) as registry:
         assert registry.allocate_intent(UID, "station-1").se_uid == UID
         assert registry.allocate_serial() > 0
-    finally:
-        registry.close()
     assert not os.path.exists(path + "-writelock")
 
 
@@ -245,12 +230,9 @@ def test_an_unusable_lock_file_falls_back_to_sqlite(tmp_path, obstacle, caplog):
         os.mkdir(path + "-writelock")
     else:  # never followed: the target is not locked (nor created, nor changed)
         os.symlink(target, path + "-writelock")
-    registry = SqliteRegistry(path)
-    try:
+    with SqliteRegistry(path) as registry:
         assert registry.allocate_intent(UID, "station-1").se_uid == UID
         assert registry.allocate_serial() > 0
-    finally:
-        registry.close()
     assert "writer lock" in caplog.text and "busy handler alone" in caplog.text
     assert target.read_bytes() == b""
 
@@ -260,11 +242,8 @@ def test_created_by_root_the_lock_file_belongs_to_the_database_owner(tmp_path):
     path = str(tmp_path / "registry.db")
     SqliteRegistry(path).close()
     os.chown(path, 4242, 4343)
-    registry = SqliteRegistry(path)
-    try:
+    with SqliteRegistry(path) as registry:
         registry.allocate_serial()
-    finally:
-        registry.close()
     info = os.stat(path + "-writelock")
     assert (info.st_uid, info.st_gid) == (4242, 4343)
 
