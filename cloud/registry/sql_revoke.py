@@ -20,6 +20,8 @@ every single-device write uses. On SQLite, BEGIN IMMEDIATE already holds the dat
 write lock.
 """
 
+import time
+
 from fleetid.cloud import audit
 from fleetid.cloud.registry.errors import DeviceNotFound, RegistryError
 from fleetid.cloud.registry.interface import (
@@ -41,6 +43,7 @@ from fleetid.cloud.registry.sql_rows import (
     one_certificate,
 )
 
+CONFLICT_RUNS = 4  # runs of a revocation the server ended over a lock conflict
 _GROUP = 500  # values per IN (...) list: far below SQLite's variable limit (999 before 3.32)
 
 
@@ -54,10 +57,8 @@ class SqlRevocation:
     @wrap_audit_error
     def mark_revoked(self, cert_serial, reason, operator="", issuer=None):
         check_text("reason", reason, allow_empty=False)
-        with self._write() as conn:
-            [entry] = self._revoke_listed(conn, [(cert_serial, issuer)], reason, operator,
-                                          strict=True)
-            return entry
+        [entry] = self._revocation([(cert_serial, issuer)], reason, operator, strict=True)
+        return entry
 
     @wrap_audit_error
     def mark_revoked_many(self, certificates, reason, operator=""):
@@ -65,8 +66,24 @@ class SqlRevocation:
         certificates = list(certificates)
         if not certificates:
             return []
-        with self._write() as conn:
-            return self._revoke_listed(conn, certificates, reason, operator, strict=False)
+        return self._revocation(certificates, reason, operator, strict=False)
+
+    def _revocation(self, certificates, reason, operator, strict):
+        """_revoke_listed in a write transaction of its own, run again (CONFLICT_RUNS
+        in all at most) when the database rolled it back over a lock conflict with
+        another writer (RegistryError.retryable: nothing of it was written, and the new
+        run reads afresh).  On PostgreSQL a revocation holds its devices' rows while it
+        waits for the audit chain's head, which a group-commit batch of EST writes may
+        hold while it waits for one of those rows: the server's deadlock detection ends
+        one side, and a revocation is not dropped for it."""
+        for run in range(1, CONFLICT_RUNS + 1):
+            try:
+                with self._write() as conn:
+                    return self._revoke_listed(conn, certificates, reason, operator, strict)
+            except RegistryError as exc:
+                if not exc.retryable or run == CONFLICT_RUNS:
+                    raise
+            time.sleep(0.05 * run)
 
     def _revoke_listed(self, conn, certificates, reason, operator, strict):
         """Revoke each (cert_serial, issuer) of `certificates` in order inside the open

@@ -44,28 +44,6 @@ CHUNK = 200
 # Transactions per chunk: the devices are read again after each, for certificates added
 # meanwhile (RevocationService._revoke_chunk).
 CHUNK_PASSES = 3
-# Runs of a revocation's transaction after PostgreSQL rolled it back over a lock conflict
-# (see _again).
-CONFLICT_RUNS = 4
-
-
-def _again(write, *args, **kwargs):
-    """write(*args, **kwargs), run again (CONFLICT_RUNS times in all at most) when the
-    database rolled it back over a lock conflict with another writer (RegistryError
-    .retryable): nothing of it was written, and the new run reads afresh.  On PostgreSQL
-    a revocation holds its devices' rows while it waits for the audit chain's head, which
-    a group-commit batch of EST writes may hold while it waits for one of those rows: the
-    server's deadlock detection ends one side, and a revocation is not dropped for it."""
-    from fleetid.cloud.registry.errors import RegistryError
-
-    for run in range(1, CONFLICT_RUNS + 1):
-        try:
-            return write(*args, **kwargs)
-        except RegistryError as exc:
-            if not exc.retryable or run == CONFLICT_RUNS:
-                raise
-            time.sleep(0.05 * run)
-
 
 class RevocationError(FleetidError):
     """A revocation request that cannot be carried out (`reason`: "unknown_device",
@@ -283,9 +261,9 @@ class RevocationService:
                             if not record.revoked)
             if not plan:
                 break
-            entries = _again(self.registry.mark_revoked_many,
-                             [(record.cert_serial, record.issuer) for _, record in plan],
-                             reason, operator=operator)
+            entries = self.registry.mark_revoked_many(
+                [(record.cert_serial, record.issuer) for _, record in plan], reason,
+                operator=operator)
             for (index, record), entry in zip(plan, entries):
                 if entry is not None:  # None: revoked meanwhile (another writer, a repeat)
                     lists[index].append(record.cert_serial)
@@ -296,8 +274,7 @@ class RevocationService:
         ambiguous) with its audit entry; revoking a device's identity certificate also
         marks the device revoked.  Returns the CertificateRecord after the write.
         Raises RegistryError."""
-        _again(self.registry.mark_revoked, cert_serial, reason, operator=operator,
-               issuer=issuer)
+        self.registry.mark_revoked(cert_serial, reason, operator=operator, issuer=issuer)
         record = self.registry.certificate_status(cert_serial, issuer=issuer)
         self._announce()
         return record

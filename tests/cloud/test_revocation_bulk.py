@@ -380,8 +380,8 @@ def test_a_chunk_ended_by_the_servers_deadlock_detection_runs_again(make_registr
     _populate(reg, _certificates(3))
     service = _service(reg, tmp_path / "state")
     runs = []
-    real = reg.mark_revoked_many
-    reg.mark_revoked_many = lambda *args, **kwargs: runs.append(1) or real(*args, **kwargs)
+    real = reg._revoke_listed
+    reg._revoke_listed = lambda *args, **kwargs: runs.append(1) or real(*args, **kwargs)
     with psycopg.connect(reg.conninfo) as writer:  # the other writer, in a transaction
         # Its deadlock check waits 10 s, the chunk's 1 s: the chunk is the side ended.
         writer.execute("SET deadlock_timeout = '10s'")
