@@ -20,7 +20,6 @@ from fleetid.cloud.audit.codec import (
     new_fields,
     to_hex,
 )
-from fleetid.cloud.audit.errors import AuditError
 from fleetid.common import der
 from fleetid.common.errors import DerError
 
@@ -140,22 +139,17 @@ def reconcile_entry(*, serial, outcome, reason, station, operator, when, se_uid=
     return checked_fields(fields)
 
 
-def issuance_entry(*, serial, kind, operation, cert_der, operator, when, facts=None):
+def issuance_entry(*, serial, kind, operation, facts, operator, when):
     """Build the entry of a certificate issued outside the line's injection (EST
     simpleenroll / simplereenroll, or a certificate recorded by any other path).
 
     Params: serial int (device); kind "identity" / "operational"; operation name (e.g.
-    "simpleenroll"); cert_der the certificate (its serial, fingerprint and issuer are
-    recorded); operator str; when as for injection_entry; facts: certificate_facts of
-    exactly cert_der when the caller has derived them already (a registry has, for the
-    certificate's row: no second parse and hash of the DER), else None.
+    "simpleenroll"); facts: certificate_facts of the certificate (its serial,
+    fingerprint and issuer are recorded; a registry has them from the certificate's row,
+    so the DER is not parsed and hashed twice); operator str; when as for
+    injection_entry.
     Raises AuditError(BAD_FIELDS).
     """
-    if facts is None:
-        try:
-            facts = certificate_facts(cert_der)
-        except ValueError:
-            raise AuditError(AuditError.BAD_FIELDS, "not a DER certificate") from None
     fields = new_fields(ISSUANCE, when)
     fields.update(serial=serial, kind=kind, operation=operation, operator=operator, **facts)
     return checked_fields(fields)

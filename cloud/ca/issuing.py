@@ -76,18 +76,18 @@ def _refuse(reason, detail=""):
 
 
 class ParsedCsr:
-    """A CSR whose proof of possession parse_csr checked: der (bytes), csr
-    (x509.CertificateSigningRequest), spki (DER SubjectPublicKeyInfo of its key),
+    """A CSR whose proof of possession parse_csr checked: der (bytes), spki (DER
+    SubjectPublicKeyInfo of its key),
     public_key (its key), point (the key's 65-byte uncompressed P-256 point), subject
     (its x509.Name).  Hand it to IssuingCa.issue(parsed_csr=...) so the request is not
     parsed and its signature not verified twice (the EST service checks the CSR before
     the CA does).  The key and subject are kept because cryptography builds a new
     object on every csr.public_key() / csr.subject access."""
 
-    __slots__ = ("der", "csr", "spki", "public_key", "point", "subject")
+    __slots__ = ("der", "spki", "public_key", "point", "subject")
 
-    def __init__(self, der_bytes, csr, spki, public_key, point, subject):
-        self.der, self.csr, self.spki = der_bytes, csr, spki
+    def __init__(self, der_bytes, spki, public_key, point, subject):
+        self.der, self.spki = der_bytes, spki
         self.public_key, self.point, self.subject = public_key, point, subject
 
 
@@ -123,7 +123,7 @@ def parse_csr(csr_der):
     spki = public_key.public_bytes(
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
     )
-    return ParsedCsr(csr_der, csr, spki, public_key, point, subject)
+    return ParsedCsr(csr_der, spki, public_key, point, subject)
 
 
 _EVIDENCE_OID_TLV = der.encode_oid(OID_ATTR_EVIDENCE)

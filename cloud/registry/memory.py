@@ -260,8 +260,7 @@ class MemoryRegistry(Registry):
         now = self._now()
         cert = certificate_row(serial, cert_der, kind, now)
         fields = audit.issuance_entry(serial=serial, kind=kind, operation=operation,
-                                      cert_der=cert_der, operator=operator, when=now,
-                                      facts=row_facts(cert))
+                                      operator=operator, when=now, facts=row_facts(cert))
         with self._lock:
             self._device(serial)
             self._check_new_cert(cert)

@@ -376,7 +376,7 @@ class SqlRegistry(SqlRevocation, Registry):
         now = self._now()
         cert = certificate_row(serial, cert_der, kind, now)
         fields = audit.issuance_entry(serial=serial, kind=kind, operation=operation, when=now,
-                                      cert_der=cert_der, operator=operator, facts=row_facts(cert))
+                                      operator=operator, facts=row_facts(cert))
 
         def op(conn):
             if rotation_state is None:
