@@ -3,6 +3,7 @@ rate of `cryptography`, same machine, same run.
 
     .venv/bin/python bench/est.py [--quick] [--count N] [--devices D] [--callers C]
                                   [--workers-list 1,2] [--https-postgres] [--json PATH]
+                                  [--profile]
 
 attested   EstService.enroll(..., reenroll=True) in-process: client certificate check
            (chain, attestation extension, registry, overlap), CSR proof of possession,

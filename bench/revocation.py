@@ -335,18 +335,29 @@ def _bulk_populate(registry, ders):
         registry.add_certificate(serial, operational_der, "operational")
 
 
-def _per_certificate(service, serials, reason):
-    """The baseline: revoke_devices before its chunks (every serial checked, one
-    mark_revoked transaction per certificate, newest first, one announcement)."""
-    from fleetid.cloud.revocation.service import bump_event
-
-    registry = service.registry
+def per_certificate(registry, serials, reason, operator=""):
+    """The path revoke_devices' chunks replaced: one mark_revoked transaction per
+    certificate, newest first (tests/cloud/test_revocation_bulk.py compares the chunks
+    with it).  Returns {serial: [cert serial hex]} as revoke_devices does."""
+    done = {}
     for serial in serials:
-        registry.get_device(serial)
-    for serial in serials:
+        done[serial] = []
         for record in reversed(registry.certificates(serial)):
             if not record.revoked:
-                registry.mark_revoked(record.cert_serial, reason, issuer=record.issuer)
+                registry.mark_revoked(record.cert_serial, reason, operator=operator,
+                                      issuer=record.issuer)
+                done[serial].append(record.cert_serial)
+    return done
+
+
+def _per_certificate(service, serials, reason):
+    """The baseline: revoke_devices before its chunks (every serial checked, then
+    per_certificate, one announcement)."""
+    from fleetid.cloud.revocation.service import bump_event
+
+    for serial in serials:
+        service.registry.get_device(serial)
+    per_certificate(service.registry, serials, reason)
     bump_event(service.events_path)
 
 

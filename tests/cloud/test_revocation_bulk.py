@@ -22,6 +22,7 @@ import uuid
 
 import pytest
 
+from bench.revocation import per_certificate
 from fleetid.cloud import audit
 from fleetid.cloud.registry import REVOKED, CertificateNotFound, RegistryError, \
     verify_registry_log
@@ -90,20 +91,6 @@ def _populate(registry, ders):
         registry.add_certificate(serial, operational_der, "operational")
 
 
-def _per_certificate(registry, serials, reason, operator):
-    """The per-certificate path (revoke_devices before the chunks): one mark_revoked
-    transaction per certificate, newest first."""
-    done = {}
-    for serial in serials:
-        done[serial] = []
-        for record in reversed(registry.certificates(serial)):
-            if not record.revoked:
-                registry.mark_revoked(record.cert_serial, reason, operator=operator,
-                                      issuer=record.issuer)
-                done[serial].append(record.cert_serial)
-    return done
-
-
 def _service(registry, folder):
     folder.mkdir(exist_ok=True)
     return RevocationService(registry, [], str(folder / "revoked-cas.jsonl"),
@@ -133,7 +120,7 @@ def test_chunks_give_the_per_certificate_paths_results_rows_and_chain(make_regis
         reg.mark_revoked("%x" % (0x55000000 + 5), "superseded")  # device 5's operational
     # Devices 3 and 5 half revoked already, device 2 listed twice (the later: []).
     serials = [1, 2, 3, 4, 5, 2, 6, 7]
-    expected = _per_certificate(one, serials, "keyCompromise", "alice")
+    expected = per_certificate(one, serials, "keyCompromise", "alice")
     ticks = []
     service = _service(chunked, tmp_path / "state")
     got = service.revoke_devices(serials, "keyCompromise", operator="alice",
@@ -220,7 +207,7 @@ def test_a_failure_inside_a_chunk_loses_that_chunk_only_and_a_rerun_completes_it
     monkeypatch.undo()
     again = service.revoke_devices([1, 2, 3, 4, 5], "keyCompromise", chunk=2)
     assert again[1] == again[2] == [] and all(len(again[n]) == 2 for n in (3, 4, 5))
-    _per_certificate(reference, [1, 2, 3, 4, 5], "keyCompromise", "")
+    per_certificate(reference, [1, 2, 3, 4, 5], "keyCompromise", "")
     assert _state(reg, 5) == _state(reference, 5)  # one chain, as if never interrupted
     assert _verify(reg).entries == start + 10
 
@@ -274,7 +261,7 @@ def test_a_kill_inside_a_chunk_loses_that_chunk_only_and_a_rerun_completes_it(
     again = service.revoke_devices([1, 2, 3, 4, 5], "keyCompromise", chunk=2)
     assert again[1] == again[2] == [] and all(len(again[n]) == 2 for n in (3, 4, 5))
     assert read_event(service.events_path) == 1
-    _per_certificate(reference, [1, 2, 3, 4, 5], "keyCompromise", "")
+    per_certificate(reference, [1, 2, 3, 4, 5], "keyCompromise", "")
     assert _state(reg, 5) == _state(reference, 5)
     assert _verify(reg).entries == start + 10
 

@@ -8,19 +8,13 @@ import http.client
 import os
 import re
 import signal
-import socket
 import ssl
 import time
 
 from bench._serve_support import CloudServe
+from bench.mtls import free_port
 
 REQUESTS = 30
-
-
-def _free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _cacerts(port, context):
@@ -51,7 +45,7 @@ def _est_requests_reported(port):
 
 
 def test_a_scrape_on_any_worker_reports_every_workers_requests(tmp_path, monkeypatch):
-    metrics_port = _free_port()
+    metrics_port = free_port()
     config = tmp_path / "cloud.toml"
     config.write_text('state_dir = "%s"\nverifier_port = 0\nest_port = 0\ncrl_port = 0\n'
                       "metrics_port = %d\n" % (tmp_path / "state", metrics_port))

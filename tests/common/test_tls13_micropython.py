@@ -17,7 +17,7 @@ the imported bytecode sits in the heap (firmware keeps it in flash).
 import pytest
 
 from tests.conftest import load_vectors, require
-from tests.micropython.support import PRELUDE, Stage, open_se_script, parse
+from tests.micropython.support import PRELUDE, Stage, open_se_script, parse, serve_chip
 
 pytestmark = pytest.mark.micropython
 
@@ -152,10 +152,6 @@ bus.close()
 
 @pytest.fixture(scope="module")
 def board_world(tmp_path_factory):
-    from fleetid.common import t1
-    from fleetid.sim import profiles
-    from fleetid.sim.endpoint import BusEndpoint
-    from fleetid.sim.server import serve_in_thread
     from tests.device.device_cloud_support import LineAndCloud
     from tests.device.tls13_openssl_support import OPENSSL, LineServerCerts, SServer
 
@@ -170,10 +166,7 @@ def board_world(tmp_path_factory):
         servers.append(tls_server)
         chip = env.chips[0].chip
         chip.power_loss()
-        sock = str(folder / "se.sock")
-        se_server = serve_in_thread(BusEndpoint(chip, profile=t1.PROFILE_GP,
-                                                latency=profiles.get("none")),
-                                    "unix:" + sock, idle_timeout_s=60)
+        se_server, sock = serve_chip(chip, folder, idle_timeout_s=60)
         servers.append(se_server)
         yield Stage(folder / "mp", opt=3), "SOCK = %r\nPORT = %d\n" % (sock, tls_server.port), chip
     finally:

@@ -57,7 +57,7 @@ def show(label, b):
 """
 
 
-def serve_chip(chip, folder):
+def serve_chip(chip, folder, idle_timeout_s=30):
     """An emulated SE (`chip`, a sim Chip) served on a Unix socket in `folder` with no
     modelled latency, for a workflow's SOCK.  Returns (server, socket path)."""
     from fleetid.common import t1
@@ -68,7 +68,7 @@ def serve_chip(chip, folder):
     sock = str(folder / "se.sock")
     server = serve_in_thread(BusEndpoint(chip, profile=t1.PROFILE_GP,
                                          latency=profiles.get("none")), "unix:" + sock,
-                             idle_timeout_s=30)
+                             idle_timeout_s=idle_timeout_s)
     return server, sock
 
 

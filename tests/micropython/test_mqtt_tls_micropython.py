@@ -17,7 +17,7 @@ import pytest
 from tests.micropython.budgets import WORKFLOWS
 from tests.micropython.mqtt_support import (check_session, rotate_once_seen,
                                             script_wait_and_report, umqtt_broker)
-from tests.micropython.support import PRELUDE, Stage, open_se_script, parse
+from tests.micropython.support import PRELUDE, Stage, open_se_script, parse, serve_chip
 
 pytestmark = [pytest.mark.micropython, pytest.mark.timeout(300)]
 
@@ -56,11 +56,6 @@ print("done", gc.mem_free())
 def test_umqtt_over_the_se_keyed_tls13_client_under_micropython(tmp_path):
     from cryptography.hazmat.primitives import serialization
 
-    from fleetid.common import t1
-    from fleetid.sim import profiles
-    from fleetid.sim.endpoint import BusEndpoint
-    from fleetid.sim.server import serve_in_thread
-
     with umqtt_broker(tmp_path, devices=1) as (fleet, cloud, crl):
         stage = Stage(tmp_path / "stage", opt=3)
         name, _cert = fleet.device_name(fleet.session(0))
@@ -69,10 +64,7 @@ def test_umqtt_over_the_se_keyed_tls13_client_under_micropython(tmp_path):
         chip = fleet.chips[0].chip
         chip.power_loss()
         writes = chip.nvm.write_count
-        sock = str(tmp_path / "se.sock")
-        se_server = serve_in_thread(BusEndpoint(chip, profile=t1.PROFILE_GP,
-                                                latency=profiles.get("none")),
-                                    "unix:" + sock, idle_timeout_s=60)
+        se_server, sock = serve_chip(chip, tmp_path, idle_timeout_s=60)
         helper = rotate_once_seen(cloud, name)
         header = "SOCK = %r\nNAME = %r\nPORT = %d\nCA = %r\n" % (
             sock, name, fleet.broker.port, str(ca))
