@@ -36,6 +36,7 @@ from fleetid.cloud.registry.sql_common import AUDIT_COLUMNS, SnapshotLines, SqlR
 from fleetid.cloud.registry.sql_rows import (
     CERT_NAMES,
     DEVICE_NAMES,
+    HEAD_QUERY,
     JOINED_QUERY,
     JOINED_QUERY_ISSUER,
     cert_serial_text,
@@ -203,8 +204,7 @@ class PostgresRegistry(SqlRegistry):
         try:
             conn = self._new_connection()
             conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
-            row = conn.execute(
-                "SELECT entry_count, head_hash FROM audit_head WHERE id = 1").fetchone()
+            row = conn.execute(HEAD_QUERY).fetchone()
             rows = conn.execute("SELECT %s FROM audit_log ORDER BY seq" % AUDIT_COLUMNS)
         except psycopg.Error as exc:
             raise _storage_error(exc) from None

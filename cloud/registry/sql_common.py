@@ -61,7 +61,7 @@ from fleetid.cloud.registry.sql_rows import (
     AUDIT_INSERT,
     CERT_COLUMNS,
     DEVICE_COLUMNS,
-    HEAD_LOCKED,
+    HEAD_QUERY,
     HEAD_UPDATE,
     SET_ROTATION,
     audit_row,
@@ -208,9 +208,13 @@ class SqlRegistry(SqlRevocation, Registry):
             raise DeviceNotFound(serial)
         return device_from_row(row)
 
+    def _head(self, conn):
+        """(entry count, head hash) of the chain, its row locked for this transaction."""
+        row = conn.execute(HEAD_QUERY + self._lock_clause).fetchone()
+        return row["entry_count"], row["head_hash"]
+
     def _append(self, conn, fields):
-        head_row = conn.execute(HEAD_LOCKED + self._lock_clause).fetchone()
-        count, head = head_row["entry_count"], head_row["head_hash"]
+        count, head = self._head(conn)
         if fields.get("type") == audit.CHECKPOINT:
             covers = fields.get("covers")
             if not isinstance(covers, int) or not 1 <= covers <= count:
@@ -219,10 +223,22 @@ class SqlRegistry(SqlRevocation, Registry):
                                (covers - 1,)).fetchone()
             if row is None or row["entry_hash"] != fields.get("head"):
                 raise RegistryError(RegistryError.MISMATCH, "checkpoint head")
-        entry = audit.seal(fields, count, head)
-        conn.execute(self._q(AUDIT_INSERT), audit_row(entry))
-        conn.execute(self._q(HEAD_UPDATE), (count + 1, entry.hash_hex))
-        return entry
+        return self._seal_into(conn, [fields], count, head)[0]
+
+    def _seal_into(self, conn, fields_list, count, head):
+        """Seal `fields_list` into the chain after (count, head), in order: the entries
+        inserted, the head row moved once.  Returns the AuditEntries."""
+        entries = []
+        for fields in fields_list:
+            entry = audit.seal(fields, count + len(entries), head)
+            head = entry.hash_hex
+            entries.append(entry)
+        if len(entries) == 1:
+            conn.execute(self._q(AUDIT_INSERT), audit_row(entries[0]))
+        else:
+            conn.cursor().executemany(self._q(AUDIT_INSERT), [audit_row(e) for e in entries])
+        conn.execute(self._q(HEAD_UPDATE), (count + len(entries), head))
+        return entries
 
     def _certs(self, conn, cert_serial, issuer):
         cert_serial = cert_serial_text(cert_serial)
@@ -455,8 +471,7 @@ class SqlRegistry(SqlRevocation, Registry):
 
     def head(self):
         with self._read() as conn:
-            row = conn.execute(
-                "SELECT entry_count, head_hash FROM audit_head WHERE id = 1").fetchone()
+            row = conn.execute(HEAD_QUERY).fetchone()
         return row["entry_count"], row["head_hash"]
 
     def iter_audit_lines(self, start=0, batch=1000):

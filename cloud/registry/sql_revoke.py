@@ -33,12 +33,8 @@ from fleetid.cloud.registry.interface import (
     wrap_audit_error,
 )
 from fleetid.cloud.registry.sql_rows import (
-    AUDIT_INSERT,
     CERT_COLUMNS,
     DEVICE_COLUMNS,
-    HEAD_LOCKED,
-    HEAD_UPDATE,
-    audit_row,
     cert_serial_text,
     one_certificate,
 )
@@ -134,18 +130,8 @@ class SqlRevocation:
 
     def _append_all(self, conn, fields_list):
         """Seal `fields_list` (no checkpoint among them) into the chain in order, as as many
-        _append calls would: the head row read under its lock once, the entries
-        inserted, the head moved once."""
-        head_row = conn.execute(HEAD_LOCKED + self._lock_clause).fetchone()
-        count, head = head_row["entry_count"], head_row["head_hash"]
-        entries = []
-        for fields in fields_list:
-            entry = audit.seal(fields, count + len(entries), head)
-            head = entry.hash_hex
-            entries.append(entry)
-        conn.cursor().executemany(self._q(AUDIT_INSERT), [audit_row(e) for e in entries])
-        conn.execute(self._q(HEAD_UPDATE), (count + len(entries), head))
-        return entries
+        _append calls would: the head row read under its lock once and moved once."""
+        return self._seal_into(conn, fields_list, *self._head(conn))
 
     def _find_certs(self, conn, certificates):
         """The CertificateRecord of each (cert_serial, issuer), in order, as _certs finds

@@ -25,7 +25,7 @@ JOINED_QUERY_ISSUER = JOINED_QUERY + " AND c.issuer = ?"
 SET_ROTATION = "UPDATE devices SET rotation_state = ?, updated_at = ? WHERE serial = ?"
 # The audit chain's head, read before an append (the lock clause appended: the chain is
 # serialised on this row), a sealed entry's row, and the head moved after it.
-HEAD_LOCKED = "SELECT entry_count, head_hash FROM audit_head WHERE id = 1"
+HEAD_QUERY = "SELECT entry_count, head_hash FROM audit_head WHERE id = 1"  # + lock clause to lock
 AUDIT_INSERT = ("INSERT INTO audit_log (seq, entry_type, device_serial, entry_hash, entry) "
                 "VALUES (?, ?, ?, ?, ?)")
 HEAD_UPDATE = "UPDATE audit_head SET entry_count = ?, head_hash = ? WHERE id = 1"

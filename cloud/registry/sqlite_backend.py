@@ -35,6 +35,7 @@ from fleetid.cloud.registry.sql_common import AUDIT_COLUMNS, SnapshotLines, SqlR
 from fleetid.cloud.registry.sql_rows import (
     CERT_NAMES,
     DEVICE_NAMES,
+    HEAD_QUERY,
     JOINED_QUERY,
     JOINED_QUERY_ISSUER,
     cert_serial_text,
@@ -222,8 +223,7 @@ class SqliteRegistry(SqlRegistry):
         try:
             conn = self._new_connection()
             conn.execute("BEGIN")
-            count, head = conn.execute(
-                "SELECT entry_count, head_hash FROM audit_head WHERE id = 1").fetchone()
+            count, head = conn.execute(HEAD_QUERY).fetchone()
             cursor = conn.execute("SELECT %s FROM audit_log ORDER BY seq" % AUDIT_COLUMNS)
         except sqlite3.Error as exc:
             raise _storage_error(exc) from None
