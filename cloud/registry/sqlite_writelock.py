@@ -61,7 +61,7 @@ def _close_inherited():
     wait out its timeout.  Closing (never unlocking: that would release the parent's lock)
     is safe here, before any other code of the child can have reused the numbers."""
     for lock in list(_OPEN):
-        fd, lock._fd, lock._pid = lock._fd, None, None
+        fd, lock._fd = lock._fd, None
         if fd is not None and fd != _UNUSABLE:
             try:
                 os.close(fd)
@@ -69,7 +69,7 @@ def _close_inherited():
                 pass
 
 
-if hasattr(os, "register_at_fork"):
+if hasattr(os, "register_at_fork"):  # POSIX (where fork and fcntl are)
     os.register_at_fork(after_in_child=_close_inherited)
 
 
@@ -80,8 +80,7 @@ class WriterLock:
     def __init__(self, db_path):
         self.db_path = db_path
         self.path = db_path + "-writelock"
-        self._fd = None
-        self._pid = None
+        self._fd = None  # None: not open in this process (first use, or a forked child)
         _OPEN.add(self)
 
     def acquire(self, timeout_s):
@@ -120,15 +119,12 @@ class WriterLock:
     def close(self):
         """Close the lock file (the registry closes; releases the lock if held)."""
         fd, self._fd = self._fd, None
-        if fd is not None and fd != _UNUSABLE and self._pid == os.getpid():
+        if fd is not None and fd != _UNUSABLE:
             os.close(fd)
 
     def _open(self):
-        if self._pid != os.getpid():
-            # First use, or a forked child (whose inherited descriptor _close_inherited
-            # closed right after the fork): this process needs its own open file.
-            self._pid = os.getpid()
-            self._fd = None
+        # None on first use, and in a forked child (whose inherited descriptor
+        # _close_inherited closed right after the fork): this process opens its own file.
         if self._fd is None:
             self._fd = _UNUSABLE
             if fcntl is not None:

@@ -265,13 +265,7 @@ class FleetVerifier:
         # Keyed by the DER itself: the same bytes have the same fingerprint and facts, so
         # a certificate seen before costs a dict lookup instead of a SHA-256 per request
         # (and no memory: the parsed certificate holds a reference to these same bytes).
-        der = bytes(v.der)
-        facts = self._facts.get(der)
-        if facts is None:
-            facts = (fingerprint_of(der),) + _parse_facts(der)
-            if len(self._facts) >= self._cache_size:
-                self._facts.clear()
-            self._facts[der] = facts
+        facts = _memoised(self._facts, bytes(v.der), _der_facts, self._cache_size)
         v.fp, v.cert, v.serial, v.issuer, v.eku, v.not_before, v.not_after = facts
         if v.explaining:
             return "device %s, certificate serial %x" % (v.serial, v.cert.serial_number)
@@ -367,14 +361,9 @@ class FleetVerifier:
         return "key in SE %s (vendor chain ok)" % statement.se_uid.hex()
 
     def _check_overlap(self, v, now):
-        text = v.device.rotation_state
-        rotation = self._rotations.get(text)
-        if rotation is None:  # RotationState is immutable: parsed once per stored text
-            rotation = RotationState.parse(text)
-            if len(self._rotations) >= self._cache_size:
-                self._rotations.clear()
-            self._rotations[text] = rotation
-        v.rotation = rotation
+        # RotationState is immutable: parsed once per stored text.
+        v.rotation = _memoised(self._rotations, v.device.rotation_state, RotationState.parse,
+                               self._cache_size)
         v.in_overlap, detail = _overlap(v.fp, v.record.kind, v.rotation, now)
         return detail
 
@@ -507,6 +496,24 @@ def chain_refusal(exc):
     if cause.startswith("candidates exhausted"):
         return "does not chain to a fleet root (%s)" % cause
     return "refused by the client-auth path policy: %s" % cause
+
+
+def _memoised(cache, key, make, size):
+    """cache[key], made by make(key) on a miss; the dict is emptied when it holds `size`
+    (the verifier's per-certificate memos: a plain dict costs less per request than an
+    LRU, and a fleet's working set refills it at once)."""
+    value = cache.get(key)
+    if value is None:
+        value = make(key)
+        if len(cache) >= size:
+            cache.clear()
+        cache[key] = value
+    return value
+
+
+def _der_facts(der):
+    """(fingerprint,) + _parse_facts(der): what the verifier derives once per DER."""
+    return (fingerprint_of(der),) + _parse_facts(der)
 
 
 def _parse_facts(cert_der):
