@@ -14,7 +14,7 @@ Device life cycle (column `devices.status`):
     reconcile(serial, outcome, reason)          status "held"      (an intent resolved after a
                                                                    crash: see below)
     mark_revoked(cert_serial, reason)           status "revoked"   when it is the identity cert
-    mark_revoked_many([(cert_serial, issuer)])  the same for many certificates, ONE transaction
+    mark_devices_revoked([serial])              every certificate of many devices, ONE transaction
 
 Crash recovery of the line (fleetid.cloud.line.reconcile): at start,
 `list_in_flight()` gives every intent never committed.  For each, if the CA issued a
@@ -302,18 +302,17 @@ class Registry:
         """
         raise NotImplementedError
 
-    def mark_revoked_many(self, certificates, reason, operator=""):
-        """mark_revoked for each (cert_serial, issuer) of `certificates`, in order, in ONE
-        transaction (one durable commit for the lot: a bulk revocation's chunk): each
-        revoked certificate gets the same row changes and the same revoke audit entry,
-        appended to the chain in list order, as mark_revoked would give it.  A certificate
-        already revoked (before, concurrently by another process, or earlier in the list)
-        is skipped, not an error.  Every certificate is found first: an unknown or
-        ambiguous one raises and nothing is written.
+    def mark_devices_revoked(self, serials, reason, operator=""):
+        """Revoke every unrevoked certificate of each device of `serials` in ONE
+        transaction (a bulk revocation's chunk), newest first per device (the identity
+        one last: it marks the device revoked), each with the revoke audit entry
+        mark_revoked would give it, in that order.  The certificates are read inside the
+        transaction, once the devices are locked.  Every device is found first: an unknown
+        one raises and nothing is written.
 
-        Returns: [sealed AuditEntry, or None for a skipped one], one per item.
-        Raises: CertificateNotFound, DeviceNotFound, RegistryError(AMBIGUOUS / BAD_INPUT /
-        STORAGE; STORAGE with .retryable when the server ended it over a lock conflict).
+        Returns: {serial: [cert serial hex revoked]} (a serial listed twice: [] the second
+        time).  Raises: DeviceNotFound, RegistryError(BAD_INPUT / STORAGE; STORAGE with
+        .retryable when the server ended it over a lock conflict).
         """
         raise NotImplementedError
 

@@ -209,23 +209,25 @@ class MemoryRegistry(Registry):
             return self._apply_revoke(cert, self._seal_next(fields), reason, now)
 
     @wrap_audit_error
-    def mark_revoked_many(self, certificates, reason, operator=""):
+    def mark_devices_revoked(self, serials, reason, operator=""):
         check_text("reason", reason, allow_empty=False)
+        serials = list(serials)
         with self._lock:
-            # Every certificate found and every entry built before anything changes.
-            found = [self._cert(serial, issuer) for serial, issuer in certificates]
-            planned, done = [], set()
-            for cert in found:
-                if cert.revoked or cert.fingerprint in done:
-                    planned.append(None)
-                    continue
-                done.add(cert.fingerprint)
-                self._device(cert.device_serial)
-                now = self._now()
-                planned.append((cert, self._revoke_fields(cert, reason, operator, now), now))
-            return [None if plan is None else
-                    self._apply_revoke(plan[0], self._seal_next(plan[1]), reason, plan[2])
-                    for plan in planned]
+            for serial in serials:
+                self._device(serial)  # every device found before anything changes
+            done, planned = {}, []
+            for serial in serials:
+                mine = [] if serial in done else sorted(
+                    (c for c in self._certs.values()
+                     if c.device_serial == serial and not c.revoked),
+                    key=lambda c: (c.added_at, c.fingerprint), reverse=True)
+                done[serial] = [cert.cert_serial for cert in mine]
+                for cert in mine:
+                    now = self._now()
+                    planned.append((cert, self._revoke_fields(cert, reason, operator, now), now))
+            for cert, fields, now in planned:
+                self._apply_revoke(cert, self._seal_next(fields), reason, now)
+            return done
 
     def _revoke_fields(self, cert, reason, operator, now):
         return audit.revoke_entry(serial=cert.device_serial, cert_serial=cert.cert_serial,

@@ -77,7 +77,7 @@ def _check_intent_text(station, operator, batch, hsm_session):
 
 class SqlRegistry(SqlRevocation, Registry):
     """The common part of the SQL backends; see the module docstring.  Revocation
-    (mark_revoked, mark_revoked_many) is in sql_revoke.py."""
+    (mark_revoked, mark_devices_revoked) is in sql_revoke.py."""
 
     dialect = None
     _db_error = Exception

@@ -1,20 +1,23 @@
 """Certificate revocation on the SQL backends: `mark_revoked` (one certificate, one
-transaction) and `mark_revoked_many` (many certificates, ONE transaction: a bulk
-revocation of 10,000 devices pays a few dozen durable commits instead of one per
-certificate), one code path for both so their rows and audit entries cannot drift apart.
+transaction) and `mark_devices_revoked` (every certificate of many devices, ONE
+transaction: a bulk revocation of 10,000 devices pays a few dozen durable commits instead
+of one per certificate), one writer for both so their rows and audit entries cannot drift
+apart.
 
-Set-based: whatever the number of certificates, the transaction reads them (a query per
-500 serials), locks their devices (the same), updates the rows (executemany, pipelined by
-psycopg on PostgreSQL) and appends the entries (the chain's head row read under its lock
-once and moved once): a handful of round trips per chunk, not several per certificate.
+Set-based: whatever the number of devices, the transaction locks them (a query per 500
+serials), reads their unrevoked certificates under those locks (the same), updates the
+rows (executemany, pipelined by psycopg on PostgreSQL) and appends the entries (the
+chain's head row read under its lock once and moved once): a handful of round trips per
+chunk, not several per certificate.
 Mixed into sql_common.SqlRegistry, whose helpers it calls (`_write`, `_q`, `_now`,
 `_lock_clause`).
 
 How a revocation stays single on PostgreSQL (READ COMMITTED, other processes writing):
 every device concerned is locked (SELECT ... FOR UPDATE) before anything is written, in
-serial order (two bulk revocations over the same devices cannot deadlock), and each
-certificate is read again under that lock, so a revocation committed by another process in
-between is seen: skipped by the bulk form, RegistryError(STATE) for the single one. The
+serial order (two bulk revocations over the same devices cannot deadlock), and the
+certificates are read (again, for the single form) under that lock, so a revocation
+committed by another process in between is seen: skipped by the bulk form,
+RegistryError(STATE) for the single one. The
 devices are locked before the first audit append (which locks the chain head), the order
 every single-device write uses. On SQLite, BEGIN IMMEDIATE already holds the database's
 write lock.
@@ -35,8 +38,6 @@ from fleetid.cloud.registry.interface import (
 from fleetid.cloud.registry.sql_rows import (
     CERT_COLUMNS,
     DEVICE_COLUMNS,
-    cert_serial_text,
-    one_certificate,
 )
 
 CONFLICT_RUNS = 4  # runs of a revocation the server ended over a lock conflict
@@ -48,24 +49,25 @@ def _in_list(values):
 
 
 class SqlRevocation:
-    """mark_revoked and mark_revoked_many for SqlRegistry (see the module docstring)."""
+    """mark_revoked and mark_devices_revoked for SqlRegistry (see the module docstring)."""
 
     @wrap_audit_error
     def mark_revoked(self, cert_serial, reason, operator="", issuer=None):
         check_text("reason", reason, allow_empty=False)
-        [entry] = self._revocation([(cert_serial, issuer)], reason, operator, strict=True)
-        return entry
+        return self._revocation(lambda conn: self._revoke_one(conn, cert_serial, issuer,
+                                                              reason, operator))
 
     @wrap_audit_error
-    def mark_revoked_many(self, certificates, reason, operator=""):
+    def mark_devices_revoked(self, serials, reason, operator=""):
         check_text("reason", reason, allow_empty=False)
-        certificates = list(certificates)
-        if not certificates:
-            return []
-        return self._revocation(certificates, reason, operator, strict=False)
+        serials = list(serials)
+        if not serials:
+            return {}
+        return self._revocation(lambda conn: self._revoke_devices(conn, serials, reason,
+                                                                  operator))
 
-    def _revocation(self, certificates, reason, operator, strict):
-        """_revoke_listed in a write transaction of its own, run again (CONFLICT_RUNS
+    def _revocation(self, work):
+        """work(conn) in a write transaction of its own, run again (CONFLICT_RUNS
         in all at most) when the database rolled it back over a lock conflict with
         another writer (RegistryError.retryable: nothing of it was written, and the new
         run reads afresh).  On PostgreSQL a revocation holds its devices' rows while it
@@ -75,34 +77,48 @@ class SqlRevocation:
         for run in range(1, CONFLICT_RUNS + 1):
             try:
                 with self._write() as conn:
-                    return self._revoke_listed(conn, certificates, reason, operator, strict)
+                    return work(conn)
             except RegistryError as exc:
                 if not exc.retryable or run == CONFLICT_RUNS:
                     raise
             time.sleep(0.05 * run)
 
-    def _revoke_listed(self, conn, certificates, reason, operator, strict):
-        """Revoke each (cert_serial, issuer) of `certificates` in order inside the open
-        write transaction.  Every certificate is found before anything is written (an
-        unknown one raises and the transaction writes nothing).  One already revoked
-        (before, by another process, or earlier in this list) raises RegistryError(STATE)
-        when `strict`, else gives None.  Returns [AuditEntry or None], one per item."""
-        found = self._find_certs(conn, certificates)
-        devices = self._locked_devices(conn, {cert.device_serial for cert in found})
-        if self._lock_clause:  # read again under the device locks: concurrent revocations
-            found = self._find_certs(conn, certificates)
-        chosen, done = [], set()
-        for cert in found:
-            if cert.revoked or cert.fingerprint in done:
-                if strict:
-                    raise RegistryError(RegistryError.STATE, "already revoked")
-                chosen.append(None)
-                continue
-            done.add(cert.fingerprint)
-            chosen.append(cert)
-        entries = iter(self._write_revocations(
-            conn, [cert for cert in chosen if cert is not None], devices, reason, operator))
-        return [None if cert is None else next(entries) for cert in chosen]
+    def _revoke_one(self, conn, cert_serial, issuer, reason, operator):
+        """Revoke one certificate inside the open write transaction (CertificateNotFound,
+        RegistryError(AMBIGUOUS), RegistryError(STATE) when already revoked).  Returns
+        its AuditEntry."""
+        cert = self._certs(conn, cert_serial, issuer)
+        devices = self._locked_devices(conn, {cert.device_serial})
+        if self._lock_clause:  # read again under the device lock: a concurrent revocation
+            cert = self._certs(conn, cert_serial, issuer)
+        if cert.revoked:
+            raise RegistryError(RegistryError.STATE, "already revoked")
+        [entry] = self._write_revocations(conn, [cert], devices, reason, operator)
+        return entry
+
+    def _revoke_devices(self, conn, serials, reason, operator):
+        """Every unrevoked certificate of each device of `serials`, newest first (the
+        identity one last), read inside the write transaction once the devices are locked
+        (so none recorded meanwhile is missed).  Returns {serial: [cert serial hex]} (a
+        serial listed twice: [] the second time)."""
+        devices = self._locked_devices(conn, set(serials))
+        wanted = sorted(devices)
+        unrevoked = {}
+        for start in range(0, len(wanted), _GROUP):
+            part = wanted[start:start + _GROUP]
+            query = ("SELECT %s FROM certificates WHERE device_serial IN %s AND revoked_at "
+                     "IS NULL ORDER BY added_at DESC, fingerprint DESC"
+                     % (CERT_COLUMNS, _in_list(part)))
+            for row in conn.execute(self._q(query), part).fetchall():
+                unrevoked.setdefault(row["device_serial"], []).append(
+                    certificate_from_row(row))
+        done, certs = {}, []
+        for serial in serials:
+            mine = unrevoked.pop(serial, [])
+            certs.extend(mine)
+            done[serial] = [cert.cert_serial for cert in mine]
+        self._write_revocations(conn, certs, devices, reason, operator)
+        return done
 
     def _write_revocations(self, conn, certs, devices, reason, operator):
         """The rows and audit entries of revoking `certs` (none revoked, each once), in
@@ -132,23 +148,6 @@ class SqlRevocation:
         """Seal `fields_list` (no checkpoint among them) into the chain in order, as as many
         _append calls would: the head row read under its lock once and moved once."""
         return self._seal_into(conn, fields_list, *self._head(conn))
-
-    def _find_certs(self, conn, certificates):
-        """The CertificateRecord of each (cert_serial, issuer), in order, as _certs finds
-        one (CertificateNotFound, RegistryError(AMBIGUOUS)); one query per _GROUP
-        serials."""
-        wanted = [(cert_serial_text(serial), issuer) for serial, issuer in certificates]
-        texts = sorted({text for text, _issuer in wanted})
-        rows = {}
-        for start in range(0, len(texts), _GROUP):
-            part = texts[start:start + _GROUP]
-            query = "SELECT %s FROM certificates WHERE cert_serial IN %s" % (
-                CERT_COLUMNS, _in_list(part))
-            for row in conn.execute(self._q(query), part).fetchall():
-                rows.setdefault(row["cert_serial"], []).append(row)
-        return [certificate_from_row(one_certificate(
-            [row for row in rows.get(text, ()) if issuer is None or row["issuer"] == issuer],
-            text)) for text, issuer in wanted]
 
     def _locked_devices(self, conn, serials):
         """{serial: DeviceRecord} of `serials`, each row locked on PostgreSQL (FOR UPDATE,

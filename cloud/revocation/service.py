@@ -41,8 +41,8 @@ EVENTS_FILE = "revocation.events"
 # (bench/revocation.py --bulk: SQLite, PostgreSQL), the time the registry's other writers
 # (the line, EST) may wait for the chunk's locks; the commit is paid once per chunk.
 CHUNK = 200
-# Transactions per chunk: the devices are read again after each, for certificates added
-# meanwhile (RevocationService._revoke_chunk).
+# Transactions per chunk: the devices are revoked again after each, for a certificate
+# recorded meanwhile (RevocationService._revoke_chunk).
 CHUNK_PASSES = 3
 
 class RevocationError(FleetidError):
@@ -210,7 +210,7 @@ class RevocationService:
 
         Every serial is checked first: an unknown one raises RevocationError
         ("unknown_device") before anything is written.  The devices are revoked `chunk`
-        at a time, each chunk ONE transaction (Registry.mark_revoked_many: one durable
+        at a time, each chunk ONE transaction (Registry.mark_devices_revoked: one durable
         commit per chunk, not one per certificate; the chain gets the same entries in the
         same order).  A crash loses at most the chunk being written, whole; run again,
         the devices already revoked are skipped (an empty list each).  What was committed
@@ -246,28 +246,19 @@ class RevocationService:
                 raise RevocationError("unknown_device", str(serial)) from None
 
     def _revoke_chunk(self, serials, reason, operator):
-        """Every unrevoked certificate of each device of `serials`, newest first (the
-        identity one last), in one transaction; then the devices are read again, and a
-        certificate added meanwhile (an EST re-enrolment that passed its checks before
-        the chunk and recorded its certificate after the read) is revoked in a next
-        transaction, up to CHUNK_PASSES.  Returns {serial: [cert serial hex]} (a serial
-        listed twice: the later, empty, list, as one revocation after the other gives)."""
-        lists = [[] for _ in serials]
+        """Every unrevoked certificate of each device of `serials` in one transaction
+        (Registry.mark_devices_revoked); then again, for a certificate an EST re-enrolment
+        recorded after that transaction (its checks passed before it), up to
+        CHUNK_PASSES transactions, the last one finding nothing.  Returns {serial: [cert
+        serial hex]} (a serial listed twice: the later, empty, list)."""
+        lists = {}
         for _ in range(CHUNK_PASSES):
-            plan = []  # (index in serials, certificate record)
-            for index, serial in enumerate(serials):
-                plan.extend((index, record)
-                            for record in reversed(self.registry.certificates(serial))
-                            if not record.revoked)
-            if not plan:
+            done = self.registry.mark_devices_revoked(serials, reason, operator=operator)
+            for serial, revoked in done.items():
+                lists.setdefault(serial, []).extend(revoked)
+            if not any(done.values()):
                 break
-            entries = self.registry.mark_revoked_many(
-                [(record.cert_serial, record.issuer) for _, record in plan], reason,
-                operator=operator)
-            for (index, record), entry in zip(plan, entries):
-                if entry is not None:  # None: revoked meanwhile (another writer, a repeat)
-                    lists[index].append(record.cert_serial)
-        return dict(zip(serials, lists))
+        return lists
 
     def revoke_certificate(self, cert_serial, reason, operator="", issuer=None):
         """Revoke one certificate (int serial; `issuer` RFC 4514 when the serial alone is

@@ -1,5 +1,5 @@
 """Bulk revocation in chunks (RevocationService.revoke_devices over
-Registry.mark_revoked_many: one transaction per chunk of devices) on the in-memory fake,
+Registry.mark_devices_revoked: one transaction per chunk of devices) on the in-memory fake,
 SQLite and PostgreSQL (the throwaway server of test_registry_postgres.py):
 
 - its results, rows and audit chain are the per-certificate path's (one mark_revoked
@@ -24,7 +24,7 @@ import pytest
 
 from bench.revocation import per_certificate
 from fleetid.cloud import audit
-from fleetid.cloud.registry import REVOKED, CertificateNotFound, RegistryError, \
+from fleetid.cloud.registry import REVOKED, DeviceNotFound, RegistryError, \
     verify_registry_log
 from fleetid.cloud.registry.memory import MemoryRegistry
 from fleetid.cloud.registry.sqlite_backend import SqliteRegistry
@@ -145,13 +145,12 @@ def test_bad_input_writes_nothing(make_registry, kind, tmp_path):
     with pytest.raises(RevocationError) as info:
         service.revoke_devices([1, 2, 99, 3], "keyCompromise")
     assert info.value.reason == "unknown_device" and info.value.detail == "99"
-    good = [("%x" % (0x7F000000 + 1), None), ("%x" % (0x55000000 + 2), None)]
-    with pytest.raises(CertificateNotFound):  # found first: the first one stays unrevoked
-        reg.mark_revoked_many(good + [("abcdef", None)], "keyCompromise")
+    with pytest.raises(DeviceNotFound):  # found first: devices 1 and 2 stay unrevoked
+        reg.mark_devices_revoked([1, 2, 99], "keyCompromise")
     with pytest.raises(RegistryError) as info:
-        reg.mark_revoked_many(good, "")
+        reg.mark_devices_revoked([1, 2], "")
     assert info.value.reason == RegistryError.BAD_INPUT
-    assert reg.mark_revoked_many([], "keyCompromise") == []
+    assert reg.mark_devices_revoked([], "keyCompromise") == {}
     assert _state(reg, 3) == before
     assert not os.path.exists(service.events_path)
 
@@ -367,8 +366,13 @@ def test_a_chunk_ended_by_the_servers_deadlock_detection_runs_again(make_registr
     _populate(reg, _certificates(3))
     service = _service(reg, tmp_path / "state")
     runs = []
-    real = reg._revoke_listed
-    reg._revoke_listed = lambda *args, **kwargs: runs.append(1) or real(*args, **kwargs)
+    real = reg._write_revocations
+
+    def write_revocations(conn, certs, *args):  # the runs that have something to revoke
+        runs.extend([1] if certs else [])
+        return real(conn, certs, *args)
+
+    reg._write_revocations = write_revocations
     with psycopg.connect(reg.conninfo) as writer:  # the other writer, in a transaction
         # Its deadlock check waits 10 s, the chunk's 1 s: the chunk is the side ended.
         writer.execute("SET deadlock_timeout = '10s'")
@@ -390,23 +394,24 @@ def test_a_chunk_ended_by_the_servers_deadlock_detection_runs_again(make_registr
 @pytest.mark.parametrize("kind", BACKENDS)
 def test_a_certificate_added_while_a_chunk_is_written_is_revoked_too(make_registry, kind,
                                                                      tmp_path):
-    """An EST re-enrolment that passed its checks before the chunk read its devices and
-    records its certificate after that read: the devices are read again after the
-    chunk's transaction, and the new certificate revoked in the next one."""
+    """An EST re-enrolment that passed its checks before the chunk and records its
+    certificate after the chunk's transaction: the devices are revoked again, and the
+    new certificate with them (a third transaction finds nothing left)."""
     reg = make_registry(kind)
     _populate(reg, _certificates(3))
     late = contract.make_cert(2, cert_serial=0x66000002)
-    real = reg.mark_revoked_many
+    real = reg.mark_devices_revoked
     calls = []
 
     def with_a_late_certificate(*args, **kwargs):
+        done = real(*args, **kwargs)
         if not calls:
-            reg.add_certificate(2, late, "operational")  # lands between read and write
+            reg.add_certificate(2, late, "operational")  # after the chunk's commit
         calls.append(1)
-        return real(*args, **kwargs)
+        return done
 
-    reg.mark_revoked_many = with_a_late_certificate
+    reg.mark_devices_revoked = with_a_late_certificate
     done = _service(reg, tmp_path / "state").revoke_devices([1, 2, 3], "keyCompromise")
-    assert "66000002" in done[2] and len(calls) == 2
+    assert "66000002" in done[2] and len(calls) == 3
     assert all(record.revoked for n in (1, 2, 3) for record in reg.certificates(n))
     assert _verify(reg).by_type == {"injection": 3, "issuance": 4, "revoke": 7}
