@@ -17,6 +17,7 @@ import pwd
 import shutil
 import subprocess
 import tempfile
+import uuid
 
 DATABASE = "fleet"
 USER = "fleet"
@@ -137,13 +138,25 @@ class ThrowawayPostgres:
         subprocess.run(self.as_user + [pg_ctl, "-D", self.data, "-w", "-l",
                                        os.path.join(self.base, "log"), "-o", options, "start"],
                        check=True, capture_output=True, timeout=60)
-        import psycopg
-
-        with psycopg.connect("host=%s user=%s dbname=postgres" % (self.base, USER),
-                             autocommit=True) as conn:
-            conn.execute("CREATE DATABASE %s" % DATABASE)
+        self.new_database(DATABASE)
         self.uri = "postgresql://%s@/%s?host=%s" % (USER, DATABASE, self.base)
         return self
+
+    @property
+    def admin_conninfo(self):
+        """libpq conninfo of the cluster's maintenance database (postgres)."""
+        return "host=%s user=%s dbname=postgres" % (self.base, USER)
+
+    def new_database(self, name=None, template=None):
+        """CREATE DATABASE `name` (a fresh random one by default), a copy of `template`
+        when given.  Returns its libpq conninfo."""
+        import psycopg
+
+        name = name or "t_" + uuid.uuid4().hex[:12]
+        with psycopg.connect(self.admin_conninfo, autocommit=True) as conn:
+            conn.execute("CREATE DATABASE %s%s" % (name, " TEMPLATE " + template
+                                                   if template else ""))
+        return self.admin_conninfo.replace("dbname=postgres", "dbname=" + name)
 
     def __exit__(self, *exc):
         subprocess.run(self.as_user + [self.pg_ctl, "-D", self.data, "-m", "immediate",

@@ -393,30 +393,20 @@ class _PostgresCopies:
     DATABASE ... TEMPLATE)."""
 
     def __init__(self, pg):
-        from bench._pg_support import USER
-
-        self.admin = "host=%s user=%s dbname=postgres" % (pg.base, USER)
+        self.pg = pg
         self.made = 0
-
-    def _database(self, name, template=None):
-        import psycopg
-
-        with psycopg.connect(self.admin, autocommit=True) as conn:
-            conn.execute("CREATE DATABASE %s%s" % (name, " TEMPLATE " + template
-                                                   if template else ""))
-        return self.admin.replace("dbname=postgres", "dbname=" + name)
 
     def populate(self, ders):
         from fleetid.cloud.registry.postgres_backend import PostgresRegistry
 
-        with PostgresRegistry(self._database("bulk")) as registry:
+        with PostgresRegistry(self.pg.new_database("bulk")) as registry:
             _bulk_populate(registry, ders)
 
     def open(self):
         from fleetid.cloud.registry.postgres_backend import PostgresRegistry
 
         self.made += 1
-        return PostgresRegistry(self._database("copy_%d" % self.made, template="bulk"))
+        return PostgresRegistry(self.pg.new_database("copy_%d" % self.made, template="bulk"))
 
 
 def bulk_revocation(copies, count, rounds, folder):

@@ -22,7 +22,7 @@ from fleetid.cli.main import cli
 from fleetid.cloud.registry import RegistryError, schema
 from fleetid.cloud.registry.sqlite_backend import SqliteRegistry
 from tests.cloud import test_registry as contract
-from tests.cloud.test_registry_postgres import _uri, database, pg_server  # noqa: F401
+from tests.cloud.test_registry_postgres import _uri, database, pg_cluster, pg_server  # noqa: F401
 
 try:
     import psycopg

@@ -11,11 +11,10 @@ CI=true (tests.conftest.require).
 import os
 import threading
 import time
-import uuid
 
 import pytest
 
-from bench._pg_support import USER, ThrowawayPostgres, missing
+from bench._pg_support import ThrowawayPostgres, missing
 from fleetid.cloud.registry import RegistryError
 from tests.cloud import test_registry as contract
 from tests.cloud import test_registry_group_commit as group_commit_tests
@@ -62,22 +61,24 @@ for _name in GROUP_COMMIT_TESTS:
 
 
 @pytest.fixture(scope="module")
-def pg_server():
-    """A throwaway cluster (bench/_pg_support.ThrowawayPostgres, fsync off); yields the
-    libpq conninfo of its maintenance database."""
+def pg_cluster():
+    """A throwaway cluster (bench/_pg_support.ThrowawayPostgres, fsync off)."""
     lacking = missing()
     require(not lacking, "; ".join(lacking))
     with ThrowawayPostgres(durable=False) as pg:
-        yield "host=%s user=%s dbname=postgres" % (pg.base, USER)
+        yield pg
+
+
+@pytest.fixture(scope="module")
+def pg_server(pg_cluster):
+    """The libpq conninfo of the cluster's maintenance database."""
+    return pg_cluster.admin_conninfo
 
 
 @pytest.fixture
-def database(pg_server):
+def database(pg_cluster):
     """A fresh database per test; yields its conninfo."""
-    name = "t_" + uuid.uuid4().hex[:12]
-    with psycopg.connect(pg_server, autocommit=True) as conn:
-        conn.execute("CREATE DATABASE %s" % name)
-    yield pg_server.replace("dbname=postgres", "dbname=" + name)
+    yield pg_cluster.new_database()
 
 
 @pytest.fixture

@@ -18,7 +18,6 @@ import subprocess
 import sys
 import threading
 import time
-import uuid
 
 import pytest
 
@@ -30,7 +29,7 @@ from fleetid.cloud.registry.memory import MemoryRegistry
 from fleetid.cloud.registry.sqlite_backend import SqliteRegistry
 from fleetid.cloud.revocation.service import RevocationError, RevocationService, read_event
 from tests.cloud import test_registry as contract
-from tests.cloud.test_registry_postgres import pg_server  # noqa: F401 - the fixture
+from tests.cloud.test_registry_postgres import pg_cluster  # noqa: F401 - the fixture
 
 try:
     import psycopg
@@ -53,20 +52,13 @@ def make_registry(request, tmp_path):
             reg = SqliteRegistry(tmp_path / ("r%d.db" % len(made)),
                                  wall_clock=lambda: contract.T0)
         else:
-            reg = _pg_registry(_new_database(request.getfixturevalue("pg_server")))
+            reg = _pg_registry(request.getfixturevalue("pg_cluster").new_database())
         made.append(reg)
         return reg
 
     yield make
     for reg in made:
         reg.close()
-
-
-def _new_database(server):
-    name = "t_" + uuid.uuid4().hex[:12]
-    with psycopg.connect(server, autocommit=True) as conn:
-        conn.execute("CREATE DATABASE %s" % name)
-    return server.replace("dbname=postgres", "dbname=" + name)
 
 
 def _pg_registry(conninfo, **options):

@@ -57,7 +57,6 @@ class Cluster(ThrowawayPostgres):
         require(not lacking, "; ".join(lacking))
         super().__init__(durable=False, max_connections=100)
         self.__enter__()
-        self.conninfo = "host=%s user=fleet dbname=postgres" % self.base
 
     def start(self):
         pg_start(self)
@@ -68,12 +67,6 @@ class Cluster(ThrowawayPostgres):
 
     def signal_all(self, sig):
         pg_signal_all(self, sig)
-
-    def new_database(self):
-        name = "w_" + uuid.uuid4().hex[:12]
-        with psycopg.connect(self.conninfo, autocommit=True) as conn:
-            conn.execute("CREATE DATABASE %s" % name)
-        return self.conninfo.replace("dbname=postgres", "dbname=" + name)
 
     def close(self):
         self.signal_all(signal.SIGCONT)  # never leave a stopped cluster behind
