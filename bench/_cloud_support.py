@@ -75,6 +75,34 @@ class LoopThread:
         self.loop.close()
 
 
+def read_http_answers(sock, count=1, head_only=False):
+    """`count` HTTP/1.1 answers read off one connection (a socket or TLS socket):
+    [(status, headers with lower-case names, body)] (head_only: answers to HEAD, which
+    announce a length and send no body).  Raises ConnectionError when the connection
+    closes first."""
+    data = b""
+    answers = []
+    while len(answers) < count:
+        end = data.find(b"\r\n\r\n")
+        if end >= 0:
+            head = data[:end].decode("latin-1").split("\r\n")
+            headers = {}
+            for line in head[1:]:
+                name, _, value = line.partition(":")
+                headers[name.strip().lower()] = value.strip()
+            length = 0 if head_only else int(headers.get("content-length", 0))
+            if len(data) >= end + 4 + length:
+                answers.append((int(head[0].split()[1]), headers,
+                                data[end + 4:end + 4 + length]))
+                data = data[end + 4 + length:]
+                continue
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise ConnectionError("connection closed after %d answers" % len(answers))
+        data += chunk
+    return answers
+
+
 def revocation_config(fleet, folder, extra=""):
     """A cloud TOML in `folder` on the fleet's PKI and registry (labels b42, b43; state
     under folder/state), `extra` appended to its [cloud] table.  Returns its path."""

@@ -23,6 +23,8 @@ import socket
 import ssl
 import threading
 
+from bench._cloud_support import read_http_answers
+
 EST = "/.well-known/est/b42/"
 
 
@@ -60,7 +62,7 @@ class DeviceClient:
                 sock = self.context.wrap_socket(sock, server_hostname="127.0.0.1",
                                                 session=self.session)
                 sock.sendall(message)
-                status, answer = _read_answer(sock)
+                [(status, _headers, answer)] = read_http_answers(sock)
                 self.resumed += bool(sock.session_reused)
                 self.session = sock.session  # a TLS 1.3 ticket arrives with the data
                 try:  # close_notify (RFC 8446 6.1), as a device's client sends it: OpenSSL
@@ -70,26 +72,6 @@ class DeviceClient:
             finally:
                 sock.close()
         return status, answer
-
-
-def _read_answer(sock):
-    """(status, body) of one HTTP/1.1 answer with a Content-Length."""
-    data = b""
-    while b"\r\n\r\n" not in data:
-        chunk = sock.recv(65536)
-        if not chunk:
-            raise ConnectionError("closed before the answer's head")
-        data += chunk
-    head, _, body = data.partition(b"\r\n\r\n")
-    lines = head.split(b"\r\n")
-    length = [int(line.split(b":", 1)[1]) for line in lines[1:]
-              if line.lower().startswith(b"content-length:")][0]
-    while len(body) < length:
-        chunk = sock.recv(65536)
-        if not chunk:
-            raise ConnectionError("closed before the answer's body")
-        body += chunk
-    return int(lines[0].split()[1]), body[:length]
 
 
 def process_cpu_seconds(pid):

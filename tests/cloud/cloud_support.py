@@ -6,6 +6,7 @@ the tests import it from here as before.
 """
 
 from bench._cloud_support import (  # noqa: F401 (re-exported)
+    read_http_answers as read_answers,
     Clock,
     Device,
     Fleet,
@@ -21,32 +22,6 @@ from bench._cloud_support import (  # noqa: F401 (re-exported)
     make_csr,
     new_key,
 )
-
-
-def read_answers(tls, count, head_only=False):
-    """`count` HTTP/1.1 answers read off one connection: [(status, headers, body)]
-    (head_only: answers to HEAD, which announce a length and send no body)."""
-    data = b""
-    answers = []
-    while len(answers) < count:
-        end = data.find(b"\r\n\r\n")
-        if end >= 0:
-            head = data[:end].decode("latin-1").split("\r\n")
-            headers = {}
-            for line in head[1:]:
-                name, _, value = line.partition(":")
-                headers[name.strip().lower()] = value.strip()
-            length = 0 if head_only else int(headers.get("content-length", 0))
-            if len(data) >= end + 4 + length:
-                answers.append((int(head[0].split()[1]), headers,
-                                data[end + 4:end + 4 + length]))
-                data = data[end + 4 + length:]
-                continue
-        chunk = tls.recv(65536)
-        if not chunk:
-            raise AssertionError("connection closed after %d answers" % len(answers))
-        data += chunk
-    return answers
 
 
 def check_flow_control(fast, connection, request):
