@@ -2,17 +2,40 @@
 area of the repository (each bench names its areas), library and built-in time counted
 for its callers' areas.  Imports nothing from fleetid or tests/."""
 
+import cProfile
+import io
 import os
+import pstats
+import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
+
+
+def profiled(run):
+    """run() under cProfile on this thread's CPU time (waits do not count).  Returns
+    (pstats.Stats, the StringIO it prints to)."""
+    prof = cProfile.Profile(time.thread_time)
+    prof.enable()
+    run()
+    prof.disable()
+    out = io.StringIO()
+    return pstats.Stats(prof, stream=out), out
+
+
+def _rel(filename):
+    """A repository file's path from the repository's top ("cloud/line/station.py"),
+    None for a library or built-in function."""
+    if not filename.startswith(REPO) or os.sep + ".venv" + os.sep in filename:
+        return None
+    return filename[len(REPO):].replace(os.sep, "/")
 
 
 def area_of(filename, areas):
     """The area of a repository file (the first (prefix, area) of `areas` whose prefix
     its path starts with, else "other"), None for a library or built-in function."""
-    if not filename.startswith(REPO) or os.sep + ".venv" + os.sep in filename:
+    rel = _rel(filename)
+    if rel is None:
         return None
-    rel = filename[len(REPO):].replace(os.sep, "/")
     return next((area for prefix, area in areas if rel.startswith(prefix)), "other")
 
 
@@ -29,8 +52,7 @@ def profile_areas(stats, areas, shared=(), caller_area=None):
         if func in memo:
             return memo[func]
         own = area_of(func[0], areas)
-        rel = func[0][len(REPO):].replace(os.sep, "/") if own is not None else ""
-        if own is not None and not (shared and rel.startswith(shared)):
+        if own is not None and not (shared and _rel(func[0]).startswith(shared)):
             memo[func] = {own: 1.0}
             return memo[func]
         memo[func] = {own or "other": 1.0}  # a cycle ends here

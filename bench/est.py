@@ -47,10 +47,7 @@ the figures above for times.
 """
 
 import argparse
-import cProfile
-import io
 import os
-import pstats
 import shutil
 import sys
 import tempfile
@@ -143,15 +140,9 @@ _AREAS = (
 def profile_reenrolments(work, reenrol):
     """cProfile of `work` re-enrolled one after the other on this thread's CPU time:
     CPU ms per certificate by area, then the functions with the most own time."""
-    prof = cProfile.Profile(time.thread_time)
-    prof.enable()
-    for item in work:
-        reenrol(item)
-    prof.disable()
-    out = io.StringIO()
-    stats = pstats.Stats(prof, stream=out)
     from bench import _profile_support
 
+    stats, out = _profile_support.profiled(lambda: [reenrol(item) for item in work])
     totals = _profile_support.profile_areas(stats.stats, _AREAS)
     out.write("profiled CPU ms per certificate by area (total %.3f):\n"
               % (sum(totals.values()) * 1000.0 / len(work)))

@@ -36,11 +36,8 @@ checked.
 """
 
 import argparse
-import cProfile
 import datetime
-import io
 import os
-import pstats
 import secrets
 import shutil
 import sys
@@ -260,15 +257,10 @@ def profile_host(line, devices):
     lot = lot_mod.make_lot(line, devices)
     station = Station("st-prof", line.resources_for(lot.batch))
     endpoints = [BusEndpoint(c.chip) for c in lot.chips]
-    prof = cProfile.Profile(time.thread_time)
-    prof.enable()
-    for endpoint in endpoints:
-        station.provision(endpoint)
-    prof.disable()
-    out = io.StringIO()
-    stats = pstats.Stats(prof, stream=out)
     from bench import _profile_support
 
+    stats, out = _profile_support.profiled(
+        lambda: [station.provision(endpoint) for endpoint in endpoints])
     totals = _profile_support.profile_areas(stats.stats, _AREAS, _SHARED, _EMULATOR)
     host = sum(v for k, v in totals.items() if not k.startswith("emulator"))
     out.write("profiled CPU ms per device by area (host total %.2f, emulator %.2f):\n"
