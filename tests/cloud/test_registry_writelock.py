@@ -80,6 +80,16 @@ def _free(path):
         os.close(fd)
 
 
+def _refused(registry):
+    """An intent the registry refuses with RegistryError(STORAGE) (the lock is busy).
+    Returns the seconds the refusal took."""
+    started = time.monotonic()
+    with pytest.raises(RegistryError) as caught:
+        registry.allocate_intent(UID, "station-1")
+    assert caught.value.reason == RegistryError.STORAGE
+    return time.monotonic() - started
+
+
 def test_lock_file_beside_the_database_0600(tmp_path):
     path = str(tmp_path / "registry.db")
     with SqliteRegistry(path) as registry:
@@ -95,12 +105,7 @@ def test_a_write_waits_for_the_lock_bounded_then_storage_error(tmp_path, group_c
     fd = _lock_file_fd(path)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
-        started = time.monotonic()
-        with pytest.raises(RegistryError) as caught:
-            registry.allocate_intent(UID, "station-1")
-        elapsed = time.monotonic() - started
-        assert caught.value.reason == RegistryError.STORAGE
-        assert 0.3 <= elapsed < 5.0  # the 0.3 s bound, with room for a loaded machine
+        assert 0.3 <= _refused(registry) < 5.0  # the 0.3 s bound, room for a loaded machine
         assert registry.find_by_se_uid(UID) == []  # nothing written
         # Released during the wait: the write goes on at once.
         registry.busy_timeout_s = 5.0
@@ -149,11 +154,7 @@ def test_a_stopped_holder_storage_error_within_the_bound_then_recovery(holder):
     with SqliteRegistry(path, busy_timeout_s=0.5) as registry:
         os.kill(child.pid, signal.SIGSTOP)
         for _ in range(2):  # twice: the wait is bounded each time, not only the first
-            started = time.monotonic()
-            with pytest.raises(RegistryError) as caught:
-                registry.allocate_intent(UID, "station-1")
-            assert caught.value.reason == RegistryError.STORAGE
-            assert 0.5 <= time.monotonic() - started < 5.0  # bounded: not held until SIGCONT
+            assert 0.5 <= _refused(registry) < 5.0  # bounded: not held until SIGCONT
         os.kill(child.pid, signal.SIGCONT)
         child.stdin.write(b"go\n")
         child.stdin.flush()
@@ -168,9 +169,7 @@ def test_writers_without_the_lock_still_serialised_by_sqlite(tmp_path):
     raw = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
     try:
         raw.execute("BEGIN IMMEDIATE")  # an older writer: SQLite's lock, no flock
-        with pytest.raises(RegistryError) as caught:
-            registry.allocate_intent(UID, "station-1")
-        assert caught.value.reason == RegistryError.STORAGE
+        _refused(registry)
         assert _free(path)  # released after the failed BEGIN
         registry.close()  # a longer SQLite busy timeout: a new registry
         registry = SqliteRegistry(path, busy_timeout_s=5.0)
