@@ -16,6 +16,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from bench.revocation import sign_with
 from fleetid.cloud.revocation.revset_publisher import ca_key_id
 from fleetid.common import revset, revset_merge
 from fleetid.common.apdu import ApduProtocol
@@ -271,13 +272,7 @@ def test_no_false_positives_through_the_se_over_random_fleets(se, data):
             assert cache.check_device(serial, None, 2000) is None
 
 
-def _new_key():
-    from cryptography.hazmat.primitives.asymmetric import ec
-
-    return ec.generate_private_key(ec.SECP256R1())
-
-
-_KEY = [_new_key()]
+_KEY = [other_key()]
 _NUMBERS = itertools.count(1)
 
 
@@ -368,17 +363,11 @@ class StagingStore(MemoryStore):
 def _signed_pair(universe, revoked, added, key=None):
     """(base wire, new wire, delta, point, fleet_id): a base set, the set with `added`
     more, the delta between them, signed by `key` (a fresh one by default)."""
-    from cryptography.hazmat.primitives import hashes
-    from cryptography.hazmat.primitives.asymmetric import ec
-
     from tests.device.crl_support import point_of
 
-    key = key or _new_key()
+    key = key or other_key()
     fleet_id = b"\x22" * 8
-
-    def sign(signed):
-        return revset.sign_part(signed, key.sign(signed, ec.ECDSA(hashes.SHA256())))
-
+    sign = sign_with(key)
     base = sign(revset_merge.encode(fleet_id, 1, 1000, 10**9, universe, revoked))
     new = sign(revset_merge.encode(fleet_id, 2, 1001, 10**9, universe,
                                    sorted(revoked + added)))
@@ -438,7 +427,7 @@ def test_a_refused_merge_changes_nothing_and_leaves_no_staged_file(se, tmp_path)
     # cached number with other contents) on a FileStore: the stored set, the SE's mark
     # and the answers stay; the staged file is gone.
     revoked, added = _sample(5000, 400, 20, 6)
-    key = _new_key()
+    key = other_key()
     base, new, delta, point, fleet_id = _signed_pair(5000, revoked, added, key)
     path = tmp_path / "set.frs"
     cache = RevsetCache(se, FileStore(str(path)), point, fleet_id)
@@ -449,11 +438,8 @@ def test_a_refused_merge_changes_nothing_and_leaves_no_staged_file(se, tmp_path)
     _refused(cache, bytes(flipped), now, "signature", delta=True)
     assert path.read_bytes() == base and not (tmp_path / "set.frs.tmp").exists()
     # the same number as the cached set, other contents: a rollback
-    from cryptography.hazmat.primitives import hashes
-    from cryptography.hazmat.primitives.asymmetric import ec
-
-    signed = revset_merge.encode(fleet_id, 1, 1000, 10**9, 5000, sorted(revoked + added))
-    same_number = revset.sign_part(signed, key.sign(signed, ec.ECDSA(hashes.SHA256())))
+    same_number = sign_with(key)(
+        revset_merge.encode(fleet_id, 1, 1000, 10**9, 5000, sorted(revoked + added)))
     _refused(cache, revset.encode_delta(1, same_number, added), now, "rollback", delta=True)
     # a delta that gives the cached set again: unchanged
     assert cache.apply_delta(lambda: revset.encode_delta(1, base, []), now) == "unchanged"
@@ -537,7 +523,7 @@ def test_a_stored_set_is_synced_before_its_rename_and_the_rename_after(se, tmp_p
     monkeypatch.setattr(os, "fsync", fsync)
     monkeypatch.setattr(os, "rename", rename)
     revoked, added = _sample(5000, 400, 20, 7)
-    base, new, delta, point, fleet_id = _signed_pair(5000, revoked, added, _new_key())
+    base, new, delta, point, fleet_id = _signed_pair(5000, revoked, added, other_key())
     cache = RevsetCache(se, FileStore(str(folder / "set.frs")), point, fleet_id)
     published = [("fsync", "set.frs.tmp"), ("rename", "set.frs"), ("fsync", "cache")]
     assert cache.refresh(lambda: base, 2000) == "updated"
@@ -589,7 +575,7 @@ def test_a_directory_that_cannot_be_synced_does_not_fail_a_published_set(se, tmp
 
     monkeypatch.setattr(os, "fsync", fsync)
     revoked, added = _sample(5000, 400, 20, 9)
-    base, new, delta, point, fleet_id = _signed_pair(5000, revoked, added, _new_key())
+    base, new, delta, point, fleet_id = _signed_pair(5000, revoked, added, other_key())
     cache = RevsetCache(se, FileStore(str(folder / "set.frs")), point, fleet_id)
     assert cache.refresh(lambda: base, 2000) == "updated"
     assert cache.apply_delta(lambda: delta, 2000) == "updated"
