@@ -390,11 +390,20 @@ class _SqliteCopies:
 
 class _PostgresCopies:
     """A populated PostgreSQL registry (database `bulk`) and fresh copies of it (CREATE
-    DATABASE ... TEMPLATE)."""
+    DATABASE ... TEMPLATE), on a throwaway cluster started and removed with the `with`."""
 
-    def __init__(self, pg):
-        self.pg = pg
+    def __init__(self):
+        from bench._pg_support import ThrowawayPostgres
+
+        self.pg = ThrowawayPostgres()
         self.made = 0
+
+    def __enter__(self):
+        self.pg.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self.pg.__exit__(*exc)
 
     def populate(self, ders):
         from fleetid.cloud.registry.postgres_backend import PostgresRegistry
@@ -438,7 +447,7 @@ def bulk_revocation(copies, count, rounds, folder):
 
 def run_bulk(args):
     """--bulk: print devices/s of both paths per backend, and their ratio."""
-    from bench._pg_support import ThrowawayPostgres, missing
+    from bench._pg_support import missing
     from fleetid.cloud.revocation.service import CHUNK
 
     print("machine: %s, %s, %d cores, Python %s" % (
@@ -453,7 +462,7 @@ def run_bulk(args):
             print("PostgreSQL: not measured (%s)" % ("--no-pg" if args.no_pg
                                                      else "; ".join(lacking)))
         else:
-            backends.append(("PostgreSQL", lambda: _pg_copies(ThrowawayPostgres())))
+            backends.append(("PostgreSQL", _PostgresCopies))
         for name, opened in backends:
             with opened() as copies:
                 started = time.perf_counter()
@@ -481,12 +490,6 @@ def run_bulk(args):
                            "devices/s", "one transaction per certificate", base)
                     for name, base, chunked in measured])
     return 0
-
-
-@contextlib.contextmanager
-def _pg_copies(pg):
-    with pg:
-        yield _PostgresCopies(pg)
 
 
 def main(argv=None):
